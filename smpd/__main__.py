@@ -1,0 +1,3 @@
+from smpd.cli import main
+
+main()

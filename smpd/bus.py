@@ -1,0 +1,80 @@
+"""The bus: the one path by which anything writes emulated memory, and by which CPUs are woken.
+
+MWAIT is real here because of this module. A write that touches any byte of a
+line some CPU has armed its monitor on raises that CPU's WAKE_WRITE byte, even
+when the written value equals the old one (the kernel's kick loop rewrites the
+same control value every 5 us; the kexec copy writes whatever lands there).
+
+Ordering (see smpd.sync). A CPU arms its monitor by storing its directory entry,
+then fences, then sleeps or spins on its wake word. The bus stores the data, then
+fences, then loads the directory. So either the bus sees the entry (and wakes the
+CPU) or the CPU's fence came after the data was visible: the write happened
+before MONITOR, and real hardware would not wake either.
+
+Cost (bench/bench_machine.py measures it): a one-line write with no monitor is a
+slice store, a fence and a directory load; with a monitor, add a byte store,
+a second fence and, only when the CPU sleeps, a FUTEX_WAKE syscall.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from smpd import layout as L
+from smpd.sync import base_address, fence, futex_wake
+
+
+class Bus:
+    def __init__(self, seg):
+        geo = seg.geo
+        self.seg = seg
+        self.buf = seg.buf
+        self.u16 = seg.u16
+        self.u32 = seg.u32
+        self.mem_off = geo.mem_off
+        self.mem_len = geo.npages * L.PAGE
+        self.dir_base = geo.dir_off // L.DIR_ENTRY
+        self.base_addr = base_address(seg.mm)
+        self._wake_off = [geo.cb_off(c) + L.CB["wake"][0] for c in range(geo.ncpus)]
+        self._sleeping_idx = [(geo.cb_off(c) + L.CB["sleeping"][0]) // 4 for c in range(geo.ncpus)]
+
+    def write(self, addr: int, data: bytes) -> int:
+        """Store ``data`` at emulated physical ``addr``; returns how many monitors it woke."""
+        off = addr - L.PHYS_BASE
+        n = len(data)
+        if off < 0 or n == 0 or off + n > self.mem_len:
+            raise ValueError(
+                f"bus write of {n} bytes at {addr:#x} is outside emulated memory "
+                f"{L.PHYS_BASE:#x}..{L.PHYS_BASE + self.mem_len:#x}"
+            )
+        mo = self.mem_off + off
+        self.buf[mo:mo + n] = data
+        fence()
+        first = self.dir_base + (off >> 6)
+        last = self.dir_base + ((off + n - 1) >> 6)
+        d = self.u16
+        if first == last:
+            owner = d[first]
+            if owner:
+                self.wake(owner - 1, L.WAKE_WRITE)
+                return 1
+            return 0
+        owners = d[first:last + 1]
+        if owners.tobytes().count(0) == 2 * len(owners):
+            return 0
+        woken = 0
+        for owner in owners:
+            if owner:
+                self.wake(owner - 1, L.WAKE_WRITE)
+                woken += 1
+        return woken
+
+    def write_u32(self, addr: int, value: int) -> int:
+        return self.write(addr, struct.pack("<I", value))
+
+    def wake(self, cpu: int, byte: int) -> None:
+        """Raise one of ``cpu``'s wake bytes and, if it sleeps, FUTEX_WAKE it."""
+        self.buf[self._wake_off[cpu] + byte] = 1
+        fence()
+        if self.u32[self._sleeping_idx[cpu]]:
+            futex_wake(self.base_addr + self._wake_off[cpu])

@@ -1,0 +1,247 @@
+"""The `smpd` command. Every command is a client of the machine's coordinator.
+
+Errors follow click's convention: one line, ``Error: ...``, naming the input, what
+was wrong and what is accepted; exit status 2 for bad input (including "no such
+machine" and "already up"), 1 for runtime failures.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+import time
+
+import click
+from rich.console import Console
+
+from smpd import config as config_mod, cpulist, hostinfo, layout as L, lifecycle, render
+from smpd.errors import BadInput, MachineAlreadyUp, SmpdError
+
+NAME_HELP = "Machine name (several machines can run side by side). Env: SMPD_NAME."
+
+
+class Cpus(click.ParamType):
+    name = "N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            n = value
+        else:
+            try:
+                n = int(str(value).strip(), 10)
+            except ValueError:
+                self.fail(f"'{value}' is not a whole number; expected 1..{config_mod.MAX_CPUS}", param, ctx)
+        if not 1 <= n <= config_mod.MAX_CPUS:
+            self.fail(f"{n} is not in the range 1..{config_mod.MAX_CPUS}", param, ctx)
+        return n
+
+
+class MachineName(click.ParamType):
+    name = "NAME"
+
+    def convert(self, value, param, ctx):
+        if not config_mod.NAME_RE.match(value or ""):
+            self.fail(f"'{value}' is not a machine name; use 1..32 of a-z, 0-9, '-', '_', "
+                      f"starting with a letter or digit", param, ctx)
+        return value
+
+
+class Seed(click.ParamType):
+    name = "S"
+
+    def convert(self, value, param, ctx):
+        try:
+            s = int(str(value), 0)
+        except ValueError:
+            self.fail(f"'{value}' is not an integer; expected 0..2**63-1", param, ctx)
+        if not 0 <= s < 2**63:
+            self.fail(f"{s} is not in the range 0..2**63-1", param, ctx)
+        return s
+
+
+def name_option(f):
+    return click.option("--name", "-n", type=MachineName(), default="default", show_default=True,
+                        envvar="SMPD_NAME", help=NAME_HELP)(f)
+
+
+class SmpdGroup(click.Group):
+    """Turns SmpdError into click's one-line error with the right exit status."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SmpdError as err:
+            click.echo(f"Error: {err}", err=True)
+            ctx.exit(err.exit_status)
+
+
+@click.group(cls=SmpdGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="smpd")
+def main():
+    """smpd: an x86 SMP machine of real processes over real shared memory.
+
+    Reproduce, time and soak-test how Linux parks offline CPUs in
+    mwait_play_dead() and what kexec() does to them.
+    """
+
+
+@main.command()
+@click.option("--cpus", type=Cpus(), default=None, help="CPUs including CPU 0, 1..4096 [config: 64].")
+@name_option
+@click.option("--watch", type=click.Choice(config_mod.WATCH_STRATEGIES), default=None,
+              help="How CPU processes wait [config: auto].")
+@click.option("--pin", type=click.Choice(config_mod.PIN_POLICIES), default=None,
+              help="Host-core placement [config: none].")
+@click.option("--seed", type=Seed(), default=None, help="Seed of the machine's memory image [config: random].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="A TOML file overriding config/default.toml.")
+@click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C stops the machine.")
+def up(cpus, name, watch, pin, seed, config_file, foreground):
+    """Bring up a machine: CPU 0 is the coordinator, CPUs 1..N-1 are processes.
+
+    Returns once every CPU is online and prints the summary.
+    """
+    cfg = config_mod.load(config_file).with_overrides(
+        machine={"cpus": cpus, "name": name if name != "default" or config_file is None else None,
+                 "seed": seed},
+        watch={"strategy": watch}, pin={"policy": pin},
+    )
+    name = cfg.get("machine", "name")
+    ncpus = cfg.get("machine", "cpus")
+    live = lifecycle.probe(name)
+    if live is not None:
+        raise MachineAlreadyUp(name, live.pid)
+    seed = cfg.get("machine", "seed")
+    if seed == "random":
+        seed = secrets.randbelow(2**63)
+    mem = cfg.raw["memory"]
+    geo = L.Geometry(ncpus, mem["text_pages"], mem["page_table_pages"], mem["stack_pages_per_cpu"])
+    hostinfo.check_capacity(ncpus, geo.size, cfg.get("host", "cpu_process_mib"),
+                            cfg.get("host", "memory_share"))
+    chosen, why = hostinfo.choose_watch(cfg.get("watch", "strategy"), ncpus)
+    spec = {"config": cfg.raw, "watch": chosen, "watch_reason": why, "seed": seed}
+    out = Console()
+    if foreground:
+        from smpd import coordinator
+
+        def ready(summary):
+            out.print(render.up_summary(summary))
+            out.print("[dim]foreground: Ctrl-C (or SIGTERM) stops the machine[/dim]")
+
+        status = coordinator.run(spec, on_ready=ready)
+        out.print(f"machine '{name}' is down")
+        sys.exit(status)
+    budget = (cfg.get("timeouts", "bringup_ms") + cfg.get("timeouts", "bringup_ms_per_cpu") * ncpus) / 1000 + 30
+    summary = lifecycle.start_daemon(spec, budget)
+    out.print(render.up_summary(summary))
+
+
+@main.command()
+@name_option
+@click.option("--force", is_flag=True, help="Also remove a segment this smpd cannot read (another layout version).")
+def down(name, force):
+    """Stop a machine: CPU processes, coordinator, segment, channel. Idempotent.
+
+    Also cleans up a stale machine whose coordinator died.
+    """
+    click.echo(lifecycle.down(name, force=force))
+
+
+@main.command()
+@name_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: {machine: {...}, cpus: [...]}.")
+@click.option("--watch", "live", is_flag=True, help="Refresh until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(0.05, 3600), default=0.5, show_default=True,
+              help="Seconds between refreshes with --watch.")
+@click.option("--count", type=click.IntRange(1), default=None, help="With --watch: stop after this many refreshes.")
+def status(name, as_json, live, interval, count):
+    """Every CPU: pid, host core, hotplug and execution state, wake-ups, interrupts."""
+    machine = lifecycle.require(name)
+    if as_json:
+        if live:
+            raise BadInput("--json and --watch do not combine; use --json alone, repeatedly")
+        click.echo(json.dumps(machine.request("status")))
+        return
+    out = Console()
+    if not live:
+        out.print(render.status_view(machine.request("status")))
+        return
+    from rich.live import Live
+
+    n = 0
+    try:
+        with Live(render.status_view(machine.request("status")), console=out, auto_refresh=False) as view:
+            while count is None or n < count - 1:
+                time.sleep(interval)
+                view.update(render.status_view(machine.request("status")), refresh=True)
+                n += 1
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@name_option
+@click.argument("cpus", metavar="CPULIST")
+def offline(name, cpus):
+    """Take CPUs offline: each runs play_dead() into mwait_play_dead().
+
+    CPULIST is the kernel's syntax: 5, 1-63, 1,3,5-7. CPU 0 cannot go offline.
+    """
+    machine = lifecycle.require(name)
+    cpulist.parse(cpus, machine.ncpus)  # the same check the coordinator makes, before connecting
+    r = machine.request("offline", cpus=cpus)
+    _report_hotplug(r, "offlined", "already_offline", "offline", "mwait_play_dead()")
+
+
+@main.command()
+@name_option
+@click.argument("cpus", metavar="CPULIST")
+def online(name, cpus):
+    """Bring CPUs back online with INIT/SIPI; smp_callin() zeroes their mwait_cpu_dead."""
+    machine = lifecycle.require(name)
+    cpulist.parse(cpus, machine.ncpus)
+    r = machine.request("online", cpus=cpus)
+    _report_hotplug(r, "onlined", "already_online", "online", "RUNNING")
+
+
+def _report_hotplug(r: dict, done: str, already: str, word: str, where: str) -> None:
+    if r[done]:
+        click.echo(f"CPU {cpulist.format_list(r[done])} {word} ({len(r[done])} CPUs, "
+                   f"{r['ms']:.1f} ms): now in {where}")
+    if r[already]:
+        click.echo(f"CPU {cpulist.format_list(r[already])} already {word}")
+
+
+@main.command()
+@name_option
+@click.argument("target")
+@click.option("--value", default=None, help="u32 to write (e.g. 0x4A17DEAD); default: the value already there.")
+def poke(name, target, value):
+    """Write one u32 of emulated memory through the bus and say which monitors it woke.
+
+    TARGET is an address (0x1004040) or a symbol: mwait_cpu_dead[N], mwait_cpu_dead[N].status,
+    thread_info[N]. Without --value the same value is written again (MWAIT still wakes).
+    """
+    machine = lifecycle.require(name)
+    v = None
+    if value is not None:
+        try:
+            v = int(value, 0)
+        except ValueError:
+            raise click.BadParameter(f"'{value}' is not an integer (decimal or 0x hex)", param_hint="'--value'")
+    r = machine.request("poke", target=target, value=v)
+    woke = f"woke CPU {cpulist.format_list(r['woken_cpus'])}" if r["woken_cpus"] else "woke no monitor"
+    click.echo(f"{r['symbol']} @ {r['addr']:#x}: {r['old']:#010x} -> {r['new']:#010x}; {woke}")
+
+
+@main.command(name="list")
+def list_machines():
+    """This user's machines that have a segment (live or stale)."""
+    found = lifecycle.our_machines()
+    if not found:
+        click.echo("no machines")
+    for name in found:
+        live = lifecycle.probe(name)
+        click.echo(f"{name}: " + (f"up, {live.ncpus} CPUs, coordinator pid {live.pid}" if live
+                                  else "stale segment removed"))

@@ -1,0 +1,185 @@
+"""Configuration: config/default.toml holds every default; a user file may override any subset.
+
+Validation happens here, once, before anything is created: an unknown section or
+key, a wrong type, or a value out of range raises ``ConfigError`` naming the file,
+the key, what was given and what is accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import math
+import re
+import signal
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from smpd.errors import ConfigError
+
+MAX_CPUS = 4096
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+WATCH_STRATEGIES = ("auto", "spin", "adaptive")
+PIN_POLICIES = ("none", "compact", "spread")
+INTERRUPT_KINDS = ("nmi", "smi", "mce")
+
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            return f"an integer in {lo}..{hi}"
+        return None if lo <= v <= hi else f"an integer in {lo}..{hi}"
+
+    return check
+
+
+def _float_range(lo: float, hi: float) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        return None if ok and lo <= v <= hi else f"a number in {lo}..{hi}"
+
+    return check
+
+
+def _choice(*choices: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
+
+    return check
+
+
+def _name(v: Any) -> str | None:
+    ok = isinstance(v, str) and NAME_RE.match(v)
+    return None if ok else "1..32 of a-z, 0-9, '-', '_', starting with a letter or digit"
+
+
+def _seed(v: Any) -> str | None:
+    if v == "random":
+        return None
+    return _int_range(0, 2**63 - 1)(v) and "an integer in 0..2**63-1 or \"random\""
+
+
+def parse_signal(v: Any) -> int:
+    """'SIGUSR1', 'SIGUSR2' or 'SIGRTMIN+k' (0 <= k <= 15) -> signal number."""
+    if v in ("SIGUSR1", "SIGUSR2"):
+        return int(getattr(signal, v))
+    m = re.fullmatch(r"SIGRTMIN\+(\d{1,2})", v) if isinstance(v, str) else None
+    if m and int(m.group(1)) <= 15:
+        return int(signal.SIGRTMIN) + int(m.group(1))
+    raise ValueError(v)
+
+
+def _signame(v: Any) -> str | None:
+    try:
+        parse_signal(v)
+    except ValueError:
+        return "\"SIGUSR1\", \"SIGUSR2\" or \"SIGRTMIN+k\" with 0 <= k <= 15"
+    return None
+
+
+# section -> key -> check(value) returning None when valid, else what is accepted.
+SCHEMA: dict[str, dict[str, Callable[[Any], str | None]]] = {
+    "machine": {"cpus": _int_range(1, MAX_CPUS), "name": _name, "seed": _seed},
+    "memory": {
+        "text_pages": _int_range(4, 4096),
+        "page_table_pages": _int_range(1, 4096),
+        "stack_pages_per_cpu": _int_range(1, 16),
+    },
+    "watch": {
+        "strategy": _choice(*WATCH_STRATEGIES),
+        "spin_budget_us": _int_range(0, 1_000_000),
+        "spurious_per_s": _float_range(0, 100_000),
+    },
+    "pin": {"policy": _choice(*PIN_POLICIES)},
+    "signals": {k: _signame for k in INTERRUPT_KINDS},
+    "kick": {"delay_us": _int_range(1, 1000), "rounds": _int_range(1, 1_000_000)},
+    "timeouts": {
+        "ipi_ack_ms": _int_range(1, 600_000),
+        "bringup_ms": _int_range(1, 600_000),
+        "bringup_ms_per_cpu": _int_range(0, 10_000),
+        "shutdown_ms": _int_range(1, 600_000),
+    },
+    "host": {"memory_share": _float_range(0.05, 1.0), "cpu_process_mib": _int_range(1, 1024)},
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated settings: ``cfg.get('watch', 'strategy')``; ``cfg.raw`` is the merged dict."""
+
+    raw: dict[str, dict[str, Any]]
+
+    def get(self, section: str, key: str) -> Any:
+        return self.raw[section][key]
+
+    def signals(self) -> dict[str, int]:
+        return {k: parse_signal(self.raw["signals"][k]) for k in INTERRUPT_KINDS}
+
+    def with_overrides(self, **sections: dict[str, Any]) -> "Config":
+        """A copy with command-line values applied; each is validated like a file value."""
+        raw = copy.deepcopy(self.raw)
+        for section, values in sections.items():
+            for key, value in values.items():
+                if value is not None:
+                    raw[section][key] = value
+        return Config(_validated(raw, "the command line"))
+
+
+def default_path() -> Path:
+    """config/default.toml: next to the package in a checkout (and an editable install),
+    inside it as smpd._config in a built wheel."""
+    here = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+    if here.is_file():
+        return here
+    return Path(str(importlib.resources.files("smpd._config") / "default.toml"))
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, not a TOML file") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+
+
+def _validated(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    for section, values in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(
+                f"{where}: unknown section [{section}]; known sections: {', '.join(SCHEMA)}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: [{section}] must be a table of keys")
+        for key, value in values.items():
+            check = SCHEMA[section].get(key)
+            if check is None:
+                raise ConfigError(
+                    f"{where}: unknown key '{key}' in [{section}]; "
+                    f"known keys: {', '.join(SCHEMA[section])}"
+                )
+            accepted = check(value)
+            if accepted:
+                raise ConfigError(f"{where}: {section}.{key} = {value!r} is invalid; expected {accepted}")
+    sigs = [raw.get("signals", {}).get(k) for k in INTERRUPT_KINDS]
+    if None not in sigs and len({parse_signal(s) for s in sigs}) != len(sigs):
+        raise ConfigError(f"{where}: [signals] nmi, smi and mce must be distinct signals, got {sigs}")
+    return raw
+
+
+def load(user_file: str | Path | None = None) -> Config:
+    """The defaults, overridden by ``user_file`` when given; every value validated."""
+    raw = _validated(_read(default_path()), str(default_path()))
+    if user_file is not None:
+        user = _validated(_read(Path(user_file)), str(user_file))
+        for section, values in user.items():
+            raw[section].update(values)
+        _validated(raw, str(user_file))
+    return Config(raw)

@@ -1,0 +1,503 @@
+"""The coordinator: CPU 0, the boot CPU and (later) the kexec CPU.
+
+It owns the machine's every resource, each with one cleanup path:
+
+* the segment (created O_EXCL; unlinked in ``shutdown``);
+* the CPU processes 1..N-1 (forked with multiprocess, each dying with us through
+  PR_SET_PDEATHSIG; powered off, then SIGKILLed if they do not leave, in ``shutdown``);
+* the janitor, a tiny process that outlives us only to clean up after a SIGKILL:
+  it blocks on a pipe whose write end only we hold, and on EOF removes the
+  segment if it still names us;
+* the control channel (an abstract socket; nothing to remove).
+
+It serves one request at a time: a CLI command is short, and serialising them
+means no two hotplug operations ever race on a mailbox.
+
+Run as a daemon by ``smpd up`` (``python -m smpd.coordinator``), or in the
+foreground with ``smpd up --foreground``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import secrets
+import selectors
+import signal
+import struct
+import sys
+import time
+from typing import Any, Callable
+
+import multiprocess
+import psutil
+
+from smpd import channel, cpulist, hostinfo, layout as L, names
+from smpd.bus import Bus
+from smpd.config import Config
+from smpd.cpu import IPI_DONE, IPI_IGNORED, cpu_main, set_process_name
+from smpd.errors import BadInput, SmpdError, Timeout
+from smpd.memory import load_kernel
+from smpd.segment import Segment
+
+_ctx = multiprocess.get_context("fork")
+JANITOR_DONE = b"x"  # written on a clean shutdown: the janitor leaves without touching anything
+
+
+class Stop(Exception):
+    """SIGTERM/SIGINT reached the coordinator: shut down cleanly."""
+
+
+def _stop(signum, _frame):
+    raise Stop(signal.Signals(signum).name)
+
+
+class Coordinator:
+    def __init__(self, cfg: Config, watch: str, watch_reason: str, seed: int):
+        self.cfg = cfg
+        self.name: str = cfg.get("machine", "name")
+        self.ncpus: int = cfg.get("machine", "cpus")
+        self.watch, self.watch_reason, self.seed = watch, watch_reason, seed
+        self.pin: str = cfg.get("pin", "policy")
+        self.signals = cfg.signals()
+        self.ipi_timeout_s = cfg.get("timeouts", "ipi_ack_ms") / 1000
+        # Resources start as "nothing open" so shutdown() works at any point.
+        self.seg: Segment | None = None
+        self.bus: Bus | None = None
+        self.procs: dict[int, Any] = {}
+        self.janitor = None
+        self.janitor_w: int | None = None
+        self.server: channel.Server | None = None
+        self.ready_fd: int | None = None
+        self.stopping = False
+
+    # -- bring-up --------------------------------------------------------------
+
+    def boot(self) -> dict:
+        """Create the segment, load the old kernel, fork and start every CPU. Returns a summary."""
+        t0 = time.monotonic_ns()
+        mem = self.cfg.raw["memory"]
+        geo = L.Geometry(self.ncpus, mem["text_pages"], mem["page_table_pages"], mem["stack_pages_per_cpu"])
+        hostinfo.raise_file_limit(self.ncpus)
+        self.seg = seg = Segment.create(names.segment(self.name), geo)
+        me = psutil.Process()
+        for field, value in (
+            ("state", L.MachineState.CREATING), ("coordinator_pid", os.getpid()),
+            ("coordinator_ctime", me.create_time()), ("generation", 1), ("seed", self.seed),
+            ("watch", L.Watch.SPIN if self.watch == "spin" else L.Watch.ADAPTIVE),
+            ("boot_ns", t0), ("boot_wall", time.time()),
+            ("spin_budget_ns", self.cfg.get("watch", "spin_budget_us") * 1000),
+            ("spurious_per_s", float(self.cfg.get("watch", "spurious_per_s"))),
+            ("authkey", secrets.token_bytes(32)), ("name", self.name.encode()),
+            ("pin", self.pin.encode()), ("watch_reason", self.watch_reason.encode()[:200]),
+        ):
+            seg.set_hdr(field, value)
+        self.bus = Bus(seg)
+        load_kernel(self.bus, geo, self.seed, generation=1)
+        plan = hostinfo.pin_plan(self.pin, self.ncpus)
+        if plan[0] is not None:
+            os.sched_setaffinity(0, {plan[0]})
+        for field, value in (("pid", os.getpid()), ("core", -1 if plan[0] is None else plan[0]),
+                             ("hotplug", L.Hotplug.ONLINE), ("state", L.ExecState.RUNNING),
+                             ("ctime_ms", int(me.create_time() * 1000))):
+            seg.set_cb(0, field, value)
+        self._start_janitor()
+        seg.set_hdr("state", L.MachineState.BOOTING)
+        gc.freeze()  # keep the collector from touching (and so copying) inherited pages
+        for cpu in range(1, self.ncpus):
+            self._fork_cpu(cpu, plan[cpu])
+        t_sipi = time.monotonic_ns()
+        budget = (self.cfg.get("timeouts", "bringup_ms")
+                  + self.cfg.get("timeouts", "bringup_ms_per_cpu") * self.ncpus) / 1000
+        self._ipi_all(list(range(1, self.ncpus)), L.Ipi.SIPI, budget, "bring-up (SIPI)")
+        bringup_ns = time.monotonic_ns() - t0
+        seg.set_hdr("bringup_ns", bringup_ns)
+        self.server = channel.Server(names.socket_address(self.name), seg.hdr("authkey"))
+        seg.set_hdr("state", L.MachineState.UP)
+        return {
+            "name": self.name, "pid": os.getpid(), "cpus": self.ncpus, "watch": self.watch,
+            "watch_reason": self.watch_reason, "pin": self.pin, "seed": self.seed,
+            "segment": seg.name, "segment_bytes": geo.size, "bringup_ms": bringup_ns / 1e6,
+            "sipi_to_online_ms": (time.monotonic_ns() - t_sipi) / 1e6,
+        }
+
+    def _inherited_fds(self) -> list[int]:
+        fds = [fd for fd in (self.janitor_w, self.ready_fd) if fd is not None]
+        if self.server is not None:
+            fds.append(self.server.fileno())
+        return fds
+
+    def _start_janitor(self) -> None:
+        r, w = os.pipe()
+        self.janitor_w = w
+        self.janitor = _ctx.Process(
+            target=janitor_main, name="smpd-janitor", daemon=True,
+            args=(r, w, self.seg.name, os.getpid(), self.seg.hdr("coordinator_ctime"), self.ready_fd),
+        )
+        self.janitor.start()
+        os.close(r)
+        self.seg.set_hdr("janitor_pid", self.janitor.pid)
+
+    def _fork_cpu(self, cpu: int, core: int | None) -> None:
+        p = _ctx.Process(
+            target=cpu_main, name=f"smpd-cpu{cpu}", daemon=True,
+            args=(self.seg, self.bus, cpu, self.signals, os.getpid(), core, self._inherited_fds()),
+        )
+        p.start()
+        self.procs[cpu] = p
+        self.seg.set_cb(cpu, "pid", p.pid)
+
+    # -- IPIs ------------------------------------------------------------------
+
+    def send_ipi(self, cpu: int, cmd: L.Ipi) -> int:
+        """Post ``cmd`` to ``cpu``'s mailbox and raise its IPI byte; returns the sequence to await."""
+        seg = self.seg
+        seq = (seg.cb(cpu, "mbox_seq") + 1) & 0xFFFFFFFF
+        seg.set_cb(cpu, "mbox_cmd", cmd)
+        seg.set_cb(cpu, "mbox_arg", 0)
+        seg.set_cb(cpu, "mbox_seq", seq)  # last: the CPU reads seq, then cmd
+        self.bus.wake(cpu, L.WAKE_IPI)
+        return seq
+
+    def _ipi_all(self, cpus: list[int], cmd: L.Ipi, timeout_s: float, what: str) -> dict[int, int]:
+        """Send ``cmd`` to every CPU in ``cpus`` at once, then wait for all acknowledgements."""
+        waiting = {cpu: self.send_ipi(cpu, cmd) for cpu in cpus}
+        results: dict[int, int] = {}
+        deadline = time.monotonic() + timeout_s
+        pause = 0.0
+        while waiting:
+            for cpu, seq in list(waiting.items()):
+                if self.seg.cb(cpu, "mbox_ack") == seq:
+                    results[cpu] = self.seg.cb(cpu, "mbox_result")
+                    del waiting[cpu]
+                elif not self.procs[cpu].is_alive():
+                    self._mark_gone(cpu)
+                    raise SmpdError(f"{what}: CPU{cpu} (pid {self.procs[cpu].pid}) died "
+                                    f"with exit code {self.procs[cpu].exitcode}")
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                late = cpulist.format_list(list(waiting))
+                raise Timeout(f"{what}: CPU {late} did not acknowledge {cmd.name} within {timeout_s:.1f} s")
+            time.sleep(pause)
+            pause = min(0.001, pause * 2 or 0.00002)
+        return results
+
+    def _mark_gone(self, cpu: int) -> None:
+        self.seg.set_cb(cpu, "state", L.ExecState.GONE)
+
+    def _refresh_gone(self) -> None:
+        for cpu, p in self.procs.items():
+            if p.exitcode is not None or not p.is_alive():
+                self._mark_gone(cpu)
+
+    # -- requests --------------------------------------------------------------
+
+    def _cpus_arg(self, text: str) -> list[int]:
+        return cpulist.parse(text, self.ncpus)
+
+    def _require_alive(self, cpus: list[int]) -> None:
+        self._refresh_gone()
+        gone = [c for c in cpus if c != 0 and self.seg.cb(c, "state") == L.ExecState.GONE]
+        if gone:
+            raise BadInput(f"CPU {cpulist.format_list(gone)} is GONE (its process died); "
+                           f"restart the machine with `smpd down` and `smpd up`")
+
+    def op_offline(self, cpus: str) -> dict:
+        """cpu_down() for each online CPU of the list: play_dead() into mwait_play_dead()."""
+        wanted = self._cpus_arg(cpus)
+        if 0 in wanted:
+            raise BadInput("CPU 0 is the boot CPU (and the kexec CPU) and cannot go offline; "
+                           "name CPUs 1-%d" % (self.ncpus - 1))
+        self._require_alive(wanted)
+        todo = [c for c in wanted if self.seg.cb(c, "hotplug") == L.Hotplug.ONLINE]
+        t0 = time.monotonic_ns()
+        self._ipi_all(todo, L.Ipi.CPU_DOWN, self.ipi_timeout_s + 0.002 * len(todo), "offline")
+        return {"offlined": todo, "already_offline": [c for c in wanted if c not in todo],
+                "ms": (time.monotonic_ns() - t0) / 1e6}
+
+    def op_online(self, cpus: str) -> dict:
+        """INIT, then SIPI, to each offline CPU of the list; smp_callin() clears mwait_cpu_dead."""
+        wanted = self._cpus_arg(cpus)
+        self._require_alive(wanted)
+        todo = [c for c in wanted if c != 0 and self.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
+        t0 = time.monotonic_ns()
+        budget = self.ipi_timeout_s + 0.002 * len(todo)
+        self._ipi_all(todo, L.Ipi.INIT, budget, "online (INIT)")
+        results = self._ipi_all(todo, L.Ipi.SIPI, budget, "online (SIPI)")
+        assert all(r == IPI_DONE for r in results.values()), results
+        return {"onlined": todo, "already_online": [c for c in wanted if c not in todo],
+                "ms": (time.monotonic_ns() - t0) / 1e6}
+
+    def resolve_address(self, target: str) -> int:
+        """'0x1004040', 'mwait_cpu_dead[5]', 'mwait_cpu_dead[5].status', 'thread_info[5]'."""
+        geo = self.seg.geo
+        import re
+
+        m = re.fullmatch(r"(mwait_cpu_dead|thread_info)\[(\d+)\](\.(control|status|flags))?", target)
+        if m:
+            cpu = int(m.group(2))
+            if cpu >= self.ncpus:
+                raise BadInput(f"{target}: this machine has CPUs 0-{self.ncpus - 1}")
+            if m.group(1) == "mwait_cpu_dead":
+                if m.group(4) == "flags":
+                    raise BadInput(f"{target}: mwait_cpu_dead has fields control and status")
+                return geo.mwait_cpu_dead_addr(cpu) + (4 if m.group(4) == "status" else 0)
+            if m.group(4) in ("control", "status"):
+                raise BadInput(f"{target}: thread_info has the field flags")
+            return geo.thread_info_addr(cpu)
+        try:
+            addr = int(target, 0)
+        except ValueError:
+            raise BadInput(f"'{target}' is not an address; expected a number like 0x1004040, "
+                           f"mwait_cpu_dead[N][.control|.status] or thread_info[N]") from None
+        end = L.PHYS_BASE + geo.npages * L.PAGE
+        if not L.PHYS_BASE <= addr <= end - 4 or addr % 4:
+            raise BadInput(f"address {addr:#x} is outside emulated memory or not 4-byte aligned; "
+                           f"accepted: {L.PHYS_BASE:#x}..{end - 4:#x}, multiples of 4")
+        return addr
+
+    def op_poke(self, target: str, value: int | None = None) -> dict:
+        """One u32 write through the bus (the same value again when ``value`` is None)."""
+        addr = self.resolve_address(target)
+        if value is not None and not 0 <= value <= 0xFFFFFFFF:
+            raise BadInput(f"value {value} does not fit a u32 (0..0xffffffff)")
+        old = self.seg.mem_u32(addr)
+        new = old if value is None else value
+        line = self.seg.geo.addr_line(addr)
+        owner = self.seg.u16[self.seg.geo.dir_off // 2 + line]
+        woken = self.bus.write(addr, struct.pack("<I", new))
+        return {"addr": addr, "symbol": self.seg.geo.symbol(addr), "old": old, "new": new,
+                "woken": woken, "woken_cpus": [owner - 1] if woken and owner else []}
+
+    def op_status(self) -> dict:
+        self._refresh_gone()
+        return status_snapshot(self.seg, self.procs)
+
+    def op_ping(self) -> dict:
+        return {"pid": os.getpid()}
+
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        return {"status": self.op_status, "offline": self.op_offline, "online": self.op_online,
+                "poke": self.op_poke, "ping": self.op_ping, "down": lambda: {"stopping": True}}
+
+    # -- the serving loop ------------------------------------------------------
+
+    def serve(self) -> None:
+        """Answer requests until `down`, SIGTERM/SIGINT (raises Stop), or the end of the world."""
+        sel = selectors.DefaultSelector()
+        sel.register(self.server.fileno(), selectors.EVENT_READ)
+        try:
+            while not self.stopping:
+                if not sel.select(timeout=1.0):
+                    continue
+                conn = self.server.accept()
+                if conn is None:
+                    continue
+                try:
+                    self._answer(conn)
+                finally:
+                    conn.close()
+        finally:
+            sel.close()
+
+    def _answer(self, conn) -> None:
+        try:
+            req = channel.recv_json(conn)
+            op, args = req["op"], req.get("args", {})
+            handler = self.handlers().get(op)
+            if handler is None:
+                raise BadInput(f"unknown request '{op}'")
+            result = handler(**args)
+            reply = {"ok": True, "result": result}
+        except (OSError, EOFError, ValueError, KeyError, TypeError) as err:
+            if isinstance(err, (OSError, EOFError)):
+                return  # the client went away
+            reply = channel.error_reply(BadInput(f"malformed request: {err}"))
+        except SmpdError as err:
+            reply = channel.error_reply(err)
+        try:
+            channel.send_json(conn, reply)
+        except OSError:
+            pass
+        if reply.get("ok") and req["op"] == "down":
+            self.stopping = True
+
+    # -- teardown --------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Power off every CPU, reap it, release the segment. Safe at any point of boot()."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.seg is not None and self.seg.buf is not None:
+            self.seg.set_hdr("state", L.MachineState.STOPPING)
+            alive = [c for c, p in self.procs.items() if p.is_alive()]
+            for cpu in alive:
+                try:
+                    self.send_ipi(cpu, L.Ipi.POWER_OFF)
+                except Exception:
+                    pass
+        deadline = time.monotonic() + self.cfg.get("timeouts", "shutdown_ms") / 1000
+        for p in self.procs.values():
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs.values():
+            if p.is_alive():
+                p.kill()
+        for p in self.procs.values():
+            p.join(5)
+            p.close() if p.exitcode is not None else None
+        self.procs.clear()
+        if self.seg is not None:
+            name = self.seg.name
+            self.bus = None
+            self.seg.close()
+            self.seg = None
+            from smpd.segment import unlink
+
+            unlink(name)
+        if self.janitor is not None:
+            try:
+                os.write(self.janitor_w, JANITOR_DONE)
+            except OSError:
+                pass
+            os.close(self.janitor_w)
+            self.janitor_w = None
+            self.janitor.join(5)
+            if self.janitor.is_alive():
+                self.janitor.kill()
+                self.janitor.join(5)
+            self.janitor = None
+
+
+def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None) -> dict:
+    """Everything `smpd status` shows, read from the observation plane (and psutil for cores)."""
+    geo = seg.geo
+    now = time.monotonic_ns()
+    cpus = []
+    for cpu in range(geo.ncpus):
+        cb = lambda f: seg.cb(cpu, f)  # noqa: E731
+        pid = cb("pid")
+        core = cb("core")
+        if core < 0 and pid:
+            try:
+                core = psutil.Process(pid).cpu_num()
+            except psutil.Error:
+                core = -1
+        md = geo.mwait_cpu_dead_addr(cpu)
+        state = L.ExecState(cb("state"))
+        cpus.append({
+            "cpu": cpu, "pid": pid, "core": core,
+            "hotplug": L.Hotplug(cb("hotplug")).name.lower(), "state": state.name,
+            "wakeups": {"write": cb("wake_write"), "interrupt": cb("wake_irq"),
+                        "ipi": cb("wake_ipi"), "spurious": cb("wake_spurious")},
+            "mwait_entries": cb("mwait_entries"),
+            "interrupts": {k: {"taken": cb(f"{k}_taken"), "pending": cb(f"{k}_pending"),
+                               "held": cb(f"{k}_held")} for k in ("nmi", "smi", "mce")},
+            "init": cb("init_count"), "sipi": cb("sipi_count"),
+            "mwait_cpu_dead": {"addr": md, "control": seg.mem_u32(md), "status": seg.mem_u32(md + 4)},
+            "monitor": {"armed": bool(cb("mon_armed")),
+                        "addr": geo.line_addr(cb("mon_line")) if cb("mon_armed") else None},
+        })
+    states: dict[str, int] = {}
+    for c in cpus:
+        states[c["state"]] = states.get(c["state"], 0) + 1
+    machine = {
+        "name": seg.hdr_str("name"), "pid": seg.hdr("coordinator_pid"), "cpus": geo.ncpus,
+        "watch": "spin" if seg.hdr("watch") == L.Watch.SPIN else "adaptive",
+        "watch_reason": seg.hdr_str("watch_reason"), "pin": seg.hdr_str("pin"),
+        "seed": seg.hdr("seed"), "generation": seg.hdr("generation"),
+        "state": L.MachineState(seg.hdr("state")).name, "uptime_s": (now - seg.hdr("boot_ns")) / 1e9,
+        "bringup_ms": seg.hdr("bringup_ns") / 1e6, "segment": seg.name,
+        "segment_bytes": geo.size, "layout_version": L.LAYOUT_VERSION,
+        "janitor_pid": seg.hdr("janitor_pid"),
+        "online": sum(1 for c in cpus if c["hotplug"] == "online"), "states": states,
+    }
+    return {"machine": machine, "cpus": cpus}
+
+
+def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_ctime: float, ready_fd: int | None) -> None:
+    """Block until the coordinator is gone; if it went without cleaning up, clean up after it."""
+    set_process_name("smpd-janitor")
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # it leaves by itself as soon as its job is done
+    os.close(w)
+    if ready_fd is not None:
+        try:
+            os.close(ready_fd)
+        except OSError:
+            pass
+    try:
+        data = os.read(r, 1)
+    except OSError:
+        data = b""
+    if data == JANITOR_DONE:
+        os._exit(0)
+    from smpd.lifecycle import clean_stale_segment
+
+    try:
+        clean_stale_segment(seg_name, expect_pid=coord_pid, expect_ctime=coord_ctime)
+    finally:
+        os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m smpd.coordinator SPEC_JSON READY_FD``: the daemon behind `smpd up`."""
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(argv[0])
+    ready_fd = int(argv[1])
+    os.set_inheritable(ready_fd, True)
+    set_process_name("smpd-coord")
+    run(spec, ready_fd=ready_fd)
+
+
+def run(spec: dict, ready_fd: int | None = None, on_ready: Callable[[dict], None] | None = None) -> int:
+    """Boot, report readiness (to the ready pipe or ``on_ready``), serve, shut down. Exit status."""
+    from smpd.config import Config
+
+    cfg = Config(spec["config"])
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    coord = Coordinator(cfg, spec["watch"], spec["watch_reason"], spec["seed"])
+    coord.ready_fd = ready_fd
+    status = 0
+    try:
+        try:
+            summary = coord.boot()
+        except BaseException as err:
+            msg = str(err) if isinstance(err, SmpdError) else f"{type(err).__name__}: {err}"
+            if isinstance(err, Stop):
+                msg = f"bring-up interrupted by {err}"
+            _report(ready_fd, {"ok": False, "error": msg,
+                               "exit": err.exit_status if isinstance(err, SmpdError) else 1})
+            raise
+        if on_ready is not None:
+            on_ready(summary)
+        _report(ready_fd, {"ok": True, "summary": summary})
+        coord.ready_fd = None
+        coord.serve()
+    except Stop:
+        status = 0
+    except SmpdError:
+        status = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        coord.shutdown()
+        for s, h in old.items():
+            signal.signal(s, h)
+    return status
+
+
+def _report(fd: int | None, obj: dict) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, (json.dumps(obj) + "\n").encode())
+        os.close(fd)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,474 @@
+"""A CPU process: the emulated kernel code for whatever state the CPU is in, and nothing else.
+
+Each state is a method that runs until the CPU leaves that state and returns the
+next state's method (or None when the process powers off):
+
+    wait_for_sipi --SIPI--> start_secondary/smp_callin --> running
+    running --CPU_DOWN--> play_dead --> mwait_play_dead --(control == KEXEC_HLT)--> hlt
+    any state --INIT--> wait_for_sipi
+
+How a CPU waits (``wait``). Every waker raises one byte of the CPU's wake word
+(smpd.layout: write, interrupt, IPI, timer). The watch loop is the hot path and is
+kept to one load and one compare (``while u32[i] == 0: pass``); everything else
+(timers, counters, signals) happens outside it:
+
+* ``spin``: busy-watch the wake word. Lowest latency; needs a host core per CPU.
+* ``adaptive``: spin for the budget, then sleep on the futex of the wake word. The
+  spin budget is an ITIMER_REAL whose SIGALRM raises the timer byte, so the spin
+  loop needs no clock read.
+* Spurious MWAIT wake-ups (``spurious_per_s``) use the same timer byte.
+
+Interrupts (NMI, SMI, MCE) are POSIX signals. A handler only records the pending
+interrupt and raises the interrupt byte; the state code takes it at its next
+"instruction boundary", i.e. when it looks at the wake mask.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import signal
+import struct
+import sys
+import time
+
+from smpd import layout as L
+from smpd.bus import Bus
+from smpd.sync import fence, futex_wait
+
+_PR_SET_NAME = 15
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+KINDS = ("nmi", "smi", "mce")
+M_WRITE = 0xFF << (8 * L.WAKE_WRITE)
+M_IRQ = 0xFF << (8 * L.WAKE_IRQ)
+M_IPI = 0xFF << (8 * L.WAKE_IPI)
+M_TIMER = 0xFF << (8 * L.WAKE_TIMER)
+_MD = struct.Struct("<II")  # struct mwait_cpu_dead { u32 control; u32 status; }
+
+# Mailbox results the CPU writes back (0 = done).
+IPI_DONE = 0
+IPI_IGNORED = 1  # e.g. a SIPI to a CPU that is not waiting for one: real parts ignore it
+
+
+def set_process_name(name: str) -> None:
+    """comm of this process (what ps and psutil.Process.name() show), 15 bytes at most."""
+    _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies, even by SIGKILL (prctl PR_SET_PDEATHSIG).
+
+    The parent may have died between fork and prctl; then getppid() already
+    names another process and we leave at once.
+    """
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+class Cpu:
+    def __init__(self, seg, bus: Bus, cpu: int, signals: dict[str, int]):
+        geo = seg.geo
+        self.seg, self.bus, self.cpu = seg, bus, cpu
+        self.u32, self.buf, self.u16 = seg.u32, seg.buf, seg.u16
+        self.wake_idx = seg.cb_index32(cpu, "wake")
+        self.wake_off = self.wake_idx * 4
+        self.sleeping_idx = seg.cb_index32(cpu, "sleeping")
+        self.futex_addr = bus.base_addr + self.wake_off
+        self.dir_base = geo.dir_off // L.DIR_ENTRY
+        self.md = geo.mwait_cpu_dead_addr(cpu)
+        self.md_mem = geo.mem_off + self.md - L.PHYS_BASE
+        self.spin = seg.hdr("watch") == L.Watch.SPIN
+        self.budget_s = seg.hdr("spin_budget_ns") / 1e9
+        self.spurious_per_s = seg.hdr("spurious_per_s")
+        self.rng = random.Random(seg.hdr("seed") * 4099 + cpu)
+        self.signals = signals
+        self.sig_kind = {sig: kind for kind, sig in signals.items()}
+        self.pending = {k: 0 for k in KINDS}  # written by signal handlers, read by take_*
+        self.timer_reason: str | None = None  # "budget" or "spurious" while the timer runs
+        self.armed_line = -1
+        self.pending_ack: int | None = None  # mailbox seq to acknowledge when done
+
+    # -- process entry -------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a foreground Ctrl-C is the coordinator's
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGALRM, self._on_timer)
+        for sig in self.signals.values():
+            signal.signal(sig, self._on_interrupt)
+
+    def run(self) -> None:
+        state = self.wait_for_sipi
+        while state is not None:
+            state = state()
+
+    # -- signal handlers: record and raise a byte, nothing else ---------------
+
+    def _on_interrupt(self, signum, _frame) -> None:
+        self.pending[self.sig_kind[signum]] += 1
+        self.buf[self.wake_off + L.WAKE_IRQ] = 1
+
+    def _on_timer(self, _signum, _frame) -> None:
+        if self.timer_reason is not None:  # a late SIGALRM from a cancelled timer is dropped
+            self.buf[self.wake_off + L.WAKE_TIMER] = 1
+
+    # -- waiting ----------------------------------------------------------------
+
+    def _set_timer(self, reason: str, seconds: float) -> None:
+        self.timer_reason = reason
+        signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-6))
+
+    def _cancel_timer(self) -> None:
+        if self.timer_reason is not None:
+            self.timer_reason = None
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _spurious_in(self) -> float | None:
+        return self.rng.expovariate(self.spurious_per_s) if self.spurious_per_s > 0 else None
+
+    def wait(self) -> int:
+        """Wait until a waker raises a byte; return the wake mask and clear what it names.
+
+        The TIMER byte comes back to the caller only as a spurious wake-up; a
+        spin-budget expiry just moves the CPU from spinning to sleeping.
+        """
+        u32, i = self.u32, self.wake_idx
+        spurious = self._spurious_in()
+        deadline = None if spurious is None else time.monotonic() + spurious
+        while True:
+            if u32[i] == 0:
+                if self.spin:
+                    if deadline is not None:
+                        self._set_timer("spurious", deadline - time.monotonic())
+                    while u32[i] == 0:  # THE HOT LOOP: one load, one compare
+                        pass
+                elif deadline is not None and deadline - time.monotonic() < self.budget_s:
+                    self._set_timer("spurious", deadline - time.monotonic())
+                    while u32[i] == 0:  # the same hot loop, ended by the timer byte at worst
+                        pass
+                elif self.budget_s > 0:
+                    self._set_timer("budget", self.budget_s)
+                    while u32[i] == 0:
+                        pass
+                else:
+                    self._sleep(deadline)
+            mask = self._consume()
+            reason = self.timer_reason
+            self._cancel_timer()
+            timer_hit = mask & M_TIMER
+            mask &= ~M_TIMER
+            if timer_hit and reason == "spurious":
+                return mask | M_TIMER
+            if mask:
+                return mask
+            if timer_hit and reason == "budget":
+                self._sleep(deadline)
+            # else: a stale SIGALRM of a cancelled timer; look again
+
+    def _sleep(self, deadline: float | None) -> None:
+        """Sleep on the wake word's futex until a byte is raised (or the spurious deadline)."""
+        u32, i = self.u32, self.wake_idx
+        self._cancel_timer()
+        u32[self.sleeping_idx] = 1
+        fence()  # pairs with the fence in Bus.wake: we see its byte or it sees `sleeping`
+        try:
+            while u32[i] == 0:
+                timeout = None
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.buf[self.wake_off + L.WAKE_TIMER] = 1
+                        self.timer_reason = "spurious"
+                        break
+                    timeout = int(left * 1e9)
+                futex_wait(self.futex_addr, 0, timeout)
+        finally:
+            u32[self.sleeping_idx] = 0
+
+    def _consume(self) -> int:
+        """Read the wake word, clear the bytes that were raised, fence, return them."""
+        v = self.u32[self.wake_idx]
+        for byte in range(4):
+            if v >> (8 * byte) & 0xFF:
+                self.buf[self.wake_off + byte] = 0
+        fence()  # our clears are visible before we read the mailbox or memory below
+        return v
+
+    # -- MONITOR / MWAIT -----------------------------------------------------
+
+    def monitor(self, addr: int) -> None:
+        """__monitor(): arm the monitor on the line holding ``addr``.
+
+        Only the CPU's own per-CPU lines may be monitored (the line directory has
+        one writer per entry; see smpd.layout).
+        """
+        line = (addr - L.PHYS_BASE) // L.LINE
+        owner = self.seg.geo.owner_of_line(line)
+        assert owner is not None and owner[0] == self.cpu, f"CPU{self.cpu} may not monitor {addr:#x}"
+        self.buf[self.wake_off + L.WAKE_WRITE] = 0
+        self.u16[self.dir_base + line] = self.cpu + 1
+        self.armed_line = line
+        self.seg.set_cb(self.cpu, "mon_line", line)
+        self.seg.set_cb(self.cpu, "mon_armed", 1)
+        fence()  # the directory entry is visible before we look for a write (see smpd.bus)
+
+    def disarm(self) -> None:
+        if self.armed_line >= 0:
+            self.u16[self.dir_base + self.armed_line] = 0
+            self.armed_line = -1
+            self.seg.set_cb(self.cpu, "mon_armed", 0)
+
+    def mwait(self) -> int:
+        """__mwait(): wait for a write to the monitored line, an interrupt, an IPI or nothing at all."""
+        mask = self.wait()
+        self.disarm()  # MWAIT's exit ends the monitor; the loop re-arms it
+        self._count_wake(mask)
+        return mask
+
+    def _count_wake(self, mask: int) -> None:
+        for bit, field in ((M_WRITE, "wake_write"), (M_IRQ, "wake_irq"),
+                           (M_IPI, "wake_ipi"), (M_TIMER, "wake_spurious")):
+            if mask & bit:
+                self.seg.set_cb(self.cpu, field, self.seg.cb(self.cpu, field) + 1)
+
+    # -- interrupts ----------------------------------------------------------
+
+    def _drain_pending(self) -> dict[str, int]:
+        """Move pending interrupts out of the handlers' hands, with the signals blocked."""
+        sigs = set(self.signals.values())
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        try:
+            taken = dict(self.pending)
+            for k in KINDS:
+                self.pending[k] = 0
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return taken
+
+    def take_interrupts(self) -> None:
+        """Run the handlers of pending interrupts (the CPU is executing)."""
+        for kind, n in self._drain_pending().items():
+            if n:
+                self._add(f"{kind}_taken", n)
+        for kind in KINDS:
+            self.seg.set_cb(self.cpu, f"{kind}_pending", 0)
+
+    def hold_interrupts(self) -> bool:
+        """In WAIT_FOR_SIPI, NMI and SMI stay pending (counted as held). Returns True on an MCE,
+        which a CPU in INIT cannot hold: it takes the machine down (MCE_SHUTDOWN)."""
+        got = self._drain_pending()
+        for kind in ("nmi", "smi"):
+            if got[kind]:
+                self._add(f"{kind}_held", got[kind])
+                pending = self.seg.cb(self.cpu, f"{kind}_pending") + got[kind]
+                # NMIs are latched: one pending NMI, however many arrived.
+                self.seg.set_cb(self.cpu, f"{kind}_pending", min(pending, 1) if kind == "nmi" else pending)
+        if got["mce"]:
+            self._add("mce_held", got["mce"])
+            return True
+        return False
+
+    def _add(self, field: str, n: int) -> None:
+        self.seg.set_cb(self.cpu, field, self.seg.cb(self.cpu, field) + n)
+
+    # -- the mailbox (IPIs from the coordinator) -----------------------------
+
+    def take_ipi(self) -> tuple[int, L.Ipi] | None:
+        seq = self.seg.cb(self.cpu, "mbox_seq")
+        if seq == self.seg.cb(self.cpu, "mbox_ack"):
+            return None
+        return seq, L.Ipi(self.seg.cb(self.cpu, "mbox_cmd"))
+
+    def ack(self, seq: int, result: int = IPI_DONE) -> None:
+        self.seg.set_cb(self.cpu, "mbox_result", result)
+        self.seg.set_cb(self.cpu, "mbox_ack", seq)  # last: the coordinator polls this word
+
+    def _set_state(self, state: L.ExecState, hotplug: L.Hotplug | None = None) -> None:
+        if hotplug is not None:
+            self.seg.set_cb(self.cpu, "hotplug", hotplug)
+        self.seg.set_cb(self.cpu, "state", state)
+
+    def _common_ipi(self, ipi, allowed: tuple[L.Ipi, ...]):
+        """Handle INIT and POWER_OFF, which reach a CPU in any state; ignore what the state cannot take.
+
+        Returns the next state, or False to stay.
+        """
+        seq, cmd = ipi
+        if cmd == L.Ipi.POWER_OFF:
+            self.ack(seq)
+            return None
+        if cmd == L.Ipi.INIT:
+            self.pending_ack = seq
+            return self.init_reset
+        if cmd in allowed:
+            return False
+        self.ack(seq, IPI_IGNORED)
+        return False
+
+    # -- states ------------------------------------------------------------------
+
+    def init_reset(self):
+        """INIT: the CPU resets and waits for a startup IPI, whatever it was doing."""
+        self.disarm()
+        self._add("init_count", 1)
+        return self.wait_for_sipi
+
+    def wait_for_sipi(self):
+        """Wait-for-SIPI: executes nothing; NMI and SMI are held pending, an MCE is fatal."""
+        self._set_state(L.ExecState.WAIT_FOR_SIPI, L.Hotplug.OFFLINE)
+        if self.pending_ack is not None:
+            self.ack(self.pending_ack)
+            self.pending_ack = None
+        while True:
+            mask = self.wait()
+            if mask & M_IRQ and self.hold_interrupts():
+                self._set_state(L.ExecState.SHUTDOWN)
+                return self.shutdown
+            if mask & M_IPI:
+                ipi = self.take_ipi()
+                if ipi is None:
+                    continue
+                if ipi[1] == L.Ipi.SIPI:
+                    self.pending_ack = ipi[0]
+                    return self.start_secondary
+                if ipi[1] == L.Ipi.INIT:
+                    self._add("init_count", 1)
+                    self.ack(ipi[0])
+                    continue
+                nxt = self._common_ipi(ipi, ())
+                if nxt is not False:
+                    return nxt
+
+    def start_secondary(self):
+        self._add("sipi_count", 1)
+        self.smp_callin()
+        return self.running
+
+    def smp_callin(self) -> None:
+        """The AP's first kernel code: clear mwait_cpu_dead so a stale KEXEC_HLT is never seen."""
+        self.bus.write(self.md, _MD.pack(0, 0))
+        self._set_state(L.ExecState.RUNNING, L.Hotplug.ONLINE)
+        if self.pending_ack is not None:
+            self.ack(self.pending_ack)
+            self.pending_ack = None
+
+    def running(self):
+        """Online: the idle loop, answering interrupts and IPIs."""
+        while True:
+            mask = self.wait()
+            if mask & M_IRQ:
+                self.take_interrupts()
+            if mask & M_IPI:
+                ipi = self.take_ipi()
+                if ipi is None:
+                    continue
+                nxt = self._common_ipi(ipi, (L.Ipi.CPU_DOWN,))
+                if nxt is not False:
+                    return nxt
+                if ipi[1] == L.Ipi.CPU_DOWN:
+                    self.pending_ack = ipi[0]
+                    return self.play_dead
+
+    def play_dead(self):
+        """native_play_dead(): report death, then park in mwait_play_dead()."""
+        self.seg.set_cb(self.cpu, "hotplug", L.Hotplug.OFFLINE)
+        return self.mwait_play_dead
+
+    def mwait_play_dead(self):
+        """The kernel's loop, with the kexec() fix: MONITOR the dedicated mwait_cpu_dead line,
+        MWAIT, and leave for HLT once control says CPUDEAD_MWAIT_KEXEC_HLT."""
+        # Set up state for the kexec() hack: status first, then control, as the kernel does.
+        self.bus.write(self.md + 4, struct.pack("<I", L.CPUDEAD_MWAIT_WAIT))
+        self.bus.write(self.md, struct.pack("<I", L.CPUDEAD_MWAIT_WAIT))
+        self._add("mwait_entries", 1)
+        self._set_state(L.ExecState.MWAIT)
+        if self.pending_ack is not None:
+            self.ack(self.pending_ack)
+            self.pending_ack = None
+        while True:
+            self.monitor(self.md)
+            mask = self.mwait()
+            if mask & M_IRQ:
+                # NMI/SMI/MCE end MWAIT; the handler runs and returns to the
+                # instruction after MWAIT: the control check below.
+                self.take_interrupts()
+            if mask & M_IPI:
+                ipi = self.take_ipi()
+                if ipi is not None:
+                    nxt = self._common_ipi(ipi, ())
+                    if nxt is not False:
+                        return nxt
+            control = _MD.unpack_from(self.buf, self.md_mem)[0]
+            if control == L.CPUDEAD_MWAIT_KEXEC_HLT:
+                # Kexec is about to happen. Don't go back into mwait(): the kexec
+                # kernel may overwrite text, page tables and stack, and a write to
+                # the monitored line would resume us in overwritten memory.
+                # Note: this does _NOT_ protect against a stray MCE, NMI or SMI;
+                # each ends HLT and resumes in the old kernel.
+                self.bus.write(self.md + 4, struct.pack("<I", L.CPUDEAD_MWAIT_KEXEC_HLT))
+                return self.hlt
+            # Spurious or foreign wake-up: loop back into MWAIT, as the kernel does.
+
+    def hlt(self):
+        """while (1) native_halt(): only an interrupt or an IPI ends HLT; writes do not."""
+        self._set_state(L.ExecState.HLT)
+        while True:
+            mask = self.wait()
+            if mask & M_IRQ:
+                self.take_interrupts()  # resumes at the instruction after HLT: halt again
+            if mask & M_IPI:
+                ipi = self.take_ipi()
+                if ipi is not None:
+                    nxt = self._common_ipi(ipi, ())
+                    if nxt is not False:
+                        return nxt
+
+    def shutdown(self):
+        """SHUTDOWN: nothing runs until the platform resets the CPU with INIT."""
+        while True:
+            mask = self.wait()
+            if mask & M_IRQ:
+                self._drain_pending()
+            if mask & M_IPI:
+                ipi = self.take_ipi()
+                if ipi is not None:
+                    nxt = self._common_ipi(ipi, ())
+                    if nxt is not False:
+                        return nxt
+
+
+def cpu_main(seg, bus: Bus, cpu: int, signals: dict[str, int], parent_pid: int,
+             core: int | None, close_fds: list[int]) -> None:
+    """Entry point of a CPU process (forked by the coordinator through multiprocess)."""
+    die_with_parent(parent_pid)
+    set_process_name(f"smpd-cpu{cpu}")
+    for fd in close_fds:  # the coordinator's listening socket, ready pipe, janitor pipe
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    me = Cpu(seg, bus, cpu, signals)
+    me.install_signal_handlers()
+    seg.set_cb(cpu, "core", -1 if core is None else core)
+    seg.set_cb(cpu, "ctime_ms", _own_ctime_ms())
+    seg.set_cb(cpu, "pid", os.getpid())
+    try:
+        me.run()
+    except Exception:  # an emulator fault: report it, die, and let the coordinator mark GONE
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        os._exit(70)
+    os._exit(0)
+
+
+def _own_ctime_ms() -> int:
+    import psutil
+
+    return int(psutil.Process().create_time() * 1000)

@@ -1,0 +1,52 @@
+"""One small exception hierarchy; the CLI turns each into one line and an exit status.
+
+``BadInput`` and its children are the user's to fix (exit status 2, like a usage
+error); anything else that is an ``SmpdError`` is a runtime failure (exit status 1).
+"""
+
+
+class SmpdError(Exception):
+    """Base of every error smpd raises on purpose."""
+
+    exit_status = 1
+
+
+class BadInput(SmpdError):
+    """The request cannot be honoured as given: it names what was wrong and what is accepted."""
+
+    exit_status = 2
+
+
+class ConfigError(BadInput):
+    """A config file or value is malformed, unknown, or out of range."""
+
+
+class MachineNotUp(BadInput):
+    def __init__(self, name: str):
+        super().__init__(f"no machine named '{name}' is up (start one with: smpd up --name {name})")
+        self.name = name
+
+
+class MachineAlreadyUp(BadInput):
+    def __init__(self, name: str, pid: int):
+        super().__init__(
+            f"machine '{name}' is already up (coordinator pid {pid}); "
+            f"stop it with `smpd down --name {name}` or pick another --name"
+        )
+        self.name = name
+
+
+class LayoutMismatch(BadInput):
+    """The segment was made by an smpd with another layout: we refuse to read or write it."""
+
+
+class HostTooSmall(BadInput):
+    """The host cannot hold the requested machine (memory, process or file limits)."""
+
+
+class CoordinatorGone(SmpdError):
+    """The coordinator died or stopped answering while we talked to it."""
+
+
+class Timeout(SmpdError):
+    """A bounded wait ran out: the message says which wait and its budget."""

@@ -1,0 +1,121 @@
+"""Host facts, read with psutil and /sys before anything is forked.
+
+* ``check_capacity``: can this host hold N CPU processes? (memory, RLIMIT_NPROC,
+  pid_max, open files). Refusing before the first fork is what keeps a too-big
+  request from leaving a half-made machine.
+* ``free_cores`` and ``choose_watch``: the ``auto`` watch strategy.
+* ``pin_plan``: which host core each emulated CPU runs on, per pin policy.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+import psutil
+
+from smpd.errors import HostTooSmall
+
+
+def _uid_processes() -> int:
+    uid = os.getuid()
+    n = 0
+    for p in psutil.process_iter(["uids"]):
+        uids = p.info.get("uids")
+        if uids is not None and uids.real == uid:
+            n += 1
+    return n
+
+
+def check_capacity(ncpus: int, segment_bytes: int, cpu_process_mib: int, memory_share: float) -> None:
+    """Raise HostTooSmall, naming the limit, when the host cannot hold the machine."""
+    procs = ncpus + 1  # CPU processes 1..N-1, the coordinator and its janitor
+    need = (ncpus - 1) * cpu_process_mib * 2**20 + segment_bytes
+    avail = psutil.virtual_memory().available
+    if need > avail * memory_share:
+        fit = max(1, int((avail * memory_share - segment_bytes) // (cpu_process_mib * 2**20)) + 1)
+        raise HostTooSmall(
+            f"--cpus {ncpus} needs about {need / 2**30:.1f} GiB ({cpu_process_mib} MiB per CPU "
+            f"process + a {segment_bytes / 2**20:.1f} MiB segment) but the host has "
+            f"{avail / 2**30:.1f} GiB available and smpd uses at most {memory_share:.0%} of it; "
+            f"this host holds up to --cpus {fit}"
+        )
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    if soft != resource.RLIM_INFINITY:
+        room = soft - _uid_processes()
+        if procs > room:
+            raise HostTooSmall(
+                f"--cpus {ncpus} needs {procs} processes but RLIMIT_NPROC ({soft}) leaves room "
+                f"for {max(room, 0)} more of this user's; this host holds up to --cpus {max(room - 1, 1)}"
+            )
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    running = len(psutil.pids())
+    if procs > pid_max - running:
+        raise HostTooSmall(f"--cpus {ncpus} needs {procs} processes but pid_max {pid_max} leaves {pid_max - running}")
+    _soft, hard_files = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need_files = 2 * ncpus + 64  # the coordinator keeps two pipe ends per CPU process
+    if hard_files != resource.RLIM_INFINITY and need_files > hard_files:
+        raise HostTooSmall(
+            f"--cpus {ncpus} needs {need_files} open files in the coordinator but the hard "
+            f"RLIMIT_NOFILE is {hard_files}; this host holds up to --cpus {(hard_files - 64) // 2}"
+        )
+
+
+def raise_file_limit(ncpus: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * ncpus + 64
+    if soft != resource.RLIM_INFINITY and soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard) if hard != resource.RLIM_INFINITY else need, hard))
+
+
+def allowed_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def free_cores(sample_s: float = 0.1) -> float:
+    """Logical cores not busy over a short sample, in core units (e.g. 1.7)."""
+    cores = allowed_cores()
+    per = psutil.cpu_percent(interval=sample_s, percpu=True)
+    busy = sum(per[c] for c in cores if c < len(per)) / 100.0
+    return max(0.0, len(cores) - busy)
+
+
+def choose_watch(strategy: str, ncpus: int) -> tuple[str, str]:
+    """Resolve ``auto``; return (strategy, why)."""
+    if strategy != "auto":
+        return strategy, f"{strategy} (asked for)"
+    need = ncpus  # N-1 CPU processes plus the coordinator, which also spins while it waits
+    free = free_cores()
+    if need <= int(free + 0.25):
+        return "spin", f"spin: {ncpus - 1} CPU processes + coordinator fit {free:.1f} free host cores"
+    return "adaptive", (f"adaptive: {ncpus - 1} CPU processes + coordinator need {need} cores, "
+                        f"the host has {free:.1f} free of {len(allowed_cores())}")
+
+
+def _physical_core(cpu: int) -> tuple[int, int]:
+    base = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+    try:
+        return int((base / "physical_package_id").read_text()), int((base / "core_id").read_text())
+    except (OSError, ValueError):
+        return 0, cpu
+
+
+def pin_plan(policy: str, ncpus: int) -> list[int | None]:
+    """Host core of each emulated CPU (index 0 = the coordinator), or None for 'none'.
+
+    compact: logical cores in order, wrapping. spread: one logical core of every
+    physical core first, then their siblings, wrapping.
+    """
+    if policy == "none":
+        return [None] * ncpus
+    cores = allowed_cores()
+    if policy == "spread":
+        seen: dict[tuple[int, int], int] = {}
+        first, siblings = [], []
+        for c in cores:
+            key = _physical_core(c)
+            (siblings if key in seen else first).append(c)
+            seen.setdefault(key, c)
+        cores = first + siblings
+    return [cores[i % len(cores)] for i in range(ncpus)]

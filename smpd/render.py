@@ -1,0 +1,108 @@
+"""Human output: the machine line, the per-CPU table, and a grid when there are many CPUs."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from smpd.cpulist import format_list
+
+STATE_STYLE = {
+    "RUNNING": ("RUN", "green"), "MWAIT": ("MWT", "cyan"), "HLT": ("HLT", "yellow"),
+    "WAIT_FOR_SIPI": ("SIP", "magenta"), "SHUTDOWN": ("SHD", "bold red"),
+    "GONE": ("GON", "bold white on red"), "OFF": ("OFF", "dim"),
+}
+TABLE_MAX_CPUS = 32  # above this, one grid cell per CPU instead of one table row
+
+
+def machine_line(m: dict) -> Text:
+    states = ", ".join(f"{n} {s}" for s, n in sorted(m["states"].items()))
+    t = Text()
+    t.append(f"machine '{m['name']}'", style="bold")
+    t.append(f"  {m['state']}  {m['cpus']} CPUs ({m['online']} online: {states})\n")
+    t.append(f"coordinator pid {m['pid']}  watch {m['watch']}  pin {m['pin']}  "
+             f"kernel generation {m['generation']}  seed {m['seed']}  "
+             f"uptime {_duration(m['uptime_s'])}  bring-up {m['bringup_ms']:.0f} ms\n")
+    t.append(f"segment {m['segment']} ({m['segment_bytes'] / 2**20:.1f} MiB, layout v{m['layout_version']})",
+             style="dim")
+    return t
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    h, rem = divmod(s, 3600)
+    mi, sec = divmod(rem, 60)
+    return f"{h}h{mi:02d}m{sec:02d}s" if h else f"{mi}m{sec:02d}s"
+
+
+def _irqs(c: dict) -> str:
+    parts = []
+    for k, v in c["interrupts"].items():
+        if v["taken"] or v["pending"] or v["held"]:
+            s = f"{k}:{v['taken']}"
+            if v["pending"] or v["held"]:
+                s += f" (pend {v['pending']}, held {v['held']})"
+            parts.append(s)
+    return " ".join(parts) or "-"
+
+
+def cpu_table(cpus: list[dict]) -> Table:
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for col, just in (("CPU", "right"), ("PID", "right"), ("CORE", "right"), ("HOTPLUG", "left"),
+                      ("STATE", "left"), ("WAKE w/i/ipi/sp", "right"), ("IRQ", "left"),
+                      ("mwait_cpu_dead ctl/sts", "left")):
+        t.add_column(col, justify=just)
+    for c in cpus:
+        _, style = STATE_STYLE.get(c["state"], (c["state"], ""))
+        w = c["wakeups"]
+        md = c["mwait_cpu_dead"]
+        t.add_row(
+            str(c["cpu"]), str(c["pid"]), "-" if c["core"] < 0 else str(c["core"]),
+            c["hotplug"], Text(c["state"], style=style),
+            f"{w['write']}/{w['interrupt']}/{w['ipi']}/{w['spurious']}", _irqs(c),
+            f"{md['control']:#010x}/{md['status']:#010x}",
+        )
+    return t
+
+
+def cpu_grid(cpus: list[dict], width: int = 16) -> Group:
+    """One cell per CPU: number and a three-letter state, ``width`` cells a row."""
+    rows = []
+    for start in range(0, len(cpus), width):
+        line = Text()
+        for c in cpus[start:start + width]:
+            abbrev, style = STATE_STYLE.get(c["state"], (c["state"][:3], ""))
+            line.append(f"{c['cpu']:>4} ", style="dim")
+            line.append(abbrev, style=style)
+        rows.append(line)
+    legend = Text("  ".join(f"{a}={s}" for s, (a, _) in STATE_STYLE.items()), style="dim")
+    by_state: dict[str, list[int]] = {}
+    for c in cpus:
+        by_state.setdefault(c["state"], []).append(c["cpu"])
+    summary = Text("\n".join(f"{s:<14} CPU {format_list(v)}" for s, v in sorted(by_state.items())))
+    irq = [c for c in cpus if _irqs(c) != "-"]
+    extra = []
+    if irq:
+        extra.append(Text("interrupts: " + "; ".join(f"CPU{c['cpu']} {_irqs(c)}" for c in irq[:16])
+                          + (" ..." if len(irq) > 16 else "")))
+    return Group(*rows, legend, summary, *extra)
+
+
+def status_view(snapshot: dict) -> Group:
+    cpus = snapshot["cpus"]
+    body = cpu_table(cpus) if len(cpus) <= TABLE_MAX_CPUS else cpu_grid(cpus)
+    return Group(machine_line(snapshot["machine"]), Text(""), body)
+
+
+def up_summary(s: dict) -> Text:
+    t = Text()
+    t.append(f"machine '{s['name']}' is up: ", style="bold")
+    t.append(f"{s['cpus']} CPUs online in {s['bringup_ms']:.0f} ms "
+             f"(CPU 0 = coordinator pid {s['pid']}"
+             + (f", CPUs 1-{s['cpus'] - 1} = processes)\n" if s["cpus"] > 1 else ")\n"))
+    t.append(f"  watch    {s['watch_reason']}\n")
+    t.append(f"  pin      {s['pin']}\n")
+    t.append(f"  segment  {s['segment']} ({s['segment_bytes'] / 2**20:.1f} MiB, mode 0600)\n")
+    t.append(f"  seed     {s['seed']}")
+    return t

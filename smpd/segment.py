@@ -1,0 +1,170 @@
+"""The one POSIX shared-memory segment of a machine: create, attach, close, unlink.
+
+Lifetime follows posix_ipc's rule (nothing is unlinked behind your back):
+``close()`` lets go of this process's mapping; ``unlink()`` destroys the name, once,
+by its owner (the coordinator, its janitor, or ``smpd down`` on a stale machine).
+Fields start as "nothing open" so ``close()`` works at any point, even after a
+constructor that failed halfway.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+import posix_ipc
+
+from smpd import layout as L
+from smpd.errors import LayoutMismatch
+
+
+class Segment:
+    def __init__(self, name: str):
+        self.name = name
+        self.mm: mmap.mmap | None = None
+        self.buf: memoryview | None = None
+        self.u32: memoryview | None = None  # the whole segment as u32 words (hot path)
+        self.u16: memoryview | None = None
+        self.geo: L.Geometry | None = None
+
+    # -- construction ------------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str, geo: L.Geometry) -> "Segment":
+        """Create the segment O_EXCL, mode 0600, sized for ``geo``; raises ExistentialError if it exists."""
+        seg = cls(name)
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=geo.size)
+        try:
+            seg._map(shm, geo.size)
+            seg.geo = geo
+            seg._write_geometry(geo)
+        except BaseException:
+            seg.close()
+            posix_ipc.unlink_shared_memory(name)
+            raise
+        return seg
+
+    @classmethod
+    def attach(cls, name: str) -> "Segment":
+        """Map an existing segment after checking it is ours and of our layout version.
+
+        Raises posix_ipc.ExistentialError when there is no such segment, and
+        LayoutMismatch when it is not a segment this smpd can read.
+        """
+        seg = cls(name)
+        shm = posix_ipc.SharedMemory(name)
+        try:
+            size = os.fstat(shm.fd).st_size
+            if size < L.HEADER_SIZE:
+                raise LayoutMismatch(
+                    f"segment {name} is {size} bytes, too small to be an smpd segment; "
+                    f"remove it with `smpd down --force`"
+                )
+            seg._map(shm, size)
+            magic = seg.hdr("magic")
+            version = seg.hdr("layout_version")
+            if magic != L.MAGIC or version != L.LAYOUT_VERSION:
+                what = f"layout version {version}" if magic == L.MAGIC else "no smpd magic"
+                raise LayoutMismatch(
+                    f"segment {name} has {what}; this smpd reads layout version "
+                    f"{L.LAYOUT_VERSION} only. Stop that machine with the smpd that made it, "
+                    f"or remove it with `smpd down --force`"
+                )
+            seg.geo = L.Geometry(
+                ncpus=seg.hdr("ncpus"),
+                text_pages=seg.hdr("text_pages"),
+                pgtable_pages=seg.hdr("pgtable_pages"),
+                stack_pages_per_cpu=seg.hdr("stack_pages_per_cpu"),
+            )
+            if seg.geo.size != size or seg.geo.mem_off != seg.hdr("mem_off"):
+                raise LayoutMismatch(f"segment {name} header does not match its size ({size} bytes)")
+        except BaseException:
+            seg.close()
+            raise
+        return seg
+
+    def _map(self, shm: posix_ipc.SharedMemory, size: int) -> None:
+        try:
+            self.mm = mmap.mmap(shm.fd, size)
+        finally:
+            shm.close_fd()
+        self.buf = memoryview(self.mm)
+        self.u32 = self.buf.cast("I")
+        self.u16 = self.buf.cast("H")
+
+    def _write_geometry(self, geo: L.Geometry) -> None:
+        for field, value in (
+            ("layout_version", L.LAYOUT_VERSION), ("ncpus", geo.ncpus),
+            ("nlines", geo.nlines), ("npages", geo.npages),
+            ("mem_off", geo.mem_off), ("dir_off", geo.dir_off), ("seg_size", geo.size),
+            ("text_first", geo.text_first), ("text_pages", geo.text_pages),
+            ("pgtable_first", geo.pgtable_first), ("pgtable_pages", geo.pgtable_pages),
+            ("percpu_first", geo.percpu_first), ("percpu_pages", geo.percpu_pages),
+            ("stack_first", geo.stack_first), ("stack_pages", geo.stack_pages),
+            ("stack_pages_per_cpu", geo.stack_pages_per_cpu),
+        ):
+            self.set_hdr(field, value)
+        self.set_hdr("magic", L.MAGIC)  # last: a reader sees a whole header or none
+
+    # -- teardown ----------------------------------------------------------
+
+    def close(self) -> None:
+        """Let go of this process's mapping (the segment itself stays)."""
+        for view in ("u16", "u32", "buf"):
+            v = getattr(self, view)
+            if v is not None:
+                v.release()
+                setattr(self, view, None)
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+
+    def unlink(self) -> None:
+        """Destroy the segment's name; mappings stay valid until closed."""
+        unlink(self.name)
+
+    # -- fields ------------------------------------------------------------
+
+    def hdr(self, field: str):
+        off, s = L.HEADER[field]
+        (v,) = s.unpack_from(self.buf, off)
+        return v
+
+    def set_hdr(self, field: str, value) -> None:
+        off, s = L.HEADER[field]
+        s.pack_into(self.buf, off, value)
+
+    def hdr_str(self, field: str) -> str:
+        return self.hdr(field).rstrip(b"\0").decode("utf-8", "replace")
+
+    def cb(self, cpu: int, field: str):
+        off, s = L.CB[field]
+        (v,) = s.unpack_from(self.buf, L.CB_OFF + cpu * L.CB_SIZE + off)
+        return v
+
+    def set_cb(self, cpu: int, field: str, value) -> None:
+        off, s = L.CB[field]
+        s.pack_into(self.buf, L.CB_OFF + cpu * L.CB_SIZE + off, value)
+
+    def cb_index32(self, cpu: int, field: str) -> int:
+        """Index of a u32 control-block field in ``self.u32`` (for hot loops)."""
+        off, s = L.CB[field]
+        assert s.size == 4
+        return (L.CB_OFF + cpu * L.CB_SIZE + off) // 4
+
+    def cb_byte(self, cpu: int, field: str, byte: int) -> int:
+        return L.CB_OFF + cpu * L.CB_SIZE + L.CB[field][0] + byte
+
+    def mem_u32(self, addr: int) -> int:
+        """Read a u32 of emulated memory (reads never need the bus)."""
+        return struct.unpack_from("<I", self.buf, self.geo.mem_off + addr - L.PHYS_BASE)[0]
+
+
+def unlink(name: str) -> bool:
+    """Unlink a segment by name; True if it existed."""
+    try:
+        posix_ipc.unlink_shared_memory(name)
+        return True
+    except posix_ipc.ExistentialError:
+        return False

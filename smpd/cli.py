@@ -133,7 +133,12 @@ def up(cpus, name, watch, pin, seed, config_file, foreground):
         out.print(f"machine '{name}' is down")
         sys.exit(status)
     budget = (cfg.get("timeouts", "bringup_ms") + cfg.get("timeouts", "bringup_ms_per_cpu") * ncpus) / 1000 + 30
-    summary = lifecycle.start_daemon(spec, budget)
+    try:
+        summary = lifecycle.start_daemon(spec, budget)
+    except KeyboardInterrupt:
+        click.echo(f"Error: interrupted while machine '{name}' came up; it was stopped and "
+                   f"nothing of it is left", err=True)
+        sys.exit(130)
     out.print(render.up_summary(summary))
 
 
@@ -207,7 +212,8 @@ def online(name, cpus):
 
 def _report_hotplug(r: dict, done: str, already: str, word: str, where: str) -> None:
     if r[done]:
-        click.echo(f"CPU {cpulist.format_list(r[done])} {word} ({len(r[done])} CPUs, "
+        n = len(r[done])
+    click.echo(f"CPU {cpulist.format_list(r[done])} {word} ({n} CPU{'s' if n > 1 else ''}, "
                    f"{r['ms']:.1f} ms): now in {where}")
     if r[already]:
         click.echo(f"CPU {cpulist.format_list(r[already])} already {word}")

@@ -46,11 +46,27 @@ JANITOR_DONE = b"x"  # written on a clean shutdown: the janitor leaves without t
 
 
 class Stop(Exception):
-    """SIGTERM/SIGINT reached the coordinator: shut down cleanly."""
+    """SIGTERM/SIGINT/SIGHUP reached the coordinator: shut down cleanly."""
+
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def _stop(signum, _frame):
     raise Stop(signal.Signals(signum).name)
+
+
+def check_stop() -> None:
+    """A checkpoint of bring-up, which runs with the stop signals blocked.
+
+    An exception raised by a signal handler can land between any two bytecodes,
+    e.g. between shm_open() returning and the name being recorded, and leak the
+    segment. So boot() blocks SIGTERM/SIGINT/SIGHUP and looks for them only here,
+    where every resource made so far is already owned by the Coordinator.
+    """
+    pending = signal.sigpending() & STOP_SIGNALS
+    if pending:
+        raise Stop(signal.Signals(min(pending)).name)
 
 
 class Coordinator:
@@ -93,8 +109,10 @@ class Coordinator:
             ("pin", self.pin.encode()), ("watch_reason", self.watch_reason.encode()[:200]),
         ):
             seg.set_hdr(field, value)
+        check_stop()
         self.bus = Bus(seg)
         load_kernel(self.bus, geo, self.seed, generation=1)
+        check_stop()
         plan = hostinfo.pin_plan(self.pin, self.ncpus)
         if plan[0] is not None:
             os.sched_setaffinity(0, {plan[0]})
@@ -106,6 +124,7 @@ class Coordinator:
         seg.set_hdr("state", L.MachineState.BOOTING)
         gc.freeze()  # keep the collector from touching (and so copying) inherited pages
         for cpu in range(1, self.ncpus):
+            check_stop()
             self._fork_cpu(cpu, plan[cpu])
         t_sipi = time.monotonic_ns()
         budget = (self.cfg.get("timeouts", "bringup_ms")
@@ -177,6 +196,7 @@ class Coordinator:
                                     f"with exit code {self.procs[cpu].exitcode}")
             if not waiting:
                 break
+            check_stop()
             if time.monotonic() > deadline:
                 late = cpulist.format_list(list(waiting))
                 raise Timeout(f"{what}: CPU {late} did not acknowledge {cmd.name} within {timeout_s:.1f} s")
@@ -420,8 +440,9 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None) -> dict:
 def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_ctime: float, ready_fd: int | None) -> None:
     """Block until the coordinator is gone; if it went without cleaning up, clean up after it."""
     set_process_name("smpd-janitor")
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # it leaves by itself as soon as its job is done
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     os.close(w)
     if ready_fd is not None:
         try:
@@ -461,9 +482,11 @@ def run(spec: dict, ready_fd: int | None = None, on_ready: Callable[[dict], None
     coord = Coordinator(cfg, spec["watch"], spec["watch_reason"], spec["seed"])
     coord.ready_fd = ready_fd
     status = 0
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # see check_stop()
     try:
         try:
             summary = coord.boot()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         except BaseException as err:
             msg = str(err) if isinstance(err, SmpdError) else f"{type(err).__name__}: {err}"
             if isinstance(err, Stop):
@@ -481,11 +504,12 @@ def run(spec: dict, ready_fd: int | None = None, on_ready: Callable[[dict], None
     except SmpdError:
         status = 1
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         coord.shutdown()
-        for s, h in old.items():
-            signal.signal(s, h)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones meet SIG_IGN
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     return status
 
 

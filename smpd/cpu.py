@@ -97,9 +97,11 @@ class Cpu:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a foreground Ctrl-C is the coordinator's
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         signal.signal(signal.SIGALRM, self._on_timer)
         for sig in self.signals.values():
             signal.signal(sig, self._on_interrupt)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the coordinator forks us with some blocked
 
     def run(self) -> None:
         state = self.wait_for_sipi

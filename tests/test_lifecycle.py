@@ -1,0 +1,151 @@
+"""Every exit path leaves nothing behind: down, SIGTERM, Ctrl-C, SIGKILL of the coordinator."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import posix_ipc
+import psutil
+import pytest
+
+from conftest import Machine, our_processes, run_smpd, segment_path, wait_until
+from smpd import lifecycle, names
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _all_pids(m: Machine) -> list[int]:
+    s = m.status()
+    return [s["machine"]["pid"], s["machine"]["janitor_pid"], *(c["pid"] for c in s["cpus"][1:])]
+
+
+@pytest.mark.parametrize("cpus", [4, 64])
+def test_sigkill_of_the_coordinator_takes_every_cpu_process_and_the_segment_with_it(machine_name, cpus):
+    m = Machine(machine_name, cpus, "--watch", "adaptive")
+    m.request("offline", cpus=f"1-{cpus // 2}")
+    pids = _all_pids(m)
+    os.kill(pids[0], signal.SIGKILL)
+    for pid in pids:
+        wait_until(lambda: _gone(pid), timeout=10, what=f"pid {pid} to die with the coordinator")
+    wait_until(lambda: not os.path.exists(segment_path(machine_name)), timeout=10,
+               what="the janitor to unlink the segment")
+
+
+def test_a_stale_machine_is_recovered_by_down(machine_name):
+    m = Machine(machine_name, 4, "--watch", "adaptive")
+    pids = _all_pids(m)
+    # Kill the janitor first, then the coordinator: nobody is left to clean up.
+    os.kill(pids[1], signal.SIGKILL)
+    wait_until(lambda: _gone(pids[1]), what="janitor death")
+    os.kill(pids[0], signal.SIGKILL)
+    for pid in pids:
+        wait_until(lambda: _gone(pid), what=f"pid {pid} to die")
+    assert os.path.exists(segment_path(machine_name))  # the stale segment
+    r = run_smpd("status", name=machine_name, check=False)
+    assert r.returncode == 2 and "no machine named" in r.stderr
+    assert not os.path.exists(segment_path(machine_name))
+
+
+def test_up_over_a_stale_segment_recovers_it(machine_name):
+    m = Machine(machine_name, 2, "--watch", "adaptive")
+    pids = _all_pids(m)
+    os.kill(pids[1], signal.SIGKILL)
+    wait_until(lambda: _gone(pids[1]), what="janitor death")
+    os.kill(pids[0], signal.SIGKILL)
+    wait_until(lambda: _gone(pids[0]), what="coordinator death")
+    again = Machine(machine_name, 2, "--watch", "adaptive")
+    assert again.status()["machine"]["pid"] != pids[0]
+    again.down()
+
+
+def test_sigterm_to_the_coordinator_shuts_the_machine_down_cleanly(machine_name):
+    m = Machine(machine_name, 8, "--watch", "adaptive")
+    m.request("offline", cpus="1-7")
+    pids = _all_pids(m)
+    os.kill(pids[0], signal.SIGTERM)
+    for pid in pids:
+        wait_until(lambda: _gone(pid), what=f"pid {pid} to exit")
+    assert not os.path.exists(segment_path(machine_name))
+
+
+def test_foreground_machine_stops_on_ctrl_c(machine_name):
+    env = dict(os.environ, SMPD_NAME=machine_name)
+    p = subprocess.Popen([sys.executable, "-m", "smpd", "up", "--cpus", "4", "--watch", "adaptive",
+                          "--foreground"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        live = wait_until(lambda: lifecycle.probe(machine_name) if p.poll() is None else pytest.fail(
+            p.stderr.read()), what="foreground machine up")
+        wait_until(lambda: live.request("status")["machine"]["online"] == 4, what="all CPUs online")
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    assert "is up" in out and "is down" in out
+    assert not os.path.exists(segment_path(machine_name))
+
+
+def test_ctrl_c_while_up_waits_leaves_no_half_made_machine(machine_name):
+    """SIGINT to `smpd up` while the CPUs come up: the daemon is stopped and cleans up."""
+    env = dict(os.environ, SMPD_NAME=machine_name)
+    p = subprocess.Popen([sys.executable, "-m", "smpd", "up", "--cpus", "200", "--watch", "adaptive"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Wait until the coordinator exists (the segment is there), then interrupt the CLI.
+    wait_until(lambda: os.path.exists(segment_path(machine_name)) or p.poll() is not None,
+               what="the coordinator to create its segment")
+    p.send_signal(signal.SIGINT)
+    _out, err = p.communicate(timeout=120)
+    if p.returncode == 0:  # the machine won the race and came up first: it must be whole
+        assert lifecycle.probe(machine_name).request("status")["machine"]["online"] == 200
+        lifecycle.down(machine_name)
+    else:
+        assert p.returncode == 130 and "nothing of it is left" in err, err
+        assert not os.path.exists(segment_path(machine_name))
+
+
+def test_the_channel_refuses_a_client_without_the_key(machine):
+    m = machine(2, "--watch", "adaptive")
+    from smpd import channel
+    from smpd.errors import CoordinatorGone
+
+    with pytest.raises((CoordinatorGone, Exception)) as e:
+        channel.request(names.socket_address(m.name), b"\0" * 32, "status", timeout_s=5)
+    assert "digest" in str(e.value).lower() or "closed" in str(e.value).lower()
+    assert m.status()["machine"]["state"] == "UP"  # and it keeps serving
+
+
+def test_segment_of_another_layout_version_is_refused_and_down_force_removes_it(machine_name):
+    from smpd import layout as L
+
+    shm = posix_ipc.SharedMemory(names.segment(machine_name), posix_ipc.O_CREX, mode=0o600, size=L.PAGE)
+    try:
+        import mmap
+        mm = mmap.mmap(shm.fd, L.PAGE)
+        mm[0:8] = L.MAGIC
+        mm[8:12] = (L.LAYOUT_VERSION + 1).to_bytes(4, "little")
+        mm.close()
+    finally:
+        shm.close_fd()
+    for args in (("status",), ("up", "--cpus", "2"), ("down",)):
+        r = run_smpd(*args, name=machine_name, check=False)
+        assert r.returncode == 2, args
+        assert f"layout version {L.LAYOUT_VERSION + 1}" in r.stderr and "--force" in r.stderr
+    assert os.path.exists(segment_path(machine_name))  # refused means untouched
+    r = run_smpd("down", "--force", name=machine_name)
+    assert "removed segment" in r.stdout
+    assert not os.path.exists(segment_path(machine_name))
+
+
+def test_no_process_of_ours_survives_a_test(machine):
+    """The leak check itself: it sees our processes while a machine is up."""
+    m = machine(3, "--watch", "adaptive")
+    names_seen = {n for _, n in our_processes()}
+    assert {"smpd-coord", "smpd-janitor", "smpd-cpu1", "smpd-cpu2"} <= names_seen

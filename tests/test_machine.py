@@ -1,0 +1,160 @@
+"""Bring-up, hotplug and teardown of a machine of real processes over a real segment."""
+
+import json
+import os
+import stat
+
+import psutil
+import pytest
+
+from conftest import Machine, run_smpd, segment_path, wait_until
+from smpd import layout as L
+
+
+@pytest.mark.parametrize("cpus", [2, 8, 64])
+def test_up_brings_every_cpu_online_as_its_own_process_and_down_removes_all(machine_name, cpus):
+    m = Machine(machine_name, cpus, "--watch", "adaptive")
+    assert f"{cpus} CPUs online" in m.up_result.stdout
+    s = m.status()
+    assert s["machine"]["cpus"] == cpus and s["machine"]["state"] == "UP"
+    assert [c["cpu"] for c in s["cpus"]] == list(range(cpus))
+    assert all(c["hotplug"] == "online" and c["state"] == "RUNNING" for c in s["cpus"])
+    coord = psutil.Process(s["machine"]["pid"])
+    assert coord.name() == "smpd-coord" and s["cpus"][0]["pid"] == coord.pid
+    pids = [c["pid"] for c in s["cpus"][1:]]
+    assert len(set(pids)) == cpus - 1 and coord.pid not in pids
+    for c in s["cpus"][1:]:
+        assert psutil.Process(c["pid"]).name() == f"smpd-cpu{c['cpu']}"
+    mode = os.stat(segment_path(machine_name)).st_mode
+    assert stat.S_IMODE(mode) == 0o600
+    janitor = s["machine"]["janitor_pid"]
+
+    r = run_smpd("down", name=machine_name)
+    assert "is down" in r.stdout
+    assert not os.path.exists(segment_path(machine_name))
+    for pid in [coord.pid, janitor, *pids]:
+        wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+                   what=f"pid {pid} to exit")
+
+
+def test_down_is_idempotent(machine_name):
+    r = run_smpd("down", name=machine_name)
+    assert r.returncode == 0 and "not up" in r.stdout
+
+
+def test_offline_parks_cpus_in_mwait_play_dead(machine):
+    m = machine(8, "--watch", "adaptive")
+    r = run_smpd("offline", "1-7", name=m.name)
+    assert "CPU 1-7 offline" in r.stdout and "mwait_play_dead()" in r.stdout
+    s = m.status()
+    assert s["cpus"][0]["state"] == "RUNNING"
+    for c in s["cpus"][1:]:
+        assert c["hotplug"] == "offline" and c["state"] == "MWAIT"
+        md = c["mwait_cpu_dead"]
+        assert md["control"] == md["status"] == L.CPUDEAD_MWAIT_WAIT
+        # The monitor sits on the dedicated mwait_cpu_dead line (the fix), armed.
+        assert c["monitor"]["armed"] and c["monitor"]["addr"] == md["addr"]
+        assert c["mwait_entries"] == 1
+
+
+def test_offline_of_an_offline_cpu_is_a_no_op(machine):
+    m = machine(4, "--watch", "adaptive")
+    run_smpd("offline", "2", name=m.name)
+    r = run_smpd("offline", "1-2", name=m.name)
+    assert "CPU 1 offline" in r.stdout and "CPU 2 already offline" in r.stdout
+    assert m.cpu(2)["mwait_entries"] == 1
+
+
+def test_online_brings_cpus_back_through_init_sipi_and_smp_callin_zeroes_mwait_cpu_dead(machine):
+    m = machine(10, "--watch", "adaptive")
+    run_smpd("offline", "1-9", name=m.name)
+    r = run_smpd("online", "5,7-9", name=m.name)
+    assert "CPU 5,7-9 online" in r.stdout
+    s = m.status()
+    for c in s["cpus"]:
+        if c["cpu"] in (5, 7, 8, 9):
+            assert c["hotplug"] == "online" and c["state"] == "RUNNING"
+            assert c["mwait_cpu_dead"]["control"] == c["mwait_cpu_dead"]["status"] == 0
+            assert not c["monitor"]["armed"]
+            assert c["init"] == 1 and c["sipi"] == 2  # one SIPI at bring-up, one now
+        elif c["cpu"] != 0:
+            assert c["state"] == "MWAIT" and c["mwait_cpu_dead"]["status"] == L.CPUDEAD_MWAIT_WAIT
+
+
+def test_offline_online_round_trips_repeat_cleanly(machine):
+    m = machine(4, "--watch", "adaptive")
+    for i in range(1, 6):
+        m.request("offline", cpus="1-3")
+        assert {c["state"] for c in m.status()["cpus"][1:]} == {"MWAIT"}
+        m.request("online", cpus="1-3")
+        s = m.status()
+        assert {c["state"] for c in s["cpus"][1:]} == {"RUNNING"}
+        assert all(c["mwait_entries"] == i and c["mwait_cpu_dead"]["control"] == 0 for c in s["cpus"][1:])
+
+
+def test_status_json_has_the_documented_shape(machine):
+    m = machine(3, "--watch", "adaptive")
+    run_smpd("offline", "2", name=m.name)
+    s = json.loads(run_smpd("status", "--json", name=m.name).stdout)
+    assert set(s) == {"machine", "cpus"}
+    mach = s["machine"]
+    for key in ("name", "pid", "cpus", "watch", "generation", "uptime_s", "state", "seed", "segment"):
+        assert key in mach
+    assert mach["name"] == m.name and mach["cpus"] == 3 and mach["watch"] == "adaptive"
+    assert mach["generation"] == 1
+    c2 = s["cpus"][2]
+    assert c2["cpu"] == 2 and c2["hotplug"] == "offline" and c2["state"] == "MWAIT"
+    assert set(c2["wakeups"]) == {"write", "interrupt", "ipi", "spurious"}
+    assert set(c2["interrupts"]) == {"nmi", "smi", "mce"}
+
+
+def test_status_human_output_is_a_table_for_few_cpus_and_a_grid_for_many(machine):
+    small = machine(4, "--watch", "adaptive")
+    out = run_smpd("status", name=small.name).stdout
+    assert "HOTPLUG" in out and "mwait_cpu_dead" in out and f"machine '{small.name}'" in out
+    big = machine(40, "--watch", "adaptive")
+    run_smpd("offline", "1-39", name=big.name)
+    out = run_smpd("status", name=big.name).stdout
+    assert "MWAIT          CPU 1-39" in out and "RUNNING        CPU 0" in out
+    assert "MWT" in out and "HOTPLUG" not in out
+
+
+def test_status_watch_refreshes_the_given_number_of_times(machine):
+    m = machine(2, "--watch", "adaptive")
+    r = run_smpd("status", "--watch", "--interval", "0.05", "--count", "3", name=m.name)
+    assert r.returncode == 0 and f"machine '{m.name}'" in r.stdout
+
+
+def test_two_named_machines_run_side_by_side(machine):
+    a = machine(3, "--watch", "adaptive")
+    b = machine(5, "--watch", "adaptive")
+    run_smpd("offline", "1-2", name=a.name)
+    assert b.status()["machine"]["online"] == 5
+    assert a.status()["machine"]["online"] == 1
+    assert a.status()["machine"]["segment"] != b.status()["machine"]["segment"]
+
+
+def test_pin_places_cpu_processes_on_host_cores(machine):
+    cores = sorted(os.sched_getaffinity(0))
+    m = machine(4, "--watch", "adaptive", "--pin", "compact")
+    s = m.status()
+    for c in s["cpus"]:
+        assert c["core"] == cores[c["cpu"] % len(cores)]
+        if c["cpu"]:
+            assert psutil.Process(c["pid"]).cpu_affinity() == [c["core"]]
+
+
+def test_same_seed_gives_the_same_kernel_image(machine):
+    a = machine(2, "--watch", "adaptive", "--seed", "42")
+    b = machine(2, "--watch", "adaptive", "--seed", "42")
+    from smpd.segment import Segment
+    from smpd import names
+    sa, sb = Segment.attach(names.segment(a.name)), Segment.attach(names.segment(b.name))
+    try:
+        ga = sa.geo
+        mem = slice(ga.mem_off, ga.size)
+        assert sa.buf[mem] == sb.buf[mem]
+        assert a.status()["machine"]["seed"] == 42
+    finally:
+        sa.close()
+        sb.close()

@@ -1,0 +1,109 @@
+"""MONITOR/MWAIT as mwait_play_dead() sees it: what wakes a parked CPU, and what it does then.
+
+Each test parks CPUs with `smpd offline`, then acts on the machine the way
+hardware would: a bus write, a signal standing for an NMI, the kernel's
+control word. Counters in the observation plane say what the CPU saw.
+"""
+
+import os
+import signal
+
+import pytest
+
+from conftest import run_smpd, wait_until
+from smpd import layout as L
+
+NMI = signal.SIGRTMIN + 1  # config/default.toml [signals]
+
+
+def parked(c):
+    return c["state"] == "MWAIT" and c["monitor"]["armed"]
+
+
+@pytest.fixture(params=["adaptive", "spin"])
+def parked_machine(request, machine):
+    """Three CPUs, two of them parked; under both watch strategies."""
+    m = machine(3, "--watch", request.param)
+    m.request("offline", cpus="1-2")
+    return m
+
+
+def test_same_value_write_to_the_monitored_line_wakes_the_cpu_which_loops_back(parked_machine):
+    m = parked_machine
+    r = m.request("poke", target="mwait_cpu_dead[1]")  # rewrite control with its own value
+    assert r["old"] == r["new"] == L.CPUDEAD_MWAIT_WAIT
+    assert r["woken_cpus"] == [1]
+    c = m.wait_cpu(1, lambda c: c["wakeups"]["write"] == 1 and parked(c), "wake on write, re-park")
+    assert c["mwait_cpu_dead"]["control"] == L.CPUDEAD_MWAIT_WAIT  # loops back: not a kick
+    assert m.cpu(2)["wakeups"]["write"] == 0
+
+
+def test_write_to_any_byte_of_the_line_wakes_the_monitor(parked_machine):
+    m = parked_machine
+    status = m.cpu(1)["mwait_cpu_dead"]["addr"] + 4
+    assert m.request("poke", target=hex(status))["woken_cpus"] == [1]
+    last_word = m.cpu(1)["mwait_cpu_dead"]["addr"] + L.LINE - 4
+    assert m.request("poke", target=hex(last_word))["woken_cpus"] == [1]
+    m.wait_cpu(1, lambda c: c["wakeups"]["write"] >= 1 and parked(c), "wake on write")
+
+
+def test_writes_to_other_lines_wake_nobody(parked_machine):
+    m = parked_machine
+    md = m.cpu(1)["mwait_cpu_dead"]["addr"]
+    for target in ("thread_info[1]", "thread_info[2]", hex(md - 4), hex(md + L.LINE), hex(L.PHYS_BASE + 0x40)):
+        assert m.request("poke", target=target)["woken"] == 0, target
+    # A write that does wake CPU 1 now; its count then says the writes above never did.
+    m.request("poke", target="mwait_cpu_dead[1]")
+    c = m.wait_cpu(1, lambda c: c["wakeups"]["write"] >= 1 and parked(c), "wake on write")
+    assert c["wakeups"]["write"] == 1
+    assert m.cpu(2)["wakeups"]["write"] == 0
+
+
+def test_an_nmi_signal_wakes_the_parked_cpu_which_runs_the_handler_and_parks_again(parked_machine):
+    m = parked_machine
+    os.kill(m.cpu(2)["pid"], NMI)
+    c = m.wait_cpu(2, lambda c: c["interrupts"]["nmi"]["taken"] == 1 and parked(c), "NMI taken, re-park")
+    assert c["wakeups"]["interrupt"] == 1 and c["wakeups"]["write"] == 0
+    assert c["mwait_cpu_dead"]["control"] == L.CPUDEAD_MWAIT_WAIT
+
+
+def test_control_kexec_hlt_moves_the_cpu_to_hlt_and_it_acknowledges_in_status(parked_machine):
+    m = parked_machine
+    r = m.request("poke", target="mwait_cpu_dead[1].control", value=L.CPUDEAD_MWAIT_KEXEC_HLT)
+    assert r["woken_cpus"] == [1]
+    c = m.wait_cpu(1, lambda c: c["state"] == "HLT", "HLT")
+    assert c["mwait_cpu_dead"]["status"] == L.CPUDEAD_MWAIT_KEXEC_HLT
+    assert not c["monitor"]["armed"]
+    # In HLT a write to the old line wakes nothing; an NMI does end HLT (the
+    # residual hazard the patch names) and the CPU halts again.
+    assert m.request("poke", target="mwait_cpu_dead[1]")["woken"] == 0
+    os.kill(c["pid"], NMI)
+    c = m.wait_cpu(1, lambda c: c["interrupts"]["nmi"]["taken"] == 1, "NMI ends HLT")
+    assert c["state"] == "HLT"
+    assert m.cpu(2)["state"] == "MWAIT"
+
+
+def test_online_from_hlt_resets_through_init(parked_machine):
+    m = parked_machine
+    m.request("poke", target="mwait_cpu_dead[2].control", value=L.CPUDEAD_MWAIT_KEXEC_HLT)
+    m.wait_cpu(2, lambda c: c["state"] == "HLT", "HLT")
+    m.request("online", cpus="2")
+    c = m.cpu(2)
+    assert c["state"] == "RUNNING" and c["mwait_cpu_dead"]["status"] == 0
+
+
+def test_spurious_wakeups_loop_back_into_mwait(machine, tmp_path):
+    cfg = tmp_path / "spurious.toml"
+    cfg.write_text("[watch]\nspurious_per_s = 200.0\n")
+    m = machine(2, "--watch", "adaptive", "--config", str(cfg))
+    m.request("offline", cpus="1")
+    c = m.wait_cpu(1, lambda c: c["wakeups"]["spurious"] >= 5 and parked(c), "spurious wake-ups")
+    assert c["wakeups"]["write"] == 0 and c["mwait_cpu_dead"]["control"] == L.CPUDEAD_MWAIT_WAIT
+    assert c["mwait_entries"] == 1  # it looped inside mwait_play_dead(), never left it
+
+
+def test_interrupts_reach_online_cpus_too(machine):
+    m = machine(2, "--watch", "adaptive")
+    os.kill(m.cpu(1)["pid"], signal.SIGRTMIN + 3)  # MCE
+    c = m.wait_cpu(1, lambda c: c["interrupts"]["mce"]["taken"] == 1, "MCE taken")
+    assert c["state"] == "RUNNING"

@@ -170,16 +170,17 @@ def status(name, as_json, live, interval, count):
         return
     out = Console()
     if not live:
-        out.print(render.status_view(machine.request("status")))
+        out.print(render.status_view(machine.request("status"), out.width))
         return
     from rich.live import Live
 
     n = 0
     try:
-        with Live(render.status_view(machine.request("status")), console=out, auto_refresh=False) as view:
+        with Live(render.status_view(machine.request("status"), out.width), console=out,
+                  auto_refresh=False) as view:
             while count is None or n < count - 1:
                 time.sleep(interval)
-                view.update(render.status_view(machine.request("status")), refresh=True)
+                view.update(render.status_view(machine.request("status"), out.width), refresh=True)
                 n += 1
     except KeyboardInterrupt:
         pass

@@ -89,9 +89,11 @@ def cpu_grid(cpus: list[dict], width: int = 16) -> Group:
     return Group(*rows, legend, summary, *extra)
 
 
-def status_view(snapshot: dict) -> Group:
+def status_view(snapshot: dict, columns: int = 80) -> Group:
+    """The whole status screen; ``columns`` is the terminal width (grid cells are 8 wide)."""
     cpus = snapshot["cpus"]
-    body = cpu_table(cpus) if len(cpus) <= TABLE_MAX_CPUS else cpu_grid(cpus)
+    width = max(4, min(32, columns // 8))
+    body = cpu_table(cpus) if len(cpus) <= TABLE_MAX_CPUS else cpu_grid(cpus, width - width % 4)
     return Group(machine_line(snapshot["machine"]), Text(""), body)
 
 

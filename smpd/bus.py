@@ -13,15 +13,18 @@ before MONITOR, and real hardware would not wake either.
 
 Cost (bench/bench_machine.py measures it): a one-line write with no monitor is a
 slice store, a fence and a directory load; with a monitor, add a byte store,
-a second fence and, only when the CPU sleeps, a FUTEX_WAKE syscall.
+a second fence and, only when the CPU sleeps, a kill() of its doorbell signal.
 """
 
 from __future__ import annotations
 
 import struct
 
+import os
+
 from smpd import layout as L
-from smpd.sync import base_address, fence, futex_wake
+from smpd.config import DOORBELL_SIGNAL
+from smpd.sync import fence
 
 
 class Bus:
@@ -34,9 +37,9 @@ class Bus:
         self.mem_off = geo.mem_off
         self.mem_len = geo.npages * L.PAGE
         self.dir_base = geo.dir_off // L.DIR_ENTRY
-        self.base_addr = base_address(seg.mm)
         self._wake_off = [geo.cb_off(c) + L.CB["wake"][0] for c in range(geo.ncpus)]
         self._sleeping_idx = [(geo.cb_off(c) + L.CB["sleeping"][0]) // 4 for c in range(geo.ncpus)]
+        self._pid_idx = [(geo.cb_off(c) + L.CB["pid"][0]) // 4 for c in range(geo.ncpus)]
 
     def write(self, addr: int, data: bytes) -> int:
         """Store ``data`` at emulated physical ``addr``; returns how many monitors it woke."""
@@ -73,8 +76,17 @@ class Bus:
         return self.write(addr, struct.pack("<I", value))
 
     def wake(self, cpu: int, byte: int) -> None:
-        """Raise one of ``cpu``'s wake bytes and, if it sleeps, FUTEX_WAKE it."""
+        """Raise one of ``cpu``'s wake bytes and, if it sleeps, ring its doorbell signal.
+
+        `sleeping` is only ever set by a live CPU process; the coordinator clears it
+        (and the pid) when it finds the process dead, so a recycled pid is not rung.
+        """
         self.buf[self._wake_off[cpu] + byte] = 1
         fence()
         if self.u32[self._sleeping_idx[cpu]]:
-            futex_wake(self.base_addr + self._wake_off[cpu])
+            pid = self.u32[self._pid_idx[cpu]]
+            if pid:
+                try:
+                    os.kill(pid, DOORBELL_SIGNAL)
+                except ProcessLookupError:
+                    pass

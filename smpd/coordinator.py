@@ -206,6 +206,8 @@ class Coordinator:
 
     def _mark_gone(self, cpu: int) -> None:
         self.seg.set_cb(cpu, "state", L.ExecState.GONE)
+        self.seg.set_cb(cpu, "sleeping", 0)  # never ring a doorbell at a recycled pid
+        self.seg.set_cb(cpu, "pid", 0)
 
     def _refresh_gone(self) -> None:
         for cpu, p in self.procs.items():

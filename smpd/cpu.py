@@ -13,14 +13,18 @@ kept to one load and one compare (``while u32[i] == 0: pass``); everything else
 (timers, counters, signals) happens outside it:
 
 * ``spin``: busy-watch the wake word. Lowest latency; needs a host core per CPU.
-* ``adaptive``: spin for the budget, then sleep on the futex of the wake word. The
-  spin budget is an ITIMER_REAL whose SIGALRM raises the timer byte, so the spin
-  loop needs no clock read.
+* ``adaptive``: spin for the budget, then sleep in sigwaitinfo until the bus rings
+  the doorbell signal (or an interrupt signal arrives). The spin budget is an
+  ITIMER_REAL whose SIGALRM raises the timer byte, so the spin loop needs no
+  clock read.
 * Spurious MWAIT wake-ups (``spurious_per_s``) use the same timer byte.
 
 Interrupts (NMI, SMI, MCE) are POSIX signals. A handler only records the pending
 interrupt and raises the interrupt byte; the state code takes it at its next
-"instruction boundary", i.e. when it looks at the wake mask.
+"instruction boundary", i.e. when it looks at the wake mask. Signals of one kind
+that arrive before the CPU takes the first may be merged into one: that is the
+hardware's NMI (and SMI) latch, and it is also what CPython does, which runs a
+Python-level handler once for several deliveries of the same signal.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import time
 
 from smpd import layout as L
 from smpd.bus import Bus
-from smpd.sync import fence, futex_wait
+from smpd.config import DOORBELL_SIGNAL
+from smpd.sync import fence
 
 _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
@@ -77,7 +82,6 @@ class Cpu:
         self.wake_idx = seg.cb_index32(cpu, "wake")
         self.wake_off = self.wake_idx * 4
         self.sleeping_idx = seg.cb_index32(cpu, "sleeping")
-        self.futex_addr = bus.base_addr + self.wake_off
         self.dir_base = geo.dir_off // L.DIR_ENTRY
         self.md = geo.mwait_cpu_dead_addr(cpu)
         self.md_mem = geo.mem_off + self.md - L.PHYS_BASE
@@ -87,6 +91,8 @@ class Cpu:
         self.rng = random.Random(seg.hdr("seed") * 4099 + cpu)
         self.signals = signals
         self.sig_kind = {sig: kind for kind, sig in signals.items()}
+        self.irq_sigs = set(signals.values())
+        self.sleep_sigs = self.irq_sigs | {DOORBELL_SIGNAL}
         self.pending = {k: 0 for k in KINDS}  # written by signal handlers, read by take_*
         self.timer_reason: str | None = None  # "budget" or "spurious" while the timer runs
         self.armed_line = -1
@@ -101,7 +107,9 @@ class Cpu:
         signal.signal(signal.SIGALRM, self._on_timer)
         for sig in self.signals.values():
             signal.signal(sig, self._on_interrupt)
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the coordinator forks us with some blocked
+        # The doorbell stays blocked for life: it is only ever taken by sigwaitinfo in
+        # _sleep, and one that arrives while we are awake just ends the next sleep early.
+        signal.pthread_sigmask(signal.SIG_SETMASK, {DOORBELL_SIGNAL})
 
     def run(self) -> None:
         state = self.wait_for_sipi
@@ -172,24 +180,38 @@ class Cpu:
             # else: a stale SIGALRM of a cancelled timer; look again
 
     def _sleep(self, deadline: float | None) -> None:
-        """Sleep on the wake word's futex until a byte is raised (or the spurious deadline)."""
+        """Sleep until a byte is raised (or the spurious deadline passes), losing no wake-up.
+
+        Why sigtimedwait and not a futex: a Python signal handler runs some
+        bytecodes after its signal arrived. A signal landing between our last look
+        at the wake word and a futex syscall would leave the handler's byte unset
+        while we sleep: a lost interrupt. So while sleeping the interrupt signals
+        are blocked and we wait for them *and* for the bus's doorbell signal in one
+        sigtimedwait, which takes a pending signal atomically.
+        """
         u32, i = self.u32, self.wake_idx
         self._cancel_timer()
-        u32[self.sleeping_idx] = 1
-        fence()  # pairs with the fence in Bus.wake: we see its byte or it sees `sleeping`
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, self.irq_sigs)
         try:
+            # fence() is a Python call: its entry runs the handler of any interrupt
+            # that arrived before the block, so its byte is raised before we look.
+            u32[self.sleeping_idx] = 1
+            fence()  # pairs with the fence in Bus.wake: we see its byte or it sees `sleeping`
             while u32[i] == 0:
                 timeout = None
                 if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
+                    timeout = deadline - time.monotonic()
+                    if timeout <= 0:
                         self.buf[self.wake_off + L.WAKE_TIMER] = 1
                         self.timer_reason = "spurious"
                         break
-                    timeout = int(left * 1e9)
-                futex_wait(self.futex_addr, 0, timeout)
+                info = signal.sigtimedwait(self.sleep_sigs, timeout) if timeout is not None \
+                    else signal.sigwaitinfo(self.sleep_sigs)
+                if info is not None and info.si_signo != DOORBELL_SIGNAL:
+                    self._on_interrupt(info.si_signo, None)
         finally:
             u32[self.sleeping_idx] = 0
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _consume(self) -> int:
         """Read the wake word, clear the bytes that were raised, fence, return them."""

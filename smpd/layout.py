@@ -152,8 +152,8 @@ WAKE_WRITE = 0  # byte 0: the bus wrote the line this CPU monitors
 WAKE_IRQ = 1  # byte 1: an interrupt signal (NMI, SMI, MCE) arrived
 WAKE_IPI = 2  # byte 2: the coordinator posted to the mailbox
 WAKE_TIMER = 3  # byte 3: the CPU's own timer (spin budget or spurious wake-up)
-# `sleeping` is set while the CPU sleeps on the futex of `wake`; wakers read it
-# (after a fence) to decide whether a FUTEX_WAKE is owed.
+# `sleeping` is set while the CPU sleeps in sigwaitinfo; wakers read it
+# (after a fence) to decide whether its doorbell signal is owed.
 _CB_FIELDS = [
     ("wake", 0, "I"),
     ("sleeping", 4, "I"),

@@ -107,3 +107,25 @@ def test_interrupts_reach_online_cpus_too(machine):
     os.kill(m.cpu(1)["pid"], signal.SIGRTMIN + 3)  # MCE
     c = m.wait_cpu(1, lambda c: c["interrupts"]["mce"]["taken"] == 1, "MCE taken")
     assert c["state"] == "RUNNING"
+
+
+@pytest.mark.parametrize("budget_us", [0, 50])
+def test_no_burst_of_interrupts_goes_unnoticed_by_a_sleeping_cpu(machine, tmp_path, budget_us):
+    """Every burst of NMI signals wakes the CPU, whether it lands while the CPU spins,
+    sleeps, or is in between. Signals of one kind that arrive before the CPU takes
+    the first are merged (the NMI latch), so a burst counts at least once."""
+    cfg = tmp_path / "budget.toml"
+    cfg.write_text(f"[watch]\nspin_budget_us = {budget_us}\n")
+    m = machine(2, "--watch", "adaptive", "--config", str(cfg))
+    m.request("offline", cpus="1")
+    pid = m.cpu(1)["pid"]
+    sent = taken = 0
+    for burst in range(40):
+        for _ in range(burst % 3 + 1):
+            os.kill(pid, NMI)
+            sent += 1
+        c = m.wait_cpu(1, lambda c: c["interrupts"]["nmi"]["taken"] > taken and parked(c),
+                       f"burst {burst} taken, back in MWAIT")
+        taken = c["interrupts"]["nmi"]["taken"]
+    assert 40 <= taken <= sent
+    assert c["wakeups"]["interrupt"] >= 40

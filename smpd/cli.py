@@ -8,15 +8,18 @@ machine" and "already up"), 1 for runtime failures.
 from __future__ import annotations
 
 import json
-import secrets
 import sys
 import time
 
 import click
 from rich.console import Console
 
+from rich.console import Group
+from rich.text import Text
+
 from smpd import config as config_mod, cpulist, hostinfo, layout as L, lifecycle, render
-from smpd.errors import BadInput, MachineAlreadyUp, SmpdError
+from smpd import scenario as scenario_mod
+from smpd.errors import BadInput, SmpdError
 
 NAME_HELP = "Machine name (several machines can run side by side). Env: SMPD_NAME."
 
@@ -109,18 +112,7 @@ def up(cpus, name, watch, pin, seed, config_file, foreground):
     )
     name = cfg.get("machine", "name")
     ncpus = cfg.get("machine", "cpus")
-    live = lifecycle.probe(name)
-    if live is not None:
-        raise MachineAlreadyUp(name, live.pid)
-    seed = cfg.get("machine", "seed")
-    if seed == "random":
-        seed = secrets.randbelow(2**63)
-    mem = cfg.raw["memory"]
-    geo = L.Geometry(ncpus, mem["text_pages"], mem["page_table_pages"], mem["stack_pages_per_cpu"])
-    hostinfo.check_capacity(ncpus, geo.size, cfg.get("host", "cpu_process_mib"),
-                            cfg.get("host", "memory_share"))
-    chosen, why = hostinfo.choose_watch(cfg.get("watch", "strategy"), ncpus)
-    spec = {"config": cfg.raw, "watch": chosen, "watch_reason": why, "seed": seed}
+    spec = lifecycle.prepare(cfg)
     out = Console()
     if foreground:
         from smpd import coordinator
@@ -132,9 +124,8 @@ def up(cpus, name, watch, pin, seed, config_file, foreground):
         status = coordinator.run(spec, on_ready=ready)
         out.print(f"machine '{name}' is down")
         sys.exit(status)
-    budget = (cfg.get("timeouts", "bringup_ms") + cfg.get("timeouts", "bringup_ms_per_cpu") * ncpus) / 1000 + 30
     try:
-        summary = lifecycle.start_daemon(spec, budget)
+        summary = lifecycle.start_daemon(spec)
     except KeyboardInterrupt:
         click.echo(f"Error: interrupted while machine '{name}' came up; it was stopped and "
                    f"nothing of it is left", err=True)
@@ -252,3 +243,92 @@ def list_machines():
         live = lifecycle.probe(name)
         click.echo(f"{name}: " + (f"up, {live.ncpus} CPUs, coordinator pid {live.pid}" if live
                                   else "stale segment removed"))
+
+
+def _print_json_or(obj, as_json: bool, view) -> None:
+    if as_json:
+        click.echo(json.dumps(obj))
+    else:
+        Console().print(view(obj))
+
+
+@main.command()
+@name_option
+@click.option("--park", type=click.Choice(scenario_mod.PARKS), default="hlt", show_default=True,
+              help="none: the pre-fix kernel; hlt: smp_kick_mwait_play_dead(); init: INIT every other CPU.")
+@click.option("--inject", "injects", multiple=True, metavar="KIND@PHASE[:TARGET][xCOUNT]",
+              help="NMI/MCE/SMI at before-kick|during-kick|after-kick|during-copy|after-copy; repeatable. "
+                   "TARGET a cpulist or 'all' (the default).")
+@click.option("--order", type=click.Choice(scenario_mod.ORDERS), default="sequential", show_default=True,
+              help="Order of the image copy.")
+@click.option("--seed", type=Seed(), default=None, help="Seed of the scenario's choices [random, printed].")
+@click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
+def kexec(name, park, injects, order, seed, as_json):
+    """Run the kexec sequence on the machine and say precisely what happened.
+
+    The outcome comes first: CLEAN, TRIPLE_FAULT, CORRUPTION, MCE_SHUTDOWN, STUCK or
+    CPU_LOST, with its evidence; then the CPUs and the timeline. Afterwards the
+    machine runs the new kernel: `smpd reset` returns it to the old one.
+    """
+    machine = lifecycle.require(name)
+    for spec in injects:
+        scenario_mod.parse_injection(spec, machine.ncpus)
+    r = machine.request("kexec", park=park, inject=list(injects), order=order, seed=seed)
+    _print_json_or(r, as_json, render.kexec_report)
+
+
+@main.command()
+@name_option
+@click.option("--json", "as_json", is_flag=True, help="The kick report as one JSON object.")
+def kick(name, as_json):
+    """Only smp_kick_mwait_play_dead(): who acknowledged, how fast, who is stuck.
+
+    Kicked CPUs end in HLT; `smpd reset` parks them in mwait_play_dead() again.
+    """
+    r = lifecycle.require(name).request("kick")
+    _print_json_or(r, as_json, lambda r: Group(render.kick_summary(r["kick"]), Text("CPUs:"),
+                                               render.cpu_outcomes(r["cpus"])))
+
+
+@main.command()
+@name_option
+def reset(name):
+    """Back to the old kernel with the same offline CPUs, without re-forking."""
+    r = lifecycle.require(name).request("reset")
+    click.echo(f"machine '{name}' runs the old kernel (generation 1) again in {r['ms']:.1f} ms; "
+               f"offline: CPU {cpulist.format_list(r['offline']) or 'none'} in mwait_play_dead()")
+
+
+@main.command()
+@name_option
+@click.argument("kind", type=click.Choice(scenario_mod.KINDS))
+@click.option("--cpus", "target", default="all", show_default=True, help="A cpulist, or 'all' (CPUs 1..N-1).")
+@click.option("--count", type=click.IntRange(1, scenario_mod.MAX_COUNT), default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def inject(name, kind, target, count, as_json):
+    """Send a stray NMI, MCE or SMI now, and say what it did to each target CPU."""
+    machine = lifecycle.require(name)
+    scenario_mod.parse_injection(f"{kind}@after-copy:{target}x{count}", machine.ncpus)
+    r = machine.request("inject", kind=kind, cpus=target, count=count)
+    _print_json_or(r, as_json, lambda r: Group(
+        Text(f"{r['injection']}:"), render.cpu_outcomes(r["cpus"]),
+        *(Text(f"note: CPU{c}: {why}", style="yellow") for c, why in r["not_taken"].items()),
+        render.timeline(r["timeline"])))
+
+
+@main.command()
+@click.option("--cpus", type=Cpus(), default=64, show_default=True, help="CPUs of the demo machine.")
+@click.option("--name", "-n", type=MachineName(), default="demo", show_default=True, help=NAME_HELP)
+@click.option("--watch", type=click.Choice(config_mod.WATCH_STRATEGIES), default="auto", show_default=True)
+@click.option("--seed", type=Seed(), default=None, help="Seed of the machine and of every scenario.")
+def demo(cpus, name, watch, seed):
+    """The main job: every park policy against no injection and each of NMI, MCE, SMI.
+
+    Brings up a machine, offlines all but CPU 0, runs the kexec for each policy
+    (none, hlt, init) x injection (none, nmi, mce, smi after the copy), prints the
+    matrix of outcomes with one line of evidence each and a kick-latency summary,
+    then tears the machine down.
+    """
+    from smpd import demo as demo_mod
+
+    demo_mod.run(cpus=cpus, name=name, watch=watch, seed=seed, console=Console())

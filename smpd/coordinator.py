@@ -87,6 +87,7 @@ class Coordinator:
         self.server: channel.Server | None = None
         self.ready_fd: int | None = None
         self.stopping = False
+        self.reset_offline: list[int] | None = None  # the offline set `smpd reset` restores
 
     # -- bring-up --------------------------------------------------------------
 
@@ -179,10 +180,15 @@ class Coordinator:
         self.bus.wake(cpu, L.WAKE_IPI)
         return seq
 
-    def _ipi_all(self, cpus: list[int], cmd: L.Ipi, timeout_s: float, what: str) -> dict[int, int]:
-        """Send ``cmd`` to every CPU in ``cpus`` at once, then wait for all acknowledgements."""
+    def ipi_wait(self, cpus: list[int], cmd: L.Ipi, timeout_s: float) -> tuple[dict[int, int], list[int]]:
+        """Send ``cmd`` to every CPU in ``cpus`` at once and wait (bounded) for their acks.
+
+        Returns ({cpu: result} of those that acknowledged, [cpus that did not]).
+        A CPU whose process died is marked GONE and counted as not acknowledging.
+        """
         waiting = {cpu: self.send_ipi(cpu, cmd) for cpu in cpus}
         results: dict[int, int] = {}
+        dead: list[int] = []
         deadline = time.monotonic() + timeout_s
         pause = 0.0
         while waiting:
@@ -192,16 +198,25 @@ class Coordinator:
                     del waiting[cpu]
                 elif not self.procs[cpu].is_alive():
                     self._mark_gone(cpu)
-                    raise SmpdError(f"{what}: CPU{cpu} (pid {self.procs[cpu].pid}) died "
-                                    f"with exit code {self.procs[cpu].exitcode}")
-            if not waiting:
+                    dead.append(cpu)
+                    del waiting[cpu]
+            if not waiting or time.monotonic() > deadline:
                 break
             check_stop()
-            if time.monotonic() > deadline:
-                late = cpulist.format_list(list(waiting))
-                raise Timeout(f"{what}: CPU {late} did not acknowledge {cmd.name} within {timeout_s:.1f} s")
             time.sleep(pause)
             pause = min(0.001, pause * 2 or 0.00002)
+        return results, sorted([*waiting, *dead])
+
+    def _ipi_all(self, cpus: list[int], cmd: L.Ipi, timeout_s: float, what: str) -> dict[int, int]:
+        """``ipi_wait`` for requests that must not half-succeed: raise naming the CPUs that failed."""
+        results, missing = self.ipi_wait(cpus, cmd, timeout_s)
+        dead = [c for c in missing if not self.procs[c].is_alive()]
+        if dead:
+            c = dead[0]
+            raise SmpdError(f"{what}: CPU{c} (pid {self.procs[c].pid}) died with exit code {self.procs[c].exitcode}")
+        if missing:
+            raise Timeout(f"{what}: CPU {cpulist.format_list(missing)} did not acknowledge "
+                          f"{cmd.name} within {timeout_s:.1f} s")
         return results
 
     def _mark_gone(self, cpu: int) -> None:
@@ -293,6 +308,94 @@ class Coordinator:
         return {"addr": addr, "symbol": self.seg.geo.symbol(addr), "old": old, "new": new,
                 "woken": woken, "woken_cpus": [owner - 1] if woken and owner else []}
 
+    # -- kexec and friends ------------------------------------------------------
+
+    def _require_old_kernel(self, what: str) -> None:
+        if self.seg.hdr("state") == L.MachineState.KEXECED:
+            raise BadInput(f"machine '{self.name}' needs a reset before {what}: it ran a kexec and now runs "
+                           f"kernel generation {self.seg.hdr('generation')}; `smpd reset` returns it to the "
+                           f"old kernel with the same offline CPUs")
+        self._refresh_gone()
+        gone = [c for c in range(1, self.ncpus) if self.seg.cb(c, "state") == L.ExecState.GONE]
+        if gone:
+            raise BadInput(f"CPU {cpulist.format_list(gone)} is GONE (its process died); "
+                           f"restart the machine with `smpd down` and `smpd up`")
+
+    def op_kexec(self, park: str = "hlt", inject: list[str] | None = None, order: str = "sequential",
+                 seed: int | None = None) -> dict:
+        from smpd.kexec import Kexec
+        from smpd.scenario import Scenario
+
+        if seed is None:
+            seed = secrets.randbelow(2**63)
+        scenario = Scenario.build(park, order, seed, list(inject or []), self.ncpus)
+        self._require_old_kernel("a kexec")
+        offline = [c for c in range(1, self.ncpus) if self.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
+        report = Kexec(self, scenario).run()
+        self.reset_offline = offline
+        self.seg.set_hdr("state", L.MachineState.KEXECED)
+        self.seg.set_hdr("kexec_count", self.seg.hdr("kexec_count") + 1)
+        report["machine"] = {"name": self.name, "cpus": self.ncpus, "watch": self.watch}
+        return report
+
+    def op_kick(self) -> dict:
+        """smp_kick_mwait_play_dead() alone: who acknowledged, how fast, who is stuck."""
+        from smpd.kexec import Kexec
+        from smpd.scenario import Scenario
+
+        self._require_old_kernel("a kick")
+        k = Kexec(self, Scenario("hlt", "sequential", 0))
+        marks = {cpu: self.seg.cb(cpu, "ev_head") for cpu in k.cpus}
+        kick = k.smp_kick_mwait_play_dead(lambda: None)
+        k.t.merge_cpus(self.seg, marks)
+        return {"kick": kick, "timeline": k.t.ordered(),
+                "cpus": [k.cpu_report(c) for c in k.cpus], "machine": {"name": self.name, "cpus": self.ncpus,
+                                                                       "watch": self.watch}}
+
+    def op_reset(self) -> dict:
+        """Back to the old kernel with the same offline CPUs, without re-forking: INIT every
+        CPU, reload generation 1's image, SIPI every CPU, offline the same set again."""
+        t0 = time.monotonic_ns()
+        self._refresh_gone()
+        gone = [c for c in range(1, self.ncpus) if self.seg.cb(c, "state") == L.ExecState.GONE]
+        if gone:
+            raise BadInput(f"CPU {cpulist.format_list(gone)} is GONE (its process died); "
+                           f"restart the machine with `smpd down` and `smpd up`")
+        offline = self.reset_offline
+        if offline is None:
+            offline = [c for c in range(1, self.ncpus) if self.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
+        cpus = list(range(1, self.ncpus))
+        budget = self.ipi_timeout_s
+        self._ipi_all(cpus, L.Ipi.INIT, budget, "reset (INIT)")
+        for cpu in cpus:
+            for field in ("fault", "fault_page", "fault_addr", "fault_value", "fault_cause",
+                          "fault_cause_arg", "fault_ns", "stray_stores", "kick_seen_ns"):
+                self.seg.set_cb(cpu, field, 0)
+        self.seg.set_hdr("generation", 1)
+        self.seg.set_hdr("monitor_target", L.MonitorTarget.MWAIT_CPU_DEAD)
+        load_kernel(self.bus, self.seg.geo, self.seg.hdr("seed"), generation=1)
+        self._ipi_all(cpus, L.Ipi.SIPI, budget, "reset (SIPI)")
+        self._ipi_all(offline, L.Ipi.CPU_DOWN, budget, "reset (offline)")
+        self.seg.set_hdr("state", L.MachineState.UP)
+        self.reset_offline = None
+        return {"offline": offline, "generation": 1, "ms": (time.monotonic_ns() - t0) / 1e6}
+
+    def op_inject(self, kind: str, cpus: str = "all", count: int = 1) -> dict:
+        """A stray interrupt right now: send it, wait (bounded) until it is taken or held."""
+        from smpd.kexec import Kexec
+        from smpd.scenario import Scenario, parse_injection
+
+        inj = parse_injection(f"{kind}@after-copy:{cpus}x{count}", self.ncpus)
+        self._refresh_gone()
+        k = Kexec(self, Scenario("hlt", "sequential", 0, (inj,)))
+        k.old_gen = k.new_gen = self.seg.hdr("generation")
+        marks = {cpu: self.seg.cb(cpu, "ev_head") for cpu in inj.cpus}
+        k.inject("after-copy")
+        k.settle()
+        k.t.merge_cpus(self.seg, marks)
+        return {"injection": inj.spec(), "cpus": [k.cpu_report(c) for c in inj.cpus],
+                "not_taken": {str(c): why for c, why in k.not_taken.items()}, "timeline": k.t.ordered()}
+
     def op_status(self) -> dict:
         self._refresh_gone()
         return status_snapshot(self.seg, self.procs)
@@ -302,7 +405,8 @@ class Coordinator:
 
     def handlers(self) -> dict[str, Callable[..., Any]]:
         return {"status": self.op_status, "offline": self.op_offline, "online": self.op_online,
-                "poke": self.op_poke, "ping": self.op_ping, "down": lambda: {"stopping": True}}
+                "poke": self.op_poke, "ping": self.op_ping, "kexec": self.op_kexec, "kick": self.op_kick,
+                "reset": self.op_reset, "inject": self.op_inject, "down": lambda: {"stopping": True}}
 
     # -- the serving loop ------------------------------------------------------
 

@@ -37,7 +37,7 @@ import struct
 import sys
 import time
 
-from smpd import layout as L
+from smpd import events, layout as L, oldkernel
 from smpd.bus import Bus
 from smpd.config import DOORBELL_SIGNAL
 from smpd.sync import fence
@@ -46,7 +46,7 @@ _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
-KINDS = ("nmi", "smi", "mce")
+KINDS = L.IRQ_KINDS
 M_WRITE = 0xFF << (8 * L.WAKE_WRITE)
 M_IRQ = 0xFF << (8 * L.WAKE_IRQ)
 M_IPI = 0xFF << (8 * L.WAKE_IPI)
@@ -97,6 +97,7 @@ class Cpu:
         self.timer_reason: str | None = None  # "budget" or "spurious" while the timer runs
         self.armed_line = -1
         self.pending_ack: int | None = None  # mailbox seq to acknowledge when done
+        self.gen = 0  # the kernel generation this CPU runs (set by smp_callin)
 
     # -- process entry -------------------------------------------------------
 
@@ -147,6 +148,7 @@ class Cpu:
         spin-budget expiry just moves the CPU from spinning to sleeping.
         """
         u32, i = self.u32, self.wake_idx
+        self.seg.set_cb(self.cpu, "busy", 0)
         spurious = self._spurious_in()
         deadline = None if spurious is None else time.monotonic() + spurious
         while True:
@@ -172,8 +174,10 @@ class Cpu:
             timer_hit = mask & M_TIMER
             mask &= ~M_TIMER
             if timer_hit and reason == "spurious":
-                return mask | M_TIMER
+                mask |= M_TIMER
             if mask:
+                self.seg.set_cb(self.cpu, "busy", 1)
+                self._add("activity", 1)
                 return mask
             if timer_hit and reason == "budget":
                 self._sleep(deadline)
@@ -259,12 +263,38 @@ class Cpu:
             if mask & bit:
                 self.seg.set_cb(self.cpu, field, self.seg.cb(self.cpu, field) + 1)
 
+    # -- executing in the old kernel -----------------------------------------
+
+    def resume(self, text_page: int, cause: L.Ev, cause_arg: int = 0):
+        """The CPU executes again after a wake-up: check the pages that step touches.
+
+        Returns None to go on, or the next state when the CPU faulted or ran off
+        into foreign bytes (see smpd.oldkernel).
+        """
+        v = oldkernel.resume(self.seg, self.bus, self.cpu, self.gen, text_page)
+        if v.fault == L.Fault.NONE:
+            return None
+        events.log(self.seg, self.cpu, L.Ev.BAD_PAGE, v.page)
+        for addr, _value in v.stores:
+            events.log(self.seg, self.cpu, L.Ev.STRAY_STORE, addr)
+        self._add("stray_stores", len(v.stores))
+        if self.seg.cb(self.cpu, "fault") == L.Fault.NONE:
+            first = v.stores[0] if v.stores else (0, 0)
+            for field, value in (("fault_page", v.page), ("fault_addr", first[0]), ("fault_value", first[1]),
+                                 ("fault_cause", cause), ("fault_cause_arg", cause_arg),
+                                 ("fault_ns", time.monotonic_ns()), ("fault", v.fault)):
+                self.seg.set_cb(self.cpu, field, value)
+        if v.fault == L.Fault.TRIPLE_FAULT:
+            events.log(self.seg, self.cpu, L.Ev.TRIPLE_FAULT, v.page)
+            return self.shutdown
+        events.log(self.seg, self.cpu, L.Ev.FOREIGN_HALT, v.page)
+        return self.foreign_halt
+
     # -- interrupts ----------------------------------------------------------
 
     def _drain_pending(self) -> dict[str, int]:
         """Move pending interrupts out of the handlers' hands, with the signals blocked."""
-        sigs = set(self.signals.values())
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, self.irq_sigs)
         try:
             taken = dict(self.pending)
             for k in KINDS:
@@ -273,13 +303,32 @@ class Cpu:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         return taken
 
-    def take_interrupts(self) -> None:
-        """Run the handlers of pending interrupts (the CPU is executing)."""
-        for kind, n in self._drain_pending().items():
-            if n:
-                self._add(f"{kind}_taken", n)
+    def take_interrupts(self, resume_page: int = L.TEXT_PLAY_DEAD):
+        """Run the handlers of pending interrupts, MCE first, then return to ``resume_page``.
+
+        NMI and MCE enter their handlers' text; an SMI enters SMM (firmware, never
+        overwritten) and RSM resumes the interrupted code. Every step is a resume
+        (see ``resume``). Returns None, or the next state if a step faulted.
+        """
+        got = self._drain_pending()
         for kind in KINDS:
             self.seg.set_cb(self.cpu, f"{kind}_pending", 0)
+        took = 0
+        for kind in L.IRQ_KINDS:
+            if not got[kind]:
+                continue
+            took = L.IRQ_CODE[kind]
+            self._add(f"{kind}_taken", got[kind])
+            events.log(self.seg, self.cpu, L.Ev.INTERRUPT, L.IRQ_CODE[kind])
+            if kind == "smi":
+                events.log(self.seg, self.cpu, L.Ev.SMM)
+                continue  # RSM resumes the interrupted code: checked below
+            nxt = self.resume(L.TEXT_NMI if kind == "nmi" else L.TEXT_MCE, L.Ev.INTERRUPT, L.IRQ_CODE[kind])
+            if nxt is not None:
+                return nxt
+        if took:  # the return from the (last) handler, or RSM, into the interrupted code
+            return self.resume(resume_page, L.Ev.INTERRUPT, took)
+        return None
 
     def hold_interrupts(self) -> bool:
         """In WAIT_FOR_SIPI, NMI and SMI stay pending (counted as held). Returns True on an MCE,
@@ -288,6 +337,7 @@ class Cpu:
         for kind in ("nmi", "smi"):
             if got[kind]:
                 self._add(f"{kind}_held", got[kind])
+                events.log(self.seg, self.cpu, L.Ev.HELD, L.IRQ_CODE[kind])
                 pending = self.seg.cb(self.cpu, f"{kind}_pending") + got[kind]
                 # NMIs are latched: one pending NMI, however many arrived.
                 self.seg.set_cb(self.cpu, f"{kind}_pending", min(pending, 1) if kind == "nmi" else pending)
@@ -311,27 +361,39 @@ class Cpu:
         self.seg.set_cb(self.cpu, "mbox_result", result)
         self.seg.set_cb(self.cpu, "mbox_ack", seq)  # last: the coordinator polls this word
 
+    def _ack_pending(self) -> None:
+        if self.pending_ack is not None:
+            self.ack(self.pending_ack)
+            self.pending_ack = None
+
     def _set_state(self, state: L.ExecState, hotplug: L.Hotplug | None = None) -> None:
         if hotplug is not None:
             self.seg.set_cb(self.cpu, "hotplug", hotplug)
         self.seg.set_cb(self.cpu, "state", state)
 
-    def _common_ipi(self, ipi, allowed: tuple[L.Ipi, ...]):
-        """Handle INIT and POWER_OFF, which reach a CPU in any state; ignore what the state cannot take.
+    def _ipi(self, mask: int, allowed: tuple[L.Ipi, ...] = ()):
+        """Look at the mailbox if the IPI byte was raised.
 
-        Returns the next state, or False to stay.
+        INIT and POWER_OFF reach a CPU in any state; a command in ``allowed`` is
+        returned for the state to handle (its ack is the state's to send); any
+        other is acknowledged as ignored. Returns (next_state or False, ipi or None).
         """
+        if not mask & M_IPI:
+            return False, None
+        ipi = self.take_ipi()
+        if ipi is None:
+            return False, None
         seq, cmd = ipi
         if cmd == L.Ipi.POWER_OFF:
             self.ack(seq)
-            return None
+            return None, None
         if cmd == L.Ipi.INIT:
             self.pending_ack = seq
-            return self.init_reset
+            return self.init_reset, None
         if cmd in allowed:
-            return False
+            return False, ipi
         self.ack(seq, IPI_IGNORED)
-        return False
+        return False, None
 
     # -- states ------------------------------------------------------------------
 
@@ -339,93 +401,113 @@ class Cpu:
         """INIT: the CPU resets and waits for a startup IPI, whatever it was doing."""
         self.disarm()
         self._add("init_count", 1)
+        for kind in KINDS:
+            self.seg.set_cb(self.cpu, f"{kind}_pending", 0)
+        events.log(self.seg, self.cpu, L.Ev.INIT)
         return self.wait_for_sipi
 
     def wait_for_sipi(self):
         """Wait-for-SIPI: executes nothing; NMI and SMI are held pending, an MCE is fatal."""
         self._set_state(L.ExecState.WAIT_FOR_SIPI, L.Hotplug.OFFLINE)
-        if self.pending_ack is not None:
-            self.ack(self.pending_ack)
-            self.pending_ack = None
+        self._ack_pending()
         while True:
             mask = self.wait()
             if mask & M_IRQ and self.hold_interrupts():
-                self._set_state(L.ExecState.SHUTDOWN)
+                # A CPU in INIT cannot take the machine check: the platform shuts the
+                # machine down. Loud and diagnosable: "the lesser of two evils".
+                events.log(self.seg, self.cpu, L.Ev.MCE_SHUTDOWN)
+                self.seg.set_cb(self.cpu, "fault_ns", time.monotonic_ns())
+                self.seg.set_cb(self.cpu, "fault", L.Fault.MCE_SHUTDOWN)
                 return self.shutdown
-            if mask & M_IPI:
-                ipi = self.take_ipi()
-                if ipi is None:
-                    continue
-                if ipi[1] == L.Ipi.SIPI:
-                    self.pending_ack = ipi[0]
-                    return self.start_secondary
-                if ipi[1] == L.Ipi.INIT:
-                    self._add("init_count", 1)
-                    self.ack(ipi[0])
-                    continue
-                nxt = self._common_ipi(ipi, ())
-                if nxt is not False:
-                    return nxt
+            nxt, ipi = self._ipi(mask, (L.Ipi.SIPI, L.Ipi.INIT))
+            if nxt is not False:
+                return nxt
+            if ipi is not None and ipi[1] == L.Ipi.SIPI:
+                self.pending_ack = ipi[0]
+                return self.start_secondary
+            if ipi is not None:  # another INIT: already there
+                self._add("init_count", 1)
+                self.ack(ipi[0])
 
     def start_secondary(self):
         self._add("sipi_count", 1)
+        events.log(self.seg, self.cpu, L.Ev.SIPI)
         self.smp_callin()
         return self.running
 
     def smp_callin(self) -> None:
         """The AP's first kernel code: clear mwait_cpu_dead so a stale KEXEC_HLT is never seen."""
+        self.gen = self.seg.hdr("generation")
+        self.seg.set_cb(self.cpu, "cpu_gen", self.gen)
         self.bus.write(self.md, _MD.pack(0, 0))
         self._set_state(L.ExecState.RUNNING, L.Hotplug.ONLINE)
-        if self.pending_ack is not None:
-            self.ack(self.pending_ack)
-            self.pending_ack = None
+        self._ack_pending()
 
     def running(self):
         """Online: the idle loop, answering interrupts and IPIs."""
         while True:
             mask = self.wait()
             if mask & M_IRQ:
-                self.take_interrupts()
-            if mask & M_IPI:
-                ipi = self.take_ipi()
-                if ipi is None:
-                    continue
-                nxt = self._common_ipi(ipi, (L.Ipi.CPU_DOWN,))
-                if nxt is not False:
+                nxt = self.take_interrupts()
+                if nxt is not None:
                     return nxt
-                if ipi[1] == L.Ipi.CPU_DOWN:
-                    self.pending_ack = ipi[0]
-                    return self.play_dead
+            nxt, ipi = self._ipi(mask, (L.Ipi.CPU_DOWN, L.Ipi.REBOOT))
+            if nxt is not False:
+                return nxt
+            if ipi is not None:
+                self.pending_ack = ipi[0]
+                return self.play_dead if ipi[1] == L.Ipi.CPU_DOWN else self.stop_this_cpu
+
+    def stop_this_cpu(self):
+        """stop_other_cpus()'s REBOOT vector: mark this CPU offline and halt forever."""
+        events.log(self.seg, self.cpu, L.Ev.REBOOT)
+        self.seg.set_cb(self.cpu, "hotplug", L.Hotplug.OFFLINE)
+        return self.hlt
 
     def play_dead(self):
         """native_play_dead(): report death, then park in mwait_play_dead()."""
         self.seg.set_cb(self.cpu, "hotplug", L.Hotplug.OFFLINE)
+        events.log(self.seg, self.cpu, L.Ev.OFFLINE)
         return self.mwait_play_dead
 
     def mwait_play_dead(self):
-        """The kernel's loop, with the kexec() fix: MONITOR the dedicated mwait_cpu_dead line,
-        MWAIT, and leave for HLT once control says CPUDEAD_MWAIT_KEXEC_HLT."""
+        """The kernel's loop: MONITOR, MWAIT, and, with the kexec() fix, leave for HLT once
+        control says CPUDEAD_MWAIT_KEXEC_HLT.
+
+        Which line MONITOR arms is the old kernel's flavour (header monitor_target):
+        the dedicated mwait_cpu_dead line of the fix, or, before it, the idle task's
+        thread_info->flags, which is ordinary memory that kexec overwrites.
+        """
         # Set up state for the kexec() hack: status first, then control, as the kernel does.
         self.bus.write(self.md + 4, struct.pack("<I", L.CPUDEAD_MWAIT_WAIT))
         self.bus.write(self.md, struct.pack("<I", L.CPUDEAD_MWAIT_WAIT))
         self._add("mwait_entries", 1)
         self._set_state(L.ExecState.MWAIT)
-        if self.pending_ack is not None:
-            self.ack(self.pending_ack)
-            self.pending_ack = None
+        self._ack_pending()
+        geo = self.seg.geo
         while True:
-            self.monitor(self.md)
+            prefix = self.seg.hdr("monitor_target") == L.MonitorTarget.THREAD_INFO
+            target = geo.thread_info_addr(self.cpu) if prefix else self.md
+            self.monitor(target)
+            line = self.armed_line
             mask = self.mwait()
             if mask & M_IRQ:
                 # NMI/SMI/MCE end MWAIT; the handler runs and returns to the
-                # instruction after MWAIT: the control check below.
-                self.take_interrupts()
-            if mask & M_IPI:
-                ipi = self.take_ipi()
-                if ipi is not None:
-                    nxt = self._common_ipi(ipi, ())
-                    if nxt is not False:
-                        return nxt
+                # instruction after MWAIT, in this loop's text.
+                nxt = self.take_interrupts()
+                if nxt is not None:
+                    return nxt
+            nxt, _ = self._ipi(mask)
+            if nxt is not False:
+                return nxt
+            if mask & (M_WRITE | M_TIMER):
+                cause = L.Ev.WAKE_WRITE if mask & M_WRITE else L.Ev.SPURIOUS
+                events.log(self.seg, self.cpu, cause, line)
+                nxt = self.resume(L.TEXT_PLAY_DEAD, cause, line)
+                if nxt is not None:
+                    return nxt
+            if prefix:
+                continue  # the pre-fix kernel has no control word: back into MWAIT
             control = _MD.unpack_from(self.buf, self.md_mem)[0]
             if control == L.CPUDEAD_MWAIT_KEXEC_HLT:
                 # Kexec is about to happen. Don't go back into mwait(): the kexec
@@ -433,36 +515,48 @@ class Cpu:
                 # the monitored line would resume us in overwritten memory.
                 # Note: this does _NOT_ protect against a stray MCE, NMI or SMI;
                 # each ends HLT and resumes in the old kernel.
+                self.seg.set_cb(self.cpu, "kick_seen_ns", time.monotonic_ns())
                 self.bus.write(self.md + 4, struct.pack("<I", L.CPUDEAD_MWAIT_KEXEC_HLT))
+                events.log(self.seg, self.cpu, L.Ev.KICK_SEEN)
                 return self.hlt
             # Spurious or foreign wake-up: loop back into MWAIT, as the kernel does.
 
     def hlt(self):
         """while (1) native_halt(): only an interrupt or an IPI ends HLT; writes do not."""
         self._set_state(L.ExecState.HLT)
+        events.log(self.seg, self.cpu, L.Ev.HLT)
+        self._ack_pending()
         while True:
             mask = self.wait()
             if mask & M_IRQ:
-                self.take_interrupts()  # resumes at the instruction after HLT: halt again
-            if mask & M_IPI:
-                ipi = self.take_ipi()
-                if ipi is not None:
-                    nxt = self._common_ipi(ipi, ())
-                    if nxt is not False:
-                        return nxt
+                # The interrupt handler runs, then HLT's successor: the loop halts again.
+                nxt = self.take_interrupts()
+                if nxt is not None:
+                    return nxt
+            nxt, _ = self._ipi(mask)
+            if nxt is not False:
+                return nxt
+
+    def foreign_halt(self):
+        """Halted (or looping) in foreign bytes: only INIT gets the CPU out."""
+        self._set_state(L.ExecState.HLT)
+        return self._dead_end()
 
     def shutdown(self):
-        """SHUTDOWN: nothing runs until the platform resets the CPU with INIT."""
+        """SHUTDOWN after a triple fault or an MCE in wait-for-SIPI: nothing runs until INIT."""
+        self._set_state(L.ExecState.SHUTDOWN)
+        return self._dead_end()
+
+    def _dead_end(self):
         while True:
             mask = self.wait()
             if mask & M_IRQ:
-                self._drain_pending()
-            if mask & M_IPI:
-                ipi = self.take_ipi()
-                if ipi is not None:
-                    nxt = self._common_ipi(ipi, ())
-                    if nxt is not False:
-                        return nxt
+                for kind, n in self._drain_pending().items():  # nothing executes them
+                    if n:
+                        self._add(f"{kind}_held", n)
+            nxt, _ = self._ipi(mask)
+            if nxt is not False:
+                return nxt
 
 
 def cpu_main(seg, bus: Bus, cpu: int, signals: dict[str, int], parent_pid: int,

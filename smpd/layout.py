@@ -60,6 +60,7 @@ class MachineState(IntEnum):
     BOOTING = 1
     UP = 2
     STOPPING = 3
+    KEXECED = 4  # a kexec ran: `smpd reset` returns the machine to the old kernel
 
 
 class Watch(IntEnum):
@@ -83,6 +84,50 @@ class Ipi(IntEnum):
     SIPI = 2
     CPU_DOWN = 3
     POWER_OFF = 4
+    REBOOT = 5  # stop_other_cpus(): the CPU runs stop_this_cpu() into its HLT loop
+
+
+class MonitorTarget(IntEnum):
+    """Which line mwait_play_dead() arms MONITOR on: the old kernel's flavour."""
+
+    MWAIT_CPU_DEAD = 0  # the fix: a dedicated per-CPU line nothing else writes
+    THREAD_INFO = 1  # before the fix: the idle task's thread_info->flags, ordinary memory
+
+
+class Fault(IntEnum):
+    """What a CPU ran into when it resumed in memory that is no longer its kernel's."""
+
+    NONE = 0
+    TRIPLE_FAULT = 1  # page fault or #UD whose delivery failed: the CPU shuts down
+    STRAY_STORE = 2  # it executed foreign bytes that stored to memory (and went on)
+    FOREIGN_HALT = 3  # it executed foreign bytes into a halt or a tight loop
+    MCE_SHUTDOWN = 4  # an MCE reached it in wait-for-SIPI: the machine goes down
+
+
+class Ev(IntEnum):
+    """Events a CPU logs in its ring (smpd.events); arg is given per code."""
+
+    WAKE_WRITE = 1  # arg: the monitored line
+    INTERRUPT = 2  # arg: 1 nmi, 2 smi, 3 mce
+    HELD = 3  # arg: as INTERRUPT; held pending in wait-for-SIPI
+    KICK_SEEN = 4  # mwait_play_dead() read control == CPUDEAD_MWAIT_KEXEC_HLT
+    HLT = 5  # entered a HLT loop
+    INIT = 6
+    SIPI = 7
+    REBOOT = 8  # stop_this_cpu()
+    BAD_PAGE = 9  # arg: the page it touched that is not its kernel's
+    TRIPLE_FAULT = 10  # arg: page
+    STRAY_STORE = 11  # arg: address written
+    FOREIGN_HALT = 12  # arg: page
+    MCE_SHUTDOWN = 13
+    SPURIOUS = 14
+    OFFLINE = 15  # play_dead()
+    SMM = 16  # SMI taken: SMM entry and RSM
+
+
+# Kinds of interrupt, in the order a CPU takes them when several are pending.
+IRQ_KINDS = ("mce", "nmi", "smi")
+IRQ_CODE = {"nmi": 1, "smi": 2, "mce": 3}
 
 
 # --- the header -----------------------------------------------------------
@@ -119,6 +164,8 @@ _HEADER_FIELDS = [
     ("percpu_first", "I"), ("percpu_pages", "I"),
     ("stack_first", "I"), ("stack_pages", "I"),
     ("stack_pages_per_cpu", "I"),
+    ("monitor_target", "I"),  # MonitorTarget: what mwait_play_dead() monitors
+    ("kexec_count", "I"),
 ]
 
 
@@ -142,7 +189,7 @@ assert max(o + s.size for o, s in HEADER.values()) <= HEADER_SIZE
 #
 # Four cache lines per CPU, each written mostly by one side, so that a CPU
 # watching its wake word shares its host cache line with nobody but its wakers.
-CB_SIZE = 4 * LINE
+CB_SIZE = 8 * LINE
 CB_OFF = HEADER_SIZE
 
 # Line 0, the hot line. `wake` is the word the CPU's watch loop loads: one byte
@@ -183,9 +230,28 @@ _CB_FIELDS = [
     ("mbox_arg", 200, "Q"),
     ("mbox_ack", 208, "I"),
     ("mbox_result", 212, "I"),
+    # Line 4: what happened to the CPU in the kexec path, written by the CPU.
+    ("kick_seen_ns", 256, "Q"),  # CLOCK_MONOTONIC ns when it saw CPUDEAD_MWAIT_KEXEC_HLT
+    ("fault", 264, "I"),  # Fault
+    ("fault_page", 268, "I"),  # the page that decided it
+    ("fault_addr", 272, "I"),  # first stray store's address
+    ("fault_value", 276, "I"),
+    ("fault_cause", 280, "I"),  # what resumed it: Ev code (WAKE_WRITE, INTERRUPT, ...)
+    ("fault_cause_arg", 284, "I"),
+    ("fault_ns", 288, "Q"),
+    ("stray_stores", 296, "I"),
+    ("cpu_gen", 300, "I"),  # the kernel generation this CPU was started in
+    ("activity", 304, "I"),  # bumped at every return from wait(): settle detection
+    ("busy", 308, "I"),  # 1 between a wake-up and the next wait
+    ("ev_head", 312, "I"),  # events logged so far; the ring keeps the last EV_SLOTS
+    # Lines 5-7: the event ring, EV_SLOTS entries of (ns u64, code u32, arg u32).
 ]
+EV_OFF = 320
+EV_SLOTS = 12
+EV_ENTRY = struct.Struct("<QII")
 CB = {name: (off, struct.Struct("<" + fmt)) for name, off, fmt in _CB_FIELDS}
-assert max(o + s.size for o, s in CB.values()) <= CB_SIZE
+assert max(o + s.size for o, s in CB.values()) <= EV_OFF
+assert EV_OFF + EV_SLOTS * EV_ENTRY.size <= CB_SIZE
 
 # The directory: one u16 per emulated line, 0 = unmonitored, else cpu + 1.
 # Invariant: a CPU arms its monitor only on a line of its own per-CPU data (its
@@ -291,6 +357,13 @@ class Geometry:
 
     def thread_info_addr(self, cpu: int) -> int:
         return self.line_addr(self.percpu_line(cpu, THREAD_INFO_SLOT))
+
+    def pgtable_pages_of(self, cpu: int) -> tuple[int, int]:
+        """The page-table pages that map the kernel text, and ``cpu``'s idle stack."""
+        text_pt = self.pgtable_first
+        if self.pgtable_pages == 1:
+            return text_pt, text_pt
+        return text_pt, self.pgtable_first + 1 + cpu % (self.pgtable_pages - 1)
 
     def stack_pages_of(self, cpu: int) -> range:
         first = self.stack_first + cpu * self.stack_pages_per_cpu

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import posix_ipc
 import psutil
 
 from smpd import channel, layout as L, names
-from smpd.errors import CoordinatorGone, MachineNotUp, SmpdError, Timeout
+from smpd.errors import CoordinatorGone, MachineAlreadyUp, MachineNotUp, SmpdError, Timeout
 from smpd.segment import Segment, unlink
 
 
@@ -124,12 +125,35 @@ def our_machines() -> list[str]:
     return sorted(m for m in (names.machine_of_segment(e) for e in entries) if m)
 
 
-def start_daemon(spec: dict, timeout_s: float) -> dict:
+def prepare(cfg) -> dict:
+    """Everything `smpd up` decides before it creates anything; raises BadInput when the
+    machine is already up or the host cannot hold it. Returns the coordinator's spec."""
+    from smpd import hostinfo, layout as L
+
+    name = cfg.get("machine", "name")
+    ncpus = cfg.get("machine", "cpus")
+    live = probe(name)
+    if live is not None:
+        raise MachineAlreadyUp(name, live.pid)
+    seed = cfg.get("machine", "seed")
+    if seed == "random":
+        seed = secrets.randbelow(2**63)
+    mem = cfg.raw["memory"]
+    geo = L.Geometry(ncpus, mem["text_pages"], mem["page_table_pages"], mem["stack_pages_per_cpu"])
+    hostinfo.check_capacity(ncpus, geo.size, cfg.get("host", "cpu_process_mib"), cfg.get("host", "memory_share"))
+    chosen, why = hostinfo.choose_watch(cfg.get("watch", "strategy"), ncpus)
+    return {"config": cfg.raw, "watch": chosen, "watch_reason": why, "seed": seed}
+
+
+def start_daemon(spec: dict) -> dict:
     """Start ``python -m smpd.coordinator`` detached; return its summary once every CPU is online.
 
     If this process is interrupted while waiting, the daemon is told to stop
     (SIGTERM) and we wait for it to clean up before re-raising.
     """
+    cfg = spec["config"]
+    ncpus = cfg["machine"]["cpus"]
+    timeout_s = (cfg["timeouts"]["bringup_ms"] + cfg["timeouts"]["bringup_ms_per_cpu"] * ncpus) / 1000 + 30
     r, w = os.pipe()
     env = dict(os.environ)
     log = os.environ.get("SMPD_COORDINATOR_LOG")

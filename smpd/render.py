@@ -108,3 +108,83 @@ def up_summary(s: dict) -> Text:
     t.append(f"  segment  {s['segment']} ({s['segment_bytes'] / 2**20:.1f} MiB, mode 0600)\n")
     t.append(f"  seed     {s['seed']}")
     return t
+
+
+OUTCOME_STYLE = {"CLEAN": "bold green", "TRIPLE_FAULT": "bold red", "CORRUPTION": "bold red",
+                 "MCE_SHUTDOWN": "bold yellow", "STUCK": "bold magenta", "CPU_LOST": "bold white on red"}
+TIMELINE_MAX = 80
+
+
+def _ns(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v / 1e3:.1f} us" if v < 1e6 else f"{v / 1e6:.2f} ms"
+
+
+def kick_summary(kick: dict | None) -> Text:
+    t = Text()
+    if not kick:
+        return t
+    per = kick["cpus"]
+    acked = [c for c in per.values() if c["acknowledged"]]
+    t.append(f"smp_kick_mwait_play_dead(): {len(per)} CPUs kicked, {len(acked)} acknowledged, "
+             f"{len(kick['stuck'])} stuck, {_ns(kick['total_ns'])} in all (budget {_ns(kick['budget_ns'])} per CPU)\n")
+    if acked:
+        rtt = sorted(c["rtt_ns"] for c in acked)
+        one = sorted(c["one_way_ns"] for c in acked if "one_way_ns" in c)
+        rounds = sorted(c["rounds"] for c in acked)
+        t.append(f"  round trip (write -> ack seen): p50 {_ns(rtt[len(rtt) // 2])}, max {_ns(rtt[-1])}; "
+                 f"one way (write -> CPU saw it): p50 {_ns(one[len(one) // 2] if one else None)}; "
+                 f"kernel rounds of 5 us: p50 {rounds[len(rounds) // 2]}, max {rounds[-1]}\n")
+    if kick["message"]:
+        t.append(f"  {kick['message']}\n", style="bold magenta")
+    return t
+
+
+def cpu_outcomes(cpus: list[dict]) -> Text:
+    """CPUs grouped by (final state, fault)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for c in cpus:
+        groups.setdefault((c["state"], c["fault"]), []).append(c["cpu"])
+    t = Text()
+    for (state, fault), members in sorted(groups.items()):
+        t.append(f"  {state:<14} {'' if fault == 'NONE' else fault:<13} CPU {format_list(members)}\n")
+    return t
+
+
+def timeline(events: list[dict], limit: int = TIMELINE_MAX) -> Text:
+    t = Text()
+    for e in events[:limit]:
+        who = "coord" if e["cpu"] == 0 else f"CPU{e['cpu']}"
+        t.append(f"  {e['t_rel_us']:>10.1f} us  {who:<6} {e['event']}\n")
+    if len(events) > limit:
+        t.append(f"  ... {len(events) - limit} more events (--json has them all)\n", style="dim")
+    return t
+
+
+def kexec_report(r: dict) -> Group:
+    head = Text()
+    head.append(f"{r['outcome']}", style=OUTCOME_STYLE.get(r["outcome"], "bold"))
+    head.append(f"  {r['evidence']}\n")
+    inj = ", ".join(i["spec"] for i in r["injections"]) or "none"
+    head.append(f"kexec --park {r['park']} --order {r['order']} --seed {r['seed']}; injections: {inj}; "
+                f"kernel generation {r['generation']['old']} -> {r['generation']['new']}; "
+                f"{r['duration_ms']:.1f} ms\n", style="dim")
+    for n in r["notes"]:
+        head.append(f"note: {n}\n", style="yellow")
+    parts = [head, kick_summary(r.get("kick")), Text("CPUs after the kexec:"), cpu_outcomes(r["cpus"])]
+    if r.get("corrupted_words"):
+        parts.append(Text(f"corrupted words in the new kernel: {r['corrupted_words']}; first: "
+                          + ", ".join(f"{b['symbol']} = {b['value']:#010x}" for b in r["corruption"][:4])))
+    parts += [Text("timeline:"), timeline(r["timeline"])]
+    return Group(*parts)
+
+
+def demo_matrix(rows: list[tuple[str, str, dict]]) -> Table:
+    t = Table(title="kexec outcomes: park policy x injection after the copy", header_style="bold",
+              title_justify="left")
+    for col in ("park", "injection", "outcome", "evidence"):
+        t.add_column(col, overflow="fold")
+    for park, inj, r in rows:
+        t.add_row(park, inj, Text(r["outcome"], style=OUTCOME_STYLE.get(r["outcome"], "")), r["evidence"])
+    return t

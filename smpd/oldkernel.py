@@ -1,0 +1,98 @@
+"""What a CPU executes when it resumes after a wake-up, in memory kexec may have overwritten.
+
+DESIGN.md §4: whenever a CPU resumes (MWAIT exit, HLT exit, NMI/MCE handler
+entry, the return from SMM), it checks the pages that step would really touch,
+in this order, and the first bad one decides:
+
+1. the page tables mapping its code and stack. Not its kernel's: the fetch page-
+   faults, delivering #PF needs the IDT through the same broken tables, #DF
+   fails likewise: **triple fault**.
+2. the text page it executes (the play_dead loop, or the NMI/MCE handler). Not
+   its kernel's: it executes foreign bytes (``run_foreign``).
+3. its stack. Not its kernel's: it returns into foreign bytes, as in 2.
+
+Foreign bytes are decoded deterministically, 8 bytes an "instruction", from the
+place the CPU resumes at, so the same memory always does the same thing:
+
+* ``b0 % 4 == 0``: an invalid opcode. #UD is delivered through the IDT; with the
+  IDT overwritten that is a #DF and a triple fault, and with the old IDT still in
+  place the old #UD handler runs from overwritten text and faults again: either
+  way a triple fault (the evidence says which).
+* ``b0 % 4 in (1, 2)``: a stray store of the u32 ``b4..b7`` to the address that
+  ``b1..b3`` select in emulated memory, through the bus (so it can wake other
+  CPUs and corrupt the new kernel); then the next instruction.
+* ``b0 % 4 == 3``: a halt (or a jump to self): the CPU stops quietly, in foreign
+  code, until INIT.
+
+After MAX_FOREIGN_STEPS instructions without an end, the CPU is taken to be
+looping in foreign code (a FOREIGN_HALT).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from smpd import layout as L
+from smpd.memory import PageTag, read_tag
+
+MAX_FOREIGN_STEPS = 4
+_INSN = struct.Struct("<BBBBI")
+
+
+class Verdict(NamedTuple):
+    fault: L.Fault
+    page: int = 0  # the page that decided it
+    stores: tuple[tuple[int, int], ...] = ()  # (address, value) of stray stores, in order
+    detail: str = ""
+
+
+OK = Verdict(L.Fault.NONE)
+
+
+def is_kernel_page(seg, page: int, generation: int) -> bool:
+    """O(1): does ``page`` hold generation ``generation``'s own page for that address?"""
+    tag = read_tag(seg, page)
+    if tag is None:
+        return False
+    region, index = seg.geo.region_of(page)
+    return tag == PageTag(generation, region, index)
+
+
+def resume(seg, bus, cpu: int, generation: int, text_page: int) -> Verdict:
+    """Check the pages a resume touches; run foreign bytes where it finds them."""
+    geo = seg.geo
+    for pt in dict.fromkeys(geo.pgtable_pages_of(cpu)):
+        if not is_kernel_page(seg, pt, generation):
+            return Verdict(L.Fault.TRIPLE_FAULT, pt, detail="page tables overwritten: #PF -> #DF -> triple fault")
+    text = geo.text_first + text_page
+    if not is_kernel_page(seg, text, generation):
+        return run_foreign(seg, bus, cpu, generation, text, entry=64 + 8 * (cpu % 8))
+    stack = geo.stack_pages_of(cpu)[-1]
+    if not is_kernel_page(seg, stack, generation):
+        return run_foreign(seg, bus, cpu, generation, stack, entry=L.PAGE - 64 - 8 * (cpu % 8))
+    return OK
+
+
+def run_foreign(seg, bus, cpu: int, generation: int, page: int, entry: int) -> Verdict:
+    geo = seg.geo
+    base = geo.mem_off + page * L.PAGE
+    mem_len = geo.npages * L.PAGE
+    stores: list[tuple[int, int]] = []
+    off = entry
+    for _ in range(MAX_FOREIGN_STEPS):
+        b0, b1, b2, b3, value = _INSN.unpack_from(seg.buf, base + off)
+        op = b0 % 4
+        if op == 0:
+            idt_ok = is_kernel_page(seg, geo.text_first + L.TEXT_IDT, generation)
+            why = ("invalid opcode: #UD through the old IDT into overwritten text, faults again"
+                   if idt_ok else "invalid opcode: #UD, IDT overwritten -> #DF -> triple fault")
+            return Verdict(L.Fault.TRIPLE_FAULT, page, tuple(stores), why)
+        if op == 3:
+            break
+        addr = L.PHYS_BASE + ((b1 << 16 | b2 << 8 | b3) * 1031 % mem_len) // 4 * 4
+        bus.write(addr, struct.pack("<I", value))
+        stores.append((addr, value))
+        off = (off + 8) % (L.PAGE - 8)
+    fault = L.Fault.STRAY_STORE if stores else L.Fault.FOREIGN_HALT
+    return Verdict(fault, page, tuple(stores), "executed foreign bytes" + (", stored, then halted" if stores else " into a halt"))

@@ -88,5 +88,5 @@ class Bus:
             if pid:
                 try:
                     os.kill(pid, DOORBELL_SIGNAL)
-                except ProcessLookupError:
+                except OSError:  # gone, or no longer ours: the coordinator will mark it GONE
                     pass

@@ -109,6 +109,9 @@ def request(address: str, authkey: bytes, op: str, timeout_s: float | None = Non
         reply = recv_json(conn)
     except (EOFError, ConnectionResetError, BrokenPipeError) as err:
         raise errors.CoordinatorGone(f"the coordinator closed the channel during '{op}'") from err
+    except OSError as err:  # the handshake's SO_RCVTIMEO ran out: it is busy or wedged
+        raise errors.Timeout(f"the coordinator did not answer '{op}' ({err.strerror or err}); "
+                             f"it may be busy with another request") from err
     finally:
         conn.close()
     if reply.get("ok"):

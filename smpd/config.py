@@ -24,7 +24,10 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 WATCH_STRATEGIES = ("auto", "spin", "adaptive")
 PIN_POLICIES = ("none", "compact", "spread")
 INTERRUPT_KINDS = ("nmi", "smi", "mce")
-DOORBELL_SIGNAL = signal.SIGRTMIN  # wakes a CPU process sleeping in sigtimedwait (smpd.cpu)
+# Wakes a CPU process sleeping in sigwaitinfo (smpd.cpu). A standard signal, so a
+# pending doorbell is one bit and never a growing queue; its default action is to be
+# ignored, so a doorbell at a recycled pid harms nobody.
+DOORBELL_SIGNAL = signal.SIGURG
 
 
 def _int_range(lo: int, hi: int) -> Callable[[Any], str | None]:
@@ -63,15 +66,11 @@ def _seed(v: Any) -> str | None:
 
 
 def parse_signal(v: Any) -> int:
-    """'SIGUSR1', 'SIGUSR2' or 'SIGRTMIN+k' (1 <= k <= 15) -> signal number.
-
-    SIGRTMIN+0 is not accepted: it is DOORBELL_SIGNAL, which the bus uses to wake
-    a sleeping CPU process.
-    """
+    """'SIGUSR1', 'SIGUSR2' or 'SIGRTMIN+k' (0 <= k <= 15) -> signal number."""
     if v in ("SIGUSR1", "SIGUSR2"):
         return int(getattr(signal, v))
     m = re.fullmatch(r"SIGRTMIN\+(\d{1,2})", v) if isinstance(v, str) else None
-    if m and 1 <= int(m.group(1)) <= 15:
+    if m and int(m.group(1)) <= 15:
         return int(signal.SIGRTMIN) + int(m.group(1))
     raise ValueError(v)
 
@@ -80,7 +79,7 @@ def _signame(v: Any) -> str | None:
     try:
         parse_signal(v)
     except ValueError:
-        return "\"SIGUSR1\", \"SIGUSR2\" or \"SIGRTMIN+k\" with 1 <= k <= 15 (SIGRTMIN+0 is the doorbell)"
+        return "\"SIGUSR1\", \"SIGUSR2\" or \"SIGRTMIN+k\" with 0 <= k <= 15"
     return None
 
 

@@ -52,8 +52,15 @@ class Stop(Exception):
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
+_stop_raised = False
+
+
 def _stop(signum, _frame):
-    raise Stop(signal.Signals(signum).name)
+    """Raise Stop once: a second signal must not interrupt the shutdown the first one began."""
+    global _stop_raised
+    if not _stop_raised:
+        _stop_raised = True
+        raise Stop(signal.Signals(signum).name)
 
 
 def check_stop() -> None:
@@ -64,8 +71,10 @@ def check_stop() -> None:
     segment. So boot() blocks SIGTERM/SIGINT/SIGHUP and looks for them only here,
     where every resource made so far is already owned by the Coordinator.
     """
+    global _stop_raised
     pending = signal.sigpending() & STOP_SIGNALS
-    if pending:
+    if pending and not _stop_raised:
+        _stop_raised = True
         raise Stop(signal.Signals(min(pending)).name)
 
 
@@ -97,11 +106,10 @@ class Coordinator:
         mem = self.cfg.raw["memory"]
         geo = L.Geometry(self.ncpus, mem["text_pages"], mem["page_table_pages"], mem["stack_pages_per_cpu"])
         hostinfo.raise_file_limit(self.ncpus)
-        self.seg = seg = Segment.create(names.segment(self.name), geo)
         me = psutil.Process()
+        self.seg = seg = Segment.create(names.segment(self.name), geo, os.getpid(), me.create_time())
         for field, value in (
-            ("state", L.MachineState.CREATING), ("coordinator_pid", os.getpid()),
-            ("coordinator_ctime", me.create_time()), ("generation", 1), ("seed", self.seed),
+            ("state", L.MachineState.CREATING), ("generation", 1), ("seed", self.seed),
             ("watch", L.Watch.SPIN if self.watch == "spin" else L.Watch.ADAPTIVE),
             ("boot_ns", t0), ("boot_wall", time.time()),
             ("spin_budget_ns", self.cfg.get("watch", "spin_budget_us") * 1000),
@@ -369,7 +377,8 @@ class Coordinator:
         self._ipi_all(cpus, L.Ipi.INIT, budget, "reset (INIT)")
         for cpu in cpus:
             for field in ("fault", "fault_page", "fault_addr", "fault_value", "fault_cause",
-                          "fault_cause_arg", "fault_ns", "stray_stores", "kick_seen_ns"):
+                          "fault_cause_arg", "fault_ns", "stray_stores", "kick_seen_ns",
+                          "nmi_pending", "smi_pending", "mce_pending"):
                 self.seg.set_cb(cpu, field, 0)
         self.seg.set_hdr("generation", 1)
         self.seg.set_hdr("monitor_target", L.MonitorTarget.MWAIT_CPU_DEAD)
@@ -561,9 +570,11 @@ def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_ctime: flo
         data = b""
     if data == JANITOR_DONE:
         os._exit(0)
-    from smpd.lifecycle import clean_stale_segment
+    from smpd.lifecycle import clean_stale_segment, wait_gone
 
     try:
+        # EOF comes when the coordinator's files close, a moment before it is a zombie.
+        wait_gone(coord_pid, 10.0)
         clean_stale_segment(seg_name, expect_pid=coord_pid, expect_ctime=coord_ctime)
     finally:
         os._exit(0)

@@ -116,6 +116,13 @@ class Cpu:
         state = self.wait_for_sipi
         while state is not None:
             state = state()
+            self._repost_ipi()
+
+    def _repost_ipi(self) -> None:
+        """A state may leave with an IPI it consumed the byte of but did not handle (an MCE
+        and an INIT in one wake-up): raise the byte again for the next state to see."""
+        if self.pending_ack is None and self.take_ipi() is not None:
+            self.buf[self.wake_off + L.WAKE_IPI] = 1
 
     # -- signal handlers: record and raise a byte, nothing else ---------------
 
@@ -401,8 +408,6 @@ class Cpu:
         """INIT: the CPU resets and waits for a startup IPI, whatever it was doing."""
         self.disarm()
         self._add("init_count", 1)
-        for kind in KINDS:
-            self.seg.set_cb(self.cpu, f"{kind}_pending", 0)
         events.log(self.seg, self.cpu, L.Ev.INIT)
         return self.wait_for_sipi
 
@@ -442,6 +447,13 @@ class Cpu:
         self.bus.write(self.md, _MD.pack(0, 0))
         self._set_state(L.ExecState.RUNNING, L.Hotplug.ONLINE)
         self._ack_pending()
+        # NMI and SMI held in wait-for-SIPI are delivered now that the CPU executes
+        # (in the kernel that started it).
+        for kind in ("nmi", "smi"):
+            n = self.seg.cb(self.cpu, f"{kind}_pending")
+            if n:
+                self.pending[kind] += n
+                self.buf[self.wake_off + L.WAKE_IRQ] = 1
 
     def running(self):
         """Online: the idle loop, answering interrupts and IPIs."""
@@ -564,11 +576,12 @@ def cpu_main(seg, bus: Bus, cpu: int, signals: dict[str, int], parent_pid: int,
     """Entry point of a CPU process (forked by the coordinator through multiprocess)."""
     die_with_parent(parent_pid)
     set_process_name(f"smpd-cpu{cpu}")
-    for fd in close_fds:  # the coordinator's listening socket, ready pipe, janitor pipe
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    # A CPU needs no file descriptor: its memory is the inherited mapping. Close all
+    # that fork handed down (the coordinator's socket, ready and janitor pipes, and
+    # every earlier sibling's multiprocess pipes, which would otherwise grow as N^2).
+    # The mmap object's own fd goes too; a CPU never resizes or closes its mapping.
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    del close_fds
     if core is not None:
         os.sched_setaffinity(0, {core})
     me = Cpu(seg, bus, cpu, signals)

@@ -179,10 +179,9 @@ class Kexec:
                 self.bus.write(md, _HLT)  # Bring it out of mwait
                 end = time.monotonic_ns() + delay_ns
                 while True:  # udelay(delay_us), watching status to time the acknowledgement
-                    now = time.monotonic_ns()
                     if t_ack is None and self.seg.mem_u32(md + 4) == L.CPUDEAD_MWAIT_KEXEC_HLT:
-                        t_ack = now
-                    if now >= end:
+                        t_ack = time.monotonic_ns()  # read after the load: never before the ack
+                    if time.monotonic_ns() >= end:
                         break
                 i += 1
             acked = self.seg.mem_u32(md + 4) == L.CPUDEAD_MWAIT_KEXEC_HLT

@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 MAGIC = b"SMPDSEG\x00"
 
 LINE = 64  # bytes in a cache line: the MONITOR granularity of the x86 parts we emulate

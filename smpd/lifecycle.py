@@ -24,7 +24,7 @@ import psutil
 
 from smpd import channel, layout as L, names
 from smpd.errors import CoordinatorGone, MachineAlreadyUp, MachineNotUp, SmpdError, Timeout
-from smpd.segment import Segment, unlink
+from smpd.segment import Segment, SegmentBeingCreated, unlink
 
 
 @dataclass
@@ -66,12 +66,12 @@ def probe(name: str) -> Live | None:
         seg = Segment.attach(names.segment(name))
     except posix_ipc.ExistentialError:
         return None
+    except SegmentBeingCreated:
+        raise SegmentBeingCreated(f"machine '{name}' is being created right now; try again in a moment "
+                                  f"(if this persists, `smpd down --force --name {name}` removes its segment)") from None
     try:
         pid, ctime = seg.hdr("coordinator_pid"), seg.hdr("coordinator_ctime")
-        state = seg.hdr("state")
         if _is_process(pid, ctime):
-            if state in (L.MachineState.CREATING, L.MachineState.BOOTING):
-                return Live(name, pid, seg.hdr("authkey"), seg.hdr("ncpus"))
             return Live(name, pid, seg.hdr("authkey"), seg.hdr("ncpus"))
     finally:
         seg.close()
@@ -219,13 +219,22 @@ def _stop_daemon(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-def wait_gone(pid: int, timeout_s: float) -> bool:
+def _signal_if_same(pid: int, sig: int) -> None:
+    """Signal ``pid`` only if it is still one of our coordinators (pid reuse)."""
     try:
-        psutil.Process(pid).wait(timeout_s)
-    except psutil.NoSuchProcess:
+        p = psutil.Process(pid)
+        if p.name() == "smpd-coord":
+            p.send_signal(sig)
+    except psutil.Error:
         pass
-    except psutil.TimeoutExpired:
-        return False
+
+
+def wait_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _is_process(pid, None):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
     return True
 
 
@@ -234,7 +243,7 @@ def down(name: str, force: bool = False, timeout_s: float = 30.0) -> str:
     seg_name = names.segment(name)
     try:
         live = probe(name)
-    except SmpdError:
+    except SmpdError:  # another layout, or a segment stuck half-made
         if not force:
             raise
         unlink(seg_name)
@@ -243,10 +252,11 @@ def down(name: str, force: bool = False, timeout_s: float = 30.0) -> str:
         return f"machine '{name}' is not up; nothing to do"
     try:
         live.request("down", timeout_s=timeout_s)
-    except CoordinatorGone:
-        pass
+    except SmpdError:
+        # Busy or wedged: it does not answer. SIGTERM asks for the same clean shutdown.
+        _signal_if_same(live.pid, signal.SIGTERM)
     if not wait_gone(live.pid, timeout_s):
-        os.kill(live.pid, signal.SIGKILL)
+        _signal_if_same(live.pid, signal.SIGKILL)
         wait_gone(live.pid, 5)
     # A coordinator killed mid-shutdown leaves its janitor to finish; do it now instead.
     probe(name)

@@ -16,7 +16,11 @@ import struct
 import posix_ipc
 
 from smpd import layout as L
-from smpd.errors import LayoutMismatch
+from smpd.errors import BadInput, LayoutMismatch
+
+
+class SegmentBeingCreated(BadInput):
+    """The segment exists but its header is not written yet: a machine is coming up."""
 
 
 class Segment:
@@ -31,13 +35,19 @@ class Segment:
     # -- construction ------------------------------------------------------
 
     @classmethod
-    def create(cls, name: str, geo: L.Geometry) -> "Segment":
-        """Create the segment O_EXCL, mode 0600, sized for ``geo``; raises ExistentialError if it exists."""
+    def create(cls, name: str, geo: L.Geometry, owner_pid: int, owner_ctime: float) -> "Segment":
+        """Create the segment O_EXCL, mode 0600, sized for ``geo``; raises ExistentialError if it exists.
+
+        The owner (coordinator pid and create time) is written before the magic, so a
+        reader that sees the magic can always tell whether the owner is alive.
+        """
         seg = cls(name)
         shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=geo.size)
         try:
             seg._map(shm, geo.size)
             seg.geo = geo
+            seg.set_hdr("coordinator_pid", owner_pid)
+            seg.set_hdr("coordinator_ctime", owner_ctime)
             seg._write_geometry(geo)
         except BaseException:
             seg.close()
@@ -56,6 +66,8 @@ class Segment:
         shm = posix_ipc.SharedMemory(name)
         try:
             size = os.fstat(shm.fd).st_size
+            if size == 0:  # shm_open() done, ftruncate() not yet: a machine is coming up
+                raise SegmentBeingCreated(f"segment {name} is being created")
             if size < L.HEADER_SIZE:
                 raise LayoutMismatch(
                     f"segment {name} is {size} bytes, too small to be an smpd segment; "
@@ -63,6 +75,8 @@ class Segment:
                 )
             seg._map(shm, size)
             magic = seg.hdr("magic")
+            if magic == bytes(8):
+                raise SegmentBeingCreated(f"segment {name} is being created")
             version = seg.hdr("layout_version")
             if magic != L.MAGIC or version != L.LAYOUT_VERSION:
                 what = f"layout version {version}" if magic == L.MAGIC else "no smpd magic"

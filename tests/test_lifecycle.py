@@ -149,3 +149,32 @@ def test_no_process_of_ours_survives_a_test(machine):
     m = machine(3, "--watch", "adaptive")
     names_seen = {n for _, n in our_processes()}
     assert {"smpd-coord", "smpd-janitor", "smpd-cpu1", "smpd-cpu2"} <= names_seen
+
+
+def test_a_second_stop_signal_does_not_interrupt_the_shutdown(machine_name):
+    m = Machine(machine_name, 6, "--watch", "adaptive")
+    pids = _all_pids(m)
+    os.kill(pids[0], signal.SIGTERM)
+    os.kill(pids[0], signal.SIGHUP)
+    os.kill(pids[0], signal.SIGINT)
+    for pid in pids:
+        wait_until(lambda: _gone(pid), what=f"pid {pid} to exit")
+    assert not os.path.exists(segment_path(machine_name))
+
+
+def test_probing_while_a_machine_comes_up_never_removes_it(machine_name):
+    """`status`/`list`/`up` of others look at the segment while it is being created."""
+    env = dict(os.environ, SMPD_NAME=machine_name)
+    p = subprocess.Popen([sys.executable, "-m", "smpd", "up", "--cpus", "16", "--watch", "adaptive"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        while p.poll() is None:
+            try:
+                lifecycle.probe(machine_name)
+            except Exception as err:  # "being created" is the one acceptable answer
+                assert "being created" in str(err), err
+        assert p.returncode == 0, p.stderr.read()
+        live = lifecycle.probe(machine_name)
+        assert live is not None and live.request("status")["machine"]["online"] == 16
+    finally:
+        lifecycle.down(machine_name)

@@ -1,0 +1,290 @@
+"""The kexec story, DESIGN.md §1 and §5, as outcomes with evidence.
+
+The table the review thread implies, policy x injection after the copy:
+
+    park   none      NMI            MCE            SMI
+    none   fault     fault          fault          fault         (pre-fix: the copy wakes MWAIT)
+    hlt    CLEAN     fault          fault          fault         (NMI/MCE/SMI still end HLT)
+    init   CLEAN     CLEAN (held)   MCE_SHUTDOWN   CLEAN (held)  (INIT holds NMI and SMI off)
+
+"fault" is TRIPLE_FAULT or CORRUPTION: which one depends on which pages the copy
+already overwrote when the CPU resumed (page tables first, then text, then stack).
+"""
+
+import os
+import signal
+import threading
+
+import psutil
+import pytest
+
+from conftest import Machine, run_smpd, wait_until
+from smpd import layout as L
+
+FAULT = {"TRIPLE_FAULT", "CORRUPTION"}
+NCPUS = 6
+
+
+@pytest.fixture(scope="module")
+def parked(request):
+    """One machine for the module: CPUs 1-5 parked; every test leaves it reset."""
+    name = f"kx{os.getpid() % 100000}"
+    m = Machine(name, NCPUS, "--watch", "adaptive", "--seed", "11")
+    m.request("offline", cpus=f"1-{NCPUS - 1}")
+    yield m
+    m.down()
+
+
+@pytest.fixture
+def machine6(parked):
+    yield parked
+    if parked.status()["machine"]["state"] == "KEXECED":
+        parked.request("reset")
+
+
+TABLE = [
+    ("none", None, FAULT), ("none", "nmi", FAULT), ("none", "mce", FAULT), ("none", "smi", FAULT),
+    ("hlt", None, {"CLEAN"}), ("hlt", "nmi", FAULT), ("hlt", "mce", FAULT), ("hlt", "smi", FAULT),
+    ("init", None, {"CLEAN"}), ("init", "nmi", {"CLEAN"}), ("init", "mce", {"MCE_SHUTDOWN"}),
+    ("init", "smi", {"CLEAN"}),
+]
+
+
+@pytest.mark.parametrize("park, kind, expected", TABLE, ids=[f"{p}-{k or 'none'}" for p, k, _ in TABLE])
+def test_outcome_of_each_policy_against_each_injection(machine6, park, kind, expected):
+    inject = [f"{kind}@after-copy"] if kind else []
+    r = machine6.request("kexec", park=park, inject=inject, seed=3)
+    assert r["outcome"] in expected, r["evidence"]
+    cpus = {c["cpu"]: c for c in r["cpus"]}
+    if r["outcome"] in FAULT:
+        # The evidence names the CPU and what woke it into overwritten memory.
+        assert r["evidence"].startswith("CPU")
+        # Before the fix the copy itself wakes the parked CPUs, whatever is injected after it.
+        woke_by = "thread_info" if park == "none" else kind.upper()
+        assert woke_by in r["evidence"], r["evidence"]
+    if r["outcome"] == "TRIPLE_FAULT":
+        assert any(c["state"] == "SHUTDOWN" and c["fault"] == "TRIPLE_FAULT" for c in cpus.values())
+        assert "page" in r["evidence"]
+    if r["outcome"] == "CLEAN":
+        assert all(c["state"] == "RUNNING" and c["generation"] == 2 for c in cpus.values())
+        assert r["corrupted_words"] == 0
+    if park == "hlt":
+        assert all(k["acknowledged"] for k in r["kick"]["cpus"].values())
+        assert sorted(r["kick"]["cpus"]) == [str(c) for c in range(1, NCPUS)] or \
+            sorted(map(int, r["kick"]["cpus"])) == list(range(1, NCPUS))
+        assert r["kick"]["message"] is None
+    if park == "init" and kind in ("nmi", "smi"):
+        assert "held pending" in r["evidence"]
+        assert all(any(e["cpu"] == c and "held pending" in e["event"] for e in r["timeline"])
+                   for c in range(1, NCPUS))
+    if park == "init" and kind == "mce":
+        assert "wait-for-SIPI" in r["evidence"]
+        assert all(c["fault"] == "MCE_SHUTDOWN" for c in cpus.values())
+
+
+def test_pre_fix_kernel_parks_on_thread_info_and_the_copy_wakes_it(machine6):
+    r = machine6.request("kexec", park="none", seed=4)
+    assert r["outcome"] in FAULT
+    assert "woken by a write to thread_info[" in r["evidence"]
+    assert r["kick"] is None
+    assert any("pre-fix" in e["event"] for e in r["timeline"])
+
+
+def test_kick_acknowledgements_come_with_latencies_and_rounds(machine6):
+    r = machine6.request("kick")
+    kick = r["kick"]
+    assert len(kick["cpus"]) == NCPUS - 1 and not kick["stuck"] and kick["message"] is None
+    for entry in kick["cpus"].values():
+        assert entry["acknowledged"] and 1 <= entry["rounds"] <= 1000
+        assert entry["rtt_ns"] > 0 and 0 < entry.get("one_way_ns", 1) <= entry["rtt_ns"]
+    s = machine6.status()
+    for c in s["cpus"][1:]:
+        assert c["state"] == "HLT"
+        assert c["mwait_cpu_dead"]["status"] == L.CPUDEAD_MWAIT_KEXEC_HLT
+    # A second kick finds nobody in mwait_play_dead(): status is no longer WAIT.
+    assert machine6.request("kick")["kick"]["cpus"] == {}
+    machine6.request("reset")
+    assert {c["state"] for c in machine6.status()["cpus"][1:]} == {"MWAIT"}
+
+
+def test_a_frozen_cpu_makes_the_kick_give_up_after_its_budget_and_say_so_once(machine6):
+    pids = {c["cpu"]: c["pid"] for c in machine6.status()["cpus"]}
+    os.kill(pids[2], signal.SIGSTOP)
+    os.kill(pids[4], signal.SIGSTOP)
+    try:
+        r = machine6.request("kexec", park="hlt", seed=5)
+    finally:
+        os.kill(pids[2], signal.SIGCONT)
+        os.kill(pids[4], signal.SIGCONT)
+    assert r["outcome"] == "STUCK", r["evidence"]
+    kick = r["kick"]
+    assert kick["stuck"] == [2, 4]
+    assert kick["cpus"]["2"]["rounds"] == 1000 and not kick["cpus"]["2"]["acknowledged"]
+    assert kick["message"] == "CPU2 is stuck in mwait_play_dead()"
+    printed = [e for e in r["timeline"] if "is stuck in mwait_play_dead()" in e["event"]]
+    assert len(printed) == 1  # pr_err_once: once per kexec, however many are stuck
+    assert "CPU2 never acknowledged the kick" in r["evidence"] and "stopped" in r["evidence"]
+
+
+def test_nmi_is_latched_and_held_while_a_cpu_waits_for_sipi(machine6):
+    # An MCE on CPU 1 in INIT shuts the machine down before the new kernel starts the
+    # APs, so CPUs 2-5 are left in wait-for-SIPI: hit CPU 3 with NMIs and SMIs there.
+    r = machine6.request("kexec", park="init", inject=["mce@after-copy:1"], seed=6)
+    assert r["outcome"] == "MCE_SHUTDOWN"
+    before = machine6.cpu(3)
+    assert before["state"] == "WAIT_FOR_SIPI"
+    irq0 = before["interrupts"]
+    machine6.request("inject", kind="nmi", cpus="3", count=5)
+    c = machine6.cpu(3)
+    assert c["state"] == "WAIT_FOR_SIPI"
+    assert c["interrupts"]["nmi"]["held"] > irq0["nmi"]["held"]
+    assert c["interrupts"]["nmi"]["taken"] == irq0["nmi"]["taken"]
+    assert c["interrupts"]["nmi"]["pending"] == 1  # one latch, however many NMIs
+    machine6.request("inject", kind="smi", cpus="3", count=2)
+    c = machine6.cpu(3)
+    assert c["interrupts"]["smi"]["held"] > irq0["smi"]["held"]
+    assert c["interrupts"]["smi"]["taken"] == irq0["smi"]["taken"]
+    assert c["interrupts"]["nmi"]["pending"] == 1
+
+
+def test_a_stray_smi_on_a_parked_cpu_of_an_intact_kernel_does_no_harm(machine6):
+    r = run_smpd("inject", "smi", "--cpus", "3", name=machine6.name)
+    assert "SMI" in r.stdout
+    c = machine6.wait_cpu(3, lambda c: c["interrupts"]["smi"]["taken"] >= 1 and c["state"] == "MWAIT",
+                          "SMI taken, back in MWAIT")
+    assert c["mwait_cpu_dead"]["control"] == L.CPUDEAD_MWAIT_WAIT
+
+
+def test_same_seed_same_scenario_other_seed_other_scenario(machine6):
+    reports = []
+    for seed in (21, 21, 22):
+        reports.append(machine6.request("kexec", park="hlt", order="random", seed=seed,
+                                        inject=["nmi@during-copy:2-3"]))
+        machine6.request("reset")
+    a, b, c = reports
+    assert a["scenario"] == b["scenario"] and a["copy"]["order_digest"] == b["copy"]["order_digest"]
+    assert a["seed"] == 21 and a["scenario"]["injections"][0]["cpus"] == [2, 3]
+    assert c["copy"]["order_digest"] != a["copy"]["order_digest"]
+
+
+def test_corruption_is_reachable_and_names_the_writer_and_the_address(machine6):
+    """A CPU woken while the page tables are still old but its text is new executes
+    foreign bytes; some of them are stores. Search scenarios for one such run: each
+    is deterministic (the injection is taken before the copy goes on), so it replays."""
+    tries = [(seed, cpu) for seed in range(60) for cpu in range(1, NCPUS)]
+    for seed, cpu in tries:
+        inject = [f"nmi@during-copy:{cpu}"]
+        r = machine6.request("kexec", park="hlt", order="random", seed=seed, inject=inject)
+        machine6.request("reset")
+        if r["outcome"] == "CORRUPTION":
+            break
+    else:
+        pytest.fail(f"no CORRUPTION outcome in {len(tries)} random-order kexecs with an NMI during the copy")
+    writers = [c for c in r["cpus"] if c["stray_stores"]]
+    assert writers and writers[0]["fault"] == "STRAY_STORE"
+    w = writers[0]
+    assert f"CPU{w['cpu']}" in r["evidence"] and w["first_store"]["symbol"] in r["evidence"]
+    assert any("stray store" in e["event"] for e in r["timeline"])
+    again = machine6.request("kexec", park="hlt", order="random", seed=seed, inject=inject)
+    assert again["outcome"] == "CORRUPTION" and again["evidence"] == r["evidence"]  # replayable
+
+
+def test_reset_then_kexec_twenty_times_neither_reforks_nor_drifts(machine6):
+    before = machine6.status()
+    pids = [c["pid"] for c in before["cpus"]]
+    coord = psutil.Process(before["machine"]["pid"])
+    fds = coord.num_fds()
+    for i in range(20):
+        r = machine6.request("kexec", park="hlt", seed=100 + i)
+        assert r["outcome"] == "CLEAN", r["evidence"]
+        assert r["generation"] == {"old": 1, "new": 2}
+        machine6.request("reset")
+        s = machine6.status()
+        assert s["machine"]["generation"] == 1 and s["machine"]["state"] == "UP"
+        assert [c["pid"] for c in s["cpus"]] == pids
+        assert {c["state"] for c in s["cpus"][1:]} == {"MWAIT"}
+    assert coord.num_fds() == fds
+
+
+def test_kexec_refuses_a_machine_that_needs_a_reset(machine6):
+    machine6.request("kexec", park="hlt", seed=1)
+    r = run_smpd("kexec", name=machine6.name, check=False)
+    assert r.returncode == 2 and "needs a reset" in r.stderr and "smpd reset" in r.stderr
+    r = run_smpd("kick", name=machine6.name, check=False)
+    assert r.returncode == 2 and "needs a reset" in r.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (("kexec", "--park", "sleep"), "'sleep' is not one of 'none', 'hlt', 'init'"),
+    (("kexec", "--inject", "irq@after-copy"), "unknown kind 'irq'"),
+    (("kexec", "--inject", "nmi@later"), "unknown phase 'later'"),
+    (("kexec", "--inject", "nmi@after-copy:9"), "names CPU 9, but this machine has CPUs 0-5"),
+    (("kexec", "--inject", "nmi@after-copy:0"), "CPU 0 is the kexec CPU"),
+    (("kexec", "--inject", "nmi"), "is malformed"),
+    (("kexec", "--inject", "nmi@after-copyx0"), "count 0 is not in the range"),
+    (("kexec", "--order", "backwards"), "'backwards' is not one of"),
+    (("inject", "nmi", "--cpus", "7"), "names CPU 7"),
+    (("inject", "pmi"), "'pmi' is not one of 'nmi', 'mce', 'smi'"),
+])
+def test_bad_kexec_input_is_refused_and_changes_nothing(machine6, args, says):
+    r = run_smpd(*args, name=machine6.name, check=False)
+    assert r.returncode == 2, r.stderr
+    assert says in r.stderr
+    s = machine6.status()
+    assert s["machine"]["state"] == "UP" and {c["state"] for c in s["cpus"][1:]} == {"MWAIT"}
+
+
+def test_kexec_without_a_machine_says_so(machine_name):
+    r = run_smpd("kexec", name=machine_name, check=False)
+    assert r.returncode == 2 and f"no machine named '{machine_name}' is up" in r.stderr
+
+
+def test_a_cpu_process_dying_mid_kexec_is_cpu_lost_and_the_coordinator_carries_on(machine_name):
+    m = Machine(machine_name, 5, "--watch", "adaptive")
+    try:
+        m.request("offline", cpus="1-4")
+        pids = {c["cpu"]: c["pid"] for c in m.status()["cpus"]}
+        # Freeze CPU 2 so the coordinator waits (1 s at most) for it to take an NMI
+        # before the kick; kill CPU 3 while it waits: mid-kexec, deterministically.
+        os.kill(pids[2], signal.SIGSTOP)
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            m.request("kexec", park="hlt", inject=["nmi@before-kick:2"], seed=9)))
+        t.start()
+        nmi = signal.SIGRTMIN + 1
+        wait_until(lambda: _signal_pending(pids[2], nmi), what="the NMI to be pending on frozen CPU 2")
+        os.kill(pids[3], signal.SIGKILL)
+        t.join(60)
+        os.kill(pids[2], signal.SIGCONT)
+        assert not t.is_alive()
+        assert result["outcome"] == "CPU_LOST"
+        assert f"CPU3 (pid {pids[3]}) died" in result["evidence"]
+        assert m.status()["cpus"][3]["state"] == "GONE"
+        r = run_smpd("reset", name=machine_name, check=False)
+        assert r.returncode == 2 and "GONE" in r.stderr
+    finally:
+        m.down()
+
+
+def _signal_pending(pid: int, sig: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) >> (sig - 1) & 1:
+                return True
+    return False
+
+
+def test_demo_runs_every_policy_against_every_injection_and_leaves_nothing(machine_name):
+    r = run_smpd("demo", "--cpus", "4", "--name", machine_name, "--seed", "5")
+    out = r.stdout
+    for park in ("none", "hlt", "init"):
+        assert out.count(f"kexec --park {park:<4}") == 4
+    assert "MCE_SHUTDOWN" in out and "CLEAN" in out and "kick latency over" in out
+    assert f"machine '{machine_name}' is down" in out
+
+
+def test_human_kexec_report_leads_with_the_outcome(machine6):
+    r = run_smpd("kexec", "--park", "init", "--inject", "mce@after-copy", "--seed", "2", name=machine6.name)
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("MCE_SHUTDOWN")
+    assert "timeline:" in r.stdout and "smp_park_other_cpus_in_init()" in r.stdout

@@ -402,6 +402,16 @@ class Cpu:
         self.ack(seq, IPI_IGNORED)
         return False, None
 
+    def _interrupts_then_ipis(self, mask: int):
+        """Take interrupts (their handlers may fault), then INIT/POWER_OFF.
+        Returns the next state, or False to stay."""
+        if mask & M_IRQ:
+            nxt = self.take_interrupts()
+            if nxt is not None:
+                return nxt
+        nxt, _ = self._ipi(mask)
+        return nxt
+
     # -- states ------------------------------------------------------------------
 
     def init_reset(self):
@@ -503,13 +513,9 @@ class Cpu:
             self.monitor(target)
             line = self.armed_line
             mask = self.mwait()
-            if mask & M_IRQ:
-                # NMI/SMI/MCE end MWAIT; the handler runs and returns to the
-                # instruction after MWAIT, in this loop's text.
-                nxt = self.take_interrupts()
-                if nxt is not None:
-                    return nxt
-            nxt, _ = self._ipi(mask)
+            # NMI/SMI/MCE end MWAIT; the handler runs and returns to the
+            # instruction after MWAIT, in this loop's text.
+            nxt = self._interrupts_then_ipis(mask)
             if nxt is not False:
                 return nxt
             if mask & (M_WRITE | M_TIMER):
@@ -539,13 +545,8 @@ class Cpu:
         events.log(self.seg, self.cpu, L.Ev.HLT)
         self._ack_pending()
         while True:
-            mask = self.wait()
-            if mask & M_IRQ:
-                # The interrupt handler runs, then HLT's successor: the loop halts again.
-                nxt = self.take_interrupts()
-                if nxt is not None:
-                    return nxt
-            nxt, _ = self._ipi(mask)
+            # An interrupt handler runs, then HLT's successor: the loop halts again.
+            nxt = self._interrupts_then_ipis(self.wait())
             if nxt is not False:
                 return nxt
 

@@ -405,6 +405,43 @@ class Coordinator:
         return {"injection": inj.spec(), "cpus": [k.cpu_report(c) for c in inj.cpus],
                 "not_taken": {str(c): why for c, why in k.not_taken.items()}, "timeline": k.t.ordered()}
 
+    def op_bench_kick(self, targets: str | None = None, rounds: int = 100) -> dict:
+        """`rounds` rounds of: kick each target (smpd.kick.kick_one), then REPARK them all.
+
+        Returns raw samples for the client to fold into histograms, so that a long run
+        is many short requests (a progress bar, Ctrl-C between batches)."""
+        from smpd.kick import kick_one
+
+        self._require_old_kernel("a kick benchmark")
+        if not 1 <= rounds <= 100_000:
+            raise BadInput(f"rounds {rounds} is not in the range 1..100000")
+        parked = [c for c in range(1, self.ncpus) if self._parked(c)]
+        cpus = parked if targets in (None, "", "parked") else self._cpus_arg(targets)
+        bad = [c for c in cpus if not self._parked(c)]
+        if bad or not cpus:
+            raise BadInput(
+                (f"CPU {cpulist.format_list(bad)} {'is' if len(bad) == 1 else 'are'} not parked in "
+                 f"mwait_play_dead() (online, kicked, or elsewhere)" if bad else "no CPU is parked")
+                + f"; parked now: CPU {cpulist.format_list(parked) or 'none'} (`smpd offline` parks CPUs)")
+        delay_ns = self.cfg.get("kick", "delay_us") * 1000
+        budget = self.cfg.get("kick", "rounds")
+        samples: dict[str, list] = {str(c): [] for c in cpus}
+        for _ in range(rounds):
+            for cpu in cpus:
+                e = kick_one(self.seg, self.bus, cpu, delay_ns, budget)
+                samples[str(cpu)].append([e.get("one_way_ns", -1), e.get("rtt_ns", -1), e["rounds"],
+                                          int(e["acknowledged"])])
+            _, missing = self.ipi_wait(cpus, L.Ipi.REPARK, self.ipi_timeout_s)
+            if missing:
+                raise Timeout(f"bench kick: CPU {cpulist.format_list(missing)} did not re-park "
+                              f"in mwait_play_dead() within {self.ipi_timeout_s:.0f} s")
+        return {"samples": samples, "budget_ns": delay_ns * budget, "watch": self.watch,
+                "pids": {str(c): self.seg.cb(c, "pid") for c in cpus}}
+
+    def _parked(self, cpu: int) -> bool:
+        return (self.seg.cb(cpu, "state") == L.ExecState.MWAIT
+                and self.seg.mem_u32(self.seg.geo.mwait_cpu_dead_addr(cpu) + 4) == L.CPUDEAD_MWAIT_WAIT)
+
     def op_status(self) -> dict:
         self._refresh_gone()
         return status_snapshot(self.seg, self.procs)
@@ -415,7 +452,7 @@ class Coordinator:
     def handlers(self) -> dict[str, Callable[..., Any]]:
         return {"status": self.op_status, "offline": self.op_offline, "online": self.op_online,
                 "poke": self.op_poke, "ping": self.op_ping, "kexec": self.op_kexec, "kick": self.op_kick,
-                "reset": self.op_reset, "inject": self.op_inject, "down": lambda: {"stopping": True}}
+                "reset": self.op_reset, "inject": self.op_inject, "bench_kick": self.op_bench_kick, "down": lambda: {"stopping": True}}
 
     # -- the serving loop ------------------------------------------------------
 

@@ -98,6 +98,15 @@ class Cpu:
         self.armed_line = -1
         self.pending_ack: int | None = None  # mailbox seq to acknowledge when done
         self.gen = 0  # the kernel generation this CPU runs (set by smp_callin)
+        # Direct word indices of the fields the wake-up path touches (a struct call each
+        # would cost more than the rest of that path).
+        self.u64 = seg.u64
+        ix = lambda f: seg.cb_index(cpu, f)  # noqa: E731
+        self.i_busy, self.i_activity = ix("busy"), ix("activity")
+        self.i_mon_armed, self.i_mon_line = ix("mon_armed"), ix("mon_line")
+        self.i_wake_count = [(M_WRITE, ix("wake_write")), (M_IRQ, ix("wake_irq")),
+                             (M_IPI, ix("wake_ipi")), (M_TIMER, ix("wake_spurious"))]
+        self.plans: dict[tuple[int, int], oldkernel.ResumePlan] = {}
 
     # -- process entry -------------------------------------------------------
 
@@ -155,7 +164,7 @@ class Cpu:
         spin-budget expiry just moves the CPU from spinning to sleeping.
         """
         u32, i = self.u32, self.wake_idx
-        self.seg.set_cb(self.cpu, "busy", 0)
+        u32[self.i_busy] = 0
         spurious = self._spurious_in()
         deadline = None if spurious is None else time.monotonic() + spurious
         while True:
@@ -183,8 +192,8 @@ class Cpu:
             if timer_hit and reason == "spurious":
                 mask |= M_TIMER
             if mask:
-                self.seg.set_cb(self.cpu, "busy", 1)
-                self._add("activity", 1)
+                u32[self.i_busy] = 1
+                u32[self.i_activity] = (u32[self.i_activity] + 1) & 0xFFFFFFFF
                 return mask
             if timer_hit and reason == "budget":
                 self._sleep(deadline)
@@ -247,15 +256,15 @@ class Cpu:
         self.buf[self.wake_off + L.WAKE_WRITE] = 0
         self.u16[self.dir_base + line] = self.cpu + 1
         self.armed_line = line
-        self.seg.set_cb(self.cpu, "mon_line", line)
-        self.seg.set_cb(self.cpu, "mon_armed", 1)
+        self.u32[self.i_mon_line] = line
+        self.u32[self.i_mon_armed] = 1
         fence()  # the directory entry is visible before we look for a write (see smpd.bus)
 
     def disarm(self) -> None:
         if self.armed_line >= 0:
             self.u16[self.dir_base + self.armed_line] = 0
             self.armed_line = -1
-            self.seg.set_cb(self.cpu, "mon_armed", 0)
+            self.u32[self.i_mon_armed] = 0
 
     def mwait(self) -> int:
         """__mwait(): wait for a write to the monitored line, an interrupt, an IPI or nothing at all."""
@@ -265,10 +274,10 @@ class Cpu:
         return mask
 
     def _count_wake(self, mask: int) -> None:
-        for bit, field in ((M_WRITE, "wake_write"), (M_IRQ, "wake_irq"),
-                           (M_IPI, "wake_ipi"), (M_TIMER, "wake_spurious")):
+        u64 = self.u64
+        for bit, idx in self.i_wake_count:
             if mask & bit:
-                self.seg.set_cb(self.cpu, field, self.seg.cb(self.cpu, field) + 1)
+                u64[idx] += 1
 
     # -- executing in the old kernel -----------------------------------------
 
@@ -278,7 +287,10 @@ class Cpu:
         Returns None to go on, or the next state when the CPU faulted or ran off
         into foreign bytes (see smpd.oldkernel).
         """
-        v = oldkernel.resume(self.seg, self.bus, self.cpu, self.gen, text_page)
+        plan = self.plans.get((self.gen, text_page))
+        if plan is None:
+            plan = self.plans[(self.gen, text_page)] = oldkernel.ResumePlan(self.seg.geo, self.cpu, self.gen, text_page)
+        v = oldkernel.resume(self.seg, self.bus, plan)
         if v.fault == L.Fault.NONE:
             return None
         events.log(self.seg, self.cpu, L.Ev.BAD_PAGE, v.page)
@@ -402,14 +414,17 @@ class Cpu:
         self.ack(seq, IPI_IGNORED)
         return False, None
 
-    def _interrupts_then_ipis(self, mask: int):
-        """Take interrupts (their handlers may fault), then INIT/POWER_OFF.
-        Returns the next state, or False to stay."""
+    def _interrupts_then_ipis(self, mask: int, allowed: tuple[L.Ipi, ...] = ()):
+        """Take interrupts (their handlers may fault), then INIT/POWER_OFF, then a REPARK
+        if ``allowed``. Returns the next state, or False to stay."""
         if mask & M_IRQ:
             nxt = self.take_interrupts()
             if nxt is not None:
                 return nxt
-        nxt, _ = self._ipi(mask)
+        nxt, ipi = self._ipi(mask, allowed)
+        if ipi is not None and ipi[1] == L.Ipi.REPARK:
+            self.pending_ack = ipi[0]
+            return self.mwait_play_dead
         return nxt
 
     # -- states ------------------------------------------------------------------
@@ -513,18 +528,22 @@ class Cpu:
             self.monitor(target)
             line = self.armed_line
             mask = self.mwait()
+            t_wake = time.monotonic_ns()
             # NMI/SMI/MCE end MWAIT; the handler runs and returns to the
             # instruction after MWAIT, in this loop's text.
             nxt = self._interrupts_then_ipis(mask)
             if nxt is not False:
                 return nxt
+            cause = 0
             if mask & (M_WRITE | M_TIMER):
                 cause = L.Ev.WAKE_WRITE if mask & M_WRITE else L.Ev.SPURIOUS
-                events.log(self.seg, self.cpu, cause, line)
                 nxt = self.resume(L.TEXT_PLAY_DEAD, cause, line)
                 if nxt is not None:
+                    events.log(self.seg, self.cpu, cause, line, ns=t_wake)
                     return nxt
             if prefix:
+                if cause:
+                    events.log(self.seg, self.cpu, cause, line, ns=t_wake)
                 continue  # the pre-fix kernel has no control word: back into MWAIT
             control = _MD.unpack_from(self.buf, self.md_mem)[0]
             if control == L.CPUDEAD_MWAIT_KEXEC_HLT:
@@ -533,10 +552,16 @@ class Cpu:
                 # the monitored line would resume us in overwritten memory.
                 # Note: this does _NOT_ protect against a stray MCE, NMI or SMI;
                 # each ends HLT and resumes in the old kernel.
-                self.seg.set_cb(self.cpu, "kick_seen_ns", time.monotonic_ns())
+                seen = time.monotonic_ns()
+                self.seg.set_cb(self.cpu, "kick_seen_ns", seen)
                 self.bus.write(self.md + 4, struct.pack("<I", L.CPUDEAD_MWAIT_KEXEC_HLT))
-                events.log(self.seg, self.cpu, L.Ev.KICK_SEEN)
+                # The bookkeeping comes after the acknowledgement: off the kick's latency path.
+                if cause:
+                    events.log(self.seg, self.cpu, cause, line, ns=t_wake)
+                events.log(self.seg, self.cpu, L.Ev.KICK_SEEN, ns=seen)
                 return self.hlt
+            if cause:
+                events.log(self.seg, self.cpu, cause, line, ns=t_wake)
             # Spurious or foreign wake-up: loop back into MWAIT, as the kernel does.
 
     def hlt(self):
@@ -546,7 +571,8 @@ class Cpu:
         self._ack_pending()
         while True:
             # An interrupt handler runs, then HLT's successor: the loop halts again.
-            nxt = self._interrupts_then_ipis(self.wait())
+            mask = self.wait()
+            nxt = self._interrupts_then_ipis(mask, (L.Ipi.REPARK,))
             if nxt is not False:
                 return nxt
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from smpd import layout as L
 
 
-def log(seg, cpu: int, code: L.Ev, arg: int = 0) -> None:
-    """Append one event to ``cpu``'s ring (called by that CPU only)."""
+def log(seg, cpu: int, code: L.Ev, arg: int = 0, ns: int | None = None) -> None:
+    """Append one event to ``cpu``'s ring (called by that CPU only); ``ns`` backdates it
+    to when it happened, for events logged late to keep them off a latency path."""
     head = seg.cb(cpu, "ev_head")
     off = seg.geo.cb_off(cpu) + L.EV_OFF + (head % L.EV_SLOTS) * L.EV_ENTRY.size
-    L.EV_ENTRY.pack_into(seg.buf, off, time.monotonic_ns(), int(code), arg & 0xFFFFFFFF)
+    L.EV_ENTRY.pack_into(seg.buf, off, time.monotonic_ns() if ns is None else ns, int(code), arg & 0xFFFFFFFF)
     seg.set_cb(cpu, "ev_head", head + 1)
 
 

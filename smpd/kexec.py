@@ -25,6 +25,7 @@ import struct
 import time
 
 from smpd import cpulist, events, layout as L
+from smpd.kick import smp_kick_mwait_play_dead
 from smpd.memory import page_image
 from smpd.scenario import Scenario
 
@@ -33,7 +34,6 @@ STOP_OTHER_CPUS_S = 1.0  # stop_other_cpus() waits up to 1 s for the REBOOT vect
 SETTLE_S = 2.0  # how long the CPUs get to finish what a write or an interrupt started
 IRQ_TAKEN_S = 1.0  # how long an injected signal gets to be taken (or held)
 BOOT_IPI_S = 2.0  # INIT/SIPI acknowledgement budget when the new kernel starts the APs
-_HLT = struct.pack("<I", L.CPUDEAD_MWAIT_KEXEC_HLT)
 
 
 class Kexec:
@@ -148,63 +148,15 @@ class Kexec:
                  + (f", CPU {cpulist.format_list(missing)} did not stop within 1 s" if missing else ""))
 
     def smp_kick_mwait_play_dead(self, during) -> dict:
-        """The kernel's kick, line for line: for each present-but-offline CPU that sits in
-        mwait_play_dead() (status == CPUDEAD_MWAIT_WAIT), write control =
-        CPUDEAD_MWAIT_KEXEC_HLT every delay_us, at most `rounds` times ("wait 5ms
-        maximum"), until status says the same; report a CPU that never does once."""
-        delay_ns = self.c.cfg.get("kick", "delay_us") * 1000
-        rounds = self.c.cfg.get("kick", "rounds")
+        """The kernel's kick (smpd.kick) over the present-but-offline CPUs."""
         present_offline = [c for c in self.cpus if self.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
-        waiting = [c for c in present_offline if self.status_word(c) == L.CPUDEAD_MWAIT_WAIT]
-        half = waiting[len(waiting) // 2] if waiting else None
-        per: dict[int, dict] = {}
-        stuck: list[int] = []
-        message = None
-        t_start = time.monotonic_ns()
-        if not waiting:
-            during()
-        for cpu in present_offline:
-            md = self.geo.mwait_cpu_dead_addr(cpu)
-            # Does it sit in mwait_play_dead() ?
-            if self.seg.mem_u32(md + 4) != L.CPUDEAD_MWAIT_WAIT:
-                continue
-            if cpu == half:
-                during()
-            seen_before = self.seg.cb(cpu, "kick_seen_ns")
-            t_first = time.monotonic_ns()
-            t_ack = None
-            i = 0
-            # Wait 5ms maximum
-            while i < rounds and self.seg.mem_u32(md + 4) != L.CPUDEAD_MWAIT_KEXEC_HLT:
-                self.bus.write(md, _HLT)  # Bring it out of mwait
-                end = time.monotonic_ns() + delay_ns
-                while True:  # udelay(delay_us), watching status to time the acknowledgement
-                    if t_ack is None and self.seg.mem_u32(md + 4) == L.CPUDEAD_MWAIT_KEXEC_HLT:
-                        t_ack = time.monotonic_ns()  # read after the load: never before the ack
-                    if time.monotonic_ns() >= end:
-                        break
-                i += 1
-            acked = self.seg.mem_u32(md + 4) == L.CPUDEAD_MWAIT_KEXEC_HLT
-            seen = self.seg.cb(cpu, "kick_seen_ns")
-            entry = {"acknowledged": acked, "rounds": i, "first_write_ns": t_first}
-            if acked:
-                t_ack = t_ack or time.monotonic_ns()
-                entry["rtt_ns"] = t_ack - t_first
-                if seen != seen_before and seen >= t_first:
-                    entry["one_way_ns"] = seen - t_first
-            else:
-                stuck.append(cpu)
-                if message is None:  # pr_err_once(): one line per kexec, however many are stuck
-                    message = f"CPU{cpu} is stuck in mwait_play_dead()"
-                    self.log(f"pr_err_once: {message}")
-            per[cpu] = entry
-        total = time.monotonic_ns() - t_start
-        self.log(f"smp_kick_mwait_play_dead(): kicked {len(per)} CPUs in {total / 1e3:.0f} us; "
+        kick = smp_kick_mwait_play_dead(self.seg, self.bus, present_offline,
+                                        self.c.cfg.get("kick", "delay_us") * 1000,
+                                        self.c.cfg.get("kick", "rounds"), during, self.log)
+        per, stuck = kick["cpus"], kick["stuck"]
+        self.log(f"smp_kick_mwait_play_dead(): kicked {len(per)} CPUs in {kick['total_ns'] / 1e3:.0f} us; "
                  f"{len(per) - len(stuck)} acknowledged" + (f", CPU {cpulist.format_list(stuck)} stuck" if stuck else ""))
-        rtts = sorted(e["rtt_ns"] for e in per.values() if "rtt_ns" in e)
-        return {"cpus": per, "stuck": stuck, "message": message, "total_ns": total,
-                "budget_ns": delay_ns * rounds,
-                "rtt_p50_ns": rtts[len(rtts) // 2] if rtts else None, "rtt_max_ns": rtts[-1] if rtts else None}
+        return kick
 
     def smp_park_other_cpus_in_init(self, during) -> None:
         """INIT to every other present CPU, offline ones included: wait-for-SIPI holds

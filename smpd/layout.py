@@ -22,6 +22,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import cached_property
 
 LAYOUT_VERSION = 2
 MAGIC = b"SMPDSEG\x00"
@@ -85,6 +86,10 @@ class Ipi(IntEnum):
     CPU_DOWN = 3
     POWER_OFF = 4
     REBOOT = 5  # stop_other_cpus(): the CPU runs stop_this_cpu() into its HLT loop
+    # `smpd bench kick` only: a kicked CPU in HLT re-enters mwait_play_dead() (status and
+    # control back to CPUDEAD_MWAIT_WAIT), so the next round kicks the real path again.
+    # No kernel does this; INIT/SIPI/offline would too, at a hundred times the cost.
+    REPARK = 6
 
 
 class MonitorTarget(IntEnum):
@@ -285,48 +290,48 @@ class Geometry:
     pgtable_pages: int
     stack_pages_per_cpu: int
 
-    @property
+    @cached_property  # derived once: region_of and friends sit on the resume path
     def percpu_pages(self) -> int:
         slots = self.ncpus * PERCPU_SLOTS_PER_CPU
         return -(-slots // PERCPU_SLOTS_PER_PAGE)
 
-    @property
+    @cached_property  # derived once: region_of and friends sit on the resume path
     def text_first(self) -> int:
         return 0
 
-    @property
+    @cached_property  # derived once: region_of and friends sit on the resume path
     def pgtable_first(self) -> int:
         return self.text_pages
 
-    @property
+    @cached_property  # derived once: region_of and friends sit on the resume path
     def percpu_first(self) -> int:
         return self.pgtable_first + self.pgtable_pages
 
-    @property
+    @cached_property  # derived once: region_of and friends sit on the resume path
     def stack_first(self) -> int:
         return self.percpu_first + self.percpu_pages
 
-    @property
+    @cached_property  # derived once: region_of and friends sit on the resume path
     def stack_pages(self) -> int:
         return self.ncpus * self.stack_pages_per_cpu
 
-    @property
+    @cached_property  # derived once: region_of and friends sit on the resume path
     def npages(self) -> int:
         return self.stack_first + self.stack_pages
 
-    @property
+    @cached_property  # derived once: region_of and friends sit on the resume path
     def nlines(self) -> int:
         return self.npages * LINES_PER_PAGE
 
-    @property
+    @cached_property  # derived once: region_of and friends sit on the resume path
     def dir_off(self) -> int:
         return _align(CB_OFF + self.ncpus * CB_SIZE, LINE)
 
-    @property
+    @cached_property  # derived once: region_of and friends sit on the resume path
     def mem_off(self) -> int:
         return _align(self.dir_off + self.nlines * DIR_ENTRY, PAGE)
 
-    @property
+    @cached_property  # derived once: region_of and friends sit on the resume path
     def size(self) -> int:
         return self.mem_off + self.npages * PAGE
 

@@ -30,6 +30,7 @@ class Segment:
         self.buf: memoryview | None = None
         self.u32: memoryview | None = None  # the whole segment as u32 words (hot path)
         self.u16: memoryview | None = None
+        self.u64: memoryview | None = None
         self.geo: L.Geometry | None = None
 
     # -- construction ------------------------------------------------------
@@ -106,6 +107,7 @@ class Segment:
         self.buf = memoryview(self.mm)
         self.u32 = self.buf.cast("I")
         self.u16 = self.buf.cast("H")
+        self.u64 = self.buf.cast("Q")
 
     def _write_geometry(self, geo: L.Geometry) -> None:
         for field, value in (
@@ -125,7 +127,7 @@ class Segment:
 
     def close(self) -> None:
         """Let go of this process's mapping (the segment itself stays)."""
-        for view in ("u16", "u32", "buf"):
+        for view in ("u16", "u32", "u64", "buf"):
             v = getattr(self, view)
             if v is not None:
                 v.release()
@@ -166,6 +168,11 @@ class Segment:
         off, s = L.CB[field]
         assert s.size == 4
         return (L.CB_OFF + cpu * L.CB_SIZE + off) // 4
+
+    def cb_index(self, cpu: int, field: str) -> int:
+        """Index of a control-block field in ``self.u32`` or ``self.u64``, by its size."""
+        off, s = L.CB[field]
+        return (L.CB_OFF + cpu * L.CB_SIZE + off) // s.size
 
     def cb_byte(self, cpu: int, field: str, byte: int) -> int:
         return L.CB_OFF + cpu * L.CB_SIZE + L.CB[field][0] + byte

@@ -1,0 +1,84 @@
+"""smp_kick_mwait_play_dead(), as the kernel writes it, with every instant timed.
+
+For each present-but-offline CPU that sits in mwait_play_dead() (status ==
+CPUDEAD_MWAIT_WAIT): write control = CPUDEAD_MWAIT_KEXEC_HLT, udelay(5), again,
+at most 1000 times ("wait 5ms maximum"), until the CPU answers in status; report
+a CPU that never does once (pr_err_once). A kick has three instants (DESIGN.md
+§6), all CLOCK_MONOTONIC ns: the coordinator's first control write, the CPU
+seeing it (it stamps kick_seen_ns), and the coordinator seeing status change.
+
+Cost: a round is one bus write (a monitored line: two fences, and a doorbell
+kill() when the CPU sleeps) plus the udelay busy-wait, which polls status so the
+acknowledgement is timed to the poll, not to the next round.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import Callable
+
+from smpd import layout as L
+
+_HLT = struct.pack("<I", L.CPUDEAD_MWAIT_KEXEC_HLT)
+
+
+def kick_one(seg, bus, cpu: int, delay_ns: int, rounds: int) -> dict:
+    """Kick one CPU out of mwait_play_dead(); returns its timings and the kernel's round count."""
+    md = seg.geo.mwait_cpu_dead_addr(cpu)
+    seen_before = seg.cb(cpu, "kick_seen_ns")
+    t_first = time.monotonic_ns()
+    t_ack = None
+    i = 0
+    # Wait 5ms maximum
+    while i < rounds and seg.mem_u32(md + 4) != L.CPUDEAD_MWAIT_KEXEC_HLT:
+        bus.write(md, _HLT)  # Bring it out of mwait
+        end = time.monotonic_ns() + delay_ns
+        while True:  # udelay(delay_us), watching status to time the acknowledgement
+            if t_ack is None and seg.mem_u32(md + 4) == L.CPUDEAD_MWAIT_KEXEC_HLT:
+                t_ack = time.monotonic_ns()  # read after the load: never before the ack
+            if time.monotonic_ns() >= end:
+                break
+        i += 1
+    acked = seg.mem_u32(md + 4) == L.CPUDEAD_MWAIT_KEXEC_HLT
+    entry = {"acknowledged": acked, "rounds": i, "first_write_ns": t_first}
+    if acked:
+        entry["rtt_ns"] = (t_ack or time.monotonic_ns()) - t_first
+        seen = seg.cb(cpu, "kick_seen_ns")
+        if seen != seen_before and seen >= t_first:
+            entry["one_way_ns"] = seen - t_first
+    return entry
+
+
+def smp_kick_mwait_play_dead(seg, bus, cpus: list[int], delay_ns: int, rounds: int,
+                             during: Callable[[], None] = lambda: None,
+                             log: Callable[[str], None] = lambda _msg: None) -> dict:
+    """Kick every CPU of ``cpus`` (the present-but-offline ones) that waits in mwait_play_dead().
+
+    ``during`` runs once, halfway through the CPUs that get kicked.
+    """
+    waiting = [c for c in cpus if seg.mem_u32(seg.geo.mwait_cpu_dead_addr(c) + 4) == L.CPUDEAD_MWAIT_WAIT]
+    half = waiting[len(waiting) // 2] if waiting else None
+    per: dict[int, dict] = {}
+    stuck: list[int] = []
+    message = None
+    t_start = time.monotonic_ns()
+    if not waiting:
+        during()
+    for cpu in cpus:
+        # Does it sit in mwait_play_dead() ?
+        if seg.mem_u32(seg.geo.mwait_cpu_dead_addr(cpu) + 4) != L.CPUDEAD_MWAIT_WAIT:
+            continue
+        if cpu == half:
+            during()
+        per[cpu] = entry = kick_one(seg, bus, cpu, delay_ns, rounds)
+        if not entry["acknowledged"]:
+            stuck.append(cpu)
+            if message is None:  # pr_err_once(): one line per kexec, however many are stuck
+                message = f"CPU{cpu} is stuck in mwait_play_dead()"
+                log(f"pr_err_once: {message}")
+    total = time.monotonic_ns() - t_start
+    rtts = sorted(e["rtt_ns"] for e in per.values() if "rtt_ns" in e)
+    return {"cpus": per, "stuck": stuck, "message": message, "total_ns": total,
+            "budget_ns": delay_ns * rounds,
+            "rtt_p50_ns": rtts[len(rtts) // 2] if rtts else None, "rtt_max_ns": rtts[-1] if rtts else None}

@@ -332,3 +332,75 @@ def demo(cpus, name, watch, seed):
     from smpd import demo as demo_mod
 
     demo_mod.run(cpus=cpus, name=name, watch=watch, seed=seed, console=Console())
+
+
+@main.group()
+def bench():
+    """Benchmarks on a running machine."""
+
+
+@bench.command("kick")
+@name_option
+@click.option("--targets", default=None, metavar="CPULIST", help="CPUs to kick [every parked CPU].")
+@click.option("--rounds", type=click.IntRange(1, 10_000_000), default=1000, show_default=True,
+              help="Kick rounds (each kicks every target, then re-parks them).")
+@click.option("--duration", default=None, metavar="T", help="Run for this long instead (30s, 2m, 1h).")
+@click.option("--json", "json_file", default=None, metavar="FILE", help="Write the figures as JSON.")
+@click.option("--plot", "plot_file", default=None, metavar="FILE", help="Write a PNG latency histogram (log scale).")
+def bench_kick(name, targets, rounds, duration, json_file, plot_file):
+    """Time real kick latencies: coordinator write -> CPU sees it -> coordinator sees the ack.
+
+    Each round kicks every target out of mwait_play_dead() (smp_kick_mwait_play_dead's
+    loop, first-hand on CPU 0), then re-parks them through mwait_play_dead(). Prints
+    percentiles next to the host's own cache-line round trip.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from smpd import benchkick
+
+    seconds = benchkick.parse_duration(duration) if duration is not None else None
+    if json_file:
+        benchkick.check_writable(json_file, "--json")
+    if plot_file:
+        benchkick.check_writable(plot_file, "--plot")
+        benchkick.check_plot_available()
+    machine = lifecycle.require(name)
+    if targets is not None:
+        cpulist.parse(targets, machine.ncpus)
+    # A zero-round request validates the targets (parked?) before anything is measured.
+    cpus = machine.request("bench_kick", targets=targets, rounds=0)["targets"]
+    out = Console(stderr=True)
+    floor = benchkick.measure_floor()
+    run = benchkick.Run(targets=cpus)
+    batch = max(1, 400 // len(cpus))
+    t0 = time.monotonic()
+    first = True
+    interrupted = False
+    with Progress(TextColumn("[bold]kick[/bold]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), TextColumn("{task.description}"), console=out, transient=True) as bar:
+        task = bar.add_task("", total=seconds if seconds else rounds)
+        try:
+            while True:
+                left = rounds - run.rounds_done
+                if seconds is None and left <= 0 or seconds is not None and benchkick.elapsed(t0) >= seconds:
+                    break
+                n = batch if seconds is not None else min(batch, left)
+                result = machine.request("bench_kick", targets=targets, rounds=n)
+                if first:
+                    run.pids = {int(c): p for c, p in result["pids"].items()}
+                    run.sample_ctx(run.ctx_before)
+                    first = False
+                run.fold(result)
+                bar.update(task, completed=benchkick.elapsed(t0) if seconds else run.rounds_done,
+                           description=run.live_line())
+        except KeyboardInterrupt:
+            interrupted = True
+    run.seconds = benchkick.elapsed(t0)
+    run.sample_ctx(run.ctx_after)
+    report = benchkick.Run.report(run, floor)
+    report["interrupted"] = interrupted
+    if json_file:
+        benchkick.write_json(json_file, report)
+    if plot_file:
+        benchkick.write_plot(plot_file, run, report)
+    Console().print(render.bench_kick(report, json_file, plot_file))

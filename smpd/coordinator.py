@@ -413,7 +413,7 @@ class Coordinator:
         from smpd.kick import kick_one
 
         self._require_old_kernel("a kick benchmark")
-        if not 1 <= rounds <= 100_000:
+        if not 0 <= rounds <= 100_000:
             raise BadInput(f"rounds {rounds} is not in the range 1..100000")
         parked = [c for c in range(1, self.ncpus) if self._parked(c)]
         cpus = parked if targets in (None, "", "parked") else self._cpus_arg(targets)
@@ -423,6 +423,8 @@ class Coordinator:
                 (f"CPU {cpulist.format_list(bad)} {'is' if len(bad) == 1 else 'are'} not parked in "
                  f"mwait_play_dead() (online, kicked, or elsewhere)" if bad else "no CPU is parked")
                 + f"; parked now: CPU {cpulist.format_list(parked) or 'none'} (`smpd offline` parks CPUs)")
+        if rounds == 0:  # validation only
+            return {"targets": cpus}
         delay_ns = self.cfg.get("kick", "delay_us") * 1000
         budget = self.cfg.get("kick", "rounds")
         samples: dict[str, list] = {str(c): [] for c in cpus}

@@ -188,3 +188,45 @@ def demo_matrix(rows: list[tuple[str, str, dict]]) -> Table:
     for park, inj, r in rows:
         t.add_row(park, inj, Text(r["outcome"], style=OUTCOME_STYLE.get(r["outcome"], "")), r["evidence"])
     return t
+
+
+def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
+    hw = r["hw_rtt_ns"]
+    t = Text()
+    t.append(f"kick benchmark: watch {r['watch']}, CPU {r['targets']}, {r['rounds']} rounds, "
+             f"{r['kicks']} kicks in {r['seconds']:.1f} s" + (" (interrupted)" if r.get("interrupted") else "") + "\n",
+             style="bold")
+    f = r["hw_floor"]
+    if f.get("available"):
+        t.append(f"hardware floor: C cache-line ping-pong between cores {f['cores'][0]} and {f['cores'][1]}: "
+                 f"p50 {f['rtt_ns']} ns (p99 {f['rtt_p99_ns']} ns, min {f['rtt_min_ns']} ns)\n")
+    else:
+        t.append(f"hardware floor: unavailable ({f['why']})\n", style="yellow")
+    tab = Table(box=None, header_style="bold", pad_edge=False)
+    keys = ("min", "p50", "p90", "p99", "p999", "max")
+    for col in ("", "min", "p50", "p90", "p99", "p99.9", "max", "p50 / floor"):
+        tab.add_column(col, justify="right" if col else "left")
+    for label, key in (("one way", "one_way_ns"), ("round trip", "rtt_ns")):
+        s = r[key]
+        if not s.get("count"):
+            tab.add_row(label, *["-"] * 7)
+            continue
+        tab.add_row(label, *(_ns(s[k]) for k in keys), f"{s['p50'] / hw:.1f}x" if hw else "-")
+    kr = r["kernel_rounds"]
+    b = r["budget_exceeded"]
+    tail = Text()
+    if kr.get("count"):
+        tail.append(f"kernel's view, rounds of 5 us: p50 {kr['p50']}, p99 {kr['p99']}, max {kr['max']}\n")
+    tail.append(f"over the kernel's {_ns(r['budget_ns'])} budget (or never acknowledged): "
+                f"{b['count']} of {r['kicks']} kicks ({100 * b['share']:.3f}%)\n",
+                style="bold red" if b["count"] else "")
+    per = Table(box=None, header_style="bold", pad_edge=False, title="per CPU", title_justify="left")
+    for col in ("CPU", "rtt p50", "p99", "p99.9", "max", "over budget", "invol. ctx switches"):
+        per.add_column(col, justify="right")
+    for cpu, d in list(r["per_cpu"].items())[:64]:
+        s = d["rtt_ns"]
+        if s.get("count"):
+            per.add_row(cpu, _ns(s["p50"]), _ns(s["p99"]), _ns(s["p999"]), _ns(s["max"]),
+                        str(d["budget_exceeded"]), str(d["involuntary_ctx_switches"]))
+    files = Text("".join(f"wrote {p}\n" for p in (json_file, plot_file) if p), style="dim")
+    return Group(t, tab, tail, per, files)

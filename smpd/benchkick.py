@@ -1,0 +1,208 @@
+"""`smpd bench kick`: repeated kicks of parked CPUs, folded into HDR histograms.
+
+The coordinator does the kicking (its timings are first-hand) in short batches;
+this side folds each batch's raw samples into hdrhistogram histograms (one-way,
+round trip, overall and per CPU), drives the progress bar, samples psutil's
+involuntary context switches of the target processes, measures the hardware
+floor, and writes the report, the JSON and the plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import psutil
+from hdrh.histogram import HdrHistogram
+
+from smpd import hwfloor
+from smpd.cpulist import format_list
+from smpd.errors import BadInput
+
+MAX_NS = 60 * 10**9  # histograms cover 1 ns .. 60 s at 3 significant digits
+PERCENTILES = (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9))
+
+
+def parse_duration(text: str) -> float:
+    """'30s', '2m', '1h', '500ms' or a bare number of seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text or "")
+    if not m:
+        raise BadInput(f"--duration '{text}' is not a duration; expected e.g. 30s, 2m, 1h or 500ms")
+    v = float(m[1]) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m[2]]
+    if not 0 < v <= 7 * 86400:
+        raise BadInput(f"--duration '{text}' is not in the range 1ms..7 days")
+    return v
+
+
+def check_writable(path: str, option: str) -> None:
+    """Refuse, before the run, an output path that cannot be written."""
+    p = os.path.abspath(path)
+    if os.path.isdir(p):
+        raise BadInput(f"{option} {path} is a directory; give a file name")
+    parent = os.path.dirname(p)
+    if not os.path.isdir(parent):
+        raise BadInput(f"{option} {path}: directory {parent} does not exist")
+    existed = os.path.exists(p)
+    try:  # the only honest test: open it for writing (root passes every access() check)
+        with open(p, "ab"):
+            pass
+    except OSError as err:
+        raise BadInput(f"{option} {path} is not writable ({err.strerror})") from None
+    if not existed:
+        os.unlink(p)
+
+
+def check_plot_available() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise BadInput("--plot needs matplotlib, which is not installed; install it with "
+                       "pip install 'smpd[plot]' (or run without --plot)") from None
+
+
+def _hist() -> HdrHistogram:
+    return HdrHistogram(1, MAX_NS, 3)
+
+
+def summary(h: HdrHistogram) -> dict:
+    if h.get_total_count() == 0:
+        return {"count": 0}
+    d = {"count": h.get_total_count(), "min": h.get_min_value()}
+    for key, p in PERCENTILES:
+        d[key] = h.get_value_at_percentile(p)
+    d["max"] = h.get_max_value()
+    return d
+
+
+@dataclass
+class Run:
+    targets: list[int]
+    budget_ns: int = 0
+    watch: str = ""
+    one_way: HdrHistogram = field(default_factory=_hist)
+    rtt: HdrHistogram = field(default_factory=_hist)
+    per_one_way: dict[int, HdrHistogram] = field(default_factory=dict)
+    per_rtt: dict[int, HdrHistogram] = field(default_factory=dict)
+    kernel_rounds: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 10**7, 3))
+    kicks: int = 0
+    exceeded: int = 0
+    per_exceeded: dict[int, int] = field(default_factory=dict)
+    rounds_done: int = 0
+    ctx_before: dict[int, int] = field(default_factory=dict)
+    ctx_after: dict[int, int] = field(default_factory=dict)
+    pids: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def fold(self, batch: dict) -> None:
+        self.budget_ns, self.watch = batch["budget_ns"], batch["watch"]
+        for cpu_s, samples in batch["samples"].items():
+            cpu = int(cpu_s)
+            ow = self.per_one_way.setdefault(cpu, _hist())
+            rt = self.per_rtt.setdefault(cpu, _hist())
+            for one_way, rtt, rounds, acked in samples:
+                self.kicks += 1
+                if acked and rtt >= 0:
+                    self.rtt.record_value(max(rtt, 1))
+                    rt.record_value(max(rtt, 1))
+                    self.kernel_rounds.record_value(max(rounds, 1))
+                if acked and one_way >= 0:
+                    self.one_way.record_value(max(one_way, 1))
+                    ow.record_value(max(one_way, 1))
+                if not acked or rtt > self.budget_ns:
+                    self.exceeded += 1
+                    self.per_exceeded[cpu] = self.per_exceeded.get(cpu, 0) + 1
+        self.rounds_done += len(next(iter(batch["samples"].values()), []))
+        self.pids.update({int(c): p for c, p in batch["pids"].items()})
+
+    def sample_ctx(self, into: dict[int, int]) -> None:
+        for cpu, pid in self.pids.items():
+            try:
+                into[cpu] = psutil.Process(pid).num_ctx_switches().involuntary
+            except psutil.Error:
+                pass
+
+    def live_line(self) -> str:
+        if not self.rtt.get_total_count():
+            return "no acknowledgement yet"
+        return (f"rtt p50 {self.rtt.get_value_at_percentile(50) / 1e3:.1f} us, "
+                f"p99 {self.rtt.get_value_at_percentile(99) / 1e3:.1f} us, "
+                f"max {self.rtt.get_max_value() / 1e3:.1f} us; over budget {self.exceeded}")
+
+    def report(self, floor: dict) -> dict:
+        one_way, rtt = summary(self.one_way), summary(self.rtt)
+        hw = floor.get("rtt_ns") if floor.get("available") else None
+        per_cpu = {}
+        for cpu in self.targets:
+            per_cpu[str(cpu)] = {
+                "one_way_ns": summary(self.per_one_way.get(cpu, _hist())),
+                "rtt_ns": summary(self.per_rtt.get(cpu, _hist())),
+                "budget_exceeded": self.per_exceeded.get(cpu, 0),
+                "involuntary_ctx_switches": (self.ctx_after.get(cpu, 0) - self.ctx_before.get(cpu, 0))
+                if cpu in self.ctx_before else None,
+            }
+        return {
+            "watch": self.watch, "targets": format_list(self.targets), "rounds": self.rounds_done,
+            "kicks": self.kicks, "seconds": round(self.seconds, 3),
+            "one_way_ns": one_way, "rtt_ns": rtt,
+            "kernel_rounds": summary(self.kernel_rounds),
+            "hw_rtt_ns": hw, "hw_floor": floor,
+            "ratio_p50": round(rtt["p50"] / hw, 2) if hw and rtt.get("count") else None,
+            "ratio_one_way_p50": round(one_way["p50"] / hw, 2) if hw and one_way.get("count") else None,
+            "budget_ns": self.budget_ns,
+            "budget_exceeded": {"count": self.exceeded,
+                                "share": round(self.exceeded / self.kicks, 6) if self.kicks else 0.0},
+            "per_cpu": per_cpu,
+        }
+
+    def histograms(self) -> dict[str, list[tuple[int, int]]]:
+        return {name: [(i.value_iterated_to, i.count_at_value_iterated_to) for i in h.get_recorded_iterator()]
+                for name, h in (("rtt", self.rtt), ("one_way", self.one_way))}
+
+
+def measure_floor() -> dict:
+    return hwfloor.measure()
+
+
+def write_json(path: str, report: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
+
+
+def write_plot(path: str, run: Run, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, label in (("one_way", "one way (write -> CPU saw it)"), ("rtt", "round trip (write -> ack seen)")):
+        pts = run.histograms()[name]
+        if pts:
+            xs = [v / 1e3 for v, _ in pts]
+            ws = [c for _, c in pts]
+            lo, hi = max(min(xs), 1e-3), max(xs) * 1.01
+            import numpy as np
+
+            bins = np.logspace(np.log10(lo), np.log10(hi), 60)
+            ax.hist(xs, bins=bins, weights=ws, histtype="step", linewidth=1.5, label=label)
+    if report["hw_rtt_ns"]:
+        ax.axvline(report["hw_rtt_ns"] / 1e3, color="k", linestyle=":", label="hardware floor (C ping-pong)")
+    ax.axvline(report["budget_ns"] / 1e3, color="r", linestyle="--", label="kernel budget (1000 x 5 us)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("latency (us)")
+    ax.set_ylabel("kicks")
+    ax.set_title(f"smp_kick_mwait_play_dead() latency, watch={report['watch']}, "
+                 f"CPU {report['targets']}, {report['kicks']} kicks")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def elapsed(t0: float) -> float:
+    return time.monotonic() - t0

@@ -1,0 +1,87 @@
+"""`smpd bench kick`: real kicks, real histograms, the hardware floor, and bad input."""
+
+import json
+import os
+
+import pytest
+
+from conftest import run_smpd
+
+KEYS = ("p50", "p90", "p99", "p999", "max")
+
+
+@pytest.fixture
+def parked4(machine):
+    m = machine(4, "--watch", "adaptive")
+    m.request("offline", cpus="1-3")
+    return m
+
+
+def test_bench_kick_records_every_kick_and_reparks_the_cpus(parked4, tmp_path):
+    out = tmp_path / "kick.json"
+    png = tmp_path / "kick.png"
+    r = run_smpd("bench", "kick", "--rounds", "40", "--json", str(out), "--plot", str(png), name=parked4.name)
+    assert "round trip" in r.stdout and "hardware floor" in r.stdout
+    d = json.loads(out.read_text())
+    assert d["kicks"] == 40 * 3 and d["rounds"] == 40 and d["targets"] == "1-3" and d["watch"] == "adaptive"
+    for key in ("one_way_ns", "rtt_ns"):
+        s = d[key]
+        assert s["count"] + d["budget_exceeded"]["count"] >= 40 * 3 - d["budget_exceeded"]["count"]
+        assert [s[k] for k in ("min", *KEYS)] == sorted(s[k] for k in ("min", *KEYS))
+    assert d["one_way_ns"]["p50"] <= d["rtt_ns"]["p99"]
+    assert set(d["per_cpu"]) == {"1", "2", "3"}
+    for cpu in d["per_cpu"].values():
+        assert cpu["rtt_ns"]["count"] >= 1 and cpu["involuntary_ctx_switches"] >= 0
+    assert 0 <= d["budget_exceeded"]["share"] <= 1
+    floor = d["hw_floor"]
+    if floor["available"]:
+        assert d["hw_rtt_ns"] > 0 and d["ratio_p50"] == pytest.approx(d["rtt_ns"]["p50"] / d["hw_rtt_ns"], rel=0.01)
+    else:
+        assert d["hw_rtt_ns"] is None and floor["why"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Every target is parked again, through mwait_play_dead(), once per round.
+    s = parked4.status()
+    assert {c["state"] for c in s["cpus"][1:]} == {"MWAIT"}
+    assert all(c["mwait_entries"] == 41 for c in s["cpus"][1:])
+
+
+def test_bench_kick_one_target(parked4):
+    r = run_smpd("bench", "kick", "--targets", "2", "--rounds", "30", name=parked4.name)
+    assert "CPU 2, 30 rounds, 30 kicks" in r.stdout
+    s = parked4.status()
+    assert s["cpus"][2]["mwait_entries"] == 31 and s["cpus"][1]["mwait_entries"] == 1
+
+
+def test_bench_kick_duration_runs_for_that_long(parked4, tmp_path):
+    out = tmp_path / "d.json"
+    run_smpd("bench", "kick", "--duration", "1s", "--json", str(out), name=parked4.name)
+    d = json.loads(out.read_text())
+    assert d["seconds"] >= 1.0 and d["kicks"] > 0
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--targets", "0"), "CPU 0 is not parked"),
+    (("--targets", "9"), "names CPU 9"),
+    (("--rounds", "0"), "0 is not in the range"),
+    (("--duration", "soon"), "is not a duration"),
+    (("--json", "/nonexistent-dir/k.json"), "does not exist"),
+    (("--json", "/"), "is a directory"),
+    (("--plot", "/proc/k.png"), "not writable"),
+])
+def test_bench_kick_bad_input_is_refused_before_the_run(parked4, args, says):
+    r = run_smpd("bench", "kick", *args, name=parked4.name, check=False)
+    assert r.returncode == 2, r.stderr
+    assert says in r.stderr
+    assert all(c["mwait_entries"] == 1 for c in parked4.status()["cpus"][1:])  # nothing was kicked
+
+
+def test_bench_kick_refuses_cpus_that_are_not_parked(machine):
+    m = machine(4, "--watch", "adaptive")
+    m.request("offline", cpus="1")
+    r = run_smpd("bench", "kick", "--targets", "1-3", name=m.name, check=False)
+    assert r.returncode == 2 and "CPU 2-3 are not parked" in r.stderr and "parked now: CPU 1" in r.stderr
+
+
+def test_bench_kick_without_a_machine(machine_name):
+    r = run_smpd("bench", "kick", name=machine_name, check=False)
+    assert r.returncode == 2 and "no machine named" in r.stderr

@@ -60,7 +60,8 @@ def check_plot_available() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise BadInput("--plot needs matplotlib, which is not installed; install it with "
-                       "pip install 'smpd[plot]' (or run without --plot)") from None
+                       "pip install -e '.[plot]' in the smpd checkout, or pip install matplotlib "
+                       "(or run without --plot)") from None
 
 
 def _hist() -> HdrHistogram:

@@ -323,11 +323,7 @@ class Coordinator:
             raise BadInput(f"machine '{self.name}' needs a reset before {what}: it ran a kexec and now runs "
                            f"kernel generation {self.seg.hdr('generation')}; `smpd reset` returns it to the "
                            f"old kernel with the same offline CPUs")
-        self._refresh_gone()
-        gone = [c for c in range(1, self.ncpus) if self.seg.cb(c, "state") == L.ExecState.GONE]
-        if gone:
-            raise BadInput(f"CPU {cpulist.format_list(gone)} is GONE (its process died); "
-                           f"restart the machine with `smpd down` and `smpd up`")
+        self._require_alive(list(range(1, self.ncpus)))
 
     def op_kexec(self, park: str = "hlt", inject: list[str] | None = None, order: str = "sequential",
                  seed: int | None = None) -> dict:
@@ -364,11 +360,7 @@ class Coordinator:
         """Back to the old kernel with the same offline CPUs, without re-forking: INIT every
         CPU, reload generation 1's image, SIPI every CPU, offline the same set again."""
         t0 = time.monotonic_ns()
-        self._refresh_gone()
-        gone = [c for c in range(1, self.ncpus) if self.seg.cb(c, "state") == L.ExecState.GONE]
-        if gone:
-            raise BadInput(f"CPU {cpulist.format_list(gone)} is GONE (its process died); "
-                           f"restart the machine with `smpd down` and `smpd up`")
+        self._require_alive(list(range(1, self.ncpus)))
         offline = self.reset_offline
         if offline is None:
             offline = [c for c in range(1, self.ncpus) if self.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]

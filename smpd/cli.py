@@ -263,13 +263,25 @@ def _print_json_or(obj, as_json: bool, view) -> None:
               help="Order of the image copy.")
 @click.option("--seed", type=Seed(), default=None, help="Seed of the scenario's choices [random, printed].")
 @click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
-def kexec(name, park, injects, order, seed, as_json):
+@click.option("--replay", default=None, metavar="FILE:TRIAL", help="Re-run one recorded soak trial's scenario.")
+def kexec(name, park, injects, order, seed, as_json, replay):
     """Run the kexec sequence on the machine and say precisely what happened.
 
     The outcome comes first: CLEAN, TRIPLE_FAULT, CORRUPTION, MCE_SHUTDOWN, STUCK or
     CPU_LOST, with its evidence; then the CPUs and the timeline. Afterwards the
     machine runs the new kernel: `smpd reset` returns it to the old one.
     """
+    if replay is not None:
+        from smpd import soakrun
+
+        ctx = click.get_current_context()
+        mixed = [p for p in ("park", "injects", "order", "seed")
+                 if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+        if mixed:
+            raise BadInput(f"--replay takes the whole scenario from the file; drop --{mixed[0].rstrip('s')}")
+        r = soakrun.replay(name, replay)
+        _print_json_or(r, as_json, render.kexec_report)
+        return
     machine = lifecycle.require(name)
     for spec in injects:
         scenario_mod.parse_injection(spec, machine.ncpus)
@@ -404,3 +416,35 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
     if plot_file:
         benchkick.write_plot(plot_file, run, report)
     Console().print(render.bench_kick(report, json_file, plot_file))
+
+
+@main.command()
+@name_option
+@click.option("--trials", type=click.IntRange(1, 10_000_000), default=None, help="Run this many trials [100].")
+@click.option("--duration", default=None, metavar="T", help="Run for this long instead (30s, 10m, 2h).")
+@click.option("--host-load", "host_load", default=None, metavar="SPEC",
+              help="Load the host meanwhile: cpu:N, mem:N, io:N, syscall:N, stress-ng:ARGS (comma-separated).")
+@click.option("--park", "parks", default="none,hlt,init", show_default=True, help="Park policies to draw from.")
+@click.option("--inject-rate", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Share of trials that get injections.")
+@click.option("--kinds", default="nmi,mce,smi", show_default=True, help="Interrupt kinds to draw from.")
+@click.option("--seed", type=Seed(), default=None, help="Seed of the whole trial sequence [random, recorded].")
+@click.option("--out", default=None, metavar="FILE", help="JSON-lines results [soak-<seed>.jsonl].")
+@click.option("--resume", default=None, metavar="FILE", help="Continue the run recorded in FILE.")
+@click.option("--summary", "summary_file", default=None, metavar="FILE", help="Print the summary of FILE and exit.")
+def soak(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out, resume, summary_file):
+    """Thousands of randomized kexec trials on the running machine, under host load.
+
+    Each trial draws park policy, offline set, copy order and injections from the
+    seed, runs the kexec, records the report (flushed and fsynced) and resets the
+    machine. Ctrl-C stops after the current trial. Every trial can be replayed
+    with `smpd kexec --replay FILE:TRIAL`.
+    """
+    from smpd import soakrun
+
+    ctx = click.get_current_context()
+    given = {p for p in ("trials", "duration", "host_load", "parks", "inject_rate", "kinds", "seed", "out")
+             if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE}
+    soakrun.main(name=name, trials=trials, duration=duration, host_load=host_load, parks=parks,
+                 inject_rate=inject_rate, kinds=kinds, seed=seed, out=out, resume=resume,
+                 summary_file=summary_file, given=given, console=Console())

@@ -97,6 +97,7 @@ class Coordinator:
         self.ready_fd: int | None = None
         self.stopping = False
         self.reset_offline: list[int] | None = None  # the offline set `smpd reset` restores
+        self.plan: list[int | None] = []  # host core of each CPU (pin policy)
 
     # -- bring-up --------------------------------------------------------------
 
@@ -122,7 +123,7 @@ class Coordinator:
         self.bus = Bus(seg)
         load_kernel(self.bus, geo, self.seed, generation=1)
         check_stop()
-        plan = hostinfo.pin_plan(self.pin, self.ncpus)
+        self.plan = plan = hostinfo.pin_plan(self.pin, self.ncpus)
         if plan[0] is not None:
             os.sched_setaffinity(0, {plan[0]})
         for field, value in (("pid", os.getpid()), ("core", -1 if plan[0] is None else plan[0]),
@@ -356,11 +357,37 @@ class Coordinator:
                 "cpus": [k.cpu_report(c) for c in k.cpus], "machine": {"name": self.name, "cpus": self.ncpus,
                                                                        "watch": self.watch}}
 
+    def respawn_gone(self) -> list[int]:
+        """Fork a new process for every GONE CPU (an emulator fault), so the machine can go on.
+
+        The dead process may have left its monitor in the line directory and its
+        mailbox half-answered; both are cleared before the new process starts, in
+        wait-for-SIPI like any AP after power-on.
+        """
+        self._refresh_gone()
+        gone = [c for c in range(1, self.ncpus) if self.seg.cb(c, "state") == L.ExecState.GONE]
+        d, base = self.seg.u16, self.seg.geo.dir_off // L.DIR_ENTRY
+        for cpu in gone:
+            old = self.procs.pop(cpu)
+            old.join(1)
+            for line in (self.seg.geo.percpu_line(cpu, L.MWAIT_CPU_DEAD_SLOT),
+                         self.seg.geo.percpu_line(cpu, L.THREAD_INFO_SLOT)):
+                d[base + line] = 0
+            for field, value in (("mbox_ack", self.seg.cb(cpu, "mbox_seq")), ("wake", 0), ("sleeping", 0),
+                                 ("mon_armed", 0), ("busy", 0), ("state", L.ExecState.OFF),
+                                 ("hotplug", L.Hotplug.OFFLINE)):
+                self.seg.set_cb(cpu, field, value)
+            self._fork_cpu(cpu, self.plan[cpu])
+        if gone:
+            self.seg.set_hdr("respawns", self.seg.hdr("respawns") + len(gone))
+        return gone
+
     def op_reset(self) -> dict:
         """Back to the old kernel with the same offline CPUs, without re-forking: INIT every
-        CPU, reload generation 1's image, SIPI every CPU, offline the same set again."""
+        CPU, reload generation 1's image, SIPI every CPU, offline the same set again. A CPU
+        whose process died (GONE) is the exception: it gets a new process."""
         t0 = time.monotonic_ns()
-        self._require_alive(list(range(1, self.ncpus)))
+        respawned = self.respawn_gone()
         offline = self.reset_offline
         if offline is None:
             offline = [c for c in range(1, self.ncpus) if self.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
@@ -379,7 +406,8 @@ class Coordinator:
         self._ipi_all(offline, L.Ipi.CPU_DOWN, budget, "reset (offline)")
         self.seg.set_hdr("state", L.MachineState.UP)
         self.reset_offline = None
-        return {"offline": offline, "generation": 1, "ms": (time.monotonic_ns() - t0) / 1e6}
+        return {"offline": offline, "generation": 1, "respawned": respawned,
+                "ms": (time.monotonic_ns() - t0) / 1e6}
 
     def op_inject(self, kind: str, cpus: str = "all", count: int = 1) -> dict:
         """A stray interrupt right now: send it, wait (bounded) until it is taken or held."""
@@ -577,7 +605,8 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None) -> dict:
         "state": L.MachineState(seg.hdr("state")).name, "uptime_s": (now - seg.hdr("boot_ns")) / 1e9,
         "bringup_ms": seg.hdr("bringup_ns") / 1e6, "segment": seg.name,
         "segment_bytes": geo.size, "layout_version": L.LAYOUT_VERSION,
-        "janitor_pid": seg.hdr("janitor_pid"),
+        "janitor_pid": seg.hdr("janitor_pid"), "respawns": seg.hdr("respawns"),
+        "kexecs": seg.hdr("kexec_count"),
         "online": sum(1 for c in cpus if c["hotplug"] == "online"), "states": states,
     }
     return {"machine": machine, "cpus": cpus}

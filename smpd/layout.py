@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 MAGIC = b"SMPDSEG\x00"
 
 LINE = 64  # bytes in a cache line: the MONITOR granularity of the x86 parts we emulate
@@ -171,6 +171,7 @@ _HEADER_FIELDS = [
     ("stack_pages_per_cpu", "I"),
     ("monitor_target", "I"),  # MonitorTarget: what mwait_play_dead() monitors
     ("kexec_count", "I"),
+    ("respawns", "I"),  # CPU processes replaced after they died (emulator faults)
 ]
 
 

@@ -1,0 +1,264 @@
+"""Soak runs: thousands of randomized kexec trials on one machine, nothing lost, every one replayable.
+
+Each trial i draws its scenario from trial_seed(seed, i) alone: park policy,
+offline set, copy order, injections (kinds, phases, targets, counts). So a run
+can be resumed at any trial, and any trial replayed (`smpd kexec --replay
+FILE:TRIAL`), with no other state.
+
+The file is JSON lines: a header (what the run is), then one line per trial,
+written, flushed and fsynced as the trial ends: a crash or a SIGKILL loses at
+most the trial in flight. A partial last line (the crash came mid-write) is
+reported and dropped on --resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import psutil
+from hdrh.histogram import HdrHistogram
+
+from smpd import cpulist, layout as L
+from smpd.errors import BadInput
+from smpd.scenario import KINDS, ORDERS, PARKS, PHASES
+
+FILE_KIND = "smpd-soak"
+FILE_VERSION = 1
+
+
+@dataclass
+class Plan:
+    """The header of a soak file: everything that defines the trial sequence."""
+
+    seed: int
+    parks: list[str]
+    inject_rate: float
+    kinds: list[str]
+    cpus: int
+    trials: int | None = None
+    duration_s: float | None = None
+    host_load: str = "none"
+    kind: str = FILE_KIND
+    version: int = FILE_VERSION
+    layout_version: int = L.LAYOUT_VERSION
+    idle_kick: dict = field(default_factory=dict)
+    started: float = 0.0
+
+    def identity(self) -> dict:
+        """What a resumed run must agree on to continue the same sequence."""
+        return {k: getattr(self, k) for k in ("seed", "parks", "inject_rate", "kinds", "cpus", "kind",
+                                               "version", "layout_version")}
+
+
+def parse_parks(text: str) -> list[str]:
+    parks = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in parks if p not in PARKS]
+    if not parks or bad:
+        raise BadInput(f"--park '{text}': expected a comma-separated list of {', '.join(PARKS)}")
+    return parks
+
+
+def parse_kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if not kinds or bad:
+        raise BadInput(f"--kinds '{text}': expected a comma-separated list of {', '.join(KINDS)}")
+    return kinds
+
+
+def trial_seed(seed: int, trial: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{trial}".encode()).digest()[:8], "little") >> 1
+
+
+def draw(plan: Plan, trial: int) -> dict:
+    """Trial ``trial``'s scenario, from its seed alone."""
+    s = trial_seed(plan.seed, trial)
+    rng = random.Random(s)
+    others = list(range(1, plan.cpus))
+    park = rng.choice(plan.parks)
+    if not others or rng.random() < 0.5:
+        offline = others
+    else:
+        offline = sorted(rng.sample(others, rng.randint(1, len(others))))
+    order = rng.choice(ORDERS)
+    inject = []
+    if others and rng.random() < plan.inject_rate:
+        for _ in range(rng.choice((1, 1, 2))):
+            kind = rng.choice(plan.kinds)
+            phase = rng.choice(PHASES)
+            target = "all" if kind == "mce" or rng.random() < 0.5 else str(rng.choice(others))
+            count = rng.choice((1, 1, 2, 3))
+            inject.append(f"{kind}@{phase}:{target}" + (f"x{count}" if count > 1 else ""))
+    return {"trial": trial, "seed": s, "park": park, "offline": cpulist.format_list(offline), "order": order,
+            "inject": inject}
+
+
+def injection_label(inject: list[str]) -> str:
+    kinds = sorted({spec.split("@")[0] for spec in inject})
+    return "+".join(kinds) if kinds else "none"
+
+
+# -- the file --------------------------------------------------------------------
+
+def open_new(path: str, plan: Plan):
+    f = open(path, "x" if not os.path.exists(path) else "w")
+    _append(f, asdict(plan))
+    return f
+
+
+def _append(f, obj: dict) -> None:
+    f.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def append_trial(f, record: dict) -> None:
+    _append(f, record)
+
+
+def read(path: str, repair: bool = False) -> tuple[Plan, list[dict], str | None]:
+    """The header, the trial records, and a note on a dropped partial last line.
+
+    With ``repair`` the partial line is cut off the file, so appending continues
+    cleanly; nothing else is ever changed.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise BadInput(f"soak file {path} does not exist") from None
+    except IsADirectoryError:
+        raise BadInput(f"soak file {path} is a directory") from None
+    lines = data.split(b"\n")
+    tail = lines.pop()  # after the last newline: empty, or a line cut short
+    note = None
+    good_len = len(data) - len(tail)
+    if tail:
+        note = f"dropped a partial last line ({len(tail)} bytes): the trial in flight when the run stopped"
+    records: list[dict] = []
+    header = None
+    for n, raw in enumerate(lines):
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if n == len(lines) - 1:  # a whole last line that is still not JSON: cut mid-write too
+                good_len -= len(raw) + 1
+                note = f"dropped a malformed last line ({len(raw)} bytes)"
+                break
+            raise BadInput(f"soak file {path}: line {n + 1} is not JSON; the file is damaged") from None
+        if header is None:
+            header = obj
+        else:
+            records.append(obj)
+    if not isinstance(header, dict) or header.get("kind") != FILE_KIND:
+        raise BadInput(f"{path} is not an smpd soak file (its first line is not a soak header)")
+    if header.get("version") != FILE_VERSION or header.get("layout_version") != L.LAYOUT_VERSION:
+        raise BadInput(f"{path} was written by another smpd (file version {header.get('version')}, layout "
+                       f"{header.get('layout_version')}); this one writes version {FILE_VERSION}, "
+                       f"layout {L.LAYOUT_VERSION}")
+    known = set(Plan.__dataclass_fields__)
+    plan = Plan(**{k: v for k, v in header.items() if k in known})
+    if repair and good_len != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_len)
+            os.fsync(f.fileno())
+    return plan, records, note
+
+
+def check_writable_out(path: str) -> None:
+    from smpd.benchkick import check_writable
+
+    check_writable(path, "--out")
+
+
+# -- running -----------------------------------------------------------------
+
+class HostSampler:
+    """CPU %, load average and steal, sampled once per trial with psutil."""
+
+    def __init__(self):
+        psutil.cpu_percent(None)
+        psutil.cpu_times_percent(None)
+        self.samples: list[dict] = []
+
+    def sample(self) -> dict:
+        times = psutil.cpu_times_percent(None)
+        s = {"cpu_percent": psutil.cpu_percent(None), "load1": os.getloadavg()[0],
+             "steal_percent": getattr(times, "steal", 0.0)}
+        self.samples.append(s)
+        return s
+
+
+def run_trial(live, drawn: dict, offline_now: set[int]) -> tuple[dict, set[int]]:
+    """Bring the offline set to the drawn one, kexec, reset. Returns (record, offline set after)."""
+    want = set(cpulist.parse(drawn["offline"])) if drawn["offline"] else set()
+    t0 = time.monotonic()
+    try:
+        if offline_now - want:
+            live.request("online", cpus=cpulist.format_list(sorted(offline_now - want)))
+        if want - offline_now:
+            live.request("offline", cpus=cpulist.format_list(sorted(want - offline_now)))
+        r = live.request("kexec", park=drawn["park"], inject=drawn["inject"], order=drawn["order"],
+                         seed=drawn["seed"])
+    except BadInput as err:
+        if "GONE" not in str(err):
+            raise
+        # A CPU process died between trials: an emulator fault like one mid-kexec.
+        r = {"outcome": "CPU_LOST", "evidence": f"before the kexec: {err}", "notes": [], "duration_ms": 0.0}
+    reset = live.request("reset")  # respawns what died, back to the old kernel
+    kick = r.get("kick") or {}
+    budget = kick.get("budget_ns", 0)
+    rtts = [e["rtt_ns"] for e in kick.get("cpus", {}).values() if "rtt_ns" in e]
+    record = dict(drawn)
+    record.update({
+        "outcome": r["outcome"], "evidence": r["evidence"], "notes": r["notes"],
+        "kick": {"rtt_ns": rtts, "stuck": len(kick.get("stuck", [])),
+                 "over_budget": sum(1 for v in rtts if v > budget) + len(kick.get("stuck", [])),
+                 "total_ns": kick.get("total_ns")} if kick else None,
+        "kexec_ms": round(r["duration_ms"], 2), "trial_ms": round((time.monotonic() - t0) * 1e3, 2),
+        "respawned": reset["respawned"], "t": time.time(),
+    })
+    return record, set(reset["offline"])
+
+
+# -- the summary -------------------------------------------------------------
+
+def summarize(plan: Plan, records: list[dict]) -> dict:
+    by: dict[str, dict[str, dict[str, int]]] = {}
+    h = HdrHistogram(1, 60 * 10**9, 3)
+    over = stuck = lost = respawns = kicks = 0
+    for r in records:
+        cell = by.setdefault(r["park"], {}).setdefault(injection_label(r["inject"]), {})
+        cell[r["outcome"]] = cell.get(r["outcome"], 0) + 1
+        k = r.get("kick")
+        if k:
+            for v in k["rtt_ns"]:
+                h.record_value(max(1, v))
+            kicks += len(k["rtt_ns"]) + k["stuck"]
+            over += k["over_budget"]
+            stuck += k["stuck"]
+        lost += r["outcome"] == "CPU_LOST"
+        respawns += len(r.get("respawned", []))
+    span = (records[-1]["t"] - records[0]["t"] + records[0]["trial_ms"] / 1e3) if records else 0.0
+    host = [r["host"] for r in records if r.get("host")]
+    under_load = {}
+    if h.get_total_count():
+        under_load = {k: h.get_value_at_percentile(p) for k, p in (("p50", 50), ("p90", 90), ("p99", 99),
+                                                                    ("p999", 99.9))}
+        under_load["max"] = h.get_max_value()
+    return {
+        "trials": len(records), "seconds": round(span, 2),
+        "trials_per_s": round(len(records) / span, 2) if span else None,
+        "outcomes": by, "kick_rtt_ns": under_load, "idle_kick_rtt_ns": plan.idle_kick,
+        "kicks": kicks, "over_budget": over,
+        "over_budget_share": round(over / kicks, 6) if kicks else 0.0, "stuck": stuck,
+        "cpu_lost": lost, "respawns": respawns, "host_load": plan.host_load,
+        "host": {key: round(sum(s[key] for s in host) / len(host), 2) for key in
+                 ("cpu_percent", "load1", "steal_percent")} if host else {},
+        "ctx_switches_involuntary": records[-1].get("ctx_invol") if records else None,
+    }

@@ -1,0 +1,225 @@
+"""`smpd soak` and `smpd kexec --replay`: the driver around smpd.soak (which holds the rules).
+
+Order of work, so that bad input loses nothing: every argument and the output
+file are checked, and the resume file read, before the load starts or the first
+trial runs. The host load dies with this process (PR_SET_PDEATHSIG) and is
+stopped on every other exit path. Ctrl-C is taken as "stop after this trial".
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import time
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from smpd import cpulist, hostload, lifecycle, soak
+from smpd.benchkick import parse_duration
+from smpd.errors import BadInput, CoordinatorGone, SmpdError
+
+
+def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out, resume, summary_file,
+         given: set[str], console: Console) -> None:
+    if summary_file is not None:
+        if resume or given:
+            raise BadInput("--summary reads a finished file; it takes no other option")
+        plan, records, note = soak.read(summary_file)
+        if note:
+            console.print(f"[yellow]{summary_file}: {note}[/yellow]")
+        print_summary(console, plan, records, summary_file)
+        return
+    if trials is not None and duration is not None:
+        raise BadInput("give --trials or --duration, not both")
+    duration_s = parse_duration(duration) if duration is not None else None
+    load_spec = hostload.parse(host_load)
+    if resume is not None:
+        conflicting = given - {"host_load"}
+        if conflicting:
+            flag = {"parks": "--park", "inject_rate": "--inject-rate"}
+            raise BadInput(f"--resume continues the run recorded in {resume}; drop "
+                           + ", ".join(flag.get(c, f"--{c}") for c in sorted(conflicting)))
+        plan, records, note = soak.read(resume, repair=True)
+        if note:
+            console.print(f"[yellow]{resume}: {note}[/yellow]")
+        out = resume
+        if host_load is None:
+            load_spec = hostload.parse(plan.host_load)
+    else:
+        plan = soak.Plan(seed=secrets.randbelow(2**63) if seed is None else seed,
+                         parks=soak.parse_parks(parks), inject_rate=inject_rate, kinds=soak.parse_kinds(kinds),
+                         cpus=0, trials=trials if trials or duration_s else 100, duration_s=duration_s,
+                         host_load=load_spec.text())
+        records = []
+        out = out or f"soak-{plan.seed}.jsonl"
+        if os.path.exists(out):
+            raise BadInput(f"--out {out} exists; continue it with --resume {out}, or name a new file")
+        soak.check_writable_out(out)
+    live = lifecycle.require(name)
+    if resume is not None and plan.cpus != live.ncpus:
+        raise BadInput(f"{resume} was recorded on a {plan.cpus}-CPU machine; machine '{name}' has "
+                       f"{live.ncpus} CPUs")
+    plan.cpus = live.ncpus
+    run(live, plan, records, out, load_spec, resume is None, console)
+
+
+def _offline_set(status: dict) -> set[int]:
+    return {c["cpu"] for c in status["cpus"][1:] if c["hotplug"] == "offline"}
+
+
+def _ctx_invol(pids: list[int]) -> int:
+    n = 0
+    for pid in pids:
+        try:
+            n += psutil.Process(pid).num_ctx_switches().involuntary
+        except psutil.Error:
+            pass
+    return n
+
+
+def _idle_kick(live) -> dict:
+    """The machine's kick latency before any load: the reference the summary compares with."""
+    try:
+        r = live.request("bench_kick", rounds=10)
+    except SmpdError:
+        return {}
+    v = sorted(s[1] for samples in r["samples"].values() for s in samples if s[3])
+    return {"p50": v[len(v) // 2], "p99": v[min(len(v) - 1, int(len(v) * 0.99))], "max": v[-1]} if v else {}
+
+
+def run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, fresh: bool, console: Console) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    status = live.request("status")
+    if status["machine"]["state"] == "KEXECED":
+        live.request("reset")
+        status = live.request("status")
+    if fresh:
+        plan.idle_kick = _idle_kick(live)
+        plan.started = time.time()
+        f = soak.open_new(out, plan)
+    else:
+        f = open(out, "a")
+    offline = _offline_set(status)
+    pids = [c["pid"] for c in status["cpus"][1:]]
+    first = records[-1]["trial"] + 1 if records else 0
+    elapsed_before = sum(r["trial_ms"] for r in records) / 1e3
+    stop = {"asked": False}
+    old = signal.signal(signal.SIGINT, lambda *_: stop.update(asked=True))
+    load = hostload.HostLoad(load_spec)
+    counts: dict[str, int] = {}
+    sampler = soak.HostSampler()
+    ctx0 = _ctx_invol(pids)
+    error = None
+    try:
+        load.start()
+        t0 = time.monotonic()
+        total = plan.trials if plan.trials else None
+        with Progress(TextColumn("[bold]soak[/bold]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
+                      transient=True) as bar:
+            task = bar.add_task("", total=total or plan.duration_s, completed=first if total else elapsed_before)
+            trial = first
+            while not stop["asked"]:
+                if total is not None and trial >= total:
+                    break
+                if plan.duration_s is not None and elapsed_before + time.monotonic() - t0 >= plan.duration_s:
+                    break
+                drawn = soak.draw(plan, trial)
+                try:
+                    record, offline = soak.run_trial(live, drawn, offline)
+                except CoordinatorGone as err:
+                    error = err
+                    break
+                record["host"] = sampler.sample()
+                record["ctx_invol"] = _ctx_invol(pids) - ctx0
+                soak.append_trial(f, record)
+                records.append(record)
+                counts[record["outcome"]] = counts.get(record["outcome"], 0) + 1
+                trial += 1
+                bar.update(task, completed=trial if total else elapsed_before + time.monotonic() - t0,
+                           description="  ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    finally:
+        load.stop()
+        signal.signal(signal.SIGINT, old)
+        f.close()
+    print_summary(console, plan, records, out)
+    if stop["asked"]:
+        console.print(f"[yellow]interrupted after trial {records[-1]['trial'] if records else '-'}; "
+                      f"the machine is up and reset. Continue with: smpd soak --resume {out}[/yellow]",
+                      soft_wrap=True)
+    if error is not None:
+        raise SmpdError(f"{error}; {len(records)} trials are safe in {out}")
+
+
+def print_summary(console: Console, plan: soak.Plan, records: list[dict], path: str) -> None:
+    s = soak.summarize(plan, records)
+    head = Text()
+    head.append(f"soak {path}: {s['trials']} trials in {s['seconds']:.1f} s"
+                + (f" ({s['trials_per_s']:.1f} trials/s)" if s["trials_per_s"] else "") + "\n", style="bold")
+    head.append(f"seed {plan.seed}, {plan.cpus} CPUs, parks {','.join(plan.parks)}, inject rate {plan.inject_rate}, "
+                f"kinds {','.join(plan.kinds)}, host load {s['host_load']}\n", style="dim")
+    console.print(head)
+    outcomes = sorted({o for inj in s["outcomes"].values() for cell in inj.values() for o in cell})
+    t = Table(title="outcomes: park x injected kinds", title_justify="left", header_style="bold")
+    t.add_column("park")
+    t.add_column("injection")
+    for o in outcomes:
+        t.add_column(o, justify="right")
+    for park, inj in sorted(s["outcomes"].items()):
+        for label, cell in sorted(inj.items()):
+            t.add_row(park, label, *(str(cell.get(o, "")) for o in outcomes))
+    console.print(t)
+    k, idle = s["kick_rtt_ns"], s["idle_kick_rtt_ns"]
+
+    def us(v):
+        return f"{v / 1e3:.1f} us" if v is not None else "-"
+
+    lines = Text()
+    if k:
+        lines.append(f"kick round trip under load: p50 {us(k['p50'])}, p99 {us(k['p99'])}, max {us(k['max'])}"
+                     + (f"; idle, same machine: p50 {us(idle.get('p50'))}, p99 {us(idle.get('p99'))}, "
+                        f"max {us(idle.get('max'))}" if idle else "") + "\n")
+    lines.append(f"kicks over the 5 ms budget (or stuck): {s['over_budget']} of {s['kicks']} "
+                 f"({100 * s['over_budget_share']:.2f}%); stuck: {s['stuck']}\n")
+    lines.append(f"emulator faults: CPU_LOST {s['cpu_lost']}, CPU processes respawned {s['respawns']}\n")
+    if s["host"]:
+        h = s["host"]
+        lines.append(f"host load achieved: CPU {h['cpu_percent']:.0f}%, load average {h['load1']:.1f}, "
+                     f"steal {h['steal_percent']:.1f}%"
+                     + (f"; involuntary context switches of the CPU processes: {s['ctx_switches_involuntary']}"
+                        if s["ctx_switches_involuntary"] is not None else "") + "\n")
+    console.print(lines)
+
+
+def replay(name: str, target: str) -> dict:
+    """Re-run trial N of a soak file on machine ``name``, exactly: same offline set, same scenario."""
+    path, sep, n = target.rpartition(":")
+    if not sep or not n.isdigit():
+        raise BadInput(f"--replay '{target}': expected FILE:TRIAL, e.g. soak.jsonl:1234")
+    plan, records, _ = soak.read(path)
+    trial = int(n)
+    rec = next((r for r in records if r["trial"] == trial), None)
+    if rec is None:
+        have = f"{records[0]['trial']}-{records[-1]['trial']}" if records else "none"
+        raise BadInput(f"--replay: {path} has no trial {trial} (recorded: {have})")
+    live = lifecycle.require(name)
+    if live.ncpus != plan.cpus:
+        raise BadInput(f"--replay: {path} was recorded on a {plan.cpus}-CPU machine; '{name}' has {live.ncpus}")
+    status = live.request("status")
+    if status["machine"]["state"] == "KEXECED":
+        live.request("reset")
+        status = live.request("status")
+    want = set(cpulist.parse(rec["offline"])) if rec["offline"] else set()
+    now = _offline_set(status)
+    if now - want:
+        live.request("online", cpus=cpulist.format_list(sorted(now - want)))
+    if want - now:
+        live.request("offline", cpus=cpulist.format_list(sorted(want - now)))
+    r = live.request("kexec", park=rec["park"], inject=rec["inject"], order=rec["order"], seed=rec["seed"])
+    r["notes"] = [f"replay of trial {trial} of {path}: recorded outcome {rec['outcome']}"] + r["notes"]
+    return r

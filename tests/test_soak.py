@@ -1,0 +1,222 @@
+"""Soak runs: randomized trials, JSON lines that survive crashes, resume, summary, replay."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from conftest import Machine, run_smpd, wait_until
+from smpd import soak
+from smpd.kexec import OUTCOMES
+
+NCPUS = 6
+
+
+@pytest.fixture(scope="module")
+def soak_machine():
+    name = f"sk{os.getpid() % 100000}"
+    m = Machine(name, NCPUS, "--watch", "adaptive", "--seed", "5")
+    m.request("offline", cpus=f"1-{NCPUS - 1}")
+    yield m
+    m.down()
+
+
+@pytest.fixture(scope="module")
+def recorded(soak_machine, tmp_path_factory):
+    """One 12-trial run, shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("soak") / "run.jsonl"
+    r = run_smpd("soak", "--trials", "12", "--seed", "3", "--inject-rate", "0.5", "--host-load", "cpu:1",
+                 "--out", str(out), name=soak_machine.name)
+    return out, r
+
+
+def lines(path):
+    return [json.loads(x) for x in open(path)]
+
+
+def test_a_soak_records_every_trial_and_leaves_the_machine_reset(soak_machine, recorded):
+    out, r = recorded
+    header, *trials = lines(out)
+    assert header["kind"] == "smpd-soak" and header["seed"] == 3 and header["cpus"] == NCPUS
+    assert [t["trial"] for t in trials] == list(range(12))
+    for t in trials:
+        assert t["outcome"] in OUTCOMES and t["evidence"]
+        assert t["park"] in ("none", "hlt", "init") and t["seed"] == soak.trial_seed(3, t["trial"])
+        assert t["host"]["cpu_percent"] >= 0
+    assert "12 trials in" in r.stdout and "trials/s" in r.stdout and "kick round trip under load" in r.stdout
+    s = soak_machine.status()
+    assert s["machine"]["state"] == "UP" and s["machine"]["generation"] == 1
+
+
+def test_the_trial_sequence_is_a_function_of_the_seed(recorded):
+    out, _ = recorded
+    plan, records, _ = soak.read(str(out))
+    for rec in records:
+        drawn = soak.draw(plan, rec["trial"])
+        assert {k: rec[k] for k in drawn} == drawn
+
+
+def test_resume_drops_a_partial_line_and_continues_the_same_sequence(soak_machine, recorded, tmp_path):
+    out, _ = recorded
+    data = open(out, "rb").read().split(b"\n")
+    cut = tmp_path / "cut.jsonl"
+    # keep the header and 7 trials, then half of the 8th line: a crash mid-write
+    cut.write_bytes(b"\n".join(data[:8]) + b"\n" + data[8][: len(data[8]) // 2])
+    r = run_smpd("soak", "--resume", str(cut), name=soak_machine.name)
+    assert "dropped a partial last line" in r.stdout
+    original, resumed = lines(out), lines(cut)
+    assert len(resumed) == len(original) == 13
+    for a, b in zip(original[1:], resumed[1:]):
+        assert (a["trial"], a["seed"], a["park"], a["offline"], a["order"], a["inject"]) == \
+               (b["trial"], b["seed"], b["park"], b["offline"], b["order"], b["inject"])
+
+
+def test_summary_reads_the_file_again(recorded):
+    out, r = recorded
+    again = run_smpd("soak", "--summary", str(out))
+    assert "12 trials in" in again.stdout
+    table = [ln for ln in r.stdout.splitlines() if ln.startswith("│")]
+    assert table and table == [ln for ln in again.stdout.splitlines() if ln.startswith("│")]
+
+
+def test_replay_reruns_one_trial_exactly(soak_machine, recorded):
+    out, _ = recorded
+    rec = lines(out)[1 + 4]
+    r = json.loads(run_smpd("kexec", "--replay", f"{out}:4", "--json", name=soak_machine.name).stdout)
+    assert (r["park"], r["order"], r["seed"]) == (rec["park"], rec["order"], rec["seed"])
+    assert [i["spec"] for i in r["injections"]] == rec["inject"]
+    assert f"replay of trial 4 of {out}: recorded outcome {rec['outcome']}" in r["notes"][0]
+    soak_machine.request("reset")
+    s = soak_machine.status()
+    from smpd import cpulist
+    want = set(cpulist.parse(rec["offline"])) if rec["offline"] else set()
+    assert {c["cpu"] for c in s["cpus"][1:] if c["hotplug"] == "offline"} == want
+
+
+def test_ctrl_c_stops_after_the_current_trial_with_a_summary(soak_machine, tmp_path):
+    out = tmp_path / "int.jsonl"
+    env = dict(os.environ, SMPD_NAME=soak_machine.name, COLUMNS="160")
+    p = subprocess.Popen([sys.executable, "-m", "smpd", "soak", "--trials", "100000", "--out", str(out),
+                          "--host-load", "syscall:1,io:1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    try:
+        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 4 or p.poll() is not None,
+                   timeout=60, what="three trials")
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, stderr
+    assert "interrupted after trial" in stdout and f"smpd soak --resume {out}" in stdout
+    assert "trials in" in stdout
+    trials = lines(out)[1:]
+    assert trials and [t["trial"] for t in trials] == list(range(len(trials)))
+    s = soak_machine.status()
+    assert s["machine"]["state"] == "UP" and s["machine"]["generation"] == 1
+    assert not [q for q in psutil.process_iter(["name"]) if (q.info["name"] or "").startswith("smpd-load")]
+
+
+def test_a_cpu_process_killed_during_a_soak_is_respawned_and_the_soak_goes_on(machine, tmp_path):
+    m = machine(4, "--watch", "adaptive")
+    m.request("offline", cpus="1-3")
+    out = tmp_path / "lost.jsonl"
+    env = dict(os.environ, SMPD_NAME=m.name)
+    p = subprocess.Popen([sys.executable, "-m", "smpd", "soak", "--trials", "30", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 3 or p.poll() is not None,
+                   timeout=60, what="two trials")
+        victim = m.cpu(2)["pid"]
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, stderr
+    trials = lines(out)[1:]
+    assert len(trials) == 30
+    # The death is on record in the trial it hit: as its outcome (mid-kexec or before it)
+    # or as the respawn of its reset (when it died after the kexec had reported).
+    hit = [t for t in trials if t["respawned"]]
+    assert len(hit) == 1 and hit[0]["respawned"] == [2]
+    assert all(t["outcome"] != "CPU_LOST" for t in trials if t["trial"] > hit[0]["trial"])
+    assert "respawned 1" in stdout
+    assert m.status()["cpus"][2]["pid"] != victim
+
+
+def test_sigkill_of_the_coordinator_mid_soak_leaves_a_readable_file_and_nothing_else(machine_name, tmp_path):
+    m = Machine(machine_name, 4, "--watch", "adaptive")
+    m.request("offline", cpus="1-3")
+    coord = m.status()["machine"]["pid"]
+    out = tmp_path / "killed.jsonl"
+    env = dict(os.environ, SMPD_NAME=machine_name)
+    p = subprocess.Popen([sys.executable, "-m", "smpd", "soak", "--trials", "100000", "--out", str(out),
+                          "--host-load", "cpu:1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env)
+    try:
+        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 3 or p.poll() is not None,
+                   timeout=60, what="two trials")
+        os.kill(coord, signal.SIGKILL)
+        _, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1 and "trials are safe in" in stderr
+    plan, records, _ = soak.read(str(out))
+    assert records and [r["trial"] for r in records] == list(range(len(records)))
+    assert run_smpd("soak", "--summary", str(out)).returncode == 0
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--host-load", "gpu:1"), "item 'gpu:1' is not valid"),
+    (("--host-load", "cpu:0"), "item 'cpu:0' is not valid"),
+    (("--host-load", "cpu:1,cpu:2"), "'cpu' is given twice"),
+    (("--trials", "0"), "0 is not in the range"),
+    (("--trials", "-5"), "-5 is not in the range"),
+    (("--duration", "0s"), "not in the range"),
+    (("--duration", "soon"), "is not a duration"),
+    (("--inject-rate", "1.5"), "1.5 is not in the range"),
+    (("--inject-rate", "-0.1"), "is not in the range"),
+    (("--park", "hlt,sleep"), "--park 'hlt,sleep'"),
+    (("--kinds", "nmi,irq"), "--kinds 'nmi,irq'"),
+    (("--out", "/nonexistent-dir/s.jsonl"), "does not exist"),
+    (("--trials", "3", "--duration", "1s"), "not both"),
+])
+def test_bad_soak_input_is_refused_before_anything_runs(soak_machine, tmp_path, args, says):
+    before = soak_machine.status()["machine"]["kexecs"]
+    r = run_smpd("soak", *args, name=soak_machine.name, check=False, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert says in r.stderr
+    assert soak_machine.status()["machine"]["kexecs"] == before
+    assert not list(tmp_path.glob("soak-*.jsonl"))
+
+
+def test_resume_refuses_a_file_of_another_version_or_a_conflicting_option(soak_machine, recorded, tmp_path):
+    out, _ = recorded
+    other = tmp_path / "other.jsonl"
+    head, *rest = open(out).read().splitlines()
+    h = json.loads(head)
+    h["layout_version"] = 999
+    other.write_text("\n".join([json.dumps(h), *rest]) + "\n")
+    r = run_smpd("soak", "--resume", str(other), name=soak_machine.name, check=False)
+    assert r.returncode == 2 and "written by another smpd" in r.stderr
+    r = run_smpd("soak", "--resume", str(out), "--park", "hlt", name=soak_machine.name, check=False)
+    assert r.returncode == 2 and "drop --park" in r.stderr
+    r = run_smpd("soak", "--summary", "/etc/hostname", check=False)
+    assert r.returncode == 2
+    r = run_smpd("kexec", "--replay", f"{out}:999", name=soak_machine.name, check=False)
+    assert r.returncode == 2 and "has no trial 999" in r.stderr
+
+
+def test_stress_ng_load_needs_stress_ng(soak_machine):
+    r = run_smpd("soak", "--host-load", "stress-ng:--cpu,1", "--trials", "1", name=soak_machine.name, check=False)
+    if shutil.which("stress-ng") is None:
+        assert r.returncode == 2 and "needs stress-ng, which is not installed" in r.stderr
+    else:
+        assert r.returncode == 0, r.stderr

@@ -181,7 +181,7 @@ def print_summary(console: Console, plan: soak.Plan, records: list[dict], path: 
 
     lines = Text()
     if k:
-        lines.append(f"kick round trip under load: p50 {us(k['p50'])}, p99 {us(k['p99'])}, max {us(k['max'])}"
+        lines.append(f"kick round trip during the soak: p50 {us(k['p50'])}, p99 {us(k['p99'])}, max {us(k['max'])}"
                      + (f"; idle, same machine: p50 {us(idle.get('p50'))}, p99 {us(idle.get('p99'))}, "
                         f"max {us(idle.get('max'))}" if idle else "") + "\n")
     lines.append(f"kicks over the 5 ms budget (or stuck): {s['over_budget']} of {s['kicks']} "

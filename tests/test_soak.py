@@ -48,7 +48,7 @@ def test_a_soak_records_every_trial_and_leaves_the_machine_reset(soak_machine, r
         assert t["outcome"] in OUTCOMES and t["evidence"]
         assert t["park"] in ("none", "hlt", "init") and t["seed"] == soak.trial_seed(3, t["trial"])
         assert t["host"]["cpu_percent"] >= 0
-    assert "12 trials in" in r.stdout and "trials/s" in r.stdout and "kick round trip under load" in r.stdout
+    assert "12 trials in" in r.stdout and "trials/s" in r.stdout and "kick round trip during the soak" in r.stdout
     s = soak_machine.status()
     assert s["machine"]["state"] == "UP" and s["machine"]["generation"] == 1
 
@@ -220,3 +220,11 @@ def test_stress_ng_load_needs_stress_ng(soak_machine):
         assert r.returncode == 2 and "needs stress-ng, which is not installed" in r.stderr
     else:
         assert r.returncode == 0, r.stderr
+
+
+def test_a_duration_bounded_soak_stops_on_time(soak_machine, tmp_path):
+    out = tmp_path / "d.jsonl"
+    run_smpd("soak", "--duration", "1s", "--out", str(out), name=soak_machine.name)
+    plan, records, _ = soak.read(str(out))
+    assert plan.duration_s == 1.0 and plan.trials is None
+    assert records and sum(r["trial_ms"] for r in records) >= 1000 * 0.5

@@ -42,7 +42,8 @@ from smpd.memory import load_kernel
 from smpd.segment import Segment
 
 _ctx = multiprocess.get_context("fork")
-JANITOR_DONE = b"x"  # written on a clean shutdown: the janitor leaves without touching anything
+JANITOR_DONE = b"x"
+RESET_ATTEMPTS = 3  # a reset respawns CPUs that died; it tries again if one dies during it  # written on a clean shutdown: the janitor leaves without touching anything
 
 
 class Stop(Exception):
@@ -385,12 +386,27 @@ class Coordinator:
     def op_reset(self) -> dict:
         """Back to the old kernel with the same offline CPUs, without re-forking: INIT every
         CPU, reload generation 1's image, SIPI every CPU, offline the same set again. A CPU
-        whose process died (GONE) is the exception: it gets a new process."""
+        whose process died (GONE) is the exception: it gets a new process, even when it
+        dies during the reset itself (up to RESET_ATTEMPTS times)."""
         t0 = time.monotonic_ns()
-        respawned = self.respawn_gone()
         offline = self.reset_offline
         if offline is None:
             offline = [c for c in range(1, self.ncpus) if self.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
+        respawned: list[int] = []
+        for attempt in range(RESET_ATTEMPTS):
+            respawned += self.respawn_gone()
+            try:
+                self._reset_once(offline)
+                break
+            except SmpdError as err:
+                if attempt == RESET_ATTEMPTS - 1 or "died" not in str(err):
+                    raise
+        self.seg.set_hdr("state", L.MachineState.UP)
+        self.reset_offline = None
+        return {"offline": offline, "generation": 1, "respawned": respawned,
+                "ms": (time.monotonic_ns() - t0) / 1e6}
+
+    def _reset_once(self, offline: list[int]) -> None:
         cpus = list(range(1, self.ncpus))
         budget = self.ipi_timeout_s
         self._ipi_all(cpus, L.Ipi.INIT, budget, "reset (INIT)")
@@ -404,10 +420,6 @@ class Coordinator:
         load_kernel(self.bus, self.seg.geo, self.seg.hdr("seed"), generation=1)
         self._ipi_all(cpus, L.Ipi.SIPI, budget, "reset (SIPI)")
         self._ipi_all(offline, L.Ipi.CPU_DOWN, budget, "reset (offline)")
-        self.seg.set_hdr("state", L.MachineState.UP)
-        self.reset_offline = None
-        return {"offline": offline, "generation": 1, "respawned": respawned,
-                "ms": (time.monotonic_ns() - t0) / 1e6}
 
     def op_inject(self, kind: str, cpus: str = "all", count: int = 1) -> dict:
         """A stray interrupt right now: send it, wait (bounded) until it is taken or held."""

@@ -356,7 +356,8 @@ def bench():
 @click.option("--targets", default=None, metavar="CPULIST", help="CPUs to kick [every parked CPU].")
 @click.option("--rounds", type=click.IntRange(1, 10_000_000), default=1000, show_default=True,
               help="Kick rounds (each kicks every target, then re-parks them).")
-@click.option("--duration", default=None, metavar="T", help="Run for this long instead (30s, 2m, 1h).")
+@click.option("--duration", default=None, metavar="T",
+              help="Run for this long instead (30s, 2m, 1h); --rounds is then ignored.")
 @click.option("--json", "json_file", default=None, metavar="FILE", help="Write the figures as JSON.")
 @click.option("--plot", "plot_file", default=None, metavar="FILE", help="Write a PNG latency histogram (log scale).")
 def bench_kick(name, targets, rounds, duration, json_file, plot_file):
@@ -380,13 +381,15 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
     if targets is not None:
         cpulist.parse(targets, machine.ncpus)
     # A zero-round request validates the targets (parked?) before anything is measured.
-    cpus = machine.request("bench_kick", targets=targets, rounds=0)["targets"]
+    check = machine.request("bench_kick", targets=targets, rounds=0)
+    cpus = check["targets"]
     out = Console(stderr=True)
     floor = benchkick.measure_floor()
     run = benchkick.Run(targets=cpus)
+    run.pids = {int(c): p for c, p in check["pids"].items()}
+    run.sample_ctx(run.ctx_before)
     batch = max(1, 400 // len(cpus))
     t0 = time.monotonic()
-    first = True
     interrupted = False
     with Progress(TextColumn("[bold]kick[/bold]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), TextColumn("{task.description}"), console=out, transient=True) as bar:
@@ -397,12 +400,7 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
                 if seconds is None and left <= 0 or seconds is not None and benchkick.elapsed(t0) >= seconds:
                     break
                 n = batch if seconds is not None else min(batch, left)
-                result = machine.request("bench_kick", targets=targets, rounds=n)
-                if first:
-                    run.pids = {int(c): p for c, p in result["pids"].items()}
-                    run.sample_ctx(run.ctx_before)
-                    first = False
-                run.fold(result)
+                run.fold(machine.request("bench_kick", targets=targets, rounds=n))
                 bar.update(task, completed=benchkick.elapsed(t0) if seconds else run.rounds_done,
                            description=run.live_line())
         except KeyboardInterrupt:

@@ -455,8 +455,8 @@ class Coordinator:
                 (f"CPU {cpulist.format_list(bad)} {'is' if len(bad) == 1 else 'are'} not parked in "
                  f"mwait_play_dead() (online, kicked, or elsewhere)" if bad else "no CPU is parked")
                 + f"; parked now: CPU {cpulist.format_list(parked) or 'none'} (`smpd offline` parks CPUs)")
-        if rounds == 0:  # validation only
-            return {"targets": cpus}
+        if rounds == 0:  # validation only (and the pids, to sample before the first batch)
+            return {"targets": cpus, "pids": {str(c): self.seg.cb(c, "pid") for c in cpus}}
         delay_ns = self.cfg.get("kick", "delay_us") * 1000
         budget = self.cfg.get("kick", "rounds")
         samples: dict[str, list] = {str(c): [] for c in cpus}
@@ -469,7 +469,7 @@ class Coordinator:
             if missing:
                 raise Timeout(f"bench kick: CPU {cpulist.format_list(missing)} did not re-park "
                               f"in mwait_play_dead() within {self.ipi_timeout_s:.0f} s")
-        return {"samples": samples, "budget_ns": delay_ns * budget, "watch": self.watch,
+        return {"samples": samples, "budget_ns": delay_ns * budget, "delay_ns": delay_ns, "watch": self.watch,
                 "pids": {str(c): self.seg.cb(c, "pid") for c in cpus}}
 
     def _parked(self, cpu: int) -> bool:

@@ -113,6 +113,7 @@ class HostLoad:
         self.spec = spec
         self.procs: list = []
         self.stress: subprocess.Popen | None = None
+        self.stress_err = None
 
     def start(self) -> None:
         try:
@@ -122,11 +123,27 @@ class HostLoad:
                     p.start()
                     self.procs.append(p)
             if self.spec.stress_ng is not None:
+                self.stress_err = tempfile.TemporaryFile()  # unlinked: a pipe could fill and block it
                 self.stress = subprocess.Popen(["stress-ng", *self.spec.stress_ng], stdout=subprocess.DEVNULL,
-                                               stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                               stderr=self.stress_err, preexec_fn=_die_with_parent)
+                try:  # bad arguments make stress-ng leave at once: say so, not run unloaded
+                    self.stress.wait(0.5)
+                except subprocess.TimeoutExpired:
+                    pass
+                self.check()
         except BaseException:
             self.stop()
             raise
+
+    def check(self) -> None:
+        """Raise if stress-ng has exited: the run would go on without the load it claims."""
+        if self.stress is not None and self.stress.poll() is not None:
+            self.stress_err.seek(0)
+            err = self.stress_err.read().decode(errors="replace").strip().splitlines()[-1:]
+            code = self.stress.returncode
+            self.stress = None
+            raise BadInput(f"stress-ng {' '.join(self.spec.stress_ng)} exited with status {code}"
+                           + (f": {err[0]}" if err else ""))
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs] + ([self.stress.pid] if self.stress else [])

@@ -204,19 +204,23 @@ def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
         t.append(f"hardware floor: unavailable ({f['why']})\n", style="yellow")
     tab = Table(box=None, header_style="bold", pad_edge=False)
     keys = ("min", "p50", "p90", "p99", "p999", "max")
-    for col in ("", "min", "p50", "p90", "p99", "p99.9", "max", "p50 / floor"):
+    for col in ("", "min", "p50", "p90", "p99", "p99.9", "max", "p50 / floor*"):
         tab.add_column(col, justify="right" if col else "left")
     for label, key in (("one way", "one_way_ns"), ("round trip", "rtt_ns")):
         s = r[key]
         if not s.get("count"):
             tab.add_row(label, *["-"] * 7)
             continue
-        tab.add_row(label, *(_ns(s[k]) for k in keys), f"{s['p50'] / hw:.1f}x" if hw else "-")
+        ratio = r["ratio_one_way_p50"] if key == "one_way_ns" else r["ratio_p50"]
+        tab.add_row(label, *(_ns(s[k]) for k in keys), f"{ratio:.1f}x" if ratio else "-")
     kr = r["kernel_rounds"]
     b = r["budget_exceeded"]
     tail = Text()
+    tail.append("* one way against half the floor (one cache-line transfer), round trip against the floor\n",
+                style="dim")
     if kr.get("count"):
-        tail.append(f"kernel's view, rounds of 5 us: p50 {kr['p50']}, p99 {kr['p99']}, max {kr['max']}\n")
+        tail.append(f"kernel's view, rounds of {r['delay_ns'] / 1e3:g} us: p50 {kr['p50']}, p99 {kr['p99']}, "
+                    f"max {kr['max']}\n")
     tail.append(f"over the kernel's {_ns(r['budget_ns'])} budget (or never acknowledged): "
                 f"{b['count']} of {r['kicks']} kicks ({100 * b['share']:.3f}%)\n",
                 style="bold red" if b["count"] else "")

@@ -28,6 +28,7 @@ from smpd.errors import BadInput
 from smpd.scenario import KINDS, ORDERS, PARKS, PHASES
 
 FILE_KIND = "smpd-soak"
+RECORD_KEYS = {"trial", "seed", "park", "offline", "order", "inject", "outcome", "trial_ms"}
 FILE_VERSION = 1
 
 
@@ -106,9 +107,31 @@ def injection_label(inject: list[str]) -> str:
 # -- the file --------------------------------------------------------------------
 
 def open_new(path: str, plan: Plan):
-    f = open(path, "x" if not os.path.exists(path) else "w")
+    """Create the file (never over another run's: O_EXCL), locked for this run, with its header."""
+    try:
+        f = open(path, "x")
+    except FileExistsError:
+        raise BadInput(f"--out {path} exists; continue it with --resume {path}, or name a new file") from None
+    lock(f, path)
     _append(f, asdict(plan))
     return f
+
+
+def open_resume(path: str):
+    f = open(path, "a")
+    lock(f, path)
+    return f
+
+
+def lock(f, path: str) -> None:
+    """One writer per soak file: a second run on the same file is refused, not interleaved."""
+    import fcntl
+
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise BadInput(f"another smpd soak is writing {path} right now") from None
 
 
 def _append(f, obj: dict) -> None:
@@ -130,10 +153,8 @@ def read(path: str, repair: bool = False) -> tuple[Plan, list[dict], str | None]
     try:
         with open(path, "rb") as f:
             data = f.read()
-    except FileNotFoundError:
-        raise BadInput(f"soak file {path} does not exist") from None
-    except IsADirectoryError:
-        raise BadInput(f"soak file {path} is a directory") from None
+    except OSError as err:
+        raise BadInput(f"soak file {path} cannot be read: {err.strerror}") from None
     lines = data.split(b"\n")
     tail = lines.pop()  # after the last newline: empty, or a line cut short
     note = None
@@ -153,6 +174,8 @@ def read(path: str, repair: bool = False) -> tuple[Plan, list[dict], str | None]
             raise BadInput(f"soak file {path}: line {n + 1} is not JSON; the file is damaged") from None
         if header is None:
             header = obj
+        elif not isinstance(obj, dict) or not RECORD_KEYS <= obj.keys():
+            raise BadInput(f"soak file {path}: line {n + 1} is not a trial record; the file is damaged")
         else:
             records.append(obj)
     if not isinstance(header, dict) or header.get("kind") != FILE_KIND:
@@ -162,7 +185,11 @@ def read(path: str, repair: bool = False) -> tuple[Plan, list[dict], str | None]
                        f"{header.get('layout_version')}); this one writes version {FILE_VERSION}, "
                        f"layout {L.LAYOUT_VERSION}")
     known = set(Plan.__dataclass_fields__)
-    plan = Plan(**{k: v for k, v in header.items() if k in known})
+    try:
+        plan = Plan(**{k: v for k, v in header.items() if k in known})
+        assert isinstance(plan.seed, int) and isinstance(plan.cpus, int) and isinstance(plan.parks, list)
+    except (TypeError, AssertionError):
+        raise BadInput(f"{path}: the soak header is incomplete or malformed") from None
     if repair and good_len != len(data):
         with open(path, "r+b") as f:
             f.truncate(good_len)
@@ -217,7 +244,7 @@ def run_trial(live, drawn: dict, offline_now: set[int]) -> tuple[dict, set[int]]
     record = dict(drawn)
     record.update({
         "outcome": r["outcome"], "evidence": r["evidence"], "notes": r["notes"],
-        "kick": {"rtt_ns": rtts, "stuck": len(kick.get("stuck", [])),
+        "kick": {"rtt_ns": rtts, "stuck": len(kick.get("stuck", [])), "budget_ns": budget,
                  "over_budget": sum(1 for v in rtts if v > budget) + len(kick.get("stuck", [])),
                  "total_ns": kick.get("total_ns")} if kick else None,
         "kexec_ms": round(r["duration_ms"], 2), "trial_ms": round((time.monotonic() - t0) * 1e3, 2),
@@ -244,7 +271,8 @@ def summarize(plan: Plan, records: list[dict]) -> dict:
             stuck += k["stuck"]
         lost += r["outcome"] == "CPU_LOST"
         respawns += len(r.get("respawned", []))
-    span = (records[-1]["t"] - records[0]["t"] + records[0]["trial_ms"] / 1e3) if records else 0.0
+    # Time spent running trials: a resumed run's pause does not count.
+    span = sum(r["trial_ms"] for r in records) / 1e3
     host = [r["host"] for r in records if r.get("host")]
     under_load = {}
     if h.get_total_count():
@@ -257,8 +285,10 @@ def summarize(plan: Plan, records: list[dict]) -> dict:
         "outcomes": by, "kick_rtt_ns": under_load, "idle_kick_rtt_ns": plan.idle_kick,
         "kicks": kicks, "over_budget": over,
         "over_budget_share": round(over / kicks, 6) if kicks else 0.0, "stuck": stuck,
-        "cpu_lost": lost, "respawns": respawns, "host_load": plan.host_load,
+        "budget_ns": next((r["kick"]["budget_ns"] for r in records if r.get("kick")), None),
+        "cpu_lost": lost, "respawns": respawns,
+        "host_load": ", ".join(sorted({r.get("host_load", plan.host_load) for r in records})) or plan.host_load,
         "host": {key: round(sum(s[key] for s in host) / len(host), 2) for key in
                  ("cpu_percent", "load1", "steal_percent")} if host else {},
-        "ctx_switches_involuntary": records[-1].get("ctx_invol") if records else None,
+        "ctx_switches_involuntary": sum(r.get("ctx_invol", 0) for r in records) if records else None,
     }

@@ -71,14 +71,28 @@ def _offline_set(status: dict) -> set[int]:
     return {c["cpu"] for c in status["cpus"][1:] if c["hotplug"] == "offline"}
 
 
-def _ctx_invol(pids: list[int]) -> int:
-    n = 0
-    for pid in pids:
-        try:
-            n += psutil.Process(pid).num_ctx_switches().involuntary
-        except psutil.Error:
-            pass
-    return n
+class CtxCounter:
+    """Involuntary context switches of the CPU processes, per trial.
+
+    Counted per pid from its first sighting, so a respawned CPU's new process starts
+    from its own count and a dead one's count does not go backwards.
+    """
+
+    def __init__(self, pids: list[int]):
+        self.last: dict[int, int] = {}
+        self.pids = pids
+        self.delta()
+
+    def delta(self) -> int:
+        n = 0
+        for pid in self.pids:
+            try:
+                now = psutil.Process(pid).num_ctx_switches().involuntary
+            except psutil.Error:
+                continue
+            n += now - self.last.get(pid, now)
+            self.last[pid] = now
+        return n
 
 
 def _idle_kick(live) -> dict:
@@ -103,7 +117,7 @@ def run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, fresh: 
         plan.started = time.time()
         f = soak.open_new(out, plan)
     else:
-        f = open(out, "a")
+        f = soak.open_resume(out)
     offline = _offline_set(status)
     pids = [c["pid"] for c in status["cpus"][1:]]
     first = records[-1]["trial"] + 1 if records else 0
@@ -113,7 +127,7 @@ def run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, fresh: 
     load = hostload.HostLoad(load_spec)
     counts: dict[str, int] = {}
     sampler = soak.HostSampler()
-    ctx0 = _ctx_invol(pids)
+    ctx = CtxCounter(pids)
     error = None
     try:
         load.start()
@@ -135,8 +149,12 @@ def run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, fresh: 
                 except CoordinatorGone as err:
                     error = err
                     break
+                if record["respawned"]:
+                    ctx.pids = [c["pid"] for c in live.request("status")["cpus"][1:]]
                 record["host"] = sampler.sample()
-                record["ctx_invol"] = _ctx_invol(pids) - ctx0
+                record["host_load"] = load_spec.text()
+                record["ctx_invol"] = ctx.delta()
+                load.check()
                 soak.append_trial(f, record)
                 records.append(record)
                 counts[record["outcome"]] = counts.get(record["outcome"], 0) + 1
@@ -184,7 +202,8 @@ def print_summary(console: Console, plan: soak.Plan, records: list[dict], path: 
         lines.append(f"kick round trip during the soak: p50 {us(k['p50'])}, p99 {us(k['p99'])}, max {us(k['max'])}"
                      + (f"; idle, same machine: p50 {us(idle.get('p50'))}, p99 {us(idle.get('p99'))}, "
                         f"max {us(idle.get('max'))}" if idle else "") + "\n")
-    lines.append(f"kicks over the 5 ms budget (or stuck): {s['over_budget']} of {s['kicks']} "
+    budget = f"{s['budget_ns'] / 1e6:g} ms" if s["budget_ns"] else "kernel's"
+    lines.append(f"kicks over the {budget} budget (or stuck): {s['over_budget']} of {s['kicks']} "
                  f"({100 * s['over_budget_share']:.2f}%); stuck: {s['stuck']}\n")
     lines.append(f"emulator faults: CPU_LOST {s['cpu_lost']}, CPU processes respawned {s['respawns']}\n")
     if s["host"]:

@@ -228,3 +228,21 @@ def test_a_duration_bounded_soak_stops_on_time(soak_machine, tmp_path):
     plan, records, _ = soak.read(str(out))
     assert plan.duration_s == 1.0 and plan.trials is None
     assert records and sum(r["trial_ms"] for r in records) >= 1000 * 0.5
+
+
+def test_a_damaged_or_busy_soak_file_is_refused_with_one_line(soak_machine, recorded, tmp_path):
+    out, _ = recorded
+    head, *rest = open(out).read().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([head, "5", *rest]) + "\n")
+    r = run_smpd("soak", "--summary", str(bad), check=False)
+    assert r.returncode == 2 and "line 2 is not a trial record" in r.stderr
+    r = run_smpd("soak", "--summary", "/etc/hostname/x", check=False)
+    assert r.returncode == 2 and "cannot be read" in r.stderr
+    busy = tmp_path / "busy.jsonl"
+    busy.write_text(open(out).read())
+    import fcntl
+    with open(busy, "a") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+        r = run_smpd("soak", "--resume", str(busy), name=soak_machine.name, check=False)
+    assert r.returncode == 2 and "another smpd soak is writing" in r.stderr

@@ -56,20 +56,19 @@ class Plan:
                                                "version", "layout_version")}
 
 
+def _parse_list(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items or any(x not in allowed for x in items):
+        raise BadInput(f"{option} '{text}': expected a comma-separated list of {', '.join(allowed)}")
+    return items
+
+
 def parse_parks(text: str) -> list[str]:
-    parks = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in parks if p not in PARKS]
-    if not parks or bad:
-        raise BadInput(f"--park '{text}': expected a comma-separated list of {', '.join(PARKS)}")
-    return parks
+    return _parse_list(text, PARKS, "--park")
 
 
 def parse_kinds(text: str) -> list[str]:
-    kinds = [k.strip() for k in text.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in KINDS]
-    if not kinds or bad:
-        raise BadInput(f"--kinds '{text}': expected a comma-separated list of {', '.join(KINDS)}")
-    return kinds
+    return _parse_list(text, KINDS, "--kinds")
 
 
 def trial_seed(seed: int, trial: int) -> int:

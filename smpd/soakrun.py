@@ -105,7 +105,31 @@ def _idle_kick(live) -> dict:
     return {"p50": v[len(v) // 2], "p99": v[min(len(v) - 1, int(len(v) * 0.99))], "max": v[-1]} if v else {}
 
 
+def machine_lock(name: str):
+    """One soak per machine: trials of two runs would interleave their kexecs and resets.
+
+    The lock is an abstract Unix socket bound to a per-machine name: only one process
+    can hold it, and it is gone the moment that process is, however it ends.
+    """
+    import socket
+
+    from smpd import names
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(names.socket_address(name) + "-soak")
+    except OSError:
+        s.close()
+        raise BadInput(f"another smpd soak is running on machine '{name}'") from None
+    return s
+
+
 def run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, fresh: bool, console: Console) -> None:
+    with machine_lock(live.name):
+        _run(live, plan, records, out, load_spec, fresh, console)
+
+
+def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, fresh: bool, console: Console) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     status = live.request("status")
@@ -123,7 +147,9 @@ def run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, fresh: 
     first = records[-1]["trial"] + 1 if records else 0
     elapsed_before = sum(r["trial_ms"] for r in records) / 1e3
     stop = {"asked": False}
-    old = signal.signal(signal.SIGINT, lambda *_: stop.update(asked=True))
+    # Ctrl-C and SIGTERM both mean "stop after the current trial": the trial in flight
+    # is finished, recorded and reset, so the machine is left clean and the file whole.
+    old = {sig: signal.signal(sig, lambda *_: stop.update(asked=True)) for sig in (signal.SIGINT, signal.SIGTERM)}
     load = hostload.HostLoad(load_spec)
     counts: dict[str, int] = {}
     sampler = soak.HostSampler()
@@ -163,7 +189,8 @@ def run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, fresh: 
                            description="  ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     finally:
         load.stop()
-        signal.signal(signal.SIGINT, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         f.close()
     print_summary(console, plan, records, out)
     if stop["asked"]:

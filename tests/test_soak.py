@@ -246,3 +246,24 @@ def test_a_damaged_or_busy_soak_file_is_refused_with_one_line(soak_machine, reco
         fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
         r = run_smpd("soak", "--resume", str(busy), name=soak_machine.name, check=False)
     assert r.returncode == 2 and "another smpd soak is writing" in r.stderr
+
+
+def test_sigterm_also_stops_after_the_current_trial_and_one_soak_per_machine(soak_machine, tmp_path):
+    out = tmp_path / "term.jsonl"
+    env = dict(os.environ, SMPD_NAME=soak_machine.name, COLUMNS="200")
+    p = subprocess.Popen([sys.executable, "-m", "smpd", "soak", "--trials", "100000", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 3 or p.poll() is not None,
+                   timeout=60, what="two trials")
+        r = run_smpd("soak", "--trials", "5", "--out", str(tmp_path / "second.jsonl"), name=soak_machine.name,
+                     check=False)
+        assert r.returncode == 2 and f"another smpd soak is running on machine '{soak_machine.name}'" in r.stderr
+        p.send_signal(signal.SIGTERM)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, stderr
+    assert "interrupted after trial" in stdout
+    assert soak_machine.status()["machine"]["state"] == "UP"

@@ -52,6 +52,7 @@ M_IRQ = 0xFF << (8 * L.WAKE_IRQ)
 M_IPI = 0xFF << (8 * L.WAKE_IPI)
 M_TIMER = 0xFF << (8 * L.WAKE_TIMER)
 _MD = struct.Struct("<II")  # struct mwait_cpu_dead { u32 control; u32 status; }
+_KEXEC_HLT = struct.pack("<I", L.CPUDEAD_MWAIT_KEXEC_HLT)
 
 # Mailbox results the CPU writes back (0 = done).
 IPI_DONE = 0
@@ -103,10 +104,11 @@ class Cpu:
         self.u64 = seg.u64
         ix = lambda f: seg.cb_index(cpu, f)  # noqa: E731
         self.i_busy, self.i_activity = ix("busy"), ix("activity")
+        self.i_kick_seen = ix("kick_seen_ns")
         self.i_mon_armed, self.i_mon_line = ix("mon_armed"), ix("mon_line")
         self.i_wake_count = [(M_WRITE, ix("wake_write")), (M_IRQ, ix("wake_irq")),
                              (M_IPI, ix("wake_ipi")), (M_TIMER, ix("wake_spurious"))]
-        self.plans: dict[tuple[int, int], oldkernel.ResumePlan] = {}
+        self.plans: dict[int, oldkernel.ResumePlan] = {}  # by text page, for self.gen
 
     # -- process entry -------------------------------------------------------
 
@@ -236,6 +238,12 @@ class Cpu:
     def _consume(self) -> int:
         """Read the wake word, clear the bytes that were raised, fence, return them."""
         v = self.u32[self.wake_idx]
+        if v == 1:
+            # Only the bus's WRITE byte (byte 0, the low byte): the kick's path. No fence
+            # needed: what we read next is memory the writer stored before raising the byte
+            # (x86 keeps loads in order), and a write after our clear raises it again.
+            self.buf[self.wake_off] = 0
+            return v
         for byte in range(4):
             if v >> (8 * byte) & 0xFF:
                 self.buf[self.wake_off + byte] = 0
@@ -287,11 +295,11 @@ class Cpu:
         Returns None to go on, or the next state when the CPU faulted or ran off
         into foreign bytes (see smpd.oldkernel).
         """
-        plan = self.plans.get((self.gen, text_page))
-        if plan is None:
-            plan = self.plans[(self.gen, text_page)] = oldkernel.ResumePlan(self.seg.geo, self.cpu, self.gen, text_page)
+        plan = self.plans.get(text_page)
+        if plan is None or plan.generation != self.gen:
+            plan = self.plans[text_page] = oldkernel.ResumePlan(self.seg.geo, self.cpu, self.gen, text_page)
         v = oldkernel.resume(self.seg, self.bus, plan)
-        if v.fault == L.Fault.NONE:
+        if v is oldkernel.OK:
             return None
         events.log(self.seg, self.cpu, L.Ev.BAD_PAGE, v.page)
         for addr, _value in v.stores:
@@ -529,11 +537,12 @@ class Cpu:
             line = self.armed_line
             mask = self.mwait()
             t_wake = time.monotonic_ns()
-            # NMI/SMI/MCE end MWAIT; the handler runs and returns to the
-            # instruction after MWAIT, in this loop's text.
-            nxt = self._interrupts_then_ipis(mask)
-            if nxt is not False:
-                return nxt
+            if mask & (M_IRQ | M_IPI):
+                # NMI/SMI/MCE end MWAIT; the handler runs and returns to the
+                # instruction after MWAIT, in this loop's text.
+                nxt = self._interrupts_then_ipis(mask)
+                if nxt is not False:
+                    return nxt
             cause = 0
             if mask & (M_WRITE | M_TIMER):
                 cause = L.Ev.WAKE_WRITE if mask & M_WRITE else L.Ev.SPURIOUS
@@ -553,8 +562,8 @@ class Cpu:
                 # Note: this does _NOT_ protect against a stray MCE, NMI or SMI;
                 # each ends HLT and resumes in the old kernel.
                 seen = time.monotonic_ns()
-                self.seg.set_cb(self.cpu, "kick_seen_ns", seen)
-                self.bus.write(self.md + 4, struct.pack("<I", L.CPUDEAD_MWAIT_KEXEC_HLT))
+                self.u64[self.i_kick_seen] = seen
+                self.bus.write(self.md + 4, _KEXEC_HLT)
                 # The bookkeeping comes after the acknowledgement: off the kick's latency path.
                 if cause:
                     events.log(self.seg, self.cpu, cause, line, ns=t_wake)

@@ -76,7 +76,9 @@ class ResumePlan:
         text = geo.text_first + text_page
         self.checks = [(pt, "pgtable") for pt in dict.fromkeys(geo.pgtable_pages_of(cpu))]
         self.checks += [(text, "text"), (stack, "stack")]
-        self.checks = [(page, kind, geo.mem_off + page * L.PAGE, expected_tag(geo, page, generation))
+        # Each tag is 16 bytes at the page's start (8-aligned): two u64 compares.
+        self.checks = [(page, kind, (geo.mem_off + page * L.PAGE) // 8,
+                        *struct.unpack("<QQ", expected_tag(geo, page, generation)))
                        for page, kind in self.checks]
         self.cpu, self.generation = cpu, generation
         self.text_entry = 64 + 8 * (cpu % 8)  # where the resume lands in a text page
@@ -85,9 +87,9 @@ class ResumePlan:
 
 def resume(seg, bus, plan: ResumePlan) -> Verdict:
     """Check the pages a resume touches; run foreign bytes where it finds them."""
-    buf, n = seg.buf, TAG.size
-    for page, kind, off, tag in plan.checks:
-        if buf[off:off + n] == tag:
+    u64 = seg.u64
+    for page, kind, i, lo, hi in plan.checks:
+        if u64[i] == lo and u64[i + 1] == hi:
             continue
         if kind == "pgtable":
             return Verdict(L.Fault.TRIPLE_FAULT, page, detail="page tables overwritten: #PF -> #DF -> triple fault")

@@ -42,9 +42,11 @@ def test_write_to_any_byte_of_the_line_wakes_the_monitor(parked_machine):
     m = parked_machine
     status = m.cpu(1)["mwait_cpu_dead"]["addr"] + 4
     assert m.request("poke", target=hex(status))["woken_cpus"] == [1]
+    # MWAIT ended with that write; wait until the loop has armed MONITOR again.
+    m.wait_cpu(1, lambda c: c["wakeups"]["write"] == 1 and parked(c), "wake on write, re-armed")
     last_word = m.cpu(1)["mwait_cpu_dead"]["addr"] + L.LINE - 4
     assert m.request("poke", target=hex(last_word))["woken_cpus"] == [1]
-    m.wait_cpu(1, lambda c: c["wakeups"]["write"] >= 1 and parked(c), "wake on write")
+    m.wait_cpu(1, lambda c: c["wakeups"]["write"] == 2 and parked(c), "second wake on write")
 
 
 def test_writes_to_other_lines_wake_nobody(parked_machine):

@@ -39,6 +39,18 @@ def lines(path):
     return [json.loads(x) for x in open(path)]
 
 
+def start_soak(name: str, out, *args: str, trials: str = "100000") -> subprocess.Popen:
+    """`smpd soak` in the background, as a user would run it in a terminal."""
+    env = dict(os.environ, SMPD_NAME=name, COLUMNS="200")
+    return subprocess.Popen([sys.executable, "-m", "smpd", "soak", "--trials", trials, "--out", str(out), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_trials(p: subprocess.Popen, out, n: int) -> None:
+    wait_until(lambda: out.exists() and len(out.read_text().splitlines()) > n or p.poll() is not None,
+               timeout=60, what=f"{n} trials")
+
+
 def test_a_soak_records_every_trial_and_leaves_the_machine_reset(soak_machine, recorded):
     out, r = recorded
     header, *trials = lines(out)
@@ -100,13 +112,9 @@ def test_replay_reruns_one_trial_exactly(soak_machine, recorded):
 
 def test_ctrl_c_stops_after_the_current_trial_with_a_summary(soak_machine, tmp_path):
     out = tmp_path / "int.jsonl"
-    env = dict(os.environ, SMPD_NAME=soak_machine.name, COLUMNS="160")
-    p = subprocess.Popen([sys.executable, "-m", "smpd", "soak", "--trials", "100000", "--out", str(out),
-                          "--host-load", "syscall:1,io:1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env)
+    p = start_soak(soak_machine.name, out, "--host-load", "syscall:1,io:1")
     try:
-        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 4 or p.poll() is not None,
-                   timeout=60, what="three trials")
+        wait_trials(p, out, 3)
         p.send_signal(signal.SIGINT)
         stdout, stderr = p.communicate(timeout=60)
     finally:
@@ -126,12 +134,9 @@ def test_a_cpu_process_killed_during_a_soak_is_respawned_and_the_soak_goes_on(ma
     m = machine(4, "--watch", "adaptive")
     m.request("offline", cpus="1-3")
     out = tmp_path / "lost.jsonl"
-    env = dict(os.environ, SMPD_NAME=m.name)
-    p = subprocess.Popen([sys.executable, "-m", "smpd", "soak", "--trials", "30", "--out", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = start_soak(m.name, out, trials="30")
     try:
-        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 3 or p.poll() is not None,
-                   timeout=60, what="two trials")
+        wait_trials(p, out, 2)
         victim = m.cpu(2)["pid"]
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = p.communicate(timeout=120)
@@ -155,13 +160,9 @@ def test_sigkill_of_the_coordinator_mid_soak_leaves_a_readable_file_and_nothing_
     m.request("offline", cpus="1-3")
     coord = m.status()["machine"]["pid"]
     out = tmp_path / "killed.jsonl"
-    env = dict(os.environ, SMPD_NAME=machine_name)
-    p = subprocess.Popen([sys.executable, "-m", "smpd", "soak", "--trials", "100000", "--out", str(out),
-                          "--host-load", "cpu:1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=env)
+    p = start_soak(machine_name, out, "--host-load", "cpu:1")
     try:
-        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 3 or p.poll() is not None,
-                   timeout=60, what="two trials")
+        wait_trials(p, out, 2)
         os.kill(coord, signal.SIGKILL)
         _, stderr = p.communicate(timeout=60)
     finally:
@@ -250,12 +251,9 @@ def test_a_damaged_or_busy_soak_file_is_refused_with_one_line(soak_machine, reco
 
 def test_sigterm_also_stops_after_the_current_trial_and_one_soak_per_machine(soak_machine, tmp_path):
     out = tmp_path / "term.jsonl"
-    env = dict(os.environ, SMPD_NAME=soak_machine.name, COLUMNS="200")
-    p = subprocess.Popen([sys.executable, "-m", "smpd", "soak", "--trials", "100000", "--out", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = start_soak(soak_machine.name, out)
     try:
-        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 3 or p.poll() is not None,
-                   timeout=60, what="two trials")
+        wait_trials(p, out, 2)
         r = run_smpd("soak", "--trials", "5", "--out", str(tmp_path / "second.jsonl"), name=soak_machine.name,
                      check=False)
         assert r.returncode == 2 and f"another smpd soak is running on machine '{soak_machine.name}'" in r.stderr

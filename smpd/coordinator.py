@@ -37,7 +37,7 @@ from smpd import channel, cpulist, hostinfo, layout as L, names
 from smpd.bus import Bus
 from smpd.config import Config
 from smpd.cpu import IPI_DONE, IPI_IGNORED, cpu_main, set_process_name
-from smpd.errors import BadInput, SmpdError, Timeout
+from smpd.errors import BadInput, CpuLost, SmpdError, Timeout
 from smpd.memory import load_kernel
 from smpd.segment import Segment
 
@@ -223,7 +223,8 @@ class Coordinator:
         dead = [c for c in missing if not self.procs[c].is_alive()]
         if dead:
             c = dead[0]
-            raise SmpdError(f"{what}: CPU{c} (pid {self.procs[c].pid}) died with exit code {self.procs[c].exitcode}")
+            raise CpuLost(f"{what}: CPU{c} (pid {self.procs[c].pid}) died with exit code {self.procs[c].exitcode}; "
+                          f"`smpd reset` gives it a new process")
         if missing:
             raise Timeout(f"{what}: CPU {cpulist.format_list(missing)} did not acknowledge "
                           f"{cmd.name} within {timeout_s:.1f} s")
@@ -248,8 +249,8 @@ class Coordinator:
         self._refresh_gone()
         gone = [c for c in cpus if c != 0 and self.seg.cb(c, "state") == L.ExecState.GONE]
         if gone:
-            raise BadInput(f"CPU {cpulist.format_list(gone)} is GONE (its process died); "
-                           f"restart the machine with `smpd down` and `smpd up`")
+            raise CpuLost(f"CPU {cpulist.format_list(gone)} is GONE (its process died); "
+                          f"`smpd reset` gives it a new process")
 
     def op_offline(self, cpus: str) -> dict:
         """cpu_down() for each online CPU of the list: play_dead() into mwait_play_dead()."""
@@ -398,8 +399,8 @@ class Coordinator:
             try:
                 self._reset_once(offline)
                 break
-            except SmpdError as err:
-                if attempt == RESET_ATTEMPTS - 1 or "died" not in str(err):
+            except CpuLost:
+                if attempt == RESET_ATTEMPTS - 1:
                     raise
         self.seg.set_hdr("state", L.MachineState.UP)
         self.reset_offline = None

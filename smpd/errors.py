@@ -44,6 +44,10 @@ class HostTooSmall(BadInput):
     """The host cannot hold the requested machine (memory, process or file limits)."""
 
 
+class CpuLost(BadInput):
+    """A CPU process died (GONE): an emulator fault. `smpd reset` gives it a new process."""
+
+
 class CoordinatorGone(SmpdError):
     """The coordinator died or stopped answering while we talked to it."""
 

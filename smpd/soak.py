@@ -24,7 +24,7 @@ import psutil
 from hdrh.histogram import HdrHistogram
 
 from smpd import cpulist, layout as L
-from smpd.errors import BadInput
+from smpd.errors import BadInput, CpuLost
 from smpd.scenario import KINDS, ORDERS, PARKS, PHASES
 
 FILE_KIND = "smpd-soak"
@@ -231,10 +231,9 @@ def run_trial(live, drawn: dict, offline_now: set[int]) -> tuple[dict, set[int]]
             live.request("offline", cpus=cpulist.format_list(sorted(want - offline_now)))
         r = live.request("kexec", park=drawn["park"], inject=drawn["inject"], order=drawn["order"],
                          seed=drawn["seed"])
-    except BadInput as err:
-        if "GONE" not in str(err):
-            raise
-        # A CPU process died between trials: an emulator fault like one mid-kexec.
+    except CpuLost as err:
+        # A CPU process died before the kexec (between trials, or during this trial's hotplug):
+        # an emulator fault like one mid-kexec.
         r = {"outcome": "CPU_LOST", "evidence": f"before the kexec: {err}", "notes": [], "duration_ms": 0.0}
     reset = live.request("reset")  # respawns what died, back to the old kernel
     kick = r.get("kick") or {}

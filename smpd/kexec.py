@@ -164,8 +164,8 @@ class Kexec:
         targets = [c for c in self.cpus if self.alive(c)]
         half = len(targets) // 2
         missing: list[int] = []
-        for part in (targets[:half], targets[half:]):
-            if part is targets[half:]:
+        for n, part in enumerate((targets[:half], targets[half:])):
+            if n == 1:  # halfway through the INITs
                 during()
             if part:
                 _, miss = self.c.ipi_wait(part, L.Ipi.INIT, STOP_OTHER_CPUS_S)

@@ -82,6 +82,14 @@ def test_outcome_of_each_policy_against_each_injection(machine6, park, kind, exp
         assert all(c["fault"] == "MCE_SHUTDOWN" for c in cpus.values())
 
 
+@pytest.mark.parametrize("park", ["none", "hlt", "init"])
+def test_every_phase_fires_its_injection_under_every_policy(machine6, park):
+    phases = ("before-kick", "during-kick", "after-kick", "during-copy", "after-copy")
+    r = machine6.request("kexec", park=park, inject=[f"smi@{p}:1" for p in phases], seed=8)
+    fired = [e["event"] for e in r["timeline"] if e["cpu"] == 0 and e["event"].startswith("inject ")]
+    assert [f.split()[1] for f in fired] == [f"smi@{p}:1" for p in phases], fired
+
+
 def test_pre_fix_kernel_parks_on_thread_info_and_the_copy_wakes_it(machine6):
     r = machine6.request("kexec", park="none", seed=4)
     assert r["outcome"] in FAULT

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.console import Group
 from rich.text import Text
 
-from smpd import config as config_mod, cpulist, hostinfo, layout as L, lifecycle, render
+from smpd import config as config_mod, cpulist, lifecycle, render
 from smpd import scenario as scenario_mod
 from smpd.errors import BadInput, SmpdError
 
@@ -111,7 +111,6 @@ def up(cpus, name, watch, pin, seed, config_file, foreground):
         watch={"strategy": watch}, pin={"policy": pin},
     )
     name = cfg.get("machine", "name")
-    ncpus = cfg.get("machine", "cpus")
     spec = lifecycle.prepare(cfg)
     out = Console()
     if foreground:

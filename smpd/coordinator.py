@@ -36,7 +36,7 @@ import psutil
 from smpd import channel, cpulist, hostinfo, layout as L, names
 from smpd.bus import Bus
 from smpd.config import Config
-from smpd.cpu import IPI_DONE, IPI_IGNORED, cpu_main, set_process_name
+from smpd.cpu import IPI_DONE, cpu_main, set_process_name
 from smpd.errors import BadInput, CpuLost, SmpdError, Timeout
 from smpd.memory import load_kernel
 from smpd.segment import Segment

@@ -301,7 +301,7 @@ class Kexec:
                     bad.append({"addr": addr, "symbol": geo.symbol(addr),
                                 "value": struct.unpack_from("<I", have, w)[0],
                                 "expected": struct.unpack_from("<I", want, w)[0]})
-        self.log(f"new kernel: image verification " + (f"found {len(bad)} corrupted words" if bad else "clean"))
+        self.log("new kernel: image verification " + (f"found {len(bad)} corrupted words" if bad else "clean"))
         return bad
 
     # -- the outcome -----------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import posix_ipc
 import psutil
 
-from smpd import channel, layout as L, names
+from smpd import channel, hostinfo, layout as L, names
 from smpd.errors import CoordinatorGone, MachineAlreadyUp, MachineNotUp, SmpdError, Timeout
 from smpd.segment import Segment, SegmentBeingCreated, unlink
 
@@ -128,8 +128,6 @@ def our_machines() -> list[str]:
 def prepare(cfg) -> dict:
     """Everything `smpd up` decides before it creates anything; raises BadInput when the
     machine is already up or the host cannot hold it. Returns the coordinator's spec."""
-    from smpd import hostinfo, layout as L
-
     name = cfg.get("machine", "name")
     ncpus = cfg.get("machine", "cpus")
     live = probe(name)

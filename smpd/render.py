@@ -191,7 +191,6 @@ def demo_matrix(rows: list[tuple[str, str, dict]]) -> Table:
 
 
 def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
-    hw = r["hw_rtt_ns"]
     t = Text()
     t.append(f"kick benchmark: watch {r['watch']}, CPU {r['targets']}, {r['rounds']} rounds, "
              f"{r['kicks']} kicks in {r['seconds']:.1f} s" + (" (interrupted)" if r.get("interrupted") else "") + "\n",

@@ -1,7 +1,6 @@
 """`smpd bench kick`: real kicks, real histograms, the hardware floor, and bad input."""
 
 import json
-import os
 
 import pytest
 

@@ -146,7 +146,7 @@ def test_segment_of_another_layout_version_is_refused_and_down_force_removes_it(
 
 def test_no_process_of_ours_survives_a_test(machine):
     """The leak check itself: it sees our processes while a machine is up."""
-    m = machine(3, "--watch", "adaptive")
+    machine(3, "--watch", "adaptive")
     names_seen = {n for _, n in our_processes()}
     assert {"smpd-coord", "smpd-janitor", "smpd-cpu1", "smpd-cpu2"} <= names_seen
 

@@ -10,7 +10,6 @@ import signal
 
 import pytest
 
-from conftest import run_smpd, wait_until
 from smpd import layout as L
 
 NMI = signal.SIGRTMIN + 1  # config/default.toml [signals]

@@ -20,6 +20,19 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _wait_gone(pids: list[int], what: str = "exit") -> None:
+    for pid in pids:
+        wait_until(lambda: _gone(pid), what=f"pid {pid} to {what}")
+
+
+def _kill_unattended(pids: list[int]) -> None:
+    """SIGKILL the janitor, then the coordinator: nobody is left to clean up."""
+    os.kill(pids[1], signal.SIGKILL)
+    _wait_gone(pids[1:2], "die")
+    os.kill(pids[0], signal.SIGKILL)
+    _wait_gone(pids, "die")
+
+
 def _all_pids(m: Machine) -> list[int]:
     s = m.status()
     return [s["machine"]["pid"], s["machine"]["janitor_pid"], *(c["pid"] for c in s["cpus"][1:])]
@@ -31,8 +44,7 @@ def test_sigkill_of_the_coordinator_takes_every_cpu_process_and_the_segment_with
     m.request("offline", cpus=f"1-{cpus // 2}")
     pids = _all_pids(m)
     os.kill(pids[0], signal.SIGKILL)
-    for pid in pids:
-        wait_until(lambda: _gone(pid), timeout=10, what=f"pid {pid} to die with the coordinator")
+    _wait_gone(pids, "die with the coordinator")
     wait_until(lambda: not os.path.exists(segment_path(machine_name)), timeout=10,
                what="the janitor to unlink the segment")
 
@@ -40,12 +52,7 @@ def test_sigkill_of_the_coordinator_takes_every_cpu_process_and_the_segment_with
 def test_a_stale_machine_is_recovered_by_down(machine_name):
     m = Machine(machine_name, 4, "--watch", "adaptive")
     pids = _all_pids(m)
-    # Kill the janitor first, then the coordinator: nobody is left to clean up.
-    os.kill(pids[1], signal.SIGKILL)
-    wait_until(lambda: _gone(pids[1]), what="janitor death")
-    os.kill(pids[0], signal.SIGKILL)
-    for pid in pids:
-        wait_until(lambda: _gone(pid), what=f"pid {pid} to die")
+    _kill_unattended(pids)
     assert os.path.exists(segment_path(machine_name))  # the stale segment
     r = run_smpd("status", name=machine_name, check=False)
     assert r.returncode == 2 and "no machine named" in r.stderr
@@ -55,10 +62,7 @@ def test_a_stale_machine_is_recovered_by_down(machine_name):
 def test_up_over_a_stale_segment_recovers_it(machine_name):
     m = Machine(machine_name, 2, "--watch", "adaptive")
     pids = _all_pids(m)
-    os.kill(pids[1], signal.SIGKILL)
-    wait_until(lambda: _gone(pids[1]), what="janitor death")
-    os.kill(pids[0], signal.SIGKILL)
-    wait_until(lambda: _gone(pids[0]), what="coordinator death")
+    _kill_unattended(pids)
     again = Machine(machine_name, 2, "--watch", "adaptive")
     assert again.status()["machine"]["pid"] != pids[0]
     again.down()
@@ -69,8 +73,7 @@ def test_sigterm_to_the_coordinator_shuts_the_machine_down_cleanly(machine_name)
     m.request("offline", cpus="1-7")
     pids = _all_pids(m)
     os.kill(pids[0], signal.SIGTERM)
-    for pid in pids:
-        wait_until(lambda: _gone(pid), what=f"pid {pid} to exit")
+    _wait_gone(pids)
     assert not os.path.exists(segment_path(machine_name))
 
 
@@ -157,8 +160,7 @@ def test_a_second_stop_signal_does_not_interrupt_the_shutdown(machine_name):
     os.kill(pids[0], signal.SIGTERM)
     os.kill(pids[0], signal.SIGHUP)
     os.kill(pids[0], signal.SIGINT)
-    for pid in pids:
-        wait_until(lambda: _gone(pid), what=f"pid {pid} to exit")
+    _wait_gone(pids)
     assert not os.path.exists(segment_path(machine_name))
 
 

@@ -1,5 +1,6 @@
 """Soak runs: randomized trials, JSON lines that survive crashes, resume, summary, replay."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,11 +40,18 @@ def lines(path):
     return [json.loads(x) for x in open(path)]
 
 
-def start_soak(name: str, out, *args: str, trials: str = "100000") -> subprocess.Popen:
-    """`smpd soak` in the background, as a user would run it in a terminal."""
+@contextlib.contextmanager
+def start_soak(name: str, out, *args: str, trials: str = "100000"):
+    """`smpd soak` in the background, as a user would run it in a terminal; killed if still running."""
     env = dict(os.environ, SMPD_NAME=name, COLUMNS="200")
-    return subprocess.Popen([sys.executable, "-m", "smpd", "soak", "--trials", trials, "--out", str(out), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen([sys.executable, "-m", "smpd", "soak", "--trials", trials, "--out", str(out), *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def wait_trials(p: subprocess.Popen, out, n: int) -> None:
@@ -112,14 +120,10 @@ def test_replay_reruns_one_trial_exactly(soak_machine, recorded):
 
 def test_ctrl_c_stops_after_the_current_trial_with_a_summary(soak_machine, tmp_path):
     out = tmp_path / "int.jsonl"
-    p = start_soak(soak_machine.name, out, "--host-load", "syscall:1,io:1")
-    try:
+    with start_soak(soak_machine.name, out, "--host-load", "syscall:1,io:1") as p:
         wait_trials(p, out, 3)
         p.send_signal(signal.SIGINT)
         stdout, stderr = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
     assert p.returncode == 0, stderr
     assert "interrupted after trial" in stdout and f"smpd soak --resume {out}" in stdout
     assert "trials in" in stdout
@@ -134,15 +138,11 @@ def test_a_cpu_process_killed_during_a_soak_is_respawned_and_the_soak_goes_on(ma
     m = machine(4, "--watch", "adaptive")
     m.request("offline", cpus="1-3")
     out = tmp_path / "lost.jsonl"
-    p = start_soak(m.name, out, trials="30")
-    try:
+    with start_soak(m.name, out, trials="30") as p:
         wait_trials(p, out, 2)
         victim = m.cpu(2)["pid"]
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
     assert p.returncode == 0, stderr
     trials = lines(out)[1:]
     assert len(trials) == 30
@@ -160,14 +160,10 @@ def test_sigkill_of_the_coordinator_mid_soak_leaves_a_readable_file_and_nothing_
     m.request("offline", cpus="1-3")
     coord = m.status()["machine"]["pid"]
     out = tmp_path / "killed.jsonl"
-    p = start_soak(machine_name, out, "--host-load", "cpu:1")
-    try:
+    with start_soak(machine_name, out, "--host-load", "cpu:1") as p:
         wait_trials(p, out, 2)
         os.kill(coord, signal.SIGKILL)
         _, stderr = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
     assert p.returncode == 1 and "trials are safe in" in stderr
     plan, records, _ = soak.read(str(out))
     assert records and [r["trial"] for r in records] == list(range(len(records)))
@@ -251,17 +247,13 @@ def test_a_damaged_or_busy_soak_file_is_refused_with_one_line(soak_machine, reco
 
 def test_sigterm_also_stops_after_the_current_trial_and_one_soak_per_machine(soak_machine, tmp_path):
     out = tmp_path / "term.jsonl"
-    p = start_soak(soak_machine.name, out)
-    try:
+    with start_soak(soak_machine.name, out) as p:
         wait_trials(p, out, 2)
         r = run_smpd("soak", "--trials", "5", "--out", str(tmp_path / "second.jsonl"), name=soak_machine.name,
                      check=False)
         assert r.returncode == 2 and f"another smpd soak is running on machine '{soak_machine.name}'" in r.stderr
         p.send_signal(signal.SIGTERM)
         stdout, stderr = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
     assert p.returncode == 0, stderr
     assert "interrupted after trial" in stdout
     assert soak_machine.status()["machine"]["state"] == "UP"

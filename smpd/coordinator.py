@@ -36,7 +36,8 @@ import psutil
 from smpd import channel, cpulist, hostinfo, layout as L, names
 from smpd.bus import Bus
 from smpd.config import Config
-from smpd.cpu import IPI_DONE, cpu_main, set_process_name
+from smpd.cpu import IPI_DONE, cpu_main
+from smpd.proc import set_process_name
 from smpd.errors import BadInput, CpuLost, SmpdError, Timeout
 from smpd.memory import load_kernel
 from smpd.segment import Segment

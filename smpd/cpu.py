@@ -29,7 +29,6 @@ Python-level handler once for several deliveries of the same signal.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import random
 import signal
@@ -40,11 +39,9 @@ import time
 from smpd import events, layout as L, oldkernel
 from smpd.bus import Bus
 from smpd.config import DOORBELL_SIGNAL
+from smpd.proc import die_with_parent, set_process_name
 from smpd.sync import fence
 
-_PR_SET_NAME = 15
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
 
 KINDS = L.IRQ_KINDS
 M_WRITE = 0xFF << (8 * L.WAKE_WRITE)
@@ -57,22 +54,6 @@ _KEXEC_HLT = struct.pack("<I", L.CPUDEAD_MWAIT_KEXEC_HLT)
 # Mailbox results the CPU writes back (0 = done).
 IPI_DONE = 0
 IPI_IGNORED = 1  # e.g. a SIPI to a CPU that is not waiting for one: real parts ignore it
-
-
-def set_process_name(name: str) -> None:
-    """comm of this process (what ps and psutil.Process.name() show), 15 bytes at most."""
-    _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this process when its parent dies, even by SIGKILL (prctl PR_SET_PDEATHSIG).
-
-    The parent may have died between fork and prctl; then getppid() already
-    names another process and we leave at once.
-    """
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 class Cpu:

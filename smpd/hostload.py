@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import multiprocess
 
-from smpd.cpu import set_process_name
+from smpd.proc import die_with_parent, set_process_name
 from smpd.errors import BadInput
 
 KINDS = ("cpu", "mem", "io", "syscall")
@@ -69,16 +69,8 @@ def parse(spec: str | None) -> LoadSpec:
     return out
 
 
-def _die_with_parent() -> None:
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
 def _generator(kind: str, parent: int) -> None:
-    _die_with_parent()
-    if os.getppid() != parent:
-        os._exit(0)
+    die_with_parent(parent)
     set_process_name(f"smpd-load-{kind}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -125,7 +117,7 @@ class HostLoad:
             if self.spec.stress_ng is not None:
                 self.stress_err = tempfile.TemporaryFile()  # unlinked: a pipe could fill and block it
                 self.stress = subprocess.Popen(["stress-ng", *self.spec.stress_ng], stdout=subprocess.DEVNULL,
-                                               stderr=self.stress_err, preexec_fn=_die_with_parent)
+                                               stderr=self.stress_err, preexec_fn=die_with_parent)
                 try:  # bad arguments make stress-ng leave at once: say so, not run unloaded
                     self.stress.wait(0.5)
                 except subprocess.TimeoutExpired:

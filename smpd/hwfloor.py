@@ -9,20 +9,16 @@ ratios are left out rather than guessed. The measuring process dies with us.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
+from smpd.proc import die_with_parent
+
 SOURCE = Path(__file__).resolve().parent.parent / "bench" / "hwfloor.c"
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def measure(iterations: int = 200_000) -> dict:
@@ -52,7 +48,7 @@ def measure(iterations: int = 200_000) -> dict:
     a, b = cores[0], cores[-1]
     try:
         r = subprocess.run([str(exe), str(a), str(b), str(iterations)], capture_output=True, text=True,
-                           timeout=120, preexec_fn=_die_with_parent)
+                           timeout=120, preexec_fn=die_with_parent)
     except subprocess.TimeoutExpired:
         return {"available": False, "why": "the ping-pong did not finish within 120 s (host too loaded)"}
     if r.returncode:

@@ -10,8 +10,6 @@ floor, and writes the report, the JSON and the plot.
 from __future__ import annotations
 
 import json
-import os
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -24,35 +22,6 @@ from smpd.errors import BadInput
 
 MAX_NS = 60 * 10**9  # histograms cover 1 ns .. 60 s at 3 significant digits
 PERCENTILES = (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9))
-
-
-def parse_duration(text: str) -> float:
-    """'30s', '2m', '1h', '500ms' or a bare number of seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text or "")
-    if not m:
-        raise BadInput(f"--duration '{text}' is not a duration; expected e.g. 30s, 2m, 1h or 500ms")
-    v = float(m[1]) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m[2]]
-    if not 0.001 <= v <= 7 * 86400:
-        raise BadInput(f"--duration '{text}' is not in the range 1ms..7 days")
-    return v
-
-
-def check_writable(path: str, option: str) -> None:
-    """Refuse, before the run, an output path that cannot be written."""
-    p = os.path.abspath(path)
-    if os.path.isdir(p):
-        raise BadInput(f"{option} {path} is a directory; give a file name")
-    parent = os.path.dirname(p)
-    if not os.path.isdir(parent):
-        raise BadInput(f"{option} {path}: directory {parent} does not exist")
-    existed = os.path.exists(p)
-    try:  # the only honest test: open it for writing (root passes every access() check)
-        with open(p, "ab"):
-            pass
-    except OSError as err:
-        raise BadInput(f"{option} {path} is not writable ({err.strerror})") from None
-    if not existed:
-        os.unlink(p)
 
 
 def check_plot_available() -> None:

@@ -368,13 +368,13 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from smpd import benchkick
+    from smpd import benchkick, inputs
 
-    seconds = benchkick.parse_duration(duration) if duration is not None else None
+    seconds = inputs.parse_duration(duration) if duration is not None else None
     if json_file:
-        benchkick.check_writable(json_file, "--json")
+        inputs.check_writable(json_file, "--json")
     if plot_file:
-        benchkick.check_writable(plot_file, "--plot")
+        inputs.check_writable(plot_file, "--plot")
         benchkick.check_plot_available()
     machine = lifecycle.require(name)
     if targets is not None:

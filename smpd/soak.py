@@ -196,12 +196,6 @@ def read(path: str, repair: bool = False) -> tuple[Plan, list[dict], str | None]
     return plan, records, note
 
 
-def check_writable_out(path: str) -> None:
-    from smpd.benchkick import check_writable
-
-    check_writable(path, "--out")
-
-
 # -- running -----------------------------------------------------------------
 
 class HostSampler:

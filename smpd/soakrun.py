@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from smpd import cpulist, hostload, lifecycle, soak
-from smpd.benchkick import parse_duration
+from smpd.inputs import check_writable, parse_duration
 from smpd.errors import BadInput, CoordinatorGone, SmpdError
 
 
@@ -58,7 +58,7 @@ def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out
         out = out or f"soak-{plan.seed}.jsonl"
         if os.path.exists(out):
             raise BadInput(f"--out {out} exists; continue it with --resume {out}, or name a new file")
-        soak.check_writable_out(out)
+        check_writable(out, "--out")
     live = lifecycle.require(name)
     if resume is not None and plan.cpus != live.ncpus:
         raise BadInput(f"{resume} was recorded on a {plan.cpus}-CPU machine; machine '{name}' has "

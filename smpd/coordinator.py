@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import secrets
 import selectors
 import signal
@@ -37,10 +38,14 @@ from smpd import channel, cpulist, hostinfo, layout as L, names
 from smpd.bus import Bus
 from smpd.config import Config
 from smpd.cpu import IPI_DONE, cpu_main
-from smpd.proc import set_process_name
 from smpd.errors import BadInput, CpuLost, SmpdError, Timeout
+from smpd.kexec import Kexec
+from smpd.kick import kick_one
+from smpd.lifecycle import clean_stale_segment, wait_gone
 from smpd.memory import load_kernel
-from smpd.segment import Segment
+from smpd.proc import set_process_name
+from smpd.scenario import Scenario, parse_injection
+from smpd.segment import Segment, unlink
 
 _ctx = multiprocess.get_context("fork")
 JANITOR_DONE = b"x"
@@ -282,8 +287,6 @@ class Coordinator:
     def resolve_address(self, target: str) -> int:
         """'0x1004040', 'mwait_cpu_dead[5]', 'mwait_cpu_dead[5].status', 'thread_info[5]'."""
         geo = self.seg.geo
-        import re
-
         m = re.fullmatch(r"(mwait_cpu_dead|thread_info)\[(\d+)\](\.(control|status|flags))?", target)
         if m:
             cpu = int(m.group(2))
@@ -331,9 +334,6 @@ class Coordinator:
 
     def op_kexec(self, park: str = "hlt", inject: list[str] | None = None, order: str = "sequential",
                  seed: int | None = None) -> dict:
-        from smpd.kexec import Kexec
-        from smpd.scenario import Scenario
-
         if seed is None:
             seed = secrets.randbelow(2**63)
         scenario = Scenario.build(park, order, seed, list(inject or []), self.ncpus)
@@ -348,9 +348,6 @@ class Coordinator:
 
     def op_kick(self) -> dict:
         """smp_kick_mwait_play_dead() alone: who acknowledged, how fast, who is stuck."""
-        from smpd.kexec import Kexec
-        from smpd.scenario import Scenario
-
         self._require_old_kernel("a kick")
         k = Kexec(self, Scenario("hlt", "sequential", 0))
         marks = {cpu: self.seg.cb(cpu, "ev_head") for cpu in k.cpus}
@@ -425,9 +422,6 @@ class Coordinator:
 
     def op_inject(self, kind: str, cpus: str = "all", count: int = 1) -> dict:
         """A stray interrupt right now: send it, wait (bounded) until it is taken or held."""
-        from smpd.kexec import Kexec
-        from smpd.scenario import Scenario, parse_injection
-
         inj = parse_injection(f"{kind}@after-copy:{cpus}x{count}", self.ncpus)
         self._refresh_gone()
         k = Kexec(self, Scenario("hlt", "sequential", 0, (inj,)))
@@ -444,8 +438,6 @@ class Coordinator:
 
         Returns raw samples for the client to fold into histograms, so that a long run
         is many short requests (a progress bar, Ctrl-C between batches)."""
-        from smpd.kick import kick_one
-
         self._require_old_kernel("a kick benchmark")
         if not 0 <= rounds <= 100_000:
             raise BadInput(f"rounds {rounds} is not in the range 1..100000")
@@ -555,15 +547,14 @@ class Coordinator:
                 p.kill()
         for p in self.procs.values():
             p.join(5)
-            p.close() if p.exitcode is not None else None
+            if p.exitcode is not None:
+                p.close()
         self.procs.clear()
         if self.seg is not None:
             name = self.seg.name
             self.bus = None
             self.seg.close()
             self.seg = None
-            from smpd.segment import unlink
-
             unlink(name)
         if self.janitor is not None:
             try:
@@ -644,8 +635,6 @@ def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_ctime: flo
         data = b""
     if data == JANITOR_DONE:
         os._exit(0)
-    from smpd.lifecycle import clean_stale_segment, wait_gone
-
     try:
         # EOF comes when the coordinator's files close, a moment before it is a zombie.
         wait_gone(coord_pid, 10.0)
@@ -666,8 +655,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(spec: dict, ready_fd: int | None = None, on_ready: Callable[[dict], None] | None = None) -> int:
     """Boot, report readiness (to the ready pipe or ``on_ready``), serve, shut down. Exit status."""
-    from smpd.config import Config
-
     cfg = Config(spec["config"])
     old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     coord = Coordinator(cfg, spec["watch"], spec["watch_reason"], spec["seed"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import time
 
 import psutil
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from smpd import cpulist, hostload, lifecycle, soak
+from smpd import cpulist, hostload, lifecycle, names, soak
 from smpd.inputs import check_writable, parse_duration
 from smpd.errors import BadInput, CoordinatorGone, SmpdError
 
@@ -111,10 +112,6 @@ def machine_lock(name: str):
     The lock is an abstract Unix socket bound to a per-machine name: only one process
     can hold it, and it is gone the moment that process is, however it ends.
     """
-    import socket
-
-    from smpd import names
-
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.bind(names.socket_address(name) + "-soak")

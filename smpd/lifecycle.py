@@ -23,8 +23,12 @@ import posix_ipc
 import psutil
 
 from smpd import channel, hostinfo, layout as L, names
-from smpd.errors import CoordinatorGone, MachineAlreadyUp, MachineNotUp, SmpdError, Timeout
+from smpd.errors import BadInput, CoordinatorGone, MachineAlreadyUp, MachineNotUp, SmpdError, Timeout
 from smpd.segment import Segment, SegmentBeingCreated, unlink
+
+
+class MachineComingUp(BadInput):
+    """The coordinator runs but does not serve its channel yet."""
 
 
 @dataclass
@@ -41,7 +45,21 @@ class Live:
             if not _is_process(self.pid, None):
                 raise CoordinatorGone(f"the coordinator of machine '{self.name}' (pid {self.pid}) "
                                       f"died; `smpd down --name {self.name}` cleans up what is left") from None
+            if self.state() in (L.MachineState.CREATING, L.MachineState.BOOTING):
+                # The segment is there before the channel: the CPUs are still coming online.
+                raise MachineComingUp(f"machine '{self.name}' is still coming up; try again in a moment") from None
             raise
+
+    def state(self) -> L.MachineState | None:
+        """The machine state in the segment's header, or None when the segment is gone."""
+        try:
+            seg = Segment.attach(names.segment(self.name))
+        except (posix_ipc.ExistentialError, SmpdError):
+            return None
+        try:
+            return L.MachineState(seg.hdr("state"))
+        finally:
+            seg.close()
 
 
 def _is_process(pid: int, ctime: float | None, tolerance: float = 0.05) -> bool:

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from conftest import Machine, our_processes, run_smpd, segment_path, wait_until
-from smpd import lifecycle, names
+from smpd import layout as L, lifecycle, names
 
 
 def _gone(pid: int) -> bool:
@@ -82,9 +82,14 @@ def test_foreground_machine_stops_on_ctrl_c(machine_name):
     p = subprocess.Popen([sys.executable, "-m", "smpd", "up", "--cpus", "4", "--watch", "adaptive",
                           "--foreground"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        live = wait_until(lambda: lifecycle.probe(machine_name) if p.poll() is None else pytest.fail(
-            p.stderr.read()), what="foreground machine up")
-        wait_until(lambda: live.request("status")["machine"]["online"] == 4, what="all CPUs online")
+        def up():
+            if p.poll() is not None:
+                pytest.fail(p.stderr.read())
+            live = lifecycle.probe(machine_name)
+            return live if live is not None and live.state() == L.MachineState.UP else None
+
+        live = wait_until(up, what="foreground machine up")
+        assert live.request("status")["machine"]["online"] == 4
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
     finally:

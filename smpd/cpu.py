@@ -140,11 +140,12 @@ class Cpu:
     def _spurious_in(self) -> float | None:
         return self.rng.expovariate(self.spurious_per_s) if self.spurious_per_s > 0 else None
 
-    def wait(self) -> int:
+    def wait(self, may_spin: bool = True) -> int:
         """Wait until a waker raises a byte; return the wake mask and clear what it names.
 
         The TIMER byte comes back to the caller only as a spurious wake-up; a
         spin-budget expiry just moves the CPU from spinning to sleeping.
+        ``may_spin=False`` (HLT) skips the adaptive spin budget and sleeps at once.
         """
         u32, i = self.u32, self.wake_idx
         u32[self.i_busy] = 0
@@ -161,7 +162,7 @@ class Cpu:
                     self._set_timer("spurious", deadline - time.monotonic())
                     while u32[i] == 0:  # the same hot loop, ended by the timer byte at worst
                         pass
-                elif self.budget_s > 0:
+                elif self.budget_s > 0 and may_spin:
                     self._set_timer("budget", self.budget_s)
                     while u32[i] == 0:
                         pass
@@ -561,7 +562,9 @@ class Cpu:
         self._ack_pending()
         while True:
             # An interrupt handler runs, then HLT's successor: the loop halts again.
-            mask = self.wait()
+            # Under adaptive, a halted CPU sleeps at once: no write ends HLT, so a spin
+            # would only hold the host core that the next kicked CPU needs to wake on.
+            mask = self.wait(may_spin=False)
             nxt = self._interrupts_then_ipis(mask, (L.Ipi.REPARK,))
             if nxt is not False:
                 return nxt

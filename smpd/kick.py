@@ -9,11 +9,13 @@ seeing it (it stamps kick_seen_ns), and the coordinator seeing status change.
 
 Cost: a round is one bus write (a monitored line: two fences, and a doorbell
 kill() when the CPU sleeps) plus the udelay busy-wait, which polls status so the
-acknowledgement is timed to the poll, not to the next round.
+acknowledgement is timed to the poll, not to the next round. When the CPU
+sleeps (watch adaptive), the poll yields the host core between looks.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from typing import Callable
@@ -30,15 +32,22 @@ def kick_one(seg, bus, cpu: int, delay_ns: int, rounds: int) -> dict:
     t_first = time.monotonic_ns()
     t_ack = None
     i = 0
+    sleeping = seg.cb_index32(cpu, "sleeping")
     # Wait 5ms maximum
     while i < rounds and seg.mem_u32(md + 4) != L.CPUDEAD_MWAIT_KEXEC_HLT:
         bus.write(md, _HLT)  # Bring it out of mwait
         end = time.monotonic_ns() + delay_ns
+        # A sleeping CPU needs a host core to wake up on, perhaps this one: then the
+        # udelay below yields it between looks (on a 2-core host a pure busy-wait
+        # here held the woken CPU off until the scheduler's slice ended, ~3-4 ms).
+        yld = seg.u32[sleeping]
         while True:  # udelay(delay_us), watching status to time the acknowledgement
             if t_ack is None and seg.mem_u32(md + 4) == L.CPUDEAD_MWAIT_KEXEC_HLT:
                 t_ack = time.monotonic_ns()  # read after the load: never before the ack
             if time.monotonic_ns() >= end:
                 break
+            if yld:
+                os.sched_yield()
         i += 1
     acked = seg.mem_u32(md + 4) == L.CPUDEAD_MWAIT_KEXEC_HLT
     entry = {"acknowledged": acked, "rounds": i, "first_write_ns": t_first}

@@ -18,11 +18,11 @@ a second fence and, only when the CPU sleeps, a kill() of its doorbell signal.
 
 from __future__ import annotations
 
+import functools
+import os
 import struct
 
-import os
-
-from smpd import layout as L
+from smpd import hotpath, layout as L
 from smpd.config import DOORBELL_SIGNAL
 from smpd.sync import fence
 
@@ -40,6 +40,11 @@ class Bus:
         self._wake_off = [geo.cb_off(c) + L.CB["wake"][0] for c in range(geo.ncpus)]
         self._sleeping_idx = [(geo.cb_off(c) + L.CB["sleeping"][0]) // 4 for c in range(geo.ncpus)]
         self._pid_idx = [(geo.cb_off(c) + L.CB["pid"][0]) // 4 for c in range(geo.ncpus)]
+
+    @functools.cached_property
+    def kicker(self):
+        """The coordinator's compiled kick loop (smpd.hotpath), or None for the Python one."""
+        return hotpath.kicker(self.seg, DOORBELL_SIGNAL)
 
     def write(self, addr: int, data: bytes) -> int:
         """Store ``data`` at emulated physical ``addr``; returns how many monitors it woke."""

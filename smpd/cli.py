@@ -94,13 +94,15 @@ def main():
 @name_option
 @click.option("--watch", type=click.Choice(config_mod.WATCH_STRATEGIES), default=None,
               help="How CPU processes wait [config: auto].")
+@click.option("--hot-path", type=click.Choice(config_mod.HOT_PATHS), default=None,
+              help="Compiled (c) or pure Python watch and kick loops [config: auto].")
 @click.option("--pin", type=click.Choice(config_mod.PIN_POLICIES), default=None,
               help="Host-core placement [config: none].")
 @click.option("--seed", type=Seed(), default=None, help="Seed of the machine's memory image [config: random].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="A TOML file overriding config/default.toml.")
 @click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C stops the machine.")
-def up(cpus, name, watch, pin, seed, config_file, foreground):
+def up(cpus, name, watch, hot_path, pin, seed, config_file, foreground):
     """Bring up a machine: CPU 0 is the coordinator, CPUs 1..N-1 are processes.
 
     Returns once every CPU is online and prints the summary.
@@ -108,7 +110,7 @@ def up(cpus, name, watch, pin, seed, config_file, foreground):
     cfg = config_mod.load(config_file).with_overrides(
         machine={"cpus": cpus, "name": name if name != "default" or config_file is None else None,
                  "seed": seed},
-        watch={"strategy": watch}, pin={"policy": pin},
+        watch={"strategy": watch, "hot_path": hot_path}, pin={"policy": pin},
     )
     name = cfg.get("machine", "name")
     spec = lifecycle.prepare(cfg)

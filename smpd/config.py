@@ -22,6 +22,7 @@ from smpd.errors import ConfigError
 MAX_CPUS = 4096
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 WATCH_STRATEGIES = ("auto", "spin", "adaptive")
+HOT_PATHS = ("auto", "c", "python")  # smpd.hotpath
 PIN_POLICIES = ("none", "compact", "spread")
 INTERRUPT_KINDS = ("nmi", "smi", "mce")
 # Wakes a CPU process sleeping in sigwaitinfo (smpd.cpu). A standard signal, so a
@@ -95,6 +96,7 @@ SCHEMA: dict[str, dict[str, Callable[[Any], str | None]]] = {
         "strategy": _choice(*WATCH_STRATEGIES),
         "spin_budget_us": _int_range(0, 1_000_000),
         "spurious_per_s": _float_range(0, 100_000),
+        "hot_path": _choice(*HOT_PATHS),
     },
     "pin": {"policy": _choice(*PIN_POLICIES)},
     "signals": {k: _signame for k in INTERRUPT_KINDS},

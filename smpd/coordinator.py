@@ -86,8 +86,9 @@ def check_stop() -> None:
 
 
 class Coordinator:
-    def __init__(self, cfg: Config, watch: str, watch_reason: str, seed: int):
+    def __init__(self, cfg: Config, watch: str, watch_reason: str, seed: int, hot_path: str, hot_path_reason: str):
         self.cfg = cfg
+        self.hot_path, self.hot_path_reason = hot_path, hot_path_reason
         self.name: str = cfg.get("machine", "name")
         self.ncpus: int = cfg.get("machine", "cpus")
         self.watch, self.watch_reason, self.seed = watch, watch_reason, seed
@@ -124,6 +125,8 @@ class Coordinator:
             ("spurious_per_s", float(self.cfg.get("watch", "spurious_per_s"))),
             ("authkey", secrets.token_bytes(32)), ("name", self.name.encode()),
             ("pin", self.pin.encode()), ("watch_reason", self.watch_reason.encode()[:200]),
+            ("hot_path", L.HotPath.C if self.hot_path == "c" else L.HotPath.PYTHON),
+            ("hot_path_reason", self.hot_path_reason.encode()[:200]),
         ):
             seg.set_hdr(field, value)
         check_stop()
@@ -154,6 +157,7 @@ class Coordinator:
         return {
             "name": self.name, "pid": os.getpid(), "cpus": self.ncpus, "watch": self.watch,
             "watch_reason": self.watch_reason, "pin": self.pin, "seed": self.seed,
+            "hot_path": self.hot_path, "hot_path_reason": self.hot_path_reason,
             "segment": seg.name, "segment_bytes": geo.size, "bringup_ms": bringup_ns / 1e6,
             "sipi_to_online_ms": (time.monotonic_ns() - t_sipi) / 1e6,
         }
@@ -343,7 +347,7 @@ class Coordinator:
         self.reset_offline = offline
         self.seg.set_hdr("state", L.MachineState.KEXECED)
         self.seg.set_hdr("kexec_count", self.seg.hdr("kexec_count") + 1)
-        report["machine"] = {"name": self.name, "cpus": self.ncpus, "watch": self.watch}
+        report["machine"] = {"name": self.name, "cpus": self.ncpus, "watch": self.watch, "hot_path": self.hot_path}
         return report
 
     def op_kick(self) -> dict:
@@ -352,10 +356,11 @@ class Coordinator:
         k = Kexec(self, Scenario("hlt", "sequential", 0))
         marks = {cpu: self.seg.cb(cpu, "ev_head") for cpu in k.cpus}
         kick = k.smp_kick_mwait_play_dead(lambda: None)
+        k.settle()  # the kicked CPUs' way into HLT, logged after their acknowledgements
         k.t.merge_cpus(self.seg, marks)
         return {"kick": kick, "timeline": k.t.ordered(),
-                "cpus": [k.cpu_report(c) for c in k.cpus], "machine": {"name": self.name, "cpus": self.ncpus,
-                                                                       "watch": self.watch}}
+                "cpus": [k.cpu_report(c) for c in k.cpus],
+                "machine": {"name": self.name, "cpus": self.ncpus, "watch": self.watch, "hot_path": self.hot_path}}
 
     def respawn_gone(self) -> list[int]:
         """Fork a new process for every GONE CPU (an emulator fault), so the machine can go on.
@@ -464,6 +469,7 @@ class Coordinator:
                 raise Timeout(f"bench kick: CPU {cpulist.format_list(missing)} did not re-park "
                               f"in mwait_play_dead() within {self.ipi_timeout_s:.0f} s")
         return {"samples": samples, "budget_ns": delay_ns * budget, "delay_ns": delay_ns, "watch": self.watch,
+                "hot_path": self.hot_path,
                 "pids": {str(c): self.seg.cb(c, "pid") for c in cpus}}
 
     def _parked(self, cpu: int) -> bool:
@@ -606,6 +612,8 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None) -> dict:
         "name": seg.hdr_str("name"), "pid": seg.hdr("coordinator_pid"), "cpus": geo.ncpus,
         "watch": "spin" if seg.hdr("watch") == L.Watch.SPIN else "adaptive",
         "watch_reason": seg.hdr_str("watch_reason"), "pin": seg.hdr_str("pin"),
+        "hot_path": "c" if seg.hdr("hot_path") == L.HotPath.C else "python",
+        "hot_path_reason": seg.hdr_str("hot_path_reason"),
         "seed": seg.hdr("seed"), "generation": seg.hdr("generation"),
         "state": L.MachineState(seg.hdr("state")).name, "uptime_s": (now - seg.hdr("boot_ns")) / 1e9,
         "bringup_ms": seg.hdr("bringup_ns") / 1e6, "segment": seg.name,
@@ -657,7 +665,8 @@ def run(spec: dict, ready_fd: int | None = None, on_ready: Callable[[dict], None
     """Boot, report readiness (to the ready pipe or ``on_ready``), serve, shut down. Exit status."""
     cfg = Config(spec["config"])
     old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    coord = Coordinator(cfg, spec["watch"], spec["watch_reason"], spec["seed"])
+    coord = Coordinator(cfg, spec["watch"], spec["watch_reason"], spec["seed"],
+                        spec["hot_path"], spec["hot_path_reason"])
     coord.ready_fd = ready_fd
     status = 0
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # see check_stop()

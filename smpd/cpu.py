@@ -29,6 +29,7 @@ Python-level handler once for several deliveries of the same signal.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -36,7 +37,7 @@ import struct
 import sys
 import time
 
-from smpd import events, layout as L, oldkernel
+from smpd import events, hotpath, layout as L, oldkernel
 from smpd.bus import Bus
 from smpd.config import DOORBELL_SIGNAL
 from smpd.proc import die_with_parent, set_process_name
@@ -90,6 +91,11 @@ class Cpu:
         self.i_wake_count = [(M_WRITE, ix("wake_write")), (M_IRQ, ix("wake_irq")),
                              (M_IPI, ix("wake_ipi")), (M_TIMER, ix("wake_spurious"))]
         self.plans: dict[int, oldkernel.ResumePlan] = {}  # by text page, for self.gen
+        # The compiled watch loop (smpd.hotpath), or None for the Python loops below.
+        self.budget_ns = seg.hdr("spin_budget_ns")
+        self.waiter = hotpath.waiter(seg, cpu, self.irq_sigs, DOORBELL_SIGNAL)
+        self.kick_acks: dict[int, object] = {}  # hotpath.Ack by kernel generation
+        self.acked_ns = 0  # set when the compiled path acknowledged a kick inside wait()
 
     # -- process entry -------------------------------------------------------
 
@@ -140,16 +146,46 @@ class Cpu:
     def _spurious_in(self) -> float | None:
         return self.rng.expovariate(self.spurious_per_s) if self.spurious_per_s > 0 else None
 
-    def wait(self, may_spin: bool = True) -> int:
+    def wait(self, may_spin: bool = True, ack=None) -> int:
         """Wait until a waker raises a byte; return the wake mask and clear what it names.
 
         The TIMER byte comes back to the caller only as a spurious wake-up; a
         spin-budget expiry just moves the CPU from spinning to sleeping.
         ``may_spin=False`` (HLT) skips the adaptive spin budget and sleeps at once.
+        ``ack`` (compiled path only, from mwait_play_dead()): when the wake-up is a
+        kick this CPU can acknowledge, the compiled code does so, records the way
+        into HLT and halts; ``acked_ns`` is then when it saw the kick, and the mask
+        returned is what ended HLT.
         """
-        u32, i = self.u32, self.wake_idx
+        u32 = self.u32
         u32[self.i_busy] = 0
         spurious = self._spurious_in()
+        if self.waiter is not None:
+            mask = self._wait_compiled(spurious, may_spin, ack)
+        else:
+            mask = self._wait_python(spurious, may_spin)
+        u32[self.i_busy] = 1
+        u32[self.i_activity] = (u32[self.i_activity] + 1) & 0xFFFFFFFF
+        return mask
+
+    def _wait_compiled(self, spurious: float | None, may_spin: bool, ack) -> int:
+        spin_ns = -1 if self.spin else self.budget_ns if may_spin else 0
+        deadline_ns = 0 if spurious is None else time.monotonic_ns() + max(1, int(spurious * 1e9))
+        while True:
+            code, arg, acked_ns = self.waiter.wait(spin_ns, deadline_ns, ack)
+            if acked_ns:  # acknowledged and halted: what follows is HLT's wake-up
+                self.acked_ns, ack, deadline_ns = acked_ns, None, 0
+            if code == hotpath.SIGNAL:  # an interrupt signal, taken while asleep
+                self._on_interrupt(arg, None)
+            elif code == hotpath.TIMEOUT:  # the spurious wake-up's time has come
+                self.buf[self.wake_off + L.WAKE_TIMER] = 1
+                deadline_ns = 0
+            mask = self._consume()
+            if mask:
+                return mask
+
+    def _wait_python(self, spurious: float | None, may_spin: bool) -> int:
+        u32, i = self.u32, self.wake_idx
         deadline = None if spurious is None else time.monotonic() + spurious
         while True:
             if u32[i] == 0:
@@ -176,8 +212,6 @@ class Cpu:
             if timer_hit and reason == "spurious":
                 mask |= M_TIMER
             if mask:
-                u32[self.i_busy] = 1
-                u32[self.i_activity] = (u32[self.i_activity] + 1) & 0xFFFFFFFF
                 return mask
             if timer_hit and reason == "budget":
                 self._sleep(deadline)
@@ -256,9 +290,12 @@ class Cpu:
             self.armed_line = -1
             self.u32[self.i_mon_armed] = 0
 
-    def mwait(self) -> int:
+    def mwait(self, ack=None) -> int:
         """__mwait(): wait for a write to the monitored line, an interrupt, an IPI or nothing at all."""
-        mask = self.wait()
+        mask = self.wait(ack=ack)
+        if self.acked_ns:  # the compiled path disarmed and counted, and halted since
+            self.armed_line = -1
+            return mask
         self.disarm()  # MWAIT's exit ends the monitor; the loop re-arms it
         self._count_wake(mask)
         return mask
@@ -271,16 +308,28 @@ class Cpu:
 
     # -- executing in the old kernel -----------------------------------------
 
+    def _plan(self, text_page: int) -> oldkernel.ResumePlan:
+        plan = self.plans.get(text_page)
+        if plan is None or plan.generation != self.gen:
+            plan = self.plans[text_page] = oldkernel.ResumePlan(self.seg.geo, self.cpu, self.gen, text_page)
+        return plan
+
+    def _kick_ack(self):
+        """The compiled path's acknowledgement of a kick in mwait_play_dead() (None: Python path)."""
+        if self.waiter is None:
+            return None
+        a = self.kick_acks.get(self.gen)
+        if a is None:
+            a = self.kick_acks[self.gen] = hotpath.ack(self.seg, self.cpu, self._plan(L.TEXT_PLAY_DEAD).checks)
+        return a
+
     def resume(self, text_page: int, cause: L.Ev, cause_arg: int = 0):
         """The CPU executes again after a wake-up: check the pages that step touches.
 
         Returns None to go on, or the next state when the CPU faulted or ran off
         into foreign bytes (see smpd.oldkernel).
         """
-        plan = self.plans.get(text_page)
-        if plan is None or plan.generation != self.gen:
-            plan = self.plans[text_page] = oldkernel.ResumePlan(self.seg.geo, self.cpu, self.gen, text_page)
-        v = oldkernel.resume(self.seg, self.bus, plan)
+        v = oldkernel.resume(self.seg, self.bus, self._plan(text_page))
         if v is oldkernel.OK:
             return None
         events.log(self.seg, self.cpu, L.Ev.BAD_PAGE, v.page)
@@ -517,12 +566,19 @@ class Cpu:
             target = geo.thread_info_addr(self.cpu) if prefix else self.md
             self.monitor(target)
             line = self.armed_line
-            mask = self.mwait()
+            # The fix's kernel only: the pre-fix one has no control word to answer.
+            mask = self.mwait(None if prefix else self._kick_ack())
             t_wake = time.monotonic_ns()
+            if self.acked_ns:
+                # The compiled path did what the branch below does (resume checks,
+                # control == KEXEC_HLT, the status store, the events) and entered
+                # HLT; ``mask`` is what has ended HLT since.
+                self.acked_ns = 0
+                return functools.partial(self.hlt, halted_with=mask)
             if mask & (M_IRQ | M_IPI):
                 # NMI/SMI/MCE end MWAIT; the handler runs and returns to the
                 # instruction after MWAIT, in this loop's text.
-                nxt = self._interrupts_then_ipis(mask)
+                nxt = self._interrupts_then_ipis(mask, (L.Ipi.REPARK,))  # see L.Ipi.REPARK
                 if nxt is not False:
                     return nxt
             cause = 0
@@ -555,19 +611,27 @@ class Cpu:
                 events.log(self.seg, self.cpu, cause, line, ns=t_wake)
             # Spurious or foreign wake-up: loop back into MWAIT, as the kernel does.
 
-    def hlt(self):
-        """while (1) native_halt(): only an interrupt or an IPI ends HLT; writes do not."""
-        self._set_state(L.ExecState.HLT)
-        events.log(self.seg, self.cpu, L.Ev.HLT)
-        self._ack_pending()
+    def hlt(self, halted_with: int | None = None):
+        """while (1) native_halt(): only an interrupt or an IPI ends HLT; writes do not.
+
+        ``halted_with``: the compiled path entered HLT already (state, event) and
+        this is the wake mask that ended it.
+        """
+        mask = halted_with
+        if mask is None:
+            self._set_state(L.ExecState.HLT)
+            events.log(self.seg, self.cpu, L.Ev.HLT)
+            self._ack_pending()
         while True:
             # An interrupt handler runs, then HLT's successor: the loop halts again.
             # Under adaptive, a halted CPU sleeps at once: no write ends HLT, so a spin
             # would only hold the host core that the next kicked CPU needs to wake on.
-            mask = self.wait(may_spin=False)
+            if mask is None:
+                mask = self.wait(may_spin=False)
             nxt = self._interrupts_then_ipis(mask, (L.Ipi.REPARK,))
             if nxt is not False:
                 return nxt
+            mask = None
 
     def foreign_halt(self):
         """Halted (or looping) in foreign bytes: only INIT gets the CPU out."""

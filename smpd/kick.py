@@ -29,6 +29,9 @@ def kick_one(seg, bus, cpu: int, delay_ns: int, rounds: int) -> dict:
     """Kick one CPU out of mwait_play_dead(); returns its timings and the kernel's round count."""
     md = seg.geo.mwait_cpu_dead_addr(cpu)
     seen_before = seg.cb(cpu, "kick_seen_ns")
+    if bus.kicker is not None:  # the same loop, compiled (smpd.hotpath)
+        acked, i, t_first, t_ack = bus.kicker.kick_one(md - L.PHYS_BASE, L.CPUDEAD_MWAIT_KEXEC_HLT, delay_ns, rounds)
+        return _entry(seg, cpu, acked, i, t_first, t_ack or None, seen_before)
     t_first = time.monotonic_ns()
     t_ack = None
     i = 0
@@ -50,7 +53,11 @@ def kick_one(seg, bus, cpu: int, delay_ns: int, rounds: int) -> dict:
                 os.sched_yield()
         i += 1
     acked = seg.mem_u32(md + 4) == L.CPUDEAD_MWAIT_KEXEC_HLT
-    entry = {"acknowledged": acked, "rounds": i, "first_write_ns": t_first}
+    return _entry(seg, cpu, acked, i, t_first, t_ack, seen_before)
+
+
+def _entry(seg, cpu: int, acked: bool, rounds: int, t_first: int, t_ack: int | None, seen_before: int) -> dict:
+    entry = {"acknowledged": acked, "rounds": rounds, "first_write_ns": t_first}
     if acked:
         entry["rtt_ns"] = (t_ack or time.monotonic_ns()) - t_first
         seen = seg.cb(cpu, "kick_seen_ns")

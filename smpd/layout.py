@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 MAGIC = b"SMPDSEG\x00"
 
 LINE = 64  # bytes in a cache line: the MONITOR granularity of the x86 parts we emulate
@@ -69,6 +69,11 @@ class Watch(IntEnum):
     ADAPTIVE = 1
 
 
+class HotPath(IntEnum):  # smpd.hotpath
+    PYTHON = 0
+    C = 1
+
+
 class Region(IntEnum):
     TEXT = 1
     PGTABLE = 2
@@ -89,6 +94,9 @@ class Ipi(IntEnum):
     # `smpd bench kick` only: a kicked CPU in HLT re-enters mwait_play_dead() (status and
     # control back to CPUDEAD_MWAIT_WAIT), so the next round kicks the real path again.
     # No kernel does this; INIT/SIPI/offline would too, at a hundred times the cost.
+    # A CPU that has not left mwait_play_dead() yet (its kick blew the budget, and it
+    # wakes with the REPARK already posted) starts mwait_play_dead() over, so the
+    # next round's kick finds it parked, not in HLT from a late acknowledgement.
     REPARK = 6
 
 
@@ -172,6 +180,8 @@ _HEADER_FIELDS = [
     ("monitor_target", "I"),  # MonitorTarget: what mwait_play_dead() monitors
     ("kexec_count", "I"),
     ("respawns", "I"),  # CPU processes replaced after they died (emulator faults)
+    ("hot_path", "I"),  # HotPath: the compiled watch/kick loops or the Python ones
+    ("hot_path_reason", "200s"),
 ]
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import posix_ipc
 import psutil
 
-from smpd import channel, hostinfo, layout as L, names
+from smpd import channel, hostinfo, hotpath, layout as L, names
 from smpd.errors import BadInput, CoordinatorGone, MachineAlreadyUp, MachineNotUp, SmpdError, Timeout
 from smpd.segment import Segment, SegmentBeingCreated, unlink
 
@@ -158,7 +158,9 @@ def prepare(cfg) -> dict:
     geo = L.Geometry(ncpus, mem["text_pages"], mem["page_table_pages"], mem["stack_pages_per_cpu"])
     hostinfo.check_capacity(ncpus, geo.size, cfg.get("host", "cpu_process_mib"), cfg.get("host", "memory_share"))
     chosen, why = hostinfo.choose_watch(cfg.get("watch", "strategy"), ncpus)
-    return {"config": cfg.raw, "watch": chosen, "watch_reason": why, "seed": seed}
+    hot, hot_why = hotpath.choose(cfg.get("watch", "hot_path"))
+    return {"config": cfg.raw, "watch": chosen, "watch_reason": why, "hot_path": hot, "hot_path_reason": hot_why,
+            "seed": seed}
 
 
 def start_daemon(spec: dict) -> dict:

@@ -21,7 +21,7 @@ def machine_line(m: dict) -> Text:
     t = Text()
     t.append(f"machine '{m['name']}'", style="bold")
     t.append(f"  {m['state']}  {m['cpus']} CPUs ({m['online']} online: {states})\n")
-    t.append(f"coordinator pid {m['pid']}  watch {m['watch']}  pin {m['pin']}  "
+    t.append(f"coordinator pid {m['pid']}  watch {m['watch']}  hot path {m['hot_path']}  pin {m['pin']}  "
              f"kernel generation {m['generation']}  seed {m['seed']}  "
              f"uptime {_duration(m['uptime_s'])}  bring-up {m['bringup_ms']:.0f} ms\n")
     t.append(f"segment {m['segment']} ({m['segment_bytes'] / 2**20:.1f} MiB, layout v{m['layout_version']})",
@@ -104,6 +104,7 @@ def up_summary(s: dict) -> Text:
              f"(CPU 0 = coordinator pid {s['pid']}"
              + (f", CPUs 1-{s['cpus'] - 1} = processes)\n" if s["cpus"] > 1 else ")\n"))
     t.append(f"  watch    {s['watch_reason']}\n")
+    t.append(f"  hot path {s['hot_path_reason']}\n")
     t.append(f"  pin      {s['pin']}\n")
     t.append(f"  segment  {s['segment']} ({s['segment_bytes'] / 2**20:.1f} MiB, mode 0600)\n")
     t.append(f"  seed     {s['seed']}")

@@ -18,7 +18,7 @@ from typing import Callable
 import psutil
 import pytest
 
-from smpd import lifecycle, names
+from smpd import hotpath, lifecycle, names
 
 LEAK_BOUND_S = 15.0  # a loaded 2-core CI box may take a while to reap 64 processes
 _counter = itertools.count()
@@ -49,6 +49,21 @@ def wait_until(cond: Callable[[], object], timeout: float = 10.0, what: str = "c
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
+
+
+# Both hot paths (smpd.hotpath) run the tests that exercise a CPU's wake-up path;
+# the compiled one is skipped, visibly, where pip could not build it.
+_COMPILED = pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=hotpath.WHY_NOT or "")
+
+
+def hot_paths(*watches: str) -> list:
+    """Parameters: each hot path, or each (watch, hot path) pair when watches are given."""
+    return [pytest.param(hp if not watches else (w, hp), marks=[_COMPILED] if hp == "c" else [],
+                         id=hp if not watches else f"{w}-{hp}")
+            for hp in ("c", "python") for w in (watches or (None,))]
+
+
+HOT_PATHS = hot_paths()
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,11 @@
 """`smpd bench kick`: real kicks, real histograms, the hardware floor, and bad input."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -49,6 +54,27 @@ def test_bench_kick_one_target(parked4):
     assert "CPU 2, 30 rounds, 30 kicks" in r.stdout
     s = parked4.status()
     assert s["cpus"][2]["mwait_entries"] == 31 and s["cpus"][1]["mwait_entries"] == 1
+
+
+def test_a_kick_that_blows_the_budget_does_not_spoil_the_next_round(parked4, tmp_path):
+    """CPU 2 is frozen through the first kick (budget exceeded) and wakes with the kick's
+    write and the REPARK both pending: it starts mwait_play_dead() over, so round two
+    kicks a parked CPU again instead of finding a late acknowledgement."""
+    out = tmp_path / "k.json"
+    pid = parked4.cpu(2)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        bench = subprocess.Popen([sys.executable, "-m", "smpd", "bench", "kick", "--targets", "2", "--rounds", "3",
+                                  "--json", str(out), "--name", parked4.name],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)  # the first kick gives up after 5 ms; the REPARK waits for the CPU
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert bench.wait(timeout=60) == 0, bench.stderr.read()
+    d = json.loads(out.read_text())
+    assert d["kicks"] == 3 and d["budget_exceeded"]["count"] == 1
+    assert d["rtt_ns"]["count"] == 2 and d["per_cpu"]["2"]["rtt_ns"]["count"] == 2
+    assert parked4.cpu(2)["mwait_entries"] == 1 + 3
 
 
 def test_bench_kick_duration_runs_for_that_long(parked4, tmp_path):

@@ -4,8 +4,8 @@ import signal
 
 import pytest
 
-from smpd import config
-from smpd.errors import ConfigError
+from smpd import config, hotpath
+from smpd.errors import BadInput, ConfigError
 
 
 def test_defaults_load_and_name_every_schema_key():
@@ -30,6 +30,7 @@ def test_user_file_overrides_a_subset(tmp_path):
     ("[machine]\ncpus = 0\n", "expected an integer in 1..4096"),
     ("[machine]\ncpus = true\n", "expected an integer"),
     ('[watch]\nstrategy = "fast"\n', "expected one of 'auto', 'spin', 'adaptive'"),
+    ('[watch]\nhot_path = "asm"\n', "watch.hot_path = 'asm' is invalid; expected one of 'auto', 'c', 'python'"),
     ('[signals]\nnmi = "SIGKILL"\n', "SIGRTMIN+k"),
     ('[signals]\nnmi = "SIGUSR1"\nsmi = "SIGUSR1"\n', "must be distinct"),
     ("[machine\n", "not valid TOML"),
@@ -52,3 +53,14 @@ def test_signal_names_map_to_numbers():
     assert config.parse_signal("SIGRTMIN+3") == signal.SIGRTMIN + 3
     with pytest.raises(ValueError):
         config.parse_signal("SIGRTMIN+16")
+
+
+def test_hot_path_c_without_the_compiled_module_is_a_clear_error(monkeypatch):
+    """Where pip could not build smpd._hotpath, asking for it says why and what is accepted;
+    auto falls back to the Python loops and says so."""
+    monkeypatch.setattr(hotpath, "_hotpath", None)
+    monkeypatch.setattr(hotpath, "WHY_NOT", "the compiled module smpd._hotpath is not built (test)")
+    with pytest.raises(BadInput, match=r"hot path 'c' is unavailable: .*not built.*Accepted: auto, python"):
+        hotpath.choose("c")
+    assert hotpath.choose("auto") == ("python", "python (the compiled module smpd._hotpath is not built (test))")
+    assert hotpath.choose("python") == ("python", "python (asked for)")

@@ -10,6 +10,7 @@ import signal
 
 import pytest
 
+from conftest import HOT_PATHS, hot_paths
 from smpd import layout as L
 
 NMI = signal.SIGRTMIN + 1  # config/default.toml [signals]
@@ -19,11 +20,17 @@ def parked(c):
     return c["state"] == "MWAIT" and c["monitor"]["armed"]
 
 
-@pytest.fixture(params=["adaptive", "spin"])
+@pytest.fixture(params=hot_paths("adaptive", "spin"))
 def parked_machine(request, machine):
-    """Three CPUs, two of them parked; under both watch strategies."""
-    m = machine(3, "--watch", request.param)
+    """Three CPUs, two of them parked; under both watch strategies and both hot paths."""
+    watch, hot_path = request.param
+    m = machine(3, "--watch", watch, "--hot-path", hot_path)
+    assert m.status()["machine"]["hot_path"] == hot_path
     m.request("offline", cpus="1-2")
+    # `offline` returns once the CPUs report MWAIT; MONITOR is armed just after. A
+    # single poke before that would be lost, as on hardware (the kick repeats its write).
+    for cpu in (1, 2):
+        m.wait_cpu(cpu, parked, "monitor armed")
     return m
 
 
@@ -84,6 +91,35 @@ def test_control_kexec_hlt_moves_the_cpu_to_hlt_and_it_acknowledges_in_status(pa
     assert m.cpu(2)["state"] == "MWAIT"
 
 
+@pytest.mark.parametrize("case", hot_paths("adaptive", "spin"))
+def test_a_kick_is_acknowledged_and_recorded_alike_by_either_hot_path(machine, case):
+    """The compiled path acknowledges and enters HLT itself (smpd/_hotpath.c); what it
+    leaves behind must be what the Python path leaves: same events, state, counters.
+    (One parked CPU: with the coordinator, two spinning processes fit two host cores.)"""
+    watch, hot_path = case
+    m = machine(2, "--watch", watch, "--hot-path", hot_path)
+    m.request("offline", cpus="1")
+    m.wait_cpu(1, parked, "monitor armed")
+    for round_ in (1, 2):
+        r = m.request("kick")
+        assert r["kick"]["stuck"] == [] and len(r["kick"]["cpus"]) == 1, r["kick"]
+        assert all(e["acknowledged"] and e["rounds"] >= 1 and e["rtt_ns"] > 0 for e in r["kick"]["cpus"].values())
+        mine = [e["event"] for e in r["timeline"] if e["cpu"] == 1]
+        assert mine == ["MWAIT woken by a write to mwait_cpu_dead[1].control",
+                        "sees control == CPUDEAD_MWAIT_KEXEC_HLT, acknowledges in status", "enters HLT"]
+        c = m.cpu(1)
+        assert c["state"] == "HLT" and not c["monitor"]["armed"], c
+        assert c["mwait_cpu_dead"]["status"] == L.CPUDEAD_MWAIT_KEXEC_HLT
+        assert c["wakeups"]["write"] == round_ and c["mwait_entries"] == round_
+        m.request("reset")  # back into mwait_play_dead(), through Python's HLT loop
+        m.wait_cpu(1, parked, "re-parked")
+    # The compiled HLT hands over to Python at the next interrupt: it runs, and halts again.
+    m.request("kick")
+    os.kill(m.cpu(1)["pid"], NMI)
+    c = m.wait_cpu(1, lambda c: c["interrupts"]["nmi"]["taken"] == 1, "NMI ends HLT")
+    assert c["state"] == "HLT"
+
+
 def test_online_from_hlt_resets_through_init(parked_machine):
     m = parked_machine
     m.request("poke", target="mwait_cpu_dead[2].control", value=L.CPUDEAD_MWAIT_KEXEC_HLT)
@@ -93,10 +129,12 @@ def test_online_from_hlt_resets_through_init(parked_machine):
     assert c["state"] == "RUNNING" and c["mwait_cpu_dead"]["status"] == 0
 
 
-def test_spurious_wakeups_loop_back_into_mwait(machine, tmp_path):
+@pytest.mark.parametrize("case", hot_paths("adaptive", "spin"))
+def test_spurious_wakeups_loop_back_into_mwait(machine, tmp_path, case):
+    watch, hot_path = case
     cfg = tmp_path / "spurious.toml"
     cfg.write_text("[watch]\nspurious_per_s = 200.0\n")
-    m = machine(2, "--watch", "adaptive", "--config", str(cfg))
+    m = machine(2, "--watch", watch, "--hot-path", hot_path, "--config", str(cfg))
     m.request("offline", cpus="1")
     c = m.wait_cpu(1, lambda c: c["wakeups"]["spurious"] >= 5 and parked(c), "spurious wake-ups")
     assert c["wakeups"]["write"] == 0 and c["mwait_cpu_dead"]["control"] == L.CPUDEAD_MWAIT_WAIT
@@ -110,14 +148,16 @@ def test_interrupts_reach_online_cpus_too(machine):
     assert c["state"] == "RUNNING"
 
 
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
 @pytest.mark.parametrize("budget_us", [0, 50])
-def test_no_burst_of_interrupts_goes_unnoticed_by_a_sleeping_cpu(machine, tmp_path, budget_us):
+def test_no_burst_of_interrupts_goes_unnoticed_by_a_sleeping_cpu(machine, tmp_path, budget_us, hot_path):
     """Every burst of NMI signals wakes the CPU, whether it lands while the CPU spins,
     sleeps, or is in between. Signals of one kind that arrive before the CPU takes
     the first are merged (the NMI latch), so a burst counts at least once."""
     cfg = tmp_path / "budget.toml"
-    cfg.write_text(f"[watch]\nspin_budget_us = {budget_us}\n")
+    cfg.write_text(f"[watch]\nspin_budget_us = {budget_us}\nhot_path = \"{hot_path}\"\n")
     m = machine(2, "--watch", "adaptive", "--config", str(cfg))
+    assert m.status()["machine"]["hot_path"] == hot_path
     m.request("offline", cpus="1")
     pid = m.cpu(1)["pid"]
     sent = taken = 0

@@ -1,0 +1,640 @@
+/*
+ * smpd._hotpath: the two halves of a kick, compiled.
+ *
+ * A kick is a cache-line conversation: the coordinator stores control, the parked
+ * CPU sees it and stores status, the coordinator sees that. In Python each side
+ * pays for its interpreter between those moves (the woken CPU's path to its
+ * acknowledgement was ~3 us warm and ~55 us cache-cold after a sleep), so the
+ * latency measured was CPython's, not the conversation's. This module runs the
+ * same steps, over the same segment, with the same semantics, in C:
+ *
+ *   Waiter.wait()       the CPU's watch loop (smpd.cpu.Cpu.wait): spin on the
+ *                       wake word, optionally sleep in sigwaitinfo() until the bus
+ *                       rings the doorbell signal, and, when armed with an Ack,
+ *                       the woken path of mwait_play_dead() through its
+ *                       acknowledgement: page checks, control, status.
+ *   Kicker.kick_one()   the coordinator's kick of one CPU (smpd.kick.kick_one):
+ *                       smp_kick_mwait_play_dead()'s loop of control writes
+ *                       through the bus's rule (store, fence, directory, wake
+ *                       byte, fence, doorbell) and udelay(5) rounds.
+ *
+ * Everything outside that path (interrupt handlers, IPIs, events, counters,
+ * foreign bytes) stays in Python: the C returns to it whenever the wake-up is
+ * anything but a kick it can acknowledge. smpd.hotpath chooses between this and
+ * the pure Python loops; both are tested against the same machine.
+ *
+ * Signals: Python handlers (NMI/SMI/MCE) only run when the interpreter gets
+ * control, so the spin loop calls PyErr_CheckSignals() every SIGNAL_POLL
+ * iterations; a handler raises the CPU's interrupt byte, which ends the spin.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <sched.h>
+
+#define SIGNAL_POLL 1024
+#define MAX_TAGS 8
+
+enum { WOKE = 0, TIMEOUT = 1, SIGNAL = 2 };
+
+static inline int64_t now_ns(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+#define LOAD32(p) __atomic_load_n((uint32_t *)(p), __ATOMIC_ACQUIRE)
+#define LOAD64(p) __atomic_load_n((uint64_t *)(p), __ATOMIC_ACQUIRE)
+#define LOAD16(p) __atomic_load_n((uint16_t *)(p), __ATOMIC_ACQUIRE)
+#define STORE8(p, v) __atomic_store_n((uint8_t *)(p), (v), __ATOMIC_RELEASE)
+#define STORE16(p, v) __atomic_store_n((uint16_t *)(p), (v), __ATOMIC_RELEASE)
+#define STORE32(p, v) __atomic_store_n((uint32_t *)(p), (v), __ATOMIC_RELEASE)
+#define STORE64(p, v) __atomic_store_n((uint64_t *)(p), (v), __ATOMIC_RELEASE)
+#define FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+
+/*
+ * The segment's bytes, exported for one call only: an object that held the export
+ * for its life would keep Segment.close() from releasing the mapping. A closed
+ * segment gives a clean ValueError here instead of a stale pointer.
+ */
+static char *acquire(PyObject *buf, Py_buffer *view, Py_ssize_t need)
+{
+	if (PyObject_GetBuffer(buf, view, PyBUF_WRITABLE) < 0)
+		return NULL;
+	if (view->len < need) {
+		PyBuffer_Release(view);
+		PyErr_Format(PyExc_ValueError, "the segment has %zd bytes, %zd needed", view->len, need);
+		return NULL;
+	}
+	return view->buf;
+}
+
+static int in_range(Py_buffer *view, Py_ssize_t off, Py_ssize_t size, const char *what)
+{
+	if (off < 0 || off % size || off + size > view->len) {
+		PyErr_Format(PyExc_ValueError, "%s offset %zd is not an aligned %zd-byte field of the segment",
+			     what, off, size);
+		return -1;
+	}
+	return 0;
+}
+
+/* ---- Ack: what the woken CPU in mwait_play_dead() checks and stores ------- */
+
+typedef struct {
+	PyObject_HEAD
+	Py_ssize_t control, status, seen, dir_entry, armed;
+	uint32_t kexec_hlt;  /* CPUDEAD_MWAIT_KEXEC_HLT, from smpd.layout */
+	/* What the CPU records on its way from the acknowledgement into HLT (smpd.cpu). */
+	Py_ssize_t wake_write, activity, state, ev_head, ev_ring;
+	uint32_t line, st_hlt, ev_slots, ev_wake_write, ev_kick_seen, ev_hlt;
+	Py_ssize_t need;  /* the segment must be this long: the last byte any offset names */
+	int ntags;
+	Py_ssize_t tag_off[MAX_TAGS];
+	uint64_t tag_lo[MAX_TAGS], tag_hi[MAX_TAGS];
+} Ack;
+
+static int Ack_init(Ack *self, PyObject *args, PyObject *kw)
+{
+	static char *names[] = {"control", "status", "seen", "dir_entry", "armed", "tags", "kexec_hlt",
+				"wake_write", "activity", "state", "ev_head", "ev_ring", "line", "state_hlt",
+				"ev_slots", "ev_wake_write", "ev_kick_seen", "ev_hlt", NULL};
+	PyObject *tags;
+	unsigned int hlt, line, st_hlt, slots, e_ww, e_ks, e_hlt;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "nnnnnOInnnnnIIIIII", names, &self->control, &self->status,
+					 &self->seen, &self->dir_entry, &self->armed, &tags, &hlt,
+					 &self->wake_write, &self->activity, &self->state, &self->ev_head,
+					 &self->ev_ring, &line, &st_hlt, &slots, &e_ww, &e_ks, &e_hlt))
+		return -1;
+	if (slots == 0) {
+		PyErr_SetString(PyExc_ValueError, "ev_slots must be at least 1");
+		return -1;
+	}
+	self->kexec_hlt = hlt;
+	self->line = line;
+	self->st_hlt = st_hlt;
+	self->ev_slots = slots;
+	self->ev_wake_write = e_ww;
+	self->ev_kick_seen = e_ks;
+	self->ev_hlt = e_hlt;
+	tags = PySequence_Fast(tags, "tags must be a sequence of (offset, lo, hi)");
+	if (!tags)
+		return -1;
+	self->ntags = (int)PySequence_Fast_GET_SIZE(tags);
+	if (self->ntags > MAX_TAGS) {
+		Py_DECREF(tags);
+		PyErr_Format(PyExc_ValueError, "at most %d page tags, got %d", MAX_TAGS, self->ntags);
+		return -1;
+	}
+	for (int k = 0; k < self->ntags; k++) {
+		unsigned long long lo, hi;
+
+		if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(tags, k), "nKK", &self->tag_off[k], &lo, &hi)) {
+			Py_DECREF(tags);
+			return -1;
+		}
+		self->tag_lo[k] = lo;
+		self->tag_hi[k] = hi;
+	}
+	Py_DECREF(tags);
+	{
+		enum { N = 10 };
+		Py_ssize_t off[N] = {self->control, self->status, self->seen, self->dir_entry, self->armed,
+				     self->wake_write, self->activity, self->state, self->ev_head, self->ev_ring};
+		Py_ssize_t size[N] = {4, 4, 8, 2, 4, 8, 4, 4, 4, 16 * (Py_ssize_t)self->ev_slots};
+
+		self->need = 0;
+		for (int k = 0; k < N + self->ntags; k++) {
+			Py_ssize_t o = k < N ? off[k] : self->tag_off[k - N], sz = k < N ? size[k] : 16;
+
+			if (o < 0 || o % (sz > 8 ? 8 : sz)) {
+				PyErr_Format(PyExc_ValueError, "Ack offset %zd is not aligned to %zd bytes", o,
+					     sz > 8 ? 8 : sz);
+				return -1;
+			}
+			if (o + sz > self->need)
+				self->need = o + sz;
+		}
+	}
+	return 0;
+}
+
+static PyTypeObject AckType = {
+	PyVarObject_HEAD_INIT(NULL, 0)
+	.tp_name = "smpd._hotpath.Ack",
+	.tp_doc = "Ack(control, status, seen, dir_entry, armed, tags, kexec_hlt): byte offsets of "
+		  "mwait_cpu_dead's control and status, kick_seen_ns, the armed line's directory entry and "
+		  "mon_armed; the page tags (offset, lo, hi) the resume must find; the control value that "
+		  "sends the CPU to HLT",
+	.tp_basicsize = sizeof(Ack),
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_new = PyType_GenericNew,
+	.tp_init = (initproc)Ack_init,
+};
+
+/* ---- Waiter: a CPU's watch loop ------------------------------------------- */
+
+typedef struct {
+	PyObject_HEAD
+	PyObject *buf;
+	char *base;  /* valid during a call only */
+	Py_ssize_t wake, sleeping;
+	sigset_t irq, sleep_set;
+} Waiter;
+
+static int sigset_from(PyObject *seq, sigset_t *set)
+{
+	PyObject *fast = PySequence_Fast(seq, "signals must be a sequence of signal numbers");
+
+	if (!fast)
+		return -1;
+	sigemptyset(set);
+	for (Py_ssize_t k = 0; k < PySequence_Fast_GET_SIZE(fast); k++) {
+		long s = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, k));
+
+		if (s == -1 && PyErr_Occurred()) {
+			Py_DECREF(fast);
+			return -1;
+		}
+		if (sigaddset(set, (int)s)) {
+			Py_DECREF(fast);
+			PyErr_Format(PyExc_ValueError, "%ld is not a signal number", s);
+			return -1;
+		}
+	}
+	Py_DECREF(fast);
+	return 0;
+}
+
+static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
+{
+	static char *names[] = {"buf", "wake", "sleeping", "irq_signals", "doorbell", NULL};
+	PyObject *buf, *irq;
+	int doorbell;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "OnnOi", names, &buf, &self->wake, &self->sleeping, &irq,
+					 &doorbell))
+		return -1;
+	Py_buffer view;
+	int bad;
+
+	if (self->buf) {
+		PyErr_SetString(PyExc_RuntimeError, "Waiter is already initialised");
+		return -1;
+	}
+	if (sigset_from(irq, &self->irq) < 0)
+		return -1;
+	self->sleep_set = self->irq;
+	sigaddset(&self->sleep_set, doorbell);
+	if (!acquire(buf, &view, 0))
+		return -1;
+	bad = in_range(&view, self->wake, 4, "wake") < 0 || in_range(&view, self->sleeping, 4, "sleeping") < 0;
+	PyBuffer_Release(&view);
+	if (bad)
+		return -1;
+	Py_INCREF(buf);
+	self->buf = buf;
+	return 0;
+}
+
+static void Waiter_dealloc(Waiter *self)
+{
+	Py_XDECREF(self->buf);
+	Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* events.log(): one (ns, code, arg) entry in the CPU's ring, ev_head written last. */
+static void log_event(char *b, Ack *a, uint32_t code, uint32_t arg, int64_t ns)
+{
+	uint32_t head = LOAD32(b + a->ev_head);
+	char *e = b + a->ev_ring + (Py_ssize_t)(head % a->ev_slots) * 16;
+
+	STORE64(e, (uint64_t)ns);
+	STORE32(e + 8, code);
+	STORE32(e + 12, arg);
+	STORE32(b + a->ev_head, head + 1);
+}
+
+/*
+ * The woken CPU's path in mwait_play_dead(), when the only thing that woke it is a
+ * bus write: the resume checks (page tables, text, stack: the tags of the old
+ * kernel's pages), then control == CPUDEAD_MWAIT_KEXEC_HLT, then the status
+ * store the kicker waits for. Anything else (a foreign page, another control
+ * value, an interrupt or IPI byte) is left untouched for the Python path.
+ * The status line is this CPU's own (only its owner may monitor it), so the store
+ * needs no directory look. Bookkeeping comes after the acknowledgement.
+ */
+static int try_ack(Waiter *w, Ack *a, int64_t *seen)
+{
+	char *b = w->base;
+
+	if (LOAD32(b + w->wake) != 1)  /* the WRITE byte (byte 0) alone */
+		return 0;
+	for (int k = 0; k < a->ntags; k++)
+		if (LOAD64(b + a->tag_off[k]) != a->tag_lo[k] || LOAD64(b + a->tag_off[k] + 8) != a->tag_hi[k])
+			return 0;
+	if (LOAD32(b + a->control) != a->kexec_hlt)
+		return 0;
+	*seen = now_ns();
+	STORE32(b + a->status, a->kexec_hlt);
+	STORE64(b + a->seen, (uint64_t)*seen);
+	/* MWAIT's exit ends the monitor, and the write that woke us is consumed. */
+	STORE16(b + a->dir_entry, 0);
+	STORE32(b + a->armed, 0);
+	STORE8(b + w->wake, 0);
+	/* Then what smpd.cpu records on this way into `while (1) native_halt();`:
+	 * mwait()'s wake count, wait()'s activity, the two events of the wake-up, the
+	 * state and the HLT event. HLT then sleeps right here (sleep_until), so a
+	 * cache-cold interpreter runs only after the next interrupt or IPI. */
+	STORE64(b + a->wake_write, LOAD64(b + a->wake_write) + 1);
+	log_event(b, a, a->ev_wake_write, a->line, *seen);
+	log_event(b, a, a->ev_kick_seen, 0, *seen);
+	STORE32(b + a->state, a->st_hlt);
+	log_event(b, a, a->ev_hlt, 0, now_ns());
+	STORE32(b + a->activity, LOAD32(b + a->activity) + 1);
+	return 1;
+}
+
+static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *a);
+
+/* The wake word is raised: acknowledge a kick if ``a`` says so and it is one. */
+static PyObject *woke(Waiter *w, Ack *a, int slept, long long spin_ns)
+{
+	int64_t seen;
+	PyObject *r, *out;
+
+	if (!a || !try_ack(w, a, &seen))
+		return Py_BuildValue("(iiL)", WOKE, 0, 0LL);
+	/* Acknowledged after a sleep: the kicker may be waiting for this host core
+	 * (it yields it while we sleep). Hand it back before anything else. */
+	if (slept)
+		sched_yield();
+	/* HLT: until an interrupt or an IPI; a spin-watch CPU spins, others sleep at once. */
+	r = wait_on(w, spin_ns < 0 ? -1 : 0, 0, NULL);
+	if (!r)
+		return NULL;
+	out = Py_BuildValue("(OOL)", PyTuple_GET_ITEM(r, 0), PyTuple_GET_ITEM(r, 1), (long long)seen);
+	Py_DECREF(r);
+	return out;
+}
+
+/* Sleep until a byte is raised, the deadline passes, or an interrupt signal comes. */
+static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
+{
+	volatile uint32_t *wake = (uint32_t *)(w->base + w->wake);
+	sigset_t old;
+	int code = WOKE, signo = 0;
+
+	pthread_sigmask(SIG_BLOCK, &w->irq, &old);
+	/* An interrupt that landed before the block has its Python handler pending:
+	 * run it now, so its byte is raised before we look. */
+	if (PyErr_CheckSignals() < 0) {
+		pthread_sigmask(SIG_SETMASK, &old, NULL);
+		return NULL;
+	}
+	STORE32(w->base + w->sleeping, 1);
+	FENCE();  /* pairs with the bus's fence: we see its byte or it sees `sleeping` */
+	while (LOAD32(wake) == 0) {
+		siginfo_t info;
+		int r;
+
+		if (deadline) {
+			int64_t left = deadline - now_ns();
+			struct timespec ts;
+
+			if (left <= 0) {
+				code = TIMEOUT;
+				break;
+			}
+			ts.tv_sec = left / 1000000000LL;
+			ts.tv_nsec = left % 1000000000LL;
+			r = sigtimedwait(&w->sleep_set, &info, &ts);
+		} else {
+			r = sigwaitinfo(&w->sleep_set, &info);
+		}
+		if (r < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				continue;  /* the deadline is checked above; EINTR: another handler ran */
+			STORE32(w->base + w->sleeping, 0);
+			pthread_sigmask(SIG_SETMASK, &old, NULL);
+			return PyErr_SetFromErrno(PyExc_OSError);
+		}
+		if (sigismember(&w->irq, r)) {
+			code = SIGNAL;
+			signo = r;
+			break;
+		}
+		/* the doorbell: look at the wake word again */
+	}
+	STORE32(w->base + w->sleeping, 0);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (code == WOKE)
+		return woke(w, a, 1, 0);
+	return Py_BuildValue("(iiL)", code, signo, 0LL);
+}
+
+static PyObject *Waiter_wait(Waiter *w, PyObject *args)
+{
+	long long spin_ns, deadline;
+	PyObject *ack, *r;
+	Ack *a = NULL;
+	Py_buffer view;
+	Py_ssize_t need = 0;
+
+	if (!PyArg_ParseTuple(args, "LLO", &spin_ns, &deadline, &ack))
+		return NULL;
+	if (!w->buf) {
+		PyErr_SetString(PyExc_RuntimeError, "Waiter is not initialised");
+		return NULL;
+	}
+	if (ack != Py_None) {
+		if (!PyObject_TypeCheck(ack, &AckType)) {
+			PyErr_SetString(PyExc_TypeError, "ack must be an Ack or None");
+			return NULL;
+		}
+		a = (Ack *)ack;
+		need = a->need;
+	}
+	w->base = acquire(w->buf, &view, need);
+	if (!w->base)
+		return NULL;
+	r = wait_on(w, spin_ns, deadline, a);
+	w->base = NULL;
+	PyBuffer_Release(&view);
+	return r;
+}
+
+static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *a)
+{
+	volatile uint32_t *wake = (uint32_t *)(w->base + w->wake);
+
+	if (LOAD32(wake) != 0)
+		return woke(w, a, 0, spin_ns);
+	if (spin_ns != 0) {
+		/* spin_ns < 0: spin until woken (watch spin); else for that long (adaptive). */
+		int64_t end = spin_ns < 0 ? INT64_MAX : now_ns() + spin_ns;
+		unsigned n = 0;
+
+		if (deadline && deadline < end)
+			end = deadline;
+		for (;;) {
+			if (LOAD32(wake) != 0)  /* THE HOT LOOP: one load, one compare */
+				return woke(w, a, 0, spin_ns);
+			if (++n % SIGNAL_POLL == 0) {
+				if (PyErr_CheckSignals() < 0)
+					return NULL;
+				if (end != INT64_MAX && now_ns() >= end)
+					break;
+			}
+		}
+		if (LOAD32(wake) != 0)
+			return woke(w, a, 0, spin_ns);
+		if (spin_ns < 0 || (deadline && now_ns() >= deadline))  /* spin ends only so */
+			return Py_BuildValue("(iiL)", TIMEOUT, 0, 0LL);
+	}
+	return sleep_until(w, a, deadline);
+}
+
+static PyMethodDef Waiter_methods[] = {
+	{"wait", (PyCFunction)Waiter_wait, METH_VARARGS,
+	 "wait(spin_ns, deadline_ns, ack) -> (code, arg, acked_ns)\n\n"
+	 "Wait for the wake word: spin for spin_ns (-1: until woken; 0: not at all), then sleep\n"
+	 "in sigwaitinfo() on the doorbell and interrupt signals; deadline_ns (CLOCK_MONOTONIC, 0 =\n"
+	 "none) ends the wait as TIMEOUT. code is WOKE (the wake word is left for the caller),\n"
+	 "TIMEOUT, or SIGNAL with arg = the interrupt signal taken while asleep. acked_ns is 0,\n"
+	 "or, when ack was given and the wake-up was a kick it could acknowledge, when the CPU saw\n"
+	 "the kick: it then acknowledged, went into HLT, and code/arg say what ended HLT."},
+	{NULL},
+};
+
+static PyTypeObject WaiterType = {
+	PyVarObject_HEAD_INIT(NULL, 0)
+	.tp_name = "smpd._hotpath.Waiter",
+	.tp_doc = "Waiter(buf, wake, sleeping, irq_signals, doorbell): one CPU's watch loop over the segment",
+	.tp_basicsize = sizeof(Waiter),
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_new = PyType_GenericNew,
+	.tp_init = (initproc)Waiter_init,
+	.tp_dealloc = (destructor)Waiter_dealloc,
+	.tp_methods = Waiter_methods,
+};
+
+/* ---- Kicker: the coordinator's side ---------------------------------------- */
+
+typedef struct {
+	PyObject_HEAD
+	PyObject *buf;
+	char *base;  /* valid during a call only */
+	Py_ssize_t mem_off, mem_len, dir_off, cb_off, cb_size, cb_wake, cb_sleeping, cb_pid;
+	long ncpus;
+	int doorbell;
+} Kicker;
+
+static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
+{
+	static char *names[] = {"buf", "mem_off", "mem_len", "dir_off", "cb_off", "cb_size", "cb_wake",
+				"cb_sleeping", "cb_pid", "ncpus", "doorbell", NULL};
+	PyObject *buf;
+	Py_buffer view;
+	int bad;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "Onnnnnnnnli", names, &buf, &self->mem_off, &self->mem_len,
+					 &self->dir_off, &self->cb_off, &self->cb_size, &self->cb_wake,
+					 &self->cb_sleeping, &self->cb_pid, &self->ncpus, &self->doorbell))
+		return -1;
+	if (self->buf) {
+		PyErr_SetString(PyExc_RuntimeError, "Kicker is already initialised");
+		return -1;
+	}
+	if (!acquire(buf, &view, 0))
+		return -1;
+	bad = self->mem_off < 0 || self->mem_len < 0 || self->mem_off + self->mem_len > view.len ||
+	      self->dir_off < 0 || self->dir_off + 2 * (self->mem_len / 64) > view.len ||
+	      self->cb_off < 0 || self->cb_off + self->ncpus * self->cb_size > view.len;
+	PyBuffer_Release(&view);
+	if (bad) {
+		PyErr_SetString(PyExc_ValueError, "the geometry does not fit the segment");
+		return -1;
+	}
+	Py_INCREF(buf);
+	self->buf = buf;
+	return 0;
+}
+
+static void Kicker_dealloc(Kicker *self)
+{
+	Py_XDECREF(self->buf);
+	Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/*
+ * One u32 store through the bus's rule (smpd.bus.Bus.write): store, fence, look up
+ * the line's monitor in the directory; wake its owner by raising the WRITE byte,
+ * fence, and ring the doorbell if it sleeps. Returns 1 when the owner was asleep.
+ */
+static int bus_write_u32(Kicker *k, Py_ssize_t off, uint32_t value)
+{
+	char *b = k->base;
+	uint16_t owner;
+	char *cb;
+
+	STORE32(b + k->mem_off + off, value);
+	FENCE();
+	owner = LOAD16(b + k->dir_off + 2 * (off >> 6));
+	if (!owner || owner > k->ncpus)
+		return 0;
+	cb = b + k->cb_off + (owner - 1) * k->cb_size;
+	STORE8(cb + k->cb_wake, 1);
+	FENCE();
+	if (LOAD32(cb + k->cb_sleeping)) {
+		uint32_t pid = LOAD32(cb + k->cb_pid);
+
+		if (pid)
+			kill((pid_t)pid, k->doorbell);  /* gone: the coordinator marks it GONE */
+		return 1;
+	}
+	return 0;
+}
+
+static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
+{
+	Py_ssize_t md;  /* mwait_cpu_dead's offset in emulated memory */
+	unsigned int hlt;  /* CPUDEAD_MWAIT_KEXEC_HLT */
+	long long delay_ns;
+	long rounds, i = 0;
+	int64_t t_first, t_ack = 0;
+	volatile uint32_t *status;
+	Py_buffer view;
+	PyObject *r;
+
+	if (!PyArg_ParseTuple(args, "nILl", &md, &hlt, &delay_ns, &rounds))
+		return NULL;
+	if (md < 0 || md % 4 || md + 8 > k->mem_len) {
+		PyErr_Format(PyExc_ValueError, "mwait_cpu_dead offset %zd is outside emulated memory", md);
+		return NULL;
+	}
+	if (!k->buf) {
+		PyErr_SetString(PyExc_RuntimeError, "Kicker is not initialised");
+		return NULL;
+	}
+	k->base = acquire(k->buf, &view, 0);
+	if (!k->base)
+		return NULL;
+	status = (uint32_t *)(k->base + k->mem_off + md + 4);
+	t_first = now_ns();
+	/* Wait 5ms maximum */
+	while (i < rounds && LOAD32(status) != hlt) {
+		/* Bring it out of mwait */
+		int slept = bus_write_u32(k, md, hlt);
+		int64_t end = now_ns() + delay_ns;
+
+		for (;;) {  /* udelay(), watching status to time the acknowledgement */
+			if (!t_ack && LOAD32(status) == hlt)
+				t_ack = now_ns();  /* read after the load: never before the ack */
+			if (now_ns() >= end)
+				break;
+			if (slept)  /* a sleeping CPU needs a host core to wake on, maybe this one */
+				sched_yield();
+		}
+		i++;
+	}
+	r = Py_BuildValue("(OlLL)", LOAD32(status) == hlt ? Py_True : Py_False, i, (long long)t_first,
+			  (long long)t_ack);
+	k->base = NULL;
+	PyBuffer_Release(&view);
+	return r;
+}
+
+static PyMethodDef Kicker_methods[] = {
+	{"kick_one", (PyCFunction)Kicker_kick_one, METH_VARARGS,
+	 "kick_one(md_off, kexec_hlt, delay_ns, rounds) -> (acknowledged, rounds, t_first_ns, t_ack_ns)\n\n"
+	 "smp_kick_mwait_play_dead() for one CPU whose mwait_cpu_dead sits at md_off in emulated\n"
+	 "memory: write control = kexec_hlt through the bus, udelay(delay), at most rounds times,\n"
+	 "until status says so. t_ack_ns is 0 when the CPU never answered."},
+	{NULL},
+};
+
+static PyTypeObject KickerType = {
+	PyVarObject_HEAD_INIT(NULL, 0)
+	.tp_name = "smpd._hotpath.Kicker",
+	.tp_doc = "Kicker(buf, mem_off, mem_len, dir_off, cb_off, cb_size, cb_wake, cb_sleeping, cb_pid, "
+		  "ncpus, doorbell): the coordinator's kick over the segment",
+	.tp_basicsize = sizeof(Kicker),
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_new = PyType_GenericNew,
+	.tp_init = (initproc)Kicker_init,
+	.tp_dealloc = (destructor)Kicker_dealloc,
+	.tp_methods = Kicker_methods,
+};
+
+static struct PyModuleDef module = {
+	PyModuleDef_HEAD_INIT, "smpd._hotpath",
+	"The kick's hot paths (the CPU's watch loop and acknowledgement, the coordinator's kick loop) "
+	"in C. See smpd.hotpath.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__hotpath(void)
+{
+	PyObject *m;
+
+	if (PyType_Ready(&AckType) < 0 || PyType_Ready(&WaiterType) < 0 || PyType_Ready(&KickerType) < 0)
+		return NULL;
+	m = PyModule_Create(&module);
+	if (!m)
+		return NULL;
+	if (PyModule_AddIntConstant(m, "WOKE", WOKE) || PyModule_AddIntConstant(m, "TIMEOUT", TIMEOUT) ||
+	    PyModule_AddIntConstant(m, "SIGNAL", SIGNAL) ||
+	    PyModule_AddType(m, &AckType) || PyModule_AddType(m, &WaiterType) || PyModule_AddType(m, &KickerType)) {
+		Py_DECREF(m);
+		return NULL;
+	}
+	return m;
+}

@@ -1,0 +1,96 @@
+"""Which hot path a machine runs: the compiled one (smpd._hotpath) or the pure Python loops.
+
+A kick is two cache-line moves (control out, status back), and the host's floor
+for that is ~120 ns here (smpd.hwfloor). In Python each side pays for its
+interpreter between the moves: the woken CPU's path from its wake word to the
+acknowledgement took ~3 us warm, and ~55 us when the process had slept and its
+interpreter's memory was cache-cold (63 CPU processes on 2 cores), so a kick
+measured CPython more than the protocol. smpd/_hotpath.c runs the same steps on
+the same segment in C: the CPU's watch loop with its sleep and, in
+mwait_play_dead(), the path through the acknowledgement; and the coordinator's
+smp_kick_mwait_play_dead() loop for one CPU. Everything else stays in Python.
+
+``hot_path`` (config ``[watch] hot_path``, ``smpd up --hot-path``):
+
+* ``auto`` — the compiled path when the extension is built (pip builds it when a
+  C compiler exists), else the Python loops; ``smpd up`` says which and why;
+* ``c`` — the compiled path, or a clear error when it is not built;
+* ``python`` — the pure Python loops (the reference, and the fallback).
+
+The choice is the machine's (a header word): its coordinator and CPUs agree.
+"""
+
+from __future__ import annotations
+
+from smpd import config, layout as L
+from smpd.errors import BadInput
+
+try:
+    from smpd import _hotpath
+    WHY_NOT: str | None = None
+except ImportError as e:  # built without a C compiler: the Python loops run instead
+    _hotpath = None
+    WHY_NOT = f"the compiled module smpd._hotpath is not built ({e}); `pip install -e .` builds it when a C compiler exists"
+
+HOT_PATHS = config.HOT_PATHS
+
+
+def choose(asked: str) -> tuple[str, str]:
+    """The hot path to run for ``asked`` (one of HOT_PATHS), and why, for `smpd up` to print."""
+    if asked == "python":
+        return "python", "python (asked for)"
+    if _hotpath is None:
+        if asked == "c":
+            raise BadInput(f"hot path 'c' is unavailable: {WHY_NOT}. Accepted: auto, python.")
+        return "python", f"python ({WHY_NOT})"
+    return "c", "c (asked for)" if asked == "c" else "c (auto: the compiled module is built)"
+
+
+def compiled(seg) -> bool:
+    return seg.hdr("hot_path") == L.HotPath.C
+
+
+def waiter(seg, cpu: int, irq_signals, doorbell: int):
+    """CPU ``cpu``'s compiled watch loop, or None when the machine runs the Python loops."""
+    if not compiled(seg):
+        return None
+    return _hotpath.Waiter(seg.buf, seg.cb_index32(cpu, "wake") * 4, seg.cb_index32(cpu, "sleeping") * 4,
+                           sorted(irq_signals), doorbell)
+
+
+def ack(seg, cpu: int, checks) -> object:
+    """What CPU ``cpu`` checks and stores to acknowledge a kick in the compiled path, and
+    what it records on its way into HLT (the stores smpd.cpu makes on that way).
+
+    ``checks`` are a smpd.oldkernel.ResumePlan's (page, kind, u64 index, lo, hi): the
+    tags the resume of mwait_play_dead() must find, in order.
+    """
+    geo = seg.geo
+    md = geo.mwait_cpu_dead_addr(cpu)
+    md_off = geo.mem_off + md - L.PHYS_BASE
+    line = (md - L.PHYS_BASE) // L.LINE
+    word = lambda field: seg.cb_index(cpu, field) * L.CB[field][1].size  # noqa: E731
+    return _hotpath.Ack(control=md_off, status=md_off + 4, seen=word("kick_seen_ns"),
+                        dir_entry=geo.dir_off + line * L.DIR_ENTRY, armed=word("mon_armed"),
+                        tags=[(i * 8, lo, hi) for _page, _kind, i, lo, hi in checks],
+                        kexec_hlt=L.CPUDEAD_MWAIT_KEXEC_HLT,
+                        wake_write=word("wake_write"), activity=word("activity"), state=word("state"),
+                        ev_head=word("ev_head"), ev_ring=geo.cb_off(cpu) + L.EV_OFF, line=line,
+                        state_hlt=L.ExecState.HLT, ev_slots=L.EV_SLOTS, ev_wake_write=L.Ev.WAKE_WRITE,
+                        ev_kick_seen=L.Ev.KICK_SEEN, ev_hlt=L.Ev.HLT)
+
+
+def kicker(seg, doorbell: int):
+    """The coordinator's compiled kick loop, or None when the machine runs the Python loops."""
+    if not compiled(seg):
+        return None
+    geo = seg.geo
+    return _hotpath.Kicker(seg.buf, mem_off=geo.mem_off, mem_len=geo.npages * L.PAGE, dir_off=geo.dir_off,
+                           cb_off=L.CB_OFF, cb_size=L.CB_SIZE, cb_wake=L.CB["wake"][0],
+                           cb_sleeping=L.CB["sleeping"][0], cb_pid=L.CB["pid"][0], ncpus=geo.ncpus,
+                           doorbell=doorbell)
+
+
+if _hotpath is not None:
+    WOKE, TIMEOUT, SIGNAL = _hotpath.WOKE, _hotpath.TIMEOUT, _hotpath.SIGNAL
+    assert L.EV_ENTRY.size == 16, "smpd/_hotpath.c writes event entries of (u64 ns, u32 code, u32 arg)"

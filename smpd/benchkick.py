@@ -53,6 +53,7 @@ class Run:
     budget_ns: int = 0
     delay_ns: int = 0
     watch: str = ""
+    hot_path: str = ""
     one_way: HdrHistogram = field(default_factory=_hist)
     rtt: HdrHistogram = field(default_factory=_hist)
     per_one_way: dict[int, HdrHistogram] = field(default_factory=dict)
@@ -69,6 +70,7 @@ class Run:
 
     def fold(self, batch: dict) -> None:
         self.budget_ns, self.delay_ns, self.watch = batch["budget_ns"], batch["delay_ns"], batch["watch"]
+        self.hot_path = batch["hot_path"]
         for cpu_s, samples in batch["samples"].items():
             cpu = int(cpu_s)
             ow = self.per_one_way.setdefault(cpu, _hist())
@@ -115,7 +117,8 @@ class Run:
                 if cpu in self.ctx_before else None,
             }
         return {
-            "watch": self.watch, "targets": format_list(self.targets), "rounds": self.rounds_done,
+            "watch": self.watch, "hot_path": self.hot_path, "targets": format_list(self.targets),
+            "rounds": self.rounds_done,
             "kicks": self.kicks, "seconds": round(self.seconds, 3),
             "one_way_ns": one_way, "rtt_ns": rtt,
             "kernel_rounds": summary(self.kernel_rounds),
@@ -169,7 +172,7 @@ def write_plot(path: str, run: Run, report: dict) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("latency (us)")
     ax.set_ylabel("kicks")
-    ax.set_title(f"smp_kick_mwait_play_dead() latency, watch={report['watch']}, "
+    ax.set_title(f"smp_kick_mwait_play_dead() latency, watch={report['watch']}, hot_path={report['hot_path']}, "
                  f"CPU {report['targets']}, {report['kicks']} kicks")
     ax.legend(fontsize=8)
     fig.tight_layout()

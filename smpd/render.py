@@ -193,7 +193,7 @@ def demo_matrix(rows: list[tuple[str, str, dict]]) -> Table:
 
 def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
     t = Text()
-    t.append(f"kick benchmark: watch {r['watch']}, CPU {r['targets']}, {r['rounds']} rounds, "
+    t.append(f"kick benchmark: watch {r['watch']}, hot path {r['hot_path']}, CPU {r['targets']}, {r['rounds']} rounds, "
              f"{r['kicks']} kicks in {r['seconds']:.1f} s" + (" (interrupted)" if r.get("interrupted") else "") + "\n",
              style="bold")
     f = r["hw_floor"]

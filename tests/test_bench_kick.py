@@ -28,6 +28,7 @@ def test_bench_kick_records_every_kick_and_reparks_the_cpus(parked4, tmp_path):
     assert "round trip" in r.stdout and "hardware floor" in r.stdout
     d = json.loads(out.read_text())
     assert d["kicks"] == 40 * 3 and d["rounds"] == 40 and d["targets"] == "1-3" and d["watch"] == "adaptive"
+    assert d["hot_path"] == parked4.status()["machine"]["hot_path"]
     for key in ("one_way_ns", "rtt_ns"):
         s = d[key]
         assert s["count"] + d["budget_exceeded"]["count"] >= 40 * 3 - d["budget_exceeded"]["count"]

@@ -93,7 +93,8 @@ typedef struct {
 	Py_ssize_t control, status, seen, dir_entry, armed;
 	uint32_t kexec_hlt;  /* CPUDEAD_MWAIT_KEXEC_HLT, from smpd.layout */
 	/* What the CPU records on its way from the acknowledgement into HLT (smpd.cpu). */
-	Py_ssize_t wake_write, activity, state, ev_head, ev_ring;
+	Py_ssize_t wake_write, activity, busy, state, ev_head, ev_ring;
+	int ready;
 	uint32_t line, st_hlt, ev_slots, ev_wake_write, ev_kick_seen, ev_hlt;
 	Py_ssize_t need;  /* the segment must be this long: the last byte any offset names */
 	int ntags;
@@ -104,15 +105,19 @@ typedef struct {
 static int Ack_init(Ack *self, PyObject *args, PyObject *kw)
 {
 	static char *names[] = {"control", "status", "seen", "dir_entry", "armed", "tags", "kexec_hlt",
-				"wake_write", "activity", "state", "ev_head", "ev_ring", "line", "state_hlt",
+				"wake_write", "activity", "busy", "state", "ev_head", "ev_ring", "line", "state_hlt",
 				"ev_slots", "ev_wake_write", "ev_kick_seen", "ev_hlt", NULL};
 	PyObject *tags;
 	unsigned int hlt, line, st_hlt, slots, e_ww, e_ks, e_hlt;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "nnnnnOInnnnnIIIIII", names, &self->control, &self->status,
+	if (self->ready) {
+		PyErr_SetString(PyExc_RuntimeError, "Ack is already initialised");
+		return -1;
+	}
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "nnnnnOInnnnnnIIIIII", names, &self->control, &self->status,
 					 &self->seen, &self->dir_entry, &self->armed, &tags, &hlt,
-					 &self->wake_write, &self->activity, &self->state, &self->ev_head,
-					 &self->ev_ring, &line, &st_hlt, &slots, &e_ww, &e_ks, &e_hlt))
+					 &self->wake_write, &self->activity, &self->busy, &self->state,
+					 &self->ev_head, &self->ev_ring, &line, &st_hlt, &slots, &e_ww, &e_ks, &e_hlt))
 		return -1;
 	if (slots == 0) {
 		PyErr_SetString(PyExc_ValueError, "ev_slots must be at least 1");
@@ -146,10 +151,11 @@ static int Ack_init(Ack *self, PyObject *args, PyObject *kw)
 	}
 	Py_DECREF(tags);
 	{
-		enum { N = 10 };
+		enum { N = 11 };
 		Py_ssize_t off[N] = {self->control, self->status, self->seen, self->dir_entry, self->armed,
-				     self->wake_write, self->activity, self->state, self->ev_head, self->ev_ring};
-		Py_ssize_t size[N] = {4, 4, 8, 2, 4, 8, 4, 4, 4, 16 * (Py_ssize_t)self->ev_slots};
+				     self->wake_write, self->activity, self->busy, self->state, self->ev_head,
+				     self->ev_ring};
+		Py_ssize_t size[N] = {4, 4, 8, 2, 4, 8, 4, 4, 4, 4, 16 * (Py_ssize_t)self->ev_slots};
 
 		self->need = 0;
 		for (int k = 0; k < N + self->ntags; k++) {
@@ -164,6 +170,7 @@ static int Ack_init(Ack *self, PyObject *args, PyObject *kw)
 				self->need = o + sz;
 		}
 	}
+	self->ready = 1;
 	return 0;
 }
 
@@ -219,17 +226,16 @@ static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 	static char *names[] = {"buf", "wake", "sleeping", "irq_signals", "doorbell", NULL};
 	PyObject *buf, *irq;
 	int doorbell;
-
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "OnnOi", names, &buf, &self->wake, &self->sleeping, &irq,
-					 &doorbell))
-		return -1;
 	Py_buffer view;
 	int bad;
 
-	if (self->buf) {
+	if (self->buf) {  /* first: a second __init__ must not touch the checked offsets */
 		PyErr_SetString(PyExc_RuntimeError, "Waiter is already initialised");
 		return -1;
 	}
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "OnnOi", names, &buf, &self->wake, &self->sleeping, &irq,
+					 &doorbell))
+		return -1;
 	if (sigset_from(irq, &self->irq) < 0)
 		return -1;
 	self->sleep_set = self->irq;
@@ -284,8 +290,9 @@ static int try_ack(Waiter *w, Ack *a, int64_t *seen)
 	if (LOAD32(b + a->control) != a->kexec_hlt)
 		return 0;
 	*seen = now_ns();
+	STORE32(b + a->busy, 1);  /* acting on a wake-up (smpd.kexec settle) until HLT */
+	STORE64(b + a->seen, (uint64_t)*seen);  /* before status: the kicker reads it after */
 	STORE32(b + a->status, a->kexec_hlt);
-	STORE64(b + a->seen, (uint64_t)*seen);
 	/* MWAIT's exit ends the monitor, and the write that woke us is consumed. */
 	STORE16(b + a->dir_entry, 0);
 	STORE32(b + a->armed, 0);
@@ -300,6 +307,7 @@ static int try_ack(Waiter *w, Ack *a, int64_t *seen)
 	STORE32(b + a->state, a->st_hlt);
 	log_event(b, a, a->ev_hlt, 0, now_ns());
 	STORE32(b + a->activity, LOAD32(b + a->activity) + 1);
+	STORE32(b + a->busy, 0);
 	return 1;
 }
 
@@ -311,7 +319,14 @@ static PyObject *woke(Waiter *w, Ack *a, int slept, long long spin_ns)
 	int64_t seen;
 	PyObject *r, *out;
 
-	if (!a || !try_ack(w, a, &seen))
+	if (!a)
+		return Py_BuildValue("(iiL)", WOKE, 0, 0LL);
+	/* An interrupt whose signal arrived with the kick (or while we spun) has its
+	 * Python handler pending: run it, so its byte is raised and the interrupt is
+	 * taken first, in MWAIT, by the Python path, as there. */
+	if (PyErr_CheckSignals() < 0)
+		return NULL;
+	if (!try_ack(w, a, &seen))
 		return Py_BuildValue("(iiL)", WOKE, 0, 0LL);
 	/* Acknowledged after a sleep: the kicker may be waiting for this host core
 	 * (it yields it while we sleep). Hand it back before anything else. */
@@ -396,8 +411,8 @@ static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 		return NULL;
 	}
 	if (ack != Py_None) {
-		if (!PyObject_TypeCheck(ack, &AckType)) {
-			PyErr_SetString(PyExc_TypeError, "ack must be an Ack or None");
+		if (!PyObject_TypeCheck(ack, &AckType) || !((Ack *)ack)->ready) {
+			PyErr_SetString(PyExc_TypeError, "ack must be an initialised Ack, or None");
 			return NULL;
 		}
 		a = (Ack *)ack;
@@ -486,14 +501,14 @@ static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 	Py_buffer view;
 	int bad;
 
+	if (self->buf) {  /* first: a second __init__ must not touch the checked offsets */
+		PyErr_SetString(PyExc_RuntimeError, "Kicker is already initialised");
+		return -1;
+	}
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "Onnnnnnnnli", names, &buf, &self->mem_off, &self->mem_len,
 					 &self->dir_off, &self->cb_off, &self->cb_size, &self->cb_wake,
 					 &self->cb_sleeping, &self->cb_pid, &self->ncpus, &self->doorbell))
 		return -1;
-	if (self->buf) {
-		PyErr_SetString(PyExc_RuntimeError, "Kicker is already initialised");
-		return -1;
-	}
 	if (!acquire(buf, &view, 0))
 		return -1;
 	bad = self->mem_off < 0 || self->mem_len < 0 || self->mem_off + self->mem_len > view.len ||

@@ -29,7 +29,6 @@ Python-level handler once for several deliveries of the same signal.
 
 from __future__ import annotations
 
-import functools
 import os
 import random
 import signal
@@ -573,8 +572,10 @@ class Cpu:
                 # The compiled path did what the branch below does (resume checks,
                 # control == KEXEC_HLT, the status store, the events) and entered
                 # HLT; ``mask`` is what has ended HLT since.
+                # Run HLT from here, not through run(): its _repost_ipi would raise the
+                # IPI byte again for the IPI in ``mask``, and re-park into a stale wake.
                 self.acked_ns = 0
-                return functools.partial(self.hlt, halted_with=mask)
+                return self.hlt(halted_with=mask)
             if mask & (M_IRQ | M_IPI):
                 # NMI/SMI/MCE end MWAIT; the handler runs and returns to the
                 # instruction after MWAIT, in this loop's text.

@@ -74,7 +74,8 @@ def ack(seg, cpu: int, checks) -> object:
                         dir_entry=geo.dir_off + line * L.DIR_ENTRY, armed=word("mon_armed"),
                         tags=[(i * 8, lo, hi) for _page, _kind, i, lo, hi in checks],
                         kexec_hlt=L.CPUDEAD_MWAIT_KEXEC_HLT,
-                        wake_write=word("wake_write"), activity=word("activity"), state=word("state"),
+                        wake_write=word("wake_write"), activity=word("activity"), busy=word("busy"),
+                        state=word("state"),
                         ev_head=word("ev_head"), ev_ring=geo.cb_off(cpu) + L.EV_OFF, line=line,
                         state_hlt=L.ExecState.HLT, ev_slots=L.EV_SLOTS, ev_wake_write=L.Ev.WAKE_WRITE,
                         ev_kick_seen=L.Ev.KICK_SEEN, ev_hlt=L.Ev.HLT)

@@ -48,6 +48,10 @@ def test_bench_kick_records_every_kick_and_reparks_the_cpus(parked4, tmp_path):
     s = parked4.status()
     assert {c["state"] for c in s["cpus"][1:]} == {"MWAIT"}
     assert all(c["mwait_entries"] == 41 for c in s["cpus"][1:])
+    # A REPARK reaches a CPU in HLT, and HLT is not MWAIT: no IPI wakes MWAIT (but for a
+    # kick that blew the budget, whose CPU may meet its REPARK still parked).
+    assert all(c["wakeups"]["ipi"] <= d["per_cpu"][str(c["cpu"])]["budget_exceeded"] for c in s["cpus"][1:]), \
+        [c["wakeups"] for c in s["cpus"][1:]]
 
 
 def test_bench_kick_one_target(parked4):

@@ -8,10 +8,12 @@ control word. Counters in the observation plane say what the CPU saw.
 import os
 import signal
 
+import psutil
 import pytest
 
-from conftest import HOT_PATHS, hot_paths
-from smpd import layout as L
+from conftest import HOT_PATHS, hot_paths, wait_until
+from smpd import events, layout as L, names
+from smpd.segment import Segment
 
 NMI = signal.SIGRTMIN + 1  # config/default.toml [signals]
 
@@ -170,3 +172,31 @@ def test_no_burst_of_interrupts_goes_unnoticed_by_a_sleeping_cpu(machine, tmp_pa
         taken = c["interrupts"]["nmi"]["taken"]
     assert 40 <= taken <= sent
     assert c["wakeups"]["interrupt"] >= 40
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_an_nmi_that_arrives_with_the_kick_is_taken_first_in_mwait(machine, hot_path):
+    """The NMI's signal is pending when the kick's write wakes the CPU: the CPU takes the
+    NMI in MWAIT (the handler returns into the loop), then sees control and acknowledges,
+    on either hot path (the compiled one runs pending handlers before it acknowledges)."""
+    m = machine(2, "--watch", "adaptive", "--hot-path", hot_path)
+    m.request("offline", cpus="1")
+    c = m.wait_cpu(1, parked, "monitor armed")
+    proc = psutil.Process(c["pid"])
+    os.kill(c["pid"], signal.SIGSTOP)
+    try:
+        wait_until(lambda: proc.status() == psutil.STATUS_STOPPED, what="CPU 1 stopped")
+        os.kill(c["pid"], NMI)
+        m.request("poke", target="mwait_cpu_dead[1].control", value=L.CPUDEAD_MWAIT_KEXEC_HLT)
+    finally:
+        os.kill(c["pid"], signal.SIGCONT)
+    c = m.wait_cpu(1, lambda c: c["state"] == "HLT", "HLT")
+    assert c["interrupts"]["nmi"]["taken"] == 1 and c["wakeups"]["interrupt"] == 1
+    seg = Segment.attach(names.segment(m.name))
+    try:
+        evs, _lost = events.read_since(seg, 1, 0)
+    finally:
+        seg.close()
+    codes = [code for _ns, code, _arg in evs if code != L.Ev.SIPI]
+    kick = codes.index(L.Ev.KICK_SEEN)
+    assert L.Ev.INTERRUPT in codes[:kick] and codes[kick:] == [L.Ev.KICK_SEEN, L.Ev.HLT], codes

@@ -194,6 +194,7 @@ typedef struct {
 	PyObject *buf;
 	char *base;  /* valid during a call only */
 	Py_ssize_t wake, sleeping;
+	int yield;  /* spinning CPUs outnumber host cores: give the core away between polls */
 	sigset_t irq, sleep_set;
 } Waiter;
 
@@ -223,7 +224,7 @@ static int sigset_from(PyObject *seq, sigset_t *set)
 
 static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 {
-	static char *names[] = {"buf", "wake", "sleeping", "irq_signals", "doorbell", NULL};
+	static char *names[] = {"buf", "wake", "sleeping", "irq_signals", "doorbell", "spin_yields", NULL};
 	PyObject *buf, *irq;
 	int doorbell;
 	Py_buffer view;
@@ -233,8 +234,9 @@ static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 		PyErr_SetString(PyExc_RuntimeError, "Waiter is already initialised");
 		return -1;
 	}
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "OnnOi", names, &buf, &self->wake, &self->sleeping, &irq,
-					 &doorbell))
+	self->yield = 0;
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "OnnOi|p", names, &buf, &self->wake, &self->sleeping, &irq,
+					 &doorbell, &self->yield))
 		return -1;
 	if (sigset_from(irq, &self->irq) < 0)
 		return -1;
@@ -446,6 +448,11 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 			if (++n % SIGNAL_POLL == 0) {
 				if (PyErr_CheckSignals() < 0)
 					return NULL;
+				/* More spinning processes than host cores: without this, a CPU
+				 * whose core another spinner holds waits out a scheduler slice
+				 * (ms) before it sees its kick. */
+				if (w->yield)
+					sched_yield();
 				if (end != INT64_MAX && now_ns() >= end)
 					break;
 			}
@@ -491,12 +498,13 @@ typedef struct {
 	Py_ssize_t mem_off, mem_len, dir_off, cb_off, cb_size, cb_wake, cb_sleeping, cb_pid;
 	long ncpus;
 	int doorbell;
+	int yield;  /* spinning CPUs outnumber host cores: udelay yields the core, as for a sleeper */
 } Kicker;
 
 static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 {
 	static char *names[] = {"buf", "mem_off", "mem_len", "dir_off", "cb_off", "cb_size", "cb_wake",
-				"cb_sleeping", "cb_pid", "ncpus", "doorbell", NULL};
+				"cb_sleeping", "cb_pid", "ncpus", "doorbell", "spin_yields", NULL};
 	PyObject *buf;
 	Py_buffer view;
 	int bad;
@@ -505,9 +513,11 @@ static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 		PyErr_SetString(PyExc_RuntimeError, "Kicker is already initialised");
 		return -1;
 	}
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "Onnnnnnnnli", names, &buf, &self->mem_off, &self->mem_len,
+	self->yield = 0;
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "Onnnnnnnnli|p", names, &buf, &self->mem_off, &self->mem_len,
 					 &self->dir_off, &self->cb_off, &self->cb_size, &self->cb_wake,
-					 &self->cb_sleeping, &self->cb_pid, &self->ncpus, &self->doorbell))
+					 &self->cb_sleeping, &self->cb_pid, &self->ncpus, &self->doorbell,
+					 &self->yield))
 		return -1;
 	if (!acquire(buf, &view, 0))
 		return -1;
@@ -588,7 +598,9 @@ static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
 	/* Wait 5ms maximum */
 	while (i < rounds && LOAD32(status) != hlt) {
 		/* Bring it out of mwait */
-		int slept = bus_write_u32(k, md, hlt);
+		/* The CPU sleeps, or spinners outnumber cores: either way it needs a host
+		 * core to see the kick on, maybe this one. */
+		int give_core = bus_write_u32(k, md, hlt) || k->yield;
 		int64_t end = now_ns() + delay_ns;
 
 		for (;;) {  /* udelay(), watching status to time the acknowledgement */
@@ -596,7 +608,7 @@ static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
 				t_ack = now_ns();  /* read after the load: never before the ack */
 			if (now_ns() >= end)
 				break;
-			if (slept)  /* a sleeping CPU needs a host core to wake on, maybe this one */
+			if (give_core)
 				sched_yield();
 		}
 		i++;

@@ -127,6 +127,7 @@ class Coordinator:
             ("pin", self.pin.encode()), ("watch_reason", self.watch_reason.encode()[:200]),
             ("hot_path", L.HotPath.C if self.hot_path == "c" else L.HotPath.PYTHON),
             ("hot_path_reason", self.hot_path_reason.encode()[:200]),
+            ("spin_yields", int(self.watch == "spin" and self.ncpus > len(hostinfo.allowed_cores()))),
         ):
             seg.set_hdr(field, value)
         check_stop()
@@ -158,7 +159,7 @@ class Coordinator:
             "name": self.name, "pid": os.getpid(), "cpus": self.ncpus, "watch": self.watch,
             "watch_reason": self.watch_reason, "pin": self.pin, "seed": self.seed,
             "hot_path": self.hot_path, "hot_path_reason": self.hot_path_reason,
-            "segment": seg.name, "segment_bytes": geo.size, "bringup_ms": bringup_ns / 1e6,
+            "spin_yields": bool(seg.hdr("spin_yields")), "segment": seg.name, "segment_bytes": geo.size, "bringup_ms": bringup_ns / 1e6,
             "sipi_to_online_ms": (time.monotonic_ns() - t_sipi) / 1e6,
         }
 
@@ -613,7 +614,7 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None) -> dict:
         "watch": "spin" if seg.hdr("watch") == L.Watch.SPIN else "adaptive",
         "watch_reason": seg.hdr_str("watch_reason"), "pin": seg.hdr_str("pin"),
         "hot_path": "c" if seg.hdr("hot_path") == L.HotPath.C else "python",
-        "hot_path_reason": seg.hdr_str("hot_path_reason"),
+        "hot_path_reason": seg.hdr_str("hot_path_reason"), "spin_yields": bool(seg.hdr("spin_yields")),
         "seed": seg.hdr("seed"), "generation": seg.hdr("generation"),
         "state": L.MachineState(seg.hdr("state")).name, "uptime_s": (now - seg.hdr("boot_ns")) / 1e9,
         "bringup_ms": seg.hdr("bringup_ns") / 1e6, "segment": seg.name,

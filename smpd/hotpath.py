@@ -55,7 +55,7 @@ def waiter(seg, cpu: int, irq_signals, doorbell: int):
     if not compiled(seg):
         return None
     return _hotpath.Waiter(seg.buf, seg.cb_index32(cpu, "wake") * 4, seg.cb_index32(cpu, "sleeping") * 4,
-                           sorted(irq_signals), doorbell)
+                           sorted(irq_signals), doorbell, spin_yields=bool(seg.hdr("spin_yields")))
 
 
 def ack(seg, cpu: int, checks) -> object:
@@ -89,7 +89,7 @@ def kicker(seg, doorbell: int):
     return _hotpath.Kicker(seg.buf, mem_off=geo.mem_off, mem_len=geo.npages * L.PAGE, dir_off=geo.dir_off,
                            cb_off=L.CB_OFF, cb_size=L.CB_SIZE, cb_wake=L.CB["wake"][0],
                            cb_sleeping=L.CB["sleeping"][0], cb_pid=L.CB["pid"][0], ncpus=geo.ncpus,
-                           doorbell=doorbell)
+                           doorbell=doorbell, spin_yields=bool(seg.hdr("spin_yields")))
 
 
 if _hotpath is not None:

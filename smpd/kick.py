@@ -36,6 +36,7 @@ def kick_one(seg, bus, cpu: int, delay_ns: int, rounds: int) -> dict:
     t_ack = None
     i = 0
     sleeping = seg.cb_index32(cpu, "sleeping")
+    oversubscribed = seg.hdr("spin_yields")  # spinning CPUs outnumber host cores: yield likewise
     # Wait 5ms maximum
     while i < rounds and seg.mem_u32(md + 4) != L.CPUDEAD_MWAIT_KEXEC_HLT:
         bus.write(md, _HLT)  # Bring it out of mwait
@@ -43,7 +44,7 @@ def kick_one(seg, bus, cpu: int, delay_ns: int, rounds: int) -> dict:
         # A sleeping CPU needs a host core to wake up on, perhaps this one: then the
         # udelay below yields it between looks (on a 2-core host a pure busy-wait
         # here held the woken CPU off until the scheduler's slice ended, ~3-4 ms).
-        yld = seg.u32[sleeping]
+        yld = seg.u32[sleeping] or oversubscribed
         while True:  # udelay(delay_us), watching status to time the acknowledgement
             if t_ack is None and seg.mem_u32(md + 4) == L.CPUDEAD_MWAIT_KEXEC_HLT:
                 t_ack = time.monotonic_ns()  # read after the load: never before the ack

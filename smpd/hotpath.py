@@ -22,7 +22,7 @@ The choice is the machine's (a header word): its coordinator and CPUs agree.
 
 from __future__ import annotations
 
-from smpd import config, layout as L
+from smpd import layout as L
 from smpd.errors import BadInput
 
 try:
@@ -32,11 +32,8 @@ except ImportError as e:  # built without a C compiler: the Python loops run ins
     _hotpath = None
     WHY_NOT = f"the compiled module smpd._hotpath is not built ({e}); `pip install -e .` builds it when a C compiler exists"
 
-HOT_PATHS = config.HOT_PATHS
-
-
 def choose(asked: str) -> tuple[str, str]:
-    """The hot path to run for ``asked`` (one of HOT_PATHS), and why, for `smpd up` to print."""
+    """The hot path to run for ``asked`` (one of smpd.config.HOT_PATHS), and why, for `smpd up` to print."""
     if asked == "python":
         return "python", "python (asked for)"
     if _hotpath is None:
@@ -93,5 +90,5 @@ def kicker(seg, doorbell: int):
 
 
 if _hotpath is not None:
-    WOKE, TIMEOUT, SIGNAL = _hotpath.WOKE, _hotpath.TIMEOUT, _hotpath.SIGNAL
+    TIMEOUT, SIGNAL = _hotpath.TIMEOUT, _hotpath.SIGNAL  # Waiter.wait's codes; WOKE needs no name here
     assert L.EV_ENTRY.size == 16, "smpd/_hotpath.c writes event entries of (u64 ns, u32 code, u32 arg)"

@@ -182,8 +182,8 @@ _HEADER_FIELDS = [
     ("respawns", "I"),  # CPU processes replaced after they died (emulator faults)
     ("hot_path", "I"),  # HotPath: the compiled watch/kick loops or the Python ones
     ("hot_path_reason", "200s"),
-    # watch spin with more processes (CPUs + coordinator) than host cores: the compiled
-    # spin loop yields its core between polls (smpd/_hotpath.c).
+    # watch spin with more processes (CPUs + coordinator) than host cores: the spin loops
+    # (both hot paths) and the kick's udelay yield their core between polls.
     ("spin_yields", "I"),
 ]
 

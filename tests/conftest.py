@@ -8,6 +8,7 @@ never sleeps standing in for synchronisation.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import subprocess
@@ -19,6 +20,7 @@ import psutil
 import pytest
 
 from smpd import hotpath, lifecycle, names
+from smpd.segment import Segment
 
 LEAK_BOUND_S = 15.0  # a loaded 2-core CI box may take a while to reap 64 processes
 _counter = itertools.count()
@@ -123,6 +125,16 @@ class Machine:
 
     def cpu(self, n: int) -> dict:
         return self.status()["cpus"][n]
+
+    @contextlib.contextmanager
+    def segment(self):
+        """The machine's segment, attached for a look the channel does not give (event rings,
+        mailboxes, memory); closed afterwards."""
+        seg = Segment.attach(names.segment(self.name))
+        try:
+            yield seg
+        finally:
+            seg.close()
 
     def request(self, op: str, **args):
         return self.live.request(op, **args)

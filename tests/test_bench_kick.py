@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from conftest import HOT_PATHS, run_smpd, wait_until
-from smpd import layout as L, names
-from smpd.segment import Segment
+from smpd import layout as L
 
 KEYS = ("p50", "p90", "p99", "p999", "max")
 
@@ -68,8 +67,7 @@ def test_a_kick_that_blows_the_budget_does_not_spoil_the_next_round(parked4, tmp
     kicks a parked CPU again instead of finding a late acknowledgement."""
     out = tmp_path / "k.json"
     pid = parked4.cpu(2)["pid"]
-    seg = Segment.attach(names.segment(parked4.name))
-    try:
+    with parked4.segment() as seg:
         posted = seg.cb(2, "mbox_seq")
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -81,8 +79,6 @@ def test_a_kick_that_blows_the_budget_does_not_spoil_the_next_round(parked4, tmp
                        timeout=60, what="the first round's REPARK")
         finally:
             os.kill(pid, signal.SIGCONT)
-    finally:
-        seg.close()
     assert bench.wait(timeout=60) == 0, bench.stderr.read()
     d = json.loads(out.read_text())
     assert d["kicks"] == 3 and d["budget_exceeded"]["count"] >= 1  # the first; a loaded host may add more

@@ -147,14 +147,7 @@ def test_pin_places_cpu_processes_on_host_cores(machine):
 def test_same_seed_gives_the_same_kernel_image(machine):
     a = machine(2, "--watch", "adaptive", "--seed", "42")
     b = machine(2, "--watch", "adaptive", "--seed", "42")
-    from smpd.segment import Segment
-    from smpd import names
-    sa, sb = Segment.attach(names.segment(a.name)), Segment.attach(names.segment(b.name))
-    try:
-        ga = sa.geo
-        mem = slice(ga.mem_off, ga.size)
+    with a.segment() as sa, b.segment() as sb:
+        mem = slice(sa.geo.mem_off, sa.geo.size)
         assert sa.buf[mem] == sb.buf[mem]
-        assert a.status()["machine"]["seed"] == 42
-    finally:
-        sa.close()
-        sb.close()
+    assert a.status()["machine"]["seed"] == 42

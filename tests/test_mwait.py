@@ -12,8 +12,7 @@ import psutil
 import pytest
 
 from conftest import HOT_PATHS, hot_paths, wait_until
-from smpd import events, layout as L, names
-from smpd.segment import Segment
+from smpd import events, layout as L
 
 NMI = signal.SIGRTMIN + 1  # config/default.toml [signals]
 
@@ -194,11 +193,8 @@ def test_an_nmi_that_arrives_with_the_kick_is_taken_first_in_mwait(machine, hot_
         os.kill(c["pid"], signal.SIGCONT)
     c = m.wait_cpu(1, lambda c: c["state"] == "HLT", "HLT")
     assert c["interrupts"]["nmi"]["taken"] == 1 and c["wakeups"]["interrupt"] == 1
-    seg = Segment.attach(names.segment(m.name))
-    try:
+    with m.segment() as seg:
         evs, _lost = events.read_since(seg, 1, 0)
-    finally:
-        seg.close()
     codes = [code for _ns, code, _arg in evs if code != L.Ev.SIPI]
     kick = codes.index(L.Ev.KICK_SEEN)
     assert L.Ev.INTERRUPT in codes[:kick] and codes[kick:] == [L.Ev.KICK_SEEN, L.Ev.HLT], codes

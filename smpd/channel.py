@@ -1,10 +1,15 @@
 """The CLI <-> coordinator channel: local, owner-only, authenticated, one request per connection.
 
-* Transport: an abstract-namespace Unix socket (``@smpd-<user>-<machine>``): no file
-  to leave behind, gone the instant the coordinator is.
-* Access: the server reads the peer's uid (SO_PEERCRED) and refuses any other user
-  before a byte is exchanged; then both sides prove they hold the machine's
-  32-byte key with multiprocess's HMAC challenge (the key lives in the 0600 segment).
+* Transport: an abstract-namespace Unix socket (``@smpd-<uid>-<machine>-<token>``,
+  smpd.names): no file to leave behind, gone the instant the coordinator is; the
+  random token keeps anyone from binding the name first.
+* Access, both ways, before a byte is exchanged: the server reads the peer's
+  credentials (SO_PEERCRED) and refuses any other user; the client refuses a
+  server that is not our uid and the coordinator pid named in the segment it
+  verified (smpd.trust) -- an abstract name is free again the moment its
+  coordinator dies, and anyone may bind it then. Then both sides prove they hold
+  the machine's 32-byte key with multiprocess's HMAC challenge (the key lives in
+  the 0600 segment).
 * Messages: JSON in length-prefixed frames (multiprocess Connection.send_bytes), never
   pickles: a request from a client cannot make the coordinator run code.
 * Every read has a deadline (SO_RCVTIMEO), so a stalled client cannot wedge the
@@ -21,9 +26,14 @@ from typing import Any
 
 from multiprocess.connection import Connection, answer_challenge, deliver_challenge
 
-from smpd import errors
+from smpd import errors, trust
 
 HANDSHAKE_TIMEOUT_S = 5.0
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, as the kernel recorded it."""
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
 
 
 def _set_rcvtimeo(sock: socket.socket, seconds: float) -> None:
@@ -49,8 +59,8 @@ class Server:
         """Accept one client; None when it is another user or fails the handshake."""
         s, _ = self.sock.accept()
         try:
-            pid, uid, gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-            if uid != os.getuid():
+            _pid, uid, _gid = peer_credentials(s)
+            if uid != os.geteuid():
                 s.close()
                 return None
             _set_rcvtimeo(s, HANDSHAKE_TIMEOUT_S)
@@ -86,14 +96,26 @@ def error_reply(err: BaseException) -> dict:
     return {"ok": False, "error": {"type": kind, "message": str(err), "exit": status}}
 
 
-def request(address: str, authkey: bytes, op: str, timeout_s: float | None = None, **args) -> Any:
-    """Send one request and return its result, or raise the coordinator's error here."""
+def request(address: str, authkey: bytes, op: str, timeout_s: float | None = None, *, server_pid: int,
+            **args) -> Any:
+    """Send one request to the coordinator ``server_pid`` and return its result, or raise its error here.
+
+    Raises NotOurs, before anything is sent, when the socket is held by any other process."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(address)
+        pid, uid, _gid = peer_credentials(s)
     except (ConnectionRefusedError, FileNotFoundError) as err:
         s.close()
         raise errors.CoordinatorGone(f"the coordinator does not answer on its channel ({err.strerror})") from err
+    except OSError:
+        s.close()
+        raise
+    if uid != os.geteuid() or pid != server_pid:
+        s.close()
+        raise errors.NotOurs(f"the channel {address[1:]!r} is held by pid {pid} of {trust.describe_uid(uid)}, "
+                             f"not by the machine's coordinator (pid {server_pid}): smpd sent it nothing; "
+                             f"`smpd down` cleans up a machine whose coordinator died")
     _set_rcvtimeo(s, HANDSHAKE_TIMEOUT_S)
     conn = Connection(s.detach())
     try:

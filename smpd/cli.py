@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.console import Group
 from rich.text import Text
 
-from smpd import config as config_mod, cpulist, lifecycle, render
+from smpd import config as config_mod, cpulist, lifecycle, names, render
 from smpd import scenario as scenario_mod
 from smpd.errors import BadInput, SmpdError
 
@@ -44,9 +44,8 @@ class MachineName(click.ParamType):
     name = "NAME"
 
     def convert(self, value, param, ctx):
-        if not config_mod.NAME_RE.match(value or ""):
-            self.fail(f"'{value}' is not a machine name; use 1..32 of a-z, 0-9, '-', '_', "
-                      f"starting with a letter or digit", param, ctx)
+        if not names.valid_machine_name(value):
+            self.fail(f"{value!r} is not a machine name; use {names.NAME_ACCEPTED}", param, ctx)
         return value
 
 
@@ -241,7 +240,11 @@ def list_machines():
     if not found:
         click.echo("no machines")
     for name in found:
-        live = lifecycle.probe(name)
+        try:
+            live = lifecycle.probe(name)
+        except SmpdError as err:  # another user's entry, another layout, one being created: untouched
+            click.echo(f"{name}: left alone: {err}")
+            continue
         click.echo(f"{name}: " + (f"up, {live.ncpus} CPUs, coordinator pid {live.pid}" if live
                                   else "stale segment removed"))
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from smpd import names
 from smpd.errors import ConfigError
 
 MAX_CPUS = 4096
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 WATCH_STRATEGIES = ("auto", "spin", "adaptive")
 HOT_PATHS = ("auto", "c", "python")  # smpd.hotpath
 PIN_POLICIES = ("none", "compact", "spread")
@@ -56,8 +56,7 @@ def _choice(*choices: str) -> Callable[[Any], str | None]:
 
 
 def _name(v: Any) -> str | None:
-    ok = isinstance(v, str) and NAME_RE.match(v)
-    return None if ok else "1..32 of a-z, 0-9, '-', '_', starting with a letter or digit"
+    return None if names.valid_machine_name(v) else names.NAME_ACCEPTED
 
 
 def _seed(v: Any) -> str | None:

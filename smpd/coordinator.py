@@ -26,6 +26,7 @@ import re
 import secrets
 import selectors
 import signal
+import socket
 import struct
 import sys
 import time
@@ -34,14 +35,14 @@ from typing import Any, Callable
 import multiprocess
 import psutil
 
-from smpd import channel, cpulist, hostinfo, layout as L, names
+from smpd import channel, cpulist, hostinfo, layout as L, lifecycle, names
 from smpd.bus import Bus
 from smpd.config import Config
 from smpd.cpu import IPI_DONE, cpu_main
-from smpd.errors import BadInput, CpuLost, SmpdError, Timeout
+from smpd.errors import BadInput, CpuLost, HostTooSmall, SmpdError, Timeout
 from smpd.kexec import Kexec
 from smpd.kick import kick_one
-from smpd.lifecycle import clean_stale_segment, wait_gone
+from smpd.lifecycle import ACK, clean_stale_segment, wait_gone
 from smpd.memory import load_kernel
 from smpd.proc import set_process_name
 from smpd.scenario import Scenario, parse_injection
@@ -76,13 +77,67 @@ def check_stop() -> None:
     An exception raised by a signal handler can land between any two bytecodes,
     e.g. between shm_open() returning and the name being recorded, and leak the
     segment. So boot() blocks SIGTERM/SIGINT/SIGHUP and looks for them only here,
-    where every resource made so far is already owned by the Coordinator.
+    where every resource made so far is already owned by the Coordinator. Here too
+    we notice that the `smpd up` waiting for us is gone (killed, even by SIGKILL):
+    nobody will take the machine, so it is stopped like on SIGTERM.
     """
     global _stop_raised
     pending = signal.sigpending() & STOP_SIGNALS
     if pending and not _stop_raised:
         _stop_raised = True
         raise Stop(signal.Signals(min(pending)).name)
+    if _up_client is not None and _up_client.gone():
+        raise Stop("the exit of the `smpd up` that started it")
+
+
+class UpClient:
+    """The `smpd up` that started us, at the other end of a socket pair (smpd.lifecycle).
+
+    It sends the spec (so no config crowds our command line in `ps`), waits for one
+    line of answer and acknowledges it. Until it has, the machine is that `up`'s: if
+    its end closes first, we stop and remove everything.
+    """
+
+    ACK_WAIT_S = 30.0  # a live `up` acknowledges at once; one stopped (Ctrl-Z) that long is gone
+
+    def __init__(self, fd: int):
+        self.sock = socket.socket(fileno=fd)
+        self.sock.set_inheritable(False)
+
+    def read_spec(self, timeout_s: float = 30.0) -> dict:
+        self.sock.settimeout(timeout_s)
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise Stop("the exit of the `smpd up` that started it, before it sent the spec")
+            buf += chunk
+        return json.loads(buf)
+
+    def gone(self) -> bool:
+        """True when the other end has closed (it sends nothing more until our answer)."""
+        self.sock.settimeout(0.0)  # a look, never a wait
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def answer(self, obj: dict) -> bool:
+        """Send the answer; True once `up` has acknowledged it, False if it is gone."""
+        try:
+            self.sock.settimeout(self.ACK_WAIT_S)
+            self.sock.sendall((json.dumps(obj) + "\n").encode())
+            return self.sock.recv(len(ACK)) == ACK
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+_up_client: UpClient | None = None
 
 
 class Coordinator:
@@ -102,7 +157,7 @@ class Coordinator:
         self.janitor = None
         self.janitor_w: int | None = None
         self.server: channel.Server | None = None
-        self.ready_fd: int | None = None
+        self.up_client: UpClient | None = None  # the `smpd up` waiting for us (None: foreground)
         self.stopping = False
         self.reset_offline: list[int] | None = None  # the offline set `smpd reset` restores
         self.plan: list[int | None] = []  # host core of each CPU (pin policy)
@@ -123,7 +178,8 @@ class Coordinator:
             ("boot_ns", t0), ("boot_wall", time.time()),
             ("spin_budget_ns", self.cfg.get("watch", "spin_budget_us") * 1000),
             ("spurious_per_s", float(self.cfg.get("watch", "spurious_per_s"))),
-            ("authkey", secrets.token_bytes(32)), ("name", self.name.encode()),
+            ("authkey", secrets.token_bytes(32)), ("channel", secrets.token_hex(16).encode()),
+            ("coordinator_sid", os.getsid(0)), ("name", self.name.encode()),
             ("pin", self.pin.encode()), ("watch_reason", self.watch_reason.encode()[:200]),
             ("hot_path", L.HotPath.C if self.hot_path == "c" else L.HotPath.PYTHON),
             ("hot_path_reason", self.hot_path_reason.encode()[:200]),
@@ -153,7 +209,7 @@ class Coordinator:
         self._ipi_all(list(range(1, self.ncpus)), L.Ipi.SIPI, budget, "bring-up (SIPI)")
         bringup_ns = time.monotonic_ns() - t0
         seg.set_hdr("bringup_ns", bringup_ns)
-        self.server = channel.Server(names.socket_address(self.name), seg.hdr("authkey"))
+        self.server = channel.Server(names.socket_address(self.name, seg.hdr_str("channel")), seg.hdr("authkey"))
         seg.set_hdr("state", L.MachineState.UP)
         return {
             "name": self.name, "pid": os.getpid(), "cpus": self.ncpus, "watch": self.watch,
@@ -165,28 +221,50 @@ class Coordinator:
         }
 
     def _inherited_fds(self) -> list[int]:
-        fds = [fd for fd in (self.janitor_w, self.ready_fd) if fd is not None]
+        """Descriptors a forked child must close: each holds something only we may hold open."""
+        fds = [fd for fd in (self.janitor_w,) if fd is not None]
+        if self.up_client is not None:
+            fds.append(self.up_client.sock.fileno())
         if self.server is not None:
             fds.append(self.server.fileno())
         return fds
 
     def _start_janitor(self) -> None:
         r, w = os.pipe()
+        close = self._inherited_fds()
         self.janitor_w = w
-        self.janitor = _ctx.Process(
-            target=janitor_main, name="smpd-janitor", daemon=True,
-            args=(r, w, self.seg.name, os.getpid(), self.seg.hdr("coordinator_ctime"), self.ready_fd),
-        )
-        self.janitor.start()
-        os.close(r)
+        try:
+            self.janitor = _ctx.Process(
+                target=janitor_main, name="smpd-janitor", daemon=True,
+                args=(r, w, self.seg.name, os.getpid(), self.seg.hdr("coordinator_ctime"), close),
+            )
+            self.janitor.start()
+        except OSError as err:
+            raise _fork_refused(err, "the janitor") from None
+        finally:
+            os.close(r)
         self.seg.set_hdr("janitor_pid", self.janitor.pid)
+
+    def restart_janitor_if_gone(self) -> bool:
+        """A janitor killed (by anyone) is replaced at once, so that a coordinator killed
+        later still has someone to clean up after it. True when one was replaced."""
+        if self.janitor is None or self.janitor.is_alive():
+            return False
+        self.janitor.join(0)
+        os.close(self.janitor_w)
+        self.janitor_w = None
+        self._start_janitor()
+        return True
 
     def _fork_cpu(self, cpu: int, core: int | None) -> None:
         p = _ctx.Process(
             target=cpu_main, name=f"smpd-cpu{cpu}", daemon=True,
             args=(self.seg, self.bus, cpu, self.signals, os.getpid(), core, self._inherited_fds()),
         )
-        p.start()
+        try:
+            p.start()
+        except OSError as err:
+            raise _fork_refused(err, f"CPU{cpu}") from None
         self.procs[cpu] = p
         self.seg.set_cb(cpu, "pid", p.pid)
 
@@ -498,7 +576,9 @@ class Coordinator:
         sel.register(self.server.fileno(), selectors.EVENT_READ)
         try:
             while not self.stopping:
-                if not sel.select(timeout=1.0):
+                if self.restart_janitor_if_gone():
+                    continue
+                if not sel.select(timeout=0.2):
                     continue
                 conn = self.server.accept()
                 if conn is None:
@@ -627,16 +707,15 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None) -> dict:
     return {"machine": machine, "cpus": cpus}
 
 
-def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_ctime: float, ready_fd: int | None) -> None:
+def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_ctime: float, close: list[int]) -> None:
     """Block until the coordinator is gone; if it went without cleaning up, clean up after it."""
     set_process_name("smpd-janitor")
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # it leaves by itself as soon as its job is done
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    os.close(w)
-    if ready_fd is not None:
+    for fd in (w, *close):  # the pipe's write end, and what only the coordinator may hold open
         try:
-            os.close(ready_fd)
+            os.close(fd)
         except OSError:
             pass
     try:
@@ -647,46 +726,61 @@ def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_ctime: flo
         os._exit(0)
     try:
         # EOF comes when the coordinator's files close, a moment before it is a zombie.
-        wait_gone(coord_pid, 10.0)
+        wait_gone(coord_pid, coord_ctime, 10.0)
         clean_stale_segment(seg_name, expect_pid=coord_pid, expect_ctime=coord_ctime)
     finally:
         os._exit(0)
 
 
+def _fork_refused(err: OSError, what: str) -> HostTooSmall:
+    return HostTooSmall(f"the host refused a process for {what} ({err.strerror or err}): too many "
+                        f"processes for this user or host (see `ulimit -u` and pid_max); nothing was left behind")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m smpd.coordinator SPEC_JSON READY_FD``: the daemon behind `smpd up`."""
+    """``python -P -m smpd.coordinator FD``: the daemon behind `smpd up`, which holds FD's other end."""
     argv = sys.argv[1:] if argv is None else argv
-    spec = json.loads(argv[0])
-    ready_fd = int(argv[1])
-    os.set_inheritable(ready_fd, True)
-    set_process_name("smpd-coord")
-    run(spec, ready_fd=ready_fd)
+    set_process_name(lifecycle.COORDINATOR_COMM)
+    client = UpClient(int(argv[0]))
+    try:
+        spec = client.read_spec()
+    except (Stop, OSError, ValueError):
+        client.close()
+        sys.exit(1)
+    sys.exit(run(spec, up_client=client))
 
 
-def run(spec: dict, ready_fd: int | None = None, on_ready: Callable[[dict], None] | None = None) -> int:
-    """Boot, report readiness (to the ready pipe or ``on_ready``), serve, shut down. Exit status."""
+def run(spec: dict, up_client: UpClient | None = None, on_ready: Callable[[dict], None] | None = None) -> int:
+    """Boot, report readiness (to `up` or ``on_ready``), serve, shut down. Exit status."""
+    global _up_client
+    set_process_name(lifecycle.COORDINATOR_COMM)  # what smpd.trust looks for before it signals us
+    _up_client = up_client
     cfg = Config(spec["config"])
     old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     coord = Coordinator(cfg, spec["watch"], spec["watch_reason"], spec["seed"],
                         spec["hot_path"], spec["hot_path_reason"])
-    coord.ready_fd = ready_fd
+    coord.up_client = up_client
     status = 0
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # see check_stop()
     try:
         try:
             summary = coord.boot()
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         except BaseException as err:
             msg = str(err) if isinstance(err, SmpdError) else f"{type(err).__name__}: {err}"
             if isinstance(err, Stop):
                 msg = f"bring-up interrupted by {err}"
-            _report(ready_fd, {"ok": False, "error": msg,
-                               "exit": err.exit_status if isinstance(err, SmpdError) else 1})
+            if up_client is not None:
+                up_client.answer({"ok": False, "error": msg,
+                                  "exit": err.exit_status if isinstance(err, SmpdError) else 1})
             raise
         if on_ready is not None:
             on_ready(summary)
-        _report(ready_fd, {"ok": True, "summary": summary})
-        coord.ready_fd = None
+        if up_client is not None:
+            if not up_client.answer({"ok": True, "summary": summary}):
+                raise Stop("the exit of the `smpd up` that started it, before it took the answer")
+            _up_client = coord.up_client = None
+            up_client.close()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         coord.serve()
     except Stop:
         status = 0
@@ -699,17 +793,10 @@ def run(spec: dict, ready_fd: int | None = None, on_ready: Callable[[dict], None
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones meet SIG_IGN
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        if up_client is not None:
+            _up_client = None
+            up_client.close()
     return status
-
-
-def _report(fd: int | None, obj: dict) -> None:
-    if fd is None:
-        return
-    try:
-        os.write(fd, (json.dumps(obj) + "\n").encode())
-        os.close(fd)
-    except OSError:
-        pass
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ class ConfigError(BadInput):
 
 
 class MachineNotUp(BadInput):
-    def __init__(self, name: str):
-        super().__init__(f"no machine named '{name}' is up (start one with: smpd up --name {name})")
+    def __init__(self, name: str, up: list[str] | None = None):
+        others = f"; up now: {', '.join(up)} (choose one with --name or SMPD_NAME)" if up else ""
+        super().__init__(f"no machine named '{name}' is up (start one with: smpd up --name {name}){others}")
         self.name = name
 
 
@@ -54,3 +55,8 @@ class CoordinatorGone(SmpdError):
 
 class Timeout(SmpdError):
     """A bounded wait ran out: the message says which wait and its budget."""
+
+
+class NotOurs(BadInput):
+    """A name smpd would use is held by someone else (another user's file, link, process or
+    socket), or a file of ours is not as smpd made it: refused, never read, signalled or removed."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
 
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 MAGIC = b"SMPDSEG\x00"
 
 LINE = 64  # bytes in a cache line: the MONITOR granularity of the x86 parts we emulate
@@ -155,6 +155,7 @@ _HEADER_FIELDS = [
     ("coordinator_pid", "I"),
     ("janitor_pid", "I"),
     ("coordinator_ctime", "d"),  # psutil create_time: pid identity for stale checks
+    ("coordinator_sid", "I"),  # its session, inherited by every CPU process (smpd.trust)
     ("generation", "I"),  # kernel generation: 1 = the old kernel
     ("nlines", "I"),
     ("npages", "I"),
@@ -168,6 +169,7 @@ _HEADER_FIELDS = [
     ("spin_budget_ns", "Q"),
     ("spurious_per_s", "d"),
     ("authkey", "32s"),  # HMAC key of the control channel; the segment is 0600
+    ("channel", "32s"),  # random token in the channel's socket name (smpd.names): unguessable
     ("name", "32s"),
     ("pin", "16s"),
     ("watch_reason", "200s"),

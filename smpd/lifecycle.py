@@ -1,11 +1,17 @@
 """Finding, starting and stopping machines from the outside (the CLI's side of §7 of the design).
 
-A machine is *live* when its segment's header names a coordinator that still runs
-(same pid, same create time: a recycled pid is not our coordinator). Otherwise
-it is *stale*: the coordinator died without cleaning up (and its janitor too, or
-the janitor has not run yet). ``smpd up`` and ``smpd down`` both recover a stale
-machine: they kill what is left of it (checking each pid's identity first) and
-unlink the segment.
+A machine is *live* when its segment -- verified to be ours (smpd.trust) -- names a
+coordinator that still runs (our uid, comm smpd-coord, same pid and create time: a
+recycled pid is not our coordinator). Otherwise it is *stale*: the coordinator
+died without cleaning up (and its janitor too, or the janitor has not run yet).
+``smpd up`` and ``smpd down`` both recover a stale machine: they kill what is left
+of it (checking each process's identity first) and unlink the segment.
+
+Who owns a machine while ``smpd up`` waits for it: the ``up`` that started it. The
+coordinator learns its spec from, and answers on, a socket pair whose other end
+only that ``up`` holds; if that end closes before ``up`` has taken the answer
+(Ctrl-C, SIGTERM, SIGHUP, SIGKILL, a crash), the coordinator stops and removes
+everything. So an ``up`` that did not return leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -14,17 +20,21 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
 import posix_ipc
-import psutil
 
-from smpd import channel, hostinfo, hotpath, layout as L, names
-from smpd.errors import BadInput, CoordinatorGone, MachineAlreadyUp, MachineNotUp, SmpdError, Timeout
-from smpd.segment import Segment, SegmentBeingCreated, unlink
+from smpd import channel, hostinfo, hotpath, layout as L, names, trust
+from smpd.errors import (BadInput, CoordinatorGone, MachineAlreadyUp, MachineNotUp, NotOurs, SmpdError,
+                         Timeout)
+from smpd.segment import FOREIGN_REMEDY, Segment, SegmentBeingCreated, unlink
+
+COORDINATOR_COMM = "smpd-coord"
+ACK = b"ok\n"  # `up` took the answer: from now on the machine is the user's, not this `up`'s
 
 
 class MachineComingUp(BadInput):
@@ -33,16 +43,21 @@ class MachineComingUp(BadInput):
 
 @dataclass
 class Live:
+    """A running machine, as read from a segment that smpd.trust verified is ours."""
+
     name: str
     pid: int
+    ctime: float
     authkey: bytes
+    token: str
     ncpus: int
 
     def request(self, op: str, timeout_s: float | None = None, **args):
         try:
-            return channel.request(names.socket_address(self.name), self.authkey, op, timeout_s, **args)
+            return channel.request(names.socket_address(self.name, self.token), self.authkey, op, timeout_s,
+                                   server_pid=self.pid, **args)
         except CoordinatorGone:
-            if not _is_process(self.pid, None):
+            if not is_coordinator(self.pid, self.ctime):
                 raise CoordinatorGone(f"the coordinator of machine '{self.name}' (pid {self.pid}) "
                                       f"died; `smpd down --name {self.name}` cleans up what is left") from None
             if self.state() in (L.MachineState.CREATING, L.MachineState.BOOTING):
@@ -62,23 +77,16 @@ class Live:
             seg.close()
 
 
-def _is_process(pid: int, ctime: float | None, tolerance: float = 0.05) -> bool:
-    """True when ``pid`` runs and (if ``ctime`` is given) was created at ``ctime``."""
-    if pid <= 0:
-        return False
-    try:
-        p = psutil.Process(pid)
-        if p.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return ctime is None or abs(p.create_time() - ctime) < tolerance
-    except psutil.Error:
-        return False
+def is_coordinator(pid: int, ctime: float) -> bool:
+    """True while ``pid`` is our coordinator created at ``ctime`` (a recycled pid is not)."""
+    return trust.is_our_process(pid, ctime, name=COORDINATOR_COMM)
 
 
 def probe(name: str) -> Live | None:
     """The live machine called ``name``; None when there is none. A stale one is cleaned first.
 
-    Raises LayoutMismatch for a segment this smpd cannot read.
+    Raises NotOurs for a name someone else holds and LayoutMismatch for a segment this
+    smpd cannot read; both are left untouched.
     """
     try:
         seg = Segment.attach(names.segment(name))
@@ -89,8 +97,8 @@ def probe(name: str) -> Live | None:
                                   f"(if this persists, `smpd down --force --name {name}` removes its segment)") from None
     try:
         pid, ctime = seg.hdr("coordinator_pid"), seg.hdr("coordinator_ctime")
-        if _is_process(pid, ctime):
-            return Live(name, pid, seg.hdr("authkey"), seg.hdr("ncpus"))
+        if is_coordinator(pid, ctime):
+            return Live(name, pid, ctime, seg.hdr("authkey"), seg.hdr_str("channel"), seg.hdr("ncpus"))
     finally:
         seg.close()
     clean_stale_segment(names.segment(name), expect_pid=pid, expect_ctime=ctime)
@@ -100,15 +108,30 @@ def probe(name: str) -> Live | None:
 def require(name: str) -> Live:
     live = probe(name)
     if live is None:
-        raise MachineNotUp(name)
+        raise MachineNotUp(name, up_now())
     return live
+
+
+def up_now() -> list[str]:
+    """Names of this user's machines that are up, for "not up" messages; never raises."""
+    found = []
+    for name in our_machines():
+        try:
+            if probe(name) is not None:
+                found.append(name)
+        except SmpdError:
+            pass
+    return found
 
 
 def clean_stale_segment(seg_name: str, expect_pid: int, expect_ctime: float) -> list[int]:
     """Kill the leftovers of a dead coordinator and unlink its segment. Returns the pids killed.
 
-    Only acts when the segment still names that coordinator (a new machine may
-    have taken the name since) and that coordinator is not running.
+    Only acts on a segment of ours (Segment.attach verifies it) that still names that
+    coordinator (a new machine may have taken the name since), when that coordinator
+    is not running; and signals only CPU processes that smpd.trust recognises as the
+    ones this machine started: our uid, comm smpd-cpuN, the recorded creation time,
+    the coordinator's session.
     """
     try:
         seg = Segment.attach(seg_name)
@@ -118,16 +141,13 @@ def clean_stale_segment(seg_name: str, expect_pid: int, expect_ctime: float) -> 
     try:
         if seg.hdr("coordinator_pid") != expect_pid or abs(seg.hdr("coordinator_ctime") - expect_ctime) > 0.05:
             return []
-        if _is_process(expect_pid, expect_ctime):
+        if is_coordinator(expect_pid, expect_ctime):
             return []
+        sid = seg.hdr("coordinator_sid")
         for cpu in range(1, seg.geo.ncpus):
             pid, ctime_ms = seg.cb(cpu, "pid"), seg.cb(cpu, "ctime_ms")
-            if pid and _is_process(pid, ctime_ms / 1000 if ctime_ms else None, tolerance=0.05):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                except ProcessLookupError:
-                    pass
+            if pid and trust.signal_ours(pid, signal.SIGKILL, ctime_ms / 1000, name=f"smpd-cpu{cpu}", sid=sid):
+                killed.append(pid)
     finally:
         seg.close()
     unlink(seg_name)
@@ -135,12 +155,25 @@ def clean_stale_segment(seg_name: str, expect_pid: int, expect_ctime: float) -> 
 
 
 def our_machines() -> list[str]:
-    """Names of this user's machines that have a segment in /dev/shm."""
+    """Machine names of this uid that have an entry in /dev/shm (not yet checked to be ours)."""
     try:
-        entries = os.listdir("/dev/shm")
+        entries = os.listdir(names.SHM_DIR)
     except OSError:
         return []
     return sorted(m for m in (names.machine_of_segment(e) for e in entries) if m)
+
+
+def remove_own_entry(name: str) -> bool:
+    """`down --force`: unlink a segment name smpd cannot read but that is provably ours. True if removed."""
+    path = names.segment_path(name)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    refusal = trust.foreign(st, path, "an smpd segment", f"--force removes only your own; {FOREIGN_REMEDY}")
+    if refusal is not None:
+        raise refusal
+    return unlink(names.segment(name))
 
 
 def prepare(cfg) -> dict:
@@ -163,72 +196,90 @@ def prepare(cfg) -> dict:
             "seed": seed}
 
 
-def start_daemon(spec: dict) -> dict:
-    """Start ``python -m smpd.coordinator`` detached; return its summary once every CPU is online.
+def coordinator_command(fd: int) -> list[str]:
+    """The daemon's command line. -P: the current directory never shadows the installed package
+    (a folder named smpd there, e.g. in the parent of a clone); the spec travels over ``fd``."""
+    return [sys.executable, "-P", "-m", "smpd.coordinator", str(fd)]
 
-    If this process is interrupted while waiting, the daemon is told to stop
-    (SIGTERM) and we wait for it to clean up before re-raising.
+
+def start_daemon(spec: dict) -> dict:
+    """Start the coordinator detached; return its summary once every CPU is online.
+
+    If this process is interrupted while waiting, the daemon is told to stop and we
+    wait for it to clean up before re-raising; if this process dies, the daemon sees
+    its socket close and stops by itself (see the module's docstring).
     """
     cfg = spec["config"]
     ncpus = cfg["machine"]["cpus"]
     timeout_s = (cfg["timeouts"]["bringup_ms"] + cfg["timeouts"]["bringup_ms_per_cpu"] * ncpus) / 1000 + 30
-    r, w = os.pipe()
-    env = dict(os.environ)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     log = os.environ.get("SMPD_COORDINATOR_LOG")
-    errf = open(log, "ab") if log else subprocess.DEVNULL
+    try:
+        errf = open(log, "ab") if log else subprocess.DEVNULL
+    except OSError as err:
+        ours.close()
+        theirs.close()
+        raise BadInput(f"SMPD_COORDINATOR_LOG={log} cannot be opened for appending ({err.strerror})") from None
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "smpd.coordinator", json.dumps(spec), str(w)],
+            coordinator_command(theirs.fileno()),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errf,
-            pass_fds=(w,), start_new_session=True, env=env, close_fds=True,
+            pass_fds=(theirs.fileno(),), start_new_session=True, close_fds=True,
         )
+    except OSError as err:
+        ours.close()
+        raise SmpdError(f"cannot start the coordinator ({err.strerror or err})") from None
     finally:
-        os.close(w)
+        theirs.close()
         if log:
             errf.close()
     try:
-        line = _read_line(r, proc, timeout_s)
+        ours.sendall(json.dumps(spec).encode() + b"\n")
+        line = _read_line(ours, proc, timeout_s)
+        if line:
+            ours.sendall(ACK)
     except BaseException:
+        ours.close()
         _stop_daemon(proc)
         raise
-    finally:
-        os.close(r)
+    ours.close()
     if not line:
-        code = proc.poll()
+        code = proc.wait(60)
         raise SmpdError(f"the coordinator exited (status {code}) before the machine came up"
                         + ("" if log else "; set SMPD_COORDINATOR_LOG=FILE to see why"))
     reply = json.loads(line)
     if not reply["ok"]:
-        proc.wait(30)
-        err = SmpdError(reply["error"])
+        proc.wait(60)
+        err = (BadInput if reply.get("exit") == 2 else SmpdError)(reply["error"])
         err.exit_status = reply.get("exit", 1)
         raise err
     return reply["summary"]
 
 
-def _read_line(fd: int, proc: subprocess.Popen, timeout_s: float) -> str:
-    import selectors
-
+def _read_line(sock: socket.socket, proc: subprocess.Popen, timeout_s: float) -> str:
     buf = b""
     deadline = time.monotonic() + timeout_s
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Timeout(f"the machine did not come up within {timeout_s:.0f} s")
-            if not sel.select(min(left, 0.5)):
-                if proc.poll() is not None:
-                    break
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Timeout(f"the machine did not come up within {timeout_s:.0f} s")
+        sock.settimeout(min(left, 0.5))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            if proc.poll() is not None:
                 break
-            buf += chunk
-    return buf.decode().split("\n")[0]
+            continue
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode(errors="replace").split("\n")[0]
 
 
 def _stop_daemon(proc: subprocess.Popen) -> None:
+    """Our own child (not yet reaped, so its pid is still its): ask it to stop, then make sure."""
     try:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -237,19 +288,10 @@ def _stop_daemon(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-def _signal_if_same(pid: int, sig: int) -> None:
-    """Signal ``pid`` only if it is still one of our coordinators (pid reuse)."""
-    try:
-        p = psutil.Process(pid)
-        if p.name() == "smpd-coord":
-            p.send_signal(sig)
-    except psutil.Error:
-        pass
-
-
-def wait_gone(pid: int, timeout_s: float) -> bool:
+def wait_gone(pid: int, ctime: float, timeout_s: float) -> bool:
+    """Wait (bounded) until our coordinator ``pid`` created at ``ctime`` has exited."""
     deadline = time.monotonic() + timeout_s
-    while _is_process(pid, None):
+    while trust.is_our_process(pid, ctime):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.01)
@@ -257,25 +299,26 @@ def wait_gone(pid: int, timeout_s: float) -> bool:
 
 
 def down(name: str, force: bool = False, timeout_s: float = 30.0) -> str:
-    """Stop machine ``name``; idempotent. Returns what was done, for the CLI to print."""
-    seg_name = names.segment(name)
+    """Stop machine ``name``; idempotent. Returns what was done, for the CLI to print.
+
+    Another user's entry under our name is refused even with --force (NotOurs)."""
     try:
         live = probe(name)
-    except SmpdError:  # another layout, or a segment stuck half-made
+    except SmpdError:  # not readable: another layout, stuck half-made, altered, or not ours at all
         if not force:
             raise
-        unlink(seg_name)
-        return f"machine '{name}': removed segment {seg_name} of an unknown layout (--force)"
+        remove_own_entry(name)  # refuses, with NotOurs, an entry that is not ours
+        return f"machine '{name}': removed segment {names.segment(name)} of an unknown layout (--force)"
     if live is None:
         return f"machine '{name}' is not up; nothing to do"
     try:
         live.request("down", timeout_s=timeout_s)
     except SmpdError:
         # Busy or wedged: it does not answer. SIGTERM asks for the same clean shutdown.
-        _signal_if_same(live.pid, signal.SIGTERM)
-    if not wait_gone(live.pid, timeout_s):
-        _signal_if_same(live.pid, signal.SIGKILL)
-        wait_gone(live.pid, 5)
+        trust.signal_ours(live.pid, signal.SIGTERM, live.ctime, name=COORDINATOR_COMM)
+    if not wait_gone(live.pid, live.ctime, timeout_s):
+        trust.signal_ours(live.pid, signal.SIGKILL, live.ctime, name=COORDINATOR_COMM)
+        wait_gone(live.pid, live.ctime, 5)
     # A coordinator killed mid-shutdown leaves its janitor to finish; do it now instead.
     probe(name)
     return f"machine '{name}' is down"

@@ -9,18 +9,34 @@ constructor that failed halfway.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
 
 import posix_ipc
 
-from smpd import layout as L
-from smpd.errors import BadInput, LayoutMismatch
+from smpd import layout as L, names, trust
+from smpd.errors import BadInput, HostTooSmall, LayoutMismatch
 
 
 class SegmentBeingCreated(BadInput):
     """The segment exists but its header is not written yet: a machine is coming up."""
+
+
+class SegmentExists(BadInput):
+    """``create`` found the name taken by a segment of ours: a machine is up or coming up."""
+
+
+FOREIGN_REMEDY = "pick another --name, or ask its owner or an administrator to remove it"
+OWN_REMEDY = "remove it with `smpd down --force`"
+
+
+def _as_os_error(err: Exception) -> OSError:
+    """posix_ipc raises its own PermissionsError for EACCES; the rest are OSErrors already."""
+    if isinstance(err, OSError):
+        return err
+    return PermissionError(errno.EACCES, str(err))
 
 
 class Segment:
@@ -37,13 +53,26 @@ class Segment:
 
     @classmethod
     def create(cls, name: str, geo: L.Geometry, owner_pid: int, owner_ctime: float) -> "Segment":
-        """Create the segment O_EXCL, mode 0600, sized for ``geo``; raises ExistentialError if it exists.
+        """Create the segment O_EXCL, mode 0600, sized for ``geo``.
 
         The owner (coordinator pid and create time) is written before the magic, so a
         reader that sees the magic can always tell whether the owner is alive.
+        Raises SegmentExists when the name is taken (NotOurs when someone else took it),
+        HostTooSmall when the host refuses its size.
         """
         seg = cls(name)
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=geo.size)
+        try:
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=geo.size)
+        except posix_ipc.ExistentialError:
+            try:  # a name someone else took says so; one of ours is a machine, up or coming up
+                cls.attach(name).close()
+            except SegmentBeingCreated:
+                pass
+            raise SegmentExists(f"segment {name} exists: another `smpd up` made it first") from None
+        except (ValueError, OSError) as err:  # ftruncate refused: RLIMIT_FSIZE (EFBIG), or tmpfs full
+            posix_ipc.unlink_shared_memory(name)  # ours: O_CREX succeeded before the size failed
+            raise HostTooSmall(f"the host refused a {geo.size / 2**20:.1f} MiB shared-memory segment "
+                               f"({err}); check `ulimit -f` and the free space of {names.SHM_DIR}") from None
         try:
             seg._map(shm, geo.size)
             seg.geo = geo
@@ -60,20 +89,31 @@ class Segment:
     def attach(cls, name: str) -> "Segment":
         """Map an existing segment after checking it is ours and of our layout version.
 
-        Raises posix_ipc.ExistentialError when there is no such segment, and
-        LayoutMismatch when it is not a segment this smpd can read.
+        Ownership comes first, before a byte is read (smpd.trust): a regular file of
+        our uid, mode 0600; a symbolic link is not followed. Raises
+        posix_ipc.ExistentialError when there is no such segment, NotOurs when the
+        name is someone else's, and LayoutMismatch when it is not a segment this smpd
+        can read.
         """
         seg = cls(name)
-        shm = posix_ipc.SharedMemory(name)
+        path = names.SHM_DIR + name
         try:
-            size = os.fstat(shm.fd).st_size
+            shm = posix_ipc.SharedMemory(name)
+        except (posix_ipc.PermissionsError, OSError) as err:
+            refusal = trust.refuse_entry(path, _as_os_error(err), "an smpd segment", FOREIGN_REMEDY)
+            if refusal is not None:
+                raise refusal from None
+            raise
+        try:
+            st = os.fstat(shm.fd)
+            trust.check_stat(st, path, "an smpd segment",
+                             FOREIGN_REMEDY if st.st_uid != trust.me() else OWN_REMEDY)
+            size = st.st_size
             if size == 0:  # shm_open() done, ftruncate() not yet: a machine is coming up
                 raise SegmentBeingCreated(f"segment {name} is being created")
             if size < L.HEADER_SIZE:
-                raise LayoutMismatch(
-                    f"segment {name} is {size} bytes, too small to be an smpd segment; "
-                    f"remove it with `smpd down --force`"
-                )
+                raise LayoutMismatch(f"segment {name} is {size} bytes, too small to be an smpd segment; "
+                                     f"{OWN_REMEDY}")
             seg._map(shm, size)
             magic = seg.hdr("magic")
             if magic == bytes(8):
@@ -84,7 +124,7 @@ class Segment:
                 raise LayoutMismatch(
                     f"segment {name} has {what}; this smpd reads layout version "
                     f"{L.LAYOUT_VERSION} only. Stop that machine with the smpd that made it, "
-                    f"or remove it with `smpd down --force`"
+                    f"or {OWN_REMEDY}"
                 )
             seg.geo = L.Geometry(
                 ncpus=seg.hdr("ncpus"),
@@ -95,6 +135,8 @@ class Segment:
             if seg.geo.size != size or seg.geo.mem_off != seg.hdr("mem_off"):
                 raise LayoutMismatch(f"segment {name} header does not match its size ({size} bytes)")
         except BaseException:
+            if shm.fd >= 0:
+                shm.close_fd()
             seg.close()
             raise
         return seg

@@ -8,10 +8,11 @@ stopped on every other exit path. Ctrl-C is taken as "stop after this trial".
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 import signal
-import socket
 import time
 
 import psutil
@@ -19,9 +20,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from smpd import cpulist, hostload, lifecycle, names, soak
+from smpd import cpulist, hostload, lifecycle, names, soak, trust
 from smpd.inputs import check_writable, parse_duration
-from smpd.errors import BadInput, CoordinatorGone, SmpdError
+from smpd.errors import BadInput, CoordinatorGone, MachineNotUp, SmpdError
 
 
 def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out, resume, summary_file,
@@ -106,19 +107,31 @@ def _idle_kick(live) -> dict:
     return {"p50": v[len(v) // 2], "p99": v[min(len(v) - 1, int(len(v) * 0.99))], "max": v[-1]} if v else {}
 
 
+@contextlib.contextmanager
 def machine_lock(name: str):
     """One soak per machine: trials of two runs would interleave their kexecs and resets.
 
-    The lock is an abstract Unix socket bound to a per-machine name: only one process
-    can hold it, and it is gone the moment that process is, however it ends.
+    The lock is flock() on the machine's own segment, opened without following links
+    and checked to be ours first: only a process that can open our 0600 segment can
+    hold it (no other user can squat it, as they could a socket name), it belongs to
+    this machine's lifetime (a new machine of the same name is a new file), and it
+    is released the moment its holder is gone, however it ends.
     """
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = names.segment_path(name)
     try:
-        s.bind(names.socket_address(name) + "-soak")
-    except OSError:
-        s.close()
-        raise BadInput(f"another smpd soak is running on machine '{name}'") from None
-    return s
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        refusal = trust.refuse_entry(path, err, "an smpd segment", "pick another --name")
+        raise refusal or MachineNotUp(name) from None
+    try:
+        trust.check_stat(os.fstat(fd), path, "an smpd segment", "pick another --name")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInput(f"another smpd soak is running on machine '{name}'") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, fresh: bool, console: Console) -> None:

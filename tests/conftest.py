@@ -1,9 +1,20 @@
-"""Fixtures: a leak check around every test, unique machine names, a CLI runner, machines.
+"""Fixtures: a leak check around every test, machine names of this run, a CLI runner, machines.
 
 Every test runs real processes over a real segment; the autouse ``no_leaks``
-fixture then proves that nothing of ours is left: no /dev/shm entry named
-smpd*, no live process named smpd-*. Waits are bounded polls for a condition,
-never sleeps standing in for synchronisation.
+fixture then proves that nothing of ours is left. "Ours" means this test run's,
+and nothing else on the host: smpd runs on shared hosts, and a user's machine
+(or another test run's) must survive a full test run (test_trust proves it).
+
+* Segments: only /dev/shm entries of this uid whose machine name starts with this
+  run's prefix (every machine the tests make is named ``machine_name`` or
+  ``run_name``).
+* Processes: only processes named smpd-* whose environment carries this run's
+  token (SMPD_TEST_RUN, set below and inherited by everything the tests start),
+  so even an orphan whose coordinator died is recognised, and nobody else's is.
+
+Waits are bounded polls for a condition, never sleeps standing in for synchronisation.
+CLI runs happen in a scratch directory, so nothing a command writes lands in the
+repository.
 """
 
 from __future__ import annotations
@@ -11,8 +22,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -25,18 +39,41 @@ from smpd.segment import Segment
 LEAK_BOUND_S = 15.0  # a loaded 2-core CI box may take a while to reap 64 processes
 _counter = itertools.count()
 
+RUN_TOKEN = secrets.token_hex(3)
+RUN_PREFIX = f"t{RUN_TOKEN}"  # every machine of this run is named RUN_PREFIX-...
+os.environ["SMPD_TEST_RUN"] = RUN_TOKEN  # a fresh token even in a run started by a test
+SCRATCH = tempfile.mkdtemp(prefix="smpd-tests-")  # the CLI's working directory in tests
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_name(label: str = "") -> str:
+    """A machine name of this run (the leak check looks at these and nothing else)."""
+    return f"{RUN_PREFIX}-{label}{next(_counter)}"
+
 
 def our_segments() -> set[str]:
-    return {e for e in os.listdir("/dev/shm") if e.startswith("smpd") or e.startswith("sem.smpd")}
+    head = names.segment(RUN_PREFIX)[1:]
+    return {e for e in os.listdir(names.SHM_DIR) if e.startswith(head)}
+
+
+def _of_this_run(p: psutil.Process) -> bool:
+    try:
+        return p.environ().get("SMPD_TEST_RUN") == RUN_TOKEN
+    except psutil.Error:
+        return False
 
 
 def our_processes() -> set[tuple[int, str]]:
     found = set()
     for p in psutil.process_iter(["name", "status"]):
         name = p.info["name"] or ""
-        if name.startswith("smpd-") and p.info["status"] != psutil.STATUS_ZOMBIE:
+        if name.startswith("smpd-") and p.info["status"] != psutil.STATUS_ZOMBIE and _of_this_run(p):
             found.add((p.pid, name))
     return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SCRATCH, ignore_errors=True)
 
 
 def wait_until(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
@@ -72,44 +109,63 @@ HOT_PATHS = hot_paths()
 def no_leaks():
     segs_before, procs_before = our_segments(), our_processes()
     yield
+    leaks = wait_for_no_leaks(segs_before, procs_before)
+    if leaks:
+        pytest.fail(f"leaked segments {sorted(leaks[0])} and processes {sorted(leaks[1])}")
+
+
+def wait_for_no_leaks(segs_before: set[str], procs_before: set) -> tuple[set, set] | None:
+    """Wait (bounded) for this run's segments and processes to be back to ``before``; on a
+    leak, remove what leaked (so one leak does not fail every later test) and return it."""
     deadline = time.monotonic() + LEAK_BOUND_S
     while time.monotonic() < deadline:
         segs = our_segments() - segs_before
         procs = our_processes() - procs_before
         if not segs and not procs:
-            return
+            return None
         time.sleep(0.05)
-    # Clean up so one leak does not fail every later test, then fail this one.
     for pid, _ in procs:
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            if _of_this_run(p):  # checked again right before the signal: pids are recycled
+                p.kill()
     for s in segs:
-        try:
-            os.unlink(f"/dev/shm/{s}")
-        except OSError:
-            pass
-    pytest.fail(f"leaked segments {sorted(segs)} and processes {sorted(procs)}")
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(names.SHM_DIR, s))
+    return segs, procs
 
 
 @pytest.fixture
 def machine_name() -> str:
-    return f"t{os.getpid() % 100000}-{next(_counter)}"
+    return run_name()
 
 
-def run_smpd(*args: str, name: str | None = None, check: bool = True, timeout: float = 120,
-             **kw) -> subprocess.CompletedProcess:
+def smpd_env(name: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a CLI run: SMPD_NAME only when given, wide columns."""
     env = dict(os.environ)
     env.pop("SMPD_NAME", None)
     if name is not None:
         env["SMPD_NAME"] = name
     env.setdefault("COLUMNS", "160")
+    env.update(extra)
+    return env
+
+
+def run_smpd(*args: str, name: str | None = None, check: bool = True, timeout: float = 120,
+             **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("cwd", SCRATCH)
     r = subprocess.run([sys.executable, "-m", "smpd", *args], capture_output=True, text=True,
-                       env=env, timeout=timeout, **kw)
+                       env=kw.pop("env", None) or smpd_env(name), timeout=timeout, **kw)
     if check and r.returncode != 0:
         raise AssertionError(f"smpd {' '.join(args)} exited {r.returncode}\n{r.stdout}\n{r.stderr}")
     return r
+
+
+def start_smpd(*args: str, name: str | None = None, **kw) -> subprocess.Popen:
+    """`smpd ARGS` in the background, as a user would start it in a terminal."""
+    kw.setdefault("cwd", SCRATCH)
+    return subprocess.Popen([sys.executable, "-m", "smpd", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=kw.pop("env", None) or smpd_env(name), **kw)
 
 
 class Machine:
@@ -166,4 +222,4 @@ def machine(machine_name):
 
 
 def segment_path(name: str) -> str:
-    return "/dev/shm" + names.segment(name)
+    return names.segment_path(name)

@@ -18,7 +18,7 @@ import threading
 import psutil
 import pytest
 
-from conftest import HOT_PATHS, Machine, run_smpd, wait_until
+from conftest import HOT_PATHS, Machine, run_name, run_smpd, wait_until
 from smpd import layout as L
 
 FAULT = {"TRIPLE_FAULT", "CORRUPTION"}
@@ -28,7 +28,7 @@ NCPUS = 6
 @pytest.fixture(scope="module", params=HOT_PATHS)
 def parked(request):
     """One machine per hot path: CPUs 1-5 parked; every test leaves it reset."""
-    name = f"kx{os.getpid() % 100000}"
+    name = run_name("kx")
     m = Machine(name, NCPUS, "--watch", "adaptive", "--seed", "11", "--hot-path", request.param)
     m.request("offline", cpus=f"1-{NCPUS - 1}")
     yield m

@@ -9,7 +9,7 @@ import posix_ipc
 import psutil
 import pytest
 
-from conftest import Machine, our_processes, run_smpd, segment_path, wait_until
+from conftest import Machine, our_processes, run_smpd, segment_path, start_smpd, wait_until
 from smpd import layout as L, lifecycle, names
 
 
@@ -78,9 +78,7 @@ def test_sigterm_to_the_coordinator_shuts_the_machine_down_cleanly(machine_name)
 
 
 def test_foreground_machine_stops_on_ctrl_c(machine_name):
-    env = dict(os.environ, SMPD_NAME=machine_name)
-    p = subprocess.Popen([sys.executable, "-m", "smpd", "up", "--cpus", "4", "--watch", "adaptive",
-                          "--foreground"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = start_smpd("up", "--cpus", "4", "--watch", "adaptive", "--foreground", name=machine_name)
     try:
         def up():
             if p.poll() is not None:
@@ -103,9 +101,7 @@ def test_foreground_machine_stops_on_ctrl_c(machine_name):
 
 def test_ctrl_c_while_up_waits_leaves_no_half_made_machine(machine_name):
     """SIGINT to `smpd up` while the CPUs come up: the daemon is stopped and cleans up."""
-    env = dict(os.environ, SMPD_NAME=machine_name)
-    p = subprocess.Popen([sys.executable, "-m", "smpd", "up", "--cpus", "200", "--watch", "adaptive"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = start_smpd("up", "--cpus", "200", "--watch", "adaptive", name=machine_name)
     # Wait until the coordinator exists (the segment is there), then interrupt the CLI.
     wait_until(lambda: os.path.exists(segment_path(machine_name)) or p.poll() is not None,
                what="the coordinator to create its segment")
@@ -125,7 +121,8 @@ def test_the_channel_refuses_a_client_without_the_key(machine):
     from smpd.errors import CoordinatorGone
 
     with pytest.raises((CoordinatorGone, Exception)) as e:
-        channel.request(names.socket_address(m.name), b"\0" * 32, "status", timeout_s=5)
+        channel.request(names.socket_address(m.name, m.live.token), b"\0" * 32, "status", timeout_s=5,
+                        server_pid=m.live.pid)
     assert "digest" in str(e.value).lower() or "closed" in str(e.value).lower()
     assert m.status()["machine"]["state"] == "UP"  # and it keeps serving
 
@@ -171,9 +168,7 @@ def test_a_second_stop_signal_does_not_interrupt_the_shutdown(machine_name):
 
 def test_probing_while_a_machine_comes_up_never_removes_it(machine_name):
     """`status`/`list`/`up` of others look at the segment while it is being created."""
-    env = dict(os.environ, SMPD_NAME=machine_name)
-    p = subprocess.Popen([sys.executable, "-m", "smpd", "up", "--cpus", "16", "--watch", "adaptive"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = start_smpd("up", "--cpus", "16", "--watch", "adaptive", name=machine_name)
     try:
         while p.poll() is None:
             try:

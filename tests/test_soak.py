@@ -11,7 +11,7 @@ import sys
 import psutil
 import pytest
 
-from conftest import Machine, run_smpd, wait_until
+from conftest import Machine, run_name, run_smpd, smpd_env, start_smpd, wait_until
 from smpd import soak
 from smpd.kexec import OUTCOMES
 
@@ -20,7 +20,7 @@ NCPUS = 6
 
 @pytest.fixture(scope="module")
 def soak_machine():
-    name = f"sk{os.getpid() % 100000}"
+    name = run_name("soak")
     m = Machine(name, NCPUS, "--watch", "adaptive", "--seed", "5")
     m.request("offline", cpus=f"1-{NCPUS - 1}")
     yield m
@@ -43,9 +43,7 @@ def lines(path):
 @contextlib.contextmanager
 def start_soak(name: str, out, *args: str, trials: str = "100000"):
     """`smpd soak` in the background, as a user would run it in a terminal; killed if still running."""
-    env = dict(os.environ, SMPD_NAME=name, COLUMNS="200")
-    p = subprocess.Popen([sys.executable, "-m", "smpd", "soak", "--trials", trials, "--out", str(out), *args],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = start_smpd("soak", "--trials", trials, "--out", str(out), *args, env=smpd_env(name, COLUMNS="200"))
     try:
         yield p
     finally:

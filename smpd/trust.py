@@ -1,0 +1,129 @@
+"""Acting only on what is provably ours: files, processes and channel peers (DESIGN §7).
+
+smpd runs on shared hosts, often as root. Every name it uses can be taken by
+someone else first: /dev/shm is world-writable (sticky: others cannot remove our
+entries, but they can create any name we have not created yet, including a
+symbolic link), abstract socket names belong to whoever binds them first, and a
+pid written in a file is only a number. Root's smpd can signal any process and
+unlink any file, so believing a name is how another user makes root kill an
+arbitrary process (issue 10: a forged segment listing a victim as "CPU 1").
+
+The options were: hide everything in a 0700 per-user directory (POSIX shared
+memory has no directories; a socket file there is one more thing a SIGKILL leaves
+behind), or keep the flat names and verify before acting. We verify, at the
+point of use, against facts another user cannot forge:
+
+* A /dev/shm entry is believed only after ``fstat`` of the descriptor we opened
+  says: a regular file, owned by our effective uid, no group or other bits.
+  ``shm_open`` opens with O_NOFOLLOW (glibc), so a symbolic link fails with ELOOP
+  before anything is read; ``lstat`` then names who made it.
+* A process is signalled only when psutil says it runs as our uid, has the comm
+  that we gave it, was created at the time recorded for it, and sits in the
+  session of the coordinator that started it. The session stands in for the
+  parent: a CPU process outlives its coordinator only as an orphan, re-parented
+  to init, but its session id is inherited and cannot be joined from outside.
+* A channel peer is believed only when SO_PEERCRED gives our uid and the pid of
+  the coordinator named in a segment we verified (see smpd.channel).
+
+What is ours is left alone otherwise too: an entry that is not ours is never
+unlinked, even by root, and gets one ``Error:`` line that names its owner.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import signal
+import stat
+
+import psutil
+
+from smpd.errors import NotOurs
+
+CTIME_TOLERANCE_S = 0.05  # psutil's create_time comes from jiffies since boot: 10 ms steps
+
+
+def me() -> int:
+    """The uid whose files and processes are ours: the effective one, as the kernel sees it."""
+    return os.geteuid()
+
+
+def describe_uid(uid: int) -> str:
+    try:
+        return f"user '{pwd.getpwuid(uid).pw_name}' (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def foreign(st: os.stat_result, path: str, what: str, remedy: str) -> NotOurs | None:
+    """The refusal for an entry (from lstat or fstat) that is a link or another user's, else None."""
+    if stat.S_ISLNK(st.st_mode):
+        return NotOurs(f"{path} is a symbolic link made by {describe_uid(st.st_uid)}, not {what}: smpd "
+                       f"does not follow it and will not remove it; {remedy}")
+    if st.st_uid != me():
+        return NotOurs(f"{path} belongs to {describe_uid(st.st_uid)}, not to you: smpd will not read, "
+                       f"signal or remove it; {remedy}")
+    return None
+
+
+def check_stat(st: os.stat_result, path: str, what: str, remedy: str) -> None:
+    """Raise NotOurs unless ``st`` is a regular file of ours with no group or other access."""
+    refusal = foreign(st, path, what, remedy)
+    if refusal is not None:
+        raise refusal
+    if not stat.S_ISREG(st.st_mode):
+        raise NotOurs(f"{path} is not {what} (it is not a regular file); smpd leaves it alone; {remedy}")
+    if st.st_mode & 0o077:
+        raise NotOurs(f"{path} has mode {stat.S_IMODE(st.st_mode):04o}, but smpd makes {what} 0600 and "
+                      f"trusts no other; {remedy}")
+
+
+def refuse_entry(path: str, err: OSError, what: str, remedy: str) -> NotOurs | None:
+    """The NotOurs error for an entry we could not open (a link, another user's 0600 file), else None."""
+    if err.errno not in (errno.ELOOP, errno.EACCES, errno.EPERM):
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return foreign(st, path, what, remedy)
+
+
+def is_our_process(pid: int, ctime: float, name: str | None = None, sid: int | None = None) -> bool:
+    """True when ``pid`` is a live process of ours created at ``ctime`` (and named ``name``,
+    in session ``sid``, when given). A zombie, a recycled pid or another user's process is not."""
+    if pid <= 0 or not ctime:
+        return False
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            if p.status() == psutil.STATUS_ZOMBIE or p.uids().effective != me():
+                return False
+            if abs(p.create_time() - ctime) > CTIME_TOLERANCE_S:
+                return False
+            if name is not None and p.name() != name:
+                return False
+        return sid is None or os.getsid(pid) == sid
+    except (psutil.Error, OSError):
+        return False
+
+
+def signal_ours(pid: int, sig: int, ctime: float, name: str | None = None, sid: int | None = None) -> bool:
+    """Send ``sig`` to ``pid`` only if it is the process of ours we mean; True if sent.
+
+    A pidfd is opened first and the identity checked after: the pidfd pins that
+    process, so the pid cannot be recycled between the check and the signal."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if not is_our_process(pid, ctime, name, sid):
+            return False
+        signal.pidfd_send_signal(fd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)

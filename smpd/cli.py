@@ -7,9 +7,13 @@ machine" and "already up"), 1 for runtime failures.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
 import time
+from typing import NoReturn
 
 import click
 from rich.console import Console
@@ -19,7 +23,7 @@ from rich.text import Text
 
 from smpd import config as config_mod, cpulist, lifecycle, names, render
 from smpd import scenario as scenario_mod
-from smpd.errors import BadInput, SmpdError
+from smpd.errors import BadInput, Interrupted, SmpdError
 
 NAME_HELP = "Machine name (several machines can run side by side). Env: SMPD_NAME."
 
@@ -67,15 +71,80 @@ def name_option(f):
                         envvar="SMPD_NAME", help=NAME_HELP)(f)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """SIGINT, SIGTERM and SIGHUP all raise Interrupted in the main thread, once: a second
+    signal while the first one's clean-up runs is ignored, so the clean-up finishes."""
+    raised = []
+
+    def interrupt(signum, _frame):
+        if not raised:
+            raised.append(signum)
+            raise Interrupted(signum)
+
+    old = {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _fail(message: str, status: int) -> NoReturn:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(status)
+
+
 class SmpdGroup(click.Group):
-    """Turns SmpdError into click's one-line error with the right exit status."""
+    """Every way a command can fail ends in one line, ``Error: ...``, and its exit status:
+    2 for bad input (click's usage errors included: no usage block), 1 for runtime
+    failures, 128+N for a stop by signal N."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        with stop_signals_interrupt():
+            try:
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except click.exceptions.NoArgsIsHelpError as err:  # a bare `smpd` or `smpd bench`: the help
+                click.echo(err.ctx.get_help())
+                sys.exit(0)
+            except click.UsageError as err:
+                where = err.ctx.command_path if err.ctx is not None else "smpd"
+                _fail(f"{err.format_message()} (see '{where} --help')", err.exit_code)
+            except click.ClickException as err:
+                _fail(err.format_message(), err.exit_code)
+            except SmpdError as err:
+                _fail(str(err), err.exit_status)
+            except _Stopped as stopped:
+                err = stopped.interrupt
+                _fail(f"stopped by {signal.Signals(err.signum).name}" + (f"; {err.note}" if err.note else ""),
+                      err.exit_status)
+            except (KeyboardInterrupt, click.Abort):  # before our handlers, or a prompt's Ctrl-C
+                _fail("interrupted", 130)
+            except BrokenPipeError:  # `smpd status | head`: the reader left; nothing to say to it
+                sys.stderr.close()
+                os._exit(1)
+            except OSError as err:
+                _fail(f"{err.strerror or err}" + (f": {err.filename}" if err.filename else ""), 1)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except SmpdError as err:
-            click.echo(f"Error: {err}", err=True)
-            ctx.exit(err.exit_status)
+        except Interrupted as err:  # past click, which would turn it into a bare Abort
+            raise _Stopped(err) from None
+
+
+class _Stopped(Exception):
+    """Carries an Interrupted out through click's main, which catches KeyboardInterrupt."""
+
+    def __init__(self, interrupt: Interrupted):
+        super().__init__(interrupt)
+        self.interrupt = interrupt
 
 
 @click.group(cls=SmpdGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -126,10 +195,9 @@ def up(cpus, name, watch, hot_path, pin, seed, config_file, foreground):
         sys.exit(status)
     try:
         summary = lifecycle.start_daemon(spec)
-    except KeyboardInterrupt:
-        click.echo(f"Error: interrupted while machine '{name}' came up; it was stopped and "
-                   f"nothing of it is left", err=True)
-        sys.exit(130)
+    except Interrupted as err:
+        err.note = f"machine '{name}' was coming up; it was stopped and nothing of it is left"
+        raise
     out.print(render.up_summary(summary))
 
 

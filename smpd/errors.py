@@ -60,3 +60,19 @@ class Timeout(SmpdError):
 class NotOurs(BadInput):
     """A name smpd would use is held by someone else (another user's file, link, process or
     socket), or a file of ours is not as smpd made it: refused, never read, signalled or removed."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP reached a command: the same clean stop for all three.
+
+    A KeyboardInterrupt, so every ``except KeyboardInterrupt`` clean-up path takes
+    it; ``note`` says what the command leaves behind (set where that is known)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.note = ""
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # the shell's convention for "ended by signal N"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 
 from smpd.errors import BadInput
 
@@ -23,18 +24,29 @@ def parse_duration(text: str) -> float:
 
 
 def check_writable(path: str, option: str) -> None:
-    """Refuse, before the run, an output path that cannot be written."""
+    """Refuse, before the run, an output path that cannot be written. Creates nothing under that
+    name: an existing file is opened for appending (which changes nothing), a new one is judged by
+    an unnamed file in its directory; a dangling symbolic link is refused rather than followed to
+    create its target."""
+    if not path:
+        raise BadInput(f"{option} needs a file name; '' is none")
     p = os.path.abspath(path)
+    if os.path.islink(p) and not os.path.exists(p):
+        raise BadInput(f"{option} {path} is a symbolic link to nothing ({os.readlink(p)}); "
+                       f"give a file name, or the link's target")
     if os.path.isdir(p):
         raise BadInput(f"{option} {path} is a directory; give a file name")
-    parent = os.path.dirname(p)
+    parent = os.path.dirname(os.path.realpath(p))
     if not os.path.isdir(parent):
         raise BadInput(f"{option} {path}: directory {parent} does not exist")
-    existed = os.path.exists(p)
-    try:  # the only honest test: open it for writing (root passes every access() check)
-        with open(p, "ab"):
-            pass
-    except OSError as err:
-        raise BadInput(f"{option} {path} is not writable ({err.strerror})") from None
-    if not existed:
-        os.unlink(p)
+    if os.path.exists(p):
+        try:  # the honest test for an existing file: open it for writing (root passes every access())
+            with open(p, "ab"):
+                pass
+        except OSError as err:
+            raise BadInput(f"{option} {path} is not writable ({err.strerror})") from None
+    else:  # an unnamed file in that directory (O_TMPFILE where it exists): nothing to see or leave
+        try:
+            tempfile.TemporaryFile(dir=parent).close()
+        except OSError as err:
+            raise BadInput(f"{option} {path}: directory {parent} is not writable ({err.strerror})") from None

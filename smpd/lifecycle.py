@@ -29,8 +29,7 @@ from dataclasses import dataclass
 import posix_ipc
 
 from smpd import channel, hostinfo, hotpath, layout as L, names, trust
-from smpd.errors import (BadInput, CoordinatorGone, MachineAlreadyUp, MachineNotUp, NotOurs, SmpdError,
-                         Timeout)
+from smpd.errors import BadInput, CoordinatorGone, Interrupted, MachineAlreadyUp, MachineNotUp, SmpdError, Timeout
 from smpd.segment import FOREIGN_REMEDY, Segment, SegmentBeingCreated, unlink
 
 COORDINATOR_COMM = "smpd-coord"
@@ -56,6 +55,11 @@ class Live:
         try:
             return channel.request(names.socket_address(self.name, self.token), self.authkey, op, timeout_s,
                                    server_pid=self.pid, **args)
+        except Interrupted as err:
+            if not err.note:  # the innermost request is the one in flight
+                err.note = (f"machine '{self.name}' is up; if '{op}' had reached its coordinator, it completes "
+                            f"there (see `smpd status`)")
+            raise
         except CoordinatorGone:
             if not is_coordinator(self.pid, self.ctime):
                 raise CoordinatorGone(f"the coordinator of machine '{self.name}' (pid {self.pid}) "

@@ -24,7 +24,7 @@ import psutil
 from hdrh.histogram import HdrHistogram
 
 from smpd import cpulist, layout as L
-from smpd.errors import BadInput, CpuLost
+from smpd.errors import BadInput, CpuLost, SmpdError
 from smpd.scenario import KINDS, ORDERS, PARKS, PHASES
 
 FILE_KIND = "smpd-soak"
@@ -106,18 +106,32 @@ def injection_label(inject: list[str]) -> str:
 # -- the file --------------------------------------------------------------------
 
 def open_new(path: str, plan: Plan):
-    """Create the file (never over another run's: O_EXCL), locked for this run, with its header."""
+    """Create the file (never over another run's: O_EXCL), locked for this run, with its header.
+
+    If the header cannot be written (a full disk), the file this call created is
+    removed again: a run that never started leaves no empty file to refuse later."""
     try:
-        f = open(path, "x")
+        f = open(path, "xb", buffering=0)
     except FileExistsError:
         raise BadInput(f"--out {path} exists; continue it with --resume {path}, or name a new file") from None
+    except OSError as err:
+        raise BadInput(f"--out {path} cannot be created ({err.strerror})") from None
     lock(f, path)
-    _append(f, asdict(plan))
+    try:
+        _append(f, asdict(plan))
+    except OSError as err:
+        f.close()
+        os.unlink(path)
+        raise SmpdError(f"--out {path}: the header could not be written ({err.strerror}); nothing was "
+                        f"run and the file is removed") from None
     return f
 
 
 def open_resume(path: str):
-    f = open(path, "a")
+    try:
+        f = open(path, "ab", buffering=0)
+    except OSError as err:
+        raise BadInput(f"--resume {path} cannot be opened for appending ({err.strerror})") from None
     lock(f, path)
     return f
 
@@ -134,8 +148,11 @@ def lock(f, path: str) -> None:
 
 
 def _append(f, obj: dict) -> None:
-    f.write(json.dumps(obj, separators=(",", ":")) + "\n")
-    f.flush()
+    """One line, written whole or not at all as far as a reader goes (read() drops a partial
+    last line), then fsynced. Unbuffered: a failed write leaves nothing queued to retry later."""
+    data = memoryview((json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode())
+    while data:
+        data = data[f.write(data):]
     os.fsync(f.fileno())
 
 
@@ -214,15 +231,20 @@ class HostSampler:
         return s
 
 
+def set_offline(live, want: set[int], now: set[int]) -> None:
+    """Hotplug the machine from offline set ``now`` to ``want``, with the fewest CPUs moved."""
+    if now - want:
+        live.request("online", cpus=cpulist.format_list(sorted(now - want)))
+    if want - now:
+        live.request("offline", cpus=cpulist.format_list(sorted(want - now)))
+
+
 def run_trial(live, drawn: dict, offline_now: set[int]) -> tuple[dict, set[int]]:
     """Bring the offline set to the drawn one, kexec, reset. Returns (record, offline set after)."""
     want = set(cpulist.parse(drawn["offline"])) if drawn["offline"] else set()
     t0 = time.monotonic()
     try:
-        if offline_now - want:
-            live.request("online", cpus=cpulist.format_list(sorted(offline_now - want)))
-        if want - offline_now:
-            live.request("offline", cpus=cpulist.format_list(sorted(want - offline_now)))
+        set_offline(live, want, offline_now)
         r = live.request("kexec", park=drawn["park"], inject=drawn["inject"], order=drawn["order"],
                          seed=drawn["seed"])
     except CpuLost as err:

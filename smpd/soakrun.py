@@ -57,7 +57,7 @@ def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out
                          cpus=0, trials=trials if trials or duration_s else 100, duration_s=duration_s,
                          host_load=load_spec.text())
         records = []
-        out = out or f"soak-{plan.seed}.jsonl"
+        out = f"soak-{plan.seed}.jsonl" if out is None else out
         if os.path.exists(out):
             raise BadInput(f"--out {out} exists; continue it with --resume {out}, or name a new file")
         check_writable(out, "--out")
@@ -152,14 +152,15 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, fresh:
         f = soak.open_new(out, plan)
     else:
         f = soak.open_resume(out)
-    offline = _offline_set(status)
+    offline = users_offline = _offline_set(status)
     pids = [c["pid"] for c in status["cpus"][1:]]
     first = records[-1]["trial"] + 1 if records else 0
     elapsed_before = sum(r["trial_ms"] for r in records) / 1e3
     stop = {"asked": False}
-    # Ctrl-C and SIGTERM both mean "stop after the current trial": the trial in flight
+    # Ctrl-C, SIGTERM and SIGHUP all mean "stop after the current trial": the trial in flight
     # is finished, recorded and reset, so the machine is left clean and the file whole.
-    old = {sig: signal.signal(sig, lambda *_: stop.update(asked=True)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old = {sig: signal.signal(sig, lambda *_: stop.update(asked=True))
+           for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     load = hostload.HostLoad(load_spec)
     counts: dict[str, int] = {}
     sampler = soak.HostSampler()
@@ -183,7 +184,7 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, fresh:
                 try:
                     record, offline = soak.run_trial(live, drawn, offline)
                 except CoordinatorGone as err:
-                    error = err
+                    error = CoordinatorGone(f"{err}; {len(records)} trials are safe in {out}")
                     break
                 if record["respawned"]:
                     ctx.pids = [c["pid"] for c in live.request("status")["cpus"][1:]]
@@ -191,7 +192,13 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, fresh:
                 record["host_load"] = load_spec.text()
                 record["ctx_invol"] = ctx.delta()
                 load.check()
-                soak.append_trial(f, record)
+                try:
+                    soak.append_trial(f, record)
+                except OSError as err:  # a full disk, a file size limit: stop, the file stays valid
+                    error = SmpdError(f"trial {trial} could not be written to {out} ({err.strerror}); the "
+                                      f"{len(records)} trials before it are safe there and the machine is "
+                                      f"reset; make room, then continue with `smpd soak --resume {out}`")
+                    break
                 records.append(record)
                 counts[record["outcome"]] = counts.get(record["outcome"], 0) + 1
                 trial += 1
@@ -202,13 +209,15 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, fresh:
         for sig, handler in old.items():
             signal.signal(sig, handler)
         f.close()
+    if not isinstance(error, CoordinatorGone):
+        soak.set_offline(live, users_offline, offline)  # the machine as the user had it
     print_summary(console, plan, records, out)
     if stop["asked"]:
         console.print(f"[yellow]interrupted after trial {records[-1]['trial'] if records else '-'}; "
-                      f"the machine is up and reset. Continue with: smpd soak --resume {out}[/yellow]",
+                      f"the machine is up, reset, with the offline CPUs it had before the soak. Continue with: smpd soak --resume {out}[/yellow]",
                       soft_wrap=True)
     if error is not None:
-        raise SmpdError(f"{error}; {len(records)} trials are safe in {out}")
+        raise error
 
 
 def print_summary(console: Console, plan: soak.Plan, records: list[dict], path: str) -> None:
@@ -271,11 +280,7 @@ def replay(name: str, target: str) -> dict:
         live.request("reset")
         status = live.request("status")
     want = set(cpulist.parse(rec["offline"])) if rec["offline"] else set()
-    now = _offline_set(status)
-    if now - want:
-        live.request("online", cpus=cpulist.format_list(sorted(now - want)))
-    if want - now:
-        live.request("offline", cpus=cpulist.format_list(sorted(want - now)))
+    soak.set_offline(live, want, _offline_set(status))
     r = live.request("kexec", park=rec["park"], inject=rec["inject"], order=rec["order"], seed=rec["seed"])
     r["notes"] = [f"replay of trial {trial} of {path}: recorded outcome {rec['outcome']}"] + r["notes"]
     return r

@@ -26,7 +26,9 @@ def _wait_gone(pids: list[int], what: str = "exit") -> None:
 
 
 def _kill_unattended(pids: list[int]) -> None:
-    """SIGKILL the janitor, then the coordinator: nobody is left to clean up."""
+    """SIGKILL the janitor and the coordinator at once (`kill -9` of both): nobody is left to
+    clean up. The coordinator is stopped first, or it would replace its janitor."""
+    os.kill(pids[0], signal.SIGSTOP)
     os.kill(pids[1], signal.SIGKILL)
     _wait_gone(pids[1:2], "die")
     os.kill(pids[0], signal.SIGKILL)

@@ -1,0 +1,209 @@
+"""SIGINT, SIGTERM and SIGHUP mean the same clean stop for every long-running command.
+
+For each of up, demo, kexec, kick, bench kick and soak, and each of the three
+signals: the command stops with one line (or, where stopping early is the way to
+end it, its report), and nothing is left behind (the autouse leak check). A
+machine that a stopped client was talking to is still up and serving.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+import pytest
+
+from conftest import Machine, run_name, run_smpd, start_smpd, wait_until
+from smpd import lifecycle, names
+
+SIGNALS = [pytest.param(s, id=s.name) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
+STOPPED = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
+    return lines[0]
+
+
+def _finish(p, timeout: float = 120) -> tuple[str, str]:
+    try:
+        return p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture(scope="module")
+def slow_kick(tmp_path_factory):
+    """A machine whose kick waits 2 s for a CPU that does not answer (a frozen CPU 3), so that
+    a kexec or a kick is surely in flight when its client is stopped."""
+    cfg = tmp_path_factory.mktemp("exits") / "slow-kick.toml"
+    cfg.write_text("[kick]\nrounds = 400000\n")  # x 5 us = 2 s
+    m = Machine(run_name("exits"), 4, "--watch", "adaptive", "--config", str(cfg))
+    m.request("offline", cpus="1-3")
+    yield m
+    m.down()
+
+
+def _connected(pid: int) -> bool:
+    """The CLI opens exactly one Unix socket: its request to the coordinator."""
+    try:
+        return bool(psutil.Process(pid).net_connections(kind="unix"))
+    except psutil.Error:
+        return False
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+@pytest.mark.parametrize("command", ["kexec", "kick"])
+def test_a_request_in_flight_stops_in_one_line_and_the_machine_goes_on(slow_kick, command, sig):
+    frozen = slow_kick.cpu(3)["pid"]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        p = start_smpd(command, name=slow_kick.name)
+        wait_until(lambda: _connected(p.pid) or p.poll() is not None, what=f"smpd {command} to send its request")
+        p.send_signal(sig)
+        _out, err = _finish(p)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert p.returncode == STOPPED[sig], err
+    line = _one_error_line(err)
+    assert f"stopped by {sig.name}" in line and f"if '{command}' had reached its coordinator" in line
+    wait_until(lambda: slow_kick.status()["machine"]["state"] in ("UP", "KEXECED"), timeout=30,
+               what="the machine to serve again")
+    slow_kick.request("reset")
+    assert all(c["state"] == "MWAIT" for c in slow_kick.status()["cpus"][1:])
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_bench_kick_stops_and_reports_what_it_measured(machine, sig):
+    m = machine(3, "--watch", "adaptive")
+    m.request("offline", cpus="1-2")
+    p = start_smpd("bench", "kick", "--rounds", "10000000", name=m.name)
+    wait_until(lambda: m.cpu(1)["mwait_entries"] > 20 or p.poll() is not None, what="some kick rounds")
+    p.send_signal(sig)
+    out, err = _finish(p)
+    assert p.returncode == 0, err
+    assert "(interrupted)" in out and "rtt" in out
+    assert [c["state"] for c in m.status()["cpus"][1:]] == ["MWAIT", "MWAIT"]
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_soak_stops_after_the_trial_in_flight(machine, sig, tmp_path):
+    m = machine(3, "--watch", "adaptive")
+    m.request("offline", cpus="2")
+    out = tmp_path / "s.jsonl"
+    p = start_smpd("soak", "--trials", "100000", "--seed", "4", "--out", str(out), name=m.name)
+    wait_until(lambda: out.exists() and len(out.read_text().splitlines()) > 2 or p.poll() is not None,
+               timeout=60, what="two trials")
+    p.send_signal(sig)
+    stdout, err = _finish(p)
+    assert p.returncode == 0, err
+    assert "interrupted after trial" in stdout
+    s = m.status()
+    assert s["machine"]["state"] == "UP"
+    assert [c["hotplug"] for c in s["cpus"][1:]] == ["online", "offline"]  # as the user had it
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_up_stopped_while_cpus_come_up_leaves_nothing(machine_name, sig):
+    p = start_smpd("up", "--cpus", "64", "--watch", "adaptive", name=machine_name)
+    wait_until(lambda: os.path.exists(names.segment_path(machine_name)) or p.poll() is not None,
+               what="the coordinator to create its segment")
+    p.send_signal(sig)
+    _out, err = _finish(p)
+    if p.returncode == 0:  # the machine won the race and came up first: it must be whole
+        assert lifecycle.require(machine_name).request("status")["machine"]["online"] == 64
+        lifecycle.down(machine_name)
+    else:
+        assert p.returncode == STOPPED[sig]
+        assert "nothing of it is left" in _one_error_line(err)
+    assert not os.path.exists(names.segment_path(machine_name))
+
+
+def test_up_killed_by_sigkill_while_cpus_come_up_leaves_nothing(machine_name):
+    """Nobody is left to clean up for it but the coordinator itself: it sees its `up` gone."""
+    p = start_smpd("up", "--cpus", "64", "--watch", "adaptive", name=machine_name)
+    wait_until(lambda: os.path.exists(names.segment_path(machine_name)) or p.poll() is not None,
+               what="the coordinator to create its segment")
+    live = None
+    try:
+        live = lifecycle.probe(machine_name)
+    except Exception:  # noqa: BLE001 - "being created" is fine: we only want the pid if there is one
+        pass
+    p.kill()
+    _finish(p)
+    wait_until(lambda: not os.path.exists(names.segment_path(machine_name)), timeout=30,
+               what="the half-made machine to remove itself")
+    if live is not None:
+        wait_until(lambda: not lifecycle.is_coordinator(live.pid, live.ctime), what="the coordinator to exit")
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_demo_stopped_takes_its_machine_down(machine_name, sig):
+    p = start_smpd("demo", "--cpus", "32", "--watch", "adaptive", "--name", machine_name)
+
+    def kexecs_begun():  # the demo's twelve kexecs on 32 CPUs take about a second from here
+        try:
+            live = lifecycle.probe(machine_name)
+            return live is not None and live.request("status")["machine"]["kexecs"] >= 1
+        except Exception:  # noqa: BLE001 - being created, or busy coming up
+            return False
+
+    wait_until(lambda: kexecs_begun() or p.poll() is not None, timeout=60, what="the demo's first kexec")
+    p.send_signal(sig)
+    out, err = _finish(p)
+    assert p.returncode == STOPPED[sig], out + err
+    assert f"stopped by {sig.name}" in err.splitlines()[-1]
+    assert not os.path.exists(names.segment_path(machine_name))
+
+
+def test_a_janitor_killed_is_replaced_so_a_coordinator_killed_later_is_cleaned_up(machine_name):
+    m = Machine(machine_name, 3, "--watch", "adaptive")
+    s = m.status()["machine"]
+    os.kill(s["janitor_pid"], signal.SIGKILL)
+    new = wait_until(lambda: (j := m.status()["machine"]["janitor_pid"]) != s["janitor_pid"] and j,
+                     what="a new janitor")
+    assert psutil.Process(new).name() == "smpd-janitor"
+    os.kill(s["pid"], signal.SIGKILL)
+    wait_until(lambda: not os.path.exists(names.segment_path(machine_name)), timeout=30,
+               what="the new janitor to remove the segment")
+
+
+def test_a_full_disk_during_a_soak_is_one_line_and_the_file_stays_valid(machine, tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: the write fails with EFBIG as it would with ENOSPC."""
+    import resource
+
+    from smpd import soak
+
+    m = machine(3, "--watch", "adaptive")
+    m.request("offline", cpus="1-2")
+    out = tmp_path / "full.jsonl"
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, resource.RLIM_INFINITY))
+
+    r = run_smpd("soak", "--trials", "1000", "--seed", "2", "--out", str(out), name=m.name, check=False,
+                 preexec_fn=small_files)
+    assert r.returncode == 1
+    line = _one_error_line(r.stderr)
+    assert "could not be written" in line and "--resume" in line
+    _plan, records, _note = soak.read(str(out))
+    assert records and [t["trial"] for t in records] == list(range(len(records)))
+    assert m.status()["machine"]["state"] == "UP"
+
+
+def test_a_full_disk_at_the_start_leaves_no_file(machine, tmp_path):
+    import resource
+
+    m = machine(2, "--watch", "adaptive")
+    out = tmp_path / "none.jsonl"
+
+    def no_room():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10, resource.RLIM_INFINITY))
+
+    r = run_smpd("soak", "--trials", "3", "--out", str(out), name=m.name, check=False, preexec_fn=no_room)
+    assert r.returncode == 1 and "header could not be written" in _one_error_line(r.stderr)
+    assert not out.exists()

@@ -1,3 +1,3 @@
 from smpd.cli import main
 
-main()
+main(prog_name="smpd")

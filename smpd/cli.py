@@ -21,27 +21,58 @@ from rich.console import Console
 from rich.console import Group
 from rich.text import Text
 
-from smpd import config as config_mod, cpulist, lifecycle, names, render
+from smpd import config as config_mod, cpulist, inputs, lifecycle, names, render
 from smpd import scenario as scenario_mod
 from smpd.errors import BadInput, Interrupted, SmpdError
 
 NAME_HELP = "Machine name (several machines can run side by side). Env: SMPD_NAME."
 
 
-class Cpus(click.ParamType):
+class Int(click.ParamType):
+    """A whole number in ASCII digits (smpd.inputs.ascii_int), in ``lo..hi``."""
+
     name = "N"
 
+    def __init__(self, lo: int, hi: int, hex_ok: bool = False, what: str = "a whole number",
+                 accepted: str | None = None):
+        self.lo, self.hi, self.hex_ok, self.what = lo, hi, hex_ok, what
+        self.accepted = accepted or f"{lo}..{hi}"
+
     def convert(self, value, param, ctx):
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):  # a default
             n = value
         else:
-            try:
-                n = int(str(value).strip(), 10)
-            except ValueError:
-                self.fail(f"'{value}' is not a whole number; expected 1..{config_mod.MAX_CPUS}", param, ctx)
-        if not 1 <= n <= config_mod.MAX_CPUS:
-            self.fail(f"{n} is not in the range 1..{config_mod.MAX_CPUS}", param, ctx)
+            n = inputs.ascii_int(value, self.hex_ok)
+            if n is None:
+                self.fail(f"{value!r} is not {self.what}; expected {self.accepted}", param, ctx)
+        if not self.lo <= n <= self.hi:
+            self.fail(f"{n} is not in the range {self.accepted}", param, ctx)
         return n
+
+
+class Real(click.ParamType):
+    """A finite number in ASCII decimal notation, in ``lo..hi`` (never nan or inf)."""
+
+    name = "X"
+
+    def __init__(self, lo: float, hi: float):
+        self.lo, self.hi = lo, hi
+
+    def convert(self, value, param, ctx):
+        x = value if isinstance(value, float) else inputs.ascii_real(value)
+        if x is None:
+            self.fail(f"{value!r} is not a number; expected {self.lo:g}..{self.hi:g}", param, ctx)
+        if not self.lo <= x <= self.hi:
+            self.fail(f"{x:g} is not in the range {self.lo:g}..{self.hi:g}", param, ctx)
+        return x
+
+
+def Cpus() -> Int:  # noqa: N802 - a parameter type, named like one
+    return Int(1, config_mod.MAX_CPUS)
+
+
+def Seed() -> Int:  # noqa: N802
+    return Int(0, 2**63 - 1, hex_ok=True, what="an integer", accepted="0..2**63-1")
 
 
 class MachineName(click.ParamType):
@@ -51,19 +82,6 @@ class MachineName(click.ParamType):
         if not names.valid_machine_name(value):
             self.fail(f"{value!r} is not a machine name; use {names.NAME_ACCEPTED}", param, ctx)
         return value
-
-
-class Seed(click.ParamType):
-    name = "S"
-
-    def convert(self, value, param, ctx):
-        try:
-            s = int(str(value), 0)
-        except ValueError:
-            self.fail(f"'{value}' is not an integer; expected 0..2**63-1", param, ctx)
-        if not 0 <= s < 2**63:
-            self.fail(f"{s} is not in the range 0..2**63-1", param, ctx)
-        return s
 
 
 def name_option(f):
@@ -93,8 +111,14 @@ def stop_signals_interrupt():
             signal.signal(sig, handler)
 
 
+def one_line(text: str) -> str:
+    """``text`` with every character that is not printable (newlines, \\x85, U+2028, escapes a
+    terminal would act on) shown as its escape: a message quoting user input stays one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _fail(message: str, status: int) -> NoReturn:
-    click.echo(f"Error: {message}", err=True)
+    click.echo(f"Error: {one_line(message)}", err=True)
     sys.exit(status)
 
 
@@ -216,9 +240,9 @@ def down(name, force):
 @name_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: {machine: {...}, cpus: [...]}.")
 @click.option("--watch", "live", is_flag=True, help="Refresh until Ctrl-C.")
-@click.option("--interval", type=click.FloatRange(0.05, 3600), default=0.5, show_default=True,
+@click.option("--interval", type=Real(0.05, 3600), default=0.5, show_default=True,
               help="Seconds between refreshes with --watch.")
-@click.option("--count", type=click.IntRange(1), default=None, help="With --watch: stop after this many refreshes.")
+@click.option("--count", type=Int(1, 10**9), default=None, help="With --watch: stop after this many refreshes.")
 def status(name, as_json, live, interval, count):
     """Every CPU: pid, host core, hotplug and execution state, wake-ups, interrupts."""
     machine = lifecycle.require(name)
@@ -273,7 +297,7 @@ def online(name, cpus):
 def _report_hotplug(r: dict, done: str, already: str, word: str, where: str) -> None:
     if r[done]:
         n = len(r[done])
-    click.echo(f"CPU {cpulist.format_list(r[done])} {word} ({n} CPU{'s' if n > 1 else ''}, "
+        click.echo(f"CPU {cpulist.format_list(r[done])} {word} ({n} CPU{'s' if n > 1 else ''}, "
                    f"{r['ms']:.1f} ms): now in {where}")
     if r[already]:
         click.echo(f"CPU {cpulist.format_list(r[already])} already {word}")
@@ -282,7 +306,9 @@ def _report_hotplug(r: dict, done: str, already: str, word: str, where: str) -> 
 @main.command()
 @name_option
 @click.argument("target")
-@click.option("--value", default=None, help="u32 to write (e.g. 0x4A17DEAD); default: the value already there.")
+@click.option("--value", type=Int(0, 0xFFFFFFFF, hex_ok=True, what="an integer (decimal or 0x hex)",
+                                  accepted="0..0xffffffff (a u32)"),
+              default=None, help="u32 to write (e.g. 0x4A17DEAD); default: the value already there.")
 def poke(name, target, value):
     """Write one u32 of emulated memory through the bus and say which monitors it woke.
 
@@ -290,13 +316,7 @@ def poke(name, target, value):
     thread_info[N]. Without --value the same value is written again (MWAIT still wakes).
     """
     machine = lifecycle.require(name)
-    v = None
-    if value is not None:
-        try:
-            v = int(value, 0)
-        except ValueError:
-            raise click.BadParameter(f"'{value}' is not an integer (decimal or 0x hex)", param_hint="'--value'")
-    r = machine.request("poke", target=target, value=v)
+    r = machine.request("poke", target=target, value=value)
     woke = f"woke CPU {cpulist.format_list(r['woken_cpus'])}" if r["woken_cpus"] else "woke no monitor"
     click.echo(f"{r['symbol']} @ {r['addr']:#x}: {r['old']:#010x} -> {r['new']:#010x}; {woke}")
 
@@ -387,7 +407,8 @@ def reset(name):
 @name_option
 @click.argument("kind", type=click.Choice(scenario_mod.KINDS))
 @click.option("--cpus", "target", default="all", show_default=True, help="A cpulist, or 'all' (CPUs 1..N-1).")
-@click.option("--count", type=click.IntRange(1, scenario_mod.MAX_COUNT), default=1, show_default=True)
+@click.option("--count", type=Int(1, scenario_mod.MAX_COUNT), default=1, show_default=True,
+              help="How many times to send it (signals of one kind that arrive together merge).")
 @click.option("--json", "as_json", is_flag=True)
 def inject(name, kind, target, count, as_json):
     """Send a stray NMI, MCE or SMI now, and say what it did to each target CPU."""
@@ -426,7 +447,7 @@ def bench():
 @bench.command("kick")
 @name_option
 @click.option("--targets", default=None, metavar="CPULIST", help="CPUs to kick [every parked CPU].")
-@click.option("--rounds", type=click.IntRange(1, 10_000_000), default=1000, show_default=True,
+@click.option("--rounds", type=Int(1, 10_000_000), default=1000, show_default=True,
               help="Kick rounds (each kicks every target, then re-parks them).")
 @click.option("--duration", default=None, metavar="T",
               help="Run for this long instead (30s, 2m, 1h); --rounds is then ignored.")
@@ -441,7 +462,7 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from smpd import benchkick, inputs
+    from smpd import benchkick
 
     seconds = inputs.parse_duration(duration) if duration is not None else None
     if json_file:
@@ -490,12 +511,12 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
 
 @main.command()
 @name_option
-@click.option("--trials", type=click.IntRange(1, 10_000_000), default=None, help="Run this many trials [100].")
+@click.option("--trials", type=Int(1, 10_000_000), default=None, help="Run this many trials [100].")
 @click.option("--duration", default=None, metavar="T", help="Run for this long instead (30s, 10m, 2h).")
 @click.option("--host-load", "host_load", default=None, metavar="SPEC",
               help="Load the host meanwhile: cpu:N, mem:N, io:N, syscall:N, stress-ng:ARGS (comma-separated).")
 @click.option("--park", "parks", default="none,hlt,init", show_default=True, help="Park policies to draw from.")
-@click.option("--inject-rate", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+@click.option("--inject-rate", type=Real(0, 1), default=0.3, show_default=True,
               help="Share of trials that get injections.")
 @click.option("--kinds", default="nmi,mce,smi", show_default=True, help="Interrupt kinds to draw from.")
 @click.option("--seed", type=Seed(), default=None, help="Seed of the whole trial sequence [random, recorded].")

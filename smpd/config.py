@@ -10,8 +10,10 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import math
+import os
 import re
 import signal
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +71,7 @@ def parse_signal(v: Any) -> int:
     """'SIGUSR1', 'SIGUSR2' or 'SIGRTMIN+k' (0 <= k <= 15) -> signal number."""
     if v in ("SIGUSR1", "SIGUSR2"):
         return int(getattr(signal, v))
-    m = re.fullmatch(r"SIGRTMIN\+(\d{1,2})", v) if isinstance(v, str) else None
+    m = re.fullmatch(r"SIGRTMIN\+([0-9]{1,2})", v) if isinstance(v, str) else None
     if m and int(m.group(1)) <= 15:
         return int(signal.SIGRTMIN) + int(m.group(1))
     raise ValueError(v)
@@ -141,18 +143,32 @@ def default_path() -> Path:
     return Path(str(importlib.resources.files("smpd._config") / "default.toml"))
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of TOML; anything near this size is not one
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f"config file {path} is not a regular file (a device, a pipe?); "
+                                  f"expected a TOML file")
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except IsADirectoryError:
         raise ConfigError(f"config file {path} is a directory, not a TOML file") from None
     except PermissionError:
         raise ConfigError(f"config file {path} is not readable") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror or err})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is over {MAX_CONFIG_BYTES >> 20} MiB; expected a TOML file")
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}); expected a TOML file") from None
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
 
 
 def _validated(raw: dict[str, Any], where: str) -> dict[str, Any]:

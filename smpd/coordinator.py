@@ -39,14 +39,15 @@ from smpd import channel, cpulist, hostinfo, layout as L, lifecycle, names
 from smpd.bus import Bus
 from smpd.config import Config
 from smpd.cpu import IPI_DONE, cpu_main
-from smpd.errors import BadInput, CpuLost, HostTooSmall, SmpdError, Timeout
+from smpd.errors import BadInput, CpuLost, HostTooSmall, MachineAlreadyUp, SmpdError, Timeout
 from smpd.kexec import Kexec
+from smpd.inputs import ascii_int
 from smpd.kick import kick_one
 from smpd.lifecycle import ACK, clean_stale_segment, wait_gone
 from smpd.memory import load_kernel
 from smpd.proc import set_process_name
 from smpd.scenario import Scenario, parse_injection
-from smpd.segment import Segment, unlink
+from smpd.segment import Segment, SegmentExists, unlink
 
 _ctx = multiprocess.get_context("fork")
 JANITOR_DONE = b"x"
@@ -171,7 +172,10 @@ class Coordinator:
         geo = L.Geometry(self.ncpus, mem["text_pages"], mem["page_table_pages"], mem["stack_pages_per_cpu"])
         hostinfo.raise_file_limit(self.ncpus)
         me = psutil.Process()
-        self.seg = seg = Segment.create(names.segment(self.name), geo, os.getpid(), me.create_time())
+        try:
+            self.seg = seg = Segment.create(names.segment(self.name), geo, os.getpid(), me.create_time())
+        except SegmentExists:
+            raise MachineAlreadyUp(self.name, None) from None
         for field, value in (
             ("state", L.MachineState.CREATING), ("generation", 1), ("seed", self.seed),
             ("watch", L.Watch.SPIN if self.watch == "spin" else L.Watch.ADAPTIVE),
@@ -371,7 +375,7 @@ class Coordinator:
     def resolve_address(self, target: str) -> int:
         """'0x1004040', 'mwait_cpu_dead[5]', 'mwait_cpu_dead[5].status', 'thread_info[5]'."""
         geo = self.seg.geo
-        m = re.fullmatch(r"(mwait_cpu_dead|thread_info)\[(\d+)\](\.(control|status|flags))?", target)
+        m = re.fullmatch(r"(mwait_cpu_dead|thread_info)\[([0-9]{1,5})\](\.(control|status|flags))?", target)
         if m:
             cpu = int(m.group(2))
             if cpu >= self.ncpus:
@@ -383,9 +387,8 @@ class Coordinator:
             if m.group(4) in ("control", "status"):
                 raise BadInput(f"{target}: thread_info has the field flags")
             return geo.thread_info_addr(cpu)
-        try:
-            addr = int(target, 0)
-        except ValueError:
+        addr = ascii_int(target, hex_ok=True)
+        if addr is None:
             raise BadInput(f"'{target}' is not an address; expected a number like 0x1004040, "
                            f"mwait_cpu_dead[N][.control|.status] or thread_info[N]") from None
         end = L.PHYS_BASE + geo.npages * L.PAGE
@@ -397,7 +400,7 @@ class Coordinator:
     def op_poke(self, target: str, value: int | None = None) -> dict:
         """One u32 write through the bus (the same value again when ``value`` is None)."""
         addr = self.resolve_address(target)
-        if value is not None and not 0 <= value <= 0xFFFFFFFF:
+        if value is not None and (type(value) is not int or not 0 <= value <= 0xFFFFFFFF):
             raise BadInput(f"value {value} does not fit a u32 (0..0xffffffff)")
         old = self.seg.mem_u32(addr)
         new = old if value is None else value
@@ -761,11 +764,14 @@ def run(spec: dict, up_client: UpClient | None = None, on_ready: Callable[[dict]
                         spec["hot_path"], spec["hot_path_reason"])
     coord.up_client = up_client
     status = 0
+    boot_error: SmpdError | None = None
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # see check_stop()
     try:
         try:
             summary = coord.boot()
         except BaseException as err:
+            if isinstance(err, SmpdError):
+                boot_error = err
             msg = str(err) if isinstance(err, SmpdError) else f"{type(err).__name__}: {err}"
             if isinstance(err, Stop):
                 msg = f"bring-up interrupted by {err}"
@@ -796,6 +802,8 @@ def run(spec: dict, up_client: UpClient | None = None, on_ready: Callable[[dict]
         if up_client is not None:
             _up_client = None
             up_client.close()
+    if boot_error is not None and up_client is None and on_ready is not None:
+        raise boot_error  # in the foreground, the caller says what went wrong (everything is gone now)
     return status
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from smpd.errors import BadInput
+from smpd.inputs import ascii_int
 
 ACCEPTED = "a cpulist like '5', '1-63' or '1,3,5-7' (ascending ranges, no empty items)"
 
@@ -32,9 +33,10 @@ def parse(text: str, ncpus: int | None = None) -> list[int]:
 
 
 def _number(s: str) -> int:
-    if not s or not s.isdigit() or len(s) > 6:
+    n = ascii_int(s) if len(s) <= 6 else None
+    if n is None or n < 0:
         raise ValueError(s)
-    return int(s)
+    return n
 
 
 def format_list(cpus: list[int]) -> str:

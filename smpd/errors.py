@@ -29,9 +29,10 @@ class MachineNotUp(BadInput):
 
 
 class MachineAlreadyUp(BadInput):
-    def __init__(self, name: str, pid: int):
+    def __init__(self, name: str, pid: int | None):
+        who = f"coordinator pid {pid}" if pid else "another `smpd up` made it first"
         super().__init__(
-            f"machine '{name}' is already up (coordinator pid {pid}); "
+            f"machine '{name}' is already up ({who}); "
             f"stop it with `smpd down --name {name}` or pick another --name"
         )
         self.name = name

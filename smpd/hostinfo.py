@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 
 from smpd.errors import HostTooSmall
+from smpd.names import SHM_DIR
 
 
 def _uid_processes() -> int:
@@ -42,29 +43,55 @@ def check_capacity(ncpus: int, segment_bytes: int, cpu_process_mib: int, memory_
             f"this host holds up to --cpus {fit}"
         )
     soft, _hard = resource.getrlimit(resource.RLIMIT_NPROC)
-    if soft != resource.RLIM_INFINITY:
-        room = soft - _uid_processes()
+    # The kernel does not hold root to RLIMIT_NPROC (copy_process(): INIT_USER), so neither do we.
+    if soft != resource.RLIM_INFINITY and os.geteuid() != 0:
+        room = max(soft - _uid_processes(), 0)
         if procs > room:
             raise HostTooSmall(
-                f"--cpus {ncpus} needs {procs} processes but RLIMIT_NPROC ({soft}) leaves room "
-                f"for {max(room, 0)} more of this user's; this host holds up to --cpus {max(room - 1, 1)}"
+                f"--cpus {ncpus} needs {procs} processes but RLIMIT_NPROC ({soft}, `ulimit -u`) leaves room "
+                f"for {room} more of this user's; " + (f"this host holds up to --cpus {room - 1}" if room >= 2 else
+                                                       "no machine fits (the smallest needs 2)")
             )
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     running = len(psutil.pids())
     if procs > pid_max - running:
         raise HostTooSmall(f"--cpus {ncpus} needs {procs} processes but pid_max {pid_max} leaves {pid_max - running}")
     _soft, hard_files = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need_files = 2 * ncpus + 64  # the coordinator keeps two pipe ends per CPU process
+    need_files = _files_needed(ncpus)
     if hard_files != resource.RLIM_INFINITY and need_files > hard_files:
+        fit = (hard_files - _files_needed(0)) // FILES_PER_CPU
         raise HostTooSmall(
             f"--cpus {ncpus} needs {need_files} open files in the coordinator but the hard "
-            f"RLIMIT_NOFILE is {hard_files}; this host holds up to --cpus {(hard_files - 64) // 2}"
+            f"RLIMIT_NOFILE (`ulimit -Hn`) is {hard_files}; "
+            + (f"this host holds up to --cpus {fit}" if fit >= 1 else
+               f"no machine fits (the smallest needs {_files_needed(1)})")
         )
+    fsize, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if fsize != resource.RLIM_INFINITY and segment_bytes > fsize:
+        raise HostTooSmall(
+            f"--cpus {ncpus} needs a {segment_bytes / 2**20:.1f} MiB shared-memory segment but RLIMIT_FSIZE "
+            f"(`ulimit -f`) allows files of {fsize / 2**20:.1f} MiB; raise it, or ask for fewer CPUs"
+        )
+    try:
+        shm = os.statvfs(SHM_DIR)
+        free = shm.f_bavail * shm.f_frsize
+    except OSError:
+        free = None
+    if free is not None and segment_bytes > free:
+        raise HostTooSmall(f"--cpus {ncpus} needs a {segment_bytes / 2**20:.1f} MiB segment but {SHM_DIR} has "
+                           f"{free / 2**20:.1f} MiB free")
+
+
+FILES_PER_CPU = 2  # the coordinator keeps two pipe ends per CPU process
+
+
+def _files_needed(ncpus: int) -> int:
+    return FILES_PER_CPU * ncpus + 64  # + the interpreter's own, the segment, the channel, the janitor
 
 
 def raise_file_limit(ncpus: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 2 * ncpus + 64
+    need = _files_needed(ncpus)
     if soft != resource.RLIM_INFINITY and soft < need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard) if hard != resource.RLIM_INFINITY else need, hard))
 

@@ -25,6 +25,7 @@ import multiprocess
 
 from smpd.proc import die_with_parent, set_process_name
 from smpd.errors import BadInput
+from smpd.inputs import ascii_int
 
 KINDS = ("cpu", "mem", "io", "syscall")
 FORM = "comma-separated cpu:N, mem:N, io:N, syscall:N (N 1..64), and last stress-ng:ARGS; e.g. cpu:4,mem:1"
@@ -61,11 +62,12 @@ def parse(spec: str | None) -> LoadSpec:
         head = head.rstrip(",")
     for item in filter(None, head.split(",")) if head else []:
         kind, colon, n = item.partition(":")
-        if kind not in KINDS or not colon or not n.isdigit() or not 1 <= int(n) <= 64:
+        count = ascii_int(n)
+        if kind not in KINDS or not colon or count is None or not 1 <= count <= 64:
             raise BadInput(f"--host-load '{spec}': item '{item}' is not valid; expected {FORM}")
         if kind in out.counts:
             raise BadInput(f"--host-load '{spec}': '{kind}' is given twice")
-        out.counts[kind] = int(n)
+        out.counts[kind] = count
     return out
 
 

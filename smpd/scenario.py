@@ -21,7 +21,7 @@ ORDERS = ("sequential", "random", "monitored-first", "monitored-last")
 INJECT_FORM = "KIND@PHASE[:TARGET][xCOUNT], e.g. nmi@after-copy, mce@during-copy:all, smi@after-kick:3-5x2"
 MAX_COUNT = 1000
 
-_INJECT_RE = re.compile(r"^(?P<kind>[a-z]+)@(?P<phase>[a-z-]+?)(?::(?P<target>[^x]+))?(?:x(?P<count>\d+))?$")
+_INJECT_RE = re.compile(r"(?P<kind>[a-z]+)@(?P<phase>[a-z-]+?)(?::(?P<target>[^x]+))?(?:x(?P<count>[0-9]+))?")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Injection:
 
 def parse_injection(text: str, ncpus: int) -> Injection:
     """Parse one --inject value against a machine of ``ncpus`` CPUs ('all' = CPUs 1..N-1)."""
-    m = _INJECT_RE.match(text.strip()) if isinstance(text, str) else None
+    m = _INJECT_RE.fullmatch(text.strip()) if isinstance(text, str) else None
     if not m:
         raise BadInput(f"--inject '{text}' is malformed; expected {INJECT_FORM}")
     kind, phase = m["kind"], m["phase"]

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -28,8 +30,10 @@ from smpd.errors import BadInput, CpuLost, SmpdError
 from smpd.scenario import KINDS, ORDERS, PARKS, PHASES
 
 FILE_KIND = "smpd-soak"
-RECORD_KEYS = {"trial", "seed", "park", "offline", "order", "inject", "outcome", "trial_ms"}
 FILE_VERSION = 1
+# Segment layouts whose trials replay alike: 5 added header fields only (the channel token,
+# the coordinator's session), not a word of the emulated memory a trial runs on.
+COMPATIBLE_LAYOUTS = {4, 5}
 
 
 @dataclass
@@ -160,15 +164,103 @@ def append_trial(f, record: dict) -> None:
     _append(f, record)
 
 
+# What a file may hold, field by field: a header or a record that does not match is damage,
+# reported with its line and field, never a TypeError deep in the summary.
+def _int(lo: int, hi: int):
+    return lambda v: type(v) is int and lo <= v <= hi
+
+
+def _real(lo: float, hi: float):
+    return lambda v: type(v) in (int, float) and math.isfinite(v) and lo <= v <= hi
+
+
+def _list_of(allowed: tuple[str, ...], empty_ok: bool = False):
+    return lambda v: type(v) is list and (empty_ok or v) and all(x in allowed for x in v)
+
+
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+def _cpulist(v) -> bool:
+    if type(v) is not str:
+        return False
+    try:
+        return v == "" or bool(cpulist.parse(v))
+    except BadInput:
+        return False
+
+
+def _injections(v) -> bool:
+    return type(v) is list and all(type(x) is str and x.split("@")[0] in KINDS for x in v)
+
+
+def _kick(v) -> bool:
+    return v is None or (type(v) is dict and type(v.get("rtt_ns")) is list
+                         and all(type(x) is int and x >= 0 for x in v["rtt_ns"])
+                         and all(_int(0, 2**63)(v.get(k)) for k in ("stuck", "over_budget", "budget_ns")))
+
+
+def _host(v) -> bool:
+    return type(v) is dict and all(_real(0, 1e9)(v.get(k)) for k in ("cpu_percent", "load1", "steal_percent"))
+
+
+HEADER_FIELDS = {
+    "seed": (_int(0, 2**63 - 1), "an integer in 0..2**63-1"),
+    "parks": (_list_of(PARKS), f"a non-empty list of {', '.join(PARKS)}"),
+    "inject_rate": (_real(0, 1), "a number in 0..1"),
+    "kinds": (_list_of(KINDS), f"a non-empty list of {', '.join(KINDS)}"),
+    "cpus": (_int(1, 4096), "an integer in 1..4096"),
+    "trials": (_optional(_int(1, 10**9)), "an integer >= 1, or null"),
+    "duration_s": (_optional(_real(0.001, 10**9)), "a number of seconds, or null"),
+    "host_load": (lambda v: type(v) is str, "a string"),
+    "idle_kick": (lambda v: type(v) is dict and all(_int(0, 2**63)(x) for x in v.values()), "an object of ns"),
+    "started": (_real(0, 1e12), "a time in seconds"),
+}
+RECORD_FIELDS = {
+    "trial": (_int(0, 10**9), "an integer >= 0"),
+    "seed": (_int(0, 2**63 - 1), "an integer in 0..2**63-1"),
+    "park": (lambda v: v in PARKS, f"one of {', '.join(PARKS)}"),
+    "offline": (_cpulist, "a cpulist or ''"),
+    "order": (lambda v: v in ORDERS, f"one of {', '.join(ORDERS)}"),
+    "inject": (_injections, "a list of KIND@PHASE... strings"),
+    "outcome": (lambda v: type(v) is str and v.isupper(), "an outcome name"),
+    "trial_ms": (_real(0, 1e12), "a number of ms"),
+}
+RECORD_OPTIONAL = {
+    "kick": (_kick, "null or {rtt_ns: [ns...], stuck, over_budget, budget_ns}"),
+    "respawned": (lambda v: type(v) is list and all(type(x) is int for x in v), "a list of CPUs"),
+    "host": (_host, "{cpu_percent, load1, steal_percent}"),
+    "host_load": (lambda v: type(v) is str, "a string"),
+    "ctx_invol": (_int(0, 2**63), "an integer >= 0"),
+}
+
+
+def _check_fields(obj: dict, required: dict, optional: dict, where: str) -> None:
+    for key, (check, accepted) in (*required.items(), *optional.items()):
+        if key not in obj:
+            if key in required:
+                raise BadInput(f"{where}: field '{key}' is missing; the file is damaged")
+            continue
+        if not check(obj[key]):
+            shown = json.dumps(obj[key])
+            raise BadInput(f"{where}: field '{key}' is {shown[:40]}; expected {accepted}; the file is damaged")
+
+
 def read(path: str, repair: bool = False) -> tuple[Plan, list[dict], str | None]:
     """The header, the trial records, and a note on a dropped partial last line.
 
-    With ``repair`` the partial line is cut off the file, so appending continues
-    cleanly; nothing else is ever changed.
+    Every field is checked (HEADER_FIELDS, RECORD_FIELDS), and trial numbers must
+    rise. With ``repair`` the partial line is cut off the file, so appending
+    continues cleanly; nothing else is ever changed.
     """
     try:
         with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise BadInput(f"soak file {path} is not a regular file")
             data = f.read()
+    except IsADirectoryError:
+        raise BadInput(f"soak file {path} is a directory") from None
     except OSError as err:
         raise BadInput(f"soak file {path} cannot be read: {err.strerror}") from None
     lines = data.split(b"\n")
@@ -181,36 +273,49 @@ def read(path: str, repair: bool = False) -> tuple[Plan, list[dict], str | None]
     header = None
     for n, raw in enumerate(lines):
         try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if n == len(lines) - 1:  # a whole last line that is still not JSON: cut mid-write too
+            obj = json.loads(raw, parse_constant=_no_constants)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            if n == len(lines) - 1 and header is not None:  # a whole last line still not JSON: cut mid-write
                 good_len -= len(raw) + 1
                 note = f"dropped a malformed last line ({len(raw)} bytes)"
                 break
             raise BadInput(f"soak file {path}: line {n + 1} is not JSON; the file is damaged") from None
         if header is None:
             header = obj
-        elif not isinstance(obj, dict) or not RECORD_KEYS <= obj.keys():
-            raise BadInput(f"soak file {path}: line {n + 1} is not a trial record; the file is damaged")
-        else:
-            records.append(obj)
-    if not isinstance(header, dict) or header.get("kind") != FILE_KIND:
-        raise BadInput(f"{path} is not an smpd soak file (its first line is not a soak header)")
-    if header.get("version") != FILE_VERSION or header.get("layout_version") != L.LAYOUT_VERSION:
-        raise BadInput(f"{path} was written by another smpd (file version {header.get('version')}, layout "
-                       f"{header.get('layout_version')}); this one writes version {FILE_VERSION}, "
-                       f"layout {L.LAYOUT_VERSION}")
+            _check_header(header, path)
+            continue
+        where = f"soak file {path}: line {n + 1}"
+        if not isinstance(obj, dict):
+            raise BadInput(f"{where} is not a trial record; the file is damaged")
+        _check_fields(obj, RECORD_FIELDS, RECORD_OPTIONAL, where)
+        if records and obj["trial"] <= records[-1]["trial"]:
+            raise BadInput(f"{where}: trial {obj['trial']} after trial {records[-1]['trial']}; the file is damaged")
+        records.append(obj)
+    if header is None:
+        raise BadInput(f"{path} is not an smpd soak file (it is empty)")
     known = set(Plan.__dataclass_fields__)
-    try:
-        plan = Plan(**{k: v for k, v in header.items() if k in known})
-        assert isinstance(plan.seed, int) and isinstance(plan.cpus, int) and isinstance(plan.parks, list)
-    except (TypeError, AssertionError):
-        raise BadInput(f"{path}: the soak header is incomplete or malformed") from None
+    plan = Plan(**{k: v for k, v in header.items() if k in known})
     if repair and good_len != len(data):
         with open(path, "r+b") as f:
             f.truncate(good_len)
             os.fsync(f.fileno())
     return plan, records, note
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: Python's json takes them, JSON does not
+
+
+def _check_header(header, path: str) -> None:
+    if not isinstance(header, dict) or header.get("kind") != FILE_KIND:
+        raise BadInput(f"{path} is not an smpd soak file (its first line is not a soak header)")
+    if header.get("version") != FILE_VERSION or header.get("layout_version") not in COMPATIBLE_LAYOUTS:
+        raise BadInput(f"{path} was written by another smpd (file version {header.get('version')}, layout "
+                       f"{header.get('layout_version')}); this one reads version {FILE_VERSION}, layouts "
+                       f"{', '.join(map(str, sorted(COMPATIBLE_LAYOUTS)))}")
+    _check_fields(header, HEADER_FIELDS, {}, f"soak file {path}: the header")
+    if header["trials"] is None and header["duration_s"] is None:
+        raise BadInput(f"soak file {path}: the header has neither trials nor duration_s; the file is damaged")
 
 
 # -- running -----------------------------------------------------------------

@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from smpd import cpulist, hostload, lifecycle, names, soak, trust
-from smpd.inputs import check_writable, parse_duration
+from smpd.inputs import ascii_int, check_writable, parse_duration
 from smpd.errors import BadInput, CoordinatorGone, MachineNotUp, SmpdError
 
 
@@ -264,10 +264,10 @@ def print_summary(console: Console, plan: soak.Plan, records: list[dict], path: 
 def replay(name: str, target: str) -> dict:
     """Re-run trial N of a soak file on machine ``name``, exactly: same offline set, same scenario."""
     path, sep, n = target.rpartition(":")
-    if not sep or not n.isdigit():
+    trial = ascii_int(n)
+    if not sep or not path or trial is None or trial < 0:
         raise BadInput(f"--replay '{target}': expected FILE:TRIAL, e.g. soak.jsonl:1234")
     plan, records, _ = soak.read(path)
-    trial = int(n)
     rec = next((r for r in records if r["trial"] == trial), None)
     if rec is None:
         have = f"{records[0]['trial']}-{records[-1]['trial']}" if records else "none"

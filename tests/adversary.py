@@ -17,9 +17,18 @@ import socket
 import traceback
 from typing import Any, Callable
 
+import colorsys  # noqa: F401 - imported lazily by rich: the second user could not read it
+import io
+
+import multiprocess.popen_fork  # noqa: F401 - imported lazily when a process starts
 import psutil
 import pytest
 from multiprocess.connection import Connection, answer_challenge, deliver_challenge
+from rich.console import Console
+
+from smpd import cli, coordinator  # noqa: F401 - everything `smpd up --foreground` runs
+
+Console(file=io.StringIO(), force_terminal=True).print("[bold red]warm[/bold red]")  # rich's lazy imports
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as a second user needs root (CI runs as root)")
 
@@ -96,6 +105,30 @@ def holding(uid: int, fn: Callable[..., Any], *args: Any):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def smpd_cli(args: list[str], limits: dict[int, int] | None = None, patch=None) -> dict:
+    """`smpd ARGS` run in this (forked, already dropped) process: its exit status and output.
+
+    ``limits`` are rlimits to set first; ``patch`` a function to call first (test scaffolding,
+    e.g. to get past a pre-check and reach the failure behind it)."""
+    import resource
+    import sys
+
+    for which, soft in (limits or {}).items():
+        resource.setrlimit(which, (soft, resource.getrlimit(which)[1]))
+    if patch is not None:
+        patch()
+    out, err = io.StringIO(), io.StringIO()
+    sys.stdout, sys.stderr = out, err
+    try:
+        cli.main(args, prog_name="smpd")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    return {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
 
 
 # -- what the attacker does, each run as the attacker ---------------------------------------

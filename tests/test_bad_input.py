@@ -5,16 +5,25 @@
 
 import os
 import resource
+import subprocess
+import sys
 
 import psutil
 import pytest
 
-from conftest import run_smpd, segment_path
+import adversary
+from adversary import needs_root
+from conftest import run_smpd, segment_path, smpd_env, start_smpd
+from smpd import lifecycle
 
 
 def _error_line(r) -> str:
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
-    assert len(lines) == 1, r.stderr
+    return _error_line_of(r.stderr)
+
+
+def _error_line_of(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
     return lines[0]
 
 
@@ -49,18 +58,36 @@ def test_up_rejects_a_bad_config_file(machine_name, tmp_path, body, says):
     assert not os.path.exists(segment_path(machine_name))
 
 
+@needs_root
 def test_up_refuses_a_machine_the_process_limit_cannot_hold(machine_name):
-    mine = sum(1 for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == os.getuid())
-    limit = mine + 20
+    """RLIMIT_NPROC binds every user but root (the kernel exempts it), so a second user tries."""
+    uid = adversary.unused_uid()
+    r = adversary.run_as(uid, adversary.smpd_cli, ["up", "--cpus", "64", "--watch", "adaptive", "--name", machine_name],
+                         {resource.RLIMIT_NPROC: 20})
+    assert r["code"] == 2
+    line = _error_line_of(r["stderr"])
+    # the second user runs one process already: this one
+    assert "RLIMIT_NPROC (20" in line and "room for 19 more" in line and "up to --cpus 18" in line
+    assert not [e for e in os.listdir("/dev/shm") if e.startswith(f"smpd-{uid}-")]
 
-    def low_nproc():
-        resource.setrlimit(resource.RLIMIT_NPROC, (limit, resource.getrlimit(resource.RLIMIT_NPROC)[1]))
 
-    r = run_smpd("up", "--cpus", "64", "--watch", "adaptive", name=machine_name, check=False, preexec_fn=low_nproc)
-    assert r.returncode == 2
-    line = _error_line(r)
-    assert "RLIMIT_NPROC" in line and "this host holds up to --cpus" in line
-    assert not os.path.exists(segment_path(machine_name))
+@needs_root
+def test_a_fork_the_host_refuses_is_one_line_and_leaves_nothing(machine_name):
+    """Past the pre-check (patched away in the child: the failure behind it is what is tested),
+    the kernel refuses the 9th process: one line, exit 2, no segment, no process."""
+    uid = adversary.unused_uid()
+
+    def no_precheck():
+        from smpd import hostinfo
+        hostinfo.check_capacity = lambda *a, **k: None
+
+    r = adversary.run_as(uid, adversary.smpd_cli, ["up", "--cpus", "16", "--watch", "adaptive", "--foreground",
+                                                   "--name", machine_name], {resource.RLIMIT_NPROC: 8}, no_precheck)
+    assert r["code"] == 2, r
+    line = _error_line_of(r["stderr"])
+    assert "the host refused a process for" in line and "nothing was left behind" in line
+    assert not [e for e in os.listdir("/dev/shm") if e.startswith(f"smpd-{uid}-")]
+    assert not [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid]
 
 
 def test_up_refuses_a_machine_the_memory_cannot_hold(machine_name, tmp_path):
@@ -97,7 +124,7 @@ def test_up_twice_is_refused_and_the_first_machine_is_untouched(machine):
     (("poke", "mwait_cpu_dead[9]"), "this machine has CPUs 0-7"),
     (("poke", "0x10"), "outside emulated memory"),
     (("poke", "mwait_cpu_dead[1]", "--value", "zz"), "'zz' is not an integer"),
-    (("poke", "mwait_cpu_dead[1]", "--value", "0x100000000"), "does not fit a u32"),
+    (("poke", "mwait_cpu_dead[1]", "--value", "0x100000000"), "is not in the range 0..0xffffffff (a u32)"),
     (("status", "--json", "--watch"), "do not combine"),
 ])
 def test_bad_cpulists_and_targets_change_nothing(machine, args, says):
@@ -108,3 +135,125 @@ def test_bad_cpulists_and_targets_change_nothing(machine, args, says):
     assert says in _error_line(r)
     after = m.status()["cpus"]
     assert [(c["hotplug"], c["state"]) for c in after] == [(c["hotplug"], c["state"]) for c in before]
+
+
+# -- issue 10's list of bad input that got a traceback or was wrongly accepted ---------------
+
+FULLWIDTH_1, FULLWIDTH_8 = "\uff11", "\uff18"  # '１' and '８': int() takes them, smpd must not
+
+
+@pytest.mark.parametrize("args, says", [
+    (("online", FULLWIDTH_1), "is not N or N-M"),
+    (("offline", "1_0"), "is not N or N-M"),
+    (("poke", f"mwait_cpu_dead[{FULLWIDTH_1}]"), "is not an address"),
+    (("poke", "mwait_cpu_dead[1]", "--value", FULLWIDTH_8), "is not an integer"),
+    (("kexec", "--inject", f"nmi@after-copy:{FULLWIDTH_1}"), "is not N or N-M"),
+    (("inject", "nmi", "--count", FULLWIDTH_8), "is not a whole number"),
+])
+def test_digits_are_ascii_digits(machine, args, says):
+    m = machine(3, "--watch", "adaptive")
+    before = m.status()["machine"]["kexecs"]
+    r = run_smpd(*args, name=m.name, check=False)
+    assert r.returncode == 2 and says in _error_line(r), r.stderr
+    assert m.status()["machine"]["kexecs"] == before and m.status()["machine"]["online"] == 3
+
+
+@pytest.mark.parametrize("args, says", [
+    (("up", "--cpus", FULLWIDTH_8), "is not a whole number"),
+    (("up", "--cpus", " 8"), "is not a whole number"),
+    (("up", "--seed", "1_000"), "is not an integer"),
+    (("up", "--name", "x\n"), "is not a machine name"),
+    (("soak", "--host-load", f"cpu:{FULLWIDTH_1}"), "item 'cpu:１' is not valid"),
+    (("soak", "--inject-rate", "nan"), "'nan' is not a number"),
+    (("soak", "--inject-rate", "inf"), "'inf' is not a number"),
+    (("soak", "--out", ""), "--out needs a file name"),
+    (("kexec", "--replay", f"f.jsonl:{FULLWIDTH_1}"), "expected FILE:TRIAL"),
+    (("bench", "kick", "--rounds", "1e3"), "is not a whole number"),
+    (("status", "--watch", "--interval", "nan"), "is not a number"),
+    (("up", "--bogus"), "No such option '--bogus'"),
+    (("frobnicate",), "No such command 'frobnicate'"),
+])
+def test_bad_arguments_are_one_line_before_any_machine_is_looked_for(machine_name, tmp_path, args, says):
+    r = run_smpd(*args, name=machine_name, check=False, cwd=tmp_path)
+    assert r.returncode == 2
+    line = _error_line(r)
+    assert says in line and "no machine named" not in line, line
+    assert not os.path.exists(segment_path(machine_name)) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args", [("offline", "1"), ("online", "0")])
+def test_hotplug_of_cpus_already_there_says_so(machine, args):
+    m = machine(3, "--watch", "adaptive")
+    run_smpd("offline", "1", name=m.name)
+    r = run_smpd(*args, name=m.name)
+    assert f"CPU {args[1]} already {args[0]}" in r.stdout and not r.stderr
+
+
+@pytest.mark.parametrize("content", [b"\x7fELF\x02\x01\x01\x00\xff\xfe", b"[machine]\ncpus = 4\n" * 80000])
+def test_up_refuses_a_config_that_is_not_toml_text(machine_name, tmp_path, content):
+    f = tmp_path / "c.toml"
+    f.write_bytes(content)
+    r = run_smpd("up", "--config", str(f), name=machine_name, check=False)
+    assert r.returncode == 2 and "expected a TOML file" in _error_line(r)
+
+
+@pytest.mark.parametrize("path, says", [("/proc/self/mem", "cannot be read"), ("/dev/zero", "not a regular file")])
+def test_up_refuses_a_config_that_is_not_a_file(machine_name, path, says):
+    r = run_smpd("up", "--config", path, name=machine_name, check=False)
+    assert r.returncode == 2 and says in _error_line(r)
+
+
+@pytest.mark.parametrize("args", [("soak", "--trials", "1", "--out", "{link}"),
+                                  ("bench", "kick", "--json", "{link}")])
+def test_an_output_that_is_a_dangling_link_is_refused_and_left_alone(machine_name, tmp_path, args):
+    link, target = tmp_path / "out.json", tmp_path / "target.json"
+    link.symlink_to(target)
+    r = run_smpd(*(a.format(link=link) for a in args), name=machine_name, check=False)
+    assert r.returncode == 2 and "symbolic link to nothing" in _error_line(r)
+    assert link.is_symlink() and not target.exists()
+
+
+def test_two_ups_of_one_name_at_once_one_wins_the_other_is_told(machine_name):
+    ps = [start_smpd("up", "--cpus", "8", "--watch", "adaptive", name=machine_name) for _ in range(3)]
+    try:
+        results = [(p.wait(120), p.stderr.read()) for p in ps]
+        assert sorted(code for code, _ in results) == [0, 2, 2], results
+        for code, err in results:
+            if code:
+                assert "is already up" in _error_line_of(err) or "being created" in _error_line_of(err), err
+        assert lifecycle.require(machine_name).request("status")["machine"]["online"] == 8
+    finally:
+        lifecycle.down(machine_name)
+
+
+@pytest.mark.parametrize("limit, says", [
+    ((resource.RLIMIT_NOFILE, 20), "no machine fits (the smallest needs 66)"),
+    ((resource.RLIMIT_NOFILE, 100), "this host holds up to --cpus 18"),
+    ((resource.RLIMIT_FSIZE, 100 * 1024), "RLIMIT_FSIZE (`ulimit -f`)"),
+])
+def test_host_limits_are_one_line_with_what_fits(machine_name, limit, says):
+    which, value = limit
+
+    def lower():
+        resource.setrlimit(which, (value, value if which == resource.RLIMIT_NOFILE else resource.RLIM_INFINITY))
+
+    r = run_smpd("up", "--cpus", "64", "--watch", "adaptive", name=machine_name, check=False, preexec_fn=lower)
+    assert r.returncode == 2 and says in _error_line(r)
+    assert not os.path.exists(segment_path(machine_name))
+
+
+def test_up_works_from_a_directory_holding_a_folder_named_smpd(machine_name, tmp_path):
+    """The parent of a clone holds `smpd/`: neither the CLI nor the coordinator may import it."""
+    fake = tmp_path / "smpd"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise SystemExit('the wrong smpd was imported')\n")
+    (fake / "coordinator.py").write_text("raise SystemExit('the wrong smpd was imported')\n")
+    script = os.path.join(os.path.dirname(sys.executable), "smpd")
+    env = smpd_env(machine_name)
+    try:
+        r = subprocess.run([script, "up", "--cpus", "2", "--watch", "adaptive"], capture_output=True, text=True,
+                           cwd=tmp_path, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert lifecycle.require(machine_name).ncpus == 2
+    finally:
+        lifecycle.down(machine_name)

@@ -255,3 +255,31 @@ def test_sigterm_also_stops_after_the_current_trial_and_one_soak_per_machine(soa
     assert p.returncode == 0, stderr
     assert "interrupted after trial" in stdout
     assert soak_machine.status()["machine"]["state"] == "UP"
+
+
+@pytest.mark.parametrize("where, key, value, says", [
+    ("header", "trials", "abc", "field 'trials' is \"abc\""),
+    ("header", "parks", [], "field 'parks' is []"),
+    ("header", "kinds", ["xyz"], "field 'kinds' is [\"xyz\"]"),
+    ("header", "seed", None, "field 'seed' is null"),
+    ("header", "cpus", None, "field 'cpus' is null"),
+    ("record", "trial", "x", "field 'trial' is \"x\""),
+    ("record", "park", None, "field 'park' is null"),
+    ("record", "inject", "nmi", "field 'inject' is \"nmi\""),
+    ("record", "kick", {"rtt_ns": "fast"}, "field 'kick'"),
+    ("record", "trial_ms", "NaN", "line 2 is not JSON"),
+])
+def test_a_soak_file_with_a_wrong_field_is_one_line_everywhere(soak_machine, recorded, tmp_path, where, key, value,
+                                                              says):
+    out, _ = recorded
+    head, first, *rest = (json.loads(x) for x in open(out).read().splitlines())
+    (head if where == "header" else first)[key] = value
+    bad = tmp_path / "bad.jsonl"
+    text = "\n".join(json.dumps(x) for x in (head, first, *rest)) + "\n"
+    bad.write_text(text.replace('"NaN"', "NaN"))
+    for args in (("soak", "--summary", str(bad)), ("soak", "--resume", str(bad)),
+                 ("kexec", "--replay", f"{bad}:1")):
+        r = run_smpd(*args, name=soak_machine.name, check=False)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and says in lines[0], (args, r.stderr)
+    assert bad.read_text() == text.replace('"NaN"', "NaN")  # refused means untouched

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import posix_ipc
 
 from smpd import channel, hostinfo, hotpath, layout as L, names, trust
-from smpd.errors import BadInput, CoordinatorGone, Interrupted, MachineAlreadyUp, MachineNotUp, SmpdError, Timeout
+from smpd.errors import (BadInput, CoordinatorGone, Interrupted, MachineAlreadyUp, MachineNotUp, NotOurs, SmpdError,
+                         Timeout)
 from smpd.segment import FOREIGN_REMEDY, Segment, SegmentBeingCreated, unlink
 
 COORDINATOR_COMM = "smpd-coord"
@@ -100,6 +101,9 @@ def probe(name: str) -> Live | None:
         raise SegmentBeingCreated(f"machine '{name}' is being created right now; try again in a moment "
                                   f"(if this persists, `smpd down --force --name {name}` removes its segment)") from None
     try:
+        if seg.hdr_str("name") != name:  # one of our segments, renamed: not this machine's
+            raise NotOurs(f"segment {seg.name} holds machine '{seg.hdr_str('name')}', not '{name}': it was "
+                          f"renamed; smpd will not act on it; remove it with `smpd down --force --name {name}`")
         pid, ctime = seg.hdr("coordinator_pid"), seg.hdr("coordinator_ctime")
         if is_coordinator(pid, ctime):
             return Live(name, pid, ctime, seg.hdr("authkey"), seg.hdr_str("channel"), seg.hdr("ncpus"))

@@ -77,6 +77,9 @@ def check_stat(st: os.stat_result, path: str, what: str, remedy: str) -> None:
     if st.st_mode & 0o077:
         raise NotOurs(f"{path} has mode {stat.S_IMODE(st.st_mode):04o}, but smpd makes {what} 0600 and "
                       f"trusts no other; {remedy}")
+    if st.st_nlink != 1:  # a second name for one of our files (fs.protected_hardlinks=0 lets anyone make one)
+        raise NotOurs(f"{path} has {st.st_nlink} names (hard links), but smpd makes {what} with one: it may "
+                      f"be another machine's under a second name; smpd will not trust it; {remedy}")
 
 
 def refuse_entry(path: str, err: OSError, what: str, remedy: str) -> NotOurs | None:

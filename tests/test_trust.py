@@ -49,7 +49,8 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def forged_segment(coord_pid: int, coord_ctime: float, cpus: dict[int, tuple[int, float]], ncpus: int = 4) -> bytes:
+def forged_segment(coord_pid: int, coord_ctime: float, cpus: dict[int, tuple[int, float]], ncpus: int = 4,
+                   name: str = "") -> bytes:
     """The bytes of a valid smpd segment header (made by smpd itself, under a scratch name),
     naming the given coordinator and CPU processes: what a forger would write."""
     scratch = names.segment(run_name("forge"))
@@ -58,6 +59,7 @@ def forged_segment(coord_pid: int, coord_ctime: float, cpus: dict[int, tuple[int
     try:
         seg.set_hdr("authkey", bytes(32))
         seg.set_hdr("channel", b"f" * 32)
+        seg.set_hdr("name", name.encode())
         for cpu, (pid, ctime) in cpus.items():
             seg.set_cb(cpu, "pid", pid)
             seg.set_cb(cpu, "ctime_ms", int(ctime * 1000))
@@ -221,7 +223,7 @@ def test_a_process_is_signalled_only_if_every_identity_fact_matches(evil, victim
 def test_a_stale_segment_of_our_own_kills_only_its_own_cpu_processes(victim, machine_name):
     """Our own stale segment naming a foreign pid (a bug, a reused pid): cleaned, nothing killed."""
     ctime = psutil.Process(victim.pid).create_time()
-    blob = forged_segment(_dead_pid(), 1.0, {1: (victim.pid, ctime)})
+    blob = forged_segment(_dead_pid(), 1.0, {1: (victim.pid, ctime)}, name=machine_name)
     path = names.segment_path(machine_name)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -271,3 +273,29 @@ def test_a_users_machine_survives_a_test_run():
         assert all(psutil.pid_exists(pid) for pid in pids)
     finally:
         lifecycle.down(name)
+
+
+def test_a_second_name_for_a_machines_segment_is_not_trusted(machine):
+    """A hard link (fs.protected_hardlinks=0 lets anyone make one) or a rename gives one of our
+    segments a name that is not its machine's: `down` of that name must not stop the machine."""
+    real = machine(2, "--watch", "adaptive")
+    other = run_name("alias")
+    os.link(names.segment_path(real.name), names.segment_path(other))
+    try:
+        r = run_smpd("down", name=other, check=False)
+        assert r.returncode == 2 and "2 names (hard links)" in _error_line(r)
+    finally:
+        os.unlink(names.segment_path(other))
+    assert real.status()["machine"]["state"] == "UP"
+
+
+def test_a_renamed_segment_is_not_that_machines(machine_name):
+    blob = forged_segment(_dead_pid(), 1.0, {}, name="elsewhere")
+    path = names.segment_path(machine_name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(blob)
+    r = run_smpd("status", name=machine_name, check=False)
+    assert r.returncode == 2 and "holds machine 'elsewhere'" in _error_line(r)
+    run_smpd("down", "--force", name=machine_name)
+    assert not os.path.exists(path)

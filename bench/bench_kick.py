@@ -60,7 +60,7 @@ def row(hot: str, watch: str, targets: int, loaded: bool, rounds: int) -> dict:
             smpd("bench", "kick", "--rounds", str(rounds), "--json", out)
             with open(out) as f:
                 r = json.load(f)
-        from smpd import lifecycle
+        from smpd.tools import lifecycle
 
         m = lifecycle.require(NAME)
         totals, stuck = [], 0
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     scale = 1 if args.quick else 4
-    from smpd import hotpath
+    from smpd.machine import hotpath
 
     hots = ["c", "python"] if hotpath.WHY_NOT is None else ["python"]
     if hotpath.WHY_NOT is not None:

@@ -29,7 +29,8 @@ import psutil
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from smpd import layout as L, lifecycle  # noqa: E402
+from smpd.machine import layout as L
+from smpd import lifecycle  # noqa: E402
 
 NAME = f"bench{os.getpid() % 100000}"
 
@@ -89,9 +90,9 @@ def bench_idle(watch: str, window_s: float) -> list[tuple]:
 
 def bench_hot_path(n: int) -> list[tuple]:
     """Bus writes from this process (a real writer on the segment, like a DMA engine)."""
-    from smpd import names
-    from smpd.bus import Bus
-    from smpd.segment import Segment
+    from smpd.host import names
+    from smpd.machine.bus import Bus
+    from smpd.machine.segment import Segment
 
     rows = []
     for watch in ("spin", "adaptive"):

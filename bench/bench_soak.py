@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=64)
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from smpd import soak
+    from smpd.tools import soak
 
     smpd("up", "--cpus", str(args.cpus), "--watch", "adaptive")
     rows = []

@@ -18,11 +18,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from smpd import config, events, layout as L  # noqa: E402
-from smpd.bus import Bus  # noqa: E402
-from smpd.cpu import Cpu  # noqa: E402
-from smpd.memory import load_kernel  # noqa: E402
-from smpd.segment import Segment  # noqa: E402
+from smpd import config
+from smpd.machine import events, layout as L  # noqa: E402
+from smpd.machine.bus import Bus  # noqa: E402
+from smpd.kernel.cpu import Cpu  # noqa: E402
+from smpd.kernel.image import load_kernel  # noqa: E402
+from smpd.machine.segment import Segment  # noqa: E402
 
 N = 20000
 

@@ -1,3 +1,3 @@
-from smpd.cli import main
+from smpd.tools.cli import main
 
 main(prog_name="smpd")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from smpd import names
+from smpd.host import names
 from smpd.errors import ConfigError
 
 MAX_CPUS = 4096

@@ -46,12 +46,20 @@ class HostTooSmall(BadInput):
     """The host cannot hold the requested machine (memory, process or file limits)."""
 
 
-class CpuLost(BadInput):
-    """A CPU process died (GONE): an emulator fault. `smpd reset` gives it a new process."""
+class CpuLost(SmpdError):
+    """A CPU process died (GONE): an emulator fault, at run time (exit 1). `smpd reset` gives it a new process."""
+
+
+class MachineComingUp(SmpdError):
+    """The coordinator runs but does not serve its channel yet: try again in a moment (exit 1)."""
 
 
 class CoordinatorGone(SmpdError):
     """The coordinator died or stopped answering while we talked to it."""
+
+
+class InternalError(SmpdError):
+    """A bug inside the coordinator, caught at the request boundary: logged, answered, the machine stays up."""
 
 
 class Timeout(SmpdError):

@@ -26,7 +26,8 @@ import pytest
 from multiprocess.connection import Connection, answer_challenge, deliver_challenge
 from rich.console import Console
 
-from smpd import cli, coordinator  # noqa: F401 - everything `smpd up --foreground` runs
+from smpd.daemon import supervisor  # noqa: F401 - everything `smpd up --foreground` runs
+from smpd.tools import cli
 
 Console(file=io.StringIO(), force_terminal=True).print("[bold red]warm[/bold red]")  # rich's lazy imports
 

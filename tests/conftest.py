@@ -33,8 +33,10 @@ from typing import Callable
 import psutil
 import pytest
 
-from smpd import hotpath, lifecycle, names
-from smpd.segment import Segment
+from smpd.machine import hotpath
+from smpd.tools import lifecycle
+from smpd.host import names
+from smpd.machine.segment import Segment
 
 LEAK_BOUND_S = 15.0  # a loaded 2-core CI box may take a while to reap 64 processes
 _counter = itertools.count()

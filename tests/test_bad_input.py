@@ -14,7 +14,7 @@ import pytest
 import adversary
 from adversary import needs_root
 from conftest import run_smpd, segment_path, smpd_env, start_smpd
-from smpd import lifecycle
+from smpd.tools import lifecycle
 
 
 def _error_line(r) -> str:
@@ -78,7 +78,7 @@ def test_a_fork_the_host_refuses_is_one_line_and_leaves_nothing(machine_name):
     uid = adversary.unused_uid()
 
     def no_precheck():
-        from smpd import hostinfo
+        from smpd.host import hostinfo
         hostinfo.check_capacity = lambda *a, **k: None
 
     r = adversary.run_as(uid, adversary.smpd_cli, ["up", "--cpus", "16", "--watch", "adaptive", "--foreground",

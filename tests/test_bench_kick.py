@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import HOT_PATHS, run_smpd, wait_until
-from smpd import layout as L
+from smpd.machine import layout as L
 
 KEYS = ("p50", "p90", "p99", "p999", "max")
 

@@ -4,7 +4,8 @@ import signal
 
 import pytest
 
-from smpd import config, hotpath
+from smpd import config
+from smpd.machine import hotpath
 from smpd.errors import BadInput, ConfigError
 
 
@@ -56,11 +57,11 @@ def test_signal_names_map_to_numbers():
 
 
 def test_hot_path_c_without_the_compiled_module_is_a_clear_error(monkeypatch):
-    """Where pip could not build smpd._hotpath, asking for it says why and what is accepted;
+    """Where pip could not build smpd.machine._hotpath, asking for it says why and what is accepted;
     auto falls back to the Python loops and says so."""
     monkeypatch.setattr(hotpath, "_hotpath", None)
-    monkeypatch.setattr(hotpath, "WHY_NOT", "the compiled module smpd._hotpath is not built (test)")
+    monkeypatch.setattr(hotpath, "WHY_NOT", "the compiled module smpd.machine._hotpath is not built (test)")
     with pytest.raises(BadInput, match=r"hot path 'c' is unavailable: .*not built.*Accepted: auto, python"):
         hotpath.choose("c")
-    assert hotpath.choose("auto") == ("python", "python (the compiled module smpd._hotpath is not built (test))")
+    assert hotpath.choose("auto") == ("python", "python (the compiled module smpd.machine._hotpath is not built (test))")
     assert hotpath.choose("python") == ("python", "python (asked for)")

@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 from conftest import Machine, run_name, run_smpd, start_smpd, wait_until
-from smpd import lifecycle, names
+from smpd.tools import lifecycle
+from smpd.host import names
 
 SIGNALS = [pytest.param(s, id=s.name) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
 STOPPED = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
@@ -176,7 +177,7 @@ def test_a_full_disk_during_a_soak_is_one_line_and_the_file_stays_valid(machine,
     """RLIMIT_FSIZE stands in for a full disk: the write fails with EFBIG as it would with ENOSPC."""
     import resource
 
-    from smpd import soak
+    from smpd.tools import soak
 
     m = machine(3, "--watch", "adaptive")
     m.request("offline", cpus="1-2")

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from conftest import HOT_PATHS, Machine, run_name, run_smpd, wait_until
-from smpd import layout as L
+from smpd.machine import layout as L
 
 FAULT = {"TRIPLE_FAULT", "CORRUPTION"}
 NCPUS = 6

@@ -10,7 +10,9 @@ import psutil
 import pytest
 
 from conftest import Machine, our_processes, run_smpd, segment_path, start_smpd, wait_until
-from smpd import layout as L, lifecycle, names
+from smpd.machine import layout as L
+from smpd.tools import lifecycle
+from smpd.host import names
 
 
 def _gone(pid: int) -> bool:
@@ -119,7 +121,7 @@ def test_ctrl_c_while_up_waits_leaves_no_half_made_machine(machine_name):
 
 def test_the_channel_refuses_a_client_without_the_key(machine):
     m = machine(2, "--watch", "adaptive")
-    from smpd import channel
+    from smpd.daemon import channel
     from smpd.errors import CoordinatorGone
 
     with pytest.raises((CoordinatorGone, Exception)) as e:
@@ -130,7 +132,7 @@ def test_the_channel_refuses_a_client_without_the_key(machine):
 
 
 def test_segment_of_another_layout_version_is_refused_and_down_force_removes_it(machine_name):
-    from smpd import layout as L
+    from smpd.machine import layout as L
 
     shm = posix_ipc.SharedMemory(names.segment(machine_name), posix_ipc.O_CREX, mode=0o600, size=L.PAGE)
     try:

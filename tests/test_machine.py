@@ -8,7 +8,7 @@ import psutil
 import pytest
 
 from conftest import Machine, run_smpd, segment_path, wait_until
-from smpd import layout as L
+from smpd.machine import layout as L
 
 
 @pytest.mark.parametrize("cpus", [2, 8, 64])

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from conftest import HOT_PATHS, hot_paths, wait_until
-from smpd import events, layout as L
+from smpd.machine import events, layout as L
 
 NMI = signal.SIGRTMIN + 1  # config/default.toml [signals]
 

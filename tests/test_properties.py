@@ -28,7 +28,10 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from conftest import run_name
-from smpd import cli, config, cpulist, hostload, inputs, names, scenario, soak
+from smpd.tools import cli, hostload, soak
+from smpd import config, cpulist, inputs
+from smpd.host import names
+from smpd.kernel import scenario
 from smpd.errors import BadInput, ConfigError
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=24)

@@ -12,8 +12,8 @@ import psutil
 import pytest
 
 from conftest import Machine, run_name, run_smpd, smpd_env, start_smpd, wait_until
-from smpd import soak
-from smpd.kexec import OUTCOMES
+from smpd.tools import soak
+from smpd.kernel.kexec import OUTCOMES
 
 NCPUS = 6
 

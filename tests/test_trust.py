@@ -20,9 +20,12 @@ import pytest
 import adversary
 from adversary import needs_root
 from conftest import REPO, Machine, our_processes, our_segments, run_name, run_smpd, smpd_env, wait_until
-from smpd import channel, layout as L, lifecycle, names, trust
+from smpd.daemon import channel
+from smpd.machine import layout as L
+from smpd.tools import lifecycle
+from smpd.host import names, trust
 from smpd.errors import NotOurs
-from smpd.segment import Segment
+from smpd.machine.segment import Segment
 
 pytestmark = needs_root
 

@@ -22,9 +22,9 @@ import functools
 import os
 import struct
 
-from smpd import hotpath, layout as L
+from smpd.machine import hotpath, layout as L
 from smpd.config import DOORBELL_SIGNAL
-from smpd.sync import fence
+from smpd.machine.sync import fence
 
 
 class Bus:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import psutil
 from hdrh.histogram import HdrHistogram
 
-from smpd import hwfloor
+from smpd.tools import hwfloor
 from smpd.cpulist import format_list
 from smpd.errors import BadInput
 

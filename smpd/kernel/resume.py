@@ -33,8 +33,8 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from smpd import layout as L
-from smpd.memory import TAG, TAG_MAGIC, PageTag, read_tag
+from smpd.machine import layout as L
+from smpd.kernel.image import TAG, TAG_MAGIC, PageTag, read_tag
 
 MAX_FOREIGN_STEPS = 4
 _INSN = struct.Struct("<BBBBI")

@@ -36,11 +36,12 @@ import struct
 import sys
 import time
 
-from smpd import events, hotpath, layout as L, oldkernel
-from smpd.bus import Bus
+from smpd.machine import events, hotpath, layout as L
+from smpd.kernel import resume as oldkernel
+from smpd.machine.bus import Bus
 from smpd.config import DOORBELL_SIGNAL
-from smpd.proc import die_with_parent, set_process_name
-from smpd.sync import fence
+from smpd.host.proc import die_with_parent, set_process_name
+from smpd.machine.sync import fence
 
 
 KINDS = L.IRQ_KINDS

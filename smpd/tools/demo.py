@@ -13,8 +13,9 @@ import secrets
 
 from rich.console import Console
 
-from smpd import config, lifecycle, render
-from smpd.scenario import PARKS
+from smpd import config
+from smpd.tools import lifecycle, render
+from smpd.kernel.scenario import PARKS
 
 INJECTIONS = (None, "nmi", "mce", "smi")
 

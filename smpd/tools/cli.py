@@ -21,8 +21,10 @@ from rich.console import Console
 from rich.console import Group
 from rich.text import Text
 
-from smpd import config as config_mod, cpulist, inputs, lifecycle, names, render
-from smpd import scenario as scenario_mod
+from smpd import config as config_mod, cpulist, inputs
+from smpd.tools import lifecycle, render
+from smpd.host import names
+from smpd.kernel import scenario as scenario_mod
 from smpd.errors import BadInput, Interrupted, SmpdError
 
 NAME_HELP = "Machine name (several machines can run side by side). Env: SMPD_NAME."
@@ -208,7 +210,7 @@ def up(cpus, name, watch, hot_path, pin, seed, config_file, foreground):
     spec = lifecycle.prepare(cfg)
     out = Console()
     if foreground:
-        from smpd import coordinator
+        from smpd.daemon import supervisor as coordinator
 
         def ready(summary):
             out.print(render.up_summary(summary))
@@ -364,7 +366,7 @@ def kexec(name, park, injects, order, seed, as_json, replay):
     machine runs the new kernel: `smpd reset` returns it to the old one.
     """
     if replay is not None:
-        from smpd import soakrun
+        from smpd.tools import soakrun
 
         ctx = click.get_current_context()
         mixed = [p for p in ("park", "injects", "order", "seed")
@@ -434,7 +436,7 @@ def demo(cpus, name, watch, seed):
     matrix of outcomes with one line of evidence each and a kick-latency summary,
     then tears the machine down.
     """
-    from smpd import demo as demo_mod
+    from smpd.tools import demo as demo_mod
 
     demo_mod.run(cpus=cpus, name=name, watch=watch, seed=seed, console=Console())
 
@@ -462,7 +464,7 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from smpd import benchkick
+    from smpd.tools import benchkick
 
     seconds = inputs.parse_duration(duration) if duration is not None else None
     if json_file:
@@ -531,7 +533,7 @@ def soak(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out
     machine. Ctrl-C stops after the current trial. Every trial can be replayed
     with `smpd kexec --replay FILE:TRIAL`.
     """
-    from smpd import soakrun
+    from smpd.tools import soakrun
 
     ctx = click.get_current_context()
     given = {p for p in ("trials", "duration", "host_load", "parks", "inject_rate", "kinds", "seed", "out")

@@ -28,17 +28,15 @@ from dataclasses import dataclass
 
 import posix_ipc
 
-from smpd import channel, hostinfo, hotpath, layout as L, names, trust
-from smpd.errors import (BadInput, CoordinatorGone, Interrupted, MachineAlreadyUp, MachineNotUp, NotOurs, SmpdError,
-                         Timeout)
-from smpd.segment import FOREIGN_REMEDY, Segment, SegmentBeingCreated, unlink
+from smpd.daemon import channel
+from smpd.daemon.janitor import COORDINATOR_COMM, clean_stale_segment, is_coordinator, wait_gone
+from smpd.daemon.stopping import ACK
+from smpd.errors import (BadInput, CoordinatorGone, Interrupted, MachineAlreadyUp, MachineComingUp, MachineNotUp,
+                         NotOurs, SmpdError, Timeout)
+from smpd.host import hostinfo, names, trust
+from smpd.machine import hotpath, layout as L
+from smpd.machine.segment import FOREIGN_REMEDY, Segment, SegmentBeingCreated, unlink
 
-COORDINATOR_COMM = "smpd-coord"
-ACK = b"ok\n"  # `up` took the answer: from now on the machine is the user's, not this `up`'s
-
-
-class MachineComingUp(BadInput):
-    """The coordinator runs but does not serve its channel yet."""
 
 
 @dataclass
@@ -80,11 +78,6 @@ class Live:
             return L.MachineState(seg.hdr("state"))
         finally:
             seg.close()
-
-
-def is_coordinator(pid: int, ctime: float) -> bool:
-    """True while ``pid`` is our coordinator created at ``ctime`` (a recycled pid is not)."""
-    return trust.is_our_process(pid, ctime, name=COORDINATOR_COMM)
 
 
 def probe(name: str) -> Live | None:
@@ -132,36 +125,6 @@ def up_now() -> list[str]:
     return found
 
 
-def clean_stale_segment(seg_name: str, expect_pid: int, expect_ctime: float) -> list[int]:
-    """Kill the leftovers of a dead coordinator and unlink its segment. Returns the pids killed.
-
-    Only acts on a segment of ours (Segment.attach verifies it) that still names that
-    coordinator (a new machine may have taken the name since), when that coordinator
-    is not running; and signals only CPU processes that smpd.trust recognises as the
-    ones this machine started: our uid, comm smpd-cpuN, the recorded creation time,
-    the coordinator's session.
-    """
-    try:
-        seg = Segment.attach(seg_name)
-    except (posix_ipc.ExistentialError, SmpdError):
-        return []
-    killed: list[int] = []
-    try:
-        if seg.hdr("coordinator_pid") != expect_pid or abs(seg.hdr("coordinator_ctime") - expect_ctime) > 0.05:
-            return []
-        if is_coordinator(expect_pid, expect_ctime):
-            return []
-        sid = seg.hdr("coordinator_sid")
-        for cpu in range(1, seg.geo.ncpus):
-            pid, ctime_ms = seg.cb(cpu, "pid"), seg.cb(cpu, "ctime_ms")
-            if pid and trust.signal_ours(pid, signal.SIGKILL, ctime_ms / 1000, name=f"smpd-cpu{cpu}", sid=sid):
-                killed.append(pid)
-    finally:
-        seg.close()
-    unlink(seg_name)
-    return killed
-
-
 def our_machines() -> list[str]:
     """Machine names of this uid that have an entry in /dev/shm (not yet checked to be ours)."""
     try:
@@ -207,7 +170,7 @@ def prepare(cfg) -> dict:
 def coordinator_command(fd: int) -> list[str]:
     """The daemon's command line. -P: the current directory never shadows the installed package
     (a folder named smpd there, e.g. in the parent of a clone); the spec travels over ``fd``."""
-    return [sys.executable, "-P", "-m", "smpd.coordinator", str(fd)]
+    return [sys.executable, "-P", "-m", "smpd.daemon", str(fd)]
 
 
 def start_daemon(spec: dict) -> dict:
@@ -294,16 +257,6 @@ def _stop_daemon(proc: subprocess.Popen) -> None:
     except (subprocess.TimeoutExpired, OSError):
         proc.kill()
         proc.wait(10)
-
-
-def wait_gone(pid: int, ctime: float, timeout_s: float) -> bool:
-    """Wait (bounded) until our coordinator ``pid`` created at ``ctime`` has exited."""
-    deadline = time.monotonic() + timeout_s
-    while trust.is_our_process(pid, ctime):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def down(name: str, force: bool = False, timeout_s: float = 30.0) -> str:

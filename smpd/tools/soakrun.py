@@ -20,7 +20,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from smpd import cpulist, hostload, lifecycle, names, soak, trust
+from smpd import cpulist
+from smpd.tools import hostload, lifecycle, soak
+from smpd.host import names, trust
 from smpd.inputs import ascii_int, check_writable, parse_duration
 from smpd.errors import BadInput, CoordinatorGone, MachineNotUp, SmpdError
 

@@ -8,7 +8,7 @@
  * hardware when nothing else is in the way.
  *
  * usage: hwfloor CORE_A CORE_B ITERATIONS    (prints p50, p99 and min in ns)
- * smpd builds and runs it on the fly (smpd/hwfloor.py) when a C compiler exists.
+ * smpd builds and runs it on the fly (smpd/tools/hwfloor.py) when a C compiler exists.
  */
 #define _GNU_SOURCE
 #include <pthread.h>

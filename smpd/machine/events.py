@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from smpd import layout as L
+from smpd.machine import layout as L
 
 
 def log(seg, cpu: int, code: L.Ev, arg: int = 0, ns: int | None = None) -> None:

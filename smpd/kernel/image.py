@@ -15,7 +15,7 @@ import hashlib
 import struct
 from typing import NamedTuple
 
-from smpd import layout as L
+from smpd.machine import layout as L
 
 TAG = struct.Struct("<4sIHHI")
 TAG_MAGIC = b"KPG1"

@@ -26,7 +26,8 @@ from typing import Any
 
 from multiprocess.connection import Connection, answer_challenge, deliver_challenge
 
-from smpd import errors, trust
+from smpd import errors
+from smpd.host import trust
 
 HANDSHAKE_TIMEOUT_S = 5.0
 

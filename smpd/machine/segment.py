@@ -16,7 +16,8 @@ import struct
 
 import posix_ipc
 
-from smpd import layout as L, names, trust
+from smpd.machine import layout as L
+from smpd.host import names, trust
 from smpd.errors import BadInput, HostTooSmall, LayoutMismatch
 
 

@@ -20,7 +20,7 @@ import struct
 import time
 from typing import Callable
 
-from smpd import layout as L
+from smpd.machine import layout as L
 
 _HLT = struct.pack("<I", L.CPUDEAD_MWAIT_KEXEC_HLT)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import multiprocess
 
-from smpd.proc import die_with_parent, set_process_name
+from smpd.host.proc import die_with_parent, set_process_name
 from smpd.errors import BadInput
 from smpd.inputs import ascii_int
 

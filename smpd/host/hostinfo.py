@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 
 from smpd.errors import HostTooSmall
-from smpd.names import SHM_DIR
+from smpd.host.names import SHM_DIR
 
 
 def _uid_processes() -> int:

@@ -1,4 +1,4 @@
-"""Which hot path a machine runs: the compiled one (smpd._hotpath) or the pure Python loops.
+"""Which hot path a machine runs: the compiled one (smpd.machine._hotpath) or the pure Python loops.
 
 A kick is two cache-line moves (control out, status back), and the host's floor
 for that is ~120 ns here (smpd.hwfloor). In Python each side pays for its
@@ -22,15 +22,15 @@ The choice is the machine's (a header word): its coordinator and CPUs agree.
 
 from __future__ import annotations
 
-from smpd import layout as L
+from smpd.machine import layout as L
 from smpd.errors import BadInput
 
 try:
-    from smpd import _hotpath
+    from smpd.machine import _hotpath
     WHY_NOT: str | None = None
 except ImportError as e:  # built without a C compiler: the Python loops run instead
     _hotpath = None
-    WHY_NOT = f"the compiled module smpd._hotpath is not built ({e}); `pip install -e .` builds it when a C compiler exists"
+    WHY_NOT = f"the compiled module smpd.machine._hotpath is not built ({e}); `pip install -e .` builds it when a C compiler exists"
 
 def choose(asked: str) -> tuple[str, str]:
     """The hot path to run for ``asked`` (one of smpd.config.HOT_PATHS), and why, for `smpd up` to print."""

@@ -1,6 +1,6 @@
 """The host's own cache-line round trip between two cores, measured in the same run.
 
-bench/hwfloor.c is compiled on the fly when a C compiler exists, once per source
+smpd/tools/hwfloor.c is compiled on the fly when a C compiler exists, once per source
 version, into the user's cache ($XDG_CACHE_HOME/smpd, else ~/.cache/smpd; built
 under a temporary name and renamed into place, so a build killed halfway leaves
 no binary). Otherwise the floor is reported unavailable, with the reason, and
@@ -16,9 +16,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from smpd.proc import die_with_parent
+from smpd.host.proc import die_with_parent
 
-SOURCE = Path(__file__).resolve().parent.parent / "bench" / "hwfloor.c"
+SOURCE = Path(__file__).resolve().parent / "hwfloor.c"  # ships in the package: a wheel measures too
 
 
 def measure(iterations: int = 200_000) -> dict:

@@ -25,9 +25,10 @@ from dataclasses import asdict, dataclass, field
 import psutil
 from hdrh.histogram import HdrHistogram
 
-from smpd import cpulist, layout as L
+from smpd import cpulist
+from smpd.machine import layout as L
 from smpd.errors import BadInput, CpuLost, SmpdError
-from smpd.scenario import KINDS, ORDERS, PARKS, PHASES
+from smpd.kernel.scenario import KINDS, ORDERS, PARKS, PHASES
 
 FILE_KIND = "smpd-soak"
 FILE_VERSION = 1

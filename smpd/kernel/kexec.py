@@ -24,10 +24,11 @@ import random
 import struct
 import time
 
-from smpd import cpulist, events, layout as L
-from smpd.kick import smp_kick_mwait_play_dead
-from smpd.memory import page_image
-from smpd.scenario import Scenario
+from smpd import cpulist
+from smpd.machine import events, layout as L
+from smpd.kernel.kick import smp_kick_mwait_play_dead
+from smpd.kernel.image import page_image
+from smpd.kernel.scenario import Scenario
 
 OUTCOMES = ("CLEAN", "TRIPLE_FAULT", "CORRUPTION", "MCE_SHUTDOWN", "STUCK", "CPU_LOST")
 STOP_OTHER_CPUS_S = 1.0  # stop_other_cpus() waits up to 1 s for the REBOOT vector to land

@@ -1,0 +1,3 @@
+from smpd.daemon.supervisor import main
+
+main()

@@ -1,0 +1,333 @@
+"""The coordinator's requests: one handler per op, arguments checked, errors classified.
+
+The request boundary (``answer``): a request is a JSON object ``{"op", "args"}``.
+Before a handler runs, the op must be known and the arguments must bind to its
+signature with the types its annotations name; anything else is ``BadInput``
+(exit 2). What a handler raises on purpose is an ``SmpdError`` with its own exit
+status (a CPU lost, a machine still coming up: 1). Anything else is a bug: it is
+logged with its traceback to the coordinator's stderr (SMPD_COORDINATOR_LOG) and
+answered as ``InternalError`` (exit 1), and the machine stays up. A client that
+leaves before its reply costs a line in the log, nothing more.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import secrets
+import struct
+import sys
+import time
+import traceback
+import types
+import typing
+from typing import Any, Callable
+
+from smpd import cpulist
+from smpd.daemon import channel
+from smpd.daemon.status import status_snapshot
+from smpd.errors import BadInput, CpuLost, InternalError, SmpdError, Timeout
+from smpd.inputs import ascii_int
+from smpd.kernel.cpu import IPI_DONE
+from smpd.kernel.image import load_kernel
+from smpd.kernel.kexec import Kexec
+from smpd.kernel.kick import kick_one
+from smpd.kernel.scenario import Scenario, parse_injection
+from smpd.machine import layout as L
+
+RESET_ATTEMPTS = 3  # a reset respawns CPUs that died; it tries again if one dies during it
+
+
+class Handlers:
+    """Every op a client may ask of the coordinator ``sup`` (smpd.daemon.supervisor)."""
+
+    def __init__(self, sup):
+        self.sup = sup
+        self.table: dict[str, Callable[..., Any]] = {
+            "status": self.op_status, "offline": self.op_offline, "online": self.op_online,
+            "poke": self.op_poke, "ping": self.op_ping, "kexec": self.op_kexec, "kick": self.op_kick,
+            "reset": self.op_reset, "inject": self.op_inject, "bench_kick": self.op_bench_kick,
+            "down": self.op_down,
+        }
+
+    # -- the boundary ------------------------------------------------------------
+
+    def answer(self, conn) -> None:
+        """Read one request from ``conn``, run it, send the reply (see the module's docstring)."""
+        try:
+            req = channel.recv_json(conn)
+        except (OSError, EOFError):
+            return  # the client went away (or its request did not come in time)
+        except ValueError as err:
+            self._reply(conn, channel.error_reply(BadInput(f"malformed request: {err}")))
+            return
+        op = req.get("op") if isinstance(req, dict) else None
+        try:
+            handler, args = self.bind(req)
+            reply = {"ok": True, "result": handler(**args)}
+        except SmpdError as err:
+            reply = channel.error_reply(err)
+        except Exception as err:  # noqa: BLE001 - the boundary: a bug must not take the machine down
+            traceback.print_exc(file=sys.stderr)
+            reply = channel.error_reply(InternalError(
+                f"internal error in '{op}': {type(err).__name__}: {err}; the machine is still up "
+                f"(the coordinator's log has the traceback: set SMPD_COORDINATOR_LOG=FILE before `smpd up`)"))
+        self._reply(conn, reply)
+        if reply.get("ok") and op == "down":
+            self.sup.stopping = True
+
+    def bind(self, req: Any) -> tuple[Callable[..., Any], dict]:
+        """The handler for ``req`` and its checked arguments; BadInput otherwise."""
+        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+            raise BadInput("malformed request: expected {\"op\": NAME, \"args\": {...}}")
+        op, args = req["op"], req.get("args", {})
+        handler = self.table.get(op)
+        if handler is None:
+            raise BadInput(f"unknown request '{op}'; known: {', '.join(sorted(self.table))}")
+        if not isinstance(args, dict):
+            raise BadInput(f"request '{op}': args must be an object")
+        try:
+            bound = inspect.signature(handler).bind(**args)
+        except TypeError as err:
+            raise BadInput(f"request '{op}': {err}") from None
+        hints = typing.get_type_hints(handler)
+        for name, value in bound.arguments.items():
+            if not _is(value, hints.get(name, Any)):
+                raise BadInput(f"request '{op}': argument '{name}' is {value!r}, not {hints[name]}")
+        return handler, bound.arguments
+
+    @staticmethod
+    def _reply(conn, reply: dict) -> None:
+        try:
+            channel.send_json(conn, reply)
+        except OSError as err:
+            print(f"smpd-coord: the client left before its reply ({err})", file=sys.stderr)
+
+    # -- helpers -------------------------------------------------------------------
+
+
+    def _cpus_arg(self, text: str) -> list[int]:
+        return cpulist.parse(text, self.sup.ncpus)
+
+    def _require_alive(self, cpus: list[int]) -> None:
+        self.sup.refresh_gone()
+        gone = [c for c in cpus if c != 0 and self.sup.seg.cb(c, "state") == L.ExecState.GONE]
+        if gone:
+            raise CpuLost(f"CPU {cpulist.format_list(gone)} is GONE (its process died); "
+                          f"`smpd reset` gives it a new process")
+
+    def op_offline(self, cpus: str) -> dict:
+        """cpu_down() for each online CPU of the list: play_dead() into mwait_play_dead()."""
+        wanted = self._cpus_arg(cpus)
+        if 0 in wanted:
+            raise BadInput("CPU 0 is the boot CPU (and the kexec CPU) and cannot go offline; "
+                           "name CPUs 1-%d" % (self.sup.ncpus - 1))
+        self._require_alive(wanted)
+        todo = [c for c in wanted if self.sup.seg.cb(c, "hotplug") == L.Hotplug.ONLINE]
+        t0 = time.monotonic_ns()
+        self.sup.ipi_all(todo, L.Ipi.CPU_DOWN, self.sup.ipi_timeout_s + 0.002 * len(todo), "offline")
+        return {"offlined": todo, "already_offline": [c for c in wanted if c not in todo],
+                "ms": (time.monotonic_ns() - t0) / 1e6}
+
+    def op_online(self, cpus: str) -> dict:
+        """INIT, then SIPI, to each offline CPU of the list; smp_callin() clears mwait_cpu_dead."""
+        wanted = self._cpus_arg(cpus)
+        self._require_alive(wanted)
+        todo = [c for c in wanted if c != 0 and self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
+        t0 = time.monotonic_ns()
+        budget = self.sup.ipi_timeout_s + 0.002 * len(todo)
+        self.sup.ipi_all(todo, L.Ipi.INIT, budget, "online (INIT)")
+        results = self.sup.ipi_all(todo, L.Ipi.SIPI, budget, "online (SIPI)")
+        assert all(r == IPI_DONE for r in results.values()), results
+        return {"onlined": todo, "already_online": [c for c in wanted if c not in todo],
+                "ms": (time.monotonic_ns() - t0) / 1e6}
+
+    def resolve_address(self, target: str) -> int:
+        """'0x1004040', 'mwait_cpu_dead[5]', 'mwait_cpu_dead[5].status', 'thread_info[5]'."""
+        geo = self.sup.seg.geo
+        m = re.fullmatch(r"(mwait_cpu_dead|thread_info)\[([0-9]{1,5})\](\.(control|status|flags))?", target)
+        if m:
+            cpu = int(m.group(2))
+            if cpu >= self.sup.ncpus:
+                raise BadInput(f"{target}: this machine has CPUs 0-{self.sup.ncpus - 1}")
+            if m.group(1) == "mwait_cpu_dead":
+                if m.group(4) == "flags":
+                    raise BadInput(f"{target}: mwait_cpu_dead has fields control and status")
+                return geo.mwait_cpu_dead_addr(cpu) + (4 if m.group(4) == "status" else 0)
+            if m.group(4) in ("control", "status"):
+                raise BadInput(f"{target}: thread_info has the field flags")
+            return geo.thread_info_addr(cpu)
+        addr = ascii_int(target, hex_ok=True)
+        if addr is None:
+            raise BadInput(f"'{target}' is not an address; expected a number like 0x1004040, "
+                           f"mwait_cpu_dead[N][.control|.status] or thread_info[N]") from None
+        end = L.PHYS_BASE + geo.npages * L.PAGE
+        if not L.PHYS_BASE <= addr <= end - 4 or addr % 4:
+            raise BadInput(f"address {addr:#x} is outside emulated memory or not 4-byte aligned; "
+                           f"accepted: {L.PHYS_BASE:#x}..{end - 4:#x}, multiples of 4")
+        return addr
+
+    def op_poke(self, target: str, value: int | None = None) -> dict:
+        """One u32 write through the bus (the same value again when ``value`` is None)."""
+        addr = self.resolve_address(target)
+        if value is not None and (type(value) is not int or not 0 <= value <= 0xFFFFFFFF):
+            raise BadInput(f"value {value} does not fit a u32 (0..0xffffffff)")
+        old = self.sup.seg.mem_u32(addr)
+        new = old if value is None else value
+        line = self.sup.seg.geo.addr_line(addr)
+        owner = self.sup.seg.u16[self.sup.seg.geo.dir_off // 2 + line]
+        woken = self.sup.bus.write(addr, struct.pack("<I", new))
+        return {"addr": addr, "symbol": self.sup.seg.geo.symbol(addr), "old": old, "new": new,
+                "woken": woken, "woken_cpus": [owner - 1] if woken and owner else []}
+
+    # -- kexec and friends ------------------------------------------------------
+
+    def _require_old_kernel(self, what: str) -> None:
+        if self.sup.seg.hdr("state") == L.MachineState.KEXECED:
+            raise BadInput(f"machine '{self.sup.name}' needs a reset before {what}: it ran a kexec and now runs "
+                           f"kernel generation {self.sup.seg.hdr('generation')}; `smpd reset` returns it to the "
+                           f"old kernel with the same offline CPUs")
+        self._require_alive(list(range(1, self.sup.ncpus)))
+
+    def op_kexec(self, park: str = "hlt", inject: list[str] | None = None, order: str = "sequential",
+                 seed: int | None = None) -> dict:
+        if seed is None:
+            seed = secrets.randbelow(2**63)
+        scenario = Scenario.build(park, order, seed, list(inject or []), self.sup.ncpus)
+        self._require_old_kernel("a kexec")
+        offline = [c for c in range(1, self.sup.ncpus) if self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
+        report = Kexec(self.sup, scenario).run()
+        self.sup.reset_offline = offline
+        self.sup.seg.set_hdr("state", L.MachineState.KEXECED)
+        self.sup.seg.set_hdr("kexec_count", self.sup.seg.hdr("kexec_count") + 1)
+        report["machine"] = {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch, "hot_path": self.sup.hot_path}
+        return report
+
+    def op_kick(self) -> dict:
+        """smp_kick_mwait_play_dead() alone: who acknowledged, how fast, who is stuck."""
+        self._require_old_kernel("a kick")
+        k = Kexec(self.sup, Scenario("hlt", "sequential", 0))
+        marks = {cpu: self.sup.seg.cb(cpu, "ev_head") for cpu in k.cpus}
+        kick = k.smp_kick_mwait_play_dead(lambda: None)
+        k.settle()  # the kicked CPUs' way into HLT, logged after their acknowledgements
+        k.t.merge_cpus(self.sup.seg, marks)
+        return {"kick": kick, "timeline": k.t.ordered(),
+                "cpus": [k.cpu_report(c) for c in k.cpus],
+                "machine": {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch, "hot_path": self.sup.hot_path}}
+
+    def op_reset(self) -> dict:
+        """Back to the old kernel with the same offline CPUs, without re-forking: INIT every
+        CPU, reload generation 1's image, SIPI every CPU, offline the same set again. A CPU
+        whose process died (GONE) is the exception: it gets a new process, even when it
+        dies during the reset itself (up to RESET_ATTEMPTS times)."""
+        t0 = time.monotonic_ns()
+        offline = self.sup.reset_offline
+        if offline is None:
+            offline = [c for c in range(1, self.sup.ncpus) if self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
+        respawned: list[int] = []
+        for attempt in range(RESET_ATTEMPTS):
+            respawned += self.sup.respawn_gone()
+            try:
+                self._reset_once(offline)
+                break
+            except CpuLost:
+                if attempt == RESET_ATTEMPTS - 1:
+                    raise
+        self.sup.seg.set_hdr("state", L.MachineState.UP)
+        self.sup.reset_offline = None
+        return {"offline": offline, "generation": 1, "respawned": respawned,
+                "ms": (time.monotonic_ns() - t0) / 1e6}
+
+    def _reset_once(self, offline: list[int]) -> None:
+        cpus = list(range(1, self.sup.ncpus))
+        budget = self.sup.ipi_timeout_s
+        self.sup.ipi_all(cpus, L.Ipi.INIT, budget, "reset (INIT)")
+        for cpu in cpus:
+            for field in ("fault", "fault_page", "fault_addr", "fault_value", "fault_cause",
+                          "fault_cause_arg", "fault_ns", "stray_stores", "kick_seen_ns",
+                          "nmi_pending", "smi_pending", "mce_pending"):
+                self.sup.seg.set_cb(cpu, field, 0)
+        self.sup.seg.set_hdr("generation", 1)
+        self.sup.seg.set_hdr("monitor_target", L.MonitorTarget.MWAIT_CPU_DEAD)
+        load_kernel(self.sup.bus, self.sup.seg.geo, self.sup.seg.hdr("seed"), generation=1)
+        self.sup.ipi_all(cpus, L.Ipi.SIPI, budget, "reset (SIPI)")
+        self.sup.ipi_all(offline, L.Ipi.CPU_DOWN, budget, "reset (offline)")
+
+    def op_inject(self, kind: str, cpus: str = "all", count: int = 1) -> dict:
+        """A stray interrupt right now: send it, wait (bounded) until it is taken or held."""
+        inj = parse_injection(f"{kind}@after-copy:{cpus}x{count}", self.sup.ncpus)
+        self.sup.refresh_gone()
+        k = Kexec(self.sup, Scenario("hlt", "sequential", 0, (inj,)))
+        k.old_gen = k.new_gen = self.sup.seg.hdr("generation")
+        marks = {cpu: self.sup.seg.cb(cpu, "ev_head") for cpu in inj.cpus}
+        k.inject("after-copy")
+        k.settle()
+        k.t.merge_cpus(self.sup.seg, marks)
+        return {"injection": inj.spec(), "cpus": [k.cpu_report(c) for c in inj.cpus],
+                "not_taken": {str(c): why for c, why in k.not_taken.items()}, "timeline": k.t.ordered()}
+
+    def op_bench_kick(self, targets: str | None = None, rounds: int = 100) -> dict:
+        """`rounds` rounds of: kick each target (smpd.kick.kick_one), then REPARK them all.
+
+        Returns raw samples for the client to fold into histograms, so that a long run
+        is many short requests (a progress bar, Ctrl-C between batches)."""
+        self._require_old_kernel("a kick benchmark")
+        if not 0 <= rounds <= 100_000:
+            raise BadInput(f"rounds {rounds} is not in the range 1..100000")
+        parked = [c for c in range(1, self.sup.ncpus) if self._parked(c)]
+        cpus = parked if targets in (None, "", "parked") else self._cpus_arg(targets)
+        bad = [c for c in cpus if not self._parked(c)]
+        if bad or not cpus:
+            raise BadInput(
+                (f"CPU {cpulist.format_list(bad)} {'is' if len(bad) == 1 else 'are'} not parked in "
+                 f"mwait_play_dead() (online, kicked, or elsewhere)" if bad else "no CPU is parked")
+                + f"; parked now: CPU {cpulist.format_list(parked) or 'none'} (`smpd offline` parks CPUs)")
+        if rounds == 0:  # validation only (and the pids, to sample before the first batch)
+            return {"targets": cpus, "pids": {str(c): self.sup.seg.cb(c, "pid") for c in cpus}}
+        delay_ns = self.sup.cfg.get("kick", "delay_us") * 1000
+        budget = self.sup.cfg.get("kick", "rounds")
+        samples: dict[str, list] = {str(c): [] for c in cpus}
+        for _ in range(rounds):
+            for cpu in cpus:
+                e = kick_one(self.sup.seg, self.sup.bus, cpu, delay_ns, budget)
+                samples[str(cpu)].append([e.get("one_way_ns", -1), e.get("rtt_ns", -1), e["rounds"],
+                                          int(e["acknowledged"])])
+            _, missing = self.sup.ipi_wait(cpus, L.Ipi.REPARK, self.sup.ipi_timeout_s)
+            if missing:
+                raise Timeout(f"bench kick: CPU {cpulist.format_list(missing)} did not re-park "
+                              f"in mwait_play_dead() within {self.sup.ipi_timeout_s:.0f} s")
+        return {"samples": samples, "budget_ns": delay_ns * budget, "delay_ns": delay_ns, "watch": self.sup.watch,
+                "hot_path": self.sup.hot_path,
+                "pids": {str(c): self.sup.seg.cb(c, "pid") for c in cpus}}
+
+    def _parked(self, cpu: int) -> bool:
+        return (self.sup.seg.cb(cpu, "state") == L.ExecState.MWAIT
+                and self.sup.seg.mem_u32(self.sup.seg.geo.mwait_cpu_dead_addr(cpu) + 4) == L.CPUDEAD_MWAIT_WAIT)
+
+    def op_status(self) -> dict:
+        self.sup.refresh_gone()
+        return status_snapshot(self.sup.seg, self.sup.procs)
+
+    def op_ping(self) -> dict:
+        return {"pid": os.getpid()}
+
+
+    def op_down(self) -> dict:
+        return {"stopping": True}
+
+
+def _is(value: Any, hint: Any) -> bool:
+    """Does a JSON value fit a handler's annotation (str, int, bool, None, list[str], X | None)?"""
+    if hint is Any:
+        return True
+    origin, params = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is(value, p) for p in params)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_is(v, params[0]) for v in value)
+    if hint is int:
+        return type(value) is int  # not a bool, not a float
+    return isinstance(value, hint)

@@ -1,0 +1,60 @@
+"""`smpd status`: everything it shows, read from the observation plane (and psutil for cores)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psutil
+
+from smpd.machine import layout as L
+from smpd.machine.segment import Segment
+
+
+def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None) -> dict:
+    """Everything `smpd status` shows, read from the observation plane (and psutil for cores)."""
+    geo = seg.geo
+    now = time.monotonic_ns()
+    cpus = []
+    for cpu in range(geo.ncpus):
+        cb = lambda f: seg.cb(cpu, f)  # noqa: E731
+        pid = cb("pid")
+        core = cb("core")
+        if core < 0 and pid:
+            try:
+                core = psutil.Process(pid).cpu_num()
+            except psutil.Error:
+                core = -1
+        md = geo.mwait_cpu_dead_addr(cpu)
+        state = L.ExecState(cb("state"))
+        cpus.append({
+            "cpu": cpu, "pid": pid, "core": core,
+            "hotplug": L.Hotplug(cb("hotplug")).name.lower(), "state": state.name,
+            "wakeups": {"write": cb("wake_write"), "interrupt": cb("wake_irq"),
+                        "ipi": cb("wake_ipi"), "spurious": cb("wake_spurious")},
+            "mwait_entries": cb("mwait_entries"),
+            "interrupts": {k: {"taken": cb(f"{k}_taken"), "pending": cb(f"{k}_pending"),
+                               "held": cb(f"{k}_held")} for k in ("nmi", "smi", "mce")},
+            "init": cb("init_count"), "sipi": cb("sipi_count"),
+            "mwait_cpu_dead": {"addr": md, "control": seg.mem_u32(md), "status": seg.mem_u32(md + 4)},
+            "monitor": {"armed": bool(cb("mon_armed")),
+                        "addr": geo.line_addr(cb("mon_line")) if cb("mon_armed") else None},
+        })
+    states: dict[str, int] = {}
+    for c in cpus:
+        states[c["state"]] = states.get(c["state"], 0) + 1
+    machine = {
+        "name": seg.hdr_str("name"), "pid": seg.hdr("coordinator_pid"), "cpus": geo.ncpus,
+        "watch": "spin" if seg.hdr("watch") == L.Watch.SPIN else "adaptive",
+        "watch_reason": seg.hdr_str("watch_reason"), "pin": seg.hdr_str("pin"),
+        "hot_path": "c" if seg.hdr("hot_path") == L.HotPath.C else "python",
+        "hot_path_reason": seg.hdr_str("hot_path_reason"), "spin_yields": bool(seg.hdr("spin_yields")),
+        "seed": seg.hdr("seed"), "generation": seg.hdr("generation"),
+        "state": L.MachineState(seg.hdr("state")).name, "uptime_s": (now - seg.hdr("boot_ns")) / 1e9,
+        "bringup_ms": seg.hdr("bringup_ns") / 1e6, "segment": seg.name,
+        "segment_bytes": geo.size, "layout_version": L.LAYOUT_VERSION,
+        "janitor_pid": seg.hdr("janitor_pid"), "respawns": seg.hdr("respawns"),
+        "kexecs": seg.hdr("kexec_count"),
+        "online": sum(1 for c in cpus if c["hotplug"] == "online"), "states": states,
+    }
+    return {"machine": machine, "cpus": cpus}

@@ -1,0 +1,412 @@
+"""The supervisor: the coordinator process, CPU 0, the boot CPU and (later) the kexec CPU.
+
+It alone owns the machine's resources, each with one cleanup path:
+
+* the segment (created O_EXCL; unlinked in ``shutdown``);
+* the CPU processes 1..N-1 (forked with multiprocess, each dying with us through
+  PR_SET_PDEATHSIG; powered off, then SIGKILLed if they do not leave, in ``shutdown``;
+  a dead one is replaced by ``respawn_gone``);
+* the janitor (smpd.daemon.janitor), replaced at once if it is killed;
+* the control channel (an abstract socket; nothing to remove).
+
+It carries IPIs to the CPUs (``ipi_wait``) and serves one request at a time
+(smpd.daemon.handlers): a CLI command is short, and serialising them means no two
+hotplug operations ever race on a mailbox.
+
+Run as a daemon by ``smpd up`` (``python -P -m smpd.daemon``), or in the
+foreground with ``smpd up --foreground``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import secrets
+import selectors
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import multiprocess
+import psutil
+
+from smpd import cpulist
+from smpd.config import Config
+from smpd.daemon import channel, stopping
+from smpd.daemon.handlers import Handlers
+from smpd.daemon.janitor import COORDINATOR_COMM, JANITOR_DONE, janitor_main
+from smpd.daemon.stopping import STOP_SIGNALS, Stop, UpClient, check_stop
+from smpd.errors import CpuLost, HostTooSmall, MachineAlreadyUp, SmpdError, Timeout
+from smpd.host import hostinfo, names
+from smpd.host.proc import set_process_name
+from smpd.kernel.cpu import cpu_main
+from smpd.kernel.image import load_kernel
+from smpd.machine import layout as L
+from smpd.machine.bus import Bus
+from smpd.machine.segment import Segment, SegmentExists, unlink
+
+_ctx = multiprocess.get_context("fork")
+
+
+class Coordinator:
+    def __init__(self, cfg: Config, watch: str, watch_reason: str, seed: int, hot_path: str, hot_path_reason: str):
+        self.cfg = cfg
+        self.hot_path, self.hot_path_reason = hot_path, hot_path_reason
+        self.name: str = cfg.get("machine", "name")
+        self.ncpus: int = cfg.get("machine", "cpus")
+        self.watch, self.watch_reason, self.seed = watch, watch_reason, seed
+        self.pin: str = cfg.get("pin", "policy")
+        self.signals = cfg.signals()
+        self.ipi_timeout_s = cfg.get("timeouts", "ipi_ack_ms") / 1000
+        # Resources start as "nothing open" so shutdown() works at any point.
+        self.seg: Segment | None = None
+        self.bus: Bus | None = None
+        self.procs: dict[int, Any] = {}
+        self.janitor = None
+        self.janitor_w: int | None = None
+        self.server: channel.Server | None = None
+        self.up_client: UpClient | None = None  # the `smpd up` waiting for us (None: foreground)
+        self.stopping = False
+        self.handlers = Handlers(self)
+        self.reset_offline: list[int] | None = None  # the offline set `smpd reset` restores
+        self.plan: list[int | None] = []  # host core of each CPU (pin policy)
+
+    # -- bring-up --------------------------------------------------------------
+
+    def boot(self) -> dict:
+        """Create the segment, load the old kernel, fork and start every CPU. Returns a summary."""
+        t0 = time.monotonic_ns()
+        mem = self.cfg.raw["memory"]
+        geo = L.Geometry(self.ncpus, mem["text_pages"], mem["page_table_pages"], mem["stack_pages_per_cpu"])
+        hostinfo.raise_file_limit(self.ncpus)
+        me = psutil.Process()
+        try:
+            self.seg = seg = Segment.create(names.segment(self.name), geo, os.getpid(), me.create_time())
+        except SegmentExists:
+            raise MachineAlreadyUp(self.name, None) from None
+        for field, value in (
+            ("state", L.MachineState.CREATING), ("generation", 1), ("seed", self.seed),
+            ("watch", L.Watch.SPIN if self.watch == "spin" else L.Watch.ADAPTIVE),
+            ("boot_ns", t0), ("boot_wall", time.time()),
+            ("spin_budget_ns", self.cfg.get("watch", "spin_budget_us") * 1000),
+            ("spurious_per_s", float(self.cfg.get("watch", "spurious_per_s"))),
+            ("authkey", secrets.token_bytes(32)), ("channel", secrets.token_hex(16).encode()),
+            ("coordinator_sid", os.getsid(0)), ("name", self.name.encode()),
+            ("pin", self.pin.encode()), ("watch_reason", self.watch_reason.encode()[:200]),
+            ("hot_path", L.HotPath.C if self.hot_path == "c" else L.HotPath.PYTHON),
+            ("hot_path_reason", self.hot_path_reason.encode()[:200]),
+            ("spin_yields", int(self.watch == "spin" and self.ncpus > len(hostinfo.allowed_cores()))),
+        ):
+            seg.set_hdr(field, value)
+        check_stop()
+        self.bus = Bus(seg)
+        load_kernel(self.bus, geo, self.seed, generation=1)
+        check_stop()
+        self.plan = plan = hostinfo.pin_plan(self.pin, self.ncpus)
+        if plan[0] is not None:
+            os.sched_setaffinity(0, {plan[0]})
+        for field, value in (("pid", os.getpid()), ("core", -1 if plan[0] is None else plan[0]),
+                             ("hotplug", L.Hotplug.ONLINE), ("state", L.ExecState.RUNNING),
+                             ("ctime_ms", int(me.create_time() * 1000))):
+            seg.set_cb(0, field, value)
+        self._start_janitor()
+        seg.set_hdr("state", L.MachineState.BOOTING)
+        gc.freeze()  # keep the collector from touching (and so copying) inherited pages
+        for cpu in range(1, self.ncpus):
+            check_stop()
+            self._fork_cpu(cpu, plan[cpu])
+        t_sipi = time.monotonic_ns()
+        budget = (self.cfg.get("timeouts", "bringup_ms")
+                  + self.cfg.get("timeouts", "bringup_ms_per_cpu") * self.ncpus) / 1000
+        self.ipi_all(list(range(1, self.ncpus)), L.Ipi.SIPI, budget, "bring-up (SIPI)")
+        bringup_ns = time.monotonic_ns() - t0
+        seg.set_hdr("bringup_ns", bringup_ns)
+        self.server = channel.Server(names.socket_address(self.name, seg.hdr_str("channel")), seg.hdr("authkey"))
+        seg.set_hdr("state", L.MachineState.UP)
+        return {
+            "name": self.name, "pid": os.getpid(), "cpus": self.ncpus, "watch": self.watch,
+            "watch_reason": self.watch_reason, "pin": self.pin, "seed": self.seed,
+            "hot_path": self.hot_path, "hot_path_reason": self.hot_path_reason,
+            "spin_yields": bool(seg.hdr("spin_yields")),
+            "segment": seg.name, "segment_bytes": geo.size, "bringup_ms": bringup_ns / 1e6,
+            "sipi_to_online_ms": (time.monotonic_ns() - t_sipi) / 1e6,
+        }
+
+    def _inherited_fds(self) -> list[int]:
+        """Descriptors a forked child must close: each holds something only we may hold open."""
+        fds = [fd for fd in (self.janitor_w,) if fd is not None]
+        if self.up_client is not None:
+            fds.append(self.up_client.sock.fileno())
+        if self.server is not None:
+            fds.append(self.server.fileno())
+        return fds
+
+    def _start_janitor(self) -> None:
+        r, w = os.pipe()
+        close = self._inherited_fds()
+        self.janitor_w = w
+        try:
+            self.janitor = _ctx.Process(
+                target=janitor_main, name="smpd-janitor", daemon=True,
+                args=(r, w, self.seg.name, os.getpid(), self.seg.hdr("coordinator_ctime"), close),
+            )
+            self.janitor.start()
+        except OSError as err:
+            raise _fork_refused(err, "the janitor") from None
+        finally:
+            os.close(r)
+        self.seg.set_hdr("janitor_pid", self.janitor.pid)
+
+    def restart_janitor_if_gone(self) -> bool:
+        """A janitor killed (by anyone) is replaced at once, so that a coordinator killed
+        later still has someone to clean up after it. True when one was replaced."""
+        if self.janitor is None or self.janitor.is_alive():
+            return False
+        self.janitor.join(0)
+        os.close(self.janitor_w)
+        self.janitor_w = None
+        self._start_janitor()
+        return True
+
+    def _fork_cpu(self, cpu: int, core: int | None) -> None:
+        p = _ctx.Process(
+            target=cpu_main, name=f"smpd-cpu{cpu}", daemon=True,
+            args=(self.seg, self.bus, cpu, self.signals, os.getpid(), core, self._inherited_fds()),
+        )
+        try:
+            p.start()
+        except OSError as err:
+            raise _fork_refused(err, f"CPU{cpu}") from None
+        self.procs[cpu] = p
+        self.seg.set_cb(cpu, "pid", p.pid)
+
+    # -- IPIs ------------------------------------------------------------------
+
+    def send_ipi(self, cpu: int, cmd: L.Ipi) -> int:
+        """Post ``cmd`` to ``cpu``'s mailbox and raise its IPI byte; returns the sequence to await."""
+        seg = self.seg
+        seq = (seg.cb(cpu, "mbox_seq") + 1) & 0xFFFFFFFF
+        seg.set_cb(cpu, "mbox_cmd", cmd)
+        seg.set_cb(cpu, "mbox_arg", 0)
+        seg.set_cb(cpu, "mbox_seq", seq)  # last: the CPU reads seq, then cmd
+        self.bus.wake(cpu, L.WAKE_IPI)
+        return seq
+
+    def ipi_wait(self, cpus: list[int], cmd: L.Ipi, timeout_s: float) -> tuple[dict[int, int], list[int]]:
+        """Send ``cmd`` to every CPU in ``cpus`` at once and wait (bounded) for their acks.
+
+        Returns ({cpu: result} of those that acknowledged, [cpus that did not]).
+        A CPU whose process died is marked GONE and counted as not acknowledging.
+        """
+        waiting = {cpu: self.send_ipi(cpu, cmd) for cpu in cpus}
+        results: dict[int, int] = {}
+        dead: list[int] = []
+        deadline = time.monotonic() + timeout_s
+        pause = 0.0
+        while waiting:
+            for cpu, seq in list(waiting.items()):
+                if self.seg.cb(cpu, "mbox_ack") == seq:
+                    results[cpu] = self.seg.cb(cpu, "mbox_result")
+                    del waiting[cpu]
+                elif not self.procs[cpu].is_alive():
+                    self._mark_gone(cpu)
+                    dead.append(cpu)
+                    del waiting[cpu]
+            if not waiting or time.monotonic() > deadline:
+                break
+            check_stop()
+            time.sleep(pause)
+            pause = min(0.001, pause * 2 or 0.00002)
+        return results, sorted([*waiting, *dead])
+
+    def ipi_all(self, cpus: list[int], cmd: L.Ipi, timeout_s: float, what: str) -> dict[int, int]:
+        """``ipi_wait`` for requests that must not half-succeed: raise naming the CPUs that failed."""
+        results, missing = self.ipi_wait(cpus, cmd, timeout_s)
+        dead = [c for c in missing if not self.procs[c].is_alive()]
+        if dead:
+            c = dead[0]
+            raise CpuLost(f"{what}: CPU{c} (pid {self.procs[c].pid}) died with exit code {self.procs[c].exitcode}; "
+                          f"`smpd reset` gives it a new process")
+        if missing:
+            raise Timeout(f"{what}: CPU {cpulist.format_list(missing)} did not acknowledge "
+                          f"{cmd.name} within {timeout_s:.1f} s")
+        return results
+
+    def _mark_gone(self, cpu: int) -> None:
+        self.seg.set_cb(cpu, "state", L.ExecState.GONE)
+        self.seg.set_cb(cpu, "sleeping", 0)  # never ring a doorbell at a recycled pid
+        self.seg.set_cb(cpu, "pid", 0)
+
+    def refresh_gone(self) -> None:
+        for cpu, p in self.procs.items():
+            if p.exitcode is not None or not p.is_alive():
+                self._mark_gone(cpu)
+
+    def respawn_gone(self) -> list[int]:
+        """Fork a new process for every GONE CPU (an emulator fault), so the machine can go on.
+
+        The dead process may have left its monitor in the line directory and its
+        mailbox half-answered; both are cleared before the new process starts, in
+        wait-for-SIPI like any AP after power-on.
+        """
+        self.refresh_gone()
+        gone = [c for c in range(1, self.ncpus) if self.seg.cb(c, "state") == L.ExecState.GONE]
+        d, base = self.seg.u16, self.seg.geo.dir_off // L.DIR_ENTRY
+        for cpu in gone:
+            old = self.procs.pop(cpu)
+            old.join(1)
+            for line in (self.seg.geo.percpu_line(cpu, L.MWAIT_CPU_DEAD_SLOT),
+                         self.seg.geo.percpu_line(cpu, L.THREAD_INFO_SLOT)):
+                d[base + line] = 0
+            for field, value in (("mbox_ack", self.seg.cb(cpu, "mbox_seq")), ("wake", 0), ("sleeping", 0),
+                                 ("mon_armed", 0), ("busy", 0), ("state", L.ExecState.OFF),
+                                 ("hotplug", L.Hotplug.OFFLINE)):
+                self.seg.set_cb(cpu, field, value)
+            self._fork_cpu(cpu, self.plan[cpu])
+        if gone:
+            self.seg.set_hdr("respawns", self.seg.hdr("respawns") + len(gone))
+        return gone
+
+    # -- the serving loop ------------------------------------------------------
+
+    def serve(self) -> None:
+        """Answer requests until `down`, SIGTERM/SIGINT (raises Stop), or the end of the world."""
+        sel = selectors.DefaultSelector()
+        sel.register(self.server.fileno(), selectors.EVENT_READ)
+        try:
+            while not self.stopping:
+                if self.restart_janitor_if_gone():
+                    continue
+                if not sel.select(timeout=0.2):
+                    continue
+                conn = self.server.accept()
+                if conn is None:
+                    continue
+                try:
+                    self.handlers.answer(conn)
+                finally:
+                    conn.close()
+        finally:
+            sel.close()
+
+    # -- teardown --------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Power off every CPU, reap it, release the segment. Safe at any point of boot()."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.seg is not None and self.seg.buf is not None:
+            self.seg.set_hdr("state", L.MachineState.STOPPING)
+            alive = [c for c, p in self.procs.items() if p.is_alive()]
+            for cpu in alive:
+                try:
+                    self.send_ipi(cpu, L.Ipi.POWER_OFF)
+                except Exception:
+                    pass
+        deadline = time.monotonic() + self.cfg.get("timeouts", "shutdown_ms") / 1000
+        for p in self.procs.values():
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs.values():
+            if p.is_alive():
+                p.kill()
+        for p in self.procs.values():
+            p.join(5)
+            if p.exitcode is not None:
+                p.close()
+        self.procs.clear()
+        if self.seg is not None:
+            name = self.seg.name
+            self.bus = None
+            self.seg.close()
+            self.seg = None
+            unlink(name)
+        if self.janitor is not None:
+            try:
+                os.write(self.janitor_w, JANITOR_DONE)
+            except OSError:
+                pass
+            os.close(self.janitor_w)
+            self.janitor_w = None
+            self.janitor.join(5)
+            if self.janitor.is_alive():
+                self.janitor.kill()
+                self.janitor.join(5)
+            self.janitor = None
+
+
+def _fork_refused(err: OSError, what: str) -> HostTooSmall:
+    return HostTooSmall(f"the host refused a process for {what} ({err.strerror or err}): too many "
+                        f"processes for this user or host (see `ulimit -u` and pid_max); nothing was left behind")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -P -m smpd.daemon FD``: the daemon behind `smpd up`, which holds FD's other end."""
+    argv = sys.argv[1:] if argv is None else argv
+    set_process_name(COORDINATOR_COMM)
+    client = UpClient(int(argv[0]))
+    try:
+        spec = client.read_spec()
+    except (Stop, OSError, ValueError):
+        client.close()
+        sys.exit(1)
+    sys.exit(run(spec, up_client=client))
+
+
+def run(spec: dict, up_client: UpClient | None = None, on_ready: Callable[[dict], None] | None = None) -> int:
+    """Boot, report readiness (to `up` or ``on_ready``), serve, shut down. Exit status."""
+    set_process_name(COORDINATOR_COMM)  # what smpd.trust looks for before it signals us
+    stopping.watch_up(up_client)
+    cfg = Config(spec["config"])
+    old = {s: signal.signal(s, stopping.on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    coord = Coordinator(cfg, spec["watch"], spec["watch_reason"], spec["seed"],
+                        spec["hot_path"], spec["hot_path_reason"])
+    coord.up_client = up_client
+    status = 0
+    boot_error: SmpdError | None = None
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # see check_stop()
+    try:
+        try:
+            summary = coord.boot()
+        except BaseException as err:
+            if isinstance(err, SmpdError):
+                boot_error = err
+            msg = str(err) if isinstance(err, SmpdError) else f"{type(err).__name__}: {err}"
+            if isinstance(err, Stop):
+                msg = f"bring-up interrupted by {err}"
+            if up_client is not None:
+                up_client.answer({"ok": False, "error": msg,
+                                  "exit": err.exit_status if isinstance(err, SmpdError) else 1})
+            raise
+        if on_ready is not None:
+            on_ready(summary)
+        if up_client is not None:
+            if not up_client.answer({"ok": True, "summary": summary}):
+                raise Stop("the exit of the `smpd up` that started it, before it took the answer")
+            stopping.watch_up(None)
+            coord.up_client = None
+            up_client.close()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        coord.serve()
+    except Stop:
+        status = 0
+    except SmpdError:
+        status = 1
+    finally:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        coord.shutdown()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones meet SIG_IGN
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if up_client is not None:
+            stopping.watch_up(None)
+            up_client.close()
+    if boot_error is not None and up_client is None and on_ready is not None:
+        raise boot_error  # in the foreground, the caller says what went wrong (everything is gone now)
+    return status
+
+
+if __name__ == "__main__":
+    main()

@@ -10,17 +10,16 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import math
-import os
 import re
 import signal
-import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from smpd.host import names
-from smpd.errors import ConfigError
+from smpd.errors import BadInput, ConfigError
+from smpd.host import files
 
 MAX_CPUS = 4096
 WATCH_STRATEGIES = ("auto", "spin", "adaptive")
@@ -148,17 +147,10 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a page of TOML; anything near this siz
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        with open(path, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ConfigError(f"config file {path} is not a regular file (a device, a pipe?); "
-                                  f"expected a TOML file")
+        with files.open_input(str(path), "config file") as f:  # a FIFO or a device is refused, not read
             data = f.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a directory, not a TOML file") from None
-    except PermissionError:
-        raise ConfigError(f"config file {path} is not readable") from None
+    except BadInput as err:
+        raise ConfigError(str(err)) from None
     except OSError as err:
         raise ConfigError(f"config file {path} cannot be read ({err.strerror or err})") from None
     if len(data) > MAX_CONFIG_BYTES:

@@ -1,4 +1,4 @@
-"""Command-line values that several commands share: numbers, durations and output files.
+"""Command-line values that several commands share: numbers and durations (files: smpd.host.files).
 
 All are checked before any work starts, so a bad value costs nothing. Numbers are
 ASCII only: Python's int() and float() are kinder than a command line should be
@@ -8,9 +8,7 @@ did not mean to type must be refused, not guessed at.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 
 from smpd.errors import BadInput
 
@@ -47,32 +45,3 @@ def parse_duration(text: str) -> float:
     if not 0.001 <= v <= 7 * 86400:
         raise BadInput(f"--duration '{text}' is not in the range 1ms..7 days")
     return v
-
-
-def check_writable(path: str, option: str) -> None:
-    """Refuse, before the run, an output path that cannot be written. Creates nothing under that
-    name: an existing file is opened for appending (which changes nothing), a new one is judged by
-    an unnamed file in its directory; a dangling symbolic link is refused rather than followed to
-    create its target."""
-    if not path:
-        raise BadInput(f"{option} needs a file name; '' is none")
-    p = os.path.abspath(path)
-    if os.path.islink(p) and not os.path.exists(p):
-        raise BadInput(f"{option} {path} is a symbolic link to nothing ({os.readlink(p)}); "
-                       f"give a file name, or the link's target")
-    if os.path.isdir(p):
-        raise BadInput(f"{option} {path} is a directory; give a file name")
-    parent = os.path.dirname(os.path.realpath(p))
-    if not os.path.isdir(parent):
-        raise BadInput(f"{option} {path}: directory {parent} does not exist")
-    if os.path.exists(p):
-        try:  # the honest test for an existing file: open it for writing (root passes every access())
-            with open(p, "ab"):
-                pass
-        except OSError as err:
-            raise BadInput(f"{option} {path} is not writable ({err.strerror})") from None
-    else:  # an unnamed file in that directory (O_TMPFILE where it exists): nothing to see or leave
-        try:
-            tempfile.TemporaryFile(dir=parent).close()
-        except OSError as err:
-            raise BadInput(f"{option} {path}: directory {parent} is not writable ({err.strerror})") from None

@@ -168,7 +168,7 @@ def test_a_damaged_soak_file_is_bad_input_and_stays_as_it_was(which, key, value,
         f.write(data)
         f.flush()
         try:
-            plan, records, _ = soak.read(f.name, repair=False)
+            plan, records, _ = soak.read(f.name)
             soak.summarize(plan, records)  # what --summary does with it: must not fail either
         except BadInput:
             pass

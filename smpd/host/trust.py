@@ -31,7 +31,6 @@ unlinked, even by root, and gets one ``Error:`` line that names its owner.
 
 from __future__ import annotations
 
-import errno
 import os
 import pwd
 import signal
@@ -82,15 +81,17 @@ def check_stat(st: os.stat_result, path: str, what: str, remedy: str) -> None:
                       f"be another machine's under a second name; smpd will not trust it; {remedy}")
 
 
-def refuse_entry(path: str, err: OSError, what: str, remedy: str) -> NotOurs | None:
-    """The NotOurs error for an entry we could not open (a link, another user's 0600 file), else None."""
-    if err.errno not in (errno.ELOOP, errno.EACCES, errno.EPERM):
-        return None
+def refuse_entry(path: str, what: str, remedy: str) -> NotOurs | None:
+    """The NotOurs error for an entry we could not open (a link, a directory, a socket, another
+    user's file), judged by lstat; None when it is a regular file of ours (the error is then the story)."""
     try:
         st = os.lstat(path)
     except OSError:
         return None
-    return foreign(st, path, what, remedy)
+    refusal = foreign(st, path, what, remedy)
+    if refusal is None and not stat.S_ISREG(st.st_mode):
+        refusal = NotOurs(f"{path} is not {what} (it is not a regular file); smpd leaves it alone; {remedy}")
+    return refusal
 
 
 def is_our_process(pid: int, ctime: float, name: str | None = None, sid: int | None = None) -> bool:

@@ -9,7 +9,6 @@ constructor that failed halfway.
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import struct
@@ -33,11 +32,6 @@ FOREIGN_REMEDY = "pick another --name, or ask its owner or an administrator to r
 OWN_REMEDY = "remove it with `smpd down --force`"
 
 
-def _as_os_error(err: Exception) -> OSError:
-    """posix_ipc raises its own PermissionsError for EACCES; the rest are OSErrors already."""
-    if isinstance(err, OSError):
-        return err
-    return PermissionError(errno.EACCES, str(err))
 
 
 class Segment:
@@ -100,11 +94,11 @@ class Segment:
         path = names.SHM_DIR + name
         try:
             shm = posix_ipc.SharedMemory(name)
-        except (posix_ipc.PermissionsError, OSError) as err:
-            refusal = trust.refuse_entry(path, _as_os_error(err), "an smpd segment", FOREIGN_REMEDY)
-            if refusal is not None:
-                raise refusal from None
+        except posix_ipc.ExistentialError:
             raise
+        except (posix_ipc.Error, OSError, ValueError) as err:  # a link, a directory, a socket, a 0600 file...
+            raise trust.refuse_entry(path, "an smpd segment", FOREIGN_REMEDY) or \
+                LayoutMismatch(f"{path} cannot be opened as a segment ({err}); {OWN_REMEDY}") from None
         try:
             st = os.fstat(shm.fd)
             trust.check_stat(st, path, "an smpd segment",

@@ -10,12 +10,14 @@ floor, and writes the report, the JSON and the plot.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 
 import psutil
 from hdrh.histogram import HdrHistogram
 
+from smpd.host import files
 from smpd.tools import hwfloor
 from smpd.cpulist import format_list
 from smpd.errors import BadInput
@@ -142,9 +144,8 @@ def measure_floor() -> dict:
 
 
 def write_json(path: str, report: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-        f.write("\n")
+    with files.open_output(path, "--json") as f:  # no link followed, no other user's file written
+        f.write((json.dumps(report, indent=1) + "\n").encode())
 
 
 def write_plot(path: str, run: Run, report: dict) -> None:
@@ -176,8 +177,12 @@ def write_plot(path: str, run: Run, report: dict) -> None:
                  f"CPU {report['targets']}, {report['kicks']} kicks")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    try:
+        with files.open_output(path, "--plot") as f:
+            fig.savefig(f, dpi=110, format=fmt)
+    finally:
+        plt.close(fig)
 
 
 def elapsed(t0: float) -> float:

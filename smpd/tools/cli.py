@@ -22,6 +22,7 @@ from rich.console import Group
 from rich.text import Text
 
 from smpd import config as config_mod, cpulist, inputs
+from smpd.host import files
 from smpd.tools import lifecycle, render
 from smpd.host import names
 from smpd.kernel import scenario as scenario_mod
@@ -468,9 +469,9 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
 
     seconds = inputs.parse_duration(duration) if duration is not None else None
     if json_file:
-        inputs.check_writable(json_file, "--json")
+        files.check_output(json_file, "--json")
     if plot_file:
-        inputs.check_writable(plot_file, "--plot")
+        files.check_output(plot_file, "--plot")
         benchkick.check_plot_available()
     machine = lifecycle.require(name)
     if targets is not None:

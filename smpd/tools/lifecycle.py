@@ -33,7 +33,7 @@ from smpd.daemon.janitor import COORDINATOR_COMM, clean_stale_segment, is_coordi
 from smpd.daemon.stopping import ACK
 from smpd.errors import (BadInput, CoordinatorGone, Interrupted, MachineAlreadyUp, MachineComingUp, MachineNotUp,
                          NotOurs, SmpdError, Timeout)
-from smpd.host import hostinfo, names, trust
+from smpd.host import files, hostinfo, names, trust
 from smpd.machine import hotpath, layout as L
 from smpd.machine.segment import FOREIGN_REMEDY, Segment, SegmentBeingCreated, unlink
 
@@ -186,11 +186,11 @@ def start_daemon(spec: dict) -> dict:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     log = os.environ.get("SMPD_COORDINATOR_LOG")
     try:
-        errf = open(log, "ab") if log else subprocess.DEVNULL
-    except OSError as err:
+        errf = files.open_output(log, "SMPD_COORDINATOR_LOG", append=True) if log else subprocess.DEVNULL
+    except BadInput:
         ours.close()
         theirs.close()
-        raise BadInput(f"SMPD_COORDINATOR_LOG={log} cannot be opened for appending ({err.strerror})") from None
+        raise
     try:
         proc = subprocess.Popen(
             coordinator_command(theirs.fileno()),

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import stat
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -28,6 +27,8 @@ from hdrh.histogram import HdrHistogram
 from smpd import cpulist
 from smpd.machine import layout as L
 from smpd.errors import BadInput, CpuLost, SmpdError
+from smpd.host import files
+from smpd.kernel.kexec import OUTCOMES
 from smpd.kernel.scenario import KINDS, ORDERS, PARKS, PHASES
 
 FILE_KIND = "smpd-soak"
@@ -132,15 +133,6 @@ def open_new(path: str, plan: Plan):
     return f
 
 
-def open_resume(path: str):
-    try:
-        f = open(path, "ab", buffering=0)
-    except OSError as err:
-        raise BadInput(f"--resume {path} cannot be opened for appending ({err.strerror})") from None
-    lock(f, path)
-    return f
-
-
 def lock(f, path: str) -> None:
     """One writer per soak file: a second run on the same file is refused, not interleaved."""
     import fcntl
@@ -225,7 +217,7 @@ RECORD_FIELDS = {
     "offline": (_cpulist, "a cpulist or ''"),
     "order": (lambda v: v in ORDERS, f"one of {', '.join(ORDERS)}"),
     "inject": (_injections, "a list of KIND@PHASE... strings"),
-    "outcome": (lambda v: type(v) is str and v.isupper(), "an outcome name"),
+    "outcome": (lambda v: v in OUTCOMES, f"one of {', '.join(OUTCOMES)}"),
     "trial_ms": (_real(0, 1e12), "a number of ms"),
 }
 RECORD_OPTIONAL = {
@@ -237,7 +229,20 @@ RECORD_OPTIONAL = {
 }
 
 
+def _printable(v) -> bool:
+    """No control character anywhere: a soak file's strings reach the user's terminal."""
+    if isinstance(v, str):
+        return v.isprintable()
+    if isinstance(v, list):
+        return all(_printable(x) for x in v)
+    if isinstance(v, dict):
+        return all(_printable(k) and _printable(x) for k, x in v.items())
+    return True
+
+
 def _check_fields(obj: dict, required: dict, optional: dict, where: str) -> None:
+    if not _printable(obj):
+        raise BadInput(f"{where} holds a control character; the file is damaged (or made to look like one)")
     for key, (check, accepted) in (*required.items(), *optional.items()):
         if key not in obj:
             if key in required:
@@ -248,26 +253,37 @@ def _check_fields(obj: dict, required: dict, optional: dict, where: str) -> None
             raise BadInput(f"{where}: field '{key}' is {shown[:40]}; expected {accepted}; the file is damaged")
 
 
-def read(path: str, repair: bool = False) -> tuple[Plan, list[dict], str | None]:
-    """The header, the trial records, and a note on a dropped partial last line.
+def read(path: str) -> tuple[Plan, list[dict], str | None]:
+    """The header, the trial records, and a note on a dropped partial last line (nothing is changed)."""
+    with files.open_input(path, "soak file") as f:
+        plan, records, note, _good = _parse(f, path)
+    return plan, records, note
 
-    Every field is checked (HEADER_FIELDS, RECORD_FIELDS), and trial numbers must
-    rise. With ``repair`` the partial line is cut off the file, so appending
-    continues cleanly; nothing else is ever changed.
-    """
+
+def open_resume(path: str):
+    """The file of a run to continue, opened once for reading, repairing and appending (see
+    smpd.host.files: the name is never reopened) and locked for this run. Returns
+    (file, plan, records, note); a partial last line is cut off, so appending continues cleanly."""
+    f = files.open_output(path, "--resume", create=False, read=True)
     try:
-        with open(path, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise BadInput(f"soak file {path} is not a regular file")
-            data = f.read()
-    except IsADirectoryError:
-        raise BadInput(f"soak file {path} is a directory") from None
-    except OSError as err:
-        raise BadInput(f"soak file {path} cannot be read: {err.strerror}") from None
-    lines = data.split(b"\n")
-    tail = lines.pop()  # after the last newline: empty, or a line cut short
+        lock(f, path)
+        plan, records, note, good = _parse(f, path)
+        if good != os.fstat(f.fileno()).st_size:
+            f.truncate(good)
+            os.fsync(f.fileno())
+        f.seek(0, os.SEEK_END)
+        return f, plan, records, note
+    except BaseException:
+        f.close()
+        raise
+
+
+def _parse(f, path: str) -> tuple[Plan, list[dict], str | None, int]:
+    """Every field checked (HEADER_FIELDS, RECORD_FIELDS), trial numbers rising. Returns the
+    plan, the records, a note on a dropped last line, and the length of the good part."""
+    lines, tail = files.read_lines(f, path, "soak file")
     note = None
-    good_len = len(data) - len(tail)
+    good_len = sum(len(x) + 1 for x in lines)
     if tail:
         note = f"dropped a partial last line ({len(tail)} bytes): the trial in flight when the run stopped"
     records: list[dict] = []
@@ -295,12 +311,7 @@ def read(path: str, repair: bool = False) -> tuple[Plan, list[dict], str | None]
     if header is None:
         raise BadInput(f"{path} is not an smpd soak file (it is empty)")
     known = set(Plan.__dataclass_fields__)
-    plan = Plan(**{k: v for k, v in header.items() if k in known})
-    if repair and good_len != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good_len)
-            os.fsync(f.fileno())
-    return plan, records, note
+    return Plan(**{k: v for k, v in header.items() if k in known}), records, note, good_len
 
 
 def _no_constants(name: str):
@@ -310,7 +321,8 @@ def _no_constants(name: str):
 def _check_header(header, path: str) -> None:
     if not isinstance(header, dict) or header.get("kind") != FILE_KIND:
         raise BadInput(f"{path} is not an smpd soak file (its first line is not a soak header)")
-    if header.get("version") != FILE_VERSION or header.get("layout_version") not in COMPATIBLE_LAYOUTS:
+    layout = header.get("layout_version")
+    if header.get("version") != FILE_VERSION or type(layout) is not int or layout not in COMPATIBLE_LAYOUTS:
         raise BadInput(f"{path} was written by another smpd (file version {header.get('version')}, layout "
                        f"{header.get('layout_version')}); this one reads version {FILE_VERSION}, layouts "
                        f"{', '.join(map(str, sorted(COMPATIBLE_LAYOUTS)))}")

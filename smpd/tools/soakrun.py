@@ -23,7 +23,8 @@ from rich.text import Text
 from smpd import cpulist
 from smpd.tools import hostload, lifecycle, soak
 from smpd.host import names, trust
-from smpd.inputs import ascii_int, check_writable, parse_duration
+from smpd.host import files
+from smpd.inputs import ascii_int, parse_duration
 from smpd.errors import BadInput, CoordinatorGone, MachineNotUp, SmpdError
 
 
@@ -47,7 +48,7 @@ def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out
             flag = {"parks": "--park", "inject_rate": "--inject-rate"}
             raise BadInput(f"--resume continues the run recorded in {resume}; drop "
                            + ", ".join(flag.get(c, f"--{c}") for c in sorted(conflicting)))
-        plan, records, note = soak.read(resume, repair=True)
+        resumed, plan, records, note = soak.open_resume(resume)  # held (and locked) from here to the end
         if note:
             console.print(f"[yellow]{resume}: {note}[/yellow]")
         out = resume
@@ -60,15 +61,20 @@ def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out
                          host_load=load_spec.text())
         records = []
         out = f"soak-{plan.seed}.jsonl" if out is None else out
-        if os.path.exists(out):
+        if os.path.lexists(out) and not os.path.islink(out):
             raise BadInput(f"--out {out} exists; continue it with --resume {out}, or name a new file")
-        check_writable(out, "--out")
-    live = lifecycle.require(name)
-    if resume is not None and plan.cpus != live.ncpus:
-        raise BadInput(f"{resume} was recorded on a {plan.cpus}-CPU machine; machine '{name}' has "
-                       f"{live.ncpus} CPUs")
-    plan.cpus = live.ncpus
-    run(live, plan, records, out, load_spec, resume is None, console)
+        files.check_output(out, "--out")  # a link at the name is refused here
+        resumed = None
+    try:
+        live = lifecycle.require(name)
+        if resume is not None and plan.cpus != live.ncpus:
+            raise BadInput(f"{resume} was recorded on a {plan.cpus}-CPU machine; machine '{name}' has "
+                           f"{live.ncpus} CPUs")
+        plan.cpus = live.ncpus
+        run(live, plan, records, out, load_spec, resumed, console)
+    finally:
+        if resumed is not None:
+            resumed.close()
 
 
 def _offline_set(status: dict) -> set[int]:
@@ -122,8 +128,8 @@ def machine_lock(name: str):
     path = names.segment_path(name)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as err:
-        refusal = trust.refuse_entry(path, err, "an smpd segment", "pick another --name")
+    except OSError:
+        refusal = trust.refuse_entry(path, "an smpd segment", "pick another --name")
         raise refusal or MachineNotUp(name) from None
     try:
         trust.check_stat(os.fstat(fd), path, "an smpd segment", "pick another --name")
@@ -136,24 +142,25 @@ def machine_lock(name: str):
         os.close(fd)
 
 
-def run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, fresh: bool, console: Console) -> None:
+def run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resumed, console: Console) -> None:
+    """Run the trials into ``out``: a new file, or ``resumed`` (soak.open_resume's, positioned at its end)."""
     with machine_lock(live.name):
-        _run(live, plan, records, out, load_spec, fresh, console)
+        _run(live, plan, records, out, load_spec, resumed, console)
 
 
-def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, fresh: bool, console: Console) -> None:
+def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resumed, console: Console) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     status = live.request("status")
     if status["machine"]["state"] == "KEXECED":
         live.request("reset")
         status = live.request("status")
-    if fresh:
+    if resumed is None:
         plan.idle_kick = _idle_kick(live)
         plan.started = time.time()
         f = soak.open_new(out, plan)
     else:
-        f = soak.open_resume(out)
+        f = resumed
     offline = users_offline = _offline_set(status)
     pids = [c["pid"] for c in status["cpus"][1:]]
     first = records[-1]["trial"] + 1 if records else 0

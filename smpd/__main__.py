@@ -1,3 +1,3 @@
-from smpd.tools.cli import main
+from smpd.tools.entry import main
 
 main(prog_name="smpd")

@@ -146,9 +146,19 @@ def symlink(target: str, path: str) -> None:
     os.symlink(target, path)
 
 
+def bind_unix(path: str) -> None:
+    """A socket file at ``path`` (left behind when this process exits)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()
+
+
 def remove(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.rmdir(path)
+        else:
+            os.unlink(path)
 
 
 def bind_abstract(address: str, ready) -> None:

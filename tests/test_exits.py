@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import psutil
 import pytest
@@ -208,3 +210,76 @@ def test_a_full_disk_at_the_start_leaves_no_file(machine, tmp_path):
     r = run_smpd("soak", "--trials", "3", "--out", str(out), name=m.name, check=False, preexec_fn=no_room)
     assert r.returncode == 1 and "header could not be written" in _one_error_line(r.stderr)
     assert not out.exists()
+
+
+def _coordinator_of_this_run(name: str) -> psutil.Process | None:
+    from conftest import RUN_TOKEN
+
+    for p in psutil.process_iter(["name"]):
+        if p.info["name"] == "smpd-coord":
+            try:
+                if p.environ().get("SMPD_TEST_RUN") == RUN_TOKEN and p.environ().get("SMPD_NAME") == name:
+                    return p
+            except psutil.Error:
+                pass
+    return None
+
+
+def test_a_coordinator_killed_the_moment_its_segment_appears_leaves_nothing(machine_name):
+    """Its janitor starts before the segment is made: a blank or half-made segment is removed too."""
+    p = start_smpd("up", "--cpus", "512", "--watch", "adaptive", name=machine_name)
+    path = names.segment_path(machine_name)
+    wait_until(lambda: os.path.lexists(path) or p.poll() is not None, what="the segment to appear")
+    coord = _coordinator_of_this_run(machine_name)
+    assert coord is not None
+    coord.kill()
+    _finish(p)
+    assert p.returncode != 0
+    wait_until(lambda: not os.path.lexists(path), timeout=30, what="the janitor to remove the segment")
+
+
+def test_a_stop_signal_while_the_command_starts_is_one_line():
+    """A signal during the imports (here sent by the import of the CLI itself)."""
+    code = ("import builtins, os, signal\n"
+            "from smpd.tools import entry\n"
+            "real = builtins.__import__\n"
+            "def slow(name, *a, **k):\n"
+            "    if name == 'smpd.tools.cli':\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = slow\n"
+            "entry.main(['list'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 143 and _one_error_line(r.stderr) == \
+        "Error: stopped by SIGTERM while starting; nothing was done"
+
+
+def test_an_output_that_is_a_device_is_refused_before_the_run(machine):
+    m = machine(2, "--watch", "adaptive")
+    m.request("offline", cpus="1")
+    r = run_smpd("bench", "kick", "--json", "/dev/full", name=m.name, check=False)
+    assert r.returncode == 2 and "not a regular file" in _one_error_line(r.stderr)
+    assert m.cpu(1)["mwait_entries"] == 1  # nothing was kicked
+
+
+def test_cleaners_of_a_stale_machine_never_remove_the_new_one(machine_name):
+    """Several commands find the machine stale at once while a new `up` of the name starts:
+    each cleaner removes only the very file it checked, so the new machine keeps its segment."""
+    for _ in range(3):
+        m = Machine(machine_name, 2, "--watch", "adaptive")
+        s = m.status()["machine"]
+        os.kill(s["pid"], signal.SIGSTOP)
+        os.kill(s["janitor_pid"], signal.SIGKILL)
+        os.kill(s["pid"], signal.SIGKILL)
+        wait_until(lambda: not psutil.pid_exists(s["pid"]) or psutil.Process(s["pid"]).status() == "zombie",
+                   what="the coordinator to die")
+        ps = [start_smpd("status", name=machine_name) for _ in range(4)]
+        up = start_smpd("up", "--cpus", "2", "--watch", "adaptive", name=machine_name)
+        ps += [start_smpd("list") for _ in range(2)]
+        for p in ps:
+            _finish(p)
+        _finish(up)
+        if up.returncode == 0:
+            assert lifecycle.require(machine_name).request("status")["machine"]["state"] == "UP"
+        lifecycle.down(machine_name)
+        assert not os.path.lexists(names.segment_path(machine_name))

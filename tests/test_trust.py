@@ -19,7 +19,8 @@ import pytest
 
 import adversary
 from adversary import needs_root
-from conftest import REPO, Machine, our_processes, our_segments, run_name, run_smpd, smpd_env, wait_until
+from conftest import (REPO, Machine, our_processes, our_segments, run_name, run_smpd, smpd_env, start_smpd,
+                      wait_until)
 from smpd.daemon import channel
 from smpd.machine import layout as L
 from smpd.tools import lifecycle
@@ -302,3 +303,128 @@ def test_a_renamed_segment_is_not_that_machines(machine_name):
     assert r.returncode == 2 and "holds machine 'elsewhere'" in _error_line(r)
     run_smpd("down", "--force", name=machine_name)
     assert not os.path.exists(path)
+
+
+# -- the hostile review's findings: files a user names, as a second user would plant them ----------
+
+def _plant_link(evil: int, target: str, path: str) -> None:
+    adversary.run_as(evil, adversary.symlink, target, path)
+
+
+@pytest.fixture
+def drop(evil):
+    """A directory both users can write, like /tmp (but ours alone to remove)."""
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="smpd-drop-", dir="/tmp")
+    os.chmod(d, 0o1777)
+    try:
+        yield d
+    finally:
+        subprocess.run(["rm", "-rf", d])
+
+
+@pytest.fixture(scope="module")
+def parked3():
+    m = Machine(run_name("hostile"), 3, "--watch", "adaptive")
+    m.request("offline", cpus="1-2")
+    yield m
+    m.down()
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_bench_outputs_never_follow_a_planted_link(evil, drop, parked3, option):
+    victim = os.path.join(drop, "root-secret")
+    with open(victim, "w") as f:
+        f.write("SECRET\n")
+    os.chmod(victim, 0o600)
+    out = os.path.join(drop, "kick.out")
+    _plant_link(evil, victim, out)
+    r = run_smpd("bench", "kick", "--rounds", "5", option, out, name=parked3.name, check=False)
+    assert r.returncode == 2 and "is a symbolic link" in _error_line(r)
+    assert open(victim).read() == "SECRET\n"
+
+
+def test_a_link_planted_during_the_bench_is_refused_at_the_write(evil, drop, parked3):
+    """The name was free when the run began; the attacker plants a link to a file that does not
+    exist yet (root would create it) while the bench runs."""
+    out, target = os.path.join(drop, "k.json"), os.path.join(drop, "created-by-root")
+    p = start_smpd("bench", "kick", "--duration", "3s", "--json", out, name=parked3.name)
+    wait_until(lambda: parked3.cpu(1)["mwait_entries"] > 3 or p.poll() is not None, what="the bench to run")
+    _plant_link(evil, target, out)
+    _out, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and "is a symbolic link" in err
+    assert not os.path.lexists(target)
+
+
+def test_resume_refuses_another_users_soak_file_and_a_link(evil, drop, parked3, tmp_path):
+    mine = tmp_path / "mine.jsonl"
+    run_smpd("soak", "--trials", "2", "--seed", "1", "--out", str(mine), name=parked3.name)
+    theirs = os.path.join(drop, "theirs.jsonl")
+    adversary.run_as(evil, adversary.write_file, theirs, mine.read_bytes(), 0o666)
+    before = open(theirs, "rb").read()
+    r = run_smpd("soak", "--resume", theirs, name=parked3.name, check=False)
+    assert r.returncode == 2 and f"belongs to uid {evil}" in _error_line(r)
+    assert open(theirs, "rb").read() == before
+    link = os.path.join(drop, "link.jsonl")
+    _plant_link(evil, str(mine), link)
+    size = mine.stat().st_size
+    r = run_smpd("soak", "--resume", link, name=parked3.name, check=False)
+    assert r.returncode == 2 and "is a symbolic link" in _error_line(r)
+    assert mine.stat().st_size == size
+
+
+def test_the_coordinator_log_never_follows_a_planted_link(evil, drop, machine_name):
+    log, target = os.path.join(drop, "coord.log"), os.path.join(drop, "created-by-root")
+    _plant_link(evil, target, log)
+    env = smpd_env(machine_name, SMPD_COORDINATOR_LOG=log)
+    r = run_smpd("up", "--cpus", "2", env=env, check=False)
+    assert r.returncode == 2 and "is a symbolic link" in _error_line(r)
+    assert not os.path.lexists(target) and not os.path.exists(names.segment_path(machine_name))
+
+
+@pytest.mark.parametrize("args", [
+    ("up", "--config", "{fifo}"), ("soak", "--summary", "{fifo}"), ("soak", "--resume", "{fifo}"),
+    ("kexec", "--replay", "{fifo}:0"), ("bench", "kick", "--json", "{fifo}"),
+])
+def test_a_fifo_never_hangs_a_command(evil, drop, parked3, args):
+    fifo = os.path.join(drop, "fifo")
+    adversary.run_as(evil, os.mkfifo, fifo)
+    r = run_smpd(*(a.format(fifo=fifo) for a in args), name=parked3.name, check=False, timeout=30)
+    assert r.returncode == 2 and "not a regular file" in _error_line(r)
+
+
+@pytest.mark.parametrize("kind", ["directory", "socket"])
+def test_a_directory_or_socket_under_our_name_is_one_line_and_breaks_nothing_else(evil, machine_name, kind):
+    path = names.segment_path(machine_name)
+    if kind == "directory":
+        adversary.run_as(evil, os.mkdir, path)
+    else:
+        adversary.run_as(evil, adversary.bind_unix, path)
+    try:
+        for args in (("status",), ("up", "--cpus", "2"), ("down", "--force")):
+            r = run_smpd(*args, name=machine_name, check=False)
+            assert r.returncode == 2 and f"uid {evil}" in _error_line(r), (args, r.stderr)
+        r = run_smpd("list")
+        assert f"{machine_name}: left alone:" in r.stdout
+        r = run_smpd("status", name=run_name("absent"), check=False)
+        assert r.returncode == 2 and "no machine named" in _error_line(r)
+    finally:
+        adversary.run_as(evil, adversary.remove, path)
+
+
+def test_a_soak_file_cannot_write_to_the_terminal(parked3, tmp_path):
+    out = tmp_path / "s.jsonl"
+    run_smpd("soak", "--trials", "1", "--seed", "1", "--out", str(out), name=parked3.name)
+    text = out.read_text().replace('"host_load":"none"', '"host_load":"\\u001b]0;pwned\\u0007"', 1)
+    out.write_text(text)
+    r = run_smpd("soak", "--summary", str(out), check=False)
+    assert r.returncode == 2 and "control character" in _error_line(r) and "\x1b" not in r.stdout + r.stderr
+
+
+def test_a_huge_line_is_refused_without_reading_it_all(tmp_path):
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as f:
+        f.truncate(3 << 30)  # sparse: 3 GiB of zeros, no newline
+    r = run_smpd("soak", "--summary", str(big), check=False, timeout=60)
+    assert r.returncode == 2 and "over 1 MiB" in _error_line(r)

@@ -8,6 +8,7 @@ that clean-up, and the CLI's stale-machine recovery (smpd.tools.lifecycle) too.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import time
@@ -16,12 +17,15 @@ import posix_ipc
 
 from smpd.daemon.stopping import STOP_SIGNALS
 from smpd.errors import SmpdError
-from smpd.host import trust
+from smpd.host import names, trust
 from smpd.host.proc import set_process_name
-from smpd.machine.segment import Segment, unlink
+from smpd.machine.segment import Segment, SegmentBeingCreated, unlink
 
 COORDINATOR_COMM = "smpd-coord"  # the coordinator's process name: part of its identity (smpd.host.trust)
 JANITOR_DONE = b"x"  # written on a clean shutdown: the janitor leaves without touching anything
+# A header is written microseconds after shm_open(); one still blank this long belongs to a
+# coordinator that died in between, and may be removed by any smpd of this user.
+INCOMPLETE_STALE_S = 5.0
 
 
 def is_coordinator(pid: int, ctime: float) -> bool:
@@ -39,34 +43,107 @@ def wait_gone(pid: int, ctime: float, timeout_s: float) -> bool:
     return True
 
 
-def clean_stale_segment(seg_name: str, expect_pid: int, expect_ctime: float) -> list[int]:
+def clean_stale_segment(seg_name: str, expect_pid: int, expect_ctime: float, lock_wait_s: float = 2.0) -> list[int]:
     """Kill the leftovers of a dead coordinator and unlink its segment. Returns the pids killed.
 
     Only acts on a segment of ours (Segment.attach verifies it) that still names that
     coordinator (a new machine may have taken the name since), when that coordinator
     is not running; and signals only CPU processes that smpd.host.trust recognises as
     the ones this machine started: our uid, comm smpd-cpuN, the recorded creation
-    time, the coordinator's session.
+    time, the coordinator's session. Cleaners take turns (``_locked``) and unlink only
+    the very file they checked, never a new machine's made under the same name meanwhile.
     """
-    try:
-        seg = Segment.attach(seg_name)
-    except (posix_ipc.ExistentialError, SmpdError):
+    fd = _locked(seg_name, lock_wait_s)
+    if fd is None:
         return []
     killed: list[int] = []
     try:
-        if seg.hdr("coordinator_pid") != expect_pid or abs(seg.hdr("coordinator_ctime") - expect_ctime) > 0.05:
+        try:
+            seg = Segment.attach(seg_name)
+        except (posix_ipc.ExistentialError, SmpdError):
             return []
-        if is_coordinator(expect_pid, expect_ctime):
-            return []
-        sid = seg.hdr("coordinator_sid")
-        for cpu in range(1, seg.geo.ncpus):
-            pid, ctime_ms = seg.cb(cpu, "pid"), seg.cb(cpu, "ctime_ms")
-            if pid and trust.signal_ours(pid, signal.SIGKILL, ctime_ms / 1000, name=f"smpd-cpu{cpu}", sid=sid):
-                killed.append(pid)
+        try:
+            if not _same_file(seg_name, fd):
+                return []
+            if seg.hdr("coordinator_pid") != expect_pid or abs(seg.hdr("coordinator_ctime") - expect_ctime) > 0.05:
+                return []
+            if is_coordinator(expect_pid, expect_ctime):
+                return []
+            sid = seg.hdr("coordinator_sid")
+            for cpu in range(1, seg.geo.ncpus):
+                pid, ctime_ms = seg.cb(cpu, "pid"), seg.cb(cpu, "ctime_ms")
+                if pid and trust.signal_ours(pid, signal.SIGKILL, ctime_ms / 1000, name=f"smpd-cpu{cpu}", sid=sid):
+                    killed.append(pid)
+        finally:
+            seg.close()
+        if _same_file(seg_name, fd):
+            unlink(seg_name)
+        return killed
     finally:
-        seg.close()
-    unlink(seg_name)
-    return killed
+        os.close(fd)
+
+
+def clean_incomplete(seg_name: str, lock_wait_s: float = 2.0) -> str:
+    """Unlink a segment of ours whose header is still blank INCOMPLETE_STALE_S after it was made:
+    its coordinator died between shm_open() and writing it (nobody else knows whose it was).
+
+    Returns "removed", "young" (blank, but not for long enough yet), or "other" (absent,
+    complete, not ours, or locked by someone who will see to it)."""
+    fd = _locked(seg_name, lock_wait_s)
+    if fd is None:
+        return "other"
+    try:
+        try:
+            Segment.attach(seg_name).close()
+            return "other"  # complete: a machine's, live or stale, judged elsewhere
+        except SegmentBeingCreated:
+            pass
+        except (posix_ipc.ExistentialError, SmpdError):
+            return "other"
+        if not _same_file(seg_name, fd):
+            return "other"
+        if time.time() - os.fstat(fd).st_ctime < INCOMPLETE_STALE_S:
+            return "young"
+        unlink(seg_name)
+        return "removed"
+    finally:
+        os.close(fd)
+
+
+def _locked(seg_name: str, wait_s: float) -> int | None:
+    """A descriptor on our segment file, held under flock(LOCK_EX) so cleaners take turns; None
+    when it is not there, not ours, or still locked after ``wait_s`` (a soak's lock, or another
+    cleaner: it will do the job)."""
+    path = names.SHM_DIR + seg_name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    deadline = time.monotonic() + wait_s
+    try:
+        trust.check_stat(os.fstat(fd), path, "an smpd segment", "")
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+    except SmpdError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _same_file(seg_name: str, fd: int) -> bool:
+    """Is the name still the file ``fd`` holds? (An unlinked one may have a successor by now.)"""
+    try:
+        st = os.lstat(names.SHM_DIR + seg_name)
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
 def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_ctime: float, close: list[int]) -> None:
@@ -89,6 +166,11 @@ def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_ctime: flo
     try:
         # EOF comes when the coordinator's files close, a moment before it is a zombie.
         wait_gone(coord_pid, coord_ctime, 10.0)
-        clean_stale_segment(seg_name, expect_pid=coord_pid, expect_ctime=coord_ctime)
+        clean_stale_segment(seg_name, expect_pid=coord_pid, expect_ctime=coord_ctime, lock_wait_s=10.0)
+        # Killed between shm_open() and its header (the janitor starts first): wait out the
+        # blank header's grace, then remove it if it is still blank.
+        deadline = time.monotonic() + INCOMPLETE_STALE_S + 2.0
+        while clean_incomplete(seg_name) == "young" and time.monotonic() < deadline:
+            time.sleep(0.2)
     finally:
         os._exit(0)

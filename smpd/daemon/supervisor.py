@@ -65,6 +65,7 @@ class Coordinator:
         self.procs: dict[int, Any] = {}
         self.janitor = None
         self.janitor_w: int | None = None
+        self.ctime = 0.0  # our creation time: with our pid, who we are (smpd.host.trust)
         self.server: channel.Server | None = None
         self.up_client: UpClient | None = None  # the `smpd up` waiting for us (None: foreground)
         self.stopping = False
@@ -81,10 +82,13 @@ class Coordinator:
         geo = L.Geometry(self.ncpus, mem["text_pages"], mem["page_table_pages"], mem["stack_pages_per_cpu"])
         hostinfo.raise_file_limit(self.ncpus)
         me = psutil.Process()
+        self.ctime = me.create_time()
+        self._start_janitor()  # first: from here on, whatever kills us, someone cleans up after us
         try:
-            self.seg = seg = Segment.create(names.segment(self.name), geo, os.getpid(), me.create_time())
+            self.seg = seg = Segment.create(names.segment(self.name), geo, os.getpid(), self.ctime, self.name)
         except SegmentExists:
             raise MachineAlreadyUp(self.name, None) from None
+        seg.set_hdr("janitor_pid", self.janitor.pid)
         for field, value in (
             ("state", L.MachineState.CREATING), ("generation", 1), ("seed", self.seed),
             ("watch", L.Watch.SPIN if self.watch == "spin" else L.Watch.ADAPTIVE),
@@ -92,7 +96,7 @@ class Coordinator:
             ("spin_budget_ns", self.cfg.get("watch", "spin_budget_us") * 1000),
             ("spurious_per_s", float(self.cfg.get("watch", "spurious_per_s"))),
             ("authkey", secrets.token_bytes(32)), ("channel", secrets.token_hex(16).encode()),
-            ("coordinator_sid", os.getsid(0)), ("name", self.name.encode()),
+            ("coordinator_sid", os.getsid(0)),
             ("pin", self.pin.encode()), ("watch_reason", self.watch_reason.encode()[:200]),
             ("hot_path", L.HotPath.C if self.hot_path == "c" else L.HotPath.PYTHON),
             ("hot_path_reason", self.hot_path_reason.encode()[:200]),
@@ -110,7 +114,6 @@ class Coordinator:
                              ("hotplug", L.Hotplug.ONLINE), ("state", L.ExecState.RUNNING),
                              ("ctime_ms", int(me.create_time() * 1000))):
             seg.set_cb(0, field, value)
-        self._start_janitor()
         seg.set_hdr("state", L.MachineState.BOOTING)
         gc.freeze()  # keep the collector from touching (and so copying) inherited pages
         for cpu in range(1, self.ncpus):
@@ -149,14 +152,15 @@ class Coordinator:
         try:
             self.janitor = _ctx.Process(
                 target=janitor_main, name="smpd-janitor", daemon=True,
-                args=(r, w, self.seg.name, os.getpid(), self.seg.hdr("coordinator_ctime"), close),
+                args=(r, w, names.segment(self.name), os.getpid(), self.ctime, close),
             )
             self.janitor.start()
         except OSError as err:
             raise _fork_refused(err, "the janitor") from None
         finally:
             os.close(r)
-        self.seg.set_hdr("janitor_pid", self.janitor.pid)
+        if self.seg is not None:
+            self.seg.set_hdr("janitor_pid", self.janitor.pid)
 
     def restart_janitor_if_gone(self) -> bool:
         """A janitor killed (by anyone) is replaced at once, so that a coordinator killed
@@ -164,6 +168,7 @@ class Coordinator:
         if self.janitor is None or self.janitor.is_alive():
             return False
         self.janitor.join(0)
+        self.janitor.close()
         os.close(self.janitor_w)
         self.janitor_w = None
         self._start_janitor()
@@ -273,20 +278,25 @@ class Coordinator:
     def serve(self) -> None:
         """Answer requests until `down`, SIGTERM/SIGINT (raises Stop), or the end of the world."""
         sel = selectors.DefaultSelector()
-        sel.register(self.server.fileno(), selectors.EVENT_READ)
+        sel.register(self.server.fileno(), selectors.EVENT_READ, "channel")
+        # The janitor's sentinel becomes readable the moment it dies: it is replaced at once.
+        sel.register(self.janitor.sentinel, selectors.EVENT_READ, "janitor")
         try:
             while not self.stopping:
-                if self.restart_janitor_if_gone():
-                    continue
-                if not sel.select(timeout=0.2):
-                    continue
-                conn = self.server.accept()
-                if conn is None:
-                    continue
-                try:
-                    self.handlers.answer(conn)
-                finally:
-                    conn.close()
+                for key, _ in sel.select(timeout=1.0):
+                    if key.data == "janitor":
+                        sel.unregister(key.fileobj)
+                        self.restart_janitor_if_gone()
+                        sel.register(self.janitor.sentinel, selectors.EVENT_READ, "janitor")
+                        continue
+                    conn = self.server.accept()
+                    if conn is None:
+                        continue
+                    try:
+                        self.handlers.answer(conn)
+                    finally:
+                        conn.close()
+                self.restart_janitor_if_gone()  # one killed during a long request
         finally:
             sel.close()
 

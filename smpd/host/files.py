@@ -51,7 +51,7 @@ def open_output(path: str, what: str, *, append: bool = False, create: bool = Tr
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as err:
-        if err.errno == errno.ELOOP:
+        if err.errno == errno.ELOOP or os.path.islink(path):  # (in a sticky directory it may be EACCES)
             raise BadInput(f"{what} {path} is a symbolic link; smpd does not write through links: "
                            f"give the file's own path") from None
         raise BadInput(f"{what} {path} cannot be opened for writing ({err.strerror})") from None

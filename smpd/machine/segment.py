@@ -47,11 +47,12 @@ class Segment:
     # -- construction ------------------------------------------------------
 
     @classmethod
-    def create(cls, name: str, geo: L.Geometry, owner_pid: int, owner_ctime: float) -> "Segment":
-        """Create the segment O_EXCL, mode 0600, sized for ``geo``.
+    def create(cls, name: str, geo: L.Geometry, owner_pid: int, owner_ctime: float, machine: str = "") -> "Segment":
+        """Create the segment O_EXCL, mode 0600, sized for ``geo``, for machine ``machine``.
 
-        The owner (coordinator pid and create time) is written before the magic, so a
-        reader that sees the magic can always tell whether the owner is alive.
+        The owner (coordinator pid and create time) and the machine's name are written
+        before the magic, so a reader that sees the magic can always tell whether the
+        owner is alive, and whose name this is.
         Raises SegmentExists when the name is taken (NotOurs when someone else took it),
         HostTooSmall when the host refuses its size.
         """
@@ -73,6 +74,7 @@ class Segment:
             seg.geo = geo
             seg.set_hdr("coordinator_pid", owner_pid)
             seg.set_hdr("coordinator_ctime", owner_ctime)
+            seg.set_hdr("name", machine.encode())
             seg._write_geometry(geo)
         except BaseException:
             seg.close()

@@ -7,7 +7,6 @@ machine" and "already up"), 1 for runtime failures.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -27,6 +26,7 @@ from smpd.tools import lifecycle, render
 from smpd.host import names
 from smpd.kernel import scenario as scenario_mod
 from smpd.errors import BadInput, Interrupted, SmpdError
+from smpd.tools.entry import stop_signals_interrupt
 
 NAME_HELP = "Machine name (several machines can run side by side). Env: SMPD_NAME."
 
@@ -90,28 +90,6 @@ class MachineName(click.ParamType):
 def name_option(f):
     return click.option("--name", "-n", type=MachineName(), default="default", show_default=True,
                         envvar="SMPD_NAME", help=NAME_HELP)(f)
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-@contextlib.contextmanager
-def stop_signals_interrupt():
-    """SIGINT, SIGTERM and SIGHUP all raise Interrupted in the main thread, once: a second
-    signal while the first one's clean-up runs is ignored, so the clean-up finishes."""
-    raised = []
-
-    def interrupt(signum, _frame):
-        if not raised:
-            raised.append(signum)
-            raise Interrupted(signum)
-
-    old = {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def one_line(text: str) -> str:

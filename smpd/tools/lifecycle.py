@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import posix_ipc
 
 from smpd.daemon import channel
-from smpd.daemon.janitor import COORDINATOR_COMM, clean_stale_segment, is_coordinator, wait_gone
+from smpd.daemon.janitor import COORDINATOR_COMM, clean_incomplete, clean_stale_segment, is_coordinator, wait_gone
 from smpd.daemon.stopping import ACK
 from smpd.errors import (BadInput, CoordinatorGone, Interrupted, MachineAlreadyUp, MachineComingUp, MachineNotUp,
                          NotOurs, SmpdError, Timeout)
@@ -80,8 +80,9 @@ class Live:
             seg.close()
 
 
-def probe(name: str) -> Live | None:
-    """The live machine called ``name``; None when there is none. A stale one is cleaned first.
+def probe(name: str, cleaned: list[str] | None = None) -> Live | None:
+    """The live machine called ``name``; None when there is none. A stale one is cleaned first
+    (and, given ``cleaned``, what was cleaned is said there).
 
     Raises NotOurs for a name someone else holds and LayoutMismatch for a segment this
     smpd cannot read; both are left untouched.
@@ -91,6 +92,10 @@ def probe(name: str) -> Live | None:
     except posix_ipc.ExistentialError:
         return None
     except SegmentBeingCreated:
+        if clean_incomplete(names.segment(name)) == "removed":
+            _say(cleaned, f"machine '{name}' was stale: its coordinator died before it wrote the segment's "
+                          f"header; removed the segment")
+            return None
         raise SegmentBeingCreated(f"machine '{name}' is being created right now; try again in a moment "
                                   f"(if this persists, `smpd down --force --name {name}` removes its segment)") from None
     try:
@@ -102,8 +107,15 @@ def probe(name: str) -> Live | None:
             return Live(name, pid, ctime, seg.hdr("authkey"), seg.hdr_str("channel"), seg.hdr("ncpus"))
     finally:
         seg.close()
-    clean_stale_segment(names.segment(name), expect_pid=pid, expect_ctime=ctime)
+    killed = clean_stale_segment(names.segment(name), expect_pid=pid, expect_ctime=ctime)
+    _say(cleaned, f"machine '{name}' was stale: its coordinator (pid {pid}) had died; removed its segment"
+                  + (f" and {len(killed)} leftover CPU process{'es' if len(killed) > 1 else ''}" if killed else ""))
     return None
+
+
+def _say(into: list[str] | None, what: str) -> None:
+    if into is not None:
+        into.append(what)
 
 
 def require(name: str) -> Live:
@@ -263,15 +275,16 @@ def down(name: str, force: bool = False, timeout_s: float = 30.0) -> str:
     """Stop machine ``name``; idempotent. Returns what was done, for the CLI to print.
 
     Another user's entry under our name is refused even with --force (NotOurs)."""
+    cleaned: list[str] = []
     try:
-        live = probe(name)
+        live = probe(name, cleaned)
     except SmpdError:  # not readable: another layout, stuck half-made, altered, or not ours at all
         if not force:
             raise
         remove_own_entry(name)  # refuses, with NotOurs, an entry that is not ours
         return f"machine '{name}': removed segment {names.segment(name)} of an unknown layout (--force)"
     if live is None:
-        return f"machine '{name}' is not up; nothing to do"
+        return cleaned[0] if cleaned else f"machine '{name}' is not up; nothing to do"
     try:
         live.request("down", timeout_s=timeout_s)
     except SmpdError:

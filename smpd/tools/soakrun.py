@@ -24,6 +24,7 @@ from smpd import cpulist
 from smpd.tools import hostload, lifecycle, soak
 from smpd.host import names, trust
 from smpd.host import files
+from smpd.tools.entry import stop_signals
 from smpd.inputs import ascii_int, parse_duration
 from smpd.errors import BadInput, CoordinatorGone, MachineNotUp, SmpdError
 
@@ -168,8 +169,7 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
     stop = {"asked": False}
     # Ctrl-C, SIGTERM and SIGHUP all mean "stop after the current trial": the trial in flight
     # is finished, recorded and reset, so the machine is left clean and the file whole.
-    old = {sig: signal.signal(sig, lambda *_: stop.update(asked=True))
-           for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    old = {sig: signal.signal(sig, lambda *_: stop.update(asked=True)) for sig in stop_signals()}
     load = hostload.HostLoad(load_spec)
     counts: dict[str, int] = {}
     sampler = soak.HostSampler()

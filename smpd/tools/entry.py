@@ -1,0 +1,53 @@
+"""The `smpd` command's first code: the stop signals are ours before anything else is imported.
+
+Importing the CLI (click, rich, psutil, ...) takes a noticeable moment; a Ctrl-C or
+SIGTERM in it would otherwise end the process with a traceback, or with no word at
+all. Nothing exists yet to clean up, so it ends with the same one line as any stop.
+(Only the interpreter's own start-up, before this module runs, is out of reach.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+
+from smpd.errors import Interrupted
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_signals() -> list[int]:
+    """The stop signals this process may take over: not one it was started ignoring (`nohup`
+    ignores SIGHUP, a shell's background job SIGINT), which the user meant to stay ignored."""
+    return [sig for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """SIGINT, SIGTERM and SIGHUP all raise Interrupted in the main thread, once: a second
+    signal while the first one's clean-up runs is ignored, so the clean-up finishes."""
+    raised = []
+
+    def interrupt(signum, _frame):
+        if not raised:
+            raised.append(signum)
+            raise Interrupted(signum)
+
+    old = {sig: signal.signal(sig, interrupt) for sig in stop_signals()}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def main(args=None, prog_name: str = "smpd"):
+    with stop_signals_interrupt():
+        try:
+            from smpd.tools.cli import main as cli
+        except Interrupted as err:
+            print(f"Error: stopped by {signal.Signals(err.signum).name} while starting; nothing was done",
+                  file=sys.stderr)
+            sys.exit(err.exit_status)
+    return cli(args, prog_name=prog_name)

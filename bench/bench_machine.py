@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from smpd.machine import layout as L
-from smpd import lifecycle  # noqa: E402
+from smpd.tools import lifecycle  # noqa: E402
 
 NAME = f"bench{os.getpid() % 100000}"
 

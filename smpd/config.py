@@ -26,10 +26,6 @@ WATCH_STRATEGIES = ("auto", "spin", "adaptive")
 HOT_PATHS = ("auto", "c", "python")  # smpd.hotpath
 PIN_POLICIES = ("none", "compact", "spread")
 INTERRUPT_KINDS = ("nmi", "smi", "mce")
-# Wakes a CPU process sleeping in sigwaitinfo (smpd.cpu). A standard signal, so a
-# pending doorbell is one bit and never a growing queue; its default action is to be
-# ignored, so a doorbell at a recycled pid harms nobody.
-DOORBELL_SIGNAL = signal.SIGURG
 
 
 def _int_range(lo: int, hi: int) -> Callable[[Any], str | None]:

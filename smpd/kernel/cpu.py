@@ -38,8 +38,7 @@ import time
 
 from smpd.machine import events, hotpath, layout as L
 from smpd.kernel import resume as oldkernel
-from smpd.machine.bus import Bus
-from smpd.config import DOORBELL_SIGNAL
+from smpd.machine.bus import DOORBELL_SIGNAL, Bus
 from smpd.host.proc import die_with_parent, set_process_name
 from smpd.machine.sync import fence
 

@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import struct
 
 from smpd.machine import hotpath, layout as L
-from smpd.config import DOORBELL_SIGNAL
 from smpd.machine.sync import fence
+
+# Wakes a CPU process sleeping in sigwaitinfo (smpd.cpu). A standard signal, so a
+# pending doorbell is one bit and never a growing queue; its default action is to be
+# ignored, so a doorbell at a recycled pid harms nobody.
+DOORBELL_SIGNAL = signal.SIGURG
 
 
 class Bus:

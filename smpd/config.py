@@ -20,6 +20,8 @@ from typing import Any, Callable
 from smpd.host import names
 from smpd.errors import BadInput, ConfigError
 from smpd.host import files
+from smpd.kernel.memmap import TEXT_NAMED, Boot, Sizes
+from smpd.kernel.scenario import BOOT_FORM, KERNELS, flavour, parse_boot
 
 MAX_CPUS = 4096
 WATCH_STRATEGIES = ("auto", "spin", "adaptive")
@@ -56,6 +58,27 @@ def _name(v: Any) -> str | None:
     return None if names.valid_machine_name(v) else names.NAME_ACCEPTED
 
 
+def _auto_or(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def auto(v: Any) -> str | None:
+        return None if v == "auto" else check(v) and f"\"auto\" or {check(v)}"
+
+    return auto
+
+
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
+def _boot(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return f"a string of boot parameters: {BOOT_FORM}"
+    try:
+        parse_boot(v, MAX_CPUS)
+    except BadInput:
+        return f"boot parameters: {BOOT_FORM}"
+    return None
+
+
 def _seed(v: Any) -> str | None:
     if v == "random":
         return None
@@ -84,10 +107,15 @@ def _signame(v: Any) -> str | None:
 SCHEMA: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "machine": {"cpus": _int_range(1, MAX_CPUS), "name": _name, "seed": _seed},
     "memory": {
-        "text_pages": _int_range(4, 4096),
+        "text_pages": _int_range(TEXT_NAMED, 4096),
+        "data_pages": _int_range(1, 1 << 16),
         "page_table_pages": _int_range(1, 4096),
         "stack_pages_per_cpu": _int_range(1, 16),
+        "crashkernel_pages": _auto_or(_int_range(0, 1 << 20)),
+        "ram_pages": _auto_or(_int_range(1, 1 << 24)),
     },
+    "kernel": {"flavour": _choice(*KERNELS), "boot": _boot},
+    "firmware": {"smi_auto_halt_restart": _bool, "smm_hangs_with_cpus_in_init": _bool},
     "watch": {
         "strategy": _choice(*WATCH_STRATEGIES),
         "spin_budget_us": _int_range(0, 1_000_000),
@@ -118,6 +146,31 @@ class Config:
 
     def signals(self) -> dict[str, int]:
         return {k: parse_signal(self.raw["signals"][k]) for k in INTERRUPT_KINDS}
+
+    def sizes(self) -> Sizes:
+        """The memory every generation's map derives from (smpd.kernel.memmap); ConfigError when
+        the crashkernel= region or the RAM asked for cannot hold what it must."""
+        m, n = self.raw["memory"], self.get("machine", "cpus")
+        base = Sizes(ncpus=n, text=m["text_pages"], data=m["data_pages"], pgtables=m["page_table_pages"],
+                     stack_per_cpu=m["stack_pages_per_cpu"])
+        crash = base.crash_needed if m["crashkernel_pages"] == "auto" else m["crashkernel_pages"]
+        if 0 < crash < base.crash_needed:
+            raise ConfigError(f"memory.crashkernel_pages = {crash} cannot hold a crash kernel of this machine: it "
+                              f"needs {base.crash_needed} pages (its image, page tables and one CPU); set "
+                              f"\"auto\", 0 for none, or at least {base.crash_needed}")
+        sized = Sizes(n, base.text, base.data, base.pgtables, base.stack_per_cpu, crash=crash)
+        ram = sized.ram if m["ram_pages"] == "auto" else m["ram_pages"]
+        if ram < sized.ram_needed:
+            raise ConfigError(f"memory.ram_pages = {ram} cannot hold two kernel generations of this machine "
+                              f"and its crash region: it needs at least {sized.ram_needed}; set \"auto\"")
+        return Sizes(n, base.text, base.data, base.pgtables, base.stack_per_cpu, crash=crash, ram=ram)
+
+    def boot(self) -> Boot:
+        """Generation 1's kernel: [kernel] flavour and boot (the seed draws a bare `kaslr`'s seed)."""
+        seed = self.get("machine", "seed")
+        b = parse_boot(self.get("kernel", "boot"), self.get("machine", "cpus"),
+                       seed=0 if seed == "random" else seed)
+        return Boot(flavour(self.get("kernel", "flavour")), b.nosmt, b.maxcpus, b.kaslr)
 
     def with_overrides(self, **sections: dict[str, Any]) -> "Config":
         """A copy with command-line values applied; each is validated like a file value."""

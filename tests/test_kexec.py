@@ -1,14 +1,18 @@
 """The kexec story, DESIGN.md §1 and §5, as outcomes with evidence.
 
-The table the review thread implies, policy x injection after the copy:
+The table of the first kexec after a cold boot, kernel x injection after the copy:
 
-    park   none      NMI            MCE            SMI
-    none   fault     fault          fault          fault         (pre-fix: the copy wakes MWAIT)
-    hlt    CLEAN     fault          fault          fault         (NMI/MCE/SMI still end HLT)
-    init   CLEAN     CLEAN (held)   MCE_SHUTDOWN   CLEAN (held)  (INIT holds NMI and SMI off)
+    kernel   none      NMI            MCE            SMI
+    pre-fix  CLEAN     fault          fault          fault         (no write reaches the parked CPUs'
+                                                                    thread_info lines, an interrupt does)
+    6.6      CLEAN     fault          fault          fault         (NMI/MCE/SMI still end HLT)
+    6.5      CLEAN     CLEAN (held)   MCE_SHUTDOWN   CLEAN (held)  (INIT holds NMI and SMI off)
 
 "fault" is TRIPLE_FAULT or CORRUPTION: which one depends on which pages the copy
-already overwrote when the CPU resumed (page tables first, then text, then stack).
+already overwrote when the CPU resumed (page tables first, then text, then stack):
+the copy puts the new kernel's segments at the top of RAM, over the old kernel's
+page tables. The second kexec of a pre-fix chain is the cover letter's triple
+fault: generation 3 allocates its idle task_structs where generation 2 kept its own.
 """
 
 import os
@@ -43,7 +47,7 @@ def machine6(parked):
 
 
 TABLE = [
-    ("none", None, FAULT), ("none", "nmi", FAULT), ("none", "mce", FAULT), ("none", "smi", FAULT),
+    ("none", None, {"CLEAN"}), ("none", "nmi", FAULT), ("none", "mce", FAULT), ("none", "smi", FAULT),
     ("hlt", None, {"CLEAN"}), ("hlt", "nmi", FAULT), ("hlt", "mce", FAULT), ("hlt", "smi", FAULT),
     ("init", None, {"CLEAN"}), ("init", "nmi", {"CLEAN"}), ("init", "mce", {"MCE_SHUTDOWN"}),
     ("init", "smi", {"CLEAN"}),
@@ -57,14 +61,9 @@ def test_outcome_of_each_policy_against_each_injection(machine6, park, kind, exp
     assert r["outcome"] in expected, r["evidence"]
     cpus = {c["cpu"]: c for c in r["cpus"]}
     if r["outcome"] in FAULT:
-        # The evidence names the CPU and what woke it into overwritten memory.
+        # The evidence names the CPU and the interrupt that woke it into overwritten memory.
         assert r["evidence"].startswith("CPU")
-        # Before the fix the copy itself wakes the parked CPUs, whatever is injected after it
-        # (on a loaded host a CPU may not run before the injection lands too: it takes both
-        # in one wake-up, the interrupt first, as hardware would).
-        woke_by = ["thread_info"] if park == "none" else []
-        woke_by += [kind.upper()] if kind else []
-        assert any(w in r["evidence"] for w in woke_by), r["evidence"]
+        assert kind.upper() in r["evidence"], r["evidence"]
     if r["outcome"] == "TRIPLE_FAULT":
         assert any(c["state"] == "SHUTDOWN" and c["fault"] == "TRIPLE_FAULT" for c in cpus.values())
         assert "page" in r["evidence"]
@@ -93,12 +92,19 @@ def test_every_phase_fires_its_injection_under_every_policy(machine6, park):
     assert [f.split()[1] for f in fired] == [f"smi@{p}:1" for p in phases], fired
 
 
-def test_pre_fix_kernel_parks_on_thread_info_and_the_copy_wakes_it(machine6):
-    r = machine6.request("kexec", park="none", seed=4)
-    assert r["outcome"] in FAULT
-    assert "woken by a write to thread_info[" in r["evidence"]
-    assert r["kick"] is None
-    assert any("pre-fix" in e["event"] for e in r["timeline"])
+def test_pre_fix_kernel_survives_the_first_kexec_and_triple_faults_on_the_second(machine6):
+    """The cover letter: "the first kexec() after reset always worked, the second one reliably
+    ended up in a triple fault". Generation 3 allocates its idle task_structs exactly where
+    generation 2 kept its own, so its fork_idle() writes the line a parked CPU monitors."""
+    first = machine6.request("kexec", kernel="pre-fix", seed=4)
+    assert first["outcome"] == "CLEAN", first["evidence"]
+    assert first["kick"] is None
+    machine6.request("offline", cpus=f"1-{NCPUS - 1}")  # parked again, now in generation 2's memory
+    second = machine6.request("kexec", seed=4)
+    assert second["outcome"] in FAULT, second["evidence"]
+    assert "woken by a write to thread_info[" in second["evidence"]
+    old, new = second["memory"]["old"]["regions"]["tasks"], second["memory"]["new"]["regions"]["tasks"]
+    assert old["first_page"] == new["first_page"]  # the same allocator in the same RAM: the same place
 
 
 def test_kick_acknowledgements_come_with_latencies_and_rounds(machine6):
@@ -178,26 +184,33 @@ def test_same_seed_same_scenario_other_seed_other_scenario(machine6):
     assert c["copy"]["order_digest"] != a["copy"]["order_digest"]
 
 
-def test_corruption_is_reachable_and_names_the_writer_and_the_address(machine6):
-    """A CPU woken while the page tables are still old but its text is new executes
-    foreign bytes; some of them are stores. Search scenarios for one such run: each
-    is deterministic (the injection is taken before the copy goes on), so it replays."""
-    tries = [(seed, cpu) for seed in range(60) for cpu in range(1, NCPUS)]
-    for seed, cpu in tries:
-        inject = [f"nmi@during-copy:{cpu}"]
-        r = machine6.request("kexec", park="hlt", order="random", seed=seed, inject=inject)
+def test_a_stray_store_is_named_and_a_covered_one_is_a_near_miss(machine6):
+    """A CPU woken while its page tables are still its kernel's but its text is not executes
+    foreign bytes; some of them are stores. That is the second kexec: generation 3's copy
+    lands on generation 2's image, while generation 2's page tables (just below it) wait
+    for generation 3's memblock. A store made then lands before the new kernel writes its
+    own memory, so it leaves no trace: CLEAN, with the near miss named. (CORRUPTION needs
+    a store after the new kernel's writes; tests/test_outcome.py covers its classification.)
+    Each scenario is deterministic (the injection is taken before the copy goes on): it replays."""
+    for seed in range(60):
+        inject = [f"nmi@during-copy:{seed % (NCPUS - 1) + 1}"]
+        machine6.request("kexec", park="hlt", seed=seed)
+        machine6.request("offline", cpus=f"1-{NCPUS - 1}")
+        r = machine6.request("kexec", order="random", seed=seed, inject=inject)
         machine6.request("reset")
-        if r["outcome"] == "CORRUPTION":
+        if any(c["stray_stores"] for c in r["cpus"]):
             break
     else:
-        pytest.fail(f"no CORRUPTION outcome in {len(tries)} random-order kexecs with an NMI during the copy")
-    writers = [c for c in r["cpus"] if c["stray_stores"]]
-    assert writers and writers[0]["fault"] == "STRAY_STORE"
-    w = writers[0]
-    assert f"CPU{w['cpu']}" in r["evidence"] and w["first_store"]["symbol"] in r["evidence"]
-    assert any("stray store" in e["event"] for e in r["timeline"])
-    again = machine6.request("kexec", park="hlt", order="random", seed=seed, inject=inject)
-    assert again["outcome"] == "CORRUPTION" and again["evidence"] == r["evidence"]  # replayable
+        pytest.fail("no stray store in 60 second kexecs with an NMI during a random copy")
+    w = next(c for c in r["cpus"] if c["stray_stores"])
+    assert w["fault"] == "STRAY_STORE" and any("stray store" in e["event"] for e in r["timeline"])
+    assert r["outcome"] in ("CLEAN", "CORRUPTION"), r["evidence"]
+    named = r["near_misses"][0] if r["outcome"] == "CLEAN" else r["evidence"]
+    assert f"CPU{w['cpu']}" in named and w["first_store"]["symbol"] in named
+    machine6.request("kexec", park="hlt", seed=seed)
+    machine6.request("offline", cpus=f"1-{NCPUS - 1}")
+    again = machine6.request("kexec", order="random", seed=seed, inject=inject)
+    assert (again["outcome"], again["near_misses"]) == (r["outcome"], r["near_misses"])  # replayable
 
 
 def test_reset_then_kexec_twenty_times_neither_reforks_nor_drifts(machine6):
@@ -219,16 +232,25 @@ def test_reset_then_kexec_twenty_times_neither_reforks_nor_drifts(machine6):
     wait_until(lambda: coord.num_fds() <= fds, timeout=5, what=f"the coordinator back at {fds} open fds")
 
 
-def test_kexec_refuses_a_machine_that_needs_a_reset(machine6):
-    machine6.request("kexec", park="hlt", seed=1)
-    r = run_smpd("kexec", name=machine6.name, check=False)
-    assert r.returncode == 2 and "needs a reset" in r.stderr and "smpd reset" in r.stderr
-    r = run_smpd("kick", name=machine6.name, check=False)
-    assert r.returncode == 2 and "needs a reset" in r.stderr
+def test_a_kexecd_kernel_kexecs_again_and_reset_is_a_power_cycle(machine6):
+    first = machine6.request("kexec", park="hlt", seed=1)
+    assert first["generation"] == {"old": 1, "new": 2}
+    r = run_smpd("kexec", "--json", name=machine6.name)
+    import json
+    assert json.loads(r.stdout)["generation"] == {"old": 2, "new": 3}
+    s = machine6.status()["machine"]
+    assert s["generation"] == 3 and s["kernel"] == "6.6"
+    machine6.request("reset")
+    s = machine6.status()
+    assert s["machine"]["generation"] == 1 and {c["state"] for c in s["cpus"][1:]} == {"MWAIT"}
 
 
 @pytest.mark.parametrize("args, says", [
-    (("kexec", "--park", "sleep"), "'sleep' is not one of 'none', 'hlt', 'init'"),
+    (("kexec", "--park", "sleep"), "'sleep' is not one of 'none', 'init', 'hlt'"),
+    (("kexec", "--kernel", "5.10"), "'5.10' is not one of 'pre-fix', '6.5', '6.6'"),
+    (("kexec", "--boot", "maxcpus=9"), "maxcpus=9 is not in the range 1..6"),
+    (("kexec", "--boot", "quiet"), "unknown boot parameter 'quiet'"),
+    (("kexec", "--kernel", "6.6", "--park", "hlt"), "--kernel and --park say the same thing"),
     (("kexec", "--inject", "irq@after-copy"), "unknown kind 'irq'"),
     (("kexec", "--inject", "nmi@later"), "unknown phase 'later'"),
     (("kexec", "--inject", "nmi@after-copy:9"), "names CPU 9, but this machine has CPUs 0-5"),
@@ -302,7 +324,9 @@ def test_demo_runs_every_policy_against_every_injection_and_leaves_nothing(machi
 
 
 def test_human_kexec_report_leads_with_the_outcome(machine6):
-    r = run_smpd("kexec", "--park", "init", "--inject", "mce@after-copy", "--seed", "2", name=machine6.name)
+    r = run_smpd("kexec", "--park", "init", "--inject", "mce@after-copy", "--seed", "2", name=machine6.name,
+                 check=False)
+    assert r.returncode == 1  # not CLEAN
     first = r.stdout.splitlines()[0]
     assert first.startswith("MCE_SHUTDOWN")
     assert "timeline:" in r.stdout and "smp_park_other_cpus_in_init()" in r.stdout

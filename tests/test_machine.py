@@ -76,7 +76,7 @@ def test_online_brings_cpus_back_through_init_sipi_and_smp_callin_zeroes_mwait_c
             assert c["hotplug"] == "online" and c["state"] == "RUNNING"
             assert c["mwait_cpu_dead"]["control"] == c["mwait_cpu_dead"]["status"] == 0
             assert not c["monitor"]["armed"]
-            assert c["init"] == 1 and c["sipi"] == 2  # one SIPI at bring-up, one now
+            assert c["init"] == 2 and c["sipi"] == 2  # INIT/SIPI at bring-up, and now
         elif c["cpu"] != 0:
             assert c["state"] == "MWAIT" and c["mwait_cpu_dead"]["status"] == L.CPUDEAD_MWAIT_WAIT
 

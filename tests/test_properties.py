@@ -33,6 +33,7 @@ from smpd import config, cpulist, inputs
 from smpd.host import names
 from smpd.kernel import scenario
 from smpd.errors import BadInput, ConfigError
+from smpd.kernel.scenario import parse_boot
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=24)
 # Text that looks almost right: digits of every script, separators, the syntax's own characters.
@@ -101,6 +102,14 @@ def _refused_by_its_type(param: click.Parameter, value: str) -> bool:
     return False
 
 
+def _refused_by(parse, value: str) -> bool:
+    try:
+        parse(value)
+    except BadInput:
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def _scratch_cwd():
     old = os.getcwd()
@@ -128,6 +137,8 @@ def test_garbage_for_any_option_is_one_error_line_exit_2_and_nothing_made(path, 
     with _scratch_cwd() as d:
         if param.name == "config_file":  # a file that is not there is a config error, whatever the command
             assume(not os.path.lexists(value))
+        elif param.name == "boot" and path in MAKES_MACHINES:  # free text, refused by its parser
+            assume(_refused_by(lambda v: parse_boot(v, config.MAX_CPUS), value))
         elif param.name == "name" or path in MAKES_MACHINES:
             # never a name that could be a user's machine, never a value `up` or `demo` would act on
             assume(_refused_by_its_type(param, value))

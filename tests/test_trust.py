@@ -58,7 +58,7 @@ def forged_segment(coord_pid: int, coord_ctime: float, cpus: dict[int, tuple[int
     """The bytes of a valid smpd segment header (made by smpd itself, under a scratch name),
     naming the given coordinator and CPU processes: what a forger would write."""
     scratch = names.segment(run_name("forge"))
-    geo = L.Geometry(ncpus, 4, 1, 1)
+    geo = L.Geometry(ncpus, 16)
     seg = Segment.create(scratch, geo, coord_pid, coord_ctime)
     try:
         seg.set_hdr("authkey", bytes(32))

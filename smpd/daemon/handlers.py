@@ -29,14 +29,16 @@ from smpd.daemon import channel
 from smpd.daemon.status import status_snapshot
 from smpd.errors import BadInput, CpuLost, InternalError, SmpdError, Timeout
 from smpd.inputs import ascii_int
+from smpd.kernel import boot as kboot
 from smpd.kernel.cpu import IPI_DONE
-from smpd.kernel.image import load_kernel
+from smpd.kernel.generations import Generations
 from smpd.kernel.kexec import Kexec
 from smpd.kernel.kick import kick_one
-from smpd.kernel.scenario import Scenario, parse_injection
+from smpd.kernel.scenario import Scenario, parse_boot, parse_injection, trial_seed
 from smpd.machine import layout as L
 
 RESET_ATTEMPTS = 3  # a reset respawns CPUs that died; it tries again if one dies during it
+MAX_CHAIN = 100  # kexecs in one `smpd chain`
 
 
 class Handlers:
@@ -46,7 +48,8 @@ class Handlers:
         self.sup = sup
         self.table: dict[str, Callable[..., Any]] = {
             "status": self.op_status, "offline": self.op_offline, "online": self.op_online,
-            "poke": self.op_poke, "ping": self.op_ping, "kexec": self.op_kexec, "kick": self.op_kick,
+            "poke": self.op_poke, "ping": self.op_ping, "kexec": self.op_kexec, "chain": self.op_chain,
+            "kick": self.op_kick,
             "reset": self.op_reset, "inject": self.op_inject, "bench_kick": self.op_bench_kick,
             "down": self.op_down,
         }
@@ -143,21 +146,26 @@ class Handlers:
         return {"onlined": todo, "already_online": [c for c in wanted if c not in todo],
                 "ms": (time.monotonic_ns() - t0) / 1e6}
 
+    def _map(self):
+        return Generations(self.sup.seg).current()
+
     def resolve_address(self, target: str) -> int:
-        """'0x1004040', 'mwait_cpu_dead[5]', 'mwait_cpu_dead[5].status', 'thread_info[5]'."""
+        """'0x1004040', or a symbol of the running kernel's map: 'mwait_cpu_dead[5]',
+        'mwait_cpu_dead[5].status', 'thread_info[5]'."""
         geo = self.sup.seg.geo
         m = re.fullmatch(r"(mwait_cpu_dead|thread_info)\[([0-9]{1,5})\](\.(control|status|flags))?", target)
         if m:
             cpu = int(m.group(2))
             if cpu >= self.sup.ncpus:
                 raise BadInput(f"{target}: this machine has CPUs 0-{self.sup.ncpus - 1}")
+            kmap = self._map()
             if m.group(1) == "mwait_cpu_dead":
                 if m.group(4) == "flags":
                     raise BadInput(f"{target}: mwait_cpu_dead has fields control and status")
-                return geo.mwait_cpu_dead_addr(cpu) + (4 if m.group(4) == "status" else 0)
+                return kmap.mwait_cpu_dead_addr(cpu) + (4 if m.group(4) == "status" else 0)
             if m.group(4) in ("control", "status"):
                 raise BadInput(f"{target}: thread_info has the field flags")
-            return geo.thread_info_addr(cpu)
+            return kmap.thread_info_addr(cpu)
         addr = ascii_int(target, hex_ok=True)
         if addr is None:
             raise BadInput(f"'{target}' is not an address; expected a number like 0x1004040, "
@@ -173,54 +181,87 @@ class Handlers:
         addr = self.resolve_address(target)
         if value is not None and (type(value) is not int or not 0 <= value <= 0xFFFFFFFF):
             raise BadInput(f"value {value} does not fit a u32 (0..0xffffffff)")
-        old = self.sup.seg.mem_u32(addr)
+        seg = self.sup.seg
+        old = seg.mem_u32(addr)
         new = old if value is None else value
-        line = self.sup.seg.geo.addr_line(addr)
-        owner = self.sup.seg.u16[self.sup.seg.geo.dir_off // 2 + line]
+        owner = seg.u16[seg.geo.dir_off // 2 + seg.geo.addr_line(addr)]
         woken = self.sup.bus.write(addr, struct.pack("<I", new))
-        return {"addr": addr, "symbol": self.sup.seg.geo.symbol(addr), "old": old, "new": new,
+        return {"addr": addr, "symbol": self._map().symbol(addr), "old": old, "new": new,
                 "woken": woken, "woken_cpus": [owner - 1] if woken and owner else []}
 
     # -- kexec and friends ------------------------------------------------------
 
-    def _require_old_kernel(self, what: str) -> None:
-        if self.sup.seg.hdr("state") == L.MachineState.KEXECED:
-            raise BadInput(f"machine '{self.sup.name}' needs a reset before {what}: it ran a kexec and now runs "
-                           f"kernel generation {self.sup.seg.hdr('generation')}; `smpd reset` returns it to the "
-                           f"old kernel with the same offline CPUs")
+    def _require_kexec_able(self, what: str) -> None:
+        if self._map().boot.crash:
+            raise BadInput(f"machine '{self.sup.name}' runs a crash kernel (kdump, nr_cpus=1, inside its "
+                           f"crashkernel= region): {what} needs a running kernel; `smpd reset` power-cycles it")
         self._require_alive(list(range(1, self.sup.ncpus)))
 
-    def op_kexec(self, park: str = "hlt", inject: list[str] | None = None, order: str = "sequential",
-                 seed: int | None = None) -> dict:
+    def op_kexec(self, kernel: str | None = None, into: str | None = None, crash: bool = False,
+                 boot: str | None = None, inject: list[str] | None = None, order: str = "sequential",
+                 seed: int | None = None, park: str | None = None) -> dict:
+        """One kexec from the running generation into the next (smpd.kernel.kexec). ``park`` is
+        the old name of ``kernel`` (none, init, hlt)."""
+        if park is not None:
+            if kernel is not None:
+                raise BadInput("request 'kexec': give kernel or park, not both")
+            kernel = park
         if seed is None:
             seed = secrets.randbelow(2**63)
-        scenario = Scenario.build(park, order, seed, list(inject or []), self.sup.ncpus)
-        self._require_old_kernel("a kexec")
-        offline = [c for c in range(1, self.sup.ncpus) if self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
+        scenario = Scenario.build(kernel, order, seed, list(inject or []), self.sup.ncpus, into, crash, boot)
+        self._require_kexec_able("a kexec")
+        if crash and not self.sup.seg.hdr("crash_pages"):
+            raise BadInput("no crashkernel= region is reserved on this machine (memory.crashkernel_pages = 0); "
+                           "`smpd up` with crashkernel_pages \"auto\" reserves one")
+        parse_boot(boot, self.sup.ncpus)  # bad boot parameters are refused before anything runs
+        if self.sup.reset_offline is None:  # the first kexec since power-on: what `smpd reset` restores
+            self.sup.reset_offline = [c for c in range(1, self.sup.ncpus)
+                                      if self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
         report = Kexec(self.sup, scenario).run()
-        self.sup.reset_offline = offline
         self.sup.seg.set_hdr("state", L.MachineState.KEXECED)
         self.sup.seg.set_hdr("kexec_count", self.sup.seg.hdr("kexec_count") + 1)
-        report["machine"] = {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch, "hot_path": self.sup.hot_path}
+        report["machine"] = {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch,
+                             "hot_path": self.sup.hot_path}
         return report
+
+    def op_chain(self, kexecs: int, kernel: str | None = None, into: str | None = None, boot: str | None = None,
+                 inject: list[str] | None = None, order: str = "sequential", seed: int | None = None) -> dict:
+        """``kexecs`` kexecs in a row, no reset between; stops at the first link that is not CLEAN
+        (after a triple fault or a shutdown there is no kernel left to kexec from)."""
+        if not 1 <= kexecs <= MAX_CHAIN:
+            raise BadInput(f"--kexecs {kexecs} is not in the range 1..{MAX_CHAIN}")
+        seed = secrets.randbelow(2**63) if seed is None else seed
+        Scenario.build(kernel, order, seed, list(inject or []), self.sup.ncpus, into, False, boot)  # validates
+        links = []
+        for n in range(kexecs):
+            r = self.op_kexec(kernel=kernel if n == 0 else None, into=into, boot=boot if n == 0 else None,
+                              inject=inject, order=order, seed=trial_seed(seed, n))
+            links.append(r)
+            if r["outcome"] != "CLEAN":
+                break
+        failing = next((i for i, r in enumerate(links) if r["outcome"] != "CLEAN"), None)
+        return {"links": links, "kexecs": kexecs, "seed": seed, "first_failing_link": None if failing is None
+                else failing + 1, "machine": links[-1]["machine"]}
 
     def op_kick(self) -> dict:
         """smp_kick_mwait_play_dead() alone: who acknowledged, how fast, who is stuck."""
-        self._require_old_kernel("a kick")
-        k = Kexec(self.sup, Scenario("hlt", "sequential", 0))
+        self._require_kexec_able("a kick")
+        k = Kexec(self.sup, Scenario(None, "sequential", 0))
+        k.old = self._map()
         marks = {cpu: self.sup.seg.cb(cpu, "ev_head") for cpu in k.cpus}
         kick = k.smp_kick_mwait_play_dead(lambda: None)
         k.settle()  # the kicked CPUs' way into HLT, logged after their acknowledgements
-        k.t.merge_cpus(self.sup.seg, marks)
+        k.t.merge_cpus(self.sup.seg, marks, k.gens)
         return {"kick": kick, "timeline": k.t.ordered(),
                 "cpus": [k.cpu_report(c) for c in k.cpus],
-                "machine": {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch, "hot_path": self.sup.hot_path}}
+                "machine": {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch,
+                            "hot_path": self.sup.hot_path}}
 
     def op_reset(self) -> dict:
-        """Back to the old kernel with the same offline CPUs, without re-forking: INIT every
-        CPU, reload generation 1's image, SIPI every CPU, offline the same set again. A CPU
-        whose process died (GONE) is the exception: it gets a new process, even when it
-        dies during the reset itself (up to RESET_ATTEMPTS times)."""
+        """A power cycle: INIT every CPU, RAM back to firmware's bytes, generation 1 boots again and
+        starts its APs, and the CPUs offline before the first kexec go offline again; no re-fork. A
+        CPU whose process died (GONE) is the exception: it gets a new process, even when it dies
+        during the reset itself (up to RESET_ATTEMPTS times)."""
         t0 = time.monotonic_ns()
         offline = self.sup.reset_offline
         if offline is None:
@@ -236,61 +277,62 @@ class Handlers:
                     raise
         self.sup.seg.set_hdr("state", L.MachineState.UP)
         self.sup.reset_offline = None
-        return {"offline": offline, "generation": 1, "respawned": respawned,
+        now_offline = [c for c in range(1, self.sup.ncpus) if self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
+        return {"offline": now_offline, "generation": 1, "kernel": self.sup.boot1.text(), "respawned": respawned,
                 "ms": (time.monotonic_ns() - t0) / 1e6}
 
     def _reset_once(self, offline: list[int]) -> None:
+        seg = self.sup.seg
         cpus = list(range(1, self.sup.ncpus))
         budget = self.sup.ipi_timeout_s
         self.sup.ipi_all(cpus, L.Ipi.INIT, budget, "reset (INIT)")
         for cpu in cpus:
             for field in ("fault", "fault_page", "fault_addr", "fault_value", "fault_cause",
                           "fault_cause_arg", "fault_ns", "stray_stores", "kick_seen_ns",
-                          "nmi_pending", "smi_pending", "mce_pending"):
-                self.sup.seg.set_cb(cpu, field, 0)
-        self.sup.seg.set_hdr("generation", 1)
-        self.sup.seg.set_hdr("monitor_target", L.MonitorTarget.MWAIT_CPU_DEAD)
-        load_kernel(self.sup.bus, self.sup.seg.geo, self.sup.seg.hdr("seed"), generation=1)
-        self.sup.ipi_all(cpus, L.Ipi.SIPI, budget, "reset (SIPI)")
-        self.sup.ipi_all(offline, L.Ipi.CPU_DOWN, budget, "reset (offline)")
+                          "nmi_pending", "smi_pending", "mce_pending", "cpu_gen"):
+                seg.set_cb(cpu, field, 0)
+        gen1 = kboot.power_on(seg, self.sup.bus, self.sup.boot1)
+        self.sup.start_aps(gen1, budget, "reset (SIPI)")
+        todo = [c for c in offline if seg.cb(c, "hotplug") == L.Hotplug.ONLINE]
+        self.sup.ipi_all(todo, L.Ipi.CPU_DOWN, budget, "reset (offline)")
 
     def op_inject(self, kind: str, cpus: str = "all", count: int = 1) -> dict:
         """A stray interrupt right now: send it, wait (bounded) until it is taken or held."""
         inj = parse_injection(f"{kind}@after-copy:{cpus}x{count}", self.sup.ncpus)
         self.sup.refresh_gone()
-        k = Kexec(self.sup, Scenario("hlt", "sequential", 0, (inj,)))
-        k.old_gen = k.new_gen = self.sup.seg.hdr("generation")
+        k = Kexec(self.sup, Scenario(None, "sequential", 0, (inj,)))
         marks = {cpu: self.sup.seg.cb(cpu, "ev_head") for cpu in inj.cpus}
         k.inject("after-copy")
         k.settle()
-        k.t.merge_cpus(self.sup.seg, marks)
+        k.t.merge_cpus(self.sup.seg, marks, k.gens)
         return {"injection": inj.spec(), "cpus": [k.cpu_report(c) for c in inj.cpus],
                 "not_taken": {str(c): why for c, why in k.not_taken.items()}, "timeline": k.t.ordered()}
 
     def op_bench_kick(self, targets: str | None = None, rounds: int = 100) -> dict:
-        """`rounds` rounds of: kick each target (smpd.kick.kick_one), then REPARK them all.
+        """`rounds` rounds of: kick each target (smpd.kernel.kick.kick_one), then REPARK them all.
 
         Returns raw samples for the client to fold into histograms, so that a long run
         is many short requests (a progress bar, Ctrl-C between batches)."""
-        self._require_old_kernel("a kick benchmark")
+        self._require_kexec_able("a kick benchmark")
         if not 0 <= rounds <= 100_000:
             raise BadInput(f"rounds {rounds} is not in the range 1..100000")
-        parked = [c for c in range(1, self.sup.ncpus) if self._parked(c)]
+        kmap = self._map()
+        parked = [c for c in range(1, self.sup.ncpus) if self._parked(c, kmap)]
         cpus = parked if targets in (None, "", "parked") else self._cpus_arg(targets)
-        bad = [c for c in cpus if not self._parked(c)]
+        bad = [c for c in cpus if not self._parked(c, kmap)]
         if bad or not cpus:
             raise BadInput(
                 (f"CPU {cpulist.format_list(bad)} {'is' if len(bad) == 1 else 'are'} not parked in "
                  f"mwait_play_dead() (online, kicked, or elsewhere)" if bad else "no CPU is parked")
-                + f"; parked now: CPU {cpulist.format_list(parked) or 'none'} (`smpd offline` parks CPUs)")
+                + f"; parked now: CPU {cpulist.format_list(parked) or 'none'} (`smpd offline` parks CPUs)"
+                + ("; the running kernel is pre-fix: it has no kick" if kmap.boot.monitors_thread_info else ""))
         if rounds == 0:  # validation only (and the pids, to sample before the first batch)
             return {"targets": cpus, "pids": {str(c): self.sup.seg.cb(c, "pid") for c in cpus}}
-        delay_ns = self.sup.cfg.get("kick", "delay_us") * 1000
-        budget = self.sup.cfg.get("kick", "rounds")
+        delay_ns, budget = self.sup.kick_params()
         samples: dict[str, list] = {str(c): [] for c in cpus}
         for _ in range(rounds):
             for cpu in cpus:
-                e = kick_one(self.sup.seg, self.sup.bus, cpu, delay_ns, budget)
+                e = kick_one(self.sup.seg, self.sup.bus, cpu, kmap.mwait_cpu_dead_addr(cpu), delay_ns, budget)
                 samples[str(cpu)].append([e.get("one_way_ns", -1), e.get("rtt_ns", -1), e["rounds"],
                                           int(e["acknowledged"])])
             _, missing = self.sup.ipi_wait(cpus, L.Ipi.REPARK, self.sup.ipi_timeout_s)
@@ -301,9 +343,11 @@ class Handlers:
                 "hot_path": self.sup.hot_path,
                 "pids": {str(c): self.sup.seg.cb(c, "pid") for c in cpus}}
 
-    def _parked(self, cpu: int) -> bool:
-        return (self.sup.seg.cb(cpu, "state") == L.ExecState.MWAIT
-                and self.sup.seg.mem_u32(self.sup.seg.geo.mwait_cpu_dead_addr(cpu) + 4) == L.CPUDEAD_MWAIT_WAIT)
+    def _parked(self, cpu: int, kmap) -> bool:
+        """Parked in mwait_play_dead() of the running kernel, status CPUDEAD_MWAIT_WAIT (the fix's kernels)."""
+        return (self.sup.seg.cb(cpu, "state") == L.ExecState.MWAIT and not kmap.boot.monitors_thread_info
+                and self.sup.seg.cb(cpu, "cpu_gen") == kmap.gen
+                and self.sup.seg.mem_u32(kmap.mwait_cpu_dead_addr(cpu) + 4) == L.CPUDEAD_MWAIT_WAIT)
 
     def op_status(self) -> dict:
         self.sup.refresh_gone()

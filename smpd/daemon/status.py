@@ -7,6 +7,7 @@ from typing import Any
 
 import psutil
 
+from smpd.kernel.generations import Generations
 from smpd.machine import layout as L
 from smpd.machine.segment import Segment
 
@@ -15,6 +16,8 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None) -> dict:
     """Everything `smpd status` shows, read from the observation plane (and psutil for cores)."""
     geo = seg.geo
     now = time.monotonic_ns()
+    gens = Generations(seg)
+    current = gens.current()
     cpus = []
     for cpu in range(geo.ncpus):
         cb = lambda f: seg.cb(cpu, f)  # noqa: E731
@@ -25,7 +28,8 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None) -> dict:
                 core = psutil.Process(pid).cpu_num()
             except psutil.Error:
                 core = -1
-        md = geo.mwait_cpu_dead_addr(cpu)
+        m = gens.of_cpu(cpu)  # the kernel this CPU runs (or sits parked in)
+        md = m.mwait_cpu_dead_addr(cpu)
         state = L.ExecState(cb("state"))
         cpus.append({
             "cpu": cpu, "pid": pid, "core": core,
@@ -35,10 +39,11 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None) -> dict:
             "mwait_entries": cb("mwait_entries"),
             "interrupts": {k: {"taken": cb(f"{k}_taken"), "pending": cb(f"{k}_pending"),
                                "held": cb(f"{k}_held")} for k in ("nmi", "smi", "mce")},
-            "init": cb("init_count"), "sipi": cb("sipi_count"),
+            "init": cb("init_count"), "sipi": cb("sipi_count"), "generation": m.gen,
             "mwait_cpu_dead": {"addr": md, "control": seg.mem_u32(md), "status": seg.mem_u32(md + 4)},
             "monitor": {"armed": bool(cb("mon_armed")),
-                        "addr": geo.line_addr(cb("mon_line")) if cb("mon_armed") else None},
+                        "addr": geo.line_addr(cb("mon_line")) if cb("mon_armed") else None,
+                        "symbol": m.symbol(geo.line_addr(cb("mon_line"))) if cb("mon_armed") else None},
         })
     states: dict[str, int] = {}
     for c in cpus:
@@ -49,7 +54,8 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None) -> dict:
         "watch_reason": seg.hdr_str("watch_reason"), "pin": seg.hdr_str("pin"),
         "hot_path": "c" if seg.hdr("hot_path") == L.HotPath.C else "python",
         "hot_path_reason": seg.hdr_str("hot_path_reason"), "spin_yields": bool(seg.hdr("spin_yields")),
-        "seed": seg.hdr("seed"), "generation": seg.hdr("generation"),
+        "seed": seg.hdr("seed"), "generation": current.gen, "kernel": current.boot.text(),
+        "flavour": current.boot.flavour, "memory": current.summary(), "ram_pages": geo.ram_pages,
         "state": L.MachineState(seg.hdr("state")).name, "uptime_s": (now - seg.hdr("boot_ns")) / 1e9,
         "bringup_ms": seg.hdr("bringup_ns") / 1e6, "segment": seg.name,
         "segment_bytes": geo.size, "layout_version": L.LAYOUT_VERSION,

@@ -41,7 +41,7 @@ from smpd.errors import CpuLost, HostTooSmall, MachineAlreadyUp, SmpdError, Time
 from smpd.host import hostinfo, names
 from smpd.host.proc import set_process_name
 from smpd.kernel.cpu import cpu_main
-from smpd.kernel.image import load_kernel
+from smpd.kernel import boot as kboot
 from smpd.machine import layout as L
 from smpd.machine.bus import Bus
 from smpd.machine.segment import Segment, SegmentExists, unlink
@@ -71,6 +71,7 @@ class Coordinator:
         self.stopping = False
         self.handlers = Handlers(self)
         self.reset_offline: list[int] | None = None  # the offline set `smpd reset` restores
+        self.boot1 = cfg.boot()  # generation 1's kernel: what `smpd up` and every `smpd reset` boot
         self.plan: list[int | None] = []  # host core of each CPU (pin policy)
 
     # -- bring-up --------------------------------------------------------------
@@ -78,8 +79,8 @@ class Coordinator:
     def boot(self) -> dict:
         """Create the segment, load the old kernel, fork and start every CPU. Returns a summary."""
         t0 = time.monotonic_ns()
-        mem = self.cfg.raw["memory"]
-        geo = L.Geometry(self.ncpus, mem["text_pages"], mem["page_table_pages"], mem["stack_pages_per_cpu"])
+        sizes = self.cfg.sizes()
+        geo = L.Geometry(self.ncpus, sizes.ram)
         hostinfo.raise_file_limit(self.ncpus)
         me = psutil.Process()
         self.ctime = me.create_time()
@@ -101,18 +102,22 @@ class Coordinator:
             ("hot_path", L.HotPath.C if self.hot_path == "c" else L.HotPath.PYTHON),
             ("hot_path_reason", self.hot_path_reason.encode()[:200]),
             ("spin_yields", int(self.watch == "spin" and self.ncpus > len(hostinfo.allowed_cores()))),
+            ("text_pages", sizes.text), ("data_pages", sizes.data), ("pgtable_pages", sizes.pgtables),
+            ("stack_pages_per_cpu", sizes.stack_per_cpu), ("crash_pages", sizes.crash),
+            ("smi_auto_halt_restart", int(self.cfg.get("firmware", "smi_auto_halt_restart"))),
+            ("smm_hangs_in_init", int(self.cfg.get("firmware", "smm_hangs_with_cpus_in_init"))),
         ):
             seg.set_hdr(field, value)
         check_stop()
         self.bus = Bus(seg)
-        load_kernel(self.bus, geo, self.seed, generation=1)
+        gen1 = kboot.power_on(seg, self.bus, self.boot1)
         check_stop()
         self.plan = plan = hostinfo.pin_plan(self.pin, self.ncpus)
         if plan[0] is not None:
             os.sched_setaffinity(0, {plan[0]})
         for field, value in (("pid", os.getpid()), ("core", -1 if plan[0] is None else plan[0]),
                              ("hotplug", L.Hotplug.ONLINE), ("state", L.ExecState.RUNNING),
-                             ("ctime_ms", int(me.create_time() * 1000))):
+                             ("ctime_ms", int(me.create_time() * 1000)), ("cpu_gen", 1)):
             seg.set_cb(0, field, value)
         seg.set_hdr("state", L.MachineState.BOOTING)
         gc.freeze()  # keep the collector from touching (and so copying) inherited pages
@@ -122,7 +127,7 @@ class Coordinator:
         t_sipi = time.monotonic_ns()
         budget = (self.cfg.get("timeouts", "bringup_ms")
                   + self.cfg.get("timeouts", "bringup_ms_per_cpu") * self.ncpus) / 1000
-        self.ipi_all(list(range(1, self.ncpus)), L.Ipi.SIPI, budget, "bring-up (SIPI)")
+        self.start_aps(gen1, budget, "bring-up")
         bringup_ns = time.monotonic_ns() - t0
         seg.set_hdr("bringup_ns", bringup_ns)
         self.server = channel.Server(names.socket_address(self.name, seg.hdr_str("channel")), seg.hdr("authkey"))
@@ -134,7 +139,39 @@ class Coordinator:
             "spin_yields": bool(seg.hdr("spin_yields")),
             "segment": seg.name, "segment_bytes": geo.size, "bringup_ms": bringup_ns / 1e6,
             "sipi_to_online_ms": (time.monotonic_ns() - t_sipi) / 1e6,
+            "kernel": self.boot1.text(), "generation": 1,
+            "online": sum(1 for c in range(self.ncpus) if seg.cb(c, "hotplug") == L.Hotplug.ONLINE),
         }
+
+    def start_aps(self, m, budget: float, what: str) -> dict:
+        """Kernel ``m`` starts the APs its boot parameters keep (smpd.kernel.boot); a CPU that does
+        not answer is an error here (a cold boot has nothing to blame but the host)."""
+        r = kboot.start_aps(self, m, list(range(1, self.ncpus)), budget)
+        if r["missing"]:
+            self.refresh_gone()
+            self.ipi_all(r["missing"], L.Ipi.SIPI, 0.001, what)  # raises, naming the CPUs and why
+        return r
+
+    # -- what a kexec needs of us (smpd.kernel.kexec.Port) ------------------------
+
+    def cpu_alive(self, cpu: int) -> bool:
+        p = self.procs.get(cpu)
+        return p is not None and p.is_alive()
+
+    def cpu_process(self, cpu: int):
+        return self.procs.get(cpu)
+
+    def send_interrupt(self, cpu: int, kind: str) -> None:
+        """NMI, SMI or MCE as a signal to the CPU's process (our own child: its pid is its own)."""
+        p = self.procs.get(cpu)
+        if p is not None and p.is_alive():
+            try:
+                os.kill(p.pid, self.signals[kind])
+            except ProcessLookupError:
+                pass
+
+    def kick_params(self) -> tuple[int, int]:
+        return self.cfg.get("kick", "delay_us") * 1000, self.cfg.get("kick", "rounds")
 
     def _inherited_fds(self) -> list[int]:
         """Descriptors a forked child must close: each holds something only we may hold open."""
@@ -261,9 +298,8 @@ class Coordinator:
         for cpu in gone:
             old = self.procs.pop(cpu)
             old.join(1)
-            for line in (self.seg.geo.percpu_line(cpu, L.MWAIT_CPU_DEAD_SLOT),
-                         self.seg.geo.percpu_line(cpu, L.THREAD_INFO_SLOT)):
-                d[base + line] = 0
+            if self.seg.cb(cpu, "mon_armed") and d[base + self.seg.cb(cpu, "mon_line")] == cpu + 1:
+                d[base + self.seg.cb(cpu, "mon_line")] = 0  # the monitor the dead process left armed
             for field, value in (("mbox_ack", self.seg.cb(cpu, "mbox_seq")), ("wake", 0), ("sleeping", 0),
                                  ("mon_armed", 0), ("busy", 0), ("state", L.ExecState.OFF),
                                  ("hotplug", L.Hotplug.OFFLINE)):

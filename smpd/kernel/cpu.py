@@ -36,10 +36,12 @@ import struct
 import sys
 import time
 
-from smpd.machine import events, hotpath, layout as L
-from smpd.kernel import resume as oldkernel
-from smpd.machine.bus import DOORBELL_SIGNAL, Bus
 from smpd.host.proc import die_with_parent, set_process_name
+from smpd.kernel import resume as resume_mod
+from smpd.kernel.generations import Generations
+from smpd.kernel.memmap import TEXT_MCE, TEXT_NMI, TEXT_PLAY_DEAD, MemoryMap
+from smpd.machine import events, hotpath, layout as L
+from smpd.machine.bus import DOORBELL_SIGNAL, Bus
 from smpd.machine.sync import fence
 
 
@@ -65,8 +67,9 @@ class Cpu:
         self.wake_off = self.wake_idx * 4
         self.sleeping_idx = seg.cb_index32(cpu, "sleeping")
         self.dir_base = geo.dir_off // L.DIR_ENTRY
-        self.md = geo.mwait_cpu_dead_addr(cpu)
-        self.md_mem = geo.mem_off + self.md - L.PHYS_BASE
+        self.gens = Generations(seg)
+        self.gen = 0  # the kernel generation this CPU runs (set by smp_callin)
+        self.map: MemoryMap | None = None  # that generation's memory map
         self.spin = seg.hdr("watch") == L.Watch.SPIN
         self.budget_ns = seg.hdr("spin_budget_ns")  # the compiled path's unit; the Python one's below
         self.budget_s = self.budget_ns / 1e9
@@ -80,7 +83,6 @@ class Cpu:
         self.timer_reason: str | None = None  # "budget" or "spurious" while the timer runs
         self.armed_line = -1
         self.pending_ack: int | None = None  # mailbox seq to acknowledge when done
-        self.gen = 0  # the kernel generation this CPU runs (set by smp_callin)
         # Direct word indices of the fields the wake-up path touches (a struct call each
         # would cost more than the rest of that path).
         self.u64 = seg.u64
@@ -90,11 +92,11 @@ class Cpu:
         self.i_mon_armed, self.i_mon_line = ix("mon_armed"), ix("mon_line")
         self.i_wake_count = [(M_WRITE, ix("wake_write")), (M_IRQ, ix("wake_irq")),
                              (M_IPI, ix("wake_ipi")), (M_TIMER, ix("wake_spurious"))]
-        self.plans: dict[int, oldkernel.ResumePlan] = {}  # by text page, for self.gen
+        self.plans: dict[tuple, resume_mod.ResumePlan] = {}  # by (map, text page)
         # The compiled watch loop (smpd.hotpath), or None for the Python loops below.
         self.spin_yields = bool(seg.hdr("spin_yields"))
         self.waiter = hotpath.waiter(seg, cpu, self.irq_sigs, DOORBELL_SIGNAL)
-        self.kick_acks: dict[int, object] = {}  # hotpath.Ack by kernel generation
+        self.kick_acks: dict[MemoryMap, object] = {}  # hotpath.Ack by memory map
         self.acked_ns = 0  # set when the compiled path acknowledged a kick inside wait()
 
     # -- process entry -------------------------------------------------------
@@ -274,12 +276,12 @@ class Cpu:
     def monitor(self, addr: int) -> None:
         """__monitor(): arm the monitor on the line holding ``addr``.
 
-        Only the CPU's own per-CPU lines may be monitored (the line directory has
-        one writer per entry; see smpd.layout).
+        Only one of the CPU's own lines in its kernel's map may be monitored (the line
+        directory has one writer per entry; see smpd.machine.layout).
         """
         line = (addr - L.PHYS_BASE) // L.LINE
-        owner = self.seg.geo.owner_of_line(line)
-        assert owner is not None and owner[0] == self.cpu, f"CPU{self.cpu} may not monitor {addr:#x}"
+        own = (self.map.mwait_cpu_dead_addr(self.cpu), self.map.thread_info_addr(self.cpu))
+        assert addr in own, f"CPU{self.cpu} may not monitor {addr:#x}"
         self.buf[self.wake_off + L.WAKE_WRITE] = 0
         self.u16[self.dir_base + line] = self.cpu + 1
         self.armed_line = line
@@ -311,29 +313,31 @@ class Cpu:
 
     # -- executing in the old kernel -----------------------------------------
 
-    def _plan(self, text_page: int) -> oldkernel.ResumePlan:
-        plan = self.plans.get(text_page)
-        if plan is None or plan.generation != self.gen:
-            plan = self.plans[text_page] = oldkernel.ResumePlan(self.seg.geo, self.cpu, self.gen, text_page)
+    def _plan(self, text_page: int) -> resume_mod.ResumePlan:
+        key = (self.map, text_page)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = resume_mod.ResumePlan(self.seg, self.map, self.cpu, text_page)
         return plan
 
     def _kick_ack(self):
         """The compiled path's acknowledgement of a kick in mwait_play_dead() (None: Python path)."""
         if self.waiter is None:
             return None
-        a = self.kick_acks.get(self.gen)
+        a = self.kick_acks.get(self.map)
         if a is None:
-            a = self.kick_acks[self.gen] = hotpath.ack(self.seg, self.cpu, self._plan(L.TEXT_PLAY_DEAD).checks)
+            a = self.kick_acks[self.map] = hotpath.ack(self.seg, self.cpu, self.map.mwait_cpu_dead_addr(self.cpu),
+                                                       self._plan(TEXT_PLAY_DEAD).checks)
         return a
 
     def resume(self, text_page: int, cause: L.Ev, cause_arg: int = 0):
         """The CPU executes again after a wake-up: check the pages that step touches.
 
         Returns None to go on, or the next state when the CPU faulted or ran off
-        into foreign bytes (see smpd.oldkernel).
+        into foreign bytes (see smpd.kernel.resume).
         """
-        v = oldkernel.resume(self.seg, self.bus, self._plan(text_page))
-        if v is oldkernel.OK:
+        v = resume_mod.resume(self.seg, self.bus, self._plan(text_page))
+        if v is resume_mod.OK:
             return None
         events.log(self.seg, self.cpu, L.Ev.BAD_PAGE, v.page)
         for addr, _value in v.stores:
@@ -364,7 +368,7 @@ class Cpu:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         return taken
 
-    def take_interrupts(self, resume_page: int = L.TEXT_PLAY_DEAD):
+    def take_interrupts(self, resume_page: int = TEXT_PLAY_DEAD):
         """Run the handlers of pending interrupts, MCE first, then return to ``resume_page``.
 
         NMI and MCE enter their handlers' text; an SMI enters SMM (firmware, never
@@ -384,7 +388,7 @@ class Cpu:
             if kind == "smi":
                 events.log(self.seg, self.cpu, L.Ev.SMM)
                 continue  # RSM resumes the interrupted code: checked below
-            nxt = self.resume(L.TEXT_NMI if kind == "nmi" else L.TEXT_MCE, L.Ev.INTERRUPT, L.IRQ_CODE[kind])
+            nxt = self.resume(TEXT_NMI if kind == "nmi" else TEXT_MCE, L.Ev.INTERRUPT, L.IRQ_CODE[kind])
             if nxt is not None:
                 return nxt
         if took:  # the return from the (last) handler, or RSM, into the interrupted code
@@ -505,13 +509,20 @@ class Cpu:
         self._add("sipi_count", 1)
         events.log(self.seg, self.cpu, L.Ev.SIPI)
         self.smp_callin()
+        if self.map.boot.parks_at_boot(self.cpu):
+            # nosmt: an SMT sibling is brought up once (so that CR4.MCE is set) and then
+            # parked for good in mwait_play_dead(), by every kernel, kexec'd ones included.
+            return self.play_dead
         return self.running
 
     def smp_callin(self) -> None:
-        """The AP's first kernel code: clear mwait_cpu_dead so a stale KEXEC_HLT is never seen."""
+        """The AP's first kernel code, in the generation that started it; in the fix's kernels it
+        clears mwait_cpu_dead so a stale KEXEC_HLT is never seen."""
         self.gen = self.seg.hdr("generation")
+        self.map = self.gens.map(self.gen)
         self.seg.set_cb(self.cpu, "cpu_gen", self.gen)
-        self.bus.write(self.md, _MD.pack(0, 0))
+        if not self.map.boot.monitors_thread_info:  # the pre-fix kernel has no struct mwait_cpu_dead
+            self.bus.write(self.map.mwait_cpu_dead_addr(self.cpu), _MD.pack(0, 0))
         self._set_state(L.ExecState.RUNNING, L.Hotplug.ONLINE)
         self._ack_pending()
         # NMI and SMI held in wait-for-SIPI are delivered now that the CPU executes
@@ -553,20 +564,25 @@ class Cpu:
         """The kernel's loop: MONITOR, MWAIT, and, with the kexec() fix, leave for HLT once
         control says CPUDEAD_MWAIT_KEXEC_HLT.
 
-        Which line MONITOR arms is the old kernel's flavour (header monitor_target):
-        the dedicated mwait_cpu_dead line of the fix, or, before it, the idle task's
-        thread_info->flags, which is ordinary memory that kexec overwrites.
+        Which line MONITOR arms is the running kernel's flavour (smpd.kernel.memmap): the
+        dedicated mwait_cpu_dead line of the fix, or, before it, the idle task's
+        thread_info->flags, which is ordinary memory a kexec may overwrite. Both live in
+        this CPU's generation's own allocations (per-CPU area; idle task_struct).
         """
-        # Set up state for the kexec() hack: status first, then control, as the kernel does.
-        self.bus.write(self.md + 4, struct.pack("<I", L.CPUDEAD_MWAIT_WAIT))
-        self.bus.write(self.md, struct.pack("<I", L.CPUDEAD_MWAIT_WAIT))
+        md = self.map.mwait_cpu_dead_addr(self.cpu)
+        if not self.map.boot.monitors_thread_info:
+            # Set up state for the kexec() hack: status first, then control, as the kernel does.
+            self.bus.write(md + 4, struct.pack("<I", L.CPUDEAD_MWAIT_WAIT))
+            self.bus.write(md, struct.pack("<I", L.CPUDEAD_MWAIT_WAIT))
         self._add("mwait_entries", 1)
         self._set_state(L.ExecState.MWAIT)
         self._ack_pending()
-        geo = self.seg.geo
+        md_mem = self.seg.mem_off(md)
         while True:
-            prefix = self.seg.hdr("monitor_target") == L.MonitorTarget.THREAD_INFO
-            target = geo.thread_info_addr(self.cpu) if prefix else self.md
+            # The flavour can change under a parked CPU (`smpd kexec --kernel`): look each time.
+            self.map = self.gens.map(self.gen)
+            prefix = self.map.boot.monitors_thread_info
+            target = self.map.thread_info_addr(self.cpu) if prefix else md
             self.monitor(target)
             line = self.armed_line
             # The fix's kernel only: the pre-fix one has no control word to answer.
@@ -589,7 +605,7 @@ class Cpu:
             cause = 0
             if mask & (M_WRITE | M_TIMER):
                 cause = L.Ev.WAKE_WRITE if mask & M_WRITE else L.Ev.SPURIOUS
-                nxt = self.resume(L.TEXT_PLAY_DEAD, cause, line)
+                nxt = self.resume(TEXT_PLAY_DEAD, cause, line)
                 if nxt is not None:
                     events.log(self.seg, self.cpu, cause, line, ns=t_wake)
                     return nxt
@@ -597,7 +613,7 @@ class Cpu:
                 if cause:
                     events.log(self.seg, self.cpu, cause, line, ns=t_wake)
                 continue  # the pre-fix kernel has no control word: back into MWAIT
-            control = _MD.unpack_from(self.buf, self.md_mem)[0]
+            control = _MD.unpack_from(self.buf, md_mem)[0]
             if control == L.CPUDEAD_MWAIT_KEXEC_HLT:
                 # Kexec is about to happen. Don't go back into mwait(): the kexec
                 # kernel may overwrite text, page tables and stack, and a write to
@@ -606,7 +622,7 @@ class Cpu:
                 # each ends HLT and resumes in the old kernel.
                 seen = time.monotonic_ns()
                 self.u64[self.i_kick_seen] = seen
-                self.bus.write(self.md + 4, _KEXEC_HLT)
+                self.bus.write(md + 4, _KEXEC_HLT)
                 # The bookkeeping comes after the acknowledgement: off the kick's latency path.
                 if cause:
                     events.log(self.seg, self.cpu, cause, line, ns=t_wake)

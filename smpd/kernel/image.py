@@ -1,50 +1,75 @@
-"""The emulated kernel image: tagged 4 KiB pages whose contents derive from the machine seed.
+"""What every page of emulated RAM holds: tagged 4 KiB pages whose contents derive from the seed.
 
 Every page starts with a 16-byte tag (magic, kernel generation, region, index in
-region), so anyone can tell in O(1) whose page it is: the old kernel's, the new
-kernel's, or neither (foreign bytes, a torn copy). The rest of a text, page-table
-or stack page is SHAKE-256 of (seed, generation, region, index): deterministic,
-cheap to regenerate for verification, and different for every generation. Per-CPU
-data pages are zero after the tag, like the kernel's zero-initialised per-CPU
-variables (``mwait_cpu_dead`` starts as {0, 0}).
+region), so anyone can tell in O(1) whose page it is: a generation's own (which
+region, which page of it), or firmware's (generation 0: never written by a kernel
+since power-on). The rest of a page is SHAKE-256 of (seed, generation, region,
+index): deterministic, cheap to regenerate for verification, different for every
+generation. Per-CPU areas and idle task_structs are zero after the tag, like the
+kernel's zero-initialised data (``mwait_cpu_dead`` starts as {0, 0}, an idle task's
+``thread_info->flags`` as 0).
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
+from smpd.kernel.memmap import MemoryMap, Region, page_addr
 from smpd.machine import layout as L
 
 TAG = struct.Struct("<4sIHHI")
 TAG_MAGIC = b"KPG1"
+_ZERO_BODY = (Region.PERCPU, Region.TASKS)
 
 
 class PageTag(NamedTuple):
     generation: int
-    region: L.Region
+    region: Region
     index: int
 
 
-def page_image(seed: int, generation: int, region: L.Region, index: int) -> bytes:
-    tag = TAG.pack(TAG_MAGIC, generation, region, 0, index)
-    if region == L.Region.PERCPU:
+def tag_bytes(generation: int, region: Region, index: int) -> bytes:
+    return TAG.pack(TAG_MAGIC, generation, region, 0, index)
+
+
+def page_image(seed: int, generation: int, region: Region, index: int) -> bytes:
+    tag = tag_bytes(generation, region, index)
+    if region in _ZERO_BODY:
         return tag + bytes(L.PAGE - TAG.size)
     body = hashlib.shake_256(f"{seed}:{generation}:{region.name}:{index}".encode()).digest(L.PAGE - TAG.size)
     return tag + body
 
 
-def load_kernel(bus, geo: L.Geometry, seed: int, generation: int) -> None:
-    """Write a whole kernel image of ``generation`` into emulated memory, through the bus."""
-    for page in range(geo.npages):
-        region, index = geo.region_of(page)
-        bus.write(L.PHYS_BASE + page * L.PAGE, page_image(seed, generation, region, index))
+def write_pages(bus, seed: int, generation: int, pages: Iterable[tuple[int, Region, int]]) -> int:
+    """Write generation ``generation``'s pages through the bus; returns how many monitors they woke."""
+    woke = 0
+    for page, region, index in pages:
+        woke += bus.write(page_addr(page), page_image(seed, generation, region, index))
+    return woke
+
+
+def power_on(bus, geo: L.Geometry, seed: int) -> None:
+    """RAM at power-on: firmware's bytes everywhere (generation 0), no kernel's page anywhere."""
+    write_pages(bus, seed, 0, ((p, Region.FIRMWARE, p) for p in range(geo.npages)))
+
+
+def boot_kernel(bus, seed: int, m: MemoryMap) -> int:
+    """A kernel's own writes until it starts the APs: its image (decompressed, BSS cleared), then
+    memblock's allocations, then the slab's: every page of its map, in that order (MemoryMap.pages)."""
+    return write_pages(bus, seed, m.gen, m.pages())
 
 
 def read_tag(seg, page: int) -> PageTag | None:
     """The tag of an emulated page, or None when line 0 holds no valid tag."""
     magic, gen, region, _flags, index = TAG.unpack_from(seg.buf, seg.geo.mem_off + page * L.PAGE)
-    if magic != TAG_MAGIC or region not in L.Region._value2member_map_:
+    if magic != TAG_MAGIC or region not in Region._value2member_map_:
         return None
-    return PageTag(gen, L.Region(region), index)
+    return PageTag(gen, Region(region), index)
+
+
+def is_own_page(seg, m: MemoryMap, page: int) -> bool:
+    """O(1): does ``page`` still hold what generation ``m.gen`` put there?"""
+    where = m.region_of(page)
+    return where is not None and read_tag(seg, page) == PageTag(m.gen, *where)

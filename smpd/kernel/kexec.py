@@ -1,57 +1,88 @@
-"""The kexec sequence, run by the coordinator (CPU 0, the kexec CPU). DESIGN.md §5.
+"""The kexec sequence, run by the coordinator (CPU 0, the kexec CPU). DESIGN §1 and §5.
 
-    1. stop_other_cpus()          REBOOT IPI to online CPUs -> stop_this_cpu() -> HLT (1 s bound)
-    2. park policy                none: nothing (the pre-fix kernel: offline CPUs monitor
-                                        their thread_info->flags line)
-                                  hlt:  smp_kick_mwait_play_dead()
-                                  init: smp_park_other_cpus_in_init()
-    3. injections                 NMI/MCE/SMI signals at before-kick, during-kick,
-                                  after-kick, during-copy, after-copy
-    4. copy                       the new kernel (generation + 1) over the old, through the bus
-    5. the new kernel             its early writes to its per-CPU data, then INIT/SIPI of
-                                  every CPU not in SHUTDOWN, then verification of its image
-    6. the outcome                exactly one of CLEAN, TRIPLE_FAULT, CORRUPTION,
-                                  MCE_SHUTDOWN, STUCK, CPU_LOST, with its evidence
+    1. native_stop_other_cpus(), as the running kernel's flavour has it:
+         6.5, 6.6   if (kexec_in_progress) smp_kick_mwait_play_dead();   (the kick comes first)
+         all        REBOOT vector to the other online CPUs -> stop_this_cpu() -> HLT; wait 1 s;
+                    the NMI shootdown for those that did not stop
+         6.5        smp_park_other_cpus_in_init(): INIT to every other present CPU, from the
+                    boot CPU only (b1472a60a584), when no special wakeup method exists
+       kdump instead: crash_smp_send_stop() NMIs the online CPUs; no kick, no INIT
+    2. injections                 NMI/MCE/SMI at before-kick, during-kick, after-kick,
+                                  during-copy, after-copy
+    3. the copy                   relocate_kernel(): the new kernel's segments to where the
+                                  loader placed them (smpd.kernel.memmap), and nothing else;
+                                  a crash kernel was loaded at boot: no copy
+    4. the new kernel             decompresses, clears its BSS, builds its page tables and
+                                  makes its early allocations, each a bus write to addresses
+                                  from its own memory map; then INIT/SIPI to each CPU it
+                                  starts (boot parameters: nosmt re-parks the siblings,
+                                  maxcpus leaves CPUs alone); then it verifies its memory
+    5. the outcome                smpd.kernel.outcome.classify(), from a snapshot
 
 Every wait is bounded; a CPU process that dies is reported (CPU_LOST), never waited for.
+The coordinator is reached only through ``Port`` (the operations this needs).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import struct
 import time
+from typing import Protocol
+
+import psutil
 
 from smpd import cpulist
-from smpd.machine import events, layout as L
+from smpd.kernel import boot as boot_mod, generations as gens_mod, image
+from smpd.kernel.generations import Generations
 from smpd.kernel.kick import smp_kick_mwait_play_dead
-from smpd.kernel.image import page_image
-from smpd.kernel.scenario import Scenario
+from smpd.kernel.memmap import Boot, MemoryMap, Region, kexec_load, page_addr
+from smpd.kernel.outcome import OUTCOMES, CpuFacts, Snapshot, classify, explain
+from smpd.kernel.scenario import Scenario, parse_boot
+from smpd.kernel.timeline import Timeline, describe
+from smpd.machine import layout as L
 
-OUTCOMES = ("CLEAN", "TRIPLE_FAULT", "CORRUPTION", "MCE_SHUTDOWN", "STUCK", "CPU_LOST")
-STOP_OTHER_CPUS_S = 1.0  # stop_other_cpus() waits up to 1 s for the REBOOT vector to land
+__all__ = ["Kexec", "Port", "OUTCOMES"]
+
+STOP_OTHER_CPUS_S = 1.0  # native_stop_other_cpus(): "Don't wait longer than a second"
 SETTLE_S = 2.0  # how long the CPUs get to finish what a write or an interrupt started
 IRQ_TAKEN_S = 1.0  # how long an injected signal gets to be taken (or held)
 BOOT_IPI_S = 2.0  # INIT/SIPI acknowledgement budget when the new kernel starts the APs
 
 
+class Port(Protocol):
+    """What the kexec needs of the coordinator (smpd.daemon.supervisor implements it)."""
+
+    seg: object
+    bus: object
+
+    def ipi_wait(self, cpus: list[int], cmd: L.Ipi, timeout_s: float) -> tuple[dict[int, int], list[int]]: ...
+    def cpu_alive(self, cpu: int) -> bool: ...
+    def cpu_process(self, cpu: int): ...  # pid and exitcode of its process
+    def send_interrupt(self, cpu: int, kind: str) -> None: ...
+    def kick_params(self) -> tuple[int, int]: ...  # (delay ns, rounds)
+
+
 class Kexec:
-    def __init__(self, coord, scenario: Scenario):
-        self.c = coord
-        self.seg = coord.seg
-        self.bus = coord.bus
-        self.geo = coord.seg.geo
+    def __init__(self, port: Port, scenario: Scenario):
+        self.c = port
+        self.seg, self.bus = port.seg, port.bus
         self.s = scenario
+        self.gens = Generations(self.seg)
         self.rng = random.Random(scenario.seed)
-        self.t = events.Timeline()
-        self.cpus = list(range(1, self.geo.ncpus))
+        self.t = Timeline()
+        self.cpus = list(range(1, self.seg.geo.ncpus))
         self.kick: dict | None = None
-        self.not_taken: dict[int, str] = {}  # injections a CPU never took, and why
+        self.not_taken: dict[int, str] = {}
         self.boot_missing: list[int] = []
-        self.copy_woke = 0
+        self.left_behind: list[int] = []
+        self.parked_in_init = False
+        self.smm_hang = ""
+        self.copy_woke = self.boot_woke = 0
         self.copy_info: dict = {}
+        self.old: MemoryMap | None = None
+        self.new: MemoryMap | None = None
 
     # -- helpers -----------------------------------------------------------------
 
@@ -59,135 +90,157 @@ class Kexec:
         self.t.add(0, what)
 
     def alive(self, cpu: int) -> bool:
-        p = self.c.procs.get(cpu)
-        return p is not None and p.is_alive() and self.seg.cb(cpu, "state") != L.ExecState.GONE
+        return self.c.cpu_alive(cpu) and self.seg.cb(cpu, "state") != L.ExecState.GONE
 
     def irq_seen(self, cpu: int) -> int:
         return sum(self.seg.cb(cpu, f"{k}_taken") + self.seg.cb(cpu, f"{k}_held") for k in L.IRQ_KINDS)
 
-    def status_word(self, cpu: int) -> int:
-        return self.seg.mem_u32(self.geo.mwait_cpu_dead_addr(cpu) + 4)
-
-    def proc_note(self, cpu: int) -> str:
-        p = self.c.procs.get(cpu)
+    def host_note(self, cpu: int) -> str:
+        """What the host did to this CPU's process, when that explains a missed deadline."""
+        p = self.c.cpu_process(cpu)
         if p is None or not p.is_alive():
-            return "its process is gone"
+            return ""
         try:
-            import psutil
-
             st = psutil.Process(p.pid).status()
-        except Exception:  # noqa: BLE001 - a vanished pid is just "gone"
-            return "its process is gone"
-        return "its process is stopped (SIGSTOP)" if st == "stopped" else f"its process is {st}"
+        except psutil.Error:
+            return ""
+        return "its process is stopped (SIGSTOP): a host fault, not the machine's" if st == "stopped" else ""
 
     # -- the sequence ----------------------------------------------------------
 
     def run(self) -> dict:
         seg, s = self.seg, self.s
         t0 = time.monotonic_ns()
-        self.old_gen = seg.hdr("generation")
-        self.new_gen = self.old_gen + 1
+        self.old = self.gens.current()
+        flavour = s.kernel or self.old.boot.flavour
+        if flavour != self.old.boot.flavour:
+            self.become(flavour)
+        params = parse_boot(s.boot, seg.geo.ncpus, self.old.boot, seg.hdr("seed"))
+        new_boot = Boot(s.into or flavour, nosmt=params.nosmt, maxcpus=params.maxcpus, kaslr=params.kaslr,
+                        crash=s.crash)
+        self.new = kexec_load(self.old, new_boot)
         self.marks = {cpu: seg.cb(cpu, "ev_head") for cpu in self.cpus}
         online = [c for c in self.cpus if seg.cb(c, "hotplug") == L.Hotplug.ONLINE and self.alive(c)]
         self.offline_at_start = [c for c in self.cpus if c not in online]
-        self.log(f"kexec: park={s.park} order={s.order} seed={s.seed}; old kernel generation {self.old_gen}; "
-                 f"offline CPUs {cpulist.format_list(self.offline_at_start) or 'none'}")
-        if s.park == "none":
-            self.become_prefix_kernel()
-        self.stop_other_cpus(online)
-        self.inject("before-kick")
-        if s.park == "hlt":
-            self.kick = self.smp_kick_mwait_play_dead(lambda: self.inject("during-kick"))
-        elif s.park == "init":
-            self.smp_park_other_cpus_in_init(lambda: self.inject("during-kick"))
+        self.log(f"{'kdump' if s.crash else 'kexec'}: generation {self.old.gen} ({self.old.boot.text()}) -> "
+                 f"{self.new.gen} ({new_boot.text()}); order {s.order}, seed {s.seed}; offline CPUs "
+                 f"{cpulist.format_list(self.offline_at_start) or 'none'}")
+        if s.crash:
+            self.crash_smp_send_stop(online)
         else:
-            self.inject("during-kick")
-        self.inject("after-kick")
+            self.native_stop_other_cpus(online, flavour)
         self.copy(lambda: self.inject("during-copy"))
         self.inject("after-copy")
-        self.new_kernel_early_writes()
+        self.new_kernel_boot()
         unsettled = self.settle()
-        verdict = self.machine_verdict()
         corruption: list[dict] = []
-        if verdict is None:
-            self.boot()
-            corruption = self.verify()
-        self.t.merge_cpus(seg, self.marks)
-        report = self.outcome(verdict, corruption, unsettled)
+        if not self.machine_ended():
+            corruption = self.verify()  # before the APs run and write their own per-CPU data
+            self.start_aps()
+        self.t.merge_cpus(seg, self.marks, self.gens)
+        snap = self.snapshot(flavour, corruption, unsettled)
+        v = classify(snap)
+        report = self.report(v, snap, corruption)
         report["duration_ms"] = (time.monotonic_ns() - t0) / 1e6
         return report
 
-    def become_prefix_kernel(self) -> None:
-        """park=none is the kernel before the fix: its offline CPUs MONITOR their idle
-        thread_info->flags line. Re-arm every parked CPU under that flavour (a wake-up
-        through its current line makes it loop back and MONITOR the other)."""
-        self.seg.set_hdr("monitor_target", L.MonitorTarget.THREAD_INFO)
-        parked = [c for c in self.offline_at_start
-                  if self.seg.cb(c, "state") == L.ExecState.MWAIT and self.alive(c)]
+    def become(self, flavour: str) -> None:
+        """`smpd kexec --kernel F`: the running generation is of flavour F from now on. Parked CPUs
+        loop through mwait_play_dead() once (a same-value write to the line they watch) and arm
+        MONITOR where F's mwait_play_dead() does."""
+        old = self.old
+        b = old.boot
+        gens_mod.record(self.seg, MemoryMap.build(old.gen, Boot(flavour, b.nosmt, b.maxcpus, b.kaslr, b.crash),
+                                                  old.sizes, old.regions[Region.TEXT], old.segments,
+                                                  old.placement))
+        self.old = self.gens.current()
+        parked = [c for c in self.cpus if self.seg.cb(c, "state") == L.ExecState.MWAIT and self.alive(c)
+                  and self.seg.cb(c, "cpu_gen") == old.gen]
         for cpu in parked:
-            md = self.geo.mwait_cpu_dead_addr(cpu)
-            self.bus.write(md, struct.pack("<I", self.seg.mem_u32(md)))
+            line = self.seg.cb(cpu, "mon_line")
+            addr = L.Geometry.line_addr(line)
+            self.bus.write(addr, struct.pack("<I", self.seg.mem_u32(addr)))
+        want = {c: L.Geometry.addr_line(self.old.monitor_addr(c)) for c in parked}
         deadline = time.monotonic() + STOP_OTHER_CPUS_S
-        want = {c: self.geo.addr_line(self.geo.thread_info_addr(c)) for c in parked}
         while want and time.monotonic() < deadline:
             for cpu, line in list(want.items()):
                 if self.seg.cb(cpu, "mon_armed") and self.seg.cb(cpu, "mon_line") == line or not self.alive(cpu):
                     del want[cpu]
             time.sleep(0.0002)
-        self.marks = {cpu: self.seg.cb(cpu, "ev_head") for cpu in self.cpus}
-        self.log("old kernel is pre-fix: offline CPUs MONITOR their thread_info->flags line"
+        self.log(f"the running kernel is {flavour}: offline CPUs MONITOR "
+                 + ("their idle thread_info->flags line" if flavour == "pre-fix" else "their mwait_cpu_dead line")
                  + (f" (CPU {cpulist.format_list(list(want))} did not re-arm)" if want else ""))
 
-    def stop_other_cpus(self, online: list[int]) -> None:
-        """REBOOT vector to every other online CPU; each runs stop_this_cpu() into HLT."""
+    def native_stop_other_cpus(self, online: list[int], flavour: str) -> None:
+        self.inject("before-kick")
+        if flavour != "pre-fix":  # if (kexec_in_progress) smp_kick_mwait_play_dead();
+            self.kick = self.smp_kick_mwait_play_dead(lambda: self.inject("during-kick"))
+        else:
+            self.inject("during-kick")
+        self.inject("after-kick")
+        self.stop_online(online, "REBOOT vector", "stop_other_cpus()")
+        if flavour == "6.5":
+            self.smp_park_other_cpus_in_init()
+
+    def crash_smp_send_stop(self, online: list[int]) -> None:
+        """kdump: the panicking CPU NMIs the online CPUs; kexec_in_progress is false: no kick, no INIT."""
+        for phase in ("before-kick", "during-kick", "after-kick"):
+            self.inject(phase)
+        self.stop_online(online, "NMI", "crash_smp_send_stop()")
+
+    def stop_online(self, online: list[int], vector: str, who: str) -> None:
+        """The other online CPUs stop (stop_this_cpu(): offline, APIC off, HLT); bounded by 1 s, then
+        the NMI shootdown for those that did not, and another second."""
         if not online:
-            self.log("stop_other_cpus(): no other CPU online")
+            self.log(f"{who}: no other CPU online")
             return
         acked, missing = self.c.ipi_wait(online, L.Ipi.REBOOT, STOP_OTHER_CPUS_S)
-        self.log(f"stop_other_cpus(): REBOOT to CPU {cpulist.format_list(online)}; "
-                 f"{len(acked)} in stop_this_cpu() HLT"
-                 + (f", CPU {cpulist.format_list(missing)} did not stop within 1 s" if missing else ""))
+        msg = f"{who}: {vector} to CPU {cpulist.format_list(online)}; {len(acked)} in stop_this_cpu() HLT"
+        if missing and vector != "NMI":
+            acked2, missing = self.c.ipi_wait(missing, L.Ipi.REBOOT, STOP_OTHER_CPUS_S)
+            msg += f"; the NMI shootdown stopped {len(acked2)} more"
+        self.log(msg + (f"; CPU {cpulist.format_list(missing)} did not stop" if missing else ""))
 
     def smp_kick_mwait_play_dead(self, during) -> dict:
-        """The kernel's kick (smpd.kick) over the present-but-offline CPUs."""
+        """The kernel's kick (smpd.kernel.kick) over the present-but-offline CPUs."""
         present_offline = [c for c in self.cpus if self.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
-        kick = smp_kick_mwait_play_dead(self.seg, self.bus, present_offline,
-                                        self.c.cfg.get("kick", "delay_us") * 1000,
-                                        self.c.cfg.get("kick", "rounds"), during, self.log)
+        delay_ns, rounds = self.c.kick_params()
+        kick = smp_kick_mwait_play_dead(self.seg, self.bus, self.old, present_offline, delay_ns, rounds, during,
+                                        self.log)
         per, stuck = kick["cpus"], kick["stuck"]
-        self.log(f"smp_kick_mwait_play_dead(): kicked {len(per)} CPUs in {kick['total_ns'] / 1e3:.0f} us; "
-                 f"{len(per) - len(stuck)} acknowledged" + (f", CPU {cpulist.format_list(stuck)} stuck" if stuck else ""))
+        if per:
+            self.log(f"smp_kick_mwait_play_dead(): kicked {len(per)} CPUs in {kick['total_ns'] / 1e3:.0f} us; "
+                     f"{len(per) - len(stuck)} acknowledged"
+                     + (f", CPU {cpulist.format_list(stuck)} stuck" if stuck else ""))
+        else:
+            self.log("smp_kick_mwait_play_dead(): no CPU sits in mwait_play_dead()")
         return kick
 
-    def smp_park_other_cpus_in_init(self, during) -> None:
-        """INIT to every other present CPU, offline ones included: wait-for-SIPI holds
-        NMI and SMI off and turns a broadcast MCE into a machine shutdown."""
+    def smp_park_other_cpus_in_init(self) -> None:
+        """6.5: INIT to every other present CPU, offline ones included: wait-for-SIPI holds NMI and
+        SMI off and turns a broadcast MCE into a machine shutdown. Only on the boot CPU (the kexec
+        CPU here is CPU 0, the boot CPU), and only without a special wakeup method (none here)."""
         targets = [c for c in self.cpus if self.alive(c)]
-        half = len(targets) // 2
-        missing: list[int] = []
-        for n, part in enumerate((targets[:half], targets[half:])):
-            if n == 1:  # halfway through the INITs
-                during()
-            if part:
-                _, miss = self.c.ipi_wait(part, L.Ipi.INIT, STOP_OTHER_CPUS_S)
-                missing += miss
+        _, missing = self.c.ipi_wait(targets, L.Ipi.INIT, STOP_OTHER_CPUS_S)
+        self.parked_in_init = True
         self.log(f"smp_park_other_cpus_in_init(): INIT to CPU {cpulist.format_list(targets) or 'none'}"
                  + (f"; CPU {cpulist.format_list(missing)} did not reach wait-for-SIPI" if missing else
                     "; all in wait-for-SIPI"))
 
     def inject(self, phase: str) -> None:
         for inj in self.s.at(phase):
-            sig = self.c.signals[inj.kind]
             targets = [c for c in inj.cpus if self.alive(c)]
             before = {c: self.irq_seen(c) for c in targets}
             for _ in range(inj.count):
                 for cpu in targets:
-                    try:
-                        os.kill(self.c.procs[cpu].pid, sig)
-                    except ProcessLookupError:
-                        pass
+                    self.c.send_interrupt(cpu, inj.kind)
             self.log(f"inject {inj.spec()} at {phase}: {inj.kind.upper()} x{inj.count} to CPU "
                      f"{cpulist.format_list(targets)}")
+            if inj.kind == "smi" and self.seg.hdr("smm_hangs_in_init") and not self.smm_hang:
+                in_init = [c for c in self.cpus if self.seg.cb(c, "state") == L.ExecState.WAIT_FOR_SIPI]
+                if in_init:  # SMM waits for every CPU to rendezvous; one in INIT never comes
+                    self.smm_hang = f"the SMI injected at {phase}"
+                    self.log(f"SMM: waits for CPU {cpulist.format_list(in_init)} (in INIT) forever: the machine hangs")
             deadline = time.monotonic() + IRQ_TAKEN_S
             waiting = set(targets)
             while waiting and time.monotonic() < deadline:
@@ -195,48 +248,58 @@ class Kexec:
                 if waiting:
                     time.sleep(0.0002)
             for cpu in waiting:
-                self.not_taken[cpu] = f"{inj.kind.upper()} at {phase} not taken within {IRQ_TAKEN_S:.0f} s: " \
-                                      f"{self.proc_note(cpu)}"
+                note = self.host_note(cpu)
+                self.not_taken[cpu] = f"{inj.kind.upper()} at {phase} not taken within {IRQ_TAKEN_S:.0f} s" + \
+                    (f": {note}" if note else "")
 
-    def copy_order(self) -> list[int]:
-        pages = list(range(self.geo.npages))
+    def copy_pages(self) -> list[tuple[int, Region, int]]:
+        """What relocate_kernel() writes: each segment's pages, in the scenario's order."""
+        pages = [(first + i, region, i) for first, count, region in self.new.segments for i in range(count)]
         order = self.s.order
         if order == "random":
             self.rng.shuffle(pages)
         elif order in ("monitored-first", "monitored-last"):
-            d, base = self.seg.u16, self.geo.dir_off // L.DIR_ENTRY
-            monitored = [p for p in pages
-                         if any(d[base + p * L.LINES_PER_PAGE + i] for i in range(L.LINES_PER_PAGE))]
-            rest = [p for p in pages if p not in set(monitored)]
-            pages = monitored + rest if order == "monitored-first" else rest + monitored
+            d, base = self.seg.u16, self.seg.geo.dir_off // L.DIR_ENTRY
+            hot = {p for p, _r, _i in pages if any(d[base + p * L.LINES_PER_PAGE + i] for i in range(L.LINES_PER_PAGE))}
+            first = [x for x in pages if x[0] in hot]
+            rest = [x for x in pages if x[0] not in hot]
+            pages = first + rest if order == "monitored-first" else rest + first
         return pages
 
     def copy(self, during) -> None:
-        """machine_kexec(): the new kernel's image over the old, one page per bus write."""
-        pages = self.copy_order()
-        self.copy_info = {"pages": len(pages), "first_pages": pages[:8],
-                          "order_digest": hashlib.sha256(struct.pack(f"<{len(pages)}I", *pages)).hexdigest()[:16]}
+        """machine_kexec() -> relocate_kernel(): the new kernel's segments over whatever is there."""
+        if self.s.crash:
+            self.log("kdump: the crash kernel was loaded into the crashkernel= region at boot (kexec -p): "
+                     "nothing to copy")
+            during()
+            self.copy_info = {"pages": 0}
+            return
+        pages = self.copy_pages()
+        self.copy_info = {"pages": len(pages), "segments": [
+            {"first_page": f, "pages": n, "what": r.name.lower(), "addr": hex(page_addr(f))}
+            for f, n, r in self.new.segments],
+            "order_digest": hashlib.sha256(struct.pack(f"<{len(pages)}I", *(p for p, _r, _i in pages))).hexdigest()[:16]}
         seed = self.seg.hdr("seed")
         t0 = time.monotonic_ns()
-        self.log(f"copy: {len(pages)} pages of generation {self.new_gen}, order {self.s.order}")
-        for n, page in enumerate(pages):
+        self.log(f"copy: {len(pages)} pages of generation {self.new.gen}'s segments, order {self.s.order} ("
+                 + ", ".join(f"{r.name.lower()} at {page_addr(f):#x}" for f, _n, r in self.new.segments) + ")")
+        for n, (page, region, index) in enumerate(pages):
             if n == len(pages) // 2:
                 during()
-            region, index = self.geo.region_of(page)
-            self.copy_woke += self.bus.write(L.PHYS_BASE + page * L.PAGE,
-                                             page_image(seed, self.new_gen, region, index))
-        self.log(f"copy done in {(time.monotonic_ns() - t0) / 1e6:.1f} ms; "
-                 f"its writes woke {self.copy_woke} monitors")
+            self.copy_woke += self.bus.write(page_addr(page), image.page_image(seed, self.new.gen, region, index))
+        self.log(f"copy done in {(time.monotonic_ns() - t0) / 1e6:.1f} ms; its writes woke {self.copy_woke} monitors")
 
-    def new_kernel_early_writes(self) -> None:
-        """Before it starts the APs, the new kernel initialises its per-CPU data: it writes
-        every CPU's thread_info and mwait_cpu_dead lines (with what its image holds)."""
-        zeros = bytes(L.LINE)
-        woke = 0
-        for cpu in range(self.geo.ncpus):
-            woke += self.bus.write(self.geo.thread_info_addr(cpu), zeros)
-            woke += self.bus.write(self.geo.mwait_cpu_dead_addr(cpu), zeros)
-        self.log(f"new kernel: early writes to its per-CPU data woke {woke} monitors")
+    def new_kernel_boot(self) -> None:
+        """The jump: the new kernel's own writes until it starts the APs (smpd.kernel.image.boot_kernel)."""
+        gens_mod.record(self.seg, self.new)
+        t0 = time.monotonic_ns()
+        self.boot_woke = image.boot_kernel(self.bus, self.seg.hdr("seed"), self.new)
+        r = self.new.regions
+        self.log(f"generation {self.new.gen} boots ({self.new.placement}): image at {page_addr(r[Region.TEXT]):#x}, "
+                 f"page tables and per-CPU areas (memblock, top-down) at {page_addr(r[Region.PGTABLE]):#x} and "
+                 f"{page_addr(r[Region.PERCPU]):#x}, idle task_structs and stacks (lowest first) at "
+                 f"{page_addr(r[Region.TASKS]):#x}; {(time.monotonic_ns() - t0) / 1e6:.1f} ms, its writes woke "
+                 f"{self.boot_woke} monitors")
 
     def settle(self) -> list[int]:
         """Wait (bounded) until no CPU is still acting on a wake-up: two scans in a row with
@@ -248,8 +311,7 @@ class Kexec:
             for cpu in self.cpus:
                 if not self.alive(cpu):
                     continue
-                quiet = not self.seg.cb(cpu, "busy") and not self.seg.cb(cpu, "wake")
-                idle.append(quiet)
+                idle.append(not self.seg.cb(cpu, "busy") and not self.seg.cb(cpu, "wake"))
                 acts.append(self.seg.cb(cpu, "activity"))
             if all(idle):
                 if acts == prev:
@@ -258,143 +320,112 @@ class Kexec:
             else:
                 prev = None
             if time.monotonic() > deadline:
-                return [c for c in self.cpus if self.alive(c)
-                        and (self.seg.cb(c, "busy") or self.seg.cb(c, "wake"))]
+                return [c for c in self.cpus if self.alive(c) and (self.seg.cb(c, "busy") or self.seg.cb(c, "wake"))]
             time.sleep(0.0005)
 
-    def machine_verdict(self) -> str | None:
-        """A triple fault or an MCE shutdown ends the machine before the new kernel runs."""
+    def machine_ended(self) -> bool:
+        """A triple fault, an MCE shutdown or a hung SMM ends the machine before the APs start."""
         faults = {self.seg.cb(c, "fault") for c in self.cpus}
-        if L.Fault.MCE_SHUTDOWN in faults:
-            return "MCE_SHUTDOWN"
-        if L.Fault.TRIPLE_FAULT in faults:
-            return "TRIPLE_FAULT"
-        return None
+        return bool(self.smm_hang) or L.Fault.MCE_SHUTDOWN in faults or L.Fault.TRIPLE_FAULT in faults
 
-    def boot(self) -> None:
-        """The new kernel starts every CPU that is not in SHUTDOWN with INIT, then SIPI."""
-        self.seg.set_hdr("generation", self.new_gen)
-        self.seg.set_hdr("monitor_target", L.MonitorTarget.MWAIT_CPU_DEAD)
-        targets = [c for c in self.cpus if self.alive(c) and self.seg.cb(c, "state") != L.ExecState.SHUTDOWN]
-        _, miss_init = self.c.ipi_wait(targets, L.Ipi.INIT, BOOT_IPI_S)
-        started = [c for c in targets if c not in miss_init]
-        _, miss_sipi = self.c.ipi_wait(started, L.Ipi.SIPI, BOOT_IPI_S)
-        self.boot_missing = miss_init + miss_sipi
-        self.log(f"new kernel: INIT/SIPI to CPU {cpulist.format_list(targets) or 'none'}; "
-                 f"{len(started) - len(miss_sipi)} online in generation {self.new_gen}"
+    def start_aps(self) -> None:
+        """The new kernel starts each CPU its boot parameters keep, with INIT, then SIPI; nosmt
+        siblings then park themselves in mwait_play_dead(), in the new kernel's memory."""
+        alive = [c for c in self.cpus if self.alive(c) and self.seg.cb(c, "state") != L.ExecState.SHUTDOWN]
+        r = boot_mod.start_aps(self.c, self.new, alive, BOOT_IPI_S)
+        self.boot_missing, self.left_behind = r["missing"], r["left_behind"]
+        boot = self.new.boot
+        self.log(f"generation {self.new.gen}: INIT/SIPI to CPU {cpulist.format_list(r['started'] + r['missing']) or 'none'}; "
+                 f"{len(r['started'])} up"
+                 + (f", SMT siblings CPU {cpulist.format_list(r['parked'])} parked in mwait_play_dead() again"
+                    if r["parked"] else "")
+                 + (f"; CPU {cpulist.format_list(self.left_behind)} not started ("
+                    + ("kdump: nr_cpus=1" if boot.crash else f"maxcpus={boot.maxcpus}") + ")" if self.left_behind else "")
                  + (f"; CPU {cpulist.format_list(self.boot_missing)} did not answer" if self.boot_missing else ""))
 
     def verify(self) -> list[dict]:
-        """Compare the new kernel's memory with its image; name each differing word."""
+        """Compare the new kernel's memory (image and allocations) with what it wrote, once every CPU
+        the writes woke has settled and before the APs run: a stray store that landed there is
+        corruption; one a later write covered left no trace."""
         seed = self.seg.hdr("seed")
-        geo = self.geo
         bad: list[dict] = []
-        for page in range(geo.npages):
-            region, index = geo.region_of(page)
-            want = page_image(seed, self.new_gen, region, index)
-            off = geo.mem_off + page * L.PAGE
+        for page, region, index in self.new.pages():
+            want = image.page_image(seed, self.new.gen, region, index)
+            off = self.seg.geo.mem_off + page * L.PAGE
             have = self.seg.buf[off:off + L.PAGE]
             if have == want:
                 continue
             for w in range(0, L.PAGE, 4):
                 if have[w:w + 4] != want[w:w + 4]:
-                    addr = L.PHYS_BASE + page * L.PAGE + w
-                    bad.append({"addr": addr, "symbol": geo.symbol(addr),
+                    addr = page_addr(page) + w
+                    bad.append({"addr": addr, "symbol": self.new.symbol(addr),
                                 "value": struct.unpack_from("<I", have, w)[0],
                                 "expected": struct.unpack_from("<I", want, w)[0]})
-        self.log("new kernel: image verification " + (f"found {len(bad)} corrupted words" if bad else "clean"))
+        self.log(f"generation {self.new.gen}: memory verification " + (f"found {len(bad)} corrupted words" if bad
+                                                                       else "clean"))
         return bad
 
     # -- the outcome -----------------------------------------------------------
 
-    def cpu_report(self, cpu: int) -> dict:
+    def cpu_facts(self, cpu: int) -> CpuFacts:
         seg = self.seg
         fault = L.Fault(seg.cb(cpu, "fault"))
-        d = {"cpu": cpu, "pid": seg.cb(cpu, "pid"), "state": L.ExecState(seg.cb(cpu, "state")).name,
-             "hotplug": L.Hotplug(seg.cb(cpu, "hotplug")).name.lower(), "generation": seg.cb(cpu, "cpu_gen"),
-             "fault": fault.name, "stray_stores": seg.cb(cpu, "stray_stores")}
-        if fault not in (L.Fault.NONE, L.Fault.MCE_SHUTDOWN):
-            page = seg.cb(cpu, "fault_page")
-            region, index = self.geo.region_of(page)
-            d["fault_page"] = {"page": page, "region": region.name.lower(), "index": index}
-            cause, arg = seg.cb(cpu, "fault_cause"), seg.cb(cpu, "fault_cause_arg")
-            d["fault_cause"] = events.describe(seg, L.Ev(cause), arg) if cause else None
-        if fault == L.Fault.STRAY_STORE:
-            d["first_store"] = {"addr": seg.cb(cpu, "fault_addr"), "value": seg.cb(cpu, "fault_value"),
-                                "symbol": self.geo.symbol(seg.cb(cpu, "fault_addr"))}
-        if not self.alive(cpu):
-            d["state"] = "GONE"
+        gen = seg.cb(cpu, "cpu_gen")
+        m = self.gens.of_cpu(cpu)
+        page = seg.cb(cpu, "fault_page")
+        cause, arg = seg.cb(cpu, "fault_cause"), seg.cb(cpu, "fault_cause_arg")
+        store = None
+        if fault == L.Fault.STRAY_STORE or seg.cb(cpu, "stray_stores"):
+            addr = seg.cb(cpu, "fault_addr")
+            store = (addr, (self.new or m).symbol(addr), seg.cb(cpu, "fault_value"))
+        p = self.c.cpu_process(cpu)
+        alive = self.alive(cpu)
+        return CpuFacts(
+            cpu=cpu, state="GONE" if not alive else L.ExecState(seg.cb(cpu, "state")).name, fault=fault.name,
+            fault_ns=seg.cb(cpu, "fault_ns"),
+            fault_page=f"{m.describe_page(page)} of generation {gen}" if fault not in (L.Fault.NONE,
+                                                                                        L.Fault.MCE_SHUTDOWN) else "",
+            fault_cause=describe(self.gens, cpu, L.Ev(cause), arg) if cause else "",
+            stray_stores=seg.cb(cpu, "stray_stores"), first_store=store, alive=alive,
+            exit_code=None if p is None else p.exitcode, pid=0 if p is None else p.pid,
+            held=any(seg.cb(cpu, f"{k}_held") for k in ("nmi", "smi")),
+            host_note=self.host_note(cpu) if cpu in self.not_taken or (self.kick and cpu in self.kick["stuck"])
+            else "", generation=gen)
+
+    def snapshot(self, flavour: str, corruption: list[dict], unsettled: list[int]) -> Snapshot:
+        return Snapshot(kernel=flavour, new_gen=self.new.gen, cpus=tuple(self.cpu_facts(c) for c in self.cpus),
+                        crash=self.s.crash, injected=bool(self.s.injections), kick=self.kick,
+                        parked_in_init=self.parked_in_init, corruption=tuple(corruption), smm_hang=self.smm_hang,
+                        not_taken=dict(self.not_taken), unsettled=tuple(unsettled),
+                        boot_missing=tuple(self.boot_missing), left_behind=tuple(self.left_behind))
+
+    def cpu_report(self, cpu: int) -> dict:
+        f = self.cpu_facts(cpu)
+        seg = self.seg
+        d = {"cpu": cpu, "pid": seg.cb(cpu, "pid"), "state": f.state,
+             "hotplug": L.Hotplug(seg.cb(cpu, "hotplug")).name.lower(), "generation": f.generation,
+             "fault": f.fault, "stray_stores": f.stray_stores}
+        if f.fault_page:
+            d["fault_page"] = f.fault_page
+            d["fault_cause"] = f.fault_cause or None
+        if f.first_store:
+            addr, symbol, value = f.first_store
+            d["first_store"] = {"addr": addr, "value": value, "symbol": symbol}
         return d
 
-    def outcome(self, verdict: str | None, corruption: list[dict], unsettled: list[int]) -> dict:
-        cpus = [self.cpu_report(c) for c in self.cpus]
-        by_cpu = {c["cpu"]: c for c in cpus}
-        lost = [c for c in self.cpus if not self.alive(c)]
-        notes = [f"CPU{c}: {why}" for c, why in sorted(self.not_taken.items())]
-        notes += [f"CPU{c} was still acting on a wake-up after {SETTLE_S:.0f} s ({self.proc_note(c)})"
-                  for c in unsettled]
-        foreign = [c for c in cpus if c["fault"] == "FOREIGN_HALT"]
-        notes += [f"CPU{c['cpu']} executed foreign bytes ({c['fault_page']['region']} page "
-                  f"{c['fault_page']['index']}) into a halt; INIT recovered it" for c in foreign]
-        stuck = self.kick["stuck"] if self.kick else []
-        if lost:
-            outcome = "CPU_LOST"
-            evidence = "; ".join(f"CPU{c} (pid {self.c.procs[c].pid}) died, exit code {self.c.procs[c].exitcode}"
-                                 for c in lost) + " - an emulator fault, not an emulated one"
-        elif verdict == "MCE_SHUTDOWN":
-            outcome = verdict
-            who = [c for c in cpus if c["fault"] == "MCE_SHUTDOWN"]
-            evidence = (f"MCE reached CPU {cpulist.format_list([c['cpu'] for c in who])} in wait-for-SIPI (INIT): "
-                        f"the machine shuts down, loudly, instead of running the old kernel")
-        elif verdict == "TRIPLE_FAULT":
-            outcome = verdict
-            first = min((c for c in self.cpus if self.seg.cb(c, "fault") == L.Fault.TRIPLE_FAULT),
-                        key=lambda c: self.seg.cb(c, "fault_ns"))
-            r = by_cpu[first]
-            evidence = (f"CPU{first} resumed after \"{r['fault_cause']}\" in overwritten memory: "
-                        f"{r['fault_page']['region']} page {r['fault_page']['index']} is no longer its kernel's "
-                        f"-> triple fault; the platform resets the machine")
-        elif corruption or any(c["stray_stores"] for c in cpus):
-            outcome = "CORRUPTION"
-            writers = [c for c in cpus if c["stray_stores"]]
-            w = writers[0] if writers else None
-            if w:
-                landed = "and it is in the new kernel's image" if corruption else \
-                    "(the copy overwrote it later: this time the new image survived)"
-                evidence = (f"CPU{w['cpu']} resumed after \"{w['fault_cause']}\", executed foreign bytes of "
-                            f"{w['fault_page']['region']} page {w['fault_page']['index']} and stored "
-                            f"{w['first_store']['value']:#010x} to {w['first_store']['symbol']} "
-                            f"({w['first_store']['addr']:#x}) {landed}")
-            else:
-                b = corruption[0]
-                evidence = f"the new kernel's image differs at {b['symbol']} ({b['addr']:#x})"
-        elif stuck:
-            outcome = "STUCK"
-            cpu = stuck[0]
-            st = by_cpu[cpu]["state"]
-            evidence = (f"CPU{cpu} never acknowledged the kick ({self.kick['cpus'][cpu]['rounds']} rounds, "
-                        f"{self.kick['budget_ns'] / 1e6:.0f} ms): {self.kick['message']}; it is now {st}, "
-                        f"{self.proc_note(cpu)}")
-            if cpu in self.boot_missing:
-                evidence += "; it did not answer the new kernel's INIT/SIPI"
-        else:
-            outcome = "CLEAN"
-            evidence = {"hlt": "every parked CPU acknowledged the kick and halted; writes did not wake them",
-                        "init": "every other CPU sat in wait-for-SIPI through the copy",
-                        "none": "no parked CPU was woken into overwritten memory"}[self.s.park]
-            held = [c for c in self.cpus if any(self.seg.cb(c, f"{k}_held") for k in ("nmi", "smi"))]
-            if held and self.s.injections:
-                evidence += f"; NMI/SMI held pending on CPU {cpulist.format_list(held)}"
-            evidence += f"; the new kernel (generation {self.new_gen}) verified its image"
-        assert outcome in OUTCOMES
+    def report(self, v, snap: Snapshot, corruption: list[dict]) -> dict:
+        s = self.s
         return {
-            "outcome": outcome, "evidence": evidence, "notes": notes,
-            "park": self.s.park, "order": self.s.order, "seed": self.s.seed,
-            "scenario": self.s.to_json(),
-            "injections": [dict(i, cpus=cpulist.format_list(i["cpus"])) for i in self.s.to_json()["injections"]],
-            "kick": self.kick, "copy": dict(self.copy_info, woke=self.copy_woke),
-            "generation": {"old": self.old_gen, "new": self.new_gen},
+            "outcome": v.outcome, "evidence": explain(v), "notes": list(v.notes),
+            "near_misses": list(v.near_misses), "host_faults": list(v.host_faults),
+            "kernel": snap.kernel, "into": self.new.boot.flavour, "crash": s.crash,
+            "park": {"pre-fix": "none", "6.5": "init", "6.6": "hlt"}[snap.kernel],
+            "order": s.order, "seed": s.seed, "scenario": s.to_json(),
+            "injections": [dict(i, cpus=cpulist.format_list(i["cpus"])) for i in s.to_json()["injections"]],
+            "kick": self.kick, "copy": dict(self.copy_info, woke=self.copy_woke), "boot_woke": self.boot_woke,
+            "generation": {"old": self.old.gen, "new": self.new.gen},
+            "memory": {"old": self.old.summary(), "new": self.new.summary()},
             "corruption": corruption[:16], "corrupted_words": len(corruption),
-            "cpus": cpus,
+            "cpus": [self.cpu_report(c) for c in self.cpus],
             "timeline": self.t.ordered(),
         }

@@ -25,9 +25,9 @@ from smpd.machine import layout as L
 _HLT = struct.pack("<I", L.CPUDEAD_MWAIT_KEXEC_HLT)
 
 
-def kick_one(seg, bus, cpu: int, delay_ns: int, rounds: int) -> dict:
-    """Kick one CPU out of mwait_play_dead(); returns its timings and the kernel's round count."""
-    md = seg.geo.mwait_cpu_dead_addr(cpu)
+def kick_one(seg, bus, cpu: int, md: int, delay_ns: int, rounds: int) -> dict:
+    """Kick one CPU (its mwait_cpu_dead at ``md``) out of mwait_play_dead(); returns its timings
+    and the kernel's round count."""
     seen_before = seg.cb(cpu, "kick_seen_ns")
     if bus.kicker is not None:  # the same loop, compiled (smpd.hotpath)
         acked, i, t_first, t_ack = bus.kicker.kick_one(md - L.PHYS_BASE, L.CPUDEAD_MWAIT_KEXEC_HLT, delay_ns, rounds)
@@ -67,14 +67,15 @@ def _entry(seg, cpu: int, acked: bool, rounds: int, t_first: int, t_ack: int | N
     return entry
 
 
-def smp_kick_mwait_play_dead(seg, bus, cpus: list[int], delay_ns: int, rounds: int,
+def smp_kick_mwait_play_dead(seg, bus, m, cpus: list[int], delay_ns: int, rounds: int,
                              during: Callable[[], None] = lambda: None,
                              log: Callable[[str], None] = lambda _msg: None) -> dict:
-    """Kick every CPU of ``cpus`` (the present-but-offline ones) that waits in mwait_play_dead().
+    """Kick every CPU of ``cpus`` (the present-but-offline ones) that waits in mwait_play_dead(),
+    through the per-CPU mwait_cpu_dead of the running kernel's map ``m`` (per_cpu_ptr()).
 
     ``during`` runs once, halfway through the CPUs that get kicked.
     """
-    waiting = [c for c in cpus if seg.mem_u32(seg.geo.mwait_cpu_dead_addr(c) + 4) == L.CPUDEAD_MWAIT_WAIT]
+    waiting = [c for c in cpus if seg.mem_u32(m.mwait_cpu_dead_addr(c) + 4) == L.CPUDEAD_MWAIT_WAIT]
     half = waiting[len(waiting) // 2] if waiting else None
     per: dict[int, dict] = {}
     stuck: list[int] = []
@@ -84,11 +85,12 @@ def smp_kick_mwait_play_dead(seg, bus, cpus: list[int], delay_ns: int, rounds: i
         during()
     for cpu in cpus:
         # Does it sit in mwait_play_dead() ?
-        if seg.mem_u32(seg.geo.mwait_cpu_dead_addr(cpu) + 4) != L.CPUDEAD_MWAIT_WAIT:
+        md = m.mwait_cpu_dead_addr(cpu)
+        if seg.mem_u32(md + 4) != L.CPUDEAD_MWAIT_WAIT:
             continue
         if cpu == half:
             during()
-        per[cpu] = entry = kick_one(seg, bus, cpu, delay_ns, rounds)
+        per[cpu] = entry = kick_one(seg, bus, cpu, md, delay_ns, rounds)
         if not entry["acknowledged"]:
             stuck.append(cpu)
             if message is None:  # pr_err_once(): one line per kexec, however many are stuck

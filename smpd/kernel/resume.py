@@ -34,9 +34,12 @@ import struct
 from typing import NamedTuple
 
 from smpd.machine import layout as L
-from smpd.kernel.image import TAG, TAG_MAGIC, PageTag, read_tag
+from smpd.kernel.image import is_own_page, tag_bytes
+from smpd.kernel.memmap import TEXT_IDT, MemoryMap
 
 MAX_FOREIGN_STEPS = 4
+# A store's address: b1..b3 times a prime, modulo RAM: spreads 24 bits over all of RAM.
+FOREIGN_ADDR_MULT = 1031
 _INSN = struct.Struct("<BBBBI")
 
 
@@ -50,37 +53,24 @@ class Verdict(NamedTuple):
 OK = Verdict(L.Fault.NONE)
 
 
-def is_kernel_page(seg, page: int, generation: int) -> bool:
-    """O(1): does ``page`` hold generation ``generation``'s own page for that address?"""
-    tag = read_tag(seg, page)
-    if tag is None:
-        return False
-    region, index = seg.geo.region_of(page)
-    return tag == PageTag(generation, region, index)
-
-
-def expected_tag(geo: L.Geometry, page: int, generation: int) -> bytes:
-    region, index = geo.region_of(page)
-    return TAG.pack(TAG_MAGIC, generation, region, 0, index)
-
-
 class ResumePlan:
     """The pages one resume of one CPU touches, in check order, with the tags they must hold.
 
-    Built once per (CPU, kernel generation, text page) so that the check on the
-    hot wake-up path is four 16-byte compares (the kick's latency includes it).
+    Built once per (CPU, kernel generation, text page) from that generation's memory map,
+    so that the check on the hot wake-up path is four 16-byte compares (the kick's
+    latency includes it).
     """
 
-    def __init__(self, geo: L.Geometry, cpu: int, generation: int, text_page: int):
-        stack = geo.stack_pages_of(cpu)[-1]
-        text = geo.text_first + text_page
-        self.checks = [(pt, "pgtable") for pt in dict.fromkeys(geo.pgtable_pages_of(cpu))]
-        self.checks += [(text, "text"), (stack, "stack")]
+    def __init__(self, seg, m: MemoryMap, cpu: int, text_page: int):
+        geo = seg.geo
+        stack = m.stack_pages_of(cpu)[-1]
+        checks = [(pt, "pgtable") for pt in dict.fromkeys(m.pgtable_pages_of(cpu))]
+        checks += [(m.text_page(text_page), "text"), (stack, "stack")]
         # Each tag is 16 bytes at the page's start (8-aligned): two u64 compares.
         self.checks = [(page, kind, (geo.mem_off + page * L.PAGE) // 8,
-                        *struct.unpack("<QQ", expected_tag(geo, page, generation)))
-                       for page, kind in self.checks]
-        self.cpu, self.generation = cpu, generation
+                        *struct.unpack("<QQ", tag_bytes(m.gen, *m.region_of(page))))
+                       for page, kind in checks]
+        self.cpu, self.generation, self.map = cpu, m.gen, m
         self.text_entry = 64 + 8 * (cpu % 8)  # where the resume lands in a text page
         self.stack_entry = L.PAGE - 64 - 8 * (cpu % 8)  # the return address slot of its stack
 
@@ -94,11 +84,11 @@ def resume(seg, bus, plan: ResumePlan) -> Verdict:
         if kind == "pgtable":
             return Verdict(L.Fault.TRIPLE_FAULT, page, detail="page tables overwritten: #PF -> #DF -> triple fault")
         entry = plan.text_entry if kind == "text" else plan.stack_entry
-        return run_foreign(seg, bus, plan.cpu, plan.generation, page, entry)
+        return run_foreign(seg, bus, plan.map, page, entry)
     return OK
 
 
-def run_foreign(seg, bus, cpu: int, generation: int, page: int, entry: int) -> Verdict:
+def run_foreign(seg, bus, m: MemoryMap, page: int, entry: int) -> Verdict:
     geo = seg.geo
     base = geo.mem_off + page * L.PAGE
     mem_len = geo.npages * L.PAGE
@@ -108,13 +98,13 @@ def run_foreign(seg, bus, cpu: int, generation: int, page: int, entry: int) -> V
         b0, b1, b2, b3, value = _INSN.unpack_from(seg.buf, base + off)
         op = b0 % 4
         if op == 0:
-            idt_ok = is_kernel_page(seg, geo.text_first + L.TEXT_IDT, generation)
+            idt_ok = is_own_page(seg, m, m.text_page(TEXT_IDT))
             why = ("invalid opcode: #UD through the old IDT into overwritten text, faults again"
                    if idt_ok else "invalid opcode: #UD, IDT overwritten -> #DF -> triple fault")
             return Verdict(L.Fault.TRIPLE_FAULT, page, tuple(stores), why)
         if op == 3:
             break
-        addr = L.PHYS_BASE + ((b1 << 16 | b2 << 8 | b3) * 1031 % mem_len) // 4 * 4
+        addr = L.PHYS_BASE + ((b1 << 16 | b2 << 8 | b3) * FOREIGN_ADDR_MULT % mem_len) // 4 * 4
         bus.write(addr, struct.pack("<I", value))
         stores.append((addr, value))
         off = (off + 8) % (L.PAGE - 8)

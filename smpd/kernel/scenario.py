@@ -1,20 +1,31 @@
 """A kexec scenario: everything chosen before the run, so that a seed or a record replays it.
 
-    park       none | hlt | init        (how the old kernel parks offline CPUs for kexec)
+    kernel     pre-fix | 6.5 | 6.6      the kernel doing the kexec (None: the running one's
+                                        flavour); --park none|init|hlt are its aliases
+    into       pre-fix | 6.5 | 6.6      the kernel kexec'd into (None: the same flavour)
+    crash      kdump: crash_smp_send_stop(), then the crash kernel in its reserved region
     injections KIND@PHASE[:TARGET][xCOUNT], e.g. nmi@after-copy:all, mce@during-copy:3-5x2
-    order      sequential | random | monitored-first | monitored-last   (the image copy)
+    order      sequential | random | monitored-first | monitored-last   (the kexec copy)
     seed       drives every random choice (copy order, 'all' never needs one)
+
+Boot parameters (``--boot nosmt,maxcpus=N,kaslr=S``) are parsed here too: a machine's
+first kernel takes them at `smpd up`, and each kexec'd kernel inherits them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 
 from smpd import cpulist
 from smpd.errors import BadInput
+from smpd.inputs import ascii_int
+from smpd.kernel.memmap import FLAVOURS, PARK_ALIASES, Boot
 
-PARKS = ("none", "hlt", "init")
+PARKS = tuple(PARK_ALIASES)  # the old names: none = pre-fix, init = 6.5, hlt = 6.6
+KERNELS = FLAVOURS + PARKS  # what --kernel/--into/--park accept
+BOOT_FORM = "comma-separated nosmt, maxcpus=N (1..cpus), kaslr or kaslr=SEED, nokaslr, smt; e.g. nosmt,maxcpus=8"
 KINDS = ("nmi", "mce", "smi")
 PHASES = ("before-kick", "during-kick", "after-kick", "during-copy", "after-copy")
 ORDERS = ("sequential", "random", "monitored-first", "monitored-last")
@@ -65,16 +76,64 @@ def parse_injection(text: str, ncpus: int) -> Injection:
     return Injection(kind, phase, target, count, cpus)
 
 
+def trial_seed(seed: int, trial: int) -> int:
+    """The seed of trial (or chain link) ``trial`` of a run seeded ``seed``: a function of both alone."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{trial}".encode()).digest()[:8], "little") >> 1
+
+
+def flavour(name: str, option: str = "--kernel") -> str:
+    """A kernel flavour from its name or its --park alias."""
+    if name in FLAVOURS:
+        return name
+    if name in PARK_ALIASES:
+        return PARK_ALIASES[name]
+    raise BadInput(f"{option} '{name}' is not a kernel; expected one of {', '.join(FLAVOURS)} "
+                   f"(or the --park names {', '.join(f'{k}={v}' for k, v in PARK_ALIASES.items())})")
+
+
+def parse_boot(text: str | None, ncpus: int, base: Boot | None = None, seed: int = 0) -> Boot:
+    """Boot parameters on top of ``base`` (a kexec'd kernel inherits its parent's). ``kaslr``
+    without a seed draws one from the machine seed."""
+    b = base or Boot()
+    nosmt, maxcpus, kaslr = b.nosmt, b.maxcpus, b.kaslr
+    for item in [x.strip() for x in (text or "").split(",") if x.strip()]:
+        key, eq, value = item.partition("=")
+        if key == "nosmt" and not eq:
+            nosmt = True
+        elif key == "smt" and not eq:
+            nosmt = False
+        elif key == "nokaslr" and not eq:
+            kaslr = None
+        elif key == "kaslr":
+            n = ascii_int(value) if eq else seed
+            if n is None or not 0 <= n < 2**63:
+                raise BadInput(f"--boot '{text}': kaslr={value} is not a seed; expected an integer 0..2**63-1")
+            kaslr = n
+        elif key == "maxcpus" and eq:
+            n = ascii_int(value)
+            if n is None or not 1 <= n <= ncpus:
+                raise BadInput(f"--boot '{text}': maxcpus={value} is not in the range 1..{ncpus} "
+                               f"(this machine has {ncpus} CPUs)")
+            maxcpus = n
+        else:
+            raise BadInput(f"--boot '{text}': unknown boot parameter '{item}'; expected {BOOT_FORM}")
+    return Boot(b.flavour, nosmt=nosmt, maxcpus=maxcpus, kaslr=kaslr, crash=False)
+
+
 @dataclass(frozen=True)
 class Scenario:
-    park: str
+    kernel: str | None  # the kexec'ing kernel's flavour; None: whatever runs
     order: str
     seed: int
     injections: tuple[Injection, ...] = field(default_factory=tuple)
+    into: str | None = None  # the new kernel's flavour; None: the same as ``kernel``
+    crash: bool = False
+    boot: str | None = None  # boot parameters for the new kernel, on top of the running one's
 
     def __post_init__(self):
-        if self.park not in PARKS:
-            raise BadInput(f"unknown park policy '{self.park}'; expected one of {', '.join(PARKS)}")
+        for name in (self.kernel, self.into):
+            if name is not None and name not in FLAVOURS:
+                raise BadInput(f"unknown kernel '{name}'; expected one of {', '.join(FLAVOURS)}")
         if self.order not in ORDERS:
             raise BadInput(f"unknown copy order '{self.order}'; expected one of {', '.join(ORDERS)}")
 
@@ -87,5 +146,8 @@ class Scenario:
         return d
 
     @classmethod
-    def build(cls, park: str, order: str, seed: int, inject: list[str], ncpus: int) -> "Scenario":
-        return cls(park, order, seed, tuple(parse_injection(t, ncpus) for t in inject))
+    def build(cls, kernel: str | None, order: str, seed: int, inject: list[str], ncpus: int,
+              into: str | None = None, crash: bool = False, boot: str | None = None) -> "Scenario":
+        return cls(None if kernel is None else flavour(kernel), order, seed,
+                   tuple(parse_injection(t, ncpus) for t in inject),
+                   None if into is None else flavour(into, "--into"), crash, boot)

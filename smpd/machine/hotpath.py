@@ -55,15 +55,15 @@ def waiter(seg, cpu: int, irq_signals, doorbell: int):
                            sorted(irq_signals), doorbell, spin_yields=bool(seg.hdr("spin_yields")))
 
 
-def ack(seg, cpu: int, checks) -> object:
+def ack(seg, cpu: int, md: int, checks) -> object:
     """What CPU ``cpu`` checks and stores to acknowledge a kick in the compiled path, and
-    what it records on its way into HLT (the stores smpd.cpu makes on that way).
+    what it records on its way into HLT (the stores smpd.kernel.cpu makes on that way).
 
-    ``checks`` are a smpd.oldkernel.ResumePlan's (page, kind, u64 index, lo, hi): the
-    tags the resume of mwait_play_dead() must find, in order.
+    ``md`` is the physical address of its struct mwait_cpu_dead (in its kernel's map);
+    ``checks`` are a smpd.kernel.resume.ResumePlan's (page, kind, u64 index, lo, hi):
+    the tags the resume of mwait_play_dead() must find, in order.
     """
     geo = seg.geo
-    md = geo.mwait_cpu_dead_addr(cpu)
     md_off = geo.mem_off + md - L.PHYS_BASE
     line = (md - L.PHYS_BASE) // L.LINE
     word = lambda field: seg.cb_index(cpu, field) * L.CB[field][1].size  # noqa: E731

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
 
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 MAGIC = b"SMPDSEG\x00"
 
 LINE = 64  # bytes in a cache line: the MONITOR granularity of the x86 parts we emulate
@@ -74,13 +74,6 @@ class HotPath(IntEnum):  # smpd.hotpath
     C = 1
 
 
-class Region(IntEnum):
-    TEXT = 1
-    PGTABLE = 2
-    PERCPU = 3
-    STACK = 4
-
-
 # IPI mailbox commands (coordinator -> CPU). INIT and SIPI are the platform's
 # startup IPIs; CPU_DOWN asks an online CPU to run the offline path (play_dead);
 # POWER_OFF ends the CPU process (the emulator's switch, not an emulated event).
@@ -100,13 +93,6 @@ class Ipi(IntEnum):
     REPARK = 6
 
 
-class MonitorTarget(IntEnum):
-    """Which line mwait_play_dead() arms MONITOR on: the old kernel's flavour."""
-
-    MWAIT_CPU_DEAD = 0  # the fix: a dedicated per-CPU line nothing else writes
-    THREAD_INFO = 1  # before the fix: the idle task's thread_info->flags, ordinary memory
-
-
 class Fault(IntEnum):
     """What a CPU ran into when it resumed in memory that is no longer its kernel's."""
 
@@ -115,6 +101,7 @@ class Fault(IntEnum):
     STRAY_STORE = 2  # it executed foreign bytes that stored to memory (and went on)
     FOREIGN_HALT = 3  # it executed foreign bytes into a halt or a tight loop
     MCE_SHUTDOWN = 4  # an MCE reached it in wait-for-SIPI: the machine goes down
+    SMM_HANG = 5  # an SMI while CPUs sat in INIT: the firmware waited for them in SMM forever
 
 
 class Ev(IntEnum):
@@ -173,13 +160,11 @@ _HEADER_FIELDS = [
     ("name", "32s"),
     ("pin", "16s"),
     ("watch_reason", "200s"),
-    # Regions of emulated memory, as page ranges: first page, page count.
-    ("text_first", "I"), ("text_pages", "I"),
-    ("pgtable_first", "I"), ("pgtable_pages", "I"),
-    ("percpu_first", "I"), ("percpu_pages", "I"),
-    ("stack_first", "I"), ("stack_pages", "I"),
-    ("stack_pages_per_cpu", "I"),
-    ("monitor_target", "I"),  # MonitorTarget: what mwait_play_dead() monitors
+    # Emulated RAM and the sizes every generation's memory map derives from (smpd.kernel.memmap).
+    ("ram_pages", "I"), ("text_pages", "I"), ("data_pages", "I"), ("pgtable_pages", "I"),
+    ("stack_pages_per_cpu", "I"), ("crash_pages", "I"),
+    ("smi_auto_halt_restart", "I"),  # [firmware]: RSM returns into HLT, nothing is fetched
+    ("smm_hangs_in_init", "I"),  # [firmware]: an SMI while CPUs sit in INIT hangs SMM (bugzilla 217995)
     ("kexec_count", "I"),
     ("respawns", "I"),  # CPU processes replaced after they died (emulator faults)
     ("hot_path", "I"),  # HotPath: the compiled watch/kick loops or the Python ones
@@ -203,8 +188,15 @@ def _offsets(fields: list[tuple[str, str]]) -> dict[str, tuple[int, struct.Struc
 
 
 HEADER = _offsets(_HEADER_FIELDS)
-HEADER_SIZE = PAGE
-assert max(o + s.size for o, s in HEADER.values()) <= HEADER_SIZE
+# The header's second page: one entry per kernel generation, enough to rebuild its memory map in
+# any process (smpd.kernel.generations). Slot gen % GEN_SLOTS: a CPU can run a generation that
+# many kexecs old (one a later kernel never started) and still find its map.
+GEN_SLOTS = 64
+GEN_ENTRY = struct.Struct("<IBBHQI" + "III" * 3)  # gen, flavour, flags, maxcpus+1, kaslr+1, load, 3 x segment
+GEN_OFF = PAGE
+HEADER_SIZE = 2 * PAGE
+assert max(o + s.size for o, s in HEADER.values()) <= GEN_OFF
+assert GEN_OFF + GEN_SLOTS * GEN_ENTRY.size <= HEADER_SIZE
 
 # --- the per-CPU control block --------------------------------------------
 #
@@ -275,23 +267,13 @@ assert max(o + s.size for o, s in CB.values()) <= EV_OFF
 assert EV_OFF + EV_SLOTS * EV_ENTRY.size <= CB_SIZE
 
 # The directory: one u16 per emulated line, 0 = unmonitored, else cpu + 1.
-# Invariant: a CPU arms its monitor only on a line of its own per-CPU data (its
-# mwait_cpu_dead line, or its idle thread_info->flags line), so each entry has
-# one writer. The bus reads it to find whom a write wakes.
+# Invariant: a CPU arms its monitor only on a line that is its own in its kernel's memory
+# map (its mwait_cpu_dead line, or its idle task's thread_info->flags line), and no two
+# CPUs' lines coincide within a map, so each entry has one writer. (Two CPUs of different
+# generations could in principle monitor one line; a kexec'd kernel starts every CPU it
+# keeps, so only CPUs it never starts keep an old line: see smpd.kernel.generations.)
+# The bus reads it to find whom a write wakes.
 DIR_ENTRY = 2
-
-# Per-CPU data: each CPU owns two lines. Line 0 of every page holds the page tag.
-PERCPU_SLOTS_PER_PAGE = LINES_PER_PAGE - 1
-MWAIT_CPU_DEAD_SLOT = 0  # struct mwait_cpu_dead { u32 control; u32 status; }
-THREAD_INFO_SLOT = 1  # the idle task's thread_info->flags (the pre-fix monitor target)
-PERCPU_SLOTS_PER_CPU = 2
-
-# Named pages of the text region.
-TEXT_PLAY_DEAD = 0  # mwait_play_dead() and the HLT loop
-TEXT_NMI = 1  # the NMI handler
-TEXT_MCE = 2  # the MCE handler
-TEXT_IDT = 3  # the IDT
-
 
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
@@ -299,125 +281,44 @@ def _align(n: int, a: int) -> int:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Every offset of one segment, derived from the CPU count and memory sizes."""
+    """Every offset of one segment, derived from the CPU count and the emulated RAM's size.
+
+    What the RAM holds, and where, is each kernel generation's business (smpd.kernel.memmap).
+    """
 
     ncpus: int
-    text_pages: int
-    pgtable_pages: int
-    stack_pages_per_cpu: int
+    ram_pages: int
 
-    @cached_property  # derived once: region_of and friends sit on the resume path
-    def percpu_pages(self) -> int:
-        slots = self.ncpus * PERCPU_SLOTS_PER_CPU
-        return -(-slots // PERCPU_SLOTS_PER_PAGE)
-
-    @cached_property  # derived once: region_of and friends sit on the resume path
-    def text_first(self) -> int:
-        return 0
-
-    @cached_property  # derived once: region_of and friends sit on the resume path
-    def pgtable_first(self) -> int:
-        return self.text_pages
-
-    @cached_property  # derived once: region_of and friends sit on the resume path
-    def percpu_first(self) -> int:
-        return self.pgtable_first + self.pgtable_pages
-
-    @cached_property  # derived once: region_of and friends sit on the resume path
-    def stack_first(self) -> int:
-        return self.percpu_first + self.percpu_pages
-
-    @cached_property  # derived once: region_of and friends sit on the resume path
-    def stack_pages(self) -> int:
-        return self.ncpus * self.stack_pages_per_cpu
-
-    @cached_property  # derived once: region_of and friends sit on the resume path
+    @property
     def npages(self) -> int:
-        return self.stack_first + self.stack_pages
+        return self.ram_pages
 
-    @cached_property  # derived once: region_of and friends sit on the resume path
+    @cached_property
     def nlines(self) -> int:
         return self.npages * LINES_PER_PAGE
 
-    @cached_property  # derived once: region_of and friends sit on the resume path
+    @cached_property
     def dir_off(self) -> int:
         return _align(CB_OFF + self.ncpus * CB_SIZE, LINE)
 
-    @cached_property  # derived once: region_of and friends sit on the resume path
+    @cached_property
     def mem_off(self) -> int:
         return _align(self.dir_off + self.nlines * DIR_ENTRY, PAGE)
 
-    @cached_property  # derived once: region_of and friends sit on the resume path
+    @cached_property
     def size(self) -> int:
         return self.mem_off + self.npages * PAGE
 
     def cb_off(self, cpu: int) -> int:
         return CB_OFF + cpu * CB_SIZE
 
-    def region_of(self, page: int) -> tuple[Region, int]:
-        """(region, index within region) of an emulated page."""
-        for region, first, count in (
-            (Region.TEXT, self.text_first, self.text_pages),
-            (Region.PGTABLE, self.pgtable_first, self.pgtable_pages),
-            (Region.PERCPU, self.percpu_first, self.percpu_pages),
-            (Region.STACK, self.stack_first, self.stack_pages),
-        ):
-            if first <= page < first + count:
-                return region, page - first
-        raise ValueError(f"page {page} is outside emulated memory (0..{self.npages - 1})")
-
-    def percpu_line(self, cpu: int, slot: int) -> int:
-        """Emulated line index of one of ``cpu``'s per-CPU lines."""
-        s = cpu * PERCPU_SLOTS_PER_CPU + slot
-        page = self.percpu_first + s // PERCPU_SLOTS_PER_PAGE
-        return page * LINES_PER_PAGE + 1 + s % PERCPU_SLOTS_PER_PAGE
-
-    def mwait_cpu_dead_addr(self, cpu: int) -> int:
-        """Physical address of ``cpu``'s struct mwait_cpu_dead (control at +0, status at +4)."""
-        return self.line_addr(self.percpu_line(cpu, MWAIT_CPU_DEAD_SLOT))
-
-    def thread_info_addr(self, cpu: int) -> int:
-        return self.line_addr(self.percpu_line(cpu, THREAD_INFO_SLOT))
-
-    def pgtable_pages_of(self, cpu: int) -> tuple[int, int]:
-        """The page-table pages that map the kernel text, and ``cpu``'s idle stack."""
-        text_pt = self.pgtable_first
-        if self.pgtable_pages == 1:
-            return text_pt, text_pt
-        return text_pt, self.pgtable_first + 1 + cpu % (self.pgtable_pages - 1)
-
-    def stack_pages_of(self, cpu: int) -> range:
-        first = self.stack_first + cpu * self.stack_pages_per_cpu
-        return range(first, first + self.stack_pages_per_cpu)
-
     @staticmethod
     def line_addr(line: int) -> int:
         return PHYS_BASE + line * LINE
 
-    def addr_line(self, addr: int) -> int:
+    @staticmethod
+    def addr_line(addr: int) -> int:
         return (addr - PHYS_BASE) // LINE
 
-    def owner_of_line(self, line: int) -> tuple[int, int] | None:
-        """(cpu, slot) whose per-CPU line this is, or None."""
-        page, idx = divmod(line, LINES_PER_PAGE)
-        if not (self.percpu_first <= page < self.percpu_first + self.percpu_pages) or idx == 0:
-            return None
-        s = (page - self.percpu_first) * PERCPU_SLOTS_PER_PAGE + idx - 1
-        cpu, slot = divmod(s, PERCPU_SLOTS_PER_CPU)
-        return (cpu, slot) if cpu < self.ncpus else None
-
-    def symbol(self, addr: int) -> str:
-        """A kernel-ish name for an emulated address: 'mwait_cpu_dead[5].status', 'text+0x1040'."""
-        if not PHYS_BASE <= addr < PHYS_BASE + self.npages * PAGE:
-            return hex(addr)
-        off = addr - PHYS_BASE
-        line, in_line = divmod(off, LINE)
-        owner = self.owner_of_line(line)
-        if owner is not None:
-            cpu, slot = owner
-            if slot == MWAIT_CPU_DEAD_SLOT:
-                field = {0: ".control", 4: ".status"}.get(in_line, f"+{in_line}")
-                return f"mwait_cpu_dead[{cpu}]{field}"
-            return f"thread_info[{cpu}].flags" + (f"+{in_line}" if in_line else "")
-        region, index = self.region_of(off // PAGE)
-        return f"{region.name.lower()}[{index}]+{off % PAGE:#x}"
+    def in_ram(self, addr: int, n: int = 1) -> bool:
+        return PHYS_BASE <= addr and addr + n <= PHYS_BASE + self.npages * PAGE

@@ -108,7 +108,7 @@ class Segment:
             size = st.st_size
             if size == 0:  # shm_open() done, ftruncate() not yet: a machine is coming up
                 raise SegmentBeingCreated(f"segment {name} is being created")
-            if size < L.HEADER_SIZE:
+            if size < L.PAGE:  # not even the page that says which layout it is
                 raise LayoutMismatch(f"segment {name} is {size} bytes, too small to be an smpd segment; "
                                      f"{OWN_REMEDY}")
             seg._map(shm, size)
@@ -123,12 +123,9 @@ class Segment:
                     f"{L.LAYOUT_VERSION} only. Stop that machine with the smpd that made it, "
                     f"or {OWN_REMEDY}"
                 )
-            seg.geo = L.Geometry(
-                ncpus=seg.hdr("ncpus"),
-                text_pages=seg.hdr("text_pages"),
-                pgtable_pages=seg.hdr("pgtable_pages"),
-                stack_pages_per_cpu=seg.hdr("stack_pages_per_cpu"),
-            )
+            if size < L.HEADER_SIZE:
+                raise LayoutMismatch(f"segment {name} is {size} bytes, smaller than its header; {OWN_REMEDY}")
+            seg.geo = L.Geometry(ncpus=seg.hdr("ncpus"), ram_pages=seg.hdr("ram_pages"))
             if seg.geo.size != size or seg.geo.mem_off != seg.hdr("mem_off"):
                 raise LayoutMismatch(f"segment {name} header does not match its size ({size} bytes)")
         except BaseException:
@@ -153,11 +150,7 @@ class Segment:
             ("layout_version", L.LAYOUT_VERSION), ("ncpus", geo.ncpus),
             ("nlines", geo.nlines), ("npages", geo.npages),
             ("mem_off", geo.mem_off), ("dir_off", geo.dir_off), ("seg_size", geo.size),
-            ("text_first", geo.text_first), ("text_pages", geo.text_pages),
-            ("pgtable_first", geo.pgtable_first), ("pgtable_pages", geo.pgtable_pages),
-            ("percpu_first", geo.percpu_first), ("percpu_pages", geo.percpu_pages),
-            ("stack_first", geo.stack_first), ("stack_pages", geo.stack_pages),
-            ("stack_pages_per_cpu", geo.stack_pages_per_cpu),
+            ("ram_pages", geo.ram_pages),
         ):
             self.set_hdr(field, value)
         self.set_hdr("magic", L.MAGIC)  # last: a reader sees a whole header or none
@@ -219,6 +212,10 @@ class Segment:
     def mem_u32(self, addr: int) -> int:
         """Read a u32 of emulated memory (reads never need the bus)."""
         return struct.unpack_from("<I", self.buf, self.geo.mem_off + addr - L.PHYS_BASE)[0]
+
+    def mem_off(self, addr: int) -> int:
+        """Offset in ``buf`` of emulated physical ``addr``."""
+        return self.geo.mem_off + addr - L.PHYS_BASE
 
 
 def unlink(name: str) -> bool:

@@ -174,16 +174,23 @@ def main():
 @click.option("--seed", type=Seed(), default=None, help="Seed of the machine's memory image [config: random].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="A TOML file overriding config/default.toml.")
+@click.option("--kernel", type=click.Choice(scenario_mod.KERNELS), default=None,
+              help="The first kernel's flavour: pre-fix, 6.5 or 6.6 (none, init, hlt) [config: 6.6].")
+@click.option("--boot", default=None, metavar="PARAMS",
+              help="Its boot parameters: nosmt, maxcpus=N, kaslr[=SEED] (comma-separated) [config: none].")
 @click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C stops the machine.")
-def up(cpus, name, watch, hot_path, pin, seed, config_file, foreground):
+def up(cpus, name, watch, hot_path, pin, seed, config_file, kernel, boot, foreground):
     """Bring up a machine: CPU 0 is the coordinator, CPUs 1..N-1 are processes.
 
-    Returns once every CPU is online and prints the summary.
+    Generation 1 (a cold boot) starts the CPUs its boot parameters keep; with nosmt the
+    odd CPUs are SMT siblings, brought up and then parked in mwait_play_dead(). Returns
+    once they are and prints the summary.
     """
     cfg = config_mod.load(config_file).with_overrides(
         machine={"cpus": cpus, "name": name if name != "default" or config_file is None else None,
                  "seed": seed},
         watch={"strategy": watch, "hot_path": hot_path}, pin={"policy": pin},
+        kernel={"flavour": kernel, "boot": boot},
     )
     name = cfg.get("machine", "name")
     spec = lifecycle.prepare(cfg)
@@ -325,41 +332,91 @@ def _print_json_or(obj, as_json: bool, view) -> None:
         Console().print(view(obj))
 
 
+def _kernel_options(f):
+    for opt in reversed((
+        click.option("--kernel", type=click.Choice(scenario_mod.KERNELS), default=None,
+                     help="The kernel doing the kexec: pre-fix, 6.5, 6.6 [the running one's flavour]."),
+        click.option("--park", type=click.Choice(scenario_mod.PARKS), default=None,
+                     help="The old name of --kernel: none = pre-fix, init = 6.5, hlt = 6.6."),
+        click.option("--into", type=click.Choice(scenario_mod.KERNELS), default=None,
+                     help="The kernel kexec'd into [the same flavour]."),
+        click.option("--boot", default=None, metavar="PARAMS",
+                     help="Boot parameters of the new kernel, on top of the running one's: nosmt, smt, "
+                          "maxcpus=N, kaslr[=SEED], nokaslr."),
+        click.option("--inject", "injects", multiple=True, metavar="KIND@PHASE[:TARGET][xCOUNT]",
+                     help="NMI/MCE/SMI at before-kick|during-kick|after-kick|during-copy|after-copy; repeatable. "
+                          "TARGET a cpulist or 'all' (the default)."),
+        click.option("--order", type=click.Choice(scenario_mod.ORDERS), default="sequential", show_default=True,
+                     help="Order of the kexec copy."),
+        click.option("--seed", type=Seed(), default=None, help="Seed of the scenario's choices [random, printed]."),
+    )):
+        f = opt(f)
+    return f
+
+
+def _kernel_choice(kernel: str | None, park: str | None) -> str | None:
+    if kernel is not None and park is not None:
+        raise BadInput("--kernel and --park say the same thing; give one")
+    return kernel if kernel is not None else park
+
+
 @main.command()
 @name_option
-@click.option("--park", type=click.Choice(scenario_mod.PARKS), default="hlt", show_default=True,
-              help="none: the pre-fix kernel; hlt: smp_kick_mwait_play_dead(); init: INIT every other CPU.")
-@click.option("--inject", "injects", multiple=True, metavar="KIND@PHASE[:TARGET][xCOUNT]",
-              help="NMI/MCE/SMI at before-kick|during-kick|after-kick|during-copy|after-copy; repeatable. "
-                   "TARGET a cpulist or 'all' (the default).")
-@click.option("--order", type=click.Choice(scenario_mod.ORDERS), default="sequential", show_default=True,
-              help="Order of the image copy.")
-@click.option("--seed", type=Seed(), default=None, help="Seed of the scenario's choices [random, printed].")
+@_kernel_options
+@click.option("--crash", is_flag=True, help="kdump: panic on CPU 0, crash_smp_send_stop(), the crash kernel.")
 @click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
 @click.option("--replay", default=None, metavar="FILE:TRIAL", help="Re-run one recorded soak trial's scenario.")
-def kexec(name, park, injects, order, seed, as_json, replay):
+def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, replay):
     """Run the kexec sequence on the machine and say precisely what happened.
 
-    The outcome comes first: CLEAN, TRIPLE_FAULT, CORRUPTION, MCE_SHUTDOWN, STUCK or
-    CPU_LOST, with its evidence; then the CPUs and the timeline. Afterwards the
-    machine runs the new kernel: `smpd reset` returns it to the old one.
+    The outcome comes first: CLEAN, TRIPLE_FAULT, CORRUPTION, MCE_SHUTDOWN, SMM_HANG,
+    STUCK or CPU_LOST, with its evidence; then the CPUs and the timeline. Afterwards
+    the machine runs the new kernel (the next generation), which can kexec again;
+    `smpd reset` power-cycles it to generation 1. Exit status: 0 on CLEAN, 1 on any
+    other outcome, 2 on bad input.
     """
     if replay is not None:
         from smpd.tools import soakrun
 
         ctx = click.get_current_context()
-        mixed = [p for p in ("park", "injects", "order", "seed")
+        mixed = [p for p in ("kernel", "park", "into", "boot", "injects", "order", "seed", "crash")
                  if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
         if mixed:
             raise BadInput(f"--replay takes the whole scenario from the file; drop --{mixed[0].rstrip('s')}")
         r = soakrun.replay(name, replay)
         _print_json_or(r, as_json, render.kexec_report)
-        return
+        sys.exit(0 if r["outcome"] == "CLEAN" else 1)
+    kernel = _kernel_choice(kernel, park)
     machine = lifecycle.require(name)
     for spec in injects:
         scenario_mod.parse_injection(spec, machine.ncpus)
-    r = machine.request("kexec", park=park, inject=list(injects), order=order, seed=seed)
+    scenario_mod.parse_boot(boot, machine.ncpus)
+    r = machine.request("kexec", kernel=kernel, into=into, boot=boot, crash=crash, inject=list(injects),
+                        order=order, seed=seed)
     _print_json_or(r, as_json, render.kexec_report)
+    sys.exit(0 if r["outcome"] == "CLEAN" else 1)
+
+
+@main.command()
+@name_option
+@click.option("--kexecs", type=Int(1, 100), required=True, help="Links of the chain (1..100).")
+@_kernel_options
+@click.option("--json", "as_json", is_flag=True, help="Every link's report, as one JSON object.")
+def chain(name, kexecs, kernel, park, into, boot, injects, order, seed, as_json):
+    """KEXECS kexecs in a row, no reset between: one outcome per link, the first failing one named.
+
+    Each link's scenario seed derives from --seed and the link's number. The chain stops
+    at a link that is not CLEAN. Exit status: 0 when every link is CLEAN, else 1.
+    """
+    kernel = _kernel_choice(kernel, park)
+    machine = lifecycle.require(name)
+    for spec in injects:
+        scenario_mod.parse_injection(spec, machine.ncpus)
+    scenario_mod.parse_boot(boot, machine.ncpus)
+    r = machine.request("chain", kexecs=kexecs, kernel=kernel, into=into, boot=boot, inject=list(injects),
+                        order=order, seed=seed)
+    _print_json_or(r, as_json, render.chain_report)
+    sys.exit(0 if r["first_failing_link"] is None else 1)
 
 
 @main.command()
@@ -378,10 +435,11 @@ def kick(name, as_json):
 @main.command()
 @name_option
 def reset(name):
-    """Back to the old kernel with the same offline CPUs, without re-forking."""
+    """A power cycle: generation 1 boots again, with the offline CPUs of before the first kexec."""
     r = lifecycle.require(name).request("reset")
-    click.echo(f"machine '{name}' runs the old kernel (generation 1) again in {r['ms']:.1f} ms; "
-               f"offline: CPU {cpulist.format_list(r['offline']) or 'none'} in mwait_play_dead()")
+    offline = cpulist.format_list(r["offline"])
+    click.echo(f"machine '{name}' was power-cycled in {r['ms']:.1f} ms: generation 1 ({r['kernel']}) runs; "
+               + (f"offline: CPU {offline} in mwait_play_dead()" if offline else "every CPU is online"))
 
 
 @main.command()
@@ -496,7 +554,8 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
 @click.option("--duration", default=None, metavar="T", help="Run for this long instead (30s, 10m, 2h).")
 @click.option("--host-load", "host_load", default=None, metavar="SPEC",
               help="Load the host meanwhile: cpu:N, mem:N, io:N, syscall:N, stress-ng:ARGS (comma-separated).")
-@click.option("--park", "parks", default="none,hlt,init", show_default=True, help="Park policies to draw from.")
+@click.option("--park", "parks", default="none,hlt,init", show_default=True,
+              help="Kernels to draw from: pre-fix, 6.5, 6.6 or their old names none, init, hlt.")
 @click.option("--inject-rate", type=Real(0, 1), default=0.3, show_default=True,
               help="Share of trials that get injections.")
 @click.option("--kinds", default="nmi,mce,smi", show_default=True, help="Interrupt kinds to draw from.")

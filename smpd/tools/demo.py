@@ -35,7 +35,7 @@ def run(cpus: int, name: str, watch: str, seed: int | None, console: Console) ->
         for park in PARKS:
             for kind in INJECTIONS:
                 inject = [f"{kind}@after-copy"] if kind else []
-                r = live.request("kexec", park=park, inject=inject, seed=seed)
+                r = live.request("kexec", kernel=park, inject=inject, seed=seed)
                 label = kind.upper() if kind else "-"
                 rows.append((park, label, r))
                 console.print(f"  kexec --park {park:<4} --inject {kind + '@after-copy' if kind else '(none)':<16} "

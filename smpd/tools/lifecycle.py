@@ -170,8 +170,8 @@ def prepare(cfg) -> dict:
     seed = cfg.get("machine", "seed")
     if seed == "random":
         seed = secrets.randbelow(2**63)
-    mem = cfg.raw["memory"]
-    geo = L.Geometry(ncpus, mem["text_pages"], mem["page_table_pages"], mem["stack_pages_per_cpu"])
+    geo = L.Geometry(ncpus, cfg.sizes().ram)
+    cfg.boot()  # its boot parameters are checked against the CPU count here, before anything exists
     hostinfo.check_capacity(ncpus, geo.size, cfg.get("host", "cpu_process_mib"), cfg.get("host", "memory_share"))
     chosen, why = hostinfo.choose_watch(cfg.get("watch", "strategy"), ncpus)
     hot, hot_why = hotpath.choose(cfg.get("watch", "hot_path"))

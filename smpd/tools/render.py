@@ -22,7 +22,7 @@ def machine_line(m: dict) -> Text:
     t.append(f"machine '{m['name']}'", style="bold")
     t.append(f"  {m['state']}  {m['cpus']} CPUs ({m['online']} online: {states})\n")
     t.append(f"coordinator pid {m['pid']}  watch {m['watch']}  hot path {m['hot_path']}  pin {m['pin']}  "
-             f"kernel generation {m['generation']}  seed {m['seed']}  "
+             f"generation {m['generation']} ({m['kernel']})  seed {m['seed']}  "
              f"uptime {_duration(m['uptime_s'])}  bring-up {m['bringup_ms']:.0f} ms\n")
     t.append(f"segment {m['segment']} ({m['segment_bytes'] / 2**20:.1f} MiB, layout v{m['layout_version']})",
              style="dim")
@@ -109,13 +109,15 @@ def up_summary(s: dict) -> Text:
         t.append(f"           {s['cpus']} spinning processes on fewer host cores: the spin loops and "
                  "the kick's udelay yield their core between polls\n")
     t.append(f"  pin      {s['pin']}\n")
+    t.append(f"  kernel   generation 1: {s['kernel']}; {s['online']} CPUs online\n")
     t.append(f"  segment  {s['segment']} ({s['segment_bytes'] / 2**20:.1f} MiB, mode 0600)\n")
     t.append(f"  seed     {s['seed']}")
     return t
 
 
 OUTCOME_STYLE = {"CLEAN": "bold green", "TRIPLE_FAULT": "bold red", "CORRUPTION": "bold red",
-                 "MCE_SHUTDOWN": "bold yellow", "STUCK": "bold magenta", "CPU_LOST": "bold white on red"}
+                 "MCE_SHUTDOWN": "bold yellow", "SMM_HANG": "bold yellow", "STUCK": "bold magenta",
+                 "CPU_LOST": "bold white on red"}
 TIMELINE_MAX = 80
 
 
@@ -171,17 +173,48 @@ def kexec_report(r: dict) -> Group:
     head.append(f"{r['outcome']}", style=OUTCOME_STYLE.get(r["outcome"], "bold"))
     head.append(f"  {r['evidence']}\n")
     inj = ", ".join(i["spec"] for i in r["injections"]) or "none"
-    head.append(f"kexec --park {r['park']} --order {r['order']} --seed {r['seed']}; injections: {inj}; "
-                f"kernel generation {r['generation']['old']} -> {r['generation']['new']}; "
-                f"{r['duration_ms']:.1f} ms\n", style="dim")
+    old, new = r["memory"]["old"], r["memory"]["new"]
+    head.append(f"{'kexec --crash' if r.get('crash') else 'kexec'} --kernel {r['kernel']} --into {r['into']} "
+                f"--order {r['order']} --seed {r['seed']}; injections: {inj}; generation {r['generation']['old']} "
+                f"({old['kernel']}) -> {r['generation']['new']} ({new['kernel']}); {r['duration_ms']:.1f} ms\n",
+                style="dim")
+    head.append(f"memory: {_regions(old)} -> {_regions(new)}\n", style="dim")
     for n in r["notes"]:
         head.append(f"note: {n}\n", style="yellow")
+    for n in r.get("host_faults", []):
+        head.append(f"host fault: {n}\n", style="yellow")
     parts = [head, kick_summary(r.get("kick")), Text("CPUs after the kexec:"), cpu_outcomes(r["cpus"])]
     if r.get("corrupted_words"):
         parts.append(Text(f"corrupted words in the new kernel: {r['corrupted_words']}; first: "
                           + ", ".join(f"{b['symbol']} = {b['value']:#010x}" for b in r["corruption"][:4])))
     parts += [Text("timeline:"), timeline(r["timeline"])]
     return Group(*parts)
+
+
+def _regions(m: dict) -> str:
+    r = m["regions"]
+    return (f"gen {m['generation']} image@{r['text']['addr']} tasks@{r['tasks']['addr']} "
+            f"percpu@{r['percpu']['addr']}")
+
+
+def chain_report(r: dict) -> Group:
+    t = Table(title=f"chain of {r['kexecs']} kexecs (seed {r['seed']})", title_justify="left", header_style="bold")
+    for col in ("link", "generations", "kernel", "outcome", "evidence"):
+        t.add_column(col, overflow="fold")
+    for n, link in enumerate(r["links"], 1):
+        g = link["generation"]
+        t.add_row(str(n), f"{g['old']} -> {g['new']}", f"{link['kernel']} -> {link['into']}",
+                  Text(link["outcome"], style=OUTCOME_STYLE.get(link["outcome"], "")), link["evidence"])
+    done = len(r["links"])
+    tail = Text()
+    if r["first_failing_link"] is None:
+        tail.append(f"every link CLEAN: the machine runs generation {r['links'][-1]['generation']['new']}\n",
+                    style="bold green")
+    else:
+        tail.append(f"link {r['first_failing_link']} of {r['kexecs']} failed"
+                    + (f"; links {done + 1}-{r['kexecs']} did not run (nothing left to kexec from)"
+                       if done < r["kexecs"] else "") + "; `smpd reset` power-cycles the machine\n", style="bold red")
+    return Group(t, tail)
 
 
 def demo_matrix(rows: list[tuple[str, str, dict]]) -> Table:

@@ -13,7 +13,6 @@ reported and dropped on --resume.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,13 +28,13 @@ from smpd.machine import layout as L
 from smpd.errors import BadInput, CpuLost, SmpdError
 from smpd.host import files
 from smpd.kernel.kexec import OUTCOMES
-from smpd.kernel.scenario import KINDS, ORDERS, PARKS, PHASES
+from smpd.kernel.scenario import KERNELS, KINDS, ORDERS, PHASES, trial_seed
 
 FILE_KIND = "smpd-soak"
-FILE_VERSION = 1
-# Segment layouts whose trials replay alike: 5 added header fields only (the channel token,
-# the coordinator's session), not a word of the emulated memory a trial runs on.
-COMPATIBLE_LAYOUTS = {4, 5}
+# Version 2: trials of the kernel-generation model (layout 6: each generation its own memory map;
+# the shutdown order of upstream). A version-1 trial would replay differently: it is refused.
+FILE_VERSION = 2
+COMPATIBLE_LAYOUTS = {6}  # segment layouts whose trials replay alike
 
 
 @dataclass
@@ -70,15 +69,13 @@ def _parse_list(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
 
 
 def parse_parks(text: str) -> list[str]:
-    return _parse_list(text, PARKS, "--park")
+    """Kernels to draw from: flavours (pre-fix, 6.5, 6.6) or their --park names (none, init, hlt)."""
+    return _parse_list(text, KERNELS, "--park")
 
 
 def parse_kinds(text: str) -> list[str]:
     return _parse_list(text, KINDS, "--kinds")
 
-
-def trial_seed(seed: int, trial: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{trial}".encode()).digest()[:8], "little") >> 1
 
 
 def draw(plan: Plan, trial: int) -> dict:
@@ -200,7 +197,7 @@ def _host(v) -> bool:
 
 HEADER_FIELDS = {
     "seed": (_int(0, 2**63 - 1), "an integer in 0..2**63-1"),
-    "parks": (_list_of(PARKS), f"a non-empty list of {', '.join(PARKS)}"),
+    "parks": (_list_of(KERNELS), f"a non-empty list of {', '.join(KERNELS)}"),
     "inject_rate": (_real(0, 1), "a number in 0..1"),
     "kinds": (_list_of(KINDS), f"a non-empty list of {', '.join(KINDS)}"),
     "cpus": (_int(1, 4096), "an integer in 1..4096"),
@@ -213,7 +210,7 @@ HEADER_FIELDS = {
 RECORD_FIELDS = {
     "trial": (_int(0, 10**9), "an integer >= 0"),
     "seed": (_int(0, 2**63 - 1), "an integer in 0..2**63-1"),
-    "park": (lambda v: v in PARKS, f"one of {', '.join(PARKS)}"),
+    "park": (lambda v: v in KERNELS, f"one of {', '.join(KERNELS)}"),
     "offline": (_cpulist, "a cpulist or ''"),
     "order": (lambda v: v in ORDERS, f"one of {', '.join(ORDERS)}"),
     "inject": (_injections, "a list of KIND@PHASE... strings"),
@@ -363,7 +360,7 @@ def run_trial(live, drawn: dict, offline_now: set[int]) -> tuple[dict, set[int]]
     t0 = time.monotonic()
     try:
         set_offline(live, want, offline_now)
-        r = live.request("kexec", park=drawn["park"], inject=drawn["inject"], order=drawn["order"],
+        r = live.request("kexec", kernel=drawn["park"], inject=drawn["inject"], order=drawn["order"],
                          seed=drawn["seed"])
     except CpuLost as err:
         # A CPU process died before the kexec (between trials, or during this trial's hotplug):

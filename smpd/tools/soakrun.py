@@ -234,12 +234,12 @@ def print_summary(console: Console, plan: soak.Plan, records: list[dict], path: 
     head = Text()
     head.append(f"soak {path}: {s['trials']} trials in {s['seconds']:.1f} s"
                 + (f" ({s['trials_per_s']:.1f} trials/s)" if s["trials_per_s"] else "") + "\n", style="bold")
-    head.append(f"seed {plan.seed}, {plan.cpus} CPUs, parks {','.join(plan.parks)}, inject rate {plan.inject_rate}, "
+    head.append(f"seed {plan.seed}, {plan.cpus} CPUs, kernels {','.join(plan.parks)}, inject rate {plan.inject_rate}, "
                 f"kinds {','.join(plan.kinds)}, host load {s['host_load']}\n", style="dim")
     console.print(head)
     outcomes = sorted({o for inj in s["outcomes"].values() for cell in inj.values() for o in cell})
-    t = Table(title="outcomes: park x injected kinds", title_justify="left", header_style="bold")
-    t.add_column("park")
+    t = Table(title="outcomes: kernel x injected kinds", title_justify="left", header_style="bold")
+    t.add_column("kernel")
     t.add_column("injection")
     for o in outcomes:
         t.add_column(o, justify="right")
@@ -290,6 +290,6 @@ def replay(name: str, target: str) -> dict:
         status = live.request("status")
     want = set(cpulist.parse(rec["offline"])) if rec["offline"] else set()
     soak.set_offline(live, want, _offline_set(status))
-    r = live.request("kexec", park=rec["park"], inject=rec["inject"], order=rec["order"], seed=rec["seed"])
+    r = live.request("kexec", kernel=rec["park"], inject=rec["inject"], order=rec["order"], seed=rec["seed"])
     r["notes"] = [f"replay of trial {trial} of {path}: recorded outcome {rec['outcome']}"] + r["notes"]
     return r

@@ -1,0 +1,56 @@
+"""A kernel coming up: power-on and cold boot of generation 1, and any kernel starting its APs.
+
+Shared by `smpd up` and `smpd reset` (a power cycle: RAM holds firmware's bytes, then
+generation 1 is loaded and boots) and by the kexec (a new generation starts the CPUs
+its boot parameters keep).
+"""
+
+from __future__ import annotations
+
+import time
+
+from smpd.kernel import generations, image
+from smpd.kernel.generations import Generations
+from smpd.kernel.memmap import Boot, MemoryMap, cold_boot
+from smpd.machine import layout as L
+
+PARK_S = 2.0  # how long a sibling a kernel parks at boot (nosmt) gets to reach mwait_play_dead()
+
+
+def power_on(seg, bus, boot: Boot) -> MemoryMap:
+    """RAM after a power cycle with generation 1 booted into it (its own writes done; APs not started)."""
+    sizes = generations.sizes_of(seg)
+    seed = seg.hdr("seed")
+    image.power_on(bus, seg.geo, seed)
+    m = cold_boot(sizes, boot)
+    generations.record(seg, m)
+    seg.set_hdr("generation", 1)
+    image.boot_kernel(bus, seed, m)
+    return m
+
+
+def start_aps(port, m: MemoryMap, cpus: list[int], timeout_s: float) -> dict:
+    """INIT, then SIPI, to each CPU of ``cpus`` that kernel ``m`` starts; its nosmt siblings then
+    park themselves in mwait_play_dead(), in m's memory (waited for, bounded).
+
+    Returns {"started", "missing" (no answer), "left_behind" (not started), "parked"}."""
+    seg = port.seg
+    seg.set_hdr("generation", m.gen)
+    targets = [c for c in cpus if m.boot.started(c)]
+    left = [c for c in cpus if not m.boot.started(c)]
+    _, miss_init = port.ipi_wait(targets, L.Ipi.INIT, timeout_s)
+    started = [c for c in targets if c not in miss_init]
+    _, miss_sipi = port.ipi_wait(started, L.Ipi.SIPI, timeout_s)
+    up = [c for c in started if c not in miss_sipi]
+    parks = [c for c in up if m.boot.parks_at_boot(c)]
+    waiting = list(parks)
+    deadline = time.monotonic() + PARK_S
+    while waiting and time.monotonic() < deadline:
+        waiting = [c for c in waiting if seg.cb(c, "state") != L.ExecState.MWAIT and port.cpu_alive(c)]
+        if waiting:
+            time.sleep(0.0005)
+    return {"started": up, "missing": miss_init + miss_sipi, "left_behind": left, "parked": parks}
+
+
+def current(seg) -> MemoryMap:
+    return Generations(seg).current()

@@ -1,0 +1,70 @@
+"""The kernel generations a machine has run since power-on, as its segment records them.
+
+Generation 1 is the cold-booted kernel; each kexec starts the next. Every process
+(the coordinator, each CPU) needs the memory map of the generation it runs: a CPU
+that a later kernel never started (``maxcpus``, a crash kernel's ``nr_cpus=1``) still
+runs, or sits parked in, the code and memory of its own. So the header's second page
+holds one entry per generation (smpd.machine.layout GEN_ENTRY): its kernel (flavour,
+boot parameters) and where its image runs; the map itself is recomputed from that
+(smpd.kernel.memmap), the same in every process, and cached.
+"""
+
+from __future__ import annotations
+
+from smpd.kernel.memmap import FLAVOURS, Boot, MemoryMap, Region, Sizes
+from smpd.machine import layout as L
+
+_NOSMT, _CRASH = 1, 2
+
+
+def sizes_of(seg) -> Sizes:
+    return Sizes(ncpus=seg.geo.ncpus, text=seg.hdr("text_pages"), data=seg.hdr("data_pages"),
+                 pgtables=seg.hdr("pgtable_pages"), stack_per_cpu=seg.hdr("stack_pages_per_cpu"),
+                 crash=seg.hdr("crash_pages"), ram=seg.hdr("ram_pages"))
+
+
+def _entry_off(gen: int) -> int:
+    return L.GEN_OFF + (gen % L.GEN_SLOTS) * L.GEN_ENTRY.size
+
+
+def record(seg, m: MemoryMap) -> None:
+    """Write generation ``m.gen``'s entry (its map can then be rebuilt anywhere)."""
+    b = m.boot
+    segs = list(m.segments) + [(0, 0, Region.FIRMWARE)] * (3 - len(m.segments))
+    flat = [v for first, count, region in segs for v in (first, count, int(region))]
+    L.GEN_ENTRY.pack_into(seg.buf, _entry_off(m.gen), m.gen, FLAVOURS.index(b.flavour),
+                          (_NOSMT if b.nosmt else 0) | (_CRASH if b.crash else 0),
+                          0 if b.maxcpus is None else b.maxcpus + 1, 0 if b.kaslr is None else b.kaslr + 1,
+                          m.regions[Region.TEXT], *flat)
+
+
+class Generations:
+    """The memory maps of a machine's generations, rebuilt from its header and cached."""
+
+    def __init__(self, seg):
+        self.seg = seg
+        self.sizes = sizes_of(seg)
+        self._maps: dict[tuple, MemoryMap] = {}
+
+    def boot(self, gen: int) -> Boot:
+        return self.map(gen).boot
+
+    def map(self, gen: int) -> MemoryMap:
+        raw = L.GEN_ENTRY.unpack_from(self.seg.buf, _entry_off(gen))
+        if raw[0] != gen:
+            raise LookupError(f"generation {gen} is not recorded (the table keeps the last {L.GEN_SLOTS})")
+        m = self._maps.get(raw)
+        if m is None:
+            _gen, flavour, flags, maxcpus, kaslr, load, *flat = raw
+            boot = Boot(FLAVOURS[flavour], nosmt=bool(flags & _NOSMT), maxcpus=maxcpus - 1 if maxcpus else None,
+                        kaslr=kaslr - 1 if kaslr else None, crash=bool(flags & _CRASH))
+            segments = tuple((flat[i], flat[i + 1], Region(flat[i + 2])) for i in range(0, 9, 3) if flat[i + 1])
+            m = self._maps[raw] = MemoryMap.build(gen, boot, self.sizes, load, segments)
+        return m
+
+    def current(self) -> MemoryMap:
+        return self.map(self.seg.hdr("generation"))
+
+    def of_cpu(self, cpu: int) -> MemoryMap:
+        """The map of the generation ``cpu`` runs (the one that last started it)."""
+        return self.map(self.seg.cb(cpu, "cpu_gen") or self.seg.hdr("generation"))

@@ -1,0 +1,181 @@
+"""A kexec's outcome, as a pure function of what the machine looked like afterwards.
+
+``classify(snapshot)`` takes plain data (each CPU's state and fault, the kick's
+result, the new kernel's verification, what the host did) and returns the one
+outcome a real machine would show, and why; ``explain()`` turns that into the
+evidence line. Nothing here touches a segment or a process, so every rule is a
+millisecond unit test (tests/test_outcome.py); smpd.kernel.kexec builds the snapshot
+from the machine and the process tests check that it matches reality.
+
+Precedence, from what ends the machine first to what it survives:
+
+    CPU_LOST      a CPU process died: an emulator fault, not an emulated one
+    SMM_HANG      an SMI came while CPUs sat in INIT and the firmware waited for them
+    MCE_SHUTDOWN  an MCE reached a CPU in wait-for-SIPI (INIT): the machine goes down
+    TRIPLE_FAULT  a CPU resumed in overwritten memory and could not deliver the fault
+    CORRUPTION    the new kernel's own memory differs from its image (a stray store landed)
+    STUCK         a CPU never acknowledged the kick (and what became of it)
+    CLEAN         the new kernel verified its memory; near misses are said, not counted
+
+A stray store that a later write (the copy, the new kernel's own boot) covered left no
+trace: that is CLEAN with a near miss, as on real hardware. A CPU the host did not run
+in time (SIGSTOP, a scheduling gap) is a host fault, reported apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from smpd.cpulist import format_list
+
+OUTCOMES = ("CLEAN", "TRIPLE_FAULT", "CORRUPTION", "MCE_SHUTDOWN", "SMM_HANG", "STUCK", "CPU_LOST")
+
+
+@dataclass(frozen=True)
+class CpuFacts:
+    cpu: int
+    state: str  # RUNNING, MWAIT, HLT, WAIT_FOR_SIPI, SHUTDOWN, GONE
+    fault: str = "NONE"  # smpd.machine.layout.Fault
+    fault_ns: int = 0
+    fault_page: str = ""  # e.g. "pgtable page 0 of generation 2"
+    fault_cause: str = ""  # what resumed it, e.g. 'MWAIT woken by a write to thread_info[3].flags'
+    stray_stores: int = 0
+    first_store: tuple[int, str, int] | None = None  # (address, symbol, value)
+    alive: bool = True
+    exit_code: int | None = None
+    pid: int = 0
+    held: bool = False  # NMI or SMI held pending in wait-for-SIPI
+    host_note: str = ""  # e.g. "its process is stopped (SIGSTOP)"
+    generation: int = 0  # the generation it runs
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    kernel: str  # the flavour of the kernel that did the kexec
+    new_gen: int
+    cpus: tuple[CpuFacts, ...]
+    crash: bool = False
+    injected: bool = False
+    kick: dict | None = None  # smpd.kernel.kick's result: stuck, cpus (rounds), budget_ns, message
+    parked_in_init: bool = False  # smp_park_other_cpus_in_init() ran
+    corruption: tuple[dict, ...] = ()  # words of the new kernel's memory that differ: addr, symbol, value, expected
+    smm_hang: str = ""  # which SMI hung the firmware, if one did
+    not_taken: dict = field(default_factory=dict)  # cpu -> why an injection was not taken
+    unsettled: tuple[int, ...] = ()
+    boot_missing: tuple[int, ...] = ()  # CPUs that did not answer the new kernel's INIT/SIPI
+    left_behind: tuple[int, ...] = ()  # CPUs the new kernel does not start: still in old memory
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: str
+    cause: dict  # the facts the evidence is made of
+    notes: tuple[str, ...] = ()
+    near_misses: tuple[str, ...] = ()
+    host_faults: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        assert self.outcome in OUTCOMES, self.outcome
+
+
+def classify(s: Snapshot) -> Verdict:
+    by = {c.cpu: c for c in s.cpus}
+    notes = [f"CPU{c}: {why}" for c, why in sorted(s.not_taken.items())]
+    notes += [f"CPU{c['cpu']} executed foreign bytes ({c['page']}) into a halt; INIT recovered it"
+              for c in ({"cpu": c.cpu, "page": c.fault_page} for c in s.cpus if c.fault == "FOREIGN_HALT")]
+    if s.left_behind:
+        notes.append(f"CPU {_cpus(s.left_behind)} not started by the new kernel: still in generation "
+                     f"{s.new_gen - 1}'s memory (" + ", ".join(sorted({by[c].state for c in s.left_behind
+                                                                       if c in by})) + ")")
+    host = [f"CPU{c.cpu}: {c.host_note}" for c in s.cpus if c.host_note]
+    host += [f"CPU{c} was still acting on a wake-up when the kexec ended" for c in s.unsettled]
+    stores = [c for c in s.cpus if c.stray_stores]
+    near = tuple(f"CPU{c.cpu} executed foreign bytes and stored {c.first_store[2]:#010x} to {c.first_store[1]} "
+                 f"({c.first_store[0]:#x}): no trace is left in the new kernel's memory"
+                 for c in stores if c.first_store) if not s.corruption else ()
+
+    def verdict(outcome: str, **cause) -> Verdict:
+        return Verdict(outcome, cause, tuple(notes), near, tuple(host))
+
+    lost = [c for c in s.cpus if not c.alive]
+    if lost:
+        return verdict("CPU_LOST", lost=[(c.cpu, c.pid, c.exit_code) for c in lost])
+    if s.smm_hang:
+        in_init = [c.cpu for c in s.cpus if c.state == "WAIT_FOR_SIPI"]
+        return verdict("SMM_HANG", smi=s.smm_hang, in_init=in_init)
+    mce = [c.cpu for c in s.cpus if c.fault == "MCE_SHUTDOWN"]
+    if mce:
+        return verdict("MCE_SHUTDOWN", cpus=mce)
+    triple = sorted((c for c in s.cpus if c.fault == "TRIPLE_FAULT"), key=lambda c: c.fault_ns)
+    if triple:
+        t = triple[0]
+        return verdict("TRIPLE_FAULT", cpu=t.cpu, after=t.fault_cause, page=t.fault_page, others=len(triple) - 1)
+    if s.corruption:
+        w = next((c for c in stores if c.first_store), None)
+        return verdict("CORRUPTION", writer=None if w is None else (w.cpu, w.fault_cause, w.fault_page, w.first_store),
+                       first=s.corruption[0], words=len(s.corruption))
+    stuck = (s.kick or {}).get("stuck") or []
+    if stuck:
+        cpu = stuck[0]
+        c = by.get(cpu)
+        return verdict("STUCK", cpu=cpu, rounds=s.kick["cpus"][cpu]["rounds"], budget_ns=s.kick["budget_ns"],
+                       message=s.kick["message"], state=c.state if c else "?", host=c.host_note if c else "",
+                       no_boot=cpu in s.boot_missing)
+    held = [c.cpu for c in s.cpus if c.held]
+    return verdict("CLEAN", kernel=s.kernel, crash=s.crash, parked_in_init=s.parked_in_init,
+                   kicked=bool(s.kick and s.kick.get("cpus")), held=held if s.injected else [],
+                   new_gen=s.new_gen)
+
+
+def explain(v: Verdict) -> str:
+    """The evidence line: one sentence a kernel engineer can check against the memory maps."""
+    c = v.cause
+    if v.outcome == "CPU_LOST":
+        return "; ".join(f"CPU{cpu} (pid {pid}) died, exit code {code}" for cpu, pid, code in c["lost"]) + \
+            " - an emulator fault, not an emulated one"
+    if v.outcome == "SMM_HANG":
+        return (f"{c['smi']} entered SMM while CPU {_cpus(c['in_init'])} sat in INIT: the firmware waited for "
+                f"them to join SMM and the machine hung at shutdown (bugzilla 217995, the reason for the revert)")
+    if v.outcome == "MCE_SHUTDOWN":
+        return (f"MCE reached CPU {_cpus(c['cpus'])} in wait-for-SIPI (INIT): the machine shuts down, loudly, "
+                f"instead of running the old kernel")
+    if v.outcome == "TRIPLE_FAULT":
+        return (f"CPU{c['cpu']} resumed after \"{c['after']}\" in overwritten memory: {c['page']} is no longer "
+                f"its kernel's -> triple fault; the platform resets the machine"
+                + (f" ({c['others']} more CPU{'s' if c['others'] > 1 else ''} faulted too)" if c["others"] else ""))
+    if v.outcome == "CORRUPTION":
+        f = c["first"]
+        if c["writer"]:
+            cpu, cause, page, (addr, symbol, value) = c["writer"]
+            return (f"CPU{cpu} resumed after \"{cause}\", executed foreign bytes of {page} and stored {value:#010x} "
+                    f"to {symbol} ({addr:#x}); the new kernel's image differs in {c['words']} word"
+                    f"{'s' if c['words'] > 1 else ''}, first at {f['symbol']} ({f['addr']:#x})")
+        return f"the new kernel's memory differs at {f['symbol']} ({f['addr']:#x}) in {c['words']} words"
+    if v.outcome == "STUCK":
+        e = (f"CPU{c['cpu']} never acknowledged the kick ({c['rounds']} rounds, {c['budget_ns'] / 1e6:.0f} ms): "
+             f"{c['message']}; it is now {c['state']}")
+        if c["host"]:
+            e += f" ({c['host']})"
+        return e + ("; it did not answer the new kernel's INIT/SIPI" if c["no_boot"] else "")
+    if c["crash"]:
+        e = ("crash_smp_send_stop() stopped the online CPUs by NMI; no kick, no INIT: the parked CPUs stayed "
+             "where they were and no write of the crash kernel, which runs in its crashkernel= region, reached them")
+    elif c["parked_in_init"]:
+        e = "every other CPU sat in wait-for-SIPI (INIT) through the copy and the new kernel's boot"
+    elif c["kicked"]:
+        e = "every parked CPU acknowledged the kick and halted; no write ends HLT"
+    elif c["kernel"] == "pre-fix":
+        e = "no write before the new kernel started the APs hit a line a parked CPU monitors"
+    else:
+        e = "no CPU was parked in mwait_play_dead(): nothing to kick"
+    if c["held"]:
+        e += f"; NMI/SMI held pending on CPU {_cpus(c['held'])}"
+    e += f"; the new kernel (generation {c['new_gen']}) verified its memory"
+    if v.near_misses:
+        e += f"; near miss: {v.near_misses[0]}" + (f" (and {len(v.near_misses) - 1} more)" if len(v.near_misses) > 1
+                                                    else "")
+    return e
+
+
+def _cpus(cpus) -> str:
+    return format_list(list(cpus)) or "none"

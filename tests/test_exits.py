@@ -283,3 +283,30 @@ def test_cleaners_of_a_stale_machine_never_remove_the_new_one(machine_name):
             assert lifecycle.require(machine_name).request("status")["machine"]["state"] == "UP"
         lifecycle.down(machine_name)
         assert not os.path.lexists(names.segment_path(machine_name))
+
+
+def test_a_group_sigkill_of_the_coordinator_leaves_nothing(machine_name):
+    """`kill -9 -- -PGID`, `timeout -s KILL`, a service manager's stop: the janitor has left the
+    coordinator's process group and session, so it survives to clean up."""
+    m = Machine(machine_name, 4, "--watch", "adaptive")
+    s = m.status()["machine"]
+    assert os.getpgid(s["janitor_pid"]) != os.getpgid(s["pid"])
+    os.killpg(os.getpgid(s["pid"]), signal.SIGKILL)
+    wait_until(lambda: not os.path.exists(names.segment_path(machine_name)), timeout=30,
+               what="the janitor to remove the segment")
+
+
+def test_down_force_stops_the_coordinator_of_a_segment_it_cannot_read(machine_name):
+    """Its header overwritten (by a stray --json, say): --force finds the coordinator that maps it."""
+    import mmap
+
+    m = Machine(machine_name, 3, "--watch", "adaptive")
+    s = m.status()["machine"]
+    with open(names.segment_path(machine_name), "r+b") as f, mmap.mmap(f.fileno(), 4096) as mm:
+        mm[0:8] = b"garbage!"
+    r = run_smpd("down", name=machine_name, check=False)
+    assert r.returncode == 2 and "no smpd magic" in r.stderr
+    r = run_smpd("down", "--force", name=machine_name)
+    assert "removed segment" in r.stdout
+    wait_until(lambda: not lifecycle.is_coordinator(s["pid"], m.live.ctime), what="the coordinator to stop")
+    assert not os.path.exists(names.segment_path(machine_name))

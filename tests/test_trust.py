@@ -427,4 +427,54 @@ def test_a_huge_line_is_refused_without_reading_it_all(tmp_path):
     with open(big, "wb") as f:
         f.truncate(3 << 30)  # sparse: 3 GiB of zeros, no newline
     r = run_smpd("soak", "--summary", str(big), check=False, timeout=60)
-    assert r.returncode == 2 and "over 1 MiB" in _error_line(r)
+    assert r.returncode == 2 and "over 64 KiB" in _error_line(r)
+
+
+def test_a_huge_file_of_short_lines_is_read_only_as_far_as_it_is_good(parked3, tmp_path):
+    """A valid start, then a newline every MiB for 8 GiB (sparse): reading stops at the first
+    line that is not a record, and nothing past it is kept."""
+    out = tmp_path / "s.jsonl"
+    run_smpd("soak", "--trials", "1", "--seed", "1", "--out", str(out), name=parked3.name)
+    with open(out, "r+b") as f:
+        f.seek(0, os.SEEK_END)
+        for i in range(1, 8 << 10, 512):
+            f.seek(i << 20)
+            f.write(b"\n")
+    for args in (("soak", "--summary", str(out)), ("kexec", "--replay", f"{out}:0")):
+        r = run_smpd(*args, name=parked3.name, check=False, timeout=60)
+        line = _error_line(r)
+        assert r.returncode == 2 and ("line 3 is over 64 KiB" in line or "line 3 is not JSON" in line), r.stderr
+
+
+def test_an_output_is_never_written_through_a_planted_directory_link(evil, drop, parked3, tmp_path):
+    """A symbolic link the attacker made on the way to the file (the hostile review's finding A):
+    root's own directory must not receive the output."""
+    secret = tmp_path / "rootdir"
+    secret.mkdir(mode=0o700)
+    (secret / "out.json").write_text("ROOTDATA\n")
+    hop = os.path.join(drop, "hop")
+    _plant_link(evil, str(secret), hop)
+    for args in (("bench", "kick", "--rounds", "3", "--json", f"{hop}/out.json"),
+                 ("bench", "kick", "--rounds", "3", "--json", f"{hop}/new.json"),
+                 ("soak", "--trials", "1", "--out", f"{hop}/soak.jsonl")):
+        r = run_smpd(*args, name=parked3.name, check=False)
+        assert r.returncode == 2 and "symbolic link made by" in _error_line(r), r.stderr
+    assert (secret / "out.json").read_text() == "ROOTDATA\n" and sorted(os.listdir(secret)) == ["out.json"]
+
+
+def test_an_output_is_never_written_into_a_directory_another_user_controls(evil, drop, parked3):
+    theirs = os.path.join(drop, "theirs")
+    adversary.run_as(evil, os.mkdir, theirs, 0o777)
+    r = run_smpd("bench", "kick", "--rounds", "3", "--json", f"{theirs}/k.json", name=parked3.name, check=False)
+    assert r.returncode == 2 and f"is uid {evil}'s or writable by others" in _error_line(r)
+    assert os.listdir(theirs) == []
+
+
+@pytest.mark.parametrize("target", ["/dev/shm/{seg}", "/proc/sys/kernel/hostname"])
+def test_an_output_on_proc_sys_dev_or_shm_is_refused(parked3, target):
+    path = target.format(seg=names.segment(parked3.name)[1:])
+    before = open(path, "rb").read()
+    r = run_smpd("bench", "kick", "--rounds", "3", "--json", path, name=parked3.name, check=False)
+    assert r.returncode == 2 and "/proc, /sys, /dev or /dev/shm" in _error_line(r), r.stderr
+    assert open(path, "rb").read() == before
+    assert parked3.status()["machine"]["state"] == "UP"

@@ -147,7 +147,11 @@ def _same_file(seg_name: str, fd: int) -> bool:
 
 
 def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_ctime: float, close: list[int]) -> None:
-    """Block until the coordinator is gone; if it went without cleaning up, clean up after it."""
+    """Block until the coordinator is gone; if it went without cleaning up, clean up after it.
+
+    It leaves the coordinator's session and process group first: a signal to that group (a
+    service manager's stop, `timeout -s KILL`, `kill -9 -- -PGID`) must leave it to do its job."""
+    os.setsid()
     set_process_name("smpd-janitor")
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # it leaves by itself as soon as its job is done

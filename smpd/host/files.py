@@ -1,18 +1,23 @@
 """Files a user names on the command line (outputs, soak files, configs, the coordinator's log).
 
 smpd often runs as root, and the paths it is given often sit in /tmp, where any
-user can plant a symbolic link, a hard link to a file of root's, or a FIFO under
-the name root is about to use. Checking a path and then opening it is a race
-(the link can appear in between), so checks are made on the descriptor that is
-then used, and nothing is ever reopened by name:
+user can plant a symbolic link (at the name, or at any directory on the way to
+it), a hard link to a file of root's, or a FIFO under the name root is about to
+use. Checking a path and then opening it is a race (the link can appear in
+between), so every check is made on the descriptor that is then used, and nothing
+is ever reopened by name:
 
-* an output is opened with O_NOFOLLOW (a link at the name is refused, not
-  followed) and O_NONBLOCK (a FIFO cannot hang us), then fstat must say: a regular
-  file, ours, with one name (a second name would be a hard link to someone's
-  file); only then is it truncated and written;
-* an input is opened with O_NONBLOCK and must be a regular file (a FIFO or a
-  device is refused before a byte is read), and is read line by line with a cap
-  on a line's length, so a huge or endless file costs nothing.
+* an output's directory is reached one component at a time, each opened with
+  O_NOFOLLOW relative to the last (``_directory``): a symbolic link on the way is
+  followed only when root or the user made it, and every directory must be root's
+  or the user's and, if others may write in it, sticky (/tmp is; an attacker's
+  directory is not). The file is then opened in that directory with O_NOFOLLOW and
+  O_NONBLOCK (a FIFO cannot hang us), and fstat must say: a regular file, ours,
+  with one name (a second name would be a hard link to someone's file), not on
+  /proc, /sys, /dev or /dev/shm; only then is it truncated and written;
+* an input is opened with O_PATH first (no open side effect: a device is never
+  opened for real), must be a regular file, and only then is reopened for reading
+  through that descriptor; it is read line by line with a cap on a line's length.
 """
 
 from __future__ import annotations
@@ -20,12 +25,87 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tempfile
 from typing import BinaryIO
 
 from smpd.errors import BadInput
 from smpd.host import trust
 
 MAX_LINE = 1 << 20  # no line of a soak file or config comes near 1 MiB
+SPECIAL = ("/proc", "/sys", "/dev", "/dev/shm")  # never an output: a kernel knob, a device, a segment
+
+
+def _special_devices() -> set[int]:
+    out = set()
+    for p in SPECIAL:
+        try:
+            out.add(os.stat(p).st_dev)
+        except OSError:
+            pass
+    return out
+
+
+def _trusted_dir(st: os.stat_result) -> bool:
+    """A directory nobody else can plant a name in unnoticed: root's or ours, and not writable by
+    others unless sticky (there they cannot remove or rename what is ours)."""
+    if st.st_uid not in (0, trust.me()):
+        return False
+    return not st.st_mode & 0o022 or bool(st.st_mode & stat.S_ISVTX)
+
+
+def _directory(path: str, what: str) -> tuple[int, str]:
+    """(descriptor of the directory that holds ``path``, the file's name in it), reached safely."""
+    full = os.path.abspath(path)
+    parent, name = os.path.split(full)
+    if not name:
+        raise BadInput(f"{what} {path} names a directory; give a file name")
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    walked = "/"
+    hops = 0
+    parts = [p for p in parent.split("/") if p]
+    try:
+        while parts:
+            part = parts.pop(0)
+            if part in (".", ""):
+                continue
+            try:
+                st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise BadInput(f"{what} {path}: directory {os.path.join(walked, part)} does not exist") from None
+            if stat.S_ISLNK(st.st_mode):  # followed only when root or the user made it
+                hops += 1
+                if st.st_uid not in (0, trust.me()) or hops > 40:
+                    raise BadInput(f"{what} {path}: {os.path.join(walked, part)} is a symbolic link made by "
+                                   f"{trust.describe_uid(st.st_uid)}; smpd does not follow it")
+                target = os.readlink(part, dir_fd=fd)
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd, walked = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), "/"
+                parts = [p for p in target.split("/") if p] + parts
+                continue
+            if part == "..":
+                nfd = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            else:
+                try:
+                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except NotADirectoryError:
+                    raise BadInput(f"{what} {path}: {os.path.join(walked, part)} is not a directory") from None
+            os.close(fd)
+            fd, walked = nfd, os.path.normpath(os.path.join(walked, part))
+            if not _trusted_dir(os.fstat(fd)):
+                owner = trust.describe_uid(os.fstat(fd).st_uid)
+                raise BadInput(f"{what} {path}: directory {walked} is {owner}'s or writable by others without "
+                               f"the sticky bit; smpd writes only where nobody else can plant a name")
+        return fd, name
+    except BadInput:
+        os.close(fd)
+        raise
+    except OSError as err:
+        os.close(fd)
+        if err.errno == errno.ELOOP:
+            raise BadInput(f"{what} {path}: a directory on the way became a symbolic link; smpd does not "
+                           f"follow it") from None
+        raise BadInput(f"{what} {path}: {err.strerror}") from None
 
 
 def _refuse_opened(st: os.stat_result, path: str, what: str) -> str | None:
@@ -35,32 +115,44 @@ def _refuse_opened(st: os.stat_result, path: str, what: str) -> str | None:
         return f"{what} {path} belongs to {trust.describe_uid(st.st_uid)}, not to you: smpd will not write it"
     if st.st_nlink != 1:
         return f"{what} {path} has {st.st_nlink} names (hard links): smpd will not write it"
+    if st.st_dev in _special_devices():
+        return f"{what} {path} is on /proc, /sys, /dev or /dev/shm: not a place for smpd's output"
     return None
 
 
-def open_output(path: str, what: str, *, append: bool = False, create: bool = True, read: bool = False) -> BinaryIO:
-    """An output file, opened safely (see the module's docstring); truncated unless ``append``.
+def open_output(path: str, what: str, *, append: bool = False, create: bool = True, read: bool = False,
+                exclusive: bool = False) -> BinaryIO:
+    """An output file, opened safely (see the module's docstring); truncated unless ``append``,
+    ``read`` (then read-write) or ``exclusive`` (then it must not exist yet).
 
-    Raises BadInput naming ``what`` (e.g. '--json') when the name is a link, a FIFO,
-    a device, another user's file or a second name for one, or cannot be opened."""
+    Raises BadInput naming ``what`` (e.g. '--json') when the name or a directory on the way is
+    someone else's link, the file a FIFO, a device, another user's file or a second name for one,
+    or it cannot be opened."""
     if not path:
         raise BadInput(f"{what} needs a file name; '' is none")
+    dfd, name = _directory(path, what)
     flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_RDWR if read else os.O_WRONLY)
     flags |= os.O_CREAT if create else 0
+    flags |= os.O_EXCL if exclusive else 0
     flags |= os.O_APPEND if append else 0
     try:
-        fd = os.open(path, flags, 0o644)
+        fd = os.open(name, flags, 0o644, dir_fd=dfd)
+    except FileExistsError:
+        raise
     except OSError as err:
-        if err.errno == errno.ELOOP or os.path.islink(path):  # (in a sticky directory it may be EACCES)
+        islink = stat.S_ISLNK(_lstat_in(dfd, name))
+        if err.errno == errno.ELOOP or islink:  # (in a sticky directory it may be EACCES)
             raise BadInput(f"{what} {path} is a symbolic link; smpd does not write through links: "
                            f"give the file's own path") from None
         raise BadInput(f"{what} {path} cannot be opened for writing ({err.strerror})") from None
+    finally:
+        os.close(dfd)
     try:
         refusal = _refuse_opened(os.fstat(fd), path, what)
         if refusal:
             raise BadInput(refusal)
         os.set_blocking(fd, True)
-        if not append and not read:
+        if not append and not read and not exclusive:
             os.ftruncate(fd, 0)
         return os.fdopen(fd, ("r+b" if read else "ab" if append else "wb"), buffering=0)
     except BaseException:
@@ -68,78 +160,92 @@ def open_output(path: str, what: str, *, append: bool = False, create: bool = Tr
         raise
 
 
+def _lstat_in(dfd: int, name: str) -> int:
+    try:
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
+    except OSError:
+        return 0
+
+
 def check_output(path: str, what: str) -> None:
     """Refuse, before a run, an output path ``open_output`` would refuse at the end. Creates
     nothing under that name (a new file is judged by an unnamed one in its directory)."""
-    import tempfile
-
     if not path:
         raise BadInput(f"{what} needs a file name; '' is none")
-    p = os.path.abspath(path)
+    dfd, name = _directory(path, what)
     try:
-        st = os.lstat(p)
-    except FileNotFoundError:
-        st = None
-    except OSError as err:
-        raise BadInput(f"{what} {path}: {err.strerror}") from None
-    if st is not None and stat.S_ISLNK(st.st_mode):
-        raise BadInput(f"{what} {path} is a symbolic link; smpd does not write through links: give the file's own path")
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        raise BadInput(f"{what} {path} is a directory; give a file name")
-    if st is not None:
-        refusal = _refuse_opened(st, path, what)
-        if refusal:
-            raise BadInput(refusal)
-        open_output(path, what, append=True, create=False).close()  # writable? (appending nothing changes nothing)
-        return
-    parent = os.path.dirname(p)
-    if not os.path.isdir(parent):
-        raise BadInput(f"{what} {path}: directory {parent} does not exist")
-    try:
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError as err:
-        raise BadInput(f"{what} {path}: directory {parent} is not writable ({err.strerror})") from None
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise BadInput(f"{what} {path} is a symbolic link; smpd does not write through links: "
+                           f"give the file's own path")
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise BadInput(f"{what} {path} is a directory; give a file name")
+        if st is not None:
+            refusal = _refuse_opened(st, path, what)
+            if refusal:
+                raise BadInput(refusal)
+            open_output(path, what, append=True, create=False).close()  # writable? (appending nothing changes nothing)
+            return
+        if os.fstat(dfd).st_dev in _special_devices():
+            raise BadInput(f"{what} {path} is on /proc, /sys, /dev or /dev/shm: not a place for smpd's output")
+        try:
+            tempfile.TemporaryFile(dir=f"/proc/self/fd/{dfd}").close()
+        except OSError as err:
+            raise BadInput(f"{what} {path}: its directory is not writable ({err.strerror})") from None
+    finally:
+        os.close(dfd)
 
 
 def open_input(path: str, what: str) -> BinaryIO:
-    """A file to read: a regular file (checked on the descriptor, before a byte is read)."""
+    """A file to read: opened with O_PATH (nothing happens to a device), checked to be a regular
+    file on that descriptor, and only then opened for reading through it."""
     if not path:
         raise BadInput(f"{what} needs a file name; '' is none")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except FileNotFoundError:
         raise BadInput(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise BadInput(f"{what} {path} is a directory") from None
     except OSError as err:
         raise BadInput(f"{what} {path} cannot be read: {err.strerror}") from None
     try:
-        st = os.fstat(fd)
+        st = os.fstat(pfd)
         if stat.S_ISDIR(st.st_mode):
             raise BadInput(f"{what} {path} is a directory")
         if not stat.S_ISREG(st.st_mode):
             raise BadInput(f"{what} {path} is not a regular file (a device, a FIFO, a socket?)")
-        os.set_blocking(fd, True)
+        try:
+            fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise BadInput(f"{what} {path} cannot be read: {err.strerror}") from None
+    finally:
+        os.close(pfd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # the same file, but say it twice
+            raise BadInput(f"{what} {path} is not a regular file")
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
 
 
-def read_lines(f: BinaryIO, path: str, what: str, max_line: int = MAX_LINE) -> tuple[list[bytes], bytes]:
-    """Whole lines (without their newline) and what follows the last newline; BadInput when a
-    line is longer than ``max_line`` (then it is no file of ours, whatever its size)."""
-    lines: list[bytes] = []
+def read_lines(f: BinaryIO, path: str, what: str, max_line: int = MAX_LINE):
+    """Yield whole lines (without their newline) one at a time, then ``(None, tail)`` with what
+    follows the last newline. BadInput when a line is longer than ``max_line``: then it is no file
+    of ours, whatever its size (and nothing was kept of it)."""
+    n = 0
     while True:
         try:
             line = f.readline(max_line + 1)
         except OSError as err:
             raise BadInput(f"{what} {path} cannot be read: {err.strerror}") from None
-        if not line:
-            return lines, b""
         if not line.endswith(b"\n"):
             if len(line) > max_line:
-                raise BadInput(f"{what} {path}: line {len(lines) + 1} is over {max_line >> 20} MiB; "
+                raise BadInput(f"{what} {path}: line {n + 1} is over {max_line >> 10} KiB; "
                                f"this is not a file smpd wrote")
-            return lines, line
-        lines.append(line[:-1])
+            yield None, line
+            return
+        n += 1
+        yield line[:-1], b""

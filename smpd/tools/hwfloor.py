@@ -1,15 +1,17 @@
 """The host's own cache-line round trip between two cores, measured in the same run.
 
-smpd/tools/hwfloor.c is compiled on the fly when a C compiler exists, once per source
-version, into the user's cache ($XDG_CACHE_HOME/smpd, else ~/.cache/smpd; built
-under a temporary name and renamed into place, so a build killed halfway leaves
-no binary). Otherwise the floor is reported unavailable, with the reason, and
-ratios are left out rather than guessed. The measuring process dies with us.
+smpd/tools/hwfloor.c is compiled on the fly when a C compiler exists, into a fresh
+private directory (mkdtemp: 0700, ours, made for this run) and run from there; the
+directory goes when the measurement is done. No cache: a binary that smpd runs,
+often as root, must be one it has just built where nobody else can write (a cache
+under $XDG_CACHE_HOME or ~ may be another user's to plant a file in). The build
+costs a fraction of a second per benchmark. Without a compiler the floor is
+reported unavailable, with the reason, and ratios are left out rather than
+guessed. The measuring process dies with us.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -30,27 +32,18 @@ def measure(iterations: int = 200_000) -> dict:
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return {"available": False, "why": "no C compiler (cc, gcc or clang) on PATH"}
-    src = SOURCE.read_bytes()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smpd"
-    exe = cache / f"hwfloor-{hashlib.sha256(src).hexdigest()[:16]}"
-    if not exe.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".hwfloor-", dir=cache)
-        os.close(fd)
+    with tempfile.TemporaryDirectory(prefix="smpd-hwfloor-") as private:  # 0700, ours, new
+        exe = os.path.join(private, "hwfloor")
+        r = subprocess.run([cc, "-O2", "-pthread", "-o", exe, str(SOURCE)], capture_output=True, text=True,
+                           cwd=private)
+        if r.returncode:
+            return {"available": False, "why": f"{cc} could not build {SOURCE.name}: {r.stderr.strip()[:200]}"}
+        a, b = cores[0], cores[-1]
         try:
-            r = subprocess.run([cc, "-O2", "-pthread", "-o", tmp, str(SOURCE)], capture_output=True, text=True)
-            if r.returncode:
-                return {"available": False, "why": f"{cc} could not build {SOURCE.name}: {r.stderr.strip()[:200]}"}
-            os.replace(tmp, exe)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    a, b = cores[0], cores[-1]
-    try:
-        r = subprocess.run([str(exe), str(a), str(b), str(iterations)], capture_output=True, text=True,
-                           timeout=120, preexec_fn=die_with_parent)
-    except subprocess.TimeoutExpired:
-        return {"available": False, "why": "the ping-pong did not finish within 120 s (host too loaded)"}
+            r = subprocess.run([exe, str(a), str(b), str(iterations)], capture_output=True, text=True,
+                               timeout=120, preexec_fn=die_with_parent)
+        except subprocess.TimeoutExpired:
+            return {"available": False, "why": "the ping-pong did not finish within 120 s (host too loaded)"}
     if r.returncode:
         return {"available": False, "why": f"hwfloor failed: {r.stderr.strip()[:200]}"}
     vals = dict(line.split() for line in r.stdout.splitlines() if line.strip())

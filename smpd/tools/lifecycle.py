@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 import posix_ipc
+import psutil
 
 from smpd.daemon import channel
 from smpd.daemon.janitor import COORDINATOR_COMM, clean_incomplete, clean_stale_segment, is_coordinator, wait_gone
@@ -156,7 +157,26 @@ def remove_own_entry(name: str) -> bool:
     refusal = trust.foreign(st, path, "an smpd segment", f"--force removes only your own; {FOREIGN_REMEDY}")
     if refusal is not None:
         raise refusal
+    for p in coordinators_mapping(path):  # one that still runs on it, header or no header
+        if trust.signal_ours(p.pid, signal.SIGTERM, p.create_time(), name=COORDINATOR_COMM):
+            wait_gone(p.pid, p.create_time(), 30)
     return unlink(names.segment(name))
+
+
+def coordinators_mapping(path: str) -> list:
+    """Our coordinators that have ``path`` mapped (/proc/PID/maps): who runs on a segment whose
+    header can no longer say it."""
+    found = []
+    for p in psutil.process_iter(["name", "uids"]):
+        if p.info["name"] != COORDINATOR_COMM or not p.info["uids"] or p.info["uids"].effective != trust.me():
+            continue
+        try:
+            with open(f"/proc/{p.pid}/maps") as f:
+                if any(line.rstrip("\n").endswith(path) or f" {path} (deleted)" in line for line in f):
+                    found.append(p)
+        except OSError:
+            pass
+    return found
 
 
 def prepare(cfg) -> dict:

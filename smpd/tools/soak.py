@@ -275,36 +275,46 @@ def open_resume(path: str):
         raise
 
 
+MAX_RECORD = 64 << 10  # a trial record is a few KiB: a longer line is no record of ours
+
+
 def _parse(f, path: str) -> tuple[Plan, list[dict], str | None, int]:
-    """Every field checked (HEADER_FIELDS, RECORD_FIELDS), trial numbers rising. Returns the
-    plan, the records, a note on a dropped last line, and the length of the good part."""
-    lines, tail = files.read_lines(f, path, "soak file")
-    note = None
-    good_len = sum(len(x) + 1 for x in lines)
-    if tail:
-        note = f"dropped a partial last line ({len(tail)} bytes): the trial in flight when the run stopped"
+    """Every field checked (HEADER_FIELDS, RECORD_FIELDS), trial numbers rising, one line at a time:
+    the header first, and reading stops at the first line that is not a record (so a damaged or
+    planted file costs no more than its good part). Returns the plan, the records, a note on a
+    dropped last line, and the length of the good part."""
+    lines = files.read_lines(f, path, "soak file", MAX_RECORD)
     records: list[dict] = []
     header = None
-    for n, raw in enumerate(lines):
+    good_len, note, bad = 0, None, None
+    for n, (raw, tail) in enumerate(lines):
+        if raw is None:
+            if tail:
+                note = f"dropped a partial last line ({len(tail)} bytes): the trial in flight when the run stopped"
+            break
+        if bad is not None:  # a malformed line with more after it: damage, not a cut-short write
+            raise BadInput(f"soak file {path}: line {bad + 1} is not JSON; the file is damaged")
         try:
             obj = json.loads(raw, parse_constant=_no_constants)
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-            if n == len(lines) - 1 and header is not None:  # a whole last line still not JSON: cut mid-write
-                good_len -= len(raw) + 1
-                note = f"dropped a malformed last line ({len(raw)} bytes)"
-                break
-            raise BadInput(f"soak file {path}: line {n + 1} is not JSON; the file is damaged") from None
+            if header is None:
+                raise BadInput(f"{path} is not an smpd soak file (its first line is not a soak header)") from None
+            bad = n
+            note = f"dropped a malformed last line ({len(raw)} bytes)"
+            continue
         if header is None:
             header = obj
             _check_header(header, path)
-            continue
-        where = f"soak file {path}: line {n + 1}"
-        if not isinstance(obj, dict):
-            raise BadInput(f"{where} is not a trial record; the file is damaged")
-        _check_fields(obj, RECORD_FIELDS, RECORD_OPTIONAL, where)
-        if records and obj["trial"] <= records[-1]["trial"]:
-            raise BadInput(f"{where}: trial {obj['trial']} after trial {records[-1]['trial']}; the file is damaged")
-        records.append(obj)
+        else:
+            where = f"soak file {path}: line {n + 1}"
+            if not isinstance(obj, dict):
+                raise BadInput(f"{where} is not a trial record; the file is damaged")
+            _check_fields(obj, RECORD_FIELDS, RECORD_OPTIONAL, where)
+            if records and obj["trial"] <= records[-1]["trial"]:
+                raise BadInput(f"{where}: trial {obj['trial']} after trial {records[-1]['trial']}; "
+                               f"the file is damaged")
+            records.append(obj)
+        good_len += len(raw) + 1
     if header is None:
         raise BadInput(f"{path} is not an smpd soak file (it is empty)")
     known = set(Plan.__dataclass_fields__)

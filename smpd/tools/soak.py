@@ -114,11 +114,9 @@ def open_new(path: str, plan: Plan):
     If the header cannot be written (a full disk), the file this call created is
     removed again: a run that never started leaves no empty file to refuse later."""
     try:
-        f = open(path, "xb", buffering=0)
+        f = files.open_output(path, "--out", exclusive=True)  # the directory reached safely (smpd.host.files)
     except FileExistsError:
         raise BadInput(f"--out {path} exists; continue it with --resume {path}, or name a new file") from None
-    except OSError as err:
-        raise BadInput(f"--out {path} cannot be created ({err.strerror})") from None
     lock(f, path)
     try:
         _append(f, asdict(plan))

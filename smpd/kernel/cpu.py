@@ -368,12 +368,16 @@ class Cpu:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         return taken
 
-    def take_interrupts(self, resume_page: int = TEXT_PLAY_DEAD):
+    def take_interrupts(self, resume_page: int = TEXT_PLAY_DEAD, in_hlt: bool = False):
         """Run the handlers of pending interrupts, MCE first, then return to ``resume_page``.
 
         NMI and MCE enter their handlers' text; an SMI enters SMM (firmware, never
         overwritten) and RSM resumes the interrupted code. Every step is a resume
         (see ``resume``). Returns None, or the next state if a step faulted.
+
+        ``in_hlt``: the CPU was halted. With the firmware's auto-HALT restart
+        ([firmware] smi_auto_halt_restart, which the SDM allows), RSM returns into HLT
+        itself: after an SMI alone nothing is fetched. The review assumes it does not.
         """
         got = self._drain_pending()
         for kind in KINDS:
@@ -391,6 +395,9 @@ class Cpu:
             nxt = self.resume(TEXT_NMI if kind == "nmi" else TEXT_MCE, L.Ev.INTERRUPT, L.IRQ_CODE[kind])
             if nxt is not None:
                 return nxt
+        if took == L.IRQ_CODE["smi"] and in_hlt and not got["nmi"] and not got["mce"] \
+                and self.seg.hdr("smi_auto_halt_restart"):
+            return None  # RSM into HLT: the CPU halts again without executing an instruction
         if took:  # the return from the (last) handler, or RSM, into the interrupted code
             return self.resume(resume_page, L.Ev.INTERRUPT, took)
         return None
@@ -460,11 +467,11 @@ class Cpu:
         self.ack(seq, IPI_IGNORED)
         return False, None
 
-    def _interrupts_then_ipis(self, mask: int, allowed: tuple[L.Ipi, ...] = ()):
+    def _interrupts_then_ipis(self, mask: int, allowed: tuple[L.Ipi, ...] = (), in_hlt: bool = False):
         """Take interrupts (their handlers may fault), then INIT/POWER_OFF, then a REPARK
         if ``allowed``. Returns the next state, or False to stay."""
         if mask & M_IRQ:
-            nxt = self.take_interrupts()
+            nxt = self.take_interrupts(in_hlt=in_hlt)
             if nxt is not None:
                 return nxt
         nxt, ipi = self._ipi(mask, allowed)
@@ -649,7 +656,7 @@ class Cpu:
             # would only hold the host core that the next kicked CPU needs to wake on.
             if mask is None:
                 mask = self.wait(may_spin=False)
-            nxt = self._interrupts_then_ipis(mask, (L.Ipi.REPARK,))
+            nxt = self._interrupts_then_ipis(mask, (L.Ipi.REPARK,), in_hlt=True)
             if nxt is not False:
                 return nxt
             mask = None

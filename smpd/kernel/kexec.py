@@ -49,6 +49,7 @@ STOP_OTHER_CPUS_S = 1.0  # native_stop_other_cpus(): "Don't wait longer than a s
 SETTLE_S = 2.0  # how long the CPUs get to finish what a write or an interrupt started
 IRQ_TAKEN_S = 1.0  # how long an injected signal gets to be taken (or held)
 BOOT_IPI_S = 2.0  # INIT/SIPI acknowledgement budget when the new kernel starts the APs
+MAX_WAKING = 64  # waking writes recorded per kexec (a 4096-CPU machine could have thousands)
 
 
 class Port(Protocol):
@@ -81,6 +82,7 @@ class Kexec:
         self.smm_hang = ""
         self.copy_woke = self.boot_woke = 0
         self.copy_info: dict = {}
+        self.waking: list[dict] = []  # the writes that woke a monitor, and whose line they hit
         self.old: MemoryMap | None = None
         self.new: MemoryMap | None = None
 
@@ -266,6 +268,21 @@ class Kexec:
             pages = first + rest if order == "monitored-first" else rest + first
         return pages
 
+    def write_page(self, page: int, region: Region, index: int, seed: int, who: str) -> int:
+        """One page of the new kernel through the bus; a write that wakes a monitor is recorded
+        with the line it hit (which write hit which line: the evidence the maps explain)."""
+        d, base = self.seg.u16, self.seg.geo.dir_off // L.DIR_ENTRY + page * L.LINES_PER_PAGE
+        watchers = [(i, d[base + i] - 1) for i in range(L.LINES_PER_PAGE) if d[base + i]]
+        woke = self.bus.write(page_addr(page), image.page_image(seed, self.new.gen, region, index))
+        if woke and len(self.waking) < MAX_WAKING:
+            for line, cpu in watchers:
+                addr = page_addr(page) + line * L.LINE
+                what = f"{who}: {region.name.lower()} page {index} at {page_addr(page):#x}"
+                self.waking.append({"cpu": cpu, "write": what, "line": self.gens.of_cpu(cpu).symbol(addr),
+                                    "addr": addr})
+                self.log(f"{what} writes CPU{cpu}'s monitored line ({self.waking[-1]['line']})")
+        return woke
+
     def copy(self, during) -> None:
         """machine_kexec() -> relocate_kernel(): the new kernel's segments over whatever is there."""
         if self.s.crash:
@@ -286,14 +303,16 @@ class Kexec:
         for n, (page, region, index) in enumerate(pages):
             if n == len(pages) // 2:
                 during()
-            self.copy_woke += self.bus.write(page_addr(page), image.page_image(seed, self.new.gen, region, index))
+            self.copy_woke += self.write_page(page, region, index, seed, "the copy")
         self.log(f"copy done in {(time.monotonic_ns() - t0) / 1e6:.1f} ms; its writes woke {self.copy_woke} monitors")
 
     def new_kernel_boot(self) -> None:
         """The jump: the new kernel's own writes until it starts the APs (smpd.kernel.image.boot_kernel)."""
         gens_mod.record(self.seg, self.new)
         t0 = time.monotonic_ns()
-        self.boot_woke = image.boot_kernel(self.bus, self.seg.hdr("seed"), self.new)
+        seed = self.seg.hdr("seed")
+        self.boot_woke = sum(self.write_page(p, r, i, seed, f"generation {self.new.gen}'s boot")
+                             for p, r, i in self.new.pages())
         r = self.new.regions
         self.log(f"generation {self.new.gen} boots ({self.new.placement}): image at {page_addr(r[Region.TEXT]):#x}, "
                  f"page tables and per-CPU areas (memblock, top-down) at {page_addr(r[Region.PGTABLE]):#x} and "
@@ -397,7 +416,8 @@ class Kexec:
                         crash=self.s.crash, injected=bool(self.s.injections), kick=self.kick,
                         parked_in_init=self.parked_in_init, corruption=tuple(corruption), smm_hang=self.smm_hang,
                         not_taken=dict(self.not_taken), unsettled=tuple(unsettled),
-                        boot_missing=tuple(self.boot_missing), left_behind=tuple(self.left_behind))
+                        boot_missing=tuple(self.boot_missing), left_behind=tuple(self.left_behind),
+                        waking=tuple(self.waking))
 
     def cpu_report(self, cpu: int) -> dict:
         f = self.cpu_facts(cpu)
@@ -423,6 +443,7 @@ class Kexec:
             "order": s.order, "seed": s.seed, "scenario": s.to_json(),
             "injections": [dict(i, cpus=cpulist.format_list(i["cpus"])) for i in s.to_json()["injections"]],
             "kick": self.kick, "copy": dict(self.copy_info, woke=self.copy_woke), "boot_woke": self.boot_woke,
+            "waking_writes": self.waking,
             "generation": {"old": self.old.gen, "new": self.new.gen},
             "memory": {"old": self.old.summary(), "new": self.new.summary()},
             "corruption": corruption[:16], "corrupted_words": len(corruption),

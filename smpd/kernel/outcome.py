@@ -64,6 +64,7 @@ class Snapshot:
     unsettled: tuple[int, ...] = ()
     boot_missing: tuple[int, ...] = ()  # CPUs that did not answer the new kernel's INIT/SIPI
     left_behind: tuple[int, ...] = ()  # CPUs the new kernel does not start: still in old memory
+    waking: tuple[dict, ...] = ()  # writes that woke a monitor: cpu, write (what and where), line
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,9 @@ def classify(s: Snapshot) -> Verdict:
     triple = sorted((c for c in s.cpus if c.fault == "TRIPLE_FAULT"), key=lambda c: c.fault_ns)
     if triple:
         t = triple[0]
-        return verdict("TRIPLE_FAULT", cpu=t.cpu, after=t.fault_cause, page=t.fault_page, others=len(triple) - 1)
+        by = next((w["write"] for w in s.waking if w["cpu"] == t.cpu), "")
+        return verdict("TRIPLE_FAULT", cpu=t.cpu, after=t.fault_cause, page=t.fault_page, others=len(triple) - 1,
+                       by=by)
     if s.corruption:
         w = next((c for c in stores if c.first_store), None)
         return verdict("CORRUPTION", writer=None if w is None else (w.cpu, w.fault_cause, w.fault_page, w.first_store),
@@ -140,8 +143,9 @@ def explain(v: Verdict) -> str:
         return (f"MCE reached CPU {_cpus(c['cpus'])} in wait-for-SIPI (INIT): the machine shuts down, loudly, "
                 f"instead of running the old kernel")
     if v.outcome == "TRIPLE_FAULT":
-        return (f"CPU{c['cpu']} resumed after \"{c['after']}\" in overwritten memory: {c['page']} is no longer "
-                f"its kernel's -> triple fault; the platform resets the machine"
+        return (f"CPU{c['cpu']} resumed after \"{c['after']}\"" + (f" ({c['by']})" if c.get("by") else "")
+                + f" in overwritten memory: {c['page']} is no longer its kernel's -> triple fault; the platform "
+                f"resets the machine"
                 + (f" ({c['others']} more CPU{'s' if c['others'] > 1 else ''} faulted too)" if c["others"] else ""))
     if v.outcome == "CORRUPTION":
         f = c["first"]

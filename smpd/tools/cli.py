@@ -26,6 +26,7 @@ from smpd.tools import lifecycle, render
 from smpd.host import names
 from smpd.kernel import scenario as scenario_mod
 from smpd.errors import BadInput, Interrupted, SmpdError
+from smpd.tools import soakrun
 from smpd.tools.entry import stop_signals_interrupt
 
 NAME_HELP = "Machine name (several machines can run side by side). Env: SMPD_NAME."
@@ -376,7 +377,6 @@ def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, 
     other outcome, 2 on bad input.
     """
     if replay is not None:
-        from smpd.tools import soakrun
 
         ctx = click.get_current_context()
         mixed = [p for p in ("kernel", "park", "into", "boot", "injects", "order", "seed", "crash")
@@ -391,8 +391,9 @@ def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, 
     for spec in injects:
         scenario_mod.parse_injection(spec, machine.ncpus)
     scenario_mod.parse_boot(boot, machine.ncpus)
-    r = machine.request("kexec", kernel=kernel, into=into, boot=boot, crash=crash, inject=list(injects),
-                        order=order, seed=seed)
+    with soakrun.machine_lock(name, "a kexec"):
+        r = machine.request("kexec", kernel=kernel, into=into, boot=boot, crash=crash, inject=list(injects),
+                            order=order, seed=seed)
     _print_json_or(r, as_json, render.kexec_report)
     sys.exit(0 if r["outcome"] == "CLEAN" else 1)
 
@@ -413,8 +414,9 @@ def chain(name, kexecs, kernel, park, into, boot, injects, order, seed, as_json)
     for spec in injects:
         scenario_mod.parse_injection(spec, machine.ncpus)
     scenario_mod.parse_boot(boot, machine.ncpus)
-    r = machine.request("chain", kexecs=kexecs, kernel=kernel, into=into, boot=boot, inject=list(injects),
-                        order=order, seed=seed)
+    with soakrun.machine_lock(name, "a chain"):
+        r = machine.request("chain", kexecs=kexecs, kernel=kernel, into=into, boot=boot, inject=list(injects),
+                            order=order, seed=seed)
     _print_json_or(r, as_json, render.chain_report)
     sys.exit(0 if r["first_failing_link"] is None else 1)
 
@@ -427,7 +429,9 @@ def kick(name, as_json):
 
     Kicked CPUs end in HLT; `smpd reset` parks them in mwait_play_dead() again.
     """
-    r = lifecycle.require(name).request("kick")
+    machine = lifecycle.require(name)
+    with soakrun.machine_lock(name, "a kick"):
+        r = machine.request("kick")
     _print_json_or(r, as_json, lambda r: Group(render.kick_summary(r["kick"]), Text("CPUs:"),
                                                render.cpu_outcomes(r["cpus"])))
 
@@ -436,7 +440,9 @@ def kick(name, as_json):
 @name_option
 def reset(name):
     """A power cycle: generation 1 boots again, with the offline CPUs of before the first kexec."""
-    r = lifecycle.require(name).request("reset")
+    machine = lifecycle.require(name)
+    with soakrun.machine_lock(name, "a reset"):
+        r = machine.request("reset")
     offline = cpulist.format_list(r["offline"])
     click.echo(f"machine '{name}' was power-cycled in {r['ms']:.1f} ms: generation 1 ({r['kernel']}) runs; "
                + (f"offline: CPU {offline} in mwait_play_dead()" if offline else "every CPU is online"))
@@ -571,7 +577,6 @@ def soak(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out
     machine. Ctrl-C stops after the current trial. Every trial can be replayed
     with `smpd kexec --replay FILE:TRIAL`.
     """
-    from smpd.tools import soakrun
 
     ctx = click.get_current_context()
     given = {p for p in ("trials", "duration", "host_load", "parks", "inject_rate", "kinds", "seed", "out")

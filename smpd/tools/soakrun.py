@@ -117,8 +117,9 @@ def _idle_kick(live) -> dict:
 
 
 @contextlib.contextmanager
-def machine_lock(name: str):
-    """One soak per machine: trials of two runs would interleave their kexecs and resets.
+def machine_lock(name: str, doing: str = ""):
+    """One soak per machine: trials of two runs would interleave their kexecs and resets; and no
+    kexec, chain, kick or reset by hand while one runs (``doing`` names it) for the same reason.
 
     The lock is flock() on the machine's own segment, opened without following links
     and checked to be ours first: only a process that can open our 0600 segment can
@@ -137,6 +138,9 @@ def machine_lock(name: str):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if doing:
+                raise BadInput(f"a soak is running on machine '{name}': {doing} now would interleave with its "
+                               f"trials; stop the soak first (Ctrl-C stops it after its current trial)") from None
             raise BadInput(f"another smpd soak is running on machine '{name}'") from None
         yield
     finally:

@@ -1,0 +1,167 @@
+"""Kernel generations on a real machine: chains, flavours, boot parameters, kdump (issue 12).
+
+The maps behind these outcomes are unit-tested in test_memmap.py and their
+classification in test_outcome.py; here real CPU processes wake (or not) on real
+writes, and the reports must say what the maps predict.
+"""
+
+import json
+
+import pytest
+
+from conftest import Machine, run_name, run_smpd
+from smpd.machine import layout as L
+
+NCPUS = 8
+SIBLINGS = [1, 3, 5, 7]
+
+
+@pytest.fixture(scope="module")
+def nosmt():
+    """`smpd up --boot nosmt`: the odd CPUs are SMT siblings, parked at boot by every kernel."""
+    m = Machine(run_name("gen"), NCPUS, "--watch", "adaptive", "--seed", "21", "--boot", "nosmt")
+    yield m
+    m.down()
+
+
+@pytest.fixture
+def fresh(nosmt):
+    nosmt.request("reset")
+    yield nosmt
+    nosmt.request("reset")
+
+
+def _chain(m, flavour: str, n: int = 3, *extra: str):
+    r = run_smpd("chain", "--kexecs", str(n), "--kernel", flavour, "--seed", "3", "--json", *extra, name=m.name,
+                 check=False)
+    return r.returncode, json.loads(r.stdout)
+
+
+def test_nosmt_parks_the_siblings_at_boot_in_the_kernels_own_memory(fresh):
+    s = fresh.status()
+    assert s["machine"]["kernel"] == "6.6 nosmt" and s["machine"]["generation"] == 1
+    for c in s["cpus"][1:]:
+        if c["cpu"] in SIBLINGS:
+            assert c["state"] == "MWAIT" and c["hotplug"] == "offline"
+            assert c["monitor"]["symbol"] == f"mwait_cpu_dead[{c['cpu']}].control"
+            assert c["mwait_cpu_dead"]["status"] == L.CPUDEAD_MWAIT_WAIT
+        else:
+            assert c["state"] == "RUNNING"
+
+
+def test_a_pre_fix_chain_survives_link_one_and_triple_faults_on_link_two(fresh):
+    code, r = _chain(fresh, "pre-fix")
+    assert code == 1
+    assert [link["outcome"] for link in r["links"]] == ["CLEAN", "TRIPLE_FAULT"] and r["first_failing_link"] == 2
+    two = r["links"][1]
+    assert "MWAIT woken by a write to thread_info[" in two["evidence"]
+    assert two["memory"]["old"]["regions"]["tasks"] == two["memory"]["new"]["regions"]["tasks"]
+    assert two["generation"] == {"old": 2, "new": 3}
+    # link 1: the siblings were parked again by generation 2, on generation 2's task_structs
+    one = r["links"][0]
+    assert one["memory"]["old"]["regions"]["tasks"] != one["memory"]["new"]["regions"]["tasks"]
+    assert all(c["state"] == "MWAIT" for c in one["cpus"] if c["cpu"] in SIBLINGS)
+
+
+@pytest.mark.parametrize("flavour", ["6.6", "6.5"])
+def test_the_fixed_kernels_chain_cleanly(fresh, flavour):
+    code, r = _chain(fresh, flavour)
+    assert code == 0 and r["first_failing_link"] is None
+    assert [link["outcome"] for link in r["links"]] == ["CLEAN"] * 3
+    assert [link["generation"]["new"] for link in r["links"]] == [2, 3, 4]
+    assert fresh.status()["machine"]["generation"] == 4
+
+
+def test_the_shutdown_follows_upstream_kick_then_reboot_then_init(fresh):
+    r = fresh.request("kexec", kernel="6.5", seed=1)
+    coord = [e["event"] for e in r["timeline"] if e["cpu"] == 0]
+    kick = next(i for i, e in enumerate(coord) if e.startswith("smp_kick_mwait_play_dead()"))
+    reboot = next(i for i, e in enumerate(coord) if e.startswith("stop_other_cpus(): REBOOT vector"))
+    init = next(i for i, e in enumerate(coord) if e.startswith("smp_park_other_cpus_in_init()"))
+    copy = next(i for i, e in enumerate(coord) if e.startswith("copy:"))
+    boot = next(i for i, e in enumerate(coord) if e.startswith("generation 2 boots"))
+    sipi = next(i for i, e in enumerate(coord) if e.startswith("generation 2: INIT/SIPI"))
+    assert kick < reboot < init < copy < boot < sipi, coord
+
+
+def test_kdump_stops_the_online_cpus_by_nmi_and_leaves_the_parked_ones_alone(fresh):
+    r = run_smpd("kexec", "--crash", "--kernel", "pre-fix", "--seed", "2", "--json", name=fresh.name, check=False)
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["outcome"] == "CLEAN", report["evidence"]
+    assert "crash_smp_send_stop()" in report["evidence"] and report["kick"] is None
+    coord = [e["event"] for e in report["timeline"] if e["cpu"] == 0]
+    assert any(e.startswith("crash_smp_send_stop(): NMI") for e in coord)
+    assert not any("smp_kick" in e or "INIT to" in e for e in coord)
+    states = {c["cpu"]: c["state"] for c in report["cpus"]}
+    assert all(states[c] == "MWAIT" for c in SIBLINGS)  # still on generation 1's lines, untouched
+    r = run_smpd("kexec", name=fresh.name, check=False)
+    assert r.returncode == 2 and "runs a crash kernel" in r.stderr
+
+
+def test_maxcpus_leaves_cpus_where_the_old_kernel_left_them(fresh):
+    r = fresh.request("kexec", kernel="6.6", boot="maxcpus=4", seed=1)
+    assert r["outcome"] == "CLEAN", r["evidence"]
+    states = {c["cpu"]: (c["state"], c["generation"]) for c in r["cpus"]}
+    assert states[5] == ("HLT", 1) and states[7] == ("HLT", 1)  # kicked by gen 1, never restarted
+    assert states[4][1] == 1 and states[6][1] == 1  # stopped by REBOOT in gen 1, never restarted
+    assert any("not started by the new kernel" in n for n in r["notes"])
+
+
+@pytest.mark.parametrize("knob, outcome", [(False, "CLEAN"), (True, "SMM_HANG")])
+def test_an_smi_while_cpus_sit_in_init_hangs_smm_only_where_the_firmware_does(tmp_path, knob, outcome):
+    cfg = tmp_path / "fw.toml"
+    cfg.write_text(f"[firmware]\nsmm_hangs_with_cpus_in_init = {'true' if knob else 'false'}\n")
+    m = Machine(run_name("smm"), 4, "--watch", "adaptive", "--config", str(cfg))
+    try:
+        m.request("offline", cpus="1-3")
+        r = m.request("kexec", kernel="6.5", inject=["smi@after-copy"], seed=1)
+        assert r["outcome"] == outcome, r["evidence"]
+        if knob:
+            assert "bugzilla 217995" in r["evidence"]
+    finally:
+        m.down()
+
+
+@pytest.mark.parametrize("knob, outcomes", [(False, {"TRIPLE_FAULT", "CORRUPTION"}), (True, {"CLEAN"})])
+def test_smi_auto_halt_restart_keeps_a_halted_cpu_halted(tmp_path, knob, outcomes):
+    cfg = tmp_path / "fw.toml"
+    cfg.write_text(f"[firmware]\nsmi_auto_halt_restart = {'true' if knob else 'false'}\n")
+    m = Machine(run_name("rsm"), 4, "--watch", "adaptive", "--config", str(cfg))
+    try:
+        m.request("offline", cpus="1-3")
+        r = m.request("kexec", kernel="6.6", inject=["smi@after-copy"], seed=1)
+        assert r["outcome"] in outcomes, r["evidence"]
+    finally:
+        m.down()
+
+
+def test_only_the_kaslr_seed_changes_and_the_waking_write_changes():
+    """Two machines alike but for the KASLR seed. With KASLR the cold-booted image no longer
+    sits at the bottom of RAM, so even the first kexec's early allocations reach generation
+    1's memory; which write wakes a parked sibling first is the new kernel's fork_idle() on
+    one (seed 0), its decompressed image on the other (seed 24): the seeds were found with
+    the pure maps (tests/test_memmap.py)."""
+    seen = {}
+    for seed in (0, 24):
+        m = Machine(run_name("kaslr"), NCPUS, "--watch", "adaptive", "--seed", "21", "--kernel", "pre-fix",
+                    "--boot", f"nosmt,kaslr={seed}")
+        try:
+            seen[seed] = m.request("kexec", seed=3)
+        finally:
+            m.down()
+    assert all(r["outcome"] == "TRIPLE_FAULT" for r in seen.values()), [r["evidence"] for r in seen.values()]
+    assert "woken by a write to thread_info[" in seen[0]["evidence"]
+    assert seen[0]["memory"]["old"]["regions"]["text"] != seen[24]["memory"]["old"]["regions"]["text"]
+    first = {seed: r["waking_writes"][0] for seed, r in seen.items()}
+    assert "tasks page" in first[0]["write"] and first[0]["line"].startswith("thread_info[")
+    assert "text page" in first[24]["write"] or "data page" in first[24]["write"], first
+
+
+def test_chain_refuses_bad_input_and_leaves_the_machine_as_it_was(fresh):
+    kexecs = fresh.status()["machine"]["kexecs"]
+    for args, says in ((("chain", "--kexecs", "0"), "0 is not in the range 1..100"),
+                       (("chain", "--kexecs", "3", "--boot", "maxcpus=99"), "maxcpus=99 is not in the range 1..8"),
+                       (("chain", "--kexecs", "3", "--kernel", "7.0"), "'7.0' is not one of")):
+        r = run_smpd(*args, name=fresh.name, check=False)
+        assert r.returncode == 2 and says in r.stderr, r.stderr
+    assert fresh.status()["machine"]["generation"] == 1 and fresh.status()["machine"]["kexecs"] == kexecs

@@ -106,7 +106,12 @@ class Kexec:
             st = psutil.Process(p.pid).status()
         except psutil.Error:
             return ""
-        return "its process is stopped (SIGSTOP): a host fault, not the machine's" if st == "stopped" else ""
+        if st == "stopped":
+            return "its process is stopped (SIGSTOP): a host fault, not the machine's"
+        if self.seg.cb(cpu, "wake"):
+            return ("a wake-up was posted to it and its process has not run since: a host scheduling gap, "
+                    "not the machine's")
+        return ""
 
     # -- the sequence ----------------------------------------------------------
 

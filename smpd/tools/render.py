@@ -217,10 +217,23 @@ def chain_report(r: dict) -> Group:
     return Group(t, tail)
 
 
-def demo_matrix(rows: list[tuple[str, str, dict]]) -> Table:
-    t = Table(title="kexec outcomes: park policy x injection after the copy", header_style="bold",
+def demo_chains(chains: list[tuple[str, dict]]) -> Table:
+    t = Table(title="chains of kexecs, no reset between: one outcome per link", header_style="bold",
               title_justify="left")
-    for col in ("park", "injection", "outcome", "evidence"):
+    for col in ("kernel", "links", "first failing link: evidence"):
+        t.add_column(col, overflow="fold")
+    for flavour, c in chains:
+        links = Text(" ").join(Text(link["outcome"], style=OUTCOME_STYLE.get(link["outcome"], ""))
+                               for link in c["links"])
+        bad = c["first_failing_link"]
+        t.add_row(flavour, links, "-" if bad is None else f"link {bad}: {c['links'][bad - 1]['evidence']}")
+    return t
+
+
+def demo_matrix(rows: list[tuple[str, str, dict]]) -> Table:
+    t = Table(title="the first kexec after power-on: kernel x injection after the copy", header_style="bold",
+              title_justify="left")
+    for col in ("kernel", "injection", "outcome", "evidence"):
         t.add_column(col, overflow="fold")
     for park, inj, r in rows:
         t.add_row(park, inj, Text(r["outcome"], style=OUTCOME_STYLE.get(r["outcome"], "")), r["evidence"])

@@ -314,11 +314,13 @@ def _signal_pending(pid: int, sig: int) -> bool:
     return False
 
 
-def test_demo_runs_every_policy_against_every_injection_and_leaves_nothing(machine_name):
+def test_demo_runs_every_flavour_against_every_injection_and_a_chain_and_leaves_nothing(machine_name):
     r = run_smpd("demo", "--cpus", "4", "--name", machine_name, "--seed", "5")
     out = r.stdout
-    for park in ("none", "hlt", "init"):
-        assert out.count(f"kexec --park {park:<4}") == 4
+    for flavour in ("pre-fix", "6.5", "6.6"):
+        assert out.count(f"kexec --kernel {flavour:<7}") == 4
+        assert f"chain --kexecs 3 --kernel {flavour:<7} ->" in out
+    assert "chain --kexecs 3 --kernel pre-fix -> CLEAN TRIPLE_FAULT" in out
     assert "MCE_SHUTDOWN" in out and "CLEAN" in out and "kick latency over" in out
     assert f"machine '{machine_name}' is down" in out
 

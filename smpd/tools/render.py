@@ -100,7 +100,7 @@ def status_view(snapshot: dict, columns: int = 80) -> Group:
 def up_summary(s: dict) -> Text:
     t = Text()
     t.append(f"machine '{s['name']}' is up: ", style="bold")
-    t.append(f"{s['cpus']} CPUs online in {s['bringup_ms']:.0f} ms "
+    t.append(f"{s['cpus']} CPUs up in {s['bringup_ms']:.0f} ms "
              f"(CPU 0 = coordinator pid {s['pid']}"
              + (f", CPUs 1-{s['cpus'] - 1} = processes)\n" if s["cpus"] > 1 else ")\n"))
     t.append(f"  watch    {s['watch_reason']}\n")

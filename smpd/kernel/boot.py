@@ -46,7 +46,10 @@ def start_aps(port, m: MemoryMap, cpus: list[int], timeout_s: float) -> dict:
     waiting = list(parks)
     deadline = time.monotonic() + PARK_S
     while waiting and time.monotonic() < deadline:
-        waiting = [c for c in waiting if seg.cb(c, "state") != L.ExecState.MWAIT and port.cpu_alive(c)]
+        # Parked means MONITOR armed, not just the state word set on the way in: a kexec right after
+        # this boot (a chain) must find them as a real machine would, long parked.
+        waiting = [c for c in waiting if not (seg.cb(c, "state") == L.ExecState.MWAIT and seg.cb(c, "mon_armed"))
+                   and port.cpu_alive(c)]
         if waiting:
             time.sleep(0.0005)
     return {"started": up, "missing": miss_init + miss_sipi, "left_behind": left, "parked": parks}

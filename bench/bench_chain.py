@@ -54,7 +54,8 @@ def run(cpus: int, seeds: int) -> dict:
                 w = r["links"][bad - 1].get("waking_writes") or [{}]
                 key = (bad, w[0].get("write", "?").split(" at ")[0], w[0].get("line", "?").split("[")[0])
                 first_write[key] = first_write.get(key, 0) + 1
-        fixed = {}
+        fixed: dict[str, int] = {}
+        odd: list[str] = []
         t_chain, links_run = 0.0, 0
         for seed in range(seeds):
             smpd("reset")
@@ -64,13 +65,17 @@ def run(cpus: int, seeds: int) -> dict:
             links_run += len(r["links"])
             for link in r["links"]:
                 fixed[link["outcome"]] = fixed.get(link["outcome"], 0) + 1
+                if link["outcome"] != "CLEAN":
+                    odd.append(f"{cpus} CPUs, 6.6 seed {seed} link {link['generation']['old']}: {link['outcome']}: "
+                               f"{link['evidence']}" + (f" [host: {'; '.join(link['host_faults'])}]"
+                                                          if link["host_faults"] else ""))
         smpd("reset")
         t0 = time.monotonic()
         for seed in range(seeds):
             smpd("kexec", "--kernel", "6.6", "--seed", str(seed), ok=(0, 1))
             smpd("reset")
         t_single = time.monotonic() - t0
-        return {"cpus": cpus, "seeds": seeds, "survive": survive, "first_write": first_write, "fixed": fixed,
+        return {"cpus": cpus, "seeds": seeds, "survive": survive, "first_write": first_write, "fixed": fixed, "odd": odd,
                 "chain_links_per_s": links_run / t_chain, "single_kexec_reset_per_s": seeds / t_single}
     finally:
         smpd("down")
@@ -93,6 +98,8 @@ def main() -> None:
         for (link, write, line), n in sorted(r["first_write"].items()):
             print(f"{r['cpus']} CPUs: {n} of {r['seeds']} pre-fix chains failed at link {link}; the first waking "
                   f"write: {write} -> a {line} line")
+        for line in r["odd"]:
+            print(line)
 
 
 if __name__ == "__main__":

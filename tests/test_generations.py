@@ -165,3 +165,26 @@ def test_chain_refuses_bad_input_and_leaves_the_machine_as_it_was(fresh):
         r = run_smpd(*args, name=fresh.name, check=False)
         assert r.returncode == 2 and says in r.stderr, r.stderr
     assert fresh.status()["machine"]["generation"] == 1 and fresh.status()["machine"]["kexecs"] == kexecs
+
+
+def test_6_5_sends_init_only_to_the_cpus_its_kernel_started(fresh):
+    """3f874c9b2aae: INIT to a CPU the kernel never booted (maxcpus=4 here) would start it for nothing."""
+    first = fresh.request("kexec", kernel="6.5", boot="maxcpus=4", seed=1)
+    assert first["outcome"] == "CLEAN", first["evidence"]
+    second = fresh.request("kexec", kernel="6.5", seed=1)
+    inits = [e["event"] for e in second["timeline"] if e["cpu"] == 0
+             and e["event"].startswith("smp_park_other_cpus_in_init(): INIT to")]
+    assert len(inits) == 1 and inits[0].startswith("smp_park_other_cpus_in_init(): INIT to CPU 1-3"), inits
+
+
+def test_a_machine_that_triple_faulted_refuses_kexec_until_reset(fresh):
+    code, r = _chain(fresh, "pre-fix", 2)
+    assert code == 1 and r["links"][-1]["outcome"] == "TRIPLE_FAULT"
+    s = fresh.status()
+    assert s["machine"]["state"] == "ENDED"
+    assert all(c["mwait_cpu_dead"] is None for c in s["cpus"])  # a pre-fix kernel has none
+    for args in (("kexec",), ("chain", "--kexecs", "2"), ("kick",)):
+        refused = run_smpd(*args, name=fresh.name, check=False)
+        assert refused.returncode == 2 and "ended in the kexec into generation 3" in refused.stderr, refused.stderr
+    fresh.request("reset")
+    assert fresh.request("kexec", kernel="6.6", seed=1)["outcome"] == "CLEAN"

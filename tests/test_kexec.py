@@ -42,7 +42,7 @@ def parked(request):
 @pytest.fixture
 def machine6(parked):
     yield parked
-    if parked.status()["machine"]["state"] == "KEXECED":
+    if parked.status()["machine"]["state"] in ("KEXECED", "ENDED"):
         parked.request("reset")
 
 

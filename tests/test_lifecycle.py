@@ -2,8 +2,6 @@
 
 import os
 import signal
-import subprocess
-import sys
 
 import posix_ipc
 import psutil

@@ -38,6 +38,7 @@ from smpd.kernel.scenario import Scenario, parse_boot, parse_injection, trial_se
 from smpd.machine import layout as L
 
 RESET_ATTEMPTS = 3  # a reset respawns CPUs that died; it tries again if one dies during it
+ENDING = ("TRIPLE_FAULT", "MCE_SHUTDOWN", "SMM_HANG", "CPU_LOST")  # outcomes after which nothing runs
 MAX_CHAIN = 100  # kexecs in one `smpd chain`
 
 
@@ -160,6 +161,9 @@ class Handlers:
                 raise BadInput(f"{target}: this machine has CPUs 0-{self.sup.ncpus - 1}")
             kmap = self._map()
             if m.group(1) == "mwait_cpu_dead":
+                if kmap.boot.monitors_thread_info:
+                    raise BadInput(f"{target}: the running kernel, {kmap.boot.text()}, predates the fix and has "
+                                   f"no struct mwait_cpu_dead; its parked CPUs monitor thread_info[N]")
                 if m.group(4) == "flags":
                     raise BadInput(f"{target}: mwait_cpu_dead has fields control and status")
                 return kmap.mwait_cpu_dead_addr(cpu) + (4 if m.group(4) == "status" else 0)
@@ -192,6 +196,10 @@ class Handlers:
     # -- kexec and friends ------------------------------------------------------
 
     def _require_kexec_able(self, what: str) -> None:
+        if self.sup.seg.hdr("state") == L.MachineState.ENDED:
+            gen, outcome = self.sup.ended_by
+            raise BadInput(f"machine '{self.sup.name}' ended in the kexec into generation {gen} ({outcome}): no "
+                           f"kernel runs to do {what}; `smpd reset` power-cycles it")
         if self._map().boot.crash:
             raise BadInput(f"machine '{self.sup.name}' runs a crash kernel (kdump, nr_cpus=1, inside its "
                            f"crashkernel= region): {what} needs a running kernel; `smpd reset` power-cycles it")
@@ -218,7 +226,10 @@ class Handlers:
             self.sup.reset_offline = [c for c in range(1, self.sup.ncpus)
                                       if self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
         report = Kexec(self.sup, scenario).run()
-        self.sup.seg.set_hdr("state", L.MachineState.KEXECED)
+        ended = report["outcome"] in ENDING
+        self.sup.seg.set_hdr("state", L.MachineState.ENDED if ended else L.MachineState.KEXECED)
+        if ended:
+            self.sup.ended_by = (report["generation"]["new"], report["outcome"])
         self.sup.seg.set_hdr("kexec_count", self.sup.seg.hdr("kexec_count") + 1)
         report["machine"] = {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch,
                              "hot_path": self.sup.hot_path}
@@ -289,7 +300,8 @@ class Handlers:
         for cpu in cpus:
             for field in ("fault", "fault_page", "fault_addr", "fault_value", "fault_cause",
                           "fault_cause_arg", "fault_ns", "stray_stores", "kick_seen_ns",
-                          "nmi_pending", "smi_pending", "mce_pending", "cpu_gen"):
+                          "nmi_pending", "smi_pending", "mce_pending", "nmi_held", "smi_held", "mce_held",
+                          "cpu_gen"):
                 seg.set_cb(cpu, field, 0)
         gen1 = kboot.power_on(seg, self.sup.bus, self.sup.boot1)
         self.sup.start_aps(gen1, budget, "reset (SIPI)")

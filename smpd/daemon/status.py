@@ -40,7 +40,9 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None) -> dict:
             "interrupts": {k: {"taken": cb(f"{k}_taken"), "pending": cb(f"{k}_pending"),
                                "held": cb(f"{k}_held")} for k in ("nmi", "smi", "mce")},
             "init": cb("init_count"), "sipi": cb("sipi_count"), "generation": m.gen,
-            "mwait_cpu_dead": {"addr": md, "control": seg.mem_u32(md), "status": seg.mem_u32(md + 4)},
+            # a pre-fix kernel has no struct mwait_cpu_dead: None, not a word read from elsewhere
+            "mwait_cpu_dead": None if m.boot.monitors_thread_info else
+            {"addr": md, "control": seg.mem_u32(md), "status": seg.mem_u32(md + 4)},
             "monitor": {"armed": bool(cb("mon_armed")),
                         "addr": geo.line_addr(cb("mon_line")) if cb("mon_armed") else None,
                         "symbol": m.symbol(geo.line_addr(cb("mon_line"))) if cb("mon_armed") else None},

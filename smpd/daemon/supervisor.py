@@ -72,6 +72,7 @@ class Coordinator:
         self.handlers = Handlers(self)
         self.reset_offline: list[int] | None = None  # the offline set `smpd reset` restores
         self.boot1 = cfg.boot()  # generation 1's kernel: what `smpd up` and every `smpd reset` boot
+        self.ended_by: tuple[int, str] | None = None  # (generation, outcome) of the kexec that ended it
         self.plan: list[int | None] = []  # host core of each CPU (pin policy)
 
     # -- bring-up --------------------------------------------------------------

@@ -548,16 +548,24 @@ class Cpu:
                 nxt = self.take_interrupts()
                 if nxt is not None:
                     return nxt
-            nxt, ipi = self._ipi(mask, (L.Ipi.CPU_DOWN, L.Ipi.REBOOT))
+            nxt, ipi = self._ipi(mask, (L.Ipi.CPU_DOWN, L.Ipi.REBOOT, L.Ipi.NMI_STOP))
             if nxt is not False:
                 return nxt
             if ipi is not None:
                 self.pending_ack = ipi[0]
-                return self.play_dead if ipi[1] == L.Ipi.CPU_DOWN else self.stop_this_cpu
+                return {L.Ipi.CPU_DOWN: self.play_dead, L.Ipi.REBOOT: self.stop_this_cpu,
+                        L.Ipi.NMI_STOP: self.nmi_stop}[ipi[1]]
 
     def stop_this_cpu(self):
         """stop_other_cpus()'s REBOOT vector: mark this CPU offline and halt forever."""
         events.log(self.seg, self.cpu, L.Ev.REBOOT)
+        self.seg.set_cb(self.cpu, "hotplug", L.Hotplug.OFFLINE)
+        return self.hlt
+
+    def nmi_stop(self):
+        """The NMI shootdown: the stop NMI handler (crash_nmi_callback() for kdump) marks this CPU
+        offline and halts with NMIs blocked."""
+        events.log(self.seg, self.cpu, L.Ev.NMI_STOP)
         self.seg.set_cb(self.cpu, "hotplug", L.Hotplug.OFFLINE)
         return self.hlt
 
@@ -576,6 +584,7 @@ class Cpu:
         thread_info->flags, which is ordinary memory a kexec may overwrite. Both live in
         this CPU's generation's own allocations (per-CPU area; idle task_struct).
         """
+        self.map = self.gens.map(self.gen)  # the running kernel's flavour (`kexec --kernel` may change it)
         md = self.map.mwait_cpu_dead_addr(self.cpu)
         if not self.map.boot.monitors_thread_info:
             # Set up state for the kexec() hack: status first, then control, as the kernel does.
@@ -583,14 +592,15 @@ class Cpu:
             self.bus.write(md, struct.pack("<I", L.CPUDEAD_MWAIT_WAIT))
         self._add("mwait_entries", 1)
         self._set_state(L.ExecState.MWAIT)
-        self._ack_pending()
         md_mem = self.seg.mem_off(md)
         while True:
-            # The flavour can change under a parked CPU (`smpd kexec --kernel`): look each time.
             self.map = self.gens.map(self.gen)
             prefix = self.map.boot.monitors_thread_info
             target = self.map.thread_info_addr(self.cpu) if prefix else md
             self.monitor(target)
+            # Parked means MONITOR armed: only now is the offline (or REPARK) acknowledged, so that
+            # a kick right after it finds the CPU where a long-parked one would be.
+            self._ack_pending()
             line = self.armed_line
             # The fix's kernel only: the pre-fix one has no control word to answer.
             mask = self.mwait(None if prefix else self._kick_ack())

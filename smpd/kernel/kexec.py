@@ -152,9 +152,9 @@ class Kexec:
         return report
 
     def become(self, flavour: str) -> None:
-        """`smpd kexec --kernel F`: the running generation is of flavour F from now on. Parked CPUs
-        loop through mwait_play_dead() once (a same-value write to the line they watch) and arm
-        MONITOR where F's mwait_play_dead() does."""
+        """`smpd kexec --kernel F`: the running generation is of flavour F from now on. Its parked
+        CPUs start mwait_play_dead() over (REPARK), so that they run F's entry (the fix's kernels
+        set status and control to CPUDEAD_MWAIT_WAIT) and arm MONITOR where F's loop does."""
         old = self.old
         b = old.boot
         gens_mod.record(self.seg, MemoryMap.build(old.gen, Boot(flavour, b.nosmt, b.maxcpus, b.kaslr, b.crash),
@@ -163,20 +163,10 @@ class Kexec:
         self.old = self.gens.current()
         parked = [c for c in self.cpus if self.seg.cb(c, "state") == L.ExecState.MWAIT and self.alive(c)
                   and self.seg.cb(c, "cpu_gen") == old.gen]
-        for cpu in parked:
-            line = self.seg.cb(cpu, "mon_line")
-            addr = L.Geometry.line_addr(line)
-            self.bus.write(addr, struct.pack("<I", self.seg.mem_u32(addr)))
-        want = {c: L.Geometry.addr_line(self.old.monitor_addr(c)) for c in parked}
-        deadline = time.monotonic() + STOP_OTHER_CPUS_S
-        while want and time.monotonic() < deadline:
-            for cpu, line in list(want.items()):
-                if self.seg.cb(cpu, "mon_armed") and self.seg.cb(cpu, "mon_line") == line or not self.alive(cpu):
-                    del want[cpu]
-            time.sleep(0.0002)
+        _, missing = self.c.ipi_wait(parked, L.Ipi.REPARK, STOP_OTHER_CPUS_S)
         self.log(f"the running kernel is {flavour}: offline CPUs MONITOR "
                  + ("their idle thread_info->flags line" if flavour == "pre-fix" else "their mwait_cpu_dead line")
-                 + (f" (CPU {cpulist.format_list(list(want))} did not re-arm)" if want else ""))
+                 + (f" (CPU {cpulist.format_list(missing)} did not re-park)" if missing else ""))
 
     def native_stop_other_cpus(self, online: list[int], flavour: str) -> None:
         self.inject("before-kick")
@@ -185,26 +175,33 @@ class Kexec:
         else:
             self.inject("during-kick")
         self.inject("after-kick")
-        self.stop_online(online, "REBOOT vector", "stop_other_cpus()")
+        # 6.5: if (smp_park_other_cpus_in_init()) goto done; -- INIT parking replaces the NMI shootdown
+        self.stop_online(online, "REBOOT vector", "stop_other_cpus()", nmi_fallback=flavour != "6.5")
         if flavour == "6.5":
             self.smp_park_other_cpus_in_init()
 
     def crash_smp_send_stop(self, online: list[int]) -> None:
-        """kdump: the panicking CPU NMIs the online CPUs; kexec_in_progress is false: no kick, no INIT."""
+        """kdump: the panicking CPU NMIs the others (nmi_shootdown_cpus()); kexec_in_progress is false:
+        no kick, no INIT. (The all-but-self shorthand also reaches parked siblings when every present
+        CPU was booted once, as with nosmt; they halt in crash_nmi_callback(), in the still intact old
+        kernel, which changes no outcome: smpd leaves them parked.)"""
         for phase in ("before-kick", "during-kick", "after-kick"):
             self.inject(phase)
-        self.stop_online(online, "NMI", "crash_smp_send_stop()")
+        self.stop_online(online, "NMI", "crash_smp_send_stop()", nmi_fallback=False, cmd=L.Ipi.NMI_STOP)
 
-    def stop_online(self, online: list[int], vector: str, who: str) -> None:
-        """The other online CPUs stop (stop_this_cpu(): offline, APIC off, HLT); bounded by 1 s, then
-        the NMI shootdown for those that did not, and another second."""
+    def stop_online(self, online: list[int], vector: str, who: str, nmi_fallback: bool = True,
+                    cmd: L.Ipi = L.Ipi.REBOOT) -> None:
+        """The other online CPUs stop (stop_this_cpu(): offline, APIC off, HLT); wait up to 1 s, then
+        the NMI shootdown for those that did not (upstream then waits 10 ms, or forever with wait=1,
+        as machine_shutdown() asks; every wait here is bounded: 1 s)."""
         if not online:
             self.log(f"{who}: no other CPU online")
             return
-        acked, missing = self.c.ipi_wait(online, L.Ipi.REBOOT, STOP_OTHER_CPUS_S)
-        msg = f"{who}: {vector} to CPU {cpulist.format_list(online)}; {len(acked)} in stop_this_cpu() HLT"
-        if missing and vector != "NMI":
-            acked2, missing = self.c.ipi_wait(missing, L.Ipi.REBOOT, STOP_OTHER_CPUS_S)
+        acked, missing = self.c.ipi_wait(online, cmd, STOP_OTHER_CPUS_S)
+        where = "crash_nmi_callback() HLT" if cmd == L.Ipi.NMI_STOP else "stop_this_cpu() HLT"
+        msg = f"{who}: {vector} to CPU {cpulist.format_list(online)}; {len(acked)} in {where}"
+        if missing and nmi_fallback:
+            acked2, missing = self.c.ipi_wait(missing, L.Ipi.NMI_STOP, STOP_OTHER_CPUS_S)
             msg += f"; the NMI shootdown stopped {len(acked2)} more"
         self.log(msg + (f"; CPU {cpulist.format_list(missing)} did not stop" if missing else ""))
 
@@ -227,7 +224,9 @@ class Kexec:
         """6.5: INIT to every other present CPU, offline ones included: wait-for-SIPI holds NMI and
         SMI off and turns a broadcast MCE into a machine shutdown. Only on the boot CPU (the kexec
         CPU here is CPU 0, the boot CPU), and only without a special wakeup method (none here)."""
-        targets = [c for c in self.cpus if self.alive(c)]
+        # Only CPUs this kernel booted once (3f874c9b2aae, for 6.5.y): INIT to one it never started
+        # (maxcpus) is pointless, and to one that is not there, harmful.
+        targets = [c for c in self.cpus if self.alive(c) and self.old.boot.started(c)]
         _, missing = self.c.ipi_wait(targets, L.Ipi.INIT, STOP_OTHER_CPUS_S)
         self.parked_in_init = True
         self.log(f"smp_park_other_cpus_in_init(): INIT to CPU {cpulist.format_list(targets) or 'none'}"

@@ -99,5 +99,5 @@ def smp_kick_mwait_play_dead(seg, bus, m, cpus: list[int], delay_ns: int, rounds
     total = time.monotonic_ns() - t_start
     rtts = sorted(e["rtt_ns"] for e in per.values() if "rtt_ns" in e)
     return {"cpus": per, "stuck": stuck, "message": message, "total_ns": total,
-            "budget_ns": delay_ns * rounds,
+            "budget_ns": delay_ns * rounds, "delay_ns": delay_ns, "rounds": rounds,
             "rtt_p50_ns": rtts[len(rtts) // 2] if rtts else None, "rtt_max_ns": rtts[-1] if rtts else None}

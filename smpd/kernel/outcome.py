@@ -85,9 +85,10 @@ def classify(s: Snapshot) -> Verdict:
     notes += [f"CPU{c['cpu']} executed foreign bytes ({c['page']}) into a halt; INIT recovered it"
               for c in ({"cpu": c.cpu, "page": c.fault_page} for c in s.cpus if c.fault == "FOREIGN_HALT")]
     if s.left_behind:
-        notes.append(f"CPU {_cpus(s.left_behind)} not started by the new kernel: still in generation "
-                     f"{s.new_gen - 1}'s memory (" + ", ".join(sorted({by[c].state for c in s.left_behind
-                                                                       if c in by})) + ")")
+        gens = sorted({by[c].generation for c in s.left_behind if c in by})
+        notes.append(f"CPU {_cpus(s.left_behind)} not started by the new kernel: still in the memory of "
+                     f"generation {', '.join(map(str, gens))} (" + ", ".join(sorted({by[c].state for c in s.left_behind
+                                                                                   if c in by})) + ")")
     host = [f"CPU{c.cpu}: {c.host_note}" for c in s.cpus if c.host_note]
     host += [f"CPU{c} was still acting on a wake-up when the kexec ended" for c in s.unsettled]
     stores = [c for c in s.cpus if c.stray_stores]
@@ -137,8 +138,9 @@ def explain(v: Verdict) -> str:
         return "; ".join(f"CPU{cpu} (pid {pid}) died, exit code {code}" for cpu, pid, code in c["lost"]) + \
             " - an emulator fault, not an emulated one"
     if v.outcome == "SMM_HANG":
-        return (f"{c['smi']} entered SMM while CPU {_cpus(c['in_init'])} sat in INIT: the firmware waited for "
-                f"them to join SMM and the machine hung at shutdown (bugzilla 217995, the reason for the revert)")
+        return (f"{c['smi']} entered SMM while CPU {_cpus(c['in_init'])} sat in INIT: this firmware "
+                f"([firmware] smm_hangs_with_cpus_in_init) waits for every CPU to join SMM, and the machine hangs "
+                f"at shutdown; consistent with bugzilla 217995's hangs, which led to the revert (fbe1bf1e5ff1)")
     if v.outcome == "MCE_SHUTDOWN":
         return (f"MCE reached CPU {_cpus(c['cpus'])} in wait-for-SIPI (INIT): the machine shuts down, loudly, "
                 f"instead of running the old kernel")
@@ -162,8 +164,9 @@ def explain(v: Verdict) -> str:
             e += f" ({c['host']})"
         return e + ("; it did not answer the new kernel's INIT/SIPI" if c["no_boot"] else "")
     if c["crash"]:
-        e = ("crash_smp_send_stop() stopped the online CPUs by NMI; no kick, no INIT: the parked CPUs stayed "
-             "where they were and no write of the crash kernel, which runs in its crashkernel= region, reached them")
+        e = ("crash_smp_send_stop() stopped the other CPUs by NMI; no kick, no INIT: the parked CPUs stayed in "
+             "the old kernel's memory and no write of the crash kernel, which runs in its crashkernel= region, "
+             "reached the lines they monitor")
     elif c["parked_in_init"]:
         e = "every other CPU sat in wait-for-SIPI (INIT) through the copy and the new kernel's boot"
     elif c["kicked"]:

@@ -36,6 +36,7 @@ def describe(gens: Generations, cpu: int, code: L.Ev, arg: int) -> str:
         L.Ev.REBOOT: "stop_this_cpu()", L.Ev.MCE_SHUTDOWN: "MCE in wait-for-SIPI: machine shutdown",
         L.Ev.SPURIOUS: "spurious MWAIT wake-up", L.Ev.OFFLINE: "play_dead() into mwait_play_dead()",
         L.Ev.SMM: "SMI: SMM entry, RSM",
+        L.Ev.NMI_STOP: "NMI shootdown: halts with NMIs blocked (crash_nmi_callback())",
     }.get(code, code.name)
 
 

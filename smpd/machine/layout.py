@@ -61,7 +61,8 @@ class MachineState(IntEnum):
     BOOTING = 1
     UP = 2
     STOPPING = 3
-    KEXECED = 4  # a kexec ran: `smpd reset` returns the machine to the old kernel
+    KEXECED = 4  # a kexec ran: a later generation runs; `smpd reset` power-cycles to generation 1
+    ENDED = 5  # a kexec ended the machine (a triple fault, a shutdown, a hang): only `smpd reset` goes on
 
 
 class Watch(IntEnum):
@@ -91,6 +92,7 @@ class Ipi(IntEnum):
     # wakes with the REPARK already posted) starts mwait_play_dead() over, so the
     # next round's kick finds it parked, not in HLT from a late acknowledgement.
     REPARK = 6
+    NMI_STOP = 7  # the NMI shootdown (stop_other_cpus()'s fallback, crash_smp_send_stop()): halt with NMIs blocked
 
 
 class Fault(IntEnum):
@@ -123,6 +125,7 @@ class Ev(IntEnum):
     SPURIOUS = 14
     OFFLINE = 15  # play_dead()
     SMM = 16  # SMI taken: SMM entry and RSM
+    NMI_STOP = 17  # halted by the NMI shootdown (crash_nmi_callback() / the stop NMI handler)
 
 
 # Kinds of interrupt, in the order a CPU takes them when several are pending.

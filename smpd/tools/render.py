@@ -61,7 +61,7 @@ def cpu_table(cpus: list[dict]) -> Table:
             str(c["cpu"]), str(c["pid"]), "-" if c["core"] < 0 else str(c["core"]),
             c["hotplug"], Text(c["state"], style=style),
             f"{w['write']}/{w['interrupt']}/{w['ipi']}/{w['spurious']}", _irqs(c),
-            f"{md['control']:#010x}/{md['status']:#010x}",
+            "-" if md is None else f"{md['control']:#010x}/{md['status']:#010x}",
         )
     return t
 
@@ -134,7 +134,8 @@ def kick_summary(kick: dict | None) -> Text:
     per = kick["cpus"]
     acked = [c for c in per.values() if c["acknowledged"]]
     t.append(f"smp_kick_mwait_play_dead(): {len(per)} CPUs kicked, {len(acked)} acknowledged, "
-             f"{len(kick['stuck'])} stuck, {_ns(kick['total_ns'])} in all (budget {_ns(kick['budget_ns'])} per CPU)\n")
+             f"{len(kick['stuck'])} stuck, {_ns(kick['total_ns'])} in all (budget per CPU: "
+             f"{kick['rounds']} rounds of udelay({_ns(kick['delay_ns'])}), {_ns(kick['budget_ns'])})\n")
     if acked:
         rtt = sorted(c["rtt_ns"] for c in acked)
         one = sorted(c["one_way_ns"] for c in acked if "one_way_ns" in c)

@@ -157,7 +157,7 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     status = live.request("status")
-    if status["machine"]["state"] == "KEXECED":
+    if status["machine"]["state"] in ("KEXECED", "ENDED"):
         live.request("reset")
         status = live.request("status")
     if resumed is None:
@@ -289,7 +289,7 @@ def replay(name: str, target: str) -> dict:
     if live.ncpus != plan.cpus:
         raise BadInput(f"--replay: {path} was recorded on a {plan.cpus}-CPU machine; '{name}' has {live.ncpus}")
     status = live.request("status")
-    if status["machine"]["state"] == "KEXECED":
+    if status["machine"]["state"] in ("KEXECED", "ENDED"):
         live.request("reset")
         status = live.request("status")
     want = set(cpulist.parse(rec["offline"])) if rec["offline"] else set()

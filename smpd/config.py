@@ -22,12 +22,13 @@ from smpd.errors import BadInput, ConfigError
 from smpd.host import files
 from smpd.kernel.memmap import TEXT_NAMED, Boot, Sizes
 from smpd.kernel.scenario import BOOT_FORM, KERNELS, flavour, parse_boot
+from smpd.machine import layout as L
 
 MAX_CPUS = 4096
 WATCH_STRATEGIES = ("auto", "spin", "adaptive")
 HOT_PATHS = ("auto", "c", "python")  # smpd.hotpath
 PIN_POLICIES = ("none", "compact", "spread")
-INTERRUPT_KINDS = ("nmi", "smi", "mce")
+INTERRUPT_KINDS = tuple(i.kind for i in L.Irq)  # nmi, smi, mce: the [signals] keys
 
 
 def _int_range(lo: int, hi: int) -> Callable[[Any], str | None]:

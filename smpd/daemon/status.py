@@ -38,7 +38,7 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None) -> dict:
                         "ipi": cb("wake_ipi"), "spurious": cb("wake_spurious")},
             "mwait_entries": cb("mwait_entries"),
             "interrupts": {k: {"taken": cb(f"{k}_taken"), "pending": cb(f"{k}_pending"),
-                               "held": cb(f"{k}_held")} for k in ("nmi", "smi", "mce")},
+                               "held": cb(f"{k}_held")} for k in L.IRQ_CODE},
             "init": cb("init_count"), "sipi": cb("sipi_count"), "generation": m.gen,
             # a pre-fix kernel has no struct mwait_cpu_dead: None, not a word read from elsewhere
             "mwait_cpu_dead": None if m.boot.monitors_thread_info else

@@ -5,33 +5,18 @@ next state's method (or None when the process powers off):
 
     wait_for_sipi --SIPI--> start_secondary/smp_callin --> running
     running --CPU_DOWN--> play_dead --> mwait_play_dead --(control == KEXEC_HLT)--> hlt
+    running --REBOOT--> stop_this_cpu --> hlt;  running --NMI_STOP--> nmi_stop --> hlt
     any state --INIT--> wait_for_sipi
 
-How a CPU waits (``wait``). Every waker raises one byte of the CPU's wake word
-(smpd.layout: write, interrupt, IPI, timer). The watch loop is the hot path and is
-kept to one load and one compare (``while u32[i] == 0: pass``); everything else
-(timers, counters, signals) happens outside it:
-
-* ``spin``: busy-watch the wake word. Lowest latency; needs a host core per CPU.
-* ``adaptive``: spin for the budget, then sleep in sigwaitinfo until the bus rings
-  the doorbell signal (or an interrupt signal arrives). The spin budget is an
-  ITIMER_REAL whose SIGALRM raises the timer byte, so the spin loop needs no
-  clock read.
-* Spurious MWAIT wake-ups (``spurious_per_s``) use the same timer byte.
-
-Interrupts (NMI, SMI, MCE) are POSIX signals. A handler only records the pending
-interrupt and raises the interrupt byte; the state code takes it at its next
-"instruction boundary", i.e. when it looks at the wake mask. Signals of one kind
-that arrive before the CPU takes the first may be merged into one: that is the
-hardware's NMI (and SMI) latch, and it is also what CPython does, which runs a
-Python-level handler once for several deliveries of the same signal.
+The hardware it runs on (waiting, MONITOR/MWAIT, interrupt signals, the IPI
+mailbox) is smpd.machine.core.CpuCore; this class adds the kernel: the
+smpboot routines with the kernel's names, the generation and memory map the CPU
+runs in, and what happens when it executes again after a wake-up (resume).
 """
 
 from __future__ import annotations
 
 import os
-import random
-import signal
 import struct
 import sys
 import time
@@ -41,76 +26,23 @@ from smpd.kernel import resume as resume_mod
 from smpd.kernel.generations import Generations
 from smpd.kernel.memmap import TEXT_MCE, TEXT_NMI, TEXT_PLAY_DEAD, MemoryMap
 from smpd.machine import events, hotpath, layout as L
-from smpd.machine.bus import DOORBELL_SIGNAL, Bus
-from smpd.machine.sync import fence
+from smpd.machine.bus import Bus
+from smpd.machine.core import IPI_DONE, IPI_IGNORED, KINDS, M_IPI, M_IRQ, M_TIMER, M_WRITE, CpuCore
 
+__all__ = ["Cpu", "cpu_main", "IPI_DONE", "IPI_IGNORED"]
 
-KINDS = L.IRQ_KINDS
-M_WRITE = 0xFF << (8 * L.WAKE_WRITE)
-M_IRQ = 0xFF << (8 * L.WAKE_IRQ)
-M_IPI = 0xFF << (8 * L.WAKE_IPI)
-M_TIMER = 0xFF << (8 * L.WAKE_TIMER)
 _MD = struct.Struct("<II")  # struct mwait_cpu_dead { u32 control; u32 status; }
 _KEXEC_HLT = struct.pack("<I", L.CPUDEAD_MWAIT_KEXEC_HLT)
 
-# Mailbox results the CPU writes back (0 = done).
-IPI_DONE = 0
-IPI_IGNORED = 1  # e.g. a SIPI to a CPU that is not waiting for one: real parts ignore it
 
-
-class Cpu:
+class Cpu(CpuCore):
     def __init__(self, seg, bus: Bus, cpu: int, signals: dict[str, int]):
-        geo = seg.geo
-        self.seg, self.bus, self.cpu = seg, bus, cpu
-        self.u32, self.buf, self.u16 = seg.u32, seg.buf, seg.u16
-        self.wake_idx = seg.cb_index32(cpu, "wake")
-        self.wake_off = self.wake_idx * 4
-        self.sleeping_idx = seg.cb_index32(cpu, "sleeping")
-        self.dir_base = geo.dir_off // L.DIR_ENTRY
+        super().__init__(seg, bus, cpu, signals)
         self.gens = Generations(seg)
         self.gen = 0  # the kernel generation this CPU runs (set by smp_callin)
         self.map: MemoryMap | None = None  # that generation's memory map
-        self.spin = seg.hdr("watch") == L.Watch.SPIN
-        self.budget_ns = seg.hdr("spin_budget_ns")  # the compiled path's unit; the Python one's below
-        self.budget_s = self.budget_ns / 1e9
-        self.spurious_per_s = seg.hdr("spurious_per_s")
-        self.rng = random.Random(seg.hdr("seed") * 4099 + cpu)
-        self.signals = signals
-        self.sig_kind = {sig: kind for kind, sig in signals.items()}
-        self.irq_sigs = set(signals.values())
-        self.sleep_sigs = self.irq_sigs | {DOORBELL_SIGNAL}
-        self.pending = {k: 0 for k in KINDS}  # written by signal handlers, read by take_*
-        self.timer_reason: str | None = None  # "budget" or "spurious" while the timer runs
-        self.armed_line = -1
-        self.pending_ack: int | None = None  # mailbox seq to acknowledge when done
-        # Direct word indices of the fields the wake-up path touches (a struct call each
-        # would cost more than the rest of that path).
-        self.u64 = seg.u64
-        ix = lambda f: seg.cb_index(cpu, f)  # noqa: E731
-        self.i_busy, self.i_activity = ix("busy"), ix("activity")
-        self.i_kick_seen = ix("kick_seen_ns")
-        self.i_mon_armed, self.i_mon_line = ix("mon_armed"), ix("mon_line")
-        self.i_wake_count = [(M_WRITE, ix("wake_write")), (M_IRQ, ix("wake_irq")),
-                             (M_IPI, ix("wake_ipi")), (M_TIMER, ix("wake_spurious"))]
         self.plans: dict[tuple, resume_mod.ResumePlan] = {}  # by (map, text page)
-        # The compiled watch loop (smpd.hotpath), or None for the Python loops below.
-        self.spin_yields = bool(seg.hdr("spin_yields"))
-        self.waiter = hotpath.waiter(seg, cpu, self.irq_sigs, DOORBELL_SIGNAL)
-        self.kick_acks: dict[MemoryMap, object] = {}  # hotpath.Ack by memory map
-        self.acked_ns = 0  # set when the compiled path acknowledged a kick inside wait()
-
-    # -- process entry -------------------------------------------------------
-
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a foreground Ctrl-C is the coordinator's
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        signal.signal(signal.SIGALRM, self._on_timer)
-        for sig in self.signals.values():
-            signal.signal(sig, self._on_interrupt)
-        # The doorbell stays blocked for life: it is only ever taken by sigwaitinfo in
-        # _sleep, and one that arrives while we are awake just ends the next sleep early.
-        signal.pthread_sigmask(signal.SIG_SETMASK, {DOORBELL_SIGNAL})
+        self.kick_acks: dict[MemoryMap, object] = {}  # hotpath.Ack by memory map (compiled path)
 
     def run(self) -> None:
         state = self.wait_for_sipi
@@ -124,192 +56,11 @@ class Cpu:
         if self.pending_ack is None and self.take_ipi() is not None:
             self.buf[self.wake_off + L.WAKE_IPI] = 1
 
-    # -- signal handlers: record and raise a byte, nothing else ---------------
-
-    def _on_interrupt(self, signum, _frame) -> None:
-        self.pending[self.sig_kind[signum]] += 1
-        self.buf[self.wake_off + L.WAKE_IRQ] = 1
-
-    def _on_timer(self, _signum, _frame) -> None:
-        if self.timer_reason is not None:  # a late SIGALRM from a cancelled timer is dropped
-            self.buf[self.wake_off + L.WAKE_TIMER] = 1
-
-    # -- waiting ----------------------------------------------------------------
-
-    def _set_timer(self, reason: str, seconds: float) -> None:
-        self.timer_reason = reason
-        signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-6))
-
-    def _cancel_timer(self) -> None:
-        if self.timer_reason is not None:
-            self.timer_reason = None
-            signal.setitimer(signal.ITIMER_REAL, 0)
-
-    def _spurious_in(self) -> float | None:
-        return self.rng.expovariate(self.spurious_per_s) if self.spurious_per_s > 0 else None
-
-    def wait(self, may_spin: bool = True, ack=None) -> int:
-        """Wait until a waker raises a byte; return the wake mask and clear what it names.
-
-        The TIMER byte comes back to the caller only as a spurious wake-up; a
-        spin-budget expiry just moves the CPU from spinning to sleeping.
-        ``may_spin=False`` (HLT) skips the adaptive spin budget and sleeps at once.
-        ``ack`` (compiled path only, from mwait_play_dead()): when the wake-up is a
-        kick this CPU can acknowledge, the compiled code does so, records the way
-        into HLT and halts; ``acked_ns`` is then when it saw the kick, and the mask
-        returned is what ended HLT.
-        """
-        u32 = self.u32
-        u32[self.i_busy] = 0
-        spurious = self._spurious_in()
-        if self.waiter is not None:
-            mask = self._wait_compiled(spurious, may_spin, ack)
-        else:
-            mask = self._wait_python(spurious, may_spin)
-        u32[self.i_busy] = 1
-        u32[self.i_activity] = (u32[self.i_activity] + 1) & 0xFFFFFFFF
-        return mask
-
-    def _wait_compiled(self, spurious: float | None, may_spin: bool, ack) -> int:
-        spin_ns = -1 if self.spin else self.budget_ns if may_spin else 0
-        deadline_ns = 0 if spurious is None else time.monotonic_ns() + max(1, int(spurious * 1e9))
-        while True:
-            code, arg, acked_ns = self.waiter.wait(spin_ns, deadline_ns, ack)
-            if acked_ns:  # acknowledged and halted: what follows is HLT's wake-up
-                self.acked_ns, ack, deadline_ns = acked_ns, None, 0
-            if code == hotpath.SIGNAL:  # an interrupt signal, taken while asleep
-                self._on_interrupt(arg, None)
-            elif code == hotpath.TIMEOUT:  # the spurious wake-up's time has come
-                self.buf[self.wake_off + L.WAKE_TIMER] = 1
-                deadline_ns = 0
-            mask = self._consume()
-            if mask:
-                return mask
-
-    def _wait_python(self, spurious: float | None, may_spin: bool) -> int:
-        u32, i = self.u32, self.wake_idx
-        deadline = None if spurious is None else time.monotonic() + spurious
-        while True:
-            if u32[i] == 0:
-                if self.spin:
-                    if deadline is not None:
-                        self._set_timer("spurious", deadline - time.monotonic())
-                    if self.spin_yields:  # spinners outnumber host cores: share them
-                        while u32[i] == 0:
-                            os.sched_yield()
-                    while u32[i] == 0:  # THE HOT LOOP: one load, one compare
-                        pass
-                elif deadline is not None and deadline - time.monotonic() < self.budget_s:
-                    self._set_timer("spurious", deadline - time.monotonic())
-                    while u32[i] == 0:  # the same hot loop, ended by the timer byte at worst
-                        pass
-                elif self.budget_s > 0 and may_spin:
-                    self._set_timer("budget", self.budget_s)
-                    while u32[i] == 0:
-                        pass
-                else:
-                    self._sleep(deadline)
-            mask = self._consume()
-            reason = self.timer_reason
-            self._cancel_timer()
-            timer_hit = mask & M_TIMER
-            mask &= ~M_TIMER
-            if timer_hit and reason == "spurious":
-                mask |= M_TIMER
-            if mask:
-                return mask
-            if timer_hit and reason == "budget":
-                self._sleep(deadline)
-            # else: a stale SIGALRM of a cancelled timer; look again
-
-    def _sleep(self, deadline: float | None) -> None:
-        """Sleep until a byte is raised (or the spurious deadline passes), losing no wake-up.
-
-        Why sigtimedwait and not a futex: a Python signal handler runs some
-        bytecodes after its signal arrived. A signal landing between our last look
-        at the wake word and a futex syscall would leave the handler's byte unset
-        while we sleep: a lost interrupt. So while sleeping the interrupt signals
-        are blocked and we wait for them *and* for the bus's doorbell signal in one
-        sigtimedwait, which takes a pending signal atomically.
-        """
-        u32, i = self.u32, self.wake_idx
-        self._cancel_timer()
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, self.irq_sigs)
-        try:
-            # fence() is a Python call: its entry runs the handler of any interrupt
-            # that arrived before the block, so its byte is raised before we look.
-            u32[self.sleeping_idx] = 1
-            fence()  # pairs with the fence in Bus.wake: we see its byte or it sees `sleeping`
-            while u32[i] == 0:
-                timeout = None
-                if deadline is not None:
-                    timeout = deadline - time.monotonic()
-                    if timeout <= 0:
-                        self.buf[self.wake_off + L.WAKE_TIMER] = 1
-                        self.timer_reason = "spurious"
-                        break
-                info = signal.sigtimedwait(self.sleep_sigs, timeout) if timeout is not None \
-                    else signal.sigwaitinfo(self.sleep_sigs)
-                if info is not None and info.si_signo != DOORBELL_SIGNAL:
-                    self._on_interrupt(info.si_signo, None)
-        finally:
-            u32[self.sleeping_idx] = 0
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-    def _consume(self) -> int:
-        """Read the wake word, clear the bytes that were raised, fence, return them."""
-        v = self.u32[self.wake_idx]
-        if v == 1:
-            # Only the bus's WRITE byte (byte 0, the low byte): the kick's path. No fence
-            # needed: what we read next is memory the writer stored before raising the byte
-            # (x86 keeps loads in order), and a write after our clear raises it again.
-            self.buf[self.wake_off] = 0
-            return v
-        for byte in range(4):
-            if v >> (8 * byte) & 0xFF:
-                self.buf[self.wake_off + byte] = 0
-        fence()  # our clears are visible before we read the mailbox or memory below
-        return v
-
-    # -- MONITOR / MWAIT -----------------------------------------------------
-
     def monitor(self, addr: int) -> None:
-        """__monitor(): arm the monitor on the line holding ``addr``.
-
-        Only one of the CPU's own lines in its kernel's map may be monitored (the line
-        directory has one writer per entry; see smpd.machine.layout).
-        """
-        line = (addr - L.PHYS_BASE) // L.LINE
+        """__monitor() on one of this CPU's own lines in its kernel's map, and no other."""
         own = (self.map.mwait_cpu_dead_addr(self.cpu), self.map.thread_info_addr(self.cpu))
         assert addr in own, f"CPU{self.cpu} may not monitor {addr:#x}"
-        self.buf[self.wake_off + L.WAKE_WRITE] = 0
-        self.u16[self.dir_base + line] = self.cpu + 1
-        self.armed_line = line
-        self.u32[self.i_mon_line] = line
-        self.u32[self.i_mon_armed] = 1
-        fence()  # the directory entry is visible before we look for a write (see smpd.bus)
-
-    def disarm(self) -> None:
-        if self.armed_line >= 0:
-            self.u16[self.dir_base + self.armed_line] = 0
-            self.armed_line = -1
-            self.u32[self.i_mon_armed] = 0
-
-    def mwait(self, ack=None) -> int:
-        """__mwait(): wait for a write to the monitored line, an interrupt, an IPI or nothing at all."""
-        mask = self.wait(ack=ack)
-        if self.acked_ns:  # the compiled path disarmed and counted, and halted since
-            self.armed_line = -1
-            return mask
-        self.disarm()  # MWAIT's exit ends the monitor; the loop re-arms it
-        self._count_wake(mask)
-        return mask
-
-    def _count_wake(self, mask: int) -> None:
-        u64 = self.u64
-        for bit, idx in self.i_wake_count:
-            if mask & bit:
-                u64[idx] += 1
+        super().monitor(addr)
 
     # -- executing in the old kernel -----------------------------------------
 
@@ -321,11 +72,11 @@ class Cpu:
         return plan
 
     def _kick_ack(self):
-        """The compiled path's acknowledgement of a kick in mwait_play_dead() (None: Python path)."""
-        if self.waiter is None:
-            return None
-        a = self.kick_acks.get(self.map)
-        if a is None:
+        """The compiled path's acknowledgement of a kick in mwait_play_dead() (None on a Python
+        machine: the branch after mwait() below acknowledges there)."""
+        try:
+            return self.kick_acks[self.map]
+        except KeyError:
             a = self.kick_acks[self.map] = hotpath.ack(self.seg, self.cpu, self.map.mwait_cpu_dead_addr(self.cpu),
                                                        self._plan(TEXT_PLAY_DEAD).checks)
         return a
@@ -357,16 +108,6 @@ class Cpu:
 
     # -- interrupts ----------------------------------------------------------
 
-    def _drain_pending(self) -> dict[str, int]:
-        """Move pending interrupts out of the handlers' hands, with the signals blocked."""
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, self.irq_sigs)
-        try:
-            taken = dict(self.pending)
-            for k in KINDS:
-                self.pending[k] = 0
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        return taken
 
     def take_interrupts(self, resume_page: int = TEXT_PLAY_DEAD, in_hlt: bool = False):
         """Run the handlers of pending interrupts, MCE first, then return to ``resume_page``.
@@ -406,7 +147,7 @@ class Cpu:
         """In WAIT_FOR_SIPI, NMI and SMI stay pending (counted as held). Returns True on an MCE,
         which a CPU in INIT cannot hold: it takes the machine down (MCE_SHUTDOWN)."""
         got = self._drain_pending()
-        for kind in ("nmi", "smi"):
+        for kind in L.HELD_IN_INIT:
             if got[kind]:
                 self._add(f"{kind}_held", got[kind])
                 events.log(self.seg, self.cpu, L.Ev.HELD, L.IRQ_CODE[kind])
@@ -418,30 +159,12 @@ class Cpu:
             return True
         return False
 
-    def _add(self, field: str, n: int) -> None:
-        self.seg.set_cb(self.cpu, field, self.seg.cb(self.cpu, field) + n)
 
     # -- the mailbox (IPIs from the coordinator) -----------------------------
 
-    def take_ipi(self) -> tuple[int, L.Ipi] | None:
-        seq = self.seg.cb(self.cpu, "mbox_seq")
-        if seq == self.seg.cb(self.cpu, "mbox_ack"):
-            return None
-        return seq, L.Ipi(self.seg.cb(self.cpu, "mbox_cmd"))
 
-    def ack(self, seq: int, result: int = IPI_DONE) -> None:
-        self.seg.set_cb(self.cpu, "mbox_result", result)
-        self.seg.set_cb(self.cpu, "mbox_ack", seq)  # last: the coordinator polls this word
 
-    def _ack_pending(self) -> None:
-        if self.pending_ack is not None:
-            self.ack(self.pending_ack)
-            self.pending_ack = None
 
-    def _set_state(self, state: L.ExecState, hotplug: L.Hotplug | None = None) -> None:
-        if hotplug is not None:
-            self.seg.set_cb(self.cpu, "hotplug", hotplug)
-        self.seg.set_cb(self.cpu, "state", state)
 
     def _ipi(self, mask: int, allowed: tuple[L.Ipi, ...] = ()):
         """Look at the mailbox if the IPI byte was raised.
@@ -534,7 +257,7 @@ class Cpu:
         self._ack_pending()
         # NMI and SMI held in wait-for-SIPI are delivered now that the CPU executes
         # (in the kernel that started it).
-        for kind in ("nmi", "smi"):
+        for kind in L.HELD_IN_INIT:
             n = self.seg.cb(self.cpu, f"{kind}_pending")
             if n:
                 self.pending[kind] += n

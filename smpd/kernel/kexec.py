@@ -411,7 +411,7 @@ class Kexec:
             fault_cause=describe(self.gens, cpu, L.Ev(cause), arg) if cause else "",
             stray_stores=seg.cb(cpu, "stray_stores"), first_store=store, alive=alive,
             exit_code=None if p is None else p.exitcode, pid=0 if p is None else p.pid,
-            held=any(seg.cb(cpu, f"{k}_held") for k in ("nmi", "smi")),
+            held=any(seg.cb(cpu, f"{k}_held") for k in L.HELD_IN_INIT),
             host_note=self.host_note(cpu) if cpu in self.not_taken or (self.kick and cpu in self.kick["stuck"])
             else "", generation=gen)
 

@@ -10,51 +10,24 @@ seeing it (it stamps kick_seen_ns), and the coordinator seeing status change.
 Cost: a round is one bus write (a monitored line: two fences, and a doorbell
 kill() when the CPU sleeps) plus the udelay busy-wait, which polls status so the
 acknowledgement is timed to the poll, not to the next round. When the CPU
-sleeps (watch adaptive), the poll yields the host core between looks.
+sleeps (watch adaptive), the poll yields the host core between looks. The loop
+itself is the machine's hot path (smpd.machine.hotpath: compiled, or its Python
+peer); this module times and reports it.
 """
 
 from __future__ import annotations
 
-import os
-import struct
 import time
 from typing import Callable
 
 from smpd.machine import layout as L
 
-_HLT = struct.pack("<I", L.CPUDEAD_MWAIT_KEXEC_HLT)
-
-
 def kick_one(seg, bus, cpu: int, md: int, delay_ns: int, rounds: int) -> dict:
     """Kick one CPU (its mwait_cpu_dead at ``md``) out of mwait_play_dead(); returns its timings
     and the kernel's round count."""
     seen_before = seg.cb(cpu, "kick_seen_ns")
-    if bus.kicker is not None:  # the same loop, compiled (smpd.hotpath)
-        acked, i, t_first, t_ack = bus.kicker.kick_one(md - L.PHYS_BASE, L.CPUDEAD_MWAIT_KEXEC_HLT, delay_ns, rounds)
-        return _entry(seg, cpu, acked, i, t_first, t_ack or None, seen_before)
-    sleeping = seg.cb_index32(cpu, "sleeping")
-    oversubscribed = seg.hdr("spin_yields")  # spinning CPUs outnumber host cores: yield likewise
-    t_first = time.monotonic_ns()  # after the look-ups above: they are not the kick's latency
-    t_ack = None
-    i = 0
-    # Wait 5ms maximum
-    while i < rounds and seg.mem_u32(md + 4) != L.CPUDEAD_MWAIT_KEXEC_HLT:
-        bus.write(md, _HLT)  # Bring it out of mwait
-        end = time.monotonic_ns() + delay_ns
-        # A sleeping CPU needs a host core to wake up on, perhaps this one: then the
-        # udelay below yields it between looks (on a 2-core host a pure busy-wait
-        # here held the woken CPU off until the scheduler's slice ended, ~3-4 ms).
-        yld = seg.u32[sleeping] or oversubscribed
-        while True:  # udelay(delay_us), watching status to time the acknowledgement
-            if t_ack is None and seg.mem_u32(md + 4) == L.CPUDEAD_MWAIT_KEXEC_HLT:
-                t_ack = time.monotonic_ns()  # read after the load: never before the ack
-            if time.monotonic_ns() >= end:
-                break
-            if yld:
-                os.sched_yield()
-        i += 1
-    acked = seg.mem_u32(md + 4) == L.CPUDEAD_MWAIT_KEXEC_HLT
-    return _entry(seg, cpu, acked, i, t_first, t_ack, seen_before)
+    acked, i, t_first, t_ack = bus.kicker.kick_one(md - L.PHYS_BASE, L.CPUDEAD_MWAIT_KEXEC_HLT, delay_ns, rounds)
+    return _entry(seg, cpu, acked, i, t_first, t_ack or None, seen_before)
 
 
 def _entry(seg, cpu: int, acked: bool, rounds: int, t_first: int, t_ack: int | None, seen_before: int) -> dict:

@@ -20,13 +20,14 @@ from dataclasses import asdict, dataclass, field
 
 from smpd import cpulist
 from smpd.errors import BadInput
+from smpd.machine import layout as L
 from smpd.inputs import ascii_int
 from smpd.kernel.memmap import FLAVOURS, PARK_ALIASES, Boot
 
 PARKS = tuple(PARK_ALIASES)  # the old names: none = pre-fix, init = 6.5, hlt = 6.6
 KERNELS = FLAVOURS + PARKS  # what --kernel/--into/--park accept
 BOOT_FORM = "comma-separated nosmt, maxcpus=N (1..cpus), kaslr or kaslr=SEED, nokaslr, smt; e.g. nosmt,maxcpus=8"
-KINDS = ("nmi", "mce", "smi")
+KINDS = (L.Irq.NMI.kind, L.Irq.MCE.kind, L.Irq.SMI.kind)  # in the order scenarios draw from: fixed by every seed
 PHASES = ("before-kick", "during-kick", "after-kick", "during-copy", "after-copy")
 ORDERS = ("sequential", "random", "monitored-first", "monitored-last")
 INJECT_FORM = "KIND@PHASE[:TARGET][xCOUNT], e.g. nmi@after-copy, mce@during-copy:all, smi@after-kick:3-5x2"

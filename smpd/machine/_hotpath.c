@@ -96,6 +96,7 @@ typedef struct {
 	Py_ssize_t wake_write, activity, busy, state, ev_head, ev_ring;
 	int ready;
 	uint32_t line, st_hlt, ev_slots, ev_wake_write, ev_kick_seen, ev_hlt;
+	Py_ssize_t ev_entry;  /* bytes per event: (u64 ns, u32 code, u32 arg), smpd.machine.layout.EV_ENTRY */
 	Py_ssize_t need;  /* the segment must be this long: the last byte any offset names */
 	int ntags;
 	Py_ssize_t tag_off[MAX_TAGS];
@@ -106,7 +107,7 @@ static int Ack_init(Ack *self, PyObject *args, PyObject *kw)
 {
 	static char *names[] = {"control", "status", "seen", "dir_entry", "armed", "tags", "kexec_hlt",
 				"wake_write", "activity", "busy", "state", "ev_head", "ev_ring", "line", "state_hlt",
-				"ev_slots", "ev_wake_write", "ev_kick_seen", "ev_hlt", NULL};
+				"ev_slots", "ev_wake_write", "ev_kick_seen", "ev_hlt", "ev_entry", NULL};
 	PyObject *tags;
 	unsigned int hlt, line, st_hlt, slots, e_ww, e_ks, e_hlt;
 
@@ -114,11 +115,17 @@ static int Ack_init(Ack *self, PyObject *args, PyObject *kw)
 		PyErr_SetString(PyExc_RuntimeError, "Ack is already initialised");
 		return -1;
 	}
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "nnnnnOInnnnnnIIIIII", names, &self->control, &self->status,
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "nnnnnOInnnnnnIIIIIIn", names, &self->control, &self->status,
 					 &self->seen, &self->dir_entry, &self->armed, &tags, &hlt,
 					 &self->wake_write, &self->activity, &self->busy, &self->state,
-					 &self->ev_head, &self->ev_ring, &line, &st_hlt, &slots, &e_ww, &e_ks, &e_hlt))
+					 &self->ev_head, &self->ev_ring, &line, &st_hlt, &slots, &e_ww, &e_ks, &e_hlt,
+					 &self->ev_entry))
 		return -1;
+	if (self->ev_entry != 16) {  /* log_event() stores exactly these three fields */
+		PyErr_Format(PyExc_ValueError, "ev_entry is %zd bytes; this hot path writes 16-byte events "
+			     "(u64 ns, u32 code, u32 arg)", self->ev_entry);
+		return -1;
+	}
 	if (slots == 0) {
 		PyErr_SetString(PyExc_ValueError, "ev_slots must be at least 1");
 		return -1;
@@ -155,7 +162,7 @@ static int Ack_init(Ack *self, PyObject *args, PyObject *kw)
 		Py_ssize_t off[N] = {self->control, self->status, self->seen, self->dir_entry, self->armed,
 				     self->wake_write, self->activity, self->busy, self->state, self->ev_head,
 				     self->ev_ring};
-		Py_ssize_t size[N] = {4, 4, 8, 2, 4, 8, 4, 4, 4, 4, 16 * (Py_ssize_t)self->ev_slots};
+		Py_ssize_t size[N] = {4, 4, 8, 2, 4, 8, 4, 4, 4, 4, self->ev_entry * (Py_ssize_t)self->ev_slots};
 
 		self->need = 0;
 		for (int k = 0; k < N + self->ntags; k++) {
@@ -263,7 +270,7 @@ static void Waiter_dealloc(Waiter *self)
 static void log_event(char *b, Ack *a, uint32_t code, uint32_t arg, int64_t ns)
 {
 	uint32_t head = LOAD32(b + a->ev_head);
-	char *e = b + a->ev_ring + (Py_ssize_t)(head % a->ev_slots) * 16;
+	char *e = b + a->ev_ring + (Py_ssize_t)(head % a->ev_slots) * a->ev_entry;
 
 	STORE64(e, (uint64_t)ns);
 	STORE32(e + 8, code);
@@ -348,7 +355,7 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 {
 	volatile uint32_t *wake = (uint32_t *)(w->base + w->wake);
 	sigset_t old;
-	int code = WOKE, signo = 0;
+	int code = WOKE, signo = 0, failed = 0;
 
 	pthread_sigmask(SIG_BLOCK, &w->irq, &old);
 	/* An interrupt that landed before the block has its Python handler pending:
@@ -359,6 +366,7 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 	}
 	STORE32(w->base + w->sleeping, 1);
 	FENCE();  /* pairs with the bus's fence: we see its byte or it sees `sleeping` */
+	Py_BEGIN_ALLOW_THREADS  /* no Python below until the wake-up: other threads may run */
 	while (LOAD32(wake) == 0) {
 		siginfo_t info;
 		int r;
@@ -380,9 +388,8 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 		if (r < 0) {
 			if (errno == EAGAIN || errno == EINTR)
 				continue;  /* the deadline is checked above; EINTR: another handler ran */
-			STORE32(w->base + w->sleeping, 0);
-			pthread_sigmask(SIG_SETMASK, &old, NULL);
-			return PyErr_SetFromErrno(PyExc_OSError);
+			failed = errno;
+			break;
 		}
 		if (sigismember(&w->irq, r)) {
 			code = SIGNAL;
@@ -391,8 +398,13 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 		}
 		/* the doorbell: look at the wake word again */
 	}
+	Py_END_ALLOW_THREADS
 	STORE32(w->base + w->sleeping, 0);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (failed) {
+		errno = failed;
+		return PyErr_SetFromErrno(PyExc_OSError);
+	}
 	if (code == WOKE)
 		return woke(w, a, 1, 0);
 	return Py_BuildValue("(iiL)", code, signo, 0LL);
@@ -451,8 +463,12 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 				/* More spinning processes than host cores: without this, a CPU
 				 * whose core another spinner holds waits out a scheduler slice
 				 * (ms) before it sees its kick. */
+				/* Hand the GIL round while here: a thread of this process
+				 * (a test's helper) may be the one that raises our byte. */
+				Py_BEGIN_ALLOW_THREADS
 				if (w->yield)
 					sched_yield();
+				Py_END_ALLOW_THREADS
 				if (end != INT64_MAX && now_ns() >= end)
 					break;
 			}
@@ -496,6 +512,8 @@ typedef struct {
 	PyObject *buf;
 	char *base;  /* valid during a call only */
 	Py_ssize_t mem_off, mem_len, dir_off, cb_off, cb_size, cb_wake, cb_sleeping, cb_pid;
+	Py_ssize_t line, dir_entry;  /* bytes: a cache line, one directory entry (u16 owner) */
+	int line_shift;
 	long ncpus;
 	int doorbell;
 	int yield;  /* spinning CPUs outnumber host cores: udelay yields the core, as for a sleeper */
@@ -504,7 +522,7 @@ typedef struct {
 static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 {
 	static char *names[] = {"buf", "mem_off", "mem_len", "dir_off", "cb_off", "cb_size", "cb_wake",
-				"cb_sleeping", "cb_pid", "ncpus", "doorbell", "spin_yields", NULL};
+				"cb_sleeping", "cb_pid", "ncpus", "doorbell", "line", "dir_entry", "spin_yields", NULL};
 	PyObject *buf;
 	Py_buffer view;
 	int bad;
@@ -514,15 +532,26 @@ static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 		return -1;
 	}
 	self->yield = 0;
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "Onnnnnnnnli|p", names, &buf, &self->mem_off, &self->mem_len,
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "Onnnnnnnnlinn|p", names, &buf, &self->mem_off, &self->mem_len,
 					 &self->dir_off, &self->cb_off, &self->cb_size, &self->cb_wake,
 					 &self->cb_sleeping, &self->cb_pid, &self->ncpus, &self->doorbell,
-					 &self->yield))
+					 &self->line, &self->dir_entry, &self->yield))
 		return -1;
+	if (self->line < 8 || (self->line & (self->line - 1))) {
+		PyErr_Format(PyExc_ValueError, "line is %zd bytes; a power of two of at least 8 is needed",
+			     self->line);
+		return -1;
+	}
+	if (self->dir_entry != 2) {  /* bus_write_u32() loads a u16 owner */
+		PyErr_Format(PyExc_ValueError, "dir_entry is %zd bytes; this hot path reads 2-byte (u16) owners",
+			     self->dir_entry);
+		return -1;
+	}
+	self->line_shift = __builtin_ctzl((unsigned long)self->line);
 	if (!acquire(buf, &view, 0))
 		return -1;
 	bad = self->mem_off < 0 || self->mem_len < 0 || self->mem_off + self->mem_len > view.len ||
-	      self->dir_off < 0 || self->dir_off + 2 * (self->mem_len / 64) > view.len ||
+	      self->dir_off < 0 || self->dir_off + self->dir_entry * (self->mem_len / self->line) > view.len ||
 	      self->cb_off < 0 || self->cb_off + self->ncpus * self->cb_size > view.len;
 	PyBuffer_Release(&view);
 	if (bad) {
@@ -553,7 +582,7 @@ static int bus_write_u32(Kicker *k, Py_ssize_t off, uint32_t value)
 
 	STORE32(b + k->mem_off + off, value);
 	FENCE();
-	owner = LOAD16(b + k->dir_off + 2 * (off >> 6));
+	owner = LOAD16(b + k->dir_off + k->dir_entry * (off >> k->line_shift));
 	if (!owner || owner > k->ncpus)
 		return 0;
 	cb = b + k->cb_off + (owner - 1) * k->cb_size;

@@ -48,8 +48,8 @@ class Bus:
 
     @functools.cached_property
     def kicker(self):
-        """The coordinator's compiled kick loop (smpd.hotpath), or None for the Python one."""
-        return hotpath.kicker(self.seg, DOORBELL_SIGNAL)
+        """The coordinator's kick loop (smpd.machine.hotpath): compiled, or its Python peer."""
+        return hotpath.kicker(self.seg, DOORBELL_SIGNAL, self)
 
     def write(self, addr: int, data: bytes) -> int:
         """Store ``data`` at emulated physical ``addr``; returns how many monitors it woke."""

@@ -22,8 +22,8 @@ The choice is the machine's (a header word): its coordinator and CPUs agree.
 
 from __future__ import annotations
 
-from smpd.machine import layout as L
 from smpd.errors import BadInput
+from smpd.machine import layout as L, pyhotpath
 
 try:
     from smpd.machine import _hotpath
@@ -48,21 +48,23 @@ def compiled(seg) -> bool:
 
 
 def waiter(seg, cpu: int, irq_signals, doorbell: int):
-    """CPU ``cpu``'s compiled watch loop, or None when the machine runs the Python loops."""
+    """CPU ``cpu``'s watch loop: the compiled one, or its Python peer (smpd.machine.pyhotpath)."""
     if not compiled(seg):
-        return None
+        return pyhotpath.Waiter(seg, cpu, irq_signals, doorbell, spin_yields=bool(seg.hdr("spin_yields")))
     return _hotpath.Waiter(seg.buf, seg.cb_index32(cpu, "wake") * 4, seg.cb_index32(cpu, "sleeping") * 4,
                            sorted(irq_signals), doorbell, spin_yields=bool(seg.hdr("spin_yields")))
 
 
-def ack(seg, cpu: int, md: int, checks) -> object:
-    """What CPU ``cpu`` checks and stores to acknowledge a kick in the compiled path, and
+def ack(seg, cpu: int, md: int, checks) -> object | None:
+    """None on a Python machine (smpd.kernel.cpu acknowledges there); else what CPU ``cpu`` checks and stores to acknowledge a kick in the compiled path, and
     what it records on its way into HLT (the stores smpd.kernel.cpu makes on that way).
 
     ``md`` is the physical address of its struct mwait_cpu_dead (in its kernel's map);
     ``checks`` are a smpd.kernel.resume.ResumePlan's (page, kind, u64 index, lo, hi):
     the tags the resume of mwait_play_dead() must find, in order.
     """
+    if not compiled(seg):
+        return None
     geo = seg.geo
     md_off = geo.mem_off + md - L.PHYS_BASE
     line = (md - L.PHYS_BASE) // L.LINE
@@ -75,20 +77,21 @@ def ack(seg, cpu: int, md: int, checks) -> object:
                         state=word("state"),
                         ev_head=word("ev_head"), ev_ring=geo.cb_off(cpu) + L.EV_OFF, line=line,
                         state_hlt=L.ExecState.HLT, ev_slots=L.EV_SLOTS, ev_wake_write=L.Ev.WAKE_WRITE,
-                        ev_kick_seen=L.Ev.KICK_SEEN, ev_hlt=L.Ev.HLT)
+                        ev_kick_seen=L.Ev.KICK_SEEN, ev_hlt=L.Ev.HLT, ev_entry=L.EV_ENTRY.size)
 
 
-def kicker(seg, doorbell: int):
-    """The coordinator's compiled kick loop, or None when the machine runs the Python loops."""
+def kicker(seg, doorbell: int, bus):
+    """The coordinator's kick loop: the compiled one, or its Python peer writing through ``bus``."""
     if not compiled(seg):
-        return None
+        return pyhotpath.Kicker(seg, bus, spin_yields=bool(seg.hdr("spin_yields")))
     geo = seg.geo
     return _hotpath.Kicker(seg.buf, mem_off=geo.mem_off, mem_len=geo.npages * L.PAGE, dir_off=geo.dir_off,
                            cb_off=L.CB_OFF, cb_size=L.CB_SIZE, cb_wake=L.CB["wake"][0],
                            cb_sleeping=L.CB["sleeping"][0], cb_pid=L.CB["pid"][0], ncpus=geo.ncpus,
-                           doorbell=doorbell, spin_yields=bool(seg.hdr("spin_yields")))
+                           doorbell=doorbell, line=L.LINE, dir_entry=L.DIR_ENTRY,
+                           spin_yields=bool(seg.hdr("spin_yields")))
 
 
+WOKE, TIMEOUT, SIGNAL = pyhotpath.WOKE, pyhotpath.TIMEOUT, pyhotpath.SIGNAL  # Waiter.wait's codes
 if _hotpath is not None:
-    TIMEOUT, SIGNAL = _hotpath.TIMEOUT, _hotpath.SIGNAL  # Waiter.wait's codes; WOKE needs no name here
-    assert L.EV_ENTRY.size == 16, "smpd/_hotpath.c writes event entries of (u64 ns, u32 code, u32 arg)"
+    assert (_hotpath.WOKE, _hotpath.TIMEOUT, _hotpath.SIGNAL) == (WOKE, TIMEOUT, SIGNAL)

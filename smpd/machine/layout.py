@@ -128,9 +128,24 @@ class Ev(IntEnum):
     NMI_STOP = 17  # halted by the NMI shootdown (crash_nmi_callback() / the stop NMI handler)
 
 
-# Kinds of interrupt, in the order a CPU takes them when several are pending.
-IRQ_KINDS = ("mce", "nmi", "smi")
-IRQ_CODE = {"nmi": 1, "smi": 2, "mce": 3}
+class Irq(IntEnum):
+    """The interrupts smpd injects as signals; the value is the code events carry."""
+
+    NMI = 1
+    SMI = 2
+    MCE = 3
+
+    @property
+    def kind(self) -> str:
+        """The lower-case name of config keys, --inject and counters ("nmi_taken")."""
+        return self.name.lower()
+
+
+# Their kinds, and the order a CPU takes them in when several are pending.
+IRQ_KINDS = tuple(i.kind for i in (Irq.MCE, Irq.NMI, Irq.SMI))
+IRQ_CODE = {i.kind: int(i) for i in Irq}
+# What INIT (WAIT_FOR_SIPI) holds pending; an MCE it cannot hold (MCE_SHUTDOWN).
+HELD_IN_INIT = (Irq.NMI.kind, Irq.SMI.kind)
 
 
 # --- the header -----------------------------------------------------------

@@ -1,0 +1,216 @@
+"""The CPU core: what a CPU process does that is hardware, not kernel.
+
+How a CPU waits (``wait``). Every waker raises one byte of the CPU's wake word
+(smpd.machine.layout: write, interrupt, IPI, timer). The watch loop is the hot
+path (smpd.machine.hotpath: compiled, or its Python peer), kept to one load and
+one compare; everything else (timers, counters, signals) happens outside it:
+
+* ``spin``: busy-watch the wake word. Lowest latency; needs a host core per CPU.
+* ``adaptive``: spin for the budget, then sleep in sigwaitinfo until the bus rings
+  the doorbell signal (or an interrupt signal arrives).
+* Spurious MWAIT wake-ups (``spurious_per_s``) end a wait at a random deadline.
+
+MONITOR arms one line in the line directory; MWAIT is a wait whose exit disarms
+it. Interrupts (NMI, SMI, MCE) are POSIX signals: a handler only records the
+pending interrupt and raises the interrupt byte; the kernel code takes it at its
+next "instruction boundary", when it looks at the wake mask. Signals of one kind
+that arrive before the CPU takes the first may be merged into one: that is the
+hardware's NMI (and SMI) latch, and it is also what CPython does. IPIs arrive in
+a one-slot mailbox per CPU (the coordinator's APIC), acknowledged by sequence.
+
+What runs on this core is smpd.kernel.cpu.Cpu, a subclass: this class knows no
+kernel, no memory map and no state machine.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+
+from smpd.machine import hotpath, layout as L
+from smpd.machine.bus import DOORBELL_SIGNAL, Bus
+from smpd.machine.sync import fence
+
+KINDS = L.IRQ_KINDS
+M_WRITE = 0xFF << (8 * L.WAKE_WRITE)
+M_IRQ = 0xFF << (8 * L.WAKE_IRQ)
+M_IPI = 0xFF << (8 * L.WAKE_IPI)
+M_TIMER = 0xFF << (8 * L.WAKE_TIMER)
+
+# Mailbox results the CPU writes back (0 = done).
+IPI_DONE = 0
+IPI_IGNORED = 1  # e.g. a SIPI to a CPU that is not waiting for one: real parts ignore it
+
+
+class CpuCore:
+    def __init__(self, seg, bus: Bus, cpu: int, signals: dict[str, int]):
+        geo = seg.geo
+        self.seg, self.bus, self.cpu = seg, bus, cpu
+        self.u32, self.buf, self.u16, self.u64 = seg.u32, seg.buf, seg.u16, seg.u64
+        self.wake_idx = seg.cb_index32(cpu, "wake")
+        self.wake_off = self.wake_idx * 4
+        self.dir_base = geo.dir_off // L.DIR_ENTRY
+        self.spin = seg.hdr("watch") == L.Watch.SPIN
+        self.budget_ns = seg.hdr("spin_budget_ns")
+        self.spurious_per_s = seg.hdr("spurious_per_s")
+        self.rng = random.Random(seg.hdr("seed") * 4099 + cpu)
+        self.signals = signals
+        self.sig_kind = {sig: kind for kind, sig in signals.items()}
+        self.irq_sigs = set(signals.values())
+        self.pending = {k: 0 for k in KINDS}  # written by signal handlers, read by _drain_pending
+        self.armed_line = -1
+        self.pending_ack: int | None = None  # mailbox seq to acknowledge when done
+        # Direct word indices of the fields the wake-up path touches (a struct call each
+        # would cost more than the rest of that path).
+        ix = lambda f: seg.cb_index(cpu, f)  # noqa: E731
+        self.i_busy, self.i_activity = ix("busy"), ix("activity")
+        self.i_kick_seen = ix("kick_seen_ns")
+        self.i_mon_armed, self.i_mon_line = ix("mon_armed"), ix("mon_line")
+        self.i_wake_count = [(M_WRITE, ix("wake_write")), (M_IRQ, ix("wake_irq")),
+                             (M_IPI, ix("wake_ipi")), (M_TIMER, ix("wake_spurious"))]
+        self.waiter = hotpath.waiter(seg, cpu, self.irq_sigs, DOORBELL_SIGNAL)
+        self.acked_ns = 0  # set when the compiled path acknowledged a kick inside wait()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a foreground Ctrl-C is the coordinator's
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        for sig in self.signals.values():
+            signal.signal(sig, self._on_interrupt)
+        # The doorbell stays blocked for life: it is only ever taken by sigwaitinfo in
+        # the waiter's sleep, and one that arrives while we are awake just ends the next
+        # sleep early.
+        signal.pthread_sigmask(signal.SIG_SETMASK, {DOORBELL_SIGNAL})
+
+    # -- signal handlers: record and raise a byte, nothing else ---------------
+
+    def _on_interrupt(self, signum, _frame) -> None:
+        self.pending[self.sig_kind[signum]] += 1
+        self.buf[self.wake_off + L.WAKE_IRQ] = 1
+
+    # -- waiting ----------------------------------------------------------------
+
+    def _spurious_in(self) -> float | None:
+        return self.rng.expovariate(self.spurious_per_s) if self.spurious_per_s > 0 else None
+
+    def wait(self, may_spin: bool = True, ack=None) -> int:
+        """Wait until a waker raises a byte; return the wake mask and clear what it names.
+
+        The watch loop is the machine's hot path (``self.waiter``: compiled, or its
+        Python peer; smpd.machine.hotpath). The TIMER byte comes back to the caller
+        only as a spurious wake-up; a spin-budget expiry just moves the CPU from
+        spinning to sleeping. ``may_spin=False`` (HLT) skips the adaptive spin budget
+        and sleeps at once. ``ack`` (compiled path only, from mwait_play_dead()):
+        when the wake-up is a kick this CPU can acknowledge, the compiled code does
+        so, records the way into HLT and halts; ``acked_ns`` is then when it saw the
+        kick, and the mask returned is what ended HLT.
+        """
+        u32 = self.u32
+        u32[self.i_busy] = 0
+        spurious = self._spurious_in()
+        spin_ns = -1 if self.spin else self.budget_ns if may_spin else 0
+        deadline_ns = 0 if spurious is None else time.monotonic_ns() + max(1, int(spurious * 1e9))
+        while True:
+            code, arg, acked_ns = self.waiter.wait(spin_ns, deadline_ns, ack)
+            if acked_ns:  # acknowledged and halted: what follows is HLT's wake-up
+                self.acked_ns, ack, deadline_ns = acked_ns, None, 0
+            if code == hotpath.SIGNAL:  # an interrupt signal, taken while asleep
+                self._on_interrupt(arg, None)
+            elif code == hotpath.TIMEOUT:  # the spurious wake-up's time has come
+                self.buf[self.wake_off + L.WAKE_TIMER] = 1
+                deadline_ns = 0
+            mask = self._consume()
+            if mask:
+                break
+        u32[self.i_busy] = 1
+        u32[self.i_activity] = (u32[self.i_activity] + 1) & 0xFFFFFFFF
+        return mask
+
+    def _consume(self) -> int:
+        """Read the wake word, clear the bytes that were raised, fence, return them."""
+        v = self.u32[self.wake_idx]
+        if v == 1:
+            # Only the bus's WRITE byte (byte 0, the low byte): the kick's path. No fence
+            # needed: what we read next is memory the writer stored before raising the byte
+            # (x86 keeps loads in order), and a write after our clear raises it again.
+            self.buf[self.wake_off] = 0
+            return v
+        for byte in range(4):
+            if v >> (8 * byte) & 0xFF:
+                self.buf[self.wake_off + byte] = 0
+        fence()  # our clears are visible before we read the mailbox or memory below
+        return v
+
+    # -- MONITOR / MWAIT -----------------------------------------------------
+
+    def monitor(self, addr: int) -> None:
+        """__monitor(): arm the monitor on the line holding ``addr`` (the line directory has one
+        writer per entry: a CPU arms only its own lines; see smpd.machine.layout)."""
+        line = (addr - L.PHYS_BASE) // L.LINE
+        self.buf[self.wake_off + L.WAKE_WRITE] = 0
+        self.u16[self.dir_base + line] = self.cpu + 1
+        self.armed_line = line
+        self.u32[self.i_mon_line] = line
+        self.u32[self.i_mon_armed] = 1
+        fence()  # the directory entry is visible before we look for a write (see smpd.machine.bus)
+
+    def disarm(self) -> None:
+        if self.armed_line >= 0:
+            self.u16[self.dir_base + self.armed_line] = 0
+            self.armed_line = -1
+            self.u32[self.i_mon_armed] = 0
+
+    def mwait(self, ack=None) -> int:
+        """__mwait(): wait for a write to the monitored line, an interrupt, an IPI or nothing at all."""
+        mask = self.wait(ack=ack)
+        if self.acked_ns:  # the compiled path disarmed and counted, and halted since
+            self.armed_line = -1
+            return mask
+        self.disarm()  # MWAIT's exit ends the monitor; the loop re-arms it
+        self._count_wake(mask)
+        return mask
+
+    def _count_wake(self, mask: int) -> None:
+        u64 = self.u64
+        for bit, idx in self.i_wake_count:
+            if mask & bit:
+                u64[idx] += 1
+
+    # -- interrupts and the mailbox (IPIs from the coordinator) ----------------
+
+    def _drain_pending(self) -> dict[str, int]:
+        """Move pending interrupts out of the handlers' hands, with the signals blocked."""
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, self.irq_sigs)
+        try:
+            taken = dict(self.pending)
+            for k in KINDS:
+                self.pending[k] = 0
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return taken
+
+    def take_ipi(self) -> tuple[int, L.Ipi] | None:
+        seq = self.seg.cb(self.cpu, "mbox_seq")
+        if seq == self.seg.cb(self.cpu, "mbox_ack"):
+            return None
+        return seq, L.Ipi(self.seg.cb(self.cpu, "mbox_cmd"))
+
+    def ack(self, seq: int, result: int = IPI_DONE) -> None:
+        self.seg.set_cb(self.cpu, "mbox_result", result)
+        self.seg.set_cb(self.cpu, "mbox_ack", seq)  # last: the coordinator polls this word
+
+    def _ack_pending(self) -> None:
+        if self.pending_ack is not None:
+            self.ack(self.pending_ack)
+            self.pending_ack = None
+
+    # -- the observation plane -------------------------------------------------
+
+    def _add(self, field: str, n: int) -> None:
+        self.seg.set_cb(self.cpu, field, self.seg.cb(self.cpu, field) + n)
+
+    def _set_state(self, state: L.ExecState, hotplug: L.Hotplug | None = None) -> None:
+        if hotplug is not None:
+            self.seg.set_cb(self.cpu, "hotplug", hotplug)
+        self.seg.set_cb(self.cpu, "state", state)

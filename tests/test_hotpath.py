@@ -1,0 +1,213 @@
+"""The two hot-path backends, compiled (smpd/machine/_hotpath.c) and Python (smpd.machine.pyhotpath),
+driven in this process through the same steps over a real segment: they must agree.
+
+The other side of each step is real too: a helper thread raises bytes through the bus
+(after it sees the waiter asleep), sends an interrupt signal to this thread, or, for the
+kicker, a forked helper process plays the parked CPU and answers in status.
+"""
+
+import os
+import signal
+import threading
+import time
+
+import multiprocess
+import psutil
+import pytest
+
+from conftest import run_name
+from smpd.host import names
+from smpd.machine import hotpath, layout as L, pyhotpath
+from smpd.machine.bus import DOORBELL_SIGNAL, Bus
+from smpd.machine.segment import Segment
+
+BACKENDS = ["python"] + (["c"] if hotpath.WHY_NOT is None else [])
+CPU = 1
+IRQ = signal.SIGUSR2  # stands for an interrupt signal (NMI, SMI or MCE)
+MD_OFF = 5 * L.LINE  # "mwait_cpu_dead" of CPU 1: a line of emulated memory CPU 1 monitors
+
+
+@pytest.fixture(params=BACKENDS)
+def seg(request):
+    s = Segment.create(names.segment(run_name("hot")), L.Geometry(4, 16), os.getpid(),
+                       psutil.Process().create_time())
+    s.set_hdr("hot_path", L.HotPath.C if request.param == "c" else L.HotPath.PYTHON)
+    s.set_cb(CPU, "pid", os.getpid())  # the doorbell rings this process
+    s.u16[s.geo.dir_off // L.DIR_ENTRY + MD_OFF // L.LINE] = CPU + 1  # CPU 1's MONITOR, armed
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {DOORBELL_SIGNAL})  # as a CPU process has it
+    old_alarm, old_irq = signal.getsignal(signal.SIGALRM), signal.getsignal(IRQ)
+    signal.signal(IRQ, lambda *_: None)
+    try:
+        yield s
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        signal.signal(signal.SIGALRM, old_alarm)
+        signal.signal(IRQ, old_irq)
+        s.close()
+        s.unlink()
+
+
+def _waiter(seg):
+    return hotpath.waiter(seg, CPU, {IRQ}, DOORBELL_SIGNAL)
+
+
+def _wake_word(seg) -> int:
+    return seg.u32[seg.cb_index32(CPU, "wake")]
+
+
+def _when_asleep(seg, then) -> threading.Thread:
+    """A thread that waits until the waiter sleeps, then does ``then()``."""
+    sleeping = seg.cb_index32(CPU, "sleeping")
+
+    def run():
+        deadline = time.monotonic() + 30
+        while not seg.u32[sleeping] and time.monotonic() < deadline:
+            time.sleep(0.001)
+        then()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def _code(r) -> tuple:
+    return r[0], r[1], r[2]
+
+
+def test_the_backends_report_the_same_codes():
+    assert (hotpath.WOKE, hotpath.TIMEOUT, hotpath.SIGNAL) == (pyhotpath.WOKE, pyhotpath.TIMEOUT, pyhotpath.SIGNAL)
+
+
+def test_a_raised_wake_word_returns_at_once_and_is_left_for_the_caller(seg):
+    Bus(seg).write(L.PHYS_BASE + MD_OFF, b"\x01\x00\x00\x00")
+    assert _code(_waiter(seg).wait(-1, 0, None)) == (hotpath.WOKE, 0, 0)
+    assert _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
+
+
+@pytest.mark.parametrize("spin_ns", [0, 1_000_000, -1], ids=["sleep", "spin-then-sleep", "spin"])
+def test_a_deadline_with_nothing_raised_is_a_timeout_and_raises_nothing(seg, spin_ns):
+    t0 = time.monotonic_ns()
+    r = _waiter(seg).wait(spin_ns, t0 + 20_000_000, None)
+    assert _code(r) == (hotpath.TIMEOUT, 0, 0)
+    assert time.monotonic_ns() >= t0 + 20_000_000
+    assert _wake_word(seg) == 0  # the Python spin's own timer byte was taken back
+
+
+def test_a_write_to_the_monitored_line_wakes_a_sleeper_through_the_doorbell(seg):
+    bus = Bus(seg)
+    t = _when_asleep(seg, lambda: bus.write(L.PHYS_BASE + MD_OFF + 4, b"\x02\x00\x00\x00"))
+    r = _waiter(seg).wait(1_000_000, 0, None)  # spin 1 ms, then sleep
+    t.join()
+    assert _code(r) == (hotpath.WOKE, 0, 0) and _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
+    assert seg.u32[seg.cb_index32(CPU, "sleeping")] == 0
+
+
+def test_an_interrupt_signal_ends_the_sleep_and_is_named(seg):
+    main = threading.get_ident()
+    t = _when_asleep(seg, lambda: signal.pthread_kill(main, IRQ))
+    r = _waiter(seg).wait(0, 0, None)
+    t.join()
+    assert _code(r) == (hotpath.SIGNAL, IRQ, 0)
+    assert _wake_word(seg) == 0
+
+
+def test_a_spinner_sees_a_byte_raised_from_elsewhere(seg):
+    bus = Bus(seg)
+    t = threading.Timer(0.02, lambda: bus.wake(CPU, L.WAKE_IPI))
+    t.start()
+    r = _waiter(seg).wait(-1, 0, None)
+    t.join()
+    assert _code(r) == (hotpath.WOKE, 0, 0) and _wake_word(seg) == 1 << (8 * L.WAKE_IPI)
+
+
+def test_only_the_compiled_waiter_acknowledges_a_kick_itself(seg):
+    ack = hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, [])
+    if seg.hdr("hot_path") == L.HotPath.PYTHON:
+        assert ack is None
+        with pytest.raises(TypeError, match="pass ack=None"):
+            _waiter(seg).wait(0, 1, object())
+    else:
+        assert ack is not None
+
+
+def _parked_cpu(seg, ready):
+    """The forked helper: a parked CPU that answers the kick in status, as mwait_play_dead() does."""
+    control = (seg.geo.mem_off + MD_OFF) // 4
+    ready.set()
+    deadline = time.monotonic() + 30
+    while seg.u32[control] != L.CPUDEAD_MWAIT_KEXEC_HLT and time.monotonic() < deadline:
+        pass
+    seg.u32[control + 1] = L.CPUDEAD_MWAIT_KEXEC_HLT
+    os._exit(0)
+
+
+def _kick(seg, rounds: int):
+    return Bus(seg).kicker.kick_one(MD_OFF, L.CPUDEAD_MWAIT_KEXEC_HLT, 5000, rounds)
+
+
+def test_a_cpu_that_never_answers_gets_every_round_and_is_not_acknowledged(seg):
+    acked, rounds, t_first, t_ack = _kick(seg, 3)
+    assert (acked, rounds, t_ack) == (False, 3, 0) and t_first > 0
+    assert seg.u32[(seg.geo.mem_off + MD_OFF) // 4] == L.CPUDEAD_MWAIT_KEXEC_HLT  # control was written
+    assert _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)  # through the bus: the monitor's owner was woken
+
+
+def test_a_cpu_that_already_answered_takes_no_round(seg):
+    seg.u32[(seg.geo.mem_off + MD_OFF) // 4 + 1] = L.CPUDEAD_MWAIT_KEXEC_HLT
+    acked, rounds, _, t_ack = _kick(seg, 1000)
+    assert (acked, rounds, t_ack) == (True, 0, 0)
+
+
+def test_a_cpu_that_answers_is_acknowledged_with_its_time(seg):
+    ready = multiprocess.get_context("fork").Event()
+    p = multiprocess.get_context("fork").Process(target=_parked_cpu, args=(seg, ready))
+    p.start()
+    try:
+        assert ready.wait(30)
+        acked, rounds, t_first, t_ack = _kick(seg, 1_000_000)  # up to 5 s: a loaded host
+    finally:
+        p.join(30)
+    assert acked and 1 <= rounds < 1_000_000 and t_ack >= t_first > 0
+
+
+def test_a_kick_outside_emulated_memory_is_refused(seg):
+    with pytest.raises(ValueError, match="outside emulated memory"):
+        Bus(seg).kicker.kick_one(seg.geo.npages * L.PAGE, L.CPUDEAD_MWAIT_KEXEC_HLT, 5000, 1)
+
+
+@pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
+def test_the_compiled_hot_path_is_given_the_layout_sizes_and_refuses_others(seg):
+    """_hotpath.c takes the line, directory-entry and event sizes from smpd.machine.layout, and
+    says which sizes it implements rather than writing a layout it does not know."""
+    from smpd.machine import _hotpath
+
+    geo = seg.geo
+    args = dict(mem_off=geo.mem_off, mem_len=geo.npages * L.PAGE, dir_off=geo.dir_off, cb_off=L.CB_OFF,
+                cb_size=L.CB_SIZE, cb_wake=L.CB["wake"][0], cb_sleeping=L.CB["sleeping"][0],
+                cb_pid=L.CB["pid"][0], ncpus=geo.ncpus, doorbell=DOORBELL_SIGNAL, line=L.LINE, dir_entry=L.DIR_ENTRY)
+    _hotpath.Kicker(seg.buf, **args)
+    with pytest.raises(ValueError, match="2-byte"):
+        _hotpath.Kicker(seg.buf, **{**args, "dir_entry": 4})
+    with pytest.raises(ValueError, match="power of two"):
+        _hotpath.Kicker(seg.buf, **{**args, "line": 48})
+    seg.set_hdr("hot_path", L.HotPath.C)
+    good = hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, [])
+    assert good is not None
+    with pytest.raises(ValueError, match="16-byte events"):
+        _hotpath.Ack(**{**_ack_kwargs(seg), "ev_entry": 8})
+
+
+def _ack_kwargs(seg):
+    """hotpath.ack()'s arguments for CPU 1, read back from a call that records them."""
+    seen = {}
+
+    class Recorder:
+        def __init__(self, **kw):
+            seen.update(kw)
+
+    real, hotpath._hotpath.Ack = hotpath._hotpath.Ack, Recorder
+    try:
+        hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, [])
+    finally:
+        hotpath._hotpath.Ack = real
+    return seen

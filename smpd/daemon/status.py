@@ -12,6 +12,12 @@ from smpd.machine import layout as L
 from smpd.machine.segment import Segment
 
 
+def _words(addr: int, control: int, status: int) -> dict:
+    """struct mwait_cpu_dead: numbers, and the same as hex strings (as a kernel engineer reads them)."""
+    return {"addr": addr, "control": control, "status": status,
+            "addr_hex": f"{addr:#x}", "control_hex": f"{control:#010x}", "status_hex": f"{status:#010x}"}
+
+
 def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None) -> dict:
     """Everything `smpd status` shows, read from the observation plane (and psutil for cores)."""
     geo = seg.geo
@@ -42,7 +48,7 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None) -> dict:
             "init": cb("init_count"), "sipi": cb("sipi_count"), "generation": m.gen,
             # a pre-fix kernel has no struct mwait_cpu_dead: None, not a word read from elsewhere
             "mwait_cpu_dead": None if m.boot.monitors_thread_info else
-            {"addr": md, "control": seg.mem_u32(md), "status": seg.mem_u32(md + 4)},
+            _words(md, seg.mem_u32(md), seg.mem_u32(md + 4)),
             "monitor": {"armed": bool(cb("mon_armed")),
                         "addr": geo.line_addr(cb("mon_line")) if cb("mon_armed") else None,
                         "symbol": m.symbol(geo.line_addr(cb("mon_line"))) if cb("mon_armed") else None},

@@ -25,7 +25,7 @@ from smpd.host import files
 from smpd.tools import lifecycle, render
 from smpd.host import names
 from smpd.kernel import scenario as scenario_mod
-from smpd.errors import BadInput, Interrupted, SmpdError
+from smpd.errors import BadInput, CoordinatorGone, Interrupted, SmpdError
 from smpd.tools import soakrun
 from smpd.tools.entry import stop_signals_interrupt
 
@@ -232,27 +232,54 @@ def down(name, force):
 @click.option("--interval", type=Real(0.05, 3600), default=0.5, show_default=True,
               help="Seconds between refreshes with --watch.")
 @click.option("--count", type=Int(1, 10**9), default=None, help="With --watch: stop after this many refreshes.")
-def status(name, as_json, live, interval, count):
-    """Every CPU: pid, host core, hotplug and execution state, wake-ups, interrupts."""
+@click.option("--cpus", "only", metavar="LIST", default=None,
+              help="Show these CPUs in full (a cpulist: 5, 1-63, 1,3,5-7), whatever the machine's size; "
+                   "with --json, only these CPUs.")
+def status(name, as_json, live, interval, count, only):
+    """Every CPU: pid, host core, hotplug and execution state, wake-ups, interrupts.
+
+    Up to 32 CPUs, one row each; above, one cell each, and --cpus LIST shows any of
+    them in full. The table fits the terminal: columns are left out, never cut.
+    """
+    if as_json and live:
+        raise BadInput("--json and --watch do not combine; use --json alone, repeatedly")
     machine = lifecycle.require(name)
+    cpus = None
+    if only is not None:
+        try:
+            cpus = cpulist.parse(only, machine.ncpus)
+        except BadInput as err:
+            raise BadInput(f"--cpus: {err}") from None
+
+    def snapshot() -> dict:
+        s = machine.request("status")
+        if cpus is not None:
+            wanted = set(cpus)
+            s["cpus"] = [c for c in s["cpus"] if c["cpu"] in wanted]
+        return s
+
     if as_json:
-        if live:
-            raise BadInput("--json and --watch do not combine; use --json alone, repeatedly")
-        click.echo(json.dumps(machine.request("status")))
+        click.echo(json.dumps(snapshot()))
         return
     out = Console()
     if not live:
-        out.print(render.status_view(machine.request("status"), out.width))
+        out.print(render.status_view(snapshot(), out.width, cpus))
         return
     from rich.live import Live
 
+    machine.hold()
     n = 0
     try:
-        with Live(render.status_view(machine.request("status"), out.width), console=out,
-                  auto_refresh=False) as view:
+        with Live(render.status_view(snapshot(), out.width, cpus), console=out, auto_refresh=False) as view:
             while count is None or n < count - 1:
                 time.sleep(interval)
-                view.update(render.status_view(machine.request("status"), out.width), refresh=True)
+                try:
+                    view.update(render.status_view(snapshot(), out.width, cpus), refresh=True)
+                except CoordinatorGone:
+                    if machine.went_down():
+                        view.update(Text(f"machine '{machine.name}' went down (smpd down)"), refresh=True)
+                        return
+                    raise
                 n += 1
     except KeyboardInterrupt:
         pass

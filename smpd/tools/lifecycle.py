@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import posix_ipc
 import psutil
@@ -50,6 +50,7 @@ class Live:
     authkey: bytes
     token: str
     ncpus: int
+    held: Segment | None = field(default=None, repr=False, compare=False)
 
     def request(self, op: str, timeout_s: float | None = None, **args):
         try:
@@ -68,6 +69,23 @@ class Live:
                 # The segment is there before the channel: the CPUs are still coming online.
                 raise MachineComingUp(f"machine '{self.name}' is still coming up; try again in a moment") from None
             raise
+
+    def hold(self) -> None:
+        """Keep this machine's segment mapped until this process exits, so that went_down()
+        can still read its last state once the segment is unlinked (`smpd status --watch`)."""
+        if self.held is None:
+            self.held = Segment.attach(names.segment(self.name))
+
+    def went_down(self) -> bool:
+        """Whether the machine, held with hold(), was stopped (`smpd down`, SIGTERM: its last
+        state is STOPPING) rather than lost (its coordinator killed: the state it had)."""
+        if self.held is None:
+            return False
+        stopping = lambda: self.held.hdr("state") == L.MachineState.STOPPING  # noqa: E731
+        deadline = time.monotonic() + 2.0  # a down in progress closes the channel first
+        while not stopping() and is_coordinator(self.pid, self.ctime) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return stopping()
 
     def state(self) -> L.MachineState | None:
         """The machine state in the segment's header, or None when the segment is gone."""

@@ -47,23 +47,57 @@ def _irqs(c: dict) -> str:
     return " ".join(parts) or "-"
 
 
-def cpu_table(cpus: list[dict]) -> Table:
-    t = Table(box=None, pad_edge=False, header_style="bold")
-    for col, just in (("CPU", "right"), ("PID", "right"), ("CORE", "right"), ("HOTPLUG", "left"),
-                      ("STATE", "left"), ("WAKE w/i/ipi/sp", "right"), ("IRQ", "left"),
-                      ("mwait_cpu_dead ctl/sts", "left")):
-        t.add_column(col, justify=just)
+# The per-CPU table's columns, most important first: (header, justify, can fold, cell).
+# When the terminal is too narrow, columns are dropped from the end of this list,
+# never cut: a hex word is shown whole or not at all.
+def _md(c: dict, word: str) -> str:
+    md = c["mwait_cpu_dead"]
+    return "-" if md is None else f"{md[word]:#010x}"
+
+
+CPU_COLUMNS = (
+    ("CPU", "right", False, lambda c: str(c["cpu"])),
+    ("STATE", "left", False, lambda c: c["state"]),
+    ("CONTROL", "left", False, lambda c: _md(c, "control")),  # mwait_cpu_dead.control
+    ("STATUS", "left", False, lambda c: _md(c, "status")),  # mwait_cpu_dead.status
+    ("HOTPLUG", "left", False, lambda c: c["hotplug"]),
+    ("IRQ", "left", True, _irqs),
+    ("MONITOR", "left", True, lambda c: c["monitor"]["symbol"] or "-"),
+    ("WAKE w/i/ipi/sp", "right", False,
+     lambda c: "{write}/{interrupt}/{ipi}/{spurious}".format(**c["wakeups"])),
+    ("PID", "right", False, lambda c: str(c["pid"])),
+    ("CORE", "right", False, lambda c: "-" if c["core"] < 0 else str(c["core"])),
+    ("GEN", "right", False, lambda c: str(c["generation"])),
+)
+FOLD_MIN = 12  # the narrowest a folding column gets
+
+
+def _fit(cpus: list[dict], columns: int) -> tuple[list[tuple], list[int], list[str]]:
+    """The columns that fit ``columns`` characters, their narrowest widths, and the headers of those dropped."""
+    keep = list(CPU_COLUMNS)
+    while True:
+        widths = [max([len(h)] + [len(cell(c)) for c in cpus]) for h, _, _, cell in keep]
+        least = [min(w, max(FOLD_MIN, len(h))) if fold else w for w, (h, _, fold, _) in zip(widths, keep)]
+        if sum(least) + (len(keep) - 1) <= columns or len(keep) <= 4:  # CPU, STATE and the two words stay
+            return keep, least, [h for h, *_ in CPU_COLUMNS[len(keep):]]
+        keep.pop()
+
+
+def cpu_table(cpus: list[dict], columns: int = 80) -> Group:
+    """One row per CPU, in at most ``columns`` characters (see CPU_COLUMNS)."""
+    keep, least, dropped = _fit(cpus, columns)
+    t = Table(box=None, pad_edge=False, header_style="bold", collapse_padding=True)
+    for (header, just, fold, _), w in zip(keep, least):
+        t.add_column(header, justify=just, no_wrap=not fold, overflow="fold", min_width=w)
     for c in cpus:
-        _, style = STATE_STYLE.get(c["state"], (c["state"], ""))
-        w = c["wakeups"]
-        md = c["mwait_cpu_dead"]
-        t.add_row(
-            str(c["cpu"]), str(c["pid"]), "-" if c["core"] < 0 else str(c["core"]),
-            c["hotplug"], Text(c["state"], style=style),
-            f"{w['write']}/{w['interrupt']}/{w['ipi']}/{w['spurious']}", _irqs(c),
-            "-" if md is None else f"{md['control']:#010x}/{md['status']:#010x}",
-        )
-    return t
+        cells = [cell(c) for _, _, _, cell in keep]
+        cells[1] = Text(cells[1], style=STATE_STYLE.get(c["state"], (c["state"], ""))[1])
+        t.add_row(*cells)
+    parts: list = [t, Text("CONTROL, STATUS: the CPU's struct mwait_cpu_dead (- on a pre-fix kernel, "
+                           "which has none)", style="dim")]
+    if dropped:
+        parts.append(Text(f"(not shown in {columns} columns: {', '.join(dropped)}; see --json)", style="dim"))
+    return Group(*parts)
 
 
 def cpu_grid(cpus: list[dict], width: int = 16) -> Group:
@@ -89,11 +123,19 @@ def cpu_grid(cpus: list[dict], width: int = 16) -> Group:
     return Group(*rows, legend, summary, *extra)
 
 
-def status_view(snapshot: dict, columns: int = 80) -> Group:
-    """The whole status screen; ``columns`` is the terminal width (grid cells are 8 wide)."""
+def status_view(snapshot: dict, columns: int = 80, only: list[int] | None = None) -> Group:
+    """The whole status screen; ``columns`` is the terminal width (grid cells are 8 wide).
+    ``only``: the CPUs to show in full (`smpd status --cpus`), whatever their number."""
     cpus = snapshot["cpus"]
-    width = max(4, min(32, columns // 8))
-    body = cpu_table(cpus) if len(cpus) <= TABLE_MAX_CPUS else cpu_grid(cpus, width - width % 4)
+    if only is not None:
+        wanted = set(only)
+        body = cpu_table([c for c in cpus if c["cpu"] in wanted], columns)
+    elif len(cpus) <= TABLE_MAX_CPUS:
+        body = cpu_table(cpus, columns)
+    else:
+        width = max(4, min(32, columns // 8))
+        body = Group(cpu_grid(cpus, width - width % 4),
+                     Text("(smpd status --cpus LIST shows those CPUs in full)", style="dim"))
     return Group(machine_line(snapshot["machine"]), Text(""), body)
 
 

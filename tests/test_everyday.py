@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from conftest import run_smpd, smpd_env, start_smpd, wait_until
+from smpd.host import names
 from smpd.tools import render
 
 HEX_WORD = re.compile(r"0x[0-9a-f]{8}\b")
@@ -67,10 +68,19 @@ def test_the_cpu_table_fits_the_terminal_and_never_cuts_a_hex_word(columns):
         assert "not shown in" in text  # what was left out is said
 
 
+def _watching(m):
+    """`smpd status --watch` on ``m``, once it holds the segment (it reads the last state there)."""
+    p = start_smpd("status", "--watch", "--interval", "0.1", name=m.name)
+    seg = names.segment(m.name).lstrip("/")
+    wait_until(lambda: any(seg in (mm.path or "") for mm in psutil.Process(p.pid).memory_maps(grouped=False)),
+               30, "the watch holds the segment")
+    time.sleep(0.3)  # a few refreshes
+    return p
+
+
 def test_status_watch_ends_cleanly_when_the_machine_is_taken_down(machine):
     m = machine(3)
-    p = start_smpd("status", "--watch", "--interval", "0.1", name=m.name)
-    time.sleep(1)  # a few refreshes
+    p = _watching(m)
     run_smpd("down", name=m.name)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
@@ -79,10 +89,120 @@ def test_status_watch_ends_cleanly_when_the_machine_is_taken_down(machine):
 
 def test_status_watch_calls_a_killed_coordinator_a_crash(machine):
     m = machine(3)
-    p = start_smpd("status", "--watch", "--interval", "0.1", name=m.name)
-    time.sleep(1)
+    p = _watching(m)
     psutil.Process(m.live.pid).send_signal(signal.SIGKILL)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 1 and "died" in err, (out, err)
     wait_until(lambda: not psutil.pid_exists(m.live.pid) or psutil.Process(m.live.pid).status() == "zombie", 10,
                "the coordinator is gone")
+
+
+# --- the timeline: summary, all, some CPUs; the trace file ---------------------------------
+
+# The Trace Event Format's JSON object form, as much of it as smpd writes (and Perfetto reads):
+# metadata naming the process and each CPU's track, complete events with a duration, instants.
+TRACE_SCHEMA = {
+    "type": "object", "required": ["traceEvents"],
+    "properties": {
+        "displayTimeUnit": {"enum": ["ms", "ns"]},
+        "traceEvents": {"type": "array", "items": {"oneOf": [
+            {"type": "object", "required": ["name", "ph", "pid", "args"],
+             "properties": {"ph": {"const": "M"}, "name": {"enum": ["process_name", "thread_name",
+                                                                     "thread_sort_index"]},
+                            "pid": {"type": "integer"}, "tid": {"type": "integer"}, "args": {"type": "object"}}},
+            {"type": "object", "required": ["name", "ph", "pid", "tid", "ts", "dur"],
+             "properties": {"ph": {"const": "X"}, "name": {"type": "string", "minLength": 1},
+                            "pid": {"type": "integer"}, "tid": {"type": "integer", "minimum": 0},
+                            "ts": {"type": "number", "minimum": 0}, "dur": {"type": "number", "minimum": 0},
+                            "cat": {"type": "string"}, "args": {"type": "object"}}},
+            {"type": "object", "required": ["name", "ph", "pid", "tid", "ts", "s"],
+             "properties": {"ph": {"const": "i"}, "s": {"enum": ["g", "p", "t"]},
+                            "name": {"type": "string", "minLength": 1}, "pid": {"type": "integer"},
+                            "tid": {"type": "integer", "minimum": 0}, "ts": {"type": "number", "minimum": 0},
+                            "cat": {"type": "string"}}},
+        ]}},
+    },
+}
+
+
+def _trace(path) -> dict:
+    import jsonschema
+
+    doc = json.loads(path.read_text())
+    jsonschema.validate(doc, TRACE_SCHEMA)
+    return doc
+
+
+def _states(doc: dict, cpu: int) -> list[str]:
+    spans = sorted((e for e in doc["traceEvents"] if e["ph"] == "X" and e.get("cat") == "state" and e["tid"] == cpu),
+                   key=lambda e: e["ts"])
+    for a, b in zip(spans, spans[1:]):  # one state at a time: each span ends where the next begins
+        assert abs(a["ts"] + a["dur"] - b["ts"]) < 0.01, (a, b)
+    return [e["name"] for e in spans]
+
+
+def test_kexec_trace_has_a_track_per_cpu_the_phases_and_each_cpus_states(machine, tmp_path):
+    m = machine(6)
+    run_smpd("offline", "1-5", name=m.name)
+    out = tmp_path / "kexec.json"
+    r = run_smpd("kexec", "--trace", str(out), "--inject", "nmi@after-copy:2", name=m.name, check=False)
+    assert r.returncode in (0, 1) and "ui.perfetto.dev" in r.stderr, r.stderr
+    doc = _trace(out)
+    names = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "thread_name"}
+    assert names[0].startswith("CPU0 (coordinator") and names[5] == "CPU5" and len(names) == 6
+    phases = [e["name"] for e in doc["traceEvents"] if e.get("cat") == "phase"]
+    for p in ("native_stop_other_cpus()", "smp_kick_mwait_play_dead()", "relocate_kernel(): copy"):
+        assert p in phases, phases
+    assert _states(doc, 1)[:2] == ["MWAIT", "HLT"]  # parked, kicked into HLT
+    assert _states(doc, 2)[-1] == "SHUTDOWN"  # the NMI ended HLT in overwritten memory
+    instants = {(e["tid"], e["cat"]) for e in doc["traceEvents"] if e["ph"] == "i"}
+    assert {(1, "WAKE_WRITE"), (1, "KICK_SEEN"), (2, "INTERRUPT"), (2, "TRIPLE_FAULT"), (0, "inject")} <= instants
+
+
+def test_chain_trace_holds_every_link(machine, tmp_path):
+    m = machine(4)
+    run_smpd("offline", "1-3", name=m.name)
+    out = tmp_path / "chain.json"
+    run_smpd("chain", "--kexecs", "2", "--kernel", "6.6", "--trace", str(out), name=m.name)
+    doc = _trace(out)
+    copies = [e for e in doc["traceEvents"] if e["name"] == "relocate_kernel(): copy"]
+    assert [e["args"]["kexec"] for e in copies] == ["link 1: generation 1 -> 2", "link 2: generation 2 -> 3"]
+    assert copies[0]["ts"] + copies[0]["dur"] <= copies[1]["ts"]
+
+
+def test_the_timeline_summary_folds_what_every_cpu_does_alike_and_keeps_the_unusual(machine):
+    m = machine(8)
+    run_smpd("offline", "1-7", name=m.name)
+    summary = run_smpd("kexec", "--inject", "smi@after-copy:4", name=m.name, check=False).stdout  # ends HLT
+    assert re.search(r"CPUs\s+1-7: enters HLT \(7 events", summary), summary
+    assert re.search(r"CPU4\s+SMI taken", summary)  # unusual: one line of its own
+    assert "timeline: the summary (--timeline all shows every event)" in summary
+    run_smpd("reset", name=m.name)
+    full = run_smpd("kexec", "--timeline", "all", name=m.name).stdout
+    assert len(re.findall(r"CPU\d\s+enters HLT", full)) == 7
+    run_smpd("reset", name=m.name)
+    some = run_smpd("kexec", "--timeline", "3,5", name=m.name).stdout
+    cpus = set(re.findall(r" us  (CPU\d+)", some))
+    assert cpus == {"CPU3", "CPU5"} and "coord" in some
+
+
+def test_a_stray_interrupt_is_labelled_as_one_and_comes_before_what_it_did(machine):
+    m = machine(3)
+    r = run_smpd("inject", "nmi", "--cpus", "2", "--count", "3", name=m.name).stdout
+    lines = [line for line in r.splitlines() if " us  " in line]
+    assert "stray NMI x3 to CPU 2" in lines[0] and "after-copy" not in r, r
+    assert any("NMI taken" in line for line in lines[1:])
+
+
+@pytest.mark.parametrize("args, says", [
+    (("kexec", "--timeline", "most"), "--timeline 'most': expected all, summary"),
+    (("kexec", "--timeline", "9"), "--timeline: cpulist '9' names CPU 9"),
+    (("kick", "--timeline", ""), "--timeline '': expected"),
+    (("kexec", "--trace", "/dev/shm/x.json"), "not a place for smpd's output"),
+    (("chain", "--kexecs", "2", "--trace", "/"), "names a directory"),
+])
+def test_bad_timeline_and_trace_arguments_change_nothing(machine, args, says):
+    m = machine(3)
+    r = run_smpd(*args, name=m.name, check=False)
+    assert r.returncode == 2 and says in r.stderr, r.stderr
+    assert m.status()["machine"]["generation"] == 1 and m.status()["machine"]["kexecs"] == 0

@@ -259,11 +259,12 @@ class Handlers:
         self._require_kexec_able("a kick")
         k = Kexec(self.sup, Scenario(None, "sequential", 0))
         k.old = self._map()
-        marks = {cpu: self.sup.seg.cb(cpu, "ev_head") for cpu in k.cpus}
-        kick = k.smp_kick_mwait_play_dead(lambda: None)
+        marks = k.t.mark_start(self.sup.seg, k.cpus)
+        with k.t.phase("smp_kick_mwait_play_dead()"):
+            kick = k.smp_kick_mwait_play_dead(lambda: None)
         k.settle()  # the kicked CPUs' way into HLT, logged after their acknowledgements
         k.t.merge_cpus(self.sup.seg, marks, k.gens)
-        return {"kick": kick, "timeline": k.t.ordered(),
+        return {"kick": kick, **k.t.record(),
                 "cpus": [k.cpu_report(c) for c in k.cpus],
                 "machine": {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch,
                             "hot_path": self.sup.hot_path}}
@@ -313,12 +314,13 @@ class Handlers:
         inj = parse_injection(f"{kind}@after-copy:{cpus}x{count}", self.sup.ncpus)
         self.sup.refresh_gone()
         k = Kexec(self.sup, Scenario(None, "sequential", 0, (inj,)))
-        marks = {cpu: self.sup.seg.cb(cpu, "ev_head") for cpu in inj.cpus}
-        k.inject("after-copy")
+        marks = k.t.mark_start(self.sup.seg, inj.cpus)
+        k.inject("after-copy", stray=True)
         k.settle()
         k.t.merge_cpus(self.sup.seg, marks, k.gens)
-        return {"injection": inj.spec(), "cpus": [k.cpu_report(c) for c in inj.cpus],
-                "not_taken": {str(c): why for c, why in k.not_taken.items()}, "timeline": k.t.ordered()}
+        return {"injection": f"{kind} to CPU {cpulist.format_list(inj.cpus)} x{count}",
+                "cpus": [k.cpu_report(c) for c in inj.cpus],
+                "not_taken": {str(c): why for c, why in k.not_taken.items()}, **k.t.record()}
 
     def op_bench_kick(self, targets: str | None = None, rounds: int = 100) -> dict:
         """`rounds` rounds of: kick each target (smpd.kernel.kick.kick_one), then REPARK them all.

@@ -88,8 +88,8 @@ class Kexec:
 
     # -- helpers -----------------------------------------------------------------
 
-    def log(self, what: str) -> None:
-        self.t.add(0, what)
+    def log(self, what: str, kind: str = "note", ns: int | None = None) -> None:
+        self.t.add(0, what, ns, kind)
 
     def alive(self, cpu: int) -> bool:
         return self.c.cpu_alive(cpu) and self.seg.cb(cpu, "state") != L.ExecState.GONE
@@ -126,24 +126,30 @@ class Kexec:
         new_boot = Boot(s.into or flavour, nosmt=params.nosmt, maxcpus=params.maxcpus, kaslr=params.kaslr,
                         crash=s.crash)
         self.new = kexec_load(self.old, new_boot)
-        self.marks = {cpu: seg.cb(cpu, "ev_head") for cpu in self.cpus}
+        self.marks = self.t.mark_start(seg, self.cpus)
         online = [c for c in self.cpus if seg.cb(c, "hotplug") == L.Hotplug.ONLINE and self.alive(c)]
         self.offline_at_start = [c for c in self.cpus if c not in online]
         self.log(f"{'kdump' if s.crash else 'kexec'}: generation {self.old.gen} ({self.old.boot.text()}) -> "
                  f"{self.new.gen} ({new_boot.text()}); order {s.order}, seed {s.seed}; offline CPUs "
                  f"{cpulist.format_list(self.offline_at_start) or 'none'}")
         if s.crash:
-            self.crash_smp_send_stop(online)
+            with self.t.phase("crash_smp_send_stop()"):
+                self.crash_smp_send_stop(online)
         else:
-            self.native_stop_other_cpus(online, flavour)
-        self.copy(lambda: self.inject("during-copy"))
+            with self.t.phase("native_stop_other_cpus()"):
+                self.native_stop_other_cpus(online, flavour)
+        with self.t.phase("relocate_kernel(): copy"):
+            self.copy(lambda: self.inject("during-copy"))
         self.inject("after-copy")
-        self.new_kernel_boot()
+        with self.t.phase(f"generation {self.new.gen} boots"):
+            self.new_kernel_boot()
         unsettled = self.settle()
         corruption: list[dict] = []
         if not self.machine_ended():
-            corruption = self.verify()  # before the APs run and write their own per-CPU data
-            self.start_aps()
+            with self.t.phase("verify memory"):
+                corruption = self.verify()  # before the APs run and write their own per-CPU data
+            with self.t.phase("INIT/SIPI: the APs boot"):
+                self.start_aps()
         self.t.merge_cpus(seg, self.marks, self.gens)
         snap = self.snapshot(flavour, corruption, unsettled)
         v = classify(snap)
@@ -171,14 +177,17 @@ class Kexec:
     def native_stop_other_cpus(self, online: list[int], flavour: str) -> None:
         self.inject("before-kick")
         if flavour != "pre-fix":  # if (kexec_in_progress) smp_kick_mwait_play_dead();
-            self.kick = self.smp_kick_mwait_play_dead(lambda: self.inject("during-kick"))
+            with self.t.phase("smp_kick_mwait_play_dead()"):
+                self.kick = self.smp_kick_mwait_play_dead(lambda: self.inject("during-kick"))
         else:
             self.inject("during-kick")
         self.inject("after-kick")
         # 6.5: if (smp_park_other_cpus_in_init()) goto done; -- INIT parking replaces the NMI shootdown
-        self.stop_online(online, "REBOOT vector", "stop_other_cpus()", nmi_fallback=flavour != "6.5")
+        with self.t.phase("REBOOT vector"):
+            self.stop_online(online, "REBOOT vector", "stop_other_cpus()", nmi_fallback=flavour != "6.5")
         if flavour == "6.5":
-            self.smp_park_other_cpus_in_init()
+            with self.t.phase("smp_park_other_cpus_in_init()"):
+                self.smp_park_other_cpus_in_init()
 
     def crash_smp_send_stop(self, online: list[int]) -> None:
         """kdump: the panicking CPU NMIs the others (nmi_shootdown_cpus()); kexec_in_progress is false:
@@ -233,20 +242,25 @@ class Kexec:
                  + (f"; CPU {cpulist.format_list(missing)} did not reach wait-for-SIPI" if missing else
                     "; all in wait-for-SIPI"))
 
-    def inject(self, phase: str) -> None:
+    def inject(self, phase: str, stray: bool = False) -> None:
+        """The scenario's injections at ``phase``; ``stray``: `smpd inject`, outside any kexec."""
         for inj in self.s.at(phase):
             targets = [c for c in inj.cpus if self.alive(c)]
             before = {c: self.irq_seen(c) for c in targets}
+            sent = time.monotonic_ns()  # the line goes before the CPUs' "taken": they follow it
             for _ in range(inj.count):
                 for cpu in targets:
                     self.c.send_interrupt(cpu, inj.kind)
-            self.log(f"inject {inj.spec()} at {phase}: {inj.kind.upper()} x{inj.count} to CPU "
-                     f"{cpulist.format_list(targets)}")
+            self.log((f"stray {inj.kind.upper()} x{inj.count} to CPU {cpulist.format_list(targets)}, now "
+                      f"(no kexec runs)") if stray else
+                     (f"inject {inj.spec()} at {phase}: {inj.kind.upper()} x{inj.count} to CPU "
+                      f"{cpulist.format_list(targets)}"), "inject", sent)
             if inj.kind == "smi" and self.seg.hdr("smm_hangs_in_init") and not self.smm_hang:
                 in_init = [c for c in self.cpus if self.seg.cb(c, "state") == L.ExecState.WAIT_FOR_SIPI]
                 if in_init:  # SMM waits for every CPU to rendezvous; one in INIT never comes
                     self.smm_hang = f"the SMI injected at {phase}"
-                    self.log(f"SMM: waits for CPU {cpulist.format_list(in_init)} (in INIT) forever: the machine hangs")
+                    self.log(f"SMM: waits for CPU {cpulist.format_list(in_init)} (in INIT) forever: the machine hangs",
+                             "smm_hang")
             deadline = time.monotonic() + IRQ_TAKEN_S
             waiting = set(targets)
             while waiting and time.monotonic() < deadline:
@@ -284,7 +298,7 @@ class Kexec:
                 what = f"{who}: {region.name.lower()} page {index} at {page_addr(page):#x}"
                 self.waking.append({"cpu": cpu, "write": what, "line": self.gens.of_cpu(cpu).symbol(addr),
                                     "addr": addr})
-                self.log(f"{what} writes CPU{cpu}'s monitored line ({self.waking[-1]['line']})")
+                self.log(f"{what} writes CPU{cpu}'s monitored line ({self.waking[-1]['line']})", "waking_write")
         return woke
 
     def copy(self, during) -> None:
@@ -452,5 +466,5 @@ class Kexec:
             "memory": {"old": self.old.summary(), "new": self.new.summary()},
             "corruption": corruption[:16], "corrupted_words": len(corruption),
             "cpus": [self.cpu_report(c) for c in self.cpus],
-            "timeline": self.t.ordered(),
+            **self.t.record(),
         }

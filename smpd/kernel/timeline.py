@@ -8,13 +8,17 @@ of the generation that CPU runs (smpd.kernel.generations).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from smpd.kernel.generations import Generations
 from smpd.machine import layout as L
 from smpd.machine.events import read_since
 
-_KIND = {1: "nmi", 2: "smi", 3: "mce"}
+_KIND = {i.value: i.kind for i in L.Irq}
+# The coordinator's events: a note on its work, an interrupt it injected, a write of the
+# copy or the new kernel's boot that woke a monitor, SMM hanging on CPUs in INIT.
+COORD_KINDS = ("note", "inject", "waking_write", "smm_hang")
 
 
 def describe(gens: Generations, cpu: int, code: L.Ev, arg: int) -> str:
@@ -42,26 +46,63 @@ def describe(gens: Generations, cpu: int, code: L.Ev, arg: int) -> str:
 
 @dataclass
 class Timeline:
-    """The coordinator's events plus the CPUs', ordered by time."""
+    """The coordinator's events plus the CPUs', ordered by time, and the coordinator's phases.
+
+    Each event is {"t_ns", "cpu", "event" (what happened, in words), "kind"}: for a CPU's
+    event its code (smpd.machine.layout.Ev name: "WAKE_WRITE", "HLT", ...), for the
+    coordinator's a word of COORD_KINDS. A phase is a span of the coordinator's work,
+    named as the kernel names it ("smp_kick_mwait_play_dead()"). ``start_states`` are
+    the CPUs' execution states when the timeline began: with the events, each CPU's
+    state at every moment (smpd.tools.trace draws them).
+    """
 
     start_ns: int = field(default_factory=time.monotonic_ns)
     events: list[dict] = field(default_factory=list)
+    spans: list[dict] = field(default_factory=list)
+    start_states: dict[int, str] = field(default_factory=dict)
 
-    def add(self, cpu: int, what: str, ns: int | None = None) -> None:
-        self.events.append({"t_ns": time.monotonic_ns() if ns is None else ns, "cpu": cpu, "event": what})
+    def add(self, cpu: int, what: str, ns: int | None = None, kind: str = "note") -> None:
+        assert cpu != 0 or kind in COORD_KINDS, kind
+        self.events.append({"t_ns": time.monotonic_ns() if ns is None else ns, "cpu": cpu, "event": what,
+                            "kind": kind})
+
+    @contextmanager
+    def phase(self, name: str):
+        """A span of the coordinator's work, from entering the block to leaving it."""
+        start = time.monotonic_ns()
+        try:
+            yield
+        finally:
+            self.spans.append({"name": name, "t_ns": start, "end_ns": time.monotonic_ns()})
+
+    def mark_start(self, seg, cpus) -> dict[int, int]:
+        """Note each CPU's state now and return its event-ring marks, for merge_cpus()."""
+        self.start_states = {cpu: L.ExecState(seg.cb(cpu, "state")).name for cpu in cpus}
+        return {cpu: seg.cb(cpu, "ev_head") for cpu in cpus}
 
     def merge_cpus(self, seg, marks: dict[int, int], gens: Generations | None = None) -> None:
         gens = gens or Generations(seg)
         for cpu, mark in marks.items():
             entries, lost = read_since(seg, cpu, mark)
             if lost:
-                self.add(cpu, f"({lost} earlier events of CPU{cpu} were overwritten in its ring)",
-                         entries[0][0] if entries else None)
+                self.events.append({"t_ns": entries[0][0] if entries else time.monotonic_ns(), "cpu": cpu,
+                                    "event": f"({lost} earlier events of CPU{cpu} were overwritten in its ring)",
+                                    "kind": "LOST"})
             for ns, code, arg in entries:
-                self.events.append({"t_ns": ns, "cpu": cpu, "event": describe(gens, cpu, code, arg)})
+                self.events.append({"t_ns": ns, "cpu": cpu, "event": describe(gens, cpu, code, arg),
+                                    "kind": L.Ev(code).name})
 
     def ordered(self) -> list[dict]:
         out = sorted(self.events, key=lambda e: e["t_ns"])
         for e in out:
             e["t_rel_us"] = round((e["t_ns"] - self.start_ns) / 1000, 1)
         return out
+
+    def record(self) -> dict:
+        """What a report carries: the ordered events, the phases, the CPUs' states at the start."""
+        rel = lambda ns: round((ns - self.start_ns) / 1000, 1)  # noqa: E731
+        return {"timeline": self.ordered(),
+                "phases": [{"name": p["name"], "t_ns": p["t_ns"], "t_rel_us": rel(p["t_ns"]),
+                            "dur_us": round((p["end_ns"] - p["t_ns"]) / 1000, 1)}
+                           for p in sorted(self.spans, key=lambda p: p["t_ns"])],
+                "start_states": {str(c): s for c, s in sorted(self.start_states.items())}}

@@ -7,6 +7,7 @@ machine" and "already up"), 1 for runtime failures.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from rich.text import Text
 
 from smpd import config as config_mod, cpulist, inputs
 from smpd.host import files
-from smpd.tools import lifecycle, render
+from smpd.tools import lifecycle, render, trace
 from smpd.host import names
 from smpd.kernel import scenario as scenario_mod
 from smpd.errors import BadInput, CoordinatorGone, Interrupted, SmpdError
@@ -279,7 +280,9 @@ def status(name, as_json, live, interval, count, only):
                     if machine.went_down():
                         view.update(Text(f"machine '{machine.name}' went down (smpd down)"), refresh=True)
                         return
-                    raise
+                    raise CoordinatorGone(f"the coordinator of machine '{machine.name}' (pid {machine.pid}) died "
+                                          f"during the watch; `smpd down --name {machine.name}` cleans up what "
+                                          f"is left") from None
                 n += 1
     except KeyboardInterrupt:
         pass
@@ -382,6 +385,34 @@ def _kernel_options(f):
     return f
 
 
+def _view_options(f, timeline: bool = True):
+    """--timeline FORM and --trace FILE: how a kexec's (a kick's, a chain's) timeline is shown."""
+    f = click.option("--trace", "trace_file", default=None, metavar="FILE",
+                     help="Also write the timeline as a Chrome trace-event JSON file: open it in "
+                          "https://ui.perfetto.dev or chrome://tracing.")(f)
+    if timeline:
+        f = click.option("--timeline", "timeline_form", default="summary", show_default=True, metavar="FORM",
+                         help=f"Which events to print: {render.TIMELINE_FORMS}.")(f)
+    return f
+
+
+def _timeline_form(text: str, ncpus: int) -> str | list[int]:
+    if text in ("all", "summary"):
+        return text
+    if not text or not set(text) <= set("0123456789,-"):
+        raise BadInput(f"--timeline '{text}': expected {render.TIMELINE_FORMS}")
+    try:
+        return cpulist.parse(text, ncpus)
+    except BadInput as err:
+        raise BadInput(f"--timeline: {err}") from None
+
+
+def _trace(path: str | None, reports: list[tuple[str, dict]], machine) -> None:
+    if path:
+        trace.write(path, reports, machine.name, machine.ncpus)
+        click.echo(f"trace: {path} (open it in https://ui.perfetto.dev or chrome://tracing)", err=True)
+
+
 def _kernel_choice(kernel: str | None, park: str | None) -> str | None:
     if kernel is not None and park is not None:
         raise BadInput("--kernel and --park say the same thing; give one")
@@ -394,7 +425,8 @@ def _kernel_choice(kernel: str | None, park: str | None) -> str | None:
 @click.option("--crash", is_flag=True, help="kdump: panic on CPU 0, crash_smp_send_stop(), the crash kernel.")
 @click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
 @click.option("--replay", default=None, metavar="FILE:TRIAL", help="Re-run one recorded soak trial's scenario.")
-def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, replay):
+@_view_options
+def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, replay, timeline_form, trace_file):
     """Run the kexec sequence on the machine and say precisely what happened.
 
     The outcome comes first: CLEAN, TRIPLE_FAULT, CORRUPTION, MCE_SHUTDOWN, SMM_HANG,
@@ -410,18 +442,23 @@ def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, 
                  if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
         if mixed:
             raise BadInput(f"--replay takes the whole scenario from the file; drop --{mixed[0].rstrip('s')}")
-        r = soakrun.replay(name, replay)
-        _print_json_or(r, as_json, render.kexec_report)
-        sys.exit(0 if r["outcome"] == "CLEAN" else 1)
-    kernel = _kernel_choice(kernel, park)
+        soakrun.parse_replay_target(replay)
     machine = lifecycle.require(name)
-    for spec in injects:
-        scenario_mod.parse_injection(spec, machine.ncpus)
-    scenario_mod.parse_boot(boot, machine.ncpus)
-    with soakrun.machine_lock(name, "a kexec"):
-        r = machine.request("kexec", kernel=kernel, into=into, boot=boot, crash=crash, inject=list(injects),
-                            order=order, seed=seed)
-    _print_json_or(r, as_json, render.kexec_report)
+    form = _timeline_form(timeline_form, machine.ncpus)
+    if trace_file:
+        files.check_output(trace_file, "--trace")
+    if replay is not None:
+        r = soakrun.replay(name, replay)
+    else:
+        kernel = _kernel_choice(kernel, park)
+        for spec in injects:
+            scenario_mod.parse_injection(spec, machine.ncpus)
+        scenario_mod.parse_boot(boot, machine.ncpus)
+        with soakrun.machine_lock(name, "a kexec"):
+            r = machine.request("kexec", kernel=kernel, into=into, boot=boot, crash=crash, inject=list(injects),
+                                order=order, seed=seed)
+    _trace(trace_file, [(f"generation {r['generation']['old']} -> {r['generation']['new']}", r)], machine)
+    _print_json_or(r, as_json, lambda r: render.kexec_report(r, form))
     sys.exit(0 if r["outcome"] == "CLEAN" else 1)
 
 
@@ -430,7 +467,8 @@ def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, 
 @click.option("--kexecs", type=Int(1, 100), required=True, help="Links of the chain (1..100).")
 @_kernel_options
 @click.option("--json", "as_json", is_flag=True, help="Every link's report, as one JSON object.")
-def chain(name, kexecs, kernel, park, into, boot, injects, order, seed, as_json):
+@functools.partial(_view_options, timeline=False)
+def chain(name, kexecs, kernel, park, into, boot, injects, order, seed, as_json, trace_file):
     """KEXECS kexecs in a row, no reset between: one outcome per link, the first failing one named.
 
     Each link's scenario seed derives from --seed and the link's number. The chain stops
@@ -441,9 +479,13 @@ def chain(name, kexecs, kernel, park, into, boot, injects, order, seed, as_json)
     for spec in injects:
         scenario_mod.parse_injection(spec, machine.ncpus)
     scenario_mod.parse_boot(boot, machine.ncpus)
+    if trace_file:
+        files.check_output(trace_file, "--trace")
     with soakrun.machine_lock(name, "a chain"):
         r = machine.request("chain", kexecs=kexecs, kernel=kernel, into=into, boot=boot, inject=list(injects),
                             order=order, seed=seed)
+    _trace(trace_file, [(f"link {n}: generation {link['generation']['old']} -> {link['generation']['new']}", link)
+                        for n, link in enumerate(r["links"], 1)], machine)
     _print_json_or(r, as_json, render.chain_report)
     sys.exit(0 if r["first_failing_link"] is None else 1)
 
@@ -451,16 +493,22 @@ def chain(name, kexecs, kernel, park, into, boot, injects, order, seed, as_json)
 @main.command()
 @name_option
 @click.option("--json", "as_json", is_flag=True, help="The kick report as one JSON object.")
-def kick(name, as_json):
+@_view_options
+def kick(name, as_json, timeline_form, trace_file):
     """Only smp_kick_mwait_play_dead(): who acknowledged, how fast, who is stuck.
 
     Kicked CPUs end in HLT; `smpd reset` parks them in mwait_play_dead() again.
     """
     machine = lifecycle.require(name)
+    form = _timeline_form(timeline_form, machine.ncpus)
+    if trace_file:
+        files.check_output(trace_file, "--trace")
     with soakrun.machine_lock(name, "a kick"):
         r = machine.request("kick")
+    _trace(trace_file, [("smp_kick_mwait_play_dead()", r)], machine)
     _print_json_or(r, as_json, lambda r: Group(render.kick_summary(r["kick"]), Text("CPUs:"),
-                                               render.cpu_outcomes(r["cpus"])))
+                                               render.cpu_outcomes(r["cpus"]), Text("timeline:"),
+                                               render.timeline(r["timeline"], form)))
 
 
 @main.command()
@@ -490,7 +538,7 @@ def inject(name, kind, target, count, as_json):
     _print_json_or(r, as_json, lambda r: Group(
         Text(f"{r['injection']}:"), render.cpu_outcomes(r["cpus"]),
         *(Text(f"note: CPU{c}: {why}", style="yellow") for c, why in r["not_taken"].items()),
-        render.timeline(r["timeline"])))
+        render.timeline(r["timeline"], "all")))
 
 
 @main.command()

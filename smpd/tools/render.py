@@ -160,7 +160,6 @@ def up_summary(s: dict) -> Text:
 OUTCOME_STYLE = {"CLEAN": "bold green", "TRIPLE_FAULT": "bold red", "CORRUPTION": "bold red",
                  "MCE_SHUTDOWN": "bold yellow", "SMM_HANG": "bold yellow", "STUCK": "bold magenta",
                  "CPU_LOST": "bold white on red"}
-TIMELINE_MAX = 80
 
 
 def _ns(v: float | None) -> str:
@@ -201,17 +200,60 @@ def cpu_outcomes(cpus: list[dict]) -> Text:
     return t
 
 
-def timeline(events: list[dict], limit: int = TIMELINE_MAX) -> Text:
+# A CPU's events that every CPU of a phase has alike: folded into one line per phase in the
+# summary. Everything else (faults, stray stores, interrupts, SMM, spurious wake-ups, lost
+# ring entries) and every coordinator event is shown one by one.
+ROUTINE = {"WAKE_WRITE": "MWAIT woken by a write to its monitored line",
+           "KICK_SEEN": "sees control == CPUDEAD_MWAIT_KEXEC_HLT, acknowledges in status",
+           "HLT": "enters HLT", "INIT": "INIT: wait-for-SIPI", "SIPI": "SIPI: smp_callin()",
+           "REBOOT": "stop_this_cpu()", "OFFLINE": "play_dead() into mwait_play_dead()",
+           "NMI_STOP": "NMI shootdown: halts with NMIs blocked (crash_nmi_callback())"}
+TIMELINE_FORMS = "all, summary (the default), or a cpulist (those CPUs' events and the coordinator's)"
+
+
+def _event_line(t: Text, us: float, who: str, what: str, style: str = "") -> None:
+    t.append(f"  {us:>10.1f} us  {who:<6} {what}\n", style=style)
+
+
+def timeline(events: list[dict], form: str | list[int] = "summary") -> Text:
+    """The timeline: every event (``all``), those of some CPUs (a list), or the summary, where
+    the routine events of many CPUs between two coordinator events fold into one line each."""
     t = Text()
-    for e in events[:limit]:
-        who = "coord" if e["cpu"] == 0 else f"CPU{e['cpu']}"
-        t.append(f"  {e['t_rel_us']:>10.1f} us  {who:<6} {e['event']}\n")
-    if len(events) > limit:
-        t.append(f"  ... {len(events) - limit} more events (--json has them all)\n", style="dim")
+    if form == "all" or isinstance(form, list):
+        wanted = None if form == "all" else set(form) | {0}
+        for e in events:
+            if wanted is None or e["cpu"] in wanted:
+                _event_line(t, e["t_rel_us"], "coord" if e["cpu"] == 0 else f"CPU{e['cpu']}", e["event"])
+        return t
+    folds: dict[str, list[dict]] = {}  # kind -> its events since the last coordinator event
+    out: list[tuple[float, object]] = []  # (time, event or fold), in order of first appearance
+    for e in events:
+        kind = e.get("kind", "")
+        if e["cpu"] == 0:
+            folds.clear()  # a new phase: its CPUs' lines fold anew
+            out.append((e["t_rel_us"], e))
+        elif kind in ROUTINE:
+            if kind not in folds:
+                folds[kind] = []
+                out.append((e["t_rel_us"], folds[kind]))
+            folds[kind].append(e)
+        else:
+            out.append((e["t_rel_us"], e))
+    for us, item in out:
+        if isinstance(item, dict):
+            who = "coord" if item["cpu"] == 0 else f"CPU{item['cpu']}"
+            _event_line(t, us, who, item["event"], "" if item["cpu"] == 0 or item.get("kind") in ROUTINE
+                        else "bold")
+        elif len(item) == 1:
+            _event_line(t, us, f"CPU{item[0]['cpu']}", item[0]["event"])
+        else:
+            cpus = format_list(sorted({e["cpu"] for e in item}))
+            _event_line(t, us, "CPUs", f"{cpus}: {ROUTINE[item[0]['kind']]} ({len(item)} events, until "
+                                       f"{item[-1]['t_rel_us']:.1f} us)")
     return t
 
 
-def kexec_report(r: dict) -> Group:
+def kexec_report(r: dict, form: str | list[int] = "summary") -> Group:
     head = Text()
     head.append(f"{r['outcome']}", style=OUTCOME_STYLE.get(r["outcome"], "bold"))
     head.append(f"  {r['evidence']}\n")
@@ -230,7 +272,8 @@ def kexec_report(r: dict) -> Group:
     if r.get("corrupted_words"):
         parts.append(Text(f"corrupted words in the new kernel: {r['corrupted_words']}; first: "
                           + ", ".join(f"{b['symbol']} = {b['value']:#010x}" for b in r["corruption"][:4])))
-    parts += [Text("timeline:"), timeline(r["timeline"])]
+    parts += [Text("timeline:" + (" the summary (--timeline all shows every event)" if form == "summary" else "")),
+              timeline(r["timeline"], form)]
     return Group(*parts)
 
 

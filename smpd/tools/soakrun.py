@@ -274,12 +274,18 @@ def print_summary(console: Console, plan: soak.Plan, records: list[dict], path: 
     console.print(lines)
 
 
-def replay(name: str, target: str) -> dict:
-    """Re-run trial N of a soak file on machine ``name``, exactly: same offline set, same scenario."""
+def parse_replay_target(target: str) -> tuple[str, int]:
+    """``FILE:TRIAL`` of --replay, as (file, trial)."""
     path, sep, n = target.rpartition(":")
     trial = ascii_int(n)
     if not sep or not path or trial is None or trial < 0:
         raise BadInput(f"--replay '{target}': expected FILE:TRIAL, e.g. soak.jsonl:1234")
+    return path, trial
+
+
+def replay(name: str, target: str) -> dict:
+    """Re-run trial N of a soak file on machine ``name``, exactly: same offline set, same scenario."""
+    path, trial = parse_replay_target(target)
     plan, records, _ = soak.read(path)
     rec = next((r for r in records if r["trial"] == trial), None)
     if rec is None:

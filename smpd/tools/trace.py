@@ -1,0 +1,91 @@
+"""A kexec, a kick or a chain as a Chrome trace-event file, for Perfetto UI and chrome://tracing.
+
+The format is the Trace Event Format's JSON object form: {"traceEvents": [...]}, times
+in microseconds. One process (the machine), one track (tid) per CPU, CPU 0 being the
+coordinator:
+
+* the coordinator's phases are complete events ("ph": "X"), named as the kernel names
+  them (native_stop_other_cpus(), smp_kick_mwait_play_dead(), relocate_kernel(): copy);
+* each other CPU's execution state is a run of complete events, one per state
+  (MWAIT, HLT, WAIT_FOR_SIPI, RUNNING, SHUTDOWN), from its state at the start and the
+  state changes its events say;
+* every event of the timeline is also an instant event ("ph": "i") on its CPU's track:
+  writes, kicks, interrupts, faults, the coordinator's notes.
+
+Open it at https://ui.perfetto.dev (Open trace file) or in chrome://tracing (Load).
+"""
+
+from __future__ import annotations
+
+import json
+
+from smpd.host import files
+
+# The state a CPU is in after an event of this kind (smpd.machine.layout.Ev names). A
+# wake-up from MWAIT is an instant: the CPU goes back to MWAIT, or on to HLT or a fault,
+# within the same microsecond or so, and the event that follows says which.
+STATE_AFTER = {
+    "OFFLINE": "MWAIT", "HLT": "HLT", "REBOOT": "HLT", "NMI_STOP": "HLT", "FOREIGN_HALT": "HLT",
+    "INIT": "WAIT_FOR_SIPI", "SIPI": "RUNNING",
+    "TRIPLE_FAULT": "SHUTDOWN", "MCE_SHUTDOWN": "SHUTDOWN",
+}
+PID = 1
+
+
+def _us(ns: int, t0: int) -> float:
+    return round((ns - t0) / 1000, 3)
+
+
+def events_of(report: dict, t0: int, label: str = "") -> list[dict]:
+    """The trace events of one report (a kexec's, a kick's, a chain link's)."""
+    out: list[dict] = []
+    timeline = report.get("timeline", [])
+    end = max([e["t_ns"] for e in timeline] + [p["t_ns"] + int(p["dur_us"] * 1000) for p in report.get("phases", [])]
+              + [t0])
+    for p in report.get("phases", []):
+        out.append({"name": p["name"], "cat": "phase", "ph": "X", "pid": PID, "tid": 0, "ts": _us(p["t_ns"], t0),
+                    "dur": p["dur_us"], "args": {"kexec": label} if label else {}})
+    # Each CPU's states: from where it started, changed by its events.
+    states = {int(c): s for c, s in report.get("start_states", {}).items()}
+    since = {c: min([e["t_ns"] for e in timeline] + [end]) for c in states}
+    for e in timeline:
+        cpu = e["cpu"]
+        out.append({"name": e["event"], "cat": e.get("kind", "note"), "ph": "i", "s": "t", "pid": PID,
+                    "tid": cpu, "ts": _us(e["t_ns"], t0)})
+        new = STATE_AFTER.get(e.get("kind", ""))
+        if cpu == 0 or new is None:
+            continue
+        old = states.get(cpu)
+        if old is not None and old != new:
+            out.append(_state(cpu, old, since[cpu], e["t_ns"], t0))
+        if old != new:
+            states[cpu], since[cpu] = new, e["t_ns"]
+    for cpu, state in states.items():
+        out.append(_state(cpu, state, since.get(cpu, end), end, t0))
+    return out
+
+
+def _state(cpu: int, state: str, start: int, end: int, t0: int) -> dict:
+    return {"name": state, "cat": "state", "ph": "X", "pid": PID, "tid": cpu, "ts": _us(start, t0),
+            "dur": max(0.0, round((end - start) / 1000, 3))}
+
+
+def document(reports: list[tuple[str, dict]], machine: str, ncpus: int) -> dict:
+    """The whole file: metadata naming the process and each CPU's track, then every report's events."""
+    starts = [e["t_ns"] for _, r in reports for e in r.get("timeline", [])]
+    starts += [p["t_ns"] for _, r in reports for p in r.get("phases", [])]
+    t0 = min(starts) if starts else 0
+    meta = [{"name": "process_name", "ph": "M", "pid": PID, "args": {"name": f"smpd machine '{machine}'"}}]
+    for cpu in range(ncpus):
+        meta.append({"name": "thread_name", "ph": "M", "pid": PID, "tid": cpu,
+                     "args": {"name": "CPU0 (coordinator, the kexec CPU)" if cpu == 0 else f"CPU{cpu}"}})
+        meta.append({"name": "thread_sort_index", "ph": "M", "pid": PID, "tid": cpu, "args": {"sort_index": cpu}})
+    body = [ev for label, r in reports for ev in events_of(r, t0, label)]
+    return {"traceEvents": meta + body, "displayTimeUnit": "ns",
+            "otherData": {"tool": "smpd", "machine": machine, "cpus": ncpus}}
+
+
+def write(path: str, reports: list[tuple[str, dict]], machine: str, ncpus: int) -> None:
+    """Write the trace of ``reports`` (label, report) to ``path``; no link followed, no other user's file."""
+    with files.open_output(path, "--trace") as f:
+        f.write(json.dumps(document(reports, machine, ncpus)).encode() + b"\n")

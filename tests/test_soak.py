@@ -1,6 +1,7 @@
 """Soak runs: randomized trials, JSON lines that survive crashes, resume, summary, replay."""
 
 import contextlib
+import re
 import json
 import os
 import shutil
@@ -65,7 +66,7 @@ def test_a_soak_records_every_trial_and_leaves_the_machine_reset(soak_machine, r
         assert t["outcome"] in OUTCOMES and t["evidence"]
         assert t["park"] in ("none", "hlt", "init") and t["seed"] == soak.trial_seed(3, t["trial"])
         assert t["host"]["cpu_percent"] >= 0
-    assert "12 trials in" in r.stdout and "trials/s" in r.stdout and "kick round trip during the soak" in r.stdout
+    assert "12 trials, " in r.stdout and "trials/s" in r.stdout and "kick round trip during the soak" in r.stdout
     s = soak_machine.status()
     assert s["machine"]["state"] == "UP" and s["machine"]["generation"] == 1
 
@@ -96,7 +97,7 @@ def test_resume_drops_a_partial_line_and_continues_the_same_sequence(soak_machin
 def test_summary_reads_the_file_again(recorded):
     out, r = recorded
     again = run_smpd("soak", "--summary", str(out))
-    assert "12 trials in" in again.stdout
+    assert "12 trials, " in again.stdout and " s wall from the first trial" in again.stdout
     table = [ln for ln in r.stdout.splitlines() if ln.startswith("│")]
     assert table and table == [ln for ln in again.stdout.splitlines() if ln.startswith("│")]
 
@@ -123,7 +124,7 @@ def test_ctrl_c_stops_after_the_current_trial_with_a_summary(soak_machine, tmp_p
         stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 0, stderr
     assert "interrupted after trial" in stdout and f"smpd soak --resume {out}" in stdout
-    assert "trials in" in stdout
+    assert "s in trials" in stdout
     trials = lines(out)[1:]
     assert trials and [t["trial"] for t in trials] == list(range(len(trials)))
     s = soak_machine.status()
@@ -282,3 +283,61 @@ def test_a_soak_file_with_a_wrong_field_is_one_line_everywhere(soak_machine, rec
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2 and len(lines) == 1 and says in lines[0], (args, r.stderr)
     assert bad.read_text() == text.replace('"NaN"', "NaN")  # refused means untouched
+
+
+def _altered(recorded, tmp_path, trial: int, **fields):
+    """A copy of the recorded run where trial ``trial`` ended otherwise (as a host fault would have it)."""
+    out, _ = recorded
+    rows = lines(out)
+    rows[1 + trial].update(fields)
+    copy = tmp_path / "altered.jsonl"
+    copy.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return copy, rows[1:]
+
+
+def test_the_summary_names_trials_per_outcome_and_list_gives_them_all(recorded, tmp_path):
+    copy, recs = _altered(recorded, tmp_path, 7, outcome="TRIPLE_FAULT", evidence="CPU3 resumed ... triple fault")
+    summary = run_smpd("soak", "--summary", str(copy)).stdout
+    for outcome in {r["outcome"] for r in recs}:
+        want = [r["trial"] for r in recs if r["outcome"] == outcome]
+        listed = run_smpd("soak", "--summary", str(copy), "--list", outcome.lower()).stdout
+        assert [int(x) for x in re.findall(r"^│ (\d+) ", listed, re.M)] == want, listed
+        assert f"smpd kexec --replay {copy}:{want[0]}" in listed
+        if outcome != "CLEAN":
+            assert f"#{want[0]}" in summary
+    assert "#7" in summary and f"--summary {copy} --list OUTCOME" in summary
+    none = run_smpd("soak", "--summary", str(copy), "--list", "SMM_HANG").stdout
+    assert ("ended SMM_HANG" in none) and ("no trial" in none) == ("SMM_HANG" not in {r["outcome"] for r in recs})
+
+
+def test_a_stuck_trial_without_an_injection_is_a_host_fault_in_the_summary(recorded, tmp_path):
+    out, _ = recorded
+    plain = next(r["trial"] for r in lines(out)[1:] if not r["inject"])
+    copy, _ = _altered(recorded, tmp_path, plain, outcome="STUCK", evidence="CPU2 never acknowledged the kick")
+    summary = run_smpd("soak", "--summary", str(copy)).stdout
+    assert f"host faults: STUCK without an injection 1 (#{plain})" in summary
+
+
+def test_a_replay_that_ends_otherwise_says_so_and_why(soak_machine, recorded, tmp_path):
+    out, _ = recorded
+    rec = lines(out)[1 + 4]
+    other = "STUCK" if rec["outcome"] != "STUCK" else "CLEAN"
+    copy, _ = _altered(recorded, tmp_path, 4, outcome=other, evidence="recorded under a host fault")
+    r = json.loads(run_smpd("kexec", "--replay", f"{copy}:4", "--json", name=soak_machine.name,
+                            check=False).stdout)
+    assert r["replay"] == {"file": str(copy), "trial": 4, "recorded_outcome": other, "same_outcome": False}
+    assert f"THE REPLAY ENDS {r['outcome']} INSTEAD" in r["notes"][0] and "the host" in r["notes"][0]
+    soak_machine.request("reset")
+    r = json.loads(run_smpd("kexec", "--replay", f"{out}:4", "--json", name=soak_machine.name, check=False).stdout)
+    assert r["replay"]["recorded_outcome"] == rec["outcome"]
+    assert r["replay"]["same_outcome"] == (r["outcome"] == rec["outcome"])
+    soak_machine.request("reset")
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--list", "STUCK"), "give it with --summary FILE"),
+    (("--summary", "x.jsonl", "--list", "LOST"), "--list 'LOST': expected one of CLEAN"),
+])
+def test_list_needs_a_summary_file_and_an_outcome(args, says):
+    r = run_smpd("soak", *args, check=False)
+    assert r.returncode == 2 and says in r.stderr, r.stderr

@@ -191,7 +191,7 @@ def test_squatted_socket_names_block_neither_up_nor_soak(evil, machine_name, tmp
             run_smpd("offline", "1-2", name=machine_name)
             out = tmp_path / "s.jsonl"
             r = run_smpd("soak", "--trials", "2", "--seed", "1", "--out", str(out), name=machine_name)
-            assert "2 trials in" in r.stdout
+            assert "2 trials, " in r.stdout
         finally:
             m.down()
 

@@ -644,7 +644,9 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
 @click.option("--out", default=None, metavar="FILE", help="JSON-lines results [soak-<seed>.jsonl].")
 @click.option("--resume", default=None, metavar="FILE", help="Continue the run recorded in FILE.")
 @click.option("--summary", "summary_file", default=None, metavar="FILE", help="Print the summary of FILE and exit.")
-def soak(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out, resume, summary_file):
+@click.option("--list", "list_outcome", default=None, metavar="OUTCOME",
+              help="With --summary: every trial that ended OUTCOME (TRIPLE_FAULT, STUCK, ...), to replay.")
+def soak(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out, resume, summary_file, list_outcome):
     """Thousands of randomized kexec trials on the running machine, under host load.
 
     Each trial draws park policy, offline set, copy order and injections from the
@@ -658,4 +660,4 @@ def soak(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out
              if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE}
     soakrun.main(name=name, trials=trials, duration=duration, host_load=host_load, parks=parks,
                  inject_rate=inject_rate, kinds=kinds, seed=seed, out=out, resume=resume,
-                 summary_file=summary_file, given=given, console=Console())
+                 summary_file=summary_file, given=given, console=Console(), list_outcome=list_outcome)

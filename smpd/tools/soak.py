@@ -73,6 +73,13 @@ def parse_parks(text: str) -> list[str]:
     return _parse_list(text, KERNELS, "--park")
 
 
+def trials_with(records: list[dict], outcome: str) -> list[dict]:
+    """`smpd soak --summary FILE --list OUTCOME`: every trial of that outcome."""
+    if outcome not in OUTCOMES:
+        raise BadInput(f"--list '{outcome}': expected one of {', '.join(OUTCOMES)}")
+    return [r for r in records if r["outcome"] == outcome]
+
+
 def parse_kinds(text: str) -> list[str]:
     return _parse_list(text, KINDS, "--kinds")
 
@@ -392,13 +399,24 @@ def run_trial(live, drawn: dict, offline_now: set[int]) -> tuple[dict, set[int]]
 
 # -- the summary -------------------------------------------------------------
 
+EXAMPLES = 3  # trial numbers the summary names per outcome cell (`--list OUTCOME` names them all)
+
+
 def summarize(plan: Plan, records: list[dict]) -> dict:
     by: dict[str, dict[str, dict[str, int]]] = {}
+    examples: dict[str, dict[str, dict[str, list[int]]]] = {}
     h = HdrHistogram(1, 60 * 10**9, 3)
     over = stuck = lost = respawns = kicks = 0
+    host_stuck: list[int] = []
     for r in records:
-        cell = by.setdefault(r["park"], {}).setdefault(injection_label(r["inject"]), {})
+        label = injection_label(r["inject"])
+        cell = by.setdefault(r["park"], {}).setdefault(label, {})
         cell[r["outcome"]] = cell.get(r["outcome"], 0) + 1
+        named = examples.setdefault(r["park"], {}).setdefault(label, {}).setdefault(r["outcome"], [])
+        if len(named) < EXAMPLES:
+            named.append(r["trial"])
+        if r["outcome"] == "STUCK" and not r["inject"]:
+            host_stuck.append(r["trial"])  # nothing but the host kept a CPU from its kick
         k = r.get("kick")
         if k:
             for v in k["rtt_ns"]:
@@ -416,8 +434,12 @@ def summarize(plan: Plan, records: list[dict]) -> dict:
         under_load = {k: h.get_value_at_percentile(p) for k, p in (("p50", 50), ("p90", 90), ("p99", 99),
                                                                     ("p999", 99.9))}
         under_load["max"] = h.get_max_value()
+    # Wall time, from the first trial's start to the last one's end: the trials plus the
+    # driver's own work between them (host samples, the fsync), and a resumed run's pause.
+    wall = records[-1]["t"] - (records[0]["t"] - records[0]["trial_ms"] / 1e3) if records else 0.0
     return {
-        "trials": len(records), "seconds": round(span, 2),
+        "trials": len(records), "seconds": round(span, 2), "wall_s": round(wall, 2),
+        "examples": examples, "stuck_without_injection": host_stuck,
         "trials_per_s": round(len(records) / span, 2) if span else None,
         "outcomes": by, "kick_rtt_ns": under_load, "idle_kick_rtt_ns": plan.idle_kick,
         "kicks": kicks, "over_budget": over,

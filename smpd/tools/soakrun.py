@@ -30,14 +30,22 @@ from smpd.errors import BadInput, CoordinatorGone, MachineNotUp, SmpdError
 
 
 def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out, resume, summary_file,
-         given: set[str], console: Console) -> None:
+         given: set[str], console: Console, list_outcome: str | None = None) -> None:
+    if list_outcome is not None and summary_file is None:
+        raise BadInput("--list OUTCOME lists the trials of a finished file: give it with --summary FILE")
     if summary_file is not None:
         if resume or given:
-            raise BadInput("--summary reads a finished file; it takes no other option")
+            raise BadInput("--summary reads a finished file; it takes no other option but --list")
+        if list_outcome is not None:
+            list_outcome = list_outcome.upper()
+            soak.trials_with([], list_outcome)  # the outcome's name checked before the file is read
         plan, records, note = soak.read(summary_file)
         if note:
             console.print(f"[yellow]{summary_file}: {note}[/yellow]")
-        print_summary(console, plan, records, summary_file)
+        if list_outcome is not None:
+            print_trials(console, soak.trials_with(records, list_outcome), list_outcome, summary_file)
+        else:
+            print_summary(console, plan, records, summary_file)
         return
     if trials is not None and duration is not None:
         raise BadInput("give --trials or --duration, not both")
@@ -76,6 +84,12 @@ def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out
     finally:
         if resumed is not None:
             resumed.close()
+
+
+def _cell(n: int, trials: list[int]) -> str:
+    if not n:
+        return ""
+    return f"{n} (#{', #'.join(map(str, trials))}{', ...' if n > len(trials) else ''})" if trials else str(n)
 
 
 def _offline_set(status: dict) -> set[int]:
@@ -233,11 +247,27 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
         raise error
 
 
+def print_trials(console: Console, records: list[dict], outcome: str, path: str) -> None:
+    """`--list OUTCOME`: one line per trial, and how to replay it."""
+    if not records:
+        console.print(f"no trial of {path} ended {outcome}")
+        return
+    t = Table(title=f"{len(records)} trials of {path} ended {outcome}", title_justify="left", header_style="bold")
+    for col in ("trial", "kernel", "injection", "offline", "evidence"):
+        t.add_column(col, overflow="fold")
+    for r in records:
+        t.add_row(str(r["trial"]), r["park"], soak.injection_label(r["inject"]), r["offline"] or "none",
+                  r["evidence"])
+    console.print(t)
+    console.print(f"replay one: smpd kexec --replay {path}:{records[0]['trial']}", soft_wrap=True)
+
+
 def print_summary(console: Console, plan: soak.Plan, records: list[dict], path: str) -> None:
     s = soak.summarize(plan, records)
     head = Text()
-    head.append(f"soak {path}: {s['trials']} trials in {s['seconds']:.1f} s"
-                + (f" ({s['trials_per_s']:.1f} trials/s)" if s["trials_per_s"] else "") + "\n", style="bold")
+    head.append(f"soak {path}: {s['trials']} trials, {s['seconds']:.1f} s in trials"
+                + (f" ({s['trials_per_s']:.1f} trials/s)" if s["trials_per_s"] else "")
+                + f", {s['wall_s']:.1f} s wall from the first trial's start to the last one's end\n", style="bold")
     head.append(f"seed {plan.seed}, {plan.cpus} CPUs, kernels {','.join(plan.parks)}, inject rate {plan.inject_rate}, "
                 f"kinds {','.join(plan.kinds)}, host load {s['host_load']}\n", style="dim")
     console.print(head)
@@ -249,8 +279,12 @@ def print_summary(console: Console, plan: soak.Plan, records: list[dict], path: 
         t.add_column(o, justify="right")
     for park, inj in sorted(s["outcomes"].items()):
         for label, cell in sorted(inj.items()):
-            t.add_row(park, label, *(str(cell.get(o, "")) for o in outcomes))
+            named = s["examples"][park][label]
+            t.add_row(park, label, *(_cell(cell.get(o, 0), [] if o == "CLEAN" else named.get(o, [])) for o in outcomes))
     console.print(t)
+    if any(o != "CLEAN" for o in outcomes):
+        console.print(Text(f"#N: trial numbers (the first {soak.EXAMPLES}); all of them: smpd soak --summary {path} "
+                           f"--list OUTCOME; one replayed: smpd kexec --replay {path}:N", style="dim"), soft_wrap=True)
     k, idle = s["kick_rtt_ns"], s["idle_kick_rtt_ns"]
 
     def us(v):
@@ -265,6 +299,10 @@ def print_summary(console: Console, plan: soak.Plan, records: list[dict], path: 
     lines.append(f"kicks over the {budget} budget (or stuck): {s['over_budget']} of {s['kicks']} "
                  f"({100 * s['over_budget_share']:.2f}%); stuck: {s['stuck']}\n")
     lines.append(f"emulator faults: CPU_LOST {s['cpu_lost']}, CPU processes respawned {s['respawns']}\n")
+    hs = s["stuck_without_injection"]
+    lines.append(f"host faults: STUCK without an injection {len(hs)}"
+                 + (f" (#{', #'.join(map(str, hs[:soak.EXAMPLES]))}{', ...' if len(hs) > soak.EXAMPLES else ''}): "
+                    f"a CPU process the host did not run within the kick's budget" if hs else "") + "\n")
     if s["host"]:
         h = s["host"]
         lines.append(f"host load achieved: CPU {h['cpu_percent']:.0f}%, load average {h['load1']:.1f}, "
@@ -301,5 +339,13 @@ def replay(name: str, target: str) -> dict:
     want = set(cpulist.parse(rec["offline"])) if rec["offline"] else set()
     soak.set_offline(live, want, _offline_set(status))
     r = live.request("kexec", kernel=rec["park"], inject=rec["inject"], order=rec["order"], seed=rec["seed"])
-    r["notes"] = [f"replay of trial {trial} of {path}: recorded outcome {rec['outcome']}"] + r["notes"]
+    same = r["outcome"] == rec["outcome"]
+    r["replay"] = {"file": path, "trial": trial, "recorded_outcome": rec["outcome"], "same_outcome": same}
+    r["notes"] = [f"replay of trial {trial} of {path}: recorded outcome {rec['outcome']}"
+                  + ("; the replay ends the same" if same else
+                     f"; THE REPLAY ENDS {r['outcome']} INSTEAD. The scenario (kernel, offline CPUs, copy "
+                     f"order, injections, seed) is the same; what is not part of it is the host: a CPU "
+                     f"process not scheduled within the kick's budget (STUCK), a stopped or killed one "
+                     f"(CPU_LOST), an interrupt taken later than in the recorded run. Recorded evidence: "
+                     f"{rec['evidence']}")] + r["notes"]
     return r

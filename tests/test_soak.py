@@ -209,12 +209,30 @@ def test_resume_refuses_a_file_of_another_version_or_a_conflicting_option(soak_m
     assert r.returncode == 2 and "has no trial 999" in r.stderr
 
 
-def test_stress_ng_load_needs_stress_ng(soak_machine):
-    r = run_smpd("soak", "--host-load", "stress-ng:--cpu,1", "--trials", "1", name=soak_machine.name, check=False)
+def _stress_ng_of(pid: int) -> list[psutil.Process]:
+    try:
+        return [c for c in psutil.Process(pid).children(recursive=True) if c.name().startswith("stress-ng")]
+    except psutil.Error:
+        return []
+
+
+def test_stress_ng_load_runs_during_the_soak_and_dies_with_it(soak_machine, tmp_path):
+    """.ci/run installs stress-ng (as root, from the distribution); without it, the refusal."""
     if shutil.which("stress-ng") is None:
+        r = run_smpd("soak", "--host-load", "stress-ng:--cpu,1", "--trials", "1", name=soak_machine.name,
+                     check=False)
         assert r.returncode == 2 and "needs stress-ng, which is not installed" in r.stderr
-    else:
-        assert r.returncode == 0, r.stderr
+        return
+    out = tmp_path / "stress.jsonl"
+    with start_soak(soak_machine.name, out, "--host-load", "stress-ng:--cpu,1") as p:
+        seen = wait_until(lambda: _stress_ng_of(p.pid), 60, "stress-ng running under the soak")
+        wait_trials(p, out, 2)
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 0, stderr
+    assert all(r["host_load"] == "stress-ng:--cpu,1" for r in lines(out)[1:])
+    wait_until(lambda: not any(q.is_running() and q.status() != psutil.STATUS_ZOMBIE for q in seen), 10,
+               "stress-ng gone with the soak")
 
 
 def test_a_duration_bounded_soak_stops_on_time(soak_machine, tmp_path):

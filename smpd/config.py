@@ -239,10 +239,17 @@ def _validated(raw: dict[str, Any], where: str) -> dict[str, Any]:
 
 def load(user_file: str | Path | None = None) -> Config:
     """The defaults, overridden by ``user_file`` when given; every value validated."""
+    return load_with_sources(user_file)[0]
+
+
+def load_with_sources(user_file: str | Path | None = None) -> tuple[Config, dict[tuple[str, str], str]]:
+    """load(), and where each value came from: {(section, key): the file that set it}."""
     raw = _validated(_read(default_path()), str(default_path()))
+    sources = {(section, key): str(default_path()) for section, values in raw.items() for key in values}
     if user_file is not None:
         user = _validated(_read(Path(user_file)), str(user_file))
         for section, values in user.items():
             raw[section].update(values)
+            sources.update({(section, key): str(user_file) for key in values})
         _validated(raw, str(user_file))
-    return Config(raw)
+    return Config(raw), sources

@@ -206,3 +206,39 @@ def test_bad_timeline_and_trace_arguments_change_nothing(machine, args, says):
     r = run_smpd(*args, name=m.name, check=False)
     assert r.returncode == 2 and says in r.stderr, r.stderr
     assert m.status()["machine"]["generation"] == 1 and m.status()["machine"]["kexecs"] == 0
+
+
+# --- list --json, config show, a config file's name -------------------------------------------
+
+def test_list_json_names_this_users_machines(machine):
+    m = machine(2)
+    rows = json.loads(run_smpd("list", "--json").stdout)
+    mine = [r for r in rows if r["name"] == m.name]
+    assert mine == [{"name": m.name, "state": "up", "cpus": 2, "pid": m.live.pid, "why": ""}]
+
+
+def test_config_show_says_where_each_value_comes_from(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[machine]\ncpus = 3\n[watch]\nstrategy = "adaptive"\n')
+    j = json.loads(run_smpd("config", "show", "--config", str(f), "--json").stdout)
+    assert j["machine"]["cpus"] == {"value": 3, "from": str(f)}
+    assert j["watch"]["strategy"]["from"] == str(f)
+    assert j["machine"]["name"]["value"] == "default" and j["machine"]["name"]["from"].endswith("default.toml")
+    text = run_smpd("config", "show", "--config", str(f)).stdout
+    assert re.search(rf"machine\.cpus\s+3\s+{re.escape(str(f))}", text) and re.search(r"pin\.policy\s+\S+\s+default", text)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[machine]\ncpus = 0\n")
+    r = run_smpd("config", "show", "--config", str(bad), check=False)
+    assert r.returncode == 2 and "machine.cpus = 0 is invalid" in r.stderr
+
+
+def test_a_name_from_a_config_file_is_said_and_not_up_lists_the_machines(machine_name, tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text(f'[machine]\nname = "{machine_name}"\ncpus = 2\n')
+    try:
+        up = run_smpd("up", "--config", str(f))
+        assert f"later commands find this machine with --name {machine_name}" in up.stdout
+        r = run_smpd("status", check=False)  # looks for 'default'
+        assert r.returncode == 2 and "up now:" in r.stderr and machine_name in r.stderr.split("up now:")[1]
+    finally:
+        run_smpd("down", name=machine_name)

@@ -16,13 +16,14 @@ fault: generation 3 allocates its idle task_structs where generation 2 kept its 
 """
 
 import os
+import re
 import signal
 import threading
 
 import psutil
 import pytest
 
-from conftest import HOT_PATHS, Machine, run_name, run_smpd, wait_until
+from conftest import HOT_PATHS, Machine, run_name, run_smpd, smpd_env, wait_until
 from smpd.machine import layout as L
 
 FAULT = {"TRIPLE_FAULT", "CORRUPTION"}
@@ -315,8 +316,15 @@ def _signal_pending(pid: int, sig: int) -> bool:
 
 
 def test_demo_runs_every_flavour_against_every_injection_and_a_chain_and_leaves_nothing(machine_name):
-    r = run_smpd("demo", "--cpus", "4", "--name", machine_name, "--seed", "5")
+    r = run_smpd("demo", "--cpus", "4", "--seed", "5", env=smpd_env(machine_name, COLUMNS="100"))  # SMPD_NAME
     out = r.stdout
+    assert all(len(line) <= 100 for line in out.splitlines())
+    matrix = out[out.index("the first kexec after power-on"):]
+    rows = [line for line in matrix.splitlines() if line.startswith("│")][:3]
+    assert [row.split("│")[1].strip() for row in rows] == ["pre-fix", "6.5", "6.6"]
+    assert all(len(row.split("│")) == 7 for row in rows)  # kernel + 4 injections, one line each
+    for mark in ("1a", "2c", "3d"):  # each cell's mark, then its evidence line
+        assert f"[{mark}]" in rows[int(mark[0]) - 1] and re.search(rf"^\[{mark}\] \S+, [^:]+: \S", matrix, re.M)
     for flavour in ("pre-fix", "6.5", "6.6"):
         assert out.count(f"kexec --kernel {flavour:<7}") == 4
         assert f"chain --kexecs 3 --kernel {flavour:<7} ->" in out

@@ -213,6 +213,16 @@ def up(cpus, name, watch, hot_path, pin, seed, config_file, kernel, boot, foregr
         err.note = f"machine '{name}' was coming up; it was stopped and nothing of it is left"
         raise
     out.print(render.up_summary(summary))
+    _later_commands_hint(out, name)
+
+
+def _later_commands_hint(out: Console, name: str) -> None:
+    """A name that did not come from --name or SMPD_NAME (a --config file's) is not what later
+    commands look for unless told: say how."""
+    if name != "default" and os.environ.get("SMPD_NAME") != name and "--name" not in sys.argv and \
+            "-n" not in sys.argv and not any(a.startswith("--name=") for a in sys.argv):
+        out.print(f"[yellow]the name '{name}' comes from the config file: later commands find this machine with "
+                  f"--name {name}, or export SMPD_NAME={name}[/yellow]", soft_wrap=True)
 
 
 @main.command()
@@ -341,19 +351,28 @@ def poke(name, target, value):
 
 
 @main.command(name="list")
-def list_machines():
+@click.option("--json", "as_json", is_flag=True,
+              help='One JSON array: [{"name", "state": up|stale-removed|left-alone, "cpus", "pid", "why"}].')
+def list_machines(as_json):
     """This user's machines that have a segment (live or stale)."""
-    found = lifecycle.our_machines()
-    if not found:
-        click.echo("no machines")
-    for name in found:
+    rows = []
+    for name in lifecycle.our_machines():
         try:
             live = lifecycle.probe(name)
         except SmpdError as err:  # another user's entry, another layout, one being created: untouched
-            click.echo(f"{name}: left alone: {err}")
+            rows.append({"name": name, "state": "left-alone", "cpus": None, "pid": None, "why": str(err)})
             continue
-        click.echo(f"{name}: " + (f"up, {live.ncpus} CPUs, coordinator pid {live.pid}" if live
-                                  else "stale segment removed"))
+        rows.append({"name": name, "state": "up" if live else "stale-removed", "cpus": live.ncpus if live else None,
+                     "pid": live.pid if live else None, "why": ""})
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo("no machines")
+    for r in rows:
+        click.echo(f"{r['name']}: " + {"up": f"up, {r['cpus']} CPUs, coordinator pid {r['pid']}",
+                                       "stale-removed": "stale segment removed",
+                                       "left-alone": f"left alone: {r['why']}"}[r["state"]])
 
 
 def _print_json_or(obj, as_json: bool, view) -> None:
@@ -528,8 +547,10 @@ def reset(name):
 @click.argument("kind", type=click.Choice(scenario_mod.KINDS))
 @click.option("--cpus", "target", default="all", show_default=True, help="A cpulist, or 'all' (CPUs 1..N-1).")
 @click.option("--count", type=Int(1, scenario_mod.MAX_COUNT), default=1, show_default=True,
-              help="How many times to send it (signals of one kind that arrive together merge).")
-@click.option("--json", "as_json", is_flag=True)
+              help="How many times to send it, 1..1000 (signals of one kind that arrive before the CPU takes the "
+                   "first merge into one: the NMI latch).")
+@click.option("--json", "as_json", is_flag=True,
+              help="The result as one JSON object: {injection, cpus: [...], not_taken, timeline}.")
 def inject(name, kind, target, count, as_json):
     """Send a stray NMI, MCE or SMI now, and say what it did to each target CPU."""
     machine = lifecycle.require(name)
@@ -543,7 +564,8 @@ def inject(name, kind, target, count, as_json):
 
 @main.command()
 @click.option("--cpus", type=Cpus(), default=64, show_default=True, help="CPUs of the demo machine.")
-@click.option("--name", "-n", type=MachineName(), default="demo", show_default=True, help=NAME_HELP)
+@click.option("--name", "-n", type=MachineName(), default="demo", show_default=True, envvar="SMPD_NAME",
+              help="Name of the demo's machine (or set SMPD_NAME); a machine of that name must not be up.")
 @click.option("--watch", type=click.Choice(config_mod.WATCH_STRATEGIES), default="auto", show_default=True)
 @click.option("--seed", type=Seed(), default=None, help="Seed of the machine and of every scenario.")
 def demo(cpus, name, watch, seed):
@@ -557,6 +579,39 @@ def demo(cpus, name, watch, seed):
     from smpd.tools import demo as demo_mod
 
     demo_mod.run(cpus=cpus, name=name, watch=watch, seed=seed, console=Console())
+
+
+@main.group()
+def config():
+    """The configuration smpd up uses: config/default.toml, overridden by --config FILE."""
+
+
+@config.command("show")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="A TOML file overriding config/default.toml, as `smpd up --config FILE` takes it.")
+@click.option("--json", "as_json", is_flag=True,
+              help='One JSON object: {section: {key: {"value": V, "from": FILE}}}.')
+def config_show(config_file, as_json):
+    """Every setting's effective value and the file it comes from (command-line options of
+    `smpd up` win over both)."""
+    cfg, sources = config_mod.load_with_sources(config_file)
+    table = {section: {key: {"value": value, "from": sources[(section, key)]} for key, value in values.items()}
+             for section, values in cfg.raw.items()}
+    if as_json:
+        click.echo(json.dumps(table))
+        return
+    from rich.table import Table
+
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("setting", "value", "from"):
+        t.add_column(col, overflow="fold")
+    for section, values in table.items():
+        for key, v in values.items():
+            t.add_row(f"{section}.{key}", json.dumps(v["value"]),
+                      Text("default" if v["from"] == str(config_mod.default_path()) else v["from"],
+                           style="dim" if v["from"] == str(config_mod.default_path()) else "bold"))
+    Console().print(t)
+    click.echo(f"default: {config_mod.default_path()}")
 
 
 @main.group()

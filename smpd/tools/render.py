@@ -303,27 +303,51 @@ def chain_report(r: dict) -> Group:
     return Group(t, tail)
 
 
-def demo_chains(chains: list[tuple[str, dict]]) -> Table:
+def demo_chains(chains: list[tuple[str, dict]]) -> Group:
+    """One row per kernel, one column per link; then the evidence of each first failing link."""
+    links = max((len(c["links"]) for _, c in chains), default=0)
+    kexecs = max((c["kexecs"] for _, c in chains), default=links)
     t = Table(title="chains of kexecs, no reset between: one outcome per link", header_style="bold",
               title_justify="left")
-    for col in ("kernel", "links", "first failing link: evidence"):
-        t.add_column(col, overflow="fold")
+    t.add_column("kernel")
+    for n in range(1, kexecs + 1):
+        t.add_column(f"link {n}", no_wrap=True)
+    notes = Text()
     for flavour, c in chains:
-        links = Text(" ").join(Text(link["outcome"], style=OUTCOME_STYLE.get(link["outcome"], ""))
-                               for link in c["links"])
+        cells = [Text(link["outcome"], style=OUTCOME_STYLE.get(link["outcome"], "")) for link in c["links"]]
         bad = c["first_failing_link"]
-        t.add_row(flavour, links, "-" if bad is None else f"link {bad}: {c['links'][bad - 1]['evidence']}")
-    return t
+        if bad is not None:
+            cells[bad - 1].append(f" [{flavour}]")
+            notes.append(f"[{flavour}] link {bad}: {c['links'][bad - 1]['evidence']}\n")
+        t.add_row(flavour, *cells, *(Text("-", style="dim") for _ in range(kexecs - len(cells))))
+    return Group(t, notes)
 
 
-def demo_matrix(rows: list[tuple[str, str, dict]]) -> Table:
+def demo_matrix(rows: list[tuple[str, str, dict]]) -> Group:
+    """Kernels down, injections across, the outcome in each cell with a mark; then one evidence
+    line per mark (the table stays narrow; the evidence is as long as it needs to be)."""
+    kernels = list(dict.fromkeys(k for k, _, _ in rows))
+    kinds = list(dict.fromkeys(i for _, i, _ in rows))
     t = Table(title="the first kexec after power-on: kernel x injection after the copy", header_style="bold",
               title_justify="left")
-    for col in ("kernel", "injection", "outcome", "evidence"):
-        t.add_column(col, overflow="fold")
-    for park, inj, r in rows:
-        t.add_row(park, inj, Text(r["outcome"], style=OUTCOME_STYLE.get(r["outcome"], "")), r["evidence"])
-    return t
+    t.add_column("kernel")
+    for kind in kinds:
+        t.add_column("no injection" if kind == "-" else kind, no_wrap=True)
+    cell = {(k, i): r for k, i, r in rows}
+    notes = Text()
+    for n_k, kernel in enumerate(kernels):
+        cells = []
+        for n_i, kind in enumerate(kinds):
+            r = cell.get((kernel, kind))
+            if r is None:
+                cells.append(Text("-", style="dim"))
+                continue
+            mark = f"{n_k + 1}{'abcdefgh'[n_i]}"
+            cells.append(Text(r["outcome"], style=OUTCOME_STYLE.get(r["outcome"], "")) + Text(f" [{mark}]", style="dim"))
+            notes.append(f"[{mark}] {kernel}, {'no injection' if kind == '-' else kind}: ", style="bold")
+            notes.append(f"{r['evidence']}\n")
+        t.add_row(kernel, *cells)
+    return Group(t, notes)
 
 
 def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:

@@ -436,9 +436,10 @@ def summarize(plan: Plan, records: list[dict]) -> dict:
         under_load["max"] = h.get_max_value()
     # Wall time, from the first trial's start to the last one's end: the trials plus the
     # driver's own work between them (host samples, the fsync), and a resumed run's pause.
-    wall = records[-1]["t"] - (records[0]["t"] - records[0]["trial_ms"] / 1e3) if records else 0.0
+    timed = records and "t" in records[0] and "t" in records[-1]  # (an old file's trials may lack "t")
+    wall = records[-1]["t"] - (records[0]["t"] - records[0]["trial_ms"] / 1e3) if timed else None
     return {
-        "trials": len(records), "seconds": round(span, 2), "wall_s": round(wall, 2),
+        "trials": len(records), "seconds": round(span, 2), "wall_s": None if wall is None else round(wall, 2),
         "examples": examples, "stuck_without_injection": host_stuck,
         "trials_per_s": round(len(records) / span, 2) if span else None,
         "outcomes": by, "kick_rtt_ns": under_load, "idle_kick_rtt_ns": plan.idle_kick,

@@ -267,7 +267,8 @@ def print_summary(console: Console, plan: soak.Plan, records: list[dict], path: 
     head = Text()
     head.append(f"soak {path}: {s['trials']} trials, {s['seconds']:.1f} s in trials"
                 + (f" ({s['trials_per_s']:.1f} trials/s)" if s["trials_per_s"] else "")
-                + f", {s['wall_s']:.1f} s wall from the first trial's start to the last one's end\n", style="bold")
+                + (f", {s['wall_s']:.1f} s wall from the first trial's start to the last one's end"
+                   if s["wall_s"] is not None else "") + "\n", style="bold")
     head.append(f"seed {plan.seed}, {plan.cpus} CPUs, kernels {','.join(plan.parks)}, inject rate {plan.inject_rate}, "
                 f"kinds {','.join(plan.kinds)}, host load {s['host_load']}\n", style="dim")
     console.print(head)

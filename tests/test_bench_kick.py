@@ -100,12 +100,20 @@ def test_bench_kick_duration_runs_for_that_long(parked4, tmp_path):
     (("--json", "/nonexistent-dir/k.json"), "does not exist"),
     (("--json", "/"), "names a directory"),
     (("--plot", "/proc/k.png"), "is on /proc, /sys, /dev or /dev/shm"),
+    (("--plot", "k.jpeg"), "name the file .png, .svg or .pdf"),
 ])
 def test_bench_kick_bad_input_is_refused_before_the_run(parked4, args, says):
     r = run_smpd("bench", "kick", *args, name=parked4.name, check=False)
     assert r.returncode == 2, r.stderr
     assert says in r.stderr
     assert all(c["mwait_entries"] == 1 for c in parked4.status()["cpus"][1:])  # nothing was kicked
+
+
+def test_bench_kick_plot_writes_svg_by_its_extension(parked4, tmp_path):
+    svg = tmp_path / "kick.svg"
+    run_smpd("bench", "kick", "--rounds", "10", "--plot", str(svg), name=parked4.name)
+    text = svg.read_text()
+    assert text.lstrip().startswith("<?xml") and "<svg" in text and "kernel budget" in text
 
 
 def test_bench_kick_refuses_cpus_that_are_not_parked(machine):

@@ -26,7 +26,18 @@ MAX_NS = 60 * 10**9  # histograms cover 1 ns .. 60 s at 3 significant digits
 PERCENTILES = (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9))
 
 
-def check_plot_available() -> None:
+PLOT_FORMATS = ("png", "svg", "pdf")  # by the file's extension; none: png
+
+
+def plot_format(path: str) -> str:
+    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    if fmt not in PLOT_FORMATS:
+        raise BadInput(f"--plot {path}: '.{fmt}' is not a format it writes; name the file .png, .svg or .pdf")
+    return fmt
+
+
+def check_plot_available(path: str = "") -> None:
+    plot_format(path)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -154,7 +165,7 @@ def write_plot(path: str, run: Run, report: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for name, label in (("one_way", "one way (write -> CPU saw it)"), ("rtt", "round trip (write -> ack seen)")):
         pts = run.histograms()[name]
         if pts:
@@ -175,9 +186,10 @@ def write_plot(path: str, run: Run, report: dict) -> None:
     ax.set_ylabel("kicks")
     ax.set_title(f"smp_kick_mwait_play_dead() latency, watch={report['watch']}, hot_path={report['hot_path']}, "
                  f"CPU {report['targets']}, {report['kicks']} kicks")
-    ax.legend(fontsize=8)
+    # Beside the axes, not over the data: the tails it would cover are the point of the plot.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    fmt = plot_format(path)
     try:
         with files.open_output(path, "--plot") as f:
             fig.savefig(f, dpi=110, format=fmt)

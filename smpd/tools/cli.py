@@ -627,7 +627,8 @@ def bench():
 @click.option("--duration", default=None, metavar="T",
               help="Run for this long instead (30s, 2m, 1h); --rounds is then ignored.")
 @click.option("--json", "json_file", default=None, metavar="FILE", help="Write the figures as JSON.")
-@click.option("--plot", "plot_file", default=None, metavar="FILE", help="Write a PNG latency histogram (log scale).")
+@click.option("--plot", "plot_file", default=None, metavar="FILE",
+              help="Write the latency histogram (log scale): FILE.png, FILE.svg or FILE.pdf, by its extension.")
 def bench_kick(name, targets, rounds, duration, json_file, plot_file):
     """Time real kick latencies: coordinator write -> CPU sees it -> coordinator sees the ack.
 
@@ -644,7 +645,7 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
         files.check_output(json_file, "--json")
     if plot_file:
         files.check_output(plot_file, "--plot")
-        benchkick.check_plot_available()
+        benchkick.check_plot_available(plot_file)
     machine = lifecycle.require(name)
     if targets is not None:
         cpulist.parse(targets, machine.ncpus)

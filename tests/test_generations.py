@@ -188,3 +188,16 @@ def test_a_machine_that_triple_faulted_refuses_kexec_until_reset(fresh):
         assert refused.returncode == 2 and "ended in the kexec into generation 3" in refused.stderr, refused.stderr
     fresh.request("reset")
     assert fresh.request("kexec", kernel="6.6", seed=1)["outcome"] == "CLEAN"
+
+
+def test_the_readme_corruption_recipe_corrupts_and_names_the_stack_page(machine):
+    """README: pre-fix, KASLR 277, seed 1, CPU 7 parked: generation 2's boot wakes CPU 7, whose
+    stack page now holds generation 2's text; its stray store lands in the new text."""
+    m = machine(8, "--kernel", "pre-fix", "--boot", "kaslr=277", "--seed", "1")
+    m.request("offline", cpus="7")
+    r = m.request("kexec")
+    assert r["outcome"] == "CORRUPTION", r["evidence"]
+    assert r["corrupted_words"] >= 1 and r["corruption"][0]["symbol"].startswith("text+")
+    assert "CPU7 resumed after \"MWAIT woken by a write to thread_info[7].flags\"" in r["evidence"]
+    assert "stack page 31 of generation 1 (now generation 2's text page 0)" in r["evidence"]
+    assert any(w["cpu"] == 7 and "generation 2's boot: tasks page 0" in w["write"] for w in r["waking_writes"])

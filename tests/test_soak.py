@@ -129,6 +129,8 @@ def test_ctrl_c_stops_after_the_current_trial_with_a_summary(soak_machine, tmp_p
     assert trials and [t["trial"] for t in trials] == list(range(len(trials)))
     s = soak_machine.status()
     assert s["machine"]["state"] == "UP" and s["machine"]["generation"] == 1
+    # the offline CPUs the user had before the soak, not the last trial's
+    assert [c["cpu"] for c in s["cpus"] if c["hotplug"] == "offline"] == list(range(1, NCPUS))
     assert not [q for q in psutil.process_iter(["name"]) if (q.info["name"] or "").startswith("smpd-load")]
 
 

@@ -300,7 +300,7 @@ class Handlers:
         self.sup.ipi_all(cpus, L.Ipi.INIT, budget, "reset (INIT)")
         for cpu in cpus:
             for field in ("fault", "fault_page", "fault_addr", "fault_value", "fault_cause",
-                          "fault_cause_arg", "fault_ns", "stray_stores", "kick_seen_ns",
+                          "fault_cause_arg", "fault_ns", "fault_gen", "stray_stores", "kick_seen_ns",
                           "nmi_pending", "smi_pending", "mce_pending", "nmi_held", "smi_held", "mce_held",
                           "cpu_gen"):
                 seg.set_cb(cpu, field, 0)

@@ -98,7 +98,8 @@ class Cpu(CpuCore):
             first = v.stores[0] if v.stores else (0, 0)
             for field, value in (("fault_page", v.page), ("fault_addr", first[0]), ("fault_value", first[1]),
                                  ("fault_cause", cause), ("fault_cause_arg", cause_arg),
-                                 ("fault_ns", time.monotonic_ns()), ("fault", v.fault)):
+                                 ("fault_ns", time.monotonic_ns()),
+                                 ("fault_gen", self.seg.cb(self.cpu, "cpu_gen")), ("fault", v.fault)):
                 self.seg.set_cb(self.cpu, field, value)
         if v.fault == L.Fault.TRIPLE_FAULT:
             events.log(self.seg, self.cpu, L.Ev.TRIPLE_FAULT, v.page)

@@ -25,19 +25,18 @@ The coordinator is reached only through ``Port`` (the operations this needs).
 
 from __future__ import annotations
 
-import hashlib
 import random
-import struct
 import time
 from typing import Protocol
 
 import psutil
 
 from smpd import cpulist
-from smpd.kernel import boot as boot_mod, generations as gens_mod, image
+from smpd.kernel import boot as boot_mod, generations as gens_mod
 from smpd.kernel.generations import Generations
 from smpd.kernel.kick import smp_kick_mwait_play_dead
-from smpd.kernel.memmap import Boot, MemoryMap, Region, kexec_load, page_addr
+from smpd.kernel.memmap import Boot, MemoryMap, Region, kexec_load
+from smpd.kernel.relocate import Relocation
 from smpd.kernel.outcome import OUTCOMES, CpuFacts, Snapshot, classify, explain
 from smpd.kernel.scenario import Scenario, parse_boot
 from smpd.kernel.timeline import Timeline, describe
@@ -49,7 +48,6 @@ STOP_OTHER_CPUS_S = 1.0  # native_stop_other_cpus(): "Don't wait longer than a s
 SETTLE_S = 2.0  # how long the CPUs get to finish what a write or an interrupt started
 IRQ_TAKEN_S = 1.0  # how long an injected signal gets to be taken (or held)
 BOOT_IPI_S = 2.0  # INIT/SIPI acknowledgement budget when the new kernel starts the APs
-MAX_WAKING = 64  # waking writes recorded per kexec (a 4096-CPU machine could have thousands)
 
 
 class Port(Protocol):
@@ -80,9 +78,7 @@ class Kexec:
         self.left_behind: list[int] = []
         self.parked_in_init = False
         self.smm_hang = ""
-        self.copy_woke = self.boot_woke = 0
-        self.copy_info: dict = {}
-        self.waking: list[dict] = []  # the writes that woke a monitor, and whose line they hit
+        self.writes: Relocation | None = None  # the copy and the new kernel's own writes
         self.old: MemoryMap | None = None
         self.new: MemoryMap | None = None
 
@@ -126,6 +122,7 @@ class Kexec:
         new_boot = Boot(s.into or flavour, nosmt=params.nosmt, maxcpus=params.maxcpus, kaslr=params.kaslr,
                         crash=s.crash)
         self.new = kexec_load(self.old, new_boot)
+        self.writes = Relocation(seg, self.bus, self.gens, self.new, s.order, self.rng, self.log)
         self.marks = self.t.mark_start(seg, self.cpus)
         online = [c for c in self.cpus if seg.cb(c, "hotplug") == L.Hotplug.ONLINE and self.alive(c)]
         self.offline_at_start = [c for c in self.cpus if c not in online]
@@ -139,15 +136,15 @@ class Kexec:
             with self.t.phase("native_stop_other_cpus()"):
                 self.native_stop_other_cpus(online, flavour)
         with self.t.phase("relocate_kernel(): copy"):
-            self.copy(lambda: self.inject("during-copy"))
+            self.writes.copy(lambda: self.inject("during-copy"), s.crash)
         self.inject("after-copy")
         with self.t.phase(f"generation {self.new.gen} boots"):
-            self.new_kernel_boot()
+            self.writes.new_kernel_boot()
         unsettled = self.settle()
         corruption: list[dict] = []
         if not self.machine_ended():
             with self.t.phase("verify memory"):
-                corruption = self.verify()  # before the APs run and write their own per-CPU data
+                corruption = self.writes.verify()  # before the APs run and write their own per-CPU data
             with self.t.phase("INIT/SIPI: the APs boot"):
                 self.start_aps()
         self.t.merge_cpus(seg, self.marks, self.gens)
@@ -272,72 +269,6 @@ class Kexec:
                 self.not_taken[cpu] = f"{inj.kind.upper()} at {phase} not taken within {IRQ_TAKEN_S:.0f} s" + \
                     (f": {note}" if note else "")
 
-    def copy_pages(self) -> list[tuple[int, Region, int]]:
-        """What relocate_kernel() writes: each segment's pages, in the scenario's order."""
-        pages = [(first + i, region, i) for first, count, region in self.new.segments for i in range(count)]
-        order = self.s.order
-        if order == "random":
-            self.rng.shuffle(pages)
-        elif order in ("monitored-first", "monitored-last"):
-            d, base = self.seg.u16, self.seg.geo.dir_off // L.DIR_ENTRY
-            hot = {p for p, _r, _i in pages if any(d[base + p * L.LINES_PER_PAGE + i] for i in range(L.LINES_PER_PAGE))}
-            first = [x for x in pages if x[0] in hot]
-            rest = [x for x in pages if x[0] not in hot]
-            pages = first + rest if order == "monitored-first" else rest + first
-        return pages
-
-    def write_page(self, page: int, region: Region, index: int, seed: int, who: str) -> int:
-        """One page of the new kernel through the bus; a write that wakes a monitor is recorded
-        with the line it hit (which write hit which line: the evidence the maps explain)."""
-        d, base = self.seg.u16, self.seg.geo.dir_off // L.DIR_ENTRY + page * L.LINES_PER_PAGE
-        watchers = [(i, d[base + i] - 1) for i in range(L.LINES_PER_PAGE) if d[base + i]]
-        woke = self.bus.write(page_addr(page), image.page_image(seed, self.new.gen, region, index))
-        if woke and len(self.waking) < MAX_WAKING:
-            for line, cpu in watchers:
-                addr = page_addr(page) + line * L.LINE
-                what = f"{who}: {region.name.lower()} page {index} at {page_addr(page):#x}"
-                self.waking.append({"cpu": cpu, "write": what, "line": self.gens.of_cpu(cpu).symbol(addr),
-                                    "addr": addr})
-                self.log(f"{what} writes CPU{cpu}'s monitored line ({self.waking[-1]['line']})", "waking_write")
-        return woke
-
-    def copy(self, during) -> None:
-        """machine_kexec() -> relocate_kernel(): the new kernel's segments over whatever is there."""
-        if self.s.crash:
-            self.log("kdump: the crash kernel was loaded into the crashkernel= region at boot (kexec -p): "
-                     "nothing to copy")
-            during()
-            self.copy_info = {"pages": 0}
-            return
-        pages = self.copy_pages()
-        self.copy_info = {"pages": len(pages), "segments": [
-            {"first_page": f, "pages": n, "what": r.name.lower(), "addr": hex(page_addr(f))}
-            for f, n, r in self.new.segments],
-            "order_digest": hashlib.sha256(struct.pack(f"<{len(pages)}I", *(p for p, _r, _i in pages))).hexdigest()[:16]}
-        seed = self.seg.hdr("seed")
-        t0 = time.monotonic_ns()
-        self.log(f"copy: {len(pages)} pages of generation {self.new.gen}'s segments, order {self.s.order} ("
-                 + ", ".join(f"{r.name.lower()} at {page_addr(f):#x}" for f, _n, r in self.new.segments) + ")")
-        for n, (page, region, index) in enumerate(pages):
-            if n == len(pages) // 2:
-                during()
-            self.copy_woke += self.write_page(page, region, index, seed, "the copy")
-        self.log(f"copy done in {(time.monotonic_ns() - t0) / 1e6:.1f} ms; its writes woke {self.copy_woke} monitors")
-
-    def new_kernel_boot(self) -> None:
-        """The jump: the new kernel's own writes until it starts the APs (smpd.kernel.image.boot_kernel)."""
-        gens_mod.record(self.seg, self.new)
-        t0 = time.monotonic_ns()
-        seed = self.seg.hdr("seed")
-        self.boot_woke = sum(self.write_page(p, r, i, seed, f"generation {self.new.gen}'s boot")
-                             for p, r, i in self.new.pages())
-        r = self.new.regions
-        self.log(f"generation {self.new.gen} boots ({self.new.placement}): image at {page_addr(r[Region.TEXT]):#x}, "
-                 f"page tables and per-CPU areas (memblock, top-down) at {page_addr(r[Region.PGTABLE]):#x} and "
-                 f"{page_addr(r[Region.PERCPU]):#x}, idle task_structs and stacks (lowest first) at "
-                 f"{page_addr(r[Region.TASKS]):#x}; {(time.monotonic_ns() - t0) / 1e6:.1f} ms, its writes woke "
-                 f"{self.boot_woke} monitors")
-
     def settle(self) -> list[int]:
         """Wait (bounded) until no CPU is still acting on a wake-up: two scans in a row with
         every CPU idle and no activity in between."""
@@ -380,28 +311,6 @@ class Kexec:
                     + ("kdump: nr_cpus=1" if boot.crash else f"maxcpus={boot.maxcpus}") + ")" if self.left_behind else "")
                  + (f"; CPU {cpulist.format_list(self.boot_missing)} did not answer" if self.boot_missing else ""))
 
-    def verify(self) -> list[dict]:
-        """Compare the new kernel's memory (image and allocations) with what it wrote, once every CPU
-        the writes woke has settled and before the APs run: a stray store that landed there is
-        corruption; one a later write covered left no trace."""
-        seed = self.seg.hdr("seed")
-        bad: list[dict] = []
-        for page, region, index in self.new.pages():
-            want = image.page_image(seed, self.new.gen, region, index)
-            off = self.seg.geo.mem_off + page * L.PAGE
-            have = self.seg.buf[off:off + L.PAGE]
-            if have == want:
-                continue
-            for w in range(0, L.PAGE, 4):
-                if have[w:w + 4] != want[w:w + 4]:
-                    addr = page_addr(page) + w
-                    bad.append({"addr": addr, "symbol": self.new.symbol(addr),
-                                "value": struct.unpack_from("<I", have, w)[0],
-                                "expected": struct.unpack_from("<I", want, w)[0]})
-        self.log(f"generation {self.new.gen}: memory verification " + (f"found {len(bad)} corrupted words" if bad
-                                                                       else "clean"))
-        return bad
-
     # -- the outcome -----------------------------------------------------------
 
     def cpu_facts(self, cpu: int) -> CpuFacts:
@@ -410,6 +319,12 @@ class Kexec:
         gen = seg.cb(cpu, "cpu_gen")
         m = self.gens.of_cpu(cpu)
         page = seg.cb(cpu, "fault_page")
+        # The page is judged in the map of the kernel the CPU ran when it faulted: the new
+        # kernel may have restarted it since (a CPU that stored stray bytes and halted).
+        fault_gen = seg.cb(cpu, "fault_gen") or gen
+        where = f"{self.gens.map(fault_gen).describe_page(page)} of generation {fault_gen}"
+        if self.new is not None and self.new.gen != fault_gen and self.new.region_of(page):
+            where += f" (now generation {self.new.gen}'s {self.new.describe_page(page)})"
         cause, arg = seg.cb(cpu, "fault_cause"), seg.cb(cpu, "fault_cause_arg")
         store = None
         if fault == L.Fault.STRAY_STORE or seg.cb(cpu, "stray_stores"):
@@ -420,8 +335,7 @@ class Kexec:
         return CpuFacts(
             cpu=cpu, state="GONE" if not alive else L.ExecState(seg.cb(cpu, "state")).name, fault=fault.name,
             fault_ns=seg.cb(cpu, "fault_ns"),
-            fault_page=f"{m.describe_page(page)} of generation {gen}" if fault not in (L.Fault.NONE,
-                                                                                        L.Fault.MCE_SHUTDOWN) else "",
+            fault_page=where if fault not in (L.Fault.NONE, L.Fault.MCE_SHUTDOWN) else "",
             fault_cause=describe(self.gens, cpu, L.Ev(cause), arg) if cause else "",
             stray_stores=seg.cb(cpu, "stray_stores"), first_store=store, alive=alive,
             exit_code=None if p is None else p.exitcode, pid=0 if p is None else p.pid,
@@ -435,7 +349,7 @@ class Kexec:
                         parked_in_init=self.parked_in_init, corruption=tuple(corruption), smm_hang=self.smm_hang,
                         not_taken=dict(self.not_taken), unsettled=tuple(unsettled),
                         boot_missing=tuple(self.boot_missing), left_behind=tuple(self.left_behind),
-                        waking=tuple(self.waking))
+                        waking=tuple(self.writes.waking))
 
     def cpu_report(self, cpu: int) -> dict:
         f = self.cpu_facts(cpu)
@@ -460,8 +374,8 @@ class Kexec:
             "park": {"pre-fix": "none", "6.5": "init", "6.6": "hlt"}[snap.kernel],
             "order": s.order, "seed": s.seed, "scenario": s.to_json(),
             "injections": [dict(i, cpus=cpulist.format_list(i["cpus"])) for i in s.to_json()["injections"]],
-            "kick": self.kick, "copy": dict(self.copy_info, woke=self.copy_woke), "boot_woke": self.boot_woke,
-            "waking_writes": self.waking,
+            "kick": self.kick, "copy": dict(self.writes.copy_info, woke=self.writes.copy_woke),
+            "boot_woke": self.writes.boot_woke, "waking_writes": self.writes.waking,
             "generation": {"old": self.old.gen, "new": self.new.gen},
             "memory": {"old": self.old.summary(), "new": self.new.summary()},
             "corruption": corruption[:16], "corrupted_words": len(corruption),

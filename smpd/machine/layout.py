@@ -275,6 +275,7 @@ _CB_FIELDS = [
     ("activity", 304, "I"),  # bumped at every return from wait(): settle detection
     ("busy", 308, "I"),  # 1 between a wake-up and the next wait
     ("ev_head", 312, "I"),  # events logged so far; the ring keeps the last EV_SLOTS
+    ("fault_gen", 316, "I"),  # the generation whose map fault_page was judged in (0: cpu_gen's)
     # Lines 5-7: the event ring, EV_SLOTS entries of (ns u64, code u32, arg u32).
 ]
 EV_OFF = 320

@@ -150,13 +150,20 @@ def test_kexec_trace_has_a_track_per_cpu_the_phases_and_each_cpus_states(machine
     doc = _trace(out)
     names = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "thread_name"}
     assert names[0].startswith("CPU0 (coordinator") and names[5] == "CPU5" and len(names) == 6
-    phases = [e["name"] for e in doc["traceEvents"] if e.get("cat") == "phase"]
-    for p in ("native_stop_other_cpus()", "smp_kick_mwait_play_dead()", "relocate_kernel(): copy"):
+    phases = " | ".join(e["name"] for e in doc["traceEvents"] if e.get("cat") == "phase")
+    for p in ("machine_shutdown() -> native_stop_other_cpus()", "smp_kick_mwait_play_dead()",
+              "relocate_kernel(): the copy"):
         assert p in phases, phases
+    smpd_own = [e["name"] for e in doc["traceEvents"] if e.get("cat") == "smpd"]
+    assert any("until the NMI is taken or held" in n for n in smpd_own)  # on the emulator's own process
+    assert all(e["pid"] == 2 for e in doc["traceEvents"] if e.get("cat") == "smpd")
     assert _states(doc, 1)[:2] == ["MWAIT", "HLT"]  # parked, kicked into HLT
     assert _states(doc, 2)[-1] == "SHUTDOWN"  # the NMI ended HLT in overwritten memory
     instants = {(e["tid"], e["cat"]) for e in doc["traceEvents"] if e["ph"] == "i"}
-    assert {(1, "WAKE_WRITE"), (1, "KICK_SEEN"), (2, "INTERRUPT"), (2, "TRIPLE_FAULT"), (0, "inject")} <= instants
+    assert {(1, "WAKE_WRITE"), (1, "KICK_SEEN"), (2, "INTERRUPT"), (2, "TRIPLE_FAULT"), (0, "inject"),
+            (0, "machine_end")} <= instants
+    handler = [e for e in doc["traceEvents"] if e["tid"] == 2 and e.get("cat") == "running"]
+    assert handler and handler[0]["name"] == "RUNNING (interrupt handler)"  # from the NMI to the fault
 
 
 def test_chain_trace_holds_every_link(machine, tmp_path):
@@ -165,7 +172,7 @@ def test_chain_trace_holds_every_link(machine, tmp_path):
     out = tmp_path / "chain.json"
     run_smpd("chain", "--kexecs", "2", "--kernel", "6.6", "--trace", str(out), name=m.name)
     doc = _trace(out)
-    copies = [e for e in doc["traceEvents"] if e["name"] == "relocate_kernel(): copy"]
+    copies = [e for e in doc["traceEvents"] if e["name"].endswith("relocate_kernel(): the copy")]
     assert [e["args"]["kexec"] for e in copies] == ["link 1: generation 1 -> 2", "link 2: generation 2 -> 3"]
     assert copies[0]["ts"] + copies[0]["dur"] <= copies[1]["ts"]
 

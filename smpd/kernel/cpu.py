@@ -43,6 +43,9 @@ class Cpu(CpuCore):
         self.map: MemoryMap | None = None  # that generation's memory map
         self.plans: dict[tuple, resume_mod.ResumePlan] = {}  # by (map, text page)
         self.kick_acks: dict[MemoryMap, object] = {}  # hotpath.Ack by memory map (compiled path)
+        # Halted inside an NMI handler (the NMI stop): no IRET ever unblocks NMIs, so a later NMI
+        # stays latched, never taken. Only INIT clears it.
+        self.nmi_blocked = False
 
     def run(self) -> None:
         state = self.wait_for_sipi
@@ -124,6 +127,11 @@ class Cpu(CpuCore):
         got = self._drain_pending()
         for kind in KINDS:
             self.seg.set_cb(self.cpu, f"{kind}_pending", 0)
+        if self.nmi_blocked and got["nmi"]:
+            self._add("nmi_held", got["nmi"])
+            events.log(self.seg, self.cpu, L.Ev.HELD, L.IRQ_CODE["nmi"])
+            self.seg.set_cb(self.cpu, "nmi_pending", 1)  # latched: one, however many arrived
+            got["nmi"] = 0
         took = 0
         for kind in L.IRQ_KINDS:
             if not got[kind]:
@@ -209,6 +217,7 @@ class Cpu(CpuCore):
     def init_reset(self):
         """INIT: the CPU resets and waits for a startup IPI, whatever it was doing."""
         self.disarm()
+        self.nmi_blocked = False
         self._add("init_count", 1)
         events.log(self.seg, self.cpu, L.Ev.INIT)
         return self.wait_for_sipi
@@ -287,10 +296,12 @@ class Cpu(CpuCore):
         return self.hlt
 
     def nmi_stop(self):
-        """The NMI shootdown: the stop NMI handler (crash_nmi_callback() for kdump) marks this CPU
-        offline and halts with NMIs blocked."""
+        """Stopped by NMI: the handler (crash_nmi_callback() for kdump, smp_stop_nmi_callback()
+        for the reboot's NMI fallback) marks this CPU offline and halts inside the handler, NMIs
+        blocked: a later NMI is held, never taken (an MCE or an SMI still is)."""
         events.log(self.seg, self.cpu, L.Ev.NMI_STOP)
         self.seg.set_cb(self.cpu, "hotplug", L.Hotplug.OFFLINE)
+        self.nmi_blocked = True
         return self.hlt
 
     def play_dead(self):

@@ -66,5 +66,7 @@ class Generations:
         return self.map(self.seg.hdr("generation"))
 
     def of_cpu(self, cpu: int) -> MemoryMap:
-        """The map of the generation ``cpu`` runs (the one that last started it)."""
-        return self.map(self.seg.cb(cpu, "cpu_gen") or self.seg.hdr("generation"))
+        """The map of the generation ``cpu`` runs (the one that last started it). CPU 0, the
+        kexec CPU, always runs the current one."""
+        gen = self.seg.cb(cpu, "cpu_gen") if cpu else 0
+        return self.map(gen or self.seg.hdr("generation"))

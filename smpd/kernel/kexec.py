@@ -116,38 +116,43 @@ class Kexec:
         t0 = time.monotonic_ns()
         self.old = self.gens.current()
         flavour = s.kernel or self.old.boot.flavour
-        if flavour != self.old.boot.flavour:
-            self.become(flavour)
         params = parse_boot(s.boot, seg.geo.ncpus, self.old.boot, seg.hdr("seed"))
         new_boot = Boot(s.into or flavour, nosmt=params.nosmt, maxcpus=params.maxcpus, kaslr=params.kaslr,
                         crash=s.crash)
+        offline = [c for c in self.cpus if seg.cb(c, "hotplug") != L.Hotplug.ONLINE or not self.alive(c)]
+        self.log(f"{'kdump' if s.crash else 'kexec'}: generation {self.old.gen} ({self.old.boot.text()}) -> "
+                 f"{self.old.gen + 1} ({new_boot.text()}); order {s.order}, seed {s.seed}; offline CPUs "
+                 f"{cpulist.format_list(offline) or 'none'}")
+        if flavour != self.old.boot.flavour:
+            self.become(flavour)
         self.new = kexec_load(self.old, new_boot)
         self.writes = Relocation(seg, self.bus, self.gens, self.new, s.order, self.rng, self.log)
         self.marks = self.t.mark_start(seg, self.cpus)
         online = [c for c in self.cpus if seg.cb(c, "hotplug") == L.Hotplug.ONLINE and self.alive(c)]
         self.offline_at_start = [c for c in self.cpus if c not in online]
-        self.log(f"{'kdump' if s.crash else 'kexec'}: generation {self.old.gen} ({self.old.boot.text()}) -> "
-                 f"{self.new.gen} ({new_boot.text()}); order {s.order}, seed {s.seed}; offline CPUs "
-                 f"{cpulist.format_list(self.offline_at_start) or 'none'}")
         if s.crash:
-            with self.t.phase("crash_smp_send_stop()"):
+            with self.t.phase("__crash_kexec() -> native_machine_crash_shutdown() -> crash_smp_send_stop()"):
                 self.crash_smp_send_stop(online)
+            with self.t.phase("machine_kexec(): into the crash kernel, loaded at boot (no copy)"):
+                self.writes.copy(lambda: self.inject("during-copy"), s.crash)
         else:
-            with self.t.phase("native_stop_other_cpus()"):
+            with self.t.phase("kernel_kexec() -> machine_shutdown() -> native_stop_other_cpus()"):
                 self.native_stop_other_cpus(online, flavour)
-        with self.t.phase("relocate_kernel(): copy"):
-            self.writes.copy(lambda: self.inject("during-copy"), s.crash)
+            with self.t.phase("machine_kexec() -> relocate_kernel(): the copy"):
+                self.writes.copy(lambda: self.inject("during-copy"), s.crash)
         self.inject("after-copy")
-        with self.t.phase(f"generation {self.new.gen} boots"):
+        with self.t.phase(f"generation {self.new.gen}'s early boot: decompress, BSS, page tables, memblock, slab"):
             self.writes.new_kernel_boot()
-        unsettled = self.settle()
+        with self.t.phase("smpd: the CPUs settle", "smpd"):
+            unsettled = self.settle()
         corruption: list[dict] = []
         if not self.machine_ended():
-            with self.t.phase("verify memory"):
+            with self.t.phase("smpd: check the new kernel's memory", "smpd"):
                 corruption = self.writes.verify()  # before the APs run and write their own per-CPU data
-            with self.t.phase("INIT/SIPI: the APs boot"):
+            with self.t.phase(f"generation {self.new.gen}: smp_init() -> INIT, SIPI to each AP"):
                 self.start_aps()
         self.t.merge_cpus(seg, self.marks, self.gens)
+        self.t.mark_machine_end()
         snap = self.snapshot(flavour, corruption, unsettled)
         v = classify(snap)
         report = self.report(v, snap, corruption)
@@ -180,7 +185,8 @@ class Kexec:
             self.inject("during-kick")
         self.inject("after-kick")
         # 6.5: if (smp_park_other_cpus_in_init()) goto done; -- INIT parking replaces the NMI shootdown
-        with self.t.phase("REBOOT vector"):
+        with self.t.phase("REBOOT_VECTOR to the other online CPUs; NMI if they do not stop"
+                          if flavour != "6.5" else "REBOOT_VECTOR to the other online CPUs"):
             self.stop_online(online, "REBOOT vector", "stop_other_cpus()", nmi_fallback=flavour != "6.5")
         if flavour == "6.5":
             with self.t.phase("smp_park_other_cpus_in_init()"):
@@ -208,7 +214,7 @@ class Kexec:
         msg = f"{who}: {vector} to CPU {cpulist.format_list(online)}; {len(acked)} in {where}"
         if missing and nmi_fallback:
             acked2, missing = self.c.ipi_wait(missing, L.Ipi.NMI_STOP, STOP_OTHER_CPUS_S)
-            msg += f"; the NMI shootdown stopped {len(acked2)} more"
+            msg += f"; the NMI fallback (smp_stop_nmi_callback()) stopped {len(acked2)} more"
         self.log(msg + (f"; CPU {cpulist.format_list(missing)} did not stop" if missing else ""))
 
     def smp_kick_mwait_play_dead(self, during) -> dict:
@@ -250,7 +256,7 @@ class Kexec:
                     self.c.send_interrupt(cpu, inj.kind)
             self.log((f"stray {inj.kind.upper()} x{inj.count} to CPU {cpulist.format_list(targets)}, now "
                       f"(no kexec runs)") if stray else
-                     (f"inject {inj.spec()} at {phase}: {inj.kind.upper()} x{inj.count} to CPU "
+                     (f"inject {inj.spec()} = {inj.kind.upper()} x{inj.count} to CPU "
                       f"{cpulist.format_list(targets)}"), "inject", sent)
             if inj.kind == "smi" and self.seg.hdr("smm_hangs_in_init") and not self.smm_hang:
                 in_init = [c for c in self.cpus if self.seg.cb(c, "state") == L.ExecState.WAIT_FOR_SIPI]
@@ -260,10 +266,11 @@ class Kexec:
                              "smm_hang")
             deadline = time.monotonic() + IRQ_TAKEN_S
             waiting = set(targets)
-            while waiting and time.monotonic() < deadline:
-                waiting = {c for c in waiting if self.irq_seen(c) == before[c] and self.alive(c)}
-                if waiting:
-                    time.sleep(0.0002)
+            with self.t.phase(f"smpd: until the {inj.kind.upper()} is taken or held", "smpd"):
+                while waiting and time.monotonic() < deadline:
+                    waiting = {c for c in waiting if self.irq_seen(c) == before[c] and self.alive(c)}
+                    if waiting:
+                        time.sleep(0.0002)
             for cpu in waiting:
                 note = self.host_note(cpu)
                 self.not_taken[cpu] = f"{inj.kind.upper()} at {phase} not taken within {IRQ_TAKEN_S:.0f} s" + \
@@ -322,7 +329,11 @@ class Kexec:
         # The page is judged in the map of the kernel the CPU ran when it faulted: the new
         # kernel may have restarted it since (a CPU that stored stray bytes and halted).
         fault_gen = seg.cb(cpu, "fault_gen") or gen
-        where = f"{self.gens.map(fault_gen).describe_page(page)} of generation {fault_gen}"
+        try:
+            fm = self.gens.map(fault_gen)
+        except LookupError:  # older than the generation table keeps
+            fm, fault_gen = m, gen
+        where = f"{fm.describe_page(page)} of generation {fault_gen}"
         if self.new is not None and self.new.gen != fault_gen and self.new.region_of(page):
             where += f" (now generation {self.new.gen}'s {self.new.describe_page(page)})"
         cause, arg = seg.cb(cpu, "fault_cause"), seg.cb(cpu, "fault_cause_arg")
@@ -336,7 +347,7 @@ class Kexec:
             cpu=cpu, state="GONE" if not alive else L.ExecState(seg.cb(cpu, "state")).name, fault=fault.name,
             fault_ns=seg.cb(cpu, "fault_ns"),
             fault_page=where if fault not in (L.Fault.NONE, L.Fault.MCE_SHUTDOWN) else "",
-            fault_cause=describe(self.gens, cpu, L.Ev(cause), arg) if cause else "",
+            fault_cause=describe(fm, L.Ev(cause), arg) if cause else "",
             stray_stores=seg.cb(cpu, "stray_stores"), first_store=store, alive=alive,
             exit_code=None if p is None else p.exitcode, pid=0 if p is None else p.pid,
             held=any(seg.cb(cpu, f"{k}_held") for k in L.HELD_IN_INIT),

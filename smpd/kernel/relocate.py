@@ -55,6 +55,7 @@ class Relocation:
         with the line it hit (which write hit which line: the evidence the maps explain)."""
         d, base = self.seg.u16, self.seg.geo.dir_off // L.DIR_ENTRY + page * L.LINES_PER_PAGE
         watchers = [(i, d[base + i] - 1) for i in range(L.LINES_PER_PAGE) if d[base + i]]
+        at = time.monotonic_ns()  # the write's time: before the wake-ups it causes
         woke = self.bus.write(page_addr(page), image.page_image(seed, self.new.gen, region, index))
         if woke and len(self.waking) < MAX_WAKING:
             for line, cpu in watchers:
@@ -62,7 +63,7 @@ class Relocation:
                 what = f"{who}: {region.name.lower()} page {index} at {page_addr(page):#x}"
                 self.waking.append({"cpu": cpu, "write": what, "line": self.gens.of_cpu(cpu).symbol(addr),
                                     "addr": addr})
-                self.log(f"{what} writes CPU{cpu}'s monitored line ({self.waking[-1]['line']})", "waking_write")
+                self.log(f"{what} writes CPU{cpu}'s monitored line ({self.waking[-1]['line']})", "waking_write", at)
         return woke
 
     def copy(self, during, crash: bool) -> None:

@@ -527,7 +527,7 @@ def kick(name, as_json, timeline_form, trace_file):
     _trace(trace_file, [("smp_kick_mwait_play_dead()", r)], machine)
     _print_json_or(r, as_json, lambda r: Group(render.kick_summary(r["kick"]), Text("CPUs:"),
                                                render.cpu_outcomes(r["cpus"]), Text("timeline:"),
-                                               render.timeline(r["timeline"], form)))
+                                               render.timeline(r["timeline"], form, r.get("phases"))))
 
 
 @main.command()

@@ -207,7 +207,7 @@ ROUTINE = {"WAKE_WRITE": "MWAIT woken by a write to its monitored line",
            "KICK_SEEN": "sees control == CPUDEAD_MWAIT_KEXEC_HLT, acknowledges in status",
            "HLT": "enters HLT", "INIT": "INIT: wait-for-SIPI", "SIPI": "SIPI: smp_callin()",
            "REBOOT": "stop_this_cpu()", "OFFLINE": "play_dead() into mwait_play_dead()",
-           "NMI_STOP": "NMI shootdown: halts with NMIs blocked (crash_nmi_callback())"}
+           "NMI_STOP": "stopped by NMI: halts in the handler, NMIs blocked"}
 TIMELINE_FORMS = "all, summary (the default), or a cpulist (those CPUs' events and the coordinator's)"
 
 
@@ -215,42 +215,50 @@ def _event_line(t: Text, us: float, who: str, what: str, style: str = "") -> Non
     t.append(f"  {us:>10.1f} us  {who:<6} {what}\n", style=style)
 
 
-def timeline(events: list[dict], form: str | list[int] = "summary") -> Text:
+def timeline(events: list[dict], form: str | list[int] = "summary", phases: list[dict] | None = None) -> Text:
     """The timeline: every event (``all``), those of some CPUs (a list), or the summary, where
-    the routine events of many CPUs between two coordinator events fold into one line each."""
+    what many CPUs do alike between two coordinator events folds into one line (routine events
+    plainly, unusual ones in bold). The kernel's phases open with a line of their own."""
     t = Text()
+    marks = [(p["t_rel_us"], p) for p in (phases or []) if p.get("track", "kernel") == "kernel"]
     if form == "all" or isinstance(form, list):
         wanted = None if form == "all" else set(form) | {0}
+        items: list[tuple[float, object]] = [(e["t_rel_us"], e) for e in events
+                                             if wanted is None or e["cpu"] in wanted]
+    else:
+        folds: dict[tuple[str, str], list[dict]] = {}  # (kind, text) -> its events since the last coordinator event
+        items = []
         for e in events:
-            if wanted is None or e["cpu"] in wanted:
-                _event_line(t, e["t_rel_us"], "coord" if e["cpu"] == 0 else f"CPU{e['cpu']}", e["event"])
-        return t
-    folds: dict[str, list[dict]] = {}  # kind -> its events since the last coordinator event
-    out: list[tuple[float, object]] = []  # (time, event or fold), in order of first appearance
-    for e in events:
-        kind = e.get("kind", "")
-        if e["cpu"] == 0:
-            folds.clear()  # a new phase: its CPUs' lines fold anew
-            out.append((e["t_rel_us"], e))
-        elif kind in ROUTINE:
-            if kind not in folds:
-                folds[kind] = []
-                out.append((e["t_rel_us"], folds[kind]))
-            folds[kind].append(e)
+            kind = e.get("kind", "")
+            if e["cpu"] == 0:
+                folds.clear()  # a new step of the coordinator: its CPUs' lines fold anew
+                items.append((e["t_rel_us"], e))
+                continue
+            key = (kind, ROUTINE.get(kind, e["event"]))
+            if key not in folds:
+                folds[key] = []
+                items.append((e["t_rel_us"], folds[key]))
+            folds[key].append(e)
+    for us, item in sorted(marks + items, key=lambda x: (x[0], not isinstance(x[1], dict) or "name" not in x[1])):
+        if isinstance(item, dict) and "name" in item:  # a phase
+            t.append(f"  {us:>10.1f} us  ── {item['name']} ({_ns(item['dur_us'] * 1000)})\n", style="dim bold")
+        elif isinstance(item, dict):
+            _event(t, us, [item])
         else:
-            out.append((e["t_rel_us"], e))
-    for us, item in out:
-        if isinstance(item, dict):
-            who = "coord" if item["cpu"] == 0 else f"CPU{item['cpu']}"
-            _event_line(t, us, who, item["event"], "" if item["cpu"] == 0 or item.get("kind") in ROUTINE
-                        else "bold")
-        elif len(item) == 1:
-            _event_line(t, us, f"CPU{item[0]['cpu']}", item[0]["event"])
-        else:
-            cpus = format_list(sorted({e["cpu"] for e in item}))
-            _event_line(t, us, "CPUs", f"{cpus}: {ROUTINE[item[0]['kind']]} ({len(item)} events, until "
-                                       f"{item[-1]['t_rel_us']:.1f} us)")
+            _event(t, us, item)
     return t
+
+
+def _event(t: Text, us: float, group: list[dict]) -> None:
+    e = group[0]
+    kind = e.get("kind", "")
+    style = "bold red" if kind == "machine_end" else "" if e["cpu"] == 0 or kind in ROUTINE else "bold"
+    if len(group) == 1:
+        _event_line(t, us, "coord" if e["cpu"] == 0 else f"CPU{e['cpu']}", e["event"], style)
+        return
+    what = ROUTINE.get(kind, e["event"])
+    _event_line(t, us, "CPUs", f"{format_list(sorted({g['cpu'] for g in group}))}: {what} ({len(group)} events, "
+                               f"until {group[-1]['t_rel_us']:.1f} us)", style)
 
 
 def kexec_report(r: dict, form: str | list[int] = "summary") -> Group:
@@ -273,7 +281,7 @@ def kexec_report(r: dict, form: str | list[int] = "summary") -> Group:
         parts.append(Text(f"corrupted words in the new kernel: {r['corrupted_words']}; first: "
                           + ", ".join(f"{b['symbol']} = {b['value']:#010x}" for b in r["corruption"][:4])))
     parts += [Text("timeline:" + (" the summary (--timeline all shows every event)" if form == "summary" else "")),
-              timeline(r["timeline"], form)]
+              timeline(r["timeline"], form, r.get("phases"))]
     return Group(*parts)
 
 

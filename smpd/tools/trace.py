@@ -8,7 +8,11 @@ coordinator:
   them (native_stop_other_cpus(), smp_kick_mwait_play_dead(), relocate_kernel(): copy);
 * each other CPU's execution state is a run of complete events, one per state
   (MWAIT, HLT, WAIT_FOR_SIPI, RUNNING, SHUTDOWN), from its state at the start and the
-  state changes its events say;
+  state changes its events say; over it, the windows in which a woken or interrupted
+  CPU executes (RUNNING (woken), RUNNING (interrupt handler), SMM);
+* the emulator's own work (waiting for an injection to be taken, for the CPUs to
+  settle, checking memory) on a process of its own: it takes no time on hardware;
+* where the machine ended (a triple fault, an MCE shutdown), a global instant;
 * every event of the timeline is also an instant event ("ph": "i") on its CPU's track:
   writes, kicks, interrupts, faults, the coordinator's notes.
 
@@ -21,15 +25,19 @@ import json
 
 from smpd.host import files
 
-# The state a CPU is in after an event of this kind (smpd.machine.layout.Ev names). A
-# wake-up from MWAIT is an instant: the CPU goes back to MWAIT, or on to HLT or a fault,
-# within the same microsecond or so, and the event that follows says which.
+# The state a CPU is in after an event of this kind (smpd.machine.layout.Ev names).
 STATE_AFTER = {
-    "OFFLINE": "MWAIT", "HLT": "HLT", "REBOOT": "HLT", "NMI_STOP": "HLT", "FOREIGN_HALT": "HLT",
+    "OFFLINE": "MWAIT", "HLT": "HLT", "REBOOT": "HLT", "NMI_STOP": "HLT (NMIs blocked)", "FOREIGN_HALT": "HLT",
     "INIT": "WAIT_FOR_SIPI", "SIPI": "RUNNING",
     "TRIPLE_FAULT": "SHUTDOWN", "MCE_SHUTDOWN": "SHUTDOWN",
 }
+# A wake-up or an interrupt makes the CPU execute: a RUNNING span from it to the CPU's next
+# event (its acknowledgement, a fault, HLT) -- the window in which a CPU runs whatever is now
+# in memory. With no next event it went back to sleep at once: no span.
+RUNS_AFTER = {"WAKE_WRITE": "RUNNING (woken)", "INTERRUPT": "RUNNING (interrupt handler)",
+              "SMM": "SMM", "SPURIOUS": "RUNNING (woken)"}
 PID = 1
+SMPD_PID = 2  # the emulator's own work: takes no time on hardware
 
 
 def _us(ns: int, t0: int) -> float:
@@ -43,16 +51,28 @@ def events_of(report: dict, t0: int, label: str = "") -> list[dict]:
     end = max([e["t_ns"] for e in timeline] + [p["t_ns"] + int(p["dur_us"] * 1000) for p in report.get("phases", [])]
               + [t0])
     for p in report.get("phases", []):
-        out.append({"name": p["name"], "cat": "phase", "ph": "X", "pid": PID, "tid": 0, "ts": _us(p["t_ns"], t0),
+        smpd = p.get("track") == "smpd"
+        out.append({"name": p["name"], "cat": "smpd" if smpd else "phase", "ph": "X",
+                    "pid": SMPD_PID if smpd else PID, "tid": 0, "ts": _us(p["t_ns"], t0),
                     "dur": p["dur_us"], "args": {"kexec": label} if label else {}})
     # Each CPU's states: from where it started, changed by its events.
     states = {int(c): s for c, s in report.get("start_states", {}).items()}
     since = {c: min([e["t_ns"] for e in timeline] + [end]) for c in states}
-    for e in timeline:
+    nxt: dict[int, int] = {}  # index of each event -> the time of its CPU's next event
+    last: dict[int, int] = {}
+    for i, e in enumerate(timeline):
+        if e["cpu"] in last:
+            nxt[last[e["cpu"]]] = e["t_ns"]
+        last[e["cpu"]] = i
+    for i, e in enumerate(timeline):
         cpu = e["cpu"]
-        out.append({"name": e["event"], "cat": e.get("kind", "note"), "ph": "i", "s": "t", "pid": PID,
-                    "tid": cpu, "ts": _us(e["t_ns"], t0)})
-        new = STATE_AFTER.get(e.get("kind", ""))
+        kind = e.get("kind", "note")
+        out.append({"name": e["event"], "cat": kind, "ph": "i", "s": "g" if kind == "machine_end" else "t",
+                    "pid": PID, "tid": cpu, "ts": _us(e["t_ns"], t0)})
+        if cpu and kind in RUNS_AFTER and i in nxt and nxt[i] > e["t_ns"]:
+            out.append({"name": RUNS_AFTER[kind], "cat": "running", "ph": "X", "pid": PID, "tid": cpu,
+                        "ts": _us(e["t_ns"], t0), "dur": round((nxt[i] - e["t_ns"]) / 1000, 3)})
+        new = STATE_AFTER.get(kind)
         if cpu == 0 or new is None:
             continue
         old = states.get(cpu)
@@ -75,7 +95,9 @@ def document(reports: list[tuple[str, dict]], machine: str, ncpus: int) -> dict:
     starts = [e["t_ns"] for _, r in reports for e in r.get("timeline", [])]
     starts += [p["t_ns"] for _, r in reports for p in r.get("phases", [])]
     t0 = min(starts) if starts else 0
-    meta = [{"name": "process_name", "ph": "M", "pid": PID, "args": {"name": f"smpd machine '{machine}'"}}]
+    meta = [{"name": "process_name", "ph": "M", "pid": PID, "args": {"name": f"smpd machine '{machine}'"}},
+            {"name": "process_name", "ph": "M", "pid": SMPD_PID,
+             "args": {"name": "smpd itself (its waits and checks: no time on hardware)"}}]
     for cpu in range(ncpus):
         meta.append({"name": "thread_name", "ph": "M", "pid": PID, "tid": cpu,
                      "args": {"name": "CPU0 (coordinator, the kexec CPU)" if cpu == 0 else f"CPU{cpu}"}})

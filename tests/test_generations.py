@@ -201,3 +201,22 @@ def test_the_readme_corruption_recipe_corrupts_and_names_the_stack_page(machine)
     assert "CPU7 resumed after \"MWAIT woken by a write to thread_info[7].flags\"" in r["evidence"]
     assert "stack page 31 of generation 1 (now generation 2's text page 0)" in r["evidence"]
     assert any(w["cpu"] == 7 and "generation 2's boot: tasks page 0" in w["write"] for w in r["waking_writes"])
+
+
+def test_a_cpu_stopped_by_nmi_holds_a_later_nmi_instead_of_taking_it(machine):
+    """kdump: crash_nmi_callback() halts inside the NMI handler; no IRET, so NMIs stay blocked."""
+    m = machine(4)
+    r = m.request("kexec", crash=True, inject=["nmi@after-copy:2"])
+    c2 = next(c for c in r["cpus"] if c["cpu"] == 2)
+    assert c2["fault"] == "NONE", r["evidence"]
+    irq = m.cpu(2)["interrupts"]["nmi"]
+    assert irq["taken"] == 0 and irq["held"] >= 1 and irq["pending"] == 1
+    assert any(e["cpu"] == 2 and e["event"].startswith("NMI held pending") for e in r["timeline"])
+
+
+def test_status_still_reads_after_more_kexecs_than_the_generation_table_keeps(machine):
+    m = machine(2)
+    r = m.request("chain", kexecs=L.GEN_SLOTS + 1, kernel="6.6")
+    assert r["first_failing_link"] is None
+    s = m.status()
+    assert s["machine"]["generation"] == L.GEN_SLOTS + 2 and s["cpus"][0]["generation"] == L.GEN_SLOTS + 2

@@ -244,6 +244,8 @@ def load(user_file: str | Path | None = None) -> Config:
 
 def load_with_sources(user_file: str | Path | None = None) -> tuple[Config, dict[tuple[str, str], str]]:
     """load(), and where each value came from: {(section, key): the file that set it}."""
+    if user_file is not None and not str(user_file):
+        raise ConfigError("--config needs a file name; '' is none")
     raw = _validated(_read(default_path()), str(default_path()))
     sources = {(section, key): str(default_path()) for section, values in raw.items() for key in values}
     if user_file is not None:

@@ -162,7 +162,7 @@ def test_kexec_trace_has_a_track_per_cpu_the_phases_and_each_cpus_states(machine
     instants = {(e["tid"], e["cat"]) for e in doc["traceEvents"] if e["ph"] == "i"}
     assert {(1, "WAKE_WRITE"), (1, "KICK_SEEN"), (2, "INTERRUPT"), (2, "TRIPLE_FAULT"), (0, "inject"),
             (0, "machine_end")} <= instants
-    handler = [e for e in doc["traceEvents"] if e["tid"] == 2 and e.get("cat") == "running"]
+    handler = [e for e in doc["traceEvents"] if e.get("tid") == 2 and e.get("cat") == "running"]
     assert handler and handler[0]["name"] == "RUNNING (interrupt handler)"  # from the NMI to the fault
 
 
@@ -249,3 +249,19 @@ def test_a_name_from_a_config_file_is_said_and_not_up_lists_the_machines(machine
         assert r.returncode == 2 and "up now:" in r.stderr and machine_name in r.stderr.split("up now:")[1]
     finally:
         run_smpd("down", name=machine_name)
+
+
+@pytest.mark.parametrize("args, says", [
+    (("config", "show", "--config", ""), "--config needs a file name"),
+    (("config", "show", "--config", "/proc/self/status"), "is on /proc, /sys, /dev or /dev/shm"),
+])
+def test_config_show_refuses_what_is_not_a_config_file(args, says):
+    r = run_smpd(*args, check=False)
+    assert r.returncode == 2 and says in r.stderr, r.stderr
+
+
+def test_an_empty_trace_name_is_refused_before_the_kexec(machine):
+    m = machine(2)
+    r = run_smpd("kexec", "--trace", "", name=m.name, check=False)
+    assert r.returncode == 2 and "--trace needs a file name" in r.stderr
+    assert m.status()["machine"]["kexecs"] == 0

@@ -211,3 +211,25 @@ def _ack_kwargs(seg):
     finally:
         hotpath._hotpath.Ack = real
     return seen
+
+
+@pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
+def test_the_compiled_waiter_refuses_a_second_wait_while_one_sleeps(seg):
+    """It releases the GIL while it sleeps; a second thread's wait() on it is refused, not run
+    over the first one's view of the segment."""
+    seg.set_hdr("hot_path", L.HotPath.C)
+    w = _waiter(seg)
+    second = {}
+
+    def other():
+        try:
+            w.wait(0, time.monotonic_ns() + 10**9, None)
+        except RuntimeError as err:
+            second["error"] = str(err)
+        Bus(seg).wake(CPU, L.WAKE_IPI)  # then end the first one's sleep
+
+    t = _when_asleep(seg, other)
+    r = w.wait(0, 0, None)
+    t.join()
+    assert _code(r) == (hotpath.WOKE, 0, 0)
+    assert "already waiting in another thread" in second.get("error", ""), second

@@ -361,3 +361,27 @@ def test_a_replay_that_ends_otherwise_says_so_and_why(soak_machine, recorded, tm
 def test_list_needs_a_summary_file_and_an_outcome(args, says):
     r = run_smpd("soak", *args, check=False)
     assert r.returncode == 2 and says in r.stderr, r.stderr
+
+
+def test_list_shows_a_files_strings_as_text_and_refuses_a_record_without_evidence(recorded, tmp_path):
+    """A soak file is data: markup in its evidence is printed as it is, never interpreted."""
+    out, _ = recorded
+    evil = "[link=http://evil.example/]fine[/link] [/] [blink]x[/blink]"
+    copy, _ = _altered(recorded, tmp_path, 3, outcome="STUCK", evidence=evil)
+    r = run_smpd("soak", "--summary", str(copy), "--list", "STUCK", env=smpd_env(COLUMNS="300", FORCE_COLOR="1"))
+    assert "\x1b]8;" not in r.stdout and "\x1b[5" not in r.stdout  # no hyperlink, no blink
+    assert "[link=http://evil.example/]fine[/link]" in re.sub(r"\x1b\[[0-9;]*m", "", r.stdout)
+    rows = lines(out)
+    del rows[1 + 3]["evidence"]
+    bad = tmp_path / "noevidence.jsonl"
+    bad.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    r = run_smpd("soak", "--summary", str(bad), "--list", "STUCK", check=False)
+    assert r.returncode == 2 and "field 'evidence' is missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_replay_refuses_to_trace_over_its_own_soak_file(soak_machine, recorded):
+    out, _ = recorded
+    before = out.read_bytes()
+    r = run_smpd("kexec", "--replay", f"{out}:1", "--trace", str(out), name=soak_machine.name, check=False)
+    assert r.returncode == 2 and "is the soak file this replay reads" in r.stderr
+    assert out.read_bytes() == before

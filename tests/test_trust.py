@@ -478,3 +478,17 @@ def test_an_output_on_proc_sys_dev_or_shm_is_refused(parked3, target):
     assert r.returncode == 2 and "/proc, /sys, /dev or /dev/shm" in _error_line(r), r.stderr
     assert open(path, "rb").read() == before
     assert parked3.status()["machine"]["state"] == "UP"
+
+
+@pytest.mark.parametrize("args", [("config", "show", "--config"), ("soak", "--summary")])
+def test_inputs_are_not_read_through_another_users_link(evil, drop, args):
+    """A link planted in a shared directory to a root file (or to /proc/kmsg, whose read would hang
+    and steal the kernel log) is refused by name and owner; nothing is read."""
+    secret = os.path.join(drop, "root-only.toml")
+    with open(secret, "w") as f:
+        f.write("[machine]\ncpus = 3\n")
+    os.chmod(secret, 0o600)
+    link = os.path.join(drop, "config.toml")
+    _plant_link(evil, secret, link)
+    r = run_smpd(*args, link, check=False, timeout=30)
+    assert r.returncode == 2 and "is a symbolic link of" in _error_line(r), r.stderr

@@ -16,8 +16,9 @@ is ever reopened by name:
   with one name (a second name would be a hard link to someone's file), not on
   /proc, /sys, /dev or /dev/shm; only then is it truncated and written;
 * an input is opened with O_PATH first (no open side effect: a device is never
-  opened for real), must be a regular file, and only then is reopened for reading
-  through that descriptor; it is read line by line with a cap on a line's length.
+  opened for real), must be a regular file not on /proc, /sys, /dev or /dev/shm,
+  reached through no other user's symbolic link, and only then is reopened for
+  reading through that descriptor; it is read line by line with a cap on a line's length.
 """
 
 from __future__ import annotations
@@ -205,6 +206,13 @@ def open_input(path: str, what: str) -> BinaryIO:
     if not path:
         raise BadInput(f"{what} needs a file name; '' is none")
     try:
+        lst = os.lstat(path)
+    except OSError:
+        lst = None
+    if lst is not None and stat.S_ISLNK(lst.st_mode) and lst.st_uid not in (0, trust.me()):
+        raise BadInput(f"{what} {path} is a symbolic link of {trust.describe_uid(lst.st_uid)}; smpd reads "
+                       f"through no other user's link: give the file's own path")
+    try:
         pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except FileNotFoundError:
         raise BadInput(f"{what} {path} does not exist") from None
@@ -216,6 +224,8 @@ def open_input(path: str, what: str) -> BinaryIO:
             raise BadInput(f"{what} {path} is a directory")
         if not stat.S_ISREG(st.st_mode):
             raise BadInput(f"{what} {path} is not a regular file (a device, a FIFO, a socket?)")
+        if st.st_dev in _special_devices():  # /proc/kmsg is "regular", and reading it takes the log
+            raise BadInput(f"{what} {path} is on /proc, /sys, /dev or /dev/shm: not a file smpd reads")
         try:
             fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:

@@ -202,6 +202,7 @@ typedef struct {
 	char *base;  /* valid during a call only */
 	Py_ssize_t wake, sleeping;
 	int yield;  /* spinning CPUs outnumber host cores: give the core away between polls */
+	int busy;  /* a wait() is running: it releases the GIL, so a second thread could enter */
 	sigset_t irq, sleep_set;
 } Waiter;
 
@@ -432,10 +433,16 @@ static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 		a = (Ack *)ack;
 		need = a->need;
 	}
+	if (w->busy) {  /* w->base is the running call's: one wait() per Waiter at a time */
+		PyErr_SetString(PyExc_RuntimeError, "this Waiter is already waiting in another thread");
+		return NULL;
+	}
 	w->base = acquire(w->buf, &view, need);
 	if (!w->base)
 		return NULL;
+	w->busy = 1;
 	r = wait_on(w, spin_ns, deadline, a);
+	w->busy = 0;
 	w->base = NULL;
 	PyBuffer_Release(&view);
 	return r;

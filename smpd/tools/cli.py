@@ -26,7 +26,7 @@ from smpd.host import files
 from smpd.tools import lifecycle, render, trace
 from smpd.host import names
 from smpd.kernel import scenario as scenario_mod
-from smpd.errors import BadInput, CoordinatorGone, Interrupted, SmpdError
+from smpd.errors import BadInput, CoordinatorGone, Interrupted, NotOurs, SmpdError
 from smpd.tools import soakrun
 from smpd.tools.entry import stop_signals_interrupt
 
@@ -217,12 +217,12 @@ def up(cpus, name, watch, hot_path, pin, seed, config_file, kernel, boot, foregr
 
 
 def _later_commands_hint(out: Console, name: str) -> None:
-    """A name that did not come from --name or SMPD_NAME (a --config file's) is not what later
+    """A name that came from a --config file, not from --name or SMPD_NAME, is not what later
     commands look for unless told: say how."""
-    if name != "default" and os.environ.get("SMPD_NAME") != name and "--name" not in sys.argv and \
-            "-n" not in sys.argv and not any(a.startswith("--name=") for a in sys.argv):
-        out.print(f"[yellow]the name '{name}' comes from the config file: later commands find this machine with "
-                  f"--name {name}, or export SMPD_NAME={name}[/yellow]", soft_wrap=True)
+    source = click.get_current_context().get_parameter_source("name")
+    if name != "default" and source == click.core.ParameterSource.DEFAULT:
+        out.print(Text(f"the name '{name}' comes from the config file: later commands find this machine with "
+                       f"--name {name}, or export SMPD_NAME={name}", style="yellow"), soft_wrap=True)
 
 
 @main.command()
@@ -286,7 +286,7 @@ def status(name, as_json, live, interval, count, only):
                 time.sleep(interval)
                 try:
                     view.update(render.status_view(snapshot(), out.width, cpus), refresh=True)
-                except CoordinatorGone:
+                except (CoordinatorGone, NotOurs):  # gone; or its freed channel name taken by another
                     if machine.went_down():
                         view.update(Text(f"machine '{machine.name}' went down (smpd down)"), refresh=True)
                         return
@@ -426,10 +426,31 @@ def _timeline_form(text: str, ncpus: int) -> str | list[int]:
         raise BadInput(f"--timeline: {err}") from None
 
 
+def _check_trace(path: str | None, reading: str | None = None) -> None:
+    """--trace FILE, before the run: writable as smpd writes outputs, and not the file the run
+    reads (a --replay's soak file)."""
+    if path is None:
+        return
+    files.check_output(path, "--trace")
+    if reading is not None:
+        try:
+            same = os.path.samefile(path, reading)
+        except OSError:
+            same = False
+        if same:
+            raise BadInput(f"--trace {path} is the soak file this replay reads; name another file")
+
+
 def _trace(path: str | None, reports: list[tuple[str, dict]], machine) -> None:
-    if path:
+    """Write the trace after the report is out: a path that went bad during the run (a link
+    planted meanwhile) loses the trace, not the report."""
+    if path is None:
+        return
+    try:
         trace.write(path, reports, machine.name, machine.ncpus)
-        click.echo(f"trace: {path} (open it in https://ui.perfetto.dev or chrome://tracing)", err=True)
+    except BadInput as err:
+        raise SmpdError(f"the report above is complete, but the trace was not written: {err}") from None
+    click.echo(f"trace: {path} (open it in https://ui.perfetto.dev or chrome://tracing)", err=True)
 
 
 def _kernel_choice(kernel: str | None, park: str | None) -> str | None:
@@ -464,8 +485,7 @@ def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, 
         soakrun.parse_replay_target(replay)
     machine = lifecycle.require(name)
     form = _timeline_form(timeline_form, machine.ncpus)
-    if trace_file:
-        files.check_output(trace_file, "--trace")
+    _check_trace(trace_file, None if replay is None else soakrun.parse_replay_target(replay)[0])
     if replay is not None:
         r = soakrun.replay(name, replay)
     else:
@@ -476,8 +496,8 @@ def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, 
         with soakrun.machine_lock(name, "a kexec"):
             r = machine.request("kexec", kernel=kernel, into=into, boot=boot, crash=crash, inject=list(injects),
                                 order=order, seed=seed)
-    _trace(trace_file, [(f"generation {r['generation']['old']} -> {r['generation']['new']}", r)], machine)
     _print_json_or(r, as_json, lambda r: render.kexec_report(r, form))
+    _trace(trace_file, [(f"generation {r['generation']['old']} -> {r['generation']['new']}", r)], machine)
     sys.exit(0 if r["outcome"] == "CLEAN" else 1)
 
 
@@ -498,14 +518,13 @@ def chain(name, kexecs, kernel, park, into, boot, injects, order, seed, as_json,
     for spec in injects:
         scenario_mod.parse_injection(spec, machine.ncpus)
     scenario_mod.parse_boot(boot, machine.ncpus)
-    if trace_file:
-        files.check_output(trace_file, "--trace")
+    _check_trace(trace_file)
     with soakrun.machine_lock(name, "a chain"):
         r = machine.request("chain", kexecs=kexecs, kernel=kernel, into=into, boot=boot, inject=list(injects),
                             order=order, seed=seed)
+    _print_json_or(r, as_json, render.chain_report)
     _trace(trace_file, [(f"link {n}: generation {link['generation']['old']} -> {link['generation']['new']}", link)
                         for n, link in enumerate(r["links"], 1)], machine)
-    _print_json_or(r, as_json, render.chain_report)
     sys.exit(0 if r["first_failing_link"] is None else 1)
 
 
@@ -520,14 +539,13 @@ def kick(name, as_json, timeline_form, trace_file):
     """
     machine = lifecycle.require(name)
     form = _timeline_form(timeline_form, machine.ncpus)
-    if trace_file:
-        files.check_output(trace_file, "--trace")
+    _check_trace(trace_file)
     with soakrun.machine_lock(name, "a kick"):
         r = machine.request("kick")
-    _trace(trace_file, [("smp_kick_mwait_play_dead()", r)], machine)
     _print_json_or(r, as_json, lambda r: Group(render.kick_summary(r["kick"]), Text("CPUs:"),
                                                render.cpu_outcomes(r["cpus"]), Text("timeline:"),
                                                render.timeline(r["timeline"], form, r.get("phases"))))
+    _trace(trace_file, [("smp_kick_mwait_play_dead()", r)], machine)
 
 
 @main.command()

@@ -221,6 +221,7 @@ RECORD_FIELDS = {
     "inject": (_injections, "a list of KIND@PHASE... strings"),
     "outcome": (lambda v: v in OUTCOMES, f"one of {', '.join(OUTCOMES)}"),
     "trial_ms": (_real(0, 1e12), "a number of ms"),
+    "evidence": (lambda v: type(v) is str, "a string"),
 }
 RECORD_OPTIONAL = {
     "kick": (_kick, "null or {rtt_ns: [ns...], stuck, over_budget, budget_ns}"),
@@ -228,6 +229,7 @@ RECORD_OPTIONAL = {
     "host": (_host, "{cpu_percent, load1, steal_percent}"),
     "host_load": (lambda v: type(v) is str, "a string"),
     "ctx_invol": (_int(0, 2**63), "an integer >= 0"),
+    "t": (_real(0, 1e12), "a time in seconds"),
 }
 
 

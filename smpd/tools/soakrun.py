@@ -41,7 +41,7 @@ def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out
             soak.trials_with([], list_outcome)  # the outcome's name checked before the file is read
         plan, records, note = soak.read(summary_file)
         if note:
-            console.print(f"[yellow]{summary_file}: {note}[/yellow]")
+            console.print(Text(f"{summary_file}: {note}", style="yellow"))
         if list_outcome is not None:
             print_trials(console, soak.trials_with(records, list_outcome), list_outcome, summary_file)
         else:
@@ -59,7 +59,7 @@ def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out
                            + ", ".join(flag.get(c, f"--{c}") for c in sorted(conflicting)))
         resumed, plan, records, note = soak.open_resume(resume)  # held (and locked) from here to the end
         if note:
-            console.print(f"[yellow]{resume}: {note}[/yellow]")
+            console.print(Text(f"{resume}: {note}", style="yellow"))
         out = resume
         if host_load is None:
             load_spec = hostload.parse(plan.host_load)
@@ -240,26 +240,28 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
         soak.set_offline(live, users_offline, offline)  # the machine as the user had it
     print_summary(console, plan, records, out)
     if stop["asked"]:
-        console.print(f"[yellow]interrupted after trial {records[-1]['trial'] if records else '-'}; "
-                      f"the machine is up, reset, with the offline CPUs it had before the soak. Continue with: smpd soak --resume {out}[/yellow]",
-                      soft_wrap=True)
+        console.print(Text(f"interrupted after trial {records[-1]['trial'] if records else '-'}; the machine is "
+                           f"up, reset, with the offline CPUs it had before the soak. Continue with: smpd soak "
+                           f"--resume {out}", style="yellow"), soft_wrap=True)
     if error is not None:
         raise error
 
 
 def print_trials(console: Console, records: list[dict], outcome: str, path: str) -> None:
-    """`--list OUTCOME`: one line per trial, and how to replay it."""
+    """`--list OUTCOME`: one line per trial, and how to replay it. Every string from the file
+    (and the path) is shown as text, never read as markup."""
     if not records:
-        console.print(f"no trial of {path} ended {outcome}")
+        console.print(Text(f"no trial of {path} ended {outcome}"))
         return
-    t = Table(title=f"{len(records)} trials of {path} ended {outcome}", title_justify="left", header_style="bold")
+    t = Table(title=Text(f"{len(records)} trials of {path} ended {outcome}"), title_justify="left",
+              header_style="bold")
     for col in ("trial", "kernel", "injection", "offline", "evidence"):
         t.add_column(col, overflow="fold")
     for r in records:
-        t.add_row(str(r["trial"]), r["park"], soak.injection_label(r["inject"]), r["offline"] or "none",
-                  r["evidence"])
+        t.add_row(*(Text(v) for v in (str(r["trial"]), r["park"], soak.injection_label(r["inject"]),
+                                      r["offline"] or "none", r["evidence"])))
     console.print(t)
-    console.print(f"replay one: smpd kexec --replay {path}:{records[0]['trial']}", soft_wrap=True)
+    console.print(Text(f"replay one: smpd kexec --replay {path}:{records[0]['trial']}"), soft_wrap=True)
 
 
 def print_summary(console: Console, plan: soak.Plan, records: list[dict], path: str) -> None:

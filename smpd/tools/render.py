@@ -62,7 +62,7 @@ CPU_COLUMNS = (
     ("STATUS", "left", False, lambda c: _md(c, "status")),  # mwait_cpu_dead.status
     ("HOTPLUG", "left", False, lambda c: c["hotplug"]),
     ("IRQ", "left", True, _irqs),
-    ("MONITOR", "left", True, lambda c: c["monitor"]["symbol"] or "-"),
+    ("MONITOR", "left", False, lambda c: c["monitor"]["symbol"] or "-"),  # the line it arms, whole or not at all
     ("WAKE w/i/ipi/sp", "right", False,
      lambda c: "{write}/{interrupt}/{ipi}/{spurious}".format(**c["wakeups"])),
     ("PID", "right", False, lambda c: str(c["pid"])),
@@ -93,8 +93,9 @@ def cpu_table(cpus: list[dict], columns: int = 80) -> Group:
         cells = [cell(c) for _, _, _, cell in keep]
         cells[1] = Text(cells[1], style=STATE_STYLE.get(c["state"], (c["state"], ""))[1])
         t.add_row(*cells)
-    parts: list = [t, Text("CONTROL, STATUS: the CPU's struct mwait_cpu_dead (- on a pre-fix kernel, "
-                           "which has none)", style="dim")]
+    parts: list = [t, Text("CONTROL, STATUS: the CPU's struct mwait_cpu_dead (- on a pre-fix kernel, which has "
+                           "none); MONITOR: the line it armed, named by its first word; WAKE, IRQ: counts since "
+                           "`smpd up`", style="dim")]
     if dropped:
         parts.append(Text(f"(not shown in {columns} columns: {', '.join(dropped)}; see --json)", style="dim"))
     return Group(*parts)

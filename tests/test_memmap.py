@@ -4,6 +4,8 @@ These are the facts the kexec outcomes follow from: where each kernel puts its i
 and its allocations, and which write of the next kernel reaches which line.
 """
 
+import re
+
 import pytest
 
 from smpd.kernel.memmap import (PERCPU_PER_PAGE, TASKS_PER_PAGE, Boot, Region, Sizes, cold_boot, kexec_load,
@@ -132,3 +134,24 @@ def test_boot_parameters_say_which_cpus_a_kernel_starts_and_parks():
     assert [c for c in range(8) if b.parks_at_boot(c)] == [1, 3, 5]
     assert [c for c in range(8) if Boot(crash=True).started(c)] == [0]
     assert Boot(flavour="pre-fix", nosmt=True, maxcpus=6, kaslr=3).text() == "pre-fix nosmt maxcpus=6 kaslr=3"
+
+
+def test_resolve_is_the_inverse_of_symbol():
+    s = sizes(ncpus=16)
+    fixed, prefix = cold_boot(s, Boot()), cold_boot(s, Boot(flavour="pre-fix"))
+    npages = s.ram
+    for cpu in (0, 5, 15):
+        for field, off in (("", 0), (".control", 0), (".status", 4)):
+            addr = fixed.resolve(f"mwait_cpu_dead[{cpu}]{field}", 16, npages)
+            assert addr == fixed.mwait_cpu_dead_addr(cpu) + off
+            assert fixed.symbol(addr) == f"mwait_cpu_dead[{cpu}]{field or '.control'}"
+        addr = prefix.resolve(f"thread_info[{cpu}]", 16, npages)
+        assert prefix.symbol(addr) == f"thread_info[{cpu}].flags"
+    assert fixed.resolve(hex(PHYS_BASE + 4), 16, npages) == PHYS_BASE + 4
+    from smpd.errors import BadInput
+    for bad, says in (("mwait_cpu_dead[16]", "CPUs 0-15"), ("thread_info[1].status", "field flags"),
+                      ("0x3", "outside emulated memory"), ("nonsense", "is not an address")):
+        with pytest.raises(BadInput, match=re.escape(says)):
+            fixed.resolve(bad, 16, npages)
+    with pytest.raises(BadInput, match="predates the fix"):
+        prefix.resolve("mwait_cpu_dead[1]", 16, npages)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import secrets
 import struct
 import sys
@@ -28,7 +27,6 @@ from smpd import cpulist
 from smpd.daemon import channel
 from smpd.daemon.status import status_snapshot
 from smpd.errors import BadInput, CpuLost, InternalError, SmpdError, Timeout
-from smpd.inputs import ascii_int
 from smpd.kernel import boot as kboot
 from smpd.kernel.cpu import IPI_DONE
 from smpd.kernel.generations import Generations
@@ -150,39 +148,9 @@ class Handlers:
     def _map(self):
         return Generations(self.sup.seg).current()
 
-    def resolve_address(self, target: str) -> int:
-        """'0x1004040', or a symbol of the running kernel's map: 'mwait_cpu_dead[5]',
-        'mwait_cpu_dead[5].status', 'thread_info[5]'."""
-        geo = self.sup.seg.geo
-        m = re.fullmatch(r"(mwait_cpu_dead|thread_info)\[([0-9]{1,5})\](\.(control|status|flags))?", target)
-        if m:
-            cpu = int(m.group(2))
-            if cpu >= self.sup.ncpus:
-                raise BadInput(f"{target}: this machine has CPUs 0-{self.sup.ncpus - 1}")
-            kmap = self._map()
-            if m.group(1) == "mwait_cpu_dead":
-                if kmap.boot.monitors_thread_info:
-                    raise BadInput(f"{target}: the running kernel, {kmap.boot.text()}, predates the fix and has "
-                                   f"no struct mwait_cpu_dead; its parked CPUs monitor thread_info[N]")
-                if m.group(4) == "flags":
-                    raise BadInput(f"{target}: mwait_cpu_dead has fields control and status")
-                return kmap.mwait_cpu_dead_addr(cpu) + (4 if m.group(4) == "status" else 0)
-            if m.group(4) in ("control", "status"):
-                raise BadInput(f"{target}: thread_info has the field flags")
-            return kmap.thread_info_addr(cpu)
-        addr = ascii_int(target, hex_ok=True)
-        if addr is None:
-            raise BadInput(f"'{target}' is not an address; expected a number like 0x1004040, "
-                           f"mwait_cpu_dead[N][.control|.status] or thread_info[N]") from None
-        end = L.PHYS_BASE + geo.npages * L.PAGE
-        if not L.PHYS_BASE <= addr <= end - 4 or addr % 4:
-            raise BadInput(f"address {addr:#x} is outside emulated memory or not 4-byte aligned; "
-                           f"accepted: {L.PHYS_BASE:#x}..{end - 4:#x}, multiples of 4")
-        return addr
-
     def op_poke(self, target: str, value: int | None = None) -> dict:
         """One u32 write through the bus (the same value again when ``value`` is None)."""
-        addr = self.resolve_address(target)
+        addr = self._map().resolve(target, self.sup.ncpus, self.sup.seg.geo.npages)
         if value is not None and (type(value) is not int or not 0 <= value <= 0xFFFFFFFF):
             raise BadInput(f"value {value} does not fit a u32 (0..0xffffffff)")
         seg = self.sup.seg

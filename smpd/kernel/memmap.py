@@ -37,10 +37,13 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
 
+from smpd.errors import BadInput
+from smpd.inputs import ascii_int
 from smpd.machine.layout import LINE, LINES_PER_PAGE, PAGE, PHYS_BASE
 
 
@@ -331,6 +334,34 @@ class MemoryMap:
                 return f"thread_info[{cpu}].flags" + (f"+{in_line}" if in_line else "")
             return f"idle_task[{cpu}]+{(task_line * LINE + in_line):#x}"
         return f"{region.name.lower()}+{(index * PAGE + off):#x}"
+
+    def resolve(self, target: str, ncpus: int, npages: int) -> int:
+        """symbol()'s inverse, for `smpd poke`: '0x1004040', or a symbol of this map:
+        'mwait_cpu_dead[5]', 'mwait_cpu_dead[5].status', 'thread_info[5]'. BadInput otherwise."""
+        m = re.fullmatch(r"(mwait_cpu_dead|thread_info)\[([0-9]{1,5})\](\.(control|status|flags))?", target)
+        if m:
+            cpu = int(m.group(2))
+            if cpu >= ncpus:
+                raise BadInput(f"{target}: this machine has CPUs 0-{ncpus - 1}")
+            if m.group(1) == "mwait_cpu_dead":
+                if self.boot.monitors_thread_info:
+                    raise BadInput(f"{target}: the running kernel, {self.boot.text()}, predates the fix and has "
+                                   f"no struct mwait_cpu_dead; its parked CPUs monitor thread_info[N]")
+                if m.group(4) == "flags":
+                    raise BadInput(f"{target}: mwait_cpu_dead has fields control and status")
+                return self.mwait_cpu_dead_addr(cpu) + (4 if m.group(4) == "status" else 0)
+            if m.group(4) in ("control", "status"):
+                raise BadInput(f"{target}: thread_info has the field flags")
+            return self.thread_info_addr(cpu)
+        addr = ascii_int(target, hex_ok=True)
+        if addr is None:
+            raise BadInput(f"'{target}' is not an address; expected a number like 0x1004040, "
+                           f"mwait_cpu_dead[N][.control|.status] or thread_info[N]") from None
+        end = PHYS_BASE + npages * PAGE
+        if not PHYS_BASE <= addr <= end - 4 or addr % 4:
+            raise BadInput(f"address {addr:#x} is outside emulated memory or not 4-byte aligned; "
+                           f"accepted: {PHYS_BASE:#x}..{end - 4:#x}, multiples of 4")
+        return addr
 
     def describe_page(self, page: int) -> str:
         where = self.region_of(page)

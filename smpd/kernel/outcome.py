@@ -80,89 +80,145 @@ class Verdict:
 
 
 def classify(s: Snapshot) -> Verdict:
+    """The outcome: the first of PRECEDENCE's rules that holds, else CLEAN; with the notes,
+    near misses and host faults that go with any outcome."""
+    for rule in PRECEDENCE:
+        found = rule(s)
+        if found is not None:
+            outcome, cause = found
+            break
+    else:
+        outcome, cause = "CLEAN", {"kernel": s.kernel, "crash": s.crash, "parked_in_init": s.parked_in_init,
+                                   "kicked": bool(s.kick and s.kick.get("cpus")),
+                                   "held": [c.cpu for c in s.cpus if c.held] if s.injected else [],
+                                   "new_gen": s.new_gen}
+    return Verdict(outcome, cause, tuple(_notes(s)), _near_misses(s), tuple(_host_faults(s)))
+
+
+def _notes(s: Snapshot) -> list[str]:
     by = {c.cpu: c for c in s.cpus}
     notes = [f"CPU{c}: {why}" for c, why in sorted(s.not_taken.items())]
-    notes += [f"CPU{c['cpu']} executed foreign bytes ({c['page']}) into a halt; INIT recovered it"
-              for c in ({"cpu": c.cpu, "page": c.fault_page} for c in s.cpus if c.fault == "FOREIGN_HALT")]
+    notes += [f"CPU{c.cpu} executed foreign bytes ({c.fault_page}) into a halt; INIT recovered it"
+              for c in s.cpus if c.fault == "FOREIGN_HALT"]
     if s.left_behind:
         gens = sorted({by[c].generation for c in s.left_behind if c in by})
+        states = sorted({by[c].state for c in s.left_behind if c in by})
         notes.append(f"CPU {_cpus(s.left_behind)} not started by the new kernel: still in the memory of "
-                     f"generation {', '.join(map(str, gens))} (" + ", ".join(sorted({by[c].state for c in s.left_behind
-                                                                                   if c in by})) + ")")
-    host = [f"CPU{c.cpu}: {c.host_note}" for c in s.cpus if c.host_note]
-    host += [f"CPU{c} was still acting on a wake-up when the kexec ended" for c in s.unsettled]
-    stores = [c for c in s.cpus if c.stray_stores]
-    near = tuple(f"CPU{c.cpu} executed foreign bytes and stored {c.first_store[2]:#010x} to {c.first_store[1]} "
-                 f"({c.first_store[0]:#x}): no trace is left in the new kernel's memory"
-                 for c in stores if c.first_store) if not s.corruption else ()
+                     f"generation {', '.join(map(str, gens))} ({', '.join(states)})")
+    return notes
 
-    def verdict(outcome: str, **cause) -> Verdict:
-        return Verdict(outcome, cause, tuple(notes), near, tuple(host))
 
-    lost = [c for c in s.cpus if not c.alive]
-    if lost:
-        return verdict("CPU_LOST", lost=[(c.cpu, c.pid, c.exit_code) for c in lost])
-    if s.smm_hang:
-        in_init = [c.cpu for c in s.cpus if c.state == "WAIT_FOR_SIPI"]
-        return verdict("SMM_HANG", smi=s.smm_hang, in_init=in_init)
-    mce = [c.cpu for c in s.cpus if c.fault == "MCE_SHUTDOWN"]
-    if mce:
-        return verdict("MCE_SHUTDOWN", cpus=mce)
-    triple = sorted((c for c in s.cpus if c.fault == "TRIPLE_FAULT"), key=lambda c: c.fault_ns)
-    if triple:
-        t = triple[0]
-        by = next((w["write"] for w in s.waking if w["cpu"] == t.cpu), "")
-        return verdict("TRIPLE_FAULT", cpu=t.cpu, after=t.fault_cause, page=t.fault_page, others=len(triple) - 1,
-                       by=by)
+def _host_faults(s: Snapshot) -> list[str]:
+    return ([f"CPU{c.cpu}: {c.host_note}" for c in s.cpus if c.host_note]
+            + [f"CPU{c} was still acting on a wake-up when the kexec ended" for c in s.unsettled])
+
+
+def _near_misses(s: Snapshot) -> tuple[str, ...]:
+    """Stray stores that left no trace: a later write covered them (none when memory is corrupt)."""
     if s.corruption:
-        w = next((c for c in stores if c.first_store), None)
-        return verdict("CORRUPTION", writer=None if w is None else (w.cpu, w.fault_cause, w.fault_page, w.first_store),
-                       first=s.corruption[0], words=len(s.corruption))
+        return ()
+    return tuple(f"CPU{c.cpu} executed foreign bytes and stored {c.first_store[2]:#010x} to {c.first_store[1]} "
+                 f"({c.first_store[0]:#x}): no trace is left in the new kernel's memory"
+                 for c in s.cpus if c.stray_stores and c.first_store)
+
+
+# The rules, in precedence order: each gives (outcome, cause) when it holds, else None.
+
+def _cpu_lost(s: Snapshot):
+    lost = [c for c in s.cpus if not c.alive]
+    return ("CPU_LOST", {"lost": [(c.cpu, c.pid, c.exit_code) for c in lost]}) if lost else None
+
+
+def _smm_hang(s: Snapshot):
+    if not s.smm_hang:
+        return None
+    return "SMM_HANG", {"smi": s.smm_hang, "in_init": [c.cpu for c in s.cpus if c.state == "WAIT_FOR_SIPI"]}
+
+
+def _mce_shutdown(s: Snapshot):
+    mce = [c.cpu for c in s.cpus if c.fault == "MCE_SHUTDOWN"]
+    return ("MCE_SHUTDOWN", {"cpus": mce}) if mce else None
+
+
+def _triple_fault(s: Snapshot):
+    triple = sorted((c for c in s.cpus if c.fault == "TRIPLE_FAULT"), key=lambda c: c.fault_ns)
+    if not triple:
+        return None
+    t = triple[0]
+    by = next((w["write"] for w in s.waking if w["cpu"] == t.cpu), "")
+    return "TRIPLE_FAULT", {"cpu": t.cpu, "after": t.fault_cause, "page": t.fault_page, "others": len(triple) - 1,
+                            "by": by}
+
+
+def _corruption(s: Snapshot):
+    if not s.corruption:
+        return None
+    w = next((c for c in s.cpus if c.stray_stores and c.first_store), None)
+    return "CORRUPTION", {"writer": None if w is None else (w.cpu, w.fault_cause, w.fault_page, w.first_store),
+                          "first": s.corruption[0], "words": len(s.corruption)}
+
+
+def _stuck(s: Snapshot):
     stuck = (s.kick or {}).get("stuck") or []
-    if stuck:
-        cpu = stuck[0]
-        c = by.get(cpu)
-        return verdict("STUCK", cpu=cpu, rounds=s.kick["cpus"][cpu]["rounds"], budget_ns=s.kick["budget_ns"],
-                       message=s.kick["message"], state=c.state if c else "?", host=c.host_note if c else "",
-                       no_boot=cpu in s.boot_missing)
-    held = [c.cpu for c in s.cpus if c.held]
-    return verdict("CLEAN", kernel=s.kernel, crash=s.crash, parked_in_init=s.parked_in_init,
-                   kicked=bool(s.kick and s.kick.get("cpus")), held=held if s.injected else [],
-                   new_gen=s.new_gen)
+    if not stuck:
+        return None
+    cpu = stuck[0]
+    c = next((x for x in s.cpus if x.cpu == cpu), None)
+    return "STUCK", {"cpu": cpu, "rounds": s.kick["cpus"][cpu]["rounds"], "budget_ns": s.kick["budget_ns"],
+                     "message": s.kick["message"], "state": c.state if c else "?", "host": c.host_note if c else "",
+                     "no_boot": cpu in s.boot_missing}
+
+
+PRECEDENCE = (_cpu_lost, _smm_hang, _mce_shutdown, _triple_fault, _corruption, _stuck)
 
 
 def explain(v: Verdict) -> str:
     """The evidence line: one sentence a kernel engineer can check against the memory maps."""
-    c = v.cause
-    if v.outcome == "CPU_LOST":
-        return "; ".join(f"CPU{cpu} (pid {pid}) died, exit code {code}" for cpu, pid, code in c["lost"]) + \
-            " - an emulator fault, not an emulated one"
-    if v.outcome == "SMM_HANG":
-        return (f"{c['smi']} entered SMM while CPU {_cpus(c['in_init'])} sat in INIT: this firmware "
-                f"([firmware] smm_hangs_with_cpus_in_init) waits for every CPU to join SMM, and the machine hangs "
-                f"at shutdown; consistent with bugzilla 217995's hangs, which led to the revert (fbe1bf1e5ff1)")
-    if v.outcome == "MCE_SHUTDOWN":
-        return (f"MCE reached CPU {_cpus(c['cpus'])} in wait-for-SIPI (INIT): the machine shuts down, loudly, "
-                f"instead of running the old kernel")
-    if v.outcome == "TRIPLE_FAULT":
-        return (f"CPU{c['cpu']} resumed after \"{c['after']}\"" + (f" ({c['by']})" if c.get("by") else "")
-                + f" in overwritten memory: {c['page']} is no longer its kernel's -> triple fault; the platform "
-                f"resets the machine"
-                + (f" ({c['others']} more CPU{'s' if c['others'] > 1 else ''} faulted too)" if c["others"] else ""))
-    if v.outcome == "CORRUPTION":
-        f = c["first"]
-        if c["writer"]:
-            cpu, cause, page, (addr, symbol, value) = c["writer"]
-            return (f"CPU{cpu} resumed after \"{cause}\", executed foreign bytes of {page} and stored {value:#010x} "
-                    f"to {symbol} ({addr:#x}); the new kernel's image differs in {c['words']} word"
-                    f"{'s' if c['words'] > 1 else ''}, first at {f['symbol']} ({f['addr']:#x})")
+    return _EVIDENCE[v.outcome](v.cause, v)
+
+
+def _lost(c: dict, _v) -> str:
+    return "; ".join(f"CPU{cpu} (pid {pid}) died, exit code {code}" for cpu, pid, code in c["lost"]) + \
+        " - an emulator fault, not an emulated one"
+
+
+def _smm(c: dict, _v) -> str:
+    return (f"{c['smi']} entered SMM while CPU {_cpus(c['in_init'])} sat in INIT: this firmware "
+            f"([firmware] smm_hangs_with_cpus_in_init) waits for every CPU to join SMM, and the machine hangs "
+            f"at shutdown; consistent with bugzilla 217995's hangs, which led to the revert (fbe1bf1e5ff1)")
+
+
+def _mce(c: dict, _v) -> str:
+    return (f"MCE reached CPU {_cpus(c['cpus'])} in wait-for-SIPI (INIT): the machine shuts down, loudly, "
+            f"instead of running the old kernel")
+
+
+def _triple(c: dict, _v) -> str:
+    return (f"CPU{c['cpu']} resumed after \"{c['after']}\"" + (f" ({c['by']})" if c.get("by") else "")
+            + f" in overwritten memory: {c['page']} is no longer its kernel's -> triple fault; the platform "
+            f"resets the machine"
+            + (f" ({c['others']} more CPU{'s' if c['others'] > 1 else ''} faulted too)" if c["others"] else ""))
+
+
+def _corrupt(c: dict, _v) -> str:
+    f = c["first"]
+    if not c["writer"]:
         return f"the new kernel's memory differs at {f['symbol']} ({f['addr']:#x}) in {c['words']} words"
-    if v.outcome == "STUCK":
-        e = (f"CPU{c['cpu']} never acknowledged the kick ({c['rounds']} rounds, {c['budget_ns'] / 1e6:.0f} ms): "
-             f"{c['message']}; it is now {c['state']}")
-        if c["host"]:
-            e += f" ({c['host']})"
-        return e + ("; it did not answer the new kernel's INIT/SIPI" if c["no_boot"] else "")
+    cpu, cause, page, (addr, symbol, value) = c["writer"]
+    return (f"CPU{cpu} resumed after \"{cause}\", executed foreign bytes of {page} and stored {value:#010x} "
+            f"to {symbol} ({addr:#x}); the new kernel's image differs in {c['words']} word"
+            f"{'s' if c['words'] > 1 else ''}, first at {f['symbol']} ({f['addr']:#x})")
+
+
+def _stuck_cpu(c: dict, _v) -> str:
+    e = (f"CPU{c['cpu']} never acknowledged the kick ({c['rounds']} rounds, {c['budget_ns'] / 1e6:.0f} ms): "
+         f"{c['message']}; it is now {c['state']}")
+    if c["host"]:
+        e += f" ({c['host']})"
+    return e + ("; it did not answer the new kernel's INIT/SIPI" if c["no_boot"] else "")
+
+
+def _clean(c: dict, v: Verdict) -> str:
     if c["crash"]:
         e = ("crash_smp_send_stop() stopped the other CPUs by NMI; no kick, no INIT: the parked CPUs stayed in "
              "the old kernel's memory and no write of the crash kernel, which runs in its crashkernel= region, "
@@ -179,9 +235,14 @@ def explain(v: Verdict) -> str:
         e += f"; NMI/SMI held pending on CPU {_cpus(c['held'])}"
     e += f"; the new kernel (generation {c['new_gen']}) verified its memory"
     if v.near_misses:
-        e += f"; near miss: {v.near_misses[0]}" + (f" (and {len(v.near_misses) - 1} more)" if len(v.near_misses) > 1
-                                                    else "")
+        more = len(v.near_misses) - 1
+        e += f"; near miss: {v.near_misses[0]}" + (f" (and {more} more)" if more else "")
     return e
+
+
+_EVIDENCE = {"CPU_LOST": _lost, "SMM_HANG": _smm, "MCE_SHUTDOWN": _mce, "TRIPLE_FAULT": _triple,
+             "CORRUPTION": _corrupt, "STUCK": _stuck_cpu, "CLEAN": _clean}
+assert set(_EVIDENCE) == set(OUTCOMES)
 
 
 def _cpus(cpus) -> str:

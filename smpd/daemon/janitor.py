@@ -178,3 +178,62 @@ def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_ctime: flo
             time.sleep(0.2)
     finally:
         os._exit(0)
+
+
+class Janitor:
+    """The coordinator's handle on its janitor process: start it, replace it at once if anyone
+    kills it (so that a coordinator killed later still has someone to clean up after it), and
+    release it at the end (JANITOR_DONE: the coordinator cleaned up itself)."""
+
+    def __init__(self, ctx, seg_name: str, coord_pid: int, coord_ctime: float):
+        self.ctx, self.seg_name, self.coord_pid, self.coord_ctime = ctx, seg_name, coord_pid, coord_ctime
+        self.process = None
+        self.w: int | None = None  # our end of its pipe: a descriptor no child may inherit
+
+    def start(self, close: list[int]) -> int:
+        """Fork it (it closes ``close``: what only the coordinator may hold open); its pid.
+        OSError when the host refuses the process."""
+        r, w = os.pipe()
+        self.w = w
+        try:
+            self.process = self.ctx.Process(target=janitor_main, name="smpd-janitor", daemon=True,
+                                            args=(r, w, self.seg_name, self.coord_pid, self.coord_ctime, close))
+            self.process.start()
+        finally:
+            os.close(r)
+        return self.process.pid
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def sentinel(self) -> int:
+        """Readable the moment it dies (for the coordinator's select loop)."""
+        return self.process.sentinel
+
+    def gone(self) -> bool:
+        return self.process is not None and not self.process.is_alive()
+
+    def reap(self) -> None:
+        """After gone(): collect the dead one before a new one is started."""
+        self.process.join(0)
+        self.process.close()
+        os.close(self.w)
+        self.w, self.process = None, None
+
+    def release(self) -> None:
+        """Tell it the coordinator cleaned up, and wait (bounded) for it to leave."""
+        if self.process is None:
+            return
+        try:
+            os.write(self.w, JANITOR_DONE)
+        except OSError:
+            pass
+        os.close(self.w)
+        self.w = None
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self.process = None

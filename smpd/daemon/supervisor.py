@@ -35,7 +35,7 @@ from smpd import cpulist
 from smpd.config import Config
 from smpd.daemon import channel, stopping
 from smpd.daemon.handlers import Handlers
-from smpd.daemon.janitor import COORDINATOR_COMM, JANITOR_DONE, janitor_main
+from smpd.daemon.janitor import COORDINATOR_COMM, Janitor
 from smpd.daemon.stopping import STOP_SIGNALS, Stop, UpClient, check_stop
 from smpd.errors import CpuLost, HostTooSmall, MachineAlreadyUp, SmpdError, Timeout
 from smpd.host import hostinfo, names
@@ -44,6 +44,7 @@ from smpd.kernel.cpu import cpu_main
 from smpd.kernel import boot as kboot
 from smpd.machine import layout as L
 from smpd.machine.bus import Bus
+from smpd.machine.mailbox import Mailbox
 from smpd.machine.segment import Segment, SegmentExists, unlink
 
 _ctx = multiprocess.get_context("fork")
@@ -62,9 +63,9 @@ class Coordinator:
         # Resources start as "nothing open" so shutdown() works at any point.
         self.seg: Segment | None = None
         self.bus: Bus | None = None
+        self.mailbox: Mailbox | None = None  # the IPI mailboxes' coordinator half
         self.procs: dict[int, Any] = {}
-        self.janitor = None
-        self.janitor_w: int | None = None
+        self.janitor: Janitor | None = None
         self.ctime = 0.0  # our creation time: with our pid, who we are (smpd.host.trust)
         self.server: channel.Server | None = None
         self.up_client: UpClient | None = None  # the `smpd up` waiting for us (None: foreground)
@@ -111,6 +112,7 @@ class Coordinator:
             seg.set_hdr(field, value)
         check_stop()
         self.bus = Bus(seg)
+        self.mailbox = Mailbox(seg, self.bus, self.cpu_alive, self._mark_gone, check_stop)
         gen1 = kboot.power_on(seg, self.bus, self.boot1)
         check_stop()
         self.plan = plan = hostinfo.pin_plan(self.pin, self.ncpus)
@@ -176,7 +178,7 @@ class Coordinator:
 
     def _inherited_fds(self) -> list[int]:
         """Descriptors a forked child must close: each holds something only we may hold open."""
-        fds = [fd for fd in (self.janitor_w,) if fd is not None]
+        fds = [fd for fd in (self.janitor.w if self.janitor else None,) if fd is not None]
         if self.up_client is not None:
             fds.append(self.up_client.sock.fileno())
         if self.server is not None:
@@ -184,31 +186,20 @@ class Coordinator:
         return fds
 
     def _start_janitor(self) -> None:
-        r, w = os.pipe()
-        close = self._inherited_fds()
-        self.janitor_w = w
+        if self.janitor is None:
+            self.janitor = Janitor(_ctx, names.segment(self.name), os.getpid(), self.ctime)
         try:
-            self.janitor = _ctx.Process(
-                target=janitor_main, name="smpd-janitor", daemon=True,
-                args=(r, w, names.segment(self.name), os.getpid(), self.ctime, close),
-            )
-            self.janitor.start()
+            pid = self.janitor.start(self._inherited_fds())
         except OSError as err:
             raise _fork_refused(err, "the janitor") from None
-        finally:
-            os.close(r)
         if self.seg is not None:
-            self.seg.set_hdr("janitor_pid", self.janitor.pid)
+            self.seg.set_hdr("janitor_pid", pid)
 
     def restart_janitor_if_gone(self) -> bool:
-        """A janitor killed (by anyone) is replaced at once, so that a coordinator killed
-        later still has someone to clean up after it. True when one was replaced."""
-        if self.janitor is None or self.janitor.is_alive():
+        """A janitor killed (by anyone) is replaced at once. True when one was replaced."""
+        if self.janitor is None or not self.janitor.gone():
             return False
-        self.janitor.join(0)
-        self.janitor.close()
-        os.close(self.janitor_w)
-        self.janitor_w = None
+        self.janitor.reap()
         self._start_janitor()
         return True
 
@@ -227,41 +218,11 @@ class Coordinator:
     # -- IPIs ------------------------------------------------------------------
 
     def send_ipi(self, cpu: int, cmd: L.Ipi) -> int:
-        """Post ``cmd`` to ``cpu``'s mailbox and raise its IPI byte; returns the sequence to await."""
-        seg = self.seg
-        seq = (seg.cb(cpu, "mbox_seq") + 1) & 0xFFFFFFFF
-        seg.set_cb(cpu, "mbox_cmd", cmd)
-        seg.set_cb(cpu, "mbox_arg", 0)
-        seg.set_cb(cpu, "mbox_seq", seq)  # last: the CPU reads seq, then cmd
-        self.bus.wake(cpu, L.WAKE_IPI)
-        return seq
+        return self.mailbox.send(cpu, cmd)
 
     def ipi_wait(self, cpus: list[int], cmd: L.Ipi, timeout_s: float) -> tuple[dict[int, int], list[int]]:
-        """Send ``cmd`` to every CPU in ``cpus`` at once and wait (bounded) for their acks.
-
-        Returns ({cpu: result} of those that acknowledged, [cpus that did not]).
-        A CPU whose process died is marked GONE and counted as not acknowledging.
-        """
-        waiting = {cpu: self.send_ipi(cpu, cmd) for cpu in cpus}
-        results: dict[int, int] = {}
-        dead: list[int] = []
-        deadline = time.monotonic() + timeout_s
-        pause = 0.0
-        while waiting:
-            for cpu, seq in list(waiting.items()):
-                if self.seg.cb(cpu, "mbox_ack") == seq:
-                    results[cpu] = self.seg.cb(cpu, "mbox_result")
-                    del waiting[cpu]
-                elif not self.procs[cpu].is_alive():
-                    self._mark_gone(cpu)
-                    dead.append(cpu)
-                    del waiting[cpu]
-            if not waiting or time.monotonic() > deadline:
-                break
-            check_stop()
-            time.sleep(pause)
-            pause = min(0.001, pause * 2 or 0.00002)
-        return results, sorted([*waiting, *dead])
+        """smpd.machine.mailbox: send ``cmd`` to ``cpus`` and wait (bounded); (acked results, missing)."""
+        return self.mailbox.send_and_wait(cpus, cmd, timeout_s)
 
     def ipi_all(self, cpus: list[int], cmd: L.Ipi, timeout_s: float, what: str) -> dict[int, int]:
         """``ipi_wait`` for requests that must not half-succeed: raise naming the CPUs that failed."""
@@ -370,16 +331,7 @@ class Coordinator:
             self.seg = None
             unlink(name)
         if self.janitor is not None:
-            try:
-                os.write(self.janitor_w, JANITOR_DONE)
-            except OSError:
-                pass
-            os.close(self.janitor_w)
-            self.janitor_w = None
-            self.janitor.join(5)
-            if self.janitor.is_alive():
-                self.janitor.kill()
-                self.janitor.join(5)
+            self.janitor.release()
             self.janitor = None
 
 

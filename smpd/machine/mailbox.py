@@ -1,0 +1,63 @@
+"""The IPI mailbox, the coordinator's half: post a command to CPUs and wait for their answers.
+
+Each CPU's control block holds a mailbox (smpd.machine.layout: mbox_seq, mbox_cmd,
+mbox_arg, mbox_ack, mbox_result). The coordinator writes cmd and arg, then bumps seq,
+and raises the CPU's IPI wake byte through the bus; the CPU (smpd.machine.core) reads
+seq then cmd, handles it, writes result, then sets ack = seq. Every wait here is
+bounded, and a CPU whose process died is reported, never waited for.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from smpd.machine import layout as L
+
+
+class Mailbox:
+    """Send IPIs over ``seg``'s mailboxes. ``alive(cpu)`` says whether a CPU's process lives;
+    ``gone(cpu)`` is called once for each CPU found dead while waiting; ``poll()`` runs
+    between looks (the coordinator's check for a stop request)."""
+
+    def __init__(self, seg, bus, alive: Callable[[int], bool], gone: Callable[[int], None],
+                 poll: Callable[[], None] = lambda: None):
+        self.seg, self.bus = seg, bus
+        self.alive, self.gone, self.poll = alive, gone, poll
+
+    def send(self, cpu: int, cmd: L.Ipi) -> int:
+        """Post ``cmd`` to ``cpu``'s mailbox and raise its IPI byte; returns the sequence to await."""
+        seg = self.seg
+        seq = (seg.cb(cpu, "mbox_seq") + 1) & 0xFFFFFFFF
+        seg.set_cb(cpu, "mbox_cmd", cmd)
+        seg.set_cb(cpu, "mbox_arg", 0)
+        seg.set_cb(cpu, "mbox_seq", seq)  # last: the CPU reads seq, then cmd
+        self.bus.wake(cpu, L.WAKE_IPI)
+        return seq
+
+    def send_and_wait(self, cpus: list[int], cmd: L.Ipi, timeout_s: float) -> tuple[dict[int, int], list[int]]:
+        """Send ``cmd`` to every CPU in ``cpus`` at once and wait (bounded) for their acks.
+
+        Returns ({cpu: result} of those that acknowledged, [cpus that did not]); a CPU whose
+        process died is handed to ``gone`` and counted as not acknowledging.
+        """
+        waiting = {cpu: self.send(cpu, cmd) for cpu in cpus}
+        results: dict[int, int] = {}
+        dead: list[int] = []
+        deadline = time.monotonic() + timeout_s
+        pause = 0.0
+        while waiting:
+            for cpu, seq in list(waiting.items()):
+                if self.seg.cb(cpu, "mbox_ack") == seq:
+                    results[cpu] = self.seg.cb(cpu, "mbox_result")
+                    del waiting[cpu]
+                elif not self.alive(cpu):
+                    self.gone(cpu)
+                    dead.append(cpu)
+                    del waiting[cpu]
+            if not waiting or time.monotonic() > deadline:
+                break
+            self.poll()
+            time.sleep(pause)
+            pause = min(0.001, pause * 2 or 0.00002)
+        return results, sorted([*waiting, *dead])

@@ -612,6 +612,7 @@ static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
 	long long delay_ns;
 	long rounds, i = 0;
 	int64_t t_first, t_ack = 0;
+	int acked;
 	volatile uint32_t *status;
 	Py_buffer view;
 	PyObject *r;
@@ -649,8 +650,10 @@ static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
 		}
 		i++;
 	}
-	r = Py_BuildValue("(OlLL)", LOAD32(status) == hlt ? Py_True : Py_False, i, (long long)t_first,
-			  (long long)t_ack);
+	acked = LOAD32(status) == hlt;
+	if (acked && !t_ack && i)  /* it answered between the udelay's last look and the loop's test */
+		t_ack = now_ns();
+	r = Py_BuildValue("(OlLL)", acked ? Py_True : Py_False, i, (long long)t_first, (long long)t_ack);
 	k->base = NULL;
 	PyBuffer_Release(&view);
 	return r;

@@ -162,4 +162,7 @@ class Kicker:
                 if give_core:
                     os.sched_yield()
             i += 1
-        return u32[status] == kexec_hlt, i, t_first, t_ack
+        acked = u32[status] == kexec_hlt
+        if acked and not t_ack and i:  # it answered between the udelay's last look and the loop's test
+            t_ack = time.monotonic_ns()
+        return acked, i, t_first, t_ack

@@ -28,13 +28,20 @@ from smpd.machine import layout as L
 
 FAULT = {"TRIPLE_FAULT", "CORRUPTION"}
 NCPUS = 6
+# These tests check the sequence and its outcomes, not the kernel's 5 ms: on a loaded 2-core
+# box a CPU process the host has not run for 5 ms makes a kick STUCK (a host fault, which
+# tests/test_mwait.py and the benchmarks cover). The kick's budget here is 20000 rounds of
+# 5 us, 100 ms.
+KICK_ROUNDS = 20000
 
 
 @pytest.fixture(scope="module", params=HOT_PATHS)
-def parked(request):
+def parked(request, tmp_path_factory):
     """One machine per hot path: CPUs 1-5 parked; every test leaves it reset."""
     name = run_name("kx")
-    m = Machine(name, NCPUS, "--watch", "adaptive", "--seed", "11", "--hot-path", request.param)
+    cfg = tmp_path_factory.mktemp("kx") / "kick.toml"
+    cfg.write_text(f"[kick]\nrounds = {KICK_ROUNDS}\n")
+    m = Machine(name, NCPUS, "--watch", "adaptive", "--seed", "11", "--hot-path", request.param, "--config", str(cfg))
     m.request("offline", cpus=f"1-{NCPUS - 1}")
     yield m
     m.down()
@@ -113,7 +120,7 @@ def test_kick_acknowledgements_come_with_latencies_and_rounds(machine6):
     kick = r["kick"]
     assert len(kick["cpus"]) == NCPUS - 1 and not kick["stuck"] and kick["message"] is None
     for entry in kick["cpus"].values():
-        assert entry["acknowledged"] and 1 <= entry["rounds"] <= 1000
+        assert entry["acknowledged"] and 1 <= entry["rounds"] <= KICK_ROUNDS
         assert entry["rtt_ns"] > 0 and 0 < entry.get("one_way_ns", 1) <= entry["rtt_ns"]
     s = machine6.status()
     for c in s["cpus"][1:]:
@@ -137,7 +144,7 @@ def test_a_frozen_cpu_makes_the_kick_give_up_after_its_budget_and_say_so_once(ma
     assert r["outcome"] == "STUCK", r["evidence"]
     kick = r["kick"]
     assert kick["stuck"] == [2, 4]
-    assert kick["cpus"]["2"]["rounds"] == 1000 and not kick["cpus"]["2"]["acknowledged"]
+    assert kick["cpus"]["2"]["rounds"] == KICK_ROUNDS and not kick["cpus"]["2"]["acknowledged"]
     assert kick["message"] == "CPU2 is stuck in mwait_play_dead()"
     printed = [e for e in r["timeline"] if "is stuck in mwait_play_dead()" in e["event"]]
     assert len(printed) == 1  # pr_err_once: once per kexec, however many are stuck

@@ -265,3 +265,12 @@ def test_an_empty_trace_name_is_refused_before_the_kexec(machine):
     r = run_smpd("kexec", "--trace", "", name=m.name, check=False)
     assert r.returncode == 2 and "--trace needs a file name" in r.stderr
     assert m.status()["machine"]["kexecs"] == 0
+
+
+def test_a_kexec_with_no_cpu_parked_says_so_and_reset_says_every_cpu_is_online(machine):
+    m = machine(3)
+    r = run_smpd("kexec", name=m.name)
+    assert r.stdout.startswith("CLEAN  no CPU was parked in mwait_play_dead(): nothing to kick"), r.stdout
+    assert "acknowledged the kick" not in r.stdout
+    reset = run_smpd("reset", name=m.name).stdout
+    assert reset.rstrip().endswith("every CPU is online") and "CPU none" not in reset

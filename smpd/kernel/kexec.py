@@ -29,17 +29,16 @@ import random
 import time
 from typing import Protocol
 
-import psutil
-
 from smpd import cpulist
 from smpd.kernel import boot as boot_mod, generations as gens_mod
 from smpd.kernel.generations import Generations
 from smpd.kernel.kick import smp_kick_mwait_play_dead
 from smpd.kernel.memmap import Boot, MemoryMap, Region, kexec_load
+from smpd.kernel.observe import Observer
 from smpd.kernel.relocate import Relocation
 from smpd.kernel.outcome import OUTCOMES, CpuFacts, Snapshot, classify, explain
 from smpd.kernel.scenario import Scenario, parse_boot
-from smpd.kernel.timeline import Timeline, describe
+from smpd.kernel.timeline import Timeline
 from smpd.machine import layout as L
 
 __all__ = ["Kexec", "Port", "OUTCOMES"]
@@ -69,6 +68,7 @@ class Kexec:
         self.seg, self.bus = port.seg, port.bus
         self.s = scenario
         self.gens = Generations(self.seg)
+        self.obs = Observer(port, self.gens)  # what it reads back about each CPU
         self.rng = random.Random(scenario.seed)
         self.t = Timeline()
         self.cpus = list(range(1, self.seg.geo.ncpus))
@@ -88,26 +88,13 @@ class Kexec:
         self.t.add(0, what, ns, kind)
 
     def alive(self, cpu: int) -> bool:
-        return self.c.cpu_alive(cpu) and self.seg.cb(cpu, "state") != L.ExecState.GONE
+        return self.obs.alive(cpu)
 
     def irq_seen(self, cpu: int) -> int:
-        return sum(self.seg.cb(cpu, f"{k}_taken") + self.seg.cb(cpu, f"{k}_held") for k in L.IRQ_KINDS)
+        return self.obs.irq_seen(cpu)
 
     def host_note(self, cpu: int) -> str:
-        """What the host did to this CPU's process, when that explains a missed deadline."""
-        p = self.c.cpu_process(cpu)
-        if p is None or not p.is_alive():
-            return ""
-        try:
-            st = psutil.Process(p.pid).status()
-        except psutil.Error:
-            return ""
-        if st == "stopped":
-            return "its process is stopped (SIGSTOP): a host fault, not the machine's"
-        if self.seg.cb(cpu, "wake"):
-            return ("a wake-up was posted to it and its process has not run since: a host scheduling gap, "
-                    "not the machine's")
-        return ""
+        return self.obs.host_note(cpu)
 
     # -- the sequence ----------------------------------------------------------
 
@@ -125,7 +112,7 @@ class Kexec:
                  f"{cpulist.format_list(offline) or 'none'}")
         if flavour != self.old.boot.flavour:
             self.become(flavour)
-        self.new = kexec_load(self.old, new_boot)
+        self.new = self.obs.new = kexec_load(self.old, new_boot)
         self.writes = Relocation(seg, self.bus, self.gens, self.new, s.order, self.rng, self.log)
         self.marks = self.t.mark_start(seg, self.cpus)
         online = [c for c in self.cpus if seg.cb(c, "hotplug") == L.Hotplug.ONLINE and self.alive(c)]
@@ -321,38 +308,7 @@ class Kexec:
     # -- the outcome -----------------------------------------------------------
 
     def cpu_facts(self, cpu: int) -> CpuFacts:
-        seg = self.seg
-        fault = L.Fault(seg.cb(cpu, "fault"))
-        gen = seg.cb(cpu, "cpu_gen")
-        m = self.gens.of_cpu(cpu)
-        page = seg.cb(cpu, "fault_page")
-        # The page is judged in the map of the kernel the CPU ran when it faulted: the new
-        # kernel may have restarted it since (a CPU that stored stray bytes and halted).
-        fault_gen = seg.cb(cpu, "fault_gen") or gen
-        try:
-            fm = self.gens.map(fault_gen)
-        except LookupError:  # older than the generation table keeps
-            fm, fault_gen = m, gen
-        where = f"{fm.describe_page(page)} of generation {fault_gen}"
-        if self.new is not None and self.new.gen != fault_gen and self.new.region_of(page):
-            where += f" (now generation {self.new.gen}'s {self.new.describe_page(page)})"
-        cause, arg = seg.cb(cpu, "fault_cause"), seg.cb(cpu, "fault_cause_arg")
-        store = None
-        if fault == L.Fault.STRAY_STORE or seg.cb(cpu, "stray_stores"):
-            addr = seg.cb(cpu, "fault_addr")
-            store = (addr, (self.new or m).symbol(addr), seg.cb(cpu, "fault_value"))
-        p = self.c.cpu_process(cpu)
-        alive = self.alive(cpu)
-        return CpuFacts(
-            cpu=cpu, state="GONE" if not alive else L.ExecState(seg.cb(cpu, "state")).name, fault=fault.name,
-            fault_ns=seg.cb(cpu, "fault_ns"),
-            fault_page=where if fault not in (L.Fault.NONE, L.Fault.MCE_SHUTDOWN) else "",
-            fault_cause=describe(fm, L.Ev(cause), arg) if cause else "",
-            stray_stores=seg.cb(cpu, "stray_stores"), first_store=store, alive=alive,
-            exit_code=None if p is None else p.exitcode, pid=0 if p is None else p.pid,
-            held=any(seg.cb(cpu, f"{k}_held") for k in L.HELD_IN_INIT),
-            host_note=self.host_note(cpu) if cpu in self.not_taken or (self.kick and cpu in self.kick["stuck"])
-            else "", generation=gen)
+        return self.obs.cpu_facts(cpu, cpu in self.not_taken or bool(self.kick and cpu in self.kick["stuck"]))
 
     def snapshot(self, flavour: str, corruption: list[dict], unsettled: list[int]) -> Snapshot:
         return Snapshot(kernel=flavour, new_gen=self.new.gen, cpus=tuple(self.cpu_facts(c) for c in self.cpus),
@@ -363,18 +319,7 @@ class Kexec:
                         waking=tuple(self.writes.waking))
 
     def cpu_report(self, cpu: int) -> dict:
-        f = self.cpu_facts(cpu)
-        seg = self.seg
-        d = {"cpu": cpu, "pid": seg.cb(cpu, "pid"), "state": f.state,
-             "hotplug": L.Hotplug(seg.cb(cpu, "hotplug")).name.lower(), "generation": f.generation,
-             "fault": f.fault, "stray_stores": f.stray_stores}
-        if f.fault_page:
-            d["fault_page"] = f.fault_page
-            d["fault_cause"] = f.fault_cause or None
-        if f.first_store:
-            addr, symbol, value = f.first_store
-            d["first_store"] = {"addr": addr, "value": value, "symbol": symbol}
-        return d
+        return self.obs.cpu_report(cpu)
 
     def report(self, v, snap: Snapshot, corruption: list[dict]) -> dict:
         s = self.s

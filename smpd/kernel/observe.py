@@ -1,0 +1,96 @@
+"""What the kexec reads back about each CPU: alive or not, what the host did to it, and the
+facts the outcome is classified from (smpd.kernel.outcome.CpuFacts) and reported with.
+
+Everything here is read from the segment (each CPU's control block, written by the CPU
+itself), from the coordinator's view of its processes (``Port.cpu_alive``,
+``Port.cpu_process``) and, for host faults, from psutil. Nothing is written.
+"""
+
+from __future__ import annotations
+
+import psutil
+
+from smpd.kernel.generations import Generations
+from smpd.kernel.memmap import MemoryMap
+from smpd.kernel.outcome import CpuFacts
+from smpd.kernel.timeline import describe
+from smpd.machine import layout as L
+
+
+class Observer:
+    """Reads the CPUs of a machine for a kexec; ``new`` is the kernel kexec'd into, once known."""
+
+    def __init__(self, port, gens: Generations):
+        self.c, self.seg, self.gens = port, port.seg, gens
+        self.new: MemoryMap | None = None
+
+    def alive(self, cpu: int) -> bool:
+        return self.c.cpu_alive(cpu) and self.seg.cb(cpu, "state") != L.ExecState.GONE
+
+    def irq_seen(self, cpu: int) -> int:
+        return sum(self.seg.cb(cpu, f"{k}_taken") + self.seg.cb(cpu, f"{k}_held") for k in L.IRQ_KINDS)
+
+    def host_note(self, cpu: int) -> str:
+        """What the host did to this CPU's process, when that explains a missed deadline."""
+        p = self.c.cpu_process(cpu)
+        if p is None or not p.is_alive():
+            return ""
+        try:
+            st = psutil.Process(p.pid).status()
+        except psutil.Error:
+            return ""
+        if st == "stopped":
+            return "its process is stopped (SIGSTOP): a host fault, not the machine's"
+        if self.seg.cb(cpu, "wake"):
+            return ("a wake-up was posted to it and its process has not run since: a host scheduling gap, "
+                    "not the machine's")
+        return ""
+
+    def cpu_facts(self, cpu: int, suspect: bool = False) -> CpuFacts:
+        """``suspect``: the CPU missed a deadline (an injection not taken, a kick not answered): say what
+        the host did to it."""
+        seg = self.seg
+        fault = L.Fault(seg.cb(cpu, "fault"))
+        gen = seg.cb(cpu, "cpu_gen")
+        m = self.gens.of_cpu(cpu)
+        page = seg.cb(cpu, "fault_page")
+        # The page is judged in the map of the kernel the CPU ran when it faulted: the new
+        # kernel may have restarted it since (a CPU that stored stray bytes and halted).
+        fault_gen = seg.cb(cpu, "fault_gen") or gen
+        try:
+            fm = self.gens.map(fault_gen)
+        except LookupError:  # older than the generation table keeps
+            fm, fault_gen = m, gen
+        where = f"{fm.describe_page(page)} of generation {fault_gen}"
+        if self.new is not None and self.new.gen != fault_gen and self.new.region_of(page):
+            where += f" (now generation {self.new.gen}'s {self.new.describe_page(page)})"
+        cause, arg = seg.cb(cpu, "fault_cause"), seg.cb(cpu, "fault_cause_arg")
+        store = None
+        if fault == L.Fault.STRAY_STORE or seg.cb(cpu, "stray_stores"):
+            addr = seg.cb(cpu, "fault_addr")
+            store = (addr, (self.new or m).symbol(addr), seg.cb(cpu, "fault_value"))
+        p = self.c.cpu_process(cpu)
+        alive = self.alive(cpu)
+        return CpuFacts(
+            cpu=cpu, state="GONE" if not alive else L.ExecState(seg.cb(cpu, "state")).name, fault=fault.name,
+            fault_ns=seg.cb(cpu, "fault_ns"),
+            fault_page=where if fault not in (L.Fault.NONE, L.Fault.MCE_SHUTDOWN) else "",
+            fault_cause=describe(fm, L.Ev(cause), arg) if cause else "",
+            stray_stores=seg.cb(cpu, "stray_stores"), first_store=store, alive=alive,
+            exit_code=None if p is None else p.exitcode, pid=0 if p is None else p.pid,
+            held=any(seg.cb(cpu, f"{k}_held") for k in L.HELD_IN_INIT),
+            host_note=self.host_note(cpu) if suspect else "", generation=gen)
+
+    def cpu_report(self, cpu: int) -> dict:
+        f = self.cpu_facts(cpu)
+        seg = self.seg
+        d = {"cpu": cpu, "pid": seg.cb(cpu, "pid"), "state": f.state,
+             "hotplug": L.Hotplug(seg.cb(cpu, "hotplug")).name.lower(), "generation": f.generation,
+             "fault": f.fault, "stray_stores": f.stray_stores}
+        if f.fault_page:
+            d["fault_page"] = f.fault_page
+            d["fault_cause"] = f.fault_cause or None
+        if f.first_store:
+            addr, symbol, value = f.first_store
+            d["first_store"] = {"addr": addr, "value": value, "symbol": symbol}
+        return d

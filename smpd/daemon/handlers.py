@@ -31,13 +31,14 @@ from smpd.kernel import boot as kboot
 from smpd.kernel.cpu import IPI_DONE
 from smpd.kernel.generations import Generations
 from smpd.kernel.kexec import Kexec
-from smpd.kernel.kick import kick_one
+from smpd.kernel import kick as kick_mod
 from smpd.kernel.scenario import Scenario, parse_boot, parse_injection, trial_seed
 from smpd.machine import layout as L
 
 RESET_ATTEMPTS = 3  # a reset respawns CPUs that died; it tries again if one dies during it
 ENDING = ("TRIPLE_FAULT", "MCE_SHUTDOWN", "SMM_HANG", "CPU_LOST")  # outcomes after which nothing runs
 MAX_CHAIN = 100  # kexecs in one `smpd chain`
+VALIDATE_ONLY = 0  # bench_kick's rounds=0: check the targets, kick nothing
 
 
 class Handlers:
@@ -298,38 +299,28 @@ class Handlers:
         self._require_kexec_able("a kick benchmark")
         if not 0 <= rounds <= 100_000:
             raise BadInput(f"rounds {rounds} is not in the range 1..100000")
-        kmap = self._map()
-        parked = [c for c in range(1, self.sup.ncpus) if self._parked(c, kmap)]
+        kmap, seg = self._map(), self.sup.seg
+        parked = [c for c in range(1, self.sup.ncpus) if kick_mod.parked(seg, kmap, c)]
         cpus = parked if targets in (None, "", "parked") else self._cpus_arg(targets)
-        bad = [c for c in cpus if not self._parked(c, kmap)]
+        bad = [c for c in cpus if not kick_mod.parked(seg, kmap, c)]
         if bad or not cpus:
             raise BadInput(
                 (f"CPU {cpulist.format_list(bad)} {'is' if len(bad) == 1 else 'are'} not parked in "
                  f"mwait_play_dead() (online, kicked, or elsewhere)" if bad else "no CPU is parked")
                 + f"; parked now: CPU {cpulist.format_list(parked) or 'none'} (`smpd offline` parks CPUs)"
                 + ("; the running kernel is pre-fix: it has no kick" if kmap.boot.monitors_thread_info else ""))
-        if rounds == 0:  # validation only (and the pids, to sample before the first batch)
-            return {"targets": cpus, "pids": {str(c): self.sup.seg.cb(c, "pid") for c in cpus}}
+        if rounds == VALIDATE_ONLY:  # (and the pids, to sample before the first batch)
+            return {"targets": cpus, "pids": {str(c): seg.cb(c, "pid") for c in cpus}}
         delay_ns, budget = self.sup.kick_params()
-        samples: dict[str, list] = {str(c): [] for c in cpus}
-        for _ in range(rounds):
-            for cpu in cpus:
-                e = kick_one(self.sup.seg, self.sup.bus, cpu, kmap.mwait_cpu_dead_addr(cpu), delay_ns, budget)
-                samples[str(cpu)].append([e.get("one_way_ns", -1), e.get("rtt_ns", -1), e["rounds"],
-                                          int(e["acknowledged"])])
-            _, missing = self.sup.ipi_wait(cpus, L.Ipi.REPARK, self.sup.ipi_timeout_s)
-            if missing:
-                raise Timeout(f"bench kick: CPU {cpulist.format_list(missing)} did not re-park "
-                              f"in mwait_play_dead() within {self.sup.ipi_timeout_s:.0f} s")
+        try:
+            samples = kick_mod.bench_rounds(seg, self.sup.bus, kmap, cpus, rounds, delay_ns, budget,
+                                            lambda c: self.sup.ipi_wait(c, L.Ipi.REPARK, self.sup.ipi_timeout_s)[1])
+        except TimeoutError as err:
+            raise Timeout(f"bench kick: CPU {cpulist.format_list(err.args[0])} did not re-park "
+                          f"in mwait_play_dead() within {self.sup.ipi_timeout_s:.0f} s") from None
         return {"samples": samples, "budget_ns": delay_ns * budget, "delay_ns": delay_ns, "watch": self.sup.watch,
                 "hot_path": self.sup.hot_path,
                 "pids": {str(c): self.sup.seg.cb(c, "pid") for c in cpus}}
-
-    def _parked(self, cpu: int, kmap) -> bool:
-        """Parked in mwait_play_dead() of the running kernel, status CPUDEAD_MWAIT_WAIT (the fix's kernels)."""
-        return (self.sup.seg.cb(cpu, "state") == L.ExecState.MWAIT and not kmap.boot.monitors_thread_info
-                and self.sup.seg.cb(cpu, "cpu_gen") == kmap.gen
-                and self.sup.seg.mem_u32(kmap.mwait_cpu_dead_addr(cpu) + 4) == L.CPUDEAD_MWAIT_WAIT)
 
     def op_status(self) -> dict:
         self.sup.refresh_gone()

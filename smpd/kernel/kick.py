@@ -74,3 +74,28 @@ def smp_kick_mwait_play_dead(seg, bus, m, cpus: list[int], delay_ns: int, rounds
     return {"cpus": per, "stuck": stuck, "message": message, "total_ns": total,
             "budget_ns": delay_ns * rounds, "delay_ns": delay_ns, "rounds": rounds,
             "rtt_p50_ns": rtts[len(rtts) // 2] if rtts else None, "rtt_max_ns": rtts[-1] if rtts else None}
+
+
+def parked(seg, m, cpu: int) -> bool:
+    """Parked in mwait_play_dead() of the running kernel ``m``, status CPUDEAD_MWAIT_WAIT: a CPU
+    the fix's kick would visit (a pre-fix kernel has no kick)."""
+    return (seg.cb(cpu, "state") == L.ExecState.MWAIT and not m.boot.monitors_thread_info
+            and seg.cb(cpu, "cpu_gen") == m.gen
+            and seg.mem_u32(m.mwait_cpu_dead_addr(cpu) + 4) == L.CPUDEAD_MWAIT_WAIT)
+
+
+def bench_rounds(seg, bus, m, cpus: list[int], rounds: int, delay_ns: int, budget: int,
+                 repark: Callable[[list[int]], list[int]]) -> dict[str, list]:
+    """`smpd bench kick`'s work: ``rounds`` rounds of kick_one() on each of ``cpus``, then
+    ``repark`` them all (it returns the CPUs that did not re-park: then TimeoutError). Raw
+    samples per CPU: [one way ns, round trip ns (-1: none), kernel rounds, acknowledged]."""
+    samples: dict[str, list] = {str(c): [] for c in cpus}
+    for _ in range(rounds):
+        for cpu in cpus:
+            e = kick_one(seg, bus, cpu, m.mwait_cpu_dead_addr(cpu), delay_ns, budget)
+            samples[str(cpu)].append([e.get("one_way_ns", -1), e.get("rtt_ns", -1), e["rounds"],
+                                      int(e["acknowledged"])])
+        missing = repark(cpus)
+        if missing:
+            raise TimeoutError(missing)
+    return samples

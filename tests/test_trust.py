@@ -311,6 +311,18 @@ def _plant_link(evil: int, target: str, path: str) -> None:
     adversary.run_as(evil, adversary.symlink, target, path)
 
 
+def _link_to_a_root_file(evil: int, drop: str, secret: str, text: str, link: str) -> tuple[str, str]:
+    """A root-only file ``secret`` holding ``text`` in the shared ``drop``, and the attacker's
+    link named ``link`` to it: (the file, the link)."""
+    victim = os.path.join(drop, secret)
+    with open(victim, "w") as f:
+        f.write(text)
+    os.chmod(victim, 0o600)
+    path = os.path.join(drop, link)
+    _plant_link(evil, victim, path)
+    return victim, path
+
+
 @pytest.fixture
 def drop(evil):
     """A directory both users can write, like /tmp (but ours alone to remove)."""
@@ -334,12 +346,7 @@ def parked3():
 
 @pytest.mark.parametrize("option", ["--json", "--plot"])
 def test_bench_outputs_never_follow_a_planted_link(evil, drop, parked3, option):
-    victim = os.path.join(drop, "root-secret")
-    with open(victim, "w") as f:
-        f.write("SECRET\n")
-    os.chmod(victim, 0o600)
-    out = os.path.join(drop, "kick.out")
-    _plant_link(evil, victim, out)
+    victim, out = _link_to_a_root_file(evil, drop, "root-secret", "SECRET\n", "kick.out")
     r = run_smpd("bench", "kick", "--rounds", "5", option, out, name=parked3.name, check=False)
     assert r.returncode == 2 and "is a symbolic link" in _error_line(r)
     assert open(victim).read() == "SECRET\n"
@@ -484,11 +491,6 @@ def test_an_output_on_proc_sys_dev_or_shm_is_refused(parked3, target):
 def test_inputs_are_not_read_through_another_users_link(evil, drop, args):
     """A link planted in a shared directory to a root file (or to /proc/kmsg, whose read would hang
     and steal the kernel log) is refused by name and owner; nothing is read."""
-    secret = os.path.join(drop, "root-only.toml")
-    with open(secret, "w") as f:
-        f.write("[machine]\ncpus = 3\n")
-    os.chmod(secret, 0o600)
-    link = os.path.join(drop, "config.toml")
-    _plant_link(evil, secret, link)
+    _secret, link = _link_to_a_root_file(evil, drop, "root-only.toml", "[machine]\ncpus = 3\n", "config.toml")
     r = run_smpd(*args, link, check=False, timeout=30)
     assert r.returncode == 2 and "is a symbolic link of" in _error_line(r), r.stderr

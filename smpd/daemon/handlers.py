@@ -234,7 +234,7 @@ class Handlers:
         k.settle()  # the kicked CPUs' way into HLT, logged after their acknowledgements
         k.t.merge_cpus(self.sup.seg, marks, k.gens)
         return {"kick": kick, **k.t.record(),
-                "cpus": [k.cpu_report(c) for c in k.cpus],
+                "cpus": [k.obs.cpu_report(c) for c in k.cpus],
                 "machine": {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch,
                             "hot_path": self.sup.hot_path}}
 
@@ -288,7 +288,7 @@ class Handlers:
         k.settle()
         k.t.merge_cpus(self.sup.seg, marks, k.gens)
         return {"injection": f"{kind} to CPU {cpulist.format_list(inj.cpus)} x{count}",
-                "cpus": [k.cpu_report(c) for c in inj.cpus],
+                "cpus": [k.obs.cpu_report(c) for c in inj.cpus],
                 "not_taken": {str(c): why for c, why in k.not_taken.items()}, **k.t.record()}
 
     def op_bench_kick(self, targets: str | None = None, rounds: int = 100) -> dict:

@@ -69,10 +69,6 @@ class Cpu(Executes, CpuCore):
 
     # -- the mailbox (IPIs from the coordinator) -----------------------------
 
-
-
-
-
     def _ipi(self, mask: int, allowed: tuple[L.Ipi, ...] = ()):
         """Look at the mailbox if the IPI byte was raised.
 

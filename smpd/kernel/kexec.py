@@ -90,12 +90,6 @@ class Kexec:
     def alive(self, cpu: int) -> bool:
         return self.obs.alive(cpu)
 
-    def irq_seen(self, cpu: int) -> int:
-        return self.obs.irq_seen(cpu)
-
-    def host_note(self, cpu: int) -> str:
-        return self.obs.host_note(cpu)
-
     # -- the sequence ----------------------------------------------------------
 
     def run(self) -> dict:
@@ -106,7 +100,8 @@ class Kexec:
         params = parse_boot(s.boot, seg.geo.ncpus, self.old.boot, seg.hdr("seed"))
         new_boot = Boot(s.into or flavour, nosmt=params.nosmt, maxcpus=params.maxcpus, kaslr=params.kaslr,
                         crash=s.crash)
-        offline = [c for c in self.cpus if seg.cb(c, "hotplug") != L.Hotplug.ONLINE or not self.alive(c)]
+        online = [c for c in self.cpus if seg.cb(c, "hotplug") == L.Hotplug.ONLINE and self.alive(c)]
+        offline = [c for c in self.cpus if c not in online]
         self.log(f"{'kdump' if s.crash else 'kexec'}: generation {self.old.gen} ({self.old.boot.text()}) -> "
                  f"{self.old.gen + 1} ({new_boot.text()}); order {s.order}, seed {s.seed}; offline CPUs "
                  f"{cpulist.format_list(offline) or 'none'}")
@@ -115,8 +110,6 @@ class Kexec:
         self.new = self.obs.new = kexec_load(self.old, new_boot)
         self.writes = Relocation(seg, self.bus, self.gens, self.new, s.order, self.rng, self.log)
         self.marks = self.t.mark_start(seg, self.cpus)
-        online = [c for c in self.cpus if seg.cb(c, "hotplug") == L.Hotplug.ONLINE and self.alive(c)]
-        self.offline_at_start = [c for c in self.cpus if c not in online]
         if s.crash:
             with self.t.phase("__crash_kexec() -> native_machine_crash_shutdown() -> crash_smp_send_stop()"):
                 self.crash_smp_send_stop(online)
@@ -236,7 +229,7 @@ class Kexec:
         """The scenario's injections at ``phase``; ``stray``: `smpd inject`, outside any kexec."""
         for inj in self.s.at(phase):
             targets = [c for c in inj.cpus if self.alive(c)]
-            before = {c: self.irq_seen(c) for c in targets}
+            before = {c: self.obs.irq_seen(c) for c in targets}
             sent = time.monotonic_ns()  # the line goes before the CPUs' "taken": they follow it
             for _ in range(inj.count):
                 for cpu in targets:
@@ -255,11 +248,11 @@ class Kexec:
             waiting = set(targets)
             with self.t.phase(f"smpd: until the {inj.kind.upper()} is taken or held", "smpd"):
                 while waiting and time.monotonic() < deadline:
-                    waiting = {c for c in waiting if self.irq_seen(c) == before[c] and self.alive(c)}
+                    waiting = {c for c in waiting if self.obs.irq_seen(c) == before[c] and self.alive(c)}
                     if waiting:
                         time.sleep(0.0002)
             for cpu in waiting:
-                note = self.host_note(cpu)
+                note = self.obs.host_note(cpu)
                 self.not_taken[cpu] = f"{inj.kind.upper()} at {phase} not taken within {IRQ_TAKEN_S:.0f} s" + \
                     (f": {note}" if note else "")
 
@@ -318,9 +311,6 @@ class Kexec:
                         boot_missing=tuple(self.boot_missing), left_behind=tuple(self.left_behind),
                         waking=tuple(self.writes.waking))
 
-    def cpu_report(self, cpu: int) -> dict:
-        return self.obs.cpu_report(cpu)
-
     def report(self, v, snap: Snapshot, corruption: list[dict]) -> dict:
         s = self.s
         return {
@@ -335,6 +325,6 @@ class Kexec:
             "generation": {"old": self.old.gen, "new": self.new.gen},
             "memory": {"old": self.old.summary(), "new": self.new.summary()},
             "corruption": corruption[:16], "corrupted_words": len(corruption),
-            "cpus": [self.cpu_report(c) for c in self.cpus],
+            "cpus": [self.obs.cpu_report(c) for c in self.cpus],
             **self.t.record(),
         }

@@ -22,6 +22,7 @@ from typing import Callable
 
 from smpd.machine import layout as L
 
+
 def kick_one(seg, bus, cpu: int, md: int, delay_ns: int, rounds: int) -> dict:
     """Kick one CPU (its mwait_cpu_dead at ``md``) out of mwait_play_dead(); returns its timings
     and the kernel's round count."""

@@ -274,18 +274,18 @@ def status(name, as_json, live, interval, count, only):
         return
     out = Console()
     if not live:
-        out.print(render.status_view(snapshot(), out.width, cpus))
+        out.print(render.status_view(snapshot(), out.width, cpus is not None))
         return
     from rich.live import Live
 
     machine.hold()
     n = 0
     try:
-        with Live(render.status_view(snapshot(), out.width, cpus), console=out, auto_refresh=False) as view:
+        with Live(render.status_view(snapshot(), out.width, cpus is not None), console=out, auto_refresh=False) as view:
             while count is None or n < count - 1:
                 time.sleep(interval)
                 try:
-                    view.update(render.status_view(snapshot(), out.width, cpus), refresh=True)
+                    view.update(render.status_view(snapshot(), out.width, cpus is not None), refresh=True)
                 except (CoordinatorGone, NotOurs):  # gone; or its freed channel name taken by another
                     if machine.went_down():
                         view.update(Text(f"machine '{machine.name}' went down (smpd down)"), refresh=True)
@@ -482,10 +482,10 @@ def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, 
                  if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
         if mixed:
             raise BadInput(f"--replay takes the whole scenario from the file; drop --{mixed[0].rstrip('s')}")
-        soakrun.parse_replay_target(replay)
+    replay_file = None if replay is None else soakrun.parse_replay_target(replay)[0]
     machine = lifecycle.require(name)
     form = _timeline_form(timeline_form, machine.ncpus)
-    _check_trace(trace_file, None if replay is None else soakrun.parse_replay_target(replay)[0])
+    _check_trace(trace_file, replay_file)
     if replay is not None:
         r = soakrun.replay(name, replay)
     else:
@@ -623,13 +623,13 @@ def config_show(config_file, as_json):
     t = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("setting", "value", "from"):
         t.add_column(col, overflow="fold")
+    default = str(config_mod.default_path())
     for section, values in table.items():
         for key, v in values.items():
             t.add_row(f"{section}.{key}", json.dumps(v["value"]),
-                      Text("default" if v["from"] == str(config_mod.default_path()) else v["from"],
-                           style="dim" if v["from"] == str(config_mod.default_path()) else "bold"))
+                      Text("default", style="dim") if v["from"] == default else Text(v["from"], style="bold"))
     Console().print(t)
-    click.echo(f"default: {config_mod.default_path()}")
+    click.echo(f"default: {default}")
 
 
 @main.group()

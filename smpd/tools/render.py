@@ -124,14 +124,11 @@ def cpu_grid(cpus: list[dict], width: int = 16) -> Group:
     return Group(*rows, legend, summary, *extra)
 
 
-def status_view(snapshot: dict, columns: int = 80, only: list[int] | None = None) -> Group:
+def status_view(snapshot: dict, columns: int = 80, full: bool = False) -> Group:
     """The whole status screen; ``columns`` is the terminal width (grid cells are 8 wide).
-    ``only``: the CPUs to show in full (`smpd status --cpus`), whatever their number."""
+    ``full``: a table of the snapshot's CPUs whatever their number (`smpd status --cpus`)."""
     cpus = snapshot["cpus"]
-    if only is not None:
-        wanted = set(only)
-        body = cpu_table([c for c in cpus if c["cpu"] in wanted], columns)
-    elif len(cpus) <= TABLE_MAX_CPUS:
+    if full or len(cpus) <= TABLE_MAX_CPUS:
         body = cpu_table(cpus, columns)
     else:
         width = max(4, min(32, columns // 8))
@@ -201,14 +198,12 @@ def cpu_outcomes(cpus: list[dict]) -> Text:
     return t
 
 
-# A CPU's events that every CPU of a phase has alike: folded into one line per phase in the
-# summary. Everything else (faults, stray stores, interrupts, SMM, spurious wake-ups, lost
-# ring entries) and every coordinator event is shown one by one.
-ROUTINE = {"WAKE_WRITE": "MWAIT woken by a write to its monitored line",
-           "KICK_SEEN": "sees control == CPUDEAD_MWAIT_KEXEC_HLT, acknowledges in status",
-           "HLT": "enters HLT", "INIT": "INIT: wait-for-SIPI", "SIPI": "SIPI: smp_callin()",
-           "REBOOT": "stop_this_cpu()", "OFFLINE": "play_dead() into mwait_play_dead()",
-           "NMI_STOP": "stopped by NMI: halts in the handler, NMIs blocked"}
+# A CPU's events that every CPU of a phase has alike: shown plainly, where the others
+# (faults, stray stores, interrupts, SMM, spurious wake-ups, lost ring entries) are bold.
+# In the summary, the same event of many CPUs between two coordinator events folds into
+# one line; a wake-up's text names each CPU's own line, so its folded line says it so.
+ROUTINE = {"WAKE_WRITE", "KICK_SEEN", "HLT", "INIT", "SIPI", "REBOOT", "OFFLINE", "NMI_STOP"}
+FOLDED = {"WAKE_WRITE": "MWAIT woken by a write to its monitored line"}
 TIMELINE_FORMS = "all, summary (the default), or a cpulist (those CPUs' events and the coordinator's)"
 
 
@@ -235,7 +230,7 @@ def timeline(events: list[dict], form: str | list[int] = "summary", phases: list
                 folds.clear()  # a new step of the coordinator: its CPUs' lines fold anew
                 items.append((e["t_rel_us"], e))
                 continue
-            key = (kind, ROUTINE.get(kind, e["event"]))
+            key = (kind, FOLDED.get(kind, e["event"]))
             if key not in folds:
                 folds[key] = []
                 items.append((e["t_rel_us"], folds[key]))
@@ -257,7 +252,7 @@ def _event(t: Text, us: float, group: list[dict]) -> None:
     if len(group) == 1:
         _event_line(t, us, "coord" if e["cpu"] == 0 else f"CPU{e['cpu']}", e["event"], style)
         return
-    what = ROUTINE.get(kind, e["event"])
+    what = FOLDED.get(kind, e["event"])
     _event_line(t, us, "CPUs", f"{format_list(sorted({g['cpu'] for g in group}))}: {what} ({len(group)} events, "
                                f"until {group[-1]['t_rel_us']:.1f} us)", style)
 

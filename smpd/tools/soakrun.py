@@ -86,10 +86,15 @@ def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out
             resumed.close()
 
 
+def _numbers(trials: list[int], total: int) -> str:
+    """'#2, #3, #4, ...': the trial numbers named, and '...' when there are more (``total``)."""
+    return "#" + ", #".join(map(str, trials)) + (", ..." if total > len(trials) else "")
+
+
 def _cell(n: int, trials: list[int]) -> str:
     if not n:
         return ""
-    return f"{n} (#{', #'.join(map(str, trials))}{', ...' if n > len(trials) else ''})" if trials else str(n)
+    return f"{n} ({_numbers(trials, n)})" if trials else str(n)
 
 
 def _offline_set(status: dict) -> set[int]:
@@ -304,8 +309,8 @@ def print_summary(console: Console, plan: soak.Plan, records: list[dict], path: 
     lines.append(f"emulator faults: CPU_LOST {s['cpu_lost']}, CPU processes respawned {s['respawns']}\n")
     hs = s["stuck_without_injection"]
     lines.append(f"host faults: STUCK without an injection {len(hs)}"
-                 + (f" (#{', #'.join(map(str, hs[:soak.EXAMPLES]))}{', ...' if len(hs) > soak.EXAMPLES else ''}): "
-                    f"a CPU process the host did not run within the kick's budget" if hs else "") + "\n")
+                 + (f" ({_numbers(hs[:soak.EXAMPLES], len(hs))}): a CPU process the host did not run within "
+                    f"the kick's budget" if hs else "") + "\n")
     if s["host"]:
         h = s["host"]
         lines.append(f"host load achieved: CPU {h['cpu_percent']:.0f}%, load average {h['load1']:.1f}, "

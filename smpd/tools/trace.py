@@ -57,7 +57,8 @@ def events_of(report: dict, t0: int, label: str = "") -> list[dict]:
                     "dur": p["dur_us"], "args": {"kexec": label} if label else {}})
     # Each CPU's states: from where it started, changed by its events.
     states = {int(c): s for c, s in report.get("start_states", {}).items()}
-    since = {c: min([e["t_ns"] for e in timeline] + [end]) for c in states}
+    start = min([e["t_ns"] for e in timeline] + [end])
+    since = dict.fromkeys(states, start)
     nxt: dict[int, int] = {}  # index of each event -> the time of its CPU's next event
     last: dict[int, int] = {}
     for i, e in enumerate(timeline):

@@ -115,7 +115,7 @@ SCHEMA: dict[str, dict[str, Callable[[Any], str | None]]] = {
         "crashkernel_pages": _auto_or(_int_range(0, 1 << 20)),
         "ram_pages": _auto_or(_int_range(1, 1 << 24)),
     },
-    "kernel": {"flavour": _choice(*KERNELS), "boot": _boot},
+    "kernel": {"flavour": _choice(*KERNELS), "boot": _boot, "init_only_from_boot_cpu": _bool},
     "firmware": {"smi_auto_halt_restart": _bool, "smm_hangs_with_cpus_in_init": _bool},
     "watch": {
         "strategy": _choice(*WATCH_STRATEGIES),

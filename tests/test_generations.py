@@ -220,3 +220,48 @@ def test_status_still_reads_after_more_kexecs_than_the_generation_table_keeps(ma
     assert r["first_failing_link"] is None
     s = m.status()
     assert s["machine"]["generation"] == L.GEN_SLOTS + 2 and s["cpus"][0]["generation"] == L.GEN_SLOTS + 2
+
+
+@pytest.mark.parametrize("cpu, check, outcome, states", [
+    (0, True, "CLEAN", {c: "WAIT_FOR_SIPI" for c in (1, 2, 3)}),
+    (2, True, "CLEAN", {1: "MWAIT", 2: "RUNNING", 3: "MWAIT"}),
+    (2, False, "MACHINE_RESET", {1: "MWAIT", 2: "RUNNING", 3: "MWAIT"}),
+])
+def test_a_6_5_panic_off_the_boot_cpu_parks_nothing_in_init_or_resets_without_b1472a60a584(
+        tmp_path, cpu, check, outcome, states):
+    """panic() with no crash kernel: smp_send_stop() -> native_stop_other_cpus() on the panicking CPU.
+    On CPU 0, 6.5 parks every other CPU in INIT; on CPU 2, b1472a60a584 refuses (INIT would reach the
+    boot CPU) and the CPUs stay where REBOOT left them; without it, INIT to CPU 0 resets the machine."""
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(f"[kernel]\ninit_only_from_boot_cpu = {'true' if check else 'false'}\n")
+    m = Machine(run_name("panic"), 4, "--watch", "adaptive", "--kernel", "6.5", "--boot", "nosmt",
+                "--config", str(cfg))
+    try:
+        r = run_smpd("panic", "--cpu", str(cpu), "--json", name=m.name, check=False)
+        assert r.returncode == (0 if outcome == "CLEAN" else 1), r.stderr
+        rep = json.loads(r.stdout)
+        assert rep["outcome"] == outcome and rep["panic_cpu"] == cpu, rep["evidence"]
+        assert {c["cpu"]: c["state"] for c in rep["cpus"]} == states
+        coord = [e["event"] for e in rep["timeline"] if e["cpu"] == 0]
+        assert not any("smp_kick_mwait_play_dead" in e for e in coord)  # kexec_in_progress is false
+        if cpu and check:
+            assert any("not the boot CPU" in e and "b1472a60a584" in e for e in coord), coord
+        if outcome == "MACHINE_RESET":
+            assert "INIT to CPU 0, the boot CPU" in rep["evidence"]
+            assert any(e["kind"] == "machine_end" for e in rep["timeline"])
+        assert m.status()["machine"]["state"] == "ENDED"
+        refused = run_smpd("kexec", name=m.name, check=False)
+        assert refused.returncode == 2 and f"CPU {cpu} panicked" in refused.stderr, refused.stderr
+        m.request("reset")
+        assert m.request("kexec", seed=1)["outcome"] == "CLEAN"
+    finally:
+        m.down()
+
+
+def test_panic_refuses_bad_input_and_leaves_the_machine_as_it_was(fresh):
+    for args, says in ((("panic", "--cpu", "8"), "has CPUs 0..7"),
+                       (("panic", "--cpu", "3"), "CPU 3 is offline"),
+                       (("panic", "--cpu", "x"), "--cpu")):
+        r = run_smpd(*args, name=fresh.name, check=False)
+        assert r.returncode == 2 and says in r.stderr, r.stderr
+    assert fresh.status()["machine"]["state"] != "ENDED"

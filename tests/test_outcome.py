@@ -65,12 +65,13 @@ def test_the_first_cpu_to_fault_is_the_evidence():
 
 
 @pytest.mark.parametrize("first, then", [
-    ("CPU_LOST", "SMM_HANG"), ("SMM_HANG", "MCE_SHUTDOWN"), ("MCE_SHUTDOWN", "TRIPLE_FAULT"),
+    ("CPU_LOST", "MACHINE_RESET"), ("MACHINE_RESET", "SMM_HANG"), ("SMM_HANG", "MCE_SHUTDOWN"), ("MCE_SHUTDOWN", "TRIPLE_FAULT"),
     ("TRIPLE_FAULT", "CORRUPTION"), ("CORRUPTION", "STUCK"), ("STUCK", "CLEAN"),
 ])
 def test_precedence_what_ends_the_machine_first_wins(first, then):
     facts = {
         "CPU_LOST": dict(cpus=(cpu(1, "GONE", alive=False, pid=9, exit_code=-9),)),
+        "MACHINE_RESET": dict(init_to_boot_cpu=True, panic_cpu=2),
         "SMM_HANG": dict(smm_hang="the SMI injected at after-kick"),
         "MCE_SHUTDOWN": dict(cpus=(cpu(2, "SHUTDOWN", fault="MCE_SHUTDOWN"),)),
         "TRIPLE_FAULT": dict(cpus=(tripled(3, "NMI taken"),)),
@@ -124,3 +125,17 @@ def test_kdump_says_the_parked_cpus_stayed_where_they_were():
 
 def test_no_parked_cpu_is_said_plainly():
     assert "no CPU was parked" in explain(classify(Snapshot("6.6", 2, (cpu(1),), kick={"cpus": {}, "stuck": []})))
+
+
+def test_init_to_the_boot_cpu_resets_the_machine_before_anything_else_is_judged():
+    v = classify(Snapshot("6.5", 1, (cpu(1, "MWAIT"), tripled(2, "NMI taken")), panic_cpu=2, init_to_boot_cpu=True))
+    assert v.outcome == "MACHINE_RESET" and "CPU2" in explain(v) and "b1472a60a584" in explain(v)
+
+
+@pytest.mark.parametrize("parked, says", [(True, "wait-for-SIPI"), (False, "stay in mwait_play_dead()")])
+def test_a_panic_that_stops_the_cpus_is_clean_and_says_where_they_stay(parked, says):
+    v = classify(Snapshot("6.5", 1, (cpu(1, "MWAIT"), cpu(2, "HLT")), panic_cpu=0 if parked else 3,
+                          parked_in_init=parked))
+    e = explain(v)
+    assert v.outcome == "CLEAN" and says in e and "panic() on CPU" in e and "verified its memory" not in e
+    assert ("b1472a60a584" in e) is (not parked)

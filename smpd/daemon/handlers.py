@@ -32,11 +32,13 @@ from smpd.kernel.cpu import IPI_DONE
 from smpd.kernel.generations import Generations
 from smpd.kernel.kexec import Kexec
 from smpd.kernel import kick as kick_mod
+from smpd.kernel.panic import Panic
 from smpd.kernel.scenario import Scenario, parse_boot, parse_injection, trial_seed
+from smpd.kernel.stop import StopOtherCpus
 from smpd.machine import layout as L
 
 RESET_ATTEMPTS = 3  # a reset respawns CPUs that died; it tries again if one dies during it
-ENDING = ("TRIPLE_FAULT", "MCE_SHUTDOWN", "SMM_HANG", "CPU_LOST")  # outcomes after which nothing runs
+ENDING = ("TRIPLE_FAULT", "MCE_SHUTDOWN", "SMM_HANG", "MACHINE_RESET", "CPU_LOST")  # outcomes after which nothing runs
 MAX_CHAIN = 100  # kexecs in one `smpd chain`
 VALIDATE_ONLY = 0  # bench_kick's rounds=0: check the targets, kick nothing
 
@@ -50,7 +52,7 @@ class Handlers:
             "status": self.op_status, "offline": self.op_offline, "online": self.op_online,
             "poke": self.op_poke, "ping": self.op_ping, "kexec": self.op_kexec, "chain": self.op_chain,
             "kick": self.op_kick,
-            "reset": self.op_reset, "inject": self.op_inject, "bench_kick": self.op_bench_kick,
+            "reset": self.op_reset, "panic": self.op_panic, "inject": self.op_inject, "bench_kick": self.op_bench_kick,
             "down": self.op_down,
         }
 
@@ -166,9 +168,8 @@ class Handlers:
 
     def _require_kexec_able(self, what: str) -> None:
         if self.sup.seg.hdr("state") == L.MachineState.ENDED:
-            gen, outcome = self.sup.ended_by
-            raise BadInput(f"machine '{self.sup.name}' ended in the kexec into generation {gen} ({outcome}): no "
-                           f"kernel runs to do {what}; `smpd reset` power-cycles it")
+            raise BadInput(f"machine '{self.sup.name}' {self.sup.ended_by}: no kernel runs to do {what}; "
+                           f"`smpd reset` power-cycles it")
         if self._map().boot.crash:
             raise BadInput(f"machine '{self.sup.name}' runs a crash kernel (kdump, nr_cpus=1, inside its "
                            f"crashkernel= region): {what} needs a running kernel; `smpd reset` power-cycles it")
@@ -198,7 +199,7 @@ class Handlers:
         ended = report["outcome"] in ENDING
         self.sup.seg.set_hdr("state", L.MachineState.ENDED if ended else L.MachineState.KEXECED)
         if ended:
-            self.sup.ended_by = (report["generation"]["new"], report["outcome"])
+            self.sup.ended_by = f"ended in the kexec into generation {report['generation']['new']} ({report['outcome']})"
         self.sup.seg.set_hdr("kexec_count", self.sup.seg.hdr("kexec_count") + 1)
         report["machine"] = {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch,
                              "hot_path": self.sup.hot_path}
@@ -223,14 +224,31 @@ class Handlers:
         return {"links": links, "kexecs": kexecs, "seed": seed, "first_failing_link": None if failing is None
                 else failing + 1, "machine": links[-1]["machine"]}
 
+    def op_panic(self, cpu: int = 0) -> dict:
+        """panic() on ``cpu`` with no crash kernel loaded (smpd.kernel.panic); the machine stays in
+        panic() (or reset itself): nothing runs on it until `smpd reset`."""
+        if type(cpu) is not int or not 0 <= cpu < self.sup.ncpus:
+            raise BadInput(f"--cpu {cpu}: the machine has CPUs 0..{self.sup.ncpus - 1}")
+        self._require_kexec_able("a panic")
+        if cpu and self.sup.seg.cb(cpu, "hotplug") != L.Hotplug.ONLINE:
+            raise BadInput(f"CPU {cpu} is offline (in mwait_play_dead()): only an online CPU can panic; "
+                           f"`smpd online {cpu}` first")
+        report = Panic(self.sup, cpu, self.sup.cfg.get("kernel", "init_only_from_boot_cpu")).run()
+        self.sup.seg.set_hdr("state", L.MachineState.ENDED)
+        self.sup.ended_by = (f"reset itself when CPU {cpu} panicked (MACHINE_RESET)" if report["outcome"] ==
+                             "MACHINE_RESET" else f"sits in panic() since CPU {cpu} panicked ({report['outcome']})")
+        report["machine"] = {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch,
+                             "hot_path": self.sup.hot_path}
+        return report
+
     def op_kick(self) -> dict:
         """smp_kick_mwait_play_dead() alone: who acknowledged, how fast, who is stuck."""
         self._require_kexec_able("a kick")
         k = Kexec(self.sup, Scenario(None, "sequential", 0))
-        k.old = self._map()
+        stop = StopOtherCpus(self.sup, k.t, self._map(), k.cpus, k.alive, lambda phase: None)
         marks = k.t.mark_start(self.sup.seg, k.cpus)
         with k.t.phase("smp_kick_mwait_play_dead()"):
-            kick = k.smp_kick_mwait_play_dead(lambda: None)
+            kick = stop.smp_kick_mwait_play_dead(lambda: None)
         k.settle()  # the kicked CPUs' way into HLT, logged after their acknowledgements
         k.t.merge_cpus(self.sup.seg, marks, k.gens)
         return {"kick": kick, **k.t.record(),

@@ -73,7 +73,7 @@ class Coordinator:
         self.handlers = Handlers(self)
         self.reset_offline: list[int] | None = None  # the offline set `smpd reset` restores
         self.boot1 = cfg.boot()  # generation 1's kernel: what `smpd up` and every `smpd reset` boot
-        self.ended_by: tuple[int, str] | None = None  # (generation, outcome) of the kexec that ended it
+        self.ended_by = ""  # how the machine ended (a kexec's outcome, a panic), once it has
         self.plan: list[int | None] = []  # host core of each CPU (pin policy)
 
     # -- bring-up --------------------------------------------------------------

@@ -32,18 +32,17 @@ from typing import Protocol
 from smpd import cpulist
 from smpd.kernel import boot as boot_mod, generations as gens_mod
 from smpd.kernel.generations import Generations
-from smpd.kernel.kick import smp_kick_mwait_play_dead
 from smpd.kernel.memmap import Boot, MemoryMap, Region, kexec_load
 from smpd.kernel.observe import Observer
 from smpd.kernel.relocate import Relocation
 from smpd.kernel.outcome import OUTCOMES, CpuFacts, Snapshot, classify, explain
 from smpd.kernel.scenario import Scenario, parse_boot
+from smpd.kernel.stop import STOP_OTHER_CPUS_S, StopOtherCpus
 from smpd.kernel.timeline import Timeline
 from smpd.machine import layout as L
 
 __all__ = ["Kexec", "Port", "OUTCOMES"]
 
-STOP_OTHER_CPUS_S = 1.0  # native_stop_other_cpus(): "Don't wait longer than a second"
 SETTLE_S = 2.0  # how long the CPUs get to finish what a write or an interrupt started
 IRQ_TAKEN_S = 1.0  # how long an injected signal gets to be taken (or held)
 BOOT_IPI_S = 2.0  # INIT/SIPI acknowledgement budget when the new kernel starts the APs
@@ -72,11 +71,10 @@ class Kexec:
         self.rng = random.Random(scenario.seed)
         self.t = Timeline()
         self.cpus = list(range(1, self.seg.geo.ncpus))
-        self.kick: dict | None = None
+        self.stop: StopOtherCpus | None = None  # native_stop_other_cpus() or crash_smp_send_stop()
         self.not_taken: dict[int, str] = {}
         self.boot_missing: list[int] = []
         self.left_behind: list[int] = []
-        self.parked_in_init = False
         self.smm_hang = ""
         self.writes: Relocation | None = None  # the copy and the new kernel's own writes
         self.old: MemoryMap | None = None
@@ -110,14 +108,15 @@ class Kexec:
         self.new = self.obs.new = kexec_load(self.old, new_boot)
         self.writes = Relocation(seg, self.bus, self.gens, self.new, s.order, self.rng, self.log)
         self.marks = self.t.mark_start(seg, self.cpus)
+        self.stop = StopOtherCpus(self.c, self.t, self.old, self.cpus, self.alive, self.inject)
         if s.crash:
             with self.t.phase("__crash_kexec() -> native_machine_crash_shutdown() -> crash_smp_send_stop()"):
-                self.crash_smp_send_stop(online)
+                self.stop.crash_smp_send_stop(online)
             with self.t.phase("machine_kexec(): into the crash kernel, loaded at boot (no copy)"):
                 self.writes.copy(lambda: self.inject("during-copy"), s.crash)
         else:
             with self.t.phase("kernel_kexec() -> machine_shutdown() -> native_stop_other_cpus()"):
-                self.native_stop_other_cpus(online, flavour)
+                self.stop.native_stop_other_cpus(online, flavour)
             with self.t.phase("machine_kexec() -> relocate_kernel(): the copy"):
                 self.writes.copy(lambda: self.inject("during-copy"), s.crash)
         self.inject("after-copy")
@@ -155,75 +154,6 @@ class Kexec:
         self.log(f"the running kernel is {flavour}: offline CPUs MONITOR "
                  + ("their idle thread_info->flags line" if flavour == "pre-fix" else "their mwait_cpu_dead line")
                  + (f" (CPU {cpulist.format_list(missing)} did not re-park)" if missing else ""))
-
-    def native_stop_other_cpus(self, online: list[int], flavour: str) -> None:
-        self.inject("before-kick")
-        if flavour != "pre-fix":  # if (kexec_in_progress) smp_kick_mwait_play_dead();
-            with self.t.phase("smp_kick_mwait_play_dead()"):
-                self.kick = self.smp_kick_mwait_play_dead(lambda: self.inject("during-kick"))
-        else:
-            self.inject("during-kick")
-        self.inject("after-kick")
-        # 6.5: if (smp_park_other_cpus_in_init()) goto done; -- INIT parking replaces the NMI shootdown
-        with self.t.phase("REBOOT_VECTOR to the other online CPUs; NMI if they do not stop"
-                          if flavour != "6.5" else "REBOOT_VECTOR to the other online CPUs"):
-            self.stop_online(online, "REBOOT vector", "stop_other_cpus()", nmi_fallback=flavour != "6.5")
-        if flavour == "6.5":
-            with self.t.phase("smp_park_other_cpus_in_init()"):
-                self.smp_park_other_cpus_in_init()
-
-    def crash_smp_send_stop(self, online: list[int]) -> None:
-        """kdump: the panicking CPU NMIs the others (nmi_shootdown_cpus()); kexec_in_progress is false:
-        no kick, no INIT. (The all-but-self shorthand also reaches parked siblings when every present
-        CPU was booted once, as with nosmt; they halt in crash_nmi_callback(), in the still intact old
-        kernel, which changes no outcome: smpd leaves them parked.)"""
-        for phase in ("before-kick", "during-kick", "after-kick"):
-            self.inject(phase)
-        self.stop_online(online, "NMI", "crash_smp_send_stop()", nmi_fallback=False, cmd=L.Ipi.NMI_STOP)
-
-    def stop_online(self, online: list[int], vector: str, who: str, nmi_fallback: bool = True,
-                    cmd: L.Ipi = L.Ipi.REBOOT) -> None:
-        """The other online CPUs stop (stop_this_cpu(): offline, APIC off, HLT); wait up to 1 s, then
-        the NMI shootdown for those that did not (upstream then waits 10 ms, or forever with wait=1,
-        as machine_shutdown() asks; every wait here is bounded: 1 s)."""
-        if not online:
-            self.log(f"{who}: no other CPU online")
-            return
-        acked, missing = self.c.ipi_wait(online, cmd, STOP_OTHER_CPUS_S)
-        where = "crash_nmi_callback() HLT" if cmd == L.Ipi.NMI_STOP else "stop_this_cpu() HLT"
-        msg = f"{who}: {vector} to CPU {cpulist.format_list(online)}; {len(acked)} in {where}"
-        if missing and nmi_fallback:
-            acked2, missing = self.c.ipi_wait(missing, L.Ipi.NMI_STOP, STOP_OTHER_CPUS_S)
-            msg += f"; the NMI fallback (smp_stop_nmi_callback()) stopped {len(acked2)} more"
-        self.log(msg + (f"; CPU {cpulist.format_list(missing)} did not stop" if missing else ""))
-
-    def smp_kick_mwait_play_dead(self, during) -> dict:
-        """The kernel's kick (smpd.kernel.kick) over the present-but-offline CPUs."""
-        present_offline = [c for c in self.cpus if self.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
-        delay_ns, rounds = self.c.kick_params()
-        kick = smp_kick_mwait_play_dead(self.seg, self.bus, self.old, present_offline, delay_ns, rounds, during,
-                                        self.log)
-        per, stuck = kick["cpus"], kick["stuck"]
-        if per:
-            self.log(f"smp_kick_mwait_play_dead(): kicked {len(per)} CPUs in {kick['total_ns'] / 1e3:.0f} us; "
-                     f"{len(per) - len(stuck)} acknowledged"
-                     + (f", CPU {cpulist.format_list(stuck)} stuck" if stuck else ""))
-        else:
-            self.log("smp_kick_mwait_play_dead(): no CPU sits in mwait_play_dead()")
-        return kick
-
-    def smp_park_other_cpus_in_init(self) -> None:
-        """6.5: INIT to every other present CPU, offline ones included: wait-for-SIPI holds NMI and
-        SMI off and turns a broadcast MCE into a machine shutdown. Only on the boot CPU (the kexec
-        CPU here is CPU 0, the boot CPU), and only without a special wakeup method (none here)."""
-        # Only CPUs this kernel booted once (3f874c9b2aae, for 6.5.y): INIT to one it never started
-        # (maxcpus) is pointless, and to one that is not there, harmful.
-        targets = [c for c in self.cpus if self.alive(c) and self.old.boot.started(c)]
-        _, missing = self.c.ipi_wait(targets, L.Ipi.INIT, STOP_OTHER_CPUS_S)
-        self.parked_in_init = True
-        self.log(f"smp_park_other_cpus_in_init(): INIT to CPU {cpulist.format_list(targets) or 'none'}"
-                 + (f"; CPU {cpulist.format_list(missing)} did not reach wait-for-SIPI" if missing else
-                    "; all in wait-for-SIPI"))
 
     def inject(self, phase: str, stray: bool = False) -> None:
         """The scenario's injections at ``phase``; ``stray``: `smpd inject`, outside any kexec."""
@@ -303,10 +233,14 @@ class Kexec:
     def cpu_facts(self, cpu: int) -> CpuFacts:
         return self.obs.cpu_facts(cpu, cpu in self.not_taken or bool(self.kick and cpu in self.kick["stuck"]))
 
+    @property
+    def kick(self) -> dict | None:
+        return self.stop.kick if self.stop else None
+
     def snapshot(self, flavour: str, corruption: list[dict], unsettled: list[int]) -> Snapshot:
         return Snapshot(kernel=flavour, new_gen=self.new.gen, cpus=tuple(self.cpu_facts(c) for c in self.cpus),
                         crash=self.s.crash, injected=bool(self.s.injections), kick=self.kick,
-                        parked_in_init=self.parked_in_init, corruption=tuple(corruption), smm_hang=self.smm_hang,
+                        parked_in_init=self.stop.parked_in_init, corruption=tuple(corruption), smm_hang=self.smm_hang,
                         not_taken=dict(self.not_taken), unsettled=tuple(unsettled),
                         boot_missing=tuple(self.boot_missing), left_behind=tuple(self.left_behind),
                         waking=tuple(self.writes.waking))

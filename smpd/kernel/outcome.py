@@ -10,6 +10,8 @@ from the machine and the process tests check that it matches reality.
 Precedence, from what ends the machine first to what it survives:
 
     CPU_LOST      a CPU process died: an emulator fault, not an emulated one
+    MACHINE_RESET INIT reached the boot CPU (6.5's INIT parking run on another CPU, without
+                  b1472a60a584's check): the whole machine resets
     SMM_HANG      an SMI came while CPUs sat in INIT and the firmware waited for them
     MCE_SHUTDOWN  an MCE reached a CPU in wait-for-SIPI (INIT): the machine goes down
     TRIPLE_FAULT  a CPU resumed in overwritten memory and could not deliver the fault
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 
 from smpd.cpulist import format_list
 
-OUTCOMES = ("CLEAN", "TRIPLE_FAULT", "CORRUPTION", "MCE_SHUTDOWN", "SMM_HANG", "STUCK", "CPU_LOST")
+OUTCOMES = ("CLEAN", "TRIPLE_FAULT", "CORRUPTION", "MCE_SHUTDOWN", "SMM_HANG", "MACHINE_RESET", "STUCK", "CPU_LOST")
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,8 @@ class CpuFacts:
 
 @dataclass(frozen=True)
 class Snapshot:
-    kernel: str  # the flavour of the kernel that did the kexec
-    new_gen: int
+    kernel: str  # the flavour of the kernel that did the kexec (or panicked)
+    new_gen: int  # the generation kexec'd into; for a panic, the one that panicked
     cpus: tuple[CpuFacts, ...]
     crash: bool = False
     injected: bool = False
@@ -65,6 +67,8 @@ class Snapshot:
     boot_missing: tuple[int, ...] = ()  # CPUs that did not answer the new kernel's INIT/SIPI
     left_behind: tuple[int, ...] = ()  # CPUs the new kernel does not start: still in old memory
     waking: tuple[dict, ...] = ()  # writes that woke a monitor: cpu, write (what and where), line
+    panic_cpu: int | None = None  # `smpd panic`: the CPU that panicked (no kexec, no new kernel)
+    init_to_boot_cpu: bool = False  # smp_park_other_cpus_in_init() sent INIT to the boot CPU
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ def classify(s: Snapshot) -> Verdict:
         outcome, cause = "CLEAN", {"kernel": s.kernel, "crash": s.crash, "parked_in_init": s.parked_in_init,
                                    "kicked": bool(s.kick and s.kick.get("cpus")),
                                    "held": [c.cpu for c in s.cpus if c.held] if s.injected else [],
-                                   "new_gen": s.new_gen}
+                                   "new_gen": s.new_gen, "panic_cpu": s.panic_cpu}
     return Verdict(outcome, cause, tuple(_notes(s)), _near_misses(s), tuple(_host_faults(s)))
 
 
@@ -127,6 +131,10 @@ def _near_misses(s: Snapshot) -> tuple[str, ...]:
 def _cpu_lost(s: Snapshot):
     lost = [c for c in s.cpus if not c.alive]
     return ("CPU_LOST", {"lost": [(c.cpu, c.pid, c.exit_code) for c in lost]}) if lost else None
+
+
+def _machine_reset(s: Snapshot):
+    return ("MACHINE_RESET", {"cpu": s.panic_cpu}) if s.init_to_boot_cpu else None
 
 
 def _smm_hang(s: Snapshot):
@@ -169,7 +177,7 @@ def _stuck(s: Snapshot):
                      "no_boot": cpu in s.boot_missing}
 
 
-PRECEDENCE = (_cpu_lost, _smm_hang, _mce_shutdown, _triple_fault, _corruption, _stuck)
+PRECEDENCE = (_cpu_lost, _machine_reset, _smm_hang, _mce_shutdown, _triple_fault, _corruption, _stuck)
 
 
 def explain(v: Verdict) -> str:
@@ -186,6 +194,12 @@ def _smm(c: dict, _v) -> str:
     return (f"{c['smi']} entered SMM while CPU {_cpus(c['in_init'])} sat in INIT: this firmware "
             f"([firmware] smm_hangs_with_cpus_in_init) waits for every CPU to join SMM, and the machine hangs "
             f"at shutdown; consistent with bugzilla 217995's hangs, which led to the revert (fbe1bf1e5ff1)")
+
+
+def _reset(c: dict, _v) -> str:
+    return (f"panic() on CPU{c['cpu']} ran smp_park_other_cpus_in_init(), which sent INIT to CPU 0, the boot CPU: "
+            f"the whole machine reset, and the panic's console output with it (45e34c8af58f as first merged; "
+            f"b1472a60a584 refuses INIT parking off the boot CPU)")
 
 
 def _mce(c: dict, _v) -> str:
@@ -219,6 +233,8 @@ def _stuck_cpu(c: dict, _v) -> str:
 
 
 def _clean(c: dict, v: Verdict) -> str:
+    if c["panic_cpu"] is not None:
+        return _clean_panic(c)
     if c["crash"]:
         e = ("crash_smp_send_stop() stopped the other CPUs by NMI; no kick, no INIT: the parked CPUs stayed in "
              "the old kernel's memory and no write of the crash kernel, which runs in its crashkernel= region, "
@@ -240,7 +256,20 @@ def _clean(c: dict, v: Verdict) -> str:
     return e
 
 
-_EVIDENCE = {"CPU_LOST": _lost, "SMM_HANG": _smm, "MCE_SHUTDOWN": _mce, "TRIPLE_FAULT": _triple,
+def _clean_panic(c: dict) -> str:
+    e = f"panic() on CPU{c['panic_cpu']}: smp_send_stop() stopped the other online CPUs"
+    if c["parked_in_init"]:
+        e += "; smp_park_other_cpus_in_init() parked every other CPU in wait-for-SIPI (INIT)"
+    else:
+        e += ("; no INIT parking off the boot CPU (b1472a60a584): they stay in HLT" if c["kernel"] == "6.5" else "")
+        e += "; no kick (kexec_in_progress is false) and no write: the parked CPUs stay in mwait_play_dead()"
+    e += ". The machine stays in panic() with its message on the console (panic_timeout=0)"
+    if c["held"]:
+        e += f"; NMI/SMI held pending on CPU {_cpus(c['held'])}"
+    return e
+
+
+_EVIDENCE = {"CPU_LOST": _lost, "MACHINE_RESET": _reset, "SMM_HANG": _smm, "MCE_SHUTDOWN": _mce, "TRIPLE_FAULT": _triple,
              "CORRUPTION": _corrupt, "STUCK": _stuck_cpu, "CLEAN": _clean}
 assert set(_EVIDENCE) == set(OUTCOMES)
 

@@ -17,8 +17,10 @@ from smpd.machine.events import read_since
 
 _KIND = {i.value: i.kind for i in L.Irq}
 # The coordinator's events: a note on its work, an interrupt it injected, a write of the
-# copy or the new kernel's boot that woke a monitor, SMM hanging on CPUs in INIT.
-COORD_KINDS = ("note", "inject", "waking_write", "smm_hang", "machine_end")
+# copy or the new kernel's boot that woke a monitor, SMM hanging on CPUs in INIT, INIT
+# reaching the boot CPU (a reset).
+COORD_KINDS = ("note", "inject", "waking_write", "smm_hang", "machine_reset", "machine_end")
+_COORD_ENDS = {"smm_hang": "SMM", "machine_reset": "INIT to the boot CPU"}
 MACHINE_ENDS = ("TRIPLE_FAULT", "MCE_SHUTDOWN")  # CPU events after which the platform resets or stops
 
 
@@ -84,13 +86,13 @@ class Timeline:
             self.spans.append({"name": name, "t_ns": start, "end_ns": time.monotonic_ns(), "track": track})
 
     def mark_machine_end(self) -> None:
-        """Where the machine ended (the first triple fault or MCE shutdown of a CPU, or SMM
-        hanging): one coordinator event there. The sequence runs on after it, so that every
+        """Where the machine ended (the first triple fault or MCE shutdown of a CPU, SMM hanging,
+        INIT to the boot CPU): one coordinator event there. The sequence runs on after it, so that every
         CPU the writes would hit is found; on hardware nothing after it happens."""
-        ends = [e for e in self.events if e["kind"] in MACHINE_ENDS or e["kind"] == "smm_hang"]
+        ends = [e for e in self.events if e["kind"] in MACHINE_ENDS or e["kind"] in _COORD_ENDS]
         if ends:
             first = min(ends, key=lambda e: e["t_ns"])
-            who = "SMM" if first["cpu"] == 0 else f"CPU{first['cpu']}"
+            who = _COORD_ENDS[first["kind"]] if first["cpu"] == 0 else f"CPU{first['cpu']}"
             self.add(0, f"the machine ends here ({who}: {first['kind'].replace('_', ' ').lower()}); on hardware "
                         f"nothing below happens: the emulation runs on to find every CPU the writes would hit",
                      first["t_ns"], "machine_end")

@@ -530,6 +530,33 @@ def chain(name, kexecs, kernel, park, into, boot, injects, order, seed, as_json,
 
 @main.command()
 @name_option
+@click.option("--cpu", type=Int(0, 4095), default=0, show_default=True,
+              help="The CPU that panics (an online one; 0 is the boot CPU).")
+@click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
+@_view_options
+def panic(name, cpu, as_json, timeline_form, trace_file):
+    """panic() on one CPU with no crash kernel loaded: smp_send_stop() stops the others.
+
+    No kick (no kexec is in progress) and no write: the parked CPUs stay in
+    mwait_play_dead(). The 6.5 kernel parks the others in INIT only from the boot CPU
+    (b1472a60a584); with [kernel] init_only_from_boot_cpu = false, a panic on another CPU
+    sends INIT to CPU 0 and the machine resets (MACHINE_RESET). Afterwards the machine
+    stays in panic(): `smpd reset` power-cycles it. Exit status: 0 on CLEAN, 1 otherwise.
+    """
+    machine = lifecycle.require(name)
+    if cpu >= machine.ncpus:
+        raise BadInput(f"--cpu {cpu}: machine '{name}' has CPUs 0..{machine.ncpus - 1}")
+    form = _timeline_form(timeline_form, machine.ncpus)
+    _check_trace(trace_file)
+    with soakrun.machine_lock(name, "a panic"):
+        r = machine.request("panic", cpu=cpu)
+    _print_json_or(r, as_json, lambda r: render.panic_report(r, form))
+    _trace(trace_file, [(f"panic on CPU {cpu}", r)], machine)
+    sys.exit(0 if r["outcome"] == "CLEAN" else 1)
+
+
+@main.command()
+@name_option
 @click.option("--json", "as_json", is_flag=True, help="The kick report as one JSON object.")
 @_view_options
 def kick(name, as_json, timeline_form, trace_file):

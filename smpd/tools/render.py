@@ -156,7 +156,7 @@ def up_summary(s: dict) -> Text:
 
 
 OUTCOME_STYLE = {"CLEAN": "bold green", "TRIPLE_FAULT": "bold red", "CORRUPTION": "bold red",
-                 "MCE_SHUTDOWN": "bold yellow", "SMM_HANG": "bold yellow", "STUCK": "bold magenta",
+                 "MCE_SHUTDOWN": "bold yellow", "SMM_HANG": "bold yellow", "MACHINE_RESET": "bold red", "STUCK": "bold magenta",
                  "CPU_LOST": "bold white on red"}
 
 
@@ -257,28 +257,45 @@ def _event(t: Text, us: float, group: list[dict]) -> None:
                                f"until {group[-1]['t_rel_us']:.1f} us)", style)
 
 
-def kexec_report(r: dict, form: str | list[int] = "summary") -> Group:
+def _outcome_head(r: dict, *lines: str) -> Text:
+    """The outcome and its evidence, then ``lines`` (dim), the notes and the host faults."""
     head = Text()
     head.append(f"{r['outcome']}", style=OUTCOME_STYLE.get(r["outcome"], "bold"))
     head.append(f"  {r['evidence']}\n")
-    inj = ", ".join(i["spec"] for i in r["injections"]) or "none"
-    old, new = r["memory"]["old"], r["memory"]["new"]
-    head.append(f"{'kexec --crash' if r.get('crash') else 'kexec'} --kernel {r['kernel']} --into {r['into']} "
-                f"--order {r['order']} --seed {r['seed']}; injections: {inj}; generation {r['generation']['old']} "
-                f"({old['kernel']}) -> {r['generation']['new']} ({new['kernel']}); {r['duration_ms']:.1f} ms\n",
-                style="dim")
-    head.append(f"memory: {_regions(old)} -> {_regions(new)}\n", style="dim")
+    for line in lines:
+        head.append(line + "\n", style="dim")
     for n in r["notes"]:
         head.append(f"note: {n}\n", style="yellow")
     for n in r.get("host_faults", []):
         head.append(f"host fault: {n}\n", style="yellow")
+    return head
+
+
+def _timeline_part(r: dict, form: str | list[int]) -> list:
+    return [Text("timeline:" + (" the summary (--timeline all shows every event)" if form == "summary" else "")),
+            timeline(r["timeline"], form, r.get("phases"))]
+
+
+def kexec_report(r: dict, form: str | list[int] = "summary") -> Group:
+    inj = ", ".join(i["spec"] for i in r["injections"]) or "none"
+    old, new = r["memory"]["old"], r["memory"]["new"]
+    head = _outcome_head(
+        r, f"{'kexec --crash' if r.get('crash') else 'kexec'} --kernel {r['kernel']} --into {r['into']} "
+           f"--order {r['order']} --seed {r['seed']}; injections: {inj}; generation {r['generation']['old']} "
+           f"({old['kernel']}) -> {r['generation']['new']} ({new['kernel']}); {r['duration_ms']:.1f} ms",
+        f"memory: {_regions(old)} -> {_regions(new)}")
     parts = [head, kick_summary(r.get("kick")), Text("CPUs after the kexec:"), cpu_outcomes(r["cpus"])]
     if r.get("corrupted_words"):
         parts.append(Text(f"corrupted words in the new kernel: {r['corrupted_words']}; first: "
                           + ", ".join(f"{b['symbol']} = {b['value']:#010x}" for b in r["corruption"][:4])))
-    parts += [Text("timeline:" + (" the summary (--timeline all shows every event)" if form == "summary" else "")),
-              timeline(r["timeline"], form, r.get("phases"))]
-    return Group(*parts)
+    return Group(*parts, *_timeline_part(r, form))
+
+
+def panic_report(r: dict, form: str | list[int] = "summary") -> Group:
+    head = _outcome_head(
+        r, f"panic --cpu {r['panic_cpu']}: generation {r['generation']} ({r['kernel']}), no crash kernel; "
+           f"[kernel] init_only_from_boot_cpu = {str(r['boot_cpu_check']).lower()}; {r['duration_ms']:.1f} ms")
+    return Group(head, Text("CPUs after the panic:"), cpu_outcomes(r["cpus"]), *_timeline_part(r, form))
 
 
 def _regions(m: dict) -> str:

@@ -33,3 +33,43 @@ def test_every_module_is_in_a_package_of_the_map():
     top = {m.name for m in pkgutil.iter_modules(smpd.__path__)}
     assert top <= {"host", "machine", "kernel", "daemon", "tools", "errors", "config", "cpulist", "inputs",
                    "__main__"}, top
+
+
+# Size limits a maintainer can hold in mind: a class is one concept, a function one decision
+# table at most. A function over MAX_COMPLEXITY says why on a `# complexity:` line just above
+# its `def` (the hot paths are written flat on purpose: smpd.machine.hotpath).
+MAX_CLASS_LINES = 300
+MAX_COMPLEXITY = 20
+
+
+def _sources():
+    return sorted((REPO / "smpd").rglob("*.py"))
+
+
+def test_no_class_grows_past_one_concept():
+    import ast
+    big = []
+    for path in _sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                big.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} "
+                           f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not big, f"classes over {MAX_CLASS_LINES} lines: split them: {big}"
+
+
+def test_every_function_over_the_complexity_limit_says_why():
+    from radon.complexity import cc_visit
+    unexplained = []
+    for path in _sources():
+        text = path.read_text()
+        lines = text.splitlines()
+        for block in cc_visit(text):
+            funcs = [block] + list(getattr(block, "methods", []))
+            for f in funcs:
+                if getattr(f, "is_method", None) is None and hasattr(f, "methods"):
+                    continue  # the class itself: its methods are judged one by one
+                above = lines[max(0, f.lineno - 4):f.lineno - 1]
+                if f.complexity > MAX_COMPLEXITY and not any("# complexity:" in line for line in above):
+                    unexplained.append(f"{path.relative_to(REPO)}:{f.lineno} {f.name} ({f.complexity})")
+    assert not unexplained, (f"functions over complexity {MAX_COMPLEXITY} without a '# complexity:' "
+                             f"line above them: {unexplained}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import secrets
 import struct
 import sys
 import time
@@ -25,22 +24,13 @@ from typing import Any, Callable
 
 from smpd import cpulist
 from smpd.daemon import channel
+from smpd.daemon.kernel_ops import KernelOps, require_alive
 from smpd.daemon.status import status_snapshot
-from smpd.errors import BadInput, CpuLost, InternalError, SmpdError, Timeout
-from smpd.kernel import boot as kboot
+from smpd.errors import BadInput, InternalError, SmpdError
 from smpd.kernel.cpu import IPI_DONE
 from smpd.kernel.generations import Generations
-from smpd.kernel.kexec import Kexec
-from smpd.kernel import kick as kick_mod
-from smpd.kernel.panic import Panic
-from smpd.kernel.scenario import Scenario, parse_boot, parse_injection, trial_seed
-from smpd.kernel.stop import StopOtherCpus
 from smpd.machine import layout as L
 
-RESET_ATTEMPTS = 3  # a reset respawns CPUs that died; it tries again if one dies during it
-ENDING = ("TRIPLE_FAULT", "MCE_SHUTDOWN", "SMM_HANG", "MACHINE_RESET", "CPU_LOST")  # outcomes after which nothing runs
-MAX_CHAIN = 100  # kexecs in one `smpd chain`
-VALIDATE_ONLY = 0  # bench_kick's rounds=0: check the targets, kick nothing
 
 
 class Handlers:
@@ -48,12 +38,12 @@ class Handlers:
 
     def __init__(self, sup):
         self.sup = sup
+        k = KernelOps(sup)
         self.table: dict[str, Callable[..., Any]] = {
             "status": self.op_status, "offline": self.op_offline, "online": self.op_online,
-            "poke": self.op_poke, "ping": self.op_ping, "kexec": self.op_kexec, "chain": self.op_chain,
-            "kick": self.op_kick,
-            "reset": self.op_reset, "panic": self.op_panic, "inject": self.op_inject, "bench_kick": self.op_bench_kick,
-            "down": self.op_down,
+            "poke": self.op_poke, "ping": self.op_ping, "down": self.op_down,
+            "kexec": k.op_kexec, "chain": k.op_chain, "kick": k.op_kick, "panic": k.op_panic,
+            "reset": k.op_reset, "inject": k.op_inject, "bench_kick": k.op_bench_kick,
         }
 
     # -- the boundary ------------------------------------------------------------
@@ -109,18 +99,13 @@ class Handlers:
         except OSError as err:
             print(f"smpd-coord: the client left before its reply ({err})", file=sys.stderr)
 
-    # -- helpers -------------------------------------------------------------------
-
+    # -- the machine's own ops (the kernel's are smpd.daemon.kernel_ops) ---------------
 
     def _cpus_arg(self, text: str) -> list[int]:
         return cpulist.parse(text, self.sup.ncpus)
 
     def _require_alive(self, cpus: list[int]) -> None:
-        self.sup.refresh_gone()
-        gone = [c for c in cpus if c != 0 and self.sup.seg.cb(c, "state") == L.ExecState.GONE]
-        if gone:
-            raise CpuLost(f"CPU {cpulist.format_list(gone)} is GONE (its process died); "
-                          f"`smpd reset` gives it a new process")
+        require_alive(self.sup, cpus)
 
     def op_offline(self, cpus: str) -> dict:
         """cpu_down() for each online CPU of the list: play_dead() into mwait_play_dead()."""
@@ -163,182 +148,6 @@ class Handlers:
         woken = self.sup.bus.write(addr, struct.pack("<I", new))
         return {"addr": addr, "symbol": self._map().symbol(addr), "old": old, "new": new,
                 "woken": woken, "woken_cpus": [owner - 1] if woken and owner else []}
-
-    # -- kexec and friends ------------------------------------------------------
-
-    def _require_kexec_able(self, what: str) -> None:
-        if self.sup.seg.hdr("state") == L.MachineState.ENDED:
-            raise BadInput(f"machine '{self.sup.name}' {self.sup.ended_by}: no kernel runs to do {what}; "
-                           f"`smpd reset` power-cycles it")
-        if self._map().boot.crash:
-            raise BadInput(f"machine '{self.sup.name}' runs a crash kernel (kdump, nr_cpus=1, inside its "
-                           f"crashkernel= region): {what} needs a running kernel; `smpd reset` power-cycles it")
-        self._require_alive(list(range(1, self.sup.ncpus)))
-
-    def op_kexec(self, kernel: str | None = None, into: str | None = None, crash: bool = False,
-                 boot: str | None = None, inject: list[str] | None = None, order: str = "sequential",
-                 seed: int | None = None, park: str | None = None) -> dict:
-        """One kexec from the running generation into the next (smpd.kernel.kexec). ``park`` is
-        the old name of ``kernel`` (none, init, hlt)."""
-        if park is not None:
-            if kernel is not None:
-                raise BadInput("request 'kexec': give kernel or park, not both")
-            kernel = park
-        if seed is None:
-            seed = secrets.randbelow(2**63)
-        scenario = Scenario.build(kernel, order, seed, list(inject or []), self.sup.ncpus, into, crash, boot)
-        self._require_kexec_able("a kexec")
-        if crash and not self.sup.seg.hdr("crash_pages"):
-            raise BadInput("no crashkernel= region is reserved on this machine (memory.crashkernel_pages = 0); "
-                           "`smpd up` with crashkernel_pages \"auto\" reserves one")
-        parse_boot(boot, self.sup.ncpus)  # bad boot parameters are refused before anything runs
-        if self.sup.reset_offline is None:  # the first kexec since power-on: what `smpd reset` restores
-            self.sup.reset_offline = [c for c in range(1, self.sup.ncpus)
-                                      if self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
-        report = Kexec(self.sup, scenario).run()
-        ended = report["outcome"] in ENDING
-        self.sup.seg.set_hdr("state", L.MachineState.ENDED if ended else L.MachineState.KEXECED)
-        if ended:
-            self.sup.ended_by = f"ended in the kexec into generation {report['generation']['new']} ({report['outcome']})"
-        self.sup.seg.set_hdr("kexec_count", self.sup.seg.hdr("kexec_count") + 1)
-        report["machine"] = {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch,
-                             "hot_path": self.sup.hot_path}
-        return report
-
-    def op_chain(self, kexecs: int, kernel: str | None = None, into: str | None = None, boot: str | None = None,
-                 inject: list[str] | None = None, order: str = "sequential", seed: int | None = None) -> dict:
-        """``kexecs`` kexecs in a row, no reset between; stops at the first link that is not CLEAN
-        (after a triple fault or a shutdown there is no kernel left to kexec from)."""
-        if not 1 <= kexecs <= MAX_CHAIN:
-            raise BadInput(f"--kexecs {kexecs} is not in the range 1..{MAX_CHAIN}")
-        seed = secrets.randbelow(2**63) if seed is None else seed
-        Scenario.build(kernel, order, seed, list(inject or []), self.sup.ncpus, into, False, boot)  # validates
-        links = []
-        for n in range(kexecs):
-            r = self.op_kexec(kernel=kernel if n == 0 else None, into=into, boot=boot if n == 0 else None,
-                              inject=inject, order=order, seed=trial_seed(seed, n))
-            links.append(r)
-            if r["outcome"] != "CLEAN":
-                break
-        failing = next((i for i, r in enumerate(links) if r["outcome"] != "CLEAN"), None)
-        return {"links": links, "kexecs": kexecs, "seed": seed, "first_failing_link": None if failing is None
-                else failing + 1, "machine": links[-1]["machine"]}
-
-    def op_panic(self, cpu: int = 0) -> dict:
-        """panic() on ``cpu`` with no crash kernel loaded (smpd.kernel.panic); the machine stays in
-        panic() (or reset itself): nothing runs on it until `smpd reset`."""
-        if type(cpu) is not int or not 0 <= cpu < self.sup.ncpus:
-            raise BadInput(f"--cpu {cpu}: the machine has CPUs 0..{self.sup.ncpus - 1}")
-        self._require_kexec_able("a panic")
-        if cpu and self.sup.seg.cb(cpu, "hotplug") != L.Hotplug.ONLINE:
-            raise BadInput(f"CPU {cpu} is offline (in mwait_play_dead()): only an online CPU can panic; "
-                           f"`smpd online {cpu}` first")
-        report = Panic(self.sup, cpu, self.sup.cfg.get("kernel", "init_only_from_boot_cpu")).run()
-        self.sup.seg.set_hdr("state", L.MachineState.ENDED)
-        self.sup.ended_by = (f"reset itself when CPU {cpu} panicked (MACHINE_RESET)" if report["outcome"] ==
-                             "MACHINE_RESET" else f"sits in panic() since CPU {cpu} panicked ({report['outcome']})")
-        report["machine"] = {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch,
-                             "hot_path": self.sup.hot_path}
-        return report
-
-    def op_kick(self) -> dict:
-        """smp_kick_mwait_play_dead() alone: who acknowledged, how fast, who is stuck."""
-        self._require_kexec_able("a kick")
-        k = Kexec(self.sup, Scenario(None, "sequential", 0))
-        stop = StopOtherCpus(self.sup, k.t, self._map(), k.cpus, k.alive, lambda phase: None)
-        marks = k.t.mark_start(self.sup.seg, k.cpus)
-        with k.t.phase("smp_kick_mwait_play_dead()"):
-            kick = stop.smp_kick_mwait_play_dead(lambda: None)
-        k.settle()  # the kicked CPUs' way into HLT, logged after their acknowledgements
-        k.t.merge_cpus(self.sup.seg, marks, k.gens)
-        return {"kick": kick, **k.t.record(),
-                "cpus": [k.obs.cpu_report(c) for c in k.cpus],
-                "machine": {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch,
-                            "hot_path": self.sup.hot_path}}
-
-    def op_reset(self) -> dict:
-        """A power cycle: INIT every CPU, RAM back to firmware's bytes, generation 1 boots again and
-        starts its APs, and the CPUs offline before the first kexec go offline again; no re-fork. A
-        CPU whose process died (GONE) is the exception: it gets a new process, even when it dies
-        during the reset itself (up to RESET_ATTEMPTS times)."""
-        t0 = time.monotonic_ns()
-        offline = self.sup.reset_offline
-        if offline is None:
-            offline = [c for c in range(1, self.sup.ncpus) if self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
-        respawned: list[int] = []
-        for attempt in range(RESET_ATTEMPTS):
-            respawned += self.sup.respawn_gone()
-            try:
-                self._reset_once(offline)
-                break
-            except CpuLost:
-                if attempt == RESET_ATTEMPTS - 1:
-                    raise
-        self.sup.seg.set_hdr("state", L.MachineState.UP)
-        self.sup.reset_offline = None
-        now_offline = [c for c in range(1, self.sup.ncpus) if self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
-        return {"offline": now_offline, "generation": 1, "kernel": self.sup.boot1.text(), "respawned": respawned,
-                "ms": (time.monotonic_ns() - t0) / 1e6}
-
-    def _reset_once(self, offline: list[int]) -> None:
-        seg = self.sup.seg
-        cpus = list(range(1, self.sup.ncpus))
-        budget = self.sup.ipi_timeout_s
-        self.sup.ipi_all(cpus, L.Ipi.INIT, budget, "reset (INIT)")
-        for cpu in cpus:
-            for field in ("fault", "fault_page", "fault_addr", "fault_value", "fault_cause",
-                          "fault_cause_arg", "fault_ns", "fault_gen", "stray_stores", "kick_seen_ns",
-                          "nmi_pending", "smi_pending", "mce_pending", "nmi_held", "smi_held", "mce_held",
-                          "cpu_gen"):
-                seg.set_cb(cpu, field, 0)
-        gen1 = kboot.power_on(seg, self.sup.bus, self.sup.boot1)
-        self.sup.start_aps(gen1, budget, "reset (SIPI)")
-        todo = [c for c in offline if seg.cb(c, "hotplug") == L.Hotplug.ONLINE]
-        self.sup.ipi_all(todo, L.Ipi.CPU_DOWN, budget, "reset (offline)")
-
-    def op_inject(self, kind: str, cpus: str = "all", count: int = 1) -> dict:
-        """A stray interrupt right now: send it, wait (bounded) until it is taken or held."""
-        inj = parse_injection(f"{kind}@after-copy:{cpus}x{count}", self.sup.ncpus)
-        self.sup.refresh_gone()
-        k = Kexec(self.sup, Scenario(None, "sequential", 0, (inj,)))
-        marks = k.t.mark_start(self.sup.seg, inj.cpus)
-        k.inject("after-copy", stray=True)
-        k.settle()
-        k.t.merge_cpus(self.sup.seg, marks, k.gens)
-        return {"injection": f"{kind} to CPU {cpulist.format_list(inj.cpus)} x{count}",
-                "cpus": [k.obs.cpu_report(c) for c in inj.cpus],
-                "not_taken": {str(c): why for c, why in k.not_taken.items()}, **k.t.record()}
-
-    def op_bench_kick(self, targets: str | None = None, rounds: int = 100) -> dict:
-        """`rounds` rounds of: kick each target (smpd.kernel.kick.kick_one), then REPARK them all.
-
-        Returns raw samples for the client to fold into histograms, so that a long run
-        is many short requests (a progress bar, Ctrl-C between batches)."""
-        self._require_kexec_able("a kick benchmark")
-        if not 0 <= rounds <= 100_000:
-            raise BadInput(f"rounds {rounds} is not in the range 1..100000")
-        kmap, seg = self._map(), self.sup.seg
-        parked = [c for c in range(1, self.sup.ncpus) if kick_mod.parked(seg, kmap, c)]
-        cpus = parked if targets in (None, "", "parked") else self._cpus_arg(targets)
-        bad = [c for c in cpus if not kick_mod.parked(seg, kmap, c)]
-        if bad or not cpus:
-            raise BadInput(
-                (f"CPU {cpulist.format_list(bad)} {'is' if len(bad) == 1 else 'are'} not parked in "
-                 f"mwait_play_dead() (online, kicked, or elsewhere)" if bad else "no CPU is parked")
-                + f"; parked now: CPU {cpulist.format_list(parked) or 'none'} (`smpd offline` parks CPUs)"
-                + ("; the running kernel is pre-fix: it has no kick" if kmap.boot.monitors_thread_info else ""))
-        if rounds == VALIDATE_ONLY:  # (and the pids, to sample before the first batch)
-            return {"targets": cpus, "pids": {str(c): seg.cb(c, "pid") for c in cpus}}
-        delay_ns, budget = self.sup.kick_params()
-        try:
-            samples = kick_mod.bench_rounds(seg, self.sup.bus, kmap, cpus, rounds, delay_ns, budget,
-                                            lambda c: self.sup.ipi_wait(c, L.Ipi.REPARK, self.sup.ipi_timeout_s)[1])
-        except TimeoutError as err:
-            raise Timeout(f"bench kick: CPU {cpulist.format_list(err.args[0])} did not re-park "
-                          f"in mwait_play_dead() within {self.sup.ipi_timeout_s:.0f} s") from None
-        return {"samples": samples, "budget_ns": delay_ns * budget, "delay_ns": delay_ns, "watch": self.sup.watch,
-                "hot_path": self.sup.hot_path,
-                "pids": {str(c): self.sup.seg.cb(c, "pid") for c in cpus}}
 
     def op_status(self) -> dict:
         self.sup.refresh_gone()

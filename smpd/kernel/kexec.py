@@ -168,23 +168,36 @@ class Kexec:
                       f"(no kexec runs)") if stray else
                      (f"inject {inj.spec()} = {inj.kind.upper()} x{inj.count} to CPU "
                       f"{cpulist.format_list(targets)}"), "inject", sent)
-            if inj.kind == "smi" and self.seg.hdr("smm_hangs_in_init") and not self.smm_hang:
-                in_init = [c for c in self.cpus if self.seg.cb(c, "state") == L.ExecState.WAIT_FOR_SIPI]
-                if in_init:  # SMM waits for every CPU to rendezvous; one in INIT never comes
-                    self.smm_hang = f"the SMI injected at {phase}"
-                    self.log(f"SMM: waits for CPU {cpulist.format_list(in_init)} (in INIT) forever: the machine hangs",
-                             "smm_hang")
-            deadline = time.monotonic() + IRQ_TAKEN_S
-            waiting = set(targets)
+            if inj.kind == "smi":
+                self.smm_rendezvous(phase)
             with self.t.phase(f"smpd: until the {inj.kind.upper()} is taken or held", "smpd"):
-                while waiting and time.monotonic() < deadline:
-                    waiting = {c for c in waiting if self.obs.irq_seen(c) == before[c] and self.alive(c)}
-                    if waiting:
-                        time.sleep(0.0002)
+                waiting = self.until_taken(before)
             for cpu in waiting:
                 note = self.obs.host_note(cpu)
                 self.not_taken[cpu] = f"{inj.kind.upper()} at {phase} not taken within {IRQ_TAKEN_S:.0f} s" + \
                     (f": {note}" if note else "")
+
+    def smm_rendezvous(self, phase: str) -> None:
+        """An SMI: SMM waits for every CPU to join; on firmware that hangs then, a CPU in INIT
+        ([firmware] smm_hangs_with_cpus_in_init) never comes, and the machine hangs."""
+        if not self.seg.hdr("smm_hangs_in_init") or self.smm_hang:
+            return
+        in_init = [c for c in self.cpus if self.seg.cb(c, "state") == L.ExecState.WAIT_FOR_SIPI]
+        if in_init:
+            self.smm_hang = f"the SMI injected at {phase}"
+            self.log(f"SMM: waits for CPU {cpulist.format_list(in_init)} (in INIT) forever: the machine hangs",
+                     "smm_hang")
+
+    def until_taken(self, before: dict[int, int]) -> set[int]:
+        """Wait (IRQ_TAKEN_S at most) until each CPU took or held an interrupt more than ``before``
+        says; returns those that did not (a dead CPU is not waited for)."""
+        deadline = time.monotonic() + IRQ_TAKEN_S
+        waiting = set(before)
+        while waiting and time.monotonic() < deadline:
+            waiting = {c for c in waiting if self.obs.irq_seen(c) == before[c] and self.alive(c)}
+            if waiting:
+                time.sleep(0.0002)
+        return waiting
 
     def settle(self) -> list[int]:
         """Wait (bounded) until no CPU is still acting on a wake-up: two scans in a row with

@@ -96,29 +96,32 @@ def parse_boot(text: str | None, ncpus: int, base: Boot | None = None, seed: int
     """Boot parameters on top of ``base`` (a kexec'd kernel inherits its parent's). ``kaslr``
     without a seed draws one from the machine seed."""
     b = base or Boot()
-    nosmt, maxcpus, kaslr = b.nosmt, b.maxcpus, b.kaslr
+    fields = {"nosmt": b.nosmt, "maxcpus": b.maxcpus, "kaslr": b.kaslr}
     for item in [x.strip() for x in (text or "").split(",") if x.strip()]:
-        key, eq, value = item.partition("=")
-        if key == "nosmt" and not eq:
-            nosmt = True
-        elif key == "smt" and not eq:
-            nosmt = False
-        elif key == "nokaslr" and not eq:
-            kaslr = None
-        elif key == "kaslr":
-            n = ascii_int(value) if eq else seed
-            if n is None or not 0 <= n < 2**63:
-                raise BadInput(f"--boot '{text}': kaslr={value} is not a seed; expected an integer 0..2**63-1")
-            kaslr = n
-        elif key == "maxcpus" and eq:
-            n = ascii_int(value)
-            if n is None or not 1 <= n <= ncpus:
-                raise BadInput(f"--boot '{text}': maxcpus={value} is not in the range 1..{ncpus} "
-                               f"(this machine has {ncpus} CPUs)")
-            maxcpus = n
-        else:
-            raise BadInput(f"--boot '{text}': unknown boot parameter '{item}'; expected {BOOT_FORM}")
-    return Boot(b.flavour, nosmt=nosmt, maxcpus=maxcpus, kaslr=kaslr, crash=False)
+        fields.update(_boot_item(text, item, ncpus, seed))
+    return Boot(b.flavour, crash=False, **fields)
+
+
+_BOOT_FLAGS = {"nosmt": {"nosmt": True}, "smt": {"nosmt": False}, "nokaslr": {"kaslr": None}}
+
+
+def _boot_item(text: str, item: str, ncpus: int, seed: int) -> dict:
+    """One boot parameter of ``text`` -> the Boot fields it sets."""
+    key, eq, value = item.partition("=")
+    if key in _BOOT_FLAGS and not eq:
+        return _BOOT_FLAGS[key]
+    if key == "kaslr":
+        n = ascii_int(value) if eq else seed
+        if n is None or not 0 <= n < 2**63:
+            raise BadInput(f"--boot '{text}': kaslr={value} is not a seed; expected an integer 0..2**63-1")
+        return {"kaslr": n}
+    if key == "maxcpus" and eq:
+        n = ascii_int(value)
+        if n is None or not 1 <= n <= ncpus:
+            raise BadInput(f"--boot '{text}': maxcpus={value} is not in the range 1..{ncpus} "
+                           f"(this machine has {ncpus} CPUs)")
+        return {"maxcpus": n}
+    raise BadInput(f"--boot '{text}': unknown boot parameter '{item}'; expected {BOOT_FORM}")
 
 
 @dataclass(frozen=True)

@@ -73,10 +73,14 @@ def parse_parks(text: str) -> list[str]:
     return _parse_list(text, KERNELS, "--park")
 
 
-def trials_with(records: list[dict], outcome: str) -> list[dict]:
-    """`smpd soak --summary FILE --list OUTCOME`: every trial of that outcome."""
+def check_outcome(outcome: str) -> None:
     if outcome not in OUTCOMES:
         raise BadInput(f"--list '{outcome}': expected one of {', '.join(OUTCOMES)}")
+
+
+def trials_with(records: list[dict], outcome: str) -> list[dict]:
+    """`smpd soak --summary FILE --list OUTCOME`: every trial of that outcome."""
+    check_outcome(outcome)
     return [r for r in records if r["outcome"] == outcome]
 
 
@@ -405,11 +409,31 @@ EXAMPLES = 3  # trial numbers the summary names per outcome cell (`--list OUTCOM
 
 
 def summarize(plan: Plan, records: list[dict]) -> dict:
+    by, examples, host_stuck = _outcome_cells(records)
+    kicks = _kick_tally(records)
+    # Time spent running trials: a resumed run's pause does not count.
+    span = sum(r["trial_ms"] for r in records) / 1e3
+    host = [r["host"] for r in records if r.get("host")]
+    return {
+        "trials": len(records), "seconds": round(span, 2), "wall_s": _wall_s(records),
+        "examples": examples, "stuck_without_injection": host_stuck,
+        "trials_per_s": round(len(records) / span, 2) if span else None,
+        "outcomes": by, "idle_kick_rtt_ns": plan.idle_kick, **kicks,
+        "budget_ns": next((r["kick"]["budget_ns"] for r in records if r.get("kick")), None),
+        "cpu_lost": sum(r["outcome"] == "CPU_LOST" for r in records),
+        "respawns": sum(len(r.get("respawned", [])) for r in records),
+        "host_load": ", ".join(sorted({r.get("host_load", plan.host_load) for r in records})) or plan.host_load,
+        "host": {key: round(sum(s[key] for s in host) / len(host), 2) for key in
+                 ("cpu_percent", "load1", "steal_percent")} if host else {},
+        "ctx_switches_involuntary": sum(r.get("ctx_invol", 0) for r in records) if records else None,
+    }
+
+
+def _outcome_cells(records: list[dict]) -> tuple[dict, dict, list[int]]:
+    """Outcome counts per (kernel, injection) cell, the first EXAMPLES trial numbers of each, and
+    the trials STUCK with nothing injected (nothing but the host kept a CPU from its kick)."""
     by: dict[str, dict[str, dict[str, int]]] = {}
     examples: dict[str, dict[str, dict[str, list[int]]]] = {}
-    h = HdrHistogram(1, 60 * 10**9, 3)
-    over = stuck = lost = respawns = kicks = 0
-    host_stuck: list[int] = []
     for r in records:
         label = injection_label(r["inject"])
         cell = by.setdefault(r["park"], {}).setdefault(label, {})
@@ -417,40 +441,32 @@ def summarize(plan: Plan, records: list[dict]) -> dict:
         named = examples.setdefault(r["park"], {}).setdefault(label, {}).setdefault(r["outcome"], [])
         if len(named) < EXAMPLES:
             named.append(r["trial"])
-        if r["outcome"] == "STUCK" and not r["inject"]:
-            host_stuck.append(r["trial"])  # nothing but the host kept a CPU from its kick
-        k = r.get("kick")
-        if k:
-            for v in k["rtt_ns"]:
-                h.record_value(max(1, v))
-            kicks += len(k["rtt_ns"]) + k["stuck"]
-            over += k["over_budget"]
-            stuck += k["stuck"]
-        lost += r["outcome"] == "CPU_LOST"
-        respawns += len(r.get("respawned", []))
-    # Time spent running trials: a resumed run's pause does not count.
-    span = sum(r["trial_ms"] for r in records) / 1e3
-    host = [r["host"] for r in records if r.get("host")]
+    return by, examples, [r["trial"] for r in records if r["outcome"] == "STUCK" and not r["inject"]]
+
+
+def _kick_tally(records: list[dict]) -> dict:
+    """Every kick of every trial: round-trip percentiles under load, kicks over budget, stuck."""
+    h = HdrHistogram(1, 60 * 10**9, 3)
+    kicks = over = stuck = 0
+    for k in (r["kick"] for r in records if r.get("kick")):
+        for v in k["rtt_ns"]:
+            h.record_value(max(1, v))
+        kicks += len(k["rtt_ns"]) + k["stuck"]
+        over += k["over_budget"]
+        stuck += k["stuck"]
     under_load = {}
     if h.get_total_count():
         under_load = {k: h.get_value_at_percentile(p) for k, p in (("p50", 50), ("p90", 90), ("p99", 99),
                                                                     ("p999", 99.9))}
         under_load["max"] = h.get_max_value()
-    # Wall time, from the first trial's start to the last one's end: the trials plus the
-    # driver's own work between them (host samples, the fsync), and a resumed run's pause.
-    timed = records and "t" in records[0] and "t" in records[-1]  # (an old file's trials may lack "t")
-    wall = records[-1]["t"] - (records[0]["t"] - records[0]["trial_ms"] / 1e3) if timed else None
-    return {
-        "trials": len(records), "seconds": round(span, 2), "wall_s": None if wall is None else round(wall, 2),
-        "examples": examples, "stuck_without_injection": host_stuck,
-        "trials_per_s": round(len(records) / span, 2) if span else None,
-        "outcomes": by, "kick_rtt_ns": under_load, "idle_kick_rtt_ns": plan.idle_kick,
-        "kicks": kicks, "over_budget": over,
-        "over_budget_share": round(over / kicks, 6) if kicks else 0.0, "stuck": stuck,
-        "budget_ns": next((r["kick"]["budget_ns"] for r in records if r.get("kick")), None),
-        "cpu_lost": lost, "respawns": respawns,
-        "host_load": ", ".join(sorted({r.get("host_load", plan.host_load) for r in records})) or plan.host_load,
-        "host": {key: round(sum(s[key] for s in host) / len(host), 2) for key in
-                 ("cpu_percent", "load1", "steal_percent")} if host else {},
-        "ctx_switches_involuntary": sum(r.get("ctx_invol", 0) for r in records) if records else None,
-    }
+    return {"kick_rtt_ns": under_load, "kicks": kicks, "over_budget": over,
+            "over_budget_share": round(over / kicks, 6) if kicks else 0.0, "stuck": stuck}
+
+
+def _wall_s(records: list[dict]) -> float | None:
+    """From the first trial's start to the last one's end: the trials plus the driver's own work
+    between them (host samples, the fsync), and a resumed run's pause. None for an old file
+    whose trials lack "t"."""
+    if not (records and "t" in records[0] and "t" in records[-1]):
+        return None
+    return round(records[-1]["t"] - (records[0]["t"] - records[0]["trial_ms"] / 1e3), 2)

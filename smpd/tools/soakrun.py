@@ -9,6 +9,7 @@ stopped on every other exit path. Ctrl-C is taken as "stop after this trial".
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import secrets
@@ -36,30 +37,15 @@ def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out
     if summary_file is not None:
         if resume or given:
             raise BadInput("--summary reads a finished file; it takes no other option but --list")
-        if list_outcome is not None:
-            list_outcome = list_outcome.upper()
-            soak.trials_with([], list_outcome)  # the outcome's name checked before the file is read
-        plan, records, note = soak.read(summary_file)
-        if note:
-            console.print(Text(f"{summary_file}: {note}", style="yellow"))
-        if list_outcome is not None:
-            print_trials(console, soak.trials_with(records, list_outcome), list_outcome, summary_file)
-        else:
-            print_summary(console, plan, records, summary_file)
+        show_file(console, summary_file, list_outcome)
         return
     if trials is not None and duration is not None:
         raise BadInput("give --trials or --duration, not both")
     duration_s = parse_duration(duration) if duration is not None else None
     load_spec = hostload.parse(host_load)
+    resumed = None
     if resume is not None:
-        conflicting = given - {"host_load"}
-        if conflicting:
-            flag = {"parks": "--park", "inject_rate": "--inject-rate"}
-            raise BadInput(f"--resume continues the run recorded in {resume}; drop "
-                           + ", ".join(flag.get(c, f"--{c}") for c in sorted(conflicting)))
-        resumed, plan, records, note = soak.open_resume(resume)  # held (and locked) from here to the end
-        if note:
-            console.print(Text(f"{resume}: {note}", style="yellow"))
+        resumed, plan, records = _resume(console, resume, given)  # held (and locked) from here to the end
         out = resume
         if host_load is None:
             load_spec = hostload.parse(plan.host_load)
@@ -69,11 +55,7 @@ def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out
                          cpus=0, trials=trials if trials or duration_s else 100, duration_s=duration_s,
                          host_load=load_spec.text())
         records = []
-        out = f"soak-{plan.seed}.jsonl" if out is None else out
-        if os.path.lexists(out) and not os.path.islink(out):
-            raise BadInput(f"--out {out} exists; continue it with --resume {out}, or name a new file")
-        files.check_output(out, "--out")  # a link at the name is refused here
-        resumed = None
+        out = _new_out(f"soak-{plan.seed}.jsonl" if out is None else out)
     try:
         live = lifecycle.require(name)
         if resume is not None and plan.cpus != live.ncpus:
@@ -84,6 +66,41 @@ def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out
     finally:
         if resumed is not None:
             resumed.close()
+
+
+def show_file(console: Console, path: str, list_outcome: str | None) -> None:
+    """`--summary FILE`: the summary of a finished (or interrupted) run; with `--list OUTCOME`,
+    the trials that ended so."""
+    if list_outcome is not None:
+        list_outcome = list_outcome.upper()
+        soak.check_outcome(list_outcome)  # checked before the file is read
+    plan, records, note = soak.read(path)
+    if note:
+        console.print(Text(f"{path}: {note}", style="yellow"))
+    if list_outcome is not None:
+        print_trials(console, soak.trials_with(records, list_outcome), list_outcome, path)
+    else:
+        print_summary(console, plan, records, path)
+
+
+def _resume(console: Console, path: str, given: set[str]):
+    """`--resume FILE`: the file opened and locked, its plan and its trials so far."""
+    conflicting = given - {"host_load"}
+    if conflicting:
+        flag = {"parks": "--park", "inject_rate": "--inject-rate"}
+        raise BadInput(f"--resume continues the run recorded in {path}; drop "
+                       + ", ".join(flag.get(c, f"--{c}") for c in sorted(conflicting)))
+    resumed, plan, records, note = soak.open_resume(path)
+    if note:
+        console.print(Text(f"{path}: {note}", style="yellow"))
+    return resumed, plan, records
+
+
+def _new_out(out: str) -> str:
+    if os.path.lexists(out) and not os.path.islink(out):
+        raise BadInput(f"--out {out} exists; continue it with --resume {out}, or name a new file")
+    files.check_output(out, "--out")  # a link at the name is refused here
+    return out
 
 
 def _numbers(trials: list[int], total: int) -> str:
@@ -195,8 +212,7 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
     old = {sig: signal.signal(sig, lambda *_: stop.update(asked=True)) for sig in stop_signals()}
     load = hostload.HostLoad(load_spec)
     counts: dict[str, int] = {}
-    sampler = soak.HostSampler()
-    ctx = CtxCounter(pids)
+    probes = _Probes(load, load_spec.text(), soak.HostSampler(), CtxCounter(pids))
     error = None
     try:
         load.start()
@@ -207,29 +223,9 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
                       transient=True) as bar:
             task = bar.add_task("", total=total or plan.duration_s, completed=first if total else elapsed_before)
             trial = first
-            while not stop["asked"]:
-                if total is not None and trial >= total:
-                    break
-                if plan.duration_s is not None and elapsed_before + time.monotonic() - t0 >= plan.duration_s:
-                    break
-                drawn = soak.draw(plan, trial)
-                try:
-                    record, offline = soak.run_trial(live, drawn, offline)
-                except CoordinatorGone as err:
-                    error = CoordinatorGone(f"{err}; {len(records)} trials are safe in {out}")
-                    break
-                if record["respawned"]:
-                    ctx.pids = [c["pid"] for c in live.request("status")["cpus"][1:]]
-                record["host"] = sampler.sample()
-                record["host_load"] = load_spec.text()
-                record["ctx_invol"] = ctx.delta()
-                load.check()
-                try:
-                    soak.append_trial(f, record)
-                except OSError as err:  # a full disk, a file size limit: stop, the file stays valid
-                    error = SmpdError(f"trial {trial} could not be written to {out} ({err.strerror}); the "
-                                      f"{len(records)} trials before it are safe there and the machine is "
-                                      f"reset; make room, then continue with `smpd soak --resume {out}`")
+            while not stop["asked"] and _more(plan, trial, elapsed_before + time.monotonic() - t0):
+                record, offline, error = _trial(live, plan, trial, offline, f, out, records, probes)
+                if error is not None:
                     break
                 records.append(record)
                 counts[record["outcome"]] = counts.get(record["outcome"], 0) + 1
@@ -250,6 +246,47 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
                            f"--resume {out}", style="yellow"), soft_wrap=True)
     if error is not None:
         raise error
+
+
+@dataclasses.dataclass
+class _Probes:
+    """What each trial's record gets from the host: the load running, its samples, the CPU
+    processes' involuntary context switches."""
+    load: hostload.HostLoad
+    load_text: str
+    sampler: soak.HostSampler
+    ctx: CtxCounter
+
+
+def _more(plan: soak.Plan, trial: int, elapsed_s: float) -> bool:
+    """Another trial: the run has neither reached --trials nor spent --duration."""
+    if plan.trials and trial >= plan.trials:
+        return False
+    return plan.duration_s is None or elapsed_s < plan.duration_s
+
+
+def _trial(live, plan: soak.Plan, trial: int, offline: set[int], f, out: str, records: list[dict],
+           probes: _Probes) -> tuple[dict | None, set[int], SmpdError | None]:
+    """Run trial ``trial`` and append its record to the file; an error ends the run (the
+    coordinator gone, the file not writable), with what is safe said."""
+    try:
+        record, offline = soak.run_trial(live, soak.draw(plan, trial), offline)
+    except CoordinatorGone as err:
+        return None, offline, CoordinatorGone(f"{err}; {len(records)} trials are safe in {out}")
+    if record["respawned"]:
+        probes.ctx.pids = [c["pid"] for c in live.request("status")["cpus"][1:]]
+    record["host"] = probes.sampler.sample()
+    record["host_load"] = probes.load_text
+    record["ctx_invol"] = probes.ctx.delta()
+    probes.load.check()
+    try:
+        soak.append_trial(f, record)
+    except OSError as err:  # a full disk, a file size limit: stop, the file stays valid
+        return None, offline, SmpdError(
+            f"trial {trial} could not be written to {out} ({err.strerror}); the {len(records)} trials before "
+            f"it are safe there and the machine is reset; make room, then continue with "
+            f"`smpd soak --resume {out}`")
+    return record, offline, None
 
 
 def print_trials(console: Console, records: list[dict], outcome: str, path: str) -> None:

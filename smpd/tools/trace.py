@@ -46,44 +46,51 @@ def _us(ns: int, t0: int) -> float:
 
 def events_of(report: dict, t0: int, label: str = "") -> list[dict]:
     """The trace events of one report (a kexec's, a kick's, a chain link's)."""
-    out: list[dict] = []
     timeline = report.get("timeline", [])
     end = max([e["t_ns"] for e in timeline] + [p["t_ns"] + int(p["dur_us"] * 1000) for p in report.get("phases", [])]
               + [t0])
-    for p in report.get("phases", []):
-        smpd = p.get("track") == "smpd"
-        out.append({"name": p["name"], "cat": "smpd" if smpd else "phase", "ph": "X",
-                    "pid": SMPD_PID if smpd else PID, "tid": 0, "ts": _us(p["t_ns"], t0),
-                    "dur": p["dur_us"], "args": {"kexec": label} if label else {}})
-    # Each CPU's states: from where it started, changed by its events.
-    states = {int(c): s for c, s in report.get("start_states", {}).items()}
-    start = min([e["t_ns"] for e in timeline] + [end])
-    since = dict.fromkeys(states, start)
-    nxt: dict[int, int] = {}  # index of each event -> the time of its CPU's next event
+    out = [_phase(p, t0, label) for p in report.get("phases", [])]
+    nxt = _next_event_times(timeline)
+    for i, e in enumerate(timeline):
+        kind = e.get("kind", "note")
+        out.append({"name": e["event"], "cat": kind, "ph": "i", "s": "g" if kind == "machine_end" else "t",
+                    "pid": PID, "tid": e["cpu"], "ts": _us(e["t_ns"], t0)})
+        if e["cpu"] and kind in RUNS_AFTER and nxt.get(i, 0) > e["t_ns"]:
+            out.append({"name": RUNS_AFTER[kind], "cat": "running", "ph": "X", "pid": PID, "tid": e["cpu"],
+                        "ts": _us(e["t_ns"], t0), "dur": round((nxt[i] - e["t_ns"]) / 1000, 3)})
+    return out + _state_spans(report, timeline, end, t0)
+
+
+def _phase(p: dict, t0: int, label: str) -> dict:
+    smpd = p.get("track") == "smpd"
+    return {"name": p["name"], "cat": "smpd" if smpd else "phase", "ph": "X", "pid": SMPD_PID if smpd else PID,
+            "tid": 0, "ts": _us(p["t_ns"], t0), "dur": p["dur_us"], "args": {"kexec": label} if label else {}}
+
+
+def _next_event_times(timeline: list[dict]) -> dict[int, int]:
+    """Index of each event -> the time of its CPU's next event."""
+    nxt: dict[int, int] = {}
     last: dict[int, int] = {}
     for i, e in enumerate(timeline):
         if e["cpu"] in last:
             nxt[last[e["cpu"]]] = e["t_ns"]
         last[e["cpu"]] = i
-    for i, e in enumerate(timeline):
-        cpu = e["cpu"]
-        kind = e.get("kind", "note")
-        out.append({"name": e["event"], "cat": kind, "ph": "i", "s": "g" if kind == "machine_end" else "t",
-                    "pid": PID, "tid": cpu, "ts": _us(e["t_ns"], t0)})
-        if cpu and kind in RUNS_AFTER and i in nxt and nxt[i] > e["t_ns"]:
-            out.append({"name": RUNS_AFTER[kind], "cat": "running", "ph": "X", "pid": PID, "tid": cpu,
-                        "ts": _us(e["t_ns"], t0), "dur": round((nxt[i] - e["t_ns"]) / 1000, 3)})
-        new = STATE_AFTER.get(kind)
-        if cpu == 0 or new is None:
+    return nxt
+
+
+def _state_spans(report: dict, timeline: list[dict], end: int, t0: int) -> list[dict]:
+    """Each CPU's states: from where it started, changed by its events, until ``end``."""
+    states = {int(c): s for c, s in report.get("start_states", {}).items()}
+    since = dict.fromkeys(states, min([e["t_ns"] for e in timeline] + [end]))
+    out = []
+    for e in timeline:
+        cpu, new = e["cpu"], STATE_AFTER.get(e.get("kind", "note"))
+        if cpu == 0 or new is None or states.get(cpu) == new:
             continue
-        old = states.get(cpu)
-        if old is not None and old != new:
-            out.append(_state(cpu, old, since[cpu], e["t_ns"], t0))
-        if old != new:
-            states[cpu], since[cpu] = new, e["t_ns"]
-    for cpu, state in states.items():
-        out.append(_state(cpu, state, since.get(cpu, end), end, t0))
-    return out
+        if cpu in states:
+            out.append(_state(cpu, states[cpu], since[cpu], e["t_ns"], t0))
+        states[cpu], since[cpu] = new, e["t_ns"]
+    return out + [_state(cpu, state, since.get(cpu, end), end, t0) for cpu, state in states.items()]
 
 
 def _state(cpu: int, state: str, start: int, end: int, t0: int) -> dict:

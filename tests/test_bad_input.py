@@ -37,7 +37,7 @@ def _error_line_of(stderr: str) -> str:
     (("up", "--hot-path", "asm"), "Invalid value for '--hot-path': 'asm' is not one of 'auto', 'c', 'python'"),
     (("up", "--seed", "x"), "'x' is not an integer"),
     (("up", "--name", "Bad Name"), "is not a machine name"),
-    (("up", "--config", "/nonexistent/smpd.toml"), "config file /nonexistent/smpd.toml does not exist"),
+    (("up", "--config", "/nonexistent/smpd.toml"), "config file /nonexistent/smpd.toml: directory /nonexistent does not exist"),
 ])
 def test_up_rejects_bad_arguments_before_creating_anything(machine_name, args, says):
     r = run_smpd(*args, name=machine_name, check=False)

@@ -253,7 +253,7 @@ def test_a_damaged_or_busy_soak_file_is_refused_with_one_line(soak_machine, reco
     r = run_smpd("soak", "--summary", str(bad), check=False)
     assert r.returncode == 2 and "line 2 is not a trial record" in r.stderr
     r = run_smpd("soak", "--summary", "/etc/hostname/x", check=False)
-    assert r.returncode == 2 and "cannot be read" in r.stderr
+    assert r.returncode == 2 and "/etc/hostname is not a directory" in r.stderr
     busy = tmp_path / "busy.jsonl"
     busy.write_text(open(out).read())
     import fcntl

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 
 import psutil
@@ -494,3 +496,22 @@ def test_inputs_are_not_read_through_another_users_link(evil, drop, args):
     _secret, link = _link_to_a_root_file(evil, drop, "root-only.toml", "[machine]\ncpus = 3\n", "config.toml")
     r = run_smpd(*args, link, check=False, timeout=30)
     assert r.returncode == 2 and "is a symbolic link of" in _error_line(r), r.stderr
+
+
+@pytest.mark.parametrize("args", [("config", "show", "--config"), ("soak", "--summary")])
+def test_inputs_are_not_read_from_another_users_file_or_through_a_directory_link(evil, drop, args):
+    """The hostile review: a config another user wrote (or a directory link of hers on the way to
+    one of ours) turned on a setting root never chose; both are refused, with the owner named."""
+    theirs = os.path.join(drop, "theirs.toml")
+    adversary.run_as(evil, adversary.write_file, theirs, b"[kernel]\ninit_only_from_boot_cpu = false\n", 0o644)
+    r = run_smpd(*args, theirs, check=False, timeout=30)
+    assert r.returncode == 2 and "belongs to" in _error_line(r) and "copy it" in _error_line(r), r.stderr
+    ours = tempfile.mkdtemp(prefix="smpd-ours-", dir="/tmp")
+    try:
+        with open(os.path.join(ours, "ours.toml"), "w") as f:
+            f.write("[machine]\ncpus = 3\n")
+        _plant_link(evil, ours, os.path.join(drop, "dir"))
+        r = run_smpd(*args, os.path.join(drop, "dir", "ours.toml"), check=False, timeout=30)
+        assert r.returncode == 2 and "is a symbolic link made by" in _error_line(r), r.stderr
+    finally:
+        shutil.rmtree(ours)

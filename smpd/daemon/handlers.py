@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from smpd import cpulist
 from smpd.daemon import channel
-from smpd.daemon.kernel_ops import KernelOps, require_alive
+from smpd.daemon.kernel_ops import KernelOps, require_alive, require_running_kernel
 from smpd.daemon.status import status_snapshot
 from smpd.errors import BadInput, InternalError, SmpdError
 from smpd.kernel.cpu import IPI_DONE
@@ -113,6 +113,7 @@ class Handlers:
         if 0 in wanted:
             raise BadInput("CPU 0 is the boot CPU (and the kexec CPU) and cannot go offline; "
                            "name CPUs 1-%d" % (self.sup.ncpus - 1))
+        require_running_kernel(self.sup, "CPU hotplug")
         self._require_alive(wanted)
         todo = [c for c in wanted if self.sup.seg.cb(c, "hotplug") == L.Hotplug.ONLINE]
         t0 = time.monotonic_ns()
@@ -123,6 +124,7 @@ class Handlers:
     def op_online(self, cpus: str) -> dict:
         """INIT, then SIPI, to each offline CPU of the list; smp_callin() clears mwait_cpu_dead."""
         wanted = self._cpus_arg(cpus)
+        require_running_kernel(self.sup, "CPU hotplug")
         self._require_alive(wanted)
         todo = [c for c in wanted if c != 0 and self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
         t0 = time.monotonic_ns()

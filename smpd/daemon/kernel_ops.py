@@ -37,6 +37,17 @@ def require_alive(sup, cpus: list[int]) -> None:
                       f"`smpd reset` gives it a new process")
 
 
+def require_running_kernel(sup, what: str) -> None:
+    """Refuse (BadInput) when no kernel runs that could do ``what``: a kexec or a panic ended
+    the machine, or the crash kernel runs (nr_cpus=1)."""
+    if sup.seg.hdr("state") == L.MachineState.ENDED:
+        raise BadInput(f"machine '{sup.name}' {sup.ended_by}: no kernel runs to do {what}; "
+                       f"`smpd reset` power-cycles it")
+    if Generations(sup.seg).current().boot.crash:
+        raise BadInput(f"machine '{sup.name}' runs a crash kernel (kdump, nr_cpus=1, inside its "
+                       f"crashkernel= region): {what} needs a running kernel; `smpd reset` power-cycles it")
+
+
 class KernelOps:
     """The kernel's ops on the machine of the coordinator ``sup`` (smpd.daemon.supervisor)."""
 
@@ -46,13 +57,17 @@ class KernelOps:
     def _map(self):
         return Generations(self.sup.seg).current()
 
+    def _offline_now(self) -> list[int]:
+        return [c for c in range(1, self.sup.ncpus) if self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
+
+    def _note_offline_set(self) -> None:
+        """Before the first kexec or panic since power-on (each stops CPUs, which leaves them
+        marked offline): the offline set that `smpd reset` restores."""
+        if self.sup.reset_offline is None:
+            self.sup.reset_offline = self._offline_now()
+
     def _require_kexec_able(self, what: str) -> None:
-        if self.sup.seg.hdr("state") == L.MachineState.ENDED:
-            raise BadInput(f"machine '{self.sup.name}' {self.sup.ended_by}: no kernel runs to do {what}; "
-                           f"`smpd reset` power-cycles it")
-        if self._map().boot.crash:
-            raise BadInput(f"machine '{self.sup.name}' runs a crash kernel (kdump, nr_cpus=1, inside its "
-                           f"crashkernel= region): {what} needs a running kernel; `smpd reset` power-cycles it")
+        require_running_kernel(self.sup, what)
         require_alive(self.sup, list(range(1, self.sup.ncpus)))
 
     def op_kexec(self, kernel: str | None = None, into: str | None = None, crash: bool = False,
@@ -72,9 +87,7 @@ class KernelOps:
             raise BadInput("no crashkernel= region is reserved on this machine (memory.crashkernel_pages = 0); "
                            "`smpd up` with crashkernel_pages \"auto\" reserves one")
         parse_boot(boot, self.sup.ncpus)  # bad boot parameters are refused before anything runs
-        if self.sup.reset_offline is None:  # the first kexec since power-on: what `smpd reset` restores
-            self.sup.reset_offline = [c for c in range(1, self.sup.ncpus)
-                                      if self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
+        self._note_offline_set()
         report = Kexec(self.sup, scenario).run()
         ended = report["outcome"] in ENDING
         self.sup.seg.set_hdr("state", L.MachineState.ENDED if ended else L.MachineState.KEXECED)
@@ -113,10 +126,12 @@ class KernelOps:
         if cpu and self.sup.seg.cb(cpu, "hotplug") != L.Hotplug.ONLINE:
             raise BadInput(f"CPU {cpu} is offline (in mwait_play_dead()): only an online CPU can panic; "
                            f"`smpd online {cpu}` first")
+        self._note_offline_set()
         report = Panic(self.sup, cpu, self.sup.cfg.get("kernel", "init_only_from_boot_cpu")).run()
         self.sup.seg.set_hdr("state", L.MachineState.ENDED)
-        self.sup.ended_by = (f"reset itself when CPU {cpu} panicked (MACHINE_RESET)" if report["outcome"] ==
-                             "MACHINE_RESET" else f"sits in panic() since CPU {cpu} panicked ({report['outcome']})")
+        self.sup.ended_by = {"MACHINE_RESET": f"reset itself when CPU {cpu} panicked (MACHINE_RESET)",
+                             "CLEAN": f"sits in panic() since CPU {cpu} panicked"}.get(
+            report["outcome"], f"ended when CPU {cpu} panicked ({report['outcome']})")
         report["machine"] = {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch,
                              "hot_path": self.sup.hot_path}
         return report
@@ -144,7 +159,7 @@ class KernelOps:
         t0 = time.monotonic_ns()
         offline = self.sup.reset_offline
         if offline is None:
-            offline = [c for c in range(1, self.sup.ncpus) if self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
+            offline = self._offline_now()
         respawned: list[int] = []
         for attempt in range(RESET_ATTEMPTS):
             respawned += self.sup.respawn_gone()
@@ -156,8 +171,7 @@ class KernelOps:
                     raise
         self.sup.seg.set_hdr("state", L.MachineState.UP)
         self.sup.reset_offline = None
-        now_offline = [c for c in range(1, self.sup.ncpus) if self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
-        return {"offline": now_offline, "generation": 1, "kernel": self.sup.boot1.text(), "respawned": respawned,
+        return {"offline": self._offline_now(), "generation": 1, "kernel": self.sup.boot1.text(), "respawned": respawned,
                 "ms": (time.monotonic_ns() - t0) / 1e6}
 
     def _reset_once(self, offline: list[int]) -> None:

@@ -15,10 +15,11 @@ is ever reopened by name:
   O_NONBLOCK (a FIFO cannot hang us), and fstat must say: a regular file, ours,
   with one name (a second name would be a hard link to someone's file), not on
   /proc, /sys, /dev or /dev/shm; only then is it truncated and written;
-* an input is opened with O_PATH first (no open side effect: a device is never
-  opened for real), must be a regular file not on /proc, /sys, /dev or /dev/shm,
-  reached through no other user's symbolic link, and only then is reopened for
-  reading through that descriptor; it is read line by line with a cap on a line's length.
+* an input's directory is reached the same way (no other user's link or directory
+  on the way); the file is opened with O_PATH first (no open side effect: a device
+  is never opened for real), must be a regular file of the user's or root's, not on
+  /proc, /sys, /dev or /dev/shm, and only then is reopened for reading through that
+  descriptor; it is read line by line with a cap on a line's length.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def _trusted_dir(st: os.stat_result) -> bool:
     return not st.st_mode & 0o022 or bool(st.st_mode & stat.S_ISVTX)
 
 
-def _directory(path: str, what: str) -> tuple[int, str]:
-    """(descriptor of the directory that holds ``path``, the file's name in it), reached safely."""
+def _directory(path: str, what: str, doing: str = "writes") -> tuple[int, str]:
+    """(descriptor of the directory that holds ``path``, the file's name in it), reached safely;
+    ``doing`` says what smpd would do there, for the refusal."""
     full = os.path.abspath(path)
     parent, name = os.path.split(full)
     if not name:
@@ -96,7 +98,7 @@ def _directory(path: str, what: str) -> tuple[int, str]:
             if not _trusted_dir(os.fstat(fd)):
                 owner = trust.describe_uid(os.fstat(fd).st_uid)
                 raise BadInput(f"{what} {path}: directory {walked} is {owner}'s or writable by others without "
-                               f"the sticky bit; smpd writes only where nobody else can plant a name")
+                               f"the sticky bit; smpd {doing} only where nobody else can plant a name")
         return fd, name
     except BadInput:
         os.close(fd)
@@ -200,24 +202,32 @@ def check_output(path: str, what: str) -> None:
         os.close(dfd)
 
 
-def open_input(path: str, what: str) -> BinaryIO:
-    """A file to read: opened with O_PATH (nothing happens to a device), checked to be a regular
-    file on that descriptor, and only then opened for reading through it."""
+def open_input(path: str, what: str, _hops: int = 0) -> BinaryIO:
+    """A file to read: reached as an output's directory is (``_directory``), the user's or root's,
+    opened with O_PATH (nothing happens to a device), checked to be a regular file on that
+    descriptor, and only then opened for reading through it."""
     if not path:
         raise BadInput(f"{what} needs a file name; '' is none")
+    dfd, name = _directory(path, what, "reads")
     try:
-        lst = os.lstat(path)
-    except OSError:
-        lst = None
-    if lst is not None and stat.S_ISLNK(lst.st_mode) and lst.st_uid not in (0, trust.me()):
-        raise BadInput(f"{what} {path} is a symbolic link of {trust.describe_uid(lst.st_uid)}; smpd reads "
-                       f"through no other user's link: give the file's own path")
-    try:
-        pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise BadInput(f"{what} {path} does not exist") from None
-    except OSError as err:
-        raise BadInput(f"{what} {path} cannot be read: {err.strerror}") from None
+        try:
+            lst = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise BadInput(f"{what} {path} does not exist") from None
+        if stat.S_ISLNK(lst.st_mode):  # followed only when root or the user made it
+            if lst.st_uid not in (0, trust.me()):
+                raise BadInput(f"{what} {path} is a symbolic link of {trust.describe_uid(lst.st_uid)}; smpd "
+                               f"reads through no other user's link: give the file's own path")
+            if _hops >= 40:
+                raise BadInput(f"{what} {path}: too many symbolic links")
+            target = os.path.join(os.path.dirname(os.path.abspath(path)), os.readlink(name, dir_fd=dfd))
+            return open_input(target, what, _hops + 1)
+        try:
+            pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError as err:
+            raise BadInput(f"{what} {path} cannot be read: {err.strerror}") from None
+    finally:
+        os.close(dfd)
     try:
         st = os.fstat(pfd)
         if stat.S_ISDIR(st.st_mode):
@@ -226,6 +236,9 @@ def open_input(path: str, what: str) -> BinaryIO:
             raise BadInput(f"{what} {path} is not a regular file (a device, a FIFO, a socket?)")
         if st.st_dev in _special_devices():  # /proc/kmsg is "regular", and reading it takes the log
             raise BadInput(f"{what} {path} is on /proc, /sys, /dev or /dev/shm: not a file smpd reads")
+        if st.st_uid not in (0, trust.me()):  # (checked on the descriptor: no name swapped in since)
+            raise BadInput(f"{what} {path} belongs to {trust.describe_uid(st.st_uid)}; smpd reads only your "
+                           f"own files or root's: copy it to make it yours")
         try:
             fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:

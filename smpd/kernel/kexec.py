@@ -2,10 +2,10 @@
 
     1. native_stop_other_cpus(), as the running kernel's flavour has it:
          6.5, 6.6   if (kexec_in_progress) smp_kick_mwait_play_dead();   (the kick comes first)
-         all        REBOOT vector to the other online CPUs -> stop_this_cpu() -> HLT; wait 1 s;
-                    the NMI shootdown for those that did not stop
+         all        REBOOT vector to the other online CPUs -> stop_this_cpu() -> HLT; wait 1 s
          6.5        smp_park_other_cpus_in_init(): INIT to every other present CPU, from the
-                    boot CPU only (b1472a60a584), when no special wakeup method exists
+                    boot CPU only (b1472a60a584), when no special wakeup method exists; then done
+         all        else the NMI fallback for those that did not stop (smpd.kernel.stop)
        kdump instead: crash_smp_send_stop() NMIs the online CPUs; no kick, no INIT
     2. injections                 NMI/MCE/SMI at before-kick, during-kick, after-kick,
                                   during-copy, after-copy

@@ -198,8 +198,9 @@ def _smm(c: dict, _v) -> str:
 
 def _reset(c: dict, _v) -> str:
     return (f"panic() on CPU{c['cpu']} ran smp_park_other_cpus_in_init(), which sent INIT to CPU 0, the boot CPU: "
-            f"the whole machine reset, and the panic's console output with it (45e34c8af58f as first merged; "
-            f"b1472a60a584 refuses INIT parking off the boot CPU)")
+            f"the whole machine reset before panic() went on -- no panic notifiers (pvpanic), no kmsg_dump, no "
+            f"end marker, no panic_timeout wait (45e34c8af58f without b1472a60a584, which refuses INIT parking "
+            f"off the boot CPU)")
 
 
 def _mce(c: dict, _v) -> str:
@@ -262,7 +263,8 @@ def _clean_panic(c: dict) -> str:
         e += "; smp_park_other_cpus_in_init() parked every other CPU in wait-for-SIPI (INIT)"
     else:
         e += ("; no INIT parking off the boot CPU (b1472a60a584): they stay in HLT" if c["kernel"] == "6.5" else "")
-        e += "; no kick (kexec_in_progress is false) and no write: the parked CPUs stay in mwait_play_dead()"
+        e += ("; no kick (" + ("this kernel has none" if c["kernel"] == "pre-fix" else "kexec_in_progress is false")
+              + ") and no write: the parked CPUs stay in mwait_play_dead()")
     e += ". The machine stays in panic() with its message on the console (panic_timeout=0)"
     if c["held"]:
         e += f"; NMI/SMI held pending on CPU {_cpus(c['held'])}"

@@ -7,13 +7,14 @@ the work, and stands in for CPU 0 when CPU 0 is one of the others).
         if (kexec_in_progress) smp_kick_mwait_play_dead();     6.5, 6.6: the kick comes first
         REBOOT vector to the other online CPUs -> stop_this_cpu() -> HLT; wait up to 1 s
         6.5: if (smp_park_other_cpus_in_init()) goto done;     INIT to every present CPU
-        the NMI shootdown for the CPUs that did not stop; wait again
+        the NMI fallback (smp_stop_nmi_callback()) for the CPUs that did not stop; wait again
     crash_smp_send_stop()      kdump: NMI to the other online CPUs; no kick, no INIT
 
 smp_park_other_cpus_in_init() runs only on the boot CPU (b1472a60a584): INIT to the boot
-CPU resets the whole machine. ``boot_cpu_check=False`` is 45e34c8af58f as first merged,
-without that check ([kernel] init_only_from_boot_cpu = false): a panic on another CPU
-then resets the machine.
+CPU resets the whole machine. ``boot_cpu_check=False`` drops that check ([kernel]
+init_only_from_boot_cpu = false, 45e34c8af58f's behaviour before it): a panic on another
+CPU then resets the machine. (smpd stops at that INIT; upstream goes on to INIT the rest,
+which changes nothing once the machine resets.)
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class StopOtherCpus:
                 missing = self.stop_online(online, "REBOOT vector", "stop_other_cpus()", nmi_fallback=False)
             with self.t.phase("smp_park_other_cpus_in_init()"):
                 if self.smp_park_other_cpus_in_init():
-                    return  # goto done: INIT parking replaces the NMI shootdown
+                    return  # goto done: INIT parking replaces the NMI fallback
             if missing:
                 with self.t.phase("NMI to the CPUs that did not stop"):
                     self.nmi_shootdown(missing, "stop_other_cpus()")
@@ -82,7 +83,7 @@ class StopOtherCpus:
     def stop_online(self, online: list[int], vector: str, who: str, nmi_fallback: bool = True,
                     cmd: L.Ipi = L.Ipi.REBOOT) -> list[int]:
         """The other online CPUs stop (stop_this_cpu(): offline, APIC off, HLT); wait up to 1 s, then
-        the NMI shootdown for those that did not (upstream then waits 10 ms, or forever with wait=1,
+        the NMI fallback for those that did not (upstream then waits 10 ms, or forever with wait=1,
         as machine_shutdown() asks; every wait here is bounded: 1 s). Returns the CPUs that did not stop."""
         targets = [c for c in online if c != self.this_cpu]
         if not self.others(online):
@@ -134,8 +135,8 @@ class StopOtherCpus:
             self.log(f"smp_park_other_cpus_in_init(): on CPU {self.this_cpu}, INIT to CPU 0, the boot CPU: "
                      f"the whole machine resets (45e34c8af58f without b1472a60a584)", "machine_reset")
             return True
-        # Only CPUs this kernel booted once (3f874c9b2aae, for 6.5.y): INIT to one it never started
-        # (maxcpus) is pointless, and to one that is not there, harmful.
+        # Only CPUs this kernel booted once (3f874c9b2aae, for 6.5.y): INIT to an APIC it never
+        # started (maxcpus here) is not safe -- the fix for an APIC ID that was never valid.
         targets = [c for c in self.cpus if self.alive(c) and self.old.boot.started(c)]
         _, missing = self.c.ipi_wait(targets, L.Ipi.INIT, STOP_OTHER_CPUS_S)
         self.parked_in_init = True

@@ -45,8 +45,8 @@ def describe(m, code: L.Ev, arg: int) -> str:
         L.Ev.REBOOT: "stop_this_cpu()", L.Ev.MCE_SHUTDOWN: "MCE in wait-for-SIPI: machine shutdown",
         L.Ev.SPURIOUS: "spurious MWAIT wake-up", L.Ev.OFFLINE: "play_dead() into mwait_play_dead()",
         L.Ev.SMM: "SMI: SMM entry, RSM",
-        L.Ev.NMI_STOP: "stopped by NMI: halts in the handler, NMIs blocked (crash_nmi_callback(), "
-                       "smp_stop_nmi_callback())",
+        L.Ev.NMI_STOP: "stopped by NMI: halts in the handler, NMIs blocked (crash_nmi_callback() for kdump, "
+                       "else smp_stop_nmi_callback())",
     }.get(code, code.name)
 
 
@@ -93,8 +93,10 @@ class Timeline:
         if ends:
             first = min(ends, key=lambda e: e["t_ns"])
             who = _COORD_ENDS[first["kind"]] if first["cpu"] == 0 else f"CPU{first['cpu']}"
-            self.add(0, f"the machine ends here ({who}: {first['kind'].replace('_', ' ').lower()}); on hardware "
-                        f"nothing below happens: the emulation runs on to find every CPU the writes would hit",
+            later = any(e["t_ns"] > first["t_ns"] for e in self.events)
+            self.add(0, f"the machine ends here ({who}: {first['kind'].replace('_', ' ').lower()})"
+                        + ("; on hardware nothing below happens: the emulation runs on to find every CPU the "
+                           "writes would hit" if later else ""),
                      first["t_ns"], "machine_end")
 
     def mark_start(self, seg, cpus) -> dict[int, int]:

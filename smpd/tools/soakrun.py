@@ -174,9 +174,10 @@ def machine_lock(name: str, doing: str = ""):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            if doing:
-                raise BadInput(f"a soak is running on machine '{name}': {doing} now would interleave with its "
-                               f"trials; stop the soak first (Ctrl-C stops it after its current trial)") from None
+            if doing:  # the holder is a soak, or one of these commands run by hand
+                raise BadInput(f"machine '{name}' is busy (a soak, or a kexec, chain, kick, panic or reset "
+                               f"runs on it): {doing} now would interleave with it; wait for it to end (Ctrl-C "
+                               f"stops a soak after its current trial)") from None
             raise BadInput(f"another smpd soak is running on machine '{name}'") from None
         yield
     finally:

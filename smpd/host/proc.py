@@ -20,13 +20,13 @@ def set_process_name(name: str) -> None:
     _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
-def die_with_parent(parent_pid: int | None = None) -> None:
-    """SIGKILL this process when its parent dies, even by SIGKILL (prctl PR_SET_PDEATHSIG).
+def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGKILL) -> None:
+    """``sig`` (SIGKILL) to this process when its parent dies, even by SIGKILL (prctl PR_SET_PDEATHSIG).
 
     The parent may have died between fork and prctl; given ``parent_pid``, a
     getppid() that already names another process makes us leave at once.
     Without it (a subprocess preexec_fn), the exec'd program is on its own.
     """
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(1)

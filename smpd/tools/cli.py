@@ -747,7 +747,12 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
 @click.option("--summary", "summary_file", default=None, metavar="FILE", help="Print the summary of FILE and exit.")
 @click.option("--list", "list_outcome", default=None, metavar="OUTCOME",
               help="With --summary: every trial that ended OUTCOME (TRIPLE_FAULT, STUCK, ...), to replay.")
-def soak(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out, resume, summary_file, list_outcome):
+@click.option("--cluster", "cluster_address", default=None, metavar="ADDRESS|auto",
+              help="Run on a Ray cluster (the 'cluster' extra): one machine per slot on every node.")
+@click.option("--slots-per-node", type=Int(1, 64), default=None, help="With --cluster: machines per node [1].")
+@click.option("--cpus", type=Cpus(), default=None, help="With --cluster: CPUs of each slot's machine [config: 64].")
+def soak(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out, resume, summary_file, list_outcome,
+         cluster_address, slots_per_node, cpus):
     """Thousands of randomized kexec trials on the running machine, under host load.
 
     Each trial draws park policy, offline set, copy order and injections from the
@@ -757,8 +762,10 @@ def soak(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out
     """
 
     ctx = click.get_current_context()
-    given = {p for p in ("trials", "duration", "host_load", "parks", "inject_rate", "kinds", "seed", "out")
+    given = {p for p in ("trials", "duration", "host_load", "parks", "inject_rate", "kinds", "seed", "out",
+                         "cluster_address", "slots_per_node", "cpus")
              if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE}
     soakrun.main(name=name, trials=trials, duration=duration, host_load=host_load, parks=parks,
                  inject_rate=inject_rate, kinds=kinds, seed=seed, out=out, resume=resume,
-                 summary_file=summary_file, given=given, console=Console(), list_outcome=list_outcome)
+                 summary_file=summary_file, given=given, console=Console(), list_outcome=list_outcome,
+                 cluster_address=cluster_address, slots_per_node=slots_per_node, cpus=cpus)

@@ -54,6 +54,7 @@ class Plan:
     layout_version: int = L.LAYOUT_VERSION
     idle_kick: dict = field(default_factory=dict)
     started: float = 0.0
+    cluster: dict | None = None  # `--cluster`: {"address", "slots_per_node"} (smpd.tools.cluster)
 
     def identity(self) -> dict:
         """What a resumed run must agree on to continue the same sequence."""
@@ -216,6 +217,10 @@ HEADER_FIELDS = {
     "idle_kick": (lambda v: type(v) is dict and all(_int(0, 2**63)(x) for x in v.values()), "an object of ns"),
     "started": (_real(0, 1e12), "a time in seconds"),
 }
+HEADER_OPTIONAL = {
+    "cluster": (_optional(lambda v: type(v) is dict and type(v.get("address")) is str
+                          and _int(1, 64)(v.get("slots_per_node"))), "null or {address, slots_per_node}"),
+}
 RECORD_FIELDS = {
     "trial": (_int(0, 10**9), "an integer >= 0"),
     "seed": (_int(0, 2**63 - 1), "an integer in 0..2**63-1"),
@@ -234,6 +239,8 @@ RECORD_OPTIONAL = {
     "host_load": (lambda v: type(v) is str, "a string"),
     "ctx_invol": (_int(0, 2**63), "an integer >= 0"),
     "t": (_real(0, 1e12), "a time in seconds"),
+    "node": (lambda v: type(v) is str and 0 < len(v) <= 64, "a Ray node id"),
+    "slot": (_int(0, 10**6), "an integer >= 0"),
 }
 
 
@@ -344,7 +351,7 @@ def _check_header(header, path: str) -> None:
         raise BadInput(f"{path} was written by another smpd (file version {header.get('version')}, layout "
                        f"{header.get('layout_version')}); this one reads version {FILE_VERSION}, layouts "
                        f"{', '.join(map(str, sorted(COMPATIBLE_LAYOUTS)))}")
-    _check_fields(header, HEADER_FIELDS, {}, f"soak file {path}: the header")
+    _check_fields(header, HEADER_FIELDS, HEADER_OPTIONAL, f"soak file {path}: the header")
     if header["trials"] is None and header["duration_s"] is None:
         raise BadInput(f"soak file {path}: the header has neither trials nor duration_s; the file is damaged")
 

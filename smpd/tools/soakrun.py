@@ -22,7 +22,8 @@ from rich.table import Table
 from rich.text import Text
 
 from smpd import cpulist
-from smpd.tools import hostload, lifecycle, soak
+from smpd import config
+from smpd.tools import cluster, hostload, lifecycle, soak
 from smpd.host import names, trust
 from smpd.host import files
 from smpd.tools.entry import stop_signals
@@ -31,41 +32,62 @@ from smpd.errors import BadInput, CoordinatorGone, MachineNotUp, SmpdError
 
 
 def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out, resume, summary_file,
-         given: set[str], console: Console, list_outcome: str | None = None) -> None:
-    if list_outcome is not None and summary_file is None:
-        raise BadInput("--list OUTCOME lists the trials of a finished file: give it with --summary FILE")
-    if summary_file is not None:
+         given: set[str], console: Console, list_outcome: str | None = None, cluster_address: str | None = None,
+         slots_per_node: int | None = None, cpus: int | None = None) -> None:
+    if summary_file is not None or list_outcome is not None:
+        if summary_file is None:
+            raise BadInput("--list OUTCOME lists the trials of a finished file: give it with --summary FILE")
         if resume or given:
             raise BadInput("--summary reads a finished file; it takes no other option but --list")
         show_file(console, summary_file, list_outcome)
         return
-    if trials is not None and duration is not None:
-        raise BadInput("give --trials or --duration, not both")
+    _check_run_options(trials, duration, resume, cluster_address, slots_per_node, cpus)
     duration_s = parse_duration(duration) if duration is not None else None
     load_spec = hostload.parse(host_load)
     resumed = None
     if resume is not None:
-        resumed, plan, records = _resume(console, resume, given)  # held (and locked) from here to the end
-        out = resume
-        if host_load is None:
-            load_spec = hostload.parse(plan.host_load)
+        resumed, plan, records = _resume(console, resume, given - {"cluster_address", "slots_per_node"},
+                                         cluster_address)
+        out = resume  # (held and locked from here to the end)
+        load_spec = hostload.parse(plan.host_load) if host_load is None else load_spec
     else:
         plan = soak.Plan(seed=secrets.randbelow(2**63) if seed is None else seed,
                          parks=soak.parse_parks(parks), inject_rate=inject_rate, kinds=soak.parse_kinds(kinds),
-                         cpus=0, trials=trials if trials or duration_s else 100, duration_s=duration_s,
-                         host_load=load_spec.text())
+                         cpus=cpus or config.load().get("machine", "cpus"),
+                         trials=trials if trials or duration_s else 100, duration_s=duration_s,
+                         host_load=load_spec.text(),
+                         cluster=None if cluster_address is None else
+                         {"address": cluster_address, "slots_per_node": slots_per_node or 1})
         records = []
         out = _new_out(f"soak-{plan.seed}.jsonl" if out is None else out)
     try:
-        live = lifecycle.require(name)
-        if resume is not None and plan.cpus != live.ncpus:
-            raise BadInput(f"{resume} was recorded on a {plan.cpus}-CPU machine; machine '{name}' has "
-                           f"{live.ncpus} CPUs")
-        plan.cpus = live.ncpus
-        run(live, plan, records, out, load_spec, resumed, console)
+        if plan.cluster is not None:
+            cluster.main(name, plan, records, out, resumed, cluster_address or plan.cluster["address"],
+                         slots_per_node or plan.cluster["slots_per_node"], load_spec.text(), console)
+        else:
+            _single_host(name, plan, records, out, load_spec, resumed, console)
     finally:
         if resumed is not None:
             resumed.close()
+
+
+def _check_run_options(trials, duration, resume, cluster_address, slots_per_node, cpus) -> None:
+    if trials is not None and duration is not None:
+        raise BadInput("give --trials or --duration, not both")
+    if cluster_address is None and resume is None and (slots_per_node is not None or cpus is not None):
+        raise BadInput("--slots-per-node and --cpus size the machines of a --cluster run; give --cluster "
+                       "ADDRESS|auto (a single-host soak runs on the machine --name names)")
+    if cluster_address is not None:
+        cluster.require_ray()  # without Ray: the install command, before anything is made
+
+
+def _single_host(name, plan: soak.Plan, records: list[dict], out: str, load_spec, resumed, console) -> None:
+    live = lifecycle.require(name)
+    if resumed is not None and plan.cpus != live.ncpus:
+        raise BadInput(f"{out} was recorded on a {plan.cpus}-CPU machine; machine '{name}' has "
+                       f"{live.ncpus} CPUs")
+    plan.cpus = live.ncpus
+    run(live, plan, records, out, load_spec, resumed, console)
 
 
 def show_file(console: Console, path: str, list_outcome: str | None) -> None:
@@ -81,16 +103,22 @@ def show_file(console: Console, path: str, list_outcome: str | None) -> None:
         print_trials(console, soak.trials_with(records, list_outcome), list_outcome, path)
     else:
         print_summary(console, plan, records, path)
+        cluster.print_nodes(console, records)
 
 
-def _resume(console: Console, path: str, given: set[str]):
-    """`--resume FILE`: the file opened and locked, its plan and its trials so far."""
+def _resume(console: Console, path: str, given: set[str], cluster_address: str | None = None):
+    """`--resume FILE`: the file opened and locked, its plan and its trials so far. A --cluster
+    run resumes on a cluster (the one it ran on, or ``cluster_address``); a single-host run
+    on the machine --name names."""
     conflicting = given - {"host_load"}
     if conflicting:
         flag = {"parks": "--park", "inject_rate": "--inject-rate"}
         raise BadInput(f"--resume continues the run recorded in {path}; drop "
                        + ", ".join(flag.get(c, f"--{c}") for c in sorted(conflicting)))
     resumed, plan, records, note = soak.open_resume(path)
+    if cluster_address is not None and plan.cluster is None:
+        resumed.close()
+        raise BadInput(f"{path} records a single-host run; resume it without --cluster")
     if note:
         console.print(Text(f"{path}: {note}", style="yellow"))
     return resumed, plan, records

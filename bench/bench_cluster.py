@@ -14,14 +14,14 @@ Rows, in one run of this script on this host:
 
 trials/s is over the wall time from the first trial's start to the last one's end (the
 summary's "wall"), so machine bring-up and Ray's start are not in it; the total time of the
-command is shown beside it. Each figure is the median of --runs runs.
+command is shown beside it. Each figure is the median of --runs runs, with min and max,
+also written as a JSON record (bench/record.py; compare two with bench/compare.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
+from record import Record  # noqa: E402
 from smpd.tools import soak  # noqa: E402
 
 NAME = f"benchc{os.getpid() % 10000}"
@@ -88,12 +89,16 @@ def main() -> None:
             finally:
                 c.close()
             rows.append((f"cluster {nodes} node{'s' if nodes > 1 else ''} x 1 slot", runs))
-    base = statistics.median(r for r, _ in rows[0][1])
-    print(f"{args.trials} trials per run, {CPUS}-CPU machines, median of {args.runs} runs, on {os.cpu_count()} cores")
-    print(f"{'':<26}{'trials/s (median)':>19}{'vs single host':>16}{'command wall s (median)':>25}")
+    print(f"{args.trials} trials per run, {CPUS}-CPU machines, {args.runs} runs per row, on {os.cpu_count()} cores")
+    rec = Record("bench_cluster")
     for label, runs in rows:
-        rate = statistics.median(r for r, _ in runs)
-        print(f"{label:<26}{rate:>19.1f}{rate / base:>15.2f}x{statistics.median(t for _, t in runs):>25.1f}")
+        rec.add(f"{label}: trials/s (over the trials' wall time)", "trials/s", [r for r, _ in runs])
+        rec.add(f"{label}: whole command", "s", [t for _, t in runs])
+    base = rec.median(f"{rows[0][0]}: trials/s (over the trials' wall time)")
+    for label, _ in rows[1:]:
+        rate = rec.median(f"{label}: trials/s (over the trials' wall time)")
+        print(f"{label}: {rate / base:.2f}x the single host's trials/s (median / median)")
+    rec.finish()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
     python bench/bench_machine.py                # everything, a few minutes on a 2-core host
     python bench/bench_machine.py --quick        # fewer repeats, no 1024-CPU bring-up
+    python bench/bench_machine.py --sizes 256,1024,2048,4096 --only bringup
+
+Every figure is the median of its runs, with min and max; the table is also written as a
+JSON record (bench/record.py; compare two with bench/compare.py).
 
 What it measures, and the target it is read against:
 
@@ -12,14 +16,14 @@ What it measures, and the target it is read against:
   under 2% of one core; spin burns whatever cores there are, by design);
 * memory: unique set size (USS) per CPU process (target: under 5 MB);
 * the hot path: one bus write to an unmonitored line, to a monitored line of a
-  spinning CPU, and of a sleeping one; the watch loop's cost per iteration.
+  spinning CPU, and of a sleeping one (the watch loop itself is timed by what it
+  does, the kick's round trip: bench/bench_kick.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -29,7 +33,8 @@ import psutil
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from smpd.machine import layout as L
+from record import Record  # noqa: E402
+from smpd.machine import layout as L  # noqa: E402
 from smpd.tools import lifecycle  # noqa: E402
 
 NAME = f"bench{os.getpid() % 100000}"
@@ -49,23 +54,24 @@ def ours() -> list[psutil.Process]:
     return [psutil.Process(p) for p in pids]
 
 
-def bench_bringup(sizes: list[int], repeats: int) -> list[tuple]:
-    rows = []
+def bench_bringup(rec: Record, sizes: list[int], repeats: int) -> None:
     for n in sizes:
-        walls, coords = [], []
+        walls, coords, downs = [], [], []
         for _ in range(repeats if n <= 256 else 1):
             t0 = time.perf_counter()
             smpd("up", "--cpus", str(n), "--watch", "adaptive")
-            walls.append(time.perf_counter() - t0)
+            walls.append((time.perf_counter() - t0) * 1e3)
             coords.append(lifecycle.require(NAME).request("status")["machine"]["bringup_ms"])
+            t0 = time.perf_counter()
             smpd("down")
-        rows.append((f"bring-up {n} CPUs (smpd up, wall)", statistics.median(walls) * 1e3, "ms", len(walls)))
-        rows.append((f"bring-up {n} CPUs (coordinator: segment+fork+SIPI)", statistics.median(coords), "ms",
-                     len(coords)))
-    return rows
+            downs.append((time.perf_counter() - t0) * 1e3)
+        rec.add(f"bring-up {n} CPUs (smpd up, wall)", "ms", walls)
+        rec.add(f"bring-up {n} CPUs, per CPU (smpd up, wall)", "ms/CPU", [w / n for w in walls])
+        rec.add(f"bring-up {n} CPUs (coordinator: first SIPI to all online)", "ms", coords)
+        rec.add(f"down {n} CPUs (smpd down, wall)", "ms", downs)
 
 
-def bench_idle(watch: str, window_s: float) -> list[tuple]:
+def bench_idle(rec: Record, watch: str, window_s: float) -> None:
     smpd("up", "--cpus", "64", "--watch", watch)
     try:
         smpd("offline", "1-63")
@@ -77,24 +83,21 @@ def bench_idle(watch: str, window_s: float) -> list[tuple]:
         c1 = [sum(p.cpu_times()[:2]) for p in procs]
         elapsed = time.perf_counter() - t0
         used = sum(c1) - sum(c0)
-        rows = [(f"host CPU, 64-CPU machine, 63 parked, watch={watch}", 100 * used / elapsed,
-                 "% of one core", 1)]
+        rec.add(f"host CPU, 64-CPU machine, 63 parked, watch={watch}", "% of one core", [100 * used / elapsed])
         if watch == "adaptive":
-            uss = [p.memory_full_info().uss for p in procs[1:]]
-            rows.append(("USS per CPU process (median of 63)", statistics.median(uss) / 2**20, "MiB", len(uss)))
-            rows.append(("USS of the coordinator", procs[0].memory_full_info().uss / 2**20, "MiB", 1))
-        return rows
+            rec.add("USS per CPU process (of the 63)", "MiB", [p.memory_full_info().uss / 2**20 for p in procs[1:]])
+            rec.add("USS of the coordinator", "MiB", [procs[0].memory_full_info().uss / 2**20])
     finally:
         smpd("down")
 
 
-def bench_hot_path(n: int) -> list[tuple]:
-    """Bus writes from this process (a real writer on the segment, like a DMA engine)."""
+def bench_hot_path(rec: Record, n: int, repeats: int) -> None:
+    """Bus writes from this process (a real writer on the segment, like a DMA engine): each run
+    times ``n`` writes (n/10 to a monitored line) and gives one sample, ns per write."""
     from smpd.host import names
     from smpd.machine.bus import Bus
     from smpd.machine.segment import Segment
 
-    rows = []
     for watch in ("spin", "adaptive"):
         smpd("up", "--cpus", "2", "--watch", watch)
         seg = Segment.attach(names.segment(NAME))
@@ -105,54 +108,49 @@ def bench_hot_path(n: int) -> list[tuple]:
             md = geo.mwait_cpu_dead_addr(1)
             other = geo.thread_info_addr(1)
             payload = (L.CPUDEAD_MWAIT_WAIT).to_bytes(4, "little")
-            if watch == "spin":
+            plain, monitored = [], []
+            for _ in range(repeats):
+                if watch == "spin":
+                    t0 = time.perf_counter_ns()
+                    for _ in range(n):
+                        bus.write(other, payload)
+                    plain.append((time.perf_counter_ns() - t0) / n)
                 t0 = time.perf_counter_ns()
-                for _ in range(n):
-                    bus.write(other, payload)
-                rows.append(("bus write, unmonitored line", (time.perf_counter_ns() - t0) / n, "ns", n))
-            t0 = time.perf_counter_ns()
-            for _ in range(n // 10):
-                bus.write(md, payload)
-            rows.append((f"bus write, monitored line, CPU watch={watch}",
-                         (time.perf_counter_ns() - t0) / (n // 10), "ns", n // 10))
+                for _ in range(n // 10):
+                    bus.write(md, payload)
+                monitored.append((time.perf_counter_ns() - t0) / (n // 10))
+            rec.add("bus write, unmonitored line", "ns", plain)
+            rec.add(f"bus write, monitored line, CPU watch={watch}", "ns", monitored)
         finally:
             del bus
             seg.close()
             smpd("down")
-    # The watch loop's body, `u32[i] == 0` on a segment-like memoryview, timed alone.
-    import mmap
-    import timeit
-
-    mm = mmap.mmap(-1, 4096)
-    u32 = memoryview(mm).cast("I")
-    per = min(timeit.repeat("u32[5] == 0", globals={"u32": u32}, number=n * 10, repeat=5)) / (n * 10)
-    rows.append(("watch loop body (one load, one compare)", per * 1e9, "ns", n * 10))
-    u32.release()
-    mm.close()
-    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats; skip 1024 CPUs")
+    ap.add_argument("--sizes", default=None, help="bring-up sizes, comma-separated [64,256,1024]")
+    ap.add_argument("--only", choices=("bringup", "idle", "hotpath"), default=None)
     ap.add_argument("--window", type=float, default=5.0, help="seconds of idle-cost sampling (default 5)")
+    ap.add_argument("--record", default=None, help="where the JSON record goes [bench/records/...]")
     args = ap.parse_args()
     repeats = 3 if args.quick else 5
-    sizes = [64, 256] if args.quick else [64, 256, 1024]
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [64, 256] if args.quick else [64, 256, 1024]
     print(f"host: {psutil.cpu_count()} logical cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
           f"python {sys.version.split()[0]}", flush=True)
-    rows = []
+    rec = Record("bench_machine")
     try:
-        rows += bench_bringup(sizes, repeats)
-        rows += bench_idle("adaptive", args.window)
-        rows += bench_idle("spin", args.window)
-        rows += bench_hot_path(20_000 if args.quick else 100_000)
+        if args.only in (None, "bringup"):
+            bench_bringup(rec, sizes, repeats)
+        if args.only in (None, "idle"):
+            bench_idle(rec, "adaptive", args.window)
+            bench_idle(rec, "spin", args.window)
+        if args.only in (None, "hotpath"):
+            bench_hot_path(rec, 20_000 if args.quick else 100_000, repeats)
     finally:
         lifecycle.down(NAME)
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  {'median':>10}  unit            runs")
-    for what, value, unit, runs in rows:
-        print(f"{what:<{width}}  {value:>10.1f}  {unit:<15} {runs}")
+    rec.finish(args.record)
 
 
 if __name__ == "__main__":

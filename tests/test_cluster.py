@@ -23,14 +23,16 @@ from conftest import REPO, SCRATCH, Machine, run_name, run_smpd, smpd_env
 
 pytest.importorskip("ray", reason="the 'cluster' extra (ray) is in the test extra")
 
-TRIALS = 200
+TRIALS = 200  # the campaign tests; the fault tests run FAULT_TRIALS
+FAULT_TRIALS = 100
 SEED = 7
-CPUS = 8
+CPUS = 4
 SCENARIO = ("trial", "seed", "park", "offline", "order", "inject")
 
 
 class RayCluster:
     def __init__(self, nodes: int):
+        self.nodes = nodes
         self.proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "raycluster.py"), str(nodes)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=SCRATCH)
         self.address = self.proc.stdout.readline().strip()
@@ -39,6 +41,7 @@ class RayCluster:
     def remove_node(self) -> str:
         self.proc.stdin.write("remove\n")
         self.proc.stdin.flush()
+        self.nodes -= 1
         return self.proc.stdout.readline().strip()
 
     def close(self) -> None:
@@ -51,15 +54,17 @@ class RayCluster:
             self.proc.wait()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_cluster(request):
+    """One cluster per node count, shared by the tests that ask for it (pytest groups them);
+    the test that removes a node is the last one of its cluster."""
     c = RayCluster(request.param)
     yield c
     c.close()
 
 
-def soak_cluster(c: RayCluster, name: str, out: str, *extra: str, **kw):
-    args = ["soak", "--cluster", c.address, "--cpus", str(CPUS), "--trials", str(TRIALS), "--seed", str(SEED),
+def soak_cluster(c: RayCluster, name: str, out: str, *extra: str, trials: int = TRIALS, **kw):
+    args = ["soak", "--cluster", c.address, "--cpus", str(CPUS), "--trials", str(trials), "--seed", str(SEED),
             "--out", out, *extra]
     return subprocess.Popen([sys.executable, "-m", "smpd", *args], env=smpd_env(name), cwd=SCRATCH,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
@@ -77,8 +82,8 @@ def written(path: str) -> int:
         return 0
 
 
-def complete_and_unique(rs: list[dict]) -> None:
-    assert [r["trial"] for r in rs] == list(range(TRIALS))  # in order, each once
+def complete_and_unique(rs: list[dict], trials: int = TRIALS) -> None:
+    assert [r["trial"] for r in rs] == list(range(trials))  # in order, each once
     assert all(isinstance(r["node"], str) and isinstance(r["slot"], int) for r in rs)
 
 
@@ -103,13 +108,21 @@ def test_a_campaign_runs_each_trial_once_on_its_nodes_as_one_host_would(ray_clus
     header, rs = records(out)
     complete_and_unique(rs)
     assert header["cluster"]["address"] == ray_cluster.address and header["cpus"] == CPUS
-    assert len({r["node"] for r in rs}) == int(ray_cluster.proc.args[-1])  # every node ran trials
+    per_node = {n: sum(r["node"] == n for r in rs) for n in {r["node"] for r in rs}}
+    assert len(per_node) == ray_cluster.nodes, (per_node, stdout[-2000:])  # every node ran trials
     assert "per node" in stdout
     one = single_host[1]
     assert [{k: r[k] for k in SCENARIO} for r in rs] == [{k: r[k] for k in SCENARIO} for r in one]
-    # Outcomes follow from the scenario, except where the host kept a CPU from its kick (STUCK).
-    same = [a["outcome"] == b["outcome"] for a, b in zip(rs, one) if "STUCK" not in (a["outcome"], b["outcome"])]
-    assert all(same), [(a["trial"], a["outcome"], b["outcome"]) for a, b in zip(rs, one) if a["outcome"] != b["outcome"]]
+    # Outcomes follow from the scenario, except where the host got in the way: a CPU it kept
+    # from its kick (STUCK), an interrupt not taken in time (said in the notes).
+    differ = [(a["trial"], a["outcome"], b["outcome"], a["evidence"][:200], b["evidence"][:200])
+              for a, b in zip(rs, one) if a["outcome"] != b["outcome"]
+              and not {"STUCK", "CPU_LOST"} & {a["outcome"], b["outcome"]} and not _host_touched(a, b)]
+    assert not differ, differ
+
+
+def _host_touched(*rs: dict) -> bool:
+    return any("not taken within" in n for r in rs for n in r.get("notes", []))
 
 
 
@@ -117,15 +130,15 @@ def test_a_campaign_runs_each_trial_once_on_its_nodes_as_one_host_would(ray_clus
 def test_a_node_lost_mid_run_loses_no_trial_and_leaves_no_machine(ray_cluster):
     name = run_name("cl")
     out = os.path.join(SCRATCH, f"{name}.jsonl")
-    p = soak_cluster(ray_cluster, name, out)
+    p = soak_cluster(ray_cluster, name, out, trials=FAULT_TRIALS)
     deadline = time.monotonic() + 300
-    while written(out) < 40 and p.poll() is None and time.monotonic() < deadline:
+    while written(out) < 30 and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray_cluster.remove_node().startswith("removed")
     stdout, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stderr[-3000:]
     _, rs = records(out)
-    complete_and_unique(rs)
+    complete_and_unique(rs, FAULT_TRIALS)
     assert "lost" in stdout  # the slot on the removed node, said
     # (the autouse leak check: no segment or process of any slot's machine is left)
 
@@ -134,18 +147,18 @@ def test_a_node_lost_mid_run_loses_no_trial_and_leaves_no_machine(ray_cluster):
 def test_a_sigkilled_driver_leaves_a_valid_file_and_resume_runs_only_the_missing_trials(ray_cluster):
     name = run_name("cl")
     out = os.path.join(SCRATCH, f"{name}.jsonl")
-    p = soak_cluster(ray_cluster, name, out)
+    p = soak_cluster(ray_cluster, name, out, trials=FAULT_TRIALS)
     deadline = time.monotonic() + 300
-    while written(out) < 30 and p.poll() is None and time.monotonic() < deadline:
+    while written(out) < 20 and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     p.send_signal(signal.SIGKILL)
     p.communicate()
     _, before = records(out)
-    assert 30 <= len(before) < TRIALS
+    assert 20 <= len(before) < FAULT_TRIALS
     assert [r["trial"] for r in before] == list(range(len(before)))
     r = run_smpd("soak", "--resume", out, name=name, timeout=600)
     _, rs = records(out)
-    complete_and_unique(rs)
+    complete_and_unique(rs, FAULT_TRIALS)
     assert rs[:len(before)] == before  # what was written stays; only the missing numbers ran
     assert "per node" in r.stdout
 

@@ -23,8 +23,7 @@ from conftest import REPO, SCRATCH, Machine, run_name, run_smpd, smpd_env
 
 pytest.importorskip("ray", reason="the 'cluster' extra (ray) is in the test extra")
 
-TRIALS = 200  # the campaign tests; the fault tests run FAULT_TRIALS
-FAULT_TRIALS = 100
+TRIALS = 200
 SEED = 7
 CPUS = 4
 SCENARIO = ("trial", "seed", "park", "offline", "order", "inject")
@@ -99,22 +98,11 @@ def single_host():
     return records(out)
 
 
-@pytest.mark.parametrize("ray_cluster", [2, 3], indirect=True, ids=["2-nodes", "3-nodes"])
-def test_a_campaign_runs_each_trial_once_on_its_nodes_as_one_host_would(ray_cluster, single_host):
-    out = os.path.join(SCRATCH, f"{run_name('cl')}.jsonl")
-    p = soak_cluster(ray_cluster, run_name("cl"), out)
-    stdout, stderr = p.communicate(timeout=600)
-    assert p.returncode == 0, stderr[-3000:]
-    header, rs = records(out)
-    complete_and_unique(rs)
-    assert header["cluster"]["address"] == ray_cluster.address and header["cpus"] == CPUS
-    per_node = {n: sum(r["node"] == n for r in rs) for n in {r["node"] for r in rs}}
-    assert len(per_node) == ray_cluster.nodes, (per_node, stdout[-2000:])  # every node ran trials
-    assert "per node" in stdout
-    one = single_host[1]
+def matches_one_host(rs: list[dict], one: list[dict]) -> None:
+    """The same scenarios as a single-host run of the same seed, and the same outcomes except
+    where the host got in the way: a CPU it kept from its kick (STUCK), an interrupt not taken
+    in time (said in the notes)."""
     assert [{k: r[k] for k in SCENARIO} for r in rs] == [{k: r[k] for k in SCENARIO} for r in one]
-    # Outcomes follow from the scenario, except where the host got in the way: a CPU it kept
-    # from its kick (STUCK), an interrupt not taken in time (said in the notes).
     differ = [(a["trial"], a["outcome"], b["outcome"], a["evidence"][:200], b["evidence"][:200])
               for a, b in zip(rs, one) if a["outcome"] != b["outcome"]
               and not {"STUCK", "CPU_LOST"} & {a["outcome"], b["outcome"]} and not _host_touched(a, b)]
@@ -125,42 +113,54 @@ def _host_touched(*rs: dict) -> bool:
     return any("not taken within" in n for r in rs for n in r.get("notes", []))
 
 
-
-@pytest.mark.parametrize("ray_cluster", [3], indirect=True)
-def test_a_node_lost_mid_run_loses_no_trial_and_leaves_no_machine(ray_cluster):
+def started(c: RayCluster, until: int) -> tuple[str, subprocess.Popen]:
+    """A campaign of TRIALS trials, once ``until`` of them are in its file: (file, driver)."""
     name = run_name("cl")
     out = os.path.join(SCRATCH, f"{name}.jsonl")
-    p = soak_cluster(ray_cluster, name, out, trials=FAULT_TRIALS)
+    p = soak_cluster(c, name, out)
     deadline = time.monotonic() + 300
-    while written(out) < 30 and p.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert ray_cluster.remove_node().startswith("removed")
-    stdout, stderr = p.communicate(timeout=600)
-    assert p.returncode == 0, stderr[-3000:]
-    _, rs = records(out)
-    complete_and_unique(rs, FAULT_TRIALS)
-    assert "lost" in stdout  # the slot on the removed node, said
-    # (the autouse leak check: no segment or process of any slot's machine is left)
+    while written(out) < until and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return out, p
+
+
+def every_node_ran_trials(c: RayCluster, header: dict, rs: list[dict], nodes: int, stdout: str) -> None:
+    assert header["cluster"]["address"] == c.address and header["cpus"] == CPUS
+    per_node = {n: sum(r["node"] == n for r in rs) for n in {r["node"] for r in rs}}
+    assert len(per_node) == nodes, (per_node, stdout[-2000:])
+    assert "per node" in stdout
 
 
 @pytest.mark.parametrize("ray_cluster", [2], indirect=True)
-def test_a_sigkilled_driver_leaves_a_valid_file_and_resume_runs_only_the_missing_trials(ray_cluster):
-    name = run_name("cl")
-    out = os.path.join(SCRATCH, f"{name}.jsonl")
-    p = soak_cluster(ray_cluster, name, out, trials=FAULT_TRIALS)
-    deadline = time.monotonic() + 300
-    while written(out) < 20 and p.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+def test_two_nodes_a_sigkilled_driver_and_resume_run_each_trial_once_as_one_host_would(ray_cluster, single_host):
+    """The file a SIGKILLed driver leaves is valid; --resume runs only the missing numbers."""
+    out, p = started(ray_cluster, 60)
     p.send_signal(signal.SIGKILL)
     p.communicate()
     _, before = records(out)
-    assert 20 <= len(before) < FAULT_TRIALS
+    assert 60 <= len(before) < TRIALS
     assert [r["trial"] for r in before] == list(range(len(before)))
-    r = run_smpd("soak", "--resume", out, name=name, timeout=600)
-    _, rs = records(out)
-    complete_and_unique(rs, FAULT_TRIALS)
+    r = run_smpd("soak", "--resume", out, name=os.path.basename(out)[:-len(".jsonl")], timeout=600)
+    header, rs = records(out)
+    complete_and_unique(rs)
     assert rs[:len(before)] == before  # what was written stays; only the missing numbers ran
-    assert "per node" in r.stdout
+    every_node_ran_trials(ray_cluster, header, rs, 2, r.stdout)
+    matches_one_host(rs, single_host[1])
+
+
+@pytest.mark.parametrize("ray_cluster", [3], indirect=True)
+def test_three_nodes_one_lost_mid_run_run_each_trial_once_as_one_host_would(ray_cluster, single_host):
+    """A node removed mid-run: its slot's trial goes to another; no machine is left on it (the
+    autouse leak check sees every slot's segment and processes)."""
+    out, p = started(ray_cluster, 60)
+    assert ray_cluster.remove_node().startswith("removed")
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+    header, rs = records(out)
+    complete_and_unique(rs)
+    assert "lost" in stdout  # the slot on the removed node, said
+    every_node_ran_trials(ray_cluster, header, rs, 3, stdout)
+    matches_one_host(rs, single_host[1])
 
 
 def test_without_ray_cluster_says_how_to_install_it_and_makes_nothing(tmp_path, machine_name):

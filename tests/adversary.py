@@ -189,3 +189,15 @@ def fake_server(address: str, authkey_hex: str, ready) -> None:
             pass
         finally:
             conn.close()
+
+
+def listen_tcp(ready) -> None:
+    """A TCP listener on 127.0.0.1 at a port the kernel picks, like a Ray cluster's GCS; says
+    the port."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    ready(s.getsockname()[1])
+    signal.pause()

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
+import adversary
+from adversary import needs_root
 from conftest import REPO, SCRATCH, Machine, run_name, run_smpd, smpd_env
 
 pytest.importorskip("ray", reason="the 'cluster' extra (ray) is in the test extra")
@@ -89,7 +93,7 @@ def complete_and_unique(rs: list[dict], trials: int = TRIALS) -> None:
 @pytest.fixture(scope="module")
 def single_host():
     """The same seed on one host: a plain `smpd soak` on an 8-CPU machine."""
-    m = Machine(run_name("one"), CPUS, "--watch", "adaptive")
+    m = Machine(run_name("one"), CPUS, "--watch", "adaptive", "--seed", str(SEED))  # as the slots' machines
     out = os.path.join(SCRATCH, f"{m.name}.jsonl")
     try:
         run_smpd("soak", "--trials", str(TRIALS), "--seed", str(SEED), "--out", out, name=m.name, timeout=600)
@@ -110,7 +114,10 @@ def matches_one_host(rs: list[dict], one: list[dict]) -> None:
 
 
 def _host_touched(*rs: dict) -> bool:
-    return any("not taken within" in n for r in rs for n in r.get("notes", []))
+    """The host got in the way: an interrupt not taken in time, or a CPU that missed its kick
+    (stuck; what the copy then did to it may rank above STUCK, e.g. a triple fault)."""
+    return any("not taken within" in n for r in rs for n in r.get("notes", [])) or \
+        any((r.get("kick") or {}).get("stuck") for r in rs)
 
 
 def started(c: RayCluster, until: int) -> tuple[str, subprocess.Popen]:
@@ -179,9 +186,44 @@ def test_without_ray_cluster_says_how_to_install_it_and_makes_nothing(tmp_path, 
     (("--slots-per-node", "2"), "give --cluster"),
     (("--cpus", "8"), "give --cluster"),
     (("--cluster", "auto", "--slots-per-node", "0"), "0 is not in the range 1..64"),
+    (("--cluster", "nohost"), "expected HOST:PORT of a Ray cluster"),
+    (("--cluster", "127.0.0.1:1"), "no Ray cluster answers there"),  # at once, not after Ray's minutes
 ])
 def test_cluster_options_are_checked_before_anything_runs(tmp_path, machine_name, args, says):
     out = tmp_path / "c.jsonl"
     r = run_smpd("soak", "--trials", "5", "--out", str(out), *args, name=machine_name, check=False)
     assert r.returncode == 2 and says in r.stderr, r.stderr
     assert not out.exists()
+
+
+@needs_root
+def test_a_cluster_of_another_user_on_this_host_is_refused(tmp_path, machine_name):
+    """A local Ray cluster runs what the driver sends and returns what its workers say: one that
+    another user runs (here, whatever listens at the address as her) is not ours to use."""
+    evil = adversary.unused_uid()
+    with adversary.holding(evil, adversary.listen_tcp) as held:
+        r = run_smpd("soak", "--cluster", f"127.0.0.1:{held['value']}", "--trials", "5", "--out",
+                     str(tmp_path / "c.jsonl"), name=machine_name, check=False, timeout=60)
+    assert r.returncode == 2 and f"run by uid {evil}" in r.stderr, r.stderr
+    assert not (tmp_path / "c.jsonl").exists()
+
+
+@needs_root
+def test_auto_never_believes_a_cluster_record_another_user_planted(tmp_path, machine_name):
+    """`--cluster auto` reads Ray's record of the last `ray start` from the shared temporary
+    directory: one another user wrote there (to send us to her cluster) is refused."""
+    evil = adversary.unused_uid()
+    shared = tempfile.mkdtemp(prefix="smpd-raytmp-", dir="/tmp")  # like /tmp: anyone may write, sticky
+    os.chmod(shared, 0o1777)
+    try:
+        with adversary.holding(evil, adversary.listen_tcp) as held:  # her "cluster", where her record points
+            adversary.run_as(evil, os.mkdir, os.path.join(shared, "ray"))
+            adversary.run_as(evil, adversary.write_file, os.path.join(shared, "ray", "ray_current_cluster"),
+                             f"127.0.0.1:{held['value']}".encode())
+            env = smpd_env(machine_name, RAY_TMPDIR=shared)
+            env.pop("RAY_ADDRESS", None)
+            r = run_smpd("soak", "--cluster", "auto", "--trials", "5", "--out", str(tmp_path / "c.jsonl"), env=env,
+                         check=False, timeout=60)
+    finally:
+        shutil.rmtree(shared)
+    assert r.returncode == 2 and f"uid {evil}" in r.stderr, r.stderr

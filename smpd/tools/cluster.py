@@ -17,6 +17,10 @@ when its node is still alive). A SIGKILLed driver takes its actors with it (Ray'
 owner fate-sharing), and with them their machines; the file holds every trial up to
 the first one not yet written, and ``--resume`` runs the missing numbers only.
 
+Every slot's machine is seeded with the campaign's seed (its memory image, so what a CPU
+that wakes in overwritten memory executes), so the campaign behaves as one machine of that
+seed would; `smpd up --seed S` gives a single host the same one.
+
 Placement: each actor asks Ray for ``num_cpus`` (SLOT_CORES) and the memory its
 machine needs (the CPU processes' budget, [host] cpu_process_mib), so Ray never packs
 more machines on a node than its cores and memory hold. ``--host-load`` runs once per
@@ -28,7 +32,11 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import os
+import re
+import secrets
 import signal
+import stat
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +46,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+import psutil
+
 from smpd.errors import BadInput, MachineComingUp, SmpdError
+from smpd.host import trust
 from smpd.tools import hostload, lifecycle, soak
 
 SLOT_CORES = 1  # a slot's machine: its coordinator kicks and copies; its CPUs sleep in adaptive MWAIT
@@ -57,16 +68,71 @@ def require_ray() -> None:
 
 def _bootstrap_address(address: str) -> str:
     """The cluster's address as given, or for "auto" as Ray finds it: RAY_ADDRESS, else the
-    address the last `ray start` on this host recorded (Ray's own file)."""
+    address the last `ray start` on this host recorded (Ray's own file in the shared temporary
+    directory, so read as any input is: the user's or root's, through no other user's link)."""
     if address != "auto":
         return address
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
+    record = os.path.join(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir(), "ray", "ray_current_cluster")
+    # Ray keeps this file in a directory anyone may write (0777, not sticky): what it says is a
+    # hint, read without following a link or blocking on a FIFO, and only a cluster on this
+    # host whose GCS is ours (_check_local_owner) is then believed.
     try:
-        with open(os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")) as f:
-            return f.read().strip() or address
+        fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return address
+        raise BadInput("--cluster auto: no Ray cluster is recorded on this host (no `ray start`, no RAY_ADDRESS); "
+                       "start one with `ray start --head`, or give its address") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadInput(f"--cluster auto: {record} is not a regular file; give the cluster's address")
+        found = os.read(fd, 256).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+    parse_address(found, f"--cluster auto: {record} says")
+    if not _local(found):
+        raise BadInput(f"--cluster auto: {record} names {found}, not a cluster on this host; give --cluster "
+                       f"{found} yourself if it is yours")
+    return found
+
+
+def _local(address: str) -> bool:
+    """Does ``address`` reach this host (loopback, the wildcard, an interface's address, or a
+    name that resolves to one)?"""
+    host, _ = parse_address(address)
+    try:
+        ips = {ai[4][0] for ai in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    mine = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return any(ipaddress.ip_address(ip.split("%")[0]).is_loopback or ip in mine or ip in ("0.0.0.0", "::")
+               for ip in ips)
+
+
+def _check_local_owner(address: str) -> None:
+    """A cluster on this host is believed only if its GCS (the process listening at ``address``'s
+    port) is ours: a Ray cluster runs whatever its driver sends and returns what its workers say
+    (unpickled by ray.get), so another user's would run code in this process. A cluster on
+    another host is trusted as the user trusts that host."""
+    host, port = parse_address(address)
+    if not _local(address):
+        return
+    try:
+        listeners = [c for c in psutil.net_connections(kind="tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port]
+    except psutil.Error as err:
+        raise BadInput(f"--cluster {address}: cannot tell whose cluster listens there ({err})") from None
+    if not listeners:
+        raise BadInput(f"--cluster {address}: nothing of this host listens on port {port}")
+    for c in listeners:
+        try:
+            uid = psutil.Process(c.pid).uids().real if c.pid else None
+        except psutil.Error:
+            uid = None
+        if uid is None or uid != trust.me():
+            raise BadInput(f"--cluster {address}: the Ray cluster listening there is "
+                           f"{'not visibly ours' if uid is None else 'run by ' + trust.describe_uid(uid)}; smpd "
+                           f"runs its trials only on a cluster of its own user")
 
 
 def _loopback(address: str) -> bool:
@@ -79,9 +145,35 @@ def _loopback(address: str) -> bool:
         return False
 
 
+ADDRESS_RE = re.compile(r"(?P<host>[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
+ANSWER_S = 5.0  # a cluster's GCS accepts a connection within this, or there is none
+
+
+def parse_address(address: str, what: str = "--cluster") -> tuple[str, int]:
+    """HOST:PORT -> (host, port); anything else is refused in one line."""
+    m = ADDRESS_RE.fullmatch(address) if isinstance(address, str) else None
+    port = int(m.group("port")) if m else 0
+    if not m or not 1 <= port <= 65535:
+        raise BadInput(f"{what} '{address}': expected HOST:PORT of a Ray cluster (e.g. 127.0.0.1:6379) or 'auto'")
+    return m.group("host").strip("[]"), port
+
+
+def _answers(address: str) -> None:
+    """Something accepts connections at ``address`` within ANSWER_S (Ray itself would retry for
+    minutes before it gives up on a dead address)."""
+    host, port = parse_address(address)
+    try:
+        socket.create_connection((host, port), timeout=ANSWER_S).close()
+    except OSError as err:
+        raise BadInput(f"--cluster {address}: no Ray cluster answers there ({err.strerror or err}); start one "
+                       f"with `ray start --head`, or give its address") from None
+
+
 def connect(address: str):
     """ray.init() on the cluster at ``address`` ("auto": the one this host knows)."""
     resolved = _bootstrap_address(address)
+    _answers(resolved)
+    _check_local_owner(resolved)
     if _loopback(resolved):
         # A cluster whose nodes bind to 127.0.0.1 (`ray start --node-ip-address 127.0.0.1`): Ray
         # replaces a loopback address by this host's outward IP, where nothing listens; with this
@@ -110,11 +202,11 @@ class Slot:
         self.err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "smpd", "up", "--foreground", "--name", name, "--cpus", str(cpus),
-             "--watch", "adaptive"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.err,
+             "--watch", "adaptive", "--seed", str(self.plan.seed)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.err,
             preexec_fn=_die_with_actor)
         self.live = self._wait_up()
         status = self.live.request("status")
-        self.offline = soakrun._offline_set(status)
+        self.offline = soakrun.offline_set(status)
         self.ctx = soakrun.CtxCounter([c["pid"] for c in status["cpus"][1:]])
         self.sampler = soak.HostSampler()
         self.load = hostload.HostLoad(hostload.parse(host_load)) if host_load else None
@@ -146,7 +238,7 @@ class Slot:
 
     def idle_kick(self) -> dict:
         from smpd.tools import soakrun
-        return soakrun._idle_kick(self.live)
+        return soakrun.idle_kick(self.live)
 
     def run(self, trial: int) -> dict:
         record, self.offline = soak.run_trial(self.live, soak.draw(self.plan, trial), self.offline)
@@ -200,6 +292,21 @@ class Campaign:
                 self.slots[i * slots_per_node + k] = {"node": node, "replaced": 0, "first": k == 0}
         for slot in self.slots:
             self._start(slot)
+        self._drop_unplaced()
+
+    def _drop_unplaced(self) -> None:
+        """A slot Ray cannot place (more slots than a node's cores or memory) or whose machine does
+        not come up within UP_S is given up at the start, so that no trial waits on it."""
+        refs = {self.slots[s]["actor"].where.remote(): s for s in self.slots}
+        ready, _ = self.ray.wait(list(refs), num_returns=len(refs), timeout=UP_S)
+        for ref, slot in refs.items():
+            if ref not in ready:
+                self.console.print(Text(f"slot {slot} ({self.slots[slot]['machine']}) did not start within "
+                                        f"{UP_S:.0f} s (its node has no room for it?): the run goes on without it",
+                                        style="yellow"), soft_wrap=True)
+                self.ray.kill(self.slots.pop(slot)["actor"])
+        if not self.slots:
+            raise SmpdError("no slot started on any node; nothing was run")
 
     def _start(self, slot: int) -> None:
         s = self.slots[slot]
@@ -253,6 +360,8 @@ class Campaign:
                     if trial is None:
                         break
                     inflight[self.slots[slot]["actor"].run.remote(trial)] = (slot, trial)
+                if stop["asked"] and inflight and time.monotonic() > stop.setdefault("until", time.monotonic() + 60):
+                    return None  # the trials in flight are given up: --resume runs them again
                 if not inflight:
                     if not self.slots and numbers.left():
                         return SmpdError(f"no slot is left to run on (every node or actor died); {writer.written} "
@@ -269,8 +378,8 @@ class Campaign:
     def _collect(self, ref, slot: int, trial: int, writer: "_Writer", numbers: _Numbers) -> SmpdError | None:
         try:
             writer.add(self.ray.get(ref))
-        except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError) as err:
-            numbers.give_back(trial)
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError, SmpdError) as err:
+            numbers.give_back(trial)  # (SmpdError: its record did not check out; the slot is not trusted)
             if slot in self.slots:
                 self.lost(slot, _why(err))
         except OSError as err:
@@ -313,7 +422,7 @@ def main(name: str, plan: soak.Plan, records: list[dict], out: str, resumed, add
     camp = f = None
     error = None
     try:
-        camp = Campaign(ray, plan, f"{name[:16]}-{os.getpid() % 0x10000:04x}", slots_per_node,
+        camp = Campaign(ray, plan, f"{name[:16]}-{secrets.token_hex(3)}", slots_per_node,
                         None if host_load == "none" else host_load, (plan.cpus + 1) * mib << 20, console)
         if resumed is None:
             plan.idle_kick = camp.idle_kick()
@@ -352,7 +461,7 @@ class _Numbers:
 
     def _more(self) -> bool:
         from smpd.tools import soakrun
-        return soakrun._more(self.plan, self.next, self.before_s + time.monotonic() - self.t0)
+        return soakrun.more_trials(self.plan, self.next, self.before_s + time.monotonic() - self.t0)
 
     def take(self) -> int | None:
         if self.back:
@@ -384,6 +493,10 @@ class _Writer:
         return len(self.records)
 
     def add(self, record: dict) -> None:
+        """A slot's record, checked field by field as a soak file's line is before it is written."""
+        if not isinstance(record, dict):
+            raise SmpdError(f"a slot returned {type(record).__name__}, not a trial record")
+        soak.check_record(record, "a slot's trial record")
         self.early[record["trial"]] = record
         while self.next in self.early:
             r = self.early.pop(self.next)
@@ -418,11 +531,12 @@ def print_nodes(console: Console, records: list[dict]) -> None:
     for col in ("node", "slots", "trials", "trials/s (its wall time)", "outcomes"):
         t.add_column(col, overflow="fold")
     for node, rs in sorted(nodes.items()):
-        wall = max(r["t"] for r in rs) - min(r["t"] - r["trial_ms"] / 1e3 for r in rs)
+        timed = [r for r in rs if "t" in r]
+        wall = max(r["t"] for r in timed) - min(r["t"] - r["trial_ms"] / 1e3 for r in timed) if timed else 0
         outcomes: dict[str, int] = {}
         for r in rs:
             outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
-        t.add_row(node, ",".join(map(str, sorted({r["slot"] for r in rs}))), str(len(rs)),
+        t.add_row(Text(node), Text(",".join(map(str, sorted({r.get("slot", -1) for r in rs})))), str(len(rs)),
                   f"{len(rs) / wall:.1f}" if wall > 0 else "-",
-                  ", ".join(f"{o} {n}" for o, n in sorted(outcomes.items())))
+                  Text(", ".join(f"{o} {n}" for o, n in sorted(outcomes.items()))))
     console.print(t)

@@ -268,6 +268,10 @@ def _check_fields(obj: dict, required: dict, optional: dict, where: str) -> None
             raise BadInput(f"{where}: field '{key}' is {shown[:40]}; expected {accepted}; the file is damaged")
 
 
+def check_record(obj: dict, where: str) -> None:
+    _check_fields(obj, RECORD_FIELDS, RECORD_OPTIONAL, where)
+
+
 def read(path: str) -> tuple[Plan, list[dict], str | None]:
     """The header, the trial records, and a note on a dropped partial last line (nothing is changed)."""
     with files.open_input(path, "soak file") as f:

@@ -78,6 +78,8 @@ def _check_run_options(trials, duration, resume, cluster_address, slots_per_node
         raise BadInput("--slots-per-node and --cpus size the machines of a --cluster run; give --cluster "
                        "ADDRESS|auto (a single-host soak runs on the machine --name names)")
     if cluster_address is not None:
+        if cluster_address != "auto":
+            cluster.parse_address(cluster_address)
         cluster.require_ray()  # without Ray: the install command, before anything is made
 
 
@@ -142,7 +144,7 @@ def _cell(n: int, trials: list[int]) -> str:
     return f"{n} ({_numbers(trials, n)})" if trials else str(n)
 
 
-def _offline_set(status: dict) -> set[int]:
+def offline_set(status: dict) -> set[int]:
     return {c["cpu"] for c in status["cpus"][1:] if c["hotplug"] == "offline"}
 
 
@@ -170,7 +172,7 @@ class CtxCounter:
         return n
 
 
-def _idle_kick(live) -> dict:
+def idle_kick(live) -> dict:
     """The machine's kick latency before any load: the reference the summary compares with."""
     try:
         r = live.request("bench_kick", rounds=10)
@@ -226,12 +228,12 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
         live.request("reset")
         status = live.request("status")
     if resumed is None:
-        plan.idle_kick = _idle_kick(live)
+        plan.idle_kick = idle_kick(live)
         plan.started = time.time()
         f = soak.open_new(out, plan)
     else:
         f = resumed
-    offline = users_offline = _offline_set(status)
+    offline = users_offline = offline_set(status)
     pids = [c["pid"] for c in status["cpus"][1:]]
     first = records[-1]["trial"] + 1 if records else 0
     elapsed_before = sum(r["trial_ms"] for r in records) / 1e3
@@ -252,7 +254,7 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
                       transient=True) as bar:
             task = bar.add_task("", total=total or plan.duration_s, completed=first if total else elapsed_before)
             trial = first
-            while not stop["asked"] and _more(plan, trial, elapsed_before + time.monotonic() - t0):
+            while not stop["asked"] and more_trials(plan, trial, elapsed_before + time.monotonic() - t0):
                 record, offline, error = _trial(live, plan, trial, offline, f, out, records, probes)
                 if error is not None:
                     break
@@ -287,7 +289,7 @@ class _Probes:
     ctx: CtxCounter
 
 
-def _more(plan: soak.Plan, trial: int, elapsed_s: float) -> bool:
+def more_trials(plan: soak.Plan, trial: int, elapsed_s: float) -> bool:
     """Another trial: the run has neither reached --trials nor spent --duration."""
     if plan.trials and trial >= plan.trials:
         return False
@@ -411,7 +413,7 @@ def replay(name: str, target: str) -> dict:
         live.request("reset")
         status = live.request("status")
     want = set(cpulist.parse(rec["offline"])) if rec["offline"] else set()
-    soak.set_offline(live, want, _offline_set(status))
+    soak.set_offline(live, want, offline_set(status))
     r = live.request("kexec", kernel=rec["park"], inject=rec["inject"], order=rec["order"], seed=rec["seed"])
     same = r["outcome"] == rec["outcome"]
     r["replay"] = {"file": path, "trial": trial, "recorded_outcome": rec["outcome"], "same_outcome": same}

@@ -51,6 +51,7 @@ import psutil
 from smpd.errors import BadInput, MachineComingUp, SmpdError
 from smpd.host import trust
 from smpd.tools import hostload, lifecycle, soak
+from smpd.tools.entry import stop_signals
 
 SLOT_CORES = 1  # a slot's machine: its coordinator kicks and copies; its CPUs sleep in adaptive MWAIT
 UP_S = 120.0  # a slot's machine comes up within this, or the slot is given up
@@ -373,7 +374,7 @@ class Campaign:
                     if error is not None:
                         stop["asked"] = True
                         return error
-                bar.update(task, completed=writer.written, description=_rates(writer.new, numbers.t0))
+                bar.update(task, completed=writer.written, description=_rates(writer.per_node, numbers.t0))
 
     def _collect(self, ref, slot: int, trial: int, writer: "_Writer", numbers: _Numbers) -> SmpdError | None:
         try:
@@ -418,7 +419,7 @@ def main(name: str, plan: soak.Plan, records: list[dict], out: str, resumed, add
     from smpd.config import load as load_config
     mib = load_config().get("host", "cpu_process_mib")
     stop = {"asked": False}
-    old = {sig: signal.signal(sig, lambda *_: stop.update(asked=True)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old = {sig: signal.signal(sig, lambda *_: stop.update(asked=True)) for sig in stop_signals()}
     camp = f = None
     error = None
     try:
@@ -486,7 +487,7 @@ class _Writer:
         self.f, self.out, self.records = f, out, records
         self.next = records[-1]["trial"] + 1 if records else 0
         self.early: dict[int, dict] = {}
-        self.new: list[dict] = []
+        self.per_node: dict[str, int] = {}  # trials written by this run, per node (the progress line)
 
     @property
     def written(self) -> int:
@@ -502,7 +503,7 @@ class _Writer:
             r = self.early.pop(self.next)
             soak.append_trial(self.f, r)
             self.records.append(r)
-            self.new.append(r)
+            self.per_node[r["node"]] = self.per_node.get(r["node"], 0) + 1
             self.next += 1
 
 
@@ -511,12 +512,10 @@ def _why(err) -> str:
     return (text[-1] if text else type(err).__name__)[:200]
 
 
-def _rates(records: list[dict], t0: int) -> str:
+def _rates(per_node: dict[str, int], t0: float) -> str:
     dt = max(1e-3, time.monotonic() - t0)
-    per: dict[str, int] = {}
-    for r in records:
-        per[r.get("node", "?")] = per.get(r.get("node", "?"), 0) + 1
-    return f"{len(records) / dt:.1f} trials/s; " + ", ".join(f"node {n[:6]} {c / dt:.1f}/s" for n, c in sorted(per.items()))
+    return (f"{sum(per_node.values()) / dt:.1f} trials/s; "
+            + ", ".join(f"node {n[:6]} {c / dt:.1f}/s" for n, c in sorted(per_node.items())))
 
 
 def print_nodes(console: Console, records: list[dict]) -> None:

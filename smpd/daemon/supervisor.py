@@ -29,6 +29,8 @@ import time
 from typing import Any, Callable
 
 import multiprocess
+import multiprocess.process
+import multiprocess.util
 import psutil
 
 from smpd import cpulist
@@ -48,6 +50,27 @@ from smpd.machine.mailbox import Mailbox
 from smpd.machine.segment import Segment, SegmentExists, unlink
 
 _ctx = multiprocess.get_context("fork")
+
+
+class CpuProcess(_ctx.Process):
+    """A CPU's process: multiprocess's fork Process, less two things that cost O(N) per fork.
+
+    The coordinator forks N-1 of these and keeps each in ``Coordinator.procs`` (it reaps them
+    itself, in ``shutdown``); multiprocess would also keep every child in its own registry and,
+    on each ``start()``, poll all of them (a waitpid each: O(N^2) over a bring-up), and each
+    child would empty its copy of the parent's finalizer registry on the way in, touching one
+    entry per earlier CPU (a copy-on-write fault per page of them). So a started CPU process
+    leaves multiprocess's registry (``start``), and the child keeps its inherited registry
+    untouched (``_after_fork``): a CPU leaves by ``os._exit`` and never runs finalizers.
+    """
+
+    def start(self) -> None:
+        super().start()
+        multiprocess.process._children.discard(self)
+
+    @staticmethod
+    def _after_fork() -> None:
+        multiprocess.util._run_after_forkers()
 
 
 class Coordinator:
@@ -204,7 +227,7 @@ class Coordinator:
         return True
 
     def _fork_cpu(self, cpu: int, core: int | None) -> None:
-        p = _ctx.Process(
+        p = CpuProcess(
             target=cpu_main, name=f"smpd-cpu{cpu}", daemon=True,
             args=(self.seg, self.bus, cpu, self.signals, os.getpid(), core, self._inherited_fds()),
         )

@@ -151,9 +151,9 @@ class Handlers:
         return {"addr": addr, "symbol": self._map().symbol(addr), "old": old, "new": new,
                 "woken": woken, "woken_cpus": [owner - 1] if woken and owner else []}
 
-    def op_status(self) -> dict:
+    def op_status(self, brief: bool = False) -> dict:
         self.sup.refresh_gone()
-        return status_snapshot(self.sup.seg, self.sup.procs)
+        return status_snapshot(self.sup.seg, self.sup.procs, brief)
 
     def op_ping(self) -> dict:
         return {"pid": os.getpid()}

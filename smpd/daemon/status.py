@@ -18,41 +18,58 @@ def _words(addr: int, control: int, status: int) -> dict:
             "addr_hex": f"{addr:#x}", "control_hex": f"{control:#010x}", "status_hex": f"{status:#010x}"}
 
 
-def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None) -> dict:
-    """Everything `smpd status` shows, read from the observation plane (and psutil for cores)."""
+def _interrupts(seg: Segment, cpu: int) -> dict:
+    return {k: {"taken": seg.cb(cpu, f"{k}_taken"), "pending": seg.cb(cpu, f"{k}_pending"),
+                "held": seg.cb(cpu, f"{k}_held")} for k in L.IRQ_CODE}
+
+
+def _brief(seg: Segment, cpu: int) -> dict:
+    """What the many-CPU view shows of a CPU (smpd.tools.render.cpu_grid): no host facts, no maps."""
+    return {"cpu": cpu, "state": L.ExecState(seg.cb(cpu, "state")).name,
+            "hotplug": L.Hotplug(seg.cb(cpu, "hotplug")).name.lower(), "interrupts": _interrupts(seg, cpu)}
+
+
+def _full(seg: Segment, gens: Generations, cpu: int) -> dict:
+    geo = seg.geo
+    cb = lambda f: seg.cb(cpu, f)  # noqa: E731
+    pid = cb("pid")
+    core = cb("core")
+    if core < 0 and pid:
+        try:
+            core = psutil.Process(pid).cpu_num()
+        except psutil.Error:
+            core = -1
+    m = gens.of_cpu(cpu)  # the kernel this CPU runs (or sits parked in)
+    md = m.mwait_cpu_dead_addr(cpu)
+    state = L.ExecState(cb("state"))
+    return {
+        "cpu": cpu, "pid": pid, "core": core,
+        "hotplug": L.Hotplug(cb("hotplug")).name.lower(), "state": state.name,
+        "wakeups": {"write": cb("wake_write"), "interrupt": cb("wake_irq"),
+                    "ipi": cb("wake_ipi"), "spurious": cb("wake_spurious")},
+        "mwait_entries": cb("mwait_entries"),
+        "interrupts": _interrupts(seg, cpu),
+        "init": cb("init_count"), "sipi": cb("sipi_count"), "generation": m.gen,
+        # a pre-fix kernel has no struct mwait_cpu_dead: None, not a word read from elsewhere
+        "mwait_cpu_dead": None if m.boot.monitors_thread_info else
+        _words(md, seg.mem_u32(md), seg.mem_u32(md + 4)),
+        "monitor": {"armed": bool(cb("mon_armed")),
+                    "addr": geo.line_addr(cb("mon_line")) if cb("mon_armed") else None,
+                    "symbol": m.symbol(geo.line_addr(cb("mon_line"))) if cb("mon_armed") else None},
+    }
+
+
+def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None, brief: bool = False) -> dict:
+    """Everything `smpd status` shows, read from the observation plane (and psutil for cores).
+
+    ``brief``: per CPU only its number, state, hotplug state and interrupt counts (what the view
+    of a machine with many CPUs shows): a host process lookup per CPU (its core) and the memory
+    map's symbols made a 4096-CPU status take seconds."""
     geo = seg.geo
     now = time.monotonic_ns()
     gens = Generations(seg)
     current = gens.current()
-    cpus = []
-    for cpu in range(geo.ncpus):
-        cb = lambda f: seg.cb(cpu, f)  # noqa: E731
-        pid = cb("pid")
-        core = cb("core")
-        if core < 0 and pid:
-            try:
-                core = psutil.Process(pid).cpu_num()
-            except psutil.Error:
-                core = -1
-        m = gens.of_cpu(cpu)  # the kernel this CPU runs (or sits parked in)
-        md = m.mwait_cpu_dead_addr(cpu)
-        state = L.ExecState(cb("state"))
-        cpus.append({
-            "cpu": cpu, "pid": pid, "core": core,
-            "hotplug": L.Hotplug(cb("hotplug")).name.lower(), "state": state.name,
-            "wakeups": {"write": cb("wake_write"), "interrupt": cb("wake_irq"),
-                        "ipi": cb("wake_ipi"), "spurious": cb("wake_spurious")},
-            "mwait_entries": cb("mwait_entries"),
-            "interrupts": {k: {"taken": cb(f"{k}_taken"), "pending": cb(f"{k}_pending"),
-                               "held": cb(f"{k}_held")} for k in L.IRQ_CODE},
-            "init": cb("init_count"), "sipi": cb("sipi_count"), "generation": m.gen,
-            # a pre-fix kernel has no struct mwait_cpu_dead: None, not a word read from elsewhere
-            "mwait_cpu_dead": None if m.boot.monitors_thread_info else
-            _words(md, seg.mem_u32(md), seg.mem_u32(md + 4)),
-            "monitor": {"armed": bool(cb("mon_armed")),
-                        "addr": geo.line_addr(cb("mon_line")) if cb("mon_armed") else None,
-                        "symbol": m.symbol(geo.line_addr(cb("mon_line"))) if cb("mon_armed") else None},
-        })
+    cpus = [_brief(seg, cpu) if brief else _full(seg, gens, cpu) for cpu in range(geo.ncpus)]
     states: dict[str, int] = {}
     for c in cpus:
         states[c["state"]] = states.get(c["state"], 0) + 1

@@ -14,6 +14,7 @@ STATE_STYLE = {
     "GONE": ("GON", "bold white on red"), "OFF": ("OFF", "dim"),
 }
 TABLE_MAX_CPUS = 32  # above this, one grid cell per CPU instead of one table row
+GRID_MAX_CPUS = 512  # above this, the CPUs of each state as a list, no grid (64 rows of 8 is a screenful)
 
 
 def machine_line(m: dict) -> Text:
@@ -102,16 +103,18 @@ def cpu_table(cpus: list[dict], columns: int = 80) -> Group:
 
 
 def cpu_grid(cpus: list[dict], width: int = 16) -> Group:
-    """One cell per CPU: number and a three-letter state, ``width`` cells a row."""
+    """One cell per CPU: number and a three-letter state, ``width`` cells a row; then the CPUs of
+    each state as a list (alone above GRID_MAX_CPUS)."""
     rows = []
-    for start in range(0, len(cpus), width):
+    for start in range(0, len(cpus) if len(cpus) <= GRID_MAX_CPUS else 0, width):
         line = Text()
         for c in cpus[start:start + width]:
             abbrev, style = STATE_STYLE.get(c["state"], (c["state"][:3], ""))
             line.append(f"{c['cpu']:>4} ", style="dim")
             line.append(abbrev, style=style)
         rows.append(line)
-    legend = Text("  ".join(f"{a}={s}" for s, (a, _) in STATE_STYLE.items()), style="dim")
+    if rows:
+        rows.append(Text("  ".join(f"{a}={s}" for s, (a, _) in STATE_STYLE.items()), style="dim"))
     by_state: dict[str, list[int]] = {}
     for c in cpus:
         by_state.setdefault(c["state"], []).append(c["cpu"])
@@ -121,7 +124,7 @@ def cpu_grid(cpus: list[dict], width: int = 16) -> Group:
     if irq:
         extra.append(Text("interrupts: " + "; ".join(f"CPU{c['cpu']} {_irqs(c)}" for c in irq[:16])
                           + (" ..." if len(irq) > 16 else "")))
-    return Group(*rows, legend, summary, *extra)
+    return Group(*rows, summary, *extra)
 
 
 def status_view(snapshot: dict, columns: int = 80, full: bool = False) -> Group:

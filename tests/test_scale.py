@@ -1,0 +1,44 @@
+"""A machine of 1024 CPUs (the scale issue): it comes up, parks, is kicked and goes down, leaving
+nothing. Behaviour only: how long each step takes is bench/bench_machine.py's business."""
+
+from __future__ import annotations
+
+import psutil
+
+from conftest import run_smpd, wait_until
+from smpd.machine import layout as L
+
+N = 1024
+
+
+def test_a_1024_cpu_machine_comes_up_parks_is_kicked_and_goes_down_leaving_nothing(machine, tmp_path):
+    cfg = tmp_path / "patient.toml"  # a loaded 2-core host may hold a CPU off longer than 5 ms
+    cfg.write_text("[kick]\nrounds = 1000000\n")
+    m = machine(N, "--watch", "adaptive", "--config", str(cfg))
+    s = m.status()
+    assert s["machine"]["cpus"] == N and s["machine"]["online"] == N
+    assert {c["state"] for c in s["cpus"]} == {"RUNNING"}
+    pids = [c["pid"] for c in s["cpus"][1:]]
+    assert len(set(pids)) == N - 1 and all(psutil.Process(p).name() == f"smpd-cpu{i}" for i, p in enumerate(pids, 1))
+
+    m.request("offline", cpus=f"1-{N - 1}", timeout_s=300)
+
+    def all_parked():
+        cpus = m.status()["cpus"][1:]
+        return all(c["state"] == "MWAIT" and c["monitor"]["armed"] for c in cpus) or None
+
+    wait_until(all_parked, 120, "every CPU but CPU 0 parked in mwait_play_dead()")
+    r = m.request("kick", timeout_s=300)
+    assert r["kick"]["stuck"] == [] and len(r["kick"]["cpus"]) == N - 1, r["kick"]["stuck"]
+    assert all(e["acknowledged"] for e in r["kick"]["cpus"].values())
+    cpus = m.status()["cpus"][1:]
+    assert {c["state"] for c in cpus} == {"HLT"}
+    assert {c["mwait_cpu_dead"]["status"] for c in cpus} == {L.CPUDEAD_MWAIT_KEXEC_HLT}
+
+    # Many CPUs: the human status lists the CPUs of each state, without a cell for each.
+    out = run_smpd("status", name=m.name).stdout
+    assert f"HLT            CPU 1-{N - 1}" in out and "RUNNING        CPU 0" in out
+    assert "RUN=RUNNING" not in out  # the grid's legend: no grid
+
+    m.down()
+    wait_until(lambda: not any(psutil.pid_exists(p) for p in pids) or None, 30, "every CPU process gone")

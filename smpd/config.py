@@ -130,7 +130,6 @@ SCHEMA: dict[str, dict[str, Callable[[Any], str | None]]] = {
         "ipi_ack_ms": _int_range(1, 600_000),
         "bringup_ms": _int_range(1, 600_000),
         "bringup_ms_per_cpu": _int_range(0, 10_000),
-        "shutdown_ms": _int_range(1, 600_000),
     },
     "host": {"memory_share": _float_range(0.05, 1.0), "cpu_process_mib": _int_range(1, 1024)},
 }

@@ -1,7 +1,7 @@
 """A CPU process: the emulated kernel code for whatever state the CPU is in, and nothing else.
 
 Each state is a method that runs until the CPU leaves that state and returns the
-next state's method (or None when the process powers off):
+next state's method; the process runs until the coordinator cuts the power (SIGKILL):
 
     wait_for_sipi --SIPI--> start_secondary/smp_callin --> running
     running --CPU_DOWN--> play_dead --> mwait_play_dead --(control == KEXEC_HLT)--> hlt
@@ -72,7 +72,7 @@ class Cpu(Executes, CpuCore):
     def _ipi(self, mask: int, allowed: tuple[L.Ipi, ...] = ()):
         """Look at the mailbox if the IPI byte was raised.
 
-        INIT and POWER_OFF reach a CPU in any state; a command in ``allowed`` is
+        INIT reaches a CPU in any state; a command in ``allowed`` is
         returned for the state to handle (its ack is the state's to send); any
         other is acknowledged as ignored. Returns (next_state or False, ipi or None).
         """
@@ -82,9 +82,6 @@ class Cpu(Executes, CpuCore):
         if ipi is None:
             return False, None
         seq, cmd = ipi
-        if cmd == L.Ipi.POWER_OFF:
-            self.ack(seq)
-            return None, None
         if cmd == L.Ipi.INIT:
             self.pending_ack = seq
             return self.init_reset, None
@@ -94,7 +91,7 @@ class Cpu(Executes, CpuCore):
         return False, None
 
     def _interrupts_then_ipis(self, mask: int, allowed: tuple[L.Ipi, ...] = (), in_hlt: bool = False):
-        """Take interrupts (their handlers may fault), then INIT/POWER_OFF, then a REPARK
+        """Take interrupts (their handlers may fault), then INIT, then a REPARK
         if ``allowed``. Returns the next state, or False to stay."""
         if mask & M_IRQ:
             nxt = self.take_interrupts(in_hlt=in_hlt)

@@ -76,14 +76,13 @@ class HotPath(IntEnum):  # smpd.hotpath
 
 
 # IPI mailbox commands (coordinator -> CPU). INIT and SIPI are the platform's
-# startup IPIs; CPU_DOWN asks an online CPU to run the offline path (play_dead);
-# POWER_OFF ends the CPU process (the emulator's switch, not an emulated event).
+# startup IPIs; CPU_DOWN asks an online CPU to run the offline path (play_dead).
+# 4 was POWER_OFF: `smpd down` now SIGKILLs the CPU processes (the power cut).
 class Ipi(IntEnum):
     NONE = 0
     INIT = 1
     SIPI = 2
     CPU_DOWN = 3
-    POWER_OFF = 4
     REBOOT = 5  # stop_other_cpus(): the CPU runs stop_this_cpu() into its HLT loop
     # `smpd bench kick` only: a kicked CPU in HLT re-enters mwait_play_dead() (status and
     # control back to CPUDEAD_MWAIT_WAIT), so the next round kicks the real path again.

@@ -29,13 +29,12 @@ import time
 from typing import Any, Callable
 
 import multiprocess
-import multiprocess.process
-import multiprocess.util
 import psutil
 
 from smpd import cpulist
 from smpd.config import Config
 from smpd.daemon import channel, stopping
+from smpd.daemon.cpuproc import CpuProcess
 from smpd.daemon.handlers import Handlers
 from smpd.daemon.janitor import COORDINATOR_COMM, Janitor
 from smpd.daemon.stopping import STOP_SIGNALS, Stop, UpClient, check_stop
@@ -50,27 +49,6 @@ from smpd.machine.mailbox import Mailbox
 from smpd.machine.segment import Segment, SegmentExists, unlink
 
 _ctx = multiprocess.get_context("fork")
-
-
-class CpuProcess(_ctx.Process):
-    """A CPU's process: multiprocess's fork Process, less two things that cost O(N) per fork.
-
-    The coordinator forks N-1 of these and keeps each in ``Coordinator.procs`` (it reaps them
-    itself, in ``shutdown``); multiprocess would also keep every child in its own registry and,
-    on each ``start()``, poll all of them (a waitpid each: O(N^2) over a bring-up), and each
-    child would empty its copy of the parent's finalizer registry on the way in, touching one
-    entry per earlier CPU (a copy-on-write fault per page of them). So a started CPU process
-    leaves multiprocess's registry (``start``), and the child keeps its inherited registry
-    untouched (``_after_fork``): a CPU leaves by ``os._exit`` and never runs finalizers.
-    """
-
-    def start(self) -> None:
-        super().start()
-        multiprocess.process._children.discard(self)
-
-    @staticmethod
-    def _after_fork() -> None:
-        multiprocess.util._run_after_forkers()
 
 
 class Coordinator:
@@ -106,7 +84,7 @@ class Coordinator:
         t0 = time.monotonic_ns()
         sizes = self.cfg.sizes()
         geo = L.Geometry(self.ncpus, sizes.ram)
-        hostinfo.raise_file_limit(self.ncpus)
+        hostinfo.raise_file_limit()
         me = psutil.Process()
         self.ctime = me.create_time()
         self._start_janitor()  # first: from here on, whatever kills us, someone cleans up after us

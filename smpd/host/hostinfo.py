@@ -57,14 +57,10 @@ def check_capacity(ncpus: int, segment_bytes: int, cpu_process_mib: int, memory_
     if procs > pid_max - running:
         raise HostTooSmall(f"--cpus {ncpus} needs {procs} processes but pid_max {pid_max} leaves {pid_max - running}")
     _soft, hard_files = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need_files = _files_needed(ncpus)
-    if hard_files != resource.RLIM_INFINITY and need_files > hard_files:
-        fit = (hard_files - _files_needed(0)) // FILES_PER_CPU
+    if hard_files != resource.RLIM_INFINITY and hard_files < COORDINATOR_FILES:
         raise HostTooSmall(
-            f"--cpus {ncpus} needs {need_files} open files in the coordinator but the hard "
-            f"RLIMIT_NOFILE (`ulimit -Hn`) is {hard_files}; "
-            + (f"this host holds up to --cpus {fit}" if fit >= 1 else
-               f"no machine fits (the smallest needs {_files_needed(1)})")
+            f"a machine's coordinator needs {COORDINATOR_FILES} open files but the hard RLIMIT_NOFILE "
+            f"(`ulimit -Hn`) is {hard_files}; no machine fits (a CPU process costs none)"
         )
     fsize, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     if fsize != resource.RLIM_INFINITY and segment_bytes > fsize:
@@ -82,18 +78,15 @@ def check_capacity(ncpus: int, segment_bytes: int, cpu_process_mib: int, memory_
                            f"{free / 2**20:.1f} MiB free")
 
 
-FILES_PER_CPU = 2  # the coordinator keeps two pipe ends per CPU process
+# The coordinator's own descriptors (the interpreter's, the segment, the channel, the janitor's
+# pipe, the up client): a CPU process costs it none (smpd.daemon.cpuproc), whatever N.
+COORDINATOR_FILES = 64
 
 
-def _files_needed(ncpus: int) -> int:
-    return FILES_PER_CPU * ncpus + 64  # + the interpreter's own, the segment, the channel, the janitor
-
-
-def raise_file_limit(ncpus: int) -> None:
+def raise_file_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = _files_needed(ncpus)
-    if soft != resource.RLIM_INFINITY and soft < need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard) if hard != resource.RLIM_INFINITY else need, hard))
+    if soft != resource.RLIM_INFINITY and soft < COORDINATOR_FILES:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (COORDINATOR_FILES, hard))
 
 
 def allowed_cores() -> list[int]:

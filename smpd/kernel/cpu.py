@@ -325,9 +325,9 @@ def cpu_main(seg, bus: Bus, cpu: int, signals: dict[str, int], parent_pid: int,
     die_with_parent(parent_pid)
     set_process_name(f"smpd-cpu{cpu}")
     # A CPU needs no file descriptor: its memory is the inherited mapping. Close all
-    # that fork handed down (the coordinator's socket, ready and janitor pipes, and
-    # every earlier sibling's multiprocess pipes, which would otherwise grow as N^2).
-    # The mmap object's own fd goes too; a CPU never resizes or closes its mapping.
+    # that fork handed down (the coordinator's socket, ready and janitor pipes; a CPU
+    # process costs the coordinator none: smpd.daemon.cpuproc). The mmap object's own
+    # fd goes too; a CPU never resizes or closes its mapping.
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     del close_fds
     if core is not None:

@@ -2,7 +2,7 @@
 
     python bench/bench_machine.py                # everything, a few minutes on a 2-core host
     python bench/bench_machine.py --quick        # fewer repeats, no 1024-CPU bring-up
-    python bench/bench_machine.py --sizes 256,1024,2048,4096 --only bringup
+    python bench/bench_machine.py --sizes 256,1024,2048,4096 --only bringup --config mem.toml
 
 Every figure is the median of its runs, with min and max; the table is also written as a
 JSON record (bench/record.py; compare two with bench/compare.py).
@@ -56,13 +56,33 @@ def ours() -> list[psutil.Process]:
     return [psutil.Process(p) for p in pids]
 
 
-def bench_bringup(rec: Record, sizes: list[int], repeats: int) -> None:
+def _kdamond_s() -> float | None:
+    """Host CPU seconds used so far by the kernel's DAMON threads (kdamond.N), None without any.
+
+    DAMON (physical-address mode) walks the reverse map of each page it samples; a page the
+    coordinator's N CPU processes share costs it O(N) per walk, so on a host running it the
+    kernel's own share of a bring-up grows as N^2, outside smpd's processes."""
+    total, seen = 0.0, False
+    for p in psutil.process_iter(["name"]):
+        if (p.info["name"] or "").startswith("kdamond"):
+            try:
+                total += int(open(f"/proc/{p.pid}/schedstat").read().split()[0]) / 1e9
+                seen = True
+            except OSError:
+                pass
+    return total if seen else None
+
+
+def bench_bringup(rec: Record, sizes: list[int], repeats: int, up_args: list[str]) -> None:
     for n in sizes:
-        walls, coords, statuses, downs = [], [], [], []
+        walls, coords, statuses, downs, damon = [], [], [], [], []
         for _ in range(repeats if n <= 256 else 1):
+            k0 = _kdamond_s()
             t0 = time.perf_counter()
-            smpd("up", "--cpus", str(n), "--watch", "adaptive")
+            smpd("up", "--cpus", str(n), "--watch", "adaptive", *up_args)
             walls.append((time.perf_counter() - t0) * 1e3)
+            if k0 is not None:
+                damon.append(_kdamond_s() - k0)
             coords.append(lifecycle.require(NAME).request("status")["machine"]["bringup_ms"])
             for _ in range(3):
                 t0 = time.perf_counter()
@@ -76,6 +96,8 @@ def bench_bringup(rec: Record, sizes: list[int], repeats: int) -> None:
         rec.add(f"bring-up {n} CPUs (coordinator: segment created to all online)", "ms", coords)
         rec.add(f"status {n} CPUs (smpd status, wall)", "ms", statuses)
         rec.add(f"down {n} CPUs (smpd down, wall)", "ms", downs)
+        if damon:
+            rec.add(f"host kdamond CPU during bring-up {n} (not smpd's)", "s", damon)
 
 
 def bench_idle(rec: Record, watch: str, window_s: float) -> None:
@@ -141,6 +163,8 @@ def main() -> None:
     ap.add_argument("--only", choices=("bringup", "idle", "hotpath"), default=None)
     ap.add_argument("--window", type=float, default=5.0, help="seconds of idle-cost sampling (default 5)")
     ap.add_argument("--record", default=None, help="where the JSON record goes [bench/records/...]")
+    ap.add_argument("--config", default=None,
+                    help="a config for `smpd up` (e.g. [host] memory_share = 0.85 for 4096 CPUs on 24 GiB)")
     args = ap.parse_args()
     repeats = 3 if args.quick else 5
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [64, 256] if args.quick else [64, 256, 1024]
@@ -149,7 +173,7 @@ def main() -> None:
     rec = Record("bench_machine")
     try:
         if args.only in (None, "bringup"):
-            bench_bringup(rec, sizes, repeats)
+            bench_bringup(rec, sizes, repeats, ["--config", args.config] if args.config else [])
         if args.only in (None, "idle"):
             bench_idle(rec, "adaptive", args.window)
             bench_idle(rec, "spin", args.window)

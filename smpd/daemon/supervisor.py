@@ -42,7 +42,7 @@ from smpd.errors import CpuLost, HostTooSmall, MachineAlreadyUp, SmpdError, Time
 from smpd.host import hostinfo, names
 from smpd.host.proc import set_process_name
 from smpd.kernel.cpu import cpu_main
-from smpd.kernel import boot as kboot
+from smpd.kernel import boot as kboot, image
 from smpd.machine import layout as L
 from smpd.machine.bus import Bus
 from smpd.machine.mailbox import Mailbox
@@ -132,6 +132,7 @@ class Coordinator:
         budget = (self.cfg.get("timeouts", "bringup_ms")
                   + self.cfg.get("timeouts", "bringup_ms_per_cpu") * self.ncpus) / 1000
         self.start_aps(gen1, budget, "bring-up")
+        image.keep_images()  # the CPUs are forked: the coordinator's heap may grow now
         bringup_ns = time.monotonic_ns() - t0
         seg.set_hdr("bringup_ns", bringup_ns)
         self.server = channel.Server(names.socket_address(self.name, seg.hdr_str("channel")), seg.hdr("authkey"))

@@ -34,12 +34,35 @@ def tag_bytes(generation: int, region: Region, index: int) -> bytes:
     return TAG.pack(TAG_MAGIC, generation, region, 0, index)
 
 
+# A page's image costs a SHAKE-256 of 4 KiB (~10 us), and a soak trial writes and verifies the
+# same ones again and again (a reset's power-on and generation 1, the kexec's generation 2):
+# the coordinator keeps them, up to KEPT_PAGES, once it has forked its CPU processes (a bigger
+# heap before then would make every fork copy more page tables). Not evicted: RAM is written
+# in address order, where an LRU smaller than RAM would never hit.
+KEPT_PAGES = 16384  # 64 MiB
+_kept: dict[tuple[int, int, Region, int], bytes] = {}
+_keeping = False
+
+
+def keep_images() -> None:
+    """From now on, page_image() keeps what it computes (up to KEPT_PAGES pages)."""
+    global _keeping
+    _keeping = True
+
+
 def page_image(seed: int, generation: int, region: Region, index: int) -> bytes:
-    tag = tag_bytes(generation, region, index)
-    if region in _ZERO_BODY:
-        return tag + bytes(L.PAGE - TAG.size)
-    body = hashlib.shake_256(f"{seed}:{generation}:{region.name}:{index}".encode()).digest(L.PAGE - TAG.size)
-    return tag + body
+    key = (seed, generation, region, index)
+    image = _kept.get(key)
+    if image is None:
+        tag = tag_bytes(generation, region, index)
+        if region in _ZERO_BODY:
+            image = tag + bytes(L.PAGE - TAG.size)
+        else:
+            image = tag + hashlib.shake_256(f"{seed}:{generation}:{region.name}:{index}".encode()).digest(
+                L.PAGE - TAG.size)
+        if _keeping and len(_kept) < KEPT_PAGES:
+            _kept[key] = image
+    return image
 
 
 def write_pages(bus, seed: int, generation: int, pages: Iterable[tuple[int, Region, int]]) -> int:

@@ -54,7 +54,9 @@ class Relocation:
         """One page of the new kernel through the bus; a write that wakes a monitor is recorded
         with the line it hit (which write hit which line: the evidence the maps explain)."""
         d, base = self.seg.u16, self.seg.geo.dir_off // L.DIR_ENTRY + page * L.LINES_PER_PAGE
-        watchers = [(i, d[base + i] - 1) for i in range(L.LINES_PER_PAGE) if d[base + i]]
+        owners = d[base:base + L.LINES_PER_PAGE]
+        unwatched = owners.tobytes().count(0) == 2 * L.LINES_PER_PAGE  # (as the bus checks a write's lines)
+        watchers = [] if unwatched else [(i, o - 1) for i, o in enumerate(owners) if o]
         at = time.monotonic_ns()  # the write's time: before the wake-ups it causes
         woke = self.bus.write(page_addr(page), image.page_image(seed, self.new.gen, region, index))
         if woke and len(self.waking) < MAX_WAKING:
@@ -112,7 +114,7 @@ class Relocation:
         for page, region, index in self.new.pages():
             want = image.page_image(seed, self.new.gen, region, index)
             off = self.seg.geo.mem_off + page * L.PAGE
-            have = self.seg.buf[off:off + L.PAGE]
+            have = self.seg.buf[off:off + L.PAGE].tobytes()  # bytes == bytes is a memcmp; a memoryview's is not
             if have == want:
                 continue
             for w in range(0, L.PAGE, 4):

@@ -157,6 +157,7 @@ class CtxCounter:
 
     def __init__(self, pids: list[int]):
         self.last: dict[int, int] = {}
+        self.procs: dict[int, psutil.Process] = {}  # one lookup per pid, not one per trial
         self.pids = pids
         self.delta()
 
@@ -164,7 +165,8 @@ class CtxCounter:
         n = 0
         for pid in self.pids:
             try:
-                now = psutil.Process(pid).num_ctx_switches().involuntary
+                p = self.procs.get(pid) or self.procs.setdefault(pid, psutil.Process(pid))
+                now = p.num_ctx_switches().involuntary
             except psutil.Error:
                 continue
             n += now - self.last.get(pid, now)

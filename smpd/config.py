@@ -119,7 +119,7 @@ SCHEMA: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "firmware": {"smi_auto_halt_restart": _bool, "smm_hangs_with_cpus_in_init": _bool},
     "watch": {
         "strategy": _choice(*WATCH_STRATEGIES),
-        "spin_budget_us": _int_range(0, 1_000_000),
+        "spin_budget_us": _auto_or(_int_range(0, 1_000_000)),
         "spurious_per_s": _float_range(0, 100_000),
         "hot_path": _choice(*HOT_PATHS),
     },

@@ -48,7 +48,7 @@ def test_up_rejects_bad_arguments_before_creating_anything(machine_name, args, s
 
 @pytest.mark.parametrize("body, says", [
     ("[machine]\ncpuz = 4\n", "unknown key 'cpuz' in [machine]"),
-    ('[watch]\nspin_budget_us = "fast"\n', "watch.spin_budget_us = 'fast' is invalid; expected an integer"),
+    ('[watch]\nspin_budget_us = "fast"\n', "watch.spin_budget_us = 'fast' is invalid; expected \"auto\" or an integer"),
 ])
 def test_up_rejects_a_bad_config_file(machine_name, tmp_path, body, says):
     f = tmp_path / "c.toml"

@@ -49,6 +49,7 @@ from smpd.machine.mailbox import Mailbox
 from smpd.machine.segment import Segment, SegmentExists, unlink
 
 _ctx = multiprocess.get_context("fork")
+SPIN_BUDGET_US = 50  # [watch] spin_budget_us = "auto" where the CPU processes fit the host's cores
 
 
 class Coordinator:
@@ -97,7 +98,7 @@ class Coordinator:
             ("state", L.MachineState.CREATING), ("generation", 1), ("seed", self.seed),
             ("watch", L.Watch.SPIN if self.watch == "spin" else L.Watch.ADAPTIVE),
             ("boot_ns", t0), ("boot_wall", time.time()),
-            ("spin_budget_ns", self.cfg.get("watch", "spin_budget_us") * 1000),
+            ("spin_budget_ns", self._spin_budget_us() * 1000),
             ("spurious_per_s", float(self.cfg.get("watch", "spurious_per_s"))),
             ("authkey", secrets.token_bytes(32)), ("channel", secrets.token_hex(16).encode()),
             ("coordinator_sid", os.getsid(0)),
@@ -147,6 +148,16 @@ class Coordinator:
             "kernel": self.boot1.text(), "generation": 1,
             "online": sum(1 for c in range(self.ncpus) if seg.cb(c, "hotplug") == L.Hotplug.ONLINE),
         }
+
+    def _spin_budget_us(self) -> int:
+        """[watch] spin_budget_us; "auto": SPIN_BUDGET_US when the CPU processes and the coordinator
+        fit the host's cores, else 0. On fewer cores a CPU that spins after each wake-up holds a
+        core the waker needs: a 64-CPU soak on 2 cores spent 40% of its CPU processes' host time
+        spinning (85 ms a trial, 53 without; 11.3 -> 14.5 trials/s)."""
+        asked = self.cfg.get("watch", "spin_budget_us")
+        if asked != "auto":
+            return asked
+        return SPIN_BUDGET_US if self.ncpus <= len(hostinfo.allowed_cores()) else 0
 
     def start_aps(self, m, budget: float, what: str) -> dict:
         """Kernel ``m`` starts the APs its boot parameters keep (smpd.kernel.boot); a CPU that does

@@ -43,6 +43,13 @@ def test_bench_kick_records_every_kick_and_reparks_the_cpus(parked4, tmp_path):
         assert d["hw_rtt_ns"] > 0 and d["ratio_p50"] == pytest.approx(d["rtt_ns"]["p50"] / d["hw_rtt_ns"], rel=0.01)
     else:
         assert d["hw_rtt_ns"] is None and floor["why"]
+    # An adaptive machine: the round trip is also read against the host's wake-up floor.
+    wake = d["wake_floor"]
+    if wake["available"]:
+        assert "wake-up floor" in r.stdout and wake["rtt_min_ns"] <= wake["rtt_ns"] <= wake["rtt_p99_ns"]
+        assert d["ratio_wake_p50"] == pytest.approx(d["rtt_ns"]["p50"] / d["wake_rtt_ns"], rel=0.01)
+    else:
+        assert d["wake_rtt_ns"] is None and wake["why"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Every target is parked again, through mwait_play_dead(), once per round.
     s = parked4.status()

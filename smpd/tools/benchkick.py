@@ -117,9 +117,12 @@ class Run:
                 f"p99 {self.rtt.get_value_at_percentile(99) / 1e3:.1f} us, "
                 f"max {self.rtt.get_max_value() / 1e3:.1f} us; over budget {self.exceeded}")
 
-    def report(self, floor: dict) -> dict:
+    def report(self, floor: dict, wake_floor: dict | None = None) -> dict:
+        """``floor``: the cache-line ping-pong; ``wake_floor`` (an adaptive machine's): the same
+        round trip to a process asleep in sigwaitinfo, which a kick of a sleeping CPU pays."""
         one_way, rtt = summary(self.one_way), summary(self.rtt)
         hw = floor.get("rtt_ns") if floor.get("available") else None
+        wake = (wake_floor or {}).get("rtt_ns") if (wake_floor or {}).get("available") else None
         per_cpu = {}
         for cpu in self.targets:
             per_cpu[str(cpu)] = {
@@ -137,6 +140,8 @@ class Run:
             "kernel_rounds": summary(self.kernel_rounds),
             "hw_rtt_ns": hw, "hw_floor": floor,
             "ratio_p50": round(rtt["p50"] / hw, 2) if hw and rtt.get("count") else None,
+            "wake_floor": wake_floor, "wake_rtt_ns": wake,
+            "ratio_wake_p50": round(rtt["p50"] / wake, 2) if wake and rtt.get("count") else None,
             # One way is one cache-line transfer: compare it with half the round-trip floor.
             "ratio_one_way_p50": round(one_way["p50"] / (hw / 2), 2) if hw and one_way.get("count") else None,
             "budget_ns": self.budget_ns, "delay_ns": self.delay_ns,
@@ -152,6 +157,13 @@ class Run:
 
 def measure_floor() -> dict:
     return hwfloor.measure()
+
+
+WAKE_ITERATIONS = 2000  # 300 us apart: ~0.7 s
+
+
+def measure_wake_floor() -> dict:
+    return hwfloor.measure(WAKE_ITERATIONS, wake=True)
 
 
 def write_json(path: str, report: dict) -> None:

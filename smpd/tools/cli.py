@@ -702,6 +702,9 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
     cpus = check["targets"]
     out = Console(stderr=True)
     floor = benchkick.measure_floor()
+    # An adaptive CPU sleeps until its doorbell: its kick also pays a process wake-up, floored too.
+    adaptive = lifecycle.require(name).request("status", brief=True)["machine"]["watch"] == "adaptive"
+    wake_floor = benchkick.measure_wake_floor() if adaptive else None
     run = benchkick.Run(targets=cpus)
     run.pids = {int(c): p for c, p in check["pids"].items()}
     run.sample_ctx(run.ctx_before)
@@ -724,7 +727,7 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
             interrupted = True
     run.seconds = benchkick.elapsed(t0)
     run.sample_ctx(run.ctx_after)
-    report = benchkick.Run.report(run, floor)
+    report = benchkick.Run.report(run, floor, wake_floor)
     report["interrupted"] = interrupted
     if json_file:
         benchkick.write_json(json_file, report)

@@ -1,21 +1,35 @@
 /*
- * The physical floor of a kick: one cache line's round trip between two host cores.
+ * The physical floors of a kick, measured on this host in the same run.
  *
+ * hwfloor CORE_A CORE_B ITERATIONS — one cache line's round trip between two host cores.
  * Thread A (on CORE_A) stores i into `ping` and spins until `pong` says i; thread B
  * (on CORE_B) spins until `ping` says i and stores it into `pong`. Each line sits
  * alone on its own 64-byte cache line, so every round trip moves exactly two lines
  * between the cores: what a kick (control write, status acknowledgement) costs the
  * hardware when nothing else is in the way.
  *
- * usage: hwfloor CORE_A CORE_B ITERATIONS    (prints p50, p99 and min in ns)
- * smpd builds and runs it on the fly (smpd/tools/hwfloor.py) when a C compiler exists.
+ * hwfloor wake CORE_A CORE_B ITERATIONS — the same round trip to a *sleeping* process:
+ * process A (on CORE_A) stores i into `ping` (a shared page), sends SIGURG to process B
+ * (on CORE_B), which sleeps in sigwaitinfo(), and spins until B's `pong` says i. B wakes,
+ * reads ping, stores pong and sleeps again; A lets it fall asleep before the next round.
+ * That is exactly what smpd's adaptive watch costs the host on a kick of a sleeping CPU
+ * (smpd.machine.bus: the bus rings the CPU's doorbell, SIGURG, and the kicker spins on
+ * its status): one process wake-up across cores plus the two lines.
+ *
+ * Each prints p50, p99 and min in ns. smpd builds and runs it on the fly
+ * (smpd/tools/hwfloor.py) when a C compiler exists.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 struct line {
@@ -60,21 +74,16 @@ static int cmp(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
-int main(int argc, char **argv)
+static void report(long *rtt)
+{
+	qsort(rtt, iters, sizeof(*rtt), cmp);
+	printf("rtt_ns_p50 %ld\nrtt_ns_p99 %ld\nrtt_ns_min %ld\n", rtt[iters / 2], rtt[iters * 99 / 100], rtt[0]);
+}
+
+static int line_floor(int a, int b, long *rtt)
 {
 	pthread_t t;
-	long *rtt;
-	int a, b;
 
-	if (argc != 4) {
-		fprintf(stderr, "usage: %s CORE_A CORE_B ITERATIONS\n", argv[0]);
-		return 2;
-	}
-	a = atoi(argv[1]);
-	b = atoi(argv[2]);
-	iters = atol(argv[3]);
-	if (iters < 1 || !(rtt = malloc(iters * sizeof(*rtt))))
-		return 2;
 	pthread_create(&t, NULL, responder, &b);
 	pin(a);
 	for (long i = 1; i <= iters; i++) {
@@ -86,7 +95,79 @@ int main(int argc, char **argv)
 		rtt[i - 1] = now_ns() - t0;
 	}
 	pthread_join(t, NULL);
-	qsort(rtt, iters, sizeof(*rtt), cmp);
-	printf("rtt_ns_p50 %ld\nrtt_ns_p99 %ld\nrtt_ns_min %ld\n", rtt[iters / 2], rtt[iters * 99 / 100], rtt[0]);
+	return 0;
+}
+
+static void pause_us(long us)
+{
+	long end = now_ns() + us * 1000;
+
+	while (now_ns() < end)
+		;
+}
+
+static int wake_floor(int a, int b, long *rtt)
+{
+	struct line *shared = mmap(NULL, 2 * sizeof(struct line), PROT_READ | PROT_WRITE,
+				   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	struct line *sping = &shared[0], *spong = &shared[1];
+	sigset_t urg;
+	pid_t child;
+	int status;
+
+	if (shared == MAP_FAILED)
+		return 2;
+	sigemptyset(&urg);
+	sigaddset(&urg, SIGURG);
+	sigprocmask(SIG_BLOCK, &urg, NULL);	/* both: SIGURG waits for sigwaitinfo */
+	child = fork();
+	if (child < 0)
+		return 2;
+	if (child == 0) {
+		pin(b);
+		for (long i = 1; i <= iters; i++) {
+			siginfo_t si;
+
+			while (atomic_load_explicit(&sping->v, memory_order_acquire) != i)
+				sigwaitinfo(&urg, &si);
+			atomic_store_explicit(&spong->v, i, memory_order_release);
+		}
+		_exit(0);
+	}
+	pin(a);
+	for (long i = 1; i <= iters; i++) {
+		long t0;
+
+		pause_us(300);	/* B is back in sigwaitinfo(): asleep, as a parked CPU is */
+		t0 = now_ns();
+		atomic_store_explicit(&sping->v, i, memory_order_release);
+		kill(child, SIGURG);
+		while (atomic_load_explicit(&spong->v, memory_order_acquire) != i)
+			;
+		rtt[i - 1] = now_ns() - t0;
+	}
+	waitpid(child, &status, 0);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	int wake = argc == 5 && !strcmp(argv[1], "wake");
+	long *rtt;
+	int a, b, rc;
+
+	if (argc != 4 && !wake) {
+		fprintf(stderr, "usage: %s [wake] CORE_A CORE_B ITERATIONS\n", argv[0]);
+		return 2;
+	}
+	a = atoi(argv[1 + wake]);
+	b = atoi(argv[2 + wake]);
+	iters = atol(argv[3 + wake]);
+	if (iters < 1 || !(rtt = malloc(iters * sizeof(*rtt))))
+		return 2;
+	rc = wake ? wake_floor(a, b, rtt) : line_floor(a, b, rtt);
+	if (rc)
+		return rc;
+	report(rtt);
 	return 0;
 }

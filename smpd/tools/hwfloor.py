@@ -1,4 +1,5 @@
-"""The host's own cache-line round trip between two cores, measured in the same run.
+"""The host's own floors, measured in the same run: a cache-line round trip between two cores,
+and the same round trip to a sleeping process (a signal wake-up), for the adaptive watch.
 
 smpd/tools/hwfloor.c is compiled on the fly when a C compiler exists, into a fresh
 private directory (mkdtemp: 0700, ours, made for this run) and run from there; the
@@ -23,7 +24,10 @@ from smpd.host.proc import die_with_parent
 SOURCE = Path(__file__).resolve().parent / "hwfloor.c"  # ships in the package: a wheel measures too
 
 
-def measure(iterations: int = 200_000) -> dict:
+def measure(iterations: int = 200_000, wake: bool = False) -> dict:
+    """The host's floor: a cache line's round trip between two cores (hwfloor.c), or with
+    ``wake`` the same round trip to a process asleep in sigwaitinfo() woken by SIGURG, what an
+    adaptive CPU's kick costs the host (each round then lets the sleeper settle for 300 us)."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         return {"available": False, "why": "needs two host cores; this process may use one"}
@@ -40,8 +44,8 @@ def measure(iterations: int = 200_000) -> dict:
             return {"available": False, "why": f"{cc} could not build {SOURCE.name}: {r.stderr.strip()[:200]}"}
         a, b = cores[0], cores[-1]
         try:
-            r = subprocess.run([exe, str(a), str(b), str(iterations)], capture_output=True, text=True,
-                               timeout=120, preexec_fn=die_with_parent)
+            r = subprocess.run([exe, *(["wake"] if wake else []), str(a), str(b), str(iterations)],
+                               capture_output=True, text=True, timeout=120, preexec_fn=die_with_parent)
         except subprocess.TimeoutExpired:
             return {"available": False, "why": "the ping-pong did not finish within 120 s (host too loaded)"}
     if r.returncode:

@@ -385,6 +385,13 @@ def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
                  f"p50 {f['rtt_ns']} ns (p99 {f['rtt_p99_ns']} ns, min {f['rtt_min_ns']} ns)\n")
     else:
         t.append(f"hardware floor: unavailable ({f['why']})\n", style="yellow")
+    w = r.get("wake_floor")
+    if w and w.get("available"):
+        t.append(f"wake-up floor: the same round trip to a process asleep in sigwaitinfo(), woken by SIGURG (an "
+                 f"adaptive CPU's doorbell): p50 {_ns(w['rtt_ns'])} (p99 {_ns(w['rtt_p99_ns'])}, min "
+                 f"{_ns(w['rtt_min_ns'])}); round trip p50 / wake-up floor: {r['ratio_wake_p50']}x\n")
+    elif w:
+        t.append(f"wake-up floor: unavailable ({w['why']})\n", style="yellow")
     tab = Table(box=None, header_style="bold", pad_edge=False)
     keys = ("min", "p50", "p90", "p99", "p999", "max")
     for col in ("", "min", "p50", "p90", "p99", "p99.9", "max", "p50 / floor*"):

@@ -23,6 +23,11 @@ import subprocess
 import sys
 import time
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from record import Record  # noqa: E402
+
 NAME = f"benchc{os.getpid() % 100000}"
 
 
@@ -56,13 +61,14 @@ def run(cpus: int, seeds: int) -> dict:
                 first_write[key] = first_write.get(key, 0) + 1
         fixed: dict[str, int] = {}
         odd: list[str] = []
-        t_chain, links_run = 0.0, 0
+        t_chain, links_run, chain_rates = 0.0, 0, []
         for seed in range(seeds):
             smpd("reset")
             t0 = time.monotonic()
             r = chain("6.6", seed)
             t_chain += time.monotonic() - t0
             links_run += len(r["links"])
+            chain_rates.append(len(r["links"]) / (time.monotonic() - t0))
             for link in r["links"]:
                 fixed[link["outcome"]] = fixed.get(link["outcome"], 0) + 1
                 if link["outcome"] != "CLEAN":
@@ -71,12 +77,16 @@ def run(cpus: int, seeds: int) -> dict:
                                                           if link["host_faults"] else ""))
         smpd("reset")
         t0 = time.monotonic()
+        single_rates = []
         for seed in range(seeds):
+            t1 = time.monotonic()
             smpd("kexec", "--kernel", "6.6", "--seed", str(seed), ok=(0, 1))
             smpd("reset")
+            single_rates.append(1 / (time.monotonic() - t1))
         t_single = time.monotonic() - t0
         return {"cpus": cpus, "seeds": seeds, "survive": survive, "first_write": first_write, "fixed": fixed, "odd": odd,
-                "chain_links_per_s": links_run / t_chain, "single_kexec_reset_per_s": seeds / t_single}
+                "chain_links_per_s": links_run / t_chain, "single_kexec_reset_per_s": seeds / t_single,
+                "chain_rates": chain_rates, "single_rates": single_rates}
     finally:
         smpd("down")
 
@@ -85,8 +95,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--cpus", type=int, nargs="*", default=[16, 64])
+    ap.add_argument("--record", default=None, help="where the JSON record goes [bench/records/...]")
     args = ap.parse_args()
     rows = [run(c, args.seeds) for c in args.cpus]
+    rec = Record("bench_chain")
+    for r in rows:
+        rec.add(f"{r['cpus']} CPUs: 6.6 chain of 5, links/s (one chain, CLI round trips included)", "links/s",
+                r["chain_rates"])
+        rec.add(f"{r['cpus']} CPUs: smpd kexec + smpd reset per second (one pair)", "1/s", r["single_rates"])
+        rec.add(f"{r['cpus']} CPUs: pre-fix chains whose link 2 survived", "chains", [r["survive"][2]])
     print("pre-fix, nosmt, no KASLR: chains of 5 from a power-on; 6.6: the same; speed: CLI round trips included")
     print(f"{'CPUs':>5}{'seeds':>7}{'link1 ok':>10}{'link2 ok':>10}  {'6.6 links':<26}"
           f"{'chain links/s':>14}{'kexec+reset/s':>15}")
@@ -100,6 +117,7 @@ def main() -> None:
                   f"write: {write} -> a {line} line")
         for line in r["odd"]:
             print(line)
+    rec.finish(args.record)
 
 
 if __name__ == "__main__":

@@ -310,3 +310,21 @@ def test_down_force_stops_the_coordinator_of_a_segment_it_cannot_read(machine_na
     assert "removed segment" in r.stdout
     wait_until(lambda: not lifecycle.is_coordinator(s["pid"], m.live.ctime), what="the coordinator to stop")
     assert not os.path.exists(names.segment_path(machine_name))
+
+
+def test_a_coordinator_started_with_sigchld_ignored_still_reaps_its_cpus_itself(machine_name):
+    """A parent that ignores SIGCHLD hands that on through exec: the kernel would reap each CPU
+    process the moment it died, the coordinator would not see it die (waitpid: ECHILD), and its
+    pid would be free for anyone's next process while `smpd down` still held it for a SIGKILL.
+    The coordinator restores the default: a CPU killed from outside is found GONE."""
+    r = run_smpd("up", "--cpus", "3", "--watch", "adaptive", name=machine_name,
+                 preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
+    assert r.returncode == 0
+    try:
+        live = lifecycle.require(machine_name)
+        pid = live.request("status")["cpus"][2]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: live.request("status")["cpus"][2]["state"] == "GONE", 30, "CPU 2 found GONE")
+        assert live.request("status")["cpus"][2]["pid"] == 0  # never a doorbell at a recycled pid
+    finally:
+        lifecycle.down(machine_name)

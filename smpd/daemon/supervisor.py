@@ -241,6 +241,8 @@ class Coordinator:
         """``ipi_wait`` for requests that must not half-succeed: raise naming the CPUs that failed."""
         results, missing = self.ipi_wait(cpus, cmd, timeout_s)
         dead = [c for c in missing if not self.procs[c].is_alive()]
+        for c in dead:
+            self._mark_gone(c)  # reaped just now: its pid may be anyone's next
         if dead:
             c = dead[0]
             raise CpuLost(f"{what}: CPU{c} (pid {self.procs[c].pid}) died with exit code {self.procs[c].exitcode}; "
@@ -365,6 +367,10 @@ def main(argv: list[str] | None = None) -> None:
 def run(spec: dict, up_client: UpClient | None = None, on_ready: Callable[[dict], None] | None = None) -> int:
     """Boot, report readiness (to `up` or ``on_ready``), serve, shut down. Exit status."""
     set_process_name(COORDINATOR_COMM)  # what smpd.trust looks for before it signals us
+    # A CPU process stays our zombie until we reap it, so its pid is its own until then (shutdown
+    # SIGKILLs by pid): a SIGCHLD ignored by whoever started us would have the kernel reap it at
+    # once, and its pid be free for anyone's next process.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     stopping.watch_up(up_client)
     cfg = Config(spec["config"])
     old = {s: signal.signal(s, stopping.on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}

@@ -11,15 +11,21 @@ Every latency is also shown as a ratio to the C cache-line ping-pong floor of
 the same run. "whole kick" is `smpd kick` of every target, WHOLE times (with a
 `smpd reset` between): the median and the worst, and how many CPUs were stuck.
 
-What each floor is. The cache-line floor (hwfloor.c) moves two lines between two cores:
-ping out, pong back. A spin kick moves the same two: the coordinator's store to
-mwait_cpu_dead.control (the line the CPU's MONITOR watches: in smpd, the bus also raises
-the CPU's wake word, a second line the CPU polls, which is the difference) and the CPU's
-store to .status, which the kicker polls. An adaptive CPU asleep in sigwaitinfo() pays a
-process wake-up besides (the bus rings its doorbell, SIGURG): the wake-up floor is that
-same round trip to a sleeping process (hwfloor.c wake), and adaptive rows are read
-against it. The kernel kicks CPUs one after another, so a whole kick of N sleeping CPUs
-cannot beat N wake-up floors: the last column says how far above that it is.
+What each floor is. The cache-line floor (hwfloor.c) is the host's coherence floor: ping
+goes to the other core, pong comes back, two line transfers. A kick moves one line there
+and back: the coordinator stores mwait_cpu_dead.control, the CPU reads it and stores
+.status in the same 8-byte struct, the kicker polls .status; about the same cost (smpd's
+bus also raises the CPU's wake word, a second line the CPU polls: that is the difference).
+Neither includes what real MWAIT adds: the exit from the C-state mwait_play_dead() asks
+for. An adaptive CPU asleep in sigwaitinfo() pays a process wake-up besides (the bus rings
+its doorbell, SIGURG): the wake-up floor is the same round trip to a process that sleeps
+(hwfloor.c wake, cold: 300 us idle first, the two on different cores). It is a reference,
+not a bound: a wake-up on a core that is not idle yet, or a hand-off on the same core, beats
+it. The kernel kicks one CPU at a time (for each offline CPU: store, then up to 1000 rounds
+of udelay(5) for its status), so a whole kick costs about the sum of its CPUs' round trips:
+the last column is its median over targets x the wake-up floor. The adaptive rows of one
+target run 2-CPU machines, which fit a 2-core host: their CPUs spin 50 us after each re-park
+([watch] spin_budget_us = "auto") and most of their kicks find them spinning, not asleep.
 
 Read against the issue's targets: spin, one target, pinned, idle host: round-trip
 p50 within 1.3x of the floor; adaptive, 63 targets: the whole kick's worst of 20
@@ -126,8 +132,8 @@ def main() -> None:
             print(f"  done: {hot} {watch} x{targets} {'loaded' if loaded else 'idle'}", file=sys.stderr, flush=True)
     print("floor = the C cache-line ping-pong of the same row; >5ms = share of kicks over the kernel's "
           f"budget; whole kick = `smpd kick` of every target, {WHOLE} times: median / worst, CPUs stuck in all")
-    print("wake = the wake-up floor (a round trip to a process asleep in sigwaitinfo), adaptive rows only; "
-          "whole/(n x wake) = the whole kick's median over targets x the wake-up floor")
+    print("wake = the wake-up floor (a cold round trip to a process asleep in sigwaitinfo; a reference, not a "
+          "bound), adaptive rows only; whole/(n x wake) = the whole kick's median over targets x that floor")
     head = (f"{'hot':<7}{'watch':<9}{'targets':>7}  {'host':<7}{'kicks':>6}  {'rtt p50':>9} {'p99':>9} {'max':>9}"
             f"  {'floor':>6}  {'p50/floor':>9}  {'wake':>8}  {'p50/wake':>8}  {'>5ms':>6}  {'whole kick':>16}"
             f"  {'whole/(n x wake)':>16}  stuck")

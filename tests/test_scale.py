@@ -3,9 +3,12 @@ nothing. Behaviour only: how long each step takes is bench/bench_machine.py's bu
 
 from __future__ import annotations
 
+import os
+
 import psutil
 
 from conftest import run_smpd, wait_until
+from smpd.host import names
 from smpd.machine import layout as L
 
 N = 1024
@@ -16,6 +19,7 @@ def test_a_1024_cpu_machine_comes_up_parks_is_kicked_and_goes_down_leaving_nothi
     cfg.write_text("[kick]\nrounds = 1000000\n")
     m = machine(N, "--watch", "adaptive", "--config", str(cfg))
     s = m.status()
+    coordinator, janitor = s["machine"]["pid"], s["machine"]["janitor_pid"]
     assert s["machine"]["cpus"] == N and s["machine"]["online"] == N
     assert {c["state"] for c in s["cpus"]} == {"RUNNING"}
     pids = [c["pid"] for c in s["cpus"][1:]]
@@ -35,10 +39,26 @@ def test_a_1024_cpu_machine_comes_up_parks_is_kicked_and_goes_down_leaving_nothi
     assert {c["state"] for c in cpus} == {"HLT"}
     assert {c["mwait_cpu_dead"]["status"] for c in cpus} == {L.CPUDEAD_MWAIT_KEXEC_HLT}
 
-    # Many CPUs: the human status lists the CPUs of each state, without a cell for each.
+    # Many CPUs: the human status lists the CPUs of each state, without a cell for each, and the
+    # CPUs of each interrupt, every one of them (an NMI ends HLT; the CPU halts again).
+    m.request("inject", kind="nmi", cpus=f"2,{N - 24}")
     out = run_smpd("status", name=m.name).stdout
     assert f"HLT            CPU 1-{N - 1}" in out and "RUNNING        CPU 0" in out
+    assert f"NMI            taken by CPU 2,{N - 24}" in out
     assert "RUN=RUNNING" not in out  # the grid's legend: no grid
 
     m.down()
-    wait_until(lambda: not any(psutil.pid_exists(p) for p in pids) or None, 30, "every CPU process gone")
+    # `smpd down` returns once the coordinator is gone, its segment with it (the fixture's own
+    # clean-up would hide a segment left behind, so look now); every CPU process it killed and
+    # reaped, and its janitor, are gone too.
+    assert not os.path.exists(names.segment_path(m.name))
+    assert _gone(coordinator)
+    wait_until(lambda: all(_gone(p) for p in [janitor, *pids]) or None, 30, "the janitor and every CPU process gone")
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie its parent (init, for the daemons) has not reaped yet."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

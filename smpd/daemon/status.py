@@ -23,10 +23,12 @@ def _interrupts(seg: Segment, cpu: int) -> dict:
                 "held": seg.cb(cpu, f"{k}_held")} for k in L.IRQ_CODE}
 
 
-def _brief(seg: Segment, cpu: int) -> dict:
+def _brief(seg: Segment, cpu: int, current: int) -> dict:
     """What the many-CPU view shows of a CPU (smpd.tools.render.cpu_grid): no host facts, no maps."""
     return {"cpu": cpu, "state": L.ExecState(seg.cb(cpu, "state")).name,
-            "hotplug": L.Hotplug(seg.cb(cpu, "hotplug")).name.lower(), "interrupts": _interrupts(seg, cpu)}
+            "hotplug": L.Hotplug(seg.cb(cpu, "hotplug")).name.lower(), "interrupts": _interrupts(seg, cpu),
+            # the kernel it runs or sits parked in (as Generations.of_cpu)
+            "generation": (seg.cb(cpu, "cpu_gen") if cpu else 0) or current}
 
 
 def _full(seg: Segment, gens: Generations, cpu: int) -> dict:
@@ -69,7 +71,7 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None, brief: bo
     now = time.monotonic_ns()
     gens = Generations(seg)
     current = gens.current()
-    cpus = [_brief(seg, cpu) if brief else _full(seg, gens, cpu) for cpu in range(geo.ncpus)]
+    cpus = [_brief(seg, cpu, current.gen) if brief else _full(seg, gens, cpu) for cpu in range(geo.ncpus)]
     states: dict[str, int] = {}
     for c in cpus:
         states[c["state"]] = states.get(c["state"], 0) + 1
@@ -79,6 +81,7 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None, brief: bo
         "watch_reason": seg.hdr_str("watch_reason"), "pin": seg.hdr_str("pin"),
         "hot_path": "c" if seg.hdr("hot_path") == L.HotPath.C else "python",
         "hot_path_reason": seg.hdr_str("hot_path_reason"), "spin_yields": bool(seg.hdr("spin_yields")),
+        "spin_budget_us": seg.hdr("spin_budget_ns") // 1000,
         "seed": seg.hdr("seed"), "generation": current.gen, "kernel": current.boot.text(),
         "flavour": current.boot.flavour, "memory": current.summary(), "ram_pages": geo.ram_pages,
         "state": L.MachineState(seg.hdr("state")).name, "uptime_s": (now - seg.hdr("boot_ns")) / 1e9,

@@ -142,7 +142,7 @@ class Coordinator:
             "name": self.name, "pid": os.getpid(), "cpus": self.ncpus, "watch": self.watch,
             "watch_reason": self.watch_reason, "pin": self.pin, "seed": self.seed,
             "hot_path": self.hot_path, "hot_path_reason": self.hot_path_reason,
-            "spin_yields": bool(seg.hdr("spin_yields")),
+            "spin_yields": bool(seg.hdr("spin_yields")), "spin_budget_us": seg.hdr("spin_budget_ns") // 1000,
             "segment": seg.name, "segment_bytes": geo.size, "bringup_ms": bringup_ns / 1e6,
             "sipi_to_online_ms": (time.monotonic_ns() - t_sipi) / 1e6,
             "kernel": self.boot1.text(), "generation": 1,

@@ -139,9 +139,9 @@ class Run:
             "one_way_ns": one_way, "rtt_ns": rtt,
             "kernel_rounds": summary(self.kernel_rounds),
             "hw_rtt_ns": hw, "hw_floor": floor,
-            "ratio_p50": round(rtt["p50"] / hw, 2) if hw and rtt.get("count") else None,
+            "ratio_p50": round(rtt["p50"] / hw, 4) if hw and rtt.get("count") else None,
             "wake_floor": wake_floor, "wake_rtt_ns": wake,
-            "ratio_wake_p50": round(rtt["p50"] / wake, 2) if wake and rtt.get("count") else None,
+            "ratio_wake_p50": round(rtt["p50"] / wake, 4) if wake and rtt.get("count") else None,
             # One way is one cache-line transfer: compare it with half the round-trip floor.
             "ratio_one_way_p50": round(one_way["p50"] / (hw / 2), 2) if hw and one_way.get("count") else None,
             "budget_ns": self.budget_ns, "delay_ns": self.delay_ns,

@@ -1,20 +1,20 @@
 /*
  * The physical floors of a kick, measured on this host in the same run.
  *
- * hwfloor CORE_A CORE_B ITERATIONS — one cache line's round trip between two host cores.
- * Thread A (on CORE_A) stores i into `ping` and spins until `pong` says i; thread B
- * (on CORE_B) spins until `ping` says i and stores it into `pong`. Each line sits
- * alone on its own 64-byte cache line, so every round trip moves exactly two lines
- * between the cores: what a kick (control write, status acknowledgement) costs the
- * hardware when nothing else is in the way.
+ * hwfloor CORE_A CORE_B ITERATIONS — the host's coherence floor: one round trip between two
+ * cores. Thread A (on CORE_A) stores i into `ping` and spins until `pong` says i; thread B
+ * (on CORE_B) spins until `ping` says i and stores it into `pong`. Each sits alone on its own
+ * 64-byte line: two line transfers a round trip, about what a kick costs the coherence fabric
+ * (control out and status back in one struct mwait_cpu_dead, a line there and back); not
+ * what real MWAIT adds, the exit from the C-state mwait_play_dead() asked for.
  *
  * hwfloor wake CORE_A CORE_B ITERATIONS — the same round trip to a *sleeping* process:
  * process A (on CORE_A) stores i into `ping` (a shared page), sends SIGURG to process B
  * (on CORE_B), which sleeps in sigwaitinfo(), and spins until B's `pong` says i. B wakes,
- * reads ping, stores pong and sleeps again; A lets it fall asleep before the next round.
- * That is exactly what smpd's adaptive watch costs the host on a kick of a sleeping CPU
- * (smpd.machine.bus: the bus rings the CPU's doorbell, SIGURG, and the kicker spins on
- * its status): one process wake-up across cores plus the two lines.
+ * reads ping, stores pong and sleeps again; A waits 300 us before the next round, so B is
+ * asleep and its core idle, as for a long-parked CPU. What smpd's adaptive watch adds to a
+ * kick of a sleeping CPU (smpd.machine.bus rings the CPU's doorbell, SIGURG, and the kicker
+ * spins on its status): a reference, not a bound (a core not idle yet wakes faster).
  *
  * Each prints p50, p99 and min in ns. smpd builds and runs it on the fly
  * (smpd/tools/hwfloor.py) when a C compiler exists.

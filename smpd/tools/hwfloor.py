@@ -27,7 +27,8 @@ SOURCE = Path(__file__).resolve().parent / "hwfloor.c"  # ships in the package: 
 def measure(iterations: int = 200_000, wake: bool = False) -> dict:
     """The host's floor: a cache line's round trip between two cores (hwfloor.c), or with
     ``wake`` the same round trip to a process asleep in sigwaitinfo() woken by SIGURG, what an
-    adaptive CPU's kick costs the host (each round then lets the sleeper settle for 300 us)."""
+    adaptive CPU's kick adds on the host (cold: each round lets the sleeper settle for 300 us;
+    a reference, not a bound)."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         return {"available": False, "why": "needs two host cores; this process may use one"}

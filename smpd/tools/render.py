@@ -104,27 +104,45 @@ def cpu_table(cpus: list[dict], columns: int = 80) -> Group:
 
 def cpu_grid(cpus: list[dict], width: int = 16) -> Group:
     """One cell per CPU: number and a three-letter state, ``width`` cells a row; then the CPUs of
-    each state as a list (alone above GRID_MAX_CPUS)."""
+    each state as a list (alone above GRID_MAX_CPUS, with each interrupt's CPUs as lists)."""
+    if len(cpus) > GRID_MAX_CPUS:
+        return Group(_by_state(cpus), *_interrupt_lists(cpus))
     rows = []
-    for start in range(0, len(cpus) if len(cpus) <= GRID_MAX_CPUS else 0, width):
+    for start in range(0, len(cpus), width):
         line = Text()
         for c in cpus[start:start + width]:
             abbrev, style = STATE_STYLE.get(c["state"], (c["state"][:3], ""))
             line.append(f"{c['cpu']:>4} ", style="dim")
             line.append(abbrev, style=style)
         rows.append(line)
-    if rows:
-        rows.append(Text("  ".join(f"{a}={s}" for s, (a, _) in STATE_STYLE.items()), style="dim"))
+    rows.append(Text("  ".join(f"{a}={s}" for s, (a, _) in STATE_STYLE.items()), style="dim"))
+    irq = [c for c in cpus if _irqs(c) != "-"]
+    extra = [Text("interrupts: " + "; ".join(f"CPU{c['cpu']} {_irqs(c)}" for c in irq[:16])
+                  + (" ..." if len(irq) > 16 else ""))] if irq else []
+    return Group(*rows, _by_state(cpus), *extra)
+
+
+def _by_state(cpus: list[dict]) -> Text:
+    """The CPUs of each state as a cpulist. A CPU parked in an older kernel's memory is not one in
+    the running kernel's: when the CPUs run in more than one generation, each state's list is split."""
+    split = len({c["generation"] for c in cpus}) > 1
     by_state: dict[str, list[int]] = {}
     for c in cpus:
-        by_state.setdefault(c["state"], []).append(c["cpu"])
-    summary = Text("\n".join(f"{s:<14} CPU {format_list(v)}" for s, v in sorted(by_state.items())))
-    irq = [c for c in cpus if _irqs(c) != "-"]
-    extra = []
-    if irq:
-        extra.append(Text("interrupts: " + "; ".join(f"CPU{c['cpu']} {_irqs(c)}" for c in irq[:16])
-                          + (" ..." if len(irq) > 16 else "")))
-    return Group(*rows, summary, *extra)
+        key = f"{c['state']} (gen {c['generation']})" if split else c["state"]
+        by_state.setdefault(key, []).append(c["cpu"])
+    return Text("\n".join(f"{s:<14} CPU {format_list(v)}" for s, v in sorted(by_state.items())))
+
+
+def _interrupt_lists(cpus: list[dict]) -> list[Text]:
+    """Per interrupt kind, the CPUs that took one, have one pending, hold one: every CPU, none left out."""
+    out = []
+    for kind in ("nmi", "smi", "mce"):
+        said = [f"{what} {'by' if what == 'taken' else 'on'} CPU {format_list(v)}"
+                for what in ("taken", "pending", "held")
+                if (v := [c["cpu"] for c in cpus if c["interrupts"][kind][what]])]
+        if said:
+            out.append(Text(f"{kind.upper():<14} " + "; ".join(said)))
+    return out
 
 
 def status_view(snapshot: dict, columns: int = 80, full: bool = False) -> Group:
@@ -146,7 +164,8 @@ def up_summary(s: dict) -> Text:
     t.append(f"{s['cpus']} CPUs up in {s['bringup_ms']:.0f} ms "
              f"(CPU 0 = coordinator pid {s['pid']}"
              + (f", CPUs 1-{s['cpus'] - 1} = processes)\n" if s["cpus"] > 1 else ")\n"))
-    t.append(f"  watch    {s['watch_reason']}\n")
+    t.append(f"  watch    {s['watch_reason']}"
+             + (f"; spin budget {s['spin_budget_us']} us before sleeping" if s["watch"] == "adaptive" else "") + "\n")
     t.append(f"  hot path {s['hot_path_reason']}\n")
     if s["spin_yields"]:
         t.append(f"           {s['cpus']} spinning processes on fewer host cores: the spin loops and "
@@ -388,8 +407,8 @@ def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
     w = r.get("wake_floor")
     if w and w.get("available"):
         t.append(f"wake-up floor: the same round trip to a process asleep in sigwaitinfo(), woken by SIGURG (an "
-                 f"adaptive CPU's doorbell): p50 {_ns(w['rtt_ns'])} (p99 {_ns(w['rtt_p99_ns'])}, min "
-                 f"{_ns(w['rtt_min_ns'])}); round trip p50 / wake-up floor: {r['ratio_wake_p50']}x\n")
+                 f"adaptive CPU's doorbell; cold, a reference rather than a bound): p50 {_ns(w['rtt_ns'])} (p99 {_ns(w['rtt_p99_ns'])}, min "
+                 f"{_ns(w['rtt_min_ns'])}); round trip p50 / wake-up floor: {r['ratio_wake_p50']:.2f}x\n")
     elif w:
         t.append(f"wake-up floor: unavailable ({w['why']})\n", style="yellow")
     tab = Table(box=None, header_style="bold", pad_edge=False)

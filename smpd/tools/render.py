@@ -408,7 +408,8 @@ def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
     if w and w.get("available"):
         t.append(f"wake-up floor: the same round trip to a process asleep in sigwaitinfo(), woken by SIGURG (an "
                  f"adaptive CPU's doorbell; cold, a reference rather than a bound): p50 {_ns(w['rtt_ns'])} (p99 {_ns(w['rtt_p99_ns'])}, min "
-                 f"{_ns(w['rtt_min_ns'])}); round trip p50 / wake-up floor: {r['ratio_wake_p50']:.2f}x\n")
+                 f"{_ns(w['rtt_min_ns'])})" + (f"; round trip p50 / wake-up floor: {r['ratio_wake_p50']:.2f}x"
+                                               if r["ratio_wake_p50"] is not None else "") + "\n")
     elif w:
         t.append(f"wake-up floor: unavailable ({w['why']})\n", style="yellow")
     tab = Table(box=None, header_style="bold", pad_edge=False)

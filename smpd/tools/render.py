@@ -393,6 +393,20 @@ def demo_matrix(rows: list[tuple[str, str, dict]]) -> Group:
     return Group(t, notes)
 
 
+def _wake_floor_line(r: dict) -> Text:
+    """`smpd bench kick` on an adaptive machine: the host's wake-up floor, and the round trip against it."""
+    w = r.get("wake_floor")
+    if not w:
+        return Text("")
+    if not w.get("available"):
+        return Text(f"wake-up floor: unavailable ({w['why']})\n", style="yellow")
+    ratio = r["ratio_wake_p50"]
+    return Text(f"wake-up floor: the same round trip to a process asleep in sigwaitinfo(), woken by SIGURG (an "
+                f"adaptive CPU's doorbell; cold, a reference rather than a bound): p50 {_ns(w['rtt_ns'])} (p99 "
+                f"{_ns(w['rtt_p99_ns'])}, min {_ns(w['rtt_min_ns'])})"
+                + (f"; round trip p50 / wake-up floor: {ratio:.2f}x" if ratio is not None else "") + "\n")
+
+
 def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
     t = Text()
     t.append(f"kick benchmark: watch {r['watch']}, hot path {r['hot_path']}, CPU {r['targets']}, {r['rounds']} rounds, "
@@ -404,14 +418,7 @@ def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
                  f"p50 {f['rtt_ns']} ns (p99 {f['rtt_p99_ns']} ns, min {f['rtt_min_ns']} ns)\n")
     else:
         t.append(f"hardware floor: unavailable ({f['why']})\n", style="yellow")
-    w = r.get("wake_floor")
-    if w and w.get("available"):
-        t.append(f"wake-up floor: the same round trip to a process asleep in sigwaitinfo(), woken by SIGURG (an "
-                 f"adaptive CPU's doorbell; cold, a reference rather than a bound): p50 {_ns(w['rtt_ns'])} (p99 {_ns(w['rtt_p99_ns'])}, min "
-                 f"{_ns(w['rtt_min_ns'])})" + (f"; round trip p50 / wake-up floor: {r['ratio_wake_p50']:.2f}x"
-                                               if r["ratio_wake_p50"] is not None else "") + "\n")
-    elif w:
-        t.append(f"wake-up floor: unavailable ({w['why']})\n", style="yellow")
+    t.append(_wake_floor_line(r))
     tab = Table(box=None, header_style="bold", pad_edge=False)
     keys = ("min", "p50", "p90", "p99", "p999", "max")
     for col in ("", "min", "p50", "p90", "p99", "p99.9", "max", "p50 / floor*"):

@@ -171,7 +171,7 @@ class Kexec:
             if inj.kind == "smi":
                 self.smm_rendezvous(phase)
             with self.t.phase(f"smpd: until the {inj.kind.upper()} is taken or held", "smpd"):
-                waiting = self.until_taken(before)
+                waiting = self.until_taken(before, inj.count)
             for cpu in waiting:
                 note = self.obs.host_note(cpu)
                 self.not_taken[cpu] = f"{inj.kind.upper()} at {phase} not taken within {IRQ_TAKEN_S:.0f} s" + \
@@ -188,16 +188,21 @@ class Kexec:
             self.log(f"SMM: waits for CPU {cpulist.format_list(in_init)} (in INIT) forever: the machine hangs",
                      "smm_hang")
 
-    def until_taken(self, before: dict[int, int]) -> set[int]:
-        """Wait (IRQ_TAKEN_S at most) until each CPU took or held an interrupt more than ``before``
-        says; returns those that did not (a dead CPU is not waited for)."""
+    def until_taken(self, before: dict[int, int], count: int = 1) -> set[int]:
+        """Wait (IRQ_TAKEN_S at most) until each CPU took or held the ``count`` interrupts sent
+        since ``before``, and is done with them: the handlers and the return into the interrupted
+        code ran (its resume checks read the memory the copy is writing) and the CPU waits again.
+        Returns those that took none (a dead CPU is not waited for). An interrupt injected at a
+        phase is so handled at that phase, whatever the host's scheduling: the copy goes on after."""
         deadline = time.monotonic() + IRQ_TAKEN_S
+        seen = self.obs.irq_seen
         waiting = set(before)
         while waiting and time.monotonic() < deadline:
-            waiting = {c for c in waiting if self.obs.irq_seen(c) == before[c] and self.alive(c)}
+            waiting = {c for c in waiting if self.alive(c) and (
+                seen(c) < before[c] + count or self.seg.cb(c, "busy") or self.seg.cb(c, "wake"))}
             if waiting:
                 time.sleep(0.0002)
-        return waiting
+        return {c for c in waiting if seen(c) == before[c] and self.alive(c)}
 
     def settle(self) -> list[int]:
         """Wait (bounded) until no CPU is still acting on a wake-up: two scans in a row with

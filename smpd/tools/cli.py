@@ -703,7 +703,7 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
     out = Console(stderr=True)
     floor = benchkick.measure_floor()
     # An adaptive CPU sleeps until its doorbell: its kick also pays a process wake-up, floored too.
-    adaptive = lifecycle.require(name).request("status", brief=True)["machine"]["watch"] == "adaptive"
+    adaptive = machine.request("status", brief=True)["machine"]["watch"] == "adaptive"
     wake_floor = benchkick.measure_wake_floor() if adaptive else None
     run = benchkick.Run(targets=cpus)
     run.pids = {int(c): p for c, p in check["pids"].items()}

@@ -347,12 +347,8 @@ class Campaign:
         """Keep every slot busy with one trial until the numbers run out (or ``stop``); each record
         goes to ``writer``; a lost slot's trial goes back to ``numbers``. Returns the error that
         ended the run early, if one did."""
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
         inflight: dict = {}  # ref -> (slot, trial)
-        with Progress(TextColumn("[bold]soak --cluster[/bold]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), TextColumn("{task.description}"), console=self.console,
-                      transient=True) as bar:
+        with soak.progress_bar(self.console, "soak --cluster") as bar:
             task = bar.add_task("", total=self.plan.trials, completed=writer.written)
             while True:
                 busy = {slot for slot, _ in inflight.values()}

@@ -378,6 +378,15 @@ class HostSampler:
         return s
 
 
+def progress_bar(console, title: str):
+    """The soak's progress line (single host or cluster): ``title``, a bar, done/total, the time
+    and the task's description (the rates); gone when the run ends."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn(f"[bold]{title}[/bold]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=True)
+
+
 def set_offline(live, want: set[int], now: set[int]) -> None:
     """Hotplug the machine from offline set ``now`` to ``want``, with the fewest CPUs moved."""
     if now - want:

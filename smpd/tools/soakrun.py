@@ -223,8 +223,6 @@ def run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resumed
 
 
 def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resumed, console: Console) -> None:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     status = live.request("status")
     if status["machine"]["state"] in ("KEXECED", "ENDED"):
         live.request("reset")
@@ -251,9 +249,7 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
         load.start()
         t0 = time.monotonic()
         total = plan.trials if plan.trials else None
-        with Progress(TextColumn("[bold]soak[/bold]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
-                      transient=True) as bar:
+        with soak.progress_bar(console, "soak") as bar:
             task = bar.add_task("", total=total or plan.duration_s, completed=first if total else elapsed_before)
             trial = first
             while not stop["asked"] and more_trials(plan, trial, elapsed_before + time.monotonic() - t0):

@@ -105,7 +105,7 @@ class Coordinator:
             ("pin", self.pin.encode()), ("watch_reason", self.watch_reason.encode()[:200]),
             ("hot_path", L.HotPath.C if self.hot_path == "c" else L.HotPath.PYTHON),
             ("hot_path_reason", self.hot_path_reason.encode()[:200]),
-            ("spin_yields", int(self.watch == "spin" and self.ncpus > len(hostinfo.allowed_cores()))),
+            ("spin_yields", int(self.watch == "spin" and not self._fits_host())),
             ("text_pages", sizes.text), ("data_pages", sizes.data), ("pgtable_pages", sizes.pgtables),
             ("stack_pages_per_cpu", sizes.stack_per_cpu), ("crash_pages", sizes.crash),
             ("smi_auto_halt_restart", int(self.cfg.get("firmware", "smi_auto_halt_restart"))),
@@ -157,7 +157,11 @@ class Coordinator:
         asked = self.cfg.get("watch", "spin_budget_us")
         if asked != "auto":
             return asked
-        return SPIN_BUDGET_US if self.ncpus <= len(hostinfo.allowed_cores()) else 0
+        return SPIN_BUDGET_US if self._fits_host() else 0
+
+    def _fits_host(self) -> bool:
+        """Do the CPU processes and the coordinator have a host core each (this process's affinity)?"""
+        return self.ncpus <= len(hostinfo.allowed_cores())
 
     def start_aps(self, m, budget: float, what: str) -> dict:
         """Kernel ``m`` starts the APs its boot parameters keep (smpd.kernel.boot); a CPU that does

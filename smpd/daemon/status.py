@@ -23,15 +23,15 @@ def _interrupts(seg: Segment, cpu: int) -> dict:
                 "held": seg.cb(cpu, f"{k}_held")} for k in L.IRQ_CODE}
 
 
-def _brief(seg: Segment, cpu: int, current: int) -> dict:
+def _brief(seg: Segment, gens: Generations, cpu: int) -> dict:
     """What the many-CPU view shows of a CPU (smpd.tools.render.cpu_grid): no host facts, no maps."""
     return {"cpu": cpu, "state": L.ExecState(seg.cb(cpu, "state")).name,
             "hotplug": L.Hotplug(seg.cb(cpu, "hotplug")).name.lower(), "interrupts": _interrupts(seg, cpu),
-            # the kernel it runs or sits parked in (as Generations.of_cpu)
-            "generation": (seg.cb(cpu, "cpu_gen") if cpu else 0) or current}
+            "generation": gens.of_cpu(cpu).gen}  # the kernel it runs, or sits parked in
 
 
 def _full(seg: Segment, gens: Generations, cpu: int) -> dict:
+    """The brief view, and its process, wake-ups, struct mwait_cpu_dead and monitor."""
     geo = seg.geo
     cb = lambda f: seg.cb(cpu, f)  # noqa: E731
     pid = cb("pid")
@@ -41,17 +41,13 @@ def _full(seg: Segment, gens: Generations, cpu: int) -> dict:
             core = psutil.Process(pid).cpu_num()
         except psutil.Error:
             core = -1
-    m = gens.of_cpu(cpu)  # the kernel this CPU runs (or sits parked in)
+    m = gens.of_cpu(cpu)
     md = m.mwait_cpu_dead_addr(cpu)
-    state = L.ExecState(cb("state"))
     return {
-        "cpu": cpu, "pid": pid, "core": core,
-        "hotplug": L.Hotplug(cb("hotplug")).name.lower(), "state": state.name,
+        **_brief(seg, gens, cpu), "pid": pid, "core": core,
         "wakeups": {"write": cb("wake_write"), "interrupt": cb("wake_irq"),
                     "ipi": cb("wake_ipi"), "spurious": cb("wake_spurious")},
-        "mwait_entries": cb("mwait_entries"),
-        "interrupts": _interrupts(seg, cpu),
-        "init": cb("init_count"), "sipi": cb("sipi_count"), "generation": m.gen,
+        "mwait_entries": cb("mwait_entries"), "init": cb("init_count"), "sipi": cb("sipi_count"),
         # a pre-fix kernel has no struct mwait_cpu_dead: None, not a word read from elsewhere
         "mwait_cpu_dead": None if m.boot.monitors_thread_info else
         _words(md, seg.mem_u32(md), seg.mem_u32(md + 4)),
@@ -71,7 +67,7 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None, brief: bo
     now = time.monotonic_ns()
     gens = Generations(seg)
     current = gens.current()
-    cpus = [_brief(seg, cpu, current.gen) if brief else _full(seg, gens, cpu) for cpu in range(geo.ncpus)]
+    cpus = [_brief(seg, gens, cpu) if brief else _full(seg, gens, cpu) for cpu in range(geo.ncpus)]
     states: dict[str, int] = {}
     for c in cpus:
         states[c["state"]] = states.get(c["state"], 0) + 1

@@ -328,3 +328,41 @@ def test_a_coordinator_started_with_sigchld_ignored_still_reaps_its_cpus_itself(
         assert live.request("status")["cpus"][2]["pid"] == 0  # never a doorbell at a recycled pid
     finally:
         lifecycle.down(machine_name)
+
+
+def test_cpu_processes_are_the_coordinators_own_children_and_the_template_is_gone(machine_name):
+    """The template forks each CPU process with CLONE_PARENT (smpd.daemon.template): the
+    coordinator is its parent, reaps it and holds its pid; the template ends with the bring-up."""
+    m = Machine(machine_name, 8, "--watch", "adaptive")
+    try:
+        s = m.status()
+        coordinator = psutil.Process(s["machine"]["pid"])
+        children = {p.pid: p.name() for p in coordinator.children()}
+        for c in s["cpus"][1:]:
+            assert children.get(c["pid"]) == f"smpd-cpu{c['cpu']}"
+        assert "smpd-template" not in children.values()
+        assert len(children) == 7 + 1  # the CPUs and the janitor
+    finally:
+        m.down()
+
+
+def test_a_template_killed_while_it_forks_is_one_line_and_leaves_nothing(machine_name):
+    """Whoever kills the process CPU processes are forked from (mid-bring-up), `up` says so in one
+    line, and the CPUs forked so far go with the machine."""
+    p = start_smpd("up", "--cpus", "1024", "--watch", "adaptive", name=machine_name)
+
+    def template():
+        try:
+            coordinator = _coordinator_of_this_run(machine_name)
+            return next((q for q in coordinator.children() if q.name() == "smpd-template"), None)
+        except (psutil.Error, AttributeError):  # not started yet, or gone
+            return None
+
+    t = wait_until(lambda: template() or p.poll() is not None, timeout=60, what="the template to start")
+    assert t is not True and p.poll() is None, "the bring-up ended before its template was seen"
+    wait_until(lambda: len(psutil.Process(t.ppid()).children()) > 10, timeout=60, what="some CPUs forked")
+    t.kill()
+    _out, err = _finish(p)
+    assert p.returncode == 1, err
+    assert f"the process CPU processes are forked from (pid {t.pid}) exited" in _one_error_line(err)
+    assert not os.path.exists(names.segment_path(machine_name))

@@ -1,19 +1,16 @@
-"""A CPU's process, as the coordinator forks it: multiprocess's fork Process, less what costs O(N).
+"""A CPU's process, as the coordinator holds it: a multiprocess Process for a child it did not fork.
 
-The coordinator forks N-1 of these and keeps each in ``Coordinator.procs``; it reaps them
-itself (smpd.daemon.supervisor ``shutdown``). Taken as it is, multiprocess would make a
-bring-up quadratic in three ways, each measured at 2048 and 4096 CPUs (bench/bench_machine.py):
-
-* each ``start()`` polls every child started before (a waitpid each), because multiprocess
-  keeps every child in its registry: a started CPU process leaves that registry;
-* each child empties its copy of the parent's finalizer registry on the way in, touching one
-  entry per earlier CPU (a copy-on-write fault per page of them): a CPU leaves by
-  ``os._exit`` and never runs finalizers, so the registry it inherits is left untouched;
-* each child costs the coordinator two pipe descriptors (a sentinel, and a pipe that tells
-  the child its parent lives), which every later fork copies and every later CPU closes
-  (close_range over all of them): a CPU process here has no pipe. A CPU dies with its parent
-  by PR_SET_PDEATHSIG (smpd.host.proc), and its exit is seen by waitpid(WNOHANG), which is all
-  the coordinator asks (``is_alive``, ``exitcode``, ``join``).
+The CPU processes are forked by a lean template process (smpd.daemon.template) with
+CLONE_PARENT, so each is the coordinator's own child; ``CpuProcess.adopt`` makes the pid the
+template answered a multiprocess Process of the coordinator's (``is_alive``, ``exitcode``,
+``join``, ``kill``, by waitpid on that pid). The coordinator keeps each in
+``Coordinator.procs`` and reaps it itself (smpd.daemon.supervisor ``shutdown``). Taken as it is,
+multiprocess would make a bring-up quadratic, measured at 2048 and 4096 CPUs
+(bench/bench_machine.py): each ``start()`` polls every child started before (a waitpid each),
+and each child costs two pipe descriptors (a sentinel, and a pipe that tells the child its
+parent lives) that every later fork copies. An adopted CPU process is in no registry and has no
+pipe: it dies with the coordinator by PR_SET_PDEATHSIG (smpd.host.proc), and its exit is seen
+by waitpid(WNOHANG), which is all the coordinator asks.
 """
 
 from __future__ import annotations
@@ -23,24 +20,15 @@ import time
 
 import multiprocess
 import multiprocess.popen_fork
-import multiprocess.process
-import multiprocess.util
 
 _ctx = multiprocess.get_context("fork")
 
 
-class _Popen(multiprocess.popen_fork.Popen):
-    """fork, without the sentinel and parent pipes (see the module's docstring)."""
+class _Adopted(multiprocess.popen_fork.Popen):
+    """A child of ours by pid (see the module's docstring): no sentinel, join() polls waitpid."""
 
-    def _launch(self, process_obj) -> None:
-        code = 1
-        self.pid = os.fork()
-        if self.pid == 0:
-            try:
-                code = process_obj._bootstrap()
-            finally:
-                os._exit(code)
-        self.sentinel = None  # nothing to select on: join() polls waitpid (wait, below)
+    def __init__(self, pid: int):
+        self.pid, self.returncode, self.finalizer, self.sentinel = pid, None, None, None
 
     def wait(self, timeout: float | None = None):
         """The exit code once the process has exited; None if it has not within ``timeout``."""
@@ -57,14 +45,11 @@ class _Popen(multiprocess.popen_fork.Popen):
 
 
 class CpuProcess(_ctx.Process):
-    @staticmethod
-    def _Popen(process_obj):
-        return _Popen(process_obj)
-
-    def start(self) -> None:
-        super().start()
-        multiprocess.process._children.discard(self)
-
-    @staticmethod
-    def _after_fork() -> None:
-        multiprocess.util._run_after_forkers()
+    def adopt(self, pid: int) -> "CpuProcess":
+        """This Process is child ``pid`` of ours, already running (forked by smpd.daemon.template)."""
+        self._check_closed()
+        assert self._popen is None and self._parent_pid == os.getpid()
+        self._popen = _Adopted(pid)
+        self._sentinel = None
+        del self._target, self._args, self._kwargs
+        return self

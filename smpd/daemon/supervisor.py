@@ -3,9 +3,11 @@
 It alone owns the machine's resources, each with one cleanup path:
 
 * the segment (created O_EXCL; unlinked in ``shutdown``);
-* the CPU processes 1..N-1 (forked with multiprocess, each dying with us through
+* the CPU processes 1..N-1 (our children, forked by a lean template, smpd.daemon.template, and
+  held as multiprocess Processes, smpd.daemon.cpuproc; each dies with us through
   PR_SET_PDEATHSIG; SIGKILLed and reaped in ``shutdown``: the power cut;
   a dead one is replaced by ``respawn_gone``);
+* the template, for as long as it forks (``_fork_cpus``);
 * the janitor (smpd.daemon.janitor), replaced at once if it is killed;
 * the control channel (an abstract socket; nothing to remove).
 
@@ -19,7 +21,6 @@ foreground with ``smpd up --foreground``.
 
 from __future__ import annotations
 
-import gc
 import os
 import secrets
 import selectors
@@ -35,13 +36,13 @@ from smpd import cpulist
 from smpd.config import Config
 from smpd.daemon import channel, stopping
 from smpd.daemon.cpuproc import CpuProcess
+from smpd.daemon.template import Template
 from smpd.daemon.handlers import Handlers
 from smpd.daemon.janitor import COORDINATOR_COMM, Janitor
 from smpd.daemon.stopping import STOP_SIGNALS, Stop, UpClient, check_stop
-from smpd.errors import CpuLost, HostTooSmall, MachineAlreadyUp, SmpdError, Timeout
+from smpd.errors import CpuLost, MachineAlreadyUp, SmpdError, Timeout
 from smpd.host import hostinfo, names
-from smpd.host.proc import set_process_name
-from smpd.kernel.cpu import cpu_main
+from smpd.host.proc import fork_refused, set_process_name
 from smpd.kernel import boot as kboot, image
 from smpd.machine import layout as L
 from smpd.machine.bus import Bus
@@ -67,6 +68,7 @@ class Coordinator:
         self.bus: Bus | None = None
         self.mailbox: Mailbox | None = None  # the IPI mailboxes' coordinator half
         self.procs: dict[int, Any] = {}
+        self.template: Template | None = None  # what forks the CPU processes, while it does
         self.janitor: Janitor | None = None
         self.ctime = 0.0  # our creation time: with our pid, who we are (smpd.host.trust)
         self.server: channel.Server | None = None
@@ -88,6 +90,7 @@ class Coordinator:
         hostinfo.raise_file_limit()
         me = psutil.Process()
         self.ctime = me.create_time()
+        image.keep_images()
         self._start_janitor()  # first: from here on, whatever kills us, someone cleans up after us
         try:
             self.seg = seg = Segment.create(names.segment(self.name), geo, os.getpid(), self.ctime, self.name)
@@ -112,6 +115,8 @@ class Coordinator:
             ("smm_hangs_in_init", int(self.cfg.get("firmware", "smm_hangs_with_cpus_in_init"))),
         ):
             seg.set_hdr(field, value)
+        self.template = Template(seg, self.signals)
+        self.template.start()  # its interpreter starts while we load the kernel
         check_stop()
         self.bus = Bus(seg)
         self.mailbox = Mailbox(seg, self.bus, self.cpu_alive, self._mark_gone, check_stop)
@@ -125,15 +130,11 @@ class Coordinator:
                              ("ctime_ms", int(me.create_time() * 1000)), ("cpu_gen", 1)):
             seg.set_cb(0, field, value)
         seg.set_hdr("state", L.MachineState.BOOTING)
-        gc.freeze()  # keep the collector from touching (and so copying) inherited pages
-        for cpu in range(1, self.ncpus):
-            check_stop()
-            self._fork_cpu(cpu, plan[cpu])
+        self._fork_cpus({cpu: plan[cpu] for cpu in range(1, self.ncpus)})
         t_sipi = time.monotonic_ns()
         budget = (self.cfg.get("timeouts", "bringup_ms")
                   + self.cfg.get("timeouts", "bringup_ms_per_cpu") * self.ncpus) / 1000
         self.start_aps(gen1, budget, "bring-up")
-        image.keep_images()  # the CPUs are forked: the coordinator's heap may grow now
         bringup_ns = time.monotonic_ns() - t0
         seg.set_hdr("bringup_ns", bringup_ns)
         self.server = channel.Server(names.socket_address(self.name, seg.hdr_str("channel")), seg.hdr("authkey"))
@@ -200,6 +201,8 @@ class Coordinator:
             fds.append(self.up_client.sock.fileno())
         if self.server is not None:
             fds.append(self.server.fileno())
+        if self.seg is not None and self.seg.fd >= 0:
+            fds.append(self.seg.fd)
         return fds
 
     def _start_janitor(self) -> None:
@@ -208,7 +211,7 @@ class Coordinator:
         try:
             pid = self.janitor.start(self._inherited_fds())
         except OSError as err:
-            raise _fork_refused(err, "the janitor") from None
+            raise fork_refused(err, "the janitor") from None
         if self.seg is not None:
             self.seg.set_hdr("janitor_pid", pid)
 
@@ -220,17 +223,14 @@ class Coordinator:
         self._start_janitor()
         return True
 
-    def _fork_cpu(self, cpu: int, core: int | None) -> None:
-        p = CpuProcess(
-            target=cpu_main, name=f"smpd-cpu{cpu}", daemon=True,
-            args=(self.seg, self.bus, cpu, self.signals, os.getpid(), core, self._inherited_fds()),
-        )
-        try:
-            p.start()
-        except OSError as err:
-            raise _fork_refused(err, f"CPU{cpu}") from None
-        self.procs[cpu] = p
-        self.seg.set_cb(cpu, "pid", p.pid)
+    def _fork_cpus(self, plan: dict[int, int | None]) -> None:
+        """A process for each CPU of ``plan`` (cpu -> host core), forked by the template, which ends here."""
+        template, self.template = self.template or Template(self.seg, self.signals), None
+        template.fork(plan, check_stop, self._adopt)
+
+    def _adopt(self, cpu: int, pid: int) -> None:
+        self.procs[cpu] = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(pid)
+        self.seg.set_cb(cpu, "pid", pid)
 
     # -- IPIs ------------------------------------------------------------------
 
@@ -285,8 +285,8 @@ class Coordinator:
                                  ("mon_armed", 0), ("busy", 0), ("state", L.ExecState.OFF),
                                  ("hotplug", L.Hotplug.OFFLINE)):
                 self.seg.set_cb(cpu, field, value)
-            self._fork_cpu(cpu, self.plan[cpu])
         if gone:
+            self._fork_cpus({cpu: self.plan[cpu] for cpu in gone})
             self.seg.set_hdr("respawns", self.seg.hdr("respawns") + len(gone))
         return gone
 
@@ -332,6 +332,8 @@ class Coordinator:
             self.server = None
         if self.seg is not None and self.seg.buf is not None:
             self.seg.set_hdr("state", L.MachineState.STOPPING)
+        for cpu, pid in self.template.stop() if self.template is not None else ():
+            self._adopt(cpu, pid)
         for p in self.procs.values():
             p.kill()
         for p in self.procs.values():
@@ -348,11 +350,6 @@ class Coordinator:
         if self.janitor is not None:
             self.janitor.release()
             self.janitor = None
-
-
-def _fork_refused(err: OSError, what: str) -> HostTooSmall:
-    return HostTooSmall(f"the host refused a process for {what} ({err.strerror or err}): too many "
-                        f"processes for this user or host (see `ulimit -u` and pid_max); nothing was left behind")
 
 
 def main(argv: list[str] | None = None) -> None:

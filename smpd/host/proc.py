@@ -1,4 +1,5 @@
-"""Process facts every process of ours sets on itself: its name, and that it dies with its parent.
+"""Process facts every process of ours sets on itself: its name, that it dies with its parent,
+and who its parent is (``fork_sibling``).
 
 Used by CPU processes, the janitor, load generators and the hardware-floor probe,
 so that `ps` names each one and none outlives the process that started it.
@@ -10,9 +11,15 @@ import ctypes
 import os
 import signal
 
+from smpd.errors import HostTooSmall
+
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
+_CLONE_PARENT = 0x00008000
+_SYS_CLONE = 56  # x86_64
 _libc = ctypes.CDLL(None, use_errno=True)
+_pylibc = ctypes.PyDLL(None, use_errno=True)  # calls that keep the GIL held across them
+_pylibc.syscall.restype = ctypes.c_long
 
 
 def set_process_name(name: str) -> None:
@@ -30,3 +37,31 @@ def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGKILL) ->
     _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(1)
+
+
+def fork_sibling() -> int:
+    """fork(), except that the child's parent is our parent (clone CLONE_PARENT): 0 in the child,
+    its pid here. Our parent then reaps it, gets its SIGCHLD, and holds its pid until it does,
+    as for a child it forked itself; its PR_SET_PDEATHSIG follows our parent too.
+
+    The same steps as os.fork() around the system call (the interpreter's fork hooks and locks,
+    PyOS_BeforeFork / AfterFork), with the GIL held throughout. For a single-threaded caller
+    only (smpd.daemon.template): glibc's own fork handlers do not run.
+    """
+    api = ctypes.pythonapi
+    api.PyOS_BeforeFork()
+    pid = _pylibc.syscall(_SYS_CLONE, ctypes.c_ulong(_CLONE_PARENT | signal.SIGCHLD), 0, 0, 0, 0)
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, os.strerror(err))
+    return pid
+
+
+def fork_refused(err: OSError, what: str) -> HostTooSmall:
+    """The error for a process the host would not give us (fork's EAGAIN, ENOMEM)."""
+    return HostTooSmall(f"the host refused a process for {what} ({err.strerror or err}): too many "
+                        f"processes for this user or host (see `ulimit -u` and pid_max); nothing was left behind")

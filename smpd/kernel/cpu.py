@@ -319,17 +319,14 @@ class Cpu(Executes, CpuCore):
                 return nxt
 
 
-def cpu_main(seg, bus: Bus, cpu: int, signals: dict[str, int], parent_pid: int,
-             core: int | None, close_fds: list[int]) -> None:
-    """Entry point of a CPU process (forked by the coordinator through multiprocess)."""
+def cpu_main(seg, bus: Bus, cpu: int, signals: dict[str, int], parent_pid: int, core: int | None) -> None:
+    """Entry point of a CPU process (forked for the coordinator ``parent_pid`` by smpd.daemon.template)."""
     die_with_parent(parent_pid)
     set_process_name(f"smpd-cpu{cpu}")
     # A CPU needs no file descriptor: its memory is the inherited mapping. Close all
-    # that fork handed down (the coordinator's socket, ready and janitor pipes; a CPU
-    # process costs the coordinator none: smpd.daemon.cpuproc). The mmap object's own
-    # fd goes too; a CPU never resizes or closes its mapping.
+    # that fork handed down (the template's socket; the mmap object's own fd goes too:
+    # a CPU never resizes or closes its mapping).
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    del close_fds
     if core is not None:
         os.sched_setaffinity(0, {core})
     me = Cpu(seg, bus, cpu, signals)

@@ -36,8 +36,8 @@ def tag_bytes(generation: int, region: Region, index: int) -> bytes:
 
 # A page's image costs a SHAKE-256 of 4 KiB (~10 us), and a soak trial writes and verifies the
 # same ones again and again (a reset's power-on and generation 1, the kexec's generation 2):
-# the coordinator keeps them, up to KEPT_PAGES, once it has forked its CPU processes (a bigger
-# heap before then would make every fork copy more page tables). Not evicted: RAM is written
+# the coordinator keeps them, up to KEPT_PAGES (keep_images; a CPU process, which computes none,
+# keeps none). Not evicted: RAM is written
 # in address order, where an LRU smaller than RAM would never hit.
 KEPT_PAGES = 16384  # 64 MiB
 _kept: dict[tuple[int, int, Region, int], bytes] = {}

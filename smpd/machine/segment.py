@@ -1,5 +1,8 @@
 """The one POSIX shared-memory segment of a machine: create, attach, close, unlink.
 
+Its creator keeps the descriptor (``fd``) for the lean process the CPU processes are forked
+from (smpd.daemon.template), which maps the same segment by that descriptor: no name to trust.
+
 Lifetime follows posix_ipc's rule (nothing is unlinked behind your back):
 ``close()`` lets go of this process's mapping; ``unlink()`` destroys the name, once,
 by its owner (the coordinator, its janitor, or ``smpd down`` on a stale machine).
@@ -43,6 +46,7 @@ class Segment:
         self.u16: memoryview | None = None
         self.u64: memoryview | None = None
         self.geo: L.Geometry | None = None
+        self.fd = -1  # the creator's descriptor (create), kept until close()
 
     # -- construction ------------------------------------------------------
 
@@ -70,6 +74,7 @@ class Segment:
             raise HostTooSmall(f"the host refused a {geo.size / 2**20:.1f} MiB shared-memory segment "
                                f"({err}); check `ulimit -f` and the free space of {names.SHM_DIR}") from None
         try:
+            seg.fd = os.dup(shm.fd)
             seg._map(shm, geo.size)
             seg.geo = geo
             seg.set_hdr("coordinator_pid", owner_pid)
@@ -125,7 +130,7 @@ class Segment:
                 )
             if size < L.HEADER_SIZE:
                 raise LayoutMismatch(f"segment {name} is {size} bytes, smaller than its header; {OWN_REMEDY}")
-            seg.geo = L.Geometry(ncpus=seg.hdr("ncpus"), ram_pages=seg.hdr("ram_pages"))
+            seg._read_geometry()
             if seg.geo.size != size or seg.geo.mem_off != seg.hdr("mem_off"):
                 raise LayoutMismatch(f"segment {name} header does not match its size ({size} bytes)")
         except BaseException:
@@ -135,11 +140,29 @@ class Segment:
             raise
         return seg
 
+    @classmethod
+    def inherit(cls, name: str, fd: int) -> "Segment":
+        """Map the segment whose descriptor ``fd`` our creator handed down (smpd.daemon.template); ``fd`` is closed."""
+        seg = cls(name)
+        try:
+            seg.mm = mmap.mmap(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        seg._views()
+        seg._read_geometry()
+        return seg
+
+    def _read_geometry(self) -> None:
+        self.geo = L.Geometry(ncpus=self.hdr("ncpus"), ram_pages=self.hdr("ram_pages"))
+
     def _map(self, shm: posix_ipc.SharedMemory, size: int) -> None:
         try:
             self.mm = mmap.mmap(shm.fd, size)
         finally:
             shm.close_fd()
+        self._views()
+
+    def _views(self) -> None:
         self.buf = memoryview(self.mm)
         self.u32 = self.buf.cast("I")
         self.u16 = self.buf.cast("H")
@@ -167,6 +190,9 @@ class Segment:
         if self.mm is not None:
             self.mm.close()
             self.mm = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def unlink(self) -> None:
         """Destroy the segment's name; mappings stay valid until closed."""

@@ -1,11 +1,21 @@
-"""The kernel's cpulist syntax (Documentation/admin-guide/cputopology.rst): ``1-63``, ``1,3,5-7``."""
+"""The kernel's cpulist syntax (Documentation/admin-guide/kernel-parameters.rst, "cpu lists";
+lib/bitmap-str.c bitmap_parselist()): ``1-63``, ``1,3,5-7``, and its grouped ranges,
+``1-4095:1/2`` (from 1 to 4095, the first 1 CPU of every 2: the odd CPUs, nosmt's SMT siblings)
+and ``0-1023:2/256`` (CPUs 0-1, 256-257, 512-513, 768-769). ``N`` is the machine's last CPU
+and ``all`` all of its CPUs, where the machine is known (``ncpus``).
+
+The kernel prints cpulists as ranges only (``%*pbl``); ``format_list(grouped=True)`` also
+writes the grouped form where a stride repeats, so that a 4096-CPU status stays readable.
+"""
 
 from __future__ import annotations
 
 from smpd.errors import BadInput
 from smpd.inputs import ascii_int
 
-ACCEPTED = "a cpulist like '5', '1-63' or '1,3,5-7' (ascending ranges, no empty items)"
+ACCEPTED = ("a cpulist like '5', '1-63', '1,3,5-7', '1-63:1/2' (the first 1 of every 2), '0-N' "
+            "(N: the last CPU) or 'all'; ascending ranges, no empty items")
+_MIN_GROUPS = 3  # a stride shown as a grouped range once it repeats this often
 
 
 def parse(text: str, ncpus: int | None = None) -> list[int]:
@@ -14,15 +24,7 @@ def parse(text: str, ncpus: int | None = None) -> list[int]:
         raise BadInput(f"empty cpulist; expected {ACCEPTED}")
     cpus: set[int] = set()
     for item in text.strip().split(","):
-        lo_s, sep, hi_s = item.partition("-")
-        try:
-            lo = _number(lo_s)
-            hi = _number(hi_s) if sep else lo
-        except ValueError:
-            raise BadInput(f"malformed cpulist '{text}': item '{item}' is not N or N-M; expected {ACCEPTED}") from None
-        if hi < lo:
-            raise BadInput(f"malformed cpulist '{text}': range '{item}' runs backwards; expected {ACCEPTED}")
-        cpus.update(range(lo, hi + 1))
+        cpus.update(_item(text, item, ncpus))
     result = sorted(cpus)
     if ncpus is not None and result[-1] >= ncpus:
         bad = [c for c in result if c >= ncpus]
@@ -32,22 +34,78 @@ def parse(text: str, ncpus: int | None = None) -> list[int]:
     return result
 
 
-def _number(s: str) -> int:
+def _item(text: str, item: str, ncpus: int | None) -> range | list[int]:
+    """One item, as bitmap_parselist() reads it: N, N-M, N-M:USED/GROUP, all or all:USED/GROUP."""
+    span, colon, group = item.partition(":")
+    try:
+        if span == "all" and ncpus is not None:
+            lo, hi = 0, ncpus - 1
+        else:
+            lo_s, sep, hi_s = span.partition("-")
+            lo = _number(lo_s, ncpus)
+            hi = _number(hi_s, ncpus) if sep else lo
+            if colon and not sep:  # a group needs a range
+                raise ValueError(item)
+        used, slash, size = group.partition("/")
+        if colon and not slash:
+            raise ValueError(item)
+        used_n, size_n = (_number(used, None), _number(size, None)) if colon else (1, 1)
+    except ValueError:
+        raise BadInput(f"malformed cpulist '{text}': item '{item}' is not a CPU, a range A-B or a grouped range A-B:USED/GROUP"
+                       f"{'' if ncpus is not None else ' (N and all only where the machine is known)'}; "
+                       f"expected {ACCEPTED}") from None
+    if hi < lo:
+        raise BadInput(f"malformed cpulist '{text}': range '{item}' runs backwards; expected {ACCEPTED}")
+    if not 0 < used_n <= size_n:
+        raise BadInput(f"malformed cpulist '{text}': group '{group}' of '{item}' must take 1 to GROUP "
+                       f"CPUs of every GROUP (GROUP > 0); expected {ACCEPTED}")
+    if size_n == 1:
+        return range(lo, hi + 1)
+    return [c for start in range(lo, hi + 1, size_n) for c in range(start, min(start + used_n, hi + 1))]
+
+
+def _number(s: str, ncpus: int | None) -> int:
+    if s == "N" and ncpus is not None:
+        return ncpus - 1
     n = ascii_int(s) if len(s) <= 6 else None
     if n is None or n < 0:
         raise ValueError(s)
     return n
 
 
-def format_list(cpus: list[int]) -> str:
-    """The inverse of :func:`parse`: ``[1, 2, 3, 7]`` -> ``'1-3,7'``."""
+def format_list(cpus: list[int], grouped: bool = False) -> str:
+    """The inverse of :func:`parse`: ``[1, 2, 3, 7]`` -> ``'1-3,7'``. ``grouped``: a run of at
+    least three equal ranges at an equal stride is one grouped range (``[1, 3, 5, 7]`` ->
+    ``'1-7:1/2'``)."""
+    ranges = _ranges(cpus)
+    if not grouped:
+        return ",".join(_span(lo, hi) for lo, hi in ranges)
     out: list[str] = []
-    it = sorted(set(cpus))
     i = 0
-    while i < len(it):
+    while i < len(ranges):
+        lo, hi = ranges[i]
         j = i
-        while j + 1 < len(it) and it[j + 1] == it[j] + 1:
-            j += 1
-        out.append(str(it[i]) if i == j else f"{it[i]}-{it[j]}")
+        if i + 1 < len(ranges):
+            stride, used = ranges[i + 1][0] - lo, hi - lo + 1
+            while j + 1 < len(ranges) and ranges[j + 1] == (ranges[j][0] + stride, ranges[j][1] + stride):
+                j += 1
+        if j + 1 - i >= _MIN_GROUPS:
+            out.append(f"{lo}-{ranges[j][1]}:{used}/{stride}")
+        else:
+            out.extend(_span(a, b) for a, b in ranges[i:j + 1])
         i = j + 1
     return ",".join(out)
+
+
+def _ranges(cpus: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for c in sorted(set(cpus)):
+        if out and out[-1][1] == c - 1:
+            out[-1] = (out[-1][0], c)
+        else:
+            out.append((c, c))
+    return out
+
+
+def _span(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo}-{hi}"

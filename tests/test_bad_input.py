@@ -116,7 +116,7 @@ def test_up_twice_is_refused_and_the_first_machine_is_untouched(machine):
 
 @pytest.mark.parametrize("args, says", [
     (("offline", "5-2"), "range '5-2' runs backwards"),
-    (("offline", "1,,2"), "item '' is not N or N-M"),
+    (("offline", "1,,2"), "item '' is not a CPU, a range A-B"),
     (("offline", "99"), "names CPU 99, but this machine has CPUs 0-7"),
     (("offline", "0"), "CPU 0 is the boot CPU"),
     (("offline", "0-3"), "CPU 0 is the boot CPU"),
@@ -143,11 +143,11 @@ FULLWIDTH_1, FULLWIDTH_8 = "\uff11", "\uff18"  # '１' and '８': int() takes th
 
 
 @pytest.mark.parametrize("args, says", [
-    (("online", FULLWIDTH_1), "is not N or N-M"),
-    (("offline", "1_0"), "is not N or N-M"),
+    (("online", FULLWIDTH_1), "is not a CPU, a range A-B"),
+    (("offline", "1_0"), "is not a CPU, a range A-B"),
     (("poke", f"mwait_cpu_dead[{FULLWIDTH_1}]"), "is not an address"),
     (("poke", "mwait_cpu_dead[1]", "--value", FULLWIDTH_8), "is not an integer"),
-    (("kexec", "--inject", f"nmi@after-copy:{FULLWIDTH_1}"), "is not N or N-M"),
+    (("kexec", "--inject", f"nmi@after-copy:{FULLWIDTH_1}"), "is not a CPU, a range A-B"),
     (("inject", "nmi", "--count", FULLWIDTH_8), "is not a whole number"),
 ])
 def test_digits_are_ascii_digits(machine, args, says):

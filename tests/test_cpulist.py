@@ -1,6 +1,7 @@
 """The kernel's cpulist syntax, as `smpd offline|online` read it."""
 
 import pytest
+from hypothesis import given, strategies as st
 
 from smpd.cpulist import format_list, parse
 from smpd.errors import BadInput
@@ -9,6 +10,8 @@ from smpd.errors import BadInput
 @pytest.mark.parametrize("text, cpus", [
     ("5", [5]), ("1-63", list(range(1, 64))), ("1,3,5-7", [1, 3, 5, 6, 7]),
     ("7,1-2,2", [1, 2, 7]), (" 3 ", [3]),
+    ("1-9:1/2", [1, 3, 5, 7, 9]), ("0-1023:2/256", [0, 1, 256, 257, 512, 513, 768, 769]),
+    ("0-5:2/3", [0, 1, 3, 4]), ("0-4:2/3", [0, 1, 3, 4]), ("0-3:2/3", [0, 1, 3]), ("2-4:1/1", [2, 3, 4]),
 ])
 def test_parse_accepts_kernel_cpulists(text, cpus):
     assert parse(text) == cpus
@@ -17,6 +20,9 @@ def test_parse_accepts_kernel_cpulists(text, cpus):
 @pytest.mark.parametrize("text, says", [
     ("5-2", "runs backwards"), ("1,,2", "item ''"), ("", "empty"), ("a", "item 'a'"),
     ("1-", "item '1-'"), ("-3", "item '-3'"), ("1-2-3", "item '1-2-3'"),
+    ("1:1/2", "item '1:1/2'"), ("1-5:1", "item '1-5:1'"), ("1-5:/2", "item '1-5:/2'"),
+    ("1-5:0/2", "group '0/2'"), ("1-5:3/2", "group '3/2'"), ("1-5:1/0", "group '1/0'"),
+    ("0-N", "N and all only where the machine is known"), ("all", "item 'all'"),
 ])
 def test_parse_rejects_malformed_lists_naming_the_item(text, says):
     with pytest.raises(BadInput, match="cpulist") as e:
@@ -32,3 +38,23 @@ def test_parse_rejects_cpus_beyond_the_machine():
 def test_format_is_the_inverse_of_parse():
     for text in ("1-63", "1,3,5-7", "0", "2-3,9-10"):
         assert format_list(parse(text)) == text
+
+
+def test_n_and_all_are_the_machines_last_cpu_and_all_of_it():
+    assert parse("1-N", ncpus=8) == list(range(1, 8))
+    assert parse("all:1/2", ncpus=8) == [0, 2, 4, 6]
+    assert parse("N", ncpus=64) == [63]
+
+
+def test_grouped_format_writes_repeated_strides_as_one_range():
+    assert format_list(list(range(1, 4096, 2)), grouped=True) == "1-4095:1/2"
+    assert format_list([0, 1, 256, 257, 512, 513], grouped=True) == "0-513:2/256"
+    assert format_list([1, 3], grouped=True) == "1,3"  # under three groups: plain ranges
+    assert format_list([1, 3, 5]) == "1,3,5"  # the kernel's own form unless asked
+
+
+@given(st.sets(st.integers(0, 300)))
+def test_both_formats_parse_back_to_the_same_cpus(cpus):
+    for grouped in (False, True):
+        text = format_list(sorted(cpus), grouped=grouped)
+        assert (parse(text) if text else []) == sorted(cpus)

@@ -32,7 +32,7 @@ def test_status_cpus_shows_any_cpu_of_a_big_machine_in_full(machine):
 
 
 @pytest.mark.parametrize("bad, says", [("40", "CPUs 0-39"), ("3-1", "runs backwards"), ("", "empty cpulist"),
-                                       ("x", "not N or N-M")])
+                                       ("x", "not a CPU, a range A-B")])
 def test_status_cpus_refuses_a_bad_list(machine, bad, says):
     m = machine(40)
     r = run_smpd("status", "--cpus", bad, name=m.name, check=False)

@@ -49,6 +49,22 @@ def test_nosmt_parks_the_siblings_at_boot_in_the_kernels_own_memory(fresh):
             assert c["state"] == "RUNNING"
 
 
+def test_status_lists_the_siblings_as_a_grouped_cpulist_that_hotplug_reads_back():
+    """The kernel's grouped ranges (bitmap_parselist): nosmt's siblings are every second CPU. (The
+    CPU grid and its lists are what status shows above 32 CPUs.)"""
+    m = Machine(run_name("gen"), 40, "--watch", "adaptive", "--boot", "nosmt")
+    try:
+        out = run_smpd("status", name=m.name).stdout
+        assert "MWAIT          CPU 1-39:1/2" in out and "RUNNING        CPU 0-38:1/2" in out, out
+        r = run_smpd("online", "1-N:2/4", name=m.name, check=False)  # 1-2, 5-6, ...: siblings among them
+        assert r.returncode == 2 and "CPU 1-37:1/4 are SMT siblings" in r.stderr and "nosmt" in r.stderr
+        run_smpd("offline", "2-N:2/4", name=m.name)  # 2, 6, 10, ...
+        out = run_smpd("status", name=m.name).stdout
+        assert "MWAIT          CPU 1-39:3/4" in out and "RUNNING        CPU 0-36:1/4" in out, out
+    finally:
+        m.down()
+
+
 def test_a_pre_fix_chain_survives_link_one_and_triple_faults_on_link_two(fresh):
     code, r = _chain(fresh, "pre-fix")
     assert code == 1

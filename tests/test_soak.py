@@ -385,3 +385,24 @@ def test_replay_refuses_to_trace_over_its_own_soak_file(soak_machine, recorded):
     r = run_smpd("kexec", "--replay", f"{out}:1", "--trace", str(out), name=soak_machine.name, check=False)
     assert r.returncode == 2 and "is the soak file this replay reads" in r.stderr
     assert out.read_bytes() == before
+
+
+def test_a_soak_on_a_nosmt_machine_keeps_the_siblings_parked_in_every_trial(tmp_path):
+    """cpu_up() refuses an SMT sibling under nosmt: each trial's offline set holds the siblings
+    (recorded in the header), and a file recorded without them does not resume there."""
+    m = Machine(run_name("soak"), NCPUS, "--watch", "adaptive", "--boot", "nosmt")
+    try:
+        out = tmp_path / "nosmt.jsonl"
+        run_smpd("soak", "--trials", "6", "--seed", "3", "--out", str(out), name=m.name)
+        header, *trials = lines(out)
+        assert header["boot_parked"] == [1, 3, 5]
+        from smpd import cpulist
+        assert all({1, 3, 5} <= set(cpulist.parse(t["offline"])) for t in trials)
+        assert {c["cpu"] for c in m.status()["cpus"][1:] if c["hotplug"] == "offline"} == {1, 3, 5}
+        plain = tmp_path / "plain.jsonl"
+        first = out.read_text().splitlines(keepends=True)[:4]  # the header and 3 of the 6 trials
+        plain.write_text("".join(first).replace('"boot_parked":[1,3,5]', '"boot_parked":[]', 1))
+        r = run_smpd("soak", "--resume", str(plain), name=m.name, check=False)
+        assert r.returncode == 2 and "parks none of CPU 1-5:1/2 at boot" in r.stderr, r.stderr
+    finally:
+        m.down()

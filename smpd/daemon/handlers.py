@@ -125,6 +125,12 @@ class Handlers:
         """INIT, then SIPI, to each offline CPU of the list; smp_callin() clears mwait_cpu_dead."""
         wanted = self._cpus_arg(cpus)
         require_running_kernel(self.sup, "CPU hotplug")
+        boot = self._map().boot
+        if siblings := [c for c in wanted if boot.parks_at_boot(c)]:
+            raise BadInput(f"CPU {cpulist.format_list(siblings, grouped=True)} "
+                           f"{'is an SMT sibling' if len(siblings) == 1 else 'are SMT siblings'} and the "
+                           f"running kernel booted with nosmt: cpu_up() refuses them (cpu_smt_allowed(), "
+                           f"EPERM); name CPUs that are not siblings (the even ones)")
         self._require_alive(wanted)
         todo = [c for c in wanted if c != 0 and self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
         t0 = time.monotonic_ns()

@@ -130,14 +130,14 @@ def _by_state(cpus: list[dict]) -> Text:
     for c in cpus:
         key = f"{c['state']} (gen {c['generation']})" if split else c["state"]
         by_state.setdefault(key, []).append(c["cpu"])
-    return Text("\n".join(f"{s:<14} CPU {format_list(v)}" for s, v in sorted(by_state.items())))
+    return Text("\n".join(f"{s:<14} CPU {format_list(v, grouped=True)}" for s, v in sorted(by_state.items())))
 
 
 def _interrupt_lists(cpus: list[dict]) -> list[Text]:
     """Per interrupt kind, the CPUs that took one, have one pending, hold one: every CPU, none left out."""
     out = []
     for kind in ("nmi", "smi", "mce"):
-        said = [f"{what} {'by' if what == 'taken' else 'on'} CPU {format_list(v)}"
+        said = [f"{what} {'by' if what == 'taken' else 'on'} CPU {format_list(v, grouped=True)}"
                 for what in ("taken", "pending", "held")
                 if (v := [c["cpu"] for c in cpus if c["interrupts"][kind][what]])]
         if said:
@@ -216,7 +216,7 @@ def cpu_outcomes(cpus: list[dict]) -> Text:
         groups.setdefault((c["state"], c["fault"]), []).append(c["cpu"])
     t = Text()
     for (state, fault), members in sorted(groups.items()):
-        t.append(f"  {state:<14} {'' if fault == 'NONE' else fault:<13} CPU {format_list(members)}\n")
+        t.append(f"  {state:<14} {'' if fault == 'NONE' else fault:<13} CPU {format_list(members, grouped=True)}\n")
     return t
 
 

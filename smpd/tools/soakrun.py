@@ -222,11 +222,24 @@ def run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resumed
         _run(live, plan, records, out, load_spec, resumed, console)
 
 
-def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resumed, console: Console) -> None:
+def _machine_status(live, plan: soak.Plan, out: str, resumed) -> dict:
+    """The machine's status, reset first if a kexec ended it; the CPUs its kernel parks at boot
+    (nosmt) are the plan's, or a resumed plan's."""
     status = live.request("status")
     if status["machine"]["state"] in ("KEXECED", "ENDED"):
         live.request("reset")
         status = live.request("status")
+    if resumed is None:
+        plan.boot_parked = status["machine"]["boot_parked"]
+    elif unparked := set(status["machine"]["boot_parked"]) - set(plan.boot_parked):
+        raise BadInput(f"{out} was recorded on a machine whose kernel parks none of CPU "
+                       f"{cpulist.format_list(sorted(unparked), grouped=True)} at boot; machine '{live.name}' "
+                       f"does (nosmt), so its trials would differ")
+    return status
+
+
+def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resumed, console: Console) -> None:
+    status = _machine_status(live, plan, out, resumed)
     if resumed is None:
         plan.idle_kick = idle_kick(live)
         plan.started = time.time()

@@ -43,6 +43,7 @@ from smpd.machine.segment import Segment
 
 TEMPLATE_COMM = "smpd-template"
 _PAIR = struct.Struct("<ii")
+STOP_WAIT_S = 5.0  # a template told to exit after its batch has this long before it is killed
 
 
 class Template:
@@ -55,7 +56,7 @@ class Template:
 
     def start(self) -> None:
         """Exec the template; its interpreter starts while the coordinator goes on."""
-        import subprocess
+        import subprocess  # here: the template's own interpreter need not import it
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         spec = {"segment": self.seg.name, "segment_fd": self.seg.fd, "socket_fd": theirs.fileno(),
@@ -75,6 +76,7 @@ class Template:
         as it is forked, then end the template. ``poll`` runs between answers (the coordinator's
         stop check). Raises HostTooSmall when the host refuses a process, CpuLost when the
         template dies before it answered all; every CPU process forked is adopted all the same."""
+        done = False
         try:
             if self.proc is None:
                 self.start()
@@ -85,8 +87,9 @@ class Template:
                 if pid < 0:
                     raise fork_refused(OSError(-pid, os.strerror(-pid)), f"CPU{cpu}")
                 adopt(cpu, pid)
+            done = True
         finally:
-            for cpu, pid in self.stop():
+            for cpu, pid in self.stop(wait_s=STOP_WAIT_S if done else 0):
                 adopt(cpu, pid)
 
     def _answer(self, poll: Callable[[], None]) -> tuple[int, int]:
@@ -102,13 +105,21 @@ class Template:
                           f"with status {self.proc.wait()}")
         return _PAIR.unpack(reply)
 
-    def stop(self) -> list[tuple[int, int]]:
-        """End the template and reap it (at once: it may be mid-batch, if the coordinator stops).
-        Returns the (cpu, pid) answers it sent that were not read: those CPU processes are the
-        coordinator's children all the same. One it forked but had not answered yet dies with
-        the coordinator (PR_SET_PDEATHSIG)."""
+    def stop(self, wait_s: float = 0) -> list[tuple[int, int]]:
+        """End the template and reap it: told to, so that it lets its last CPU run, and killed after
+        ``wait_s`` (at once by default: mid-batch, when the coordinator stops). Returns the
+        (cpu, pid) answers it sent that were not read: those CPU processes are the coordinator's
+        children all the same. One it forked but had not told to run exits (``_fork_one``)."""
+        import subprocess
+
         left = []
         if self.proc is not None:
+            if wait_s and self.sock is not None:
+                self.sock.shutdown(socket.SHUT_WR)  # its recv() ends: it exits
+                try:
+                    self.proc.wait(wait_s)
+                except subprocess.TimeoutExpired:
+                    pass
             if self.proc.poll() is None:
                 self.proc.kill()
             self.proc.wait()
@@ -135,19 +146,34 @@ def template_main(spec: dict) -> None:
     gc.freeze()  # what the CPUs inherit stays out of their collector (and so uncopied)
     while request := sock.recv(seg.geo.ncpus * _PAIR.size):
         for cpu, core in _PAIR.iter_unpack(request):
-            try:
-                pid = fork_sibling()
-            except OSError as err:
-                sock.send(_PAIR.pack(cpu, -err.errno))
-                continue
-            if pid == 0:
-                try:
-                    cpu_main(seg, bus, cpu, spec["signals"], spec["coordinator"], None if core < 0 else core)
-                finally:
-                    os._exit(70)
-            sock.send(_PAIR.pack(cpu, pid))
+            _fork_one(sock, seg, bus, spec, cpu, None if core < 0 else core)
     os._exit(0)
 
+
+def _fork_one(sock: socket.socket, seg: Segment, bus: Bus, spec: dict, cpu: int, core: int | None) -> None:
+    """Fork CPU ``cpu``'s process and answer its pid. The process waits on a pipe until the answer
+    is sent: one whose answer never left (the template killed between the two) exits at once,
+    so every CPU process that runs is one the coordinator was told of."""
+    told_r, told_w = os.pipe()
+    try:
+        pid = fork_sibling()
+    except OSError as err:
+        os.close(told_r)
+        os.close(told_w)
+        sock.send(_PAIR.pack(cpu, -err.errno))
+        return
+    if pid == 0:
+        try:
+            os.close(told_w)
+            if not os.read(told_r, 1):
+                os._exit(0)
+            cpu_main(seg, bus, cpu, spec["signals"], spec["coordinator"], core)
+        finally:
+            os._exit(70)
+    os.close(told_r)
+    sock.send(_PAIR.pack(cpu, pid))
+    os.write(told_w, b"!")
+    os.close(told_w)
 
 if __name__ == "__main__":
     template_main(json.loads(sys.argv[1]))

@@ -2,10 +2,14 @@
 lib/bitmap-str.c bitmap_parselist()): ``1-63``, ``1,3,5-7``, and its grouped ranges,
 ``1-4095:1/2`` (from 1 to 4095, the first 1 CPU of every 2: the odd CPUs, nosmt's SMT siblings)
 and ``0-1023:2/256`` (CPUs 0-1, 256-257, 512-513, 768-769). ``N`` is the machine's last CPU
-and ``all`` all of its CPUs, where the machine is known (``ncpus``).
+and ``all`` all of its CPUs, where the machine is known (``ncpus``). As in the kernel, a range
+that ends past the machine's last CPU is refused (bitmap_check_region(): ERANGE), and the
+selected CPUs are the same wherever both accept a list. smpd is stricter in three ways: no
+empty items, no group that takes 0 CPUs, and ``N`` only at a range's ends.
 
 The kernel prints cpulists as ranges only (``%*pbl``); ``format_list(grouped=True)`` also
-writes the grouped form where a stride repeats, so that a 4096-CPU status stays readable.
+writes the grouped form where a stride repeats and that is shorter, so that a 4096-CPU status
+stays readable.
 """
 
 from __future__ import annotations
@@ -15,17 +19,19 @@ from smpd.inputs import ascii_int
 
 ACCEPTED = ("a cpulist like '5', '1-63', '1,3,5-7', '1-63:1/2' (the first 1 of every 2), '0-N' "
             "(N: the last CPU) or 'all'; ascending ranges, no empty items")
+LAST_CPU = 4095  # the last CPU any machine has (smpd.config.MAX_CPUS - 1)
 _MIN_GROUPS = 3  # a stride shown as a grouped range once it repeats this often
 
 
 def parse(text: str, ncpus: int | None = None) -> list[int]:
-    """Sorted, de-duplicated CPU numbers; ``ncpus`` bounds them to 0..ncpus-1 when given."""
+    """Sorted, de-duplicated CPU numbers; ``ncpus`` bounds them to 0..ncpus-1 when given. Any list
+    costs at most a LAST_CPU-wide bitmap per item, whatever its ranges say."""
     if not isinstance(text, str) or not text.strip():
         raise BadInput(f"empty cpulist; expected {ACCEPTED}")
-    cpus: set[int] = set()
-    for item in text.strip().split(","):
-        cpus.update(_item(text, item, ncpus))
-    result = sorted(cpus)
+    bits = bytearray(LAST_CPU + 1)
+    for item in text.split(","):
+        _select(bits, *_item(text, item.strip(" \t\n"), ncpus))
+    result = [c for c, b in enumerate(bits) if b]
     if ncpus is not None and result[-1] >= ncpus:
         bad = [c for c in result if c >= ncpus]
         raise BadInput(
@@ -34,11 +40,27 @@ def parse(text: str, ncpus: int | None = None) -> list[int]:
     return result
 
 
-def _item(text: str, item: str, ncpus: int | None) -> range | list[int]:
-    """One item, as bitmap_parselist() reads it: N, N-M, N-M:USED/GROUP, all or all:USED/GROUP."""
+def _select(bits: bytearray, lo: int, hi: int, used: int, size: int) -> None:
+    """Set, of every ``size`` CPUs from ``lo`` to ``hi``, the ``used`` first: by whichever is fewer,
+    the groups or the strides through them (a bounded number of slice stores either way)."""
+    starts = range(lo, hi + 1, size)
+    if used == size or len(starts) <= used:
+        for start in starts:
+            end = min(start + used, hi + 1) if used < size else hi + 1
+            bits[start:end] = b"\x01" * (end - start)
+            if used == size:
+                break
+    else:
+        for k in range(used):
+            bits[lo + k:hi + 1:size] = b"\x01" * len(range(lo + k, hi + 1, size))
+
+
+def _item(text: str, item: str, ncpus: int | None) -> tuple[int, int, int, int]:
+    """One item, as bitmap_parselist() reads it (N, N-M, N-M:USED/GROUP, all or all:USED/GROUP):
+    its first and last CPU, and of every GROUP CPUs from the first, the USED first."""
     span, colon, group = item.partition(":")
     try:
-        if span == "all" and ncpus is not None:
+        if span.lower() == "all" and ncpus is not None:
             lo, hi = 0, ncpus - 1
         else:
             lo_s, sep, hi_s = span.partition("-")
@@ -56,12 +78,15 @@ def _item(text: str, item: str, ncpus: int | None) -> range | list[int]:
                        f"expected {ACCEPTED}") from None
     if hi < lo:
         raise BadInput(f"malformed cpulist '{text}': range '{item}' runs backwards; expected {ACCEPTED}")
+    if hi > LAST_CPU:
+        raise BadInput(f"cpulist '{text}': item '{item}' names CPU {hi}; no machine has CPUs past {LAST_CPU}")
+    if colon and ncpus is not None and hi >= ncpus:  # (a plain range that does selects its end: parse says so)
+        raise BadInput(f"cpulist '{text}': range '{item}' ends at CPU {hi}, but this machine has CPUs "
+                       f"0-{ncpus - 1}")
     if not 0 < used_n <= size_n:
         raise BadInput(f"malformed cpulist '{text}': group '{group}' of '{item}' must take 1 to GROUP "
                        f"CPUs of every GROUP (GROUP > 0); expected {ACCEPTED}")
-    if size_n == 1:
-        return range(lo, hi + 1)
-    return [c for start in range(lo, hi + 1, size_n) for c in range(start, min(start + used_n, hi + 1))]
+    return lo, hi, used_n, size_n
 
 
 def _number(s: str, ncpus: int | None) -> int:
@@ -75,8 +100,8 @@ def _number(s: str, ncpus: int | None) -> int:
 
 def format_list(cpus: list[int], grouped: bool = False) -> str:
     """The inverse of :func:`parse`: ``[1, 2, 3, 7]`` -> ``'1-3,7'``. ``grouped``: a run of at
-    least three equal ranges at an equal stride is one grouped range (``[1, 3, 5, 7]`` ->
-    ``'1-7:1/2'``)."""
+    least three equal ranges at an equal stride is one grouped range where that is shorter
+    (``[1, 3, 5, 7, 9]`` -> ``'1-9:1/2'``; ``[1, 3, 5]`` stays ``'1,3,5'``)."""
     ranges = _ranges(cpus)
     if not grouped:
         return ",".join(_span(lo, hi) for lo, hi in ranges)
@@ -89,10 +114,9 @@ def format_list(cpus: list[int], grouped: bool = False) -> str:
             stride, used = ranges[i + 1][0] - lo, hi - lo + 1
             while j + 1 < len(ranges) and ranges[j + 1] == (ranges[j][0] + stride, ranges[j][1] + stride):
                 j += 1
-        if j + 1 - i >= _MIN_GROUPS:
-            out.append(f"{lo}-{ranges[j][1]}:{used}/{stride}")
-        else:
-            out.extend(_span(a, b) for a, b in ranges[i:j + 1])
+        plain = ",".join(_span(a, b) for a, b in ranges[i:j + 1])
+        group = f"{lo}-{ranges[j][1]}:{used}/{stride}" if j + 1 - i >= _MIN_GROUPS else plain
+        out.append(group if len(group) < len(plain) else plain)
         i = j + 1
     return ",".join(out)
 

@@ -67,7 +67,7 @@ def test_up_refuses_a_machine_the_process_limit_cannot_hold(machine_name):
     assert r["code"] == 2
     line = _error_line_of(r["stderr"])
     # the second user runs one process already: this one
-    assert "RLIMIT_NPROC (20" in line and "room for 19 more" in line and "up to --cpus 18" in line
+    assert "RLIMIT_NPROC (20" in line and "room for 19 more" in line and "up to --cpus 17" in line
     assert not [e for e in os.listdir("/dev/shm") if e.startswith(f"smpd-{uid}-")]
 
 

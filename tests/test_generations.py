@@ -82,7 +82,7 @@ def test_a_pre_fix_chain_survives_link_one_and_triple_faults_on_link_two(fresh):
 @pytest.mark.parametrize("flavour", ["6.6", "6.5"])
 def test_the_fixed_kernels_chain_cleanly(fresh, flavour):
     code, r = _chain(fresh, flavour)
-    assert code == 0 and r["first_failing_link"] is None
+    assert code == 0 and r["first_failing_link"] is None, [(x["outcome"], x["evidence"]) for x in r["links"]]
     assert [link["outcome"] for link in r["links"]] == ["CLEAN"] * 3
     assert [link["generation"]["new"] for link in r["links"]] == [2, 3, 4]
     assert fresh.status()["machine"]["generation"] == 4
@@ -284,3 +284,20 @@ def test_panic_refuses_bad_input_and_leaves_the_machine_as_it_was(fresh):
         r = run_smpd(*args, name=fresh.name, check=False)
         assert r.returncode == 2 and says in r.stderr, r.stderr
     assert fresh.status()["machine"]["state"] != "ENDED"
+
+
+def test_a_nosmt_sibling_never_booted_comes_up_once_parks_and_is_refused_after():
+    """maxcpus=4 leaves siblings 5 and 7 unstarted: cpu_up() boots each once and it parks in
+    mwait_play_dead() (the kernel's ECANCELED); from then on cpu_up() refuses it (EPERM)."""
+    m = Machine(run_name("gen"), 8, "--watch", "adaptive", "--boot", "nosmt,maxcpus=4")
+    try:
+        r = run_smpd("online", "5", name=m.name, check=False)
+        assert r.returncode == 1 and "CPU 5: SMT sibling of a nosmt kernel" in r.stdout, r.stdout + r.stderr
+        assert "(ECANCELED); not online" in r.stdout
+        c = m.cpu(5)
+        assert (c["state"], c["hotplug"]) == ("MWAIT", "offline") and c["monitor"]["symbol"] == "mwait_cpu_dead[5].control"
+        r = run_smpd("online", "4-7", name=m.name, check=False)
+        assert r.returncode == 2 and "CPU 5 is an SMT sibling" in r.stderr and "nothing was onlined" in r.stderr
+        assert m.cpu(4)["hotplug"] == "offline"  # not started by maxcpus, and not onlined either
+    finally:
+        m.down()

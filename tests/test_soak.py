@@ -395,14 +395,15 @@ def test_a_soak_on_a_nosmt_machine_keeps_the_siblings_parked_in_every_trial(tmp_
         out = tmp_path / "nosmt.jsonl"
         run_smpd("soak", "--trials", "6", "--seed", "3", "--out", str(out), name=m.name)
         header, *trials = lines(out)
-        assert header["boot_parked"] == [1, 3, 5]
+        assert header["nosmt_siblings"] == [1, 3, 5]
         from smpd import cpulist
         assert all({1, 3, 5} <= set(cpulist.parse(t["offline"])) for t in trials)
         assert {c["cpu"] for c in m.status()["cpus"][1:] if c["hotplug"] == "offline"} == {1, 3, 5}
         plain = tmp_path / "plain.jsonl"
         first = out.read_text().splitlines(keepends=True)[:4]  # the header and 3 of the 6 trials
-        plain.write_text("".join(first).replace('"boot_parked":[1,3,5]', '"boot_parked":[]', 1))
+        plain.write_text("".join(first).replace('"nosmt_siblings":[1,3,5]', '"nosmt_siblings":[]', 1))
         r = run_smpd("soak", "--resume", str(plain), name=m.name, check=False)
-        assert r.returncode == 2 and "parks none of CPU 1-5:1/2 at boot" in r.stderr, r.stderr
+        assert r.returncode == 2 and "recorded on a machine booted without nosmt" in r.stderr, r.stderr
+        assert "machine '" + m.name + "' booted with nosmt (SMT siblings CPU 1,3,5 kept offline)" in r.stderr
     finally:
         m.down()

@@ -27,6 +27,7 @@ from smpd.daemon import channel
 from smpd.daemon.kernel_ops import KernelOps, require_alive, require_running_kernel
 from smpd.daemon.status import status_snapshot
 from smpd.errors import BadInput, InternalError, SmpdError
+from smpd.kernel import boot as kboot
 from smpd.kernel.cpu import IPI_DONE
 from smpd.kernel.generations import Generations
 from smpd.machine import layout as L
@@ -122,24 +123,29 @@ class Handlers:
                 "ms": (time.monotonic_ns() - t0) / 1e6}
 
     def op_online(self, cpus: str) -> dict:
-        """INIT, then SIPI, to each offline CPU of the list; smp_callin() clears mwait_cpu_dead."""
+        """INIT, then SIPI, to each offline CPU of the list; smp_callin() clears mwait_cpu_dead.
+        Under nosmt, cpu_up() refuses an SMT sibling this kernel has booted once (EPERM), and one
+        it never booted (maxcpus) comes up once and parks in mwait_play_dead() again (ECANCELED)."""
         wanted = self._cpus_arg(cpus)
         require_running_kernel(self.sup, "CPU hotplug")
-        boot = self._map().boot
-        if siblings := [c for c in wanted if boot.parks_at_boot(c)]:
-            raise BadInput(f"CPU {cpulist.format_list(siblings, grouped=True)} "
-                           f"{'is an SMT sibling' if len(siblings) == 1 else 'are SMT siblings'} and the "
-                           f"running kernel booted with nosmt: cpu_up() refuses them (cpu_smt_allowed(), "
-                           f"EPERM); name CPUs that are not siblings (the even ones)")
+        m, seg = self._map(), self.sup.seg
+        if refused := [c for c in wanted if m.boot.smt_sibling(c) and seg.cb(c, "cpu_gen") == m.gen]:
+            raise BadInput(f"CPU {cpulist.format_list(refused, grouped=True)} "
+                           f"{'is an SMT sibling' if len(refused) == 1 else 'are SMT siblings'} and the running "
+                           f"kernel booted with nosmt: cpu_up() refuses {'it' if len(refused) == 1 else 'them'} "
+                           f"(cpu_smt_allowed(), cpu_bootable() from v6.7: EPERM); nothing was onlined. Name "
+                           f"CPUs that are not siblings (in this machine's topology, the even ones)")
         self._require_alive(wanted)
-        todo = [c for c in wanted if c != 0 and self.sup.seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
+        todo = [c for c in wanted if c != 0 and seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
         t0 = time.monotonic_ns()
         budget = self.sup.ipi_timeout_s + 0.002 * len(todo)
         self.sup.ipi_all(todo, L.Ipi.INIT, budget, "online (INIT)")
         results = self.sup.ipi_all(todo, L.Ipi.SIPI, budget, "online (SIPI)")
         assert all(r == IPI_DONE for r in results.values()), results
-        return {"onlined": todo, "already_online": [c for c in wanted if c not in todo],
-                "ms": (time.monotonic_ns() - t0) / 1e6}
+        parked = [c for c in todo if m.boot.smt_sibling(c)]
+        kboot.wait_parked(self.sup, parked)
+        return {"onlined": [c for c in todo if c not in parked], "parked": parked,
+                "already_online": [c for c in wanted if c not in todo], "ms": (time.monotonic_ns() - t0) / 1e6}
 
     def _map(self):
         return Generations(self.sup.seg).current()

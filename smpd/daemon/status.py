@@ -80,7 +80,7 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None, brief: bo
         "spin_budget_us": seg.hdr("spin_budget_ns") // 1000,
         "seed": seg.hdr("seed"), "generation": current.gen, "kernel": current.boot.text(),
         "flavour": current.boot.flavour, "memory": current.summary(),
-        "boot_parked": [c for c in range(1, geo.ncpus) if current.boot.parks_at_boot(c)], "ram_pages": geo.ram_pages,
+        "nosmt_siblings": [c for c in range(1, geo.ncpus) if current.boot.smt_sibling(c)], "ram_pages": geo.ram_pages,
         "state": L.MachineState(seg.hdr("state")).name, "uptime_s": (now - seg.hdr("boot_ns")) / 1e9,
         "bringup_ms": seg.hdr("bringup_ns") / 1e6, "segment": seg.name,
         "segment_bytes": geo.size, "layout_version": L.LAYOUT_VERSION,

@@ -1,5 +1,6 @@
-"""The template: the lean process every CPU process is forked from, as the kernel forks each
-AP's idle task from init_task rather than from whatever runs at the time.
+"""The template: the lean process every CPU process is forked from. A host-side saving with no
+kernel counterpart: a CPU process stands for a logical CPU and lives across kexecs; it is not
+the idle task each generation's fork_idle() writes into the emulated memory (smpd.kernel.memmap).
 
 A CPU process forked from the coordinator inherits the coordinator's heap (~33 MB resident),
 and each page of it the CPU writes (a reference count, an allocation) is copied for it. The
@@ -80,7 +81,10 @@ class Template:
         try:
             if self.proc is None:
                 self.start()
-            self.sock.send(b"".join(_PAIR.pack(c, -1 if k is None else k) for c, k in plan.items()))
+            try:
+                self.sock.send(b"".join(_PAIR.pack(c, -1 if k is None else k) for c, k in plan.items()))
+            except OSError:  # it died before it read the request (EPIPE, ECONNRESET)
+                raise self._gone() from None
             self.sock.settimeout(0.1)
             for _ in plan:
                 cpu, pid = self._answer(poll)
@@ -100,10 +104,16 @@ class Template:
                 break
             except TimeoutError:
                 continue
+            except OSError:
+                reply = b""
+                break
         if not reply:
-            raise CpuLost(f"the process CPU processes are forked from (pid {self.proc.pid}) exited "
-                          f"with status {self.proc.wait()}")
+            raise self._gone()
         return _PAIR.unpack(reply)
+
+    def _gone(self) -> CpuLost:
+        return CpuLost(f"the process CPU processes are forked from (pid {self.proc.pid}) exited "
+                       f"with status {self.proc.wait()}")
 
     def stop(self, wait_s: float = 0) -> list[tuple[int, int]]:
         """End the template and reap it: told to, so that it lets its last CPU run, and killed after
@@ -115,10 +125,10 @@ class Template:
         left = []
         if self.proc is not None:
             if wait_s and self.sock is not None:
-                self.sock.shutdown(socket.SHUT_WR)  # its recv() ends: it exits
                 try:
+                    self.sock.shutdown(socket.SHUT_WR)  # its recv() ends: it exits
                     self.proc.wait(wait_s)
-                except subprocess.TimeoutExpired:
+                except (OSError, subprocess.TimeoutExpired):
                     pass
             if self.proc.poll() is None:
                 self.proc.kill()
@@ -129,7 +139,7 @@ class Template:
             try:
                 while reply := self.sock.recv(_PAIR.size):
                     left.append(_PAIR.unpack(reply))
-            except BlockingIOError:
+            except OSError:  # none left (EAGAIN), or the template's end reset
                 pass
             self.sock.close()
             self.sock = None

@@ -31,7 +31,7 @@ def _uid_processes() -> int:
 
 def check_capacity(ncpus: int, segment_bytes: int, cpu_process_mib: int, memory_share: float) -> None:
     """Raise HostTooSmall, naming the limit, when the host cannot hold the machine."""
-    procs = ncpus + 1  # CPU processes 1..N-1, the coordinator and its janitor
+    procs = ncpus + 2  # CPU processes 1..N-1, the coordinator, its janitor and the template they come from
     need = (ncpus - 1) * cpu_process_mib * 2**20 + segment_bytes
     avail = psutil.virtual_memory().available
     if need > avail * memory_share:
@@ -49,8 +49,8 @@ def check_capacity(ncpus: int, segment_bytes: int, cpu_process_mib: int, memory_
         if procs > room:
             raise HostTooSmall(
                 f"--cpus {ncpus} needs {procs} processes but RLIMIT_NPROC ({soft}, `ulimit -u`) leaves room "
-                f"for {room} more of this user's; " + (f"this host holds up to --cpus {room - 1}" if room >= 2 else
-                                                       "no machine fits (the smallest needs 2)")
+                f"for {room} more of this user's; " + (f"this host holds up to --cpus {room - 2}" if room >= 3 else
+                                                       "no machine fits (the smallest needs 3)")
             )
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     running = len(psutil.pids())

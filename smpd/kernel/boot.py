@@ -43,16 +43,22 @@ def start_aps(port, m: MemoryMap, cpus: list[int], timeout_s: float) -> dict:
     _, miss_sipi = port.ipi_wait(started, L.Ipi.SIPI, timeout_s)
     up = [c for c in started if c not in miss_sipi]
     parks = [c for c in up if m.boot.parks_at_boot(c)]
-    waiting = list(parks)
+    wait_parked(port, parks)
+    return {"started": up, "missing": miss_init + miss_sipi, "left_behind": left, "parked": parks}
+
+
+def wait_parked(port, cpus: list[int]) -> None:
+    """Wait (PARK_S at most) until each of ``cpus``, SMT siblings on their way, is parked in
+    mwait_play_dead(). Parked means MONITOR armed, not just the state word set on the way in: a
+    kexec right after this boot (a chain) must find them as a real machine would, long parked."""
+    seg = port.seg
+    waiting = list(cpus)
     deadline = time.monotonic() + PARK_S
     while waiting and time.monotonic() < deadline:
-        # Parked means MONITOR armed, not just the state word set on the way in: a kexec right after
-        # this boot (a chain) must find them as a real machine would, long parked.
         waiting = [c for c in waiting if not (seg.cb(c, "state") == L.ExecState.MWAIT and seg.cb(c, "mon_armed"))
                    and port.cpu_alive(c)]
         if waiting:
             time.sleep(0.0005)
-    return {"started": up, "missing": miss_init + miss_sipi, "left_behind": left, "parked": parks}
 
 
 def current(seg) -> MemoryMap:

@@ -140,9 +140,10 @@ class Cpu(Executes, CpuCore):
         self._add("sipi_count", 1)
         events.log(self.seg, self.cpu, L.Ev.SIPI)
         self.smp_callin()
-        if self.map.boot.parks_at_boot(self.cpu):
+        if self.map.boot.smt_sibling(self.cpu):
             # nosmt: an SMT sibling is brought up once (so that CR4.MCE is set) and then
-            # parked for good in mwait_play_dead(), by every kernel, kexec'd ones included.
+            # parked for good in mwait_play_dead(), by every kernel, kexec'd ones included;
+            # so is one a kernel did not start at boot (maxcpus), by its first cpu_up().
             return self.play_dead
         return self.running
 

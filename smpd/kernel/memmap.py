@@ -156,9 +156,16 @@ class Boot:
             return cpu == 0  # kdump runs with nr_cpus=1
         return self.maxcpus is None or cpu < self.maxcpus
 
+    def smt_sibling(self, cpu: int) -> bool:
+        """With nosmt, a CPU the kernel keeps offline: an SMT sibling (in this machine's topology
+        the odd CPUs), brought up once (at boot, or by a first cpu_up()) and parked in
+        mwait_play_dead(); cpu_up() refuses it from then on (cpu_smt_allowed(), cpu_bootable() from
+        v6.7: EPERM)."""
+        return self.nosmt and cpu % 2 == 1
+
     def parks_at_boot(self, cpu: int) -> bool:
-        """With nosmt the kernel brings each SMT sibling up once and parks it in mwait_play_dead()."""
-        return self.nosmt and cpu % 2 == 1 and self.started(cpu)
+        """With nosmt the kernel brings each SMT sibling it starts up once and parks it in mwait_play_dead()."""
+        return self.smt_sibling(cpu) and self.started(cpu)
 
     @property
     def monitors_thread_info(self) -> bool:

@@ -307,7 +307,8 @@ def status(name, as_json, live, interval, count, only):
 def offline(name, cpus):
     """Take CPUs offline: each runs play_dead() into mwait_play_dead().
 
-    CPULIST is the kernel's syntax: 5, 1-63, 1,3,5-7. CPU 0 cannot go offline.
+    CPULIST is the kernel's syntax: 5, 1-63, 1,3,5-7, 1-63:1/2 (every second CPU), 0-N. CPU 0
+    cannot go offline.
     """
     machine = lifecycle.require(name)
     cpulist.parse(cpus, machine.ncpus)  # the same check the coordinator makes, before connecting
@@ -324,6 +325,11 @@ def online(name, cpus):
     cpulist.parse(cpus, machine.ncpus)
     r = machine.request("online", cpus=cpus)
     _report_hotplug(r, "onlined", "already_online", "online", "RUNNING")
+    if r.get("parked"):  # nosmt siblings this kernel had never booted (maxcpus)
+        click.echo(f"CPU {cpulist.format_list(r['parked'])}: SMT sibling{'s' if len(r['parked']) > 1 else ''} "
+                   f"of a nosmt kernel: cpu_up() booted {'them' if len(r['parked']) > 1 else 'it'} once and parked "
+                   f"{'them' if len(r['parked']) > 1 else 'it'} in mwait_play_dead() (ECANCELED); not online")
+        sys.exit(1)
 
 
 def _report_hotplug(r: dict, done: str, already: str, word: str, where: str) -> None:

@@ -216,7 +216,7 @@ def cpu_outcomes(cpus: list[dict]) -> Text:
         groups.setdefault((c["state"], c["fault"]), []).append(c["cpu"])
     t = Text()
     for (state, fault), members in sorted(groups.items()):
-        t.append(f"  {state:<14} {'' if fault == 'NONE' else fault:<13} CPU {format_list(members, grouped=True)}\n")
+        t.append(f"  {state:<14} {'' if fault == 'NONE' else fault:<13} CPU {format_list(members)}\n")
     return t
 
 

@@ -55,9 +55,8 @@ class Plan:
     idle_kick: dict = field(default_factory=dict)
     started: float = 0.0
     cluster: dict | None = None  # `--cluster`: {"address", "slots_per_node"} (smpd.tools.cluster)
-    # CPUs the machine's kernel parks at boot (nosmt's SMT siblings): offline in every trial, as
-    # cpu_up() refuses them
-    boot_parked: list[int] = field(default_factory=list)
+    # nosmt's SMT siblings: offline in every trial, as the kernel keeps them (cpu_up() refuses them)
+    nosmt_siblings: list[int] = field(default_factory=list)
 
     def identity(self) -> dict:
         """What a resumed run must agree on to continue the same sequence."""
@@ -103,7 +102,7 @@ def draw(plan: Plan, trial: int) -> dict:
         offline = others
     else:
         offline = sorted(rng.sample(others, rng.randint(1, len(others))))
-    offline = sorted(set(offline) | set(plan.boot_parked))
+    offline = sorted(set(offline) | set(plan.nosmt_siblings))
     order = rng.choice(ORDERS)
     inject = []
     if others and rng.random() < plan.inject_rate:
@@ -222,7 +221,7 @@ HEADER_FIELDS = {
     "started": (_real(0, 1e12), "a time in seconds"),
 }
 HEADER_OPTIONAL = {
-    "boot_parked": (lambda v: type(v) is list and all(_int(1, 4095)(c) for c in v), "a list of CPU numbers"),
+    "nosmt_siblings": (lambda v: type(v) is list and all(_int(1, 4095)(c) for c in v), "a list of CPU numbers"),
     "cluster": (_optional(lambda v: type(v) is dict and type(v.get("address")) is str
                           and _int(1, 64)(v.get("slots_per_node"))), "null or {address, slots_per_node}"),
 }

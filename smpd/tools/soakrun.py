@@ -223,18 +223,21 @@ def run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resumed
 
 
 def _machine_status(live, plan: soak.Plan, out: str, resumed) -> dict:
-    """The machine's status, reset first if a kexec ended it; the CPUs its kernel parks at boot
-    (nosmt) are the plan's, or a resumed plan's."""
+    """The machine's status, reset first if a kexec ended it. Its nosmt siblings (kept offline by
+    its kernel) are the plan's, or must be a resumed plan's: their trials ran with them parked."""
     status = live.request("status")
     if status["machine"]["state"] in ("KEXECED", "ENDED"):
         live.request("reset")
         status = live.request("status")
+    siblings = status["machine"].get("nosmt_siblings", [])  # (a coordinator of an older smpd has none)
     if resumed is None:
-        plan.boot_parked = status["machine"]["boot_parked"]
-    elif unparked := set(status["machine"]["boot_parked"]) - set(plan.boot_parked):
-        raise BadInput(f"{out} was recorded on a machine whose kernel parks none of CPU "
-                       f"{cpulist.format_list(sorted(unparked), grouped=True)} at boot; machine '{live.name}' "
-                       f"does (nosmt), so its trials would differ")
+        plan.nosmt_siblings = siblings
+    elif siblings != plan.nosmt_siblings:
+        said = {True: "booted with nosmt (SMT siblings CPU {} kept offline)", False: "booted without nosmt"}
+        raise BadInput(f"{out} was recorded on a machine "
+                       + said[bool(plan.nosmt_siblings)].format(cpulist.format_list(plan.nosmt_siblings))
+                       + f"; machine '{live.name}' " + said[bool(siblings)].format(cpulist.format_list(siblings))
+                       + ", so its trials would differ. Resume on a machine booted like the one it ran on")
     return status
 
 

@@ -92,6 +92,8 @@ class Coordinator:
         self.ctime = me.create_time()
         image.keep_images()
         self._start_janitor()  # first: from here on, whatever kills us, someone cleans up after us
+        self.template = Template(self.signals)
+        self.template.start()  # its interpreter starts while we make the segment and load the kernel
         try:
             self.seg = seg = Segment.create(names.segment(self.name), geo, os.getpid(), self.ctime, self.name)
         except SegmentExists:
@@ -115,8 +117,6 @@ class Coordinator:
             ("smm_hangs_in_init", int(self.cfg.get("firmware", "smm_hangs_with_cpus_in_init"))),
         ):
             seg.set_hdr(field, value)
-        self.template = Template(seg, self.signals)
-        self.template.start()  # its interpreter starts while we load the kernel
         check_stop()
         self.bus = Bus(seg)
         self.mailbox = Mailbox(seg, self.bus, self.cpu_alive, self._mark_gone, check_stop)
@@ -225,8 +225,8 @@ class Coordinator:
 
     def _fork_cpus(self, plan: dict[int, int | None]) -> None:
         """A process for each CPU of ``plan`` (cpu -> host core), forked by the template, which ends here."""
-        template, self.template = self.template or Template(self.seg, self.signals), None
-        template.fork(plan, check_stop, self._adopt)
+        template, self.template = self.template or Template(self.signals), None
+        template.fork(self.seg, plan, check_stop, self._adopt)
 
     def _adopt(self, cpu: int, pid: int) -> None:
         self.procs[cpu] = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(pid)

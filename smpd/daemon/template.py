@@ -50,21 +50,23 @@ STOP_WAIT_S = 5.0  # a template told to exit after its batch has this long befor
 class Template:
     """The coordinator's half: start the template, have it fork CPUs, stop it."""
 
-    def __init__(self, seg: Segment, signals: dict[str, int]):
-        self.seg, self.signals = seg, signals
+    def __init__(self, signals: dict[str, int]):
+        self.signals = signals
         self.proc = None  # subprocess.Popen
         self.sock: socket.socket | None = None
+        self.attached = False
 
     def start(self) -> None:
-        """Exec the template; its interpreter starts while the coordinator goes on."""
+        """Exec the template. Its interpreter starts (~80 ms here, most of a small machine's
+        bring-up) while the coordinator goes on: before the segment exists, which ``attach``
+        hands it."""
         import subprocess  # here: the template's own interpreter need not import it
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        spec = {"segment": self.seg.name, "segment_fd": self.seg.fd, "socket_fd": theirs.fileno(),
-                "coordinator": os.getpid(), "signals": self.signals}
+        spec = {"socket_fd": theirs.fileno(), "coordinator": os.getpid(), "signals": self.signals}
         try:
             self.proc = subprocess.Popen([sys.executable, "-P", "-m", __name__, json.dumps(spec)],
-                                         pass_fds=(self.seg.fd, theirs.fileno()), stdin=subprocess.DEVNULL)
+                                         pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         except OSError as err:
             ours.close()
             raise fork_refused(err, "the process CPU processes are forked from") from None
@@ -72,7 +74,16 @@ class Template:
             theirs.close()
         self.sock = ours
 
-    def fork(self, plan: dict[int, int | None], poll: Callable[[], None], adopt: Callable[[int, int], None]) -> None:
+    def attach(self, seg: Segment) -> None:
+        """Hand the template the segment: its name, and its descriptor (SCM_RIGHTS)."""
+        try:
+            socket.send_fds(self.sock, [seg.name.encode()], [seg.fd])
+        except OSError:  # it died (EPIPE, ECONNRESET)
+            raise self._gone() from None
+        self.attached = True
+
+    def fork(self, seg: Segment, plan: dict[int, int | None], poll: Callable[[], None],
+             adopt: Callable[[int, int], None]) -> None:
         """Fork a CPU process for each CPU of ``plan`` (cpu -> host core), ``adopt(cpu, pid)`` each
         as it is forked, then end the template. ``poll`` runs between answers (the coordinator's
         stop check). Raises HostTooSmall when the host refuses a process, CpuLost when the
@@ -81,6 +92,8 @@ class Template:
         try:
             if self.proc is None:
                 self.start()
+            if not self.attached:
+                self.attach(seg)
             try:
                 self.sock.send(b"".join(_PAIR.pack(c, -1 if k is None else k) for c, k in plan.items()))
             except OSError:  # it died before it read the request (EPIPE, ECONNRESET)
@@ -150,9 +163,12 @@ def template_main(spec: dict) -> None:
     """The template: fork each CPU asked for, answer its pid, until the coordinator hangs up."""
     die_with_parent(spec["coordinator"])
     set_process_name(TEMPLATE_COMM)
-    seg = Segment.inherit(spec["segment"], spec["segment_fd"])
-    bus = Bus(seg)
     sock = socket.socket(fileno=spec["socket_fd"])
+    name, fds, _flags, _addr = socket.recv_fds(sock, 256, 1)
+    if not fds:  # the coordinator hung up first
+        os._exit(0)
+    seg = Segment.inherit(name.decode(), fds[0])
+    bus = Bus(seg)
     gc.freeze()  # what the CPUs inherit stays out of their collector (and so uncopied)
     while request := sock.recv(seg.geo.ncpus * _PAIR.size):
         for cpu, core in _PAIR.iter_unpack(request):

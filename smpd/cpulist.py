@@ -41,15 +41,13 @@ def parse(text: str, ncpus: int | None = None) -> list[int]:
 
 
 def _select(bits: bytearray, lo: int, hi: int, used: int, size: int) -> None:
-    """Set, of every ``size`` CPUs from ``lo`` to ``hi``, the ``used`` first: by whichever is fewer,
-    the groups or the strides through them (a bounded number of slice stores either way)."""
+    """Set, of every ``size`` CPUs from ``lo`` to ``hi``, the ``used`` first: a slice per group, or a
+    strided slice per CPU taken of each group, whichever is fewer (at most ~64 stores)."""
     starts = range(lo, hi + 1, size)
-    if used == size or len(starts) <= used:
+    if len(starts) <= used:
         for start in starts:
-            end = min(start + used, hi + 1) if used < size else hi + 1
+            end = min(start + used, hi + 1)
             bits[start:end] = b"\x01" * (end - start)
-            if used == size:
-                break
     else:
         for k in range(used):
             bits[lo + k:hi + 1:size] = b"\x01" * len(range(lo + k, hi + 1, size))

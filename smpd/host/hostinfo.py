@@ -18,6 +18,10 @@ import psutil
 from smpd.errors import HostTooSmall
 from smpd.host.names import SHM_DIR
 
+# A machine's processes besides CPUs 1..N-1: the coordinator, its janitor, and the template the
+# CPU processes are forked from (smpd.daemon.template), alive beside them during bring-up.
+OWN_PROCESSES = 3
+
 
 def _uid_processes() -> int:
     uid = os.getuid()
@@ -31,7 +35,7 @@ def _uid_processes() -> int:
 
 def check_capacity(ncpus: int, segment_bytes: int, cpu_process_mib: int, memory_share: float) -> None:
     """Raise HostTooSmall, naming the limit, when the host cannot hold the machine."""
-    procs = ncpus + 2  # CPU processes 1..N-1, the coordinator, its janitor and the template they come from
+    procs = ncpus - 1 + OWN_PROCESSES
     need = (ncpus - 1) * cpu_process_mib * 2**20 + segment_bytes
     avail = psutil.virtual_memory().available
     if need > avail * memory_share:
@@ -49,8 +53,9 @@ def check_capacity(ncpus: int, segment_bytes: int, cpu_process_mib: int, memory_
         if procs > room:
             raise HostTooSmall(
                 f"--cpus {ncpus} needs {procs} processes but RLIMIT_NPROC ({soft}, `ulimit -u`) leaves room "
-                f"for {room} more of this user's; " + (f"this host holds up to --cpus {room - 2}" if room >= 3 else
-                                                       "no machine fits (the smallest needs 3)")
+                f"for {room} more of this user's; " + (f"this host holds up to --cpus {room - OWN_PROCESSES + 1}"
+                                                       if room >= OWN_PROCESSES else
+                                                       f"no machine fits (the smallest needs {OWN_PROCESSES})")
             )
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     running = len(psutil.pids())

@@ -332,8 +332,9 @@ class Coordinator:
             self.server = None
         if self.seg is not None and self.seg.buf is not None:
             self.seg.set_hdr("state", L.MachineState.STOPPING)
-        for cpu, pid in self.template.stop() if self.template is not None else ():
-            self._adopt(cpu, pid)
+        if self.template is not None:  # started, but boot() stopped before it was handed the segment
+            self.template.stop()
+            self.template = None
         for p in self.procs.values():
             p.kill()
         for p in self.procs.values():

@@ -137,6 +137,19 @@ def wait_for_no_leaks(segs_before: set[str], procs_before: set) -> tuple[set, se
     return segs, procs
 
 
+PATIENT_ROUNDS = 200_000  # x 5 us = 1 s
+
+
+def patient_config(tmp_path, extra: str = "", rounds: int = PATIENT_ROUNDS) -> str:
+    """A config file whose kick waits ``rounds`` x 5 us instead of the kernel's 5 ms, plus ``extra``
+    (TOML). For tests of a sequence and its outcomes, not of the kernel's budget: on a loaded 2-core
+    box the host may not run a CPU process for 5 ms, and the kick is then STUCK (a host fault, which
+    tests/test_mwait.py and the benchmarks cover)."""
+    path = tmp_path / f"patient{next(_counter)}.toml"
+    path.write_text(f"[kick]\nrounds = {rounds}\n" + extra)
+    return str(path)
+
+
 @pytest.fixture
 def machine_name() -> str:
     return run_name()

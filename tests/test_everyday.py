@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from conftest import run_smpd, smpd_env, start_smpd, wait_until
+from conftest import patient_config, run_smpd, smpd_env, start_smpd, wait_until
 from smpd.host import names
 from smpd.tools import render
 
@@ -142,7 +142,7 @@ def _states(doc: dict, cpu: int) -> list[str]:
 
 
 def test_kexec_trace_has_a_track_per_cpu_the_phases_and_each_cpus_states(machine, tmp_path):
-    m = machine(6)
+    m = machine(6, "--config", patient_config(tmp_path))
     run_smpd("offline", "1-5", name=m.name)
     out = tmp_path / "kexec.json"
     r = run_smpd("kexec", "--trace", str(out), "--inject", "nmi@after-copy:2", name=m.name, check=False)
@@ -167,7 +167,7 @@ def test_kexec_trace_has_a_track_per_cpu_the_phases_and_each_cpus_states(machine
 
 
 def test_chain_trace_holds_every_link(machine, tmp_path):
-    m = machine(4)
+    m = machine(4, "--config", patient_config(tmp_path))
     run_smpd("offline", "1-3", name=m.name)
     out = tmp_path / "chain.json"
     run_smpd("chain", "--kexecs", "2", "--kernel", "6.6", "--trace", str(out), name=m.name)
@@ -177,8 +177,8 @@ def test_chain_trace_holds_every_link(machine, tmp_path):
     assert copies[0]["ts"] + copies[0]["dur"] <= copies[1]["ts"]
 
 
-def test_the_timeline_summary_folds_what_every_cpu_does_alike_and_keeps_the_unusual(machine):
-    m = machine(8)
+def test_the_timeline_summary_folds_what_every_cpu_does_alike_and_keeps_the_unusual(machine, tmp_path):
+    m = machine(8, "--config", patient_config(tmp_path))
     run_smpd("offline", "1-7", name=m.name)
     summary = run_smpd("kexec", "--inject", "smi@after-copy:4", name=m.name, check=False).stdout  # ends HLT
     assert re.search(r"CPUs\s+1-7: enters HLT \(7 events", summary), summary

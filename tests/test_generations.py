@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import Machine, run_name, run_smpd
+from conftest import Machine, patient_config, run_name, run_smpd
 from smpd.machine import layout as L
 
 NCPUS = 8
@@ -17,9 +17,10 @@ SIBLINGS = [1, 3, 5, 7]
 
 
 @pytest.fixture(scope="module")
-def nosmt():
+def nosmt(tmp_path_factory):
     """`smpd up --boot nosmt`: the odd CPUs are SMT siblings, parked at boot by every kernel."""
-    m = Machine(run_name("gen"), NCPUS, "--watch", "adaptive", "--seed", "21", "--boot", "nosmt")
+    m = Machine(run_name("gen"), NCPUS, "--watch", "adaptive", "--seed", "21", "--boot", "nosmt",
+                "--config", patient_config(tmp_path_factory.mktemp("gen")))
     yield m
     m.down()
 
@@ -125,8 +126,7 @@ def test_maxcpus_leaves_cpus_where_the_old_kernel_left_them(fresh):
 
 @pytest.mark.parametrize("knob, outcome", [(False, "CLEAN"), (True, "SMM_HANG")])
 def test_an_smi_while_cpus_sit_in_init_hangs_smm_only_where_the_firmware_does(tmp_path, knob, outcome):
-    cfg = tmp_path / "fw.toml"
-    cfg.write_text(f"[firmware]\nsmm_hangs_with_cpus_in_init = {'true' if knob else 'false'}\n")
+    cfg = patient_config(tmp_path, f"[firmware]\nsmm_hangs_with_cpus_in_init = {'true' if knob else 'false'}\n")
     m = Machine(run_name("smm"), 4, "--watch", "adaptive", "--config", str(cfg))
     try:
         m.request("offline", cpus="1-3")
@@ -140,8 +140,7 @@ def test_an_smi_while_cpus_sit_in_init_hangs_smm_only_where_the_firmware_does(tm
 
 @pytest.mark.parametrize("knob, outcomes", [(False, {"TRIPLE_FAULT", "CORRUPTION"}), (True, {"CLEAN"})])
 def test_smi_auto_halt_restart_keeps_a_halted_cpu_halted(tmp_path, knob, outcomes):
-    cfg = tmp_path / "fw.toml"
-    cfg.write_text(f"[firmware]\nsmi_auto_halt_restart = {'true' if knob else 'false'}\n")
+    cfg = patient_config(tmp_path, f"[firmware]\nsmi_auto_halt_restart = {'true' if knob else 'false'}\n")
     m = Machine(run_name("rsm"), 4, "--watch", "adaptive", "--config", str(cfg))
     try:
         m.request("offline", cpus="1-3")
@@ -248,8 +247,7 @@ def test_a_6_5_panic_off_the_boot_cpu_parks_nothing_in_init_or_resets_without_b1
     """panic() with no crash kernel: smp_send_stop() -> native_stop_other_cpus() on the panicking CPU.
     On CPU 0, 6.5 parks every other CPU in INIT; on CPU 2, b1472a60a584 refuses (INIT would reach the
     boot CPU) and the CPUs stay where REBOOT left them; without it, INIT to CPU 0 resets the machine."""
-    cfg = tmp_path / "k.toml"
-    cfg.write_text(f"[kernel]\ninit_only_from_boot_cpu = {'true' if check else 'false'}\n")
+    cfg = patient_config(tmp_path, f"[kernel]\ninit_only_from_boot_cpu = {'true' if check else 'false'}\n")
     m = Machine(run_name("panic"), 4, "--watch", "adaptive", "--kernel", "6.5", "--boot", "nosmt",
                 "--config", str(cfg))
     try:

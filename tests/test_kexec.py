@@ -23,15 +23,13 @@ import threading
 import psutil
 import pytest
 
-from conftest import HOT_PATHS, Machine, run_name, run_smpd, smpd_env, wait_until
+from conftest import HOT_PATHS, Machine, patient_config, run_name, run_smpd, smpd_env, wait_until
 from smpd.machine import layout as L
 
 FAULT = {"TRIPLE_FAULT", "CORRUPTION"}
 NCPUS = 6
-# These tests check the sequence and its outcomes, not the kernel's 5 ms: on a loaded 2-core
-# box a CPU process the host has not run for 5 ms makes a kick STUCK (a host fault, which
-# tests/test_mwait.py and the benchmarks cover). The kick's budget here is 20000 rounds of
-# 5 us, 100 ms.
+# The kick's budget here is 20000 rounds of 5 us, 100 ms (conftest.patient_config): patient
+# enough for a loaded host, short enough for the tests that stop a CPU to see it STUCK.
 KICK_ROUNDS = 20000
 
 
@@ -39,8 +37,7 @@ KICK_ROUNDS = 20000
 def parked(request, tmp_path_factory):
     """One machine per hot path: CPUs 1-5 parked; every test leaves it reset."""
     name = run_name("kx")
-    cfg = tmp_path_factory.mktemp("kx") / "kick.toml"
-    cfg.write_text(f"[kick]\nrounds = {KICK_ROUNDS}\n")
+    cfg = patient_config(tmp_path_factory.mktemp("kx"), rounds=KICK_ROUNDS)
     m = Machine(name, NCPUS, "--watch", "adaptive", "--seed", "11", "--hot-path", request.param, "--config", str(cfg))
     m.request("offline", cpus=f"1-{NCPUS - 1}")
     yield m

@@ -11,7 +11,7 @@ import signal
 import psutil
 import pytest
 
-from conftest import HOT_PATHS, hot_paths, wait_until
+from conftest import HOT_PATHS, hot_paths, patient_config, wait_until
 from smpd.machine import events, layout as L
 
 NMI = signal.SIGRTMIN + 1  # config/default.toml [signals]
@@ -99,8 +99,7 @@ def test_a_kick_is_acknowledged_and_recorded_alike_by_either_hot_path(machine, c
     leaves behind must be what the Python path leaves: same events, state, counters.
     (One parked CPU: with the coordinator, two spinning processes fit two host cores.)"""
     watch, hot_path = case
-    cfg = tmp_path / "patient.toml"  # behaviour, not speed: a loaded host may hold a CPU off for ms
-    cfg.write_text("[kick]\nrounds = 1000000\n")
+    cfg = patient_config(tmp_path, rounds=1_000_000)
     m = machine(2, "--watch", watch, "--hot-path", hot_path, "--config", str(cfg))
     m.request("offline", cpus="1")
     m.wait_cpu(1, parked, "monitor armed")

@@ -7,7 +7,7 @@ import os
 
 import psutil
 
-from conftest import run_smpd, wait_until
+from conftest import patient_config, run_smpd, wait_until
 from smpd.host import names
 from smpd.machine import layout as L
 
@@ -15,8 +15,7 @@ N = 1024
 
 
 def test_a_1024_cpu_machine_comes_up_parks_is_kicked_and_goes_down_leaving_nothing(machine, tmp_path):
-    cfg = tmp_path / "patient.toml"  # a loaded 2-core host may hold a CPU off longer than 5 ms
-    cfg.write_text("[kick]\nrounds = 1000000\n")
+    cfg = patient_config(tmp_path, rounds=1_000_000)
     m = machine(N, "--watch", "adaptive", "--config", str(cfg))
     s = m.status()
     coordinator, janitor = s["machine"]["pid"], s["machine"]["janitor_pid"]

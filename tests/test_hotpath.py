@@ -170,6 +170,65 @@ def test_a_cpu_that_answers_is_acknowledged_with_its_time(seg):
     assert acked and 1 <= rounds < 1_000_000 and t_ack >= t_first > 0
 
 
+def _writer(seg, control_value, out):
+    """The forked helper: a writer that stores ``control_value`` into CPU 1's monitored control word
+    without the bus's WRITE byte (the moment between the bus's store and its byte, held open), says
+    what the spinning CPU did meanwhile, then raises the byte, and then an IPI to end the HLT of a
+    CPU that answered the kick."""
+    u32, md = seg.u32, (seg.geo.mem_off + MD_OFF) // 4
+    entry = seg.geo.dir_off // L.DIR_ENTRY + MD_OFF // L.LINE
+    time.sleep(0.05)  # the waiter is spinning by now (or soon: its snapshot is taken at entry)
+    u32[md] = control_value
+    deadline = time.monotonic() + 0.5
+    while u32[md + 1] != L.CPUDEAD_MWAIT_KEXEC_HLT and time.monotonic() < deadline:
+        pass
+    out.put({"status": u32[md + 1], "wake": u32[seg.cb_index32(CPU, "wake")], "armed": seg.u16[entry]})
+    Bus(seg).wake(CPU, L.WAKE_WRITE)
+    if control_value == L.CPUDEAD_MWAIT_KEXEC_HLT:  # answered: now in HLT, which the write does not end
+        deadline = time.monotonic() + 30
+        while seg.u16[entry] and time.monotonic() < deadline:  # it leaves the directory once it has its byte
+            pass
+        Bus(seg).wake(CPU, L.WAKE_IPI)
+    os._exit(0)
+
+
+def _spin_with_ack(seg, control_value):
+    seg.set_hdr("hot_path", L.HotPath.C)
+    ctx = multiprocess.get_context("fork")
+    out = ctx.SimpleQueue()
+    p = ctx.Process(target=_writer, args=(seg, control_value, out))
+    p.start()
+    try:
+        r = _waiter(seg).wait(-1, 0, hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, []))
+    finally:
+        p.join(30)
+    return r, out.get()
+
+
+@pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
+def test_a_spinning_cpu_answers_a_kick_it_sees_on_its_control_word_and_takes_the_write_byte_after(seg):
+    """MWAIT watches its line: a spinning CPU acknowledges the kick as soon as control changes to
+    CPUDEAD_MWAIT_KEXEC_HLT, before the bus's WRITE byte (a second cache line) reaches it; then it
+    waits, still in the directory, for that byte and consumes it, so HLT finds no stale write."""
+    (code, _arg, seen), during = _spin_with_ack(seg, L.CPUDEAD_MWAIT_KEXEC_HLT)
+    assert during == {"status": L.CPUDEAD_MWAIT_KEXEC_HLT, "wake": 0, "armed": CPU + 1}, during
+    assert code == hotpath.WOKE and seen > 0  # HLT, ended by the IPI
+    assert _wake_word(seg) == 1 << (8 * L.WAKE_IPI)  # the WRITE byte was taken, the IPI is the caller's
+    assert seg.u16[seg.geo.dir_off // L.DIR_ENTRY + MD_OFF // L.LINE] == 0
+    assert seg.cb(CPU, "wake_write") == 1 and seg.cb(CPU, "state") == L.ExecState.HLT
+
+
+@pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
+def test_a_control_word_changed_to_anything_else_waits_for_the_write_byte_and_goes_to_python(seg):
+    """A write that is not the kick (the kexec copy's bytes, say) is not answered in C: the CPU
+    returns on the bus's WRITE byte, for the Python path to run mwait_play_dead()'s resume."""
+    (code, _arg, seen), during = _spin_with_ack(seg, 0x12345678)
+    assert during["status"] == 0 and during["wake"] == 0 and during["armed"] == CPU + 1, during
+    assert (code, seen) == (hotpath.WOKE, 0)
+    assert _wake_word(seg) & 0xFF == 1  # the WRITE byte, left for the caller
+    assert seg.cb(CPU, "wake_write") == 0
+
+
 def test_a_kick_outside_emulated_memory_is_refused(seg):
     with pytest.raises(ValueError, match="outside emulated memory"):
         Bus(seg).kicker.kick_one(seg.geo.npages * L.PAGE, L.CPUDEAD_MWAIT_KEXEC_HLT, 5000, 1)

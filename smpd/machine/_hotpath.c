@@ -9,9 +9,10 @@
  * same steps, over the same segment, with the same semantics, in C:
  *
  *   Waiter.wait()       the CPU's watch loop (smpd.cpu.Cpu.wait): spin on the
- *                       wake word, optionally sleep in sigwaitinfo() until the bus
- *                       rings the doorbell signal, and, when armed with an Ack,
- *                       the woken path of mwait_play_dead() through its
+ *                       wake word (and, when armed with an Ack, on the control
+ *                       word it monitors), optionally sleep in sigwaitinfo() until
+ *                       the bus rings the doorbell signal, and, with the Ack, the
+ *                       woken path of mwait_play_dead() through its
  *                       acknowledgement: page checks, control, status.
  *   Kicker.kick_one()   the coordinator's kick of one CPU (smpd.kick.kick_one):
  *                       smp_kick_mwait_play_dead()'s loop of control writes
@@ -280,19 +281,43 @@ static void log_event(char *b, Ack *a, uint32_t code, uint32_t arg, int64_t ns)
 }
 
 /*
+ * The WRITE byte of a write the CPU has already seen on its monitored line: the bus
+ * raises it right after its store and a fence. Bounded (a writer stopped between its
+ * store and its byte must not hold this CPU): a byte later than that reaches HLT, where
+ * writes do not wake, and is taken there as nothing.
+ */
+#define WRITE_BYTE_WAIT_NS 50000000LL  /* 50 ms, yielding the core between looks */
+
+static void await_write_byte(char *wake)
+{
+	int64_t end = now_ns() + WRITE_BYTE_WAIT_NS;
+
+	for (unsigned n = 1; !__atomic_load_n((uint8_t *)wake, __ATOMIC_ACQUIRE); n++)
+		if (n % 64 == 0) {
+			if (now_ns() >= end)
+				return;
+			sched_yield();  /* the writer may be waiting for this host core */
+		}
+}
+
+/*
  * The woken CPU's path in mwait_play_dead(), when the only thing that woke it is a
- * bus write: the resume checks (page tables, text, stack: the tags of the old
+ * bus write (its WRITE byte, or, while it spins, the control word it monitors seen to
+ * change: a write to the line, which is what ends MWAIT): the resume checks (page tables, text, stack: the tags of the old
  * kernel's pages), then control == CPUDEAD_MWAIT_KEXEC_HLT, then the status
  * store the kicker waits for. Anything else (a foreign page, another control
  * value, an interrupt or IPI byte) is left untouched for the Python path.
  * The status line is this CPU's own (only its owner may monitor it), so the store
  * needs no directory look. Bookkeeping comes after the acknowledgement.
  */
-static int try_ack(Waiter *w, Ack *a, int64_t *seen)
+static int try_ack(Waiter *w, Ack *a, int64_t *seen, int by_content)
 {
 	char *b = w->base;
+	uint32_t raised = LOAD32(b + w->wake);
 
-	if (LOAD32(b + w->wake) != 1)  /* the WRITE byte (byte 0) alone */
+	/* The WRITE byte (byte 0) alone; seen on the control word itself, no byte but
+	 * WRITE (which the bus may not have raised yet). */
+	if (by_content ? (raised & ~0xFFu) != 0 : raised != 1)
 		return 0;
 	for (int k = 0; k < a->ntags; k++)
 		if (LOAD64(b + a->tag_off[k]) != a->tag_lo[k] || LOAD64(b + a->tag_off[k] + 8) != a->tag_hi[k])
@@ -303,7 +328,12 @@ static int try_ack(Waiter *w, Ack *a, int64_t *seen)
 	STORE32(b + a->busy, 1);  /* acting on a wake-up (smpd.kexec settle) until HLT */
 	STORE64(b + a->seen, (uint64_t)*seen);  /* before status: the kicker reads it after */
 	STORE32(b + a->status, a->kexec_hlt);
-	/* MWAIT's exit ends the monitor, and the write that woke us is consumed. */
+	/* MWAIT's exit ends the monitor, and the write that woke us is consumed: seen on
+	 * the control word, its WRITE byte is on its way (the bus raises it after the
+	 * store, for as long as the directory names us), so take it before leaving the
+	 * directory, not later in HLT. */
+	if (by_content)
+		await_write_byte(b + w->wake);
 	STORE16(b + a->dir_entry, 0);
 	STORE32(b + a->armed, 0);
 	STORE8(b + w->wake, 0);
@@ -323,11 +353,28 @@ static int try_ack(Waiter *w, Ack *a, int64_t *seen)
 
 static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *a);
 
+/* Acknowledged (at ``seen``): HLT, until an interrupt or an IPI; a spin-watch CPU
+ * spins, others sleep at once. Returns what ended HLT, with ``seen``. */
+static PyObject *halted(Waiter *w, int slept, long long spin_ns, int64_t seen)
+{
+	PyObject *r, *out;
+
+	/* Acknowledged after a sleep: the kicker may be waiting for this host core
+	 * (it yields it while we sleep). Hand it back before anything else. */
+	if (slept)
+		sched_yield();
+	r = wait_on(w, spin_ns < 0 ? -1 : 0, 0, NULL);
+	if (!r)
+		return NULL;
+	out = Py_BuildValue("(OOL)", PyTuple_GET_ITEM(r, 0), PyTuple_GET_ITEM(r, 1), (long long)seen);
+	Py_DECREF(r);
+	return out;
+}
+
 /* The wake word is raised: acknowledge a kick if ``a`` says so and it is one. */
 static PyObject *woke(Waiter *w, Ack *a, int slept, long long spin_ns)
 {
 	int64_t seen;
-	PyObject *r, *out;
 
 	if (!a)
 		return Py_BuildValue("(iiL)", WOKE, 0, 0LL);
@@ -336,19 +383,9 @@ static PyObject *woke(Waiter *w, Ack *a, int slept, long long spin_ns)
 	 * taken first, in MWAIT, by the Python path, as there. */
 	if (PyErr_CheckSignals() < 0)
 		return NULL;
-	if (!try_ack(w, a, &seen))
+	if (!try_ack(w, a, &seen, 0))
 		return Py_BuildValue("(iiL)", WOKE, 0, 0LL);
-	/* Acknowledged after a sleep: the kicker may be waiting for this host core
-	 * (it yields it while we sleep). Hand it back before anything else. */
-	if (slept)
-		sched_yield();
-	/* HLT: until an interrupt or an IPI; a spin-watch CPU spins, others sleep at once. */
-	r = wait_on(w, spin_ns < 0 ? -1 : 0, 0, NULL);
-	if (!r)
-		return NULL;
-	out = Py_BuildValue("(OOL)", PyTuple_GET_ITEM(r, 0), PyTuple_GET_ITEM(r, 1), (long long)seen);
-	Py_DECREF(r);
-	return out;
+	return halted(w, slept, spin_ns, seen);
 }
 
 /* Sleep until a byte is raised, the deadline passes, or an interrupt signal comes. */
@@ -458,12 +495,29 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 		/* spin_ns < 0: spin until woken (watch spin); else for that long (adaptive). */
 		int64_t end = spin_ns < 0 ? INT64_MAX : now_ns() + spin_ns;
 		unsigned n = 0;
+		/* In mwait_play_dead() with a kick to answer, the spin also watches the
+		 * monitored line's control word itself, as MWAIT watches its line: a change
+		 * is a write, and the kick's cache line then moves to this CPU and back
+		 * alone, before the bus's WRITE byte (a second line) arrives. Writes that
+		 * change nothing still come as that byte. */
+		volatile uint32_t *control = a ? (uint32_t *)(w->base + a->control) : NULL;
+		uint32_t before = control ? LOAD32(control) : 0;
 
 		if (deadline && deadline < end)
 			end = deadline;
 		for (;;) {
-			if (LOAD32(wake) != 0)  /* THE HOT LOOP: one load, one compare */
+			/* THE HOT LOOP: a load and a compare, or two */
+			if (LOAD32(wake) != 0)
 				return woke(w, a, 0, spin_ns);
+			if (control && LOAD32(control) != before) {
+				int64_t seen;
+
+				if (PyErr_CheckSignals() < 0)  /* as woke(): an interrupt goes first */
+					return NULL;
+				if (try_ack(w, a, &seen, 1))
+					return halted(w, 0, spin_ns, seen);
+				control = NULL;  /* not a kick to answer here: its WRITE byte follows */
+			}
 			if (++n % SIGNAL_POLL == 0) {
 				if (PyErr_CheckSignals() < 0)
 					return NULL;

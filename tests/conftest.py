@@ -19,6 +19,7 @@ repository.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import itertools
 import os
@@ -72,6 +73,14 @@ def our_processes() -> set[tuple[int, str]]:
         if name.startswith("smpd-") and p.info["status"] != psutil.STATUS_ZOMBIE and _of_this_run(p):
             found.add((p.pid, name))
     return found
+
+
+def pytest_sessionstart(session):
+    """The suite starts smpd processes by the hundred (CLI runs, coordinators, templates), each
+    importing smpd afresh. Give them the bytecode any install has: pip compiles what it installs,
+    and an editable install compiles on first import, except where PYTHONDONTWRITEBYTECODE is set
+    (as on some runners): then every process would compile smpd again, ~0.1 s each."""
+    compileall.compile_dir(os.path.join(REPO, "smpd"), quiet=1)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -9,6 +9,7 @@ bounded, and a CPU whose process died is reported, never waited for.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -18,12 +19,16 @@ from smpd.machine import layout as L
 class Mailbox:
     """Send IPIs over ``seg``'s mailboxes. ``alive(cpu)`` says whether a CPU's process lives;
     ``gone(cpu)`` is called once for each CPU found dead while waiting; ``poll()`` runs
-    between looks (the coordinator's check for a stop request)."""
+    between looks (the coordinator's check for a stop request). ``spin``: the coordinator has a
+    host core of its own (watch spin on a host it fits), and polls its answers without sleeping,
+    as the kernel's CPU 0 does: a coordinator that slept between two IPIs ran the next kick on a
+    host core gone idle (bench_kick: a spin kick's round trip twice as long)."""
 
     def __init__(self, seg, bus, alive: Callable[[int], bool], gone: Callable[[int], None],
-                 poll: Callable[[], None] = lambda: None):
+                 poll: Callable[[], None] = lambda: None, spin: bool = False):
         self.seg, self.bus = seg, bus
         self.alive, self.gone, self.poll = alive, gone, poll
+        self.spin = spin
 
     def send(self, cpu: int, cmd: L.Ipi) -> int:
         """Post ``cmd`` to ``cpu``'s mailbox and raise its IPI byte; returns the sequence to await."""
@@ -58,6 +63,9 @@ class Mailbox:
             if not waiting or time.monotonic() > deadline:
                 break
             self.poll()
+            if self.spin:
+                os.sched_yield()
+                continue
             time.sleep(pause)
             pause = min(0.001, pause * 2 or 0.00002)
         return results, sorted([*waiting, *dead])

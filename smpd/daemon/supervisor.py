@@ -119,8 +119,7 @@ class Coordinator:
             seg.set_hdr(field, value)
         check_stop()
         self.bus = Bus(seg)
-        self.mailbox = Mailbox(seg, self.bus, self.cpu_alive, self._mark_gone, check_stop,
-                               spin=self.watch == "spin" and not seg.hdr("spin_yields"))
+        self.mailbox = Mailbox(seg, self.bus, self.cpu_alive, self._mark_gone, check_stop, spin=self._fits_host())
         gen1 = kboot.power_on(seg, self.bus, self.boot1)
         check_stop()
         self.plan = plan = hostinfo.pin_plan(self.pin, self.ncpus)

@@ -20,7 +20,7 @@ class Mailbox:
     """Send IPIs over ``seg``'s mailboxes. ``alive(cpu)`` says whether a CPU's process lives;
     ``gone(cpu)`` is called once for each CPU found dead while waiting; ``poll()`` runs
     between looks (the coordinator's check for a stop request). ``spin``: the coordinator has a
-    host core of its own (watch spin on a host it fits), and polls its answers without sleeping,
+    host core of its own (the machine fits the host), and polls its answers without sleeping,
     as the kernel's CPU 0 does: a coordinator that slept between two IPIs ran the next kick on a
     host core gone idle (bench_kick: a spin kick's round trip twice as long)."""
 

@@ -12,12 +12,16 @@ the same run. "whole kick" is `smpd kick` of every target, WHOLE times (with a
 `smpd reset` between): the median and the worst, and how many CPUs were stuck.
 
 What each floor is. The cache-line floor (hwfloor.c) is the host's coherence floor: ping
-goes to the other core, pong comes back, two line transfers. A kick moves one line there
-and back: the coordinator stores mwait_cpu_dead.control, the CPU reads it and stores
-.status in the same 8-byte struct, the kicker polls .status; about the same cost (smpd's
-bus also raises the CPU's wake word, a second line the CPU polls: that is the difference).
-Neither includes what real MWAIT adds: the exit from the C-state mwait_play_dead() asks
-for. An adaptive CPU asleep in sigwaitinfo() pays a process wake-up besides (the bus rings
+goes to the other core, pong comes back, two line transfers. A spin kick (compiled path)
+moves the line of struct mwait_cpu_dead the same way: (1) the coordinator's store to
+.control takes the line from the CPU; (2) the CPU's spin loop, which watches .control
+as MWAIT watches its line, reads it back and sees the change; (3) its store to .status
+takes the line again; (4) the coordinator's poll of .status reads it back. What the kick
+adds to the floor: the bus also raises the CPU's WRITE byte (its wake word, a second
+line, which the CPU spins on too, for writes that change nothing): the coordinator
+stores it between two fences before it starts polling .status, so its poll begins about
+one line move later than the floor's would. Neither includes what real MWAIT adds: the
+exit from the C-state mwait_play_dead() asks for. An adaptive CPU asleep in sigwaitinfo() pays a process wake-up besides (the bus rings
 its doorbell, SIGURG): the wake-up floor is the same round trip to a process that sleeps
 (hwfloor.c wake, cold: 300 us idle first, the two on different cores). It is a reference,
 not a bound: a wake-up on a core that is not idle yet, or a hand-off on the same core, beats
@@ -130,7 +134,8 @@ def main() -> None:
                 rec.add(f"{label}: wake-up floor p50 (hwfloor.c wake)", "ns", [r["wake_rtt_ns"]])
             rec.add(f"{label}: whole kick of every target (smpd kick)", "ns", r["whole_kick_ns"])
             print(f"  done: {hot} {watch} x{targets} {'loaded' if loaded else 'idle'}", file=sys.stderr, flush=True)
-    print("floor = the C cache-line ping-pong of the same row; >5ms = share of kicks over the kernel's "
+    print("floor = the C cache-line ping-pong of the same row, before and after its kicks: the lower "
+          "(* where the two differ by more than 1.5x: the host placed the cores anew mid-row); >5ms = share of kicks over the kernel's "
           f"budget; whole kick = `smpd kick` of every target, {WHOLE} times: median / worst, CPUs stuck in all")
     print("wake = the wake-up floor (a cold round trip to a process asleep in sigwaitinfo; a reference, not a "
           "bound), adaptive rows only; whole/(n x wake) = the whole kick's median over targets x that floor")
@@ -141,7 +146,7 @@ def main() -> None:
     for hot, watch, targets, loaded, r in rows:
         s = r["rtt_ns"]
         ratio = f"{r['ratio_p50']:.1f}x" if r.get("ratio_p50") else "-"
-        floor = f"{r['hw_rtt_ns']}ns" if r.get("hw_rtt_ns") else "-"
+        floor = f"{r['hw_rtt_ns']}ns{'*' if r.get('floor_moved') else ''}" if r.get("hw_rtt_ns") else "-"
         share = f"{100 * r['budget_exceeded']['share']:.2f}%"
         whole = f"{r['whole_kick_p50_ns'] / 1e6:.2f} / {r['whole_kick_max_ns'] / 1e6:.2f}ms"
         wake = r.get("wake_rtt_ns")

@@ -39,8 +39,9 @@ def test_bench_kick_records_every_kick_and_reparks_the_cpus(parked4, tmp_path):
         assert cpu["rtt_ns"]["count"] >= 1 and cpu["involuntary_ctx_switches"] >= 0
     assert 0 <= d["budget_exceeded"]["share"] <= 1
     floor = d["hw_floor"]
-    if floor["available"]:
-        assert d["hw_rtt_ns"] > 0 and d["ratio_p50"] == pytest.approx(d["rtt_ns"]["p50"] / d["hw_rtt_ns"], rel=0.01)
+    if floor["available"]:  # measured before and after the kicks; the ratios are to the lower
+        assert d["hw_rtt_ns"] == min(floor["rtt_ns"], d["hw_floor_after"]["rtt_ns"]) > 0
+        assert d["ratio_p50"] == pytest.approx(d["rtt_ns"]["p50"] / d["hw_rtt_ns"], rel=0.01)
     else:
         assert d["hw_rtt_ns"] is None and floor["why"]
     # An adaptive machine: the round trip is also read against the host's wake-up floor.
@@ -156,3 +157,19 @@ def test_spinning_cpus_that_fit_the_host_cores_do_not_yield(machine):
         pytest.skip("needs two host cores for a CPU and the coordinator")
     m = machine(2, "--watch", "spin")
     assert m.status()["machine"]["spin_yields"] is False
+
+
+def test_a_floor_that_moved_during_the_run_is_said_and_the_ratios_take_the_lower():
+    """The host may place the two cores anew mid-run (a VM's vCPUs): the report says so."""
+    from smpd.tools import benchkick, render
+
+    run = benchkick.Run(targets=[1])
+    run.fold({"budget_ns": 5_000_000, "delay_ns": 5000, "watch": "spin", "hot_path": "c", "pids": {"1": 1},
+              "samples": {"1": [[100, 300, 1, 1], [120, 330, 1, 1], [110, 320, 1, 1]]}})
+    floor = lambda ns: {"available": True, "rtt_ns": ns, "rtt_p99_ns": ns, "rtt_min_ns": ns, "cores": [0, 1]}  # noqa: E731
+    moved = run.report(floor(550), None, floor(150))
+    assert moved["hw_rtt_ns"] == 150 and moved["floor_moved"] and moved["ratio_p50"] == pytest.approx(320 / 150, 0.01)
+    text = render.bench_kick(moved, None, None).renderables[0].plain
+    assert "the floor moved during the run (550 -> 150 ns" in text
+    steady = run.report(floor(150), None, floor(160))
+    assert steady["hw_rtt_ns"] == 150 and not steady["floor_moved"]

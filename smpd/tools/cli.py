@@ -733,7 +733,8 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
             interrupted = True
     run.seconds = benchkick.elapsed(t0)
     run.sample_ctx(run.ctx_after)
-    report = benchkick.Run.report(run, floor, wake_floor)
+    floor_after = benchkick.measure_floor() if floor.get("available") else None  # did the host move meanwhile?
+    report = benchkick.Run.report(run, floor, wake_floor, floor_after)
     report["interrupted"] = interrupted
     if json_file:
         benchkick.write_json(json_file, report)

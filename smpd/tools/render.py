@@ -414,8 +414,14 @@ def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
              style="bold")
     f = r["hw_floor"]
     if f.get("available"):
+        after = r.get("hw_floor_after") or {}
         t.append(f"hardware floor: C cache-line ping-pong between cores {f['cores'][0]} and {f['cores'][1]}: "
-                 f"p50 {f['rtt_ns']} ns (p99 {f['rtt_p99_ns']} ns, min {f['rtt_min_ns']} ns)\n")
+                 f"p50 {f['rtt_ns']} ns (p99 {f['rtt_p99_ns']} ns, min {f['rtt_min_ns']} ns)"
+                 + (f"; after the kicks p50 {after['rtt_ns']} ns" if after.get("available") else "") + "\n")
+        if r.get("floor_moved"):
+            t.append(f"the floor moved during the run ({f['rtt_ns']} -> {after['rtt_ns']} ns: the host placed "
+                     f"these cores anew, as a VM's vCPUs are); ratios are to the lower, {r['hw_rtt_ns']} ns\n",
+                     style="yellow")
     else:
         t.append(f"hardware floor: unavailable ({f['why']})\n", style="yellow")
     t.append(_wake_floor_line(r))

@@ -72,6 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--record", default=None, help="where the JSON record goes [bench/records/...]")
     args = ap.parse_args()
     rows = []
     n = 0
@@ -98,7 +99,7 @@ def main() -> None:
     for label, _ in rows[1:]:
         rate = rec.median(f"{label}: trials/s (over the trials' wall time)")
         print(f"{label}: {rate / base:.2f}x the single host's trials/s (median / median)")
-    rec.finish()
+    rec.finish(args.record)
 
 
 if __name__ == "__main__":

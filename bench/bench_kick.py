@@ -17,11 +17,14 @@ moves the line of struct mwait_cpu_dead the same way: (1) the coordinator's stor
 .control takes the line from the CPU; (2) the CPU's spin loop, which watches .control
 as MWAIT watches its line, reads it back and sees the change; (3) its store to .status
 takes the line again; (4) the coordinator's poll of .status reads it back. What the kick
-adds to the floor: the bus also raises the CPU's WRITE byte (its wake word, a second
-line, which the CPU spins on too, for writes that change nothing): the coordinator
-stores it between two fences before it starts polling .status, so its poll begins about
-one line move later than the floor's would. Neither includes what real MWAIT adds: the
-exit from the C-state mwait_play_dead() asks for. An adaptive CPU asleep in sigwaitinfo() pays a process wake-up besides (the bus rings
+adds to the floor is the bus's rule, before the coordinator's first look at .status: a
+fence after the store (it waits for the line; the floor's ping does not), a load of the
+line directory's entry (a third line, which the CPU wrote at its MONITOR), and the
+CPU's WRITE byte (its wake word, a second line, which the CPU spins on too, for writes
+that change nothing). That is the emulator's conversation: a real parked CPU has
+flushed the line (clflush() before __monitor()) and is woken by the monitor hardware
+seeing the store, then leaves the C-state mwait_play_dead() asked for, which neither
+floor includes. An adaptive CPU asleep in sigwaitinfo() pays a process wake-up besides (the bus rings
 its doorbell, SIGURG): the wake-up floor is the same round trip to a process that sleeps
 (hwfloor.c wake, cold: 300 us idle first, the two on different cores). It is a reference,
 not a bound: a wake-up on a core that is not idle yet, or a hand-off on the same core, beats

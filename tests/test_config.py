@@ -13,7 +13,7 @@ def test_defaults_load_and_name_every_schema_key():
     cfg = config.load()
     for section, keys in config.SCHEMA.items():
         assert set(cfg.raw[section]) == set(keys), section
-    assert cfg.get("kick", "delay_us") * cfg.get("kick", "rounds") == 5000  # "wait 5ms maximum"
+    assert cfg.get("kick", "delay_us") * cfg.get("kick", "rounds") == 5000  # "Wait up to 5ms"
 
 
 def test_user_file_overrides_a_subset(tmp_path):

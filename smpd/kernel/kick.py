@@ -2,7 +2,7 @@
 
 For each present-but-offline CPU that sits in mwait_play_dead() (status ==
 CPUDEAD_MWAIT_WAIT): write control = CPUDEAD_MWAIT_KEXEC_HLT, udelay(5), again,
-at most 1000 times ("wait 5ms maximum"), until the CPU answers in status; report
+at most 1000 times ("Wait up to 5ms"), until the CPU answers in status; report
 a CPU that never does once (pr_err_once). A kick has three instants (DESIGN.md
 §6), all CLOCK_MONOTONIC ns: the coordinator's first control write, the CPU
 seeing it (it stamps kick_seen_ns), and the coordinator seeing status change.

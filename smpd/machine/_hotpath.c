@@ -6,7 +6,9 @@
  * pays for its interpreter between those moves (the woken CPU's path to its
  * acknowledgement was ~3 us warm and ~55 us cache-cold after a sleep), so the
  * latency measured was CPython's, not the conversation's. This module runs the
- * same steps, over the same segment, with the same semantics, in C:
+ * same steps, over the same segment, with the same outcomes, in C (one step is its
+ * own: a spinning CPU with an Ack also watches the control word it monitors, which
+ * the Python Waiter leaves to the bus's WRITE byte; same outcome, sooner):
  *
  *   Waiter.wait()       the CPU's watch loop (smpd.cpu.Cpu.wait): spin on the
  *                       wake word (and, when armed with an Ack, on the control
@@ -686,7 +688,7 @@ static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
 		return NULL;
 	status = (uint32_t *)(k->base + k->mem_off + md + 4);
 	t_first = now_ns();
-	/* Wait 5ms maximum */
+	/* Wait up to 5ms */
 	while (i < rounds && LOAD32(status) != hlt) {
 		/* Bring it out of mwait */
 		/* The CPU sleeps, or spinners outnumber cores: either way it needs a host

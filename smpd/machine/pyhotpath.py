@@ -146,7 +146,7 @@ class Kicker:
         t_first = time.monotonic_ns()  # after the look-ups above: they are not the kick's latency
         t_ack = 0
         i = 0
-        # Wait 5ms maximum
+        # Wait up to 5ms
         while i < rounds and u32[status] != kexec_hlt:
             self.bus.write(addr, control)  # Bring it out of mwait
             end = time.monotonic_ns() + delay_ns

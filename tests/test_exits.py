@@ -8,6 +8,7 @@ machine that a stopped client was talking to is still up and serving.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -78,6 +79,40 @@ def test_a_request_in_flight_stops_in_one_line_and_the_machine_goes_on(slow_kick
                what="the machine to serve again")
     slow_kick.request("reset")
     assert all(c["state"] == "MWAIT" for c in slow_kick.status()["cpus"][1:])
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_a_stop_signal_to_the_coordinator_mid_request_stops_the_machine_and_tells_the_client(machine_name, sig):
+    """The coordinator waits for a frozen CPU's answer (`online`): a stop signal then takes the
+    machine down, and the request's client is told so in one line; it was answered as an
+    internal error, and the machine went on ignoring every later stop signal."""
+    m = Machine(machine_name, 3, "--watch", "adaptive")
+    m.request("offline", cpus="1")
+    s = m.status()
+    cpu1, coordinator = s["cpus"][1]["pid"], s["machine"]["pid"]
+    os.kill(cpu1, signal.SIGSTOP)
+    try:
+        p = start_smpd("online", "1", name=m.name)
+        with m.segment() as seg:  # the IPI is posted: the coordinator waits for its answer
+            wait_until(lambda: seg.cb(1, "mbox_seq") != seg.cb(1, "mbox_ack") or p.poll() is not None,
+                       what="the coordinator to post CPU_UP")
+        os.kill(coordinator, sig)
+        _out, err = _finish(p)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(cpu1, signal.SIGCONT)
+    assert p.returncode == 1, err
+    line = _one_error_line(err)
+    assert f"was stopped by {sig.name} during 'online'" in line and "internal error" not in line, line
+    wait_until(lambda: not os.path.exists(names.segment_path(machine_name)) and not _running(coordinator),
+               timeout=30, what="the machine to go down")
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.mark.parametrize("sig", SIGNALS)

@@ -26,7 +26,8 @@ from smpd import cpulist
 from smpd.daemon import channel
 from smpd.daemon.kernel_ops import KernelOps, require_alive, require_running_kernel
 from smpd.daemon.status import status_snapshot
-from smpd.errors import BadInput, InternalError, SmpdError
+from smpd.daemon.stopping import Stop
+from smpd.errors import BadInput, CoordinatorGone, InternalError, SmpdError
 from smpd.kernel import boot as kboot
 from smpd.kernel.cpu import IPI_DONE
 from smpd.kernel.generations import Generations
@@ -64,6 +65,10 @@ class Handlers:
             reply = {"ok": True, "result": handler(**args)}
         except SmpdError as err:
             reply = channel.error_reply(err)
+        except Stop as err:  # the machine goes down: say so to the request's client, then go on stopping
+            self._reply(conn, channel.error_reply(CoordinatorGone(
+                f"the machine '{self.sup.name}' was stopped by {err} during '{op}'; it is going down")))
+            raise
         except Exception as err:  # noqa: BLE001 - the boundary: a bug must not take the machine down
             traceback.print_exc(file=sys.stderr)
             reply = channel.error_reply(InternalError(

@@ -17,8 +17,13 @@ import socket
 ACK = b"ok\n"  # `up` took the answer: from now on the machine is the user's, not this `up`'s
 
 
-class Stop(Exception):
-    """SIGTERM/SIGINT/SIGHUP reached the coordinator: shut down cleanly."""
+class Stop(BaseException):
+    """SIGTERM/SIGINT/SIGHUP reached the coordinator: shut down cleanly.
+
+    A BaseException, as KeyboardInterrupt is: raised once, inside whatever runs (a request's
+    handler, say), it must reach the serving loop, never a boundary's ``except Exception``
+    (which answered it as an internal error, and the machine then ignored every later stop
+    signal)."""
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -113,6 +114,29 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_coordinator_with_a_core_of_its_own_does_not_burn_it_waiting_for_a_frozen_cpu(machine, tmp_path):
+    """A machine that fits the host (2 CPUs here) has its coordinator poll IPI answers without
+    sleeping, briefly (smpd.machine.mailbox.SPIN_S): a CPU that never answers must not hold that
+    core for the whole wait (it held 100% of it for the 10 s of ipi_ack_ms)."""
+    cfg = tmp_path / "short-ipi.toml"
+    cfg.write_text("[timeouts]\nipi_ack_ms = 2000\n")
+    m = machine(2, "--watch", "adaptive", "--config", str(cfg))
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("a machine of 2 CPUs fits only a host of 2 cores or more")
+    m.request("offline", cpus="1")
+    s = m.status()
+    cpu1, coordinator = psutil.Process(s["cpus"][1]["pid"]), psutil.Process(s["machine"]["pid"])
+    cpu1.suspend()
+    try:
+        before, t0 = sum(coordinator.cpu_times()[:2]), time.monotonic()
+        r = run_smpd("online", "1", name=m.name, check=False)
+        used, wall = sum(coordinator.cpu_times()[:2]) - before, time.monotonic() - t0
+    finally:
+        cpu1.resume()
+    assert r.returncode == 1 and "did not acknowledge" in r.stderr, r.stderr
+    assert wall >= 2 and used < 0.5 * wall, (used, wall)  # it slept while it waited
 
 
 @pytest.mark.parametrize("sig", SIGNALS)

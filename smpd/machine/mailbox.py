@@ -16,11 +16,16 @@ from typing import Callable
 from smpd.machine import layout as L
 
 
+SPIN_S = 0.002  # a ``spin`` mailbox polls without sleeping this long, then as any other: a CPU that
+# does not answer (stopped, or not scheduled) must not hold the coordinator's core for the whole wait
+
+
 class Mailbox:
     """Send IPIs over ``seg``'s mailboxes. ``alive(cpu)`` says whether a CPU's process lives;
     ``gone(cpu)`` is called once for each CPU found dead while waiting; ``poll()`` runs
     between looks (the coordinator's check for a stop request). ``spin``: the coordinator has a
-    host core of its own (the machine fits the host), and polls its answers without sleeping. A
+    host core of its own (the machine fits the host), and polls its answers without sleeping
+    for SPIN_S, then sleeps between looks as any other. A
     host-side policy, not the kernel's: native_stop_other_cpus() does busy-wait (udelay(1)) for
     its REBOOT and NMI answers, but cpu hotplug's waits (cpuhp_wait_for_sync_state()) sleep
     after 1 ms, and REPARK (bench kick's) has no kernel counterpart. It is for the kick that
@@ -53,6 +58,7 @@ class Mailbox:
         results: dict[int, int] = {}
         dead: list[int] = []
         deadline = time.monotonic() + timeout_s
+        spin_until = time.monotonic() + SPIN_S if self.spin else 0.0
         pause = 0.0
         while waiting:
             for cpu, seq in list(waiting.items()):
@@ -66,7 +72,7 @@ class Mailbox:
             if not waiting or time.monotonic() > deadline:
                 break
             self.poll()
-            if self.spin:
+            if time.monotonic() < spin_until:
                 os.sched_yield()
                 continue
             time.sleep(pause)

@@ -173,3 +173,18 @@ def test_a_floor_that_moved_during_the_run_is_said_and_the_ratios_take_the_lower
     assert "the floor moved during the run (550 -> 150 ns" in text
     steady = run.report(floor(150), None, floor(160))
     assert steady["hw_rtt_ns"] == 150 and not steady["floor_moved"]
+
+
+def test_a_floor_that_cannot_be_built_is_unavailable_and_costs_nothing(monkeypatch):
+    """A full or missing $TMPDIR at the floor's second measurement, after every kick, once lost
+    the whole run's report: the floor is unavailable instead, with why."""
+    import shutil
+    import tempfile
+
+    from smpd.tools import hwfloor
+
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler: the floor is unavailable before any temporary directory")
+    monkeypatch.setattr(tempfile, "tempdir", "/nonexistent/smpd-hwfloor-test")
+    f = hwfloor.measure(1000)
+    assert f["available"] is False and "could not build or run hwfloor" in f["why"], f

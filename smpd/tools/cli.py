@@ -733,7 +733,8 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
             interrupted = True
     run.seconds = benchkick.elapsed(t0)
     run.sample_ctx(run.ctx_after)
-    floor_after = benchkick.measure_floor() if floor.get("available") else None  # did the host move meanwhile?
+    # Did the host move meanwhile? (Not after a stop signal: its report comes at once.)
+    floor_after = benchkick.measure_floor() if floor.get("available") and not interrupted else None
     report = benchkick.Run.report(run, floor, wake_floor, floor_after)
     report["interrupted"] = interrupted
     if json_file:

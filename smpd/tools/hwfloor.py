@@ -28,7 +28,15 @@ def measure(iterations: int = 200_000, wake: bool = False) -> dict:
     """The host's floor: a cache line's round trip between two cores (hwfloor.c), or with
     ``wake`` the same round trip to a process asleep in sigwaitinfo() woken by SIGURG, what an
     adaptive CPU's kick adds on the host (cold: each round lets the sleeper settle for 300 us;
-    a reference, not a bound)."""
+    a reference, not a bound). A floor that cannot be measured (no compiler, a full $TMPDIR)
+    is reported unavailable, with why: it must never cost the run it is compared with."""
+    try:
+        return _measure(iterations, wake)
+    except OSError as err:
+        return {"available": False, "why": f"could not build or run hwfloor: {err}"}
+
+
+def _measure(iterations: int, wake: bool) -> dict:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         return {"available": False, "why": "needs two host cores; this process may use one"}

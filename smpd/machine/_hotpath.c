@@ -304,10 +304,10 @@ static void await_write_byte(char *wake)
 
 /*
  * The woken CPU's path in mwait_play_dead(), when the only thing that woke it is a
- * bus write (its WRITE byte, or, while it spins, the control word it monitors seen to
- * change: a write to the line, which is what ends MWAIT): the resume checks (page tables, text, stack: the tags of the old
- * kernel's pages), then control == CPUDEAD_MWAIT_KEXEC_HLT, then the status
- * store the kicker waits for. Anything else (a foreign page, another control
+ * bus write (its WRITE byte; or, ``by_content``, while it spins, the control word it
+ * monitors seen to change: a write to the line, which is what ends MWAIT): the resume
+ * checks (page tables, text, stack: the tags of the old kernel's pages), then
+ * control == CPUDEAD_MWAIT_KEXEC_HLT, then the status store the kicker waits for. Anything else (a foreign page, another control
  * value, an interrupt or IPI byte) is left untouched for the Python path.
  * The status line is this CPU's own (only its owner may monitor it), so the store
  * needs no directory look. Bookkeeping comes after the acknowledgement.

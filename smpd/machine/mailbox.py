@@ -23,14 +23,15 @@ SPIN_S = 0.002  # a ``spin`` mailbox polls without sleeping this long, then as a
 class Mailbox:
     """Send IPIs over ``seg``'s mailboxes. ``alive(cpu)`` says whether a CPU's process lives;
     ``gone(cpu)`` is called once for each CPU found dead while waiting; ``poll()`` runs
-    between looks (the coordinator's check for a stop request). ``spin``: the coordinator has a
-    host core of its own (the machine fits the host), and polls its answers without sleeping
-    for SPIN_S, then sleeps between looks as any other. A
-    host-side policy, not the kernel's: native_stop_other_cpus() does busy-wait (udelay(1)) for
-    its REBOOT and NMI answers, but cpu hotplug's waits (cpuhp_wait_for_sync_state()) sleep
-    after 1 ms, and REPARK (bench kick's) has no kernel counterpart. It is for the kick that
-    follows: a coordinator that slept between two IPIs ran the next kick on a host core gone
-    idle (bench_kick: a spin kick's round trip twice as long)."""
+    between looks (the coordinator's check for a stop request).
+
+    ``spin``: the coordinator has a host core of its own (the machine fits the host), and polls
+    its answers without sleeping for SPIN_S, then sleeps between looks as any other. A host-side
+    policy, not the kernel's: native_stop_other_cpus() does busy-wait (udelay(1)) for its REBOOT
+    and NMI answers, but cpu hotplug's waits (cpuhp_wait_for_sync_state()) sleep after 1 ms, and
+    REPARK (bench kick's) has no kernel counterpart. It is for the kick that follows: a
+    coordinator that slept between two IPIs ran the next kick on a host core gone idle
+    (bench_kick: a spin kick's round trip twice as long)."""
 
     def __init__(self, seg, bus, alive: Callable[[int], bool], gone: Callable[[int], None],
                  poll: Callable[[], None] = lambda: None, spin: bool = False):

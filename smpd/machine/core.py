@@ -3,7 +3,9 @@
 How a CPU waits (``wait``). Every waker raises one byte of the CPU's wake word
 (smpd.machine.layout: write, interrupt, IPI, timer). The watch loop is the hot
 path (smpd.machine.hotpath: compiled, or its Python peer), kept to one load and
-one compare; everything else (timers, counters, signals) happens outside it:
+one compare (two in the compiled loop of a CPU in mwait_play_dead(), which also
+watches the control word it monitors); everything else (timers, counters,
+signals) happens outside it:
 
 * ``spin``: busy-watch the wake word. Lowest latency; needs a host core per CPU.
 * ``adaptive``: spin for the budget, then sleep in sigwaitinfo until the bus rings

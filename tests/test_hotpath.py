@@ -170,14 +170,15 @@ def test_a_cpu_that_answers_is_acknowledged_with_its_time(seg):
     assert acked and 1 <= rounds < 1_000_000 and t_ack >= t_first > 0
 
 
-def _writer(seg, control_value, out):
+def _writer(seg, control_value, out, waiting):
     """The forked helper: a writer that stores ``control_value`` into CPU 1's monitored control word
     without the bus's WRITE byte (the moment between the bus's store and its byte, held open), says
     what the spinning CPU did meanwhile, then raises the byte, and then an IPI to end the HLT of a
     CPU that answered the kick."""
     u32, md = seg.u32, (seg.geo.mem_off + MD_OFF) // 4
     entry = seg.geo.dir_off // L.DIR_ENTRY + MD_OFF // L.LINE
-    time.sleep(0.05)  # the waiter is spinning by now (or soon: its snapshot is taken at entry)
+    waiting.wait(30)  # the waiter is about to spin; it takes its snapshot of control on entry
+    time.sleep(0.05)
     u32[md] = control_value
     deadline = time.monotonic() + 0.5
     while u32[md + 1] != L.CPUDEAD_MWAIT_KEXEC_HLT and time.monotonic() < deadline:
@@ -195,11 +196,13 @@ def _writer(seg, control_value, out):
 def _spin_with_ack(seg, control_value):
     seg.set_hdr("hot_path", L.HotPath.C)
     ctx = multiprocess.get_context("fork")
-    out = ctx.SimpleQueue()
-    p = ctx.Process(target=_writer, args=(seg, control_value, out))
+    out, waiting = ctx.SimpleQueue(), ctx.Event()
+    p = ctx.Process(target=_writer, args=(seg, control_value, out, waiting))
     p.start()
     try:
-        r = _waiter(seg).wait(-1, 0, hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, []))
+        w, ack = _waiter(seg), hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, [])
+        waiting.set()
+        r = w.wait(-1, 0, ack)
     finally:
         p.join(30)
     return r, out.get()

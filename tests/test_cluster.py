@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -194,6 +195,19 @@ def test_cluster_options_are_checked_before_anything_runs(tmp_path, machine_name
     r = run_smpd("soak", "--trials", "5", "--out", str(out), *args, name=machine_name, check=False)
     assert r.returncode == 2 and says in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_an_address_where_something_else_listens_is_refused_in_seconds_not_minutes(tmp_path, machine_name):
+    """A port that accepts connections but is no Ray cluster (another service, a proxy that takes
+    any address): ray.init() would retry it for many minutes (a test run once hung on one)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        out = tmp_path / "c.jsonl"
+        t0 = time.monotonic()
+        r = run_smpd("soak", "--trials", "5", "--out", str(out), "--cluster", f"127.0.0.1:{port}",
+                     name=machine_name, check=False, timeout=60)
+    assert r.returncode == 2 and "something accepts connections there, but no Ray cluster answers" in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 60 and not out.exists()
 
 
 @needs_root

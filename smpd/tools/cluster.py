@@ -50,6 +50,7 @@ import psutil
 
 from smpd.errors import BadInput, MachineComingUp, SmpdError
 from smpd.host import trust
+from smpd.host.proc import die_with_parent
 from smpd.tools import hostload, lifecycle, soak
 from smpd.tools.entry import stop_signals
 
@@ -148,6 +149,10 @@ def _loopback(address: str) -> bool:
 
 ADDRESS_RE = re.compile(r"(?P<host>[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
 ANSWER_S = 5.0  # a cluster's GCS accepts a connection within this, or there is none
+# ... and answers Ray's own GcsClient within this (Ray's connect and reconnect timeouts, set for the
+# probe only: left to itself, Ray retries a dead or foreign endpoint for many minutes).
+GCS_ANSWER_S = 2
+_GCS_PROBE = "import sys; from ray._raylet import GcsClient; GcsClient(address=sys.argv[1]).cluster_id"
 
 
 def parse_address(address: str, what: str = "--cluster") -> tuple[str, int]:
@@ -170,17 +175,39 @@ def _answers(address: str) -> None:
                        f"with `ray start --head`, or give its address") from None
 
 
+def _gcs_answers(address: str) -> None:
+    """What accepts connections at ``address`` is a Ray cluster's GCS: Ray's own client, bounded
+    (GCS_ANSWER_S), gets its cluster ID. Left to itself, ray.init() retries a foreign endpoint (a
+    proxy that accepts any address, even speaking HTTP/2; another service) for many minutes: 20
+    tries of ~40 s each (Ray 2.x). The probe runs in a process of its own: on an endpoint that
+    does not answer, Ray ends the process rather than raise."""
+    env = dict(os.environ, RAY_gcs_rpc_server_connect_timeout_s=str(GCS_ANSWER_S),
+               RAY_gcs_rpc_server_reconnect_timeout_s=str(GCS_ANSWER_S))
+    try:
+        probe = subprocess.run([sys.executable, "-P", "-c", _GCS_PROBE, address], env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10 * GCS_ANSWER_S,
+                               preexec_fn=die_with_parent)
+        ok = probe.returncode == 0
+    except subprocess.TimeoutExpired:
+        ok = False
+    if not ok:
+        raise BadInput(f"--cluster {address}: something accepts connections there, but no Ray cluster answers "
+                       f"(its GCS did not give its cluster ID in time); give the address `ray start --head` "
+                       f"printed")
+
+
 def connect(address: str):
     """ray.init() on the cluster at ``address`` ("auto": the one this host knows)."""
     resolved = _bootstrap_address(address)
+    require_ray()  # before the probe, which is Ray's own client
     _answers(resolved)
-    _check_local_owner(resolved)
+    _check_local_owner(resolved)  # before Ray's client talks to it
+    _gcs_answers(resolved)
     if _loopback(resolved):
         # A cluster whose nodes bind to 127.0.0.1 (`ray start --node-ip-address 127.0.0.1`): Ray
         # replaces a loopback address by this host's outward IP, where nothing listens; with this
         # (read when ray is imported, so before) it keeps the driver on loopback too.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    require_ray()
     import ray
 
     try:
@@ -265,7 +292,6 @@ class Slot:
 
 
 def _die_with_actor() -> None:
-    from smpd.host.proc import die_with_parent
     die_with_parent(sig=signal.SIGTERM)
 
 

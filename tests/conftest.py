@@ -87,6 +87,14 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(SCRATCH, ignore_errors=True)
 
 
+def gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie its parent (init, for the daemons) has not reaped yet."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def wait_until(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
     """Poll ``cond`` until it returns a truthy value; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

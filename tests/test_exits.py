@@ -18,7 +18,7 @@ import time
 import psutil
 import pytest
 
-from conftest import Machine, run_name, run_smpd, start_smpd, wait_until
+from conftest import Machine, gone, run_name, run_smpd, start_smpd, wait_until
 from smpd.tools import lifecycle
 from smpd.host import names
 
@@ -105,15 +105,8 @@ def test_a_stop_signal_to_the_coordinator_mid_request_stops_the_machine_and_tell
     assert p.returncode == 1, err
     line = _one_error_line(err)
     assert f"was stopped by {sig.name} during 'online'" in line and "internal error" not in line, line
-    wait_until(lambda: not os.path.exists(names.segment_path(machine_name)) and not _running(coordinator),
+    wait_until(lambda: not os.path.exists(names.segment_path(machine_name)) and gone(coordinator),
                timeout=30, what="the machine to go down")
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_a_coordinator_with_a_core_of_its_own_does_not_burn_it_waiting_for_a_frozen_cpu(machine, tmp_path):

@@ -4,25 +4,17 @@ import os
 import signal
 
 import posix_ipc
-import psutil
 import pytest
 
-from conftest import Machine, our_processes, run_smpd, segment_path, start_smpd, wait_until
+from conftest import Machine, gone, our_processes, run_smpd, segment_path, start_smpd, wait_until
 from smpd.machine import layout as L
 from smpd.tools import lifecycle
 from smpd.host import names
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def _wait_gone(pids: list[int], what: str = "exit") -> None:
+def _waitgone(pids: list[int], what: str = "exit") -> None:
     for pid in pids:
-        wait_until(lambda: _gone(pid), what=f"pid {pid} to {what}")
+        wait_until(lambda: gone(pid), what=f"pid {pid} to {what}")
 
 
 def _kill_unattended(pids: list[int]) -> None:
@@ -30,9 +22,9 @@ def _kill_unattended(pids: list[int]) -> None:
     clean up. The coordinator is stopped first, or it would replace its janitor."""
     os.kill(pids[0], signal.SIGSTOP)
     os.kill(pids[1], signal.SIGKILL)
-    _wait_gone(pids[1:2], "die")
+    _waitgone(pids[1:2], "die")
     os.kill(pids[0], signal.SIGKILL)
-    _wait_gone(pids, "die")
+    _waitgone(pids, "die")
 
 
 def _all_pids(m: Machine) -> list[int]:
@@ -46,7 +38,7 @@ def test_sigkill_of_the_coordinator_takes_every_cpu_process_and_the_segment_with
     m.request("offline", cpus=f"1-{cpus // 2}")
     pids = _all_pids(m)
     os.kill(pids[0], signal.SIGKILL)
-    _wait_gone(pids, "die with the coordinator")
+    _waitgone(pids, "die with the coordinator")
     wait_until(lambda: not os.path.exists(segment_path(machine_name)), timeout=10,
                what="the janitor to unlink the segment")
 
@@ -75,7 +67,7 @@ def test_sigterm_to_the_coordinator_shuts_the_machine_down_cleanly(machine_name)
     m.request("offline", cpus="1-7")
     pids = _all_pids(m)
     os.kill(pids[0], signal.SIGTERM)
-    _wait_gone(pids)
+    _waitgone(pids)
     assert not os.path.exists(segment_path(machine_name))
 
 
@@ -164,7 +156,7 @@ def test_a_second_stop_signal_does_not_interrupt_the_shutdown(machine_name):
     os.kill(pids[0], signal.SIGTERM)
     os.kill(pids[0], signal.SIGHUP)
     os.kill(pids[0], signal.SIGINT)
-    _wait_gone(pids)
+    _waitgone(pids)
     assert not os.path.exists(segment_path(machine_name))
 
 

@@ -7,7 +7,7 @@ import stat
 import psutil
 import pytest
 
-from conftest import Machine, run_smpd, segment_path, wait_until
+from conftest import Machine, gone, run_smpd, segment_path, wait_until
 from smpd.machine import layout as L
 
 
@@ -33,8 +33,7 @@ def test_up_brings_every_cpu_online_as_its_own_process_and_down_removes_all(mach
     assert "is down" in r.stdout
     assert not os.path.exists(segment_path(machine_name))
     for pid in [coord.pid, janitor, *pids]:
-        wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-                   what=f"pid {pid} to exit")
+        wait_until(lambda: gone(pid), what=f"pid {pid} to exit")
 
 
 def test_down_is_idempotent(machine_name):

@@ -7,7 +7,7 @@ import os
 
 import psutil
 
-from conftest import patient_config, run_smpd, wait_until
+from conftest import gone, patient_config, run_smpd, wait_until
 from smpd.host import names
 from smpd.machine import layout as L
 
@@ -51,13 +51,5 @@ def test_a_1024_cpu_machine_comes_up_parks_is_kicked_and_goes_down_leaving_nothi
     # clean-up would hide a segment left behind, so look now); every CPU process it killed and
     # reaped, and its janitor, are gone too.
     assert not os.path.exists(names.segment_path(m.name))
-    assert _gone(coordinator)
-    wait_until(lambda: all(_gone(p) for p in [janitor, *pids]) or None, 30, "the janitor and every CPU process gone")
-
-
-def _gone(pid: int) -> bool:
-    """Exited: no such process, or a zombie its parent (init, for the daemons) has not reaped yet."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+    assert gone(coordinator)
+    wait_until(lambda: all(gone(p) for p in [janitor, *pids]) or None, 30, "the janitor and every CPU process gone")

@@ -54,7 +54,6 @@ class Template:
         self.signals = signals
         self.proc = None  # subprocess.Popen
         self.sock: socket.socket | None = None
-        self.attached = False
 
     def start(self) -> None:
         """Exec the template. Its interpreter starts (~80 ms here, most of a small machine's
@@ -80,7 +79,6 @@ class Template:
             socket.send_fds(self.sock, [seg.name.encode()], [seg.fd])
         except OSError:  # it died (EPIPE, ECONNRESET)
             raise self._gone() from None
-        self.attached = True
 
     def fork(self, seg: Segment, plan: dict[int, int | None], poll: Callable[[], None],
              adopt: Callable[[int, int], None]) -> None:
@@ -92,8 +90,7 @@ class Template:
         try:
             if self.proc is None:
                 self.start()
-            if not self.attached:
-                self.attach(seg)
+            self.attach(seg)  # a template forks one batch, so it is handed the segment once
             try:
                 self.sock.send(b"".join(_PAIR.pack(c, -1 if k is None else k) for c, k in plan.items()))
             except OSError:  # it died before it read the request (EPIPE, ECONNRESET)

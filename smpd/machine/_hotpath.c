@@ -373,19 +373,29 @@ static PyObject *halted(Waiter *w, int slept, long long spin_ns, int64_t seen)
 	return out;
 }
 
+/* try_ack(), once any interrupt that came with the kick has gone first: its signal (arrived
+ * with the kick, or while we spun) has its Python handler pending; run it, so its byte is
+ * raised and the interrupt is taken first, in MWAIT, by the Python path, as there.
+ * -1: a handler raised (an exception is set), 0: not a kick to answer here, 1: answered. */
+static int answer_kick(Waiter *w, Ack *a, int64_t *seen, int by_content)
+{
+	if (PyErr_CheckSignals() < 0)
+		return -1;
+	return try_ack(w, a, seen, by_content);
+}
+
 /* The wake word is raised: acknowledge a kick if ``a`` says so and it is one. */
 static PyObject *woke(Waiter *w, Ack *a, int slept, long long spin_ns)
 {
 	int64_t seen;
+	int r;
 
 	if (!a)
 		return Py_BuildValue("(iiL)", WOKE, 0, 0LL);
-	/* An interrupt whose signal arrived with the kick (or while we spun) has its
-	 * Python handler pending: run it, so its byte is raised and the interrupt is
-	 * taken first, in MWAIT, by the Python path, as there. */
-	if (PyErr_CheckSignals() < 0)
+	r = answer_kick(w, a, &seen, 0);
+	if (r < 0)
 		return NULL;
-	if (!try_ack(w, a, &seen, 0))
+	if (!r)
 		return Py_BuildValue("(iiL)", WOKE, 0, 0LL);
 	return halted(w, slept, spin_ns, seen);
 }
@@ -513,10 +523,11 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 				return woke(w, a, 0, spin_ns);
 			if (control && LOAD32(control) != before) {
 				int64_t seen;
+				int r = answer_kick(w, a, &seen, 1);
 
-				if (PyErr_CheckSignals() < 0)  /* as woke(): an interrupt goes first */
+				if (r < 0)
 					return NULL;
-				if (try_ack(w, a, &seen, 1))
+				if (r)
 					return halted(w, 0, spin_ns, seen);
 				control = NULL;  /* not a kick to answer here: its WRITE byte follows */
 			}

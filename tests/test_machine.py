@@ -8,6 +8,7 @@ import psutil
 import pytest
 
 from conftest import Machine, gone, run_smpd, segment_path, wait_until
+from smpd.host import trust
 from smpd.machine import layout as L
 
 
@@ -25,6 +26,9 @@ def test_up_brings_every_cpu_online_as_its_own_process_and_down_removes_all(mach
     assert len(set(pids)) == cpus - 1 and coord.pid not in pids
     for c in s["cpus"][1:]:
         assert psutil.Process(c["pid"]).name() == f"smpd-cpu{c['cpu']}"
+    with m.segment() as seg:  # each CPU's identity as the janitor will check it, should we die
+        assert all(trust.is_our_process(seg.cb(c, "pid"), seg.cb(c, "ctime_ms") / 1000, f"smpd-cpu{c}")
+                   for c in range(1, cpus))
     mode = os.stat(segment_path(machine_name)).st_mode
     assert stat.S_IMODE(mode) == 0o600
     janitor = s["machine"]["janitor_pid"]

@@ -20,6 +20,7 @@ import time
 
 import multiprocess
 import multiprocess.popen_fork
+import psutil
 
 _ctx = multiprocess.get_context("fork")
 
@@ -53,3 +54,13 @@ class CpuProcess(_ctx.Process):
         self._sentinel = None
         del self._target, self._args, self._kwargs
         return self
+
+    def ctime_ms(self) -> int:
+        """The process's creation time (ms since the epoch): with its pid, its identity
+        (smpd.host.trust). Read by us, not by the CPU process: our child, unreaped, is surely
+        that pid, and a CPU process that imported psutil would pay for it at every fork
+        (smpd.machine.segment.attach). 0, which matches nothing, when it cannot be read."""
+        try:
+            return int(psutil.Process(self.pid).create_time() * 1000)
+        except psutil.Error:
+            return 0

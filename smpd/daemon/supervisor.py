@@ -229,8 +229,9 @@ class Coordinator:
         template.fork(self.seg, plan, check_stop, self._adopt)
 
     def _adopt(self, cpu: int, pid: int) -> None:
-        self.procs[cpu] = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(pid)
+        self.procs[cpu] = p = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(pid)
         self.seg.set_cb(cpu, "pid", pid)
+        self.seg.set_cb(cpu, "ctime_ms", p.ctime_ms())  # with the pid, what the janitor checks
 
     # -- IPIs ------------------------------------------------------------------
 

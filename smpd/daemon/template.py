@@ -8,8 +8,11 @@ template is a fresh interpreter that imports the CPU's code (smpd.kernel.cpu) an
 maps the segment by the descriptor the coordinator hands down (no name to trust), freezes its
 collector, and forks each CPU on request. Measured on the 2-core box, 64 CPUs, after bring-up:
 698 -> 614 page faults and 2.65 -> 2.23 MB USS per CPU process; `smpd down` of 1024 CPUs
-1.5 -> 0.9 s (bench/bench_machine.py). What is left per CPU is CPython's own: ~110 faults for
-the fork hooks alone, then one per page of every object the CPU touches.
+1.5 -> 0.9 s (bench/bench_machine.py). What is left per CPU is CPython's own: its fork hooks,
+then one fault per page of every object the CPU touches. The hooks are those of whatever the
+template imported: threading's (pulled in by psutil) cost ~145 faults a CPU, so the template's
+imports leave psutil out (smpd.machine.segment.attach): 605 -> 459 faults and 2.5 -> 2.0 ms of
+host CPU per CPU process; `smpd up` of 2048 CPUs 4.5-5.4 -> 3.5-4.2 s, alternated.
 
 It forks with CLONE_PARENT (smpd.host.proc.fork_sibling): each CPU process is the coordinator's
 own child, as before. The coordinator reaps it, holds its pid until it does (so a signal by pid

@@ -333,7 +333,6 @@ def cpu_main(seg, bus: Bus, cpu: int, signals: dict[str, int], parent_pid: int, 
     me = Cpu(seg, bus, cpu, signals)
     me.install_signal_handlers()
     seg.set_cb(cpu, "core", -1 if core is None else core)
-    seg.set_cb(cpu, "ctime_ms", _own_ctime_ms())
     seg.set_cb(cpu, "pid", os.getpid())
     try:
         me.run()
@@ -344,8 +343,3 @@ def cpu_main(seg, bus: Bus, cpu: int, signals: dict[str, int], parent_pid: int, 
         os._exit(70)
     os._exit(0)
 
-
-def _own_ctime_ms() -> int:
-    import psutil
-
-    return int(psutil.Process().create_time() * 1000)

@@ -19,7 +19,7 @@ import struct
 import posix_ipc
 
 from smpd.machine import layout as L
-from smpd.host import names, trust
+from smpd.host import names
 from smpd.errors import BadInput, HostTooSmall, LayoutMismatch
 
 
@@ -97,6 +97,11 @@ class Segment:
         name is someone else's, and LayoutMismatch when it is not a segment this smpd
         can read.
         """
+        # Imported here, not above: a CPU process maps its segment by inheritance and never attaches
+        # by name, and trust's psutil imports threading, whose at-fork hook then runs in every CPU
+        # process the template forks (~120 of its ~600 page faults: smpd.daemon.template).
+        from smpd.host import trust
+
         seg = cls(name)
         path = names.SHM_DIR + name
         try:

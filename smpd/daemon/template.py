@@ -42,6 +42,7 @@ from typing import Callable
 from smpd.errors import CpuLost
 from smpd.host.proc import die_with_parent, fork_refused, fork_sibling, set_process_name
 from smpd.kernel.cpu import cpu_main
+from smpd.kernel.generations import Generations
 from smpd.machine.bus import Bus
 from smpd.machine.segment import Segment
 
@@ -169,14 +170,21 @@ def template_main(spec: dict) -> None:
         os._exit(0)
     seg = Segment.inherit(name.decode(), fds[0])
     bus = Bus(seg)
-    gc.freeze()  # what the CPUs inherit stays out of their collector (and so uncopied)
+    gens = Generations(seg)
     while request := sock.recv(seg.geo.ncpus * _PAIR.size):
+        if seg.hdr("generation"):
+            # The running kernel's memory map, built once here rather than by each CPU at its
+            # smp_callin() (~220 us and ~35 page faults a CPU process); a map is cached by its
+            # generation's recorded entry, so a later kernel's is never mistaken for it.
+            gens.current()
+        gc.freeze()  # what the CPUs inherit stays out of their collector (and so uncopied)
         for cpu, core in _PAIR.iter_unpack(request):
-            _fork_one(sock, seg, bus, spec, cpu, None if core < 0 else core)
+            _fork_one(sock, seg, bus, gens, spec, cpu, None if core < 0 else core)
     os._exit(0)
 
 
-def _fork_one(sock: socket.socket, seg: Segment, bus: Bus, spec: dict, cpu: int, core: int | None) -> None:
+def _fork_one(sock: socket.socket, seg: Segment, bus: Bus, gens: Generations, spec: dict, cpu: int,
+              core: int | None) -> None:
     """Fork CPU ``cpu``'s process and answer its pid. The process waits on a pipe until the answer
     is sent: one whose answer never left (the template killed between the two) exits at once,
     so every CPU process that runs is one the coordinator was told of."""
@@ -193,7 +201,7 @@ def _fork_one(sock: socket.socket, seg: Segment, bus: Bus, spec: dict, cpu: int,
             os.close(told_w)
             if not os.read(told_r, 1):
                 os._exit(0)
-            cpu_main(seg, bus, cpu, spec["signals"], spec["coordinator"], core)
+            cpu_main(seg, bus, cpu, spec["signals"], spec["coordinator"], core, gens)
         finally:
             os._exit(70)
     os.close(told_r)

@@ -38,9 +38,9 @@ _KEXEC_HLT = struct.pack("<I", L.CPUDEAD_MWAIT_KEXEC_HLT)
 
 
 class Cpu(Executes, CpuCore):
-    def __init__(self, seg, bus: Bus, cpu: int, signals: dict[str, int]):
+    def __init__(self, seg, bus: Bus, cpu: int, signals: dict[str, int], gens: Generations | None = None):
         super().__init__(seg, bus, cpu, signals)
-        self.gens = Generations(seg)
+        self.gens = gens or Generations(seg)  # given: maps built before the fork (smpd.daemon.template)
         self.gen = 0  # the kernel generation this CPU runs (set by smp_callin)
         self.map: MemoryMap | None = None  # that generation's memory map
         self.plans: dict[tuple, resume_mod.ResumePlan] = {}  # by (map, text page)
@@ -320,7 +320,8 @@ class Cpu(Executes, CpuCore):
                 return nxt
 
 
-def cpu_main(seg, bus: Bus, cpu: int, signals: dict[str, int], parent_pid: int, core: int | None) -> None:
+def cpu_main(seg, bus: Bus, cpu: int, signals: dict[str, int], parent_pid: int, core: int | None,
+             gens: Generations | None = None) -> None:
     """Entry point of a CPU process (forked for the coordinator ``parent_pid`` by smpd.daemon.template)."""
     die_with_parent(parent_pid)
     set_process_name(f"smpd-cpu{cpu}")
@@ -330,7 +331,7 @@ def cpu_main(seg, bus: Bus, cpu: int, signals: dict[str, int], parent_pid: int, 
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     if core is not None:
         os.sched_setaffinity(0, {core})
-    me = Cpu(seg, bus, cpu, signals)
+    me = Cpu(seg, bus, cpu, signals, gens)
     me.install_signal_handlers()
     seg.set_cb(cpu, "core", -1 if core is None else core)
     seg.set_cb(cpu, "pid", os.getpid())

@@ -21,8 +21,8 @@ def power_on(seg, bus, boot: Boot) -> MemoryMap:
     """RAM after a power cycle with generation 1 booted into it (its own writes done; APs not started)."""
     sizes = generations.sizes_of(seg)
     seed = seg.hdr("seed")
-    image.power_on(bus, seg.geo, seed)
     m = cold_boot(sizes, boot)
+    image.power_on(bus, seg.geo, seed, overwritten=frozenset(page for page, _, _ in m.pages()))
     generations.record(seg, m)
     seg.set_hdr("generation", 1)
     image.boot_kernel(bus, seed, m)

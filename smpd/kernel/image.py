@@ -73,9 +73,13 @@ def write_pages(bus, seed: int, generation: int, pages: Iterable[tuple[int, Regi
     return woke
 
 
-def power_on(bus, geo: L.Geometry, seed: int) -> None:
-    """RAM at power-on: firmware's bytes everywhere (generation 0), no kernel's page anywhere."""
-    write_pages(bus, seed, 0, ((p, Region.FIRMWARE, p) for p in range(geo.npages)))
+def power_on(bus, geo: L.Geometry, seed: int, overwritten: frozenset[int] = frozenset()) -> None:
+    """RAM at power-on: firmware's bytes everywhere (generation 0), no kernel's page anywhere.
+
+    ``overwritten``: pages the booting kernel writes next, before anything could tell what they
+    held (no CPU executes, no monitor is armed): they are left to it, one page write less each
+    (a third of them at 2048 CPUs, ~24 us a page)."""
+    write_pages(bus, seed, 0, ((p, Region.FIRMWARE, p) for p in range(geo.npages) if p not in overwritten))
 
 
 def boot_kernel(bus, seed: int, m: MemoryMap) -> int:

@@ -177,6 +177,26 @@ def test_a_stray_smi_on_a_parked_cpu_of_an_intact_kernel_does_no_harm(machine6):
     assert c["mwait_cpu_dead"]["control"] == L.CPUDEAD_MWAIT_WAIT
 
 
+def test_interrupts_that_arrive_together_become_one_and_the_injection_says_so_without_waiting_for_the_rest(
+        machine6):
+    """Five SMIs reach a stopped CPU together: continued, it takes one, then the other four as one
+    (the latch). The injection is done once none is still on its way, and says the count merged;
+    it used to wait out IRQ_TAKEN_S for SMIs that would never come."""
+    cpu = machine6.wait_cpu(3, lambda c: c["state"] == "MWAIT", "parked")
+    before = cpu["interrupts"]["smi"]["taken"]
+    os.kill(cpu["pid"], signal.SIGSTOP)
+    cont = threading.Timer(0.1, os.kill, (cpu["pid"], signal.SIGCONT))
+    cont.start()
+    try:
+        r = machine6.request("inject", kind="smi", cpus="3", count=5)
+    finally:
+        cont.join()
+        os.kill(cpu["pid"], signal.SIGCONT)
+    took = machine6.cpu(3)["interrupts"]["smi"]["taken"] - before
+    assert 0 < took < 5 and not r["not_taken"], r
+    assert any("SMI x5 to CPU 3 came as fewer" in e["event"] for e in r["timeline"]), r["timeline"]
+
+
 def test_same_seed_same_scenario_other_seed_other_scenario(machine6):
     reports = []
     for seed in (21, 21, 22):

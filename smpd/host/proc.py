@@ -61,6 +61,20 @@ def fork_sibling() -> int:
     return pid
 
 
+def signal_queued(pid: int, sig: int) -> bool:
+    """Does the host still hold signal ``sig`` for process ``pid``, sent but not yet delivered (its
+    bit in SigPnd or ShdPnd of /proc/PID/status, which psutil does not give)? False once it is
+    gone. For a process of ours only (a child not yet reaped): the pid names nobody else."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) >> (sig - 1) & 1:
+                    return True
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def fork_refused(err: OSError, what: str) -> HostTooSmall:
     """The error for a process the host would not give us (fork's EAGAIN, ENOMEM)."""
     return HostTooSmall(f"the host refused a process for {what} ({err.strerror or err}): too many "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import psutil
 
+from smpd.host.proc import signal_queued
 from smpd.kernel.generations import Generations
 from smpd.kernel.memmap import MemoryMap
 from smpd.kernel.outcome import CpuFacts
@@ -29,6 +30,12 @@ class Observer:
 
     def irq_seen(self, cpu: int) -> int:
         return sum(self.seg.cb(cpu, f"{k}_taken") + self.seg.cb(cpu, f"{k}_held") for k in L.IRQ_KINDS)
+
+    def irq_queued(self, cpu: int, kind: str) -> bool:
+        """Is an interrupt of ``kind`` sent to ``cpu`` still on its way: its signal queued by the
+        host, not yet delivered to the CPU's process?"""
+        p = self.c.cpu_process(cpu)
+        return p is not None and signal_queued(p.pid, self.c.signals[kind])
 
     def host_note(self, cpu: int) -> str:
         """What the host did to this CPU's process, when that explains a missed deadline."""

@@ -22,7 +22,11 @@ def power_on(seg, bus, boot: Boot) -> MemoryMap:
     sizes = generations.sizes_of(seg)
     seed = seg.hdr("seed")
     m = cold_boot(sizes, boot)
-    image.power_on(bus, seg.geo, seed, overwritten=frozenset(page for page, _, _ in m.pages()))
+    # No CPU executes until generation 1 has written its pages (the APs wait for SIPI), so their
+    # firmware bytes could only be seen by a monitor they woke: with none armed (always, after
+    # power-on's INIT), they are not written.
+    skip = frozenset() if bus.any_monitor() else frozenset(page for page, _, _ in m.pages())
+    image.power_on(bus, seg.geo, seed, overwritten=skip)
     generations.record(seg, m)
     seg.set_hdr("generation", 1)
     image.boot_kernel(bus, seed, m)

@@ -46,6 +46,11 @@ class Bus:
         self._sleeping_idx = [(geo.cb_off(c) + L.CB["sleeping"][0]) // 4 for c in range(geo.ncpus)]
         self._pid_idx = [(geo.cb_off(c) + L.CB["pid"][0]) // 4 for c in range(geo.ncpus)]
 
+    def any_monitor(self) -> bool:
+        """Is a monitor armed on any line of emulated memory (an entry in the line directory)?"""
+        n = self.mem_len // L.LINE
+        return self.u16[self.dir_base:self.dir_base + n].tobytes().count(0) != 2 * n
+
     @functools.cached_property
     def kicker(self):
         """The coordinator's kick loop (smpd.machine.hotpath): compiled, or its Python peer."""

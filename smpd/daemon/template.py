@@ -10,9 +10,10 @@ collector, and forks each CPU on request. Measured on the 2-core box, 64 CPUs, a
 698 -> 614 page faults and 2.65 -> 2.23 MB USS per CPU process; `smpd down` of 1024 CPUs
 1.5 -> 0.9 s (bench/bench_machine.py). What is left per CPU is CPython's own: its fork hooks,
 then one fault per page of every object the CPU touches. The hooks are those of whatever the
-template imported: threading's (pulled in by psutil) cost ~145 faults a CPU, so the template's
-imports leave psutil out (smpd.machine.segment.attach): 605 -> 459 faults and 2.5 -> 2.0 ms of
-host CPU per CPU process; `smpd up` of 2048 CPUs 4.5-5.4 -> 3.5-4.2 s, alternated.
+template imported: threading's (pulled in by psutil) cost ~120 faults a CPU, so the template's
+imports leave psutil out (smpd.machine.segment.attach), and the CPU's creation time is the
+coordinator's to read (~25 more): 605 -> 459 faults and 2.5 -> 2.0 ms of host CPU per CPU
+process; `smpd up` of 2048 CPUs 4.5-5.4 -> 3.5-4.2 s, alternated.
 
 It forks with CLONE_PARENT (smpd.host.proc.fork_sibling): each CPU process is the coordinator's
 own child, as before. The coordinator reaps it, holds its pid until it does (so a signal by pid
@@ -172,11 +173,14 @@ def template_main(spec: dict) -> None:
     bus = Bus(seg)
     gens = Generations(seg)
     while request := sock.recv(seg.geo.ncpus * _PAIR.size):
-        if seg.hdr("generation"):
-            # The running kernel's memory map, built once here rather than by each CPU at its
-            # smp_callin() (~220 us and ~35 page faults a CPU process); a map is cached by its
-            # generation's recorded entry, so a later kernel's is never mistaken for it.
-            gens.current()
+        # The memory map every CPU process we fork starts in, built once here rather than by each
+        # at its smp_callin() (~220 us and ~35 page faults a CPU): generation 1's, which `smpd up`
+        # boots and which the reset that respawns CPUs boots again. Cached by the generation's
+        # recorded entry, so another kernel's is never mistaken for it.
+        try:
+            gens.map(1)
+        except LookupError:  # not in the table any more (a long chain): each CPU builds its own
+            pass
         gc.freeze()  # what the CPUs inherit stays out of their collector (and so uncopied)
         for cpu, core in _PAIR.iter_unpack(request):
             _fork_one(sock, seg, bus, gens, spec, cpu, None if core < 0 else core)

@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 from conftest import HOT_PATHS, Machine, patient_config, run_name, run_smpd, smpd_env, wait_until
+from smpd.errors import BadInput
 from smpd.machine import layout as L
 
 FAULT = {"TRIPLE_FAULT", "CORRUPTION"}
@@ -268,6 +269,22 @@ def test_a_kexecd_kernel_kexecs_again_and_reset_is_a_power_cycle(machine6):
     machine6.request("reset")
     s = machine6.status()
     assert s["machine"]["generation"] == 1 and {c["state"] for c in s["cpus"][1:]} == {"MWAIT"}
+
+
+def test_reset_leaves_the_offline_set_asked_for_and_refuses_one_it_cannot(machine6):
+    """What the soak asks of the reset that ends a trial: the next trial's offline set."""
+    machine6.request("kexec", park="hlt", seed=3)
+    r = machine6.request("reset", offline="2,4")
+    assert r["offline"] == [2, 4]
+    s = machine6.status()
+    assert [(c["cpu"], c["state"]) for c in s["cpus"] if c["hotplug"] == "offline"] == [(2, "MWAIT"), (4, "MWAIT")]
+    assert s["machine"]["generation"] == 1
+    for bad, says in (("0-1", "CPU 0 is the boot CPU"), ("9", "names CPU 9"), ("x", "malformed cpulist")):
+        with pytest.raises(BadInput, match=says):
+            machine6.request("reset", offline=bad)
+    assert [c["hotplug"] for c in machine6.status()["cpus"]] == [c["hotplug"] for c in s["cpus"]]
+    assert machine6.request("reset", offline="")["offline"] == []
+    machine6.request("reset", offline=f"1-{NCPUS - 1}")  # as the other tests find it
 
 
 @pytest.mark.parametrize("args, says", [

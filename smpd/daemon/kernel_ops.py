@@ -151,14 +151,23 @@ class KernelOps:
                 "machine": {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch,
                             "hot_path": self.sup.hot_path}}
 
-    def op_reset(self) -> dict:
+    def op_reset(self, offline: str | None = None) -> dict:
         """A power cycle: INIT every CPU, RAM back to firmware's bytes, generation 1 boots again and
         starts its APs, and the CPUs offline before the first kexec go offline again; no re-fork. A
         CPU whose process died (GONE) is the exception: it gets a new process, even when it dies
-        during the reset itself (up to RESET_ATTEMPTS times)."""
+        during the reset itself (up to RESET_ATTEMPTS times).
+
+        ``offline``: the CPUs to take offline after the boot instead (a CPU list, "" for none):
+        the soak's next trial's, which it would otherwise reach by hotplugging from these."""
         t0 = time.monotonic_ns()
-        offline = self.sup.reset_offline
-        if offline is None:
+        if offline is not None:
+            offline = cpulist.parse(offline, self.sup.ncpus) if offline else []
+            if 0 in offline:
+                raise BadInput("CPU 0 is the boot CPU and cannot be left offline; name CPUs 1-%d"
+                               % (self.sup.ncpus - 1))
+        elif self.sup.reset_offline is not None:
+            offline = self.sup.reset_offline
+        else:
             offline = self._offline_now()
         respawned: list[int] = []
         for attempt in range(RESET_ATTEMPTS):

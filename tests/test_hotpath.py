@@ -295,3 +295,38 @@ def test_the_compiled_waiter_refuses_a_second_wait_while_one_sleeps(seg):
     t.join()
     assert _code(r) == (hotpath.WOKE, 0, 0)
     assert "already waiting in another thread" in second.get("error", ""), second
+
+
+def test_a_control_block_word_is_never_seen_half_written(seg):
+    """Another process writes a field over and over, 0xFFFF... and 1 by turns, while this one reads
+    it: each read is one of the two, never 0 or a mix. A struct packs a value byte by byte after
+    zeroing them, which a reader caught in the middle (a CPU reading mbox_seq, `smpd status`
+    reading state) saw 21% of the time (smpd.machine.segment)."""
+    ctx = multiprocess.get_context("fork")
+    stop = ctx.Event()
+    values = {"mbox_seq": (0xFFFFFFFF, 1), "kick_seen_ns": (0xFFFFFFFFFFFFFFFF, 1)}
+
+    def writer():
+        while not stop.is_set():
+            for _ in range(1000):
+                for field, (a, b) in values.items():
+                    seg.set_cb(CPU, field, a)
+                    seg.set_cb(CPU, field, b)
+
+    for field, (a, _) in values.items():
+        seg.set_cb(CPU, field, a)
+    p = ctx.Process(target=writer, daemon=True)
+    p.start()
+    try:
+        seen = {field: set() for field in values}
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            for field in values:
+                for _ in range(1000):
+                    seen[field].add(seg.cb(CPU, field))
+    finally:
+        stop.set()
+        p.join(10)
+    assert p.exitcode == 0
+    for field, (a, b) in values.items():
+        assert seen[field] <= {a, b}, f"{field} read as {sorted(seen[field] - {a, b})[:5]}"

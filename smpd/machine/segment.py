@@ -218,11 +218,20 @@ class Segment:
         return self.hdr(field).rstrip(b"\0").decode("utf-8", "replace")
 
     def cb(self, cpu: int, field: str):
+        word = _CB_WORDS.get(field)
+        if word is not None:
+            i, size = word
+            return (self.u64 if size == 8 else self.u32)[(L.CB_OFF + cpu * L.CB_SIZE) // size + i]
         off, s = L.CB[field]
         (v,) = s.unpack_from(self.buf, L.CB_OFF + cpu * L.CB_SIZE + off)
         return v
 
     def set_cb(self, cpu: int, field: str, value) -> None:
+        word = _CB_WORDS.get(field)
+        if word is not None:
+            i, size = word
+            (self.u64 if size == 8 else self.u32)[(L.CB_OFF + cpu * L.CB_SIZE) // size + i] = value
+            return
         off, s = L.CB[field]
         s.pack_into(self.buf, L.CB_OFF + cpu * L.CB_SIZE + off, value)
 
@@ -247,6 +256,15 @@ class Segment:
     def mem_off(self, addr: int) -> int:
         """Offset in ``buf`` of emulated physical ``addr``."""
         return self.geo.mem_off + addr - L.PHYS_BASE
+
+
+# The control block's unsigned words, each read and written by one aligned load or store (its index
+# in ``u32`` or ``u64`` within the block, and its size): a struct packs a value byte by byte into
+# the segment, after zeroing its bytes, so a process reading it meanwhile (a CPU, the coordinator,
+# `smpd status`) could see 0 or half of it.
+assert L.CB_OFF % 8 == 0 and L.CB_SIZE % 8 == 0
+_CB_WORDS = {name: (off // s.size, s.size) for name, (off, s) in L.CB.items()
+             if s.format in ("<I", "<Q") and off % s.size == 0}
 
 
 def unlink(name: str) -> bool:

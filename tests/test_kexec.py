@@ -19,12 +19,13 @@ import os
 import re
 import signal
 import threading
+import time
 
 import psutil
 import pytest
 
 from conftest import HOT_PATHS, Machine, patient_config, run_name, run_smpd, smpd_env, wait_until
-from smpd.errors import BadInput
+from smpd.errors import BadInput, SmpdError
 from smpd.machine import layout as L
 
 FAULT = {"TRIPLE_FAULT", "CORRUPTION"}
@@ -381,3 +382,53 @@ def test_human_kexec_report_leads_with_the_outcome(machine6):
     first = r.stdout.splitlines()[0]
     assert first.startswith("MCE_SHUTDOWN")
     assert "timeline:" in r.stdout and "smp_park_other_cpus_in_init()" in r.stdout
+
+
+def _kill_the_template(coordinator: int, done: threading.Event) -> None:
+    """SIGKILL the template the coordinator starts next (its child running smpd.daemon.template,
+    the earliest not yet a CPU), as soon as it appears."""
+    while not done.is_set():
+        try:
+            kids = [p for p in psutil.Process(coordinator).children()
+                    if "smpd.daemon.template" in " ".join(p.cmdline()) and not p.name().startswith("smpd-cpu")]
+        except psutil.Error:
+            kids = []
+        if kids:
+            min(kids, key=lambda p: p.create_time()).kill()
+            return
+        time.sleep(0.0005)
+
+
+def test_a_respawn_cut_short_leaves_cpus_the_next_reset_gives_a_process(machine_name):
+    """The template forking a reset's new CPU processes dies mid-batch (killed, or the host refused a
+    process): that reset fails and says so, and the next gives every CPU left without a process one.
+    It used to fail for good, on every later reset ('internal error in reset: KeyError')."""
+    m = Machine(machine_name, 8, "--watch", "adaptive")
+    try:
+        coordinator = m.status()["machine"]["pid"]
+        cut = None
+        for _ in range(5):  # the kill lands before the batch is forked, almost always at once
+            pids = {c["cpu"]: c["pid"] for c in m.status()["cpus"]}
+            for cpu in (2, 3, 5, 6):
+                os.kill(pids[cpu], signal.SIGKILL)
+            done = threading.Event()
+            killer = threading.Thread(target=_kill_the_template, args=(coordinator, done))
+            killer.start()
+            try:
+                m.request("reset")
+            except SmpdError as err:
+                cut = err
+            finally:
+                done.set()
+                killer.join()
+            if cut is not None:
+                break
+        assert cut is not None and "exited with status -9" in str(cut), cut
+        r = m.request("reset")
+        s = m.status()
+        assert set(r["respawned"]) <= {2, 3, 5, 6} and s["machine"]["state"] == "UP"
+        assert {c["state"] for c in s["cpus"][1:]} == {"RUNNING"}
+        assert all(psutil.Process(c["pid"]).name() == f"smpd-cpu{c['cpu']}" for c in s["cpus"][1:])
+        assert m.request("kexec", park="hlt", seed=4)["outcome"] == "CLEAN"
+    finally:
+        m.down()

@@ -62,5 +62,5 @@ class CpuProcess(_ctx.Process):
         (smpd.machine.segment.attach). 0, which matches nothing, when it cannot be read."""
         try:
             return int(psutil.Process(self.pid).create_time() * 1000)
-        except psutil.Error:
+        except (psutil.Error, OSError):  # OSError: psutil passes EMFILE and ENFILE on
             return 0

@@ -169,6 +169,9 @@ class KernelOps:
             offline = self.sup.reset_offline
         else:
             offline = self._offline_now()
+        # Kept until this reset succeeds: one that fails (a respawn cut short leaves CPUs marked
+        # offline, with no process) leaves the next the same set to restore.
+        self.sup.reset_offline = offline
         respawned: list[int] = []
         for attempt in range(RESET_ATTEMPTS):
             respawned += self.sup.respawn_gone()

@@ -245,13 +245,13 @@ class Coordinator:
     def ipi_all(self, cpus: list[int], cmd: L.Ipi, timeout_s: float, what: str) -> dict[int, int]:
         """``ipi_wait`` for requests that must not half-succeed: raise naming the CPUs that failed."""
         results, missing = self.ipi_wait(cpus, cmd, timeout_s)
-        dead = [c for c in missing if not self.procs[c].is_alive()]
+        dead = [c for c in missing if not self.cpu_alive(c)]
         for c in dead:
             self._mark_gone(c)  # reaped just now: its pid may be anyone's next
         if dead:
-            c = dead[0]
-            raise CpuLost(f"{what}: CPU{c} (pid {self.procs[c].pid}) died with exit code {self.procs[c].exitcode}; "
-                          f"`smpd reset` gives it a new process")
+            p = self.procs.get(dead[0])  # none: its respawn was cut short (the host refused a process)
+            raise CpuLost(f"{what}: CPU{dead[0]} " + (f"(pid {p.pid}) died with exit code {p.exitcode}" if p else
+                          "has no process") + "; `smpd reset` gives it a new process")
         if missing:
             raise Timeout(f"{what}: CPU {cpulist.format_list(missing)} did not acknowledge "
                           f"{cmd.name} within {timeout_s:.1f} s")
@@ -263,8 +263,9 @@ class Coordinator:
         self.seg.set_cb(cpu, "pid", 0)
 
     def refresh_gone(self) -> None:
-        for cpu, p in self.procs.items():
-            if p.exitcode is not None or not p.is_alive():
+        """GONE: every CPU whose process died, or that has none (a respawn cut short)."""
+        for cpu in range(1, self.ncpus):
+            if not self.cpu_alive(cpu) or self.procs[cpu].exitcode is not None:
                 self._mark_gone(cpu)
 
     def respawn_gone(self) -> list[int]:
@@ -278,8 +279,8 @@ class Coordinator:
         gone = [c for c in range(1, self.ncpus) if self.seg.cb(c, "state") == L.ExecState.GONE]
         d, base = self.seg.u16, self.seg.geo.dir_off // L.DIR_ENTRY
         for cpu in gone:
-            old = self.procs.pop(cpu)
-            old.join(1)
+            if (old := self.procs.pop(cpu, None)) is not None:
+                old.join(1)
             if self.seg.cb(cpu, "mon_armed") and d[base + self.seg.cb(cpu, "mon_line")] == cpu + 1:
                 d[base + self.seg.cb(cpu, "mon_line")] = 0  # the monitor the dead process left armed
             for field, value in (("mbox_ack", self.seg.cb(cpu, "mbox_seq")), ("wake", 0), ("sleeping", 0),

@@ -206,11 +206,20 @@ class Segment:
     # -- fields ------------------------------------------------------------
 
     def hdr(self, field: str):
+        word = _HDR_WORDS.get(field)
+        if word is not None:
+            i, size = word
+            return (self.u64 if size == 8 else self.u32)[i]
         off, s = L.HEADER[field]
         (v,) = s.unpack_from(self.buf, off)
         return v
 
     def set_hdr(self, field: str, value) -> None:
+        word = _HDR_WORDS.get(field)
+        if word is not None:
+            i, size = word
+            (self.u64 if size == 8 else self.u32)[i] = value
+            return
         off, s = L.HEADER[field]
         s.pack_into(self.buf, off, value)
 
@@ -258,13 +267,17 @@ class Segment:
         return self.geo.mem_off + addr - L.PHYS_BASE
 
 
-# The control block's unsigned words, each read and written by one aligned load or store (its index
-# in ``u32`` or ``u64`` within the block, and its size): a struct packs a value byte by byte into
-# the segment, after zeroing its bytes, so a process reading it meanwhile (a CPU, the coordinator,
-# `smpd status`) could see 0 or half of it.
+def _words(fields: dict) -> dict[str, tuple[int, int]]:
+    """The unsigned words of a field table, each read and written by one aligned load or store: its
+    index in ``u32`` or ``u64`` (from the table's start) and its size. A struct packs a value byte
+    by byte into the segment, after zeroing its bytes, so a process reading it meanwhile (a CPU,
+    the coordinator, `smpd status`, the janitor) could see 0 or half of it."""
+    return {name: (off // s.size, s.size) for name, (off, s) in fields.items()
+            if s.format in ("<I", "<Q") and off % s.size == 0}
+
+
 assert L.CB_OFF % 8 == 0 and L.CB_SIZE % 8 == 0
-_CB_WORDS = {name: (off // s.size, s.size) for name, (off, s) in L.CB.items()
-             if s.format in ("<I", "<Q") and off % s.size == 0}
+_HDR_WORDS, _CB_WORDS = _words(L.HEADER), _words(L.CB)
 
 
 def unlink(name: str) -> bool:

@@ -177,7 +177,11 @@ class Coordinator:
 
     def cpu_alive(self, cpu: int) -> bool:
         p = self.procs.get(cpu)
-        return p is not None and p.is_alive()
+        if p is not None and p.is_alive():
+            return True
+        if p is not None and self.seg.cb(cpu, "pid"):
+            self._mark_gone(cpu)  # reaped by is_alive() just now: its pid may be anyone's next
+        return False
 
     def cpu_process(self, cpu: int):
         return self.procs.get(cpu)

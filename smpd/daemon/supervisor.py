@@ -99,23 +99,7 @@ class Coordinator:
         except SegmentExists:
             raise MachineAlreadyUp(self.name, None) from None
         seg.set_hdr("janitor_pid", self.janitor.pid)
-        for field, value in (
-            ("state", L.MachineState.CREATING), ("generation", 1), ("seed", self.seed),
-            ("watch", L.Watch.SPIN if self.watch == "spin" else L.Watch.ADAPTIVE),
-            ("boot_ns", t0), ("boot_wall", time.time()),
-            ("spin_budget_ns", self._spin_budget_us() * 1000),
-            ("spurious_per_s", float(self.cfg.get("watch", "spurious_per_s"))),
-            ("authkey", secrets.token_bytes(32)), ("channel", secrets.token_hex(16).encode()),
-            ("coordinator_sid", os.getsid(0)),
-            ("pin", self.pin.encode()), ("watch_reason", self.watch_reason.encode()[:200]),
-            ("hot_path", L.HotPath.C if self.hot_path == "c" else L.HotPath.PYTHON),
-            ("hot_path_reason", self.hot_path_reason.encode()[:200]),
-            ("spin_yields", int(self.watch == "spin" and not self._fits_host())),
-            ("text_pages", sizes.text), ("data_pages", sizes.data), ("pgtable_pages", sizes.pgtables),
-            ("stack_pages_per_cpu", sizes.stack_per_cpu), ("crash_pages", sizes.crash),
-            ("smi_auto_halt_restart", int(self.cfg.get("firmware", "smi_auto_halt_restart"))),
-            ("smm_hangs_in_init", int(self.cfg.get("firmware", "smm_hangs_with_cpus_in_init"))),
-        ):
+        for field, value in _header(self, t0, sizes):
             seg.set_hdr(field, value)
         check_stop()
         self.bus = Bus(seg)
@@ -242,13 +226,15 @@ class Coordinator:
     def send_ipi(self, cpu: int, cmd: L.Ipi) -> int:
         return self.mailbox.send(cpu, cmd)
 
-    def ipi_wait(self, cpus: list[int], cmd: L.Ipi, timeout_s: float) -> tuple[dict[int, int], list[int]]:
-        """smpd.machine.mailbox: send ``cmd`` to ``cpus`` and wait (bounded); (acked results, missing)."""
-        return self.mailbox.send_and_wait(cpus, cmd, timeout_s)
+    def ipi_wait(self, cpus: list[int], cmd: L.Ipi, timeout_s: float,
+                 then: L.Ipi | None = None) -> tuple[dict[int, int], list[int]]:
+        """smpd.machine.mailbox: send ``cmd`` (then ``then``) to ``cpus``, wait (bounded); (acked results, missing)."""
+        return self.mailbox.send_and_wait(cpus, cmd, timeout_s, then)
 
-    def ipi_all(self, cpus: list[int], cmd: L.Ipi, timeout_s: float, what: str) -> dict[int, int]:
+    def ipi_all(self, cpus: list[int], cmd: L.Ipi, timeout_s: float, what: str,
+                then: L.Ipi | None = None) -> dict[int, int]:
         """``ipi_wait`` for requests that must not half-succeed: raise naming the CPUs that failed."""
-        results, missing = self.ipi_wait(cpus, cmd, timeout_s)
+        results, missing = self.ipi_wait(cpus, cmd, timeout_s, then)
         dead = [c for c in missing if not self.cpu_alive(c)]
         for c in dead:
             self._mark_gone(c)  # reaped just now: its pid may be anyone's next
@@ -357,6 +343,27 @@ class Coordinator:
         if self.janitor is not None:
             self.janitor.release()
             self.janitor = None
+
+
+def _header(c: Coordinator, t0: int, sizes) -> tuple[tuple[str, object], ...]:
+    """What ``c``'s segment header says of its machine from the start (smpd.machine.layout HEADER)."""
+    return (
+        ("state", L.MachineState.CREATING), ("generation", 1), ("seed", c.seed),
+        ("watch", L.Watch.SPIN if c.watch == "spin" else L.Watch.ADAPTIVE),
+        ("boot_ns", t0), ("boot_wall", time.time()),
+        ("spin_budget_ns", c._spin_budget_us() * 1000),
+        ("spurious_per_s", float(c.cfg.get("watch", "spurious_per_s"))),
+        ("authkey", secrets.token_bytes(32)), ("channel", secrets.token_hex(16).encode()),
+        ("coordinator_sid", os.getsid(0)),
+        ("pin", c.pin.encode()), ("watch_reason", c.watch_reason.encode()[:200]),
+        ("hot_path", L.HotPath.C if c.hot_path == "c" else L.HotPath.PYTHON),
+        ("hot_path_reason", c.hot_path_reason.encode()[:200]),
+        ("spin_yields", int(c.watch == "spin" and not c._fits_host())),
+        ("text_pages", sizes.text), ("data_pages", sizes.data), ("pgtable_pages", sizes.pgtables),
+        ("stack_pages_per_cpu", sizes.stack_per_cpu), ("crash_pages", sizes.crash),
+        ("smi_auto_halt_restart", int(c.cfg.get("firmware", "smi_auto_halt_restart"))),
+        ("smm_hangs_in_init", int(c.cfg.get("firmware", "smm_hangs_with_cpus_in_init"))),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

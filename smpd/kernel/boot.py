@@ -42,13 +42,11 @@ def start_aps(port, m: MemoryMap, cpus: list[int], timeout_s: float) -> dict:
     seg.set_hdr("generation", m.gen)
     targets = [c for c in cpus if m.boot.started(c)]
     left = [c for c in cpus if not m.boot.started(c)]
-    _, miss_init = port.ipi_wait(targets, L.Ipi.INIT, timeout_s)
-    started = [c for c in targets if c not in miss_init]
-    _, miss_sipi = port.ipi_wait(started, L.Ipi.SIPI, timeout_s)
-    up = [c for c in started if c not in miss_sipi]
+    _, missing = port.ipi_wait(targets, L.Ipi.INIT, timeout_s, then=L.Ipi.SIPI)  # each SIPI once its INIT is taken
+    up = [c for c in targets if c not in missing]
     parks = [c for c in up if m.boot.parks_at_boot(c)]
     wait_parked(port, parks)
-    return {"started": up, "missing": miss_init + miss_sipi, "left_behind": left, "parked": parks}
+    return {"started": up, "missing": missing, "left_behind": left, "parked": parks}
 
 
 def wait_parked(port, cpus: list[int]) -> None:

@@ -49,13 +49,20 @@ class Mailbox:
         self.bus.wake(cpu, L.WAKE_IPI)
         return seq
 
-    def send_and_wait(self, cpus: list[int], cmd: L.Ipi, timeout_s: float) -> tuple[dict[int, int], list[int]]:
+    def send_and_wait(self, cpus: list[int], cmd: L.Ipi, timeout_s: float,
+                      then: L.Ipi | None = None) -> tuple[dict[int, int], list[int]]:
         """Send ``cmd`` to every CPU in ``cpus`` at once and wait (bounded) for their acks.
+
+        ``then``: a second command, sent to each CPU as soon as it acknowledged the first (INIT,
+        then SIPI: an AP is started once it is reset, not once every other one is, as the kernel's
+        parallel bring-up kicks each AP without waiting for the others). Its answer is the one
+        returned.
 
         Returns ({cpu: result} of those that acknowledged, [cpus that did not]); a CPU whose
         process died is handed to ``gone`` and counted as not acknowledging.
         """
         waiting = {cpu: self.send(cpu, cmd) for cpu in cpus}
+        second = set(cpus) if then is not None else set()
         results: dict[int, int] = {}
         dead: list[int] = []
         deadline = time.monotonic() + timeout_s
@@ -64,6 +71,11 @@ class Mailbox:
         while waiting:
             for cpu, seq in list(waiting.items()):
                 if self.seg.cb(cpu, "mbox_ack") == seq:
+                    if cpu in second:
+                        second.discard(cpu)
+                        waiting[cpu] = self.send(cpu, then)
+                        pause = 0.0  # it answers soon, most often before it sleeps again
+                        continue
                     results[cpu] = self.seg.cb(cpu, "mbox_result")
                     del waiting[cpu]
                 elif not self.alive(cpu):

@@ -235,9 +235,7 @@ class Coordinator:
                 then: L.Ipi | None = None) -> dict[int, int]:
         """``ipi_wait`` for requests that must not half-succeed: raise naming the CPUs that failed."""
         results, missing = self.ipi_wait(cpus, cmd, timeout_s, then)
-        dead = [c for c in missing if not self.cpu_alive(c)]
-        for c in dead:
-            self._mark_gone(c)  # reaped just now: its pid may be anyone's next
+        dead = [c for c in missing if not self.cpu_alive(c)]  # each marked GONE by cpu_alive()
         if dead:
             p = self.procs.get(dead[0])  # none: its respawn was cut short (the host refused a process)
             raise CpuLost(f"{what}: CPU{dead[0]} " + (f"(pid {p.pid}) died with exit code {p.exitcode}" if p else
@@ -255,7 +253,7 @@ class Coordinator:
     def refresh_gone(self) -> None:
         """GONE: every CPU whose process died, or that has none (a respawn cut short)."""
         for cpu in range(1, self.ncpus):
-            if not self.cpu_alive(cpu) or self.procs[cpu].exitcode is not None:
+            if not self.cpu_alive(cpu):
                 self._mark_gone(cpu)
 
     def respawn_gone(self) -> list[int]:

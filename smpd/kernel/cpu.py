@@ -343,4 +343,3 @@ def cpu_main(seg, bus: Bus, cpu: int, signals: dict[str, int], parent_pid: int, 
         traceback.print_exc(file=sys.stderr)
         os._exit(70)
     os._exit(0)
-

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import tempfile
 
 import click
@@ -28,7 +27,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from conftest import RUN_PREFIX, run_name
+from conftest import run_name
 from smpd.tools import cli, hostload, soak
 from smpd import config, cpulist, inputs
 from smpd.host import names
@@ -122,29 +121,22 @@ def _scratch_cwd():
             os.chdir(old)
 
 
-_A_TEST_RUN = re.compile(r"t[0-9a-f]{6}-")  # conftest.RUN_PREFIX's form: machines of a test run
-
-
 def _shm() -> set[str]:
     return set(os.listdir(names.SHM_DIR))
 
 
-def _made_since(before: set[str]) -> set[str]:
-    """/dev/shm entries made since ``before`` that this run could have made: of this uid, and not
-    another test run's machines (two suites may share a host: CI beside a developer's run)."""
-    head = names.segment("")[1:]
-    made = set()
-    for e in _shm() - before:
+def _made_since(before: set[str], could_name: tuple[str, ...]) -> set[str]:
+    """/dev/shm entries made since ``before`` for a machine this invocation could have named (its
+    --name, the garbage value itself, the default name): any other machine coming up meanwhile is
+    someone else's, a developer's or another test run's beside this one, and not this test's to
+    count."""
+    ours = set()
+    for n in could_name:
         try:
-            if os.stat(os.path.join(names.SHM_DIR, e)).st_uid != os.getuid():
-                continue
-        except FileNotFoundError:
-            continue
-        rest = e[len(head):] if e.startswith(head) else ""
-        if _A_TEST_RUN.match(rest) and not rest.startswith(RUN_PREFIX + "-"):
-            continue
-        made.add(e)
-    return made
+            ours.add(names.segment(n)[1:])
+        except Exception:  # not a name a segment can have: nothing can be made under it
+            pass
+    return (_shm() - before) & ours
 
 
 @pytest.mark.parametrize("path, param", list(_value_params()))
@@ -169,7 +161,7 @@ def test_garbage_for_any_option_is_one_error_line_exit_2_and_nothing_made(path, 
     assert r.exit_code == 2, (args, r.output, r.exception)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), (args, r.stderr)
-    assert not _made_since(before)
+    assert not _made_since(before, (*target[1:], value, "default"))
 
 
 def cmd_params(path: tuple[str, ...]) -> list[click.Parameter]:

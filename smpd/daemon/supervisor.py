@@ -242,7 +242,7 @@ class Coordinator:
                           "has no process") + "; `smpd reset` gives it a new process")
         if missing:
             raise Timeout(f"{what}: CPU {cpulist.format_list(missing)} did not acknowledge "
-                          f"{cmd.name} within {timeout_s:.1f} s")
+                          f"{cmd.name}{f' then {then.name}' if then else ''} within {timeout_s:.1f} s")
         return results
 
     def _mark_gone(self, cpu: int) -> None:

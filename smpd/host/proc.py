@@ -75,6 +75,23 @@ def signal_queued(pid: int, sig: int) -> bool:
     return False
 
 
+_SYS_RT_SIGTIMEDWAIT = 128  # x86_64: sigwaitinfo() and sigtimedwait()
+
+
+def asleep_in_sigwait(pid: int) -> bool:
+    """Is process ``pid`` asleep inside sigwaitinfo()/sigtimedwait() (its /proc/PID/syscall and
+    stat)? A process woken there but not yet run is still runnable, not asleep. For a process of
+    ours only (a child not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            if f.read().split(maxsplit=1)[:1] != [str(_SYS_RT_SIGTIMEDWAIT)]:
+                return False
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "S"
+    except (OSError, IndexError):
+        return False
+
+
 def fork_refused(err: OSError, what: str) -> HostTooSmall:
     """The error for a process the host would not give us (fork's EAGAIN, ENOMEM)."""
     return HostTooSmall(f"the host refused a process for {what} ({err.strerror or err}): too many "

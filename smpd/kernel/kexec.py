@@ -75,6 +75,7 @@ class Kexec:
         self.cpus = list(range(1, self.seg.geo.ncpus))
         self.stop: StopOtherCpus | None = None  # native_stop_other_cpus() or crash_smp_send_stop()
         self.not_taken: dict[int, str] = {}
+        self.merged: list[int] = []  # CPUs of the last injection that took fewer than sent (until_taken)
         self.boot_missing: list[int] = []
         self.left_behind: list[int] = []
         self.smm_hang = ""
@@ -174,11 +175,9 @@ class Kexec:
                 self.smm_rendezvous(phase)
             with self.t.phase(f"smpd: until the {inj.kind.upper()} is taken or held", "smpd"):
                 waiting = self.until_taken(before, inj.kind, inj.count)
-            merged = [c for c in targets if 0 < self.obs.irq_seen(c) - before[c] < inj.count
-                      and not self.obs.irq_queued(c, inj.kind)]
-            if merged:
-                self.log(f"{inj.kind.upper()} x{inj.count} to CPU {cpulist.format_list(merged)} came as fewer: "
-                         f"those that arrived before the CPU took the first became one (the latch)")
+            if self.merged:
+                self.log(f"{inj.kind.upper()} x{inj.count} to CPU {cpulist.format_list(sorted(self.merged))} came "
+                         f"as fewer: signals that reached the CPU's process together were taken as one")
             for cpu in waiting:
                 note = self.obs.host_note(cpu)
                 self.not_taken[cpu] = f"{inj.kind.upper()} at {phase} not taken within {IRQ_TAKEN_S:.0f} s" + \
@@ -203,24 +202,30 @@ class Kexec:
         injected at a phase is so handled at that phase, whatever the host's scheduling: the copy
         goes on after.
 
-        Interrupts of a kind that arrive before the CPU takes the first become one (the latch,
-        smpd.machine.core), so fewer than ``count`` may ever be taken: a CPU that took some is
-        also done once none is still on its way (``Observer.irq_queued``: its signal delivered)
-        and it was seen idle twice in a row. Without that, each such injection waited out
-        IRQ_TAKEN_S (3 of 100 soak trials, 1 s each)."""
+        Signals of a kind that reach a CPU process together may be taken as one (CPython runs
+        a handler once for them: smpd.machine.core), so fewer than ``count`` may ever be taken: a
+        CPU that took some is also done once it is idle and ``Observer.irq_settled`` (none still
+        queued, then its process asleep in its wait, which it re-enters only after taking what
+        it dequeued). Without that, each such injection waited out IRQ_TAKEN_S (3 of 100 soak
+        trials, 1 s each). Returns the CPUs that took none; ``self.merged`` gets those done
+        with fewer than ``count``."""
         deadline = time.monotonic() + IRQ_TAKEN_S
         seen, seg = self.obs.irq_seen, self.seg
-        waiting, idle_before = set(before), set()
+        waiting = set(before)
+        self.merged = []
 
         def done(c: int) -> bool:
-            if seg.cb(c, "busy") or seg.cb(c, "wake"):
-                return False
             got = seen(c) - before[c]
-            return got >= count or got > 0 and not self.obs.irq_queued(c, kind) and c in idle_before
+            if got >= count:
+                return not seg.cb(c, "busy") and not seg.cb(c, "wake")
+            if got > 0 and self.obs.irq_settled(c, kind) and not seg.cb(c, "busy") and not seg.cb(c, "wake") \
+                    and seen(c) - before[c] == got:
+                self.merged.append(c)
+                return True
+            return False
 
         while waiting and time.monotonic() < deadline:
             waiting = {c for c in waiting if self.alive(c) and not done(c)}
-            idle_before = {c for c in waiting if not seg.cb(c, "busy") and not seg.cb(c, "wake")}
             if waiting:
                 time.sleep(0.0002)
         return {c for c in waiting if seen(c) == before[c] and self.alive(c)}

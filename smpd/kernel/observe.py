@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import psutil
 
-from smpd.host.proc import signal_queued
+from smpd.host.proc import asleep_in_sigwait, signal_queued
 from smpd.kernel.generations import Generations
 from smpd.kernel.memmap import MemoryMap
 from smpd.kernel.outcome import CpuFacts
@@ -35,7 +35,15 @@ class Observer:
         """Is an interrupt of ``kind`` sent to ``cpu`` still on its way: its signal queued by the
         host, not yet delivered to the CPU's process?"""
         p = self.c.cpu_process(cpu)
-        return p is not None and signal_queued(p.pid, self.c.signals[kind])
+        return p is not None and self.c.cpu_alive(cpu) and signal_queued(p.pid, self.c.signals[kind])
+
+    def irq_settled(self, cpu: int, kind: str) -> bool:
+        """Has ``cpu`` handled every interrupt of ``kind`` it will ever get of those sent so far?
+        None is queued by the host and, looked at after that, its process is asleep in its wait
+        (sigwaitinfo: smpd.machine.hotpath): it took any it dequeued before it slept again. Never
+        true of a spinning CPU, which does not sleep."""
+        p = self.c.cpu_process(cpu)
+        return not self.irq_queued(cpu, kind) and p is not None and asleep_in_sigwait(p.pid)
 
     def host_note(self, cpu: int) -> str:
         """What the host did to this CPU's process, when that explains a missed deadline."""

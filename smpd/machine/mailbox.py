@@ -54,9 +54,9 @@ class Mailbox:
         """Send ``cmd`` to every CPU in ``cpus`` at once and wait (bounded) for their acks.
 
         ``then``: a second command, sent to each CPU as soon as it acknowledged the first (INIT,
-        then SIPI: an AP is started once it is reset, not once every other one is, as the kernel's
-        parallel bring-up kicks each AP without waiting for the others). Its answer is the one
-        returned.
+        then SIPI: an AP is started once it is reset, not once every other one is). A scheduling
+        choice of the emulator's that no outcome depends on: pre-fix kernels bring APs up one by
+        one, 6.5+ kick each in turn, runtime cpu_up() is serial. Its answer is the one returned.
 
         Returns ({cpu: result} of those that acknowledged, [cpus that did not]); a CPU whose
         process died is handed to ``gone`` and counted as not acknowledging.

@@ -143,6 +143,29 @@ def test_segment_of_another_layout_version_is_refused_and_down_force_removes_it(
     assert not os.path.exists(segment_path(machine_name))
 
 
+@pytest.mark.parametrize("size", [4097, 8196, 12289])
+def test_a_segment_of_ours_of_no_smpd_size_is_refused_and_down_force_removes_it(machine_name, size):
+    """Its size not a multiple of 8: the u32/u64 views of it cannot be made. `status` and `list`
+    crashed on it (a memoryview TypeError) and `down --force` could not remove it."""
+    from smpd.machine import layout as L
+
+    shm = posix_ipc.SharedMemory(names.segment(machine_name), posix_ipc.O_CREX, mode=0o600, size=size)
+    try:
+        import mmap
+        mm = mmap.mmap(shm.fd, size)
+        mm[0:8] = L.MAGIC
+        mm[8:12] = L.LAYOUT_VERSION.to_bytes(4, "little")
+        mm.close()
+    finally:
+        shm.close_fd()
+    r = run_smpd("status", name=machine_name, check=False)
+    assert r.returncode == 2 and f"is {size} bytes, not the size of an smpd segment" in r.stderr, r.stderr
+    assert "Traceback" not in run_smpd("list", check=False).stderr
+    r = run_smpd("down", "--force", name=machine_name)
+    assert "removed segment" in r.stdout
+    assert not os.path.exists(segment_path(machine_name))
+
+
 def test_no_process_of_ours_survives_a_test(machine):
     """The leak check itself: it sees our processes while a machine is up."""
     machine(3, "--watch", "adaptive")

@@ -118,8 +118,9 @@ class Segment:
             size = st.st_size
             if size == 0:  # shm_open() done, ftruncate() not yet: a machine is coming up
                 raise SegmentBeingCreated(f"segment {name} is being created")
-            if size < L.PAGE:  # not even the page that says which layout it is
-                raise LayoutMismatch(f"segment {name} is {size} bytes, too small to be an smpd segment; "
+            if size < L.PAGE or size % 8:  # not even the page that says which layout it is; or words
+                # that do not tile it (its views are u32 and u64 arrays): never one smpd made
+                raise LayoutMismatch(f"segment {name} is {size} bytes, not the size of an smpd segment; "
                                      f"{OWN_REMEDY}")
             seg._map(shm, size)
             magic = seg.hdr("magic")

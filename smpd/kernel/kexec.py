@@ -75,7 +75,6 @@ class Kexec:
         self.cpus = list(range(1, self.seg.geo.ncpus))
         self.stop: StopOtherCpus | None = None  # native_stop_other_cpus() or crash_smp_send_stop()
         self.not_taken: dict[int, str] = {}
-        self.merged: list[int] = []  # CPUs of the last injection that took fewer than sent (until_taken)
         self.boot_missing: list[int] = []
         self.left_behind: list[int] = []
         self.smm_hang = ""
@@ -174,9 +173,9 @@ class Kexec:
             if inj.kind == "smi":
                 self.smm_rendezvous(phase)
             with self.t.phase(f"smpd: until the {inj.kind.upper()} is taken or held", "smpd"):
-                waiting = self.until_taken(before, inj.kind, inj.count)
-            if self.merged:
-                self.log(f"{inj.kind.upper()} x{inj.count} to CPU {cpulist.format_list(sorted(self.merged))} came "
+                waiting, merged = self.until_taken(before, inj.kind, inj.count)
+            if merged:
+                self.log(f"{inj.kind.upper()} x{inj.count} to CPU {cpulist.format_list(sorted(merged))} came "
                          f"as fewer: signals that reached the CPU's process together were taken as one")
             for cpu in waiting:
                 note = self.obs.host_note(cpu)
@@ -194,25 +193,24 @@ class Kexec:
             self.log(f"SMM: waits for CPU {cpulist.format_list(in_init)} (in INIT) forever: the machine hangs",
                      "smm_hang")
 
-    def until_taken(self, before: dict[int, int], kind: str, count: int = 1) -> set[int]:
+    def until_taken(self, before: dict[int, int], kind: str, count: int = 1) -> tuple[set[int], list[int]]:
         """Wait (IRQ_TAKEN_S at most) until each CPU took or held the ``count`` interrupts of
         ``kind`` sent since ``before``, and is done with them: the handlers and the return into the
         interrupted code ran (its resume checks read the memory the copy is writing) and the CPU
-        waits again. Returns those that took none (a dead CPU is not waited for). An interrupt
-        injected at a phase is so handled at that phase, whatever the host's scheduling: the copy
-        goes on after.
+        waits again (a dead CPU is not waited for). An interrupt injected at a phase is so handled
+        at that phase, whatever the host's scheduling: the copy goes on after.
 
         Signals of a kind that reach a CPU process together may be taken as one (CPython runs
         a handler once for them: smpd.machine.core), so fewer than ``count`` may ever be taken: a
         CPU that took some is also done once it is idle and ``Observer.irq_settled`` (none still
         queued, then its process asleep in its wait, which it re-enters only after taking what
         it dequeued). Without that, each such injection waited out IRQ_TAKEN_S (3 of 100 soak
-        trials, 1 s each). Returns the CPUs that took none; ``self.merged`` gets those done
-        with fewer than ``count``."""
+        trials, 1 s each). Returns (the CPUs that took none, those done with fewer than
+        ``count``)."""
         deadline = time.monotonic() + IRQ_TAKEN_S
         seen, seg = self.obs.irq_seen, self.seg
         waiting = set(before)
-        self.merged = []
+        merged: list[int] = []
 
         def done(c: int) -> bool:
             got = seen(c) - before[c]
@@ -220,7 +218,7 @@ class Kexec:
                 return not seg.cb(c, "busy") and not seg.cb(c, "wake")
             if got > 0 and self.obs.irq_settled(c, kind) and not seg.cb(c, "busy") and not seg.cb(c, "wake") \
                     and seen(c) - before[c] == got:
-                self.merged.append(c)
+                merged.append(c)
                 return True
             return False
 
@@ -228,7 +226,7 @@ class Kexec:
             waiting = {c for c in waiting if self.alive(c) and not done(c)}
             if waiting:
                 time.sleep(0.0002)
-        return {c for c in waiting if seen(c) == before[c] and self.alive(c)}
+        return {c for c in waiting if seen(c) == before[c] and self.alive(c)}, merged
 
     def settle(self) -> list[int]:
         """Wait (bounded) until no CPU is still acting on a wake-up: two scans in a row with

@@ -315,8 +315,7 @@ def _trial(live, plan: soak.Plan, trial: int, offline: set[int], f, out: str, re
     """Run trial ``trial`` and append its record to the file; an error ends the run (the
     coordinator gone, the file not writable), with what is safe said."""
     try:
-        then = set(cpulist.parse(nxt)) if (nxt := soak.draw(plan, trial + 1)["offline"]) else set()
-        record, offline = soak.run_trial(live, soak.draw(plan, trial), offline, then)
+        record, offline = soak.run_trial(live, soak.draw(plan, trial), offline, soak.draw(plan, trial + 1)["offline"])
     except CoordinatorGone as err:
         return None, offline, CoordinatorGone(f"{err}; {len(records)} trials are safe in {out}")
     if record["respawned"]:

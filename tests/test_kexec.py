@@ -432,3 +432,31 @@ def test_a_respawn_cut_short_leaves_cpus_the_next_reset_gives_a_process(machine_
         assert m.request("kexec", park="hlt", seed=4)["outcome"] == "CLEAN"
     finally:
         m.down()
+
+
+def test_a_reset_cut_short_leaves_no_kernel_running_until_a_reset_finishes(machine_name, tmp_path):
+    """A CPU process stopped during `smpd reset` never answers INIT: the reset gives up after
+    ipi_ack_ms, and the machine is left with CPUs between the two kernels. A kexec then used to
+    run and report those CPUs STUCK (a false outcome); now nothing runs until a reset finishes."""
+    cfg = patient_config(tmp_path, "[timeouts]\nipi_ack_ms = 1000\n")
+    m = Machine(machine_name, 4, "--watch", "adaptive", "--config", cfg)
+    try:
+        m.request("offline", cpus="1-3")
+        pid = m.cpu(2)["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            r = run_smpd("reset", name=machine_name, check=False)
+            assert r.returncode != 0 and "CPU 2 did not acknowledge INIT" in r.stderr, r.stderr
+            assert "the reset did not finish" in r.stderr
+            assert m.status()["machine"]["state"] == "ENDED"
+            for args in (("kexec", "--kernel", "hlt"), ("kick",), ("online", "1")):
+                refused = run_smpd(*args, name=machine_name, check=False)
+                assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
+                assert "did not finish its last reset" in refused.stderr and "smpd reset" in refused.stderr
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        m.request("reset")
+        assert m.status()["machine"]["state"] == "UP"
+        assert m.request("kexec", kernel="hlt", seed=3)["outcome"] == "CLEAN"
+    finally:
+        m.down()

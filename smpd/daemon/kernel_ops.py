@@ -172,6 +172,11 @@ class KernelOps:
         # Kept until this reset succeeds: one that fails (a respawn cut short leaves CPUs marked
         # offline, with no process) leaves the next the same set to restore.
         self.sup.reset_offline = offline
+        # Until it succeeds, no kernel runs: a reset cut short (a CPU that does not answer INIT or
+        # SIPI in time, one that dies each time) leaves CPUs between the two kernels, which a kexec
+        # would report as stuck. Only another reset goes on from there.
+        self.sup.seg.set_hdr("state", L.MachineState.ENDED)
+        self.sup.ended_by = "did not finish its last reset"
         respawned: list[int] = []
         for attempt in range(RESET_ATTEMPTS):
             respawned += self.sup.respawn_gone()
@@ -181,6 +186,9 @@ class KernelOps:
             except CpuLost:
                 if attempt == RESET_ATTEMPTS - 1:
                     raise
+            except Timeout as err:  # a stopped or starved CPU process: another reset may do
+                raise Timeout(f"{err}; the reset did not finish, so no kernel runs until one does: "
+                              f"`smpd status` shows where each CPU is, `smpd reset` tries again") from None
         self.sup.seg.set_hdr("state", L.MachineState.UP)
         self.sup.reset_offline = None
         return {"offline": self._offline_now(), "generation": 1, "kernel": self.sup.boot1.text(), "respawned": respawned,

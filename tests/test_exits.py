@@ -399,6 +399,34 @@ def test_cpu_processes_are_the_coordinators_own_children_and_the_template_is_gon
         m.down()
 
 
+def test_a_template_stopped_while_it_forks_ends_the_bring_up_within_the_ipi_budget(machine_name, tmp_path):
+    """Whoever SIGSTOPs the process CPU processes are forked from (mid-bring-up): the coordinator
+    used to wait for its next answer for ever; now it gives up after ipi_ack_ms without one, kills
+    it, and `up` says so in one line, leaving nothing."""
+    cfg = tmp_path / "stall.toml"
+    cfg.write_text("[timeouts]\nipi_ack_ms = 1000\n")
+    p = start_smpd("up", "--cpus", "1024", "--watch", "adaptive", "--config", str(cfg), name=machine_name)
+
+    def template():
+        try:
+            coordinator = _coordinator_of_this_run(machine_name)
+            return next((q for q in coordinator.children() if q.name() == "smpd-template"), None)
+        except (psutil.Error, AttributeError):  # not started yet, or gone
+            return None
+
+    t = wait_until(lambda: template() or p.poll() is not None, timeout=60, what="the template to start")
+    assert t is not True and p.poll() is None, "the bring-up ended before its template was seen"
+    wait_until(lambda: len(psutil.Process(t.ppid()).children()) > 10, timeout=60, what="some CPUs forked")
+    t.suspend()
+    _out, err = _finish(p)
+    assert p.returncode == 1, err
+    line = _one_error_line(err)
+    assert f"the process CPU processes are forked from (pid {t.pid}) forked" in line, line
+    assert "and then none for 1.0 s" in line, line
+    assert gone(t.pid)
+    assert not os.path.exists(names.segment_path(machine_name))
+
+
 def test_a_template_killed_while_it_forks_is_one_line_and_leaves_nothing(machine_name):
     """Whoever kills the process CPU processes are forked from (mid-bring-up), `up` says so in one
     line, and the CPUs forked so far go with the machine."""

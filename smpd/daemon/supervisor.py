@@ -214,7 +214,7 @@ class Coordinator:
     def _fork_cpus(self, plan: dict[int, int | None]) -> None:
         """A process for each CPU of ``plan`` (cpu -> host core), forked by the template, which ends here."""
         template, self.template = self.template or Template(self.signals), None
-        template.fork(self.seg, plan, check_stop, self._adopt)
+        template.fork(self.seg, plan, check_stop, self._adopt, self.ipi_timeout_s)
 
     def _adopt(self, cpu: int, pid: int) -> None:
         self.procs[cpu] = p = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(pid)

@@ -38,9 +38,10 @@ import os
 import socket
 import struct
 import sys
+import time
 from typing import Callable
 
-from smpd.errors import CpuLost
+from smpd.errors import CpuLost, Timeout
 from smpd.host.proc import die_with_parent, fork_refused, fork_sibling, set_process_name
 from smpd.kernel.cpu import cpu_main
 from smpd.kernel.generations import Generations
@@ -86,11 +87,12 @@ class Template:
             raise self._gone() from None
 
     def fork(self, seg: Segment, plan: dict[int, int | None], poll: Callable[[], None],
-             adopt: Callable[[int, int], None]) -> None:
+             adopt: Callable[[int, int], None], stall_s: float) -> None:
         """Fork a CPU process for each CPU of ``plan`` (cpu -> host core), ``adopt(cpu, pid)`` each
         as it is forked, then end the template. ``poll`` runs between answers (the coordinator's
         stop check). Raises HostTooSmall when the host refuses a process, CpuLost when the
-        template dies before it answered all; every CPU process forked is adopted all the same."""
+        template dies before it answered all, Timeout when it answers none for ``stall_s`` (stopped,
+        or starved); every CPU process forked is adopted all the same, and the template killed."""
         done = False
         try:
             if self.proc is None:
@@ -101,8 +103,8 @@ class Template:
             except OSError:  # it died before it read the request (EPIPE, ECONNRESET)
                 raise self._gone() from None
             self.sock.settimeout(0.1)
-            for _ in plan:
-                cpu, pid = self._answer(poll)
+            for n in range(len(plan)):
+                cpu, pid = self._answer(poll, stall_s, n, len(plan))
                 if pid < 0:
                     raise fork_refused(OSError(-pid, os.strerror(-pid)), f"CPU{cpu}")
                 adopt(cpu, pid)
@@ -111,13 +113,18 @@ class Template:
             for cpu, pid in self.stop(wait_s=STOP_WAIT_S if done else 0):
                 adopt(cpu, pid)
 
-    def _answer(self, poll: Callable[[], None]) -> tuple[int, int]:
+    def _answer(self, poll: Callable[[], None], stall_s: float, n: int, of: int) -> tuple[int, int]:
+        deadline = time.monotonic() + stall_s
         while True:
             poll()
             try:
                 reply = self.sock.recv(_PAIR.size)
                 break
             except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise Timeout(f"the process CPU processes are forked from (pid {self.proc.pid}) forked "
+                                  f"{n} of {of} and then none for {stall_s:.1f} s (stopped, or starved of "
+                                  f"the host's cores); it is killed") from None
                 continue
             except OSError:
                 reply = b""

@@ -193,7 +193,7 @@ def test_up_killed_by_sigkill_while_cpus_come_up_leaves_nothing(machine_name):
     wait_until(lambda: not os.path.exists(names.segment_path(machine_name)), timeout=30,
                what="the half-made machine to remove itself")
     if live is not None:
-        wait_until(lambda: not lifecycle.is_coordinator(live.pid, live.ctime), what="the coordinator to exit")
+        wait_until(lambda: not lifecycle.is_coordinator(live.pid, live.start), what="the coordinator to exit")
 
 
 @pytest.mark.parametrize("sig", SIGNALS)
@@ -361,7 +361,7 @@ def test_down_force_stops_the_coordinator_of_a_segment_it_cannot_read(machine_na
     assert r.returncode == 2 and "no smpd magic" in r.stderr
     r = run_smpd("down", "--force", name=machine_name)
     assert "removed segment" in r.stdout
-    wait_until(lambda: not lifecycle.is_coordinator(s["pid"], m.live.ctime), what="the coordinator to stop")
+    wait_until(lambda: not lifecycle.is_coordinator(s["pid"], m.live.start), what="the coordinator to stop")
     assert not os.path.exists(names.segment_path(machine_name))
 
 

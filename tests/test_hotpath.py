@@ -12,11 +12,10 @@ import threading
 import time
 
 import multiprocess
-import psutil
 import pytest
 
 from conftest import run_name
-from smpd.host import names
+from smpd.host import names, trust
 from smpd.machine import hotpath, layout as L, pyhotpath
 from smpd.machine.bus import DOORBELL_SIGNAL, Bus
 from smpd.machine.segment import Segment
@@ -30,7 +29,7 @@ MD_OFF = 5 * L.LINE  # "mwait_cpu_dead" of CPU 1: a line of emulated memory CPU 
 @pytest.fixture(params=BACKENDS)
 def seg(request):
     s = Segment.create(names.segment(run_name("hot")), L.Geometry(4, 16), os.getpid(),
-                       psutil.Process().create_time())
+                       trust.start_ticks(os.getpid()))
     s.set_hdr("hot_path", L.HotPath.C if request.param == "c" else L.HotPath.PYTHON)
     s.set_cb(CPU, "pid", os.getpid())  # the doorbell rings this process
     s.u16[s.geo.dir_off // L.DIR_ENTRY + MD_OFF // L.LINE] = CPU + 1  # CPU 1's MONITOR, armed

@@ -27,7 +27,7 @@ def test_up_brings_every_cpu_online_as_its_own_process_and_down_removes_all(mach
     for c in s["cpus"][1:]:
         assert psutil.Process(c["pid"]).name() == f"smpd-cpu{c['cpu']}"
     with m.segment() as seg:  # each CPU's identity as the janitor will check it, should we die
-        assert all(trust.is_our_process(seg.cb(c, "pid"), seg.cb(c, "ctime_ms") / 1000, f"smpd-cpu{c}")
+        assert all(trust.is_our_process(seg.cb(c, "pid"), seg.cb(c, "start_ticks"), f"smpd-cpu{c}")
                    for c in range(1, cpus))
     mode = os.stat(segment_path(machine_name)).st_mode
     assert stat.S_IMODE(mode) == 0o600

@@ -55,20 +55,20 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def forged_segment(coord_pid: int, coord_ctime: float, cpus: dict[int, tuple[int, float]], ncpus: int = 4,
+def forged_segment(coord_pid: int, coord_start: int, cpus: dict[int, tuple[int, int]], ncpus: int = 4,
                    name: str = "") -> bytes:
     """The bytes of a valid smpd segment header (made by smpd itself, under a scratch name),
     naming the given coordinator and CPU processes: what a forger would write."""
     scratch = names.segment(run_name("forge"))
     geo = L.Geometry(ncpus, 16)
-    seg = Segment.create(scratch, geo, coord_pid, coord_ctime)
+    seg = Segment.create(scratch, geo, coord_pid, coord_start)
     try:
         seg.set_hdr("authkey", bytes(32))
         seg.set_hdr("channel", b"f" * 32)
         seg.set_hdr("name", name.encode())
-        for cpu, (pid, ctime) in cpus.items():
+        for cpu, (pid, start) in cpus.items():
             seg.set_cb(cpu, "pid", pid)
-            seg.set_cb(cpu, "ctime_ms", int(ctime * 1000))
+            seg.set_cb(cpu, "start_ticks", start)
         return bytes(seg.buf)
     finally:
         seg.close()
@@ -110,8 +110,8 @@ COMMANDS = [("status",), ("up", "--cpus", "2", "--watch", "adaptive"), ("down",)
 
 def test_a_forged_segment_cannot_make_root_kill_a_process(evil, victim, machine_name):
     """Item 1: a segment with a dead coordinator and a victim as "CPU 1"."""
-    ctime = psutil.Process(victim.pid).create_time()
-    blob = forged_segment(_dead_pid(), 1.0, {1: (victim.pid, ctime), 2: (os.getpid(), psutil.Process().create_time())})
+    start = trust.start_ticks(victim.pid)
+    blob = forged_segment(_dead_pid(), 1, {1: (victim.pid, start), 2: (os.getpid(), trust.start_ticks(os.getpid()))})
     path = names.segment_path(machine_name)
     with planted(evil, path, "file", blob) as st:
         r = run_smpd("list", name=machine_name)
@@ -130,7 +130,7 @@ def test_a_forged_segment_naming_a_live_coordinator_cannot_stop_that_machine(evi
     real = machine(2, "--watch", "adaptive")
     pid = real.status()["machine"]["pid"]
     fake = run_name("fake")
-    blob = forged_segment(pid, real.live.ctime, {})
+    blob = forged_segment(pid, real.live.start, {})
     with planted(evil, names.segment_path(fake), "file", blob) as st:
         for args in (("down",), ("down", "--force"), ("status",)):
             r = run_smpd(*args, name=fake, check=False)
@@ -153,7 +153,7 @@ def test_a_server_on_the_channel_is_believed_only_if_it_is_the_coordinator(evil,
 def test_a_forged_segment_with_a_fake_server_answers_nothing(evil, machine_name):
     """Item 3, end to end: the forger's segment names its own server and key; root's commands
     refuse the segment before they look for a socket."""
-    blob = forged_segment(os.getpid(), psutil.Process().create_time(), {})
+    blob = forged_segment(os.getpid(), trust.start_ticks(os.getpid()), {})
     address = names.socket_address(machine_name, "f" * 32)
     with adversary.holding(evil, adversary.fake_server, address, bytes(32).hex()):
         with planted(evil, names.segment_path(machine_name), "file", blob):
@@ -210,26 +210,26 @@ def test_another_users_machine_names_are_not_ours(evil, machine_name):
 
 
 def test_a_process_is_signalled_only_if_every_identity_fact_matches(evil, victim):
-    """Uid, creation time, name and session: a pid alone, even with its true creation time, is
+    """Uid, start time, name and session: a pid alone, even with its true start time, is
     not enough (the words of a segment, even our own, are only numbers)."""
     p = psutil.Process(victim.pid)
-    ctime = p.create_time()
-    assert not trust.signal_ours(victim.pid, signal.SIGKILL, ctime, name="smpd-cpu1")
-    assert not trust.signal_ours(victim.pid, signal.SIGKILL, ctime + 1.0)
-    assert not trust.signal_ours(victim.pid, signal.SIGKILL, ctime, sid=os.getsid(victim.pid) + 1)
+    start = trust.start_ticks(victim.pid)
+    assert start > 0
+    assert not trust.signal_ours(victim.pid, signal.SIGKILL, start, name="smpd-cpu1")
+    assert not trust.signal_ours(victim.pid, signal.SIGKILL, start + 1)
+    assert not trust.signal_ours(victim.pid, signal.SIGKILL, start, sid=os.getsid(victim.pid) + 1)
     with adversary.holding(evil, lambda ready: ready(os.getpid())) as theirs:
         their = psutil.Process(theirs["pid"])
-        assert not trust.signal_ours(their.pid, signal.SIGKILL, their.create_time())
+        assert not trust.signal_ours(their.pid, signal.SIGKILL, trust.start_ticks(their.pid))
         assert their.is_running()
     assert victim.poll() is None
-    assert trust.signal_ours(victim.pid, signal.SIGTERM, ctime, name=p.name(), sid=os.getsid(victim.pid))
+    assert trust.signal_ours(victim.pid, signal.SIGTERM, start, name=p.name(), sid=os.getsid(victim.pid))
     wait_until(lambda: victim.poll() is not None, what="the victim to take the one signal meant for it")
 
 
 def test_a_stale_segment_of_our_own_kills_only_its_own_cpu_processes(victim, machine_name):
     """Our own stale segment naming a foreign pid (a bug, a reused pid): cleaned, nothing killed."""
-    ctime = psutil.Process(victim.pid).create_time()
-    blob = forged_segment(_dead_pid(), 1.0, {1: (victim.pid, ctime)}, name=machine_name)
+    blob = forged_segment(_dead_pid(), 1, {1: (victim.pid, trust.start_ticks(victim.pid))}, name=machine_name)
     path = names.segment_path(machine_name)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -242,7 +242,7 @@ def test_a_stale_segment_of_our_own_kills_only_its_own_cpu_processes(victim, mac
 
 def test_a_segment_of_ours_with_loose_permissions_is_not_trusted(machine_name):
     path = names.segment_path(machine_name)
-    blob = forged_segment(_dead_pid(), 1.0, {})
+    blob = forged_segment(_dead_pid(), 1, {})
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(blob)
@@ -296,7 +296,7 @@ def test_a_second_name_for_a_machines_segment_is_not_trusted(machine):
 
 
 def test_a_renamed_segment_is_not_that_machines(machine_name):
-    blob = forged_segment(_dead_pid(), 1.0, {}, name="elsewhere")
+    blob = forged_segment(_dead_pid(), 1, {}, name="elsewhere")
     path = names.segment_path(machine_name)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -515,3 +515,22 @@ def test_inputs_are_not_read_from_another_users_file_or_through_a_directory_link
         assert r.returncode == 2 and "is a symbolic link made by" in _error_line(r), r.stderr
     finally:
         shutil.rmtree(ours)
+
+
+def test_a_wall_clock_step_does_not_make_our_own_machine_look_stale(machine, monkeypatch):
+    """psutil's create_time() is the wall-clock boot time *now* plus the start in ticks: a clock
+    step (settimeofday, an NTP step, a VM resumed) or a day of NTP slewing moves it. Our processes'
+    identity is the start in ticks itself, which nothing moves. Here the step is what psutil
+    would report after it (the host's clock is not ours to change): the machine stays ours,
+    running and reachable, where it used to be taken for stale and its segment unlinked under
+    its live coordinator and CPUs."""
+    m = machine(3, "--watch", "adaptive")
+    pids = [c["pid"] for c in m.status()["cpus"]]
+    real = psutil.Process.create_time
+    monkeypatch.setattr(psutil.Process, "create_time", lambda self: real(self) + 3600.0)
+    cleaned: list[str] = []
+    live = lifecycle.probe(m.name, cleaned)
+    assert live is not None and not cleaned, cleaned
+    assert os.path.exists(names.segment_path(m.name))
+    assert [c["pid"] for c in live.request("status")["cpus"]] == pids
+    monkeypatch.undo()

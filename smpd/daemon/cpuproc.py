@@ -20,7 +20,8 @@ import time
 
 import multiprocess
 import multiprocess.popen_fork
-import psutil
+
+from smpd.host import trust
 
 _ctx = multiprocess.get_context("fork")
 
@@ -55,12 +56,8 @@ class CpuProcess(_ctx.Process):
         del self._target, self._args, self._kwargs
         return self
 
-    def ctime_ms(self) -> int:
-        """The process's creation time (ms since the epoch): with its pid, its identity
+    def start_ticks(self) -> int:
+        """When the process started (clock ticks since boot): with its pid, its identity
         (smpd.host.trust). Read by us, not by the CPU process: our child, unreaped, is surely
-        that pid, and a CPU process that imported psutil would pay for it at every fork
-        (smpd.machine.segment.attach). 0, which matches nothing, when it cannot be read."""
-        try:
-            return int(psutil.Process(self.pid).create_time() * 1000)
-        except (psutil.Error, OSError):  # OSError: psutil passes EMFILE and ENFILE on
-            return 0
+        that pid. 0, which matches nothing, when it cannot be read."""
+        return trust.start_ticks(self.pid)

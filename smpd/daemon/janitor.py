@@ -28,22 +28,22 @@ JANITOR_DONE = b"x"  # written on a clean shutdown: the janitor leaves without t
 INCOMPLETE_STALE_S = 5.0
 
 
-def is_coordinator(pid: int, ctime: float) -> bool:
-    """True while ``pid`` is our coordinator created at ``ctime`` (a recycled pid is not)."""
-    return trust.is_our_process(pid, ctime, name=COORDINATOR_COMM)
+def is_coordinator(pid: int, start: int) -> bool:
+    """True while ``pid`` is our coordinator that started at ``start`` (ticks since boot) (a recycled pid is not)."""
+    return trust.is_our_process(pid, start, name=COORDINATOR_COMM)
 
 
-def wait_gone(pid: int, ctime: float, timeout_s: float) -> bool:
-    """Wait (bounded) until our process ``pid`` created at ``ctime`` has exited."""
+def wait_gone(pid: int, start: int, timeout_s: float) -> bool:
+    """Wait (bounded) until our process ``pid`` that started at ``start`` (ticks since boot) has exited."""
     deadline = time.monotonic() + timeout_s
-    while trust.is_our_process(pid, ctime):
+    while trust.is_our_process(pid, start):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.01)
     return True
 
 
-def clean_stale_segment(seg_name: str, expect_pid: int, expect_ctime: float, lock_wait_s: float = 2.0) -> list[int]:
+def clean_stale_segment(seg_name: str, expect_pid: int, expect_start: float, lock_wait_s: float = 2.0) -> list[int]:
     """Kill the leftovers of a dead coordinator and unlink its segment. Returns the pids killed.
 
     Only acts on a segment of ours (Segment.attach verifies it) that still names that
@@ -65,14 +65,14 @@ def clean_stale_segment(seg_name: str, expect_pid: int, expect_ctime: float, loc
         try:
             if not _same_file(seg_name, fd):
                 return []
-            if seg.hdr("coordinator_pid") != expect_pid or abs(seg.hdr("coordinator_ctime") - expect_ctime) > 0.05:
+            if seg.hdr("coordinator_pid") != expect_pid or seg.hdr("coordinator_start") != expect_start:
                 return []
-            if is_coordinator(expect_pid, expect_ctime):
+            if is_coordinator(expect_pid, expect_start):
                 return []
             sid = seg.hdr("coordinator_sid")
             for cpu in range(1, seg.geo.ncpus):
-                pid, ctime_ms = seg.cb(cpu, "pid"), seg.cb(cpu, "ctime_ms")
-                if pid and trust.signal_ours(pid, signal.SIGKILL, ctime_ms / 1000, name=f"smpd-cpu{cpu}", sid=sid):
+                pid, start = seg.cb(cpu, "pid"), seg.cb(cpu, "start_ticks")
+                if pid and trust.signal_ours(pid, signal.SIGKILL, start, name=f"smpd-cpu{cpu}", sid=sid):
                     killed.append(pid)
         finally:
             seg.close()
@@ -146,7 +146,7 @@ def _same_file(seg_name: str, fd: int) -> bool:
     return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
-def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_ctime: float, close: list[int]) -> None:
+def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_start: float, close: list[int]) -> None:
     """Block until the coordinator is gone; if it went without cleaning up, clean up after it.
 
     It leaves the coordinator's session and process group first: a signal to that group (a
@@ -169,8 +169,8 @@ def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_ctime: flo
         os._exit(0)
     try:
         # EOF comes when the coordinator's files close, a moment before it is a zombie.
-        wait_gone(coord_pid, coord_ctime, 10.0)
-        clean_stale_segment(seg_name, expect_pid=coord_pid, expect_ctime=coord_ctime, lock_wait_s=10.0)
+        wait_gone(coord_pid, coord_start, 10.0)
+        clean_stale_segment(seg_name, expect_pid=coord_pid, expect_start=coord_start, lock_wait_s=10.0)
         # Killed between shm_open() and its header (the janitor starts first): wait out the
         # blank header's grace, then remove it if it is still blank.
         deadline = time.monotonic() + INCOMPLETE_STALE_S + 2.0
@@ -185,8 +185,8 @@ class Janitor:
     kills it (so that a coordinator killed later still has someone to clean up after it), and
     release it at the end (JANITOR_DONE: the coordinator cleaned up itself)."""
 
-    def __init__(self, ctx, seg_name: str, coord_pid: int, coord_ctime: float):
-        self.ctx, self.seg_name, self.coord_pid, self.coord_ctime = ctx, seg_name, coord_pid, coord_ctime
+    def __init__(self, ctx, seg_name: str, coord_pid: int, coord_start: float):
+        self.ctx, self.seg_name, self.coord_pid, self.coord_start = ctx, seg_name, coord_pid, coord_start
         self.process = None
         self.w: int | None = None  # our end of its pipe: a descriptor no child may inherit
 
@@ -197,7 +197,7 @@ class Janitor:
         self.w = w
         try:
             self.process = self.ctx.Process(target=janitor_main, name="smpd-janitor", daemon=True,
-                                            args=(r, w, self.seg_name, self.coord_pid, self.coord_ctime, close))
+                                            args=(r, w, self.seg_name, self.coord_pid, self.coord_start, close))
             self.process.start()
         finally:
             os.close(r)

@@ -30,7 +30,6 @@ import time
 from typing import Any, Callable
 
 import multiprocess
-import psutil
 
 from smpd import cpulist
 from smpd.config import Config
@@ -41,7 +40,7 @@ from smpd.daemon.handlers import Handlers
 from smpd.daemon.janitor import COORDINATOR_COMM, Janitor
 from smpd.daemon.stopping import STOP_SIGNALS, Stop, UpClient, check_stop
 from smpd.errors import CpuLost, MachineAlreadyUp, SmpdError, Timeout
-from smpd.host import hostinfo, names
+from smpd.host import hostinfo, names, trust
 from smpd.host.proc import fork_refused, set_process_name
 from smpd.kernel import boot as kboot, image
 from smpd.machine import layout as L
@@ -70,7 +69,7 @@ class Coordinator:
         self.procs: dict[int, Any] = {}
         self.template: Template | None = None  # what forks the CPU processes, while it does
         self.janitor: Janitor | None = None
-        self.ctime = 0.0  # our creation time: with our pid, who we are (smpd.host.trust)
+        self.start_ticks = 0  # when we started (ticks since boot): with our pid, who we are (smpd.host.trust)
         self.server: channel.Server | None = None
         self.up_client: UpClient | None = None  # the `smpd up` waiting for us (None: foreground)
         self.stopping = False
@@ -88,14 +87,13 @@ class Coordinator:
         sizes = self.cfg.sizes()
         geo = L.Geometry(self.ncpus, sizes.ram)
         hostinfo.raise_file_limit()
-        me = psutil.Process()
-        self.ctime = me.create_time()
+        self.start_ticks = trust.start_ticks(os.getpid())
         image.keep_images()
         self._start_janitor()  # first: from here on, whatever kills us, someone cleans up after us
         self.template = Template(self.signals)
         self.template.start()  # its interpreter starts while we make the segment and load the kernel
         try:
-            self.seg = seg = Segment.create(names.segment(self.name), geo, os.getpid(), self.ctime, self.name)
+            self.seg = seg = Segment.create(names.segment(self.name), geo, os.getpid(), self.start_ticks, self.name)
         except SegmentExists:
             raise MachineAlreadyUp(self.name, None) from None
         seg.set_hdr("janitor_pid", self.janitor.pid)
@@ -111,7 +109,7 @@ class Coordinator:
             os.sched_setaffinity(0, {plan[0]})
         for field, value in (("pid", os.getpid()), ("core", -1 if plan[0] is None else plan[0]),
                              ("hotplug", L.Hotplug.ONLINE), ("state", L.ExecState.RUNNING),
-                             ("ctime_ms", int(me.create_time() * 1000)), ("cpu_gen", 1)):
+                             ("start_ticks", self.start_ticks), ("cpu_gen", 1)):
             seg.set_cb(0, field, value)
         seg.set_hdr("state", L.MachineState.BOOTING)
         self._fork_cpus({cpu: plan[cpu] for cpu in range(1, self.ncpus)})
@@ -195,7 +193,7 @@ class Coordinator:
 
     def _start_janitor(self) -> None:
         if self.janitor is None:
-            self.janitor = Janitor(_ctx, names.segment(self.name), os.getpid(), self.ctime)
+            self.janitor = Janitor(_ctx, names.segment(self.name), os.getpid(), self.start_ticks)
         try:
             pid = self.janitor.start(self._inherited_fds())
         except OSError as err:
@@ -219,7 +217,7 @@ class Coordinator:
     def _adopt(self, cpu: int, pid: int) -> None:
         self.procs[cpu] = p = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(pid)
         self.seg.set_cb(cpu, "pid", pid)
-        self.seg.set_cb(cpu, "ctime_ms", p.ctime_ms())  # with the pid, what the janitor checks
+        self.seg.set_cb(cpu, "start_ticks", p.start_ticks())  # with the pid, what the janitor checks
 
     # -- IPIs ------------------------------------------------------------------
 

@@ -40,7 +40,6 @@ import psutil
 
 from smpd.errors import NotOurs
 
-CTIME_TOLERANCE_S = 0.05  # psutil's create_time comes from jiffies since boot: 10 ms steps
 
 
 def me() -> int:
@@ -94,17 +93,32 @@ def refuse_entry(path: str, what: str, remedy: str) -> NotOurs | None:
     return refusal
 
 
-def is_our_process(pid: int, ctime: float, name: str | None = None, sid: int | None = None) -> bool:
-    """True when ``pid`` is a live process of ours created at ``ctime`` (and named ``name``,
-    in session ``sid``, when given). A zombie, a recycled pid or another user's process is not."""
-    if pid <= 0 or not ctime:
+def start_ticks(pid: int) -> int:
+    """When ``pid`` started, in clock ticks since boot (/proc/PID/stat, field 22); 0 when it cannot
+    be read. With the pid, a process's identity: a recycled pid starts later. Not psutil's
+    create_time(), which adds the wall-clock boot time of *now*: a clock step (settimeofday, an NTP
+    step, a VM resumed) or a day of NTP slewing moves it, and our own machine would then look stale."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+        # after the comm, which may hold spaces and parentheses: field 3 on; starttime is field 22
+        return int(stat_line[stat_line.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def is_our_process(pid: int, start: int, name: str | None = None, sid: int | None = None) -> bool:
+    """True when ``pid`` is a live process of ours that started at ``start`` (clock ticks since
+    boot, ``start_ticks``), named ``name`` and in session ``sid`` when given. A zombie, a recycled
+    pid or another user's process is not."""
+    if pid <= 0 or not start:
         return False
     try:
         p = psutil.Process(pid)
         with p.oneshot():
             if p.status() == psutil.STATUS_ZOMBIE or p.uids().effective != me():
                 return False
-            if abs(p.create_time() - ctime) > CTIME_TOLERANCE_S:
+            if start_ticks(pid) != start:
                 return False
             if name is not None and p.name() != name:
                 return False
@@ -113,7 +127,7 @@ def is_our_process(pid: int, ctime: float, name: str | None = None, sid: int | N
         return False
 
 
-def signal_ours(pid: int, sig: int, ctime: float, name: str | None = None, sid: int | None = None) -> bool:
+def signal_ours(pid: int, sig: int, start: int, name: str | None = None, sid: int | None = None) -> bool:
     """Send ``sig`` to ``pid`` only if it is the process of ours we mean; True if sent.
 
     A pidfd is opened first and the identity checked after: the pidfd pins that
@@ -123,7 +137,7 @@ def signal_ours(pid: int, sig: int, ctime: float, name: str | None = None, sid: 
     except OSError:
         return False
     try:
-        if not is_our_process(pid, ctime, name, sid):
+        if not is_our_process(pid, start, name, sid):
             return False
         signal.pidfd_send_signal(fd, sig)
         return True

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
 
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7  # 7: process identities in clock ticks since boot, not wall-clock create times
 MAGIC = b"SMPDSEG\x00"
 
 LINE = 64  # bytes in a cache line: the MONITOR granularity of the x86 parts we emulate
@@ -158,7 +158,7 @@ _HEADER_FIELDS = [
     ("watch", "I"),
     ("coordinator_pid", "I"),
     ("janitor_pid", "I"),
-    ("coordinator_ctime", "d"),  # psutil create_time: pid identity for stale checks
+    ("coordinator_start", "Q"),  # its start, clock ticks since boot (smpd.host.trust.start_ticks): with the pid, its identity
     ("coordinator_sid", "I"),  # its session, inherited by every CPU process (smpd.trust)
     ("generation", "I"),  # kernel generation: 1 = the old kernel
     ("nlines", "I"),
@@ -252,7 +252,7 @@ _CB_FIELDS = [
     ("mce_taken", 152, "I"), ("mce_pending", 156, "I"), ("mce_held", 160, "I"),
     ("init_count", 164, "I"),
     ("sipi_count", 168, "I"),
-    ("ctime_ms", 176, "Q"),  # process create time (ms since epoch): pid identity
+    ("start_ticks", 176, "Q"),  # its process's start, clock ticks since boot: with the pid, its identity
     # Line 3: the IPI mailbox. The coordinator writes cmd and arg, then bumps
     # seq; the CPU handles it, writes result, then sets ack = seq.
     ("mbox_seq", 192, "I"),

@@ -51,7 +51,7 @@ class Segment:
     # -- construction ------------------------------------------------------
 
     @classmethod
-    def create(cls, name: str, geo: L.Geometry, owner_pid: int, owner_ctime: float, machine: str = "") -> "Segment":
+    def create(cls, name: str, geo: L.Geometry, owner_pid: int, owner_start: int, machine: str = "") -> "Segment":
         """Create the segment O_EXCL, mode 0600, sized for ``geo``, for machine ``machine``.
 
         The owner (coordinator pid and create time) and the machine's name are written
@@ -78,7 +78,7 @@ class Segment:
             seg._map(shm, geo.size)
             seg.geo = geo
             seg.set_hdr("coordinator_pid", owner_pid)
-            seg.set_hdr("coordinator_ctime", owner_ctime)
+            seg.set_hdr("coordinator_start", owner_start)
             seg.set_hdr("name", machine.encode())
             seg._write_geometry(geo)
         except BaseException:

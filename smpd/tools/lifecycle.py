@@ -46,7 +46,7 @@ class Live:
 
     name: str
     pid: int
-    ctime: float
+    start: int  # clock ticks since boot (smpd.host.trust.start_ticks)
     authkey: bytes
     token: str
     ncpus: int
@@ -62,7 +62,7 @@ class Live:
                             f"there (see `smpd status`)")
             raise
         except CoordinatorGone:
-            if not is_coordinator(self.pid, self.ctime):
+            if not is_coordinator(self.pid, self.start):
                 raise CoordinatorGone(f"the coordinator of machine '{self.name}' (pid {self.pid}) "
                                       f"died; `smpd down --name {self.name}` cleans up what is left") from None
             if self.state() in (L.MachineState.CREATING, L.MachineState.BOOTING):
@@ -83,7 +83,7 @@ class Live:
             return False
         stopping = lambda: self.held.hdr("state") == L.MachineState.STOPPING  # noqa: E731
         deadline = time.monotonic() + 2.0  # a down in progress closes the channel first
-        while not stopping() and is_coordinator(self.pid, self.ctime) and time.monotonic() < deadline:
+        while not stopping() and is_coordinator(self.pid, self.start) and time.monotonic() < deadline:
             time.sleep(0.02)
         return stopping()
 
@@ -121,12 +121,12 @@ def probe(name: str, cleaned: list[str] | None = None) -> Live | None:
         if seg.hdr_str("name") != name:  # one of our segments, renamed: not this machine's
             raise NotOurs(f"segment {seg.name} holds machine '{seg.hdr_str('name')}', not '{name}': it was "
                           f"renamed; smpd will not act on it; remove it with `smpd down --force --name {name}`")
-        pid, ctime = seg.hdr("coordinator_pid"), seg.hdr("coordinator_ctime")
-        if is_coordinator(pid, ctime):
-            return Live(name, pid, ctime, seg.hdr("authkey"), seg.hdr_str("channel"), seg.hdr("ncpus"))
+        pid, start = seg.hdr("coordinator_pid"), seg.hdr("coordinator_start")
+        if is_coordinator(pid, start):
+            return Live(name, pid, start, seg.hdr("authkey"), seg.hdr_str("channel"), seg.hdr("ncpus"))
     finally:
         seg.close()
-    killed = clean_stale_segment(names.segment(name), expect_pid=pid, expect_ctime=ctime)
+    killed = clean_stale_segment(names.segment(name), expect_pid=pid, expect_start=start)
     _say(cleaned, f"machine '{name}' was stale: its coordinator (pid {pid}) had died; removed its segment"
                   + (f" and {len(killed)} leftover CPU process{'es' if len(killed) > 1 else ''}" if killed else ""))
     return None
@@ -176,8 +176,8 @@ def remove_own_entry(name: str) -> bool:
     if refusal is not None:
         raise refusal
     for p in coordinators_mapping(path):  # one that still runs on it, header or no header
-        if trust.signal_ours(p.pid, signal.SIGTERM, p.create_time(), name=COORDINATOR_COMM):
-            wait_gone(p.pid, p.create_time(), 30)
+        if trust.signal_ours(p.pid, signal.SIGTERM, start := trust.start_ticks(p.pid), name=COORDINATOR_COMM):
+            wait_gone(p.pid, start, 30)
     return unlink(names.segment(name))
 
 
@@ -327,10 +327,10 @@ def down(name: str, force: bool = False, timeout_s: float = 30.0) -> str:
         live.request("down", timeout_s=timeout_s)
     except SmpdError:
         # Busy or wedged: it does not answer. SIGTERM asks for the same clean shutdown.
-        trust.signal_ours(live.pid, signal.SIGTERM, live.ctime, name=COORDINATOR_COMM)
-    if not wait_gone(live.pid, live.ctime, timeout_s):
-        trust.signal_ours(live.pid, signal.SIGKILL, live.ctime, name=COORDINATOR_COMM)
-        wait_gone(live.pid, live.ctime, 5)
+        trust.signal_ours(live.pid, signal.SIGTERM, live.start, name=COORDINATOR_COMM)
+    if not wait_gone(live.pid, live.start, timeout_s):
+        trust.signal_ours(live.pid, signal.SIGKILL, live.start, name=COORDINATOR_COMM)
+        wait_gone(live.pid, live.start, 5)
     # A coordinator killed mid-shutdown leaves its janitor to finish; do it now instead.
     probe(name)
     return f"machine '{name}' is down"

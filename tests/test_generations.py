@@ -237,6 +237,37 @@ def test_status_still_reads_after_more_kexecs_than_the_generation_table_keeps(ma
     assert s["machine"]["generation"] == L.GEN_SLOTS + 2 and s["cpus"][0]["generation"] == L.GEN_SLOTS + 2
 
 
+def test_a_cpu_left_in_an_old_generation_keeps_its_map_through_more_kexecs_than_the_table_keeps(machine):
+    """maxcpus=2 on every kernel: CPUs 2 and 3 stay in generation 1's HLT while the chain goes on.
+    The table's slots go to generations nothing runs any more, so theirs survives 70 kexecs
+    (it used to be overwritten at the 64th: an internal LookupError, and `status` broken for good)."""
+    m = machine(4)
+    m.request("offline", cpus="3")
+    r = m.request("chain", kexecs=L.GEN_SLOTS + 6, kernel="6.6", boot="maxcpus=2")
+    assert r["first_failing_link"] is None, r["links"][-1]["evidence"]
+    s = m.status()
+    assert s["machine"]["generation"] == L.GEN_SLOTS + 7
+    assert {c["cpu"]: c["generation"] for c in s["cpus"]} == {0: L.GEN_SLOTS + 7, 1: L.GEN_SLOTS + 7, 2: 1, 3: 1}
+    assert m.request("reset")["generation"] == 1
+    assert {c["generation"] for c in m.status()["cpus"]} == {1}
+
+
+def test_a_kexec_with_no_generation_slot_left_is_refused_and_changes_nothing(machine):
+    """Each kexec leaves one more CPU behind (maxcpus one lower each time): after 63, the CPUs run
+    64 generations, all the table keeps; the next kexec is refused (exit 2), status still reads."""
+    n = L.GEN_SLOTS + 2
+    m = machine(n)
+    for k in range(1, L.GEN_SLOTS):
+        assert m.request("kexec", kernel="6.6", boot=f"maxcpus={n - k}", seed=k)["outcome"] == "CLEAN"
+    r = run_smpd("kexec", "--boot", f"maxcpus={n - L.GEN_SLOTS}", name=m.name, check=False)
+    assert r.returncode == 2 and f"run {L.GEN_SLOTS} different kernel generations" in r.stderr, r.stderr
+    s = m.status()
+    assert s["machine"]["generation"] == L.GEN_SLOTS
+    assert len({c["generation"] for c in s["cpus"]}) == L.GEN_SLOTS
+    m.request("reset")
+    assert m.request("kexec", kernel="6.6", seed=1)["outcome"] == "CLEAN"
+
+
 @pytest.mark.parametrize("cpu, check, outcome, states", [
     (0, True, "CLEAN", {c: "WAIT_FOR_SIPI" for c in (1, 2, 3)}),
     (2, True, "CLEAN", {1: "MWAIT", 2: "RUNNING", 3: "MWAIT"}),

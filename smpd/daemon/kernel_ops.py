@@ -13,8 +13,7 @@ import time
 
 from smpd import cpulist
 from smpd.errors import BadInput, CpuLost, Timeout
-from smpd.kernel import boot as kboot
-from smpd.kernel import kick as kick_mod
+from smpd.kernel import boot as kboot, generations as gens_mod, kick as kick_mod
 from smpd.kernel.generations import Generations
 from smpd.kernel.kexec import Kexec
 from smpd.kernel.panic import Panic
@@ -83,6 +82,10 @@ class KernelOps:
             seed = secrets.randbelow(2**63)
         scenario = Scenario.build(kernel, order, seed, list(inject or []), self.sup.ncpus, into, crash, boot)
         self._require_kexec_able("a kexec")
+        if len(gens_mod.in_use(self.sup.seg)) >= L.GEN_SLOTS:
+            raise BadInput(f"the machine's CPUs run {L.GEN_SLOTS} different kernel generations (each left "
+                           f"where a kernel with maxcpus= did not start it), as many as its table keeps: "
+                           f"no room for another; `smpd reset` power-cycles it")
         if crash and not self.sup.seg.hdr("crash_pages"):
             raise BadInput("no crashkernel= region is reserved on this machine (memory.crashkernel_pages = 0); "
                            "`smpd up` with crashkernel_pages \"auto\" reserves one")

@@ -11,10 +11,13 @@ boot parameters) and where its image runs; the map itself is recomputed from tha
 
 from __future__ import annotations
 
+import struct
+
 from smpd.kernel.memmap import FLAVOURS, Boot, MemoryMap, Region, Sizes
 from smpd.machine import layout as L
 
 _NOSMT, _CRASH = 1, 2
+_GEN_WORD = struct.Struct("<I")  # an entry's first field: its generation
 
 
 def sizes_of(seg) -> Sizes:
@@ -23,16 +26,45 @@ def sizes_of(seg) -> Sizes:
                  crash=seg.hdr("crash_pages"), ram=seg.hdr("ram_pages"))
 
 
-def _entry_off(gen: int) -> int:
-    return L.GEN_OFF + (gen % L.GEN_SLOTS) * L.GEN_ENTRY.size
+def _slot_off(slot: int) -> int:
+    return L.GEN_OFF + slot * L.GEN_ENTRY.size
+
+
+def _recorded(seg, slot: int) -> int:
+    """The generation slot ``slot`` holds (0: none yet)."""
+    return _GEN_WORD.unpack_from(seg.buf, _slot_off(slot))[0]
+
+
+def _slot_of(seg, gen: int) -> int | None:
+    """The slot holding generation ``gen``: most often slot gen % GEN_SLOTS, where ``record`` tries first."""
+    first = gen % L.GEN_SLOTS
+    for k in range(L.GEN_SLOTS):
+        slot = (first + k) % L.GEN_SLOTS
+        if _recorded(seg, slot) == gen:
+            return slot
+    return None
+
+
+def in_use(seg) -> set[int]:
+    """The generations something still runs: the current one (CPU 0's), and each CPU's, which a later
+    kernel may never have started (maxcpus, a crash kernel's nr_cpus=1). 0: a CPU in none yet."""
+    return ({seg.hdr("generation")} | {seg.cb(cpu, "cpu_gen") for cpu in range(1, seg.geo.ncpus)}) - {0}
 
 
 def record(seg, m: MemoryMap) -> None:
-    """Write generation ``m.gen``'s entry (its map can then be rebuilt anywhere)."""
+    """Write generation ``m.gen``'s entry (its map can then be rebuilt anywhere): over its own, or in
+    the first slot from gen % GEN_SLOTS on that holds a generation nothing runs any more. A CPU
+    left in a generation any number of kexecs old so keeps its map; only GEN_SLOTS generations in
+    use at once would leave no slot (``check_room``, before a kexec starts)."""
+    slot = _slot_of(seg, m.gen)
+    if slot is None:
+        busy = in_use(seg)
+        slot = next(s for s in ((m.gen + k) % L.GEN_SLOTS for k in range(L.GEN_SLOTS))
+                    if _recorded(seg, s) not in busy)
     b = m.boot
     segs = list(m.segments) + [(0, 0, Region.FIRMWARE)] * (3 - len(m.segments))
     flat = [v for first, count, region in segs for v in (first, count, int(region))]
-    L.GEN_ENTRY.pack_into(seg.buf, _entry_off(m.gen), m.gen, FLAVOURS.index(b.flavour),
+    L.GEN_ENTRY.pack_into(seg.buf, _slot_off(slot), m.gen, FLAVOURS.index(b.flavour),
                           (_NOSMT if b.nosmt else 0) | (_CRASH if b.crash else 0),
                           0 if b.maxcpus is None else b.maxcpus + 1, 0 if b.kaslr is None else b.kaslr + 1,
                           m.regions[Region.TEXT], *flat)
@@ -50,9 +82,13 @@ class Generations:
         return self.map(gen).boot
 
     def map(self, gen: int) -> MemoryMap:
-        raw = L.GEN_ENTRY.unpack_from(self.seg.buf, _entry_off(gen))
+        raw = L.GEN_ENTRY.unpack_from(self.seg.buf, _slot_off(gen % L.GEN_SLOTS))
         if raw[0] != gen:
-            raise LookupError(f"generation {gen} is not recorded (the table keeps the last {L.GEN_SLOTS})")
+            slot = _slot_of(self.seg, gen)
+            if slot is None:
+                raise LookupError(f"generation {gen} is not recorded (the table keeps {L.GEN_SLOTS}, "
+                                  f"those something runs first)")
+            raw = L.GEN_ENTRY.unpack_from(self.seg.buf, _slot_off(slot))
         m = self._maps.get(raw)
         if m is None:
             _gen, flavour, flags, maxcpus, kaslr, load, *flat = raw

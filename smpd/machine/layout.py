@@ -206,8 +206,8 @@ def _offsets(fields: list[tuple[str, str]]) -> dict[str, tuple[int, struct.Struc
 
 HEADER = _offsets(_HEADER_FIELDS)
 # The header's second page: one entry per kernel generation, enough to rebuild its memory map in
-# any process (smpd.kernel.generations). Slot gen % GEN_SLOTS: a CPU can run a generation that
-# many kexecs old (one a later kernel never started) and still find its map.
+# any process (smpd.kernel.generations). Slot gen % GEN_SLOTS, or the next whose generation nothing
+# runs any more: a CPU a later kernel never started keeps its map however many kexecs old.
 GEN_SLOTS = 64
 GEN_ENTRY = struct.Struct("<IBBHQI" + "III" * 3)  # gen, flavour, flags, maxcpus+1, kaslr+1, load, 3 x segment
 GEN_OFF = PAGE

@@ -399,6 +399,21 @@ def test_cpu_processes_are_the_coordinators_own_children_and_the_template_is_gon
         m.down()
 
 
+def _template_forking(machine_name: str, up: subprocess.Popen) -> psutil.Process:
+    """The template of the bring-up ``up`` runs, once it has forked a few CPUs."""
+    def template():
+        try:
+            coordinator = _coordinator_of_this_run(machine_name)
+            return next((q for q in coordinator.children() if q.name() == "smpd-template"), None)
+        except (psutil.Error, AttributeError):  # not started yet, or gone
+            return None
+
+    t = wait_until(lambda: template() or up.poll() is not None, timeout=60, what="the template to start")
+    assert t is not True and up.poll() is None, "the bring-up ended before its template was seen"
+    wait_until(lambda: len(psutil.Process(t.ppid()).children()) > 10, timeout=60, what="some CPUs forked")
+    return t
+
+
 def test_a_template_stopped_while_it_forks_ends_the_bring_up_within_the_ipi_budget(machine_name, tmp_path):
     """Whoever SIGSTOPs the process CPU processes are forked from (mid-bring-up): the coordinator
     used to wait for its next answer for ever; now it gives up after ipi_ack_ms without one, kills
@@ -407,16 +422,7 @@ def test_a_template_stopped_while_it_forks_ends_the_bring_up_within_the_ipi_budg
     cfg.write_text("[timeouts]\nipi_ack_ms = 1000\n")
     p = start_smpd("up", "--cpus", "1024", "--watch", "adaptive", "--config", str(cfg), name=machine_name)
 
-    def template():
-        try:
-            coordinator = _coordinator_of_this_run(machine_name)
-            return next((q for q in coordinator.children() if q.name() == "smpd-template"), None)
-        except (psutil.Error, AttributeError):  # not started yet, or gone
-            return None
-
-    t = wait_until(lambda: template() or p.poll() is not None, timeout=60, what="the template to start")
-    assert t is not True and p.poll() is None, "the bring-up ended before its template was seen"
-    wait_until(lambda: len(psutil.Process(t.ppid()).children()) > 10, timeout=60, what="some CPUs forked")
+    t = _template_forking(machine_name, p)
     t.suspend()
     _out, err = _finish(p)
     assert p.returncode == 1, err
@@ -432,16 +438,7 @@ def test_a_template_killed_while_it_forks_is_one_line_and_leaves_nothing(machine
     line, and the CPUs forked so far go with the machine."""
     p = start_smpd("up", "--cpus", "1024", "--watch", "adaptive", name=machine_name)
 
-    def template():
-        try:
-            coordinator = _coordinator_of_this_run(machine_name)
-            return next((q for q in coordinator.children() if q.name() == "smpd-template"), None)
-        except (psutil.Error, AttributeError):  # not started yet, or gone
-            return None
-
-    t = wait_until(lambda: template() or p.poll() is not None, timeout=60, what="the template to start")
-    assert t is not True and p.poll() is None, "the bring-up ended before its template was seen"
-    wait_until(lambda: len(psutil.Process(t.ppid()).children()) > 10, timeout=60, what="some CPUs forked")
+    t = _template_forking(machine_name, p)
     t.kill()
     _out, err = _finish(p)
     assert p.returncode == 1, err

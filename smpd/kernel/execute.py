@@ -120,9 +120,9 @@ class Executes:
             if got[kind]:
                 self._add(f"{kind}_held", got[kind])
                 events.log(self.seg, self.cpu, L.Ev.HELD, L.IRQ_CODE[kind])
-                pending = self.seg.cb(self.cpu, f"{kind}_pending") + got[kind]
-                # NMIs are latched: one pending NMI, however many arrived.
-                self.seg.set_cb(self.cpu, f"{kind}_pending", min(pending, 1) if kind == "nmi" else pending)
+                # One latch each: the processor holds one pending NMI and one pending SMI, however
+                # many arrived (SDM vol. 3, "Pending SMIs" and the NMI latch); the rest are lost.
+                self.seg.set_cb(self.cpu, f"{kind}_pending", 1)
         if got["mce"]:
             self._add("mce_held", got["mce"])
             return True

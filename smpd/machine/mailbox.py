@@ -54,7 +54,8 @@ class Mailbox:
         """Send ``cmd`` to every CPU in ``cpus`` at once and wait (bounded) for their acks.
 
         ``then``: a second command, sent to each CPU as soon as it acknowledged the first (INIT,
-        then SIPI: an AP is started once it is reset, not once every other one is). A scheduling
+        then SIPI: an AP is started once it is reset, not once every other one is), with a
+        budget of ``timeout_s`` of its own from then. A scheduling
         choice of the emulator's that no outcome depends on: pre-fix kernels bring APs up one by
         one, 6.5+ kick each in turn, runtime cpu_up() is serial. Its answer is the one returned.
 
@@ -75,6 +76,7 @@ class Mailbox:
                         second.discard(cpu)
                         waiting[cpu] = self.send(cpu, then)
                         pause = 0.0  # it answers soon, most often before it sleeps again
+                        deadline = max(deadline, time.monotonic() + timeout_s)  # a budget of its own
                         continue
                     results[cpu] = self.seg.cb(cpu, "mbox_result")
                     del waiting[cpu]

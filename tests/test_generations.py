@@ -330,3 +330,29 @@ def test_a_nosmt_sibling_never_booted_comes_up_once_parks_and_is_refused_after()
         assert m.cpu(4)["hotplug"] == "offline"  # not started by maxcpus, and not onlined either
     finally:
         m.down()
+
+
+def test_a_stray_interrupt_or_a_poke_that_ends_the_machine_ends_it_then_not_at_the_next_kexec(machine):
+    """CPUs 2-5 are left where generation 1 put them (maxcpus=2). A stray NMI to CPU 2, halted
+    in generation 1's code the copy overwrote, triple-faults it: the machine ends there and then,
+    and the next kexec is refused, where it used to run and report that triple fault as its own.
+    So does a poke of the line a pre-fix CPU left in generation 1 still monitors."""
+    m = machine(6, "--watch", "adaptive")
+    m.request("offline", cpus="5")
+    assert m.request("kexec", kernel="6.6", boot="maxcpus=2", seed=1)["outcome"] == "CLEAN"
+    r = m.request("inject", kind="nmi", cpus="2", count=1)
+    assert r["ended"] == "ended when a stray NMI reached CPU 2 (TRIPLE_FAULT on CPU 2)", r["ended"]
+    assert m.status()["machine"]["state"] == "ENDED"
+    refused = run_smpd("kexec", name=m.name, check=False)
+    assert refused.returncode == 2 and "ended when a stray NMI reached CPU 2" in refused.stderr, refused.stderr
+    m.request("reset")
+    m.request("offline", cpus="5")
+    assert m.request("kexec", kernel="pre-fix", boot="maxcpus=2", seed=1)["outcome"] == "CLEAN"
+    line = m.cpu(5)["monitor"]["addr"]
+    poked = run_smpd("poke", hex(line), name=m.name)
+    assert "woke CPU 5" in poked.stdout and "nothing runs on it until `smpd reset`" in poked.stdout, poked.stdout
+    assert m.status()["machine"]["state"] == "ENDED"
+    # a write that wakes nobody ends nothing
+    m.request("reset")
+    assert m.request("poke", target="mwait_cpu_dead[3]")["ended"] is None
+    assert m.status()["machine"]["state"] == "UP"

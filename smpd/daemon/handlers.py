@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 from smpd import cpulist
 from smpd.daemon import channel
-from smpd.daemon.kernel_ops import KernelOps, require_alive, require_running_kernel
+from smpd.daemon.kernel_ops import (KernelOps, ending_faults, require_alive, require_running_kernel,
+                                    settle_then_end_if_faulted)
 from smpd.daemon.status import status_snapshot
 from smpd.daemon.stopping import Stop
 from smpd.errors import BadInput, CoordinatorGone, InternalError, SmpdError
@@ -163,9 +164,14 @@ class Handlers:
         old = seg.mem_u32(addr)
         new = old if value is None else value
         owner = seg.u16[seg.geo.dir_off // 2 + seg.geo.addr_line(addr)]
+        before = ending_faults(self.sup)
         woken = self.sup.bus.write(addr, struct.pack("<I", new))
-        return {"addr": addr, "symbol": self._map().symbol(addr), "old": old, "new": new,
-                "woken": woken, "woken_cpus": [owner - 1] if woken and owner else []}
+        symbol = self._map().symbol(addr)
+        # The CPU it woke resumes where it slept, which may be memory that is no longer its kernel's.
+        ended = (settle_then_end_if_faulted(self.sup, before, f"a write to {symbol} woke CPU {owner - 1}")
+                 if woken else None)
+        return {"addr": addr, "symbol": symbol, "old": old, "new": new,
+                "woken": woken, "woken_cpus": [owner - 1] if woken and owner else [], "ended": ended}
 
     def op_status(self, brief: bool = False) -> dict:
         self.sup.refresh_gone()

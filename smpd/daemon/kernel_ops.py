@@ -36,6 +36,34 @@ def require_alive(sup, cpus: list[int]) -> None:
                       f"`smpd reset` gives it a new process")
 
 
+ENDING_FAULTS = (L.Fault.TRIPLE_FAULT, L.Fault.MCE_SHUTDOWN, L.Fault.SMM_HANG)  # a CPU's, that end the machine
+
+
+def ending_faults(sup) -> dict[int, int]:
+    """Each CPU's fault that ended the machine (a triple fault resets the platform; a shutdown, a
+    hang in SMM stop it), so far."""
+    return {cpu: f for cpu in range(1, sup.ncpus) if (f := sup.seg.cb(cpu, "fault")) in ENDING_FAULTS}
+
+
+def end_if_faulted(sup, before: dict[int, int], what: str) -> str | None:
+    """After ``what`` (a stray interrupt, a poke) outside a kexec: when it made a CPU fault so that
+    the machine ended, the machine is ENDED, so that nothing after it (a kexec) is blamed for it.
+    Returns how it ended, or None."""
+    new = {c: f for c, f in ending_faults(sup).items() if before.get(c) != f}
+    if not new or sup.seg.hdr("state") == L.MachineState.ENDED:  # (ended before: by what ended it)
+        return None
+    first = min(new)
+    sup.seg.set_hdr("state", L.MachineState.ENDED)
+    sup.ended_by = f"ended when {what} ({L.Fault(new[first]).name} on CPU {cpulist.format_list(sorted(new))})"
+    return sup.ended_by
+
+
+def settle_then_end_if_faulted(sup, before: dict[int, int], what: str) -> str | None:
+    """``end_if_faulted``, once the CPUs have done what ``what`` (a write that woke one) started."""
+    Kexec(sup, Scenario(None, "sequential", 0)).settle()
+    return end_if_faulted(sup, before, what)
+
+
 def require_running_kernel(sup, what: str) -> None:
     """Refuse (BadInput) when no kernel runs that could do ``what``: a kexec or a panic ended
     the machine, or the crash kernel runs (nr_cpus=1)."""
@@ -217,12 +245,15 @@ class KernelOps:
         """A stray interrupt right now: send it, wait (bounded) until it is taken or held."""
         inj = parse_injection(f"{kind}@after-copy:{cpus}x{count}", self.sup.ncpus)
         self.sup.refresh_gone()
+        before = ending_faults(self.sup)
         k = Kexec(self.sup, Scenario(None, "sequential", 0, (inj,)))
         marks = k.t.mark_start(self.sup.seg, inj.cpus)
         k.inject("after-copy", stray=True)
         k.settle()
         k.t.merge_cpus(self.sup.seg, marks, k.gens)
-        return {"injection": f"{kind} to CPU {cpulist.format_list(inj.cpus)} x{count}",
+        what = f"{kind} to CPU {cpulist.format_list(inj.cpus)} x{count}"
+        ended = end_if_faulted(self.sup, before, f"a stray {kind.upper()} reached CPU {cpulist.format_list(inj.cpus)}")
+        return {"injection": what, "ended": ended,
                 "cpus": [k.obs.cpu_report(c) for c in inj.cpus],
                 "not_taken": {str(c): why for c, why in k.not_taken.items()}, **k.t.record()}
 

@@ -364,6 +364,12 @@ def poke(name, target, value):
     r = machine.request("poke", target=target, value=value)
     woke = f"woke CPU {cpulist.format_list(r['woken_cpus'])}" if r["woken_cpus"] else "woke no monitor"
     click.echo(f"{r['symbol']} @ {r['addr']:#x}: {r['old']:#010x} -> {r['new']:#010x}; {woke}")
+    if r.get("ended"):
+        click.echo(_ended_line(machine.name, r["ended"]))
+
+
+def _ended_line(name: str, ended: str) -> str:
+    return f"machine '{name}' {ended}: nothing runs on it until `smpd reset` power-cycles it"
 
 
 @main.command(name="list")
@@ -620,7 +626,8 @@ def inject(name, kind, target, count, as_json):
     _print_json_or(r, as_json, lambda r: Group(
         Text(f"{r['injection']}:"), render.cpu_outcomes(r["cpus"]),
         *(Text(f"note: CPU{c}: {why}", style="yellow") for c, why in r["not_taken"].items()),
-        render.timeline(r["timeline"], "all")))
+        render.timeline(r["timeline"], "all"),
+        *([Text(_ended_line(machine.name, r["ended"]), style="bold red")] if r.get("ended") else [])))
 
 
 @main.command()

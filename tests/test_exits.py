@@ -444,3 +444,20 @@ def test_a_template_killed_while_it_forks_is_one_line_and_leaves_nothing(machine
     assert p.returncode == 1, err
     assert f"the process CPU processes are forked from (pid {t.pid}) exited" in _one_error_line(err)
     assert not os.path.exists(names.segment_path(machine_name))
+
+
+def test_a_coordinator_whose_segment_was_removed_leaves_the_next_machine_of_its_name_alone(machine_name):
+    """Machine A's segment is removed under it (by hand, or by a command that took it for stale)
+    and machine B comes up under the same name. A's coordinator, stopped, removes only the file it
+    made: it used to unlink by name, taking B's segment and leaving B's processes running."""
+    a = Machine(machine_name, 3, "--watch", "adaptive")
+    a_pid, a_cpus = a.status()["machine"]["pid"], [c["pid"] for c in a.status()["cpus"][1:]]
+    os.unlink(names.segment_path(machine_name))
+    b = Machine(machine_name, 2, "--watch", "adaptive")
+    try:
+        os.kill(a_pid, signal.SIGTERM)
+        wait_until(lambda: all(gone(p) for p in (a_pid, *a_cpus)), timeout=30, what="machine A to stop")
+        assert os.path.exists(names.segment_path(machine_name)), "A's coordinator removed B's segment"
+        assert b.status()["machine"]["cpus"] == 2
+    finally:
+        b.down()

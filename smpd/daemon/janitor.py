@@ -63,7 +63,7 @@ def clean_stale_segment(seg_name: str, expect_pid: int, expect_start: float, loc
         except (posix_ipc.ExistentialError, SmpdError):
             return []
         try:
-            if not _same_file(seg_name, fd):
+            if not same_file(seg_name, fd):
                 return []
             if seg.hdr("coordinator_pid") != expect_pid or seg.hdr("coordinator_start") != expect_start:
                 return []
@@ -76,7 +76,7 @@ def clean_stale_segment(seg_name: str, expect_pid: int, expect_start: float, loc
                     killed.append(pid)
         finally:
             seg.close()
-        if _same_file(seg_name, fd):
+        if same_file(seg_name, fd):
             unlink(seg_name)
         return killed
     finally:
@@ -100,7 +100,7 @@ def clean_incomplete(seg_name: str, lock_wait_s: float = 2.0) -> str:
             pass
         except (posix_ipc.ExistentialError, SmpdError):
             return "other"
-        if not _same_file(seg_name, fd):
+        if not same_file(seg_name, fd):
             return "other"
         if time.time() - os.fstat(fd).st_ctime < INCOMPLETE_STALE_S:
             return "young"
@@ -136,7 +136,7 @@ def _locked(seg_name: str, wait_s: float) -> int | None:
     return None
 
 
-def _same_file(seg_name: str, fd: int) -> bool:
+def same_file(seg_name: str, fd: int) -> bool:
     """Is the name still the file ``fd`` holds? (An unlinked one may have a successor by now.)"""
     try:
         st = os.lstat(names.SHM_DIR + seg_name)

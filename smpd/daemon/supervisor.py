@@ -37,7 +37,7 @@ from smpd.daemon import channel, stopping
 from smpd.daemon.cpuproc import CpuProcess
 from smpd.daemon.template import Template
 from smpd.daemon.handlers import Handlers
-from smpd.daemon.janitor import COORDINATOR_COMM, Janitor
+from smpd.daemon.janitor import COORDINATOR_COMM, Janitor, same_file
 from smpd.daemon.stopping import STOP_SIGNALS, Stop, UpClient, check_stop
 from smpd.errors import CpuLost, MachineAlreadyUp, SmpdError, Timeout
 from smpd.host import hostinfo, names, trust
@@ -332,10 +332,13 @@ class Coordinator:
         self.procs.clear()
         if self.seg is not None:
             name = self.seg.name
+            # Only the file we made: if someone removed it, the name may be another machine's by now.
+            ours = self.seg.fd >= 0 and same_file(name, self.seg.fd)
             self.bus = None
             self.seg.close()
             self.seg = None
-            unlink(name)
+            if ours:
+                unlink(name)
         if self.janitor is not None:
             self.janitor.release()
             self.janitor = None

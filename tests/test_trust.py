@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -216,7 +217,7 @@ def test_a_process_is_signalled_only_if_every_identity_fact_matches(evil, victim
     start = trust.start_ticks(victim.pid)
     assert start > 0
     assert not trust.signal_ours(victim.pid, signal.SIGKILL, start, name="smpd-cpu1")
-    assert not trust.signal_ours(victim.pid, signal.SIGKILL, start + 1)
+    assert not trust.signal_ours(victim.pid, signal.SIGKILL, start + 1 + trust.START_TOLERANCE_TICKS)
     assert not trust.signal_ours(victim.pid, signal.SIGKILL, start, sid=os.getsid(victim.pid) + 1)
     with adversary.holding(evil, lambda ready: ready(os.getpid())) as theirs:
         their = psutil.Process(theirs["pid"])
@@ -534,3 +535,23 @@ def test_a_wall_clock_step_does_not_make_our_own_machine_look_stale(machine, mon
     assert os.path.exists(names.segment_path(m.name))
     assert [c["pid"] for c in live.request("status")["cpus"]] == pids
     monkeypatch.undo()
+
+
+def test_a_machine_is_ours_from_every_time_namespace(machine):
+    """The kernel shows each reader start times shifted by its time namespace's boot-time offset:
+    smpd takes it off, so a command run in another time namespace (unshare -T) sees the machine as
+    up, where it used to take it for stale, remove its segment and leave its processes running."""
+    if subprocess.run(["unshare", "-T", "--boottime", "1", "true"], capture_output=True).returncode:
+        pytest.skip("no time namespaces here (unshare -T failed)")
+    m = machine(2, "--watch", "adaptive")
+    for offset in ("1", "100000"):
+        r = subprocess.run(["unshare", "-T", "--boottime", offset, sys.executable, "-m", "smpd", "status", "--json"],
+                           capture_output=True, text=True, env=smpd_env(m.name), cwd=REPO, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["machine"]["pid"] == m.status()["machine"]["pid"]
+    assert os.path.exists(names.segment_path(m.name))
+    inside = subprocess.run(["unshare", "-T", "--boottime", "5000", sys.executable, "-c",
+                             f"from smpd.host import trust; print(trust.start_ticks({os.getpid()}))"],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert inside.returncode == 0, inside.stderr
+    assert abs(int(inside.stdout) - trust.start_ticks(os.getpid())) <= trust.START_TOLERANCE_TICKS

@@ -31,6 +31,7 @@ unlinked, even by root, and gets one ``Error:`` line that names its owner.
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import signal
@@ -93,16 +94,36 @@ def refuse_entry(path: str, what: str, remedy: str) -> NotOurs | None:
     return refusal
 
 
+START_TOLERANCE_TICKS = 1  # a time namespace's offset need not be whole ticks: one tick of rounding
+
+
+@functools.cache
+def _boottime_offset_ticks() -> int:
+    """Our time namespace's boot-time offset, in clock ticks (/proc/self/timens_offsets; 0 without
+    time namespaces): what the kernel adds to every start time it shows us."""
+    try:
+        with open("/proc/self/timens_offsets") as f:
+            for line in f:
+                clock, secs, nsecs = line.split()
+                if clock == "boottime":
+                    return round((int(secs) + int(nsecs) / 1e9) * os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def start_ticks(pid: int) -> int:
-    """When ``pid`` started, in clock ticks since boot (/proc/PID/stat, field 22); 0 when it cannot
-    be read. With the pid, a process's identity: a recycled pid starts later. Not psutil's
-    create_time(), which adds the wall-clock boot time of *now*: a clock step (settimeofday, an NTP
-    step, a VM resumed) or a day of NTP slewing moves it, and our own machine would then look stale."""
+    """When ``pid`` started, in clock ticks since the host booted (/proc/PID/stat field 22, less our
+    time namespace's boot-time offset, which the kernel adds to it for us); 0 when it cannot be
+    read. With the pid, a process's identity: a recycled pid starts later; the same process reads
+    the same from every time namespace. Not psutil's create_time(), which adds the wall-clock boot
+    time of *now*: a clock step (settimeofday, an NTP step, a VM resumed) or a day of NTP slewing
+    moves it, and our own machine would then look stale."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat_line = f.read()
         # after the comm, which may hold spaces and parentheses: field 3 on; starttime is field 22
-        return int(stat_line[stat_line.rindex(b")") + 2:].split()[19])
+        return int(stat_line[stat_line.rindex(b")") + 2:].split()[19]) - _boottime_offset_ticks()
     except (OSError, ValueError, IndexError):
         return 0
 
@@ -118,7 +139,7 @@ def is_our_process(pid: int, start: int, name: str | None = None, sid: int | Non
         with p.oneshot():
             if p.status() == psutil.STATUS_ZOMBIE or p.uids().effective != me():
                 return False
-            if start_ticks(pid) != start:
+            if abs(start_ticks(pid) - start) > START_TOLERANCE_TICKS:
                 return False
             if name is not None and p.name() != name:
                 return False

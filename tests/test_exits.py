@@ -428,7 +428,7 @@ def test_a_template_stopped_while_it_forks_ends_the_bring_up_within_the_ipi_budg
     assert p.returncode == 1, err
     line = _one_error_line(err)
     assert f"the process CPU processes are forked from (pid {t.pid}) forked" in line, line
-    assert "and then none for 1.0 s" in line, line
+    assert "and then none for 1000 ms" in line, line
     assert gone(t.pid)
     assert not os.path.exists(names.segment_path(machine_name))
 

@@ -20,6 +20,7 @@ import re
 import signal
 import threading
 import time
+from typing import Callable
 
 import psutil
 import pytest
@@ -386,9 +387,10 @@ def test_human_kexec_report_leads_with_the_outcome(machine6):
     assert "timeline:" in r.stdout and "smp_park_other_cpus_in_init()" in r.stdout
 
 
-def _kill_the_template(coordinator: int, done: threading.Event) -> None:
-    """SIGKILL the template the coordinator starts next (its child running smpd.daemon.template,
-    the earliest not yet a CPU), as soon as it appears."""
+def _kill_the_template(coordinator: int, done: threading.Event,
+                       act: Callable[[psutil.Process], None] = psutil.Process.kill) -> None:
+    """SIGKILL (or ``act`` on) the template the coordinator starts next (its child running
+    smpd.daemon.template, the earliest not yet a CPU), as soon as it appears."""
     while not done.is_set():
         try:
             kids = [p for p in psutil.Process(coordinator).children()
@@ -396,9 +398,42 @@ def _kill_the_template(coordinator: int, done: threading.Event) -> None:
         except psutil.Error:
             kids = []
         if kids:
-            min(kids, key=lambda p: p.create_time()).kill()
+            act(min(kids, key=lambda p: p.create_time()))
             return
         time.sleep(0.0005)
+
+
+def _hold(p: psutil.Process, seconds: float = 0.5) -> None:
+    p.suspend()
+    time.sleep(seconds)
+    p.resume()
+
+
+def test_a_template_slow_to_start_is_not_taken_for_a_stalled_one(machine_name, tmp_path):
+    """The template a reset starts to replace a dead CPU is held for 0.5 s as it starts (a loaded
+    host): the stall bound (ipi_ack_ms, here 200 ms) is for the gaps between its forks, and its
+    start gets more (template.START_S). Such a reset used to fail ('forked 0 of 1 and then none
+    for 0.2 s') and leave the machine ENDED."""
+    cfg = tmp_path / "short.toml"
+    cfg.write_text("[timeouts]\nipi_ack_ms = 200\n")
+    m = Machine(machine_name, 4, "--watch", "adaptive", "--config", str(cfg))
+    try:
+        coordinator, dead = m.status()["machine"]["pid"], m.cpu(2)["pid"]
+        os.kill(dead, signal.SIGKILL)
+        wait_until(lambda: not psutil.pid_exists(dead) or psutil.Process(dead).status() == psutil.STATUS_ZOMBIE,
+                   what="CPU 2's process to die")
+        done = threading.Event()
+        holder = threading.Thread(target=_kill_the_template, args=(coordinator, done, _hold))
+        holder.start()
+        try:
+            r = m.request("reset")
+        finally:
+            done.set()
+            holder.join()
+        assert r["respawned"] == [2]
+        assert m.status()["machine"]["state"] == "UP" and m.cpu(2)["pid"] not in (0, dead)
+    finally:
+        m.down()
 
 
 def test_a_respawn_cut_short_leaves_cpus_the_next_reset_gives_a_process(machine_name):

@@ -209,17 +209,18 @@ class KernelOps:
         self.sup.seg.set_hdr("state", L.MachineState.ENDED)
         self.sup.ended_by = "did not finish its last reset"
         respawned: list[int] = []
-        for attempt in range(RESET_ATTEMPTS):
-            respawned += self.sup.respawn_gone()
-            try:
-                self._reset_once(offline)
-                break
-            except CpuLost:
-                if attempt == RESET_ATTEMPTS - 1:
-                    raise
-            except Timeout as err:  # a stopped or starved CPU process: another reset may do
-                raise Timeout(f"{err}; the reset did not finish, so no kernel runs until one does: "
-                              f"`smpd status` shows where each CPU is, `smpd reset` tries again") from None
+        try:
+            for attempt in range(RESET_ATTEMPTS):
+                respawned += self.sup.respawn_gone()
+                try:
+                    self._reset_once(offline)
+                    break
+                except CpuLost:
+                    if attempt == RESET_ATTEMPTS - 1:
+                        raise
+        except Timeout as err:  # a stopped or starved process (a CPU's, the template's): another reset may do
+            raise Timeout(f"{err}; the reset did not finish, so no kernel runs until one does: "
+                          f"`smpd status` shows where each CPU is, `smpd reset` tries again") from None
         self.sup.seg.set_hdr("state", L.MachineState.UP)
         self.sup.reset_offline = None
         return {"offline": self._offline_now(), "generation": 1, "kernel": self.sup.boot1.text(), "respawned": respawned,

@@ -51,6 +51,7 @@ from smpd.machine.segment import Segment
 TEMPLATE_COMM = "smpd-template"
 _PAIR = struct.Struct("<ii")
 STOP_WAIT_S = 5.0  # a template told to exit after its batch has this long before it is killed
+START_S = 30.0  # what its first answer may take besides: its interpreter's start (~0.1 s idle, more loaded)
 
 
 class Template:
@@ -92,7 +93,8 @@ class Template:
         as it is forked, then end the template. ``poll`` runs between answers (the coordinator's
         stop check). Raises HostTooSmall when the host refuses a process, CpuLost when the
         template dies before it answered all, Timeout when it answers none for ``stall_s`` (stopped,
-        or starved); every CPU process forked is adopted all the same, and the template killed."""
+        or starved; its first answer may take START_S more); every CPU process forked is adopted
+        all the same, and the template killed."""
         done = False
         try:
             if self.proc is None:
@@ -114,7 +116,7 @@ class Template:
                 adopt(cpu, pid)
 
     def _answer(self, poll: Callable[[], None], stall_s: float, n: int, of: int) -> tuple[int, int]:
-        deadline = time.monotonic() + stall_s
+        deadline = time.monotonic() + stall_s + (START_S if n == 0 else 0.0)
         while True:
             poll()
             try:
@@ -123,8 +125,8 @@ class Template:
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise Timeout(f"the process CPU processes are forked from (pid {self.proc.pid}) forked "
-                                  f"{n} of {of} and then none for {stall_s:.1f} s (stopped, or starved of "
-                                  f"the host's cores); it is killed") from None
+                                  f"{n} of {of} and then none for {stall_s * 1000:g} ms (ipi_ack_ms; stopped, "
+                                  f"or starved of the host's cores); it is killed") from None
                 continue
             except OSError:
                 reply = b""

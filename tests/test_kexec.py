@@ -483,13 +483,15 @@ def test_a_reset_cut_short_leaves_no_kernel_running_until_a_reset_finishes(machi
         os.kill(pid, signal.SIGSTOP)
         try:
             r = run_smpd("reset", name=machine_name, check=False)
-            assert r.returncode != 0 and "CPU 2 did not acknowledge INIT" in r.stderr, r.stderr
+            assert r.returncode != 0 and "the process of CPU 2 did not acknowledge INIT" in r.stderr, r.stderr
             assert "the reset did not finish" in r.stderr
             assert m.status()["machine"]["state"] == "ENDED"
+            assert m.status()["machine"]["ended_by"] == "had its last `smpd reset` cut short"
+            assert "it had its last `smpd reset` cut short" in run_smpd("status", name=machine_name).stdout
             for args in (("kexec", "--kernel", "hlt"), ("kick",), ("online", "1")):
                 refused = run_smpd(*args, name=machine_name, check=False)
                 assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
-                assert "did not finish its last reset" in refused.stderr and "smpd reset" in refused.stderr
+                assert "had its last `smpd reset` cut short" in refused.stderr and "smpd reset" in refused.stderr
         finally:
             os.kill(pid, signal.SIGCONT)
         m.request("reset")

@@ -175,7 +175,10 @@ class Handlers:
 
     def op_status(self, brief: bool = False) -> dict:
         self.sup.refresh_gone()
-        return status_snapshot(self.sup.seg, self.sup.procs, brief)
+        s = status_snapshot(self.sup.seg, self.sup.procs, brief)
+        # how it ended (a kexec's outcome, a stray interrupt, a reset cut short): only we know
+        s["machine"]["ended_by"] = self.sup.ended_by if s["machine"]["state"] == "ENDED" else None
+        return s
 
     def op_ping(self) -> dict:
         return {"pid": os.getpid()}

@@ -207,7 +207,7 @@ class KernelOps:
         # SIPI in time, one that dies each time) leaves CPUs between the two kernels, which a kexec
         # would report as stuck. Only another reset goes on from there.
         self.sup.seg.set_hdr("state", L.MachineState.ENDED)
-        self.sup.ended_by = "did not finish its last reset"
+        self.sup.ended_by = "had its last `smpd reset` cut short"
         respawned: list[int] = []
         try:
             for attempt in range(RESET_ATTEMPTS):

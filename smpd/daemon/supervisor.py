@@ -239,8 +239,9 @@ class Coordinator:
             raise CpuLost(f"{what}: CPU{dead[0]} " + (f"(pid {p.pid}) died with exit code {p.exitcode}" if p else
                           "has no process") + "; `smpd reset` gives it a new process")
         if missing:
-            raise Timeout(f"{what}: CPU {cpulist.format_list(missing)} did not acknowledge "
-                          f"{cmd.name}{f' then {then.name}' if then else ''} within {timeout_s:.1f} s")
+            raise Timeout(f"{what}: the process of CPU {cpulist.format_list(missing)} did not acknowledge "
+                          f"{cmd.name}{f' then {then.name}' if then else ''} in its mailbox within {timeout_s:.1f} s "
+                          f"(stopped, or starved of the host's cores): a host fault, not the machine's")
         return results
 
     def _mark_gone(self, cpu: int) -> None:

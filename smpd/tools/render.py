@@ -22,6 +22,8 @@ def machine_line(m: dict) -> Text:
     t = Text()
     t.append(f"machine '{m['name']}'", style="bold")
     t.append(f"  {m['state']}  {m['cpus']} CPUs ({m['online']} online: {states})\n")
+    if m.get("ended_by"):
+        t.append(f"it {m['ended_by']}: nothing runs on it until `smpd reset`\n", style="bold red")
     t.append(f"coordinator pid {m['pid']}  watch {m['watch']}  hot path {m['hot_path']}  pin {m['pin']}  "
              f"generation {m['generation']} ({m['kernel']})  seed {m['seed']}  "
              f"uptime {_duration(m['uptime_s'])}  bring-up {m['bringup_ms']:.0f} ms\n")

@@ -111,9 +111,10 @@ class KernelOps:
         scenario = Scenario.build(kernel, order, seed, list(inject or []), self.sup.ncpus, into, crash, boot)
         self._require_kexec_able("a kexec")
         if len(gens_mod.in_use(self.sup.seg)) >= L.GEN_SLOTS:
-            raise BadInput(f"the machine's CPUs run {L.GEN_SLOTS} different kernel generations (each left "
-                           f"where a kernel with maxcpus= did not start it), as many as its table keeps: "
-                           f"no room for another; `smpd reset` power-cycles it")
+            raise BadInput(f"the machine's CPUs are in {L.GEN_SLOTS} different kernel generations (each left "
+                           f"where a kernel with maxcpus= did not start it), as many as smpd's generation table "
+                           f"has slots (an emulator limit, not the kernel's): no slot for another; `smpd reset` "
+                           f"power-cycles it")
         if crash and not self.sup.seg.hdr("crash_pages"):
             raise BadInput("no crashkernel= region is reserved on this machine (memory.crashkernel_pages = 0); "
                            "`smpd up` with crashkernel_pages \"auto\" reserves one")

@@ -3,7 +3,7 @@
     1. native_stop_other_cpus(), as the running kernel's flavour has it:
          6.5, 6.6   if (kexec_in_progress) smp_kick_mwait_play_dead();   (the kick comes first)
          all        REBOOT vector to the other online CPUs -> stop_this_cpu() -> HLT; wait 1 s
-         6.5        smp_park_other_cpus_in_init(): INIT to every other present CPU, from the
+         6.5        smp_park_other_cpus_in_init(): INIT to every other present CPU it booted, from the
                     boot CPU only (b1472a60a584), when no special wakeup method exists; then done
          all        else the NMI fallback for those that did not stop (smpd.kernel.stop)
        kdump instead: crash_smp_send_stop() NMIs the online CPUs; no kick, no INIT
@@ -282,7 +282,8 @@ class Kexec:
     def snapshot(self, flavour: str, corruption: list[dict], unsettled: list[int]) -> Snapshot:
         return Snapshot(kernel=flavour, new_gen=self.new.gen, cpus=tuple(self.cpu_facts(c) for c in self.cpus),
                         crash=self.s.crash, injected=bool(self.s.injections), kick=self.kick,
-                        parked_in_init=self.stop.parked_in_init, corruption=tuple(corruption), smm_hang=self.smm_hang,
+                        parked_in_init=self.stop.parked_in_init, not_in_init=tuple(self.stop.not_in_init),
+                        corruption=tuple(corruption), smm_hang=self.smm_hang,
                         not_taken=dict(self.not_taken), unsettled=tuple(unsettled),
                         boot_missing=tuple(self.boot_missing), left_behind=tuple(self.left_behind),
                         waking=tuple(self.writes.waking))

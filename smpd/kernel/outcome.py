@@ -60,6 +60,7 @@ class Snapshot:
     injected: bool = False
     kick: dict | None = None  # smpd.kernel.kick's result: stuck, cpus (rounds), budget_ns, message
     parked_in_init: bool = False  # smp_park_other_cpus_in_init() ran
+    not_in_init: tuple[int, ...] = ()  # ... and left these out: the kernel never started them (maxcpus)
     corruption: tuple[dict, ...] = ()  # words of the new kernel's memory that differ: addr, symbol, value, expected
     smm_hang: str = ""  # which SMI hung the firmware, if one did
     not_taken: dict = field(default_factory=dict)  # cpu -> why an injection was not taken
@@ -93,6 +94,7 @@ def classify(s: Snapshot) -> Verdict:
             break
     else:
         outcome, cause = "CLEAN", {"kernel": s.kernel, "crash": s.crash, "parked_in_init": s.parked_in_init,
+                                   "not_in_init": list(s.not_in_init),
                                    "kicked": bool(s.kick and s.kick.get("cpus")),
                                    "held": [c.cpu for c in s.cpus if c.held] if s.injected else [],
                                    "new_gen": s.new_gen, "panic_cpu": s.panic_cpu}
@@ -104,11 +106,17 @@ def _notes(s: Snapshot) -> list[str]:
     notes = [f"CPU{c}: {why}" for c, why in sorted(s.not_taken.items())]
     notes += [f"CPU{c.cpu} executed foreign bytes ({c.fault_page}) into a halt; INIT recovered it"
               for c in s.cpus if c.fault == "FOREIGN_HALT"]
-    if s.left_behind:
-        gens = sorted({by[c].generation for c in s.left_behind if c in by})
-        states = sorted({by[c].state for c in s.left_behind if c in by})
-        notes.append(f"CPU {_cpus(s.left_behind)} not started by the new kernel: still in the memory of "
+    in_init = [c for c in s.left_behind if c in by and by[c].state == "WAIT_FOR_SIPI"]
+    elsewhere = [c for c in s.left_behind if c in by and c not in in_init]
+    if elsewhere:
+        gens = sorted({by[c].generation for c in elsewhere})
+        states = sorted({by[c].state for c in elsewhere})
+        notes.append(f"CPU {_cpus(elsewhere)} not started by the new kernel: still in the memory of "
                      f"generation {', '.join(map(str, gens))} ({', '.join(states)})")
+    if in_init:
+        notes.append(f"CPU {_cpus(in_init)} not started by the new kernel: still in wait-for-SIPI (INIT), where "
+                     f"they run no kernel's code; NMI and SMI stay held, and a broadcast MCE shuts the machine "
+                     f"down for as long as this kernel runs")
     return notes
 
 
@@ -240,6 +248,10 @@ def _clean(c: dict, v: Verdict) -> str:
         e = ("crash_smp_send_stop() stopped the other CPUs by NMI; no kick, no INIT: the parked CPUs stayed in "
              "the old kernel's memory and no write of the crash kernel, which runs in its crashkernel= region, "
              "reached the lines they monitor")
+    elif c["parked_in_init"] and c.get("not_in_init"):
+        e = (f"every other CPU this kernel had started sat in wait-for-SIPI (INIT) through the copy and the "
+             f"new kernel's boot; CPU {_cpus(c['not_in_init'])}, which it never started (maxcpus), got no INIT and "
+             f"stayed where an older kernel left them")
     elif c["parked_in_init"]:
         e = "every other CPU sat in wait-for-SIPI (INIT) through the copy and the new kernel's boot"
     elif c["kicked"]:

@@ -6,7 +6,7 @@ the work, and stands in for CPU 0 when CPU 0 is one of the others).
                                (smp_send_stop()):
         if (kexec_in_progress) smp_kick_mwait_play_dead();     6.5, 6.6: the kick comes first
         REBOOT vector to the other online CPUs -> stop_this_cpu() -> HLT; wait up to 1 s
-        6.5: if (smp_park_other_cpus_in_init()) goto done;     INIT to every present CPU
+        6.5: if (smp_park_other_cpus_in_init()) goto done;     INIT to every present CPU booted once
         the NMI fallback (smp_stop_nmi_callback()) for the CPUs that did not stop; wait again
     crash_smp_send_stop()      kdump: NMI to the other online CPUs; no kick, no INIT
 
@@ -41,6 +41,7 @@ class StopOtherCpus:
         self.this_cpu, self.boot_cpu_check = this_cpu, boot_cpu_check
         self.kick: dict | None = None  # smp_kick_mwait_play_dead()'s result, when it ran
         self.parked_in_init = False  # smp_park_other_cpus_in_init() sent its INITs
+        self.not_in_init: list[int] = []  # ... to none of these: this kernel never started them (maxcpus)
         self.init_to_boot_cpu = False  # ... and one of them reached the boot CPU: the machine reset
 
     def log(self, what: str, kind: str = "note") -> None:
@@ -123,8 +124,9 @@ class StopOtherCpus:
         return kick
 
     def smp_park_other_cpus_in_init(self) -> bool:
-        """6.5: INIT to every other present CPU, offline ones included: wait-for-SIPI holds NMI and
-        SMI off and turns a broadcast MCE into a machine shutdown. Only without a special wakeup
+        """6.5: INIT to every other present CPU this kernel booted once, offline ones included
+        (3f874c9b2aae; 45e34c8af58f as first merged sent it to every present CPU): wait-for-SIPI
+        holds NMI and SMI off and turns a broadcast MCE into a machine shutdown. Only without a special wakeup
         method (none here), and only on the boot CPU (b1472a60a584); False: not possible here."""
         if self.this_cpu and self.boot_cpu_check:
             self.log(f"smp_park_other_cpus_in_init(): runs on CPU {self.this_cpu}, not the boot CPU: INIT to "
@@ -138,6 +140,7 @@ class StopOtherCpus:
         # Only CPUs this kernel booted once (3f874c9b2aae, for 6.5.y): INIT to an APIC it never
         # started (maxcpus here) is not safe -- the fix for an APIC ID that was never valid.
         targets = [c for c in self.cpus if self.alive(c) and self.old.boot.started(c)]
+        self.not_in_init = [c for c in self.cpus if self.alive(c) and c not in targets]
         _, missing = self.c.ipi_wait(targets, L.Ipi.INIT, STOP_OTHER_CPUS_S)
         self.parked_in_init = True
         self.log(f"smp_park_other_cpus_in_init(): INIT to CPU {cpulist.format_list(targets) or 'none'}"

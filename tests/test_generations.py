@@ -369,3 +369,13 @@ def test_6_5_says_which_cpus_it_did_not_park_in_init(machine):
     assert r["outcome"] == "CLEAN", r["evidence"]
     assert "CPU 2-5, which it never started (maxcpus), got no INIT" in r["evidence"], r["evidence"]
     assert {c["cpu"]: c["state"] for c in r["cpus"]}[3] == "HLT"
+
+
+def test_a_pre_fix_cpu_left_parked_by_maxcpus_is_named_as_a_live_hazard(machine):
+    """A CLEAN kexec with maxcpus=2 from a pre-fix kernel leaves CPU 5 in MWAIT on generation 1's
+    thread_info[5].flags: the outcome is CLEAN, and a note says the hazard lives on."""
+    m = machine(6, "--watch", "adaptive")
+    m.request("offline", cpus="5")
+    r = m.request("kexec", kernel="pre-fix", boot="maxcpus=2", seed=1)
+    assert r["outcome"] == "CLEAN", r["evidence"]
+    assert "CPU5 still MWAITs on generation 1's thread_info[5].flags" in " ".join(r["notes"]), r["notes"]

@@ -94,7 +94,8 @@ class Observer:
             stray_stores=seg.cb(cpu, "stray_stores"), first_store=store, alive=alive,
             exit_code=None if p is None else p.exitcode, pid=0 if p is None else p.pid,
             held=any(seg.cb(cpu, f"{k}_held") for k in L.HELD_IN_INIT),
-            host_note=self.host_note(cpu) if suspect else "", generation=gen)
+            host_note=self.host_note(cpu) if suspect else "", generation=gen,
+            monitor=m.symbol(seg.geo.line_addr(seg.cb(cpu, "mon_line"))) if seg.cb(cpu, "mon_armed") else "")
 
     def cpu_report(self, cpu: int) -> dict:
         f = self.cpu_facts(cpu)

@@ -49,6 +49,7 @@ class CpuFacts:
     held: bool = False  # NMI or SMI held pending in wait-for-SIPI
     host_note: str = ""  # e.g. "its process is stopped (SIGSTOP)"
     generation: int = 0  # the generation it runs
+    monitor: str = ""  # the line its MONITOR is armed on, named in its own generation's map
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,10 @@ def _notes(s: Snapshot) -> list[str]:
         states = sorted({by[c].state for c in elsewhere})
         notes.append(f"CPU {_cpus(elsewhere)} not started by the new kernel: still in the memory of "
                      f"generation {', '.join(map(str, gens))} ({', '.join(states)})")
+    notes += [f"CPU{c} still MWAITs on generation {by[c].generation}'s {by[c].monitor}: the running kernel "
+              f"does not know it is watched, and any later write to that line wakes it in memory that is no "
+              f"longer its kernel's"
+              for c in elsewhere if by[c].state == "MWAIT" and by[c].monitor]
     if in_init:
         notes.append(f"CPU {_cpus(in_init)} not started by the new kernel: still in wait-for-SIPI (INIT), where "
                      f"they run no kernel's code; NMI and SMI stay held, and a broadcast MCE shuts the machine "

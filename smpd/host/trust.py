@@ -42,7 +42,6 @@ import psutil
 from smpd.errors import NotOurs
 
 
-
 def me() -> int:
     """The uid whose files and processes are ours: the effective one, as the kernel sees it."""
     return os.geteuid()

@@ -407,3 +407,32 @@ def test_a_soak_on_a_nosmt_machine_keeps_the_siblings_parked_in_every_trial(tmp_
         assert "machine '" + m.name + "' booted with nosmt (SMT siblings CPU 1,3,5 kept offline)" in r.stderr
     finally:
         m.down()
+
+
+def test_a_soak_cut_short_by_a_stopped_cpu_resumes_and_leaves_the_users_offline_cpus(machine, tmp_path):
+    """A CPU process stopped mid-soak: the reset after that trial is cut short, the soak ends with
+    the error (its trials safe), and tries to reset the machine to the user's offline CPUs. Resumed
+    once the CPU runs again, it finishes and leaves the CPUs the user had offline before the first
+    trial: it used to take the failed reset's set (the next trial's) for the user's."""
+    cfg = tmp_path / "short.toml"
+    cfg.write_text("[timeouts]\nipi_ack_ms = 1000\n[kick]\nrounds = 20000\n")
+    m = machine(6, "--watch", "adaptive", "--config", str(cfg))
+    m.request("offline", cpus="4")
+    out = tmp_path / "cut.jsonl"
+    victim = m.cpu(2)["pid"]
+    with start_soak(m.name, out, trials="40") as p:
+        wait_trials(p, out, 3)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            _, stderr = p.communicate(timeout=120)
+        finally:
+            os.kill(victim, signal.SIGCONT)
+    assert p.returncode == 1 and "did not acknowledge" in stderr and "--resume" in stderr, stderr
+    done = len(lines(out)) - 1
+    assert done < 40
+    assert lines(out)[0]["users_offline"] == [4]
+    r = run_smpd("soak", "--resume", str(out), name=m.name, timeout=300)
+    assert len(lines(out)) - 1 == 40, r.stdout
+    s = m.status()
+    assert s["machine"]["state"] == "UP"
+    assert [c["cpu"] for c in s["cpus"] if c["hotplug"] == "offline"] == [4]

@@ -57,6 +57,9 @@ class Plan:
     cluster: dict | None = None  # `--cluster`: {"address", "slots_per_node"} (smpd.tools.cluster)
     # nosmt's SMT siblings: offline in every trial, as the kernel keeps them (cpu_up() refuses them)
     nosmt_siblings: list[int] = field(default_factory=list)
+    # the CPUs the user had offline before the first trial: what the machine is left with, also
+    # after a --resume whose machine a failed run left otherwise (None: a file of an older smpd)
+    users_offline: list[int] | None = None
 
     def identity(self) -> dict:
         """What a resumed run must agree on to continue the same sequence."""
@@ -222,6 +225,8 @@ HEADER_FIELDS = {
 }
 HEADER_OPTIONAL = {
     "nosmt_siblings": (lambda v: type(v) is list and all(_int(1, 4095)(c) for c in v), "a list of CPU numbers"),
+    "users_offline": (_optional(lambda v: type(v) is list and all(_int(1, 4095)(c) for c in v)),
+                      "null or a list of CPU numbers"),
     "cluster": (_optional(lambda v: type(v) is dict and type(v.get("address")) is str
                           and _int(1, 64)(v.get("slots_per_node"))), "null or {address, slots_per_node}"),
 }

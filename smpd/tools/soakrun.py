@@ -28,7 +28,7 @@ from smpd.host import names, trust
 from smpd.host import files
 from smpd.tools.entry import stop_signals
 from smpd.inputs import ascii_int, parse_duration
-from smpd.errors import BadInput, CoordinatorGone, MachineNotUp, SmpdError
+from smpd.errors import BadInput, CoordinatorGone, MachineNotUp, SmpdError, Timeout
 
 
 def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out, resume, summary_file,
@@ -243,13 +243,16 @@ def _machine_status(live, plan: soak.Plan, out: str, resumed) -> dict:
 
 def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resumed, console: Console) -> None:
     status = _machine_status(live, plan, out, resumed)
+    offline = offline_set(status)
+    if plan.users_offline is None:  # a new run (or a file of an older smpd): the set the user has now
+        plan.users_offline = sorted(offline)
+    users_offline = set(plan.users_offline)
     if resumed is None:
         plan.idle_kick = idle_kick(live)
         plan.started = time.time()
         f = soak.open_new(out, plan)
     else:
         f = resumed
-    offline = users_offline = offline_set(status)
     pids = [c["pid"] for c in status["cpus"][1:]]
     first = records[-1]["trial"] + 1 if records else 0
     elapsed_before = sum(r["trial_ms"] for r in records) / 1e3
@@ -282,7 +285,13 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
         for sig, handler in old.items():
             signal.signal(sig, handler)
         f.close()
-    if not isinstance(error, CoordinatorGone):
+    if isinstance(error, Timeout):  # the machine is between two kernels: only a reset restores it
+        try:
+            live.request("reset", offline=cpulist.format_list(sorted(users_offline)))
+        except SmpdError as again:
+            error = Timeout(f"{error}. Resetting the machine to your offline CPUs failed too ({again}); "
+                            f"--resume resets it first")
+    elif not isinstance(error, CoordinatorGone):
         soak.set_offline(live, users_offline, offline)  # the machine as the user had it
     print_summary(console, plan, records, out)
     if stop["asked"]:
@@ -318,6 +327,9 @@ def _trial(live, plan: soak.Plan, trial: int, offline: set[int], f, out: str, re
         record, offline = soak.run_trial(live, soak.draw(plan, trial), offline, soak.draw(plan, trial + 1)["offline"])
     except CoordinatorGone as err:
         return None, offline, CoordinatorGone(f"{err}; {len(records)} trials are safe in {out}")
+    except Timeout as err:  # a CPU process stopped or starved: the trial's hotplug or reset was cut short
+        return None, offline, Timeout(f"trial {trial}: {err}; the {len(records)} trials before it are safe in "
+                                      f"{out}, and `smpd soak --resume {out}` runs it again")
     if record["respawned"]:
         probes.ctx.pids = [c["pid"] for c in live.request("status")["cpus"][1:]]
     record["host"] = probes.sampler.sample()

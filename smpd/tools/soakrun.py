@@ -285,14 +285,7 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
         for sig, handler in old.items():
             signal.signal(sig, handler)
         f.close()
-    if isinstance(error, Timeout):  # the machine is between two kernels: only a reset restores it
-        try:
-            live.request("reset", offline=cpulist.format_list(sorted(users_offline)))
-        except SmpdError as again:
-            error = Timeout(f"{error}. Resetting the machine to your offline CPUs failed too ({again}); "
-                            f"--resume resets it first")
-    elif not isinstance(error, CoordinatorGone):
-        soak.set_offline(live, users_offline, offline)  # the machine as the user had it
+    error = _leave_machine(live, error, users_offline, offline)
     print_summary(console, plan, records, out)
     if stop["asked"]:
         console.print(Text(f"interrupted after trial {records[-1]['trial'] if records else '-'}; the machine is "
@@ -300,6 +293,20 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
                            f"--resume {out}", style="yellow"), soft_wrap=True)
     if error is not None:
         raise error
+
+
+def _leave_machine(live, error: SmpdError | None, users_offline: set[int], offline: set[int]) -> SmpdError | None:
+    """The machine as the user had it (offline CPUs ``users_offline``), after the run's ``error``
+    if one ended it; returns the error to report."""
+    if isinstance(error, Timeout):  # the machine is between two kernels: only a reset restores it
+        try:
+            live.request("reset", offline=cpulist.format_list(sorted(users_offline)))
+        except SmpdError as again:
+            return Timeout(f"{error}. Resetting the machine to your offline CPUs failed too ({again}); "
+                           f"--resume resets it first")
+    elif not isinstance(error, CoordinatorGone):
+        soak.set_offline(live, users_offline, offline)
+    return error
 
 
 @dataclasses.dataclass

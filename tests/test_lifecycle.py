@@ -8,6 +8,7 @@ import pytest
 
 from conftest import Machine, gone, our_processes, run_smpd, segment_path, start_smpd, wait_until
 from smpd.machine import layout as L
+from smpd.machine.segment import SegmentBeingCreated
 from smpd.tools import lifecycle
 from smpd.host import names
 
@@ -77,7 +78,10 @@ def test_foreground_machine_stops_on_ctrl_c(machine_name):
         def up():
             if p.poll() is not None:
                 pytest.fail(p.stderr.read())
-            live = lifecycle.probe(machine_name)
+            try:
+                live = lifecycle.probe(machine_name)
+            except SegmentBeingCreated:  # looked between its creation and its header: not up yet
+                return None
             return live if live is not None and live.state() == L.MachineState.UP else None
 
         live = wait_until(up, what="foreground machine up")

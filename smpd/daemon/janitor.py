@@ -29,7 +29,7 @@ INCOMPLETE_STALE_S = 5.0
 
 
 def is_coordinator(pid: int, start: int) -> bool:
-    """True while ``pid`` is our coordinator that started at ``start`` (ticks since boot) (a recycled pid is not)."""
+    """True while ``pid`` is our coordinator that started at ``start`` (ticks since boot; a recycled pid did not)."""
     return trust.is_our_process(pid, start, name=COORDINATOR_COMM)
 
 
@@ -43,7 +43,7 @@ def wait_gone(pid: int, start: int, timeout_s: float) -> bool:
     return True
 
 
-def clean_stale_segment(seg_name: str, expect_pid: int, expect_start: float, lock_wait_s: float = 2.0) -> list[int]:
+def clean_stale_segment(seg_name: str, expect_pid: int, expect_start: int, lock_wait_s: float = 2.0) -> list[int]:
     """Kill the leftovers of a dead coordinator and unlink its segment. Returns the pids killed.
 
     Only acts on a segment of ours (Segment.attach verifies it) that still names that
@@ -146,7 +146,7 @@ def same_file(seg_name: str, fd: int) -> bool:
     return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
-def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_start: float, close: list[int]) -> None:
+def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_start: int, close: list[int]) -> None:
     """Block until the coordinator is gone; if it went without cleaning up, clean up after it.
 
     It leaves the coordinator's session and process group first: a signal to that group (a
@@ -185,7 +185,7 @@ class Janitor:
     kills it (so that a coordinator killed later still has someone to clean up after it), and
     release it at the end (JANITOR_DONE: the coordinator cleaned up itself)."""
 
-    def __init__(self, ctx, seg_name: str, coord_pid: int, coord_start: float):
+    def __init__(self, ctx, seg_name: str, coord_pid: int, coord_start: int):
         self.ctx, self.seg_name, self.coord_pid, self.coord_start = ctx, seg_name, coord_pid, coord_start
         self.process = None
         self.w: int | None = None  # our end of its pipe: a descriptor no child may inherit

@@ -36,13 +36,9 @@ def require_alive(sup, cpus: list[int]) -> None:
                       f"`smpd reset` gives it a new process")
 
 
-ENDING_FAULTS = (L.Fault.TRIPLE_FAULT, L.Fault.MCE_SHUTDOWN, L.Fault.SMM_HANG)  # a CPU's, that end the machine
-
-
 def ending_faults(sup) -> dict[int, int]:
-    """Each CPU's fault that ended the machine (a triple fault resets the platform; a shutdown, a
-    hang in SMM stop it), so far."""
-    return {cpu: f for cpu in range(1, sup.ncpus) if (f := sup.seg.cb(cpu, "fault")) in ENDING_FAULTS}
+    """Each CPU's fault that ended the machine (layout.ENDING_FAULTS), so far."""
+    return {cpu: f for cpu in range(1, sup.ncpus) if (f := sup.seg.cb(cpu, "fault")) in L.ENDING_FAULTS}
 
 
 def end_if_faulted(sup, before: dict[int, int], what: str) -> str | None:
@@ -253,9 +249,9 @@ class KernelOps:
         k.inject("after-copy", stray=True)
         k.settle()
         k.t.merge_cpus(self.sup.seg, marks, k.gens)
-        what = f"{kind} to CPU {cpulist.format_list(inj.cpus)} x{count}"
-        ended = end_if_faulted(self.sup, before, f"a stray {kind.upper()} reached CPU {cpulist.format_list(inj.cpus)}")
-        return {"injection": what, "ended": ended,
+        targets = cpulist.format_list(inj.cpus)
+        ended = end_if_faulted(self.sup, before, f"a stray {kind.upper()} reached CPU {targets}")
+        return {"injection": f"{kind} to CPU {targets} x{count}", "ended": ended,
                 "cpus": [k.obs.cpu_report(c) for c in inj.cpus],
                 "not_taken": {str(c): why for c, why in k.not_taken.items()}, **k.t.record()}
 

@@ -55,7 +55,7 @@ def record(seg, m: MemoryMap) -> None:
     """Write generation ``m.gen``'s entry (its map can then be rebuilt anywhere): over its own, or in
     the first slot from gen % GEN_SLOTS on that holds a generation nothing runs any more. A CPU
     left in a generation any number of kexecs old so keeps its map; only GEN_SLOTS generations in
-    use at once would leave no slot (``check_room``, before a kexec starts)."""
+    use at once would leave no slot (a kexec is refused then, before it starts: smpd.daemon.kernel_ops)."""
     slot = _slot_of(seg, m.gen)
     if slot is None:
         busy = in_use(seg)
@@ -82,13 +82,11 @@ class Generations:
         return self.map(gen).boot
 
     def map(self, gen: int) -> MemoryMap:
-        raw = L.GEN_ENTRY.unpack_from(self.seg.buf, _slot_off(gen % L.GEN_SLOTS))
-        if raw[0] != gen:
-            slot = _slot_of(self.seg, gen)
-            if slot is None:
-                raise LookupError(f"generation {gen} is not recorded (the table keeps {L.GEN_SLOTS}, "
-                                  f"those something runs first)")
-            raw = L.GEN_ENTRY.unpack_from(self.seg.buf, _slot_off(slot))
+        slot = _slot_of(self.seg, gen)
+        if slot is None:
+            raise LookupError(f"generation {gen} is not recorded (the table keeps {L.GEN_SLOTS}, "
+                              f"those something runs first)")
+        raw = L.GEN_ENTRY.unpack_from(self.seg.buf, _slot_off(slot))
         m = self._maps.get(raw)
         if m is None:
             _gen, flavour, flags, maxcpus, kaslr, load, *flat = raw

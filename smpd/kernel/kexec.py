@@ -252,8 +252,7 @@ class Kexec:
 
     def machine_ended(self) -> bool:
         """A triple fault, an MCE shutdown or a hung SMM ends the machine before the APs start."""
-        faults = {self.seg.cb(c, "fault") for c in self.cpus}
-        return bool(self.smm_hang) or L.Fault.MCE_SHUTDOWN in faults or L.Fault.TRIPLE_FAULT in faults
+        return bool(self.smm_hang) or any(self.seg.cb(c, "fault") in L.ENDING_FAULTS for c in self.cpus)
 
     def start_aps(self) -> None:
         """The new kernel starts each CPU its boot parameters keep, with INIT, then SIPI; nosmt

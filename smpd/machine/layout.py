@@ -105,6 +105,11 @@ class Fault(IntEnum):
     SMM_HANG = 5  # an SMI while CPUs sat in INIT: the firmware waited for them in SMM forever
 
 
+# A CPU's faults that end the machine: a triple fault resets the platform, an MCE in INIT shuts it
+# down. (A hang in SMM ends it too, but is the firmware's, not one CPU's: smpd.kernel.kexec.)
+ENDING_FAULTS = (Fault.TRIPLE_FAULT, Fault.MCE_SHUTDOWN)
+
+
 class Ev(IntEnum):
     """Events a CPU logs in its ring (smpd.events); arg is given per code."""
 

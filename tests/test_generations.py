@@ -379,3 +379,20 @@ def test_a_pre_fix_cpu_left_parked_by_maxcpus_is_named_as_a_live_hazard(machine)
     r = m.request("kexec", kernel="pre-fix", boot="maxcpus=2", seed=1)
     assert r["outcome"] == "CLEAN", r["evidence"]
     assert "CPU5 still MWAITs on generation 1's thread_info[5].flags" in " ".join(r["notes"]), r["notes"]
+
+
+def test_a_stray_smi_that_hangs_smm_ends_the_machine_then(tmp_path):
+    """A 6.5 kernel booted with maxcpus=2 leaves CPUs 2-3 in INIT; on firmware that waits in SMM for
+    every CPU, a stray SMI hangs the machine: it is ENDED there and then (the stray-interrupt check
+    used to look at CPU faults only, and the next kexec ran)."""
+    cfg = patient_config(tmp_path, "[firmware]\nsmm_hangs_with_cpus_in_init = true\n")
+    m = Machine(run_name("smmx"), 4, "--watch", "adaptive", "--config", str(cfg))
+    try:
+        assert m.request("kexec", kernel="6.5", boot="maxcpus=2", seed=1)["outcome"] == "CLEAN"
+        assert {c["state"] for c in m.status()["cpus"][2:]} == {"WAIT_FOR_SIPI"}
+        r = m.request("inject", kind="smi", cpus="1", count=1)
+        assert r["ended"] and "SMM_HANG" in r["ended"], r["ended"]
+        assert m.status()["machine"]["state"] == "ENDED"
+        assert run_smpd("kexec", name=m.name, check=False).returncode == 2
+    finally:
+        m.down()

@@ -41,16 +41,17 @@ def ending_faults(sup) -> dict[int, int]:
     return {cpu: f for cpu in range(1, sup.ncpus) if (f := sup.seg.cb(cpu, "fault")) in L.ENDING_FAULTS}
 
 
-def end_if_faulted(sup, before: dict[int, int], what: str) -> str | None:
+def end_if_faulted(sup, before: dict[int, int], what: str, smm_hang: str = "") -> str | None:
     """After ``what`` (a stray interrupt, a poke) outside a kexec: when it made a CPU fault so that
-    the machine ended, the machine is ENDED, so that nothing after it (a kexec) is blamed for it.
-    Returns how it ended, or None."""
+    the machine ended, or hung SMM (``smm_hang``, a stray SMI's), the machine is ENDED, so that
+    nothing after it (a kexec) is blamed for it. Returns how it ended, or None."""
     new = {c: f for c, f in ending_faults(sup).items() if before.get(c) != f}
-    if not new or sup.seg.hdr("state") == L.MachineState.ENDED:  # (ended before: by what ended it)
+    if not (new or smm_hang) or sup.seg.hdr("state") == L.MachineState.ENDED:  # (ended before: by what ended it)
         return None
-    first = min(new)
+    why = ("SMM_HANG: the firmware waits in SMM for the CPUs in INIT" if smm_hang else
+           f"{L.Fault(new[min(new)]).name} on CPU {cpulist.format_list(sorted(new))}")
     sup.seg.set_hdr("state", L.MachineState.ENDED)
-    sup.ended_by = f"ended when {what} ({L.Fault(new[first]).name} on CPU {cpulist.format_list(sorted(new))})"
+    sup.ended_by = f"ended when {what} ({why})"
     return sup.ended_by
 
 
@@ -250,7 +251,7 @@ class KernelOps:
         k.settle()
         k.t.merge_cpus(self.sup.seg, marks, k.gens)
         targets = cpulist.format_list(inj.cpus)
-        ended = end_if_faulted(self.sup, before, f"a stray {kind.upper()} reached CPU {targets}")
+        ended = end_if_faulted(self.sup, before, f"a stray {kind.upper()} reached CPU {targets}", k.smm_hang)
         return {"injection": f"{kind} to CPU {targets} x{count}", "ended": ended,
                 "cpus": [k.obs.cpu_report(c) for c in inj.cpus],
                 "not_taken": {str(c): why for c, why in k.not_taken.items()}, **k.t.record()}

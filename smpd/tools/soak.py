@@ -211,6 +211,10 @@ def _host(v) -> bool:
     return type(v) is dict and all(_real(0, 1e9)(v.get(k)) for k in ("cpu_percent", "load1", "steal_percent"))
 
 
+def _cpu_numbers(v) -> bool:
+    return type(v) is list and all(_int(1, 4095)(c) for c in v)
+
+
 HEADER_FIELDS = {
     "seed": (_int(0, 2**63 - 1), "an integer in 0..2**63-1"),
     "parks": (_list_of(KERNELS), f"a non-empty list of {', '.join(KERNELS)}"),
@@ -224,9 +228,8 @@ HEADER_FIELDS = {
     "started": (_real(0, 1e12), "a time in seconds"),
 }
 HEADER_OPTIONAL = {
-    "nosmt_siblings": (lambda v: type(v) is list and all(_int(1, 4095)(c) for c in v), "a list of CPU numbers"),
-    "users_offline": (_optional(lambda v: type(v) is list and all(_int(1, 4095)(c) for c in v)),
-                      "null or a list of CPU numbers"),
+    "nosmt_siblings": (_cpu_numbers, "a list of CPU numbers"),
+    "users_offline": (_optional(_cpu_numbers), "null or a list of CPU numbers"),
     "cluster": (_optional(lambda v: type(v) is dict and type(v.get("address")) is str
                           and _int(1, 64)(v.get("slots_per_node"))), "null or {address, slots_per_node}"),
 }

@@ -36,7 +36,7 @@ def smpd(*args: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=2000)
-    ap.add_argument("--loaded-trials", type=int, default=300)
+    ap.add_argument("--loaded-trials", type=int, default=300, help="0: no run under load")
     ap.add_argument("--cpus", type=int, default=64)
     ap.add_argument("--record", default=None, help="where the JSON record goes [bench/records/...]")
     args = ap.parse_args()
@@ -48,6 +48,8 @@ def main() -> None:
         smpd("offline", f"1-{args.cpus - 1}")
         with tempfile.TemporaryDirectory() as d:
             for label, trials, load in (("idle", args.trials, None), ("cpu:4", args.loaded_trials, "cpu:4")):
+                if trials == 0:
+                    continue
                 out = os.path.join(d, f"{label.replace(':', '')}.jsonl")
                 extra = ["--host-load", load] if load else []
                 print(smpd("soak", "--trials", str(trials), "--seed", "1", "--out", out, *extra))

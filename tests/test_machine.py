@@ -84,6 +84,22 @@ def test_online_brings_cpus_back_through_init_sipi_and_smp_callin_zeroes_mwait_c
             assert c["state"] == "MWAIT" and c["mwait_cpu_dead"]["status"] == L.CPUDEAD_MWAIT_WAIT
 
 
+def test_init_then_sipi_is_one_mailbox_message_the_ap_takes_in_one_go(machine):
+    """The BSP's INIT and SIPI travel as one message: one sequence number, one acknowledgement,
+    and the AP counts each IPI once."""
+    m = machine(4, "--watch", "adaptive")
+    run_smpd("offline", "2-3", name=m.name)
+    with m.segment() as seg:
+        before = {c: (seg.cb(c, "mbox_seq"), seg.cb(c, "init_count"), seg.cb(c, "sipi_count")) for c in (2, 3)}
+        run_smpd("online", "2-3", name=m.name)
+        for c in (2, 3):
+            seq, init, sipi = before[c]
+            assert seg.cb(c, "mbox_seq") == seq + 1 and seg.cb(c, "mbox_ack") == seq + 1
+            assert (seg.cb(c, "init_count"), seg.cb(c, "sipi_count")) == (init + 1, sipi + 1)
+            assert seg.cb(c, "state") == L.ExecState.RUNNING
+    assert {c["state"] for c in m.status()["cpus"][1:]} == {"RUNNING"}
+
+
 def test_offline_online_round_trips_repeat_cleanly(machine):
     m = machine(4, "--watch", "adaptive")
     for i in range(1, 6):

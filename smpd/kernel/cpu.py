@@ -83,7 +83,8 @@ class Cpu(Executes, CpuCore):
             return False, None
         seq, cmd = ipi
         if cmd == L.Ipi.INIT:
-            self.pending_ack = seq
+            if not self.take_first(seq):  # INIT, then SIPI: the SIPI's acknowledgement is the message's
+                self.pending_ack = seq
             return self.init_reset, None
         if cmd in allowed:
             return False, ipi
@@ -126,15 +127,12 @@ class Cpu(Executes, CpuCore):
                 self.seg.set_cb(self.cpu, "fault_ns", time.monotonic_ns())
                 self.seg.set_cb(self.cpu, "fault", L.Fault.MCE_SHUTDOWN)
                 return self.shutdown
-            nxt, ipi = self._ipi(mask, (L.Ipi.SIPI, L.Ipi.INIT))
+            nxt, ipi = self._ipi(mask, (L.Ipi.SIPI,))  # another INIT resets it again
             if nxt is not False:
                 return nxt
-            if ipi is not None and ipi[1] == L.Ipi.SIPI:
+            if ipi is not None:
                 self.pending_ack = ipi[0]
                 return self.start_secondary
-            if ipi is not None:  # another INIT: already there
-                self._add("init_count", 1)
-                self.ack(ipi[0])
 
     def start_secondary(self):
         self._add("sipi_count", 1)

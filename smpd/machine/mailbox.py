@@ -39,12 +39,13 @@ class Mailbox:
         self.alive, self.gone, self.poll = alive, gone, poll
         self.spin = spin
 
-    def send(self, cpu: int, cmd: L.Ipi) -> int:
-        """Post ``cmd`` to ``cpu``'s mailbox and raise its IPI byte; returns the sequence to await."""
+    def send(self, cpu: int, cmd: L.Ipi, then: L.Ipi = L.Ipi.NONE) -> int:
+        """Post ``cmd`` (then ``then``, in the same message) to ``cpu``'s mailbox and raise its IPI
+        byte; returns the sequence to await."""
         seg = self.seg
         seq = (seg.cb(cpu, "mbox_seq") + 1) & 0xFFFFFFFF
         seg.set_cb(cpu, "mbox_cmd", cmd)
-        seg.set_cb(cpu, "mbox_arg", 0)
+        seg.set_cb(cpu, "mbox_arg", then)
         seg.set_cb(cpu, "mbox_seq", seq)  # last: the CPU reads seq, then cmd
         self.bus.wake(cpu, L.WAKE_IPI)
         return seq
@@ -53,17 +54,16 @@ class Mailbox:
                       then: L.Ipi | None = None) -> tuple[dict[int, int], list[int]]:
         """Send ``cmd`` to every CPU in ``cpus`` at once and wait (bounded) for their acks.
 
-        ``then``: a second command, sent to each CPU as soon as it acknowledged the first (INIT,
-        then SIPI: an AP is started once it is reset, not once every other one is), with a
-        budget of ``timeout_s`` of its own from then. A scheduling
-        choice of the emulator's that no outcome depends on: pre-fix kernels bring APs up one by
-        one, 6.5+ kick each in turn, runtime cpu_up() is serial. Its answer is the one returned.
+        ``then``: a second command in the same message (INIT, then SIPI, as the BSP sends them
+        back to back): the CPU takes both in one wake-up and acknowledges once, with the
+        second's answer. Every CPU gets its message at once: a scheduling choice of the
+        emulator's that no outcome depends on (pre-fix kernels bring APs up one by one, 6.5+
+        kick each in turn, runtime cpu_up() is serial).
 
         Returns ({cpu: result} of those that acknowledged, [cpus that did not]); a CPU whose
         process died is handed to ``gone`` and counted as not acknowledging.
         """
-        waiting = {cpu: self.send(cpu, cmd) for cpu in cpus}
-        second = set(cpus) if then is not None else set()
+        waiting = {cpu: self.send(cpu, cmd, then or L.Ipi.NONE) for cpu in cpus}
         results: dict[int, int] = {}
         dead: list[int] = []
         deadline = time.monotonic() + timeout_s
@@ -72,12 +72,6 @@ class Mailbox:
         while waiting:
             for cpu, seq in list(waiting.items()):
                 if self.seg.cb(cpu, "mbox_ack") == seq:
-                    if cpu in second:
-                        second.discard(cpu)
-                        waiting[cpu] = self.send(cpu, then)
-                        pause = 0.0  # it answers soon, most often before it sleeps again
-                        deadline = max(deadline, time.monotonic() + timeout_s)  # a budget of its own
-                        continue
                     results[cpu] = self.seg.cb(cpu, "mbox_result")
                     del waiting[cpu]
                 elif not self.alive(cpu):

@@ -214,6 +214,18 @@ def test_same_seed_same_scenario_other_seed_other_scenario(machine6):
     assert c["copy"]["order_digest"] != a["copy"]["order_digest"]
 
 
+def test_a_brief_kexec_a_soak_trial_asks_for_checks_the_same_and_leaves_out_cpus_and_timeline(machine6):
+    full = machine6.request("kexec", park="hlt", seed=21, inject=["mce@after-copy:2"])
+    machine6.request("reset")
+    brief = machine6.request("kexec", park="hlt", seed=21, inject=["mce@after-copy:2"], brief=True)
+    assert full["outcome"] == brief["outcome"] and full["outcome"] in FAULT
+    assert brief["evidence"] and brief["kick"]["cpus"] and brief["duration_ms"] > 0
+    assert "cpus" in full and "timeline" in full and "phases" in full
+    assert not {"cpus", "timeline", "phases", "start_states"} & brief.keys()
+    with pytest.raises(BadInput, match="argument 'brief' is 'yes'"):
+        machine6.request("kexec", park="hlt", brief="yes")
+
+
 def test_a_stray_store_is_named_and_a_covered_one_is_a_near_miss(machine6):
     """A CPU woken while its page tables are still its kernel's but its text is not executes
     foreign bytes; some of them are stores. That is the second kexec: generation 3's copy

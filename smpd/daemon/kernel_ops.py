@@ -96,9 +96,10 @@ class KernelOps:
 
     def op_kexec(self, kernel: str | None = None, into: str | None = None, crash: bool = False,
                  boot: str | None = None, inject: list[str] | None = None, order: str = "sequential",
-                 seed: int | None = None, park: str | None = None) -> dict:
+                 seed: int | None = None, park: str | None = None, brief: bool = False) -> dict:
         """One kexec from the running generation into the next (smpd.kernel.kexec). ``park`` is
-        the old name of ``kernel`` (none, init, hlt)."""
+        the old name of ``kernel`` (none, init, hlt); ``brief``: no per-CPU reports, no timeline
+        (a soak trial's)."""
         if park is not None:
             if kernel is not None:
                 raise BadInput("request 'kexec': give kernel or park, not both")
@@ -117,7 +118,7 @@ class KernelOps:
                            "`smpd up` with crashkernel_pages \"auto\" reserves one")
         parse_boot(boot, self.sup.ncpus)  # bad boot parameters are refused before anything runs
         self._note_offline_set()
-        report = Kexec(self.sup, scenario).run()
+        report = Kexec(self.sup, scenario, brief).run()
         ended = report["outcome"] in ENDING
         self.sup.seg.set_hdr("state", L.MachineState.ENDED if ended else L.MachineState.KEXECED)
         if ended:

@@ -100,6 +100,26 @@ def test_init_then_sipi_is_one_mailbox_message_the_ap_takes_in_one_go(machine):
     assert {c["state"] for c in m.status()["cpus"][1:]} == {"RUNNING"}
 
 
+def test_a_reset_takes_its_offline_cpus_down_in_the_message_that_starts_them(machine):
+    """Two mailbox messages per CPU: the power cycle's INIT, then INIT, SIPI and, for a CPU the
+    reset leaves offline, CPU_DOWN, acknowledged once it is parked."""
+    m = machine(4, "--watch", "adaptive")
+    m.request("offline", cpus="3")
+    with m.segment() as seg:
+        before = {c: (seg.cb(c, "mbox_seq"), seg.cb(c, "init_count"), seg.cb(c, "sipi_count"),
+                      seg.cb(c, "mwait_entries")) for c in (1, 2, 3)}
+        m.request("reset", offline="2-3")
+        for c in (1, 2, 3):
+            seq, init, sipi, entries = before[c]
+            assert seg.cb(c, "mbox_seq") == seg.cb(c, "mbox_ack") == seq + 2
+            assert (seg.cb(c, "init_count"), seg.cb(c, "sipi_count")) == (init + 2, sipi + 1)
+            assert seg.cb(c, "mwait_entries") == entries + (c != 1)
+    s = m.status()["cpus"]
+    assert [(c["state"], c["hotplug"]) for c in s[1:]] == [("RUNNING", "online"), ("MWAIT", "offline"),
+                                                         ("MWAIT", "offline")]
+    assert s[2]["monitor"]["armed"] and s[3]["monitor"]["armed"]
+
+
 def test_offline_online_round_trips_repeat_cleanly(machine):
     m = machine(4, "--watch", "adaptive")
     for i in range(1, 6):

@@ -145,7 +145,7 @@ class Handlers:
         todo = [c for c in wanted if c != 0 and seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
         t0 = time.monotonic_ns()
         budget = self.sup.ipi_timeout_s + 0.002 * len(todo)
-        results = self.sup.ipi_all(todo, L.Ipi.INIT, budget, "online (INIT, SIPI)", then=L.Ipi.SIPI)
+        results = self.sup.ipi_all(todo, L.Ipi.INIT, budget, "online (INIT, SIPI)", then=(L.Ipi.SIPI,))
         assert all(r == IPI_DONE for r in results.values()), results
         parked = [c for c in todo if m.boot.smt_sibling(c)]
         kboot.wait_parked(self.sup, parked)

@@ -146,10 +146,11 @@ class Coordinator:
         """Do the CPU processes and the coordinator have a host core each (this process's affinity)?"""
         return self.ncpus <= len(hostinfo.allowed_cores())
 
-    def start_aps(self, m, budget: float, what: str) -> dict:
-        """Kernel ``m`` starts the APs its boot parameters keep (smpd.kernel.boot); a CPU that does
-        not answer is an error here (a cold boot has nothing to blame but the host)."""
-        r = kboot.start_aps(self, m, list(range(1, self.ncpus)), budget)
+    def start_aps(self, m, budget: float, what: str, offline: list[int] = ()) -> dict:
+        """Kernel ``m`` starts the APs its boot parameters keep (smpd.kernel.boot), and takes those
+        of ``offline`` offline again; a CPU that does not answer is an error here (a cold boot has
+        nothing to blame but the host)."""
+        r = kboot.start_aps(self, m, list(range(1, self.ncpus)), budget, offline)
         if r["missing"]:
             self.refresh_gone()
             self.ipi_all(r["missing"], L.Ipi.SIPI, 0.001, what)  # raises, naming the CPUs and why
@@ -225,12 +226,13 @@ class Coordinator:
         return self.mailbox.send(cpu, cmd)
 
     def ipi_wait(self, cpus: list[int], cmd: L.Ipi, timeout_s: float,
-                 then: L.Ipi | None = None) -> tuple[dict[int, int], list[int]]:
-        """smpd.machine.mailbox: send ``cmd`` (then ``then``) to ``cpus``, wait (bounded); (acked results, missing)."""
+                 then: tuple[L.Ipi, ...] | dict[int, tuple[L.Ipi, ...]] = ()) -> tuple[dict[int, int], list[int]]:
+        """smpd.machine.mailbox: send ``cmd`` (and what follows it, ``then``) to ``cpus``, wait
+        (bounded); (acked results, missing)."""
         return self.mailbox.send_and_wait(cpus, cmd, timeout_s, then)
 
     def ipi_all(self, cpus: list[int], cmd: L.Ipi, timeout_s: float, what: str,
-                then: L.Ipi | None = None) -> dict[int, int]:
+                then: tuple[L.Ipi, ...] | dict[int, tuple[L.Ipi, ...]] = ()) -> dict[int, int]:
         """``ipi_wait`` for requests that must not half-succeed: raise naming the CPUs that failed."""
         results, missing = self.ipi_wait(cpus, cmd, timeout_s, then)
         dead = [c for c in missing if not self.cpu_alive(c)]  # each marked GONE by cpu_alive()
@@ -239,8 +241,9 @@ class Coordinator:
             raise CpuLost(f"{what}: CPU{dead[0]} " + (f"(pid {p.pid}) died with exit code {p.exitcode}" if p else
                           "has no process") + "; `smpd reset` gives it a new process")
         if missing:
+            message = (cmd, *(then.get(missing[0], ()) if isinstance(then, dict) else then))
             raise Timeout(f"{what}: the process of CPU {cpulist.format_list(missing)} did not acknowledge "
-                          f"{cmd.name}{f' then {then.name}' if then else ''} in its mailbox within {timeout_s:.1f} s "
+                          f"{' then '.join(ipi.name for ipi in message)} in its mailbox within {timeout_s:.1f} s "
                           f"(stopped, or starved of the host's cores): a host fault, not the machine's")
         return results
 

@@ -33,16 +33,21 @@ def power_on(seg, bus, boot: Boot) -> MemoryMap:
     return m
 
 
-def start_aps(port, m: MemoryMap, cpus: list[int], timeout_s: float) -> dict:
+def start_aps(port, m: MemoryMap, cpus: list[int], timeout_s: float, offline: list[int] = ()) -> dict:
     """INIT, then SIPI, to each CPU of ``cpus`` that kernel ``m`` starts; its nosmt siblings then
-    park themselves in mwait_play_dead(), in m's memory (waited for, bounded).
+    park themselves in mwait_play_dead(), in m's memory (waited for, bounded). Each of ``offline``
+    it starts (a sibling aside) goes offline again once up, as `smpd offline` would take it: a
+    CPU_DOWN in the same message as its INIT and SIPI, which it acknowledges once parked.
 
     Returns {"started", "missing" (no answer), "left_behind" (not started), "parked"}."""
     seg = port.seg
     seg.set_hdr("generation", m.gen)
     targets = [c for c in cpus if m.boot.started(c)]
     left = [c for c in cpus if not m.boot.started(c)]
-    _, missing = port.ipi_wait(targets, L.Ipi.INIT, timeout_s, then=L.Ipi.SIPI)  # each SIPI once its INIT is taken
+    down = set(offline)
+    messages = {c: (L.Ipi.SIPI, L.Ipi.CPU_DOWN) if c in down and not m.boot.parks_at_boot(c) else (L.Ipi.SIPI,)
+                for c in targets}
+    _, missing = port.ipi_wait(targets, L.Ipi.INIT, timeout_s, then=messages)
     up = [c for c in targets if c not in missing]
     parks = [c for c in up if m.boot.parks_at_boot(c)]
     wait_parked(port, parks)

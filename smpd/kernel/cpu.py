@@ -83,8 +83,7 @@ class Cpu(Executes, CpuCore):
             return False, None
         seq, cmd = ipi
         if cmd == L.Ipi.INIT:
-            if not self.take_first(seq):  # INIT, then SIPI: the SIPI's acknowledgement is the message's
-                self.pending_ack = seq
+            self.pending_ack = seq
             return self.init_reset, None
         if cmd in allowed:
             return False, ipi

@@ -19,8 +19,9 @@ next "instruction boundary", when it looks at the wake mask. Signals of one kind
 that arrive before the CPU takes the first may be merged into one: that is the
 hardware's NMI (and SMI) latch, and it is also what CPython does. IPIs arrive in
 a one-slot mailbox per CPU (the coordinator's APIC), acknowledged by sequence. One
-message may carry two IPIs, INIT then SIPI, as the BSP sends them back to back: the
-CPU takes the INIT, then the SIPI in the same wake-up, and acknowledges once.
+message may carry several IPIs that follow each other (INIT, then SIPI, as the BSP
+sends them back to back): the CPU takes each when it is done with the one before, in
+the same wake-up, and acknowledges the message once, when it is done with the last.
 
 What runs on this core is smpd.kernel.cpu.Cpu, a subclass: this class knows no
 kernel, no memory map and no state machine.
@@ -65,7 +66,7 @@ class CpuCore:
         self.pending = {k: 0 for k in KINDS}  # written by signal handlers, read by _drain_pending
         self.armed_line = -1
         self.pending_ack: int | None = None  # mailbox seq to acknowledge when done
-        self.first_taken: int | None = None  # mailbox seq whose first IPI was taken (its second is next)
+        self.part: tuple[int, int] = (-1, 0)  # (mailbox seq, which of its IPIs is the one to take)
         # Direct word indices of the fields the wake-up path touches (a struct call each
         # would cost more than the rest of that path).
         ix = lambda f: seg.cb_index(cpu, f)  # noqa: E731
@@ -196,34 +197,34 @@ class CpuCore:
         return taken
 
     def take_ipi(self) -> tuple[int, L.Ipi] | None:
-        """The IPI the mailbox holds for this CPU, if it has not been acknowledged: the
-        message's command, or, once that was taken (``take_first``), the one that follows it."""
+        """The IPI the mailbox holds for this CPU, if its message is not acknowledged: the
+        message's command, or the one of its IPIs that follows the last one done with."""
         seq = self.seg.cb(self.cpu, "mbox_seq")
         if seq == self.seg.cb(self.cpu, "mbox_ack"):
             return None
-        if seq == self.first_taken:
-            return seq, L.Ipi(self.seg.cb(self.cpu, "mbox_arg"))
-        return seq, L.Ipi(self.seg.cb(self.cpu, "mbox_cmd"))
-
-    def take_first(self, seq: int) -> bool:
-        """The command of message ``seq`` was taken. If another IPI follows it in the message,
-        raise the IPI byte so that the state the command leads to takes that one at once, and
-        say so (its acknowledgement answers the whole message); else the command is to be
-        acknowledged."""
-        if seq == self.first_taken or self.seg.cb(self.cpu, "mbox_arg") == L.Ipi.NONE:
-            return False
-        self.first_taken = seq
-        self.buf[self.wake_off + L.WAKE_IPI] = 1
-        return True
+        at, part = self.part
+        if at != seq or part == 0:
+            return seq, L.Ipi(self.seg.cb(self.cpu, "mbox_cmd"))
+        return seq, L.Ipi((self.seg.cb(self.cpu, "mbox_arg") >> (8 * (part - 1))) & 0xFF)
 
     def ack(self, seq: int, result: int = IPI_DONE) -> None:
         self.seg.set_cb(self.cpu, "mbox_result", result)
         self.seg.set_cb(self.cpu, "mbox_ack", seq)  # last: the coordinator polls this word
 
     def _ack_pending(self) -> None:
-        if self.pending_ack is not None:
-            self.ack(self.pending_ack)
-            self.pending_ack = None
+        """Done with the IPI taken (``pending_ack``): acknowledge its message, or, if another IPI
+        follows it there, raise the IPI byte for that one (the state this one led to takes it)."""
+        seq = self.pending_ack
+        if seq is None:
+            return
+        self.pending_ack = None
+        at, part = self.part
+        part = part + 1 if at == seq else 1
+        if part <= 8 and (self.seg.cb(self.cpu, "mbox_arg") >> (8 * (part - 1))) & 0xFF:
+            self.part = (seq, part)
+            self.buf[self.wake_off + L.WAKE_IPI] = 1
+        else:
+            self.ack(seq)
 
     # -- the observation plane -------------------------------------------------
 

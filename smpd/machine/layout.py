@@ -262,7 +262,7 @@ _CB_FIELDS = [
     # seq; the CPU handles it, writes result, then sets ack = seq.
     ("mbox_seq", 192, "I"),
     ("mbox_cmd", 196, "I"),
-    ("mbox_arg", 200, "Q"),  # an Ipi that follows cmd in the same message (INIT, then SIPI), or NONE
+    ("mbox_arg", 200, "Q"),  # the Ipis that follow cmd in the same message, one a byte from the low one; 0 ends
     ("mbox_ack", 208, "I"),
     ("mbox_result", 212, "I"),
     # Line 4: what happened to the CPU in the kexec path, written by the CPU.

@@ -39,31 +39,34 @@ class Mailbox:
         self.alive, self.gone, self.poll = alive, gone, poll
         self.spin = spin
 
-    def send(self, cpu: int, cmd: L.Ipi, then: L.Ipi = L.Ipi.NONE) -> int:
-        """Post ``cmd`` (then ``then``, in the same message) to ``cpu``'s mailbox and raise its IPI
-        byte; returns the sequence to await."""
+    def send(self, cpu: int, cmd: L.Ipi, then: tuple[L.Ipi, ...] = ()) -> int:
+        """Post ``cmd``, and the IPIs ``then`` that follow it in the same message (8 at most), to
+        ``cpu``'s mailbox and raise its IPI byte; returns the sequence to await."""
+        if len(then) > 8:
+            raise ValueError(f"a mailbox message carries 8 IPIs after its first, not {len(then)}")
         seg = self.seg
         seq = (seg.cb(cpu, "mbox_seq") + 1) & 0xFFFFFFFF
         seg.set_cb(cpu, "mbox_cmd", cmd)
-        seg.set_cb(cpu, "mbox_arg", then)
+        seg.set_cb(cpu, "mbox_arg", sum(int(ipi) << (8 * i) for i, ipi in enumerate(then)))
         seg.set_cb(cpu, "mbox_seq", seq)  # last: the CPU reads seq, then cmd
         self.bus.wake(cpu, L.WAKE_IPI)
         return seq
 
     def send_and_wait(self, cpus: list[int], cmd: L.Ipi, timeout_s: float,
-                      then: L.Ipi | None = None) -> tuple[dict[int, int], list[int]]:
+                      then: tuple[L.Ipi, ...] | dict[int, tuple[L.Ipi, ...]] = ()) -> tuple[dict[int, int], list[int]]:
         """Send ``cmd`` to every CPU in ``cpus`` at once and wait (bounded) for their acks.
 
-        ``then``: a second command in the same message (INIT, then SIPI, as the BSP sends them
-        back to back): the CPU takes both in one wake-up and acknowledges once, with the
-        second's answer. Every CPU gets its message at once: a scheduling choice of the
-        emulator's that no outcome depends on (pre-fix kernels bring APs up one by one, 6.5+
-        kick each in turn, runtime cpu_up() is serial).
+        ``then``: the IPIs that follow ``cmd`` in the same message (INIT, then SIPI, as the BSP
+        sends them back to back), or each CPU's: the CPU takes each in the same wake-up once it is
+        done with the one before, and acknowledges once, with the answer to the last it took.
+        Every CPU gets its message at once: a scheduling choice of the emulator's that no outcome
+        depends on (pre-fix kernels bring APs up one by one, 6.5+ kick each in turn, runtime
+        cpu_up() is serial).
 
         Returns ({cpu: result} of those that acknowledged, [cpus that did not]); a CPU whose
         process died is handed to ``gone`` and counted as not acknowledging.
         """
-        waiting = {cpu: self.send(cpu, cmd, then or L.Ipi.NONE) for cpu in cpus}
+        waiting = {cpu: self.send(cpu, cmd, then.get(cpu, ()) if isinstance(then, dict) else then) for cpu in cpus}
         results: dict[int, int] = {}
         dead: list[int] = []
         deadline = time.monotonic() + timeout_s

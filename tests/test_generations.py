@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import Machine, patient_config, run_name, run_smpd
+from conftest import Machine, patient_config, run_name, run_smpd, smpd_env
 from smpd.machine import layout as L
 
 NCPUS = 8
@@ -122,6 +122,15 @@ def test_maxcpus_leaves_cpus_where_the_old_kernel_left_them(fresh):
     assert states[5] == ("HLT", 1) and states[7] == ("HLT", 1)  # kicked by gen 1, never restarted
     assert states[4][1] == 1 and states[6][1] == 1  # stopped by REBOOT in gen 1, never restarted
     assert any("not started by the new kernel" in n for n in r["notes"])
+    # Their struct mwait_cpu_dead was in generation 1's per-CPU area, which generation 2's writes
+    # took over: status says so rather than show its bytes as the struct.
+    s = fresh.status()["cpus"]
+    gone = {c["cpu"] for c in s if c["mwait_cpu_dead"]["overwritten"]}
+    assert gone and gone <= {4, 5, 6, 7} and not {0, 1, 2, 3} & gone
+    table = run_smpd("status", name=fresh.name, env=smpd_env(fresh.name, COLUMNS="200")).stdout
+    rows = {int(line.split()[0]): line.split() for line in table.splitlines() if line[:4].strip().isdigit()}
+    assert all(rows[c][2:4] == ["overwritten", "overwritten"] for c in gone)
+    assert rows[0][2].startswith("0x") and "online; by state:" in table
 
 
 @pytest.mark.parametrize("knob, outcome", [(False, "CLEAN"), (True, "SMM_HANG")])

@@ -7,14 +7,17 @@ from typing import Any
 
 import psutil
 
+from smpd.kernel import image
 from smpd.kernel.generations import Generations
 from smpd.machine import layout as L
 from smpd.machine.segment import Segment
 
 
-def _words(addr: int, control: int, status: int) -> dict:
-    """struct mwait_cpu_dead: numbers, and the same as hex strings (as a kernel engineer reads them)."""
-    return {"addr": addr, "control": control, "status": status,
+def _words(addr: int, control: int, status: int, overwritten: bool) -> dict:
+    """struct mwait_cpu_dead: numbers, and the same as hex strings (as a kernel engineer reads them).
+    ``overwritten``: its page no longer holds its kernel's per-CPU area (a later kernel's writes
+    went there): the words are whatever those left, not the struct."""
+    return {"addr": addr, "control": control, "status": status, "overwritten": overwritten,
             "addr_hex": f"{addr:#x}", "control_hex": f"{control:#010x}", "status_hex": f"{status:#010x}"}
 
 
@@ -63,7 +66,7 @@ def _full(seg: Segment, gens: Generations, cpu: int, brief: dict) -> dict:
         "mwait_entries": cb("mwait_entries"), "init": cb("init_count"), "sipi": cb("sipi_count"),
         # a pre-fix kernel has no struct mwait_cpu_dead: None, not a word read from elsewhere
         "mwait_cpu_dead": None if m.boot.monitors_thread_info else
-        _words(md, seg.mem_u32(md), seg.mem_u32(md + 4)),
+        _words(md, seg.mem_u32(md), seg.mem_u32(md + 4), not image.is_own_page(seg, m, (md - L.PHYS_BASE) // L.PAGE)),
         "monitor": {"armed": bool(cb("mon_armed")),
                     "addr": geo.line_addr(cb("mon_line")) if cb("mon_armed") else None,
                     "symbol": m.symbol(geo.line_addr(cb("mon_line"))) if cb("mon_armed") else None},

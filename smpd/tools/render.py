@@ -21,7 +21,7 @@ def machine_line(m: dict) -> Text:
     states = ", ".join(f"{n} {s}" for s, n in sorted(m["states"].items()))
     t = Text()
     t.append(f"machine '{m['name']}'", style="bold")
-    t.append(f"  {m['state']}  {m['cpus']} CPUs ({m['online']} online: {states})\n")
+    t.append(f"  {m['state']}  {m['cpus']} CPUs, {m['online']} online; by state: {states}\n")
     if m.get("ended_by"):
         t.append(f"it {m['ended_by']}: nothing runs on it until `smpd reset`\n", style="bold red")
     t.append(f"coordinator pid {m['pid']}  watch {m['watch']}  hot path {m['hot_path']}  pin {m['pin']}  "
@@ -55,7 +55,9 @@ def _irqs(c: dict) -> str:
 # never cut: a hex word is shown whole or not at all.
 def _md(c: dict, word: str) -> str:
     md = c["mwait_cpu_dead"]
-    return "-" if md is None else f"{md[word]:#010x}"
+    if md is None:
+        return "-"
+    return "overwritten" if md.get("overwritten") else f"{md[word]:#010x}"
 
 
 CPU_COLUMNS = (
@@ -97,7 +99,7 @@ def cpu_table(cpus: list[dict], columns: int = 80) -> Group:
         cells[1] = Text(cells[1], style=STATE_STYLE.get(c["state"], (c["state"], ""))[1])
         t.add_row(*cells)
     parts: list = [t, Text("CONTROL, STATUS: the CPU's struct mwait_cpu_dead (- on a pre-fix kernel, which has "
-                           "none); MONITOR: the line it armed, named by its first word; WAKE, IRQ: counts since "
+                           "none; overwritten: its kernel's per-CPU page holds a later kernel's bytes); MONITOR: the line it armed, named by its first word; WAKE, IRQ: counts since "
                            "`smpd up`", style="dim")]
     if dropped:
         parts.append(Text(f"(not shown in {columns} columns: {', '.join(dropped)}; see --json)", style="dim"))

@@ -14,6 +14,7 @@ import os
 import pwd
 import signal
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -168,6 +169,30 @@ def bind_abstract(address: str, ready) -> None:
     s.listen(8)
     ready()
     signal.pause()
+
+
+def squat_when_freed(address: str, ready) -> None:
+    """Say ready at once, then bind ``address`` the moment its owner frees it, listen and fill the
+    backlog with our own connections, and never accept: a client that connects waits for ever."""
+    ready()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    while True:
+        try:
+            s.bind(address)
+            break
+        except OSError:
+            time.sleep(0.0005)
+    s.listen(0)
+    for _ in range(2):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        with contextlib.suppress(OSError):
+            c.connect(address)
+        _kept.append(c)
+    signal.pause()
+
+
+_kept: list = []  # the squatter's own connections, held open
 
 
 def fake_server(address: str, authkey_hex: str, ready) -> None:

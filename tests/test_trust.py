@@ -15,6 +15,8 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
+import time
 import sys
 
 import psutil
@@ -28,7 +30,7 @@ from smpd.daemon import channel
 from smpd.machine import layout as L
 from smpd.tools import lifecycle
 from smpd.host import names, trust
-from smpd.errors import NotOurs
+from smpd.errors import CoordinatorGone, NotOurs
 from smpd.machine.segment import Segment
 
 pytestmark = needs_root
@@ -149,6 +151,33 @@ def test_a_server_on_the_channel_is_believed_only_if_it_is_the_coordinator(evil,
         with pytest.raises(NotOurs) as e:
             channel.request(address, real.live.authkey, "status", 5, server_pid=real.live.pid)
     assert f"uid {evil}" in str(e.value) and "sent it nothing" in str(e.value)
+
+
+def test_a_client_is_not_held_by_a_squatter_on_a_freed_channel_name(evil, machine):
+    """The channel's name is free the moment its coordinator closes it (`down`, a crash), and its
+    token is in /proc/net/unix for anyone to read: a squatter that binds it and never accepts held
+    a client's connect() for ever. Now the client tries a second at a time, and says the
+    coordinator is gone once it is."""
+    m = machine(2, "--watch", "adaptive")
+    live = m.live
+    address = names.socket_address(m.name, live.token)
+    with adversary.holding(evil, adversary.squat_when_freed, address):
+        run_smpd("down", name=m.name)
+        wait_until(lambda: "@" + address[1:] in open("/proc/net/unix").read(), 20, "the squatter bound the name")
+        time.sleep(0.2)  # its backlog filled
+        result: list = []
+        t = threading.Thread(target=lambda: result.append(_outcome(lambda: live.request("status"))), daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "the client is still held in connect()"
+    assert result and isinstance(result[0], CoordinatorGone), result
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - the test looks at what it was
+        return err
 
 
 def test_a_forged_segment_with_a_fake_server_answers_nothing(evil, machine_name):

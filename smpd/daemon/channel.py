@@ -25,7 +25,8 @@ import json
 import os
 import socket
 import struct
-from typing import Any
+import time
+from typing import Any, Callable
 
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 
@@ -33,6 +34,7 @@ from smpd import errors
 from smpd.host import trust
 
 HANDSHAKE_TIMEOUT_S = 5.0
+CONNECT_TRY_S = 1.0  # one connect() try, then the coordinator's identity is checked again
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -40,9 +42,14 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
 
 
-def _set_rcvtimeo(sock: socket.socket, seconds: float) -> None:
+def _set_timeo(sock: socket.socket, option: int, seconds: float) -> None:
+    """SO_RCVTIMEO or SO_SNDTIMEO (0: none): the socket stays blocking, its calls bounded."""
     sec = int(seconds)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, int((seconds - sec) * 1e6)))
+    sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", sec, int((seconds - sec) * 1e6)))
+
+
+def _set_rcvtimeo(sock: socket.socket, seconds: float) -> None:
+    _set_timeo(sock, socket.SO_RCVTIMEO, seconds)
 
 
 class Server:
@@ -100,19 +107,42 @@ def error_reply(err: BaseException) -> dict:
     return {"ok": False, "error": {"type": kind, "message": str(err), "exit": status}}
 
 
+def _connect(s: socket.socket, address: str, op: str, timeout_s: float | None,
+             server_alive: Callable[[], bool]) -> None:
+    """connect(), a try of CONNECT_TRY_S at a time (SO_SNDTIMEO bounds an AF_UNIX connect): a
+    listener whose backlog is full would hold a blocking connect for ever, and a name the
+    coordinator freed (it stops, or died) may be bound by another user's process that never
+    accepts. Between tries: give up when the coordinator is gone, or when ``timeout_s`` ran out."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    _set_timeo(s, socket.SO_SNDTIMEO, CONNECT_TRY_S)
+    while True:
+        try:
+            s.connect(address)
+            break
+        except BlockingIOError:
+            if not server_alive():
+                raise errors.CoordinatorGone("the coordinator is gone, and its channel's name is held by a "
+                                             "process that does not accept (smpd sent it nothing)") from None
+            if deadline is not None and time.monotonic() > deadline:
+                raise errors.Timeout(f"the coordinator did not accept '{op}' within {timeout_s:.0f} s "
+                                     f"(its queue of waiting clients is full)") from None
+    _set_timeo(s, socket.SO_SNDTIMEO, 0)  # a send blocks as before: requests are small
+
+
 def request(address: str, authkey: bytes, op: str, timeout_s: float | None = None, *, server_pid: int,
-            **args) -> Any:
+            server_alive: Callable[[], bool] = lambda: True, **args) -> Any:
     """Send one request to the coordinator ``server_pid`` and return its result, or raise its error here.
+    ``server_alive()``: whether that coordinator still runs, asked while a connect waits.
 
     Raises NotOurs, before anything is sent, when the socket is held by any other process."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        s.connect(address)
+        _connect(s, address, op, timeout_s, server_alive)
         pid, uid, _gid = peer_credentials(s)
     except (ConnectionRefusedError, FileNotFoundError) as err:
         s.close()
         raise errors.CoordinatorGone(f"the coordinator does not answer on its channel ({err.strerror})") from err
-    except OSError:
+    except BaseException:
         s.close()
         raise
     if uid != os.geteuid() or pid != server_pid:

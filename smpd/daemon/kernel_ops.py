@@ -237,7 +237,7 @@ class KernelOps:
                           "cpu_gen"):
                 seg.set_cb(cpu, field, 0)
         gen1 = kboot.power_on(seg, self.sup.bus, self.sup.boot1)
-        self.sup.start_aps(gen1, budget, "reset (SIPI)", offline)
+        self.sup.start_aps(gen1, budget, "reset (INIT, SIPI)", offline)
         todo = [c for c in offline if seg.cb(c, "hotplug") == L.Hotplug.ONLINE]  # none, unless one ignored it
         self.sup.ipi_all(todo, L.Ipi.CPU_DOWN, budget, "reset (offline)")
 

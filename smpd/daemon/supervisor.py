@@ -153,7 +153,7 @@ class Coordinator:
         r = kboot.start_aps(self, m, list(range(1, self.ncpus)), budget, offline)
         if r["missing"]:
             self.refresh_gone()
-            self.ipi_all(r["missing"], L.Ipi.SIPI, 0.001, what)  # raises, naming the CPUs and why
+            self.raise_unanswered(r["missing"], L.Ipi.INIT, r["messages"], budget, what)
         return r
 
     # -- what a kexec needs of us (smpd.kernel.kexec.Port) ------------------------
@@ -235,6 +235,13 @@ class Coordinator:
                 then: tuple[L.Ipi, ...] | dict[int, tuple[L.Ipi, ...]] = ()) -> dict[int, int]:
         """``ipi_wait`` for requests that must not half-succeed: raise naming the CPUs that failed."""
         results, missing = self.ipi_wait(cpus, cmd, timeout_s, then)
+        self.raise_unanswered(missing, cmd, then, timeout_s, what)
+        return results
+
+    def raise_unanswered(self, missing: list[int], cmd: L.Ipi, then: tuple[L.Ipi, ...] | dict[int, tuple[L.Ipi, ...]],
+                         timeout_s: float, what: str) -> None:
+        """Raise for the CPUs that did not acknowledge the message ``cmd`` (then ``then``) within
+        ``timeout_s``: CpuLost for a dead one, else Timeout; nothing when none."""
         dead = [c for c in missing if not self.cpu_alive(c)]  # each marked GONE by cpu_alive()
         if dead:
             p = self.procs.get(dead[0])  # none: its respawn was cut short (the host refused a process)
@@ -245,7 +252,6 @@ class Coordinator:
             raise Timeout(f"{what}: the process of CPU {cpulist.format_list(missing)} did not acknowledge "
                           f"{' then '.join(ipi.name for ipi in message)} in its mailbox within {timeout_s:.1f} s "
                           f"(stopped, or starved of the host's cores): a host fault, not the machine's")
-        return results
 
     def _mark_gone(self, cpu: int) -> None:
         self.seg.set_cb(cpu, "state", L.ExecState.GONE)

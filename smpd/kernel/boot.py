@@ -42,7 +42,8 @@ def start_aps(port, m: MemoryMap, cpus: list[int], timeout_s: float, offline: li
     it starts (a sibling aside) goes offline again once up, as `smpd offline` would take it: a
     CPU_DOWN in the same message as its INIT and SIPI, which it acknowledges once parked.
 
-    Returns {"started", "missing" (no answer), "left_behind" (not started), "parked"}."""
+    Returns {"started", "missing" (no answer), "left_behind" (not started), "parked", "messages"
+    (what followed each CPU's INIT in its message)}."""
     seg = port.seg
     seg.set_hdr("generation", m.gen)
     targets = [c for c in cpus if m.boot.started(c)]
@@ -54,7 +55,7 @@ def start_aps(port, m: MemoryMap, cpus: list[int], timeout_s: float, offline: li
     up = [c for c in targets if c not in missing]
     parks = [c for c in up if m.boot.parks_at_boot(c)]
     wait_parked(port, parks)
-    return {"started": up, "missing": missing, "left_behind": left, "parked": parks}
+    return {"started": up, "missing": missing, "left_behind": left, "parked": parks, "messages": messages}
 
 
 def wait_parked(port, cpus: list[int]) -> None:

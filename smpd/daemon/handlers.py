@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from smpd import cpulist
 from smpd.daemon import channel
-from smpd.daemon.kernel_ops import (KernelOps, ending_faults, require_alive, require_running_kernel,
+from smpd.daemon.kernel_ops import (KernelOps, end_if_faulted, ending_faults, require_alive, require_running_kernel,
                                     settle_then_end_if_faulted)
 from smpd.daemon.status import status_snapshot
 from smpd.daemon.stopping import Stop
@@ -145,8 +145,15 @@ class Handlers:
         todo = [c for c in wanted if c != 0 and seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
         t0 = time.monotonic_ns()
         budget = self.sup.ipi_timeout_s + 0.002 * len(todo)
+        before = ending_faults(self.sup)
         results = self.sup.ipi_all(todo, L.Ipi.INIT, budget, "online (INIT, SIPI)", then=(L.Ipi.SIPI,))
-        assert all(r == IPI_DONE for r in results.values()), results
+        if ignored := sorted(c for c, r in results.items() if r != IPI_DONE):
+            # Its SIPI found it no longer waiting for one: an MCE reached it between INIT and SIPI
+            # (SHUTDOWN: INIT cleared CR4.MCE), which ends the machine.
+            states = ", ".join(f"CPU{c} {L.ExecState(seg.cb(c, 'state')).name}" for c in ignored)
+            ended = end_if_faulted(self.sup, before, f"`smpd online` started CPU {cpulist.format_list(todo)}")
+            raise SmpdError(f"online: CPU {cpulist.format_list(ignored)} did not take its SIPI ({states})"
+                            + (f"; the machine {ended}: nothing runs on it until `smpd reset`" if ended else ""))
         parked = [c for c in todo if m.boot.smt_sibling(c)]
         kboot.wait_parked(self.sup, parked)
         return {"onlined": [c for c in todo if c not in parked], "parked": parked,

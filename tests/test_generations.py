@@ -133,6 +133,16 @@ def test_maxcpus_leaves_cpus_where_the_old_kernel_left_them(fresh):
     assert rows[0][2].startswith("0x") and "online; by state:" in table
 
 
+def test_a_reset_says_which_offline_cpus_generation_1_never_started(machine):
+    """maxcpus=3 at `up`: CPUs 3-5 stay in wait-for-SIPI after every power cycle; the reset's line
+    says so, rather than count them among the CPUs it parked in mwait_play_dead()."""
+    m = machine(6, "--watch", "adaptive", "--boot", "maxcpus=3")
+    run_smpd("offline", "2", name=m.name)
+    r = run_smpd("reset", name=m.name)
+    assert "offline: CPU 2 in mwait_play_dead(); CPU 3-5 not started by it (in wait-for-SIPI)" in r.stdout, r.stdout
+    assert [c["state"] for c in m.status()["cpus"][2:]] == ["MWAIT"] + ["WAIT_FOR_SIPI"] * 3
+
+
 @pytest.mark.parametrize("knob, outcome", [(False, "CLEAN"), (True, "SMM_HANG")])
 def test_an_smi_while_cpus_sit_in_init_hangs_smm_only_where_the_firmware_does(tmp_path, knob, outcome):
     cfg = patient_config(tmp_path, f"[firmware]\nsmm_hangs_with_cpus_in_init = {'true' if knob else 'false'}\n")

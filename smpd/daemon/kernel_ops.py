@@ -222,7 +222,10 @@ class KernelOps:
                           f"`smpd status` shows where each CPU is, `smpd reset` tries again") from None
         self.sup.seg.set_hdr("state", L.MachineState.UP)
         self.sup.reset_offline = None
+        seg = self.sup.seg
         return {"offline": self._offline_now(), "generation": 1, "kernel": self.sup.boot1.text(), "respawned": respawned,
+                # of those, the CPUs generation 1 does not start (maxcpus=): in wait-for-SIPI, not parked
+                "not_started": [c for c in range(1, self.sup.ncpus) if seg.cb(c, "state") == L.ExecState.WAIT_FOR_SIPI],
                 "ms": (time.monotonic_ns() - t0) / 1e6}
 
     def _reset_once(self, offline: list[int]) -> None:

@@ -604,9 +604,13 @@ def reset(name):
     machine = lifecycle.require(name)
     with _soakrun().machine_lock(name, "a reset"):
         r = machine.request("reset")
-    offline = cpulist.format_list(r["offline"])
+    waiting = r.get("not_started", [])
+    parked = cpulist.format_list([c for c in r["offline"] if c not in waiting])
+    where = [f"CPU {parked} in mwait_play_dead()"] if parked else []
+    if waiting:
+        where.append(f"CPU {cpulist.format_list(waiting)} not started by it (in wait-for-SIPI)")
     click.echo(f"machine '{name}' was power-cycled in {r['ms']:.1f} ms: generation 1 ({r['kernel']}) runs; "
-               + (f"offline: CPU {offline} in mwait_play_dead()" if offline else "every CPU is online"))
+               + (f"offline: {'; '.join(where)}" if where else "every CPU is online"))
 
 
 @main.command()

@@ -147,17 +147,23 @@ class Handlers:
         budget = self.sup.ipi_timeout_s + 0.002 * len(todo)
         before = ending_faults(self.sup)
         results = self.sup.ipi_all(todo, L.Ipi.INIT, budget, "online (INIT, SIPI)", then=(L.Ipi.SIPI,))
-        if ignored := sorted(c for c, r in results.items() if r != IPI_DONE):
-            # Its SIPI found it no longer waiting for one: an MCE reached it between INIT and SIPI
-            # (SHUTDOWN: INIT cleared CR4.MCE), which ends the machine.
-            states = ", ".join(f"CPU{c} {L.ExecState(seg.cb(c, 'state')).name}" for c in ignored)
-            ended = end_if_faulted(self.sup, before, f"`smpd online` started CPU {cpulist.format_list(todo)}")
-            raise SmpdError(f"online: CPU {cpulist.format_list(ignored)} did not take its SIPI ({states})"
-                            + (f"; the machine {ended}: nothing runs on it until `smpd reset`" if ended else ""))
+        self._require_sipi_taken(todo, results, before)
         parked = [c for c in todo if m.boot.smt_sibling(c)]
         kboot.wait_parked(self.sup, parked)
         return {"onlined": [c for c in todo if c not in parked], "parked": parked,
                 "already_online": [c for c in wanted if c not in todo], "ms": (time.monotonic_ns() - t0) / 1e6}
+
+    def _require_sipi_taken(self, todo: list[int], results: dict[int, int], before: dict[int, int]) -> None:
+        """Raise when a CPU of ``todo`` did not take its SIPI: it was no longer waiting for one, as
+        when an MCE reached it between INIT and SIPI (SHUTDOWN: INIT cleared CR4.MCE), which ends
+        the machine (end_if_faulted)."""
+        ignored = sorted(c for c, r in results.items() if r != IPI_DONE)
+        if not ignored:
+            return
+        states = ", ".join(f"CPU{c} {L.ExecState(self.sup.seg.cb(c, 'state')).name}" for c in ignored)
+        ended = end_if_faulted(self.sup, before, f"`smpd online` started CPU {cpulist.format_list(todo)}")
+        raise SmpdError(f"online: CPU {cpulist.format_list(ignored)} did not take its SIPI ({states})"
+                        + (f"; the machine {ended}: nothing runs on it until `smpd reset`" if ended else ""))
 
     def _map(self):
         return Generations(self.sup.seg).current()

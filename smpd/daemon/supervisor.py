@@ -45,7 +45,7 @@ from smpd.host.proc import fork_refused, set_process_name
 from smpd.kernel import boot as kboot, image
 from smpd.machine import layout as L
 from smpd.machine.bus import Bus
-from smpd.machine.mailbox import Mailbox
+from smpd.machine.mailbox import Mailbox, Then, following
 from smpd.machine.segment import Segment, SegmentExists, unlink
 
 _ctx = multiprocess.get_context("fork")
@@ -226,20 +226,19 @@ class Coordinator:
         return self.mailbox.send(cpu, cmd)
 
     def ipi_wait(self, cpus: list[int], cmd: L.Ipi, timeout_s: float,
-                 then: tuple[L.Ipi, ...] | dict[int, tuple[L.Ipi, ...]] = ()) -> tuple[dict[int, int], list[int]]:
+                 then: Then = ()) -> tuple[dict[int, int], list[int]]:
         """smpd.machine.mailbox: send ``cmd`` (and what follows it, ``then``) to ``cpus``, wait
         (bounded); (acked results, missing)."""
         return self.mailbox.send_and_wait(cpus, cmd, timeout_s, then)
 
     def ipi_all(self, cpus: list[int], cmd: L.Ipi, timeout_s: float, what: str,
-                then: tuple[L.Ipi, ...] | dict[int, tuple[L.Ipi, ...]] = ()) -> dict[int, int]:
+                then: Then = ()) -> dict[int, int]:
         """``ipi_wait`` for requests that must not half-succeed: raise naming the CPUs that failed."""
         results, missing = self.ipi_wait(cpus, cmd, timeout_s, then)
         self.raise_unanswered(missing, cmd, then, timeout_s, what)
         return results
 
-    def raise_unanswered(self, missing: list[int], cmd: L.Ipi, then: tuple[L.Ipi, ...] | dict[int, tuple[L.Ipi, ...]],
-                         timeout_s: float, what: str) -> None:
+    def raise_unanswered(self, missing: list[int], cmd: L.Ipi, then: Then, timeout_s: float, what: str) -> None:
         """Raise for the CPUs that did not acknowledge the message ``cmd`` (then ``then``) within
         ``timeout_s``: CpuLost for a dead one, else Timeout; nothing when none."""
         dead = [c for c in missing if not self.cpu_alive(c)]  # each marked GONE by cpu_alive()
@@ -248,7 +247,7 @@ class Coordinator:
             raise CpuLost(f"{what}: CPU{dead[0]} " + (f"(pid {p.pid}) died with exit code {p.exitcode}" if p else
                           "has no process") + "; `smpd reset` gives it a new process")
         if missing:
-            message = (cmd, *(then.get(missing[0], ()) if isinstance(then, dict) else then))
+            message = (cmd, *following(then, missing[0]))
             raise Timeout(f"{what}: the process of CPU {cpulist.format_list(missing)} did not acknowledge "
                           f"{' then '.join(ipi.name for ipi in message)} in its mailbox within {timeout_s:.1f} s "
                           f"(stopped, or starved of the host's cores): a host fault, not the machine's")

@@ -40,6 +40,7 @@ from smpd.kernel.scenario import Scenario, parse_boot
 from smpd.kernel.stop import STOP_OTHER_CPUS_S, StopOtherCpus
 from smpd.kernel.timeline import Timeline
 from smpd.machine import layout as L
+from smpd.machine.mailbox import Then
 
 __all__ = ["Kexec", "Port", "OUTCOMES"]
 
@@ -56,7 +57,7 @@ class Port(Protocol):
     signals: dict[str, int]  # the host signal each interrupt kind is sent as
 
     def ipi_wait(self, cpus: list[int], cmd: L.Ipi, timeout_s: float,
-                 then: tuple[L.Ipi, ...] | dict[int, tuple[L.Ipi, ...]] = ()) -> tuple[dict[int, int], list[int]]: ...
+                 then: Then = ()) -> tuple[dict[int, int], list[int]]: ...
     def cpu_alive(self, cpu: int) -> bool: ...
     def cpu_process(self, cpu: int): ...  # pid and exitcode of its process
     def send_interrupt(self, cpu: int, kind: str) -> None: ...

@@ -205,7 +205,7 @@ class CpuCore:
         at, part = self.part
         if at != seq or part == 0:
             return seq, _IPI[self.seg.cb(self.cpu, "mbox_cmd")]
-        return seq, _IPI[(self.seg.cb(self.cpu, "mbox_arg") >> (8 * (part - 1))) & 0xFF]
+        return seq, _IPI[L.mbox_follower(self.seg.cb(self.cpu, "mbox_arg"), part)]
 
     def ack(self, seq: int, result: int = IPI_DONE) -> None:
         self.seg.set_cb(self.cpu, "mbox_result", result)
@@ -220,7 +220,7 @@ class CpuCore:
         self.pending_ack = None
         at, part = self.part
         part = part + 1 if at == seq else 1
-        if part <= 8 and (self.seg.cb(self.cpu, "mbox_arg") >> (8 * (part - 1))) & 0xFF:
+        if L.mbox_follower(self.seg.cb(self.cpu, "mbox_arg"), part):
             self.part = (seq, part)
             self.buf[self.wake_off + L.WAKE_IPI] = 1
         else:

@@ -296,6 +296,20 @@ assert EV_OFF + EV_SLOTS * EV_ENTRY.size <= CB_SIZE
 # generations could in principle monitor one line; a kexec'd kernel starts every CPU it
 # keeps, so only CPUs it never starts keep an old line: see smpd.kernel.generations.)
 # The bus reads it to find whom a write wakes.
+# A mailbox message: ``cmd``, then up to MBOX_FOLLOWERS IPIs in ``mbox_arg``, one a byte from the low one.
+MBOX_FOLLOWERS = 8
+
+
+def mbox_arg(then) -> int:
+    """``mbox_arg`` for the IPIs ``then`` (at most MBOX_FOLLOWERS) that follow a message's cmd."""
+    return sum(int(ipi) << (8 * i) for i, ipi in enumerate(then))
+
+
+def mbox_follower(arg: int, part: int) -> int:
+    """The Ipi value of a message's ``part``-th IPI after its cmd (1 = the first; 0: none there)."""
+    return (arg >> (8 * (part - 1))) & 0xFF if 1 <= part <= MBOX_FOLLOWERS else 0
+
+
 DIR_ENTRY = 2
 
 def _align(n: int, a: int) -> int:

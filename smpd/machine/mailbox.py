@@ -16,6 +16,15 @@ from typing import Callable
 from smpd.machine import layout as L
 
 
+# What follows a message's first IPI: the same for every CPU, or each CPU's own.
+Then = tuple[L.Ipi, ...] | dict[int, tuple[L.Ipi, ...]]
+
+
+def following(then: Then, cpu: int) -> tuple[L.Ipi, ...]:
+    """The IPIs that follow the first in ``cpu``'s message."""
+    return then.get(cpu, ()) if isinstance(then, dict) else then
+
+
 SPIN_S = 0.002  # a ``spin`` mailbox polls without sleeping this long, then as any other: a CPU that
 # does not answer (stopped, or not scheduled) must not hold the coordinator's core for the whole wait
 
@@ -40,20 +49,20 @@ class Mailbox:
         self.spin = spin
 
     def send(self, cpu: int, cmd: L.Ipi, then: tuple[L.Ipi, ...] = ()) -> int:
-        """Post ``cmd``, and the IPIs ``then`` that follow it in the same message (8 at most), to
-        ``cpu``'s mailbox and raise its IPI byte; returns the sequence to await."""
-        if len(then) > 8:
-            raise ValueError(f"a mailbox message carries 8 IPIs after its first, not {len(then)}")
+        """Post ``cmd``, and the IPIs ``then`` that follow it in the same message (MBOX_FOLLOWERS
+        at most), to ``cpu``'s mailbox and raise its IPI byte; returns the sequence to await."""
+        if len(then) > L.MBOX_FOLLOWERS:
+            raise ValueError(f"a mailbox message carries {L.MBOX_FOLLOWERS} IPIs after its first, not {len(then)}")
         seg = self.seg
         seq = (seg.cb(cpu, "mbox_seq") + 1) & 0xFFFFFFFF
         seg.set_cb(cpu, "mbox_cmd", cmd)
-        seg.set_cb(cpu, "mbox_arg", sum(int(ipi) << (8 * i) for i, ipi in enumerate(then)))
+        seg.set_cb(cpu, "mbox_arg", L.mbox_arg(then))
         seg.set_cb(cpu, "mbox_seq", seq)  # last: the CPU reads seq, then cmd
         self.bus.wake(cpu, L.WAKE_IPI)
         return seq
 
     def send_and_wait(self, cpus: list[int], cmd: L.Ipi, timeout_s: float,
-                      then: tuple[L.Ipi, ...] | dict[int, tuple[L.Ipi, ...]] = ()) -> tuple[dict[int, int], list[int]]:
+                      then: Then = ()) -> tuple[dict[int, int], list[int]]:
         """Send ``cmd`` to every CPU in ``cpus`` at once and wait (bounded) for their acks.
 
         ``then``: the IPIs that follow ``cmd`` in the same message (INIT, then SIPI, as the BSP
@@ -66,7 +75,7 @@ class Mailbox:
         Returns ({cpu: result} of those that acknowledged, [cpus that did not]); a CPU whose
         process died is handed to ``gone`` and counted as not acknowledging.
         """
-        waiting = {cpu: self.send(cpu, cmd, then.get(cpu, ()) if isinstance(then, dict) else then) for cpu in cpus}
+        waiting = {cpu: self.send(cpu, cmd, following(then, cpu)) for cpu in cpus}
         results: dict[int, int] = {}
         dead: list[int] = []
         deadline = time.monotonic() + timeout_s

@@ -99,7 +99,8 @@ def cpu_table(cpus: list[dict], columns: int = 80) -> Group:
         cells[1] = Text(cells[1], style=STATE_STYLE.get(c["state"], (c["state"], ""))[1])
         t.add_row(*cells)
     parts: list = [t, Text("CONTROL, STATUS: the CPU's struct mwait_cpu_dead (- on a pre-fix kernel, which has "
-                           "none; overwritten: its kernel's per-CPU page holds a later kernel's bytes); MONITOR: the line it armed, named by its first word; WAKE, IRQ: counts since "
+                           "none; overwritten: its kernel's per-CPU page holds a later kernel's bytes); MONITOR: "
+                           "the line it armed, named by its first word; WAKE, IRQ: counts since "
                            "`smpd up`", style="dim")]
     if dropped:
         parts.append(Text(f"(not shown in {columns} columns: {', '.join(dropped)}; see --json)", style="dim"))

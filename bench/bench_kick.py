@@ -12,19 +12,24 @@ the same run. "whole kick" is `smpd kick` of every target, WHOLE times (with a
 `smpd reset` between): the median and the worst, and how many CPUs were stuck.
 
 What each floor is. The cache-line floor (hwfloor.c) is the host's coherence floor: ping
-goes to the other core, pong comes back, two line transfers. A spin kick (compiled path)
-moves the line of struct mwait_cpu_dead the same way: (1) the coordinator's store to
-.control takes the line from the CPU; (2) the CPU's spin loop, which watches .control
-as MWAIT watches its line, reads it back and sees the change; (3) its store to .status
-takes the line again; (4) the coordinator's poll of .status reads it back. What the kick
-adds to the floor is the bus's rule, before the coordinator's first look at .status: a
-fence after the store (it waits for the line; the floor's ping does not), a load of the
-line directory's entry (a third line, which the CPU wrote at its MONITOR), and the
-CPU's WRITE byte (its wake word, a second line, which the CPU spins on too, for writes
-that change nothing). That is the emulator's conversation: a real parked CPU has
-flushed the line (clflush() before __monitor()) and is woken by the monitor hardware
-seeing the store, then leaves the C-state mwait_play_dead() asked for, which neither
-floor includes. An adaptive CPU asleep in sigwaitinfo() pays a process wake-up besides (the bus rings
+goes to the other core, pong comes back, four moves of two lines (each store takes its
+line from the core that reads it, each read brings it over). A spin kick (compiled path)
+makes the same four moves of one line, struct mwait_cpu_dead's: (1) the coordinator's
+store to .control takes the line from the CPU; (2) the CPU's spin loop, which watches
+.control as MWAIT watches its line, reads it back and sees the change; (3) its store to
+.status takes the line again; (4) the coordinator's poll of .status reads it back.
+Between (2) and (3) the CPU looks at its `wake` word (did an interrupt or IPI come with
+the kick?) and at the page tags of its resume: lines in its own cache, which no bus
+write touches (smpd.machine.layout). Beside that path, the coordinator does the bus's
+rule before its first look at .status: a fence after the store (it waits for move 1,
+which the floor's ping does not), a load of the line directory's entry (written by the
+CPU at its MONITOR), the store of the CPU's WRITE byte (`mon_write`, the bus's line of
+that CPU: one more move) and a fence for it, and a load of `sleeping` (the same line,
+now in its own cache). The CPU takes its WRITE byte, and leaves the directory, after its
+acknowledgement; it stamps kick_seen_ns (a clock read) after it too. That is the
+emulator's conversation: a real parked CPU has flushed the line (clflush() before
+__monitor()) and is woken by the monitor hardware seeing the store, then leaves the
+C-state mwait_play_dead() asked for, which neither floor includes. An adaptive CPU asleep in sigwaitinfo() pays a process wake-up besides (the bus rings
 its doorbell, SIGURG): the wake-up floor is the same round trip to a process that sleeps
 (hwfloor.c wake, cold: 300 us idle first, the two on different cores). It is a reference,
 not a bound: a wake-up on a core that is not idle yet, or a hand-off on the same core, beats

@@ -51,7 +51,8 @@ def _waiter(seg):
 
 
 def _wake_word(seg) -> int:
-    return seg.u32[seg.cb_index32(CPU, "wake")]
+    """The CPU's wake mask, one byte per L.WAKE_* kind: `mon_write` for WRITE, `wake` for the others."""
+    return seg.u32[seg.cb_index32(CPU, "wake")] & ~0xFF | (1 if seg.u32[seg.cb_index32(CPU, "mon_write")] else 0)
 
 
 def _when_asleep(seg, then) -> threading.Thread:
@@ -169,22 +170,34 @@ def test_a_cpu_that_answers_is_acknowledged_with_its_time(seg):
     assert acked and 1 <= rounds < 1_000_000 and t_ack >= t_first > 0
 
 
-def _writer(seg, control_value, out, waiting):
+def _writer(seg, control_value, out, waiting, ipi_first=False):
     """The forked helper: a writer that stores ``control_value`` into CPU 1's monitored control word
     without the bus's WRITE byte (the moment between the bus's store and its byte, held open), says
     what the spinning CPU did meanwhile, then raises the byte, and then an IPI to end the HLT of a
-    CPU that answered the kick."""
+    CPU that answered the kick. ``ipi_first``: an IPI's byte is raised just before the store, as
+    when an IPI lands with the kick."""
     u32, md = seg.u32, (seg.geo.mem_off + MD_OFF) // 4
     entry = seg.geo.dir_off // L.DIR_ENTRY + MD_OFF // L.LINE
     waiting.wait(30)  # the waiter is about to spin; it takes its snapshot of control on entry
     time.sleep(0.05)
+    if ipi_first:
+        # Both stores land while the spinner is stopped, so it finds them at once, wherever in its
+        # loop it stopped: after its look at the wake words (it then sees control change first) or
+        # before it.
+        parent = os.getppid()
+        os.kill(parent, signal.SIGSTOP)
+        while _proc_state(parent) != "T":
+            time.sleep(0.0005)
+        seg.buf[seg.cb_byte(CPU, "wake", L.WAKE_IPI)] = 1
+        u32[md] = control_value
+        os.kill(parent, signal.SIGCONT)
     u32[md] = control_value
     deadline = time.monotonic() + 0.5
     while u32[md + 1] != L.CPUDEAD_MWAIT_KEXEC_HLT and time.monotonic() < deadline:
         pass
-    out.put({"status": u32[md + 1], "wake": u32[seg.cb_index32(CPU, "wake")], "armed": seg.u16[entry]})
+    out.put({"status": u32[md + 1], "wake": _wake_word(seg), "armed": seg.u16[entry]})
     Bus(seg).wake(CPU, L.WAKE_WRITE)
-    if control_value == L.CPUDEAD_MWAIT_KEXEC_HLT:  # answered: now in HLT, which the write does not end
+    if control_value == L.CPUDEAD_MWAIT_KEXEC_HLT and not ipi_first:  # answered: now in HLT, which the write does not end
         deadline = time.monotonic() + 30
         while seg.u16[entry] and time.monotonic() < deadline:  # it leaves the directory once it has its byte
             pass
@@ -192,11 +205,16 @@ def _writer(seg, control_value, out, waiting):
     os._exit(0)
 
 
-def _spin_with_ack(seg, control_value):
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _spin_with_ack(seg, control_value, ipi_first=False):
     seg.set_hdr("hot_path", L.HotPath.C)
     ctx = multiprocess.get_context("fork")
     out, waiting = ctx.SimpleQueue(), ctx.Event()
-    p = ctx.Process(target=_writer, args=(seg, control_value, out, waiting))
+    p = ctx.Process(target=_writer, args=(seg, control_value, out, waiting, ipi_first))
     p.start()
     try:
         w, ack = _waiter(seg), hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, [])
@@ -231,6 +249,20 @@ def test_a_control_word_changed_to_anything_else_waits_for_the_write_byte_and_go
     assert seg.cb(CPU, "wake_write") == 0
 
 
+@pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
+@pytest.mark.parametrize("attempt", range(8))
+def test_a_kick_that_comes_with_an_ipi_is_not_answered_in_c(seg, attempt):
+    """The CPU looks for an interrupt or IPI that came with the kick before it answers (the kernel
+    takes it first, in MWAIT): with the IPI's byte raised with the kick's store, the compiled path
+    leaves both to the Python path and stores no status, whichever of the two it saw first (the
+    attempts stop the spinner at random points of its loop; most see control change first)."""
+    (code, _arg, seen), during = _spin_with_ack(seg, L.CPUDEAD_MWAIT_KEXEC_HLT, ipi_first=True)
+    assert during["status"] == 0 and during["armed"] == CPU + 1, during
+    assert (code, seen) == (hotpath.WOKE, 0)
+    assert _wake_word(seg) & (1 << 8 * L.WAKE_IPI)
+    assert seg.cb(CPU, "wake_write") == 0
+
+
 def test_a_kick_outside_emulated_memory_is_refused(seg):
     with pytest.raises(ValueError, match="outside emulated memory"):
         Bus(seg).kicker.kick_one(seg.geo.npages * L.PAGE, L.CPUDEAD_MWAIT_KEXEC_HLT, 5000, 1)
@@ -244,7 +276,7 @@ def test_the_compiled_hot_path_is_given_the_layout_sizes_and_refuses_others(seg)
 
     geo = seg.geo
     args = dict(mem_off=geo.mem_off, mem_len=geo.npages * L.PAGE, dir_off=geo.dir_off, cb_off=L.CB_OFF,
-                cb_size=L.CB_SIZE, cb_wake=L.CB["wake"][0], cb_sleeping=L.CB["sleeping"][0],
+                cb_size=L.CB_SIZE, cb_write=L.CB["mon_write"][0], cb_sleeping=L.CB["sleeping"][0],
                 cb_pid=L.CB["pid"][0], ncpus=geo.ncpus, doorbell=DOORBELL_SIGNAL, line=L.LINE, dir_entry=L.DIR_ENTRY)
     _hotpath.Kicker(seg.buf, **args)
     with pytest.raises(ValueError, match="2-byte"):

@@ -278,7 +278,7 @@ class Coordinator:
                 old.join(1)
             if self.seg.cb(cpu, "mon_armed") and d[base + self.seg.cb(cpu, "mon_line")] == cpu + 1:
                 d[base + self.seg.cb(cpu, "mon_line")] = 0  # the monitor the dead process left armed
-            for field, value in (("mbox_ack", self.seg.cb(cpu, "mbox_seq")), ("wake", 0), ("sleeping", 0),
+            for field, value in (("mbox_ack", self.seg.cb(cpu, "mbox_seq")), ("wake", 0), ("mon_write", 0), ("sleeping", 0),
                                  ("mon_armed", 0), ("busy", 0), ("state", L.ExecState.OFF),
                                  ("hotplug", L.Hotplug.OFFLINE)):
                 self.seg.set_cb(cpu, field, value)

@@ -221,8 +221,8 @@ class Kexec:
         def done(c: int) -> bool:
             got = seen(c) - before[c]
             if got >= count:
-                return not seg.cb(c, "busy") and not seg.cb(c, "wake")
-            if got > 0 and self.obs.irq_settled(c, kind) and not seg.cb(c, "busy") and not seg.cb(c, "wake") \
+                return not seg.cb(c, "busy") and not seg.wake_raised(c)
+            if got > 0 and self.obs.irq_settled(c, kind) and not seg.cb(c, "busy") and not seg.wake_raised(c) \
                     and seen(c) - before[c] == got:
                 merged.append(c)
                 return True
@@ -244,7 +244,7 @@ class Kexec:
             for cpu in self.cpus:
                 if not self.alive(cpu):
                     continue
-                idle.append(not self.seg.cb(cpu, "busy") and not self.seg.cb(cpu, "wake"))
+                idle.append(not self.seg.cb(cpu, "busy") and not self.seg.wake_raised(cpu))
                 acts.append(self.seg.cb(cpu, "activity"))
             if all(idle):
                 if acts == prev:
@@ -253,7 +253,7 @@ class Kexec:
             else:
                 prev = None
             if time.monotonic() > deadline:
-                return [c for c in self.cpus if self.alive(c) and (self.seg.cb(c, "busy") or self.seg.cb(c, "wake"))]
+                return [c for c in self.cpus if self.alive(c) and (self.seg.cb(c, "busy") or self.seg.wake_raised(c))]
             time.sleep(0.0005)
 
     def machine_ended(self) -> bool:

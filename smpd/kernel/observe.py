@@ -56,7 +56,7 @@ class Observer:
             return ""
         if st == "stopped":
             return "its process is stopped (SIGSTOP): a host fault, not the machine's"
-        if self.seg.cb(cpu, "wake"):
+        if self.seg.wake_raised(cpu):
             return ("a wake-up was posted to it and its process has not run since: a host scheduling gap, "
                     "not the machine's")
         return ""

@@ -11,8 +11,8 @@
  * the Python Waiter leaves to the bus's WRITE byte; same outcome, sooner):
  *
  *   Waiter.wait()       the CPU's watch loop (smpd.cpu.Cpu.wait): spin on the
- *                       wake word (and, when armed with an Ack, on the control
- *                       word it monitors), optionally sleep in sigwaitinfo() until
+ *                       wake words (and, when armed with an Ack, first on the
+ *                       control word it monitors), optionally sleep in sigwaitinfo() until
  *                       the bus rings the doorbell signal, and, with the Ack, the
  *                       woken path of mwait_play_dead() through its
  *                       acknowledgement: page checks, control, status.
@@ -41,6 +41,7 @@
 #include <sched.h>
 
 #define SIGNAL_POLL 1024
+#define UDELAY_LOOKS 128  /* looks at status between two clock reads in the kick's udelay() */
 #define MAX_TAGS 8
 
 enum { WOKE = 0, TIMEOUT = 1, SIGNAL = 2 };
@@ -203,7 +204,7 @@ typedef struct {
 	PyObject_HEAD
 	PyObject *buf;
 	char *base;  /* valid during a call only */
-	Py_ssize_t wake, sleeping;
+	Py_ssize_t wake, write, sleeping;  /* `wake` (interrupt, IPI, timer bytes), `mon_write` */
 	int yield;  /* spinning CPUs outnumber host cores: give the core away between polls */
 	int busy;  /* a wait() is running: it releases the GIL, so a second thread could enter */
 	sigset_t irq, sleep_set;
@@ -235,7 +236,7 @@ static int sigset_from(PyObject *seq, sigset_t *set)
 
 static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 {
-	static char *names[] = {"buf", "wake", "sleeping", "irq_signals", "doorbell", "spin_yields", NULL};
+	static char *names[] = {"buf", "wake", "write", "sleeping", "irq_signals", "doorbell", "spin_yields", NULL};
 	PyObject *buf, *irq;
 	int doorbell;
 	Py_buffer view;
@@ -246,8 +247,8 @@ static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 		return -1;
 	}
 	self->yield = 0;
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "OnnOi|p", names, &buf, &self->wake, &self->sleeping, &irq,
-					 &doorbell, &self->yield))
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "OnnnOi|p", names, &buf, &self->wake, &self->write,
+					 &self->sleeping, &irq, &doorbell, &self->yield))
 		return -1;
 	if (sigset_from(irq, &self->irq) < 0)
 		return -1;
@@ -255,7 +256,8 @@ static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 	sigaddset(&self->sleep_set, doorbell);
 	if (!acquire(buf, &view, 0))
 		return -1;
-	bad = in_range(&view, self->wake, 4, "wake") < 0 || in_range(&view, self->sleeping, 4, "sleeping") < 0;
+	bad = in_range(&view, self->wake, 4, "wake") < 0 || in_range(&view, self->write, 4, "write") < 0 ||
+	      in_range(&view, self->sleeping, 4, "sleeping") < 0;
 	PyBuffer_Release(&view);
 	if (bad)
 		return -1;
@@ -280,6 +282,12 @@ static void log_event(char *b, Ack *a, uint32_t code, uint32_t arg, int64_t ns)
 	STORE32(e + 8, code);
 	STORE32(e + 12, arg);
 	STORE32(b + a->ev_head, head + 1);
+}
+
+/* Is a byte raised in either wake word? */
+static inline int raised(Waiter *w)
+{
+	return LOAD32(w->base + w->wake) != 0 || LOAD32(w->base + w->write) != 0;
 }
 
 /*
@@ -307,38 +315,46 @@ static void await_write_byte(char *wake)
  * bus write (its WRITE byte; or, ``by_content``, while it spins, the control word it
  * monitors seen to change: a write to the line, which is what ends MWAIT): the resume
  * checks (page tables, text, stack: the tags of the old kernel's pages), then
- * control == CPUDEAD_MWAIT_KEXEC_HLT, then the status store the kicker waits for. Anything else (a foreign page, another control
- * value, an interrupt or IPI byte) is left untouched for the Python path.
- * The status line is this CPU's own (only its owner may monitor it), so the store
- * needs no directory look. Bookkeeping comes after the acknowledgement.
+ * control == CPUDEAD_MWAIT_KEXEC_HLT, then the status store the kicker waits for.
+ * Anything else (a foreign page, another control value, an interrupt or IPI byte)
+ * is left untouched for the Python path.
+ *
+ * The line moves (bench/bench_kick.py counts them against the floor's): `wake` is
+ * on a line no bus write touches (the WRITE byte has its own), so the look for an
+ * interrupt that came with the kick finds it in this CPU's cache; the tags are
+ * read-only lines; control came with the line the kicker wrote, and the status
+ * store sends that line back. The status line is this CPU's own (only its owner may
+ * monitor it), so the store needs no directory look. Bookkeeping, kick_seen_ns
+ * first, comes after the acknowledgement: a clock read (~30 ns) is longer than a
+ * line move, and real hardware does not take one between seeing control and
+ * storing status.
  */
 static int try_ack(Waiter *w, Ack *a, int64_t *seen, int by_content)
 {
 	char *b = w->base;
-	uint32_t raised = LOAD32(b + w->wake);
 
-	/* The WRITE byte (byte 0) alone; seen on the control word itself, no byte but
-	 * WRITE (which the bus may not have raised yet). */
-	if (by_content ? (raised & ~0xFFu) != 0 : raised != 1)
+	/* No interrupt, IPI or timer byte; and the WRITE byte, unless the write was
+	 * seen on the control word itself (the bus raises the byte after that). */
+	if ((LOAD32(b + w->wake) & ~0xFFu) != 0 || (!by_content && !LOAD32(b + w->write)))
 		return 0;
 	for (int k = 0; k < a->ntags; k++)
 		if (LOAD64(b + a->tag_off[k]) != a->tag_lo[k] || LOAD64(b + a->tag_off[k] + 8) != a->tag_hi[k])
 			return 0;
 	if (LOAD32(b + a->control) != a->kexec_hlt)
 		return 0;
-	*seen = now_ns();
-	STORE32(b + a->busy, 1);  /* acting on a wake-up (smpd.kexec settle) until HLT */
-	STORE64(b + a->seen, (uint64_t)*seen);  /* before status: the kicker reads it after */
+	STORE32(b + a->busy, 1);  /* acting on a wake-up (smpd.kexec settle) until HLT: a line of its own */
 	STORE32(b + a->status, a->kexec_hlt);
+	*seen = now_ns();  /* the instant of the acknowledgement, stamped just after it */
+	STORE64(b + a->seen, (uint64_t)*seen);
 	/* MWAIT's exit ends the monitor, and the write that woke us is consumed: seen on
 	 * the control word, its WRITE byte is on its way (the bus raises it after the
 	 * store, for as long as the directory names us), so take it before leaving the
 	 * directory, not later in HLT. */
 	if (by_content)
-		await_write_byte(b + w->wake);
+		await_write_byte(b + w->write);
 	STORE16(b + a->dir_entry, 0);
 	STORE32(b + a->armed, 0);
-	STORE8(b + w->wake, 0);
+	STORE8(b + w->write, 0);
 	/* Then what smpd.cpu records on this way into `while (1) native_halt();`:
 	 * mwait()'s wake count, wait()'s activity, the two events of the wake-up, the
 	 * state and the HLT event. HLT then sleeps right here (sleep_until), so a
@@ -403,7 +419,6 @@ static PyObject *woke(Waiter *w, Ack *a, int slept, long long spin_ns)
 /* Sleep until a byte is raised, the deadline passes, or an interrupt signal comes. */
 static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 {
-	volatile uint32_t *wake = (uint32_t *)(w->base + w->wake);
 	sigset_t old;
 	int code = WOKE, signo = 0, failed = 0;
 
@@ -417,7 +432,7 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 	STORE32(w->base + w->sleeping, 1);
 	FENCE();  /* pairs with the bus's fence: we see its byte or it sees `sleeping` */
 	Py_BEGIN_ALLOW_THREADS  /* no Python below until the wake-up: other threads may run */
-	while (LOAD32(wake) == 0) {
+	while (!raised(w)) {
 		siginfo_t info;
 		int r;
 
@@ -446,7 +461,7 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 			signo = r;
 			break;
 		}
-		/* the doorbell: look at the wake word again */
+		/* the doorbell: look at the wake words again */
 	}
 	Py_END_ALLOW_THREADS
 	STORE32(w->base + w->sleeping, 0);
@@ -499,9 +514,7 @@ static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 
 static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *a)
 {
-	volatile uint32_t *wake = (uint32_t *)(w->base + w->wake);
-
-	if (LOAD32(wake) != 0)
+	if (raised(w))
 		return woke(w, a, 0, spin_ns);
 	if (spin_ns != 0) {
 		/* spin_ns < 0: spin until woken (watch spin); else for that long (adaptive). */
@@ -511,16 +524,16 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 		 * monitored line's control word itself, as MWAIT watches its line: a change
 		 * is a write, and the kick's cache line then moves to this CPU and back
 		 * alone, before the bus's WRITE byte (a second line) arrives. Writes that
-		 * change nothing still come as that byte. */
+		 * change nothing still come as that byte. Control is loaded first: the
+		 * wake words' loads then come after it in program order (x86 keeps loads
+		 * in order), and no look at them stands between the kick and its answer. */
 		volatile uint32_t *control = a ? (uint32_t *)(w->base + a->control) : NULL;
 		uint32_t before = control ? LOAD32(control) : 0;
 
 		if (deadline && deadline < end)
 			end = deadline;
 		for (;;) {
-			/* THE HOT LOOP: a load and a compare, or two */
-			if (LOAD32(wake) != 0)
-				return woke(w, a, 0, spin_ns);
+			/* THE HOT LOOP: a load and a compare of each word */
 			if (control && LOAD32(control) != before) {
 				int64_t seen;
 				int r = answer_kick(w, a, &seen, 1);
@@ -531,6 +544,8 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 					return halted(w, 0, spin_ns, seen);
 				control = NULL;  /* not a kick to answer here: its WRITE byte follows */
 			}
+			if (raised(w))
+				return woke(w, a, 0, spin_ns);
 			if (++n % SIGNAL_POLL == 0) {
 				if (PyErr_CheckSignals() < 0)
 					return NULL;
@@ -547,7 +562,7 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 					break;
 			}
 		}
-		if (LOAD32(wake) != 0)
+		if (raised(w))
 			return woke(w, a, 0, spin_ns);
 		if (spin_ns < 0 || (deadline && now_ns() >= deadline))  /* spin ends only so */
 			return Py_BuildValue("(iiL)", TIMEOUT, 0, 0LL);
@@ -585,7 +600,7 @@ typedef struct {
 	PyObject_HEAD
 	PyObject *buf;
 	char *base;  /* valid during a call only */
-	Py_ssize_t mem_off, mem_len, dir_off, cb_off, cb_size, cb_wake, cb_sleeping, cb_pid;
+	Py_ssize_t mem_off, mem_len, dir_off, cb_off, cb_size, cb_write, cb_sleeping, cb_pid;
 	Py_ssize_t line, dir_entry;  /* bytes: a cache line, one directory entry (u16 owner) */
 	int line_shift;
 	long ncpus;
@@ -595,7 +610,7 @@ typedef struct {
 
 static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 {
-	static char *names[] = {"buf", "mem_off", "mem_len", "dir_off", "cb_off", "cb_size", "cb_wake",
+	static char *names[] = {"buf", "mem_off", "mem_len", "dir_off", "cb_off", "cb_size", "cb_write",
 				"cb_sleeping", "cb_pid", "ncpus", "doorbell", "line", "dir_entry", "spin_yields", NULL};
 	PyObject *buf;
 	Py_buffer view;
@@ -607,7 +622,7 @@ static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 	}
 	self->yield = 0;
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "Onnnnnnnnlinn|p", names, &buf, &self->mem_off, &self->mem_len,
-					 &self->dir_off, &self->cb_off, &self->cb_size, &self->cb_wake,
+					 &self->dir_off, &self->cb_off, &self->cb_size, &self->cb_write,
 					 &self->cb_sleeping, &self->cb_pid, &self->ncpus, &self->doorbell,
 					 &self->line, &self->dir_entry, &self->yield))
 		return -1;
@@ -645,8 +660,8 @@ static void Kicker_dealloc(Kicker *self)
 
 /*
  * One u32 store through the bus's rule (smpd.bus.Bus.write): store, fence, look up
- * the line's monitor in the directory; wake its owner by raising the WRITE byte,
- * fence, and ring the doorbell if it sleeps. Returns 1 when the owner was asleep.
+ * the line's monitor in the directory; wake its owner by raising the WRITE byte
+ * (`mon_write`), fence, and ring the doorbell if it sleeps. Returns 1 when the owner was asleep.
  */
 static int bus_write_u32(Kicker *k, Py_ssize_t off, uint32_t value)
 {
@@ -660,7 +675,7 @@ static int bus_write_u32(Kicker *k, Py_ssize_t off, uint32_t value)
 	if (!owner || owner > k->ncpus)
 		return 0;
 	cb = b + k->cb_off + (owner - 1) * k->cb_size;
-	STORE8(cb + k->cb_wake, 1);
+	STORE8(cb + k->cb_write, 1);
 	FENCE();
 	if (LOAD32(cb + k->cb_sleeping)) {
 		uint32_t pid = LOAD32(cb + k->cb_pid);
@@ -705,12 +720,19 @@ static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
 		/* The CPU sleeps, or spinners outnumber cores: either way it needs a host
 		 * core to see the kick on, maybe this one. */
 		int give_core = bus_write_u32(k, md, hlt) || k->yield;
-		int64_t end = now_ns() + delay_ns;
+		int64_t end = 0;
 
 		for (;;) {  /* udelay(), watching status to time the acknowledgement */
-			if (!t_ack && LOAD32(status) == hlt)
-				t_ack = now_ns();  /* read after the load: never before the ack */
-			if (now_ns() >= end)
+			/* Look at status first, and between clock reads: a clock read
+			 * (~30 ns) is longer than a line move, and a spinning CPU answers
+			 * within a few of those (the floor's ping-pong reads no clock
+			 * between its store and its look). */
+			for (int look = 0; look < UDELAY_LOOKS && !t_ack; look++)
+				if (LOAD32(status) == hlt)
+					t_ack = now_ns();  /* read after the load: never before the ack */
+			if (!end)
+				end = now_ns() + delay_ns;  /* udelay() counts from here, after the write */
+			else if (now_ns() >= end)
 				break;
 			if (give_core)
 				sched_yield();

@@ -1,12 +1,12 @@
 """The bus: the one path by which anything writes emulated memory, and by which CPUs are woken.
 
 MWAIT is real here because of this module. A write that touches any byte of a
-line some CPU has armed its monitor on raises that CPU's WAKE_WRITE byte, even
+line some CPU has armed its monitor on raises that CPU's WAKE_WRITE byte (`mon_write`), even
 when the written value equals the old one (the kernel's kick loop rewrites the
 same control value every 5 us; the kexec copy writes whatever lands there).
 
 Ordering (see smpd.sync). A CPU arms its monitor by storing its directory entry,
-then fences, then sleeps or spins on its wake word. The bus stores the data, then
+then fences, then sleeps or spins on its wake words. The bus stores the data, then
 fences, then loads the directory. So either the bus sees the entry (and wakes the
 CPU) or the CPU's fence came after the data was visible: the write happened
 before MONITOR, and real hardware would not wake either.
@@ -43,6 +43,7 @@ class Bus:
         self.mem_len = geo.npages * L.PAGE
         self.dir_base = geo.dir_off // L.DIR_ENTRY
         self._wake_off = [geo.cb_off(c) + L.CB["wake"][0] for c in range(geo.ncpus)]
+        self._write_off = [geo.cb_off(c) + L.CB["mon_write"][0] for c in range(geo.ncpus)]
         self._sleeping_idx = [(geo.cb_off(c) + L.CB["sleeping"][0]) // 4 for c in range(geo.ncpus)]
         self._pid_idx = [(geo.cb_off(c) + L.CB["pid"][0]) // 4 for c in range(geo.ncpus)]
 
@@ -91,12 +92,13 @@ class Bus:
         return self.write(addr, struct.pack("<I", value))
 
     def wake(self, cpu: int, byte: int) -> None:
-        """Raise one of ``cpu``'s wake bytes and, if it sleeps, ring its doorbell signal.
+        """Raise one of ``cpu``'s wake bytes (L.WAKE_*: WAKE_WRITE is `mon_write`, the others
+        bytes of `wake`) and, if it sleeps, ring its doorbell signal.
 
         `sleeping` is only ever set by a live CPU process; the coordinator clears it
         (and the pid) when it finds the process dead, so a recycled pid is not rung.
         """
-        self.buf[self._wake_off[cpu] + byte] = 1
+        self.buf[self._write_off[cpu] if byte == L.WAKE_WRITE else self._wake_off[cpu] + byte] = 1
         fence()
         if self.u32[self._sleeping_idx[cpu]]:
             pid = self.u32[self._pid_idx[cpu]]

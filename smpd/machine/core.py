@@ -1,13 +1,13 @@
 """The CPU core: what a CPU process does that is hardware, not kernel.
 
-How a CPU waits (``wait``). Every waker raises one byte of the CPU's wake word
-(smpd.machine.layout: write, interrupt, IPI, timer). The watch loop is the hot
-path (smpd.machine.hotpath: compiled, or its Python peer), kept to one load and
-one compare (two in the compiled loop of a CPU in mwait_play_dead(), which also
-watches the control word it monitors); everything else (timers, counters,
-signals) happens outside it:
+How a CPU waits (``wait``). Every waker raises one byte of the CPU's wake words
+(smpd.machine.layout: write in `mon_write`; interrupt, IPI, timer in `wake`). The
+watch loop is the hot path (smpd.machine.hotpath: compiled, or its Python peer),
+kept to a load and a compare of each word (and, in the compiled loop of a CPU in
+mwait_play_dead(), of the control word it monitors); everything else (timers,
+counters, signals) happens outside it:
 
-* ``spin``: busy-watch the wake word. Lowest latency; needs a host core per CPU.
+* ``spin``: busy-watch the wake words. Lowest latency; needs a host core per CPU.
 * ``adaptive``: spin for the budget, then sleep in sigwaitinfo until the bus rings
   the doorbell signal (or an interrupt signal arrives).
 * Spurious MWAIT wake-ups (``spurious_per_s``) end a wait at a random deadline.
@@ -57,6 +57,8 @@ class CpuCore:
         self.u32, self.buf, self.u16, self.u64 = seg.u32, seg.buf, seg.u16, seg.u64
         self.wake_idx = seg.cb_index32(cpu, "wake")
         self.wake_off = self.wake_idx * 4
+        self.write_idx = seg.cb_index32(cpu, "mon_write")
+        self.write_off = self.write_idx * 4
         self.dir_base = geo.dir_off // L.DIR_ENTRY
         self.spin = seg.hdr("watch") == L.Watch.SPIN
         self.budget_ns = seg.hdr("spin_budget_ns")
@@ -136,15 +138,19 @@ class CpuCore:
         return mask
 
     def _consume(self) -> int:
-        """Read the wake word, clear the bytes that were raised, fence, return them."""
-        v = self.u32[self.wake_idx]
-        if v == 1:
-            # Only the bus's WRITE byte (byte 0, the low byte): the kick's path. No fence
-            # needed: what we read next is memory the writer stored before raising the byte
-            # (x86 keeps loads in order), and a write after our clear raises it again.
-            self.buf[self.wake_off] = 0
-            return v
-        for byte in range(4):
+        """Read the wake words, clear the bytes that were raised, fence, return them as a wake mask
+        (one byte per L.WAKE_* kind)."""
+        u32 = self.u32
+        v = u32[self.wake_idx] & ~M_WRITE  # `wake`'s byte 0 is not a kind: WAKE_WRITE is `mon_write`
+        if u32[self.write_idx]:
+            self.buf[self.write_off] = 0
+            if not v:
+                # Only the bus's WRITE byte: the kick's path. No fence needed: what we read
+                # next is memory the writer stored before raising the byte (x86 keeps loads
+                # in order), and a write after our clear raises it again.
+                return 1
+            v |= 1
+        for byte in (L.WAKE_IRQ, L.WAKE_IPI, L.WAKE_TIMER):
             if v >> (8 * byte) & 0xFF:
                 self.buf[self.wake_off + byte] = 0
         fence()  # our clears are visible before we read the mailbox or memory below
@@ -156,7 +162,7 @@ class CpuCore:
         """__monitor(): arm the monitor on the line holding ``addr`` (the line directory has one
         writer per entry: a CPU arms only its own lines; see smpd.machine.layout)."""
         line = (addr - L.PHYS_BASE) // L.LINE
-        self.buf[self.wake_off + L.WAKE_WRITE] = 0
+        self.buf[self.write_off] = 0
         self.u16[self.dir_base + line] = self.cpu + 1
         self.armed_line = line
         self.u32[self.i_mon_line] = line

@@ -51,8 +51,10 @@ def waiter(seg, cpu: int, irq_signals, doorbell: int):
     """CPU ``cpu``'s watch loop: the compiled one, or its Python peer (smpd.machine.pyhotpath)."""
     if not compiled(seg):
         return pyhotpath.Waiter(seg, cpu, irq_signals, doorbell, spin_yields=bool(seg.hdr("spin_yields")))
-    return _hotpath.Waiter(seg.buf, seg.cb_index32(cpu, "wake") * 4, seg.cb_index32(cpu, "sleeping") * 4,
-                           sorted(irq_signals), doorbell, spin_yields=bool(seg.hdr("spin_yields")))
+    word = lambda field: seg.cb_index32(cpu, field) * 4  # noqa: E731
+    return _hotpath.Waiter(seg.buf, wake=word("wake"), write=word("mon_write"), sleeping=word("sleeping"),
+                           irq_signals=sorted(irq_signals), doorbell=doorbell,
+                           spin_yields=bool(seg.hdr("spin_yields")))
 
 
 def ack(seg, cpu: int, md: int, checks) -> object | None:
@@ -86,7 +88,7 @@ def kicker(seg, doorbell: int, bus):
         return pyhotpath.Kicker(seg, bus, spin_yields=bool(seg.hdr("spin_yields")))
     geo = seg.geo
     return _hotpath.Kicker(seg.buf, mem_off=geo.mem_off, mem_len=geo.npages * L.PAGE, dir_off=geo.dir_off,
-                           cb_off=L.CB_OFF, cb_size=L.CB_SIZE, cb_wake=L.CB["wake"][0],
+                           cb_off=L.CB_OFF, cb_size=L.CB_SIZE, cb_write=L.CB["mon_write"][0],
                            cb_sleeping=L.CB["sleeping"][0], cb_pid=L.CB["pid"][0], ncpus=geo.ncpus,
                            doorbell=doorbell, line=L.LINE, dir_entry=L.DIR_ENTRY,
                            spin_yields=bool(seg.hdr("spin_yields")))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
 
-LAYOUT_VERSION = 7  # 7: process identities in clock ticks since boot, not wall-clock create times
+LAYOUT_VERSION = 8  # 8: the monitor's write flag on its own line (mon_write); 7: process identities in clock ticks
 MAGIC = b"SMPDSEG\x00"
 
 LINE = 64  # bytes in a cache line: the MONITOR granularity of the x86 parts we emulate
@@ -222,23 +222,28 @@ assert GEN_OFF + GEN_SLOTS * GEN_ENTRY.size <= HEADER_SIZE
 
 # --- the per-CPU control block --------------------------------------------
 #
-# Four cache lines per CPU, each written mostly by one side, so that a CPU
-# watching its wake word shares its host cache line with nobody but its wakers.
-CB_SIZE = 8 * LINE
+# Nine cache lines per CPU, each written mostly by one side, so that a CPU
+# watching its wake words shares their host cache lines with nobody but its wakers.
+CB_SIZE = 9 * LINE
 CB_OFF = HEADER_SIZE
 
-# Line 0, the hot line. `wake` is the word the CPU's watch loop loads: one byte
-# per kind of waker so that concurrent wakers never lose each other's bits (byte
-# stores are atomic; a read-modify-write of a shared word would not be):
-WAKE_WRITE = 0  # byte 0: the bus wrote the line this CPU monitors
-WAKE_IRQ = 1  # byte 1: an interrupt signal (NMI, SMI, MCE) arrived
-WAKE_IPI = 2  # byte 2: the coordinator posted to the mailbox
-WAKE_TIMER = 3  # byte 3: the CPU's own timer (spin budget or spurious wake-up)
-# `sleeping` is set while the CPU sleeps in sigwaitinfo; wakers read it
-# (after a fence) to decide whether its doorbell signal is owed.
+# What wakes a CPU is one byte per kind of waker, so that concurrent wakers never
+# lose each other's bits (byte stores are atomic; a read-modify-write of a shared
+# word would not be). The CPU's watch loop loads two words, and a wake mask has
+# one byte of each kind in this order:
+WAKE_WRITE = 0  # the bus wrote the line this CPU monitors: `mon_write`, line 8
+WAKE_IRQ = 1  # an interrupt signal (NMI, SMI, MCE) arrived: byte 1 of `wake`
+WAKE_IPI = 2  # the coordinator posted to the mailbox: byte 2 of `wake`
+WAKE_TIMER = 3  # the CPU's own timer (spin budget or spurious wake-up): byte 3 of `wake`
+# Line 0, the hot line: `wake` (its byte 0 unused). A write's byte is on another
+# line (line 8) because the woken CPU reads `wake` on its way to acknowledging a
+# kick (did an interrupt come with it?): the bus's stores then never move the line
+# that read needs, and a kick costs the cache lines of struct mwait_cpu_dead alone
+# (smpd/machine/_hotpath.c, bench/bench_kick.py). `sleeping` is on the bus's line
+# too: the bus reads it (after a fence) right after its store to `mon_write`, to
+# decide whether the CPU's doorbell signal is owed, and finds it in its own cache.
 _CB_FIELDS = [
     ("wake", 0, "I"),
-    ("sleeping", 4, "I"),
     # Line 1: CPU-owned state, read by observers (status).
     ("pid", 64, "I"),
     ("core", 68, "i"),  # pinned host core, -1 when not pinned
@@ -266,7 +271,10 @@ _CB_FIELDS = [
     ("mbox_ack", 208, "I"),
     ("mbox_result", 212, "I"),
     # Line 4: what happened to the CPU in the kexec path, written by the CPU.
-    ("kick_seen_ns", 256, "Q"),  # CLOCK_MONOTONIC ns when it saw CPUDEAD_MWAIT_KEXEC_HLT
+    # CLOCK_MONOTONIC ns when it saw CPUDEAD_MWAIT_KEXEC_HLT and answered: stamped just after
+    # its status store in the compiled path (a clock read is longer than a line move), just
+    # before it in the Python one
+    ("kick_seen_ns", 256, "Q"),
     ("fault", 264, "I"),  # Fault
     ("fault_page", 268, "I"),  # the page that decided it
     ("fault_addr", 272, "I"),  # first stray store's address
@@ -281,13 +289,19 @@ _CB_FIELDS = [
     ("ev_head", 312, "I"),  # events logged so far; the ring keeps the last EV_SLOTS
     ("fault_gen", 316, "I"),  # the generation whose map fault_page was judged in (0: cpu_gen's)
     # Lines 5-7: the event ring, EV_SLOTS entries of (ns u64, code u32, arg u32).
+    # Line 8, the bus's line. `mon_write`, the monitor's trigger: the bus raises its
+    # byte 0 when it writes the line this CPU monitors (WAKE_WRITE); the CPU clears it.
+    # `sleeping`: set while the CPU sleeps in sigwaitinfo (see smpd.machine.bus).
+    ("mon_write", 512, "I"),
+    ("sleeping", 516, "I"),
 ]
 EV_OFF = 320
 EV_SLOTS = 12
 EV_ENTRY = struct.Struct("<QII")
 CB = {name: (off, struct.Struct("<" + fmt)) for name, off, fmt in _CB_FIELDS}
-assert max(o + s.size for o, s in CB.values()) <= EV_OFF
-assert EV_OFF + EV_SLOTS * EV_ENTRY.size <= CB_SIZE
+assert max(o + s.size for o, s in CB.values() if o < EV_OFF) <= EV_OFF
+assert EV_OFF + EV_SLOTS * EV_ENTRY.size <= CB["mon_write"][0] < CB_SIZE
+assert CB["mon_write"][0] // LINE == CB["sleeping"][0] // LINE != CB["wake"][0] // LINE  # see above
 
 # The directory: one u16 per emulated line, 0 = unmonitored, else cpu + 1.
 # Invariant: a CPU arms its monitor only on a line that is its own in its kernel's memory

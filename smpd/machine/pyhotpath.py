@@ -33,11 +33,12 @@ WOKE, TIMEOUT, SIGNAL = 0, 1, 2  # the same codes as smpd.machine._hotpath's
 
 
 class Waiter:
-    """One CPU's watch loop over its wake word and its `sleeping` flag in ``seg``."""
+    """One CPU's watch loop over its wake words (`wake`, `mon_write`) and its `sleeping` flag in ``seg``."""
 
     def __init__(self, seg, cpu: int, irq_signals, doorbell: int, spin_yields: bool = False):
         self.u32, self.buf = seg.u32, seg.buf
         self.i = seg.cb_index32(cpu, "wake")
+        self.w = seg.cb_index32(cpu, "mon_write")
         self.timer_byte = self.i * 4 + L.WAKE_TIMER
         self.sleeping = seg.cb_index32(cpu, "sleeping")
         self.irq = frozenset(irq_signals)
@@ -59,12 +60,12 @@ class Waiter:
     def wait(self, spin_ns: int, deadline_ns: int, ack=None) -> tuple[int, int, int]:
         """Spin for ``spin_ns`` (-1: until woken; 0: not at all), then sleep in sigwaitinfo() on
         the doorbell and interrupt signals; ``deadline_ns`` (CLOCK_MONOTONIC, 0 = none) ends the
-        wait as TIMEOUT. WOKE leaves the wake word for the caller; SIGNAL's arg is the interrupt
+        wait as TIMEOUT. WOKE leaves the wake words for the caller; SIGNAL's arg is the interrupt
         signal taken while asleep. acked_ns is always 0 (see the module comment)."""
         if ack is not None:
             raise TypeError("the Python Waiter does not acknowledge kicks: smpd.kernel.cpu does; pass ack=None")
-        u32, i = self.u32, self.i
-        if u32[i]:
+        u32, i, w = self.u32, self.i, self.w
+        if u32[i] or u32[w]:
             return WOKE, 0, 0
         if spin_ns:
             now = time.monotonic_ns()
@@ -75,13 +76,13 @@ class Waiter:
                 self.timer_armed = True
                 signal.setitimer(signal.ITIMER_REAL, max(end - now, 1000) / 1e9)
             if self.yields:  # spinners outnumber host cores: share them
-                while u32[i] == 0:
+                while u32[i] == 0 == u32[w]:
                     os.sched_yield()
-            while u32[i] == 0:  # THE HOT LOOP: one load, one compare
+            while u32[i] == 0 == u32[w]:  # THE HOT LOOP: a load and a compare of each word
                 pass
             if end:
                 self._disarm()
-            if u32[i]:
+            if u32[i] or u32[w]:
                 return WOKE, 0, 0
             if spin_ns < 0 or time.monotonic_ns() >= deadline_ns > 0:
                 return TIMEOUT, 0, 0
@@ -97,14 +98,14 @@ class Waiter:
         wait for them *and* for the bus's doorbell in one sigtimedwait, which takes a
         pending signal atomically.
         """
-        u32, i = self.u32, self.i
+        u32, i, w = self.u32, self.i, self.w
         old = signal.pthread_sigmask(signal.SIG_BLOCK, self.irq)
         try:
             # fence() is a Python call: its entry runs the handler of any interrupt that
             # arrived before the block, so its byte is raised before we look.
             u32[self.sleeping] = 1
             fence()  # pairs with the fence in Bus.wake: we see its byte or it sees `sleeping`
-            while u32[i] == 0:
+            while u32[i] == 0 == u32[w]:
                 if deadline_ns:
                     left = deadline_ns - time.monotonic_ns()
                     if left <= 0:
@@ -114,7 +115,7 @@ class Waiter:
                     info = signal.sigwaitinfo(self.sleep_set)
                 if info is not None and info.si_signo in self.irq:
                     return SIGNAL, info.si_signo, 0
-                # the doorbell (or the timeout): look at the wake word again
+                # the doorbell (or the timeout): look at the wake words again
             return WOKE, 0, 0
         finally:
             u32[self.sleeping] = 0

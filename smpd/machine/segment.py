@@ -245,6 +245,11 @@ class Segment:
         off, s = L.CB[field]
         s.pack_into(self.buf, L.CB_OFF + cpu * L.CB_SIZE + off, value)
 
+    def wake_raised(self, cpu: int) -> bool:
+        """Is a byte raised in either of ``cpu``'s wake words (`wake`, `mon_write`): something it
+        has not taken yet?"""
+        return bool(self.cb(cpu, "wake") or self.cb(cpu, "mon_write"))
+
     def cb_index32(self, cpu: int, field: str) -> int:
         """Index of a u32 control-block field in ``self.u32`` (for hot loops)."""
         off, s = L.CB[field]

@@ -168,6 +168,8 @@ def main() -> None:
 
 
 def _us(ns: float) -> str:
+    if ns < 1e3:  # a spin kick's: in ns, as its floor is
+        return f"{ns:>7.0f}ns"
     return f"{ns / 1e3:>7.1f}us" if ns < 1e7 else f"{ns / 1e6:>7.1f}ms"
 
 

@@ -26,7 +26,7 @@ which the floor's ping does not), a load of the line directory's entry (written 
 CPU at its MONITOR), the store of the CPU's WRITE byte (`mon_write`, the bus's line of
 that CPU: one more move) and a fence for it, and a load of `sleeping` (the same line,
 now in its own cache). The CPU takes its WRITE byte, and leaves the directory, after its
-acknowledgement; it stamps kick_seen_ns (a clock read) after it too. That is the
+acknowledgement; it stamps kick_seen_ns (a clock read, ~30 ns) just before it. That is the
 emulator's conversation: a real parked CPU has flushed the line (clflush() before
 __monitor()) and is woken by the monitor hardware seeing the store, then leaves the
 C-state mwait_play_dead() asked for, which neither floor includes. An adaptive CPU asleep in sigwaitinfo() pays a process wake-up besides (the bus rings

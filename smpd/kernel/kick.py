@@ -5,7 +5,7 @@ CPUDEAD_MWAIT_WAIT): write control = CPUDEAD_MWAIT_KEXEC_HLT, udelay(5), again,
 at most 1000 times ("Wait up to 5ms"), until the CPU answers in status; report
 a CPU that never does once (pr_err_once). A kick has three instants (DESIGN.md
 §6), all CLOCK_MONOTONIC ns: the coordinator's first control write, the CPU
-seeing it (it stamps kick_seen_ns as it answers), and the coordinator seeing status change.
+seeing it (it stamps kick_seen_ns), and the coordinator seeing status change.
 
 Cost: a round is one bus write (a monitored line: two fences, and a doorbell
 kill() when the CPU sleeps) plus the udelay busy-wait, which polls status so the

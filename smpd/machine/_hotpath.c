@@ -34,6 +34,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
@@ -324,10 +325,8 @@ static void await_write_byte(char *wake)
  * interrupt that came with the kick finds it in this CPU's cache; the tags are
  * read-only lines; control came with the line the kicker wrote, and the status
  * store sends that line back. The status line is this CPU's own (only its owner may
- * monitor it), so the store needs no directory look. Bookkeeping, kick_seen_ns
- * first, comes after the acknowledgement: a clock read (~30 ns) is longer than a
- * line move, and real hardware does not take one between seeing control and
- * storing status.
+ * monitor it), so the store needs no directory look. kick_seen_ns (a clock read,
+ * ~30 ns) comes before it; the rest of the bookkeeping after the acknowledgement.
  */
 static int try_ack(Waiter *w, Ack *a, int64_t *seen, int by_content)
 {
@@ -342,10 +341,12 @@ static int try_ack(Waiter *w, Ack *a, int64_t *seen, int by_content)
 			return 0;
 	if (LOAD32(b + a->control) != a->kexec_hlt)
 		return 0;
-	STORE32(b + a->busy, 1);  /* acting on a wake-up (smpd.kexec settle) until HLT: a line of its own */
+	/* Stamped before status: after it, a CPU process preempted between the store and
+	 * its clock read would report seeing the kick after the kicker saw the answer. */
+	*seen = now_ns();
+	STORE32(b + a->busy, 1);  /* acting on a wake-up (smpd.kexec settle) until HLT */
+	STORE64(b + a->seen, (uint64_t)*seen);  /* before status: the kicker reads it after */
 	STORE32(b + a->status, a->kexec_hlt);
-	*seen = now_ns();  /* the instant of the acknowledgement, stamped just after it */
-	STORE64(b + a->seen, (uint64_t)*seen);
 	/* MWAIT's exit ends the monitor, and the write that woke us is consumed: seen on
 	 * the control word, its WRITE byte is on its way (the bus raises it after the
 	 * store, for as long as the directory names us), so take it before leaving the
@@ -400,7 +401,7 @@ static int answer_kick(Waiter *w, Ack *a, int64_t *seen, int by_content)
 	return try_ack(w, a, seen, by_content);
 }
 
-/* The wake word is raised: acknowledge a kick if ``a`` says so and it is one. */
+/* A wake word is raised: acknowledge a kick if ``a`` says so and it is one. */
 static PyObject *woke(Waiter *w, Ack *a, int slept, long long spin_ns)
 {
 	int64_t seen;
@@ -573,9 +574,9 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 static PyMethodDef Waiter_methods[] = {
 	{"wait", (PyCFunction)Waiter_wait, METH_VARARGS,
 	 "wait(spin_ns, deadline_ns, ack) -> (code, arg, acked_ns)\n\n"
-	 "Wait for the wake word: spin for spin_ns (-1: until woken; 0: not at all), then sleep\n"
+	 "Wait for the wake words: spin for spin_ns (-1: until woken; 0: not at all), then sleep\n"
 	 "in sigwaitinfo() on the doorbell and interrupt signals; deadline_ns (CLOCK_MONOTONIC, 0 =\n"
-	 "none) ends the wait as TIMEOUT. code is WOKE (the wake word is left for the caller),\n"
+	 "none) ends the wait as TIMEOUT. code is WOKE (the wake words are left for the caller),\n"
 	 "TIMEOUT, or SIGNAL with arg = the interrupt signal taken while asleep. acked_ns is 0,\n"
 	 "or, when ack was given and the wake-up was a kick it could acknowledge, when the CPU saw\n"
 	 "the kick: it then acknowledged, went into HLT, and code/arg say what ended HLT."},
@@ -680,7 +681,7 @@ static int bus_write_u32(Kicker *k, Py_ssize_t off, uint32_t value)
 	if (LOAD32(cb + k->cb_sleeping)) {
 		uint32_t pid = LOAD32(cb + k->cb_pid);
 
-		if (pid)
+		if (pid && pid <= INT_MAX)  /* a pid, never -1 or a process group */
 			kill((pid_t)pid, k->doorbell);  /* gone: the coordinator marks it GONE */
 		return 1;
 	}
@@ -760,7 +761,7 @@ static PyMethodDef Kicker_methods[] = {
 static PyTypeObject KickerType = {
 	PyVarObject_HEAD_INIT(NULL, 0)
 	.tp_name = "smpd._hotpath.Kicker",
-	.tp_doc = "Kicker(buf, mem_off, mem_len, dir_off, cb_off, cb_size, cb_wake, cb_sleeping, cb_pid, "
+	.tp_doc = "Kicker(buf, mem_off, mem_len, dir_off, cb_off, cb_size, cb_write, cb_sleeping, cb_pid, "
 		  "ncpus, doorbell): the coordinator's kick over the segment",
 	.tp_basicsize = sizeof(Kicker),
 	.tp_flags = Py_TPFLAGS_DEFAULT,

@@ -222,7 +222,8 @@ assert GEN_OFF + GEN_SLOTS * GEN_ENTRY.size <= HEADER_SIZE
 
 # --- the per-CPU control block --------------------------------------------
 #
-# Nine cache lines per CPU, each written mostly by one side, so that a CPU
+# Nine cache lines per CPU, each written mostly by one side (line 8: the bus and
+# the CPU, see below), so that a CPU
 # watching its wake words shares their host cache lines with nobody but its wakers.
 CB_SIZE = 9 * LINE
 CB_OFF = HEADER_SIZE
@@ -271,10 +272,7 @@ _CB_FIELDS = [
     ("mbox_ack", 208, "I"),
     ("mbox_result", 212, "I"),
     # Line 4: what happened to the CPU in the kexec path, written by the CPU.
-    # CLOCK_MONOTONIC ns when it saw CPUDEAD_MWAIT_KEXEC_HLT and answered: stamped just after
-    # its status store in the compiled path (a clock read is longer than a line move), just
-    # before it in the Python one
-    ("kick_seen_ns", 256, "Q"),
+    ("kick_seen_ns", 256, "Q"),  # CLOCK_MONOTONIC ns when it saw CPUDEAD_MWAIT_KEXEC_HLT
     ("fault", 264, "I"),  # Fault
     ("fault_page", 268, "I"),  # the page that decided it
     ("fault_addr", 272, "I"),  # first stray store's address

@@ -51,8 +51,7 @@ def _waiter(seg):
 
 
 def _wake_word(seg) -> int:
-    """The CPU's wake mask, one byte per L.WAKE_* kind: `mon_write` for WRITE, `wake` for the others."""
-    return seg.u32[seg.cb_index32(CPU, "wake")] & ~0xFF | (1 if seg.u32[seg.cb_index32(CPU, "mon_write")] else 0)
+    return seg.wake_mask(CPU)
 
 
 def _when_asleep(seg, then) -> threading.Thread:

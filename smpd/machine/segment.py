@@ -245,10 +245,14 @@ class Segment:
         off, s = L.CB[field]
         s.pack_into(self.buf, L.CB_OFF + cpu * L.CB_SIZE + off, value)
 
+    def wake_mask(self, cpu: int) -> int:
+        """What is raised in ``cpu``'s wake words and not taken yet, as a wake mask: one byte per
+        L.WAKE_* kind (WAKE_WRITE from `mon_write`, the others from `wake`), as CpuCore takes it."""
+        return self.cb(cpu, "wake") & ~0xFF | (1 if self.cb(cpu, "mon_write") else 0)
+
     def wake_raised(self, cpu: int) -> bool:
-        """Is a byte raised in either of ``cpu``'s wake words (`wake`, `mon_write`): something it
-        has not taken yet?"""
-        return bool(self.cb(cpu, "wake") or self.cb(cpu, "mon_write"))
+        """Is a byte raised in either of ``cpu``'s wake words: something it has not taken yet?"""
+        return self.wake_mask(cpu) != 0
 
     def cb_index32(self, cpu: int, field: str) -> int:
         """Index of a u32 control-block field in ``self.u32`` (for hot loops)."""

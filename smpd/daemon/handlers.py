@@ -30,7 +30,6 @@ from smpd.daemon.status import status_snapshot
 from smpd.daemon.stopping import Stop
 from smpd.errors import BadInput, CoordinatorGone, InternalError, SmpdError
 from smpd.kernel import boot as kboot
-from smpd.kernel.cpu import IPI_DONE
 from smpd.kernel.generations import Generations
 from smpd.machine import layout as L
 
@@ -157,10 +156,11 @@ class Handlers:
         """Raise when a CPU of ``todo`` did not take its SIPI: it was no longer waiting for one, as
         when an MCE reached it between INIT and SIPI (SHUTDOWN: INIT cleared CR4.MCE), which ends
         the machine (end_if_faulted)."""
-        ignored = sorted(c for c, r in results.items() if r != IPI_DONE)
-        if not ignored:
+        refused = kboot.not_taken(self.sup.seg, results)
+        if not refused:
             return
-        states = ", ".join(f"CPU{c} {L.ExecState(self.sup.seg.cb(c, 'state')).name}" for c in ignored)
+        ignored = list(refused)
+        states = ", ".join(f"CPU{c} {state}" for c, state in refused.items())
         ended = end_if_faulted(self.sup, before, f"`smpd online` started CPU {cpulist.format_list(todo)}")
         raise SmpdError(f"online: CPU {cpulist.format_list(ignored)} did not take its SIPI ({states})"
                         + (f"; the machine {ended}: nothing runs on it until `smpd reset`" if ended else ""))

@@ -148,12 +148,13 @@ class Coordinator:
 
     def start_aps(self, m, budget: float, what: str, offline: list[int] = ()) -> dict:
         """Kernel ``m`` starts the APs its boot parameters keep (smpd.kernel.boot), and takes those
-        of ``offline`` offline again; a CPU that does not answer is an error here (a cold boot has
-        nothing to blame but the host)."""
+        of ``offline`` offline again; a CPU that does not answer, or does not take its SIPI, is an
+        error here (a cold boot has nothing to blame but the host)."""
         r = kboot.start_aps(self, m, list(range(1, self.ncpus)), budget, offline)
         if r["missing"]:
             self.refresh_gone()
             self.raise_unanswered(r["missing"], L.Ipi.INIT, r["messages"], budget, what)
+        kboot.require_taken(r, what)
         return r
 
     # -- what a kexec needs of us (smpd.kernel.kexec.Port) ------------------------

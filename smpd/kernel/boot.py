@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import time
 
+from smpd import cpulist
+from smpd.errors import SmpdError
 from smpd.kernel import generations, image
 from smpd.kernel.generations import Generations
 from smpd.kernel.memmap import Boot, MemoryMap, cold_boot
 from smpd.machine import layout as L
+from smpd.machine.core import IPI_DONE
 
 PARK_S = 2.0  # how long a sibling a kernel parks at boot (nosmt) gets to reach mwait_play_dead()
 
@@ -42,8 +45,9 @@ def start_aps(port, m: MemoryMap, cpus: list[int], timeout_s: float, offline: li
     it starts (a sibling aside) goes offline again once up, as `smpd offline` would take it: a
     CPU_DOWN in the same message as its INIT and SIPI, which it acknowledges once parked.
 
-    Returns {"started", "missing" (no answer), "left_behind" (not started), "parked", "messages"
-    (what followed each CPU's INIT in its message)}."""
+    Returns {"started", "missing" (no answer), "not_taken" (answered, but did not take its whole
+    message: ``not_taken``), "left_behind" (not started), "parked", "messages" (what followed each
+    CPU's INIT in its message)}."""
     seg = port.seg
     seg.set_hdr("generation", m.gen)
     targets = [c for c in cpus if m.boot.started(c)]
@@ -51,11 +55,30 @@ def start_aps(port, m: MemoryMap, cpus: list[int], timeout_s: float, offline: li
     down = set(offline)
     messages = {c: (L.Ipi.SIPI, L.Ipi.CPU_DOWN) if c in down and not m.boot.parks_at_boot(c) else (L.Ipi.SIPI,)
                 for c in targets}
-    _, missing = port.ipi_wait(targets, L.Ipi.INIT, timeout_s, then=messages)
-    up = [c for c in targets if c not in missing]
+    results, missing = port.ipi_wait(targets, L.Ipi.INIT, timeout_s, then=messages)
+    refused = not_taken(seg, results)
+    up = [c for c in targets if c in results and c not in refused]
     parks = [c for c in up if m.boot.parks_at_boot(c)]
     wait_parked(port, parks)
-    return {"started": up, "missing": missing, "left_behind": left, "parked": parks, "messages": messages}
+    return {"started": up, "missing": missing, "not_taken": refused, "left_behind": left, "parked": parks,
+            "messages": messages}
+
+
+def not_taken(seg, results: dict[int, int]) -> dict[int, str]:
+    """Of the answers to INIT-then-SIPI messages ({cpu: mailbox result}), the CPUs that did not take
+    the whole message, with their state now: one that was no longer waiting for its SIPI ignores it
+    (IPI_IGNORED), as when an MCE reached it between INIT and SIPI (SHUTDOWN: INIT cleared CR4.MCE)."""
+    return {c: L.ExecState(seg.cb(c, "state")).name for c, r in sorted(results.items()) if r != IPI_DONE}
+
+
+def require_taken(r: dict, what: str) -> None:
+    """Raise, for ``start_aps``'s answer ``r``, when a CPU did not take its whole message."""
+    if refused := r["not_taken"]:
+        raise SmpdError(f"{what}: CPU {cpulist.format_list(list(refused))} answered without taking all of "
+                        f"{'its' if len(refused) == 1 else 'their'} message ("
+                        + "; ".join(f"CPU{c}: INIT then {' then '.join(i.name for i in r['messages'][c])}, now {state}"
+                                    for c, state in refused.items())
+                        + "): a CPU no longer waiting for its SIPI ignores it")
 
 
 def wait_parked(port, cpus: list[int]) -> None:

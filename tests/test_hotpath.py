@@ -262,6 +262,26 @@ def test_a_kick_that_comes_with_an_ipi_is_not_answered_in_c(seg, attempt):
     assert seg.cb(CPU, "wake_write") == 0
 
 
+def test_a_forged_owner_or_pid_in_the_segment_wakes_nobody_and_raises_nothing(seg):
+    """A same-uid writer of the segment can store any u16 owner and any u32 pid. An owner beyond
+    the machine's CPUs names no CPU; a pid above pid_t's range (-1 or a process group once cast)
+    is rung by no one: in the bus's writes and in the kick loop alike."""
+    bus = Bus(seg)
+    entry = seg.geo.dir_off // L.DIR_ENTRY + MD_OFF // L.LINE
+    seg.u16[entry] = seg.geo.ncpus + 1
+    assert bus.write_u32(L.PHYS_BASE + MD_OFF, 1) == 0
+    assert bus.write(L.PHYS_BASE + MD_OFF - L.LINE, bytes(2 * L.LINE)) == 0  # two lines, one forged owner
+    assert _wake_word(seg) == 0
+    seg.u16[entry] = CPU + 1
+    seg.set_cb(CPU, "sleeping", 1)
+    for pid in (2**31, 2**32 - 1):
+        seg.set_cb(CPU, "pid", pid)
+        assert bus.write_u32(L.PHYS_BASE + MD_OFF, 2) == 1  # its byte is raised; no doorbell
+        assert _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
+        seg.set_cb(CPU, "mon_write", 0)
+        assert _kick(seg, 2)[:2] == (False, 2)
+
+
 def test_a_kick_outside_emulated_memory_is_refused(seg):
     with pytest.raises(ValueError, match="outside emulated memory"):
         Bus(seg).kicker.kick_one(seg.geo.npages * L.PAGE, L.CPUDEAD_MWAIT_KEXEC_HLT, 5000, 1)
@@ -282,6 +302,9 @@ def test_the_compiled_hot_path_is_given_the_layout_sizes_and_refuses_others(seg)
         _hotpath.Kicker(seg.buf, **{**args, "dir_entry": 4})
     with pytest.raises(ValueError, match="power of two"):
         _hotpath.Kicker(seg.buf, **{**args, "line": 48})
+    for field, off in (("cb_write", L.CB_SIZE), ("cb_sleeping", L.CB_SIZE - 2), ("cb_pid", 2), ("cb_pid", -4)):
+        with pytest.raises(ValueError, match="does not fit"):
+            _hotpath.Kicker(seg.buf, **{**args, field: off})
     seg.set_hdr("hot_path", L.HotPath.C)
     good = hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, [])
     assert good is not None

@@ -642,7 +642,11 @@ static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 		return -1;
 	bad = self->mem_off < 0 || self->mem_len < 0 || self->mem_off + self->mem_len > view.len ||
 	      self->dir_off < 0 || self->dir_off + self->dir_entry * (self->mem_len / self->line) > view.len ||
-	      self->cb_off < 0 || self->cb_off + self->ncpus * self->cb_size > view.len;
+	      self->cb_off < 0 || self->ncpus < 0 || self->cb_off + self->ncpus * self->cb_size > view.len ||
+	      /* each control-block field the kick loop touches lies inside the block, its u32s aligned */
+	      self->cb_write < 0 || self->cb_write >= self->cb_size ||
+	      self->cb_sleeping < 0 || self->cb_sleeping + 4 > self->cb_size || (self->cb_sleeping & 3) ||
+	      self->cb_pid < 0 || self->cb_pid + 4 > self->cb_size || (self->cb_pid & 3);
 	PyBuffer_Release(&view);
 	if (bad) {
 		PyErr_SetString(PyExc_ValueError, "the geometry does not fit the segment");

@@ -30,6 +30,7 @@ from smpd.machine.sync import fence
 # pending doorbell is one bit and never a growing queue; its default action is to be
 # ignored, so a doorbell at a recycled pid harms nobody.
 DOORBELL_SIGNAL = signal.SIGURG
+_PID_MAX = 2**31 - 1  # pid_t: a u32 word above it is no pid
 
 
 class Bus:
@@ -42,6 +43,7 @@ class Bus:
         self.mem_off = geo.mem_off
         self.mem_len = geo.npages * L.PAGE
         self.dir_base = geo.dir_off // L.DIR_ENTRY
+        self.ncpus = geo.ncpus
         self._wake_off = [geo.cb_off(c) + L.CB["wake"][0] for c in range(geo.ncpus)]
         self._write_off = [geo.cb_off(c) + L.CB["mon_write"][0] for c in range(geo.ncpus)]
         self._sleeping_idx = [(geo.cb_off(c) + L.CB["sleeping"][0]) // 4 for c in range(geo.ncpus)]
@@ -72,9 +74,11 @@ class Bus:
         first = self.dir_base + (off >> 6)
         last = self.dir_base + ((off + n - 1) >> 6)
         d = self.u16
+        # An owner word names CPU owner-1; one beyond the machine's CPUs (a same-uid writer of the
+        # segment could store any u16) names nobody, as in the compiled kick loop.
         if first == last:
             owner = d[first]
-            if owner:
+            if owner and owner <= self.ncpus:
                 self.wake(owner - 1, L.WAKE_WRITE)
                 return 1
             return 0
@@ -83,7 +87,7 @@ class Bus:
             return 0
         woken = 0
         for owner in owners:
-            if owner:
+            if owner and owner <= self.ncpus:
                 self.wake(owner - 1, L.WAKE_WRITE)
                 woken += 1
         return woken
@@ -102,7 +106,7 @@ class Bus:
         fence()
         if self.u32[self._sleeping_idx[cpu]]:
             pid = self.u32[self._pid_idx[cpu]]
-            if pid:
+            if 0 < pid <= _PID_MAX:  # a pid, never -1 or a process group (nor OverflowError)
                 try:
                     os.kill(pid, DOORBELL_SIGNAL)
                 except OSError:  # gone, or no longer ours: the coordinator will mark it GONE

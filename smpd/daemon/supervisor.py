@@ -102,8 +102,7 @@ class Coordinator:
         check_stop()
         self.bus = Bus(seg)
         self.mailbox = Mailbox(seg, self.bus, self.cpu_alive, self._mark_gone, check_stop, spin=self._fits_host())
-        gen1 = kboot.power_on(seg, self.bus, self.boot1)
-        check_stop()
+        gen1 = kboot.load_first(seg, self.boot1)  # its RAM is written while the template forks
         self.plan = plan = hostinfo.pin_plan(self.pin, self.ncpus)
         if plan[0] is not None:
             os.sched_setaffinity(0, {plan[0]})
@@ -112,7 +111,7 @@ class Coordinator:
                              ("start_ticks", self.start_ticks), ("cpu_gen", 1)):
             seg.set_cb(0, field, value)
         seg.set_hdr("state", L.MachineState.BOOTING)
-        self._fork_cpus({cpu: plan[cpu] for cpu in range(1, self.ncpus)})
+        self._fork_cpus({cpu: plan[cpu] for cpu in range(1, self.ncpus)}, lambda: kboot.write_ram(seg, self.bus, gen1))
         t_sipi = time.monotonic_ns()
         budget = (self.cfg.get("timeouts", "bringup_ms")
                   + self.cfg.get("timeouts", "bringup_ms_per_cpu") * self.ncpus) / 1000
@@ -211,10 +210,11 @@ class Coordinator:
         self._start_janitor()
         return True
 
-    def _fork_cpus(self, plan: dict[int, int | None]) -> None:
-        """A process for each CPU of ``plan`` (cpu -> host core), forked by the template, which ends here."""
+    def _fork_cpus(self, plan: dict[int, int | None], meanwhile: Callable[[], None] = lambda: None) -> None:
+        """A process for each CPU of ``plan`` (cpu -> host core), forked by the template, which ends here;
+        ``meanwhile`` runs once the template has the request."""
         template, self.template = self.template or Template(self.signals), None
-        template.fork(self.seg, plan, check_stop, self._adopt, self.ipi_timeout_s)
+        template.fork(self.seg, plan, check_stop, self._adopt, self.ipi_timeout_s, meanwhile)
 
     def _adopt(self, cpu: int, pid: int) -> None:
         self.procs[cpu] = p = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(pid)

@@ -88,10 +88,11 @@ class Template:
             raise self._gone() from None
 
     def fork(self, seg: Segment, plan: dict[int, int | None], poll: Callable[[], None],
-             adopt: Callable[[int, int], None], stall_s: float) -> None:
+             adopt: Callable[[int, int], None], stall_s: float, meanwhile: Callable[[], None] = lambda: None) -> None:
         """Fork a CPU process for each CPU of ``plan`` (cpu -> host core), ``adopt(cpu, pid)`` each
-        as it is forked, then end the template. ``poll`` runs between answers (the coordinator's
-        stop check). Raises HostTooSmall when the host refuses a process, CpuLost when the
+        as it is forked, then end the template. ``meanwhile`` runs once the request is sent (the
+        coordinator's own work, done while the template forks); ``poll`` runs between answers (the
+        coordinator's stop check). Raises HostTooSmall when the host refuses a process, CpuLost when the
         template dies before it answered all, Timeout when it answers none for ``stall_s`` (stopped,
         or starved; its first answer may take START_S more); every CPU process forked is adopted
         all the same, and the template killed."""
@@ -104,6 +105,7 @@ class Template:
                 self.sock.send(b"".join(_PAIR.pack(c, -1 if k is None else k) for c, k in plan.items()))
             except OSError:  # it died before it read the request (EPIPE, ECONNRESET)
                 raise self._gone() from None
+            meanwhile()
             self.sock.settimeout(0.1)
             for n in range(len(plan)):
                 cpu, pid = self._answer(poll, stall_s, n, len(plan))

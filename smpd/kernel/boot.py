@@ -22,10 +22,22 @@ PARK_S = 2.0  # how long a sibling a kernel parks at boot (nosmt) gets to reach 
 
 def power_on(seg, bus, boot: Boot) -> MemoryMap:
     """RAM after a power cycle with generation 1 booted into it (its own writes done; APs not started)."""
-    sizes = generations.sizes_of(seg)
-    seed = seg.hdr("seed")
-    m = cold_boot(sizes, boot)
+    m = load_first(seg, boot)
+    write_ram(seg, bus, m)
+    return m
+
+
+def load_first(seg, boot: Boot) -> MemoryMap:
+    """Power-on's first half: generation 1's memory map, recorded (what a CPU process needs to be
+    forked: smpd.daemon.template), its RAM not yet written (``write_ram``)."""
+    m = cold_boot(generations.sizes_of(seg), boot)
     generations.record(seg, m)
+    return m
+
+
+def write_ram(seg, bus, m: MemoryMap) -> None:
+    """Power-on's second half: RAM as firmware and generation 1 ``m`` leave it. Before any SIPI."""
+    seed = seg.hdr("seed")
     # No CPU executes until generation 1 has written its pages (the APs wait for SIPI), so their
     # firmware bytes could only be seen by a monitor they woke. With none armed (always, after
     # power-on's INIT), RAM is written as it ends up, at once; else page by page, in order.
@@ -36,7 +48,6 @@ def power_on(seg, bus, boot: Boot) -> MemoryMap:
     else:
         image.booted_ram(bus, seg.geo, seed, m)
         seg.set_hdr("generation", 1)
-    return m
 
 
 def start_aps(port, m: MemoryMap, cpus: list[int], timeout_s: float, offline: list[int] = ()) -> dict:

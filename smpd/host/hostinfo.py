@@ -111,11 +111,15 @@ def choose_watch(strategy: str, ncpus: int) -> tuple[str, str]:
     if strategy != "auto":
         return strategy, f"{strategy} (asked for)"
     need = ncpus  # N-1 CPU processes plus the coordinator, which also spins while it waits
+    cores = len(allowed_cores())
+    if need > cores:  # more than the host could ever give: no need to sample its load (0.1 s)
+        return "adaptive", (f"adaptive: {ncpus - 1} CPU processes + coordinator need {need} cores, "
+                            f"the host has {cores}")
     free = free_cores()
     if need <= int(free + 0.25):
         return "spin", f"spin: {ncpus - 1} CPU processes + coordinator fit {free:.1f} free host cores"
     return "adaptive", (f"adaptive: {ncpus - 1} CPU processes + coordinator need {need} cores, "
-                        f"the host has {free:.1f} free of {len(allowed_cores())}")
+                        f"the host has {free:.1f} free of {cores}")
 
 
 def _physical_core(cpu: int) -> tuple[int, int]:

@@ -79,7 +79,7 @@ def test_the_template_cpu_processes_are_forked_from_imports_no_threads():
     """Every CPU process runs the at-fork hooks of what the template imported: threading's (pulled
     in by psutil, via subprocess) cost each one ~120 of its ~600 page faults at bring-up
     (smpd.daemon.template). What the CPU needs of psutil, the coordinator reads for it."""
-    r = subprocess.run([sys.executable, "-P", "-c", "import sys, smpd.daemon.template; "
+    r = subprocess.run([sys.executable, "-P", "-c", "import sys, smpd.daemon.template as t; t.cpu_code(); "
                         "print(' '.join(m for m in ('threading', 'psutil', 'subprocess') if m in sys.modules))"],
                        capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -1,3 +1,22 @@
-from smpd.daemon.supervisor import main
+"""``python -P -m smpd.daemon FD``: the coordinator process.
 
-main()
+The template CPU processes are forked from (smpd.daemon.template) is started first: its
+interpreter's start (~0.1 s) then runs beside this one's imports of the daemon (~0.25 s),
+instead of after them. Should it fail to start here, the bring-up starts it again and says why.
+"""
+
+import signal
+
+signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # our children stay ours until reaped (see supervisor.run)
+
+from smpd.daemon.template import Template  # noqa: E402 (light: the CPU's code is the template's own)
+
+template: Template | None = Template()
+try:
+    template.start()
+except Exception:  # e.g. the host refused a process: boot() tries again, and reports it
+    template = None
+
+from smpd.daemon.supervisor import main  # noqa: E402
+
+main(template=template)

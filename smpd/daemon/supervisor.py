@@ -90,7 +90,7 @@ class Coordinator:
         self.start_ticks = trust.start_ticks(os.getpid())
         image.keep_images()
         self._start_janitor()  # first: from here on, whatever kills us, someone cleans up after us
-        self.template = Template(self.signals)
+        self.template = self.template or Template()  # `python -m smpd.daemon` started it before its imports
         self.template.start()  # its interpreter starts while we make the segment and load the kernel
         try:
             self.seg = seg = Segment.create(names.segment(self.name), geo, os.getpid(), self.start_ticks, self.name)
@@ -213,8 +213,8 @@ class Coordinator:
     def _fork_cpus(self, plan: dict[int, int | None], meanwhile: Callable[[], None] = lambda: None) -> None:
         """A process for each CPU of ``plan`` (cpu -> host core), forked by the template, which ends here;
         ``meanwhile`` runs once the template has the request."""
-        template, self.template = self.template or Template(self.signals), None
-        template.fork(self.seg, plan, check_stop, self._adopt, self.ipi_timeout_s, meanwhile)
+        template, self.template = self.template or Template(), None
+        template.fork(self.seg, self.signals, plan, check_stop, self._adopt, self.ipi_timeout_s, meanwhile)
 
     def _adopt(self, cpu: int, pid: int) -> None:
         self.procs[cpu] = p = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(pid)
@@ -375,8 +375,9 @@ def _header(c: Coordinator, t0: int, sizes) -> tuple[tuple[str, object], ...]:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -P -m smpd.daemon FD``: the daemon behind `smpd up`, which holds FD's other end."""
+def main(argv: list[str] | None = None, template: Template | None = None) -> None:
+    """``python -P -m smpd.daemon FD``: the daemon behind `smpd up`, which holds FD's other end;
+    ``template``: the one smpd.daemon.__main__ started."""
     argv = sys.argv[1:] if argv is None else argv
     set_process_name(COORDINATOR_COMM)
     client = UpClient(int(argv[0]))
@@ -385,10 +386,11 @@ def main(argv: list[str] | None = None) -> None:
     except (Stop, OSError, ValueError):
         client.close()
         sys.exit(1)
-    sys.exit(run(spec, up_client=client))
+    sys.exit(run(spec, up_client=client, template=template))
 
 
-def run(spec: dict, up_client: UpClient | None = None, on_ready: Callable[[dict], None] | None = None) -> int:
+def run(spec: dict, up_client: UpClient | None = None, on_ready: Callable[[dict], None] | None = None,
+        template: Template | None = None) -> int:
     """Boot, report readiness (to `up` or ``on_ready``), serve, shut down. Exit status."""
     set_process_name(COORDINATOR_COMM)  # what smpd.trust looks for before it signals us
     # A CPU process stays our zombie until we reap it, so its pid is its own until then (shutdown
@@ -401,6 +403,7 @@ def run(spec: dict, up_client: UpClient | None = None, on_ready: Callable[[dict]
     coord = Coordinator(cfg, spec["watch"], spec["watch_reason"], spec["seed"],
                         spec["hot_path"], spec["hot_path_reason"])
     coord.up_client = up_client
+    coord.template = template
     status = 0
     boot_error: SmpdError | None = None
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # see check_stop()

@@ -39,14 +39,15 @@ import socket
 import struct
 import sys
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from smpd.errors import CpuLost, Timeout
 from smpd.host.proc import die_with_parent, fork_refused, fork_sibling, set_process_name
-from smpd.kernel.cpu import cpu_main
-from smpd.kernel.generations import Generations
-from smpd.machine.bus import Bus
-from smpd.machine.segment import Segment
+
+if TYPE_CHECKING:
+    from smpd.kernel.generations import Generations
+    from smpd.machine.bus import Bus
+    from smpd.machine.segment import Segment
 
 TEMPLATE_COMM = "smpd-template"
 _PAIR = struct.Struct("<ii")
@@ -57,19 +58,22 @@ START_S = 30.0  # what its first answer may take besides: its interpreter's star
 class Template:
     """The coordinator's half: start the template, have it fork CPUs, stop it."""
 
-    def __init__(self, signals: dict[str, int]):
-        self.signals = signals
+    def __init__(self):
         self.proc = None  # subprocess.Popen
         self.sock: socket.socket | None = None
 
     def start(self) -> None:
-        """Exec the template. Its interpreter starts (~80 ms here, most of a small machine's
-        bring-up) while the coordinator goes on: before the segment exists, which ``attach``
-        hands it."""
+        """Exec the template, unless it runs already. Its interpreter starts (~0.1 s here, most of
+        a small machine's bring-up) while the coordinator goes on: `python -m smpd.daemon` starts
+        it before its own imports (~0.25 s), and it waits for the segment, which ``attach`` hands
+        it. This module imports light for that: the CPU's code is the template process's own
+        (``cpu_code``)."""
+        if self.proc is not None:
+            return
         import subprocess  # here: the template's own interpreter need not import it
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        spec = {"socket_fd": theirs.fileno(), "coordinator": os.getpid(), "signals": self.signals}
+        spec = {"socket_fd": theirs.fileno(), "coordinator": os.getpid()}
         try:
             self.proc = subprocess.Popen([sys.executable, "-P", "-m", __name__, json.dumps(spec)],
                                          pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
@@ -80,16 +84,18 @@ class Template:
             theirs.close()
         self.sock = ours
 
-    def attach(self, seg: Segment) -> None:
-        """Hand the template the segment: its name, and its descriptor (SCM_RIGHTS)."""
+    def attach(self, seg: Segment, signals: dict[str, int]) -> None:
+        """Hand the template the segment (its name, and its descriptor: SCM_RIGHTS) and the
+        machine's interrupt signals."""
         try:
-            socket.send_fds(self.sock, [seg.name.encode()], [seg.fd])
+            socket.send_fds(self.sock, [json.dumps({"segment": seg.name, "signals": signals}).encode()], [seg.fd])
         except OSError:  # it died (EPIPE, ECONNRESET)
             raise self._gone() from None
 
-    def fork(self, seg: Segment, plan: dict[int, int | None], poll: Callable[[], None],
+    def fork(self, seg: Segment, signals: dict[str, int], plan: dict[int, int | None], poll: Callable[[], None],
              adopt: Callable[[int, int], None], stall_s: float, meanwhile: Callable[[], None] = lambda: None) -> None:
-        """Fork a CPU process for each CPU of ``plan`` (cpu -> host core), ``adopt(cpu, pid)`` each
+        """Fork a CPU process for each CPU of ``plan`` (cpu -> host core), its interrupts ``signals``
+        (smpd.config), ``adopt(cpu, pid)`` each
         as it is forked, then end the template. ``meanwhile`` runs once the request is sent (the
         coordinator's own work, done while the template forks); ``poll`` runs between answers (the
         coordinator's stop check). Raises HostTooSmall when the host refuses a process, CpuLost when the
@@ -100,7 +106,7 @@ class Template:
         try:
             if self.proc is None:
                 self.start()
-            self.attach(seg)  # a template forks one batch, so it is handed the segment once
+            self.attach(seg, signals)  # a template forks one batch, so it is handed the segment once
             try:
                 self.sock.send(b"".join(_PAIR.pack(c, -1 if k is None else k) for c, k in plan.items()))
             except OSError:  # it died before it read the request (EPIPE, ECONNRESET)
@@ -172,15 +178,28 @@ class Template:
         return [(c, pid) for c, pid in left if pid > 0]
 
 
+def cpu_code():
+    """What the template process imports to fork CPU processes: their code, and what it runs on."""
+    from smpd.kernel.cpu import cpu_main
+    from smpd.kernel.generations import Generations
+    from smpd.machine.bus import Bus
+    from smpd.machine.segment import Segment
+
+    return cpu_main, Generations, Bus, Segment
+
+
 def template_main(spec: dict) -> None:
     """The template: fork each CPU asked for, answer its pid, until the coordinator hangs up."""
     die_with_parent(spec["coordinator"])
     set_process_name(TEMPLATE_COMM)
+    cpu_main, Generations, Bus, Segment = cpu_code()  # while the coordinator makes the segment
     sock = socket.socket(fileno=spec["socket_fd"])
-    name, fds, _flags, _addr = socket.recv_fds(sock, 256, 1)
+    attached, fds, _flags, _addr = socket.recv_fds(sock, 4096, 1)
     if not fds:  # the coordinator hung up first
         os._exit(0)
-    seg = Segment.inherit(name.decode(), fds[0])
+    attached = json.loads(attached)
+    spec["signals"] = attached["signals"]
+    seg = Segment.inherit(attached["segment"], fds[0])
     bus = Bus(seg)
     gens = Generations(seg)
     while request := sock.recv(seg.geo.ncpus * _PAIR.size):
@@ -194,11 +213,11 @@ def template_main(spec: dict) -> None:
             pass
         gc.freeze()  # what the CPUs inherit stays out of their collector (and so uncopied)
         for cpu, core in _PAIR.iter_unpack(request):
-            _fork_one(sock, seg, bus, gens, spec, cpu, None if core < 0 else core)
+            _fork_one(sock, seg, bus, gens, spec, cpu_main, cpu, None if core < 0 else core)
     os._exit(0)
 
 
-def _fork_one(sock: socket.socket, seg: Segment, bus: Bus, gens: Generations, spec: dict, cpu: int,
+def _fork_one(sock: socket.socket, seg: Segment, bus: Bus, gens: Generations, spec: dict, cpu_main, cpu: int,
               core: int | None) -> None:
     """Fork CPU ``cpu``'s process and answer its pid. The process waits on a pipe until the answer
     is sent: one whose answer never left (the template killed between the two) exits at once,

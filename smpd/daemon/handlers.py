@@ -156,13 +156,12 @@ class Handlers:
         """Raise when a CPU of ``todo`` did not take its SIPI: it was no longer waiting for one, as
         when an MCE reached it between INIT and SIPI (SHUTDOWN: INIT cleared CR4.MCE), which ends
         the machine (end_if_faulted)."""
-        refused = kboot.not_taken(self.sup.seg, results)
+        refused = kboot.sipi_ignored(self.sup.seg, results)
         if not refused:
             return
-        ignored = list(refused)
-        states = ", ".join(f"CPU{c} {state}" for c, state in refused.items())
         ended = end_if_faulted(self.sup, before, f"`smpd online` started CPU {cpulist.format_list(todo)}")
-        raise SmpdError(f"online: CPU {cpulist.format_list(ignored)} did not take its SIPI ({states})"
+        raise SmpdError(f"online: {kboot.describe_ignored(refused)} did not take "
+                        f"{'its' if len(refused) == 1 else 'their'} SIPI"
                         + (f"; the machine {ended}: nothing runs on it until `smpd reset`" if ended else ""))
 
     def _map(self):

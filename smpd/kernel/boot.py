@@ -39,8 +39,9 @@ def write_ram(seg, bus, m: MemoryMap) -> None:
     """Power-on's second half: RAM as firmware and generation 1 ``m`` leave it. Before any SIPI."""
     seed = seg.hdr("seed")
     # No CPU executes until generation 1 has written its pages (the APs wait for SIPI), so their
-    # firmware bytes could only be seen by a monitor they woke. With none armed (always, after
-    # power-on's INIT), RAM is written as it ends up, at once; else page by page, in order.
+    # firmware bytes could only be seen by a monitor they woke. With none armed (always: APs are in
+    # wait-for-SIPI from power-on, or after the reset's INIT), RAM is written as it ends up, at
+    # once; else page by page, in order.
     if bus.any_monitor():
         image.power_on(bus, seg.geo, seed)
         seg.set_hdr("generation", 1)
@@ -56,9 +57,9 @@ def start_aps(port, m: MemoryMap, cpus: list[int], timeout_s: float, offline: li
     it starts (a sibling aside) goes offline again once up, as `smpd offline` would take it: a
     CPU_DOWN in the same message as its INIT and SIPI, which it acknowledges once parked.
 
-    Returns {"started", "missing" (no answer), "not_taken" (answered, but did not take its whole
-    message: ``not_taken``), "left_behind" (not started), "parked", "messages" (what followed each
-    CPU's INIT in its message)}."""
+    Returns {"started", "missing" (no answer), "sipi_ignored" (answered, but did not take its SIPI:
+    ``sipi_ignored``), "left_behind" (not started), "parked", "messages" (what followed each CPU's
+    INIT in its message)}."""
     seg = port.seg
     seg.set_hdr("generation", m.gen)
     targets = [c for c in cpus if m.boot.started(c)]
@@ -67,29 +68,51 @@ def start_aps(port, m: MemoryMap, cpus: list[int], timeout_s: float, offline: li
     messages = {c: (L.Ipi.SIPI, L.Ipi.CPU_DOWN) if c in down and not m.boot.parks_at_boot(c) else (L.Ipi.SIPI,)
                 for c in targets}
     results, missing = port.ipi_wait(targets, L.Ipi.INIT, timeout_s, then=messages)
-    refused = not_taken(seg, results)
-    up = [c for c in targets if c in results and c not in refused]
+    ignored = sipi_ignored(seg, results)
+    up = [c for c in targets if c in results and c not in ignored]
     parks = [c for c in up if m.boot.parks_at_boot(c)]
     wait_parked(port, parks)
-    return {"started": up, "missing": missing, "not_taken": refused, "left_behind": left, "parked": parks,
+    return {"started": up, "missing": missing, "sipi_ignored": ignored, "left_behind": left, "parked": parks,
             "messages": messages}
 
 
-def not_taken(seg, results: dict[int, int]) -> dict[int, str]:
+def sipi_ignored(seg, results: dict[int, int]) -> dict[int, str]:
     """Of the answers to INIT-then-SIPI messages ({cpu: mailbox result}), the CPUs that did not take
-    the whole message, with their state now: one that was no longer waiting for its SIPI ignores it
-    (IPI_IGNORED), as when an MCE reached it between INIT and SIPI (SHUTDOWN: INIT cleared CR4.MCE)."""
-    return {c: L.ExecState(seg.cb(c, "state")).name for c, r in sorted(results.items()) if r != IPI_DONE}
+    their SIPI, each with what it is now: a CPU no longer in wait-for-SIPI ignores it (IPI_IGNORED),
+    as after an MCE between INIT and SIPI (INIT cleared CR4.MCE: SHUTDOWN, fault MCE_SHUTDOWN). A
+    real BSP would see it never report in (do_boot_cpu(); cpuhp_bp_sync_alive() from 6.5). One that
+    took its SIPI and ignored what followed (a CPU_DOWN) is up, and not named here."""
+    out = {}
+    for c, r in sorted(results.items()):
+        state = seg.cb(c, "state")
+        if r != IPI_DONE and state in (L.ExecState.WAIT_FOR_SIPI, L.ExecState.SHUTDOWN):
+            fault = seg.cb(c, "fault")
+            out[c] = L.ExecState(state).name + (f", fault {_name(L.Fault, fault)}" if fault else "")
+    return out
 
 
-def require_taken(r: dict, what: str) -> None:
-    """Raise, for ``start_aps``'s answer ``r``, when a CPU did not take its whole message."""
-    if refused := r["not_taken"]:
-        raise SmpdError(f"{what}: CPU {cpulist.format_list(list(refused))} answered without taking all of "
-                        f"{'its' if len(refused) == 1 else 'their'} message ("
-                        + "; ".join(f"CPU{c}: INIT then {' then '.join(i.name for i in r['messages'][c])}, now {state}"
-                                    for c, state in refused.items())
-                        + "): a CPU no longer waiting for its SIPI ignores it")
+def _name(enum, value: int) -> str:
+    """An enum's name for a word read from the segment, whatever its value."""
+    try:
+        return enum(value).name
+    except ValueError:
+        return str(value)
+
+
+def describe_ignored(ignored: dict[int, str]) -> str:
+    """``sipi_ignored``'s CPUs, grouped by what they are now: 'CPU 2,5 (SHUTDOWN, fault MCE_SHUTDOWN)'."""
+    by: dict[str, list[int]] = {}
+    for c, what in ignored.items():
+        by.setdefault(what, []).append(c)
+    return "; ".join(f"CPU {cpulist.format_list(cs, grouped=True)} ({what})" for what, cs in by.items())
+
+
+def require_sipi_taken(r: dict, what: str) -> None:
+    """Raise, for ``start_aps``'s answer ``r``, when a CPU did not take its SIPI."""
+    if ignored := r["sipi_ignored"]:
+        raise SmpdError(f"{what}: {describe_ignored(ignored)} did not take "
+                        f"{'its' if len(ignored) == 1 else 'their'} SIPI: a CPU no longer in wait-for-SIPI ignores "
+                        f"it, and never reports in (an MCE between INIT and SIPI shuts the machine down)")
 
 
 def wait_parked(port, cpus: list[int]) -> None:

@@ -267,14 +267,14 @@ class Kexec:
         r = boot_mod.start_aps(self.c, self.new, alive, BOOT_IPI_S)
         self.boot_missing, self.left_behind = r["missing"], r["left_behind"]
         boot = self.new.boot
-        self.log(f"generation {self.new.gen}: INIT/SIPI to CPU {cpulist.format_list(sorted(r['started'] + r['missing'] + list(r['not_taken']))) or 'none'}; "
+        self.log(f"generation {self.new.gen}: INIT/SIPI to CPU {cpulist.format_list(sorted(r['started'] + r['missing'] + list(r['sipi_ignored']))) or 'none'}; "
                  f"{len(r['started'])} up"
                  + (f", SMT siblings CPU {cpulist.format_list(r['parked'])} parked in mwait_play_dead() again"
                     if r["parked"] else "")
                  + (f"; CPU {cpulist.format_list(self.left_behind)} not started ("
                     + ("kdump: nr_cpus=1" if boot.crash else f"maxcpus={boot.maxcpus}") + ")" if self.left_behind else "")
                  + (f"; CPU {cpulist.format_list(self.boot_missing)} did not answer" if self.boot_missing else "")
-                 + "".join(f"; CPU{c} did not take its SIPI ({state})" for c, state in r["not_taken"].items()))
+                 + (f"; {boot_mod.describe_ignored(r['sipi_ignored'])} did not take the SIPI" if r["sipi_ignored"] else ""))
 
     # -- the outcome -----------------------------------------------------------
 

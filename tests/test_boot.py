@@ -1,0 +1,102 @@
+"""A kernel starting its APs (smpd.kernel.boot.start_aps), against CPU processes of this test's
+own over a real segment: INIT, then SIPI, in one mailbox message to each.
+
+An MCE that reaches a CPU between its INIT and its SIPI shuts it down (INIT cleared CR4.MCE), and
+the SIPI finds it no longer in wait-for-SIPI: it ignores it, and never reports in. The race is
+made certain here: that CPU's process sends itself the MCE right after it takes INIT.
+"""
+
+import os
+import signal
+
+import pytest
+
+from conftest import run_name
+from smpd import config
+from smpd.errors import SmpdError
+from smpd.host import names, trust
+from smpd.kernel import boot as kboot, cpu as kcpu
+from smpd.machine import layout as L
+from smpd.machine.bus import Bus
+from smpd.machine.mailbox import Mailbox
+from smpd.machine.segment import Segment
+
+NCPUS = 4
+VICTIM = 2  # the CPU the MCE reaches between INIT and SIPI
+DOWN = 3  # a CPU the boot takes offline again (CPU_DOWN after its SIPI, in the same message)
+
+
+class _Port:
+    """What start_aps needs of a coordinator: the segment, the mailbox, whether a CPU lives."""
+
+    def __init__(self, seg, bus, pids: dict[int, int]):
+        self.seg, self.pids = seg, pids
+        self.mailbox = Mailbox(seg, bus, self.cpu_alive, lambda cpu: None)
+
+    def cpu_alive(self, cpu: int) -> bool:
+        return os.waitpid(self.pids[cpu], os.WNOHANG) == (0, 0)
+
+    def ipi_wait(self, cpus, cmd, timeout_s, then=()):
+        return self.mailbox.send_and_wait(cpus, cmd, timeout_s, then)
+
+
+def _cpu_process(seg, bus, cpu: int, signals: dict[str, int]) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        if cpu == VICTIM:
+            init_reset = kcpu.Cpu.init_reset
+
+            def init_then_mce(self):
+                nxt = init_reset(self)
+                os.kill(os.getpid(), signals["mce"])  # before the SIPI that follows in the message
+                return nxt
+
+            kcpu.Cpu.init_reset = init_then_mce
+        kcpu.cpu_main(seg, bus, cpu, signals, os.getppid(), None)
+    finally:
+        os._exit(70)
+
+
+@pytest.fixture
+def powered_on(tmp_path):
+    """A segment with generation 1 in RAM and a process per AP, in wait-for-SIPI."""
+    conf = tmp_path / "boot.toml"
+    conf.write_text(f"[machine]\ncpus = {NCPUS}\n")
+    cfg = config.load(conf)
+    sizes, signals = cfg.sizes(), cfg.signals()
+    seg = Segment.create(names.segment(run_name("boot")), L.Geometry(NCPUS, sizes.ram), os.getpid(),
+                         trust.start_ticks(os.getpid()))
+    pids: dict[int, int] = {}
+    try:
+        for field, value in (("ram_pages", sizes.ram), ("crash_pages", sizes.crash), ("seed", 7),
+                             ("watch", L.Watch.ADAPTIVE), ("hot_path", L.HotPath.PYTHON),
+                             ("text_pages", sizes.text), ("data_pages", sizes.data),
+                             ("pgtable_pages", sizes.pgtables), ("stack_pages_per_cpu", sizes.stack_per_cpu)):
+            seg.set_hdr(field, value)
+        bus = Bus(seg)
+        gen1 = kboot.power_on(seg, bus, cfg.boot())
+        for cpu in range(1, NCPUS):
+            pids[cpu] = _cpu_process(seg, bus, cpu, signals)
+        yield _Port(seg, bus, pids), gen1
+    finally:
+        for pid in pids.values():
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        seg.close()
+        seg.unlink()
+
+
+def test_a_cpu_an_mce_reaches_between_init_and_sipi_ignores_the_sipi_and_is_not_started(powered_on):
+    port, gen1 = powered_on
+    r = kboot.start_aps(port, gen1, list(range(1, NCPUS)), 5.0, offline=[DOWN])
+    assert r["missing"] == []
+    assert r["sipi_ignored"] == {VICTIM: "SHUTDOWN, fault MCE_SHUTDOWN"}
+    assert sorted(r["started"]) == [1, DOWN]
+    seg = port.seg
+    assert seg.cb(VICTIM, "state") == L.ExecState.SHUTDOWN and seg.cb(VICTIM, "hotplug") == L.Hotplug.OFFLINE
+    assert seg.cb(DOWN, "state") == L.ExecState.MWAIT  # its CPU_DOWN came after a SIPI it took
+    assert seg.cb(1, "state") == L.ExecState.RUNNING
+    with pytest.raises(SmpdError, match=r"bring-up: CPU 2 \(SHUTDOWN, fault MCE_SHUTDOWN\) did not take its SIPI"):
+        kboot.require_sipi_taken(r, "bring-up")

@@ -461,3 +461,15 @@ def test_a_coordinator_whose_segment_was_removed_leaves_the_next_machine_of_its_
         assert b.status()["machine"]["cpus"] == 2
     finally:
         b.down()
+
+
+def test_the_janitor_holds_no_socket_of_the_coordinators(machine):
+    """The janitor inherits only what it needs (a pipe to notice our death): not the `up` client's
+    socket, not the channel, not the template's socketpair, which the coordinator opens before it
+    (smpd.daemon.__main__). One it held would outlive the coordinator's end for the machine's life."""
+    m = machine(4)
+    janitor = psutil.Process(m.status()["machine"]["janitor_pid"])
+    assert janitor.name() == "smpd-janitor"
+    sockets = [f for f in os.listdir(f"/proc/{janitor.pid}/fd")
+               if os.readlink(f"/proc/{janitor.pid}/fd/{f}").startswith("socket:")]
+    assert sockets == []

@@ -7,7 +7,12 @@ instead of after them. Should it fail to start here, the bring-up starts it agai
 
 import signal
 
+from smpd.daemon.stopping import STOP_SIGNALS
+
 signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # our children stay ours until reaped (see supervisor.run)
+# A stop signal from here on is seen by check_stop() (smpd.daemon.stopping), as once run() begins;
+# the template inherits the mask, as it did when boot() started it.
+signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 from smpd.daemon.template import Template  # noqa: E402 (light: the CPU's code is the template's own)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import time
 
 ACK = b"ok\n"  # `up` took the answer: from now on the machine is the user's, not this `up`'s
 
@@ -74,10 +75,20 @@ class UpClient:
         self.sock.set_inheritable(False)
 
     def read_spec(self, timeout_s: float = 30.0) -> dict:
-        self.sock.settimeout(timeout_s)
+        """The spec `up` sends; Stop when it hangs up first, or on a stop signal (blocked from the
+        daemon's first line: smpd.daemon.__main__), which is looked for between waits of 0.1 s."""
+        deadline = time.monotonic() + timeout_s
+        self.sock.settimeout(0.1)
         buf = b""
         while not buf.endswith(b"\n"):
-            chunk = self.sock.recv(1 << 20)
+            if pending := signal.sigpending() & STOP_SIGNALS:
+                raise Stop(signal.Signals(min(pending)).name)
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+                continue
             if not chunk:
                 raise Stop("the exit of the `smpd up` that started it, before it sent the spec")
             buf += chunk

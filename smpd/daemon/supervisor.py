@@ -153,7 +153,7 @@ class Coordinator:
         if r["missing"]:
             self.refresh_gone()
             self.raise_unanswered(r["missing"], L.Ipi.INIT, r["messages"], budget, what)
-        kboot.require_taken(r, what)
+        kboot.require_sipi_taken(r, what)
         return r
 
     # -- what a kexec needs of us (smpd.kernel.kexec.Port) ------------------------
@@ -190,6 +190,8 @@ class Coordinator:
             fds.append(self.server.fileno())
         if self.seg is not None and self.seg.fd >= 0:
             fds.append(self.seg.fd)
+        if self.template is not None and self.template.sock is not None:  # started before the janitor
+            fds.append(self.template.sock.fileno())
         return fds
 
     def _start_janitor(self) -> None:
@@ -273,12 +275,10 @@ class Coordinator:
         """
         self.refresh_gone()
         gone = [c for c in range(1, self.ncpus) if self.seg.cb(c, "state") == L.ExecState.GONE]
-        d, base = self.seg.u16, self.seg.geo.dir_off // L.DIR_ENTRY
         for cpu in gone:
             if (old := self.procs.pop(cpu, None)) is not None:
                 old.join(1)
-            if self.seg.cb(cpu, "mon_armed") and d[base + self.seg.cb(cpu, "mon_line")] == cpu + 1:
-                d[base + self.seg.cb(cpu, "mon_line")] = 0  # the monitor the dead process left armed
+            self.bus.clear_left_monitor(cpu)
             for field, value in (("mbox_ack", self.seg.cb(cpu, "mbox_seq")), ("wake", 0), ("mon_write", 0), ("sleeping", 0),
                                  ("mon_armed", 0), ("busy", 0), ("state", L.ExecState.OFF),
                                  ("hotplug", L.Hotplug.OFFLINE)):

@@ -257,6 +257,16 @@ def test_a_process_is_signalled_only_if_every_identity_fact_matches(evil, victim
     wait_until(lambda: victim.poll() is not None, what="the victim to take the one signal meant for it")
 
 
+def test_a_pid_word_beyond_pid_t_names_no_process(victim):
+    """A segment's pid words are u32s: one above pid_t's range is no process (os.pidfd_open would
+    raise OverflowError, and a stale segment's clean-up with it), never signalled."""
+    start = trust.start_ticks(victim.pid)
+    for pid in (2**31, 2**32 - 1):
+        assert not trust.is_our_process(pid, start)
+        assert not trust.signal_ours(pid, signal.SIGKILL, start)
+    assert victim.poll() is None
+
+
 def test_a_stale_segment_of_our_own_kills_only_its_own_cpu_processes(victim, machine_name):
     """Our own stale segment naming a foreign pid (a bug, a reused pid): cleaned, nothing killed."""
     blob = forged_segment(_dead_pid(), 1, {1: (victim.pid, trust.start_ticks(victim.pid))}, name=machine_name)

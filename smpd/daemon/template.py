@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 TEMPLATE_COMM = "smpd-template"
 _PAIR = struct.Struct("<ii")
+_PID_MAX = 2**31 - 1
 STOP_WAIT_S = 5.0  # a template told to exit after its batch has this long before it is killed
 START_S = 30.0  # what its first answer may take besides: its interpreter's start (~0.1 s idle, more loaded)
 
@@ -115,13 +116,17 @@ class Template:
             self.sock.settimeout(0.1)
             for n in range(len(plan)):
                 cpu, pid = self._answer(poll, stall_s, n, len(plan))
+                if cpu not in plan or pid == 0 or pid > _PID_MAX:  # a pid 0 would name our process group
+                    raise CpuLost(f"the process CPU processes are forked from answered CPU{cpu} pid {pid}, "
+                                  f"which it was not asked for; it is killed")
                 if pid < 0:
                     raise fork_refused(OSError(-pid, os.strerror(-pid)), f"CPU{cpu}")
                 adopt(cpu, pid)
             done = True
         finally:
             for cpu, pid in self.stop(wait_s=STOP_WAIT_S if done else 0):
-                adopt(cpu, pid)
+                if cpu in plan:
+                    adopt(cpu, pid)
 
     def _answer(self, poll: Callable[[], None], stall_s: float, n: int, of: int) -> tuple[int, int]:
         deadline = time.monotonic() + stall_s + (START_S if n == 0 else 0.0)
@@ -175,7 +180,7 @@ class Template:
                 pass
             self.sock.close()
             self.sock = None
-        return [(c, pid) for c, pid in left if pid > 0]
+        return [(c, pid) for c, pid in left if 0 < pid <= _PID_MAX]
 
 
 def cpu_code():

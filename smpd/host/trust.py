@@ -93,6 +93,7 @@ def refuse_entry(path: str, what: str, remedy: str) -> NotOurs | None:
     return refusal
 
 
+PID_MAX = 2**31 - 1  # pid_t: a larger number is no process (os.pidfd_open would raise OverflowError)
 START_TOLERANCE_TICKS = 1  # a time namespace's offset need not be whole ticks: one tick of rounding
 
 
@@ -131,7 +132,7 @@ def is_our_process(pid: int, start: int, name: str | None = None, sid: int | Non
     """True when ``pid`` is a live process of ours that started at ``start`` (clock ticks since
     boot, ``start_ticks``), named ``name`` and in session ``sid`` when given. A zombie, a recycled
     pid or another user's process is not."""
-    if pid <= 0 or not start:
+    if not 0 < pid <= PID_MAX or not start:  # a word read from a segment may be any u32
         return False
     try:
         p = psutil.Process(pid)
@@ -152,6 +153,8 @@ def signal_ours(pid: int, sig: int, start: int, name: str | None = None, sid: in
 
     A pidfd is opened first and the identity checked after: the pidfd pins that
     process, so the pid cannot be recycled between the check and the signal."""
+    if not 0 < pid <= PID_MAX:
+        return False
     try:
         fd = os.pidfd_open(pid)
     except OSError:

@@ -54,6 +54,14 @@ class Bus:
         n = self.mem_len // L.LINE
         return self.u16[self.dir_base:self.dir_base + n].tobytes().count(0) != 2 * n
 
+    def clear_left_monitor(self, cpu: int) -> None:
+        """Clear the line-directory entry the dead process of ``cpu`` left armed, if it names it
+        (its line is a word of the segment: any u32, so bounded here)."""
+        seg = self.seg
+        line = seg.cb(cpu, "mon_line")
+        if seg.cb(cpu, "mon_armed") and line < self.mem_len // L.LINE and self.u16[self.dir_base + line] == cpu + 1:
+            self.u16[self.dir_base + line] = 0
+
     @functools.cached_property
     def kicker(self):
         """The coordinator's kick loop (smpd.machine.hotpath): compiled, or its Python peer."""

@@ -280,6 +280,25 @@ def test_a_stale_segment_of_our_own_kills_only_its_own_cpu_processes(victim, mac
     assert victim.poll() is None
 
 
+def test_a_segment_handed_down_is_mapped_only_if_its_header_fits_its_size():
+    """The template maps the segment by the descriptor the coordinator hands it (Segment.inherit):
+    a header whose geometry does not fit the segment's size (a same-uid writer's ncpus) is refused,
+    as attach() refuses it, before anything is sized from it."""
+    from smpd.errors import LayoutMismatch
+    from smpd.machine.segment import Segment
+
+    seg = Segment.create(names.segment(run_name("inherit")), L.Geometry(4, 16), os.getpid(),
+                         trust.start_ticks(os.getpid()))
+    try:
+        Segment.inherit(seg.name, os.dup(seg.fd)).close()
+        seg.set_hdr("ncpus", 4096)
+        with pytest.raises(LayoutMismatch, match="does not match its size"):
+            Segment.inherit(seg.name, os.dup(seg.fd))
+    finally:
+        seg.close()
+        seg.unlink()
+
+
 def test_a_segment_of_ours_with_loose_permissions_is_not_trusted(machine_name):
     path = names.segment_path(machine_name)
     blob = forged_segment(_dead_pid(), 1, {})

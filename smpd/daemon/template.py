@@ -149,8 +149,15 @@ class Template:
         return _PAIR.unpack(reply)
 
     def _gone(self) -> CpuLost:
-        return CpuLost(f"the process CPU processes are forked from (pid {self.proc.pid}) exited "
-                       f"with status {self.proc.wait()}")
+        """Its end of the socket closed: it is exiting (waited for STOP_WAIT_S, then killed)."""
+        import subprocess
+
+        try:
+            status = self.proc.wait(STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            status = f"{self.proc.wait()} (it closed its socket but did not exit, and was killed)"
+        return CpuLost(f"the process CPU processes are forked from (pid {self.proc.pid}) exited with status {status}")
 
     def stop(self, wait_s: float = 0) -> list[tuple[int, int]]:
         """End the template and reap it: told to, so that it lets its last CPU run, and killed after

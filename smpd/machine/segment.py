@@ -155,7 +155,13 @@ class Segment:
         finally:
             os.close(fd)
         seg._views()
-        seg._read_geometry()
+        try:
+            seg._read_geometry()
+            if seg.geo.size != len(seg.mm):  # its header is the segment's words: as attach() checks
+                raise LayoutMismatch(f"segment {name} header does not match its size ({len(seg.mm)} bytes)")
+        except BaseException:
+            seg.close()
+            raise
         return seg
 
     def _read_geometry(self) -> None:

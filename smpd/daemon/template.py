@@ -42,7 +42,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from smpd.errors import CpuLost, Timeout
-from smpd.host.proc import die_with_parent, fork_refused, fork_sibling, set_process_name
+from smpd.host.proc import PID_MAX, die_with_parent, fork_refused, fork_sibling, set_process_name
 
 if TYPE_CHECKING:
     from smpd.kernel.generations import Generations
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 TEMPLATE_COMM = "smpd-template"
 _PAIR = struct.Struct("<ii")
-_PID_MAX = 2**31 - 1
 STOP_WAIT_S = 5.0  # a template told to exit after its batch has this long before it is killed
 START_S = 30.0  # what its first answer may take besides: its interpreter's start (~0.1 s idle, more loaded)
 
@@ -96,11 +95,11 @@ class Template:
     def fork(self, seg: Segment, signals: dict[str, int], plan: dict[int, int | None], poll: Callable[[], None],
              adopt: Callable[[int, int], None], stall_s: float, meanwhile: Callable[[], None] = lambda: None) -> None:
         """Fork a CPU process for each CPU of ``plan`` (cpu -> host core), its interrupts ``signals``
-        (smpd.config), ``adopt(cpu, pid)`` each
-        as it is forked, then end the template. ``meanwhile`` runs once the request is sent (the
-        coordinator's own work, done while the template forks); ``poll`` runs between answers (the
-        coordinator's stop check). Raises HostTooSmall when the host refuses a process, CpuLost when the
-        template dies before it answered all, Timeout when it answers none for ``stall_s`` (stopped,
+        (smpd.config), ``adopt(cpu, pid)`` each as it is forked, then end the template.
+        ``meanwhile`` runs once the request is sent (the coordinator's own work, done while the
+        template forks); ``poll`` runs between answers (the coordinator's stop check). Raises
+        HostTooSmall when the host refuses a process, CpuLost when the template dies before it
+        answered all (or answers what it was not asked), Timeout when it answers none for ``stall_s`` (stopped,
         or starved; its first answer may take START_S more); every CPU process forked is adopted
         all the same, and the template killed."""
         done = False
@@ -116,7 +115,7 @@ class Template:
             self.sock.settimeout(0.1)
             for n in range(len(plan)):
                 cpu, pid = self._answer(poll, stall_s, n, len(plan))
-                if cpu not in plan or pid == 0 or pid > _PID_MAX:  # a pid 0 would name our process group
+                if cpu not in plan or pid == 0 or pid > PID_MAX:  # a pid 0 would name our process group
                     raise CpuLost(f"the process CPU processes are forked from answered CPU{cpu} pid {pid}, "
                                   f"which it was not asked for; it is killed")
                 if pid < 0:
@@ -187,7 +186,7 @@ class Template:
                 pass
             self.sock.close()
             self.sock = None
-        return [(c, pid) for c, pid in left if 0 < pid <= _PID_MAX]
+        return [(c, pid) for c, pid in left if 0 < pid <= PID_MAX]
 
 
 def cpu_code():

@@ -13,6 +13,8 @@ import signal
 
 from smpd.errors import HostTooSmall
 
+PID_MAX = 2**31 - 1  # pid_t's largest: a word read from a segment (any u32) above it names no process,
+# and kill() would take -1 or a process group for it (os.kill, os.pidfd_open: OverflowError)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 _CLONE_PARENT = 0x00008000

@@ -40,6 +40,7 @@ import stat
 import psutil
 
 from smpd.errors import NotOurs
+from smpd.host.proc import PID_MAX
 
 
 def me() -> int:
@@ -93,7 +94,6 @@ def refuse_entry(path: str, what: str, remedy: str) -> NotOurs | None:
     return refusal
 
 
-PID_MAX = 2**31 - 1  # pid_t: a larger number is no process (os.pidfd_open would raise OverflowError)
 START_TOLERANCE_TICKS = 1  # a time namespace's offset need not be whole ticks: one tick of rounding
 
 

@@ -23,6 +23,7 @@ import os
 import signal
 import struct
 
+from smpd.host.proc import PID_MAX
 from smpd.machine import hotpath, layout as L
 from smpd.machine.sync import fence
 
@@ -30,7 +31,6 @@ from smpd.machine.sync import fence
 # pending doorbell is one bit and never a growing queue; its default action is to be
 # ignored, so a doorbell at a recycled pid harms nobody.
 DOORBELL_SIGNAL = signal.SIGURG
-_PID_MAX = 2**31 - 1  # pid_t: a u32 word above it is no pid
 
 
 class Bus:
@@ -114,7 +114,7 @@ class Bus:
         fence()
         if self.u32[self._sleeping_idx[cpu]]:
             pid = self.u32[self._pid_idx[cpu]]
-            if 0 < pid <= _PID_MAX:  # a pid, never -1 or a process group (nor OverflowError)
+            if 0 < pid <= PID_MAX:  # a pid, never -1 or a process group (nor OverflowError)
                 try:
                     os.kill(pid, DOORBELL_SIGNAL)
                 except OSError:  # gone, or no longer ours: the coordinator will mark it GONE

@@ -267,6 +267,20 @@ def test_an_empty_trace_name_is_refused_before_the_kexec(machine):
     assert m.status()["machine"]["kexecs"] == 0
 
 
+def test_reset_leaves_offline_the_cpus_asked_for_and_refuses_a_bad_list_changing_nothing(machine):
+    m = machine(4)
+    run_smpd("offline", "1", name=m.name)
+    out = run_smpd("reset", "--offline", "2-3", name=m.name).stdout
+    assert "offline: CPU 2-3 in mwait_play_dead()" in out, out
+    assert [c["hotplug"] for c in m.status()["cpus"]] == ["online", "online", "offline", "offline"]
+    for bad, says in (("0", "CPU 0 is the boot CPU"), ("7", "names CPU 7"), ("x", "malformed cpulist")):
+        r = run_smpd("reset", "--offline", bad, name=m.name, check=False)
+        assert r.returncode == 2 and says in r.stderr, (r.returncode, r.stderr)
+    assert [c["hotplug"] for c in m.status()["cpus"]] == ["online", "online", "offline", "offline"]
+    assert run_smpd("reset", "--offline", "", name=m.name).stdout.rstrip().endswith("every CPU is online")
+    assert run_smpd("reset", name=m.name).stdout.rstrip().endswith("every CPU is online")  # the set kept since
+
+
 def test_a_kexec_with_no_cpu_parked_says_so_and_reset_says_every_cpu_is_online(machine):
     m = machine(3)
     r = run_smpd("kexec", name=m.name)

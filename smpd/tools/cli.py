@@ -599,11 +599,15 @@ def kick(name, as_json, timeline_form, trace_file):
 
 @main.command()
 @name_option
-def reset(name):
-    """A power cycle: generation 1 boots again, with the offline CPUs of before the first kexec."""
+@click.option("--offline", "offline", default=None, metavar="CPUS",
+              help="The CPUs to leave offline after the boot, a cpulist ('' for none) [default: those "
+                   "offline before the first kexec].")
+def reset(name, offline):
+    """A power cycle: generation 1 boots again, with the offline CPUs of before the first kexec
+    (or --offline's)."""
     machine = lifecycle.require(name)
     with _soakrun().machine_lock(name, "a reset"):
-        r = machine.request("reset")
+        r = machine.request("reset") if offline is None else machine.request("reset", offline=offline)
     waiting = r.get("not_started", [])
     parked = cpulist.format_list([c for c in r["offline"] if c not in waiting])
     where = [f"CPU {parked} in mwait_play_dead()"] if parked else []

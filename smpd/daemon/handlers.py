@@ -160,8 +160,7 @@ class Handlers:
         if not refused:
             return
         ended = end_if_faulted(self.sup, before, f"`smpd online` started CPU {cpulist.format_list(todo)}")
-        raise SmpdError(f"online: {kboot.describe_ignored(refused)} did not take "
-                        f"{'its' if len(refused) == 1 else 'their'} SIPI"
+        raise SmpdError(f"online: {kboot.did_not_take(refused)}"
                         + (f"; the machine {ended}: nothing runs on it until `smpd reset`" if ended else ""))
 
     def _map(self):

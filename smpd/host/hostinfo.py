@@ -112,14 +112,11 @@ def choose_watch(strategy: str, ncpus: int) -> tuple[str, str]:
         return strategy, f"{strategy} (asked for)"
     need = ncpus  # N-1 CPU processes plus the coordinator, which also spins while it waits
     cores = len(allowed_cores())
-    if need > cores:  # more than the host could ever give: no need to sample its load (0.1 s)
-        return "adaptive", (f"adaptive: {ncpus - 1} CPU processes + coordinator need {need} cores, "
-                            f"the host has {cores}")
-    free = free_cores()
-    if need <= int(free + 0.25):
+    free = free_cores() if need <= cores else None  # more than the host could ever give: no load sample (0.1 s)
+    if free is not None and need <= int(free + 0.25):
         return "spin", f"spin: {ncpus - 1} CPU processes + coordinator fit {free:.1f} free host cores"
-    return "adaptive", (f"adaptive: {ncpus - 1} CPU processes + coordinator need {need} cores, "
-                        f"the host has {free:.1f} free of {cores}")
+    has = f"{cores}" if free is None else f"{free:.1f} free of {cores}"
+    return "adaptive", f"adaptive: {ncpus - 1} CPU processes + coordinator need {need} cores, the host has {has}"
 
 
 def _physical_core(cpu: int) -> tuple[int, int]:

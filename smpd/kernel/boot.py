@@ -107,11 +107,15 @@ def describe_ignored(ignored: dict[int, str]) -> str:
     return "; ".join(f"CPU {cpulist.format_list(cs, grouped=True)} ({what})" for what, cs in by.items())
 
 
+def did_not_take(ignored: dict[int, str]) -> str:
+    """'CPU 2 (SHUTDOWN, fault MCE_SHUTDOWN) did not take its SIPI', for ``sipi_ignored``'s CPUs."""
+    return f"{describe_ignored(ignored)} did not take {'its' if len(ignored) == 1 else 'their'} SIPI"
+
+
 def require_sipi_taken(r: dict, what: str) -> None:
     """Raise, for ``start_aps``'s answer ``r``, when a CPU did not take its SIPI."""
     if ignored := r["sipi_ignored"]:
-        raise SmpdError(f"{what}: {describe_ignored(ignored)} did not take "
-                        f"{'its' if len(ignored) == 1 else 'their'} SIPI: a CPU no longer in wait-for-SIPI ignores "
+        raise SmpdError(f"{what}: {did_not_take(ignored)}: a CPU no longer in wait-for-SIPI ignores "
                         f"it, and never reports in (an MCE between INIT and SIPI shuts the machine down)")
 
 

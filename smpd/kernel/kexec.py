@@ -267,7 +267,7 @@ class Kexec:
         r = boot_mod.start_aps(self.c, self.new, alive, BOOT_IPI_S)
         self.boot_missing, self.left_behind = r["missing"], r["left_behind"]
         boot = self.new.boot
-        self.log(f"generation {self.new.gen}: INIT/SIPI to CPU {cpulist.format_list(sorted(r['started'] + r['missing'] + list(r['sipi_ignored']))) or 'none'}; "
+        self.log(f"generation {self.new.gen}: INIT/SIPI to CPU {cpulist.format_list(sorted(r['messages'])) or 'none'}; "
                  f"{len(r['started'])} up"
                  + (f", SMT siblings CPU {cpulist.format_list(r['parked'])} parked in mwait_play_dead() again"
                     if r["parked"] else "")

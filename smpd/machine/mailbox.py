@@ -85,9 +85,9 @@ class Mailbox:
         waiting = {cpu: self.send(cpu, cmd, following(then, cpu)) for cpu in cpus}
         results: dict[int, int] = {}
         dead: list[int] = []
-        deadline = time.monotonic() + timeout_s
-        spin_until = time.monotonic() + SPIN_S if self.spin else 0.0
-        slow_after = time.monotonic() + SLOW_AFTER_S
+        now = time.monotonic()
+        deadline, slow_after = now + timeout_s, now + SLOW_AFTER_S
+        spin_until = now + SPIN_S if self.spin else 0.0
         pause = 0.0
         while waiting:
             for cpu, seq in list(waiting.items()):

@@ -607,7 +607,7 @@ def reset(name, offline):
     (or --offline's)."""
     machine = lifecycle.require(name)
     with _soakrun().machine_lock(name, "a reset"):
-        r = machine.request("reset") if offline is None else machine.request("reset", offline=offline)
+        r = machine.request("reset", offline=offline)  # None: the handler's own default
     waiting = r.get("not_started", [])
     parked = cpulist.format_list([c for c in r["offline"] if c not in waiting])
     where = [f"CPU {parked} in mwait_play_dead()"] if parked else []

@@ -81,8 +81,7 @@ class UpClient:
         self.sock.settimeout(0.1)
         buf = b""
         while not buf.endswith(b"\n"):
-            if pending := signal.sigpending() & STOP_SIGNALS:
-                raise Stop(signal.Signals(min(pending)).name)
+            check_stop()
             try:
                 chunk = self.sock.recv(1 << 20)
             except TimeoutError:

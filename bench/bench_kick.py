@@ -20,14 +20,16 @@ store to .control takes the line from the CPU; (2) the CPU's spin loop, which wa
 .status takes the line again; (4) the coordinator's poll of .status reads it back.
 Between (2) and (3) the CPU looks at its `wake` word (did an interrupt or IPI come with
 the kick?) and at the page tags of its resume: lines in its own cache, which no bus
-write touches (smpd.machine.layout). Beside that path, the coordinator does the bus's
-rule before its first look at .status: a fence after the store (it waits for move 1,
-which the floor's ping does not), a load of the line directory's entry (written by the
-CPU at its MONITOR), the store of the CPU's WRITE byte (`mon_write`, the bus's line of
-that CPU: one more move) and a fence for it, and a load of `sleeping` (the same line,
-now in its own cache). The CPU takes its WRITE byte, and leaves the directory, after its
-acknowledgement; it stamps kick_seen_ns (a clock read, ~30 ns) just before it. That is the
-emulator's conversation: a real parked CPU has flushed the line (clflush() before
+write touches (smpd.machine.layout). The coordinator, when the CPU was awake (its
+`sleeping` word, read before the kick's first instant), looks at .status right after its
+store, as the floor's ping does (up to 1024 looks), and only then does the rest of the
+bus's rule: a fence, a load of the line directory's entry (written by the CPU at its
+MONITOR), the store of the CPU's WRITE byte (`mon_write`, the bus's line of that CPU: one
+more move), a fence for it, and a load of `sleeping`. Done first, that rule had cost the
+spin kick ~30 ns of its round trip here; a sleeping CPU still gets it first (its
+doorbell). After its status store, off the round trip, the CPU stamps kick_seen_ns (a
+clock read, ~30 ns: before the store, it had cost as much again), takes its WRITE byte and
+leaves the directory. That is the emulator's conversation: a real parked CPU has flushed the line (clflush() before
 __monitor()) and is woken by the monitor hardware seeing the store, then leaves the
 C-state mwait_play_dead() asked for, which neither floor includes. An adaptive CPU asleep in sigwaitinfo() pays a process wake-up besides (the bus rings
 its doorbell, SIGURG): the wake-up floor is the same round trip to a process that sleeps

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import run_name
 from smpd.host import names, trust
+from smpd.kernel import kick
 from smpd.machine import hotpath, layout as L, pyhotpath
 from smpd.machine.bus import DOORBELL_SIGNAL, Bus
 from smpd.machine.segment import Segment
@@ -167,6 +168,45 @@ def test_a_cpu_that_answers_is_acknowledged_with_its_time(seg):
     finally:
         p.join(30)
     assert acked and 1 <= rounds < 1_000_000 and t_ack >= t_first > 0
+
+
+def test_a_cpu_that_answers_at_once_still_gets_the_bus_s_write_byte_after(seg):
+    """The compiled kicker looks for an awake CPU's answer before the rest of the bus's rule;
+    the rule still follows: the monitor's owner has its WRITE byte, and nobody's doorbell rang."""
+    seg.u32[(seg.geo.mem_off + MD_OFF) // 4 + 1] = 0
+    ready = multiprocess.get_context("fork").Event()
+    p = multiprocess.get_context("fork").Process(target=_parked_cpu, args=(seg, ready))
+    p.start()
+    try:
+        assert ready.wait(30)
+        acked, rounds, _, _ = _kick(seg, 1_000_000)
+    finally:
+        p.join(30)
+    assert acked and rounds >= 1
+    assert _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
+    assert DOORBELL_SIGNAL not in signal.sigpending()
+
+
+def test_a_sleeping_cpu_s_kick_rings_its_doorbell(seg):
+    seg.set_cb(CPU, "sleeping", 1)  # as the CPU process sets it before sigwaitinfo()
+    try:
+        assert _kick(seg, 1)[:2] == (False, 1)
+        assert DOORBELL_SIGNAL in signal.sigpending()  # blocked here, as in a CPU process
+    finally:
+        signal.sigtimedwait({DOORBELL_SIGNAL}, 0)
+    assert _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
+
+
+def test_a_cpu_s_stamp_after_the_kicker_saw_its_answer_is_no_later_than_that(seg):
+    """The compiled CPU stamps kick_seen_ns right after its answer: a stamp the kicker's own sight
+    of the answer beat (the CPU lost its core between the two) counts as that sight: the CPU had
+    seen the kick by then. One way never exceeds the round trip."""
+    seg.set_cb(CPU, "kick_seen_ns", 1_300)
+    e = kick._entry(seg, CPU, True, 1, 1_000, 1_200, 0)
+    assert (e["one_way_ns"], e["rtt_ns"]) == (200, 200)
+    seg.set_cb(CPU, "kick_seen_ns", 1_100)
+    assert kick._entry(seg, CPU, True, 1, 1_000, 1_200, 0)["one_way_ns"] == 100
+    assert "one_way_ns" not in kick._entry(seg, CPU, True, 1, 1_000, 1_200, 1_100)  # not stamped this time
 
 
 def _writer(seg, control_value, out, waiting, ipi_first=False):

@@ -19,7 +19,9 @@
  *   Kicker.kick_one()   the coordinator's kick of one CPU (smpd.kick.kick_one):
  *                       smp_kick_mwait_play_dead()'s loop of control writes
  *                       through the bus's rule (store, fence, directory, wake
- *                       byte, fence, doorbell) and udelay(5) rounds.
+ *                       byte, fence, doorbell; for a CPU that is awake, its
+ *                       first looks at status come between the store and the
+ *                       rest) and udelay(5) rounds.
  *
  * Everything outside that path (interrupt handlers, IPIs, events, counters,
  * foreign bytes) stays in Python: the C returns to it whenever the wake-up is
@@ -43,6 +45,8 @@
 
 #define SIGNAL_POLL 1024
 #define UDELAY_LOOKS 128  /* looks at status between two clock reads in the kick's udelay() */
+#define EARLY_NS 2000LL  /* looking at status before the bus's rule, when the CPU is awake */
+#define EARLY_LOOKS 512  /* looks at status between two clock reads there */
 #define MAX_TAGS 8
 
 enum { WOKE = 0, TIMEOUT = 1, SIGNAL = 2 };
@@ -326,7 +330,10 @@ static void await_write_byte(char *wake)
  * read-only lines; control came with the line the kicker wrote, and the status
  * store sends that line back. The status line is this CPU's own (only its owner may
  * monitor it), so the store needs no directory look. kick_seen_ns (a clock read,
- * ~30 ns) comes before it; the rest of the bookkeeping after the acknowledgement.
+ * ~30 ns, a fifth of the host's round trip here) comes right after the store, with
+ * the rest of the bookkeeping: it is when the CPU answered, within a clock read of
+ * when it saw the kick (smpd.kernel.kick drops a stamp later than the kicker's own
+ * sight of the answer: the CPU process lost its core between the two).
  */
 static int try_ack(Waiter *w, Ack *a, int64_t *seen, int by_content)
 {
@@ -341,12 +348,12 @@ static int try_ack(Waiter *w, Ack *a, int64_t *seen, int by_content)
 			return 0;
 	if (LOAD32(b + a->control) != a->kexec_hlt)
 		return 0;
-	/* Stamped before status: after it, a CPU process preempted between the store and
-	 * its clock read would report seeing the kick after the kicker saw the answer. */
-	*seen = now_ns();
-	STORE32(b + a->busy, 1);  /* acting on a wake-up (smpd.kexec settle) until HLT */
-	STORE64(b + a->seen, (uint64_t)*seen);  /* before status: the kicker reads it after */
 	STORE32(b + a->status, a->kexec_hlt);
+	*seen = now_ns();
+	/* Acting on a wake-up until HLT (smpd.kernel.kexec's settle): from before the WRITE
+	 * byte's clear below, which the settle also looks at, so it never sees neither. */
+	STORE32(b + a->busy, 1);
+	STORE64(b + a->seen, (uint64_t)*seen);
 	/* MWAIT's exit ends the monitor, and the write that woke us is consumed: seen on
 	 * the control word, its WRITE byte is on its way (the bus raises it after the
 	 * store, for as long as the directory names us), so take it before leaving the
@@ -632,7 +639,7 @@ static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 			     self->line);
 		return -1;
 	}
-	if (self->dir_entry != 2) {  /* bus_write_u32() loads a u16 owner */
+	if (self->dir_entry != 2) {  /* monitor_owner() loads a u16 owner */
 		PyErr_Format(PyExc_ValueError, "dir_entry is %zd bytes; this hot path reads 2-byte (u16) owners",
 			     self->dir_entry);
 		return -1;
@@ -663,23 +670,29 @@ static void Kicker_dealloc(Kicker *self)
 	Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* The control block of the CPU whose monitor is armed on the line holding ``off``, or NULL. */
+static char *monitor_owner(Kicker *k, Py_ssize_t off)
+{
+	uint16_t owner = LOAD16(k->base + k->dir_off + k->dir_entry * (off >> k->line_shift));
+
+	if (!owner || owner > k->ncpus)
+		return NULL;
+	return k->base + k->cb_off + (owner - 1) * k->cb_size;
+}
+
 /*
- * One u32 store through the bus's rule (smpd.bus.Bus.write): store, fence, look up
- * the line's monitor in the directory; wake its owner by raising the WRITE byte
+ * The bus's rule after a u32 store at ``off`` (smpd.bus.Bus.write): fence, look up the
+ * line's monitor in the directory; wake its owner by raising the WRITE byte
  * (`mon_write`), fence, and ring the doorbell if it sleeps. Returns 1 when the owner was asleep.
  */
-static int bus_write_u32(Kicker *k, Py_ssize_t off, uint32_t value)
+static int bus_rule(Kicker *k, Py_ssize_t off)
 {
-	char *b = k->base;
-	uint16_t owner;
 	char *cb;
 
-	STORE32(b + k->mem_off + off, value);
 	FENCE();
-	owner = LOAD16(b + k->dir_off + k->dir_entry * (off >> k->line_shift));
-	if (!owner || owner > k->ncpus)
+	cb = monitor_owner(k, off);
+	if (!cb)
 		return 0;
-	cb = b + k->cb_off + (owner - 1) * k->cb_size;
 	STORE8(cb + k->cb_write, 1);
 	FENCE();
 	if (LOAD32(cb + k->cb_sleeping)) {
@@ -692,6 +705,14 @@ static int bus_write_u32(Kicker *k, Py_ssize_t off, uint32_t value)
 	return 0;
 }
 
+/* Up to ``looks`` looks at status, stamping the first that finds the answer. */
+static void look_at_status(volatile uint32_t *status, uint32_t hlt, int looks, int64_t *t_ack)
+{
+	for (int look = 0; look < looks && !*t_ack; look++)
+		if (LOAD32(status) == hlt)
+			*t_ack = now_ns();  /* read after the load: never before the ack */
+}
+
 static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
 {
 	Py_ssize_t md;  /* mwait_cpu_dead's offset in emulated memory */
@@ -699,7 +720,8 @@ static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
 	long long delay_ns;
 	long rounds, i = 0;
 	int64_t t_first, t_ack = 0;
-	int acked;
+	int acked, awake;
+	char *owner;
 	volatile uint32_t *status;
 	Py_buffer view;
 	PyObject *r;
@@ -718,23 +740,42 @@ static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
 	if (!k->base)
 		return NULL;
 	status = (uint32_t *)(k->base + k->mem_off + md + 4);
+	/* Before the kick's first instant, as smpd.machine.pyhotpath's Kicker does: is the
+	 * monitoring CPU awake (spinning)? A hint only: the rule reads `sleeping` again. */
+	owner = monitor_owner(k, md);
+	awake = owner && !LOAD32(owner + k->cb_sleeping);
 	t_first = now_ns();
 	/* Wait up to 5ms */
 	while (i < rounds && LOAD32(status) != hlt) {
-		/* Bring it out of mwait */
-		/* The CPU sleeps, or spinners outnumber cores: either way it needs a host
-		 * core to see the kick on, maybe this one. */
-		int give_core = bus_write_u32(k, md, hlt) || k->yield;
+		int give_core;
 		int64_t end = 0;
 
+		/* Bring it out of mwait */
+		STORE32(k->base + k->mem_off + md, hlt);
+		/* An awake CPU in mwait_play_dead() watches the control word itself, as MWAIT
+		 * watches its line (Waiter.wait with an Ack), and answers within a few line
+		 * moves: look for that first, for up to EARLY_NS, before the rest of the bus's
+		 * rule (two fences, a directory entry and the WRITE byte's line: as long as the
+		 * whole answer), which follows; the CPU takes that byte after its answer. A
+		 * sleeping CPU gets its doorbell first; so does one whose process shares host
+		 * cores with other spinners (it may need this one). */
+		if (awake && i == 0 && !k->yield) {
+			/* From t_first, just before the store: no clock read (~30 ns with no look)
+			 * before the first EARLY_LOOKS looks, where a quick answer comes. */
+			end = t_first + delay_ns;  /* udelay() counts from the write */
+			do
+				look_at_status(status, hlt, EARLY_LOOKS, &t_ack);
+			while (!t_ack && now_ns() < t_first + EARLY_NS);
+		}
+		/* The CPU sleeps, or spinners outnumber cores: either way it needs a host
+		 * core to see the kick on, maybe this one. */
+		give_core = bus_rule(k, md) || k->yield;
 		for (;;) {  /* udelay(), watching status to time the acknowledgement */
 			/* Look at status first, and between clock reads: a clock read
 			 * (~30 ns) is longer than a line move, and a spinning CPU answers
 			 * within a few of those (the floor's ping-pong reads no clock
 			 * between its store and its look). */
-			for (int look = 0; look < UDELAY_LOOKS && !t_ack; look++)
-				if (LOAD32(status) == hlt)
-					t_ack = now_ns();  /* read after the load: never before the ack */
+			look_at_status(status, hlt, UDELAY_LOOKS, &t_ack);
 			if (!end)
 				end = now_ns() + delay_ns;  /* udelay() counts from here, after the write */
 			else if (now_ns() >= end)

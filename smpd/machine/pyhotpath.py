@@ -6,11 +6,14 @@ and smpd.kernel.kick call them through the same methods and never ask which:
     Waiter.wait(spin_ns, deadline_ns, ack) -> (code, arg, acked_ns)
     Kicker.kick_one(md_off, kexec_hlt, delay_ns, rounds) -> (acknowledged, rounds, t_first_ns, t_ack_ns)
 
-One difference is by design: ``ack``. The compiled Waiter, given an Ack, runs the
-woken path of mwait_play_dead() through the acknowledgement itself, because the
-interpreter between the wake-up and the status store was most of the kick's
+Two differences are by design. First, ``ack``: the compiled Waiter, given an Ack,
+runs the woken path of mwait_play_dead() through the acknowledgement itself, because
+the interpreter between the wake-up and the status store was most of the kick's
 latency. Here the interpreter *is* that path, so smpd.kernel.cpu runs it, and
 this Waiter takes ``ack=None`` only (hotpath.ack() gives None on a Python machine).
+Second, the compiled Kicker, when the CPU it kicks is awake, looks at status right
+after its store and does the rest of the bus's rule (fences, directory, WRITE byte)
+after those looks, off the round trip; here one look costs more than the rule.
 tests/test_hotpath.py drives both backends through the same steps.
 
 The spin here cannot read a clock per iteration and stay one load and one

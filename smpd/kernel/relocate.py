@@ -43,8 +43,7 @@ class Relocation:
         if order == "random":
             self.rng.shuffle(pages)
         elif order in ("monitored-first", "monitored-last"):
-            d, base = self.seg.u16, self.seg.geo.dir_off // L.DIR_ENTRY
-            hot = {p for p, _r, _i in pages if any(d[base + p * L.LINES_PER_PAGE + i] for i in range(L.LINES_PER_PAGE))}
+            hot = self.bus.monitored_pages(p for p, _r, _i in pages)
             first = [x for x in pages if x[0] in hot]
             rest = [x for x in pages if x[0] not in hot]
             pages = first + rest if order == "monitored-first" else rest + first

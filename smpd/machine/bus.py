@@ -22,6 +22,7 @@ import functools
 import os
 import signal
 import struct
+from typing import Iterable
 
 from smpd.host.proc import PID_MAX
 from smpd.machine import hotpath, layout as L
@@ -53,6 +54,14 @@ class Bus:
         """Is a monitor armed on any line of emulated memory (an entry in the line directory)?"""
         n = self.mem_len // L.LINE
         return self.u16[self.dir_base:self.dir_base + n].tobytes().count(0) != 2 * n
+
+    def monitored_pages(self, pages: Iterable[int]) -> set[int]:
+        """Those of ``pages`` (emulated page numbers) with a monitor armed on any of their lines: one
+        look at the line directory for them all."""
+        per = L.LINES_PER_PAGE * L.DIR_ENTRY  # a page's entries, in bytes
+        d = self.u16[self.dir_base:self.dir_base + self.mem_len // L.LINE].tobytes()
+        unmonitored = bytes(per)
+        return {p for p in pages if d[p * per:(p + 1) * per] != unmonitored}
 
     def clear_left_monitor(self, cpu: int) -> None:
         """Clear the line-directory entry the dead process of ``cpu`` left armed, if it names it

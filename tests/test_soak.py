@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 
+import multiprocess
 import psutil
 import pytest
 
@@ -436,3 +437,36 @@ def test_a_soak_cut_short_by_a_stopped_cpu_resumes_and_leaves_the_users_offline_
     s = m.status()
     assert s["machine"]["state"] == "UP"
     assert [c["cpu"] for c in s["cpus"] if c["hotplug"] == "offline"] == [4]
+
+
+def _busy_on_core_0():
+    os.sched_setaffinity(0, {0})
+    while True:
+        pass
+
+
+def test_the_context_switch_count_follows_each_process_and_closes_what_it_opened():
+    """Two processes busy on one host core take each other's core by force: the count grows. A
+    process no longer listed (a respawned CPU's old one) has its descriptor closed; a dead one
+    reads as nothing; close() leaves no descriptor of the counter's open."""
+    from smpd.tools import soakrun
+
+    ctx = multiprocess.get_context("fork")
+    procs = [ctx.Process(target=_busy_on_core_0, daemon=True) for _ in range(2)]
+    for p in procs:
+        p.start()
+    fds_before = set(os.listdir("/proc/self/fd"))  # with the processes' sentinels
+    try:
+        counter = soakrun.CtxCounter([p.pid for p in procs])
+        wait_until(lambda: counter.delta() > 0, 30, "an involuntary context switch")
+        procs[0].kill()
+        procs[0].join()
+        counter.delta()  # the dead one reads as nothing, without an error
+        counter.pids = [procs[1].pid]
+        assert set(counter.fds) == {procs[1].pid}
+        counter.close()
+        assert set(os.listdir("/proc/self/fd")) == fds_before
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()

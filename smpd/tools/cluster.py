@@ -280,6 +280,7 @@ class Slot:
 
     def stop(self) -> None:
         """The machine down (its coordinator's SIGTERM path), the load stopped."""
+        self.ctx.close()
         if self.load:
             self.load.stop()
         if self.proc.poll() is None:

@@ -446,9 +446,10 @@ def _busy_on_core_0():
 
 
 def test_the_context_switch_count_follows_each_process_and_closes_what_it_opened():
-    """Two processes busy on one host core take each other's core by force: the count grows. A
-    process no longer listed (a respawned CPU's old one) has its descriptor closed; a dead one
-    reads as nothing; close() leaves no descriptor of the counter's open."""
+    """Two processes busy on one host core take each other's core by force: the count grows, also
+    beyond the descriptors the counter may keep open. A process no longer listed (a respawned
+    CPU's old one) has its descriptor closed; a dead one reads as nothing; close() leaves no
+    descriptor of the counter's open."""
     from smpd.tools import soakrun
 
     ctx = multiprocess.get_context("fork")
@@ -459,6 +460,10 @@ def test_the_context_switch_count_follows_each_process_and_closes_what_it_opened
     try:
         counter = soakrun.CtxCounter([p.pid for p in procs])
         wait_until(lambda: counter.delta() > 0, 30, "an involuntary context switch")
+        few = soakrun.CtxCounter([p.pid for p in procs], keep=0)  # beyond the descriptors it may keep
+        assert few.fds == {}
+        wait_until(lambda: few.delta() > 0, 30, "an involuntary context switch, counted without a kept descriptor")
+        assert few.fds == {}
         procs[0].kill()
         procs[0].join()
         counter.delta()  # the dead one reads as nothing, without an error

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import resource
 import secrets
 import signal
 import time
@@ -155,13 +156,15 @@ class CtxCounter:
     /proc/PID/status is opened once, at its first sighting, and read again (pread) at every
     trial: the descriptor names that process, not whatever has its pid later, and a read costs
     ~10 us where opening the file (or psutil's num_ctx_switches(), which does) costs ~35: 2.2 ms
-    a trial for 63 CPU processes, on the soak's serial path between two trials. ``close()``
-    closes them.
+    a trial for 63 CPU processes, on the soak's serial path between two trials. At most
+    ``keep`` stay open (a quarter of RLIMIT_NOFILE's soft limit: the client's own sockets and
+    files need the rest); beyond those, a file is opened for each read. ``close()`` closes them.
     """
 
-    def __init__(self, pids: list[int]):
+    def __init__(self, pids: list[int], keep: int | None = None):
         self.last: dict[int, int] = {}
         self.fds: dict[int, int] = {}
+        self.keep = min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4) if keep is None else keep
         self._pids: list[int] = []
         self.pids = pids
         self.delta()
@@ -188,11 +191,19 @@ class CtxCounter:
         return n
 
     def _involuntary(self, pid: int) -> int | None:
+        fd = self.fds.get(pid)
         try:
-            fd = self.fds.get(pid)
-            if fd is None:
-                fd = self.fds[pid] = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
-            status = os.pread(fd, 8192, 0)
+            if fd is not None:
+                status = os.pread(fd, 8192, 0)
+            else:
+                fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    status = os.pread(fd, 8192, 0)
+                finally:
+                    if len(self.fds) < self.keep:
+                        self.fds[pid] = fd
+                    else:
+                        os.close(fd)
         except OSError:  # gone (a dead process's file reads ESRCH), or never there
             return None
         at = status.find(b"\nnonvoluntary_ctxt_switches:")

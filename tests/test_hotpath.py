@@ -6,6 +6,7 @@ The other side of each step is real too: a helper thread raises bytes through th
 kicker, a forked helper process plays the parked CPU and answers in status.
 """
 
+import mmap
 import os
 import signal
 import threading
@@ -345,6 +346,19 @@ def test_the_compiled_hot_path_is_given_the_layout_sizes_and_refuses_others(seg)
     for field, off in (("cb_write", L.CB_SIZE), ("cb_sleeping", L.CB_SIZE - 2), ("cb_pid", 2), ("cb_pid", -4)):
         with pytest.raises(ValueError, match="does not fit"):
             _hotpath.Kicker(seg.buf, **{**args, field: off})
+    with pytest.raises(ValueError, match="whole number of 64-byte lines"):
+        _hotpath.Kicker(seg.buf, **{**args, "mem_len": geo.npages * L.PAGE - 8})
+    # A buffer that shrinks after the checks (an mmap resized) is refused at the kick, not read past.
+    m = mmap.mmap(-1, len(seg.buf))
+    k, w = _hotpath.Kicker(m, **args), _hotpath.Waiter(m, wake=4096, write=8192, sleeping=8196, irq_signals=[],
+                                                      doorbell=DOORBELL_SIGNAL)
+    m.resize(4096)
+    with pytest.raises(ValueError, match="needed"):
+        k.kick_one(MD_OFF, L.CPUDEAD_MWAIT_KEXEC_HLT, 5000, 1)
+    with pytest.raises(ValueError, match="needed"):
+        w.wait(0, 1, None)
+    del k, w
+    m.close()
     seg.set_hdr("hot_path", L.HotPath.C)
     good = hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, [])
     assert good is not None

@@ -449,7 +449,8 @@ def test_the_context_switch_count_follows_each_process_and_closes_what_it_opened
     """Two processes busy on one host core take each other's core by force: the count grows, also
     beyond the descriptors the counter may keep open. A process no longer listed (a respawned
     CPU's old one) has its descriptor closed; a dead one reads as nothing; close() leaves no
-    descriptor of the counter's open."""
+    descriptor of the counter's open. A pid that is not a child of the coordinator named is not
+    counted."""
     from smpd.tools import soakrun
 
     ctx = multiprocess.get_context("fork")
@@ -458,15 +459,17 @@ def test_the_context_switch_count_follows_each_process_and_closes_what_it_opened
         p.start()
     fds_before = set(os.listdir("/proc/self/fd"))  # with the processes' sentinels
     try:
-        counter = soakrun.CtxCounter([p.pid for p in procs])
+        counter = soakrun.CtxCounter([p.pid for p in procs], os.getpid())
         wait_until(lambda: counter.delta() > 0, 30, "an involuntary context switch")
-        few = soakrun.CtxCounter([p.pid for p in procs], keep=0)  # beyond the descriptors it may keep
+        few = soakrun.CtxCounter([p.pid for p in procs], os.getpid(), keep=0)  # beyond the descriptors it may keep
         assert few.fds == {}
         wait_until(lambda: few.delta() > 0, 30, "an involuntary context switch, counted without a kept descriptor")
         assert few.fds == {}
         procs[0].kill()
         procs[0].join()
         counter.delta()  # the dead one reads as nothing, without an error
+        stranger = soakrun.CtxCounter([p.pid for p in procs], parent=1)  # not children of that parent
+        assert stranger.delta() == 0 and stranger.last == {} and stranger.fds == {}
         counter.pids = [procs[1].pid]
         assert set(counter.fds) == {procs[1].pid}
         counter.close()

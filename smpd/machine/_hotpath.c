@@ -212,6 +212,7 @@ typedef struct {
 	Py_ssize_t wake, write, sleeping;  /* `wake` (interrupt, IPI, timer bytes), `mon_write` */
 	int yield;  /* spinning CPUs outnumber host cores: give the core away between polls */
 	int busy;  /* a wait() is running: it releases the GIL, so a second thread could enter */
+	Py_ssize_t need;  /* the buffer must be this long: the last byte of its words */
 	sigset_t irq, sleep_set;
 } Waiter;
 
@@ -266,6 +267,9 @@ static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 	PyBuffer_Release(&view);
 	if (bad)
 		return -1;
+	self->need = 4 + (self->wake > self->write ? self->wake : self->write);
+	if (4 + self->sleeping > self->need)
+		self->need = 4 + self->sleeping;
 	Py_INCREF(buf);
 	self->buf = buf;
 	return 0;
@@ -489,7 +493,7 @@ static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 	PyObject *ack, *r;
 	Ack *a = NULL;
 	Py_buffer view;
-	Py_ssize_t need = 0;
+	Py_ssize_t need = w->need;
 
 	if (!PyArg_ParseTuple(args, "LLO", &spin_ns, &deadline, &ack))
 		return NULL;
@@ -503,7 +507,8 @@ static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 			return NULL;
 		}
 		a = (Ack *)ack;
-		need = a->need;
+		if (a->need > need)
+			need = a->need;
 	}
 	if (w->busy) {  /* w->base is the running call's: one wait() per Waiter at a time */
 		PyErr_SetString(PyExc_RuntimeError, "this Waiter is already waiting in another thread");
@@ -614,6 +619,7 @@ typedef struct {
 	long ncpus;
 	int doorbell;
 	int yield;  /* spinning CPUs outnumber host cores: udelay yields the core, as for a sleeper */
+	Py_ssize_t need;  /* the buffer must be this long: the last byte the checked geometry names */
 } Kicker;
 
 static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
@@ -639,6 +645,11 @@ static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 			     self->line);
 		return -1;
 	}
+	if (self->mem_len % self->line) {  /* every line of memory has its directory entry */
+		PyErr_Format(PyExc_ValueError, "mem_len %zd is not a whole number of %zd-byte lines",
+			     self->mem_len, self->line);
+		return -1;
+	}
 	if (self->dir_entry != 2) {  /* monitor_owner() loads a u16 owner */
 		PyErr_Format(PyExc_ValueError, "dir_entry is %zd bytes; this hot path reads 2-byte (u16) owners",
 			     self->dir_entry);
@@ -659,6 +670,11 @@ static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 		PyErr_SetString(PyExc_ValueError, "the geometry does not fit the segment");
 		return -1;
 	}
+	self->need = self->mem_off + self->mem_len;
+	if (self->dir_off + self->dir_entry * (self->mem_len / self->line) > self->need)
+		self->need = self->dir_off + self->dir_entry * (self->mem_len / self->line);
+	if (self->cb_off + self->ncpus * self->cb_size > self->need)
+		self->need = self->cb_off + self->ncpus * self->cb_size;
 	Py_INCREF(buf);
 	self->buf = buf;
 	return 0;
@@ -736,7 +752,7 @@ static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
 		PyErr_SetString(PyExc_RuntimeError, "Kicker is not initialised");
 		return NULL;
 	}
-	k->base = acquire(k->buf, &view, 0);
+	k->base = acquire(k->buf, &view, k->need);  /* checked again: a buffer can shrink (mmap.resize) */
 	if (!k->base)
 		return NULL;
 	status = (uint32_t *)(k->base + k->mem_off + md + 4);

@@ -235,14 +235,18 @@ class Slot:
         self.live = self._wait_up()
         status = self.live.request("status")
         self.offline = soakrun.offline_set(status)
-        self.ctx = soakrun.CtxCounter([c["pid"] for c in status["cpus"][1:]])
-        self.sampler = soak.HostSampler()
-        self.load = hostload.HostLoad(hostload.parse(host_load)) if host_load else None
-        if self.load:
-            self.load.start()
-        self.load_text = host_load or "none"
-        import ray
-        self.node = ray.get_runtime_context().get_node_id()[:12]
+        self.ctx = soakrun.CtxCounter([c["pid"] for c in status["cpus"][1:]], self.live.pid)
+        try:
+            self.sampler = soak.HostSampler()
+            self.load = hostload.HostLoad(hostload.parse(host_load)) if host_load else None
+            if self.load:
+                self.load.start()
+            self.load_text = host_load or "none"
+            import ray
+            self.node = ray.get_runtime_context().get_node_id()[:12]
+        except BaseException:
+            self.ctx.close()
+            raise
 
     def _wait_up(self):
         deadline = time.monotonic() + UP_S

@@ -152,22 +152,29 @@ class CtxCounter:
     """Involuntary context switches of the CPU processes, per trial.
 
     Counted per process from its first sighting, so a respawned CPU's new process starts from
-    its own count and a dead one's count does not go backwards. Each process's
-    /proc/PID/status is opened once, at its first sighting, and read again (pread) at every
-    trial: the descriptor names that process, not whatever has its pid later, and a read costs
-    ~10 us where opening the file (or psutil's num_ctx_switches(), which does) costs ~35: 2.2 ms
-    a trial for 63 CPU processes, on the soak's serial path between two trials. At most
-    ``keep`` stay open (a quarter of RLIMIT_NOFILE's soft limit: the client's own sockets and
-    files need the rest); beyond those, a file is opened for each read. ``close()`` closes them.
+    its own count and a dead one's count does not go backwards. A pid (from the coordinator's
+    status, a word of the segment) is counted only while its /proc/PID/status names the
+    coordinator ``parent`` as its parent, as every CPU process's does. Each file is opened
+    once, at its first sighting, and read again (pread) at every trial: the descriptor names
+    that process, not whatever has its pid later, and a read costs ~10 us where opening the
+    file (or psutil's num_ctx_switches(), which does) costs ~35: 2.2 ms a trial for 63 CPU
+    processes, on the soak's serial path between two trials. At most ``keep`` stay open (a
+    quarter of RLIMIT_NOFILE's soft limit: the client's own sockets and files need the rest);
+    beyond those, a file is opened for each read. ``close()`` closes them.
     """
 
-    def __init__(self, pids: list[int], keep: int | None = None):
+    def __init__(self, pids: list[int], parent: int, keep: int | None = None):
+        self.parent = parent
         self.last: dict[int, int] = {}
         self.fds: dict[int, int] = {}
         self.keep = min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4) if keep is None else keep
         self._pids: list[int] = []
         self.pids = pids
-        self.delta()
+        try:
+            self.delta()
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def pids(self) -> list[int]:
@@ -191,28 +198,52 @@ class CtxCounter:
         return n
 
     def _involuntary(self, pid: int) -> int | None:
+        """Its count; None when it is gone, or not a child of the coordinator."""
         fd = self.fds.get(pid)
         try:
             if fd is not None:
-                status = os.pread(fd, 8192, 0)
+                status = _read_all(fd)
             else:
                 fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    status = os.pread(fd, 8192, 0)
+                    status = _read_all(fd)
                 finally:
-                    if len(self.fds) < self.keep:
+                    if len(self.fds) < self.keep and _field(status, b"PPid") == self.parent:
                         self.fds[pid] = fd
                     else:
                         os.close(fd)
         except OSError:  # gone (a dead process's file reads ESRCH), or never there
             return None
-        at = status.find(b"\nnonvoluntary_ctxt_switches:")
-        return int(status[at + 28:].split(None, 1)[0]) if at >= 0 else None
+        if _field(status, b"PPid") != self.parent:  # (the coordinator gone, a pid that is not a CPU's)
+            return None
+        return _field(status, b"nonvoluntary_ctxt_switches")
 
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+def _read_all(fd: int) -> bytes:
+    """All of a /proc file through ``fd`` (a long Groups: line or CPU mask can take it past a page)."""
+    chunks, at = [], 0
+    while True:
+        chunk = os.pread(fd, 16384, at)
+        chunks.append(chunk)
+        at += len(chunk)
+        if len(chunk) < 16384:
+            return b"".join(chunks)
+
+
+def _field(status: bytes, name: bytes) -> int | None:
+    """A number field of a /proc/PID/status text, or None."""
+    at = status.find(b"\n" + name + b":")
+    if at < 0:
+        return None
+    try:
+        return int(status[at + len(name) + 2:].split(None, 1)[0])
+    except (ValueError, IndexError):
+        return None
 
 
 def idle_kick(live) -> dict:
@@ -303,7 +334,7 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
     old = {sig: signal.signal(sig, lambda *_: stop.update(asked=True)) for sig in stop_signals()}
     load = hostload.HostLoad(load_spec)
     counts: dict[str, int] = {}
-    probes = _Probes(load, load_spec.text(), soak.HostSampler(), CtxCounter(pids))
+    probes = _Probes(load, load_spec.text(), soak.HostSampler(), CtxCounter(pids, live.pid))
     error = None
     try:
         load.start()

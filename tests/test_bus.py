@@ -42,23 +42,35 @@ def test_the_monitored_pages_are_those_with_a_monitor_on_any_line(seg):
         p for p in range(npages) if any(d[base + p * L.LINES_PER_PAGE + i] for i in range(L.LINES_PER_PAGE))}
 
 
-def test_a_run_of_pages_is_stored_and_wakes_as_one_write_of_them_all(seg):
-    """write_pages(addr, pages) is write(addr, b"".join(pages)) without the joined copy: the same
-    bytes land, and the same monitors are woken, each named with the line the run hit."""
+def test_pages_are_written_as_write_writes_each_one_after_the_other(seg):
+    """write_pages(pages) is write(addr, data) of each page in turn: the same bytes land and the same
+    monitors are woken, each named with the line its page's write hit and that write's time; a
+    monitor armed between two pages' writes is woken by the later page only if it is on it."""
     bus = Bus(seg)
-    pages = [bytes([k + 1]) * L.PAGE for k in range(3)]
-    _arm(seg, 3, 2, 1)  # a line of the run's second page
-    _arm(seg, 5, 0, 2)  # the page after the run: not written, not woken
+    pages = [(L.PHYS_BASE + p * L.PAGE, bytes([p]) * L.PAGE) for p in (2, 3, 4)]
+    _arm(seg, 3, 2, 1)  # a line of the second page
+    _arm(seg, 5, 0, 2)  # a page not written: not woken
+
+    def arming():  # CPU 3 arms on page 2 once page 2 is written: that write came before its MONITOR
+        for k, page in enumerate(pages):
+            yield page
+            if k == 0:
+                _arm(seg, 2, 5, 3)
+
     woken = []
-    assert bus.write_pages(L.PHYS_BASE + 2 * L.PAGE, pages, woken) == 1
-    assert woken == [(L.PHYS_BASE + 3 * L.PAGE + 2 * L.LINE, 1)]
-    off = seg.geo.mem_off + 2 * L.PAGE
-    assert seg.buf[off:off + 3 * L.PAGE].tobytes() == b"".join(pages)
-    assert seg.wake_raised(1) and not seg.wake_raised(2)
+    assert bus.write_pages(arming(), woken) == 1
+    assert [(addr, cpu) for addr, cpu, _ns in woken] == [(L.PHYS_BASE + 3 * L.PAGE + 2 * L.LINE, 1)]
+    assert woken[0][2] > 0
+    for addr, data in pages:
+        off = seg.geo.mem_off + addr - L.PHYS_BASE
+        assert seg.buf[off:off + L.PAGE].tobytes() == data
+    assert seg.wake_raised(1) and not seg.wake_raised(2) and not seg.wake_raised(3)
     seg.set_cb(1, "mon_write", 0)
-    joined = []
-    assert bus.write(L.PHYS_BASE + 2 * L.PAGE, b"".join(pages), joined) == 1 and joined == woken
-    with pytest.raises(ValueError, match="pages of 4096 bytes"):
-        bus.write_pages(L.PHYS_BASE, [bytes(100)])
+    assert bus.write_pages(pages) == 2  # page 2's monitor too, armed before this write
+    assert sum(bus.write(addr, data) for addr, data in pages) == 2  # as write() of each
+    with pytest.raises(ValueError, match="whole pages"):
+        bus.write_pages([(L.PHYS_BASE, bytes(100))])
+    with pytest.raises(ValueError, match="whole pages"):
+        bus.write_pages([(L.PHYS_BASE + 64, bytes(L.PAGE))])
     with pytest.raises(ValueError, match="outside emulated memory"):
-        bus.write_pages(L.PHYS_BASE + bus.mem_len - L.PAGE, pages)
+        bus.write_pages([(L.PHYS_BASE + bus.mem_len, bytes(L.PAGE))])

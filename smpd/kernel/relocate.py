@@ -14,7 +14,7 @@ import hashlib
 import random
 import struct
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 from smpd.kernel import generations as gens_mod, image
 from smpd.kernel.generations import Generations
@@ -51,41 +51,31 @@ class Relocation:
 
     def write_pages(self, pages: list[tuple[int, Region, int]], seed: int, who: str,
                     during: Callable[[], None] | None = None) -> int:
-        """The new kernel's ``pages`` (page, region, index), in that order, through the bus; returns
-        how many monitors they woke. ``during`` runs once, before the write of the middle page.
-
-        Page by page, except that a run of consecutive pages which no monitor watches (the line
-        directory, looked at once first) is one bus write: one store, one fence, one look at its
-        lines' entries, what each of its pages' writes would have done, as none wakes anyone. A
-        page a monitor watches is a write of its own, so a CPU its write wakes finds the pages
-        before it written and those after it not, as page by page. (A monitor armed after that
-        look, on a page inside a run, is still woken by the bus; it then finds its whole run
-        written. A CPU arms only its own lines, which a kexec's writes reach only when it sits in
-        the old kernel: armed before the look.)"""
-        monitored = self.bus.monitored_pages(p for p, _r, _i in pages)
-        half = len(pages) // 2 if during is not None else -1
+        """The new kernel's ``pages`` (page, region, index), in that order, each a write through the
+        bus (smpd.machine.bus.Bus.write_pages: page by page, its image made just before it lands);
+        returns how many monitors they woke. ``during`` runs once, before the write of the middle
+        page. A write that wakes a monitor is recorded with the line it hit (which write hit
+        which line: the evidence the maps explain)."""
+        half = len(pages) // 2
         woke = 0
-        for n, first, run in _runs(pages, lambda n, page, first: n == half or page in monitored or first in monitored):
-            if n == half:
+        for k, part in enumerate((pages[:half], pages[half:]) if during is not None and pages else (pages,)):
+            if k == 1:
                 during()
-            woke += self._write_run(first, run, seed, who)
+            woken: list[tuple[int, int, int]] = []
+            woke += self.bus.write_pages(((page_addr(p), image.page_image(seed, self.new.gen, r, i)) for p, r, i in part),
+                                         woken)
+            if woken:
+                self._record_waking(part, woken, who)
         return woke
 
-    def _write_run(self, first: int, run: list[tuple[Region, int]], seed: int, who: str) -> int:
-        """Pages ``first``, ``first + 1``, ... (``run``: each one's region and index) as one bus
-        write; a write that wakes a monitor is recorded with the line it hit (which write hit
-        which line: the evidence the maps explain)."""
-        images = [image.page_image(seed, self.new.gen, region, index) for region, index in run]
-        woken: list[tuple[int, int]] = []
-        at = time.monotonic_ns()  # the write's time: before the wake-ups it causes
-        n = self.bus.write_pages(page_addr(first), images, woken)
-        for addr, cpu in woken[:max(0, MAX_WAKING - len(self.waking))]:
-            page = first + (addr - page_addr(first)) // L.PAGE
-            region, index = run[page - first]
+    def _record_waking(self, pages: list[tuple[int, Region, int]], woken: list[tuple[int, int, int]], who: str) -> None:
+        where = {p: (r, i) for p, r, i in pages}
+        for addr, cpu, at in woken[:max(0, MAX_WAKING - len(self.waking))]:
+            page = (addr - L.PHYS_BASE) // L.PAGE
+            region, index = where[page]
             what = f"{who}: {region.name.lower()} page {index} at {page_addr(page):#x}"
             self.waking.append({"cpu": cpu, "write": what, "line": self.gens.of_cpu(cpu).symbol(addr), "addr": addr})
             self.log(f"{what} writes CPU{cpu}'s monitored line ({self.waking[-1]['line']})", "waking_write", at)
-        return n
 
     def copy(self, during, crash: bool) -> None:
         """machine_kexec() -> relocate_kernel(): the new kernel's segments over whatever is there."""
@@ -141,20 +131,3 @@ class Relocation:
         self.log(f"generation {self.new.gen}: memory verification " + (f"found {len(bad)} corrupted words" if bad
                                                                        else "clean"))
         return bad
-
-
-def _runs(pages: Iterable[tuple[int, Region, int]], cut: Callable[[int, int, int], bool] | None = None
-          ) -> Iterator[tuple[int, int, list[tuple[Region, int]]]]:
-    """``pages`` (page, region, index) as runs of consecutive pages: (the run's position in
-    ``pages``, its first page, [(region, index)]). A run also ends before the page at position n
-    when ``cut(n, page, the run's first page)``."""
-    n0, first, run = 0, 0, []
-    for n, (page, region, index) in enumerate(pages):
-        if run and (page != first + len(run) or (cut is not None and cut(n, page, first))):
-            yield n0, first, run
-            run = []
-        if not run:
-            n0, first = n, page
-        run.append((region, index))
-    if run:
-        yield n0, first, run

@@ -22,7 +22,7 @@ Between (2) and (3) the CPU looks at its `wake` word (did an interrupt or IPI co
 the kick?) and at the page tags of its resume: lines in its own cache, which no bus
 write touches (smpd.machine.layout). The coordinator, when the CPU was awake (its
 `sleeping` word, read before the kick's first instant), looks at .status right after its
-store, as the floor's ping does (up to 1024 looks), and only then does the rest of the
+store, as the floor's ping does (for up to one udelay, 5 us), and only then does the rest of the
 bus's rule: a fence, a load of the line directory's entry (written by the CPU at its
 MONITOR), the store of the CPU's WRITE byte (`mon_write`, the bus's line of that CPU: one
 more move), a fence for it, and a load of `sleeping`. Done first, that rule had cost the

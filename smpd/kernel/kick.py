@@ -37,8 +37,10 @@ def _entry(seg, cpu: int, acked: bool, rounds: int, t_first: int, t_ack: int | N
         t_ack = t_ack or time.monotonic_ns()
         entry["rtt_ns"] = t_ack - t_first
         seen = seg.cb(cpu, "kick_seen_ns")
-        # The compiled CPU stamps it right after its answer, within a clock read of seeing the
-        # kick: when the kicker saw that answer first, the CPU had seen the kick before then.
+        # The compiled CPU stamps it right after its answer (a clock it keeps warm while it spins;
+        # the Python CPU, just before): when the kicker saw that answer first (the stamp's clock
+        # read raced the kicker's look, or the CPU's process lost its core between the two), the
+        # CPU had seen the kick by then.
         if seen != seen_before and seen >= t_first:
             entry["one_way_ns"] = min(seen, t_ack) - t_first
     return entry

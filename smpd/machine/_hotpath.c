@@ -45,7 +45,7 @@
 
 #define SIGNAL_POLL 1024
 #define UDELAY_LOOKS 128  /* looks at status between two clock reads in the kick's udelay() */
-#define EARLY_NS 2000LL  /* looking at status before the bus's rule, when the CPU is awake */
+#define EARLY_NS 5000LL  /* looking at status before the bus's rule, when the CPU is awake (at most a udelay) */
 #define EARLY_LOOKS 512  /* looks at status between two clock reads there */
 #define MAX_TAGS 8
 
@@ -571,7 +571,9 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 				if (w->yield)
 					sched_yield();
 				Py_END_ALLOW_THREADS
-				if (end != INT64_MAX && now_ns() >= end)
+				/* The clock is read here even with no end: the acknowledgement's stamp
+				 * (try_ack) then finds it warm, not microseconds cold after a long spin. */
+				if (now_ns() >= end)
 					break;
 			}
 		}
@@ -756,8 +758,9 @@ static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
 	if (!k->base)
 		return NULL;
 	status = (uint32_t *)(k->base + k->mem_off + md + 4);
-	/* Before the kick's first instant, as smpd.machine.pyhotpath's Kicker does: is the
-	 * monitoring CPU awake (spinning)? A hint only: the rule reads `sleeping` again. */
+	/* Emulator machinery, no kernel counterpart: before the kick's first instant (as
+	 * smpd.machine.pyhotpath's Kicker looks up its owner), is the monitoring CPU's process
+	 * awake (spinning)? A hint only: the rule reads `sleeping` again after its fences. */
 	owner = monitor_owner(k, md);
 	awake = owner && !LOAD32(owner + k->cb_sleeping);
 	t_first = now_ns();
@@ -770,7 +773,8 @@ static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
 		STORE32(k->base + k->mem_off + md, hlt);
 		/* An awake CPU in mwait_play_dead() watches the control word itself, as MWAIT
 		 * watches its line (Waiter.wait with an Ack), and answers within a few line
-		 * moves: look for that first, for up to EARLY_NS, before the rest of the bus's
+		 * moves (a few us when its caches went cold in a long spin): look for that
+		 * first, for up to EARLY_NS (at most the udelay), before the rest of the bus's
 		 * rule (two fences, a directory entry and the WRITE byte's line: as long as the
 		 * whole answer), which follows; the CPU takes that byte after its answer. A
 		 * sleeping CPU gets its doorbell first; so does one whose process shares host
@@ -781,7 +785,7 @@ static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
 			end = t_first + delay_ns;  /* udelay() counts from the write */
 			do
 				look_at_status(status, hlt, EARLY_LOOKS, &t_ack);
-			while (!t_ack && now_ns() < t_first + EARLY_NS);
+			while (!t_ack && now_ns() < t_first + (delay_ns < EARLY_NS ? delay_ns : EARLY_NS));
 		}
 		/* The CPU sleeps, or spinners outnumber cores: either way it needs a host
 		 * core to see the kick on, maybe this one. */

@@ -119,8 +119,8 @@ class Bus:
     def _wake_monitors(self, off: int, n: int, woken: list | None = None, ns: int = 0) -> int:
         """After a store of ``n`` bytes at ``off`` and a fence: wake each monitor armed on their lines
         (named in ``woken`` with ``ns``, when given)."""
-        first = self.dir_base + (off >> 6)
-        last = self.dir_base + ((off + n - 1) >> 6)
+        first = self.dir_base + off // L.LINE
+        last = self.dir_base + (off + n - 1) // L.LINE
         d = self.u16
         # An owner word names CPU owner-1; one beyond the machine's CPUs (a same-uid writer of the
         # segment could store any u16) names nobody, as in the compiled kick loop.

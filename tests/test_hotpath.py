@@ -323,6 +323,25 @@ def test_a_forged_owner_or_pid_in_the_segment_wakes_nobody_and_raises_nothing(se
         assert _kick(seg, 2)[:2] == (False, 2)
 
 
+def test_kick_each_skips_the_cpus_not_waiting_and_stops_after_one_that_does_not_answer(seg):
+    """smp_kick_mwait_play_dead()'s loop over CPUs in the hot path: a CPU whose status is not
+    CPUDEAD_MWAIT_WAIT at its turn is skipped (None); the first that does not answer ends the
+    list, for the caller to report before it goes on."""
+    u32, base = seg.u32, seg.geo.mem_off // 4
+    md = [MD_OFF, MD_OFF + L.LINE, MD_OFF + 2 * L.LINE, MD_OFF + 3 * L.LINE]
+    u32[base + md[0] // 4 + 1] = 0  # not in mwait_play_dead()
+    u32[base + md[1] // 4 + 1] = L.CPUDEAD_MWAIT_WAIT  # waits, and nobody answers
+    u32[base + md[2] // 4 + 1] = L.CPUDEAD_MWAIT_WAIT
+    done = Bus(seg).kicker.kick_each(md, L.CPUDEAD_MWAIT_KEXEC_HLT, L.CPUDEAD_MWAIT_WAIT, 5000, 2)
+    assert len(done) == 2 and done[0] is None and done[1][:2] == (False, 2)
+    assert u32[base + md[1] // 4] == L.CPUDEAD_MWAIT_KEXEC_HLT and u32[base + md[2] // 4] == 0  # not reached
+    u32[base + md[1] // 4 + 1] = L.CPUDEAD_MWAIT_KEXEC_HLT  # it answered in the meantime
+    done = Bus(seg).kicker.kick_each(md[1:], L.CPUDEAD_MWAIT_KEXEC_HLT, L.CPUDEAD_MWAIT_WAIT, 5000, 2)
+    assert done[0] is None and done[1][:2] == (False, 2)
+    with pytest.raises(ValueError, match="outside emulated memory"):
+        Bus(seg).kicker.kick_each([MD_OFF, -4], L.CPUDEAD_MWAIT_KEXEC_HLT, L.CPUDEAD_MWAIT_WAIT, 5000, 1)
+
+
 def test_a_kick_outside_emulated_memory_is_refused(seg):
     with pytest.raises(ValueError, match="outside emulated memory"):
         Bus(seg).kicker.kick_one(seg.geo.npages * L.PAGE, L.CPUDEAD_MWAIT_KEXEC_HLT, 5000, 1)

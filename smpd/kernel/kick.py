@@ -54,32 +54,50 @@ def smp_kick_mwait_play_dead(seg, bus, m, cpus: list[int], delay_ns: int, rounds
 
     ``during`` runs once, halfway through the CPUs that get kicked.
     """
-    waiting = [c for c in cpus if seg.mem_u32(m.mwait_cpu_dead_addr(c) + 4) == L.CPUDEAD_MWAIT_WAIT]
+    mds = {c: m.mwait_cpu_dead_addr(c) for c in cpus}
+    waiting = [c for c in cpus if seg.mem_u32(mds[c] + 4) == L.CPUDEAD_MWAIT_WAIT]
     half = waiting[len(waiting) // 2] if waiting else None
+    seen_before = {c: seg.cb(c, "kick_seen_ns") for c in cpus}  # a CPU stamps it only when kicked
     per: dict[int, dict] = {}
     stuck: list[int] = []
-    message = None
+
+    def on_stuck(cpu: int) -> None:
+        if not stuck:  # pr_err_once(): one line per kexec, however many are stuck
+            log(f"pr_err_once: CPU{cpu} is stuck in mwait_play_dead()")
+        stuck.append(cpu)
+
     t_start = time.monotonic_ns()
     if not waiting:
         during()
-    for cpu in cpus:
-        # Does it sit in mwait_play_dead() ?
-        md = m.mwait_cpu_dead_addr(cpu)
-        if seg.mem_u32(md + 4) != L.CPUDEAD_MWAIT_WAIT:
-            continue
-        if cpu == half:
+    # The loop over CPUs runs in the machine's hot path (Kicker.kick_each: "Does it sit in
+    # mwait_play_dead() ?", then kick_one), in two parts around ``during``.
+    at_half = cpus.index(half) if half is not None else len(cpus)
+    for k, part in enumerate((cpus[:at_half], cpus[at_half:])):
+        if k == 1 and part and seg.mem_u32(mds[half] + 4) == L.CPUDEAD_MWAIT_WAIT:
             during()
-        per[cpu] = entry = kick_one(seg, bus, cpu, md, delay_ns, rounds)
-        if not entry["acknowledged"]:
-            stuck.append(cpu)
-            if message is None:  # pr_err_once(): one line per kexec, however many are stuck
-                message = f"CPU{cpu} is stuck in mwait_play_dead()"
-                log(f"pr_err_once: {message}")
+        _kick_in_turn(seg, bus, part, mds, seen_before, delay_ns, rounds, per, on_stuck)
+    message = f"CPU{stuck[0]} is stuck in mwait_play_dead()" if stuck else None
     total = time.monotonic_ns() - t_start
     rtts = sorted(e["rtt_ns"] for e in per.values() if "rtt_ns" in e)
     return {"cpus": per, "stuck": stuck, "message": message, "total_ns": total,
             "budget_ns": delay_ns * rounds, "delay_ns": delay_ns, "rounds": rounds,
             "rtt_p50_ns": rtts[len(rtts) // 2] if rtts else None, "rtt_max_ns": rtts[-1] if rtts else None}
+
+
+def _kick_in_turn(seg, bus, part: list[int], mds: dict[int, int], seen_before: dict[int, int], delay_ns: int,
+                  rounds: int, per: dict[int, dict], on_stuck: Callable[[int], None]) -> None:
+    """Kick each CPU of ``part`` that waits in mwait_play_dead() at its turn, its entry into ``per``;
+    ``on_stuck(cpu)`` for one that does not answer, before the CPUs after it are kicked."""
+    while part:
+        done = bus.kicker.kick_each([mds[c] - L.PHYS_BASE for c in part], L.CPUDEAD_MWAIT_KEXEC_HLT,
+                                    L.CPUDEAD_MWAIT_WAIT, delay_ns, rounds)
+        for cpu, r in zip(part, done):
+            if r is not None:
+                acked, i, t_first, t_ack = r
+                per[cpu] = _entry(seg, cpu, acked, i, t_first, t_ack or None, seen_before[cpu])
+                if not acked:
+                    on_stuck(cpu)
+        part = part[len(done):]
 
 
 def parked(seg, m, cpu: int) -> bool:

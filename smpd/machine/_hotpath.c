@@ -731,33 +731,32 @@ static void look_at_status(volatile uint32_t *status, uint32_t hlt, int looks, i
 			*t_ack = now_ns();  /* read after the load: never before the ack */
 }
 
-static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
-{
-	Py_ssize_t md;  /* mwait_cpu_dead's offset in emulated memory */
-	unsigned int hlt;  /* CPUDEAD_MWAIT_KEXEC_HLT */
-	long long delay_ns;
-	long rounds, i = 0;
-	int64_t t_first, t_ack = 0;
-	int acked, awake;
-	char *owner;
-	volatile uint32_t *status;
-	Py_buffer view;
-	PyObject *r;
+/* One kick's outcome: smp_kick_mwait_play_dead()'s loop for one CPU, timed. */
+typedef struct {
+	int acked;
+	long rounds;
+	int64_t t_first, t_ack;
+} KickResult;
 
-	if (!PyArg_ParseTuple(args, "nILl", &md, &hlt, &delay_ns, &rounds))
-		return NULL;
+static int md_in_memory(Kicker *k, Py_ssize_t md)
+{
 	if (md < 0 || md % 4 || md + 8 > k->mem_len) {
 		PyErr_Format(PyExc_ValueError, "mwait_cpu_dead offset %zd is outside emulated memory", md);
-		return NULL;
+		return 0;
 	}
-	if (!k->buf) {
-		PyErr_SetString(PyExc_RuntimeError, "Kicker is not initialised");
-		return NULL;
-	}
-	k->base = acquire(k->buf, &view, k->need);  /* checked again: a buffer can shrink (mmap.resize) */
-	if (!k->base)
-		return NULL;
-	status = (uint32_t *)(k->base + k->mem_off + md + 4);
+	return 1;
+}
+
+/* The kick of the CPU whose mwait_cpu_dead sits at ``md`` (checked), with k->base set. */
+static KickResult kick_md(Kicker *k, Py_ssize_t md, uint32_t hlt, long long delay_ns, long rounds)
+{
+	long i = 0;
+	int64_t t_first, t_ack = 0;
+	int awake;
+	char *owner;
+	volatile uint32_t *status = (uint32_t *)(k->base + k->mem_off + md + 4);
+	KickResult out;
+
 	/* Emulator machinery, no kernel counterpart: before the kick's first instant (as
 	 * smpd.machine.pyhotpath's Kicker looks up its owner), is the monitoring CPU's process
 	 * awake (spinning)? A hint only: the rule reads `sleeping` again after its fences. */
@@ -805,13 +804,116 @@ static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
 		}
 		i++;
 	}
-	acked = LOAD32(status) == hlt;
-	if (acked && !t_ack && i)  /* it answered between the udelay's last look and the loop's test */
+	out.acked = LOAD32(status) == hlt;
+	if (out.acked && !t_ack && i)  /* it answered between the udelay's last look and the loop's test */
 		t_ack = now_ns();
-	r = Py_BuildValue("(OlLL)", acked ? Py_True : Py_False, i, (long long)t_first, (long long)t_ack);
+	out.rounds = i;
+	out.t_first = t_first;
+	out.t_ack = t_ack;
+	return out;
+}
+
+static PyObject *kick_result(KickResult r)
+{
+	return Py_BuildValue("(OlLL)", r.acked ? Py_True : Py_False, r.rounds, (long long)r.t_first, (long long)r.t_ack);
+}
+
+static PyObject *Kicker_kick_one(Kicker *k, PyObject *args)
+{
+	Py_ssize_t md;  /* mwait_cpu_dead's offset in emulated memory */
+	unsigned int hlt;  /* CPUDEAD_MWAIT_KEXEC_HLT */
+	long long delay_ns;
+	long rounds;
+	Py_buffer view;
+	KickResult r;
+
+	if (!PyArg_ParseTuple(args, "nILl", &md, &hlt, &delay_ns, &rounds))
+		return NULL;
+	if (!md_in_memory(k, md))
+		return NULL;
+	if (!k->buf) {
+		PyErr_SetString(PyExc_RuntimeError, "Kicker is not initialised");
+		return NULL;
+	}
+	k->base = acquire(k->buf, &view, k->need);  /* checked again: a buffer can shrink (mmap.resize) */
+	if (!k->base)
+		return NULL;
+	r = kick_md(k, md, hlt, delay_ns, rounds);
 	k->base = NULL;
 	PyBuffer_Release(&view);
-	return r;
+	return kick_result(r);
+}
+
+/*
+ * smp_kick_mwait_play_dead()'s loop over CPUs: for each mwait_cpu_dead offset in turn, skip
+ * it (None) unless its status is ``waiting`` now ("Does it sit in mwait_play_dead() ?"),
+ * else kick it as kick_one() does. Returns the results so far after the first CPU that does
+ * not answer, for the caller to report it (pr_err_once) and go on with the rest: no Python
+ * runs between two kicks, where it had cost ~7 us a CPU.
+ */
+static PyObject *Kicker_kick_each(Kicker *k, PyObject *args)
+{
+	PyObject *seq, *fast, *out = NULL;
+	unsigned int hlt, waiting;
+	long long delay_ns;
+	long rounds;
+	Py_ssize_t n, j;
+	Py_ssize_t *mds;
+	Py_buffer view;
+
+	if (!PyArg_ParseTuple(args, "OIILl", &seq, &hlt, &waiting, &delay_ns, &rounds))
+		return NULL;
+	if (!k->buf) {
+		PyErr_SetString(PyExc_RuntimeError, "Kicker is not initialised");
+		return NULL;
+	}
+	fast = PySequence_Fast(seq, "md_offs must be a sequence of offsets");
+	if (!fast)
+		return NULL;
+	n = PySequence_Fast_GET_SIZE(fast);
+	mds = PyMem_New(Py_ssize_t, n ? n : 1);
+	if (!mds) {
+		Py_DECREF(fast);
+		return PyErr_NoMemory();
+	}
+	for (j = 0; j < n; j++) {
+		mds[j] = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(fast, j));
+		if ((mds[j] == -1 && PyErr_Occurred()) || !md_in_memory(k, mds[j]))
+			goto done;
+	}
+	out = PyList_New(0);
+	if (!out)
+		goto done;
+	k->base = acquire(k->buf, &view, k->need);
+	if (!k->base) {
+		Py_CLEAR(out);
+		goto done;
+	}
+	for (j = 0; j < n; j++) {
+		PyObject *item;
+		KickResult r = {0};
+
+		if (LOAD32(k->base + k->mem_off + mds[j] + 4) != waiting) {
+			item = Py_NewRef(Py_None);
+		} else {
+			r = kick_md(k, mds[j], hlt, delay_ns, rounds);
+			item = kick_result(r);
+		}
+		if (!item || PyList_Append(out, item) < 0) {
+			Py_XDECREF(item);
+			Py_CLEAR(out);
+			break;
+		}
+		Py_DECREF(item);
+		if (item != Py_None && !r.acked)
+			break;
+	}
+	k->base = NULL;
+	PyBuffer_Release(&view);
+done:
+	PyMem_Free(mds);
+	Py_DECREF(fast);
+	return out;
 }
 
 static PyMethodDef Kicker_methods[] = {
@@ -820,6 +922,11 @@ static PyMethodDef Kicker_methods[] = {
 	 "smp_kick_mwait_play_dead() for one CPU whose mwait_cpu_dead sits at md_off in emulated\n"
 	 "memory: write control = kexec_hlt through the bus, udelay(delay), at most rounds times,\n"
 	 "until status says so. t_ack_ns is 0 when the CPU never answered."},
+	{"kick_each", (PyCFunction)Kicker_kick_each, METH_VARARGS,
+	 "kick_each(md_offs, kexec_hlt, waiting, delay_ns, rounds) -> [kick_one's tuple, or None]\n\n"
+	 "kick_one() of each mwait_cpu_dead in turn whose status is `waiting` at its turn (None for\n"
+	 "the others), without returning to Python between two; the list ends after the first CPU\n"
+	 "that did not answer."},
 	{NULL},
 };
 

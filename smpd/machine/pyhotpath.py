@@ -5,6 +5,7 @@ and smpd.kernel.kick call them through the same methods and never ask which:
 
     Waiter.wait(spin_ns, deadline_ns, ack) -> (code, arg, acked_ns)
     Kicker.kick_one(md_off, kexec_hlt, delay_ns, rounds) -> (acknowledged, rounds, t_first_ns, t_ack_ns)
+    Kicker.kick_each(md_offs, kexec_hlt, waiting, delay_ns, rounds) -> [kick_one's tuple, or None]
 
 Two differences are by design. First, ``ack``: the compiled Waiter, given an Ack,
 runs the woken path of mwait_play_dead() through the acknowledgement itself, because
@@ -170,3 +171,19 @@ class Kicker:
         if acked and not t_ack and i:  # it answered between the udelay's last look and the loop's test
             t_ack = time.monotonic_ns()
         return acked, i, t_first, t_ack
+
+    def kick_each(self, md_offs, kexec_hlt: int, waiting: int, delay_ns: int, rounds: int) -> list:
+        """kick_one() of each mwait_cpu_dead in turn whose status is ``waiting`` at its turn (None
+        for the others); the list ends after the first CPU that did not answer."""
+        out: list = []
+        for md_off in md_offs:
+            if md_off < 0 or md_off % 4 or md_off + 8 > self.mem_len:
+                raise ValueError(f"mwait_cpu_dead offset {md_off} is outside emulated memory")
+        for md_off in md_offs:
+            if self.seg.u32[(self.mem_off + md_off + 4) // 4] != waiting:
+                out.append(None)
+                continue
+            out.append(self.kick_one(md_off, kexec_hlt, delay_ns, rounds))
+            if not out[-1][0]:
+                break
+        return out

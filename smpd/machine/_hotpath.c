@@ -21,7 +21,8 @@
  *                       through the bus's rule (store, fence, directory, wake
  *                       byte, fence, doorbell; for a CPU that is awake, its
  *                       first looks at status come between the store and the
- *                       rest) and udelay(5) rounds.
+ *                       rest) and udelay(5) rounds. Kicker.kick_each(): its
+ *                       loop over CPUs ("Does it sit in mwait_play_dead() ?").
  *
  * Everything outside that path (interrupt handlers, IPIs, events, counters,
  * foreign bytes) stays in Python: the C returns to it whenever the wake-up is
@@ -336,8 +337,8 @@ static void await_write_byte(char *wake)
  * monitor it), so the store needs no directory look. kick_seen_ns (a clock read,
  * ~30 ns, a fifth of the host's round trip here) comes right after the store, with
  * the rest of the bookkeeping: it is when the CPU answered, within a clock read of
- * when it saw the kick (smpd.kernel.kick drops a stamp later than the kicker's own
- * sight of the answer: the CPU process lost its core between the two).
+ * when it saw the kick (the spin keeps that clock warm; smpd.kernel.kick counts a
+ * stamp later than the kicker's own sight of the answer as that sight).
  */
 static int try_ack(Waiter *w, Ack *a, int64_t *seen, int by_content)
 {

@@ -198,13 +198,13 @@ def test_a_sleeping_cpu_s_kick_rings_its_doorbell(seg):
     assert _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
 
 
-def test_a_cpu_s_stamp_after_the_kicker_saw_its_answer_is_no_later_than_that(seg):
+def test_a_cpu_s_stamp_after_the_kicker_saw_its_answer_gives_no_one_way_sample(seg):
     """The compiled CPU stamps kick_seen_ns right after its answer: a stamp the kicker's own sight
-    of the answer beat (the CPU lost its core between the two) counts as that sight: the CPU had
-    seen the kick by then. One way never exceeds the round trip."""
+    of the answer beat (the CPU lost its core between the two) says nothing of the way out, and
+    gives no sample rather than a made-up one. One way never exceeds the round trip."""
     seg.set_cb(CPU, "kick_seen_ns", 1_300)
     e = kick._entry(seg, CPU, True, 1, 1_000, 1_200, 0)
-    assert (e["one_way_ns"], e["rtt_ns"]) == (200, 200)
+    assert "one_way_ns" not in e and e["rtt_ns"] == 200
     seg.set_cb(CPU, "kick_seen_ns", 1_100)
     assert kick._entry(seg, CPU, True, 1, 1_000, 1_200, 0)["one_way_ns"] == 100
     assert "one_way_ns" not in kick._entry(seg, CPU, True, 1, 1_000, 1_200, 1_100)  # not stamped this time
@@ -220,6 +220,7 @@ def _writer(seg, control_value, out, waiting, ipi_first=False):
     entry = seg.geo.dir_off // L.DIR_ENTRY + MD_OFF // L.LINE
     waiting.wait(30)  # the waiter is about to spin; it takes its snapshot of control on entry
     time.sleep(0.05)
+    watching = seg.cb(CPU, "mon_watch")  # it spins watching its control word
     if ipi_first:
         # Both stores land while the spinner is stopped, so it finds them at once, wherever in its
         # loop it stopped: after its look at the wake words (it then sees control change first) or
@@ -235,7 +236,7 @@ def _writer(seg, control_value, out, waiting, ipi_first=False):
     deadline = time.monotonic() + 0.5
     while u32[md + 1] != L.CPUDEAD_MWAIT_KEXEC_HLT and time.monotonic() < deadline:
         pass
-    out.put({"status": u32[md + 1], "wake": _wake_word(seg), "armed": seg.u16[entry]})
+    out.put({"status": u32[md + 1], "wake": _wake_word(seg), "armed": seg.u16[entry], "watching": watching})
     Bus(seg).wake(CPU, L.WAKE_WRITE)
     if control_value == L.CPUDEAD_MWAIT_KEXEC_HLT and not ipi_first:  # answered: now in HLT, which the write does not end
         deadline = time.monotonic() + 30
@@ -271,7 +272,8 @@ def test_a_spinning_cpu_answers_a_kick_it_sees_on_its_control_word_and_takes_the
     CPUDEAD_MWAIT_KEXEC_HLT, before the bus's WRITE byte (a second cache line) reaches it; then it
     waits, still in the directory, for that byte and consumes it, so HLT finds no stale write."""
     (code, _arg, seen), during = _spin_with_ack(seg, L.CPUDEAD_MWAIT_KEXEC_HLT)
-    assert during == {"status": L.CPUDEAD_MWAIT_KEXEC_HLT, "wake": 0, "armed": CPU + 1}, during
+    assert during == {"status": L.CPUDEAD_MWAIT_KEXEC_HLT, "wake": 0, "armed": CPU + 1, "watching": 1}, during
+    assert seg.cb(CPU, "mon_watch") == 0  # no longer, in HLT
     assert code == hotpath.WOKE and seen > 0  # HLT, ended by the IPI
     assert _wake_word(seg) == 1 << (8 * L.WAKE_IPI)  # the WRITE byte was taken, the IPI is the caller's
     assert seg.u16[seg.geo.dir_off // L.DIR_ENTRY + MD_OFF // L.LINE] == 0
@@ -356,20 +358,22 @@ def test_the_compiled_hot_path_is_given_the_layout_sizes_and_refuses_others(seg)
     geo = seg.geo
     args = dict(mem_off=geo.mem_off, mem_len=geo.npages * L.PAGE, dir_off=geo.dir_off, cb_off=L.CB_OFF,
                 cb_size=L.CB_SIZE, cb_write=L.CB["mon_write"][0], cb_sleeping=L.CB["sleeping"][0],
-                cb_pid=L.CB["pid"][0], ncpus=geo.ncpus, doorbell=DOORBELL_SIGNAL, line=L.LINE, dir_entry=L.DIR_ENTRY)
+                cb_pid=L.CB["pid"][0], cb_watch=L.CB["mon_watch"][0], ncpus=geo.ncpus, doorbell=DOORBELL_SIGNAL,
+                line=L.LINE, dir_entry=L.DIR_ENTRY)
     _hotpath.Kicker(seg.buf, **args)
     with pytest.raises(ValueError, match="2-byte"):
         _hotpath.Kicker(seg.buf, **{**args, "dir_entry": 4})
     with pytest.raises(ValueError, match="power of two"):
         _hotpath.Kicker(seg.buf, **{**args, "line": 48})
-    for field, off in (("cb_write", L.CB_SIZE), ("cb_sleeping", L.CB_SIZE - 2), ("cb_pid", 2), ("cb_pid", -4)):
+    for field, off in (("cb_write", L.CB_SIZE), ("cb_sleeping", L.CB_SIZE - 2), ("cb_pid", 2), ("cb_pid", -4),
+                       ("cb_watch", 2), ("cb_watch", L.CB_SIZE)):
         with pytest.raises(ValueError, match="does not fit"):
             _hotpath.Kicker(seg.buf, **{**args, field: off})
     with pytest.raises(ValueError, match="whole number of 64-byte lines"):
         _hotpath.Kicker(seg.buf, **{**args, "mem_len": geo.npages * L.PAGE - 8})
     # A buffer that shrinks after the checks (an mmap resized) is refused at the kick, not read past.
     m = mmap.mmap(-1, len(seg.buf))
-    k, w = _hotpath.Kicker(m, **args), _hotpath.Waiter(m, wake=4096, write=8192, sleeping=8196, irq_signals=[],
+    k, w = _hotpath.Kicker(m, **args), _hotpath.Waiter(m, wake=4096, write=8192, sleeping=8196, watch=8200, irq_signals=[],
                                                       doorbell=DOORBELL_SIGNAL)
     m.resize(4096)
     with pytest.raises(ValueError, match="needed"):

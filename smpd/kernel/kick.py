@@ -37,12 +37,12 @@ def _entry(seg, cpu: int, acked: bool, rounds: int, t_first: int, t_ack: int | N
         t_ack = t_ack or time.monotonic_ns()
         entry["rtt_ns"] = t_ack - t_first
         seen = seg.cb(cpu, "kick_seen_ns")
-        # The compiled CPU stamps it right after its answer (a clock it keeps warm while it spins;
-        # the Python CPU, just before): when the kicker saw that answer first (the stamp's clock
-        # read raced the kicker's look, or the CPU's process lost its core between the two), the
-        # CPU had seen the kick by then.
-        if seen != seen_before and seen >= t_first:
-            entry["one_way_ns"] = min(seen, t_ack) - t_first
+        # One way: the write -> the CPU's answer. The compiled CPU stamps it right after its answer
+        # (a clock it keeps warm while it spins; the Python CPU, just before): a stamp after the
+        # kicker's own sight of that answer (the stamp's clock read raced the kicker's look, or the
+        # CPU's process lost its core between the two) gives no one-way sample, not a made-up one.
+        if seen != seen_before and t_first <= seen <= t_ack:
+            entry["one_way_ns"] = seen - t_first
     return entry
 
 
@@ -71,10 +71,18 @@ def smp_kick_mwait_play_dead(seg, bus, m, cpus: list[int], delay_ns: int, rounds
         during()
     # The loop over CPUs runs in the machine's hot path (Kicker.kick_each: "Does it sit in
     # mwait_play_dead() ?", then kick_one), in two parts around ``during``.
+    # ``during`` runs at the middle CPU's turn whatever it does then; that CPU is kicked if it
+    # waited just before (its status is read once, as the kernel's loop reads it).
     at_half = cpus.index(half) if half is not None else len(cpus)
     for k, part in enumerate((cpus[:at_half], cpus[at_half:])):
-        if k == 1 and part and seg.mem_u32(mds[half] + 4) == L.CPUDEAD_MWAIT_WAIT:
+        if k == 1 and part:
+            sits = seg.mem_u32(mds[half] + 4) == L.CPUDEAD_MWAIT_WAIT
             during()
+            if sits:
+                per[half] = kick_one(seg, bus, half, mds[half], delay_ns, rounds)
+                if not per[half]["acknowledged"]:
+                    on_stuck(half)
+            part = part[1:]
         _kick_in_turn(seg, bus, part, mds, seen_before, delay_ns, rounds, per, on_stuck)
     message = f"CPU{stuck[0]} is stuck in mwait_play_dead()" if stuck else None
     total = time.monotonic_ns() - t_start

@@ -19,8 +19,8 @@
  *   Kicker.kick_one()   the coordinator's kick of one CPU (smpd.kick.kick_one):
  *                       smp_kick_mwait_play_dead()'s loop of control writes
  *                       through the bus's rule (store, fence, directory, wake
- *                       byte, fence, doorbell; for a CPU that is awake, its
- *                       first looks at status come between the store and the
+ *                       byte, fence, doorbell; for a CPU that watches its
+ *                       control word, its first looks at status come between the store and the
  *                       rest) and udelay(5) rounds. Kicker.kick_each(): its
  *                       loop over CPUs ("Does it sit in mwait_play_dead() ?").
  *
@@ -46,7 +46,7 @@
 
 #define SIGNAL_POLL 1024
 #define UDELAY_LOOKS 128  /* looks at status between two clock reads in the kick's udelay() */
-#define EARLY_NS 5000LL  /* looking at status before the bus's rule, when the CPU is awake (at most a udelay) */
+#define EARLY_NS 5000LL  /* looking at status before the bus's rule, for a CPU watching control (at most a udelay) */
 #define EARLY_LOOKS 512  /* looks at status between two clock reads there */
 #define MAX_TAGS 8
 
@@ -210,7 +210,7 @@ typedef struct {
 	PyObject_HEAD
 	PyObject *buf;
 	char *base;  /* valid during a call only */
-	Py_ssize_t wake, write, sleeping;  /* `wake` (interrupt, IPI, timer bytes), `mon_write` */
+	Py_ssize_t wake, write, sleeping, watch;  /* `wake` (interrupt, IPI, timer bytes), `mon_write`, ..., `mon_watch` */
 	int yield;  /* spinning CPUs outnumber host cores: give the core away between polls */
 	int busy;  /* a wait() is running: it releases the GIL, so a second thread could enter */
 	Py_ssize_t need;  /* the buffer must be this long: the last byte of its words */
@@ -243,7 +243,8 @@ static int sigset_from(PyObject *seq, sigset_t *set)
 
 static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 {
-	static char *names[] = {"buf", "wake", "write", "sleeping", "irq_signals", "doorbell", "spin_yields", NULL};
+	static char *names[] = {"buf", "wake", "write", "sleeping", "watch", "irq_signals", "doorbell", "spin_yields",
+				NULL};
 	PyObject *buf, *irq;
 	int doorbell;
 	Py_buffer view;
@@ -254,8 +255,8 @@ static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 		return -1;
 	}
 	self->yield = 0;
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "OnnnOi|p", names, &buf, &self->wake, &self->write,
-					 &self->sleeping, &irq, &doorbell, &self->yield))
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "OnnnnOi|p", names, &buf, &self->wake, &self->write,
+					 &self->sleeping, &self->watch, &irq, &doorbell, &self->yield))
 		return -1;
 	if (sigset_from(irq, &self->irq) < 0)
 		return -1;
@@ -264,13 +265,15 @@ static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 	if (!acquire(buf, &view, 0))
 		return -1;
 	bad = in_range(&view, self->wake, 4, "wake") < 0 || in_range(&view, self->write, 4, "write") < 0 ||
-	      in_range(&view, self->sleeping, 4, "sleeping") < 0;
+	      in_range(&view, self->sleeping, 4, "sleeping") < 0 || in_range(&view, self->watch, 4, "watch") < 0;
 	PyBuffer_Release(&view);
 	if (bad)
 		return -1;
 	self->need = 4 + (self->wake > self->write ? self->wake : self->write);
 	if (4 + self->sleeping > self->need)
 		self->need = 4 + self->sleeping;
+	if (4 + self->watch > self->need)
+		self->need = 4 + self->watch;
 	Py_INCREF(buf);
 	self->buf = buf;
 	return 0;
@@ -335,10 +338,10 @@ static void await_write_byte(char *wake)
  * read-only lines; control came with the line the kicker wrote, and the status
  * store sends that line back. The status line is this CPU's own (only its owner may
  * monitor it), so the store needs no directory look. kick_seen_ns (a clock read,
- * ~30 ns, a fifth of the host's round trip here) comes right after the store, with
- * the rest of the bookkeeping: it is when the CPU answered, within a clock read of
- * when it saw the kick (the spin keeps that clock warm; smpd.kernel.kick counts a
- * stamp later than the kicker's own sight of the answer as that sight).
+ * ~30 ns, a fifth of the host's round trip here) comes right after the store when the
+ * kick was seen on the control word, with the rest of the bookkeeping (the spin keeps
+ * that clock warm), and right before it after a wake-up; smpd.kernel.kick takes no
+ * one-way sample from a stamp later than the kicker's own sight of the answer.
  */
 static int try_ack(Waiter *w, Ack *a, int64_t *seen, int by_content)
 {
@@ -353,8 +356,15 @@ static int try_ack(Waiter *w, Ack *a, int64_t *seen, int by_content)
 			return 0;
 	if (LOAD32(b + a->control) != a->kexec_hlt)
 		return 0;
+	/* Seen on the control word, while spinning: answer first, then stamp (a clock the spin
+	 * keeps warm). Woken by the WRITE byte (asleep, or the process was off its core): stamp
+	 * first; the wake-up took microseconds, and a clock read cold after it would come after
+	 * the kicker's look at the answer. */
+	if (!by_content)
+		*seen = now_ns();
 	STORE32(b + a->status, a->kexec_hlt);
-	*seen = now_ns();
+	if (by_content)
+		*seen = now_ns();
 	/* Acting on a wake-up until HLT (smpd.kernel.kexec's settle): from before the WRITE
 	 * byte's clear below, which the settle also looks at, so it never sees neither. */
 	STORE32(b + a->busy, 1);
@@ -526,58 +536,79 @@ static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 	return r;
 }
 
+enum { SPIN_ERROR = -1, SPIN_ANSWERED, SPIN_RAISED, SPIN_END };
+
+/*
+ * Spin on the wake words, for spin_ns (< 0: until woken). In mwait_play_dead() with a kick to
+ * answer (``a``), the spin also watches the monitored line's control word itself, as MWAIT
+ * watches its line: a change is a write, and the kick's cache line then moves to this CPU and
+ * back alone, before the bus's WRITE byte (a second line) arrives. Writes that change nothing
+ * still come as that byte. Control is loaded first: the wake words' loads then come after it
+ * in program order (x86 keeps loads in order), and no look at them stands between the kick and
+ * its answer. SPIN_ANSWERED: the kick was answered, at *seen.
+ */
+static int spin(Waiter *w, Ack *a, long long spin_ns, long long deadline, int64_t *seen)
+{
+	int64_t end = spin_ns < 0 ? INT64_MAX : now_ns() + spin_ns;
+	unsigned n = 0;
+	volatile uint32_t *control = a ? (uint32_t *)(w->base + a->control) : NULL;
+	uint32_t before = control ? LOAD32(control) : 0;
+
+	if (deadline && deadline < end)
+		end = deadline;
+	for (;;) {
+		/* THE HOT LOOP: a load and a compare of each word */
+		if (control && LOAD32(control) != before) {
+			int r = answer_kick(w, a, seen, 1);
+
+			if (r < 0)
+				return SPIN_ERROR;
+			if (r)
+				return SPIN_ANSWERED;
+			control = NULL;  /* not a kick to answer here: its WRITE byte follows */
+			STORE32(w->base + w->watch, 0);
+		}
+		if (raised(w))
+			return SPIN_RAISED;
+		if (++n % SIGNAL_POLL == 0) {
+			if (PyErr_CheckSignals() < 0)
+				return SPIN_ERROR;
+			/* More spinning processes than host cores: without this, a CPU
+			 * whose core another spinner holds waits out a scheduler slice
+			 * (ms) before it sees its kick. */
+			/* Hand the GIL round while here: a thread of this process
+			 * (a test's helper) may be the one that raises our byte. */
+			Py_BEGIN_ALLOW_THREADS
+			if (w->yield)
+				sched_yield();
+			Py_END_ALLOW_THREADS
+			/* The clock is read here even with no end: the acknowledgement's stamp
+			 * (try_ack) then finds it warm, not microseconds cold after a long spin. */
+			if (now_ns() >= end)
+				return SPIN_END;
+		}
+	}
+}
+
 static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *a)
 {
 	if (raised(w))
 		return woke(w, a, 0, spin_ns);
 	if (spin_ns != 0) {
-		/* spin_ns < 0: spin until woken (watch spin); else for that long (adaptive). */
-		int64_t end = spin_ns < 0 ? INT64_MAX : now_ns() + spin_ns;
-		unsigned n = 0;
-		/* In mwait_play_dead() with a kick to answer, the spin also watches the
-		 * monitored line's control word itself, as MWAIT watches its line: a change
-		 * is a write, and the kick's cache line then moves to this CPU and back
-		 * alone, before the bus's WRITE byte (a second line) arrives. Writes that
-		 * change nothing still come as that byte. Control is loaded first: the
-		 * wake words' loads then come after it in program order (x86 keeps loads
-		 * in order), and no look at them stands between the kick and its answer. */
-		volatile uint32_t *control = a ? (uint32_t *)(w->base + a->control) : NULL;
-		uint32_t before = control ? LOAD32(control) : 0;
+		int64_t seen = 0;
+		int r;
 
-		if (deadline && deadline < end)
-			end = deadline;
-		for (;;) {
-			/* THE HOT LOOP: a load and a compare of each word */
-			if (control && LOAD32(control) != before) {
-				int64_t seen;
-				int r = answer_kick(w, a, &seen, 1);
-
-				if (r < 0)
-					return NULL;
-				if (r)
-					return halted(w, 0, spin_ns, seen);
-				control = NULL;  /* not a kick to answer here: its WRITE byte follows */
-			}
-			if (raised(w))
-				return woke(w, a, 0, spin_ns);
-			if (++n % SIGNAL_POLL == 0) {
-				if (PyErr_CheckSignals() < 0)
-					return NULL;
-				/* More spinning processes than host cores: without this, a CPU
-				 * whose core another spinner holds waits out a scheduler slice
-				 * (ms) before it sees its kick. */
-				/* Hand the GIL round while here: a thread of this process
-				 * (a test's helper) may be the one that raises our byte. */
-				Py_BEGIN_ALLOW_THREADS
-				if (w->yield)
-					sched_yield();
-				Py_END_ALLOW_THREADS
-				/* The clock is read here even with no end: the acknowledgement's stamp
-				 * (try_ack) then finds it warm, not microseconds cold after a long spin. */
-				if (now_ns() >= end)
-					break;
-			}
-		}
+		/* `mon_watch`: the kicker looks for the answer of a CPU that watches its control
+		 * word itself before the rest of the bus's rule (Kicker_kick_one). */
+		if (a)
+			STORE32(w->base + w->watch, 1);
+		r = spin(w, a, spin_ns, deadline, &seen);
+		if (a)
+			STORE32(w->base + w->watch, 0);
+		if (r == SPIN_ERROR)
+			return NULL;
+		if (r == SPIN_ANSWERED)
+			return halted(w, 0, spin_ns, seen);
 		if (raised(w))
 			return woke(w, a, 0, spin_ns);
 		if (spin_ns < 0 || (deadline && now_ns() >= deadline))  /* spin ends only so */
@@ -616,7 +647,7 @@ typedef struct {
 	PyObject_HEAD
 	PyObject *buf;
 	char *base;  /* valid during a call only */
-	Py_ssize_t mem_off, mem_len, dir_off, cb_off, cb_size, cb_write, cb_sleeping, cb_pid;
+	Py_ssize_t mem_off, mem_len, dir_off, cb_off, cb_size, cb_write, cb_sleeping, cb_pid, cb_watch;
 	Py_ssize_t line, dir_entry;  /* bytes: a cache line, one directory entry (u16 owner) */
 	int line_shift;
 	long ncpus;
@@ -628,7 +659,8 @@ typedef struct {
 static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 {
 	static char *names[] = {"buf", "mem_off", "mem_len", "dir_off", "cb_off", "cb_size", "cb_write",
-				"cb_sleeping", "cb_pid", "ncpus", "doorbell", "line", "dir_entry", "spin_yields", NULL};
+				"cb_sleeping", "cb_pid", "cb_watch", "ncpus", "doorbell", "line", "dir_entry",
+				"spin_yields", NULL};
 	PyObject *buf;
 	Py_buffer view;
 	int bad;
@@ -638,9 +670,9 @@ static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 		return -1;
 	}
 	self->yield = 0;
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "Onnnnnnnnlinn|p", names, &buf, &self->mem_off, &self->mem_len,
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "Onnnnnnnnnlinn|p", names, &buf, &self->mem_off, &self->mem_len,
 					 &self->dir_off, &self->cb_off, &self->cb_size, &self->cb_write,
-					 &self->cb_sleeping, &self->cb_pid, &self->ncpus, &self->doorbell,
+					 &self->cb_sleeping, &self->cb_pid, &self->cb_watch, &self->ncpus, &self->doorbell,
 					 &self->line, &self->dir_entry, &self->yield))
 		return -1;
 	if (self->line < 8 || (self->line & (self->line - 1))) {
@@ -667,7 +699,8 @@ static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 	      /* each control-block field the kick loop touches lies inside the block, its u32s aligned */
 	      self->cb_write < 0 || self->cb_write >= self->cb_size ||
 	      self->cb_sleeping < 0 || self->cb_sleeping + 4 > self->cb_size || (self->cb_sleeping & 3) ||
-	      self->cb_pid < 0 || self->cb_pid + 4 > self->cb_size || (self->cb_pid & 3);
+	      self->cb_pid < 0 || self->cb_pid + 4 > self->cb_size || (self->cb_pid & 3) ||
+	      self->cb_watch < 0 || self->cb_watch + 4 > self->cb_size || (self->cb_watch & 3);
 	PyBuffer_Release(&view);
 	if (bad) {
 		PyErr_SetString(PyExc_ValueError, "the geometry does not fit the segment");
@@ -753,16 +786,17 @@ static KickResult kick_md(Kicker *k, Py_ssize_t md, uint32_t hlt, long long dela
 {
 	long i = 0;
 	int64_t t_first, t_ack = 0;
-	int awake;
+	int watching;
 	char *owner;
 	volatile uint32_t *status = (uint32_t *)(k->base + k->mem_off + md + 4);
 	KickResult out;
 
 	/* Emulator machinery, no kernel counterpart: before the kick's first instant (as
-	 * smpd.machine.pyhotpath's Kicker looks up its owner), is the monitoring CPU's process
-	 * awake (spinning)? A hint only: the rule reads `sleeping` again after its fences. */
+	 * smpd.machine.pyhotpath's Kicker looks up its owner), does the monitoring CPU spin
+	 * watching its control word itself (`mon_watch`, set by the compiled Waiter)? A hint
+	 * only: the rule follows in any case. */
 	owner = monitor_owner(k, md);
-	awake = owner && !LOAD32(owner + k->cb_sleeping);
+	watching = owner && LOAD32(owner + k->cb_watch);
 	t_first = now_ns();
 	/* Wait up to 5ms */
 	while (i < rounds && LOAD32(status) != hlt) {
@@ -771,15 +805,15 @@ static KickResult kick_md(Kicker *k, Py_ssize_t md, uint32_t hlt, long long dela
 
 		/* Bring it out of mwait */
 		STORE32(k->base + k->mem_off + md, hlt);
-		/* An awake CPU in mwait_play_dead() watches the control word itself, as MWAIT
-		 * watches its line (Waiter.wait with an Ack), and answers within a few line
+		/* A CPU in mwait_play_dead() that spins watching the control word itself, as
+		 * MWAIT watches its line (Waiter.wait with an Ack), answers within a few line
 		 * moves (a few us when its caches went cold in a long spin): look for that
 		 * first, for up to EARLY_NS (at most the udelay), before the rest of the bus's
 		 * rule (two fences, a directory entry and the WRITE byte's line: as long as the
-		 * whole answer), which follows; the CPU takes that byte after its answer. A
-		 * sleeping CPU gets its doorbell first; so does one whose process shares host
-		 * cores with other spinners (it may need this one). */
-		if (awake && i == 0 && !k->yield) {
+		 * whole answer), which follows; the CPU takes that byte after its answer. Any
+		 * other CPU (asleep, running Python) gets the rule first; so does one whose
+		 * process shares host cores with other spinners (it may need this one). */
+		if (watching && i == 0 && !k->yield) {
 			/* From t_first, just before the store: no clock read (~30 ns with no look)
 			 * before the first EARLY_LOOKS looks, where a quick answer comes. */
 			end = t_first + delay_ns;  /* udelay() counts from the write */

@@ -53,6 +53,7 @@ def waiter(seg, cpu: int, irq_signals, doorbell: int):
         return pyhotpath.Waiter(seg, cpu, irq_signals, doorbell, spin_yields=bool(seg.hdr("spin_yields")))
     word = lambda field: seg.cb_index32(cpu, field) * 4  # noqa: E731
     return _hotpath.Waiter(seg.buf, wake=word("wake"), write=word("mon_write"), sleeping=word("sleeping"),
+                           watch=word("mon_watch"),
                            irq_signals=sorted(irq_signals), doorbell=doorbell,
                            spin_yields=bool(seg.hdr("spin_yields")))
 
@@ -89,7 +90,8 @@ def kicker(seg, doorbell: int, bus):
     geo = seg.geo
     return _hotpath.Kicker(seg.buf, mem_off=geo.mem_off, mem_len=geo.npages * L.PAGE, dir_off=geo.dir_off,
                            cb_off=L.CB_OFF, cb_size=L.CB_SIZE, cb_write=L.CB["mon_write"][0],
-                           cb_sleeping=L.CB["sleeping"][0], cb_pid=L.CB["pid"][0], ncpus=geo.ncpus,
+                           cb_sleeping=L.CB["sleeping"][0], cb_pid=L.CB["pid"][0], cb_watch=L.CB["mon_watch"][0],
+                           ncpus=geo.ncpus,
                            doorbell=doorbell, line=L.LINE, dir_entry=L.DIR_ENTRY,
                            spin_yields=bool(seg.hdr("spin_yields")))
 

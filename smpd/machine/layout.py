@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
 
-LAYOUT_VERSION = 8  # 8: the monitor's write flag on its own line (mon_write); 7: process identities in clock ticks
+LAYOUT_VERSION = 9  # 9: mon_watch; 8: the monitor's write flag on its own line (mon_write); 7: process identities in clock ticks
 MAGIC = b"SMPDSEG\x00"
 
 LINE = 64  # bytes in a cache line: the MONITOR granularity of the x86 parts we emulate
@@ -292,6 +292,10 @@ _CB_FIELDS = [
     # `sleeping`: set while the CPU sleeps in sigwaitinfo (see smpd.machine.bus).
     ("mon_write", 512, "I"),
     ("sleeping", 516, "I"),
+    # `mon_watch`: 1 while the CPU spins in mwait_play_dead() watching its control word itself
+    # (the compiled Waiter with an Ack): the kicker looks for its answer before the rest of the
+    # bus's rule (smpd/machine/_hotpath.c).
+    ("mon_watch", 520, "I"),
 ]
 EV_OFF = 320
 EV_SLOTS = 12

@@ -188,7 +188,7 @@ def write_plot(path: str, run: Run, report: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    for name, label in (("one_way", "one way (write -> CPU saw it)"), ("rtt", "round trip (write -> ack seen)")):
+    for name, label in (("one_way", "one way (write -> CPU answered)"), ("rtt", "round trip (write -> ack seen)")):
         pts = run.histograms()[name]
         if pts:
             xs = [v / 1e3 for v, _ in pts]

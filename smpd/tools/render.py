@@ -207,7 +207,7 @@ def kick_summary(kick: dict | None) -> Text:
         one = sorted(c["one_way_ns"] for c in acked if "one_way_ns" in c)
         rounds = sorted(c["rounds"] for c in acked)
         t.append(f"  round trip (write -> ack seen): p50 {_ns(rtt[len(rtt) // 2])}, max {_ns(rtt[-1])}; "
-                 f"one way (write -> CPU saw it): p50 {_ns(one[len(one) // 2] if one else None)}; "
+                 f"one way (write -> CPU answered): p50 {_ns(one[len(one) // 2] if one else None)}; "
                  f"kernel rounds of 5 us: p50 {rounds[len(rounds) // 2]}, max {rounds[-1]}\n")
     if kick["message"]:
         t.append(f"  {kick['message']}\n", style="bold magenta")
@@ -412,6 +412,14 @@ def _wake_floor_line(r: dict) -> Text:
                 + (f"; round trip p50 / wake-up floor: {ratio:.2f}x" if ratio is not None else "") + "\n")
 
 
+def _one_way_note(r: dict) -> str:
+    missing = r["rtt_ns"].get("count", 0) - r["one_way_ns"].get("count", 0)
+    return ("* one way (the write -> the CPU's answer, stamped as it answers"
+            + (f"; {missing} of {r['rtt_ns']['count']} kicks have none: a stamp later than the coordinator's sight "
+               "of the answer" if missing > 0 else "")
+            + ") against half the floor (one cache-line transfer), round trip against the floor\n")
+
+
 def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
     t = Text()
     t.append(f"kick benchmark: watch {r['watch']}, hot path {r['hot_path']}, CPU {r['targets']}, {r['rounds']} rounds, "
@@ -444,8 +452,7 @@ def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
     kr = r["kernel_rounds"]
     b = r["budget_exceeded"]
     tail = Text()
-    tail.append("* one way against half the floor (one cache-line transfer), round trip against the floor\n",
-                style="dim")
+    tail.append(_one_way_note(r), style="dim")
     if kr.get("count"):
         tail.append(f"kernel's view, rounds of {r['delay_ns'] / 1e3:g} us: p50 {kr['p50']}, p99 {kr['p99']}, "
                     f"max {kr['max']}\n")

@@ -37,8 +37,9 @@ def _entry(seg, cpu: int, acked: bool, rounds: int, t_first: int, t_ack: int | N
         t_ack = t_ack or time.monotonic_ns()
         entry["rtt_ns"] = t_ack - t_first
         seen = seg.cb(cpu, "kick_seen_ns")
-        # One way: the write -> the CPU's answer. The compiled CPU stamps it right after its answer
-        # (a clock it keeps warm while it spins; the Python CPU, just before): a stamp after the
+        # One way: the write -> the CPU's answer. A compiled CPU that saw the kick on its control
+        # word stamps right after its answer (a clock its spin keeps warm); one woken by the WRITE
+        # byte, and the Python CPU, just before: a stamp after the
         # kicker's own sight of that answer (the stamp's clock read raced the kicker's look, or the
         # CPU's process lost its core between the two) gives no one-way sample, not a made-up one.
         if seen != seen_before and t_first <= seen <= t_ack:

@@ -279,8 +279,8 @@ class Coordinator:
             if (old := self.procs.pop(cpu, None)) is not None:
                 old.join(1)
             self.bus.clear_left_monitor(cpu)
-            for field, value in (("mbox_ack", self.seg.cb(cpu, "mbox_seq")), ("wake", 0), ("mon_write", 0), ("sleeping", 0), ("mon_watch", 0),
-                                 ("mon_armed", 0), ("busy", 0), ("state", L.ExecState.OFF),
+            for field, value in (("mbox_ack", self.seg.cb(cpu, "mbox_seq")), ("wake", 0), ("mon_write", 0), ("sleeping", 0),
+                                 ("mon_watch", 0), ("mon_armed", 0), ("busy", 0), ("state", L.ExecState.OFF),
                                  ("hotplug", L.Hotplug.OFFLINE)):
                 self.seg.set_cb(cpu, field, value)
         if gone:

@@ -77,6 +77,29 @@ def signal_queued(pid: int, sig: int) -> bool:
     return False
 
 
+def read_all(fd: int) -> bytes:
+    """All of a /proc file through ``fd``, read from its start (pread): a long Groups: line or CPU
+    mask can take /proc/PID/status past a page."""
+    chunks, at = [], 0
+    while True:
+        chunk = os.pread(fd, 16384, at)
+        chunks.append(chunk)
+        at += len(chunk)
+        if len(chunk) < 16384:
+            return b"".join(chunks)
+
+
+def status_field(status: bytes, name: bytes) -> int | None:
+    """A decimal field of a /proc/PID/status text (``name``: b"PPid", ...), or None."""
+    at = status.find(b"\n" + name + b":")
+    if at < 0:
+        return None
+    try:
+        return int(status[at + len(name) + 2:].split(None, 1)[0])
+    except (ValueError, IndexError):
+        return None
+
+
 _SYS_RT_SIGTIMEDWAIT = 128  # x86_64: sigwaitinfo() and sigtimedwait()
 
 

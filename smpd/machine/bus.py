@@ -33,6 +33,7 @@ from smpd.machine.sync import fence
 # pending doorbell is one bit and never a growing queue; its default action is to be
 # ignored, so a doorbell at a recycled pid harms nobody.
 DOORBELL_SIGNAL = signal.SIGURG
+_UNMONITORED_PAGE = bytes(L.LINES_PER_PAGE * L.DIR_ENTRY)  # a page's directory entries, none armed
 
 
 class Bus:
@@ -58,10 +59,9 @@ class Bus:
 
     def monitored_pages(self, pages: Iterable[int]) -> set[int]:
         """Those of ``pages`` (emulated page numbers) with a monitor armed on any of their lines."""
-        d, per, npages = self.u16, L.LINES_PER_PAGE, self.mem_len // L.PAGE
-        unmonitored = bytes(per * L.DIR_ENTRY)
+        d, per, base, npages = self.u16, L.LINES_PER_PAGE, self.dir_base, self.mem_len // L.PAGE
         return {p for p in pages
-                if 0 <= p < npages and d[self.dir_base + p * per:self.dir_base + (p + 1) * per].tobytes() != unmonitored}
+                if 0 <= p < npages and d[base + p * per:base + (p + 1) * per].tobytes() != _UNMONITORED_PAGE}
 
     def clear_left_monitor(self, cpu: int) -> None:
         """Clear the line-directory entry the dead process of ``cpu`` left armed, if it names it
@@ -92,7 +92,6 @@ class Bus:
         each. The same writes for ~2 us a page where write() takes ~3 here: its look at the
         page's 64 directory entries is one comparison of their bytes."""
         d, buf, per = self.u16, self.buf, L.LINES_PER_PAGE
-        unmonitored = bytes(per * L.DIR_ENTRY)
         n = 0
         for addr, data in pages:
             off = self._check(addr, len(data))
@@ -102,7 +101,7 @@ class Bus:
             buf[mo:mo + L.PAGE] = data
             fence()
             first = self.dir_base + off // L.LINE
-            if d[first:first + per].tobytes() != unmonitored:
+            if d[first:first + per].tobytes() != _UNMONITORED_PAGE:
                 n += self._wake_monitors(off, L.PAGE, woken, time.monotonic_ns())
         return n
 

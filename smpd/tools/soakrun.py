@@ -25,6 +25,7 @@ from smpd import cpulist
 from smpd import config
 from smpd.tools import cluster, hostload, lifecycle, soak
 from smpd.host import names, trust
+from smpd.host.proc import read_all, status_field
 from smpd.host import files
 from smpd.tools.entry import stop_signals
 from smpd.inputs import ascii_int, parse_duration
@@ -199,51 +200,27 @@ class CtxCounter:
 
     def _involuntary(self, pid: int) -> int | None:
         """Its count; None when it is gone, or not a child of the coordinator."""
-        fd = self.fds.get(pid)
+        kept = self.fds.get(pid)
         try:
-            if fd is not None:
-                status = _read_all(fd)
+            fd = kept if kept is not None else os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # gone, or never there
+            return None
+        try:
+            status = read_all(fd)
+        except OSError:  # gone (a dead process's file reads ESRCH)
+            status = b""
+        ours = status_field(status, b"PPid") == self.parent  # (not: the coordinator gone, a pid not a CPU's)
+        if kept is None:
+            if ours and len(self.fds) < self.keep:
+                self.fds[pid] = fd
             else:
-                fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    status = _read_all(fd)
-                finally:
-                    if len(self.fds) < self.keep and _field(status, b"PPid") == self.parent:
-                        self.fds[pid] = fd
-                    else:
-                        os.close(fd)
-        except OSError:  # gone (a dead process's file reads ESRCH), or never there
-            return None
-        if _field(status, b"PPid") != self.parent:  # (the coordinator gone, a pid that is not a CPU's)
-            return None
-        return _field(status, b"nonvoluntary_ctxt_switches")
+                os.close(fd)
+        return status_field(status, b"nonvoluntary_ctxt_switches") if ours else None
 
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
-
-
-def _read_all(fd: int) -> bytes:
-    """All of a /proc file through ``fd`` (a long Groups: line or CPU mask can take it past a page)."""
-    chunks, at = [], 0
-    while True:
-        chunk = os.pread(fd, 16384, at)
-        chunks.append(chunk)
-        at += len(chunk)
-        if len(chunk) < 16384:
-            return b"".join(chunks)
-
-
-def _field(status: bytes, name: bytes) -> int | None:
-    """A number field of a /proc/PID/status text, or None."""
-    at = status.find(b"\n" + name + b":")
-    if at < 0:
-        return None
-    try:
-        return int(status[at + len(name) + 2:].split(None, 1)[0])
-    except (ValueError, IndexError):
-        return None
 
 
 def idle_kick(live) -> dict:

@@ -36,7 +36,8 @@ import pytest
 
 from smpd.machine import hotpath
 from smpd.tools import lifecycle
-from smpd.host import names
+from smpd.host import names, trust
+from smpd.machine import layout as L
 from smpd.machine.segment import Segment
 
 LEAK_BOUND_S = 15.0  # a loaded 2-core CI box may take a while to reap 64 processes
@@ -52,6 +53,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_name(label: str = "") -> str:
     """A machine name of this run (the leak check looks at these and nothing else)."""
     return f"{RUN_PREFIX}-{label}{next(_counter)}"
+
+
+@contextlib.contextmanager
+def scratch_segment(label: str, geo: L.Geometry = L.Geometry(4, 16)):
+    """A segment of this run's with this process as its coordinator (no machine, no CPU process),
+    closed and unlinked after."""
+    seg = Segment.create(names.segment(run_name(label)), geo, os.getpid(), trust.start_ticks(os.getpid()))
+    try:
+        yield seg
+    finally:
+        seg.close()
+        seg.unlink()
 
 
 def our_segments() -> set[str]:

@@ -1,25 +1,17 @@
 """The bus's looks at the line directory, over a real segment (no CPU processes needed: the
 directory's entries are what a CPU's MONITOR stores)."""
 
-import os
-
 import pytest
 
-from conftest import run_name
-from smpd.host import names, trust
+from conftest import scratch_segment
 from smpd.machine import layout as L
 from smpd.machine.bus import Bus
-from smpd.machine.segment import Segment
 
 
 @pytest.fixture
 def seg():
-    s = Segment.create(names.segment(run_name("bus")), L.Geometry(4, 16), os.getpid(), trust.start_ticks(os.getpid()))
-    try:
+    with scratch_segment("bus") as s:
         yield s
-    finally:
-        s.close()
-        s.unlink()
 
 
 def _arm(seg, page: int, line: int, cpu: int) -> None:

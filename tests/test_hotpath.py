@@ -15,12 +15,10 @@ import time
 import multiprocess
 import pytest
 
-from conftest import run_name
-from smpd.host import names, trust
+from conftest import scratch_segment
 from smpd.kernel import kick
 from smpd.machine import hotpath, layout as L, pyhotpath
 from smpd.machine.bus import DOORBELL_SIGNAL, Bus
-from smpd.machine.segment import Segment
 
 BACKENDS = ["python"] + (["c"] if hotpath.WHY_NOT is None else [])
 CPU = 1
@@ -30,22 +28,19 @@ MD_OFF = 5 * L.LINE  # "mwait_cpu_dead" of CPU 1: a line of emulated memory CPU 
 
 @pytest.fixture(params=BACKENDS)
 def seg(request):
-    s = Segment.create(names.segment(run_name("hot")), L.Geometry(4, 16), os.getpid(),
-                       trust.start_ticks(os.getpid()))
-    s.set_hdr("hot_path", L.HotPath.C if request.param == "c" else L.HotPath.PYTHON)
-    s.set_cb(CPU, "pid", os.getpid())  # the doorbell rings this process
-    s.u16[s.geo.dir_off // L.DIR_ENTRY + MD_OFF // L.LINE] = CPU + 1  # CPU 1's MONITOR, armed
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {DOORBELL_SIGNAL})  # as a CPU process has it
-    old_alarm, old_irq = signal.getsignal(signal.SIGALRM), signal.getsignal(IRQ)
-    signal.signal(IRQ, lambda *_: None)
-    try:
-        yield s
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        signal.signal(signal.SIGALRM, old_alarm)
-        signal.signal(IRQ, old_irq)
-        s.close()
-        s.unlink()
+    with scratch_segment("hot") as s:
+        s.set_hdr("hot_path", L.HotPath.C if request.param == "c" else L.HotPath.PYTHON)
+        s.set_cb(CPU, "pid", os.getpid())  # the doorbell rings this process
+        s.u16[s.geo.dir_off // L.DIR_ENTRY + MD_OFF // L.LINE] = CPU + 1  # CPU 1's MONITOR, armed
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {DOORBELL_SIGNAL})  # as a CPU process has it
+        old_alarm, old_irq = signal.getsignal(signal.SIGALRM), signal.getsignal(IRQ)
+        signal.signal(IRQ, lambda *_: None)
+        try:
+            yield s
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            signal.signal(signal.SIGALRM, old_alarm)
+            signal.signal(IRQ, old_irq)
 
 
 def _waiter(seg):

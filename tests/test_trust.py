@@ -24,8 +24,8 @@ import pytest
 
 import adversary
 from adversary import needs_root
-from conftest import (REPO, Machine, our_processes, our_segments, run_name, run_smpd, smpd_env, start_smpd,
-                      wait_until)
+from conftest import (REPO, Machine, our_processes, our_segments, run_name, run_smpd, scratch_segment, smpd_env,
+                      start_smpd, wait_until)
 from smpd.daemon import channel
 from smpd.machine import layout as L
 from smpd.tools import lifecycle
@@ -287,16 +287,11 @@ def test_a_segment_handed_down_is_mapped_only_if_its_header_fits_its_size():
     from smpd.errors import LayoutMismatch
     from smpd.machine.segment import Segment
 
-    seg = Segment.create(names.segment(run_name("inherit")), L.Geometry(4, 16), os.getpid(),
-                         trust.start_ticks(os.getpid()))
-    try:
+    with scratch_segment("inherit") as seg:
         Segment.inherit(seg.name, os.dup(seg.fd)).close()
         seg.set_hdr("ncpus", 4096)
         with pytest.raises(LayoutMismatch, match="does not match its size"):
             Segment.inherit(seg.name, os.dup(seg.fd))
-    finally:
-        seg.close()
-        seg.unlink()
 
 
 def test_a_segment_of_ours_with_loose_permissions_is_not_trusted(machine_name):

@@ -191,7 +191,7 @@ def smpd_env(name: str | None = None, **extra: str) -> dict[str, str]:
     env.pop("SMPD_NAME", None)
     if name is not None:
         env["SMPD_NAME"] = name
-    env.setdefault("COLUMNS", "160")
+    env["COLUMNS"] = "160"  # whatever the terminal (or a pytest worker) says: tests read whole lines
     env.update(extra)
     return env
 

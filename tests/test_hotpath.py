@@ -141,6 +141,40 @@ def _kick(seg, rounds: int):
     return Bus(seg).kicker.kick_one(MD_OFF, L.CPUDEAD_MWAIT_KEXEC_HLT, 5000, rounds)
 
 
+class _Doorbell:
+    """The process whose pid CPU 1's doorbell rings: a forked child, single-threaded, with the
+    doorbell blocked as a CPU process has it (this process may have threads of its own, pytest's
+    workers' included, and any of them could take a signal sent to it). ``rung()`` asks it, after
+    the kick: the kicker's kill() came before the question's, so the doorbell is pending by then
+    if it was rung at all."""
+
+    ASK = signal.SIGUSR1
+
+    def __enter__(self):
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {DOORBELL_SIGNAL, self.ASK})
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns into pytest
+            try:
+                signal.sigwait({self.ASK})
+                os._exit(1 if DOORBELL_SIGNAL in signal.sigpending() else 0)
+            finally:
+                os._exit(70)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return self
+
+    def rung(self) -> bool:
+        os.kill(self.pid, self.ASK)
+        code = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        self.pid = None
+        assert code in (0, 1), code
+        return code == 1
+
+    def __exit__(self, *exc):
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+
+
 def test_a_cpu_that_never_answers_gets_every_round_and_is_not_acknowledged(seg):
     acked, rounds, t_first, t_ack = _kick(seg, 3)
     assert (acked, rounds, t_ack) == (False, 3, 0) and t_first > 0
@@ -172,24 +206,25 @@ def test_a_cpu_that_answers_at_once_still_gets_the_bus_s_write_byte_after(seg):
     seg.u32[(seg.geo.mem_off + MD_OFF) // 4 + 1] = 0
     ready = multiprocess.get_context("fork").Event()
     p = multiprocess.get_context("fork").Process(target=_parked_cpu, args=(seg, ready))
-    p.start()
-    try:
-        assert ready.wait(30)
-        acked, rounds, _, _ = _kick(seg, 1_000_000)
-    finally:
-        p.join(30)
-    assert acked and rounds >= 1
-    assert _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
-    assert DOORBELL_SIGNAL not in signal.sigpending()
+    with _Doorbell() as doorbell:
+        seg.set_cb(CPU, "pid", doorbell.pid)
+        p.start()
+        try:
+            assert ready.wait(30)
+            acked, rounds, _, _ = _kick(seg, 1_000_000)
+        finally:
+            p.join(30)
+        assert acked and rounds >= 1
+        assert _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
+        assert not doorbell.rung()
 
 
 def test_a_sleeping_cpu_s_kick_rings_its_doorbell(seg):
     seg.set_cb(CPU, "sleeping", 1)  # as the CPU process sets it before sigwaitinfo()
-    try:
+    with _Doorbell() as doorbell:
+        seg.set_cb(CPU, "pid", doorbell.pid)
         assert _kick(seg, 1)[:2] == (False, 1)
-        assert DOORBELL_SIGNAL in signal.sigpending()  # blocked here, as in a CPU process
-    finally:
-        signal.sigtimedwait({DOORBELL_SIGNAL}, 0)
+        assert doorbell.rung()
     assert _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
 
 

@@ -323,7 +323,7 @@ def test_a_users_machine_survives_a_test_run():
         pids = {before["machine"]["pid"], before["machine"]["janitor_pid"], *(c["pid"] for c in before["cpus"])}
         assert not {pid for pid, _ in our_processes()} & pids
         assert not any(name in s for s in our_segments())
-        inner = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        inner = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
                                 "tests/test_lifecycle.py", "-k", "stale or sigkill or leak"],
                                capture_output=True, text=True, cwd=REPO, timeout=300)
         assert inner.returncode == 0, inner.stdout[-3000:]

@@ -3,12 +3,14 @@
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import psutil
 import pytest
 
 from conftest import Machine, gone, run_smpd, segment_path, wait_until
-from smpd.host import trust
+from smpd.host import proc, trust
 from smpd.machine import layout as L
 
 
@@ -181,6 +183,26 @@ def test_pin_places_cpu_processes_on_host_cores(machine):
         assert c["core"] == cores[c["cpu"] % len(cores)]
         if c["cpu"]:
             assert psutil.Process(c["pid"]).cpu_affinity() == [c["core"]]
+
+
+def test_an_unpinned_cpu_s_core_is_the_one_its_process_last_ran_on(machine):
+    """Status reads where an unpinned CPU's process last ran from /proc/PID/stat itself: the same
+    figure psutil gives for a process that sleeps (and so stays put), parsed past a name that
+    holds spaces and parentheses; a process that is gone has none."""
+    m = machine(3, "--watch", "adaptive")
+    for c in m.status()["cpus"][1:]:
+        assert c["core"] in os.sched_getaffinity(c["pid"])
+    odd = subprocess.Popen([sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(None).prctl(15, b') 7 8 (x', 0, 0, 0); "
+                            "print(flush=True); sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        odd.stdout.readline()  # named, and about to sleep in read()
+        wait_until(lambda: psutil.Process(odd.pid).status() == psutil.STATUS_SLEEPING or None, 30, "it sleeps")
+        assert psutil.Process(odd.pid).name() == ") 7 8 (x"
+        assert proc.last_core(odd.pid) == psutil.Process(odd.pid).cpu_num()
+    finally:
+        odd.stdin.close()
+        odd.wait(30)
+    assert proc.last_core(odd.pid) == -1
 
 
 def test_same_seed_gives_the_same_kernel_image(machine):

@@ -1,12 +1,11 @@
-"""`smpd status`: everything it shows, read from the observation plane (and psutil for cores)."""
+"""`smpd status`: everything it shows, read from the observation plane (and /proc for cores)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-import psutil
-
+from smpd.host.proc import last_core
 from smpd.kernel import image
 from smpd.kernel.generations import Generations
 from smpd.machine import layout as L
@@ -53,10 +52,7 @@ def _full(seg: Segment, gens: Generations, cpu: int, brief: dict) -> dict:
     pid = cb("pid")
     core = cb("core")
     if core < 0 and pid:
-        try:
-            core = psutil.Process(pid).cpu_num()
-        except psutil.Error:
-            core = -1
+        core = last_core(pid)
     m = gens.of_cpu(cpu)
     md = m.mwait_cpu_dead_addr(cpu)
     return {
@@ -74,7 +70,7 @@ def _full(seg: Segment, gens: Generations, cpu: int, brief: dict) -> dict:
 
 
 def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None, brief: bool = False) -> dict:
-    """Everything `smpd status` shows, read from the observation plane (and psutil for cores).
+    """Everything `smpd status` shows, read from the observation plane (and /proc for cores).
 
     ``brief``: per CPU only its number, state, hotplug state and interrupt counts (what the view
     of a machine with many CPUs shows): a host process lookup per CPU (its core) and the memory

@@ -100,6 +100,27 @@ def status_field(status: bytes, name: bytes) -> int | None:
         return None
 
 
+def last_core(pid: int) -> int:
+    """The host core process ``pid`` last ran on (field 39 of /proc/PID/stat, what psutil's
+    cpu_num() reads), or -1 once it is gone. One read of one file: psutil.Process(pid).cpu_num()
+    reads it twice (the constructor takes the creation time from it too), 110 us a process against
+    24 here; a 2048-CPU `smpd status --json` spent 0.22 s of its ~0.9 s there."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    except OSError:
+        return -1
+    try:
+        stat = read_all(fd)
+    except OSError:
+        return -1
+    finally:
+        os.close(fd)
+    try:  # after the name, which may hold spaces and parentheses: the fields from the 3rd (state)
+        return int(stat[stat.rindex(b")") + 2:].split()[36])
+    except (ValueError, IndexError):
+        return -1
+
+
 _SYS_RT_SIGTIMEDWAIT = 128  # x86_64: sigwaitinfo() and sigtimedwait()
 
 

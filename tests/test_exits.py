@@ -18,9 +18,10 @@ import time
 import psutil
 import pytest
 
-from conftest import Machine, gone, run_name, run_smpd, start_smpd, wait_until
+from conftest import Machine, gone, run_name, run_smpd, scratch_segment, start_smpd, wait_until
 from smpd.tools import lifecycle
 from smpd.host import names
+from smpd.machine import layout as L
 
 SIGNALS = [pytest.param(s, id=s.name) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
 STOPPED = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
@@ -473,3 +474,30 @@ def test_the_janitor_holds_no_socket_of_the_coordinators(machine):
     sockets = [f for f in os.listdir(f"/proc/{janitor.pid}/fd")
                if os.readlink(f"/proc/{janitor.pid}/fd/{f}").startswith("socket:")]
     assert sockets == []
+
+
+def test_a_cpu_process_s_pid_leaves_the_segment_while_it_is_still_its_own():
+    """The coordinator clears a dead CPU's pid from the segment (where its siblings read it to ring
+    its doorbell) before it reaps the process, wherever the reap happens: the CPU is GONE with no
+    pid while the process is still a zombie, once, and its exit code is kept."""
+    from smpd.daemon.cpuproc import CpuProcess
+
+    with scratch_segment("reap") as seg:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            os._exit(3)
+        seg.set_cb(1, "pid", pid)
+        seg.set_cb(1, "sleeping", 1)
+        seen = []
+
+        def before_reap():
+            with open(f"/proc/{pid}/stat") as f:
+                seen.append((f.read().rsplit(")", 1)[1].split()[0], seg.cb(1, "pid"), seg.cb(1, "sleeping"),
+                             seg.cb(1, "state")))
+
+        p = CpuProcess(name="smpd-cpu1", daemon=True).adopt(pid, seg, 1, before_reap)
+        wait_until(lambda: not p.is_alive() or None, 30, "the child's exit seen")
+        assert seen == [("Z", 0, 0, L.ExecState.GONE)] and p.exitcode == 3
+        p.join(0)
+        assert len(seen) == 1
+    assert not os.path.exists(f"/proc/{pid}") or psutil.Process(pid).ppid() != os.getpid()  # reaped

@@ -17,20 +17,47 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING, Callable
 
 import multiprocess
 import multiprocess.popen_fork
 
 from smpd.host import trust
+from smpd.machine import layout as L
+
+if TYPE_CHECKING:
+    from smpd.machine.segment import Segment
 
 _ctx = multiprocess.get_context("fork")
 
 
-class _Adopted(multiprocess.popen_fork.Popen):
-    """A child of ours by pid (see the module's docstring): no sentinel, join() polls waitpid."""
+def mark_gone(seg: Segment, cpu: int) -> None:
+    """CPU ``cpu`` has no process: GONE, and no pid for a doorbell to ring (a recycled one's)."""
+    seg.set_cb(cpu, "state", L.ExecState.GONE)
+    seg.set_cb(cpu, "sleeping", 0)
+    seg.set_cb(cpu, "pid", 0)
 
-    def __init__(self, pid: int):
+
+class _Adopted(multiprocess.popen_fork.Popen):
+    """A child of ours by pid (see the module's docstring): no sentinel, join() polls waitpid.
+    ``before_reap`` runs once it has exited and before it is reaped, while its pid is still its
+    own (a zombie's): whatever names that pid is cleared before the host may hand it out again."""
+
+    def __init__(self, pid: int, before_reap: Callable[[], None] | None = None):
         self.pid, self.returncode, self.finalizer, self.sentinel = pid, None, None, None
+        self.before_reap = before_reap
+
+    def poll(self, flag: int = os.WNOHANG):
+        if self.returncode is None and self.before_reap is not None:
+            try:  # exited? (WNOWAIT: it stays a zombie)
+                exited = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT | (flag & os.WNOHANG))
+            except ChildProcessError:  # reaped already (by nobody of ours, but say so below)
+                exited = True
+            if exited is None:
+                return None
+            before_reap, self.before_reap = self.before_reap, None
+            before_reap()
+        return super().poll(flag)
 
     def wait(self, timeout: float | None = None):
         """The exit code once the process has exited; None if it has not within ``timeout``."""
@@ -47,11 +74,23 @@ class _Adopted(multiprocess.popen_fork.Popen):
 
 
 class CpuProcess(_ctx.Process):
-    def adopt(self, pid: int) -> "CpuProcess":
-        """This Process is child ``pid`` of ours, already running (forked by smpd.daemon.template)."""
+    def adopt(self, pid: int, seg: Segment | None = None, cpu: int = 0,
+              before_reap: Callable[[], None] | None = None) -> "CpuProcess":
+        """This Process is child ``pid`` of ours, already running (forked by smpd.daemon.template),
+        CPU ``cpu`` of the machine of ``seg``. Once it has exited, and before it is reaped, wherever
+        that happens (a liveness check, a respawn, the power-off): its CPU is marked gone while
+        ``seg`` still names this pid, then ``before_reap`` runs. Its siblings read that word to ring
+        its doorbell (smpd.machine.bus), and a reaped pid may be anyone's next process."""
         self._check_closed()
         assert self._popen is None and self._parent_pid == os.getpid()
-        self._popen = _Adopted(pid)
+
+        def exited():
+            if seg is not None and seg.buf is not None and seg.cb(cpu, "pid") == pid:
+                mark_gone(seg, cpu)
+            if before_reap is not None:
+                before_reap()
+
+        self._popen = _Adopted(pid, exited)
         self._sentinel = None
         del self._target, self._args, self._kwargs
         return self

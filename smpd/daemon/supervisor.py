@@ -34,7 +34,7 @@ import multiprocess
 from smpd import cpulist
 from smpd.config import Config
 from smpd.daemon import channel, stopping
-from smpd.daemon.cpuproc import CpuProcess
+from smpd.daemon.cpuproc import CpuProcess, mark_gone
 from smpd.daemon.template import Template
 from smpd.daemon.handlers import Handlers
 from smpd.daemon.janitor import COORDINATOR_COMM, Janitor, same_file
@@ -163,8 +163,11 @@ class Coordinator:
         if p is not None and p.is_alive():
             return True
         if p is not None and self.seg.cb(cpu, "pid"):
-            self._mark_gone(cpu)  # reaped by is_alive() just now: its pid may be anyone's next
+            self._mark_gone(cpu)  # cleared before its reap already (smpd.daemon.cpuproc): whatever is left
         return False
+
+    def _mark_gone(self, cpu: int) -> None:
+        mark_gone(self.seg, cpu)
 
     def cpu_process(self, cpu: int):
         return self.procs.get(cpu)
@@ -219,7 +222,7 @@ class Coordinator:
         template.fork(self.seg, self.signals, plan, check_stop, self._adopt, self.ipi_timeout_s, meanwhile)
 
     def _adopt(self, cpu: int, pid: int) -> None:
-        self.procs[cpu] = p = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(pid)
+        self.procs[cpu] = p = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(pid, self.seg, cpu)
         self.seg.set_cb(cpu, "pid", pid)
         self.seg.set_cb(cpu, "start_ticks", p.start_ticks())  # with the pid, what the janitor checks
 
@@ -254,11 +257,6 @@ class Coordinator:
             raise Timeout(f"{what}: the process of CPU {cpulist.format_list(missing)} did not acknowledge "
                           f"{' then '.join(ipi.name for ipi in message)} in its mailbox within {timeout_s:.1f} s "
                           f"(stopped, or starved of the host's cores): a host fault, not the machine's")
-
-    def _mark_gone(self, cpu: int) -> None:
-        self.seg.set_cb(cpu, "state", L.ExecState.GONE)
-        self.seg.set_cb(cpu, "sleeping", 0)  # never ring a doorbell at a recycled pid
-        self.seg.set_cb(cpu, "pid", 0)
 
     def refresh_gone(self) -> None:
         """GONE: every CPU whose process died, or that has none (a respawn cut short)."""

@@ -11,8 +11,9 @@ What it measures, and the target it is read against:
 
 * bring-up: `smpd up` of 64, 256 and 1024 CPUs (--sizes), wall time of the command and the
   coordinator's own, from its segment's creation to every CPU online; then `smpd status`
-  and `smpd down` of that machine (targets, issue 15: 4096 CPUs up under 10 s, per CPU
-  within 1.3x of 256's; status under 0.5 s, down under 3 s);
+  (the grid of many CPUs), `smpd status --json` (every CPU in full) and `smpd down` of that
+  machine (targets, issue 15: 4096 CPUs up under 10 s, per CPU within 1.3x of 256's; status
+  under 0.5 s, down under 3 s);
 * idle cost: host CPU used by a 64-CPU machine with 63 CPUs parked in
   mwait_play_dead(), per watch strategy, over a fixed window (target: adaptive
   under 2% of one core; spin burns whatever cores there are, by design);
@@ -75,7 +76,7 @@ def _kdamond_s() -> float | None:
 
 def bench_bringup(rec: Record, sizes: list[int], repeats: int, up_args: list[str]) -> None:
     for n in sizes:
-        walls, coords, statuses, downs, damon = [], [], [], [], []
+        walls, coords, statuses, jsons, downs, damon = [], [], [], [], [], []
         for _ in range(repeats if n <= 256 else 1):
             k0 = _kdamond_s()
             t0 = time.perf_counter()
@@ -85,9 +86,10 @@ def bench_bringup(rec: Record, sizes: list[int], repeats: int, up_args: list[str
                 damon.append(_kdamond_s() - k0)
             coords.append(lifecycle.require(NAME).request("status")["machine"]["bringup_ms"])
             for _ in range(3):
-                t0 = time.perf_counter()
-                smpd("status")
-                statuses.append((time.perf_counter() - t0) * 1e3)
+                for args, times in ((("status",), statuses), (("status", "--json"), jsons)):
+                    t0 = time.perf_counter()
+                    smpd(*args)
+                    times.append((time.perf_counter() - t0) * 1e3)
             t0 = time.perf_counter()
             smpd("down")
             downs.append((time.perf_counter() - t0) * 1e3)
@@ -95,6 +97,7 @@ def bench_bringup(rec: Record, sizes: list[int], repeats: int, up_args: list[str
         rec.add(f"bring-up {n} CPUs, per CPU (smpd up, wall)", "ms/CPU", [w / n for w in walls])
         rec.add(f"bring-up {n} CPUs (coordinator: segment created to all online)", "ms", coords)
         rec.add(f"status {n} CPUs (smpd status, wall)", "ms", statuses)
+        rec.add(f"status {n} CPUs, every CPU in full (smpd status --json, wall)", "ms", jsons)
         rec.add(f"down {n} CPUs (smpd down, wall)", "ms", downs)
         if damon:
             rec.add(f"host kdamond CPU during bring-up {n} (not smpd's)", "s", damon)

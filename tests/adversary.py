@@ -36,15 +36,19 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as a second us
 
 
 def unused_uid() -> int:
-    """A uid with no passwd entry and no process: a user nobody on this host is."""
+    """A uid with no passwd entry and no process: a user nobody on this host is. Each pytest-xdist
+    worker takes its own hundred (what one leaves behind, files with no process, must not make
+    the other's adversary share its uid)."""
     taken = {p.info["uids"].real for p in psutil.process_iter(["uids"]) if p.info["uids"]}
-    for uid in range(42420, 42520):
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    first = 42420 + 100 * (int(worker) if worker.isdigit() else 0)
+    for uid in range(first, first + 100):
         try:
             pwd.getpwuid(uid)
         except KeyError:
             if uid not in taken:
                 return uid
-    raise RuntimeError("no unused uid in 42420..42519")
+    raise RuntimeError(f"no unused uid in {first}..{first + 99}")
 
 
 def _become(uid: int) -> None:

@@ -96,6 +96,22 @@ def pytest_sessionstart(session):
     compileall.compile_dir(os.path.join(REPO, "smpd"), quiet=1)
 
 
+# The files whose tests run `smpd list` (it cleans every stale machine of this user) and those
+# that leave a machine stale on purpose, to see it recovered: one xdist worker runs them all, one
+# after another, so that no `list` of one worker cleans up what a test of the other left stale.
+_SWEEPS = {"test_everyday.py", "test_exits.py", "test_lifecycle.py", "test_trust.py"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Each file's tests run in one xdist worker (--dist loadgroup: one group a file), with the
+    machines its module-wide fixtures share; the files of _SWEEPS share one group. Before xdist's
+    own hook, which reads the groups."""
+    for item in items:
+        f = item.path.name
+        item.add_marker(pytest.mark.xdist_group("sweeps" if f in _SWEEPS else f))
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(SCRATCH, ignore_errors=True)
 

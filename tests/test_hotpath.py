@@ -16,6 +16,7 @@ import multiprocess
 import pytest
 
 from conftest import scratch_segment
+from smpd.host.proc import die_with_parent
 from smpd.kernel import kick
 from smpd.machine import hotpath, layout as L, pyhotpath
 from smpd.machine.bus import DOORBELL_SIGNAL, Bus
@@ -66,6 +67,14 @@ def _when_asleep(seg, then) -> threading.Thread:
     return t
 
 
+def _lost_doorbell_deadline() -> int:
+    """A deadline for a sleep the doorbell ends: a doorbell lost fails the test rather than hang it.
+    The doorbell is a signal to this process, which a pytest-xdist worker shares with a thread of
+    its own that does not block it: sent before the waiter is inside sigwaitinfo() (the helper
+    threads ring only once it says it sleeps), that thread could take it and drop it."""
+    return time.monotonic_ns() + 60 * 10**9
+
+
 def _code(r) -> tuple:
     return r[0], r[1], r[2]
 
@@ -92,7 +101,7 @@ def test_a_deadline_with_nothing_raised_is_a_timeout_and_raises_nothing(seg, spi
 def test_a_write_to_the_monitored_line_wakes_a_sleeper_through_the_doorbell(seg):
     bus = Bus(seg)
     t = _when_asleep(seg, lambda: bus.write(L.PHYS_BASE + MD_OFF + 4, b"\x02\x00\x00\x00"))
-    r = _waiter(seg).wait(1_000_000, 0, None)  # spin 1 ms, then sleep
+    r = _waiter(seg).wait(1_000_000, _lost_doorbell_deadline(), None)  # spin 1 ms, then sleep
     t.join()
     assert _code(r) == (hotpath.WOKE, 0, 0) and _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
     assert seg.u32[seg.cb_index32(CPU, "sleeping")] == 0
@@ -151,15 +160,19 @@ class _Doorbell:
     ASK = signal.SIGUSR1
 
     def __enter__(self):
+        parent = os.getpid()
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {DOORBELL_SIGNAL, self.ASK})
-        self.pid = os.fork()
-        if self.pid == 0:  # the child: never returns into pytest
-            try:
-                signal.sigwait({self.ASK})
-                os._exit(1 if DOORBELL_SIGNAL in signal.sigpending() else 0)
-            finally:
-                os._exit(70)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        try:
+            self.pid = os.fork()
+            if self.pid == 0:  # the child: never returns into pytest, nor outlives it
+                try:
+                    die_with_parent(parent)
+                    asked = signal.sigtimedwait({self.ASK}, 120)
+                    os._exit(3 if asked is None else 1 if DOORBELL_SIGNAL in signal.sigpending() else 0)
+                finally:
+                    os._exit(70)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         return self
 
     def rung(self) -> bool:
@@ -451,7 +464,7 @@ def test_the_compiled_waiter_refuses_a_second_wait_while_one_sleeps(seg):
         Bus(seg).wake(CPU, L.WAKE_IPI)  # then end the first one's sleep
 
     t = _when_asleep(seg, other)
-    r = w.wait(0, 0, None)
+    r = w.wait(0, _lost_doorbell_deadline(), None)
     t.join()
     assert _code(r) == (hotpath.WOKE, 0, 0)
     assert "already waiting in another thread" in second.get("error", ""), second

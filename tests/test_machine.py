@@ -190,8 +190,11 @@ def test_an_unpinned_cpu_s_core_is_the_one_its_process_last_ran_on(machine):
     figure psutil gives for a process that sleeps (and so stays put), parsed past a name that
     holds spaces and parentheses; a process that is gone has none."""
     m = machine(3, "--watch", "adaptive")
-    for c in m.status()["cpus"][1:]:
-        assert c["core"] in os.sched_getaffinity(c["pid"])
+    pids = [c["pid"] for c in m.status()["cpus"][1:]]
+    # Each asleep, idle (status wakes none of them): the core psutil reads stays the one status read.
+    wait_until(lambda: all(psutil.Process(p).status() == psutil.STATUS_SLEEPING for p in pids) or None, 30,
+               "the CPU processes asleep")
+    assert [c["core"] for c in m.status()["cpus"][1:]] == [psutil.Process(p).cpu_num() for p in pids]
     odd = subprocess.Popen([sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(None).prctl(15, b') 7 8 (x', 0, 0, 0); "
                             "print(flush=True); sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:

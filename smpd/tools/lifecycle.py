@@ -100,9 +100,9 @@ class Live:
             seg.close()
 
 
-def probe(name: str, cleaned: list[str] | None = None) -> Live | None:
+def probe(name: str, cleaned: list[str] | None = None, clean: bool = True) -> Live | None:
     """The live machine called ``name``; None when there is none. A stale one is cleaned first
-    (and, given ``cleaned``, what was cleaned is said there).
+    (and, given ``cleaned``, what was cleaned is said there), unless ``clean`` is False.
 
     Raises NotOurs for a name someone else holds and LayoutMismatch for a segment this
     smpd cannot read; both are left untouched.
@@ -112,7 +112,7 @@ def probe(name: str, cleaned: list[str] | None = None) -> Live | None:
     except posix_ipc.ExistentialError:
         return None
     except SegmentBeingCreated:
-        if clean_incomplete(names.segment(name)) == "removed":
+        if clean and clean_incomplete(names.segment(name)) == "removed":
             _say(cleaned, f"machine '{name}' was stale: its coordinator died before it wrote the segment's "
                           f"header; removed the segment")
             return None
@@ -127,6 +127,8 @@ def probe(name: str, cleaned: list[str] | None = None) -> Live | None:
             return Live(name, pid, start, seg.hdr("authkey"), seg.hdr_str("channel"), seg.hdr("ncpus"))
     finally:
         seg.close()
+    if not clean:
+        return None
     killed = clean_stale_segment(names.segment(name), expect_pid=pid, expect_start=start)
     _say(cleaned, f"machine '{name}' was stale: its coordinator (pid {pid}) had died; removed its segment"
                   + (f" and {len(killed)} leftover CPU process{'es' if len(killed) > 1 else ''}" if killed else ""))
@@ -146,11 +148,12 @@ def require(name: str) -> Live:
 
 
 def up_now() -> list[str]:
-    """Names of this user's machines that are up, for "not up" messages; never raises."""
+    """Names of this user's machines that are up, for "not up" messages; never raises. It only
+    looks: a stale machine is left for a command that names it (or `smpd list`) to clean."""
     found = []
     for name in our_machines():
         try:
-            if probe(name) is not None:
+            if probe(name, clean=False) is not None:
                 found.append(name)
         except SmpdError:
             pass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import compileall
 import contextlib
+import fcntl
 import itertools
 import os
 import secrets
@@ -47,6 +48,7 @@ RUN_TOKEN = secrets.token_hex(3)
 RUN_PREFIX = f"t{RUN_TOKEN}"  # every machine of this run is named RUN_PREFIX-...
 os.environ["SMPD_TEST_RUN"] = RUN_TOKEN  # a fresh token even in a run started by a test
 SCRATCH = tempfile.mkdtemp(prefix="smpd-tests-")  # the CLI's working directory in tests
+os.environ.setdefault("SMPD_TEST_SWEEPS_LOCK", os.path.join(SCRATCH, "sweeps.lock"))  # sweeps_alone
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -96,20 +98,19 @@ def pytest_sessionstart(session):
     compileall.compile_dir(os.path.join(REPO, "smpd"), quiet=1)
 
 
-# The files whose tests run `smpd list` (it cleans every stale machine of this user) and those
-# that leave a machine stale on purpose, to see it recovered: one xdist worker runs them all, one
-# after another, so that no `list` of one worker cleans up what a test of the other left stale.
-_SWEEPS = {"test_everyday.py", "test_exits.py", "test_lifecycle.py", "test_trust.py"}
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Each file's tests run in one xdist worker (--dist loadgroup: one group a file), with the
-    machines its module-wide fixtures share; the files of _SWEEPS share one group. Before xdist's
-    own hook, which reads the groups."""
-    for item in items:
-        f = item.path.name
-        item.add_marker(pytest.mark.xdist_group("sweeps" if f in _SWEEPS else f))
+@pytest.fixture
+def sweeps_alone():
+    """For the tests that run `smpd list` (it cleans up every stale machine of this user) and those
+    that leave a machine stale on purpose to see it recovered (pytestmark of their files): no other
+    such test of this run runs meanwhile, in the other xdist worker. One lock file for the run:
+    named by the process that starts the workers, which inherit its environment (a run started
+    by a test is given none, and makes its own)."""
+    fd = os.open(os.environ["SMPD_TEST_SWEEPS_LOCK"], os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def pytest_sessionfinish(session, exitstatus):

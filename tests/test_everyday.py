@@ -13,6 +13,8 @@ from conftest import patient_config, run_smpd, smpd_env, start_smpd, wait_until
 from smpd.host import names
 from smpd.tools import render
 
+pytestmark = pytest.mark.usefixtures("sweeps_alone")  # conftest: `smpd list`, stale machines
+
 HEX_WORD = re.compile(r"0x[0-9a-f]{8}\b")
 
 

@@ -23,6 +23,8 @@ from smpd.tools import lifecycle
 from smpd.host import names
 from smpd.machine import layout as L
 
+pytestmark = pytest.mark.usefixtures("sweeps_alone")  # conftest: `smpd list`, stale machines
+
 SIGNALS = [pytest.param(s, id=s.name) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
 STOPPED = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 

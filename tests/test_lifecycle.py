@@ -12,6 +12,8 @@ from smpd.machine.segment import SegmentBeingCreated
 from smpd.tools import lifecycle
 from smpd.host import names
 
+pytestmark = pytest.mark.usefixtures("sweeps_alone")  # conftest: `smpd list`, stale machines
+
 
 def _waitgone(pids: list[int], what: str = "exit") -> None:
     for pid in pids:

@@ -33,7 +33,7 @@ from smpd.host import names, trust
 from smpd.errors import CoordinatorGone, NotOurs
 from smpd.machine.segment import Segment
 
-pytestmark = needs_root
+pytestmark = [needs_root, pytest.mark.usefixtures("sweeps_alone")]  # conftest: `smpd list`, stale machines
 
 
 @pytest.fixture(scope="module")
@@ -323,9 +323,10 @@ def test_a_users_machine_survives_a_test_run():
         pids = {before["machine"]["pid"], before["machine"]["janitor_pid"], *(c["pid"] for c in before["cpus"])}
         assert not {pid for pid, _ in our_processes()} & pids
         assert not any(name in s for s in our_segments())
+        inner_env = {k: v for k, v in os.environ.items() if k != "SMPD_TEST_SWEEPS_LOCK"}  # this test holds ours
         inner = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
                                 "tests/test_lifecycle.py", "-k", "stale or sigkill or leak"],
-                               capture_output=True, text=True, cwd=REPO, timeout=300)
+                               capture_output=True, text=True, cwd=REPO, timeout=300, env=inner_env)
         assert inner.returncode == 0, inner.stdout[-3000:]
         after = live.request("status")
         assert after["machine"]["pid"] == before["machine"]["pid"] and after["machine"]["state"] == "UP"

@@ -42,6 +42,7 @@ from smpd.machine import layout as L
 from smpd.machine.segment import Segment
 
 LEAK_BOUND_S = 15.0  # a loaded 2-core CI box may take a while to reap 64 processes
+SWEEPS_WAIT_S = 600.0  # longer than any one test of the files that take sweeps_alone
 _counter = itertools.count()
 
 RUN_TOKEN = secrets.token_hex(3)
@@ -107,7 +108,16 @@ def sweeps_alone():
     by a test is given none, and makes its own)."""
     fd = os.open(os.environ["SMPD_TEST_SWEEPS_LOCK"], os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        def taken():
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return None
+
+        # Bounded: a test of the other worker that hangs (or a child that outlives its test,
+        # holding the lock) fails this one rather than hang it too.
+        wait_until(taken, SWEEPS_WAIT_S, "the other worker's test that sweeps or leaves stale machines")
         yield
     finally:
         os.close(fd)

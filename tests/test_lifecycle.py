@@ -6,7 +6,7 @@ import signal
 import posix_ipc
 import pytest
 
-from conftest import Machine, gone, our_processes, run_smpd, segment_path, start_smpd, wait_until
+from conftest import Machine, gone, our_processes, run_name, run_smpd, segment_path, start_smpd, wait_until
 from smpd.machine import layout as L
 from smpd.machine.segment import SegmentBeingCreated
 from smpd.tools import lifecycle
@@ -53,6 +53,18 @@ def test_a_stale_machine_is_recovered_by_down(machine_name):
     assert os.path.exists(segment_path(machine_name))  # the stale segment
     r = run_smpd("status", name=machine_name, check=False)
     assert r.returncode == 2 and "no machine named" in r.stderr
+    assert not os.path.exists(segment_path(machine_name))
+
+
+def test_an_error_about_another_machine_leaves_a_stale_one_for_its_own_command(machine_name):
+    """A "not up" error lists the machines up now by looking only: a stale machine of another
+    name is neither listed nor cleaned up by it; a command naming that machine recovers it."""
+    m = Machine(machine_name, 2, "--watch", "adaptive")
+    _kill_unattended(_all_pids(m))
+    r = run_smpd("status", name=run_name("absent"), check=False)
+    assert r.returncode == 2 and machine_name not in r.stderr
+    assert os.path.exists(segment_path(machine_name))  # still there: the error changed nothing
+    assert "stale" in run_smpd("down", name=machine_name).stdout
     assert not os.path.exists(segment_path(machine_name))
 
 

@@ -51,7 +51,7 @@ class _Adopted(multiprocess.popen_fork.Popen):
         if self.returncode is None and self.before_reap is not None:
             try:  # exited? (WNOWAIT: it stays a zombie)
                 exited = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT | (flag & os.WNOHANG))
-            except ChildProcessError:  # reaped already (by nobody of ours, but say so below)
+            except ChildProcessError:  # no child of ours by that pid any more (reaped elsewhere): gone
                 exited = True
             if exited is None:
                 return None

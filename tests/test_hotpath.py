@@ -3,11 +3,13 @@ driven in this process through the same steps over a real segment: they must agr
 
 The other side of each step is real too: a helper thread raises bytes through the bus
 (after it sees the waiter asleep), sends an interrupt signal to this thread, or, for the
-kicker, a forked helper process plays the parked CPU and answers in status.
+kicker, a forked helper process plays the parked CPU and answers in status. A sleep that only
+the doorbell (a signal to the process) ends runs in a forked child (``_as_a_cpu_process``).
 """
 
 import mmap
 import os
+import pickle
 import signal
 import threading
 import time
@@ -67,12 +69,39 @@ def _when_asleep(seg, then) -> threading.Thread:
     return t
 
 
-def _lost_doorbell_deadline() -> int:
-    """A deadline for a sleep the doorbell ends: a doorbell lost fails the test rather than hang it.
-    The doorbell is a signal to this process, which a pytest-xdist worker shares with a thread of
-    its own that does not block it: sent before the waiter is inside sigwaitinfo() (the helper
-    threads ring only once it says it sleeps), that thread could take it and drop it."""
+def _no_doorbell_deadline() -> int:
+    """A deadline for a sleep only the doorbell ends: one never rung fails the test, not hang it."""
     return time.monotonic_ns() + 60 * 10**9
+
+
+def _as_a_cpu_process(seg, steps):
+    """``steps(seg)`` run in a forked child that CPU 1's doorbell rings, its answer pickled back.
+    The doorbell is a signal to a process, and a pytest-xdist worker has a thread of its own that
+    does not block it: one sent before the waiter is inside sigwaitinfo() could go to that thread
+    and be dropped. The child has only the threads ``steps`` starts, each with the doorbell
+    blocked as this thread has it (and as a CPU process has it)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest, nor outlives it
+        try:
+            os.close(r)
+            die_with_parent(os.getppid())
+            seg.set_cb(CPU, "pid", os.getpid())
+            answer = steps(seg)
+            os.write(w, pickle.dumps(("ok", answer)))
+        except BaseException as err:  # noqa: B036 - whatever happened, said to the test
+            os.write(w, pickle.dumps(("raised", repr(err))))
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            how, answer = pickle.loads(f.read() or pickle.dumps(("died", None)))
+    finally:
+        os.waitpid(pid, 0)
+        seg.set_cb(CPU, "pid", os.getpid())
+    assert how == "ok", (how, answer)
+    return answer
 
 
 def _code(r) -> tuple:
@@ -99,11 +128,15 @@ def test_a_deadline_with_nothing_raised_is_a_timeout_and_raises_nothing(seg, spi
 
 
 def test_a_write_to_the_monitored_line_wakes_a_sleeper_through_the_doorbell(seg):
-    bus = Bus(seg)
-    t = _when_asleep(seg, lambda: bus.write(L.PHYS_BASE + MD_OFF + 4, b"\x02\x00\x00\x00"))
-    r = _waiter(seg).wait(1_000_000, _lost_doorbell_deadline(), None)  # spin 1 ms, then sleep
-    t.join()
-    assert _code(r) == (hotpath.WOKE, 0, 0) and _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
+    def sleeper(seg):
+        bus = Bus(seg)
+        t = _when_asleep(seg, lambda: bus.write(L.PHYS_BASE + MD_OFF + 4, b"\x02\x00\x00\x00"))
+        r = _waiter(seg).wait(1_000_000, _no_doorbell_deadline(), None)  # spin 1 ms, then sleep
+        t.join()
+        return _code(r)
+
+    assert _as_a_cpu_process(seg, sleeper) == (hotpath.WOKE, 0, 0)
+    assert _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
     assert seg.u32[seg.cb_index32(CPU, "sleeping")] == 0
 
 
@@ -453,20 +486,25 @@ def test_the_compiled_waiter_refuses_a_second_wait_while_one_sleeps(seg):
     """It releases the GIL while it sleeps; a second thread's wait() on it is refused, not run
     over the first one's view of the segment."""
     seg.set_hdr("hot_path", L.HotPath.C)
-    w = _waiter(seg)
-    second = {}
 
-    def other():
-        try:
-            w.wait(0, time.monotonic_ns() + 10**9, None)
-        except RuntimeError as err:
-            second["error"] = str(err)
-        Bus(seg).wake(CPU, L.WAKE_IPI)  # then end the first one's sleep
+    def sleeper(seg):
+        w = _waiter(seg)
+        second = {}
 
-    t = _when_asleep(seg, other)
-    r = w.wait(0, _lost_doorbell_deadline(), None)
-    t.join()
-    assert _code(r) == (hotpath.WOKE, 0, 0)
+        def other():
+            try:
+                w.wait(0, time.monotonic_ns() + 10**9, None)
+            except RuntimeError as err:
+                second["error"] = str(err)
+            Bus(seg).wake(CPU, L.WAKE_IPI)  # then end the first one's sleep
+
+        t = _when_asleep(seg, other)
+        r = w.wait(0, _no_doorbell_deadline(), None)
+        t.join()
+        return _code(r), second
+
+    code, second = _as_a_cpu_process(seg, sleeper)
+    assert code == (hotpath.WOKE, 0, 0)
     assert "already waiting in another thread" in second.get("error", ""), second
 
 

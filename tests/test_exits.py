@@ -20,7 +20,7 @@ import pytest
 
 from conftest import Machine, gone, run_name, run_smpd, scratch_segment, start_smpd, wait_until
 from smpd.tools import lifecycle
-from smpd.host import names
+from smpd.host import names, proc
 from smpd.machine import layout as L
 
 pytestmark = pytest.mark.usefixtures("sweeps_alone")  # conftest: `smpd list`, stale machines
@@ -493,13 +493,11 @@ def test_a_cpu_process_s_pid_leaves_the_segment_while_it_is_still_its_own():
         seen = []
 
         def before_reap():
-            with open(f"/proc/{pid}/stat") as f:
-                seen.append((f.read().rsplit(")", 1)[1].split()[0], seg.cb(1, "pid"), seg.cb(1, "sleeping"),
-                             seg.cb(1, "state")))
+            seen.append((proc.stat_fields(pid)[0], seg.cb(1, "pid"), seg.cb(1, "sleeping"), seg.cb(1, "state")))
 
         p = CpuProcess(name="smpd-cpu1", daemon=True).adopt(pid, seg, 1, before_reap)
         wait_until(lambda: not p.is_alive() or None, 30, "the child's exit seen")
-        assert seen == [("Z", 0, 0, L.ExecState.GONE)] and p.exitcode == 3
+        assert seen == [(b"Z", 0, 0, L.ExecState.GONE)] and p.exitcode == 3
         p.join(0)
         assert len(seen) == 1
     assert not os.path.exists(f"/proc/{pid}") or psutil.Process(pid).ppid() != os.getpid()  # reaped

@@ -18,7 +18,7 @@ import multiprocess
 import pytest
 
 from conftest import scratch_segment
-from smpd.host.proc import die_with_parent
+from smpd.host.proc import die_with_parent, stat_fields
 from smpd.kernel import kick
 from smpd.machine import hotpath, layout as L, pyhotpath
 from smpd.machine.bus import DOORBELL_SIGNAL, Bus
@@ -323,8 +323,7 @@ def _writer(seg, control_value, out, waiting, ipi_first=False):
 
 
 def _proc_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
+    return stat_fields(pid)[0].decode()
 
 
 def _spin_with_ack(seg, control_value, ipi_first=False):

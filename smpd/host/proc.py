@@ -100,23 +100,31 @@ def status_field(status: bytes, name: bytes) -> int | None:
         return None
 
 
+def stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat from the 3rd (state) on, past the name, which may hold spaces
+    and parentheses: ``[0]`` is field 3; None when it cannot be read (the process is gone)."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        stat = read_all(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    end = stat.rfind(b")")
+    return stat[end + 2:].split() if end >= 0 else None
+
+
 def last_core(pid: int) -> int:
     """The host core process ``pid`` last ran on (field 39 of /proc/PID/stat, what psutil's
     cpu_num() reads), or -1 once it is gone. One read of one file: psutil.Process(pid).cpu_num()
     reads it twice (the constructor takes the creation time from it too), 110 us a process against
     24 here; a 2048-CPU `smpd status --json` spent 0.22 s of its ~0.9 s there."""
+    fields = stat_fields(pid)
     try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
-    except OSError:
-        return -1
-    try:
-        stat = read_all(fd)
-    except OSError:
-        return -1
-    finally:
-        os.close(fd)
-    try:  # after the name, which may hold spaces and parentheses: the fields from the 3rd (state)
-        return int(stat[stat.rindex(b")") + 2:].split()[36])
+        return int(fields[36]) if fields is not None else -1
     except (ValueError, IndexError):
         return -1
 
@@ -132,10 +140,10 @@ def asleep_in_sigwait(pid: int) -> bool:
         with open(f"/proc/{pid}/syscall") as f:
             if f.read().split(maxsplit=1)[:1] != [str(_SYS_RT_SIGTIMEDWAIT)]:
                 return False
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "S"
-    except (OSError, IndexError):
+    except OSError:
         return False
+    fields = stat_fields(pid)
+    return bool(fields) and fields[0] == b"S"
 
 
 def fork_refused(err: OSError, what: str) -> HostTooSmall:

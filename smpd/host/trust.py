@@ -40,7 +40,7 @@ import stat
 import psutil
 
 from smpd.errors import NotOurs
-from smpd.host.proc import PID_MAX
+from smpd.host.proc import PID_MAX, stat_fields
 
 
 def me() -> int:
@@ -119,12 +119,10 @@ def start_ticks(pid: int) -> int:
     the same from every time namespace. Not psutil's create_time(), which adds the wall-clock boot
     time of *now*: a clock step (settimeofday, an NTP step, a VM resumed) or a day of NTP slewing
     moves it, and our own machine would then look stale."""
+    fields = stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat_line = f.read()
-        # after the comm, which may hold spaces and parentheses: field 3 on; starttime is field 22
-        return int(stat_line[stat_line.rindex(b")") + 2:].split()[19]) - _boottime_offset_ticks()
-    except (OSError, ValueError, IndexError):
+        return int(fields[19]) - _boottime_offset_ticks() if fields is not None else 0  # starttime: field 22
+    except (ValueError, IndexError):
         return 0
 
 

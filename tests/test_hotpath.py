@@ -77,9 +77,10 @@ def _no_doorbell_deadline() -> int:
 def _as_a_cpu_process(seg, steps):
     """``steps(seg)`` run in a forked child that CPU 1's doorbell rings, its answer pickled back.
     The doorbell is a signal to a process, and a pytest-xdist worker has a thread of its own that
-    does not block it: one sent before the waiter is inside sigwaitinfo() could go to that thread
-    and be dropped. The child has only the threads ``steps`` starts, each with the doorbell
-    blocked as this thread has it (and as a CPU process has it)."""
+    does not block it: one sent while the waiter is not inside sigwaitinfo() could go to that
+    thread and be dropped, and would never show in sigpending(). The child has only the threads
+    ``steps`` starts, each with the doorbell blocked as this thread has it (and as a CPU process
+    has it)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest, nor outlives it
@@ -183,44 +184,6 @@ def _kick(seg, rounds: int):
     return Bus(seg).kicker.kick_one(MD_OFF, L.CPUDEAD_MWAIT_KEXEC_HLT, 5000, rounds)
 
 
-class _Doorbell:
-    """The process whose pid CPU 1's doorbell rings: a forked child, single-threaded, with the
-    doorbell blocked as a CPU process has it (this process may have threads of its own, pytest's
-    workers' included, and any of them could take a signal sent to it). ``rung()`` asks it, after
-    the kick: the kicker's kill() came before the question's, so the doorbell is pending by then
-    if it was rung at all."""
-
-    ASK = signal.SIGUSR1
-
-    def __enter__(self):
-        parent = os.getpid()
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {DOORBELL_SIGNAL, self.ASK})
-        try:
-            self.pid = os.fork()
-            if self.pid == 0:  # the child: never returns into pytest, nor outlives it
-                try:
-                    die_with_parent(parent)
-                    asked = signal.sigtimedwait({self.ASK}, 120)
-                    os._exit(3 if asked is None else 1 if DOORBELL_SIGNAL in signal.sigpending() else 0)
-                finally:
-                    os._exit(70)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        return self
-
-    def rung(self) -> bool:
-        os.kill(self.pid, self.ASK)
-        code = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
-        self.pid = None
-        assert code in (0, 1), code
-        return code == 1
-
-    def __exit__(self, *exc):
-        if self.pid is not None:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-
-
 def test_a_cpu_that_never_answers_gets_every_round_and_is_not_acknowledged(seg):
     acked, rounds, t_first, t_ack = _kick(seg, 3)
     assert (acked, rounds, t_ack) == (False, 3, 0) and t_first > 0
@@ -250,27 +213,29 @@ def test_a_cpu_that_answers_at_once_still_gets_the_bus_s_write_byte_after(seg):
     """The compiled kicker looks for an awake CPU's answer before the rest of the bus's rule;
     the rule still follows: the monitor's owner has its WRITE byte, and nobody's doorbell rang."""
     seg.u32[(seg.geo.mem_off + MD_OFF) // 4 + 1] = 0
-    ready = multiprocess.get_context("fork").Event()
-    p = multiprocess.get_context("fork").Process(target=_parked_cpu, args=(seg, ready))
-    with _Doorbell() as doorbell:
-        seg.set_cb(CPU, "pid", doorbell.pid)
+
+    def kicker(seg):  # its doorbell rings this process
+        ready = multiprocess.get_context("fork").Event()
+        p = multiprocess.get_context("fork").Process(target=_parked_cpu, args=(seg, ready))
         p.start()
         try:
             assert ready.wait(30)
             acked, rounds, _, _ = _kick(seg, 1_000_000)
         finally:
             p.join(30)
-        assert acked and rounds >= 1
-        assert _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
-        assert not doorbell.rung()
+        return acked, rounds, DOORBELL_SIGNAL in signal.sigpending()
+
+    acked, rounds, rung = _as_a_cpu_process(seg, kicker)
+    assert acked and rounds >= 1
+    assert _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
+    assert not rung
 
 
 def test_a_sleeping_cpu_s_kick_rings_its_doorbell(seg):
     seg.set_cb(CPU, "sleeping", 1)  # as the CPU process sets it before sigwaitinfo()
-    with _Doorbell() as doorbell:
-        seg.set_cb(CPU, "pid", doorbell.pid)
-        assert _kick(seg, 1)[:2] == (False, 1)
-        assert doorbell.rung()
+    # The doorbell rings the kicker's own process here, where it is blocked, as in a CPU process.
+    kicked, rung = _as_a_cpu_process(seg, lambda seg: (_kick(seg, 1)[:2], DOORBELL_SIGNAL in signal.sigpending()))
+    assert kicked == (False, 1) and rung
     assert _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
 
 

@@ -478,6 +478,44 @@ def test_the_janitor_holds_no_socket_of_the_coordinators(machine):
     assert sockets == []
 
 
+def test_a_status_asks_only_after_the_cpus_whose_process_may_have_exited():
+    """smpd.daemon.cpuproc.maybe_gone, in a process of its own (whose only children are the test's):
+    while every child runs, only a CPU with no process is named; once one has exited unreaped,
+    every CPU is; once it is reaped, that CPU stays named."""
+    import json
+
+    from smpd.daemon.cpuproc import CpuProcess, maybe_gone
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # never returns into pytest
+        try:
+            os.close(r)
+            procs = {}
+            for cpu in (1, 2):
+                if (kid := os.fork()) == 0:
+                    time.sleep(60)
+                    os._exit(0)
+                procs[cpu] = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(kid)
+            seen = [maybe_gone(procs, [1, 2, 3])]
+            os.kill(procs[1].pid, signal.SIGKILL)
+            while os.waitid(os.P_PID, procs[1].pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                time.sleep(0.01)
+            seen.append(maybe_gone(procs, [1, 2, 3]))
+            procs[1].join(5)
+            seen.append(maybe_gone(procs, [1, 2, 3]))
+            procs[2].kill()
+            procs[2].join(5)
+            os.write(w, json.dumps(seen).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        seen = json.loads(f.read() or "null")
+    os.waitpid(pid, 0)
+    assert seen == [[3], [1, 2, 3], [1, 3]]
+
+
 def test_a_cpu_process_s_pid_leaves_the_segment_while_it_is_still_its_own():
     """The coordinator clears a dead CPU's pid from the segment (where its siblings read it to ring
     its doorbell) before it reaps the process, wherever the reap happens: the CPU is GONE with no

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import multiprocess
 import multiprocess.popen_fork
@@ -36,6 +36,18 @@ def mark_gone(seg: Segment, cpu: int) -> None:
     seg.set_cb(cpu, "state", L.ExecState.GONE)
     seg.set_cb(cpu, "sleeping", 0)
     seg.set_cb(cpu, "pid", 0)
+
+
+def maybe_gone(procs: dict[int, CpuProcess], cpus: Iterable[int]) -> list[int]:
+    """Those of ``cpus`` whose process may have exited: every one once a child of ours has exited
+    and waits to be reaped (one waitid(P_ALL, WNOWAIT), which reaps nothing); else those with no
+    process, or one reaped already. Asking each CPU's process instead (a waitpid, and multiprocess
+    around it) took 80 ms of every `smpd status` of 4096 CPUs."""
+    try:
+        quiet = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:  # no children at all
+        quiet = True
+    return [c for c in cpus if not quiet or (p := procs.get(c)) is None or p.reaped()]
 
 
 class _Adopted(multiprocess.popen_fork.Popen):
@@ -94,6 +106,10 @@ class CpuProcess(_ctx.Process):
         self._sentinel = None
         del self._target, self._args, self._kwargs
         return self
+
+    def reaped(self) -> bool:
+        """Reaped already (or never started): what ``is_alive`` would say without a syscall."""
+        return self._popen is None or self._popen.returncode is not None
 
     def start_ticks(self) -> int:
         """When the process started (clock ticks since boot): with its pid, its identity

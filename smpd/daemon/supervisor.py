@@ -34,7 +34,7 @@ import multiprocess
 from smpd import cpulist
 from smpd.config import Config
 from smpd.daemon import channel, stopping
-from smpd.daemon.cpuproc import CpuProcess, mark_gone
+from smpd.daemon.cpuproc import CpuProcess, mark_gone, maybe_gone
 from smpd.daemon.template import Template
 from smpd.daemon.handlers import Handlers
 from smpd.daemon.janitor import COORDINATOR_COMM, Janitor, same_file
@@ -260,7 +260,7 @@ class Coordinator:
 
     def refresh_gone(self) -> None:
         """GONE: every CPU whose process died, or that has none (a respawn cut short)."""
-        for cpu in range(1, self.ncpus):
+        for cpu in maybe_gone(self.procs, range(1, self.ncpus)):
             if not self.cpu_alive(cpu):
                 self._mark_gone(cpu)
 

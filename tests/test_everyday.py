@@ -29,6 +29,7 @@ def test_status_cpus_shows_any_cpu_of_a_big_machine_in_full(machine):
     assert all(len(line) <= 80 for line in r.stdout.splitlines())
     j = json.loads(run_smpd("status", "--json", "--cpus", "33", name=m.name).stdout)
     assert [c["cpu"] for c in j["cpus"]] == [33]
+    assert j["machine"]["online"] == 38 and sum(j["machine"]["states"].values()) == 40  # still of every CPU
     md = j["cpus"][0]["mwait_cpu_dead"]
     assert md["control_hex"] == "0xdeadbeef" and md["control"] == 0xDEADBEEF and md["addr_hex"] == hex(md["addr"])
 

@@ -1,5 +1,6 @@
 """Every exit path leaves nothing behind: down, SIGTERM, Ctrl-C, SIGKILL of the coordinator."""
 
+import json
 import os
 import signal
 
@@ -137,6 +138,22 @@ def test_the_channel_refuses_a_client_without_the_key(machine):
                         server_pid=m.live.pid)
     assert "digest" in str(e.value).lower() or "closed" in str(e.value).lower()
     assert m.status()["machine"]["state"] == "UP"  # and it keeps serving
+
+
+def test_a_raw_result_is_the_coordinator_s_json_text_and_an_error_is_still_raised(machine):
+    """request(raw=True) (what `status --json` prints) is the result as JSON text: the same object
+    the parsed request returns; an error reply raises as it does without raw."""
+    from smpd.errors import BadInput
+
+    m = machine(4)
+    text = m.live.request("status", raw=True, cpus="2,1")
+    assert isinstance(text, str)
+    raw, parsed = json.loads(text), m.live.request("status", cpus="2,1")
+    for s in (raw, parsed):
+        del s["machine"]["uptime_s"]
+    assert raw == parsed and [c["cpu"] for c in raw["cpus"]] == [1, 2] and raw["machine"]["online"] == 4
+    with pytest.raises(BadInput, match="names CPU 9"):
+        m.live.request("status", raw=True, cpus="9")
 
 
 def test_segment_of_another_layout_version_is_refused_and_down_force_removes_it(machine_name):

@@ -101,7 +101,7 @@ class Handlers:
     @staticmethod
     def _reply(conn, reply: dict) -> None:
         try:
-            channel.send_json(conn, reply)
+            channel.send_reply(conn, reply)
         except OSError as err:
             print(f"smpd-coord: the client left before its reply ({err})", file=sys.stderr)
 
@@ -184,9 +184,10 @@ class Handlers:
         return {"addr": addr, "symbol": symbol, "old": old, "new": new,
                 "woken": woken, "woken_cpus": [owner - 1] if woken and owner else [], "ended": ended}
 
-    def op_status(self, brief: bool = False) -> dict:
+    def op_status(self, brief: bool = False, cpus: str | None = None) -> dict:
+        only = None if cpus is None else self._cpus_arg(cpus)
         self.sup.refresh_gone()
-        s = status_snapshot(self.sup.seg, self.sup.procs, brief)
+        s = status_snapshot(self.sup.seg, brief, only)
         # how it ended (a kexec's outcome, a stray interrupt, a reset cut short): only we know
         s["machine"]["ended_by"] = self.sup.ended_by if s["machine"]["state"] == "ENDED" else None
         return s

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Callable
 
 from smpd.host.proc import last_core
 from smpd.kernel import image
@@ -20,70 +20,85 @@ def _words(addr: int, control: int, status: int, overwritten: bool) -> dict:
             "addr_hex": f"{addr:#x}", "control_hex": f"{control:#010x}", "status_hex": f"{status:#010x}"}
 
 
-def _brief_all(seg: Segment, gens: Generations) -> list[dict]:
-    """What the many-CPU view shows of each CPU (smpd.tools.render.cpu_grid): no host facts, no
-    maps. Its control block's words are read by index, not by name: a 4096-CPU status read
-    ~50,000 fields one lookup each, most of its ~0.2 s."""
-    u32, step = seg.u32, L.CB_SIZE // 4
-    at = {f: seg.cb_index(0, f) for f in ("state", "hotplug", "cpu_gen")}
-    irq = [(k, [seg.cb_index(0, f"{k}_{what}") for what in ("taken", "pending", "held")]) for k in L.IRQ_CODE]
+def _reader(seg: Segment, fields) -> Callable[[int], dict]:
+    """``read(cpu)``: those unsigned control-block words of ``cpu``, by name. Read by index, not
+    each by its name: a 4096-CPU status reads ~100,000 of them (seg.cb's lookup was most of it)."""
+    cols = [(f, *seg.cb_column(f)) for f in fields]
+    return lambda cpu: {f: a[i0 + cpu * step] for f, a, i0, step in cols}
+
+
+_IRQ = [(k, [f"{k}_{what}" for what in ("taken", "pending", "held")]) for k in L.IRQ_CODE]
+_WAKEUPS = {"write": "wake_write", "interrupt": "wake_irq", "ipi": "wake_ipi", "spurious": "wake_spurious"}
+
+
+def _brief_all(seg: Segment, gens: Generations, cpus) -> list[dict]:
+    """What the many-CPU view shows of each of ``cpus`` (smpd.tools.render.cpu_grid): no host
+    facts, no maps."""
+    read = _reader(seg, ["state", "hotplug", "cpu_gen", *(f for _k, fs in _IRQ for f in fs)])
     state_name = {s.value: s.name for s in L.ExecState}
     hotplug_name = {h.value: h.name.lower() for h in L.Hotplug}
     current = seg.hdr("generation")
     gen_of: dict[int, int] = {}  # a CPU's cpu_gen -> the generation it runs (0: none yet -> the current)
     out = []
-    for cpu in range(seg.geo.ncpus):
-        base = cpu * step
-        g = u32[base + at["cpu_gen"]] if cpu else 0
+    for cpu in cpus:
+        w = read(cpu)
+        g = w["cpu_gen"] if cpu else 0
         if g not in gen_of:
             gen_of[g] = gens.map(g or current).gen
-        out.append({"cpu": cpu, "state": state_name[u32[base + at["state"]]],
-                    "hotplug": hotplug_name[u32[base + at["hotplug"]]],
-                    "interrupts": {k: {"taken": u32[base + t], "pending": u32[base + p], "held": u32[base + h]}
-                                   for k, (t, p, h) in irq},
+        out.append({"cpu": cpu, "state": state_name[w["state"]], "hotplug": hotplug_name[w["hotplug"]],
+                    "interrupts": {k: {"taken": w[t], "pending": w[p], "held": w[h]} for k, (t, p, h) in _IRQ},
                     "generation": gen_of[g]})  # the kernel it runs, or sits parked in
     return out
 
 
-def _full(seg: Segment, gens: Generations, cpu: int, brief: dict) -> dict:
-    """The brief view, and its process, wake-ups, struct mwait_cpu_dead and monitor."""
-    geo = seg.geo
-    cb = lambda f: seg.cb(cpu, f)  # noqa: E731
-    pid = cb("pid")
-    core = cb("core")
-    if core < 0 and pid:
-        core = last_core(pid)
-    m = gens.of_cpu(cpu)
-    md = m.mwait_cpu_dead_addr(cpu)
-    return {
-        **brief, "pid": pid, "core": core,
-        "wakeups": {"write": cb("wake_write"), "interrupt": cb("wake_irq"),
-                    "ipi": cb("wake_ipi"), "spurious": cb("wake_spurious")},
-        "mwait_entries": cb("mwait_entries"), "init": cb("init_count"), "sipi": cb("sipi_count"),
-        # a pre-fix kernel has no struct mwait_cpu_dead: None, not a word read from elsewhere
-        "mwait_cpu_dead": None if m.boot.monitors_thread_info else
-        _words(md, seg.mem_u32(md), seg.mem_u32(md + 4), not image.is_own_page(seg, m, (md - L.PHYS_BASE) // L.PAGE)),
-        "monitor": {"armed": bool(cb("mon_armed")),
-                    "addr": geo.line_addr(cb("mon_line")) if cb("mon_armed") else None,
-                    "symbol": m.symbol(geo.line_addr(cb("mon_line"))) if cb("mon_armed") else None},
-    }
+def _full_all(seg: Segment, gens: Generations, briefs: list[dict]) -> list[dict]:
+    """The brief views, each with its process, wake-ups, struct mwait_cpu_dead and monitor."""
+    read = _reader(seg, ["pid", "mon_armed", "mon_line", "mwait_entries", "init_count", "sipi_count",
+                         *_WAKEUPS.values()])
+    own: dict[tuple[int, int], bool] = {}  # (generation, page) -> still holds that kernel's per-CPU area
+    out = []
+    for brief in briefs:
+        cpu = brief["cpu"]
+        w = read(cpu)
+        core = seg.cb(cpu, "core")
+        if core < 0 and w["pid"]:
+            core = last_core(w["pid"])
+        m = gens.of_cpu(cpu)
+        md = None
+        if not m.boot.monitors_thread_info:  # a pre-fix kernel has no struct mwait_cpu_dead: None
+            md = m.mwait_cpu_dead_addr(cpu)
+            page = (md - L.PHYS_BASE) // L.PAGE
+            if (m.gen, page) not in own:
+                own[m.gen, page] = image.is_own_page(seg, m, page)
+            md = _words(md, seg.mem_u32(md), seg.mem_u32(md + 4), not own[m.gen, page])
+        line = seg.geo.line_addr(w["mon_line"]) if w["mon_armed"] else None
+        out.append({
+            **brief, "pid": w["pid"], "core": core, "wakeups": {k: w[f] for k, f in _WAKEUPS.items()},
+            "mwait_entries": w["mwait_entries"], "init": w["init_count"], "sipi": w["sipi_count"],
+            "mwait_cpu_dead": md,
+            "monitor": {"armed": bool(w["mon_armed"]), "addr": line,
+                        "symbol": m.symbol(line) if line is not None else None},
+        })
+    return out
 
 
-def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None, brief: bool = False) -> dict:
+def status_snapshot(seg: Segment, brief: bool = False, only: list[int] | None = None) -> dict:
     """Everything `smpd status` shows, read from the observation plane (and /proc for cores).
 
     ``brief``: per CPU only its number, state, hotplug state and interrupt counts (what the view
     of a machine with many CPUs shows): a host process lookup per CPU (its core) and the memory
-    map's symbols made a 4096-CPU status take seconds."""
+    map's symbols made a 4096-CPU status take seconds. ``only``: the CPUs listed, in that order
+    (the machine's counts are still of all of them)."""
     geo = seg.geo
     now = time.monotonic_ns()
     gens = Generations(seg)
     current = gens.current()
-    cpus = _brief_all(seg, gens)
+    every = _brief_all(seg, gens, range(geo.ncpus))
+    cpus = every if only is None else [every[c] for c in only]
     if not brief:
-        cpus = [_full(seg, gens, c["cpu"], c) for c in cpus]
+        cpus = _full_all(seg, gens, cpus)
     states: dict[str, int] = {}
-    for c in cpus:
+    for c in every:
         states[c["state"]] = states.get(c["state"], 0) + 1
     machine = {
         "name": seg.hdr_str("name"), "pid": seg.hdr("coordinator_pid"), "cpus": geo.ncpus,
@@ -100,6 +115,6 @@ def status_snapshot(seg: Segment, procs: dict[int, Any] | None = None, brief: bo
         "segment_bytes": geo.size, "layout_version": L.LAYOUT_VERSION,
         "janitor_pid": seg.hdr("janitor_pid"), "respawns": seg.hdr("respawns"),
         "kexecs": seg.hdr("kexec_count"),
-        "online": sum(1 for c in cpus if c["hotplug"] == "online"), "states": states,
+        "online": sum(1 for c in every if c["hotplug"] == "online"), "states": states,
     }
     return {"machine": machine, "cpus": cpus}

@@ -271,6 +271,12 @@ class Segment:
         off, s = L.CB[field]
         return (L.CB_OFF + cpu * L.CB_SIZE + off) // s.size
 
+    def cb_column(self, field: str) -> tuple[memoryview, int, int]:
+        """An unsigned word field of every CPU's control block, for loops over all CPUs: the array
+        that holds it, CPU 0's index there and one CPU's stride (``a[i0 + cpu * stride]``)."""
+        i, size = _CB_WORDS[field]
+        return (self.u64 if size == 8 else self.u32), L.CB_OFF // size + i, L.CB_SIZE // size
+
     def cb_byte(self, cpu: int, field: str, byte: int) -> int:
         return L.CB_OFF + cpu * L.CB_SIZE + L.CB[field][0] + byte
 

@@ -269,19 +269,15 @@ def status(name, as_json, live, interval, count, only):
         except BadInput as err:
             raise BadInput(f"--cpus: {err}") from None
 
+    wanted = {} if cpus is None else {"cpus": only}  # the coordinator makes only those CPUs' views
+    if as_json:  # its JSON as it came: a 4096-CPU machine's 2.4 MB are not parsed and dumped again
+        click.echo(machine.request("status", raw=True, **wanted))
+        return
     # The grid of a machine with many CPUs shows each CPU's state only: ask for no more.
-    brief = not as_json and cpus is None and machine.ncpus > render.TABLE_MAX_CPUS
+    brief = cpus is None and machine.ncpus > render.TABLE_MAX_CPUS
 
     def snapshot() -> dict:
-        s = machine.request("status", brief=brief)
-        if cpus is not None:
-            wanted = set(cpus)
-            s["cpus"] = [c for c in s["cpus"] if c["cpu"] in wanted]
-        return s
-
-    if as_json:
-        click.echo(json.dumps(snapshot()))
-        return
+        return machine.request("status", brief=brief, **wanted)
     out = Console()
     if not live:
         out.print(render.status_view(snapshot(), out.width, cpus is not None))

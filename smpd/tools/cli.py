@@ -13,21 +13,22 @@ import os
 import signal
 import sys
 import time
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
-from rich.console import Console
-
-from rich.console import Group
-from rich.text import Text
 
 from smpd import config as config_mod, cpulist, inputs
 from smpd.host import files
-from smpd.tools import lifecycle, render, trace
+from smpd.tools import lifecycle, trace
 from smpd.host import names
 from smpd.kernel import scenario as scenario_mod
 from smpd.errors import BadInput, CoordinatorGone, Interrupted, NotOurs, SmpdError
 from smpd.tools.entry import stop_signals_interrupt
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+TIMELINE_FORMS = "all, summary (the default), or a cpulist (those CPUs' events and the coordinator's)"
 
 NAME_HELP = "Machine name (several machines can run side by side). Env: SMPD_NAME."
 
@@ -161,6 +162,20 @@ def _soakrun():
     return soakrun
 
 
+def _render():
+    """smpd.tools.render, and rich under it (~70 ms), imported by the commands that draw: those
+    that print JSON or one line (`status --json`, `down`, any --json) start without it."""
+    from smpd.tools import render
+
+    return render
+
+
+def _console(**kw) -> "Console":
+    from rich.console import Console
+
+    return Console(**kw)
+
+
 @click.group(cls=SmpdGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="smpd")
 def main():
@@ -203,7 +218,7 @@ def up(cpus, name, watch, hot_path, pin, seed, config_file, kernel, boot, foregr
     )
     name = cfg.get("machine", "name")
     spec = lifecycle.prepare(cfg)
-    out = Console()
+    out, render = _console(), _render()
     if foreground:
         from smpd.daemon import supervisor as coordinator
 
@@ -228,6 +243,8 @@ def _later_commands_hint(out: Console, name: str) -> None:
     commands look for unless told: say how."""
     source = click.get_current_context().get_parameter_source("name")
     if name != "default" and source == click.core.ParameterSource.DEFAULT:
+        from rich.text import Text
+
         out.print(Text(f"the name '{name}' comes from the config file: later commands find this machine with "
                        f"--name {name}, or export SMPD_NAME={name}", style="yellow"), soft_wrap=True)
 
@@ -274,15 +291,17 @@ def status(name, as_json, live, interval, count, only):
         click.echo(machine.request("status", raw=True, **wanted))
         return
     # The grid of a machine with many CPUs shows each CPU's state only: ask for no more.
+    render = _render()
     brief = cpus is None and machine.ncpus > render.TABLE_MAX_CPUS
 
     def snapshot() -> dict:
         return machine.request("status", brief=brief, **wanted)
-    out = Console()
+    out = _console()
     if not live:
         out.print(render.status_view(snapshot(), out.width, cpus is not None))
         return
     from rich.live import Live
+    from rich.text import Text
 
     machine.hold()
     n = 0
@@ -397,7 +416,7 @@ def _print_json_or(obj, as_json: bool, view) -> None:
     if as_json:
         click.echo(json.dumps(obj))
     else:
-        Console().print(view(obj))
+        _console().print(view(obj))
 
 
 def _kernel_options(f):
@@ -429,7 +448,7 @@ def _view_options(f, timeline: bool = True):
                           "https://ui.perfetto.dev or chrome://tracing.")(f)
     if timeline:
         f = click.option("--timeline", "timeline_form", default="summary", show_default=True, metavar="FORM",
-                         help=f"Which events to print: {render.TIMELINE_FORMS}.")(f)
+                         help=f"Which events to print: {TIMELINE_FORMS}.")(f)
     return f
 
 
@@ -437,7 +456,7 @@ def _timeline_form(text: str, ncpus: int) -> str | list[int]:
     if text in ("all", "summary"):
         return text
     if not text or not set(text) <= set("0123456789,-"):
-        raise BadInput(f"--timeline '{text}': expected {render.TIMELINE_FORMS}")
+        raise BadInput(f"--timeline '{text}': expected {TIMELINE_FORMS}")
     try:
         return cpulist.parse(text, ncpus)
     except BadInput as err:
@@ -514,7 +533,7 @@ def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, 
         with _soakrun().machine_lock(name, "a kexec"):
             r = machine.request("kexec", kernel=kernel, into=into, boot=boot, crash=crash, inject=list(injects),
                                 order=order, seed=seed)
-    _print_json_or(r, as_json, lambda r: render.kexec_report(r, form))
+    _print_json_or(r, as_json, lambda r: _render().kexec_report(r, form))
     _trace(trace_file, [(f"generation {r['generation']['old']} -> {r['generation']['new']}", r)], machine)
     sys.exit(0 if r["outcome"] == "CLEAN" else 1)
 
@@ -540,7 +559,7 @@ def chain(name, kexecs, kernel, park, into, boot, injects, order, seed, as_json,
     with _soakrun().machine_lock(name, "a chain"):
         r = machine.request("chain", kexecs=kexecs, kernel=kernel, into=into, boot=boot, inject=list(injects),
                             order=order, seed=seed)
-    _print_json_or(r, as_json, render.chain_report)
+    _print_json_or(r, as_json, lambda r: _render().chain_report(r))
     _trace(trace_file, [(f"link {n}: generation {link['generation']['old']} -> {link['generation']['new']}", link)
                         for n, link in enumerate(r["links"], 1)], machine)
     sys.exit(0 if r["first_failing_link"] is None else 1)
@@ -568,7 +587,7 @@ def panic(name, cpu, as_json, timeline_form, trace_file):
     _check_trace(trace_file)
     with _soakrun().machine_lock(name, "a panic"):
         r = machine.request("panic", cpu=cpu)
-    _print_json_or(r, as_json, lambda r: render.panic_report(r, form))
+    _print_json_or(r, as_json, lambda r: _render().panic_report(r, form))
     _trace(trace_file, [(f"panic on CPU {cpu}", r)], machine)
     sys.exit(0 if r["outcome"] == "CLEAN" else 1)
 
@@ -587,9 +606,7 @@ def kick(name, as_json, timeline_form, trace_file):
     _check_trace(trace_file)
     with _soakrun().machine_lock(name, "a kick"):
         r = machine.request("kick")
-    _print_json_or(r, as_json, lambda r: Group(render.kick_summary(r["kick"]), Text("CPUs:"),
-                                               render.cpu_outcomes(r["cpus"]), Text("timeline:"),
-                                               render.timeline(r["timeline"], form, r.get("phases"))))
+    _print_json_or(r, as_json, lambda r: _render().kick_report(r, form))
     _trace(trace_file, [("smp_kick_mwait_play_dead()", r)], machine)
 
 
@@ -627,11 +644,8 @@ def inject(name, kind, target, count, as_json):
     machine = lifecycle.require(name)
     scenario_mod.parse_injection(f"{kind}@after-copy:{target}x{count}", machine.ncpus)
     r = machine.request("inject", kind=kind, cpus=target, count=count)
-    _print_json_or(r, as_json, lambda r: Group(
-        Text(f"{r['injection']}:"), render.cpu_outcomes(r["cpus"]),
-        *(Text(f"note: CPU{c}: {why}", style="yellow") for c, why in r["not_taken"].items()),
-        render.timeline(r["timeline"], "all"),
-        *([Text(_ended_line(machine.name, r["ended"]), style="bold red")] if r.get("ended") else [])))
+    _print_json_or(r, as_json, lambda r: _render().injection_report(
+        r, _ended_line(machine.name, r["ended"]) if r.get("ended") else None))
 
 
 @main.command()
@@ -650,7 +664,7 @@ def demo(cpus, name, watch, seed):
     """
     from smpd.tools import demo as demo_mod
 
-    demo_mod.run(cpus=cpus, name=name, watch=watch, seed=seed, console=Console())
+    demo_mod.run(cpus=cpus, name=name, watch=watch, seed=seed, console=_console())
 
 
 @main.group()
@@ -673,6 +687,7 @@ def config_show(config_file, as_json):
         click.echo(json.dumps(table))
         return
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("setting", "value", "from"):
@@ -682,7 +697,7 @@ def config_show(config_file, as_json):
         for key, v in values.items():
             t.add_row(f"{section}.{key}", json.dumps(v["value"]),
                       Text("default", style="dim") if v["from"] == default else Text(v["from"], style="bold"))
-    Console().print(t)
+    _console().print(t)
     click.echo(f"default: {default}")
 
 
@@ -724,7 +739,7 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
     # A zero-round request validates the targets (parked?) before anything is measured.
     check = machine.request("bench_kick", targets=targets, rounds=0)
     cpus = check["targets"]
-    out = Console(stderr=True)
+    out = _console(stderr=True)
     floor = benchkick.measure_floor()
     # An adaptive CPU sleeps until its doorbell: its kick also pays a process wake-up, floored too.
     adaptive = machine.request("status", brief=True)["machine"]["watch"] == "adaptive"
@@ -759,7 +774,7 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
         benchkick.write_json(json_file, report)
     if plot_file:
         benchkick.write_plot(plot_file, run, report)
-    Console().print(render.bench_kick(report, json_file, plot_file))
+    _console().print(_render().bench_kick(report, json_file, plot_file))
 
 
 @main.command()
@@ -799,5 +814,5 @@ def soak(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out
              if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE}
     _soakrun().main(name=name, trials=trials, duration=duration, host_load=host_load, parks=parks,
                  inject_rate=inject_rate, kinds=kinds, seed=seed, out=out, resume=resume,
-                 summary_file=summary_file, given=given, console=Console(), list_outcome=list_outcome,
+                 summary_file=summary_file, given=given, console=_console(), list_outcome=list_outcome,
                  cluster_address=cluster_address, slots_per_node=slots_per_node, cpus=cpus)

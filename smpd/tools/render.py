@@ -231,7 +231,6 @@ def cpu_outcomes(cpus: list[dict]) -> Text:
 # one line; a wake-up's text names each CPU's own line, so its folded line says it so.
 ROUTINE = {"WAKE_WRITE", "KICK_SEEN", "HLT", "INIT", "SIPI", "REBOOT", "OFFLINE", "NMI_STOP"}
 FOLDED = {"WAKE_WRITE": "MWAIT woken by a write to its monitored line"}
-TIMELINE_FORMS = "all, summary (the default), or a cpulist (those CPUs' events and the coordinator's)"
 
 
 def _event_line(t: Text, us: float, who: str, what: str, style: str = "") -> None:
@@ -323,6 +322,20 @@ def panic_report(r: dict, form: str | list[int] = "summary") -> Group:
         r, f"panic --cpu {r['panic_cpu']}: generation {r['generation']} ({r['kernel']}), no crash kernel; "
            f"[kernel] init_only_from_boot_cpu = {str(r['boot_cpu_check']).lower()}; {r['duration_ms']:.1f} ms")
     return Group(head, Text("CPUs after the panic:"), cpu_outcomes(r["cpus"]), *_timeline_part(r, form))
+
+
+def kick_report(r: dict, form: str | list[int] = "summary") -> Group:
+    """`smpd kick`: the kick, each CPU's outcome, the timeline."""
+    return Group(kick_summary(r["kick"]), Text("CPUs:"), cpu_outcomes(r["cpus"]), Text("timeline:"),
+                 timeline(r["timeline"], form, r.get("phases")))
+
+
+def injection_report(r: dict, ended: str | None = None) -> Group:
+    """`smpd inject`: each target's outcome, why a CPU did not take it, the timeline, and
+    ``ended``: how the machine ended, when the interrupt ended it."""
+    return Group(Text(f"{r['injection']}:"), cpu_outcomes(r["cpus"]),
+                 *(Text(f"note: CPU{c}: {why}", style="yellow") for c, why in r["not_taken"].items()),
+                 timeline(r["timeline"], "all"), *([Text(ended, style="bold red")] if ended else []))
 
 
 def _regions(m: dict) -> str:

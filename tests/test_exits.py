@@ -481,7 +481,8 @@ def test_the_janitor_holds_no_socket_of_the_coordinators(machine):
 def test_a_status_asks_only_after_the_cpus_whose_process_may_have_exited():
     """smpd.daemon.cpuproc.maybe_gone, in a process of its own (whose only children are the test's):
     while every child runs, only a CPU with no process is named; once one has exited unreaped,
-    every CPU is; once it is reaped, that CPU stays named."""
+    every CPU is; once it is reaped, that CPU stays named; and with no child left at all (one was
+    reaped by another wait), every CPU whose Process did not reap it is named."""
     import json
 
     from smpd.daemon.cpuproc import CpuProcess, maybe_gone
@@ -506,6 +507,11 @@ def test_a_status_asks_only_after_the_cpus_whose_process_may_have_exited():
             seen.append(maybe_gone(procs, [1, 2, 3]))
             procs[2].kill()
             procs[2].join(5)
+            if (kid := os.fork()) == 0:
+                os._exit(0)
+            procs[4] = CpuProcess(name="smpd-cpu4", daemon=True).adopt(kid)
+            os.waitpid(kid, 0)  # reaped by another wait than its Process's: no child of ours is left
+            seen.append(maybe_gone(procs, [1, 2, 4]))
             os.write(w, json.dumps(seen).encode())
         finally:
             os._exit(0)
@@ -513,7 +519,7 @@ def test_a_status_asks_only_after_the_cpus_whose_process_may_have_exited():
     with os.fdopen(r) as f:
         seen = json.loads(f.read() or "null")
     os.waitpid(pid, 0)
-    assert seen == [[3], [1, 2, 3], [1, 3]]
+    assert seen == [[3], [1, 2, 3], [1, 3], [1, 2, 4]]
 
 
 def test_a_cpu_process_s_pid_leaves_the_segment_while_it_is_still_its_own():

@@ -42,11 +42,15 @@ def maybe_gone(procs: dict[int, CpuProcess], cpus: Iterable[int]) -> list[int]:
     """Those of ``cpus`` whose process may have exited: every one once a child of ours has exited
     and waits to be reaped (one waitid(P_ALL, WNOWAIT), which reaps nothing); else those with no
     process, or one reaped already. Asking each CPU's process instead (a waitpid, and multiprocess
-    around it) took 80 ms of every `smpd status` of 4096 CPUs."""
+    around it) took 80 ms of every `smpd status` of 4096 CPUs.
+
+    It holds while a CPU process is reaped only through its CpuProcess (``_Adopted.poll``), as
+    everywhere in smpd: one reaped by any other wait would go unnoticed here while another child
+    is alive. With no child at all, though, every CPU whose process is not reaped is asked."""
     try:
         quiet = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
-    except ChildProcessError:  # no children at all
-        quiet = True
+    except ChildProcessError:  # no children, so ours were reaped elsewhere (if we hold any unreaped)
+        quiet = False
     return [c for c in cpus if not quiet or (p := procs.get(c)) is None or p.reaped()]
 
 
@@ -108,7 +112,7 @@ class CpuProcess(_ctx.Process):
         return self
 
     def reaped(self) -> bool:
-        """Reaped already (or never started): what ``is_alive`` would say without a syscall."""
+        """Reaped already by this Process (or never started): no syscall, so not a liveness check."""
         return self._popen is None or self._popen.returncode is not None
 
     def start_ticks(self) -> int:

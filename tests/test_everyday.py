@@ -34,6 +34,34 @@ def test_status_cpus_shows_any_cpu_of_a_big_machine_in_full(machine):
     assert md["control_hex"] == "0xdeadbeef" and md["control"] == 0xDEADBEEF and md["addr_hex"] == hex(md["addr"])
 
 
+def test_status_cpus_of_a_coordinator_older_than_the_argument_is_filtered_by_the_client():
+    """A machine up across an upgrade of smpd (the same layout) has a coordinator that answers
+    `status` with every CPU and refuses its `cpus` argument as it refuses any unknown one: the
+    client then asks for every CPU and leaves the others out itself, for the views and for --json.
+    Any other refusal is the user's to see."""
+    from smpd.errors import BadInput
+    from smpd.tools.cli import status_request
+
+    every = {"machine": {"online": 4}, "cpus": [{"cpu": c} for c in range(4)]}
+
+    class OlderCoordinator:  # what one from before `cpus` answers (smpd.daemon.handlers.bind)
+        def request(self, op, raw=False, brief=False, **args):
+            if args:
+                raise BadInput(f"request '{op}': got an unexpected keyword argument '{next(iter(args))}'")
+            return json.dumps(every) if raw else json.loads(json.dumps(every))
+
+    assert [c["cpu"] for c in status_request(OlderCoordinator(), [1, 3])["cpus"]] == [1, 3]
+    assert json.loads(status_request(OlderCoordinator(), [2], raw=True)) == {"machine": {"online": 4},
+                                                                            "cpus": [{"cpu": 2}]}
+
+    class Refusing:
+        def request(self, op, **args):
+            raise BadInput("cpulist '9' names CPU 9, but this machine has CPUs 0-3")
+
+    with pytest.raises(BadInput, match="names CPU 9"):
+        status_request(Refusing(), [9])
+
+
 @pytest.mark.parametrize("bad, says", [("40", "CPUs 0-39"), ("3-1", "runs backwards"), ("", "empty cpulist"),
                                        ("x", "not a CPU, a range A-B")])
 def test_status_cpus_refuses_a_bad_list(machine, bad, says):

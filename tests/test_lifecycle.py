@@ -149,11 +149,29 @@ def test_a_raw_result_is_the_coordinator_s_json_text_and_an_error_is_still_raise
     text = m.live.request("status", raw=True, cpus="2,1")
     assert isinstance(text, str)
     raw, parsed = json.loads(text), m.live.request("status", cpus="2,1")
-    for s in (raw, parsed):
+    for s in (raw, parsed):  # what may change between the two requests: the time, a CPU's host core
         del s["machine"]["uptime_s"]
+        for c in s["cpus"]:
+            del c["core"]
     assert raw == parsed and [c["cpu"] for c in raw["cpus"]] == [1, 2] and raw["machine"]["online"] == 4
     with pytest.raises(BadInput, match="names CPU 9"):
         m.live.request("status", raw=True, cpus="9")
+
+
+def test_one_command_at_a_time_drives_a_machine_s_kernel(machine, tmp_path):
+    """While the machine's lock is held (a soak, or a kexec, chain, kick, panic or reset by hand),
+    each of those refuses with one line and exit 2, and changes nothing; once it is let go, they run."""
+    m = machine(3, "--watch", "adaptive")
+    before = m.status()["machine"]["kexecs"]
+    with lifecycle.machine_lock(m.name, "the test"):
+        for args in (("kick",), ("kexec",), ("chain", "--kexecs", "1"), ("reset",), ("panic",)):
+            r = run_smpd(*args, name=m.name, check=False)
+            assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is busy" in r.stderr, (args, r.stderr)
+        r = run_smpd("soak", "--trials", "1", "--out", str(tmp_path / "s.jsonl"), name=m.name, check=False)
+        assert r.returncode == 2 and "another smpd soak is running" in r.stderr, r.stderr
+        assert not (tmp_path / "s.jsonl").exists()
+    assert m.status()["machine"]["kexecs"] == before
+    run_smpd("kick", name=m.name)
 
 
 def test_segment_of_another_layout_version_is_refused_and_down_force_removes_it(machine_name):

@@ -155,8 +155,8 @@ class _Stopped(Exception):
 
 
 def _soakrun():
-    """smpd.tools.soakrun (and the soak, cluster and kexec code under it), imported by the commands
-    that use it: status, up and down start ~20 ms sooner without it."""
+    """smpd.tools.soakrun (and the soak, cluster and kexec code under it, and rich), imported by the
+    commands that use it (soak, and kexec --replay): the others start ~20 ms sooner without it."""
     from smpd.tools import soakrun
 
     return soakrun
@@ -286,16 +286,15 @@ def status(name, as_json, live, interval, count, only):
         except BadInput as err:
             raise BadInput(f"--cpus: {err}") from None
 
-    wanted = {} if cpus is None else {"cpus": only}  # the coordinator makes only those CPUs' views
     if as_json:  # its JSON as it came: a 4096-CPU machine's 2.4 MB are not parsed and dumped again
-        click.echo(machine.request("status", raw=True, **wanted))
+        click.echo(status_request(machine, cpus, raw=True))
         return
     # The grid of a machine with many CPUs shows each CPU's state only: ask for no more.
     render = _render()
     brief = cpus is None and machine.ncpus > render.TABLE_MAX_CPUS
 
     def snapshot() -> dict:
-        return machine.request("status", brief=brief, **wanted)
+        return status_request(machine, cpus, brief=brief)
     out = _console()
     if not live:
         out.print(render.status_view(snapshot(), out.width, cpus is not None))
@@ -321,6 +320,23 @@ def status(name, as_json, live, interval, count, only):
                 n += 1
     except KeyboardInterrupt:
         pass
+
+
+def status_request(machine, cpus: list[int] | None, raw: bool = False, brief: bool = False):
+    """``machine``'s `status` (its JSON text when ``raw``): the views of ``cpus`` only, when given,
+    made by the coordinator. One that predates that argument (a machine up across an upgrade of
+    smpd: the same layout) is asked for every CPU, and the others are left out here."""
+    if cpus is None:
+        return machine.request("status", raw=raw, brief=brief)
+    try:
+        return machine.request("status", raw=raw, brief=brief, cpus=cpulist.format_list(cpus))
+    except BadInput as err:
+        if "unexpected keyword argument 'cpus'" not in str(err):
+            raise
+    s = machine.request("status", brief=brief)
+    wanted = set(cpus)
+    s["cpus"] = [c for c in s["cpus"] if c["cpu"] in wanted]
+    return json.dumps(s) if raw else s
 
 
 @main.command()
@@ -530,7 +546,7 @@ def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, 
         for spec in injects:
             scenario_mod.parse_injection(spec, machine.ncpus)
         scenario_mod.parse_boot(boot, machine.ncpus)
-        with _soakrun().machine_lock(name, "a kexec"):
+        with lifecycle.machine_lock(name, "a kexec"):
             r = machine.request("kexec", kernel=kernel, into=into, boot=boot, crash=crash, inject=list(injects),
                                 order=order, seed=seed)
     _print_json_or(r, as_json, lambda r: _render().kexec_report(r, form))
@@ -556,7 +572,7 @@ def chain(name, kexecs, kernel, park, into, boot, injects, order, seed, as_json,
         scenario_mod.parse_injection(spec, machine.ncpus)
     scenario_mod.parse_boot(boot, machine.ncpus)
     _check_trace(trace_file)
-    with _soakrun().machine_lock(name, "a chain"):
+    with lifecycle.machine_lock(name, "a chain"):
         r = machine.request("chain", kexecs=kexecs, kernel=kernel, into=into, boot=boot, inject=list(injects),
                             order=order, seed=seed)
     _print_json_or(r, as_json, lambda r: _render().chain_report(r))
@@ -585,7 +601,7 @@ def panic(name, cpu, as_json, timeline_form, trace_file):
         raise BadInput(f"--cpu {cpu}: machine '{name}' has CPUs 0..{machine.ncpus - 1}")
     form = _timeline_form(timeline_form, machine.ncpus)
     _check_trace(trace_file)
-    with _soakrun().machine_lock(name, "a panic"):
+    with lifecycle.machine_lock(name, "a panic"):
         r = machine.request("panic", cpu=cpu)
     _print_json_or(r, as_json, lambda r: _render().panic_report(r, form))
     _trace(trace_file, [(f"panic on CPU {cpu}", r)], machine)
@@ -604,7 +620,7 @@ def kick(name, as_json, timeline_form, trace_file):
     machine = lifecycle.require(name)
     form = _timeline_form(timeline_form, machine.ncpus)
     _check_trace(trace_file)
-    with _soakrun().machine_lock(name, "a kick"):
+    with lifecycle.machine_lock(name, "a kick"):
         r = machine.request("kick")
     _print_json_or(r, as_json, lambda r: _render().kick_report(r, form))
     _trace(trace_file, [("smp_kick_mwait_play_dead()", r)], machine)
@@ -619,7 +635,7 @@ def reset(name, offline):
     """A power cycle: generation 1 boots again, with the offline CPUs of before the first kexec
     (or --offline's)."""
     machine = lifecycle.require(name)
-    with _soakrun().machine_lock(name, "a reset"):
+    with lifecycle.machine_lock(name, "a reset"):
         r = machine.request("reset", offline=offline)  # None: the handler's own default
     waiting = r.get("not_started", [])
     parked = cpulist.format_list([c for c in r["offline"] if c not in waiting])

@@ -12,10 +12,15 @@ coordinator learns its spec from, and answers on, a socket pair whose other end
 only that ``up`` holds; if that end closes before ``up`` has taken the answer
 (Ctrl-C, SIGTERM, SIGHUP, SIGKILL, a crash), the coordinator stops and removes
 everything. So an ``up`` that did not return leaves nothing behind.
+
+Who drives a live machine's kernel: one command at a time (``machine_lock``): a soak, or a
+kexec, chain, kick, panic or reset run by hand.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -338,3 +343,35 @@ def down(name: str, force: bool = False, timeout_s: float = 30.0) -> str:
     # A coordinator killed mid-shutdown leaves its janitor to finish; do it now instead.
     probe(name)
     return f"machine '{name}' is down"
+
+
+@contextlib.contextmanager
+def machine_lock(name: str, doing: str = ""):
+    """One soak per machine: trials of two runs would interleave their kexecs and resets; and no
+    kexec, chain, kick or reset by hand while one runs (``doing`` names it) for the same reason.
+
+    The lock is flock() on the machine's own segment, opened without following links
+    and checked to be ours first: only a process that can open our 0600 segment can
+    hold it (no other user can squat it, as they could a socket name), it belongs to
+    this machine's lifetime (a new machine of the same name is a new file), and it
+    is released the moment its holder is gone, however it ends.
+    """
+    path = names.segment_path(name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        refusal = trust.refuse_entry(path, "an smpd segment", "pick another --name")
+        raise refusal or MachineNotUp(name) from None
+    try:
+        trust.check_stat(os.fstat(fd), path, "an smpd segment", "pick another --name")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if doing:  # the holder is a soak, or one of these commands run by hand
+                raise BadInput(f"machine '{name}' is busy (a soak, or a kexec, chain, kick, panic or reset "
+                               f"runs on it): {doing} now would interleave with it; wait for it to end (Ctrl-C "
+                               f"stops a soak after its current trial)") from None
+            raise BadInput(f"another smpd soak is running on machine '{name}'") from None
+        yield
+    finally:
+        os.close(fd)

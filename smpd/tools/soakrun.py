@@ -8,9 +8,7 @@ stopped on every other exit path. Ctrl-C is taken as "stop after this trial".
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import os
 import resource
 import secrets
@@ -24,12 +22,11 @@ from rich.text import Text
 from smpd import cpulist
 from smpd import config
 from smpd.tools import cluster, hostload, lifecycle, soak
-from smpd.host import names, trust
 from smpd.host.proc import read_all, status_field
 from smpd.host import files
 from smpd.tools.entry import stop_signals
 from smpd.inputs import ascii_int, parse_duration
-from smpd.errors import BadInput, CoordinatorGone, MachineNotUp, SmpdError, Timeout
+from smpd.errors import BadInput, CoordinatorGone, SmpdError, Timeout
 
 
 def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out, resume, summary_file,
@@ -233,41 +230,9 @@ def idle_kick(live) -> dict:
     return {"p50": v[len(v) // 2], "p99": v[min(len(v) - 1, int(len(v) * 0.99))], "max": v[-1]} if v else {}
 
 
-@contextlib.contextmanager
-def machine_lock(name: str, doing: str = ""):
-    """One soak per machine: trials of two runs would interleave their kexecs and resets; and no
-    kexec, chain, kick or reset by hand while one runs (``doing`` names it) for the same reason.
-
-    The lock is flock() on the machine's own segment, opened without following links
-    and checked to be ours first: only a process that can open our 0600 segment can
-    hold it (no other user can squat it, as they could a socket name), it belongs to
-    this machine's lifetime (a new machine of the same name is a new file), and it
-    is released the moment its holder is gone, however it ends.
-    """
-    path = names.segment_path(name)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        refusal = trust.refuse_entry(path, "an smpd segment", "pick another --name")
-        raise refusal or MachineNotUp(name) from None
-    try:
-        trust.check_stat(os.fstat(fd), path, "an smpd segment", "pick another --name")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if doing:  # the holder is a soak, or one of these commands run by hand
-                raise BadInput(f"machine '{name}' is busy (a soak, or a kexec, chain, kick, panic or reset "
-                               f"runs on it): {doing} now would interleave with it; wait for it to end (Ctrl-C "
-                               f"stops a soak after its current trial)") from None
-            raise BadInput(f"another smpd soak is running on machine '{name}'") from None
-        yield
-    finally:
-        os.close(fd)
-
-
 def run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resumed, console: Console) -> None:
     """Run the trials into ``out``: a new file, or ``resumed`` (soak.open_resume's, positioned at its end)."""
-    with machine_lock(live.name):
+    with lifecycle.machine_lock(live.name):
         _run(live, plan, records, out, load_spec, resumed, console)
 
 

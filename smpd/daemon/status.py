@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 from smpd.host.proc import last_core
 from smpd.kernel import image
 from smpd.kernel.generations import Generations
+from smpd.kernel.memmap import MemoryMap
 from smpd.machine import layout as L
 from smpd.machine.segment import Segment
 
@@ -20,50 +20,61 @@ def _words(addr: int, control: int, status: int, overwritten: bool) -> dict:
             "addr_hex": f"{addr:#x}", "control_hex": f"{control:#010x}", "status_hex": f"{status:#010x}"}
 
 
-def _reader(seg: Segment, fields) -> Callable[[int], dict]:
-    """``read(cpu)``: those unsigned control-block words of ``cpu``, by name. Read by index, not
-    each by its name: a 4096-CPU status reads ~100,000 of them (seg.cb's lookup was most of it)."""
-    cols = [(f, *seg.cb_column(f)) for f in fields]
-    return lambda cpu: {f: a[i0 + cpu * step] for f, a, i0, step in cols}
+def _columns(seg: Segment, fields) -> dict[str, list[int]]:
+    """Those unsigned control-block words of every CPU, a list each (by CPU number), each read in
+    one strided slice: a 4096-CPU status reads ~100,000 words, and one lookup a word by its name
+    (seg.cb) was most of its time."""
+    n = seg.geo.ncpus
+    out = {}
+    for f in fields:
+        a, i0, step = seg.cb_column(f)
+        out[f] = a[i0:i0 + n * step:step].tolist()
+    return out
 
 
 _IRQ = [(k, [f"{k}_{what}" for what in ("taken", "pending", "held")]) for k in L.IRQ_CODE]
 _WAKEUPS = {"write": "wake_write", "interrupt": "wake_irq", "ipi": "wake_ipi", "spurious": "wake_spurious"}
 
 
-def _brief_all(seg: Segment, gens: Generations, cpus) -> list[dict]:
+class _MapOf:
+    """The memory map of the kernel a CPU runs (Generations.of_cpu), each generation's looked up once."""
+
+    def __init__(self, seg: Segment, gens: Generations):
+        self.gens, self.current, self.cpu_gen = gens, seg.hdr("generation"), _columns(seg, ["cpu_gen"])["cpu_gen"]
+        self.maps: dict[int, MemoryMap] = {}
+
+    def __call__(self, cpu: int) -> MemoryMap:
+        g = (self.cpu_gen[cpu] if cpu else 0) or self.current  # 0: not started by any yet: the current
+        if g not in self.maps:
+            self.maps[g] = self.gens.map(g)
+        return self.maps[g]
+
+
+def _brief_all(seg: Segment, map_of: _MapOf, cpus) -> list[dict]:
     """What the many-CPU view shows of each of ``cpus`` (smpd.tools.render.cpu_grid): no host
     facts, no maps."""
-    read = _reader(seg, ["state", "hotplug", "cpu_gen", *(f for _k, fs in _IRQ for f in fs)])
+    w = _columns(seg, ["state", "hotplug", *(f for _k, fs in _IRQ for f in fs)])
     state_name = {s.value: s.name for s in L.ExecState}
     hotplug_name = {h.value: h.name.lower() for h in L.Hotplug}
-    current = seg.hdr("generation")
-    gen_of: dict[int, int] = {}  # a CPU's cpu_gen -> the generation it runs (0: none yet -> the current)
-    out = []
-    for cpu in cpus:
-        w = read(cpu)
-        g = w["cpu_gen"] if cpu else 0
-        if g not in gen_of:
-            gen_of[g] = gens.map(g or current).gen
-        out.append({"cpu": cpu, "state": state_name[w["state"]], "hotplug": hotplug_name[w["hotplug"]],
-                    "interrupts": {k: {"taken": w[t], "pending": w[p], "held": w[h]} for k, (t, p, h) in _IRQ},
-                    "generation": gen_of[g]})  # the kernel it runs, or sits parked in
-    return out
+    return [{"cpu": cpu, "state": state_name[w["state"][cpu]], "hotplug": hotplug_name[w["hotplug"][cpu]],
+             "interrupts": {k: {"taken": w[t][cpu], "pending": w[p][cpu], "held": w[h][cpu]} for k, (t, p, h) in _IRQ},
+             "generation": map_of(cpu).gen}  # the kernel it runs, or sits parked in
+            for cpu in cpus]
 
 
-def _full_all(seg: Segment, gens: Generations, briefs: list[dict]) -> list[dict]:
+def _full_all(seg: Segment, map_of: _MapOf, briefs: list[dict]) -> list[dict]:
     """The brief views, each with its process, wake-ups, struct mwait_cpu_dead and monitor."""
-    read = _reader(seg, ["pid", "mon_armed", "mon_line", "mwait_entries", "init_count", "sipi_count",
-                         *_WAKEUPS.values()])
+    w = _columns(seg, ["pid", "mon_armed", "mon_line", "mwait_entries", "init_count", "sipi_count",
+                       *_WAKEUPS.values()])
     own: dict[tuple[int, int], bool] = {}  # (generation, page) -> still holds that kernel's per-CPU area
     out = []
     for brief in briefs:
         cpu = brief["cpu"]
-        w = read(cpu)
+        pid = w["pid"][cpu]
         core = seg.cb(cpu, "core")
-        if core < 0 and w["pid"]:
-            core = last_core(w["pid"])
-        m = gens.of_cpu(cpu)
+        if core < 0 and pid:
+            core = last_core(pid)
+        m = map_of(cpu)
         md = None
         if not m.boot.monitors_thread_info:  # a pre-fix kernel has no struct mwait_cpu_dead: None
             md = m.mwait_cpu_dead_addr(cpu)
@@ -71,12 +82,12 @@ def _full_all(seg: Segment, gens: Generations, briefs: list[dict]) -> list[dict]
             if (m.gen, page) not in own:
                 own[m.gen, page] = image.is_own_page(seg, m, page)
             md = _words(md, seg.mem_u32(md), seg.mem_u32(md + 4), not own[m.gen, page])
-        line = seg.geo.line_addr(w["mon_line"]) if w["mon_armed"] else None
+        line = seg.geo.line_addr(w["mon_line"][cpu]) if w["mon_armed"][cpu] else None
         out.append({
-            **brief, "pid": w["pid"], "core": core, "wakeups": {k: w[f] for k, f in _WAKEUPS.items()},
-            "mwait_entries": w["mwait_entries"], "init": w["init_count"], "sipi": w["sipi_count"],
+            **brief, "pid": pid, "core": core, "wakeups": {k: w[f][cpu] for k, f in _WAKEUPS.items()},
+            "mwait_entries": w["mwait_entries"][cpu], "init": w["init_count"][cpu], "sipi": w["sipi_count"][cpu],
             "mwait_cpu_dead": md,
-            "monitor": {"armed": bool(w["mon_armed"]), "addr": line,
+            "monitor": {"armed": bool(w["mon_armed"][cpu]), "addr": line,
                         "symbol": m.symbol(line) if line is not None else None},
         })
     return out
@@ -93,10 +104,11 @@ def status_snapshot(seg: Segment, brief: bool = False, only: list[int] | None = 
     now = time.monotonic_ns()
     gens = Generations(seg)
     current = gens.current()
-    every = _brief_all(seg, gens, range(geo.ncpus))
+    map_of = _MapOf(seg, gens)
+    every = _brief_all(seg, map_of, range(geo.ncpus))
     cpus = every if only is None else [every[c] for c in only]
     if not brief:
-        cpus = _full_all(seg, gens, cpus)
+        cpus = _full_all(seg, map_of, cpus)
     states: dict[str, int] = {}
     for c in every:
         states[c["state"]] = states.get(c["state"], 0) + 1

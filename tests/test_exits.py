@@ -482,10 +482,11 @@ def test_a_status_asks_only_after_the_cpus_whose_process_may_have_exited():
     """smpd.daemon.cpuproc.maybe_gone, in a process of its own (whose only children are the test's):
     while every child runs, only a CPU with no process is named; once one has exited unreaped,
     every CPU is; once it is reaped, that CPU stays named; and with no child left at all (one was
-    reaped by another wait), every CPU whose Process did not reap it is named."""
+    reaped by another wait), every CPU whose Process did not reap it is named, and that process is
+    dead to its Process, with its exit code unknown."""
     import json
 
-    from smpd.daemon.cpuproc import CpuProcess, maybe_gone
+    from smpd.daemon.cpuproc import EXIT_LOST, CpuProcess, maybe_gone
 
     r, w = os.pipe()
     pid = os.fork()
@@ -495,6 +496,7 @@ def test_a_status_asks_only_after_the_cpus_whose_process_may_have_exited():
             procs = {}
             for cpu in (1, 2):
                 if (kid := os.fork()) == 0:
+                    os.close(w)  # the test's read ends with its parent, whatever becomes of this one
                     time.sleep(60)
                     os._exit(0)
                 procs[cpu] = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(kid)
@@ -512,14 +514,19 @@ def test_a_status_asks_only_after_the_cpus_whose_process_may_have_exited():
             procs[4] = CpuProcess(name="smpd-cpu4", daemon=True).adopt(kid)
             os.waitpid(kid, 0)  # reaped by another wait than its Process's: no child of ours is left
             seen.append(maybe_gone(procs, [1, 2, 4]))
+            seen.append([procs[4].is_alive(), procs[4].exitcode, procs[4].reaped()])
             os.write(w, json.dumps(seen).encode())
+        except BaseException:  # said on the test's stderr, then the test fails on no answer
+            import traceback
+
+            traceback.print_exc()
         finally:
             os._exit(0)
     os.close(w)
     with os.fdopen(r) as f:
         seen = json.loads(f.read() or "null")
     os.waitpid(pid, 0)
-    assert seen == [[3], [1, 2, 3], [1, 3], [1, 2, 4]]
+    assert seen == [[3], [1, 2, 3], [1, 3], [1, 2, 4], [False, EXIT_LOST, True]]
 
 
 def test_a_cpu_process_s_pid_leaves_the_segment_while_it_is_still_its_own():

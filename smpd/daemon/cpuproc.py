@@ -38,6 +38,9 @@ def mark_gone(seg: Segment, cpu: int) -> None:
     seg.set_cb(cpu, "pid", 0)
 
 
+EXIT_LOST = 255  # the exit code of a CPU process reaped by another wait than its Process's: unknown
+
+
 def maybe_gone(procs: dict[int, CpuProcess], cpus: Iterable[int]) -> list[int]:
     """Those of ``cpus`` whose process may have exited: every one once a child of ours has exited
     and waits to be reaped (one waitid(P_ALL, WNOWAIT), which reaps nothing); else those with no
@@ -73,7 +76,15 @@ class _Adopted(multiprocess.popen_fork.Popen):
                 return None
             before_reap, self.before_reap = self.before_reap, None
             before_reap()
-        return super().poll(flag)
+        if self.returncode is None:  # multiprocess's poll, but for ECHILD, which it takes for "not started yet"
+            try:
+                pid, status = os.waitpid(self.pid, flag)
+            except ChildProcessError:  # reaped by another wait: dead, its exit status lost
+                self.returncode = EXIT_LOST
+            else:
+                if pid == self.pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
 
     def wait(self, timeout: float | None = None):
         """The exit code once the process has exited; None if it has not within ``timeout``."""

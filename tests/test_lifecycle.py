@@ -159,12 +159,16 @@ def test_a_raw_result_is_the_coordinator_s_json_text_and_an_error_is_still_raise
 
 
 def test_one_command_at_a_time_drives_a_machine_s_kernel(machine, tmp_path):
-    """While the machine's lock is held (a soak, or a kexec, chain, kick, panic or reset by hand),
-    each of those refuses with one line and exit 2, and changes nothing; once it is let go, they run."""
+    """While the machine's lock is held (a soak, or a kexec, its replay of a soak's trial, a chain,
+    kick, panic or reset by hand), each of those refuses with one line and exit 2, and changes
+    nothing; once it is let go, they run."""
     m = machine(3, "--watch", "adaptive")
+    recorded = tmp_path / "recorded.jsonl"
+    run_smpd("soak", "--trials", "1", "--out", str(recorded), name=m.name)
     before = m.status()["machine"]["kexecs"]
     with lifecycle.machine_lock(m.name, "the test"):
-        for args in (("kick",), ("kexec",), ("chain", "--kexecs", "1"), ("reset",), ("panic",)):
+        for args in (("kick",), ("kexec",), ("kexec", "--replay", f"{recorded}:0"), ("chain", "--kexecs", "1"),
+                     ("reset",), ("panic",)):
             r = run_smpd(*args, name=m.name, check=False)
             assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is busy" in r.stderr, (args, r.stderr)
         r = run_smpd("soak", "--trials", "1", "--out", str(tmp_path / "s.jsonl"), name=m.name, check=False)

@@ -540,7 +540,8 @@ def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, 
     form = _timeline_form(timeline_form, machine.ncpus)
     _check_trace(trace_file, replay_file)
     if replay is not None:
-        r = _soakrun().replay(name, replay)
+        with lifecycle.machine_lock(name, "a kexec --replay"):  # its reset and kexec, as a soak's
+            r = _soakrun().replay(name, replay)
     else:
         kernel = _kernel_choice(kernel, park)
         for spec in injects:

@@ -295,6 +295,7 @@ def status(name, as_json, live, interval, count, only):
 
     def snapshot() -> dict:
         return status_request(machine, cpus, brief=brief)
+
     out = _console()
     if not live:
         out.print(render.status_view(snapshot(), out.width, cpus is not None))

@@ -34,6 +34,19 @@ def test_status_cpus_shows_any_cpu_of_a_big_machine_in_full(machine):
     assert md["control_hex"] == "0xdeadbeef" and md["control"] == 0xDEADBEEF and md["addr_hex"] == hex(md["addr"])
 
 
+def test_the_brief_view_carries_a_cpu_s_interrupt_counts_only_when_one_is_not_zero(machine):
+    """The grid's brief view of a machine with many CPUs: interrupt counts of the CPUs that have
+    one, and none of the others; the full view (--json, --cpus) has every CPU's, 0s included."""
+    m = machine(40)
+    m.live.request("inject", kind="nmi", cpus="5")
+    brief = {c["cpu"]: c for c in m.live.request("status", brief=True)["cpus"]}
+    assert brief[5]["interrupts"]["nmi"]["taken"] == 1 and "interrupts" not in brief[6]
+    full = {c["cpu"]: c for c in m.status()["cpus"]}
+    assert full[5]["interrupts"] == brief[5]["interrupts"]
+    assert full[6]["interrupts"] == {k: {"taken": 0, "pending": 0, "held": 0} for k in ("nmi", "smi", "mce")}
+    assert "CPU5 nmi:1" in run_smpd("status", name=m.name).stdout  # the grid's line of interrupts
+
+
 def test_status_cpus_of_a_coordinator_older_than_the_argument_is_filtered_by_the_client():
     """A machine up across an upgrade of smpd (the same layout) has a coordinator that answers
     `status` with every CPU and refuses its `cpus` argument as it refuses any unknown one: the

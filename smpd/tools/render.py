@@ -39,9 +39,17 @@ def _duration(s: float) -> str:
     return f"{h}h{mi:02d}m{sec:02d}s" if h else f"{mi}m{sec:02d}s"
 
 
+_NO_IRQS = {k: {"taken": 0, "pending": 0, "held": 0} for k in ("nmi", "smi", "mce")}
+
+
+def _irq_counts(c: dict) -> dict:
+    """A CPU's interrupt counts: a brief view has none when each is 0 (smpd.daemon.status)."""
+    return c.get("interrupts", _NO_IRQS)
+
+
 def _irqs(c: dict) -> str:
     parts = []
-    for k, v in c["interrupts"].items():
+    for k, v in _irq_counts(c).items():
         if v["taken"] or v["pending"] or v["held"]:
             s = f"{k}:{v['taken']}"
             if v["pending"] or v["held"]:
@@ -144,7 +152,7 @@ def _interrupt_lists(cpus: list[dict]) -> list[Text]:
     for kind in ("nmi", "smi", "mce"):
         said = [f"{what} {'by' if what == 'taken' else 'on'} CPU {format_list(v, grouped=True)}"
                 for what in ("taken", "pending", "held")
-                if (v := [c["cpu"] for c in cpus if c["interrupts"][kind][what]])]
+                if (v := [c["cpu"] for c in cpus if _irq_counts(c)[kind][what]])]
         if said:
             out.append(Text(f"{kind.upper():<14} " + "; ".join(said)))
     return out

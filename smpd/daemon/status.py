@@ -33,15 +33,16 @@ def _columns(seg: Segment, fields) -> dict[str, list[int]]:
 
 
 _IRQ = [(k, [f"{k}_{what}" for what in ("taken", "pending", "held")]) for k in L.IRQ_CODE]
+_IRQ_FIELDS = [f for _k, fs in _IRQ for f in fs]
 _WAKEUPS = {"write": "wake_write", "interrupt": "wake_irq", "ipi": "wake_ipi", "spurious": "wake_spurious"}
 
 
 class _MapOf:
     """The memory map of the kernel a CPU runs (Generations.of_cpu), each generation's looked up once."""
 
-    def __init__(self, seg: Segment, gens: Generations):
-        self.gens, self.current, self.cpu_gen = gens, seg.hdr("generation"), _columns(seg, ["cpu_gen"])["cpu_gen"]
-        self.maps: dict[int, MemoryMap] = {}
+    def __init__(self, seg: Segment, gens: Generations, current: MemoryMap):
+        self.gens, self.current, self.cpu_gen = gens, current.gen, _columns(seg, ["cpu_gen"])["cpu_gen"]
+        self.maps: dict[int, MemoryMap] = {current.gen: current}
 
     def __call__(self, cpu: int) -> MemoryMap:
         g = (self.cpu_gen[cpu] if cpu else 0) or self.current  # 0: not started by any yet: the current
@@ -54,15 +55,15 @@ def _brief_all(seg: Segment, map_of: _MapOf, cpus, quiet_irqs: bool = True) -> l
     """What the many-CPU view shows of each of ``cpus`` (smpd.tools.render.cpu_grid): no host
     facts, no maps. ``quiet_irqs=False``: a CPU's interrupt counts only when one is not 0 (the
     brief view of 4096 CPUs was 0.93 MB of JSON, most of it counts of 0)."""
-    w = _columns(seg, ["state", "hotplug", *(f for _k, fs in _IRQ for f in fs)])
+    w = _columns(seg, ["state", "hotplug", *_IRQ_FIELDS])
     state_name = {s.value: s.name for s in L.ExecState}
     hotplug_name = {h.value: h.name.lower() for h in L.Hotplug}
-    irq_fields = [w[f] for _k, fs in _IRQ for f in fs]
+    irq_counts = [w[f] for f in _IRQ_FIELDS]
     out = []
     for cpu in cpus:
         c = {"cpu": cpu, "state": state_name[w["state"][cpu]], "hotplug": hotplug_name[w["hotplug"][cpu]],
              "generation": map_of(cpu).gen}  # the kernel it runs, or sits parked in
-        if quiet_irqs or any(f[cpu] for f in irq_fields):
+        if quiet_irqs or any(counts[cpu] for counts in irq_counts):
             c["interrupts"] = {k: {"taken": w[t][cpu], "pending": w[p][cpu], "held": w[h][cpu]} for k, (t, p, h) in _IRQ}
         out.append(c)
     return out
@@ -104,13 +105,13 @@ def status_snapshot(seg: Segment, brief: bool = False, only: list[int] | None = 
 
     ``brief``: per CPU only its number, state, hotplug state, generation and, when one is not 0,
     its interrupt counts (what the view of a machine with many CPUs shows): a host process lookup
-    per CPU (its core) and the memory map's symbols made a 4096-CPU status take seconds. ``only``: the CPUs listed, in that order
-    (the machine's counts are still of all of them)."""
+    per CPU (its core) and the memory map's symbols made a 4096-CPU status take seconds.
+    ``only``: the CPUs listed, in that order (the machine's counts are still of all of them)."""
     geo = seg.geo
     now = time.monotonic_ns()
     gens = Generations(seg)
     current = gens.current()
-    map_of = _MapOf(seg, gens)
+    map_of = _MapOf(seg, gens, current)
     every = _brief_all(seg, map_of, range(geo.ncpus), quiet_irqs=not brief)
     cpus = every if only is None else [every[c] for c in only]
     if not brief:

@@ -39,7 +39,8 @@ def _duration(s: float) -> str:
     return f"{h}h{mi:02d}m{sec:02d}s" if h else f"{mi}m{sec:02d}s"
 
 
-_NO_IRQS = {k: {"taken": 0, "pending": 0, "held": 0} for k in ("nmi", "smi", "mce")}
+_IRQ_KINDS = ("nmi", "smi", "mce")  # as status names them, in the order shown
+_NO_IRQS = {k: {"taken": 0, "pending": 0, "held": 0} for k in _IRQ_KINDS}
 
 
 def _irq_counts(c: dict) -> dict:
@@ -149,7 +150,7 @@ def _by_state(cpus: list[dict]) -> Text:
 def _interrupt_lists(cpus: list[dict]) -> list[Text]:
     """Per interrupt kind, the CPUs that took one, have one pending, hold one: every CPU, none left out."""
     out = []
-    for kind in ("nmi", "smi", "mce"):
+    for kind in _IRQ_KINDS:
         said = [f"{what} {'by' if what == 'taken' else 'on'} CPU {format_list(v, grouped=True)}"
                 for what in ("taken", "pending", "held")
                 if (v := [c["cpu"] for c in cpus if _irq_counts(c)[kind][what]])]

@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import itertools
 import os
+import pickle
 import secrets
 import shutil
 import subprocess
@@ -38,6 +39,7 @@ import pytest
 from smpd.machine import hotpath
 from smpd.tools import lifecycle
 from smpd.host import names, trust
+from smpd.host.proc import die_with_parent
 from smpd.machine import layout as L
 from smpd.machine.segment import Segment
 
@@ -70,12 +72,40 @@ def scratch_segment(label: str, geo: L.Geometry = L.Geometry(4, 16)):
         seg.unlink()
 
 
+def in_forked_child(steps: Callable[[], object]):
+    """``steps()`` run in a forked child of this process, its answer pickled back here. The child
+    never returns into pytest, nor outlives it (PR_SET_PDEATHSIG); what it raises fails the test
+    here, its repr said."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            die_with_parent(os.getppid())
+            answer = ("ok", steps())
+        except BaseException as err:  # noqa: B036 - whatever happened, said to the test
+            answer = ("raised", repr(err))
+        try:
+            os.write(w, pickle.dumps(answer))
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            how, answer = pickle.loads(f.read() or pickle.dumps(("died", None)))
+    finally:
+        os.waitpid(pid, 0)
+    assert how == "ok", (how, answer)
+    return answer
+
+
 def our_segments() -> set[str]:
     head = names.segment(RUN_PREFIX)[1:]
     return {e for e in os.listdir(names.SHM_DIR) if e.startswith(head)}
 
 
-def _of_this_run(p: psutil.Process) -> bool:
+def of_this_run(p: psutil.Process) -> bool:
+    """Started by this test run (its environment carries the run's token), whatever its name."""
     try:
         return p.environ().get("SMPD_TEST_RUN") == RUN_TOKEN
     except psutil.Error:
@@ -86,7 +116,7 @@ def our_processes() -> set[tuple[int, str]]:
     found = set()
     for p in psutil.process_iter(["name", "status"]):
         name = p.info["name"] or ""
-        if name.startswith("smpd-") and p.info["status"] != psutil.STATUS_ZOMBIE and _of_this_run(p):
+        if name.startswith("smpd-") and p.info["status"] != psutil.STATUS_ZOMBIE and of_this_run(p):
             found.add((p.pid, name))
     return found
 
@@ -186,7 +216,7 @@ def wait_for_no_leaks(segs_before: set[str], procs_before: set) -> tuple[set, se
     for pid, _ in procs:
         with contextlib.suppress(psutil.Error):
             p = psutil.Process(pid)
-            if _of_this_run(p):  # checked again right before the signal: pids are recycled
+            if of_this_run(p):  # checked again right before the signal: pids are recycled
                 p.kill()
     for s in segs:
         with contextlib.suppress(OSError):

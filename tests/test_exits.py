@@ -18,7 +18,7 @@ import time
 import psutil
 import pytest
 
-from conftest import Machine, gone, run_name, run_smpd, scratch_segment, start_smpd, wait_until
+from conftest import Machine, gone, in_forked_child, run_name, run_smpd, scratch_segment, start_smpd, wait_until
 from smpd.tools import lifecycle
 from smpd.host import names, proc
 from smpd.machine import layout as L
@@ -484,48 +484,34 @@ def test_a_status_asks_only_after_the_cpus_whose_process_may_have_exited():
     every CPU is; once it is reaped, that CPU stays named; and with no child left at all (one was
     reaped by another wait), every CPU whose Process did not reap it is named, and that process is
     dead to its Process, with its exit code unknown."""
-    import json
-
     from smpd.daemon.cpuproc import EXIT_LOST, CpuProcess, maybe_gone
 
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # never returns into pytest
-        try:
-            os.close(r)
-            procs = {}
-            for cpu in (1, 2):
-                if (kid := os.fork()) == 0:
-                    os.close(w)  # the test's read ends with its parent, whatever becomes of this one
-                    time.sleep(60)
-                    os._exit(0)
-                procs[cpu] = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(kid)
-            seen = [maybe_gone(procs, [1, 2, 3])]
-            os.kill(procs[1].pid, signal.SIGKILL)
-            while os.waitid(os.P_PID, procs[1].pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                time.sleep(0.01)
-            seen.append(maybe_gone(procs, [1, 2, 3]))
-            procs[1].join(5)
-            seen.append(maybe_gone(procs, [1, 2, 3]))
-            procs[2].kill()
-            procs[2].join(5)
+    def steps():
+        procs = {}
+        for cpu in (1, 2):
             if (kid := os.fork()) == 0:
+                proc.die_with_parent(os.getppid())  # and so with the test, whatever becomes of this one
+                time.sleep(60)
                 os._exit(0)
-            procs[4] = CpuProcess(name="smpd-cpu4", daemon=True).adopt(kid)
-            os.waitpid(kid, 0)  # reaped by another wait than its Process's: no child of ours is left
-            seen.append(maybe_gone(procs, [1, 2, 4]))
-            seen.append([procs[4].is_alive(), procs[4].exitcode, procs[4].reaped()])
-            os.write(w, json.dumps(seen).encode())
-        except BaseException:  # said on the test's stderr, then the test fails on no answer
-            import traceback
-
-            traceback.print_exc()
-        finally:
+            procs[cpu] = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(kid)
+        seen = [maybe_gone(procs, [1, 2, 3])]
+        os.kill(procs[1].pid, signal.SIGKILL)
+        while os.waitid(os.P_PID, procs[1].pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            time.sleep(0.01)
+        seen.append(maybe_gone(procs, [1, 2, 3]))
+        procs[1].join(5)
+        seen.append(maybe_gone(procs, [1, 2, 3]))
+        procs[2].kill()
+        procs[2].join(5)
+        if (kid := os.fork()) == 0:
             os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        seen = json.loads(f.read() or "null")
-    os.waitpid(pid, 0)
+        procs[4] = CpuProcess(name="smpd-cpu4", daemon=True).adopt(kid)
+        os.waitpid(kid, 0)  # reaped by another wait than its Process's: no child of ours is left
+        seen.append(maybe_gone(procs, [1, 2, 4]))
+        seen.append([procs[4].is_alive(), procs[4].exitcode, procs[4].reaped()])
+        return seen
+
+    seen = in_forked_child(steps)  # whose only children are the ones steps() makes
     assert seen == [[3], [1, 2, 3], [1, 3], [1, 2, 4], [False, EXIT_LOST, True]]
 
 

@@ -9,7 +9,6 @@ the doorbell (a signal to the process) ends runs in a forked child (``_as_a_cpu_
 
 import mmap
 import os
-import pickle
 import signal
 import threading
 import time
@@ -17,8 +16,8 @@ import time
 import multiprocess
 import pytest
 
-from conftest import scratch_segment
-from smpd.host.proc import die_with_parent, stat_fields
+from conftest import in_forked_child, scratch_segment
+from smpd.host.proc import stat_fields
 from smpd.kernel import kick
 from smpd.machine import hotpath, layout as L, pyhotpath
 from smpd.machine.bus import DOORBELL_SIGNAL, Bus
@@ -75,34 +74,20 @@ def _no_doorbell_deadline() -> int:
 
 
 def _as_a_cpu_process(seg, steps):
-    """``steps(seg)`` run in a forked child that CPU 1's doorbell rings, its answer pickled back.
+    """``steps(seg)`` run in a forked child (conftest.in_forked_child) that CPU 1's doorbell rings.
     The doorbell is a signal to a process, and a pytest-xdist worker has a thread of its own that
     does not block it: one sent while the waiter is not inside sigwaitinfo() could go to that
     thread and be dropped, and would never show in sigpending(). The child has only the threads
     ``steps`` starts, each with the doorbell blocked as this thread has it (and as a CPU process
     has it)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest, nor outlives it
-        try:
-            os.close(r)
-            die_with_parent(os.getppid())
-            seg.set_cb(CPU, "pid", os.getpid())
-            answer = steps(seg)
-            os.write(w, pickle.dumps(("ok", answer)))
-        except BaseException as err:  # noqa: B036 - whatever happened, said to the test
-            os.write(w, pickle.dumps(("raised", repr(err))))
-        finally:
-            os._exit(0)
-    os.close(w)
-    try:
-        with os.fdopen(r, "rb") as f:
-            how, answer = pickle.loads(f.read() or pickle.dumps(("died", None)))
-    finally:
-        os.waitpid(pid, 0)
+    def child():
         seg.set_cb(CPU, "pid", os.getpid())
-    assert how == "ok", (how, answer)
-    return answer
+        return steps(seg)
+
+    try:
+        return in_forked_child(child)
+    finally:
+        seg.set_cb(CPU, "pid", os.getpid())
 
 
 def _code(r) -> tuple:

@@ -12,7 +12,7 @@ import multiprocess
 import psutil
 import pytest
 
-from conftest import Machine, _of_this_run, run_name, run_smpd, smpd_env, start_smpd, wait_until
+from conftest import Machine, of_this_run, run_name, run_smpd, smpd_env, start_smpd, wait_until
 from smpd.tools import soak
 from smpd.kernel.kexec import OUTCOMES
 
@@ -133,7 +133,7 @@ def test_ctrl_c_stops_after_the_current_trial_with_a_summary(soak_machine, tmp_p
     # the offline CPUs the user had before the soak, not the last trial's
     assert [c["cpu"] for c in s["cpus"] if c["hotplug"] == "offline"] == list(range(1, NCPUS))
     assert not [q for q in psutil.process_iter(["name"]) if (q.info["name"] or "").startswith("smpd-load")
-                and _of_this_run(q)]  # anyone else's load (another test run's, a user's soak) is theirs
+                and of_this_run(q)]  # anyone else's load (another test run's, a user's soak) is theirs
 
 
 def test_a_cpu_process_killed_during_a_soak_is_respawned_and_the_soak_goes_on(machine, tmp_path):

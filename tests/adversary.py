@@ -28,7 +28,7 @@ from multiprocess.connection import Connection, answer_challenge, deliver_challe
 from rich.console import Console
 
 from smpd.daemon import supervisor  # noqa: F401 - everything `smpd up --foreground` runs
-from smpd.tools import cli
+from smpd.tools import cli, render  # noqa: F401 - render: the CLI imports it only when it draws (cli._render)
 
 Console(file=io.StringIO(), force_terminal=True).print("[bold red]warm[/bold red]")  # rich's lazy imports
 

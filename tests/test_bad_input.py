@@ -13,7 +13,7 @@ import pytest
 
 import adversary
 from adversary import needs_root
-from conftest import run_smpd, segment_path, smpd_env, start_smpd
+from conftest import HOT_PATHS, run_smpd, segment_path, smpd_env, start_smpd
 from smpd.tools import lifecycle
 
 
@@ -72,9 +72,11 @@ def test_up_refuses_a_machine_the_process_limit_cannot_hold(machine_name):
 
 
 @needs_root
-def test_a_fork_the_host_refuses_is_one_line_and_leaves_nothing(machine_name):
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_a_fork_the_host_refuses_is_one_line_and_leaves_nothing(machine_name, hot_path):
     """Past the pre-check (patched away in the child: the failure behind it is what is tested),
-    the kernel refuses the 9th process: one line, exit 2, no segment, no process."""
+    the kernel refuses the 9th process: one line, exit 2, no segment, no process. The template's
+    fork loop of each hot path (smpd.daemon.template) answers the refusal."""
     uid = adversary.unused_uid()
 
     def no_precheck():
@@ -82,7 +84,7 @@ def test_a_fork_the_host_refuses_is_one_line_and_leaves_nothing(machine_name):
         hostinfo.check_capacity = lambda *a, **k: None
 
     r = adversary.run_as(uid, adversary.smpd_cli, ["up", "--cpus", "16", "--watch", "adaptive", "--foreground",
-                                                   "--name", machine_name], {resource.RLIMIT_NPROC: 8}, no_precheck)
+                                                   "--hot-path", hot_path, "--name", machine_name], {resource.RLIMIT_NPROC: 8}, no_precheck)
     assert r["code"] == 2, r
     line = _error_line_of(r["stderr"])
     assert "the host refused a process for" in line and "nothing was left behind" in line

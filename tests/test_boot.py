@@ -15,6 +15,7 @@ from conftest import run_name
 from smpd import config
 from smpd.errors import SmpdError
 from smpd.host import names, trust
+from smpd.host.proc import die_with_parent
 from smpd.kernel import boot as kboot, cpu as kcpu
 from smpd.machine import layout as L
 from smpd.machine.bus import Bus
@@ -54,7 +55,8 @@ def _cpu_process(seg, bus, cpu: int, signals: dict[str, int]) -> int:
                 return nxt
 
             kcpu.Cpu.init_reset = init_then_mce
-        kcpu.cpu_main(seg, bus, cpu, signals, os.getppid(), None)
+        die_with_parent(os.getppid())
+        kcpu.cpu_main(seg, bus, cpu, signals, None)
     finally:
         os._exit(70)
 

@@ -15,6 +15,12 @@ imports leave psutil out (smpd.machine.segment.attach), and the CPU's creation t
 coordinator's to read (~25 more): 605 -> 459 faults and 2.5 -> 2.0 ms of host CPU per CPU
 process; `smpd up` of 2048 CPUs 4.5-5.4 -> 3.5-4.2 s, alternated.
 
+Its fork loop is C (smpd.daemon._forkloop) on a machine of the compiled hot path, Python
+(``_fork_cpus``) on one of the Python hot path or where the C is not built. The Python loop's
+objects lay in pages each fork had just shared with the child, so the template copied ~50 of
+them again after every fork; in C it copies ~7, and returns to Python only once all are forked.
+Measured at 1024 CPUs, three bring-ups each: the template's CPU 1.29-1.63 s -> 0.78-1.0 s.
+
 It forks with CLONE_PARENT (smpd.host.proc.fork_sibling): each CPU process is the coordinator's
 own child, as before. The coordinator reaps it, holds its pid until it does (so a signal by pid
 reaches nobody else), and the CPU's PR_SET_PDEATHSIG follows the coordinator. The template
@@ -44,12 +50,16 @@ from typing import TYPE_CHECKING, Callable
 from smpd.errors import CpuLost, Timeout
 from smpd.host.proc import PID_MAX, die_with_parent, fork_refused, fork_sibling, set_process_name
 
+try:
+    from smpd.daemon import _forkloop
+except ImportError:  # built without a C compiler: the Python loop forks (as on a Python hot path machine)
+    _forkloop = None
+
 if TYPE_CHECKING:
-    from smpd.kernel.generations import Generations
-    from smpd.machine.bus import Bus
     from smpd.machine.segment import Segment
 
 TEMPLATE_COMM = "smpd-template"
+CPU_COMM = "smpd-cpu"  # and the CPU's number: each CPU process's name (comm, 15 bytes at most)
 _PAIR = struct.Struct("<ii")
 STOP_WAIT_S = 5.0  # a template told to exit after its batch has this long before it is killed
 START_S = 30.0  # what its first answer may take besides: its interpreter's start (~0.1 s idle, more loaded)
@@ -162,7 +172,7 @@ class Template:
         """End the template and reap it: told to, so that it lets its last CPU run, and killed after
         ``wait_s`` (at once by default: mid-batch, when the coordinator stops). Returns the
         (cpu, pid) answers it sent that were not read: those CPU processes are the coordinator's
-        children all the same. One it forked but had not told to run exits (``_fork_one``)."""
+        children all the same. One it forked but had not told to run exits (``_fork_cpus``)."""
         import subprocess
 
         left = []
@@ -213,6 +223,9 @@ def template_main(spec: dict) -> None:
     seg = Segment.inherit(attached["segment"], fds[0])
     bus = Bus(seg)
     gens = Generations(seg)
+    from smpd.machine.hotpath import compiled
+
+    fork_cpus = _forkloop.fork_cpus if _forkloop is not None and compiled(seg) else _fork_cpus
     while request := sock.recv(seg.geo.ncpus * _PAIR.size):
         # The memory map every CPU process we fork starts in, built once here rather than by each
         # at its smp_callin() (~220 us and ~35 page faults a CPU): generation 1's, which `smpd up`
@@ -223,36 +236,49 @@ def template_main(spec: dict) -> None:
         except LookupError:  # not in the table any more (a long chain): each CPU builds its own
             pass
         gc.freeze()  # what the CPUs inherit stays out of their collector (and so uncopied)
-        for cpu, core in _PAIR.iter_unpack(request):
-            _fork_one(sock, seg, bus, gens, spec, cpu_main, cpu, None if core < 0 else core)
+        child = fork_cpus(sock.fileno(), request, spec["coordinator"], CPU_COMM)
+        if child is not None:  # a CPU process
+            cpu, core = child
+            try:
+                cpu_main(seg, bus, cpu, spec["signals"], None if core < 0 else core, gens)
+            finally:
+                os._exit(70)
     os._exit(0)
 
 
-def _fork_one(sock: socket.socket, seg: Segment, bus: Bus, gens: Generations, spec: dict, cpu_main, cpu: int,
-              core: int | None) -> None:
-    """Fork CPU ``cpu``'s process and answer its pid. The process waits on a pipe until the answer
-    is sent: one whose answer never left (the template killed between the two) exits at once,
-    so every CPU process that runs is one the coordinator was told of."""
-    told_r, told_w = os.pipe()
-    try:
-        pid = fork_sibling()
-    except OSError as err:
-        os.close(told_r)
-        os.close(told_w)
-        sock.send(_PAIR.pack(cpu, -err.errno))
-        return
-    if pid == 0:
+def _fork_cpus(sock: int, request: bytes, parent: int, comm: str) -> tuple[int, int] | None:
+    """The Python peer of smpd.daemon._forkloop.fork_cpus (its docstring says what both do), run on
+    a machine of the Python hot path: (cpu, core) in each CPU process, None here once all are
+    forked. Each CPU process waits on a pipe until its answer is sent: one whose answer never left
+    (the template killed between the two) exits at once, so every CPU process that runs is one the
+    coordinator was told of."""
+    for cpu, core in _PAIR.iter_unpack(request):
+        told_r, told_w = os.pipe()
         try:
+            pid = fork_sibling()
+        except OSError as err:
+            os.close(told_r)
             os.close(told_w)
-            if not os.read(told_r, 1):
+            os.write(sock, _PAIR.pack(cpu, -err.errno))
+            continue
+        if pid == 0:
+            try:
+                die_with_parent(parent)
+                set_process_name(f"{comm}{cpu}")
+                os.close(told_w)
+                told = os.read(told_r, 1)
+                os.close(told_r)
+            except BaseException:  # a CPU process must never go on as the template
+                os._exit(70)
+            if not told:
                 os._exit(0)
-            cpu_main(seg, bus, cpu, spec["signals"], spec["coordinator"], core, gens)
-        finally:
-            os._exit(70)
-    os.close(told_r)
-    sock.send(_PAIR.pack(cpu, pid))
-    os.write(told_w, b"!")
-    os.close(told_w)
+            return cpu, core
+        os.close(told_r)
+        os.write(sock, _PAIR.pack(cpu, pid))
+        os.write(told_w, b"!")
+        os.close(told_w)
+    return None
+
 
 if __name__ == "__main__":
     template_main(json.loads(sys.argv[1]))

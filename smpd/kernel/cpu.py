@@ -22,7 +22,6 @@ import struct
 import sys
 import time
 
-from smpd.host.proc import die_with_parent, set_process_name
 from smpd.kernel import resume as resume_mod
 from smpd.kernel.execute import Executes
 from smpd.kernel.generations import Generations
@@ -317,11 +316,10 @@ class Cpu(Executes, CpuCore):
                 return nxt
 
 
-def cpu_main(seg, bus: Bus, cpu: int, signals: dict[str, int], parent_pid: int, core: int | None,
+def cpu_main(seg, bus: Bus, cpu: int, signals: dict[str, int], core: int | None,
              gens: Generations | None = None) -> None:
-    """Entry point of a CPU process (forked for the coordinator ``parent_pid`` by smpd.daemon.template)."""
-    die_with_parent(parent_pid)
-    set_process_name(f"smpd-cpu{cpu}")
+    """Entry point of a CPU process, forked by smpd.daemon.template, which named it and made it die
+    with the coordinator (its parent) already."""
     # A CPU needs no file descriptor: its memory is the inherited mapping. Close all
     # that fork handed down (the template's socket; the mmap object's own fd goes too:
     # a CPU never resizes or closes its mapping).

@@ -35,16 +35,18 @@ where generation 2 kept its own; the first kernel after a cold boot lived elsewh
 
 from __future__ import annotations
 
-import hashlib
-import random
 import re
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from smpd.errors import BadInput
 from smpd.inputs import ascii_int
 from smpd.machine.layout import LINE, LINES_PER_PAGE, PAGE, PHYS_BASE
+
+if TYPE_CHECKING:
+    import random
 
 
 class Region(IntEnum):
@@ -248,6 +250,8 @@ class MemoryMap:
         if load is None:
             # The decompressor avoids what it was loaded with (choose_random_location()).
             loaded = _Free(*window, [(f, n) for f, n, _r in segments])
+            import random  # here: the CPU processes' template imports no random (see _digest)
+
             load = loaded.slot(sizes.image, random.Random(_digest("kaslr", boot.kaslr, gen)))
             placement = (placement + "; " if placement else "") + f"KASLR (seed {boot.kaslr}) chose page {load}"
         free.take(load, sizes.image)
@@ -387,6 +391,11 @@ def page_addr(page: int) -> int:
 
 
 def _digest(*parts) -> int:
+    # hashlib and random are imported where they are used: the template every CPU process is
+    # forked from imports this module, and each CPU process would run random's at-fork hook
+    # (a reseed from urandom) and inherit OpenSSL's memory areas (smpd.daemon.template).
+    import hashlib
+
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little")
 
 

@@ -29,7 +29,6 @@ kernel, no memory map and no state machine.
 
 from __future__ import annotations
 
-import random
 import signal
 import time
 
@@ -63,7 +62,11 @@ class CpuCore:
         self.spin = seg.hdr("watch") == L.Watch.SPIN
         self.budget_ns = seg.hdr("spin_budget_ns")
         self.spurious_per_s = seg.hdr("spurious_per_s")
-        self.rng = random.Random(seg.hdr("seed") * 4099 + cpu)
+        self.rng = None
+        if self.spurious_per_s > 0:  # only then: a CPU process that imports random runs its at-fork reseed
+            import random
+
+            self.rng = random.Random(seg.hdr("seed") * 4099 + cpu)
         self.signals = signals
         self.sig_kind = {sig: kind for kind, sig in signals.items()}
         self.irq_sigs = set(signals.values())

@@ -16,7 +16,7 @@ from smpd import config
 from smpd.errors import SmpdError
 from smpd.host import names, trust
 from smpd.host.proc import die_with_parent
-from smpd.kernel import boot as kboot, cpu as kcpu
+from smpd.kernel import boot as kboot, cpu as kcpu, image
 from smpd.machine import layout as L
 from smpd.machine.bus import Bus
 from smpd.machine.mailbox import Mailbox
@@ -102,3 +102,36 @@ def test_a_cpu_an_mce_reaches_between_init_and_sipi_ignores_the_sipi_and_is_not_
     assert seg.cb(1, "state") == L.ExecState.RUNNING
     with pytest.raises(SmpdError, match=r"bring-up: CPU 2 \(SHUTDOWN, fault MCE_SHUTDOWN\) did not take its SIPI"):
         kboot.require_sipi_taken(r, "bring-up")
+
+
+def test_booted_ram_in_one_write_or_in_chunks_is_power_on_then_the_kernels_own_writes(tmp_path, monkeypatch):
+    """With no monitor armed and no AP started, RAM is written as it ends up (smpd.kernel.image.booted_ram):
+    whole, or RAM_CHUNK pages at a time when too big to keep, it must hold exactly what firmware's
+    bytes page by page, then the booting kernel's own writes, leave."""
+    conf = tmp_path / "boot.toml"
+    conf.write_text(f"[machine]\ncpus = {NCPUS}\n")
+    cfg = config.load(conf)
+    sizes = cfg.sizes()
+    seg = Segment.create(names.segment(run_name("ram")), L.Geometry(NCPUS, sizes.ram), os.getpid(),
+                         trust.start_ticks(os.getpid()))
+    try:
+        seg.set_hdr("seed", 7)
+        bus = Bus(seg)
+        m = kboot.load_first(seg, cfg.boot())
+        mem = slice(seg.geo.mem_off, seg.geo.mem_off + seg.geo.npages * L.PAGE)
+
+        def ram_after(write) -> bytes:
+            seg.buf[mem] = bytes(seg.geo.npages * L.PAGE)
+            write()
+            return bytes(seg.buf[mem])
+
+        by_page = ram_after(lambda: (image.power_on(bus, seg.geo, 7), image.boot_kernel(bus, 7, m)))
+        assert ram_after(lambda: image.booted_ram(bus, seg.geo, 7, m)) == by_page
+        monkeypatch.setattr(image, "KEPT_PAGES", seg.geo.npages - 1)
+        monkeypatch.setattr(image, "RAM_CHUNK", 7)  # the last chunk a short one
+        assert seg.geo.npages % 7
+        assert ram_after(lambda: image.booted_ram(bus, seg.geo, 7, m)) == by_page
+        assert by_page.count(image.TAG_MAGIC) >= seg.geo.npages  # every page was written
+    finally:
+        seg.close()
+        seg.unlink()

@@ -58,20 +58,23 @@ def page_image(seed: int, generation: int, region: Region, index: int) -> bytes:
     key = (seed, generation, region, index)
     image = _kept.get(key)
     if image is None:
-        import hashlib  # here: the CPU processes import this module, and compute no image
-
-        tag = tag_bytes(generation, region, index)
-        if region in _ZERO_BODY:
-            image = tag + bytes(L.PAGE - TAG.size)
-        elif generation == 0:
-            image = tag + hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=_FIRMWARE_UNIT).digest() * (
-                (L.PAGE - TAG.size) // _FIRMWARE_UNIT)
-        else:
-            image = tag + hashlib.shake_256(f"{seed}:{generation}:{region.name}:{index}".encode()).digest(
-                L.PAGE - TAG.size)
+        image = _image(seed, generation, region, index)
         if _keeping and len(_kept) < KEPT_PAGES:
             _kept[key] = image
     return image
+
+
+def _image(seed: int, generation: int, region: Region, index: int) -> bytes:
+    """A page's image, computed (``page_image`` keeps what it computes)."""
+    import hashlib  # here: the CPU processes import this module, and compute no image
+
+    tag = tag_bytes(generation, region, index)
+    if region in _ZERO_BODY:
+        return tag + bytes(L.PAGE - TAG.size)
+    if generation == 0:
+        return tag + hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=_FIRMWARE_UNIT).digest() * (
+            (L.PAGE - TAG.size) // _FIRMWARE_UNIT)
+    return tag + hashlib.shake_256(f"{seed}:{generation}:{region.name}:{index}".encode()).digest(L.PAGE - TAG.size)
 
 
 def write_pages(bus, seed: int, generation: int, pages: Iterable[tuple[int, Region, int]]) -> int:
@@ -87,6 +90,7 @@ def power_on(bus, geo: L.Geometry, seed: int) -> None:
     write_pages(bus, seed, 0, ((p, Region.FIRMWARE, p) for p in range(geo.npages)))
 
 
+RAM_CHUNK = 1024  # pages booted_ram() writes at once when RAM is too big to keep (4 MiB)
 _booted_ram: dict[tuple, bytes] = {}  # (seed, pages, the map's parts) -> all of RAM, as booted_ram() writes it
 
 
@@ -95,18 +99,25 @@ def booted_ram(bus, geo: L.Geometry, seed: int, m: MemoryMap) -> None:
     writes left out, then ``boot_kernel``), when nothing can tell the order of the writes: no
     monitor armed, no AP started. Every page is then firmware's or m's, so RAM is one write of
     the whole image, the same at every power cycle of the machine and kept while RAM fits
-    KEPT_PAGES: a soak trial's reset at 64 CPUs spent ~7.5 ms writing it page by page."""
+    KEPT_PAGES: a soak trial's reset at 64 CPUs spent ~7.5 ms writing it page by page. A RAM too
+    big to hold twice is written RAM_CHUNK pages at a time, kept nowhere: page by page, through
+    ``page_image``'s cache, a 4096-CPU bring-up spent ~1.5 s of the coordinator's CPU on 34544
+    pages (a bus write each, and 64 MiB of images kept that no later write asked for again).
+    The pages' images here are not kept one by one either: RAM as a whole is."""
     # By value: each power cycle builds generation 1's map anew (maps compare by identity).
     key = (seed, geo.npages, m.gen, m.boot, m.sizes, tuple(m.regions.items()), m.window, m.segments)
     ram = _booted_ram.get(key)
     if ram is None:
         own = {page: (m.gen, region, index) for page, region, index in m.pages()}  # the last write wins
-        if geo.npages > KEPT_PAGES:  # too big to hold twice: the firmware's pages, then m's, page by page
-            write_pages(bus, seed, 0, ((p, Region.FIRMWARE, p) for p in range(geo.npages) if p not in own))
-            boot_kernel(bus, seed, m)
+
+        def ram_of(pages: range) -> bytes:
+            return b"".join(_image(seed, *own[p]) if p in own else _image(seed, 0, Region.FIRMWARE, p) for p in pages)
+
+        if geo.npages > KEPT_PAGES:
+            for first in range(0, geo.npages, RAM_CHUNK):
+                bus.write(page_addr(first), ram_of(range(first, min(first + RAM_CHUNK, geo.npages))))
             return
-        ram = b"".join(page_image(seed, *own[p]) if p in own else page_image(seed, 0, Region.FIRMWARE, p)
-                       for p in range(geo.npages))
+        ram = ram_of(range(geo.npages))
         if _keeping:
             _booted_ram.clear()  # one machine per coordinator: the image of its seed and generation 1
             _booted_ram[key] = ram

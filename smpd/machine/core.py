@@ -29,6 +29,7 @@ kernel, no memory map and no state machine.
 
 from __future__ import annotations
 
+import _signal
 import signal
 import time
 
@@ -86,15 +87,18 @@ class CpuCore:
         self.acked_ns = 0  # set when the compiled path acknowledged a kick inside wait()
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a foreground Ctrl-C is the coordinator's
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        # Through _signal, the C module `signal` wraps: the wrapper turns each previous handler into
+        # an enum member, which for a Python one is a ValueError raised and caught (~9 us a call, and
+        # page faults on the enum machinery in a CPU process just forked).
+        _signal.signal(signal.SIGINT, _signal.SIG_IGN)  # a foreground Ctrl-C is the coordinator's
+        _signal.signal(signal.SIGTERM, _signal.SIG_DFL)
+        _signal.signal(signal.SIGHUP, _signal.SIG_DFL)
         for sig in self.signals.values():
-            signal.signal(sig, self._on_interrupt)
+            _signal.signal(sig, self._on_interrupt)
         # The doorbell stays blocked for life: it is only ever taken by sigwaitinfo in
         # the waiter's sleep, and one that arrives while we are awake just ends the next
         # sleep early.
-        signal.pthread_sigmask(signal.SIG_SETMASK, {DOORBELL_SIGNAL})
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, {DOORBELL_SIGNAL})
 
     # -- signal handlers: record and raise a byte, nothing else ---------------
 

@@ -56,7 +56,7 @@ def _cpu_process(seg, bus, cpu: int, signals: dict[str, int]) -> int:
 
             kcpu.Cpu.init_reset = init_then_mce
         die_with_parent(os.getppid())
-        kcpu.cpu_main(seg, bus, cpu, signals, None)
+        kcpu.cpu_main(kcpu.Cpu(seg, bus, cpu, signals), None)
     finally:
         os._exit(70)
 

@@ -198,3 +198,18 @@ def test_an_nmi_that_arrives_with_the_kick_is_taken_first_in_mwait(machine, hot_
     codes = [code for _ns, code, _arg in evs if code != L.Ev.SIPI]
     kick = codes.index(L.Ev.KICK_SEEN)
     assert L.Ev.INTERRUPT in codes[:kick] and codes[kick:] == [L.Ev.KICK_SEEN, L.Ev.HLT], codes
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_every_cpu_ends_its_own_spin_budget_and_sleeps(machine, tmp_path, hot_path):
+    """Under adaptive, an idle CPU spins for its budget, then sleeps: on the Python hot path its
+    own timer (SIGALRM) ends the spin. The template builds each CPU's Waiter before it forks the
+    CPU's process (smpd.daemon.template), so the handler a Waiter installed when built would be
+    the last one built, in every CPU process: the others' timers would go unheard, and they would
+    spin for ever."""
+    cfg = tmp_path / "budget.toml"
+    cfg.write_text(f"[watch]\nspin_budget_us = 2000\nhot_path = \"{hot_path}\"\n")
+    m = machine(4, "--watch", "adaptive", "--config", str(cfg))
+    with m.segment() as seg:
+        wait_until(lambda: all(seg.cb(c, "sleeping") == 1 for c in range(1, 4)), timeout=30,
+                   what="CPUs 1-3 asleep once their spin budget ran out")

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
 TEMPLATE_COMM = "smpd-template"
 CPU_COMM = "smpd-cpu"  # and the CPU's number: each CPU process's name (comm, 15 bytes at most)
+BUILT_AHEAD = 64  # CPUs whose Cpu objects (~3.5 KB each) the template builds, then forks, at a time
 _PAIR = struct.Struct("<ii")
 STOP_WAIT_S = 5.0  # a template told to exit after its batch has this long before it is killed
 START_S = 30.0  # what its first answer may take besides: its interpreter's start (~0.1 s idle, more loaded)
@@ -201,19 +202,19 @@ class Template:
 
 def cpu_code():
     """What the template process imports to fork CPU processes: their code, and what it runs on."""
-    from smpd.kernel.cpu import cpu_main
+    from smpd.kernel.cpu import Cpu, cpu_main
     from smpd.kernel.generations import Generations
     from smpd.machine.bus import Bus
     from smpd.machine.segment import Segment
 
-    return cpu_main, Generations, Bus, Segment
+    return Cpu, cpu_main, Generations, Bus, Segment
 
 
 def template_main(spec: dict) -> None:
     """The template: fork each CPU asked for, answer its pid, until the coordinator hangs up."""
     die_with_parent(spec["coordinator"])
     set_process_name(TEMPLATE_COMM)
-    cpu_main, Generations, Bus, Segment = cpu_code()  # while the coordinator makes the segment
+    Cpu, cpu_main, Generations, Bus, Segment = cpu_code()  # while the coordinator makes the segment
     sock = socket.socket(fileno=spec["socket_fd"])
     attached, fds, _flags, _addr = socket.recv_fds(sock, 4096, 1)
     if not fds:  # the coordinator hung up first
@@ -235,14 +236,18 @@ def template_main(spec: dict) -> None:
             gens.map(1)
         except LookupError:  # not in the table any more (a long chain): each CPU builds its own
             pass
-        gc.freeze()  # what the CPUs inherit stays out of their collector (and so uncopied)
-        child = fork_cpus(sock.fileno(), request, spec["coordinator"], CPU_COMM)
-        if child is not None:  # a CPU process
-            cpu, core = child
-            try:
-                cpu_main(seg, bus, cpu, spec["signals"], None if core < 0 else core, gens)
-            finally:
-                os._exit(70)
+        for at in range(0, len(request), BUILT_AHEAD * _PAIR.size):
+            part = request[at:at + BUILT_AHEAD * _PAIR.size]
+            built = {cpu: Cpu(seg, bus, cpu, spec["signals"], gens) for cpu, _core in _PAIR.iter_unpack(part)}
+            gc.freeze()  # what the CPUs inherit stays out of their collector (and so uncopied)
+            child = fork_cpus(sock.fileno(), part, spec["coordinator"], CPU_COMM)
+            if child is not None:  # a CPU process
+                cpu, core = child
+                try:
+                    cpu_main(built[cpu], None if core < 0 else core)
+                finally:
+                    os._exit(70)
+            del built  # their pages are the template's again (a copy-on-write fault each), for the next
     os._exit(0)
 
 

@@ -316,20 +316,18 @@ class Cpu(Executes, CpuCore):
                 return nxt
 
 
-def cpu_main(seg, bus: Bus, cpu: int, signals: dict[str, int], core: int | None,
-             gens: Generations | None = None) -> None:
-    """Entry point of a CPU process, forked by smpd.daemon.template, which named it and made it die
-    with the coordinator (its parent) already."""
+def cpu_main(me: Cpu, core: int | None) -> None:
+    """Entry point of a CPU process, forked by smpd.daemon.template, which named it, made it die
+    with the coordinator (its parent), and built ``me`` before the fork."""
     # A CPU needs no file descriptor: its memory is the inherited mapping. Close all
     # that fork handed down (the template's socket; the mmap object's own fd goes too:
     # a CPU never resizes or closes its mapping).
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     if core is not None:
         os.sched_setaffinity(0, {core})
-    me = Cpu(seg, bus, cpu, signals, gens)
     me.install_signal_handlers()
-    seg.set_cb(cpu, "core", -1 if core is None else core)
-    seg.set_cb(cpu, "pid", os.getpid())
+    me.seg.set_cb(me.cpu, "core", -1 if core is None else core)
+    me.seg.set_cb(me.cpu, "pid", os.getpid())
     try:
         me.run()
     except Exception:  # an emulator fault: report it, die, and let the coordinator mark GONE

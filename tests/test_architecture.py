@@ -80,9 +80,10 @@ def test_the_template_cpu_processes_are_forked_from_imports_no_threads():
     in by psutil, via subprocess) cost each one ~120 of its ~600 page faults at bring-up
     (smpd.daemon.template); random's reseeds it from urandom. What the CPU needs of psutil, the
     coordinator reads for it. Every memory area the template maps is copied at each fork and torn
-    down at each CPU's exit: hashlib's OpenSSL is imported where a page image or digest is made."""
+    down at each CPU's exit: hashlib's OpenSSL is imported where a page image or digest is made, and
+    posix_ipc (three libraries) where a segment is made, attached or unlinked by name."""
     r = subprocess.run([sys.executable, "-P", "-c", "import sys, smpd.daemon.template as t; t.cpu_code(); "
-                        "print(' '.join(m for m in ('threading', 'psutil', 'subprocess', 'random', 'hashlib') if m in sys.modules))"],
+                        "print(' '.join(m for m in ('threading', 'psutil', 'subprocess', 'random', 'hashlib', 'posix_ipc') if m in sys.modules))"],
                        capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == [], f"the template imports {r.stdout.strip()}: import it where it is used instead"

@@ -15,12 +15,18 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-
-import posix_ipc
+from typing import TYPE_CHECKING
 
 from smpd.machine import layout as L
 from smpd.host import names
 from smpd.errors import BadInput, HostTooSmall, LayoutMismatch
+
+if TYPE_CHECKING:
+    import posix_ipc
+
+# posix_ipc is imported where a segment is made, attached or unlinked by name: the template the CPU
+# processes are forked from maps its segment by the descriptor it is handed (``inherit``), and each
+# library it loads (posix_ipc, librt, libpthread) is five more memory areas every fork copies (smpd.daemon.template).
 
 
 class SegmentBeingCreated(BadInput):
@@ -60,6 +66,8 @@ class Segment:
         Raises SegmentExists when the name is taken (NotOurs when someone else took it),
         HostTooSmall when the host refuses its size.
         """
+        import posix_ipc
+
         seg = cls(name)
         try:
             shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=geo.size)
@@ -100,6 +108,8 @@ class Segment:
         # Imported here, not above: a CPU process maps its segment by inheritance and never attaches
         # by name, and trust's psutil imports threading, whose at-fork hook then runs in every CPU
         # process the template forks (~120 of its ~600 page faults: smpd.daemon.template).
+        import posix_ipc
+
         from smpd.host import trust
 
         seg = cls(name)
@@ -304,6 +314,8 @@ _HDR_WORDS, _CB_WORDS = _words(L.HEADER), _words(L.CB)
 
 def unlink(name: str) -> bool:
     """Unlink a segment by name; True if it existed."""
+    import posix_ipc
+
     try:
         posix_ipc.unlink_shared_memory(name)
         return True

@@ -51,7 +51,7 @@ def unused_uid() -> int:
     raise RuntimeError(f"no unused uid in {first}..{first + 99}")
 
 
-def _become(uid: int) -> None:
+def become(uid: int) -> None:
     os.setgroups([])
     os.setgid(uid)
     os.setuid(uid)
@@ -65,7 +65,7 @@ def run_as(uid: int, fn: Callable[..., Any], *args: Any) -> Any:
     if pid == 0:  # the child: never returns into pytest
         os.close(r)
         try:
-            _become(uid)
+            become(uid)
             out = {"ok": fn(*args)}
         except BaseException:  # noqa: BLE001 - reported to the parent
             out = {"error": traceback.format_exc()}
@@ -93,7 +93,7 @@ def holding(uid: int, fn: Callable[..., Any], *args: Any):
     if pid == 0:
         os.close(r)
         try:
-            _become(uid)
+            become(uid)
             fn(*args, ready=lambda value=None: os.write(w, (json.dumps({"ok": value}) + "\n").encode()))
             signal.pause()
         except BaseException:  # noqa: BLE001

@@ -3,8 +3,12 @@
 (The autouse leak check runs after each of these too.)
 """
 
+import contextlib
+import errno
 import os
 import resource
+import socket
+import struct
 import subprocess
 import sys
 
@@ -13,7 +17,8 @@ import pytest
 
 import adversary
 from adversary import needs_root
-from conftest import HOT_PATHS, run_smpd, segment_path, smpd_env, start_smpd
+from conftest import run_smpd, segment_path, smpd_env, start_smpd
+from smpd.daemon import template
 from smpd.tools import lifecycle
 
 
@@ -72,11 +77,12 @@ def test_up_refuses_a_machine_the_process_limit_cannot_hold(machine_name):
 
 
 @needs_root
-@pytest.mark.parametrize("hot_path", HOT_PATHS)
-def test_a_fork_the_host_refuses_is_one_line_and_leaves_nothing(machine_name, hot_path):
+def test_a_fork_the_host_refuses_is_one_line_and_leaves_nothing(machine_name):
     """Past the pre-check (patched away in the child: the failure behind it is what is tested),
-    the kernel refuses the 9th process: one line, exit 2, no segment, no process. The template's
-    fork loop of each hot path (smpd.daemon.template) answers the refusal."""
+    the kernel refuses a process: one line, exit 2, no segment, no process. Which process depends
+    on the host: where the second user cannot read the interpreter (a pyenv under /root), the
+    template's exec; else the 9th, forked by the template's loop. Both loops' refusal is tested
+    alone below."""
     uid = adversary.unused_uid()
 
     def no_precheck():
@@ -84,7 +90,7 @@ def test_a_fork_the_host_refuses_is_one_line_and_leaves_nothing(machine_name, ho
         hostinfo.check_capacity = lambda *a, **k: None
 
     r = adversary.run_as(uid, adversary.smpd_cli, ["up", "--cpus", "16", "--watch", "adaptive", "--foreground",
-                                                   "--hot-path", hot_path, "--name", machine_name], {resource.RLIMIT_NPROC: 8}, no_precheck)
+                                                   "--name", machine_name], {resource.RLIMIT_NPROC: 8}, no_precheck)
     assert r["code"] == 2, r
     line = _error_line_of(r["stderr"])
     assert "the host refused a process for" in line and "nothing was left behind" in line
@@ -258,3 +264,44 @@ def test_up_works_from_a_directory_holding_a_folder_named_smpd(machine_name, tmp
         assert lifecycle.require(machine_name).ncpus == 2
     finally:
         lifecycle.down(machine_name)
+
+
+FORK_LOOPS = ["python"] + (["c"] if template._forkloop is not None else [])
+
+
+@needs_root
+@pytest.mark.parametrize("loop", FORK_LOOPS)
+def test_a_fork_loop_answers_the_first_fork_the_host_refuses_and_forks_no_more(loop):
+    """Each of the template's fork loops (smpd.daemon.template: C, and its Python peer), run as a
+    second user whose RLIMIT_NPROC leaves room for 3 more processes: CPUs 1-3 are answered with
+    their pids, CPU 4 with -EAGAIN, and no CPU after it is forked (the coordinator gives the batch
+    up; children forked on would be its children, never told of). Each CPU process forked is a
+    child of ours here (CLONE_PARENT), comes back from the loop with its own CPU's number, and is
+    reaped here."""
+    uid = adversary.unused_uid()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    plan = b"".join(struct.pack("<ii", cpu, -1) for cpu in range(1, 9))
+    fork_cpus = template._forkloop.fork_cpus if loop == "c" else template._fork_cpus
+    pid = os.fork()
+    if pid == 0:  # the second user's template: never returns into pytest
+        code = 70
+        try:
+            ours.close()
+            adversary.become(uid)
+            resource.setrlimit(resource.RLIMIT_NPROC, (4, resource.getrlimit(resource.RLIMIT_NPROC)[1]))
+            child = fork_cpus(theirs.fileno(), plan, os.getppid(), "smpdtestcpu")
+            code = 0 if child is None else 100 + child[0]  # a CPU process: its CPU's number
+        finally:
+            os._exit(code)
+    theirs.close()
+    _pid, status = os.waitpid(pid, 0)
+    ours.setblocking(False)
+    answers = []
+    with contextlib.suppress(BlockingIOError):
+        while msg := ours.recv(8):
+            answers.append(struct.unpack("<ii", msg))
+    ours.close()
+    exits = {cpu: os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for cpu, p in answers if p > 0}
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [cpu for cpu, _p in answers] == [1, 2, 3, 4] and answers[3][1] == -errno.EAGAIN, answers
+    assert exits == {1: 101, 2: 102, 3: 103}

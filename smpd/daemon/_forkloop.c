@@ -13,7 +13,9 @@
  *       smpd.host.proc.fork_sibling), the child dying with it (PR_SET_PDEATHSIG, and at once if
  *       its parent is another already: smpd.host.proc.die_with_parent) and named ``comm`` and
  *       its CPU's number (PR_SET_NAME: smpd.host.proc.set_process_name); the answer
- *       (cpu, pid) on ``sock``, or (cpu, -errno) when the host refused the fork; then one byte
+ *       (cpu, pid) on ``sock``, or (cpu, -errno) when the host refused the fork or its pipe, which
+ *       ends the loop (the coordinator gives up the batch: forking on would only leave it
+ *       children it was never told of); then one byte
  *       down the pipe, which the child waits for: a child whose answer never left (the send
  *       failed) reads EOF and exits at once, so every CPU process that runs is one the coordinator
  *       was told of. Returns (cpu, core) in the child, None in the template; raises OSError when
@@ -108,7 +110,7 @@ static PyObject *fork_cpus(PyObject *mod, PyObject *args)
 		if (pipe2(told, O_CLOEXEC) < 0) {
 			if (answer(sock, cpu, -errno) < 0)
 				goto gone;
-			continue;
+			break;  /* refused: the coordinator gives up the batch (smpd.daemon.template) */
 		}
 		PyOS_BeforeFork();
 		pid = syscall(SYS_clone, (unsigned long)(CLONE_PARENT_FLAG | SIGCHLD), 0UL, 0UL, 0UL, 0UL);
@@ -133,7 +135,7 @@ static PyObject *fork_cpus(PyObject *mod, PyObject *args)
 				close(told[1]);
 				if (answer(sock, cpu, -err) < 0)
 					goto gone;
-				continue;
+				break;
 			}
 		}
 		if (answer(sock, cpu, (int32_t)pid) < 0) {
@@ -141,7 +143,7 @@ static PyObject *fork_cpus(PyObject *mod, PyObject *args)
 			goto gone;
 		}
 		if (write(told[1], "!", 1) != 1) {
-			/* cannot happen on a fresh pipe with its reader alive; the child then exits */
+			/* EPIPE: the child died already (killed, or its parent was not ours); it is answered */
 		}
 		close(told[1]);
 	}

@@ -254,18 +254,22 @@ def template_main(spec: dict) -> None:
 def _fork_cpus(sock: int, request: bytes, parent: int, comm: str) -> tuple[int, int] | None:
     """The Python peer of smpd.daemon._forkloop.fork_cpus (its docstring says what both do), run on
     a machine of the Python hot path: (cpu, core) in each CPU process, None here once all are
-    forked. Each CPU process waits on a pipe until its answer is sent: one whose answer never left
+    forked, or at the first the host refuses (answered (cpu, -errno)). Each CPU process waits on a pipe until its answer is sent: one whose answer never left
     (the template killed between the two) exits at once, so every CPU process that runs is one the
     coordinator was told of."""
     for cpu, core in _PAIR.iter_unpack(request):
-        told_r, told_w = os.pipe()
+        try:
+            told_r, told_w = os.pipe()
+        except OSError as err:
+            os.write(sock, _PAIR.pack(cpu, -err.errno))
+            return None
         try:
             pid = fork_sibling()
         except OSError as err:
             os.close(told_r)
             os.close(told_w)
             os.write(sock, _PAIR.pack(cpu, -err.errno))
-            continue
+            return None
         if pid == 0:
             try:
                 die_with_parent(parent)
@@ -280,7 +284,10 @@ def _fork_cpus(sock: int, request: bytes, parent: int, comm: str) -> tuple[int, 
             return cpu, core
         os.close(told_r)
         os.write(sock, _PAIR.pack(cpu, pid))
-        os.write(told_w, b"!")
+        try:
+            os.write(told_w, b"!")
+        except BrokenPipeError:  # the child died already (killed, or its parent was not ours): answered
+            pass
         os.close(told_w)
     return None
 

@@ -8,6 +8,7 @@ so that `ps` names each one and none outlives the process that started it.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import signal
 
@@ -147,6 +148,11 @@ def asleep_in_sigwait(pid: int) -> bool:
 
 
 def fork_refused(err: OSError, what: str) -> HostTooSmall:
-    """The error for a process the host would not give us (fork's EAGAIN, ENOMEM)."""
-    return HostTooSmall(f"the host refused a process for {what} ({err.strerror or err}): too many "
-                        f"processes for this user or host (see `ulimit -u` and pid_max); nothing was left behind")
+    """The error for a process the host would not give us (fork's EAGAIN, ENOMEM; the pipe a CPU
+    process waits on, EMFILE; the template's exec, EACCES...), with what to look at for its errno."""
+    why = {errno.EAGAIN: "too many processes for this user or host (see `ulimit -u` and pid_max)",
+           errno.ENOMEM: "the host is out of memory, or of processes (see `ulimit -u` and pid_max)",
+           errno.EMFILE: "too many open files for this process (see `ulimit -n`)",
+           errno.ENFILE: "too many open files on the host (see fs.file-max)"}.get(err.errno)
+    return HostTooSmall(f"the host refused a process for {what} ({err.strerror or err})"
+                        f"{': ' + why if why else ''}; nothing was left behind")

@@ -63,11 +63,7 @@ class CpuCore:
         self.spin = seg.hdr("watch") == L.Watch.SPIN
         self.budget_ns = seg.hdr("spin_budget_ns")
         self.spurious_per_s = seg.hdr("spurious_per_s")
-        self.rng = None
-        if self.spurious_per_s > 0:  # only then: a CPU process that imports random runs its at-fork reseed
-            import random
-
-            self.rng = random.Random(seg.hdr("seed") * 4099 + cpu)
+        self.rng = None  # made at the first spurious wake-up drawn (_spurious_in)
         self.signals = signals
         self.sig_kind = {sig: kind for kind, sig in signals.items()}
         self.irq_sigs = set(signals.values())
@@ -95,6 +91,9 @@ class CpuCore:
         _signal.signal(signal.SIGHUP, _signal.SIG_DFL)
         for sig in self.signals.values():
             _signal.signal(sig, self._on_interrupt)
+        install = getattr(self.waiter, "install_signal_handlers", None)  # the Python Waiter's timer; C needs none
+        if install is not None:
+            install()
         # The doorbell stays blocked for life: it is only ever taken by sigwaitinfo in
         # the waiter's sleep, and one that arrives while we are awake just ends the next
         # sleep early.
@@ -109,7 +108,15 @@ class CpuCore:
     # -- waiting ----------------------------------------------------------------
 
     def _spurious_in(self) -> float | None:
-        return self.rng.expovariate(self.spurious_per_s) if self.spurious_per_s > 0 else None
+        if self.spurious_per_s <= 0:
+            return None
+        if self.rng is None:
+            # Here, in the CPU's own process: the template that builds this object before the fork
+            # imports no random, whose at-fork hook would reseed every CPU process it forks.
+            import random
+
+            self.rng = random.Random(self.seg.hdr("seed") * 4099 + self.cpu)
+        return self.rng.expovariate(self.spurious_per_s)
 
     def wait(self, may_spin: bool = True, ack=None) -> int:
         """Wait until a waker raises a byte; return the wake mask and clear what it names.

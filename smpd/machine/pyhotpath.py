@@ -49,7 +49,14 @@ class Waiter:
         self.sleep_set = self.irq | {doorbell}
         self.yields = spin_yields
         self.timer_armed = False
-        self.alarm_ours = False  # SIGALRM's handler is this Waiter's (set at its first timer)
+        self.alarm_ours = False  # SIGALRM's handler is this Waiter's
+
+    def install_signal_handlers(self) -> None:
+        """SIGALRM's handler: this Waiter's timer. Set by the CPU process that runs it (a CPU's
+        Waiter is built in the template, before the fork: smpd.daemon.template), or at its first
+        timer when no one did."""
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        self.alarm_ours = True
 
     def _on_alarm(self, _signum, _frame) -> None:
         if self.timer_armed:  # a late SIGALRM of a cancelled timer is dropped
@@ -77,9 +84,8 @@ class Waiter:
             if deadline_ns and (not end or deadline_ns < end):
                 end = deadline_ns
             if end:
-                if not self.alarm_ours:  # here, not when built: the template builds a CPU's Waiter
-                    signal.signal(signal.SIGALRM, self._on_alarm)  # before it forks the CPU's process
-                    self.alarm_ours = True
+                if not self.alarm_ours:
+                    self.install_signal_handlers()
                 self.timer_armed = True
                 signal.setitimer(signal.ITIMER_REAL, max(end - now, 1000) / 1e9)
             if self.yields:  # spinners outnumber host cores: share them

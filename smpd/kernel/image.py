@@ -5,11 +5,11 @@ region), so anyone can tell in O(1) whose page it is: a generation's own (which
 region, which page of it), or firmware's (generation 0: never written by a kernel
 since power-on). The rest of a kernel's page is SHAKE-256 of (seed, generation, region,
 index): deterministic, cheap to regenerate for verification, different for every
-generation. Firmware's is a 48-byte BLAKE2b of (seed, page), repeated: nothing reads
-it (only a kernel's pages are verified, and a CPU runs foreign bytes only in a page its
-kernel had, which some kernel wrote since power-on), and RAM is mostly firmware's: a
-1024-CPU bring-up writes ~9400 of its pages, at ~2 us each against ~19 us for a SHAKE-256
-of 4 KiB. Per-CPU areas and idle task_structs are zero after the tag, like the
+generation. Firmware's is a 48-byte BLAKE2b of (seed, page), repeated: no outcome depends
+on it (only a kernel's pages are verified, and a CPU runs foreign bytes only in a page its
+kernel had, which some kernel wrote since power-on; `smpd poke` shows its words as it would
+any), and RAM is mostly firmware's: a 1024-CPU bring-up writes ~9400 of its pages, at ~2 us
+each against ~19 us for a SHAKE-256 of 4 KiB. Per-CPU areas and idle task_structs are zero after the tag, like the
 kernel's zero-initialised data (``mwait_cpu_dead`` starts as {0, 0}, an idle task's
 ``thread_info->flags`` as 0).
 """

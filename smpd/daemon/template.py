@@ -21,6 +21,12 @@ objects lay in pages each fork had just shared with the child, so the template c
 them again after every fork; in C it copies ~7, and returns to Python only once all are forked.
 Measured at 1024 CPUs, three bring-ups each: the template's CPU 1.29-1.63 s -> 0.78-1.0 s.
 
+It builds each CPU's Cpu object before it forks the CPU's process (BUILT_AHEAD at a time, then
+drops them): the allocations and first calls of its construction, ~100 copy-on-write faults in
+a process just forked, are made once here, before any fork shares their pages. What a CPU must
+own is still set in its own process: its signal handlers and mask (cpu_main), its generator of
+spurious wake-ups (smpd.machine.core). Its name and death signal are set by the fork loop.
+
 It forks with CLONE_PARENT (smpd.host.proc.fork_sibling): each CPU process is the coordinator's
 own child, as before. The coordinator reaps it, holds its pid until it does (so a signal by pid
 reaches nobody else), and the CPU's PR_SET_PDEATHSIG follows the coordinator. The template
@@ -33,7 +39,7 @@ the template exists to leave out.
 
 The protocol, on a socketpair (SOCK_SEQPACKET, one message each): the coordinator sends one
 request, an array of (cpu, core or -1) int32 pairs; the template answers each with
-(cpu, pid), or (cpu, -errno) when the host refused the fork.
+(cpu, pid), or (cpu, -errno) when the host refused the fork (and forks no more).
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def _brief_all(seg: Segment, map_of: _MapOf, cpus, quiet_irqs: bool = True) -> l
 def _full_all(seg: Segment, map_of: _MapOf, briefs: list[dict]) -> list[dict]:
     """The brief views, each with its process, wake-ups, struct mwait_cpu_dead and monitor."""
     w = _columns(seg, ["pid", "mon_armed", "mon_line", "mwait_entries", "init_count", "sipi_count",
-                       *_WAKEUPS.values()])
+                       "sleeping", "sleep_core", *_WAKEUPS.values()])
     own: dict[tuple[int, int], bool] = {}  # (generation, page) -> still holds that kernel's per-CPU area
     out = []
     for brief in briefs:
@@ -80,7 +80,10 @@ def _full_all(seg: Segment, map_of: _MapOf, briefs: list[dict]) -> list[dict]:
         pid = w["pid"][cpu]
         core = seg.cb(cpu, "core")
         if core < 0 and pid:
-            core = last_core(pid)
+            # A sleeping CPU said where it went to sleep (smpd.machine.hotpath), and a process
+            # asleep runs nowhere else; /proc (~37 us a CPU) for one awake, or that could not say.
+            asleep = w["sleeping"][cpu] and w["sleep_core"][cpu] < 2**31  # not sched_getcpu()'s -1
+            core = w["sleep_core"][cpu] if asleep else last_core(pid)
         m = map_of(cpu)
         md = None
         if not m.boot.monitors_thread_info:  # a pre-fix kernel has no struct mwait_cpu_dead: None

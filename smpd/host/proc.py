@@ -118,6 +118,11 @@ def stat_fields(pid: int) -> list[bytes] | None:
     return stat[end + 2:].split() if end >= 0 else None
 
 
+def current_core() -> int:
+    """The host core this process runs on now (sched_getcpu), or -1."""
+    return _libc.sched_getcpu()
+
+
 def last_core(pid: int) -> int:
     """The host core process ``pid`` last ran on (field 39 of /proc/PID/stat, what psutil's
     cpu_num() reads), or -1 once it is gone. One read of one file: psutil.Process(pid).cpu_num()

@@ -211,6 +211,7 @@ typedef struct {
 	PyObject *buf;
 	char *base;  /* valid during a call only */
 	Py_ssize_t wake, write, sleeping, watch;  /* `wake` (interrupt, IPI, timer bytes), `mon_write`, ..., `mon_watch` */
+	Py_ssize_t sleep_core;  /* `sleep_core`: the host core it sleeps on, stored before `sleeping` (-1: none) */
 	int yield;  /* spinning CPUs outnumber host cores: give the core away between polls */
 	int busy;  /* a wait() is running: it releases the GIL, so a second thread could enter */
 	Py_ssize_t need;  /* the buffer must be this long: the last byte of its words */
@@ -244,7 +245,7 @@ static int sigset_from(PyObject *seq, sigset_t *set)
 static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 {
 	static char *names[] = {"buf", "wake", "write", "sleeping", "watch", "irq_signals", "doorbell", "spin_yields",
-				NULL};
+				"sleep_core", NULL};
 	PyObject *buf, *irq;
 	int doorbell;
 	Py_buffer view;
@@ -255,8 +256,9 @@ static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 		return -1;
 	}
 	self->yield = 0;
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "OnnnnOi|p", names, &buf, &self->wake, &self->write,
-					 &self->sleeping, &self->watch, &irq, &doorbell, &self->yield))
+	self->sleep_core = -1;
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "OnnnnOi|pn", names, &buf, &self->wake, &self->write,
+					 &self->sleeping, &self->watch, &irq, &doorbell, &self->yield, &self->sleep_core))
 		return -1;
 	if (sigset_from(irq, &self->irq) < 0)
 		return -1;
@@ -265,7 +267,8 @@ static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 	if (!acquire(buf, &view, 0))
 		return -1;
 	bad = in_range(&view, self->wake, 4, "wake") < 0 || in_range(&view, self->write, 4, "write") < 0 ||
-	      in_range(&view, self->sleeping, 4, "sleeping") < 0 || in_range(&view, self->watch, 4, "watch") < 0;
+	      in_range(&view, self->sleeping, 4, "sleeping") < 0 || in_range(&view, self->watch, 4, "watch") < 0 ||
+	      (self->sleep_core != -1 && in_range(&view, self->sleep_core, 4, "sleep_core") < 0);
 	PyBuffer_Release(&view);
 	if (bad)
 		return -1;
@@ -274,6 +277,8 @@ static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 		self->need = 4 + self->sleeping;
 	if (4 + self->watch > self->need)
 		self->need = 4 + self->watch;
+	if (4 + self->sleep_core > self->need)
+		self->need = 4 + self->sleep_core;
 	Py_INCREF(buf);
 	self->buf = buf;
 	return 0;
@@ -452,6 +457,8 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 		pthread_sigmask(SIG_SETMASK, &old, NULL);
 		return NULL;
 	}
+	if (w->sleep_core >= 0)  /* where `smpd status` finds a sleeping CPU's host core, not in /proc */
+		STORE32(w->base + w->sleep_core, (uint32_t)sched_getcpu());
 	STORE32(w->base + w->sleeping, 1);
 	FENCE();  /* pairs with the bus's fence: we see its byte or it sees `sleeping` */
 	Py_BEGIN_ALLOW_THREADS  /* no Python below until the wake-up: other threads may run */

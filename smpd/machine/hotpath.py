@@ -55,7 +55,7 @@ def waiter(seg, cpu: int, irq_signals, doorbell: int):
     return _hotpath.Waiter(seg.buf, wake=word("wake"), write=word("mon_write"), sleeping=word("sleeping"),
                            watch=word("mon_watch"),
                            irq_signals=sorted(irq_signals), doorbell=doorbell,
-                           spin_yields=bool(seg.hdr("spin_yields")))
+                           spin_yields=bool(seg.hdr("spin_yields")), sleep_core=word("sleep_core"))
 
 
 def ack(seg, cpu: int, md: int, checks) -> object | None:

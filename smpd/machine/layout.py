@@ -263,6 +263,7 @@ _CB_FIELDS = [
     ("mce_taken", 152, "I"), ("mce_pending", 156, "I"), ("mce_held", 160, "I"),
     ("init_count", 164, "I"),
     ("sipi_count", 168, "I"),
+    ("sleep_core", 172, "I"),  # the host core it went to sleep on (sched_getcpu), valid while `sleeping`
     ("start_ticks", 176, "Q"),  # its process's start, clock ticks since boot: with the pid, its identity
     # Line 3: the IPI mailbox. The coordinator writes cmd and arg, then bumps
     # seq; the CPU handles it, writes result, then sets ack = seq.

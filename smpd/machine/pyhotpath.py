@@ -30,6 +30,7 @@ import signal
 import struct
 import time
 
+from smpd.host.proc import current_core
 from smpd.machine import layout as L
 from smpd.machine.sync import fence
 
@@ -45,6 +46,7 @@ class Waiter:
         self.w = seg.cb_index32(cpu, "mon_write")
         self.timer_byte = self.i * 4 + L.WAKE_TIMER
         self.sleeping = seg.cb_index32(cpu, "sleeping")
+        self.sleep_core = seg.cb_index32(cpu, "sleep_core")
         self.irq = frozenset(irq_signals)
         self.sleep_set = self.irq | {doorbell}
         self.yields = spin_yields
@@ -116,6 +118,7 @@ class Waiter:
         try:
             # fence() is a Python call: its entry runs the handler of any interrupt that
             # arrived before the block, so its byte is raised before we look.
+            u32[self.sleep_core] = current_core() & 0xFFFFFFFF  # where `smpd status` finds our host core
             u32[self.sleeping] = 1
             fence()  # pairs with the fence in Bus.wake: we see its byte or it sees `sleeping`
             while u32[i] == 0 == u32[w]:

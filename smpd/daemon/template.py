@@ -260,9 +260,9 @@ def template_main(spec: dict) -> None:
 def _fork_cpus(sock: int, request: bytes, parent: int, comm: str) -> tuple[int, int] | None:
     """The Python peer of smpd.daemon._forkloop.fork_cpus (its docstring says what both do), run on
     a machine of the Python hot path: (cpu, core) in each CPU process, None here once all are
-    forked, or at the first the host refuses (answered (cpu, -errno)). Each CPU process waits on a pipe until its answer is sent: one whose answer never left
-    (the template killed between the two) exits at once, so every CPU process that runs is one the
-    coordinator was told of."""
+    forked, or at the first the host refuses (answered (cpu, -errno)). Each CPU process waits on
+    a pipe until its answer is sent: one whose answer never left (the template killed between
+    the two) exits at once, so every CPU process that runs is one the coordinator was told of."""
     for cpu, core in _PAIR.iter_unpack(request):
         try:
             told_r, told_w = os.pipe()

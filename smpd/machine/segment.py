@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 # posix_ipc is imported where a segment is made, attached or unlinked by name: the template the CPU
 # processes are forked from maps its segment by the descriptor it is handed (``inherit``), and each
-# library it loads (posix_ipc, librt, libpthread) is five more memory areas every fork copies (smpd.daemon.template).
+# library it loads (posix_ipc, librt, libpthread) is five more memory areas every fork copies
+# (smpd.daemon.template).
 
 
 class SegmentBeingCreated(BadInput):

@@ -403,11 +403,14 @@ def test_cpu_processes_are_the_coordinators_own_children_and_the_template_is_gon
 
 
 def _template_forking(machine_name: str, up: subprocess.Popen) -> psutil.Process:
-    """The template of the bring-up ``up`` runs, once it has forked a few CPUs."""
+    """The template of the bring-up ``up`` runs, once it has forked a few CPUs. A CPU process it just
+    forked bears its name too until the fork loop renames it: the template is the oldest of them
+    (its interpreter started before it forked any)."""
     def template():
         try:
             coordinator = _coordinator_of_this_run(machine_name)
-            return next((q for q in coordinator.children() if q.name() == "smpd-template"), None)
+            named = [q for q in coordinator.children() if q.name() == "smpd-template"]
+            return min(named, key=lambda q: (q.create_time(), q.pid)) if named else None
         except (psutil.Error, AttributeError):  # not started yet, or gone
             return None
 

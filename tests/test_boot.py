@@ -6,21 +6,20 @@ the SIPI finds it no longer in wait-for-SIPI: it ignores it, and never reports i
 made certain here: that CPU's process sends itself the MCE right after it takes INIT.
 """
 
+import contextlib
 import os
 import signal
 
 import pytest
 
-from conftest import run_name
+from conftest import scratch_segment
 from smpd import config
 from smpd.errors import SmpdError
-from smpd.host import names, trust
 from smpd.host.proc import die_with_parent
 from smpd.kernel import boot as kboot, cpu as kcpu, image
 from smpd.machine import layout as L
 from smpd.machine.bus import Bus
 from smpd.machine.mailbox import Mailbox
-from smpd.machine.segment import Segment
 
 NCPUS = 4
 VICTIM = 2  # the CPU the MCE reaches between INIT and SIPI
@@ -61,33 +60,38 @@ def _cpu_process(seg, bus, cpu: int, signals: dict[str, int]) -> int:
         os._exit(70)
 
 
-@pytest.fixture
-def powered_on(tmp_path):
-    """A segment with generation 1 in RAM and a process per AP, in wait-for-SIPI."""
+@contextlib.contextmanager
+def _machine_segment(tmp_path, label: str):
+    """(config, segment) of an NCPUS machine of this test's own: the segment sized and its header
+    written as `smpd up` writes them (seed 7, the Python hot path), with no coordinator or CPU."""
     conf = tmp_path / "boot.toml"
     conf.write_text(f"[machine]\ncpus = {NCPUS}\n")
     cfg = config.load(conf)
-    sizes, signals = cfg.sizes(), cfg.signals()
-    seg = Segment.create(names.segment(run_name("boot")), L.Geometry(NCPUS, sizes.ram), os.getpid(),
-                         trust.start_ticks(os.getpid()))
-    pids: dict[int, int] = {}
-    try:
+    sizes = cfg.sizes()
+    with scratch_segment(label, L.Geometry(NCPUS, sizes.ram)) as seg:
         for field, value in (("ram_pages", sizes.ram), ("crash_pages", sizes.crash), ("seed", 7),
                              ("watch", L.Watch.ADAPTIVE), ("hot_path", L.HotPath.PYTHON),
                              ("text_pages", sizes.text), ("data_pages", sizes.data),
                              ("pgtable_pages", sizes.pgtables), ("stack_pages_per_cpu", sizes.stack_per_cpu)):
             seg.set_hdr(field, value)
-        bus = Bus(seg)
-        gen1 = kboot.power_on(seg, bus, cfg.boot())
-        for cpu in range(1, NCPUS):
-            pids[cpu] = _cpu_process(seg, bus, cpu, signals)
-        yield _Port(seg, bus, pids), gen1
-    finally:
-        for pid in pids.values():
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        seg.close()
-        seg.unlink()
+        yield cfg, seg
+
+
+@pytest.fixture
+def powered_on(tmp_path):
+    """A segment with generation 1 in RAM and a process per AP, in wait-for-SIPI."""
+    with _machine_segment(tmp_path, "boot") as (cfg, seg):
+        pids: dict[int, int] = {}
+        try:
+            bus = Bus(seg)
+            gen1 = kboot.power_on(seg, bus, cfg.boot())
+            for cpu in range(1, NCPUS):
+                pids[cpu] = _cpu_process(seg, bus, cpu, cfg.signals())
+            yield _Port(seg, bus, pids), gen1
+        finally:
+            for pid in pids.values():
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
 
 
 def test_a_cpu_an_mce_reaches_between_init_and_sipi_ignores_the_sipi_and_is_not_started(powered_on):
@@ -108,14 +112,7 @@ def test_booted_ram_in_one_write_or_in_chunks_is_power_on_then_the_kernels_own_w
     """With no monitor armed and no AP started, RAM is written as it ends up (smpd.kernel.image.booted_ram):
     whole, or RAM_CHUNK pages at a time when too big to keep, it must hold exactly what firmware's
     bytes page by page, then the booting kernel's own writes, leave."""
-    conf = tmp_path / "boot.toml"
-    conf.write_text(f"[machine]\ncpus = {NCPUS}\n")
-    cfg = config.load(conf)
-    sizes = cfg.sizes()
-    seg = Segment.create(names.segment(run_name("ram")), L.Geometry(NCPUS, sizes.ram), os.getpid(),
-                         trust.start_ticks(os.getpid()))
-    try:
-        seg.set_hdr("seed", 7)
+    with _machine_segment(tmp_path, "ram") as (cfg, seg):
         bus = Bus(seg)
         m = kboot.load_first(seg, cfg.boot())
         mem = slice(seg.geo.mem_off, seg.geo.mem_off + seg.geo.npages * L.PAGE)
@@ -132,6 +129,3 @@ def test_booted_ram_in_one_write_or_in_chunks_is_power_on_then_the_kernels_own_w
         assert seg.geo.npages % 7
         assert ram_after(lambda: image.booted_ram(bus, seg.geo, 7, m)) == by_page
         assert by_page.count(image.TAG_MAGIC) >= seg.geo.npages  # every page was written
-    finally:
-        seg.close()
-        seg.unlink()

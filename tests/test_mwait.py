@@ -200,6 +200,11 @@ def test_an_nmi_that_arrives_with_the_kick_is_taken_first_in_mwait(machine, hot_
     assert L.Ev.INTERRUPT in codes[:kick] and codes[kick:] == [L.Ev.KICK_SEEN, L.Ev.HLT], codes
 
 
+def _asleep(seg, cpus) -> bool:
+    """Each of ``cpus`` sleeps in its waiter (its `sleeping` word)."""
+    return all(seg.cb(c, "sleeping") == 1 for c in cpus)
+
+
 @pytest.mark.parametrize("hot_path", HOT_PATHS)
 def test_every_cpu_ends_its_own_spin_budget_and_sleeps(machine, tmp_path, hot_path):
     """Under adaptive, an idle CPU spins for its budget, then sleeps: on the Python hot path its
@@ -211,8 +216,7 @@ def test_every_cpu_ends_its_own_spin_budget_and_sleeps(machine, tmp_path, hot_pa
     cfg.write_text(f"[watch]\nspin_budget_us = 2000\nhot_path = \"{hot_path}\"\n")
     m = machine(4, "--watch", "adaptive", "--config", str(cfg))
     with m.segment() as seg:
-        wait_until(lambda: all(seg.cb(c, "sleeping") == 1 for c in range(1, 4)), timeout=30,
-                   what="CPUs 1-3 asleep once their spin budget ran out")
+        wait_until(lambda: _asleep(seg, range(1, 4)), timeout=30, what="CPUs 1-3 asleep once their spin budget ran out")
 
 
 @pytest.mark.parametrize("hot_path", HOT_PATHS)
@@ -224,13 +228,12 @@ def test_status_has_a_sleeping_cpus_host_core_from_the_cpu_itself(machine, hot_p
     m = machine(4, "--watch", "adaptive", "--hot-path", hot_path)
     cpus = range(1, 4)
     with m.segment() as seg:
-        asleep = lambda: all(seg.cb(c, "sleeping") == 1 for c in cpus)  # noqa: E731
-        wait_until(asleep, what="CPUs 1-3 asleep")
+        wait_until(lambda: _asleep(seg, cpus), what="CPUs 1-3 asleep")
         woke = {c: seg.cb(c, "activity") for c in cpus}
         for c in cpus:
             seg.set_cb(c, "sleep_core", 12345)
             os.kill(seg.cb(c, "pid"), NMI)
-        wait_until(lambda: asleep() and all(seg.cb(c, "activity") != woke[c] for c in cpus),
+        wait_until(lambda: _asleep(seg, cpus) and all(seg.cb(c, "activity") != woke[c] for c in cpus),
                    what="CPUs 1-3 woken by their NMI, and asleep again")
         s = m.status()
         for c in cpus:

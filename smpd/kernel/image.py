@@ -9,9 +9,9 @@ generation. Firmware's is a 48-byte BLAKE2b of (seed, page), repeated: no outcom
 on it (only a kernel's pages are verified, and a CPU runs foreign bytes only in a page its
 kernel had, which some kernel wrote since power-on; `smpd poke` shows its words as it would
 any), and RAM is mostly firmware's: a 1024-CPU bring-up writes ~9400 of its pages, at ~2 us
-each against ~19 us for a SHAKE-256 of 4 KiB. Per-CPU areas and idle task_structs are zero after the tag, like the
-kernel's zero-initialised data (``mwait_cpu_dead`` starts as {0, 0}, an idle task's
-``thread_info->flags`` as 0).
+each against ~19 us for a SHAKE-256 of 4 KiB. Per-CPU areas and idle task_structs are zero
+after the tag, like the kernel's zero-initialised data (``mwait_cpu_dead`` starts as {0, 0},
+an idle task's ``thread_info->flags`` as 0).
 """
 
 from __future__ import annotations

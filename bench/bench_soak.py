@@ -7,15 +7,26 @@ Targets: at least 40 trials per second with 64 CPUs on an idle 2-core host (issu
 2000 trials with zero emulator faults; under cpu:4 load the report states the
 share of kicks that exceed 5 ms. Prints the two summaries smpd itself prints,
 then one line per run.
+
+Where a trial's time goes, per run: the host CPU each side used per trial (the coordinator
+and the CPU processes from /proc/PID/schedstat, the soak client from this process's
+children's rusage) against the cores x wall time the trial had. And the host's cold step:
+one fixed piece of Python (~40 calls, the size of a CPU process's step from one state to
+the next) timed warm, back to back, and after a 5 ms sleep, as a CPU process runs it after
+each wake-up. Their ratio is what every CPU-process step pays for running in a cache that
+other processes (and, on a VM, other guests) used since.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -33,6 +44,60 @@ def smpd(*args: str) -> str:
     return r.stdout
 
 
+def _on_cpu_ns(pid: int) -> int | None:
+    """Host CPU time (ns) process ``pid`` has used, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+class _Step:
+    """A fixed piece of Python of a CPU process's step's size: an object, a dict, a memoryview of a
+    shared page, ~40 calls."""
+
+    def __init__(self):
+        self.d = {"state": 1, "hotplug": 2}
+        self.u32 = memoryview(bytearray(4096)).cast("I")
+
+    def word(self, key: str) -> int:
+        return self.d.get(key, 0) + self.u32[3]
+
+    def step(self) -> int:
+        return sum(self.word(k) for _ in range(8) for k in ("state", "hotplug", "gone"))
+
+
+def cold_step(runs: int = 300, sleep_s: float = 0.005) -> tuple[float, float]:
+    """Median us of ``_Step.step()`` back to back (warm), and right after a ``sleep_s`` sleep."""
+    s = _Step()
+
+    def one() -> float:
+        t0 = time.thread_time_ns()
+        s.step()
+        return (time.thread_time_ns() - t0) / 1e3
+
+    warm = [one() for _ in range(runs)]
+    cold = []
+    for _ in range(runs):
+        time.sleep(sleep_s)
+        cold.append(one())
+    return statistics.median(warm), statistics.median(cold)
+
+
+def _machine_pids() -> tuple[int, list[int]]:
+    """The coordinator's pid and the CPU processes' (CPU 1 on)."""
+    from smpd.tools import lifecycle
+
+    live = lifecycle.require(NAME)
+    return live.pid, [c["pid"] for c in live.request("status")["cpus"][1:]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=2000)
@@ -42,34 +107,58 @@ def main() -> None:
     args = ap.parse_args()
     from smpd.tools import soak
 
+    warm_us, cold_us = cold_step()
     smpd("up", "--cpus", str(args.cpus), "--watch", "adaptive")
     rows = []
     try:
         smpd("offline", f"1-{args.cpus - 1}")
+        coord, cpus = _machine_pids()
         with tempfile.TemporaryDirectory() as d:
             for label, trials, load in (("idle", args.trials, None), ("cpu:4", args.loaded_trials, "cpu:4")):
                 if trials == 0:
                     continue
                 out = os.path.join(d, f"{label.replace(':', '')}.jsonl")
                 extra = ["--host-load", load] if load else []
+                before = {p: _on_cpu_ns(p) for p in (coord, *cpus)}
+                client = _children_cpu_s()
                 print(smpd("soak", "--trials", str(trials), "--seed", "1", "--out", out, *extra))
+                client = _children_cpu_s() - client
+                used = {p: (_on_cpu_ns(p) or 0) - (v or 0) for p, v in before.items() if v is not None}
                 plan, records, _ = soak.read(out)
-                rows.append((label, soak.summarize(plan, records), records))
+                summary = soak.summarize(plan, records)
+                # per trial, ms: the coordinator, the CPU processes (those that lived through the run),
+                # the client (its start and summary included), and the host's cores x a trial's wall time
+                cost = {"coordinator": used.get(coord, 0) / 1e6 / len(records),
+                        "cpus": sum(v for p, v in used.items() if p != coord) / 1e6 / len(records),
+                        "client": client * 1e3 / len(records),
+                        "capacity": (os.cpu_count() or 1) * 1e3 / summary["trials_per_s"]}
+                rows.append((label, summary, records, cost))
     finally:
         smpd("down")
     print(f"{'host':<7}{'trials':>7}{'trials/s':>10}{'CPU_LOST':>10}{'respawns':>10}{'kicks':>8}"
           f"{'>5ms':>9}  kick rtt p50 / p99")
     rec = Record("bench_soak")
-    for label, s, records in rows:
+    for label, s, records, cost in rows:
         rec.add(f"{args.cpus} CPUs, {label}: trials/s (over the trials' wall time)", "trials/s", [s["trials_per_s"]])
         rec.add(f"{args.cpus} CPUs, {label}: one trial (trial_ms of each)", "ms", [r["trial_ms"] for r in records])
         rec.add(f"{args.cpus} CPUs, {label}: the kexec of a trial (kexec_ms of each)", "ms",
                 [r["kexec_ms"] for r in records])
-    for label, s, _records in rows:
+        for who, what in (("coordinator", "the coordinator (schedstat)"), ("cpus", "the CPU processes, all (schedstat)"),
+                          ("client", "the soak client (rusage)"), ("capacity", "the host's cores x a trial's wall time")):
+            rec.add(f"{args.cpus} CPUs, {label}: host CPU per trial, {what}", "ms", [round(cost[who], 2)])
+    rec.add("a fixed Python step (~40 calls), warm: back to back (thread CPU time)", "us", [warm_us])
+    rec.add("the same step right after a 5 ms sleep, as a CPU process runs after a wake-up", "us", [cold_us])
+    for label, s, _records, _cost in rows:
         k = s["kick_rtt_ns"]
         print(f"{label:<7}{s['trials']:>7}{s['trials_per_s']:>10.1f}{s['cpu_lost']:>10}{s['respawns']:>10}"
               f"{s['kicks']:>8}{100 * s['over_budget_share']:>8.2f}%  "
               f"{k.get('p50', 0) / 1e3:.1f} us / {k.get('p99', 0) / 1e3:.1f} us")
+    print("host CPU per trial: where a trial's time goes (each side's CPU against cores x wall)")
+    for label, _s, _records, c in rows:
+        print(f"  {label:<7} coordinator {c['coordinator']:.1f} ms, CPU processes {c['cpus']:.1f} ms, client "
+              f"{c['client']:.1f} ms; of {c['capacity']:.1f} ms of the host's cores")
+    print(f"a CPU-process-sized step of Python: {warm_us:.1f} us warm, {cold_us:.1f} us after a 5 ms sleep "
+          f"({cold_us / warm_us:.1f}x)")
     rec.finish(args.record)
 
 

@@ -68,18 +68,10 @@ class Observer:
         fault = L.Fault(seg.cb(cpu, "fault"))
         gen = seg.cb(cpu, "cpu_gen")
         m = self.gens.of_cpu(cpu)
-        page = seg.cb(cpu, "fault_page")
-        # The page is judged in the map of the kernel the CPU ran when it faulted: the new
-        # kernel may have restarted it since (a CPU that stored stray bytes and halted).
-        fault_gen = seg.cb(cpu, "fault_gen") or gen
-        try:
-            fm = self.gens.map(fault_gen)
-        except LookupError:  # older than the generation table keeps
-            fm, fault_gen = m, gen
-        where = f"{fm.describe_page(page)} of generation {fault_gen}"
-        if self.new is not None and self.new.gen != fault_gen and self.new.region_of(page):
-            where += f" (now generation {self.new.gen}'s {self.new.describe_page(page)})"
         cause, arg = seg.cb(cpu, "fault_cause"), seg.cb(cpu, "fault_cause_arg")
+        paged = fault not in (L.Fault.NONE, L.Fault.MCE_SHUTDOWN)
+        # Only a fault or its cause is described (a soak trial asks this of every CPU).
+        fm, where = self._fault_page(cpu, gen, m) if paged or cause else (m, "")
         store = None
         if fault == L.Fault.STRAY_STORE or seg.cb(cpu, "stray_stores"):
             addr = seg.cb(cpu, "fault_addr")
@@ -89,13 +81,27 @@ class Observer:
         return CpuFacts(
             cpu=cpu, state="GONE" if not alive else L.ExecState(seg.cb(cpu, "state")).name, fault=fault.name,
             fault_ns=seg.cb(cpu, "fault_ns"),
-            fault_page=where if fault not in (L.Fault.NONE, L.Fault.MCE_SHUTDOWN) else "",
+            fault_page=where if paged else "",
             fault_cause=describe(fm, L.Ev(cause), arg) if cause else "",
             stray_stores=seg.cb(cpu, "stray_stores"), first_store=store, alive=alive,
             exit_code=None if p is None else p.exitcode, pid=0 if p is None else p.pid,
             held=any(seg.cb(cpu, f"{k}_held") for k in L.HELD_IN_INIT),
             host_note=self.host_note(cpu) if suspect else "", generation=gen,
             monitor=m.symbol(seg.geo.line_addr(seg.cb(cpu, "mon_line"))) if seg.cb(cpu, "mon_armed") else "")
+
+    def _fault_page(self, cpu: int, gen: int, m: MemoryMap) -> tuple[MemoryMap, str]:
+        """The map of the kernel ``cpu`` ran when it faulted, and its fault page described in it: the
+        new kernel may have restarted the CPU since (a CPU that stored stray bytes and halted)."""
+        page = self.seg.cb(cpu, "fault_page")
+        fault_gen = self.seg.cb(cpu, "fault_gen") or gen
+        try:
+            fm = self.gens.map(fault_gen)
+        except LookupError:  # older than the generation table keeps
+            fm, fault_gen = m, gen
+        where = f"{fm.describe_page(page)} of generation {fault_gen}"
+        if self.new is not None and self.new.gen != fault_gen and self.new.region_of(page):
+            where += f" (now generation {self.new.gen}'s {self.new.describe_page(page)})"
+        return fm, where
 
     def cpu_report(self, cpu: int) -> dict:
         f = self.cpu_facts(cpu)

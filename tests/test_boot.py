@@ -129,3 +129,27 @@ def test_booted_ram_in_one_write_or_in_chunks_is_power_on_then_the_kernels_own_w
         assert seg.geo.npages % 7
         assert ram_after(lambda: image.booted_ram(bus, seg.geo, 7, m)) == by_page
         assert by_page.count(image.TAG_MAGIC) >= seg.geo.npages  # every page was written
+
+
+def test_a_reset_clears_its_fields_of_each_control_block_and_nothing_else():
+    """The reset clears a CPU's fault, kick stamp, pending and held interrupts and generation
+    (smpd.daemon.kernel_ops, in a few stores of adjacent fields): each of those reads 0 after,
+    and every other byte of that control block, and of its neighbours', is as it was."""
+    from smpd.daemon.kernel_ops import _RESET_CLEARS
+
+    fields = ("fault", "fault_page", "fault_addr", "fault_value", "fault_cause", "fault_cause_arg", "fault_ns",
+              "fault_gen", "stray_stores", "kick_seen_ns", "nmi_pending", "smi_pending", "mce_pending", "nmi_held",
+              "smi_held", "mce_held", "cpu_gen")
+    assert L.cb_ranges(fields) == _RESET_CLEARS
+    with scratch_segment("clear") as seg:
+        cbs = slice(L.CB_OFF + L.CB_SIZE, L.CB_OFF + 4 * L.CB_SIZE)  # CPUs 1-3
+        seg.buf[cbs] = b"\xa5" * (cbs.stop - cbs.start)
+        seg.clear_cb(2, _RESET_CLEARS)
+        assert all(seg.cb(2, f) == 0 for f in fields)
+        covered = {L.CB[f][0] + i for f in fields for i in range(L.CB[f][1].size)}
+        after = bytes(seg.buf[cbs])
+        for cpu in (1, 2, 3):
+            block = after[(cpu - 1) * L.CB_SIZE:cpu * L.CB_SIZE]
+            kept = [b for i, b in enumerate(block) if cpu != 2 or i not in covered]
+            assert kept == [0xA5] * len(kept), f"CPU {cpu}"
+        assert seg.cb(2, "pid") and seg.cb(2, "mbox_seq") and seg.cb(2, "init_count")  # not a reset's to clear

@@ -25,6 +25,11 @@ RESET_ATTEMPTS = 3  # a reset respawns CPUs that died; it tries again if one die
 ENDING = ("TRIPLE_FAULT", "MCE_SHUTDOWN", "SMM_HANG", "MACHINE_RESET", "CPU_LOST")  # outcomes after which nothing runs
 MAX_CHAIN = 100  # kexecs in one `smpd chain`
 VALIDATE_ONLY = 0  # bench_kick's rounds=0: check the targets, kick nothing
+# What a reset clears in each CPU's control block once INIT has reached it: the last fault and
+# its evidence, the kick's stamp, interrupts pending or held, the generation it ran.
+_RESET_CLEARS = L.cb_ranges(("fault", "fault_page", "fault_addr", "fault_value", "fault_cause", "fault_cause_arg",
+                             "fault_ns", "fault_gen", "stray_stores", "kick_seen_ns", "nmi_pending", "smi_pending",
+                             "mce_pending", "nmi_held", "smi_held", "mce_held", "cpu_gen"))
 
 
 def require_alive(sup, cpus: list[int]) -> None:
@@ -234,11 +239,7 @@ class KernelOps:
         budget = self.sup.ipi_timeout_s
         self.sup.ipi_all(cpus, L.Ipi.INIT, budget, "reset (INIT)")
         for cpu in cpus:
-            for field in ("fault", "fault_page", "fault_addr", "fault_value", "fault_cause",
-                          "fault_cause_arg", "fault_ns", "fault_gen", "stray_stores", "kick_seen_ns",
-                          "nmi_pending", "smi_pending", "mce_pending", "nmi_held", "smi_held", "mce_held",
-                          "cpu_gen"):
-                seg.set_cb(cpu, field, 0)
+            seg.clear_cb(cpu, _RESET_CLEARS)
         gen1 = kboot.power_on(seg, self.sup.bus, self.sup.boot1)
         self.sup.start_aps(gen1, budget, "reset (INIT, SIPI)", offline)
         todo = [c for c in offline if seg.cb(c, "hotplug") == L.Hotplug.ONLINE]  # none, unless one ignored it

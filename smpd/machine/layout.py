@@ -306,6 +306,19 @@ assert max(o + s.size for o, s in CB.values() if o < EV_OFF) <= EV_OFF
 assert EV_OFF + EV_SLOTS * EV_ENTRY.size <= CB["mon_write"][0] < CB_SIZE
 assert CB["mon_write"][0] // LINE == CB["sleeping"][0] // LINE != CB["wake"][0] // LINE  # see above
 
+
+
+def cb_ranges(fields) -> tuple[tuple[int, int], ...]:
+    """The control-block byte ranges (offset, length) that ``fields`` cover, adjacent ones merged:
+    for clearing many fields of a CPU in a few stores."""
+    out: list[list[int]] = []
+    for off, size in sorted((CB[f][0], CB[f][1].size) for f in fields):
+        if out and out[-1][0] + out[-1][1] == off:
+            out[-1][1] += size
+        else:
+            out.append([off, size])
+    return tuple((off, n) for off, n in out)
+
 # The directory: one u16 per emulated line, 0 = unmonitored, else cpu + 1.
 # Invariant: a CPU arms its monitor only on a line that is its own in its kernel's memory
 # map (its mwait_cpu_dead line, or its idle task's thread_info->flags line), and no two

@@ -262,6 +262,12 @@ class Segment:
         off, s = L.CB[field]
         s.pack_into(self.buf, L.CB_OFF + cpu * L.CB_SIZE + off, value)
 
+    def clear_cb(self, cpu: int, ranges: tuple[tuple[int, int], ...]) -> None:
+        """Zero ``cpu``'s control-block bytes in ``ranges`` (L.cb_ranges of the fields)."""
+        base, buf = L.CB_OFF + cpu * L.CB_SIZE, self.buf
+        for off, n in ranges:
+            buf[base + off:base + off + n] = bytes(n)
+
     def wake_mask(self, cpu: int) -> int:
         """What is raised in ``cpu``'s wake words and not taken yet, as a wake mask: one byte per
         L.WAKE_* kind (WAKE_WRITE from `mon_write`, the others from `wake`), as CpuCore takes it."""

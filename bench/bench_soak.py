@@ -143,8 +143,9 @@ def main() -> None:
         rec.add(f"{args.cpus} CPUs, {label}: one trial (trial_ms of each)", "ms", [r["trial_ms"] for r in records])
         rec.add(f"{args.cpus} CPUs, {label}: the kexec of a trial (kexec_ms of each)", "ms",
                 [r["kexec_ms"] for r in records])
+        client = "the soak client (rusage)" if label == "idle" else "the soak client and the load it made (rusage)"
         for who, what in (("coordinator", "the coordinator (schedstat)"), ("cpus", "the CPU processes, all (schedstat)"),
-                          ("client", "the soak client (rusage)"), ("capacity", "the host's cores x a trial's wall time")):
+                          ("client", client), ("capacity", "the host's cores x a trial's wall time")):
             rec.add(f"{args.cpus} CPUs, {label}: host CPU per trial, {what}", "ms", [round(cost[who], 2)])
     rec.add("a fixed Python step (~40 calls), warm: back to back (thread CPU time)", "us", [warm_us])
     rec.add("the same step right after a 5 ms sleep, as a CPU process runs after a wake-up", "us", [cold_us])
@@ -156,7 +157,8 @@ def main() -> None:
     print("host CPU per trial: where a trial's time goes (each side's CPU against cores x wall)")
     for label, _s, _records, c in rows:
         print(f"  {label:<7} coordinator {c['coordinator']:.1f} ms, CPU processes {c['cpus']:.1f} ms, client "
-              f"{c['client']:.1f} ms; of {c['capacity']:.1f} ms of the host's cores")
+              f"{'' if label == 'idle' else 'and its load '}{c['client']:.1f} ms; of {c['capacity']:.1f} ms of the "
+              f"host's cores")
     print(f"a CPU-process-sized step of Python: {warm_us:.1f} us warm, {cold_us:.1f} us after a 5 ms sleep "
           f"({cold_us / warm_us:.1f}x)")
     rec.finish(args.record)

@@ -11,7 +11,7 @@ then one line per run.
 Where a trial's time goes, per run: the host CPU each side used per trial (the coordinator
 and the CPU processes from /proc/PID/schedstat, the soak client from this process's
 children's rusage) against the cores x wall time the trial had. And the host's cold step:
-one fixed piece of Python (~40 calls, the size of a CPU process's step from one state to
+one fixed piece of Python (~50 calls, the size of a CPU process's step from one state to
 the next) timed warm, back to back, and after a 5 ms sleep, as a CPU process runs it after
 each wake-up. Their ratio is what every CPU-process step pays for running in a cache that
 other processes (and, on a VM, other guests) used since.
@@ -60,7 +60,7 @@ def _children_cpu_s() -> float:
 
 class _Step:
     """A fixed piece of Python of a CPU process's step's size: an object, a dict, a memoryview of a
-    shared page, ~40 calls."""
+    shared page, ~50 calls."""
 
     def __init__(self):
         self.d = {"state": 1, "hotplug": 2}
@@ -147,7 +147,7 @@ def main() -> None:
         for who, what in (("coordinator", "the coordinator (schedstat)"), ("cpus", "the CPU processes, all (schedstat)"),
                           ("client", client), ("capacity", "the host's cores x a trial's wall time")):
             rec.add(f"{args.cpus} CPUs, {label}: host CPU per trial, {what}", "ms", [round(cost[who], 2)])
-    rec.add("a fixed Python step (~40 calls), warm: back to back (thread CPU time)", "us", [warm_us])
+    rec.add("a fixed Python step (~50 calls), warm: back to back (thread CPU time)", "us", [warm_us])
     rec.add("the same step right after a 5 ms sleep, as a CPU process runs after a wake-up", "us", [cold_us])
     for label, s, _records, _cost in rows:
         k = s["kick_rtt_ns"]

@@ -13,8 +13,8 @@ and the CPU processes from /proc/PID/schedstat, the soak client from this proces
 children's rusage) against the cores x wall time the trial had. And the host's cold step:
 one fixed piece of Python (~50 calls, the size of a CPU process's step from one state to
 the next) timed warm, back to back, and after a 5 ms sleep, as a CPU process runs it after
-each wake-up. Their ratio is what every CPU-process step pays for running in a cache that
-other processes (and, on a VM, other guests) used since.
+each wake-up. Their ratio is what a CPU process's step pays for running right after a
+sleep, in caches gone cold: measured before the machine is up, the host otherwise idle.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _children_cpu_s() -> float:
 
 class _Step:
     """A fixed piece of Python of a CPU process's step's size: an object, a dict, a memoryview of a
-    shared page, ~50 calls."""
+    page, ~50 calls."""
 
     def __init__(self):
         self.d = {"state": 1, "hotplug": 2}

@@ -8,13 +8,15 @@ Targets: at least 40 trials per second with 64 CPUs on an idle 2-core host (issu
 share of kicks that exceed 5 ms. Prints the two summaries smpd itself prints,
 then one line per run.
 
-Where a trial's time goes, per run: the host CPU each side used per trial (the coordinator
-and the CPU processes from /proc/PID/schedstat, the soak client from this process's
-children's rusage) against the cores x wall time the trial had. And the host's cold step:
-one fixed piece of Python (~50 calls, the size of a CPU process's step from one state to
-the next) timed warm, back to back, and after a 5 ms sleep, as a CPU process runs it after
-each wake-up. Their ratio is what a CPU process's step pays for running right after a
-sleep, in caches gone cold: measured before the machine is up, the host otherwise idle.
+Where a trial's time goes, per run: the host CPU each side used over the whole `smpd soak`
+(the coordinator and the CPU processes that lived through it from /proc/PID/schedstat, the
+soak client from this process's children's rusage), against the host's cores x that
+command's wall time, each divided by its trials. And the host's cold step: one fixed piece
+of Python (~50 calls, about what a CPU process runs between two waits) timed warm, back to
+back, and right after a 5 ms sleep, as a CPU process runs after each wake-up; measured
+before the machine is up. Their ratio is what running right after a sleep costs here:
+caches gone cold, the core's or the vCPU's own wake-up (the probe cannot tell them apart),
+and whatever else the host ran meanwhile.
 """
 
 from __future__ import annotations
@@ -90,12 +92,33 @@ def cold_step(runs: int = 300, sleep_s: float = 0.005) -> tuple[float, float]:
     return statistics.median(warm), statistics.median(cold)
 
 
-def _machine_pids() -> tuple[int, list[int]]:
-    """The coordinator's pid and the CPU processes' (CPU 1 on)."""
-    from smpd.tools import lifecycle
+class _HostCpu:
+    """The host CPU the bench's machine's processes use over one soak: the coordinator and the CPU
+    processes, each known by its pid and start time, so that a CPU process replaced mid-run (and
+    a pid recycled since) is left out, not counted as another's."""
 
-    live = lifecycle.require(NAME)
-    return live.pid, [c["pid"] for c in live.request("status")["cpus"][1:]]
+    def __init__(self):
+        from smpd.host import trust
+        from smpd.tools import lifecycle
+
+        live = lifecycle.require(NAME)
+        self.start_ticks = trust.start_ticks
+        self.coord = live.pid
+        pids = [live.pid, *(c["pid"] for c in live.request("status")["cpus"][1:])]
+        self.at = {p: (self.start_ticks(p), _on_cpu_ns(p)) for p in pids}
+
+    def used(self) -> tuple[int, int, int]:
+        """(ns of the coordinator, ns of the CPU processes, how many CPU processes lived through)."""
+        coord = cpus = lived = 0
+        for p, (ticks, before) in self.at.items():
+            now = _on_cpu_ns(p)
+            if before is None or now is None or self.start_ticks(p) != ticks:
+                continue
+            if p == self.coord:
+                coord = now - before
+            else:
+                cpus, lived = cpus + now - before, lived + 1
+        return coord, cpus, lived
 
 
 def main() -> None:
@@ -112,27 +135,26 @@ def main() -> None:
     rows = []
     try:
         smpd("offline", f"1-{args.cpus - 1}")
-        coord, cpus = _machine_pids()
+        cores = len(os.sched_getaffinity(0))
         with tempfile.TemporaryDirectory() as d:
             for label, trials, load in (("idle", args.trials, None), ("cpu:4", args.loaded_trials, "cpu:4")):
                 if trials == 0:
                     continue
                 out = os.path.join(d, f"{label.replace(':', '')}.jsonl")
                 extra = ["--host-load", load] if load else []
-                before = {p: _on_cpu_ns(p) for p in (coord, *cpus)}
-                client = _children_cpu_s()
+                host = _HostCpu()  # anew for each run: a CPU process replaced in the last is in this one
+                client, t0 = _children_cpu_s(), time.monotonic()
                 print(smpd("soak", "--trials", str(trials), "--seed", "1", "--out", out, *extra))
-                client = _children_cpu_s() - client
-                used = {p: (_on_cpu_ns(p) or 0) - (v or 0) for p, v in before.items() if v is not None}
+                wall, client = time.monotonic() - t0, _children_cpu_s() - client
+                coord_ns, cpus_ns, lived = host.used()
                 plan, records, _ = soak.read(out)
-                summary = soak.summarize(plan, records)
-                # per trial, ms: the coordinator, the CPU processes (those that lived through the run),
-                # the client (its start and summary included), and the host's cores x a trial's wall time
-                cost = {"coordinator": used.get(coord, 0) / 1e6 / len(records),
-                        "cpus": sum(v for p, v in used.items() if p != coord) / 1e6 / len(records),
-                        "client": client * 1e3 / len(records),
-                        "capacity": (os.cpu_count() or 1) * 1e3 / summary["trials_per_s"]}
-                rows.append((label, summary, records, cost))
+                n = len(records)
+                # Per trial, ms, all over the same span, the whole `smpd soak` (its start, its idle-kick
+                # calibration, its work between trials and its summary included): the coordinator, the
+                # CPU processes that lived through it, the client, and the host's cores x that wall time.
+                cost = {"coordinator": coord_ns / 1e6 / n, "cpus": cpus_ns / 1e6 / n, "client": client * 1e3 / n,
+                        "capacity": cores * wall * 1e3 / n, "lived": lived}
+                rows.append((label, soak.summarize(plan, records), records, cost))
     finally:
         smpd("down")
     print(f"{'host':<7}{'trials':>7}{'trials/s':>10}{'CPU_LOST':>10}{'respawns':>10}{'kicks':>8}"
@@ -144,9 +166,12 @@ def main() -> None:
         rec.add(f"{args.cpus} CPUs, {label}: the kexec of a trial (kexec_ms of each)", "ms",
                 [r["kexec_ms"] for r in records])
         client = "the soak client (rusage)" if label == "idle" else "the soak client and the load it made (rusage)"
-        for who, what in (("coordinator", "the coordinator (schedstat)"), ("cpus", "the CPU processes, all (schedstat)"),
-                          ("client", client), ("capacity", "the host's cores x a trial's wall time")):
+        for who, what in (("coordinator", "the coordinator (schedstat)"),
+                          ("cpus", "the CPU processes that lived through it (schedstat)"),
+                          ("client", client), ("capacity", "the host's cores x the soak command's wall time")):
             rec.add(f"{args.cpus} CPUs, {label}: host CPU per trial, {what}", "ms", [round(cost[who], 2)])
+        rec.add(f"{args.cpus} CPUs, {label}: CPU processes that lived through the soak command", "processes",
+                [cost["lived"]])
     rec.add("a fixed Python step (~50 calls), warm: back to back (thread CPU time)", "us", [warm_us])
     rec.add("the same step right after a 5 ms sleep, as a CPU process runs after a wake-up", "us", [cold_us])
     for label, s, _records, _cost in rows:
@@ -154,11 +179,12 @@ def main() -> None:
         print(f"{label:<7}{s['trials']:>7}{s['trials_per_s']:>10.1f}{s['cpu_lost']:>10}{s['respawns']:>10}"
               f"{s['kicks']:>8}{100 * s['over_budget_share']:>8.2f}%  "
               f"{k.get('p50', 0) / 1e3:.1f} us / {k.get('p99', 0) / 1e3:.1f} us")
-    print("host CPU per trial: where a trial's time goes (each side's CPU against cores x wall)")
+    print("host CPU per trial over the whole `smpd soak`: where a trial's time goes (each side's CPU against "
+          "the host's cores x the command's wall time)")
     for label, _s, _records, c in rows:
-        print(f"  {label:<7} coordinator {c['coordinator']:.1f} ms, CPU processes {c['cpus']:.1f} ms, client "
-              f"{'' if label == 'idle' else 'and its load '}{c['client']:.1f} ms; of {c['capacity']:.1f} ms of the "
-              f"host's cores")
+        print(f"  {label:<7} coordinator {c['coordinator']:.1f} ms, CPU processes {c['cpus']:.1f} ms ({c['lived']} "
+              f"lived through it), client {'' if label == 'idle' else 'and its load '}{c['client']:.1f} ms; of "
+              f"{c['capacity']:.1f} ms of the host's cores")
     print(f"a CPU-process-sized step of Python: {warm_us:.1f} us warm, {cold_us:.1f} us after a 5 ms sleep "
           f"({cold_us / warm_us:.1f}x)")
     rec.finish(args.record)

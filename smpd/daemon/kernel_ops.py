@@ -27,9 +27,10 @@ MAX_CHAIN = 100  # kexecs in one `smpd chain`
 VALIDATE_ONLY = 0  # bench_kick's rounds=0: check the targets, kick nothing
 # What a reset clears in each CPU's control block once INIT has reached it: the last fault and
 # its evidence, the kick's stamp, interrupts pending or held, the generation it ran.
-_RESET_CLEARS = L.cb_ranges(("fault", "fault_page", "fault_addr", "fault_value", "fault_cause", "fault_cause_arg",
-                             "fault_ns", "fault_gen", "stray_stores", "kick_seen_ns", "nmi_pending", "smi_pending",
-                             "mce_pending", "nmi_held", "smi_held", "mce_held", "cpu_gen"))
+RESET_CLEARED = ("fault", "fault_page", "fault_addr", "fault_value", "fault_cause", "fault_cause_arg", "fault_ns",
+                 "fault_gen", "stray_stores", "kick_seen_ns", "nmi_pending", "smi_pending", "mce_pending", "nmi_held",
+                 "smi_held", "mce_held", "cpu_gen")
+_RESET_CLEARS = L.cb_ranges(RESET_CLEARED)  # as byte ranges, adjacent fields merged
 
 
 def require_alive(sup, cpus: list[int]) -> None:

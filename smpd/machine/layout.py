@@ -307,7 +307,6 @@ assert EV_OFF + EV_SLOTS * EV_ENTRY.size <= CB["mon_write"][0] < CB_SIZE
 assert CB["mon_write"][0] // LINE == CB["sleeping"][0] // LINE != CB["wake"][0] // LINE  # see above
 
 
-
 def cb_ranges(fields) -> tuple[tuple[int, int], ...]:
     """The control-block byte ranges (offset, length) that ``fields`` cover, adjacent ones merged:
     for clearing many fields of a CPU in a few stores."""
@@ -318,6 +317,7 @@ def cb_ranges(fields) -> tuple[tuple[int, int], ...]:
         else:
             out.append([off, size])
     return tuple((off, n) for off, n in out)
+
 
 # The directory: one u16 per emulated line, 0 = unmonitored, else cpu + 1.
 # Invariant: a CPU arms its monitor only on a line that is its own in its kernel's memory

@@ -34,6 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from record import Record  # noqa: E402
+from smpd.host import trust  # noqa: E402
+from smpd.tools import lifecycle  # noqa: E402
 
 NAME = f"benchs{os.getpid() % 100000}"
 
@@ -98,21 +100,17 @@ class _HostCpu:
     a pid recycled since) is left out, not counted as another's."""
 
     def __init__(self):
-        from smpd.host import trust
-        from smpd.tools import lifecycle
-
         live = lifecycle.require(NAME)
-        self.start_ticks = trust.start_ticks
         self.coord = live.pid
         pids = [live.pid, *(c["pid"] for c in live.request("status")["cpus"][1:])]
-        self.at = {p: (self.start_ticks(p), _on_cpu_ns(p)) for p in pids}
+        self.at = {p: (trust.start_ticks(p), _on_cpu_ns(p)) for p in pids}
 
     def used(self) -> tuple[int, int, int]:
         """(ns of the coordinator, ns of the CPU processes, how many CPU processes lived through)."""
         coord = cpus = lived = 0
         for p, (ticks, before) in self.at.items():
             now = _on_cpu_ns(p)
-            if before is None or now is None or self.start_ticks(p) != ticks:
+            if before is None or now is None or trust.start_ticks(p) != ticks:
                 continue
             if p == self.coord:
                 coord = now - before

@@ -31,10 +31,13 @@ class _Port:
 
     def __init__(self, seg, bus, pids: dict[int, int]):
         self.seg, self.pids = seg, pids
-        self.mailbox = Mailbox(seg, bus, self.cpu_alive, lambda cpu: None)
+        self.mailbox = Mailbox(seg, bus, self.cpus_alive, lambda cpu: None)
 
     def cpu_alive(self, cpu: int) -> bool:
         return os.waitpid(self.pids[cpu], os.WNOHANG) == (0, 0)
+
+    def cpus_alive(self, cpus) -> set[int]:
+        return {c for c in cpus if self.cpu_alive(c)}
 
     def ipi_wait(self, cpus, cmd, timeout_s, then=()):
         return self.mailbox.send_and_wait(cpus, cmd, timeout_s, then)

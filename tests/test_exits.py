@@ -518,6 +518,39 @@ def test_a_status_asks_only_after_the_cpus_whose_process_may_have_exited():
     assert seen == [[3], [1, 2, 3], [1, 3], [1, 2, 4], [False, EXIT_LOST, True]]
 
 
+def test_the_liveness_of_many_cpus_asks_only_those_whose_process_may_have_exited():
+    """smpd.daemon.cpuproc.alive_among, in a process of its own (whose only children are the
+    test's): while every child runs, only a CPU with no process is asked about; once one has
+    exited, unreaped, every CPU is asked, and that one is found dead."""
+    from smpd.daemon.cpuproc import CpuProcess, alive_among
+
+    def steps():
+        procs = {}
+        for cpu in (1, 2):
+            if (kid := os.fork()) == 0:
+                proc.die_with_parent(os.getppid())  # and so with the test, whatever becomes of this one
+                time.sleep(60)
+                os._exit(0)
+            procs[cpu] = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(kid)
+        asked = []
+
+        def alive(cpu):
+            asked.append(cpu)
+            return cpu in procs and procs[cpu].is_alive()
+
+        seen = [(sorted(alive_among(procs, [1, 2, 3], alive)), sorted(asked))]
+        os.kill(procs[1].pid, signal.SIGKILL)
+        while os.waitid(os.P_PID, procs[1].pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            time.sleep(0.01)
+        asked.clear()
+        seen.append((sorted(alive_among(procs, [1, 2, 3], alive)), sorted(asked)))
+        procs[2].kill()
+        procs[2].join(5)
+        return seen
+
+    assert in_forked_child(steps) == [([1, 2], [3]), ([2], [1, 2, 3])]
+
+
 def test_a_cpu_process_s_pid_leaves_the_segment_while_it_is_still_its_own():
     """The coordinator clears a dead CPU's pid from the segment (where its siblings read it to ring
     its doorbell) before it reaps the process, wherever the reap happens: the CPU is GONE with no

@@ -176,7 +176,7 @@ class KernelOps:
         """smp_kick_mwait_play_dead() alone: who acknowledged, how fast, who is stuck."""
         self._require_kexec_able("a kick")
         k = Kexec(self.sup, Scenario(None, "sequential", 0))
-        stop = StopOtherCpus(self.sup, k.t, self._map(), k.cpus, k.alive, lambda phase: None)
+        stop = StopOtherCpus(self.sup, k.t, self._map(), k.cpus, k.alive_of, lambda phase: None)
         marks = k.t.mark_start(self.sup.seg, k.cpus)
         with k.t.phase("smp_kick_mwait_play_dead()"):
             kick = stop.smp_kick_mwait_play_dead(lambda: None)

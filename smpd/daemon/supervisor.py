@@ -27,14 +27,14 @@ import selectors
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import multiprocess
 
 from smpd import cpulist
 from smpd.config import Config
 from smpd.daemon import channel, stopping
-from smpd.daemon.cpuproc import CpuProcess, mark_gone, maybe_gone
+from smpd.daemon.cpuproc import CpuProcess, alive_among, mark_gone
 from smpd.daemon.template import Template
 from smpd.daemon.handlers import Handlers
 from smpd.daemon.janitor import COORDINATOR_COMM, Janitor, same_file
@@ -101,7 +101,7 @@ class Coordinator:
             seg.set_hdr(field, value)
         check_stop()
         self.bus = Bus(seg)
-        self.mailbox = Mailbox(seg, self.bus, self.cpu_alive, self._mark_gone, check_stop, spin=self._fits_host())
+        self.mailbox = Mailbox(seg, self.bus, self.cpus_alive, self._mark_gone, check_stop, spin=self._fits_host())
         gen1 = kboot.load_first(seg, self.boot1)  # its RAM is written while the template forks
         self.plan = plan = hostinfo.pin_plan(self.pin, self.ncpus)
         if plan[0] is not None:
@@ -165,6 +165,9 @@ class Coordinator:
         if p is not None and self.seg.cb(cpu, "pid"):
             self._mark_gone(cpu)  # cleared before its reap already (smpd.daemon.cpuproc): whatever is left
         return False
+
+    def cpus_alive(self, cpus: Iterable[int]) -> set[int]:
+        return alive_among(self.procs, cpus, self.cpu_alive)
 
     def _mark_gone(self, cpu: int) -> None:
         mark_gone(self.seg, cpu)
@@ -260,9 +263,8 @@ class Coordinator:
 
     def refresh_gone(self) -> None:
         """GONE: every CPU whose process died, or that has none (a respawn cut short)."""
-        for cpu in maybe_gone(self.procs, range(1, self.ncpus)):
-            if not self.cpu_alive(cpu):
-                self._mark_gone(cpu)
+        for cpu in set(range(1, self.ncpus)) - self.cpus_alive(range(1, self.ncpus)):
+            self._mark_gone(cpu)
 
     def respawn_gone(self) -> list[int]:
         """Fork a new process for every GONE CPU (an emulator fault), so the machine can go on.

@@ -127,8 +127,9 @@ def wait_parked(port, cpus: list[int]) -> None:
     waiting = list(cpus)
     deadline = time.monotonic() + PARK_S
     while waiting and time.monotonic() < deadline:
-        waiting = [c for c in waiting if not (seg.cb(c, "state") == L.ExecState.MWAIT and seg.cb(c, "mon_armed"))
-                   and port.cpu_alive(c)]
+        waiting = [c for c in waiting if not (seg.cb(c, "state") == L.ExecState.MWAIT and seg.cb(c, "mon_armed"))]
+        alive = port.cpus_alive(waiting)
+        waiting = [c for c in waiting if c in alive]
         if waiting:
             time.sleep(0.0005)
 

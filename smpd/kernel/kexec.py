@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Protocol
+from typing import Iterable, Protocol
 
 from smpd import cpulist
 from smpd.kernel import boot as boot_mod, generations as gens_mod
@@ -59,6 +59,7 @@ class Port(Protocol):
     def ipi_wait(self, cpus: list[int], cmd: L.Ipi, timeout_s: float,
                  then: Then = ()) -> tuple[dict[int, int], list[int]]: ...
     def cpu_alive(self, cpu: int) -> bool: ...
+    def cpus_alive(self, cpus: Iterable[int]) -> set[int]: ...  # those of cpus that cpu_alive() says live
     def cpu_process(self, cpu: int): ...  # pid and exitcode of its process
     def send_interrupt(self, cpu: int, kind: str) -> None: ...
     def kick_params(self) -> tuple[int, int]: ...  # (delay ns, rounds)
@@ -92,8 +93,8 @@ class Kexec:
     def log(self, what: str, kind: str = "note", ns: int | None = None) -> None:
         self.t.add(0, what, ns, kind)
 
-    def alive(self, cpu: int) -> bool:
-        return self.obs.alive(cpu)
+    def alive_of(self, cpus: Iterable[int]) -> set[int]:
+        return self.obs.alive_of(cpus)
 
     # -- the sequence ----------------------------------------------------------
 
@@ -105,7 +106,8 @@ class Kexec:
         params = parse_boot(s.boot, seg.geo.ncpus, self.old.boot, seg.hdr("seed"))
         new_boot = Boot(s.into or flavour, nosmt=params.nosmt, maxcpus=params.maxcpus, kaslr=params.kaslr,
                         crash=s.crash)
-        online = [c for c in self.cpus if seg.cb(c, "hotplug") == L.Hotplug.ONLINE and self.alive(c)]
+        alive = self.alive_of(self.cpus)
+        online = [c for c in self.cpus if seg.cb(c, "hotplug") == L.Hotplug.ONLINE and c in alive]
         offline = [c for c in self.cpus if c not in online]
         self.log(f"{'kdump' if s.crash else 'kexec'}: generation {self.old.gen} ({self.old.boot.text()}) -> "
                  f"{self.old.gen + 1} ({new_boot.text()}); order {s.order}, seed {s.seed}; offline CPUs "
@@ -115,7 +117,7 @@ class Kexec:
         self.new = self.obs.new = kexec_load(self.old, new_boot)
         self.writes = Relocation(seg, self.bus, self.gens, self.new, s.order, self.rng, self.log)
         self.marks = self.t.mark_start(seg, self.cpus)
-        self.stop = StopOtherCpus(self.c, self.t, self.old, self.cpus, self.alive, self.inject)
+        self.stop = StopOtherCpus(self.c, self.t, self.old, self.cpus, self.alive_of, self.inject)
         if s.crash:
             with self.t.phase("__crash_kexec() -> native_machine_crash_shutdown() -> crash_smp_send_stop()"):
                 self.stop.crash_smp_send_stop(online)
@@ -156,7 +158,8 @@ class Kexec:
                                                   old.sizes, old.regions[Region.TEXT], old.segments,
                                                   old.placement))
         self.old = self.gens.current()
-        parked = [c for c in self.cpus if self.seg.cb(c, "state") == L.ExecState.MWAIT and self.alive(c)
+        alive = self.alive_of(self.cpus)
+        parked = [c for c in self.cpus if self.seg.cb(c, "state") == L.ExecState.MWAIT and c in alive
                   and self.seg.cb(c, "cpu_gen") == old.gen]
         _, missing = self.c.ipi_wait(parked, L.Ipi.REPARK, STOP_OTHER_CPUS_S)
         self.log(f"the running kernel is {flavour}: offline CPUs MONITOR "
@@ -166,7 +169,8 @@ class Kexec:
     def inject(self, phase: str, stray: bool = False) -> None:
         """The scenario's injections at ``phase``; ``stray``: `smpd inject`, outside any kexec."""
         for inj in self.s.at(phase):
-            targets = [c for c in inj.cpus if self.alive(c)]
+            alive = self.alive_of(inj.cpus)
+            targets = [c for c in inj.cpus if c in alive]
             before = {c: self.obs.irq_seen(c) for c in targets}
             sent = time.monotonic_ns()  # the line goes before the CPUs' "taken": they follow it
             for _ in range(inj.count):
@@ -229,10 +233,10 @@ class Kexec:
             return False
 
         while waiting and time.monotonic() < deadline:
-            waiting = {c for c in waiting if self.alive(c) and not done(c)}
+            waiting = {c for c in self.alive_of(waiting) if not done(c)}
             if waiting:
                 time.sleep(0.0002)
-        return {c for c in waiting if seen(c) == before[c] and self.alive(c)}, merged
+        return {c for c in self.alive_of(waiting) if seen(c) == before[c]}, merged
 
     def settle(self) -> list[int]:
         """Wait (bounded) until no CPU is still acting on a wake-up: two scans in a row with
@@ -241,8 +245,9 @@ class Kexec:
         prev = None
         while True:
             idle, acts = [], []
+            alive = self.alive_of(self.cpus)
             for cpu in self.cpus:
-                if not self.alive(cpu):
+                if cpu not in alive:
                     continue
                 idle.append(not self.seg.cb(cpu, "busy") and not self.seg.wake_raised(cpu))
                 acts.append(self.seg.cb(cpu, "activity"))
@@ -253,7 +258,8 @@ class Kexec:
             else:
                 prev = None
             if time.monotonic() > deadline:
-                return [c for c in self.cpus if self.alive(c) and (self.seg.cb(c, "busy") or self.seg.wake_raised(c))]
+                alive = self.alive_of(self.cpus)
+                return [c for c in self.cpus if c in alive and (self.seg.cb(c, "busy") or self.seg.wake_raised(c))]
             time.sleep(0.0005)
 
     def machine_ended(self) -> bool:
@@ -263,7 +269,8 @@ class Kexec:
     def start_aps(self) -> None:
         """The new kernel starts each CPU its boot parameters keep, with INIT, then SIPI; nosmt
         siblings then park themselves in mwait_play_dead(), in the new kernel's memory."""
-        alive = [c for c in self.cpus if self.alive(c) and self.seg.cb(c, "state") != L.ExecState.SHUTDOWN]
+        up = self.alive_of(self.cpus)
+        alive = [c for c in self.cpus if c in up and self.seg.cb(c, "state") != L.ExecState.SHUTDOWN]
         r = boot_mod.start_aps(self.c, self.new, alive, BOOT_IPI_S)
         self.boot_missing, self.left_behind = r["missing"], r["left_behind"]
         boot = self.new.boot
@@ -278,15 +285,17 @@ class Kexec:
 
     # -- the outcome -----------------------------------------------------------
 
-    def cpu_facts(self, cpu: int) -> CpuFacts:
-        return self.obs.cpu_facts(cpu, cpu in self.not_taken or bool(self.kick and cpu in self.kick["stuck"]))
+    def cpu_facts(self, cpu: int, alive: bool | None = None) -> CpuFacts:
+        return self.obs.cpu_facts(cpu, cpu in self.not_taken or bool(self.kick and cpu in self.kick["stuck"]), alive)
 
     @property
     def kick(self) -> dict | None:
         return self.stop.kick if self.stop else None
 
     def snapshot(self, flavour: str, corruption: list[dict], unsettled: list[int]) -> Snapshot:
-        return Snapshot(kernel=flavour, new_gen=self.new.gen, cpus=tuple(self.cpu_facts(c) for c in self.cpus),
+        alive = self.alive_of(self.cpus)
+        return Snapshot(kernel=flavour, new_gen=self.new.gen,
+                        cpus=tuple(self.cpu_facts(c, c in alive) for c in self.cpus),
                         crash=self.s.crash, injected=bool(self.s.injections), kick=self.kick,
                         parked_in_init=self.stop.parked_in_init, not_in_init=tuple(self.stop.not_in_init),
                         corruption=tuple(corruption), smm_hang=self.smm_hang,

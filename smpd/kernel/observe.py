@@ -8,6 +8,8 @@ itself), from the coordinator's view of its processes (``Port.cpu_alive``,
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import psutil
 
 from smpd.host.proc import asleep_in_sigwait, signal_queued
@@ -27,6 +29,10 @@ class Observer:
 
     def alive(self, cpu: int) -> bool:
         return self.c.cpu_alive(cpu) and self.seg.cb(cpu, "state") != L.ExecState.GONE
+
+    def alive_of(self, cpus: Iterable[int]) -> set[int]:
+        """Those of ``cpus`` that ``alive`` would say live, asked together (Port.cpus_alive)."""
+        return {c for c in self.c.cpus_alive(cpus) if self.seg.cb(c, "state") != L.ExecState.GONE}
 
     def irq_seen(self, cpu: int) -> int:
         return sum(self.seg.cb(cpu, f"{k}_taken") + self.seg.cb(cpu, f"{k}_held") for k in L.IRQ_KINDS)
@@ -61,9 +67,10 @@ class Observer:
                     "not the machine's")
         return ""
 
-    def cpu_facts(self, cpu: int, suspect: bool = False) -> CpuFacts:
+    def cpu_facts(self, cpu: int, suspect: bool = False, alive: bool | None = None) -> CpuFacts:
         """``suspect``: the CPU missed a deadline (an injection not taken, a kick not answered): say what
-        the host did to it."""
+        the host did to it. ``alive``: what ``alive`` says of it, when asked already (``alive_of``
+        of every CPU)."""
         seg = self.seg
         fault = L.Fault(seg.cb(cpu, "fault"))
         gen = seg.cb(cpu, "cpu_gen")
@@ -77,14 +84,15 @@ class Observer:
             addr = seg.cb(cpu, "fault_addr")
             store = (addr, (self.new or m).symbol(addr), seg.cb(cpu, "fault_value"))
         p = self.c.cpu_process(cpu)
-        alive = self.alive(cpu)
+        if alive is None:
+            alive = self.alive(cpu)
         return CpuFacts(
             cpu=cpu, state="GONE" if not alive else L.ExecState(seg.cb(cpu, "state")).name, fault=fault.name,
             fault_ns=seg.cb(cpu, "fault_ns"),
             fault_page=where if paged else "",
             fault_cause=describe(fm, L.Ev(cause), arg) if cause else "",
             stray_stores=seg.cb(cpu, "stray_stores"), first_store=store, alive=alive,
-            exit_code=None if p is None else p.exitcode, pid=0 if p is None else p.pid,
+            exit_code=None if p is None or alive else p.exitcode, pid=0 if p is None else p.pid,
             held=any(seg.cb(cpu, f"{k}_held") for k in L.HELD_IN_INIT),
             host_note=self.host_note(cpu) if suspect else "", generation=gen,
             monitor=m.symbol(seg.geo.line_addr(seg.cb(cpu, "mon_line"))) if seg.cb(cpu, "mon_armed") else "")

@@ -37,9 +37,10 @@ class Panic:
         seg, t0 = self.seg, time.monotonic_ns()
         m = self.gens.current()
         flavour = m.boot.flavour
-        online = [c for c in self.cpus if seg.cb(c, "hotplug") == L.Hotplug.ONLINE and self.obs.alive(c)]
+        alive = self.obs.alive_of(self.cpus)
+        online = [c for c in self.cpus if seg.cb(c, "hotplug") == L.Hotplug.ONLINE and c in alive]
         offline = [c for c in self.cpus if c not in online]
-        stop = StopOtherCpus(self.c, self.t, m, self.cpus, self.obs.alive, lambda phase: None, self.cpu,
+        stop = StopOtherCpus(self.c, self.t, m, self.cpus, self.obs.alive_of, lambda phase: None, self.cpu,
                              self.boot_cpu_check)
         marks = self.t.mark_start(seg, self.cpus)
         self.t.add(0, f"panic() on CPU {self.cpu}: generation {m.gen} ({m.boot.text()}), no crash kernel loaded; "
@@ -48,7 +49,9 @@ class Panic:
             stop.native_stop_other_cpus(online, flavour, kexec_in_progress=False)
         self.t.merge_cpus(seg, marks, self.gens)
         self.t.mark_machine_end()
-        snap = Snapshot(kernel=flavour, new_gen=m.gen, cpus=tuple(self.obs.cpu_facts(c) for c in self.cpus),
+        alive = self.obs.alive_of(self.cpus)
+        snap = Snapshot(kernel=flavour, new_gen=m.gen,
+                        cpus=tuple(self.obs.cpu_facts(c, alive=c in alive) for c in self.cpus),
                         parked_in_init=stop.parked_in_init, panic_cpu=self.cpu,
                         init_to_boot_cpu=stop.init_to_boot_cpu)
         v = classify(snap)

@@ -31,13 +31,13 @@ STOP_OTHER_CPUS_S = 1.0  # native_stop_other_cpus(): "Don't wait longer than a s
 
 
 class StopOtherCpus:
-    """One shutdown's stop of the other CPUs. ``cpus``: the emulated CPUs (1..N-1), ``alive``:
-    whether a CPU's process runs, ``inject(phase)``: the scenario's injections at a phase."""
+    """One shutdown's stop of the other CPUs. ``cpus``: the emulated CPUs (1..N-1), ``alive_of``:
+    those of some CPUs whose process runs, ``inject(phase)``: the scenario's injections at a phase."""
 
-    def __init__(self, port, t: Timeline, old: MemoryMap, cpus: list[int], alive: Callable[[int], bool],
+    def __init__(self, port, t: Timeline, old: MemoryMap, cpus: list[int], alive_of: Callable[[list[int]], set[int]],
                  inject: Callable[[str], None], this_cpu: int = 0, boot_cpu_check: bool = True):
         self.c, self.seg, self.t, self.old = port, port.seg, t, old
-        self.cpus, self.alive, self.inject = cpus, alive, inject
+        self.cpus, self.alive_of, self.inject = cpus, alive_of, inject
         self.this_cpu, self.boot_cpu_check = this_cpu, boot_cpu_check
         self.kick: dict | None = None  # smp_kick_mwait_play_dead()'s result, when it ran
         self.parked_in_init = False  # smp_park_other_cpus_in_init() sent its INITs
@@ -139,8 +139,9 @@ class StopOtherCpus:
             return True
         # Only CPUs this kernel booted once (3f874c9b2aae, for 6.5.y): INIT to an APIC it never
         # started (maxcpus here) is not safe -- the fix for an APIC ID that was never valid.
-        targets = [c for c in self.cpus if self.alive(c) and self.old.boot.started(c)]
-        self.not_in_init = [c for c in self.cpus if self.alive(c) and c not in targets]
+        alive = self.alive_of(self.cpus)
+        targets = [c for c in self.cpus if c in alive and self.old.boot.started(c)]
+        self.not_in_init = [c for c in self.cpus if c in alive and c not in targets]
         _, missing = self.c.ipi_wait(targets, L.Ipi.INIT, STOP_OTHER_CPUS_S)
         self.parked_in_init = True
         self.log(f"smp_park_other_cpus_in_init(): INIT to CPU {cpulist.format_list(targets) or 'none'}"

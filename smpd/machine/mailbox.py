@@ -37,9 +37,10 @@ SPIN_S = 0.002  # a ``spin`` mailbox polls without sleeping this long, then as a
 
 
 class Mailbox:
-    """Send IPIs over ``seg``'s mailboxes. ``alive(cpu)`` says whether a CPU's process lives;
-    ``gone(cpu)`` is called once for each CPU found dead while waiting; ``poll()`` runs
-    between looks (the coordinator's check for a stop request).
+    """Send IPIs over ``seg``'s mailboxes. ``alive(cpus)`` says which of some CPUs' processes
+    live (asked once a look, of the CPUs not answered yet); ``gone(cpu)`` is called once for
+    each CPU found dead while waiting; ``poll()`` runs between looks (the coordinator's check
+    for a stop request).
 
     ``spin``: the coordinator has a host core of its own (the machine fits the host), and polls
     its answers without sleeping for SPIN_S, then sleeps between looks as any other. A host-side
@@ -49,7 +50,7 @@ class Mailbox:
     coordinator that slept between two IPIs ran the next kick on a host core gone idle
     (bench_kick: a spin kick's round trip twice as long)."""
 
-    def __init__(self, seg, bus, alive: Callable[[int], bool], gone: Callable[[int], None],
+    def __init__(self, seg, bus, alive: Callable[[list[int]], set[int]], gone: Callable[[int], None],
                  poll: Callable[[], None] = lambda: None, spin: bool = False):
         self.seg, self.bus = seg, bus
         self.alive, self.gone, self.poll = alive, gone, poll
@@ -94,10 +95,11 @@ class Mailbox:
                 if self.seg.cb(cpu, "mbox_ack") == seq:
                     results[cpu] = self.seg.cb(cpu, "mbox_result")
                     del waiting[cpu]
-                elif not self.alive(cpu):
-                    self.gone(cpu)
-                    dead.append(cpu)
-                    del waiting[cpu]
+            living = self.alive(list(waiting)) if waiting else set()
+            for cpu in [c for c in waiting if c not in living]:
+                self.gone(cpu)
+                dead.append(cpu)
+                del waiting[cpu]
             if not waiting or time.monotonic() > deadline:
                 break
             self.poll()

@@ -481,6 +481,20 @@ def test_the_janitor_holds_no_socket_of_the_coordinators(machine):
     assert sockets == []
 
 
+def _sleeping_cpu_processes(*cpus: int) -> dict:
+    """A CpuProcess for each of ``cpus``: a child of this process that sleeps (and dies with it)."""
+    from smpd.daemon.cpuproc import CpuProcess
+
+    procs = {}
+    for cpu in cpus:
+        if (kid := os.fork()) == 0:
+            proc.die_with_parent(os.getppid())  # and so with the test, whatever becomes of this one
+            time.sleep(60)
+            os._exit(0)
+        procs[cpu] = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(kid)
+    return procs
+
+
 def test_a_status_asks_only_after_the_cpus_whose_process_may_have_exited():
     """smpd.daemon.cpuproc.maybe_gone, in a process of its own (whose only children are the test's):
     while every child runs, only a CPU with no process is named; once one has exited unreaped,
@@ -490,13 +504,7 @@ def test_a_status_asks_only_after_the_cpus_whose_process_may_have_exited():
     from smpd.daemon.cpuproc import EXIT_LOST, CpuProcess, maybe_gone
 
     def steps():
-        procs = {}
-        for cpu in (1, 2):
-            if (kid := os.fork()) == 0:
-                proc.die_with_parent(os.getppid())  # and so with the test, whatever becomes of this one
-                time.sleep(60)
-                os._exit(0)
-            procs[cpu] = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(kid)
+        procs = _sleeping_cpu_processes(1, 2)
         seen = [maybe_gone(procs, [1, 2, 3])]
         os.kill(procs[1].pid, signal.SIGKILL)
         while os.waitid(os.P_PID, procs[1].pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
@@ -522,16 +530,10 @@ def test_the_liveness_of_many_cpus_asks_only_those_whose_process_may_have_exited
     """smpd.daemon.cpuproc.alive_among, in a process of its own (whose only children are the
     test's): while every child runs, only a CPU with no process is asked about; once one has
     exited, unreaped, every CPU is asked, and that one is found dead."""
-    from smpd.daemon.cpuproc import CpuProcess, alive_among
+    from smpd.daemon.cpuproc import alive_among
 
     def steps():
-        procs = {}
-        for cpu in (1, 2):
-            if (kid := os.fork()) == 0:
-                proc.die_with_parent(os.getppid())  # and so with the test, whatever becomes of this one
-                time.sleep(60)
-                os._exit(0)
-            procs[cpu] = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(kid)
+        procs = _sleeping_cpu_processes(1, 2)
         asked = []
 
         def alive(cpu):

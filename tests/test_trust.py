@@ -59,9 +59,9 @@ def _dead_pid() -> int:
 
 
 def forged_segment(coord_pid: int, coord_start: int, cpus: dict[int, tuple[int, int]], ncpus: int = 4,
-                   name: str = "") -> bytes:
+                   name: str = "", sid: int = 0) -> bytes:
     """The bytes of a valid smpd segment header (made by smpd itself, under a scratch name),
-    naming the given coordinator and CPU processes: what a forger would write."""
+    naming the given coordinator (of session ``sid``) and CPU processes: what a forger would write."""
     scratch = names.segment(run_name("forge"))
     geo = L.Geometry(ncpus, 16)
     seg = Segment.create(scratch, geo, coord_pid, coord_start)
@@ -69,6 +69,7 @@ def forged_segment(coord_pid: int, coord_start: int, cpus: dict[int, tuple[int, 
         seg.set_hdr("authkey", bytes(32))
         seg.set_hdr("channel", b"f" * 32)
         seg.set_hdr("name", name.encode())
+        seg.set_hdr("coordinator_sid", sid)
         for cpu, (pid, start) in cpus.items():
             seg.set_cb(cpu, "pid", pid)
             seg.set_cb(cpu, "start_ticks", start)
@@ -278,6 +279,37 @@ def test_a_stale_segment_of_our_own_kills_only_its_own_cpu_processes(victim, mac
     assert r.returncode == 2 and "no machine named" in r.stderr
     assert not os.path.exists(path)
     assert victim.poll() is None
+
+
+def test_a_stale_segment_of_our_own_kills_the_cpu_processes_that_outlived_their_coordinator(victim, machine_name):
+    """CPU processes that outlived their coordinator (no death signal reached them): the next command
+    to find its stale segment kills each process the segment names that is ours (our uid, named
+    smpd-cpuN for its CPU, started when recorded, in the coordinator's session), unlinks the
+    segment, and leaves alone a process of ours named for no CPU of it."""
+    survivors = {}
+    for cpu in (1, 2):
+        p = subprocess.Popen([sys.executable, "-c", "import sys, time; from smpd.host.proc import set_process_name; "
+                              "set_process_name(sys.argv[1]); print(flush=True); time.sleep(600)", f"smpd-cpu{cpu}"],
+                             stdout=subprocess.PIPE)
+        survivors[cpu] = p
+        p.stdout.readline()  # named
+    try:
+        named = {cpu: (p.pid, trust.start_ticks(p.pid)) for cpu, p in survivors.items()}
+        named[3] = (victim.pid, trust.start_ticks(victim.pid))  # ours, same session, but `sleep`, not smpd-cpu3
+        blob = forged_segment(_dead_pid(), 1, named, name=machine_name, sid=os.getsid(0))
+        path = names.segment_path(machine_name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        r = run_smpd("status", name=machine_name, check=False)
+        assert r.returncode == 2 and "no machine named" in r.stderr
+        assert not os.path.exists(path)
+        assert [p.wait(10) for p in survivors.values()] == [-signal.SIGKILL, -signal.SIGKILL]
+        assert victim.poll() is None
+    finally:
+        for p in survivors.values():
+            p.kill()
+            p.wait()
 
 
 def test_a_segment_handed_down_is_mapped_only_if_its_header_fits_its_size():

@@ -58,9 +58,11 @@ def maybe_gone(procs: dict[int, CpuProcess], cpus: Iterable[int]) -> list[int]:
 
 
 def alive_among(procs: dict[int, CpuProcess], cpus: Iterable[int], alive: Callable[[int], bool]) -> set[int]:
-    """Those of ``cpus`` that ``alive(cpu)`` says live, asked only of those whose process may have
-    exited (``maybe_gone``): while none has, one waitid() answers for all. Asked CPU by CPU, a
-    64-CPU soak trial made ~450 liveness checks, a waitid() each: ~1.1 ms of coordinator CPU."""
+    """Those of ``cpus`` whose process lives: ``alive(cpu)`` is asked only of those whose process
+    may have exited (``maybe_gone``), and while none has, one waitid() answers for all. That holds
+    while a CPU process is reaped only through its CpuProcess, as ``maybe_gone`` says. Asked CPU
+    by CPU, a 64-CPU soak trial made ~450 liveness checks, a waitid() each: ~1.1 ms of
+    coordinator CPU."""
     cpus = list(cpus)
     suspects = set(maybe_gone(procs, cpus))
     return {c for c in cpus if c not in suspects or alive(c)}

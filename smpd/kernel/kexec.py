@@ -59,7 +59,7 @@ class Port(Protocol):
     def ipi_wait(self, cpus: list[int], cmd: L.Ipi, timeout_s: float,
                  then: Then = ()) -> tuple[dict[int, int], list[int]]: ...
     def cpu_alive(self, cpu: int) -> bool: ...
-    def cpus_alive(self, cpus: Iterable[int]) -> set[int]: ...  # those of cpus that cpu_alive() says live
+    def cpus_alive(self, cpus: Iterable[int]) -> set[int]: ...  # those of cpus whose process lives (asked together)
     def cpu_process(self, cpu: int): ...  # pid and exitcode of its process
     def send_interrupt(self, cpu: int, kind: str) -> None: ...
     def kick_params(self) -> tuple[int, int]: ...  # (delay ns, rounds)
@@ -269,8 +269,8 @@ class Kexec:
     def start_aps(self) -> None:
         """The new kernel starts each CPU its boot parameters keep, with INIT, then SIPI; nosmt
         siblings then park themselves in mwait_play_dead(), in the new kernel's memory."""
-        up = self.alive_of(self.cpus)
-        alive = [c for c in self.cpus if c in up and self.seg.cb(c, "state") != L.ExecState.SHUTDOWN]
+        live = self.alive_of(self.cpus)
+        alive = [c for c in self.cpus if c in live and self.seg.cb(c, "state") != L.ExecState.SHUTDOWN]
         r = boot_mod.start_aps(self.c, self.new, alive, BOOT_IPI_S)
         self.boot_missing, self.left_behind = r["missing"], r["left_behind"]
         boot = self.new.boot

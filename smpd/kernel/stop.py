@@ -19,7 +19,7 @@ which changes nothing once the machine resets.)
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 from smpd import cpulist
 from smpd.kernel.kick import smp_kick_mwait_play_dead
@@ -34,8 +34,9 @@ class StopOtherCpus:
     """One shutdown's stop of the other CPUs. ``cpus``: the emulated CPUs (1..N-1), ``alive_of``:
     those of some CPUs whose process runs, ``inject(phase)``: the scenario's injections at a phase."""
 
-    def __init__(self, port, t: Timeline, old: MemoryMap, cpus: list[int], alive_of: Callable[[list[int]], set[int]],
-                 inject: Callable[[str], None], this_cpu: int = 0, boot_cpu_check: bool = True):
+    def __init__(self, port, t: Timeline, old: MemoryMap, cpus: list[int],
+                 alive_of: Callable[[Iterable[int]], set[int]], inject: Callable[[str], None], this_cpu: int = 0,
+                 boot_cpu_check: bool = True):
         self.c, self.seg, self.t, self.old = port, port.seg, t, old
         self.cpus, self.alive_of, self.inject = cpus, alive_of, inject
         self.this_cpu, self.boot_cpu_check = this_cpu, boot_cpu_check

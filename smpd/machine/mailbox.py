@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 from smpd.machine import layout as L
 
@@ -50,7 +50,7 @@ class Mailbox:
     coordinator that slept between two IPIs ran the next kick on a host core gone idle
     (bench_kick: a spin kick's round trip twice as long)."""
 
-    def __init__(self, seg, bus, alive: Callable[[list[int]], set[int]], gone: Callable[[int], None],
+    def __init__(self, seg, bus, alive: Callable[[Iterable[int]], set[int]], gone: Callable[[int], None],
                  poll: Callable[[], None] = lambda: None, spin: bool = False):
         self.seg, self.bus = seg, bus
         self.alive, self.gone, self.poll = alive, gone, poll

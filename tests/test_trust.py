@@ -312,6 +312,39 @@ def test_a_stale_segment_of_our_own_kills_the_cpu_processes_that_outlived_their_
             p.wait()
 
 
+def test_a_pid_the_template_answers_is_adopted_only_if_it_is_a_child_of_ours():
+    """The coordinator adopts as a CPU process only a child of its own: a pid that is not (here
+    init's, as a broken or subverted template might answer) ends the batch as CpuLost, never
+    adopted, so no liveness check or doorbell is ever aimed at it. The template's side is played
+    by this test over the real socket."""
+    import socket
+
+    from smpd.daemon.template import _PAIR, Template
+    from smpd.errors import CpuLost
+
+    with scratch_segment("adopt") as seg:
+        t = Template()
+        t.proc = subprocess.Popen(["sleep", "60"])  # what the coordinator kills at the end, as its template
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        t.sock = ours
+        adopted = []
+
+        def play_template():
+            socket.recv_fds(theirs, 4096, 1)  # the segment handed down
+            theirs.recv(4096)  # the request
+            theirs.send(_PAIR.pack(1, 1))  # CPU 1 is pid 1
+
+        peer = threading.Thread(target=play_template)
+        peer.start()
+        try:
+            with pytest.raises(CpuLost, match="answered CPU1 pid 1, which is not a child of ours"):
+                t.fork(seg, {}, {1: None}, lambda: None, lambda cpu, pid: adopted.append((cpu, pid)), 5.0)
+        finally:
+            peer.join(10)
+            theirs.close()
+        assert adopted == [] and t.proc is None and t.sock is None
+
+
 def test_a_segment_handed_down_is_mapped_only_if_its_header_fits_its_size():
     """The template maps the segment by the descriptor the coordinator hands it (Segment.inherit):
     a header whose geometry does not fit the segment's size (a same-uid writer's ncpus) is refused,

@@ -54,7 +54,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from smpd.errors import CpuLost, Timeout
-from smpd.host.proc import PID_MAX, die_with_parent, fork_refused, fork_sibling, set_process_name
+from smpd.host.proc import PID_MAX, die_with_parent, fork_refused, fork_sibling, is_child, set_process_name
 
 try:
     from smpd.daemon import _forkloop
@@ -135,13 +135,16 @@ class Template:
                 if cpu not in plan or pid == 0 or pid > PID_MAX:  # a pid 0 would name our process group
                     raise CpuLost(f"the process CPU processes are forked from answered CPU{cpu} pid {pid}, "
                                   f"which it was not asked for; it is killed")
+                if pid > 0 and not is_child(pid):  # whose liveness we could not watch (cpuproc.maybe_gone)
+                    raise CpuLost(f"the process CPU processes are forked from answered CPU{cpu} pid {pid}, "
+                                  f"which is not a child of ours; it is killed")
                 if pid < 0:
                     raise fork_refused(OSError(-pid, os.strerror(-pid)), f"CPU{cpu}")
                 adopt(cpu, pid)
             done = True
         finally:
             for cpu, pid in self.stop(wait_s=STOP_WAIT_S if done else 0):
-                if cpu in plan:
+                if cpu in plan and is_child(pid):
                     adopt(cpu, pid)
 
     def _answer(self, poll: Callable[[], None], stall_s: float, n: int, of: int) -> tuple[int, int]:

@@ -64,6 +64,16 @@ def fork_sibling() -> int:
     return pid
 
 
+def is_child(pid: int) -> bool:
+    """Is ``pid`` a child of this process, running or exited and not yet reaped? (waitid with
+    WNOWAIT, which reaps nothing; ECHILD for any other pid.)"""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
 def signal_queued(pid: int, sig: int) -> bool:
     """Does the host still hold signal ``sig`` for process ``pid``, sent but not yet delivered (its
     bit in SigPnd or ShdPnd of /proc/PID/status, which psutil does not give)? False once it is

@@ -95,6 +95,17 @@ def test_lines_of_one_map_never_coincide():
     assert g.counts[Region.PERCPU] == -(-200 // PERCPU_PER_PAGE) and g.counts[Region.TASKS] == -(-200 // TASKS_PER_PAGE)
 
 
+@pytest.mark.parametrize("boot", [Boot(), Boot(kaslr=3), Boot(flavour="pre-fix", crash=True)])
+def test_region_of_names_exactly_the_pages_a_generation_keeps(boot):
+    """region_of(page) over all of RAM, for a cold boot, a KASLR one and a crash kernel: each page
+    of each region is (region, its index there), and every other page is no generation's page."""
+    s = sizes(ncpus=40)
+    m = cold_boot(s, boot) if not boot.crash else kexec_load(cold_boot(s, Boot(flavour="pre-fix")), boot)
+    want = {first + i: (region, i) for region, first in m.regions.items() for i in range(m.counts[region])}
+    assert len(want) == sum(m.counts.values())  # the regions do not overlap
+    assert {p: m.region_of(p) for p in range(s.ram + 1)} == {p: want.get(p) for p in range(s.ram + 1)}
+
+
 def test_a_crash_kernel_lives_in_the_crashkernel_region_and_writes_nothing_outside_it():
     s = sizes()
     g1 = cold_boot(s, Boot(flavour="pre-fix", nosmt=True))

@@ -277,17 +277,16 @@ class MemoryMap:
         assert 0 <= index < self.counts[region], (region, index)
         return self.regions[region] + index
 
-    @cached_property
-    def _by_page(self) -> dict[int, tuple[Region, int]]:
-        out = {}
-        for region, first in self.regions.items():
-            for i in range(self.counts[region]):
-                out[first + i] = (region, i)
-        return out
-
     def region_of(self, page: int) -> tuple[Region, int] | None:
-        """(region, index) of what this generation keeps at ``page``, or None (not its page)."""
-        return self._by_page.get(page)
+        """(region, index) of what this generation keeps at ``page``, or None (not its page): a look at
+        each of its few regions (the last named wins, were two to overlap). A dict of all its pages,
+        which each CPU process built at its first resume plan in a generation, made `smpd offline`
+        quadratic: of 4095 CPUs, 33 s (each CPU process 12.5 ms of host CPU and 886 page faults);
+        with this, 2.6 s (1.0 ms and 55)."""
+        for region, first in reversed(self.regions.items()):
+            if first <= page < first + self.counts[region]:
+                return region, page - first
+        return None
 
     def pages(self):
         """(page, region, index) of every page this generation owns, in the order its boot writes them:

@@ -11,9 +11,10 @@ What it measures, and the target it is read against:
 
 * bring-up: `smpd up` of 64, 256 and 1024 CPUs (--sizes), wall time of the command and the
   coordinator's own, from its segment's creation to every CPU online; then `smpd status`
-  (the grid of many CPUs), `smpd status --json` (every CPU in full) and `smpd down` of that
-  machine (targets, issue 15: 4096 CPUs up under 10 s, per CPU within 1.3x of 256's; status
-  under 0.5 s, down under 3 s);
+  (the grid of many CPUs), `smpd status --json` (every CPU in full), `smpd offline` of every
+  CPU but 0 (each CPU's first park in mwait_play_dead(): no target, but it was quadratic once)
+  and `smpd down` of that machine (targets, issue 15: 4096 CPUs up under 10 s, per CPU within
+  1.3x of 256's; status under 0.5 s, down under 3 s);
 * idle cost: host CPU used by a 64-CPU machine with 63 CPUs parked in
   mwait_play_dead(), per watch strategy, over a fixed window (target: adaptive
   under 2% of one core; spin burns whatever cores there are, by design);
@@ -76,7 +77,7 @@ def _kdamond_s() -> float | None:
 
 def bench_bringup(rec: Record, sizes: list[int], repeats: int, up_args: list[str]) -> None:
     for n in sizes:
-        walls, coords, statuses, jsons, downs, damon = [], [], [], [], [], []
+        walls, coords, statuses, jsons, offlines, downs, damon = [], [], [], [], [], [], []
         for _ in range(repeats if n <= 256 else 1):
             k0 = _kdamond_s()
             t0 = time.perf_counter()
@@ -91,6 +92,9 @@ def bench_bringup(rec: Record, sizes: list[int], repeats: int, up_args: list[str
                     smpd(*args)
                     times.append((time.perf_counter() - t0) * 1e3)
             t0 = time.perf_counter()
+            smpd("offline", f"1-{n - 1}")  # every CPU's first park (a resume plan each: a11e646)
+            offlines.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
             smpd("down")
             downs.append((time.perf_counter() - t0) * 1e3)
         rec.add(f"bring-up {n} CPUs (smpd up, wall)", "ms", walls)
@@ -98,6 +102,7 @@ def bench_bringup(rec: Record, sizes: list[int], repeats: int, up_args: list[str
         rec.add(f"bring-up {n} CPUs (coordinator: segment created to all online)", "ms", coords)
         rec.add(f"status {n} CPUs (smpd status, wall)", "ms", statuses)
         rec.add(f"status {n} CPUs, every CPU in full (smpd status --json, wall)", "ms", jsons)
+        rec.add(f"offline {n - 1} CPUs (smpd offline 1-{n - 1}, wall)", "ms", offlines)
         rec.add(f"down {n} CPUs (smpd down, wall)", "ms", downs)
         if damon:
             rec.add(f"host kdamond CPU during bring-up {n} (not smpd's)", "s", damon)

@@ -312,37 +312,53 @@ def test_a_stale_segment_of_our_own_kills_the_cpu_processes_that_outlived_their_
             p.wait()
 
 
-def test_a_pid_the_template_answers_is_adopted_only_if_it_is_a_child_of_ours():
-    """The coordinator adopts as a CPU process only a child of its own: a pid that is not (here
-    init's, as a broken or subverted template might answer) ends the batch as CpuLost, never
-    adopted, so no liveness check or doorbell is ever aimed at it. The template's side is played
-    by this test over the real socket."""
+@pytest.mark.parametrize("answer", ["init", "the template", "a child of ours", "a CPU answered twice"])
+def test_a_pid_the_template_answers_is_adopted_only_if_it_forked_it_for_that_cpu(answer):
+    """The coordinator adopts as a CPU process only what the template forked for that CPU: a child
+    of ours, not the template itself nor a pid answered already, named for the CPU. Anything else
+    (as a broken or subverted template might answer) ends the batch as CpuLost, never adopted, so
+    no liveness check or doorbell is aimed at it. The template's side is played by this test over
+    the real socket; its CPU processes are children of this test named as the fork loop names them."""
     import socket
 
     from smpd.daemon.template import _PAIR, Template
     from smpd.errors import CpuLost
 
+    def named(comm):
+        return subprocess.Popen([sys.executable, "-c", "import sys, time; from smpd.host.proc import set_process_name; "
+                                 "set_process_name(sys.argv[1]); print(flush=True); time.sleep(60)", comm],
+                                stdout=subprocess.PIPE)
+
+    kids = [named("smpd-cpu1"), named("smpd-cpu2"), named("smpd-janitor")]
+    for k in kids:
+        k.stdout.readline()
     with scratch_segment("adopt") as seg:
         t = Template()
         t.proc = subprocess.Popen(["sleep", "60"])  # what the coordinator kills at the end, as its template
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         t.sock = ours
         adopted = []
+        second = {"init": (2, 1), "the template": (2, t.proc.pid), "a child of ours": (2, kids[2].pid),
+                  "a CPU answered twice": (2, kids[0].pid)}[answer]
 
         def play_template():
             socket.recv_fds(theirs, 4096, 1)  # the segment handed down
             theirs.recv(4096)  # the request
-            theirs.send(_PAIR.pack(1, 1))  # CPU 1 is pid 1
+            theirs.send(_PAIR.pack(1, kids[0].pid))  # CPU 1: a process forked for it
+            theirs.send(_PAIR.pack(*second))
 
         peer = threading.Thread(target=play_template)
         peer.start()
         try:
-            with pytest.raises(CpuLost, match="answered CPU1 pid 1, which is not a child of ours"):
-                t.fork(seg, {}, {1: None}, lambda: None, lambda cpu, pid: adopted.append((cpu, pid)), 5.0)
+            with pytest.raises(CpuLost, match=f"answered CPU2 pid {second[1]}, which is not a process it forked"):
+                t.fork(seg, {}, {1: None, 2: None}, lambda: None, lambda cpu, pid: adopted.append((cpu, pid)), 5.0)
         finally:
             peer.join(10)
             theirs.close()
-        assert adopted == [] and t.proc is None and t.sock is None
+            for k in kids:
+                k.kill()
+                k.wait()
+        assert adopted == [(1, kids[0].pid)] and t.proc is None and t.sock is None
 
 
 def test_a_segment_handed_down_is_mapped_only_if_its_header_fits_its_size():

@@ -120,9 +120,12 @@ class Template:
         or starved; its first answer may take START_S more); every CPU process forked is adopted
         all the same, and the template killed."""
         done = False
+        answered: set[int] = set()
+        template = None
         try:
             if self.proc is None:
                 self.start()
+            template = self.proc.pid
             self.attach(seg, signals)  # a template forks one batch, so it is handed the segment once
             try:
                 self.sock.send(b"".join(_PAIR.pack(c, -1 if k is None else k) for c, k in plan.items()))
@@ -135,16 +138,18 @@ class Template:
                 if cpu not in plan or pid == 0 or pid > PID_MAX:  # a pid 0 would name our process group
                     raise CpuLost(f"the process CPU processes are forked from answered CPU{cpu} pid {pid}, "
                                   f"which it was not asked for; it is killed")
-                if pid > 0 and not is_child(pid):  # whose liveness we could not watch (cpuproc.maybe_gone)
+                if pid > 0 and not _forked_for(cpu, pid, template, answered):
                     raise CpuLost(f"the process CPU processes are forked from answered CPU{cpu} pid {pid}, "
-                                  f"which is not a child of ours; it is killed")
+                                  f"which is not a process it forked for that CPU; it is killed")
                 if pid < 0:
                     raise fork_refused(OSError(-pid, os.strerror(-pid)), f"CPU{cpu}")
+                answered.add(pid)
                 adopt(cpu, pid)
             done = True
         finally:
             for cpu, pid in self.stop(wait_s=STOP_WAIT_S if done else 0):
-                if cpu in plan and is_child(pid):
+                if cpu in plan and _forked_for(cpu, pid, template, answered):
+                    answered.add(pid)
                     adopt(cpu, pid)
 
     def _answer(self, poll: Callable[[], None], stall_s: float, n: int, of: int) -> tuple[int, int]:
@@ -207,6 +212,22 @@ class Template:
             self.sock.close()
             self.sock = None
         return [(c, pid) for c, pid in left if 0 < pid <= PID_MAX]
+
+
+def _forked_for(cpu: int, pid: int, template: int | None, answered: set[int]) -> bool:
+    """Is ``pid`` a process the template (pid ``template``) forked for ``cpu``: a child of ours,
+    unreaped (proc.is_child; the liveness checks take such a one as alive while no child has exited:
+    smpd.daemon.cpuproc.maybe_gone), not the template itself nor one answered already, and named
+    for that CPU, or still the template's name (the fork loop renames the child right after the
+    clone; the answer may come first)?"""
+    if pid == template or pid in answered or not is_child(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            comm = f.read().rstrip(b"\n").decode(errors="replace")
+    except OSError:
+        return False
+    return comm in (f"{CPU_COMM}{cpu}", TEMPLATE_COMM)
 
 
 def cpu_code():

@@ -13,8 +13,9 @@ What it measures, and the target it is read against:
   coordinator's own, from its segment's creation to every CPU online; then `smpd status`
   (the grid of many CPUs), `smpd status --json` (every CPU in full), `smpd offline` of every
   CPU but 0 (each CPU's first park in mwait_play_dead(): no target, but it was quadratic once)
-  and `smpd down` of that machine (targets, issue 15: 4096 CPUs up under 10 s, per CPU within
-  1.3x of 256's; status under 0.5 s, down under 3 s);
+  and `smpd down` of that machine, its CPUs parked (before 8e79f8c, online: records of the two
+  are not the same measure of down) (targets, issue 15: 4096 CPUs up under 10 s, per CPU
+  within 1.3x of 256's; status under 0.5 s, down under 3 s);
 * idle cost: host CPU used by a 64-CPU machine with 63 CPUs parked in
   mwait_play_dead(), per watch strategy, over a fixed window (target: adaptive
   under 2% of one core; spin burns whatever cores there are, by design);

@@ -268,9 +268,18 @@ def test_a_pid_word_beyond_pid_t_names_no_process(victim):
     assert victim.poll() is None
 
 
-def test_a_stale_segment_of_our_own_kills_only_its_own_cpu_processes(victim, machine_name):
-    """Our own stale segment naming a foreign pid (a bug, a reused pid): cleaned, nothing killed."""
-    blob = forged_segment(_dead_pid(), 1, {1: (victim.pid, trust.start_ticks(victim.pid))}, name=machine_name)
+def _named_process(comm: str) -> subprocess.Popen:
+    """A child of this test that names itself ``comm`` and sleeps; returned once named."""
+    p = subprocess.Popen([sys.executable, "-c", "import sys, time; from smpd.host.proc import set_process_name; "
+                          "set_process_name(sys.argv[1]); print(flush=True); time.sleep(600)", comm],
+                         stdout=subprocess.PIPE)
+    p.stdout.readline()
+    return p
+
+
+def _recovered_as_stale(machine_name: str, blob: bytes) -> None:
+    """``blob`` planted as our segment of ``machine_name``: `smpd status` finds it stale, cleans it
+    up (smpd.daemon.janitor.clean_stale_segment) and says there is no such machine."""
     path = names.segment_path(machine_name)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -278,6 +287,12 @@ def test_a_stale_segment_of_our_own_kills_only_its_own_cpu_processes(victim, mac
     r = run_smpd("status", name=machine_name, check=False)
     assert r.returncode == 2 and "no machine named" in r.stderr
     assert not os.path.exists(path)
+
+
+def test_a_stale_segment_of_our_own_kills_only_its_own_cpu_processes(victim, machine_name):
+    """Our own stale segment naming a foreign pid (a bug, a reused pid): cleaned, nothing killed."""
+    _recovered_as_stale(machine_name, forged_segment(_dead_pid(), 1, {1: (victim.pid, trust.start_ticks(victim.pid))},
+                                                     name=machine_name))
     assert victim.poll() is None
 
 
@@ -286,24 +301,11 @@ def test_a_stale_segment_of_our_own_kills_the_cpu_processes_that_outlived_their_
     to find its stale segment kills each process the segment names that is ours (our uid, named
     smpd-cpuN for its CPU, started when recorded, in the coordinator's session), unlinks the
     segment, and leaves alone a process of ours named for no CPU of it."""
-    survivors = {}
-    for cpu in (1, 2):
-        p = subprocess.Popen([sys.executable, "-c", "import sys, time; from smpd.host.proc import set_process_name; "
-                              "set_process_name(sys.argv[1]); print(flush=True); time.sleep(600)", f"smpd-cpu{cpu}"],
-                             stdout=subprocess.PIPE)
-        survivors[cpu] = p
-        p.stdout.readline()  # named
+    survivors = {cpu: _named_process(f"smpd-cpu{cpu}") for cpu in (1, 2)}
     try:
         named = {cpu: (p.pid, trust.start_ticks(p.pid)) for cpu, p in survivors.items()}
         named[3] = (victim.pid, trust.start_ticks(victim.pid))  # ours, same session, but `sleep`, not smpd-cpu3
-        blob = forged_segment(_dead_pid(), 1, named, name=machine_name, sid=os.getsid(0))
-        path = names.segment_path(machine_name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        r = run_smpd("status", name=machine_name, check=False)
-        assert r.returncode == 2 and "no machine named" in r.stderr
-        assert not os.path.exists(path)
+        _recovered_as_stale(machine_name, forged_segment(_dead_pid(), 1, named, name=machine_name, sid=os.getsid(0)))
         assert [p.wait(10) for p in survivors.values()] == [-signal.SIGKILL, -signal.SIGKILL]
         assert victim.poll() is None
     finally:
@@ -324,14 +326,7 @@ def test_a_pid_the_template_answers_is_adopted_only_if_it_forked_it_for_that_cpu
     from smpd.daemon.template import _PAIR, Template
     from smpd.errors import CpuLost
 
-    def named(comm):
-        return subprocess.Popen([sys.executable, "-c", "import sys, time; from smpd.host.proc import set_process_name; "
-                                 "set_process_name(sys.argv[1]); print(flush=True); time.sleep(60)", comm],
-                                stdout=subprocess.PIPE)
-
-    kids = [named("smpd-cpu1"), named("smpd-cpu2"), named("smpd-janitor")]
-    for k in kids:
-        k.stdout.readline()
+    kids = [_named_process("smpd-cpu1"), _named_process("smpd-cpu2"), _named_process("smpd-janitor")]
     with scratch_segment("adopt") as seg:
         t = Template()
         t.proc = subprocess.Popen(["sleep", "60"])  # what the coordinator kills at the end, as its template

@@ -116,9 +116,10 @@ class Template:
         ``meanwhile`` runs once the request is sent (the coordinator's own work, done while the
         template forks); ``poll`` runs between answers (the coordinator's stop check). Raises
         HostTooSmall when the host refuses a process, CpuLost when the template dies before it
-        answered all (or answers what it was not asked), Timeout when it answers none for ``stall_s`` (stopped,
-        or starved; its first answer may take START_S more); every CPU process forked is adopted
-        all the same, and the template killed."""
+        answered all (or answers what it was not asked, or a pid it did not fork for that CPU:
+        ``_forked_for``), Timeout when it answers none for ``stall_s`` (stopped, or starved; its
+        first answer may take START_S more); every CPU process forked is adopted all the same, and
+        the template killed."""
         done = False
         answered: set[int] = set()
         template = None

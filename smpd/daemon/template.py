@@ -54,7 +54,8 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from smpd.errors import CpuLost, Timeout
-from smpd.host.proc import PID_MAX, die_with_parent, fork_refused, fork_sibling, is_child, set_process_name
+from smpd.host.proc import (PID_MAX, die_with_parent, fork_refused, fork_sibling, is_child, process_name,
+                             set_process_name)
 
 try:
     from smpd.daemon import _forkloop
@@ -223,12 +224,7 @@ def _forked_for(cpu: int, pid: int, template: int | None, answered: set[int]) ->
     clone; the answer may come first)?"""
     if pid == template or pid in answered or not is_child(pid):
         return False
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            comm = f.read().rstrip(b"\n").decode(errors="replace")
-    except OSError:
-        return False
-    return comm in (f"{CPU_COMM}{cpu}", TEMPLATE_COMM)
+    return process_name(pid) in (f"{CPU_COMM}{cpu}", TEMPLATE_COMM)
 
 
 def cpu_code():

@@ -74,6 +74,16 @@ def is_child(pid: int) -> bool:
     return True
 
 
+def process_name(pid: int) -> str | None:
+    """Process ``pid``'s name (/proc/PID/comm, what set_process_name set), or None when it cannot
+    be read (the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().rstrip(b"\n").decode(errors="replace")
+    except OSError:
+        return None
+
+
 def signal_queued(pid: int, sig: int) -> bool:
     """Does the host still hold signal ``sig`` for process ``pid``, sent but not yet delivered (its
     bit in SigPnd or ShdPnd of /proc/PID/status, which psutil does not give)? False once it is

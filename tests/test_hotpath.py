@@ -10,13 +10,15 @@ the doorbell (a signal to the process) ends runs in a forked child (``_as_a_cpu_
 import mmap
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import multiprocess
 import pytest
 
-from conftest import in_forked_child, scratch_segment
+from conftest import REPO, in_forked_child, scratch_segment
 from smpd.host.proc import stat_fields
 from smpd.kernel import kick
 from smpd.machine import hotpath, layout as L, pyhotpath
@@ -490,3 +492,15 @@ def test_a_control_block_word_is_never_seen_half_written(seg):
     assert p.exitcode == 0
     for field, (a, b) in values.items():
         assert seen[field] <= {a, b}, f"{field} read as {sorted(seen[field] - {a, b})[:5]}"
+
+
+def test_the_wake_path_profile_runs_each_step_and_leaves_no_segment():
+    """bench/profile_wake.py drives the Python wake-up path by hand, on a segment of its own. It
+    stopped running once, unnoticed, when the kernel package moved under it; a few rounds here."""
+    r = subprocess.run([sys.executable, os.path.join(REPO, "bench", "profile_wake.py"), "--rounds", "50"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for step in ("monitor", "kick bus write", "wait (consume)", "resume page checks", "control+ack",
+                 "woken CPU to ack"):
+        assert step in r.stdout, r.stdout
+    assert not [f for f in os.listdir("/dev/shm") if "profile-wake" in f]

@@ -9,15 +9,16 @@ made certain here: that CPU's process sends itself the MCE right after it takes 
 import contextlib
 import os
 import signal
+import time
 
 import pytest
 
-from conftest import scratch_segment
+from conftest import HOT_PATHS, scratch_segment
 from smpd import config
 from smpd.errors import SmpdError
 from smpd.host.proc import die_with_parent
 from smpd.kernel import boot as kboot, cpu as kcpu, image
-from smpd.machine import layout as L
+from smpd.machine import events, layout as L
 from smpd.machine.bus import Bus
 from smpd.machine.mailbox import Mailbox
 
@@ -64,16 +65,17 @@ def _cpu_process(seg, bus, cpu: int, signals: dict[str, int]) -> int:
 
 
 @contextlib.contextmanager
-def _machine_segment(tmp_path, label: str):
+def _machine_segment(tmp_path, label: str, hot_path: L.HotPath = L.HotPath.PYTHON):
     """(config, segment) of an NCPUS machine of this test's own: the segment sized and its header
-    written as `smpd up` writes them (seed 7, the Python hot path), with no coordinator or CPU."""
+    written as `smpd up` writes them (seed 7, the Python hot path unless ``hot_path``), with no
+    coordinator or CPU."""
     conf = tmp_path / "boot.toml"
     conf.write_text(f"[machine]\ncpus = {NCPUS}\n")
     cfg = config.load(conf)
     sizes = cfg.sizes()
     with scratch_segment(label, L.Geometry(NCPUS, sizes.ram)) as seg:
         for field, value in (("ram_pages", sizes.ram), ("crash_pages", sizes.crash), ("seed", 7),
-                             ("watch", L.Watch.ADAPTIVE), ("hot_path", L.HotPath.PYTHON),
+                             ("watch", L.Watch.ADAPTIVE), ("hot_path", hot_path),
                              ("text_pages", sizes.text), ("data_pages", sizes.data),
                              ("pgtable_pages", sizes.pgtables), ("stack_pages_per_cpu", sizes.stack_per_cpu)):
             seg.set_hdr(field, value)
@@ -156,3 +158,41 @@ def test_a_reset_clears_its_fields_of_each_control_block_and_nothing_else():
             kept = [b for i, b in enumerate(block) if cpu != 2 or i not in covered]
             assert kept == [0xA5] * len(kept), f"CPU {cpu}"
         assert seg.cb(2, "pid") and seg.cb(2, "mbox_seq") and seg.cb(2, "init_count")  # not a reset's to clear
+
+
+def _until(cond, what: str, timeout_s: float = 10.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < end, what
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_an_init_alone_to_a_running_cpu_leaves_it_in_wait_for_sipi_where_an_nmi_is_held(tmp_path, hot_path):
+    """A power cycle's first message, INIT alone, to an online idle CPU: the compiled path takes it
+    without the interpreter (smpd/machine/_hotpath.c, take_init), the Python path in init_reset;
+    either way the CPU counts, logs and acknowledges it and is in wait-for-SIPI, where the NMI that
+    comes next is held, not taken, until a SIPI starts the CPU again."""
+    with _machine_segment(tmp_path, f"init-{hot_path}", L.HotPath[hot_path.upper()]) as (cfg, seg):
+        bus = Bus(seg)
+        gen1 = kboot.power_on(seg, bus, cfg.boot())
+        pid = _cpu_process(seg, bus, 1, cfg.signals())
+        try:
+            port = _Port(seg, bus, {1: pid})
+            assert kboot.start_aps(port, gen1, [1], 5.0)["started"] == [1]
+            assert seg.cb(1, "state") == L.ExecState.RUNNING
+            mark = seg.cb(1, "ev_head")
+            results, missing = port.ipi_wait([1], L.Ipi.INIT, 5.0)
+            assert (results, missing) == ({1: 0}, [])
+            assert (seg.cb(1, "state"), seg.cb(1, "hotplug")) == (L.ExecState.WAIT_FOR_SIPI, L.Hotplug.OFFLINE)
+            assert seg.cb(1, "init_count") == 2  # start_aps' INIT, then this one
+            assert [code for _ns, code, _arg in events.read_since(seg, 1, mark)[0]] == [L.Ev.INIT]
+            os.kill(pid, cfg.signals()["nmi"])
+            _until(lambda: seg.cb(1, "nmi_held") == 1, "the NMI was not held in wait-for-SIPI")
+            assert (seg.cb(1, "nmi_taken"), seg.cb(1, "nmi_pending")) == (0, 1)
+            assert port.ipi_wait([1], L.Ipi.SIPI, 5.0) == ({1: 0}, [])
+            _until(lambda: seg.cb(1, "nmi_taken") == 1, "the held NMI was not taken once the SIPI started the CPU")
+            assert seg.cb(1, "state") == L.ExecState.RUNNING
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

@@ -112,12 +112,16 @@ class Cpu(Executes, CpuCore):
         events.log(self.seg, self.cpu, L.Ev.INIT)
         return self.wait_for_sipi
 
-    def wait_for_sipi(self):
-        """Wait-for-SIPI: executes nothing; NMI and SMI are held pending, an MCE is fatal."""
-        self._set_state(L.ExecState.WAIT_FOR_SIPI, L.Hotplug.OFFLINE)
-        self._ack_pending()
+    def wait_for_sipi(self, woken_with: int | None = None):
+        """Wait-for-SIPI: executes nothing; NMI and SMI are held pending, an MCE is fatal.
+
+        ``woken_with``: the compiled path took the INIT and made this state's stores already
+        (``_init_taken``); this is the wake-up that came next."""
+        if woken_with is None:
+            self._set_state(L.ExecState.WAIT_FOR_SIPI, L.Hotplug.OFFLINE)
+            self._ack_pending()
         while True:
-            mask = self.wait()
+            mask, woken_with = woken_with if woken_with is not None else self.wait(), None
             if mask & M_IRQ and self.hold_interrupts():
                 # A CPU in INIT cannot take the machine check: the platform shuts the
                 # machine down. Loud and diagnosable: "the lesser of two evils".
@@ -131,6 +135,16 @@ class Cpu(Executes, CpuCore):
             if ipi is not None:
                 self.pending_ack = ipi[0]
                 return self.start_secondary
+
+    def _init_taken(self, mask: int):
+        """The compiled path took an INIT that came alone while this state waited (core.wait's
+        ``init``): init_reset()'s stores and event, wait-for-SIPI's state and the acknowledgement
+        are made. What is left is this process's own part of init_reset(); then wait-for-SIPI
+        takes ``mask``, the wake-up that came next."""
+        self.init_ns = 0
+        self.armed_line = -1  # nothing was armed (the compiled path takes INIT only so)
+        self.nmi_blocked = False
+        return self.wait_for_sipi(woken_with=mask)
 
     def start_secondary(self):
         self._add("sipi_count", 1)
@@ -164,7 +178,9 @@ class Cpu(Executes, CpuCore):
     def running(self):
         """Online: the idle loop, answering interrupts and IPIs."""
         while True:
-            mask = self.wait()
+            mask = self.wait(init=True)
+            if self.init_ns:
+                return self._init_taken(mask)
             if mask & M_IRQ:
                 nxt = self.take_interrupts()
                 if nxt is not None:
@@ -288,7 +304,9 @@ class Cpu(Executes, CpuCore):
             # Under adaptive, a halted CPU sleeps at once: no write ends HLT, so a spin
             # would only hold the host core that the next kicked CPU needs to wake on.
             if mask is None:
-                mask = self.wait(may_spin=False)
+                mask = self.wait(may_spin=False, init=True)
+                if self.init_ns:
+                    return self._init_taken(mask)
             nxt = self._interrupts_then_ipis(mask, (L.Ipi.REPARK,), in_hlt=True)
             if nxt is not False:
                 return nxt

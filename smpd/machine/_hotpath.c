@@ -35,6 +35,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>  /* PyMemberDef, T_LONGLONG (Python 3.11) */
 
 #include <errno.h>
 #include <limits.h>
@@ -204,6 +205,93 @@ static PyTypeObject AckType = {
 	.tp_init = (initproc)Ack_init,
 };
 
+/* ---- Init: an INIT that comes alone, taken without the interpreter ------- */
+
+/*
+ * A CPU online and idle (smpd.kernel.cpu's `running`) or halted (`hlt`), with nothing armed, that
+ * is sent INIT alone (a power cycle's first message: smpd.daemon.kernel_ops' reset) runs
+ * init_reset() and enters wait-for-SIPI, where it executes nothing: the stores those leave
+ * (init_count, the INIT event, state and hotplug) and the acknowledgement. take_init() makes them
+ * here, from the wake-up, and the wait goes on: the interpreter runs only at the next wake-up,
+ * which the Python state machine then takes in wait-for-SIPI (it reads ``taken_ns``). Anything
+ * else (another command, IPIs that follow INIT in its message, an interrupt, a timer or a write
+ * byte, an armed monitor) is left untouched for the Python path.
+ */
+typedef struct {
+	PyObject_HEAD
+	int ready;
+	Py_ssize_t mbox_seq, mbox_cmd, mbox_arg, mbox_ack, mbox_result, armed;
+	Py_ssize_t init_count, state, hotplug, activity, busy, ev_head, ev_ring;
+	uint32_t cmd_init, st_wait_for_sipi, hp_offline, ev_init, ev_slots;
+	int ipi_byte;  /* the IPI byte's index in `wake` (smpd.machine.layout.WAKE_IPI) */
+	Py_ssize_t ev_entry, need;
+	long long taken_ns;  /* when an INIT was taken; the Python side reads it and sets it back to 0 */
+} Init;
+
+static int Init_init(Init *self, PyObject *args, PyObject *kw)
+{
+	static char *names[] = {"mbox_seq", "mbox_cmd", "mbox_arg", "mbox_ack", "mbox_result", "armed",
+				"init_count", "state", "hotplug", "activity", "busy", "ev_head", "ev_ring",
+				"cmd_init", "state_wait_for_sipi", "hotplug_offline", "ev_init", "ev_slots", "ev_entry",
+				"ipi_byte", NULL};
+
+	if (self->ready) {
+		PyErr_SetString(PyExc_RuntimeError, "Init is already initialised");
+		return -1;
+	}
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "nnnnnnnnnnnnnIIIIIni", names, &self->mbox_seq, &self->mbox_cmd,
+					 &self->mbox_arg, &self->mbox_ack, &self->mbox_result, &self->armed,
+					 &self->init_count, &self->state, &self->hotplug, &self->activity, &self->busy,
+					 &self->ev_head, &self->ev_ring, &self->cmd_init, &self->st_wait_for_sipi,
+					 &self->hp_offline, &self->ev_init, &self->ev_slots, &self->ev_entry, &self->ipi_byte))
+		return -1;
+	if (self->ev_entry != 16 || self->ev_slots == 0 || self->ipi_byte < 1 || self->ipi_byte > 3) {
+		PyErr_SetString(PyExc_ValueError, "Init: events are 16 bytes, at least one slot; the IPI byte is "
+				"byte 1, 2 or 3 of `wake`");
+		return -1;
+	}
+	{
+		enum { N = 13 };
+		Py_ssize_t off[N] = {self->mbox_seq, self->mbox_cmd, self->mbox_arg, self->mbox_ack,
+				     self->mbox_result, self->armed, self->init_count, self->state, self->hotplug,
+				     self->activity, self->busy, self->ev_head, self->ev_ring};
+		Py_ssize_t size[N] = {4, 4, 8, 4, 4, 4, 4, 4, 4, 4, 4, 4, 16 * (Py_ssize_t)self->ev_slots};
+
+		self->need = 0;
+		for (int k = 0; k < N; k++) {
+			Py_ssize_t align = size[k] > 8 ? 8 : size[k];
+
+			if (off[k] < 0 || off[k] % align) {
+				PyErr_Format(PyExc_ValueError, "Init offset %zd is not aligned to %zd bytes", off[k], align);
+				return -1;
+			}
+			if (off[k] + size[k] > self->need)
+				self->need = off[k] + size[k];
+		}
+	}
+	self->taken_ns = 0;
+	self->ready = 1;
+	return 0;
+}
+
+static PyMemberDef Init_members[] = {
+	{"taken_ns", T_LONGLONG, offsetof(Init, taken_ns), 0,
+	 "CLOCK_MONOTONIC ns of the last INIT taken here (0: none since the Python side cleared it)"},
+	{NULL},
+};
+
+static PyTypeObject InitType = {
+	PyVarObject_HEAD_INIT(NULL, 0)
+	.tp_name = "smpd._hotpath.Init",
+	.tp_doc = "Init(...): byte offsets of a CPU's mailbox, its mon_armed and what init_reset() and "
+		  "wait-for-SIPI store, for a wait to take an INIT that comes alone (see take_init)",
+	.tp_basicsize = sizeof(Init),
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_new = PyType_GenericNew,
+	.tp_init = (initproc)Init_init,
+	.tp_members = Init_members,
+};
+
 /* ---- Waiter: a CPU's watch loop ------------------------------------------- */
 
 typedef struct {
@@ -214,6 +302,7 @@ typedef struct {
 	Py_ssize_t sleep_core;  /* `sleep_core`: the host core it sleeps on, stored before `sleeping` (-1: none) */
 	int yield;  /* spinning CPUs outnumber host cores: give the core away between polls */
 	int busy;  /* a wait() is running: it releases the GIL, so a second thread could enter */
+	Init *init;  /* the running call's, or NULL: an INIT that comes alone is taken there (take_init) */
 	Py_ssize_t need;  /* the buffer must be this long: the last byte of its words */
 	sigset_t irq, sleep_set;
 } Waiter;
@@ -291,21 +380,81 @@ static void Waiter_dealloc(Waiter *self)
 }
 
 /* events.log(): one (ns, code, arg) entry in the CPU's ring, ev_head written last. */
-static void log_event(char *b, Ack *a, uint32_t code, uint32_t arg, int64_t ns)
+static void log_at(char *b, Py_ssize_t ev_head, Py_ssize_t ev_ring, uint32_t slots, uint32_t code, uint32_t arg,
+		   int64_t ns)
 {
-	uint32_t head = LOAD32(b + a->ev_head);
-	char *e = b + a->ev_ring + (Py_ssize_t)(head % a->ev_slots) * a->ev_entry;
+	uint32_t head = LOAD32(b + ev_head);
+	char *e = b + ev_ring + (Py_ssize_t)(head % slots) * 16;
 
 	STORE64(e, (uint64_t)ns);
 	STORE32(e + 8, code);
 	STORE32(e + 12, arg);
-	STORE32(b + a->ev_head, head + 1);
+	STORE32(b + ev_head, head + 1);
 }
 
-/* Is a byte raised in either wake word? */
+static void log_event(char *b, Ack *a, uint32_t code, uint32_t arg, int64_t ns)
+{
+	log_at(b, a->ev_head, a->ev_ring, a->ev_slots, code, arg, ns);
+}
+
+/* An unacknowledged message in the mailbox that is INIT with nothing after it (its seq in *seq)? */
+static int init_message(char *b, Init *n, uint32_t *seq)
+{
+	*seq = LOAD32(b + n->mbox_seq);
+	return *seq != LOAD32(b + n->mbox_ack) && LOAD32(b + n->mbox_cmd) == n->cmd_init && !LOAD64(b + n->mbox_arg);
+}
+
+/* The lone INIT take_init() takes: the IPI byte raised alone of the kinds (`wake`'s byte 0 is not
+ * one), no write byte, nothing armed, and that message. */
+static int lone_init(Waiter *w, Init *n, uint32_t *seq)
+{
+	char *b = w->base;
+	uint32_t wake = LOAD32(b + w->wake), ipi = 0xFFu << (8 * n->ipi_byte);
+
+	if (!(wake & ipi) || (wake & ~0xFFu & ~ipi) || LOAD32(b + w->write) || LOAD32(b + n->armed))
+		return 0;
+	return init_message(b, n, seq);
+}
+
+/* See Init. 1: taken (its byte cleared, its stores made, the wait goes on); 0: the Python path's. */
+static int take_init(Waiter *w, Init *n)
+{
+	char *b = w->base;
+	uint32_t seq, again;
+	int64_t now;
+
+	if (!lone_init(w, n, &seq))
+		return 0;
+	/* As CpuCore._consume: the byte cleared and fenced before the mailbox is read (again) */
+	STORE8(b + w->wake + n->ipi_byte, 0);
+	FENCE();
+	if (!init_message(b, n, &again) || again != seq) {
+		STORE8(b + w->wake + n->ipi_byte, 1);  /* not the message looked at: raised again for Python */
+		return 0;
+	}
+	now = now_ns();
+	STORE32(b + n->busy, 1);
+	/* init_reset(): nothing is armed to disarm; the count and the event */
+	STORE32(b + n->init_count, LOAD32(b + n->init_count) + 1);
+	log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_init, 0, now);
+	/* wait_for_sipi(): the state, then the acknowledgement (its result first: the coordinator polls ack) */
+	STORE32(b + n->hotplug, n->hp_offline);
+	STORE32(b + n->state, n->st_wait_for_sipi);
+	STORE32(b + n->mbox_result, 0);  /* IPI_DONE */
+	STORE32(b + n->mbox_ack, seq);
+	STORE32(b + n->activity, LOAD32(b + n->activity) + 1);
+	STORE32(b + n->busy, 0);
+	n->taken_ns = now;
+	return 1;
+}
+
+/* Is a byte raised in either wake word, for the caller to act on? A lone INIT the call may take
+ * (``w->init``) is taken instead, and the wait goes on. */
 static inline int raised(Waiter *w)
 {
-	return LOAD32(w->base + w->wake) != 0 || LOAD32(w->base + w->write) != 0;
+	if (LOAD32(w->base + w->wake) == 0 && LOAD32(w->base + w->write) == 0)
+		return 0;
+	return !(w->init && take_init(w, w->init));
 }
 
 /*
@@ -508,12 +657,13 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 {
 	long long spin_ns, deadline;
-	PyObject *ack, *r;
+	PyObject *ack, *init = Py_None, *r;
 	Ack *a = NULL;
+	Init *n = NULL;
 	Py_buffer view;
 	Py_ssize_t need = w->need;
 
-	if (!PyArg_ParseTuple(args, "LLO", &spin_ns, &deadline, &ack))
+	if (!PyArg_ParseTuple(args, "LLO|O", &spin_ns, &deadline, &ack, &init))
 		return NULL;
 	if (!w->buf) {
 		PyErr_SetString(PyExc_RuntimeError, "Waiter is not initialised");
@@ -528,6 +678,15 @@ static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 		if (a->need > need)
 			need = a->need;
 	}
+	if (init != Py_None) {
+		if (!PyObject_TypeCheck(init, &InitType) || !((Init *)init)->ready) {
+			PyErr_SetString(PyExc_TypeError, "init must be an initialised Init, or None");
+			return NULL;
+		}
+		n = (Init *)init;
+		if (n->need > need)
+			need = n->need;
+	}
 	if (w->busy) {  /* w->base is the running call's: one wait() per Waiter at a time */
 		PyErr_SetString(PyExc_RuntimeError, "this Waiter is already waiting in another thread");
 		return NULL;
@@ -536,7 +695,9 @@ static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 	if (!w->base)
 		return NULL;
 	w->busy = 1;
+	w->init = n;  /* the call holds it (args) */
 	r = wait_on(w, spin_ns, deadline, a);
+	w->init = NULL;
 	w->busy = 0;
 	w->base = NULL;
 	PyBuffer_Release(&view);
@@ -626,13 +787,15 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 
 static PyMethodDef Waiter_methods[] = {
 	{"wait", (PyCFunction)Waiter_wait, METH_VARARGS,
-	 "wait(spin_ns, deadline_ns, ack) -> (code, arg, acked_ns)\n\n"
+	 "wait(spin_ns, deadline_ns, ack, init=None) -> (code, arg, acked_ns)\n\n"
 	 "Wait for the wake words: spin for spin_ns (-1: until woken; 0: not at all), then sleep\n"
 	 "in sigwaitinfo() on the doorbell and interrupt signals; deadline_ns (CLOCK_MONOTONIC, 0 =\n"
 	 "none) ends the wait as TIMEOUT. code is WOKE (the wake words are left for the caller),\n"
 	 "TIMEOUT, or SIGNAL with arg = the interrupt signal taken while asleep. acked_ns is 0,\n"
 	 "or, when ack was given and the wake-up was a kick it could acknowledge, when the CPU saw\n"
-	 "the kick: it then acknowledged, went into HLT, and code/arg say what ended HLT."},
+	 "the kick: it then acknowledged, went into HLT, and code/arg say what ended HLT. With init\n"
+	 "(an Init), an INIT that comes alone is taken on the way (init.taken_ns says when) and the\n"
+	 "wait goes on: code/arg are then the next wake-up's, which the CPU takes in wait-for-SIPI."},
 	{NULL},
 };
 
@@ -995,14 +1158,14 @@ PyMODINIT_FUNC PyInit__hotpath(void)
 {
 	PyObject *m;
 
-	if (PyType_Ready(&AckType) < 0 || PyType_Ready(&WaiterType) < 0 || PyType_Ready(&KickerType) < 0)
+	if (PyType_Ready(&AckType) < 0 || PyType_Ready(&InitType) < 0 || PyType_Ready(&WaiterType) < 0 || PyType_Ready(&KickerType) < 0)
 		return NULL;
 	m = PyModule_Create(&module);
 	if (!m)
 		return NULL;
 	if (PyModule_AddIntConstant(m, "WOKE", WOKE) || PyModule_AddIntConstant(m, "TIMEOUT", TIMEOUT) ||
 	    PyModule_AddIntConstant(m, "SIGNAL", SIGNAL) ||
-	    PyModule_AddType(m, &AckType) || PyModule_AddType(m, &WaiterType) || PyModule_AddType(m, &KickerType)) {
+	    PyModule_AddType(m, &AckType) || PyModule_AddType(m, &InitType) || PyModule_AddType(m, &WaiterType) || PyModule_AddType(m, &KickerType)) {
 		Py_DECREF(m);
 		return NULL;
 	}

@@ -81,6 +81,8 @@ class CpuCore:
                              (M_IPI, ix("wake_ipi")), (M_TIMER, ix("wake_spurious"))]
         self.waiter = hotpath.waiter(seg, cpu, self.irq_sigs, DOORBELL_SIGNAL)
         self.acked_ns = 0  # set when the compiled path acknowledged a kick inside wait()
+        self.init_taker = hotpath.init_taker(seg, cpu)  # None on a Python machine
+        self.init_ns = 0  # set when the compiled path took an INIT that came alone inside wait()
 
     def install_signal_handlers(self) -> None:
         # Through _signal, the C module `signal` wraps: the wrapper turns each previous handler into
@@ -118,7 +120,7 @@ class CpuCore:
             self.rng = random.Random(self.seg.hdr("seed") * 4099 + self.cpu)
         return self.rng.expovariate(self.spurious_per_s)
 
-    def wait(self, may_spin: bool = True, ack=None) -> int:
+    def wait(self, may_spin: bool = True, ack=None, init: bool = False) -> int:
         """Wait until a waker raises a byte; return the wake mask and clear what it names.
 
         The watch loop is the machine's hot path (``self.waiter``: compiled, or its
@@ -128,15 +130,22 @@ class CpuCore:
         and sleeps at once. ``ack`` (compiled path only, from mwait_play_dead()):
         when the wake-up is a kick this CPU can acknowledge, the compiled code does
         so, records the way into HLT and halts; ``acked_ns`` is then when it saw the
-        kick, and the mask returned is what ended HLT.
+        kick, and the mask returned is what ended HLT. ``init`` (compiled path only, from a
+        state with nothing armed whose INIT leads straight to wait-for-SIPI): an INIT that
+        comes alone is taken on the way and the wait goes on (smpd/machine/_hotpath.c,
+        take_init); ``init_ns`` is then when, and the mask returned is the next wake-up's,
+        for wait-for-SIPI to take.
         """
         u32 = self.u32
         u32[self.i_busy] = 0
         spurious = self._spurious_in()
         spin_ns = -1 if self.spin else self.budget_ns if may_spin else 0
         deadline_ns = 0 if spurious is None else time.monotonic_ns() + max(1, int(spurious * 1e9))
+        taker = self.init_taker if init and self.pending_ack is None else None  # it acknowledges
         while True:
-            code, arg, acked_ns = self.waiter.wait(spin_ns, deadline_ns, ack)
+            code, arg, acked_ns = self.waiter.wait(spin_ns, deadline_ns, ack, taker)
+            if taker is not None and taker.taken_ns:
+                self.init_ns, taker.taken_ns, taker = taker.taken_ns, 0, None  # in wait-for-SIPI from here
             if acked_ns:  # acknowledged and halted: what follows is HLT's wake-up
                 self.acked_ns, ack, deadline_ns = acked_ns, None, 0
             if code == hotpath.SIGNAL:  # an interrupt signal, taken while asleep

@@ -83,6 +83,22 @@ def ack(seg, cpu: int, md: int, checks) -> object | None:
                         ev_kick_seen=L.Ev.KICK_SEEN, ev_hlt=L.Ev.HLT, ev_entry=L.EV_ENTRY.size)
 
 
+def init_taker(seg, cpu: int) -> object | None:
+    """None on a Python machine; else what CPU ``cpu``'s compiled wait needs to take an INIT that
+    comes alone (smpd/machine/_hotpath.c, take_init): its mailbox, mon_armed, and what
+    init_reset() and wait-for-SIPI store (smpd.kernel.cpu), where."""
+    if not compiled(seg):
+        return None
+    word = lambda field: seg.cb_index(cpu, field) * L.CB[field][1].size  # noqa: E731
+    return _hotpath.Init(mbox_seq=word("mbox_seq"), mbox_cmd=word("mbox_cmd"), mbox_arg=word("mbox_arg"),
+                         mbox_ack=word("mbox_ack"), mbox_result=word("mbox_result"), armed=word("mon_armed"),
+                         init_count=word("init_count"), state=word("state"), hotplug=word("hotplug"),
+                         activity=word("activity"), busy=word("busy"), ev_head=word("ev_head"),
+                         ev_ring=seg.geo.cb_off(cpu) + L.EV_OFF, cmd_init=L.Ipi.INIT,
+                         state_wait_for_sipi=L.ExecState.WAIT_FOR_SIPI, hotplug_offline=L.Hotplug.OFFLINE,
+                         ev_init=L.Ev.INIT, ev_slots=L.EV_SLOTS, ev_entry=L.EV_ENTRY.size, ipi_byte=L.WAKE_IPI)
+
+
 def kicker(seg, doorbell: int, bus):
     """The coordinator's kick loop: the compiled one, or its Python peer writing through ``bus``."""
     if not compiled(seg):

@@ -70,13 +70,14 @@ class Waiter:
         signal.setitimer(signal.ITIMER_REAL, 0)
         self.buf[self.timer_byte] = 0
 
-    def wait(self, spin_ns: int, deadline_ns: int, ack=None) -> tuple[int, int, int]:
+    def wait(self, spin_ns: int, deadline_ns: int, ack=None, init=None) -> tuple[int, int, int]:
         """Spin for ``spin_ns`` (-1: until woken; 0: not at all), then sleep in sigwaitinfo() on
         the doorbell and interrupt signals; ``deadline_ns`` (CLOCK_MONOTONIC, 0 = none) ends the
         wait as TIMEOUT. WOKE leaves the wake words for the caller; SIGNAL's arg is the interrupt
         signal taken while asleep. acked_ns is always 0 (see the module comment)."""
-        if ack is not None:
-            raise TypeError("the Python Waiter does not acknowledge kicks: smpd.kernel.cpu does; pass ack=None")
+        if ack is not None or init is not None:
+            raise TypeError("the Python Waiter neither acknowledges kicks nor takes INITs: smpd.kernel.cpu "
+                            "does; pass ack=None, init=None")
         u32, i, w = self.u32, self.i, self.w
         if u32[i] or u32[w]:
             return WOKE, 0, 0

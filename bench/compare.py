@@ -8,14 +8,27 @@ whether they do) and the same bench; figures only one record has are listed apar
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+
+
+def _record(ap: argparse.ArgumentParser, path: str) -> dict:
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, ValueError) as e:
+        ap.error(f"{path}: {e}")
+    if not isinstance(rec, dict) or not {"bench", "commit", "host", "figures"} <= rec.keys():
+        ap.error(f"{path}: not a bench record (expected the keys bench, commit, host and figures, as bench/record.py writes)")
+    return rec
 
 
 def main() -> None:
-    if len(sys.argv) != 3:
-        raise SystemExit(__doc__)
-    old, new = (json.load(open(p)) for p in sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("old", help="the earlier record (bench/records/*.json)")
+    ap.add_argument("new", help="the later record")
+    args = ap.parse_args()
+    old, new = _record(ap, args.old), _record(ap, args.new)
     print(f"old: {old['bench']} at {old['commit'][:12]} on {old['host']['cpu']} ({old['host']['cores']} cores)")
     print(f"new: {new['bench']} at {new['commit'][:12]} on {new['host']['cpu']} ({new['host']['cores']} cores)")
     if old["host"] != new["host"]:

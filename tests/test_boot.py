@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import HOT_PATHS, scratch_segment
+from conftest import HOT_PATHS, hot_paths, scratch_segment
 from smpd import config
 from smpd.errors import SmpdError
 from smpd.host.proc import die_with_parent
@@ -65,17 +65,17 @@ def _cpu_process(seg, bus, cpu: int, signals: dict[str, int]) -> int:
 
 
 @contextlib.contextmanager
-def _machine_segment(tmp_path, label: str, hot_path: L.HotPath = L.HotPath.PYTHON):
+def _machine_segment(tmp_path, label: str, hot_path: L.HotPath = L.HotPath.PYTHON, watch: L.Watch = L.Watch.ADAPTIVE):
     """(config, segment) of an NCPUS machine of this test's own: the segment sized and its header
-    written as `smpd up` writes them (seed 7, the Python hot path unless ``hot_path``), with no
-    coordinator or CPU."""
+    written as `smpd up` writes them (seed 7, the Python hot path and the adaptive watch unless
+    ``hot_path``, ``watch``), with no coordinator or CPU."""
     conf = tmp_path / "boot.toml"
     conf.write_text(f"[machine]\ncpus = {NCPUS}\n")
     cfg = config.load(conf)
     sizes = cfg.sizes()
     with scratch_segment(label, L.Geometry(NCPUS, sizes.ram)) as seg:
         for field, value in (("ram_pages", sizes.ram), ("crash_pages", sizes.crash), ("seed", 7),
-                             ("watch", L.Watch.ADAPTIVE), ("hot_path", hot_path),
+                             ("watch", watch), ("hot_path", hot_path),
                              ("text_pages", sizes.text), ("data_pages", sizes.data),
                              ("pgtable_pages", sizes.pgtables), ("stack_pages_per_cpu", sizes.stack_per_cpu)):
             seg.set_hdr(field, value)
@@ -193,6 +193,38 @@ def test_an_init_alone_to_a_running_cpu_leaves_it_in_wait_for_sipi_where_an_nmi_
             assert port.ipi_wait([1], L.Ipi.SIPI, 5.0) == ({1: 0}, [])
             _until(lambda: seg.cb(1, "nmi_taken") == 1, "the held NMI was not taken once the SIPI started the CPU")
             assert seg.cb(1, "state") == L.ExecState.RUNNING
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize("case", hot_paths("adaptive", "spin"))
+def test_an_nmi_that_comes_before_an_init_alone_is_taken_before_it(tmp_path, case):
+    """An NMI signalled to a running CPU before an INIT alone reaches it is taken first, in the
+    running kernel, and the INIT after it: however the wake-up finds them (the CPU's process
+    stopped while both arrive, so that both are there when it looks), on either hot path. The
+    compiled wait must leave such an INIT to Python (take_init: an interrupt not taken yet)."""
+    watch, hot_path = case
+    with _machine_segment(tmp_path, f"nmi-init-{watch}-{hot_path}", L.HotPath[hot_path.upper()],
+                          L.Watch[watch.upper()]) as (cfg, seg):
+        bus = Bus(seg)
+        gen1 = kboot.power_on(seg, bus, cfg.boot())
+        pid = _cpu_process(seg, bus, 1, cfg.signals())
+        try:
+            port = _Port(seg, bus, {1: pid})
+            assert kboot.start_aps(port, gen1, [1], 5.0)["started"] == [1]
+            mark = seg.cb(1, "ev_head")
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                os.kill(pid, cfg.signals()["nmi"])
+                seq = port.mailbox.send(1, L.Ipi.INIT)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            _until(lambda: seg.cb(1, "mbox_ack") == seq, "the INIT was not acknowledged")
+            assert (seg.cb(1, "nmi_taken"), seg.cb(1, "nmi_held")) == (1, 0)
+            codes = [code for _ns, code, _arg in events.read_since(seg, 1, mark)[0]]
+            assert codes.index(L.Ev.INTERRUPT) < codes.index(L.Ev.INIT), codes
+            assert seg.cb(1, "state") == L.ExecState.WAIT_FOR_SIPI
         finally:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)

@@ -416,20 +416,49 @@ def test_the_compiled_hot_path_is_given_the_layout_sizes_and_refuses_others(seg)
         _hotpath.Ack(**{**_ack_kwargs(seg), "ev_entry": 8})
 
 
-def _ack_kwargs(seg):
-    """hotpath.ack()'s arguments for CPU 1, read back from a call that records them."""
+def _kwargs_of(name: str, call) -> dict:
+    """The arguments smpd.machine.hotpath gives _hotpath.<name> in ``call``, recorded."""
     seen = {}
 
     class Recorder:
         def __init__(self, **kw):
             seen.update(kw)
 
-    real, hotpath._hotpath.Ack = hotpath._hotpath.Ack, Recorder
+    real = getattr(hotpath._hotpath, name)
+    setattr(hotpath._hotpath, name, Recorder)
     try:
-        hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, [])
+        call()
     finally:
-        hotpath._hotpath.Ack = real
+        setattr(hotpath._hotpath, name, real)
     return seen
+
+
+def _ack_kwargs(seg):
+    """hotpath.ack()'s arguments for CPU 1."""
+    return _kwargs_of("Ack", lambda: hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, []))
+
+
+@pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
+def test_the_compiled_init_and_ack_refuse_offsets_past_any_buffer_and_a_wait_takes_one_of_them(seg):
+    """An offset so large that the bytes a wait needs would overflow is refused when the Init or Ack
+    is made (it had wrapped, and a wait then stored outside the segment); taken_ns is the C
+    side's to write; one wait takes an Ack (a kick ends in HLT inside it) or an Init, not both."""
+    from smpd.machine import _hotpath
+
+    seg.set_hdr("hot_path", L.HotPath.C)
+    kw = _kwargs_of("Init", lambda: hotpath.init_taker(seg, CPU))
+    _hotpath.Init(**kw)
+    for field, off in (("mbox_seq", 2**63 - 4), ("ev_ring", 2**63 - 8)):
+        with pytest.raises(ValueError, match="too large"):
+            _hotpath.Init(**{**kw, field: off})
+    with pytest.raises(ValueError, match="too large"):
+        _hotpath.Ack(**{**_ack_kwargs(seg), "control": 2**63 - 4})
+    init = hotpath.init_taker(seg, CPU)
+    with pytest.raises(AttributeError):
+        init.taken_ns = 1
+    waiter = hotpath.waiter(seg, CPU, set(), DOORBELL_SIGNAL)
+    with pytest.raises(ValueError, match="not both"):
+        waiter.wait(0, 1, hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, []), init)
 
 
 @pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")

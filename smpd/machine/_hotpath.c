@@ -1,5 +1,5 @@
 /*
- * smpd._hotpath: the two halves of a kick, compiled.
+ * smpd._hotpath: the two halves of a kick, and an INIT that comes alone, compiled.
  *
  * A kick is a cache-line conversation: the coordinator stores control, the parked
  * CPU sees it and stores status, the coordinator sees that. In Python each side
@@ -24,10 +24,16 @@
  *                       rest) and udelay(5) rounds. Kicker.kick_each(): its
  *                       loop over CPUs ("Does it sit in mwait_play_dead() ?").
  *
- * Everything outside that path (interrupt handlers, IPIs, events, counters,
- * foreign bytes) stays in Python: the C returns to it whenever the wake-up is
- * anything but a kick it can acknowledge. smpd.hotpath chooses between this and
- * the pure Python loops; both are tested against the same machine.
+ *   Init                an INIT that comes alone to an idle or halted CPU with
+ *                       nothing armed (a reset's first message; 6.5's
+ *                       smp_park_other_cpus_in_init()): a wait given one takes it
+ *                       (init_reset(), wait-for-SIPI's stores, the acknowledgement)
+ *                       and goes on waiting (take_init).
+ *
+ * Everything outside those paths (interrupt handlers, other IPIs, foreign bytes)
+ * stays in Python: the C returns to it whenever the wake-up is anything but a kick
+ * it can acknowledge or such an INIT. smpd.hotpath chooses between this and the
+ * pure Python loops; both are tested against the same machine.
  *
  * Signals: Python handlers (NMI/SMI/MCE) only run when the interpreter gets
  * control, so the spin loop calls PyErr_CheckSignals() every SIGNAL_POLL
@@ -179,9 +185,9 @@ static int Ack_init(Ack *self, PyObject *args, PyObject *kw)
 		for (int k = 0; k < N + self->ntags; k++) {
 			Py_ssize_t o = k < N ? off[k] : self->tag_off[k - N], sz = k < N ? size[k] : 16;
 
-			if (o < 0 || o % (sz > 8 ? 8 : sz)) {
-				PyErr_Format(PyExc_ValueError, "Ack offset %zd is not aligned to %zd bytes", o,
-					     sz > 8 ? 8 : sz);
+			if (o < 0 || o % (sz > 8 ? 8 : sz) || o > PY_SSIZE_T_MAX - sz) {
+				PyErr_Format(PyExc_ValueError, "Ack offset %zd is negative, too large or not aligned to "
+					     "%zd bytes", o, sz > 8 ? 8 : sz);
 				return -1;
 			}
 			if (o + sz > self->need)
@@ -209,13 +215,14 @@ static PyTypeObject AckType = {
 
 /*
  * A CPU online and idle (smpd.kernel.cpu's `running`) or halted (`hlt`), with nothing armed, that
- * is sent INIT alone (a power cycle's first message: smpd.daemon.kernel_ops' reset) runs
- * init_reset() and enters wait-for-SIPI, where it executes nothing: the stores those leave
- * (init_count, the INIT event, state and hotplug) and the acknowledgement. take_init() makes them
- * here, from the wake-up, and the wait goes on: the interpreter runs only at the next wake-up,
- * which the Python state machine then takes in wait-for-SIPI (it reads ``taken_ns``). Anything
- * else (another command, IPIs that follow INIT in its message, an interrupt, a timer or a write
- * byte, an armed monitor) is left untouched for the Python path.
+ * is sent INIT alone (a power cycle's first message: smpd.daemon.kernel_ops' reset; 6.5's
+ * smp_park_other_cpus_in_init(), smpd.kernel.stop, to CPUs halted by REBOOT) runs init_reset()
+ * and enters wait-for-SIPI, where it executes nothing: the stores those leave (init_count, the
+ * INIT event, state and hotplug) and the acknowledgement. take_init() makes them here, from the
+ * wake-up, and the wait goes on: the interpreter runs only at the next wake-up, which the Python
+ * state machine then takes in wait-for-SIPI (it reads ``taken_ns``). Anything else (another
+ * command, IPIs that follow INIT in its message, an interrupt byte raised or an interrupt signal
+ * not taken yet, a timer or a write byte, an armed monitor) is left untouched for the Python path.
  */
 typedef struct {
 	PyObject_HEAD
@@ -261,8 +268,9 @@ static int Init_init(Init *self, PyObject *args, PyObject *kw)
 		for (int k = 0; k < N; k++) {
 			Py_ssize_t align = size[k] > 8 ? 8 : size[k];
 
-			if (off[k] < 0 || off[k] % align) {
-				PyErr_Format(PyExc_ValueError, "Init offset %zd is not aligned to %zd bytes", off[k], align);
+			if (off[k] < 0 || off[k] % align || off[k] > PY_SSIZE_T_MAX - size[k]) {
+				PyErr_Format(PyExc_ValueError, "Init offset %zd is negative, too large or not aligned to "
+					     "%zd bytes", off[k], align);
 				return -1;
 			}
 			if (off[k] + size[k] > self->need)
@@ -275,8 +283,8 @@ static int Init_init(Init *self, PyObject *args, PyObject *kw)
 }
 
 static PyMemberDef Init_members[] = {
-	{"taken_ns", T_LONGLONG, offsetof(Init, taken_ns), 0,
-	 "CLOCK_MONOTONIC ns of the last INIT taken here (0: none since the Python side cleared it)"},
+	{"taken_ns", T_LONGLONG, offsetof(Init, taken_ns), READONLY,
+	 "CLOCK_MONOTONIC ns of the last INIT taken in the last wait() given this Init (0: none)"},
 	{NULL},
 };
 
@@ -423,8 +431,17 @@ static int take_init(Waiter *w, Init *n)
 	uint32_t seq, again;
 	int64_t now;
 
+	sigset_t pending;
+
 	if (!lone_init(w, n, &seq))
 		return 0;
+	/* An interrupt signal that came first and is not taken yet (asleep: blocked, pending)
+	 * goes first: the Python path takes it, then the INIT (see must_return). */
+	if (sigpending(&pending) < 0)
+		return 0;
+	for (int sig = 1; sig < NSIG; sig++)
+		if (sigismember(&w->irq, sig) == 1 && sigismember(&pending, sig) == 1)
+			return 0;
 	/* As CpuCore._consume: the byte cleared and fenced before the mailbox is read (again) */
 	STORE8(b + w->wake + n->ipi_byte, 0);
 	FENCE();
@@ -448,13 +465,30 @@ static int take_init(Waiter *w, Init *n)
 	return 1;
 }
 
-/* Is a byte raised in either wake word, for the caller to act on? A lone INIT the call may take
- * (``w->init``) is taken instead, and the wait goes on. */
+/* Is a byte raised in either wake word? */
 static inline int raised(Waiter *w)
 {
-	if (LOAD32(w->base + w->wake) == 0 && LOAD32(w->base + w->write) == 0)
+	return LOAD32(w->base + w->wake) != 0 || LOAD32(w->base + w->write) != 0;
+}
+
+/*
+ * Must the wait return for a raised byte? 0: nothing is raised, or it was a lone INIT the call
+ * takes (``w->init``, take_init) and the wait goes on; 1: return; -1: a handler raised (an
+ * exception is set). An interrupt that came before the INIT is taken before it, in the state
+ * that was waiting, as on the Python path (there the interpreter runs its handler, which
+ * raises its byte, before CpuCore._consume reads the wake words): with the GIL held
+ * (``gil``), its handler runs here first; asleep (interrupt signals blocked), take_init finds
+ * its signal pending and leaves the INIT to Python.
+ */
+static inline int must_return(Waiter *w, int gil)
+{
+	if (!raised(w))
 		return 0;
-	return !(w->init && take_init(w, w->init));
+	if (!w->init)
+		return 1;
+	if (gil && PyErr_CheckSignals() < 0)
+		return -1;
+	return !take_init(w, w->init);
 }
 
 /*
@@ -611,7 +645,7 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 	STORE32(w->base + w->sleeping, 1);
 	FENCE();  /* pairs with the bus's fence: we see its byte or it sees `sleeping` */
 	Py_BEGIN_ALLOW_THREADS  /* no Python below until the wake-up: other threads may run */
-	while (!raised(w)) {
+	while (!must_return(w, 0)) {
 		siginfo_t info;
 		int r;
 
@@ -683,6 +717,10 @@ static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 			PyErr_SetString(PyExc_TypeError, "init must be an initialised Init, or None");
 			return NULL;
 		}
+		if (a) {  /* a kick ends in HLT inside the call (halted), where mwait_play_dead() reads no init */
+			PyErr_SetString(PyExc_ValueError, "a wait takes an ack or an init, not both");
+			return NULL;
+		}
 		n = (Init *)init;
 		if (n->need > need)
 			need = n->need;
@@ -695,6 +733,8 @@ static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 	if (!w->base)
 		return NULL;
 	w->busy = 1;
+	if (n)
+		n->taken_ns = 0;
 	w->init = n;  /* the call holds it (args) */
 	r = wait_on(w, spin_ns, deadline, a);
 	w->init = NULL;
@@ -736,8 +776,12 @@ static int spin(Waiter *w, Ack *a, long long spin_ns, long long deadline, int64_
 			control = NULL;  /* not a kick to answer here: its WRITE byte follows */
 			STORE32(w->base + w->watch, 0);
 		}
-		if (raised(w))
+		switch (must_return(w, 1)) {
+		case -1:
+			return SPIN_ERROR;
+		case 1:
 			return SPIN_RAISED;
+		}
 		if (++n % SIGNAL_POLL == 0) {
 			if (PyErr_CheckSignals() < 0)
 				return SPIN_ERROR;
@@ -760,7 +804,11 @@ static int spin(Waiter *w, Ack *a, long long spin_ns, long long deadline, int64_
 
 static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *a)
 {
-	if (raised(w))
+	int must = must_return(w, 1);
+
+	if (must < 0)
+		return NULL;
+	if (must)
 		return woke(w, a, 0, spin_ns);
 	if (spin_ns != 0) {
 		int64_t seen = 0;
@@ -777,7 +825,10 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 			return NULL;
 		if (r == SPIN_ANSWERED)
 			return halted(w, 0, spin_ns, seen);
-		if (raised(w))
+		must = must_return(w, 1);
+		if (must < 0)
+			return NULL;
+		if (must)
 			return woke(w, a, 0, spin_ns);
 		if (spin_ns < 0 || (deadline && now_ns() >= deadline))  /* spin ends only so */
 			return Py_BuildValue("(iiL)", TIMEOUT, 0, 0LL);

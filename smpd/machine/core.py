@@ -145,7 +145,7 @@ class CpuCore:
         while True:
             code, arg, acked_ns = self.waiter.wait(spin_ns, deadline_ns, ack, taker)
             if taker is not None and taker.taken_ns:
-                self.init_ns, taker.taken_ns, taker = taker.taken_ns, 0, None  # in wait-for-SIPI from here
+                self.init_ns, taker = taker.taken_ns, None  # in wait-for-SIPI from here
             if acked_ns:  # acknowledged and halted: what follows is HLT's wake-up
                 self.acked_ns, ack, deadline_ns = acked_ns, None, 0
             if code == hotpath.SIGNAL:  # an interrupt signal, taken while asleep

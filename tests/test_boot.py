@@ -167,13 +167,11 @@ def _until(cond, what: str, timeout_s: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("hot_path", HOT_PATHS)
-def test_an_init_alone_to_a_running_cpu_leaves_it_in_wait_for_sipi_where_an_nmi_is_held(tmp_path, hot_path):
-    """A power cycle's first message, INIT alone, to an online idle CPU: the compiled path takes it
-    without the interpreter (smpd/machine/_hotpath.c, take_init), the Python path in init_reset;
-    either way the CPU counts, logs and acknowledges it and is in wait-for-SIPI, where the NMI that
-    comes next is held, not taken, until a SIPI starts the CPU again."""
-    with _machine_segment(tmp_path, f"init-{hot_path}", L.HotPath[hot_path.upper()]) as (cfg, seg):
+@contextlib.contextmanager
+def _cpu1_running(tmp_path, label: str, hot_path: str, watch: str = "adaptive"):
+    """(config, segment, port, pid) with generation 1 booted and CPU 1's process of this test's own
+    started by it, online and idle (`running`), on that hot path and watch; killed after."""
+    with _machine_segment(tmp_path, label, L.HotPath[hot_path.upper()], L.Watch[watch.upper()]) as (cfg, seg):
         bus = Bus(seg)
         gen1 = kboot.power_on(seg, bus, cfg.boot())
         pid = _cpu_process(seg, bus, 1, cfg.signals())
@@ -181,21 +179,31 @@ def test_an_init_alone_to_a_running_cpu_leaves_it_in_wait_for_sipi_where_an_nmi_
             port = _Port(seg, bus, {1: pid})
             assert kboot.start_aps(port, gen1, [1], 5.0)["started"] == [1]
             assert seg.cb(1, "state") == L.ExecState.RUNNING
-            mark = seg.cb(1, "ev_head")
-            results, missing = port.ipi_wait([1], L.Ipi.INIT, 5.0)
-            assert (results, missing) == ({1: 0}, [])
-            assert (seg.cb(1, "state"), seg.cb(1, "hotplug")) == (L.ExecState.WAIT_FOR_SIPI, L.Hotplug.OFFLINE)
-            assert seg.cb(1, "init_count") == 2  # start_aps' INIT, then this one
-            assert [code for _ns, code, _arg in events.read_since(seg, 1, mark)[0]] == [L.Ev.INIT]
-            os.kill(pid, cfg.signals()["nmi"])
-            _until(lambda: seg.cb(1, "nmi_held") == 1, "the NMI was not held in wait-for-SIPI")
-            assert (seg.cb(1, "nmi_taken"), seg.cb(1, "nmi_pending")) == (0, 1)
-            assert port.ipi_wait([1], L.Ipi.SIPI, 5.0) == ({1: 0}, [])
-            _until(lambda: seg.cb(1, "nmi_taken") == 1, "the held NMI was not taken once the SIPI started the CPU")
-            assert seg.cb(1, "state") == L.ExecState.RUNNING
+            yield cfg, seg, port, pid
         finally:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_an_init_alone_to_a_running_cpu_leaves_it_in_wait_for_sipi_where_an_nmi_is_held(tmp_path, hot_path):
+    """A power cycle's first message, INIT alone, to an online idle CPU: the compiled path takes it
+    without the interpreter (smpd/machine/_hotpath.c, take_init), the Python path in init_reset;
+    either way the CPU counts, logs and acknowledges it and is in wait-for-SIPI, where the NMI that
+    comes next is held, not taken, until a SIPI starts the CPU again."""
+    with _cpu1_running(tmp_path, f"init-{hot_path}", hot_path) as (cfg, seg, port, pid):
+        mark = seg.cb(1, "ev_head")
+        results, missing = port.ipi_wait([1], L.Ipi.INIT, 5.0)
+        assert (results, missing) == ({1: 0}, [])
+        assert (seg.cb(1, "state"), seg.cb(1, "hotplug")) == (L.ExecState.WAIT_FOR_SIPI, L.Hotplug.OFFLINE)
+        assert seg.cb(1, "init_count") == 2  # start_aps' INIT, then this one
+        assert [code for _ns, code, _arg in events.read_since(seg, 1, mark)[0]] == [L.Ev.INIT]
+        os.kill(pid, cfg.signals()["nmi"])
+        _until(lambda: seg.cb(1, "nmi_held") == 1, "the NMI was not held in wait-for-SIPI")
+        assert (seg.cb(1, "nmi_taken"), seg.cb(1, "nmi_pending")) == (0, 1)
+        assert port.ipi_wait([1], L.Ipi.SIPI, 5.0) == ({1: 0}, [])
+        _until(lambda: seg.cb(1, "nmi_taken") == 1, "the held NMI was not taken once the SIPI started the CPU")
+        assert seg.cb(1, "state") == L.ExecState.RUNNING
 
 
 @pytest.mark.parametrize("case", hot_paths("adaptive", "spin"))
@@ -205,26 +213,16 @@ def test_an_nmi_that_comes_before_an_init_alone_is_taken_before_it(tmp_path, cas
     stopped while both arrive, so that both are there when it looks), on either hot path. The
     compiled wait must leave such an INIT to Python (take_init: an interrupt not taken yet)."""
     watch, hot_path = case
-    with _machine_segment(tmp_path, f"nmi-init-{watch}-{hot_path}", L.HotPath[hot_path.upper()],
-                          L.Watch[watch.upper()]) as (cfg, seg):
-        bus = Bus(seg)
-        gen1 = kboot.power_on(seg, bus, cfg.boot())
-        pid = _cpu_process(seg, bus, 1, cfg.signals())
+    with _cpu1_running(tmp_path, f"nmi-init-{watch}-{hot_path}", hot_path, watch) as (cfg, seg, port, pid):
+        mark = seg.cb(1, "ev_head")
+        os.kill(pid, signal.SIGSTOP)
         try:
-            port = _Port(seg, bus, {1: pid})
-            assert kboot.start_aps(port, gen1, [1], 5.0)["started"] == [1]
-            mark = seg.cb(1, "ev_head")
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                os.kill(pid, cfg.signals()["nmi"])
-                seq = port.mailbox.send(1, L.Ipi.INIT)
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            _until(lambda: seg.cb(1, "mbox_ack") == seq, "the INIT was not acknowledged")
-            assert (seg.cb(1, "nmi_taken"), seg.cb(1, "nmi_held")) == (1, 0)
-            codes = [code for _ns, code, _arg in events.read_since(seg, 1, mark)[0]]
-            assert codes.index(L.Ev.INTERRUPT) < codes.index(L.Ev.INIT), codes
-            assert seg.cb(1, "state") == L.ExecState.WAIT_FOR_SIPI
+            os.kill(pid, cfg.signals()["nmi"])
+            seq = port.mailbox.send(1, L.Ipi.INIT)
         finally:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            os.kill(pid, signal.SIGCONT)
+        _until(lambda: seg.cb(1, "mbox_ack") == seq, "the INIT was not acknowledged")
+        assert (seg.cb(1, "nmi_taken"), seg.cb(1, "nmi_held")) == (1, 0)
+        codes = [code for _ns, code, _arg in events.read_since(seg, 1, mark)[0]]
+        assert codes.index(L.Ev.INTERRUPT) < codes.index(L.Ev.INIT), codes
+        assert seg.cb(1, "state") == L.ExecState.WAIT_FOR_SIPI

@@ -206,14 +206,19 @@ def test_an_init_alone_to_a_running_cpu_leaves_it_in_wait_for_sipi_where_an_nmi_
         assert seg.cb(1, "state") == L.ExecState.RUNNING
 
 
+@pytest.mark.parametrize("state", ["running", "hlt"])
 @pytest.mark.parametrize("case", hot_paths("adaptive", "spin"))
-def test_an_nmi_that_comes_before_an_init_alone_is_taken_before_it(tmp_path, case):
-    """An NMI signalled to a running CPU before an INIT alone reaches it is taken first, in the
-    running kernel, and the INIT after it: however the wake-up finds them (the CPU's process
-    stopped while both arrive, so that both are there when it looks), on either hot path. The
-    compiled wait must leave such an INIT to Python (take_init: an interrupt not taken yet)."""
+def test_an_nmi_that_comes_before_an_init_alone_is_taken_before_it(tmp_path, case, state):
+    """An NMI signalled to an idle (or halted) CPU before an INIT alone reaches it is taken first,
+    in the kernel it runs, and the INIT after it, on either hot path and watch: here both are there
+    when the CPU looks (its process stopped while they arrive; the kernel delivers the signal
+    before it runs again). The compiled wait must leave such an INIT to Python (take_init: an
+    interrupt not taken yet)."""
     watch, hot_path = case
-    with _cpu1_running(tmp_path, f"nmi-init-{watch}-{hot_path}", hot_path, watch) as (cfg, seg, port, pid):
+    with _cpu1_running(tmp_path, f"nmi-init-{watch}-{hot_path}-{state}", hot_path, watch) as (cfg, seg, port, pid):
+        if state == "hlt":  # stop_other_cpus()'s REBOOT vector: halted for good, online no more
+            assert port.ipi_wait([1], L.Ipi.REBOOT, 5.0) == ({1: 0}, [])
+            _until(lambda: seg.cb(1, "state") == L.ExecState.HLT, "REBOOT did not halt the CPU")
         mark = seg.cb(1, "ev_head")
         os.kill(pid, signal.SIGSTOP)
         try:

@@ -232,7 +232,7 @@ typedef struct {
 	uint32_t cmd_init, st_wait_for_sipi, hp_offline, ev_init, ev_slots;
 	int ipi_byte;  /* the IPI byte's index in `wake` (smpd.machine.layout.WAKE_IPI) */
 	Py_ssize_t ev_entry, need;
-	long long taken_ns;  /* when an INIT was taken; the Python side reads it and sets it back to 0 */
+	long long taken_ns;  /* when an INIT was taken in this wait() (read-only to Python; 0 at each call) */
 } Init;
 
 static int Init_init(Init *self, PyObject *args, PyObject *kw)
@@ -474,20 +474,28 @@ static inline int raised(Waiter *w)
 /*
  * Must the wait return for a raised byte? 0: nothing is raised, or it was a lone INIT the call
  * takes (``w->init``, take_init) and the wait goes on; 1: return; -1: a handler raised (an
- * exception is set). An interrupt that came before the INIT is taken before it, in the state
- * that was waiting, as on the Python path (there the interpreter runs its handler, which
- * raises its byte, before CpuCore._consume reads the wake words): with the GIL held
- * (``gil``), its handler runs here first; asleep (interrupt signals blocked), take_init finds
- * its signal pending and leaves the INIT to Python.
+ * exception is set). An interrupt whose signal was sent before the INIT is taken before it, in
+ * the state that was waiting, as on the Python path (there the interpreter runs its handler,
+ * which raises its byte, before CpuCore._consume reads the wake words). With the GIL held
+ * (``gil``; the signals unblocked), a system call first: a signal kill() has already sent (its
+ * sender then raised the IPI byte we saw) is delivered on its way back to user mode; then its
+ * handler runs here. Asleep (the signals blocked), take_init finds it pending.
  */
 static inline int must_return(Waiter *w, int gil)
 {
+	uint32_t seq;
+
 	if (!raised(w))
 		return 0;
-	if (!w->init)
+	if (!w->init || !lone_init(w, w->init, &seq))
 		return 1;
-	if (gil && PyErr_CheckSignals() < 0)
-		return -1;
+	if (gil) {
+		sigset_t pending;
+
+		sigpending(&pending);  /* the system call; take_init asks again, blocked or not */
+		if (PyErr_CheckSignals() < 0)
+			return -1;
+	}
 	return !take_init(w, w->init);
 }
 

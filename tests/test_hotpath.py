@@ -398,6 +398,13 @@ def test_the_compiled_hot_path_is_given_the_layout_sizes_and_refuses_others(seg)
             _hotpath.Kicker(seg.buf, **{**args, field: off})
     with pytest.raises(ValueError, match="whole number of 64-byte lines"):
         _hotpath.Kicker(seg.buf, **{**args, "mem_len": geo.npages * L.PAGE - 8})
+    # Offsets whose sums would overflow (and so wrap below the segment's length) do not fit either.
+    for field, off in (("mem_off", 2**63 - 64), ("cb_off", 2**63 - L.CB_SIZE), ("ncpus", 2**62)):
+        with pytest.raises(ValueError, match="does not fit"):
+            _hotpath.Kicker(seg.buf, **{**args, field: off})
+    with pytest.raises(ValueError, match="not an aligned 4-byte field"):
+        _hotpath.Waiter(seg.buf, wake=2**63 - 4, write=8192, sleeping=8196, watch=8200, irq_signals=[],
+                        doorbell=DOORBELL_SIGNAL)
     # A buffer that shrinks after the checks (an mmap resized) is refused at the kick, not read past.
     m = mmap.mmap(-1, len(seg.buf))
     k, w = _hotpath.Kicker(m, **args), _hotpath.Waiter(m, wake=4096, write=8192, sleeping=8196, watch=8200, irq_signals=[],

@@ -93,9 +93,15 @@ static char *acquire(PyObject *buf, Py_buffer *view, Py_ssize_t need)
 	return view->buf;
 }
 
+/* [off, off + size) inside a buffer of len bytes, with no sum that could overflow. */
+static int fits(Py_ssize_t off, Py_ssize_t size, Py_ssize_t len)
+{
+	return off >= 0 && size >= 0 && off <= len && size <= len - off;
+}
+
 static int in_range(Py_buffer *view, Py_ssize_t off, Py_ssize_t size, const char *what)
 {
-	if (off < 0 || off % size || off + size > view->len) {
+	if (!fits(off, size, view->len) || off % size) {
 		PyErr_Format(PyExc_ValueError, "%s offset %zd is not an aligned %zd-byte field of the segment",
 			     what, off, size);
 		return -1;
@@ -922,9 +928,11 @@ static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 	self->line_shift = __builtin_ctzl((unsigned long)self->line);
 	if (!acquire(buf, &view, 0))
 		return -1;
-	bad = self->mem_off < 0 || self->mem_len < 0 || self->mem_off + self->mem_len > view.len ||
-	      self->dir_off < 0 || self->dir_off + self->dir_entry * (self->mem_len / self->line) > view.len ||
-	      self->cb_off < 0 || self->ncpus < 0 || self->cb_off + self->ncpus * self->cb_size > view.len ||
+	/* In this order, each product is of terms already bounded by the buffer's length. */
+	bad = !fits(self->mem_off, self->mem_len, view.len) ||
+	      !fits(self->dir_off, self->dir_entry * (self->mem_len / self->line), view.len) ||
+	      self->cb_size <= 0 || self->ncpus < 0 || self->ncpus > view.len / self->cb_size ||
+	      !fits(self->cb_off, self->ncpus * self->cb_size, view.len) ||
 	      /* each control-block field the kick loop touches lies inside the block, its u32s aligned */
 	      self->cb_write < 0 || self->cb_write >= self->cb_size ||
 	      self->cb_sleeping < 0 || self->cb_sleeping + 4 > self->cb_size || (self->cb_sleeping & 3) ||

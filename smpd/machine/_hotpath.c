@@ -1011,7 +1011,7 @@ typedef struct {
 
 static int md_in_memory(Kicker *k, Py_ssize_t md)
 {
-	if (md < 0 || md % 4 || md + 8 > k->mem_len) {
+	if (!fits(md, 8, k->mem_len) || md % 4) {
 		PyErr_Format(PyExc_ValueError, "mwait_cpu_dead offset %zd is outside emulated memory", md);
 		return 0;
 	}

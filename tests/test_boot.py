@@ -9,11 +9,10 @@ made certain here: that CPU's process sends itself the MCE right after it takes 
 import contextlib
 import os
 import signal
-import time
 
 import pytest
 
-from conftest import HOT_PATHS, hot_paths, scratch_segment
+from conftest import HOT_PATHS, hot_paths, scratch_segment, wait_until
 from smpd import config
 from smpd.errors import SmpdError
 from smpd.host.proc import die_with_parent
@@ -160,13 +159,6 @@ def test_a_reset_clears_its_fields_of_each_control_block_and_nothing_else():
         assert seg.cb(2, "pid") and seg.cb(2, "mbox_seq") and seg.cb(2, "init_count")  # not a reset's to clear
 
 
-def _until(cond, what: str, timeout_s: float = 10.0) -> None:
-    end = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < end, what
-        time.sleep(0.005)
-
-
 @contextlib.contextmanager
 def _cpu1_running(tmp_path, label: str, hot_path: str, watch: str = "adaptive"):
     """(config, segment, port, pid) with generation 1 booted and CPU 1's process of this test's own
@@ -199,10 +191,10 @@ def test_an_init_alone_to_a_running_cpu_leaves_it_in_wait_for_sipi_where_an_nmi_
         assert seg.cb(1, "init_count") == 2  # start_aps' INIT, then this one
         assert [code for _ns, code, _arg in events.read_since(seg, 1, mark)[0]] == [L.Ev.INIT]
         os.kill(pid, cfg.signals()["nmi"])
-        _until(lambda: seg.cb(1, "nmi_held") == 1, "the NMI was not held in wait-for-SIPI")
+        wait_until(lambda: seg.cb(1, "nmi_held") == 1, what="the NMI held in wait-for-SIPI")
         assert (seg.cb(1, "nmi_taken"), seg.cb(1, "nmi_pending")) == (0, 1)
         assert port.ipi_wait([1], L.Ipi.SIPI, 5.0) == ({1: 0}, [])
-        _until(lambda: seg.cb(1, "nmi_taken") == 1, "the held NMI was not taken once the SIPI started the CPU")
+        wait_until(lambda: seg.cb(1, "nmi_taken") == 1, what="the held NMI taken once the SIPI started the CPU")
         assert seg.cb(1, "state") == L.ExecState.RUNNING
 
 
@@ -218,7 +210,7 @@ def test_an_nmi_that_comes_before_an_init_alone_is_taken_before_it(tmp_path, cas
     with _cpu1_running(tmp_path, f"nmi-init-{watch}-{hot_path}-{state}", hot_path, watch) as (cfg, seg, port, pid):
         if state == "hlt":  # stop_other_cpus()'s REBOOT vector: halted for good, online no more
             assert port.ipi_wait([1], L.Ipi.REBOOT, 5.0) == ({1: 0}, [])
-            _until(lambda: seg.cb(1, "state") == L.ExecState.HLT, "REBOOT did not halt the CPU")
+            wait_until(lambda: seg.cb(1, "state") == L.ExecState.HLT, what="REBOOT halting the CPU")
         mark = seg.cb(1, "ev_head")
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -226,7 +218,7 @@ def test_an_nmi_that_comes_before_an_init_alone_is_taken_before_it(tmp_path, cas
             seq = port.mailbox.send(1, L.Ipi.INIT)
         finally:
             os.kill(pid, signal.SIGCONT)
-        _until(lambda: seg.cb(1, "mbox_ack") == seq, "the INIT was not acknowledged")
+        wait_until(lambda: seg.cb(1, "mbox_ack") == seq, what="the INIT's acknowledgement")
         assert (seg.cb(1, "nmi_taken"), seg.cb(1, "nmi_held")) == (1, 0)
         codes = [code for _ns, code, _arg in events.read_since(seg, 1, mark)[0]]
         assert codes.index(L.Ev.INTERRUPT) < codes.index(L.Ev.INIT), codes

@@ -71,7 +71,7 @@ def ack(seg, cpu: int, md: int, checks) -> object | None:
     geo = seg.geo
     md_off = geo.mem_off + md - L.PHYS_BASE
     line = (md - L.PHYS_BASE) // L.LINE
-    word = lambda field: seg.cb_index(cpu, field) * L.CB[field][1].size  # noqa: E731
+    word = lambda field: seg.cb_byte(cpu, field, 0)  # noqa: E731  (a field's byte offset in the segment)
     return _hotpath.Ack(control=md_off, status=md_off + 4, seen=word("kick_seen_ns"),
                         dir_entry=geo.dir_off + line * L.DIR_ENTRY, armed=word("mon_armed"),
                         tags=[(i * 8, lo, hi) for _page, _kind, i, lo, hi in checks],
@@ -89,7 +89,7 @@ def init_taker(seg, cpu: int) -> object | None:
     init_reset() and wait-for-SIPI store (smpd.kernel.cpu), where."""
     if not compiled(seg):
         return None
-    word = lambda field: seg.cb_index(cpu, field) * L.CB[field][1].size  # noqa: E731
+    word = lambda field: seg.cb_byte(cpu, field, 0)  # noqa: E731  (a field's byte offset in the segment)
     return _hotpath.Init(mbox_seq=word("mbox_seq"), mbox_cmd=word("mbox_cmd"), mbox_arg=word("mbox_arg"),
                          mbox_ack=word("mbox_ack"), mbox_result=word("mbox_result"), armed=word("mon_armed"),
                          init_count=word("init_count"), state=word("state"), hotplug=word("hotplug"),

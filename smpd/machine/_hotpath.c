@@ -99,6 +99,22 @@ static int fits(Py_ssize_t off, Py_ssize_t size, Py_ssize_t len)
 	return off >= 0 && size >= 0 && off <= len && size <= len - off;
 }
 
+/* A field of ``size`` bytes at ``off`` that an Ack's or an Init's wait loads or stores: aligned (to
+ * its size, at most 8), its end within what any buffer can hold; ``*need`` grows to that end. */
+static int extend_need(const char *what, Py_ssize_t off, Py_ssize_t size, Py_ssize_t *need)
+{
+	Py_ssize_t align = size > 8 ? 8 : size;
+
+	if (!fits(off, size, PY_SSIZE_T_MAX) || off % align) {
+		PyErr_Format(PyExc_ValueError, "%s offset %zd is negative, too large or not aligned to %zd bytes",
+			     what, off, align);
+		return -1;
+	}
+	if (off + size > *need)
+		*need = off + size;
+	return 0;
+}
+
 static int in_range(Py_buffer *view, Py_ssize_t off, Py_ssize_t size, const char *what)
 {
 	if (!fits(off, size, view->len) || off % size) {
@@ -188,17 +204,12 @@ static int Ack_init(Ack *self, PyObject *args, PyObject *kw)
 		Py_ssize_t size[N] = {4, 4, 8, 2, 4, 8, 4, 4, 4, 4, self->ev_entry * (Py_ssize_t)self->ev_slots};
 
 		self->need = 0;
-		for (int k = 0; k < N + self->ntags; k++) {
-			Py_ssize_t o = k < N ? off[k] : self->tag_off[k - N], sz = k < N ? size[k] : 16;
-
-			if (o < 0 || o % (sz > 8 ? 8 : sz) || o > PY_SSIZE_T_MAX - sz) {
-				PyErr_Format(PyExc_ValueError, "Ack offset %zd is negative, too large or not aligned to "
-					     "%zd bytes", o, sz > 8 ? 8 : sz);
+		for (int k = 0; k < N; k++)
+			if (extend_need("Ack", off[k], size[k], &self->need) < 0)
 				return -1;
-			}
-			if (o + sz > self->need)
-				self->need = o + sz;
-		}
+		for (int k = 0; k < self->ntags; k++)
+			if (extend_need("Ack", self->tag_off[k], 16, &self->need) < 0)
+				return -1;
 	}
 	self->ready = 1;
 	return 0;
@@ -271,17 +282,9 @@ static int Init_init(Init *self, PyObject *args, PyObject *kw)
 		Py_ssize_t size[N] = {4, 4, 8, 4, 4, 4, 4, 4, 4, 4, 4, 4, 16 * (Py_ssize_t)self->ev_slots};
 
 		self->need = 0;
-		for (int k = 0; k < N; k++) {
-			Py_ssize_t align = size[k] > 8 ? 8 : size[k];
-
-			if (off[k] < 0 || off[k] % align || off[k] > PY_SSIZE_T_MAX - size[k]) {
-				PyErr_Format(PyExc_ValueError, "Init offset %zd is negative, too large or not aligned to "
-					     "%zd bytes", off[k], align);
+		for (int k = 0; k < N; k++)
+			if (extend_need("Init", off[k], size[k], &self->need) < 0)
 				return -1;
-			}
-			if (off[k] + size[k] > self->need)
-				self->need = off[k] + size[k];
-		}
 	}
 	self->taken_ns = 0;
 	self->ready = 1;

@@ -121,7 +121,8 @@ class Cpu(Executes, CpuCore):
             self._set_state(L.ExecState.WAIT_FOR_SIPI, L.Hotplug.OFFLINE)
             self._ack_pending()
         while True:
-            mask, woken_with = woken_with if woken_with is not None else self.wait(), None
+            mask = woken_with if woken_with is not None else self.wait()
+            woken_with = None
             if mask & M_IRQ and self.hold_interrupts():
                 # A CPU in INIT cannot take the machine check: the platform shuts the
                 # machine down. Loud and diagnosable: "the lesser of two evils".

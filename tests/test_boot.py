@@ -16,7 +16,7 @@ from conftest import HOT_PATHS, hot_paths, scratch_segment, wait_until
 from smpd import config
 from smpd.errors import SmpdError
 from smpd.host.proc import die_with_parent
-from smpd.kernel import boot as kboot, cpu as kcpu, image
+from smpd.kernel import boot as kboot, cpu as kcpu, generations, image, kick as kick_mod, memmap
 from smpd.machine import events, layout as L
 from smpd.machine.bus import Bus
 from smpd.machine.mailbox import Mailbox
@@ -223,3 +223,97 @@ def test_an_nmi_that_comes_before_an_init_alone_is_taken_before_it(tmp_path, cas
         codes = [code for _ns, code, _arg in events.read_since(seg, 1, mark)[0]]
         assert codes.index(L.Ev.INTERRUPT) < codes.index(L.Ev.INIT), codes
         assert seg.cb(1, "state") == L.ExecState.WAIT_FOR_SIPI
+
+
+def _codes_since(seg, mark: int) -> list[tuple[int, L.Ev]]:
+    return [(ns, code) for ns, code, _arg in events.read_since(seg, 1, mark)[0]]
+
+
+def _start(port, seg, then: tuple[L.Ipi, ...]) -> list[tuple[int, L.Ev]]:
+    """INIT, then ``then``, to CPU 1 in one message, acknowledged; the events it logged for it."""
+    mark = seg.cb(1, "ev_head")
+    assert port.ipi_wait([1], L.Ipi.INIT, 5.0, then=then) == ({1: 0}, [])
+    return _codes_since(seg, mark)
+
+
+def _in_one_step(logged: list[tuple[int, L.Ev]]) -> bool:
+    """Were these events logged in one step, at one clock read (the compiled path's take_init, with
+    no interpreter between them; the Python path reads the clock for each, microseconds apart)?"""
+    return len({ns for ns, _code in logged if _code in (L.Ev.INIT, L.Ev.SIPI)}) == 1
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_init_and_sipi_restart_a_cpu_in_the_generation_the_header_names_where_it_then_runs(tmp_path, hot_path):
+    """A kernel starting an AP it started before (INIT then SIPI in one message, to a CPU online in
+    an earlier kernel): init_reset(), start_secondary(), smp_callin() in the generation the header
+    names, running. The compiled path takes it once the CPU has been started in that generation by
+    the Python path (Init.learn); a generation it never ran is the Python path's. Either way the
+    CPU counts, logs and acknowledges each IPI, clears the fix's mwait_cpu_dead, and then runs in
+    that generation's memory: an NMI's handler finds its pages (a CPU left with the last map would
+    resume in pages that kernel never wrote: a fault)."""
+    with _cpu1_running(tmp_path, f"restart-{hot_path}", hot_path) as (cfg, seg, port, pid):
+        gen1 = kboot.current(seg)
+        gen2 = memmap.kexec_load(gen1, gen1.boot)
+        generations.record(seg, gen2)
+        compiled = hot_path == "c"
+        for gen, first_time in ((2, True), (2, False), (1, False)):
+            seg.set_hdr("generation", gen)
+            m = gen2 if gen == 2 else gen1
+            Bus(seg).write(m.mwait_cpu_dead_addr(1), L.CPUDEAD_MWAIT_KEXEC_HLT.to_bytes(4, "little") * 2)
+            before = seg.cb(1, "sipi_count"), seg.cb(1, "init_count")
+            logged = _start(port, seg, (L.Ipi.SIPI,))
+            assert [code for _ns, code in logged] == [L.Ev.INIT, L.Ev.SIPI]
+            assert _in_one_step(logged) == (compiled and not first_time), logged
+            assert (seg.cb(1, "sipi_count"), seg.cb(1, "init_count")) == (before[0] + 1, before[1] + 1)
+            assert (seg.cb(1, "state"), seg.cb(1, "hotplug"), seg.cb(1, "cpu_gen")) == \
+                (L.ExecState.RUNNING, L.Hotplug.ONLINE, gen)
+            md = m.mwait_cpu_dead_addr(1)
+            assert (seg.mem_u32(md), seg.mem_u32(md + 4)) == (0, 0)  # smp_callin(): the fix's clear
+        os.kill(pid, cfg.signals()["nmi"])
+        wait_until(lambda: seg.cb(1, "nmi_taken") == 1, what="the NMI taken in generation 1")
+        assert (seg.cb(1, "fault"), seg.cb(1, "state")) == (L.Fault.NONE, L.ExecState.RUNNING)
+
+
+@pytest.mark.parametrize("case", hot_paths("adaptive", "spin"))
+def test_init_sipi_and_cpu_down_park_a_cpu_where_the_kick_then_finds_it(tmp_path, case):
+    """A reset that leaves a CPU offline sends it INIT, SIPI and CPU_DOWN in one message: it starts,
+    goes offline through play_dead(), and parks in the fix's mwait_play_dead() (status and control
+    CPUDEAD_MWAIT_WAIT, MONITOR armed on the line) before it acknowledges; the compiled path takes
+    all of it in a generation it knows, and goes on waiting as MWAIT, where the kick is
+    acknowledged and the CPU halts, as on the Python path."""
+    watch, hot_path = case
+    with _cpu1_running(tmp_path, f"park-{watch}-{hot_path}", hot_path, watch) as (cfg, seg, port, pid):
+        gen1 = kboot.current(seg)
+        md = gen1.mwait_cpu_dead_addr(1)
+        entries = seg.cb(1, "mwait_entries")
+        logged = _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN))
+        assert [code for _ns, code in logged] == [L.Ev.INIT, L.Ev.SIPI, L.Ev.OFFLINE]
+        assert _in_one_step(logged) == (hot_path == "c"), logged
+        assert (seg.cb(1, "state"), seg.cb(1, "hotplug")) == (L.ExecState.MWAIT, L.Hotplug.OFFLINE)
+        assert seg.cb(1, "mwait_entries") == entries + 1
+        line = (md - L.PHYS_BASE) // L.LINE
+        assert (seg.cb(1, "mon_armed"), seg.cb(1, "mon_line")) == (1, line)
+        assert seg.u16[seg.geo.dir_off // L.DIR_ENTRY + line] == 2  # CPU 1's MONITOR
+        assert (seg.mem_u32(md), seg.mem_u32(md + 4)) == (L.CPUDEAD_MWAIT_WAIT,) * 2
+        mark = seg.cb(1, "ev_head")
+        r = kick_mod.kick_one(seg, Bus(seg), 1, md, 5000, 1_000_000)
+        assert r["acknowledged"], r
+        wait_until(lambda: seg.cb(1, "state") == L.ExecState.HLT, what="the kicked CPU in HLT")
+        assert [code for _ns, code in _codes_since(seg, mark)] == [L.Ev.WAKE_WRITE, L.Ev.KICK_SEEN, L.Ev.HLT]
+        assert (seg.cb(1, "mon_armed"), seg.u16[seg.geo.dir_off // L.DIR_ENTRY + line]) == (0, 0)
+        os.kill(pid, cfg.signals()["nmi"])  # HLT's Python loop takes it, in generation 1
+        wait_until(lambda: seg.cb(1, "nmi_taken") == 1, what="the NMI ending HLT")
+        assert (seg.cb(1, "fault"), seg.cb(1, "state")) == (L.Fault.NONE, L.ExecState.HLT)
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_an_nmi_held_in_wait_for_sipi_is_taken_once_init_and_sipi_start_the_cpu(tmp_path, hot_path):
+    """smp_callin() delivers what wait-for-SIPI held: the compiled path leaves such a start to the
+    Python path, which takes the NMI once the CPU runs."""
+    with _cpu1_running(tmp_path, f"held-{hot_path}", hot_path) as (cfg, seg, port, pid):
+        assert port.ipi_wait([1], L.Ipi.INIT, 5.0) == ({1: 0}, [])
+        os.kill(pid, cfg.signals()["nmi"])
+        wait_until(lambda: seg.cb(1, "nmi_pending") == 1, what="the NMI held in wait-for-SIPI")
+        _start(port, seg, (L.Ipi.SIPI,))
+        wait_until(lambda: seg.cb(1, "nmi_taken") == 1, what="the held NMI taken once the CPU runs")
+        assert (seg.cb(1, "state"), seg.cb(1, "nmi_pending")) == (L.ExecState.RUNNING, 0)

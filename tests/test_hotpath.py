@@ -18,7 +18,7 @@ import time
 import multiprocess
 import pytest
 
-from conftest import REPO, in_forked_child, scratch_segment
+from conftest import REPO, in_forked_child, scratch_segment, wait_until
 from smpd.host.proc import stat_fields
 from smpd.kernel import kick
 from smpd.machine import hotpath, layout as L, pyhotpath
@@ -454,14 +454,14 @@ def test_the_compiled_init_and_ack_refuse_offsets_past_any_buffer_and_a_wait_tak
     from smpd.machine import _hotpath
 
     seg.set_hdr("hot_path", L.HotPath.C)
-    kw = _kwargs_of("Init", lambda: hotpath.init_taker(seg, CPU))
+    kw = _kwargs_of("Init", lambda: hotpath.init_taker(seg, CPU, DOORBELL_SIGNAL))
     _hotpath.Init(**kw)
     for field, off in (("mbox_seq", 2**63 - 4), ("ev_ring", 2**63 - 8)):
         with pytest.raises(ValueError, match="too large"):
             _hotpath.Init(**{**kw, field: off})
     with pytest.raises(ValueError, match="too large"):
         _hotpath.Ack(**{**_ack_kwargs(seg), "control": 2**63 - 4})
-    init = hotpath.init_taker(seg, CPU)
+    init = hotpath.init_taker(seg, CPU, DOORBELL_SIGNAL)
     with pytest.raises(AttributeError):
         init.taken_ns = 1
     waiter = hotpath.waiter(seg, CPU, set(), DOORBELL_SIGNAL)
@@ -541,3 +541,32 @@ def test_the_wake_path_profile_runs_each_step_and_leaves_no_segment():
                  "woken CPU to ack"):
         assert step in r.stdout, r.stdout
     assert not [f for f in os.listdir("/dev/shm") if "profile-wake" in f]
+
+
+@pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
+def test_an_init_learns_only_a_whole_generation_entry_and_a_mwait_cpu_dead_inside_one_line_of_memory(seg):
+    """Init.learn (what take_init may start the CPU in) refuses an entry of another size, an
+    mwait_cpu_dead outside emulated memory or across a line (a wait would store there), and an ack
+    that is not an Ack; a learnt one is refused while a wait uses the Init."""
+    seg.set_hdr("hot_path", L.HotPath.C)
+    init = hotpath.init_taker(seg, CPU, DOORBELL_SIGNAL)
+    entry = bytes(L.GEN_ENTRY.size)
+    mem = seg.geo.npages * L.PAGE
+    init.learn(entry, MD_OFF, None)
+    for bad in ((entry[:-4], MD_OFF, None), (entry, mem - 4, None), (entry, -8, None), (entry, 2**63 - 8, None),
+                (entry, L.LINE - 4, None), (entry, MD_OFF + 2, None), (entry, MD_OFF, object())):
+        with pytest.raises(ValueError):
+            init.learn(*bad)
+    with pytest.raises(AttributeError):
+        init.taken_state = 1
+    assert init.taken_ack is None
+    waiter = hotpath.waiter(seg, CPU, set(), DOORBELL_SIGNAL)
+    sleeper = threading.Thread(target=waiter.wait, args=(0, time.monotonic_ns() + 2_000_000_000, None, init))
+    sleeper.start()
+    try:
+        wait_until(lambda: seg.cb(CPU, "sleeping") == 1, what="the wait asleep")
+        with pytest.raises(ValueError, match="no wait is using"):
+            init.learn(entry, MD_OFF, None)
+    finally:
+        sleeper.join()
+    init.learn(entry, MD_OFF, None)

@@ -12,7 +12,8 @@ The hardware it runs on (waiting, MONITOR/MWAIT, interrupt signals, the IPI
 mailbox) is smpd.machine.core.CpuCore; this class adds the kernel: the
 smpboot routines with the kernel's names, the generation and memory map the CPU
 runs in; what happens when it executes again after a wake-up or an interrupt is
-smpd.kernel.execute.Executes.
+smpd.kernel.execute.Executes; where the compiled hot path takes it on its own, and how
+a state goes on from there (``woken_with``), smpd.kernel.handoff.Handoff.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from smpd.kernel import resume as resume_mod
 from smpd.kernel.execute import Executes
 from smpd.kernel.generations import Generations
+from smpd.kernel.handoff import Handoff, Woken
 from smpd.kernel.memmap import TEXT_PLAY_DEAD, MemoryMap
 from smpd.machine import events, layout as L
 from smpd.machine.bus import Bus
@@ -36,7 +38,9 @@ _MD = struct.Struct("<II")  # struct mwait_cpu_dead { u32 control; u32 status; }
 _KEXEC_HLT = struct.pack("<I", L.CPUDEAD_MWAIT_KEXEC_HLT)
 
 
-class Cpu(Executes, CpuCore):
+
+
+class Cpu(Executes, Handoff, CpuCore):
     def __init__(self, seg, bus: Bus, cpu: int, signals: dict[str, int], gens: Generations | None = None):
         super().__init__(seg, bus, cpu, signals)
         self.gens = gens or Generations(seg)  # given: maps built before the fork (smpd.daemon.template)
@@ -52,7 +56,8 @@ class Cpu(Executes, CpuCore):
         state = self.wait_for_sipi
         while state is not None:
             state = state()
-            self._repost_ipi()
+            if not isinstance(state, Woken):
+                self._repost_ipi()
 
     def _repost_ipi(self) -> None:
         """A state may leave with an IPI it consumed the byte of but did not handle (an MCE
@@ -121,8 +126,10 @@ class Cpu(Executes, CpuCore):
             self._set_state(L.ExecState.WAIT_FOR_SIPI, L.Hotplug.OFFLINE)
             self._ack_pending()
         while True:
-            mask = woken_with if woken_with is not None else self.wait()
+            mask = woken_with if woken_with is not None else self.wait(init=True)
             woken_with = None
+            if self.init_ns:  # INIT again (and maybe SIPI): taken by the compiled path
+                return self._init_taken(mask)
             if mask & M_IRQ and self.hold_interrupts():
                 # A CPU in INIT cannot take the machine check: the platform shuts the
                 # machine down. Loud and diagnosable: "the lesser of two evils".
@@ -137,16 +144,6 @@ class Cpu(Executes, CpuCore):
                 self.pending_ack = ipi[0]
                 return self.start_secondary
 
-    def _init_taken(self, mask: int):
-        """The compiled path took an INIT that came alone while this state waited (core.wait's
-        ``init``): init_reset()'s stores and event, wait-for-SIPI's state and the acknowledgement
-        are made. What is left is this process's own part of init_reset(); then wait-for-SIPI
-        takes ``mask``, the wake-up that came next."""
-        self.init_ns = 0
-        self.armed_line = -1  # nothing was armed (the compiled path takes INIT only so)
-        self.nmi_blocked = False
-        return self.wait_for_sipi(woken_with=mask)
-
     def start_secondary(self):
         self._add("sipi_count", 1)
         events.log(self.seg, self.cpu, L.Ev.SIPI)
@@ -156,6 +153,7 @@ class Cpu(Executes, CpuCore):
             # parked for good in mwait_play_dead(), by every kernel, kexec'd ones included;
             # so is one a kernel did not start at boot (maxcpus), by its first cpu_up().
             return self.play_dead
+        self._learn_start()
         return self.running
 
     def smp_callin(self) -> None:
@@ -176,10 +174,12 @@ class Cpu(Executes, CpuCore):
                 self.pending[kind] += n
                 self.buf[self.wake_off + L.WAKE_IRQ] = 1
 
-    def running(self):
-        """Online: the idle loop, answering interrupts and IPIs."""
+    def running(self, woken_with: int | None = None):
+        """Online: the idle loop, answering interrupts and IPIs. ``woken_with``: the compiled
+        path started this CPU (``_init_taken``); this is the wake-up that came next."""
         while True:
-            mask = self.wait(init=True)
+            mask = woken_with if woken_with is not None else self.wait(init=True)
+            woken_with = None
             if self.init_ns:
                 return self._init_taken(mask)
             if mask & M_IRQ:
@@ -215,7 +215,7 @@ class Cpu(Executes, CpuCore):
         events.log(self.seg, self.cpu, L.Ev.OFFLINE)
         return self.mwait_play_dead
 
-    def mwait_play_dead(self):
+    def mwait_play_dead(self, woken_with: int | None = None):
         """The kernel's loop: MONITOR, MWAIT, and, with the kexec() fix, leave for HLT once
         control says CPUDEAD_MWAIT_KEXEC_HLT.
 
@@ -223,27 +223,33 @@ class Cpu(Executes, CpuCore):
         dedicated mwait_cpu_dead line of the fix, or, before it, the idle task's
         thread_info->flags, which is ordinary memory a kexec may overwrite. Both live in
         this CPU's generation's own allocations (per-CPU area; idle task_struct).
+
+        ``woken_with``: the compiled path entered this loop (the fix's entry, MONITOR, the
+        acknowledgement: ``_init_taken``) and waited in its first MWAIT; this is that wake-up.
         """
         self.map = self.gens.map(self.gen)  # the running kernel's flavour (`kexec --kernel` may change it)
         md = self.map.mwait_cpu_dead_addr(self.cpu)
-        if not self.map.boot.monitors_thread_info:
+        if woken_with is None and not self.map.boot.monitors_thread_info:
             # Set up state for the kexec() hack: status first, then control, as the kernel does.
             self.bus.write(md + 4, struct.pack("<I", L.CPUDEAD_MWAIT_WAIT))
             self.bus.write(md, struct.pack("<I", L.CPUDEAD_MWAIT_WAIT))
-        self._add("mwait_entries", 1)
-        self._set_state(L.ExecState.MWAIT)
+        if woken_with is None:
+            self._add("mwait_entries", 1)
+            self._set_state(L.ExecState.MWAIT)
         md_mem = self.seg.mem_off(md)
         while True:
             self.map = self.gens.map(self.gen)
             prefix = self.map.boot.monitors_thread_info
             target = self.map.thread_info_addr(self.cpu) if prefix else md
-            self.monitor(target)
-            # Parked means MONITOR armed: only now is the offline (or REPARK) acknowledged, so that
-            # a kick right after it finds the CPU where a long-parked one would be.
-            self._ack_pending()
+            if woken_with is None:
+                self.monitor(target)
+                # Parked means MONITOR armed: only now is the offline (or REPARK) acknowledged, so that
+                # a kick right after it finds the CPU where a long-parked one would be.
+                self._ack_pending()
             line = self.armed_line
             # The fix's kernel only: the pre-fix one has no control word to answer.
-            mask = self.mwait(None if prefix else self._kick_ack())
+            mask = self.mwait(None if prefix else self._kick_ack()) if woken_with is None else self.mwait_exit(woken_with)
+            woken_with = None
             t_wake = time.monotonic_ns()
             if self.acked_ns:
                 # The compiled path did what the branch below does (resume checks,

@@ -18,7 +18,7 @@ import time
 
 from smpd.kernel import resume as resume_mod
 from smpd.kernel.memmap import TEXT_MCE, TEXT_NMI, TEXT_PLAY_DEAD
-from smpd.machine import events, hotpath, layout as L
+from smpd.machine import events, layout as L
 from smpd.machine.core import KINDS
 
 
@@ -33,16 +33,6 @@ class Executes:
         if plan is None:
             plan = self.plans[key] = resume_mod.ResumePlan(self.seg, self.map, self.cpu, text_page)
         return plan
-
-    def _kick_ack(self):
-        """The compiled path's acknowledgement of a kick in mwait_play_dead() (None on a Python
-        machine: the branch after mwait() below acknowledges there)."""
-        try:
-            return self.kick_acks[self.map]
-        except KeyError:
-            a = self.kick_acks[self.map] = hotpath.ack(self.seg, self.cpu, self.map.mwait_cpu_dead_addr(self.cpu),
-                                                       self._plan(TEXT_PLAY_DEAD).checks)
-        return a
 
     def resume(self, text_page: int, cause: L.Ev, cause_arg: int = 0):
         """The CPU executes again after a wake-up: check the pages that step touches.

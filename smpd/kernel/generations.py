@@ -81,12 +81,20 @@ class Generations:
     def boot(self, gen: int) -> Boot:
         return self.map(gen).boot
 
-    def map(self, gen: int) -> MemoryMap:
+    def _slot(self, gen: int) -> int:
         slot = _slot_of(self.seg, gen)
         if slot is None:
             raise LookupError(f"generation {gen} is not recorded (the table keeps {L.GEN_SLOTS}, "
                               f"those something runs first)")
-        raw = L.GEN_ENTRY.unpack_from(self.seg.buf, _slot_off(slot))
+        return slot
+
+    def entry(self, gen: int) -> bytes:
+        """Generation ``gen``'s entry in the table, its bytes as recorded (its map derives from them)."""
+        off = _slot_off(self._slot(gen))
+        return bytes(self.seg.buf[off:off + L.GEN_ENTRY.size])
+
+    def map(self, gen: int) -> MemoryMap:
+        raw = L.GEN_ENTRY.unpack_from(self.seg.buf, _slot_off(self._slot(gen)))
         m = self._maps.get(raw)
         if m is None:
             _gen, flavour, flags, maxcpus, kaslr, load, *flat = raw

@@ -24,11 +24,17 @@
  *                       rest) and udelay(5) rounds. Kicker.kick_each(): its
  *                       loop over CPUs ("Does it sit in mwait_play_dead() ?").
  *
- *   Init                an INIT that comes alone to an idle or halted CPU with
- *                       nothing armed (a reset's first message; 6.5's
- *                       smp_park_other_cpus_in_init()): a wait given one takes it
- *                       (init_reset(), wait-for-SIPI's stores, the acknowledgement)
- *                       and goes on waiting (take_init).
+ *   Init                an INIT that comes to an idle, halted or INIT-held CPU with
+ *                       nothing armed: alone (a reset's first message; 6.5's
+ *                       smp_park_other_cpus_in_init()), or followed by SIPI (a kernel
+ *                       starting its APs), or by SIPI and CPU_DOWN (a reset that
+ *                       leaves the CPU offline). A wait given one takes it
+ *                       (init_reset(), wait-for-SIPI's stores; for a SIPI,
+ *                       start_secondary() and smp_callin() in a generation the Python
+ *                       path has started this CPU in before; for CPU_DOWN,
+ *                       play_dead() into mwait_play_dead()'s MONITOR; the
+ *                       acknowledgement) and goes on waiting (take_init): parked, as
+ *                       MWAIT, with that generation's Ack.
  *
  * Everything outside those paths (interrupt handlers, other IPIs, foreign bytes)
  * stays in Python: the C returns to it whenever the wake-up is anything but a kick
@@ -228,28 +234,68 @@ static PyTypeObject AckType = {
 	.tp_init = (initproc)Ack_init,
 };
 
-/* ---- Init: an INIT that comes alone, taken without the interpreter ------- */
+/* ---- Init: an INIT (and what follows it) taken without the interpreter ---- */
 
 /*
- * A CPU online and idle (smpd.kernel.cpu's `running`) or halted (`hlt`), with nothing armed, that
- * is sent INIT alone (a power cycle's first message: smpd.daemon.kernel_ops' reset; 6.5's
- * smp_park_other_cpus_in_init(), smpd.kernel.stop, to CPUs halted by REBOOT) runs init_reset()
- * and enters wait-for-SIPI, where it executes nothing: the stores those leave (init_count, the
- * INIT event, state and hotplug) and the acknowledgement. take_init() makes them here, from the
- * wake-up, and the wait goes on: the interpreter runs only at the next wake-up, which the Python
- * state machine then takes in wait-for-SIPI (it reads ``taken_ns``). Anything else (another
- * command, IPIs that follow INIT in its message, an interrupt byte raised or an interrupt signal
- * not taken yet, a timer or a write byte, an armed monitor) is left untouched for the Python path.
+ * A CPU online and idle (smpd.kernel.cpu's `running`), halted (`hlt`) or held in wait-for-SIPI,
+ * with nothing armed, that is sent INIT runs init_reset() and enters wait-for-SIPI, where it
+ * executes nothing: the stores those leave (init_count, the INIT event, state and hotplug) and,
+ * when INIT came alone (a power cycle's first message: smpd.daemon.kernel_ops' reset; 6.5's
+ * smp_park_other_cpus_in_init(), smpd.kernel.stop, to CPUs halted by REBOOT), the
+ * acknowledgement. take_init() makes them here, from the wake-up, and the wait goes on.
+ *
+ * A SIPI after the INIT in the same message (a kernel starting its APs, smpd.kernel.boot) is
+ * taken too when the generation the header names is one this CPU knows (``learn``: the Python
+ * path started it there before, and it is not one that kernel parks at boot): start_secondary()
+ * and smp_callin() (sipi_count, the SIPI event, cpu_gen; the fix's kernels clear mwait_cpu_dead
+ * through the bus's rule), then running. A CPU_DOWN after those (a reset leaving the CPU
+ * offline) goes on through play_dead() into the fix's mwait_play_dead(): its entry count,
+ * MONITOR on the mwait_cpu_dead line, the acknowledgement; the wait goes on as MWAIT, with that
+ * generation's Ack. NMI or SMI held from wait-for-SIPI (delivered by smp_callin) leave it to
+ * Python, as does the pre-fix kernel's park.
+ *
+ * The interpreter runs only at the next wake-up, which the Python state machine then takes in
+ * the state the take left (``taken_state``, ``taken_ns``). Anything else (another command, an
+ * interrupt byte raised or an interrupt signal not taken yet, a timer or a write byte, an
+ * armed monitor) is left untouched for the Python path.
  */
+#define KNOWN 4  /* generations a CPU can be started in without the interpreter (kexec'd kernels, and the first) */
+#define GEN_ENTRY_MAX 64
+
+typedef struct Kicker Kicker;
+static PyTypeObject KickerType;
+static void bus_write(Kicker *k, char *base, Py_ssize_t off, const uint32_t *words, int n);
+static int kicker_line(Kicker *k, Py_ssize_t off, Py_ssize_t n, uint32_t *line, Py_ssize_t *dir, Py_ssize_t *need);
+
+/* A generation the Python path has started this CPU in (Init.learn), and what its SIPI stores. */
+typedef struct {
+	int used;
+	unsigned char entry[GEN_ENTRY_MAX];  /* its entry in the header's generation table, as it was then */
+	Ack *ack;  /* the kick's acknowledgement there (owned); NULL: the pre-fix kernel (nothing to clear, no park here) */
+	Py_ssize_t md, dir;  /* mwait_cpu_dead's offset in emulated memory; its line's directory entry (segment bytes) */
+	uint32_t line;
+} Known;
+
 typedef struct {
 	PyObject_HEAD
 	int ready;
+	int busy;  /* a wait is using it (learn() refuses then) */
 	Py_ssize_t mbox_seq, mbox_cmd, mbox_arg, mbox_ack, mbox_result, armed;
-	Py_ssize_t init_count, state, hotplug, activity, busy, ev_head, ev_ring;
+	Py_ssize_t init_count, state, hotplug, activity, busy_word, ev_head, ev_ring;
 	uint32_t cmd_init, st_wait_for_sipi, hp_offline, ev_init, ev_slots;
 	int ipi_byte;  /* the IPI byte's index in `wake` (smpd.machine.layout.WAKE_IPI) */
 	Py_ssize_t ev_entry, need;
+	/* SIPI and CPU_DOWN */
+	Py_ssize_t hdr_gen, gen_table, gen_entry, sipi_count, cpu_gen, nmi_pending, smi_pending, mwait_entries, mon_line;
+	int gen_slots;
+	uint32_t cpu, cmd_sipi, cmd_cpu_down, st_running, st_mwait, hp_online, ev_sipi, ev_offline;
+	uint32_t mwait_wait;  /* CPUDEAD_MWAIT_WAIT */
+	Kicker *bus;  /* the bus's rule, for smp_callin()'s clear of mwait_cpu_dead (owned) */
+	Known known[KNOWN];
+	int next_known;
 	long long taken_ns;  /* when an INIT was taken in this wait() (read-only to Python; 0 at each call) */
+	uint32_t taken_state;  /* the ExecState the last take left (wait-for-SIPI, running, MWAIT) */
+	int taken_known;  /* MWAIT: the Known whose Ack the wait goes on with (-1: none) */
 } Init;
 
 static int Init_init(Init *self, PyObject *args, PyObject *kw)
@@ -257,56 +303,169 @@ static int Init_init(Init *self, PyObject *args, PyObject *kw)
 	static char *names[] = {"mbox_seq", "mbox_cmd", "mbox_arg", "mbox_ack", "mbox_result", "armed",
 				"init_count", "state", "hotplug", "activity", "busy", "ev_head", "ev_ring",
 				"cmd_init", "state_wait_for_sipi", "hotplug_offline", "ev_init", "ev_slots", "ev_entry",
-				"ipi_byte", NULL};
+				"ipi_byte", "hdr_generation", "gen_table", "gen_entry", "gen_slots", "sipi_count",
+				"cpu_gen", "nmi_pending", "smi_pending", "mwait_entries", "mon_line", "cpu", "cmd_sipi",
+				"cmd_cpu_down", "state_running", "state_mwait", "hotplug_online", "ev_sipi",
+				"ev_offline", "mwait_wait", "bus", NULL};
+	PyObject *bus;
 
 	if (self->ready) {
 		PyErr_SetString(PyExc_RuntimeError, "Init is already initialised");
 		return -1;
 	}
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "nnnnnnnnnnnnnIIIIIni", names, &self->mbox_seq, &self->mbox_cmd,
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "nnnnnnnnnnnnnIIIIIninnninnnnnnIIIIIIIIIO!", names,
+					 &self->mbox_seq, &self->mbox_cmd,
 					 &self->mbox_arg, &self->mbox_ack, &self->mbox_result, &self->armed,
-					 &self->init_count, &self->state, &self->hotplug, &self->activity, &self->busy,
+					 &self->init_count, &self->state, &self->hotplug, &self->activity, &self->busy_word,
 					 &self->ev_head, &self->ev_ring, &self->cmd_init, &self->st_wait_for_sipi,
-					 &self->hp_offline, &self->ev_init, &self->ev_slots, &self->ev_entry, &self->ipi_byte))
+					 &self->hp_offline, &self->ev_init, &self->ev_slots, &self->ev_entry, &self->ipi_byte,
+					 &self->hdr_gen, &self->gen_table, &self->gen_entry, &self->gen_slots,
+					 &self->sipi_count, &self->cpu_gen, &self->nmi_pending, &self->smi_pending,
+					 &self->mwait_entries, &self->mon_line, &self->cpu, &self->cmd_sipi,
+					 &self->cmd_cpu_down, &self->st_running, &self->st_mwait, &self->hp_online,
+					 &self->ev_sipi, &self->ev_offline, &self->mwait_wait, &KickerType, &bus))
 		return -1;
 	if (self->ev_entry != 16 || self->ev_slots == 0 || self->ipi_byte < 1 || self->ipi_byte > 3) {
 		PyErr_SetString(PyExc_ValueError, "Init: events are 16 bytes, at least one slot; the IPI byte is "
 				"byte 1, 2 or 3 of `wake`");
 		return -1;
 	}
+	if (self->gen_entry < 4 || self->gen_entry > GEN_ENTRY_MAX || self->gen_slots < 1 ||
+	    self->cmd_sipi == 0 || self->cmd_sipi > 0xFF || self->cmd_cpu_down == 0 || self->cmd_cpu_down > 0xFF ||
+	    self->cpu >= 0xFFFF) {
+		PyErr_Format(PyExc_ValueError, "Init: a generation entry is 4..%d bytes, at least one slot; SIPI "
+			     "and CPU_DOWN are IPI bytes 1..255; the CPU a u16 directory owner", GEN_ENTRY_MAX);
+		return -1;
+	}
 	{
-		enum { N = 13 };
+		enum { N = 21 };
 		Py_ssize_t off[N] = {self->mbox_seq, self->mbox_cmd, self->mbox_arg, self->mbox_ack,
 				     self->mbox_result, self->armed, self->init_count, self->state, self->hotplug,
-				     self->activity, self->busy, self->ev_head, self->ev_ring};
-		Py_ssize_t size[N] = {4, 4, 8, 4, 4, 4, 4, 4, 4, 4, 4, 4, 16 * (Py_ssize_t)self->ev_slots};
+				     self->activity, self->busy_word, self->ev_head, self->ev_ring, self->hdr_gen,
+				     self->gen_table, self->sipi_count, self->cpu_gen, self->nmi_pending,
+				     self->smi_pending, self->mwait_entries, self->mon_line};
+		Py_ssize_t size[N] = {4, 4, 8, 4, 4, 4, 4, 4, 4, 4, 4, 4, 16 * (Py_ssize_t)self->ev_slots, 4,
+				      self->gen_entry * (Py_ssize_t)self->gen_slots, 4, 4, 4, 4, 8, 4};
 
 		self->need = 0;
 		for (int k = 0; k < N; k++)
 			if (extend_need("Init", off[k], size[k], &self->need) < 0)
 				return -1;
+		if (self->gen_entry % 4) {  /* each entry's first field, its generation, is a u32 */
+			PyErr_SetString(PyExc_ValueError, "Init: a generation entry's size is a multiple of 4");
+			return -1;
+		}
 	}
+	Py_INCREF(bus);
+	self->bus = (Kicker *)bus;
 	self->taken_ns = 0;
+	self->taken_known = -1;
 	self->ready = 1;
 	return 0;
+}
+
+static void Init_dealloc(Init *self)
+{
+	for (int i = 0; i < KNOWN; i++)
+		Py_XDECREF(self->known[i].ack);
+	Py_XDECREF(self->bus);
+	Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* learn(entry, md, ack): see Init. */
+static PyObject *Init_learn(Init *self, PyObject *args)
+{
+	Py_buffer entry;
+	Py_ssize_t md, dir, need = 0;
+	uint32_t line;
+	PyObject *ack;
+	Known *g;
+
+	if (!PyArg_ParseTuple(args, "y*nO", &entry, &md, &ack))
+		return NULL;
+	if (!self->ready || self->busy || entry.len != self->gen_entry ||
+	    (ack != Py_None && (!PyObject_TypeCheck(ack, &AckType) || !((Ack *)ack)->ready)) ||
+	    kicker_line(self->bus, md, 8, &line, &dir, &need) < 0) {
+		if (!PyErr_Occurred())
+			PyErr_Format(PyExc_ValueError, "learn(entry, md, ack) takes a %zd-byte generation entry and "
+				     "an initialised Ack or None, on an initialised Init no wait is using",
+				     self->gen_entry);
+		PyBuffer_Release(&entry);
+		return NULL;
+	}
+	g = NULL;
+	for (int i = 0; i < KNOWN && !g; i++)  /* the same entry learnt again: refreshed in place */
+		if (self->known[i].used && !memcmp(self->known[i].entry, entry.buf, entry.len))
+			g = &self->known[i];
+	if (!g) {
+		g = &self->known[self->next_known];
+		self->next_known = (self->next_known + 1) % KNOWN;
+	}
+	memcpy(g->entry, entry.buf, entry.len);
+	PyBuffer_Release(&entry);
+	Py_XDECREF(g->ack);
+	g->ack = ack == Py_None ? NULL : (Ack *)ack;
+	Py_XINCREF(g->ack);
+	g->md = md;
+	g->dir = dir;
+	g->line = line;
+	g->used = 1;
+	if (need > self->need)
+		self->need = need;
+	if (g->ack && g->ack->need > self->need)
+		self->need = g->ack->need;
+	Py_RETURN_NONE;
+}
+
+static PyObject *Init_taken_ack(Init *self, void *Py_UNUSED(closure))
+{
+	PyObject *a = NULL;
+
+	if (self->taken_known >= 0 && self->taken_state == self->st_mwait)
+		a = (PyObject *)self->known[self->taken_known].ack;
+	if (!a)
+		a = Py_None;
+	Py_INCREF(a);
+	return a;
 }
 
 static PyMemberDef Init_members[] = {
 	{"taken_ns", T_LONGLONG, offsetof(Init, taken_ns), READONLY,
 	 "CLOCK_MONOTONIC ns of the last INIT taken in the last wait() given this Init (0: none)"},
+	{"taken_state", T_UINT, offsetof(Init, taken_state), READONLY,
+	 "the ExecState that take left the CPU in: WAIT_FOR_SIPI, RUNNING, or MWAIT (armed, acknowledged)"},
+	{NULL},
+};
+
+static PyGetSetDef Init_getset[] = {
+	{"taken_ack", (getter)Init_taken_ack, NULL,
+	 "after a take that parked the CPU (taken_state MWAIT): the Ack the wait went on with; else None", NULL},
+	{NULL},
+};
+
+static PyMethodDef Init_methods[] = {
+	{"learn", (PyCFunction)Init_learn, METH_VARARGS,
+	 "learn(entry, md, ack): this CPU was started (not parked at boot) in the generation whose\n"
+	 "header table entry is ``entry`` (bytes); its mwait_cpu_dead is at offset ``md`` of emulated\n"
+	 "memory, and ``ack`` is the kick's Ack there (None: the pre-fix kernel). A later INIT, SIPI\n"
+	 "(and CPU_DOWN) into that generation is then taken without the interpreter."},
 	{NULL},
 };
 
 static PyTypeObject InitType = {
 	PyVarObject_HEAD_INIT(NULL, 0)
 	.tp_name = "smpd._hotpath.Init",
-	.tp_doc = "Init(...): byte offsets of a CPU's mailbox, its mon_armed and what init_reset() and "
-		  "wait-for-SIPI store, for a wait to take an INIT that comes alone (see take_init)",
+	.tp_doc = "Init(...): byte offsets of a CPU's mailbox, its mon_armed and what init_reset(), "
+		  "wait-for-SIPI, start_secondary() and play_dead() store, for a wait to take an INIT and "
+		  "what follows it (see take_init)",
 	.tp_basicsize = sizeof(Init),
 	.tp_flags = Py_TPFLAGS_DEFAULT,
 	.tp_new = PyType_GenericNew,
 	.tp_init = (initproc)Init_init,
+	.tp_dealloc = (destructor)Init_dealloc,
 	.tp_members = Init_members,
+	.tp_getset = Init_getset,
+	.tp_methods = Init_methods,
 };
 
 /* ---- Waiter: a CPU's watch loop ------------------------------------------- */
@@ -319,7 +478,8 @@ typedef struct {
 	Py_ssize_t sleep_core;  /* `sleep_core`: the host core it sleeps on, stored before `sleeping` (-1: none) */
 	int yield;  /* spinning CPUs outnumber host cores: give the core away between polls */
 	int busy;  /* a wait() is running: it releases the GIL, so a second thread could enter */
-	Init *init;  /* the running call's, or NULL: an INIT that comes alone is taken there (take_init) */
+	Init *init;  /* the running call's, or NULL: an INIT (and what follows it) is taken there (take_init) */
+	Ack *parked;  /* the running call's: a take parked the CPU, and the wait goes on as MWAIT with this */
 	Py_ssize_t need;  /* the buffer must be this long: the last byte of its words */
 	sigset_t irq, sleep_set;
 } Waiter;
@@ -414,36 +574,77 @@ static void log_event(char *b, Ack *a, uint32_t code, uint32_t arg, int64_t ns)
 	log_at(b, a->ev_head, a->ev_ring, a->ev_slots, code, arg, ns);
 }
 
-/* An unacknowledged message in the mailbox that is INIT with nothing after it (its seq in *seq)? */
+enum { NOT_TAKEN = 0, LONE_INIT, START, START_DOWN };
+
+/* An unacknowledged message in the mailbox that take_init() takes (its seq in *seq): INIT alone,
+ * INIT then SIPI, or INIT, SIPI, CPU_DOWN; NOT_TAKEN for any other. */
 static int init_message(char *b, Init *n, uint32_t *seq)
 {
+	uint64_t arg;
+
 	*seq = LOAD32(b + n->mbox_seq);
-	return *seq != LOAD32(b + n->mbox_ack) && LOAD32(b + n->mbox_cmd) == n->cmd_init && !LOAD64(b + n->mbox_arg);
+	if (*seq == LOAD32(b + n->mbox_ack) || LOAD32(b + n->mbox_cmd) != n->cmd_init)
+		return NOT_TAKEN;
+	arg = LOAD64(b + n->mbox_arg);
+	if (!arg)
+		return LONE_INIT;
+	if (arg == n->cmd_sipi)
+		return START;
+	if (arg == (n->cmd_sipi | (uint64_t)n->cmd_cpu_down << 8))
+		return START_DOWN;
+	return NOT_TAKEN;
 }
 
-/* The lone INIT take_init() takes: the IPI byte raised alone of the kinds (`wake`'s byte 0 is not
- * one), no write byte, nothing armed, and that message. */
-static int lone_init(Waiter *w, Init *n, uint32_t *seq)
+/* The message take_init() takes: the IPI byte raised alone of the kinds (`wake`'s byte 0 is not
+ * one), no write byte, nothing armed, and such a message. */
+static int init_to_take(Waiter *w, Init *n, uint32_t *seq)
 {
 	char *b = w->base;
 	uint32_t wake = LOAD32(b + w->wake), ipi = 0xFFu << (8 * n->ipi_byte);
 
 	if (!(wake & ipi) || (wake & ~0xFFu & ~ipi) || LOAD32(b + w->write) || LOAD32(b + n->armed))
-		return 0;
+		return NOT_TAKEN;
 	return init_message(b, n, seq);
+}
+
+/* What this CPU knows (Init.learn) of the generation the header names now, the one a SIPI starts
+ * it in (smp_callin() reads it so): its entry in the generation table, found as
+ * smpd.kernel.generations finds it, compared whole with those learnt. NULL: not known. */
+static Known *known_now(char *b, Init *n, uint32_t *gen)
+{
+	*gen = LOAD32(b + n->hdr_gen);
+	for (int k = 0; k < n->gen_slots; k++) {
+		char *e = b + n->gen_table + (Py_ssize_t)((*gen % (uint32_t)n->gen_slots + k) % n->gen_slots) * n->gen_entry;
+
+		if (LOAD32(e) != *gen)
+			continue;
+		for (int i = 0; i < KNOWN; i++)
+			if (n->known[i].used && !memcmp(n->known[i].entry, e, n->gen_entry))
+				return &n->known[i];
+		return NULL;
+	}
+	return NULL;
 }
 
 /* See Init. 1: taken (its byte cleared, its stores made, the wait goes on); 0: the Python path's. */
 static int take_init(Waiter *w, Init *n)
 {
 	char *b = w->base;
-	uint32_t seq, again;
+	uint32_t seq, again, gen = 0, steps = 1;
+	int kind = init_to_take(w, n, &seq);
+	Known *g = NULL;
 	int64_t now;
-
 	sigset_t pending;
 
-	if (!lone_init(w, n, &seq))
+	if (kind == NOT_TAKEN)
 		return 0;
+	if (kind != LONE_INIT) {
+		/* A generation the Python path started this CPU in; no NMI or SMI held from
+		 * wait-for-SIPI (smp_callin() delivers them: Python's); a park only in the fix's kernel. */
+		g = known_now(b, n, &gen);
+		if (!g || LOAD32(b + n->nmi_pending) || LOAD32(b + n->smi_pending) || (kind == START_DOWN && !g->ack))
+			return 0;
+	}
 	/* An interrupt signal that came first and is not taken yet (asleep: blocked, pending)
 	 * goes first: the Python path takes it, then the INIT (see must_return). */
 	if (sigpending(&pending) < 0)
@@ -454,22 +655,63 @@ static int take_init(Waiter *w, Init *n)
 	/* As CpuCore._consume: the byte cleared and fenced before the mailbox is read (again) */
 	STORE8(b + w->wake + n->ipi_byte, 0);
 	FENCE();
-	if (!init_message(b, n, &again) || again != seq) {
+	if (init_message(b, n, &again) != kind || again != seq) {
 		STORE8(b + w->wake + n->ipi_byte, 1);  /* not the message looked at: raised again for Python */
 		return 0;
 	}
 	now = now_ns();
-	STORE32(b + n->busy, 1);
+	STORE32(b + n->busy_word, 1);
 	/* init_reset(): nothing is armed to disarm; the count and the event */
 	STORE32(b + n->init_count, LOAD32(b + n->init_count) + 1);
 	log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_init, 0, now);
-	/* wait_for_sipi(): the state, then the acknowledgement (its result first: the coordinator polls ack) */
+	/* wait_for_sipi(): the state */
 	STORE32(b + n->hotplug, n->hp_offline);
 	STORE32(b + n->state, n->st_wait_for_sipi);
+	n->taken_state = n->st_wait_for_sipi;
+	if (kind != LONE_INIT) {
+		/* start_secondary(): the SIPI; smp_callin(): the generation, the fix's clear of
+		 * mwait_cpu_dead (a bus write: it wakes whoever monitors the line), running */
+		steps++;
+		STORE32(b + n->sipi_count, LOAD32(b + n->sipi_count) + 1);
+		log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_sipi, 0, now);
+		STORE32(b + n->cpu_gen, gen);
+		if (g->ack) {
+			static const uint32_t zero[2] = {0, 0};
+
+			bus_write(n->bus, b, g->md, zero, 2);
+		}
+		STORE32(b + n->hotplug, n->hp_online);
+		STORE32(b + n->state, n->st_running);
+		n->taken_state = n->st_running;
+	}
+	if (kind == START_DOWN) {
+		/* running: CPU_DOWN -> play_dead() -> mwait_play_dead(): the fix's entry, then
+		 * MONITOR on its mwait_cpu_dead line (as CpuCore.monitor: the WRITE byte cleared,
+		 * the directory entry, the CPU's record of it, a fence) */
+		steps++;
+		STORE32(b + n->hotplug, n->hp_offline);
+		log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_offline, 0, now_ns());
+		/* state for the kexec() hack: status first, then control, each a bus write */
+		bus_write(n->bus, b, g->md + 4, &n->mwait_wait, 1);
+		bus_write(n->bus, b, g->md, &n->mwait_wait, 1);
+		STORE64(b + n->mwait_entries, LOAD64(b + n->mwait_entries) + 1);
+		STORE32(b + n->state, n->st_mwait);
+		STORE8(b + w->write, 0);
+		STORE16(b + g->dir, (uint16_t)(n->cpu + 1));
+		STORE32(b + n->mon_line, g->line);
+		STORE32(b + n->armed, 1);
+		FENCE();
+		n->taken_state = n->st_mwait;
+		n->taken_known = (int)(g - n->known);
+		w->parked = g->ack;  /* the wait goes on as MWAIT, and takes nothing more */
+		w->init = NULL;
+	}
+	/* the acknowledgement of the message (its result first: the coordinator polls ack) */
 	STORE32(b + n->mbox_result, 0);  /* IPI_DONE */
 	STORE32(b + n->mbox_ack, seq);
-	STORE32(b + n->activity, LOAD32(b + n->activity) + 1);
-	STORE32(b + n->busy, 0);
+	/* wait()'s count of its returns: one for each IPI of the message, as the Python path takes them */
+	STORE32(b + n->activity, LOAD32(b + n->activity) + steps);
+	STORE32(b + n->busy_word, 0);
 	n->taken_ns = now;
 	return 1;
 }
@@ -481,8 +723,8 @@ static inline int raised(Waiter *w)
 }
 
 /*
- * Must the wait return for a raised byte? 0: nothing is raised, or it was a lone INIT the call
- * takes (``w->init``, take_init) and the wait goes on; 1: return; -1: a handler raised (an
+ * Must the wait return for a raised byte? 0: nothing is raised, or it was an INIT the call
+ * takes (``w->init``, take_init) and the wait goes on (as MWAIT, when ``w->parked`` is set now); 1: return; -1: a handler raised (an
  * exception is set). An interrupt whose signal was sent before the INIT is taken before it, in
  * the state that was waiting, as on the Python path (there the interpreter runs its handler,
  * which raises its byte, before CpuCore._consume reads the wake words). With the GIL held
@@ -496,7 +738,7 @@ static inline int must_return(Waiter *w, int gil)
 
 	if (!raised(w))
 		return 0;
-	if (!w->init || !lone_init(w, w->init, &seq))
+	if (!w->init || !init_to_take(w, w->init, &seq))
 		return 1;
 	if (gil) {
 		sigset_t pending;
@@ -609,6 +851,7 @@ static PyObject *halted(Waiter *w, int slept, long long spin_ns, int64_t seen)
 	 * (it yields it while we sleep). Hand it back before anything else. */
 	if (slept)
 		sched_yield();
+	w->parked = NULL;  /* HLT: no monitor, nothing to acknowledge */
 	r = wait_on(w, spin_ns < 0 ? -1 : 0, 0, NULL);
 	if (!r)
 		return NULL;
@@ -701,7 +944,7 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 		return PyErr_SetFromErrno(PyExc_OSError);
 	}
 	if (code == WOKE)
-		return woke(w, a, 1, 0);
+		return woke(w, a ? a : w->parked, 1, 0);  /* parked while asleep (take_init): MWAIT's wake-up */
 	return Py_BuildValue("(iiL)", code, signo, 0LL);
 }
 
@@ -749,19 +992,32 @@ static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 	w->base = acquire(w->buf, &view, need);
 	if (!w->base)
 		return NULL;
+	if (n && n->busy) {
+		PyErr_SetString(PyExc_RuntimeError, "this Init is in use by another wait");
+		PyBuffer_Release(&view);
+		w->base = NULL;
+		return NULL;
+	}
 	w->busy = 1;
-	if (n)
+	if (n) {
 		n->taken_ns = 0;
+		n->taken_known = -1;
+		n->busy = 1;
+	}
 	w->init = n;  /* the call holds it (args) */
+	w->parked = NULL;
 	r = wait_on(w, spin_ns, deadline, a);
 	w->init = NULL;
+	w->parked = NULL;
+	if (n)
+		n->busy = 0;
 	w->busy = 0;
 	w->base = NULL;
 	PyBuffer_Release(&view);
 	return r;
 }
 
-enum { SPIN_ERROR = -1, SPIN_ANSWERED, SPIN_RAISED, SPIN_END };
+enum { SPIN_ERROR = -1, SPIN_ANSWERED, SPIN_RAISED, SPIN_END, SPIN_PARKED };
 
 /*
  * Spin on the wake words, for spin_ns (< 0: until woken). In mwait_play_dead() with a kick to
@@ -799,6 +1055,8 @@ static int spin(Waiter *w, Ack *a, long long spin_ns, long long deadline, int64_
 		case 1:
 			return SPIN_RAISED;
 		}
+		if (!a && w->parked)  /* a take parked the CPU: spin again, as MWAIT (wait_on) */
+			return SPIN_PARKED;
 		if (++n % SIGNAL_POLL == 0) {
 			if (PyErr_CheckSignals() < 0)
 				return SPIN_ERROR;
@@ -825,19 +1083,25 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 
 	if (must < 0)
 		return NULL;
+	if (!a)  /* parked by a take just now: MWAIT, with that generation's Ack */
+		a = w->parked;
 	if (must)
 		return woke(w, a, 0, spin_ns);
 	if (spin_ns != 0) {
 		int64_t seen = 0;
 		int r;
 
-		/* `mon_watch`: the kicker looks for the answer of a CPU that watches its control
-		 * word itself before the rest of the bus's rule (Kicker_kick_one). */
-		if (a)
-			STORE32(w->base + w->watch, 1);
-		r = spin(w, a, spin_ns, deadline, &seen);
-		if (a)
-			STORE32(w->base + w->watch, 0);
+		do {
+			/* `mon_watch`: the kicker looks for the answer of a CPU that watches its control
+			 * word itself before the rest of the bus's rule (Kicker_kick_one). */
+			if (a)
+				STORE32(w->base + w->watch, 1);
+			r = spin(w, a, spin_ns, deadline, &seen);
+			if (a)
+				STORE32(w->base + w->watch, 0);
+			if (r == SPIN_PARKED)  /* a new MWAIT: its spin, with its Ack, as the Python path's next wait */
+				a = w->parked;
+		} while (r == SPIN_PARKED);
 		if (r == SPIN_ERROR)
 			return NULL;
 		if (r == SPIN_ANSWERED)
@@ -845,6 +1109,8 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 		must = must_return(w, 1);
 		if (must < 0)
 			return NULL;
+		if (!a)
+			a = w->parked;
 		if (must)
 			return woke(w, a, 0, spin_ns);
 		if (spin_ns < 0 || (deadline && now_ns() >= deadline))  /* spin ends only so */
@@ -881,7 +1147,7 @@ static PyTypeObject WaiterType = {
 
 /* ---- Kicker: the coordinator's side ---------------------------------------- */
 
-typedef struct {
+struct Kicker {
 	PyObject_HEAD
 	PyObject *buf;
 	char *base;  /* valid during a call only */
@@ -892,7 +1158,7 @@ typedef struct {
 	int doorbell;
 	int yield;  /* spinning CPUs outnumber host cores: udelay yields the core, as for a sleeper */
 	Py_ssize_t need;  /* the buffer must be this long: the last byte the checked geometry names */
-} Kicker;
+};
 
 static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 {
@@ -994,6 +1260,39 @@ static int bus_rule(Kicker *k, Py_ssize_t off)
 			kill((pid_t)pid, k->doorbell);  /* gone: the coordinator marks it GONE */
 		return 1;
 	}
+	return 0;
+}
+
+/* smpd.machine.bus.Bus.write of ``n`` u32 ``words`` (within one line) at ``off`` of emulated
+ * memory in the segment at ``base``, from a CPU's wait (take_init): the stores, then the rule. */
+static void bus_write(Kicker *k, char *base, Py_ssize_t off, const uint32_t *words, int n)
+{
+	char *theirs = k->base;
+
+	for (int i = 0; i < n; i++)
+		STORE32(base + k->mem_off + off + 4 * i, words[i]);
+	k->base = base;
+	bus_rule(k, off);
+	k->base = theirs;
+}
+
+/* ``n`` bytes (u32s) at ``off`` of emulated memory, within one line: that line (*line), its
+ * directory entry (*dir, segment bytes) and the segment length all that needs (*need). -1: not so (an
+ * exception is set). */
+static int kicker_line(Kicker *k, Py_ssize_t off, Py_ssize_t n, uint32_t *line, Py_ssize_t *dir, Py_ssize_t *need)
+{
+	if (!k->buf) {
+		PyErr_SetString(PyExc_ValueError, "the bus (a Kicker) is not initialised");
+		return -1;
+	}
+	if (!fits(off, n, k->mem_len) || off % 4 || n % 4 || (off & (k->line - 1)) + n > k->line) {
+		PyErr_Format(PyExc_ValueError, "%zd bytes at offset %zd are not u32s of one line of emulated memory",
+			     n, off);
+		return -1;
+	}
+	*line = (uint32_t)(off >> k->line_shift);
+	*dir = k->dir_off + k->dir_entry * *line;
+	*need = k->need;
 	return 0;
 }
 

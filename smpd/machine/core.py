@@ -71,6 +71,7 @@ class CpuCore:
         self.armed_line = -1
         self.pending_ack: int | None = None  # mailbox seq to acknowledge when done
         self.part: tuple[int, int] = (-1, 0)  # (mailbox seq, which of its IPIs is the one to take)
+        self.midway = False  # a message is taken in part (its next IPI's byte raised), not acknowledged yet
         # Direct word indices of the fields the wake-up path touches (a struct call each
         # would cost more than the rest of that path).
         ix = lambda f: seg.cb_index(cpu, f)  # noqa: E731
@@ -81,8 +82,10 @@ class CpuCore:
                              (M_IPI, ix("wake_ipi")), (M_TIMER, ix("wake_spurious"))]
         self.waiter = hotpath.waiter(seg, cpu, self.irq_sigs, DOORBELL_SIGNAL)
         self.acked_ns = 0  # set when the compiled path acknowledged a kick inside wait()
-        self.init_taker = hotpath.init_taker(seg, cpu)  # None on a Python machine
-        self.init_ns = 0  # set when the compiled path took an INIT that came alone inside wait()
+        self.init_taker = hotpath.init_taker(seg, cpu, DOORBELL_SIGNAL)  # None on a Python machine
+        # Set when the compiled path took an INIT (and what followed it) inside wait(): when, and
+        # the state it left the CPU in (wait-for-SIPI, running, MWAIT).
+        self.init_ns, self.init_state = 0, L.ExecState.WAIT_FOR_SIPI
 
     def install_signal_handlers(self) -> None:
         # Through _signal, the C module `signal` wraps: the wrapper turns each previous handler into
@@ -131,21 +134,25 @@ class CpuCore:
         when the wake-up is a kick this CPU can acknowledge, the compiled code does
         so, records the way into HLT and halts; ``acked_ns`` is then when it saw the
         kick, and the mask returned is what ended HLT. ``init`` (compiled path only, from a
-        state with nothing armed whose INIT leads straight to wait-for-SIPI): an INIT that
-        comes alone is taken on the way and the wait goes on (smpd/machine/_hotpath.c,
-        take_init); ``init_ns`` is then when, and the mask returned is the next wake-up's,
-        for wait-for-SIPI to take.
+        state with nothing armed whose INIT leads straight to wait-for-SIPI): an INIT, alone or
+        followed by SIPI (and CPU_DOWN) into a generation the CPU learnt, is taken on the way and
+        the wait goes on (smpd/machine/_hotpath.c, take_init); ``init_ns`` is then when,
+        ``init_state`` where it left the CPU, and the mask returned is the next wake-up's, for
+        that state to take (parked: MWAIT's, the kick acknowledged as with ``ack``).
         """
         u32 = self.u32
         u32[self.i_busy] = 0
         spurious = self._spurious_in()
         spin_ns = -1 if self.spin else self.budget_ns if may_spin else 0
         deadline_ns = 0 if spurious is None else time.monotonic_ns() + max(1, int(spurious * 1e9))
-        taker = self.init_taker if init and self.pending_ack is None else None  # it acknowledges
+        # It takes whole messages and acknowledges them: not one this process has begun.
+        taker = self.init_taker if init and self.pending_ack is None and not self.midway else None
         while True:
             code, arg, acked_ns = self.waiter.wait(spin_ns, deadline_ns, ack, taker)
             if taker is not None and taker.taken_ns:
-                self.init_ns, taker = taker.taken_ns, None  # in wait-for-SIPI from here
+                # In wait-for-SIPI, running or MWAIT from here; parked, a wait again is MWAIT's.
+                self.init_ns, self.init_state, ack = taker.taken_ns, taker.taken_state, taker.taken_ack
+                taker = None
             if acked_ns:  # acknowledged and halted: what follows is HLT's wake-up
                 self.acked_ns, ack, deadline_ns = acked_ns, None, 0
             if code == hotpath.SIGNAL:  # an interrupt signal, taken while asleep
@@ -200,7 +207,10 @@ class CpuCore:
 
     def mwait(self, ack=None) -> int:
         """__mwait(): wait for a write to the monitored line, an interrupt, an IPI or nothing at all."""
-        mask = self.wait(ack=ack)
+        return self.mwait_exit(self.wait(ack=ack))
+
+    def mwait_exit(self, mask: int) -> int:
+        """MWAIT ended with ``mask``: the monitor disarmed, the wake-up counted."""
         if self.acked_ns:  # the compiled path disarmed and counted, and halted since
             self.armed_line = -1
             return mask
@@ -239,6 +249,7 @@ class CpuCore:
     def ack(self, seq: int, result: int = IPI_DONE) -> None:
         self.seg.set_cb(self.cpu, "mbox_result", result)
         self.seg.set_cb(self.cpu, "mbox_ack", seq)  # last: the coordinator polls this word
+        self.midway = False
 
     def _ack_pending(self) -> None:
         """Done with the IPI taken (``pending_ack``): acknowledge its message, or, if another IPI
@@ -250,7 +261,7 @@ class CpuCore:
         at, part = self.part
         part = part + 1 if at == seq else 1
         if L.mbox_follower(self.seg.cb(self.cpu, "mbox_arg"), part):
-            self.part = (seq, part)
+            self.part, self.midway = (seq, part), True
             self.buf[self.wake_off + L.WAKE_IPI] = 1
         else:
             self.ack(seq)

@@ -83,10 +83,12 @@ def ack(seg, cpu: int, md: int, checks) -> object | None:
                         ev_kick_seen=L.Ev.KICK_SEEN, ev_hlt=L.Ev.HLT, ev_entry=L.EV_ENTRY.size)
 
 
-def init_taker(seg, cpu: int) -> object | None:
-    """None on a Python machine; else what CPU ``cpu``'s compiled wait needs to take an INIT that
-    comes alone (smpd/machine/_hotpath.c, take_init): its mailbox, mon_armed, and what
-    init_reset() and wait-for-SIPI store (smpd.kernel.cpu), where."""
+def init_taker(seg, cpu: int, doorbell: int) -> object | None:
+    """None on a Python machine; else what CPU ``cpu``'s compiled wait needs to take an INIT, and
+    the SIPI and CPU_DOWN that may follow it (smpd/machine/_hotpath.c, take_init): its mailbox,
+    mon_armed, what init_reset(), wait-for-SIPI, start_secondary(), smp_callin() and play_dead()
+    store (smpd.kernel.cpu), where; the header's generation table; and the bus (a Kicker), for
+    smp_callin()'s write. Which generations it may start the CPU in, it learns (Init.learn)."""
     if not compiled(seg):
         return None
     word = lambda field: seg.cb_byte(cpu, field, 0)  # noqa: E731  (a field's byte offset in the segment)
@@ -96,7 +98,14 @@ def init_taker(seg, cpu: int) -> object | None:
                          activity=word("activity"), busy=word("busy"), ev_head=word("ev_head"),
                          ev_ring=seg.geo.cb_off(cpu) + L.EV_OFF, cmd_init=L.Ipi.INIT,
                          state_wait_for_sipi=L.ExecState.WAIT_FOR_SIPI, hotplug_offline=L.Hotplug.OFFLINE,
-                         ev_init=L.Ev.INIT, ev_slots=L.EV_SLOTS, ev_entry=L.EV_ENTRY.size, ipi_byte=L.WAKE_IPI)
+                         ev_init=L.Ev.INIT, ev_slots=L.EV_SLOTS, ev_entry=L.EV_ENTRY.size, ipi_byte=L.WAKE_IPI,
+                         hdr_generation=L.HEADER["generation"][0], gen_table=L.GEN_OFF,
+                         gen_entry=L.GEN_ENTRY.size, gen_slots=L.GEN_SLOTS, sipi_count=word("sipi_count"),
+                         cpu_gen=word("cpu_gen"), nmi_pending=word("nmi_pending"), smi_pending=word("smi_pending"),
+                         mwait_entries=word("mwait_entries"), mon_line=word("mon_line"), cpu=cpu,
+                         cmd_sipi=L.Ipi.SIPI, cmd_cpu_down=L.Ipi.CPU_DOWN, state_running=L.ExecState.RUNNING,
+                         state_mwait=L.ExecState.MWAIT, hotplug_online=L.Hotplug.ONLINE, ev_sipi=L.Ev.SIPI,
+                         ev_offline=L.Ev.OFFLINE, mwait_wait=L.CPUDEAD_MWAIT_WAIT, bus=kicker(seg, doorbell, None))
 
 
 def kicker(seg, doorbell: int, bus):

@@ -9,6 +9,7 @@ made certain here: that CPU's process sends itself the MCE right after it takes 
 import contextlib
 import os
 import signal
+import time
 
 import pytest
 
@@ -17,6 +18,7 @@ from smpd import config
 from smpd.errors import SmpdError
 from smpd.host.proc import die_with_parent
 from smpd.kernel import boot as kboot, cpu as kcpu, generations, image, kick as kick_mod, memmap
+from smpd.kernel.handoff import Handoff
 from smpd.machine import events, layout as L
 from smpd.machine.bus import Bus
 from smpd.machine.mailbox import Mailbox
@@ -43,11 +45,14 @@ class _Port:
         return self.mailbox.send_and_wait(cpus, cmd, timeout_s, then)
 
 
-def _cpu_process(seg, bus, cpu: int, signals: dict[str, int]) -> int:
+def _cpu_process(seg, bus, cpu: int, signals: dict[str, int], child=None) -> int:
+    """CPU ``cpu``'s process, forked from this one; ``child`` runs in it first (a test's patch)."""
     pid = os.fork()
     if pid:
         return pid
     try:
+        if child is not None:
+            child()
         if cpu == VICTIM:
             init_reset = kcpu.Cpu.init_reset
 
@@ -160,13 +165,15 @@ def test_a_reset_clears_its_fields_of_each_control_block_and_nothing_else():
 
 
 @contextlib.contextmanager
-def _cpu1_running(tmp_path, label: str, hot_path: str, watch: str = "adaptive"):
+def _cpu1_running(tmp_path, label: str, hot_path: str, watch: str = "adaptive", child=None, budget_ns: int = 0):
     """(config, segment, port, pid) with generation 1 booted and CPU 1's process of this test's own
-    started by it, online and idle (`running`), on that hot path and watch; killed after."""
+    started by it, online and idle (`running`), on that hot path and watch (and adaptive spin
+    budget, when given); ``child`` runs first in that process; killed after."""
     with _machine_segment(tmp_path, label, L.HotPath[hot_path.upper()], L.Watch[watch.upper()]) as (cfg, seg):
         bus = Bus(seg)
         gen1 = kboot.power_on(seg, bus, cfg.boot())
-        pid = _cpu_process(seg, bus, 1, cfg.signals())
+        seg.set_hdr("spin_budget_ns", budget_ns)
+        pid = _cpu_process(seg, bus, 1, cfg.signals(), child)
         try:
             port = _Port(seg, bus, {1: pid})
             assert kboot.start_aps(port, gen1, [1], 5.0)["started"] == [1]
@@ -317,3 +324,67 @@ def test_an_nmi_held_in_wait_for_sipi_is_taken_once_init_and_sipi_start_the_cpu(
         _start(port, seg, (L.Ipi.SIPI,))
         wait_until(lambda: seg.cb(1, "nmi_taken") == 1, what="the held NMI taken once the CPU runs")
         assert (seg.cb(1, "state"), seg.cb(1, "nmi_pending")) == (L.ExecState.RUNNING, 0)
+
+
+@pytest.mark.parametrize("case", hot_paths("adaptive", "spin"))
+def test_kicked_cpus_start_and_park_again_round_after_round(tmp_path, case):
+    """A soak's CPU, round after round: parked, kicked into HLT, then INIT and SIPI from the new
+    kernel (running), or INIT, SIPI and CPU_DOWN from a reset (parked again), and kicked again.
+    The compiled path answers the kick and then takes what follows in HLT in the same wait (a
+    loop, not a deeper call each round); each round leaves what the Python path leaves."""
+    watch, hot_path = case
+    with _cpu1_running(tmp_path, f"rounds-{watch}-{hot_path}", hot_path, watch) as (cfg, seg, port, pid):
+        md = kboot.current(seg).mwait_cpu_dead_addr(1)
+        bus = Bus(seg)
+        _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN))
+        for round_ in range(6):
+            assert kick_mod.kick_one(seg, bus, 1, md, 5000, 1_000_000)["acknowledged"], round_
+            wait_until(lambda: seg.cb(1, "state") == L.ExecState.HLT, what="the kicked CPU in HLT")
+            park = round_ % 2 == 0
+            logged = _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN) if park else (L.Ipi.SIPI,))
+            assert [code for _ns, code in logged] == [L.Ev.INIT, L.Ev.SIPI] + ([L.Ev.OFFLINE] if park else [])
+            assert _in_one_step(logged) == (hot_path == "c"), (round_, logged)
+            assert seg.cb(1, "state") == (L.ExecState.MWAIT if park else L.ExecState.RUNNING)
+            if not park:  # parked again through the Python path's own CPU_DOWN
+                assert port.ipi_wait([1], L.Ipi.CPU_DOWN, 5.0) == ({1: 0}, [])
+            assert (seg.cb(1, "state"), seg.mem_u32(md + 4)) == (L.ExecState.MWAIT, L.CPUDEAD_MWAIT_WAIT)
+        os.kill(pid, cfg.signals()["nmi"])  # in MWAIT: the handler returns into the loop, parked
+        wait_until(lambda: seg.cb(1, "nmi_taken") == 1, what="the NMI in MWAIT")
+        wait_until(lambda: seg.cb(1, "mon_armed") == 1, what="MONITOR armed again")
+        assert (seg.cb(1, "fault"), seg.cb(1, "state"), seg.cb(1, "wake_write")) == (L.Fault.NONE, L.ExecState.MWAIT, 6)
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_a_cpu_learns_the_generation_its_map_was_built_from_not_what_the_table_holds_later(tmp_path, hot_path):
+    """`smpd kexec --kernel pre-fix` (Kexec.become) rewrites the running generation's entry once the
+    CPUs it started have acknowledged; a CPU that learnt the entry then (after smp_callin() built
+    its map) would have paired the pre-fix entry with the fix's mwait_cpu_dead, and the compiled
+    path would park it on that line. Here the rewrite lands in that window: the next INIT, SIPI
+    and CPU_DOWN park the CPU as the pre-fix kernel does, on its idle task's thread_info line."""
+    def rewrite_first(cpu=kcpu.Cpu, learn=Handoff._learn_start):
+        def rewritten(self):
+            m = self.gens.current()
+            generations.record(self.seg, memmap.MemoryMap.build(m.gen, memmap.Boot("pre-fix"), m.sizes,
+                                                                m.regions[memmap.Region.TEXT], m.segments, m.placement))
+            return learn(self)
+        cpu._learn_start = rewritten
+
+    with _cpu1_running(tmp_path, f"learn-{hot_path}", hot_path, child=rewrite_first) as (cfg, seg, port, pid):
+        wait_until(lambda: kboot.current(seg).boot.monitors_thread_info, what="the rewrite, after the SIPI's ack")
+        m = kboot.current(seg)
+        _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN))
+        assert seg.cb(1, "state") == L.ExecState.MWAIT
+        assert seg.cb(1, "mon_line") == (m.thread_info_addr(1) - L.PHYS_BASE) // L.LINE
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_after_a_message_taken_asleep_the_cpu_spins_its_budget_again_before_it_sleeps(tmp_path, hot_path):
+    """Adaptive: each wait spins the budget, then sleeps. A CPU asleep in `running` that is sent
+    INIT, SIPI and CPU_DOWN parks and waits in MWAIT as the Python path's next wait does: spinning
+    first (a kick then finds it awake), not asleep at once."""
+    with _cpu1_running(tmp_path, f"budget-{hot_path}", hot_path, budget_ns=1_000_000_000) as (cfg, seg, port, pid):
+        wait_until(lambda: seg.cb(1, "sleeping") == 1, what="CPU 1 asleep after its budget")
+        _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN))
+        time.sleep(0.05)
+        assert (seg.cb(1, "state"), seg.cb(1, "sleeping")) == (L.ExecState.MWAIT, 0)
+        wait_until(lambda: seg.cb(1, "sleeping") == 1, what="asleep again once the budget is spent")

@@ -447,10 +447,10 @@ def _ack_kwargs(seg):
 
 
 @pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
-def test_the_compiled_init_and_ack_refuse_offsets_past_any_buffer_and_a_wait_takes_one_of_them(seg):
+def test_the_compiled_init_and_ack_refuse_offsets_past_any_buffer(seg):
     """An offset so large that the bytes a wait needs would overflow is refused when the Init or Ack
     is made (it had wrapped, and a wait then stored outside the segment); taken_ns is the C
-    side's to write; one wait takes an Ack (a kick ends in HLT inside it) or an Init, not both."""
+    side's to write."""
     from smpd.machine import _hotpath
 
     seg.set_hdr("hot_path", L.HotPath.C)
@@ -464,9 +464,6 @@ def test_the_compiled_init_and_ack_refuse_offsets_past_any_buffer_and_a_wait_tak
     init = hotpath.init_taker(seg, CPU, DOORBELL_SIGNAL)
     with pytest.raises(AttributeError):
         init.taken_ns = 1
-    waiter = hotpath.waiter(seg, CPU, set(), DOORBELL_SIGNAL)
-    with pytest.raises(ValueError, match="not both"):
-        waiter.wait(0, 1, hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, []), init)
 
 
 @pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
@@ -545,10 +542,16 @@ def test_the_wake_path_profile_runs_each_step_and_leaves_no_segment():
 
 @pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
 def test_an_init_learns_only_a_whole_generation_entry_and_a_mwait_cpu_dead_inside_one_line_of_memory(seg):
-    """Init.learn (what take_init may start the CPU in) refuses an entry of another size, an
-    mwait_cpu_dead outside emulated memory or across a line (a wait would store there), and an ack
-    that is not an Ack; a learnt one is refused while a wait uses the Init."""
+    """An Init refuses a CPU its bus cannot name; Init.learn (what take_init may start the CPU in)
+    refuses an entry of another size, an mwait_cpu_dead outside emulated memory or across a line
+    (a wait would store there), and an ack that is not an Ack, and anything while a wait uses the
+    Init."""
+    from smpd.machine import _hotpath
+
     seg.set_hdr("hot_path", L.HotPath.C)
+    kw = _kwargs_of("Init", lambda: hotpath.init_taker(seg, CPU, DOORBELL_SIGNAL))
+    with pytest.raises(ValueError, match="not one of"):  # its directory entry would name nobody
+        _hotpath.Init(**{**kw, "cpu": seg.geo.ncpus})
     init = hotpath.init_taker(seg, CPU, DOORBELL_SIGNAL)
     entry = bytes(L.GEN_ENTRY.size)
     mem = seg.geo.npages * L.PAGE

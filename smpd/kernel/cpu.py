@@ -36,6 +36,7 @@ __all__ = ["Cpu", "cpu_main", "IPI_DONE", "IPI_IGNORED"]
 
 _MD = struct.Struct("<II")  # struct mwait_cpu_dead { u32 control; u32 status; }
 _KEXEC_HLT = struct.pack("<I", L.CPUDEAD_MWAIT_KEXEC_HLT)
+_MWAIT_WAIT = struct.pack("<I", L.CPUDEAD_MWAIT_WAIT)
 
 
 
@@ -46,6 +47,7 @@ class Cpu(Executes, Handoff, CpuCore):
         self.gens = gens or Generations(seg)  # given: maps built before the fork (smpd.daemon.template)
         self.gen = 0  # the kernel generation this CPU runs (set by smp_callin)
         self.map: MemoryMap | None = None  # that generation's memory map
+        self.started_in = b""  # its entry in the header's table when smp_callin() read it
         self.plans: dict[tuple, resume_mod.ResumePlan] = {}  # by (map, text page)
         self.kick_acks: dict[MemoryMap, object] = {}  # hotpath.Ack by memory map (compiled path)
         # Halted inside an NMI handler (the NMI stop): no IRET ever unblocks NMIs, so a later NMI
@@ -70,42 +72,6 @@ class Cpu(Executes, Handoff, CpuCore):
         own = (self.map.mwait_cpu_dead_addr(self.cpu), self.map.thread_info_addr(self.cpu))
         assert addr in own, f"CPU{self.cpu} may not monitor {addr:#x}"
         super().monitor(addr)
-
-    # -- the mailbox (IPIs from the coordinator) -----------------------------
-
-    def _ipi(self, mask: int, allowed: tuple[L.Ipi, ...] = ()):
-        """Look at the mailbox if the IPI byte was raised.
-
-        INIT reaches a CPU in any state; a command in ``allowed`` is
-        returned for the state to handle (its ack is the state's to send); any
-        other is acknowledged as ignored. Returns (next_state or False, ipi or None).
-        """
-        if not mask & M_IPI:
-            return False, None
-        ipi = self.take_ipi()
-        if ipi is None:
-            return False, None
-        seq, cmd = ipi
-        if cmd == L.Ipi.INIT:
-            self.pending_ack = seq
-            return self.init_reset, None
-        if cmd in allowed:
-            return False, ipi
-        self.ack(seq, IPI_IGNORED)
-        return False, None
-
-    def _interrupts_then_ipis(self, mask: int, allowed: tuple[L.Ipi, ...] = (), in_hlt: bool = False):
-        """Take interrupts (their handlers may fault), then INIT, then a REPARK
-        if ``allowed``. Returns the next state, or False to stay."""
-        if mask & M_IRQ:
-            nxt = self.take_interrupts(in_hlt=in_hlt)
-            if nxt is not None:
-                return nxt
-        nxt, ipi = self._ipi(mask, allowed)
-        if ipi is not None and ipi[1] == L.Ipi.REPARK:
-            self.pending_ack = ipi[0]
-            return self.mwait_play_dead
-        return nxt
 
     # -- states ------------------------------------------------------------------
 
@@ -160,7 +126,9 @@ class Cpu(Executes, Handoff, CpuCore):
         """The AP's first kernel code, in the generation that started it; in the fix's kernels it
         clears mwait_cpu_dead so a stale KEXEC_HLT is never seen."""
         self.gen = self.seg.hdr("generation")
-        self.map = self.gens.map(self.gen)
+        # Its entry, once: the map is what it says, whatever the table holds later (Kexec.become)
+        self.started_in = self.gens.entry(self.gen)
+        self.map = self.gens.map_of(self.started_in)
         self.seg.set_cb(self.cpu, "cpu_gen", self.gen)
         if not self.map.boot.monitors_thread_info:  # the pre-fix kernel has no struct mwait_cpu_dead
             self.bus.write(self.map.mwait_cpu_dead_addr(self.cpu), _MD.pack(0, 0))
@@ -229,11 +197,11 @@ class Cpu(Executes, Handoff, CpuCore):
         """
         self.map = self.gens.map(self.gen)  # the running kernel's flavour (`kexec --kernel` may change it)
         md = self.map.mwait_cpu_dead_addr(self.cpu)
-        if woken_with is None and not self.map.boot.monitors_thread_info:
-            # Set up state for the kexec() hack: status first, then control, as the kernel does.
-            self.bus.write(md + 4, struct.pack("<I", L.CPUDEAD_MWAIT_WAIT))
-            self.bus.write(md, struct.pack("<I", L.CPUDEAD_MWAIT_WAIT))
         if woken_with is None:
+            if not self.map.boot.monitors_thread_info:
+                # Set up state for the kexec() hack: status first, then control, as the kernel does.
+                self.bus.write(md + 4, _MWAIT_WAIT)
+                self.bus.write(md, _MWAIT_WAIT)
             self._add("mwait_entries", 1)
             self._set_state(L.ExecState.MWAIT)
         md_mem = self.seg.mem_off(md)
@@ -251,6 +219,8 @@ class Cpu(Executes, Handoff, CpuCore):
             mask = self.mwait(None if prefix else self._kick_ack()) if woken_with is None else self.mwait_exit(woken_with)
             woken_with = None
             t_wake = time.monotonic_ns()
+            if self.init_ns:  # acknowledged, halted, then INIT (and what followed it) in the compiled path
+                return self._init_taken(mask)
             if self.acked_ns:
                 # The compiled path did what the branch below does (resume checks,
                 # control == KEXEC_HLT, the status store, the events) and entered

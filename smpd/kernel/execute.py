@@ -1,4 +1,4 @@
-"""What a CPU executes when it runs again: after a wake-up, an interrupt or SMM.
+"""What a CPU executes when it runs again: after a wake-up, an interrupt, an IPI or SMM.
 
 A parked or halted CPU that is woken (a write to its monitored line) or interrupted
 (NMI, MCE, SMI) executes instructions again, in memory a kexec may have overwritten:
@@ -7,9 +7,11 @@ A parked or halted CPU that is woken (a write to its monitored line) or interrup
 ``take_interrupts`` runs pending handlers in the order the CPU takes them (MCE, NMI,
 SMI), with the NMI latch and a CPU halted inside an NMI handler holding later NMIs;
 ``hold_interrupts`` is wait-for-SIPI's rule (NMI and SMI held, an MCE shuts down).
+``_ipi`` looks at the mailbox (IPIs from the coordinator) for what a state takes.
 
 A mixin of smpd.kernel.cpu.Cpu: it uses the CPU's segment, bus, number, memory map
-(``map``), resume plans and the states ``shutdown`` and ``foreign_halt``.
+(``map``), resume plans and the states ``shutdown``, ``foreign_halt``, ``init_reset`` and
+``mwait_play_dead``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from smpd.kernel import resume as resume_mod
 from smpd.kernel.memmap import TEXT_MCE, TEXT_NMI, TEXT_PLAY_DEAD
 from smpd.machine import events, layout as L
-from smpd.machine.core import KINDS
+from smpd.machine.core import IPI_IGNORED, KINDS, M_IPI, M_IRQ
 
 
 class Executes:
@@ -117,3 +119,39 @@ class Executes:
             self._add("mce_held", got["mce"])
             return True
         return False
+
+    # -- the mailbox (IPIs from the coordinator) -----------------------------
+
+    def _ipi(self, mask: int, allowed: tuple[L.Ipi, ...] = ()):
+        """Look at the mailbox if the IPI byte was raised.
+
+        INIT reaches a CPU in any state; a command in ``allowed`` is
+        returned for the state to handle (its ack is the state's to send); any
+        other is acknowledged as ignored. Returns (next_state or False, ipi or None).
+        """
+        if not mask & M_IPI:
+            return False, None
+        ipi = self.take_ipi()
+        if ipi is None:
+            return False, None
+        seq, cmd = ipi
+        if cmd == L.Ipi.INIT:
+            self.pending_ack = seq
+            return self.init_reset, None
+        if cmd in allowed:
+            return False, ipi
+        self.ack(seq, IPI_IGNORED)
+        return False, None
+
+    def _interrupts_then_ipis(self, mask: int, allowed: tuple[L.Ipi, ...] = (), in_hlt: bool = False):
+        """Take interrupts (their handlers may fault), then INIT, then a REPARK
+        if ``allowed``. Returns the next state, or False to stay."""
+        if mask & M_IRQ:
+            nxt = self.take_interrupts(in_hlt=in_hlt)
+            if nxt is not None:
+                return nxt
+        nxt, ipi = self._ipi(mask, allowed)
+        if ipi is not None and ipi[1] == L.Ipi.REPARK:
+            self.pending_ack = ipi[0]
+            return self.mwait_play_dead
+        return nxt

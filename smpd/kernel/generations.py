@@ -94,14 +94,20 @@ class Generations:
         return bytes(self.seg.buf[off:off + L.GEN_ENTRY.size])
 
     def map(self, gen: int) -> MemoryMap:
-        raw = L.GEN_ENTRY.unpack_from(self.seg.buf, _slot_off(self._slot(gen)))
+        return self._built(L.GEN_ENTRY.unpack_from(self.seg.buf, _slot_off(self._slot(gen))))
+
+    def map_of(self, entry: bytes) -> MemoryMap:
+        """The map a generation's entry, as ``entry`` read it, describes (whatever the table holds now)."""
+        return self._built(L.GEN_ENTRY.unpack(entry))
+
+    def _built(self, raw: tuple) -> MemoryMap:
         m = self._maps.get(raw)
         if m is None:
             _gen, flavour, flags, maxcpus, kaslr, load, *flat = raw
             boot = Boot(FLAVOURS[flavour], nosmt=bool(flags & _NOSMT), maxcpus=maxcpus - 1 if maxcpus else None,
                         kaslr=kaslr - 1 if kaslr else None, crash=bool(flags & _CRASH))
             segments = tuple((flat[i], flat[i + 1], Region(flat[i + 2])) for i in range(0, 9, 3) if flat[i + 1])
-            m = self._maps[raw] = MemoryMap.build(gen, boot, self.sizes, load, segments)
+            m = self._maps[raw] = MemoryMap.build(_gen, boot, self.sizes, load, segments)
         return m
 
     def current(self) -> MemoryMap:

@@ -39,8 +39,8 @@ class Handoff:
         """start_secondary() started this CPU in its generation (not one that kernel parks at boot):
         from now on the compiled path may take its INIT and SIPI (and CPU_DOWN) into it (take_init),
         with smp_callin()'s clear of mwait_cpu_dead and, in the fix's kernels, the park's Ack."""
-        if self.init_taker is not None:
-            self.init_taker.learn(self.gens.entry(self.gen), self.map.mwait_cpu_dead_addr(self.cpu) - L.PHYS_BASE,
+        if self.init_taker is not None:  # the entry smp_callin() built its map from
+            self.init_taker.learn(self.started_in, self.map.mwait_cpu_dead_addr(self.cpu) - L.PHYS_BASE,
                                   None if self.map.boot.monitors_thread_info else self._kick_ack())
 
     def _init_taken(self, mask: int) -> Woken:
@@ -50,14 +50,18 @@ class Handoff:
         (cpu_gen), and, when a CPU_DOWN followed, play_dead()'s and mwait_play_dead()'s up to
         its MONITOR; and the acknowledgement. What is left is this process's own part of those;
         returned is the state to enter with ``mask``, the wake-up that came next."""
-        state, self.init_ns = self.init_state, 0
+        state, self.init_ns, self.acked_ns = self.init_state, 0, 0
         self.armed_line = -1  # nothing was armed (the compiled path takes INIT only so)
         self.nmi_blocked = False
         if state == L.ExecState.WAIT_FOR_SIPI:
             return Woken(self.wait_for_sipi, woken_with=mask)
-        self.gen = self.seg.cb(self.cpu, "cpu_gen")
-        self.map = self.gens.map(self.gen)
+        self.started_in = self.init_entry  # the entry of the generation the take started it in
+        self.map = self.gens.map_of(self.started_in)
+        self.gen = self.map.gen
         if state == L.ExecState.RUNNING:
             return Woken(self.running, woken_with=mask)
-        self.armed_line = self.seg.cb(self.cpu, "mon_line")  # its mwait_cpu_dead line, armed
+        if state == L.ExecState.HLT:  # parked, then kicked: the compiled path halted it too
+            return Woken(self.hlt, halted_with=mask)
+        # armed: its mwait_cpu_dead line in that map (not a segment word's say-so)
+        self.armed_line = (self.map.mwait_cpu_dead_addr(self.cpu) - L.PHYS_BASE) // L.LINE
         return Woken(self.mwait_play_dead, woken_with=mask)

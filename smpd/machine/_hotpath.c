@@ -1,5 +1,5 @@
 /*
- * smpd._hotpath: the two halves of a kick, and an INIT that comes alone, compiled.
+ * smpd._hotpath: the two halves of a kick, and an INIT with what follows it, compiled.
  *
  * A kick is a cache-line conversation: the coordinator stores control, the parked
  * CPU sees it and stores status, the coordinator sees that. In Python each side
@@ -258,6 +258,15 @@ static PyTypeObject AckType = {
  * the state the take left (``taken_state``, ``taken_ns``). Anything else (another command, an
  * interrupt byte raised or an interrupt signal not taken yet, a timer or a write byte, an
  * armed monitor) is left untouched for the Python path.
+ *
+ * Two choices of interleaving, where the Python path has others: the message is taken in one
+ * step, so an interrupt that arrives during it is taken after it (in the state it left), never
+ * between the INIT and the SIPI, where wait-for-SIPI would hold an NMI or SMI and an MCE would
+ * shut the machine down (the Python path takes the IPIs one per wake-up; the race there is the
+ * host's scheduling, and tests make it happen on that path: smpd.kernel.boot's tests). And the
+ * state the take leaves waits on with the deadline of the wait it came in (the spurious
+ * wake-up drawn for the state before, ``spurious_per_s``): one draw where the Python path
+ * draws one for each state's wait; the same rate, as the draws are memoryless.
  */
 #define KNOWN 4  /* generations a CPU can be started in without the interpreter (kexec'd kernels, and the first) */
 #define GEN_ENTRY_MAX 64
@@ -266,6 +275,7 @@ typedef struct Kicker Kicker;
 static PyTypeObject KickerType;
 static void bus_write(Kicker *k, char *base, Py_ssize_t off, const uint32_t *words, int n);
 static int kicker_line(Kicker *k, Py_ssize_t off, Py_ssize_t n, uint32_t *line, Py_ssize_t *dir, Py_ssize_t *need);
+static int kicker_has_cpu(Kicker *k, uint32_t cpu);
 
 /* A generation the Python path has started this CPU in (Init.learn), and what its SIPI stores. */
 typedef struct {
@@ -295,7 +305,8 @@ typedef struct {
 	int next_known;
 	long long taken_ns;  /* when an INIT was taken in this wait() (read-only to Python; 0 at each call) */
 	uint32_t taken_state;  /* the ExecState the last take left (wait-for-SIPI, running, MWAIT) */
-	int taken_known;  /* MWAIT: the Known whose Ack the wait goes on with (-1: none) */
+	int taken_known;  /* past a SIPI: the Known it started the CPU in (-1: none) */
+	long long spin_ns;  /* the CPU's spin budget (-1: a spin watch), for the wait after a take */
 } Init;
 
 static int Init_init(Init *self, PyObject *args, PyObject *kw)
@@ -306,14 +317,14 @@ static int Init_init(Init *self, PyObject *args, PyObject *kw)
 				"ipi_byte", "hdr_generation", "gen_table", "gen_entry", "gen_slots", "sipi_count",
 				"cpu_gen", "nmi_pending", "smi_pending", "mwait_entries", "mon_line", "cpu", "cmd_sipi",
 				"cmd_cpu_down", "state_running", "state_mwait", "hotplug_online", "ev_sipi",
-				"ev_offline", "mwait_wait", "bus", NULL};
+				"ev_offline", "mwait_wait", "spin_ns", "bus", NULL};
 	PyObject *bus;
 
 	if (self->ready) {
 		PyErr_SetString(PyExc_RuntimeError, "Init is already initialised");
 		return -1;
 	}
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "nnnnnnnnnnnnnIIIIIninnninnnnnnIIIIIIIIIO!", names,
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "nnnnnnnnnnnnnIIIIIninnninnnnnnIIIIIIIIILO!", names,
 					 &self->mbox_seq, &self->mbox_cmd,
 					 &self->mbox_arg, &self->mbox_ack, &self->mbox_result, &self->armed,
 					 &self->init_count, &self->state, &self->hotplug, &self->activity, &self->busy_word,
@@ -323,7 +334,7 @@ static int Init_init(Init *self, PyObject *args, PyObject *kw)
 					 &self->sipi_count, &self->cpu_gen, &self->nmi_pending, &self->smi_pending,
 					 &self->mwait_entries, &self->mon_line, &self->cpu, &self->cmd_sipi,
 					 &self->cmd_cpu_down, &self->st_running, &self->st_mwait, &self->hp_online,
-					 &self->ev_sipi, &self->ev_offline, &self->mwait_wait, &KickerType, &bus))
+					 &self->ev_sipi, &self->ev_offline, &self->mwait_wait, &self->spin_ns, &KickerType, &bus))
 		return -1;
 	if (self->ev_entry != 16 || self->ev_slots == 0 || self->ipi_byte < 1 || self->ipi_byte > 3) {
 		PyErr_SetString(PyExc_ValueError, "Init: events are 16 bytes, at least one slot; the IPI byte is "
@@ -355,6 +366,10 @@ static int Init_init(Init *self, PyObject *args, PyObject *kw)
 			PyErr_SetString(PyExc_ValueError, "Init: a generation entry's size is a multiple of 4");
 			return -1;
 		}
+	}
+	if (!kicker_has_cpu((Kicker *)bus, self->cpu)) {
+		PyErr_Format(PyExc_ValueError, "Init: CPU %u is not one of an initialised bus's CPUs", self->cpu);
+		return -1;
 	}
 	Py_INCREF(bus);
 	self->bus = (Kicker *)bus;
@@ -417,6 +432,13 @@ static PyObject *Init_learn(Init *self, PyObject *args)
 	Py_RETURN_NONE;
 }
 
+static PyObject *Init_taken_entry(Init *self, void *Py_UNUSED(closure))
+{
+	if (self->taken_known < 0)
+		return PyBytes_FromStringAndSize("", 0);
+	return PyBytes_FromStringAndSize((const char *)self->known[self->taken_known].entry, self->gen_entry);
+}
+
 static PyObject *Init_taken_ack(Init *self, void *Py_UNUSED(closure))
 {
 	PyObject *a = NULL;
@@ -440,6 +462,8 @@ static PyMemberDef Init_members[] = {
 static PyGetSetDef Init_getset[] = {
 	{"taken_ack", (getter)Init_taken_ack, NULL,
 	 "after a take that parked the CPU (taken_state MWAIT): the Ack the wait went on with; else None", NULL},
+	{"taken_entry", (getter)Init_taken_entry, NULL,
+	 "after a take past a SIPI: the generation entry (as learnt) the CPU was started in; else b''", NULL},
 	{NULL},
 };
 
@@ -480,6 +504,10 @@ typedef struct {
 	int busy;  /* a wait() is running: it releases the GIL, so a second thread could enter */
 	Init *init;  /* the running call's, or NULL: an INIT (and what follows it) is taken there (take_init) */
 	Ack *parked;  /* the running call's: a take parked the CPU, and the wait goes on as MWAIT with this */
+	int taken;  /* a take in this step of the wait (wait_step): the wait starts over */
+	Ack *ans_ack;  /* the last kick answered (see answered()): its Ack, when, after a sleep? */
+	int64_t ans_seen;
+	int ans_slept;
 	Py_ssize_t need;  /* the buffer must be this long: the last byte of its words */
 	sigset_t irq, sleep_set;
 } Waiter;
@@ -652,15 +680,17 @@ static int take_init(Waiter *w, Init *n)
 	for (int sig = 1; sig < NSIG; sig++)
 		if (sigismember(&w->irq, sig) == 1 && sigismember(&pending, sig) == 1)
 			return 0;
-	/* As CpuCore._consume: the byte cleared and fenced before the mailbox is read (again) */
+	/* Acting on a wake-up (smpd.kernel.kexec's settle) from before its byte's clear, as try_ack;
+	 * then, as CpuCore._consume, the byte cleared and fenced before the mailbox is read again */
+	STORE32(b + n->busy_word, 1);
 	STORE8(b + w->wake + n->ipi_byte, 0);
 	FENCE();
 	if (init_message(b, n, &again) != kind || again != seq) {
 		STORE8(b + w->wake + n->ipi_byte, 1);  /* not the message looked at: raised again for Python */
+		STORE32(b + n->busy_word, 0);
 		return 0;
 	}
 	now = now_ns();
-	STORE32(b + n->busy_word, 1);
 	/* init_reset(): nothing is armed to disarm; the count and the event */
 	STORE32(b + n->init_count, LOAD32(b + n->init_count) + 1);
 	log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_init, 0, now);
@@ -668,6 +698,7 @@ static int take_init(Waiter *w, Init *n)
 	STORE32(b + n->hotplug, n->hp_offline);
 	STORE32(b + n->state, n->st_wait_for_sipi);
 	n->taken_state = n->st_wait_for_sipi;
+	n->taken_known = -1;
 	if (kind != LONE_INIT) {
 		/* start_secondary(): the SIPI; smp_callin(): the generation, the fix's clear of
 		 * mwait_cpu_dead (a bus write: it wakes whoever monitors the line), running */
@@ -675,6 +706,7 @@ static int take_init(Waiter *w, Init *n)
 		STORE32(b + n->sipi_count, LOAD32(b + n->sipi_count) + 1);
 		log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_sipi, 0, now);
 		STORE32(b + n->cpu_gen, gen);
+		n->taken_known = (int)(g - n->known);
 		if (g->ack) {
 			static const uint32_t zero[2] = {0, 0};
 
@@ -702,9 +734,7 @@ static int take_init(Waiter *w, Init *n)
 		STORE32(b + n->armed, 1);
 		FENCE();
 		n->taken_state = n->st_mwait;
-		n->taken_known = (int)(g - n->known);
-		w->parked = g->ack;  /* the wait goes on as MWAIT, and takes nothing more */
-		w->init = NULL;
+		w->parked = g->ack;  /* the wait goes on as MWAIT */
 	}
 	/* the acknowledgement of the message (its result first: the coordinator polls ack) */
 	STORE32(b + n->mbox_result, 0);  /* IPI_DONE */
@@ -713,6 +743,7 @@ static int take_init(Waiter *w, Init *n)
 	STORE32(b + n->activity, LOAD32(b + n->activity) + steps);
 	STORE32(b + n->busy_word, 0);
 	n->taken_ns = now;
+	w->taken = 1;  /* the wait starts over, in the state the take left (wait_on) */
 	return 1;
 }
 
@@ -841,23 +872,18 @@ static int try_ack(Waiter *w, Ack *a, int64_t *seen, int by_content)
 
 static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *a);
 
-/* Acknowledged (at ``seen``): HLT, until an interrupt or an IPI; a spin-watch CPU
- * spins, others sleep at once. Returns what ended HLT, with ``seen``. */
-static PyObject *halted(Waiter *w, int slept, long long spin_ns, int64_t seen)
-{
-	PyObject *r, *out;
+/* What a step of the wait returns when it acknowledged a kick (at w->ans_seen, with w->ans_ack;
+ * w->ans_slept: after a sleep): the CPU is in HLT, and wait_on() waits on there. */
+static char answered_tag, taken_tag;
+#define ANSWERED ((PyObject *)&answered_tag)
+#define TAKEN ((PyObject *)&taken_tag)  /* a step's end: take_init moved the CPU to another state */
 
-	/* Acknowledged after a sleep: the kicker may be waiting for this host core
-	 * (it yields it while we sleep). Hand it back before anything else. */
-	if (slept)
-		sched_yield();
-	w->parked = NULL;  /* HLT: no monitor, nothing to acknowledge */
-	r = wait_on(w, spin_ns < 0 ? -1 : 0, 0, NULL);
-	if (!r)
-		return NULL;
-	out = Py_BuildValue("(OOL)", PyTuple_GET_ITEM(r, 0), PyTuple_GET_ITEM(r, 1), (long long)seen);
-	Py_DECREF(r);
-	return out;
+static PyObject *answered(Waiter *w, Ack *a, int slept, int64_t seen)
+{
+	w->ans_seen = seen;
+	w->ans_ack = a;
+	w->ans_slept = slept;
+	return ANSWERED;
 }
 
 /* try_ack(), once any interrupt that came with the kick has gone first: its signal (arrived
@@ -872,7 +898,7 @@ static int answer_kick(Waiter *w, Ack *a, int64_t *seen, int by_content)
 }
 
 /* A wake word is raised: acknowledge a kick if ``a`` says so and it is one. */
-static PyObject *woke(Waiter *w, Ack *a, int slept, long long spin_ns)
+static PyObject *woke(Waiter *w, Ack *a, int slept)
 {
 	int64_t seen;
 	int r;
@@ -884,7 +910,7 @@ static PyObject *woke(Waiter *w, Ack *a, int slept, long long spin_ns)
 		return NULL;
 	if (!r)
 		return Py_BuildValue("(iiL)", WOKE, 0, 0LL);
-	return halted(w, slept, spin_ns, seen);
+	return answered(w, a, slept, seen);
 }
 
 /* Sleep until a byte is raised, the deadline passes, or an interrupt signal comes. */
@@ -905,7 +931,7 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 	STORE32(w->base + w->sleeping, 1);
 	FENCE();  /* pairs with the bus's fence: we see its byte or it sees `sleeping` */
 	Py_BEGIN_ALLOW_THREADS  /* no Python below until the wake-up: other threads may run */
-	while (!must_return(w, 0)) {
+	while (!must_return(w, 0) && !w->taken) {
 		siginfo_t info;
 		int r;
 
@@ -943,8 +969,10 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 		errno = failed;
 		return PyErr_SetFromErrno(PyExc_OSError);
 	}
+	if (w->taken)
+		return TAKEN;
 	if (code == WOKE)
-		return woke(w, a ? a : w->parked, 1, 0);  /* parked while asleep (take_init): MWAIT's wake-up */
+		return woke(w, a, 1);
 	return Py_BuildValue("(iiL)", code, signo, 0LL);
 }
 
@@ -975,10 +1003,6 @@ static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 	if (init != Py_None) {
 		if (!PyObject_TypeCheck(init, &InitType) || !((Init *)init)->ready) {
 			PyErr_SetString(PyExc_TypeError, "init must be an initialised Init, or None");
-			return NULL;
-		}
-		if (a) {  /* a kick ends in HLT inside the call (halted), where mwait_play_dead() reads no init */
-			PyErr_SetString(PyExc_ValueError, "a wait takes an ack or an init, not both");
 			return NULL;
 		}
 		n = (Init *)init;
@@ -1017,7 +1041,7 @@ static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 	return r;
 }
 
-enum { SPIN_ERROR = -1, SPIN_ANSWERED, SPIN_RAISED, SPIN_END, SPIN_PARKED };
+enum { SPIN_ERROR = -1, SPIN_ANSWERED, SPIN_RAISED, SPIN_END, SPIN_TAKEN };
 
 /*
  * Spin on the wake words, for spin_ns (< 0: until woken). In mwait_play_dead() with a kick to
@@ -1055,8 +1079,8 @@ static int spin(Waiter *w, Ack *a, long long spin_ns, long long deadline, int64_
 		case 1:
 			return SPIN_RAISED;
 		}
-		if (!a && w->parked)  /* a take parked the CPU: spin again, as MWAIT (wait_on) */
-			return SPIN_PARKED;
+		if (w->taken)  /* the CPU is in another state: its wait starts over (wait_on) */
+			return SPIN_TAKEN;
 		if (++n % SIGNAL_POLL == 0) {
 			if (PyErr_CheckSignals() < 0)
 				return SPIN_ERROR;
@@ -1077,46 +1101,89 @@ static int spin(Waiter *w, Ack *a, long long spin_ns, long long deadline, int64_
 	}
 }
 
-static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *a)
+/* One wait: until a byte is raised that is not taken here, the deadline, an interrupt signal, a
+ * kick answered (ANSWERED) or a message taken (TAKEN). */
+static PyObject *wait_step(Waiter *w, long long spin_ns, long long deadline, Ack *a)
 {
-	int must = must_return(w, 1);
+	int must;
 
+	w->taken = 0;
+	must = must_return(w, 1);
 	if (must < 0)
 		return NULL;
-	if (!a)  /* parked by a take just now: MWAIT, with that generation's Ack */
-		a = w->parked;
+	if (w->taken)
+		return TAKEN;
 	if (must)
-		return woke(w, a, 0, spin_ns);
+		return woke(w, a, 0);
 	if (spin_ns != 0) {
 		int64_t seen = 0;
 		int r;
 
-		do {
-			/* `mon_watch`: the kicker looks for the answer of a CPU that watches its control
-			 * word itself before the rest of the bus's rule (Kicker_kick_one). */
-			if (a)
-				STORE32(w->base + w->watch, 1);
-			r = spin(w, a, spin_ns, deadline, &seen);
-			if (a)
-				STORE32(w->base + w->watch, 0);
-			if (r == SPIN_PARKED)  /* a new MWAIT: its spin, with its Ack, as the Python path's next wait */
-				a = w->parked;
-		} while (r == SPIN_PARKED);
+		/* `mon_watch`: the kicker looks for the answer of a CPU that watches its control
+		 * word itself before the rest of the bus's rule (Kicker_kick_one). */
+		if (a)
+			STORE32(w->base + w->watch, 1);
+		r = spin(w, a, spin_ns, deadline, &seen);
+		if (a)
+			STORE32(w->base + w->watch, 0);
 		if (r == SPIN_ERROR)
 			return NULL;
+		if (r == SPIN_TAKEN)
+			return TAKEN;
 		if (r == SPIN_ANSWERED)
-			return halted(w, 0, spin_ns, seen);
+			return answered(w, a, 0, seen);
 		must = must_return(w, 1);
 		if (must < 0)
 			return NULL;
-		if (!a)
-			a = w->parked;
+		if (w->taken)
+			return TAKEN;
 		if (must)
-			return woke(w, a, 0, spin_ns);
+			return woke(w, a, 0);
 		if (spin_ns < 0 || (deadline && now_ns() >= deadline))  /* spin ends only so */
 			return Py_BuildValue("(iiL)", TIMEOUT, 0, 0LL);
 	}
 	return sleep_until(w, a, deadline);
+}
+
+/*
+ * The wait: its steps, until one returns what the caller must see. A kick answered (the CPU
+ * acknowledged and is in HLT) is followed by HLT's wait, until an interrupt or an IPI (a
+ * spin-watch CPU spins, others sleep at once), in a loop, not a call: an INIT taken there may
+ * park the CPU again (take_init), and the next kick be answered in the same call. A message
+ * taken starts the wait over in the state it left (the CPU's spin budget, then sleep). What
+ * ended the last wait is returned with when the last kick was seen.
+ */
+static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *a)
+{
+	int64_t seen = 0;
+
+	for (;;) {
+		PyObject *r = wait_step(w, spin_ns, deadline, a), *out;
+
+		if (r == TAKEN) {  /* a new state's wait, as the Python path's next: its spin budget first */
+			a = w->parked;  /* parked: MWAIT, with that generation's Ack */
+			spin_ns = w->init->spin_ns;
+			continue;
+		}
+		if (r != ANSWERED) {
+			if (!r || !seen)
+				return r;
+			out = Py_BuildValue("(OOL)", PyTuple_GET_ITEM(r, 0), PyTuple_GET_ITEM(r, 1), (long long)seen);
+			Py_DECREF(r);
+			return out;
+		}
+		seen = w->ans_seen;
+		if (w->init && w->init->taken_ns)  /* a take came first in this call: where it left the CPU is HLT now */
+			w->init->taken_state = w->ans_ack->st_hlt;
+		/* Acknowledged after a sleep: the kicker may be waiting for this host core
+		 * (it yields it while we sleep). Hand it back before anything else. */
+		if (w->ans_slept)
+			sched_yield();
+		w->parked = NULL;  /* HLT: no monitor, nothing to acknowledge */
+		a = NULL;
+		spin_ns = spin_ns < 0 ? -1 : 0;
+		deadline = 0;
+	}
 }
 
 static PyMethodDef Waiter_methods[] = {
@@ -1127,9 +1194,12 @@ static PyMethodDef Waiter_methods[] = {
 	 "none) ends the wait as TIMEOUT. code is WOKE (the wake words are left for the caller),\n"
 	 "TIMEOUT, or SIGNAL with arg = the interrupt signal taken while asleep. acked_ns is 0,\n"
 	 "or, when ack was given and the wake-up was a kick it could acknowledge, when the CPU saw\n"
-	 "the kick: it then acknowledged, went into HLT, and code/arg say what ended HLT. With init\n"
-	 "(an Init), an INIT that comes alone is taken on the way (init.taken_ns says when) and the\n"
-	 "wait goes on: code/arg are then the next wake-up's, which the CPU takes in wait-for-SIPI."},
+	 "the kick (the last one): it then acknowledged, went into HLT, and code/arg say what ended\n"
+	 "HLT. With init (an Init), an INIT, alone or followed by SIPI (and CPU_DOWN), is taken on the\n"
+	 "way, in HLT after a kick too (see take_init); the wait then starts over in the state the take\n"
+	 "left: init.taken_ns says when, init.taken_state where (WAIT_FOR_SIPI, RUNNING, MWAIT; HLT\n"
+	 "when a kick came after), init.taken_entry in which generation, init.taken_ack with what\n"
+	 "Ack it waits parked; code/arg are the next wake-up's, for that state to take."},
 	{NULL},
 };
 
@@ -1228,14 +1298,15 @@ static void Kicker_dealloc(Kicker *self)
 	Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* The control block of the CPU whose monitor is armed on the line holding ``off``, or NULL. */
-static char *monitor_owner(Kicker *k, Py_ssize_t off)
+/* The control block of the CPU whose monitor is armed on the line holding ``off``, or NULL, in the
+ * segment at ``base`` (the caller's: a Kicker's own is valid during its own calls only). */
+static char *monitor_owner(Kicker *k, char *base, Py_ssize_t off)
 {
-	uint16_t owner = LOAD16(k->base + k->dir_off + k->dir_entry * (off >> k->line_shift));
+	uint16_t owner = LOAD16(base + k->dir_off + k->dir_entry * (off >> k->line_shift));
 
 	if (!owner || owner > k->ncpus)
 		return NULL;
-	return k->base + k->cb_off + (owner - 1) * k->cb_size;
+	return base + k->cb_off + (owner - 1) * k->cb_size;
 }
 
 /*
@@ -1243,12 +1314,12 @@ static char *monitor_owner(Kicker *k, Py_ssize_t off)
  * line's monitor in the directory; wake its owner by raising the WRITE byte
  * (`mon_write`), fence, and ring the doorbell if it sleeps. Returns 1 when the owner was asleep.
  */
-static int bus_rule(Kicker *k, Py_ssize_t off)
+static int bus_rule(Kicker *k, char *base, Py_ssize_t off)
 {
 	char *cb;
 
 	FENCE();
-	cb = monitor_owner(k, off);
+	cb = monitor_owner(k, base, off);
 	if (!cb)
 		return 0;
 	STORE8(cb + k->cb_write, 1);
@@ -1267,13 +1338,15 @@ static int bus_rule(Kicker *k, Py_ssize_t off)
  * memory in the segment at ``base``, from a CPU's wait (take_init): the stores, then the rule. */
 static void bus_write(Kicker *k, char *base, Py_ssize_t off, const uint32_t *words, int n)
 {
-	char *theirs = k->base;
-
 	for (int i = 0; i < n; i++)
 		STORE32(base + k->mem_off + off + 4 * i, words[i]);
-	k->base = base;
-	bus_rule(k, off);
-	k->base = theirs;
+	bus_rule(k, base, off);
+}
+
+/* Is ``cpu`` one of the CPUs an initialised bus's directory can name? */
+static int kicker_has_cpu(Kicker *k, uint32_t cpu)
+{
+	return k->buf && cpu < (unsigned long)k->ncpus;
 }
 
 /* ``n`` bytes (u32s) at ``off`` of emulated memory, within one line: that line (*line), its
@@ -1334,7 +1407,7 @@ static KickResult kick_md(Kicker *k, Py_ssize_t md, uint32_t hlt, long long dela
 	 * smpd.machine.pyhotpath's Kicker looks up its owner), does the monitoring CPU spin
 	 * watching its control word itself (`mon_watch`, set by the compiled Waiter)? A hint
 	 * only: the rule follows in any case. */
-	owner = monitor_owner(k, md);
+	owner = monitor_owner(k, k->base, md);
 	watching = owner && LOAD32(owner + k->cb_watch);
 	t_first = now_ns();
 	/* Wait up to 5ms */
@@ -1362,7 +1435,7 @@ static KickResult kick_md(Kicker *k, Py_ssize_t md, uint32_t hlt, long long dela
 		}
 		/* The CPU sleeps, or spinners outnumber cores: either way it needs a host
 		 * core to see the kick on, maybe this one. */
-		give_core = bus_rule(k, md) || k->yield;
+		give_core = bus_rule(k, k->base, md) || k->yield;
 		for (;;) {  /* udelay(), watching status to time the acknowledgement */
 			/* Look at status first, and between clock reads: a clock read
 			 * (~30 ns) is longer than a line move, and a spinning CPU answers

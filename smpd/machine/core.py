@@ -86,6 +86,7 @@ class CpuCore:
         # Set when the compiled path took an INIT (and what followed it) inside wait(): when, and
         # the state it left the CPU in (wait-for-SIPI, running, MWAIT).
         self.init_ns, self.init_state = 0, L.ExecState.WAIT_FOR_SIPI
+        self.init_entry = b""  # and, past a SIPI, the generation entry it started the CPU in (Init.learn's)
 
     def install_signal_handlers(self) -> None:
         # Through _signal, the C module `signal` wraps: the wrapper turns each previous handler into
@@ -149,12 +150,14 @@ class CpuCore:
         taker = self.init_taker if init and self.pending_ack is None and not self.midway else None
         while True:
             code, arg, acked_ns = self.waiter.wait(spin_ns, deadline_ns, ack, taker)
-            if taker is not None and taker.taken_ns:
-                # In wait-for-SIPI, running or MWAIT from here; parked, a wait again is MWAIT's.
-                self.init_ns, self.init_state, ack = taker.taken_ns, taker.taken_state, taker.taken_ack
-                taker = None
             if acked_ns:  # acknowledged and halted: what follows is HLT's wake-up
                 self.acked_ns, ack, deadline_ns = acked_ns, None, 0
+            if taker is not None and taker.taken_ns:
+                # Where the last take left the CPU (after the kick, when one came first): in
+                # wait-for-SIPI, running, MWAIT or HLT; parked, a wait again is MWAIT's.
+                self.init_ns, self.init_state, ack = taker.taken_ns, taker.taken_state, taker.taken_ack
+                self.init_entry = taker.taken_entry
+                taker = None
             if code == hotpath.SIGNAL:  # an interrupt signal, taken while asleep
                 self._on_interrupt(arg, None)
             elif code == hotpath.TIMEOUT:  # the spurious wake-up's time has come
@@ -207,11 +210,11 @@ class CpuCore:
 
     def mwait(self, ack=None) -> int:
         """__mwait(): wait for a write to the monitored line, an interrupt, an IPI or nothing at all."""
-        return self.mwait_exit(self.wait(ack=ack))
+        return self.mwait_exit(self.wait(ack=ack, init=True))
 
     def mwait_exit(self, mask: int) -> int:
         """MWAIT ended with ``mask``: the monitor disarmed, the wake-up counted."""
-        if self.acked_ns:  # the compiled path disarmed and counted, and halted since
+        if self.acked_ns or self.init_ns:  # the compiled path disarmed and counted, and halted since
             self.armed_line = -1
             return mask
         self.disarm()  # MWAIT's exit ends the monitor; the loop re-arms it

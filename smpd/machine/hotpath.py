@@ -105,7 +105,9 @@ def init_taker(seg, cpu: int, doorbell: int) -> object | None:
                          mwait_entries=word("mwait_entries"), mon_line=word("mon_line"), cpu=cpu,
                          cmd_sipi=L.Ipi.SIPI, cmd_cpu_down=L.Ipi.CPU_DOWN, state_running=L.ExecState.RUNNING,
                          state_mwait=L.ExecState.MWAIT, hotplug_online=L.Hotplug.ONLINE, ev_sipi=L.Ev.SIPI,
-                         ev_offline=L.Ev.OFFLINE, mwait_wait=L.CPUDEAD_MWAIT_WAIT, bus=kicker(seg, doorbell, None))
+                         ev_offline=L.Ev.OFFLINE, mwait_wait=L.CPUDEAD_MWAIT_WAIT,
+                         spin_ns=-1 if seg.hdr("watch") == L.Watch.SPIN else seg.hdr("spin_budget_ns"),
+                         bus=kicker(seg, doorbell, None))
 
 
 def kicker(seg, doorbell: int, bus):

@@ -83,12 +83,13 @@ def ack(seg, cpu: int, md: int, checks) -> object | None:
                         ev_kick_seen=L.Ev.KICK_SEEN, ev_hlt=L.Ev.HLT, ev_entry=L.EV_ENTRY.size)
 
 
-def init_taker(seg, cpu: int, doorbell: int) -> object | None:
+def init_taker(seg, cpu: int, bus) -> object | None:
     """None on a Python machine; else what CPU ``cpu``'s compiled wait needs to take an INIT, and
     the SIPI and CPU_DOWN that may follow it (smpd/machine/_hotpath.c, take_init): its mailbox,
     mon_armed, what init_reset(), wait-for-SIPI, start_secondary(), smp_callin() and play_dead()
-    store (smpd.kernel.cpu), where; the header's generation table; and the bus (a Kicker), for
-    smp_callin()'s write. Which generations it may start the CPU in, it learns (Init.learn)."""
+    store (smpd.kernel.cpu), where; the header's generation table; and ``bus``'s compiled Kicker
+    (one for every CPU a process builds), for smp_callin()'s and mwait_play_dead()'s writes. Which
+    generations it may start the CPU in, it learns (Init.learn)."""
     if not compiled(seg):
         return None
     word = lambda field: seg.cb_byte(cpu, field, 0)  # noqa: E731  (a field's byte offset in the segment)
@@ -107,7 +108,7 @@ def init_taker(seg, cpu: int, doorbell: int) -> object | None:
                          state_mwait=L.ExecState.MWAIT, hotplug_online=L.Hotplug.ONLINE, ev_sipi=L.Ev.SIPI,
                          ev_offline=L.Ev.OFFLINE, mwait_wait=L.CPUDEAD_MWAIT_WAIT,
                          spin_ns=-1 if seg.hdr("watch") == L.Watch.SPIN else seg.hdr("spin_budget_ns"),
-                         bus=kicker(seg, doorbell, None))
+                         bus=bus.kicker)
 
 
 def kicker(seg, doorbell: int, bus):

@@ -135,11 +135,13 @@ class CpuCore:
         when the wake-up is a kick this CPU can acknowledge, the compiled code does
         so, records the way into HLT and halts; ``acked_ns`` is then when it saw the
         kick, and the mask returned is what ended HLT. ``init`` (compiled path only, from a
-        state with nothing armed whose INIT leads straight to wait-for-SIPI): an INIT, alone or
-        followed by SIPI (and CPU_DOWN) into a generation the CPU learnt, is taken on the way and
-        the wait goes on (smpd/machine/_hotpath.c, take_init); ``init_ns`` is then when,
-        ``init_state`` where it left the CPU, and the mask returned is the next wake-up's, for
-        that state to take (parked: MWAIT's, the kick acknowledged as with ``ack``).
+        state whose INIT leads straight to wait-for-SIPI): an INIT, alone or followed by SIPI
+        (and CPU_DOWN) into a generation the CPU learnt, is taken on the way while nothing is
+        armed (in MWAIT: in the HLT after a kick answered) and the wait starts over in the state
+        it left (smpd/machine/_hotpath.c, take_init); ``init_ns`` is then when, ``init_state``
+        where (HLT: a kick came after it), ``init_entry`` in which generation, and the mask
+        returned is the next wake-up's, for that state to take (parked: MWAIT's, a kick
+        acknowledged as with ``ack``).
         """
         u32 = self.u32
         u32[self.i_busy] = 0

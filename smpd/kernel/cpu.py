@@ -39,8 +39,6 @@ _KEXEC_HLT = struct.pack("<I", L.CPUDEAD_MWAIT_KEXEC_HLT)
 _MWAIT_WAIT = struct.pack("<I", L.CPUDEAD_MWAIT_WAIT)
 
 
-
-
 class Cpu(Executes, Handoff, CpuCore):
     def __init__(self, seg, bus: Bus, cpu: int, signals: dict[str, int], gens: Generations | None = None):
         super().__init__(seg, bus, cpu, signals)

@@ -165,14 +165,16 @@ def test_a_reset_clears_its_fields_of_each_control_block_and_nothing_else():
 
 
 @contextlib.contextmanager
-def _cpu1_running(tmp_path, label: str, hot_path: str, watch: str = "adaptive", child=None, budget_ns: int = 0):
+def _cpu1_running(tmp_path, label: str, hot_path: str, watch: str = "adaptive", child=None, budget_ns: int = 0,
+                  spurious_per_s: float = 0.0):
     """(config, segment, port, pid) with generation 1 booted and CPU 1's process of this test's own
     started by it, online and idle (`running`), on that hot path and watch (and adaptive spin
-    budget, when given); ``child`` runs first in that process; killed after."""
+    budget and spurious MWAIT wake-ups, when given); ``child`` runs first in that process; killed after."""
     with _machine_segment(tmp_path, label, L.HotPath[hot_path.upper()], L.Watch[watch.upper()]) as (cfg, seg):
         bus = Bus(seg)
         gen1 = kboot.power_on(seg, bus, cfg.boot())
         seg.set_hdr("spin_budget_ns", budget_ns)
+        seg.set_hdr("spurious_per_s", spurious_per_s)
         pid = _cpu_process(seg, bus, 1, cfg.signals(), child)
         try:
             port = _Port(seg, bus, {1: pid})
@@ -243,6 +245,13 @@ def _start(port, seg, then: tuple[L.Ipi, ...]) -> list[tuple[int, L.Ev]]:
     return _codes_since(seg, mark)
 
 
+def _halted(seg) -> bool:
+    """CPU 1 in HLT, its way there logged (the Python path logs HLT after the state)."""
+    head = seg.cb(1, "ev_head")
+    return seg.cb(1, "state") == L.ExecState.HLT and bool(head) and \
+        events.read_since(seg, 1, head - 1)[0][-1][1] == L.Ev.HLT
+
+
 def _in_one_step(logged: list[tuple[int, L.Ev]]) -> bool:
     """Were these events logged in one step, at one clock read (the compiled path's take_init, with
     no interpreter between them; the Python path reads the clock for each, microseconds apart)?"""
@@ -305,7 +314,7 @@ def test_init_sipi_and_cpu_down_park_a_cpu_where_the_kick_then_finds_it(tmp_path
         mark = seg.cb(1, "ev_head")
         r = kick_mod.kick_one(seg, Bus(seg), 1, md, 5000, 1_000_000)
         assert r["acknowledged"], r
-        wait_until(lambda: seg.cb(1, "state") == L.ExecState.HLT, what="the kicked CPU in HLT")
+        wait_until(lambda: _halted(seg), what="the kicked CPU in HLT")
         assert [code for _ns, code in _codes_since(seg, mark)] == [L.Ev.WAKE_WRITE, L.Ev.KICK_SEEN, L.Ev.HLT]
         assert (seg.cb(1, "mon_armed"), seg.u16[seg.geo.dir_off // L.DIR_ENTRY + line]) == (0, 0)
         os.kill(pid, cfg.signals()["nmi"])  # HLT's Python loop takes it, in generation 1
@@ -339,7 +348,7 @@ def test_kicked_cpus_start_and_park_again_round_after_round(tmp_path, case):
         _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN))
         for round_ in range(6):
             assert kick_mod.kick_one(seg, bus, 1, md, 5000, 1_000_000)["acknowledged"], round_
-            wait_until(lambda: seg.cb(1, "state") == L.ExecState.HLT, what="the kicked CPU in HLT")
+            wait_until(lambda: _halted(seg), what="the kicked CPU in HLT")
             park = round_ % 2 == 0
             logged = _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN) if park else (L.Ipi.SIPI,))
             assert [code for _ns, code in logged] == [L.Ev.INIT, L.Ev.SIPI] + ([L.Ev.OFFLINE] if park else [])
@@ -388,3 +397,19 @@ def test_after_a_message_taken_asleep_the_cpu_spins_its_budget_again_before_it_s
         time.sleep(0.05)
         assert (seg.cb(1, "state"), seg.cb(1, "sleeping")) == (L.ExecState.MWAIT, 0)
         wait_until(lambda: seg.cb(1, "sleeping") == 1, what="asleep again once the budget is spent")
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_a_cpu_parked_again_after_a_kick_still_wakes_spuriously_in_mwait(tmp_path, hot_path):
+    """Spurious MWAIT wake-ups (``spurious_per_s``) go on for a CPU that was kicked into HLT and
+    then parked again by a reset's INIT, SIPI and CPU_DOWN, which the compiled path takes in the
+    same wait as the kick (HLT's wait has no spurious wake-up; the park's wait has its own)."""
+    with _cpu1_running(tmp_path, f"spurious-{hot_path}", hot_path, spurious_per_s=50.0) as (cfg, seg, port, pid):
+        md = kboot.current(seg).mwait_cpu_dead_addr(1)
+        _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN))
+        assert kick_mod.kick_one(seg, Bus(seg), 1, md, 5000, 1_000_000)["acknowledged"]
+        wait_until(lambda: _halted(seg), what="the kicked CPU in HLT")
+        _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN))
+        before = seg.cb(1, "wake_spurious")
+        wait_until(lambda: seg.cb(1, "wake_spurious") >= before + 3, what="spurious wake-ups in MWAIT again")
+        assert seg.cb(1, "state") == L.ExecState.MWAIT

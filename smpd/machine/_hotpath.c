@@ -264,9 +264,9 @@ static PyTypeObject AckType = {
  * between the INIT and the SIPI, where wait-for-SIPI would hold an NMI or SMI and an MCE would
  * shut the machine down (the Python path takes the IPIs one per wake-up; the race there is the
  * host's scheduling, and tests make it happen on that path: smpd.kernel.boot's tests). And the
- * state the take leaves waits on with the deadline of the wait it came in (the spurious
- * wake-up drawn for the state before, ``spurious_per_s``): one draw where the Python path
- * draws one for each state's wait; the same rate, as the draws are memoryless.
+ * state the take leaves waits with a spurious wake-up (``spurious_per_s``) at ``spurious_ns``
+ * after the take, an interval the Python path drew for this call (CpuCore.wait), where it
+ * draws one for each state's wait: the same rate, as the draws are memoryless.
  */
 #define KNOWN 4  /* generations a CPU can be started in without the interpreter (kexec'd kernels, and the first) */
 #define GEN_ENTRY_MAX 64
@@ -307,6 +307,7 @@ typedef struct {
 	uint32_t taken_state;  /* the ExecState the last take left (wait-for-SIPI, running, MWAIT) */
 	int taken_known;  /* past a SIPI: the Known it started the CPU in (-1: none) */
 	long long spin_ns;  /* the CPU's spin budget (-1: a spin watch), for the wait after a take */
+	long long spurious_ns;  /* the spurious wake-up after a take, this long after it (0: none); Python's to set */
 } Init;
 
 static int Init_init(Init *self, PyObject *args, PyObject *kw)
@@ -454,6 +455,8 @@ static PyObject *Init_taken_ack(Init *self, void *Py_UNUSED(closure))
 static PyMemberDef Init_members[] = {
 	{"taken_ns", T_LONGLONG, offsetof(Init, taken_ns), READONLY,
 	 "CLOCK_MONOTONIC ns of the last INIT taken in the last wait() given this Init (0: none)"},
+	{"spurious_ns", T_LONGLONG, offsetof(Init, spurious_ns), 0,
+	 "a wait after a take ends as TIMEOUT (a spurious wake-up) this many ns after the take; 0: never"},
 	{"taken_state", T_UINT, offsetof(Init, taken_state), READONLY,
 	 "the ExecState that take left the CPU in: WAIT_FOR_SIPI, RUNNING, or MWAIT (armed, acknowledged)"},
 	{NULL},
@@ -698,6 +701,7 @@ static int take_init(Waiter *w, Init *n)
 	STORE32(b + n->hotplug, n->hp_offline);
 	STORE32(b + n->state, n->st_wait_for_sipi);
 	n->taken_state = n->st_wait_for_sipi;
+	w->parked = NULL;  /* parked only by a CPU_DOWN below */
 	n->taken_known = -1;
 	if (kind != LONE_INIT) {
 		/* start_secondary(): the SIPI; smp_callin(): the generation, the fix's clear of
@@ -1163,6 +1167,7 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 		if (r == TAKEN) {  /* a new state's wait, as the Python path's next: its spin budget first */
 			a = w->parked;  /* parked: MWAIT, with that generation's Ack */
 			spin_ns = w->init->spin_ns;
+			deadline = w->init->spurious_ns > 0 ? now_ns() + w->init->spurious_ns : 0;
 			continue;
 		}
 		if (r != ANSWERED) {

@@ -150,10 +150,15 @@ class CpuCore:
         deadline_ns = 0 if spurious is None else time.monotonic_ns() + max(1, int(spurious * 1e9))
         # It takes whole messages and acknowledges them: not one this process has begun.
         taker = self.init_taker if init and self.pending_ack is None and not self.midway else None
+        if taker is not None and spurious is not None:  # the wait of the state a take leaves draws its own
+            after = self._spurious_in()
+            taker.spurious_ns = max(1, int(after * 1e9))
         while True:
             code, arg, acked_ns = self.waiter.wait(spin_ns, deadline_ns, ack, taker)
             if acked_ns:  # acknowledged and halted: what follows is HLT's wake-up
                 self.acked_ns, ack, deadline_ns = acked_ns, None, 0
+                if self.init_ns:  # a take in an earlier call parked it; this one was kicked since
+                    self.init_state = L.ExecState.HLT
             if taker is not None and taker.taken_ns:
                 # Where the last take left the CPU (after the kick, when one came first): in
                 # wait-for-SIPI, running, MWAIT or HLT; parked, a wait again is MWAIT's.

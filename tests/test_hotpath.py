@@ -454,14 +454,14 @@ def test_the_compiled_init_and_ack_refuse_offsets_past_any_buffer(seg):
     from smpd.machine import _hotpath
 
     seg.set_hdr("hot_path", L.HotPath.C)
-    kw = _kwargs_of("Init", lambda: hotpath.init_taker(seg, CPU, Bus(seg)))
+    kw = _kwargs_of("Init", lambda: hotpath.init_taker(seg, CPU, Bus(seg), 0))
     _hotpath.Init(**kw)
     for field, off in (("mbox_seq", 2**63 - 4), ("ev_ring", 2**63 - 8)):
         with pytest.raises(ValueError, match="too large"):
             _hotpath.Init(**{**kw, field: off})
     with pytest.raises(ValueError, match="too large"):
         _hotpath.Ack(**{**_ack_kwargs(seg), "control": 2**63 - 4})
-    init = hotpath.init_taker(seg, CPU, Bus(seg))
+    init = hotpath.init_taker(seg, CPU, Bus(seg), 0)
     with pytest.raises(AttributeError):
         init.taken_ns = 1
 
@@ -549,10 +549,10 @@ def test_an_init_learns_only_a_whole_generation_entry_and_a_mwait_cpu_dead_insid
     from smpd.machine import _hotpath
 
     seg.set_hdr("hot_path", L.HotPath.C)
-    kw = _kwargs_of("Init", lambda: hotpath.init_taker(seg, CPU, Bus(seg)))
+    kw = _kwargs_of("Init", lambda: hotpath.init_taker(seg, CPU, Bus(seg), 0))
     with pytest.raises(ValueError, match="not one of"):  # its directory entry would name nobody
         _hotpath.Init(**{**kw, "cpu": seg.geo.ncpus})
-    init = hotpath.init_taker(seg, CPU, Bus(seg))
+    init = hotpath.init_taker(seg, CPU, Bus(seg), 0)
     entry = bytes(L.GEN_ENTRY.size)
     mem = seg.geo.npages * L.PAGE
     init.learn(entry, MD_OFF, None)

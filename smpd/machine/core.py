@@ -82,7 +82,7 @@ class CpuCore:
                              (M_IPI, ix("wake_ipi")), (M_TIMER, ix("wake_spurious"))]
         self.waiter = hotpath.waiter(seg, cpu, self.irq_sigs, DOORBELL_SIGNAL)
         self.acked_ns = 0  # set when the compiled path acknowledged a kick inside wait()
-        self.init_taker = hotpath.init_taker(seg, cpu, bus)  # None on a Python machine
+        self.init_taker = hotpath.init_taker(seg, cpu, bus, -1 if self.spin else self.budget_ns)  # None on Python
         # Set when the compiled path took an INIT (and what followed it) inside wait(): when, and
         # the state it left the CPU in (wait-for-SIPI, running, MWAIT).
         self.init_ns, self.init_state = 0, L.ExecState.WAIT_FOR_SIPI

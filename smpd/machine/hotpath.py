@@ -83,13 +83,14 @@ def ack(seg, cpu: int, md: int, checks) -> object | None:
                         ev_kick_seen=L.Ev.KICK_SEEN, ev_hlt=L.Ev.HLT, ev_entry=L.EV_ENTRY.size)
 
 
-def init_taker(seg, cpu: int, bus) -> object | None:
+def init_taker(seg, cpu: int, bus, spin_ns: int) -> object | None:
     """None on a Python machine; else what CPU ``cpu``'s compiled wait needs to take an INIT, and
     the SIPI and CPU_DOWN that may follow it (smpd/machine/_hotpath.c, take_init): its mailbox,
     mon_armed, what init_reset(), wait-for-SIPI, start_secondary(), smp_callin() and play_dead()
     store (smpd.kernel.cpu), where; the header's generation table; and ``bus``'s compiled Kicker
     (one for every CPU a process builds), for smp_callin()'s and mwait_play_dead()'s writes. Which
-    generations it may start the CPU in, it learns (Init.learn)."""
+    generations it may start the CPU in, it learns (Init.learn). ``spin_ns``: what its waits spin
+    before they sleep (Waiter.wait's; -1: a spin watch), for the wait after a take."""
     if not compiled(seg):
         return None
     word = lambda field: seg.cb_byte(cpu, field, 0)  # noqa: E731  (a field's byte offset in the segment)
@@ -107,7 +108,7 @@ def init_taker(seg, cpu: int, bus) -> object | None:
                          cmd_sipi=L.Ipi.SIPI, cmd_cpu_down=L.Ipi.CPU_DOWN, state_running=L.ExecState.RUNNING,
                          state_mwait=L.ExecState.MWAIT, hotplug_online=L.Hotplug.ONLINE, ev_sipi=L.Ev.SIPI,
                          ev_offline=L.Ev.OFFLINE, mwait_wait=L.CPUDEAD_MWAIT_WAIT,
-                         spin_ns=-1 if seg.hdr("watch") == L.Watch.SPIN else seg.hdr("spin_budget_ns"),
+                         spin_ns=spin_ns,
                          bus=bus.kicker)
 
 

@@ -1403,7 +1403,7 @@ static KickResult kick_md(Kicker *k, Py_ssize_t md, uint32_t hlt, long long dela
 {
 	long i = 0;
 	int64_t t_first, t_ack = 0;
-	int watching;
+	int watching, done;
 	char *owner;
 	volatile uint32_t *status = (uint32_t *)(k->base + k->mem_off + md + 4);
 	KickResult out;
@@ -1414,9 +1414,14 @@ static KickResult kick_md(Kicker *k, Py_ssize_t md, uint32_t hlt, long long dela
 	 * only: the rule follows in any case. */
 	owner = monitor_owner(k, k->base, md);
 	watching = owner && LOAD32(owner + k->cb_watch);
+	/* The loop's first test, READ_ONCE(md->status), reads the line before the first write
+	 * (it comes over from the CPU, which wrote it when it parked; smp_kick_mwait_play_dead()
+	 * has read it just before, in "Does it sit in mwait_play_dead() ?"): the kick's first
+	 * instant is the write, after that test (DESIGN.md §6). */
+	done = LOAD32(status) == hlt;
 	t_first = now_ns();
 	/* Wait up to 5ms */
-	while (i < rounds && LOAD32(status) != hlt) {
+	while (i < rounds && !done) {
 		int give_core;
 		int64_t end = 0;
 
@@ -1455,8 +1460,9 @@ static KickResult kick_md(Kicker *k, Py_ssize_t md, uint32_t hlt, long long dela
 				sched_yield();
 		}
 		i++;
+		done = LOAD32(status) == hlt;
 	}
-	out.acked = LOAD32(status) == hlt;
+	out.acked = done;
 	if (out.acked && !t_ack && i)  /* it answered between the udelay's last look and the loop's test */
 		t_ack = now_ns();
 	out.rounds = i;

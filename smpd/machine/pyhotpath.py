@@ -161,11 +161,12 @@ class Kicker:
         addr = L.PHYS_BASE + md_off
         owner = self.seg.u16[self.dir_base + md_off // L.LINE]  # the monitor's CPU, + 1 (0: none)
         sleeping = self.sleeping[owner - 1] if 0 < owner <= len(self.sleeping) else None
+        done = u32[status] == kexec_hlt  # the loop's first test, before the first write (as in C)
         t_first = time.monotonic_ns()  # after the look-ups above: they are not the kick's latency
         t_ack = 0
         i = 0
         # Wait up to 5ms
-        while i < rounds and u32[status] != kexec_hlt:
+        while i < rounds and not done:
             self.bus.write(addr, control)  # Bring it out of mwait
             end = time.monotonic_ns() + delay_ns
             # A sleeping CPU needs a host core to wake up on, perhaps this one: then the
@@ -180,7 +181,8 @@ class Kicker:
                 if give_core:
                     os.sched_yield()
             i += 1
-        acked = u32[status] == kexec_hlt
+            done = u32[status] == kexec_hlt
+        acked = done
         if acked and not t_ack and i:  # it answered between the udelay's last look and the loop's test
             t_ack = time.monotonic_ns()
         return acked, i, t_first, t_ack

@@ -37,7 +37,10 @@ its doorbell, SIGURG): the wake-up floor is the same round trip to a process tha
 not a bound: a wake-up on a core that is not idle yet, or a hand-off on the same core, beats
 it. The kernel kicks one CPU at a time (for each offline CPU: store, then up to 1000 rounds
 of udelay(5) for its status), so a whole kick costs about the sum of its CPUs' round trips:
-the last column is its median over targets x the wake-up floor. The adaptive rows of one
+the next column is its median over targets x the wake-up floor. A CPU asleep when kicked stamps
+when its process runs again (woke_ns, as sigwaitinfo() returns): "host part" sums, in each
+whole kick, those CPUs' write -> running again, which the host spends (signal delivery,
+wake-up, its scheduler handing a core over), not smpd; the rest is smpd's. The adaptive rows of one
 target run 2-CPU machines, which fit a 2-core host: their CPUs spin 50 us after each re-park
 ([watch] spin_budget_us = "auto") and most of their kicks find them spinning, not asleep.
 
@@ -99,13 +102,14 @@ def row(hot: str, watch: str, targets: int, loaded: bool, rounds: int) -> dict:
         from smpd.tools import lifecycle
 
         m = lifecycle.require(NAME)
-        totals, stuck = [], 0
+        totals, stuck, woke = [], 0, []
         for _ in range(WHOLE):
             whole = m.request("kick")["kick"]
             totals.append(whole["total_ns"])
+            woke.append(sum(e.get("wake_ns", 0) for e in whole["cpus"].values()))
             stuck += len(whole["stuck"])
             m.request("reset")
-        r["whole_kick_ns"] = totals
+        r["whole_kick_ns"], r["whole_kick_host_wake_ns"] = totals, woke
         totals = sorted(totals)
         r["whole_kick_p50_ns"], r["whole_kick_max_ns"], r["whole_kick_stuck"] = totals[len(totals) // 2], totals[-1], stuck
         return r
@@ -143,15 +147,26 @@ def main() -> None:
             if r.get("wake_rtt_ns"):
                 rec.add(f"{label}: wake-up floor p50 (hwfloor.c wake)", "ns", [r["wake_rtt_ns"]])
             rec.add(f"{label}: whole kick of every target (smpd kick)", "ns", r["whole_kick_ns"])
+            if r["host_wake_ns"].get("count"):
+                rec.add(f"{label}: kicks of a sleeping CPU, write -> its process running (the host's part) p50",
+                        "ns", [r["host_wake_ns"]["p50"]])
+                rec.add(f"{label}: kicks of a sleeping CPU, then -> ack seen (smpd's part) p50", "ns",
+                        [r["after_wake_ns"]["p50"]])
+            if any(r["whole_kick_host_wake_ns"]):
+                rec.add(f"{label}: whole kick, its sleeping CPUs' host parts summed (smpd kick)", "ns",
+                        r["whole_kick_host_wake_ns"])
             print(f"  done: {hot} {watch} x{targets} {'loaded' if loaded else 'idle'}", file=sys.stderr, flush=True)
     print("floor = the C cache-line ping-pong of the same row, before and after its kicks: the lower "
           "(* where the two differ by more than 1.5x: the host placed the cores anew mid-row); >5ms = share of kicks over the kernel's "
           f"budget; whole kick = `smpd kick` of every target, {WHOLE} times: median / worst, CPUs stuck in all")
     print("wake = the wake-up floor (a cold round trip to a process asleep in sigwaitinfo; a reference, not a "
           "bound), adaptive rows only; whole/(n x wake) = the whole kick's median over targets x that floor")
+    print("host part = in each whole kick, the sum over its CPUs that slept of write -> their process running "
+          "again (woke_ns: the doorbell's signal, the wake-up and the host's scheduler, none of it smpd's code): "
+          "its median, and that against the whole kick's median")
     head = (f"{'hot':<7}{'watch':<9}{'targets':>7}  {'host':<7}{'kicks':>6}  {'rtt p50':>9} {'p99':>9} {'max':>9}"
             f"  {'floor':>6}  {'p50/floor':>9}  {'wake':>8}  {'p50/wake':>8}  {'>5ms':>6}  {'whole kick':>16}"
-            f"  {'whole/(n x wake)':>16}  stuck")
+            f"  {'whole/(n x wake)':>16}  {'host part':>16}  stuck")
     print(head)
     for hot, watch, targets, loaded, r in rows:
         s = r["rtt_ns"]
@@ -163,9 +178,12 @@ def main() -> None:
         wake_col = f"{wake / 1e3:.1f}us" if wake else "-"
         wake_ratio = f"{r['ratio_wake_p50']:.2f}x" if r.get("ratio_wake_p50") else "-"
         whole_ratio = f"{r['whole_kick_p50_ns'] / (targets * wake):.2f}x" if wake else "-"
+        parts = sorted(r["whole_kick_host_wake_ns"])
+        host = (f"{parts[len(parts) // 2] / 1e6:.2f}ms ({100 * parts[len(parts) // 2] / r['whole_kick_p50_ns']:.0f}%)"
+                if any(parts) else "-")
         print(f"{hot:<7}{watch:<9}{targets:>7}  {'loaded' if loaded else 'idle':<7}{r['kicks']:>6}  "
               f"{_us(s['p50'])} {_us(s['p99'])} {_us(s['max'])}  {floor:>6}  {ratio:>9}  {wake_col:>8}  "
-              f"{wake_ratio:>8}  {share:>6}  {whole:>16}  {whole_ratio:>16}  {r['whole_kick_stuck']}")
+              f"{wake_ratio:>8}  {share:>6}  {whole:>16}  {whole_ratio:>16}  {host:>16}  {r['whole_kick_stuck']}")
     rec.finish(args.record)
 
 

@@ -165,7 +165,7 @@ def test_a_floor_that_moved_during_the_run_is_said_and_the_ratios_take_the_lower
 
     run = benchkick.Run(targets=[1])
     run.fold({"budget_ns": 5_000_000, "delay_ns": 5000, "watch": "spin", "hot_path": "c", "pids": {"1": 1},
-              "samples": {"1": [[100, 300, 1, 1], [120, 330, 1, 1], [110, 320, 1, 1]]}})
+              "samples": {"1": [[100, 300, 1, 1, -1], [120, 330, 1, 1, -1], [110, 320, 1, 1, -1]]}})
     floor = lambda ns: {"available": True, "rtt_ns": ns, "rtt_p99_ns": ns, "rtt_min_ns": ns, "cores": [0, 1]}  # noqa: E731
     moved = run.report(floor(550), None, floor(150))
     assert moved["hw_rtt_ns"] == 150 and moved["floor_moved"] and moved["ratio_p50"] == pytest.approx(320 / 150, 0.01)

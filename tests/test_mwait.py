@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from conftest import HOT_PATHS, hot_paths, patient_config, wait_until
+from smpd.host.proc import asleep_in_sigwait
 from smpd.machine import events, layout as L
 
 NMI = signal.SIGRTMIN + 1  # config/default.toml [signals]
@@ -121,6 +122,29 @@ def test_a_kick_is_acknowledged_and_recorded_alike_by_either_hot_path(machine, c
     os.kill(m.cpu(1)["pid"], NMI)
     c = m.wait_cpu(1, lambda c: c["interrupts"]["nmi"]["taken"] == 1, "NMI ends HLT")
     assert c["state"] == "HLT"
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_a_kick_of_a_sleeping_cpu_is_timed_in_two_parts(machine, hot_path, tmp_path):
+    """A CPU asleep when kicked stamps when its process runs again (woke_ns): the round trip splits
+    into the host's hand-off (write -> running) and smpd's part. A CPU that spins has no such part."""
+    cfg = patient_config(tmp_path, "[watch]\nspin_budget_us = 0\n")
+    m = machine(2, "--watch", "adaptive", "--hot-path", hot_path, "--config", cfg)
+    m.request("offline", cpus="1")
+    pid = m.wait_cpu(1, parked, "monitor armed")["pid"]
+    wait_until(lambda: asleep_in_sigwait(pid), what="CPU 1 asleep in sigwaitinfo()")
+    e = m.request("kick")["kick"]["cpus"]["1"]
+    assert e["acknowledged"] and 0 < e["wake_ns"] <= e["rtt_ns"], e
+    m.request("reset")
+    m.wait_cpu(1, parked, "re-parked")
+    samples = m.request("bench_kick", targets="1", rounds=3)["samples"]["1"]
+    # (-1: re-parked, the CPU was kicked again before it had gone back to sleep)
+    assert all(len(s) == 5 and s[3] == 1 and (s[4] == -1 or 0 < s[4] <= s[1]) for s in samples), samples
+    s = machine(2, "--watch", "spin", "--hot-path", hot_path, "--config", patient_config(tmp_path))
+    s.request("offline", cpus="1")
+    s.wait_cpu(1, parked, "monitor armed")
+    e = s.request("kick")["kick"]["cpus"]["1"]
+    assert e["acknowledged"] and "wake_ns" not in e, e
 
 
 def test_online_from_hlt_resets_through_init(parked_machine):

@@ -6,6 +6,10 @@ at most 1000 times ("Wait up to 5ms"), until the CPU answers in status; report
 a CPU that never does once (pr_err_once). A kick has three instants (DESIGN.md
 §6), all CLOCK_MONOTONIC ns: the coordinator's first control write, the CPU
 seeing it (it stamps kick_seen_ns), and the coordinator seeing status change.
+A CPU that slept through the write has one more, between the first two: its
+process running again (woke_ns), which splits the round trip into the host's
+hand-off of a core (the doorbell's signal, the wake-up, the scheduler) and
+what smpd does after it.
 
 Cost: a round is one bus write (a monitored line: two fences, and a doorbell
 kill() when the CPU sleeps) plus the udelay busy-wait, which polls status so the
@@ -44,6 +48,13 @@ def _entry(seg, cpu: int, acked: bool, rounds: int, t_first: int, t_ack: int | N
         # CPU's process lost its core between the two) gives no one-way sample, not a made-up one.
         if seen != seen_before and t_first <= seen <= t_ack:
             entry["one_way_ns"] = seen - t_first
+        # A CPU asleep when kicked: the doorbell -> its process running again (its sigwaitinfo()
+        # returned; woke_ns, stamped by its Waiter). That part is the host's hand-off of a core,
+        # which smpd does not run; the rest of the round trip is the CPU's way to its answer and
+        # the kicker's look. None for a CPU that did not sleep between the write and its answer.
+        woke = seg.cb(cpu, "woke_ns")
+        if t_first <= woke <= t_ack:
+            entry["wake_ns"] = woke - t_first
     return entry
 
 
@@ -121,13 +132,14 @@ def bench_rounds(seg, bus, m, cpus: list[int], rounds: int, delay_ns: int, budge
                  repark: Callable[[list[int]], list[int]]) -> dict[str, list]:
     """`smpd bench kick`'s work: ``rounds`` rounds of kick_one() on each of ``cpus``, then
     ``repark`` them all (it returns the CPUs that did not re-park: then TimeoutError). Raw
-    samples per CPU: [one way ns, round trip ns (-1: none), kernel rounds, acknowledged]."""
+    samples per CPU: [one way ns, round trip ns (-1: none), kernel rounds, acknowledged, the host's wake-up
+    ns (-1: the CPU did not sleep)]."""
     samples: dict[str, list] = {str(c): [] for c in cpus}
     for _ in range(rounds):
         for cpu in cpus:
             e = kick_one(seg, bus, cpu, m.mwait_cpu_dead_addr(cpu), delay_ns, budget)
             samples[str(cpu)].append([e.get("one_way_ns", -1), e.get("rtt_ns", -1), e["rounds"],
-                                      int(e["acknowledged"])])
+                                      int(e["acknowledged"]), e.get("wake_ns", -1)])
         missing = repark(cpus)
         if missing:
             raise TimeoutError(missing)

@@ -503,6 +503,7 @@ typedef struct {
 	char *base;  /* valid during a call only */
 	Py_ssize_t wake, write, sleeping, watch;  /* `wake` (interrupt, IPI, timer bytes), `mon_write`, ..., `mon_watch` */
 	Py_ssize_t sleep_core;  /* `sleep_core`: the host core it sleeps on, stored before `sleeping` (-1: none) */
+	Py_ssize_t woke;  /* `woke_ns`: when its last sleep ended, the host giving it a core again (-1: none) */
 	int yield;  /* spinning CPUs outnumber host cores: give the core away between polls */
 	int busy;  /* a wait() is running: it releases the GIL, so a second thread could enter */
 	Init *init;  /* the running call's, or NULL: an INIT (and what follows it) is taken there (take_init) */
@@ -542,7 +543,7 @@ static int sigset_from(PyObject *seq, sigset_t *set)
 static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 {
 	static char *names[] = {"buf", "wake", "write", "sleeping", "watch", "irq_signals", "doorbell", "spin_yields",
-				"sleep_core", NULL};
+				"sleep_core", "woke", NULL};
 	PyObject *buf, *irq;
 	int doorbell;
 	Py_buffer view;
@@ -554,8 +555,10 @@ static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 	}
 	self->yield = 0;
 	self->sleep_core = -1;
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "OnnnnOi|pn", names, &buf, &self->wake, &self->write,
-					 &self->sleeping, &self->watch, &irq, &doorbell, &self->yield, &self->sleep_core))
+	self->woke = -1;
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "OnnnnOi|pnn", names, &buf, &self->wake, &self->write,
+					 &self->sleeping, &self->watch, &irq, &doorbell, &self->yield, &self->sleep_core,
+					 &self->woke))
 		return -1;
 	if (sigset_from(irq, &self->irq) < 0)
 		return -1;
@@ -565,7 +568,8 @@ static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 		return -1;
 	bad = in_range(&view, self->wake, 4, "wake") < 0 || in_range(&view, self->write, 4, "write") < 0 ||
 	      in_range(&view, self->sleeping, 4, "sleeping") < 0 || in_range(&view, self->watch, 4, "watch") < 0 ||
-	      (self->sleep_core != -1 && in_range(&view, self->sleep_core, 4, "sleep_core") < 0);
+	      (self->sleep_core != -1 && in_range(&view, self->sleep_core, 4, "sleep_core") < 0) ||
+	      (self->woke != -1 && in_range(&view, self->woke, 8, "woke") < 0);
 	PyBuffer_Release(&view);
 	if (bad)
 		return -1;
@@ -576,6 +580,8 @@ static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 		self->need = 4 + self->watch;
 	if (4 + self->sleep_core > self->need)
 		self->need = 4 + self->sleep_core;
+	if (8 + self->woke > self->need)
+		self->need = 8 + self->woke;
 	Py_INCREF(buf);
 	self->buf = buf;
 	return 0;
@@ -966,6 +972,10 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 		}
 		/* the doorbell: look at the wake words again */
 	}
+	/* The host has given this CPU a core again: a kick of a sleeping CPU is timed in two parts
+	 * with it (smpd.kernel.kick), the host's hand-off and what follows. */
+	if (w->woke >= 0)
+		STORE64(w->base + w->woke, (uint64_t)now_ns());
 	Py_END_ALLOW_THREADS
 	STORE32(w->base + w->sleeping, 0);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);

@@ -55,7 +55,8 @@ def waiter(seg, cpu: int, irq_signals, doorbell: int):
     return _hotpath.Waiter(seg.buf, wake=word("wake"), write=word("mon_write"), sleeping=word("sleeping"),
                            watch=word("mon_watch"),
                            irq_signals=sorted(irq_signals), doorbell=doorbell,
-                           spin_yields=bool(seg.hdr("spin_yields")), sleep_core=word("sleep_core"))
+                           spin_yields=bool(seg.hdr("spin_yields")), sleep_core=word("sleep_core"),
+                           woke=seg.cb_byte(cpu, "woke_ns", 0))
 
 
 def ack(seg, cpu: int, md: int, checks) -> object | None:

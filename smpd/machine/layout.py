@@ -265,6 +265,7 @@ _CB_FIELDS = [
     ("sipi_count", 168, "I"),
     ("sleep_core", 172, "I"),  # the host core it went to sleep on (sched_getcpu), valid while `sleeping`
     ("start_ticks", 176, "Q"),  # its process's start, clock ticks since boot: with the pid, its identity
+    ("woke_ns", 184, "Q"),  # CLOCK_MONOTONIC ns when its last sleep in sigwaitinfo() ended (smpd.kernel.kick)
     # Line 3: the IPI mailbox. The coordinator writes cmd and arg, then bumps
     # seq; the CPU handles it, writes result, then sets ack = seq.
     ("mbox_seq", 192, "I"),

@@ -47,6 +47,7 @@ class Waiter:
         self.timer_byte = self.i * 4 + L.WAKE_TIMER
         self.sleeping = seg.cb_index32(cpu, "sleeping")
         self.sleep_core = seg.cb_index32(cpu, "sleep_core")
+        self.u64, self.woke = seg.u64, seg.cb_index(cpu, "woke_ns")
         self.irq = frozenset(irq_signals)
         self.sleep_set = self.irq | {doorbell}
         self.yields = spin_yields
@@ -135,6 +136,7 @@ class Waiter:
                 # the doorbell (or the timeout): look at the wake words again
             return WOKE, 0, 0
         finally:
+            self.u64[self.woke] = time.monotonic_ns()  # the host gave us a core again (smpd.kernel.kick)
             u32[self.sleeping] = 0
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 

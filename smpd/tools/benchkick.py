@@ -71,6 +71,8 @@ class Run:
     rtt: HdrHistogram = field(default_factory=_hist)
     per_one_way: dict[int, HdrHistogram] = field(default_factory=dict)
     per_rtt: dict[int, HdrHistogram] = field(default_factory=dict)
+    host_wake: HdrHistogram = field(default_factory=_hist)  # kicks of a CPU asleep: write -> its process running
+    after_wake: HdrHistogram = field(default_factory=_hist)  # the same kicks: its process running -> ack seen
     kernel_rounds: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 10**7, 3))
     kicks: int = 0
     exceeded: int = 0
@@ -88,8 +90,11 @@ class Run:
             cpu = int(cpu_s)
             ow = self.per_one_way.setdefault(cpu, _hist())
             rt = self.per_rtt.setdefault(cpu, _hist())
-            for one_way, rtt, rounds, acked in samples:
+            for one_way, rtt, rounds, acked, wake in samples:
                 self.kicks += 1
+                if acked and 0 <= wake <= rtt:
+                    self.host_wake.record_value(max(wake, 1))
+                    self.after_wake.record_value(max(rtt - wake, 1))
                 if acked and rtt >= 0:
                     self.rtt.record_value(max(rtt, 1))
                     rt.record_value(max(rtt, 1))
@@ -146,6 +151,9 @@ class Run:
             "ratio_p50": round(rtt["p50"] / hw, 4) if hw and rtt.get("count") else None,
             "wake_floor": wake_floor, "wake_rtt_ns": wake,
             "ratio_wake_p50": round(rtt["p50"] / wake, 4) if wake and rtt.get("count") else None,
+            # Kicks of a CPU that slept: the host's hand-off (write -> its process running again)
+            # and the rest of the round trip (smpd's: the CPU's way to its answer, the kicker's look).
+            "host_wake_ns": summary(self.host_wake), "after_wake_ns": summary(self.after_wake),
             # One way is one cache-line transfer: compare it with half the round-trip floor.
             "ratio_one_way_p50": round(one_way["p50"] / (hw / 2), 2) if hw and one_way.get("count") else None,
             "budget_ns": self.budget_ns, "delay_ns": self.delay_ns,

@@ -215,9 +215,13 @@ def kick_summary(kick: dict | None) -> Text:
         rtt = sorted(c["rtt_ns"] for c in acked)
         one = sorted(c["one_way_ns"] for c in acked if "one_way_ns" in c)
         rounds = sorted(c["rounds"] for c in acked)
+        woke = [c["wake_ns"] for c in acked if "wake_ns" in c]
         t.append(f"  round trip (write -> ack seen): p50 {_ns(rtt[len(rtt) // 2])}, max {_ns(rtt[-1])}; "
                  f"one way (write -> CPU answered): p50 {_ns(one[len(one) // 2] if one else None)}; "
                  f"kernel rounds of 5 us: p50 {rounds[len(rounds) // 2]}, max {rounds[-1]}\n")
+        if woke:  # CPUs that slept through their write: the host's part of their round trips
+            t.append(f"  {len(woke)} slept: the host gave them a core back {_ns(sorted(woke)[len(woke) // 2])} after "
+                     f"the write (p50), {_ns(sum(woke))} of the whole kick in all\n")
     if kick["message"]:
         t.append(f"  {kick['message']}\n", style="bold magenta")
     return t
@@ -442,6 +446,26 @@ def _one_way_note(r: dict) -> str:
             + ") against half the floor (one cache-line transfer), round trip against the floor\n")
 
 
+def _kick_latencies(r: dict) -> Table:
+    """`smpd bench kick`'s latency table: one way, round trip, and for kicks of a CPU that slept,
+    the round trip's two parts."""
+    tab = Table(box=None, header_style="bold", pad_edge=False)
+    keys = ("min", "p50", "p90", "p99", "p999", "max")
+    for col in ("", "min", "p50", "p90", "p99", "p99.9", "max", "p50 / floor*"):
+        tab.add_column(col, justify="right" if col else "left")
+    for label, key in (("one way", "one_way_ns"), ("round trip", "rtt_ns")):
+        s = r[key]
+        if not s.get("count"):
+            tab.add_row(label, *["-"] * 7)
+            continue
+        ratio = r["ratio_one_way_p50"] if key == "one_way_ns" else r["ratio_p50"]
+        tab.add_row(label, *(_ns(s[k]) for k in keys), f"{ratio:.1f}x" if ratio else "-")
+    if r.get("host_wake_ns", {}).get("count"):  # kicks of a CPU that slept: the round trip in two parts
+        for label, key in (("host part**", "host_wake_ns"), ("smpd part**", "after_wake_ns")):
+            tab.add_row(label, *(_ns(r[key][k]) for k in keys), "-")
+    return tab
+
+
 def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
     t = Text()
     t.append(f"kick benchmark: watch {r['watch']}, hot path {r['hot_path']}, CPU {r['targets']}, {r['rounds']} rounds, "
@@ -460,21 +484,17 @@ def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
     else:
         t.append(f"hardware floor: unavailable ({f['why']})\n", style="yellow")
     t.append(_wake_floor_line(r))
-    tab = Table(box=None, header_style="bold", pad_edge=False)
-    keys = ("min", "p50", "p90", "p99", "p999", "max")
-    for col in ("", "min", "p50", "p90", "p99", "p99.9", "max", "p50 / floor*"):
-        tab.add_column(col, justify="right" if col else "left")
-    for label, key in (("one way", "one_way_ns"), ("round trip", "rtt_ns")):
-        s = r[key]
-        if not s.get("count"):
-            tab.add_row(label, *["-"] * 7)
-            continue
-        ratio = r["ratio_one_way_p50"] if key == "one_way_ns" else r["ratio_p50"]
-        tab.add_row(label, *(_ns(s[k]) for k in keys), f"{ratio:.1f}x" if ratio else "-")
+    tab = _kick_latencies(r)
+    slept = r.get("host_wake_ns", {})
     kr = r["kernel_rounds"]
     b = r["budget_exceeded"]
     tail = Text()
     tail.append(_one_way_note(r), style="dim")
+    if slept.get("count"):
+        tail.append(f"** the {slept['count']} of {r['rtt_ns'].get('count', 0)} kicks whose CPU slept: the write -> "
+                    "its process running again (the doorbell's signal, the wake-up, the host's scheduler: "
+                    "not smpd's code), then -> the ack seen (the CPU's way to its answer, the kicker's look)\n",
+                    style="dim")
     if kr.get("count"):
         tail.append(f"kernel's view, rounds of {r['delay_ns'] / 1e3:g} us: p50 {kr['p50']}, p99 {kr['p99']}, "
                     f"max {kr['max']}\n")

@@ -37,10 +37,12 @@ its doorbell, SIGURG): the wake-up floor is the same round trip to a process tha
 not a bound: a wake-up on a core that is not idle yet, or a hand-off on the same core, beats
 it. The kernel kicks one CPU at a time (for each offline CPU: store, then up to 1000 rounds
 of udelay(5) for its status), so a whole kick costs about the sum of its CPUs' round trips:
-the next column is its median over targets x the wake-up floor. A CPU asleep when kicked stamps
-when its process runs again (woke_ns, as sigwaitinfo() returns): "host part" sums, in each
-whole kick, those CPUs' write -> running again, which the host spends (signal delivery,
-wake-up, its scheduler handing a core over), not smpd; the rest is smpd's. The adaptive rows of one
+the next column is its median over targets x the wake-up floor. A CPU its doorbell wakes stamps
+when its process runs again (woke_ns, as sigwaitinfo() returns the doorbell): "to running" sums,
+in each whole kick, those CPUs' write -> running again, mostly the host's (signal delivery,
+the wake-up, its scheduler handing a core over; also the bus's rule and the kicker's udelay on
+the core the CPU may need). The kernel kicks one CPU at a time, so in each whole kick these
+intervals do not overlap: their sum is part of that kick. The adaptive rows of one
 target run 2-CPU machines, which fit a 2-core host: their CPUs spin 50 us after each re-park
 ([watch] spin_budget_us = "auto") and most of their kicks find them spinning, not asleep.
 
@@ -148,12 +150,13 @@ def main() -> None:
                 rec.add(f"{label}: wake-up floor p50 (hwfloor.c wake)", "ns", [r["wake_rtt_ns"]])
             rec.add(f"{label}: whole kick of every target (smpd kick)", "ns", r["whole_kick_ns"])
             if r["host_wake_ns"].get("count"):
-                rec.add(f"{label}: kicks of a sleeping CPU, write -> its process running (the host's part) p50",
-                        "ns", [r["host_wake_ns"]["p50"]])
-                rec.add(f"{label}: kicks of a sleeping CPU, then -> ack seen (smpd's part) p50", "ns",
-                        [r["after_wake_ns"]["p50"]])
+                rec.add(f"{label}: kicks whose CPU its doorbell woke (smpd bench kick)", "kicks",
+                        [r["host_wake_ns"]["count"]])
+                rec.add(f"{label}: those kicks, write -> the CPU's process running again p50", "ns",
+                        [r["host_wake_ns"]["p50"]])
+                rec.add(f"{label}: those kicks, running again -> ack seen p50", "ns", [r["after_wake_ns"]["p50"]])
             if any(r["whole_kick_host_wake_ns"]):
-                rec.add(f"{label}: whole kick, its sleeping CPUs' host parts summed (smpd kick)", "ns",
+                rec.add(f"{label}: whole kick, write -> running again summed over its woken CPUs (smpd kick)", "ns",
                         r["whole_kick_host_wake_ns"])
             print(f"  done: {hot} {watch} x{targets} {'loaded' if loaded else 'idle'}", file=sys.stderr, flush=True)
     print("floor = the C cache-line ping-pong of the same row, before and after its kicks: the lower "
@@ -161,12 +164,17 @@ def main() -> None:
           f"budget; whole kick = `smpd kick` of every target, {WHOLE} times: median / worst, CPUs stuck in all")
     print("wake = the wake-up floor (a cold round trip to a process asleep in sigwaitinfo; a reference, not a "
           "bound), adaptive rows only; whole/(n x wake) = the whole kick's median over targets x that floor")
-    print("host part = in each whole kick, the sum over its CPUs that slept of write -> their process running "
-          "again (woke_ns: the doorbell's signal, the wake-up and the host's scheduler, none of it smpd's code): "
-          "its median, and that against the whole kick's median")
+    print("to running = in each whole kick, the sum over the CPUs their doorbell woke of write -> their process "
+          "running again (woke_ns; mostly the host's wake-up): its median, and that against the whole kick's median")
+    print_rows(rows)
+    rec.finish(args.record)
+
+
+def print_rows(rows: list) -> None:
+    """The table: one line per row of the plan."""
     head = (f"{'hot':<7}{'watch':<9}{'targets':>7}  {'host':<7}{'kicks':>6}  {'rtt p50':>9} {'p99':>9} {'max':>9}"
             f"  {'floor':>6}  {'p50/floor':>9}  {'wake':>8}  {'p50/wake':>8}  {'>5ms':>6}  {'whole kick':>16}"
-            f"  {'whole/(n x wake)':>16}  {'host part':>16}  stuck")
+            f"  {'whole/(n x wake)':>16}  {'to running':>16}  stuck")
     print(head)
     for hot, watch, targets, loaded, r in rows:
         s = r["rtt_ns"]
@@ -184,7 +192,6 @@ def main() -> None:
         print(f"{hot:<7}{watch:<9}{targets:>7}  {'loaded' if loaded else 'idle':<7}{r['kicks']:>6}  "
               f"{_us(s['p50'])} {_us(s['p99'])} {_us(s['max'])}  {floor:>6}  {ratio:>9}  {wake_col:>8}  "
               f"{wake_ratio:>8}  {share:>6}  {whole:>16}  {whole_ratio:>16}  {host:>16}  {r['whole_kick_stuck']}")
-    rec.finish(args.record)
 
 
 def _us(ns: float) -> str:

@@ -104,6 +104,7 @@ def test_a_raised_wake_word_returns_at_once_and_is_left_for_the_caller(seg):
     Bus(seg).write(L.PHYS_BASE + MD_OFF, b"\x01\x00\x00\x00")
     assert _code(_waiter(seg).wait(-1, 0, None)) == (hotpath.WOKE, 0, 0)
     assert _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
+    assert seg.cb(CPU, "woke_ns") == 0  # no doorbell ended a sleep: nothing to time a kick with
 
 
 @pytest.mark.parametrize("spin_ns", [0, 1_000_000, -1], ids=["sleep", "spin-then-sleep", "spin"])
@@ -113,6 +114,7 @@ def test_a_deadline_with_nothing_raised_is_a_timeout_and_raises_nothing(seg, spi
     assert _code(r) == (hotpath.TIMEOUT, 0, 0)
     assert time.monotonic_ns() >= t0 + 20_000_000
     assert _wake_word(seg) == 0  # the Python spin's own timer byte was taken back
+    assert seg.cb(CPU, "woke_ns") == 0  # a timeout is not a doorbell's wake-up
 
 
 def test_a_write_to_the_monitored_line_wakes_a_sleeper_through_the_doorbell(seg):
@@ -123,9 +125,11 @@ def test_a_write_to_the_monitored_line_wakes_a_sleeper_through_the_doorbell(seg)
         t.join()
         return _code(r)
 
+    t0 = time.monotonic_ns()
     assert _as_a_cpu_process(seg, sleeper) == (hotpath.WOKE, 0, 0)
     assert _wake_word(seg) == 1 << (8 * L.WAKE_WRITE)
     assert seg.u32[seg.cb_index32(CPU, "sleeping")] == 0
+    assert t0 < seg.cb(CPU, "woke_ns") < time.monotonic_ns()  # when the doorbell had it running again
 
 
 def test_an_interrupt_signal_ends_the_sleep_and_is_named(seg):
@@ -135,6 +139,7 @@ def test_an_interrupt_signal_ends_the_sleep_and_is_named(seg):
     t.join()
     assert _code(r) == (hotpath.SIGNAL, IRQ, 0)
     assert _wake_word(seg) == 0
+    assert seg.cb(CPU, "woke_ns") == 0  # an interrupt, not the doorbell
 
 
 def test_a_spinner_sees_a_byte_raised_from_elsewhere(seg):

@@ -126,8 +126,8 @@ def test_a_kick_is_acknowledged_and_recorded_alike_by_either_hot_path(machine, c
 
 @pytest.mark.parametrize("hot_path", HOT_PATHS)
 def test_a_kick_of_a_sleeping_cpu_is_timed_in_two_parts(machine, hot_path, tmp_path):
-    """A CPU asleep when kicked stamps when its process runs again (woke_ns): the round trip splits
-    into the host's hand-off (write -> running) and smpd's part. A CPU that spins has no such part."""
+    """A CPU its doorbell wakes stamps when its process runs again (woke_ns): the round trip splits
+    into the wake-up (write -> running) and what follows. A CPU that spins has no such part."""
     cfg = patient_config(tmp_path, "[watch]\nspin_budget_us = 0\n")
     m = machine(2, "--watch", "adaptive", "--hot-path", hot_path, "--config", cfg)
     m.request("offline", cpus="1")

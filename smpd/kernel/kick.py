@@ -6,10 +6,9 @@ at most 1000 times ("Wait up to 5ms"), until the CPU answers in status; report
 a CPU that never does once (pr_err_once). A kick has three instants (DESIGN.md
 §6), all CLOCK_MONOTONIC ns: the coordinator's first control write, the CPU
 seeing it (it stamps kick_seen_ns), and the coordinator seeing status change.
-A CPU that slept through the write has one more, between the first two: its
-process running again (woke_ns), which splits the round trip into the host's
-hand-off of a core (the doorbell's signal, the wake-up, the scheduler) and
-what smpd does after it.
+A CPU its doorbell woke has one more, between the first two: its process
+running again (woke_ns), which splits the round trip into the wake-up (mostly
+the host's: the signal, the wake-up, its scheduler) and what follows it.
 
 Cost: a round is one bus write (a monitored line: two fences, and a doorbell
 kill() when the CPU sleeps) plus the udelay busy-wait, which polls status so the
@@ -48,10 +47,10 @@ def _entry(seg, cpu: int, acked: bool, rounds: int, t_first: int, t_ack: int | N
         # CPU's process lost its core between the two) gives no one-way sample, not a made-up one.
         if seen != seen_before and t_first <= seen <= t_ack:
             entry["one_way_ns"] = seen - t_first
-        # A CPU asleep when kicked: the doorbell -> its process running again (its sigwaitinfo()
-        # returned; woke_ns, stamped by its Waiter). That part is the host's hand-off of a core,
-        # which smpd does not run; the rest of the round trip is the CPU's way to its answer and
-        # the kicker's look. None for a CPU that did not sleep between the write and its answer.
+        # A CPU asleep when kicked: the write -> its process running again (woke_ns, stamped by its
+        # Waiter when sigwaitinfo() returned its doorbell and it went on to look at its wake words).
+        # Mostly the host's wake-up; the rest of the round trip is the CPU's way to its answer and
+        # the kicker's look. None for a CPU its doorbell did not wake between the write and the ack.
         woke = seg.cb(cpu, "woke_ns")
         if t_first <= woke <= t_ack:
             entry["wake_ns"] = woke - t_first

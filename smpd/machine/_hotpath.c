@@ -503,7 +503,7 @@ typedef struct {
 	char *base;  /* valid during a call only */
 	Py_ssize_t wake, write, sleeping, watch;  /* `wake` (interrupt, IPI, timer bytes), `mon_write`, ..., `mon_watch` */
 	Py_ssize_t sleep_core;  /* `sleep_core`: the host core it sleeps on, stored before `sleeping` (-1: none) */
-	Py_ssize_t woke;  /* `woke_ns`: when its last sleep ended, the host giving it a core again (-1: none) */
+	Py_ssize_t woke;  /* `woke_ns`: when its doorbell last ended a sleep, as the process ran again (-1: none) */
 	int yield;  /* spinning CPUs outnumber host cores: give the core away between polls */
 	int busy;  /* a wait() is running: it releases the GIL, so a second thread could enter */
 	Init *init;  /* the running call's, or NULL: an INIT (and what follows it) is taken there (take_init) */
@@ -578,9 +578,9 @@ static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 		self->need = 4 + self->sleeping;
 	if (4 + self->watch > self->need)
 		self->need = 4 + self->watch;
-	if (4 + self->sleep_core > self->need)
+	if (self->sleep_core >= 0 && 4 + self->sleep_core > self->need)
 		self->need = 4 + self->sleep_core;
-	if (8 + self->woke > self->need)
+	if (self->woke >= 0 && 8 + self->woke > self->need)
 		self->need = 8 + self->woke;
 	Py_INCREF(buf);
 	self->buf = buf;
@@ -928,6 +928,7 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 {
 	sigset_t old;
 	int code = WOKE, signo = 0, failed = 0;
+	int64_t rung = 0;  /* when sigwaitinfo() last returned the doorbell */
 
 	pthread_sigmask(SIG_BLOCK, &w->irq, &old);
 	/* An interrupt that landed before the block has its Python handler pending:
@@ -971,11 +972,14 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 			break;
 		}
 		/* the doorbell: look at the wake words again */
+		if (w->woke >= 0)
+			rung = now_ns();
 	}
-	/* The host has given this CPU a core again: a kick of a sleeping CPU is timed in two parts
-	 * with it (smpd.kernel.kick), the host's hand-off and what follows. */
-	if (w->woke >= 0)
-		STORE64(w->base + w->woke, (uint64_t)now_ns());
+	/* Woken by the doorbell, this process running again: a kick of a sleeping CPU is timed
+	 * in two parts with it (smpd.kernel.kick). Not for a timeout, an interrupt, an INIT
+	 * taken, or a byte raised before the sleep began. */
+	if (rung && code == WOKE && !w->taken)
+		STORE64(w->base + w->woke, (uint64_t)rung);
 	Py_END_ALLOW_THREADS
 	STORE32(w->base + w->sleeping, 0);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
 
-LAYOUT_VERSION = 9  # 9: mon_watch; 8: the monitor's write flag on its own line (mon_write); 7: process identities in clock ticks
+LAYOUT_VERSION = 10  # 10: woke_ns (a timing stamp only); 9: mon_watch; 8: the monitor's write flag on its own line (mon_write); 7: process identities in clock ticks
 MAGIC = b"SMPDSEG\x00"
 
 LINE = 64  # bytes in a cache line: the MONITOR granularity of the x86 parts we emulate
@@ -265,7 +265,7 @@ _CB_FIELDS = [
     ("sipi_count", 168, "I"),
     ("sleep_core", 172, "I"),  # the host core it went to sleep on (sched_getcpu), valid while `sleeping`
     ("start_ticks", 176, "Q"),  # its process's start, clock ticks since boot: with the pid, its identity
-    ("woke_ns", 184, "Q"),  # CLOCK_MONOTONIC ns when its last sleep in sigwaitinfo() ended (smpd.kernel.kick)
+    ("woke_ns", 184, "Q"),  # CLOCK_MONOTONIC ns when its doorbell last ended a sleep: running again (smpd.kernel.kick)
     # Line 3: the IPI mailbox. The coordinator writes cmd and arg, then bumps
     # seq; the CPU handles it, writes result, then sets ack = seq.
     ("mbox_seq", 192, "I"),

@@ -123,6 +123,7 @@ class Waiter:
             u32[self.sleep_core] = current_core() & 0xFFFFFFFF  # where `smpd status` finds our host core
             u32[self.sleeping] = 1
             fence()  # pairs with the fence in Bus.wake: we see its byte or it sees `sleeping`
+            rung = 0
             while u32[i] == 0 == u32[w]:
                 if deadline_ns:
                     left = deadline_ns - time.monotonic_ns()
@@ -134,9 +135,11 @@ class Waiter:
                 if info is not None and info.si_signo in self.irq:
                     return SIGNAL, info.si_signo, 0
                 # the doorbell (or the timeout): look at the wake words again
+                rung = time.monotonic_ns() if info is not None else 0
+            if rung:  # woken by the doorbell, running again (smpd.kernel.kick times a kick with it)
+                self.u64[self.woke] = rung
             return WOKE, 0, 0
         finally:
-            self.u64[self.woke] = time.monotonic_ns()  # the host gave us a core again (smpd.kernel.kick)
             u32[self.sleeping] = 0
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 

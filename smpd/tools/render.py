@@ -219,9 +219,9 @@ def kick_summary(kick: dict | None) -> Text:
         t.append(f"  round trip (write -> ack seen): p50 {_ns(rtt[len(rtt) // 2])}, max {_ns(rtt[-1])}; "
                  f"one way (write -> CPU answered): p50 {_ns(one[len(one) // 2] if one else None)}; "
                  f"kernel rounds of 5 us: p50 {rounds[len(rounds) // 2]}, max {rounds[-1]}\n")
-        if woke:  # CPUs that slept through their write: the host's part of their round trips
-            t.append(f"  {len(woke)} slept: the host gave them a core back {_ns(sorted(woke)[len(woke) // 2])} after "
-                     f"the write (p50), {_ns(sum(woke))} of the whole kick in all\n")
+        if woke:  # CPUs their doorbell woke: the write -> running again, mostly the host's wake-up
+            t.append(f"  CPUs woken by their doorbell: {len(woke)}, running again {_ns(sorted(woke)[len(woke) // 2])} "
+                     f"after the write (p50), {_ns(sum(woke))} of the whole kick in all\n")
     if kick["message"]:
         t.append(f"  {kick['message']}\n", style="bold magenta")
     return t
@@ -460,8 +460,8 @@ def _kick_latencies(r: dict) -> Table:
             continue
         ratio = r["ratio_one_way_p50"] if key == "one_way_ns" else r["ratio_p50"]
         tab.add_row(label, *(_ns(s[k]) for k in keys), f"{ratio:.1f}x" if ratio else "-")
-    if r.get("host_wake_ns", {}).get("count"):  # kicks of a CPU that slept: the round trip in two parts
-        for label, key in (("host part**", "host_wake_ns"), ("smpd part**", "after_wake_ns")):
+    if r.get("host_wake_ns", {}).get("count"):  # kicks of a CPU its doorbell woke: each part's own percentiles
+        for label, key in (("to running**", "host_wake_ns"), ("then to ack**", "after_wake_ns")):
             tab.add_row(label, *(_ns(r[key][k]) for k in keys), "-")
     return tab
 
@@ -491,10 +491,10 @@ def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
     tail = Text()
     tail.append(_one_way_note(r), style="dim")
     if slept.get("count"):
-        tail.append(f"** the {slept['count']} of {r['rtt_ns'].get('count', 0)} kicks whose CPU slept: the write -> "
-                    "its process running again (the doorbell's signal, the wake-up, the host's scheduler: "
-                    "not smpd's code), then -> the ack seen (the CPU's way to its answer, the kicker's look)\n",
-                    style="dim")
+        tail.append(f"** the {slept['count']} of {r['rtt_ns'].get('count', 0)} kicks whose CPU its doorbell woke: "
+                    "the write -> its process running again (mostly the host's: the doorbell's signal, the wake-up, "
+                    "its scheduler; also the bus's rule and the kicker's udelay on the core it may need), then -> the "
+                    "ack seen (the CPU's way to its answer, the core handed back, the kicker's look)\n", style="dim")
     if kr.get("count"):
         tail.append(f"kernel's view, rounds of {r['delay_ns'] / 1e3:g} us: p50 {kr['p50']}, p99 {kr['p99']}, "
                     f"max {kr['max']}\n")

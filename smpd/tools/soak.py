@@ -34,7 +34,7 @@ FILE_KIND = "smpd-soak"
 # Version 2: trials of the kernel-generation model (layout 6: each generation its own memory map;
 # the shutdown order of upstream). A version-1 trial would replay differently: it is refused.
 FILE_VERSION = 2
-COMPATIBLE_LAYOUTS = {6, 7, 8, 9}  # segment layouts whose trials replay alike (7 changed identities, 8 wake words, 9 a kicker's hint only)
+COMPATIBLE_LAYOUTS = {6, 7, 8, 9, 10}  # segment layouts whose trials replay alike (7 changed identities, 8 wake words, 9 a kicker's hint only, 10 a timing stamp only)
 
 
 @dataclass

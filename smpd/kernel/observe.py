@@ -28,10 +28,10 @@ class Observer:
         self.new: MemoryMap | None = None
 
     def alive(self, cpu: int) -> bool:
-        return self.c.cpu_alive(cpu) and self.seg.cb(cpu, "state") != L.ExecState.GONE
+        return bool(self.alive_of((cpu,)))
 
     def alive_of(self, cpus: Iterable[int]) -> set[int]:
-        """Those of ``cpus`` that ``alive`` would say live, asked together (Port.cpus_alive)."""
+        """Those of ``cpus`` whose process lives (Port.cpus_alive, asked together) and that are not GONE."""
         return {c for c in self.c.cpus_alive(cpus) if self.seg.cb(c, "state") != L.ExecState.GONE}
 
     def irq_seen(self, cpu: int) -> int:

@@ -187,6 +187,9 @@ def test_a_cpu_that_already_answered_takes_no_round(seg):
     seg.u32[(seg.geo.mem_off + MD_OFF) // 4 + 1] = L.CPUDEAD_MWAIT_KEXEC_HLT
     acked, rounds, _, t_ack = _kick(seg, 1000)
     assert (acked, rounds, t_ack) == (True, 0, 0)
+    # and no round trip is made up for it: there was no write to answer
+    e = kick.kick_one(seg, Bus(seg), CPU, L.PHYS_BASE + MD_OFF, 5000, 1000)
+    assert e["acknowledged"] and e["rounds"] == 0 and not {"rtt_ns", "one_way_ns", "wake_ns"} & set(e), e
 
 
 def test_a_cpu_that_answers_is_acknowledged_with_its_time(seg):

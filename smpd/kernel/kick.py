@@ -36,7 +36,7 @@ def kick_one(seg, bus, cpu: int, md: int, delay_ns: int, rounds: int) -> dict:
 
 def _entry(seg, cpu: int, acked: bool, rounds: int, t_first: int, t_ack: int | None, seen_before: int) -> dict:
     entry = {"acknowledged": acked, "rounds": rounds, "first_write_ns": t_first}
-    if acked:
+    if acked and rounds:  # (answered before any write: no round trip to time)
         t_ack = t_ack or time.monotonic_ns()
         entry["rtt_ns"] = t_ack - t_first
         seen = seg.cb(cpu, "kick_seen_ns")

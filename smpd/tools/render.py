@@ -211,8 +211,8 @@ def kick_summary(kick: dict | None) -> Text:
     t.append(f"smp_kick_mwait_play_dead(): {len(per)} CPUs kicked, {len(acked)} acknowledged, "
              f"{len(kick['stuck'])} stuck, {_ns(kick['total_ns'])} in all (budget per CPU: "
              f"{kick['rounds']} rounds of udelay({_ns(kick['delay_ns'])}), {_ns(kick['budget_ns'])})\n")
-    if acked:
-        rtt = sorted(c["rtt_ns"] for c in acked)
+    rtt = sorted(c["rtt_ns"] for c in acked if "rtt_ns" in c)  # (none for a CPU that answered before any write)
+    if rtt:
         one = sorted(c["one_way_ns"] for c in acked if "one_way_ns" in c)
         rounds = sorted(c["rounds"] for c in acked)
         woke = [c["wake_ns"] for c in acked if "wake_ns" in c]

@@ -3,7 +3,7 @@ directory's entries are what a CPU's MONITOR stores)."""
 
 import pytest
 
-from conftest import scratch_segment
+from conftest import HOT_PATHS, scratch_segment
 from smpd.machine import layout as L
 from smpd.machine.bus import Bus
 
@@ -11,6 +11,14 @@ from smpd.machine.bus import Bus
 @pytest.fixture
 def seg():
     with scratch_segment("bus") as s:
+        yield s
+
+
+@pytest.fixture(params=HOT_PATHS)
+def either(request):
+    """A segment of either hot path: the bus's page writes are its Kicker's loop on a compiled one."""
+    with scratch_segment("bus") as s:
+        s.set_hdr("hot_path", L.HotPath.C if request.param == "c" else L.HotPath.PYTHON)
         yield s
 
 
@@ -34,14 +42,16 @@ def test_the_monitored_pages_are_those_with_a_monitor_on_any_line(seg):
         p for p in range(npages) if any(d[base + p * L.LINES_PER_PAGE + i] for i in range(L.LINES_PER_PAGE))}
 
 
-def test_pages_are_written_as_write_writes_each_one_after_the_other(seg):
+def test_pages_are_written_as_write_writes_each_one_after_the_other(either):
     """write_pages(pages) is write(addr, data) of each page in turn: the same bytes land and the same
     monitors are woken, each named with the line its page's write hit and that write's time; a
     monitor armed between two pages' writes is woken by the later page only if it is on it."""
+    seg = either
     bus = Bus(seg)
     pages = [(L.PHYS_BASE + p * L.PAGE, bytes([p]) * L.PAGE) for p in (2, 3, 4)]
     _arm(seg, 3, 2, 1)  # a line of the second page
     _arm(seg, 5, 0, 2)  # a page not written: not woken
+    _arm(seg, 4, 9, seg.geo.ncpus)  # an owner beyond the machine's CPUs (a forged entry) names nobody
 
     def arming():  # CPU 3 arms on page 2 once page 2 is written: that write came before its MONITOR
         for k, page in enumerate(pages):

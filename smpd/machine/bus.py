@@ -90,7 +90,10 @@ class Bus:
         yields them; returns how many monitors they woke, and appends to ``woken``, when given,
         (the line's address, the CPU, the page's time: after its store, before its wake-ups) for
         each. The same writes for ~2 us a page where write() takes ~3 here: its look at the
-        page's 64 directory entries is one comparison of their bytes."""
+        page's 64 directory entries is one comparison of their bytes. On a machine of the compiled
+        hot path the loop is its Kicker's (~2 us a page less)."""
+        if hotpath.compiled(self.seg):
+            return self.kicker.write_pages(pages, L.PHYS_BASE, woken)
         d, buf, per = self.u16, self.buf, L.LINES_PER_PAGE
         n = 0
         for addr, data in pages:

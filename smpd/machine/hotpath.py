@@ -129,3 +129,4 @@ def kicker(seg, doorbell: int, bus):
 WOKE, TIMEOUT, SIGNAL = pyhotpath.WOKE, pyhotpath.TIMEOUT, pyhotpath.SIGNAL  # Waiter.wait's codes
 if _hotpath is not None:
     assert (_hotpath.WOKE, _hotpath.TIMEOUT, _hotpath.SIGNAL) == (WOKE, TIMEOUT, SIGNAL)
+    assert _hotpath.PAGE_BYTES == L.PAGE  # Kicker.write_pages stores whole pages of this size

@@ -76,3 +76,72 @@ def test_pages_are_written_as_write_writes_each_one_after_the_other(either):
         bus.write_pages([(L.PHYS_BASE + 64, bytes(L.PAGE))])
     with pytest.raises(ValueError, match="outside emulated memory"):
         bus.write_pages([(L.PHYS_BASE + bus.mem_len, bytes(L.PAGE))])
+
+
+def test_page_writes_fail_alike_on_either_hot_path(either):
+    """The compiled page writes raise what the Python loop raises, word for word, and an item that
+    is no (addr, data) pair is an error, not a crash."""
+    seg = either
+    bus = Bus(seg)
+    bad = [([(L.PHYS_BASE + bus.mem_len, bytes(L.PAGE))], ValueError,
+            f"bus write of {L.PAGE} bytes at {L.PHYS_BASE + bus.mem_len:#x} is outside emulated memory "
+            f"{L.PHYS_BASE:#x}..{L.PHYS_BASE + bus.mem_len:#x}"),
+           ([(L.PHYS_BASE, bytes(100))], ValueError, f"write_pages writes whole pages: 100 bytes at {L.PHYS_BASE:#x}"),
+           ([(L.PHYS_BASE + 64, bytes(L.PAGE))], ValueError,
+            f"write_pages writes whole pages: {L.PAGE} bytes at {L.PHYS_BASE + 64:#x}")]
+    for pages, kind, message in bad:
+        with pytest.raises(kind) as err:
+            bus.write_pages(pages)
+        assert str(err.value) == message
+    for item in [(L.PHYS_BASE,), (L.PHYS_BASE, bytes(L.PAGE), 0), 7]:
+        with pytest.raises((ValueError, TypeError)):
+            bus.write_pages([item])
+
+
+def test_a_page_copied_from_the_segment_itself_lands_whole(either):
+    """A page's data may be a view of the segment, overlapping where it goes: it lands as a copy
+    made before the store would (memmove, as a memoryview's assignment), not smeared."""
+    seg = either
+    bus = Bus(seg)
+    base = seg.geo.mem_off
+    seg.buf[base:base + 3 * L.PAGE] = bytes(range(256)) * (3 * L.PAGE // 256)
+    for delta in (-64, -1, 8, 2048):
+        want = seg.buf[base + L.PAGE + delta:base + 2 * L.PAGE + delta].tobytes()
+        bus.write_pages([(L.PHYS_BASE + L.PAGE, seg.buf[base + L.PAGE + delta:base + 2 * L.PAGE + delta])])
+        assert seg.buf[base + L.PAGE:base + 2 * L.PAGE].tobytes() == want, delta
+
+
+def test_python_run_inside_a_page_write_may_write_pages_too(either):
+    """Python runs in the middle of a compiled page write (a woken entry's allocation may collect
+    garbage, and a collection's callbacks are Python): a page write made there must not pull the
+    segment from under the outer one (it once crashed the interpreter)."""
+    import gc
+
+    seg = either
+    bus = Bus(seg)
+    for line in range(L.LINES_PER_PAGE):
+        _arm(seg, 1, line, 1)
+    inner = {"busy": False, "writes": 0}
+
+    def collecting(phase, _info):
+        if phase == "start" and not inner["busy"]:
+            inner["busy"] = True
+            try:
+                bus.write_pages([(L.PHYS_BASE, bytes(L.PAGE))])
+                inner["writes"] += 1
+            finally:
+                inner["busy"] = False
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(collecting)
+    gc.set_threshold(1)
+    try:
+        for _ in range(50):
+            woken: list = []
+            assert bus.write_pages([(L.PHYS_BASE + L.PAGE, b"\x07" * L.PAGE)], woken) == L.LINES_PER_PAGE
+            assert len(woken) == L.LINES_PER_PAGE
+    finally:
+        gc.callbacks.remove(collecting)
+        gc.set_threshold(*threshold)
+    assert inner["writes"] > 0  # the collections did run, and wrote, inside the outer writes
+    assert seg.buf[seg.geo.mem_off + L.PAGE] == 7

@@ -1269,9 +1269,9 @@ static int Kicker_init(Kicker *self, PyObject *args, PyObject *kw)
 					 &self->cb_sleeping, &self->cb_pid, &self->cb_watch, &self->ncpus, &self->doorbell,
 					 &self->line, &self->dir_entry, &self->yield))
 		return -1;
-	if (self->line < 8 || (self->line & (self->line - 1))) {
-		PyErr_Format(PyExc_ValueError, "line is %zd bytes; a power of two of at least 8 is needed",
-			     self->line);
+	if (self->line < 8 || self->line > PAGE_BYTES || (self->line & (self->line - 1))) {
+		PyErr_Format(PyExc_ValueError, "line is %zd bytes; a power of two of 8 to %d is needed",
+			     self->line, PAGE_BYTES);
 		return -1;
 	}
 	if (self->mem_len % self->line) {  /* every line of memory has its directory entry */
@@ -1329,11 +1329,6 @@ static char *monitor_owner(Kicker *k, char *base, Py_ssize_t off)
 	return base + k->cb_off + (owner - 1) * k->cb_size;
 }
 
-/*
- * The bus's rule after a u32 store at ``off`` (smpd.bus.Bus.write): fence, look up the
- * line's monitor in the directory; wake its owner by raising the WRITE byte
- * (`mon_write`), fence, and ring the doorbell if it sleeps. Returns 1 when the owner was asleep.
- */
 /* Wake the monitor's owner, control block ``cb``: raise its WRITE byte (`mon_write`), fence, and
  * ring its doorbell if it sleeps (smpd.machine.bus.Bus.wake). Returns 1 when it slept. */
 static int ring(Kicker *k, char *cb)
@@ -1350,6 +1345,11 @@ static int ring(Kicker *k, char *cb)
 	return 0;
 }
 
+/*
+ * The bus's rule after a u32 store at ``off`` (smpd.bus.Bus.write): fence, look up the
+ * line's monitor in the directory; wake its owner by raising the WRITE byte
+ * (`mon_write`), fence, and ring the doorbell if it sleeps. Returns 1 when the owner was asleep.
+ */
 static int bus_rule(Kicker *k, char *base, Py_ssize_t off)
 {
 	char *cb;
@@ -1597,70 +1597,102 @@ done:
 /*
  * smpd.machine.bus.Bus.write_pages: whole pages, each (addr, data) of ``pages`` (any iterable,
  * read one page at a time: its images may be made as they are asked for) stored, a fence, then
- * each monitor armed on the page's lines woken (ring), named in ``woken`` (a list, or None) as
- * (the line's address, the CPU, the page's time after its store). ``phys_base``: emulated
- * memory's first address. Returns how many monitors the pages woke. The Python loop cost ~2 us
- * a page beside its image (a 64-CPU soak trial writes ~1000).
+ * each monitor armed on the page's lines woken (ring), named in ``woken`` (None, or anything
+ * with append) as (the line's address, the CPU, the page's time after its store). ``phys_base``:
+ * emulated memory's first address. Returns how many monitors the pages woke. The Python loop
+ * cost ~2 us a page beside its image (a 64-CPU soak trial writes ~1000).
+ *
+ * Python runs between two pages (the iterator) and inside one (an address's __index__, a
+ * tuple's allocation, which may collect garbage): the segment is held, and its address kept,
+ * by this call's own Py_buffer and local pointer, never by the Kicker, which a call made from
+ * that Python may use too.
  */
-static int page_woke(Kicker *k, Py_ssize_t off, long long phys_base, PyObject *woken, long *count)
+static PyObject *bad_page(PyObject *type, const char *fmt, Py_ssize_t n, long long addr, long long lo, long long hi)
 {
-	const uint16_t *dir = (const uint16_t *)(k->base + k->dir_off) + (off >> k->line_shift);
+	char msg[200];
+
+	snprintf(msg, sizeof(msg), fmt, n, addr, lo, hi);  /* PyErr_Format has no %#llx */
+	PyErr_SetString(type, msg);
+	return NULL;
+}
+
+static int page_woke(Kicker *k, char *base, Py_ssize_t off, long long addr, PyObject *woken, long *count)
+{
+	const uint16_t *dir = (const uint16_t *)(base + k->dir_off) + (off >> k->line_shift);
 	Py_ssize_t per = PAGE_BYTES >> k->line_shift;
 	int64_t ns = 0;
 
 	for (Py_ssize_t i = 0; i < per; i++) {
 		uint16_t owner = __atomic_load_n(&dir[i], __ATOMIC_ACQUIRE);
+		PyObject *t, *r;
 
 		/* an owner beyond the machine's CPUs (a same-uid writer could store any u16) names nobody */
 		if (!owner || owner > k->ncpus)
 			continue;
 		if (!ns)
 			ns = now_ns();
-		ring(k, k->base + k->cb_off + (owner - 1) * k->cb_size);
+		ring(k, base + k->cb_off + (owner - 1) * k->cb_size);
 		(*count)++;
-		if (woken != Py_None) {
-			PyObject *t = Py_BuildValue("(LlL)", phys_base + off + i * k->line, (long)owner - 1, (long long)ns);
-
-			if (!t || PyList_Append(woken, t) < 0) {
-				Py_XDECREF(t);
-				return -1;
-			}
-			Py_DECREF(t);
-		}
+		if (woken == Py_None)
+			continue;
+		t = Py_BuildValue("(LlL)", addr + i * k->line, (long)owner - 1, (long long)ns);
+		if (!t)
+			return -1;
+		r = PyList_CheckExact(woken) ? (PyList_Append(woken, t) < 0 ? NULL : Py_NewRef(Py_None))
+					      : PyObject_CallMethod(woken, "append", "O", t);
+		Py_DECREF(t);
+		if (!r)
+			return -1;
+		Py_DECREF(r);
 	}
 	return 0;
 }
 
-static int store_page(Kicker *k, PyObject *item, long long phys_base, Py_ssize_t *off)
+/* One page's (addr, data) stored at ``base``'s emulated memory; its offset there in *off, its
+ * address in *addr. Errors as Bus.write_pages raises them. */
+static int store_page(Kicker *k, char *base, PyObject *item, long long phys_base, Py_ssize_t *off, long long *addr)
 {
-	PyObject *addr_o, *data;
-	long long addr;
+	PyObject *pair = PySequence_Fast(item, "write_pages takes (addr, data) pairs"), *data;
 	Py_buffer page;
+	Py_ssize_t items;
+	int overflow;
 
-	if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
-		PyErr_SetString(PyExc_TypeError, "write_pages takes (addr, data) pairs");
+	if (!pair)
+		return -1;
+	if (PySequence_Fast_GET_SIZE(pair) != 2) {
+		PyErr_Format(PyExc_ValueError, "write_pages takes (addr, data) pairs, not %zd values",
+			     PySequence_Fast_GET_SIZE(pair));
+		Py_DECREF(pair);
 		return -1;
 	}
-	addr_o = PyTuple_GET_ITEM(item, 0);
-	data = PyTuple_GET_ITEM(item, 1);
-	addr = PyLong_AsLongLong(addr_o);
-	if (addr == -1 && PyErr_Occurred())
+	if (!PyLong_Check(PySequence_Fast_GET_ITEM(pair, 0))) {
+		PyErr_SetString(PyExc_TypeError, "write_pages: an address is an int");
+		Py_DECREF(pair);
 		return -1;
-	if (PyObject_GetBuffer(data, &page, PyBUF_SIMPLE) < 0)
+	}
+	*addr = PyLong_AsLongLongAndOverflow(PySequence_Fast_GET_ITEM(pair, 0), &overflow);
+	data = PySequence_Fast_GET_ITEM(pair, 1);
+	items = PyObject_Size(data);
+	if (items < 0 || PyObject_GetBuffer(data, &page, PyBUF_SIMPLE) < 0) {
+		Py_DECREF(pair);
 		return -1;
-	*off = (Py_ssize_t)(addr - phys_base);
-	if (addr < phys_base || page.len == 0 || !fits(*off, page.len, k->mem_len)) {
-		PyErr_Format(PyExc_ValueError, "bus write of %zd bytes at %#llx is outside emulated memory %#llx..%#llx",
-			     page.len, addr, phys_base, phys_base + (long long)k->mem_len);
+	}
+	Py_DECREF(pair);  /* data stays alive: the buffer holds it */
+	/* as Bus._check: inside emulated memory (no arithmetic that can overflow before the test) */
+	if (overflow || *addr < phys_base || page.len == 0 || *addr - phys_base > k->mem_len ||
+	    page.len > k->mem_len - (*addr - phys_base)) {
 		PyBuffer_Release(&page);
+		bad_page(PyExc_ValueError, "bus write of %zd bytes at %#llx is outside emulated memory %#llx..%#llx",
+			 items, overflow ? -1LL : *addr, phys_base, phys_base + (long long)k->mem_len);
 		return -1;
 	}
-	if (page.len != PAGE_BYTES || *off % PAGE_BYTES) {
-		PyErr_Format(PyExc_ValueError, "write_pages writes whole pages: %zd bytes at %#llx", page.len, addr);
+	*off = (Py_ssize_t)(*addr - phys_base);
+	if (page.len != PAGE_BYTES || items != PAGE_BYTES || *off % PAGE_BYTES) {
 		PyBuffer_Release(&page);
+		bad_page(PyExc_ValueError, "write_pages writes whole pages: %zd bytes at %#llx", items, *addr, 0, 0);
 		return -1;
 	}
-	memcpy(k->base + k->mem_off + *off, page.buf, PAGE_BYTES);
+	memmove(base + k->mem_off + *off, page.buf, PAGE_BYTES);  /* data may be a view of the segment */
 	PyBuffer_Release(&page);
 	FENCE();
 	return 0;
@@ -1671,35 +1703,34 @@ static PyObject *Kicker_write_pages(Kicker *k, PyObject *args)
 	PyObject *pages, *woken = Py_None, *it, *item;
 	long long phys_base;
 	long count = 0;
-	Py_buffer view;
 	int failed = 0;
 
 	if (!PyArg_ParseTuple(args, "OL|O", &pages, &phys_base, &woken))
 		return NULL;
-	if (woken != Py_None && !PyList_Check(woken)) {
-		PyErr_SetString(PyExc_TypeError, "woken must be a list or None");
-		return NULL;
-	}
 	if (!k->buf) {
 		PyErr_SetString(PyExc_RuntimeError, "Kicker is not initialised");
+		return NULL;
+	}
+	if (phys_base < 0 || phys_base > LLONG_MAX - (long long)k->mem_len) {
+		PyErr_Format(PyExc_ValueError, "phys_base %lld leaves no room for emulated memory", phys_base);
 		return NULL;
 	}
 	it = PyObject_GetIter(pages);
 	if (!it)
 		return NULL;
 	while (!failed && (item = PyIter_Next(it))) {
+		Py_buffer view;
+		char *base = acquire(k->buf, &view, k->need);  /* for this page only: Python runs between two */
 		Py_ssize_t off;
+		long long addr;
 
-		/* the segment's bytes for this page only: the iterator runs Python between two pages */
-		k->base = acquire(k->buf, &view, k->need);
-		if (!k->base) {
-			Py_DECREF(item);
+		if (base) {
+			failed = store_page(k, base, item, phys_base, &off, &addr) < 0 ||
+				 page_woke(k, base, off, addr, woken, &count) < 0;
+			PyBuffer_Release(&view);
+		} else {
 			failed = 1;
-			break;
 		}
-		failed = store_page(k, item, phys_base, &off) < 0 || page_woke(k, off, phys_base, woken, &count) < 0;
-		k->base = NULL;
-		PyBuffer_Release(&view);
 		Py_DECREF(item);
 	}
 	Py_DECREF(it);

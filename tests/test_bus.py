@@ -93,9 +93,34 @@ def test_page_writes_fail_alike_on_either_hot_path(either):
         with pytest.raises(kind) as err:
             bus.write_pages(pages)
         assert str(err.value) == message
+    for addr in (0, -L.PAGE, 2**64):  # Python's own hex() of any int
+        with pytest.raises(ValueError) as err:
+            bus.write_pages([(addr, bytes(L.PAGE))])
+        assert str(err.value).startswith(f"bus write of {L.PAGE} bytes at {addr:#x} is outside"), err.value
     for item in [(L.PHYS_BASE,), (L.PHYS_BASE, bytes(L.PAGE), 0), 7]:
         with pytest.raises((ValueError, TypeError)):
             bus.write_pages([item])
+
+
+def test_page_writes_take_any_pair_and_any_list_of_the_woken(either):
+    """(addr, data) may be a list that Python run during the write empties (its data's __len__),
+    and the woken may be anything with append: as the Python loop takes them."""
+    import collections
+
+    seg = either
+    bus = Bus(seg)
+    _arm(seg, 1, 0, 1)
+
+    class Emptying(bytearray):
+        def __len__(self):
+            pair[1] = None  # the pair's hold on this data goes: the write's own must keep it
+            return L.PAGE
+
+    pair = [L.PHYS_BASE + L.PAGE, Emptying(b"\x05" * L.PAGE)]
+    woken = collections.deque()
+    assert bus.write_pages([pair], woken) == 1
+    assert [(a, cpu) for a, cpu, _ns in woken] == [(L.PHYS_BASE + L.PAGE, 1)]
+    assert seg.buf[seg.geo.mem_off + L.PAGE] == 5
 
 
 def test_a_page_copied_from_the_segment_itself_lands_whole(either):

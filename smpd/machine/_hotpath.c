@@ -1602,18 +1602,43 @@ done:
  * emulated memory's first address. Returns how many monitors the pages woke. The Python loop
  * cost ~2 us a page beside its image (a 64-CPU soak trial writes ~1000).
  *
- * Python runs between two pages (the iterator) and inside one (an address's __index__, a
- * tuple's allocation, which may collect garbage): the segment is held, and its address kept,
+ * Python runs between two pages (the iterator) and inside one (an address's __index__, its
+ * data's __len__, an entry's allocation, which may collect garbage): the segment is held, and its address kept,
  * by this call's own Py_buffer and local pointer, never by the Kicker, which a call made from
  * that Python may use too.
  */
-static PyObject *bad_page(PyObject *type, const char *fmt, Py_ssize_t n, long long addr, long long lo, long long hi)
+/* format(v, "#x"), a new reference (NULL: an exception is set). */
+static PyObject *hex_of(PyObject *v)
 {
-	char msg[200];
+	PyObject *spec = PyUnicode_FromString("#x"), *out;
 
-	snprintf(msg, sizeof(msg), fmt, n, addr, lo, hi);  /* PyErr_Format has no %#llx */
-	PyErr_SetString(type, msg);
-	return NULL;
+	if (!spec)
+		return NULL;
+	out = PyObject_Format(v, spec);
+	Py_DECREF(spec);
+	return out;
+}
+
+/* ValueError(f"{head}{addr:#x}") or, with ``bounds``, f"{head}{addr:#x}{mid}{lo:#x}..{hi:#x}": the
+ * Python loop's words exactly, through Python's own formatting of the numbers. */
+static void bad_page(const char *head, PyObject *addr, const char *mid, int bounds, long long lo, long long hi)
+{
+	PyObject *a = hex_of(addr), *l = NULL, *h = NULL, *fl = NULL, *fh = NULL, *msg = NULL;
+
+	if (a && bounds && (l = PyLong_FromLongLong(lo)) && (h = PyLong_FromLongLong(hi)) && (fl = hex_of(l)) &&
+	    (fh = hex_of(h)))
+		msg = PyUnicode_FromFormat("%s%U%s%U..%U", head, a, mid, fl, fh);
+	else if (a && !bounds)
+		msg = PyUnicode_FromFormat("%s%U", head, a);
+	if (msg) {
+		PyErr_SetObject(PyExc_ValueError, msg);
+		Py_DECREF(msg);
+	}
+	Py_XDECREF(a);
+	Py_XDECREF(l);
+	Py_XDECREF(h);
+	Py_XDECREF(fl);
+	Py_XDECREF(fh);
 }
 
 static int page_woke(Kicker *k, char *base, Py_ssize_t off, long long addr, PyObject *woken, long *count)
@@ -1639,7 +1664,7 @@ static int page_woke(Kicker *k, char *base, Py_ssize_t off, long long addr, PyOb
 		if (!t)
 			return -1;
 		r = PyList_CheckExact(woken) ? (PyList_Append(woken, t) < 0 ? NULL : Py_NewRef(Py_None))
-					      : PyObject_CallMethod(woken, "append", "O", t);
+					      : PyObject_CallMethod(woken, "append", "(O)", t);
 		Py_DECREF(t);
 		if (!r)
 			return -1;
@@ -1649,13 +1674,14 @@ static int page_woke(Kicker *k, char *base, Py_ssize_t off, long long addr, PyOb
 }
 
 /* One page's (addr, data) stored at ``base``'s emulated memory; its offset there in *off, its
- * address in *addr. Errors as Bus.write_pages raises them. */
+ * address in *addr. Errors as Bus.write_pages raises them (its bounds and length are len(data)'s). */
 static int store_page(Kicker *k, char *base, PyObject *item, long long phys_base, Py_ssize_t *off, long long *addr)
 {
-	PyObject *pair = PySequence_Fast(item, "write_pages takes (addr, data) pairs"), *data;
+	PyObject *pair = PySequence_Fast(item, "write_pages takes (addr, data) pairs"), *index, *data;
 	Py_buffer page;
 	Py_ssize_t items;
-	int overflow;
+	int overflow, got;
+	char head[64];
 
 	if (!pair)
 		return -1;
@@ -1665,35 +1691,39 @@ static int store_page(Kicker *k, char *base, PyObject *item, long long phys_base
 		Py_DECREF(pair);
 		return -1;
 	}
-	if (!PyLong_Check(PySequence_Fast_GET_ITEM(pair, 0))) {
-		PyErr_SetString(PyExc_TypeError, "write_pages: an address is an int");
-		Py_DECREF(pair);
+	/* our own references: the Python below (__index__, __len__) may empty a list pair */
+	index = Py_NewRef(PySequence_Fast_GET_ITEM(pair, 0));
+	data = Py_NewRef(PySequence_Fast_GET_ITEM(pair, 1));
+	Py_DECREF(pair);
+	Py_SETREF(index, PyNumber_Index(index));
+	if (!index) {
+		Py_DECREF(data);
 		return -1;
 	}
-	*addr = PyLong_AsLongLongAndOverflow(PySequence_Fast_GET_ITEM(pair, 0), &overflow);
-	data = PySequence_Fast_GET_ITEM(pair, 1);
+	*addr = PyLong_AsLongLongAndOverflow(index, &overflow);
 	items = PyObject_Size(data);
-	if (items < 0 || PyObject_GetBuffer(data, &page, PyBUF_SIMPLE) < 0) {
-		Py_DECREF(pair);
+	got = items >= 0 && PyObject_GetBuffer(data, &page, PyBUF_SIMPLE) == 0;
+	Py_DECREF(data);  /* the buffer, when got, holds it */
+	if (!got) {
+		Py_DECREF(index);
 		return -1;
 	}
-	Py_DECREF(pair);  /* data stays alive: the buffer holds it */
-	/* as Bus._check: inside emulated memory (no arithmetic that can overflow before the test) */
-	if (overflow || *addr < phys_base || page.len == 0 || *addr - phys_base > k->mem_len ||
-	    page.len > k->mem_len - (*addr - phys_base)) {
-		PyBuffer_Release(&page);
-		bad_page(PyExc_ValueError, "bus write of %zd bytes at %#llx is outside emulated memory %#llx..%#llx",
-			 items, overflow ? -1LL : *addr, phys_base, phys_base + (long long)k->mem_len);
-		return -1;
+	/* as Bus._check, of len(data) bytes: inside emulated memory (no arithmetic that can overflow first) */
+	if (overflow || *addr < phys_base || items == 0 || *addr - phys_base > k->mem_len ||
+	    items > k->mem_len - (*addr - phys_base)) {
+		snprintf(head, sizeof(head), "bus write of %zd bytes at ", items);
+		bad_page(head, index, " is outside emulated memory ", 1, phys_base, phys_base + (long long)k->mem_len);
+	} else if (items != PAGE_BYTES || page.len != PAGE_BYTES || (*addr - phys_base) % PAGE_BYTES) {
+		snprintf(head, sizeof(head), "write_pages writes whole pages: %zd bytes at ", items);
+		bad_page(head, index, NULL, 0, 0, 0);
+	} else {
+		*off = (Py_ssize_t)(*addr - phys_base);
+		memmove(base + k->mem_off + *off, page.buf, PAGE_BYTES);  /* data may be a view of the segment */
 	}
-	*off = (Py_ssize_t)(*addr - phys_base);
-	if (page.len != PAGE_BYTES || items != PAGE_BYTES || *off % PAGE_BYTES) {
-		PyBuffer_Release(&page);
-		bad_page(PyExc_ValueError, "write_pages writes whole pages: %zd bytes at %#llx", items, *addr, 0, 0);
-		return -1;
-	}
-	memmove(base + k->mem_off + *off, page.buf, PAGE_BYTES);  /* data may be a view of the segment */
 	PyBuffer_Release(&page);
+	Py_DECREF(index);
+	if (PyErr_Occurred())
+		return -1;
 	FENCE();
 	return 0;
 }

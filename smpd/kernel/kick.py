@@ -131,8 +131,8 @@ def bench_rounds(seg, bus, m, cpus: list[int], rounds: int, delay_ns: int, budge
                  repark: Callable[[list[int]], list[int]]) -> dict[str, list]:
     """`smpd bench kick`'s work: ``rounds`` rounds of kick_one() on each of ``cpus``, then
     ``repark`` them all (it returns the CPUs that did not re-park: then TimeoutError). Raw
-    samples per CPU: [one way ns, round trip ns (-1: none), kernel rounds, acknowledged, the host's wake-up
-    ns (-1: the CPU did not sleep)]."""
+    samples per CPU: [one way ns, round trip ns (-1: none), kernel rounds, acknowledged, write -> running
+    again ns (wake_ns; -1: no doorbell woke the CPU)]."""
     samples: dict[str, list] = {str(c): [] for c in cpus}
     for _ in range(rounds):
         for cpu in cpus:

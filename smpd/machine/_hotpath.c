@@ -1594,19 +1594,6 @@ done:
 	return out;
 }
 
-/*
- * smpd.machine.bus.Bus.write_pages: whole pages, each (addr, data) of ``pages`` (any iterable,
- * read one page at a time: its images may be made as they are asked for) stored, a fence, then
- * each monitor armed on the page's lines woken (ring), named in ``woken`` (None, or anything
- * with append) as (the line's address, the CPU, the page's time after its store). ``phys_base``:
- * emulated memory's first address. Returns how many monitors the pages woke. The Python loop
- * cost ~2 us a page beside its image (a 64-CPU soak trial writes ~1000).
- *
- * Python runs between two pages (the iterator) and inside one (an address's __index__, its
- * data's __len__, an entry's allocation, which may collect garbage): the segment is held, and its address kept,
- * by this call's own Py_buffer and local pointer, never by the Kicker, which a call made from
- * that Python may use too.
- */
 /* format(v, "#x"), a new reference (NULL: an exception is set). */
 static PyObject *hex_of(PyObject *v)
 {
@@ -1619,16 +1606,16 @@ static PyObject *hex_of(PyObject *v)
 	return out;
 }
 
-/* ValueError(f"{head}{addr:#x}") or, with ``bounds``, f"{head}{addr:#x}{mid}{lo:#x}..{hi:#x}": the
+/* ValueError(f"{head}{addr:#x}") or, with ``mid``, f"{head}{addr:#x}{mid}{lo:#x}..{hi:#x}": the
  * Python loop's words exactly, through Python's own formatting of the numbers. */
-static void bad_page(const char *head, PyObject *addr, const char *mid, int bounds, long long lo, long long hi)
+static void bad_page(const char *head, PyObject *addr, const char *mid, long long lo, long long hi)
 {
 	PyObject *a = hex_of(addr), *l = NULL, *h = NULL, *fl = NULL, *fh = NULL, *msg = NULL;
 
-	if (a && bounds && (l = PyLong_FromLongLong(lo)) && (h = PyLong_FromLongLong(hi)) && (fl = hex_of(l)) &&
+	if (a && mid && (l = PyLong_FromLongLong(lo)) && (h = PyLong_FromLongLong(hi)) && (fl = hex_of(l)) &&
 	    (fh = hex_of(h)))
 		msg = PyUnicode_FromFormat("%s%U%s%U..%U", head, a, mid, fl, fh);
-	else if (a && !bounds)
+	else if (a && !mid)
 		msg = PyUnicode_FromFormat("%s%U", head, a);
 	if (msg) {
 		PyErr_SetObject(PyExc_ValueError, msg);
@@ -1641,26 +1628,25 @@ static void bad_page(const char *head, PyObject *addr, const char *mid, int boun
 	Py_XDECREF(fh);
 }
 
+/* The page at ``off`` (``addr``) just stored: the owner of each monitor armed on its lines woken
+ * (ring), counted, and named in ``woken`` with the page's time. */
 static int page_woke(Kicker *k, char *base, Py_ssize_t off, long long addr, PyObject *woken, long *count)
 {
-	const uint16_t *dir = (const uint16_t *)(base + k->dir_off) + (off >> k->line_shift);
-	Py_ssize_t per = PAGE_BYTES >> k->line_shift;
 	int64_t ns = 0;
 
-	for (Py_ssize_t i = 0; i < per; i++) {
-		uint16_t owner = __atomic_load_n(&dir[i], __ATOMIC_ACQUIRE);
+	for (Py_ssize_t at = 0; at < PAGE_BYTES; at += k->line) {
+		char *cb = monitor_owner(k, base, off + at);
 		PyObject *t, *r;
 
-		/* an owner beyond the machine's CPUs (a same-uid writer could store any u16) names nobody */
-		if (!owner || owner > k->ncpus)
+		if (!cb)
 			continue;
 		if (!ns)
 			ns = now_ns();
-		ring(k, base + k->cb_off + (owner - 1) * k->cb_size);
+		ring(k, cb);
 		(*count)++;
 		if (woken == Py_None)
 			continue;
-		t = Py_BuildValue("(LlL)", addr + i * k->line, (long)owner - 1, (long long)ns);
+		t = Py_BuildValue("(LnL)", addr + at, (cb - base - k->cb_off) / k->cb_size, (long long)ns);
 		if (!t)
 			return -1;
 		r = PyList_CheckExact(woken) ? (PyList_Append(woken, t) < 0 ? NULL : Py_NewRef(Py_None))
@@ -1712,10 +1698,10 @@ static int store_page(Kicker *k, char *base, PyObject *item, long long phys_base
 	if (overflow || *addr < phys_base || items == 0 || *addr - phys_base > k->mem_len ||
 	    items > k->mem_len - (*addr - phys_base)) {
 		snprintf(head, sizeof(head), "bus write of %zd bytes at ", items);
-		bad_page(head, index, " is outside emulated memory ", 1, phys_base, phys_base + (long long)k->mem_len);
+		bad_page(head, index, " is outside emulated memory ", phys_base, phys_base + (long long)k->mem_len);
 	} else if (items != PAGE_BYTES || page.len != PAGE_BYTES || (*addr - phys_base) % PAGE_BYTES) {
 		snprintf(head, sizeof(head), "write_pages writes whole pages: %zd bytes at ", items);
-		bad_page(head, index, NULL, 0, 0, 0);
+		bad_page(head, index, NULL, 0, 0);
 	} else {
 		*off = (Py_ssize_t)(*addr - phys_base);
 		memmove(base + k->mem_off + *off, page.buf, PAGE_BYTES);  /* data may be a view of the segment */
@@ -1728,6 +1714,19 @@ static int store_page(Kicker *k, char *base, PyObject *item, long long phys_base
 	return 0;
 }
 
+/*
+ * smpd.machine.bus.Bus.write_pages: whole pages, each (addr, data) of ``pages`` (any iterable,
+ * read one page at a time: its images may be made as they are asked for) stored, a fence, then
+ * each monitor armed on the page's lines woken (ring), named in ``woken`` (None, or anything
+ * with append) as (the line's address, the CPU, the page's time after its store). ``phys_base``:
+ * emulated memory's first address. Returns how many monitors the pages woke. The Python loop
+ * cost ~2 us a page beside its image (a 64-CPU soak trial writes ~1000).
+ *
+ * Python runs between two pages (the iterator) and inside one (an address's __index__, its
+ * data's __len__, an entry's allocation, which may collect garbage): the segment is held, and its address kept,
+ * by this call's own Py_buffer and local pointer, never by the Kicker, which a call made from
+ * that Python may use too.
+ */
 static PyObject *Kicker_write_pages(Kicker *k, PyObject *args)
 {
 	PyObject *pages, *woken = Py_None, *it, *item;

@@ -9,6 +9,7 @@ the doorbell (a signal to the process) ends runs in a forked child (``_as_a_cpu_
 
 import mmap
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import multiprocess
 import pytest
 
 from conftest import REPO, in_forked_child, scratch_segment, wait_until
-from smpd.host.proc import stat_fields
+from smpd.host.proc import asleep_in_sigwait, stat_fields
 from smpd.kernel import kick
 from smpd.machine import hotpath, layout as L, pyhotpath
 from smpd.machine.bus import DOORBELL_SIGNAL, Bus
@@ -338,6 +339,87 @@ def test_a_kick_that_comes_with_an_ipi_is_not_answered_in_c(seg, attempt):
     assert (code, seen) == (hotpath.WOKE, 0)
     assert _wake_word(seg) & (1 << 8 * L.WAKE_IPI)
     assert seg.cb(CPU, "wake_write") == 0
+
+
+RT_IRQ = signal.SIGRTMIN + 7  # an interrupt signal numbered above the doorbell's, as smpd's are
+
+
+def _kick_a_sleeper(seg, cpu_pid: int, irq_first: bool):
+    """The forked kicker of ``_sleeping_cpu_kicked``: once CPU 1 sleeps in sigtimedwait(), either
+    kick it (kick_one, a budget no loaded host misses) and, once it is in HLT, end that with an IPI;
+    or, ``irq_first``, send it an interrupt signal and then the kick's write (its doorbell), both
+    before it runs again: it shares this host core, in SCHED_IDLE, so neither wake-up preempts this
+    process. It then finds both pending and sigtimedwait() returns the doorbell (the lower number)."""
+    entry = seg.geo.dir_off // L.DIR_ENTRY + MD_OFF // L.LINE
+    bus = Bus(seg)
+    wait_until(lambda: asleep_in_sigwait(cpu_pid), 30)  # past its last look at the bytes
+    if irq_first:
+        os.kill(cpu_pid, RT_IRQ)
+        bus.write(L.PHYS_BASE + MD_OFF, L.CPUDEAD_MWAIT_KEXEC_HLT.to_bytes(4, "little"))
+        return None
+    acked = bus.kicker.kick_one(MD_OFF, L.CPUDEAD_MWAIT_KEXEC_HLT, 5000, 1_000_000)[0]
+    wait_until(lambda: not seg.u16[entry], 30)  # HLT: out of the directory
+    bus.wake(CPU, L.WAKE_IPI)
+    return acked
+
+
+def _sleeping_cpu_kicked(seg, lone: bool, irq_first: bool):
+    """CPU 1 as a compiled CPU process (``lone`` as given), asleep in MWAIT with the kick to answer,
+    kicked by a forked kicker (``_kick_a_sleeper``); its interrupt handler raises the IRQ byte, as
+    smpd.machine.core's does. What the wait returned, what the kicker saw, and the words after."""
+    def steps(seg):
+        w = hotpath.waiter(seg, CPU, {IRQ, RT_IRQ}, DOORBELL_SIGNAL)
+        ack = hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, [])
+        w.lone = lone
+        me = os.getpid()
+        signal.signal(RT_IRQ, lambda *_: seg.buf.__setitem__(seg.cb_byte(CPU, "wake", L.WAKE_IRQ), 1))
+        core = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {core})
+        r, wfd = os.pipe()
+        kicker = os.fork()
+        if kicker == 0:
+            try:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                os.write(wfd, pickle.dumps(_kick_a_sleeper(seg, me, irq_first)))
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # its wake-ups never preempt the kicker
+        code, arg, seen = w.wait(0, 0, ack)
+        with os.fdopen(r, "rb") as f:
+            acked = pickle.loads(f.read())
+        os.waitpid(kicker, 0)
+        return (code, arg, seen), acked
+
+    seg.set_hdr("hot_path", L.HotPath.C)
+    (code, arg, seen), acked = _as_a_cpu_process(seg, steps)
+    status = seg.u32[(seg.geo.mem_off + MD_OFF) // 4 + 1]
+    return code, seen, acked, status
+
+
+@pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
+@pytest.mark.parametrize("lone", [False, True], ids=["threads", "lone"])
+def test_a_sleeping_cpu_answers_its_kick_and_sleeps_on_in_hlt(seg, lone):
+    """Woken by its doorbell, the compiled CPU answers the kick and goes on in HLT, whether it does so
+    still asleep to the interpreter (``lone``: a CPU process, one thread) or back in it: the same
+    answer, the same stores."""
+    code, seen, acked, status = _sleeping_cpu_kicked(seg, lone, irq_first=False)
+    assert acked and status == L.CPUDEAD_MWAIT_KEXEC_HLT
+    assert code == hotpath.WOKE and seen > 0  # HLT, ended by the IPI, after the kick answered at `seen`
+    assert seg.cb(CPU, "state") == L.ExecState.HLT and seg.cb(CPU, "wake_write") == 1
+    assert _wake_word(seg) == 1 << (8 * L.WAKE_IPI)  # the WRITE byte taken, the IPI the caller's
+
+
+@pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
+@pytest.mark.parametrize("lone", [False, True], ids=["threads", "lone"])
+def test_an_interrupt_pending_with_a_sleeping_cpu_s_kick_is_taken_first(seg, lone):
+    """An interrupt whose signal reached the sleeping CPU with its kick is taken first, in MWAIT, on
+    the Python path, even where the doorbell (a lower signal number) ends the sleep before it: the
+    CPU does not answer, and returns with the interrupt's byte raised and the write's left."""
+    code, seen, acked, status = _sleeping_cpu_kicked(seg, lone, irq_first=True)
+    assert acked is None and status == 0
+    assert (code, seen) == (hotpath.WOKE, 0)
+    assert _wake_word(seg) == (1 << (8 * L.WAKE_IRQ)) | (1 << (8 * L.WAKE_WRITE))
 
 
 def test_a_forged_owner_or_pid_in_the_segment_wakes_nobody_and_raises_nothing(seg):

@@ -319,6 +319,7 @@ def cpu_main(me: Cpu, core: int | None) -> None:
     if core is not None:
         os.sched_setaffinity(0, {core})
     me.install_signal_handlers()
+    me.waiter.lone = True  # forked: this thread is the process's only one (smpd.machine.hotpath)
     me.seg.set_cb(me.cpu, "core", -1 if core is None else core)
     me.seg.set_cb(me.cpu, "pid", os.getpid())
     try:

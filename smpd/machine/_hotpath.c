@@ -513,6 +513,8 @@ typedef struct {
 	Ack *ans_ack;  /* the last kick answered (see answered()): its Ack, when, after a sleep? */
 	int64_t ans_seen;
 	int ans_slept;
+	char lone;  /* set by its process (`lone`): no other thread there may take an interrupt signal */
+	int64_t slept_ans;  /* a kick answered while asleep, by sleep_until itself: when (0: none) */
 	Py_ssize_t need;  /* the buffer must be this long: the last byte of its words */
 	sigset_t irq, sleep_set;
 } Waiter;
@@ -924,12 +926,83 @@ static PyObject *woke(Waiter *w, Ack *a, int slept)
 	return answered(w, a, slept, seen);
 }
 
+/*
+ * Asleep (the signals blocked, no GIL): wait until a byte is raised, a message is taken, the
+ * deadline passes (*code TIMEOUT), an interrupt signal comes (*code SIGNAL, *signo) or a system
+ * call fails (*failed). Returns when the doorbell last ended sigwaitinfo() and the process ran
+ * again (0: it did not).
+ */
+static int64_t sigwait_loop(Waiter *w, int64_t deadline, int *code, int *signo, int *failed)
+{
+	int64_t rung = 0;
+
+	while (!must_return(w, 0) && !w->taken) {
+		siginfo_t info;
+		int r;
+
+		if (deadline) {
+			int64_t left = deadline - now_ns();
+			struct timespec ts;
+
+			if (left <= 0) {
+				*code = TIMEOUT;
+				break;
+			}
+			ts.tv_sec = left / 1000000000LL;
+			ts.tv_nsec = left % 1000000000LL;
+			r = sigtimedwait(&w->sleep_set, &info, &ts);
+		} else {
+			r = sigwaitinfo(&w->sleep_set, &info);
+		}
+		if (r < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				continue;  /* the deadline is checked above; EINTR: another handler ran */
+			*failed = errno;
+			break;
+		}
+		if (sigismember(&w->irq, r)) {
+			*code = SIGNAL;
+			*signo = r;
+			break;
+		}
+		rung = now_ns();  /* the doorbell: look at the wake words again */
+	}
+	return rung;
+}
+
+/*
+ * The doorbell ended MWAIT's sleep: answer the kick right here, still asleep to the interpreter
+ * (no GIL, the signals still blocked), and go on to HLT's sleep, as wait_on() would after
+ * answered() with the mask restored and blocked again. Only where no interrupt can be waiting
+ * for the interpreter instead: no other thread that could have taken its signal (``lone``),
+ * none pending for this one (sigpending(): it is taken first, on the Python path). 1: answered
+ * (when: w->slept_ans), the CPU in HLT.
+ */
+static int answer_asleep(Waiter *w, Ack *a)
+{
+	sigset_t pending;
+	int64_t seen;
+
+	if (!w->lone || sigpending(&pending) < 0)
+		return 0;
+	for (int s = 1; s < NSIG; s++)
+		if (sigismember(&w->irq, s) == 1 && sigismember(&pending, s) == 1)
+			return 0;
+	if (!try_ack(w, a, &seen, 0))
+		return 0;
+	w->slept_ans = seen;
+	if (w->init && w->init->taken_ns)  /* as wait_on() after answered() */
+		w->init->taken_state = a->st_hlt;
+	w->parked = NULL;
+	return 1;
+}
+
 /* Sleep until a byte is raised, the deadline passes, or an interrupt signal comes. */
 static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 {
 	sigset_t old;
 	int code = WOKE, signo = 0, failed = 0;
-	int64_t rung = 0;  /* when sigwaitinfo() last returned the doorbell */
+	int64_t rung;
 
 	pthread_sigmask(SIG_BLOCK, &w->irq, &old);
 	/* An interrupt that landed before the block has its Python handler pending:
@@ -943,44 +1016,27 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 	STORE32(w->base + w->sleeping, 1);
 	FENCE();  /* pairs with the bus's fence: we see its byte or it sees `sleeping` */
 	Py_BEGIN_ALLOW_THREADS  /* no Python below until the wake-up: other threads may run */
-	while (!must_return(w, 0) && !w->taken) {
-		siginfo_t info;
-		int r;
-
-		if (deadline) {
-			int64_t left = deadline - now_ns();
-			struct timespec ts;
-
-			if (left <= 0) {
-				code = TIMEOUT;
-				break;
-			}
-			ts.tv_sec = left / 1000000000LL;
-			ts.tv_nsec = left % 1000000000LL;
-			r = sigtimedwait(&w->sleep_set, &info, &ts);
-		} else {
-			r = sigwaitinfo(&w->sleep_set, &info);
-		}
-		if (r < 0) {
-			if (errno == EAGAIN || errno == EINTR)
-				continue;  /* the deadline is checked above; EINTR: another handler ran */
-			failed = errno;
+	for (;;) {
+		rung = sigwait_loop(w, deadline, &code, &signo, &failed);
+		if (!rung || code != WOKE || w->taken)
 			break;
-		}
-		if (sigismember(&w->irq, r)) {
-			code = SIGNAL;
-			signo = r;
-			break;
-		}
-		/* the doorbell: look at the wake words again */
+		/* Woken by the doorbell, this process running again: a kick of a sleeping CPU
+		 * is timed in two parts with it (smpd.kernel.kick). Not for a timeout, an
+		 * interrupt, an INIT taken, or a byte raised before the sleep began. */
 		if (w->woke >= 0)
-			rung = now_ns();
+			STORE64(w->base + w->woke, (uint64_t)rung);
+		if (!a)
+			break;
+		STORE32(w->base + w->sleeping, 0);  /* awake: the kicker's next udelay rings no doorbell */
+		if (!answer_asleep(w, a))
+			break;
+		a = NULL;  /* HLT: no monitor, nothing to acknowledge, no deadline */
+		deadline = 0;
+		if (w->sleep_core >= 0)
+			STORE32(w->base + w->sleep_core, (uint32_t)sched_getcpu());
+		STORE32(w->base + w->sleeping, 1);
+		FENCE();  /* as before the first sleep */
 	}
-	/* Woken by the doorbell, this process running again: a kick of a sleeping CPU is timed
-	 * in two parts with it (smpd.kernel.kick). Not for a timeout, an interrupt, an INIT
-	 * taken, or a byte raised before the sleep began. */
-	if (rung && code == WOKE && !w->taken)
-		STORE64(w->base + w->woke, (uint64_t)rung);
 	Py_END_ALLOW_THREADS
 	STORE32(w->base + w->sleeping, 0);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
@@ -1049,6 +1105,7 @@ static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 	}
 	w->init = n;  /* the call holds it (args) */
 	w->parked = NULL;
+	w->slept_ans = 0;
 	r = wait_on(w, spin_ns, deadline, a);
 	w->init = NULL;
 	w->parked = NULL;
@@ -1179,6 +1236,10 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 	for (;;) {
 		PyObject *r = wait_step(w, spin_ns, deadline, a), *out;
 
+		if (w->slept_ans) {  /* sleep_until answered a kick and slept on in HLT: r ended that */
+			seen = w->slept_ans;
+			w->slept_ans = 0;
+		}
 		if (r == TAKEN) {  /* a new state's wait, as the Python path's next: its spin budget first */
 			a = w->parked;  /* parked: MWAIT, with that generation's Ack */
 			spin_ns = w->init->spin_ns;
@@ -1223,6 +1284,14 @@ static PyMethodDef Waiter_methods[] = {
 	{NULL},
 };
 
+static PyMemberDef Waiter_members[] = {
+	{"lone", T_BOOL, offsetof(Waiter, lone), 0,
+	 "True where this thread is its process's only one (a CPU process: forked), so no other thread can take an\n"
+	 "interrupt signal while it sleeps: a kick that rings its doorbell is then answered without waking the\n"
+	 "interpreter (no Python handler can be waiting to run first). False by default."},
+	{NULL}
+};
+
 static PyTypeObject WaiterType = {
 	PyVarObject_HEAD_INIT(NULL, 0)
 	.tp_name = "smpd._hotpath.Waiter",
@@ -1233,6 +1302,7 @@ static PyTypeObject WaiterType = {
 	.tp_init = (initproc)Waiter_init,
 	.tp_dealloc = (destructor)Waiter_dealloc,
 	.tp_methods = Waiter_methods,
+	.tp_members = Waiter_members,
 };
 
 /* ---- Kicker: the coordinator's side ---------------------------------------- */
@@ -1443,7 +1513,10 @@ static KickResult kick_md(Kicker *k, Py_ssize_t md, uint32_t hlt, long long dela
 	/* Wait up to 5ms */
 	while (i < rounds && !done) {
 		int give_core;
-		int64_t end = 0;
+		/* udelay() counts from the write (t_first is read just before the first): the
+		 * bus's rule, the emulator's way for the write to reach the monitor, is inside
+		 * it, and so is whatever the CPU it wakes does on this host core meanwhile. */
+		int64_t end = (i ? now_ns() : t_first) + delay_ns;
 
 		/* Bring it out of mwait */
 		STORE32(k->base + k->mem_off + md, hlt);
@@ -1458,7 +1531,6 @@ static KickResult kick_md(Kicker *k, Py_ssize_t md, uint32_t hlt, long long dela
 		if (watching && i == 0 && !k->yield) {
 			/* From t_first, just before the store: no clock read (~30 ns with no look)
 			 * before the first EARLY_LOOKS looks, where a quick answer comes. */
-			end = t_first + delay_ns;  /* udelay() counts from the write */
 			do
 				look_at_status(status, hlt, EARLY_LOOKS, &t_ack);
 			while (!t_ack && now_ns() < t_first + (delay_ns < EARLY_NS ? delay_ns : EARLY_NS));
@@ -1472,9 +1544,7 @@ static KickResult kick_md(Kicker *k, Py_ssize_t md, uint32_t hlt, long long dela
 			 * within a few of those (the floor's ping-pong reads no clock
 			 * between its store and its look). */
 			look_at_status(status, hlt, UDELAY_LOOKS, &t_ack);
-			if (!end)
-				end = now_ns() + delay_ns;  /* udelay() counts from here, after the write */
-			else if (now_ns() >= end)
+			if (now_ns() >= end)
 				break;
 			if (give_core)
 				sched_yield();

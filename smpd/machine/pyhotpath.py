@@ -40,6 +40,8 @@ WOKE, TIMEOUT, SIGNAL = 0, 1, 2  # the same codes as smpd.machine._hotpath's
 class Waiter:
     """One CPU's watch loop over its wake words (`wake`, `mon_write`) and its `sleeping` flag in ``seg``."""
 
+    lone = False  # the compiled Waiter's (its process's only thread); this path wakes the interpreter for each
+
     def __init__(self, seg, cpu: int, irq_signals, doorbell: int, spin_yields: bool = False):
         self.u32, self.buf = seg.u32, seg.buf
         self.i = seg.cb_index32(cpu, "wake")
@@ -172,8 +174,10 @@ class Kicker:
         i = 0
         # Wait up to 5ms
         while i < rounds and not done:
+            # udelay() counts from the write: the bus's rule, and what the CPU it wakes does on
+            # this host core meanwhile, are inside it (as in C)
+            end = (time.monotonic_ns() if i else t_first) + delay_ns
             self.bus.write(addr, control)  # Bring it out of mwait
-            end = time.monotonic_ns() + delay_ns
             # A sleeping CPU needs a host core to wake up on, perhaps this one: then the
             # udelay below yields it between looks (on a 2-core host a pure busy-wait
             # here held the woken CPU off until the scheduler's slice ended, ~3-4 ms).

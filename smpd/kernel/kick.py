@@ -69,13 +69,15 @@ def smp_kick_mwait_play_dead(seg, bus, m, cpus: list[int], delay_ns: int, rounds
     waiting = [c for c in cpus if seg.mem_u32(mds[c] + 4) == L.CPUDEAD_MWAIT_WAIT]
     half = waiting[len(waiting) // 2] if waiting else None
     seen_before = {c: seg.cb(c, "kick_seen_ns") for c in cpus}  # a CPU stamps it only when kicked
-    per: dict[int, dict] = {}
+    kicked: list[tuple[int, tuple]] = []  # (cpu, the kicker's (acknowledged, rounds, t_first, t_ack)), in turn
     stuck: list[int] = []
 
-    def on_stuck(cpu: int) -> None:
-        if not stuck:  # pr_err_once(): one line per kexec, however many are stuck
-            log(f"pr_err_once: CPU{cpu} is stuck in mwait_play_dead()")
-        stuck.append(cpu)
+    def on_kicked(cpu: int, r: tuple) -> None:
+        kicked.append((cpu, r))
+        if not r[0]:
+            if not stuck:  # pr_err_once(): one line per kexec, however many are stuck
+                log(f"pr_err_once: CPU{cpu} is stuck in mwait_play_dead()")
+            stuck.append(cpu)
 
     t_start = time.monotonic_ns()
     if not waiting:
@@ -90,32 +92,33 @@ def smp_kick_mwait_play_dead(seg, bus, m, cpus: list[int], delay_ns: int, rounds
             sits = seg.mem_u32(mds[half] + 4) == L.CPUDEAD_MWAIT_WAIT
             during()
             if sits:
-                per[half] = kick_one(seg, bus, half, mds[half], delay_ns, rounds)
-                if not per[half]["acknowledged"]:
-                    on_stuck(half)
+                on_kicked(half, bus.kicker.kick_one(mds[half] - L.PHYS_BASE, L.CPUDEAD_MWAIT_KEXEC_HLT, delay_ns,
+                                                    rounds))
             part = part[1:]
-        _kick_in_turn(seg, bus, part, mds, seen_before, delay_ns, rounds, per, on_stuck)
+        _kick_in_turn(bus, part, mds, delay_ns, rounds, on_kicked)
     message = f"CPU{stuck[0]} is stuck in mwait_play_dead()" if stuck else None
     total = time.monotonic_ns() - t_start
+    # Each kicked CPU's timings, off the kick's clock (the kernel's loop has no pause between two
+    # CPUs): its stamps are read only now. A CPU in HLT stamps no kick_seen_ns again in this kick,
+    # and a woke_ns of a later wake-up falls outside its kick's window: no sample, not a wrong one.
+    per = {cpu: _entry(seg, cpu, acked, i, t_first, t_ack or None, seen_before[cpu])
+           for cpu, (acked, i, t_first, t_ack) in kicked}
     rtts = sorted(e["rtt_ns"] for e in per.values() if "rtt_ns" in e)
     return {"cpus": per, "stuck": stuck, "message": message, "total_ns": total,
             "budget_ns": delay_ns * rounds, "delay_ns": delay_ns, "rounds": rounds,
             "rtt_p50_ns": rtts[len(rtts) // 2] if rtts else None, "rtt_max_ns": rtts[-1] if rtts else None}
 
 
-def _kick_in_turn(seg, bus, part: list[int], mds: dict[int, int], seen_before: dict[int, int], delay_ns: int,
-                  rounds: int, per: dict[int, dict], on_stuck: Callable[[int], None]) -> None:
-    """Kick each CPU of ``part`` that waits in mwait_play_dead() at its turn, its entry into ``per``;
-    ``on_stuck(cpu)`` for one that does not answer, before the CPUs after it are kicked."""
+def _kick_in_turn(bus, part: list[int], mds: dict[int, int], delay_ns: int, rounds: int,
+                  on_kicked: Callable[[int, tuple], None]) -> None:
+    """Kick each CPU of ``part`` that waits in mwait_play_dead() at its turn: ``on_kicked(cpu, the
+    kicker's result)`` for each, one that does not answer before the CPUs after it are kicked."""
     while part:
         done = bus.kicker.kick_each([mds[c] - L.PHYS_BASE for c in part], L.CPUDEAD_MWAIT_KEXEC_HLT,
                                     L.CPUDEAD_MWAIT_WAIT, delay_ns, rounds)
         for cpu, r in zip(part, done):
             if r is not None:
-                acked, i, t_first, t_ack = r
-                per[cpu] = _entry(seg, cpu, acked, i, t_first, t_ack or None, seen_before[cpu])
-                if not acked:
-                    on_stuck(cpu)
+                on_kicked(cpu, r)
         part = part[len(done):]
 
 

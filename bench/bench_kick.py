@@ -36,8 +36,14 @@ its doorbell, SIGURG): the wake-up floor is the same round trip to a process tha
 (hwfloor.c wake, cold: 300 us idle first, the two on different cores). It is a reference,
 not a bound: a wake-up on a core that is not idle yet, or a hand-off on the same core, beats
 it. The kernel kicks one CPU at a time (for each offline CPU: store, then up to 1000 rounds
-of udelay(5) for its status), so a whole kick costs about the sum of its CPUs' round trips:
-the next column is its median over targets x the wake-up floor. A CPU its doorbell wakes stamps
+of udelay(5) for its status), so a whole kick costs about the sum of its CPUs' round trips.
+Its floor (hwfloor.c wakeseq, measured in the idle rows) is the host's own version of that:
+as many C processes as targets asleep in sigwaitinfo(), woken one after the other by SIGURG
+while the waker polls each one's answer and yields its core between looks, all on one host
+core (a hand-off there is the cheapest wake-up; smpd's woken CPU processes mostly get their
+kicker's core too). Not under load: there the pinned C processes share their one core with a
+busy loop, which each yield hands a whole slice (6 ms for 63, once), a cost smpd's unpinned
+processes do not pay. A CPU its doorbell wakes stamps
 when its process runs again (woke_ns, as sigwaitinfo() returns the doorbell): "to running" sums,
 in each whole kick, those CPUs' write -> running again, mostly the host's (signal delivery,
 the wake-up, its scheduler handing a core over; also the bus's rule and the kicker's udelay on
@@ -84,6 +90,7 @@ def _burn() -> None:
 
 
 WHOLE = 20
+SEQUENCE_ROUNDS = 40  # of the whole-kick floor (hwfloor.c wakeseq): ~2.5 ms each on a 2-core host
 
 
 def row(hot: str, watch: str, targets: int, loaded: bool, rounds: int) -> dict:
@@ -114,6 +121,11 @@ def row(hot: str, watch: str, targets: int, loaded: bool, rounds: int) -> dict:
         r["whole_kick_ns"], r["whole_kick_host_wake_ns"] = totals, woke
         totals = sorted(totals)
         r["whole_kick_p50_ns"], r["whole_kick_max_ns"], r["whole_kick_stuck"] = totals[len(totals) // 2], totals[-1], stuck
+        if watch == "adaptive" and targets > 1 and not loaded:
+            from smpd.tools import hwfloor
+
+            floor = hwfloor.measure(SEQUENCE_ROUNDS, sequence=targets)
+            r["sequence_floor_ns"] = floor["rtt_ns"] if floor["available"] else None
         return r
     finally:
         for b in burners:
@@ -148,6 +160,9 @@ def main() -> None:
             rec.add(f"{label}: cache-line floor p50 (hwfloor.c)", "ns", [r["hw_rtt_ns"] or 0])
             if r.get("wake_rtt_ns"):
                 rec.add(f"{label}: wake-up floor p50 (hwfloor.c wake)", "ns", [r["wake_rtt_ns"]])
+            if r.get("sequence_floor_ns"):
+                rec.add(f"{label}: whole-kick floor, {targets} sleepers woken in turn on one core p50 "
+                        "(hwfloor.c wakeseq)", "ns", [r["sequence_floor_ns"]])
             rec.add(f"{label}: whole kick of every target (smpd kick)", "ns", r["whole_kick_ns"])
             if r["host_wake_ns"].get("count"):
                 rec.add(f"{label}: kicks whose CPU its doorbell woke (smpd bench kick)", "kicks",
@@ -162,8 +177,10 @@ def main() -> None:
     print("floor = the C cache-line ping-pong of the same row, before and after its kicks: the lower "
           "(* where the two differ by more than 1.5x: the host placed the cores anew mid-row); >5ms = share of kicks over the kernel's "
           f"budget; whole kick = `smpd kick` of every target, {WHOLE} times: median / worst, CPUs stuck in all")
-    print("wake = the wake-up floor (a cold round trip to a process asleep in sigwaitinfo; a reference, not a "
-          "bound), adaptive rows only; whole/(n x wake) = the whole kick's median over targets x that floor")
+    print("wake = the wake-up floor (a cold round trip to a process asleep in sigwaitinfo, on the other core; a "
+          "reference, not a bound), adaptive rows only")
+    print("seq floor = the whole-kick floor (as many C processes asleep in sigwaitinfo as targets, woken one after the "
+          "other, all on one core: hwfloor.c wakeseq) p50; whole/seq = the whole kick's median over it")
     print("to running = in each whole kick, the sum over the CPUs their doorbell woke of write -> their process "
           "running again (woke_ns; mostly the host's wake-up): its median, and that against the whole kick's median")
     print_rows(rows)
@@ -174,7 +191,7 @@ def print_rows(rows: list) -> None:
     """The table: one line per row of the plan."""
     head = (f"{'hot':<7}{'watch':<9}{'targets':>7}  {'host':<7}{'kicks':>6}  {'rtt p50':>9} {'p99':>9} {'max':>9}"
             f"  {'floor':>6}  {'p50/floor':>9}  {'wake':>8}  {'p50/wake':>8}  {'>5ms':>6}  {'whole kick':>16}"
-            f"  {'whole/(n x wake)':>16}  {'to running':>16}  stuck")
+            f"  {'seq floor':>9}  {'whole/seq':>9}  {'to running':>16}  stuck")
     print(head)
     for hot, watch, targets, loaded, r in rows:
         s = r["rtt_ns"]
@@ -185,13 +202,15 @@ def print_rows(rows: list) -> None:
         wake = r.get("wake_rtt_ns")
         wake_col = f"{wake / 1e3:.1f}us" if wake else "-"
         wake_ratio = f"{r['ratio_wake_p50']:.2f}x" if r.get("ratio_wake_p50") else "-"
-        whole_ratio = f"{r['whole_kick_p50_ns'] / (targets * wake):.2f}x" if wake else "-"
+        seq = r.get("sequence_floor_ns")
+        seq_col = f"{seq / 1e6:.2f}ms" if seq else "-"
+        seq_ratio = f"{r['whole_kick_p50_ns'] / seq:.2f}x" if seq else "-"
         parts = sorted(r["whole_kick_host_wake_ns"])
         host = (f"{parts[len(parts) // 2] / 1e6:.2f}ms ({100 * parts[len(parts) // 2] / r['whole_kick_p50_ns']:.0f}%)"
                 if any(parts) else "-")
         print(f"{hot:<7}{watch:<9}{targets:>7}  {'loaded' if loaded else 'idle':<7}{r['kicks']:>6}  "
               f"{_us(s['p50'])} {_us(s['p99'])} {_us(s['max'])}  {floor:>6}  {ratio:>9}  {wake_col:>8}  "
-              f"{wake_ratio:>8}  {share:>6}  {whole:>16}  {whole_ratio:>16}  {host:>16}  {r['whole_kick_stuck']}")
+              f"{wake_ratio:>8}  {share:>6}  {whole:>16}  {seq_col:>9}  {seq_ratio:>9}  {host:>16}  {r['whole_kick_stuck']}")
 
 
 def _us(ns: float) -> str:

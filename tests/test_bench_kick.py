@@ -188,3 +188,51 @@ def test_a_floor_that_cannot_be_built_is_unavailable_and_costs_nothing(monkeypat
     monkeypatch.setattr(tempfile, "tempdir", "/nonexistent/smpd-hwfloor-test")
     f = hwfloor.measure(1000)
     assert f["available"] is False and "could not build or run hwfloor" in f["why"], f
+
+
+def _compiler():
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler: no floor to measure")
+
+
+def test_the_whole_kick_floor_wakes_each_sleeper_in_turn_and_leaves_none():
+    """hwfloor.c wakeseq: N sleeping processes woken one after the other on one core, each round;
+    every round's time is a whole sequence's, and the sleepers are gone when it is done."""
+    import psutil
+
+    from smpd.tools import hwfloor
+
+    _compiler()
+    f = hwfloor.measure(5, sequence=3)
+    assert f["available"] and f["sequence"] == 3 and len(f["cores"]) == 1, f
+    assert 0 < f["rtt_min_ns"] <= f["rtt_ns"] <= f["rtt_p99_ns"], f
+    assert psutil.Process().children(recursive=True) == []
+
+
+def test_a_floor_killed_mid_run_leaves_no_sleeper(tmp_path):
+    """The measurement runs with the bench (die_with_parent): its own sleeping children die with it,
+    not left asleep in sigwaitinfo() for ever."""
+    import psutil
+
+    from smpd.tools import hwfloor
+
+    _compiler()
+    exe, why = hwfloor.build(str(tmp_path))
+    assert exe, why
+    p = subprocess.Popen([exe, "wakeseq", str(min(os.sched_getaffinity(0))), "4", "1000000"])
+    try:
+        sleepers = wait_until(lambda: len(psutil.Process(p.pid).children()) == 4 and psutil.Process(p.pid).children(),
+                              30, "four sleepers")
+    finally:
+        p.kill()
+        p.wait()
+
+    def gone(s):
+        try:
+            return s.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_until(lambda: all(gone(s) for s in sleepers), 30, "the sleepers gone with their parent")

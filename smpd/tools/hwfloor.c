@@ -16,6 +16,16 @@
  * kick of a sleeping CPU (smpd.machine.bus rings the CPU's doorbell, SIGURG, and the kicker
  * spins on its status): a reference, not a bound (a core not idle yet wakes faster).
  *
+ * hwfloor wakeseq CORE N ITERATIONS — a whole kick's floor: N sleeping processes woken one
+ * after the other, as smp_kick_mwait_play_dead() kicks N parked CPUs. For each k in turn, process A
+ * stores i into sleeper k's `ping`, sends it SIGURG and polls its `pong`, yielding its core between
+ * looks (sched_yield(), as smpd's kicker does for a sleeping CPU), until it says i; sleeper k wakes
+ * in sigwaitinfo(), stores pong and sleeps again. All of them on CORE: each wake-up a hand-off on
+ * one host core, the cheapest kind (a wake-up on another, idle core costs several times more on a
+ * VM, and a woken CPU process of smpd's mostly gets its kicker's core). A waits 2 ms between
+ * rounds, so every sleeper is asleep. Prints the whole round's time: what N wake-ups in a row cost
+ * on this host with nothing else to do.
+ *
  * Each prints p50, p99 and min in ns. smpd builds and runs it on the fly
  * (smpd/tools/hwfloor.py) when a C compiler exists.
  */
@@ -23,6 +33,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <sched.h>
@@ -46,6 +57,14 @@ static void pin(int core)
 	CPU_ZERO(&set);
 	CPU_SET(core, &set);
 	pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+}
+
+/* A forked child of ours never outlives its parent (a killed measurement leaves no sleeper). */
+static void die_with(pid_t parent)
+{
+	prctl(PR_SET_PDEATHSIG, SIGKILL);
+	if (getppid() != parent)
+		_exit(0);
 }
 
 static long now_ns(void)
@@ -112,7 +131,7 @@ static int wake_floor(int a, int b, long *rtt)
 				   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	struct line *sping = &shared[0], *spong = &shared[1];
 	sigset_t urg;
-	pid_t child;
+	pid_t child, parent = getpid();
 	int status;
 
 	if (shared == MAP_FAILED)
@@ -124,6 +143,7 @@ static int wake_floor(int a, int b, long *rtt)
 	if (child < 0)
 		return 2;
 	if (child == 0) {
+		die_with(parent);
 		pin(b);
 		for (long i = 1; i <= iters; i++) {
 			siginfo_t si;
@@ -150,14 +170,92 @@ static int wake_floor(int a, int b, long *rtt)
 	return 0;
 }
 
+struct slot {
+	_Alignas(64) atomic_long ping;
+	_Alignas(64) atomic_long pong;
+};
+
+static void sleeper(struct slot *me, const sigset_t *urg, pid_t parent)
+{
+	die_with(parent);
+	for (long i = 1; i <= iters; i++) {
+		siginfo_t si;
+
+		while (atomic_load_explicit(&me->ping, memory_order_acquire) != i)
+			sigwaitinfo(urg, &si);
+		atomic_store_explicit(&me->pong, i, memory_order_release);
+	}
+	_exit(0);
+}
+
+static int wake_sequence(long n, long *rtt)
+{
+	struct slot *slots = mmap(NULL, n * sizeof(struct slot), PROT_READ | PROT_WRITE,
+				  MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	pid_t *child = calloc(n, sizeof(*child));
+	sigset_t urg;
+	pid_t parent = getpid();
+	int rc = 0;
+
+	if (slots == MAP_FAILED || !child)
+		return 2;
+	sigemptyset(&urg);
+	sigaddset(&urg, SIGURG);
+	sigprocmask(SIG_BLOCK, &urg, NULL);
+	for (long k = 0; k < n; k++) {
+		child[k] = fork();
+		if (child[k] < 0) {
+			rc = 2;
+			n = k;
+			break;
+		}
+		if (child[k] == 0)
+			sleeper(&slots[k], &urg, parent);
+	}
+	for (long i = 1; i <= iters && !rc; i++) {
+		long t0;
+
+		pause_us(2000);	/* every sleeper back in sigwaitinfo() */
+		t0 = now_ns();
+		for (long k = 0; k < n; k++) {
+			atomic_store_explicit(&slots[k].ping, i, memory_order_release);
+			kill(child[k], SIGURG);
+			while (atomic_load_explicit(&slots[k].pong, memory_order_acquire) != i)
+				sched_yield();
+		}
+		rtt[i - 1] = now_ns() - t0;
+	}
+	for (long k = 0; k < n; k++) {
+		if (rc)
+			kill(child[k], SIGKILL);
+		waitpid(child[k], NULL, 0);
+	}
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	int wake = argc == 5 && !strcmp(argv[1], "wake");
+
+	if (argc == 5 && !strcmp(argv[1], "wakeseq")) {
+		long n = atol(argv[3]), *rtt;
+		int rc;
+
+		iters = atol(argv[4]);
+		if (n < 1 || iters < 1 || !(rtt = malloc(iters * sizeof(*rtt))))
+			return 2;
+		pin(atoi(argv[2]));  /* the sleepers inherit it */
+		rc = wake_sequence(n, rtt);
+		if (rc)
+			return rc;
+		report(rtt);
+		return 0;
+	}
 	long *rtt;
 	int a, b, rc;
 
 	if (argc != 4 && !wake) {
-		fprintf(stderr, "usage: %s [wake] CORE_A CORE_B ITERATIONS\n", argv[0]);
+		fprintf(stderr, "usage: %s [wake] CORE_A CORE_B ITERATIONS | %s wakeseq CORE N ITERATIONS\n", argv[0], argv[0]);
 		return 2;
 	}
 	a = atoi(argv[1 + wake]);

@@ -36,8 +36,9 @@ def kick_one(seg, bus, cpu: int, md: int, delay_ns: int, rounds: int) -> dict:
 
 def _entry(seg, cpu: int, acked: bool, rounds: int, t_first: int, t_ack: int | None, seen_before: int) -> dict:
     entry = {"acknowledged": acked, "rounds": rounds, "first_write_ns": t_first}
-    if acked and rounds:  # (answered before any write: no round trip to time)
-        t_ack = t_ack or time.monotonic_ns()
+    if acked and rounds and t_ack:  # (answered before any write: no round trip to time; both
+        # kickers stamp every answer they see after a write, and an entry built after the whole
+        # kick must not stand in a later clock for a missing stamp)
         entry["rtt_ns"] = t_ack - t_first
         seen = seg.cb(cpu, "kick_seen_ns")
         # One way: the write -> the CPU's answer. A compiled CPU that saw the kick on its control
@@ -63,7 +64,8 @@ def smp_kick_mwait_play_dead(seg, bus, m, cpus: list[int], delay_ns: int, rounds
     """Kick every CPU of ``cpus`` (the present-but-offline ones) that waits in mwait_play_dead(),
     through the per-CPU mwait_cpu_dead of the running kernel's map ``m`` (per_cpu_ptr()).
 
-    ``during`` runs once, halfway through the CPUs that get kicked.
+    ``during`` runs once, halfway through the CPUs that get kicked; ``total_ns`` leaves out
+    the time it took (``during_ns``): the kernel's loop goes on while an NMI lands elsewhere.
     """
     mds = {c: m.mwait_cpu_dead_addr(c) for c in cpus}
     waiting = [c for c in cpus if seg.mem_u32(mds[c] + 4) == L.CPUDEAD_MWAIT_WAIT]
@@ -80,8 +82,16 @@ def smp_kick_mwait_play_dead(seg, bus, m, cpus: list[int], delay_ns: int, rounds
             stuck.append(cpu)
 
     t_start = time.monotonic_ns()
-    if not waiting:
+    during_ns = 0  # what `during` took (an injection waits for its interrupt to be taken): not the kick's
+
+    def during_timed() -> None:
+        nonlocal during_ns
+        t = time.monotonic_ns()
         during()
+        during_ns = time.monotonic_ns() - t
+
+    if not waiting:
+        during_timed()
     # The loop over CPUs runs in the machine's hot path (Kicker.kick_each: "Does it sit in
     # mwait_play_dead() ?", then kick_one), in two parts around ``during``.
     # ``during`` runs at the middle CPU's turn whatever it does then; that CPU is kicked if it
@@ -90,21 +100,21 @@ def smp_kick_mwait_play_dead(seg, bus, m, cpus: list[int], delay_ns: int, rounds
     for k, part in enumerate((cpus[:at_half], cpus[at_half:])):
         if k == 1 and part:
             sits = seg.mem_u32(mds[half] + 4) == L.CPUDEAD_MWAIT_WAIT
-            during()
+            during_timed()
             if sits:
                 on_kicked(half, bus.kicker.kick_one(mds[half] - L.PHYS_BASE, L.CPUDEAD_MWAIT_KEXEC_HLT, delay_ns,
                                                     rounds))
             part = part[1:]
         _kick_in_turn(bus, part, mds, delay_ns, rounds, on_kicked)
     message = f"CPU{stuck[0]} is stuck in mwait_play_dead()" if stuck else None
-    total = time.monotonic_ns() - t_start
+    total = time.monotonic_ns() - t_start - during_ns
     # Each kicked CPU's timings, off the kick's clock (the kernel's loop has no pause between two
     # CPUs): its stamps are read only now. A CPU in HLT stamps no kick_seen_ns again in this kick,
     # and a woke_ns of a later wake-up falls outside its kick's window: no sample, not a wrong one.
     per = {cpu: _entry(seg, cpu, acked, i, t_first, t_ack or None, seen_before[cpu])
            for cpu, (acked, i, t_first, t_ack) in kicked}
     rtts = sorted(e["rtt_ns"] for e in per.values() if "rtt_ns" in e)
-    return {"cpus": per, "stuck": stuck, "message": message, "total_ns": total,
+    return {"cpus": per, "stuck": stuck, "message": message, "total_ns": total, "during_ns": during_ns,
             "budget_ns": delay_ns * rounds, "delay_ns": delay_ns, "rounds": rounds,
             "rtt_p50_ns": rtts[len(rtts) // 2] if rtts else None, "rtt_max_ns": rtts[-1] if rtts else None}
 

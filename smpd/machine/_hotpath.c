@@ -1493,7 +1493,7 @@ static KickResult kick_md(Kicker *k, Py_ssize_t md, uint32_t hlt, long long dela
 {
 	long i = 0;
 	int64_t t_first, t_ack = 0;
-	int watching, done;
+	int watching, done, give_core = 0;
 	char *owner;
 	volatile uint32_t *status = (uint32_t *)(k->base + k->mem_off + md + 4);
 	KickResult out;
@@ -1512,7 +1512,6 @@ static KickResult kick_md(Kicker *k, Py_ssize_t md, uint32_t hlt, long long dela
 	t_first = now_ns();
 	/* Wait up to 5ms */
 	while (i < rounds && !done) {
-		int give_core;
 		/* udelay() counts from the write (t_first is read just before the first): the
 		 * bus's rule, the emulator's way for the write to reach the monitor, is inside
 		 * it, and so is whatever the CPU it wakes does on this host core meanwhile. */
@@ -1536,8 +1535,9 @@ static KickResult kick_md(Kicker *k, Py_ssize_t md, uint32_t hlt, long long dela
 			while (!t_ack && now_ns() < t_first + (delay_ns < EARLY_NS ? delay_ns : EARLY_NS));
 		}
 		/* The CPU sleeps, or spinners outnumber cores: either way it needs a host
-		 * core to see the kick on, maybe this one. */
-		give_core = bus_rule(k, k->base, md) || k->yield;
+		 * core to see the kick on, maybe this one; for the rest of its kick too, once
+		 * its doorbell rang (woken, it clears `sleeping` before it answers). */
+		give_core = bus_rule(k, k->base, md) || k->yield || give_core;
 		for (;;) {  /* udelay(), watching status to time the acknowledgement */
 			/* Look at status first, and between clock reads: a clock read
 			 * (~30 ns) is longer than a line move, and a spinning CPU answers

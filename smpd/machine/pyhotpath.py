@@ -172,6 +172,7 @@ class Kicker:
         t_first = time.monotonic_ns()  # after the look-ups above: they are not the kick's latency
         t_ack = 0
         i = 0
+        give_core = False
         # Wait up to 5ms
         while i < rounds and not done:
             # udelay() counts from the write: the bus's rule, and what the CPU it wakes does on
@@ -181,7 +182,8 @@ class Kicker:
             # A sleeping CPU needs a host core to wake up on, perhaps this one: then the
             # udelay below yields it between looks (on a 2-core host a pure busy-wait
             # here held the woken CPU off until the scheduler's slice ended, ~3-4 ms).
-            give_core = self.yields or (sleeping is not None and u32[sleeping])
+            # So for the rest of its kick too, once its doorbell rang.
+            give_core = give_core or self.yields or (sleeping is not None and u32[sleeping])
             while True:  # udelay(delay_us), watching status to time the acknowledgement
                 if not t_ack and u32[status] == kexec_hlt:
                     t_ack = time.monotonic_ns()  # read after the load: never before the ack

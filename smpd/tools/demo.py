@@ -80,5 +80,5 @@ def _kick_latency(kicks: list[dict]) -> str:
 
     return (f"kick latency, {len(rtt)} CPU kicks in the {len(kicks)} kexecs that kicked (write -> acknowledgement seen): "
             f"p50 {pct(0.5):.1f} us, p90 {pct(0.9):.1f} us, p99 {pct(0.99):.1f} us, max {rtt[-1] / 1e3:.1f} us; "
-            f"kernel rounds of 5 us p50 {rounds[len(rounds) // 2]}, max {rounds[-1]}; stuck {stuck}; "
+            f"rounds (control writes) p50 {rounds[len(rounds) // 2]}, max {rounds[-1]}; stuck {stuck}; "
             f"whole kick of all CPUs: max {max(k['total_ns'] for k in kicks) / 1e6:.2f} ms")

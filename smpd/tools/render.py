@@ -218,7 +218,8 @@ def kick_summary(kick: dict | None) -> Text:
         woke = [c["wake_ns"] for c in acked if "wake_ns" in c]
         t.append(f"  round trip (write -> ack seen): p50 {_ns(rtt[len(rtt) // 2])}, max {_ns(rtt[-1])}; "
                  f"one way (write -> CPU answered): p50 {_ns(one[len(one) // 2] if one else None)}; "
-                 f"kernel rounds of 5 us: p50 {rounds[len(rounds) // 2]}, max {rounds[-1]}\n")
+                 f"rounds (control writes, each then udelay({_ns(kick['delay_ns'])})): p50 {rounds[len(rounds) // 2]}, "
+                 f"max {rounds[-1]}\n")
         if woke:  # CPUs their doorbell woke: the write -> running again, mostly the host's wake-up
             t.append(f"  CPUs woken by their doorbell: {len(woke)}, running again {_ns(sorted(woke)[len(woke) // 2])} "
                      f"after the write (p50), {_ns(sum(woke))} of the whole kick in all\n")
@@ -496,8 +497,9 @@ def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
                     "its scheduler; also the bus's rule and the kicker's udelay on the core it may need), then -> the "
                     "ack seen (the CPU's way to its answer, the core handed back, the kicker's look)\n", style="dim")
     if kr.get("count"):
-        tail.append(f"kernel's view, rounds of {r['delay_ns'] / 1e3:g} us: p50 {kr['p50']}, p99 {kr['p99']}, "
-                    f"max {kr['max']}\n")
+        tail.append(f"kernel's view, rounds (control writes, each then udelay({r['delay_ns'] / 1e3:g} us); a round "
+                    "lasts longer where the kicker yields its host core to the CPU it woke): "
+                    f"p50 {kr['p50']}, p99 {kr['p99']}, max {kr['max']}\n")
     tail.append(f"over the kernel's {_ns(r['budget_ns'])} budget (or never acknowledged): "
                 f"{b['count']} of {r['kicks']} kicks ({100 * b['share']:.3f}%)\n",
                 style="bold red" if b["count"] else "")

@@ -40,10 +40,13 @@ of udelay(5) for its status), so a whole kick costs about the sum of its CPUs' r
 Its floor (hwfloor.c wakeseq, measured in the idle rows) is the host's own version of that:
 as many C processes as targets asleep in sigwaitinfo(), woken one after the other by SIGURG
 while the waker polls each one's answer and yields its core between looks, all on one host
-core (a hand-off there is the cheapest wake-up; smpd's woken CPU processes mostly get their
-kicker's core too). Not under load: there the pinned C processes share their one core with a
-busy loop, which each yield hands a whole slice (6 ms for 63, once), a cost smpd's unpinned
-processes do not pay. A CPU its doorbell wakes stamps
+core (a hand-off there is the cheapest wake-up; unpinned, the host spreads them, and one
+woken on the other, idle vCPU costs several times more; after a whole kick, 55-63 of smpd's
+63 CPU processes had last run on the kicker's core, by /proc/PID/stat). Its sleepers sleep
+2 ms before each round, about what a kick right after `smpd reset` finds (the whole kicks
+here), and 200 ms in a second measure (colder: about twice the time here). Not under load:
+there the pinned C processes share their one core with a busy loop, which each yield hands a
+whole slice (6 ms for 63, once), a cost smpd's unpinned processes do not pay. A CPU its doorbell wakes stamps
 when its process runs again (woke_ns, as sigwaitinfo() returns the doorbell): "to running" sums,
 in each whole kick, those CPUs' write -> running again, mostly the host's (signal delivery,
 the wake-up, its scheduler handing a core over; also the bus's rule and the kicker's udelay on
@@ -90,7 +93,8 @@ def _burn() -> None:
 
 
 WHOLE = 20
-SEQUENCE_ROUNDS = 40  # of the whole-kick floor (hwfloor.c wakeseq): ~2.5 ms each on a 2-core host
+SEQUENCE_ROUNDS = 40  # of the whole-kick floor (hwfloor.c wakeseq), its sleepers asleep 2 ms before each
+COLD_SEQUENCE_ROUNDS = 10  # and asleep 200 ms before each
 
 
 def row(hot: str, watch: str, targets: int, loaded: bool, rounds: int) -> dict:
@@ -124,8 +128,10 @@ def row(hot: str, watch: str, targets: int, loaded: bool, rounds: int) -> dict:
         if watch == "adaptive" and targets > 1 and not loaded:
             from smpd.tools import hwfloor
 
-            floor = hwfloor.measure(SEQUENCE_ROUNDS, sequence=targets)
-            r["sequence_floor_ns"] = floor["rtt_ns"] if floor["available"] else None
+            for key, rounds_, pause in (("sequence_floor_ns", SEQUENCE_ROUNDS, 2000),
+                                        ("sequence_floor_cold_ns", COLD_SEQUENCE_ROUNDS, 200_000)):
+                floor = hwfloor.measure(rounds_, sequence=targets, pause_us=pause)
+                r[key] = floor["rtt_ns"] if floor["available"] else None
         return r
     finally:
         for b in burners:
@@ -160,9 +166,10 @@ def main() -> None:
             rec.add(f"{label}: cache-line floor p50 (hwfloor.c)", "ns", [r["hw_rtt_ns"] or 0])
             if r.get("wake_rtt_ns"):
                 rec.add(f"{label}: wake-up floor p50 (hwfloor.c wake)", "ns", [r["wake_rtt_ns"]])
-            if r.get("sequence_floor_ns"):
-                rec.add(f"{label}: whole-kick floor, {targets} sleepers woken in turn on one core p50 "
-                        "(hwfloor.c wakeseq)", "ns", [r["sequence_floor_ns"]])
+            for key, asleep in (("sequence_floor_ns", "2 ms"), ("sequence_floor_cold_ns", "200 ms")):
+                if r.get(key):
+                    rec.add(f"{label}: whole-kick floor, {targets} sleepers (asleep {asleep}) woken in turn on one "
+                            "core p50 (hwfloor.c wakeseq)", "ns", [r[key]])
             rec.add(f"{label}: whole kick of every target (smpd kick)", "ns", r["whole_kick_ns"])
             if r["host_wake_ns"].get("count"):
                 rec.add(f"{label}: kicks whose CPU its doorbell woke (smpd bench kick)", "kicks",
@@ -180,7 +187,8 @@ def main() -> None:
     print("wake = the wake-up floor (a cold round trip to a process asleep in sigwaitinfo, on the other core; a "
           "reference, not a bound), adaptive rows only")
     print("seq floor = the whole-kick floor (as many C processes asleep in sigwaitinfo as targets, woken one after the "
-          "other, all on one core: hwfloor.c wakeseq) p50; whole/seq = the whole kick's median over it")
+          "other, all on one core: hwfloor.c wakeseq) p50, its sleepers asleep 2 ms / 200 ms before each round; "
+          "whole/seq = the whole kick's median over each")
     print("to running = in each whole kick, the sum over the CPUs their doorbell woke of write -> their process "
           "running again (woke_ns; mostly the host's wake-up): its median, and that against the whole kick's median")
     print_rows(rows)
@@ -191,7 +199,7 @@ def print_rows(rows: list) -> None:
     """The table: one line per row of the plan."""
     head = (f"{'hot':<7}{'watch':<9}{'targets':>7}  {'host':<7}{'kicks':>6}  {'rtt p50':>9} {'p99':>9} {'max':>9}"
             f"  {'floor':>6}  {'p50/floor':>9}  {'wake':>8}  {'p50/wake':>8}  {'>5ms':>6}  {'whole kick':>16}"
-            f"  {'seq floor':>9}  {'whole/seq':>9}  {'to running':>16}  stuck")
+            f"  {'seq floor':>13}  {'whole/seq':>11}  {'to running':>16}  stuck")
     print(head)
     for hot, watch, targets, loaded, r in rows:
         s = r["rtt_ns"]
@@ -202,15 +210,15 @@ def print_rows(rows: list) -> None:
         wake = r.get("wake_rtt_ns")
         wake_col = f"{wake / 1e3:.1f}us" if wake else "-"
         wake_ratio = f"{r['ratio_wake_p50']:.2f}x" if r.get("ratio_wake_p50") else "-"
-        seq = r.get("sequence_floor_ns")
-        seq_col = f"{seq / 1e6:.2f}ms" if seq else "-"
-        seq_ratio = f"{r['whole_kick_p50_ns'] / seq:.2f}x" if seq else "-"
+        seqs = [r.get("sequence_floor_ns"), r.get("sequence_floor_cold_ns")]
+        seq_col = " / ".join(f"{f / 1e6:.2f}" for f in seqs if f) + "ms" if any(seqs) else "-"
+        seq_ratio = " / ".join(f"{r['whole_kick_p50_ns'] / f:.1f}x" for f in seqs if f) if any(seqs) else "-"
         parts = sorted(r["whole_kick_host_wake_ns"])
         host = (f"{parts[len(parts) // 2] / 1e6:.2f}ms ({100 * parts[len(parts) // 2] / r['whole_kick_p50_ns']:.0f}%)"
                 if any(parts) else "-")
         print(f"{hot:<7}{watch:<9}{targets:>7}  {'loaded' if loaded else 'idle':<7}{r['kicks']:>6}  "
               f"{_us(s['p50'])} {_us(s['p99'])} {_us(s['max'])}  {floor:>6}  {ratio:>9}  {wake_col:>8}  "
-              f"{wake_ratio:>8}  {share:>6}  {whole:>16}  {seq_col:>9}  {seq_ratio:>9}  {host:>16}  {r['whole_kick_stuck']}")
+              f"{wake_ratio:>8}  {share:>6}  {whole:>16}  {seq_col:>13}  {seq_ratio:>11}  {host:>16}  {r['whole_kick_stuck']}")
 
 
 def _us(ns: float) -> str:

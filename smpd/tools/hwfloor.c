@@ -16,15 +16,15 @@
  * kick of a sleeping CPU (smpd.machine.bus rings the CPU's doorbell, SIGURG, and the kicker
  * spins on its status): a reference, not a bound (a core not idle yet wakes faster).
  *
- * hwfloor wakeseq CORE N ITERATIONS — a whole kick's floor: N sleeping processes woken one
- * after the other, as smp_kick_mwait_play_dead() kicks N parked CPUs. For each k in turn, process A
- * stores i into sleeper k's `ping`, sends it SIGURG and polls its `pong`, yielding its core between
- * looks (sched_yield(), as smpd's kicker does for a sleeping CPU), until it says i; sleeper k wakes
- * in sigwaitinfo(), stores pong and sleeps again. All of them on CORE: each wake-up a hand-off on
- * one host core, the cheapest kind (a wake-up on another, idle core costs several times more on a
- * VM, and a woken CPU process of smpd's mostly gets its kicker's core). A waits 2 ms between
- * rounds, so every sleeper is asleep. Prints the whole round's time: what N wake-ups in a row cost
- * on this host with nothing else to do.
+ * hwfloor wakeseq CORE N ITERATIONS [PAUSE_US] — a whole kick's floor: N sleeping processes
+ * woken one after the other, as smp_kick_mwait_play_dead() kicks N parked CPUs. For each k in
+ * turn, process A stores i into sleeper k's `ping`, sends it SIGURG and polls its `pong`,
+ * yielding its core between looks (sched_yield(), as smpd's kicker does for a sleeping CPU),
+ * until it says i; sleeper k wakes in sigwaitinfo(), stores pong and sleeps again. All of them on
+ * CORE: each wake-up a hand-off on one host core (on a VM one on the other, idle vCPU costs
+ * several times more; unpinned, the host's scheduler spreads them). A waits PAUSE_US (default
+ * 2000) between rounds, the sleepers asleep all that time: 2 ms is about a kick right after a
+ * reset, longer pauses cost more here (colder caches). Prints the whole round's time.
  *
  * Each prints p50, p99 and min in ns. smpd builds and runs it on the fly
  * (smpd/tools/hwfloor.py) when a C compiler exists.
@@ -188,7 +188,7 @@ static void sleeper(struct slot *me, const sigset_t *urg, pid_t parent)
 	_exit(0);
 }
 
-static int wake_sequence(long n, long *rtt)
+static int wake_sequence(long n, long pause, long *rtt)
 {
 	struct slot *slots = mmap(NULL, n * sizeof(struct slot), PROT_READ | PROT_WRITE,
 				  MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -215,7 +215,7 @@ static int wake_sequence(long n, long *rtt)
 	for (long i = 1; i <= iters && !rc; i++) {
 		long t0;
 
-		pause_us(2000);	/* every sleeper back in sigwaitinfo() */
+		pause_us(pause);	/* every sleeper back in sigwaitinfo(), and asleep for a while */
 		t0 = now_ns();
 		for (long k = 0; k < n; k++) {
 			atomic_store_explicit(&slots[k].ping, i, memory_order_release);
@@ -237,15 +237,15 @@ int main(int argc, char **argv)
 {
 	int wake = argc == 5 && !strcmp(argv[1], "wake");
 
-	if (argc == 5 && !strcmp(argv[1], "wakeseq")) {
-		long n = atol(argv[3]), *rtt;
+	if ((argc == 5 || argc == 6) && !strcmp(argv[1], "wakeseq")) {
+		long n = atol(argv[3]), pause = argc == 6 ? atol(argv[5]) : 2000, *rtt;
 		int rc;
 
 		iters = atol(argv[4]);
-		if (n < 1 || iters < 1 || !(rtt = malloc(iters * sizeof(*rtt))))
+		if (n < 1 || iters < 1 || pause < 0 || !(rtt = malloc(iters * sizeof(*rtt))))
 			return 2;
 		pin(atoi(argv[2]));  /* the sleepers inherit it */
-		rc = wake_sequence(n, rtt);
+		rc = wake_sequence(n, pause, rtt);
 		if (rc)
 			return rc;
 		report(rtt);
@@ -255,7 +255,7 @@ int main(int argc, char **argv)
 	int a, b, rc;
 
 	if (argc != 4 && !wake) {
-		fprintf(stderr, "usage: %s [wake] CORE_A CORE_B ITERATIONS | %s wakeseq CORE N ITERATIONS\n", argv[0], argv[0]);
+		fprintf(stderr, "usage: %s [wake] CORE_A CORE_B ITERATIONS | %s wakeseq CORE N ITERATIONS [PAUSE_US]\n", argv[0], argv[0]);
 		return 2;
 	}
 	a = atoi(argv[1 + wake]);

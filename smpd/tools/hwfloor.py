@@ -25,17 +25,17 @@ from smpd.host.proc import die_with_parent
 SOURCE = Path(__file__).resolve().parent / "hwfloor.c"  # ships in the package: a wheel measures too
 
 
-def measure(iterations: int = 200_000, wake: bool = False, sequence: int = 0) -> dict:
+def measure(iterations: int = 200_000, wake: bool = False, sequence: int = 0, pause_us: int = 2000) -> dict:
     """The host's floor: a cache line's round trip between two cores (hwfloor.c), or with
     ``wake`` the same round trip to a process asleep in sigwaitinfo() woken by SIGURG, what an
     adaptive CPU's kick adds on the host (cold: each round lets the sleeper settle for 300 us;
     a reference, not a bound), or with ``sequence`` N the time to wake N such processes one
-    after the other, all on one core (hwfloor.c wakeseq: what a whole kick of N sleeping CPUs
-    costs the host at least; rtt_ns is that whole time). A floor that cannot be measured (no
+    after the other, all on one core, each asleep ``pause_us`` first (hwfloor.c wakeseq: the
+    host's own whole kick of N sleeping CPUs; rtt_ns is that whole time). A floor that cannot be measured (no
     compiler, a full $TMPDIR) is reported unavailable, with why: it must never cost the run it
     is compared with."""
     try:
-        return _measure(iterations, wake, sequence)
+        return _measure(iterations, wake, sequence, pause_us)
     except OSError as err:
         return {"available": False, "why": f"could not build or run hwfloor: {err}"}
 
@@ -55,7 +55,7 @@ def build(private: str) -> tuple[str | None, str]:
     return exe, cc
 
 
-def _measure(iterations: int, wake: bool, sequence: int) -> dict:
+def _measure(iterations: int, wake: bool, sequence: int, pause_us: int) -> dict:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2 and not sequence:
         return {"available": False, "why": "needs two host cores; this process may use one"}
@@ -64,7 +64,7 @@ def _measure(iterations: int, wake: bool, sequence: int) -> dict:
         if exe is None:
             return {"available": False, "why": cc}
         a, b = cores[0], cores[-1]
-        argv = ([exe, "wakeseq", str(a), str(sequence), str(iterations)] if sequence else
+        argv = ([exe, "wakeseq", str(a), str(sequence), str(iterations), str(pause_us)] if sequence else
                 [exe, *(["wake"] if wake else []), str(a), str(b), str(iterations)])
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=120, preexec_fn=die_with_parent)
@@ -75,4 +75,4 @@ def _measure(iterations: int, wake: bool, sequence: int) -> dict:
     vals = dict(line.split() for line in r.stdout.splitlines() if line.strip())
     return {"available": True, "rtt_ns": int(vals["rtt_ns_p50"]), "rtt_p99_ns": int(vals["rtt_ns_p99"]),
             "rtt_min_ns": int(vals["rtt_ns_min"]), "cores": [a] if sequence else [a, b], "iterations": iterations,
-            "compiler": cc, **({"sequence": sequence} if sequence else {})}
+            "compiler": cc, **({"sequence": sequence, "pause_us": pause_us} if sequence else {})}

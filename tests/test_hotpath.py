@@ -20,7 +20,7 @@ import multiprocess
 import pytest
 
 from conftest import REPO, in_forked_child, scratch_segment, wait_until
-from smpd.host.proc import asleep_in_sigwait, stat_fields
+from smpd.host.proc import asleep_in_sigwait, die_with_parent, stat_fields
 from smpd.kernel import kick
 from smpd.machine import hotpath, layout as L, pyhotpath
 from smpd.machine.bus import DOORBELL_SIGNAL, Bus
@@ -379,16 +379,23 @@ def _sleeping_cpu_kicked(seg, lone: bool, irq_first: bool):
         kicker = os.fork()
         if kicker == 0:
             try:
+                die_with_parent(me)
                 os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-                os.write(wfd, pickle.dumps(_kick_a_sleeper(seg, me, irq_first)))
+                answer = ("ok", _kick_a_sleeper(seg, me, irq_first))
+            except BaseException as err:  # noqa: B036 - said to the test, and the CPU's wait ended
+                answer = ("raised", repr(err))
+                Bus(seg).wake(CPU, L.WAKE_IPI)
+            try:
+                os.write(wfd, pickle.dumps(answer))
             finally:
                 os._exit(0)
         os.close(wfd)
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # its wake-ups never preempt the kicker
-        code, arg, seen = w.wait(0, 0, ack)
+        code, arg, seen = w.wait(0, _no_doorbell_deadline(), ack)  # a kicker that never rings: TIMEOUT
         with os.fdopen(r, "rb") as f:
-            acked = pickle.loads(f.read())
+            how, acked = pickle.loads(f.read() or pickle.dumps(("died", None)))
         os.waitpid(kicker, 0)
+        assert how == "ok", (how, acked)
         return (code, arg, seen), acked
 
     seg.set_hdr("hot_path", L.HotPath.C)

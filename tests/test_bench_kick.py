@@ -1,5 +1,6 @@
 """`smpd bench kick`: real kicks, real histograms, the hardware floor, and bad input."""
 
+import functools
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from conftest import HOT_PATHS, run_smpd, wait_until
+from smpd.host.proc import die_with_parent
 from smpd.machine import layout as L
 
 KEYS = ("p50", "p90", "p99", "p999", "max")
@@ -208,7 +210,7 @@ def test_the_whole_kick_floor_wakes_each_sleeper_in_turn_and_leaves_none():
     f = hwfloor.measure(5, sequence=3)
     assert f["available"] and f["sequence"] == 3 and len(f["cores"]) == 1, f
     assert 0 < f["rtt_min_ns"] <= f["rtt_ns"] <= f["rtt_p99_ns"], f
-    assert psutil.Process().children(recursive=True) == []
+    assert [c for c in psutil.Process().children(recursive=True) if c.name() == "hwfloor"] == []
 
 
 def test_a_floor_killed_mid_run_leaves_no_sleeper(tmp_path):
@@ -221,7 +223,8 @@ def test_a_floor_killed_mid_run_leaves_no_sleeper(tmp_path):
     _compiler()
     exe, why = hwfloor.build(str(tmp_path))
     assert exe, why
-    p = subprocess.Popen([exe, "wakeseq", str(min(os.sched_getaffinity(0))), "4", "1000000"])
+    p = subprocess.Popen([exe, "wakeseq", str(min(os.sched_getaffinity(0))), "4", "20000"],
+                         preexec_fn=functools.partial(die_with_parent, os.getpid()))  # 40 s at most, and not without us
     try:
         sleepers = wait_until(lambda: len(psutil.Process(p.pid).children()) == 4 and psutil.Process(p.pid).children(),
                               30, "four sleepers")
@@ -236,3 +239,22 @@ def test_a_floor_killed_mid_run_leaves_no_sleeper(tmp_path):
             return True
 
     wait_until(lambda: all(gone(s) for s in sleepers), 30, "the sleepers gone with their parent")
+
+
+def test_the_floor_builds_with_the_system_s_compiler_not_one_planted_on_path(tmp_path, monkeypatch):
+    """smpd often runs as root with a PATH that may name a directory another user can write: the
+    floor's compiler, and the assembler and linker it runs, come from the system's directories,
+    with a clean environment. A `cc` and an `as` planted first on PATH never run."""
+    from smpd.tools import hwfloor
+
+    _compiler()
+    planted = tmp_path / "bin"
+    planted.mkdir()
+    marker = tmp_path / "ran"
+    for tool in ("cc", "gcc", "clang", "as", "ld"):
+        (planted / tool).write_text(f"#!/bin/sh\necho {tool} >> {marker}\nexit 1\n")
+        (planted / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{planted}:{os.environ['PATH']}")
+    f = hwfloor.measure(5, sequence=2)
+    assert not marker.exists(), marker.read_text()
+    assert f["available"] and not f["compiler"].startswith(str(planted)), f

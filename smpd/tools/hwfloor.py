@@ -4,7 +4,9 @@ sleeping processes woken one after the other on one core, for a whole kick of N 
 
 smpd/tools/hwfloor.c is compiled on the fly when a C compiler exists, into a fresh
 private directory (mkdtemp: 0700, ours, made for this run) and run from there; the
-directory goes when the measurement is done. No cache: a binary that smpd runs,
+directory goes when the measurement is done. The compiler is looked for in the system's
+directories only (TOOL_PATH, not the caller's PATH) and must be root's or ours, with
+no directory on its way that others may write; it runs with a clean environment. No cache: a binary that smpd runs,
 often as root, must be one it has just built where nobody else can write (a cache
 under $XDG_CACHE_HOME or ~ may be another user's to plant a file in). The build
 costs a fraction of a second per benchmark. Without a compiler the floor is
@@ -14,8 +16,10 @@ guessed. The measuring process dies with us.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -40,19 +44,66 @@ def measure(iterations: int = 200_000, wake: bool = False, sequence: int = 0, pa
         return {"available": False, "why": f"could not build or run hwfloor: {err}"}
 
 
+# Where the compiler, and the assembler and linker it runs, are looked for: not the caller's PATH,
+# which may name a directory another user can write (smpd often runs as root).
+TOOL_PATH = "/usr/local/bin:/usr/bin:/bin"
+TOOL_ENV = {"PATH": TOOL_PATH, "LC_ALL": "C"}  # and no GCC_EXEC_PREFIX, COMPILER_PATH, CPATH... of the caller's
+
+
+def _untrusted(path: str) -> str | None:
+    """Why the program at ``path`` is not one to run (None when it is): it, every symbolic link on
+    the way to it and every directory above each must be root's or ours and not writable by others,
+    so that nobody else can have put it there or can swap it."""
+    at = os.path.abspath(path)
+    for _hop in range(40):
+        for d in [at, *_parents(at)]:
+            st = os.lstat(d)
+            if st.st_uid not in (0, os.geteuid()):
+                return f"{d}, on the way to {path}, belongs to uid {st.st_uid}"
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not stat.S_ISLNK(st.st_mode):
+                return f"{d}, on the way to {path}, is writable by others"
+        if not os.path.islink(at):
+            return None
+        at = os.path.normpath(os.path.join(os.path.dirname(at), os.readlink(at)))
+    return f"{path}: too many symbolic links"
+
+
+def _parents(path: str) -> list[str]:
+    out = []
+    while path != "/":
+        path = os.path.dirname(path)
+        out.append(path)
+    return out
+
+
 def build(private: str) -> tuple[str | None, str]:
     """hwfloor.c built into ``private``, a directory of ours that nobody else can write:
-    (the executable, the compiler), or (None, why not)."""
+    (the executable, the compiler), or (None, why not). The compiler comes from TOOL_PATH and
+    must be root's or ours all the way up; it runs with TOOL_ENV, with a deadline, and dies
+    with us."""
     if not SOURCE.is_file():
         return None, f"{SOURCE} not found (it ships with the smpd repository)"
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc = next(filter(None, (shutil.which(name, path=TOOL_PATH) for name in ("cc", "gcc", "clang"))), None)
     if cc is None:
-        return None, "no C compiler (cc, gcc or clang) on PATH"
+        return None, f"no C compiler (cc, gcc or clang) in {TOOL_PATH}"
+    why = _untrusted(cc)
+    if why:
+        return None, f"not running the compiler {cc}: {why}"
     exe = os.path.join(private, "hwfloor")
-    r = subprocess.run([cc, "-O2", "-pthread", "-o", exe, str(SOURCE)], capture_output=True, text=True, cwd=private)
+    try:
+        r = subprocess.run([cc, "-O2", "-pthread", "-o", exe, str(SOURCE)], capture_output=True, text=True,
+                           cwd=private, env=TOOL_ENV, timeout=120, preexec_fn=_dies_with_us())
+    except subprocess.TimeoutExpired:
+        return None, f"{cc} did not build {SOURCE.name} within 120 s"
     if r.returncode:
         return None, f"{cc} could not build {SOURCE.name}: {r.stderr.strip()[:200]}"
     return exe, cc
+
+
+def _dies_with_us():
+    """A preexec_fn: the child gets SIGKILL when this process dies, even between its fork and
+    the prctl (the parent's pid is checked)."""
+    return functools.partial(die_with_parent, os.getpid())
 
 
 def _measure(iterations: int, wake: bool, sequence: int, pause_us: int) -> dict:
@@ -67,7 +118,7 @@ def _measure(iterations: int, wake: bool, sequence: int, pause_us: int) -> dict:
         argv = ([exe, "wakeseq", str(a), str(sequence), str(iterations), str(pause_us)] if sequence else
                 [exe, *(["wake"] if wake else []), str(a), str(b), str(iterations)])
         try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=120, preexec_fn=die_with_parent)
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=120, preexec_fn=_dies_with_us())
         except subprocess.TimeoutExpired:
             return {"available": False, "why": "the ping-pong did not finish within 120 s (host too loaded)"}
     if r.returncode:

@@ -228,4 +228,11 @@ def _us(ns: float) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from smpd.errors import Interrupted
+    from smpd.tools.entry import stop_signals_interrupt
+
+    with stop_signals_interrupt():  # SIGTERM and SIGHUP unwind too: the row's machine and the floor's build go
+        try:
+            main()
+        except Interrupted as err:
+            sys.exit(f"bench_kick: stopped by signal {err.signum}; its machine and files are gone")

@@ -11,7 +11,9 @@ often as root, must be one it has just built where nobody else can write (a cach
 under $XDG_CACHE_HOME or ~ may be another user's to plant a file in). The build
 costs a fraction of a second per benchmark. Without a compiler the floor is
 reported unavailable, with the reason, and ratios are left out rather than
-guessed. The measuring process dies with us.
+guessed. The measuring process dies with us, and so do its own children. A SIGKILL of
+the process that builds leaves its private directory behind (in $TMPDIR: 0700, ours); any
+other end of it removes the directory.
 """
 
 from __future__ import annotations

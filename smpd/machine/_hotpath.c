@@ -926,6 +926,25 @@ static PyObject *woke(Waiter *w, Ack *a, int slept)
 	return answered(w, a, slept, seen);
 }
 
+/* A kick answered (with ``a``): the CPU is in HLT now, where a take that came first in this call
+ * left it, with no monitor and nothing to acknowledge. */
+static void now_in_hlt(Waiter *w, Ack *a)
+{
+	if (w->init && w->init->taken_ns)
+		w->init->taken_state = a->st_hlt;
+	w->parked = NULL;
+}
+
+/* Just before sigwaitinfo(): where `smpd status` finds a sleeping CPU's host core (not in /proc),
+ * then `sleeping`, and the fence that pairs with the bus's: we see its byte or it sees `sleeping`. */
+static void fall_asleep(Waiter *w)
+{
+	if (w->sleep_core >= 0)
+		STORE32(w->base + w->sleep_core, (uint32_t)sched_getcpu());
+	STORE32(w->base + w->sleeping, 1);
+	FENCE();
+}
+
 /*
  * Asleep (the signals blocked, no GIL): wait until a byte is raised, a message is taken, the
  * deadline passes (*code TIMEOUT), an interrupt signal comes (*code SIGNAL, *signo) or a system
@@ -991,9 +1010,7 @@ static int answer_asleep(Waiter *w, Ack *a)
 	if (!try_ack(w, a, &seen, 0))
 		return 0;
 	w->slept_ans = seen;
-	if (w->init && w->init->taken_ns)  /* as wait_on() after answered() */
-		w->init->taken_state = a->st_hlt;
-	w->parked = NULL;
+	now_in_hlt(w, a);
 	return 1;
 }
 
@@ -1011,10 +1028,7 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 		pthread_sigmask(SIG_SETMASK, &old, NULL);
 		return NULL;
 	}
-	if (w->sleep_core >= 0)  /* where `smpd status` finds a sleeping CPU's host core, not in /proc */
-		STORE32(w->base + w->sleep_core, (uint32_t)sched_getcpu());
-	STORE32(w->base + w->sleeping, 1);
-	FENCE();  /* pairs with the bus's fence: we see its byte or it sees `sleeping` */
+	fall_asleep(w);
 	Py_BEGIN_ALLOW_THREADS  /* no Python below until the wake-up: other threads may run */
 	for (;;) {
 		rung = sigwait_loop(w, deadline, &code, &signo, &failed);
@@ -1032,10 +1046,7 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 			break;
 		a = NULL;  /* HLT: no monitor, nothing to acknowledge, no deadline */
 		deadline = 0;
-		if (w->sleep_core >= 0)
-			STORE32(w->base + w->sleep_core, (uint32_t)sched_getcpu());
-		STORE32(w->base + w->sleeping, 1);
-		FENCE();  /* as before the first sleep */
+		fall_asleep(w);
 	}
 	Py_END_ALLOW_THREADS
 	STORE32(w->base + w->sleeping, 0);
@@ -1254,13 +1265,11 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 			return out;
 		}
 		seen = w->ans_seen;
-		if (w->init && w->init->taken_ns)  /* a take came first in this call: where it left the CPU is HLT now */
-			w->init->taken_state = w->ans_ack->st_hlt;
+		now_in_hlt(w, w->ans_ack);
 		/* Acknowledged after a sleep: the kicker may be waiting for this host core
 		 * (it yields it while we sleep). Hand it back before anything else. */
 		if (w->ans_slept)
 			sched_yield();
-		w->parked = NULL;  /* HLT: no monitor, nothing to acknowledge */
 		a = NULL;
 		spin_ns = spin_ns < 0 ? -1 : 0;
 		deadline = 0;

@@ -125,49 +125,12 @@ static void pause_us(long us)
 		;
 }
 
-static int wake_floor(int a, int b, long *rtt)
+/* SIGURG blocked in this process (and so in its children): it waits for sigwaitinfo(). */
+static void block_urg(sigset_t *urg)
 {
-	struct line *shared = mmap(NULL, 2 * sizeof(struct line), PROT_READ | PROT_WRITE,
-				   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-	struct line *sping = &shared[0], *spong = &shared[1];
-	sigset_t urg;
-	pid_t child, parent = getpid();
-	int status;
-
-	if (shared == MAP_FAILED)
-		return 2;
-	sigemptyset(&urg);
-	sigaddset(&urg, SIGURG);
-	sigprocmask(SIG_BLOCK, &urg, NULL);	/* both: SIGURG waits for sigwaitinfo */
-	child = fork();
-	if (child < 0)
-		return 2;
-	if (child == 0) {
-		die_with(parent);
-		pin(b);
-		for (long i = 1; i <= iters; i++) {
-			siginfo_t si;
-
-			while (atomic_load_explicit(&sping->v, memory_order_acquire) != i)
-				sigwaitinfo(&urg, &si);
-			atomic_store_explicit(&spong->v, i, memory_order_release);
-		}
-		_exit(0);
-	}
-	pin(a);
-	for (long i = 1; i <= iters; i++) {
-		long t0;
-
-		pause_us(300);	/* B is back in sigwaitinfo(): asleep, as a parked CPU is */
-		t0 = now_ns();
-		atomic_store_explicit(&sping->v, i, memory_order_release);
-		kill(child, SIGURG);
-		while (atomic_load_explicit(&spong->v, memory_order_acquire) != i)
-			;
-		rtt[i - 1] = now_ns() - t0;
-	}
-	waitpid(child, &status, 0);
-	return 0;
+	sigemptyset(urg);
+	sigaddset(urg, SIGURG);
+	sigprocmask(SIG_BLOCK, urg, NULL);
 }
 
 struct slot {
@@ -175,6 +138,7 @@ struct slot {
 	_Alignas(64) atomic_long pong;
 };
 
+/* A forked sleeper: for each round i, asleep in sigwaitinfo() until `ping` says i, then `pong`. */
 static void sleeper(struct slot *me, const sigset_t *urg, pid_t parent)
 {
 	die_with(parent);
@@ -188,6 +152,40 @@ static void sleeper(struct slot *me, const sigset_t *urg, pid_t parent)
 	_exit(0);
 }
 
+static int wake_floor(int a, int b, long *rtt)
+{
+	struct slot *shared = mmap(NULL, sizeof(struct slot), PROT_READ | PROT_WRITE,
+				   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	sigset_t urg;
+	pid_t child, parent = getpid();
+	int status;
+
+	if (shared == MAP_FAILED)
+		return 2;
+	block_urg(&urg);
+	child = fork();
+	if (child < 0)
+		return 2;
+	if (child == 0) {
+		pin(b);
+		sleeper(shared, &urg, parent);
+	}
+	pin(a);
+	for (long i = 1; i <= iters; i++) {
+		long t0;
+
+		pause_us(300);	/* B is back in sigwaitinfo(): asleep, as a parked CPU is */
+		t0 = now_ns();
+		atomic_store_explicit(&shared->ping, i, memory_order_release);
+		kill(child, SIGURG);
+		while (atomic_load_explicit(&shared->pong, memory_order_acquire) != i)
+			;
+		rtt[i - 1] = now_ns() - t0;
+	}
+	waitpid(child, &status, 0);
+	return 0;
+}
+
 static int wake_sequence(long n, long pause, long *rtt)
 {
 	struct slot *slots = mmap(NULL, n * sizeof(struct slot), PROT_READ | PROT_WRITE,
@@ -199,9 +197,7 @@ static int wake_sequence(long n, long pause, long *rtt)
 
 	if (slots == MAP_FAILED || !child)
 		return 2;
-	sigemptyset(&urg);
-	sigaddset(&urg, SIGURG);
-	sigprocmask(SIG_BLOCK, &urg, NULL);
+	block_urg(&urg);
 	for (long k = 0; k < n; k++) {
 		child[k] = fork();
 		if (child[k] < 0) {
@@ -236,34 +232,36 @@ static int wake_sequence(long n, long pause, long *rtt)
 int main(int argc, char **argv)
 {
 	int wake = argc == 5 && !strcmp(argv[1], "wake");
+	int seq = (argc == 5 || argc == 6) && !strcmp(argv[1], "wakeseq");
+	long *rtt, n = 0, pause = 2000;
+	int a, b = 0, rc;
 
-	if ((argc == 5 || argc == 6) && !strcmp(argv[1], "wakeseq")) {
-		long n = atol(argv[3]), pause = argc == 6 ? atol(argv[5]) : 2000, *rtt;
-		int rc;
-
-		iters = atol(argv[4]);
-		if (n < 1 || iters < 1 || pause < 0 || !(rtt = malloc(iters * sizeof(*rtt))))
-			return 2;
-		pin(atoi(argv[2]));  /* the sleepers inherit it */
-		rc = wake_sequence(n, pause, rtt);
-		if (rc)
-			return rc;
-		report(rtt);
-		return 0;
-	}
-	long *rtt;
-	int a, b, rc;
-
-	if (argc != 4 && !wake) {
-		fprintf(stderr, "usage: %s [wake] CORE_A CORE_B ITERATIONS | %s wakeseq CORE N ITERATIONS [PAUSE_US]\n", argv[0], argv[0]);
+	if (argc != 4 && !wake && !seq) {
+		fprintf(stderr, "usage: %s [wake] CORE_A CORE_B ITERATIONS | %s wakeseq CORE N ITERATIONS [PAUSE_US]\n",
+			argv[0], argv[0]);
 		return 2;
 	}
-	a = atoi(argv[1 + wake]);
-	b = atoi(argv[2 + wake]);
-	iters = atol(argv[3 + wake]);
+	if (seq) {
+		a = atoi(argv[2]);
+		n = atol(argv[3]);
+		iters = atol(argv[4]);
+		if (argc == 6)
+			pause = atol(argv[5]);
+		if (n < 1 || pause < 0)
+			return 2;
+	} else {
+		a = atoi(argv[1 + wake]);
+		b = atoi(argv[2 + wake]);
+		iters = atol(argv[3 + wake]);
+	}
 	if (iters < 1 || !(rtt = malloc(iters * sizeof(*rtt))))
 		return 2;
-	rc = wake ? wake_floor(a, b, rtt) : line_floor(a, b, rtt);
+	if (seq) {
+		pin(a);  /* the sleepers inherit it */
+		rc = wake_sequence(n, pause, rtt);
+	} else {
+		rc = wake ? wake_floor(a, b, rtt) : line_floor(a, b, rtt);
+	}
 	if (rc)
 		return rc;
 	report(rtt);

@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from smpd.host import trust
 from smpd.host.proc import die_with_parent
 
 SOURCE = Path(__file__).resolve().parent / "hwfloor.c"  # ships in the package: a wheel measures too
@@ -58,9 +59,9 @@ def _untrusted(path: str) -> str | None:
     so that nobody else can have put it there or can swap it."""
     at = os.path.abspath(path)
     for _hop in range(40):
-        for d in [at, *_parents(at)]:
+        for d in (at, *map(str, Path(at).parents)):
             st = os.lstat(d)
-            if st.st_uid not in (0, os.geteuid()):
+            if st.st_uid not in (0, trust.me()):
                 return f"{d}, on the way to {path}, belongs to uid {st.st_uid}"
             if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not stat.S_ISLNK(st.st_mode):
                 return f"{d}, on the way to {path}, is writable by others"
@@ -68,14 +69,6 @@ def _untrusted(path: str) -> str | None:
             return None
         at = os.path.normpath(os.path.join(os.path.dirname(at), os.readlink(at)))
     return f"{path}: too many symbolic links"
-
-
-def _parents(path: str) -> list[str]:
-    out = []
-    while path != "/":
-        path = os.path.dirname(path)
-        out.append(path)
-    return out
 
 
 def build(private: str) -> tuple[str | None, str]:

@@ -96,9 +96,24 @@ def _burn() -> None:
 
 
 WHOLE = 20
-SEQUENCE_ROUNDS = 40  # of the whole-kick floor (hwfloor.c wakeseq), its sleepers asleep 2 ms before each
-COLD_SEQUENCE_ROUNDS = 10  # and asleep 200 ms before each
+# The whole-kick floor (hwfloor.c wakeseq), twice: (key, rounds, its sleepers asleep before each, as said)
+SEQUENCE_FLOORS = (("sequence_floor_ns", 40, 2000, "2 ms"), ("sequence_floor_cold_ns", 10, 200_000, "200 ms"))
 WHOLE_PAUSED, PAUSE_S = 10, 0.5  # whole kicks of sleeping CPUs, each PAUSE_S after the last reset
+
+
+def whole_kicks(m, times: int, pause_s: float = 0) -> tuple[list[int], list[int], int]:
+    """``times`` x (`smpd kick` of every target, then `smpd reset`), each ``pause_s`` after the last
+    reset: each kick's total_ns, each kick's write -> running again summed over the CPUs their
+    doorbell woke, and the CPUs stuck in all."""
+    totals, woke, stuck = [], [], 0
+    for _ in range(times):
+        time.sleep(pause_s)
+        whole = m.request("kick")["kick"]
+        totals.append(whole["total_ns"])
+        woke.append(sum(e.get("wake_ns", 0) for e in whole["cpus"].values()))
+        stuck += len(whole["stuck"])
+        m.request("reset")
+    return totals, woke, stuck
 
 
 def row(hot: str, watch: str, targets: int, loaded: bool, rounds: int) -> dict:
@@ -119,30 +134,18 @@ def row(hot: str, watch: str, targets: int, loaded: bool, rounds: int) -> dict:
         from smpd.tools import lifecycle
 
         m = lifecycle.require(NAME)
-        totals, stuck, woke = [], 0, []
-        for _ in range(WHOLE):
-            whole = m.request("kick")["kick"]
-            totals.append(whole["total_ns"])
-            woke.append(sum(e.get("wake_ns", 0) for e in whole["cpus"].values()))
-            stuck += len(whole["stuck"])
-            m.request("reset")
+        totals, woke, stuck = whole_kicks(m, WHOLE)
         r["whole_kick_ns"], r["whole_kick_host_wake_ns"] = totals, woke
         totals = sorted(totals)
         r["whole_kick_p50_ns"], r["whole_kick_max_ns"], r["whole_kick_stuck"] = totals[len(totals) // 2], totals[-1], stuck
         if watch == "adaptive" and targets > 1 and not loaded:
             # The same whole kick with the CPUs asleep a while after the reset (the kicks above
             # follow it at once, and move with the host much more): a steadier reading of the target.
-            paused = []
-            for _ in range(WHOLE_PAUSED):
-                time.sleep(PAUSE_S)
-                paused.append(m.request("kick")["kick"]["total_ns"])
-                m.request("reset")
-            r["whole_kick_paused_ns"] = paused
+            r["whole_kick_paused_ns"], _, r["whole_kick_paused_stuck"] = whole_kicks(m, WHOLE_PAUSED, PAUSE_S)
             from smpd.tools import hwfloor
 
-            for key, rounds_, pause in (("sequence_floor_ns", SEQUENCE_ROUNDS, 2000),
-                                        ("sequence_floor_cold_ns", COLD_SEQUENCE_ROUNDS, 200_000)):
-                floor = hwfloor.measure(rounds_, sequence=targets, pause_us=pause)
+            for key, rounds_, pause_us, _asleep in SEQUENCE_FLOORS:
+                floor = hwfloor.measure(rounds_, sequence=targets, pause_us=pause_us)
                 r[key] = floor["rtt_ns"] if floor["available"] else None
         return r
     finally:
@@ -178,7 +181,7 @@ def main() -> None:
             rec.add(f"{label}: cache-line floor p50 (hwfloor.c)", "ns", [r["hw_rtt_ns"] or 0])
             if r.get("wake_rtt_ns"):
                 rec.add(f"{label}: wake-up floor p50 (hwfloor.c wake)", "ns", [r["wake_rtt_ns"]])
-            for key, asleep in (("sequence_floor_ns", "2 ms"), ("sequence_floor_cold_ns", "200 ms")):
+            for key, _rounds, _pause_us, asleep in SEQUENCE_FLOORS:
                 if r.get(key):
                     rec.add(f"{label}: whole-kick floor, {targets} sleepers (asleep {asleep}) woken in turn on one "
                             "core p50 (hwfloor.c wakeseq)", "ns", [r[key]])
@@ -211,7 +214,8 @@ def main() -> None:
         if r.get("whole_kick_paused_ns"):
             p = sorted(r["whole_kick_paused_ns"])
             print(f"{hot} {watch} x{targets}: whole kick {PAUSE_S:g} s after each reset, {len(p)} times: "
-                  f"median {p[len(p) // 2] / 1e6:.2f} ms, worst {p[-1] / 1e6:.2f} ms")
+                  f"median {p[len(p) // 2] / 1e6:.2f} ms, worst {p[-1] / 1e6:.2f} ms, "
+                  f"CPUs stuck in all {r['whole_kick_paused_stuck']}")
     rec.finish(args.record)
 
 
@@ -230,7 +234,7 @@ def print_rows(rows: list) -> None:
         wake = r.get("wake_rtt_ns")
         wake_col = f"{wake / 1e3:.1f}us" if wake else "-"
         wake_ratio = f"{r['ratio_wake_p50']:.2f}x" if r.get("ratio_wake_p50") else "-"
-        seqs = [r.get("sequence_floor_ns"), r.get("sequence_floor_cold_ns")]
+        seqs = [r.get(key) for key, *_ in SEQUENCE_FLOORS]
         seq_col = " / ".join(f"{f / 1e6:.2f}" for f in seqs if f) + "ms" if any(seqs) else "-"
         seq_ratio = " / ".join(f"{r['whole_kick_p50_ns'] / f:.1f}x" for f in seqs if f) if any(seqs) else "-"
         parts = sorted(r["whole_kick_host_wake_ns"])

@@ -241,6 +241,36 @@ def test_a_floor_killed_mid_run_leaves_no_sleeper(tmp_path):
     wait_until(lambda: all(gone(s) for s in sleepers), 30, "the sleepers gone with their parent")
 
 
+@pytest.mark.parametrize("kind", ["wake", "wakeseq"])
+def test_a_floor_whose_sleeper_is_killed_fails_with_why_and_leaves_no_process(tmp_path, kind):
+    """A sleeper killed by someone else (or the OOM killer) mid-run: the floor does not poll for
+    its answer until the caller's 120 s timeout; it fails (status 2), says which sleeper ended,
+    and leaves none of its processes."""
+    import psutil
+
+    from smpd.tools import hwfloor
+
+    _compiler()
+    exe, why = hwfloor.build(str(tmp_path))
+    assert exe, why
+    core = str(min(os.sched_getaffinity(0)))
+    argv = [exe, "wake", core, core, "1000000"] if kind == "wake" else [exe, "wakeseq", core, "3", "1000000"]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=functools.partial(die_with_parent, os.getpid()))
+    try:
+        n = 1 if kind == "wake" else 3
+        sleepers = wait_until(lambda: len(psutil.Process(p.pid).children()) == n and psutil.Process(p.pid).children(),
+                              30, f"{n} sleeper(s)")
+        sleepers[-1].kill()
+        out, err = p.communicate(timeout=60)  # ~5 min of rounds left: only the death ends it sooner
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 2 and f"sleeper {sleepers[-1].pid} ended before it answered" in err, (p.returncode, err)
+    assert not out
+    for s in sleepers:
+        assert not s.is_running() or s.status() == psutil.STATUS_ZOMBIE, s
+
 def test_the_floor_builds_with_the_system_s_compiler_not_one_planted_on_path(tmp_path, monkeypatch):
     """smpd often runs as root with a PATH that may name a directory another user can write: the
     floor's compiler, and the assembler and linker it runs, come from the system's directories,

@@ -152,6 +152,17 @@ static void sleeper(struct slot *me, const sigset_t *urg, pid_t parent)
 	_exit(0);
 }
 
+/* Has the sleeper ended (killed by someone, the OOM killer)? Asked every 2^16 looks of a poll for
+ * its `pong`, so that a floor with one sleeper gone fails at once instead of polling until the
+ * caller's timeout (smpd.tools.hwfloor). Reaps it. */
+static int gone(pid_t child, unsigned long looks)
+{
+	if ((looks & 0xFFFF) || waitpid(child, NULL, WNOHANG) != child)
+		return 0;
+	fprintf(stderr, "sleeper %d ended before it answered\n", (int)child);
+	return 1;
+}
+
 static int wake_floor(int a, int b, long *rtt)
 {
 	struct slot *shared = mmap(NULL, sizeof(struct slot), PROT_READ | PROT_WRITE,
@@ -178,8 +189,9 @@ static int wake_floor(int a, int b, long *rtt)
 		t0 = now_ns();
 		atomic_store_explicit(&shared->ping, i, memory_order_release);
 		kill(child, SIGURG);
-		while (atomic_load_explicit(&shared->pong, memory_order_acquire) != i)
-			;
+		for (unsigned long looks = 1; atomic_load_explicit(&shared->pong, memory_order_acquire) != i; looks++)
+			if (gone(child, looks))
+				return 2;
 		rtt[i - 1] = now_ns() - t0;
 	}
 	waitpid(child, &status, 0);
@@ -216,8 +228,11 @@ static int wake_sequence(long n, long pause, long *rtt)
 		for (long k = 0; k < n; k++) {
 			atomic_store_explicit(&slots[k].ping, i, memory_order_release);
 			kill(child[k], SIGURG);
-			while (atomic_load_explicit(&slots[k].pong, memory_order_acquire) != i)
+			for (unsigned long looks = 1; !rc && atomic_load_explicit(&slots[k].pong, memory_order_acquire) != i; looks++) {
+				if (gone(child[k], looks))
+					rc = 2;
 				sched_yield();
+			}
 		}
 		rtt[i - 1] = now_ns() - t0;
 	}

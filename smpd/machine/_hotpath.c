@@ -517,6 +517,7 @@ typedef struct {
 	int64_t slept_ans;  /* a kick answered while asleep, by sleep_until itself: when (0: none) */
 	Py_ssize_t need;  /* the buffer must be this long: the last byte of its words */
 	sigset_t irq, sleep_set;
+	int irq_list[NSIG], nirq;  /* the members of `irq`, for irq_pending() */
 } Waiter;
 
 static int sigset_from(PyObject *seq, sigset_t *set)
@@ -565,6 +566,10 @@ static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 		return -1;
 	if (sigset_from(irq, &self->irq) < 0)
 		return -1;
+	self->nirq = 0;
+	for (int sig = 1; sig < NSIG; sig++)
+		if (sigismember(&self->irq, sig) == 1)
+			self->irq_list[self->nirq++] = sig;
 	self->sleep_set = self->irq;
 	sigaddset(&self->sleep_set, doorbell);
 	if (!acquire(buf, &view, 0))
@@ -618,6 +623,21 @@ enum { NOT_TAKEN = 0, LONE_INIT, START, START_DOWN };
 
 /* An unacknowledged message in the mailbox that take_init() takes (its seq in *seq): INIT alone,
  * INIT then SIPI, or INIT, SIPI, CPU_DOWN; NOT_TAKEN for any other. */
+/* Is an interrupt signal pending for this process (sent, not taken yet: blocked, or its handler
+ * not run)? Also 1 when the host does not say (sigpending() failed): the caller then leaves the
+ * wake-up to the Python path, which takes an interrupt first. */
+static int irq_pending(Waiter *w)
+{
+	sigset_t pending;
+
+	if (sigpending(&pending) < 0)
+		return 1;
+	for (int k = 0; k < w->nirq; k++)
+		if (sigismember(&pending, w->irq_list[k]) == 1)
+			return 1;
+	return 0;
+}
+
 static int init_message(char *b, Init *n, uint32_t *seq)
 {
 	uint64_t arg;
@@ -674,7 +694,6 @@ static int take_init(Waiter *w, Init *n)
 	int kind = init_to_take(w, n, &seq);
 	Known *g = NULL;
 	int64_t now;
-	sigset_t pending;
 
 	if (kind == NOT_TAKEN)
 		return 0;
@@ -687,11 +706,8 @@ static int take_init(Waiter *w, Init *n)
 	}
 	/* An interrupt signal that came first and is not taken yet (asleep: blocked, pending)
 	 * goes first: the Python path takes it, then the INIT (see must_return). */
-	if (sigpending(&pending) < 0)
+	if (irq_pending(w))
 		return 0;
-	for (int sig = 1; sig < NSIG; sig++)
-		if (sigismember(&w->irq, sig) == 1 && sigismember(&pending, sig) == 1)
-			return 0;
 	/* Acting on a wake-up (smpd.kernel.kexec's settle) from before its byte's clear, as try_ack;
 	 * then, as CpuCore._consume, the byte cleared and fenced before the mailbox is read again */
 	STORE32(b + n->busy_word, 1);
@@ -999,14 +1015,10 @@ static int64_t sigwait_loop(Waiter *w, int64_t deadline, int *code, int *signo, 
  */
 static int answer_asleep(Waiter *w, Ack *a)
 {
-	sigset_t pending;
 	int64_t seen;
 
-	if (!w->lone || sigpending(&pending) < 0)
+	if (!w->lone || irq_pending(w))
 		return 0;
-	for (int s = 1; s < NSIG; s++)
-		if (sigismember(&w->irq, s) == 1 && sigismember(&pending, s) == 1)
-			return 0;
 	if (!try_ack(w, a, &seen, 0))
 		return 0;
 	w->slept_ans = seen;

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from conftest import HOT_PATHS, hot_paths, patient_config, wait_until
-from smpd.host.proc import asleep_in_sigwait
+from smpd.host.proc import asleep_in_sigwait, stat_fields
 from smpd.machine import events, layout as L
 
 NMI = signal.SIGRTMIN + 1  # config/default.toml [signals]
@@ -145,6 +145,31 @@ def test_a_kick_of_a_sleeping_cpu_is_timed_in_two_parts(machine, hot_path, tmp_p
     s.wait_cpu(1, parked, "monitor armed")
     e = s.request("kick")["kick"]["cpus"]["1"]
     assert e["acknowledged"] and "wake_ns" not in e, e
+
+
+@pytest.mark.parametrize("case", [p for p in hot_paths("adaptive", "spin") if p.values[0][1] == "c"])
+def test_the_first_kick_of_a_parked_cpu_takes_no_page_fault(machine, tmp_path, case):
+    """The compiled wait reads the pages its resume checks will read (the old kernel's page tables,
+    text and stack) before it waits: the segment is mapped shared, each page mapped at a forked
+    process's first touch, so the first kick of a parked CPU found a page fault per tag on its
+    way to the answer. Now its process takes none from the kick until it is in HLT."""
+    cfg = patient_config(tmp_path, "[watch]\nspin_budget_us = 0\n")
+    watch, hot_path = case
+    m = machine(3, "--watch", watch, "--hot-path", hot_path, "--config", cfg)
+    m.request("offline", cpus="1-2")
+    pids = [m.wait_cpu(cpu, parked, "monitor armed")["pid"] for cpu in (1, 2)]
+    if watch == "adaptive":
+        wait_until(lambda: all(asleep_in_sigwait(p) for p in pids), what="CPUs 1-2 asleep in sigwaitinfo()")
+
+    def minflt(pid):
+        return int(stat_fields(pid)[7])  # field 10
+
+    before = [minflt(p) for p in pids]
+    r = m.request("kick")["kick"]["cpus"]
+    assert all(r[str(cpu)]["acknowledged"] for cpu in (1, 2)), r
+    for cpu in (1, 2):
+        m.wait_cpu(cpu, lambda c: c["state"] == "HLT", "HLT")
+    assert [minflt(p) - b for p, b in zip(pids, before)] == [0, 0]
 
 
 def test_online_from_hlt_resets_through_init(parked_machine):

@@ -12,6 +12,9 @@ the same run. "whole kick" is `smpd kick` of every target, WHOLE times (with a
 `smpd reset` between): the median and the worst, and how many CPUs were stuck. The idle
 adaptive rows of more than one target also kick WHOLE_PAUSED more times, each PAUSE_S after
 the last reset (printed below the table): those right after a reset move with the host more.
+They also bring up FIRST fresh machines of as many CPUs, park them, and kick each once,
+FIRST_ASLEEP_S after parking: the first kick, what a kexec right after bring-up finds (no kick,
+bench or reset before it has touched the pages a CPU's answer reads).
 
 What each floor is. The cache-line floor (hwfloor.c) is the host's coherence floor: ping
 goes to the other core, pong comes back, four moves of two lines (each store takes its
@@ -99,6 +102,7 @@ WHOLE = 20
 # The whole-kick floor (hwfloor.c wakeseq), twice: (key, rounds, its sleepers asleep before each, as said)
 SEQUENCE_FLOORS = (("sequence_floor_ns", 40, 2000, "2 ms"), ("sequence_floor_cold_ns", 10, 200_000, "200 ms"))
 WHOLE_PAUSED, PAUSE_S = 10, 0.5  # whole kicks of sleeping CPUs, each PAUSE_S after the last reset
+FIRST, FIRST_ASLEEP_S = 5, 1.0  # first kicks: fresh machines, each kicked once, FIRST_ASLEEP_S after parking
 
 
 def whole_kicks(m, times: int, pause_s: float = 0) -> tuple[list[int], list[int], int]:
@@ -114,6 +118,24 @@ def whole_kicks(m, times: int, pause_s: float = 0) -> tuple[list[int], list[int]
         stuck += len(whole["stuck"])
         m.request("reset")
     return totals, woke, stuck
+
+
+def first_kicks(hot: str, watch: str, targets: int, times: int) -> list[int]:
+    """``times`` fresh machines of ``targets`` + 1 CPUs, each parked, asleep FIRST_ASLEEP_S, kicked
+    once (what a kexec right after bring-up finds: no kick, bench or reset before it) and taken
+    down: each kick's total_ns."""
+    from smpd.tools import lifecycle
+
+    totals = []
+    for _ in range(times):
+        smpd("up", "--cpus", str(targets + 1), "--watch", watch, "--hot-path", hot)
+        try:
+            smpd("offline", f"1-{targets}")
+            time.sleep(FIRST_ASLEEP_S)
+            totals.append(lifecycle.require(NAME).request("kick")["kick"]["total_ns"])
+        finally:
+            smpd("down")
+    return totals
 
 
 def row(hot: str, watch: str, targets: int, loaded: bool, rounds: int) -> dict:
@@ -175,6 +197,8 @@ def main() -> None:
     for hot in hots:
         for watch, targets, loaded, rounds in plan if hot == "c" else python_plan:
             r = row(hot, watch, targets, loaded, rounds * scale)
+            if watch == "adaptive" and targets > 1 and not loaded:
+                r["first_kick_ns"] = first_kicks(hot, watch, targets, FIRST)
             rows.append((hot, watch, targets, loaded, r))
             label = f"{hot} {watch} x{targets} {'loaded' if loaded else 'idle'}"
             rec.add(f"{label}: kick round trip p50 (smpd bench kick)", "ns", [r["rtt_ns"]["p50"]])
@@ -186,6 +210,9 @@ def main() -> None:
                     rec.add(f"{label}: whole-kick floor, {targets} sleepers (asleep {asleep}) woken in turn on one "
                             "core p50 (hwfloor.c wakeseq)", "ns", [r[key]])
             rec.add(f"{label}: whole kick of every target (smpd kick)", "ns", r["whole_kick_ns"])
+            if r.get("first_kick_ns"):
+                rec.add(f"{label}: the first kick of every target, {FIRST_ASLEEP_S:g} s after parking, on a fresh "
+                        "machine (smpd kick)", "ns", r["first_kick_ns"])
             if r.get("whole_kick_paused_ns"):
                 rec.add(f"{label}: whole kick of every target, {PAUSE_S:g} s after the reset (smpd kick)", "ns",
                         r["whole_kick_paused_ns"])
@@ -216,6 +243,10 @@ def main() -> None:
             print(f"{hot} {watch} x{targets}: whole kick {PAUSE_S:g} s after each reset, {len(p)} times: "
                   f"median {p[len(p) // 2] / 1e6:.2f} ms, worst {p[-1] / 1e6:.2f} ms, "
                   f"CPUs stuck in all {r['whole_kick_paused_stuck']}")
+        if r.get("first_kick_ns"):
+            p = sorted(r["first_kick_ns"])
+            print(f"{hot} {watch} x{targets}: the first kick, {FIRST_ASLEEP_S:g} s after parking, on {len(p)} fresh "
+                  f"machines: median {p[len(p) // 2] / 1e6:.2f} ms, worst {p[-1] / 1e6:.2f} ms")
     rec.finish(args.record)
 
 

@@ -621,8 +621,6 @@ static void log_event(char *b, Ack *a, uint32_t code, uint32_t arg, int64_t ns)
 
 enum { NOT_TAKEN = 0, LONE_INIT, START, START_DOWN };
 
-/* An unacknowledged message in the mailbox that take_init() takes (its seq in *seq): INIT alone,
- * INIT then SIPI, or INIT, SIPI, CPU_DOWN; NOT_TAKEN for any other. */
 /* Is an interrupt signal pending for this process (sent, not taken yet: blocked, or its handler
  * not run)? Also 1 when the host does not say (sigpending() failed): the caller then leaves the
  * wake-up to the Python path, which takes an interrupt first. */
@@ -638,6 +636,8 @@ static int irq_pending(Waiter *w)
 	return 0;
 }
 
+/* An unacknowledged message in the mailbox that take_init() takes (its seq in *seq): INIT alone,
+ * INIT then SIPI, or INIT, SIPI, CPU_DOWN; NOT_TAKEN for any other. */
 static int init_message(char *b, Init *n, uint32_t *seq)
 {
 	uint64_t arg;
@@ -1245,14 +1245,6 @@ static PyObject *wait_step(Waiter *w, long long spin_ns, long long deadline, Ack
 }
 
 /*
- * The wait: its steps, until one returns what the caller must see. A kick answered (the CPU
- * acknowledged and is in HLT) is followed by HLT's wait, until an interrupt or an IPI (a
- * spin-watch CPU spins, others sleep at once), in a loop, not a call: an INIT taken there may
- * park the CPU again (take_init), and the next kick be answered in the same call. A message
- * taken starts the wait over in the state it left (the CPU's spin budget, then sleep). What
- * ended the last wait is returned with when the last kick was seen.
- */
-/*
  * Emulator machinery, no kernel counterpart: the pages the resume checks will read (the tags of
  * the old kernel's page tables, text and stack), read once before the wait. The segment is
  * mapped shared, so a forked CPU process maps each page at its first touch: without this, a
@@ -1266,6 +1258,15 @@ static void map_tags(char *b, Ack *a)
 		(void)*(volatile uint64_t *)(b + a->tag_off[k]);
 }
 
+/*
+ * The wait: its steps, until one returns what the caller must see. A kick answered (the CPU
+ * acknowledged and is in HLT) is followed by HLT's wait, until an interrupt or an IPI (a
+ * spin-watch CPU spins, others sleep at once), in a loop, not a call: an INIT taken there may
+ * park the CPU again (take_init), and the next kick be answered in the same call. A message
+ * taken starts the wait over in the state it left (the CPU's spin budget, then sleep). What
+ * ended the last wait is returned with when the last kick was seen. Each step with an Ack
+ * first maps the pages its resume checks read (map_tags).
+ */
 static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *a)
 {
 	int64_t seen = 0;
@@ -1276,7 +1277,6 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 		if (a)
 			map_tags(w->base, a);
 		r = wait_step(w, spin_ns, deadline, a);
-
 		if (w->slept_ans) {  /* sleep_until answered a kick and slept on in HLT: r ended that */
 			seen = w->slept_ans;
 			w->slept_ans = 0;

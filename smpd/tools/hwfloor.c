@@ -30,6 +30,7 @@
  * (smpd/tools/hwfloor.py) when a C compiler exists.
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -152,12 +153,22 @@ static void sleeper(struct slot *me, const sigset_t *urg, pid_t parent)
 	_exit(0);
 }
 
-/* Has the sleeper ended (killed by someone, the OOM killer)? Asked every 2^16 looks of a poll for
- * its `pong`, so that a floor with one sleeper gone fails at once instead of polling until the
- * caller's timeout (smpd.tools.hwfloor). Reaps it. */
-static int gone(pid_t child, unsigned long looks)
+/* Has the sleeper ended (killed by someone, the OOM killer) without storing `pong` = i? Asked every
+ * 2^16 looks of a poll for its `pong`, so that a floor with one sleeper gone fails at once instead of
+ * polling until the caller's timeout (smpd.tools.hwfloor). Reaps it: its pid is then no longer ours
+ * to signal, and the caller forgets it. ECHILD (SIGCHLD inherited as ignored: the kernel reaped it)
+ * is gone too. A sleeper that stored its last `pong` and exited between our look and waitpid()
+ * answered: `pong` is read again after. */
+static int gone(pid_t child, unsigned long looks, atomic_long *pong, long i)
 {
-	if ((looks & 0xFFFF) || waitpid(child, NULL, WNOHANG) != child)
+	pid_t r;
+
+	if (looks & 0xFFFF)
+		return 0;
+	r = waitpid(child, NULL, WNOHANG);
+	if (r != child && !(r < 0 && errno == ECHILD))
+		return 0;
+	if (atomic_load_explicit(pong, memory_order_acquire) == i)
 		return 0;
 	fprintf(stderr, "sleeper %d ended before it answered\n", (int)child);
 	return 1;
@@ -190,7 +201,7 @@ static int wake_floor(int a, int b, long *rtt)
 		atomic_store_explicit(&shared->ping, i, memory_order_release);
 		kill(child, SIGURG);
 		for (unsigned long looks = 1; atomic_load_explicit(&shared->pong, memory_order_acquire) != i; looks++)
-			if (gone(child, looks))
+			if (gone(child, looks, &shared->pong, i))
 				return 2;
 		rtt[i - 1] = now_ns() - t0;
 	}
@@ -229,14 +240,18 @@ static int wake_sequence(long n, long pause, long *rtt)
 			atomic_store_explicit(&slots[k].ping, i, memory_order_release);
 			kill(child[k], SIGURG);
 			for (unsigned long looks = 1; !rc && atomic_load_explicit(&slots[k].pong, memory_order_acquire) != i; looks++) {
-				if (gone(child[k], looks))
+				if (gone(child[k], looks, &slots[k].pong, i)) {
+					child[k] = 0;  /* reaped: never signalled or waited for again */
 					rc = 2;
+				}
 				sched_yield();
 			}
 		}
 		rtt[i - 1] = now_ns() - t0;
 	}
 	for (long k = 0; k < n; k++) {
+		if (child[k] <= 0)  /* reaped already; never kill() 0 or -1 */
+			continue;
 		if (rc)
 			kill(child[k], SIGKILL);
 		waitpid(child[k], NULL, 0);

@@ -192,6 +192,27 @@ def test_a_floor_that_cannot_be_built_is_unavailable_and_costs_nothing(monkeypat
     assert f["available"] is False and "could not build or run hwfloor" in f["why"], f
 
 
+def test_the_floor_is_not_built_where_another_user_could_swap_its_directory(monkeypatch, tmp_path):
+    """Our 0700 build directory is only as private as the $TMPDIR it is made in: one that others
+    may write without the sticky bit lets them rename it away and put theirs, with a binary of
+    their own, in its place. There the floor is unavailable, with why; /tmp's 1777 is fine."""
+    import tempfile
+
+    from smpd.tools import hwfloor
+
+    _compiler()
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    tmp.chmod(0o777)
+    f = hwfloor.measure(1000)
+    assert f["available"] is False and f"{tmp}, on the way to {tmp}, is writable by others without the sticky bit" in f["why"], f
+    assert list(tmp.iterdir()) == []  # nothing made there
+    tmp.chmod(0o1777)
+    f = hwfloor.measure(1000)
+    assert f["available"] is True and f["rtt_ns"] > 0, f
+
+
 def _compiler():
     import shutil
 

@@ -3,7 +3,8 @@ the same round trip to a sleeping process (a signal wake-up), for the adaptive w
 sleeping processes woken one after the other on one core, for a whole kick of N sleeping CPUs.
 
 smpd/tools/hwfloor.c is compiled on the fly when a C compiler exists, into a fresh
-private directory (mkdtemp: 0700, ours, made for this run) and run from there; the
+private directory (mkdtemp: 0700, ours, made for this run, in a $TMPDIR that is root's or
+ours all the way up and sticky wherever others may write it) and run from there; the
 directory goes when the measurement is done. The compiler is looked for in the system's
 directories only (TOOL_PATH, not the caller's PATH) and must be root's or ours, with
 no directory on its way that others may write; it runs with a clean environment. No cache: a binary that smpd runs,
@@ -53,18 +54,21 @@ TOOL_PATH = "/usr/local/bin:/usr/bin:/bin"
 TOOL_ENV = {"PATH": TOOL_PATH, "LC_ALL": "C"}  # and no GCC_EXEC_PREFIX, COMPILER_PATH, CPATH... of the caller's
 
 
-def _untrusted(path: str) -> str | None:
+def _untrusted(path: str, sticky_ok: bool = False) -> str | None:
     """Why the program at ``path`` is not one to run (None when it is): it, every symbolic link on
     the way to it and every directory above each must be root's or ours and not writable by others,
-    so that nobody else can have put it there or can swap it."""
+    so that nobody else can have put it there or can swap it. ``sticky_ok`` (a directory to make
+    our private one in, $TMPDIR): one that others may write is fine with the sticky bit (/tmp),
+    where nobody else can rename or remove what we make in it."""
     at = os.path.abspath(path)
     for _hop in range(40):
         for d in (at, *map(str, Path(at).parents)):
             st = os.lstat(d)
             if st.st_uid not in (0, trust.me()):
                 return f"{d}, on the way to {path}, belongs to uid {st.st_uid}"
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not stat.S_ISLNK(st.st_mode):
-                return f"{d}, on the way to {path}, is writable by others"
+            if (st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not stat.S_ISLNK(st.st_mode)
+                    and not (sticky_ok and st.st_mode & stat.S_ISVTX)):
+                return f"{d}, on the way to {path}, is writable by others" + (" without the sticky bit" if sticky_ok else "")
         if not os.path.islink(at):
             return None
         at = os.path.normpath(os.path.join(os.path.dirname(at), os.readlink(at)))
@@ -105,7 +109,14 @@ def _measure(iterations: int, wake: bool, sequence: int, pause_us: int) -> dict:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2 and not sequence:
         return {"available": False, "why": "needs two host cores; this process may use one"}
-    with tempfile.TemporaryDirectory(prefix="smpd-hwfloor-") as private:  # 0700, ours, new
+    # Our 0700 directory is only as private as the one it is made in: in a directory another user
+    # can write without the sticky bit (or owns), they could rename ours away and put theirs, with
+    # a binary of their own, in its place between the build and the run.
+    tmp = tempfile.gettempdir()
+    why = _untrusted(tmp, sticky_ok=True)
+    if why:
+        return {"available": False, "why": f"not building in $TMPDIR {tmp}: {why} (set TMPDIR to a directory of yours)"}
+    with tempfile.TemporaryDirectory(prefix="smpd-hwfloor-", dir=tmp) as private:  # 0700, ours, new
         exe, cc = build(private)
         if exe is None:
             return {"available": False, "why": cc}

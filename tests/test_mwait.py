@@ -7,6 +7,7 @@ control word. Counters in the observation plane say what the CPU saw.
 
 import os
 import signal
+import time
 
 import psutil
 import pytest
@@ -164,6 +165,12 @@ def test_the_first_kick_of_a_parked_cpu_takes_no_page_fault(machine, tmp_path, c
     def minflt(pid):
         return int(stat_fields(pid)[7])  # field 10
 
+    def settled():  # past map_tags, into the wait (spin: the monitor is armed just before it)
+        first = [minflt(p) for p in pids]
+        time.sleep(0.05)
+        return [minflt(p) for p in pids] == first
+
+    wait_until(settled, what="CPUs 1-2 taking no page faults while parked")
     before = [minflt(p) for p in pids]
     r = m.request("kick")["kick"]["cpus"]
     assert all(r[str(cpu)]["acknowledged"] for cpu in (1, 2)), r

@@ -621,9 +621,11 @@ static void log_event(char *b, Ack *a, uint32_t code, uint32_t arg, int64_t ns)
 
 enum { NOT_TAKEN = 0, LONE_INIT, START, START_DOWN };
 
-/* Is an interrupt signal pending for this process (sent, not taken yet: blocked, or its handler
- * not run)? Also 1 when the host does not say (sigpending() failed): the caller then leaves the
- * wake-up to the Python path, which takes an interrupt first. */
+/* Is an interrupt signal pending for this process: sent while blocked (asleep, the signals are
+ * blocked), not delivered yet? sigpending() names only blocked signals: one delivered while
+ * unblocked, its Python handler not run yet, is for PyErr_CheckSignals() (must_return,
+ * answer_kick). Also 1 when the host does not say (sigpending() failed): the caller then leaves
+ * the wake-up to the Python path, which takes an interrupt first. */
 static int irq_pending(Waiter *w)
 {
 	sigset_t pending;

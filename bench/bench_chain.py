@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from record import Record  # noqa: E402
 
-NAME = f"benchc{os.getpid() % 100000}"
+NAME = f"benchc{secrets.token_hex(4)}"  # unpredictable: another user cannot squat it first
 
 
 def smpd(*args: str, ok=(0,)) -> str:

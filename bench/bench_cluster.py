@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,7 @@ sys.path.insert(0, REPO)
 from record import Record  # noqa: E402
 from smpd.tools import soak  # noqa: E402
 
-NAME = f"benchc{os.getpid() % 10000}"
+NAME = f"benchc{secrets.token_hex(4)}"  # unpredictable: another user cannot squat it first
 CPUS = 8
 
 

@@ -72,6 +72,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -82,7 +83,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from record import Record  # noqa: E402
 
-NAME = f"benchk{os.getpid() % 100000}"
+NAME = f"benchk{secrets.token_hex(4)}"  # unpredictable: another user cannot squat it first
 
 
 def smpd(*args: str) -> str:

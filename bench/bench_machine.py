@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -42,7 +43,7 @@ from record import Record  # noqa: E402
 from smpd.machine import layout as L  # noqa: E402
 from smpd.tools import lifecycle  # noqa: E402
 
-NAME = f"bench{os.getpid() % 100000}"
+NAME = f"bench{secrets.token_hex(4)}"  # unpredictable: another user cannot squat it first
 
 
 def smpd(*args: str) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import secrets
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from record import Record  # noqa: E402
 from smpd.host import trust  # noqa: E402
 from smpd.tools import lifecycle  # noqa: E402
 
-NAME = f"benchs{os.getpid() % 100000}"
+NAME = f"benchs{secrets.token_hex(4)}"  # unpredictable: another user cannot squat it first
 
 
 def smpd(*args: str) -> str:

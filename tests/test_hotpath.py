@@ -247,26 +247,34 @@ def test_a_cpu_s_stamp_after_the_kicker_saw_its_answer_gives_no_one_way_sample(s
     assert "one_way_ns" not in kick._entry(seg, CPU, True, 1, 1_000, 1_200, 1_100)  # not stamped this time
 
 
-def _writer(seg, control_value, out, waiting, ipi_first=False):
+RT_IRQ = signal.SIGRTMIN + 7  # an interrupt signal numbered above the doorbell's, as smpd's are
+
+
+def _writer(seg, control_value, out, waiting, ipi_first=False, irq_first=False):
     """The forked helper: a writer that stores ``control_value`` into CPU 1's monitored control word
     without the bus's WRITE byte (the moment between the bus's store and its byte, held open), says
     what the spinning CPU did meanwhile, then raises the byte, and then an IPI to end the HLT of a
     CPU that answered the kick. ``ipi_first``: an IPI's byte is raised just before the store, as
-    when an IPI lands with the kick."""
+    when an IPI lands with the kick; ``irq_first``: an interrupt signal (RT_IRQ) is sent just
+    before it, as when an NMI lands with the kick: the spinner's handler raises its byte."""
     u32, md = seg.u32, (seg.geo.mem_off + MD_OFF) // 4
     entry = seg.geo.dir_off // L.DIR_ENTRY + MD_OFF // L.LINE
     waiting.wait(30)  # the waiter is about to spin; it takes its snapshot of control on entry
     time.sleep(0.05)
     watching = seg.cb(CPU, "mon_watch")  # it spins watching its control word
-    if ipi_first:
-        # Both stores land while the spinner is stopped, so it finds them at once, wherever in its
-        # loop it stopped: after its look at the wake words (it then sees control change first) or
-        # before it.
+    if ipi_first or irq_first:
+        # Both land while the spinner is stopped, so it finds them at once, wherever in its loop it
+        # stopped: after its look at the wake words (it then sees control change first) or before
+        # it. The signal is delivered as it runs again, before its next look at control: its
+        # handler runs only when the spinner asks the interpreter (PyErr_CheckSignals()).
         parent = os.getppid()
         os.kill(parent, signal.SIGSTOP)
         while _proc_state(parent) != "T":
             time.sleep(0.0005)
-        seg.buf[seg.cb_byte(CPU, "wake", L.WAKE_IPI)] = 1
+        if ipi_first:
+            seg.buf[seg.cb_byte(CPU, "wake", L.WAKE_IPI)] = 1
+        else:
+            os.kill(parent, RT_IRQ)
         u32[md] = control_value
         os.kill(parent, signal.SIGCONT)
     u32[md] = control_value
@@ -275,7 +283,7 @@ def _writer(seg, control_value, out, waiting, ipi_first=False):
         pass
     out.put({"status": u32[md + 1], "wake": _wake_word(seg), "armed": seg.u16[entry], "watching": watching})
     Bus(seg).wake(CPU, L.WAKE_WRITE)
-    if control_value == L.CPUDEAD_MWAIT_KEXEC_HLT and not ipi_first:  # answered: now in HLT, which the write does not end
+    if control_value == L.CPUDEAD_MWAIT_KEXEC_HLT and not (ipi_first or irq_first):  # answered: now in HLT, which the write does not end
         deadline = time.monotonic() + 30
         while seg.u16[entry] and time.monotonic() < deadline:  # it leaves the directory once it has its byte
             pass
@@ -287,19 +295,49 @@ def _proc_state(pid: int) -> str:
     return stat_fields(pid)[0].decode()
 
 
-def _spin_with_ack(seg, control_value, ipi_first=False):
+def _spin_with_ack(seg, control_value, ipi_first=False, irq_first=None):
+    """``irq_first``: how the spinner's handler of RT_IRQ is set (see
+    test_an_interrupt_that_reached_a_spinning_cpu_before_its_kick_is_taken_first)."""
     seg.set_hdr("hot_path", L.HotPath.C)
     ctx = multiprocess.get_context("fork")
     out, waiting = ctx.SimpleQueue(), ctx.Event()
-    p = ctx.Process(target=_writer, args=(seg, control_value, out, waiting, ipi_first))
+    p = ctx.Process(target=_writer, args=(seg, control_value, out, waiting, ipi_first, bool(irq_first)))
     p.start()
     try:
-        w, ack = _waiter(seg), hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, [])
+        if irq_first:
+            w = hotpath.waiter(seg, CPU, {IRQ, RT_IRQ}, DOORBELL_SIGNAL)
+            raise_irq = lambda *_: seg.buf.__setitem__(seg.cb_byte(CPU, "wake", L.WAKE_IRQ), 1)  # noqa: E731
+            signal.signal(RT_IRQ, raise_irq)  # as smpd.machine.core's, then the Waiter's in front
+            signal.signal(IRQ, raise_irq)
+            assert w.install_signal_handlers() is True
+            if irq_first == "replaced":  # a signal.signal() after the wrap
+                signal.signal(RT_IRQ, raise_irq)
+        else:
+            w = _waiter(seg)
+        ack = hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, [])
         waiting.set()
         r = w.wait(-1, 0, ack)
     finally:
         p.join(30)
     return r, out.get()
+
+
+@pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
+@pytest.mark.parametrize("handler", ["wrapped", "replaced"])
+def test_an_interrupt_that_reached_a_spinning_cpu_before_its_kick_is_taken_first(seg, handler):
+    """An interrupt signal delivered to the spinning CPU just before it sees the kick on its control
+    word has only tripped Python's C handler; the CPU runs the handler (its byte raised) before it
+    answers, so the interrupt is taken first, in MWAIT, on the Python path, and no status is stored.
+    The compiled Waiter asks the interpreter only when its own C handler, in front of Python's, says
+    a signal came; a handler replaced since (``replaced``: a signal.signal() after the wrap) makes
+    it ask every time. In a forked child: the signal must reach the spinning thread, not an
+    xdist worker's own."""
+    (code, _arg, seen), during = in_forked_child(
+        lambda: _spin_with_ack(seg, L.CPUDEAD_MWAIT_KEXEC_HLT, irq_first=handler))
+    assert during["status"] == 0 and during["armed"] == CPU + 1, during
+    assert (code, seen) == (hotpath.WOKE, 0)
+    assert _wake_word(seg) & (1 << 8 * L.WAKE_IRQ)
+    assert seg.cb(CPU, "wake_write") == 0
 
 
 @pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
@@ -341,7 +379,6 @@ def test_a_kick_that_comes_with_an_ipi_is_not_answered_in_c(seg, attempt):
     assert seg.cb(CPU, "wake_write") == 0
 
 
-RT_IRQ = signal.SIGRTMIN + 7  # an interrupt signal numbered above the doorbell's, as smpd's are
 
 
 def _kick_a_sleeper(seg, bus, cpu_pid: int, irq_first: bool):

@@ -518,6 +518,7 @@ typedef struct {
 	Py_ssize_t need;  /* the buffer must be this long: the last byte of its words */
 	sigset_t irq, sleep_set;
 	int irq_list[NSIG], nirq;  /* the members of `irq`, for irq_pending() */
+	int wrapped;  /* each of `irq` goes through irq_arrived() (install_signal_handlers; checked by wait()) */
 } Waiter;
 
 static int sigset_from(PyObject *seq, sigset_t *set)
@@ -636,6 +637,101 @@ static int irq_pending(Waiter *w)
 		if (sigismember(&pending, w->irq_list[k]) == 1)
 			return 1;
 	return 0;
+}
+
+/*
+ * Emulator machinery, no kernel counterpart: has an interrupt signal reached this process since the
+ * answer's path last looked? The CPU's interrupt handlers are Python's (smpd.machine.core's
+ * _on_interrupt raises the interrupt's byte): the signal only trips Python's C handler, and the
+ * interpreter runs the handler at the next PyErr_CheckSignals(). Called on the spin's way from the
+ * kick to its answer, that is ~20 ns of calls into the interpreter (measured, a sixth of the host's
+ * cache-line round trip) to learn, nearly always, that nothing came. Waiter.install_signal_handlers()
+ * (after the CPU's own handlers) puts irq_arrived() in front of Python's C handler for each of the
+ * Waiter's interrupt signals: Python's handler first, then `irq_came`. answer_kick() runs the
+ * handlers only when `irq_came` says one came, and every time while it cannot tell: before the wrap,
+ * for a signal with no handler to wrap, and once a wait finds one no longer wrapped (a
+ * signal.signal() since: irq_still_wrapped()).
+ */
+static struct sigaction python_action[NSIG];  /* the handler irq_arrived() runs first: Python's */
+static volatile sig_atomic_t irq_came;  /* an interrupt signal came since the last look */
+
+static void irq_arrived(int sig, siginfo_t *info, void *uc)
+{
+	struct sigaction *py = &python_action[sig];
+
+	if (py->sa_flags & SA_SIGINFO)
+		py->sa_sigaction(sig, info, uc);
+	else
+		py->sa_handler(sig);
+	/* After Python's handler noted it: whoever sees the flag then finds the signal noted. */
+	__atomic_store_n(&irq_came, 1, __ATOMIC_SEQ_CST);
+}
+
+static int is_irq_arrived(const struct sigaction *act)
+{
+	return (act->sa_flags & SA_SIGINFO) && act->sa_sigaction == irq_arrived;
+}
+
+/* Does each of the Waiter's interrupt signals still go through irq_arrived()? */
+static int irq_still_wrapped(Waiter *w)
+{
+	struct sigaction cur;
+
+	for (int k = 0; k < w->nirq; k++)
+		if (sigaction(w->irq_list[k], NULL, &cur) < 0 || !is_irq_arrived(&cur))
+			return 0;
+	return 1;
+}
+
+/* Run the Python handlers of the interrupt signals that came (PyErr_CheckSignals()), if any may have:
+ * -1 when one raised (an exception is set). The flag is cleared before the handlers run: a signal
+ * that comes after the clear sets it again, and one that came before is run here. */
+static inline int run_irq_handlers(Waiter *w)
+{
+	if (w->wrapped && !__atomic_load_n(&irq_came, __ATOMIC_RELAXED))
+		return 0;
+	__atomic_store_n(&irq_came, 0, __ATOMIC_SEQ_CST);
+	return PyErr_CheckSignals();
+}
+
+static PyObject *Waiter_install_signal_handlers(Waiter *w, PyObject *Py_UNUSED(ignored))
+{
+	sigset_t old;
+	int all = 1;
+
+	if (!w->buf) {
+		PyErr_SetString(PyExc_RuntimeError, "Waiter is not initialised");
+		return NULL;
+	}
+	/* Blocked meanwhile: irq_arrived() never reads a python_action being written. */
+	pthread_sigmask(SIG_BLOCK, &w->irq, &old);
+	for (int k = 0; k < w->nirq; k++) {
+		int sig = w->irq_list[k];
+		struct sigaction cur, mine;
+
+		if (sigaction(sig, NULL, &cur) < 0) {
+			all = 0;
+			continue;
+		}
+		if (is_irq_arrived(&cur))
+			continue;
+		if (!(cur.sa_flags & SA_SIGINFO) && (cur.sa_handler == SIG_DFL || cur.sa_handler == SIG_IGN)) {
+			all = 0;  /* no handler to run first: left as it is, and looked for every time */
+			continue;
+		}
+		python_action[sig] = cur;
+		mine = cur;
+		mine.sa_sigaction = irq_arrived;
+		mine.sa_flags |= SA_SIGINFO;
+		if (sigaction(sig, &mine, NULL) < 0)
+			all = 0;
+	}
+	/* A signal that came before the wrap was noted by Python alone: the interpreter runs its handler
+	 * at its next instruction, before any wait. One held off meanwhile comes at the unblock. */
+	__atomic_store_n(&irq_came, 0, __ATOMIC_SEQ_CST);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	w->wrapped = all;
+	return PyBool_FromLong(all);
 }
 
 /* An unacknowledged message in the mailbox that take_init() takes (its seq in *seq): INIT alone,
@@ -918,12 +1014,13 @@ static PyObject *answered(Waiter *w, Ack *a, int slept, int64_t seen)
 }
 
 /* try_ack(), once any interrupt that came with the kick has gone first: its signal (arrived
- * with the kick, or while we spun) has its Python handler pending; run it, so its byte is
- * raised and the interrupt is taken first, in MWAIT, by the Python path, as there.
+ * with the kick, or while we spun) has its Python handler pending; run it (run_irq_handlers:
+ * when one came), so its byte is raised and the interrupt is taken first, in MWAIT, by the
+ * Python path, as there.
  * -1: a handler raised (an exception is set), 0: not a kick to answer here, 1: answered. */
 static int answer_kick(Waiter *w, Ack *a, int64_t *seen, int by_content)
 {
-	if (PyErr_CheckSignals() < 0)
+	if (run_irq_handlers(w) < 0)
 		return -1;
 	return try_ack(w, a, seen, by_content);
 }
@@ -1109,6 +1206,11 @@ static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 		if (n->need > need)
 			need = n->need;
 	}
+	/* A wait that may answer a kick (answer_kick; with an Init, once a take parks the CPU): a
+	 * signal.signal() since the wrap makes it look every time. Only here: the look costs a system
+	 * call per interrupt signal (~0.3 us each on this host). */
+	if ((a || n) && w->wrapped && !irq_still_wrapped(w))
+		w->wrapped = 0;
 	if (w->busy) {  /* w->base is the running call's: one wait() per Waiter at a time */
 		PyErr_SetString(PyExc_RuntimeError, "this Waiter is already waiting in another thread");
 		return NULL;
@@ -1309,6 +1411,12 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 }
 
 static PyMethodDef Waiter_methods[] = {
+	{"install_signal_handlers", (PyCFunction)Waiter_install_signal_handlers, METH_NOARGS,
+	 "install_signal_handlers() -> bool\n\n"
+	 "After the process's own handlers of the interrupt signals (Python's): put a C handler in front of\n"
+	 "each that runs it, then notes that an interrupt came, so that the answer to a kick runs the\n"
+	 "interpreter's pending handlers only when one did (irq_arrived). True when every interrupt signal\n"
+	 "had a handler to wrap; a wait that finds one replaced since (signal.signal()) looks every time."},
 	{"wait", (PyCFunction)Waiter_wait, METH_VARARGS,
 	 "wait(spin_ns, deadline_ns, ack, init=None) -> (code, arg, acked_ns)\n\n"
 	 "Wait for the wake words: spin for spin_ns (-1: until woken; 0: not at all), then sleep\n"

@@ -97,9 +97,9 @@ class CpuCore:
         _signal.signal(signal.SIGHUP, _signal.SIG_DFL)
         for sig in self.signals.values():
             _signal.signal(sig, self._on_interrupt)
-        install = getattr(self.waiter, "install_signal_handlers", None)  # the Python Waiter's timer; C needs none
-        if install is not None:
-            install()
+        # After ours: the Python Waiter's timer; the compiled one's notes, in front of each handler
+        # above, that an interrupt came (so that its answer to a kick asks the interpreter only then).
+        self.waiter.install_signal_handlers()
         # The doorbell stays blocked for life: it is only ever taken by sigwaitinfo in
         # the waiter's sleep, and one that arrives while we are awake just ends the next
         # sleep early.

@@ -11,6 +11,7 @@ import mmap
 import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -283,7 +284,7 @@ def _writer(seg, control_value, out, waiting, ipi_first=False, irq_first=False):
         pass
     out.put({"status": u32[md + 1], "wake": _wake_word(seg), "armed": seg.u16[entry], "watching": watching})
     Bus(seg).wake(CPU, L.WAKE_WRITE)
-    if control_value == L.CPUDEAD_MWAIT_KEXEC_HLT and not (ipi_first or irq_first):  # answered: now in HLT, which the write does not end
+    if u32[md + 1] == L.CPUDEAD_MWAIT_KEXEC_HLT:  # answered: now in HLT, which the write does not end
         deadline = time.monotonic() + 30
         while seg.u16[entry] and time.monotonic() < deadline:  # it leaves the directory once it has its byte
             pass
@@ -295,9 +296,10 @@ def _proc_state(pid: int) -> str:
     return stat_fields(pid)[0].decode()
 
 
-def _spin_with_ack(seg, control_value, ipi_first=False, irq_first=None):
+def _spin_with_ack(seg, control_value, ipi_first=False, irq_first=None, checks=()):
     """``irq_first``: how the spinner's handler of RT_IRQ is set (see
-    test_an_interrupt_that_reached_a_spinning_cpu_before_its_kick_is_taken_first)."""
+    test_an_interrupt_that_reached_a_spinning_cpu_before_its_kick_is_taken_first); ``checks``:
+    the resume's tags, as hotpath.ack() takes them."""
     seg.set_hdr("hot_path", L.HotPath.C)
     ctx = multiprocess.get_context("fork")
     out, waiting = ctx.SimpleQueue(), ctx.Event()
@@ -314,7 +316,7 @@ def _spin_with_ack(seg, control_value, ipi_first=False, irq_first=None):
                 signal.signal(RT_IRQ, raise_irq)
         else:
             w = _waiter(seg)
-        ack = hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, [])
+        ack = hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, list(checks))
         waiting.set()
         r = w.wait(-1, 0, ack)
     finally:
@@ -353,6 +355,33 @@ def test_a_spinning_cpu_answers_a_kick_it_sees_on_its_control_word_and_takes_the
     assert seg.u16[seg.geo.dir_off // L.DIR_ENTRY + MD_OFF // L.LINE] == 0
     assert seg.cb(CPU, "wake_write") == 1 and seg.cb(CPU, "state") == L.ExecState.HLT
 
+
+@pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
+@pytest.mark.parametrize("overwritten", [None, 0, 1, 2, "hi"])
+def test_a_spinning_cpu_answers_only_when_the_resume_finds_every_tag(seg, overwritten):
+    """The resume's tags (the old kernel's page tables, text and stack) are checked after the
+    wake-up: all found, the compiled path answers; any one overwritten (its low word, or ``hi``:
+    the last one's high word), it leaves the wake-up to the Python path, whose resume then fails
+    as the kernel's would, and stores no status."""
+    mem = seg.geo.mem_off
+    tags = []
+    for k in range(3):  # three pages' first 16 bytes, past CPU 1's mwait_cpu_dead
+        off = MD_OFF + (k + 2) * L.PAGE
+        lo, hi = 0x1111_0000 + k, 0x2222_0000 + k
+        struct.pack_into("<QQ", seg.buf, mem + off, lo, hi)
+        tags.append((None, "text", (mem + off) // 8, lo, hi))
+    if overwritten == "hi":
+        struct.pack_into("<Q", seg.buf, mem + MD_OFF + 4 * L.PAGE + 8, 0xDEAD)
+    elif overwritten is not None:
+        struct.pack_into("<Q", seg.buf, mem + MD_OFF + (overwritten + 2) * L.PAGE, 0xDEAD)
+    (code, _arg, seen), during = _spin_with_ack(seg, L.CPUDEAD_MWAIT_KEXEC_HLT, checks=tags)
+    if overwritten is None:
+        assert during["status"] == L.CPUDEAD_MWAIT_KEXEC_HLT and code == hotpath.WOKE and seen > 0, during
+        return
+    assert during["status"] == 0 and during["armed"] == CPU + 1, during
+    assert (code, seen) == (hotpath.WOKE, 0)
+    assert _wake_word(seg) & 0xFF == 1  # the WRITE byte, left for the caller
+    assert seg.cb(CPU, "wake_write") == 0
 
 @pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
 def test_a_control_word_changed_to_anything_else_waits_for_the_write_byte_and_goes_to_python(seg):

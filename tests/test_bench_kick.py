@@ -292,6 +292,54 @@ def test_a_floor_whose_sleeper_is_killed_fails_with_why_and_leaves_no_process(tm
     for s in sleepers:
         assert not s.is_running() or s.status() == psutil.STATUS_ZOMBIE, s
 
+
+def test_a_build_directory_left_by_a_killed_measurement_goes_at_the_next_and_nothing_else_does(tmp_path, monkeypatch):
+    """SIGKILL of the process that measures leaves its private directory (the compiler's temporary
+    files in it too). The next measurement removes it, its maker gone, and leaves what is not such a
+    leftover of ours: the directory of a live maker, one that is not 0700, a symbolic link, and
+    another user's."""
+    import psutil
+
+    from smpd.host import trust
+    from smpd.tools import hwfloor
+
+    _compiler()
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir(mode=0o700)
+    code = "from smpd.tools import hwfloor; hwfloor.measure(200_000_000)"  # minutes of ping-pong
+    p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "TMPDIR": str(tmp)},
+                         preexec_fn=functools.partial(die_with_parent, os.getpid()))
+    try:
+        left = wait_until(lambda: [d for d in tmp.iterdir() if (d / "hwfloor").exists()], 60, "the floor built")[0]
+        wait_until(lambda: any(c.name() == "hwfloor" for c in psutil.Process(p.pid).children()), 30, "the floor running")
+    finally:
+        p.kill()
+        p.wait()
+    assert left.name.startswith(f"smpd-hwfloor-{p.pid}-") and left.is_dir()  # left behind, named for its maker
+    wait_until(lambda: not [q for q in psutil.process_iter(["exe"]) if (q.info["exe"] or "").startswith(str(left))],
+               30, "the floor's process gone with its maker")
+    me = os.getpid()
+    live = tmp / f"smpd-hwfloor-{me}-{trust.start_ticks(me)}-live"
+    loose = tmp / f"smpd-hwfloor-{p.pid}-{trust.start_ticks(me)}-loose"
+    link = tmp / f"smpd-hwfloor-{p.pid}-1-link"
+    for d in (live, loose):
+        d.mkdir(mode=0o700)
+    loose.chmod(0o755)
+    link.symlink_to(live)
+    others = []
+    if os.geteuid() == 0:  # another user's leftover: never ours to remove
+        other = tmp / f"smpd-hwfloor-{p.pid}-1-other"
+        other.mkdir(mode=0o700)
+        os.chown(other, 65534, 65534)
+        others.append(other)
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    assert hwfloor.measure(1000)["available"]
+    assert not left.exists()
+    assert sorted(tmp.iterdir()) == sorted([live, loose, link, *others])
+
+
 def test_the_floor_builds_with_the_system_s_compiler_not_one_planted_on_path(tmp_path, monkeypatch):
     """smpd often runs as root with a PATH that may name a directory another user can write: the
     floor's compiler, and the assembler and linker it runs, come from the system's directories,

@@ -12,9 +12,11 @@ often as root, must be one it has just built where nobody else can write (a cach
 under $XDG_CACHE_HOME or ~ may be another user's to plant a file in). The build
 costs a fraction of a second per benchmark. Without a compiler the floor is
 reported unavailable, with the reason, and ratios are left out rather than
-guessed. The measuring process dies with us, and so do its own children. A SIGKILL of
-the process that builds leaves its private directory behind (in $TMPDIR: 0700, ours); any
-other end of it removes the directory.
+guessed. The measuring process dies with us, and so do its own children. The compiler's
+own temporary files go into the private directory too (its TMPDIR). A SIGKILL of the
+process that builds leaves that directory behind; its name says whose it was (pid and start
+time), and the next measurement of the same user removes it once that process is gone
+(sweep_stale: ours, 0700, a directory, its maker dead; another user's is never touched).
 """
 
 from __future__ import annotations
@@ -89,14 +91,48 @@ def build(private: str) -> tuple[str | None, str]:
     if why:
         return None, f"not running the compiler {cc}: {why}"
     exe = os.path.join(private, "hwfloor")
-    try:
+    try:  # its temporary files (.s, .o) in ``private`` too: a SIGKILL leaves nothing elsewhere
         r = subprocess.run([cc, "-O2", "-pthread", "-o", exe, str(SOURCE)], capture_output=True, text=True,
-                           cwd=private, env=TOOL_ENV, timeout=120, preexec_fn=_dies_with_us())
+                           cwd=private, env={**TOOL_ENV, "TMPDIR": private}, timeout=120,
+                           preexec_fn=_dies_with_us())
     except subprocess.TimeoutExpired:
         return None, f"{cc} did not build {SOURCE.name} within 120 s"
     if r.returncode:
         return None, f"{cc} could not build {SOURCE.name}: {r.stderr.strip()[:200]}"
     return exe, cc
+
+
+PREFIX = "smpd-hwfloor-"  # then the maker's pid and start time (trust.start_ticks), then mkdtemp's letters
+
+
+def _private_prefix() -> str:
+    pid = os.getpid()
+    return f"{PREFIX}{pid}-{trust.start_ticks(pid)}-"
+
+
+def sweep_stale(tmp: str) -> list[str]:
+    """Remove the private directories in ``tmp`` that a process of ours left when it was killed
+    before it could (SIGKILL): ours (uid), a directory and not a link, 0700, named for a maker
+    (pid, start time) that no longer runs. What was removed."""
+    gone = []
+    try:
+        entries = list(os.scandir(tmp))
+    except OSError:
+        return gone
+    for e in entries:
+        if not e.name.startswith(PREFIX):
+            continue
+        try:
+            pid, start = (int(x) for x in e.name[len(PREFIX):].split("-")[:2])
+            st = os.lstat(e.path)
+        except (ValueError, OSError):
+            continue
+        if (not stat.S_ISDIR(st.st_mode) or st.st_uid != trust.me() or stat.S_IMODE(st.st_mode) != 0o700
+                or not start or trust.is_our_process(pid, start)):
+            continue
+        shutil.rmtree(e.path, ignore_errors=True)  # fd-relative on Linux: no link inside is followed
+        gone.append(e.path)
+    return gone
 
 
 def _dies_with_us():
@@ -116,7 +152,8 @@ def _measure(iterations: int, wake: bool, sequence: int, pause_us: int) -> dict:
     why = _untrusted(tmp, sticky_ok=True)
     if why:
         return {"available": False, "why": f"not building in $TMPDIR {tmp}: {why} (set TMPDIR to a directory of yours)"}
-    with tempfile.TemporaryDirectory(prefix="smpd-hwfloor-", dir=tmp) as private:  # 0700, ours, new
+    sweep_stale(tmp)
+    with tempfile.TemporaryDirectory(prefix=_private_prefix(), dir=tmp) as private:  # 0700, ours, new
         exe, cc = build(private)
         if exe is None:
             return {"available": False, "why": cc}

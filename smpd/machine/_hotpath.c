@@ -205,12 +205,6 @@ static int Ack_init(Ack *self, PyObject *args, PyObject *kw)
 		self->tag_hi[k] = hi;
 	}
 	Py_DECREF(tags);
-	/* Fillers: tag 0 again, or without tags the 16 bytes around control (its line), masked out. */
-	for (int k = 0; k < MAX_TAGS; k++) {
-		self->tag_mask[k] = k < self->ntags ? ~0ULL : 0;
-		if (k >= self->ntags)
-			self->tag_off[k] = self->ntags ? self->tag_off[0] : self->control & ~(Py_ssize_t)15;
-	}
 	{
 		enum { N = 11 };
 		Py_ssize_t off[N] = {self->control, self->status, self->seen, self->dir_entry, self->armed,
@@ -222,9 +216,20 @@ static int Ack_init(Ack *self, PyObject *args, PyObject *kw)
 		for (int k = 0; k < N; k++)
 			if (extend_need("Ack", off[k], size[k], &self->need) < 0)
 				return -1;
-		for (int k = 0; k < MAX_TAGS; k++)
+		for (int k = 0; k < self->ntags; k++)
 			if (extend_need("Ack", self->tag_off[k], 16, &self->need) < 0)
 				return -1;
+	}
+	/* Fillers, masked out: tag 0 again, or without tags the 16 bytes around control (its line,
+	 * already in the cache), or where those would pass `need`, the 16 bytes below it: a filler
+	 * never makes the Ack ask for more of the segment. */
+	for (int k = 0; k < MAX_TAGS; k++) {
+		Py_ssize_t around = self->control & ~(Py_ssize_t)15;
+
+		self->tag_mask[k] = k < self->ntags ? ~0ULL : 0;
+		if (k >= self->ntags)
+			self->tag_off[k] = self->ntags ? self->tag_off[0]
+				: around + 16 <= self->need ? around : (self->need - 16) & ~(Py_ssize_t)7;
 	}
 	self->ready = 1;
 	return 0;
@@ -527,6 +532,7 @@ typedef struct {
 	sigset_t irq, sleep_set;
 	int irq_list[NSIG], nirq;  /* the members of `irq`, for irq_pending() */
 	int wrapped;  /* each of `irq` goes through irq_arrived() (install_signal_handlers; checked by wait()) */
+	pthread_t wrapper;  /* the thread that wrapped them: Python's main thread, which runs their handlers */
 } Waiter;
 
 static int sigset_from(PyObject *seq, sigset_t *set)
@@ -698,8 +704,17 @@ static inline int run_irq_handlers(Waiter *w)
 {
 	if (w->wrapped && !__atomic_load_n(&irq_came, __ATOMIC_RELAXED))
 		return 0;
+	/* Only the thread that runs Python's handlers (the main one, which wrapped them) may say they
+	 * ran: elsewhere PyErr_CheckSignals() runs none, and the flag stays for the main thread. */
+	if (!pthread_equal(pthread_self(), w->wrapper))
+		return PyErr_CheckSignals();
 	__atomic_store_n(&irq_came, 0, __ATOMIC_SEQ_CST);
-	return PyErr_CheckSignals();
+	if (PyErr_CheckSignals() < 0) {
+		/* A handler raised: Python runs the others later; look again then. */
+		__atomic_store_n(&irq_came, 1, __ATOMIC_SEQ_CST);
+		return -1;
+	}
+	return 0;
 }
 
 static PyObject *Waiter_install_signal_handlers(Waiter *w, PyObject *Py_UNUSED(ignored))
@@ -738,6 +753,7 @@ static PyObject *Waiter_install_signal_handlers(Waiter *w, PyObject *Py_UNUSED(i
 	 * at its next instruction, before any wait. One held off meanwhile comes at the unblock. */
 	__atomic_store_n(&irq_came, 0, __ATOMIC_SEQ_CST);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	w->wrapper = pthread_self();
 	w->wrapped = all;
 	return PyBool_FromLong(all);
 }
@@ -937,6 +953,29 @@ static void await_write_byte(char *wake)
 }
 
 /*
+ * Nonzero when the compiled path leaves the wake-up to the Python path: an interrupt, IPI or timer
+ * byte (Python takes it first, in MWAIT, then rechecks control as mwait_play_dead() does, and
+ * answers there); no WRITE byte, unless the write was seen on the control word itself (the bus
+ * raises the byte after that); a tag the resume does not find; control not
+ * CPUDEAD_MWAIT_KEXEC_HLT. In that order, the loads then one test (``by_content`` is the call
+ * site's, its branch predicted): this code runs once per kick, its branches cold (the interpreter
+ * ran in between), and each mispredicted one cost ~5 ns of the way to the answer (rdtsc around
+ * the checks: 40 ns with a branch per check, 20 ns without).
+ */
+static inline uint64_t kick_checks_fail(Waiter *w, Ack *a, int by_content)
+{
+	char *b = w->base;
+	uint64_t bad = LOAD32(b + w->wake) & ~0xFFu;
+
+	if (!by_content)
+		bad |= !LOAD32(b + w->write);
+	for (int k = 0; k < MAX_TAGS; k++)
+		bad |= a->tag_mask[k] & ((LOAD64(b + a->tag_off[k]) ^ a->tag_lo[k]) |
+					 (LOAD64(b + a->tag_off[k] + 8) ^ a->tag_hi[k]));
+	return bad | (LOAD32(b + a->control) ^ a->kexec_hlt);
+}
+
+/*
  * The woken CPU's path in mwait_play_dead(), when the only thing that woke it is a
  * bus write (its WRITE byte; or, ``by_content``, while it spins, the control word it
  * monitors seen to change: a write to the line, which is what ends MWAIT): the resume
@@ -956,27 +995,6 @@ static void await_write_byte(char *wake)
  * that clock warm), and right before it after a wake-up; smpd.kernel.kick takes no
  * one-way sample from a stamp later than the kicker's own sight of the answer.
  */
-/*
- * Nonzero when the wake-up is not a kick to answer here: an interrupt, IPI or timer byte; no WRITE
- * byte, unless the write was seen on the control word itself (the bus raises the byte after that);
- * a tag the resume does not find; control not CPUDEAD_MWAIT_KEXEC_HLT. In that order, with no branch
- * between the loads: this code runs once per kick, its branches cold (the interpreter ran in
- * between), and each mispredicted one cost ~5 ns of the way to the answer (rdtsc around the checks:
- * 40 ns with a branch per check, 20 ns without).
- */
-static inline uint64_t kick_checks_fail(Waiter *w, Ack *a, int by_content)
-{
-	char *b = w->base;
-	uint64_t bad = LOAD32(b + w->wake) & ~0xFFu;
-
-	if (!by_content)
-		bad |= !LOAD32(b + w->write);
-	for (int k = 0; k < MAX_TAGS; k++)
-		bad |= a->tag_mask[k] & ((LOAD64(b + a->tag_off[k]) ^ a->tag_lo[k]) |
-					 (LOAD64(b + a->tag_off[k] + 8) ^ a->tag_hi[k]));
-	return bad | (LOAD32(b + a->control) ^ a->kexec_hlt);
-}
-
 static int try_ack(Waiter *w, Ack *a, int64_t *seen, int by_content)
 {
 	char *b = w->base;
@@ -1037,9 +1055,10 @@ static PyObject *answered(Waiter *w, Ack *a, int slept, int64_t seen)
 
 /* try_ack(), once any interrupt that came with the kick has gone first: its signal (arrived
  * with the kick, or while we spun) has its Python handler pending; run it (run_irq_handlers:
- * when one came), so its byte is raised and the interrupt is taken first, in MWAIT, by the
- * Python path, as there.
- * -1: a handler raised (an exception is set), 0: not a kick to answer here, 1: answered. */
+ * when one came), so its byte is raised and try_ack leaves the wake-up to the Python path,
+ * which takes the interrupt first, in MWAIT, and then answers the kick as mwait_play_dead()
+ * does after an NMI: control read again.
+ * -1: a handler raised (an exception is set), 0: left to the Python path, 1: answered. */
 static int answer_kick(Waiter *w, Ack *a, int64_t *seen, int by_content)
 {
 	if (run_irq_handlers(w) < 0)

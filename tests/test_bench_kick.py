@@ -293,6 +293,30 @@ def test_a_floor_whose_sleeper_is_killed_fails_with_why_and_leaves_no_process(tm
         assert not s.is_running() or s.status() == psutil.STATUS_ZOMBIE, s
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a directory of another uid (chown)")
+def test_a_tmpdir_reached_through_a_link_into_another_user_s_directory_is_refused(tmp_path, monkeypatch):
+    """A symbolic link in the middle of $TMPDIR's path (ours) that leads into a directory another
+    user owns (sticky or not, they may rename what is in it): the walk of the path as written never
+    sees that directory; the real path's is walked too, and the floor is not built there."""
+    import tempfile
+
+    from smpd.tools import hwfloor
+
+    _compiler()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    theirs.chmod(0o1777)
+    (theirs / "mine").mkdir(mode=0o700)
+    ours = tmp_path / "ours"
+    ours.mkdir(mode=0o700)
+    (ours / "via").symlink_to(theirs)
+    monkeypatch.setattr(tempfile, "tempdir", str(ours / "via" / "mine"))
+    f = hwfloor.measure(1000)
+    assert f["available"] is False and f"{theirs}, on the way to {ours / 'via' / 'mine'}, belongs to uid 65534" in f["why"], f
+    assert list((theirs / "mine").iterdir()) == []
+
+
 def test_a_build_directory_left_by_a_killed_measurement_goes_at_the_next_and_nothing_else_does(tmp_path, monkeypatch):
     """SIGKILL of the process that measures leaves its private directory (the compiler's temporary
     files in it too). The next measurement removes it, its maker gone, and leaves what is not such a

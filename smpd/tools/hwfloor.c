@@ -155,22 +155,25 @@ static void sleeper(struct slot *me, const sigset_t *urg, pid_t parent)
 
 /* Has the sleeper ended (killed by someone, the OOM killer) without storing `pong` = i? Asked every
  * 2^16 looks of a poll for its `pong`, so that a floor with one sleeper gone fails at once instead of
- * polling until the caller's timeout (smpd.tools.hwfloor). Reaps it: its pid is then no longer ours
- * to signal, and the caller forgets it. ECHILD (SIGCHLD inherited as ignored: the kernel reaped it)
- * is gone too. A sleeper that stored its last `pong` and exited between our look and waitpid()
- * answered: `pong` is read again after. */
-static int gone(pid_t child, unsigned long looks, atomic_long *pong, long i)
+ * polling until the caller's timeout (smpd.tools.hwfloor). A sleeper reaped here, whatever it had
+ * stored (it may have answered its last round and exited between our look and waitpid()), is
+ * forgotten: *child = 0, its pid no longer ours to signal or wait for; so is one the kernel reaped
+ * for us (ECHILD: SIGCHLD inherited as ignored). `pong` is read again after the reap. */
+static int gone(pid_t *child, unsigned long looks, atomic_long *pong, long i)
 {
 	pid_t r;
 
-	if (looks & 0xFFFF)
+	if ((looks & 0xFFFF) || *child <= 0)
 		return 0;
-	r = waitpid(child, NULL, WNOHANG);
-	if (r != child && !(r < 0 && errno == ECHILD))
+	r = waitpid(*child, NULL, WNOHANG);
+	if (r != *child && !(r < 0 && errno == ECHILD))
 		return 0;
-	if (atomic_load_explicit(pong, memory_order_acquire) == i)
+	if (atomic_load_explicit(pong, memory_order_acquire) == i) {
+		*child = 0;
 		return 0;
-	fprintf(stderr, "sleeper %d ended before it answered\n", (int)child);
+	}
+	fprintf(stderr, "sleeper %d ended before it answered\n", (int)*child);
+	*child = 0;
 	return 1;
 }
 
@@ -199,13 +202,15 @@ static int wake_floor(int a, int b, long *rtt)
 		pause_us(300);	/* B is back in sigwaitinfo(): asleep, as a parked CPU is */
 		t0 = now_ns();
 		atomic_store_explicit(&shared->ping, i, memory_order_release);
-		kill(child, SIGURG);
+		if (child > 0)  /* never kill() 0 or -1 */
+			kill(child, SIGURG);
 		for (unsigned long looks = 1; atomic_load_explicit(&shared->pong, memory_order_acquire) != i; looks++)
-			if (gone(child, looks, &shared->pong, i))
+			if (gone(&child, looks, &shared->pong, i))
 				return 2;
 		rtt[i - 1] = now_ns() - t0;
 	}
-	waitpid(child, &status, 0);
+	if (child > 0)  /* not reaped by gone() already */
+		waitpid(child, &status, 0);
 	return 0;
 }
 
@@ -238,12 +243,11 @@ static int wake_sequence(long n, long pause, long *rtt)
 		t0 = now_ns();
 		for (long k = 0; k < n; k++) {
 			atomic_store_explicit(&slots[k].ping, i, memory_order_release);
-			kill(child[k], SIGURG);
+			if (child[k] > 0)
+				kill(child[k], SIGURG);
 			for (unsigned long looks = 1; !rc && atomic_load_explicit(&slots[k].pong, memory_order_acquire) != i; looks++) {
-				if (gone(child[k], looks, &slots[k].pong, i)) {
-					child[k] = 0;  /* reaped: never signalled or waited for again */
+				if (gone(&child[k], looks, &slots[k].pong, i))
 					rc = 2;
-				}
 				sched_yield();
 			}
 		}

@@ -58,21 +58,28 @@ TOOL_ENV = {"PATH": TOOL_PATH, "LC_ALL": "C"}  # and no GCC_EXEC_PREFIX, COMPILE
 
 def _untrusted(path: str, sticky_ok: bool = False) -> str | None:
     """Why the program at ``path`` is not one to run (None when it is): it, every symbolic link on
-    the way to it and every directory above each must be root's or ours and not writable by others,
-    so that nobody else can have put it there or can swap it. ``sticky_ok`` (a directory to make
-    our private one in, $TMPDIR): one that others may write is fine with the sticky bit (/tmp),
-    where nobody else can rename or remove what we make in it."""
+    the way to it and every directory above each, and every directory above where it really is
+    (a link or a ``..`` in the middle of the path leads elsewhere than it reads), must be root's or
+    ours and not writable by others, so that nobody else can have put it there or can swap it.
+    ``sticky_ok`` (a directory to make our private one in, $TMPDIR): one that others may write is
+    fine with the sticky bit (/tmp), where nobody else can rename or remove what we make in it."""
+    def why_not(d: str) -> str | None:
+        st = os.lstat(d)
+        if st.st_uid not in (0, trust.me()):
+            return f"{d}, on the way to {path}, belongs to uid {st.st_uid}"
+        if (st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not stat.S_ISLNK(st.st_mode)
+                and not (sticky_ok and st.st_mode & stat.S_ISVTX)):
+            return f"{d}, on the way to {path}, is writable by others" + (" without the sticky bit" if sticky_ok else "")
+        return None
+
     at = os.path.abspath(path)
     for _hop in range(40):
-        for d in (at, *map(str, Path(at).parents)):
-            st = os.lstat(d)
-            if st.st_uid not in (0, trust.me()):
-                return f"{d}, on the way to {path}, belongs to uid {st.st_uid}"
-            if (st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not stat.S_ISLNK(st.st_mode)
-                    and not (sticky_ok and st.st_mode & stat.S_ISVTX)):
-                return f"{d}, on the way to {path}, is writable by others" + (" without the sticky bit" if sticky_ok else "")
+        why = next(filter(None, map(why_not, (at, *map(str, Path(at).parents)))), None)
+        if why:
+            return why
         if not os.path.islink(at):
-            return None
+            real = os.path.realpath(path)
+            return next(filter(None, map(why_not, (real, *map(str, Path(real).parents)))), None)
         at = os.path.normpath(os.path.join(os.path.dirname(at), os.readlink(at)))
     return f"{path}: too many symbolic links"
 

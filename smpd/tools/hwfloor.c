@@ -161,19 +161,17 @@ static void sleeper(struct slot *me, const sigset_t *urg, pid_t parent)
  * for us (ECHILD: SIGCHLD inherited as ignored). `pong` is read again after the reap. */
 static int gone(pid_t *child, unsigned long looks, atomic_long *pong, long i)
 {
-	pid_t r;
+	pid_t pid = *child, r;
 
-	if ((looks & 0xFFFF) || *child <= 0)
+	if ((looks & 0xFFFF) || pid <= 0)
 		return 0;
-	r = waitpid(*child, NULL, WNOHANG);
-	if (r != *child && !(r < 0 && errno == ECHILD))
+	r = waitpid(pid, NULL, WNOHANG);
+	if (r != pid && !(r < 0 && errno == ECHILD))
 		return 0;
-	if (atomic_load_explicit(pong, memory_order_acquire) == i) {
-		*child = 0;
-		return 0;
-	}
-	fprintf(stderr, "sleeper %d ended before it answered\n", (int)*child);
 	*child = 0;
+	if (atomic_load_explicit(pong, memory_order_acquire) == i)
+		return 0;
+	fprintf(stderr, "sleeper %d ended before it answered\n", (int)pid);
 	return 1;
 }
 

@@ -72,14 +72,16 @@ def _untrusted(path: str, sticky_ok: bool = False) -> str | None:
             return f"{d}, on the way to {path}, is writable by others" + (" without the sticky bit" if sticky_ok else "")
         return None
 
+    def walk(p: str) -> str | None:  # ``p`` and every directory above it
+        return next(filter(None, map(why_not, (p, *map(str, Path(p).parents)))), None)
+
     at = os.path.abspath(path)
     for _hop in range(40):
-        why = next(filter(None, map(why_not, (at, *map(str, Path(at).parents)))), None)
+        why = walk(at)
         if why:
             return why
         if not os.path.islink(at):
-            real = os.path.realpath(path)
-            return next(filter(None, map(why_not, (real, *map(str, Path(real).parents)))), None)
+            return walk(os.path.realpath(path))
         at = os.path.normpath(os.path.join(os.path.dirname(at), os.readlink(at)))
     return f"{path}: too many symbolic links"
 

@@ -322,6 +322,8 @@ def test_a_build_directory_left_by_a_killed_measurement_goes_at_the_next_and_not
     files in it too). The next measurement removes it, its maker gone, and leaves what is not such a
     leftover of ours: the directory of a live maker, one that is not 0700, a symbolic link, and
     another user's."""
+    import tempfile
+
     import psutil
 
     from smpd.host import trust
@@ -356,8 +358,6 @@ def test_a_build_directory_left_by_a_killed_measurement_goes_at_the_next_and_not
         other.mkdir(mode=0o700)
         os.chown(other, 65534, 65534)
         others.append(other)
-    import tempfile
-
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     assert hwfloor.measure(1000)["available"]
     assert not left.exists()

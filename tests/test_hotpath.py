@@ -251,6 +251,11 @@ def test_a_cpu_s_stamp_after_the_kicker_saw_its_answer_gives_no_one_way_sample(s
 RT_IRQ = signal.SIGRTMIN + 7  # an interrupt signal numbered above the doorbell's, as smpd's are
 
 
+def _raising_irq_byte(seg):
+    """An interrupt signal's handler as smpd.machine.core's: it raises CPU 1's IRQ byte."""
+    return lambda *_: seg.buf.__setitem__(seg.cb_byte(CPU, "wake", L.WAKE_IRQ), 1)
+
+
 def _writer(seg, control_value, out, waiting, ipi_first=False, irq_first=False):
     """The forked helper: a writer that stores ``control_value`` into CPU 1's monitored control word
     without the bus's WRITE byte (the moment between the bus's store and its byte, held open), says
@@ -308,7 +313,7 @@ def _spin_with_ack(seg, control_value, ipi_first=False, irq_first=None, checks=(
     try:
         if irq_first:
             w = hotpath.waiter(seg, CPU, {IRQ, RT_IRQ}, DOORBELL_SIGNAL)
-            raise_irq = lambda *_: seg.buf.__setitem__(seg.cb_byte(CPU, "wake", L.WAKE_IRQ), 1)  # noqa: E731
+            raise_irq = _raising_irq_byte(seg)
             signal.signal(RT_IRQ, raise_irq)  # as smpd.machine.core's, then the Waiter's in front
             signal.signal(IRQ, raise_irq)
             assert w.install_signal_handlers() is True
@@ -383,6 +388,7 @@ def test_a_spinning_cpu_answers_only_when_the_resume_finds_every_tag(seg, overwr
     assert _wake_word(seg) & 0xFF == 1  # the WRITE byte, left for the caller
     assert seg.cb(CPU, "wake_write") == 0
 
+
 @pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
 def test_a_control_word_changed_to_anything_else_waits_for_the_write_byte_and_goes_to_python(seg):
     """A write that is not the kick (the kexec copy's bytes, say) is not answered in C: the CPU
@@ -406,8 +412,6 @@ def test_a_kick_that_comes_with_an_ipi_is_not_answered_in_c(seg, attempt):
     assert (code, seen) == (hotpath.WOKE, 0)
     assert _wake_word(seg) & (1 << 8 * L.WAKE_IPI)
     assert seg.cb(CPU, "wake_write") == 0
-
-
 
 
 def _kick_a_sleeper(seg, bus, cpu_pid: int, irq_first: bool):
@@ -440,7 +444,7 @@ def _sleeping_cpu(seg, lone: bool, kicker: int, out: int):
         w = hotpath.waiter(seg, CPU, {IRQ, RT_IRQ}, DOORBELL_SIGNAL)
         ack = hotpath.ack(seg, CPU, L.PHYS_BASE + MD_OFF, [])
         w.lone = lone
-        signal.signal(RT_IRQ, lambda *_: seg.buf.__setitem__(seg.cb_byte(CPU, "wake", L.WAKE_IRQ), 1))
+        signal.signal(RT_IRQ, _raising_irq_byte(seg))
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # its wake-ups never preempt the kicker
         answer = ("ok", w.wait(0, _no_doorbell_deadline(), ack))  # a kicker that never rings: TIMEOUT
     except BaseException as err:  # noqa: B036 - whatever happened, said to the test

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import posix_ipc
 import psutil
@@ -232,8 +233,9 @@ def coordinator_command(fd: int) -> list[str]:
     return [sys.executable, "-P", "-m", "smpd.daemon", str(fd)]
 
 
-def start_daemon(spec: dict) -> dict:
-    """Start the coordinator detached; return its summary once every CPU is online.
+def start_daemon(spec: dict, meanwhile: Callable[[], object] = lambda: None) -> dict:
+    """Start the coordinator detached; return its summary once every CPU is online. ``meanwhile``
+    runs once the coordinator has the spec (our own work, done while the machine comes up).
 
     If this process is interrupted while waiting, the daemon is told to stop and we
     wait for it to clean up before re-raising; if this process dies, the daemon sees
@@ -265,6 +267,7 @@ def start_daemon(spec: dict) -> dict:
             errf.close()
     try:
         ours.sendall(json.dumps(spec).encode() + b"\n")
+        meanwhile()
         line = _read_line(ours, proc, timeout_s)
         if line:
             ours.sendall(ACK)

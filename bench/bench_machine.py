@@ -10,7 +10,9 @@ JSON record (bench/record.py; compare two with bench/compare.py).
 What it measures, and the target it is read against:
 
 * bring-up: `smpd up` of 64, 256 and 1024 CPUs (--sizes), wall time of the command and the
-  coordinator's own, from its segment's creation to every CPU online; then `smpd status`
+  coordinator's own, from its segment's creation to every CPU online; where its host CPU went (a
+  CPU process's page faults and CPU, medians over the machine's; the coordinator's; the
+  template's: the copy-on-write faults of the CPU processes are most of it); then `smpd status`
   (the grid of many CPUs), `smpd status --json` (every CPU in full), `smpd offline` of every
   CPU but 0 (each CPU's first park in mwait_play_dead(): no target, but it was quadratic once)
   and `smpd down` of that machine, its CPUs parked (before 8e79f8c, online: records of the two
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import statistics
 import subprocess
 import sys
 import time
@@ -77,9 +80,36 @@ def _kdamond_s() -> float | None:
     return total if seen else None
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (state first): minflt is [7], utime [11]."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def bringup_costs() -> dict[str, float]:
+    """Where a bring-up's host CPU went, read right after it (before any other command): each CPU
+    process's page faults and CPU (medians over the machine's), the coordinator's CPU, and the
+    template's (the coordinator's reaped children: the template alone at this point)."""
+    m = lifecycle.require(NAME).request("status")
+    faults, cpu_ms = [], []
+    for c in m["cpus"][1:]:
+        try:
+            faults.append(int(_stat(c["pid"])[7]))
+            with open(f"/proc/{c['pid']}/schedstat") as f:
+                cpu_ms.append(int(f.read().split()[0]) / 1e6)
+        except (OSError, IndexError, ValueError):
+            pass
+    coord = _stat(m["machine"]["pid"])
+    tick_ms = 1e3 / os.sysconf("SC_CLK_TCK")
+    return {"faults": statistics.median(faults), "cpu_ms": statistics.median(cpu_ms),
+            "coordinator_ms": (int(coord[11]) + int(coord[12])) * tick_ms,
+            "template_ms": (int(coord[13]) + int(coord[14])) * tick_ms}
+
+
 def bench_bringup(rec: Record, sizes: list[int], repeats: int, up_args: list[str]) -> None:
     for n in sizes:
         walls, coords, statuses, jsons, offlines, downs, damon = [], [], [], [], [], [], []
+        costs: dict[str, list[float]] = {}
         for _ in range(repeats if n <= 256 else 1):
             k0 = _kdamond_s()
             t0 = time.perf_counter()
@@ -87,6 +117,8 @@ def bench_bringup(rec: Record, sizes: list[int], repeats: int, up_args: list[str
             walls.append((time.perf_counter() - t0) * 1e3)
             if k0 is not None:
                 damon.append(_kdamond_s() - k0)
+            for k, v in bringup_costs().items():
+                costs.setdefault(k, []).append(v)
             coords.append(lifecycle.require(NAME).request("status")["machine"]["bringup_ms"])
             for _ in range(3):
                 for args, times in ((("status",), statuses), (("status", "--json"), jsons)):
@@ -102,6 +134,13 @@ def bench_bringup(rec: Record, sizes: list[int], repeats: int, up_args: list[str
         rec.add(f"bring-up {n} CPUs (smpd up, wall)", "ms", walls)
         rec.add(f"bring-up {n} CPUs, per CPU (smpd up, wall)", "ms/CPU", [w / n for w in walls])
         rec.add(f"bring-up {n} CPUs (coordinator: segment created to all online)", "ms", coords)
+        rec.add(f"bring-up {n} CPUs: a CPU process's page faults once online (median of its CPUs)", "faults",
+                costs["faults"])
+        rec.add(f"bring-up {n} CPUs: a CPU process's host CPU once online (median of its CPUs)", "ms",
+                costs["cpu_ms"])
+        rec.add(f"bring-up {n} CPUs: the coordinator's host CPU, from its start", "ms", costs["coordinator_ms"])
+        rec.add(f"bring-up {n} CPUs: the template's host CPU (it forks every CPU process)", "ms",
+                costs["template_ms"])
         rec.add(f"status {n} CPUs (smpd status, wall)", "ms", statuses)
         rec.add(f"status {n} CPUs, every CPU in full (smpd status --json, wall)", "ms", jsons)
         rec.add(f"offline {n - 1} CPUs (smpd offline 1-{n - 1}, wall)", "ms", offlines)

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import Machine, gone, run_smpd, segment_path, wait_until
 from smpd.host import proc, trust
-from smpd.machine import layout as L
+from smpd.machine import events, layout as L
 
 
 @pytest.mark.parametrize("cpus", [2, 8, 64])
@@ -100,6 +100,26 @@ def test_init_then_sipi_is_one_mailbox_message_the_ap_takes_in_one_go(machine):
             assert (seg.cb(c, "init_count"), seg.cb(c, "sipi_count")) == (init + 1, sipi + 1)
             assert seg.cb(c, "state") == L.ExecState.RUNNING
     assert {c["state"] for c in m.status()["cpus"][1:]} == {"RUNNING"}
+
+
+@pytest.mark.parametrize("hot_path, boot", [("c", "smt"), ("c", "nosmt"), ("python", "smt")])
+def test_a_cpu_takes_its_first_init_and_sipi_in_its_compiled_wait_unless_its_kernel_parks_it(machine, hot_path, boot):
+    """The template teaches each CPU it forks generation 1 (Handoff.learn_boot): on the compiled
+    path the bring-up's INIT and SIPI are taken in one step, both events at one clock read, as a
+    SIPI into any generation the CPU ran in before; a nosmt sibling's, which that kernel parks at
+    boot through play_dead(), is the Python path's (its events apart), and so is every CPU's on a
+    machine of the Python hot path. Either way each is counted once and the CPU ends where its
+    kernel puts it."""
+    m = machine(4, "--hot-path", hot_path, "--boot", boot)
+    with m.segment() as seg:
+        for c in (1, 2, 3):
+            logged, lost = events.read_since(seg, c, 0)
+            at = {code: ns for ns, code, _arg in logged if code in (L.Ev.INIT, L.Ev.SIPI)}
+            sibling = boot == "nosmt" and c % 2 == 1
+            assert lost == 0 and set(at) == {L.Ev.INIT, L.Ev.SIPI}, logged
+            assert (at[L.Ev.INIT] == at[L.Ev.SIPI]) == (hot_path == "c" and not sibling), (c, logged)
+            assert (seg.cb(c, "init_count"), seg.cb(c, "sipi_count")) == (1, 1)
+            assert seg.cb(c, "state") == (L.ExecState.MWAIT if sibling else L.ExecState.RUNNING)
 
 
 def test_a_reset_takes_its_offline_cpus_down_in_the_message_that_starts_them(machine):

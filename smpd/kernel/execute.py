@@ -29,11 +29,12 @@ class Executes:
 
     # -- executing in the old kernel -----------------------------------------
 
-    def _plan(self, text_page: int) -> resume_mod.ResumePlan:
-        key = (self.map, text_page)
+    def _plan(self, text_page: int, m=None) -> resume_mod.ResumePlan:
+        """The resume plan of ``text_page`` in map ``m`` (the running map unless given)."""
+        key = (self.map if m is None else m, text_page)
         plan = self.plans.get(key)
         if plan is None:
-            plan = self.plans[key] = resume_mod.ResumePlan(self.seg, self.map, self.cpu, text_page)
+            plan = self.plans[key] = resume_mod.ResumePlan(self.seg, key[0], self.cpu, text_page)
         return plan
 
     def resume(self, text_page: int, cause: L.Ev, cause_arg: int = 0):

@@ -4,8 +4,9 @@ smpd/machine/_hotpath.c makes some of the kernel's steps inside a CPU's wait, wi
 interpreter running: the acknowledgement of a kick in mwait_play_dead() and the way into
 HLT (an Ack); an INIT, alone or followed by a SIPI (and a CPU_DOWN), through wait-for-SIPI
 into running, or parked in mwait_play_dead() again, in a generation the Python path has
-started this CPU in before (an Init). This mixin of smpd.kernel.cpu.Cpu hands the compiled
-path what it needs (``_kick_ack``, ``_learn_start``) and takes the CPU on from the state the
+started this CPU in before, or generation 1 as the template found it before the CPU's process
+ran (an Init). This mixin of smpd.kernel.cpu.Cpu hands the compiled path what it needs
+(``_kick_ack``, ``_learn_start``, ``learn_boot``) and takes the CPU on from the state the
 compiled path left it in (``_init_taken``), at the wake-up that came next.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import functools
 
-from smpd.kernel.memmap import TEXT_PLAY_DEAD
+from smpd.kernel.memmap import TEXT_PLAY_DEAD, MemoryMap
 from smpd.machine import hotpath, layout as L
 
 
@@ -25,23 +26,41 @@ class Woken(functools.partial):
 class Handoff:
     """The compiled path's share of a CPU's states (see the module's docstring)."""
 
-    def _kick_ack(self):
-        """The compiled path's acknowledgement of a kick in mwait_play_dead() of the running map
-        (None on a Python machine: mwait_play_dead()'s branch after mwait() acknowledges there)."""
+    def _kick_ack(self, m: MemoryMap | None = None):
+        """The compiled path's acknowledgement of a kick in mwait_play_dead() of map ``m`` (the
+        running map unless given); None on a Python machine: mwait_play_dead()'s branch after
+        mwait() acknowledges there."""
+        m = self.map if m is None else m
         try:
-            return self.kick_acks[self.map]
+            return self.kick_acks[m]
         except KeyError:
-            a = self.kick_acks[self.map] = hotpath.ack(self.seg, self.cpu, self.map.mwait_cpu_dead_addr(self.cpu),
-                                                       self._plan(TEXT_PLAY_DEAD).checks)
+            a = self.kick_acks[m] = hotpath.ack(self.seg, self.cpu, m.mwait_cpu_dead_addr(self.cpu),
+                                                self._plan(TEXT_PLAY_DEAD, m).checks)
         return a
 
     def _learn_start(self) -> None:
         """start_secondary() started this CPU in its generation (not one that kernel parks at boot):
         from now on the compiled path may take its INIT and SIPI (and CPU_DOWN) into it (take_init),
         with smp_callin()'s clear of mwait_cpu_dead and, in the fix's kernels, the park's Ack."""
-        if self.init_taker is not None:  # the entry smp_callin() built its map from
-            self.init_taker.learn(self.started_in, self.map.mwait_cpu_dead_addr(self.cpu) - L.PHYS_BASE,
-                                  None if self.map.boot.monitors_thread_info else self._kick_ack())
+        self._learn(self.started_in, self.map)  # the entry smp_callin() built its map from
+
+    def learn_boot(self, entry: bytes, m: MemoryMap) -> None:
+        """Before this CPU's process runs (smpd.daemon.template builds the CPU there): the compiled
+        path may take its first INIT and SIPI (and CPU_DOWN) into generation ``m``, built from
+        ``entry`` as the table held it, as it takes every later one in a generation
+        start_secondary() has run in (``_learn_start``); not where that kernel parks this CPU
+        once up (a nosmt sibling: play_dead() is the Python path's). take_init() compares the
+        entry with the table's at each SIPI: into any other generation, or into this one
+        rewritten since (Kexec.become), the SIPI is the Python path's. A CPU process then runs
+        no Python from its first wait until the next wake-up after the bring-up: at 1024 CPUs,
+        ~375 -> ~225 page faults and ~2.0 -> ~1.0 ms of host CPU each."""
+        if not m.boot.smt_sibling(self.cpu):
+            self._learn(entry, m)
+
+    def _learn(self, entry: bytes, m: MemoryMap) -> None:
+        if self.init_taker is not None:
+            self.init_taker.learn(entry, m.mwait_cpu_dead_addr(self.cpu) - L.PHYS_BASE,
+                                  None if m.boot.monitors_thread_info else self._kick_ack(m))
 
     def _init_taken(self, mask: int) -> Woken:
         """The compiled path took an INIT while this state waited (core.wait's ``init``):

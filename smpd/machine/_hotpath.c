@@ -31,7 +31,8 @@
  *                       leaves the CPU offline). A wait given one takes it
  *                       (init_reset(), wait-for-SIPI's stores; for a SIPI,
  *                       start_secondary() and smp_callin() in a generation the Python
- *                       path has started this CPU in before; for CPU_DOWN,
+ *                       path has started this CPU in before, or generation 1 as the
+ *                       template found it; for CPU_DOWN,
  *                       play_dead() into mwait_play_dead()'s MONITOR; the
  *                       acknowledgement) and goes on waiting (take_init): parked, as
  *                       MWAIT, with that generation's Ack.
@@ -260,7 +261,8 @@ static PyTypeObject AckType = {
  *
  * A SIPI after the INIT in the same message (a kernel starting its APs, smpd.kernel.boot) is
  * taken too when the generation the header names is one this CPU knows (``learn``: the Python
- * path started it there before, and it is not one that kernel parks at boot): start_secondary()
+ * path started it there before, or the template taught it generation 1 before its process ran,
+ * smpd.kernel.handoff's learn_boot; never one that kernel parks at boot): start_secondary()
  * and smp_callin() (sipi_count, the SIPI event, cpu_gen; the fix's kernels clear mwait_cpu_dead
  * through the bus's rule), then running. A CPU_DOWN after those (a reset leaving the CPU
  * offline) goes on through play_dead() into the fix's mwait_play_dead(): its entry count,
@@ -291,7 +293,7 @@ static void bus_write(Kicker *k, char *base, Py_ssize_t off, const uint32_t *wor
 static int kicker_line(Kicker *k, Py_ssize_t off, Py_ssize_t n, uint32_t *line, Py_ssize_t *dir, Py_ssize_t *need);
 static int kicker_has_cpu(Kicker *k, uint32_t cpu);
 
-/* A generation the Python path has started this CPU in (Init.learn), and what its SIPI stores. */
+/* A generation this CPU may be started in here (Init.learn), and what its SIPI stores. */
 typedef struct {
 	int used;
 	unsigned char entry[GEN_ENTRY_MAX];  /* its entry in the header's generation table, as it was then */
@@ -820,7 +822,7 @@ static int take_init(Waiter *w, Init *n)
 	if (kind == NOT_TAKEN)
 		return 0;
 	if (kind != LONE_INIT) {
-		/* A generation the Python path started this CPU in; no NMI or SMI held from
+		/* A generation this CPU learnt (its entry as the table holds it now); no NMI or SMI held from
 		 * wait-for-SIPI (smp_callin() delivers them: Python's); a park only in the fix's kernel. */
 		g = known_now(b, n, &gen);
 		if (!g || LOAD32(b + n->nmi_pending) || LOAD32(b + n->smi_pending) || (kind == START_DOWN && !g->ack))

@@ -261,11 +261,12 @@ def template_main(spec: dict) -> None:
     while request := sock.recv(seg.geo.ncpus * _PAIR.size):
         # The memory map every CPU process we fork starts in, built once here rather than by each
         # at its smp_callin() (~220 us and ~35 page faults a CPU): generation 1's, which `smpd up`
-        # boots and which the reset that respawns CPUs boots again. Cached by the generation's
-        # recorded entry, so another kernel's is never mistaken for it.
+        # boots and which the reset that respawns CPUs boots again, and which each CPU learns with
+        # its entry (Handoff.learn_boot). Cached by that entry, so another kernel's is never
+        # mistaken for it.
         try:
-            first = gens.entry(1)
-            first = first, gens.map_of(first)
+            entry = gens.entry(1)
+            first = entry, gens.map_of(entry)
         except LookupError:  # not in the table any more (a long chain): each CPU builds its own
             first = None
         for at in range(0, len(request), BUILT_AHEAD * _PAIR.size):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 
 from smpd.kernel import resume as resume_mod
-from smpd.kernel.memmap import TEXT_MCE, TEXT_NMI, TEXT_PLAY_DEAD
+from smpd.kernel.memmap import TEXT_MCE, TEXT_NMI, TEXT_PLAY_DEAD, MemoryMap
 from smpd.machine import events, layout as L
 from smpd.machine.core import IPI_IGNORED, KINDS, M_IPI, M_IRQ
 
@@ -29,7 +29,7 @@ class Executes:
 
     # -- executing in the old kernel -----------------------------------------
 
-    def _plan(self, text_page: int, m=None) -> resume_mod.ResumePlan:
+    def _plan(self, text_page: int, m: MemoryMap | None = None) -> resume_mod.ResumePlan:
         """The resume plan of ``text_page`` in map ``m`` (the running map unless given)."""
         key = (self.map if m is None else m, text_page)
         plan = self.plans.get(key)

@@ -118,8 +118,10 @@ def test_a_cpu_takes_its_first_init_and_sipi_in_its_compiled_wait_unless_its_ker
             sibling = boot == "nosmt" and c % 2 == 1
             assert lost == 0 and set(at) == {L.Ev.INIT, L.Ev.SIPI}, logged
             assert (at[L.Ev.INIT] == at[L.Ev.SIPI]) == (hot_path == "c" and not sibling), (c, logged)
-            assert (seg.cb(c, "init_count"), seg.cb(c, "sipi_count")) == (1, 1)
-            assert seg.cb(c, "state") == (L.ExecState.MWAIT if sibling else L.ExecState.RUNNING)
+            assert (seg.cb(c, "init_count"), seg.cb(c, "sipi_count"), seg.cb(c, "cpu_gen")) == (1, 1, 1)
+            assert seg.cb(c, "mbox_ack") == seg.cb(c, "mbox_seq") and seg.cb(c, "mbox_result") == 0  # IPI_DONE
+            assert (seg.cb(c, "state"), seg.cb(c, "hotplug")) == \
+                ((L.ExecState.MWAIT, L.Hotplug.OFFLINE) if sibling else (L.ExecState.RUNNING, L.Hotplug.ONLINE))
 
 
 def test_a_reset_takes_its_offline_cpus_down_in_the_message_that_starts_them(machine):

@@ -21,6 +21,7 @@ from smpd.kernel import boot as kboot, cpu as kcpu, generations, image, kick as 
 from smpd.kernel.handoff import Handoff
 from smpd.machine import events, layout as L
 from smpd.machine.bus import Bus
+from smpd.machine.core import IPI_IGNORED
 from smpd.machine.mailbox import Mailbox
 
 NCPUS = 4
@@ -361,6 +362,74 @@ def test_kicked_cpus_start_and_park_again_round_after_round(tmp_path, case):
         wait_until(lambda: seg.cb(1, "nmi_taken") == 1, what="the NMI in MWAIT")
         wait_until(lambda: seg.cb(1, "mon_armed") == 1, what="MONITOR armed again")
         assert (seg.cb(1, "fault"), seg.cb(1, "state"), seg.cb(1, "wake_write")) == (L.Fault.NONE, L.ExecState.MWAIT, 6)
+
+
+def _parked_by(port, seg, cmd: L.Ipi, then: tuple[L.Ipi, ...] = ()) -> list[L.Ev]:
+    """``cmd`` (and ``then``) to CPU 1 in one message, acknowledged: CPU 1 parked in the fix's
+    mwait_play_dead() of the running generation (status and control CPUDEAD_MWAIT_WAIT, MONITOR
+    armed on the line, one more entry); the events it logged for it."""
+    md = kboot.current(seg).mwait_cpu_dead_addr(1)
+    entries, mark = seg.cb(1, "mwait_entries"), seg.cb(1, "ev_head")
+    assert port.ipi_wait([1], cmd, 5.0, then=then) == ({1: 0}, [])
+    assert (seg.cb(1, "state"), seg.cb(1, "hotplug")) == (L.ExecState.MWAIT, L.Hotplug.OFFLINE)
+    assert seg.cb(1, "mwait_entries") == entries + 1
+    line = (md - L.PHYS_BASE) // L.LINE
+    assert (seg.cb(1, "mon_armed"), seg.cb(1, "mon_line")) == (1, line)
+    assert seg.u16[seg.geo.dir_off // L.DIR_ENTRY + line] == 2  # CPU 1's MONITOR
+    assert (seg.mem_u32(md), seg.mem_u32(md + 4)) == (L.CPUDEAD_MWAIT_WAIT,) * 2
+    return [code for _ns, code in _codes_since(seg, mark)]
+
+
+@pytest.mark.parametrize("case", hot_paths("adaptive", "spin"))
+def test_a_cpu_down_alone_parks_a_running_cpu_where_the_kick_then_finds_it(tmp_path, case):
+    """`smpd offline`'s message, CPU_DOWN alone, to an online idle CPU: play_dead() into the fix's
+    mwait_play_dead(), parked before it acknowledges. The compiled path takes it without the
+    interpreter in a generation the CPU knows, as the table holds it now (here play_dead() in the
+    CPU's Python ends its process, so the CPU parks only if the C took it), and goes on waiting as
+    MWAIT, where the kick is acknowledged; the Python path parks the same way."""
+    watch, hot_path = case
+
+    def python_may_not_park(cpu=kcpu.Cpu):
+        if hot_path == "c":
+            cpu.play_dead = lambda self: os._exit(71)
+
+    with _cpu1_running(tmp_path, f"down-{watch}-{hot_path}", hot_path, watch,
+                       child=python_may_not_park) as (cfg, seg, port, pid):
+        assert _parked_by(port, seg, L.Ipi.CPU_DOWN) == [L.Ev.OFFLINE]
+        md = kboot.current(seg).mwait_cpu_dead_addr(1)
+        r = kick_mod.kick_one(seg, Bus(seg), 1, md, 5000, 1_000_000)
+        assert r["acknowledged"], r
+        wait_until(lambda: _halted(seg), what="the kicked CPU in HLT")
+        os.kill(pid, cfg.signals()["nmi"])  # HLT's Python loop takes it, in generation 1
+        wait_until(lambda: seg.cb(1, "nmi_taken") == 1, what="the NMI ending HLT")
+        assert (seg.cb(1, "fault"), seg.cb(1, "state")) == (L.Fault.NONE, L.ExecState.HLT)
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_a_cpu_down_to_a_cpu_in_wait_for_sipi_is_acknowledged_as_ignored(tmp_path, hot_path):
+    """A CPU in wait-for-SIPI executes nothing: a CPU_DOWN there is answered as ignored on both
+    paths (the compiled path takes a CPU_DOWN alone only from running), and the CPU stays put."""
+    with _cpu1_running(tmp_path, f"down-wfs-{hot_path}", hot_path) as (cfg, seg, port, pid):
+        assert port.ipi_wait([1], L.Ipi.INIT, 5.0) == ({1: 0}, [])
+        assert port.ipi_wait([1], L.Ipi.CPU_DOWN, 5.0) == ({1: IPI_IGNORED}, [])
+        assert (seg.cb(1, "state"), seg.cb(1, "hotplug"), seg.cb(1, "mon_armed")) == \
+            (L.ExecState.WAIT_FOR_SIPI, L.Hotplug.OFFLINE, 0)
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_a_cpu_down_alone_parks_where_the_running_generation_says_now(tmp_path, hot_path):
+    """mwait_play_dead() reads its kernel's flavour from the generation table when it parks (`smpd
+    kexec --kernel pre-fix` rewrites the running generation's entry: Kexec.become): a CPU running
+    generation 1, rewritten to the pre-fix kernel since it started, parks on its idle task's
+    thread_info line, never on the fix's mwait_cpu_dead line it learnt; the compiled path leaves
+    that CPU_DOWN to the Python path."""
+    with _cpu1_running(tmp_path, f"down-rewritten-{hot_path}", hot_path) as (cfg, seg, port, pid):
+        m = kboot.current(seg)
+        generations.record(seg, memmap.MemoryMap.build(m.gen, memmap.Boot("pre-fix"), m.sizes,
+                                                       m.regions[memmap.Region.TEXT], m.segments, m.placement))
+        assert port.ipi_wait([1], L.Ipi.CPU_DOWN, 5.0) == ({1: 0}, [])
+        assert (seg.cb(1, "state"), seg.cb(1, "hotplug")) == (L.ExecState.MWAIT, L.Hotplug.OFFLINE)
+        assert seg.cb(1, "mon_line") == (kboot.current(seg).thread_info_addr(1) - L.PHYS_BASE) // L.LINE
 
 
 @pytest.mark.parametrize("hot_path", HOT_PATHS)

@@ -35,7 +35,8 @@
  *                       template found it; for CPU_DOWN,
  *                       play_dead() into mwait_play_dead()'s MONITOR; the
  *                       acknowledgement) and goes on waiting (take_init): parked, as
- *                       MWAIT, with that generation's Ack.
+ *                       MWAIT, with that generation's Ack. So does a CPU_DOWN alone to
+ *                       a CPU running a generation it knows (`smpd offline`).
  *
  * Everything outside those paths (interrupt handlers, other IPIs, foreign bytes)
  * stays in Python: the C returns to it whenever the wake-up is anything but a kick
@@ -269,6 +270,12 @@ static PyTypeObject AckType = {
  * MONITOR on the mwait_cpu_dead line, the acknowledgement; the wait goes on as MWAIT, with that
  * generation's Ack. NMI or SMI held from wait-for-SIPI (delivered by smp_callin) leave it to
  * Python, as does the pre-fix kernel's park.
+ *
+ * A CPU_DOWN alone (cpu_down(): `smpd offline`) to a CPU running (state and hotplug say so) a
+ * generation it knows, as the table holds that generation now (mwait_play_dead() reads its
+ * flavour there: a rewritten entry, Kexec.become, is the Python path's), goes the same way from
+ * running: play_dead() into the fix's mwait_play_dead(), parked, acknowledged. To any other state
+ * the Python path answers it (ignored there).
  *
  * The interpreter runs only at the next wake-up, which the Python state machine then takes in
  * the state the take left (``taken_state``, ``taken_ns``). Anything else (another command, an
@@ -636,7 +643,7 @@ static void log_event(char *b, Ack *a, uint32_t code, uint32_t arg, int64_t ns)
 	log_at(b, a->ev_head, a->ev_ring, a->ev_slots, code, arg, ns);
 }
 
-enum { NOT_TAKEN = 0, LONE_INIT, START, START_DOWN };
+enum { NOT_TAKEN = 0, LONE_INIT, START, START_DOWN, LONE_DOWN };
 
 /* Is an interrupt signal pending for this process: sent while blocked (asleep, the signals are
  * blocked), not delivered yet? sigpending() names only blocked signals: one delivered while
@@ -761,15 +768,21 @@ static PyObject *Waiter_install_signal_handlers(Waiter *w, PyObject *Py_UNUSED(i
 }
 
 /* An unacknowledged message in the mailbox that take_init() takes (its seq in *seq): INIT alone,
- * INIT then SIPI, or INIT, SIPI, CPU_DOWN; NOT_TAKEN for any other. */
+ * INIT then SIPI, INIT, SIPI, CPU_DOWN, or CPU_DOWN alone; NOT_TAKEN for any other. */
 static int init_message(char *b, Init *n, uint32_t *seq)
 {
 	uint64_t arg;
+	uint32_t cmd;
 
 	*seq = LOAD32(b + n->mbox_seq);
-	if (*seq == LOAD32(b + n->mbox_ack) || LOAD32(b + n->mbox_cmd) != n->cmd_init)
+	if (*seq == LOAD32(b + n->mbox_ack))
 		return NOT_TAKEN;
+	cmd = LOAD32(b + n->mbox_cmd);
 	arg = LOAD64(b + n->mbox_arg);
+	if (cmd == n->cmd_cpu_down)
+		return arg ? NOT_TAKEN : LONE_DOWN;
+	if (cmd != n->cmd_init)
+		return NOT_TAKEN;
 	if (!arg)
 		return LONE_INIT;
 	if (arg == n->cmd_sipi)
@@ -794,13 +807,12 @@ static int init_to_take(Waiter *w, Init *n, uint32_t *seq)
 /* What this CPU knows (Init.learn) of the generation the header names now, the one a SIPI starts
  * it in (smp_callin() reads it so): its entry in the generation table, found as
  * smpd.kernel.generations finds it, compared whole with those learnt. NULL: not known. */
-static Known *known_now(char *b, Init *n, uint32_t *gen)
+static Known *known_as(char *b, Init *n, uint32_t gen)
 {
-	*gen = LOAD32(b + n->hdr_gen);
 	for (int k = 0; k < n->gen_slots; k++) {
-		char *e = b + n->gen_table + (Py_ssize_t)((*gen % (uint32_t)n->gen_slots + k) % n->gen_slots) * n->gen_entry;
+		char *e = b + n->gen_table + (Py_ssize_t)((gen % (uint32_t)n->gen_slots + k) % n->gen_slots) * n->gen_entry;
 
-		if (LOAD32(e) != *gen)
+		if (LOAD32(e) != gen)
 			continue;
 		for (int i = 0; i < KNOWN; i++)
 			if (n->known[i].used && !memcmp(n->known[i].entry, e, n->gen_entry))
@@ -808,6 +820,12 @@ static Known *known_now(char *b, Init *n, uint32_t *gen)
 		return NULL;
 	}
 	return NULL;
+}
+
+static Known *known_now(char *b, Init *n, uint32_t *gen)
+{
+	*gen = LOAD32(b + n->hdr_gen);
+	return known_as(b, n, *gen);
 }
 
 /* See Init. 1: taken (its byte cleared, its stores made, the wait goes on); 0: the Python path's. */
@@ -821,7 +839,14 @@ static int take_init(Waiter *w, Init *n)
 
 	if (kind == NOT_TAKEN)
 		return 0;
-	if (kind != LONE_INIT) {
+	if (kind == LONE_DOWN) {
+		/* cpu_down() of a CPU running a generation it knows, in the fix's kernel, as the table
+		 * holds that generation now (mwait_play_dead() reads its flavour so: a rewritten one
+		 * is Python's); to any other state the Python path answers it (ignored) */
+		g = known_as(b, n, LOAD32(b + n->cpu_gen));
+		if (!g || !g->ack || LOAD32(b + n->state) != n->st_running || LOAD32(b + n->hotplug) != n->hp_online)
+			return 0;
+	} else if (kind != LONE_INIT) {
 		/* A generation this CPU learnt (its entry as the table holds it now); no NMI or SMI held from
 		 * wait-for-SIPI (smp_callin() delivers them: Python's); a park only in the fix's kernel. */
 		g = known_now(b, n, &gen);
@@ -843,16 +868,18 @@ static int take_init(Waiter *w, Init *n)
 		return 0;
 	}
 	now = now_ns();
-	/* init_reset(): nothing is armed to disarm; the count and the event */
-	STORE32(b + n->init_count, LOAD32(b + n->init_count) + 1);
-	log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_init, 0, now);
-	/* wait_for_sipi(): the state */
-	STORE32(b + n->hotplug, n->hp_offline);
-	STORE32(b + n->state, n->st_wait_for_sipi);
-	n->taken_state = n->st_wait_for_sipi;
 	w->parked = NULL;  /* parked only by a CPU_DOWN below */
 	n->taken_known = -1;
-	if (kind != LONE_INIT) {
+	if (kind != LONE_DOWN) {
+		/* init_reset(): nothing is armed to disarm; the count and the event */
+		STORE32(b + n->init_count, LOAD32(b + n->init_count) + 1);
+		log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_init, 0, now);
+		/* wait_for_sipi(): the state */
+		STORE32(b + n->hotplug, n->hp_offline);
+		STORE32(b + n->state, n->st_wait_for_sipi);
+		n->taken_state = n->st_wait_for_sipi;
+	}
+	if (kind == START || kind == START_DOWN) {
 		/* start_secondary(): the SIPI; smp_callin(): the generation, the fix's clear of
 		 * mwait_cpu_dead (a bus write: it wakes whoever monitors the line), running */
 		steps++;
@@ -869,11 +896,14 @@ static int take_init(Waiter *w, Init *n)
 		STORE32(b + n->state, n->st_running);
 		n->taken_state = n->st_running;
 	}
-	if (kind == START_DOWN) {
+	if (kind == START_DOWN || kind == LONE_DOWN) {
 		/* running: CPU_DOWN -> play_dead() -> mwait_play_dead(): the fix's entry, then
 		 * MONITOR on its mwait_cpu_dead line (as CpuCore.monitor: the WRITE byte cleared,
 		 * the directory entry, the CPU's record of it, a fence) */
-		steps++;
+		if (kind == START_DOWN)
+			steps++;
+		else
+			n->taken_known = (int)(g - n->known);
 		STORE32(b + n->hotplug, n->hp_offline);
 		log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_offline, 0, now_ns());
 		/* state for the kexec() hack: status first, then control, each a bus write */

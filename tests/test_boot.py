@@ -300,27 +300,10 @@ def test_init_sipi_and_cpu_down_park_a_cpu_where_the_kick_then_finds_it(tmp_path
     acknowledged and the CPU halts, as on the Python path."""
     watch, hot_path = case
     with _cpu1_running(tmp_path, f"park-{watch}-{hot_path}", hot_path, watch) as (cfg, seg, port, pid):
-        gen1 = kboot.current(seg)
-        md = gen1.mwait_cpu_dead_addr(1)
-        entries = seg.cb(1, "mwait_entries")
-        logged = _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN))
+        logged = _parked_by(port, seg, L.Ipi.INIT, (L.Ipi.SIPI, L.Ipi.CPU_DOWN))
         assert [code for _ns, code in logged] == [L.Ev.INIT, L.Ev.SIPI, L.Ev.OFFLINE]
         assert _in_one_step(logged) == (hot_path == "c"), logged
-        assert (seg.cb(1, "state"), seg.cb(1, "hotplug")) == (L.ExecState.MWAIT, L.Hotplug.OFFLINE)
-        assert seg.cb(1, "mwait_entries") == entries + 1
-        line = (md - L.PHYS_BASE) // L.LINE
-        assert (seg.cb(1, "mon_armed"), seg.cb(1, "mon_line")) == (1, line)
-        assert seg.u16[seg.geo.dir_off // L.DIR_ENTRY + line] == 2  # CPU 1's MONITOR
-        assert (seg.mem_u32(md), seg.mem_u32(md + 4)) == (L.CPUDEAD_MWAIT_WAIT,) * 2
-        mark = seg.cb(1, "ev_head")
-        r = kick_mod.kick_one(seg, Bus(seg), 1, md, 5000, 1_000_000)
-        assert r["acknowledged"], r
-        wait_until(lambda: _halted(seg), what="the kicked CPU in HLT")
-        assert [code for _ns, code in _codes_since(seg, mark)] == [L.Ev.WAKE_WRITE, L.Ev.KICK_SEEN, L.Ev.HLT]
-        assert (seg.cb(1, "mon_armed"), seg.u16[seg.geo.dir_off // L.DIR_ENTRY + line]) == (0, 0)
-        os.kill(pid, cfg.signals()["nmi"])  # HLT's Python loop takes it, in generation 1
-        wait_until(lambda: seg.cb(1, "nmi_taken") == 1, what="the NMI ending HLT")
-        assert (seg.cb(1, "fault"), seg.cb(1, "state")) == (L.Fault.NONE, L.ExecState.HLT)
+        _kicked_into_hlt_then_nmi(cfg, seg, pid)
 
 
 @pytest.mark.parametrize("hot_path", HOT_PATHS)
@@ -364,7 +347,7 @@ def test_kicked_cpus_start_and_park_again_round_after_round(tmp_path, case):
         assert (seg.cb(1, "fault"), seg.cb(1, "state"), seg.cb(1, "wake_write")) == (L.Fault.NONE, L.ExecState.MWAIT, 6)
 
 
-def _parked_by(port, seg, cmd: L.Ipi, then: tuple[L.Ipi, ...] = ()) -> list[L.Ev]:
+def _parked_by(port, seg, cmd: L.Ipi, then: tuple[L.Ipi, ...] = ()) -> list[tuple[int, L.Ev]]:
     """``cmd`` (and ``then``) to CPU 1 in one message, acknowledged: CPU 1 parked in the fix's
     mwait_play_dead() of the running generation (status and control CPUDEAD_MWAIT_WAIT, MONITOR
     armed on the line, one more entry); the events it logged for it."""
@@ -377,7 +360,23 @@ def _parked_by(port, seg, cmd: L.Ipi, then: tuple[L.Ipi, ...] = ()) -> list[L.Ev
     assert (seg.cb(1, "mon_armed"), seg.cb(1, "mon_line")) == (1, line)
     assert seg.u16[seg.geo.dir_off // L.DIR_ENTRY + line] == 2  # CPU 1's MONITOR
     assert (seg.mem_u32(md), seg.mem_u32(md + 4)) == (L.CPUDEAD_MWAIT_WAIT,) * 2
-    return [code for _ns, code in _codes_since(seg, mark)]
+    return _codes_since(seg, mark)
+
+
+def _kicked_into_hlt_then_nmi(cfg, seg, pid: int) -> None:
+    """CPU 1, parked, acknowledges a kick and halts, its MONITOR disarmed; an NMI then ends HLT,
+    whose Python loop takes it in generation 1."""
+    md = kboot.current(seg).mwait_cpu_dead_addr(1)
+    line = (md - L.PHYS_BASE) // L.LINE
+    mark = seg.cb(1, "ev_head")
+    r = kick_mod.kick_one(seg, Bus(seg), 1, md, 5000, 1_000_000)
+    assert r["acknowledged"], r
+    wait_until(lambda: _halted(seg), what="the kicked CPU in HLT")
+    assert [code for _ns, code in _codes_since(seg, mark)] == [L.Ev.WAKE_WRITE, L.Ev.KICK_SEEN, L.Ev.HLT]
+    assert (seg.cb(1, "mon_armed"), seg.u16[seg.geo.dir_off // L.DIR_ENTRY + line]) == (0, 0)
+    os.kill(pid, cfg.signals()["nmi"])
+    wait_until(lambda: seg.cb(1, "nmi_taken") == 1, what="the NMI ending HLT")
+    assert (seg.cb(1, "fault"), seg.cb(1, "state")) == (L.Fault.NONE, L.ExecState.HLT)
 
 
 @pytest.mark.parametrize("case", hot_paths("adaptive", "spin"))
@@ -395,14 +394,8 @@ def test_a_cpu_down_alone_parks_a_running_cpu_where_the_kick_then_finds_it(tmp_p
 
     with _cpu1_running(tmp_path, f"down-{watch}-{hot_path}", hot_path, watch,
                        child=python_may_not_park) as (cfg, seg, port, pid):
-        assert _parked_by(port, seg, L.Ipi.CPU_DOWN) == [L.Ev.OFFLINE]
-        md = kboot.current(seg).mwait_cpu_dead_addr(1)
-        r = kick_mod.kick_one(seg, Bus(seg), 1, md, 5000, 1_000_000)
-        assert r["acknowledged"], r
-        wait_until(lambda: _halted(seg), what="the kicked CPU in HLT")
-        os.kill(pid, cfg.signals()["nmi"])  # HLT's Python loop takes it, in generation 1
-        wait_until(lambda: seg.cb(1, "nmi_taken") == 1, what="the NMI ending HLT")
-        assert (seg.cb(1, "fault"), seg.cb(1, "state")) == (L.Fault.NONE, L.ExecState.HLT)
+        assert [code for _ns, code in _parked_by(port, seg, L.Ipi.CPU_DOWN)] == [L.Ev.OFFLINE]
+        _kicked_into_hlt_then_nmi(cfg, seg, pid)
 
 
 @pytest.mark.parametrize("hot_path", HOT_PATHS)

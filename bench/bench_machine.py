@@ -43,6 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from record import Record  # noqa: E402
+from smpd.host.proc import cpu_time_ns, stat_fields  # noqa: E402
 from smpd.machine import layout as L  # noqa: E402
 from smpd.tools import lifecycle  # noqa: E402
 
@@ -72,18 +73,11 @@ def _kdamond_s() -> float | None:
     total, seen = 0.0, False
     for p in psutil.process_iter(["name"]):
         if (p.info["name"] or "").startswith("kdamond"):
-            try:
-                total += int(open(f"/proc/{p.pid}/schedstat").read().split()[0]) / 1e9
+            ns = cpu_time_ns(p.pid)
+            if ns is not None:
+                total += ns / 1e9
                 seen = True
-            except OSError:
-                pass
     return total if seen else None
-
-
-def _stat(pid: int) -> list[str]:
-    """/proc/PID/stat's fields after the command name (state first): minflt is [7], utime [11]."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
 
 
 def bringup_costs() -> dict[str, float]:
@@ -93,13 +87,11 @@ def bringup_costs() -> dict[str, float]:
     m = lifecycle.require(NAME).request("status")
     faults, cpu_ms = [], []
     for c in m["cpus"][1:]:
-        try:
-            faults.append(int(_stat(c["pid"])[7]))
-            with open(f"/proc/{c['pid']}/schedstat") as f:
-                cpu_ms.append(int(f.read().split()[0]) / 1e6)
-        except (OSError, IndexError, ValueError):
-            pass
-    coord = _stat(m["machine"]["pid"])
+        fields, ns = stat_fields(c["pid"]), cpu_time_ns(c["pid"])
+        if fields is not None and ns is not None:  # [7]: minflt (stat_fields' [0] is field 3)
+            faults.append(int(fields[7]))
+            cpu_ms.append(ns / 1e6)
+    coord = stat_fields(m["machine"]["pid"])  # [11:13] utime, stime; [13:15] the reaped children's
     tick_ms = 1e3 / os.sysconf("SC_CLK_TCK")
     return {"faults": statistics.median(faults), "cpu_ms": statistics.median(cpu_ms),
             "coordinator_ms": (int(coord[11]) + int(coord[12])) * tick_ms,

@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from record import Record  # noqa: E402
 from smpd.host import trust  # noqa: E402
+from smpd.host.proc import cpu_time_ns  # noqa: E402
 from smpd.tools import lifecycle  # noqa: E402
 
 NAME = f"benchs{secrets.token_hex(4)}"  # unpredictable: another user cannot squat it first
@@ -47,15 +48,6 @@ def smpd(*args: str) -> str:
     if r.returncode:
         raise SystemExit(f"smpd {' '.join(args)} failed: {r.stderr.strip()}")
     return r.stdout
-
-
-def _on_cpu_ns(pid: int) -> int | None:
-    """Host CPU time (ns) process ``pid`` has used, or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/schedstat") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _children_cpu_s() -> float:
@@ -104,13 +96,13 @@ class _HostCpu:
         live = lifecycle.require(NAME)
         self.coord = live.pid
         pids = [live.pid, *(c["pid"] for c in live.request("status")["cpus"][1:])]
-        self.at = {p: (trust.start_ticks(p), _on_cpu_ns(p)) for p in pids}
+        self.at = {p: (trust.start_ticks(p), cpu_time_ns(p)) for p in pids}
 
     def used(self) -> tuple[int, int, int]:
         """(ns of the coordinator, ns of the CPU processes, how many CPU processes lived through)."""
         coord = cpus = lived = 0
         for p, (ticks, before) in self.at.items():
-            now = _on_cpu_ns(p)
+            now = cpu_time_ns(p)
             if before is None or now is None or trust.start_ticks(p) != ticks:
                 continue
             if p == self.coord:

@@ -138,6 +138,15 @@ def stat_fields(pid: int) -> list[bytes] | None:
     return stat[end + 2:].split() if end >= 0 else None
 
 
+def cpu_time_ns(pid: int) -> int | None:
+    """Host CPU time (ns) process ``pid`` has used (/proc/PID/schedstat), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def current_core() -> int:
     """The host core this process runs on now (sched_getcpu), or -1."""
     return _libc.sched_getcpu()

@@ -804,9 +804,8 @@ static int init_to_take(Waiter *w, Init *n, uint32_t *seq)
 	return init_message(b, n, seq);
 }
 
-/* What this CPU knows (Init.learn) of the generation the header names now, the one a SIPI starts
- * it in (smp_callin() reads it so): its entry in the generation table, found as
- * smpd.kernel.generations finds it, compared whole with those learnt. NULL: not known. */
+/* What this CPU knows (Init.learn) of generation ``gen`` as the table holds it now: its entry,
+ * found as smpd.kernel.generations finds it, compared whole with those learnt. NULL: not known. */
 static Known *known_as(char *b, Init *n, uint32_t gen)
 {
 	for (int k = 0; k < n->gen_slots; k++) {
@@ -822,6 +821,8 @@ static Known *known_as(char *b, Init *n, uint32_t gen)
 	return NULL;
 }
 
+/* known_as() of the generation the header names now (in *gen), the one a SIPI starts the CPU in
+ * (smp_callin() reads it so). */
 static Known *known_now(char *b, Init *n, uint32_t *gen)
 {
 	*gen = LOAD32(b + n->hdr_gen);
@@ -902,8 +903,7 @@ static int take_init(Waiter *w, Init *n)
 		 * the directory entry, the CPU's record of it, a fence) */
 		if (kind == START_DOWN)
 			steps++;
-		else
-			n->taken_known = (int)(g - n->known);
+		n->taken_known = (int)(g - n->known);  /* where it parks (after a SIPI: where it started) */
 		STORE32(b + n->hotplug, n->hp_offline);
 		log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_offline, 0, now_ns());
 		/* state for the kexec() hack: status first, then control, each a bus write */

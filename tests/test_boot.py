@@ -379,6 +379,13 @@ def _kicked_into_hlt_then_nmi(cfg, seg, pid: int) -> None:
     assert (seg.cb(1, "fault"), seg.cb(1, "state")) == (L.Fault.NONE, L.ExecState.HLT)
 
 
+def _rewritten_as_pre_fix(seg, m: memmap.MemoryMap) -> None:
+    """What `smpd kexec --kernel pre-fix` does to the running generation ``m`` (Kexec.become): its
+    entry recorded again as the pre-fix kernel's, in the same place."""
+    generations.record(seg, memmap.MemoryMap.build(m.gen, memmap.Boot("pre-fix"), m.sizes,
+                                                   m.regions[memmap.Region.TEXT], m.segments, m.placement))
+
+
 @pytest.mark.parametrize("case", hot_paths("adaptive", "spin"))
 def test_a_cpu_down_alone_parks_a_running_cpu_where_the_kick_then_finds_it(tmp_path, case):
     """`smpd offline`'s message, CPU_DOWN alone, to an online idle CPU: play_dead() into the fix's
@@ -417,9 +424,7 @@ def test_a_cpu_down_alone_parks_where_the_running_generation_says_now(tmp_path, 
     thread_info line, never on the fix's mwait_cpu_dead line it learnt; the compiled path leaves
     that CPU_DOWN to the Python path."""
     with _cpu1_running(tmp_path, f"down-rewritten-{hot_path}", hot_path) as (cfg, seg, port, pid):
-        m = kboot.current(seg)
-        generations.record(seg, memmap.MemoryMap.build(m.gen, memmap.Boot("pre-fix"), m.sizes,
-                                                       m.regions[memmap.Region.TEXT], m.segments, m.placement))
+        _rewritten_as_pre_fix(seg, kboot.current(seg))
         assert port.ipi_wait([1], L.Ipi.CPU_DOWN, 5.0) == ({1: 0}, [])
         assert (seg.cb(1, "state"), seg.cb(1, "hotplug")) == (L.ExecState.MWAIT, L.Hotplug.OFFLINE)
         assert seg.cb(1, "mon_line") == (kboot.current(seg).thread_info_addr(1) - L.PHYS_BASE) // L.LINE
@@ -434,9 +439,7 @@ def test_a_cpu_learns_the_generation_its_map_was_built_from_not_what_the_table_h
     and CPU_DOWN park the CPU as the pre-fix kernel does, on its idle task's thread_info line."""
     def rewrite_first(cpu=kcpu.Cpu, learn=Handoff._learn_start):
         def rewritten(self):
-            m = self.gens.current()
-            generations.record(self.seg, memmap.MemoryMap.build(m.gen, memmap.Boot("pre-fix"), m.sizes,
-                                                                m.regions[memmap.Region.TEXT], m.segments, m.placement))
+            _rewritten_as_pre_fix(self.seg, self.gens.current())
             return learn(self)
         cpu._learn_start = rewritten
 

@@ -62,7 +62,7 @@ def test_status_cpus_of_a_coordinator_older_than_the_argument_is_filtered_by_the
         return every
 
     older = Handlers.__new__(Handlers)  # its request checking (bind), with that handler
-    older.table = {"status": op_status}
+    older.table, older.signatures = {"status": op_status}, {}
 
     class OlderCoordinator:
         def request(self, op, raw=False, **args):

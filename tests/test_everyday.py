@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from conftest import patient_config, run_smpd, smpd_env, start_smpd, wait_until
+from smpd.errors import SmpdError
 from smpd.host import names
 from smpd.tools import render
 
@@ -329,6 +330,36 @@ def test_reset_leaves_offline_the_cpus_asked_for_and_refuses_a_bad_list_changing
     assert [c["hotplug"] for c in m.status()["cpus"]] == ["online", "online", "offline", "offline"]
     assert run_smpd("reset", "--offline", "", name=m.name).stdout.rstrip().endswith("every CPU is online")
     assert run_smpd("reset", name=m.name).stdout.rstrip().endswith("every CPU is online")  # the set kept since
+
+
+def test_reset_boots_the_kernel_asked_for_whose_own_loop_parks_the_offline_cpus(machine):
+    m = machine(4)
+    run_smpd("offline", "2-3", name=m.name)
+
+    def monitors() -> list:
+        return [c["monitor"]["symbol"] for c in m.status()["cpus"]]
+
+    out = run_smpd("reset", "--kernel", "6.5", name=m.name).stdout
+    assert "generation 1 (6.5) runs; offline: CPU 2-3 in mwait_play_dead()" in out, out
+    assert m.status()["machine"]["kernel"] == "6.5"
+    assert monitors() == [None, None, "mwait_cpu_dead[2].control", "mwait_cpu_dead[3].control"]
+    # A kexec by that kernel finds its CPUs parked by it: nothing rewrites the running generation
+    r = json.loads(run_smpd("kexec", "--kernel", "6.5", "--json", name=m.name).stdout)
+    assert r["outcome"] == "CLEAN" and r["generation"] == {"old": 1, "new": 2}
+    assert not [e for e in r["timeline"] if "the running kernel is" in e["event"]], r["timeline"]
+    run_smpd("reset", "--kernel", "none", "--offline", "1-3", name=m.name)  # (--park's name of pre-fix)
+    assert m.status()["machine"]["kernel"] == "pre-fix"
+    assert monitors() == [None, "thread_info[1].flags", "thread_info[2].flags", "thread_info[3].flags"]
+    for bad in ("7", "", "6.6 nosmt"):
+        r = run_smpd("reset", "--kernel", bad, name=m.name, check=False)
+        assert r.returncode == 2 and "is not one of 'pre-fix', '6.5', '6.6'" in r.stderr, (bad, r.stderr)
+    s = m.status()
+    assert (s["machine"]["kernel"], s["machine"]["generation"]) == ("pre-fix", 1) and monitors()[1] == "thread_info[1].flags"
+    with pytest.raises(SmpdError, match="'7.0' is not a kernel"):
+        m.request("reset", kernel="7.0")
+    assert m.status()["machine"]["kernel"] == "pre-fix"
+    assert "generation 1 (6.6) runs" in run_smpd("reset", name=m.name).stdout  # the machine's own again
+    assert monitors() == [None, "mwait_cpu_dead[1].control", "mwait_cpu_dead[2].control", "mwait_cpu_dead[3].control"]
 
 
 def test_a_kexec_with_no_cpu_parked_says_so_and_reset_says_every_cpu_is_online(machine):

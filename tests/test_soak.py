@@ -72,6 +72,17 @@ def test_a_soak_records_every_trial_and_leaves_the_machine_reset(soak_machine, r
     assert s["machine"]["state"] == "UP" and s["machine"]["generation"] == 1
 
 
+def test_a_soak_leaves_the_kernel_its_machine_ran_though_each_reset_boots_the_next_trials(soak_machine, tmp_path):
+    before = soak_machine.status()
+    assert before["machine"]["kernel"] == "6.6"
+    run_smpd("soak", "--trials", "2", "--seed", "3", "--park", "none", "--inject-rate", "0",
+             "--out", str(tmp_path / "prefix.jsonl"), name=soak_machine.name)
+    after = soak_machine.status()
+    assert (after["machine"]["kernel"], after["machine"]["generation"], after["machine"]["state"]) == ("6.6", 1, "UP")
+    assert [c["hotplug"] for c in after["cpus"]] == [c["hotplug"] for c in before["cpus"]]
+    assert [t["park"] for t in lines(tmp_path / "prefix.jsonl")[1:]] == ["none", "none"]
+
+
 def test_the_trial_sequence_is_a_function_of_the_seed(recorded):
     out, _ = recorded
     plan, records, _ = soak.read(str(out))

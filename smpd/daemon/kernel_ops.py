@@ -8,6 +8,7 @@ or a panic ended it: `smpd reset` first) or that lost a CPU process.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 
@@ -17,7 +18,8 @@ from smpd.kernel import boot as kboot, generations as gens_mod, kick as kick_mod
 from smpd.kernel.generations import Generations
 from smpd.kernel.kexec import Kexec
 from smpd.kernel.panic import Panic
-from smpd.kernel.scenario import Scenario, parse_boot, parse_injection, trial_seed
+from smpd.kernel.memmap import Boot
+from smpd.kernel.scenario import Scenario, flavour, parse_boot, parse_injection, trial_seed
 from smpd.kernel.stop import StopOtherCpus
 from smpd.machine import layout as L
 
@@ -187,15 +189,22 @@ class KernelOps:
                 "machine": {"name": self.sup.name, "cpus": self.sup.ncpus, "watch": self.sup.watch,
                             "hot_path": self.sup.hot_path}}
 
-    def op_reset(self, offline: str | None = None) -> dict:
+    def op_reset(self, offline: str | None = None, kernel: str | None = None) -> dict:
         """A power cycle: INIT every CPU, RAM back to firmware's bytes, generation 1 boots again and
         starts its APs, and the CPUs offline before the first kexec go offline again; no re-fork. A
         CPU whose process died (GONE) is the exception: it gets a new process, even when it dies
         during the reset itself (up to RESET_ATTEMPTS times).
 
         ``offline``: the CPUs to take offline after the boot instead (a CPU list, "" for none):
-        the soak's next trial's, which it would otherwise reach by hotplugging from these."""
+        the soak's next trial's, which it would otherwise reach by hotplugging from these.
+        ``kernel``: generation 1 boots as this flavour (its boot parameters the machine's), not
+        the machine's own, until the next reset: the soak's next trial's kernel, whose offline CPUs
+        then park in its own mwait_play_dead(), where `kexec --kernel` would rewrite the running
+        generation and re-park them (Kexec.become)."""
         t0 = time.monotonic_ns()
+        boot1 = self.sup.boot1
+        if kernel is not None:
+            boot1 = dataclasses.replace(boot1, flavour=flavour(kernel, "--kernel"))
         if offline is not None:
             offline = cpulist.parse(offline, self.sup.ncpus) if offline else []
             if 0 in offline:
@@ -218,7 +227,7 @@ class KernelOps:
             for attempt in range(RESET_ATTEMPTS):
                 respawned += self.sup.respawn_gone()
                 try:
-                    self._reset_once(offline)
+                    self._reset_once(offline, boot1)
                     break
                 except CpuLost:
                     if attempt == RESET_ATTEMPTS - 1:
@@ -229,19 +238,19 @@ class KernelOps:
         self.sup.seg.set_hdr("state", L.MachineState.UP)
         self.sup.reset_offline = None
         seg = self.sup.seg
-        return {"offline": self._offline_now(), "generation": 1, "kernel": self.sup.boot1.text(), "respawned": respawned,
+        return {"offline": self._offline_now(), "generation": 1, "kernel": boot1.text(), "respawned": respawned,
                 # of those, the CPUs generation 1 does not start (maxcpus=): in wait-for-SIPI, not parked
                 "not_started": [c for c in range(1, self.sup.ncpus) if seg.cb(c, "state") == L.ExecState.WAIT_FOR_SIPI],
                 "ms": (time.monotonic_ns() - t0) / 1e6}
 
-    def _reset_once(self, offline: list[int]) -> None:
+    def _reset_once(self, offline: list[int], boot1: Boot) -> None:
         seg = self.sup.seg
         cpus = list(range(1, self.sup.ncpus))
         budget = self.sup.ipi_timeout_s
         self.sup.ipi_all(cpus, L.Ipi.INIT, budget, "reset (INIT)")
         for cpu in cpus:
             seg.clear_cb(cpu, _RESET_CLEARS)
-        gen1 = kboot.power_on(seg, self.sup.bus, self.sup.boot1)
+        gen1 = kboot.power_on(seg, self.sup.bus, boot1)
         self.sup.start_aps(gen1, budget, "reset (INIT, SIPI)", offline)
         todo = [c for c in offline if seg.cb(c, "hotplug") == L.Hotplug.ONLINE]  # none, unless one ignored it
         self.sup.ipi_all(todo, L.Ipi.CPU_DOWN, budget, "reset (offline)")

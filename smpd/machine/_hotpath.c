@@ -291,7 +291,8 @@ static PyTypeObject AckType = {
  * after the take, an interval the Python path drew for this call (CpuCore.wait), where it
  * draws one for each state's wait: the same rate, as the draws are memoryless.
  */
-#define KNOWN 4  /* generations a CPU can be started in without the interpreter (kexec'd kernels, and the first) */
+#define KNOWN 8  /* generations a CPU can be started in without the interpreter (kexec'd kernels, and the first: a soak
+                  * of the three flavours starts CPUs in six, generation 1 and 2 of each) */
 #define GEN_ENTRY_MAX 64
 
 typedef struct Kicker Kicker;

@@ -635,12 +635,15 @@ def kick(name, as_json, timeline_form, trace_file):
 @click.option("--offline", "offline", default=None, metavar="CPUS",
               help="The CPUs to leave offline after the boot, a cpulist ('' for none) [default: those "
                    "offline before the first kexec].")
-def reset(name, offline):
+@click.option("--kernel", type=click.Choice(scenario_mod.KERNELS), default=None,
+              help="Generation 1 boots as this kernel, with the machine's boot parameters, until the next "
+                   "reset [the machine's own].")
+def reset(name, offline, kernel):
     """A power cycle: generation 1 boots again, with the offline CPUs of before the first kexec
     (or --offline's)."""
     machine = lifecycle.require(name)
     with lifecycle.machine_lock(name, "a reset"):
-        r = machine.request("reset", offline=offline)  # None: the handler's own default
+        r = machine.request("reset", offline=offline, kernel=kernel)  # None: the handler's own default
     waiting = r.get("not_started", [])
     parked = cpulist.format_list([c for c in r["offline"] if c not in waiting])
     where = [f"CPU {parked} in mwait_play_dead()"] if parked else []

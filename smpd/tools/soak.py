@@ -407,12 +407,14 @@ def set_offline(live, want: set[int], now: set[int]) -> None:
         live.request("offline", cpus=cpulist.format_list(sorted(want - now)))
 
 
-def run_trial(live, drawn: dict, offline_now: set[int], then: str | None = None) -> tuple[dict, set[int]]:
+def run_trial(live, drawn: dict, offline_now: set[int], then: dict | None = None) -> tuple[dict, set[int]]:
     """Bring the offline set to the drawn one, kexec, reset. Returns (record, offline set after).
 
-    ``then``: the offline set the reset leaves, a CPU list as ``draw`` gives it (the next trial's:
-    one CPU_DOWN each, where hotplugging from this trial's costs CPU_DOWN, INIT and SIPI for each
-    CPU that changes); None: this trial's."""
+    ``then``: the next trial's draw, which the reset boots into: its kernel as generation 1 (the
+    kexec then finds its offline CPUs parked by that kernel's own mwait_play_dead(), where it
+    would rewrite the running generation as that kernel and re-park them: Kexec.become) and its
+    offline set (one CPU_DOWN each, where hotplugging from this trial's costs CPU_DOWN, INIT and
+    SIPI for each CPU that changes); None: the machine's kernel, and this trial's offline set."""
     want = set(cpulist.parse(drawn["offline"])) if drawn["offline"] else set()
     t0 = time.monotonic()
     try:
@@ -424,7 +426,8 @@ def run_trial(live, drawn: dict, offline_now: set[int], then: str | None = None)
         # an emulator fault like one mid-kexec.
         r = {"outcome": "CPU_LOST", "evidence": f"before the kexec: {err}", "notes": [], "duration_ms": 0.0}
     # respawns what died, back to the old kernel
-    reset = live.request("reset") if then is None else live.request("reset", offline=then)
+    reset = live.request("reset") if then is None else live.request("reset", offline=then["offline"],
+                                                                     kernel=then["park"])
     kick = r.get("kick") or {}
     budget = kick.get("budget_ns", 0)
     rtts = [e["rtt_ns"] for e in kick.get("cpus", {}).values() if "rtt_ns" in e]

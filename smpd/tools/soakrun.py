@@ -26,6 +26,7 @@ from smpd.host.proc import read_all, status_field
 from smpd.host import files
 from smpd.tools.entry import stop_signals
 from smpd.inputs import ascii_int, parse_duration
+from smpd.kernel.scenario import flavour
 from smpd.errors import BadInput, CoordinatorGone, SmpdError, Timeout
 
 
@@ -261,6 +262,7 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
     if plan.users_offline is None:  # a new run (or a file of an older smpd): the set the user has now
         plan.users_offline = sorted(offline)
     users_offline = set(plan.users_offline)
+    users_kernel = _flavour(status)  # each reset boots the next trial's: this one is restored at the end
     if resumed is None:
         plan.idle_kick = idle_kick(live)
         plan.started = time.time()
@@ -300,7 +302,7 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
         for sig, handler in old.items():
             signal.signal(sig, handler)
         f.close()
-    error = _leave_machine(live, error, users_offline, offline)
+    error = _leave_machine(live, error, users_offline, offline, users_kernel)
     print_summary(console, plan, records, out)
     if stop["asked"]:
         console.print(Text(f"interrupted after trial {records[-1]['trial'] if records else '-'}; the machine is "
@@ -310,17 +312,26 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
         raise error
 
 
-def _leave_machine(live, error: SmpdError | None, users_offline: set[int], offline: set[int]) -> SmpdError | None:
-    """The machine as the user had it (offline CPUs ``users_offline``), after the run's ``error``
-    if one ended it; returns the error to report."""
+def _flavour(status: dict) -> str:
+    """The flavour of the kernel a machine runs, from its status."""
+    return status["machine"]["kernel"].split()[0]
+
+
+def _leave_machine(live, error: SmpdError | None, users_offline: set[int], offline: set[int],
+                   users_kernel: str) -> SmpdError | None:
+    """The machine as the user had it (offline CPUs ``users_offline``, generation 1 booted as
+    ``users_kernel``), after the run's ``error`` if one ended it; returns the error to report."""
     if isinstance(error, Timeout):  # the machine is between two kernels: only a reset restores it
         try:
-            live.request("reset", offline=cpulist.format_list(sorted(users_offline)))
+            live.request("reset", offline=cpulist.format_list(sorted(users_offline)), kernel=users_kernel)
         except SmpdError as again:
             return Timeout(f"{error}. Resetting the machine to your offline CPUs failed too ({again}); "
                            f"--resume resets it first")
     elif not isinstance(error, CoordinatorGone):
-        soak.set_offline(live, users_offline, offline)
+        if _flavour(live.request("status")) != users_kernel:  # the last reset booted the next trial's kernel
+            live.request("reset", offline=cpulist.format_list(sorted(users_offline)), kernel=users_kernel)
+        else:
+            soak.set_offline(live, users_offline, offline)
     return error
 
 
@@ -346,7 +357,7 @@ def _trial(live, plan: soak.Plan, trial: int, offline: set[int], f, out: str, re
     """Run trial ``trial`` and append its record to the file; an error ends the run (the
     coordinator gone, the file not writable), with what is safe said."""
     try:
-        record, offline = soak.run_trial(live, soak.draw(plan, trial), offline, soak.draw(plan, trial + 1)["offline"])
+        record, offline = soak.run_trial(live, soak.draw(plan, trial), offline, soak.draw(plan, trial + 1))
     except CoordinatorGone as err:
         return None, offline, CoordinatorGone(f"{err}; {len(records)} trials are safe in {out}")
     except Timeout as err:  # a CPU process stopped or starved: the trial's hotplug or reset was cut short
@@ -457,11 +468,12 @@ def replay(name: str, target: str) -> dict:
     if live.ncpus != plan.cpus:
         raise BadInput(f"--replay: {path} was recorded on a {plan.cpus}-CPU machine; '{name}' has {live.ncpus}")
     status = live.request("status")
-    if status["machine"]["state"] in ("KEXECED", "ENDED"):
-        live.request("reset")
-        status = live.request("status")
     want = set(cpulist.parse(rec["offline"])) if rec["offline"] else set()
-    soak.set_offline(live, want, offline_set(status))
+    if status["machine"]["state"] in ("KEXECED", "ENDED") or _flavour(status) != flavour(rec["park"]):
+        # as the soak ran it: generation 1 booted as the trial's kernel (soak.run_trial's reset)
+        live.request("reset", offline=rec["offline"], kernel=rec["park"])
+    else:
+        soak.set_offline(live, want, offline_set(status))
     r = live.request("kexec", kernel=rec["park"], inject=rec["inject"], order=rec["order"], seed=rec["seed"])
     same = r["outcome"] == rec["outcome"]
     r["replay"] = {"file": path, "trial": trial, "recorded_outcome": rec["outcome"], "same_outcome": same}

@@ -81,6 +81,13 @@ def test_a_soak_leaves_the_kernel_its_machine_ran_though_each_reset_boots_the_ne
     assert (after["machine"]["kernel"], after["machine"]["generation"], after["machine"]["state"]) == ("6.6", 1, "UP")
     assert [c["hotplug"] for c in after["cpus"]] == [c["hotplug"] for c in before["cpus"]]
     assert [t["park"] for t in lines(tmp_path / "prefix.jsonl")[1:]] == ["none", "none"]
+    # A run killed after a reset leaves the machine in a trial's kernel; its --resume restores the
+    # kernel the file says the user had, not the one it finds
+    run_smpd("reset", "--kernel", "pre-fix", name=soak_machine.name)
+    run_smpd("soak", "--resume", str(tmp_path / "prefix.jsonl"), name=soak_machine.name)
+    again = soak_machine.status()
+    assert again["machine"]["kernel"] == "6.6" and [c["hotplug"] for c in again["cpus"]] == \
+        [c["hotplug"] for c in before["cpus"]]
 
 
 def test_the_trial_sequence_is_a_function_of_the_seed(recorded):

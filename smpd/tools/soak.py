@@ -28,7 +28,7 @@ from smpd.machine import layout as L
 from smpd.errors import BadInput, CpuLost, SmpdError
 from smpd.host import files
 from smpd.kernel.kexec import OUTCOMES
-from smpd.kernel.scenario import KERNELS, KINDS, ORDERS, PHASES, trial_seed
+from smpd.kernel.scenario import FLAVOURS, KERNELS, KINDS, ORDERS, PHASES, trial_seed
 
 FILE_KIND = "smpd-soak"
 # Version 2: trials of the kernel-generation model (layout 6: each generation its own memory map;
@@ -60,6 +60,9 @@ class Plan:
     # the CPUs the user had offline before the first trial: what the machine is left with, also
     # after a --resume whose machine a failed run left otherwise (None: a file of an older smpd)
     users_offline: list[int] | None = None
+    # the kernel generation 1 ran before the first trial (each trial's reset boots the next trial's):
+    # what the machine is left running, also after a --resume (None: a file of an older smpd)
+    users_kernel: str | None = None
 
     def identity(self) -> dict:
         """What a resumed run must agree on to continue the same sequence."""
@@ -230,6 +233,7 @@ HEADER_FIELDS = {
 HEADER_OPTIONAL = {
     "nosmt_siblings": (_cpu_numbers, "a list of CPU numbers"),
     "users_offline": (_optional(_cpu_numbers), "null or a list of CPU numbers"),
+    "users_kernel": (_optional(lambda v: v in FLAVOURS), f"null or one of {', '.join(FLAVOURS)}"),
     "cluster": (_optional(lambda v: type(v) is dict and type(v.get("address")) is str
                           and _int(1, 64)(v.get("slots_per_node"))), "null or {address, slots_per_node}"),
 }

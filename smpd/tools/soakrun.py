@@ -262,7 +262,8 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
     if plan.users_offline is None:  # a new run (or a file of an older smpd): the set the user has now
         plan.users_offline = sorted(offline)
     users_offline = set(plan.users_offline)
-    users_kernel = _flavour(status)  # each reset boots the next trial's: this one is restored at the end
+    if plan.users_kernel is None:  # each trial's reset boots the next trial's kernel: this one is restored
+        plan.users_kernel = _flavour(status)
     if resumed is None:
         plan.idle_kick = idle_kick(live)
         plan.started = time.time()
@@ -302,7 +303,7 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
         for sig, handler in old.items():
             signal.signal(sig, handler)
         f.close()
-    error = _leave_machine(live, error, users_offline, offline, users_kernel)
+    error = _leave_machine(live, error, users_offline, offline, plan.users_kernel)
     print_summary(console, plan, records, out)
     if stop["asked"]:
         console.print(Text(f"interrupted after trial {records[-1]['trial'] if records else '-'}; the machine is "

@@ -7,6 +7,7 @@ made certain here: that CPU's process sends itself the MCE right after it takes 
 """
 
 import contextlib
+import dataclasses
 import os
 import signal
 import time
@@ -167,13 +168,15 @@ def test_a_reset_clears_its_fields_of_each_control_block_and_nothing_else():
 
 @contextlib.contextmanager
 def _cpu1_running(tmp_path, label: str, hot_path: str, watch: str = "adaptive", child=None, budget_ns: int = 0,
-                  spurious_per_s: float = 0.0):
-    """(config, segment, port, pid) with generation 1 booted and CPU 1's process of this test's own
-    started by it, online and idle (`running`), on that hot path and watch (and adaptive spin
-    budget and spurious MWAIT wake-ups, when given); ``child`` runs first in that process; killed after."""
+                  spurious_per_s: float = 0.0, kernel: str | None = None):
+    """(config, segment, port, pid) with generation 1 booted (as ``kernel``, when given) and CPU 1's
+    process of this test's own started by it, online and idle (`running`), on that hot path and
+    watch (and adaptive spin budget and spurious MWAIT wake-ups, when given); ``child`` runs first
+    in that process; killed after."""
     with _machine_segment(tmp_path, label, L.HotPath[hot_path.upper()], L.Watch[watch.upper()]) as (cfg, seg):
         bus = Bus(seg)
-        gen1 = kboot.power_on(seg, bus, cfg.boot())
+        boot = cfg.boot() if kernel is None else dataclasses.replace(cfg.boot(), flavour=kernel)
+        gen1 = kboot.power_on(seg, bus, boot)
         seg.set_hdr("spin_budget_ns", budget_ns)
         seg.set_hdr("spurious_per_s", spurious_per_s)
         pid = _cpu_process(seg, bus, 1, cfg.signals(), child)
@@ -428,6 +431,72 @@ def test_a_cpu_down_alone_parks_where_the_running_generation_says_now(tmp_path, 
         assert port.ipi_wait([1], L.Ipi.CPU_DOWN, 5.0) == ({1: 0}, [])
         assert (seg.cb(1, "state"), seg.cb(1, "hotplug")) == (L.ExecState.MWAIT, L.Hotplug.OFFLINE)
         assert seg.cb(1, "mon_line") == (kboot.current(seg).thread_info_addr(1) - L.PHYS_BASE) // L.LINE
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_the_pre_fix_kernel_parks_its_cpu_on_the_thread_info_line_where_a_write_wakes_it(tmp_path, hot_path):
+    """A reset into the pre-fix kernel (`smpd reset --kernel pre-fix`, a soak's trial of it): INIT
+    alone, then INIT, SIPI and CPU_DOWN, park the CPU in that kernel's mwait_play_dead(), on its
+    idle task's thread_info line, with no struct mwait_cpu_dead to write; the compiled path takes
+    the second message once the CPU has run that generation (Init.learn), and a CPU_DOWN alone
+    from running too. A write to the line then wakes the CPU into the Python loop, which checks
+    its pages and waits on the line again, as the pre-fix kernel does."""
+    with _cpu1_running(tmp_path, f"prefix-park-{hot_path}", hot_path) as (cfg, seg, port, pid):
+        gen2 = memmap.kexec_load(kboot.current(seg), memmap.Boot("pre-fix"))
+        generations.record(seg, gen2)
+        seg.set_hdr("generation", 2)
+        image.boot_kernel(Bus(seg), seg.hdr("seed"), gen2)  # its pages, which the CPU's resume checks
+        md, ti = gen2.mwait_cpu_dead_addr(1), gen2.thread_info_addr(1)
+        line = (ti - L.PHYS_BASE) // L.LINE
+        untouched = seg.mem_u32(md), seg.mem_u32(md + 4)
+
+        def parked_on_thread_info() -> None:
+            assert (seg.cb(1, "state"), seg.cb(1, "hotplug"), seg.cb(1, "cpu_gen")) == \
+                (L.ExecState.MWAIT, L.Hotplug.OFFLINE, 2)
+            assert (seg.cb(1, "mon_armed"), seg.cb(1, "mon_line")) == (1, line)
+            assert seg.u16[seg.geo.dir_off // L.DIR_ENTRY + line] == 2  # CPU 1's MONITOR
+            assert (seg.mem_u32(md), seg.mem_u32(md + 4)) == untouched
+
+        for first_time in (True, False):
+            assert port.ipi_wait([1], L.Ipi.INIT, 5.0) == ({1: 0}, [])  # (armed: the Python path's)
+            entries = seg.cb(1, "mwait_entries")
+            logged = _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN))
+            assert [code for _ns, code in logged] == [L.Ev.INIT, L.Ev.SIPI, L.Ev.OFFLINE]
+            assert _in_one_step(logged) == (hot_path == "c" and not first_time), logged
+            assert seg.cb(1, "mwait_entries") == entries + 1
+            parked_on_thread_info()
+        assert port.ipi_wait([1], L.Ipi.INIT, 5.0) == ({1: 0}, [])
+        _start(port, seg, (L.Ipi.SIPI,))
+        assert port.ipi_wait([1], L.Ipi.CPU_DOWN, 5.0) == ({1: 0}, [])
+        parked_on_thread_info()
+        woken, mark = seg.cb(1, "wake_write"), seg.cb(1, "ev_head")
+        assert Bus(seg).write_u32(ti, seg.mem_u32(ti)) == 1  # a store to thread_info->flags: one monitor woken
+        wait_until(lambda: seg.cb(1, "wake_write") == woken + 1 and seg.cb(1, "mon_armed") == 1,
+                   what="the write's wake-up taken, MONITOR armed again")
+        assert [code for _ns, code in _codes_since(seg, mark)] == [L.Ev.WAKE_WRITE]
+        assert seg.cb(1, "fault") == L.Fault.NONE
+        parked_on_thread_info()
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_a_cpu_down_alone_parks_a_pre_fix_kernels_cpu_on_its_thread_info_line(tmp_path, hot_path):
+    """`smpd offline` on a machine booted as the pre-fix kernel: the compiled path takes the CPU_DOWN
+    into that kernel's park too (here play_dead() in the CPU's Python ends its process, so the CPU
+    parks only if the C took it), on the thread_info line, nothing written to mwait_cpu_dead."""
+    def python_may_not_park(cpu=kcpu.Cpu):
+        if hot_path == "c":
+            cpu.play_dead = lambda self: os._exit(71)
+
+    with _cpu1_running(tmp_path, f"prefix-down-{hot_path}", hot_path, child=python_may_not_park,
+                       kernel="pre-fix") as (cfg, seg, port, pid):
+        m = kboot.current(seg)
+        md = m.mwait_cpu_dead_addr(1)
+        untouched = seg.mem_u32(md), seg.mem_u32(md + 4)
+        assert port.ipi_wait([1], L.Ipi.CPU_DOWN, 5.0) == ({1: 0}, [])
+        assert (seg.cb(1, "state"), seg.cb(1, "hotplug"), seg.cb(1, "mon_armed")) == \
+            (L.ExecState.MWAIT, L.Hotplug.OFFLINE, 1)
+        assert seg.cb(1, "mon_line") == (m.thread_info_addr(1) - L.PHYS_BASE) // L.LINE
+        assert (seg.mem_u32(md), seg.mem_u32(md + 4)) == untouched
 
 
 @pytest.mark.parametrize("hot_path", HOT_PATHS)

@@ -41,8 +41,9 @@ class Handoff:
 
     def _learn_start(self) -> None:
         """start_secondary() started this CPU in its generation (not one that kernel parks at boot):
-        from now on the compiled path may take its INIT and SIPI (and CPU_DOWN) into it (take_init),
-        with smp_callin()'s clear of mwait_cpu_dead and, in the fix's kernels, the park's Ack."""
+        from now on the compiled path may take its INIT and SIPI (and CPU_DOWN) into it (take_init):
+        in the fix's kernels with smp_callin()'s clear of mwait_cpu_dead and the park's Ack; in the
+        pre-fix kernel, parked on its thread_info line with no kick to answer."""
         self._learn(self.started_in, self.map)  # the entry smp_callin() built its map from
 
     def learn_boot(self, entry: bytes, m: MemoryMap) -> None:
@@ -60,7 +61,7 @@ class Handoff:
 
     def _learn(self, entry: bytes, m: MemoryMap) -> None:
         if self.init_taker is not None:
-            self.init_taker.learn(entry, m.mwait_cpu_dead_addr(self.cpu) - L.PHYS_BASE,
+            self.init_taker.learn(entry, m.monitor_addr(self.cpu) - L.PHYS_BASE,
                                   None if m.boot.monitors_thread_info else self._kick_ack(m))
 
     def _init_taken(self, mask: int) -> Woken:
@@ -82,6 +83,6 @@ class Handoff:
             return Woken(self.running, woken_with=mask)
         if state == L.ExecState.HLT:  # parked, then kicked: the compiled path halted it too
             return Woken(self.hlt, halted_with=mask)
-        # armed: its mwait_cpu_dead line in that map (not a segment word's say-so)
-        self.armed_line = (self.map.mwait_cpu_dead_addr(self.cpu) - L.PHYS_BASE) // L.LINE
+        # armed: the line that kernel's mwait_play_dead() watches in that map (not a segment word's say-so)
+        self.armed_line = (self.map.monitor_addr(self.cpu) - L.PHYS_BASE) // L.LINE
         return Woken(self.mwait_play_dead, woken_with=mask)

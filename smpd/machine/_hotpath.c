@@ -266,16 +266,18 @@ static PyTypeObject AckType = {
  * smpd.kernel.handoff's learn_boot; never one that kernel parks at boot): start_secondary()
  * and smp_callin() (sipi_count, the SIPI event, cpu_gen; the fix's kernels clear mwait_cpu_dead
  * through the bus's rule), then running. A CPU_DOWN after those (a reset leaving the CPU
- * offline) goes on through play_dead() into the fix's mwait_play_dead(): its entry count,
- * MONITOR on the mwait_cpu_dead line, the acknowledgement; the wait goes on as MWAIT, with that
- * generation's Ack. NMI or SMI held from wait-for-SIPI (delivered by smp_callin) leave it to
- * Python, as does the pre-fix kernel's park.
+ * offline) goes on through play_dead() into that kernel's mwait_play_dead(): its entry count
+ * (and the fix's stores to mwait_cpu_dead), MONITOR on the line it watches (the fix's
+ * mwait_cpu_dead; pre-fix, the idle task's thread_info->flags), the acknowledgement; the wait
+ * goes on as MWAIT, with that generation's Ack (pre-fix: none, so a write to the line returns
+ * to Python, whose mwait_play_dead() takes it as its own MWAIT's). NMI or SMI held from
+ * wait-for-SIPI (delivered by smp_callin) leave it to Python.
  *
  * A CPU_DOWN alone (cpu_down(): `smpd offline`) to a CPU running (state and hotplug say so) a
  * generation it knows, as the table holds that generation now (mwait_play_dead() reads its
  * flavour there: a rewritten entry, Kexec.become, is the Python path's), goes the same way from
- * running: play_dead() into the fix's mwait_play_dead(), parked, acknowledged. To any other state
- * the Python path answers it (ignored there).
+ * running: play_dead() into mwait_play_dead(), parked, acknowledged. To any other state the
+ * Python path answers it (ignored there).
  *
  * The interpreter runs only at the next wake-up, which the Python state machine then takes in
  * the state the take left (``taken_state``, ``taken_ns``). Anything else (another command, an
@@ -305,8 +307,9 @@ static int kicker_has_cpu(Kicker *k, uint32_t cpu);
 typedef struct {
 	int used;
 	unsigned char entry[GEN_ENTRY_MAX];  /* its entry in the header's generation table, as it was then */
-	Ack *ack;  /* the kick's acknowledgement there (owned); NULL: the pre-fix kernel (nothing to clear, no park here) */
-	Py_ssize_t md, dir;  /* mwait_cpu_dead's offset in emulated memory; its line's directory entry (segment bytes) */
+	Ack *ack;  /* the kick's acknowledgement there (owned); NULL: the pre-fix kernel (no mwait_cpu_dead, no kick) */
+	Py_ssize_t mon, dir;  /* the word mwait_play_dead() monitors there (the fix's mwait_cpu_dead.control; pre-fix,
+			       * thread_info->flags): its offset in emulated memory; its line's directory entry */
 	uint32_t line;
 } Known;
 
@@ -416,18 +419,18 @@ static void Init_dealloc(Init *self)
 static PyObject *Init_learn(Init *self, PyObject *args)
 {
 	Py_buffer entry;
-	Py_ssize_t md, dir, need = 0;
+	Py_ssize_t mon, dir, need = 0;
 	uint32_t line;
 	PyObject *ack;
 	Known *g;
 
-	if (!PyArg_ParseTuple(args, "y*nO", &entry, &md, &ack))
+	if (!PyArg_ParseTuple(args, "y*nO", &entry, &mon, &ack))
 		return NULL;
 	if (!self->ready || self->busy || entry.len != self->gen_entry ||
 	    (ack != Py_None && (!PyObject_TypeCheck(ack, &AckType) || !((Ack *)ack)->ready)) ||
-	    kicker_line(self->bus, md, 8, &line, &dir, &need) < 0) {
+	    kicker_line(self->bus, mon, 8, &line, &dir, &need) < 0) {
 		if (!PyErr_Occurred())
-			PyErr_Format(PyExc_ValueError, "learn(entry, md, ack) takes a %zd-byte generation entry and "
+			PyErr_Format(PyExc_ValueError, "learn(entry, mon, ack) takes a %zd-byte generation entry and "
 				     "an initialised Ack or None, on an initialised Init no wait is using",
 				     self->gen_entry);
 		PyBuffer_Release(&entry);
@@ -446,7 +449,7 @@ static PyObject *Init_learn(Init *self, PyObject *args)
 	Py_XDECREF(g->ack);
 	g->ack = ack == Py_None ? NULL : (Ack *)ack;
 	Py_XINCREF(g->ack);
-	g->md = md;
+	g->mon = mon;
 	g->dir = dir;
 	g->line = line;
 	g->used = 1;
@@ -496,10 +499,11 @@ static PyGetSetDef Init_getset[] = {
 
 static PyMethodDef Init_methods[] = {
 	{"learn", (PyCFunction)Init_learn, METH_VARARGS,
-	 "learn(entry, md, ack): this CPU was started (not parked at boot) in the generation whose\n"
-	 "header table entry is ``entry`` (bytes); its mwait_cpu_dead is at offset ``md`` of emulated\n"
-	 "memory, and ``ack`` is the kick's Ack there (None: the pre-fix kernel). A later INIT, SIPI\n"
-	 "(and CPU_DOWN) into that generation is then taken without the interpreter."},
+	 "learn(entry, mon, ack): this CPU was started (not parked at boot) in the generation whose\n"
+	 "header table entry is ``entry`` (bytes); the word its mwait_play_dead() monitors is at offset\n"
+	 "``mon`` of emulated memory (mwait_cpu_dead.control; the pre-fix kernel's thread_info->flags),\n"
+	 "and ``ack`` is the kick's Ack there (None: the pre-fix kernel). A later INIT, SIPI (and\n"
+	 "CPU_DOWN) into that generation is then taken without the interpreter."},
 	{NULL},
 };
 
@@ -842,17 +846,17 @@ static int take_init(Waiter *w, Init *n)
 	if (kind == NOT_TAKEN)
 		return 0;
 	if (kind == LONE_DOWN) {
-		/* cpu_down() of a CPU running a generation it knows, in the fix's kernel, as the table
+		/* cpu_down() of a CPU running a generation it knows, as the table
 		 * holds that generation now (mwait_play_dead() reads its flavour so: a rewritten one
 		 * is Python's); to any other state the Python path answers it (ignored) */
 		g = known_as(b, n, LOAD32(b + n->cpu_gen));
-		if (!g || !g->ack || LOAD32(b + n->state) != n->st_running || LOAD32(b + n->hotplug) != n->hp_online)
+		if (!g || LOAD32(b + n->state) != n->st_running || LOAD32(b + n->hotplug) != n->hp_online)
 			return 0;
 	} else if (kind != LONE_INIT) {
 		/* A generation this CPU learnt (its entry as the table holds it now); no NMI or SMI held from
-		 * wait-for-SIPI (smp_callin() delivers them: Python's); a park only in the fix's kernel. */
+		 * wait-for-SIPI (smp_callin() delivers them: Python's). */
 		g = known_now(b, n, &gen);
-		if (!g || LOAD32(b + n->nmi_pending) || LOAD32(b + n->smi_pending) || (kind == START_DOWN && !g->ack))
+		if (!g || LOAD32(b + n->nmi_pending) || LOAD32(b + n->smi_pending))
 			return 0;
 	}
 	/* An interrupt signal that came first and is not taken yet (asleep: blocked, pending)
@@ -892,24 +896,25 @@ static int take_init(Waiter *w, Init *n)
 		if (g->ack) {
 			static const uint32_t zero[2] = {0, 0};
 
-			bus_write(n->bus, b, g->md, zero, 2);
+			bus_write(n->bus, b, g->mon, zero, 2);
 		}
 		STORE32(b + n->hotplug, n->hp_online);
 		STORE32(b + n->state, n->st_running);
 		n->taken_state = n->st_running;
 	}
 	if (kind == START_DOWN || kind == LONE_DOWN) {
-		/* running: CPU_DOWN -> play_dead() -> mwait_play_dead(): the fix's entry, then
-		 * MONITOR on its mwait_cpu_dead line (as CpuCore.monitor: the WRITE byte cleared,
-		 * the directory entry, the CPU's record of it, a fence) */
+		/* running: CPU_DOWN -> play_dead() -> mwait_play_dead(): the fix's entry (none
+		 * before it), then MONITOR on the line that kernel watches (as CpuCore.monitor: the
+		 * WRITE byte cleared, the directory entry, the CPU's record of it, a fence) */
 		if (kind == START_DOWN)
 			steps++;
 		n->taken_known = (int)(g - n->known);  /* where it parks (after a SIPI: where it started) */
 		STORE32(b + n->hotplug, n->hp_offline);
 		log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_offline, 0, now_ns());
-		/* state for the kexec() hack: status first, then control, each a bus write */
-		bus_write(n->bus, b, g->md + 4, &n->mwait_wait, 1);
-		bus_write(n->bus, b, g->md, &n->mwait_wait, 1);
+		if (g->ack) {  /* state for the kexec() hack: status first, then control, each a bus write */
+			bus_write(n->bus, b, g->mon + 4, &n->mwait_wait, 1);
+			bus_write(n->bus, b, g->mon, &n->mwait_wait, 1);
+		}
 		STORE64(b + n->mwait_entries, LOAD64(b + n->mwait_entries) + 1);
 		STORE32(b + n->state, n->st_mwait);
 		STORE8(b + w->write, 0);
@@ -918,7 +923,7 @@ static int take_init(Waiter *w, Init *n)
 		STORE32(b + n->armed, 1);
 		FENCE();
 		n->taken_state = n->st_mwait;
-		w->parked = g->ack;  /* the wait goes on as MWAIT */
+		w->parked = g->ack;  /* the wait goes on as MWAIT (pre-fix: with no kick to answer) */
 	}
 	/* the acknowledgement of the message (its result first: the coordinator polls ack) */
 	STORE32(b + n->mbox_result, 0);  /* IPI_DONE */

@@ -408,6 +408,36 @@ def test_a_cpu_down_alone_parks_a_running_cpu_where_the_kick_then_finds_it(tmp_p
         _kicked_into_hlt_then_nmi(cfg, seg, pid)
 
 
+@pytest.mark.parametrize("case", hot_paths("adaptive", "spin"))
+def test_a_reboot_alone_halts_a_running_cpu_through_stop_this_cpu(tmp_path, case):
+    """native_stop_other_cpus()'s REBOOT vector to a CPU still online: stop_this_cpu() (its event,
+    offline), then HLT (its event), acknowledged. The compiled path takes it without the
+    interpreter in a generation the CPU knows (here stop_this_cpu() in the CPU's Python ends its
+    process, so the CPU halts only if the C took it), and goes on waiting as HLT: an NMI then ends
+    HLT and is taken in the Python loop, which halts again; an INIT and a SIPI start it again."""
+    watch, hot_path = case
+
+    def python_may_not_stop(cpu=kcpu.Cpu):
+        if hot_path == "c":
+            cpu.stop_this_cpu = lambda self: os._exit(71)
+
+    with _cpu1_running(tmp_path, f"reboot-{watch}-{hot_path}", hot_path, watch,
+                       child=python_may_not_stop) as (cfg, seg, port, pid):
+        mark, activity = seg.cb(1, "ev_head"), seg.cb(1, "activity")
+        assert port.ipi_wait([1], L.Ipi.REBOOT, 5.0) == ({1: 0}, [])
+        assert (seg.cb(1, "state"), seg.cb(1, "hotplug"), seg.cb(1, "mon_armed")) == \
+            (L.ExecState.HLT, L.Hotplug.OFFLINE, 0)
+        assert [code for _ns, code in _codes_since(seg, mark)] == [L.Ev.REBOOT, L.Ev.HLT]
+        assert seg.cb(1, "activity") == activity + 1  # one wake-up's worth: the REBOOT's
+        os.kill(pid, cfg.signals()["nmi"])
+        wait_until(lambda: seg.cb(1, "nmi_taken") == 1, what="the NMI ending HLT")
+        assert (seg.cb(1, "fault"), seg.cb(1, "state"), seg.cb(1, "hotplug")) == \
+            (L.Fault.NONE, L.ExecState.HLT, L.Hotplug.OFFLINE)
+        assert port.ipi_wait([1], L.Ipi.REBOOT, 5.0) == ({1: IPI_IGNORED}, [])  # halted: nothing to stop
+        assert [code for _ns, code in _start(port, seg, (L.Ipi.SIPI,))] == [L.Ev.INIT, L.Ev.SIPI]
+        assert (seg.cb(1, "state"), seg.cb(1, "hotplug")) == (L.ExecState.RUNNING, L.Hotplug.ONLINE)
+
+
 @pytest.mark.parametrize("hot_path", HOT_PATHS)
 def test_a_cpu_down_to_a_cpu_in_wait_for_sipi_is_acknowledged_as_ignored(tmp_path, hot_path):
     """A CPU in wait-for-SIPI executes nothing: a CPU_DOWN there is answered as ignored on both

@@ -5,7 +5,8 @@ interpreter running: the acknowledgement of a kick in mwait_play_dead() and the 
 HLT (an Ack); an INIT, alone or followed by a SIPI (and a CPU_DOWN), through wait-for-SIPI
 into running, or parked in mwait_play_dead() again, in a generation the Python path has
 started this CPU in before, or generation 1 as the template found it before the CPU's process
-ran, and a CPU_DOWN alone from running into mwait_play_dead() there (an Init). This mixin of
+ran, a CPU_DOWN alone from running into mwait_play_dead() there, and a REBOOT alone from running
+through stop_this_cpu() into HLT (an Init). This mixin of
 smpd.kernel.cpu.Cpu hands the compiled path what it needs (``_kick_ack``, ``_learn_start``,
 ``learn_boot``) and takes the CPU on from the state the compiled path left it in
 (``_init_taken``), at the wake-up that came next.
@@ -81,7 +82,7 @@ class Handoff:
         self.gen = self.map.gen
         if state == L.ExecState.RUNNING:
             return Woken(self.running, woken_with=mask)
-        if state == L.ExecState.HLT:  # parked, then kicked: the compiled path halted it too
+        if state == L.ExecState.HLT:  # kicked once parked, or stopped by REBOOT: the compiled path halted it
             return Woken(self.hlt, halted_with=mask)
         # armed: the line that kernel's mwait_play_dead() watches in that map (not a segment word's say-so)
         self.armed_line = (self.map.monitor_addr(self.cpu) - L.PHYS_BASE) // L.LINE

@@ -35,8 +35,9 @@
  *                       template found it; for CPU_DOWN,
  *                       play_dead() into mwait_play_dead()'s MONITOR; the
  *                       acknowledgement) and goes on waiting (take_init): parked, as
- *                       MWAIT, with that generation's Ack. So does a CPU_DOWN alone to
- *                       a CPU running a generation it knows (`smpd offline`).
+ *                       MWAIT, with that generation's Ack (the pre-fix kernel's: none).
+ *                       So does a CPU_DOWN alone to a CPU running a generation it knows
+ *                       (`smpd offline`), and a REBOOT alone, into HLT.
  *
  * Everything outside those paths (interrupt handlers, other IPIs, foreign bytes)
  * stays in Python: the C returns to it whenever the wake-up is anything but a kick
@@ -277,7 +278,9 @@ static PyTypeObject AckType = {
  * generation it knows, as the table holds that generation now (mwait_play_dead() reads its
  * flavour there: a rewritten entry, Kexec.become, is the Python path's), goes the same way from
  * running: play_dead() into mwait_play_dead(), parked, acknowledged. To any other state the
- * Python path answers it (ignored there).
+ * Python path answers it (ignored there). So does a REBOOT alone (stop_other_cpus()' vector to
+ * the CPUs still online) to such a CPU: stop_this_cpu() (its event, offline), then hlt() (the
+ * state, its event), acknowledged; the wait goes on as HLT's, which sleeps at once.
  *
  * The interpreter runs only at the next wake-up, which the Python state machine then takes in
  * the state the take left (``taken_state``, ``taken_ns``). Anything else (another command, an
@@ -326,6 +329,7 @@ typedef struct {
 	Py_ssize_t hdr_gen, gen_table, gen_entry, sipi_count, cpu_gen, nmi_pending, smi_pending, mwait_entries, mon_line;
 	int gen_slots;
 	uint32_t cpu, cmd_sipi, cmd_cpu_down, st_running, st_mwait, hp_online, ev_sipi, ev_offline;
+	uint32_t cmd_reboot, st_hlt, ev_reboot, ev_hlt;  /* REBOOT: stop_this_cpu() into HLT */
 	uint32_t mwait_wait;  /* CPUDEAD_MWAIT_WAIT */
 	Kicker *bus;  /* the bus's rule, for smp_callin()'s clear of mwait_cpu_dead (owned) */
 	Known known[KNOWN];
@@ -345,14 +349,15 @@ static int Init_init(Init *self, PyObject *args, PyObject *kw)
 				"ipi_byte", "hdr_generation", "gen_table", "gen_entry", "gen_slots", "sipi_count",
 				"cpu_gen", "nmi_pending", "smi_pending", "mwait_entries", "mon_line", "cpu", "cmd_sipi",
 				"cmd_cpu_down", "state_running", "state_mwait", "hotplug_online", "ev_sipi",
-				"ev_offline", "mwait_wait", "spin_ns", "bus", NULL};
+				"ev_offline", "mwait_wait", "cmd_reboot", "state_hlt", "ev_reboot", "ev_hlt",
+				"spin_ns", "bus", NULL};
 	PyObject *bus;
 
 	if (self->ready) {
 		PyErr_SetString(PyExc_RuntimeError, "Init is already initialised");
 		return -1;
 	}
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "nnnnnnnnnnnnnIIIIIninnninnnnnnIIIIIIIIILO!", names,
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "nnnnnnnnnnnnnIIIIIninnninnnnnnIIIIIIIIIIIIILO!", names,
 					 &self->mbox_seq, &self->mbox_cmd,
 					 &self->mbox_arg, &self->mbox_ack, &self->mbox_result, &self->armed,
 					 &self->init_count, &self->state, &self->hotplug, &self->activity, &self->busy_word,
@@ -362,7 +367,8 @@ static int Init_init(Init *self, PyObject *args, PyObject *kw)
 					 &self->sipi_count, &self->cpu_gen, &self->nmi_pending, &self->smi_pending,
 					 &self->mwait_entries, &self->mon_line, &self->cpu, &self->cmd_sipi,
 					 &self->cmd_cpu_down, &self->st_running, &self->st_mwait, &self->hp_online,
-					 &self->ev_sipi, &self->ev_offline, &self->mwait_wait, &self->spin_ns, &KickerType, &bus))
+					 &self->ev_sipi, &self->ev_offline, &self->mwait_wait, &self->cmd_reboot, &self->st_hlt,
+					 &self->ev_reboot, &self->ev_hlt, &self->spin_ns, &KickerType, &bus))
 		return -1;
 	if (self->ev_entry != 16 || self->ev_slots == 0 || self->ipi_byte < 1 || self->ipi_byte > 3) {
 		PyErr_SetString(PyExc_ValueError, "Init: events are 16 bytes, at least one slot; the IPI byte is "
@@ -371,9 +377,10 @@ static int Init_init(Init *self, PyObject *args, PyObject *kw)
 	}
 	if (self->gen_entry < 4 || self->gen_entry > GEN_ENTRY_MAX || self->gen_slots < 1 ||
 	    self->cmd_sipi == 0 || self->cmd_sipi > 0xFF || self->cmd_cpu_down == 0 || self->cmd_cpu_down > 0xFF ||
+	    self->cmd_reboot == 0 || self->cmd_reboot > 0xFF ||
 	    self->cpu >= 0xFFFF) {
-		PyErr_Format(PyExc_ValueError, "Init: a generation entry is 4..%d bytes, at least one slot; SIPI "
-			     "and CPU_DOWN are IPI bytes 1..255; the CPU a u16 directory owner", GEN_ENTRY_MAX);
+		PyErr_Format(PyExc_ValueError, "Init: a generation entry is 4..%d bytes, at least one slot; SIPI, "
+			     "CPU_DOWN and REBOOT are IPI bytes 1..255; the CPU a u16 directory owner", GEN_ENTRY_MAX);
 		return -1;
 	}
 	{
@@ -648,7 +655,7 @@ static void log_event(char *b, Ack *a, uint32_t code, uint32_t arg, int64_t ns)
 	log_at(b, a->ev_head, a->ev_ring, a->ev_slots, code, arg, ns);
 }
 
-enum { NOT_TAKEN = 0, LONE_INIT, START, START_DOWN, LONE_DOWN };
+enum { NOT_TAKEN = 0, LONE_INIT, START, START_DOWN, LONE_DOWN, LONE_REBOOT };
 
 /* Is an interrupt signal pending for this process: sent while blocked (asleep, the signals are
  * blocked), not delivered yet? sigpending() names only blocked signals: one delivered while
@@ -773,7 +780,7 @@ static PyObject *Waiter_install_signal_handlers(Waiter *w, PyObject *Py_UNUSED(i
 }
 
 /* An unacknowledged message in the mailbox that take_init() takes (its seq in *seq): INIT alone,
- * INIT then SIPI, INIT, SIPI, CPU_DOWN, or CPU_DOWN alone; NOT_TAKEN for any other. */
+ * INIT then SIPI, INIT, SIPI, CPU_DOWN, CPU_DOWN alone, or REBOOT alone; NOT_TAKEN for any other. */
 static int init_message(char *b, Init *n, uint32_t *seq)
 {
 	uint64_t arg;
@@ -786,6 +793,8 @@ static int init_message(char *b, Init *n, uint32_t *seq)
 	arg = LOAD64(b + n->mbox_arg);
 	if (cmd == n->cmd_cpu_down)
 		return arg ? NOT_TAKEN : LONE_DOWN;
+	if (cmd == n->cmd_reboot)
+		return arg ? NOT_TAKEN : LONE_REBOOT;
 	if (cmd != n->cmd_init)
 		return NOT_TAKEN;
 	if (!arg)
@@ -845,10 +854,10 @@ static int take_init(Waiter *w, Init *n)
 
 	if (kind == NOT_TAKEN)
 		return 0;
-	if (kind == LONE_DOWN) {
-		/* cpu_down() of a CPU running a generation it knows, as the table
-		 * holds that generation now (mwait_play_dead() reads its flavour so: a rewritten one
-		 * is Python's); to any other state the Python path answers it (ignored) */
+	if (kind == LONE_DOWN || kind == LONE_REBOOT) {
+		/* cpu_down() or stop_other_cpus()' REBOOT vector to a CPU running a generation it knows,
+		 * as the table holds that generation now (mwait_play_dead() reads its flavour so: a
+		 * rewritten one is Python's); to any other state the Python path answers it (ignored) */
 		g = known_as(b, n, LOAD32(b + n->cpu_gen));
 		if (!g || LOAD32(b + n->state) != n->st_running || LOAD32(b + n->hotplug) != n->hp_online)
 			return 0;
@@ -876,7 +885,16 @@ static int take_init(Waiter *w, Init *n)
 	now = now_ns();
 	w->parked = NULL;  /* parked only by a CPU_DOWN below */
 	n->taken_known = -1;
-	if (kind != LONE_DOWN) {
+	if (kind == LONE_REBOOT) {
+		/* stop_this_cpu(): its event, offline; then hlt(): the state, its event (the Python
+		 * path's order); the wait goes on as HLT's */
+		n->taken_known = (int)(g - n->known);
+		log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_reboot, 0, now);
+		STORE32(b + n->hotplug, n->hp_offline);
+		STORE32(b + n->state, n->st_hlt);
+		log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_hlt, 0, now_ns());
+		n->taken_state = n->st_hlt;
+	} else if (kind != LONE_DOWN) {
 		/* init_reset(): nothing is armed to disarm; the count and the event */
 		STORE32(b + n->init_count, LOAD32(b + n->init_count) + 1);
 		log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_init, 0, now);
@@ -1467,6 +1485,8 @@ static PyObject *wait_on(Waiter *w, long long spin_ns, long long deadline, Ack *
 		if (r == TAKEN) {  /* a new state's wait, as the Python path's next: its spin budget first */
 			a = w->parked;  /* parked: MWAIT, with that generation's Ack */
 			spin_ns = w->init->spin_ns;
+			if (w->init->taken_state == w->init->st_hlt && spin_ns > 0)
+				spin_ns = 0;  /* HLT sleeps at once (a spin watch spins: -1) */
 			deadline = w->init->spurious_ns > 0 ? now_ns() + w->init->spurious_ns : 0;
 			continue;
 		}

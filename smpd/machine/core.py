@@ -142,7 +142,8 @@ class CpuCore:
         where (HLT: a kick came after it), ``init_entry`` in which generation, and the mask
         returned is the next wake-up's, for that state to take (parked: MWAIT's, a kick
         acknowledged as with ``ack``). So is a CPU_DOWN alone to a CPU running a generation it
-        learnt, from `running`: play_dead() into mwait_play_dead(), parked (``init_state`` MWAIT).
+        learnt, from `running`: play_dead() into mwait_play_dead(), parked (``init_state`` MWAIT);
+        and a REBOOT alone there: stop_this_cpu() into HLT (``init_state`` HLT).
         """
         u32 = self.u32
         u32[self.i_busy] = 0

@@ -86,9 +86,9 @@ def ack(seg, cpu: int, md: int, checks) -> object | None:
 
 def init_taker(seg, cpu: int, bus, spin_ns: int) -> object | None:
     """None on a Python machine; else what CPU ``cpu``'s compiled wait needs to take an INIT, and
-    the SIPI and CPU_DOWN that may follow it (smpd/machine/_hotpath.c, take_init): its mailbox,
-    mon_armed, what init_reset(), wait-for-SIPI, start_secondary(), smp_callin() and play_dead()
-    store (smpd.kernel.cpu), where; the header's generation table; and ``bus``'s compiled Kicker
+    the SIPI and CPU_DOWN that may follow it, or a CPU_DOWN or REBOOT alone (smpd/machine/_hotpath.c,
+    take_init): its mailbox, mon_armed, what init_reset(), wait-for-SIPI, start_secondary(),
+    smp_callin(), play_dead(), stop_this_cpu() and hlt() store (smpd.kernel.cpu), where; the header's generation table; and ``bus``'s compiled Kicker
     (one for every CPU a process builds), for smp_callin()'s and mwait_play_dead()'s writes. Which
     generations it may start the CPU in, it learns (Init.learn). ``spin_ns``: what its waits spin
     before they sleep (Waiter.wait's; -1: a spin watch), for the wait after a take."""
@@ -108,7 +108,8 @@ def init_taker(seg, cpu: int, bus, spin_ns: int) -> object | None:
                          mwait_entries=word("mwait_entries"), mon_line=word("mon_line"), cpu=cpu,
                          cmd_sipi=L.Ipi.SIPI, cmd_cpu_down=L.Ipi.CPU_DOWN, state_running=L.ExecState.RUNNING,
                          state_mwait=L.ExecState.MWAIT, hotplug_online=L.Hotplug.ONLINE, ev_sipi=L.Ev.SIPI,
-                         ev_offline=L.Ev.OFFLINE, mwait_wait=L.CPUDEAD_MWAIT_WAIT,
+                         ev_offline=L.Ev.OFFLINE, mwait_wait=L.CPUDEAD_MWAIT_WAIT, cmd_reboot=L.Ipi.REBOOT,
+                         state_hlt=L.ExecState.HLT, ev_reboot=L.Ev.REBOOT, ev_hlt=L.Ev.HLT,
                          spin_ns=spin_ns,
                          bus=bus.kicker)
 

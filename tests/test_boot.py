@@ -382,6 +382,15 @@ def _kicked_into_hlt_then_nmi(cfg, seg, pid: int) -> None:
     assert (seg.cb(1, "fault"), seg.cb(1, "state")) == (L.Fault.NONE, L.ExecState.HLT)
 
 
+def _only_c_may(state: str, hot_path: str):
+    """The ``child`` of a CPU process in which, on the compiled path, the Python path's ``state``
+    ends the process: what the test then sees the CPU do, the C did."""
+    def child(cpu=kcpu.Cpu):
+        if hot_path == "c":
+            setattr(cpu, state, lambda self: os._exit(71))
+    return child
+
+
 def _rewritten_as_pre_fix(seg, m: memmap.MemoryMap) -> None:
     """What `smpd kexec --kernel pre-fix` does to the running generation ``m`` (Kexec.become): its
     entry recorded again as the pre-fix kernel's, in the same place."""
@@ -398,12 +407,8 @@ def test_a_cpu_down_alone_parks_a_running_cpu_where_the_kick_then_finds_it(tmp_p
     MWAIT, where the kick is acknowledged; the Python path parks the same way."""
     watch, hot_path = case
 
-    def python_may_not_park(cpu=kcpu.Cpu):
-        if hot_path == "c":
-            cpu.play_dead = lambda self: os._exit(71)
-
     with _cpu1_running(tmp_path, f"down-{watch}-{hot_path}", hot_path, watch,
-                       child=python_may_not_park) as (cfg, seg, port, pid):
+                       child=_only_c_may("play_dead", hot_path)) as (cfg, seg, port, pid):
         assert [code for _ns, code in _parked_by(port, seg, L.Ipi.CPU_DOWN)] == [L.Ev.OFFLINE]
         _kicked_into_hlt_then_nmi(cfg, seg, pid)
 
@@ -417,12 +422,8 @@ def test_a_reboot_alone_halts_a_running_cpu_through_stop_this_cpu(tmp_path, case
     HLT and is taken in the Python loop, which halts again; an INIT and a SIPI start it again."""
     watch, hot_path = case
 
-    def python_may_not_stop(cpu=kcpu.Cpu):
-        if hot_path == "c":
-            cpu.stop_this_cpu = lambda self: os._exit(71)
-
     with _cpu1_running(tmp_path, f"reboot-{watch}-{hot_path}", hot_path, watch,
-                       child=python_may_not_stop) as (cfg, seg, port, pid):
+                       child=_only_c_may("stop_this_cpu", hot_path)) as (cfg, seg, port, pid):
         mark, activity = seg.cb(1, "ev_head"), seg.cb(1, "activity")
         assert port.ipi_wait([1], L.Ipi.REBOOT, 5.0) == ({1: 0}, [])
         assert (seg.cb(1, "state"), seg.cb(1, "hotplug"), seg.cb(1, "mon_armed")) == \
@@ -513,11 +514,7 @@ def test_a_cpu_down_alone_parks_a_pre_fix_kernels_cpu_on_its_thread_info_line(tm
     """`smpd offline` on a machine booted as the pre-fix kernel: the compiled path takes the CPU_DOWN
     into that kernel's park too (here play_dead() in the CPU's Python ends its process, so the CPU
     parks only if the C took it), on the thread_info line, nothing written to mwait_cpu_dead."""
-    def python_may_not_park(cpu=kcpu.Cpu):
-        if hot_path == "c":
-            cpu.play_dead = lambda self: os._exit(71)
-
-    with _cpu1_running(tmp_path, f"prefix-down-{hot_path}", hot_path, child=python_may_not_park,
+    with _cpu1_running(tmp_path, f"prefix-down-{hot_path}", hot_path, child=_only_c_may("play_dead", hot_path),
                        kernel="pre-fix") as (cfg, seg, port, pid):
         m = kboot.current(seg)
         md = m.mwait_cpu_dead_addr(1)

@@ -884,11 +884,12 @@ static int take_init(Waiter *w, Init *n)
 	}
 	now = now_ns();
 	w->parked = NULL;  /* parked only by a CPU_DOWN below */
-	n->taken_known = -1;
+	/* the generation it now runs, halts or parks in (after a SIPI: the one it started in); none
+	 * after an INIT alone */
+	n->taken_known = g ? (int)(g - n->known) : -1;
 	if (kind == LONE_REBOOT) {
 		/* stop_this_cpu(): its event, offline; then hlt(): the state, its event (the Python
 		 * path's order); the wait goes on as HLT's */
-		n->taken_known = (int)(g - n->known);
 		log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_reboot, 0, now);
 		STORE32(b + n->hotplug, n->hp_offline);
 		STORE32(b + n->state, n->st_hlt);
@@ -910,7 +911,6 @@ static int take_init(Waiter *w, Init *n)
 		STORE32(b + n->sipi_count, LOAD32(b + n->sipi_count) + 1);
 		log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_sipi, 0, now);
 		STORE32(b + n->cpu_gen, gen);
-		n->taken_known = (int)(g - n->known);
 		if (g->ack) {
 			static const uint32_t zero[2] = {0, 0};
 
@@ -926,7 +926,6 @@ static int take_init(Waiter *w, Init *n)
 		 * WRITE byte cleared, the directory entry, the CPU's record of it, a fence) */
 		if (kind == START_DOWN)
 			steps++;
-		n->taken_known = (int)(g - n->known);  /* where it parks (after a SIPI: where it started) */
 		STORE32(b + n->hotplug, n->hp_offline);
 		log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_offline, 0, now_ns());
 		if (g->ack) {  /* state for the kexec() hack: status first, then control, each a bus write */

@@ -16,10 +16,11 @@ an idle task's ``thread_info->flags`` as 0).
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from typing import Iterable, NamedTuple
 
-from smpd.kernel.memmap import MemoryMap, Region, page_addr
+from smpd.kernel.memmap import FLAVOURS, MemoryMap, Region, page_addr
 from smpd.machine import layout as L
 
 TAG = struct.Struct("<4sIHHI")
@@ -105,10 +106,10 @@ def booted_ram(bus, geo: L.Geometry, seed: int, m: MemoryMap) -> None:
     pages (a bus write each, and 64 MiB of images kept that no later write asked for again).
     The pages' images here are not kept one by one either: RAM as a whole is."""
     # By value: each power cycle builds generation 1's map anew (maps compare by identity). Not by
-    # flavour: no page differs between the three kernels' (a soak's reset boots each in turn).
-    b = m.boot
-    key = (seed, geo.npages, m.gen, (b.nosmt, b.maxcpus, b.kaslr, b.crash), m.sizes, tuple(m.regions.items()),
-           m.window, m.segments)
+    # flavour: no page differs between the three kernels' (a soak's reset boots each in turn), so
+    # the boot is keyed as the first flavour's, with every other parameter its own.
+    key = (seed, geo.npages, m.gen, dataclasses.replace(m.boot, flavour=FLAVOURS[0]), m.sizes,
+           tuple(m.regions.items()), m.window, m.segments)
     ram = _booted_ram.get(key)
     if ram is None:
         own = {page: (m.gen, region, index) for page, region, index in m.pages()}  # the last write wins

@@ -6,10 +6,9 @@ HLT (an Ack); an INIT, alone or followed by a SIPI (and a CPU_DOWN), through wai
 into running, or parked in mwait_play_dead() again, in a generation the Python path has
 started this CPU in before, or generation 1 as the template found it before the CPU's process
 ran, a CPU_DOWN alone from running into mwait_play_dead() there, and a REBOOT alone from running
-through stop_this_cpu() into HLT (an Init). This mixin of
-smpd.kernel.cpu.Cpu hands the compiled path what it needs (``_kick_ack``, ``_learn_start``,
-``learn_boot``) and takes the CPU on from the state the compiled path left it in
-(``_init_taken``), at the wake-up that came next.
+through stop_this_cpu() into HLT (an Init). This mixin of smpd.kernel.cpu.Cpu hands the
+compiled path what it needs (``_kick_ack``, ``_learn_start``, ``learn_boot``) and takes the CPU
+on from the state the compiled path left it in (``_init_taken``), at the wake-up that came next.
 """
 
 from __future__ import annotations

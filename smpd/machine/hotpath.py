@@ -86,10 +86,11 @@ def ack(seg, cpu: int, md: int, checks) -> object | None:
 
 def init_taker(seg, cpu: int, bus, spin_ns: int) -> object | None:
     """None on a Python machine; else what CPU ``cpu``'s compiled wait needs to take an INIT, and
-    the SIPI and CPU_DOWN that may follow it, or a CPU_DOWN or REBOOT alone (smpd/machine/_hotpath.c,
-    take_init): its mailbox, mon_armed, what init_reset(), wait-for-SIPI, start_secondary(),
-    smp_callin(), play_dead(), stop_this_cpu() and hlt() store (smpd.kernel.cpu), where; the header's generation table; and ``bus``'s compiled Kicker
-    (one for every CPU a process builds), for smp_callin()'s and mwait_play_dead()'s writes. Which
+    the SIPI and CPU_DOWN that may follow it, or a CPU_DOWN or REBOOT alone
+    (smpd/machine/_hotpath.c, take_init): its mailbox, mon_armed, what init_reset(),
+    wait-for-SIPI, start_secondary(), smp_callin(), play_dead(), stop_this_cpu() and hlt() store
+    (smpd.kernel.cpu), where; the header's generation table; and ``bus``'s compiled Kicker (one
+    for every CPU a process builds), for smp_callin()'s and mwait_play_dead()'s writes. Which
     generations it may start the CPU in, it learns (Init.learn). ``spin_ns``: what its waits spin
     before they sleep (Waiter.wait's; -1: a spin watch), for the wait after a take."""
     if not compiled(seg):

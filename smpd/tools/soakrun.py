@@ -263,7 +263,7 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
         plan.users_offline = sorted(offline)
     users_offline = set(plan.users_offline)
     if plan.users_kernel is None:  # each trial's reset boots the next trial's kernel: this one is restored
-        plan.users_kernel = _flavour(status)
+        plan.users_kernel = _running_kernel(status)
     if resumed is None:
         plan.idle_kick = idle_kick(live)
         plan.started = time.time()
@@ -313,8 +313,8 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
         raise error
 
 
-def _flavour(status: dict) -> str:
-    """The flavour of the kernel a machine runs, from its status."""
+def _running_kernel(status: dict) -> str:
+    """The flavour of the kernel a machine runs (its status's kernel, boot parameters after it)."""
     return status["machine"]["kernel"].split()[0]
 
 
@@ -329,7 +329,7 @@ def _leave_machine(live, error: SmpdError | None, users_offline: set[int], offli
             return Timeout(f"{error}. Resetting the machine to your offline CPUs failed too ({again}); "
                            f"--resume resets it first")
     elif not isinstance(error, CoordinatorGone):
-        if _flavour(live.request("status")) != users_kernel:  # the last reset booted the next trial's kernel
+        if _running_kernel(live.request("status")) != users_kernel:  # the last reset booted the next trial's kernel
             live.request("reset", offline=cpulist.format_list(sorted(users_offline)), kernel=users_kernel)
         else:
             soak.set_offline(live, users_offline, offline)
@@ -469,12 +469,11 @@ def replay(name: str, target: str) -> dict:
     if live.ncpus != plan.cpus:
         raise BadInput(f"--replay: {path} was recorded on a {plan.cpus}-CPU machine; '{name}' has {live.ncpus}")
     status = live.request("status")
-    want = set(cpulist.parse(rec["offline"])) if rec["offline"] else set()
-    if status["machine"]["state"] in ("KEXECED", "ENDED") or _flavour(status) != flavour(rec["park"]):
+    if status["machine"]["state"] in ("KEXECED", "ENDED") or _running_kernel(status) != flavour(rec["park"]):
         # as the soak ran it: generation 1 booted as the trial's kernel (soak.run_trial's reset)
         live.request("reset", offline=rec["offline"], kernel=rec["park"])
     else:
-        soak.set_offline(live, want, offline_set(status))
+        soak.set_offline(live, set(cpulist.parse(rec["offline"])) if rec["offline"] else set(), offline_set(status))
     r = live.request("kexec", kernel=rec["park"], inject=rec["inject"], order=rec["order"], seed=rec["seed"])
     same = r["outcome"] == rec["outcome"]
     r["replay"] = {"file": path, "trial": trial, "recorded_outcome": rec["outcome"], "same_outcome": same}

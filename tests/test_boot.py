@@ -382,12 +382,19 @@ def _kicked_into_hlt_then_nmi(cfg, seg, pid: int) -> None:
     assert (seg.cb(1, "fault"), seg.cb(1, "state")) == (L.Fault.NONE, L.ExecState.HLT)
 
 
-def _only_c_may(state: str, hot_path: str):
+def _only_c_may(state: str, hot_path: str, after: int = 0):
     """The ``child`` of a CPU process in which, on the compiled path, the Python path's ``state``
-    ends the process: what the test then sees the CPU do, the C did."""
+    ends the process (once it has run ``after`` times): what the test then sees the CPU do, the C
+    did."""
     def child(cpu=kcpu.Cpu):
         if hot_path == "c":
-            setattr(cpu, state, lambda self: os._exit(71))
+            runs = [getattr(cpu, state)] * after
+
+            def run_or_end(self, *args, **kwargs):
+                if not runs:
+                    os._exit(71)
+                return runs.pop()(self, *args, **kwargs)
+            setattr(cpu, state, run_or_end)
     return child
 
 
@@ -489,7 +496,7 @@ def test_the_pre_fix_kernel_parks_its_cpu_on_the_thread_info_line_where_a_write_
             assert (seg.mem_u32(md), seg.mem_u32(md + 4)) == untouched
 
         for first_time in (True, False):
-            assert port.ipi_wait([1], L.Ipi.INIT, 5.0) == ({1: 0}, [])  # (armed: the Python path's)
+            assert port.ipi_wait([1], L.Ipi.INIT, 5.0) == ({1: 0}, [])
             entries = seg.cb(1, "mwait_entries")
             logged = _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN))
             assert [code for _ns, code in logged] == [L.Ev.INIT, L.Ev.SIPI, L.Ev.OFFLINE]
@@ -524,6 +531,37 @@ def test_a_cpu_down_alone_parks_a_pre_fix_kernels_cpu_on_its_thread_info_line(tm
             (L.ExecState.MWAIT, L.Hotplug.OFFLINE, 1)
         assert seg.cb(1, "mon_line") == (m.thread_info_addr(1) - L.PHYS_BASE) // L.LINE
         assert (seg.mem_u32(md), seg.mem_u32(md + 4)) == untouched
+
+
+@pytest.mark.parametrize("kernel", ["6.6", "pre-fix"])
+@pytest.mark.parametrize("case", hot_paths("adaptive", "spin"))
+def test_an_init_ends_a_parked_cpus_mwait_its_monitor_disarmed_and_its_wake_up_counted(tmp_path, case, kernel):
+    """A kexec'd kernel starting its APs (INIT, SIPI) finds a pre-fix kernel's offline CPUs still
+    parked in MWAIT, and a reset's INIT alone finds any kernel's so. The IPI ends MWAIT
+    (mwait_exit(): the monitor disarmed, the IPI's wake-up counted), then init_reset(): the CPU
+    runs again, or waits for SIPI, and a store to the line it watched wakes nobody. The compiled
+    path takes it without the interpreter (here init_reset() in the CPU's Python ends its process
+    after the first start, from power-on, so the CPU gets there only if the C took it), leaving
+    what the Python path leaves."""
+    watch, hot_path = case
+    with _cpu1_running(tmp_path, f"init-parked-{watch}-{hot_path}-{kernel}", hot_path, watch,
+                       child=_only_c_may("init_reset", hot_path, after=1), kernel=kernel) as (cfg, seg, port, pid):
+        watched = kboot.current(seg).monitor_addr(1)
+        line = (watched - L.PHYS_BASE) // L.LINE
+        entry = seg.geo.dir_off // L.DIR_ENTRY + line
+        for then, state in (((L.Ipi.SIPI,), L.ExecState.RUNNING), ((), L.ExecState.WAIT_FOR_SIPI)):
+            _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN))
+            assert (seg.cb(1, "state"), seg.cb(1, "mon_armed"), seg.cb(1, "mon_line"), seg.u16[entry]) == \
+                (L.ExecState.MWAIT, 1, line, 2)
+            woken = seg.cb(1, "wake_ipi"), seg.cb(1, "wake_write")
+            logged = _start(port, seg, then)
+            assert [code for _ns, code in logged] == [L.Ev.INIT, L.Ev.SIPI][:1 + len(then)]
+            if then:
+                assert _in_one_step(logged) == (hot_path == "c"), logged
+            assert (seg.cb(1, "state"), seg.cb(1, "mon_armed"), seg.u16[entry]) == (state, 0, 0)
+            assert (seg.cb(1, "wake_ipi"), seg.cb(1, "wake_write")) == (woken[0] + 1, woken[1])
+            assert Bus(seg).write_u32(watched, seg.mem_u32(watched)) == 0  # nobody watches it now
+        assert seg.cb(1, "fault") == L.Fault.NONE
 
 
 @pytest.mark.parametrize("hot_path", HOT_PATHS)

@@ -72,7 +72,7 @@ class Handoff:
         its MONITOR; and the acknowledgement. What is left is this process's own part of those;
         returned is the state to enter with ``mask``, the wake-up that came next."""
         state, self.init_ns, self.acked_ns = self.init_state, 0, 0
-        self.armed_line = -1  # nothing was armed (the compiled path takes INIT only so)
+        self.armed_line = -1  # disarmed, if MWAIT's MONITOR was (the compiled path counted that wake-up)
         self.nmi_blocked = False
         if state == L.ExecState.WAIT_FOR_SIPI:
             return Woken(self.wait_for_sipi, woken_with=mask)

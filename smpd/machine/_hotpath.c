@@ -24,8 +24,8 @@
  *                       rest) and udelay(5) rounds. Kicker.kick_each(): its
  *                       loop over CPUs ("Does it sit in mwait_play_dead() ?").
  *
- *   Init                an INIT that comes to an idle, halted or INIT-held CPU with
- *                       nothing armed: alone (a reset's first message; 6.5's
+ *   Init                an INIT that comes to an idle, halted, parked (MWAIT: its
+ *                       monitor disarmed) or INIT-held CPU: alone (a reset's first message; 6.5's
  *                       smp_park_other_cpus_in_init()), or followed by SIPI (a kernel
  *                       starting its APs), or by SIPI and CPU_DOWN (a reset that
  *                       leaves the CPU offline). A wait given one takes it
@@ -254,8 +254,10 @@ static PyTypeObject AckType = {
 /* ---- Init: an INIT (and what follows it) taken without the interpreter ---- */
 
 /*
- * A CPU online and idle (smpd.kernel.cpu's `running`), halted (`hlt`) or held in wait-for-SIPI,
- * with nothing armed, that is sent INIT runs init_reset() and enters wait-for-SIPI, where it
+ * A CPU online and idle (smpd.kernel.cpu's `running`), halted (`hlt`), parked in MWAIT (whose
+ * exit, mwait_exit(), disarms the monitor and counts the IPI's wake-up first: a pre-fix kernel's
+ * parked CPUs, which a kexec'd kernel starts, get INIT there) or held in wait-for-SIPI, that is
+ * sent INIT runs init_reset() and enters wait-for-SIPI, where it
  * executes nothing: the stores those leave (init_count, the INIT event, state and hotplug) and,
  * when INIT came alone (a power cycle's first message: smpd.daemon.kernel_ops' reset; 6.5's
  * smp_park_other_cpus_in_init(), smpd.kernel.stop, to CPUs halted by REBOOT), the
@@ -284,8 +286,8 @@ static PyTypeObject AckType = {
  *
  * The interpreter runs only at the next wake-up, which the Python state machine then takes in
  * the state the take left (``taken_state``, ``taken_ns``). Anything else (another command, an
- * interrupt byte raised or an interrupt signal not taken yet, a timer or a write byte, an
- * armed monitor) is left untouched for the Python path.
+ * interrupt byte raised or an interrupt signal not taken yet, a timer or a write byte, a
+ * monitor armed outside MWAIT) is left untouched for the Python path.
  *
  * Two choices of interleaving, where the Python path has others: the message is taken in one
  * step, so an interrupt that arrives during it is taken after it (in the state it left), never
@@ -305,6 +307,7 @@ static PyTypeObject KickerType;
 static void bus_write(Kicker *k, char *base, Py_ssize_t off, const uint32_t *words, int n);
 static int kicker_line(Kicker *k, Py_ssize_t off, Py_ssize_t n, uint32_t *line, Py_ssize_t *dir, Py_ssize_t *need);
 static int kicker_has_cpu(Kicker *k, uint32_t cpu);
+static char *kicker_dir_entry(Kicker *k, char *base, uint32_t line);
 
 /* A generation this CPU may be started in here (Init.learn), and what its SIPI stores. */
 typedef struct {
@@ -331,6 +334,7 @@ typedef struct {
 	uint32_t cpu, cmd_sipi, cmd_cpu_down, st_running, st_mwait, hp_online, ev_sipi, ev_offline;
 	uint32_t cmd_reboot, st_hlt, ev_reboot, ev_hlt;  /* REBOOT: stop_this_cpu() into HLT */
 	uint32_t mwait_wait;  /* CPUDEAD_MWAIT_WAIT */
+	Py_ssize_t wake_write, wake_ipi;  /* MWAIT's wake-up counts (u64), for an INIT that ends it */
 	Kicker *bus;  /* the bus's rule, for smp_callin()'s clear of mwait_cpu_dead (owned) */
 	Known known[KNOWN];
 	int next_known;
@@ -350,14 +354,14 @@ static int Init_init(Init *self, PyObject *args, PyObject *kw)
 				"cpu_gen", "nmi_pending", "smi_pending", "mwait_entries", "mon_line", "cpu", "cmd_sipi",
 				"cmd_cpu_down", "state_running", "state_mwait", "hotplug_online", "ev_sipi",
 				"ev_offline", "mwait_wait", "cmd_reboot", "state_hlt", "ev_reboot", "ev_hlt",
-				"spin_ns", "bus", NULL};
+				"wake_write", "wake_ipi", "spin_ns", "bus", NULL};
 	PyObject *bus;
 
 	if (self->ready) {
 		PyErr_SetString(PyExc_RuntimeError, "Init is already initialised");
 		return -1;
 	}
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "nnnnnnnnnnnnnIIIIIninnninnnnnnIIIIIIIIIIIIILO!", names,
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "nnnnnnnnnnnnnIIIIIninnninnnnnnIIIIIIIIIIIIInnLO!", names,
 					 &self->mbox_seq, &self->mbox_cmd,
 					 &self->mbox_arg, &self->mbox_ack, &self->mbox_result, &self->armed,
 					 &self->init_count, &self->state, &self->hotplug, &self->activity, &self->busy_word,
@@ -368,7 +372,8 @@ static int Init_init(Init *self, PyObject *args, PyObject *kw)
 					 &self->mwait_entries, &self->mon_line, &self->cpu, &self->cmd_sipi,
 					 &self->cmd_cpu_down, &self->st_running, &self->st_mwait, &self->hp_online,
 					 &self->ev_sipi, &self->ev_offline, &self->mwait_wait, &self->cmd_reboot, &self->st_hlt,
-					 &self->ev_reboot, &self->ev_hlt, &self->spin_ns, &KickerType, &bus))
+					 &self->ev_reboot, &self->ev_hlt, &self->wake_write, &self->wake_ipi, &self->spin_ns,
+					 &KickerType, &bus))
 		return -1;
 	if (self->ev_entry != 16 || self->ev_slots == 0 || self->ipi_byte < 1 || self->ipi_byte > 3) {
 		PyErr_SetString(PyExc_ValueError, "Init: events are 16 bytes, at least one slot; the IPI byte is "
@@ -384,14 +389,15 @@ static int Init_init(Init *self, PyObject *args, PyObject *kw)
 		return -1;
 	}
 	{
-		enum { N = 21 };
+		enum { N = 23 };
 		Py_ssize_t off[N] = {self->mbox_seq, self->mbox_cmd, self->mbox_arg, self->mbox_ack,
 				     self->mbox_result, self->armed, self->init_count, self->state, self->hotplug,
 				     self->activity, self->busy_word, self->ev_head, self->ev_ring, self->hdr_gen,
 				     self->gen_table, self->sipi_count, self->cpu_gen, self->nmi_pending,
-				     self->smi_pending, self->mwait_entries, self->mon_line};
+				     self->smi_pending, self->mwait_entries, self->mon_line, self->wake_write,
+				     self->wake_ipi};
 		Py_ssize_t size[N] = {4, 4, 8, 4, 4, 4, 4, 4, 4, 4, 4, 4, 16 * (Py_ssize_t)self->ev_slots, 4,
-				      self->gen_entry * (Py_ssize_t)self->gen_slots, 4, 4, 4, 4, 8, 4};
+				      self->gen_entry * (Py_ssize_t)self->gen_slots, 4, 4, 4, 4, 8, 4, 8, 8};
 
 		self->need = 0;
 		for (int k = 0; k < N; k++)
@@ -806,14 +812,23 @@ static int init_message(char *b, Init *n, uint32_t *seq)
 	return NOT_TAKEN;
 }
 
+/* The directory entry of the line this CPU's MONITOR is armed on (``mon_line``, its own record), or
+ * NULL when that names no line of emulated memory. */
+static char *armed_entry(char *b, Init *n)
+{
+	return kicker_dir_entry(n->bus, b, LOAD32(b + n->mon_line));
+}
+
 /* The message take_init() takes: the IPI byte raised alone of the kinds (`wake`'s byte 0 is not
- * one), no write byte, nothing armed, and such a message. */
+ * one), no write byte, nothing armed but an MWAIT's MONITOR, and such a message. */
 static int init_to_take(Waiter *w, Init *n, uint32_t *seq)
 {
 	char *b = w->base;
 	uint32_t wake = LOAD32(b + w->wake), ipi = 0xFFu << (8 * n->ipi_byte);
 
-	if (!(wake & ipi) || (wake & ~0xFFu & ~ipi) || LOAD32(b + w->write) || LOAD32(b + n->armed))
+	if (!(wake & ipi) || (wake & ~0xFFu & ~ipi) || LOAD32(b + w->write))
+		return NOT_TAKEN;
+	if (LOAD32(b + n->armed) && (LOAD32(b + n->state) != n->st_mwait || !armed_entry(b, n)))
 		return NOT_TAKEN;
 	return init_message(b, n, seq);
 }
@@ -883,6 +898,21 @@ static int take_init(Waiter *w, Init *n)
 		return 0;
 	}
 	now = now_ns();
+	if (LOAD32(b + n->armed)) {
+		/* In MWAIT (an INIT only gets here so: the REBOOT and CPU_DOWN above need running):
+		 * the IPI ends it, as mwait_exit() takes it: the monitor disarmed, then the wake-up
+		 * counted. A write that reached the line before the disarm raised the WRITE byte
+		 * meanwhile: it ended MWAIT with the IPI, counted with it, and goes no further
+		 * (mwait_play_dead() takes the IPI first, and INIT leaves the loop). */
+		STORE16(armed_entry(b, n), 0);
+		STORE32(b + n->armed, 0);
+		FENCE();
+		STORE64(b + n->wake_ipi, LOAD64(b + n->wake_ipi) + 1);
+		if (LOAD32(b + w->write)) {
+			STORE64(b + n->wake_write, LOAD64(b + n->wake_write) + 1);
+			STORE8(b + w->write, 0);
+		}
+	}
 	w->parked = NULL;  /* parked only by a CPU_DOWN below */
 	/* the generation it now runs, halts or parks in (after a SIPI: the one it started in); none
 	 * after an INIT alone */
@@ -896,7 +926,7 @@ static int take_init(Waiter *w, Init *n)
 		log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_hlt, 0, now_ns());
 		n->taken_state = n->st_hlt;
 	} else if (kind != LONE_DOWN) {
-		/* init_reset(): nothing is armed to disarm; the count and the event */
+		/* init_reset(): nothing is armed now; the count and the event */
 		STORE32(b + n->init_count, LOAD32(b + n->init_count) + 1);
 		log_at(b, n->ev_head, n->ev_ring, n->ev_slots, n->ev_init, 0, now);
 		/* wait_for_sipi(): the state */
@@ -1689,6 +1719,15 @@ static void bus_write(Kicker *k, char *base, Py_ssize_t off, const uint32_t *wor
 static int kicker_has_cpu(Kicker *k, uint32_t cpu)
 {
 	return k->buf && cpu < (unsigned long)k->ncpus;
+}
+
+/* The directory entry of ``line`` of emulated memory in the segment at ``base``, or NULL when
+ * memory has no such line. */
+static char *kicker_dir_entry(Kicker *k, char *base, uint32_t line)
+{
+	if ((Py_ssize_t)line >= k->mem_len >> k->line_shift)
+		return NULL;
+	return base + k->dir_off + k->dir_entry * (Py_ssize_t)line;
 }
 
 /* ``n`` bytes (u32s) at ``off`` of emulated memory, within one line: that line (*line), its

@@ -87,7 +87,7 @@ def ack(seg, cpu: int, md: int, checks) -> object | None:
 def init_taker(seg, cpu: int, bus, spin_ns: int) -> object | None:
     """None on a Python machine; else what CPU ``cpu``'s compiled wait needs to take an INIT, and
     the SIPI and CPU_DOWN that may follow it, or a CPU_DOWN or REBOOT alone
-    (smpd/machine/_hotpath.c, take_init): its mailbox, mon_armed, what init_reset(),
+    (smpd/machine/_hotpath.c, take_init): its mailbox, mon_armed, what mwait_exit(), init_reset(),
     wait-for-SIPI, start_secondary(), smp_callin(), play_dead(), stop_this_cpu() and hlt() store
     (smpd.kernel.cpu), where; the header's generation table; and ``bus``'s compiled Kicker (one
     for every CPU a process builds), for smp_callin()'s and mwait_play_dead()'s writes. Which
@@ -111,7 +111,7 @@ def init_taker(seg, cpu: int, bus, spin_ns: int) -> object | None:
                          state_mwait=L.ExecState.MWAIT, hotplug_online=L.Hotplug.ONLINE, ev_sipi=L.Ev.SIPI,
                          ev_offline=L.Ev.OFFLINE, mwait_wait=L.CPUDEAD_MWAIT_WAIT, cmd_reboot=L.Ipi.REBOOT,
                          state_hlt=L.ExecState.HLT, ev_reboot=L.Ev.REBOOT, ev_hlt=L.Ev.HLT,
-                         spin_ns=spin_ns,
+                         wake_write=word("wake_write"), wake_ipi=word("wake_ipi"), spin_ns=spin_ns,
                          bus=bus.kicker)
 
 

@@ -288,12 +288,18 @@ class MemoryMap:
                 return region, page - first
         return None
 
-    def pages(self):
-        """(page, region, index) of every page this generation owns, in the order its boot writes them:
-        the image, memblock's allocations (page tables, per-CPU areas), then the slab (tasks, stacks)."""
+    def runs(self):
+        """(region, first page, pages) of each of this generation's regions, in the order its boot
+        writes them: the image, memblock's allocations (page tables, per-CPU areas), then the slab
+        (tasks, stacks)."""
         for region in (Region.TEXT, Region.DATA, Region.PGTABLE, Region.PERCPU, Region.TASKS, Region.STACK):
-            first = self.regions[region]
-            for i in range(self.counts[region]):
+            yield region, self.regions[region], self.counts[region]
+
+    def pages(self):
+        """(page, region, index) of every page this generation owns, in the order its boot writes them
+        (``runs``)."""
+        for region, first, count in self.runs():
+            for i in range(count):
                 yield first + i, region, i
 
     def mwait_cpu_dead_addr(self, cpu: int) -> int:

@@ -114,20 +114,23 @@ class Relocation:
         """Compare the new kernel's memory (image and allocations) with what it wrote, once every CPU
         the writes woke has settled and before the APs run: a stray store that landed there is
         corruption; one a later write covered left no trace."""
-        seed = self.seg.hdr("seed")
+        seed, gen = self.seg.hdr("seed"), self.new.gen
         bad: list[dict] = []
-        for page, region, index in self.new.pages():
-            want = image.page_image(seed, self.new.gen, region, index)
-            off = self.seg.geo.mem_off + page * L.PAGE
-            have = self.seg.buf[off:off + L.PAGE].tobytes()  # bytes == bytes is a memcmp; a memoryview's is not
+        for region, first, count in self.new.runs():  # a region's pages are consecutive: one compare
+            want = image.region_image(seed, gen, region, count)
+            off = self.seg.geo.mem_off + first * L.PAGE
+            have = self.seg.buf[off:off + count * L.PAGE].tobytes()  # bytes == bytes is a memcmp; a memoryview's is not
             if have == want:
                 continue
-            for w in range(0, L.PAGE, 4):
-                if have[w:w + 4] != want[w:w + 4]:
-                    addr = page_addr(page) + w
-                    bad.append({"addr": addr, "symbol": self.new.symbol(addr),
-                                "value": struct.unpack_from("<I", have, w)[0],
-                                "expected": struct.unpack_from("<I", want, w)[0]})
+            for at in range(0, len(want), L.PAGE):  # then the pages that differ, word by word
+                if have[at:at + L.PAGE] == want[at:at + L.PAGE]:
+                    continue
+                for w in range(at, at + L.PAGE, 4):
+                    if have[w:w + 4] != want[w:w + 4]:
+                        addr = page_addr(first) + w
+                        bad.append({"addr": addr, "symbol": self.new.symbol(addr),
+                                    "value": struct.unpack_from("<I", have, w)[0],
+                                    "expected": struct.unpack_from("<I", want, w)[0]})
         self.log(f"generation {self.new.gen}: memory verification " + (f"found {len(bad)} corrupted words" if bad
                                                                        else "clean"))
         return bad

@@ -565,6 +565,28 @@ def test_an_init_ends_a_parked_cpus_mwait_its_monitor_disarmed_and_its_wake_up_c
 
 
 @pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_init_and_sipi_start_a_cpu_that_a_triple_fault_shut_down(tmp_path, hot_path):
+    """SHUTDOWN executes nothing until INIT (here the triple fault of a parked CPU woken by a
+    write, its page tables overwritten); INIT and SIPI then start it again. The compiled path
+    takes them there too (init_reset() in the CPU's Python ends its process after the first
+    start, from power-on), as the Python path does."""
+    with _cpu1_running(tmp_path, f"shutdown-{hot_path}", hot_path,
+                       child=_only_c_may("init_reset", hot_path, after=1)) as (cfg, seg, port, pid):
+        m = kboot.current(seg)
+        _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN))
+        bus = Bus(seg)
+        bus.write(memmap.page_addr(m.pgtable_pages_of(1)[0]), bytes(16))  # its page tables' tag, gone
+        assert bus.write_u32(m.mwait_cpu_dead_addr(1), L.CPUDEAD_MWAIT_WAIT) == 1  # wakes it
+        wait_until(lambda: seg.cb(1, "state") == L.ExecState.SHUTDOWN, what="the triple fault")
+        assert seg.cb(1, "fault") == L.Fault.TRIPLE_FAULT
+        logged = _start(port, seg, (L.Ipi.SIPI,))
+        assert [code for _ns, code in logged] == [L.Ev.INIT, L.Ev.SIPI]
+        assert _in_one_step(logged) == (hot_path == "c"), logged
+        assert (seg.cb(1, "state"), seg.cb(1, "hotplug"), seg.cb(1, "cpu_gen")) == \
+            (L.ExecState.RUNNING, L.Hotplug.ONLINE, 1)
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
 def test_a_cpu_learns_the_generation_its_map_was_built_from_not_what_the_table_holds_later(tmp_path, hot_path):
     """`smpd kexec --kernel pre-fix` (Kexec.become) rewrites the running generation's entry once the
     CPUs it started have acknowledged; a CPU that learnt the entry then (after smp_callin() built

@@ -299,7 +299,9 @@ class Cpu(Executes, Handoff, CpuCore):
 
     def _dead_end(self):
         while True:
-            mask = self.wait()
+            mask = self.wait(init=True)
+            if self.init_ns:  # INIT (and what followed it) taken by the compiled path
+                return self._init_taken(mask)
             if mask & M_IRQ:
                 for kind, n in self._drain_pending().items():  # nothing executes them
                     if n:

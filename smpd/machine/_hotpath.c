@@ -256,7 +256,8 @@ static PyTypeObject AckType = {
 /*
  * A CPU online and idle (smpd.kernel.cpu's `running`), halted (`hlt`), parked in MWAIT (whose
  * exit, mwait_exit(), disarms the monitor and counts the IPI's wake-up first: a pre-fix kernel's
- * parked CPUs, which a kexec'd kernel starts, get INIT there) or held in wait-for-SIPI, that is
+ * parked CPUs, which a kexec'd kernel starts, get INIT there), held in wait-for-SIPI, or dead
+ * (SHUTDOWN after a triple fault, halted in foreign bytes: `_dead_end`, which only INIT leaves), that is
  * sent INIT runs init_reset() and enters wait-for-SIPI, where it
  * executes nothing: the stores those leave (init_count, the INIT event, state and hotplug) and,
  * when INIT came alone (a power cycle's first message: smpd.daemon.kernel_ops' reset; 6.5's

@@ -564,6 +564,27 @@ def test_an_init_ends_a_parked_cpus_mwait_its_monitor_disarmed_and_its_wake_up_c
         assert seg.cb(1, "fault") == L.Fault.NONE
 
 
+def _shut_down_by_a_triple_fault(port, seg) -> None:
+    """CPU 1, running, parked, then woken by a write with its page tables overwritten: a triple
+    fault, SHUTDOWN."""
+    m = kboot.current(seg)
+    _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN))
+    bus = Bus(seg)
+    bus.write(memmap.page_addr(m.pgtable_pages_of(1)[0]), bytes(16))  # its page tables' tag, gone
+    assert bus.write_u32(m.mwait_cpu_dead_addr(1), L.CPUDEAD_MWAIT_WAIT) == 1  # wakes it
+    wait_until(lambda: seg.cb(1, "state") == L.ExecState.SHUTDOWN, what="the triple fault")
+    assert seg.cb(1, "fault") == L.Fault.TRIPLE_FAULT
+
+
+def _started_again(port, seg, hot_path: str) -> None:
+    """INIT and SIPI start CPU 1 again, in generation 1, in one step on the compiled path."""
+    logged = _start(port, seg, (L.Ipi.SIPI,))
+    assert [code for _ns, code in logged] == [L.Ev.INIT, L.Ev.SIPI]
+    assert _in_one_step(logged) == (hot_path == "c"), logged
+    assert (seg.cb(1, "state"), seg.cb(1, "hotplug"), seg.cb(1, "cpu_gen")) == \
+        (L.ExecState.RUNNING, L.Hotplug.ONLINE, 1)
+
+
 @pytest.mark.parametrize("hot_path", HOT_PATHS)
 def test_init_and_sipi_start_a_cpu_that_a_triple_fault_shut_down(tmp_path, hot_path):
     """SHUTDOWN executes nothing until INIT (here the triple fault of a parked CPU woken by a
@@ -572,18 +593,43 @@ def test_init_and_sipi_start_a_cpu_that_a_triple_fault_shut_down(tmp_path, hot_p
     start, from power-on), as the Python path does."""
     with _cpu1_running(tmp_path, f"shutdown-{hot_path}", hot_path,
                        child=_only_c_may("init_reset", hot_path, after=1)) as (cfg, seg, port, pid):
-        m = kboot.current(seg)
-        _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN))
-        bus = Bus(seg)
-        bus.write(memmap.page_addr(m.pgtable_pages_of(1)[0]), bytes(16))  # its page tables' tag, gone
-        assert bus.write_u32(m.mwait_cpu_dead_addr(1), L.CPUDEAD_MWAIT_WAIT) == 1  # wakes it
-        wait_until(lambda: seg.cb(1, "state") == L.ExecState.SHUTDOWN, what="the triple fault")
-        assert seg.cb(1, "fault") == L.Fault.TRIPLE_FAULT
-        logged = _start(port, seg, (L.Ipi.SIPI,))
-        assert [code for _ns, code in logged] == [L.Ev.INIT, L.Ev.SIPI]
-        assert _in_one_step(logged) == (hot_path == "c"), logged
-        assert (seg.cb(1, "state"), seg.cb(1, "hotplug"), seg.cb(1, "cpu_gen")) == \
-            (L.ExecState.RUNNING, L.Hotplug.ONLINE, 1)
+        _shut_down_by_a_triple_fault(port, seg)
+        _started_again(port, seg, hot_path)
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_a_dead_cpu_holds_each_interrupt_that_reaches_it_and_stays_dead_until_init(tmp_path, hot_path):
+    """A CPU in SHUTDOWN executes no handler: an NMI, SMI or MCE that reaches it is counted held,
+    not taken, and latched nowhere (wait-for-SIPI's pending latch is for a CPU that will run
+    again); the CPU stays where it was until INIT and SIPI start it. The compiled path holds
+    those that come while it sleeps without the interpreter (here the Python path's
+    _drain_pending() ends the CPU's process), as the Python path does."""
+    with _cpu1_running(tmp_path, f"dead-irq-{hot_path}", hot_path,
+                       child=_only_c_may("_drain_pending", hot_path)) as (cfg, seg, port, pid):
+        _shut_down_by_a_triple_fault(port, seg)
+        for kind in ("nmi", "smi", "mce"):
+            wait_until(lambda: seg.cb(1, "sleeping") == 1, what="the dead CPU asleep")
+            activity = seg.cb(1, "activity")
+            os.kill(pid, cfg.signals()[kind])
+            wait_until(lambda: seg.cb(1, f"{kind}_held") == 1, what=f"the {kind.upper()} held")
+            assert (seg.cb(1, f"{kind}_taken"), seg.cb(1, f"{kind}_pending")) == (0, 0)
+            assert (seg.cb(1, "state"), seg.cb(1, "fault")) == (L.ExecState.SHUTDOWN, L.Fault.TRIPLE_FAULT)
+            wait_until(lambda: seg.cb(1, "activity") == activity + 1, what="one wake-up's worth of activity")
+        _started_again(port, seg, hot_path)
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_a_dead_cpu_that_an_init_puts_in_wait_for_sipi_latches_the_next_nmi_there(tmp_path, hot_path):
+    """Out of the dead end, interrupts are the new state's: an INIT alone takes a CPU in SHUTDOWN
+    to wait-for-SIPI, where an NMI is held and latched pending (taken once a SIPI starts the CPU),
+    not held as a dead CPU holds it."""
+    with _cpu1_running(tmp_path, f"dead-wfs-{hot_path}", hot_path) as (cfg, seg, port, pid):
+        _shut_down_by_a_triple_fault(port, seg)
+        assert port.ipi_wait([1], L.Ipi.INIT, 5.0) == ({1: 0}, [])
+        wait_until(lambda: seg.cb(1, "sleeping") == 1, what="the CPU asleep in wait-for-SIPI")
+        os.kill(pid, cfg.signals()["nmi"])
+        wait_until(lambda: seg.cb(1, "nmi_pending") == 1, what="the NMI latched in wait-for-SIPI")
+        assert (seg.cb(1, "nmi_held"), seg.cb(1, "state")) == (1, L.ExecState.WAIT_FOR_SIPI)
 
 
 @pytest.mark.parametrize("hot_path", HOT_PATHS)

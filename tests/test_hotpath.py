@@ -655,14 +655,14 @@ def test_the_compiled_init_and_ack_refuse_offsets_past_any_buffer(seg):
     from smpd.machine import _hotpath
 
     seg.set_hdr("hot_path", L.HotPath.C)
-    kw = _kwargs_of("Init", lambda: hotpath.init_taker(seg, CPU, Bus(seg), 0))
+    kw = _kwargs_of("Init", lambda: hotpath.init_taker(seg, CPU, Bus(seg), 0, {}))
     _hotpath.Init(**kw)
     for field, off in (("mbox_seq", 2**63 - 4), ("ev_ring", 2**63 - 8)):
         with pytest.raises(ValueError, match="too large"):
             _hotpath.Init(**{**kw, field: off})
     with pytest.raises(ValueError, match="too large"):
         _hotpath.Ack(**{**_ack_kwargs(seg), "control": 2**63 - 4})
-    init = hotpath.init_taker(seg, CPU, Bus(seg), 0)
+    init = hotpath.init_taker(seg, CPU, Bus(seg), 0, {})
     with pytest.raises(AttributeError):
         init.taken_ns = 1
 
@@ -746,14 +746,15 @@ def test_an_init_learns_only_a_whole_generation_entry_and_a_mwait_cpu_dead_insid
     """An Init refuses a CPU its bus cannot name; Init.learn (what take_init may start the CPU in)
     refuses an entry of another size, an mwait_cpu_dead outside emulated memory or across a line
     (a wait would store there), and an ack that is not an Ack, and anything while a wait uses the
-    Init."""
+    Init; Init.holds (a dead CPU's held count) a signal that is none, or an offset a u32 cannot
+    sit at."""
     from smpd.machine import _hotpath
 
     seg.set_hdr("hot_path", L.HotPath.C)
-    kw = _kwargs_of("Init", lambda: hotpath.init_taker(seg, CPU, Bus(seg), 0))
+    kw = _kwargs_of("Init", lambda: hotpath.init_taker(seg, CPU, Bus(seg), 0, {}))
     with pytest.raises(ValueError, match="not one of"):  # its directory entry would name nobody
         _hotpath.Init(**{**kw, "cpu": seg.geo.ncpus})
-    init = hotpath.init_taker(seg, CPU, Bus(seg), 0)
+    init = hotpath.init_taker(seg, CPU, Bus(seg), 0, {})
     entry = bytes(L.GEN_ENTRY.size)
     mem = seg.geo.npages * L.PAGE
     init.learn(entry, MD_OFF, None)
@@ -764,6 +765,9 @@ def test_an_init_learns_only_a_whole_generation_entry_and_a_mwait_cpu_dead_insid
     with pytest.raises(AttributeError):
         init.taken_state = 1
     assert init.taken_ack is None
+    for bad in ((0, 0), (signal.NSIG, 0), (signal.SIGUSR1, 2**63 - 4), (signal.SIGUSR1, 2)):  # where a hold stores
+        with pytest.raises(ValueError):
+            init.holds(*bad)
     waiter = hotpath.waiter(seg, CPU, set(), DOORBELL_SIGNAL)
     sleeper = threading.Thread(target=waiter.wait, args=(0, time.monotonic_ns() + 2_000_000_000, None, init))
     sleeper.start()

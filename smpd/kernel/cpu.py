@@ -299,7 +299,8 @@ class Cpu(Executes, Handoff, CpuCore):
 
     def _dead_end(self):
         while True:
-            mask = self.wait(init=True)
+            # (the compiled path holds the interrupts that come while it sleeps, as below)
+            mask = self.wait(init=True, dead=True)
             if self.init_ns:  # INIT (and what followed it) taken by the compiled path
                 return self._init_taken(mask)
             if mask & M_IRQ:

@@ -344,6 +344,13 @@ typedef struct {
 	int taken_known;  /* past a SIPI: the Known it started the CPU in (-1: none) */
 	long long spin_ns;  /* the CPU's spin budget (-1: a spin watch), for the wait after a take */
 	long long spurious_ns;  /* the spurious wake-up after a take, this long after it (0: none); Python's to set */
+	/* A dead CPU (SHUTDOWN, halted in foreign bytes: smpd.kernel.cpu's _dead_end) executes no
+	 * interrupt handler: each interrupt signal taken asleep there is counted held (its
+	 * `*_held`), and the sleep goes on (hold_if_dead). */
+	int dead;  /* this wait is a dead CPU's; Python's to set */
+	int nheld;
+	int held_sig[4];
+	Py_ssize_t held_off[4];  /* the u32 `*_held` of the interrupt signal held_sig[k] */
 } Init;
 
 static int Init_init(Init *self, PyObject *args, PyObject *kw)
@@ -429,6 +436,30 @@ static void Init_dealloc(Init *self)
 	Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* holds(signal, held): see Init.dead. */
+static PyObject *Init_holds(Init *self, PyObject *args)
+{
+	int sig;
+	Py_ssize_t off, need = self->need;
+
+	if (!PyArg_ParseTuple(args, "in", &sig, &off))
+		return NULL;
+	if (sig <= 0 || sig >= NSIG || self->nheld >= 4) {
+		PyErr_Format(PyExc_ValueError, "holds(signal, held): a signal 1..%d, for at most 4 interrupts", NSIG - 1);
+		return NULL;
+	}
+	if (extend_need("Init.holds", off, 4, &need) < 0)
+		return NULL;
+	if (self->busy) {
+		PyErr_SetString(PyExc_RuntimeError, "holds(): this Init is in use by a wait");
+		return NULL;
+	}
+	self->held_sig[self->nheld] = sig;
+	self->held_off[self->nheld++] = off;
+	self->need = need;
+	Py_RETURN_NONE;
+}
+
 /* learn(entry, md, ack): see Init. */
 static PyObject *Init_learn(Init *self, PyObject *args)
 {
@@ -500,6 +531,9 @@ static PyMemberDef Init_members[] = {
 	 "a wait after a take ends as TIMEOUT (a spurious wake-up) this many ns after the take; 0: never"},
 	{"taken_state", T_UINT, offsetof(Init, taken_state), READONLY,
 	 "the ExecState that take left the CPU in: WAIT_FOR_SIPI, RUNNING, or MWAIT (armed, acknowledged)"},
+	{"dead", T_INT, offsetof(Init, dead), 0,
+	 "true: the wait is a dead CPU's (SHUTDOWN, halted in foreign bytes), which holds each interrupt\n"
+	 "signal taken asleep (its held count, see holds()) and sleeps on"},
 	{NULL},
 };
 
@@ -512,6 +546,9 @@ static PyGetSetDef Init_getset[] = {
 };
 
 static PyMethodDef Init_methods[] = {
+	{"holds", (PyCFunction)Init_holds, METH_VARARGS,
+	 "holds(signal, held): interrupt signal ``signal`` taken asleep in a dead CPU's wait (dead) is\n"
+	 "counted in the u32 at segment offset ``held`` (its `*_held`)."},
 	{"learn", (PyCFunction)Init_learn, METH_VARARGS,
 	 "learn(entry, mon, ack): this CPU was started (not parked at boot) in the generation whose\n"
 	 "header table entry is ``entry`` (bytes); the word its mwait_play_dead() monitors is at offset\n"
@@ -980,6 +1017,7 @@ static int take_init(Waiter *w, Init *n)
 	STORE32(b + n->activity, LOAD32(b + n->activity) + steps);
 	STORE32(b + n->busy_word, 0);
 	n->taken_ns = now;
+	n->dead = 0;  /* out of the dead end: interrupts are the state's again */
 	w->taken = 1;  /* the wait starts over, in the state the take left (wait_on) */
 	return 1;
 }
@@ -1188,6 +1226,31 @@ static void fall_asleep(Waiter *w)
 }
 
 /*
+ * A dead CPU's wait (Init.dead: SHUTDOWN, or halted in foreign bytes) took interrupt signal ``sig``
+ * asleep: nothing executes its handler, as in _dead_end (smpd.kernel.cpu), which counts it held.
+ * Counted so here, with wait()'s count of its returns (one for the interrupt's), while `busy`
+ * says it acts on a wake-up; the sleep goes on. 0: not a dead CPU's wait, or not a signal it holds.
+ */
+static int hold_if_dead(Waiter *w, int sig)
+{
+	Init *n = w->init;
+	char *b = w->base;
+
+	if (!n || !n->dead)
+		return 0;
+	for (int k = 0; k < n->nheld; k++) {
+		if (n->held_sig[k] != sig)
+			continue;
+		STORE32(b + n->busy_word, 1);
+		STORE32(b + n->held_off[k], LOAD32(b + n->held_off[k]) + 1);
+		STORE32(b + n->activity, LOAD32(b + n->activity) + 1);
+		STORE32(b + n->busy_word, 0);
+		return 1;
+	}
+	return 0;
+}
+
+/*
  * Asleep (the signals blocked, no GIL): wait until a byte is raised, a message is taken, the
  * deadline passes (*code TIMEOUT), an interrupt signal comes (*code SIGNAL, *signo) or a system
  * call fails (*failed). Returns when the doorbell last ended sigwaitinfo() and the process ran
@@ -1222,6 +1285,8 @@ static int64_t sigwait_loop(Waiter *w, int64_t deadline, int *code, int *signo, 
 			break;
 		}
 		if (sigismember(&w->irq, r)) {
+			if (hold_if_dead(w, r))
+				continue;
 			*code = SIGNAL;
 			*signo = r;
 			break;

@@ -82,7 +82,8 @@ class CpuCore:
                              (M_IPI, ix("wake_ipi")), (M_TIMER, ix("wake_spurious"))]
         self.waiter = hotpath.waiter(seg, cpu, self.irq_sigs, DOORBELL_SIGNAL)
         self.acked_ns = 0  # set when the compiled path acknowledged a kick inside wait()
-        self.init_taker = hotpath.init_taker(seg, cpu, bus, -1 if self.spin else self.budget_ns)  # None on Python
+        self.init_taker = hotpath.init_taker(seg, cpu, bus, -1 if self.spin else self.budget_ns,  # None on Python
+                                             signals)
         # Set when the compiled path took an INIT (and what followed it) inside wait(): when, and
         # the state it left the CPU in (wait-for-SIPI, running, MWAIT).
         self.init_ns, self.init_state = 0, L.ExecState.WAIT_FOR_SIPI
@@ -124,7 +125,7 @@ class CpuCore:
             self.rng = random.Random(self.seg.hdr("seed") * 4099 + self.cpu)
         return self.rng.expovariate(self.spurious_per_s)
 
-    def wait(self, may_spin: bool = True, ack=None, init: bool = False) -> int:
+    def wait(self, may_spin: bool = True, ack=None, init: bool = False, dead: bool = False) -> int:
         """Wait until a waker raises a byte; return the wake mask and clear what it names.
 
         The watch loop is the machine's hot path (``self.waiter``: compiled, or its
@@ -143,7 +144,9 @@ class CpuCore:
         returned is the next wake-up's, for that state to take (parked: MWAIT's, a kick
         acknowledged as with ``ack``). So is a CPU_DOWN alone to a CPU running a generation it
         learnt, from `running`: play_dead() into mwait_play_dead(), parked (``init_state`` MWAIT);
-        and a REBOOT alone there: stop_this_cpu() into HLT (``init_state`` HLT).
+        and a REBOOT alone there: stop_this_cpu() into HLT (``init_state`` HLT). ``dead`` (with
+        ``init``): a dead CPU's wait (smpd.kernel.cpu's _dead_end), where the compiled path counts
+        each interrupt signal taken asleep as held and sleeps on, until a take or another wake-up.
         """
         u32 = self.u32
         u32[self.i_busy] = 0
@@ -152,6 +155,8 @@ class CpuCore:
         deadline_ns = 0 if spurious is None else time.monotonic_ns() + max(1, int(spurious * 1e9))
         # It takes whole messages and acknowledges them: not one this process has begun.
         taker = self.init_taker if init and self.pending_ack is None and not self.midway else None
+        if taker is not None:
+            taker.dead = dead
         if taker is not None and spurious is not None:  # the wait of the state a take leaves draws its own
             after = self._spurious_in()
             taker.spurious_ns = max(1, int(after * 1e9))

@@ -84,7 +84,7 @@ def ack(seg, cpu: int, md: int, checks) -> object | None:
                         ev_kick_seen=L.Ev.KICK_SEEN, ev_hlt=L.Ev.HLT, ev_entry=L.EV_ENTRY.size)
 
 
-def init_taker(seg, cpu: int, bus, spin_ns: int) -> object | None:
+def init_taker(seg, cpu: int, bus, spin_ns: int, signals: dict[str, int]) -> object | None:
     """None on a Python machine; else what CPU ``cpu``'s compiled wait needs to take an INIT, and
     the SIPI and CPU_DOWN that may follow it, or a CPU_DOWN or REBOOT alone
     (smpd/machine/_hotpath.c, take_init): its mailbox, mon_armed, what mwait_exit(), init_reset(),
@@ -92,11 +92,12 @@ def init_taker(seg, cpu: int, bus, spin_ns: int) -> object | None:
     (smpd.kernel.cpu), where; the header's generation table; and ``bus``'s compiled Kicker (one
     for every CPU a process builds), for smp_callin()'s and mwait_play_dead()'s writes. Which
     generations it may start the CPU in, it learns (Init.learn). ``spin_ns``: what its waits spin
-    before they sleep (Waiter.wait's; -1: a spin watch), for the wait after a take."""
+    before they sleep (Waiter.wait's; -1: a spin watch), for the wait after a take. ``signals``
+    (kind -> signal): a dead CPU's wait (Init.dead) counts each held in its `*_held`."""
     if not compiled(seg):
         return None
     word = lambda field: seg.cb_byte(cpu, field, 0)  # noqa: E731  (a field's byte offset in the segment)
-    return _hotpath.Init(mbox_seq=word("mbox_seq"), mbox_cmd=word("mbox_cmd"), mbox_arg=word("mbox_arg"),
+    init = _hotpath.Init(mbox_seq=word("mbox_seq"), mbox_cmd=word("mbox_cmd"), mbox_arg=word("mbox_arg"),
                          mbox_ack=word("mbox_ack"), mbox_result=word("mbox_result"), armed=word("mon_armed"),
                          init_count=word("init_count"), state=word("state"), hotplug=word("hotplug"),
                          activity=word("activity"), busy=word("busy"), ev_head=word("ev_head"),
@@ -113,6 +114,9 @@ def init_taker(seg, cpu: int, bus, spin_ns: int) -> object | None:
                          state_hlt=L.ExecState.HLT, ev_reboot=L.Ev.REBOOT, ev_hlt=L.Ev.HLT,
                          wake_write=word("wake_write"), wake_ipi=word("wake_ipi"), spin_ns=spin_ns,
                          bus=bus.kicker)
+    for kind, sig in signals.items():
+        init.holds(sig, word(f"{kind}_held"))
+    return init
 
 
 def kicker(seg, doorbell: int, bus):

@@ -84,6 +84,32 @@ def region_image(seed: int, generation: int, region: Region, count: int) -> byte
     return blob
 
 
+_views: dict[tuple, dict[int, tuple[int, memoryview]]] = {}
+
+
+def page_views(seed: int, generation: int, runs: tuple[tuple[Region, int, int], ...]) -> dict | None:
+    """{page: (its address, its image)} for ``runs``, each (region, first page, pages): page
+    ``first + i`` holds the region's page ``i``. The images are views into region_image()'s, so
+    what Bus.write_pages writes comes from a dict, not a page_image() each (~0.06 ms against
+    ~0.38 for the 623 pages of a 64-CPU kernel's boot). Kept while region_image() keeps every
+    region named (then these views hold nothing it does not); None when two runs share a page
+    (the caller writes each page's image in order, and the last wins)."""
+    key = (seed, generation, runs)
+    views = _views.get(key)
+    if views is not None:
+        return views
+    views = {}
+    for region, first, count in runs:
+        mv = memoryview(region_image(seed, generation, region, count))
+        for i in range(count):
+            views[first + i] = (page_addr(first + i), mv[i * L.PAGE:(i + 1) * L.PAGE])
+    if len(views) != sum(count for _r, _f, count in runs):
+        return None
+    if all((seed, generation, region, count) in _regions for region, _f, count in runs):
+        _views[key] = views
+    return views
+
+
 def _image(seed: int, generation: int, region: Region, index: int) -> bytes:
     """A page's image, computed (``page_image`` keeps what it computes)."""
     import hashlib  # here: the CPU processes import this module, and compute no image

@@ -50,19 +50,23 @@ class Relocation:
         return pages
 
     def write_pages(self, pages: list[tuple[int, Region, int]], seed: int, who: str,
-                    during: Callable[[], None] | None = None) -> int:
+                    runs: tuple[tuple[Region, int, int], ...], during: Callable[[], None] | None = None) -> int:
         """The new kernel's ``pages`` (page, region, index), in that order, each a write through the
-        bus (smpd.machine.bus.Bus.write_pages: page by page, its image made just before it lands);
+        bus (smpd.machine.bus.Bus.write_pages: page by page, its image looked up just before it
+        lands, in image.page_views of ``runs``, the (region, first page, pages) they come from);
         returns how many monitors they woke. ``during`` runs once, before the write of the middle
         page. A write that wakes a monitor is recorded with the line it hit (which write hit
         which line: the evidence the maps explain)."""
         half = len(pages) // 2
         woke = 0
+        gen = self.new.gen
+        views = image.page_views(seed, gen, runs)
         for k, part in enumerate((pages[:half], pages[half:]) if during is not None and pages else (pages,)):
             if k == 1:
                 during()
             woken: list[tuple[int, int, int]] = []
-            woke += self.bus.write_pages(((page_addr(p), image.page_image(seed, self.new.gen, r, i)) for p, r, i in part),
+            woke += self.bus.write_pages((views[p] for p, _r, _i in part) if views is not None else
+                                         ((page_addr(p), image.page_image(seed, gen, r, i)) for p, r, i in part),
                                          woken)
             if woken:
                 self._record_waking(part, woken, who)
@@ -94,7 +98,8 @@ class Relocation:
         t0 = time.monotonic_ns()
         self.log(f"copy: {len(pages)} pages of generation {self.new.gen}'s segments, order {self.order} ("
                  + ", ".join(f"{r.name.lower()} at {page_addr(f):#x}" for f, _n, r in self.new.segments) + ")")
-        self.copy_woke = self.write_pages(pages, seed, "the copy", during)
+        self.copy_woke = self.write_pages(pages, seed, "the copy",
+                                          tuple((r, f, n) for f, n, r in self.new.segments), during)
         self.log(f"copy done in {(time.monotonic_ns() - t0) / 1e6:.1f} ms; its writes woke {self.copy_woke} monitors")
 
     def new_kernel_boot(self) -> None:
@@ -102,7 +107,8 @@ class Relocation:
         gens_mod.record(self.seg, self.new)
         t0 = time.monotonic_ns()
         seed = self.seg.hdr("seed")
-        self.boot_woke = self.write_pages(list(self.new.pages()), seed, f"generation {self.new.gen}'s boot")
+        self.boot_woke = self.write_pages(list(self.new.pages()), seed, f"generation {self.new.gen}'s boot",
+                                          tuple(self.new.runs()))
         r = self.new.regions
         self.log(f"generation {self.new.gen} boots ({self.new.placement}): image at {page_addr(r[Region.TEXT]):#x}, "
                  f"page tables and per-CPU areas (memblock, top-down) at {page_addr(r[Region.PGTABLE]):#x} and "

@@ -255,6 +255,9 @@ def test_a_stray_interrupt_is_labelled_as_one_and_comes_before_what_it_did(machi
 @pytest.mark.parametrize("args, says", [
     (("kexec", "--timeline", "most"), "--timeline 'most': expected all, summary"),
     (("kexec", "--timeline", "9"), "--timeline: cpulist '9' names CPU 9"),
+    (("inject", "nmi", "--cpus", "9"), "--cpus '9': cpulist '9' names CPU 9"),
+    (("inject", "nmi", "--cpus", "0"), "--cpus '0': CPU 0 is the kexec CPU"),
+    (("inject", "nmi", "--cpus", "x"), "--cpus 'x': malformed cpulist"),
     (("kick", "--timeline", ""), "--timeline '': expected"),
     (("kexec", "--trace", "/dev/shm/x.json"), "not a place for smpd's output"),
     (("chain", "--kexecs", "2", "--trace", "/"), "names a directory"),

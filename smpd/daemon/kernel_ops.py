@@ -257,7 +257,7 @@ class KernelOps:
 
     def op_inject(self, kind: str, cpus: str = "all", count: int = 1) -> dict:
         """A stray interrupt right now: send it, wait (bounded) until it is taken or held."""
-        inj = parse_injection(f"{kind}@after-copy:{cpus}x{count}", self.sup.ncpus)
+        inj = parse_injection(f"{kind}@after-copy:{cpus}x{count}", self.sup.ncpus, "--cpus")
         self.sup.refresh_gone()
         before = ending_faults(self.sup)
         k = Kexec(self.sup, Scenario(None, "sequential", 0, (inj,)))

@@ -48,8 +48,10 @@ class Injection:
         return f"{self.kind}@{self.phase}:{self.target}" + (f"x{self.count}" if self.count != 1 else "")
 
 
-def parse_injection(text: str, ncpus: int) -> Injection:
-    """Parse one --inject value against a machine of ``ncpus`` CPUs ('all' = CPUs 1..N-1)."""
+def parse_injection(text: str, ncpus: int, target_named_by: str | None = None) -> Injection:
+    """Parse one --inject value against a machine of ``ncpus`` CPUs ('all' = CPUs 1..N-1).
+    ``target_named_by``: the option that named its target (`smpd inject --cpus`), which an error
+    about the target names instead of the --inject value made from it."""
     m = _INJECT_RE.fullmatch(text.strip()) if isinstance(text, str) else None
     if not m:
         raise BadInput(f"--inject '{text}' is malformed; expected {INJECT_FORM}")
@@ -62,18 +64,19 @@ def parse_injection(text: str, ncpus: int) -> Injection:
     if not 1 <= count <= MAX_COUNT:
         raise BadInput(f"--inject '{text}': count {count} is not in the range 1..{MAX_COUNT}")
     target = (m["target"] or "all").strip()
+    said = f"{target_named_by} '{target}'" if target_named_by else f"--inject '{text}'"
     if target == "all":
         cpus = tuple(range(1, ncpus))
     else:
         try:
             cpus = tuple(cpulist.parse(target, ncpus))
         except BadInput as err:
-            raise BadInput(f"--inject '{text}': {err}") from None
+            raise BadInput(f"{said}: {err}") from None
         if 0 in cpus:
-            raise BadInput(f"--inject '{text}': CPU 0 is the kexec CPU, running the kexec; "
+            raise BadInput(f"{said}: CPU 0 is the kexec CPU, running the kexec; "
                            f"target CPUs 1-{ncpus - 1} or 'all'")
     if not cpus:
-        raise BadInput(f"--inject '{text}': this machine has no CPU but CPU 0 to target")
+        raise BadInput(f"{said}: this machine has no CPU but CPU 0 to target")
     return Injection(kind, phase, target, count, cpus)
 
 

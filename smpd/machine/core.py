@@ -137,10 +137,10 @@ class CpuCore:
         so, records the way into HLT and halts; ``acked_ns`` is then when it saw the
         kick, and the mask returned is what ended HLT. ``init`` (compiled path only, from a
         state whose INIT leads straight to wait-for-SIPI): an INIT, alone or followed by SIPI
-        (and CPU_DOWN) into a generation the CPU learnt, is taken on the way while nothing is
-        armed (in MWAIT: in the HLT after a kick answered) and the wait starts over in the state
-        it left (smpd/machine/_hotpath.c, take_init); ``init_ns`` is then when, ``init_state``
-        where (HLT: a kick came after it), ``init_entry`` in which generation, and the mask
+        (and CPU_DOWN) into a generation the CPU learnt, is taken on the way (in MWAIT: its
+        monitor disarmed and the IPI's wake-up counted first, as mwait_exit() does) and the wait
+        starts over in the state it left (smpd/machine/_hotpath.c, take_init); ``init_ns`` is then
+        when, ``init_state`` where (HLT: a kick came after it), ``init_entry`` in which generation, and the mask
         returned is the next wake-up's, for that state to take (parked: MWAIT's, a kick
         acknowledged as with ``ack``). So is a CPU_DOWN alone to a CPU running a generation it
         learnt, from `running`: play_dead() into mwait_play_dead(), parked (``init_state`` MWAIT);

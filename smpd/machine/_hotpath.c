@@ -942,7 +942,10 @@ static int take_init(Waiter *w, Init *n)
 		 * counted. A write that reached the line before the disarm raised the WRITE byte
 		 * meanwhile: it ended MWAIT with the IPI, counted with it, and goes no further
 		 * (mwait_play_dead() takes the IPI first, and INIT leaves the loop). */
-		STORE16(armed_entry(b, n), 0);
+		char *entry = armed_entry(b, n);  /* looked up again: mon_line is a word of the segment */
+
+		if (entry)
+			STORE16(entry, 0);
 		STORE32(b + n->armed, 0);
 		FENCE();
 		STORE64(b + n->wake_ipi, LOAD64(b + n->wake_ipi) + 1);

@@ -564,16 +564,27 @@ def test_an_init_ends_a_parked_cpus_mwait_its_monitor_disarmed_and_its_wake_up_c
         assert seg.cb(1, "fault") == L.Fault.NONE
 
 
-def _shut_down_by_a_triple_fault(port, seg) -> None:
-    """CPU 1, running, parked, then woken by a write with its page tables overwritten: a triple
-    fault, SHUTDOWN."""
+DEAD = {"triple fault": (L.ExecState.SHUTDOWN, L.Fault.TRIPLE_FAULT),
+        "foreign halt": (L.ExecState.HLT, L.Fault.FOREIGN_HALT)}
+
+
+def _dead_by(port, seg, how: str = "triple fault") -> None:
+    """CPU 1, running, parked, then woken by a write with its page tables overwritten (a triple
+    fault: SHUTDOWN), or its loop's text page overwritten by bytes that decode to a halt (it
+    executes them: FOREIGN_HALT, halted in foreign bytes)."""
     m = kboot.current(seg)
     _start(port, seg, (L.Ipi.SIPI, L.Ipi.CPU_DOWN))
     bus = Bus(seg)
-    bus.write(memmap.page_addr(m.pgtable_pages_of(1)[0]), bytes(16))  # its page tables' tag, gone
+    if how == "triple fault":
+        bus.write(memmap.page_addr(m.pgtable_pages_of(1)[0]), bytes(16))  # its page tables' tag, gone
+    else:
+        text = memmap.page_addr(m.text_page(memmap.TEXT_PLAY_DEAD))
+        bus.write(text, bytes(16))  # the page's tag, gone
+        bus.write(text + 64 + 8, bytes([3]) + bytes(7))  # where CPU 1 resumes: b0 % 4 == 3, a halt
     assert bus.write_u32(m.mwait_cpu_dead_addr(1), L.CPUDEAD_MWAIT_WAIT) == 1  # wakes it
-    wait_until(lambda: seg.cb(1, "state") == L.ExecState.SHUTDOWN, what="the triple fault")
-    assert seg.cb(1, "fault") == L.Fault.TRIPLE_FAULT
+    state, fault = DEAD[how]
+    wait_until(lambda: seg.cb(1, "fault") == fault, what=how)
+    wait_until(lambda: seg.cb(1, "state") == state, what=f"the {how}'s state")
 
 
 def _started_again(port, seg, hot_path: str) -> None:
@@ -585,35 +596,38 @@ def _started_again(port, seg, hot_path: str) -> None:
         (L.ExecState.RUNNING, L.Hotplug.ONLINE, 1)
 
 
+@pytest.mark.parametrize("how", DEAD)
 @pytest.mark.parametrize("hot_path", HOT_PATHS)
-def test_init_and_sipi_start_a_cpu_that_a_triple_fault_shut_down(tmp_path, hot_path):
-    """SHUTDOWN executes nothing until INIT (here the triple fault of a parked CPU woken by a
-    write, its page tables overwritten); INIT and SIPI then start it again. The compiled path
-    takes them there too (init_reset() in the CPU's Python ends its process after the first
-    start, from power-on), as the Python path does."""
-    with _cpu1_running(tmp_path, f"shutdown-{hot_path}", hot_path,
+def test_init_and_sipi_start_a_dead_cpu(tmp_path, hot_path, how):
+    """A dead CPU executes nothing until INIT: SHUTDOWN (here the triple fault of a parked CPU
+    woken by a write, its page tables overwritten), or halted in foreign bytes (its loop's text
+    overwritten by a halt); INIT and SIPI then start it again. The compiled path takes them
+    there too (init_reset() in the CPU's Python ends its process after the first start, from
+    power-on), as the Python path does."""
+    with _cpu1_running(tmp_path, f"dead-{hot_path}-{how[0]}", hot_path,
                        child=_only_c_may("init_reset", hot_path, after=1)) as (cfg, seg, port, pid):
-        _shut_down_by_a_triple_fault(port, seg)
+        _dead_by(port, seg, how)
         _started_again(port, seg, hot_path)
 
 
+@pytest.mark.parametrize("how", DEAD)
 @pytest.mark.parametrize("hot_path", HOT_PATHS)
-def test_a_dead_cpu_holds_each_interrupt_that_reaches_it_and_stays_dead_until_init(tmp_path, hot_path):
+def test_a_dead_cpu_holds_each_interrupt_that_reaches_it_and_stays_dead_until_init(tmp_path, hot_path, how):
     """A CPU in SHUTDOWN executes no handler: an NMI, SMI or MCE that reaches it is counted held,
     not taken, and latched nowhere (wait-for-SIPI's pending latch is for a CPU that will run
     again); the CPU stays where it was until INIT and SIPI start it. The compiled path holds
     those that come while it sleeps without the interpreter (here the Python path's
     _drain_pending() ends the CPU's process), as the Python path does."""
-    with _cpu1_running(tmp_path, f"dead-irq-{hot_path}", hot_path,
+    with _cpu1_running(tmp_path, f"dead-irq-{hot_path}-{how[0]}", hot_path,
                        child=_only_c_may("_drain_pending", hot_path)) as (cfg, seg, port, pid):
-        _shut_down_by_a_triple_fault(port, seg)
+        _dead_by(port, seg, how)
         for kind in ("nmi", "smi", "mce"):
             wait_until(lambda: seg.cb(1, "sleeping") == 1, what="the dead CPU asleep")
             activity = seg.cb(1, "activity")
             os.kill(pid, cfg.signals()[kind])
             wait_until(lambda: seg.cb(1, f"{kind}_held") == 1, what=f"the {kind.upper()} held")
             assert (seg.cb(1, f"{kind}_taken"), seg.cb(1, f"{kind}_pending")) == (0, 0)
-            assert (seg.cb(1, "state"), seg.cb(1, "fault")) == (L.ExecState.SHUTDOWN, L.Fault.TRIPLE_FAULT)
+            assert (seg.cb(1, "state"), seg.cb(1, "fault")) == DEAD[how]
             wait_until(lambda: seg.cb(1, "activity") == activity + 1, what="one wake-up's worth of activity")
         _started_again(port, seg, hot_path)
 
@@ -624,7 +638,7 @@ def test_a_dead_cpu_that_an_init_puts_in_wait_for_sipi_latches_the_next_nmi_ther
     to wait-for-SIPI, where an NMI is held and latched pending (taken once a SIPI starts the CPU),
     not held as a dead CPU holds it."""
     with _cpu1_running(tmp_path, f"dead-wfs-{hot_path}", hot_path) as (cfg, seg, port, pid):
-        _shut_down_by_a_triple_fault(port, seg)
+        _dead_by(port, seg)
         assert port.ipi_wait([1], L.Ipi.INIT, 5.0) == ({1: 0}, [])
         wait_until(lambda: seg.cb(1, "sleeping") == 1, what="the CPU asleep in wait-for-SIPI")
         os.kill(pid, cfg.signals()["nmi"])

@@ -19,7 +19,7 @@ from smpd.kernel.generations import Generations
 from smpd.kernel.kexec import Kexec
 from smpd.kernel.panic import Panic
 from smpd.kernel.memmap import Boot
-from smpd.kernel.scenario import Scenario, flavour, parse_boot, parse_injection, trial_seed
+from smpd.kernel.scenario import Scenario, flavour, injection, parse_boot, trial_seed
 from smpd.kernel.stop import StopOtherCpus
 from smpd.machine import layout as L
 
@@ -257,7 +257,7 @@ class KernelOps:
 
     def op_inject(self, kind: str, cpus: str = "all", count: int = 1) -> dict:
         """A stray interrupt right now: send it, wait (bounded) until it is taken or held."""
-        inj = parse_injection(f"{kind}@after-copy:{cpus}x{count}", self.sup.ncpus, "--cpus")
+        inj = injection(kind, "after-copy", cpus, count, self.sup.ncpus, f"--cpus '{cpus}'")
         self.sup.refresh_gone()
         before = ending_faults(self.sup)
         k = Kexec(self.sup, Scenario(None, "sequential", 0, (inj,)))

@@ -48,23 +48,26 @@ class Injection:
         return f"{self.kind}@{self.phase}:{self.target}" + (f"x{self.count}" if self.count != 1 else "")
 
 
-def parse_injection(text: str, ncpus: int, target_named_by: str | None = None) -> Injection:
-    """Parse one --inject value against a machine of ``ncpus`` CPUs ('all' = CPUs 1..N-1).
-    ``target_named_by``: the option that named its target (`smpd inject --cpus`), which an error
-    about the target names instead of the --inject value made from it."""
+def parse_injection(text: str, ncpus: int) -> Injection:
+    """Parse one --inject value against a machine of ``ncpus`` CPUs ('all' = CPUs 1..N-1)."""
     m = _INJECT_RE.fullmatch(text.strip()) if isinstance(text, str) else None
     if not m:
         raise BadInput(f"--inject '{text}' is malformed; expected {INJECT_FORM}")
-    kind, phase = m["kind"], m["phase"]
+    return injection(m["kind"], m["phase"], m["target"] or "all", int(m["count"]) if m["count"] else 1, ncpus,
+                     f"--inject '{text}'")
+
+
+def injection(kind: str, phase: str, target: str, count: int, ncpus: int, said: str) -> Injection:
+    """``count`` interrupts of ``kind`` at ``phase`` to ``target`` ('all' = CPUs 1..N-1, or a
+    cpulist), checked against a machine of ``ncpus`` CPUs; ``said`` names, in an error, what gave
+    them (an --inject value; `smpd inject`'s --cpus)."""
     if kind not in KINDS:
-        raise BadInput(f"--inject '{text}': unknown kind '{kind}'; expected one of {', '.join(KINDS)}")
+        raise BadInput(f"{said}: unknown kind '{kind}'; expected one of {', '.join(KINDS)}")
     if phase not in PHASES:
-        raise BadInput(f"--inject '{text}': unknown phase '{phase}'; expected one of {', '.join(PHASES)}")
-    count = int(m["count"]) if m["count"] else 1
+        raise BadInput(f"{said}: unknown phase '{phase}'; expected one of {', '.join(PHASES)}")
     if not 1 <= count <= MAX_COUNT:
-        raise BadInput(f"--inject '{text}': count {count} is not in the range 1..{MAX_COUNT}")
-    target = (m["target"] or "all").strip()
-    said = f"{target_named_by} '{target}'" if target_named_by else f"--inject '{text}'"
+        raise BadInput(f"{said}: count {count} is not in the range 1..{MAX_COUNT}")
+    target = target.strip()
     if target == "all":
         cpus = tuple(range(1, ncpus))
     else:

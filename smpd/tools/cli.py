@@ -665,12 +665,7 @@ def reset(name, offline, kernel):
 def inject(name, kind, target, count, as_json):
     """Send a stray NMI, MCE or SMI now, and say what it did to each target CPU."""
     machine = lifecycle.require(name)
-    if target.strip() != "all":
-        try:
-            cpulist.parse(target, machine.ncpus)
-        except BadInput as err:
-            raise BadInput(f"--cpus '{target}': {err}") from None
-    scenario_mod.parse_injection(f"{kind}@after-copy:{target}x{count}", machine.ncpus, "--cpus")
+    scenario_mod.injection(kind, "after-copy", target, count, machine.ncpus, f"--cpus '{target}'")
     r = machine.request("inject", kind=kind, cpus=target, count=count)
     _print_json_or(r, as_json, lambda r: _render().injection_report(
         r, _ended_line(machine.name, r["ended"]) if r.get("ended") else None))

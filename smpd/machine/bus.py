@@ -33,21 +33,20 @@ from smpd.machine.sync import fence
 # pending doorbell is one bit and never a growing queue; its default action is to be
 # ignored, so a doorbell at a recycled pid harms nobody.
 DOORBELL_SIGNAL = signal.SIGURG
-_UNMONITORED_PAGE = bytes(L.LINES_PER_PAGE * L.DIR_ENTRY)  # a page's directory entries, none armed
-
-
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _unarmed(n: int) -> bytes:
-    """``n`` directory entries, none armed: made at the first look at that many (the machine's
-    whole directory, in the coordinator; a RAM write's pages), then kept."""
+    """``n`` directory entries, none armed: made at the first look at that many (a page's; the
+    machine's whole directory, in the coordinator; a RAM write's pages), then kept."""
     return bytes(n * L.DIR_ENTRY)
+
+
+_UNMONITORED_PAGE = _unarmed(L.LINES_PER_PAGE)  # a page's directory entries, none armed
 
 
 def _none_armed(entries: memoryview) -> bool:
     """No monitor armed on these directory entries: their bytes compared with zeros (a memcmp,
     ~17 us over a 64-CPU machine's whole directory; bytes.count(0), a byte at a time, ~180)."""
-    return entries.tobytes() == (_unarmed(len(entries)) if len(entries) > L.LINES_PER_PAGE
-                                 else bytes(len(entries) * L.DIR_ENTRY))
+    return entries.tobytes() == _unarmed(len(entries))
 
 
 class Bus:

@@ -1734,11 +1734,18 @@ static void Kicker_dealloc(Kicker *self)
 	Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* The directory entry of ``line`` of emulated memory in the segment at ``base``, which the caller
+ * has bounded (kicker_dir_entry does). */
+static inline char *dir_entry_at(Kicker *k, char *base, Py_ssize_t line)
+{
+	return base + k->dir_off + k->dir_entry * line;
+}
+
 /* The control block of the CPU whose monitor is armed on the line holding ``off``, or NULL, in the
  * segment at ``base`` (the caller's: a Kicker's own is valid during its own calls only). */
 static char *monitor_owner(Kicker *k, char *base, Py_ssize_t off)
 {
-	uint16_t owner = LOAD16(base + k->dir_off + k->dir_entry * (off >> k->line_shift));
+	uint16_t owner = LOAD16(dir_entry_at(k, base, off >> k->line_shift));
 
 	if (!owner || owner > k->ncpus)
 		return NULL;
@@ -1796,7 +1803,7 @@ static char *kicker_dir_entry(Kicker *k, char *base, uint32_t line)
 {
 	if ((Py_ssize_t)line >= k->mem_len >> k->line_shift)
 		return NULL;
-	return base + k->dir_off + k->dir_entry * (Py_ssize_t)line;
+	return dir_entry_at(k, base, (Py_ssize_t)line);
 }
 
 /* ``n`` bytes (u32s) at ``off`` of emulated memory, within one line: that line (*line), its

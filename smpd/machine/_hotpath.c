@@ -302,6 +302,7 @@ static PyTypeObject AckType = {
 #define KNOWN 8  /* generations a CPU can be started in without the interpreter (kexec'd kernels, and the first: a soak
                   * of the three flavours starts CPUs in six, generation 1 and 2 of each) */
 #define GEN_ENTRY_MAX 64
+#define HELD_MAX 4  /* interrupt kinds a dead CPU holds (Init.holds): NMI, SMI, MCE, and room */
 
 typedef struct Kicker Kicker;
 static PyTypeObject KickerType;
@@ -349,8 +350,8 @@ typedef struct {
 	 * `*_held`), and the sleep goes on (hold_if_dead). */
 	int dead;  /* this wait is a dead CPU's; Python's to set */
 	int nheld;
-	int held_sig[4];
-	Py_ssize_t held_off[4];  /* the u32 `*_held` of the interrupt signal held_sig[k] */
+	int held_sig[HELD_MAX];
+	Py_ssize_t held_off[HELD_MAX];  /* the u32 `*_held` of the interrupt signal held_sig[k] */
 } Init;
 
 static int Init_init(Init *self, PyObject *args, PyObject *kw)
@@ -444,8 +445,9 @@ static PyObject *Init_holds(Init *self, PyObject *args)
 
 	if (!PyArg_ParseTuple(args, "in", &sig, &off))
 		return NULL;
-	if (sig <= 0 || sig >= NSIG || self->nheld >= 4) {
-		PyErr_Format(PyExc_ValueError, "holds(signal, held): a signal 1..%d, for at most 4 interrupts", NSIG - 1);
+	if (sig <= 0 || sig >= NSIG || self->nheld >= HELD_MAX) {
+		PyErr_Format(PyExc_ValueError, "holds(signal, held): a signal 1..%d, for at most %d interrupts", NSIG - 1,
+			     HELD_MAX);
 		return NULL;
 	}
 	if (extend_need("Init.holds", off, 4, &need) < 0)

@@ -157,9 +157,8 @@ class CpuCore:
         taker = self.init_taker if init and self.pending_ack is None and not self.midway else None
         if taker is not None:
             taker.dead = dead
-        if taker is not None and spurious is not None:  # the wait of the state a take leaves draws its own
-            after = self._spurious_in()
-            taker.spurious_ns = max(1, int(after * 1e9))
+            if spurious is not None:  # the wait of the state a take leaves draws its own
+                taker.spurious_ns = max(1, int(self._spurious_in() * 1e9))
         while True:
             code, arg, acked_ns = self.waiter.wait(spin_ns, deadline_ns, ack, taker)
             if acked_ns:  # acknowledged and halted: what follows is HLT's wake-up

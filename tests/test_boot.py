@@ -22,7 +22,7 @@ from smpd.kernel import boot as kboot, cpu as kcpu, generations, image, kick as 
 from smpd.kernel.handoff import Handoff
 from smpd.machine import events, layout as L
 from smpd.machine.bus import Bus
-from smpd.machine.core import IPI_IGNORED
+from smpd.machine.core import IPI_IGNORED, install_interrupt_handlers
 from smpd.machine.mailbox import Mailbox
 
 NCPUS = 4
@@ -48,9 +48,11 @@ class _Port:
 
 
 def _cpu_process(seg, bus, cpu: int, signals: dict[str, int], child=None) -> int:
-    """CPU ``cpu``'s process, forked from this one; ``child`` runs in it first (a test's patch)."""
+    """CPU ``cpu``'s process, forked from this one; ``child`` runs in it first (a test's patch). Its
+    pid goes in its control block, as the coordinator's adoption writes it (smpd.daemon.supervisor)."""
     pid = os.fork()
     if pid:
+        seg.set_cb(cpu, "pid", pid)
         return pid
     try:
         if child is not None:
@@ -65,6 +67,7 @@ def _cpu_process(seg, bus, cpu: int, signals: dict[str, int], child=None) -> int
 
             kcpu.Cpu.init_reset = init_then_mce
         die_with_parent(os.getppid())
+        install_interrupt_handlers(signals)  # as the template does before it forks
         kcpu.cpu_main(kcpu.Cpu(seg, bus, cpu, signals), None)
     finally:
         os._exit(70)

@@ -23,7 +23,7 @@ import pytest
 from conftest import REPO, in_forked_child, scratch_segment, wait_until
 from smpd.host.proc import asleep_in_sigwait, die_with_parent, stat_fields
 from smpd.kernel import kick
-from smpd.machine import hotpath, layout as L, pyhotpath
+from smpd.machine import core, hotpath, layout as L, pyhotpath
 from smpd.machine.bus import DOORBELL_SIGNAL, Bus
 
 BACKENDS = ["python"] + (["c"] if hotpath.WHY_NOT is None else [])
@@ -499,6 +499,51 @@ def test_a_sleeping_cpu_answers_its_kick_and_sleeps_on_in_hlt(seg, lone):
     assert code == hotpath.WOKE and seen > 0  # HLT, ended by the IPI, after the kick answered at `seen`
     assert seg.cb(CPU, "state") == L.ExecState.HLT and seg.cb(CPU, "wake_write") == 1
     assert _wake_word(seg) == 1 << (8 * L.WAKE_IPI)  # the WRITE byte taken, the IPI the caller's
+
+
+@pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_compiled_waiter_asks_the_kernel_at_its_first_wait_whether_its_thread_is_alone(seg, threads):
+    """A CPU's Waiter is built in the template, before the fork: whether its thread is its process's
+    only one (``lone``), which its sleep's answer to a kick needs, it asks in the process that
+    waits, at its first wait; one set before that is kept. The Python peer answers no kick in its
+    sleep, and says False."""
+    def child():
+        stop = threading.Event()
+        others = [threading.Thread(target=stop.wait) for _ in range(threads - 1)]
+        for t in others:
+            t.start()
+        try:
+            w, told = _waiter(seg), _waiter(seg)
+            before = w.lone
+            told.lone = True
+            for waiter in (w, told):
+                assert _code(waiter.wait(0, time.monotonic_ns() + 1_000_000, None)) == (hotpath.TIMEOUT, 0, 0)
+            return before, w.lone, told.lone
+        finally:
+            stop.set()
+
+    compiled = seg.hdr("hot_path") == L.HotPath.C
+    assert in_forked_child(child) == ((None, threads == 1, True) if compiled else (False, False, True))
+
+
+def test_an_interrupt_that_comes_before_its_cpu_owns_the_process_s_signals_waits_for_it(seg):
+    """The template installs every CPU process's interrupt handlers before it forks, the signals
+    blocked (core.install_interrupt_handlers): one that reaches a CPU process before its CPU owns
+    them (own_interrupt_signals) is neither lost nor fatal; it waits, pending, and is that CPU's
+    interrupt once owned. The mask is then the CPU's: the doorbell alone blocked."""
+    def child():
+        core.install_interrupt_handlers({"nmi": IRQ})
+        me = core.CpuCore(seg, Bus(seg), CPU, {"nmi": IRQ})
+        os.kill(os.getpid(), IRQ)
+        before = (IRQ in signal.sigpending(), me.pending["nmi"], seg.wake_mask(CPU))
+        me.own_interrupt_signals()
+        return before, me.pending["nmi"], seg.wake_mask(CPU), signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+    before, taken, mask, blocked = in_forked_child(child)
+    assert before == (True, 0, 0)
+    assert taken == 1 and mask == 1 << (8 * L.WAKE_IRQ)
+    assert blocked == {DOORBELL_SIGNAL}
 
 
 def _rearm(seg) -> None:

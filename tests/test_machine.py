@@ -124,6 +124,20 @@ def test_a_cpu_takes_its_first_init_and_sipi_in_its_compiled_wait_unless_its_ker
                 ((L.ExecState.MWAIT, L.Hotplug.OFFLINE) if sibling else (L.ExecState.RUNNING, L.Hotplug.ONLINE))
 
 
+@pytest.mark.parametrize("hot_path", ["c", "python"])
+def test_a_cpu_process_holds_no_descriptor_but_0_to_2_and_its_pid_and_core_are_in_its_control_block(
+        machine, hot_path):
+    """The fork loop (compiled, or its Python peer) closes every descriptor a CPU process inherited
+    but 0-2: the template's socket, the segment's, the pipe it waited on; its memory is the inherited
+    mapping. Its pid and core are in its control block from its adoption (unpinned: -1 there)."""
+    m = machine(3, "--hot-path", hot_path)
+    with m.segment() as seg:
+        for c in (1, 2):
+            pid = seg.cb(c, "pid")
+            assert sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd")) == [0, 1, 2]
+            assert psutil.Process(pid).name() == f"smpd-cpu{c}" and seg.cb(c, "core") == -1
+
+
 def test_a_reset_takes_its_offline_cpus_down_in_the_message_that_starts_them(machine):
     """Two mailbox messages per CPU: the power cycle's INIT, then INIT, SIPI and, for a CPU the
     reset leaves offline, CPU_DOWN, acknowledged once it is parked."""

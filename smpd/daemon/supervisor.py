@@ -106,7 +106,7 @@ class Coordinator:
         self.plan = plan = hostinfo.pin_plan(self.pin, self.ncpus)
         if plan[0] is not None:
             os.sched_setaffinity(0, {plan[0]})
-        for field, value in (("pid", os.getpid()), ("core", -1 if plan[0] is None else plan[0]),
+        for field, value in (("pid", os.getpid()), ("core", _core_word(plan[0])),
                              ("hotplug", L.Hotplug.ONLINE), ("state", L.ExecState.RUNNING),
                              ("start_ticks", self.start_ticks), ("cpu_gen", 1)):
             seg.set_cb(0, field, value)
@@ -226,8 +226,8 @@ class Coordinator:
 
     def _adopt(self, cpu: int, pid: int) -> None:
         self.procs[cpu] = p = CpuProcess(name=f"smpd-cpu{cpu}", daemon=True).adopt(pid, self.seg, cpu)
-        self.seg.set_cb(cpu, "pid", pid)
-        self.seg.set_cb(cpu, "start_ticks", p.start_ticks())  # with the pid, what the janitor checks
+        for field, value in (("core", _core_word(self.plan[cpu])), ("pid", pid), ("start_ticks", p.start_ticks())):
+            self.seg.set_cb(cpu, field, value)  # its core, where cpu_main pins it; its pid, which the janitor checks
 
     # -- IPIs ------------------------------------------------------------------
 
@@ -352,6 +352,11 @@ class Coordinator:
         if self.janitor is not None:
             self.janitor.release()
             self.janitor = None
+
+
+def _core_word(core: int | None) -> int:
+    """A CPU's host core in its control block: -1 when not pinned."""
+    return -1 if core is None else core
 
 
 def _header(c: Coordinator, t0: int, sizes) -> tuple[tuple[str, object], ...]:

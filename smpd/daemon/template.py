@@ -236,22 +236,24 @@ def cpu_code():
     from smpd.kernel.cpu import Cpu, cpu_main
     from smpd.kernel.generations import Generations
     from smpd.machine.bus import Bus
+    from smpd.machine.core import install_interrupt_handlers
     from smpd.machine.segment import Segment
 
-    return Cpu, cpu_main, Generations, Bus, Segment
+    return Cpu, cpu_main, Generations, Bus, Segment, install_interrupt_handlers
 
 
 def template_main(spec: dict) -> None:
     """The template: fork each CPU asked for, answer its pid, until the coordinator hangs up."""
     die_with_parent(spec["coordinator"])
     set_process_name(TEMPLATE_COMM)
-    Cpu, cpu_main, Generations, Bus, Segment = cpu_code()  # while the coordinator makes the segment
+    Cpu, cpu_main, Generations, Bus, Segment, install_interrupt_handlers = cpu_code()  # while the segment is made
     sock = socket.socket(fileno=spec["socket_fd"])
     attached, fds, _flags, _addr = socket.recv_fds(sock, 4096, 1)
     if not fds:  # the coordinator hung up first
         os._exit(0)
     attached = json.loads(attached)
     spec["signals"] = attached["signals"]
+    install_interrupt_handlers(spec["signals"])  # every CPU process's, blocked until its CPU takes them
     seg = Segment.inherit(attached["segment"], fds[0])
     bus = Bus(seg)
     gens = Generations(seg)
@@ -317,6 +319,7 @@ def _fork_cpus(sock: int, request: bytes, parent: int, comm: str) -> tuple[int, 
                 os._exit(70)
             if not told:
                 os._exit(0)
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # as the compiled loop's child does
             return cpu, core
         os.close(told_r)
         os.write(sock, _PAIR.pack(cpu, pid))

@@ -314,20 +314,15 @@ class Cpu(Executes, Handoff, CpuCore):
 
 def cpu_main(me: Cpu, core: int | None) -> None:
     """Entry point of a CPU process, forked by smpd.daemon.template, which named it, made it die
-    with the coordinator (its parent), and built ``me`` before the fork."""
-    # A CPU needs no file descriptor: its memory is the inherited mapping. Close all
-    # that fork handed down (the template's socket; the mmap object's own fd goes too:
-    # a CPU never resizes or closes its mapping).
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    with the coordinator (its parent), closed every descriptor it inherited but 0-2 (a CPU needs
+    none: its memory is the inherited mapping), and, before the fork, built ``me`` and installed the
+    process's interrupt handlers (smpd.machine.core.install_interrupt_handlers), which ``me`` takes."""
     if core is not None:
         os.sched_setaffinity(0, {core})
-    me.install_signal_handlers()
-    # Forked: this thread is the process's only one, so no other can take an interrupt signal while
-    # it sleeps (smpd.machine.hotpath's Waiter answers a kick inside its sleep only then). Asked of
-    # the kernel, not assumed (~6 us).
-    me.waiter.lone = len(os.listdir("/proc/self/task")) == 1
-    me.seg.set_cb(me.cpu, "core", -1 if core is None else core)
-    me.seg.set_cb(me.cpu, "pid", os.getpid())
+    me.own_interrupt_signals()
+    # Its pid and core are in its control block already: the coordinator wrote them as it adopted
+    # this process (smpd.daemon.supervisor). That it is its process's only thread, which a compiled
+    # Waiter needs to answer a kick inside its sleep, the Waiter asks the kernel at its first wait.
     try:
         me.run()
     except Exception:  # an emulator fault: report it, die, and let the coordinator mark GONE

@@ -53,6 +53,7 @@
 #include <structmember.h>  /* PyMemberDef, T_LONGLONG (Python 3.11) */
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdint.h>
@@ -593,7 +594,7 @@ typedef struct {
 	Ack *ans_ack;  /* the last kick answered (see answered()): its Ack, when, after a sleep? */
 	int64_t ans_seen;
 	int ans_slept;
-	char lone;  /* set by its process (`lone`): no other thread there may take an interrupt signal */
+	char lone;  /* no other thread of its process may take an interrupt signal; -1: not asked yet (lone_now) */
 	int64_t slept_ans;  /* a kick answered while asleep, by sleep_until itself: when (0: none) */
 	Py_ssize_t need;  /* the buffer must be this long: the last byte of its words */
 	sigset_t irq, sleep_set;
@@ -640,6 +641,7 @@ static int Waiter_init(Waiter *self, PyObject *args, PyObject *kw)
 		return -1;
 	}
 	self->yield = 0;
+	self->lone = -1;
 	self->sleep_core = -1;
 	self->woke = -1;
 	if (!PyArg_ParseTupleAndKeywords(args, kw, "OnnnnOi|pnn", names, &buf, &self->wake, &self->write,
@@ -1370,6 +1372,34 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
 	return Py_BuildValue("(iiL)", code, signo, 0LL);
 }
 
+/*
+ * Is the calling thread its process's only one? Asked of the kernel (num_threads, the 20th field of
+ * /proc/self/stat), at a Waiter's first wait, in the process that waits: a CPU's Waiter is built in
+ * the template, before the fork. 0 when the kernel does not say. Here, not in Python
+ * (os.listdir("/proc/self/task") in cpu_main): ~20 copy-on-write page faults of the interpreter's
+ * in a CPU process just forked.
+ */
+static char lone_now(void)
+{
+	char buf[1024], *p;
+	ssize_t n;
+	int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC), field;
+
+	if (fd < 0)
+		return 0;
+	do
+		n = read(fd, buf, sizeof buf - 1);
+	while (n < 0 && errno == EINTR);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	buf[n] = 0;
+	p = strrchr(buf, ')');  /* the end of comm, which may hold anything */
+	for (field = 2; p && field < 20; field++)
+		p = strchr(p + 1, ' ');
+	return p && strtol(p + 1, NULL, 10) == 1;
+}
+
 static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 {
 	long long spin_ns, deadline;
@@ -1422,6 +1452,8 @@ static PyObject *Waiter_wait(Waiter *w, PyObject *args)
 		return NULL;
 	}
 	w->busy = 1;
+	if (w->lone < 0)
+		w->lone = lone_now();
 	if (n) {
 		n->taken_ns = 0;
 		n->taken_known = -1;
@@ -1632,11 +1664,34 @@ static PyMethodDef Waiter_methods[] = {
 	{NULL},
 };
 
-static PyMemberDef Waiter_members[] = {
-	{"lone", T_BOOL, offsetof(Waiter, lone), 0,
+static PyObject *Waiter_get_lone(Waiter *w, void *Py_UNUSED(closure))
+{
+	if (w->lone < 0)
+		Py_RETURN_NONE;
+	return PyBool_FromLong(w->lone);
+}
+
+static int Waiter_set_lone(Waiter *w, PyObject *value, void *Py_UNUSED(closure))
+{
+	int lone;
+
+	if (!value) {
+		PyErr_SetString(PyExc_TypeError, "lone cannot be deleted");
+		return -1;
+	}
+	lone = PyObject_IsTrue(value);
+	if (lone < 0)
+		return -1;
+	w->lone = (char)lone;
+	return 0;
+}
+
+static PyGetSetDef Waiter_getset[] = {
+	{"lone", (getter)Waiter_get_lone, (setter)Waiter_set_lone,
 	 "True where this thread is its process's only one (a CPU process: forked), so no other thread can take an\n"
 	 "interrupt signal while it sleeps: a kick that rings its doorbell is then answered without waking the\n"
-	 "interpreter (no Python handler can be waiting to run first). False by default."},
+	 "interpreter (no Python handler can be waiting to run first). None until set, or until the first wait\n"
+	 "asks the kernel (num_threads in /proc/self/stat)."},
 	{NULL}
 };
 
@@ -1650,7 +1705,7 @@ static PyTypeObject WaiterType = {
 	.tp_init = (initproc)Waiter_init,
 	.tp_dealloc = (destructor)Waiter_dealloc,
 	.tp_methods = Waiter_methods,
-	.tp_members = Waiter_members,
+	.tp_getset = Waiter_getset,
 };
 
 /* ---- Kicker: the coordinator's side ---------------------------------------- */

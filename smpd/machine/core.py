@@ -49,6 +49,30 @@ _IPI = {ipi.value: ipi for ipi in L.Ipi}  # a dict look-up, not an Enum call, on
 IPI_DONE = 0
 IPI_IGNORED = 1  # e.g. a SIPI to a CPU that is not waiting for one: real parts ignore it
 
+_this: CpuCore | None = None  # this process's CPU (CpuCore.own_interrupt_signals): its interrupts are recorded
+_CPU_MASK = frozenset({DOORBELL_SIGNAL})  # what a CPU process blocks for life (own_interrupt_signals)
+
+
+def install_interrupt_handlers(signals: dict[str, int]) -> None:
+    """A CPU process's signal dispositions, which are process-wide: set by the template before it
+    forks (smpd.daemon.template), so that no CPU process just forked sets them again (~40
+    copy-on-write page faults of the interpreter's in each, ~0.2 ms of host CPU). A foreground
+    Ctrl-C is the coordinator's; SIGTERM and SIGHUP end the process; each interrupt signal's
+    handler records it for the process's CPU. The interrupt signals are blocked here, until the CPU
+    takes them (CpuCore.own_interrupt_signals): one that comes first waits for it, pending."""
+    # Through _signal, the C module `signal` wraps: the wrapper turns each previous handler into
+    # an enum member, which for a Python one is a ValueError raised and caught (~9 us a call).
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, signals.values())
+    _signal.signal(signal.SIGINT, _signal.SIG_IGN)
+    _signal.signal(signal.SIGTERM, _signal.SIG_DFL)
+    _signal.signal(signal.SIGHUP, _signal.SIG_DFL)
+    for sig in signals.values():
+        _signal.signal(sig, _on_interrupt_signal)
+
+
+def _on_interrupt_signal(signum, frame) -> None:
+    _this._on_interrupt(signum, frame)
+
 
 class CpuCore:
     def __init__(self, seg, bus: Bus, cpu: int, signals: dict[str, int]):
@@ -89,22 +113,19 @@ class CpuCore:
         self.init_ns, self.init_state = 0, L.ExecState.WAIT_FOR_SIPI
         self.init_entry = b""  # and, past a SIPI, the generation entry it started the CPU in (Init.learn's)
 
-    def install_signal_handlers(self) -> None:
-        # Through _signal, the C module `signal` wraps: the wrapper turns each previous handler into
-        # an enum member, which for a Python one is a ValueError raised and caught (~9 us a call, and
-        # page faults on the enum machinery in a CPU process just forked).
-        _signal.signal(signal.SIGINT, _signal.SIG_IGN)  # a foreground Ctrl-C is the coordinator's
-        _signal.signal(signal.SIGTERM, _signal.SIG_DFL)
-        _signal.signal(signal.SIGHUP, _signal.SIG_DFL)
-        for sig in self.signals.values():
-            _signal.signal(sig, self._on_interrupt)
-        # After ours: the Python Waiter's timer; the compiled one's notes, in front of each handler
-        # above, that an interrupt came (so that its answer to a kick asks the interpreter only then).
+    def own_interrupt_signals(self) -> None:
+        """Become the CPU of this process, whose handlers (install_interrupt_handlers, run
+        before) record its interrupts, and unblock them."""
+        global _this
+        _this = self
+        # After the handlers: the Python Waiter's timer; the compiled one's notes, in front of each
+        # interrupt's handler, that an interrupt came (so that its answer to a kick asks the
+        # interpreter only then).
         self.waiter.install_signal_handlers()
         # The doorbell stays blocked for life: it is only ever taken by sigwaitinfo in
         # the waiter's sleep, and one that arrives while we are awake just ends the next
-        # sleep early.
-        _signal.pthread_sigmask(_signal.SIG_SETMASK, {DOORBELL_SIGNAL})
+        # sleep early. An interrupt that came while blocked is taken here.
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, _CPU_MASK)
 
     # -- signal handlers: record and raise a byte, nothing else ---------------
 

@@ -23,9 +23,12 @@ Measured at 1024 CPUs, three bring-ups each: the template's CPU 1.29-1.63 s -> 0
 
 It builds each CPU's Cpu object before it forks the CPU's process (BUILT_AHEAD at a time, then
 drops them): the allocations and first calls of its construction, ~100 copy-on-write faults in
-a process just forked, are made once here, before any fork shares their pages. What a CPU must
-own is still set in its own process: its signal handlers and mask (cpu_main), its generator of
-spurious wake-ups (smpd.machine.core). Its name and death signal are set by the fork loop.
+a process just forked, are made once here, before any fork shares their pages. So are the
+interrupt handlers, which are process-wide (smpd.machine.core.install_interrupt_handlers: the
+interrupt signals blocked until the CPU owns them). What a CPU must own is still set in its own
+process: that its handlers record for it, and its mask (cpu_main), its generator of spurious
+wake-ups (smpd.machine.core). Its name and death signal are set by the fork loop, which also
+closes every descriptor it inherited but 0-2 (~225 -> ~180 page faults a CPU process).
 On the compiled path each CPU built here is also taught generation 1 (Handoff.learn_boot), as
 found in the table: its process's first wait then takes the bring-up's INIT and SIPI in C, and
 no Python of smp_callin() runs in it until its next wake-up (~375 -> ~225 page faults and

@@ -48,8 +48,11 @@ class _Port:
 
 
 def _cpu_process(seg, bus, cpu: int, signals: dict[str, int], child=None) -> int:
-    """CPU ``cpu``'s process, forked from this one; ``child`` runs in it first (a test's patch). Its
-    pid goes in its control block, as the coordinator's adoption writes it (smpd.daemon.supervisor)."""
+    """CPU ``cpu``'s process, forked from this one; ``child`` runs in it first (a test's patch). It
+    starts in wait-for-SIPI, stored first, and its pid goes in its control block, as the coordinator
+    has a CPU process forked and adopts it (smpd.daemon.template, smpd.daemon.supervisor)."""
+    seg.set_cb(cpu, "state", L.ExecState.WAIT_FOR_SIPI)
+    seg.set_cb(cpu, "hotplug", L.Hotplug.OFFLINE)
     pid = os.fork()
     if pid:
         seg.set_cb(cpu, "pid", pid)

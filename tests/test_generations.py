@@ -134,9 +134,11 @@ def test_maxcpus_leaves_cpus_where_the_old_kernel_left_them(fresh):
 
 
 def test_a_reset_says_which_offline_cpus_generation_1_never_started(machine):
-    """maxcpus=3 at `up`: CPUs 3-5 stay in wait-for-SIPI after every power cycle; the reset's line
-    says so, rather than count them among the CPUs it parked in mwait_play_dead()."""
+    """maxcpus=3 at `up`: CPUs 3-5 stay in wait-for-SIPI, where power-on left them, and after every
+    power cycle; the reset's line says so, rather than count them among the CPUs it parked in
+    mwait_play_dead()."""
     m = machine(6, "--watch", "adaptive", "--boot", "maxcpus=3")
+    assert [(c["state"], c["hotplug"]) for c in m.status()["cpus"][3:]] == [("WAIT_FOR_SIPI", "offline")] * 3
     run_smpd("offline", "2", name=m.name)
     r = run_smpd("reset", name=m.name)
     assert "offline: CPU 2 in mwait_play_dead(); CPU 3-5 not started by it (in wait-for-SIPI)" in r.stdout, r.stdout

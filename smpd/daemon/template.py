@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Callable
 from smpd.errors import CpuLost, Timeout
 from smpd.host.proc import (PID_MAX, die_with_parent, fork_refused, fork_sibling, is_child, process_name,
                              set_process_name)
+from smpd.machine import layout as L
 
 try:
     from smpd.daemon import _forkloop
@@ -120,7 +121,9 @@ class Template:
     def fork(self, seg: Segment, signals: dict[str, int], plan: dict[int, int | None], poll: Callable[[], None],
              adopt: Callable[[int, int], None], stall_s: float, meanwhile: Callable[[], None] = lambda: None) -> None:
         """Fork a CPU process for each CPU of ``plan`` (cpu -> host core), its interrupts ``signals``
-        (smpd.config), ``adopt(cpu, pid)`` each as it is forked, then end the template.
+        (smpd.config), ``adopt(cpu, pid)`` each as it is forked, then end the template. Each CPU is
+        in wait-for-SIPI first, offline, where power-on leaves an AP: stored here, before the
+        request, and its process starts there (smpd.kernel.cpu's run).
         ``meanwhile`` runs once the request is sent (the coordinator's own work, done while the
         template forks); ``poll`` runs between answers (the coordinator's stop check). Raises
         HostTooSmall when the host refuses a process, CpuLost when the template dies before it
@@ -135,6 +138,9 @@ class Template:
             if self.proc is None:
                 self.start()
             template = self.proc.pid
+            for cpu in plan:
+                seg.set_cb(cpu, "state", L.ExecState.WAIT_FOR_SIPI)
+                seg.set_cb(cpu, "hotplug", L.Hotplug.OFFLINE)
             self.attach(seg, signals)  # a template forks one batch, so it is handed the segment once
             try:
                 self.sock.send(b"".join(_PAIR.pack(c, -1 if k is None else k) for c, k in plan.items()))

@@ -53,11 +53,16 @@ class Cpu(Executes, Handoff, CpuCore):
         self.nmi_blocked = False
 
     def run(self) -> None:
-        state = self.wait_for_sipi
+        """From power-on: in wait-for-SIPI, offline, which the coordinator stored before it had this
+        process forked (smpd.daemon.template's Template.fork), as power-on leaves an AP."""
+        state = self._powered_on
         while state is not None:
             state = state()
             if not isinstance(state, Woken):
                 self._repost_ipi()
+
+    def _powered_on(self):
+        return self.wait_for_sipi(stored=True)
 
     def _repost_ipi(self) -> None:
         """A state may leave with an IPI it consumed the byte of but did not handle (an MCE
@@ -81,12 +86,13 @@ class Cpu(Executes, Handoff, CpuCore):
         events.log(self.seg, self.cpu, L.Ev.INIT)
         return self.wait_for_sipi
 
-    def wait_for_sipi(self, woken_with: int | None = None):
+    def wait_for_sipi(self, woken_with: int | None = None, stored: bool = False):
         """Wait-for-SIPI: executes nothing; NMI and SMI are held pending, an MCE is fatal.
 
         ``woken_with``: the compiled path took the INIT and made this state's stores already
-        (``_init_taken``); this is the wake-up that came next."""
-        if woken_with is None:
+        (``_init_taken``); this is the wake-up that came next. ``stored``: power-on made them
+        (``run``), and no IPI is taken yet."""
+        if woken_with is None and not stored:
             self._set_state(L.ExecState.WAIT_FOR_SIPI, L.Hotplug.OFFLINE)
             self._ack_pending()
         while True:

@@ -49,6 +49,18 @@ def test_up_rejects_bad_arguments_before_creating_anything(machine_name, args, s
     assert r.returncode == 2
     assert says in _error_line(r)
     assert not os.path.exists(segment_path(machine_name))
+    assert _processes_named_for(machine_name) == []  # the coordinator it started early (smpd.tools.early): reaped
+
+
+def _processes_named_for(name: str) -> list:
+    """Processes, zombies too, whose environment names machine ``name`` (SMPD_NAME): what a CLI run
+    for it started and left, right after it returned (not waited for, as the leak check does)."""
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error):
+            if p.pid != os.getpid() and p.environ().get("SMPD_NAME") == name:
+                found.append((p.pid, p.name(), p.status()))
+    return found
 
 
 @pytest.mark.parametrize("body, says", [

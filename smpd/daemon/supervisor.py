@@ -387,8 +387,10 @@ def main(argv: list[str] | None = None, template: Template | None = None) -> Non
     client = UpClient(int(argv[0]))
     try:
         spec = client.read_spec()
-    except (Stop, OSError, ValueError):
+    except (Stop, OSError, ValueError):  # `up` hung up first (bad input, say: smpd.tools.early)
         client.close()
+        if template is not None:
+            template.stop()  # killed and reaped: `up` waits for us, and then nothing is left
         sys.exit(1)
     sys.exit(run(spec, up_client=client, template=template))
 

@@ -13,6 +13,7 @@ import signal
 import sys
 
 from smpd.errors import Interrupted
+from smpd.tools import early
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -43,11 +44,15 @@ def stop_signals_interrupt():
 
 
 def main(args=None, prog_name: str = "smpd"):
-    with stop_signals_interrupt():
-        try:
-            from smpd.tools.cli import main as cli
-        except Interrupted as err:
-            print(f"Error: stopped by {signal.Signals(err.signum).name} while starting; nothing was done",
-                  file=sys.stderr)
-            sys.exit(err.exit_status)
-    return cli(args, prog_name=prog_name)
+    try:
+        with stop_signals_interrupt():
+            try:
+                early.start_if_up(sys.argv[1:] if args is None else list(args))
+                from smpd.tools.cli import main as cli
+            except Interrupted as err:
+                print(f"Error: stopped by {signal.Signals(err.signum).name} while starting; nothing was done",
+                      file=sys.stderr)
+                sys.exit(err.exit_status)
+        return cli(args, prog_name=prog_name)
+    finally:
+        early.discard()  # a coordinator `smpd up` started and did not hand a spec: gone before we are

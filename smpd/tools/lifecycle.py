@@ -27,7 +27,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -43,6 +42,7 @@ from smpd.errors import (BadInput, CoordinatorGone, Interrupted, MachineAlreadyU
 from smpd.host import files, hostinfo, names, trust
 from smpd.machine import hotpath, layout as L
 from smpd.machine.segment import FOREIGN_REMEDY, Segment, SegmentBeingCreated, unlink
+from smpd.tools import early
 
 
 
@@ -227,15 +227,10 @@ def prepare(cfg) -> dict:
             "seed": seed}
 
 
-def coordinator_command(fd: int) -> list[str]:
-    """The daemon's command line. -P: the current directory never shadows the installed package
-    (a folder named smpd there, e.g. in the parent of a clone); the spec travels over ``fd``."""
-    return [sys.executable, "-P", "-m", "smpd.daemon", str(fd)]
-
-
 def start_daemon(spec: dict, meanwhile: Callable[[], object] = lambda: None) -> dict:
-    """Start the coordinator detached; return its summary once every CPU is online. ``meanwhile``
-    runs once the coordinator has the spec (our own work, done while the machine comes up).
+    """Start the coordinator detached (or take the one `smpd up` started early: smpd.tools.early);
+    return its summary once every CPU is online. ``meanwhile`` runs once the coordinator has the
+    spec (our own work, done while the machine comes up).
 
     If this process is interrupted while waiting, the daemon is told to stop and we
     wait for it to clean up before re-raising; if this process dies, the daemon sees
@@ -244,6 +239,38 @@ def start_daemon(spec: dict, meanwhile: Callable[[], object] = lambda: None) -> 
     cfg = spec["config"]
     ncpus = cfg["machine"]["cpus"]
     timeout_s = (cfg["timeouts"]["bringup_ms"] + cfg["timeouts"]["bringup_ms_per_cpu"] * ncpus) / 1000 + 30
+    ours, proc = early.take() or _start_coordinator()
+    try:
+        try:
+            ours.sendall(json.dumps(spec).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):  # it exited before it read the spec
+            line = ""
+        else:
+            meanwhile()
+            line = _read_line(ours, proc, timeout_s)
+        if line:
+            ours.sendall(ACK)
+    except BaseException:
+        ours.close()
+        _stop_daemon(proc)
+        raise
+    ours.close()
+    if not line:
+        code = proc.wait(60)
+        logged = os.environ.get("SMPD_COORDINATOR_LOG")
+        raise SmpdError(f"the coordinator exited (status {code}) before the machine came up"
+                        + ("" if logged else "; set SMPD_COORDINATOR_LOG=FILE to see why"))
+    reply = json.loads(line)
+    if not reply["ok"]:
+        proc.wait(60)
+        err = (BadInput if reply.get("exit") == 2 else SmpdError)(reply["error"])
+        err.exit_status = reply.get("exit", 1)
+        raise err
+    return reply["summary"]
+
+
+def _start_coordinator() -> tuple[socket.socket, subprocess.Popen]:
+    """The coordinator, detached, and our end of its socket pair; its stderr to SMPD_COORDINATOR_LOG."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     log = os.environ.get("SMPD_COORDINATOR_LOG")
     try:
@@ -254,7 +281,7 @@ def start_daemon(spec: dict, meanwhile: Callable[[], object] = lambda: None) -> 
         raise
     try:
         proc = subprocess.Popen(
-            coordinator_command(theirs.fileno()),
+            early.coordinator_command(theirs.fileno()),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errf,
             pass_fds=(theirs.fileno(),), start_new_session=True, close_fds=True,
         )
@@ -265,28 +292,7 @@ def start_daemon(spec: dict, meanwhile: Callable[[], object] = lambda: None) -> 
         theirs.close()
         if log:
             errf.close()
-    try:
-        ours.sendall(json.dumps(spec).encode() + b"\n")
-        meanwhile()
-        line = _read_line(ours, proc, timeout_s)
-        if line:
-            ours.sendall(ACK)
-    except BaseException:
-        ours.close()
-        _stop_daemon(proc)
-        raise
-    ours.close()
-    if not line:
-        code = proc.wait(60)
-        raise SmpdError(f"the coordinator exited (status {code}) before the machine came up"
-                        + ("" if log else "; set SMPD_COORDINATOR_LOG=FILE to see why"))
-    reply = json.loads(line)
-    if not reply["ok"]:
-        proc.wait(60)
-        err = (BadInput if reply.get("exit") == 2 else SmpdError)(reply["error"])
-        err.exit_status = reply.get("exit", 1)
-        raise err
-    return reply["summary"]
+    return ours, proc
 
 
 def _read_line(sock: socket.socket, proc: subprocess.Popen, timeout_s: float) -> str:

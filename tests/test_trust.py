@@ -356,6 +356,26 @@ def test_a_pid_the_template_answers_is_adopted_only_if_it_forked_it_for_that_cpu
         assert adopted == [(1, kids[0].pid)] and t.proc is None and t.sock is None
 
 
+def test_a_cpu_process_s_name_read_mid_rename_is_read_again_before_it_is_refused():
+    """The kernel copies a process's name without a lock: one read while the fork loop renames a
+    child may be neither name. A name that becomes the CPU's within NAME_WAIT_S is adopted; one that
+    stays another's is not."""
+    from smpd.daemon.template import _forked_for
+
+    renaming = subprocess.Popen([sys.executable, "-c", "import sys, time; from smpd.host.proc import set_process_name; "
+                                 "set_process_name('smpd-cp'); print(flush=True); time.sleep(0.005); "
+                                 "set_process_name('smpd-cpu2'); time.sleep(600)"], stdout=subprocess.PIPE)
+    other = _named_process("smpd-cpu3")
+    try:
+        renaming.stdout.readline()
+        assert _forked_for(2, renaming.pid, None, set())
+        assert not _forked_for(2, other.pid, None, set())
+    finally:
+        for p in (renaming, other):
+            p.kill()
+            p.wait()
+
+
 def test_a_segment_handed_down_is_mapped_only_if_its_header_fits_its_size():
     """The template maps the segment by the descriptor the coordinator hands it (Segment.inherit):
     a header whose geometry does not fit the segment's size (a same-uid writer's ncpus) is refused,

@@ -280,7 +280,7 @@ class Coordinator:
                 old.join(1)
             self.bus.clear_left_monitor(cpu)
             for field, value in (("mbox_ack", self.seg.cb(cpu, "mbox_seq")), ("wake", 0), ("mon_write", 0), ("sleeping", 0),
-                                 ("mon_watch", 0), ("mon_armed", 0), ("busy", 0)):
+                                 ("mon_watch", 0), ("mon_armed", 0), ("busy", 0), ("hotplug", L.Hotplug.OFFLINE)):
                 self.seg.set_cb(cpu, field, value)
         if gone:
             self._fork_cpus({cpu: self.plan[cpu] for cpu in gone})

@@ -594,7 +594,7 @@ typedef struct {
 	Ack *ans_ack;  /* the last kick answered (see answered()): its Ack, when, after a sleep? */
 	int64_t ans_seen;
 	int ans_slept;
-	char lone;  /* no other thread of its process may take an interrupt signal; -1: not asked yet (lone_now) */
+	signed char lone;  /* no other thread of its process may take an interrupt signal; -1: not asked (lone_now) */
 	int64_t slept_ans;  /* a kick answered while asleep, by sleep_until itself: when (0: none) */
 	Py_ssize_t need;  /* the buffer must be this long: the last byte of its words */
 	sigset_t irq, sleep_set;
@@ -1379,7 +1379,7 @@ static PyObject *sleep_until(Waiter *w, Ack *a, int64_t deadline)
  * (os.listdir("/proc/self/task") in cpu_main): ~20 copy-on-write page faults of the interpreter's
  * in a CPU process just forked.
  */
-static char lone_now(void)
+static signed char lone_now(void)
 {
 	char buf[1024], *p;
 	ssize_t n;
@@ -1682,7 +1682,7 @@ static int Waiter_set_lone(Waiter *w, PyObject *value, void *Py_UNUSED(closure))
 	lone = PyObject_IsTrue(value);
 	if (lone < 0)
 		return -1;
-	w->lone = (char)lone;
+	w->lone = (signed char)lone;
 	return 0;
 }
 

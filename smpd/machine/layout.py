@@ -42,7 +42,7 @@ CPUDEAD_MWAIT_KEXEC_HLT = 0x4A17DEAD
 class ExecState(IntEnum):
     """What a CPU is executing (DESIGN.md §4)."""
 
-    OFF = 0  # process not started yet (before the first SIPI)
+    OFF = 0  # no process forked for it yet: a segment just made (Template.fork stores WAIT_FOR_SIPI first)
     RUNNING = 1
     MWAIT = 2
     HLT = 3

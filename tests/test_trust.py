@@ -358,8 +358,8 @@ def test_a_pid_the_template_answers_is_adopted_only_if_it_forked_it_for_that_cpu
 
 def test_a_cpu_process_s_name_read_mid_rename_is_read_again_before_it_is_refused():
     """The kernel copies a process's name without a lock: one read while the fork loop renames a
-    child may be neither name. A name that becomes the CPU's within NAME_WAIT_S is adopted; one that
-    stays another's is not."""
+    child may be neither name. A name that becomes the CPU's within the batch's patience is adopted;
+    one that stays another's is not, and uses the patience up: the next name is read once."""
     from smpd.daemon.template import _forked_for
 
     renaming = subprocess.Popen([sys.executable, "-c", "import sys, time; from smpd.host.proc import set_process_name; "
@@ -368,8 +368,11 @@ def test_a_cpu_process_s_name_read_mid_rename_is_read_again_before_it_is_refused
     other = _named_process("smpd-cpu3")
     try:
         renaming.stdout.readline()
-        assert _forked_for(2, renaming.pid, None, set())
-        assert not _forked_for(2, other.pid, None, set())
+        patience = [0.05]
+        assert _forked_for(2, renaming.pid, None, set(), patience) and 0 < patience[0] < 0.05
+        assert not _forked_for(2, other.pid, None, set(), patience) and patience[0] == 0
+        assert not _forked_for(3, renaming.pid, None, set(), patience)  # its own name, read once: no patience left
+        assert _forked_for(3, other.pid, None, set(), patience)
     finally:
         for p in (renaming, other):
             p.kill()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import time
 
 ACK = b"ok\n"  # `up` took the answer: from now on the machine is the user's, not this `up`'s
 
@@ -74,10 +73,11 @@ class UpClient:
         self.sock = socket.socket(fileno=fd)
         self.sock.set_inheritable(False)
 
-    def read_spec(self, timeout_s: float = 30.0) -> dict:
+    def read_spec(self) -> dict:
         """The spec `up` sends; Stop when it hangs up first, or on a stop signal (blocked from the
-        daemon's first line: smpd.daemon.__main__), which is looked for between waits of 0.1 s."""
-        deadline = time.monotonic() + timeout_s
+        daemon's first line: smpd.daemon.__main__), which is looked for between waits of 0.1 s.
+        No deadline: `up` may start us before its own imports and checks (smpd.tools.early), and
+        may be stopped (Ctrl-Z) meanwhile; its exit, however it dies, closes its end."""
         self.sock.settimeout(0.1)
         buf = b""
         while not buf.endswith(b"\n"):
@@ -85,8 +85,6 @@ class UpClient:
             try:
                 chunk = self.sock.recv(1 << 20)
             except TimeoutError:
-                if time.monotonic() > deadline:
-                    raise
                 continue
             if not chunk:
                 raise Stop("the exit of the `smpd up` that started it, before it sent the spec")

@@ -77,7 +77,7 @@ TEMPLATE_COMM = "smpd-template"
 CPU_COMM = "smpd-cpu"  # and the CPU's number: each CPU process's name (comm, 15 bytes at most)
 BUILT_AHEAD = 64  # CPUs whose Cpu objects (~3.5 KB each) the template builds, then forks, at a time
 _PAIR = struct.Struct("<ii")
-NAME_WAIT_S = 0.05  # how long a CPU process's name is read again before it is taken for another's
+NAME_WAIT_S = 0.05  # how long a batch's CPU process names may be read again before one is taken for another's
 STOP_WAIT_S = 5.0  # a template told to exit after its batch has this long before it is killed
 START_S = 30.0  # what its first answer may take besides: its interpreter's start (~0.1 s idle, more loaded)
 
@@ -134,6 +134,7 @@ class Template:
         the template killed."""
         done = False
         answered: set[int] = set()
+        patience = [NAME_WAIT_S]  # what all of this batch's names may take to read again (_forked_for)
         template = None
         try:
             if self.proc is None:
@@ -154,7 +155,7 @@ class Template:
                 if cpu not in plan or pid == 0 or pid > PID_MAX:  # a pid 0 would name our process group
                     raise CpuLost(f"the process CPU processes are forked from answered CPU{cpu} pid {pid}, "
                                   f"which it was not asked for; it is killed")
-                if pid > 0 and not _forked_for(cpu, pid, template, answered):
+                if pid > 0 and not _forked_for(cpu, pid, template, answered, patience):
                     raise CpuLost(f"the process CPU processes are forked from answered CPU{cpu} pid {pid}, "
                                   f"which is not a process it forked for that CPU; it is killed")
                 if pid < 0:
@@ -164,7 +165,7 @@ class Template:
             done = True
         finally:
             for cpu, pid in self.stop(wait_s=STOP_WAIT_S if done else 0):
-                if cpu in plan and _forked_for(cpu, pid, template, answered):
+                if cpu in plan and _forked_for(cpu, pid, template, answered, patience):
                     answered.add(pid)
                     adopt(cpu, pid)
 
@@ -230,22 +231,27 @@ class Template:
         return [(c, pid) for c, pid in left if 0 < pid <= PID_MAX]
 
 
-def _forked_for(cpu: int, pid: int, template: int | None, answered: set[int]) -> bool:
+def _forked_for(cpu: int, pid: int, template: int | None, answered: set[int], patience: list[float]) -> bool:
     """Is ``pid`` a process the template (pid ``template``) forked for ``cpu``: a child of ours,
     unreaped (proc.is_child; the liveness checks take such a one as alive while no child has exited:
     smpd.daemon.cpuproc.maybe_gone), not the template itself nor one answered already, and named
     for that CPU, or still the template's name (the fork loop renames the child right after the
     clone; the answer may come first)? A name read while the rename runs may be neither, torn
     (the kernel copies comm without a lock: seen once in ~25 bring-ups of 1024 CPUs here), so a
-    name that is neither is read again, for NAME_WAIT_S at most, before it is refused."""
+    name that is neither is read again before it is refused: for ``patience[0]`` seconds at most,
+    which those reads use up (the batch's, NAME_WAIT_S: a template that answers pids named for
+    another CPU stalls its coordinator that long, not that long for each)."""
     if pid == template or pid in answered or not is_child(pid):
         return False
-    deadline = time.monotonic() + NAME_WAIT_S
-    while process_name(pid) not in (f"{CPU_COMM}{cpu}", TEMPLATE_COMM):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
+    start = time.monotonic()
+    try:
+        while process_name(pid) not in (f"{CPU_COMM}{cpu}", TEMPLATE_COMM):
+            if time.monotonic() - start >= patience[0]:
+                return False
+            time.sleep(0.001)
+        return True
+    finally:
+        patience[0] = max(0.0, patience[0] - (time.monotonic() - start))
 
 
 def cpu_code():

@@ -13,7 +13,6 @@ import signal
 import sys
 
 from smpd.errors import Interrupted
-from smpd.tools import early
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -47,6 +46,8 @@ def main(args=None, prog_name: str = "smpd"):
     try:
         with stop_signals_interrupt():
             try:
+                from smpd.tools import early  # here: its imports (subprocess) come after the signals are ours
+
                 early.start_if_up(sys.argv[1:] if args is None else list(args))
                 from smpd.tools.cli import main as cli
             except Interrupted as err:
@@ -55,4 +56,6 @@ def main(args=None, prog_name: str = "smpd"):
                 sys.exit(err.exit_status)
         return cli(args, prog_name=prog_name)
     finally:
-        early.discard()  # a coordinator `smpd up` started and did not hand a spec: gone before we are
+        started = sys.modules.get("smpd.tools.early")
+        if started is not None:
+            started.discard()  # a coordinator `smpd up` started and did not hand a spec: gone before we are

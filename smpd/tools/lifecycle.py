@@ -241,6 +241,15 @@ def start_daemon(spec: dict, meanwhile: Callable[[], object] = lambda: None) -> 
     timeout_s = (cfg["timeouts"]["bringup_ms"] + cfg["timeouts"]["bringup_ms_per_cpu"] * ncpus) / 1000 + 30
     ours, proc = early.take() or _start_coordinator()
     try:
+        return _bring_up(spec, ours, proc, meanwhile, timeout_s)
+    finally:
+        early.handed()
+
+
+def _bring_up(spec: dict, ours: socket.socket, proc: subprocess.Popen, meanwhile: Callable[[], object],
+              timeout_s: float) -> dict:
+    """start_daemon's exchange with coordinator ``proc``: the spec, its answer, our acknowledgement."""
+    try:
         try:
             ours.sendall(json.dumps(spec).encode() + b"\n")
         except (BrokenPipeError, ConnectionResetError):  # it exited before it read the spec

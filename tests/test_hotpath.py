@@ -546,6 +546,36 @@ def test_an_interrupt_that_comes_before_its_cpu_owns_the_process_s_signals_waits
     assert blocked == {DOORBELL_SIGNAL}
 
 
+def test_a_first_wait_made_by_the_fork_loop_ends_as_the_same_wait_made_in_python(seg):
+    """A compiled CPU process's first wait is made by the fork loop, as calls into C
+    (CpuCore.first_wait_calls), and wait(came=) goes on from what it returned: the same mask, the
+    same stores, as the wait made whole in Python. Where the wait draws spurious wake-ups, or on
+    the Python hot path (no compiled taker), there are no such calls."""
+    def one(by_calls: bool):
+        core.install_interrupt_handlers({"nmi": IRQ})
+        me = core.CpuCore(seg, Bus(seg), CPU, {"nmi": IRQ})
+        seg.buf[me.wake_off + L.WAKE_IPI] = 1  # a wake-up with no message: back to the caller
+        if by_calls:
+            returned = [call() for call in me.first_wait_calls(True, None)][-1]
+            mask = me.wait(init=True, came=returned)
+        else:
+            me.own_interrupt_signals()
+            mask = me.wait(init=True)
+        return (mask, seg.wake_mask(CPU), seg.cb(CPU, "busy"), seg.cb(CPU, "activity"),
+                signal.pthread_sigmask(signal.SIG_BLOCK, []), core._this is me)
+
+    if seg.hdr("hot_path") == L.HotPath.PYTHON:
+        assert in_forked_child(lambda: core.CpuCore(seg, Bus(seg), CPU, {"nmi": IRQ}).first_wait_calls(True, None)) is None
+        return
+    made = in_forked_child(lambda: one(False))
+    for field in ("wake", "busy", "activity"):
+        seg.set_cb(CPU, field, 0)
+    assert in_forked_child(lambda: one(True)) == made
+    assert made[0] == 1 << (8 * L.WAKE_IPI) and made[-1]
+    seg.set_hdr("spurious_per_s", 5)
+    assert in_forked_child(lambda: core.CpuCore(seg, Bus(seg), CPU, {"nmi": IRQ}).first_wait_calls(True, None)) is None
+
+
 def _rearm(seg) -> None:
     """CPU 1 back as the fixture left it: parked, its line monitored, nothing raised."""
     md = (seg.geo.mem_off + MD_OFF) // 4

@@ -19,7 +19,9 @@
  *       down the pipe, which the child waits for: a child whose answer never left (the send
  *       failed) reads EOF and exits at once, so every CPU process that runs is one the coordinator
  *       was told of. The child then closes every descriptor it inherited but 0-2: a CPU needs
- *       none, its memory is the inherited mapping (close_descriptors). Returns (cpu, core) in the
+ *       none, its memory is the inherited mapping (close_descriptors), and makes the calls
+ *       ``starts`` (an optional dict) names for its CPU, if any: its first wait, among them
+ *       (start_cpu). Returns (cpu, core), or (cpu, core, what the last call returned), in the
  *       child, None in the template; raises OSError when the answer cannot be sent (the
  *       coordinator is gone).
  *
@@ -107,6 +109,39 @@ static void close_descriptors(void)
 		close((int)fd);
 }
 
+/*
+ * In the child: (cpu, core), or, when ``starts`` names calls for ``cpu`` (CpuCore.first_wait_calls:
+ * its host core, its interrupt signals owned, its first wait), (cpu, core, what the last returned),
+ * each call made in order from here. They are calls into C alone, so no Python runs in the CPU
+ * process until its first wait returns: on a bring-up, not before its first wake-up that needs it
+ * (~40 copy-on-write page faults of the interpreter's fewer in each). NULL when a call raised (it
+ * is printed).
+ */
+static PyObject *start_cpu(PyObject *starts, int32_t cpu, int32_t core)
+{
+	PyObject *key, *calls, *last = NULL;
+
+	if (!starts)
+		return Py_BuildValue("(ii)", (int)cpu, (int)core);
+	key = PyLong_FromLong(cpu);
+	calls = key ? PyDict_GetItemWithError(starts, key) : NULL;
+	Py_XDECREF(key);
+	if (!calls || !PyTuple_Check(calls) || PyTuple_GET_SIZE(calls) == 0) {
+		if (PyErr_Occurred())
+			PyErr_Print();
+		return Py_BuildValue("(ii)", (int)cpu, (int)core);
+	}
+	for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(calls); k++) {
+		Py_XDECREF(last);
+		last = PyObject_CallNoArgs(PyTuple_GET_ITEM(calls, k));
+		if (!last) {
+			PyErr_Print();
+			return NULL;
+		}
+	}
+	return Py_BuildValue("(iiN)", (int)cpu, (int)core, last);
+}
+
 static PyObject *fork_cpus(PyObject *mod, PyObject *args)
 {
 	int sock, parent;
@@ -114,7 +149,9 @@ static PyObject *fork_cpus(PyObject *mod, PyObject *args)
 	Py_buffer plan;
 	Py_ssize_t i, n;
 
-	if (!PyArg_ParseTuple(args, "iy*is:fork_cpus", &sock, &plan, &parent, &comm))
+	PyObject *starts = NULL;
+
+	if (!PyArg_ParseTuple(args, "iy*is|O!:fork_cpus", &sock, &plan, &parent, &comm, &PyDict_Type, &starts))
 		return NULL;
 	if (plan.len % (2 * sizeof(int32_t))) {
 		PyBuffer_Release(&plan);
@@ -142,7 +179,7 @@ static PyObject *fork_cpus(PyObject *mod, PyObject *args)
 			close(told[1]);
 			await_told(told[0]);
 			close_descriptors();
-			PyObject *which = Py_BuildValue("(ii)", (int)cpu, (int)core);
+			PyObject *which = start_cpu(starts, cpu, core);
 
 			if (!which)  /* a CPU process must never go on as the template */
 				_exit(70);
@@ -179,9 +216,10 @@ gone:
 
 static PyMethodDef methods[] = {
 	{"fork_cpus", fork_cpus, METH_VARARGS,
-	 "fork_cpus(sock, plan, parent, comm): fork a CPU process for each (cpu, core) int32 pair of plan, "
-	 "a child of parent named comm and its number, answering (cpu, pid) on socket fd sock; (cpu, core) "
-	 "in each child, None here once all are forked."},
+	 "fork_cpus(sock, plan, parent, comm[, starts]): fork a CPU process for each (cpu, core) int32 pair of "
+	 "plan, a child of parent named comm and its number, answering (cpu, pid) on socket fd sock; (cpu, core) "
+	 "in each child, or (cpu, core, result) where starts (a dict) names a tuple of calls for cpu, made in the "
+	 "child in order (result: the last's); None here once all are forked."},
 	{NULL, NULL, 0, NULL},
 };
 

@@ -32,7 +32,9 @@ closes every descriptor it inherited but 0-2 (~225 -> ~180 page faults a CPU pro
 On the compiled path each CPU built here is also taught generation 1 (Handoff.learn_boot), as
 found in the table: its process's first wait then takes the bring-up's INIT and SIPI in C, and
 no Python of smp_callin() runs in it until its next wake-up (~375 -> ~225 page faults and
-~2.0 -> ~1.0 ms of host CPU a CPU process at 1024 CPUs).
+~2.0 -> ~1.0 ms of host CPU a CPU process at 1024 CPUs). There the compiled fork loop also makes
+the CPU's start and first wait itself (CpuCore.first_wait_calls: calls into C alone), so that no
+Python runs in the process at all until that wake-up (~150 -> ~110 page faults).
 
 It forks with CLONE_PARENT (smpd.host.proc.fork_sibling): each CPU process is the coordinator's
 own child, as before. The coordinator reaps it, holds its pid until it does (so a signal by pid
@@ -297,15 +299,19 @@ def template_main(spec: dict) -> None:
         for at in range(0, len(request), BUILT_AHEAD * _PAIR.size):
             part = request[at:at + BUILT_AHEAD * _PAIR.size]
             built = {cpu: Cpu(seg, bus, cpu, spec["signals"], gens) for cpu, _core in _PAIR.iter_unpack(part)}
+            starts = {}
             if first is not None:  # each CPU's first SIPI into generation 1 taken by its compiled wait
                 for me in built.values():
                     me.learn_boot(*first)
+                if fork_cpus is not _fork_cpus:  # and its first wait made by the compiled fork loop
+                    starts = {cpu: calls for cpu, core in _PAIR.iter_unpack(part)
+                              if (calls := built[cpu].first_wait_calls(True, None if core < 0 else core))}
             gc.freeze()  # what the CPUs inherit stays out of their collector (and so uncopied)
-            child = fork_cpus(sock.fileno(), part, spec["coordinator"], CPU_COMM)
+            child = fork_cpus(sock.fileno(), part, spec["coordinator"], CPU_COMM, *((starts,) if starts else ()))
             if child is not None:  # a CPU process
-                cpu, core = child
+                cpu, core, *came = child
                 try:
-                    cpu_main(built[cpu], None if core < 0 else core)
+                    cpu_main(built[cpu], None if core < 0 else core, *came)
                 finally:
                     os._exit(70)
             del built  # their pages are the template's again (a copy-on-write fault each), for the next

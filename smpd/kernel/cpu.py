@@ -52,17 +52,16 @@ class Cpu(Executes, Handoff, CpuCore):
         # stays latched, never taken. Only INIT clears it.
         self.nmi_blocked = False
 
-    def run(self) -> None:
+    def run(self, came=None) -> None:
         """From power-on: in wait-for-SIPI, offline, which the coordinator stored before it had this
-        process forked (smpd.daemon.template's Template.fork), as power-on leaves an AP."""
-        state = self._powered_on
+        process forked (smpd.daemon.template's Template.fork), as power-on leaves an AP. ``came``:
+        its first wait made already, by the fork loop (CpuCore.first_wait_calls), and what it
+        returned."""
+        state = lambda: self.wait_for_sipi(stored=True, came=came)  # noqa: E731
         while state is not None:
             state = state()
             if not isinstance(state, Woken):
                 self._repost_ipi()
-
-    def _powered_on(self):
-        return self.wait_for_sipi(stored=True)
 
     def _repost_ipi(self) -> None:
         """A state may leave with an IPI it consumed the byte of but did not handle (an MCE
@@ -86,18 +85,18 @@ class Cpu(Executes, Handoff, CpuCore):
         events.log(self.seg, self.cpu, L.Ev.INIT)
         return self.wait_for_sipi
 
-    def wait_for_sipi(self, woken_with: int | None = None, stored: bool = False):
+    def wait_for_sipi(self, woken_with: int | None = None, stored: bool = False, came=None):
         """Wait-for-SIPI: executes nothing; NMI and SMI are held pending, an MCE is fatal.
 
         ``woken_with``: the compiled path took the INIT and made this state's stores already
         (``_init_taken``); this is the wake-up that came next. ``stored``: power-on made them
-        (``run``), and no IPI is taken yet."""
+        (``run``), and no IPI is taken yet; ``came``, with it: the first wait's return (``run``)."""
         if woken_with is None and not stored:
             self._set_state(L.ExecState.WAIT_FOR_SIPI, L.Hotplug.OFFLINE)
             self._ack_pending()
         while True:
-            mask = woken_with if woken_with is not None else self.wait(init=True)
-            woken_with = None
+            mask = woken_with if woken_with is not None else self.wait(init=True, came=came)
+            woken_with = came = None
             if self.init_ns:  # INIT again (and maybe SIPI): taken by the compiled path
                 return self._init_taken(mask)
             if mask & M_IRQ and self.hold_interrupts():
@@ -318,19 +317,22 @@ class Cpu(Executes, Handoff, CpuCore):
                 return nxt
 
 
-def cpu_main(me: Cpu, core: int | None) -> None:
+def cpu_main(me: Cpu, core: int | None, came=None) -> None:
     """Entry point of a CPU process, forked by smpd.daemon.template, which named it, made it die
     with the coordinator (its parent), closed every descriptor it inherited but 0-2 (a CPU needs
     none: its memory is the inherited mapping), and, before the fork, built ``me`` and installed the
-    process's interrupt handlers (smpd.machine.core.install_interrupt_handlers), which ``me`` takes."""
-    if core is not None:
-        os.sched_setaffinity(0, {core})
-    me.own_interrupt_signals()
+    process's interrupt handlers (smpd.machine.core.install_interrupt_handlers), which ``me`` takes.
+    ``came``: the compiled fork loop made ``me.first_wait_calls``, its host core, its signals and its
+    first wait included, and this is what that wait returned."""
+    if came is None:
+        if core is not None:
+            os.sched_setaffinity(0, {core})
+        me.own_interrupt_signals()
     # Its pid and core are in its control block already: the coordinator wrote them as it adopted
     # this process (smpd.daemon.supervisor). That it is its process's only thread, which a compiled
     # Waiter needs to answer a kick inside its sleep, the Waiter asks the kernel at its first wait.
     try:
-        me.run()
+        me.run(came)
     except Exception:  # an emulator fault: report it, die, and let the coordinator mark GONE
         import traceback
 

@@ -30,7 +30,10 @@ kernel, no memory map and no state machine.
 from __future__ import annotations
 
 import _signal
+import functools
+import os
 import signal
+import sys
 import time
 
 from smpd.machine import hotpath, layout as L
@@ -113,19 +116,40 @@ class CpuCore:
         self.init_ns, self.init_state = 0, L.ExecState.WAIT_FOR_SIPI
         self.init_entry = b""  # and, past a SIPI, the generation entry it started the CPU in (Init.learn's)
 
+    def first_wait_calls(self, init: bool, core: int | None) -> tuple | None:
+        """What a CPU process just forked does up to its first wait(init=init) returns, as calls into
+        C alone, for the fork loop to make (smpd.daemon._forkloop): its host core (``core``), its
+        interrupt signals owned (own_interrupt_signals), then the wait's stores and waiter.wait
+        itself; wait(came=) takes what the last returned. A process started so runs no Python
+        until its first wake-up that needs it: every CPU of a bring-up takes its INIT and SIPI in
+        its compiled wait (~40 copy-on-write page faults of the interpreter's fewer a CPU process).
+        None where the wait draws spurious wake-ups (its generator is the process's own) or has no
+        compiled taker: cpu_main then makes all of it in Python."""
+        taker = self.init_taker if init and self.pending_ack is None and not self.midway else None
+        if self.spurious_per_s > 0 or (init and taker is None):
+            return None
+        calls = () if core is None else (functools.partial(os.sched_setaffinity, 0, {core}),)
+        calls += self._owning_calls() + (functools.partial(self.u32.__setitem__, self.i_busy, 0),)
+        if taker is not None:
+            calls += (functools.partial(setattr, taker, "dead", False),)
+        return calls + (functools.partial(self.waiter.wait, -1 if self.spin else self.budget_ns, 0, None, taker),)
+
     def own_interrupt_signals(self) -> None:
         """Become the CPU of this process, whose handlers (install_interrupt_handlers, run
         before) record its interrupts, and unblock them."""
-        global _this
-        _this = self
-        # After the handlers: the Python Waiter's timer; the compiled one's notes, in front of each
-        # interrupt's handler, that an interrupt came (so that its answer to a kick asks the
-        # interpreter only then).
-        self.waiter.install_signal_handlers()
-        # The doorbell stays blocked for life: it is only ever taken by sigwaitinfo in
-        # the waiter's sleep, and one that arrives while we are awake just ends the next
-        # sleep early. An interrupt that came while blocked is taken here.
-        _signal.pthread_sigmask(_signal.SIG_SETMASK, _CPU_MASK)
+        for call in self._owning_calls():
+            call()
+
+    def _owning_calls(self) -> tuple:
+        """own_interrupt_signals' steps, as calls into C (first_wait_calls makes them so): this CPU
+        the one the handlers record for (``_this``); after the handlers, the Python Waiter's timer,
+        or the compiled one's notes, in front of each interrupt's handler, that an interrupt came
+        (so that its answer to a kick asks the interpreter only then); then the mask. The doorbell
+        stays blocked for life: it is only ever taken by sigwaitinfo in the waiter's sleep, and one
+        that arrives while we are awake just ends the next sleep early. An interrupt that came
+        while blocked is taken at the unblock."""
+        return (functools.partial(setattr, sys.modules[__name__], "_this", self), self.waiter.install_signal_handlers,
+                functools.partial(_signal.pthread_sigmask, _signal.SIG_SETMASK, _CPU_MASK))
 
     # -- signal handlers: record and raise a byte, nothing else ---------------
 
@@ -146,7 +170,7 @@ class CpuCore:
             self.rng = random.Random(self.seg.hdr("seed") * 4099 + self.cpu)
         return self.rng.expovariate(self.spurious_per_s)
 
-    def wait(self, may_spin: bool = True, ack=None, init: bool = False, dead: bool = False) -> int:
+    def wait(self, may_spin: bool = True, ack=None, init: bool = False, dead: bool = False, came=None) -> int:
         """Wait until a waker raises a byte; return the wake mask and clear what it names.
 
         The watch loop is the machine's hot path (``self.waiter``: compiled, or its
@@ -168,20 +192,29 @@ class CpuCore:
         and a REBOOT alone there: stop_this_cpu() into HLT (``init_state`` HLT). ``dead`` (with
         ``init``): a dead CPU's wait (smpd.kernel.cpu's _dead_end), where the compiled path counts
         each interrupt signal taken asleep as held and sleeps on, until a take or another wake-up.
+        ``came``: what the first waiter.wait of this call returned, made already, with this call's
+        arguments and stores before it (``first_wait_calls``: by the fork loop, in a CPU process just
+        forked); the call goes on from there.
         """
         u32 = self.u32
-        u32[self.i_busy] = 0
-        spurious = self._spurious_in()
         spin_ns = -1 if self.spin else self.budget_ns if may_spin else 0
-        deadline_ns = 0 if spurious is None else time.monotonic_ns() + max(1, int(spurious * 1e9))
         # It takes whole messages and acknowledges them: not one this process has begun.
         taker = self.init_taker if init and self.pending_ack is None and not self.midway else None
-        if taker is not None:
-            taker.dead = dead
-            if spurious is not None:  # the wait of the state a take leaves draws its own
-                taker.spurious_ns = max(1, int(self._spurious_in() * 1e9))
+        if came is None:
+            u32[self.i_busy] = 0
+            spurious = self._spurious_in()
+            deadline_ns = 0 if spurious is None else time.monotonic_ns() + max(1, int(spurious * 1e9))
+            if taker is not None:
+                taker.dead = dead
+                if spurious is not None:  # the wait of the state a take leaves draws its own
+                    taker.spurious_ns = max(1, int(self._spurious_in() * 1e9))
+        else:
+            deadline_ns = 0  # first_wait_calls: no spurious wake-ups drawn
         while True:
-            code, arg, acked_ns = self.waiter.wait(spin_ns, deadline_ns, ack, taker)
+            if came is None:
+                code, arg, acked_ns = self.waiter.wait(spin_ns, deadline_ns, ack, taker)
+            else:
+                (code, arg, acked_ns), came = came, None
             if acked_ns:  # acknowledged and halted: what follows is HLT's wake-up
                 self.acked_ns, ack, deadline_ns = acked_ns, None, 0
                 if self.init_ns:  # a take in an earlier call parked it; this one was kicked since

@@ -115,8 +115,18 @@ static void close_descriptors(void)
  * each call made in order from here. They are calls into C alone, so no Python runs in the CPU
  * process until its first wait returns: on a bring-up, not before its first wake-up that needs it
  * (~40 copy-on-write page faults of the interpreter's fewer in each). NULL when a call raised (it
- * is printed).
+ * is printed; a SystemExit too, which PyErr_Print would have acted on: the caller exits at once).
  */
+static void say_error(void)
+{
+	if (PyErr_ExceptionMatches(PyExc_SystemExit)) {  /* PyErr_Print would end the interpreter as the template's */
+		PyErr_Clear();
+		fputs("smpd: SystemExit in a CPU process's start\n", stderr);
+		return;
+	}
+	PyErr_Print();
+}
+
 static PyObject *start_cpu(PyObject *starts, int32_t cpu, int32_t core)
 {
 	PyObject *key, *calls, *last = NULL;
@@ -128,17 +138,20 @@ static PyObject *start_cpu(PyObject *starts, int32_t cpu, int32_t core)
 	Py_XDECREF(key);
 	if (!calls || !PyTuple_Check(calls) || PyTuple_GET_SIZE(calls) == 0) {
 		if (PyErr_Occurred())
-			PyErr_Print();
+			say_error();
 		return Py_BuildValue("(ii)", (int)cpu, (int)core);
 	}
+	Py_INCREF(calls);  /* held: a signal handler runs Python in the calls */
 	for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(calls); k++) {
 		Py_XDECREF(last);
 		last = PyObject_CallNoArgs(PyTuple_GET_ITEM(calls, k));
 		if (!last) {
-			PyErr_Print();
+			say_error();
+			Py_DECREF(calls);
 			return NULL;
 		}
 	}
+	Py_DECREF(calls);
 	return Py_BuildValue("(iiN)", (int)cpu, (int)core, last);
 }
 

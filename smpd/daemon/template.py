@@ -314,7 +314,7 @@ def template_main(spec: dict) -> None:
                     cpu_main(built[cpu], None if core < 0 else core, *came)
                 finally:
                     os._exit(70)
-            del built  # their pages are the template's again (a copy-on-write fault each), for the next
+            del built, starts  # their pages are the template's again (a copy-on-write fault each), for the next
     os._exit(0)
 
 

@@ -109,8 +109,7 @@ class CpuCore:
                              (M_IPI, ix("wake_ipi")), (M_TIMER, ix("wake_spurious"))]
         self.waiter = hotpath.waiter(seg, cpu, self.irq_sigs, DOORBELL_SIGNAL)
         self.acked_ns = 0  # set when the compiled path acknowledged a kick inside wait()
-        self.init_taker = hotpath.init_taker(seg, cpu, bus, -1 if self.spin else self.budget_ns,  # None on Python
-                                             signals)
+        self.init_taker = hotpath.init_taker(seg, cpu, bus, self._spin_ns(True), signals)  # None on Python
         # Set when the compiled path took an INIT (and what followed it) inside wait(): when, and
         # the state it left the CPU in (wait-for-SIPI, running, MWAIT).
         self.init_ns, self.init_state = 0, L.ExecState.WAIT_FOR_SIPI
@@ -125,14 +124,24 @@ class CpuCore:
         its compiled wait (~40 copy-on-write page faults of the interpreter's fewer a CPU process).
         None where the wait draws spurious wake-ups (its generator is the process's own) or has no
         compiled taker: cpu_main then makes all of it in Python."""
-        taker = self.init_taker if init and self.pending_ack is None and not self.midway else None
+        taker = self._taker(init)
         if self.spurious_per_s > 0 or (init and taker is None):
             return None
         calls = () if core is None else (functools.partial(os.sched_setaffinity, 0, {core}),)
         calls += self._owning_calls() + (functools.partial(self.u32.__setitem__, self.i_busy, 0),)
         if taker is not None:
             calls += (functools.partial(setattr, taker, "dead", False),)
-        return calls + (functools.partial(self.waiter.wait, -1 if self.spin else self.budget_ns, 0, None, taker),)
+        return calls + (functools.partial(self.waiter.wait, self._spin_ns(True), 0, None, taker),)
+
+    def _spin_ns(self, may_spin: bool) -> int:
+        """What a wait spins before it sleeps (Waiter.wait's spin_ns): -1, for ever, on a spin watch;
+        the budget; 0 where it may not spin (HLT)."""
+        return -1 if self.spin else self.budget_ns if may_spin else 0
+
+    def _taker(self, init: bool):
+        """The compiled Init a wait(init=init) takes an INIT with, or None: it takes whole messages
+        and acknowledges them, not one this process has begun."""
+        return self.init_taker if init and self.pending_ack is None and not self.midway else None
 
     def own_interrupt_signals(self) -> None:
         """Become the CPU of this process, whose handlers (install_interrupt_handlers, run
@@ -197,9 +206,8 @@ class CpuCore:
         forked); the call goes on from there.
         """
         u32 = self.u32
-        spin_ns = -1 if self.spin else self.budget_ns if may_spin else 0
-        # It takes whole messages and acknowledges them: not one this process has begun.
-        taker = self.init_taker if init and self.pending_ack is None and not self.midway else None
+        spin_ns = self._spin_ns(may_spin)
+        taker = self._taker(init)
         if came is None:
             u32[self.i_busy] = 0
             spurious = self._spurious_in()

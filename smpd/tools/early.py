@@ -32,10 +32,22 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _started: tuple[socket.socket, subprocess.Popen] | None = None
 
 
-def coordinator_command(fd: int) -> list[str]:
-    """The daemon's command line. -P: the current directory never shadows the installed package
-    (a folder named smpd there, e.g. in the parent of a clone); the spec travels over ``fd``."""
-    return [sys.executable, "-P", "-m", "smpd.daemon", str(fd)]
+def spawn(stderr) -> tuple[socket.socket, subprocess.Popen]:
+    """The coordinator, detached (its own session), and our end of the socket pair its spec
+    travels over; its stderr to ``stderr``. -P: the current directory never shadows the installed
+    package (a folder named smpd there, e.g. in the parent of a clone). OSError when the host
+    refuses the pair or the process."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "smpd.daemon", str(theirs.fileno())],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                                pass_fds=(theirs.fileno(),), start_new_session=True, close_fds=True)
+    except OSError:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return ours, proc
 
 
 def start_if_up(argv: list[str]) -> None:
@@ -48,19 +60,10 @@ def start_if_up(argv: list[str]) -> None:
         return
     held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a stop comes once _started is set
     try:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        _started = spawn(subprocess.DEVNULL)
     except OSError:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        return  # start_daemon tries again, and says what the host refused
-    try:
-        proc = subprocess.Popen(coordinator_command(theirs.fileno()), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                pass_fds=(theirs.fileno(),), start_new_session=True, close_fds=True)
-        _started = ours, proc
-    except OSError:
-        ours.close()
+        pass  # start_daemon tries again, and says what the host refused
     finally:
-        theirs.close()
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 

@@ -279,29 +279,16 @@ def _bring_up(spec: dict, ours: socket.socket, proc: subprocess.Popen, meanwhile
 
 
 def _start_coordinator() -> tuple[socket.socket, subprocess.Popen]:
-    """The coordinator, detached, and our end of its socket pair; its stderr to SMPD_COORDINATOR_LOG."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    """The coordinator (early.spawn), and our end of its socket pair; its stderr to SMPD_COORDINATOR_LOG."""
     log = os.environ.get("SMPD_COORDINATOR_LOG")
+    errf = files.open_output(log, "SMPD_COORDINATOR_LOG", append=True) if log else subprocess.DEVNULL
     try:
-        errf = files.open_output(log, "SMPD_COORDINATOR_LOG", append=True) if log else subprocess.DEVNULL
-    except BadInput:
-        ours.close()
-        theirs.close()
-        raise
-    try:
-        proc = subprocess.Popen(
-            early.coordinator_command(theirs.fileno()),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errf,
-            pass_fds=(theirs.fileno(),), start_new_session=True, close_fds=True,
-        )
+        return early.spawn(errf)
     except OSError as err:
-        ours.close()
         raise SmpdError(f"cannot start the coordinator ({err.strerror or err})") from None
     finally:
-        theirs.close()
         if log:
             errf.close()
-    return ours, proc
 
 
 def _read_line(sock: socket.socket, proc: subprocess.Popen, timeout_s: float) -> str:

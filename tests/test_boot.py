@@ -127,8 +127,9 @@ def test_a_cpu_an_mce_reaches_between_init_and_sipi_ignores_the_sipi_and_is_not_
 
 def test_booted_ram_in_one_write_or_in_chunks_is_power_on_then_the_kernels_own_writes(tmp_path, monkeypatch):
     """With no monitor armed and no AP started, RAM is written as it ends up (smpd.kernel.image.booted_ram):
-    whole, or RAM_CHUNK pages at a time when too big to keep, it must hold exactly what firmware's
-    bytes page by page, then the booting kernel's own writes, leave."""
+    RAM_CHUNK pages at a time at a first power cycle, then whole from the image kept, or in chunks again
+    when too big to keep, it must hold exactly what firmware's bytes page by page, then the booting
+    kernel's own writes, leave."""
     with _machine_segment(tmp_path, "ram") as (cfg, seg):
         bus = Bus(seg)
         m = kboot.load_first(seg, cfg.boot())
@@ -140,11 +141,20 @@ def test_booted_ram_in_one_write_or_in_chunks_is_power_on_then_the_kernels_own_w
             return bytes(seg.buf[mem])
 
         by_page = ram_after(lambda: (image.power_on(bus, seg.geo, 7), image.boot_kernel(bus, 7, m)))
-        assert ram_after(lambda: image.booted_ram(bus, seg.geo, 7, m)) == by_page
-        monkeypatch.setattr(image, "KEPT_PAGES", seg.geo.npages - 1)
+        monkeypatch.setattr(image, "_keeping", True)
+        monkeypatch.setattr(image, "_booted_ram", {})
         monkeypatch.setattr(image, "RAM_CHUNK", 7)  # the last chunk a short one
         assert seg.geo.npages % 7
-        assert ram_after(lambda: image.booted_ram(bus, seg.geo, 7, m)) == by_page
+        assert ram_after(lambda: image.booted_ram(bus, seg.geo, 7, m)) == by_page  # in chunks
+        assert list(image._booted_ram.values()) == [None]
+        assert ram_after(lambda: image.booted_ram(bus, seg.geo, 7, m)) == by_page  # whole, made and kept
+        assert ram_after(lambda: image.booted_ram(bus, seg.geo, 7, m)) == by_page  # whole, as kept
+        assert [len(ram) for ram in image._booted_ram.values()] == [len(by_page)]
+        monkeypatch.setattr(image, "_booted_ram", {})
+        monkeypatch.setattr(image, "KEPT_PAGES", seg.geo.npages - 1)
+        for _cycle in range(2):
+            assert ram_after(lambda: image.booted_ram(bus, seg.geo, 7, m)) == by_page  # in chunks, twice
+        assert list(image._booted_ram.values()) == [None]
         assert by_page.count(image.TAG_MAGIC) >= seg.geo.npages  # every page was written
 
 

@@ -9,9 +9,11 @@ generation. Firmware's is a 48-byte BLAKE2b of (seed, page), repeated: no outcom
 on it (only a kernel's pages are verified, and a CPU runs foreign bytes only in a page its
 kernel had, which some kernel wrote since power-on; `smpd poke` shows its words as it would
 any), and RAM is mostly firmware's: a 1024-CPU bring-up writes ~9400 of its pages, at ~2 us
-each against ~19 us for a SHAKE-256 of 4 KiB. Per-CPU areas and idle task_structs are zero
-after the tag, like the kernel's zero-initialised data (``mwait_cpu_dead`` starts as {0, 0},
-an idle task's ``thread_info->flags`` as 0).
+each against ~19 us for a SHAKE-256 of 4 KiB. Per-CPU areas, idle task_structs and idle
+stacks are zero after the tag, like the kernel's zero-initialised data (``mwait_cpu_dead``
+starts as {0, 0}, an idle task's ``thread_info->flags`` as 0) and its task stacks, which it
+allocates zeroed (THREADINFO_GFP has __GFP_ZERO): at 1024 CPUs, 4096 of the ~4500 pages a
+kernel owns are its idle stacks.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from smpd.machine import layout as L
 
 TAG = struct.Struct("<4sIHHI")
 TAG_MAGIC = b"KPG1"
-_ZERO_BODY = (Region.PERCPU, Region.TASKS)
+_ZERO_BODY = (Region.PERCPU, Region.TASKS, Region.STACK)
 _FIRMWARE_UNIT = 48  # bytes of hash a firmware page's body repeats: 85 of them after the 16-byte tag
 
 
@@ -112,15 +114,33 @@ def page_views(seed: int, generation: int, runs: tuple[tuple[Region, int, int], 
 
 def _image(seed: int, generation: int, region: Region, index: int) -> bytes:
     """A page's image, computed (``page_image`` keeps what it computes)."""
+    return tag_bytes(generation, region, index) + _body(seed, generation, region, index)
+
+
+_ZEROS = bytes(L.PAGE - TAG.size)
+
+
+def _body(seed: int, generation: int, region: Region, index: int) -> bytes:
+    """What follows a page's tag (the module's docstring)."""
     import hashlib  # here: the CPU processes import this module, and compute no image
 
-    tag = tag_bytes(generation, region, index)
     if region in _ZERO_BODY:
-        return tag + bytes(L.PAGE - TAG.size)
+        return _ZEROS
     if generation == 0:
-        return tag + hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=_FIRMWARE_UNIT).digest() * (
+        return hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=_FIRMWARE_UNIT).digest() * (
             (L.PAGE - TAG.size) // _FIRMWARE_UNIT)
-    return tag + hashlib.shake_256(f"{seed}:{generation}:{region.name}:{index}".encode()).digest(L.PAGE - TAG.size)
+    return hashlib.shake_256(f"{seed}:{generation}:{region.name}:{index}".encode()).digest(L.PAGE - TAG.size)
+
+
+def _images_into(buf: bytearray, seed: int, pages: Iterable[tuple[int, Region, int]]) -> None:
+    """Each of ``pages`` (generation, region, index) as _image() computes it, back to back into ``buf``,
+    without a bytes object of each: a 1024-CPU bring-up's ~9400 pages cost ~77 ms that way, then
+    ~47 ms more for their join, mostly page faults on the memory each new object took."""
+    at, tag, body = 0, TAG.size, L.PAGE - TAG.size
+    for generation, region, index in pages:
+        TAG.pack_into(buf, at, TAG_MAGIC, generation, region, 0, index)
+        buf[at + tag:at + tag + body] = _body(seed, generation, region, index)
+        at += L.PAGE
 
 
 def write_pages(bus, seed: int, generation: int, pages: Iterable[tuple[int, Region, int]]) -> int:
@@ -136,20 +156,21 @@ def power_on(bus, geo: L.Geometry, seed: int) -> None:
     write_pages(bus, seed, 0, ((p, Region.FIRMWARE, p) for p in range(geo.npages)))
 
 
-RAM_CHUNK = 1024  # pages booted_ram() writes at once when RAM is too big to keep (4 MiB)
-_booted_ram: dict[tuple, bytes] = {}  # (seed, pages, the map's parts) -> all of RAM, as booted_ram() writes it
+RAM_CHUNK = 1024  # pages booted_ram() writes at once when it does not write RAM whole (4 MiB)
+_booted_ram: dict[tuple, bytearray | None] = {}  # (seed, pages, the map's parts) -> all of RAM (None: not yet)
 
 
 def booted_ram(bus, geo: L.Geometry, seed: int, m: MemoryMap) -> None:
     """RAM after power-on with kernel ``m`` booted into it (``power_on`` with every page ``m``
     writes left out, then ``boot_kernel``), when nothing can tell the order of the writes: no
-    monitor armed, no AP started. Every page is then firmware's or m's, so RAM is one write of
-    the whole image, the same at every power cycle of the machine and kept while RAM fits
-    KEPT_PAGES: a soak trial's reset at 64 CPUs spent ~7.5 ms writing it page by page. A RAM too
-    big to hold twice is written RAM_CHUNK pages at a time, kept nowhere: page by page, through
-    ``page_image``'s cache, a 4096-CPU bring-up spent ~1.5 s of the coordinator's CPU on 34544
-    pages (a bus write each, and 64 MiB of images kept that no later write asked for again).
-    The pages' images here are not kept one by one either: RAM as a whole is."""
+    monitor armed, no AP started. Every page is then firmware's or m's, so RAM is written as it
+    ends up, RAM_CHUNK pages at a time, each chunk's images made in one buffer: at 1024 CPUs
+    ~45 ms of the coordinator's CPU for ~9400 pages (~220 ms as one bytes object of each page's
+    image, then their join; page by page, through ``page_image``'s cache, a 4096-CPU bring-up
+    spent ~1.5 s on a bus write each of its 34544 pages). From the second power cycle of the
+    same seed and kernel on (a soak's resets), RAM is one write of an image kept whole, while
+    RAM fits KEPT_PAGES: a trial's reset at 64 CPUs spent ~7.5 ms writing it page by page. The
+    bring-up, which has none, makes none."""
     # By value: each power cycle builds generation 1's map anew (maps compare by identity). Not by
     # flavour: no page differs between the three kernels' (a soak's reset boots each in turn), so
     # the boot is keyed as the first flavour's, with every other parameter its own.
@@ -159,17 +180,21 @@ def booted_ram(bus, geo: L.Geometry, seed: int, m: MemoryMap) -> None:
     if ram is None:
         own = {page: (m.gen, region, index) for page, region, index in m.pages()}  # the last write wins
 
-        def ram_of(pages: range) -> bytes:
-            return b"".join(_image(seed, *own[p]) if p in own else _image(seed, 0, Region.FIRMWARE, p) for p in pages)
+        def images(first: int, count: int) -> Iterable[tuple[int, Region, int]]:
+            return (own.get(p) or (0, Region.FIRMWARE, p) for p in range(first, first + count))
 
-        if geo.npages > KEPT_PAGES:
+        if not (_keeping and key in _booted_ram and geo.npages <= KEPT_PAGES):
+            if _keeping:  # one machine per coordinator: its seed, generation 1, and whether it booted once
+                _booted_ram.clear()
+                _booted_ram[key] = None
+            chunk = bytearray(min(RAM_CHUNK, geo.npages) * L.PAGE)
             for first in range(0, geo.npages, RAM_CHUNK):
-                bus.write(page_addr(first), ram_of(range(first, min(first + RAM_CHUNK, geo.npages))))
+                count = min(RAM_CHUNK, geo.npages - first)
+                _images_into(chunk, seed, images(first, count))
+                bus.write(page_addr(first), memoryview(chunk)[:count * L.PAGE])
             return
-        ram = ram_of(range(geo.npages))
-        if _keeping:
-            _booted_ram.clear()  # one machine per coordinator: the image of its seed and generation 1
-            _booted_ram[key] = ram
+        ram = _booted_ram[key] = bytearray(geo.npages * L.PAGE)
+        _images_into(ram, seed, images(0, geo.npages))
     bus.write(page_addr(0), ram)
 
 

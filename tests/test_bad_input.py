@@ -52,6 +52,22 @@ def test_up_rejects_bad_arguments_before_creating_anything(machine_name, args, s
     assert _processes_named_for(machine_name) == []  # the coordinator it started early (smpd.tools.early): reaped
 
 
+def test_a_coordinator_hung_up_on_before_its_spec_ends_during_its_imports(tmp_path, monkeypatch):
+    """Bad input: `up` hangs up on the coordinator it started early, and waits for it. That one
+    ends as soon as it sees the hang-up, its template killed and reaped (smpd.daemon.__main__),
+    not once it has imported the daemon: its own import log never gets to the supervisor."""
+    from smpd.tools import early
+
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # each import, as it ends, on stderr
+    with open(tmp_path / "stderr", "w") as err:
+        ours, proc = early.spawn(err)
+    ours.close()
+    assert proc.wait(60) == 1
+    imported = (tmp_path / "stderr").read_text()
+    assert "smpd.daemon.template" in imported  # it got as far as starting its template
+    assert "smpd.daemon.supervisor" not in imported
+
+
 def _processes_named_for(name: str) -> list:
     """Processes, zombies too, whose environment names machine ``name`` (SMPD_NAME): what a CLI run
     for it started and left, right after it returned (not waited for, as the leak check does)."""

@@ -6,13 +6,14 @@ imports the CLI and checks its arguments and the host meanwhile (~0.15 s), on th
 core, and only then sends the spec (smpd.tools.lifecycle.start_daemon), or hangs up. A
 coordinator that reads end-of-file before any spec stops its template and exits, having made
 nothing: `up` waits for that (``discard``) before it exits, so bad input or a machine already up
-leave no process behind. The coordinator stays ``discard``'s until start_daemon has finished
+leave no process behind. A hang-up during its imports ends it at once (smpd.daemon.__main__). The coordinator stays ``discard``'s until start_daemon has finished
 with it (``handed``), whichever way start_daemon ends; the stop signals are held off while it
 is started and while it is waited for, so that no stop in between loses track of it.
 
 Measured, 6 pairs alternated with 4f460cb (medians): `smpd up` of 64 CPUs 0.56 -> 0.45 s, of
-1024 CPUs 1.56 -> 1.52 s; but bad input now waits for the coordinator's imports: `smpd up
---cpus 0` 0.25 -> 0.40 s.
+1024 CPUs 1.56 -> 1.52 s; but bad input then waited for the coordinator's imports: `smpd up
+--cpus 0` 0.25 -> 0.40 s, and since its hang-up ends them, 0.24-0.29 s (five runs; 0.42-0.49
+without, alternated).
 
 Light on purpose (os, signal, socket, subprocess): it runs before anything else of the CLI is imported.
 Not with SMPD_COORDINATOR_LOG set: that file is checked by the CLI before any process writes it.

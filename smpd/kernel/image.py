@@ -9,11 +9,13 @@ generation. Firmware's is a 48-byte BLAKE2b of (seed, page), repeated: no outcom
 on it (only a kernel's pages are verified, and a CPU runs foreign bytes only in a page its
 kernel had, which some kernel wrote since power-on; `smpd poke` shows its words as it would
 any), and RAM is mostly firmware's: a 1024-CPU bring-up writes ~9400 of its pages, at ~2 us
-each against ~19 us for a SHAKE-256 of 4 KiB. Per-CPU areas, idle task_structs and idle
-stacks are zero after the tag, like the kernel's zero-initialised data (``mwait_cpu_dead``
-starts as {0, 0}, an idle task's ``thread_info->flags`` as 0) and its task stacks, which it
-allocates zeroed (THREADINFO_GFP has __GFP_ZERO): at 1024 CPUs, 4096 of the ~4500 pages a
-kernel owns are its idle stacks.
+each against ~19 us for a SHAKE-256 of 4 KiB. Per-CPU areas and idle task_structs are zero
+after the tag, like the kernel's zero-initialised data (``mwait_cpu_dead`` starts as {0, 0},
+an idle task's ``thread_info->flags`` as 0). Idle stacks are not, though the kernel allocates
+a task stack zeroed (THREADINFO_GFP has __GFP_ZERO): copy_thread() writes a fork frame at its
+top at once, and a CPU that has run leaves its frames there, where a woken CPU whose stack
+page was overwritten returns (smpd.kernel.resume): the bytes it then runs are the new page's,
+and a zero body would make every such return the same verdict.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from smpd.machine import layout as L
 
 TAG = struct.Struct("<4sIHHI")
 TAG_MAGIC = b"KPG1"
-_ZERO_BODY = (Region.PERCPU, Region.TASKS, Region.STACK)
+_ZERO_BODY = (Region.PERCPU, Region.TASKS)
 _FIRMWARE_UNIT = 48  # bytes of hash a firmware page's body repeats: 85 of them after the 16-byte tag
 
 
@@ -134,8 +136,8 @@ def _body(seed: int, generation: int, region: Region, index: int) -> bytes:
 
 def _images_into(buf: bytearray, seed: int, pages: Iterable[tuple[int, Region, int]]) -> None:
     """Each of ``pages`` (generation, region, index) as _image() computes it, back to back into ``buf``,
-    without a bytes object of each: a 1024-CPU bring-up's ~9400 pages cost ~77 ms that way, then
-    ~47 ms more for their join, mostly page faults on the memory each new object took."""
+    without a bytes object of each (then their join, which took ~90 ms more for a 1024-CPU bring-up's
+    ~9400 pages, mostly page faults on the memory each new object took)."""
     at, tag, body = 0, TAG.size, L.PAGE - TAG.size
     for generation, region, index in pages:
         TAG.pack_into(buf, at, TAG_MAGIC, generation, region, 0, index)
@@ -165,7 +167,7 @@ def booted_ram(bus, geo: L.Geometry, seed: int, m: MemoryMap) -> None:
     writes left out, then ``boot_kernel``), when nothing can tell the order of the writes: no
     monitor armed, no AP started. Every page is then firmware's or m's, so RAM is written as it
     ends up, RAM_CHUNK pages at a time, each chunk's images made in one buffer: at 1024 CPUs
-    ~45 ms of the coordinator's CPU for ~9400 pages (~220 ms as one bytes object of each page's
+    ~135 ms of the coordinator's CPU for ~9400 pages (~220 ms as one bytes object of each page's
     image, then their join; page by page, through ``page_image``'s cache, a 4096-CPU bring-up
     spent ~1.5 s on a bus write each of its 34544 pages). From the second power cycle of the
     same seed and kernel on (a soak's resets), RAM is one write of an image kept whole, while

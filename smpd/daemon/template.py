@@ -99,7 +99,7 @@ class Template:
         (``cpu_code``). LD_BIND_NOW: its dynamic linker binds every function of its libraries as
         it loads them, not at each one's first call, so no CPU process forked from it binds one
         (the first call, in the child, of each function the template never called: at 1024 CPUs
-        108 -> 94 page faults and 0.57 -> 0.50 ms of host CPU a CPU process, medians of 3 runs)."""
+        110 -> 95 page faults a CPU process, three runs of each alternated)."""
         if self.proc is not None:
             return
         import subprocess  # here: the template's own interpreter need not import it

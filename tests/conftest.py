@@ -19,6 +19,7 @@ repository.
 
 from __future__ import annotations
 
+import atexit
 import compileall
 import contextlib
 import fcntl
@@ -51,6 +52,8 @@ RUN_TOKEN = secrets.token_hex(3)
 RUN_PREFIX = f"t{RUN_TOKEN}"  # every machine of this run is named RUN_PREFIX-...
 os.environ["SMPD_TEST_RUN"] = RUN_TOKEN  # a fresh token even in a run started by a test
 SCRATCH = tempfile.mkdtemp(prefix="smpd-tests-")  # the CLI's working directory in tests
+_SCRATCH_OWNER = os.getpid()  # not a child forked by a test, which runs these exit handlers too
+atexit.register(lambda: os.getpid() == _SCRATCH_OWNER and shutil.rmtree(SCRATCH, ignore_errors=True))  # no session
 os.environ.setdefault("SMPD_TEST_SWEEPS_LOCK", os.path.join(SCRATCH, "sweeps.lock"))  # sweeps_alone
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

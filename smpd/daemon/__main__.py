@@ -35,20 +35,25 @@ _watching = _thread.allocate_lock()  # held by whoever ends the process at a han
 
 def _end_if_hung_up(fd: int) -> None:
     """Until main() reads the spec itself: should `up` hang up before sending a byte of it, kill
-    and reap the template and exit, without waiting for the imports. `smpd up --cpus 0` took
-    0.39-0.41 s so, against 0.24-0.27 before its coordinator started early (smpd.tools.early).
-    No descriptor of its own (a process forked meanwhile would hold the socket open)."""
+    and reap the template and exit, without waiting for the imports: `smpd up --cpus 0` took
+    0.42-0.49 s without this, 0.24-0.29 s with it (five runs each, alternated). No descriptor of
+    its own (a process forked meanwhile would hold the socket open)."""
     import select
 
     poll = select.poll()
     poll.register(fd, select.POLLIN)
     poll.poll()  # a byte, or end-of-file
-    s = socket.socket(fileno=fd)
+    if _watching.locked():  # main() reads the spec now, and sees a hang-up itself
+        return
+    try:
+        s = socket.socket(fileno=fd)
+    except OSError:
+        return  # not a socket any more: main() has it, and finds out why
     try:
         if s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):  # the spec is coming: main() reads it
             return
     except OSError:
-        return  # unreadable: main() finds out why
+        return
     finally:
         s.detach()  # main()'s UpClient owns ``fd``
     if _watching.acquire(blocking=False):  # main() has not begun to read: it never will

@@ -714,3 +714,25 @@ def test_a_cpu_parked_again_after_a_kick_still_wakes_spuriously_in_mwait(tmp_pat
         before = seg.cb(1, "wake_spurious")
         wait_until(lambda: seg.cb(1, "wake_spurious") >= before + 3, what="spurious wake-ups in MWAIT again")
         assert seg.cb(1, "state") == L.ExecState.MWAIT
+
+
+@pytest.mark.parametrize("slot, says", [
+    (bytes(8), "returned to address 0 (its return slot zeroed): #PF"),
+    (bytes([4]) + bytes(7), "invalid opcode: #UD"),  # b0 % 4 == 0, not zero
+], ids=["zeroed", "op-0"])
+def test_a_return_into_a_zeroed_slot_is_said_as_a_return_to_address_0(tmp_path, slot, says):
+    """A woken CPU whose stack page the next kernel overwrote returns through the slot it finds
+    there (smpd.kernel.resume). Eight zero bytes, as a zeroed page of the new kernel holds, are a
+    return to address 0 (a #PF, a triple fault), not an invalid opcode: the verdict is the same
+    triple fault, and its detail says which of the two the CPU met."""
+    from smpd.kernel.resume import ResumePlan, resume
+
+    with _machine_segment(tmp_path, "slot") as (cfg, seg):
+        bus = Bus(seg)
+        m = kboot.power_on(seg, bus, cfg.boot())
+        plan = ResumePlan(seg, m, 1, memmap.TEXT_PLAY_DEAD)
+        stack = memmap.page_addr(m.stack_pages_of(1)[-1])
+        bus.write(stack, image.tag_bytes(m.gen + 1, memmap.Region.PERCPU, 0))  # the next kernel's page now
+        bus.write(stack + plan.stack_entry, slot)
+        verdict = resume(seg, bus, plan)
+        assert verdict.fault == L.Fault.TRIPLE_FAULT and verdict.detail.startswith(says), verdict

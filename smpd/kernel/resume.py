@@ -17,7 +17,10 @@ place the CPU resumes at, so the same memory always does the same thing:
 * ``b0 % 4 == 0``: an invalid opcode. #UD is delivered through the IDT; with the
   IDT overwritten that is a #DF and a triple fault, and with the old IDT still in
   place the old #UD handler runs from overwritten text and faults again: either
-  way a triple fault (the evidence says which).
+  way a triple fault (the evidence says which). A return whose slot holds eight
+  zero bytes (a page the next kernel keeps zeroed: per-CPU data, task_structs) is
+  said as what it is on x86, a return to address 0: the fetch there is a #PF,
+  delivered as the #UD is, to the same triple fault.
 * ``b0 % 4 in (1, 2)``: a stray store of the u32 ``b4..b7`` to the address that
   ``b1..b3`` select in emulated memory, through the bus (so it can wake other
   CPUs and corrupt the new kernel); then the next instruction.
@@ -84,11 +87,13 @@ def resume(seg, bus, plan: ResumePlan) -> Verdict:
         if kind == "pgtable":
             return Verdict(L.Fault.TRIPLE_FAULT, page, detail="page tables overwritten: #PF -> #DF -> triple fault")
         entry = plan.text_entry if kind == "text" else plan.stack_entry
-        return run_foreign(seg, bus, plan.map, page, entry)
+        return run_foreign(seg, bus, plan.map, page, entry, returned=kind == "stack")
     return OK
 
 
-def run_foreign(seg, bus, m: MemoryMap, page: int, entry: int) -> Verdict:
+def run_foreign(seg, bus, m: MemoryMap, page: int, entry: int, returned: bool = False) -> Verdict:
+    """Run the foreign bytes of ``page`` from ``entry`` (the module's docstring); ``returned``: the
+    CPU got there by a return through its stack's slot at ``entry``."""
     geo = seg.geo
     base = geo.mem_off + page * L.PAGE
     mem_len = geo.npages * L.PAGE
@@ -99,8 +104,10 @@ def run_foreign(seg, bus, m: MemoryMap, page: int, entry: int) -> Verdict:
         op = b0 % 4
         if op == 0:
             idt_ok = is_own_page(seg, m, m.text_page(TEXT_IDT))
-            why = ("invalid opcode: #UD through the old IDT into overwritten text, faults again"
-                   if idt_ok else "invalid opcode: #UD, IDT overwritten -> #DF -> triple fault")
+            what = ("returned to address 0 (its return slot zeroed): #PF" if returned and off == entry
+                    and not (b0 | b1 | b2 | b3 | value) else "invalid opcode: #UD")
+            why = (f"{what} through the old IDT into overwritten text, faults again"
+                   if idt_ok else f"{what}, IDT overwritten -> #DF -> triple fault")
             return Verdict(L.Fault.TRIPLE_FAULT, page, tuple(stores), why)
         if op == 3:
             break

@@ -159,7 +159,7 @@ def power_on(bus, geo: L.Geometry, seed: int) -> None:
 
 
 RAM_CHUNK = 1024  # pages booted_ram() writes at once when it does not write RAM whole (4 MiB)
-_booted_ram: dict[tuple, bytearray | None] = {}  # (seed, pages, the map's parts) -> all of RAM (None: not yet)
+_booted_ram: dict[tuple, bytearray | None] = {}  # (seed, pages, the map's parts) -> all of RAM (None: booted once)
 
 
 def booted_ram(bus, geo: L.Geometry, seed: int, m: MemoryMap) -> None:

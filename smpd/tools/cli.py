@@ -230,11 +230,19 @@ def up(cpus, name, watch, hot_path, pin, seed, config_file, kernel, boot, foregr
         status = coordinator.run(spec, on_ready=ready)
         out.print(f"machine '{name}' is down")
         sys.exit(status)
+    progress = None
+    if sys.stderr.isatty():  # how far a big machine got, while it comes up
+        from smpd.tools.upprogress import BringUpProgress
+
+        progress = BringUpProgress(name, cfg.get("machine", "cpus"), _console(stderr=True))
     try:  # what draws the summary (rich's import, ~60 ms) is imported while the machine comes up
-        summary = lifecycle.start_daemon(spec, meanwhile=_render)
+        summary = lifecycle.start_daemon(spec, meanwhile=_render, tick=progress and progress.tick)
     except Interrupted as err:
         err.note = f"machine '{name}' was coming up; it was stopped and nothing of it is left"
         raise
+    finally:
+        if progress is not None:
+            progress.close()
     out = _console()
     out.print(_render().up_summary(summary))
     _later_commands_hint(out, name)

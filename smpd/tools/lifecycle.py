@@ -227,10 +227,12 @@ def prepare(cfg) -> dict:
             "seed": seed}
 
 
-def start_daemon(spec: dict, meanwhile: Callable[[], object] = lambda: None) -> dict:
+def start_daemon(spec: dict, meanwhile: Callable[[], object] = lambda: None,
+                 tick: Callable[[], None] | None = None) -> dict:
     """Start the coordinator detached (or take the one `smpd up` started early: smpd.tools.early);
     return its summary once every CPU is online. ``meanwhile`` runs once the coordinator has the
-    spec (our own work, done while the machine comes up).
+    spec (our own work, done while the machine comes up); ``tick``, if given, every TICK_S while
+    we wait for its answer (smpd.tools.upprogress).
 
     If this process is interrupted while waiting, the daemon is told to stop and we
     wait for it to clean up before re-raising; if this process dies, the daemon sees
@@ -241,13 +243,16 @@ def start_daemon(spec: dict, meanwhile: Callable[[], object] = lambda: None) -> 
     timeout_s = (cfg["timeouts"]["bringup_ms"] + cfg["timeouts"]["bringup_ms_per_cpu"] * ncpus) / 1000 + 30
     ours, proc = early.take() or _start_coordinator()
     try:
-        return _bring_up(spec, ours, proc, meanwhile, timeout_s)
+        return _bring_up(spec, ours, proc, meanwhile, timeout_s, tick)
     finally:
         early.handed()
 
 
+TICK_S = 0.1
+
+
 def _bring_up(spec: dict, ours: socket.socket, proc: subprocess.Popen, meanwhile: Callable[[], object],
-              timeout_s: float) -> dict:
+              timeout_s: float, tick: Callable[[], None] | None = None) -> dict:
     """start_daemon's exchange with coordinator ``proc``: the spec, its answer, our acknowledgement."""
     try:
         try:
@@ -256,7 +261,7 @@ def _bring_up(spec: dict, ours: socket.socket, proc: subprocess.Popen, meanwhile
             line = ""
         else:
             meanwhile()
-            line = _read_line(ours, proc, timeout_s)
+            line = _read_line(ours, proc, timeout_s, tick)
         if line:
             ours.sendall(ACK)
     except BaseException:
@@ -291,19 +296,22 @@ def _start_coordinator() -> tuple[socket.socket, subprocess.Popen]:
             errf.close()
 
 
-def _read_line(sock: socket.socket, proc: subprocess.Popen, timeout_s: float) -> str:
+def _read_line(sock: socket.socket, proc: subprocess.Popen, timeout_s: float,
+               tick: Callable[[], None] | None = None) -> str:
     buf = b""
     deadline = time.monotonic() + timeout_s
     while b"\n" not in buf:
         left = deadline - time.monotonic()
         if left <= 0:
             raise Timeout(f"the machine did not come up within {timeout_s:.0f} s")
-        sock.settimeout(min(left, 0.5))
+        sock.settimeout(min(left, 0.5 if tick is None else TICK_S))
         try:
             chunk = sock.recv(65536)
         except TimeoutError:
             if proc.poll() is not None:
                 break
+            if tick is not None:
+                tick()
             continue
         except ConnectionResetError:
             break

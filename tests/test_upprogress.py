@@ -1,0 +1,37 @@
+"""`smpd up`'s progress on a terminal (smpd.tools.upprogress): what it reads of a machine coming up,
+and what it draws."""
+
+import io
+
+from rich.console import Console
+
+from conftest import run_smpd
+from smpd.tools.upprogress import BringUpProgress
+
+
+def _progress(name: str, cpus: int) -> BringUpProgress:
+    return BringUpProgress(name, cpus, Console(file=io.StringIO(), force_terminal=True, width=100), show_after_s=0)
+
+
+def test_it_counts_the_cpu_processes_forked_and_the_cpus_online_and_draws_both(machine):
+    """Read from the machine's segment: CPUs 5-7 taken offline still have their processes (forked),
+    and are not online; CPU 0, the coordinator, is online and forked by nobody."""
+    m = machine(8)
+    run_smpd("offline", "5-7", name=m.name)
+    p = _progress(m.name, 8)
+    try:
+        assert p.counts() == (7, 5)
+        p.tick()
+        drawn = p.console.file.getvalue()
+        assert "CPU processes forked" in drawn and "7/7" in drawn, drawn
+        assert "CPUs online" in drawn and "5/8" in drawn, drawn
+    finally:
+        p.close()
+    assert p.seg is None and p.progress is None
+
+
+def test_before_its_machine_has_a_segment_it_reads_and_draws_nothing(machine_name):
+    p = _progress(machine_name, 8)
+    p.tick()
+    assert p.counts() is None and p.progress is None and p.console.file.getvalue() == ""
+    p.close()

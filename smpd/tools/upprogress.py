@@ -55,7 +55,8 @@ class BringUpProgress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), console=self.console, transient=True, auto_refresh=False)
+                                     TimeElapsedColumn(), console=self.console, transient=True, auto_refresh=False,
+                                     redirect_stdout=False, redirect_stderr=False)  # sys.stdout stays ours
             self.tasks = (self.progress.add_task("CPU processes forked", total=self.ncpus - 1),
                           self.progress.add_task("CPUs online", total=self.ncpus))
             self.progress.start()

@@ -1,6 +1,7 @@
 """`smpd up`'s progress on a terminal (smpd.tools.upprogress): what it reads of a machine coming up,
 and what it draws."""
 
+import errno
 import io
 
 from rich.console import Console
@@ -13,9 +14,10 @@ def _progress(name: str, cpus: int) -> BringUpProgress:
     return BringUpProgress(name, cpus, Console(file=io.StringIO(), force_terminal=True, width=100), show_after_s=0)
 
 
-def test_it_counts_the_cpu_processes_forked_and_the_cpus_online_and_draws_both(machine):
+def test_it_counts_the_cpu_processes_forked_and_the_cpus_online_and_draws_the_aps_online(machine):
     """Read from the machine's segment: CPUs 5-7 taken offline still have their processes (forked),
-    and are not online; CPU 0, the coordinator, is online and forked by nobody."""
+    and are not online; CPU 0, the coordinator, is online and forked by nobody. Every process
+    forked, what it draws is the APs online."""
     m = machine(8)
     run_smpd("offline", "5-7", name=m.name)
     p = _progress(m.name, 8)
@@ -23,11 +25,27 @@ def test_it_counts_the_cpu_processes_forked_and_the_cpus_online_and_draws_both(m
         assert p.counts() == (7, 5)
         p.tick()
         drawn = p.console.file.getvalue()
-        assert "CPU processes forked" in drawn and "7/7" in drawn, drawn
-        assert "CPUs online" in drawn and "5/8" in drawn, drawn
+        assert "APs online" in drawn and "4/7" in drawn, drawn
     finally:
         p.close()
     assert p.seg is None and p.progress is None
+
+
+class _GoneTerminal(io.StringIO):
+    def write(self, s):
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_a_terminal_gone_ends_the_drawing_not_the_command(machine):
+    """A closed window whose SIGHUP was ignored: every write to it fails (EIO). Neither a tick nor
+    the close raises; the drawing stops, and the segment is let go."""
+    m = machine(4)
+    p = BringUpProgress(m.name, 4, Console(file=_GoneTerminal(), force_terminal=True, width=100), show_after_s=0)
+    p.tick()
+    assert p.lost and p.progress is None
+    p.tick()
+    p.close()
+    assert p.seg is None
 
 
 def test_before_its_machine_has_a_segment_it_reads_and_draws_nothing(machine_name):

@@ -4,10 +4,11 @@ A bring-up of thousands of CPUs takes seconds (4096 CPUs: 7-9 s on the 2-core ho
 coordinator answers `up` only once every CPU is online. Meanwhile `up` reads the machine's
 segment, attached as every command attaches it (smpd.machine.segment: its owner checked before
 a byte is read), each time its wait for the answer ticks: how many CPU processes are forked
-(their pid in their control block, which the coordinator writes as it adopts each) and how many
-CPUs are online. It draws them on stderr (rich), transient: gone once the machine is up, or
+(their pid in their control block, which the coordinator writes as it adopts each), then how
+many APs are online. It draws that on stderr (rich), transient: gone once the machine is up, or
 once the bring-up failed. Only on a terminal, and only from SHOW_AFTER_S on: a small machine
-comes up without it.
+comes up without it. The segment exists only once the coordinator has started (~1 s into a
+bring-up here), so the first draw comes then.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class BringUpProgress:
         self.show_at = time.monotonic() + show_after_s
         self.seg = None  # the machine's segment, once there to attach
         self.progress = None  # rich's Progress, once drawn
-        self.tasks: tuple = ()
+        self.task = None
+        self.lost = False  # its terminal went away: the bring-up goes on, undrawn
 
     def counts(self) -> tuple[int, int] | None:
         """(CPU processes forked, CPUs online), or None while the machine's segment cannot be read
@@ -41,34 +43,50 @@ class BringUpProgress:
                 self.seg = Segment.attach(names.segment(self.name))
             except (posix_ipc.Error, BadInput, OSError):
                 return None
+        n = min(self.ncpus, self.seg.geo.ncpus)
         pids, i0, step = self.seg.cb_column("pid")
         hotplug, j0, jstep = self.seg.cb_column("hotplug")
-        forked = pids[i0 + step:i0 + self.ncpus * step:step].tolist()
-        online = hotplug[j0:j0 + self.ncpus * jstep:jstep].tolist()
+        forked = pids[i0 + step:i0 + n * step:step].tolist()
+        online = hotplug[j0:j0 + n * jstep:jstep].tolist()
         return len(forked) - forked.count(0), online.count(L.Hotplug.ONLINE)
 
     def tick(self) -> None:
-        """Draw the counts now, once SHOW_AFTER_S have passed and the segment is there."""
-        if time.monotonic() < self.show_at or (counts := self.counts()) is None:
+        """Draw the counts now, once SHOW_AFTER_S have passed and the segment is there: the CPU
+        processes forked, then, once all are, the APs online (their SIPIs come after the last
+        fork). A terminal that can no longer be written ends the drawing, not the bring-up."""
+        if self.lost or time.monotonic() < self.show_at or (counts := self.counts()) is None:
             return
-        if self.progress is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        forked, online = counts
+        aps = self.ncpus - 1
+        what, done = ("CPU processes forked", forked) if forked < aps else ("APs online", max(0, online - 1))
+        try:
+            if self.progress is None:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-            self.progress = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), console=self.console, transient=True, auto_refresh=False,
-                                     redirect_stdout=False, redirect_stderr=False)  # sys.stdout stays ours
-            self.tasks = (self.progress.add_task("CPU processes forked", total=self.ncpus - 1),
-                          self.progress.add_task("CPUs online", total=self.ncpus))
-            self.progress.start()
-        for task, done in zip(self.tasks, counts):
-            self.progress.update(task, completed=done)
-        self.progress.refresh()
+                self.progress = Progress(TextColumn("{task.description:<21}"), BarColumn(), MofNCompleteColumn(),
+                                         console=self.console, transient=True, auto_refresh=False,
+                                         redirect_stdout=False, redirect_stderr=False)  # sys.stdout stays ours
+                self.task = self.progress.add_task(what, total=aps)
+                self.progress.start()
+            self.progress.update(self.task, description=what, completed=done)
+            self.progress.refresh()
+        except OSError:  # EIO: the terminal is gone (a closed window whose SIGHUP was ignored)
+            self.lost = True
+            self._erase()
 
     def close(self) -> None:
         """Erase what was drawn; let go of the segment."""
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-        if self.seg is not None:
-            self.seg.close()
-            self.seg = None
+        try:
+            self._erase()
+        finally:
+            if self.seg is not None:
+                self.seg.close()
+                self.seg = None
+
+    def _erase(self) -> None:
+        progress, self.progress = self.progress, None
+        if progress is not None:
+            try:
+                progress.stop()
+            except OSError:  # nothing to erase on a terminal that is gone
+                pass

@@ -51,8 +51,8 @@ def waiter(seg, cpu: int, irq_signals, doorbell: int):
     """CPU ``cpu``'s watch loop: the compiled one, or its Python peer (smpd.machine.pyhotpath)."""
     if not compiled(seg):
         return pyhotpath.Waiter(seg, cpu, irq_signals, doorbell, spin_yields=bool(seg.hdr("spin_yields")))
-    return _hotpath.Waiter(seg.buf, **_fields(cpu, _WAITER_FIELDS), irq_signals=sorted(irq_signals),
-                           doorbell=doorbell, spin_yields=bool(seg.hdr("spin_yields")))
+    return _hotpath.Waiter(seg.buf, **_fields(seg.geo.cb_off(cpu), _WAITER_FIELDS),
+                           irq_signals=sorted(irq_signals), doorbell=doorbell, spin_yields=bool(seg.hdr("spin_yields")))
 
 
 # Each compiled object's keywords that take a field of its CPU's control block, as that field's
@@ -72,9 +72,9 @@ _INIT_FIELDS = _offsets(armed="mon_armed", **{name: name for name in (
     "wake_write", "wake_ipi")})
 
 
-def _fields(cpu: int, fields: dict[str, int]) -> dict[str, int]:
-    """``fields`` (keyword -> offset in a control block) of CPU ``cpu``'s block: byte offsets in the segment."""
-    block = L.CB_OFF + cpu * L.CB_SIZE
+def _fields(block: int, fields: dict[str, int]) -> dict[str, int]:
+    """``fields`` (keyword -> offset in a control block) of the block at ``block`` (Geometry.cb_off):
+    byte offsets in the segment."""
     return {key: block + off for key, off in fields.items()}
 
 
@@ -91,10 +91,11 @@ def ack(seg, cpu: int, md: int, checks) -> object | None:
     geo = seg.geo
     md_off = geo.mem_off + md - L.PHYS_BASE
     line = (md - L.PHYS_BASE) // L.LINE
-    return _hotpath.Ack(control=md_off, status=md_off + 4, **_fields(cpu, _ACK_FIELDS),
+    block = geo.cb_off(cpu)
+    return _hotpath.Ack(control=md_off, status=md_off + 4, **_fields(block, _ACK_FIELDS),
                         dir_entry=geo.dir_off + line * L.DIR_ENTRY,
                         tags=[(i * 8, lo, hi) for _page, _kind, i, lo, hi in checks],
-                        kexec_hlt=L.CPUDEAD_MWAIT_KEXEC_HLT, ev_ring=geo.cb_off(cpu) + L.EV_OFF, line=line,
+                        kexec_hlt=L.CPUDEAD_MWAIT_KEXEC_HLT, ev_ring=block + L.EV_OFF, line=line,
                         state_hlt=L.ExecState.HLT, ev_slots=L.EV_SLOTS, ev_wake_write=L.Ev.WAKE_WRITE,
                         ev_kick_seen=L.Ev.KICK_SEEN, ev_hlt=L.Ev.HLT, ev_entry=L.EV_ENTRY.size)
 
@@ -111,8 +112,9 @@ def init_taker(seg, cpu: int, bus, spin_ns: int, signals: dict[str, int]) -> obj
     (kind -> signal): a dead CPU's wait (Init.dead) counts each held in its `*_held`."""
     if not compiled(seg):
         return None
-    init = _hotpath.Init(**_fields(cpu, _INIT_FIELDS),
-                         ev_ring=seg.geo.cb_off(cpu) + L.EV_OFF, cmd_init=L.Ipi.INIT,
+    block = seg.geo.cb_off(cpu)
+    init = _hotpath.Init(**_fields(block, _INIT_FIELDS),
+                         ev_ring=block + L.EV_OFF, cmd_init=L.Ipi.INIT,
                          state_wait_for_sipi=L.ExecState.WAIT_FOR_SIPI, hotplug_offline=L.Hotplug.OFFLINE,
                          ev_init=L.Ev.INIT, ev_slots=L.EV_SLOTS, ev_entry=L.EV_ENTRY.size, ipi_byte=L.WAKE_IPI,
                          hdr_generation=L.HEADER["generation"][0], gen_table=L.GEN_OFF,

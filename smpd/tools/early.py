@@ -16,7 +16,8 @@ Measured, 6 pairs alternated with 4f460cb (medians): `smpd up` of 64 CPUs 0.56 -
 --cpus 0` 0.25 -> 0.40 s, and since its hang-up ends them, 0.24-0.29 s (five runs; 0.42-0.49
 without, alternated).
 
-Light on purpose (os, signal, socket, subprocess): it runs before anything else of the CLI is imported.
+Light on purpose (os, signal, socket, subprocess, and the entry point's own module): it runs before anything
+else of the CLI is imported.
 Not with SMPD_COORDINATOR_LOG set: that file is checked by the CLI before any process writes it.
 """
 
@@ -28,8 +29,9 @@ import socket
 import subprocess
 import sys
 
+from smpd.tools.entry import STOP_SIGNALS
+
 DISCARD_WAIT_S = 10.0  # a coordinator hung up on before its spec exits once its imports are done
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _started: tuple[socket.socket, subprocess.Popen] | None = None
 

@@ -10,8 +10,9 @@ from conftest import run_smpd
 from smpd.tools.upprogress import BringUpProgress
 
 
-def _progress(name: str, cpus: int) -> BringUpProgress:
-    return BringUpProgress(name, cpus, Console(file=io.StringIO(), force_terminal=True, width=100), show_after_s=0)
+def _progress(name: str, cpus: int, terminal: io.StringIO | None = None) -> BringUpProgress:
+    return BringUpProgress(name, cpus, Console(file=terminal or io.StringIO(), force_terminal=True, width=100),
+                           show_after_s=0)
 
 
 def test_it_counts_the_cpu_processes_forked_and_the_cpus_online_and_draws_the_aps_online(machine):
@@ -40,7 +41,7 @@ def test_a_terminal_gone_ends_the_drawing_not_the_command(machine):
     """A closed window whose SIGHUP was ignored: every write to it fails (EIO). Neither a tick nor
     the close raises; the drawing stops, and the segment is let go."""
     m = machine(4)
-    p = BringUpProgress(m.name, 4, Console(file=_GoneTerminal(), force_terminal=True, width=100), show_after_s=0)
+    p = _progress(m.name, 4, _GoneTerminal())
     p.tick()
     assert p.lost and p.progress is None
     p.tick()

@@ -255,7 +255,7 @@ class Segment:
             words, i0, stride = col
             return words[i0 + cpu * stride]
         off, s = L.CB[field]
-        (v,) = s.unpack_from(self.buf, L.CB_OFF + cpu * L.CB_SIZE + off)
+        (v,) = s.unpack_from(self.buf, self.geo.cb_off(cpu) + off)
         return v
 
     def set_cb(self, cpu: int, field: str, value) -> None:
@@ -265,11 +265,11 @@ class Segment:
             words[i0 + cpu * stride] = value
             return
         off, s = L.CB[field]
-        s.pack_into(self.buf, L.CB_OFF + cpu * L.CB_SIZE + off, value)
+        s.pack_into(self.buf, self.geo.cb_off(cpu) + off, value)
 
     def clear_cb(self, cpu: int, ranges: tuple[tuple[int, int], ...]) -> None:
         """Zero ``cpu``'s control-block bytes in ``ranges`` (L.cb_ranges of the fields)."""
-        base, buf = L.CB_OFF + cpu * L.CB_SIZE, self.buf
+        base, buf = self.geo.cb_off(cpu), self.buf
         for off, n in ranges:
             buf[base + off:base + off + n] = bytes(n)
 
@@ -286,12 +286,12 @@ class Segment:
         """Index of a u32 control-block field in ``self.u32`` (for hot loops)."""
         off, s = L.CB[field]
         assert s.size == 4
-        return (L.CB_OFF + cpu * L.CB_SIZE + off) // 4
+        return (self.geo.cb_off(cpu) + off) // 4
 
     def cb_index(self, cpu: int, field: str) -> int:
         """Index of a control-block field in ``self.u32`` or ``self.u64``, by its size."""
         off, s = L.CB[field]
-        return (L.CB_OFF + cpu * L.CB_SIZE + off) // s.size
+        return (self.geo.cb_off(cpu) + off) // s.size
 
     def cb_column(self, field: str) -> tuple[memoryview, int, int]:
         """An unsigned word field of every CPU's control block, for loops over all CPUs: the array
@@ -300,7 +300,7 @@ class Segment:
         return (self.u64 if size == 8 else self.u32), L.CB_OFF // size + i, L.CB_SIZE // size
 
     def cb_byte(self, cpu: int, field: str, byte: int) -> int:
-        return L.CB_OFF + cpu * L.CB_SIZE + L.CB[field][0] + byte
+        return self.geo.cb_off(cpu) + L.CB[field][0] + byte
 
     def mem_u32(self, addr: int) -> int:
         """Read a u32 of emulated memory (reads never need the bus)."""

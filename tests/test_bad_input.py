@@ -277,6 +277,46 @@ def test_host_limits_are_one_line_with_what_fits(machine_name, limit, says):
     assert not os.path.exists(segment_path(machine_name))
 
 
+_FULL_SHM = """
+import os
+from smpd.errors import HostTooSmall
+from smpd.machine import layout as L
+from smpd.machine.segment import Segment
+for ncpus in (4096, 64):  # control blocks of 2.5 MiB; then of 0.2 MiB, and a RAM of 6.2
+    try:
+        seg = Segment.create(f"smpd-full-{ncpus}", L.Geometry(ncpus=ncpus, ram_pages=1600), os.getpid(), 0, "f")
+        print("created", ncpus)
+        seg.reserve_ram()
+        print("RAM reserved", ncpus)
+    except HostTooSmall as err:
+        print("refused:", err)
+    print("left:", sorted(os.listdir("/dev/shm")))
+"""
+
+
+@needs_root
+def test_a_segment_the_host_cannot_back_is_refused_not_left_to_a_later_sigbus():
+    """tmpfs gives a page memory only at its first write: in a /dev/shm that fills up after the
+    free-space check (another user's files), the first write to a page it cannot have would kill
+    the writer with SIGBUS, mid-bring-up. Segment.create backs the control blocks at once, and
+    reserve_ram() (the RAM's first writer's first step) backs RAM, so a /dev/shm too small (a
+    private 1 MiB tmpfs in a mount namespace of its own, standing in for one filled in between)
+    refuses either as HostTooSmall. A refused create leaves no name behind; a machine whose RAM is
+    refused is removed by its coordinator's usual failure path."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("no mount namespaces here (unshare -m failed)")
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                        'mount -t tmpfs -o size=1m,mode=1777 tmpfs /dev/shm && exec "$0" -c "$1"',
+                        sys.executable, _FULL_SHM], capture_output=True, text=True, timeout=60, cwd=here)
+    assert r.returncode == 0, r.stderr
+    says = "the host refused to back {} MiB of a shared-memory segment (No space left on device)"
+    assert r.stdout.splitlines() == [
+        "refused: " + says.format("2.5") + "; check the free space of /dev/shm", "left: []",
+        "created 64", "refused: " + says.format("6.2") + "; check the free space of /dev/shm",
+        "left: ['smpd-full-64']"], r.stdout
+
+
 def test_up_works_from_a_directory_holding_a_folder_named_smpd(machine_name, tmp_path):
     """The parent of a clone holds `smpd/`: neither the CLI nor the coordinator may import it."""
     fake = tmp_path / "smpd"

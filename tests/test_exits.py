@@ -282,15 +282,18 @@ def _coordinator_of_this_run(name: str) -> psutil.Process | None:
 
 
 def test_a_coordinator_killed_the_moment_its_segment_appears_leaves_nothing(machine_name):
-    """Its janitor starts before the segment is made: a blank or half-made segment is removed too."""
+    """Its janitor starts before the segment is made: a blank or half-made segment is removed too.
+    `up` says how its coordinator ended: by which signal (a SIGBUS, say, is not an exit status)."""
     p = start_smpd("up", "--cpus", "512", "--watch", "adaptive", name=machine_name)
     path = names.segment_path(machine_name)
     wait_until(lambda: os.path.lexists(path) or p.poll() is not None, what="the segment to appear")
     coord = _coordinator_of_this_run(machine_name)
     assert coord is not None
     coord.kill()
-    _finish(p)
-    assert p.returncode != 0
+    _, err = _finish(p)
+    assert p.returncode == 1
+    assert _one_error_line(err).startswith("Error: the coordinator was killed by signal 9 (Killed) before the machine "
+                                           "came up"), err
     wait_until(lambda: not os.path.lexists(path), timeout=30, what="the janitor to remove the segment")
 
 

@@ -38,6 +38,7 @@ def load_first(seg, boot: Boot) -> MemoryMap:
 def write_ram(seg, bus, m: MemoryMap) -> None:
     """Power-on's second half: RAM as firmware and generation 1 ``m`` leave it. Before any SIPI."""
     seed = seg.hdr("seed")
+    seg.reserve_ram()  # a /dev/shm filled since the segment was made refuses here, not by SIGBUS
     # No CPU executes until generation 1 has written its pages (the APs wait for SIPI), so their
     # firmware bytes could only be seen by a monitor they woke. With none armed (always: APs are in
     # wait-for-SIPI from power-on, or after the reset's INIT), RAM is written as it ends up, at

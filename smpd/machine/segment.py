@@ -55,6 +55,7 @@ class Segment:
         self._cb_cols: dict[str, tuple[memoryview, int, int]] = {}  # cb_column() of each word field, once mapped
         self.geo: L.Geometry | None = None
         self.fd = -1  # the creator's descriptor (create), kept until close()
+        self._ram_reserved = False  # reserve_ram() done
 
     # -- construction ------------------------------------------------------
 
@@ -86,6 +87,7 @@ class Segment:
         try:
             seg.fd = os.dup(shm.fd)
             seg._map(shm, geo.size)
+            _reserve(seg.fd, 0, geo.mem_off)  # RAM: reserve_ram(), by its first writer
             seg.geo = geo
             seg.set_hdr("coordinator_pid", owner_pid)
             seg.set_hdr("coordinator_start", owner_start)
@@ -302,6 +304,15 @@ class Segment:
     def cb_byte(self, cpu: int, field: str, byte: int) -> int:
         return self.geo.cb_off(cpu) + L.CB[field][0] + byte
 
+    def reserve_ram(self) -> None:
+        """Back emulated RAM, once, before its first write (smpd.kernel.boot.write_ram, before any
+        SIPI: nothing reads or writes RAM before it). Not in create(): there it would cost the bring-up
+        its time (~15 ms at 1024 CPUs) before the template may fork; here it overlaps the forks, as
+        the page faults it spares the RAM's writes did."""
+        if not self._ram_reserved:
+            _reserve(self.fd, self.geo.mem_off, self.geo.size - self.geo.mem_off)
+            self._ram_reserved = True
+
     def mem_u32(self, addr: int) -> int:
         """Read a u32 of emulated memory (reads never need the bus)."""
         return struct.unpack_from("<I", self.buf, self.geo.mem_off + addr - L.PHYS_BASE)[0]
@@ -309,6 +320,19 @@ class Segment:
     def mem_off(self, addr: int) -> int:
         """Offset in ``buf`` of emulated physical ``addr``."""
         return self.geo.mem_off + addr - L.PHYS_BASE
+
+
+def _reserve(fd: int, off: int, size: int) -> None:
+    """Give the segment's pages in [off, off + size) their memory now. tmpfs gives a page memory only
+    when it is first written: a /dev/shm that fills after smpd.host.hostinfo's free-space check
+    (another user's files, another machine coming up) would end whichever process first wrote a page
+    it cannot have with SIGBUS. Here it is ENOSPC, said as the host's refusal. Memory the machine
+    takes anyway: the bring-up writes every control block and all of RAM."""
+    try:
+        os.posix_fallocate(fd, off, size)
+    except OSError as err:
+        raise HostTooSmall(f"the host refused to back {size / 2**20:.1f} MiB of a shared-memory segment "
+                           f"({err.strerror or err}); check the free space of {names.SHM_DIR}") from None
 
 
 def _words(fields: dict) -> dict[str, tuple[int, int]]:

@@ -272,7 +272,8 @@ def _bring_up(spec: dict, ours: socket.socket, proc: subprocess.Popen, meanwhile
     if not line:
         code = proc.wait(60)
         logged = os.environ.get("SMPD_COORDINATOR_LOG")
-        raise SmpdError(f"the coordinator exited (status {code}) before the machine came up"
+        how = f"was killed by signal {-code} ({signal.strsignal(-code)})" if code < 0 else f"exited (status {code})"
+        raise SmpdError(f"the coordinator {how} before the machine came up"
                         + ("" if logged else "; set SMPD_COORDINATOR_LOG=FILE to see why"))
     reply = json.loads(line)
     if not reply["ok"]:

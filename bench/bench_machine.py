@@ -14,9 +14,11 @@ What it measures, and the target it is read against:
   CPU process's page faults and CPU, medians over the machine's; the coordinator's; the
   template's: the copy-on-write faults of the CPU processes are most of it); then `smpd status`
   (the grid of many CPUs), `smpd status --json` (every CPU in full), `smpd offline` of every
-  CPU but 0 (each CPU's first park in mwait_play_dead(): no target, but it was quadratic once)
-  and `smpd down` of that machine, its CPUs parked (before 8e79f8c, online: records of the two
-  are not the same measure of down) (targets, issue 15: 4096 CPUs up under 10 s, per CPU
+  CPU but 0 (each CPU's first park in mwait_play_dead(): no target, but it was quadratic once),
+  `smpd kexec` of it (every parked CPU kicked, then brought up by the new kernel: each CPU
+  process's first Python since its fork, its copy-on-write faults; with the host's kdamond CPU
+  meanwhile; no target) and `smpd down` of that machine, its CPUs parked again (before 8e79f8c,
+  online: records of the two are not the same measure of down) (targets, issue 15: 4096 CPUs up under 10 s, per CPU
   within 1.3x of 256's; status under 0.5 s, down under 3 s);
 * idle cost: host CPU used by a 64-CPU machine with 63 CPUs parked in
   mwait_play_dead(), per watch strategy, over a fixed window (target: adaptive
@@ -30,6 +32,7 @@ What it measures, and the target it is read against:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import statistics
@@ -98,10 +101,35 @@ def bringup_costs() -> dict[str, float]:
             "template_ms": (int(coord[13]) + int(coord[14])) * tick_ms}
 
 
+def kexec_costs(n: int) -> dict[str, float]:
+    """`smpd kexec` of the machine, its CPUs 1..n-1 parked: the command's wall time, the new kernel's
+    smp_init() (INIT, SIPI to each AP, from the kexec's timeline: each AP's process runs Python for
+    its start in the new generation, the first time since its fork: copy-on-write faults), and what
+    each CPU process (medians over the machine's) and the host's kdamond spent during it."""
+    pids = [c["pid"] for c in lifecycle.require(NAME).request("status")["cpus"][1:]]
+    before = {p: (stat_fields(p), cpu_time_ns(p)) for p in pids}
+    k0 = _kdamond_s()
+    t0 = time.perf_counter()
+    report = json.loads(smpd("kexec", "--json"))
+    out = {"wall_ms": (time.perf_counter() - t0) * 1e3}
+    if k0 is not None:
+        out["kdamond_s"] = _kdamond_s() - k0
+    faults, cpu_ms = [], []
+    for p, (fields, ns) in before.items():
+        fields2, ns2 = stat_fields(p), cpu_time_ns(p)
+        if None not in (fields, ns, fields2, ns2):
+            faults.append(int(fields2[7]) - int(fields[7]))
+            cpu_ms.append((ns2 - ns) / 1e6)
+    out.update(faults=statistics.median(faults), cpu_ms=statistics.median(cpu_ms))
+    out["smp_init_ms"] = next(ph["dur_us"] for ph in report["phases"] if "smp_init()" in ph["name"]) / 1e3
+    return out
+
+
 def bench_bringup(rec: Record, sizes: list[int], repeats: int, up_args: list[str]) -> None:
     for n in sizes:
         walls, coords, statuses, jsons, offlines, downs, damon = [], [], [], [], [], [], []
         costs: dict[str, list[float]] = {}
+        kexecs: dict[str, list[float]] = {}
         for _ in range(repeats if n <= 256 else 1):
             k0 = _kdamond_s()
             t0 = time.perf_counter()
@@ -120,6 +148,9 @@ def bench_bringup(rec: Record, sizes: list[int], repeats: int, up_args: list[str
             t0 = time.perf_counter()
             smpd("offline", f"1-{n - 1}")  # every CPU's first park (a resume plan each: a11e646)
             offlines.append((time.perf_counter() - t0) * 1e3)
+            for k, v in kexec_costs(n).items():
+                kexecs.setdefault(k, []).append(v)
+            smpd("offline", f"1-{n - 1}")  # parked again: down is timed as before the kexec was
             t0 = time.perf_counter()
             smpd("down")
             downs.append((time.perf_counter() - t0) * 1e3)
@@ -136,6 +167,15 @@ def bench_bringup(rec: Record, sizes: list[int], repeats: int, up_args: list[str
         rec.add(f"status {n} CPUs (smpd status, wall)", "ms", statuses)
         rec.add(f"status {n} CPUs, every CPU in full (smpd status --json, wall)", "ms", jsons)
         rec.add(f"offline {n - 1} CPUs (smpd offline 1-{n - 1}, wall)", "ms", offlines)
+        rec.add(f"kexec of {n} CPUs, {n - 1} parked (smpd kexec, wall)", "ms", kexecs["wall_ms"])
+        rec.add(f"kexec of {n} CPUs: the new kernel's INIT, SIPI to each AP (smp_init(), its timeline)", "ms",
+                kexecs["smp_init_ms"])
+        rec.add(f"kexec of {n} CPUs: a CPU process's host CPU during it (median of its CPUs)", "ms",
+                kexecs["cpu_ms"])
+        rec.add(f"kexec of {n} CPUs: a CPU process's page faults during it (median of its CPUs)", "faults",
+                kexecs["faults"])
+        if "kdamond_s" in kexecs:
+            rec.add(f"host kdamond CPU during kexec {n} (not smpd's)", "s", kexecs["kdamond_s"])
         rec.add(f"down {n} CPUs (smpd down, wall)", "ms", downs)
         if damon:
             rec.add(f"host kdamond CPU during bring-up {n} (not smpd's)", "s", damon)

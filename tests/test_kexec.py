@@ -426,6 +426,28 @@ def test_demo_runs_every_flavour_against_every_injection_and_a_chain_and_leaves_
     assert f"machine '{machine_name}' is down" in out
 
 
+@pytest.mark.parametrize("columns", [80, 100])
+def test_the_demo_tables_keep_every_kernel_name_and_outcome_whole_on_a_narrow_terminal(columns):
+    """80 columns is what rich assumes when the demo's output is piped: the kernel column was cut
+    to nothing there. It never shrinks now; an outcome wraps its mark, or folds, never ellipsized."""
+    from rich.console import Console
+
+    from smpd.tools import render
+
+    outcomes = {"-": "CLEAN", "NMI": "CLEAN (NMI held)", "MCE": "MCE_SHUTDOWN", "SMI": "TRIPLE_FAULT"}
+    rows = [(k, i, {"outcome": o, "evidence": "e"}) for k in ("pre-fix", "6.5", "6.6") for i, o in outcomes.items()]
+    chains = [(k, {"links": [{"outcome": "CLEAN"}, {"outcome": "TRIPLE_FAULT", "evidence": "e"}], "kexecs": 3,
+                   "first_failing_link": 2}) for k in ("pre-fix", "6.5", "6.6")]
+    console = Console(width=columns, record=True, force_terminal=False)
+    console.print(render.demo_matrix(rows))
+    console.print(render.demo_chains(chains))
+    text = console.export_text()
+    assert "…" not in text and all(len(line) <= columns for line in text.splitlines())
+    cells = [line.split("│") for line in text.splitlines() if line.startswith("│")]
+    assert [c[1].strip() for c in cells if c[1].strip()] == ["pre-fix", "6.5", "6.6"] * 2
+    assert text.count("MCE_SHUTDOWN") == 3 and text.count("TRIPLE_FAULT") == 6 and text.count("(NMI") == 3
+
+
 def test_human_kexec_report_leads_with_the_outcome(machine6):
     r = run_smpd("kexec", "--park", "init", "--inject", "mce@after-copy", "--seed", "2", name=machine6.name,
                  check=False)

@@ -378,15 +378,21 @@ def chain_report(r: dict) -> Group:
     return Group(t, tail)
 
 
+def _kernel_column(t: Table, kernels: list[str]) -> None:
+    """The demo tables' first column, the row's kernel: never squeezed (on a narrow terminal, or 80
+    columns when piped, rich would cut it to nothing first); an outcome wraps its mark instead."""
+    t.add_column("kernel", no_wrap=True, min_width=max([len("kernel"), *map(len, kernels)]))
+
+
 def demo_chains(chains: list[tuple[str, dict]]) -> Group:
     """One row per kernel, one column per link; then the evidence of each first failing link."""
     links = max((len(c["links"]) for _, c in chains), default=0)
     kexecs = max((c["kexecs"] for _, c in chains), default=links)
     t = Table(title="chains of kexecs, no reset between: one outcome per link", header_style="bold",
               title_justify="left")
-    t.add_column("kernel")
+    _kernel_column(t, [flavour for flavour, _ in chains])
     for n in range(1, kexecs + 1):
-        t.add_column(f"link {n}", no_wrap=True)
+        t.add_column(f"link {n}", overflow="fold")
     notes = Text()
     for flavour, c in chains:
         cells = [Text(link["outcome"], style=OUTCOME_STYLE.get(link["outcome"], "")) for link in c["links"]]
@@ -405,9 +411,9 @@ def demo_matrix(rows: list[tuple[str, str, dict]]) -> Group:
     kinds = list(dict.fromkeys(i for _, i, _ in rows))
     t = Table(title="the first kexec after power-on: kernel x injection after the copy", header_style="bold",
               title_justify="left")
-    t.add_column("kernel")
+    _kernel_column(t, kernels)
     for kind in kinds:
-        t.add_column("no injection" if kind == "-" else kind, no_wrap=True)
+        t.add_column("no injection" if kind == "-" else kind, overflow="fold")
     cell = {(k, i): r for k, i, r in rows}
     notes = Text()
     for n_k, kernel in enumerate(kernels):

@@ -109,11 +109,11 @@ class Kexec:
         alive = self.alive_of(self.cpus)
         online = [c for c in self.cpus if seg.cb(c, "hotplug") == L.Hotplug.ONLINE and c in alive]
         offline = [c for c in self.cpus if c not in online]
+        if flavour != self.old.boot.flavour:
+            self.become(flavour)  # first: the kexec below is the one of the kernel now running, as its report says
         self.log(f"{'kdump' if s.crash else 'kexec'}: generation {self.old.gen} ({self.old.boot.text()}) -> "
                  f"{self.old.gen + 1} ({new_boot.text()}); order {s.order}, seed {s.seed}; offline CPUs "
                  f"{cpulist.format_list(offline) or 'none'}")
-        if flavour != self.old.boot.flavour:
-            self.become(flavour)
         self.new = self.obs.new = kexec_load(self.old, new_boot)
         self.writes = Relocation(seg, self.bus, self.gens, self.new, s.order, self.rng, self.log)
         self.marks = self.t.mark_start(seg, self.cpus)

@@ -165,6 +165,28 @@ def test_soak_stops_after_the_trial_in_flight(machine, sig, tmp_path):
     assert [c["hotplug"] for c in s["cpus"][1:]] == ["online", "offline"]  # as the user had it
 
 
+def test_soak_stopped_before_its_first_trial_says_so_as_the_soak(machine, tmp_path):
+    """Its requests before the first trial (the status, the idle kick measurement) are the soak's
+    own: a stop while one is in flight says what the soak did, not the internal request's name.
+    The coordinator is stopped (SIGSTOP), so the soak waits on its first request when SIGTERM comes."""
+    m = machine(3, "--watch", "adaptive")
+    out = tmp_path / "s.jsonl"
+    coordinator = m.status()["machine"]["pid"]
+    os.kill(coordinator, signal.SIGSTOP)
+    try:
+        p = start_smpd("soak", "--trials", "5", "--seed", "4", "--out", str(out), name=m.name)
+        wait_until(lambda: p.poll() is not None or psutil.Process(p.pid).net_connections("unix"), timeout=60,
+                   what="the soak to ask its machine")
+        p.send_signal(signal.SIGTERM)
+        _, err = _finish(p)
+    finally:
+        os.kill(coordinator, signal.SIGCONT)
+    assert p.returncode == 143 and _one_error_line(err) == (
+        f"Error: stopped by SIGTERM; the soak stopped before its first trial, nothing written to {out}; machine "
+        f"'{m.name}' is up (a reset or the idle kick measurement the soak had asked for ends there first)"), err
+    assert not out.exists() and m.status()["machine"]["state"] == "UP"
+
+
 @pytest.mark.parametrize("sig", SIGNALS)
 def test_up_stopped_while_cpus_come_up_leaves_nothing(machine_name, sig):
     p = start_smpd("up", "--cpus", "64", "--watch", "adaptive", name=machine_name)

@@ -4,12 +4,14 @@ nothing. Behaviour only: how long each step takes is bench/bench_machine.py's bu
 from __future__ import annotations
 
 import os
+import signal
 
 import psutil
 
-from conftest import gone, patient_config, run_smpd, wait_until
+from conftest import gone, patient_config, run_smpd, start_smpd, wait_until
 from smpd.host import names
 from smpd.machine import layout as L
+from smpd.machine.segment import Segment
 
 N = 1024
 
@@ -53,3 +55,34 @@ def test_a_1024_cpu_machine_comes_up_parks_is_kicked_and_goes_down_leaving_nothi
     assert not os.path.exists(names.segment_path(m.name))
     assert gone(coordinator)
     wait_until(lambda: all(gone(p) for p in [janitor, *pids]) or None, 30, "the janitor and every CPU process gone")
+
+
+def test_a_down_stopped_once_its_coordinator_answered_says_the_machine_goes_down_without_it(machine):
+    """`smpd down` then waits for the coordinator to kill its CPU processes (~1 s for 1023 here): a
+    Ctrl-C there stops the command, not the shutdown, and the command says so (it said only
+    "stopped by SIGINT"). Up to three machines, until one such stop lands while the shutdown is
+    still on (it is: the coordinator's state is STOPPING, and the command has read its answer)."""
+    said = []
+    for _ in range(3):
+        m = machine(N, "--watch", "adaptive")
+        coordinator = m.status()["machine"]["pid"]
+        seg = Segment.attach(names.segment(m.name))
+        try:
+            p = start_smpd("down", name=m.name)
+            wait_until(lambda: seg.hdr("state") == L.MachineState.STOPPING or p.poll() is not None, 60,
+                       "the coordinator to answer `down`")
+            wait_until(lambda: p.poll() is not None or not psutil.Process(p.pid).net_connections("unix"), 60,
+                       "`down` to have read the answer")
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=60)
+        finally:
+            seg.close()
+        wait_until(lambda: gone(coordinator) and not os.path.exists(names.segment_path(m.name)), 60,
+                   "the machine to go down without its command")
+        if p.returncode == 130:
+            said.append(err.strip())
+            break
+        assert p.returncode == 0, err  # the shutdown was over before the stop came: once more
+    assert said == [f"Error: stopped by SIGINT; machine '{m.name}' is going down: its coordinator was told, and it "
+                    f"(or its janitor, should it die) removes the rest by itself; `smpd status --name {m.name}` "
+                    f"says when it is gone"], said

@@ -351,9 +351,14 @@ def down(name: str, force: bool = False, timeout_s: float = 30.0) -> str:
     except SmpdError:
         # Busy or wedged: it does not answer. SIGTERM asks for the same clean shutdown.
         trust.signal_ours(live.pid, signal.SIGTERM, live.start, name=COORDINATOR_COMM)
-    if not wait_gone(live.pid, live.start, timeout_s):
-        trust.signal_ours(live.pid, signal.SIGKILL, live.start, name=COORDINATOR_COMM)
-        wait_gone(live.pid, live.start, 5)
+    try:
+        if not wait_gone(live.pid, live.start, timeout_s):
+            trust.signal_ours(live.pid, signal.SIGKILL, live.start, name=COORDINATOR_COMM)
+            wait_gone(live.pid, live.start, 5)
+    except Interrupted as err:  # the coordinator has its stop: it, or its janitor, finishes it without us
+        err.note = (f"machine '{name}' is going down: its coordinator was told, and it (or its janitor, should it "
+                    f"die) removes the rest by itself; `smpd status --name {name}` says when it is gone")
+        raise
     # A coordinator killed mid-shutdown leaves its janitor to finish; do it now instead.
     probe(name)
     return f"machine '{name}' is down"

@@ -27,7 +27,7 @@ from smpd.host import files
 from smpd.tools.entry import stop_signals
 from smpd.inputs import ascii_int, parse_duration
 from smpd.kernel.scenario import flavour
-from smpd.errors import BadInput, CoordinatorGone, SmpdError, Timeout
+from smpd.errors import BadInput, CoordinatorGone, Interrupted, SmpdError, Timeout
 
 
 def main(name, trials, duration, host_load, parks, inject_rate, kinds, seed, out, resume, summary_file,
@@ -256,16 +256,29 @@ def _machine_status(live, plan: soak.Plan, out: str, resumed) -> dict:
     return status
 
 
+def _prepare(live, plan: soak.Plan, out: str, resumed) -> dict:
+    """Before the first trial: the machine's status (reset if a kexec ended it), the user's offline
+    set and kernel, restored at the end; for a new run, the idle kick latency. Returns the status."""
+    try:
+        status = _machine_status(live, plan, out, resumed)
+        if plan.users_offline is None:  # a new run (or a file of an older smpd): the set the user has now
+            plan.users_offline = sorted(offline_set(status))
+        if plan.users_kernel is None:  # each trial's reset boots the next trial's kernel: this one is restored
+            plan.users_kernel = _running_kernel(status)
+        if resumed is None:
+            plan.idle_kick = idle_kick(live)
+    except Interrupted as err:  # said as the soak's, not as the request in flight (bench_kick, reset...)
+        err.note = (f"the soak stopped before its first trial, nothing written to {out}; machine '{live.name}' is up "
+                    f"(a reset or the idle kick measurement the soak had asked for ends there first)")
+        raise
+    return status
+
+
 def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resumed, console: Console) -> None:
-    status = _machine_status(live, plan, out, resumed)
+    status = _prepare(live, plan, out, resumed)
     offline = offline_set(status)
-    if plan.users_offline is None:  # a new run (or a file of an older smpd): the set the user has now
-        plan.users_offline = sorted(offline)
     users_offline = set(plan.users_offline)
-    if plan.users_kernel is None:  # each trial's reset boots the next trial's kernel: this one is restored
-        plan.users_kernel = _running_kernel(status)
     if resumed is None:
-        plan.idle_kick = idle_kick(live)
         plan.started = time.time()
         f = soak.open_new(out, plan)
     else:

@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -315,6 +316,71 @@ def test_a_segment_the_host_cannot_back_is_refused_not_left_to_a_later_sigbus():
         "refused: " + says.format("2.5") + "; check the free space of /dev/shm", "left: []",
         "created 64", "refused: " + says.format("6.2") + "; check the free space of /dev/shm",
         "left: ['smpd-full-64']"], r.stdout
+
+
+@contextlib.contextmanager
+def _pids_cgroup(name: str):
+    """A cgroup of the pids controller of our own (v2, or v1's pids hierarchy), removed at the end;
+    None where there is none to make (not root, no such controller)."""
+    made = None
+    for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/pids"):
+        path = os.path.join(root, name)
+        try:
+            os.mkdir(path)
+        except OSError:
+            continue
+        if os.path.exists(os.path.join(path, "pids.max")):
+            made = path
+            break
+        os.rmdir(path)
+    try:
+        yield made
+    finally:
+        if made is not None:
+            with open(os.path.join(made, "pids.max"), "w") as f:
+                f.write("max")
+            deadline = time.monotonic() + 30
+            while open(os.path.join(made, "cgroup.procs")).read().strip() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os.rmdir(made)
+
+
+@needs_root
+def test_a_reset_the_host_refuses_a_new_process_says_the_machine_stays_to_be_reset(machine_name):
+    """Two CPU processes die; the reset that would give them new ones meets a full cgroup (pids.max):
+    exit 2, one line that says the host refused and that the machine stays ENDED for another
+    reset (it said "nothing was left behind", true of a bring-up only); once the cgroup has room,
+    that reset brings every CPU back."""
+    with _pids_cgroup(f"smpd-test-{os.getpid()}-{machine_name}") as cg:
+        if cg is None:
+            pytest.skip("no pids cgroup to make here")
+
+        def enter():
+            with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+
+        try:
+            run_smpd("up", "--cpus", "6", "--watch", "adaptive", name=machine_name, preexec_fn=enter)
+            cpus = lifecycle.require(machine_name).request("status")["cpus"]
+            for c in cpus[4:6]:
+                os.kill(c["pid"], 9)
+            with open(os.path.join(cg, "pids.current")) as f:
+                now = int(f.read())
+            with open(os.path.join(cg, "pids.max"), "w") as f:
+                f.write(str(now - 2))  # the two dead ones, once reaped, leave no room
+            r = run_smpd("reset", name=machine_name, check=False)
+            line = _error_line(r)
+            assert r.returncode == 2 and line.startswith("Error: the host refused a process for "), r.stderr
+            assert "pids.max" in line and "the machine stays ENDED" in line and "nothing was left" not in line, line
+            s = lifecycle.require(machine_name).request("status")
+            assert s["machine"]["state"] == "ENDED" and [c["state"] for c in s["cpus"][4:6]] == ["GONE", "GONE"]
+            with open(os.path.join(cg, "pids.max"), "w") as f:
+                f.write("max")
+            r = run_smpd("reset", name=machine_name)
+            s = lifecycle.require(machine_name).request("status")
+            assert s["machine"]["state"] == "UP" and s["machine"]["online"] == 6
+        finally:
+            lifecycle.down(machine_name)
 
 
 def test_up_works_from_a_directory_holding_a_folder_named_smpd(machine_name, tmp_path):

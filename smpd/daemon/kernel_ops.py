@@ -13,7 +13,7 @@ import secrets
 import time
 
 from smpd import cpulist
-from smpd.errors import BadInput, CpuLost, Timeout
+from smpd.errors import BadInput, CpuLost, HostTooSmall, Timeout
 from smpd.kernel import boot as kboot, generations as gens_mod, kick as kick_mod
 from smpd.kernel.generations import Generations
 from smpd.kernel.kexec import Kexec
@@ -235,6 +235,10 @@ class KernelOps:
         except Timeout as err:  # a stopped or starved process (a CPU's, the template's): another reset may do
             raise Timeout(f"{err}; the reset did not finish, so no kernel runs until one does: "
                           f"`smpd status` shows where each CPU is, `smpd reset` tries again") from None
+        except HostTooSmall as err:  # a new process for a GONE CPU refused: the machine stays as it is
+            raise HostTooSmall(f"{err}; the reset did not finish: the machine stays ENDED, its CPUs without a "
+                               f"process GONE in `smpd status`; `smpd reset` again once the host has room for "
+                               f"them, or `smpd down`") from None
         self.sup.seg.set_hdr("state", L.MachineState.UP)
         self.sup.reset_offline = None
         seg = self.sup.seg

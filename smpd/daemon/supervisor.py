@@ -39,7 +39,7 @@ from smpd.daemon.template import Template
 from smpd.daemon.handlers import Handlers
 from smpd.daemon.janitor import COORDINATOR_COMM, Janitor, same_file
 from smpd.daemon.stopping import STOP_SIGNALS, Stop, UpClient, check_stop
-from smpd.errors import CpuLost, MachineAlreadyUp, SmpdError, Timeout
+from smpd.errors import CpuLost, HostTooSmall, MachineAlreadyUp, SmpdError, Timeout
 from smpd.host import hostinfo, names, trust
 from smpd.host.proc import fork_refused, set_process_name
 from smpd.kernel import boot as kboot, image
@@ -417,6 +417,8 @@ def run(spec: dict, up_client: UpClient | None = None, on_ready: Callable[[dict]
         try:
             summary = coord.boot()
         except BaseException as err:
+            if isinstance(err, HostTooSmall):  # shutdown() below removes all boot() made
+                err = HostTooSmall(f"{err}; nothing was left behind")
             if isinstance(err, SmpdError):
                 boot_error = err
             msg = str(err) if isinstance(err, SmpdError) else f"{type(err).__name__}: {err}"
@@ -425,7 +427,7 @@ def run(spec: dict, up_client: UpClient | None = None, on_ready: Callable[[dict]
             if up_client is not None:
                 up_client.answer({"ok": False, "error": msg,
                                   "exit": err.exit_status if isinstance(err, SmpdError) else 1})
-            raise
+            raise err
         if on_ready is not None:
             on_ready(summary)
         if up_client is not None:

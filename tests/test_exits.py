@@ -165,6 +165,23 @@ def test_soak_stops_after_the_trial_in_flight(machine, sig, tmp_path):
     assert [c["hotplug"] for c in s["cpus"][1:]] == ["online", "offline"]  # as the user had it
 
 
+def test_a_coordinator_killed_during_a_request_is_said_to_have_died(machine):
+    """Killed, it closes its channel on its way out, a moment before it is gone: the command waits
+    that moment out and says the coordinator died (it said only that the channel was closed)."""
+    m = machine(1024, "--watch", "adaptive")  # many children: a longer way out (each is handed to init)
+    m.request("offline", cpus="1-1023", timeout_s=300)
+    coordinator = m.status()["machine"]["pid"]
+    p = start_smpd("kexec", name=m.name)
+    wait_until(lambda: p.poll() is not None or psutil.Process(p.pid).net_connections("unix"), timeout=60,
+               what="the kexec to be asked")
+    os.kill(coordinator, signal.SIGKILL)
+    _, err = _finish(p)
+    assert p.returncode == 1 and _one_error_line(err) == (
+        f"Error: the coordinator of machine '{m.name}' (pid {coordinator}) died; `smpd down --name {m.name}` "
+        f"cleans up what is left"), err
+    wait_until(lambda: not os.path.exists(names.segment_path(m.name)), timeout=30, what="the janitor's clean-up")
+
+
 def test_soak_stopped_before_its_first_trial_says_so_as_the_soak(machine, tmp_path):
     """Its requests before the first trial (the status, the idle kick measurement) are the soak's
     own: a stop while one is in flight says what the soak did, not the internal request's name.

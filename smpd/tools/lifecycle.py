@@ -44,6 +44,7 @@ from smpd.machine import hotpath, layout as L
 from smpd.machine.segment import FOREIGN_REMEDY, Segment, SegmentBeingCreated, unlink
 from smpd.tools import early
 
+GOING_S = 1.0  # how long a coordinator that closed its channel may take to be gone, once killed
 
 
 @dataclass
@@ -69,7 +70,8 @@ class Live:
                             f"there (see `smpd status`)")
             raise
         except CoordinatorGone:
-            if not is_coordinator(self.pid, self.start):
+            # A killed process closes its sockets on its way out, a moment before it is gone: wait that out
+            if wait_gone(self.pid, self.start, GOING_S):
                 raise CoordinatorGone(f"the coordinator of machine '{self.name}' (pid {self.pid}) "
                                       f"died; `smpd down --name {self.name}` cleans up what is left") from None
             if self.state() in (L.MachineState.CREATING, L.MachineState.BOOTING):

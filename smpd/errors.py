@@ -58,6 +58,10 @@ class CoordinatorGone(SmpdError):
     """The coordinator died or stopped answering while we talked to it."""
 
 
+class ChannelClosed(CoordinatorGone):
+    """The coordinator's end of the channel closed mid-request, no answer sent (killed, most often)."""
+
+
 class InternalError(SmpdError):
     """A bug inside the coordinator, caught at the request boundary: logged, answered, the machine stays up."""
 

@@ -182,6 +182,25 @@ def test_a_coordinator_killed_during_a_request_is_said_to_have_died(machine):
     wait_until(lambda: not os.path.exists(names.segment_path(m.name)), timeout=30, what="the janitor's clean-up")
 
 
+def test_a_stopped_coordinator_is_said_to_be_stopped_and_down_takes_it_down_at_once(machine):
+    """SIGSTOP (or a debugger): a request times out saying so, with the way on; `down` lets the
+    coordinator go on (SIGCONT, ours checked first) and shut down as asked, not after 30 s of
+    waiting for an answer and 5 more for the SIGTERM it could not take."""
+    m = machine(3, "--watch", "adaptive")
+    pid = m.status()["machine"]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    r = run_smpd("status", name=m.name, check=False)
+    assert r.returncode == 1 and _one_error_line(r.stderr) == (
+        f"Error: the coordinator of machine '{m.name}' (pid {pid}) is stopped (SIGSTOP, a debugger) and did not "
+        f"answer 'status'; `kill -CONT {pid}` lets it go on"), r.stderr
+    p = start_smpd("down", name=m.name)
+    # It goes on at once (before: stopped until the SIGKILL that ended 35 s of waiting for it)
+    wait_until(lambda: gone(pid) or not proc.is_stopped(pid), timeout=20, what="the coordinator to go on")
+    out, err = _finish(p)
+    assert p.returncode == 0 and out.strip() == f"machine '{m.name}' is down", err
+    assert gone(pid) and not os.path.exists(names.segment_path(m.name))
+
+
 def test_soak_stopped_before_its_first_trial_says_so_as_the_soak(machine, tmp_path):
     """Its requests before the first trial (the status, the idle kick measurement) are the soak's
     own: a stop while one is in flight says what the soak did, not the internal request's name.

@@ -187,7 +187,7 @@ def request(address: str, authkey: bytes, op: str, timeout_s: float | None = Non
                 pass
         ok, reply = _result(conn.recv_bytes(1 << 24), raw)
     except (EOFError, ConnectionResetError, BrokenPipeError) as err:
-        raise errors.CoordinatorGone(f"the coordinator closed the channel during '{op}'") from err
+        raise errors.ChannelClosed(f"the coordinator closed the channel during '{op}'") from err
     except OSError as err:  # the handshake's SO_RCVTIMEO ran out: it is busy or wedged
         raise errors.Timeout(f"the coordinator did not answer '{op}' ({err.strerror or err}); "
                              f"it may be busy with another request") from err

@@ -174,6 +174,12 @@ def last_core(pid: int) -> int:
 _SYS_RT_SIGTIMEDWAIT = 128  # x86_64: sigwaitinfo() and sigtimedwait()
 
 
+def is_stopped(pid: int) -> bool:
+    """Is process ``pid`` stopped (SIGSTOP, a terminal's ^Z, a debugger: /proc/PID/stat's T or t)?"""
+    fields = stat_fields(pid)
+    return bool(fields) and fields[0] in (b"T", b"t")
+
+
 def asleep_in_sigwait(pid: int) -> bool:
     """Is process ``pid`` asleep inside sigwaitinfo()/sigtimedwait() (its /proc/PID/syscall and
     stat)? A process woken there but not yet run is still runnable, not asleep. For a process of

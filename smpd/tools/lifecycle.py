@@ -37,9 +37,10 @@ import psutil
 from smpd.daemon import channel
 from smpd.daemon.janitor import COORDINATOR_COMM, clean_incomplete, clean_stale_segment, is_coordinator, wait_gone
 from smpd.daemon.stopping import ACK
-from smpd.errors import (BadInput, CoordinatorGone, Interrupted, MachineAlreadyUp, MachineComingUp, MachineNotUp,
-                         NotOurs, SmpdError, Timeout)
+from smpd.errors import (BadInput, ChannelClosed, CoordinatorGone, Interrupted, MachineAlreadyUp, MachineComingUp,
+                         MachineNotUp, NotOurs, SmpdError, Timeout)
 from smpd.host import files, hostinfo, names, trust
+from smpd.host.proc import is_stopped
 from smpd.machine import hotpath, layout as L
 from smpd.machine.segment import FOREIGN_REMEDY, Segment, SegmentBeingCreated, unlink
 from smpd.tools import early
@@ -69,9 +70,14 @@ class Live:
                 err.note = (f"machine '{self.name}' is up; if '{op}' had reached its coordinator, it completes "
                             f"there (see `smpd status`)")
             raise
-        except CoordinatorGone:
+        except Timeout:
+            if is_stopped(self.pid) and is_coordinator(self.pid, self.start):
+                raise Timeout(f"the coordinator of machine '{self.name}' (pid {self.pid}) is stopped (SIGSTOP, a "
+                              f"debugger) and did not answer '{op}'; `kill -CONT {self.pid}` lets it go on") from None
+            raise
+        except CoordinatorGone as err:
             # A killed process closes its sockets on its way out, a moment before it is gone: wait that out
-            if wait_gone(self.pid, self.start, GOING_S):
+            if wait_gone(self.pid, self.start, GOING_S if isinstance(err, ChannelClosed) else 0):
                 raise CoordinatorGone(f"the coordinator of machine '{self.name}' (pid {self.pid}) "
                                       f"died; `smpd down --name {self.name}` cleans up what is left") from None
             if self.state() in (L.MachineState.CREATING, L.MachineState.BOOTING):
@@ -348,6 +354,8 @@ def down(name: str, force: bool = False, timeout_s: float = 30.0) -> str:
         return f"machine '{name}': removed segment {names.segment(name)} of an unknown layout (--force)"
     if live is None:
         return cleaned[0] if cleaned else f"machine '{name}' is not up; nothing to do"
+    if is_stopped(live.pid):  # stopped (SIGSTOP, a debugger): it goes on, to shut down as asked
+        trust.signal_ours(live.pid, signal.SIGCONT, live.start, name=COORDINATOR_COMM)
     try:
         live.request("down", timeout_s=timeout_s)
     except SmpdError:

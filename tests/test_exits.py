@@ -191,11 +191,11 @@ def test_a_stopped_coordinator_is_said_to_be_stopped_and_down_takes_it_down_at_o
     os.kill(pid, signal.SIGSTOP)
     r = run_smpd("status", name=m.name, check=False)
     assert r.returncode == 1 and _one_error_line(r.stderr) == (
-        f"Error: the coordinator of machine '{m.name}' (pid {pid}) is stopped (SIGSTOP, a debugger) and did not "
-        f"answer 'status'; `kill -CONT {pid}` lets it go on"), r.stderr
+        f"Error: the coordinator of machine '{m.name}' (pid {pid}) is stopped (SIGSTOP, ^Z) and did not answer "
+        f"'status'; `kill -CONT {pid}` lets it go on"), r.stderr
     p = start_smpd("down", name=m.name)
     # It goes on at once (before: stopped until the SIGKILL that ended 35 s of waiting for it)
-    wait_until(lambda: gone(pid) or not proc.is_stopped(pid), timeout=20, what="the coordinator to go on")
+    wait_until(lambda: gone(pid) or not proc.stop_state(pid), timeout=20, what="the coordinator to go on")
     out, err = _finish(p)
     assert p.returncode == 0 and out.strip() == f"machine '{m.name}' is down", err
     assert gone(pid) and not os.path.exists(names.segment_path(m.name))

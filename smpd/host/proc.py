@@ -174,10 +174,11 @@ def last_core(pid: int) -> int:
 _SYS_RT_SIGTIMEDWAIT = 128  # x86_64: sigwaitinfo() and sigtimedwait()
 
 
-def is_stopped(pid: int) -> bool:
-    """Is process ``pid`` stopped (SIGSTOP, a terminal's ^Z, a debugger: /proc/PID/stat's T or t)?"""
+def stop_state(pid: int) -> bytes | None:
+    """How process ``pid`` is stopped: b"T" (SIGSTOP, a terminal's ^Z: SIGCONT goes on), b"t" (by its
+    tracer, a debugger: only the tracer goes on), or None (not stopped, or gone); /proc/PID/stat."""
     fields = stat_fields(pid)
-    return bool(fields) and fields[0] in (b"T", b"t")
+    return fields[0] if fields and fields[0] in (b"T", b"t") else None
 
 
 def asleep_in_sigwait(pid: int) -> bool:

@@ -40,7 +40,7 @@ from smpd.daemon.stopping import ACK
 from smpd.errors import (BadInput, ChannelClosed, CoordinatorGone, Interrupted, MachineAlreadyUp, MachineComingUp,
                          MachineNotUp, NotOurs, SmpdError, Timeout)
 from smpd.host import files, hostinfo, names, trust
-from smpd.host.proc import is_stopped
+from smpd.host.proc import stop_state
 from smpd.machine import hotpath, layout as L
 from smpd.machine.segment import FOREIGN_REMEDY, Segment, SegmentBeingCreated, unlink
 from smpd.tools import early
@@ -71,9 +71,11 @@ class Live:
                             f"there (see `smpd status`)")
             raise
         except Timeout:
-            if is_stopped(self.pid) and is_coordinator(self.pid, self.start):
-                raise Timeout(f"the coordinator of machine '{self.name}' (pid {self.pid}) is stopped (SIGSTOP, a "
-                              f"debugger) and did not answer '{op}'; `kill -CONT {self.pid}` lets it go on") from None
+            how = {b"T": f"stopped (SIGSTOP, ^Z) and did not answer '{op}'; `kill -CONT {self.pid}` lets it go on",
+                   b"t": f"stopped by its tracer (a debugger) and did not answer '{op}'; continue or detach it there"}
+            said = how.get(stop_state(self.pid))
+            if said and is_coordinator(self.pid, self.start):
+                raise Timeout(f"the coordinator of machine '{self.name}' (pid {self.pid}) is {said}") from None
             raise
         except CoordinatorGone as err:
             # A killed process closes its sockets on its way out, a moment before it is gone: wait that out
@@ -354,23 +356,26 @@ def down(name: str, force: bool = False, timeout_s: float = 30.0) -> str:
         return f"machine '{name}': removed segment {names.segment(name)} of an unknown layout (--force)"
     if live is None:
         return cleaned[0] if cleaned else f"machine '{name}' is not up; nothing to do"
-    if is_stopped(live.pid):  # stopped (SIGSTOP, a debugger): it goes on, to shut down as asked
+    if stop_state(live.pid) == b"T":  # stopped (SIGSTOP, ^Z): it goes on, to shut down as asked
         trust.signal_ours(live.pid, signal.SIGCONT, live.start, name=COORDINATOR_COMM)
+    told = False
     try:
-        live.request("down", timeout_s=timeout_s)
-    except SmpdError:
-        # Busy or wedged: it does not answer. SIGTERM asks for the same clean shutdown.
-        trust.signal_ours(live.pid, signal.SIGTERM, live.start, name=COORDINATOR_COMM)
-    try:
+        try:
+            live.request("down", timeout_s=timeout_s)
+        except SmpdError:
+            # Busy or wedged: it does not answer. SIGTERM asks for the same clean shutdown.
+            trust.signal_ours(live.pid, signal.SIGTERM, live.start, name=COORDINATOR_COMM)
+        told = True
         if not wait_gone(live.pid, live.start, timeout_s):
             trust.signal_ours(live.pid, signal.SIGKILL, live.start, name=COORDINATOR_COMM)
             wait_gone(live.pid, live.start, 5)
-    except Interrupted as err:  # the coordinator has its stop: it, or its janitor, finishes it without us
-        err.note = (f"machine '{name}' is going down: its coordinator was told, and it (or its janitor, should it "
-                    f"die) removes the rest by itself; `smpd status --name {name}` says when it is gone")
+        # A coordinator killed mid-shutdown leaves its janitor to finish; do it now instead.
+        probe(name)
+    except Interrupted as err:  # once told (or its answer on its way: STOPPING), it finishes without us
+        if told or live.state() in (L.MachineState.STOPPING, None):
+            err.note = (f"machine '{name}' is going down: its coordinator was told, and it (or its janitor, should "
+                        f"it die) removes the rest by itself; `smpd status --name {name}` says when it is gone")
         raise
-    # A coordinator killed mid-shutdown leaves its janitor to finish; do it now instead.
-    probe(name)
     return f"machine '{name}' is down"
 
 

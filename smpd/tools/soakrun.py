@@ -268,7 +268,8 @@ def _prepare(live, plan: soak.Plan, out: str, resumed) -> dict:
         if resumed is None:
             plan.idle_kick = idle_kick(live)
     except Interrupted as err:  # said as the soak's, not as the request in flight (bench_kick, reset...)
-        err.note = (f"the soak stopped before its first trial, nothing written to {out}; machine '{live.name}' is up "
+        err.note = (f"the soak stopped before its first {'' if resumed is None else 'new '}trial, nothing written to "
+                    f"{out}; machine '{live.name}' is up "
                     f"(a reset or the idle kick measurement the soak had asked for ends there first)")
         raise
     return status

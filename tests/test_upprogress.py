@@ -1,5 +1,5 @@
-"""`smpd up`'s progress on a terminal (smpd.tools.upprogress): what it reads of a machine coming up,
-and what it draws."""
+"""`smpd up`'s and `smpd kexec`'s progress on a terminal (smpd.tools.upprogress): what each reads of
+the machine, and what it draws."""
 
 import errno
 import io
@@ -7,7 +7,7 @@ import io
 from rich.console import Console
 
 from conftest import run_smpd
-from smpd.tools.upprogress import BringUpProgress
+from smpd.tools.upprogress import BringUpProgress, KexecProgress
 
 
 def _progress(name: str, cpus: int, terminal: io.StringIO | None = None) -> BringUpProgress:
@@ -54,3 +54,21 @@ def test_before_its_machine_has_a_segment_it_reads_and_draws_nothing(machine_nam
     p.tick()
     assert p.counts() is None and p.progress is None and p.console.file.getvalue() == ""
     p.close()
+
+
+def test_a_kexec_counts_the_aps_online_in_the_generation_the_header_names(machine):
+    """Every AP parked: none online in generation 1; after the kexec, generation 2's smp_init() has
+    started all seven, and that is what it draws."""
+    m = machine(8)
+    run_smpd("offline", "1-7", name=m.name)
+    p = KexecProgress(m.name, 8, Console(file=io.StringIO(), force_terminal=True, width=100), show_after_s=0)
+    try:
+        assert p.counts() == (1, 0)
+        run_smpd("kexec", "--seed", "1", name=m.name)
+        assert p.counts() == (2, 7)
+        p.tick()
+        drawn = p.console.file.getvalue()
+        assert "generation 2: APs online" in drawn and "7/7" in drawn, drawn
+    finally:
+        p.close()
+    assert p.seg is None and p.progress is None

@@ -35,6 +35,7 @@ from smpd.host import trust
 
 HANDSHAKE_TIMEOUT_S = 5.0
 CONNECT_TRY_S = 1.0  # one connect() try, then the coordinator's identity is checked again
+TICK_S = 0.25  # a request with a ``tick`` (a progress drawn) calls it this often while it waits
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -152,10 +153,12 @@ def _connect(s: socket.socket, address: str, op: str, timeout_s: float | None,
 
 
 def request(address: str, authkey: bytes, op: str, timeout_s: float | None = None, *, server_pid: int,
-            server_alive: Callable[[], bool] = lambda: True, raw: bool = False, **args) -> Any:
+            server_alive: Callable[[], bool] = lambda: True, raw: bool = False,
+            tick: Callable[[], None] | None = None, **args) -> Any:
     """Send one request to the coordinator ``server_pid`` and return its result, or raise its error here.
     ``server_alive()``: whether that coordinator still runs, asked while a connect waits. ``raw``:
-    the result's JSON text, as the coordinator sent it.
+    the result's JSON text, as the coordinator sent it. ``tick()``: called every TICK_S while a
+    request with no timeout waits for its answer (`smpd kexec` draws its progress so).
 
     Raises NotOurs, before anything is sent, when the socket is held by any other process."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -183,8 +186,9 @@ def request(address: str, authkey: bytes, op: str, timeout_s: float | None = Non
             if not conn.poll(timeout_s):
                 raise errors.Timeout(f"the coordinator did not answer '{op}' within {timeout_s:.0f} s")
         else:
-            while not conn.poll(1.0):
-                pass
+            while not conn.poll(1.0 if tick is None else TICK_S):
+                if tick is not None:
+                    tick()
         ok, reply = _result(conn.recv_bytes(1 << 24), raw)
     except (EOFError, ConnectionResetError, BrokenPipeError) as err:
         raise errors.ChannelClosed(f"the coordinator closed the channel during '{op}'") from err

@@ -558,9 +558,18 @@ def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, 
         for spec in injects:
             scenario_mod.parse_injection(spec, machine.ncpus)
         scenario_mod.parse_boot(boot, machine.ncpus)
-        with lifecycle.machine_lock(name, "a kexec"):
-            r = machine.request("kexec", kernel=kernel, into=into, boot=boot, crash=crash, inject=list(injects),
-                                order=order, seed=seed)
+        progress = None
+        if sys.stderr.isatty():  # how far a big machine's kexec got (most of it: the new kernel's smp_init())
+            from smpd.tools.upprogress import KexecProgress
+
+            progress = KexecProgress(name, machine.ncpus, _console(stderr=True))
+        try:
+            with lifecycle.machine_lock(name, "a kexec"):
+                r = machine.request("kexec", kernel=kernel, into=into, boot=boot, crash=crash, inject=list(injects),
+                                    order=order, seed=seed, tick=progress and progress.tick)
+        finally:
+            if progress is not None:
+                progress.close()
     _print_json_or(r, as_json, lambda r: _render().kexec_report(r, form))
     _trace(trace_file, [(f"generation {r['generation']['old']} -> {r['generation']['new']}", r)], machine)
     sys.exit(0 if r["outcome"] == "CLEAN" else 1)

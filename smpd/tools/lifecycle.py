@@ -60,11 +60,12 @@ class Live:
     ncpus: int
     held: Segment | None = field(default=None, repr=False, compare=False)
 
-    def request(self, op: str, timeout_s: float | None = None, *, raw: bool = False, **args):
+    def request(self, op: str, timeout_s: float | None = None, *, raw: bool = False,
+                tick: Callable[[], None] | None = None, **args):
         try:
             return channel.request(names.socket_address(self.name, self.token), self.authkey, op, timeout_s,
                                    server_pid=self.pid, server_alive=lambda: is_coordinator(self.pid, self.start),
-                                   raw=raw, **args)
+                                   raw=raw, tick=tick, **args)
         except Interrupted as err:
             if not err.note:  # the innermost request is the one in flight
                 err.note = (f"machine '{self.name}' is up; if '{op}' had reached its coordinator, it completes "

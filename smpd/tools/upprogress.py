@@ -1,14 +1,17 @@
-"""`smpd up`'s progress on a terminal, while a big machine comes up.
+"""Progress on a terminal while a big machine comes up (`smpd up`) or kexecs (`smpd kexec`).
 
-A bring-up of thousands of CPUs takes seconds (4096 CPUs: 7-9 s on the 2-core host), and the
-coordinator answers `up` only once every CPU is online. Meanwhile `up` reads the machine's
-segment, attached as every command attaches it (smpd.machine.segment: its owner checked before
-a byte is read), each time its wait for the answer ticks: how many CPU processes are forked
+A bring-up of thousands of CPUs takes seconds (4096 CPUs: 6-9 s on the 2-core host), and the
+coordinator answers `up` only once every CPU is online; a kexec of 4096 parked CPUs takes 10 s,
+most of it the new kernel starting each AP. Meanwhile the command reads the machine's segment,
+attached as every command attaches it (smpd.machine.segment: its owner checked before a byte is
+read), each time its wait for the answer ticks. For `up`: how many CPU processes are forked
 (their pid in their control block, which the coordinator writes as it adopts each), then how
-many APs are online. It draws that on stderr (rich), transient: gone once the machine is up, or
-once the bring-up failed. Only on a terminal, and only from SHOW_AFTER_S on: a small machine
-comes up without it. The segment exists only once the coordinator has started (~1 s into a
-bring-up here), so the first draw comes then.
+many APs are online. For `kexec`: how many APs are online in the generation the header names
+(the old one until the new kernel boots, then the new one's, as its smp_init() starts them).
+It draws that on stderr (rich), transient: gone once the answer comes. Only on a terminal, and
+only from SHOW_AFTER_S on: a small machine draws nothing. The segment of a machine coming up
+exists only once its coordinator has started (~1 s into a bring-up here), so the first draw
+comes then.
 """
 
 from __future__ import annotations
@@ -50,15 +53,19 @@ class BringUpProgress:
         online = hotplug[j0:j0 + n * jstep:jstep].tolist()
         return len(forked) - forked.count(0), online.count(L.Hotplug.ONLINE)
 
+    def said(self, counts: tuple[int, int]) -> tuple[str, int]:
+        """What to draw of ``counts``: its description and how many of the APs are done."""
+        forked, online = counts
+        return ("CPU processes forked", forked) if forked < self.ncpus - 1 else ("APs online", max(0, online - 1))
+
     def tick(self) -> None:
         """Draw the counts now, once SHOW_AFTER_S have passed and the segment is there: the CPU
         processes forked, then, once all are, the APs online (their SIPIs come after the last
         fork). A terminal that can no longer be written ends the drawing, not the bring-up."""
         if self.lost or time.monotonic() < self.show_at or (counts := self.counts()) is None:
             return
-        forked, online = counts
         aps = self.ncpus - 1
-        what, done = ("CPU processes forked", forked) if forked < aps else ("APs online", max(0, online - 1))
+        what, done = self.said(counts)
         try:
             if self.progress is None:
                 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -90,3 +97,23 @@ class BringUpProgress:
                 progress.stop()
             except OSError:  # nothing to erase on a terminal that is gone
                 pass
+
+
+class KexecProgress(BringUpProgress):
+    """`smpd kexec`'s: the APs online in the generation the header names (CPU 0 aside)."""
+
+    def counts(self) -> tuple[int, int] | None:
+        """(the generation the header names, its APs online), or None while the segment cannot be read."""
+        if super().counts() is None:  # attaches the segment
+            return None
+        n = min(self.ncpus, self.seg.geo.ncpus)
+        gen = self.seg.hdr("generation")
+        gens, i0, step = self.seg.cb_column("cpu_gen")
+        hotplug, j0, jstep = self.seg.cb_column("hotplug")
+        started = gens[i0 + step:i0 + n * step:step].tolist()
+        online = hotplug[j0 + jstep:j0 + n * jstep:jstep].tolist()
+        return gen, sum(1 for g, h in zip(started, online) if g == gen and h == L.Hotplug.ONLINE)
+
+    def said(self, counts: tuple[int, int]) -> tuple[str, int]:
+        gen, online = counts
+        return f"generation {gen}: APs online", online

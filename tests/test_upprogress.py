@@ -1,6 +1,7 @@
 """`smpd up`'s and `smpd kexec`'s progress on a terminal (smpd.tools.upprogress): what each reads of
 the machine, and what it draws."""
 
+import contextlib
 import errno
 import io
 
@@ -10,9 +11,23 @@ from conftest import run_smpd
 from smpd.tools.upprogress import BringUpProgress, KexecProgress
 
 
-def _progress(name: str, cpus: int, terminal: io.StringIO | None = None) -> BringUpProgress:
-    return BringUpProgress(name, cpus, Console(file=terminal or io.StringIO(), force_terminal=True, width=100),
-                           show_after_s=0)
+def _progress(name: str, cpus: int, terminal: io.StringIO | None = None, kind=BringUpProgress) -> BringUpProgress:
+    return kind(name, cpus, Console(file=terminal or io.StringIO(), force_terminal=True, width=100), show_after_s=0)
+
+
+@contextlib.contextmanager
+def _drawing(p: BringUpProgress):
+    """``p``, closed at the end: it then holds neither the segment nor a drawing."""
+    try:
+        yield p
+    finally:
+        p.close()
+    assert p.seg is None and p.progress is None
+
+
+def _drawn(p: BringUpProgress) -> str:
+    p.tick()
+    return p.console.file.getvalue()
 
 
 def test_it_counts_the_cpu_processes_forked_and_the_cpus_online_and_draws_the_aps_online(machine):
@@ -21,15 +36,10 @@ def test_it_counts_the_cpu_processes_forked_and_the_cpus_online_and_draws_the_ap
     forked, what it draws is the APs online."""
     m = machine(8)
     run_smpd("offline", "5-7", name=m.name)
-    p = _progress(m.name, 8)
-    try:
+    with _drawing(_progress(m.name, 8)) as p:
         assert p.counts() == (7, 5)
-        p.tick()
-        drawn = p.console.file.getvalue()
+        drawn = _drawn(p)
         assert "APs online" in drawn and "4/7" in drawn, drawn
-    finally:
-        p.close()
-    assert p.seg is None and p.progress is None
 
 
 class _GoneTerminal(io.StringIO):
@@ -61,14 +71,9 @@ def test_a_kexec_counts_the_aps_online_in_the_generation_the_header_names(machin
     started all seven, and that is what it draws."""
     m = machine(8)
     run_smpd("offline", "1-7", name=m.name)
-    p = KexecProgress(m.name, 8, Console(file=io.StringIO(), force_terminal=True, width=100), show_after_s=0)
-    try:
+    with _drawing(_progress(m.name, 8, kind=KexecProgress)) as p:
         assert p.counts() == (1, 0)
         run_smpd("kexec", "--seed", "1", name=m.name)
         assert p.counts() == (2, 7)
-        p.tick()
-        drawn = p.console.file.getvalue()
+        drawn = _drawn(p)
         assert "generation 2: APs online" in drawn and "7/7" in drawn, drawn
-    finally:
-        p.close()
-    assert p.seg is None and p.progress is None

@@ -1,4 +1,4 @@
-"""`smpd up`'s and `smpd kexec`'s progress on a terminal (smpd.tools.upprogress): what each reads of
+"""`smpd up`'s and `smpd kexec`'s (`chain`'s, `reset`'s) progress on a terminal (smpd.tools.upprogress): what each reads of
 the machine, and what it draws."""
 
 import contextlib
@@ -8,7 +8,7 @@ import io
 from rich.console import Console
 
 from conftest import run_smpd
-from smpd.tools.upprogress import BringUpProgress, KexecProgress
+from smpd.tools.upprogress import BringUpProgress, GenerationProgress
 
 
 def _progress(name: str, cpus: int, terminal: io.StringIO | None = None, kind=BringUpProgress) -> BringUpProgress:
@@ -71,7 +71,7 @@ def test_a_kexec_counts_the_aps_online_in_the_generation_the_header_names(machin
     started all seven, and that is what it draws."""
     m = machine(8)
     run_smpd("offline", "1-7", name=m.name)
-    with _drawing(_progress(m.name, 8, kind=KexecProgress)) as p:
+    with _drawing(_progress(m.name, 8, kind=GenerationProgress)) as p:
         assert p.counts() == (1, 0)
         run_smpd("kexec", "--seed", "1", name=m.name)
         assert p.counts() == (2, 7)

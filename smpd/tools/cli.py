@@ -523,6 +523,23 @@ def _kernel_choice(kernel: str | None, park: str | None) -> str | None:
     return kernel if kernel is not None else park
 
 
+def _drawn_request(machine: lifecycle.Live, op: str, doing: str, **args) -> dict:
+    """``op`` under the machine's lock (``doing`` names it to a soak that holds it), drawing on a
+    terminal, while it runs, how many APs are online in the generation the header names: a kexec,
+    chain or reset of thousands of CPUs takes seconds, most of them a kernel starting each AP."""
+    progress = None
+    if sys.stderr.isatty():
+        from smpd.tools.upprogress import GenerationProgress
+
+        progress = GenerationProgress(machine.name, machine.ncpus, _console(stderr=True))
+    try:
+        with lifecycle.machine_lock(machine.name, doing):
+            return machine.request(op, tick=progress and progress.tick, **args)
+    finally:
+        if progress is not None:
+            progress.close()
+
+
 @main.command()
 @name_option
 @_kernel_options
@@ -558,18 +575,8 @@ def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, 
         for spec in injects:
             scenario_mod.parse_injection(spec, machine.ncpus)
         scenario_mod.parse_boot(boot, machine.ncpus)
-        progress = None
-        if sys.stderr.isatty():  # how far a big machine's kexec got (most of it: the new kernel's smp_init())
-            from smpd.tools.upprogress import KexecProgress
-
-            progress = KexecProgress(name, machine.ncpus, _console(stderr=True))
-        try:
-            with lifecycle.machine_lock(name, "a kexec"):
-                r = machine.request("kexec", kernel=kernel, into=into, boot=boot, crash=crash, inject=list(injects),
-                                    order=order, seed=seed, tick=progress and progress.tick)
-        finally:
-            if progress is not None:
-                progress.close()
+        r = _drawn_request(machine, "kexec", "a kexec", kernel=kernel, into=into, boot=boot, crash=crash,
+                           inject=list(injects), order=order, seed=seed)
     _print_json_or(r, as_json, lambda r: _render().kexec_report(r, form))
     _trace(trace_file, [(f"generation {r['generation']['old']} -> {r['generation']['new']}", r)], machine)
     sys.exit(0 if r["outcome"] == "CLEAN" else 1)
@@ -593,9 +600,8 @@ def chain(name, kexecs, kernel, park, into, boot, injects, order, seed, as_json,
         scenario_mod.parse_injection(spec, machine.ncpus)
     scenario_mod.parse_boot(boot, machine.ncpus)
     _check_trace(trace_file)
-    with lifecycle.machine_lock(name, "a chain"):
-        r = machine.request("chain", kexecs=kexecs, kernel=kernel, into=into, boot=boot, inject=list(injects),
-                            order=order, seed=seed)
+    r = _drawn_request(machine, "chain", "a chain", kexecs=kexecs, kernel=kernel, into=into, boot=boot,
+                       inject=list(injects), order=order, seed=seed)
     _print_json_or(r, as_json, lambda r: _render().chain_report(r))
     _trace(trace_file, [(f"link {n}: generation {link['generation']['old']} -> {link['generation']['new']}", link)
                         for n, link in enumerate(r["links"], 1)], machine)
@@ -659,8 +665,7 @@ def reset(name, offline, kernel):
     """A power cycle: generation 1 boots again, with the offline CPUs of before the first kexec
     (or --offline's)."""
     machine = lifecycle.require(name)
-    with lifecycle.machine_lock(name, "a reset"):
-        r = machine.request("reset", offline=offline, kernel=kernel)  # None: the handler's own default
+    r = _drawn_request(machine, "reset", "a reset", offline=offline, kernel=kernel)  # None: the handler's default
     waiting = r.get("not_started", [])
     parked = cpulist.format_list([c for c in r["offline"] if c not in waiting])
     where = [f"CPU {parked} in mwait_play_dead()"] if parked else []

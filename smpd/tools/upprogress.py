@@ -1,4 +1,4 @@
-"""Progress on a terminal while a big machine comes up (`smpd up`) or kexecs (`smpd kexec`).
+"""Progress on a terminal while a big machine comes up (`smpd up`), kexecs or resets.
 
 A bring-up of thousands of CPUs takes seconds (4096 CPUs: 6-9 s on the 2-core host), and the
 coordinator answers `up` only once every CPU is online; a kexec of 4096 parked CPUs takes 10 s,
@@ -6,8 +6,9 @@ most of it the new kernel starting each AP. Meanwhile the command reads the mach
 attached as every command attaches it (smpd.machine.segment: its owner checked before a byte is
 read), each time its wait for the answer ticks. For `up`: how many CPU processes are forked
 (their pid in their control block, which the coordinator writes as it adopts each), then how
-many APs are online. For `kexec`: how many APs are online in the generation the header names
-(the old one until the new kernel boots, then the new one's, as its smp_init() starts them).
+many APs are online. For `kexec`, `chain` and `reset`: how many APs are online in the generation
+the header names (the old one until the new kernel boots, then the new one's, as its smp_init()
+starts them; generation 1's again at a reset).
 It draws that on stderr (rich), transient: gone once the answer comes. Only on a terminal, and
 only from SHOW_AFTER_S on: a small machine draws nothing. The segment of a machine coming up
 exists only once its coordinator has started (~1 s into a bring-up here), so the first draw
@@ -99,8 +100,9 @@ class BringUpProgress:
                 pass
 
 
-class KexecProgress(BringUpProgress):
-    """`smpd kexec`'s: the APs online in the generation the header names (CPU 0 aside)."""
+class GenerationProgress(BringUpProgress):
+    """`smpd kexec`'s, `chain`'s and `reset`'s: the APs online in the generation the header names
+    (CPU 0 aside)."""
 
     def counts(self) -> tuple[int, int] | None:
         """(the generation the header names, its APs online), or None while the segment cannot be read."""

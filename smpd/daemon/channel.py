@@ -35,7 +35,7 @@ from smpd.host import trust
 
 HANDSHAKE_TIMEOUT_S = 5.0
 CONNECT_TRY_S = 1.0  # one connect() try, then the coordinator's identity is checked again
-TICK_S = 0.25  # a request with a ``tick`` (a progress drawn) calls it this often while it waits
+TICK_S = 0.25  # a ``tick`` (a progress drawn: ~3 ms of the CLI's CPU each at 4096 CPUs, rich's) this often
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

@@ -199,10 +199,9 @@ def fork_refused(err: OSError, what: str) -> HostTooSmall:
     """The error for a process the host would not give us (fork's EAGAIN, ENOMEM; the pipe a CPU
     process waits on, EMFILE; the template's exec, EACCES...), with what to look at for its errno.
     What it leaves is the caller's to say: nothing, at a bring-up; a machine to reset again, at a reset."""
-    why = {errno.EAGAIN: "too many processes for this user or host (see `ulimit -u`, pid_max and the cgroup's "
-                         "pids.max)",
-           errno.ENOMEM: "the host is out of memory, or of processes (see `ulimit -u`, pid_max and the cgroup's "
-                         "pids.max)",
+    limits = "(see `ulimit -u`, pid_max and the cgroup's pids.max)"
+    why = {errno.EAGAIN: f"too many processes for this user or host {limits}",
+           errno.ENOMEM: f"the host is out of memory, or of processes {limits}",
            errno.EMFILE: "too many open files for this process (see `ulimit -n`)",
            errno.ENFILE: "too many open files on the host (see fs.file-max)"}.get(err.errno)
     return HostTooSmall(f"the host refused a process for {what} ({err.strerror or err})"

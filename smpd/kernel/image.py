@@ -39,8 +39,13 @@ class PageTag(NamedTuple):
     index: int
 
 
+def _tag(generation: int, region: Region, index: int) -> tuple:
+    """A page's tag, TAG's fields in its order (the reserved one 0)."""
+    return TAG_MAGIC, generation, region, 0, index
+
+
 def tag_bytes(generation: int, region: Region, index: int) -> bytes:
-    return TAG.pack(TAG_MAGIC, generation, region, 0, index)
+    return TAG.pack(*_tag(generation, region, index))
 
 
 # A kernel page's image costs a SHAKE-256 of 4 KiB (~19 us), and a soak trial writes and verifies the
@@ -140,7 +145,7 @@ def _images_into(buf: bytearray, seed: int, pages: Iterable[tuple[int, Region, i
     ~9400 pages, mostly page faults on the memory each new object took)."""
     at, tag, body = 0, TAG.size, L.PAGE - TAG.size
     for generation, region, index in pages:
-        TAG.pack_into(buf, at, TAG_MAGIC, generation, region, 0, index)
+        TAG.pack_into(buf, at, *_tag(generation, region, index))
         buf[at + tag:at + tag + body] = _body(seed, generation, region, index)
         at += L.PAGE
 

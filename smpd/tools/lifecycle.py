@@ -242,8 +242,8 @@ def start_daemon(spec: dict, meanwhile: Callable[[], object] = lambda: None,
                  tick: Callable[[], None] | None = None) -> dict:
     """Start the coordinator detached (or take the one `smpd up` started early: smpd.tools.early);
     return its summary once every CPU is online. ``meanwhile`` runs once the coordinator has the
-    spec (our own work, done while the machine comes up); ``tick``, if given, every TICK_S while
-    we wait for its answer (smpd.tools.upprogress).
+    spec (our own work, done while the machine comes up); ``tick``, if given, every channel.TICK_S
+    while we wait for its answer (smpd.tools.upprogress).
 
     If this process is interrupted while waiting, the daemon is told to stop and we
     wait for it to clean up before re-raising; if this process dies, the daemon sees
@@ -257,9 +257,6 @@ def start_daemon(spec: dict, meanwhile: Callable[[], object] = lambda: None,
         return _bring_up(spec, ours, proc, meanwhile, timeout_s, tick)
     finally:
         early.handed()
-
-
-TICK_S = 0.25  # a progress drawn 4 times a second: ~3 ms of the CLI's CPU each at 4096 CPUs (rich's)
 
 
 def _bring_up(spec: dict, ours: socket.socket, proc: subprocess.Popen, meanwhile: Callable[[], object],
@@ -316,7 +313,7 @@ def _read_line(sock: socket.socket, proc: subprocess.Popen, timeout_s: float,
         left = deadline - time.monotonic()
         if left <= 0:
             raise Timeout(f"the machine did not come up within {timeout_s:.0f} s")
-        sock.settimeout(min(left, 0.5 if tick is None else TICK_S))
+        sock.settimeout(min(left, 0.5 if tick is None else channel.TICK_S))
         try:
             chunk = sock.recv(65536)
         except TimeoutError:

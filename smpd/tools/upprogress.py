@@ -35,9 +35,9 @@ class BringUpProgress:
         self.task = None
         self.lost = False  # its terminal went away: the bring-up goes on, undrawn
 
-    def counts(self) -> tuple[int, int] | None:
-        """(CPU processes forked, CPUs online), or None while the machine's segment cannot be read
-        (not made yet, being made)."""
+    def _attached(self) -> bool:
+        """Is the machine's segment attached (attached now if it can be: not while it is not made
+        yet, or being made)?"""
         if self.seg is None:
             import posix_ipc
 
@@ -46,13 +46,20 @@ class BringUpProgress:
             try:
                 self.seg = Segment.attach(names.segment(self.name))
             except (posix_ipc.Error, BadInput, OSError):
-                return None
-        n = min(self.ncpus, self.seg.geo.ncpus)
-        pids, i0, step = self.seg.cb_column("pid")
-        hotplug, j0, jstep = self.seg.cb_column("hotplug")
-        forked = pids[i0 + step:i0 + n * step:step].tolist()
-        online = hotplug[j0:j0 + n * jstep:jstep].tolist()
-        return len(forked) - forked.count(0), online.count(L.Hotplug.ONLINE)
+                return False
+        return True
+
+    def _values(self, field: str) -> list[int]:
+        """A control-block word of each CPU, 0 to the last the segment and ``ncpus`` both have."""
+        words, i0, step = self.seg.cb_column(field)
+        return words[i0:i0 + min(self.ncpus, self.seg.geo.ncpus) * step:step].tolist()
+
+    def counts(self) -> tuple[int, int] | None:
+        """(CPU processes forked, CPUs online), or None while the machine's segment cannot be read."""
+        if not self._attached():
+            return None
+        forked = self._values("pid")[1:]
+        return len(forked) - forked.count(0), self._values("hotplug").count(L.Hotplug.ONLINE)
 
     def said(self, counts: tuple[int, int]) -> tuple[str, int]:
         """What to draw of ``counts``: its description and how many of the APs are done."""
@@ -106,15 +113,11 @@ class GenerationProgress(BringUpProgress):
 
     def counts(self) -> tuple[int, int] | None:
         """(the generation the header names, its APs online), or None while the segment cannot be read."""
-        if super().counts() is None:  # attaches the segment
+        if not self._attached():
             return None
-        n = min(self.ncpus, self.seg.geo.ncpus)
         gen = self.seg.hdr("generation")
-        gens, i0, step = self.seg.cb_column("cpu_gen")
-        hotplug, j0, jstep = self.seg.cb_column("hotplug")
-        started = gens[i0 + step:i0 + n * step:step].tolist()
-        online = hotplug[j0 + jstep:j0 + n * jstep:jstep].tolist()
-        return gen, sum(1 for g, h in zip(started, online) if g == gen and h == L.Hotplug.ONLINE)
+        aps = zip(self._values("cpu_gen")[1:], self._values("hotplug")[1:])
+        return gen, sum(1 for g, h in aps if g == gen and h == L.Hotplug.ONLINE)
 
     def said(self, counts: tuple[int, int]) -> tuple[str, int]:
         gen, online = counts

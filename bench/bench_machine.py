@@ -84,6 +84,12 @@ def _kdamond_s() -> float | None:
     return total if seen else None
 
 
+def _faults_cpu_ns(pid: int) -> tuple[int, int] | None:
+    """A process's page faults (minflt) and host CPU (ns) so far; None once it is gone."""
+    fields, ns = stat_fields(pid), cpu_time_ns(pid)
+    return None if fields is None or ns is None else (int(fields[7]), ns)  # [7]: minflt ([0] is field 3)
+
+
 def bringup_costs() -> dict[str, float]:
     """Where a bring-up's host CPU went, read right after it (before any other command): each CPU
     process's page faults and CPU (medians over the machine's), the coordinator's CPU, and the
@@ -91,10 +97,10 @@ def bringup_costs() -> dict[str, float]:
     m = lifecycle.require(NAME).request("status")
     faults, cpu_ms = [], []
     for c in m["cpus"][1:]:
-        fields, ns = stat_fields(c["pid"]), cpu_time_ns(c["pid"])
-        if fields is not None and ns is not None:  # [7]: minflt (stat_fields' [0] is field 3)
-            faults.append(int(fields[7]))
-            cpu_ms.append(ns / 1e6)
+        now = _faults_cpu_ns(c["pid"])
+        if now is not None:
+            faults.append(now[0])
+            cpu_ms.append(now[1] / 1e6)
     coord = stat_fields(m["machine"]["pid"])  # [11:13] utime, stime; [13:15] the reaped children's
     tick_ms = 1e3 / os.sysconf("SC_CLK_TCK")
     return {"faults": statistics.median(faults), "cpu_ms": statistics.median(cpu_ms),
@@ -108,7 +114,7 @@ def kexec_costs(n: int) -> dict[str, float]:
     its start in the new generation, the first time since its fork: copy-on-write faults), and what
     each CPU process (medians over the machine's) and the host's kdamond spent during it."""
     pids = [c["pid"] for c in lifecycle.require(NAME).request("status")["cpus"][1:]]
-    before = {p: (stat_fields(p), cpu_time_ns(p)) for p in pids}
+    before = {p: _faults_cpu_ns(p) for p in pids}
     k0 = _kdamond_s()
     t0 = time.perf_counter()
     report = json.loads(smpd("kexec", "--json"))
@@ -116,11 +122,11 @@ def kexec_costs(n: int) -> dict[str, float]:
     if k0 is not None:
         out["kdamond_s"] = _kdamond_s() - k0
     faults, cpu_ms = [], []
-    for p, (fields, ns) in before.items():
-        fields2, ns2 = stat_fields(p), cpu_time_ns(p)
-        if None not in (fields, ns, fields2, ns2):
-            faults.append(int(fields2[7]) - int(fields[7]))
-            cpu_ms.append((ns2 - ns) / 1e6)
+    for p, then in before.items():
+        now = _faults_cpu_ns(p)
+        if then is not None and now is not None:
+            faults.append(now[0] - then[0])
+            cpu_ms.append((now[1] - then[1]) / 1e6)
     out.update(faults=statistics.median(faults), cpu_ms=statistics.median(cpu_ms))
     out["smp_init_ms"] = next(ph["dur_us"] for ph in report["phases"] if "smp_init()" in ph["name"]) / 1e3
     return out

@@ -18,7 +18,10 @@ bench or reset before it has touched the pages a CPU's answer reads).
 
 What each floor is. The cache-line floor (hwfloor.c) is the host's coherence floor: ping
 goes to the other core, pong comes back, four moves of two lines (each store takes its
-line from the core that reads it, each read brings it over). A spin kick (compiled path)
+line from the core that reads it, each read brings it over). It is also measured on the two
+words of one line, alternated with the first in the same run: the kick's own layout, and on
+the development host the cheaper conversation of the two (by 20-50 ns), so the kick's ratio
+to it is the stricter. A spin kick (compiled path)
 makes the same four moves of one line, struct mwait_cpu_dead's: (1) the coordinator's
 store to .control takes the line from the CPU; (2) the CPU's spin loop, which watches
 .control as MWAIT watches its line, reads it back and sees the change; (3) its store to
@@ -204,6 +207,8 @@ def main() -> None:
             label = f"{hot} {watch} x{targets} {'loaded' if loaded else 'idle'}"
             rec.add(f"{label}: kick round trip p50 (smpd bench kick)", "ns", [r["rtt_ns"]["p50"]])
             rec.add(f"{label}: cache-line floor p50 (hwfloor.c)", "ns", [r["hw_rtt_ns"] or 0])
+            if r.get("hw_line1_ns"):
+                rec.add(f"{label}: cache-line floor on one line's two words p50 (hwfloor.c)", "ns", [r["hw_line1_ns"]])
             if r.get("wake_rtt_ns"):
                 rec.add(f"{label}: wake-up floor p50 (hwfloor.c wake)", "ns", [r["wake_rtt_ns"]])
             for key, _rounds, _pause_us, asleep in SEQUENCE_FLOORS:
@@ -228,7 +233,8 @@ def main() -> None:
                         r["whole_kick_host_wake_ns"])
             print(f"  done: {hot} {watch} x{targets} {'loaded' if loaded else 'idle'}", file=sys.stderr, flush=True)
     print("floor = the C cache-line ping-pong of the same row, before and after its kicks: the lower "
-          "(* where the two differ by more than 1.5x: the host placed the cores anew mid-row); >5ms = share of kicks over the kernel's "
+          "(* where the two differ by more than 1.5x: the host placed the cores anew mid-row), on two lines / on one "
+          "line's two words (struct mwait_cpu_dead's layout), and p50/floor against each; >5ms = share of kicks over the kernel's "
           f"budget; whole kick = `smpd kick` of every target, {WHOLE} times: median / worst, CPUs stuck in all")
     print("wake = the wake-up floor (a cold round trip to a process asleep in sigwaitinfo, on the other core; a "
           "reference, not a bound), adaptive rows only")
@@ -254,13 +260,15 @@ def main() -> None:
 def print_rows(rows: list) -> None:
     """The table: one line per row of the plan."""
     head = (f"{'hot':<7}{'watch':<9}{'targets':>7}  {'host':<7}{'kicks':>6}  {'rtt p50':>9} {'p99':>9} {'max':>9}"
-            f"  {'floor':>6}  {'p50/floor':>9}  {'wake':>8}  {'p50/wake':>8}  {'>5ms':>6}  {'whole kick':>16}"
+            f"  {'floor':>11}  {'p50/floor':>11}  {'wake':>8}  {'p50/wake':>8}  {'>5ms':>6}  {'whole kick':>16}"
             f"  {'seq floor':>13}  {'whole/seq':>11}  {'to running':>16}  stuck")
     print(head)
     for hot, watch, targets, loaded, r in rows:
         s = r["rtt_ns"]
-        ratio = f"{r['ratio_p50']:.1f}x" if r.get("ratio_p50") else "-"
-        floor = f"{r['hw_rtt_ns']}ns{'*' if r.get('floor_moved') else ''}" if r.get("hw_rtt_ns") else "-"
+        ratio = " / ".join(f"{r[k]:.2f}" for k in ("ratio_p50", "ratio_line1_p50") if r.get(k)) + "x" \
+            if r.get("ratio_p50") else "-"
+        floor = (" / ".join(str(r[k]) for k in ("hw_rtt_ns", "hw_line1_ns") if r.get(k))
+                 + f"ns{'*' if r.get('floor_moved') else ''}") if r.get("hw_rtt_ns") else "-"
         share = f"{100 * r['budget_exceeded']['share']:.2f}%"
         whole = f"{r['whole_kick_p50_ns'] / 1e6:.2f} / {r['whole_kick_max_ns'] / 1e6:.2f}ms"
         wake = r.get("wake_rtt_ns")
@@ -273,7 +281,7 @@ def print_rows(rows: list) -> None:
         host = (f"{parts[len(parts) // 2] / 1e6:.2f}ms ({100 * parts[len(parts) // 2] / r['whole_kick_p50_ns']:.0f}%)"
                 if any(parts) else "-")
         print(f"{hot:<7}{watch:<9}{targets:>7}  {'loaded' if loaded else 'idle':<7}{r['kicks']:>6}  "
-              f"{_us(s['p50'])} {_us(s['p99'])} {_us(s['max'])}  {floor:>6}  {ratio:>9}  {wake_col:>8}  "
+              f"{_us(s['p50'])} {_us(s['p99'])} {_us(s['max'])}  {floor:>11}  {ratio:>11}  {wake_col:>8}  "
               f"{wake_ratio:>8}  {share:>6}  {whole:>16}  {seq_col:>13}  {seq_ratio:>11}  {host:>16}  {r['whole_kick_stuck']}")
 
 

@@ -45,6 +45,10 @@ def test_bench_kick_records_every_kick_and_reparks_the_cpus(parked4, tmp_path):
     if floor["available"]:  # measured before and after the kicks; the ratios are to the lower
         assert d["hw_rtt_ns"] == min(floor["rtt_ns"], d["hw_floor_after"]["rtt_ns"]) > 0
         assert d["ratio_p50"] == pytest.approx(d["rtt_ns"]["p50"] / d["hw_rtt_ns"], rel=0.01)
+        # and on one line's two words, the kick's layout, in the same runs
+        assert d["hw_line1_ns"] == min(floor["line1_ns"], d["hw_floor_after"]["line1_ns"]) > 0
+        assert d["ratio_line1_p50"] == pytest.approx(d["rtt_ns"]["p50"] / d["hw_line1_ns"], rel=0.01)
+        assert "struct mwait_cpu_dead's layout" in " ".join(r.stdout.split())
     else:
         assert d["hw_rtt_ns"] is None and floor["why"]
     # An adaptive machine: the round trip is also read against the host's wake-up floor.
@@ -176,6 +180,25 @@ def test_a_floor_that_moved_during_the_run_is_said_and_the_ratios_take_the_lower
     assert "the floor moved during the run (550 -> 150 ns" in text
     steady = run.report(floor(150), None, floor(160))
     assert steady["hw_rtt_ns"] == 150 and not steady["floor_moved"]
+    assert moved["hw_line1_ns"] is None and "one line" not in text  # no such figure: no such line
+    one_line = run.report({**floor(550), "line1_ns": 500}, None, {**floor(150), "line1_ns": 130})
+    assert one_line["hw_line1_ns"] == 130 and one_line["ratio_line1_p50"] == pytest.approx(320 / 130, 0.01)
+    assert "is 2.46x that" in " ".join(render.bench_kick(one_line, None, None).renderables[0].plain.split())
+
+
+def test_the_cache_line_floor_plays_two_lines_and_one_line_in_full():
+    """hwfloor.c's ping-pong on two lines and on one line's two words (struct mwait_cpu_dead's layout),
+    alternated in batches: each layout's own percentiles, over whole batches of each."""
+    from smpd.tools import hwfloor
+
+    _compiler()
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two host cores")
+    for rounds in (7, 2000):  # 7: rounded up to one round per batch
+        f = hwfloor.measure(rounds)
+        assert f["available"], f
+        assert 0 < f["rtt_min_ns"] <= f["rtt_ns"] <= f["rtt_p99_ns"], f
+        assert 0 < f["line1_min_ns"] <= f["line1_ns"] <= f["line1_p99_ns"], f
 
 
 def test_a_floor_that_cannot_be_built_is_unavailable_and_costs_nothing(monkeypatch):

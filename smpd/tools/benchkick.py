@@ -128,9 +128,8 @@ class Run:
         ``wake_floor`` (an adaptive machine's): the same round trip to a process asleep in
         sigwaitinfo, which a kick of a sleeping CPU pays."""
         one_way, rtt = summary(self.one_way), summary(self.rtt)
-        floors = [f["rtt_ns"] for f in (floor, floor_after or {}) if f.get("available")]
-        hw = min(floors) if floors else None
-        moved = len(floors) == 2 and max(floors) > FLOOR_MOVED * min(floors)
+        floors = _floor_figures(floor, floor_after, rtt)
+        hw = floors["hw_rtt_ns"]
         wake = (wake_floor or {}).get("rtt_ns") if (wake_floor or {}).get("available") else None
         per_cpu = {}
         for cpu in self.targets:
@@ -147,8 +146,7 @@ class Run:
             "kicks": self.kicks, "seconds": round(self.seconds, 3),
             "one_way_ns": one_way, "rtt_ns": rtt,
             "kernel_rounds": summary(self.kernel_rounds),
-            "hw_rtt_ns": hw, "hw_floor": floor, "hw_floor_after": floor_after, "floor_moved": moved,
-            "ratio_p50": round(rtt["p50"] / hw, 4) if hw and rtt.get("count") else None,
+            **floors,
             "wake_floor": wake_floor, "wake_rtt_ns": wake,
             "ratio_wake_p50": round(rtt["p50"] / wake, 4) if wake and rtt.get("count") else None,
             # Kicks of a CPU that slept: the host's hand-off (write -> its process running again)
@@ -165,6 +163,22 @@ class Run:
     def histograms(self) -> dict[str, list[tuple[int, int]]]:
         return {name: [(i.value_iterated_to, i.count_at_value_iterated_to) for i in h.get_recorded_iterator()]
                 for name, h in (("rtt", self.rtt), ("one_way", self.one_way))}
+
+
+def _floor_figures(floor: dict, floor_after: dict | None, rtt: dict) -> dict:
+    """The cache-line floor's figures, on two lines (hw_rtt_ns) and on one line's two words, the
+    kick's own layout (struct mwait_cpu_dead; hw_line1_ns): each the lower of its runs before and
+    after the kicks, and the round trip's p50 against it."""
+    runs = [f for f in (floor, floor_after or {}) if f.get("available")]
+    hw = min((f["rtt_ns"] for f in runs), default=None)
+    line1 = min((f["line1_ns"] for f in runs if f.get("line1_ns")), default=None)
+
+    def ratio(ns: int | None) -> float | None:
+        return round(rtt["p50"] / ns, 4) if ns and rtt.get("count") else None
+
+    return {"hw_rtt_ns": hw, "hw_floor": floor, "hw_floor_after": floor_after,
+            "floor_moved": len(runs) == 2 and max(f["rtt_ns"] for f in runs) > FLOOR_MOVED * hw,
+            "ratio_p50": ratio(hw), "hw_line1_ns": line1, "ratio_line1_p50": ratio(line1)}
 
 
 # A floor that differs by more than this before and after the kicks: the host moved under the

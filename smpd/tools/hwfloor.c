@@ -4,9 +4,11 @@
  * hwfloor CORE_A CORE_B ITERATIONS — the host's coherence floor: one round trip between two
  * cores. Thread A (on CORE_A) stores i into `ping` and spins until `pong` says i; thread B
  * (on CORE_B) spins until `ping` says i and stores it into `pong`. Each sits alone on its own
- * 64-byte line: two line transfers a round trip, about what a kick costs the coherence fabric
- * (control out and status back in one struct mwait_cpu_dead, a line there and back); not
- * what real MWAIT adds, the exit from the C-state mwait_play_dead() asked for.
+ * 64-byte line: two line transfers a round trip, about what a kick costs the coherence fabric;
+ * not what real MWAIT adds, the exit from the C-state mwait_play_dead() asked for. The same
+ * ping-pong is also run on the two words of one line (`one`: control and status, as in one
+ * struct mwait_cpu_dead, the kick's own layout), alternated with the first in BATCHES batches
+ * so both see the same host: printed as line1_ns_*.
  *
  * hwfloor wake CORE_A CORE_B ITERATIONS — the same round trip to a *sleeping* process:
  * process A (on CORE_A) stores i into `ping` (a shared page), sends SIGURG to process B
@@ -49,7 +51,29 @@ struct line {
 };
 
 static struct line ping, pong;
+static struct {
+	_Alignas(64) atomic_long control;
+	atomic_long status;
+} one;  /* the same ping-pong on one line's two words: struct mwait_cpu_dead's layout */
 static long iters;
+
+#define BATCHES 10  /* of each layout, alternated: two lines, one line, two lines... (ITERATIONS / BATCHES each) */
+
+/* Does round i of line_floor() (1 .. 2 * iters) play on the one line, by its batch? */
+static int in_one_line(long i)
+{
+	return (i - 1) / (iters / BATCHES) % 2;
+}
+
+static atomic_long *ping_of(long i)
+{
+	return in_one_line(i) ? &one.control : &ping.v;
+}
+
+static atomic_long *pong_of(long i)
+{
+	return in_one_line(i) ? &one.status : &pong.v;
+}
 
 static void pin(int core)
 {
@@ -79,10 +103,12 @@ static long now_ns(void)
 static void *responder(void *arg)
 {
 	pin(*(int *)arg);
-	for (long i = 1; i <= iters; i++) {
-		while (atomic_load_explicit(&ping.v, memory_order_acquire) != i)
+	for (long i = 1; i <= 2 * iters; i++) {
+		atomic_long *p = ping_of(i), *q = pong_of(i);
+
+		while (atomic_load_explicit(p, memory_order_acquire) != i)
 			;
-		atomic_store_explicit(&pong.v, i, memory_order_release);
+		atomic_store_explicit(q, i, memory_order_release);
 	}
 	return NULL;
 }
@@ -94,25 +120,35 @@ static int cmp(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
-static void report(long *rtt)
+static void report_as(const char *name, long *rtt)
 {
 	qsort(rtt, iters, sizeof(*rtt), cmp);
-	printf("rtt_ns_p50 %ld\nrtt_ns_p99 %ld\nrtt_ns_min %ld\n", rtt[iters / 2], rtt[iters * 99 / 100], rtt[0]);
+	printf("%s_p50 %ld\n%s_p99 %ld\n%s_min %ld\n", name, rtt[iters / 2], name, rtt[iters * 99 / 100], name, rtt[0]);
 }
 
-static int line_floor(int a, int b, long *rtt)
+static void report(long *rtt)
+{
+	report_as("rtt_ns", rtt);
+}
+
+/* Two lines into rtt[], one line into rtt1[]: iters rounds each (a multiple of 2 * BATCHES). */
+static int line_floor(int a, int b, long *rtt, long *rtt1)
 {
 	pthread_t t;
 
 	pthread_create(&t, NULL, responder, &b);
 	pin(a);
-	for (long i = 1; i <= iters; i++) {
+	for (long i = 1, two = 0, on1 = 0; i <= 2 * iters; i++) {
+		atomic_long *p = ping_of(i), *q = pong_of(i);
 		long t0 = now_ns();
 
-		atomic_store_explicit(&ping.v, i, memory_order_release);
-		while (atomic_load_explicit(&pong.v, memory_order_acquire) != i)
+		atomic_store_explicit(p, i, memory_order_release);
+		while (atomic_load_explicit(q, memory_order_acquire) != i)
 			;
-		rtt[i - 1] = now_ns() - t0;
+		if (in_one_line(i))
+			rtt1[on1++] = now_ns() - t0;
+		else
+			rtt[two++] = now_ns() - t0;
 	}
 	pthread_join(t, NULL);
 	return 0;
@@ -265,7 +301,7 @@ int main(int argc, char **argv)
 {
 	int wake = argc == 5 && !strcmp(argv[1], "wake");
 	int seq = (argc == 5 || argc == 6) && !strcmp(argv[1], "wakeseq");
-	long *rtt, n = 0, pause = 2000;
+	long *rtt, *rtt1, n = 0, pause = 2000;
 	int a, b = 0, rc;
 
 	if (argc != 4 && !wake && !seq) {
@@ -286,16 +322,20 @@ int main(int argc, char **argv)
 		b = atoi(argv[2 + wake]);
 		iters = atol(argv[3 + wake]);
 	}
-	if (iters < 1 || !(rtt = malloc(iters * sizeof(*rtt))))
+	if (!seq && !wake)  /* whole batches of each layout */
+		iters = (iters + BATCHES - 1) / BATCHES * BATCHES;
+	if (iters < 1 || !(rtt = malloc(iters * sizeof(*rtt))) || !(rtt1 = malloc(iters * sizeof(*rtt1))))
 		return 2;
 	if (seq) {
 		pin(a);  /* the sleepers inherit it */
 		rc = wake_sequence(n, pause, rtt);
 	} else {
-		rc = wake ? wake_floor(a, b, rtt) : line_floor(a, b, rtt);
+		rc = wake ? wake_floor(a, b, rtt) : line_floor(a, b, rtt, rtt1);
 	}
 	if (rc)
 		return rc;
 	report(rtt);
+	if (!seq && !wake)
+		report_as("line1_ns", rtt1);
 	return 0;
 }

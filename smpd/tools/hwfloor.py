@@ -36,7 +36,8 @@ SOURCE = Path(__file__).resolve().parent / "hwfloor.c"  # ships in the package: 
 
 
 def measure(iterations: int = 200_000, wake: bool = False, sequence: int = 0, pause_us: int = 2000) -> dict:
-    """The host's floor: a cache line's round trip between two cores (hwfloor.c), or with
+    """The host's floor: a cache line's round trip between two cores (hwfloor.c; line1_ns: the
+    same on the two words of one line, struct mwait_cpu_dead's layout), or with
     ``wake`` the same round trip to a process asleep in sigwaitinfo() woken by SIGURG, what an
     adaptive CPU's kick adds on the host (cold: each round lets the sleeper settle for 300 us;
     a reference, not a bound), or with ``sequence`` N the time to wake N such processes one
@@ -176,6 +177,10 @@ def _measure(iterations: int, wake: bool, sequence: int, pause_us: int) -> dict:
     if r.returncode:
         return {"available": False, "why": f"hwfloor failed: {r.stderr.strip()[:200]}"}
     vals = dict(line.split() for line in r.stdout.splitlines() if line.strip())
+    # The cache-line floor also plays on one line's two words (line1_ns_*), in turn with the two lines.
+    one_line = {f"line1{k}": int(vals[f"line1_ns_{p}"]) for k, p in (("_ns", "p50"), ("_p99_ns", "p99"),
+                                                                     ("_min_ns", "min")) if f"line1_ns_{p}" in vals}
     return {"available": True, "rtt_ns": int(vals["rtt_ns_p50"]), "rtt_p99_ns": int(vals["rtt_ns_p99"]),
-            "rtt_min_ns": int(vals["rtt_ns_min"]), "cores": [a] if sequence else [a, b], "iterations": iterations,
-            "compiler": cc, **({"sequence": sequence, "pause_us": pause_us} if sequence else {})}
+            "rtt_min_ns": int(vals["rtt_ns_min"]), **one_line, "cores": [a] if sequence else [a, b],
+            "iterations": iterations, "compiler": cc,
+            **({"sequence": sequence, "pause_us": pause_us} if sequence else {})}

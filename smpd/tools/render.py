@@ -484,6 +484,11 @@ def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
         t.append(f"hardware floor: C cache-line ping-pong between cores {f['cores'][0]} and {f['cores'][1]}: "
                  f"p50 {f['rtt_ns']} ns (p99 {f['rtt_p99_ns']} ns, min {f['rtt_min_ns']} ns)"
                  + (f"; after the kicks p50 {after['rtt_ns']} ns" if after.get("available") else "") + "\n")
+        if r.get("hw_line1_ns"):
+            t.append(f"the same on the two words of one line (control and status: struct mwait_cpu_dead's layout, "
+                     f"as a kick plays it): p50 {r['hw_line1_ns']} ns"
+                     + (f"; the kick's round trip p50 is {r['ratio_line1_p50']:.2f}x that" if r.get("ratio_line1_p50")
+                        else "") + "\n")
         if r.get("floor_moved"):
             t.append(f"the floor moved during the run ({f['rtt_ns']} -> {after['rtt_ns']} ns: the host placed "
                      f"these cores anew, as a VM's vCPUs are); ratios are to the lower, {r['hw_rtt_ns']} ns\n",

@@ -6,6 +6,7 @@ writes, and the reports must say what the maps predict.
 """
 
 import json
+import re
 
 import pytest
 
@@ -74,6 +75,11 @@ def test_a_pre_fix_chain_survives_link_one_and_triple_faults_on_link_two(fresh):
     assert "MWAIT woken by a write to thread_info[" in two["evidence"]
     assert two["memory"]["old"]["regions"]["tasks"] == two["memory"]["new"]["regions"]["tasks"]
     assert two["generation"] == {"old": 2, "new": 3}
+    # Generations 2 and 3 have the same map: the page that decided it plays the same part in both,
+    # and the evidence says why it is still not the old kernel's (smpd's page identity).
+    page = re.search(r"in overwritten memory: (\w+ page \d+) of generation 2 at 0x[0-9a-f]+ "
+                     r"\(now generation 3's (\w+ page \d+), the same part", two["evidence"])
+    assert page and page[1] == page[2] and "README: Page identity)" in two["evidence"], two["evidence"]
     # link 1: the siblings were parked again by generation 2, on generation 2's task_structs
     one = r["links"][0]
     assert one["memory"]["old"]["regions"]["tasks"] != one["memory"]["new"]["regions"]["tasks"]
@@ -239,7 +245,8 @@ def test_the_readme_corruption_recipe_corrupts_and_names_the_stack_page(machine)
     assert r["outcome"] == "CORRUPTION", r["evidence"]
     assert r["corrupted_words"] >= 1 and r["corruption"][0]["symbol"].startswith("text+")
     assert "CPU7 resumed after \"MWAIT woken by a write to thread_info[7].flags\"" in r["evidence"]
-    assert "stack page 31 of generation 1 (now generation 2's text page 0)" in r["evidence"]
+    assert "stack page 31 of generation 1 at 0x" in r["evidence"]
+    assert "(now generation 2's text page 0)" in r["evidence"]  # another part: no more said
     assert any(w["cpu"] == 7 and "generation 2's boot: tasks page 0" in w["write"] for w in r["waking_writes"])
 
 

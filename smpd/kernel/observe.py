@@ -14,7 +14,7 @@ import psutil
 
 from smpd.host.proc import asleep_in_sigwait, signal_queued
 from smpd.kernel.generations import Generations
-from smpd.kernel.memmap import MemoryMap
+from smpd.kernel.memmap import MemoryMap, page_addr
 from smpd.kernel.outcome import CpuFacts
 from smpd.kernel.timeline import describe
 from smpd.machine import layout as L
@@ -106,9 +106,13 @@ class Observer:
             fm = self.gens.map(fault_gen)
         except LookupError:  # older than the generation table keeps
             fm, fault_gen = m, gen
-        where = f"{fm.describe_page(page)} of generation {fault_gen}"
+        was = fm.describe_page(page)
+        where = f"{was} of generation {fault_gen} at {page_addr(page):#x}"
         if self.new is not None and self.new.gen != fault_gen and self.new.region_of(page):
-            where += f" (now generation {self.new.gen}'s {self.new.describe_page(page)})"
+            now = self.new.describe_page(page)
+            where += f" (now generation {self.new.gen}'s {now}" + (
+                ", the same part at the same address but another build's: smpd takes no two generations for "
+                "byte-identical, README: Page identity" if now == was else "") + ")"
         return fm, where
 
     def cpu_report(self, cpu: int) -> dict:

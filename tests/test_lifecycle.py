@@ -160,21 +160,22 @@ def test_a_raw_result_is_the_coordinator_s_json_text_and_an_error_is_still_raise
 
 def test_one_command_at_a_time_drives_a_machine_s_kernel(machine, tmp_path):
     """While the machine's lock is held (a soak, or a kexec, its replay of a soak's trial, a chain,
-    kick, panic or reset by hand), each of those refuses with one line and exit 2, and changes
-    nothing; once it is let go, they run."""
+    kick, panic, reset, hotplug, poke, injection or kick benchmark by hand), each of those refuses
+    with one line and exit 2, and changes nothing; once it is let go, they run."""
     m = machine(3, "--watch", "adaptive")
     recorded = tmp_path / "recorded.jsonl"
     run_smpd("soak", "--trials", "1", "--out", str(recorded), name=m.name)
-    before = m.status()["machine"]["kexecs"]
+    before = m.status()["machine"]["kexecs"], [(c["hotplug"], c["interrupts"]) for c in m.status()["cpus"]]
     with lifecycle.machine_lock(m.name, "the test"):
         for args in (("kick",), ("kexec",), ("kexec", "--replay", f"{recorded}:0"), ("chain", "--kexecs", "1"),
-                     ("reset",), ("panic",)):
+                     ("reset",), ("panic",), ("offline", "1"), ("online", "1"), ("poke", "mwait_cpu_dead[1]"),
+                     ("inject", "nmi", "--cpus", "1"), ("bench", "kick", "--rounds", "1")):
             r = run_smpd(*args, name=m.name, check=False)
             assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is busy" in r.stderr, (args, r.stderr)
         r = run_smpd("soak", "--trials", "1", "--out", str(tmp_path / "s.jsonl"), name=m.name, check=False)
         assert r.returncode == 2 and "another smpd soak is running" in r.stderr, r.stderr
         assert not (tmp_path / "s.jsonl").exists()
-    assert m.status()["machine"]["kexecs"] == before
+    assert (m.status()["machine"]["kexecs"], [(c["hotplug"], c["interrupts"]) for c in m.status()["cpus"]]) == before
     run_smpd("kick", name=m.name)
 
 

@@ -70,6 +70,7 @@ def test_a_soak_records_every_trial_and_leaves_the_machine_reset(soak_machine, r
     assert "12 trials, " in r.stdout and "trials/s" in r.stdout and "kick round trip during the soak" in r.stdout
     s = soak_machine.status()
     assert s["machine"]["state"] == "UP" and s["machine"]["generation"] == 1
+    assert s["machine"]["left_by_soak"] is None  # it restored the user's setup itself, and took its hold back
 
 
 def test_a_soak_leaves_the_kernel_its_machine_ran_though_each_reset_boots_the_next_trials(soak_machine, tmp_path):
@@ -150,8 +151,37 @@ def test_ctrl_c_stops_after_the_current_trial_with_a_summary(soak_machine, tmp_p
     assert s["machine"]["state"] == "UP" and s["machine"]["generation"] == 1
     # the offline CPUs the user had before the soak, not the last trial's
     assert [c["cpu"] for c in s["cpus"] if c["hotplug"] == "offline"] == list(range(1, NCPUS))
+    assert s["machine"]["left_by_soak"] is None
     assert not [q for q in psutil.process_iter(["name"]) if (q.info["name"] or "").startswith("smpd-load")
                 and of_this_run(q)]  # anyone else's load (another test run's, a user's soak) is theirs
+
+
+def test_a_soak_killed_mid_run_leaves_the_users_setup_for_the_next_reset_to_restore(machine, tmp_path):
+    """SIGKILL leaves a soak nothing to put the user's offline CPUs and kernel back with: it left them
+    with the coordinator before its first trial. `status` says so; the next plain `smpd reset` restores
+    them and says so (not the last trial's offline CPUs, nor the machine's own kernel); a choice the
+    user makes instead (`reset --offline`) replaces them."""
+    m = machine(6, "--watch", "adaptive")
+    for then in ("plain reset", "own choice"):
+        run_smpd("reset", "--offline", "2,4", "--kernel", "pre-fix", name=m.name)
+        out = tmp_path / f"{then}.jsonl".replace(" ", "-")
+        with start_soak(m.name, out, "--seed", "1") as p:
+            wait_trials(p, out, 3)
+            p.kill()
+            p.wait()
+        assert m.status()["machine"]["left_by_soak"] == {"offline": [2, 4], "kernel": "pre-fix", "pid": p.pid}
+        said = " ".join(run_smpd("status", name=m.name).stdout.split())
+        assert f"a soak (pid {p.pid}) was killed on it" in said and "restores yours (CPU 2,4 offline, pre-fix)" in said
+        if then == "plain reset":
+            r = run_smpd("reset", name=m.name)
+            assert "generation 1 (pre-fix) runs; offline: CPU 2,4 in" in r.stdout, r.stdout
+            assert f"before soak pid {p.pid}, which was killed" in r.stdout, r.stdout
+        else:
+            r = run_smpd("reset", "--offline", "3", name=m.name)
+            assert "generation 1 (6.6) runs; offline: CPU 3 in" in r.stdout and "soak" not in r.stdout, r.stdout
+        assert m.status()["machine"]["left_by_soak"] is None
+        again = run_smpd("reset", name=m.name).stdout  # the hold is gone: the usual plain reset
+        assert "soak" not in again and ("CPU 2,4 in" if then == "plain reset" else "CPU 3 in") in again, again
 
 
 def test_a_cpu_process_killed_during_a_soak_is_respawned_and_the_soak_goes_on(machine, tmp_path):

@@ -23,7 +23,7 @@ import typing
 from typing import Any, Callable
 
 from smpd import cpulist
-from smpd.daemon import channel
+from smpd.daemon import channel, soakhold
 from smpd.daemon.kernel_ops import (KernelOps, end_if_faulted, ending_faults, require_alive, require_running_kernel,
                                     settle_then_end_if_faulted)
 from smpd.daemon.status import status_snapshot
@@ -45,7 +45,7 @@ class Handlers:
             "status": self.op_status, "offline": self.op_offline, "online": self.op_online,
             "poke": self.op_poke, "ping": self.op_ping, "down": self.op_down,
             "kexec": k.op_kexec, "chain": k.op_chain, "kick": k.op_kick, "panic": k.op_panic,
-            "reset": k.op_reset, "inject": k.op_inject, "bench_kick": k.op_bench_kick,
+            "reset": k.op_reset, "inject": k.op_inject, "bench_kick": k.op_bench_kick, "soak_hold": k.op_soak_hold,
         }
         # Each handler's signature and argument types, read at its first request (get_type_hints()
         # of op_kexec takes ~0.25 ms; a soak trial makes two requests)
@@ -127,6 +127,7 @@ class Handlers:
         require_running_kernel(self.sup, "CPU hotplug")
         self._require_alive(wanted)
         todo = [c for c in wanted if self.sup.seg.cb(c, "hotplug") == L.Hotplug.ONLINE]
+        soakhold.drop_if_orphaned(self.sup)  # the user's own offline set now
         t0 = time.monotonic_ns()
         self.sup.ipi_all(todo, L.Ipi.CPU_DOWN, self.sup.ipi_timeout_s + 0.002 * len(todo), "offline")
         return {"offlined": todo, "already_offline": [c for c in wanted if c not in todo],
@@ -147,6 +148,7 @@ class Handlers:
                            f"CPUs that are not siblings (in this machine's topology, the even ones)")
         self._require_alive(wanted)
         todo = [c for c in wanted if c != 0 and seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
+        soakhold.drop_if_orphaned(self.sup)
         t0 = time.monotonic_ns()
         budget = self.sup.ipi_timeout_s + 0.002 * len(todo)
         before = ending_faults(self.sup)
@@ -195,6 +197,9 @@ class Handlers:
         s = status_snapshot(self.sup.seg, brief, only)
         # how it ended (a kexec's outcome, a stray interrupt, a reset cut short): only we know
         s["machine"]["ended_by"] = self.sup.ended_by if s["machine"]["state"] == "ENDED" else None
+        hold = soakhold.orphaned(self.sup)  # what a plain reset would restore after a killed soak
+        s["machine"]["left_by_soak"] = None if hold is None else {
+            "offline": hold.offline, "kernel": hold.kernel, "pid": hold.pid}
         return s
 
     def op_ping(self) -> dict:

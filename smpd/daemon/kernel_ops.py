@@ -13,6 +13,7 @@ import secrets
 import time
 
 from smpd import cpulist
+from smpd.daemon import soakhold
 from smpd.errors import BadInput, CpuLost, HostTooSmall, Timeout
 from smpd.kernel import boot as kboot, generations as gens_mod, kick as kick_mod
 from smpd.kernel.generations import Generations
@@ -202,6 +203,11 @@ class KernelOps:
         then park in its own mwait_play_dead(), where `kexec --kernel` would rewrite the running
         generation and re-park them (Kexec.become)."""
         t0 = time.monotonic_ns()
+        restored = None
+        if (hold := soakhold.orphaned(self.sup)) is not None:  # a soak was killed on this machine
+            if offline is None and kernel is None:
+                offline, kernel, restored = cpulist.format_list(hold.offline), hold.kernel, hold.said()
+            self.sup.soak_hold = None  # restored now, or replaced by the user's own choice
         boot1 = self.sup.boot1
         if kernel is not None:
             boot1 = dataclasses.replace(boot1, flavour=flavour(kernel, "--kernel"))
@@ -243,6 +249,7 @@ class KernelOps:
         self.sup.reset_offline = None
         seg = self.sup.seg
         return {"offline": self._offline_now(), "generation": 1, "kernel": boot1.text(), "respawned": respawned,
+                "restored_from_soak": restored,
                 # of those, the CPUs generation 1 does not start (maxcpus=): in wait-for-SIPI, not parked
                 "not_started": [c for c in range(1, self.sup.ncpus) if seg.cb(c, "state") == L.ExecState.WAIT_FOR_SIPI],
                 "ms": (time.monotonic_ns() - t0) / 1e6}
@@ -258,6 +265,20 @@ class KernelOps:
         self.sup.start_aps(gen1, budget, "reset (INIT, SIPI)", offline)
         todo = [c for c in offline if seg.cb(c, "hotplug") == L.Hotplug.ONLINE]  # none, unless one ignored it
         self.sup.ipi_all(todo, L.Ipi.CPU_DOWN, budget, "reset (offline)")
+
+    def op_soak_hold(self, offline: str | None = None, kernel: str | None = None, pid: int = 0,
+                     started: float = 0.0) -> dict:
+        """A soak's hold (smpd.daemon.soakhold): the user's ``offline`` CPUs and ``kernel``, which a
+        plain reset restores once soak ``pid`` (started at ``started``) is gone; no ``offline``: the
+        soak took them back itself, and the hold goes."""
+        if offline is None:
+            self.sup.soak_hold = None
+            return {"held": False}
+        cpus = cpulist.parse(offline, self.sup.ncpus) if offline else []
+        if 0 in cpus or pid <= 0 or kernel is None:
+            raise BadInput("a soak's hold names CPUs 1-%d, its kernel and its pid" % (self.sup.ncpus - 1))
+        self.sup.soak_hold = soakhold.SoakHold(cpus, flavour(kernel, "--kernel"), pid, started)
+        return {"held": True}
 
     def op_inject(self, kind: str, cpus: str = "all", count: int = 1) -> dict:
         """A stray interrupt right now: send it, wait (bounded) until it is taken or held."""

@@ -75,6 +75,7 @@ class Coordinator:
         self.stopping = False
         self.handlers = Handlers(self)
         self.reset_offline: list[int] | None = None  # the offline set `smpd reset` restores
+        self.soak_hold = None  # a soak's hold: the user's setup, for a reset after it is killed (soakhold)
         self.boot1 = cfg.boot()  # generation 1's kernel: what `smpd up` and every `smpd reset` boot
         self.ended_by = ""  # how the machine ended (a kexec's outcome, a panic), once it has
         self.plan: list[int | None] = []  # host core of each CPU (pin policy)

@@ -14,7 +14,7 @@ only that ``up`` holds; if that end closes before ``up`` has taken the answer
 everything. So an ``up`` that did not return leaves nothing behind.
 
 Who drives a live machine's kernel: one command at a time (``machine_lock``): a soak, or a
-kexec, chain, kick, panic or reset run by hand.
+kexec, chain, kick, panic, reset, hotplug, poke, injection or kick benchmark run by hand.
 """
 
 from __future__ import annotations
@@ -380,7 +380,8 @@ def down(name: str, force: bool = False, timeout_s: float = 30.0) -> str:
 @contextlib.contextmanager
 def machine_lock(name: str, doing: str = ""):
     """One soak per machine: trials of two runs would interleave their kexecs and resets; and no
-    kexec, chain, kick or reset by hand while one runs (``doing`` names it) for the same reason.
+    kexec, chain, kick, reset, hotplug, poke, injection or kick benchmark by hand while one runs
+    (``doing`` names it), for the same reason: a trial's record would not say what it ran with.
 
     The lock is flock() on the machine's own segment, opened without following links
     and checked to be ours first: only a process that can open our 0600 segment can
@@ -400,7 +401,7 @@ def machine_lock(name: str, doing: str = ""):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if doing:  # the holder is a soak, or one of these commands run by hand
-                raise BadInput(f"machine '{name}' is busy (a soak, or a kexec, chain, kick, panic or reset "
+                raise BadInput(f"machine '{name}' is busy (a soak, or another command that drives its kernel, "
                                f"runs on it): {doing} now would interleave with it; wait for it to end (Ctrl-C "
                                f"stops a soak after its current trial)") from None
             raise BadInput(f"another smpd soak is running on machine '{name}'") from None

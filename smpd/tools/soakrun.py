@@ -15,6 +15,7 @@ import secrets
 import signal
 import time
 
+import psutil
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -279,6 +280,9 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
     status = _prepare(live, plan, out, resumed)
     offline = offline_set(status)
     users_offline = set(plan.users_offline)
+    # Left with the coordinator first: a plain reset restores them if this process is killed (soakhold).
+    live.request("soak_hold", offline=cpulist.format_list(sorted(users_offline)), kernel=plan.users_kernel,
+                 pid=os.getpid(), started=psutil.Process().create_time())
     if resumed is None:
         plan.started = time.time()
         f = soak.open_new(out, plan)
@@ -336,17 +340,19 @@ def _leave_machine(live, error: SmpdError | None, users_offline: set[int], offli
                    users_kernel: str) -> SmpdError | None:
     """The machine as the user had it (offline CPUs ``users_offline``, generation 1 booted as
     ``users_kernel``), after the run's ``error`` if one ended it; returns the error to report."""
+    if isinstance(error, CoordinatorGone):
+        return error
     if isinstance(error, Timeout):  # the machine is between two kernels: only a reset restores it
         try:
             live.request("reset", offline=cpulist.format_list(sorted(users_offline)), kernel=users_kernel)
-        except SmpdError as again:
+        except SmpdError as again:  # the hold stays: a plain reset restores them once we are gone
             return Timeout(f"{error}. Resetting the machine to your offline CPUs failed too ({again}); "
                            f"--resume resets it first")
-    elif not isinstance(error, CoordinatorGone):
-        if _running_kernel(live.request("status")) != users_kernel:  # the last reset booted the next trial's kernel
-            live.request("reset", offline=cpulist.format_list(sorted(users_offline)), kernel=users_kernel)
-        else:
-            soak.set_offline(live, users_offline, offline)
+    elif _running_kernel(live.request("status")) != users_kernel:  # the last reset booted the next trial's kernel
+        live.request("reset", offline=cpulist.format_list(sorted(users_offline)), kernel=users_kernel)
+    else:
+        soak.set_offline(live, users_offline, offline)
+    live.request("soak_hold")  # restored: the hold goes
     return error
 
 

@@ -1,0 +1,47 @@
+"""A soak's hold on its machine: the offline CPUs and kernel the user had when the soak began.
+
+A soak moves the machine through its trials' offline sets and kernels (each trial's reset boots
+the next trial's), and puts the user's back when it ends, even on Ctrl-C or SIGTERM. A SIGKILL
+leaves nothing of the soak to do that. So the soak leaves them with the coordinator first
+(`soak_hold`) and takes them back at its end. A plain `smpd reset` that finds a hold whose soak
+is gone restores them, and says so; a choice the user has made since (a hotplug, `reset
+--offline` or `--kernel`) drops it. While the soak runs, its machine lock keeps the user's
+commands out (smpd.tools.lifecycle.machine_lock), and its own resets name their sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+
+
+@dataclass(frozen=True)
+class SoakHold:
+    offline: list[int]
+    kernel: str
+    pid: int  # the soak's process,
+    started: float  # and its start (psutil's create_time): a pid alone may be another process's by now
+
+    def soak_gone(self) -> bool:
+        try:
+            p = psutil.Process(self.pid)
+            return p.create_time() != self.started or p.status() == psutil.STATUS_ZOMBIE  # dead, not reaped yet
+        except psutil.Error:  # no such process (or not one we may look at: not the soak, which is ours)
+            return True
+
+    def said(self) -> str:
+        return (f"restored the offline CPUs and kernel you had before soak pid {self.pid}, which was killed "
+                f"without restoring them")
+
+
+def orphaned(sup) -> SoakHold | None:
+    """The machine ``sup``'s hold, when the soak that left it is gone."""
+    hold = sup.soak_hold
+    return hold if hold is not None and hold.soak_gone() else None
+
+
+def drop_if_orphaned(sup) -> None:
+    """A user's own choice of offline CPUs or kernel, made after a killed soak: it replaces the hold."""
+    if orphaned(sup) is not None:
+        sup.soak_hold = None

@@ -327,7 +327,8 @@ def test_reset_leaves_offline_the_cpus_asked_for_and_refuses_a_bad_list_changing
     out = run_smpd("reset", "--offline", "2-3", name=m.name).stdout
     assert "offline: CPU 2-3 in mwait_play_dead()" in out, out
     assert [c["hotplug"] for c in m.status()["cpus"]] == ["online", "online", "offline", "offline"]
-    for bad, says in (("0", "CPU 0 is the boot CPU"), ("7", "names CPU 7"), ("x", "malformed cpulist")):
+    for bad, says in (("0", "CPU 0 is the boot CPU"), ("7", "--offline '7': cpulist '7' names CPU 7"),
+                      ("x", "--offline 'x': malformed cpulist")):
         r = run_smpd("reset", "--offline", bad, name=m.name, check=False)
         assert r.returncode == 2 and says in r.stderr, (r.returncode, r.stderr)
     assert [c["hotplug"] for c in m.status()["cpus"]] == ["online", "online", "offline", "offline"]

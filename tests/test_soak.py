@@ -233,6 +233,9 @@ def test_sigkill_of_the_coordinator_mid_soak_leaves_a_readable_file_and_nothing_
     (("--park", "hlt,sleep"), "--park 'hlt,sleep'"),
     (("--kinds", "nmi,irq"), "--kinds 'nmi,irq'"),
     (("--out", "/nonexistent-dir/s.jsonl"), "does not exist"),
+    (("--out", "/tmp"), "--out /tmp is a directory; give a file name"),  # not "exists; continue with --resume"
+    (("--out", "/dev/full"), "--out /dev/full is not a regular file"),
+    (("--resume", "missing.jsonl"), "--resume missing.jsonl does not exist"),  # (run in an empty directory)
     (("--trials", "3", "--duration", "1s"), "not both"),
 ])
 def test_bad_soak_input_is_refused_before_anything_runs(soak_machine, tmp_path, args, says):

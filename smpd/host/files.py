@@ -147,6 +147,8 @@ def open_output(path: str, what: str, *, append: bool = False, create: bool = Tr
         if err.errno == errno.ELOOP or islink:  # (in a sticky directory it may be EACCES)
             raise BadInput(f"{what} {path} is a symbolic link; smpd does not write through links: "
                            f"give the file's own path") from None
+        if err.errno == errno.ENOENT and not create:
+            raise BadInput(f"{what} {path} does not exist") from None
         raise BadInput(f"{what} {path} cannot be opened for writing ({err.strerror})") from None
     finally:
         os.close(dfd)

@@ -668,6 +668,11 @@ def reset(name, offline, kernel):
     """A power cycle: generation 1 boots again, with the offline CPUs of before the first kexec
     (or --offline's)."""
     machine = lifecycle.require(name)
+    if offline:  # checked here too, to name the option ('' is none)
+        try:
+            cpulist.parse(offline, machine.ncpus)
+        except BadInput as err:
+            raise BadInput(f"--offline '{offline}': {err}") from None
     r = _drawn_request(machine, "reset", "a reset", offline=offline, kernel=kernel)  # None: the handler's default
     waiting = r.get("not_started", [])
     parked = cpulist.format_list([c for c in r["offline"] if c not in waiting])

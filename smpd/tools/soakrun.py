@@ -127,9 +127,9 @@ def _resume(console: Console, path: str, given: set[str], cluster_address: str |
 
 
 def _new_out(out: str) -> str:
-    if os.path.lexists(out) and not os.path.islink(out):
+    files.check_output(out, "--out")  # a link, a directory, a device... at the name: refused as such
+    if os.path.lexists(out):  # a file smpd could write: another run's
         raise BadInput(f"--out {out} exists; continue it with --resume {out}, or name a new file")
-    files.check_output(out, "--out")  # a link at the name is refused here
     return out
 
 

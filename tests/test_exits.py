@@ -85,6 +85,24 @@ def test_a_request_in_flight_stops_in_one_line_and_the_machine_goes_on(slow_kick
     assert all(c["state"] == "MWAIT" for c in slow_kick.status()["cpus"][1:])
 
 
+def test_a_chain_whose_client_is_stopped_ends_after_the_kexec_in_flight(machine):
+    """Ctrl-C of `smpd chain --kexecs 100`: the coordinator, whose client has gone, kexecs no further
+    than the link in flight, which it finishes: the machine runs that link's kernel, not the 100th."""
+    m = machine(16, "--watch", "adaptive")
+    m.request("offline", cpus="1-15")
+    p = start_smpd("chain", "--kexecs", "100", "--kernel", "6.6", name=m.name)
+    wait_until(lambda: _connected(p.pid) or p.poll() is not None, what="smpd chain to send its request")
+    time.sleep(1.0)  # a few links (tens of ms each here)
+    p.send_signal(signal.SIGINT)
+    _out, err = _finish(p)
+    assert p.returncode == STOPPED[signal.SIGINT], err
+    assert "if 'chain' had reached its coordinator, it stops after the kexec in flight" in _one_error_line(err)
+    first = m.status()["machine"]  # answered once the chain has stopped
+    time.sleep(0.5)
+    last = m.status()["machine"]
+    assert first["generation"] == last["generation"] < 101 and last["state"] == "KEXECED", (first, last)
+
+
 @pytest.mark.parametrize("sig", SIGNALS)
 def test_a_stop_signal_to_the_coordinator_mid_request_stops_the_machine_and_tells_the_client(machine_name, sig):
     """The coordinator waits for a frozen CPU's answer (`online`): a stop signal then takes the

@@ -47,6 +47,7 @@ class Handlers:
             "kexec": k.op_kexec, "chain": k.op_chain, "kick": k.op_kick, "panic": k.op_panic,
             "reset": k.op_reset, "inject": k.op_inject, "bench_kick": k.op_bench_kick, "soak_hold": k.op_soak_hold,
         }
+        self.client = None  # the connection of the request being answered
         # Each handler's signature and argument types, read at its first request (get_type_hints()
         # of op_kexec takes ~0.25 ms; a soak trial makes two requests)
         self.signatures: dict[str, tuple[inspect.Signature, dict[str, Any]]] = {}
@@ -63,6 +64,7 @@ class Handlers:
             self._reply(conn, channel.error_reply(BadInput(f"malformed request: {err}")))
             return
         op = req.get("op") if isinstance(req, dict) else None
+        self.client = conn
         try:
             handler, args = self.bind(req)
             reply = {"ok": True, "result": handler(**args)}
@@ -77,9 +79,19 @@ class Handlers:
             reply = channel.error_reply(InternalError(
                 f"internal error in '{op}': {type(err).__name__}: {err}; the machine is still up "
                 f"(the coordinator's log has the traceback: set SMPD_COORDINATOR_LOG=FILE before `smpd up`)"))
+        finally:
+            self.client = None
         self._reply(conn, reply)
         if reply.get("ok") and op == "down":
             self.sup.stopping = True
+
+    def client_left(self) -> bool:
+        """Has the client of the request being answered gone (Ctrl-C, a kill: its end closed)? It
+        sends nothing after its request, so anything to read on the connection is that end closing."""
+        try:
+            return self.client is not None and self.client.poll(0)
+        except OSError:
+            return True
 
     def bind(self, req: Any) -> tuple[Callable[..., Any], dict]:
         """The handler for ``req`` and its checked arguments; BadInput otherwise."""

@@ -140,13 +140,16 @@ class KernelOps:
     def op_chain(self, kexecs: int, kernel: str | None = None, into: str | None = None, boot: str | None = None,
                  inject: list[str] | None = None, order: str = "sequential", seed: int | None = None) -> dict:
         """``kexecs`` kexecs in a row, no reset between; stops at the first link that is not CLEAN
-        (after a triple fault or a shutdown there is no kernel left to kexec from)."""
+        (after a triple fault or a shutdown there is no kernel left to kexec from), or once its client
+        has gone (Ctrl-C), after the link in flight."""
         if not 1 <= kexecs <= MAX_CHAIN:
             raise BadInput(f"--kexecs {kexecs} is not in the range 1..{MAX_CHAIN}")
         seed = secrets.randbelow(2**63) if seed is None else seed
         Scenario.build(kernel, order, seed, list(inject or []), self.sup.ncpus, into, False, boot)  # validates
         links = []
         for n in range(kexecs):
+            if n and self.sup.handlers.client_left():  # nobody waits for the rest: the machine stays at this link
+                break
             r = self.op_kexec(kernel=kernel if n == 0 else None, into=into, boot=boot if n == 0 else None,
                               inject=inject, order=order, seed=trial_seed(seed, n))
             links.append(r)

@@ -68,8 +68,9 @@ class Live:
                                    raw=raw, tick=tick, **args)
         except Interrupted as err:
             if not err.note:  # the innermost request is the one in flight
-                err.note = (f"machine '{self.name}' is up; if '{op}' had reached its coordinator, it completes "
-                            f"there (see `smpd status`)")
+                ends = "stops after the kexec in flight" if op == "chain" else "completes there"
+                err.note = (f"machine '{self.name}' is up; if '{op}' had reached its coordinator, it {ends} "
+                            f"(see `smpd status`)")
             raise
         except Timeout:
             how = {b"T": f"stopped (SIGSTOP, ^Z) and did not answer '{op}'; `kill -CONT {self.pid}` lets it go on",

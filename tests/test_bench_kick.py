@@ -41,6 +41,8 @@ def test_bench_kick_records_every_kick_and_reparks_the_cpus(parked4, tmp_path):
     for cpu in d["per_cpu"].values():
         assert cpu["rtt_ns"]["count"] >= 1 and cpu["involuntary_ctx_switches"] >= 0
     assert 0 <= d["budget_exceeded"]["share"] <= 1
+    assert 0 <= d["budget_exceeded"]["stuck"] <= d["budget_exceeded"]["count"]
+    assert "stuck, every one of the kernel's 1000 rounds spent" in " ".join(r.stdout.split())
     floor = d["hw_floor"]
     if floor["available"]:  # measured before and after the kicks; the ratios are to the lower
         assert d["hw_rtt_ns"] == min(floor["rtt_ns"], d["hw_floor_after"]["rtt_ns"]) > 0
@@ -97,6 +99,7 @@ def test_a_kick_that_blows_the_budget_does_not_spoil_the_next_round(parked4, tmp
     assert bench.wait(timeout=60) == 0, bench.stderr.read()
     d = json.loads(out.read_text())
     assert d["kicks"] == 3 and d["budget_exceeded"]["count"] >= 1  # the first; a loaded host may add more
+    assert d["budget_exceeded"]["stuck"] >= 1  # the first: every round spent, not merely over 5 ms of wall time
     assert parked4.cpu(2)["mwait_entries"] == 1 + 3  # every round re-parked it, the spoiled one too
 
 

@@ -76,6 +76,7 @@ class Run:
     kernel_rounds: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 10**7, 3))
     kicks: int = 0
     exceeded: int = 0
+    stuck: int = 0
     per_exceeded: dict[int, int] = field(default_factory=dict)
     rounds_done: int = 0
     ctx_before: dict[int, int] = field(default_factory=dict)
@@ -105,6 +106,7 @@ class Run:
                 if not acked or rtt > self.budget_ns:
                     self.exceeded += 1
                     self.per_exceeded[cpu] = self.per_exceeded.get(cpu, 0) + 1
+                self.stuck += not acked  # every round spent: what the kernel itself reports
         self.rounds_done += len(next(iter(batch["samples"].values()), []))
         self.pids.update({int(c): p for c, p in batch["pids"].items()})
 
@@ -156,7 +158,8 @@ class Run:
             "ratio_one_way_p50": round(one_way["p50"] / (hw / 2), 2) if hw and one_way.get("count") else None,
             "budget_ns": self.budget_ns, "delay_ns": self.delay_ns,
             "budget_exceeded": {"count": self.exceeded,
-                                "share": round(self.exceeded / self.kicks, 6) if self.kicks else 0.0},
+                                "share": round(self.exceeded / self.kicks, 6) if self.kicks else 0.0,
+                                "stuck": self.stuck},
             "per_cpu": per_cpu,
         }
 

@@ -516,8 +516,11 @@ def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
         tail.append(f"kernel's view, rounds (control writes, each then udelay({r['delay_ns'] / 1e3:g} us); a round "
                     "lasts longer where the kicker yields its host core to the CPU it woke): "
                     f"p50 {kr['p50']}, p99 {kr['p99']}, max {kr['max']}\n")
-    tail.append(f"over the kernel's {_ns(r['budget_ns'])} budget (or never acknowledged): "
-                f"{b['count']} of {r['kicks']} kicks ({100 * b['share']:.3f}%)\n",
+    rounds = r["budget_ns"] // r["delay_ns"] if r.get("delay_ns") else None
+    tail.append(f"over the kernel's {_ns(r['budget_ns'])} budget in wall time (or never acknowledged): "
+                f"{b['count']} of {r['kicks']} kicks ({100 * b['share']:.3f}%)"
+                + (f"; stuck, every one of the kernel's {rounds} rounds spent (what it would report): "
+                   f"{b['stuck']}" if "stuck" in b and rounds else "") + "\n",
                 style="bold red" if b["count"] else "")
     per = Table(box=None, header_style="bold", pad_edge=False, title="per CPU", title_justify="left")
     for col in ("CPU", "rtt p50", "p99", "p99.9", "max", "over budget", "invol. ctx switches"):

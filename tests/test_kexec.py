@@ -569,3 +569,28 @@ def test_a_reset_cut_short_leaves_no_kernel_running_until_a_reset_finishes(machi
         assert m.request("kexec", kernel="hlt", seed=3)["outcome"] == "CLEAN"
     finally:
         m.down()
+
+
+def test_the_summary_folds_one_pages_waking_writes_into_one_line():
+    """A boot's page of task_structs writes many parked CPUs' monitored lines at once: in the
+    summary, one line per page names them all (as a cpulist); a CPU's own event in between, or
+    another page's write, starts a new one, so each CPU's wake-up still follows the write that woke it."""
+    from smpd.tools import render
+
+    def write(us, page, cpu):
+        return {"t_rel_us": us, "cpu": 0, "kind": "waking_write",
+                "event": f"generation 3's boot: tasks page {page} at 0x100{page}000 writes CPU{cpu}'s monitored line "
+                         f"(thread_info[{cpu}].flags)"}
+
+    events = [write(10.0, 0, c) for c in (1, 3, 5, 7)] + [
+        {"t_rel_us": 11.0, "cpu": 1, "kind": "WAKE_WRITE", "event": "MWAIT woken by a write to thread_info[1].flags"},
+        write(12.0, 1, 9), write(12.5, 1, 11)]
+    text = render.timeline(events).plain
+    lines = [ln.split("us  ", 1)[1] for ln in text.splitlines()]
+    assert lines == [
+        "coord  generation 3's boot: tasks page 0 at 0x1000000 writes the monitored lines of CPU 1,3,5,7 "
+        "(thread_info[N].flags of each; 4 writes)",
+        "CPU1   MWAIT woken by a write to thread_info[1].flags",
+        "coord  generation 3's boot: tasks page 1 at 0x1001000 writes the monitored lines of CPU 9,11 "
+        "(thread_info[N].flags of each; 2 writes, until 12.5 us)"], text
+    assert len(render.timeline(events, "all").plain.splitlines()) == len(events)  # every event, unfolded

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -272,8 +274,14 @@ def timeline(events: list[dict], form: str | list[int] = "summary", phases: list
         for e in events:
             kind = e.get("kind", "")
             if e["cpu"] == 0:
+                waking = _WAKING.match(e["event"]) if kind == "waking_write" else None
+                last = items[-1][1] if items else None
+                if waking and isinstance(last, list) and last[0]["cpu"] == 0 and \
+                        _WAKING.match(last[0]["event"])["what"] == waking["what"]:
+                    last.append(e)  # the copy's or a boot's writes to monitored lines, one page's in a row: one line
+                    continue
                 folds.clear()  # a new step of the coordinator: its CPUs' lines fold anew
-                items.append((e["t_rel_us"], e))
+                items.append((e["t_rel_us"], [e] if waking else e))
                 continue
             key = (kind, FOLDED.get(kind, e["event"]))
             if key not in folds:
@@ -290,12 +298,25 @@ def timeline(events: list[dict], form: str | list[int] = "summary", phases: list
     return t
 
 
+# A write that woke a monitor (smpd.kernel.relocate): what wrote, whose line, which line.
+_WAKING = re.compile(r"(?P<what>.*) writes CPU(?P<cpu>\d+)'s monitored line \((?P<line>.*)\)")
+
+
 def _event(t: Text, us: float, group: list[dict]) -> None:
     e = group[0]
     kind = e.get("kind", "")
     style = "bold red" if kind == "machine_end" else "" if e["cpu"] == 0 or kind in ROUTINE else "bold"
     if len(group) == 1:
         _event_line(t, us, "coord" if e["cpu"] == 0 else f"CPU{e['cpu']}", e["event"], style)
+        return
+    if e["cpu"] == 0:  # waking writes of one page
+        hits = [_WAKING.match(g["event"]) for g in group]
+        lines = {re.sub(r"\[\d+\]", "[N]", h["line"]) for h in hits}
+        until = f", until {group[-1]['t_rel_us']:.1f} us" if group[-1]["t_rel_us"] != us else ""
+        _event_line(t, us, "coord", f"{hits[0]['what']} writes the monitored lines of CPU "
+                                    f"{format_list(sorted(int(h['cpu']) for h in hits), grouped=True)} "
+                                    f"({lines.pop() + ' of each; ' if len(lines) == 1 else ''}{len(group)} writes"
+                                    f"{until})", style)
         return
     what = FOLDED.get(kind, e["event"])
     _event_line(t, us, "CPUs", f"{format_list(sorted({g['cpu'] for g in group}))}: {what} ({len(group)} events, "

@@ -594,3 +594,22 @@ def test_the_summary_folds_one_pages_waking_writes_into_one_line():
         "coord  generation 3's boot: tasks page 1 at 0x1001000 writes the monitored lines of CPU 9,11 "
         "(thread_info[N].flags of each; 2 writes, until 12.5 us)"], text
     assert len(render.timeline(events, "all").plain.splitlines()) == len(events)  # every event, unfolded
+
+
+def test_a_chains_evidence_reads_at_80_columns():
+    """`smpd chain` piped (80 columns): each link's evidence at the full width under the table, not
+    a column a few words wide; the links that did not run are counted right."""
+    from rich.console import Console
+
+    from smpd.tools import render
+
+    evidence = "CPU3 resumed after \"MWAIT woken by a write to thread_info[3].flags\" in overwritten memory"
+    link = lambda n, outcome: {"generation": {"old": n, "new": n + 1}, "kernel": "pre-fix",  # noqa: E731
+                               "into": "pre-fix", "outcome": outcome, "evidence": evidence}
+    console = Console(width=80, record=True)
+    console.print(render.chain_report({"kexecs": 3, "seed": 3, "links": [link(1, "CLEAN"), link(2, "TRIPLE_FAULT")],
+                                       "first_failing_link": 2}))
+    out = console.export_text()
+    # (wrapped at word boundaries only: the column of old broke it into one word, or part of one, a line)
+    assert "link 2, TRIPLE_FAULT: CPU3 resumed after \"MWAIT woken by a write to \n" in out, out
+    assert "link 2 of 3 failed; link 3 did not run" in " ".join(out.split()), out

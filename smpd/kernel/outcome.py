@@ -217,8 +217,8 @@ def _reset(c: dict, _v) -> str:
 
 
 def _mce(c: dict, _v) -> str:
-    return (f"MCE reached CPU {_cpus(c['cpus'])} in wait-for-SIPI (INIT): the machine shuts down, loudly, "
-            f"instead of running the old kernel")
+    return (f"MCE reached CPU {_cpus(c['cpus'])} in wait-for-SIPI (INIT): the platform shuts the machine down, "
+            f"loudly; no CPU resumes in the old kernel's overwritten memory (the lesser of two evils)")
 
 
 def _triple(c: dict, _v) -> str:

@@ -229,7 +229,8 @@ def kick_summary(kick: dict | None) -> Text:
                  f"max {rounds[-1]}\n")
         if woke:  # CPUs their doorbell woke: the write -> running again, mostly the host's wake-up
             t.append(f"  CPUs woken by their doorbell: {len(woke)}, running again {_ns(sorted(woke)[len(woke) // 2])} "
-                     f"after the write (p50), {_ns(sum(woke))} of the whole kick in all\n")
+                     f"after the write (p50); summed, {_ns(sum(woke))} of the whole kick (one CPU at a time: "
+                     f"they do not overlap)\n")
     if kick["message"]:
         t.append(f"  {kick['message']}\n", style="bold magenta")
     return t
@@ -385,13 +386,17 @@ def _regions(m: dict) -> str:
 
 
 def chain_report(r: dict) -> Group:
+    """The links at a glance, then each link's evidence at the console's full width (a column of
+    its own was a few words wide at 80 columns)."""
     t = Table(title=f"chain of {r['kexecs']} kexecs (seed {r['seed']})", title_justify="left", header_style="bold")
-    for col in ("link", "generations", "kernel", "outcome", "evidence"):
-        t.add_column(col, overflow="fold")
+    for col in ("link", "generations", "kernel", "outcome"):
+        t.add_column(col, no_wrap=True)
+    evidence = Text()
     for n, link in enumerate(r["links"], 1):
         g = link["generation"]
-        t.add_row(str(n), f"{g['old']} -> {g['new']}", f"{link['kernel']} -> {link['into']}",
-                  Text(link["outcome"], style=OUTCOME_STYLE.get(link["outcome"], "")), link["evidence"])
+        outcome = Text(link["outcome"], style=OUTCOME_STYLE.get(link["outcome"], ""))
+        t.add_row(str(n), f"{g['old']} -> {g['new']}", f"{link['kernel']} -> {link['into']}", outcome)
+        evidence.append(f"link {n}, ").append(outcome).append(f": {link['evidence']}\n")
     done = len(r["links"])
     tail = Text()
     if r["first_failing_link"] is None:
@@ -399,9 +404,9 @@ def chain_report(r: dict) -> Group:
                     style="bold green")
     else:
         tail.append(f"link {r['first_failing_link']} of {r['kexecs']} failed"
-                    + (f"; links {done + 1}-{r['kexecs']} did not run (nothing left to kexec from)"
-                       if done < r["kexecs"] else "") + "; `smpd reset` power-cycles the machine\n", style="bold red")
-    return Group(t, tail)
+                    + (f"; link{f's {done + 1}-' if done + 1 < r['kexecs'] else ' '}{r['kexecs']} did not run "
+                       f"(nothing left to kexec from)" if done < r["kexecs"] else "") + "; `smpd reset` power-cycles the machine\n", style="bold red")
+    return Group(t, evidence, tail)
 
 
 def _kernel_column(t: Table, kernels: list[str]) -> None:

@@ -270,25 +270,7 @@ def timeline(events: list[dict], form: str | list[int] = "summary", phases: list
         items: list[tuple[float, object]] = [(e["t_rel_us"], e) for e in events
                                              if wanted is None or e["cpu"] in wanted]
     else:
-        folds: dict[tuple[str, str], list[dict]] = {}  # (kind, text) -> its events since the last coordinator event
-        items = []
-        for e in events:
-            kind = e.get("kind", "")
-            if e["cpu"] == 0:
-                waking = _WAKING.match(e["event"]) if kind == "waking_write" else None
-                last = items[-1][1] if items else None
-                if waking and isinstance(last, list) and last[0]["cpu"] == 0 and \
-                        _WAKING.match(last[0]["event"])["what"] == waking["what"]:
-                    last.append(e)  # the copy's or a boot's writes to monitored lines, one page's in a row: one line
-                    continue
-                folds.clear()  # a new step of the coordinator: its CPUs' lines fold anew
-                items.append((e["t_rel_us"], [e] if waking else e))
-                continue
-            key = (kind, FOLDED.get(kind, e["event"]))
-            if key not in folds:
-                folds[key] = []
-                items.append((e["t_rel_us"], folds[key]))
-            folds[key].append(e)
+        items = _summary_items(events)
     for us, item in sorted(marks + items, key=lambda x: (x[0], not isinstance(x[1], dict) or "name" not in x[1])):
         if isinstance(item, dict) and "name" in item:  # a phase
             t.append(f"  {us:>10.1f} us  ── {item['name']} ({_ns(item['dur_us'] * 1000)})\n", style="dim bold")
@@ -301,6 +283,31 @@ def timeline(events: list[dict], form: str | list[int] = "summary", phases: list
 
 # A write that woke a monitor (smpd.kernel.relocate): what wrote, whose line, which line.
 _WAKING = re.compile(r"(?P<what>.*) writes CPU(?P<cpu>\d+)'s monitored line \((?P<line>.*)\)")
+
+
+def _summary_items(events: list[dict]) -> list[tuple[float, object]]:
+    """The summary's lines: each coordinator event, one page's waking writes in a row as one, and what
+    many CPUs do alike between two coordinator events as one (lists of the events folded)."""
+    folds: dict[tuple[str, str], list[dict]] = {}  # (kind, text) -> its events since the last coordinator event
+    items = []
+    for e in events:
+        kind = e.get("kind", "")
+        if e["cpu"] == 0:
+            waking = _WAKING.match(e["event"]) if kind == "waking_write" else None
+            last = items[-1][1] if items else None
+            if waking and isinstance(last, list) and last[0]["cpu"] == 0 and \
+                    _WAKING.match(last[0]["event"])["what"] == waking["what"]:
+                last.append(e)  # the copy's or a boot's writes to monitored lines, one page's in a row: one line
+                continue
+            folds.clear()  # a new step of the coordinator: its CPUs' lines fold anew
+            items.append((e["t_rel_us"], [e] if waking else e))
+            continue
+        key = (kind, FOLDED.get(kind, e["event"]))
+        if key not in folds:
+            folds[key] = []
+            items.append((e["t_rel_us"], folds[key]))
+        folds[key].append(e)
+    return items
 
 
 def _event(t: Text, us: float, group: list[dict]) -> None:

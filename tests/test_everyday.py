@@ -291,6 +291,10 @@ def test_config_show_says_where_each_value_comes_from(tmp_path):
     bad.write_text("[machine]\ncpus = 0\n")
     r = run_smpd("config", "show", "--config", str(bad), check=False)
     assert r.returncode == 2 and "machine.cpus = 0 is invalid" in r.stderr
+    # Across settings too, as `smpd up` checks them: RAM too small for the file's own machine
+    bad.write_text("[machine]\ncpus = 3\n[memory]\nram_pages = 1\n")
+    r = run_smpd("config", "show", "--config", str(bad), check=False)
+    assert r.returncode == 2 and "memory.ram_pages = 1 cannot hold two kernel generations" in r.stderr, r.stderr
 
 
 def test_a_name_from_a_config_file_is_said_and_not_up_lists_the_machines(machine_name, tmp_path):

@@ -737,6 +737,7 @@ def config_show(config_file, as_json):
     """Every setting's effective value and the file it comes from (command-line options of
     `smpd up` win over both)."""
     cfg, sources = config_mod.load_with_sources(config_file)
+    cfg.sizes(), cfg.boot()  # what `smpd up` checks across settings, for the file's own [machine] cpus
     table = {section: {key: {"value": value, "from": sources[(section, key)]} for key, value in values.items()}
              for section, values in cfg.raw.items()}
     if as_json:

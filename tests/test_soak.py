@@ -232,6 +232,8 @@ def test_sigkill_of_the_coordinator_mid_soak_leaves_a_readable_file_and_nothing_
     (("--inject-rate", "-0.1"), "is not in the range"),
     (("--park", "hlt,sleep"), "--park 'hlt,sleep'"),
     (("--kinds", "nmi,irq"), "--kinds 'nmi,irq'"),
+    (("--kinds", "nmi,smi,nmi"), "'nmi' is given twice"),  # it would weigh the draw, unsaid
+    (("--park", "hlt,6.6"), "'hlt' and '6.6' name the same kernel"),
     (("--out", "/nonexistent-dir/s.jsonl"), "does not exist"),
     (("--out", "/tmp"), "--out /tmp is a directory; give a file name"),  # not "exists; continue with --resume"
     (("--out", "/dev/full"), "--out /dev/full is not a regular file"),

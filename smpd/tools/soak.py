@@ -28,7 +28,7 @@ from smpd.machine import layout as L
 from smpd.errors import BadInput, CpuLost, SmpdError
 from smpd.host import files
 from smpd.kernel.kexec import OUTCOMES
-from smpd.kernel.scenario import FLAVOURS, KERNELS, KINDS, ORDERS, PHASES, trial_seed
+from smpd.kernel.scenario import FLAVOURS, KERNELS, KINDS, ORDERS, PHASES, flavour, trial_seed
 
 FILE_KIND = "smpd-soak"
 # Version 2: trials of the kernel-generation model (layout 6: each generation its own memory map;
@@ -70,16 +70,25 @@ class Plan:
                                                "version", "layout_version")}
 
 
-def _parse_list(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
+def _parse_list(text: str, allowed: tuple[str, ...], option: str, same=lambda x: x) -> list[str]:
+    """Each item once (``same``: what an item names; a second name for it is a repeat): a repeat would
+    weigh the draw, unsaid."""
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items or any(x not in allowed for x in items):
         raise BadInput(f"{option} '{text}': expected a comma-separated list of {', '.join(allowed)}")
+    seen: dict[str, str] = {}
+    for x in items:
+        if same(x) in seen:
+            first = seen[same(x)]
+            twice = f"'{x}' is given twice" if first == x else f"'{first}' and '{x}' name the same kernel"
+            raise BadInput(f"{option} '{text}': {twice}; name each once")
+        seen[same(x)] = x
     return items
 
 
 def parse_parks(text: str) -> list[str]:
     """Kernels to draw from: flavours (pre-fix, 6.5, 6.6) or their --park names (none, init, hlt)."""
-    return _parse_list(text, KERNELS, "--park")
+    return _parse_list(text, KERNELS, "--park", flavour)
 
 
 def check_outcome(outcome: str) -> None:

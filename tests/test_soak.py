@@ -171,11 +171,12 @@ def test_a_soak_killed_mid_run_leaves_the_users_setup_for_the_next_reset_to_rest
             p.wait()
         assert m.status()["machine"]["left_by_soak"] == {"offline": [2, 4], "kernel": "pre-fix", "pid": p.pid}
         said = " ".join(run_smpd("status", name=m.name).stdout.split())
-        assert f"a soak (pid {p.pid}) was killed on it" in said and "restores yours (CPU 2,4 offline, pre-fix)" in said
+        assert f"a soak ended on it without putting back your offline CPUs and kernel (its pid {p.pid}, gone now" \
+            in said and "restores them (CPU 2,4 offline, pre-fix)" in said, said
         if then == "plain reset":
             r = run_smpd("reset", name=m.name)
             assert "generation 1 (pre-fix) runs; offline: CPU 2,4 in" in r.stdout, r.stdout
-            assert f"before soak pid {p.pid}, which was killed" in r.stdout, r.stdout
+            assert f"before a soak that ended without putting them back (its pid {p.pid}, gone now" in r.stdout, r.stdout
         else:
             r = run_smpd("reset", "--offline", "3", name=m.name)
             assert "generation 1 (6.6) runs; offline: CPU 3 in" in r.stdout and "soak" not in r.stdout, r.stdout
@@ -532,3 +533,25 @@ def test_the_context_switch_count_follows_each_process_and_closes_what_it_opened
         for p in procs:
             p.kill()
             p.join()
+
+
+def test_a_soaks_hold_knows_its_soak_by_pid_and_start_not_by_the_clock(monkeypatch):
+    """Gone means gone: a zombie or a recycled pid (another start) is not the soak; a step of the wall
+    clock (psutil's create_time() moves with it) does not make a live soak look gone."""
+    import psutil._pslinux
+
+    from smpd.daemon.soakhold import SoakHold
+    from smpd.host import trust
+
+    me = SoakHold([1], "6.6", os.getpid(), trust.start_ticks(os.getpid()))
+    assert not me.soak_gone()
+    assert SoakHold([1], "6.6", os.getpid(), me.started + 1000).soak_gone()  # the pid, but another process
+    boot = psutil._pslinux.boot_time
+    monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: boot() + 3600.0)  # the clock stepped an hour
+    assert not me.soak_gone()
+    child = subprocess.Popen(["true"])
+    wait_until(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE, what="an exited child")
+    try:
+        assert SoakHold([1], "6.6", child.pid, trust.start_ticks(child.pid)).soak_gone()  # exited, not reaped
+    finally:
+        child.wait()

@@ -270,7 +270,7 @@ class KernelOps:
         self.sup.ipi_all(todo, L.Ipi.CPU_DOWN, budget, "reset (offline)")
 
     def op_soak_hold(self, offline: str | None = None, kernel: str | None = None, pid: int = 0,
-                     started: float = 0.0) -> dict:
+                     started: int = 0) -> dict:
         """A soak's hold (smpd.daemon.soakhold): the user's ``offline`` CPUs and ``kernel``, which a
         plain reset restores once soak ``pid`` (started at ``started``) is gone; no ``offline``: the
         soak took them back itself, and the hold goes."""
@@ -278,7 +278,7 @@ class KernelOps:
             self.sup.soak_hold = None
             return {"held": False}
         cpus = cpulist.parse(offline, self.sup.ncpus) if offline else []
-        if 0 in cpus or pid <= 0 or kernel is None:
+        if 0 in cpus or pid <= 0 or started <= 0 or kernel is None:
             raise BadInput("a soak's hold names CPUs 1-%d, its kernel and its pid" % (self.sup.ncpus - 1))
         self.sup.soak_hold = soakhold.SoakHold(cpus, flavour(kernel, "--kernel"), pid, started)
         return {"held": True}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import psutil
+from smpd.host import trust
 
 
 @dataclass(frozen=True)
@@ -21,18 +21,15 @@ class SoakHold:
     offline: list[int]
     kernel: str
     pid: int  # the soak's process,
-    started: float  # and its start (psutil's create_time): a pid alone may be another process's by now
+    started: int  # and its start (trust.start_ticks): a pid alone may be another process's by now
 
     def soak_gone(self) -> bool:
-        try:
-            p = psutil.Process(self.pid)
-            return p.create_time() != self.started or p.status() == psutil.STATUS_ZOMBIE  # dead, not reaped yet
-        except psutil.Error:  # no such process (or not one we may look at: not the soak, which is ours)
-            return True
+        """Gone: not a live process of ours that started then (a zombie, a recycled pid: gone too)."""
+        return not trust.is_our_process(self.pid, self.started)
 
     def said(self) -> str:
-        return (f"restored the offline CPUs and kernel you had before soak pid {self.pid}, which was killed "
-                f"without restoring them")
+        return (f"restored the offline CPUs and kernel you had before a soak that ended without putting them "
+                f"back (its pid {self.pid}, gone now: killed, or stopped by an error)")
 
 
 def orphaned(sup) -> SoakHold | None:

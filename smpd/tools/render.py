@@ -28,9 +28,10 @@ def machine_line(m: dict) -> Text:
         t.append(f"it {m['ended_by']}: nothing runs on it until `smpd reset`\n", style="bold red")
     if left := m.get("left_by_soak"):
         offline = f"CPU {format_list(left['offline'])} offline" if left["offline"] else "every CPU online"
-        t.append(f"a soak (pid {left['pid']}) was killed on it, its last trial's offline CPUs and kernel left in "
-                 f"place: `smpd reset` restores yours ({offline}, {left['kernel']}); a hotplug or "
-                 f"`reset --offline`/`--kernel` makes its own choice instead\n", style="yellow")
+        t.append(f"a soak ended on it without putting back your offline CPUs and kernel (its pid {left['pid']}, "
+                 f"gone now: killed, or stopped by an error): `smpd reset` restores them ({offline}, "
+                 f"{left['kernel']}); a hotplug or `reset --offline`/`--kernel` makes your own choice instead\n",
+                 style="yellow")
     t.append(f"coordinator pid {m['pid']}  watch {m['watch']}  hot path {m['hot_path']}  pin {m['pin']}  "
              f"generation {m['generation']} ({m['kernel']})  seed {m['seed']}  "
              f"uptime {_duration(m['uptime_s'])}  bring-up {m['bringup_ms']:.0f} ms\n")

@@ -15,7 +15,6 @@ import secrets
 import signal
 import time
 
-import psutil
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -24,7 +23,7 @@ from smpd import cpulist
 from smpd import config
 from smpd.tools import cluster, hostload, lifecycle, soak
 from smpd.host.proc import read_all, status_field
-from smpd.host import files
+from smpd.host import files, trust
 from smpd.tools.entry import stop_signals
 from smpd.inputs import ascii_int, parse_duration
 from smpd.kernel.scenario import flavour
@@ -282,7 +281,7 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
     users_offline = set(plan.users_offline)
     # Left with the coordinator first: a plain reset restores them if this process is killed (soakhold).
     live.request("soak_hold", offline=cpulist.format_list(sorted(users_offline)), kernel=plan.users_kernel,
-                 pid=os.getpid(), started=psutil.Process().create_time())
+                 pid=os.getpid(), started=trust.start_ticks(os.getpid()))
     if resumed is None:
         plan.started = time.time()
         f = soak.open_new(out, plan)

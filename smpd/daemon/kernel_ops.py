@@ -207,7 +207,7 @@ class KernelOps:
         generation and re-park them (Kexec.become)."""
         t0 = time.monotonic_ns()
         restored = None
-        if (hold := soakhold.orphaned(self.sup)) is not None:  # a soak was killed on this machine
+        if (hold := soakhold.orphaned(self.sup)) is not None:  # a soak ended without restoring the machine
             if offline is None and kernel is None:
                 offline, kernel, restored = cpulist.format_list(hold.offline), hold.kernel, hold.said()
             self.sup.soak_hold = None  # restored now, or replaced by the user's own choice

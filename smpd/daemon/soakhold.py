@@ -39,6 +39,6 @@ def orphaned(sup) -> SoakHold | None:
 
 
 def drop_if_orphaned(sup) -> None:
-    """A user's own choice of offline CPUs or kernel, made after a killed soak: it replaces the hold."""
+    """A user's own choice of offline CPUs or kernel, made after the soak is gone: it replaces the hold."""
     if orphaned(sup) is not None:
         sup.soak_hold = None

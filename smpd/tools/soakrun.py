@@ -279,9 +279,6 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
     status = _prepare(live, plan, out, resumed)
     offline = offline_set(status)
     users_offline = set(plan.users_offline)
-    # Left with the coordinator first: a plain reset restores them if this process is killed (soakhold).
-    live.request("soak_hold", offline=cpulist.format_list(sorted(users_offline)), kernel=plan.users_kernel,
-                 pid=os.getpid(), started=trust.start_ticks(os.getpid()))
     if resumed is None:
         plan.started = time.time()
         f = soak.open_new(out, plan)
@@ -300,6 +297,9 @@ def _run(live, plan: soak.Plan, records: list[dict], out: str, load_spec, resume
     error = None
     try:
         load.start()
+        # Before the first trial moves them: a plain reset restores them if this process is killed (soakhold).
+        live.request("soak_hold", offline=cpulist.format_list(sorted(users_offline)), kernel=plan.users_kernel,
+                     pid=os.getpid(), started=trust.start_ticks(os.getpid()))
         t0 = time.monotonic()
         total = plan.trials if plan.trials else None
         with soak.progress_bar(console, "soak") as bar:

@@ -1,7 +1,7 @@
 """`smpd bench kick`: repeated kicks of parked CPUs, folded into HDR histograms.
 
 The coordinator does the kicking (its timings are first-hand) in short batches;
-this side folds each batch's raw samples into hdrhistogram histograms (one-way,
+this side (measure) folds each batch's raw samples into hdrhistogram histograms (one-way,
 round trip, overall and per CPU), drives the progress bar, samples psutil's
 involuntary context switches of the target processes, measures the hardware
 floor, and writes the report, the JSON and the plot.
@@ -246,3 +246,44 @@ def write_plot(path: str, run: Run, report: dict) -> None:
 
 def elapsed(t0: float) -> float:
     return time.monotonic() - t0
+
+
+BATCH_KICKS = 400  # kicks per request: the progress bar moves, and a stop comes, between batches
+
+
+def measure(machine, targets: str | None, rounds: int, seconds: float | None,
+            console) -> tuple[Run, dict, dict | None, bool]:
+    """The benchmark on ``machine`` (its lock held by the caller): the floors, then ``rounds`` rounds
+    (or ``seconds`` of them) in batches, with a progress bar on ``console``. Returns the run, the
+    cache-line floor, the wake-up floor (an adaptive machine's) and whether Ctrl-C cut it short."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    # A zero-round request validates the targets (parked?) before anything is measured.
+    check = machine.request("bench_kick", targets=targets, rounds=0)
+    cpus = check["targets"]
+    floor = measure_floor()
+    # An adaptive CPU sleeps until its doorbell: its kick also pays a process wake-up, floored too.
+    adaptive = machine.request("status", brief=True)["machine"]["watch"] == "adaptive"
+    wake_floor = measure_wake_floor() if adaptive else None
+    run = Run(targets=cpus)
+    run.pids = {int(c): p for c, p in check["pids"].items()}
+    run.sample_ctx(run.ctx_before)
+    batch = max(1, BATCH_KICKS // len(cpus))
+    t0 = time.monotonic()
+    interrupted = False
+    with Progress(TextColumn("[bold]kick[/bold]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=True) as bar:
+        task = bar.add_task("", total=seconds if seconds else rounds)
+        try:
+            while True:
+                left = rounds - run.rounds_done
+                if seconds is None and left <= 0 or seconds is not None and elapsed(t0) >= seconds:
+                    break
+                n = batch if seconds is not None else min(batch, left)
+                run.fold(machine.request("bench_kick", targets=targets, rounds=n))
+                bar.update(task, completed=elapsed(t0) if seconds else run.rounds_done, description=run.live_line())
+        except KeyboardInterrupt:
+            interrupted = True
+    run.seconds = elapsed(t0)
+    run.sample_ctx(run.ctx_after)
+    return run, floor, wake_floor, interrupted

@@ -361,8 +361,7 @@ def offline(name, cpus):
     """
     machine = lifecycle.require(name)
     cpulist.parse(cpus, machine.ncpus)  # the same check the coordinator makes, before connecting
-    with lifecycle.machine_lock(machine.name, "a hotplug"):
-        r = machine.request("offline", cpus=cpus)
+    r = _locked_request(machine, "offline", "a hotplug", cpus=cpus)
     _report_hotplug(r, "offlined", "already_offline", "offline", "mwait_play_dead()")
 
 
@@ -373,8 +372,7 @@ def online(name, cpus):
     """Bring CPUs back online with INIT/SIPI; smp_callin() zeroes their mwait_cpu_dead."""
     machine = lifecycle.require(name)
     cpulist.parse(cpus, machine.ncpus)
-    with lifecycle.machine_lock(machine.name, "a hotplug"):
-        r = machine.request("online", cpus=cpus)
+    r = _locked_request(machine, "online", "a hotplug", cpus=cpus)
     _report_hotplug(r, "onlined", "already_online", "online", "RUNNING")
     if r.get("parked"):  # nosmt siblings this kernel had never booted (maxcpus)
         click.echo(f"CPU {cpulist.format_list(r['parked'])}: SMT sibling{'s' if len(r['parked']) > 1 else ''} "
@@ -405,8 +403,7 @@ def poke(name, target, value):
     thread_info[N]. Without --value the same value is written again (MWAIT still wakes).
     """
     machine = lifecycle.require(name)
-    with lifecycle.machine_lock(machine.name, "a poke"):
-        r = machine.request("poke", target=target, value=value)
+    r = _locked_request(machine, "poke", "a poke", target=target, value=value)
     woke = f"woke CPU {cpulist.format_list(r['woken_cpus'])}" if r["woken_cpus"] else "woke no monitor"
     click.echo(f"{r['symbol']} @ {r['addr']:#x}: {r['old']:#010x} -> {r['new']:#010x}; {woke}")
     if r.get("ended"):
@@ -524,6 +521,12 @@ def _kernel_choice(kernel: str | None, park: str | None) -> str | None:
     if kernel is not None and park is not None:
         raise BadInput("--kernel and --park say the same thing; give one")
     return kernel if kernel is not None else park
+
+
+def _locked_request(machine: lifecycle.Live, op: str, doing: str, **args) -> dict:
+    """``op`` under the machine's lock (``doing`` names it to a soak or a command that holds it)."""
+    with lifecycle.machine_lock(machine.name, doing):
+        return machine.request(op, **args)
 
 
 def _drawn_request(machine: lifecycle.Live, op: str, doing: str, **args) -> dict:
@@ -698,8 +701,7 @@ def inject(name, kind, target, count, as_json):
     """Send a stray NMI, MCE or SMI now, and say what it did to each target CPU."""
     machine = lifecycle.require(name)
     scenario_mod.injection(kind, "after-copy", target, count, machine.ncpus, f"--cpus '{target}'")
-    with lifecycle.machine_lock(machine.name, "an injection"):
-        r = machine.request("inject", kind=kind, cpus=target, count=count)
+    r = _locked_request(machine, "inject", "an injection", kind=kind, cpus=target, count=count)
     _print_json_or(r, as_json, lambda r: _render().injection_report(
         r, _ended_line(machine.name, r["ended"]) if r.get("ended") else None))
 
@@ -780,8 +782,6 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
     loop, first-hand on CPU 0), then re-parks them through mwait_play_dead(). Prints
     percentiles next to the host's own cache-line round trip.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from smpd.tools import benchkick
 
     seconds = inputs.parse_duration(duration) if duration is not None else None
@@ -795,36 +795,8 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
         cpulist.parse(targets, machine.ncpus)
     # Its rounds re-park the targets: no soak, kexec or hotplug between them (machine_lock).
     with lifecycle.machine_lock(machine.name, "a kick benchmark"):
-        # A zero-round request validates the targets (parked?) before anything is measured.
-        check = machine.request("bench_kick", targets=targets, rounds=0)
-        cpus = check["targets"]
-        out = _console(stderr=True)
-        floor = benchkick.measure_floor()
-        # An adaptive CPU sleeps until its doorbell: its kick also pays a process wake-up, floored too.
-        adaptive = machine.request("status", brief=True)["machine"]["watch"] == "adaptive"
-        wake_floor = benchkick.measure_wake_floor() if adaptive else None
-        run = benchkick.Run(targets=cpus)
-        run.pids = {int(c): p for c, p in check["pids"].items()}
-        run.sample_ctx(run.ctx_before)
-        batch = max(1, 400 // len(cpus))
-        t0 = time.monotonic()
-        interrupted = False
-        with Progress(TextColumn("[bold]kick[/bold]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                      TimeElapsedColumn(), TextColumn("{task.description}"), console=out, transient=True) as bar:
-            task = bar.add_task("", total=seconds if seconds else rounds)
-            try:
-                while True:
-                    left = rounds - run.rounds_done
-                    if seconds is None and left <= 0 or seconds is not None and benchkick.elapsed(t0) >= seconds:
-                        break
-                    n = batch if seconds is not None else min(batch, left)
-                    run.fold(machine.request("bench_kick", targets=targets, rounds=n))
-                    bar.update(task, completed=benchkick.elapsed(t0) if seconds else run.rounds_done,
-                               description=run.live_line())
-            except KeyboardInterrupt:
-                interrupted = True
-        run.seconds = benchkick.elapsed(t0)
-        run.sample_ctx(run.ctx_after)
+        run, floor, wake_floor, interrupted = benchkick.measure(machine, targets, rounds, seconds,
+                                                                _console(stderr=True))
     # Did the host move meanwhile? (Not after a stop signal: its report comes at once.)
     floor_after = benchkick.measure_floor() if floor.get("available") and not interrupted else None
     report = benchkick.Run.report(run, floor, wake_floor, floor_after)

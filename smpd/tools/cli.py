@@ -7,6 +7,7 @@ machine" and "already up"), 1 for runtime failures.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -529,21 +530,27 @@ def _locked_request(machine: lifecycle.Live, op: str, doing: str, **args) -> dic
         return machine.request(op, **args)
 
 
-def _drawn_request(machine: lifecycle.Live, op: str, doing: str, **args) -> dict:
-    """``op`` under the machine's lock (``doing`` names it to a soak that holds it), drawing on a
-    terminal, while it runs, how many APs are online in the generation the header names: a kexec,
-    chain or reset of thousands of CPUs takes seconds, most of them a kernel starting each AP."""
+@contextlib.contextmanager
+def _drawing(machine: lifecycle.Live):
+    """While the block runs, on a terminal: how many APs are online in the generation the header
+    names (a kexec, chain, reset or replay of thousands of CPUs takes seconds, most of them a kernel
+    starting each AP). Yields the tick for the block's requests (None: nothing drawn)."""
     progress = None
     if sys.stderr.isatty():
         from smpd.tools.upprogress import GenerationProgress
 
         progress = GenerationProgress(machine.name, machine.ncpus, _console(stderr=True))
     try:
-        with lifecycle.machine_lock(machine.name, doing):
-            return machine.request(op, tick=progress and progress.tick, **args)
+        yield progress and progress.tick
     finally:
         if progress is not None:
             progress.close()
+
+
+def _drawn_request(machine: lifecycle.Live, op: str, doing: str, **args) -> dict:
+    """``op`` under the machine's lock (``doing`` names it to a soak that holds it), drawn (_drawing)."""
+    with _drawing(machine) as tick, lifecycle.machine_lock(machine.name, doing):
+        return machine.request(op, tick=tick, **args)
 
 
 @main.command()
@@ -574,8 +581,8 @@ def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, 
     form = _timeline_form(timeline_form, machine.ncpus)
     _check_trace(trace_file, replay_file)
     if replay is not None:
-        with lifecycle.machine_lock(name, "a kexec --replay"):  # its reset and kexec, as a soak's
-            r = _soakrun().replay(name, replay)
+        with _drawing(machine) as tick, lifecycle.machine_lock(name, "a kexec --replay"):  # its reset and kexec
+            r = _soakrun().replay(name, replay, tick)
     else:
         kernel = _kernel_choice(kernel, park)
         for spec in injects:

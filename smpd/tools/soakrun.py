@@ -476,8 +476,9 @@ def parse_replay_target(target: str) -> tuple[str, int]:
     return path, trial
 
 
-def replay(name: str, target: str) -> dict:
-    """Re-run trial N of a soak file on machine ``name``, exactly: same offline set, same scenario."""
+def replay(name: str, target: str, tick=None) -> dict:
+    """Re-run trial N of a soak file on machine ``name``, exactly: same offline set, same scenario.
+    ``tick``: called while its reset and kexec run (the CLI draws the APs online so)."""
     path, trial = parse_replay_target(target)
     plan, records, _ = soak.read(path)
     rec = next((r for r in records if r["trial"] == trial), None)
@@ -490,10 +491,11 @@ def replay(name: str, target: str) -> dict:
     status = live.request("status")
     if status["machine"]["state"] in ("KEXECED", "ENDED") or _running_kernel(status) != flavour(rec["park"]):
         # as the soak ran it: generation 1 booted as the trial's kernel (soak.run_trial's reset)
-        live.request("reset", offline=rec["offline"], kernel=rec["park"])
+        live.request("reset", offline=rec["offline"], kernel=rec["park"], tick=tick)
     else:
         soak.set_offline(live, set(cpulist.parse(rec["offline"])) if rec["offline"] else set(), offline_set(status))
-    r = live.request("kexec", kernel=rec["park"], inject=rec["inject"], order=rec["order"], seed=rec["seed"])
+    r = live.request("kexec", kernel=rec["park"], inject=rec["inject"], order=rec["order"], seed=rec["seed"],
+                     tick=tick)
     same = r["outcome"] == rec["outcome"]
     r["replay"] = {"file": path, "trial": trial, "recorded_outcome": rec["outcome"], "same_outcome": same}
     r["notes"] = [f"replay of trial {trial} of {path}: recorded outcome {rec['outcome']}"

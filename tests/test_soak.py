@@ -167,6 +167,7 @@ def test_a_soak_killed_mid_run_leaves_the_users_setup_for_the_next_reset_to_rest
         out = tmp_path / f"{then}.jsonl".replace(" ", "-")
         with start_soak(m.name, out, "--seed", "1") as p:
             wait_trials(p, out, 3)
+            assert p.poll() is None, p.communicate()  # killed mid-run, not ended by itself (then: why)
             p.kill()
             p.wait()
         assert m.status()["machine"]["left_by_soak"] == {"offline": [2, 4], "kernel": "pre-fix", "pid": p.pid}

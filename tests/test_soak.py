@@ -156,6 +156,22 @@ def test_ctrl_c_stops_after_the_current_trial_with_a_summary(soak_machine, tmp_p
                 and of_this_run(q)]  # anyone else's load (another test run's, a user's soak) is theirs
 
 
+def _soak_killed_mid_run(m, tmp_path, name: str, tries: int = 3):
+    """A soak SIGKILLed after its third trial. One that ended by itself first (a trial timed out on a
+    loaded host: it then restored the machine itself, as it should) is not that: tried again."""
+    ended = []
+    for n in range(tries):
+        out = tmp_path / f"{name}-{n}.jsonl"
+        with start_soak(m.name, out, "--seed", "1") as p:
+            wait_trials(p, out, 3)
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+                return p
+            ended.append(p.communicate())
+    pytest.fail(f"the soak ended by itself {tries} times before it could be killed: {ended}")
+
+
 def test_a_soak_killed_mid_run_leaves_the_users_setup_for_the_next_reset_to_restore(machine, tmp_path):
     """SIGKILL leaves a soak nothing to put the user's offline CPUs and kernel back with: it left them
     with the coordinator before its first trial. `status` says so; the next plain `smpd reset` restores
@@ -164,12 +180,7 @@ def test_a_soak_killed_mid_run_leaves_the_users_setup_for_the_next_reset_to_rest
     m = machine(6, "--watch", "adaptive")
     for then in ("plain reset", "own choice"):
         run_smpd("reset", "--offline", "2,4", "--kernel", "pre-fix", name=m.name)
-        out = tmp_path / f"{then}.jsonl".replace(" ", "-")
-        with start_soak(m.name, out, "--seed", "1") as p:
-            wait_trials(p, out, 3)
-            assert p.poll() is None, p.communicate()  # killed mid-run, not ended by itself (then: why)
-            p.kill()
-            p.wait()
+        p = _soak_killed_mid_run(m, tmp_path, then.replace(" ", "-"))
         assert m.status()["machine"]["left_by_soak"] == {"offline": [2, 4], "kernel": "pre-fix", "pid": p.pid}
         said = " ".join(run_smpd("status", name=m.name).stdout.split())
         assert f"a soak ended on it without putting back your offline CPUs and kernel (its pid {p.pid}, gone now" \
@@ -556,3 +567,23 @@ def test_a_soaks_hold_knows_its_soak_by_pid_and_start_not_by_the_clock(monkeypat
         assert SoakHold([1], "6.6", child.pid, trust.start_ticks(child.pid)).soak_gone()  # exited, not reaped
     finally:
         child.wait()
+
+
+def test_a_killed_soaks_own_last_request_does_not_drop_its_hold():
+    """A soak SIGKILLed just after it sent a reset or a hotplug: the coordinator answers that request
+    after the soak is gone. It is the soak's (its client pid), not a choice of the user's, and leaves
+    the hold for the next plain reset; any other client's choice replaces it."""
+    import types
+
+    from smpd.daemon import soakhold
+
+    child = subprocess.Popen(["true"])
+    child.wait()  # gone: the killed soak
+    sup = types.SimpleNamespace(soak_hold=soakhold.SoakHold([2, 4], "pre-fix", child.pid, 12345),
+                                handlers=types.SimpleNamespace(client_pid=child.pid))
+    assert soakhold.orphaned(sup) is sup.soak_hold and soakhold.users_choice(sup) is None
+    soakhold.drop_if_users_choice(sup)
+    assert sup.soak_hold is not None
+    sup.handlers.client_pid = os.getpid()  # the user's `smpd online ...`
+    soakhold.drop_if_users_choice(sup)
+    assert sup.soak_hold is None

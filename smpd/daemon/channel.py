@@ -67,11 +67,12 @@ class Server:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def accept(self) -> Connection | None:
-        """Accept one client; None when it is another user or fails the handshake."""
+    def accept(self) -> tuple[Connection, int] | None:
+        """Accept one client: its connection and its pid (when it connected); None when it is another
+        user or fails the handshake."""
         s, _ = self.sock.accept()
         try:
-            _pid, uid, _gid = peer_credentials(s)
+            pid, uid, _gid = peer_credentials(s)
             if uid != os.geteuid():
                 s.close()
                 return None
@@ -86,7 +87,7 @@ class Server:
         except (OSError, EOFError, Exception):  # AuthenticationError, a timeout, a reset
             conn.close()
             return None
-        return conn
+        return conn, pid
 
     def close(self) -> None:
         if self.sock is not None:

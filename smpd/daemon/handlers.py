@@ -47,15 +47,17 @@ class Handlers:
             "kexec": k.op_kexec, "chain": k.op_chain, "kick": k.op_kick, "panic": k.op_panic,
             "reset": k.op_reset, "inject": k.op_inject, "bench_kick": k.op_bench_kick, "soak_hold": k.op_soak_hold,
         }
-        self.client = None  # the connection of the request being answered
+        self.client = None  # the connection of the request being answered,
+        self.client_pid = 0  # and its client's pid (SO_PEERCRED, when it connected)
         # Each handler's signature and argument types, read at its first request (get_type_hints()
         # of op_kexec takes ~0.25 ms; a soak trial makes two requests)
         self.signatures: dict[str, tuple[inspect.Signature, dict[str, Any]]] = {}
 
     # -- the boundary ------------------------------------------------------------
 
-    def answer(self, conn) -> None:
-        """Read one request from ``conn``, run it, send the reply (see the module's docstring)."""
+    def answer(self, conn, pid: int = 0) -> None:
+        """Read one request from ``conn`` (of client ``pid``), run it, send the reply (see the module's
+        docstring)."""
         try:
             req = channel.recv_json(conn)
         except (OSError, EOFError):
@@ -64,7 +66,7 @@ class Handlers:
             self._reply(conn, channel.error_reply(BadInput(f"malformed request: {err}")))
             return
         op = req.get("op") if isinstance(req, dict) else None
-        self.client = conn
+        self.client, self.client_pid = conn, pid
         try:
             handler, args = self.bind(req)
             reply = {"ok": True, "result": handler(**args)}
@@ -80,7 +82,7 @@ class Handlers:
                 f"internal error in '{op}': {type(err).__name__}: {err}; the machine is still up "
                 f"(the coordinator's log has the traceback: set SMPD_COORDINATOR_LOG=FILE before `smpd up`)"))
         finally:
-            self.client = None
+            self.client, self.client_pid = None, 0
         self._reply(conn, reply)
         if reply.get("ok") and op == "down":
             self.sup.stopping = True
@@ -139,7 +141,7 @@ class Handlers:
         require_running_kernel(self.sup, "CPU hotplug")
         self._require_alive(wanted)
         todo = [c for c in wanted if self.sup.seg.cb(c, "hotplug") == L.Hotplug.ONLINE]
-        soakhold.drop_if_orphaned(self.sup)  # the user's own offline set now
+        soakhold.drop_if_users_choice(self.sup)  # the user's own offline set now
         t0 = time.monotonic_ns()
         self.sup.ipi_all(todo, L.Ipi.CPU_DOWN, self.sup.ipi_timeout_s + 0.002 * len(todo), "offline")
         return {"offlined": todo, "already_offline": [c for c in wanted if c not in todo],
@@ -160,7 +162,7 @@ class Handlers:
                            f"CPUs that are not siblings (in this machine's topology, the even ones)")
         self._require_alive(wanted)
         todo = [c for c in wanted if c != 0 and seg.cb(c, "hotplug") == L.Hotplug.OFFLINE]
-        soakhold.drop_if_orphaned(self.sup)
+        soakhold.drop_if_users_choice(self.sup)
         t0 = time.monotonic_ns()
         budget = self.sup.ipi_timeout_s + 0.002 * len(todo)
         before = ending_faults(self.sup)

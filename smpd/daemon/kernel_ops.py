@@ -208,9 +208,11 @@ class KernelOps:
         t0 = time.monotonic_ns()
         restored = None
         if (hold := soakhold.orphaned(self.sup)) is not None:  # a soak ended without restoring the machine
-            if offline is None and kernel is None:
+            if offline is None and kernel is None:  # restored now
                 offline, kernel, restored = cpulist.format_list(hold.offline), hold.kernel, hold.said()
-            self.sup.soak_hold = None  # restored now, or replaced by the user's own choice
+                self.sup.soak_hold = None
+            elif soakhold.users_choice(self.sup) is not None:  # not the dead soak's own last reset
+                self.sup.soak_hold = None
         boot1 = self.sup.boot1
         if kernel is not None:
             boot1 = dataclasses.replace(boot1, flavour=flavour(kernel, "--kernel"))

@@ -6,7 +6,9 @@ leaves nothing of the soak to do that. So the soak leaves them with the coordina
 (`soak_hold`) and takes them back at its end. A plain `smpd reset` that finds a hold whose soak
 is gone restores them, and says so; a choice the user has made since (a hotplug, `reset
 --offline` or `--kernel`) drops it. While the soak runs, its machine lock keeps the user's
-commands out (smpd.tools.lifecycle.machine_lock), and its own resets name their sets.
+commands out (smpd.tools.lifecycle.machine_lock), and its own resets name their sets. A request
+the soak sent just before it was killed may be answered after: it is the soak's (its client pid,
+from SO_PEERCRED), not the user's choice, and drops nothing.
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ def orphaned(sup) -> SoakHold | None:
     return hold if hold is not None and hold.soak_gone() else None
 
 
-def drop_if_orphaned(sup) -> None:
-    """A user's own choice of offline CPUs or kernel, made after the soak is gone: it replaces the hold."""
-    if orphaned(sup) is not None:
+def users_choice(sup) -> SoakHold | None:
+    """The orphaned hold that the request being answered replaces, if it sets offline CPUs or a
+    kernel of its own: any client's but the soak's own (a request it sent just before it was killed)."""
+    hold = orphaned(sup)
+    return hold if hold is not None and sup.handlers.client_pid != hold.pid else None
+
+
+def drop_if_users_choice(sup) -> None:
+    """A hotplug: after the soak is gone, the user's own offline set replaces the hold."""
+    if users_choice(sup) is not None:
         sup.soak_hold = None

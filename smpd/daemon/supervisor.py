@@ -304,13 +304,13 @@ class Coordinator:
                         self.restart_janitor_if_gone()
                         sel.register(self.janitor.sentinel, selectors.EVENT_READ, "janitor")
                         continue
-                    conn = self.server.accept()
-                    if conn is None:
+                    client = self.server.accept()
+                    if client is None:
                         continue
                     try:
-                        self.handlers.answer(conn)
+                        self.handlers.answer(*client)
                     finally:
-                        conn.close()
+                        client[0].close()
                 self.restart_janitor_if_gone()  # one killed during a long request
         finally:
             sel.close()

@@ -581,7 +581,7 @@ def test_a_killed_soaks_own_last_request_does_not_drop_its_hold():
     child.wait()  # gone: the killed soak
     sup = types.SimpleNamespace(soak_hold=soakhold.SoakHold([2, 4], "pre-fix", child.pid, 12345),
                                 handlers=types.SimpleNamespace(client_pid=child.pid))
-    assert soakhold.orphaned(sup) is sup.soak_hold and soakhold.users_choice(sup) is None
+    assert soakhold.orphaned(sup) is sup.soak_hold and soakhold.from_the_soak(sup, sup.soak_hold)
     soakhold.drop_if_users_choice(sup)
     assert sup.soak_hold is not None
     sup.handlers.client_pid = os.getpid()  # the user's `smpd online ...`

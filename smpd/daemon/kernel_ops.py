@@ -211,7 +211,7 @@ class KernelOps:
             if offline is None and kernel is None:  # restored now
                 offline, kernel, restored = cpulist.format_list(hold.offline), hold.kernel, hold.said()
                 self.sup.soak_hold = None
-            elif soakhold.users_choice(self.sup) is not None:  # not the dead soak's own last reset
+            elif not soakhold.from_the_soak(self.sup, hold):  # the user's own offline CPUs or kernel
                 self.sup.soak_hold = None
         boot1 = self.sup.boot1
         if kernel is not None:

@@ -40,14 +40,14 @@ def orphaned(sup) -> SoakHold | None:
     return hold if hold is not None and hold.soak_gone() else None
 
 
-def users_choice(sup) -> SoakHold | None:
-    """The orphaned hold that the request being answered replaces, if it sets offline CPUs or a
-    kernel of its own: any client's but the soak's own (a request it sent just before it was killed)."""
-    hold = orphaned(sup)
-    return hold if hold is not None and sup.handlers.client_pid != hold.pid else None
+def from_the_soak(sup, hold: SoakHold) -> bool:
+    """Is the request being answered the soak's own (one it sent just before it was killed)? Any
+    other client's that sets offline CPUs or a kernel is the user's choice, and replaces the hold."""
+    return sup.handlers.client_pid == hold.pid
 
 
 def drop_if_users_choice(sup) -> None:
     """A hotplug: after the soak is gone, the user's own offline set replaces the hold."""
-    if users_choice(sup) is not None:
+    hold = orphaned(sup)
+    if hold is not None and not from_the_soak(sup, hold):
         sup.soak_hold = None

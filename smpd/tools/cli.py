@@ -548,9 +548,9 @@ def _drawing(machine: lifecycle.Live):
 
 
 def _drawn_request(machine: lifecycle.Live, op: str, doing: str, **args) -> dict:
-    """``op`` under the machine's lock (``doing`` names it to a soak that holds it), drawn (_drawing)."""
-    with _drawing(machine) as tick, lifecycle.machine_lock(machine.name, doing):
-        return machine.request(op, tick=tick, **args)
+    """_locked_request, drawn (_drawing)."""
+    with _drawing(machine) as tick:
+        return _locked_request(machine, op, doing, tick=tick, **args)
 
 
 @main.command()
@@ -641,8 +641,7 @@ def panic(name, cpu, as_json, timeline_form, trace_file):
         raise BadInput(f"--cpu {cpu}: machine '{name}' has CPUs 0..{machine.ncpus - 1}")
     form = _timeline_form(timeline_form, machine.ncpus)
     _check_trace(trace_file)
-    with lifecycle.machine_lock(name, "a panic"):
-        r = machine.request("panic", cpu=cpu)
+    r = _locked_request(machine, "panic", "a panic", cpu=cpu)
     _print_json_or(r, as_json, lambda r: _render().panic_report(r, form))
     _trace(trace_file, [(f"panic on CPU {cpu}", r)], machine)
     sys.exit(0 if r["outcome"] == "CLEAN" else 1)
@@ -660,8 +659,7 @@ def kick(name, as_json, timeline_form, trace_file):
     machine = lifecycle.require(name)
     form = _timeline_form(timeline_form, machine.ncpus)
     _check_trace(trace_file)
-    with lifecycle.machine_lock(name, "a kick"):
-        r = machine.request("kick")
+    r = _locked_request(machine, "kick", "a kick")
     _print_json_or(r, as_json, lambda r: _render().kick_report(r, form))
     _trace(trace_file, [("smp_kick_mwait_play_dead()", r)], machine)
 

@@ -126,11 +126,6 @@ static void report_as(const char *name, long *rtt)
 	printf("%s_p50 %ld\n%s_p99 %ld\n%s_min %ld\n", name, rtt[iters / 2], name, rtt[iters * 99 / 100], name, rtt[0]);
 }
 
-static void report(long *rtt)
-{
-	report_as("rtt_ns", rtt);
-}
-
 /* Two lines into rtt[], one line into rtt1[]: iters rounds each (a multiple of 2 * BATCHES). */
 static int line_floor(int a, int b, long *rtt, long *rtt1)
 {
@@ -334,7 +329,7 @@ int main(int argc, char **argv)
 	}
 	if (rc)
 		return rc;
-	report(rtt);
+	report_as("rtt_ns", rtt);
 	if (!seq && !wake)
 		report_as("line1_ns", rtt1);
 	return 0;

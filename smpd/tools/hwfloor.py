@@ -178,9 +178,15 @@ def _measure(iterations: int, wake: bool, sequence: int, pause_us: int) -> dict:
         return {"available": False, "why": f"hwfloor failed: {r.stderr.strip()[:200]}"}
     vals = dict(line.split() for line in r.stdout.splitlines() if line.strip())
     # The cache-line floor also plays on one line's two words (line1_ns_*), in turn with the two lines.
-    one_line = {f"line1{k}": int(vals[f"line1_ns_{p}"]) for k, p in (("_ns", "p50"), ("_p99_ns", "p99"),
-                                                                     ("_min_ns", "min")) if f"line1_ns_{p}" in vals}
-    return {"available": True, "rtt_ns": int(vals["rtt_ns_p50"]), "rtt_p99_ns": int(vals["rtt_ns_p99"]),
-            "rtt_min_ns": int(vals["rtt_ns_min"]), **one_line, "cores": [a] if sequence else [a, b],
-            "iterations": iterations, "compiler": cc,
+    return {"available": True, **_figures(vals, "rtt"), **_figures(vals, "line1"),
+            "cores": [a] if sequence else [a, b], "iterations": iterations, "compiler": cc,
             **({"sequence": sequence, "pause_us": pause_us} if sequence else {})}
+
+
+def _figures(vals: dict[str, str], what: str) -> dict[str, int]:
+    """hwfloor's printed ``WHAT_ns_p50``, ``_p99`` and ``_min`` as ``WHAT_ns``, ``WHAT_p99_ns`` and
+    ``WHAT_min_ns``; none when it printed none (line1: the cache-line floor only)."""
+    if f"{what}_ns_p50" not in vals:
+        return {}
+    return {f"{what}_ns": int(vals[f"{what}_ns_p50"]), f"{what}_p99_ns": int(vals[f"{what}_ns_p99"]),
+            f"{what}_min_ns": int(vals[f"{what}_ns_min"])}

@@ -411,9 +411,10 @@ def chain_report(r: dict) -> Group:
         tail.append(f"every link CLEAN: the machine runs generation {r['links'][-1]['generation']['new']}\n",
                     style="bold green")
     else:
+        unrun = f"s {done + 1}-{r['kexecs']}" if done + 1 < r["kexecs"] else f" {r['kexecs']}"
         tail.append(f"link {r['first_failing_link']} of {r['kexecs']} failed"
-                    + (f"; link{f's {done + 1}-' if done + 1 < r['kexecs'] else ' '}{r['kexecs']} did not run "
-                       f"(nothing left to kexec from)" if done < r["kexecs"] else "") + "; `smpd reset` power-cycles the machine\n", style="bold red")
+                    + (f"; link{unrun} did not run (nothing left to kexec from)" if done < r["kexecs"] else "")
+                    + "; `smpd reset` power-cycles the machine\n", style="bold red")
     return Group(t, evidence, tail)
 
 

@@ -64,7 +64,8 @@ target run 2-CPU machines, which fit a 2-core host: their CPUs spin 50 us after 
 ([watch] spin_budget_us = "auto") and most of their kicks find them spinning, not asleep.
 
 Read against the issue's targets: spin, one target, pinned, idle host: round-trip
-p50 within 1.3x of the floor; adaptive, 63 targets: the whole kick's worst of 20
+p50 within 1.3x of the floor (the "beside" column is the steadier reading: each ~50 ms stretch
+of kicks against the floor measured on its two sides, as the host moves it); adaptive, 63 targets: the whole kick's worst of 20
 under 5 ms and its median under 1 ms, zero stuck (those come from `smpd kick`).
 Every figure also goes to a JSON record (bench/record.py; compare with bench/compare.py).
 """
@@ -209,6 +210,10 @@ def main() -> None:
             rec.add(f"{label}: cache-line floor p50 (hwfloor.c)", "ns", [r["hw_rtt_ns"] or 0])
             if r.get("hw_line1_ns"):
                 rec.add(f"{label}: cache-line floor on one line's two words p50 (hwfloor.c)", "ns", [r["hw_line1_ns"]])
+            for key, layout in (("ratio_paired_p50", "two lines"), ("ratio_line1_paired_p50", "one line")):
+                if (r.get("paired") or {}).get(key):
+                    rec.add(f"{label}: round trip p50 / the floor ({layout}) beside each stretch of kicks, median "
+                            "over the stretches (smpd bench kick)", "x", [r["paired"][key]])
             if r.get("wake_rtt_ns"):
                 rec.add(f"{label}: wake-up floor p50 (hwfloor.c wake)", "ns", [r["wake_rtt_ns"]])
             for key, _rounds, _pause_us, asleep in SEQUENCE_FLOORS:
@@ -236,6 +241,9 @@ def main() -> None:
           "(* where the two differ by more than 1.5x: the host placed the cores anew mid-row), on two lines / on one "
           "line's two words (struct mwait_cpu_dead's layout), and p50/floor against each; >5ms = share of kicks over the kernel's "
           f"budget; whole kick = `smpd kick` of every target, {WHOLE} times: median / worst, CPUs stuck in all")
+    print("beside = the floor measured again between stretches of 50 ms or more of kicks: each stretch's round trip "
+          "p50 over the lower floor on its two sides, median over the stretches, two lines / one line (steady where "
+          "the host moves the floor mid-row)")
     print("wake = the wake-up floor (a cold round trip to a process asleep in sigwaitinfo, on the other core; a "
           "reference, not a bound), adaptive rows only")
     print("seq floor = the whole-kick floor (as many C processes asleep in sigwaitinfo as targets, woken one after the "
@@ -260,7 +268,7 @@ def main() -> None:
 def print_rows(rows: list) -> None:
     """The table: one line per row of the plan."""
     head = (f"{'hot':<7}{'watch':<9}{'targets':>7}  {'host':<7}{'kicks':>6}  {'rtt p50':>9} {'p99':>9} {'max':>9}"
-            f"  {'floor':>11}  {'p50/floor':>11}  {'wake':>8}  {'p50/wake':>8}  {'>5ms':>6}  {'whole kick':>16}"
+            f"  {'floor':>11}  {'p50/floor':>11}  {'beside':>11}  {'wake':>8}  {'p50/wake':>8}  {'>5ms':>6}  {'whole kick':>16}"
             f"  {'seq floor':>13}  {'whole/seq':>11}  {'to running':>16}  stuck")
     print(head)
     for hot, watch, targets, loaded, r in rows:
@@ -269,6 +277,9 @@ def print_rows(rows: list) -> None:
             if r.get("ratio_p50") else "-"
         floor = (" / ".join(str(r[k]) for k in ("hw_rtt_ns", "hw_line1_ns") if r.get(k))
                  + f"ns{'*' if r.get('floor_moved') else ''}") if r.get("hw_rtt_ns") else "-"
+        paired = r.get("paired") or {}
+        beside = (" / ".join(f"{paired[k]:.2f}" for k in ("ratio_paired_p50", "ratio_line1_paired_p50")
+                             if paired.get(k)) + "x") if paired.get("ratio_paired_p50") else "-"
         share = f"{100 * r['budget_exceeded']['share']:.2f}%"
         whole = f"{r['whole_kick_p50_ns'] / 1e6:.2f} / {r['whole_kick_max_ns'] / 1e6:.2f}ms"
         wake = r.get("wake_rtt_ns")
@@ -281,7 +292,7 @@ def print_rows(rows: list) -> None:
         host = (f"{parts[len(parts) // 2] / 1e6:.2f}ms ({100 * parts[len(parts) // 2] / r['whole_kick_p50_ns']:.0f}%)"
                 if any(parts) else "-")
         print(f"{hot:<7}{watch:<9}{targets:>7}  {'loaded' if loaded else 'idle':<7}{r['kicks']:>6}  "
-              f"{_us(s['p50'])} {_us(s['p99'])} {_us(s['max'])}  {floor:>11}  {ratio:>11}  {wake_col:>8}  "
+              f"{_us(s['p50'])} {_us(s['p99'])} {_us(s['max'])}  {floor:>11}  {ratio:>11}  {beside:>11}  {wake_col:>8}  "
               f"{wake_ratio:>8}  {share:>6}  {whole:>16}  {seq_col:>13}  {seq_ratio:>11}  {host:>16}  {r['whole_kick_stuck']}")
 
 

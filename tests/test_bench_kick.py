@@ -51,6 +51,12 @@ def test_bench_kick_records_every_kick_and_reparks_the_cpus(parked4, tmp_path):
         assert d["hw_line1_ns"] == min(floor["line1_ns"], d["hw_floor_after"]["line1_ns"]) > 0
         assert d["ratio_line1_p50"] == pytest.approx(d["rtt_ns"]["p50"] / d["hw_line1_ns"], rel=0.01)
         assert "struct mwait_cpu_dead's layout" in " ".join(r.stdout.split())
+        # and beside the kicks, between stretches of them: every stretch met a floor on each side
+        p = d["paired"]
+        assert p["stretches"] >= 1 and p["ratio_line1_paired_p50"] > 0, p
+        lo, hi = p["ratio_line1_paired_range"]
+        assert lo <= p["ratio_line1_paired_p50"] <= hi
+        assert f"median of {p['stretches']}: two lines" in " ".join(r.stdout.split())
     else:
         assert d["hw_rtt_ns"] is None and floor["why"]
     # An adaptive machine: the round trip is also read against the host's wake-up floor.
@@ -187,6 +193,45 @@ def test_a_floor_that_moved_during_the_run_is_said_and_the_ratios_take_the_lower
     one_line = run.report({**floor(550), "line1_ns": 500}, None, {**floor(150), "line1_ns": 130})
     assert one_line["hw_line1_ns"] == 130 and one_line["ratio_line1_p50"] == pytest.approx(320 / 130, 0.01)
     assert "is 2.46x that" in " ".join(render.bench_kick(one_line, None, None).renderables[0].plain.split())
+
+
+def test_each_stretch_of_kicks_meets_the_floor_measured_beside_it():
+    """The host moved the floor from ~150 to ~550 ns for the middle stretch of kicks, whose round
+    trips moved with it: the whole run's one floor makes that stretch look 4x slow, while each
+    stretch against the floor on its own two sides (the lower) shows the kick's own cost."""
+    from smpd.tools import benchkick, render
+
+    def floor(ns: int, line1: int) -> dict:
+        return {"available": True, "rtt_ns": ns, "rtt_p99_ns": ns, "rtt_min_ns": ns, "line1_ns": line1,
+                "cores": [0, 1]}
+
+    run = benchkick.Run(targets=[1])
+    for rtts, before, after in (([300, 310, 320], floor(150, 130), floor(160, 140)),
+                                ([600, 620, 640], floor(560, 500), floor(550, 520)),
+                                ([], floor(550, 520), floor(150, 130)),  # no kick answered: no stretch
+                                ([330, 330, 340], floor(150, 130), floor(150, 130))):
+        run.fold({"budget_ns": 5_000_000, "delay_ns": 5000, "watch": "spin", "hot_path": "c", "pids": {"1": 1},
+                  "samples": {"1": [[100, rtt, 1, 1, -1] for rtt in rtts]}})
+        run.stretch(before, after)
+    r = run.report(floor(150, 130), None, floor(150, 130))
+    p = r["paired"]
+    assert p["stretches"] == 3
+    assert p["ratio_paired_p50"] == pytest.approx(310 / 150, 0.001)  # of 310/150, 620/550, 330/150
+    assert p["ratio_paired_range"] == [pytest.approx(620 / 550, 0.001), pytest.approx(330 / 150, 0.001)]
+    assert p["ratio_line1_paired_p50"] == pytest.approx(310 / 130, 0.001)  # of 310/130, 620/500, 330/130
+    assert r["ratio_line1_p50"] == pytest.approx(330 / 130, 0.001)  # the run's p50 against its one floor
+    text = " ".join(render.bench_kick(r, None, None).renderables[0].plain.split())
+    assert "median of 3: two lines 2.07x (1.13-2.20); one line 2.38x (1.24-2.54)" in text
+    assert p["each"][1] == {"rtt_p50_ns": 620, "before_rtt_ns": 560, "before_line1_ns": 500, "after_rtt_ns": 550,
+                            "after_line1_ns": 520}
+    unavailable = benchkick.Run(targets=[1])
+    unavailable.since_floor = [300]
+    unavailable.stretch({"available": False, "why": "no compiler"}, {"available": False, "why": "no compiler"})
+    assert unavailable.report({"available": False, "why": "no compiler"}, None, None)["paired"] == {
+        "stretches": 1, "every_ms": 50, "ratio_paired_p50": None, "ratio_paired_range": None,
+        "ratio_line1_paired_p50": None, "ratio_line1_paired_range": None,
+        "each": [{"rtt_p50_ns": 300, "before_rtt_ns": None, "before_line1_ns": None, "after_rtt_ns": None,
+                  "after_line1_ns": None}]}
 
 
 def test_the_cache_line_floor_plays_two_lines_and_one_line_in_full():

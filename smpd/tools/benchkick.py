@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -79,6 +80,9 @@ class Run:
     stuck: int = 0
     per_exceeded: dict[int, int] = field(default_factory=dict)
     rounds_done: int = 0
+    since_floor: list[int] = field(default_factory=list)  # acknowledged round trips since the last floor beside them
+    # Each stretch of kicks between two floors measured beside them: (its round trips' p50, floor before, after).
+    stretches: list[tuple[int, dict, dict]] = field(default_factory=list)
     ctx_before: dict[int, int] = field(default_factory=dict)
     ctx_after: dict[int, int] = field(default_factory=dict)
     pids: dict[int, int] = field(default_factory=dict)
@@ -97,6 +101,7 @@ class Run:
                     self.host_wake.record_value(max(wake, 1))
                     self.after_wake.record_value(max(rtt - wake, 1))
                 if acked and rtt >= 0:
+                    self.since_floor.append(rtt)
                     self.rtt.record_value(max(rtt, 1))
                     rt.record_value(max(rtt, 1))
                     self.kernel_rounds.record_value(max(rounds, 1))
@@ -109,6 +114,12 @@ class Run:
                 self.stuck += not acked  # every round spent: what the kernel itself reports
         self.rounds_done += len(next(iter(batch["samples"].values()), []))
         self.pids.update({int(c): p for c, p in batch["pids"].items()})
+
+    def stretch(self, before: dict, after: dict) -> None:
+        """The kicks since the last floor beside them end a stretch, between ``before`` and ``after``."""
+        if self.since_floor:
+            self.stretches.append((statistics.median_low(self.since_floor), before, after))
+        self.since_floor = []
 
     def sample_ctx(self, into: dict[int, int]) -> None:
         for cpu, pid in self.pids.items():
@@ -130,7 +141,7 @@ class Run:
         ``wake_floor`` (an adaptive machine's): the same round trip to a process asleep in
         sigwaitinfo, which a kick of a sleeping CPU pays."""
         one_way, rtt = summary(self.one_way), summary(self.rtt)
-        floors = _floor_figures(floor, floor_after, rtt)
+        floors = {**_floor_figures(floor, floor_after, rtt), "paired": _paired_figures(self.stretches)}
         hw = floors["hw_rtt_ns"]
         wake = (wake_floor or {}).get("rtt_ns") if (wake_floor or {}).get("available") else None
         per_cpu = {}
@@ -184,21 +195,36 @@ def _floor_figures(floor: dict, floor_after: dict | None, rtt: dict) -> dict:
             "ratio_p50": ratio(hw), "hw_line1_ns": line1, "ratio_line1_p50": ratio(line1)}
 
 
+def _paired_figures(stretches: list[tuple[int, dict, dict]]) -> dict:
+    """Each stretch of kicks (about BESIDE_EVERY_S of them) against the cache-line floor measured on
+    each side of it, the lower of the two: its round trips' p50 over that floor, and the median of
+    those ratios over the run, per layout (two lines, one line). A host that places the two cores
+    anew mid-run (a VM's vCPUs: ~130 or ~500 ns here, from one minute to the next) moves the run's
+    one floor against all of its kicks; each stretch meets the floor of its own minute."""
+    out: dict = {"stretches": len(stretches), "every_ms": round(BESIDE_EVERY_S * 1000)}
+    for key, what in (("ratio_paired_p50", "rtt_ns"), ("ratio_line1_paired_p50", "line1_ns")):
+        ratios = []
+        for p50, before, after in stretches:
+            floor = min((f[what] for f in (before, after) if f.get("available") and f.get(what)), default=None)
+            if floor:
+                ratios.append(p50 / floor)
+        out[key] = round(statistics.median(ratios), 4) if ratios else None
+        out[key.replace("_p50", "_range")] = [round(min(ratios), 4), round(max(ratios), 4)] if ratios else None
+    # each stretch's own figures, to see where the host moved: its p50, and each floor's on its two sides
+    out["each"] = [{"rtt_p50_ns": p50, **{f"{side}_{what}": f.get(what) for side, f in (("before", before), ("after", after))
+                                          for what in ("rtt_ns", "line1_ns")}} for p50, before, after in stretches]
+    return out
+
+
 # A floor that differs by more than this before and after the kicks: the host moved under the
 # run (a VM's vCPUs placed on other physical cores: on the development host the floor is either
 # ~150 ns or ~550 ns, from one minute to the next).
 FLOOR_MOVED = 1.5
 
 
-def measure_floor() -> dict:
-    return hwfloor.measure()
-
-
 WAKE_ITERATIONS = 2000  # 300 us apart: ~0.7 s
-
-
-def measure_wake_floor() -> dict:
-    return hwfloor.measure(WAKE_ITERATIONS, wake=True)
+BESIDE_EVERY_S = 0.05  # a stretch of kicks between two floors measured beside them (or one batch, if longer)
+BESIDE_ITERATIONS = 20_000  # of each layout: ~10 ms of ping-pong at 150 ns, ~25 ms at 550 ns
 
 
 def write_json(path: str, report: dict) -> None:
@@ -252,38 +278,61 @@ BATCH_KICKS = 400  # kicks per request: the progress bar moves, and a stop comes
 
 
 def measure(machine, targets: str | None, rounds: int, seconds: float | None,
-            console) -> tuple[Run, dict, dict | None, bool]:
+            console) -> tuple[Run, dict, dict | None, dict | None, bool]:
     """The benchmark on ``machine`` (its lock held by the caller): the floors, then ``rounds`` rounds
-    (or ``seconds`` of them) in batches, with a progress bar on ``console``. Returns the run, the
-    cache-line floor, the wake-up floor (an adaptive machine's) and whether Ctrl-C cut it short."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+    (or ``seconds`` of them) in batches, with a progress bar on ``console``, a short cache-line floor
+    beside each BESIDE_EVERY_S of them, then the floor again. Returns the run, the cache-line floor
+    before and after (None after a stop), the wake-up floor (an adaptive machine's) and whether
+    Ctrl-C cut it short."""
     # A zero-round request validates the targets (parked?) before anything is measured.
     check = machine.request("bench_kick", targets=targets, rounds=0)
+    with hwfloor.Session() as hw:
+        floor = hw.measure()
+        # An adaptive CPU sleeps until its doorbell: its kick also pays a process wake-up, floored too.
+        adaptive = machine.request("status", brief=True)["machine"]["watch"] == "adaptive"
+        wake_floor = hw.measure(WAKE_ITERATIONS, wake=True) if adaptive else None
+        run, interrupted = _kicks(machine, targets, rounds, seconds, console, check, hw)
+        # Did the host move meanwhile? (Not after a stop signal: its report comes at once.)
+        floor_after = hw.measure() if floor.get("available") and not interrupted else None
+    return run, floor, floor_after, wake_floor, interrupted
+
+
+def _kicks(machine, targets: str | None, rounds: int, seconds: float | None, console, check: dict,
+           hw: hwfloor.Session) -> tuple[Run, bool]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     cpus = check["targets"]
-    floor = measure_floor()
-    # An adaptive CPU sleeps until its doorbell: its kick also pays a process wake-up, floored too.
-    adaptive = machine.request("status", brief=True)["machine"]["watch"] == "adaptive"
-    wake_floor = measure_wake_floor() if adaptive else None
+    beside = hw.measure(BESIDE_ITERATIONS)
+    since = time.monotonic()
     run = Run(targets=cpus)
     run.pids = {int(c): p for c, p in check["pids"].items()}
     run.sample_ctx(run.ctx_before)
     batch = max(1, BATCH_KICKS // len(cpus))
     t0 = time.monotonic()
-    interrupted = False
+    floors_s, interrupted = 0.0, False
     with Progress(TextColumn("[bold]kick[/bold]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=True) as bar:
         task = bar.add_task("", total=seconds if seconds else rounds)
         try:
             while True:
                 left = rounds - run.rounds_done
-                if seconds is None and left <= 0 or seconds is not None and elapsed(t0) >= seconds:
+                kicking = elapsed(t0) - floors_s  # --duration is the kicks' own time, as run.seconds
+                if seconds is None and left <= 0 or seconds is not None and kicking >= seconds:
                     break
                 n = batch if seconds is not None else min(batch, left)
                 run.fold(machine.request("bench_kick", targets=targets, rounds=n))
-                bar.update(task, completed=elapsed(t0) if seconds else run.rounds_done, description=run.live_line())
+                if time.monotonic() - since >= BESIDE_EVERY_S and beside.get("available"):
+                    t_floor = time.monotonic()
+                    after = hw.measure(BESIDE_ITERATIONS)
+                    run.stretch(beside, after)
+                    beside, since = after, time.monotonic()
+                    floors_s += since - t_floor
+                bar.update(task, completed=elapsed(t0) - floors_s if seconds else run.rounds_done,
+                           description=run.live_line())
         except KeyboardInterrupt:
             interrupted = True
-    run.seconds = elapsed(t0)
+    run.seconds = elapsed(t0) - floors_s  # the kicks' own time, not the floors' beside them
     run.sample_ctx(run.ctx_after)
-    return run, floor, wake_floor, interrupted
+    if not interrupted and beside.get("available"):
+        run.stretch(beside, hw.measure(BESIDE_ITERATIONS))
+    return run, interrupted

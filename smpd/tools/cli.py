@@ -800,10 +800,8 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
         cpulist.parse(targets, machine.ncpus)
     # Its rounds re-park the targets: no soak, kexec or hotplug between them (machine_lock).
     with lifecycle.machine_lock(machine.name, "a kick benchmark"):
-        run, floor, wake_floor, interrupted = benchkick.measure(machine, targets, rounds, seconds,
-                                                                _console(stderr=True))
-    # Did the host move meanwhile? (Not after a stop signal: its report comes at once.)
-    floor_after = benchkick.measure_floor() if floor.get("available") and not interrupted else None
+        run, floor, floor_after, wake_floor, interrupted = benchkick.measure(machine, targets, rounds, seconds,
+                                                                             _console(stderr=True))
     report = benchkick.Run.report(run, floor, wake_floor, floor_after)
     report["interrupted"] = interrupted
     if json_file:

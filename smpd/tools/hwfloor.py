@@ -45,10 +45,79 @@ def measure(iterations: int = 200_000, wake: bool = False, sequence: int = 0, pa
     host's own whole kick of N sleeping CPUs; rtt_ns is that whole time). A floor that cannot be measured (no
     compiler, a full $TMPDIR) is reported unavailable, with why: it must never cost the run it
     is compared with."""
-    try:
-        return _measure(iterations, wake, sequence, pause_us)
-    except OSError as err:
-        return {"available": False, "why": f"could not build or run hwfloor: {err}"}
+    with Session() as floor:
+        return floor.measure(iterations, wake, sequence, pause_us)
+
+
+class Session:
+    """hwfloor.c built once, for several measurements in one run (`smpd bench kick` measures the
+    cache-line floor beside each batch of kicks); its private directory goes on exit. A build that
+    could not be made leaves every measurement unavailable, with the same why."""
+
+    def __init__(self):
+        self._dir: tempfile.TemporaryDirectory | None = None
+        self.exe: str | None = None
+        self.compiler = self.why = ""
+
+    def __enter__(self) -> Session:
+        try:
+            self._build()
+        except OSError as err:
+            self.why = f"could not build or run hwfloor: {err}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._dir is not None:
+            try:
+                self._dir.cleanup()
+            except OSError:
+                pass
+
+    def _build(self) -> None:
+        # Our 0700 directory is only as private as the one it is made in: in a directory another user
+        # can write without the sticky bit (or owns), they could rename ours away and put theirs, with
+        # a binary of their own, in its place between the build and the run.
+        tmp = tempfile.gettempdir()
+        why = _untrusted(tmp, sticky_ok=True)
+        if why:
+            self.why = f"not building in $TMPDIR {tmp}: {why} (set TMPDIR to a directory of yours)"
+            return
+        sweep_stale(tmp)
+        self._dir = tempfile.TemporaryDirectory(prefix=_private_prefix(), dir=tmp)  # 0700, ours, new
+        self.exe, made = build(self._dir.name)  # (the executable, the compiler) or (None, why not)
+        if self.exe:
+            self.compiler = made
+        else:
+            self.why = made
+
+    def measure(self, iterations: int = 200_000, wake: bool = False, sequence: int = 0,
+                pause_us: int = 2000) -> dict:
+        """As the module's measure(), with this session's build."""
+        try:
+            return self._measure(iterations, wake, sequence, pause_us)
+        except OSError as err:
+            return {"available": False, "why": f"could not build or run hwfloor: {err}"}
+
+    def _measure(self, iterations: int, wake: bool, sequence: int, pause_us: int) -> dict:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2 and not sequence:
+            return {"available": False, "why": "needs two host cores; this process may use one"}
+        if self.exe is None:
+            return {"available": False, "why": self.why}
+        a, b = cores[0], cores[-1]
+        argv = ([self.exe, "wakeseq", str(a), str(sequence), str(iterations), str(pause_us)] if sequence else
+                [self.exe, *(["wake"] if wake else []), str(a), str(b), str(iterations)])
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=120, preexec_fn=_dies_with_us())
+        except subprocess.TimeoutExpired:
+            return {"available": False, "why": "the ping-pong did not finish within 120 s (host too loaded)"}
+        if r.returncode:
+            return {"available": False, "why": f"hwfloor failed: {r.stderr.strip()[:200]}"}
+        vals = dict(line.split() for line in r.stdout.splitlines() if line.strip())
+        # The cache-line floor also plays on one line's two words (line1_ns_*), in turn with the two lines.
+        return {"available": True, **_figures(vals, "rtt"), **_figures(vals, "line1"),
+                "cores": [a] if sequence else [a, b], "iterations": iterations, "compiler": self.compiler,
+                **({"sequence": sequence, "pause_us": pause_us} if sequence else {})}
 
 
 # Where the compiler, and the assembler and linker it runs, are looked for: not the caller's PATH,
@@ -149,38 +218,6 @@ def _dies_with_us():
     """A preexec_fn: the child gets SIGKILL when this process dies, even between its fork and
     the prctl (the parent's pid is checked)."""
     return functools.partial(die_with_parent, os.getpid())
-
-
-def _measure(iterations: int, wake: bool, sequence: int, pause_us: int) -> dict:
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2 and not sequence:
-        return {"available": False, "why": "needs two host cores; this process may use one"}
-    # Our 0700 directory is only as private as the one it is made in: in a directory another user
-    # can write without the sticky bit (or owns), they could rename ours away and put theirs, with
-    # a binary of their own, in its place between the build and the run.
-    tmp = tempfile.gettempdir()
-    why = _untrusted(tmp, sticky_ok=True)
-    if why:
-        return {"available": False, "why": f"not building in $TMPDIR {tmp}: {why} (set TMPDIR to a directory of yours)"}
-    sweep_stale(tmp)
-    with tempfile.TemporaryDirectory(prefix=_private_prefix(), dir=tmp) as private:  # 0700, ours, new
-        exe, cc = build(private)
-        if exe is None:
-            return {"available": False, "why": cc}
-        a, b = cores[0], cores[-1]
-        argv = ([exe, "wakeseq", str(a), str(sequence), str(iterations), str(pause_us)] if sequence else
-                [exe, *(["wake"] if wake else []), str(a), str(b), str(iterations)])
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=120, preexec_fn=_dies_with_us())
-        except subprocess.TimeoutExpired:
-            return {"available": False, "why": "the ping-pong did not finish within 120 s (host too loaded)"}
-    if r.returncode:
-        return {"available": False, "why": f"hwfloor failed: {r.stderr.strip()[:200]}"}
-    vals = dict(line.split() for line in r.stdout.splitlines() if line.strip())
-    # The cache-line floor also plays on one line's two words (line1_ns_*), in turn with the two lines.
-    return {"available": True, **_figures(vals, "rtt"), **_figures(vals, "line1"),
-            "cores": [a] if sequence else [a, b], "iterations": iterations, "compiler": cc,
-            **({"sequence": sequence, "pause_us": pause_us} if sequence else {})}
 
 
 def _figures(vals: dict[str, str], what: str) -> dict[str, int]:

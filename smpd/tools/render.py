@@ -485,6 +485,17 @@ def _wake_floor_line(r: dict) -> Text:
                 + (f"; round trip p50 / wake-up floor: {ratio:.2f}x" if ratio is not None else "") + "\n")
 
 
+def _paired_line(p: dict) -> str:
+    """`smpd bench kick`: the round trip against the floor measured beside each stretch of kicks."""
+    if not p.get("ratio_paired_p50"):
+        return ""
+    ranges = {k: p[k.replace("_p50", "_range")] for k in ("ratio_paired_p50", "ratio_line1_paired_p50") if p.get(k)}
+    return (f"beside the kicks: the floor measured again between stretches of {p['every_ms']} ms or more of them, each stretch's "
+            f"round trip p50 over the lower floor on its two sides, median of {p['stretches']}: "
+            + "; ".join(f"{'one line' if 'line1' in k else 'two lines'} {p[k]:.2f}x ({lo:.2f}-{hi:.2f})"
+                        for k, (lo, hi) in ranges.items()) + "\n")
+
+
 def _one_way_note(r: dict) -> str:
     missing = r["rtt_ns"].get("count", 0) - r["one_way_ns"].get("count", 0)
     return ("* one way (the write -> the CPU's answer, stamped as it answers"
@@ -533,6 +544,7 @@ def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
             t.append(f"the floor moved during the run ({f['rtt_ns']} -> {after['rtt_ns']} ns: the host placed "
                      f"these cores anew, as a VM's vCPUs are); ratios are to the lower, {r['hw_rtt_ns']} ns\n",
                      style="yellow")
+        t.append(_paired_line(r.get("paired") or {}))
     else:
         t.append(f"hardware floor: unavailable ({f['why']})\n", style="yellow")
     t.append(_wake_floor_line(r))

@@ -26,9 +26,11 @@ makes the same four moves of one line, struct mwait_cpu_dead's: (1) the coordina
 store to .control takes the line from the CPU; (2) the CPU's spin loop, which watches
 .control as MWAIT watches its line, reads it back and sees the change; (3) its store to
 .status takes the line again; (4) the coordinator's poll of .status reads it back.
-Between (2) and (3) the CPU looks at its `wake` word (did an interrupt or IPI come with
-the kick?) and at the page tags of its resume: lines in its own cache, which no bus
-write touches (smpd.machine.layout). The coordinator, when the CPU was awake (its
+Between (2) and (3) stands only a compare: the CPU's looks at its `wake` word (did an
+interrupt or IPI come with the kick?) and at the page tags of its resume (lines in its own
+cache, which no bus write touches: smpd.machine.layout) come in every round of its spin,
+right after its load of .control, so they are made while the line is on its way (loaded
+after it in program order, they see every write before the kick; _hotpath.c spin()). The coordinator, when the CPU was awake (its
 `sleeping` word, read before the kick's first instant), looks at .status right after its
 store, as the floor's ping does (for up to one udelay, 5 us), and only then does the rest of the
 bus's rule: a fence, a load of the line directory's entry (written by the CPU at its

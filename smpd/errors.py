@@ -5,6 +5,12 @@ error); anything else that is an ``SmpdError`` is a runtime failure (exit status
 """
 
 
+# The exit status of `smpd kexec`, `chain` and `panic` when smpd did its work and the emulated
+# machine's outcome was not CLEAN (TRIPLE_FAULT, MCE_SHUTDOWN...): a result, not a failure of smpd
+# (1), so a script can tell the two apart.
+OUTCOME_NOT_CLEAN = 3
+
+
 class SmpdError(Exception):
     """Base of every error smpd raises on purpose."""
 

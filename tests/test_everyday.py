@@ -197,7 +197,7 @@ def test_kexec_trace_has_a_track_per_cpu_the_phases_and_each_cpus_states(machine
     run_smpd("offline", "1-5", name=m.name)
     out = tmp_path / "kexec.json"
     r = run_smpd("kexec", "--trace", str(out), "--inject", "nmi@after-copy:2", name=m.name, check=False)
-    assert r.returncode in (0, 1) and "ui.perfetto.dev" in r.stderr, r.stderr
+    assert r.returncode in (0, 3) and "ui.perfetto.dev" in r.stderr, r.stderr
     doc = _trace(out)
     names = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "thread_name"}
     assert names[0].startswith("CPU0 (coordinator") and names[5] == "CPU5" and len(names) == 6

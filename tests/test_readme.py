@@ -55,9 +55,9 @@ def test_a_readme_example_runs_as_written(where, commands, tmp_path):
             r = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
                                timeout=300)
             said = f"README line {where}: `{command}` exited {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
-            assert r.returncode in (0, 1), said
+            assert r.returncode in (0, 3), said  # 3: the machine's outcome was not CLEAN
             assert "Traceback" not in r.stderr and "Error:" not in r.stderr, said
-            if r.returncode == 1:
+            if r.returncode == 3:
                 assert re.search(r"^(TRIPLE_FAULT|CORRUPTION|MCE_SHUTDOWN|SMM_HANG|STUCK|CPU_LOST)\b|link \d+ of \d+ "
                                  r"failed|\"outcome\": \"(?!CLEAN)", r.stdout, re.M), said
     finally:

@@ -2,7 +2,8 @@
 
 Errors follow click's convention: one line, ``Error: ...``, naming the input, what
 was wrong and what is accepted; exit status 2 for bad input (including "no such
-machine" and "already up"), 1 for runtime failures.
+machine" and "already up"), 1 for runtime failures; 3 (errors.OUTCOME_NOT_CLEAN) when a
+kexec, chain or panic ran and its outcome was not CLEAN.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from smpd.host import files
 from smpd.tools import lifecycle, trace
 from smpd.host import names
 from smpd.kernel import scenario as scenario_mod
-from smpd.errors import BadInput, CoordinatorGone, Interrupted, NotOurs, SmpdError
+from smpd.errors import OUTCOME_NOT_CLEAN, BadInput, CoordinatorGone, Interrupted, NotOurs, SmpdError
 from smpd.tools.entry import stop_signals_interrupt
 
 if TYPE_CHECKING:
@@ -109,7 +110,8 @@ def _fail(message: str, status: int) -> NoReturn:
 class SmpdGroup(click.Group):
     """Every way a command can fail ends in one line, ``Error: ...``, and its exit status:
     2 for bad input (click's usage errors included: no usage block), 1 for runtime
-    failures, 128+N for a stop by signal N."""
+    failures, 128+N for a stop by signal N. (3 is no failure of smpd's: a kexec, chain or
+    panic whose outcome was not CLEAN.)"""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         with stop_signals_interrupt():
@@ -566,8 +568,8 @@ def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, 
     The outcome comes first: CLEAN, TRIPLE_FAULT, CORRUPTION, MCE_SHUTDOWN, SMM_HANG,
     STUCK or CPU_LOST, with its evidence; then the CPUs and the timeline. Afterwards
     the machine runs the new kernel (the next generation), which can kexec again;
-    `smpd reset` power-cycles it to generation 1. Exit status: 0 on CLEAN, 1 on any
-    other outcome, 2 on bad input.
+    `smpd reset` power-cycles it to generation 1. Exit status: 0 on CLEAN, 3 on any
+    other outcome, 1 when smpd itself failed, 2 on bad input.
     """
     if replay is not None:
 
@@ -592,7 +594,7 @@ def kexec(name, kernel, park, into, boot, injects, order, seed, crash, as_json, 
                            inject=list(injects), order=order, seed=seed)
     _print_json_or(r, as_json, lambda r: _render().kexec_report(r, form))
     _trace(trace_file, [(f"generation {r['generation']['old']} -> {r['generation']['new']}", r)], machine)
-    sys.exit(0 if r["outcome"] == "CLEAN" else 1)
+    sys.exit(0 if r["outcome"] == "CLEAN" else OUTCOME_NOT_CLEAN)
 
 
 @main.command()
@@ -605,7 +607,8 @@ def chain(name, kexecs, kernel, park, into, boot, injects, order, seed, as_json,
     """KEXECS kexecs in a row, no reset between: one outcome per link, the first failing one named.
 
     Each link's scenario seed derives from --seed and the link's number. The chain stops
-    at a link that is not CLEAN. Exit status: 0 when every link is CLEAN, else 1.
+    at a link that is not CLEAN. Exit status: 0 when every link is CLEAN, 3 when one was
+    not, 1 when smpd itself failed.
     """
     kernel = _kernel_choice(kernel, park)
     machine = lifecycle.require(name)
@@ -618,7 +621,7 @@ def chain(name, kexecs, kernel, park, into, boot, injects, order, seed, as_json,
     _print_json_or(r, as_json, lambda r: _render().chain_report(r))
     _trace(trace_file, [(f"link {n}: generation {link['generation']['old']} -> {link['generation']['new']}", link)
                         for n, link in enumerate(r["links"], 1)], machine)
-    sys.exit(0 if r["first_failing_link"] is None else 1)
+    sys.exit(0 if r["first_failing_link"] is None else OUTCOME_NOT_CLEAN)
 
 
 @main.command()
@@ -634,7 +637,8 @@ def panic(name, cpu, as_json, timeline_form, trace_file):
     mwait_play_dead(). The 6.5 kernel parks the others in INIT only from the boot CPU
     (b1472a60a584); with [kernel] init_only_from_boot_cpu = false, a panic on another CPU
     sends INIT to CPU 0 and the machine resets (MACHINE_RESET). Afterwards the machine
-    stays in panic(): `smpd reset` power-cycles it. Exit status: 0 on CLEAN, 1 otherwise.
+    stays in panic(): `smpd reset` power-cycles it. Exit status: 0 on CLEAN, 3 on any other
+    outcome, 1 when smpd itself failed.
     """
     machine = lifecycle.require(name)
     if cpu >= machine.ncpus:
@@ -644,7 +648,7 @@ def panic(name, cpu, as_json, timeline_form, trace_file):
     r = _locked_request(machine, "panic", "a panic", cpu=cpu)
     _print_json_or(r, as_json, lambda r: _render().panic_report(r, form))
     _trace(trace_file, [(f"panic on CPU {cpu}", r)], machine)
-    sys.exit(0 if r["outcome"] == "CLEAN" else 1)
+    sys.exit(0 if r["outcome"] == "CLEAN" else OUTCOME_NOT_CLEAN)
 
 
 @main.command()

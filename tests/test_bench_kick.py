@@ -54,6 +54,7 @@ def test_bench_kick_records_every_kick_and_reparks_the_cpus(parked4, tmp_path):
         # and beside the kicks, between stretches of them: every stretch met a floor on each side
         p = d["paired"]
         assert p["stretches"] >= 1 and p["ratio_line1_paired_p50"] > 0, p
+        assert d["floors_beside_s"] >= 0  # apart from the kicks' own seconds
         lo, hi = p["ratio_line1_paired_range"]
         assert lo <= p["ratio_line1_paired_p50"] <= hi
         assert f"median of {p['stretches']}: two lines" in " ".join(r.stdout.split())
@@ -205,7 +206,7 @@ def test_each_stretch_of_kicks_meets_the_floor_measured_beside_it():
         return {"available": True, "rtt_ns": ns, "rtt_p99_ns": ns, "rtt_min_ns": ns, "line1_ns": line1,
                 "cores": [0, 1]}
 
-    run = benchkick.Run(targets=[1])
+    run = benchkick.Run(targets=[1], pairing=True)
     for rtts, before, after in (([300, 310, 320], floor(150, 130), floor(160, 140)),
                                 ([600, 620, 640], floor(560, 500), floor(550, 520)),
                                 ([], floor(550, 520), floor(150, 130)),  # no kick answered: no stretch
@@ -224,9 +225,16 @@ def test_each_stretch_of_kicks_meets_the_floor_measured_beside_it():
     assert "median of 3: two lines 2.07x (1.13-2.20); one line 2.38x (1.24-2.54)" in text
     assert p["each"][1] == {"rtt_p50_ns": 620, "before_rtt_ns": 560, "before_line1_ns": 500, "after_rtt_ns": 550,
                             "after_line1_ns": 520}
-    unavailable = benchkick.Run(targets=[1])
-    unavailable.since_floor = [300]
-    unavailable.stretch({"available": False, "why": "no compiler"}, {"available": False, "why": "no compiler"})
+    # A floor that could not be measured ends the pairing: the kicks after it are kept nowhere but the histograms.
+    gone = {"available": False, "why": "no compiler"}
+    unavailable = benchkick.Run(targets=[1], pairing=True)
+    unavailable.fold({"budget_ns": 5_000_000, "delay_ns": 5000, "watch": "spin", "hot_path": "c", "pids": {"1": 1},
+                      "samples": {"1": [[100, 300, 1, 1, -1]]}})
+    unavailable.stretch(gone, gone)
+    assert not unavailable.pairing
+    unavailable.fold({"budget_ns": 5_000_000, "delay_ns": 5000, "watch": "spin", "hot_path": "c", "pids": {"1": 1},
+                      "samples": {"1": [[100, 300, 1, 1, -1]] * 1000}})
+    assert unavailable.since_floor == [] and unavailable.rtt.get_total_count() == 1001
     assert unavailable.report({"available": False, "why": "no compiler"}, None, None)["paired"] == {
         "stretches": 1, "every_ms": 50, "ratio_paired_p50": None, "ratio_paired_range": None,
         "ratio_line1_paired_p50": None, "ratio_line1_paired_range": None,

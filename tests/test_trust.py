@@ -513,9 +513,14 @@ def test_a_link_planted_during_the_bench_is_refused_at_the_write(evil, drop, par
     exist yet (root would create it) while the bench runs."""
     out, target = os.path.join(drop, "k.json"), os.path.join(drop, "created-by-root")
     p = start_smpd("bench", "kick", "--duration", "3s", "--json", out, name=parked3.name)
-    wait_until(lambda: parked3.cpu(1)["mwait_entries"] > 3 or p.poll() is not None, what="the bench to run")
-    _plant_link(evil, target, out)
-    _out, err = p.communicate(timeout=60)
+    try:
+        wait_until(lambda: parked3.cpu(1)["mwait_entries"] > 3 or p.poll() is not None, 30, "the bench to run")
+        _plant_link(evil, target, out)
+        _out, err = p.communicate(timeout=60)
+    finally:  # a failure here must not leave the bench holding this module's machine for the next tests
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
     assert p.returncode == 2 and "is a symbolic link" in err
     assert not os.path.lexists(target)
 

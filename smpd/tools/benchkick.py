@@ -80,6 +80,7 @@ class Run:
     stuck: int = 0
     per_exceeded: dict[int, int] = field(default_factory=dict)
     rounds_done: int = 0
+    pairing: bool = False  # a floor beside the kicks is measured: their round trips wait for it in since_floor
     since_floor: list[int] = field(default_factory=list)  # acknowledged round trips since the last floor beside them
     # Each stretch of kicks between two floors measured beside them: (its round trips' p50, floor before, after).
     stretches: list[tuple[int, dict, dict]] = field(default_factory=list)
@@ -87,6 +88,7 @@ class Run:
     ctx_after: dict[int, int] = field(default_factory=dict)
     pids: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
+    floors_s: float = 0.0  # measuring the floor beside the kicks, apart from ``seconds``
 
     def fold(self, batch: dict) -> None:
         self.budget_ns, self.delay_ns, self.watch = batch["budget_ns"], batch["delay_ns"], batch["watch"]
@@ -101,7 +103,8 @@ class Run:
                     self.host_wake.record_value(max(wake, 1))
                     self.after_wake.record_value(max(rtt - wake, 1))
                 if acked and rtt >= 0:
-                    self.since_floor.append(rtt)
+                    if self.pairing:
+                        self.since_floor.append(rtt)
                     self.rtt.record_value(max(rtt, 1))
                     rt.record_value(max(rtt, 1))
                     self.kernel_rounds.record_value(max(rounds, 1))
@@ -116,10 +119,12 @@ class Run:
         self.pids.update({int(c): p for c, p in batch["pids"].items()})
 
     def stretch(self, before: dict, after: dict) -> None:
-        """The kicks since the last floor beside them end a stretch, between ``before`` and ``after``."""
+        """The kicks since the last floor beside them end a stretch, between ``before`` and ``after``
+        (a floor that could not be measured ends the pairing: no list then grows with every kick)."""
         if self.since_floor:
             self.stretches.append((statistics.median_low(self.since_floor), before, after))
         self.since_floor = []
+        self.pairing = bool(after.get("available"))
 
     def sample_ctx(self, into: dict[int, int]) -> None:
         for cpu, pid in self.pids.items():
@@ -156,7 +161,7 @@ class Run:
         return {
             "watch": self.watch, "hot_path": self.hot_path, "targets": format_list(self.targets),
             "rounds": self.rounds_done,
-            "kicks": self.kicks, "seconds": round(self.seconds, 3),
+            "kicks": self.kicks, "seconds": round(self.seconds, 3), "floors_beside_s": round(self.floors_s, 3),
             "one_way_ns": one_way, "rtt_ns": rtt,
             "kernel_rounds": summary(self.kernel_rounds),
             **floors,
@@ -225,6 +230,10 @@ FLOOR_MOVED = 1.5
 WAKE_ITERATIONS = 2000  # 300 us apart: ~0.7 s
 BESIDE_EVERY_S = 0.05  # a stretch of kicks between two floors measured beside them (or one batch, if longer)
 BESIDE_ITERATIONS = 20_000  # of each layout: ~10 ms of ping-pong at 150 ns, ~25 ms at 550 ns
+# ... and at least this many times as long as the last floor took: on a loaded host a ping-pong between two
+# pinned threads waits for both to run at once, and its 40,000 round trips can take seconds; the floors beside
+# then stay under a fifth of the run.
+BESIDE_SHARE = 4
 
 
 def write_json(path: str, report: dict) -> None:
@@ -281,7 +290,7 @@ def measure(machine, targets: str | None, rounds: int, seconds: float | None,
             console) -> tuple[Run, dict, dict | None, dict | None, bool]:
     """The benchmark on ``machine`` (its lock held by the caller): the floors, then ``rounds`` rounds
     (or ``seconds`` of them) in batches, with a progress bar on ``console``, a short cache-line floor
-    beside each BESIDE_EVERY_S of them, then the floor again. Returns the run, the cache-line floor
+    beside them every BESIDE_EVERY_S or more, then the floor again. Returns the run, the cache-line floor
     before and after (None after a stop), the wake-up floor (an adaptive machine's) and whether
     Ctrl-C cut it short."""
     # A zero-round request validates the targets (parked?) before anything is measured.
@@ -291,20 +300,28 @@ def measure(machine, targets: str | None, rounds: int, seconds: float | None,
         # An adaptive CPU sleeps until its doorbell: its kick also pays a process wake-up, floored too.
         adaptive = machine.request("status", brief=True)["machine"]["watch"] == "adaptive"
         wake_floor = hw.measure(WAKE_ITERATIONS, wake=True) if adaptive else None
-        run, interrupted = _kicks(machine, targets, rounds, seconds, console, check, hw)
-        # Did the host move meanwhile? (Not after a stop signal: its report comes at once.)
-        floor_after = hw.measure() if floor.get("available") and not interrupted else None
+        run, interrupted, beside = _kicks(machine, targets, rounds, seconds, console, check, hw, floor)
+        # Did the host move meanwhile? (Not after a stop signal: its report comes at once; nor after
+        # one that comes while it is measured: every kick is done, and reported.)
+        floor_after = None
+        try:
+            floor_after = hw.measure() if floor.get("available") and not interrupted else None
+        except KeyboardInterrupt:
+            interrupted = True
+        if floor_after is not None:  # the last stretch's floor after it
+            run.stretch(beside, floor_after)
     return run, floor, floor_after, wake_floor, interrupted
 
 
 def _kicks(machine, targets: str | None, rounds: int, seconds: float | None, console, check: dict,
-           hw: hwfloor.Session) -> tuple[Run, bool]:
+           hw: hwfloor.Session, beside: dict) -> tuple[Run, bool, dict]:
+    """The kicks, with the floor measured again beside them (``beside``: the last one measured, and
+    returned as the last)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     cpus = check["targets"]
-    beside = hw.measure(BESIDE_ITERATIONS)
-    since = time.monotonic()
-    run = Run(targets=cpus)
+    since, took = time.monotonic(), 0.0
+    run = Run(targets=cpus, pairing=bool(beside.get("available")))
     run.pids = {int(c): p for c, p in check["pids"].items()}
     run.sample_ctx(run.ctx_before)
     batch = max(1, BATCH_KICKS // len(cpus))
@@ -321,18 +338,18 @@ def _kicks(machine, targets: str | None, rounds: int, seconds: float | None, con
                     break
                 n = batch if seconds is not None else min(batch, left)
                 run.fold(machine.request("bench_kick", targets=targets, rounds=n))
-                if time.monotonic() - since >= BESIDE_EVERY_S and beside.get("available"):
+                if run.pairing and time.monotonic() - since >= max(BESIDE_EVERY_S, BESIDE_SHARE * took):
                     t_floor = time.monotonic()
                     after = hw.measure(BESIDE_ITERATIONS)
                     run.stretch(beside, after)
                     beside, since = after, time.monotonic()
-                    floors_s += since - t_floor
+                    took = since - t_floor
+                    floors_s += took
                 bar.update(task, completed=elapsed(t0) - floors_s if seconds else run.rounds_done,
                            description=run.live_line())
         except KeyboardInterrupt:
             interrupted = True
     run.seconds = elapsed(t0) - floors_s  # the kicks' own time, not the floors' beside them
+    run.floors_s = floors_s
     run.sample_ctx(run.ctx_after)
-    if not interrupted and beside.get("available"):
-        run.stretch(beside, hw.measure(BESIDE_ITERATIONS))
-    return run, interrupted
+    return run, interrupted, beside

@@ -228,8 +228,8 @@ class Slot:
         self.name, self.slot = name, slot
         self.plan = soak.Plan(**plan)
         self.err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smpd", "up", "--foreground", "--name", name, "--cpus", str(cpus),
+        self.proc = subprocess.Popen(  # -P: not the working directory first on sys.path (anyone's, under Ray)
+            [sys.executable, "-P", "-m", "smpd", "up", "--foreground", "--name", name, "--cpus", str(cpus),
              "--watch", "adaptive", "--seed", str(self.plan.seed)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.err,
             preexec_fn=_die_with_actor)
         self.live = self._wait_up()

@@ -524,11 +524,16 @@ def _kick_latencies(r: dict) -> Table:
     return tab
 
 
+def _bench_kick_head(r: dict) -> str:
+    return (f"kick benchmark: watch {r['watch']}, hot path {r['hot_path']}, CPU {r['targets']}, {r['rounds']} rounds, "
+            f"{r['kicks']} kicks in {r['seconds']:.1f} s"
+            + (f" (and {r['floors_beside_s']:.1f} s measuring the floor beside them)" if r.get("floors_beside_s") else "")
+            + (" (interrupted)" if r.get("interrupted") else "") + "\n")
+
+
 def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
     t = Text()
-    t.append(f"kick benchmark: watch {r['watch']}, hot path {r['hot_path']}, CPU {r['targets']}, {r['rounds']} rounds, "
-             f"{r['kicks']} kicks in {r['seconds']:.1f} s" + (" (interrupted)" if r.get("interrupted") else "") + "\n",
-             style="bold")
+    t.append(_bench_kick_head(r), style="bold")
     f = r["hw_floor"]
     if f.get("available"):
         after = r.get("hw_floor_after") or {}

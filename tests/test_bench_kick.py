@@ -196,6 +196,21 @@ def test_a_floor_that_moved_during_the_run_is_said_and_the_ratios_take_the_lower
     assert "is 2.46x that" in " ".join(render.bench_kick(one_line, None, None).renderables[0].plain.split())
 
 
+def test_a_stop_inside_a_fold_still_renders_the_report():
+    """A stop signal lands between the two parts of a woken CPU's kick in Run.fold(): the first
+    part has a sample the second has not. The report still renders (it raised KeyError: 'min')."""
+    from smpd.tools import benchkick, render
+
+    run = benchkick.Run(targets=[1])
+    run.host_wake.record_value(20_000)  # the first part recorded, then the stop
+    run.fold({"budget_ns": 5_000_000, "delay_ns": 5000, "watch": "adaptive", "hot_path": "c", "pids": {"1": 1},
+              "samples": {"1": [[100, 300, 1, 1, -1]]}})
+    r = run.report({"available": False, "why": "no compiler"}, None, None)
+    assert r["host_wake_ns"]["count"] == 1 and r["after_wake_ns"] == {"count": 0}
+    text = render.bench_kick(r, None, None).renderables
+    assert any("to running" in getattr(x, "plain", "") or hasattr(x, "columns") for x in text)
+
+
 def test_each_stretch_of_kicks_meets_the_floor_measured_beside_it():
     """The host moved the floor from ~150 to ~550 ns for the middle stretch of kicks, whose round
     trips moved with it: the whole run's one floor makes that stretch look 4x slow, while each

@@ -256,19 +256,21 @@ def _raising_irq_byte(seg):
     return lambda *_: seg.buf.__setitem__(seg.cb_byte(CPU, "wake", L.WAKE_IRQ), 1)
 
 
-def _writer(seg, control_value, out, waiting, ipi_first=False, irq_first=False):
+def _writer(seg, control_value, out, waiting, ipi_first=False, irq_first=False, tag_first=None):
     """The forked helper: a writer that stores ``control_value`` into CPU 1's monitored control word
     without the bus's WRITE byte (the moment between the bus's store and its byte, held open), says
     what the spinning CPU did meanwhile, then raises the byte, and then an IPI to end the HLT of a
     CPU that answered the kick. ``ipi_first``: an IPI's byte is raised just before the store, as
     when an IPI lands with the kick; ``irq_first``: an interrupt signal (RT_IRQ) is sent just
-    before it, as when an NMI lands with the kick: the spinner's handler raises its byte."""
+    before it, as when an NMI lands with the kick: the spinner's handler raises its byte;
+    ``tag_first``: the segment offset of a resume tag overwritten just before the store, as by a
+    kexec copy that reached the old kernel's page before the monitored line."""
     u32, md = seg.u32, (seg.geo.mem_off + MD_OFF) // 4
     entry = seg.geo.dir_off // L.DIR_ENTRY + MD_OFF // L.LINE
     waiting.wait(30)  # the waiter is about to spin; it takes its snapshot of control on entry
     time.sleep(0.05)
     watching = seg.cb(CPU, "mon_watch")  # it spins watching its control word
-    if ipi_first or irq_first:
+    if ipi_first or irq_first or tag_first is not None:
         # Both land while the spinner is stopped, so it finds them at once, wherever in its loop it
         # stopped: after its look at the wake words (it then sees control change first) or before
         # it. The signal is delivered as it runs again, before its next look at control: its
@@ -279,8 +281,10 @@ def _writer(seg, control_value, out, waiting, ipi_first=False, irq_first=False):
             time.sleep(0.0005)
         if ipi_first:
             seg.buf[seg.cb_byte(CPU, "wake", L.WAKE_IPI)] = 1
-        else:
+        elif irq_first:
             os.kill(parent, RT_IRQ)
+        else:
+            struct.pack_into("<Q", seg.buf, tag_first, 0xDEAD)
         u32[md] = control_value
         os.kill(parent, signal.SIGCONT)
     u32[md] = control_value
@@ -297,27 +301,41 @@ def _writer(seg, control_value, out, waiting, ipi_first=False, irq_first=False):
     os._exit(0)
 
 
+def _spin(seg, control_value, wrapped: bool, **kw):
+    """_spin_with_ack, in a forked child when ``wrapped`` (its signal handlers are its own)."""
+    if wrapped:
+        return in_forked_child(lambda: _spin_with_ack(seg, control_value, wrapped=True, **kw))
+    return _spin_with_ack(seg, control_value, **kw)
+
+
+WRAPPED = pytest.mark.parametrize("wrapped", [False, True], ids=["long-way", "fast-path"])
+
+
 def _proc_state(pid: int) -> str:
     return stat_fields(pid)[0].decode()
 
 
-def _spin_with_ack(seg, control_value, ipi_first=False, irq_first=None, checks=()):
+def _spin_with_ack(seg, control_value, ipi_first=False, irq_first=None, checks=(), wrapped=False, tag_first=None):
     """``irq_first``: how the spinner's handler of RT_IRQ is set (see
     test_an_interrupt_that_reached_a_spinning_cpu_before_its_kick_is_taken_first); ``checks``:
-    the resume's tags, as hotpath.ack() takes them."""
+    the resume's tags, as hotpath.ack() takes them; ``wrapped``: the Waiter's handlers of the
+    interrupt signals installed in front of Python's, as a CPU process has them (then its spin
+    makes the resume's checks in every round and answers a kick at once: the fast path; unwrapped,
+    every kick goes the long way). Wrapped, in a forked child (in_forked_child): its handlers are
+    that process's."""
     seg.set_hdr("hot_path", L.HotPath.C)
     ctx = multiprocess.get_context("fork")
     out, waiting = ctx.SimpleQueue(), ctx.Event()
-    p = ctx.Process(target=_writer, args=(seg, control_value, out, waiting, ipi_first, bool(irq_first)))
+    p = ctx.Process(target=_writer, args=(seg, control_value, out, waiting, ipi_first, bool(irq_first), tag_first))
     p.start()
     try:
-        if irq_first:
+        if irq_first or wrapped:
             w = hotpath.waiter(seg, CPU, {IRQ, RT_IRQ}, DOORBELL_SIGNAL)
             raise_irq = _raising_irq_byte(seg)
             signal.signal(RT_IRQ, raise_irq)  # as smpd.machine.core's, then the Waiter's in front
             signal.signal(IRQ, raise_irq)
             assert w.install_signal_handlers() is True
-            if irq_first == "replaced":  # a signal.signal() after the wrap
+            if irq_first == "replaced":  # a signal.signal() after the wrap (none with ``wrapped`` alone)
                 signal.signal(RT_IRQ, raise_irq)
         else:
             w = _waiter(seg)
@@ -348,11 +366,12 @@ def test_an_interrupt_that_reached_a_spinning_cpu_before_its_kick_is_taken_first
 
 
 @pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
-def test_a_spinning_cpu_answers_a_kick_it_sees_on_its_control_word_and_takes_the_write_byte_after(seg):
+@WRAPPED
+def test_a_spinning_cpu_answers_a_kick_it_sees_on_its_control_word_and_takes_the_write_byte_after(seg, wrapped):
     """MWAIT watches its line: a spinning CPU acknowledges the kick as soon as control changes to
     CPUDEAD_MWAIT_KEXEC_HLT, before the bus's WRITE byte (a second cache line) reaches it; then it
     waits, still in the directory, for that byte and consumes it, so HLT finds no stale write."""
-    (code, _arg, seen), during = _spin_with_ack(seg, L.CPUDEAD_MWAIT_KEXEC_HLT)
+    (code, _arg, seen), during = _spin(seg, L.CPUDEAD_MWAIT_KEXEC_HLT, wrapped)
     assert during == {"status": L.CPUDEAD_MWAIT_KEXEC_HLT, "wake": 0, "armed": CPU + 1, "watching": 1}, during
     assert seg.cb(CPU, "mon_watch") == 0  # no longer, in HLT
     assert code == hotpath.WOKE and seen > 0  # HLT, ended by the IPI
@@ -363,7 +382,8 @@ def test_a_spinning_cpu_answers_a_kick_it_sees_on_its_control_word_and_takes_the
 
 @pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
 @pytest.mark.parametrize("overwritten", [None, 0, 1, 2, "hi"])
-def test_a_spinning_cpu_answers_only_when_the_resume_finds_every_tag(seg, overwritten):
+@WRAPPED
+def test_a_spinning_cpu_answers_only_when_the_resume_finds_every_tag(seg, overwritten, wrapped):
     """The resume's tags (the old kernel's page tables, text and stack) are checked after the
     wake-up: all found, the compiled path answers; any one overwritten (its low word, or ``hi``:
     the last one's high word), it leaves the wake-up to the Python path, whose resume then fails
@@ -379,7 +399,7 @@ def test_a_spinning_cpu_answers_only_when_the_resume_finds_every_tag(seg, overwr
         struct.pack_into("<Q", seg.buf, mem + MD_OFF + 4 * L.PAGE + 8, 0xDEAD)
     elif overwritten is not None:
         struct.pack_into("<Q", seg.buf, mem + MD_OFF + (overwritten + 2) * L.PAGE, 0xDEAD)
-    (code, _arg, seen), during = _spin_with_ack(seg, L.CPUDEAD_MWAIT_KEXEC_HLT, checks=tags)
+    (code, _arg, seen), during = _spin(seg, L.CPUDEAD_MWAIT_KEXEC_HLT, wrapped, checks=tags)
     if overwritten is None:
         assert during["status"] == L.CPUDEAD_MWAIT_KEXEC_HLT and code == hotpath.WOKE and seen > 0, during
         return
@@ -390,10 +410,11 @@ def test_a_spinning_cpu_answers_only_when_the_resume_finds_every_tag(seg, overwr
 
 
 @pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
-def test_a_control_word_changed_to_anything_else_waits_for_the_write_byte_and_goes_to_python(seg):
+@WRAPPED
+def test_a_control_word_changed_to_anything_else_waits_for_the_write_byte_and_goes_to_python(seg, wrapped):
     """A write that is not the kick (the kexec copy's bytes, say) is not answered in C: the CPU
     returns on the bus's WRITE byte, for the Python path to run mwait_play_dead()'s resume."""
-    (code, _arg, seen), during = _spin_with_ack(seg, 0x12345678)
+    (code, _arg, seen), during = _spin(seg, 0x12345678, wrapped)
     assert during["status"] == 0 and during["wake"] == 0 and during["armed"] == CPU + 1, during
     assert (code, seen) == (hotpath.WOKE, 0)
     assert _wake_word(seg) & 0xFF == 1  # the WRITE byte, left for the caller
@@ -402,15 +423,37 @@ def test_a_control_word_changed_to_anything_else_waits_for_the_write_byte_and_go
 
 @pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
 @pytest.mark.parametrize("attempt", range(8))
-def test_a_kick_that_comes_with_an_ipi_is_not_answered_in_c(seg, attempt):
+@WRAPPED
+def test_a_kick_that_comes_with_an_ipi_is_not_answered_in_c(seg, attempt, wrapped):
     """The CPU looks for an interrupt or IPI that came with the kick before it answers (the kernel
     takes it first, in MWAIT): with the IPI's byte raised with the kick's store, the compiled path
     leaves both to the Python path and stores no status, whichever of the two it saw first (the
     attempts stop the spinner at random points of its loop; most see control change first)."""
-    (code, _arg, seen), during = _spin_with_ack(seg, L.CPUDEAD_MWAIT_KEXEC_HLT, ipi_first=True)
+    (code, _arg, seen), during = _spin(seg, L.CPUDEAD_MWAIT_KEXEC_HLT, wrapped, ipi_first=True)
     assert during["status"] == 0 and during["armed"] == CPU + 1, during
     assert (code, seen) == (hotpath.WOKE, 0)
     assert _wake_word(seg) & (1 << 8 * L.WAKE_IPI)
+    assert seg.cb(CPU, "wake_write") == 0
+
+
+@pytest.mark.skipif(hotpath.WHY_NOT is not None, reason=f"no compiled hot path: {hotpath.WHY_NOT}")
+@pytest.mark.parametrize("attempt", range(8))
+@WRAPPED
+def test_a_tag_overwritten_just_before_the_kick_is_found_wherever_the_spinner_was(seg, attempt, wrapped):
+    """The spin makes the resume's checks in every round, right after its load of control: what they
+    read then is at least as new as every write before the one control shows. With the spinner
+    stopped at a random point of its loop, a tag overwritten and then control written, it must find
+    the tag gone and leave the kick to the Python path (a spin that made its checks before its load
+    of control, and stopped between the two, would answer with the old kernel's page gone)."""
+    mem, tags = seg.geo.mem_off, []
+    for k in range(3):
+        off = MD_OFF + (k + 2) * L.PAGE
+        struct.pack_into("<QQ", seg.buf, mem + off, 0x1111_0000 + k, 0x2222_0000 + k)
+        tags.append((None, "text", (mem + off) // 8, 0x1111_0000 + k, 0x2222_0000 + k))
+    (code, _arg, seen), during = _spin(seg, L.CPUDEAD_MWAIT_KEXEC_HLT, wrapped, checks=tags,
+                                       tag_first=mem + MD_OFF + 3 * L.PAGE)
+    assert during["status"] == 0 and during["armed"] == CPU + 1, during
+    assert (code, seen) == (hotpath.WOKE, 0)
     assert seg.cb(CPU, "wake_write") == 0
 
 

@@ -1494,9 +1494,11 @@ enum { SPIN_ERROR = -1, SPIN_ANSWERED, SPIN_RAISED, SPIN_END, SPIN_TAKEN };
  *
  * The resume's checks (try_ack's: the tags, `wake`, control == CPUDEAD_MWAIT_KEXEC_HLT) are
  * made in every round, right after control's load: loaded after it in program order, what they
- * read is at least as new as every write before the one control shows (the writer's stores are
- * seen in order too), so in the round that sees control change they are the checks made after
- * the wake-up, as try_ack's. Their loads hit this CPU's cache while control's line is on its
+ * read is at least as new as every write before the one control shows, so in the round that sees
+ * control change they are the checks made after the wake-up, as try_ack's. (A kick's store is a
+ * release, control's load an acquire. A kexec copy's memmove() may make one page's stores seen
+ * out of order, but store_page() fences after each page, and no tag shares a page with a struct
+ * mwait_cpu_dead: the tags are of page-table, text and stack pages.) Their loads hit this CPU's cache while control's line is on its
  * way, and only a compare stands between the line's arrival and the status store: made after
  * the change, behind the loop's mispredicted exit, they had cost ~20 ns of a ~200 ns round
  * trip here (one machine, the two ways alternated between bench kick runs: stretch medians
@@ -1546,7 +1548,9 @@ static int spin(Waiter *w, Ack *a, long long spin_ns, long long deadline, int64_
 		if (w->taken)  /* the CPU is in another state: its wait starts over (wait_on) */
 			return SPIN_TAKEN;
 		if (++n % SIGNAL_POLL == 0) {
-			if (PyErr_CheckSignals() < 0)
+			/* run_irq_handlers: an interrupt's handler that runs here also clears irq_came, which
+			 * would otherwise send this CPU's next kick the long way */
+			if (run_irq_handlers(w) < 0 || PyErr_CheckSignals() < 0)
 				return SPIN_ERROR;
 			/* More spinning processes than host cores: without this, a CPU
 			 * whose core another spinner holds waits out a scheduler slice

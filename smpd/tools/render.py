@@ -520,7 +520,9 @@ def _kick_latencies(r: dict) -> Table:
         tab.add_row(label, *(_ns(s[k]) for k in keys), f"{ratio:.1f}x" if ratio else "-")
     if r.get("host_wake_ns", {}).get("count"):  # kicks of a CPU its doorbell woke: each part's own percentiles
         for label, key in (("to running**", "host_wake_ns"), ("then to ack**", "after_wake_ns")):
-            tab.add_row(label, *(_ns(r[key][k]) for k in keys), "-")
+            # (a stop signal inside a batch's fold may have left the second part one sample short: none)
+            s = r.get(key, {})
+            tab.add_row(label, *((_ns(s[k]) for k in keys) if s.get("count") else ["-"] * len(keys)), "-")
     return tab
 
 

@@ -81,9 +81,10 @@ class Executes:
         for kind in KINDS:
             self.seg.set_cb(self.cpu, f"{kind}_pending", 0)
         if self.nmi_blocked and got["nmi"]:
+            # latched (one, however many arrived), before the count: whoever sees it held sees it pending
+            self.seg.set_cb(self.cpu, "nmi_pending", 1)
             self._add("nmi_held", got["nmi"])
             events.log(self.seg, self.cpu, L.Ev.HELD, L.IRQ_CODE["nmi"])
-            self.seg.set_cb(self.cpu, "nmi_pending", 1)  # latched: one, however many arrived
             got["nmi"] = 0
         took = 0
         for kind in L.IRQ_KINDS:

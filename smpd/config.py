@@ -26,7 +26,7 @@ from smpd.machine import layout as L
 MAX_CPUS = 4096
 WATCH_STRATEGIES = ("auto", "spin", "adaptive")
 HOT_PATHS = ("auto", "c", "python")  # smpd.hotpath
-PIN_POLICIES = ("none", "compact", "spread")
+PIN_POLICIES = ("none", "compact", "spread", "one")
 INTERRUPT_KINDS = tuple(i.kind for i in L.Irq)  # nmi, smi, mce: the [signals] keys
 
 

@@ -39,7 +39,7 @@ def _error_line_of(stderr: str) -> str:
     (("up", "--cpus", "abc"), "'abc' is not a whole number; expected 1..4096"),
     (("up", "--cpus", "5000"), "5000 is not in the range 1..4096"),
     (("up", "--watch", "fast"), "Invalid value for '--watch': 'fast' is not one of 'auto', 'spin', 'adaptive'"),
-    (("up", "--pin", "tight"), "'tight' is not one of 'none', 'compact', 'spread'"),
+    (("up", "--pin", "tight"), "'tight' is not one of 'none', 'compact', 'spread', 'one'"),
     (("up", "--hot-path", "asm"), "Invalid value for '--hot-path': 'asm' is not one of 'auto', 'c', 'python'"),
     (("up", "--seed", "x"), "'x' is not an integer"),
     (("up", "--name", "Bad Name"), "is not a machine name"),

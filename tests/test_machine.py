@@ -221,6 +221,24 @@ def test_pin_places_cpu_processes_on_host_cores(machine):
             assert psutil.Process(c["pid"]).cpu_affinity() == [c["core"]]
 
 
+def test_pin_one_puts_every_process_on_one_core_and_the_machine_counts_one_core(machine):
+    """--pin one: the coordinator and every CPU process on the first host core (on a VM, a sleeping
+    CPU's wake-up then never waits for an idle vCPU). The machine has that one core for its
+    spinners: a spin watch's CPUs yield it to the kicker (spin_yields), and `auto` chooses adaptive
+    where two processes would otherwise have fitted two cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    m = machine(2, "--watch", "spin", "--pin", "one")  # two processes: unpinned, they fit a 2-core host
+    s = m.status()
+    assert s["machine"]["pin"] == "one" and s["machine"]["spin_yields"] is True, s["machine"]
+    for c in s["cpus"]:
+        assert c["core"] == cores[0] and psutil.Process(c["pid"]).cpu_affinity() == [cores[0]], c
+    m.request("offline", cpus="1")
+    assert all(e["acknowledged"] for e in m.request("kick")["kick"]["cpus"].values())
+    a = machine(2, "--pin", "one")
+    assert a.status()["machine"]["watch"] == "adaptive", a.status()["machine"]["watch_reason"]
+    assert "the host has 1" in a.status()["machine"]["watch_reason"]
+
+
 def test_an_unpinned_cpu_s_core_is_the_one_its_process_last_ran_on(machine):
     """Status reads where an unpinned CPU's process last ran from /proc/PID/stat itself: the same
     figure psutil gives for a process that sleeps (and so stays put), parsed past a name that

@@ -143,8 +143,8 @@ class Coordinator:
         return SPIN_BUDGET_US if self._fits_host() else 0
 
     def _fits_host(self) -> bool:
-        """Do the CPU processes and the coordinator have a host core each (this process's affinity)?"""
-        return self.ncpus <= len(hostinfo.allowed_cores())
+        """Do the CPU processes and the coordinator have a host core each (of those the pin policy leaves them)?"""
+        return self.ncpus <= hostinfo.machine_cores(self.pin, self.ncpus)
 
     def start_aps(self, m, budget: float, what: str, offline: list[int] = ()) -> dict:
         """Kernel ``m`` starts the APs its boot parameters keep (smpd.kernel.boot), and takes those

@@ -4,7 +4,8 @@
   pid_max, open files). Refusing before the first fork is what keeps a too-big
   request from leaving a half-made machine.
 * ``free_cores`` and ``choose_watch``: the ``auto`` watch strategy.
-* ``pin_plan``: which host core each emulated CPU runs on, per pin policy.
+* ``pin_plan``: which host core each emulated CPU runs on, per pin policy, and
+  ``machine_cores``: how many host cores the machine's processes may use under it.
 """
 
 from __future__ import annotations
@@ -106,17 +107,25 @@ def free_cores(sample_s: float = 0.1) -> float:
     return max(0.0, len(cores) - busy)
 
 
-def choose_watch(strategy: str, ncpus: int) -> tuple[str, str]:
-    """Resolve ``auto``; return (strategy, why)."""
+def choose_watch(strategy: str, ncpus: int, pin: str = "none") -> tuple[str, str]:
+    """Resolve ``auto`` (for the cores the pin policy ``pin`` leaves the machine); return (strategy, why)."""
     if strategy != "auto":
         return strategy, f"{strategy} (asked for)"
     need = ncpus  # N-1 CPU processes plus the coordinator, which also spins while it waits
-    cores = len(allowed_cores())
-    free = free_cores() if need <= cores else None  # more than the host could ever give: no load sample (0.1 s)
+    cores = machine_cores(pin, ncpus)
+    # more than the machine could ever have: no load sample (0.1 s)
+    free = min(free_cores(), float(cores)) if need <= cores else None
     if free is not None and need <= int(free + 0.25):
         return "spin", f"spin: {ncpus - 1} CPU processes + coordinator fit {free:.1f} free host cores"
     has = f"{cores}" if free is None else f"{free:.1f} free of {cores}"
     return "adaptive", f"adaptive: {ncpus - 1} CPU processes + coordinator need {need} cores, the host has {has}"
+
+
+def machine_cores(policy: str, ncpus: int) -> int:
+    """How many host cores the machine's processes (coordinator and CPUs) may run on under pin
+    ``policy``: the cores its plan names, or every core this process may use."""
+    plan = pin_plan(policy, ncpus)
+    return len(set(plan)) if plan[0] is not None else len(allowed_cores())
 
 
 def _physical_core(cpu: int) -> tuple[int, int]:
@@ -131,11 +140,14 @@ def pin_plan(policy: str, ncpus: int) -> list[int | None]:
     """Host core of each emulated CPU (index 0 = the coordinator), or None for 'none'.
 
     compact: logical cores in order, wrapping. spread: one logical core of every
-    physical core first, then their siblings, wrapping.
+    physical core first, then their siblings, wrapping. one: all on the first core (on a VM, a
+    sleeping CPU's wake-up never waits for an idle vCPU to be woken by the hypervisor).
     """
     if policy == "none":
         return [None] * ncpus
     cores = allowed_cores()
+    if policy == "one":  # every process on the coordinator's core: each wake-up a hand-off there
+        return [cores[0]] * ncpus
     if policy == "spread":
         seen: dict[tuple[int, int], int] = {}
         first, siblings = [], []

@@ -233,7 +233,7 @@ def prepare(cfg) -> dict:
     geo = L.Geometry(ncpus, cfg.sizes().ram)
     cfg.boot()  # its boot parameters are checked against the CPU count here, before anything exists
     hostinfo.check_capacity(ncpus, geo.size, cfg.get("host", "cpu_process_mib"), cfg.get("host", "memory_share"))
-    chosen, why = hostinfo.choose_watch(cfg.get("watch", "strategy"), ncpus)
+    chosen, why = hostinfo.choose_watch(cfg.get("watch", "strategy"), ncpus, cfg.get("pin", "policy"))
     hot, hot_why = hotpath.choose(cfg.get("watch", "hot_path"))
     return {"config": cfg.raw, "watch": chosen, "watch_reason": why, "hot_path": hot, "hot_path_reason": hot_why,
             "seed": seed}

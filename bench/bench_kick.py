@@ -4,7 +4,10 @@
     python bench/bench_kick.py --quick    # fewer rounds
 
 Rows: hot path (c, python) x watch strategy (spin, adaptive) x targets (1, 7,
-63 parked CPUs) x host (idle, loaded by two busy-loop processes). Each row is
+63 parked CPUs) x host (idle, loaded by two busy-loop processes), and `adaptive@one`: the
+adaptive x63 idle row on a machine whose every process is on one host core (`smpd up --pin
+one`: on a VM no sleeping CPU's wake-up waits for the other, idle vCPU, which is where the
+unpinned whole kick's worst cases come from). Each row is
 one `smpd bench kick` run on a fresh machine of targets+1 CPUs; spin with one
 target is pinned (--pin spread: the CPU and the coordinator on different cores).
 Every latency is also shown as a ratio to the C cache-line ping-pong floor of
@@ -145,8 +148,8 @@ def first_kicks(hot: str, watch: str, targets: int, times: int) -> list[int]:
     return totals
 
 
-def row(hot: str, watch: str, targets: int, loaded: bool, rounds: int) -> dict:
-    pin = ["--pin", "spread"] if targets == 1 else []
+def row(hot: str, watch: str, targets: int, loaded: bool, rounds: int, pin_one: bool = False) -> dict:
+    pin = ["--pin", "spread"] if targets == 1 else ["--pin", "one"] if pin_one else []
     smpd("up", "--cpus", str(targets + 1), "--watch", watch, "--hot-path", hot, *pin)
     burners = []
     try:
@@ -197,13 +200,14 @@ def main() -> None:
         print(f"no compiled rows: {hotpath.WHY_NOT}", file=sys.stderr)
     plan = [("spin", 1, False, 2000), ("adaptive", 1, False, 2000), ("adaptive", 7, False, 400),
             ("adaptive", 63, False, 40), ("spin", 7, False, 100), ("spin", 1, True, 1000),
-            ("adaptive", 1, True, 1000), ("adaptive", 63, True, 20)]
+            ("adaptive", 1, True, 1000), ("adaptive", 63, True, 20), ("adaptive@one", 63, False, 40)]
     python_plan = [("spin", 1, False, 2000), ("adaptive", 63, False, 40)]  # the comparison's two targets
     rows = []
     rec = Record("bench_kick")
     for hot in hots:
         for watch, targets, loaded, rounds in plan if hot == "c" else python_plan:
-            r = row(hot, watch, targets, loaded, rounds * scale)
+            # adaptive@one: the machine's every process on one host core (smpd up --pin one)
+            r = row(hot, watch.split("@")[0], targets, loaded, rounds * scale, pin_one=watch.endswith("@one"))
             if watch == "adaptive" and targets > 1 and not loaded:
                 r["first_kick_ns"] = first_kicks(hot, watch, targets, FIRST)
             rows.append((hot, watch, targets, loaded, r))
@@ -269,7 +273,7 @@ def main() -> None:
 
 def print_rows(rows: list) -> None:
     """The table: one line per row of the plan."""
-    head = (f"{'hot':<7}{'watch':<9}{'targets':>7}  {'host':<7}{'kicks':>6}  {'rtt p50':>9} {'p99':>9} {'max':>9}"
+    head = (f"{'hot':<7}{'watch':<13}{'targets':>7}  {'host':<7}{'kicks':>6}  {'rtt p50':>9} {'p99':>9} {'max':>9}"
             f"  {'floor':>11}  {'p50/floor':>11}  {'beside':>11}  {'wake':>8}  {'p50/wake':>8}  {'>5ms':>6}  {'whole kick':>16}"
             f"  {'seq floor':>13}  {'whole/seq':>11}  {'to running':>16}  stuck")
     print(head)
@@ -293,7 +297,7 @@ def print_rows(rows: list) -> None:
         parts = sorted(r["whole_kick_host_wake_ns"])
         host = (f"{parts[len(parts) // 2] / 1e6:.2f}ms ({100 * parts[len(parts) // 2] / r['whole_kick_p50_ns']:.0f}%)"
                 if any(parts) else "-")
-        print(f"{hot:<7}{watch:<9}{targets:>7}  {'loaded' if loaded else 'idle':<7}{r['kicks']:>6}  "
+        print(f"{hot:<7}{watch:<13}{targets:>7}  {'loaded' if loaded else 'idle':<7}{r['kicks']:>6}  "
               f"{_us(s['p50'])} {_us(s['p99'])} {_us(s['max'])}  {floor:>11}  {ratio:>11}  {beside:>11}  {wake_col:>8}  "
               f"{wake_ratio:>8}  {share:>6}  {whole:>16}  {seq_col:>13}  {seq_ratio:>11}  {host:>16}  {r['whole_kick_stuck']}")
 

@@ -189,8 +189,7 @@ def _floor_figures(floor: dict, floor_after: dict | None, rtt: dict) -> dict:
     kick's own layout (struct mwait_cpu_dead; hw_line1_ns): each the lower of its runs before and
     after the kicks, and the round trip's p50 against it."""
     runs = [f for f in (floor, floor_after or {}) if f.get("available")]
-    hw = min((f["rtt_ns"] for f in runs), default=None)
-    line1 = min((f["line1_ns"] for f in runs if f.get("line1_ns")), default=None)
+    hw, line1 = _lower("rtt_ns", floor, floor_after), _lower("line1_ns", floor, floor_after)
 
     def ratio(ns: int | None) -> float | None:
         return round(rtt["p50"] / ns, 4) if ns and rtt.get("count") else None
@@ -198,6 +197,11 @@ def _floor_figures(floor: dict, floor_after: dict | None, rtt: dict) -> dict:
     return {"hw_rtt_ns": hw, "hw_floor": floor, "hw_floor_after": floor_after,
             "floor_moved": len(runs) == 2 and max(f["rtt_ns"] for f in runs) > FLOOR_MOVED * hw,
             "ratio_p50": ratio(hw), "hw_line1_ns": line1, "ratio_line1_p50": ratio(line1)}
+
+
+def _lower(what: str, *floors: dict | None) -> int | None:
+    """The lower of ``floors``' figure ``what`` (rtt_ns, line1_ns), of those measured; None: none has it."""
+    return min((f[what] for f in floors if f and f.get("available") and f.get(what)), default=None)
 
 
 def _paired_figures(stretches: list[tuple[int, dict, dict]]) -> dict:
@@ -210,7 +214,7 @@ def _paired_figures(stretches: list[tuple[int, dict, dict]]) -> dict:
     for key, what in (("ratio_paired_p50", "rtt_ns"), ("ratio_line1_paired_p50", "line1_ns")):
         ratios = []
         for p50, before, after in stretches:
-            floor = min((f[what] for f in (before, after) if f.get("available") and f.get(what)), default=None)
+            floor = _lower(what, before, after)
             if floor:
                 ratios.append(p50 / floor)
         out[key] = round(statistics.median(ratios), 4) if ratios else None

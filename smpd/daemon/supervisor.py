@@ -98,13 +98,13 @@ class Coordinator:
         except SegmentExists:
             raise MachineAlreadyUp(self.name, None) from None
         seg.set_hdr("janitor_pid", self.janitor.pid)
+        self.plan = plan = hostinfo.pin_plan(self.pin, self.ncpus)  # the header's spin_yields counts its cores
         for field, value in _header(self, t0, sizes):
             seg.set_hdr(field, value)
         check_stop()
         self.bus = Bus(seg)
         self.mailbox = Mailbox(seg, self.bus, self.cpus_alive, self._mark_gone, check_stop, spin=self._fits_host())
         gen1 = kboot.load_first(seg, self.boot1)  # its RAM is written while the template forks
-        self.plan = plan = hostinfo.pin_plan(self.pin, self.ncpus)
         if plan[0] is not None:
             os.sched_setaffinity(0, {plan[0]})
         for field, value in (("pid", os.getpid()), ("core", _core_word(plan[0])),
@@ -144,7 +144,7 @@ class Coordinator:
 
     def _fits_host(self) -> bool:
         """Do the CPU processes and the coordinator have a host core each (of those the pin policy leaves them)?"""
-        return self.ncpus <= hostinfo.machine_cores(self.pin, self.ncpus)
+        return self.ncpus <= hostinfo.machine_cores(self.plan)
 
     def start_aps(self, m, budget: float, what: str, offline: list[int] = ()) -> dict:
         """Kernel ``m`` starts the APs its boot parameters keep (smpd.kernel.boot), and takes those

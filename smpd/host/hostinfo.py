@@ -112,7 +112,7 @@ def choose_watch(strategy: str, ncpus: int, pin: str = "none") -> tuple[str, str
     if strategy != "auto":
         return strategy, f"{strategy} (asked for)"
     need = ncpus  # N-1 CPU processes plus the coordinator, which also spins while it waits
-    cores = machine_cores(pin, ncpus)
+    cores = machine_cores(pin_plan(pin, ncpus))
     # more than the machine could ever have: no load sample (0.1 s)
     free = min(free_cores(), float(cores)) if need <= cores else None
     if free is not None and need <= int(free + 0.25):
@@ -121,10 +121,9 @@ def choose_watch(strategy: str, ncpus: int, pin: str = "none") -> tuple[str, str
     return "adaptive", f"adaptive: {ncpus - 1} CPU processes + coordinator need {need} cores, the host has {has}"
 
 
-def machine_cores(policy: str, ncpus: int) -> int:
-    """How many host cores the machine's processes (coordinator and CPUs) may run on under pin
-    ``policy``: the cores its plan names, or every core this process may use."""
-    plan = pin_plan(policy, ncpus)
+def machine_cores(plan: list[int | None]) -> int:
+    """How many host cores a machine's processes (coordinator and CPUs) placed by ``plan``
+    (pin_plan's) may run on: the cores it names, or every core this process may use."""
     return len(set(plan)) if plan[0] is not None else len(allowed_cores())
 
 

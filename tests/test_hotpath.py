@@ -308,6 +308,18 @@ def _spin(seg, control_value, wrapped: bool, **kw):
     return _spin_with_ack(seg, control_value, **kw)
 
 
+def _resume_tags(seg) -> list:
+    """The resume's tags, as hotpath.ack() takes them: three pages' first 16 bytes (page 2, 3 and 4
+    past CPU 1's mwait_cpu_dead), written here."""
+    mem, tags = seg.geo.mem_off, []
+    for k in range(3):
+        off = MD_OFF + (k + 2) * L.PAGE
+        lo, hi = 0x1111_0000 + k, 0x2222_0000 + k
+        struct.pack_into("<QQ", seg.buf, mem + off, lo, hi)
+        tags.append((None, "text", (mem + off) // 8, lo, hi))
+    return tags
+
+
 WRAPPED = pytest.mark.parametrize("wrapped", [False, True], ids=["long-way", "fast-path"])
 
 
@@ -388,13 +400,7 @@ def test_a_spinning_cpu_answers_only_when_the_resume_finds_every_tag(seg, overwr
     wake-up: all found, the compiled path answers; any one overwritten (its low word, or ``hi``:
     the last one's high word), it leaves the wake-up to the Python path, whose resume then fails
     as the kernel's would, and stores no status."""
-    mem = seg.geo.mem_off
-    tags = []
-    for k in range(3):  # three pages' first 16 bytes, past CPU 1's mwait_cpu_dead
-        off = MD_OFF + (k + 2) * L.PAGE
-        lo, hi = 0x1111_0000 + k, 0x2222_0000 + k
-        struct.pack_into("<QQ", seg.buf, mem + off, lo, hi)
-        tags.append((None, "text", (mem + off) // 8, lo, hi))
+    mem, tags = seg.geo.mem_off, _resume_tags(seg)
     if overwritten == "hi":
         struct.pack_into("<Q", seg.buf, mem + MD_OFF + 4 * L.PAGE + 8, 0xDEAD)
     elif overwritten is not None:
@@ -445,11 +451,7 @@ def test_a_tag_overwritten_just_before_the_kick_is_found_wherever_the_spinner_wa
     stopped at a random point of its loop, a tag overwritten and then control written, it must find
     the tag gone and leave the kick to the Python path (a spin that made its checks before its load
     of control, and stopped between the two, would answer with the old kernel's page gone)."""
-    mem, tags = seg.geo.mem_off, []
-    for k in range(3):
-        off = MD_OFF + (k + 2) * L.PAGE
-        struct.pack_into("<QQ", seg.buf, mem + off, 0x1111_0000 + k, 0x2222_0000 + k)
-        tags.append((None, "text", (mem + off) // 8, 0x1111_0000 + k, 0x2222_0000 + k))
+    mem, tags = seg.geo.mem_off, _resume_tags(seg)
     (code, _arg, seen), during = _spin(seg, L.CPUDEAD_MWAIT_KEXEC_HLT, wrapped, checks=tags,
                                        tag_first=mem + MD_OFF + 3 * L.PAGE)
     assert during["status"] == 0 and during["armed"] == CPU + 1, during

@@ -47,6 +47,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from record import Record  # noqa: E402
+from smpd.errors import OUTCOME_NOT_CLEAN  # noqa: E402
 from smpd.host.proc import cpu_time_ns, stat_fields  # noqa: E402
 from smpd.machine import layout as L  # noqa: E402
 from smpd.tools import lifecycle  # noqa: E402
@@ -54,11 +55,11 @@ from smpd.tools import lifecycle  # noqa: E402
 NAME = f"bench{secrets.token_hex(4)}"  # unpredictable: another user cannot squat it first
 
 
-def smpd(*args: str) -> str:
+def smpd(*args: str, ok=(0,)) -> str:
     r = subprocess.run([sys.executable, "-m", "smpd", *args, "--name", NAME],
                        capture_output=True, text=True, timeout=600)
-    if r.returncode:
-        raise SystemExit(f"smpd {' '.join(args)} failed: {r.stderr.strip()}")
+    if r.returncode not in ok:
+        raise SystemExit(f"smpd {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
     return r.stdout
 
 
@@ -117,8 +118,10 @@ def kexec_costs(n: int) -> dict[str, float]:
     before = {p: _faults_cpu_ns(p) for p in pids}
     k0 = _kdamond_s()
     t0 = time.perf_counter()
-    report = json.loads(smpd("kexec", "--json"))
+    report = json.loads(smpd("kexec", "--json", ok=(0, OUTCOME_NOT_CLEAN)))  # 3: an outcome, not a failure
     out = {"wall_ms": (time.perf_counter() - t0) * 1e3}
+    if report["outcome"] != "CLEAN":  # timed all the same; said, as a 6.6 kexec of an idle machine should be CLEAN
+        print(f"kexec of {n} CPUs: {report['outcome']}: {report['evidence']}", file=sys.stderr)
     if k0 is not None:
         out["kdamond_s"] = _kdamond_s() - k0
     faults, cpu_ms = [], []

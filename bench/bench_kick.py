@@ -57,7 +57,13 @@ core (a hand-off there is the cheapest wake-up; unpinned, the host spreads them,
 woken on the other, idle vCPU costs several times more; after a whole kick, 55-63 of smpd's
 63 CPU processes had last run on the kicker's core, by /proc/PID/stat). Its sleepers sleep
 2 ms before each round, about what a kick right after `smpd reset` finds (the whole kicks
-here), and 200 ms in a second measure (colder: about twice the time here). Not under load:
+here), and 200 ms in a second measure (colder: about twice the time here). A third measure
+pins nothing (2 ms asleep): the host's scheduler places the C processes as it places a
+default (`--pin none`) machine's. For the unpinned rows it is a reference, not a bound, as
+the one-core floors are for `adaptive@one`: freshly forked, the C sleepers are spread over
+the cores, and many wake-ups then cross to the other, idle vCPU, while smpd's CPU processes,
+after their first kicks, mostly sit on the kicker's core (above). Here it came out 0.8-1.8 ms
+for 63 sleepers, 2-5x the one-core one, and smpd's unpinned whole kick at 0.4-1.0x of it. Not under load:
 there the pinned C processes share their one core with a busy loop, which each yield hands a
 whole slice (6 ms for 63, once), a cost smpd's unpinned processes do not pay. A CPU its doorbell wakes stamps
 when its process runs again (woke_ns, as sigwaitinfo() returns the doorbell): "to running" sums,
@@ -109,8 +115,11 @@ def _burn() -> None:
 
 
 WHOLE = 20
-# The whole-kick floor (hwfloor.c wakeseq), twice: (key, rounds, its sleepers asleep before each, as said)
-SEQUENCE_FLOORS = (("sequence_floor_ns", 40, 2000, "2 ms"), ("sequence_floor_cold_ns", 10, 200_000, "200 ms"))
+# The whole-kick floor (hwfloor.c wakeseq), three times: (key, rounds, its sleepers asleep before each, as said,
+# all on one core or where the host puts them: the placement of `--pin one`, and of the default `--pin none`)
+SEQUENCE_FLOORS = (("sequence_floor_ns", 40, 2000, "2 ms", True),
+                   ("sequence_floor_cold_ns", 10, 200_000, "200 ms", True),
+                   ("sequence_floor_free_ns", 40, 2000, "2 ms", False))
 WHOLE_PAUSED, PAUSE_S = 10, 0.5  # whole kicks of sleeping CPUs, each PAUSE_S after the last reset
 FIRST, FIRST_ASLEEP_S = 5, 1.0  # first kicks: fresh machines, each kicked once, FIRST_ASLEEP_S after parking
 
@@ -176,8 +185,8 @@ def row(hot: str, watch: str, targets: int, loaded: bool, rounds: int, pin_one: 
             r["whole_kick_paused_ns"], _, r["whole_kick_paused_stuck"] = whole_kicks(m, WHOLE_PAUSED, PAUSE_S)
             from smpd.tools import hwfloor
 
-            for key, rounds_, pause_us, _asleep in SEQUENCE_FLOORS:
-                floor = hwfloor.measure(rounds_, sequence=targets, pause_us=pause_us)
+            for key, rounds_, pause_us, _asleep, pinned in SEQUENCE_FLOORS:
+                floor = hwfloor.measure(rounds_, sequence=targets, pause_us=pause_us, pinned=pinned)
                 r[key] = floor["rtt_ns"] if floor["available"] else None
         return r
     finally:
@@ -222,10 +231,10 @@ def main() -> None:
                             "over the stretches (smpd bench kick)", "x", [r["paired"][key]])
             if r.get("wake_rtt_ns"):
                 rec.add(f"{label}: wake-up floor p50 (hwfloor.c wake)", "ns", [r["wake_rtt_ns"]])
-            for key, _rounds, _pause_us, asleep in SEQUENCE_FLOORS:
+            for key, _rounds, _pause_us, asleep, pinned in SEQUENCE_FLOORS:
                 if r.get(key):
-                    rec.add(f"{label}: whole-kick floor, {targets} sleepers (asleep {asleep}) woken in turn on one "
-                            "core p50 (hwfloor.c wakeseq)", "ns", [r[key]])
+                    rec.add(f"{label}: whole-kick floor, {targets} sleepers (asleep {asleep}) woken in turn "
+                            f"{'on one core' if pinned else 'unpinned'} p50 (hwfloor.c wakeseq)", "ns", [r[key]])
             rec.add(f"{label}: whole kick of every target (smpd kick)", "ns", r["whole_kick_ns"])
             if r.get("first_kick_ns"):
                 rec.add(f"{label}: the first kick of every target, {FIRST_ASLEEP_S:g} s after parking, on a fresh "
@@ -253,7 +262,9 @@ def main() -> None:
     print("wake = the wake-up floor (a cold round trip to a process asleep in sigwaitinfo, on the other core; a "
           "reference, not a bound), adaptive rows only")
     print("seq floor = the whole-kick floor (as many C processes asleep in sigwaitinfo as targets, woken one after the "
-          "other, all on one core: hwfloor.c wakeseq) p50, its sleepers asleep 2 ms / 200 ms before each round; "
+          "other: hwfloor.c wakeseq) p50: all on one core, its sleepers asleep 2 ms / 200 ms before each round (the "
+          "placement of --pin one), and unpinned, 2 ms (where the host puts them, as for the default --pin none: a "
+          "reference, not a bound); "
           "whole/seq = the whole kick's median over each")
     print("to running = in each whole kick, the sum over the CPUs their doorbell woke of write -> their process "
           "running again (woke_ns; mostly the host's wake-up): its median, and that against the whole kick's median")
@@ -275,7 +286,7 @@ def print_rows(rows: list) -> None:
     """The table: one line per row of the plan."""
     head = (f"{'hot':<7}{'watch':<13}{'targets':>7}  {'host':<7}{'kicks':>6}  {'rtt p50':>9} {'p99':>9} {'max':>9}"
             f"  {'floor':>11}  {'p50/floor':>11}  {'beside':>11}  {'wake':>8}  {'p50/wake':>8}  {'>5ms':>6}  {'whole kick':>16}"
-            f"  {'seq floor':>13}  {'whole/seq':>11}  {'to running':>16}  stuck")
+            f"  {'seq floor':>20}  {'whole/seq':>17}  {'to running':>16}  stuck")
     print(head)
     for hot, watch, targets, loaded, r in rows:
         s = r["rtt_ns"]
@@ -292,14 +303,15 @@ def print_rows(rows: list) -> None:
         wake_col = f"{wake / 1e3:.1f}us" if wake else "-"
         wake_ratio = f"{r['ratio_wake_p50']:.2f}x" if r.get("ratio_wake_p50") else "-"
         seqs = [r.get(key) for key, *_ in SEQUENCE_FLOORS]
-        seq_col = " / ".join(f"{f / 1e6:.2f}" for f in seqs if f) + "ms" if any(seqs) else "-"
-        seq_ratio = " / ".join(f"{r['whole_kick_p50_ns'] / f:.1f}x" for f in seqs if f) if any(seqs) else "-"
+        # each in its place ("-": that one unavailable), one core 2 ms / 200 ms, unpinned 2 ms
+        seq_col = " / ".join(f"{f / 1e6:.2f}" if f else "-" for f in seqs) + "ms" if any(seqs) else "-"
+        seq_ratio = " / ".join(f"{r['whole_kick_p50_ns'] / f:.1f}x" if f else "-" for f in seqs) if any(seqs) else "-"
         parts = sorted(r["whole_kick_host_wake_ns"])
         host = (f"{parts[len(parts) // 2] / 1e6:.2f}ms ({100 * parts[len(parts) // 2] / r['whole_kick_p50_ns']:.0f}%)"
                 if any(parts) else "-")
         print(f"{hot:<7}{watch:<13}{targets:>7}  {'loaded' if loaded else 'idle':<7}{r['kicks']:>6}  "
               f"{_us(s['p50'])} {_us(s['p99'])} {_us(s['max'])}  {floor:>11}  {ratio:>11}  {beside:>11}  {wake_col:>8}  "
-              f"{wake_ratio:>8}  {share:>6}  {whole:>16}  {seq_col:>13}  {seq_ratio:>11}  {host:>16}  {r['whole_kick_stuck']}")
+              f"{wake_ratio:>8}  {share:>6}  {whole:>16}  {seq_col:>20}  {seq_ratio:>17}  {host:>16}  {r['whole_kick_stuck']}")
 
 
 def _us(ns: float) -> str:

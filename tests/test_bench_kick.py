@@ -315,18 +315,47 @@ def _compiler():
         pytest.skip("no C compiler: no floor to measure")
 
 
-def test_the_whole_kick_floor_wakes_each_sleeper_in_turn_and_leaves_none():
-    """hwfloor.c wakeseq: N sleeping processes woken one after the other on one core, each round;
-    every round's time is a whole sequence's, and the sleepers are gone when it is done."""
+@pytest.mark.parametrize("pinned", [True, False])
+def test_the_whole_kick_floor_wakes_each_sleeper_in_turn_and_leaves_none(pinned):
+    """hwfloor.c wakeseq: N sleeping processes woken one after the other on one core (or, not
+    pinned, wherever the host puts them), each round; every round's time is a whole sequence's,
+    and the sleepers are gone when it is done."""
     import psutil
 
     from smpd.tools import hwfloor
 
     _compiler()
-    f = hwfloor.measure(5, sequence=3)
-    assert f["available"] and f["sequence"] == 3 and len(f["cores"]) == 1, f
+    f = hwfloor.measure(5, sequence=3, pinned=pinned)
+    assert f["available"] and f["sequence"] == 3 and f["pinned"] is pinned, f
+    assert f["cores"] == ([min(os.sched_getaffinity(0))] if pinned else sorted(os.sched_getaffinity(0))), f
     assert 0 < f["rtt_min_ns"] <= f["rtt_ns"] <= f["rtt_p99_ns"], f
     assert [c for c in psutil.Process().children(recursive=True) if c.name() == "hwfloor"] == []
+
+
+@pytest.mark.parametrize("where", ["core", "any"])
+def test_the_whole_kick_floor_pins_its_sleepers_to_the_core_named_and_no_core_for_any(tmp_path, where):
+    """wakeseq CORE puts the waker and every sleeper on CORE; `any` leaves them all where this
+    process may run (the placement of a machine brought up with --pin none)."""
+    import psutil
+
+    from smpd.tools import hwfloor
+
+    _compiler()
+    exe, why = hwfloor.build(str(tmp_path))
+    assert exe, why
+    allowed = sorted(os.sched_getaffinity(0))
+    arg = str(allowed[-1]) if where == "core" else "any"
+    p = subprocess.Popen([exe, "wakeseq", arg, "3", "20000"],
+                         preexec_fn=functools.partial(die_with_parent, os.getpid()))
+    try:
+        sleepers = wait_until(lambda: len(psutil.Process(p.pid).children()) == 3 and psutil.Process(p.pid).children(),
+                              30, "three sleepers")
+        want = [allowed[-1]] if where == "core" else allowed  # the waker pins itself before it forks
+        assert [sorted(q.cpu_affinity()) for q in (psutil.Process(p.pid), *sleepers)] == [want] * 4
+    finally:
+        p.kill()
+        p.wait()
+    wait_until(lambda: all(_gone(s) for s in sleepers), 30, "the sleepers gone with their parent")
 
 
 def test_a_floor_killed_mid_run_leaves_no_sleeper(tmp_path):
@@ -348,13 +377,17 @@ def test_a_floor_killed_mid_run_leaves_no_sleeper(tmp_path):
         p.kill()
         p.wait()
 
-    def gone(s):
-        try:
-            return s.status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
+    wait_until(lambda: all(_gone(s) for s in sleepers), 30, "the sleepers gone with their parent")
 
-    wait_until(lambda: all(gone(s) for s in sleepers), 30, "the sleepers gone with their parent")
+
+def _gone(proc) -> bool:
+    """Ended: a zombie, or reaped already."""
+    import psutil
+
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @pytest.mark.parametrize("kind", ["wake", "wakeseq"])

@@ -18,13 +18,15 @@
  * kick of a sleeping CPU (smpd.machine.bus rings the CPU's doorbell, SIGURG, and the kicker
  * spins on its status): a reference, not a bound (a core not idle yet wakes faster).
  *
- * hwfloor wakeseq CORE N ITERATIONS [PAUSE_US] — a whole kick's floor: N sleeping processes
+ * hwfloor wakeseq CORE|any N ITERATIONS [PAUSE_US] — a whole kick's floor: N sleeping processes
  * woken one after the other, as smp_kick_mwait_play_dead() kicks N parked CPUs. For each k in
  * turn, process A stores i into sleeper k's `ping`, sends it SIGURG and polls its `pong`,
  * yielding its core between looks (sched_yield(), as smpd's kicker does for a sleeping CPU),
  * until it says i; sleeper k wakes in sigwaitinfo(), stores pong and sleeps again. All of them on
  * CORE: each wake-up a hand-off on one host core (on a VM one on the other, idle vCPU costs
- * several times more; unpinned, the host's scheduler spreads them). A waits PAUSE_US (default
+ * several times more). CORE `any` pins nothing: the host's scheduler places each one, as it
+ * places the processes of a machine brought up with the default `--pin none` (a reference for
+ * such a machine, not a bound: where they land decides). A waits PAUSE_US (default
  * 2000) between rounds, the sleepers asleep all that time: 2 ms is about a kick right after a
  * reset, longer pauses cost more here (colder caches). Prints the whole round's time.
  *
@@ -300,12 +302,12 @@ int main(int argc, char **argv)
 	int a, b = 0, rc;
 
 	if (argc != 4 && !wake && !seq) {
-		fprintf(stderr, "usage: %s [wake] CORE_A CORE_B ITERATIONS | %s wakeseq CORE N ITERATIONS [PAUSE_US]\n",
+		fprintf(stderr, "usage: %s [wake] CORE_A CORE_B ITERATIONS | %s wakeseq CORE|any N ITERATIONS [PAUSE_US]\n",
 			argv[0], argv[0]);
 		return 2;
 	}
 	if (seq) {
-		a = atoi(argv[2]);
+		a = strcmp(argv[2], "any") ? atoi(argv[2]) : -1;  /* -1: not pinned */
 		n = atol(argv[3]);
 		iters = atol(argv[4]);
 		if (argc == 6)
@@ -322,7 +324,8 @@ int main(int argc, char **argv)
 	if (iters < 1 || !(rtt = malloc(iters * sizeof(*rtt))) || !(rtt1 = malloc(iters * sizeof(*rtt1))))
 		return 2;
 	if (seq) {
-		pin(a);  /* the sleepers inherit it */
+		if (a >= 0)
+			pin(a);  /* the sleepers inherit it */
 		rc = wake_sequence(n, pause, rtt);
 	} else {
 		rc = wake ? wake_floor(a, b, rtt) : line_floor(a, b, rtt, rtt1);

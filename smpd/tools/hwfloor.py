@@ -1,6 +1,7 @@
 """The host's own floors, measured in the same run: a cache-line round trip between two cores,
 the same round trip to a sleeping process (a signal wake-up), for the adaptive watch, and N
-sleeping processes woken one after the other on one core, for a whole kick of N sleeping CPUs.
+sleeping processes woken one after the other on one core (or wherever the host's scheduler
+puts them), for a whole kick of N sleeping CPUs.
 
 smpd/tools/hwfloor.c is compiled on the fly when a C compiler exists, into a fresh
 private directory (mkdtemp: 0700, ours, made for this run, in a $TMPDIR that is root's or
@@ -35,18 +36,20 @@ from smpd.host.proc import die_with_parent
 SOURCE = Path(__file__).resolve().parent / "hwfloor.c"  # ships in the package: a wheel measures too
 
 
-def measure(iterations: int = 200_000, wake: bool = False, sequence: int = 0, pause_us: int = 2000) -> dict:
+def measure(iterations: int = 200_000, wake: bool = False, sequence: int = 0, pause_us: int = 2000,
+            pinned: bool = True) -> dict:
     """The host's floor: a cache line's round trip between two cores (hwfloor.c; line1_ns: the
     same on the two words of one line, struct mwait_cpu_dead's layout), or with
     ``wake`` the same round trip to a process asleep in sigwaitinfo() woken by SIGURG, what an
     adaptive CPU's kick adds on the host (cold: each round lets the sleeper settle for 300 us;
     a reference, not a bound), or with ``sequence`` N the time to wake N such processes one
     after the other, all on one core, each asleep ``pause_us`` first (hwfloor.c wakeseq: the
-    host's own whole kick of N sleeping CPUs; rtt_ns is that whole time). A floor that cannot be measured (no
-    compiler, a full $TMPDIR) is reported unavailable, with why: it must never cost the run it
-    is compared with."""
+    host's own whole kick of N sleeping CPUs; rtt_ns is that whole time); not ``pinned``, the
+    same with every process where the host's scheduler puts it (`--pin none`'s placement). A
+    floor that cannot be measured (no compiler, a full $TMPDIR) is reported unavailable, with
+    why: it must never cost the run it is compared with."""
     with Session() as floor:
-        return floor.measure(iterations, wake, sequence, pause_us)
+        return floor.measure(iterations, wake, sequence, pause_us, pinned)
 
 
 class Session:
@@ -91,21 +94,22 @@ class Session:
             self.why = made
 
     def measure(self, iterations: int = 200_000, wake: bool = False, sequence: int = 0,
-                pause_us: int = 2000) -> dict:
+                pause_us: int = 2000, pinned: bool = True) -> dict:
         """As the module's measure(), with this session's build."""
         try:
-            return self._measure(iterations, wake, sequence, pause_us)
+            return self._measure(iterations, wake, sequence, pause_us, pinned)
         except OSError as err:
             return {"available": False, "why": f"could not build or run hwfloor: {err}"}
 
-    def _measure(self, iterations: int, wake: bool, sequence: int, pause_us: int) -> dict:
+    def _measure(self, iterations: int, wake: bool, sequence: int, pause_us: int, pinned: bool) -> dict:
         cores = sorted(os.sched_getaffinity(0))
         if len(cores) < 2 and not sequence:
             return {"available": False, "why": "needs two host cores; this process may use one"}
         if self.exe is None:
             return {"available": False, "why": self.why}
         a, b = cores[0], cores[-1]
-        argv = ([self.exe, "wakeseq", str(a), str(sequence), str(iterations), str(pause_us)] if sequence else
+        where = str(a) if pinned else "any"
+        argv = ([self.exe, "wakeseq", where, str(sequence), str(iterations), str(pause_us)] if sequence else
                 [self.exe, *(["wake"] if wake else []), str(a), str(b), str(iterations)])
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=120, preexec_fn=_dies_with_us())
@@ -116,8 +120,9 @@ class Session:
         vals = dict(line.split() for line in r.stdout.splitlines() if line.strip())
         # The cache-line floor also plays on one line's two words (line1_ns_*), in turn with the two lines.
         return {"available": True, **_figures(vals, "rtt"), **_figures(vals, "line1"),
-                "cores": [a] if sequence else [a, b], "iterations": iterations, "compiler": self.compiler,
-                **({"sequence": sequence, "pause_us": pause_us} if sequence else {})}
+                "cores": ([a] if pinned else cores) if sequence else [a, b], "iterations": iterations,
+                "compiler": self.compiler, **({"sequence": sequence, "pause_us": pause_us, "pinned": pinned}
+                                              if sequence else {})}
 
 
 # Where the compiler, and the assembler and linker it runs, are looked for: not the caller's PATH,

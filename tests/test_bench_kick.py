@@ -265,11 +265,32 @@ def test_the_cache_line_floor_plays_two_lines_and_one_line_in_full():
     _compiler()
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two host cores")
-    for rounds in (7, 2000):  # 7: rounded up to one round per batch
+    for rounds in (7, 2000):  # 7: one round per batch
         f = hwfloor.measure(rounds)
-        assert f["available"], f
+        assert f["available"] and f["iterations"] == f["requested"] == rounds and not f["budget_cut"], f
         assert 0 < f["rtt_min_ns"] <= f["rtt_ns"] <= f["rtt_p99_ns"], f
         assert 0 < f["line1_min_ns"] <= f["line1_ns"] <= f["line1_p99_ns"], f
+
+
+def test_a_cache_line_floor_past_its_budget_stops_at_a_pair_of_batches_and_says_so():
+    """hwfloor's BUDGET_MS: 10 million round trips of each layout (seconds even on an idle host) with
+    a 1 ms budget stop after a whole pair of batches (1000 of each), both layouts measured alike, the
+    responder thread ended with it (the process exits: measure() returns); said in the result and
+    in the report."""
+    from smpd.tools import benchkick, hwfloor, render
+
+    _compiler()
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two host cores")
+    f = hwfloor.measure(10_000_000, budget_s=0.001)
+    assert f["available"] and f["budget_cut"] and f["requested"] == 10_000_000, f
+    assert f["iterations"] >= 1000 and f["iterations"] % 1000 == 0 and f["iterations"] < 10_000_000, f
+    assert 0 < f["rtt_min_ns"] <= f["rtt_ns"] and 0 < f["line1_min_ns"] <= f["line1_ns"], f
+    run = benchkick.Run(targets=[1])
+    run.fold({"budget_ns": 5_000_000, "delay_ns": 5000, "watch": "spin", "hot_path": "c", "pids": {"1": 1},
+              "samples": {"1": [[100, 300, 1, 1, -1], [120, 330, 1, 1, -1]]}})
+    text = " ".join(render.bench_kick(run.report(f, None, None), None, None).renderables[0].plain.split())
+    assert "cut short by its time budget" in text and f"before the kicks {f['iterations']:,} of 10,000,000" in text
 
 
 def test_a_floor_that_cannot_be_built_is_unavailable_and_costs_nothing(monkeypatch):

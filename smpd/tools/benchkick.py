@@ -238,6 +238,11 @@ BESIDE_ITERATIONS = 20_000  # of each layout: ~10 ms of ping-pong at 150 ns, ~25
 # pinned threads waits for both to run at once, and its 40,000 round trips can take seconds; the floors beside
 # then stay under a fifth of the run.
 BESIDE_SHARE = 4
+# What each floor may take at most (hwfloor's BUDGET_MS): it stops at the first end of a pair of batches past it
+# (up to 1000 round trips of each layout) and says so. 200,000 round trips take 50-200 ms on an idle host here,
+# and took 31 s under a busy loop's load: a report that waits that long for its reference is not worth it.
+FLOOR_BUDGET_S = 2.0
+BESIDE_BUDGET_S = 0.5
 
 
 def write_json(path: str, report: dict) -> None:
@@ -300,7 +305,7 @@ def measure(machine, targets: str | None, rounds: int, seconds: float | None,
     # A zero-round request validates the targets (parked?) before anything is measured.
     check = machine.request("bench_kick", targets=targets, rounds=0)
     with hwfloor.Session() as hw:
-        floor = hw.measure()
+        floor = hw.measure(budget_s=FLOOR_BUDGET_S)
         # An adaptive CPU sleeps until its doorbell: its kick also pays a process wake-up, floored too.
         adaptive = machine.request("status", brief=True)["machine"]["watch"] == "adaptive"
         wake_floor = hw.measure(WAKE_ITERATIONS, wake=True) if adaptive else None
@@ -309,7 +314,7 @@ def measure(machine, targets: str | None, rounds: int, seconds: float | None,
         # one that comes while it is measured: every kick is done, and reported.)
         floor_after = None
         try:
-            floor_after = hw.measure() if floor.get("available") and not interrupted else None
+            floor_after = hw.measure(budget_s=FLOOR_BUDGET_S) if floor.get("available") and not interrupted else None
         except KeyboardInterrupt:
             interrupted = True
         if floor_after is not None:  # the last stretch's floor after it
@@ -344,7 +349,7 @@ def _kicks(machine, targets: str | None, rounds: int, seconds: float | None, con
                 run.fold(machine.request("bench_kick", targets=targets, rounds=n))
                 if run.pairing and time.monotonic() - since >= max(BESIDE_EVERY_S, BESIDE_SHARE * took):
                     t_floor = time.monotonic()
-                    after = hw.measure(BESIDE_ITERATIONS)
+                    after = hw.measure(BESIDE_ITERATIONS, budget_s=BESIDE_BUDGET_S)
                     run.stretch(beside, after)
                     beside, since = after, time.monotonic()
                     took = since - t_floor

@@ -7,8 +7,12 @@
  * 64-byte line: two line transfers a round trip, about what a kick costs the coherence fabric;
  * not what real MWAIT adds, the exit from the C-state mwait_play_dead() asked for. The same
  * ping-pong is also run on the two words of one line (`one`: control and status, as in one
- * struct mwait_cpu_dead, the kick's own layout), alternated with the first in BATCHES batches
- * so both see the same host: printed as line1_ns_*.
+ * struct mwait_cpu_dead, the kick's own layout), alternated with the first in batches of at
+ * most BATCH_MAX rounds (at least BATCHES of each) so both see the same host: printed as
+ * line1_ns_*. With BUDGET_MS (hwfloor CORE_A CORE_B ITERATIONS BUDGET_MS), it stops at the
+ * first end of a pair of batches past that budget: on a loaded host, where two pinned threads
+ * wait for each other to be scheduled, 200,000 rounds took 31 s. It prints `rounds` (of each
+ * layout) and `budget_cut 1` when it stopped early.
  *
  * hwfloor wake CORE_A CORE_B ITERATIONS — the same round trip to a *sleeping* process:
  * process A (on CORE_A) stores i into `ping` (a shared page), sends SIGURG to process B
@@ -59,12 +63,15 @@ static struct {
 } one;  /* the same ping-pong on one line's two words: struct mwait_cpu_dead's layout */
 static long iters;
 
-#define BATCHES 10  /* of each layout, alternated: two lines, one line, two lines... (ITERATIONS / BATCHES each) */
+#define BATCHES 10  /* at least this many of each layout, alternated: two lines, one line, two lines... */
+#define BATCH_MAX 1000  /* rounds of one layout in a batch: a budget's cut comes at most 2 * BATCH_MAX rounds late */
+static long batch;  /* rounds of one layout in a batch (iters is a multiple of it) */
+static long budget_ns;  /* line_floor() stops at the end of a pair of batches past this (0: never) */
 
 /* Does round i of line_floor() (1 .. 2 * iters) play on the one line, by its batch? */
 static int in_one_line(long i)
 {
-	return (i - 1) / (iters / BATCHES) % 2;
+	return (i - 1) / batch % 2;
 }
 
 static atomic_long *ping_of(long i)
@@ -102,14 +109,18 @@ static long now_ns(void)
 	return t.tv_sec * 1000000000L + t.tv_nsec;
 }
 
+/* B's side: for each round, spin until its ping says i, then pong; a negative ping (line_floor() cut
+ * by its budget) ends it. The sign is looked at only on a mismatch, in a register: no more loads. */
 static void *responder(void *arg)
 {
 	pin(*(int *)arg);
 	for (long i = 1; i <= 2 * iters; i++) {
 		atomic_long *p = ping_of(i), *q = pong_of(i);
+		long v;
 
-		while (atomic_load_explicit(p, memory_order_acquire) != i)
-			;
+		while ((v = atomic_load_explicit(p, memory_order_acquire)) != i)
+			if (v < 0)
+				return NULL;
 		atomic_store_explicit(q, i, memory_order_release);
 	}
 	return NULL;
@@ -122,20 +133,22 @@ static int cmp(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
-static void report_as(const char *name, long *rtt)
+static void report_as(const char *name, long *rtt, long n)
 {
-	qsort(rtt, iters, sizeof(*rtt), cmp);
-	printf("%s_p50 %ld\n%s_p99 %ld\n%s_min %ld\n", name, rtt[iters / 2], name, rtt[iters * 99 / 100], name, rtt[0]);
+	qsort(rtt, n, sizeof(*rtt), cmp);
+	printf("%s_p50 %ld\n%s_p99 %ld\n%s_min %ld\n", name, rtt[n / 2], name, rtt[n * 99 / 100], name, rtt[0]);
 }
 
-/* Two lines into rtt[], one line into rtt1[]: iters rounds each (a multiple of 2 * BATCHES). */
-static int line_floor(int a, int b, long *rtt, long *rtt1)
+/* Two lines into rtt[], one line into rtt1[]: iters rounds each, or fewer when the budget cuts it
+ * (*done: the rounds of each). */
+static int line_floor(int a, int b, long *rtt, long *rtt1, long *done)
 {
 	pthread_t t;
+	long start = now_ns(), two = 0, on1 = 0;
 
 	pthread_create(&t, NULL, responder, &b);
 	pin(a);
-	for (long i = 1, two = 0, on1 = 0; i <= 2 * iters; i++) {
+	for (long i = 1; i <= 2 * iters; i++) {
 		atomic_long *p = ping_of(i), *q = pong_of(i);
 		long t0 = now_ns();
 
@@ -146,8 +159,15 @@ static int line_floor(int a, int b, long *rtt, long *rtt1)
 			rtt1[on1++] = now_ns() - t0;
 		else
 			rtt[two++] = now_ns() - t0;
+		/* Past the budget at the end of a pair of batches (both layouts as many rounds): stop
+		 * the responder, which waits for round i + 1's ping, and stop. */
+		if (budget_ns && i % (2 * batch) == 0 && i < 2 * iters && now_ns() - start > budget_ns) {
+			atomic_store_explicit(ping_of(i + 1), -1, memory_order_release);
+			break;
+		}
 	}
 	pthread_join(t, NULL);
+	*done = two;  /* == on1 */
 	return 0;
 }
 
@@ -298,12 +318,13 @@ int main(int argc, char **argv)
 {
 	int wake = argc == 5 && !strcmp(argv[1], "wake");
 	int seq = (argc == 5 || argc == 6) && !strcmp(argv[1], "wakeseq");
-	long *rtt, *rtt1, n = 0, pause = 2000;
+	int line = !wake && !seq && (argc == 4 || argc == 5);
+	long *rtt, *rtt1, n = 0, pause = 2000, done = 0;
 	int a, b = 0, rc;
 
-	if (argc != 4 && !wake && !seq) {
-		fprintf(stderr, "usage: %s [wake] CORE_A CORE_B ITERATIONS | %s wakeseq CORE|any N ITERATIONS [PAUSE_US]\n",
-			argv[0], argv[0]);
+	if (!line && !wake && !seq) {
+		fprintf(stderr, "usage: %s CORE_A CORE_B ITERATIONS [BUDGET_MS] | %s wake CORE_A CORE_B ITERATIONS | "
+			"%s wakeseq CORE|any N ITERATIONS [PAUSE_US]\n", argv[0], argv[0], argv[0]);
 		return 2;
 	}
 	if (seq) {
@@ -318,9 +339,15 @@ int main(int argc, char **argv)
 		a = atoi(argv[1 + wake]);
 		b = atoi(argv[2 + wake]);
 		iters = atol(argv[3 + wake]);
+		if (line && argc == 5 && (budget_ns = atol(argv[4]) * 1000000L) <= 0)
+			return 2;
 	}
-	if (!seq && !wake)  /* whole batches of each layout */
-		iters = (iters + BATCHES - 1) / BATCHES * BATCHES;
+	if (line && iters > 0) {  /* whole batches of each layout */
+		batch = (iters + BATCHES - 1) / BATCHES;
+		if (batch > BATCH_MAX)
+			batch = BATCH_MAX;
+		iters = (iters + batch - 1) / batch * batch;
+	}
 	if (iters < 1 || !(rtt = malloc(iters * sizeof(*rtt))) || !(rtt1 = malloc(iters * sizeof(*rtt1))))
 		return 2;
 	if (seq) {
@@ -328,12 +355,16 @@ int main(int argc, char **argv)
 			pin(a);  /* the sleepers inherit it */
 		rc = wake_sequence(n, pause, rtt);
 	} else {
-		rc = wake ? wake_floor(a, b, rtt) : line_floor(a, b, rtt, rtt1);
+		rc = wake ? wake_floor(a, b, rtt) : line_floor(a, b, rtt, rtt1, &done);
 	}
 	if (rc)
 		return rc;
-	report_as("rtt_ns", rtt);
-	if (!seq && !wake)
-		report_as("line1_ns", rtt1);
+	report_as("rtt_ns", rtt, line ? done : iters);
+	if (line) {
+		report_as("line1_ns", rtt1, done);
+		printf("rounds %ld\n", done);
+		if (done < iters)
+			printf("budget_cut 1\n");
+	}
 	return 0;
 }

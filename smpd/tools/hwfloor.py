@@ -37,7 +37,7 @@ SOURCE = Path(__file__).resolve().parent / "hwfloor.c"  # ships in the package: 
 
 
 def measure(iterations: int = 200_000, wake: bool = False, sequence: int = 0, pause_us: int = 2000,
-            pinned: bool = True) -> dict:
+            pinned: bool = True, budget_s: float | None = None) -> dict:
     """The host's floor: a cache line's round trip between two cores (hwfloor.c; line1_ns: the
     same on the two words of one line, struct mwait_cpu_dead's layout), or with
     ``wake`` the same round trip to a process asleep in sigwaitinfo() woken by SIGURG, what an
@@ -45,11 +45,14 @@ def measure(iterations: int = 200_000, wake: bool = False, sequence: int = 0, pa
     a reference, not a bound), or with ``sequence`` N the time to wake N such processes one
     after the other, all on one core, each asleep ``pause_us`` first (hwfloor.c wakeseq: the
     host's own whole kick of N sleeping CPUs; rtt_ns is that whole time); not ``pinned``, the
-    same with every process where the host's scheduler puts it (`--pin none`'s placement). A
+    same with every process where the host's scheduler puts it (`--pin none`'s placement).
+    ``budget_s`` bounds the cache-line floor's time: it stops at the first end of a pair of batches
+    (up to 1000 rounds of each layout) past it, and says so (``budget_cut``; ``iterations``: the
+    rounds of each layout it made, ``requested``: those asked for). A
     floor that cannot be measured (no compiler, a full $TMPDIR) is reported unavailable, with
     why: it must never cost the run it is compared with."""
     with Session() as floor:
-        return floor.measure(iterations, wake, sequence, pause_us, pinned)
+        return floor.measure(iterations, wake, sequence, pause_us, pinned, budget_s)
 
 
 class Session:
@@ -94,14 +97,15 @@ class Session:
             self.why = made
 
     def measure(self, iterations: int = 200_000, wake: bool = False, sequence: int = 0,
-                pause_us: int = 2000, pinned: bool = True) -> dict:
+                pause_us: int = 2000, pinned: bool = True, budget_s: float | None = None) -> dict:
         """As the module's measure(), with this session's build."""
         try:
-            return self._measure(iterations, wake, sequence, pause_us, pinned)
+            return self._measure(iterations, wake, sequence, pause_us, pinned, budget_s)
         except OSError as err:
             return {"available": False, "why": f"could not build or run hwfloor: {err}"}
 
-    def _measure(self, iterations: int, wake: bool, sequence: int, pause_us: int, pinned: bool) -> dict:
+    def _measure(self, iterations: int, wake: bool, sequence: int, pause_us: int, pinned: bool,
+                 budget_s: float | None) -> dict:
         cores = sorted(os.sched_getaffinity(0))
         if len(cores) < 2 and not sequence:
             return {"available": False, "why": "needs two host cores; this process may use one"}
@@ -111,6 +115,9 @@ class Session:
         where = str(a) if pinned else "any"
         argv = ([self.exe, "wakeseq", where, str(sequence), str(iterations), str(pause_us)] if sequence else
                 [self.exe, *(["wake"] if wake else []), str(a), str(b), str(iterations)])
+        line = not (sequence or wake)
+        if line and budget_s is not None:
+            argv.append(str(max(1, round(budget_s * 1000))))  # BUDGET_MS
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=120, preexec_fn=_dies_with_us())
         except subprocess.TimeoutExpired:
@@ -120,9 +127,10 @@ class Session:
         vals = dict(line.split() for line in r.stdout.splitlines() if line.strip())
         # The cache-line floor also plays on one line's two words (line1_ns_*), in turn with the two lines.
         return {"available": True, **_figures(vals, "rtt"), **_figures(vals, "line1"),
-                "cores": ([a] if pinned else cores) if sequence else [a, b], "iterations": iterations,
-                "compiler": self.compiler, **({"sequence": sequence, "pause_us": pause_us, "pinned": pinned}
-                                              if sequence else {})}
+                "cores": ([a] if pinned else cores) if sequence else [a, b],
+                "iterations": int(vals.get("rounds", iterations)), "compiler": self.compiler,
+                **({"sequence": sequence, "pause_us": pause_us, "pinned": pinned} if sequence else {}),
+                **({"requested": iterations, "budget_cut": "budget_cut" in vals} if line else {})}
 
 
 # Where the compiler, and the assembler and linker it runs, are looked for: not the caller's PATH,

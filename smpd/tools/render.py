@@ -533,27 +533,41 @@ def _bench_kick_head(r: dict) -> str:
             + (" (interrupted)" if r.get("interrupted") else "") + "\n")
 
 
-def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
-    t = Text()
-    t.append(_bench_kick_head(r), style="bold")
+def _hw_floor_lines(r: dict) -> Text:
+    """`smpd bench kick`: the cache-line floor before and after the kicks, on two lines and one, whether
+    it moved or was cut short, and the floor beside the kicks."""
+    u = Text()
     f = r["hw_floor"]
     if f.get("available"):
         after = r.get("hw_floor_after") or {}
-        t.append(f"hardware floor: C cache-line ping-pong between cores {f['cores'][0]} and {f['cores'][1]}: "
+        u.append(f"hardware floor: C cache-line ping-pong between cores {f['cores'][0]} and {f['cores'][1]}: "
                  f"p50 {f['rtt_ns']} ns (p99 {f['rtt_p99_ns']} ns, min {f['rtt_min_ns']} ns)"
                  + (f"; after the kicks p50 {after['rtt_ns']} ns" if after.get("available") else "") + "\n")
+        cut = [(when, g) for when, g in (("before", f), ("after", after)) if g.get("budget_cut")]
+        if cut:
+            u.append("the floor was cut short by its time budget (a loaded host: two pinned threads wait for each "
+                     "other to be scheduled): " + ", ".join(f"{when} the kicks {g['iterations']:,} of "
+                                                          f"{g['requested']:,} round trips" for when, g in cut)
+                     + "\n", style="yellow")
         if r.get("hw_line1_ns"):
-            t.append(f"the same on the two words of one line (control and status: struct mwait_cpu_dead's layout, "
+            u.append(f"the same on the two words of one line (control and status: struct mwait_cpu_dead's layout, "
                      f"as a kick plays it): p50 {r['hw_line1_ns']} ns"
                      + (f"; the kick's round trip p50 is {r['ratio_line1_p50']:.2f}x that" if r.get("ratio_line1_p50")
                         else "") + "\n")
         if r.get("floor_moved"):
-            t.append(f"the floor moved during the run ({f['rtt_ns']} -> {after['rtt_ns']} ns: the host placed "
+            u.append(f"the floor moved during the run ({f['rtt_ns']} -> {after['rtt_ns']} ns: the host placed "
                      f"these cores anew, as a VM's vCPUs are); ratios are to the lower, {r['hw_rtt_ns']} ns\n",
                      style="yellow")
-        t.append(_paired_line(r.get("paired") or {}))
+        u.append(_paired_line(r.get("paired") or {}))
     else:
-        t.append(f"hardware floor: unavailable ({f['why']})\n", style="yellow")
+        u.append(f"hardware floor: unavailable ({f['why']})\n", style="yellow")
+    return u
+
+
+def bench_kick(r: dict, json_file: str | None, plot_file: str | None) -> Group:
+    t = Text()
+    t.append(_bench_kick_head(r), style="bold")
+    t.append(_hw_floor_lines(r))
     t.append(_wake_floor_line(r))
     tab = _kick_latencies(r)
     slept = r.get("host_wake_ns", {})

@@ -15,6 +15,7 @@ page tables. The second kexec of a pre-fix chain is the cover letter's triple
 fault: generation 3 allocates its idle task_structs where generation 2 kept its own.
 """
 
+import json
 import os
 import re
 import signal
@@ -159,6 +160,76 @@ def test_a_frozen_cpu_makes_the_kick_give_up_after_its_budget_and_say_so_once(ma
     printed = [e for e in r["timeline"] if "is stuck in mwait_play_dead()" in e["event"]]
     assert len(printed) == 1  # pr_err_once: once per kexec, however many are stuck
     assert "CPU2 never acknowledged the kick" in r["evidence"] and "stopped" in r["evidence"]
+
+
+def test_smpd_kick_with_a_frozen_cpu_exits_3_and_prints_the_kernel_s_line_once(machine6):
+    """`smpd kick` alone: a CPU that never acknowledges is the kick's outcome, not smpd's failure
+    (exit status 3, as a kexec's STUCK), its pr_err_once line as the kernel prints it (pr_fmt's
+    "smpboot: "), once however many are stuck."""
+    pids = {c["cpu"]: c["pid"] for c in machine6.status()["cpus"]}
+    os.kill(pids[3], signal.SIGSTOP)
+    os.kill(pids[5], signal.SIGSTOP)
+    try:
+        r = run_smpd("kick", "--timeline", "all", name=machine6.name, check=False)
+    finally:
+        os.kill(pids[3], signal.SIGCONT)
+        os.kill(pids[5], signal.SIGCONT)
+    try:
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert r.stdout.count("smpboot: CPU3 is stuck in mwait_play_dead()") == 1, r.stdout
+        assert "CPU5 is stuck" not in r.stdout, r.stdout
+        ok = run_smpd("kick", name=machine6.name)  # nothing waits in mwait_play_dead() now: nothing stuck
+        assert ok.returncode == 0
+    finally:
+        machine6.request("reset")
+
+
+def test_an_acknowledgement_within_the_rounds_but_past_the_budget_s_wall_time_is_said(machine, tmp_path):
+    """Each round of the kick loop is a control write and at least udelay(5): longer when the host
+    gives the kicker's core away. Here the coordinator itself is stopped for 1.5 s while CPU 2,
+    frozen until then, is let go: CPU 2 answers within the kernel's rounds, 1 s of them, but 1.5 s
+    after the write. The kick says it (``late``, and a line): on hardware that answer would have
+    been pr_err_once's."""
+    m = machine(4, "--watch", "adaptive", "--config", patient_config(tmp_path, rounds=200_000))  # 1 s
+    run_smpd("offline", "1-3", name=m.name)
+    s = m.status()
+    pids = {c["cpu"]: c["pid"] for c in s["cpus"]}
+    coordinator = s["machine"]["pid"]
+    os.kill(pids[2], signal.SIGSTOP)
+    out: dict = {}
+    kicker = threading.Thread(target=lambda: out.update(r=run_smpd("kick", "--json", name=m.name, check=False)))
+    kicker.start()
+    try:
+        with m.segment() as seg:  # CPU 1 acknowledged and halted: CPU 2's rounds (1 s of them) going on
+            wait_until(lambda: seg.cb(1, "state") == L.ExecState.HLT, 30, "CPU 1 kicked")
+        os.kill(coordinator, signal.SIGSTOP)
+        os.kill(pids[2], signal.SIGCONT)  # CPU 2 sees control and answers while the kicker is stopped
+        time.sleep(1.5)
+    finally:
+        os.kill(pids[2], signal.SIGCONT)
+        os.kill(coordinator, signal.SIGCONT)
+        kicker.join(60)
+    r = out["r"]
+    assert r.returncode == 0, r.stderr  # acknowledged: not stuck
+    kick = json.loads(r.stdout)["kick"]
+    assert kick["stuck"] == [] and kick["late"] == [2], kick
+    assert kick["cpus"]["2"]["rtt_ns"] > 1.5e9 and kick["cpus"]["2"]["rounds"] < 200_000, kick["cpus"]["2"]
+    text = " ".join(run_smpd("kick", name=m.name).stdout.split())  # nothing parked now: nothing late
+    assert "past" not in text
+    from smpd.tools import render
+
+    said = " ".join(render.kick_summary(kick).plain.split())
+    assert "CPU 2 acknowledged within 200000 rounds but past 1000.00 ms of wall time" in said, said
+
+
+def test_smpd_kick_of_a_pre_fix_kernel_is_refused_it_has_no_kick(machine6):
+    machine6.request("reset", kernel="pre-fix")
+    try:
+        r = run_smpd("kick", name=machine6.name, check=False)
+        assert r.returncode == 2 and "pre-fix: it has no smp_kick_mwait_play_dead()" in r.stderr, r.stderr
+        assert {c["state"] for c in machine6.status()["cpus"][1:]} == {"MWAIT"}  # nothing was done
+    finally:
+        machine6.request("reset")
 
 
 def test_nmi_is_latched_and_held_while_a_cpu_waits_for_sipi(machine6):

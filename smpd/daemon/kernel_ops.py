@@ -181,6 +181,10 @@ class KernelOps:
     def op_kick(self) -> dict:
         """smp_kick_mwait_play_dead() alone: who acknowledged, how fast, who is stuck."""
         self._require_kexec_able("a kick")
+        if self._map().boot.monitors_thread_info:  # its CPUs do sit in mwait_play_dead(), on thread_info
+            raise BadInput("the running kernel is pre-fix: it has no smp_kick_mwait_play_dead() (its parked CPUs "
+                           "monitor their idle task's thread_info->flags; no control word to write); "
+                           "`smpd reset --kernel 6.6` boots one that has")
         k = Kexec(self.sup, Scenario(None, "sequential", 0))
         stop = StopOtherCpus(self.sup, k.t, self._map(), k.cpus, k.alive_of, lambda phase: None)
         marks = k.t.mark_start(self.sup.seg, k.cpus)

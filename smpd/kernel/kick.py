@@ -78,7 +78,7 @@ def smp_kick_mwait_play_dead(seg, bus, m, cpus: list[int], delay_ns: int, rounds
         kicked.append((cpu, r))
         if not r[0]:
             if not stuck:  # pr_err_once(): one line per kexec, however many are stuck
-                log(f"pr_err_once: CPU{cpu} is stuck in mwait_play_dead()")
+                log(f"pr_err_once: smpboot: CPU{cpu} is stuck in mwait_play_dead()")  # the kernel's pr_fmt
             stuck.append(cpu)
 
     t_start = time.monotonic_ns()
@@ -106,15 +106,26 @@ def smp_kick_mwait_play_dead(seg, bus, m, cpus: list[int], delay_ns: int, rounds
                                                     rounds))
             part = part[1:]
         _kick_in_turn(bus, part, mds, delay_ns, rounds, on_kicked)
-    message = f"CPU{stuck[0]} is stuck in mwait_play_dead()" if stuck else None
     total = time.monotonic_ns() - t_start - during_ns
     # Each kicked CPU's timings, off the kick's clock (the kernel's loop has no pause between two
     # CPUs): its stamps are read only now. A CPU in HLT stamps no kick_seen_ns again in this kick,
     # and a woke_ns of a later wake-up falls outside its kick's window: no sample, not a wrong one.
     per = {cpu: _entry(seg, cpu, acked, i, t_first, t_ack or None, seen_before[cpu])
            for cpu, (acked, i, t_first, t_ack) in kicked}
+    return {**_summary(per, stuck, delay_ns, rounds), "total_ns": total, "during_ns": during_ns}
+
+
+def _summary(per: dict[int, dict], stuck: list[int], delay_ns: int, rounds: int) -> dict:
+    """A kick's figures over its CPUs' entries: the stuck (pr_err_once's line names the first), the
+    late, the budget and the round trip's p50 and max."""
     rtts = sorted(e["rtt_ns"] for e in per.values() if "rtt_ns" in e)
-    return {"cpus": per, "stuck": stuck, "message": message, "total_ns": total, "during_ns": during_ns,
+    # Acknowledged within the kernel's rounds, but later than their time on hardware: each round here
+    # is a control write and at least udelay(5), longer when the host gives the kicker's core away
+    # meanwhile (the woken CPU's process may run there first). The kernel counts rounds too, but
+    # its rounds last 5 us: an answer this late would have been pr_err_once's there.
+    late = sorted(cpu for cpu, e in per.items() if e["acknowledged"] and e.get("rtt_ns", 0) > delay_ns * rounds)
+    return {"cpus": per, "stuck": stuck, "late": late,
+            "message": f"CPU{stuck[0]} is stuck in mwait_play_dead()" if stuck else None,
             "budget_ns": delay_ns * rounds, "delay_ns": delay_ns, "rounds": rounds,
             "rtt_p50_ns": rtts[len(rtts) // 2] if rtts else None, "rtt_max_ns": rtts[-1] if rtts else None}
 

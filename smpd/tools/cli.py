@@ -608,7 +608,7 @@ def chain(name, kexecs, kernel, park, into, boot, injects, order, seed, as_json,
 
     Each link's scenario seed derives from --seed and the link's number. The chain stops
     at a link that is not CLEAN. Exit status: 0 when every link is CLEAN, 3 when one was
-    not, 1 when smpd itself failed.
+    not, 1 when smpd itself failed, 2 on bad input.
     """
     kernel = _kernel_choice(kernel, park)
     machine = lifecycle.require(name)
@@ -638,7 +638,7 @@ def panic(name, cpu, as_json, timeline_form, trace_file):
     (b1472a60a584); with [kernel] init_only_from_boot_cpu = false, a panic on another CPU
     sends INIT to CPU 0 and the machine resets (MACHINE_RESET). Afterwards the machine
     stays in panic(): `smpd reset` power-cycles it. Exit status: 0 on CLEAN, 3 on any other
-    outcome, 1 when smpd itself failed.
+    outcome, 1 when smpd itself failed, 2 on bad input.
     """
     machine = lifecycle.require(name)
     if cpu >= machine.ncpus:
@@ -658,7 +658,9 @@ def panic(name, cpu, as_json, timeline_form, trace_file):
 def kick(name, as_json, timeline_form, trace_file):
     """Only smp_kick_mwait_play_dead(): who acknowledged, how fast, who is stuck.
 
-    Kicked CPUs end in HLT; `smpd reset` parks them in mwait_play_dead() again.
+    Kicked CPUs end in HLT; `smpd reset` parks them in mwait_play_dead() again. A pre-fix
+    kernel has no kick (refused). Exit status: 0 when every CPU kicked acknowledged, 3 when one
+    is stuck (pr_err_once), 1 when smpd itself failed, 2 on bad input.
     """
     machine = lifecycle.require(name)
     form = _timeline_form(timeline_form, machine.ncpus)
@@ -666,6 +668,7 @@ def kick(name, as_json, timeline_form, trace_file):
     r = _locked_request(machine, "kick", "a kick")
     _print_json_or(r, as_json, lambda r: _render().kick_report(r, form))
     _trace(trace_file, [("smp_kick_mwait_play_dead()", r)], machine)
+    sys.exit(OUTCOME_NOT_CLEAN if r["kick"]["stuck"] else 0)
 
 
 @main.command()

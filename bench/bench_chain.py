@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import secrets
-import subprocess
 import sys
 import time
 
@@ -28,6 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from record import Record  # noqa: E402
+import smpdrun  # noqa: E402
 from smpd.errors import OUTCOME_NOT_CLEAN  # noqa: E402
 
 OUTCOME = (0, OUTCOME_NOT_CLEAN)  # a kexec's or a chain's exit status: CLEAN, or another outcome (not a failure)
@@ -36,11 +36,7 @@ NAME = f"benchc{secrets.token_hex(4)}"  # unpredictable: another user cannot squ
 
 
 def smpd(*args: str, ok=(0,)) -> str:
-    r = subprocess.run([sys.executable, "-m", "smpd", *args, "--name", NAME], capture_output=True, text=True,
-                       timeout=3600, env=dict(os.environ, COLUMNS="160"))
-    if r.returncode not in ok:
-        raise SystemExit(f"smpd {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r.stdout
+    return smpdrun.smpd(*args, name=NAME, ok=ok, timeout=3600, columns=160).stdout
 
 
 def chain(kernel: str, seed: int, n: int = 5) -> dict:

@@ -33,6 +33,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 from record import Record  # noqa: E402
+import smpdrun  # noqa: E402
 from smpd.tools import soak  # noqa: E402
 
 NAME = f"benchc{secrets.token_hex(4)}"  # unpredictable: another user cannot squat it first
@@ -41,10 +42,7 @@ CPUS = 8
 
 def smpd(*args: str, timeout: float = 3600) -> float:
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "smpd", *args, "--name", NAME], capture_output=True, text=True,
-                       timeout=timeout, env=dict(os.environ, COLUMNS="120"))
-    if r.returncode:
-        raise SystemExit(f"smpd {' '.join(args)} failed: {r.stderr.strip()[-2000:]}")
+    smpdrun.smpd(*args, name=NAME, timeout=timeout, columns=120)
     return time.perf_counter() - t0
 
 

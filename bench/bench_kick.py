@@ -88,7 +88,6 @@ import json
 import multiprocessing
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
@@ -97,16 +96,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from record import Record  # noqa: E402
+import smpdrun  # noqa: E402
 
 NAME = f"benchk{secrets.token_hex(4)}"  # unpredictable: another user cannot squat it first
 
 
 def smpd(*args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "smpd", *args, "--name", NAME], capture_output=True, text=True,
-                       timeout=1800)
-    if r.returncode:
-        raise SystemExit(f"smpd {' '.join(args)} failed: {r.stderr.strip()}")
-    return r.stdout
+    return smpdrun.smpd(*args, name=NAME, timeout=1800).stdout
 
 
 def _burn() -> None:

@@ -37,7 +37,6 @@ import json
 import os
 import secrets
 import statistics
-import subprocess
 import sys
 import time
 
@@ -47,6 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from record import Record  # noqa: E402
+import smpdrun  # noqa: E402
 from smpd.errors import OUTCOME_NOT_CLEAN  # noqa: E402
 from smpd.host.proc import cpu_time_ns, stat_fields  # noqa: E402
 from smpd.machine import layout as L  # noqa: E402
@@ -56,11 +56,7 @@ NAME = f"bench{secrets.token_hex(4)}"  # unpredictable: another user cannot squa
 
 
 def smpd(*args: str, ok=(0,)) -> str:
-    r = subprocess.run([sys.executable, "-m", "smpd", *args, "--name", NAME],
-                       capture_output=True, text=True, timeout=600)
-    if r.returncode not in ok:
-        raise SystemExit(f"smpd {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r.stdout
+    return smpdrun.smpd(*args, name=NAME, ok=ok, timeout=600).stdout
 
 
 def ours() -> list[psutil.Process]:

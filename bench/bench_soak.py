@@ -26,7 +26,6 @@ import os
 import resource
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from record import Record  # noqa: E402
+import smpdrun  # noqa: E402
 from smpd.host import trust  # noqa: E402
 from smpd.host.proc import cpu_time_ns  # noqa: E402
 from smpd.tools import lifecycle  # noqa: E402
@@ -43,11 +43,7 @@ NAME = f"benchs{secrets.token_hex(4)}"  # unpredictable: another user cannot squ
 
 
 def smpd(*args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "smpd", *args, "--name", NAME], capture_output=True, text=True,
-                       timeout=7200, env=dict(os.environ, COLUMNS="120"))
-    if r.returncode:
-        raise SystemExit(f"smpd {' '.join(args)} failed: {r.stderr.strip()}")
-    return r.stdout
+    return smpdrun.smpd(*args, name=NAME, timeout=7200, columns=120).stdout
 
 
 def _children_cpu_s() -> float:

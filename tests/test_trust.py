@@ -713,3 +713,19 @@ def test_a_machine_is_ours_from_every_time_namespace(machine):
                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert inside.returncode == 0, inside.stderr
     assert abs(int(inside.stdout) - trust.start_ticks(os.getpid())) <= trust.START_TOLERANCE_TICKS
+
+
+def test_a_bench_runs_smpd_without_the_working_directory_on_its_path(tmp_path, monkeypatch):
+    """The bench scripts run `python -P -m smpd` (bench/smpdrun.py): run from a directory another
+    user can write, a planted smpd/ there is not what runs, as root or not (hostile review)."""
+    planted = tmp_path / "smpd"
+    planted.mkdir()
+    marker = tmp_path / "ran"
+    (planted / "__init__.py").write_text("")
+    (planted / "__main__.py").write_text(f"open({str(marker)!r}, 'w').write('planted')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    import smpdrun
+
+    r = smpdrun.smpd("status", name=run_name("bench"), timeout=60, ok=(2,))  # no such machine: bad input
+    assert "no machine named" in r.stderr and not marker.exists()

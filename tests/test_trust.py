@@ -729,3 +729,32 @@ def test_a_bench_runs_smpd_without_the_working_directory_on_its_path(tmp_path, m
 
     r = smpdrun.smpd("status", name=run_name("bench"), timeout=60, ok=(2,))  # no such machine: bad input
     assert "no machine named" in r.stderr and not marker.exists()
+
+
+def test_a_client_that_never_reads_its_reply_does_not_wedge_the_coordinator(machine):
+    """A client of the machine's own user asks for the full status of 768 CPUs (~450 KB, more than
+    the socket's buffer) and never reads it (a `smpd status --json` stopped with ^Z). The coordinator's
+    send makes no progress: it gives that client up after channel.REPLY_STALL_S, and a command
+    waiting meanwhile is answered (it used to fail until that client exited: hostile review)."""
+    import socket
+    from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+
+    m = machine(768, "--watch", "adaptive")
+    lc = lifecycle.require(m.name)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(names.socket_address(lc.name, lc.token))
+    stalled = Connection(s.detach())
+    try:
+        answer_challenge(stalled, lc.authkey)
+        deliver_challenge(stalled, lc.authkey)
+        channel.send_json(stalled, {"op": "status", "args": {}})
+        time.sleep(0.5)  # the coordinator is in its send now
+        t0 = time.monotonic()
+        r = run_smpd("status", name=m.name, check=False)
+        assert r.returncode == 0, r.stderr
+        assert time.monotonic() - t0 < 60
+        with pytest.raises((EOFError, OSError)):  # the stalled client's reply was cut off, not sent whole
+            while True:
+                stalled.recv_bytes(1 << 24)
+    finally:
+        stalled.close()

@@ -15,8 +15,10 @@
   library's module, not multiprocess's (which supervises the CPU processes): both are the
   same protocol, but multiprocess's imports dill, its pickler, which the channel never uses,
   for ~60 ms of every command's start.
-* Every read has a deadline (SO_RCVTIMEO), so a stalled client cannot wedge the
-  coordinator.
+* Every read has a deadline (SO_RCVTIMEO), and every send of the coordinator's a deadline
+  for making no progress (SO_SNDTIMEO): a stalled client, or one stopped (^Z) before it read a
+  reply larger than the socket's buffer (a 4096-CPU status is 2.4 MB), cannot wedge the
+  coordinator; its reply is dropped.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from smpd import errors
 from smpd.host import trust
 
 HANDSHAKE_TIMEOUT_S = 5.0
+# A send of the coordinator that makes no progress this long gives its client up. A blocked write returns what
+# it sent after this long, and the next gives up after as long again: twice this stays under the handshake's
+# HANDSHAKE_TIMEOUT_S, so a command waiting behind that client is still answered.
+REPLY_STALL_S = 2.0
 CONNECT_TRY_S = 1.0  # one connect() try, then the coordinator's identity is checked again
 TICK_S = 0.25  # a ``tick`` (a progress drawn: ~3 ms of the CLI's CPU each at 4096 CPUs, rich's) this often
 
@@ -77,6 +83,7 @@ class Server:
                 s.close()
                 return None
             _set_rcvtimeo(s, HANDSHAKE_TIMEOUT_S)
+            _set_timeo(s, socket.SO_SNDTIMEO, REPLY_STALL_S)
             conn = Connection(s.detach())
         except OSError:
             s.close()

@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import HOT_PATHS, run_smpd, wait_until
+from adversary import needs_root, unused_uid
+from conftest import HOT_PATHS, run_smpd, start_smpd, wait_until
 from smpd.host.proc import die_with_parent
 from smpd.machine import layout as L
 
@@ -126,12 +128,43 @@ def test_bench_kick_duration_runs_for_that_long(parked4, tmp_path):
     (("--json", "/"), "names a directory"),
     (("--plot", "/proc/k.png"), "is on /proc, /sys, /dev or /dev/shm"),
     (("--plot", "k.jpeg"), "name the file .png, .svg or .pdf"),
+    (("--json", ""), "--json needs a file name; '' is none"),
+    (("--plot", ""), "--plot needs a file name; '' is none"),
 ])
 def test_bench_kick_bad_input_is_refused_before_the_run(parked4, args, says):
     r = run_smpd("bench", "kick", *args, name=parked4.name, check=False)
     assert r.returncode == 2, r.stderr
     assert says in r.stderr
     assert all(c["mwait_entries"] == 1 for c in parked4.status()["cpus"][1:])  # nothing was kicked
+
+
+@needs_root
+def test_a_json_file_another_user_puts_at_its_name_during_the_run_loses_nothing(parked4, tmp_path):
+    """The --json name is checked before the run and is in our command line: another user may put a
+    file of theirs there meanwhile. It is refused at the end as before, but the report is printed and
+    its JSON kept in a new private file, named in the error (exit status 2); theirs is untouched."""
+    import re
+
+    out = tmp_path / "k.json"
+    bench = start_smpd("bench", "kick", "--duration", "3s", "--json", str(out), name=parked4.name)
+    time.sleep(1.0)
+    out.write_text("theirs\n")
+    uid = unused_uid()
+    os.chown(out, uid, uid)
+    stdout, stderr = bench.communicate(timeout=300)
+    assert bench.returncode == 2, stderr
+    assert f"belongs to uid {uid}" in stderr or "not to you" in stderr, stderr
+    kept = re.search(r"the report's JSON is in (\S+) instead", " ".join(stderr.split()))
+    assert kept, stderr
+    try:
+        st = os.stat(kept.group(1))
+        assert st.st_uid == os.geteuid() and st.st_mode & 0o077 == 0
+        with open(kept.group(1)) as f:
+            assert json.load(f)["rounds"] > 0
+    finally:
+        os.unlink(kept.group(1))
+    assert "round trip" in stdout and f"wrote {kept.group(1)}" in " ".join(stdout.split())
+    assert out.read_text() == "theirs\n"
 
 
 def test_bench_kick_plot_writes_svg_by_its_extension(parked4, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -248,6 +249,23 @@ BESIDE_BUDGET_S = 0.5
 def write_json(path: str, report: dict) -> None:
     with files.open_output(path, "--json") as f:  # no link followed, no other user's file written
         f.write((json.dumps(report, indent=1) + "\n").encode())
+
+
+def write_json_or_keep(path: str | None, report: dict) -> tuple[str | None, BadInput | None]:
+    """write_json() to ``path`` (None: no --json), or, when it is refused now (checked before the run,
+    it may have become another user's file since: its name is in our command line), to a new private
+    file (mkstemp: 0600, ours, made now) in $TMPDIR, so that the run is not lost. Returns where the
+    JSON went, and the refusal, which names that file."""
+    if path is None:
+        return None, None
+    try:
+        write_json(path, report)
+        return path, None
+    except BadInput as err:
+        fd, kept = tempfile.mkstemp(prefix="smpd-bench-kick-", suffix=".json")
+        with os.fdopen(fd, "wb") as f:
+            f.write((json.dumps(report, indent=1) + "\n").encode())
+        return kept, BadInput(f"{err}; the report's JSON is in {kept} instead")
 
 
 def write_plot(path: str, run: Run, report: dict) -> None:

@@ -797,9 +797,9 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
     from smpd.tools import benchkick
 
     seconds = inputs.parse_duration(duration) if duration is not None else None
-    if json_file:
+    if json_file is not None:  # ('' too: refused as no name)
         files.check_output(json_file, "--json")
-    if plot_file:
+    if plot_file is not None:
         files.check_output(plot_file, "--plot")
         benchkick.check_plot_available(plot_file)
     machine = lifecycle.require(name)
@@ -811,11 +811,19 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
                                                                              _console(stderr=True))
     report = benchkick.Run.report(run, floor, wake_floor, floor_after)
     report["interrupted"] = interrupted
-    if json_file:
-        benchkick.write_json(json_file, report)
-    if plot_file:
-        benchkick.write_plot(plot_file, run, report)
+    # The report is printed whatever happens to its files: one checked before the run may be refused
+    # now (another user may have put a file of theirs at its name since), and the run is not lost then.
+    json_file, json_refused = benchkick.write_json_or_keep(json_file, report)
+    plot_refused = None
+    if plot_file is not None:
+        try:
+            benchkick.write_plot(plot_file, run, report)
+        except BadInput as err:
+            plot_file, plot_refused = None, err
     _console().print(_render().bench_kick(report, json_file, plot_file))
+    refused = [str(err) for err in (json_refused, plot_refused) if err is not None]
+    if refused:
+        raise BadInput("; ".join(refused))
 
 
 @main.command()

@@ -605,3 +605,33 @@ def test_a_cpu_s_own_percentiles_are_exact_while_few_and_within_one_percent_afte
     for k, p in benchkick.PERCENTILES:
         assert abs(s[k] - exact(values, p)) <= 0.01 * exact(values, p), (k, s[k], exact(values, p))
     assert benchkick.summary(benchkick.PerCpu()) == {"count": 0}
+
+
+def test_a_build_killed_mid_compile_leaves_none_of_the_compiler_s_processes(tmp_path):
+    """The compiler driver dies with the process that builds hwfloor, and so do the processes it
+    started (cc1, as, ld): they run in a process group its shell kills when we die, even by SIGKILL
+    (hostile review: cc1 and as outlived a killed `bench kick`). A stand-in compiler whose child
+    sleeps a minute, so that only that kill can end it in time."""
+    import shutil
+
+    import psutil
+
+    tools = tmp_path / "tools"
+    tools.mkdir(mode=0o700)
+    (tools / "cc").write_text("#!/bin/sh\n/bin/sleep 60 &\nwait\n")
+    (tools / "cc").chmod(0o755)
+    os.symlink(shutil.which("sh"), tools / "sh")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    code = ("from smpd.tools import hwfloor\n"
+            f"hwfloor.TOOL_PATH = {str(tools)!r}\n"
+            "hwfloor._untrusted = lambda path, sticky_ok=False: None  # its trust is tested apart\n"
+            f"hwfloor.build({str(private)!r})\n")
+    builder = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        sleeper = wait_until(lambda: next((c for c in psutil.Process(builder.pid).children(recursive=True)
+                                           if c.name() == "sleep"), None), 30, "the stand-in compiler's child")
+    finally:
+        builder.kill()
+        builder.wait()
+    wait_until(lambda: _gone(sleeper), 10, "the compiler's child gone with the build")

@@ -13,7 +13,8 @@ often as root, must be one it has just built where nobody else can write (a cach
 under $XDG_CACHE_HOME or ~ may be another user's to plant a file in). The build
 costs a fraction of a second per benchmark. Without a compiler the floor is
 reported unavailable, with the reason, and ratios are left out rather than
-guessed. The measuring process dies with us, and so do its own children. The compiler's
+guessed. The measuring process dies with us, and so do its own children; so does the
+compiler with every process it starts (GROUP_SHELL). The compiler's
 own temporary files go into the private directory too (its TMPDIR). A SIGKILL of the
 process that builds leaves that directory behind; its name says whose it was (pid and start
 time), and the next measurement of the same user removes it once that process is gone
@@ -22,12 +23,15 @@ time), and the next measurement of the same user removes it once that process is
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from smpd.host import trust
@@ -169,29 +173,57 @@ def _untrusted(path: str, sticky_ok: bool = False) -> str | None:
     return f"{path}: too many symbolic links"
 
 
+# The compiler runs under this shell, in a process group of its own: the compiler driver's own children (cc1,
+# as, ld) are not its to take along when it dies, so the group goes whole. The shell gets SIGTERM when we die
+# (PR_SET_PDEATHSIG, even by SIGKILL) and kills its group; any other end of ours kills the group from here.
+GROUP_SHELL = 'trap "kill -KILL 0" TERM; "$@" & wait $!'
+
+
 def build(private: str) -> tuple[str | None, str]:
     """hwfloor.c built into ``private``, a directory of ours that nobody else can write:
     (the executable, the compiler), or (None, why not). The compiler comes from TOOL_PATH and
-    must be root's or ours all the way up; it runs with TOOL_ENV, with a deadline, and dies
-    with us."""
+    must be root's or ours all the way up; it runs with TOOL_ENV, with a deadline, and it and
+    every process it starts die with us (GROUP_SHELL)."""
     if not SOURCE.is_file():
         return None, f"{SOURCE} not found (it ships with the smpd repository)"
     cc = next(filter(None, (shutil.which(name, path=TOOL_PATH) for name in ("cc", "gcc", "clang"))), None)
-    if cc is None:
-        return None, f"no C compiler (cc, gcc or clang) in {TOOL_PATH}"
-    why = _untrusted(cc)
+    sh = shutil.which("sh", path=TOOL_PATH)
+    if cc is None or sh is None:
+        return None, f"no C compiler (cc, gcc or clang) or no sh in {TOOL_PATH}"
+    why = _untrusted(cc) or _untrusted(sh)
     if why:
-        return None, f"not running the compiler {cc}: {why}"
+        return None, f"not running the compiler {cc} under {sh}: {why}"
     exe = os.path.join(private, "hwfloor")
-    try:  # its temporary files (.s, .o) in ``private`` too: a SIGKILL leaves nothing elsewhere
-        r = subprocess.run([cc, "-O2", "-pthread", "-o", exe, str(SOURCE)], capture_output=True, text=True,
-                           cwd=private, env={**TOOL_ENV, "TMPDIR": private}, timeout=120,
-                           preexec_fn=_dies_with_us())
-    except subprocess.TimeoutExpired:
+    # its temporary files (.s, .o) in ``private`` too, and what it says: a SIGKILL leaves nothing elsewhere
+    with open(os.path.join(private, "cc.log"), "w+") as said:
+        p = subprocess.Popen([sh, "-c", GROUP_SHELL, "sh", cc, "-O2", "-pthread", "-o", exe, str(SOURCE)],
+                             stdout=said, stderr=subprocess.STDOUT, cwd=private, env={**TOOL_ENV, "TMPDIR": private},
+                             preexec_fn=_group_dies_with_us())
+        try:
+            built = _exited(p.pid, 120)
+        finally:
+            # What is left of its group (nothing, once it has built), while the shell is not reaped yet:
+            # its pid, the group's number, cannot be anyone else's until then.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        said.seek(0)
+        err = said.read()
+    if not built:
         return None, f"{cc} did not build {SOURCE.name} within 120 s"
-    if r.returncode:
-        return None, f"{cc} could not build {SOURCE.name}: {r.stderr.strip()[:200]}"
+    if p.returncode:
+        return None, f"{cc} could not build {SOURCE.name}: {err.strip()[:200]}"
     return exe, cc
+
+
+def _exited(pid: int, timeout_s: float) -> bool:
+    """Has our child ``pid`` exited within ``timeout_s``? It is left unreaped (WNOWAIT)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return True
+        time.sleep(0.005)
+    return False
 
 
 PREFIX = "smpd-hwfloor-"  # then the maker's pid and start time (trust.start_ticks), then mkdtemp's letters
@@ -231,6 +263,18 @@ def _dies_with_us():
     """A preexec_fn: the child gets SIGKILL when this process dies, even between its fork and
     the prctl (the parent's pid is checked)."""
     return functools.partial(die_with_parent, os.getpid())
+
+
+def _group_dies_with_us():
+    """A preexec_fn for GROUP_SHELL: a process group of its own (its pid), and SIGTERM when this
+    process dies, on which the shell kills that group."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        os.setpgid(0, 0)
+        die_with_parent(parent, signal.SIGTERM)
+
+    return preexec
 
 
 def _figures(vals: dict[str, str], what: str) -> dict[str, int]:

@@ -142,7 +142,7 @@ def test_bench_kick_bad_input_is_refused_before_the_run(parked4, args, says):
 def test_a_json_file_another_user_puts_at_its_name_during_the_run_loses_nothing(parked4, tmp_path):
     """The --json name is checked before the run and is in our command line: another user may put a
     file of theirs there meanwhile. It is refused at the end as before, but the report is printed and
-    its JSON kept in a new private file, named in the error (exit status 2); theirs is untouched."""
+    its JSON kept in a new file of ours in $TMPDIR, named in the error (exit status 2); theirs is untouched."""
     import re
 
     out = tmp_path / "k.json"
@@ -158,7 +158,7 @@ def test_a_json_file_another_user_puts_at_its_name_during_the_run_loses_nothing(
     assert kept, stderr
     try:
         st = os.stat(kept.group(1))
-        assert st.st_uid == os.geteuid() and st.st_mode & 0o077 == 0
+        assert st.st_uid == os.geteuid() and st.st_mode & 0o022 == 0  # ours, nobody else's to change
         with open(kept.group(1)) as f:
             assert json.load(f)["rounds"] > 0
     finally:
@@ -635,3 +635,28 @@ def test_a_build_killed_mid_compile_leaves_none_of_the_compiler_s_processes(tmp_
         builder.kill()
         builder.wait()
     wait_until(lambda: _gone(sleeper), 10, "the compiler's child gone with the build")
+
+
+def test_an_output_that_cannot_be_written_whole_is_an_error_and_leaves_nothing(parked4, tmp_path):
+    """A file-size limit (or a nearly full filesystem) lets one write() take only part of the JSON:
+    it used to be left cut short, with exit 0 and "wrote". Now the report is still printed, the
+    error names the file, nothing of it is left, nor of the copy it could not keep either (the same
+    limit), and the exit status is 1 (not bad input: the host's limit)."""
+    import glob
+    import resource
+    import tempfile
+
+    out = tmp_path / "k.json"
+    kept_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "smpd-bench-kick-*.json")))
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    r = run_smpd("bench", "kick", "--rounds", "20", "--json", str(out), name=parked4.name, check=False,
+                 preexec_fn=small_files)
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"--json {out} could not be written" in said and "nothing of it is left" in said, said
+    assert "could not be kept elsewhere either" in said and "round trip" in r.stdout, said
+    assert not out.exists()
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "smpd-bench-kick-*.json"))) == kept_before

@@ -24,13 +24,14 @@ is ever reopened by name:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 import tempfile
 from typing import BinaryIO
 
-from smpd.errors import BadInput
+from smpd.errors import BadInput, SmpdError
 from smpd.host import trust
 
 MAX_LINE = 1 << 20  # no line of a soak file or config comes near 1 MiB
@@ -163,6 +164,49 @@ def open_output(path: str, what: str, *, append: bool = False, create: bool = Tr
     except BaseException:
         os.close(fd)
         raise
+
+
+def write_all(f: BinaryIO, data: bytes) -> None:
+    """Every byte of ``data`` to ``f`` (open_output's file is unbuffered: one write() may take only
+    part of it, on a nearly full filesystem or past a file-size limit, and say so only in its count);
+    OSError when the rest cannot be written."""
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        if not n:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[n:]
+
+
+def write_output(path: str, what: str, data: bytes, exclusive: bool = False) -> None:
+    """``data`` to the output ``path`` (open_output: no link followed, no other user's file written),
+    every byte of it, or SmpdError and nothing of it left (a full filesystem, a file-size limit)."""
+    with open_output(path, what, exclusive=exclusive) as f:
+        try:
+            write_all(f, data)
+        except OSError as err:
+            remove_output(f, path, what)
+            raise SmpdError(f"{what} {path} could not be written ({err.strerror or err}); "
+                            f"nothing of it is left") from None
+
+
+def remove_output(f: BinaryIO, path: str, what: str) -> None:
+    """Unlink ``path`` if it is still the file ``f`` that open_output gave us (the same inode, reached
+    the same careful way: no other user can rename it in a directory open_output accepts); otherwise
+    leave it, emptied. For an output whose write failed: no partial file is left."""
+    with contextlib.suppress(OSError):
+        f.truncate(0)
+    try:
+        dfd, name = _directory(path, what)
+    except (BadInput, OSError):
+        return
+    try:
+        if os.path.samestat(os.fstat(f.fileno()), os.stat(name, dir_fd=dfd, follow_symlinks=False)):
+            os.unlink(name, dir_fd=dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
 
 
 def _lstat_in(dfd: int, name: str) -> int:

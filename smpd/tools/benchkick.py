@@ -10,8 +10,10 @@ floor, and writes the report, the JSON and the plot.
 from __future__ import annotations
 
 import array
+import io
 import json
 import os
+import secrets
 import statistics
 import tempfile
 import time
@@ -23,7 +25,7 @@ from hdrh.histogram import HdrHistogram
 from smpd.host import files
 from smpd.tools import hwfloor
 from smpd.cpulist import format_list
-from smpd.errors import BadInput
+from smpd.errors import BadInput, SmpdError
 
 MAX_NS = 60 * 10**9  # histograms cover 1 ns .. 60 s at 3 significant digits
 PERCENTILES = (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9))
@@ -288,25 +290,34 @@ BESIDE_BUDGET_S = 0.5
 
 
 def write_json(path: str, report: dict) -> None:
-    with files.open_output(path, "--json") as f:  # no link followed, no other user's file written
-        f.write((json.dumps(report, indent=1) + "\n").encode())
+    files.write_output(path, "--json", _json_bytes(report))
 
 
-def write_json_or_keep(path: str | None, report: dict) -> tuple[str | None, BadInput | None]:
-    """write_json() to ``path`` (None: no --json), or, when it is refused now (checked before the run,
-    it may have become another user's file since: its name is in our command line), to a new private
-    file (mkstemp: 0600, ours, made now) in $TMPDIR, so that the run is not lost. Returns where the
-    JSON went, and the refusal, which names that file."""
+def _json_bytes(report: dict) -> bytes:
+    return (json.dumps(report, indent=1) + "\n").encode()
+
+
+def write_json_or_keep(path: str | None, report: dict) -> tuple[str | None, SmpdError | None]:
+    """write_json() to ``path`` (None: no --json), or, when that fails now (refused: it may have become
+    another user's file since the check before the run, its name being in our command line; or the
+    filesystem is full), to a new file of ours in $TMPDIR, made as safely as any output (a directory
+    another user owns or may write without the sticky bit is refused), so that the run's JSON is not
+    lost. Returns where the JSON went (None: nowhere), and the error, which says where it went."""
     if path is None:
         return None, None
+    data = _json_bytes(report)
     try:
-        write_json(path, report)
+        files.write_output(path, "--json", data)
         return path, None
-    except BadInput as err:
-        fd, kept = tempfile.mkstemp(prefix="smpd-bench-kick-", suffix=".json")
-        with os.fdopen(fd, "wb") as f:
-            f.write((json.dumps(report, indent=1) + "\n").encode())
-        return kept, BadInput(f"{err}; the report's JSON is in {kept} instead")
+    except SmpdError as err:
+        first = err
+    kept = os.path.join(tempfile.gettempdir(), f"smpd-bench-kick-{secrets.token_hex(6)}.json")
+    try:
+        files.write_output(kept, "the JSON kept instead", data, exclusive=True)
+    except (SmpdError, FileExistsError) as err:
+        return None, type(first)(f"{first}; its JSON could not be kept elsewhere either ({err}): the report "
+                                 f"above is all there is of this run")
+    return kept, type(first)(f"{first}; the report's JSON is in {kept} instead")
 
 
 def write_plot(path: str, run: Run, report: dict) -> None:
@@ -341,10 +352,11 @@ def write_plot(path: str, run: Run, report: dict) -> None:
     fig.tight_layout()
     fmt = plot_format(path)
     try:
-        with files.open_output(path, "--plot") as f:
-            fig.savefig(f, dpi=110, format=fmt)
+        image = io.BytesIO()
+        fig.savefig(image, dpi=110, format=fmt)
     finally:
         plt.close(fig)
+    files.write_output(path, "--plot", image.getvalue())
 
 
 def elapsed(t0: float) -> float:

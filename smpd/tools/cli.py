@@ -813,17 +813,17 @@ def bench_kick(name, targets, rounds, duration, json_file, plot_file):
     report["interrupted"] = interrupted
     # The report is printed whatever happens to its files: one checked before the run may be refused
     # now (another user may have put a file of theirs at its name since), and the run is not lost then.
-    json_file, json_refused = benchkick.write_json_or_keep(json_file, report)
-    plot_refused = None
+    json_file, json_failed = benchkick.write_json_or_keep(json_file, report)
+    plot_failed = None
     if plot_file is not None:
         try:
             benchkick.write_plot(plot_file, run, report)
-        except BadInput as err:
-            plot_file, plot_refused = None, err
+        except SmpdError as err:  # refused (2), or could not be written whole (1)
+            plot_file, plot_failed = None, err
     _console().print(_render().bench_kick(report, json_file, plot_file))
-    refused = [str(err) for err in (json_refused, plot_refused) if err is not None]
-    if refused:
-        raise BadInput("; ".join(refused))
+    failed = [err for err in (json_failed, plot_failed) if err is not None]
+    if failed:
+        raise (BadInput if all(isinstance(e, BadInput) for e in failed) else SmpdError)("; ".join(map(str, failed)))
 
 
 @main.command()

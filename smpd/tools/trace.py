@@ -117,5 +117,4 @@ def document(reports: list[tuple[str, dict]], machine: str, ncpus: int) -> dict:
 
 def write(path: str, reports: list[tuple[str, dict]], machine: str, ncpus: int) -> None:
     """Write the trace of ``reports`` (label, report) to ``path``; no link followed, no other user's file."""
-    with files.open_output(path, "--trace") as f:
-        f.write(json.dumps(document(reports, machine, ncpus)).encode() + b"\n")
+    files.write_output(path, "--trace", json.dumps(document(reports, machine, ncpus)).encode() + b"\n")

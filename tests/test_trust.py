@@ -731,30 +731,42 @@ def test_a_bench_runs_smpd_without_the_working_directory_on_its_path(tmp_path, m
     assert "no machine named" in r.stderr and not marker.exists()
 
 
-def test_a_client_that_never_reads_its_reply_does_not_wedge_the_coordinator(machine):
-    """A client of the machine's own user asks for the full status of 768 CPUs (~450 KB, more than
-    the socket's buffer) and never reads it (a `smpd status --json` stopped with ^Z). The coordinator's
-    send makes no progress: it gives that client up after channel.REPLY_STALL_S, and a command
-    waiting meanwhile is answered (it used to fail until that client exited: hostile review)."""
+def _stalled_status_client(lc):
+    """A client of the machine's own user that asks for the full status and reads nothing yet."""
     import socket
     from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 
-    m = machine(768, "--watch", "adaptive")
-    lc = lifecycle.require(m.name)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(names.socket_address(lc.name, lc.token))
-    stalled = Connection(s.detach())
+    conn = Connection(s.detach())
+    answer_challenge(conn, lc.authkey)
+    deliver_challenge(conn, lc.authkey)
+    channel.send_json(conn, {"op": "status", "args": {}})
+    return conn
+
+
+def test_a_client_that_never_reads_its_reply_does_not_wedge_the_coordinator(machine):
+    """Clients of the machine's own user ask for the full status of 768 CPUs (~450 KB, more than the
+    socket's buffer) and read nothing (a `smpd status --json` stopped with ^Z). The coordinator used
+    to sit in its send until such a client exited, every other command failing meanwhile (hostile
+    review). Now such a reply goes from a thread of its own: `smpd status` is answered meanwhile, and
+    the stalled client, when it reads, gets its whole reply. Past channel.REPLY_SENDERS of them, the
+    next is sent in the serving loop under REPLY_STALL_S: that one is cut off, the coordinator free."""
+    m = machine(768, "--watch", "adaptive")
+    lc = lifecycle.require(m.name)
+    stalled = []
     try:
-        answer_challenge(stalled, lc.authkey)
-        deliver_challenge(stalled, lc.authkey)
-        channel.send_json(stalled, {"op": "status", "args": {}})
-        time.sleep(0.5)  # the coordinator is in its send now
-        t0 = time.monotonic()
+        for _ in range(channel.REPLY_SENDERS + 1):
+            stalled.append(_stalled_status_client(lc))
+            time.sleep(0.2)  # answered (its reply waiting in a thread, or for the last, in the loop)
         r = run_smpd("status", name=m.name, check=False)
         assert r.returncode == 0, r.stderr
-        assert time.monotonic() - t0 < 60
-        with pytest.raises((EOFError, OSError)):  # the stalled client's reply was cut off, not sent whole
+        for conn in stalled[:-1]:
+            reply = json.loads(conn.recv_bytes(1 << 24))
+            assert reply["ok"] and len(reply["result"]["cpus"]) == 768
+        with pytest.raises((EOFError, OSError)):  # the one past the threads: cut off, not sent whole
             while True:
-                stalled.recv_bytes(1 << 24)
+                stalled[-1].recv_bytes(1 << 24)
     finally:
-        stalled.close()
+        for conn in stalled:
+            conn.close()

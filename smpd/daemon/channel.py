@@ -15,10 +15,10 @@
   library's module, not multiprocess's (which supervises the CPU processes): both are the
   same protocol, but multiprocess's imports dill, its pickler, which the channel never uses,
   for ~60 ms of every command's start.
-* Every read has a deadline (SO_RCVTIMEO), and every send of the coordinator's a deadline
-  for making no progress (SO_SNDTIMEO): a stalled client, or one stopped (^Z) before it read a
-  reply larger than the socket's buffer (a 4096-CPU status is 2.4 MB), cannot wedge the
-  coordinator; its reply is dropped.
+* Every read has a deadline (SO_RCVTIMEO), so a stalled client cannot wedge the
+  coordinator; nor can one that does not read its reply (stopped with ^Z, or slow): a reply
+  larger than the socket's buffer goes from a thread of its own (send_reply), and a send in
+  the serving loop gives up after REPLY_STALL_S without progress (SO_SNDTIMEO).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import json
 import os
 import socket
 import struct
+import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -36,9 +38,10 @@ from smpd import errors
 from smpd.host import trust
 
 HANDSHAKE_TIMEOUT_S = 5.0
-# A send of the coordinator that makes no progress this long gives its client up. A blocked write returns what
-# it sent after this long, and the next gives up after as long again: twice this stays under the handshake's
-# HANDSHAKE_TIMEOUT_S, so a command waiting behind that client is still answered.
+# A send in the coordinator's serving loop (a reply that fits the socket's buffer, which never waits; or one
+# past REPLY_SENDERS busy threads) that makes no progress this long gives its client up. A blocked write
+# returns what it sent after this long, and the next gives up after as long again: twice this stays under the
+# handshake's HANDSHAKE_TIMEOUT_S, so a command waiting behind that client is still answered.
 REPLY_STALL_S = 2.0
 CONNECT_TRY_S = 1.0  # one connect() try, then the coordinator's identity is checked again
 TICK_S = 0.25  # a ``tick`` (a progress drawn: ~3 ms of the CLI's CPU each at 4096 CPUs, rich's) this often
@@ -116,12 +119,64 @@ def send_json(conn: Connection, obj: Any) -> None:
 _RESULT_HEAD, _RESULT_TAIL = b'{"ok": true, "result": ', b"}"
 
 
-def send_reply(conn: Connection, reply: dict) -> None:
-    """``{"ok": True, "result": ...}`` or an error_reply()."""
+def reply_bytes(reply: dict) -> bytes:
+    """The frame's body of ``{"ok": True, "result": ...}`` or of an error_reply()."""
     if reply.get("ok") is True:
-        conn.send_bytes(_RESULT_HEAD + json.dumps(reply["result"]).encode() + _RESULT_TAIL)
-    else:
-        send_json(conn, reply)
+        return _RESULT_HEAD + json.dumps(reply["result"]).encode() + _RESULT_TAIL
+    return json.dumps(reply).encode()
+
+
+def send_reply(conn: Connection, reply: dict) -> None:
+    """The coordinator's reply. One that fits the connection's send buffer goes at once (it never
+    waits for the client). A larger one (a 1024-CPU status is 0.6 MB, 4096's 2.4 MB) waits for its
+    client to read it: it goes from a thread of its own, on a descriptor of its own, so that a client
+    stopped (^Z) or reading slowly holds no one else's request, and still gets its whole reply when it
+    reads (within SENDER_STALL_S of no progress). With REPLY_SENDERS such threads busy, it is sent
+    here, under REPLY_STALL_S: that client may then lose it, not the coordinator its other clients.
+    OSError: the client left (sent from here)."""
+    data = reply_bytes(reply)
+    if not fits_send_buffer(conn, len(data)) and _senders.acquire(blocking=False):
+        try:
+            apart = Connection(os.dup(conn.fileno()))
+        except OSError:
+            _senders.release()
+            raise
+        threading.Thread(target=_send_apart, args=(apart, data), name="smpd-reply", daemon=True).start()
+        return
+    conn.send_bytes(data)
+
+
+REPLY_SENDERS = 8
+SENDER_STALL_S = 600.0
+_senders = threading.BoundedSemaphore(REPLY_SENDERS)
+
+
+def _send_apart(conn: Connection, data: bytes) -> None:
+    try:
+        set_send_stall(conn, SENDER_STALL_S)
+        conn.send_bytes(data)
+    except OSError as err:
+        print(f"smpd-coord: the client left before its reply ({err})", file=sys.stderr)
+    finally:
+        conn.close()
+        _senders.release()
+
+
+def fits_send_buffer(conn: Connection, size: int) -> bool:
+    """Does a frame of ``size`` bytes fit this connection's send buffer (half of it: the kernel
+    counts its own overhead), so that sending it never waits for the client to read?"""
+    try:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+    except OSError:
+        return False
+    with sock:
+        return size + 8 <= sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2
+
+
+def set_send_stall(conn: Connection, seconds: float) -> None:
+    """A send on ``conn`` that makes no progress for ``seconds`` gives up (SO_SNDTIMEO)."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        _set_timeo(sock, socket.SO_SNDTIMEO, seconds)
 
 
 def _result(data: bytes, raw: bool) -> tuple[bool, Any]:
@@ -200,9 +255,12 @@ def request(address: str, authkey: bytes, op: str, timeout_s: float | None = Non
         ok, reply = _result(conn.recv_bytes(1 << 24), raw)
     except (EOFError, ConnectionResetError, BrokenPipeError) as err:
         raise errors.ChannelClosed(f"the coordinator closed the channel during '{op}'") from err
-    except OSError as err:  # the handshake's SO_RCVTIMEO ran out: it is busy or wedged
-        raise errors.Timeout(f"the coordinator did not answer '{op}' ({err.strerror or err}); "
-                             f"it may be busy with another request") from err
+    except OSError as err:
+        if "end of file" not in str(err):  # (multiprocessing's word for a frame cut off)
+            raise errors.Timeout(f"the coordinator did not answer '{op}' ({err.strerror or err}); "
+                                 f"it may be busy with another request") from err
+        raise errors.ChannelClosed(f"the coordinator's reply to '{op}' was cut off: it gives up on a client "
+                                   f"that reads none of a reply for {REPLY_STALL_S:.0f} s or more") from err
     finally:
         conn.close()
     if ok:

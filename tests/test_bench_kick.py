@@ -605,6 +605,11 @@ def test_a_cpu_s_own_percentiles_are_exact_while_few_and_within_one_percent_afte
     for k, p in benchkick.PERCENTILES:
         assert abs(s[k] - exact(values, p)) <= 0.01 * exact(values, p), (k, s[k], exact(values, p))
     assert benchkick.summary(benchkick.PerCpu()) == {"count": 0}
+    beyond = benchkick.PerCpu()  # a sample past the range is kept at its end, before the fold and after
+    for v in [benchkick.MAX_NS * 2] + values:
+        beyond.record_value(v)
+    assert benchkick.summary(beyond)["count"] == len(values) + 1
+    assert benchkick.summary(beyond)["max"] >= benchkick.MAX_NS * 0.99
 
 
 def test_a_build_killed_mid_compile_leaves_none_of_the_compiler_s_processes(tmp_path):

@@ -723,12 +723,15 @@ def test_a_bench_runs_smpd_without_the_working_directory_on_its_path(tmp_path, m
     marker = tmp_path / "ran"
     (planted / "__init__.py").write_text("")
     (planted / "__main__.py").write_text(f"open({str(marker)!r}, 'w').write('planted')\n")
+    (tmp_path / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').write('planted')\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
     import smpdrun
 
-    r = smpdrun.smpd("status", name=run_name("bench"), timeout=60, ok=(2,))  # no such machine: bad input
-    assert "no machine named" in r.stderr and not marker.exists()
+    for theirs in ("", "/nonexistent-x:", "relative/dir", "/nonexistent-y::/nonexistent-z"):
+        monkeypatch.setenv("PYTHONPATH", theirs)  # an empty or relative entry means the working directory
+        r = smpdrun.smpd("status", name=run_name("bench"), timeout=60, ok=(2,))  # no such machine: bad input
+        assert "no machine named" in r.stderr and not marker.exists(), theirs
 
 
 def _stalled_status_client(lc):

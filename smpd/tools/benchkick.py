@@ -67,12 +67,15 @@ class PerCpu:
     def __init__(self):
         self.raw: array.array | None = array.array("q")
         self.hist: HdrHistogram | None = None
+        self._ranked: list[int] | None = None  # self.raw sorted, until the next sample
 
     def record_value(self, v: int) -> None:
+        v = min(v, MAX_NS)  # as the histogram keeps it (past its range it would drop it)
         if self.raw is None:
             self.hist.record_value(v)
             return
         self.raw.append(v)
+        self._ranked = None
         if len(self.raw) > self.RAW_MAX:
             self.hist = HdrHistogram(1, MAX_NS, 2)
             for x in self.raw:
@@ -91,8 +94,10 @@ class PerCpu:
     def get_value_at_percentile(self, p: float) -> int:
         if self.raw is None:
             return self.hist.get_value_at_percentile(p)
-        ranked = sorted(self.raw)  # HdrHistogram's rank: the count at p, rounded, at least one
-        return ranked[max(1, int(p / 100 * len(ranked) + 0.5)) - 1]
+        if self._ranked is None:
+            self._ranked = sorted(self.raw)
+        # HdrHistogram's rank: the count at p, rounded, at least one
+        return self._ranked[max(1, int(p / 100 * len(self._ranked) + 0.5)) - 1]
 
 
 def summary(h: HdrHistogram) -> dict:

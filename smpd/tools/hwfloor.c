@@ -146,7 +146,10 @@ static int line_floor(int a, int b, long *rtt, long *rtt1, long *done)
 	pthread_t t;
 	long start = now_ns(), two = 0, on1 = 0;
 
-	pthread_create(&t, NULL, responder, &b);
+	if (pthread_create(&t, NULL, responder, &b)) {  /* (a process limit): nobody would answer */
+		fprintf(stderr, "could not start the responder thread\n");
+		return 2;
+	}
 	pin(a);
 	for (long i = 1; i <= 2 * iters; i++) {
 		atomic_long *p = ping_of(i), *q = pong_of(i);

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -523,6 +524,9 @@ def test_a_link_planted_during_the_bench_is_refused_at_the_write(evil, drop, par
             p.communicate()
     assert p.returncode == 2 and "is a symbolic link" in err
     assert not os.path.lexists(target)
+    kept = re.search(r"the report's JSON is in (\S+) instead", " ".join(err.split()))  # the run not lost
+    assert kept and os.stat(kept.group(1)).st_uid == os.geteuid(), err
+    os.unlink(kept.group(1))
 
 
 def test_resume_refuses_another_users_soak_file_and_a_link(evil, drop, parked3, tmp_path):

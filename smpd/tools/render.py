@@ -237,8 +237,8 @@ def kick_summary(kick: dict | None) -> Text:
         worst = max(per[str(c)]["rtt_ns"] for c in late)
         t.append(f"  CPU {format_list(late)} acknowledged within {kick['rounds']} rounds but past "
                  f"{_ns(kick['budget_ns'])} of wall time (up to {_ns(worst)}): their rounds ran longer than "
-                 f"udelay({_ns(kick['delay_ns'])}) while the host ran other processes; on hardware, where a round "
-                 "lasts that long, an answer this late would be reported stuck\n", style="yellow")
+                 f"udelay({_ns(kick['delay_ns'])}) while the host ran other processes; on hardware, whose rounds "
+                 f"last {_ns(kick['delay_ns'])} each, an answer this late would be reported stuck\n", style="yellow")
     if kick["message"]:
         t.append(f"  {kick['message']}\n", style="bold magenta")
     return t

@@ -17,6 +17,7 @@ import secrets
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import psutil
@@ -119,8 +120,8 @@ class Run:
     hot_path: str = ""
     one_way: HdrHistogram = field(default_factory=_hist)
     rtt: HdrHistogram = field(default_factory=_hist)
-    per_one_way: dict[int, PerCpu] = field(default_factory=dict)
-    per_rtt: dict[int, PerCpu] = field(default_factory=dict)
+    per_one_way: defaultdict[int, PerCpu] = field(default_factory=lambda: defaultdict(PerCpu))
+    per_rtt: defaultdict[int, PerCpu] = field(default_factory=lambda: defaultdict(PerCpu))
     host_wake: HdrHistogram = field(default_factory=_hist)  # kicks of a CPU asleep: write -> its process running
     after_wake: HdrHistogram = field(default_factory=_hist)  # the same kicks: its process running -> ack seen
     kernel_rounds: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 10**7, 3))
@@ -144,8 +145,7 @@ class Run:
         self.hot_path = batch["hot_path"]
         for cpu_s, samples in batch["samples"].items():
             cpu = int(cpu_s)
-            ow = self.per_one_way.get(cpu) or self.per_one_way.setdefault(cpu, PerCpu())
-            rt = self.per_rtt.get(cpu) or self.per_rtt.setdefault(cpu, PerCpu())
+            ow, rt = self.per_one_way[cpu], self.per_rtt[cpu]
             for one_way, rtt, rounds, acked, wake in samples:
                 self.kicks += 1
                 if acked and 0 <= wake <= rtt:
@@ -201,8 +201,8 @@ class Run:
         per_cpu = {}
         for cpu in self.targets:
             per_cpu[str(cpu)] = {
-                "one_way_ns": summary(self.per_one_way.get(cpu) or PerCpu()),
-                "rtt_ns": summary(self.per_rtt.get(cpu) or PerCpu()),
+                "one_way_ns": summary(self.per_one_way[cpu]),
+                "rtt_ns": summary(self.per_rtt[cpu]),
                 "budget_exceeded": self.per_exceeded.get(cpu, 0),
                 "involuntary_ctx_switches": (self.ctx_after.get(cpu, 0) - self.ctx_before.get(cpu, 0))
                 if cpu in self.ctx_before else None,
@@ -294,16 +294,12 @@ FLOOR_BUDGET_S = 2.0
 BESIDE_BUDGET_S = 0.5
 
 
-def write_json(path: str, report: dict) -> None:
-    files.write_output(path, "--json", _json_bytes(report))
-
-
 def _json_bytes(report: dict) -> bytes:
     return (json.dumps(report, indent=1) + "\n").encode()
 
 
 def write_json_or_keep(path: str | None, report: dict) -> tuple[str | None, SmpdError | None]:
-    """write_json() to ``path`` (None: no --json), or, when that fails now (refused: it may have become
+    """The report's JSON to ``path`` (None: no --json), or, when that fails now (refused: it may have become
     another user's file since the check before the run, its name being in our command line; or the
     filesystem is full), to a new file of ours in $TMPDIR, made as safely as any output (a directory
     another user owns or may write without the sticky bit is refused), so that the run's JSON is not

@@ -151,8 +151,8 @@ def open_new(path: str, plan: Plan):
     try:
         _append(f, asdict(plan))
     except OSError as err:
+        files.remove_output(f, path, "--out")  # only if it is still the file this call created
         f.close()
-        os.unlink(path)
         raise SmpdError(f"--out {path}: the header could not be written ({err.strerror}); nothing was "
                         f"run and the file is removed") from None
     return f
@@ -172,9 +172,7 @@ def lock(f, path: str) -> None:
 def _append(f, obj: dict) -> None:
     """One line, written whole or not at all as far as a reader goes (read() drops a partial
     last line), then fsynced. Unbuffered: a failed write leaves nothing queued to retry later."""
-    data = memoryview((json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode())
-    while data:
-        data = data[f.write(data):]
+    files.write_all(f, (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode())
     os.fsync(f.fileno())
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from adversary import needs_root, unused_uid
-from conftest import HOT_PATHS, run_smpd, start_smpd, wait_until
+from conftest import HOT_PATHS, gone, run_smpd, start_smpd, wait_until
 from smpd.host.proc import die_with_parent
 from smpd.machine import layout as L
 
@@ -409,7 +409,7 @@ def test_the_whole_kick_floor_pins_its_sleepers_to_the_core_named_and_no_core_fo
     finally:
         p.kill()
         p.wait()
-    wait_until(lambda: all(_gone(s) for s in sleepers), 30, "the sleepers gone with their parent")
+    wait_until(lambda: all(gone(s.pid) for s in sleepers), 30, "the sleepers gone with their parent")
 
 
 def test_a_floor_killed_mid_run_leaves_no_sleeper(tmp_path):
@@ -431,17 +431,7 @@ def test_a_floor_killed_mid_run_leaves_no_sleeper(tmp_path):
         p.kill()
         p.wait()
 
-    wait_until(lambda: all(_gone(s) for s in sleepers), 30, "the sleepers gone with their parent")
-
-
-def _gone(proc) -> bool:
-    """Ended: a zombie, or reaped already."""
-    import psutil
-
-    try:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+    wait_until(lambda: all(gone(s.pid) for s in sleepers), 30, "the sleepers gone with their parent")
 
 
 @pytest.mark.parametrize("kind", ["wake", "wakeseq"])
@@ -639,7 +629,7 @@ def test_a_build_killed_mid_compile_leaves_none_of_the_compiler_s_processes(tmp_
     finally:
         builder.kill()
         builder.wait()
-    wait_until(lambda: _gone(sleeper), 10, "the compiler's child gone with the build")
+    wait_until(lambda: gone(sleeper.pid), 10, "the compiler's child gone with the build")
 
 
 def test_an_output_that_cannot_be_written_whole_is_an_error_and_leaves_nothing(parked4, tmp_path):

@@ -119,8 +119,8 @@ class Session:
         where = str(a) if pinned else "any"
         argv = ([self.exe, "wakeseq", where, str(sequence), str(iterations), str(pause_us)] if sequence else
                 [self.exe, *(["wake"] if wake else []), str(a), str(b), str(iterations)])
-        line = not (sequence or wake)
-        if line and budget_s is not None:
+        line_floor = not (sequence or wake)
+        if line_floor and budget_s is not None:
             argv.append(str(max(1, round(budget_s * 1000))))  # BUDGET_MS
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=120, preexec_fn=_dies_with_us())
@@ -134,7 +134,7 @@ class Session:
                 "cores": ([a] if pinned else cores) if sequence else [a, b],
                 "iterations": int(vals.get("rounds", iterations)), "compiler": self.compiler,
                 **({"sequence": sequence, "pause_us": pause_us, "pinned": pinned} if sequence else {}),
-                **({"requested": iterations, "budget_cut": "budget_cut" in vals} if line else {})}
+                **({"requested": iterations, "budget_cut": "budget_cut" in vals} if line_floor else {})}
 
 
 # Where the compiler, and the assembler and linker it runs, are looked for: not the caller's PATH,

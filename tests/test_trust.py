@@ -738,6 +738,15 @@ def test_a_bench_runs_smpd_without_the_working_directory_on_its_path(tmp_path, m
         assert "no machine named" in r.stderr and not marker.exists(), theirs
 
 
+def _sockets_of(pid: int) -> list[str]:
+    """The socket descriptors process ``pid`` holds now."""
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # (closed meanwhile)
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return [link for link in links if link.startswith("socket:")]
+
+
 def _stalled_status_client(lc):
     """A client of the machine's own user that asks for the full status and reads nothing yet."""
     import socket
@@ -777,3 +786,27 @@ def test_a_client_that_never_reads_its_reply_does_not_wedge_the_coordinator(mach
     finally:
         for conn in stalled:
             conn.close()
+
+
+def test_a_janitor_forked_while_a_reply_is_sent_apart_holds_no_client_socket(machine):
+    """The coordinator forks a new janitor at once when someone kills its janitor. A fork while a
+    reply thread still sends to a client that does not read copied that client's connection into
+    the janitor, which held it for the machine's life (the client would never see EOF from a
+    coordinator that went). Now the janitor closes every socket it inherited."""
+    m = machine(768, "--watch", "adaptive")
+    lc = lifecycle.require(m.name)
+    first = m.status()["machine"]["janitor_pid"]
+    conn = _stalled_status_client(lc)
+    try:
+        time.sleep(0.2)  # answered: its reply waits in a thread of its own
+        os.kill(first, signal.SIGKILL)  # our own machine's janitor
+        wait_until(lambda: m.status()["machine"]["janitor_pid"] not in (0, first), timeout=30,
+                   what="a new janitor")
+        janitor = m.status()["machine"]["janitor_pid"]
+        wait_until(lambda: psutil.Process(janitor).name() == "smpd-janitor", timeout=10, what="the janitor named")
+        # (it closes them first thing, before it blocks on its pipe)
+        wait_until(lambda: not _sockets_of(janitor), timeout=10, what="the janitor to hold no socket")
+        reply = json.loads(conn.recv_bytes(1 << 24))
+        assert reply["ok"] and len(reply["result"]["cpus"]) == 768
+    finally:
+        conn.close()

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -166,17 +167,26 @@ def fits_send_buffer(conn: Connection, size: int) -> bool:
     """Does a frame of ``size`` bytes fit this connection's send buffer (half of it: the kernel
     counts its own overhead), so that sending it never waits for the client to read?"""
     try:
-        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        with _socket_of(conn) as sock:
+            return size + 8 <= sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2
     except OSError:
         return False
-    with sock:
-        return size + 8 <= sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2
 
 
 def set_send_stall(conn: Connection, seconds: float) -> None:
     """A send on ``conn`` that makes no progress for ``seconds`` gives up (SO_SNDTIMEO)."""
-    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+    with _socket_of(conn) as sock:
         _set_timeo(sock, socket.SO_SNDTIMEO, seconds)
+
+
+@contextlib.contextmanager
+def _socket_of(conn: Connection):
+    """``conn``'s socket, for its options: its own descriptor, left open (no dup() per reply)."""
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        yield sock
+    finally:
+        sock.detach()
 
 
 def _result(data: bytes, raw: bool) -> tuple[bool, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import stat
 import time
 
 import posix_ipc
@@ -156,9 +157,9 @@ def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_start: int
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # it leaves by itself as soon as its job is done
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    for fd in (w, *close):  # the pipe's write end, and what only the coordinator may hold open
-        try:
-            os.close(fd)
+    for fd in (w, *close, *_sockets()):  # the pipe's write end, what only the coordinator may hold
+        try:  # open, and any socket: a client's connection a reply thread (smpd.daemon.channel) was
+            os.close(fd)  # still sending on when the coordinator forked us would stay open for our life
         except OSError:
             pass
     try:
@@ -178,6 +179,18 @@ def janitor_main(r: int, w: int, seg_name: str, coord_pid: int, coord_start: int
             time.sleep(0.2)
     finally:
         os._exit(0)
+
+
+def _sockets() -> list[int]:
+    """This process's socket descriptors (it needs none: it reads a pipe and opens the segment anew)."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                fds.append(int(name))
+        except OSError:  # (the directory's own descriptor, closed by now)
+            pass
+    return fds
 
 
 class Janitor:

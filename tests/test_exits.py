@@ -257,6 +257,28 @@ def test_up_stopped_while_cpus_come_up_leaves_nothing(machine_name, sig):
     assert not os.path.exists(names.segment_path(machine_name))
 
 
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_a_stop_just_after_up_printed_its_summary_leaves_it_successful(machine_name, sig):
+    """A stop in the milliseconds between `up`'s summary and its process's end finds the command
+    done: it exits 0, the machine it said is up stays up. Its handlers were restored to the
+    default there, and the stop killed it (SIGINT: status -2, no word) after it had succeeded, so
+    that a script took the machine it had just made for a failure. A few delays into that end;
+    one that lands while the summary is still being written stops that, and says the machine is up."""
+    for delay in (0, 0.002, 0.005, 0.01, 0.02):
+        p = start_smpd("up", "--cpus", "2", name=machine_name)
+        try:
+            assert p.stdout.read(1), p.communicate()[1]  # the summary's first byte: the machine is up
+            time.sleep(delay)
+            p.send_signal(sig)
+            _out, err = _finish(p)
+            assert p.returncode == 0 or (p.returncode == STOPPED[sig] and _one_error_line(err).endswith(
+                f"machine '{machine_name}' is up (`smpd status` shows it, `smpd down` takes it down)")), \
+                (delay, p.returncode, err)
+            assert lifecycle.require(machine_name).request("status")["machine"]["online"] == 2
+        finally:
+            run_smpd("down", name=machine_name, check=False)
+
+
 def test_up_killed_by_sigkill_while_cpus_come_up_leaves_nothing(machine_name):
     """Nobody is left to clean up for it but the coordinator itself: it sees its `up` gone."""
     p = start_smpd("up", "--cpus", "64", "--watch", "adaptive", name=machine_name)

@@ -21,7 +21,7 @@ import click
 
 from smpd import config as config_mod, cpulist, inputs
 from smpd.host import files
-from smpd.tools import lifecycle, trace
+from smpd.tools import entry, lifecycle, trace
 from smpd.host import names
 from smpd.kernel import scenario as scenario_mod
 from smpd.errors import OUTCOME_NOT_CLEAN, BadInput, CoordinatorGone, Interrupted, NotOurs, SmpdError
@@ -114,7 +114,7 @@ class SmpdGroup(click.Group):
     panic whose outcome was not CLEAN.)"""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        with stop_signals_interrupt():
+        with stop_signals_interrupt(then_ignore=entry.command_process()):  # (the process ends with this)
             try:
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             except click.exceptions.NoArgsIsHelpError as err:  # a bare `smpd` or `smpd bench`: the help
@@ -238,17 +238,21 @@ def up(cpus, name, watch, hot_path, pin, seed, config_file, kernel, boot, foregr
         from smpd.tools.upprogress import BringUpProgress
 
         progress = BringUpProgress(name, cfg.get("machine", "cpus"), _console(stderr=True))
-    try:  # what draws the summary (rich's import, ~60 ms) is imported while the machine comes up
-        summary = lifecycle.start_daemon(spec, meanwhile=_render, tick=progress and progress.tick)
+    summary = None
+    try:
+        try:  # what draws the summary (rich's import, ~60 ms) is imported while the machine comes up
+            summary = lifecycle.start_daemon(spec, meanwhile=_render, tick=progress and progress.tick)
+            entry.command_done()  # the machine is up: a stop now could only cut its summary short
+        finally:
+            if progress is not None:
+                progress.close()
+        out = _console()
+        out.print(_render().up_summary(summary))
+        _later_commands_hint(out, name)
     except Interrupted as err:
-        err.note = f"machine '{name}' was coming up; it was stopped and nothing of it is left"
+        err.note = (f"machine '{name}' was coming up; it was stopped and nothing of it is left" if summary is None
+                    else f"machine '{name}' is up (`smpd status` shows it, `smpd down` takes it down)")
         raise
-    finally:
-        if progress is not None:
-            progress.close()
-    out = _console()
-    out.print(_render().up_summary(summary))
-    _later_commands_hint(out, name)
 
 
 def _later_commands_hint(out: Console, name: str) -> None:

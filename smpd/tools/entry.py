@@ -24,9 +24,14 @@ def stop_signals() -> list[int]:
 
 
 @contextlib.contextmanager
-def stop_signals_interrupt():
+def stop_signals_interrupt(then_ignore: bool = False):
     """SIGINT, SIGTERM and SIGHUP all raise Interrupted in the main thread, once: a second
-    signal while the first one's clean-up runs is ignored, so the clean-up finishes."""
+    signal while the first one's clean-up runs is ignored, so the clean-up finishes.
+
+    ``then_ignore``: the process ends with this block (the `smpd` command's own run of its
+    command). A stop after it finds the command done (`up`'s summary printed, its machine up)
+    and is ignored: restored to the default, it killed the process in its last milliseconds
+    with a status that said the command had failed (SIGINT: -2, no word)."""
     raised = []
 
     def interrupt(signum, _frame):
@@ -39,10 +44,29 @@ def stop_signals_interrupt():
         yield
     finally:
         for sig, handler in old.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if then_ignore else handler)
+
+
+_command_process = False  # main() runs: this process is the `smpd` command's, and ends with its command
+
+
+def command_process() -> bool:
+    """Is this the `smpd` command's own process (not a caller's running the CLI in-process)?"""
+    return _command_process
+
+
+def command_done() -> None:
+    """The command has done what it was asked (`up`: its machine is up); what is left is saying so.
+    In the `smpd` command's own process a stop from here on is ignored: it could only cut that
+    short, with a status that says the command failed. An in-process caller keeps its handlers."""
+    if _command_process:
+        for sig in stop_signals():
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def main(args=None, prog_name: str = "smpd"):
+    global _command_process
+    _command_process = True
     try:
         with stop_signals_interrupt():
             try:

@@ -91,6 +91,7 @@ import secrets
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -192,6 +193,21 @@ def row(hot: str, watch: str, targets: int, loaded: bool, rounds: int, pin_one: 
         smpd("down")
 
 
+class Planned(NamedTuple):
+    """A row to measure: its machine (watch strategy, targets, pinned to one core or not), its host
+    (loaded or idle) and its rounds (times --quick's 1 or the full run's 4)."""
+    watch: str
+    targets: int
+    loaded: bool
+    rounds: int
+    pin_one: bool = False  # the machine's every process on one host core (smpd up --pin one)
+
+    @property
+    def label(self) -> str:
+        """Its name in the table and the record: the watch strategy, `@one` when pinned to one core."""
+        return self.watch + ("@one" if self.pin_one else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -203,16 +219,17 @@ def main() -> None:
     hots = ["c", "python"] if hotpath.WHY_NOT is None else ["python"]
     if hotpath.WHY_NOT is not None:
         print(f"no compiled rows: {hotpath.WHY_NOT}", file=sys.stderr)
-    plan = [("spin", 1, False, 2000), ("adaptive", 1, False, 2000), ("adaptive", 7, False, 400),
-            ("adaptive", 63, False, 40), ("spin", 7, False, 100), ("spin", 1, True, 1000),
-            ("adaptive", 1, True, 1000), ("adaptive", 63, True, 20), ("adaptive@one", 63, False, 40)]
-    python_plan = [("spin", 1, False, 2000), ("adaptive", 63, False, 40)]  # the comparison's two targets
+    plan = [Planned("spin", 1, False, 2000), Planned("adaptive", 1, False, 2000), Planned("adaptive", 7, False, 400),
+            Planned("adaptive", 63, False, 40), Planned("spin", 7, False, 100), Planned("spin", 1, True, 1000),
+            Planned("adaptive", 1, True, 1000), Planned("adaptive", 63, True, 20),
+            Planned("adaptive", 63, False, 40, pin_one=True)]
+    python_plan = [Planned("spin", 1, False, 2000), Planned("adaptive", 63, False, 40)]  # the comparison's two
     rows = []
     rec = Record("bench_kick")
     for hot in hots:
-        for watch, targets, loaded, rounds in plan if hot == "c" else python_plan:
-            # adaptive@one: the machine's every process on one host core (smpd up --pin one)
-            r = row(hot, watch.split("@")[0], targets, loaded, rounds * scale, pin_one=watch.endswith("@one"))
+        for p in plan if hot == "c" else python_plan:
+            watch, targets, loaded = p.label, p.targets, p.loaded
+            r = row(hot, p.watch, targets, loaded, p.rounds * scale, pin_one=p.pin_one)
             if watch == "adaptive" and targets > 1 and not loaded:
                 r["first_kick_ns"] = first_kicks(hot, watch, targets, FIRST)
             rows.append((hot, watch, targets, loaded, r))

@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from conftest import Machine, gone, in_forked_child, run_name, run_smpd, scratch_segment, start_smpd, wait_until
+from smpd.errors import SmpdError
 from smpd.tools import lifecycle
 from smpd.host import names, proc
 from smpd.machine import layout as L
@@ -280,7 +281,8 @@ def test_a_stop_just_after_up_printed_its_summary_leaves_it_successful(machine_n
 
 
 def test_up_killed_by_sigkill_while_cpus_come_up_leaves_nothing(machine_name):
-    """Nobody is left to clean up for it but the coordinator itself: it sees its `up` gone."""
+    """Nobody is left to clean up for it but the coordinator itself: it sees its `up` gone. (Or the
+    machine won the race: its answer was in `up`'s socket before the kill, and it is whole.)"""
     p = start_smpd("up", "--cpus", "64", "--watch", "adaptive", name=machine_name)
     wait_until(lambda: os.path.exists(names.segment_path(machine_name)) or p.poll() is not None,
                what="the coordinator to create its segment")
@@ -291,8 +293,19 @@ def test_up_killed_by_sigkill_while_cpus_come_up_leaves_nothing(machine_name):
         pass
     p.kill()
     _finish(p)
-    wait_until(lambda: not os.path.exists(names.segment_path(machine_name)), timeout=30,
-               what="the half-made machine to remove itself")
+
+    def removed_or_whole():
+        if not os.path.exists(names.segment_path(machine_name)):
+            return "removed"
+        try:
+            s = lifecycle.require(machine_name).request("status")["machine"]
+        except SmpdError:  # being made or taken down: not answering yet, or any more
+            return None
+        return "whole" if s["state"] == "UP" and s["online"] == 64 else None
+
+    if wait_until(removed_or_whole, timeout=30, what="the half-made machine to remove itself") == "whole":
+        lifecycle.down(machine_name)
+        assert not os.path.exists(names.segment_path(machine_name))
     if live is not None:
         wait_until(lambda: not lifecycle.is_coordinator(live.pid, live.start), what="the coordinator to exit")
 

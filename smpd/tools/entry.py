@@ -68,17 +68,20 @@ def main(args=None, prog_name: str = "smpd"):
     global _command_process
     _command_process = True
     try:
-        with stop_signals_interrupt():
+        # Until the CLI's own handlers take over (smpd.tools.cli.SmpdGroup.main, which says how each
+        # stop ended its command); ignored once it is done, until the process ends.
+        with stop_signals_interrupt(then_ignore=True):
             try:
                 from smpd.tools import early  # here: its imports (subprocess) come after the signals are ours
 
                 early.start_if_up(sys.argv[1:] if args is None else list(args))
                 from smpd.tools.cli import main as cli
-            except Interrupted as err:
+
+                return cli(args, prog_name=prog_name)
+            except Interrupted as err:  # (SmpdGroup.main turns each of its own into its exit)
                 print(f"Error: stopped by {signal.Signals(err.signum).name} while starting; nothing was done",
                       file=sys.stderr)
                 sys.exit(err.exit_status)
-        return cli(args, prog_name=prog_name)
     finally:
         started = sys.modules.get("smpd.tools.early")
         if started is not None:

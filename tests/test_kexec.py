@@ -8,6 +8,9 @@ The table of the first kexec after a cold boot, kernel x injection after the cop
     6.6      CLEAN     fault          fault          fault         (NMI/MCE/SMI still end HLT)
     6.5      CLEAN     CLEAN (held)   MCE_SHUTDOWN   CLEAN (held)  (INIT holds NMI and SMI off)
 
+The MCE column is an MCE to the APs alone. A broadcast one (target all, the default) reaches
+CPU 0 too, which has #MC off from relocate_kernel() on: MCE_SHUTDOWN under every kernel.
+
 "fault" is TRIPLE_FAULT or CORRUPTION: which one depends on which pages the copy
 already overwrote when the CPU resumed (page tables first, then text, then stack):
 the copy puts the new kernel's segments at the top of RAM, over the old kernel's
@@ -56,21 +59,28 @@ def machine6(parked):
         parked.request("reset")
 
 
+APS = f"1-{NCPUS - 1}"  # an MCE to the APs alone (a local one), not the broadcast that reaches CPU 0 too
 TABLE = [
-    ("none", None, {"CLEAN"}), ("none", "nmi", FAULT), ("none", "mce", FAULT), ("none", "smi", FAULT),
-    ("hlt", None, {"CLEAN"}), ("hlt", "nmi", FAULT), ("hlt", "mce", FAULT), ("hlt", "smi", FAULT),
+    ("none", None, {"CLEAN"}), ("none", "nmi", FAULT), ("none", "mce", {"MCE_SHUTDOWN"}), ("none", "smi", FAULT),
+    ("hlt", None, {"CLEAN"}), ("hlt", "nmi", FAULT), ("hlt", "mce", {"MCE_SHUTDOWN"}), ("hlt", "smi", FAULT),
     ("init", None, {"CLEAN"}), ("init", "nmi", {"CLEAN"}), ("init", "mce", {"MCE_SHUTDOWN"}),
     ("init", "smi", {"CLEAN"}),
+    ("none", "mce:" + APS, FAULT), ("hlt", "mce:" + APS, FAULT), ("init", "mce:" + APS, {"MCE_SHUTDOWN"}),
 ]
 
 
-@pytest.mark.parametrize("park, kind, expected", TABLE, ids=[f"{p}-{k or 'none'}" for p, k, _ in TABLE])
-def test_outcome_of_each_policy_against_each_injection(machine6, park, kind, expected):
-    inject = [f"{kind}@after-copy"] if kind else []
+@pytest.mark.parametrize("park, spec, expected", TABLE, ids=[f"{p}-{k or 'none'}" for p, k, _ in TABLE])
+def test_outcome_of_each_policy_against_each_injection(machine6, park, spec, expected):
+    """A broadcast MCE after the copy (target all) ends the machine whatever the kernel: it reaches
+    CPU 0 too, in purgatory or the new kernel's first instructions, with #MC off (kernel review)."""
+    kind, _, target = (spec or "").partition(":")
+    inject = [f"{kind}@after-copy" + (f":{target}" if target else "")] if kind else []
     r = machine6.request("kexec", park=park, inject=inject, seed=3)
     assert r["outcome"] in expected, r["evidence"]
+    if kind == "mce":  # CPU 0 is named exactly when the MCE was the broadcast
+        assert ("reached CPU 0, the kexec CPU, with #MC off" in r["evidence"]) == (not target), r["evidence"]
     cpus = {c["cpu"]: c for c in r["cpus"]}
-    if r["outcome"] in FAULT:
+    if r["outcome"] in FAULT:  # (kind: the MCE only when it went to the APs alone)
         # The evidence names the CPU and the interrupt that woke it into overwritten memory.
         assert r["evidence"].startswith("CPU")
         assert kind.upper() in r["evidence"], r["evidence"]
@@ -89,7 +99,7 @@ def test_outcome_of_each_policy_against_each_injection(machine6, park, kind, exp
         assert "held pending" in r["evidence"]
         assert all(any(e["cpu"] == c and "held pending" in e["event"] for e in r["timeline"])
                    for c in range(1, NCPUS))
-    if park == "init" and kind == "mce":
+    if park == "init" and kind == "mce":  # the APs in INIT shut down, broadcast or not
         assert "wait-for-SIPI" in r["evidence"]
         assert all(c["fault"] == "MCE_SHUTDOWN" for c in cpus.values())
 

@@ -51,6 +51,21 @@ def test_each_flavour_and_injection_classifies_as_the_design_says(cell):
     assert explain(v)
 
 
+@pytest.mark.parametrize("kernel", ["pre-fix", "6.6"])
+def test_a_broadcast_mce_that_reaches_the_kexec_cpu_shuts_the_machine_down_over_a_triple_fault(kernel):
+    """CPU 0 has #MC off from relocate_kernel() on: a broadcast MCE there shuts the machine down,
+    whatever the APs did with the same MCE (one resumed in overwritten memory here)."""
+    s = Snapshot(kernel, 2, (tripled(1, "MCE taken"), cpu(2, "HLT")), kick=KICK_OK if kernel == "6.6" else None,
+                 injected=True, mce_on_kexec_cpu="after-copy")
+    v = classify(s)
+    assert v.outcome == "MCE_SHUTDOWN"
+    assert explain(v).startswith("the broadcast MCE at after-copy reached CPU 0, the kexec CPU, with #MC off")
+    assert "wait-for-SIPI" not in explain(v)
+    both = classify(Snapshot("6.5", 2, (cpu(1, "SHUTDOWN", fault="MCE_SHUTDOWN"), cpu(2)), kick=KICK_OK,
+                             parked_in_init=True, injected=True, mce_on_kexec_cpu="during-copy"))
+    assert explain(both).endswith("; the MCE reached CPU 1 in wait-for-SIPI (INIT) too")
+
+
 def test_held_interrupts_are_named_in_a_clean_6_5_kexec():
     snap, _ = TABLE[("6.5", "nmi")]
     e = explain(classify(snap))

@@ -46,6 +46,9 @@ __all__ = ["Kexec", "Port", "OUTCOMES"]
 
 SETTLE_S = 2.0  # how long the CPUs get to finish what a write or an interrupt started
 IRQ_TAKEN_S = 1.0  # how long an injected signal gets to be taken (or held)
+# Where CPU 0 is, at each phase a broadcast MCE finds it with #MC off (mce_reaches_kexec_cpu)
+MCE_OFF_ON_KEXEC_CPU = {"during-copy": "in relocate_kernel()'s copy",
+                        "after-copy": "in purgatory or the new kernel's first instructions"}
 BOOT_IPI_S = 2.0  # INIT/SIPI acknowledgement budget when the new kernel starts the APs
 
 
@@ -84,6 +87,7 @@ class Kexec:
         self.boot_missing: list[int] = []
         self.left_behind: list[int] = []
         self.smm_hang = ""
+        self.mce_on_kexec_cpu = ""  # the phase at which a broadcast MCE reached CPU 0 with #MC off
         self.writes: Relocation | None = None  # the copy and the new kernel's own writes
         self.old: MemoryMap | None = None
         self.new: MemoryMap | None = None
@@ -182,6 +186,8 @@ class Kexec:
                       f"{cpulist.format_list(targets)}"), "inject", sent)
             if inj.kind == "smi":
                 self.smm_rendezvous(phase)
+            if inj.kind == "mce" and inj.target == "all" and phase in MCE_OFF_ON_KEXEC_CPU and not stray:
+                self.mce_reaches_kexec_cpu(phase)
             with self.t.phase(f"smpd: until the {inj.kind.upper()} is taken or held", "smpd"):
                 waiting, merged = self.until_taken(before, inj.kind, inj.count)
             if merged:
@@ -191,6 +197,17 @@ class Kexec:
                 note = self.obs.host_note(cpu)
                 self.not_taken[cpu] = f"{inj.kind.upper()} at {phase} not taken within {IRQ_TAKEN_S:.0f} s" + \
                     (f": {note}" if note else "")
+
+    def mce_reaches_kexec_cpu(self, phase: str) -> None:
+        """A broadcast MCE reaches every CPU, CPU 0 too. From relocate_kernel() on, #MC is off there:
+        identity_mapped sets CR4 to PAE (and LA57), CR4.MCE clear, and the new kernel's head_64.S
+        notes that a machine check before its #MC support is set up crashes the system whatever
+        CR4.MCE says. A machine check with #MC off shuts the processor down (SDM): the machine
+        goes down, whatever the kernel's flavour did with the other CPUs."""
+        if not self.mce_on_kexec_cpu:
+            self.mce_on_kexec_cpu = phase
+            self.log(f"the broadcast MCE reaches CPU 0 too, {MCE_OFF_ON_KEXEC_CPU[phase]}, with CR4.MCE "
+                     f"clear: shutdown")
 
     def smm_rendezvous(self, phase: str) -> None:
         """An SMI: SMM waits for every CPU to join; on firmware that hangs then, a CPU in INIT
@@ -268,7 +285,7 @@ class Kexec:
 
     def machine_ended(self) -> bool:
         """A triple fault, an MCE shutdown or a hung SMM ends the machine before the APs start."""
-        return bool(self.smm_hang) or any(self.seg.cb(c, "fault") in L.ENDING_FAULTS for c in self.cpus)
+        return bool(self.smm_hang or self.mce_on_kexec_cpu) or any(self.seg.cb(c, "fault") in L.ENDING_FAULTS for c in self.cpus)
 
     def start_aps(self) -> None:
         """The new kernel starts each CPU its boot parameters keep, with INIT, then SIPI; nosmt
@@ -303,6 +320,7 @@ class Kexec:
                         crash=self.s.crash, injected=bool(self.s.injections), kick=self.kick,
                         parked_in_init=self.stop.parked_in_init, not_in_init=tuple(self.stop.not_in_init),
                         corruption=tuple(corruption), smm_hang=self.smm_hang,
+                        mce_on_kexec_cpu=self.mce_on_kexec_cpu,
                         not_taken=dict(self.not_taken), unsettled=tuple(unsettled),
                         boot_missing=tuple(self.boot_missing), left_behind=tuple(self.left_behind),
                         waking=tuple(self.writes.waking))

@@ -13,7 +13,8 @@ Precedence, from what ends the machine first to what it survives:
     MACHINE_RESET INIT reached the boot CPU (6.5's INIT parking run on another CPU, without
                   b1472a60a584's check): the whole machine resets
     SMM_HANG      an SMI came while CPUs sat in INIT and the firmware waited for them
-    MCE_SHUTDOWN  an MCE reached a CPU in wait-for-SIPI (INIT): the machine goes down
+    MCE_SHUTDOWN  an MCE reached a CPU in wait-for-SIPI (INIT), or a broadcast one reached CPU 0
+                  from relocate_kernel() on (#MC off there): the machine goes down
     TRIPLE_FAULT  a CPU resumed in overwritten memory and could not deliver the fault
     CORRUPTION    the new kernel's own memory differs from its image (a stray store landed)
     STUCK         a CPU never acknowledged the kick (and what became of it)
@@ -71,6 +72,7 @@ class Snapshot:
     waking: tuple[dict, ...] = ()  # writes that woke a monitor: cpu, write (what and where), line
     panic_cpu: int | None = None  # `smpd panic`: the CPU that panicked (no kexec, no new kernel)
     init_to_boot_cpu: bool = False  # smp_park_other_cpus_in_init() sent INIT to the boot CPU
+    mce_on_kexec_cpu: str = ""  # the phase at which a broadcast MCE reached CPU 0 with #MC off (kexec.py)
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ def _smm_hang(s: Snapshot):
 
 def _mce_shutdown(s: Snapshot):
     mce = [c.cpu for c in s.cpus if c.fault == "MCE_SHUTDOWN"]
-    return ("MCE_SHUTDOWN", {"cpus": mce}) if mce else None
+    return ("MCE_SHUTDOWN", {"cpus": mce, "kexec_cpu": s.mce_on_kexec_cpu}) if mce or s.mce_on_kexec_cpu else None
 
 
 def _triple_fault(s: Snapshot):
@@ -217,8 +219,14 @@ def _reset(c: dict, _v) -> str:
 
 
 def _mce(c: dict, _v) -> str:
-    return (f"MCE reached CPU {_cpus(c['cpus'])} in wait-for-SIPI (INIT): the platform shuts the machine down, "
-            f"loudly; no CPU resumes in the old kernel's overwritten memory (the lesser of two evils)")
+    init = (f"MCE reached CPU {_cpus(c['cpus'])} in wait-for-SIPI (INIT)" if c["cpus"] else "")
+    if not c.get("kexec_cpu"):
+        return (f"{init}: the platform shuts the machine down, loudly; no CPU resumes in the old kernel's "
+                f"overwritten memory (the lesser of two evils)")
+    return (f"the broadcast MCE at {c['kexec_cpu']} reached CPU 0, the kexec CPU, with #MC off (relocate_kernel()'s "
+            f"identity_mapped loads CR4 with PAE/LA57 only, CR4.MCE clear; the new kernel sets #MC up only later): "
+            f"the processor shuts down, and the machine with it, whatever the kernel parked the other CPUs in"
+            + (f"; the {init} too" if init else ""))
 
 
 def _triple(c: dict, _v) -> str:

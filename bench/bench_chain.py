@@ -26,7 +26,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from record import Record  # noqa: E402
+from record import Record, check as check_record  # noqa: E402
 import smpdrun  # noqa: E402
 from smpd.errors import OUTCOME_NOT_CLEAN  # noqa: E402
 
@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, nargs="*", default=[16, 64])
     ap.add_argument("--record", default=None, help="where the JSON record goes [bench/records/...]")
     args = ap.parse_args()
+    check_record(args.record)  # before the run, not at its end
     rows = [run(c, args.seeds) for c in args.cpus]
     rec = Record("bench_chain")
     for r in rows:

@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-from record import Record  # noqa: E402
+from record import Record, check as check_record  # noqa: E402
 import smpdrun  # noqa: E402
 from smpd.tools import soak  # noqa: E402
 
@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--record", default=None, help="where the JSON record goes [bench/records/...]")
     args = ap.parse_args()
+    check_record(args.record)  # before the run, not at its end
     rows = []
     n = 0
     with tempfile.TemporaryDirectory() as d:

@@ -96,7 +96,7 @@ from typing import NamedTuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from record import Record  # noqa: E402
+from record import Record, check as check_record  # noqa: E402
 import smpdrun  # noqa: E402
 
 NAME = f"benchk{secrets.token_hex(4)}"  # unpredictable: another user cannot squat it first
@@ -213,6 +213,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--record", default=None, help="where the JSON record goes [bench/records/...]")
     args = ap.parse_args()
+    check_record(args.record)  # before the run, not at its end
     scale = 1 if args.quick else 4
     from smpd.machine import hotpath
 

@@ -45,7 +45,7 @@ import psutil
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from record import Record  # noqa: E402
+from record import Record, check as check_record  # noqa: E402
 import smpdrun  # noqa: E402
 from smpd.errors import OUTCOME_NOT_CLEAN  # noqa: E402
 from smpd.host.proc import cpu_time_ns, stat_fields  # noqa: E402
@@ -257,6 +257,7 @@ def main() -> None:
     ap.add_argument("--config", default=None,
                     help="a config for `smpd up` (e.g. [host] memory_share = 0.85 for 4096 CPUs on 24 GiB)")
     args = ap.parse_args()
+    check_record(args.record)  # before the run, not at its end
     repeats = 3 if args.quick else 5
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [64, 256] if args.quick else [64, 256, 1024]
     print(f"host: {psutil.cpu_count()} logical cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "

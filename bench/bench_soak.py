@@ -33,7 +33,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from record import Record  # noqa: E402
+from record import Record, check as check_record  # noqa: E402
 import smpdrun  # noqa: E402
 from smpd.host import trust  # noqa: E402
 from smpd.host.proc import cpu_time_ns  # noqa: E402
@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=64)
     ap.add_argument("--record", default=None, help="where the JSON record goes [bench/records/...]")
     args = ap.parse_args()
+    check_record(args.record)  # before the run, not at its end
     from smpd.tools import soak
 
     warm_us, cold_us = cold_step()

@@ -20,6 +20,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORDS = os.path.join(HERE, "records")
+sys.path.insert(0, os.path.dirname(HERE))  # (the benches put the checkout first too)
+
+from smpd.errors import SmpdError  # noqa: E402
+from smpd.host import files  # noqa: E402
 
 
 def _commit() -> str:
@@ -73,18 +77,37 @@ class Record:
                          f"{f['runs']:>5}  {f['unit']}")
         return "\n".join(lines)
 
-    def write(self, path: str | None = None) -> str:
-        os.makedirs(RECORDS, exist_ok=True)
+    def write(self, path: str | None = None) -> tuple[str | None, Exception | None]:
+        """The record to ``path`` (None: bench/records/BENCH-COMMIT-TIME.json), written as any smpd
+        output is (smpd.host.files: no link followed, no other user's file or FIFO written), or kept
+        in $TMPDIR when that is refused now. Returns where it went (None: nowhere) and the refusal."""
         commit = _commit()
-        path = path or os.path.join(RECORDS, f"{self.bench}-{commit[:12]}-{time.strftime('%Y%m%dT%H%M%S')}.json")
-        with open(path, "w") as f:
-            json.dump({"bench": self.bench, "commit": commit, "host": host(), "started": self.started,
-                       "finished": time.time(), "figures": self.figures}, f, indent=1)
-            f.write("\n")
-        return path
+        if path is None:
+            os.makedirs(RECORDS, exist_ok=True)
+            path = os.path.join(RECORDS, f"{self.bench}-{commit[:12]}-{time.strftime('%Y%m%dT%H%M%S')}.json")
+        data = json.dumps({"bench": self.bench, "commit": commit, "host": host(), "started": self.started,
+                           "finished": time.time(), "figures": self.figures}, indent=1) + "\n"
+        return files.write_output_or_keep(path, "--record", data.encode(), f"smpd-{self.bench}-record", "the record")
 
-    def finish(self, path: str | None = None) -> str:
+    def finish(self, path: str | None = None) -> str | None:
+        """Print the table, write the record; a record refused at the end is kept in $TMPDIR and the
+        bench exits 2 once it has said where (the table is printed whatever happens)."""
         print(self.table())
-        path = self.write(path)
-        print(f"record: {path}")
-        return path
+        where, refused = self.write(path)
+        print(f"record: {where or 'none'}")
+        if refused is not None:
+            print(f"Error: {refused}", file=sys.stderr)
+            sys.exit(2)
+        return where
+
+
+def check(path: str | None) -> None:
+    """Before a bench runs: refuse (exit 2, one line) a --record path its end would refuse (another
+    user's file or link, a FIFO, a directory that does not exist or is not ours to write)."""
+    if path is None:
+        return
+    try:
+        files.check_output(path, "--record")
+    except SmpdError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -529,6 +529,35 @@ def test_a_link_planted_during_the_bench_is_refused_at_the_write(evil, drop, par
     os.unlink(kept.group(1))
 
 
+@needs_root
+def test_a_bench_record_is_never_written_through_another_users_link_or_fifo(evil, drop, tmp_path, monkeypatch):
+    """Hostile review: every bench's --record was written with a plain open(path, "w"), so root's
+    record went through the attacker's link into any file, into theirs, or hung on their FIFO.
+    Now a bench refuses such a path before it runs (exit 2, nothing measured); one planted during
+    the run is refused at the end, and the record is kept in a new file of ours in $TMPDIR."""
+    victim, link = _link_to_a_root_file(evil, drop, "root-secret", "SECRET\n", "rec.json")
+    r = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_chain.py"), "--record", link],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 2 and "is a symbolic link" in r.stderr and not r.stdout, (r.stdout, r.stderr)
+    fifo = os.path.join(drop, "rec.fifo")
+    adversary.run_as(evil, os.mkfifo, fifo)
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    import record
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # (TMPDIR read again)
+    for planted in (link, fifo):  # planted after the check: refused at the write, the record kept
+        rec = record.Record("bench_test")
+        rec.add("a figure", "ms", [1.0, 2.0])
+        with pytest.raises(SystemExit) as ended:
+            rec.finish(planted)
+        assert ended.value.code == 2
+    assert open(victim).read() == "SECRET\n"
+    kept = sorted(tmp_path.glob("smpd-bench_test-record-*.json"))
+    assert len(kept) == 2 and all(json.loads(k.read_text())["figures"][0]["median"] == 1.5 for k in kept)
+
+
 def test_resume_refuses_another_users_soak_file_and_a_link(evil, drop, parked3, tmp_path):
     mine = tmp_path / "mine.jsonl"
     run_smpd("soak", "--trials", "2", "--seed", "1", "--out", str(mine), name=parked3.name)

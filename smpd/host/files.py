@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import stat
 import tempfile
 from typing import BinaryIO
@@ -188,6 +189,28 @@ def write_output(path: str, what: str, data: bytes, exclusive: bool = False) -> 
             remove_output(f, path, what)
             raise SmpdError(f"{what} {path} could not be written ({err.strerror or err}); "
                             f"nothing of it is left") from None
+
+
+def write_output_or_keep(path: str, what: str, data: bytes, kept_as: str,
+                         name: str) -> tuple[str | None, SmpdError | None]:
+    """``data`` to the output ``path`` (write_output), or, when that fails now (refused: it may have
+    become another user's file since the check before the run, its name being in our command line;
+    or the filesystem is full), to a new file of ours in $TMPDIR named ``kept_as``-RANDOM.json, made
+    as safely as any output (a directory another user owns or may write without the sticky bit is
+    refused), so that a run's result is not lost at its end. Returns where the data went (None:
+    nowhere), and the error, which says where ``name`` (what the data is: "the report's JSON") went."""
+    try:
+        write_output(path, what, data)
+        return path, None
+    except SmpdError as err:
+        first = err
+    kept = os.path.join(tempfile.gettempdir(), f"{kept_as}-{secrets.token_hex(6)}.json")
+    try:
+        write_output(kept, f"{name} kept instead", data, exclusive=True)
+    except (SmpdError, FileExistsError) as err:
+        return None, type(first)(f"{first}; {name} could not be kept elsewhere either ({err}): the report "
+                                 f"above is all there is of this run")
+    return kept, type(first)(f"{first}; {name} is in {kept} instead")
 
 
 def remove_output(f: BinaryIO, path: str, what: str) -> None:

@@ -13,9 +13,7 @@ import array
 import io
 import json
 import os
-import secrets
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -299,26 +297,11 @@ def _json_bytes(report: dict) -> bytes:
 
 
 def write_json_or_keep(path: str | None, report: dict) -> tuple[str | None, SmpdError | None]:
-    """The report's JSON to ``path`` (None: no --json), or, when that fails now (refused: it may have become
-    another user's file since the check before the run, its name being in our command line; or the
-    filesystem is full), to a new file of ours in $TMPDIR, made as safely as any output (a directory
-    another user owns or may write without the sticky bit is refused), so that the run's JSON is not
-    lost. Returns where the JSON went (None: nowhere), and the error, which says where it went."""
+    """The report's JSON to ``path`` (None: no --json), or kept in $TMPDIR when that fails now
+    (files.write_output_or_keep). Returns where the JSON went (None: nowhere), and the error."""
     if path is None:
         return None, None
-    data = _json_bytes(report)
-    try:
-        files.write_output(path, "--json", data)
-        return path, None
-    except SmpdError as err:
-        first = err
-    kept = os.path.join(tempfile.gettempdir(), f"smpd-bench-kick-{secrets.token_hex(6)}.json")
-    try:
-        files.write_output(kept, "the JSON kept instead", data, exclusive=True)
-    except (SmpdError, FileExistsError) as err:
-        return None, type(first)(f"{first}; its JSON could not be kept elsewhere either ({err}): the report "
-                                 f"above is all there is of this run")
-    return kept, type(first)(f"{first}; the report's JSON is in {kept} instead")
+    return files.write_output_or_keep(path, "--json", _json_bytes(report), "smpd-bench-kick", "the report's JSON")
 
 
 def write_plot(path: str, run: Run, report: dict) -> None:

@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import signal
 import time
 
 import psutil
@@ -18,7 +19,7 @@ import pytest
 
 import adversary
 from adversary import needs_root
-from conftest import run_smpd, segment_path, smpd_env, start_smpd
+from conftest import run_smpd, segment_path, smpd_env, start_smpd, wait_until
 from smpd.daemon import template
 from smpd.tools import lifecycle
 
@@ -379,6 +380,46 @@ def test_a_reset_the_host_refuses_a_new_process_says_the_machine_stays_to_be_res
             r = run_smpd("reset", name=machine_name)
             s = lifecycle.require(machine_name).request("status")
             assert s["machine"]["state"] == "UP" and s["machine"]["online"] == 6
+        finally:
+            lifecycle.down(machine_name)
+
+
+@needs_root
+def test_a_host_out_of_processes_neither_takes_the_machine_down_nor_loses_a_reply(machine_name):
+    """Hostile review: with every pid taken (another user's fork bomb; here a full pids cgroup), a
+    reply too large for the socket's buffer needed a thread, whose refusal (RuntimeError) ended the
+    coordinator and the machine with it; so did a janitor that could not be replaced. Now that reply
+    is sent from the serving loop, and the machine goes on without a janitor, trying again each
+    second: once the host has room, a new janitor comes."""
+    with _pids_cgroup(f"smpd-test-{os.getpid()}-{machine_name}") as cg:
+        if cg is None:
+            pytest.skip("no pids cgroup to make here")
+
+        def enter():
+            with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+
+        try:
+            run_smpd("up", "--cpus", "256", "--watch", "adaptive", name=machine_name, preexec_fn=enter)
+            live = lifecycle.require(machine_name)
+            janitor = live.request("status")["machine"]["janitor_pid"]
+            with open(os.path.join(cg, "pids.current")) as f:
+                now = int(f.read())
+            with open(os.path.join(cg, "pids.max"), "w") as f:
+                f.write(str(now - 1))  # not a thread more, nor a process, even once the janitor is gone
+            assert len(live.request("status")["cpus"]) == 256  # ~150 KB: more than the socket's buffer
+            os.kill(janitor, signal.SIGKILL)
+            time.sleep(2.5)  # the serving loop tries to replace it, twice, and is refused
+            s = live.request("status")["machine"]
+            assert s["state"] == "UP" and s["online"] == 256
+            with open(os.path.join(cg, "pids.max"), "w") as f:
+                f.write("max")
+
+            def replaced():
+                pid = live.request("status")["machine"]["janitor_pid"]
+                return pid not in (0, janitor) and psutil.Process(pid).name() == "smpd-janitor"
+
+            wait_until(replaced, timeout=10, what="a new janitor once the host has room")
         finally:
             lifecycle.down(machine_name)
 

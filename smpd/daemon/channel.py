@@ -134,7 +134,7 @@ def send_reply(conn: Connection, reply: dict) -> None:
     stopped (^Z) or reading slowly holds no one else's request, and still gets its whole reply when it
     reads (within SENDER_STALL_S of no progress). With REPLY_SENDERS such threads busy, it is sent
     here, under REPLY_STALL_S: that client may then lose it, not the coordinator its other clients.
-    OSError: the client left (sent from here)."""
+    So it is when the host refuses the thread (no pid left). OSError: the client left (sent from here)."""
     data = reply_bytes(reply)
     if not fits_send_buffer(conn, len(data)) and _senders.acquire(blocking=False):
         try:
@@ -142,8 +142,12 @@ def send_reply(conn: Connection, reply: dict) -> None:
         except OSError:
             _senders.release()
             raise
-        threading.Thread(target=_send_apart, args=(apart, data), name="smpd-reply", daemon=True).start()
-        return
+        try:
+            threading.Thread(target=_send_apart, args=(apart, data), name="smpd-reply", daemon=True).start()
+            return
+        except RuntimeError:  # the host refused the thread (every pid taken): sent here, as past the threads
+            apart.close()
+            _senders.release()
     conn.send_bytes(data)
 
 

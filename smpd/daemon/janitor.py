@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import fcntl
 import os
+import selectors
 import signal
 import stat
+import sys
 import time
+from typing import Callable
 
 import posix_ipc
 
 from smpd.daemon.stopping import STOP_SIGNALS
 from smpd.errors import SmpdError
 from smpd.host import names, trust
-from smpd.host.proc import set_process_name
+from smpd.host.proc import fork_refused, set_process_name
 from smpd.machine.segment import Segment, SegmentBeingCreated, unlink
 
 COORDINATOR_COMM = "smpd-coord"  # the coordinator's process name: part of its identity (smpd.host.trust)
@@ -202,19 +205,24 @@ class Janitor:
         self.ctx, self.seg_name, self.coord_pid, self.coord_start = ctx, seg_name, coord_pid, coord_start
         self.process = None
         self.w: int | None = None  # our end of its pipe: a descriptor no child may inherit
+        self.watched: int | None = None  # the sentinel registered in the serving loop's selector (tend)
+        self.refused = False  # the host refused the last new janitor (said once)
 
     def start(self, close: list[int]) -> int:
         """Fork it (it closes ``close``: what only the coordinator may hold open); its pid.
         OSError when the host refuses the process."""
         r, w = os.pipe()
-        self.w = w
         try:
-            self.process = self.ctx.Process(target=janitor_main, name="smpd-janitor", daemon=True,
-                                            args=(r, w, self.seg_name, self.coord_pid, self.coord_start, close))
-            self.process.start()
+            process = self.ctx.Process(target=janitor_main, name="smpd-janitor", daemon=True,
+                                       args=(r, w, self.seg_name, self.coord_pid, self.coord_start, close))
+            process.start()
+        except BaseException:
+            os.close(w)
+            raise
         finally:
             os.close(r)
-        return self.process.pid
+        self.process, self.w = process, w
+        return process.pid
 
     @property
     def pid(self) -> int:
@@ -227,6 +235,34 @@ class Janitor:
 
     def gone(self) -> bool:
         return self.process is not None and not self.process.is_alive()
+
+    def tend(self, sel: selectors.BaseSelector, close: Callable[[], list[int]]) -> int | None:
+        """Between two requests of the serving loop: replace a janitor that is gone (killed by anyone;
+        it closes what ``close()`` gives once the old one is reaped, as start's), and keep the live one's sentinel in ``sel``, so that the loop
+        wakes the moment it dies. When the host refuses the process (every pid taken by someone), the
+        machine goes on without one, said once on stderr, and the next call (within the loop's second)
+        tries again: another user's fork bomb must not take the machine down with it. Returns the new
+        janitor's pid, if one was started."""
+        pid = None
+        if self.process is None or self.gone():
+            if self.watched is not None:
+                sel.unregister(self.watched)
+                self.watched = None
+            if self.process is not None:
+                self.reap()
+            try:
+                pid = self.start(close())
+            except OSError as err:
+                if not self.refused:
+                    print(f"smpd-coord: {fork_refused(err, 'a new janitor')}; the machine goes on without one "
+                          f"and tries again each second", file=sys.stderr)
+                self.refused = True
+                return None
+            self.refused = False
+        if self.watched is None:
+            self.watched = self.process.sentinel
+            sel.register(self.watched, selectors.EVENT_READ, "janitor")
+        return pid
 
     def reap(self) -> None:
         """After gone(): collect the dead one before a new one is started."""

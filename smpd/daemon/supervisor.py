@@ -211,13 +211,10 @@ class Coordinator:
         if self.seg is not None:
             self.seg.set_hdr("janitor_pid", pid)
 
-    def restart_janitor_if_gone(self) -> bool:
-        """A janitor killed (by anyone) is replaced at once. True when one was replaced."""
-        if self.janitor is None or not self.janitor.gone():
-            return False
-        self.janitor.reap()
-        self._start_janitor()
-        return True
+    def restart_janitor_if_gone(self, sel: selectors.BaseSelector) -> None:
+        """A janitor killed (by anyone) is replaced at once (Janitor.tend: its sentinel in ``sel``)."""
+        if self.janitor is not None and (pid := self.janitor.tend(sel, self._inherited_fds)) and self.seg:
+            self.seg.set_hdr("janitor_pid", pid)
 
     def _fork_cpus(self, plan: dict[int, int | None], meanwhile: Callable[[], None] = lambda: None) -> None:
         """A process for each CPU of ``plan`` (cpu -> host core), forked by the template, which ends here;
@@ -294,24 +291,20 @@ class Coordinator:
         """Answer requests until `down`, SIGTERM/SIGINT (raises Stop), or the end of the world."""
         sel = selectors.DefaultSelector()
         sel.register(self.server.fileno(), selectors.EVENT_READ, "channel")
-        # The janitor's sentinel becomes readable the moment it dies: it is replaced at once.
-        sel.register(self.janitor.sentinel, selectors.EVENT_READ, "janitor")
         try:
             while not self.stopping:
+                self.restart_janitor_if_gone(sel)  # its sentinel wakes the select() below the moment it dies
                 for key, _ in sel.select(timeout=1.0):
                     if key.data == "janitor":
-                        sel.unregister(key.fileobj)
-                        self.restart_janitor_if_gone()
-                        sel.register(self.janitor.sentinel, selectors.EVENT_READ, "janitor")
                         continue
                     client = self.server.accept()
                     if client is None:
                         continue
+                    conn, pid = client
                     try:
-                        self.handlers.answer(*client)
+                        self.handlers.answer(conn, pid)
                     finally:
-                        client[0].close()
-                self.restart_janitor_if_gone()  # one killed during a long request
+                        conn.close()
         finally:
             sel.close()
 

@@ -280,6 +280,22 @@ def test_a_stop_just_after_up_printed_its_summary_leaves_it_successful(machine_n
             run_smpd("down", name=machine_name, check=False)
 
 
+def test_up_whose_reader_left_says_its_machine_is_up_and_exits_0(machine_name):
+    """`smpd up --cpus 2 | true`: the summary meets a pipe with no reader. rich's console ended the
+    process with status 1 and no word (hostile review), for a machine that was up. Now: exit 0,
+    and stderr says the machine is up."""
+    p = start_smpd("up", "--cpus", "2", name=machine_name)
+    p.stdout.close()  # the reader leaves before anything is written
+    try:
+        err = p.stderr.read()
+        p.wait(120)
+        assert p.returncode == 0, err
+        assert f"machine '{machine_name}' is up; its summary could not be written (Broken pipe)" in err
+        assert lifecycle.require(machine_name).request("status")["machine"]["online"] == 2
+    finally:
+        run_smpd("down", name=machine_name, check=False)
+
+
 def test_up_killed_by_sigkill_while_cpus_come_up_leaves_nothing(machine_name):
     """Nobody is left to clean up for it but the coordinator itself: it sees its `up` gone. (Or the
     machine won the race: its answer was in `up`'s socket before the kill, and it is whole.)"""

@@ -9,6 +9,7 @@ kexec, chain or panic ran and its outcome was not CLEAN.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -176,7 +177,14 @@ def _render():
 def _console(**kw) -> "Console":
     from rich.console import Console
 
-    return Console(**kw)
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            """A reader that left (`smpd up | true`) is the command's to judge, not rich's SystemExit(1):
+            `up`'s machine is up all the same; any other command ends as SmpdGroup.main says."""
+            self.quiet = True
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    return _Console(**kw)
 
 
 @click.group(cls=SmpdGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -249,10 +257,25 @@ def up(cpus, name, watch, hot_path, pin, seed, config_file, kernel, boot, foregr
         out = _console()
         out.print(_render().up_summary(summary))
         _later_commands_hint(out, name)
+        sys.stdout.flush()  # here, where a reader that left is said, not at the interpreter's exit
     except Interrupted as err:
         err.note = (f"machine '{name}' was coming up; it was stopped and nothing of it is left" if summary is None
                     else f"machine '{name}' is up (`smpd status` shows it, `smpd down` takes it down)")
         raise
+    except OSError as err:  # the summary could not be written (`smpd up | true`: its reader left)
+        if summary is None:
+            raise
+        _up_all_the_same(name, err)
+
+
+def _up_all_the_same(name: str, err: OSError) -> NoReturn:
+    """`up`'s machine is up but its summary could not be written: exit 0 (what was asked is done),
+    said on stderr if that can be written."""
+    with contextlib.suppress(OSError, ValueError):
+        click.echo(f"smpd: machine '{name}' is up; its summary could not be written ({err.strerror or err})",
+                   err=True)
+        sys.stderr.flush()
+    os._exit(0)  # (not sys.exit: the interpreter's last flush of a broken stdout would make it 120)
 
 
 def _later_commands_hint(out: Console, name: str) -> None:

@@ -241,6 +241,19 @@ def test_up_refuses_a_config_that_is_not_a_file(machine_name, path, says):
     assert r.returncode == 2 and says in _error_line(r)
 
 
+def test_an_output_refused_on_dev_shm_leaves_no_empty_file_there():
+    """files.write_output (the path of a bench's JSON or record kept in $TMPDIR, with no check before)
+    opened with O_CREAT and only then refused the place: an empty file of ours stayed in /dev/shm
+    (hostile review). The directory is judged first now."""
+    from smpd.host import files
+    from smpd.errors import BadInput
+
+    path = f"/dev/shm/smpd-test-output-{os.getpid()}.json"
+    with pytest.raises(BadInput, match="is on /proc, /sys, /dev or /dev/shm"):
+        files.write_output(path, "--json", b"{}")
+    assert not os.path.lexists(path)
+
+
 @pytest.mark.parametrize("args", [("soak", "--trials", "1", "--out", "{link}"),
                                   ("bench", "kick", "--json", "{link}")])
 def test_an_output_that_is_a_dangling_link_is_refused_and_left_alone(machine_name, tmp_path, args):

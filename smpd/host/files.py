@@ -136,6 +136,9 @@ def open_output(path: str, what: str, *, append: bool = False, create: bool = Tr
     if not path:
         raise BadInput(f"{what} needs a file name; '' is none")
     dfd, name = _directory(path, what)
+    if create and os.fstat(dfd).st_dev in _special_devices():  # before O_CREAT leaves an empty file there
+        os.close(dfd)
+        raise BadInput(f"{what} {path} is on /proc, /sys, /dev or /dev/shm: not a place for smpd's output")
     flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_RDWR if read else os.O_WRONLY)
     flags |= os.O_CREAT if create else 0
     flags |= os.O_EXCL if exclusive else 0

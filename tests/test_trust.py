@@ -269,6 +269,28 @@ def test_a_pid_word_beyond_pid_t_names_no_process(victim):
     assert victim.poll() is None
 
 
+@needs_root
+def test_a_set_uid_process_another_user_started_is_not_ours(evil):
+    """Hostile review: the identity check looked at the effective uid alone, so another user's
+    set-uid program (their `su` behind a link named smpd-coord: euid ours, real uid theirs) passed
+    it. Here such a process, made directly (real uid theirs, effective and saved ours), named as
+    our CPU process would be: never ours, never signalled."""
+    p = subprocess.Popen([sys.executable, "-c", "import os, sys, time; from smpd.host.proc import set_process_name; "
+                          f"os.setresuid({evil}, 0, 0); set_process_name('smpd-cpu5'); print(flush=True); "
+                          "time.sleep(600)"], stdout=subprocess.PIPE)
+    try:
+        p.stdout.readline()
+        their = psutil.Process(p.pid)
+        assert their.uids()[:2] == (evil, 0) and their.name() == "smpd-cpu5"
+        start = trust.start_ticks(p.pid)
+        assert not trust.is_our_process(p.pid, start, name="smpd-cpu5", sid=os.getsid(p.pid))
+        assert not trust.signal_ours(p.pid, signal.SIGKILL, start, name="smpd-cpu5")
+        assert p.poll() is None
+    finally:
+        p.kill()
+        p.wait()
+
+
 def _named_process(comm: str) -> subprocess.Popen:
     """A child of this test that names itself ``comm`` and sleeps; returned once named."""
     p = subprocess.Popen([sys.executable, "-c", "import sys, time; from smpd.host.proc import set_process_name; "

@@ -129,13 +129,15 @@ def start_ticks(pid: int) -> int:
 def is_our_process(pid: int, start: int, name: str | None = None, sid: int | None = None) -> bool:
     """True when ``pid`` is a live process of ours that started at ``start`` (clock ticks since
     boot, ``start_ticks``), named ``name`` and in session ``sid`` when given. A zombie, a recycled
-    pid or another user's process is not."""
+    pid or another user's process (a set-uid one they started included) is not."""
     if not 0 < pid <= PID_MAX or not start:  # a word read from a segment may be any u32
         return False
     try:
         p = psutil.Process(pid)
         with p.oneshot():
-            if p.status() == psutil.STATUS_ZOMBIE or p.uids().effective != me():
+            # Real uid too: a set-uid program another user started (their `su` behind a link named
+            # smpd-coord) runs with our effective uid, but is theirs (hostile review).
+            if p.status() == psutil.STATUS_ZOMBIE or set(p.uids()[:2]) != {me()}:
                 return False
             if abs(start_ticks(pid) - start) > START_TOLERANCE_TICKS:
                 return False

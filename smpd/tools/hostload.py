@@ -24,11 +24,20 @@ from dataclasses import dataclass, field
 import multiprocess
 
 from smpd.host.proc import die_with_parent, set_process_name
+from smpd.tools.hwfloor import TOOL_PATH
 from smpd.errors import BadInput
 from smpd.inputs import ascii_int
 
 KINDS = ("cpu", "mem", "io", "syscall")
 FORM = "comma-separated cpu:N, mem:N, io:N, syscall:N (N 1..64), and last stress-ng:ARGS; e.g. cpu:4,mem:1"
+
+
+def _stress_ng() -> str | None:
+    """stress-ng from the system's directories (TOOL_PATH, as hwfloor's compiler), never from the
+    caller's PATH, where a directory another user can write would run their program as us."""
+    return shutil.which("stress-ng", path=TOOL_PATH)
+
+
 _ctx = multiprocess.get_context("fork")
 
 
@@ -55,8 +64,8 @@ def parse(spec: str | None) -> LoadSpec:
         args = [a for a in stress.split(",") if a]
         if not args:
             raise BadInput(f"--host-load '{spec}': stress-ng needs arguments, e.g. stress-ng:--cpu,2")
-        if shutil.which("stress-ng") is None:
-            raise BadInput("--host-load stress-ng:... needs stress-ng, which is not installed "
+        if _stress_ng() is None:
+            raise BadInput(f"--host-load stress-ng:... needs stress-ng in {TOOL_PATH}, which is not installed "
                            "(apt-get install stress-ng), or use cpu:N, mem:N, io:N, syscall:N")
         out.stress_ng = args
         head = head.rstrip(",")
@@ -118,7 +127,8 @@ class HostLoad:
                     self.procs.append(p)
             if self.spec.stress_ng is not None:
                 self.stress_err = tempfile.TemporaryFile()  # unlinked: a pipe could fill and block it
-                self.stress = subprocess.Popen(["stress-ng", *self.spec.stress_ng], stdout=subprocess.DEVNULL,
+                self.stress = subprocess.Popen([_stress_ng() or "stress-ng", *self.spec.stress_ng],
+                                               stdout=subprocess.DEVNULL,
                                                stderr=self.stress_err, preexec_fn=die_with_parent)
                 try:  # bad arguments make stress-ng leave at once: say so, not run unloaded
                     self.stress.wait(0.5)

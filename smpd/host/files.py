@@ -136,25 +136,12 @@ def open_output(path: str, what: str, *, append: bool = False, create: bool = Tr
     if not path:
         raise BadInput(f"{what} needs a file name; '' is none")
     dfd, name = _directory(path, what)
-    if create and os.fstat(dfd).st_dev in _special_devices():  # before O_CREAT leaves an empty file there
-        os.close(dfd)
-        raise BadInput(f"{what} {path} is on /proc, /sys, /dev or /dev/shm: not a place for smpd's output")
     flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_RDWR if read else os.O_WRONLY)
     flags |= os.O_CREAT if create else 0
     flags |= os.O_EXCL if exclusive else 0
     flags |= os.O_APPEND if append else 0
     try:
-        fd = os.open(name, flags, 0o644, dir_fd=dfd)
-    except FileExistsError:
-        raise
-    except OSError as err:
-        islink = stat.S_ISLNK(_lstat_in(dfd, name))
-        if err.errno == errno.ELOOP or islink:  # (in a sticky directory it may be EACCES)
-            raise BadInput(f"{what} {path} is a symbolic link; smpd does not write through links: "
-                           f"give the file's own path") from None
-        if err.errno == errno.ENOENT and not create:
-            raise BadInput(f"{what} {path} does not exist") from None
-        raise BadInput(f"{what} {path} cannot be opened for writing ({err.strerror})") from None
+        fd = _open_in(dfd, name, flags, path, what)
     finally:
         os.close(dfd)
     try:
@@ -168,6 +155,26 @@ def open_output(path: str, what: str, *, append: bool = False, create: bool = Tr
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_in(dfd: int, name: str, flags: int, path: str, what: str) -> int:
+    """open_output's open() of ``name`` in directory ``dfd``; BadInput naming ``what`` and ``path``
+    when refused. A new file is never made on /proc, /sys, /dev or /dev/shm: judged before O_CREAT,
+    which would leave an empty file there."""
+    if flags & os.O_CREAT and os.fstat(dfd).st_dev in _special_devices():
+        raise BadInput(f"{what} {path} is on /proc, /sys, /dev or /dev/shm: not a place for smpd's output")
+    try:
+        return os.open(name, flags, 0o644, dir_fd=dfd)
+    except FileExistsError:
+        raise
+    except OSError as err:
+        islink = stat.S_ISLNK(_lstat_in(dfd, name))
+        if err.errno == errno.ELOOP or islink:  # (in a sticky directory it may be EACCES)
+            raise BadInput(f"{what} {path} is a symbolic link; smpd does not write through links: "
+                           f"give the file's own path") from None
+        if err.errno == errno.ENOENT and not flags & os.O_CREAT:
+            raise BadInput(f"{what} {path} does not exist") from None
+        raise BadInput(f"{what} {path} cannot be opened for writing ({err.strerror})") from None
 
 
 def write_all(f: BinaryIO, data: bytes) -> None:

@@ -269,8 +269,9 @@ def run_smpd(*args: str, name: str | None = None, check: bool = True, timeout: f
 def start_smpd(*args: str, name: str | None = None, **kw) -> subprocess.Popen:
     """`smpd ARGS` in the background, as a user would start it in a terminal."""
     kw.setdefault("cwd", SCRATCH)
-    return subprocess.Popen([sys.executable, "-m", "smpd", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=kw.pop("env", None) or smpd_env(name), **kw)
+    kw.setdefault("stdout", subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-m", "smpd", *args], stderr=subprocess.PIPE, text=True,
+                            env=kw.pop("env", None) or smpd_env(name), **kw)
 
 
 class Machine:

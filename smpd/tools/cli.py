@@ -115,7 +115,7 @@ class SmpdGroup(click.Group):
     panic whose outcome was not CLEAN.)"""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        with stop_signals_interrupt(then_ignore=entry.command_process()):  # (the process ends with this)
+        with stop_signals_interrupt(ends_process=entry.command_process()):  # (the process ends with this)
             try:
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             except click.exceptions.NoArgsIsHelpError as err:  # a bare `smpd` or `smpd bench`: the help
@@ -250,7 +250,6 @@ def up(cpus, name, watch, hot_path, pin, seed, config_file, kernel, boot, foregr
     try:
         try:  # what draws the summary (rich's import, ~60 ms) is imported while the machine comes up
             summary = lifecycle.start_daemon(spec, meanwhile=_render, tick=progress and progress.tick)
-            entry.command_done()  # the machine is up: a stop now could only cut its summary short
         finally:
             if progress is not None:
                 progress.close()
@@ -258,24 +257,25 @@ def up(cpus, name, watch, hot_path, pin, seed, config_file, kernel, boot, foregr
         out.print(_render().up_summary(summary))
         _later_commands_hint(out, name)
         sys.stdout.flush()  # here, where a reader that left is said, not at the interpreter's exit
+        entry.command_done()
     except Interrupted as err:
-        err.note = (f"machine '{name}' was coming up; it was stopped and nothing of it is left" if summary is None
-                    else f"machine '{name}' is up (`smpd status` shows it, `smpd down` takes it down)")
+        if summary is not None:  # stopped while it said so (a reader that does not read): it is up
+            _up_all_the_same(name, f"its summary was cut short by {signal.Signals(err.signum).name}")
+        err.note = f"machine '{name}' was coming up; it was stopped and nothing of it is left"
         raise
     except OSError as err:  # the summary could not be written (`smpd up | true`: its reader left)
         if summary is None:
             raise
-        _up_all_the_same(name, err)
+        _up_all_the_same(name, f"its summary could not be written ({err.strerror or err})")
 
 
-def _up_all_the_same(name: str, err: OSError) -> NoReturn:
-    """`up`'s machine is up but its summary could not be written: exit 0 (what was asked is done),
-    said on stderr if that can be written."""
+def _up_all_the_same(name: str, why: str) -> NoReturn:
+    """`up`'s machine is up but its summary did not reach its reader: exit 0 (what was asked is
+    done), said on stderr if that can be written."""
     with contextlib.suppress(OSError, ValueError):
-        click.echo(f"smpd: machine '{name}' is up; its summary could not be written ({err.strerror or err})",
-                   err=True)
+        click.echo(f"smpd: machine '{name}' is up; {why}", err=True)
         sys.stderr.flush()
-    os._exit(0)  # (not sys.exit: the interpreter's last flush of a broken stdout would make it 120)
+    os._exit(0)  # (not sys.exit: the interpreter's last flush of what stdout still holds could block or fail)
 
 
 def _later_commands_hint(out: Console, name: str) -> None:

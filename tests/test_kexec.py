@@ -77,8 +77,10 @@ def test_outcome_of_each_policy_against_each_injection(machine6, park, spec, exp
     inject = [f"{kind}@after-copy" + (f":{target}" if target else "")] if kind else []
     r = machine6.request("kexec", park=park, inject=inject, seed=3)
     assert r["outcome"] in expected, r["evidence"]
-    if kind == "mce":  # CPU 0 is named exactly when the MCE was the broadcast
-        assert ("reached CPU 0, the kexec CPU, with #MC off" in r["evidence"]) == (not target), r["evidence"]
+    if kind == "mce":  # CPU 0 is named exactly when the MCE was the broadcast, and the machine ends there
+        assert ("reached CPU 0, the kexec CPU, where #MC cannot be taken" in r["evidence"]) == (not target), r["evidence"]
+        ends = [e["event"] for e in r["timeline"] if e["event"].startswith("the machine ends here")]
+        assert len(ends) == 1 and ends[0].startswith("the machine ends here (CPU0: mce shutdown)") == (not target), ends
     cpus = {c["cpu"]: c for c in r["cpus"]}
     if r["outcome"] in FAULT:  # (kind: the MCE only when it went to the APs alone)
         # The evidence names the CPU and the interrupt that woke it into overwritten memory.

@@ -59,7 +59,7 @@ def test_a_broadcast_mce_that_reaches_the_kexec_cpu_shuts_the_machine_down_over_
                  injected=True, mce_on_kexec_cpu="after-copy")
     v = classify(s)
     assert v.outcome == "MCE_SHUTDOWN"
-    assert explain(v).startswith("the broadcast MCE at after-copy reached CPU 0, the kexec CPU, with #MC off")
+    assert explain(v).startswith("the broadcast MCE at after-copy reached CPU 0, the kexec CPU, where #MC cannot be taken")
     assert "wait-for-SIPI" not in explain(v)
     both = classify(Snapshot("6.5", 2, (cpu(1, "SHUTDOWN", fault="MCE_SHUTDOWN"), cpu(2)), kick=KICK_OK,
                              parked_in_init=True, injected=True, mce_on_kexec_cpu="during-copy"))

@@ -47,8 +47,8 @@ __all__ = ["Kexec", "Port", "OUTCOMES"]
 SETTLE_S = 2.0  # how long the CPUs get to finish what a write or an interrupt started
 IRQ_TAKEN_S = 1.0  # how long an injected signal gets to be taken (or held)
 # Where CPU 0 is, at each phase a broadcast MCE finds it with #MC off (mce_reaches_kexec_cpu)
-MCE_OFF_ON_KEXEC_CPU = {"during-copy": "in relocate_kernel()'s copy",
-                        "after-copy": "in purgatory or the new kernel's first instructions"}
+MCE_OFF_ON_KEXEC_CPU = {"during-copy": "in relocate_kernel() (its copy; a crash kernel has none)",
+                        "after-copy": "in purgatory or the new kernel before its mcheck_cpu_init()"}
 BOOT_IPI_S = 2.0  # INIT/SIPI acknowledgement budget when the new kernel starts the APs
 
 
@@ -187,7 +187,7 @@ class Kexec:
             if inj.kind == "smi":
                 self.smm_rendezvous(phase)
             if inj.kind == "mce" and inj.target == "all" and phase in MCE_OFF_ON_KEXEC_CPU and not stray:
-                self.mce_reaches_kexec_cpu(phase)
+                self.mce_reaches_kexec_cpu(phase, sent)
             with self.t.phase(f"smpd: until the {inj.kind.upper()} is taken or held", "smpd"):
                 waiting, merged = self.until_taken(before, inj.kind, inj.count)
             if merged:
@@ -198,16 +198,20 @@ class Kexec:
                 self.not_taken[cpu] = f"{inj.kind.upper()} at {phase} not taken within {IRQ_TAKEN_S:.0f} s" + \
                     (f": {note}" if note else "")
 
-    def mce_reaches_kexec_cpu(self, phase: str) -> None:
-        """A broadcast MCE reaches every CPU, CPU 0 too. From relocate_kernel() on, #MC is off there:
-        identity_mapped sets CR4 to PAE (and LA57), CR4.MCE clear, and the new kernel's head_64.S
-        notes that a machine check before its #MC support is set up crashes the system whatever
-        CR4.MCE says. A machine check with #MC off shuts the processor down (SDM): the machine
-        goes down, whatever the kernel's flavour did with the other CPUs."""
+    def mce_reaches_kexec_cpu(self, phase: str, sent: int) -> None:
+        """A broadcast MCE reaches every CPU, CPU 0 too (the kexec CPU here: smpd kexecs from CPU 0,
+        a kdump from the CPU that panicked). #MC cannot be taken there from machine_kexec() on:
+        native_idt_invalidate() leaves an IDT of limit 0 (#MC -> #GP -> #DF -> triple fault), then
+        relocate_kernel()'s identity_mapped loads CR4 with PAE (and LA57) only, CR4.MCE clear, and
+        the new kernel sets #MC up only in mcheck_cpu_init() (head_64.S: a machine check before
+        that crashes the system whatever CR4.MCE says). Either way the processor enters shutdown
+        (SDM), as for a triple fault, and the platform normally resets: the new kernel never runs,
+        whatever the kernel's flavour did with the other CPUs. (Before machine_kexec(), #MC is taken
+        as ever: smpd's earlier phases leave CPU 0 alone.)"""
         if not self.mce_on_kexec_cpu:
             self.mce_on_kexec_cpu = phase
-            self.log(f"the broadcast MCE reaches CPU 0 too, {MCE_OFF_ON_KEXEC_CPU[phase]}, with CR4.MCE "
-                     f"clear: shutdown")
+            self.log(f"the broadcast MCE reaches CPU 0 too, {MCE_OFF_ON_KEXEC_CPU[phase]}, where #MC cannot "
+                     f"be taken: shutdown", "mce_shutdown", sent)  # (at once: the APs' come after)
 
     def smm_rendezvous(self, phase: str) -> None:
         """An SMI: SMM waits for every CPU to join; on firmware that hangs then, a CPU in INIT

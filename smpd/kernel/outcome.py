@@ -221,12 +221,13 @@ def _reset(c: dict, _v) -> str:
 def _mce(c: dict, _v) -> str:
     init = (f"MCE reached CPU {_cpus(c['cpus'])} in wait-for-SIPI (INIT)" if c["cpus"] else "")
     if not c.get("kexec_cpu"):
-        return (f"{init}: the platform shuts the machine down, loudly; no CPU resumes in the old kernel's "
-                f"overwritten memory (the lesser of two evils)")
-    return (f"the broadcast MCE at {c['kexec_cpu']} reached CPU 0, the kexec CPU, with #MC off (relocate_kernel()'s "
-            f"identity_mapped loads CR4 with PAE/LA57 only, CR4.MCE clear; the new kernel sets #MC up only later): "
-            f"the processor shuts down, and the machine with it, whatever the kernel parked the other CPUs in"
-            + (f"; the {init} too" if init else ""))
+        return (f"{init}: the CPU enters shutdown and the platform takes the machine down (normally a reset), "
+                f"loudly; no CPU resumes in the old kernel's overwritten memory (the lesser of two evils)")
+    return (f"the broadcast MCE at {c['kexec_cpu']} reached CPU 0, the kexec CPU, where #MC cannot be taken "
+            f"(machine_kexec()'s native_idt_invalidate(), then relocate_kernel()'s identity_mapped clears CR4.MCE; "
+            f"the new kernel sets #MC up only in mcheck_cpu_init()): CPU 0 enters shutdown, as for a triple "
+            f"fault, and the platform normally resets; the new kernel never runs, whatever the kernel parked the "
+            f"other CPUs in" + (f"; the {init} too" if init else ""))
 
 
 def _triple(c: dict, _v) -> str:

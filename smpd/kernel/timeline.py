@@ -19,8 +19,10 @@ _KIND = {i.value: i.kind for i in L.Irq}
 # The coordinator's events: a note on its work, an interrupt it injected, a write of the
 # copy or the new kernel's boot that woke a monitor, SMM hanging on CPUs in INIT, INIT
 # reaching the boot CPU (a reset).
-COORD_KINDS = ("note", "inject", "waking_write", "smm_hang", "machine_reset", "machine_end")
-_COORD_ENDS = {"smm_hang": "SMM", "machine_reset": "INIT to the boot CPU"}
+COORD_KINDS = ("note", "inject", "waking_write", "smm_hang", "machine_reset", "mce_shutdown", "machine_end")
+# What ends the machine from the coordinator's side: a hung SMM, INIT to the boot CPU, a broadcast MCE
+# that reached CPU 0 with #MC off (smpd.kernel.kexec.mce_reaches_kexec_cpu).
+_COORD_ENDS = {"smm_hang": "SMM", "machine_reset": "INIT to the boot CPU", "mce_shutdown": "CPU0"}
 MACHINE_ENDS = ("TRIPLE_FAULT", "MCE_SHUTDOWN")  # CPU events after which the platform resets or stops
 
 

@@ -489,8 +489,9 @@ def _kernel_options(f):
                           "maxcpus=N, kaslr[=SEED], nokaslr."),
         click.option("--inject", "injects", multiple=True, metavar="KIND@PHASE[:TARGET][xCOUNT]",
                      help="NMI/MCE/SMI at before-kick|during-kick|after-kick|during-copy|after-copy; repeatable. "
-                          "TARGET a cpulist of CPUs 1..N-1 or 'all' (the default: a broadcast; an MCE so "
-                          "broadcast during or after the copy reaches CPU 0 too, where #MC is off)."),
+                          "TARGET a cpulist of CPUs 1..N-1 or 'all' (the default: CPUs 1..N-1; an MCE to "
+                          "'all' during or after the copy is a broadcast and reaches CPU 0 too, where #MC "
+                          "cannot be taken; an NMI or SMI never goes to CPU 0)."),
         click.option("--order", type=click.Choice(scenario_mod.ORDERS), default="sequential", show_default=True,
                      help="Order of the kexec copy."),
         click.option("--seed", type=Seed(), default=None, help="Seed of the scenario's choices [random, printed]."),

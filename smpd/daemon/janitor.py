@@ -238,11 +238,12 @@ class Janitor:
 
     def tend(self, sel: selectors.BaseSelector, close: Callable[[], list[int]]) -> int | None:
         """Between two requests of the serving loop: replace a janitor that is gone (killed by anyone;
-        it closes what ``close()`` gives once the old one is reaped, as start's), and keep the live one's sentinel in ``sel``, so that the loop
-        wakes the moment it dies. When the host refuses the process (every pid taken by someone), the
-        machine goes on without one, said once on stderr, and the next call (within the loop's second)
-        tries again: another user's fork bomb must not take the machine down with it. Returns the new
-        janitor's pid, if one was started."""
+        it closes what ``close()`` gives once the old one is reaped, as start's), and keep the live
+        one's sentinel in ``sel``, so that the loop wakes the moment it dies. When the host refuses
+        the process (every pid taken by someone), the machine goes on without one, said once on
+        stderr, and the next call (within the loop's second) tries again: another user's fork bomb
+        must not take the machine down with it. Returns the new janitor's pid, if one was started,
+        0 when none runs now (refused)."""
         pid = None
         if self.process is None or self.gone():
             if self.watched is not None:
@@ -257,7 +258,7 @@ class Janitor:
                     print(f"smpd-coord: {fork_refused(err, 'a new janitor')}; the machine goes on without one "
                           f"and tries again each second", file=sys.stderr)
                 self.refused = True
-                return None
+                return 0
             self.refused = False
         if self.watched is None:
             self.watched = self.process.sentinel

@@ -213,8 +213,8 @@ class Coordinator:
 
     def restart_janitor_if_gone(self, sel: selectors.BaseSelector) -> None:
         """A janitor killed (by anyone) is replaced at once (Janitor.tend: its sentinel in ``sel``)."""
-        if self.janitor is not None and (pid := self.janitor.tend(sel, self._inherited_fds)) and self.seg:
-            self.seg.set_hdr("janitor_pid", pid)
+        if self.janitor and (pid := self.janitor.tend(sel, self._inherited_fds)) is not None and self.seg:
+            self.seg.set_hdr("janitor_pid", pid)  # (0: none runs now, the host refused it)
 
     def _fork_cpus(self, plan: dict[int, int | None], meanwhile: Callable[[], None] = lambda: None) -> None:
         """A process for each CPU of ``plan`` (cpu -> host core), forked by the template, which ends here;

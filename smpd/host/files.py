@@ -40,8 +40,18 @@ SPECIAL = ("/proc", "/sys", "/dev", "/dev/shm")  # never an output: a kernel kno
 
 
 def _special_devices() -> set[int]:
+    """The devices of SPECIAL's filesystems and of every one mounted under them (/sys/fs/cgroup,
+    /dev/pts, /dev/mqueue, /proc/sys/fs/binfmt_misc...): a mount point's st_dev is its own."""
+    points = set(SPECIAL)
+    with contextlib.suppress(OSError), open("/proc/self/mounts", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 1:
+                point = fields[1].decode(errors="replace").replace("\\040", " ")
+                if any(point == p or point.startswith(p + "/") for p in SPECIAL):
+                    points.add(point)
     out = set()
-    for p in SPECIAL:
+    for p in points:
         try:
             out.add(os.stat(p).st_dev)
         except OSError:
@@ -152,6 +162,9 @@ def open_output(path: str, what: str, *, append: bool = False, create: bool = Tr
         if not append and not read and not exclusive:
             os.ftruncate(fd, 0)
         return os.fdopen(fd, ("r+b" if read else "ab" if append else "wb"), buffering=0)
+    except OSError as err:  # (ftruncate of a file another process executes, ...): bad input, said
+        os.close(fd)
+        raise BadInput(f"{what} {path} cannot be written ({err.strerror or err})") from None
     except BaseException:
         os.close(fd)
         raise

@@ -127,8 +127,10 @@ class HostLoad:
                     self.procs.append(p)
             if self.spec.stress_ng is not None:
                 self.stress_err = tempfile.TemporaryFile()  # unlinked: a pipe could fill and block it
-                self.stress = subprocess.Popen([_stress_ng() or "stress-ng", *self.spec.stress_ng],
-                                               stdout=subprocess.DEVNULL,
+                tool = _stress_ng()
+                if tool is None:  # (gone since the arguments were checked: never a PATH lookup)
+                    raise BadInput(f"--host-load stress-ng:...: stress-ng is no longer in {TOOL_PATH}")
+                self.stress = subprocess.Popen([tool, *self.spec.stress_ng], stdout=subprocess.DEVNULL,
                                                stderr=self.stress_err, preexec_fn=die_with_parent)
                 try:  # bad arguments make stress-ng leave at once: say so, not run unloaded
                     self.stress.wait(0.5)

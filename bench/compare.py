@@ -10,17 +10,53 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from smpd.errors import SmpdError  # noqa: E402
+from smpd.host import files  # noqa: E402
+
+MAX_RECORD = 64 << 20  # a record is tens of KB; no reason to read a /dev/zero behind a name to the end
 
 
 def _record(ap: argparse.ArgumentParser, path: str) -> dict:
+    """The record at ``path``, read as any smpd input is (smpd.host.files.open_input: no other user's
+    link followed, only a regular file, nothing on /proc, /sys, /dev), and checked to be one."""
     try:
-        with open(path) as f:
-            rec = json.load(f)
+        with files.open_input(path, "record") as f:
+            data = f.read(MAX_RECORD + 1)
+        if len(data) > MAX_RECORD:
+            ap.error(f"{_shown(path)}: over {MAX_RECORD >> 20} MiB: not a bench record")
+        rec = json.loads(data)
+    except SmpdError as e:
+        ap.error(_shown(str(e)))
     except (OSError, ValueError) as e:
-        ap.error(f"{path}: {e}")
-    if not isinstance(rec, dict) or not {"bench", "commit", "host", "figures"} <= rec.keys():
-        ap.error(f"{path}: not a bench record (expected the keys bench, commit, host and figures, as bench/record.py writes)")
+        ap.error(f"{_shown(path)}: {_shown(str(e))}")
+    if not _is_record(rec):
+        ap.error(f"{_shown(path)}: not a bench record (expected bench, commit, host {{cpu, cores}} and figures "
+                 f"{{figure, unit, median}}, as bench/record.py writes them)")
     return rec
+
+
+def _is_record(rec) -> bool:
+    def text(x) -> bool:
+        return isinstance(x, str)
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    return (isinstance(rec, dict) and text(rec.get("bench")) and text(rec.get("commit"))
+            and isinstance(rec.get("host"), dict) and text(rec["host"].get("cpu")) and number(rec["host"].get("cores"))
+            and isinstance(rec.get("figures"), list)
+            and all(isinstance(f, dict) and text(f.get("figure")) and text(f.get("unit")) and number(f.get("median"))
+                    for f in rec["figures"]))
+
+
+def _shown(text: str) -> str:
+    """``text`` with what a terminal would act on (escapes, control characters) shown as escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(text))
 
 
 def main() -> None:
@@ -29,8 +65,8 @@ def main() -> None:
     ap.add_argument("new", help="the later record")
     args = ap.parse_args()
     old, new = _record(ap, args.old), _record(ap, args.new)
-    print(f"old: {old['bench']} at {old['commit'][:12]} on {old['host']['cpu']} ({old['host']['cores']} cores)")
-    print(f"new: {new['bench']} at {new['commit'][:12]} on {new['host']['cpu']} ({new['host']['cores']} cores)")
+    for which, r in (("old", old), ("new", new)):
+        print(_shown(f"{which}: {r['bench']} at {r['commit'][:12]} on {r['host']['cpu']} ({r['host']['cores']} cores)"))
     if old["host"] != new["host"]:
         print("warning: the two records come from different hosts; ratios compare the hosts too")
     o = {f["figure"]: f for f in old["figures"]}
@@ -40,12 +76,16 @@ def main() -> None:
     print(f"{'figure':<{width}}  {'old median':>11}  {'new median':>11}  {'new/old':>8}  unit")
     for k in both:
         ratio = n[k]["median"] / o[k]["median"] if o[k]["median"] else float("nan")
-        print(f"{k:<{width}}  {o[k]['median']:>11.2f}  {n[k]['median']:>11.2f}  {ratio:>7.2f}x  {n[k]['unit']}")
+        print(_shown(f"{k:<{width}}  {o[k]['median']:>11.2f}  {n[k]['median']:>11.2f}  {ratio:>7.2f}x  {n[k]['unit']}"))
     for k in (k for k in o if k not in n):
-        print(f"only in old: {k}")
+        print(_shown(f"only in old: {k}"))
     for k in (k for k in n if k not in o):
-        print(f"only in new: {k}")
+        print(_shown(f"only in new: {k}"))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # `compare.py A B | head`: the reader left; nothing to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

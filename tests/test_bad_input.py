@@ -364,12 +364,11 @@ def _pids_cgroup(name: str):
             os.rmdir(made)
 
 
-@needs_root
-def test_a_reset_the_host_refuses_a_new_process_says_the_machine_stays_to_be_reset(machine_name):
-    """Two CPU processes die; the reset that would give them new ones meets a full cgroup (pids.max):
-    exit 2, one line that says the host refused and that the machine stays ENDED for another
-    reset (it said "nothing was left behind", true of a bring-up only); once the cgroup has room,
-    that reset brings every CPU back."""
+@contextlib.contextmanager
+def _up_in_a_pids_cgroup(machine_name: str, cpus: int):
+    """Machine ``machine_name`` of ``cpus`` CPUs, brought up inside a pids cgroup of our own (the test
+    is skipped where none can be made): yields the cgroup's path; the machine goes down at the end,
+    then the cgroup."""
     with _pids_cgroup(f"smpd-test-{os.getpid()}-{machine_name}") as cg:
         if cg is None:
             pytest.skip("no pids cgroup to make here")
@@ -379,27 +378,37 @@ def test_a_reset_the_host_refuses_a_new_process_says_the_machine_stays_to_be_res
                 f.write(str(os.getpid()))
 
         try:
-            run_smpd("up", "--cpus", "6", "--watch", "adaptive", name=machine_name, preexec_fn=enter)
-            cpus = lifecycle.require(machine_name).request("status")["cpus"]
-            for c in cpus[4:6]:
-                os.kill(c["pid"], 9)
-            with open(os.path.join(cg, "pids.current")) as f:
-                now = int(f.read())
-            with open(os.path.join(cg, "pids.max"), "w") as f:
-                f.write(str(now - 2))  # the two dead ones, once reaped, leave no room
-            r = run_smpd("reset", name=machine_name, check=False)
-            line = _error_line(r)
-            assert r.returncode == 2 and line.startswith("Error: the host refused a process for "), r.stderr
-            assert "pids.max" in line and "the machine stays ENDED" in line and "nothing was left" not in line, line
-            s = lifecycle.require(machine_name).request("status")
-            assert s["machine"]["state"] == "ENDED" and [c["state"] for c in s["cpus"][4:6]] == ["GONE", "GONE"]
-            with open(os.path.join(cg, "pids.max"), "w") as f:
-                f.write("max")
-            r = run_smpd("reset", name=machine_name)
-            s = lifecycle.require(machine_name).request("status")
-            assert s["machine"]["state"] == "UP" and s["machine"]["online"] == 6
+            run_smpd("up", "--cpus", str(cpus), "--watch", "adaptive", name=machine_name, preexec_fn=enter)
+            yield cg
         finally:
             lifecycle.down(machine_name)
+
+
+@needs_root
+def test_a_reset_the_host_refuses_a_new_process_says_the_machine_stays_to_be_reset(machine_name):
+    """Two CPU processes die; the reset that would give them new ones meets a full cgroup (pids.max):
+    exit 2, one line that says the host refused and that the machine stays ENDED for another
+    reset (it said "nothing was left behind", true of a bring-up only); once the cgroup has room,
+    that reset brings every CPU back."""
+    with _up_in_a_pids_cgroup(machine_name, 6) as cg:
+        cpus = lifecycle.require(machine_name).request("status")["cpus"]
+        for c in cpus[4:6]:
+            os.kill(c["pid"], 9)
+        with open(os.path.join(cg, "pids.current")) as f:
+            now = int(f.read())
+        with open(os.path.join(cg, "pids.max"), "w") as f:
+            f.write(str(now - 2))  # the two dead ones, once reaped, leave no room
+        r = run_smpd("reset", name=machine_name, check=False)
+        line = _error_line(r)
+        assert r.returncode == 2 and line.startswith("Error: the host refused a process for "), r.stderr
+        assert "pids.max" in line and "the machine stays ENDED" in line and "nothing was left" not in line, line
+        s = lifecycle.require(machine_name).request("status")
+        assert s["machine"]["state"] == "ENDED" and [c["state"] for c in s["cpus"][4:6]] == ["GONE", "GONE"]
+        with open(os.path.join(cg, "pids.max"), "w") as f:
+            f.write("max")
+        r = run_smpd("reset", name=machine_name)
+        s = lifecycle.require(machine_name).request("status")
+        assert s["machine"]["state"] == "UP" and s["machine"]["online"] == 6
 
 
 @needs_root
@@ -409,35 +418,24 @@ def test_a_host_out_of_processes_neither_takes_the_machine_down_nor_loses_a_repl
     coordinator and the machine with it; so did a janitor that could not be replaced. Now that reply
     is sent from the serving loop, and the machine goes on without a janitor, trying again each
     second: once the host has room, a new janitor comes."""
-    with _pids_cgroup(f"smpd-test-{os.getpid()}-{machine_name}") as cg:
-        if cg is None:
-            pytest.skip("no pids cgroup to make here")
+    with _up_in_a_pids_cgroup(machine_name, 256) as cg:
+        live = lifecycle.require(machine_name)
+        janitor = live.request("status")["machine"]["janitor_pid"]
+        with open(os.path.join(cg, "pids.max"), "w") as f:  # far below the count: not a thread more, nor a
+            f.write("2")  # process, whatever of the bring-up's (the template) exits after this
+        assert len(live.request("status")["cpus"]) == 256  # ~150 KB: more than the socket's buffer
+        os.kill(janitor, signal.SIGKILL)
+        time.sleep(2.5)  # the serving loop tries to replace it, twice, and is refused
+        s = live.request("status")["machine"]
+        assert s["state"] == "UP" and s["online"] == 256 and s["janitor_pid"] == 0  # none runs now
+        with open(os.path.join(cg, "pids.max"), "w") as f:
+            f.write("max")
 
-        def enter():
-            with open(os.path.join(cg, "cgroup.procs"), "w") as f:
-                f.write(str(os.getpid()))
+        def replaced():
+            pid = live.request("status")["machine"]["janitor_pid"]
+            return pid not in (0, janitor) and psutil.Process(pid).name() == "smpd-janitor"
 
-        try:
-            run_smpd("up", "--cpus", "256", "--watch", "adaptive", name=machine_name, preexec_fn=enter)
-            live = lifecycle.require(machine_name)
-            janitor = live.request("status")["machine"]["janitor_pid"]
-            with open(os.path.join(cg, "pids.max"), "w") as f:  # far below the count: not a thread more, nor a
-                f.write("2")  # process, whatever of the bring-up's (the template) exits after this
-            assert len(live.request("status")["cpus"]) == 256  # ~150 KB: more than the socket's buffer
-            os.kill(janitor, signal.SIGKILL)
-            time.sleep(2.5)  # the serving loop tries to replace it, twice, and is refused
-            s = live.request("status")["machine"]
-            assert s["state"] == "UP" and s["online"] == 256 and s["janitor_pid"] == 0  # none runs now
-            with open(os.path.join(cg, "pids.max"), "w") as f:
-                f.write("max")
-
-            def replaced():
-                pid = live.request("status")["machine"]["janitor_pid"]
-                return pid not in (0, janitor) and psutil.Process(pid).name() == "smpd-janitor"
-
-            wait_until(replaced, timeout=10, what="a new janitor once the host has room")
-        finally:
-            lifecycle.down(machine_name)
+        wait_until(replaced, timeout=10, what="a new janitor once the host has room")
 
 
 def test_up_works_from_a_directory_holding_a_folder_named_smpd(machine_name, tmp_path):

@@ -333,6 +333,19 @@ def test_up_whose_reader_left_says_its_machine_is_up_and_exits_0(machine_name):
         run_smpd("down", name=machine_name, check=False)
 
 
+def test_a_machine_whose_segment_name_is_removed_goes_down_by_itself(machine_name):
+    """`rm /dev/shm/smpd-0-NAME` (or a `down --force` whose SIGTERM the coordinator did not take in
+    time) left a machine running with no name: no command could reach it, and its 64 processes ran
+    until the host rebooted (found after a review session: one such machine had run for an hour).
+    Its coordinator now notices within a second and takes it down; nothing is left."""
+    run_smpd("up", "--cpus", "8", "--watch", "adaptive", name=machine_name)
+    live = lifecycle.require(machine_name)
+    cpus = [c["pid"] for c in live.request("status")["cpus"][1:]]
+    os.unlink(names.segment_path(machine_name))
+    wait_until(lambda: not lifecycle.is_coordinator(live.pid, live.start), timeout=30, what="the coordinator to go")
+    wait_until(lambda: all(gone(p) for p in cpus), timeout=30, what="its CPU processes to go")
+
+
 def test_up_killed_by_sigkill_while_cpus_come_up_leaves_nothing(machine_name):
     """Nobody is left to clean up for it but the coordinator itself: it sees its `up` gone. (Or the
     machine won the race: its answer was in `up`'s socket before the kill, and it is whole.)"""

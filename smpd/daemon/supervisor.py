@@ -294,6 +294,8 @@ class Coordinator:
         try:
             while not self.stopping:
                 self.restart_janitor_if_gone(sel)  # its sentinel wakes the select() below the moment it dies
+                if self.seg.fd >= 0 and not same_file(names.segment(self.name), self.seg.fd):  # (rm, down --force)
+                    raise Stop("the removal of its segment's name: no command could reach it any more")
                 for key, _ in sel.select(timeout=1.0):
                     if key.data == "janitor":
                         continue

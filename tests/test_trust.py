@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -173,6 +174,21 @@ def test_a_client_is_not_held_by_a_squatter_on_a_freed_channel_name(evil, machin
         t.join(60)
         assert not t.is_alive(), "the client is still held in connect()"
     assert result and isinstance(result[0], CoordinatorGone), result
+
+
+def test_a_channel_name_taken_while_its_coordinator_goes_down_is_said_so(evil):
+    """A coordinator going down closes its channel first, and another user may bind the freed name
+    while it tears its CPUs down: the client said the name was held and that `smpd down` cleans up
+    a machine whose coordinator died, of a coordinator alive and busy going down (hostile review).
+    It says which of the two it is now; it sends nothing either way."""
+    address = "\0smpd-test-taken-" + secrets.token_hex(8)
+    with adversary.holding(evil, adversary.bind_abstract, address):
+        for alive, says in ((True, "its coordinator still runs: the machine is going down"),
+                            (False, "`smpd down` cleans up a machine whose coordinator died")):
+            with pytest.raises(NotOurs) as err:
+                channel.request(address, bytes(32), "status", server_pid=os.getpid(), server_alive=lambda: alive)
+            assert f"pid {os.getpid()}" not in str(err.value).split("not by")[0] and str(evil) in str(err.value)
+            assert says in str(err.value), str(err.value)
 
 
 def _outcome(fn):

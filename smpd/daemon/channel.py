@@ -250,9 +250,12 @@ def request(address: str, authkey: bytes, op: str, timeout_s: float | None = Non
         raise
     if uid != os.geteuid() or pid != server_pid:
         s.close()
+        # The coordinator frees the name when it closes its channel, going down; anyone may bind it then.
+        then = ("its coordinator still runs: the machine is going down, and the name was taken once its channel "
+                "closed; `smpd status` again in a moment" if server_alive() else
+                "`smpd down` cleans up a machine whose coordinator died")
         raise errors.NotOurs(f"the channel {address[1:]!r} is held by pid {pid} of {trust.describe_uid(uid)}, "
-                             f"not by the machine's coordinator (pid {server_pid}): smpd sent it nothing; "
-                             f"`smpd down` cleans up a machine whose coordinator died")
+                             f"not by the machine's coordinator (pid {server_pid}): smpd sent it nothing; {then}")
     _set_rcvtimeo(s, HANDSHAKE_TIMEOUT_S)
     conn = Connection(s.detach())
     try:

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from smpd.errors import SmpdError  # noqa: E402
 from smpd.host import files  # noqa: E402
+from smpd.tools.cli import one_line  # noqa: E402 (what a terminal would act on, shown as its escape)
 
 MAX_RECORD = 64 << 20  # a record is tens of KB; no reason to read a /dev/zero behind a name to the end
 
@@ -28,14 +29,14 @@ def _record(ap: argparse.ArgumentParser, path: str) -> dict:
         with files.open_input(path, "record") as f:
             data = f.read(MAX_RECORD + 1)
         if len(data) > MAX_RECORD:
-            ap.error(f"{_shown(path)}: over {MAX_RECORD >> 20} MiB: not a bench record")
+            ap.error(f"{one_line(path)}: over {MAX_RECORD >> 20} MiB: not a bench record")
         rec = json.loads(data)
     except SmpdError as e:
-        ap.error(_shown(str(e)))
+        ap.error(one_line(str(e)))
     except (OSError, ValueError) as e:
-        ap.error(f"{_shown(path)}: {_shown(str(e))}")
+        ap.error(f"{one_line(path)}: {one_line(str(e))}")
     if not _is_record(rec):
-        ap.error(f"{_shown(path)}: not a bench record (expected bench, commit, host {{cpu, cores}} and figures "
+        ap.error(f"{one_line(path)}: not a bench record (expected bench, commit, host {{cpu, cores}} and figures "
                  f"{{figure, unit, median}}, as bench/record.py writes them)")
     return rec
 
@@ -54,11 +55,6 @@ def _is_record(rec) -> bool:
                     for f in rec["figures"]))
 
 
-def _shown(text: str) -> str:
-    """``text`` with what a terminal would act on (escapes, control characters) shown as escapes."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(text))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("old", help="the earlier record (bench/records/*.json)")
@@ -66,7 +62,8 @@ def main() -> None:
     args = ap.parse_args()
     old, new = _record(ap, args.old), _record(ap, args.new)
     for which, r in (("old", old), ("new", new)):
-        print(_shown(f"{which}: {r['bench']} at {r['commit'][:12]} on {r['host']['cpu']} ({r['host']['cores']} cores)"))
+        host = r["host"]
+        print(one_line(f"{which}: {r['bench']} at {r['commit'][:12]} on {host['cpu']} ({host['cores']} cores)"))
     if old["host"] != new["host"]:
         print("warning: the two records come from different hosts; ratios compare the hosts too")
     o = {f["figure"]: f for f in old["figures"]}
@@ -76,11 +73,12 @@ def main() -> None:
     print(f"{'figure':<{width}}  {'old median':>11}  {'new median':>11}  {'new/old':>8}  unit")
     for k in both:
         ratio = n[k]["median"] / o[k]["median"] if o[k]["median"] else float("nan")
-        print(_shown(f"{k:<{width}}  {o[k]['median']:>11.2f}  {n[k]['median']:>11.2f}  {ratio:>7.2f}x  {n[k]['unit']}"))
+        line = f"{k:<{width}}  {o[k]['median']:>11.2f}  {n[k]['median']:>11.2f}  {ratio:>7.2f}x  {n[k]['unit']}"
+        print(one_line(line))
     for k in (k for k in o if k not in n):
-        print(_shown(f"only in old: {k}"))
+        print(one_line(f"only in old: {k}"))
     for k in (k for k in n if k not in o):
-        print(_shown(f"only in new: {k}"))
+        print(one_line(f"only in new: {k}"))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,15 @@ def _special_devices() -> set[int]:
     return out
 
 
+def _on_special_device(fd: int) -> bool:
+    """Is the file (or directory) ``fd`` on one of the filesystems of _special_devices()?"""
+    return os.fstat(fd).st_dev in _special_devices()
+
+
+def _not_for_output(path: str, what: str) -> str:
+    return f"{what} {path} is on /proc, /sys, /dev or /dev/shm: not a place for smpd's output"
+
+
 def _trusted_dir(st: os.stat_result) -> bool:
     """A directory nobody else can plant a name in unnoticed: root's or ours, and not writable by
     others unless sticky (there they cannot remove or rename what is ours)."""
@@ -131,7 +140,7 @@ def _refuse_opened(st: os.stat_result, path: str, what: str) -> str | None:
     if st.st_nlink != 1:
         return f"{what} {path} has {st.st_nlink} names (hard links): smpd will not write it"
     if st.st_dev in _special_devices():
-        return f"{what} {path} is on /proc, /sys, /dev or /dev/shm: not a place for smpd's output"
+        return _not_for_output(path, what)
     return None
 
 
@@ -174,8 +183,8 @@ def _open_in(dfd: int, name: str, flags: int, path: str, what: str) -> int:
     """open_output's open() of ``name`` in directory ``dfd``; BadInput naming ``what`` and ``path``
     when refused. A new file is never made on /proc, /sys, /dev or /dev/shm: judged before O_CREAT,
     which would leave an empty file there."""
-    if flags & os.O_CREAT and os.fstat(dfd).st_dev in _special_devices():
-        raise BadInput(f"{what} {path} is on /proc, /sys, /dev or /dev/shm: not a place for smpd's output")
+    if flags & os.O_CREAT and _on_special_device(dfd):
+        raise BadInput(_not_for_output(path, what))
     try:
         return os.open(name, flags, 0o644, dir_fd=dfd)
     except FileExistsError:
@@ -284,8 +293,8 @@ def check_output(path: str, what: str) -> None:
                 raise BadInput(refusal)
             open_output(path, what, append=True, create=False).close()  # writable? (appending nothing changes nothing)
             return
-        if os.fstat(dfd).st_dev in _special_devices():
-            raise BadInput(f"{what} {path} is on /proc, /sys, /dev or /dev/shm: not a place for smpd's output")
+        if _on_special_device(dfd):  # (a new file: judged by its directory)
+            raise BadInput(_not_for_output(path, what))
         try:
             tempfile.TemporaryFile(dir=f"/proc/self/fd/{dfd}").close()
         except OSError as err:

@@ -289,7 +289,8 @@ class Kexec:
 
     def machine_ended(self) -> bool:
         """A triple fault, an MCE shutdown or a hung SMM ends the machine before the APs start."""
-        return bool(self.smm_hang or self.mce_on_kexec_cpu) or any(self.seg.cb(c, "fault") in L.ENDING_FAULTS for c in self.cpus)
+        return bool(self.smm_hang or self.mce_on_kexec_cpu) or any(self.seg.cb(c, "fault") in L.ENDING_FAULTS
+                                                                  for c in self.cpus)
 
     def start_aps(self) -> None:
         """The new kernel starts each CPU its boot parameters keep, with INIT, then SIPI; nosmt
